@@ -1,0 +1,10 @@
+//! Everything the binary does, one folder per concept. `cmd` calls in here; nothing in here knows about clap.
+pub mod bench;
+pub mod engine;
+pub mod frontend;
+pub mod local;
+pub mod model;
+pub mod protocol;
+pub mod router;
+pub mod telemetry;
+pub mod tokens;

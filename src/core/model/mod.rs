@@ -1,0 +1,168 @@
+//! A model directory as the frontend and engines see it: the card (context length, vocab, EOS ids), the
+//! tokenizer, the chat template, and incremental detokenization.
+//!
+//! The same loading code reads a real HF checkpoint directory and the tiny model built into the binary
+//! (`testdata/tiny-chat`, so `dynamo run` works with no download). Weights are the engine's business.
+mod card;
+mod detokenize;
+mod error;
+mod template;
+mod tokenizer;
+
+pub use card::ModelCard;
+pub use detokenize::{IncrementalDecoder, StopStringMatcher};
+pub use error::ModelError;
+pub use template::{ChatTemplate, TemplateInput};
+pub use tokenizer::Tokenizer;
+
+use std::path::{Path, PathBuf};
+
+/// Where a model's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// An HF-style model directory.
+    Dir(PathBuf),
+    /// The tiny model compiled into the binary (the default of `dynamo run`).
+    Builtin,
+}
+
+/// The name `dynamo run` serves the built-in model under.
+pub const BUILTIN_MODEL_NAME: &str = "tiny-chat";
+
+const BUILTIN_FILES: &[(&str, &str)] = &[
+    ("config.json", include_str!("../../../testdata/tiny-chat/config.json")),
+    ("generation_config.json", include_str!("../../../testdata/tiny-chat/generation_config.json")),
+    ("tokenizer.json", include_str!("../../../testdata/tiny-chat/tokenizer.json")),
+    ("tokenizer_config.json", include_str!("../../../testdata/tiny-chat/tokenizer_config.json")),
+];
+
+/// Everything the frontend needs to turn requests into token ids and token ids back into text.
+pub struct Model {
+    pub card: ModelCard,
+    pub tokenizer: Tokenizer,
+    /// `None` when the model has no chat template (only `/v1/completions` works then).
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl Model {
+    /// Loads a model; `served_name` overrides the name clients address it by (default: the directory name).
+    pub fn load(source: &ModelSource, served_name: Option<&str>) -> Result<Self, ModelError> {
+        let files = ModelFiles::read(source)?;
+        let default_name = match source {
+            ModelSource::Dir(dir) => dir
+                .canonicalize()
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| dir.display().to_string()),
+            ModelSource::Builtin => BUILTIN_MODEL_NAME.to_string(),
+        };
+        let name = served_name.map(str::to_string).unwrap_or(default_name);
+        let tokenizer = Tokenizer::from_json(files.required("tokenizer.json")?, &files.origin)?;
+        let tokenizer_config = files.json("tokenizer_config.json")?;
+        let card = ModelCard::resolve(
+            name,
+            files.json("config.json")?.as_ref(),
+            files.json("generation_config.json")?.as_ref(),
+            tokenizer_config.as_ref(),
+            &tokenizer,
+        )?;
+        let template_source = match files.optional("chat_template.jinja") {
+            Some(source) => Some(source.to_string()),
+            None => tokenizer_config.as_ref().and_then(template::source_from_tokenizer_config),
+        };
+        let chat_template = template_source
+            .map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref()))
+            .transpose()?;
+        Ok(Self { card, tokenizer, chat_template })
+    }
+}
+
+/// The text files of a model, read once from a directory or the built-in set.
+struct ModelFiles {
+    origin: String,
+    files: Vec<(String, String)>,
+}
+
+impl ModelFiles {
+    fn read(source: &ModelSource) -> Result<Self, ModelError> {
+        match source {
+            ModelSource::Builtin => Ok(Self {
+                origin: format!("built-in model {BUILTIN_MODEL_NAME}"),
+                files: BUILTIN_FILES.iter().map(|(n, c)| (n.to_string(), c.to_string())).collect(),
+            }),
+            ModelSource::Dir(dir) => {
+                if !dir.is_dir() {
+                    return Err(ModelError::NotADirectory(dir.clone()));
+                }
+                let mut files = Vec::new();
+                for name in
+                    ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+                {
+                    if let Some(text) = read_if_present(&dir.join(name))? {
+                        files.push((name.to_string(), text));
+                    }
+                }
+                Ok(Self { origin: dir.display().to_string(), files })
+            }
+        }
+    }
+
+    fn optional(&self, name: &str) -> Option<&str> {
+        self.files.iter().find(|(n, _)| n == name).map(|(_, c)| c.as_str())
+    }
+
+    fn required(&self, name: &str) -> Result<&str, ModelError> {
+        self.optional(name)
+            .ok_or_else(|| ModelError::MissingFile { file: name.to_string(), origin: self.origin.clone() })
+    }
+
+    fn json(&self, name: &str) -> Result<Option<serde_json::Value>, ModelError> {
+        self.optional(name)
+            .map(|text| {
+                serde_json::from_str(text).map_err(|source| ModelError::BadJson {
+                    file: format!("{}/{name}", self.origin),
+                    source,
+                })
+            })
+            .transpose()
+    }
+}
+
+fn read_if_present(path: &Path) -> Result<Option<String>, ModelError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ModelError::Io { path: path.to_path_buf(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_and_testdata_dir_load_the_same_model() {
+        let builtin = Model::load(&ModelSource::Builtin, None).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chat");
+        let from_dir = Model::load(&ModelSource::Dir(dir), None).unwrap();
+        assert_eq!(builtin.card, from_dir.card);
+        assert_eq!(builtin.card.name, "tiny-chat");
+        assert!(builtin.chat_template.is_some());
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_clear_error() {
+        let err = Model::load(&ModelSource::Dir("/no/such/model".into()), None).err().unwrap();
+        assert!(err.to_string().contains("/no/such/model"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_without_tokenizer_says_which_file() {
+        let dir = std::env::temp_dir().join(format!("dynamo-empty-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let err = Model::load(&ModelSource::Dir(dir.clone()), None).err().unwrap();
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

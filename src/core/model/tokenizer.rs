@@ -1,0 +1,80 @@
+//! The HF `tokenizers` tokenizer of a model, behind the few calls serving makes.
+use super::ModelError;
+use std::collections::HashSet;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    special_ids: HashSet<u32>,
+}
+
+impl Tokenizer {
+    pub fn from_json(json: &str, origin: &str) -> Result<Self, ModelError> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let special_ids = inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
+        Ok(Self { inner, special_ids })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.inner.encode_fast(text, add_special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+    }
+
+    /// Decodes ids; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        self.inner.decode(ids, skip_special_tokens).unwrap_or_default()
+    }
+
+    /// One token's text, as logprobs show it.
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id], false)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> u32 {
+        self.inner.get_vocab_size(true) as u32
+    }
+
+    /// Ids that decode on their own to whole, printable text: what a simulated engine samples from so
+    /// its output reads like words rather than stray bytes.
+    pub fn printable_ids(&self) -> Vec<u32> {
+        (0..self.vocab_size())
+            .filter(|&id| !self.is_special(id))
+            .filter(|&id| {
+                let text = self.decode(&[id], false);
+                !text.is_empty() && !text.contains('\u{FFFD}') && text.chars().all(|c| !c.is_control())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::model::{Model, ModelSource};
+
+    #[test]
+    fn round_trips_text_including_multibyte_characters() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let text = "Hello! Grüße aus München, 日本語 🚀";
+        let ids = model.tokenizer.encode(text, false).unwrap();
+        assert_eq!(model.tokenizer.decode(&ids, true), text);
+    }
+
+    #[test]
+    fn special_tokens_are_known_and_skippable() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let ids = model.tokenizer.encode("<|im_start|>user", false).unwrap();
+        assert!(model.tokenizer.is_special(ids[0]));
+        assert_eq!(model.tokenizer.decode(&ids, true), "user");
+        assert!(model.tokenizer.printable_ids().len() > 500);
+    }
+}

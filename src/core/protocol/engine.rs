@@ -1,0 +1,82 @@
+//! The request an engine receives (token ids + sampling options, already validated) and the deltas it streams.
+use serde::{Deserialize, Serialize};
+
+/// A request after tokenization and validation: everything an engine needs, nothing HTTP-shaped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessedRequest {
+    pub request_id: String,
+    pub token_ids: Vec<u32>,
+    pub sampling: SamplingOptions,
+    pub stop: StopConditions,
+    /// Return the sampled token's logprob and this many alternatives; `None` returns no logprobs.
+    pub logprobs: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// `None` keeps the whole vocabulary.
+    pub top_k: Option<u32>,
+    pub min_p: f32,
+    /// Makes sampling reproducible per request.
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+/// When the engine stops generating. Stop *strings* are not here: they need text, so the frontend owns them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopConditions {
+    pub max_tokens: u32,
+    /// Stop ids and EOS are ignored until this many tokens were generated.
+    pub min_tokens: u32,
+    /// The request's own stop ids plus, unless `ignore_eos`, the model's EOS ids.
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// One sampled token's log-probability and its best alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// A stop token or EOS was sampled; it is the last id of the final output and is not shown as text.
+    StopToken(u32),
+    Length,
+    Cancelled,
+    Error(String),
+}
+
+/// What an engine streams per step for one request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineOutput {
+    pub token_ids: Vec<u32>,
+    /// One entry per token id when logprobs were asked for, else empty.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    /// Prompt tokens found in the prefix cache; set on the first output.
+    pub cached_tokens: Option<u32>,
+}
