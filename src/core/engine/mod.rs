@@ -1,0 +1,51 @@
+//! The engine contract: everything above it (router, frontend, roles) is engine-agnostic.
+//!
+//! An engine takes a `PreprocessedRequest` and streams `EngineOutput`s; dropping the stream cancels the
+//! request and frees its KV blocks at the engine's next step. It publishes KV-cache events (which prefix
+//! blocks it holds) and reports its load. Implementations: `mocker` (simulated timing, real KV bookkeeping).
+pub mod mocker;
+
+use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
+use futures::Stream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::{broadcast, mpsc};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("{0}")]
+    InvalidRequest(String),
+}
+
+pub trait Engine: Send + Sync {
+    fn worker_id(&self) -> WorkerId;
+
+    /// Starts generating. The stream ends after an output with a `finish_reason`.
+    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError>;
+
+    /// KV-cache events from now on, one batch per engine step that changed the cache.
+    fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch>;
+
+    fn load(&self) -> LoadMetrics;
+}
+
+/// The outputs of one request. Dropping it cancels the request.
+pub struct ResponseStream {
+    receiver: mpsc::UnboundedReceiver<EngineOutput>,
+}
+
+impl ResponseStream {
+    pub fn new(receiver: mpsc::UnboundedReceiver<EngineOutput>) -> Self {
+        Self { receiver }
+    }
+}
+
+impl Stream for ResponseStream {
+    type Item = EngineOutput;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EngineOutput>> {
+        self.receiver.poll_recv(cx)
+    }
+}

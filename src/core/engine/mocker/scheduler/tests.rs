@@ -1,0 +1,202 @@
+use super::*;
+use crate::core::protocol::{KvEvent, SamplingOptions, StopConditions};
+
+fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
+    PreprocessedRequest {
+        request_id: "r".into(),
+        token_ids: tokens,
+        sampling: SamplingOptions::default(),
+        stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
+        logprobs: None,
+    }
+}
+
+fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
+    let config = SchedulerConfig {
+        block_size: 4,
+        num_blocks,
+        max_num_seqs: 8,
+        max_num_batched_tokens: budget,
+        watermark: 0.0,
+        enable_prefix_caching: true,
+    };
+    Scheduler::new(config, (100..200).collect())
+}
+
+/// Steps until idle; returns every output per sequence and every step.
+fn run(s: &mut Scheduler) -> (Vec<(SeqId, EngineOutput)>, Vec<StepOutcome>) {
+    let (mut outputs, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..10_000 {
+        if s.is_idle() {
+            return (outputs, steps);
+        }
+        let step = s.step();
+        outputs.extend(step.outputs.iter().cloned());
+        steps.push(step);
+    }
+    panic!("scheduler did not finish");
+}
+
+fn tokens_of(outputs: &[(SeqId, EngineOutput)], id: SeqId) -> Vec<u32> {
+    outputs.iter().filter(|(i, _)| *i == id).flat_map(|(_, o)| o.token_ids.clone()).collect()
+}
+
+#[test]
+fn shared_prefix_is_reported_as_cached_tokens() {
+    let mut s = scheduler(64, 1024);
+    let prefix: Vec<u32> = (0..16).collect();
+    s.add(1, &request([prefix.clone(), vec![50, 51, 52]].concat(), 2), 0);
+    let (first, _) = run(&mut s);
+    assert_eq!(first[0].1.cached_tokens, Some(0));
+    s.add(2, &request([prefix, vec![60, 61]].concat(), 2), 0);
+    let (second, _) = run(&mut s);
+    assert_eq!(second[0].1.cached_tokens, Some(16));
+    assert_eq!(second[1].1.cached_tokens, None, "reported once");
+}
+
+#[test]
+fn a_fully_cached_prompt_still_computes_its_last_token() {
+    let mut s = scheduler(64, 1024);
+    let prompt: Vec<u32> = (0..16).collect();
+    s.add(1, &request(prompt.clone(), 1), 0);
+    run(&mut s);
+    s.add(2, &request(prompt, 1), 0);
+    let (out, steps) = run(&mut s);
+    assert_eq!(out[0].1.cached_tokens, Some(12));
+    assert_eq!(steps[0].prefill_tokens, 4);
+}
+
+#[test]
+fn eviction_under_pressure_emits_removed_for_the_old_prefix() {
+    let mut s = scheduler(4, 1024);
+    let a: Vec<u32> = (0..12).collect();
+    s.add(1, &request(a.clone(), 1), 0);
+    run(&mut s);
+    let stored: Vec<u64> = s
+        .drain_events()
+        .into_iter()
+        .flat_map(|e| match e {
+            KvEvent::Stored { blocks, .. } => blocks.into_iter().map(|b| b.hash).collect(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(stored.len(), 3);
+    s.add(2, &request((500..512).collect(), 1), 0);
+    run(&mut s);
+    let removed: Vec<u64> = s
+        .drain_events()
+        .into_iter()
+        .flat_map(|e| match e {
+            KvEvent::Removed { hashes } => hashes,
+            _ => vec![],
+        })
+        .collect();
+    assert!(!removed.is_empty());
+    assert!(removed.iter().all(|h| stored.contains(h)), "{removed:?} ⊄ {stored:?}");
+    // The tail block was released first, so it went first.
+    assert_eq!(removed[0], stored[2]);
+}
+
+#[test]
+fn step_durations_follow_the_formula() {
+    let mut s = scheduler(256, 8192);
+    s.add(1, &request((0..100).collect(), 5), 0);
+    let (_, steps) = run(&mut s);
+    assert_eq!(steps.len(), 5);
+    assert_eq!(steps[0].duration_ms, timing::prefill_ms(100));
+    for (i, step) in steps[1..].iter().enumerate() {
+        // Decode step i computes the token at position 100 + i, so 101 + i tokens are in KV.
+        assert_eq!(step.duration_ms, timing::decode_ms(101 + i));
+    }
+}
+
+#[test]
+fn long_prompts_prefill_in_chunks_under_the_budget() {
+    let mut s = scheduler(256, 32);
+    s.add(1, &request((0..100).collect(), 1), 0);
+    let (_, steps) = run(&mut s);
+    assert_eq!(steps.iter().map(|st| st.prefill_tokens).collect::<Vec<_>>(), vec![32, 32, 32, 4]);
+    assert!(steps[..3].iter().all(|st| st.outputs.is_empty()));
+    assert_eq!(steps[3].outputs.len(), 1);
+}
+
+#[test]
+fn preempted_sequences_recompute_and_produce_the_same_tokens() {
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| (i * 100..i * 100 + 8).collect()).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = scheduler(64, 1024);
+            s.add(1, &request(p.clone(), 20), 7);
+            tokens_of(&run(&mut s).0, 1)
+        })
+        .collect();
+    // 3 sequences of up to 28 tokens need 21 blocks; 12 forces preemption.
+    let mut s = scheduler(12, 1024);
+    for (i, p) in prompts.iter().enumerate() {
+        s.add(i as u64, &request(p.clone(), 20), 7);
+    }
+    let (outputs, steps) = run(&mut s);
+    assert!(steps.iter().any(|st| st.prefill_tokens > 8), "expected a recompute after preemption");
+    for (i, expected) in alone.iter().enumerate() {
+        assert_eq!(&tokens_of(&outputs, i as u64), expected, "sequence {i}");
+    }
+    assert_eq!(s.load().kv_active_blocks, 0);
+}
+
+#[test]
+fn continuing_from_generated_tokens_gives_the_same_continuation() {
+    let prompt: Vec<u32> = (0..10).collect();
+    let mut s = scheduler(64, 1024);
+    s.add(1, &request(prompt.clone(), 10), 3);
+    let full = tokens_of(&run(&mut s).0, 1);
+    s.add(2, &request([prompt, full[..4].to_vec()].concat(), 6), 3);
+    assert_eq!(tokens_of(&run(&mut s).0, 2), full[4..]);
+}
+
+#[test]
+fn stop_tokens_finish_only_after_min_tokens() {
+    let prompt: Vec<u32> = (0..10).collect();
+    let mut s = scheduler(64, 1024);
+    s.add(1, &request(prompt.clone(), 12), 0);
+    let free_run = tokens_of(&run(&mut s).0, 1);
+    let stop = free_run[1];
+    let mut req = request(prompt, 12);
+    req.stop.stop_token_ids = vec![stop];
+    s.add(2, &req, 0);
+    let out = run(&mut s).0;
+    assert_eq!(out.last().unwrap().1.finish_reason, Some(FinishReason::StopToken(stop)));
+    assert_eq!(tokens_of(&out, 2).len(), 2);
+    req.stop.min_tokens = 5;
+    s.add(3, &req, 0);
+    let out = run(&mut s).0;
+    let generated = tokens_of(&out, 3);
+    assert!(generated.len() > 2);
+    assert_eq!(out.last().unwrap().1.finish_reason.is_some(), true);
+}
+
+#[test]
+fn abort_frees_every_block() {
+    let mut s = scheduler(64, 1024);
+    s.add(1, &request((0..30).collect(), 100), 0);
+    s.step();
+    assert!(s.load().kv_active_blocks > 0);
+    assert!(s.abort(1));
+    assert_eq!(s.load().kv_active_blocks, 0);
+    assert!(s.is_idle());
+    assert!(!s.abort(1));
+}
+
+#[test]
+fn logprobs_put_the_sampled_token_first() {
+    let mut s = scheduler(64, 1024);
+    let mut req = request((0..10).collect(), 3);
+    req.logprobs = Some(4);
+    s.add(1, &req, 0);
+    for (_, out) in run(&mut s).0 {
+        let lp = &out.logprobs[0];
+        assert_eq!(lp.top.len(), 4);
+        assert_eq!(lp.top[0], (out.token_ids[0], lp.logprob));
+        assert!(lp.top.windows(2).all(|w| w[0].1 > w[1].1));
+    }
+}
