@@ -1,1 +1,74 @@
-pub fn run() {}
+//! The command line: clap types end here. Each subcommand turns its flags into a core settings struct.
+mod args;
+mod bench;
+mod completions;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Serve large language models across many machines from one binary: OpenAI frontend, router, workers.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dynamo",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(after_help = "Start here: `dynamo run`, then `curl http://127.0.0.1:8000/v1/models`.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process: OpenAI HTTP frontend, router and workers.
+    Run(run::RunArgs),
+    /// Measure performance; each benchmark compares against a reference in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print shell completions (bash, zsh, fish, …) to stdout.
+    Completions(completions::CompletionsArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::core::telemetry::init_logging(cli.verbose);
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(command) => bench::run(command),
+        Command::Completions(args) => completions::run(args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

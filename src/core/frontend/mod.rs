@@ -1,0 +1,143 @@
+//! The OpenAI HTTP frontend (axum): chat and text completions, streaming and not, models, health, metrics.
+//!
+//! Requests are parsed and validated here (`params`), tokenized with the model's tokenizer and chat
+//! template, routed to workers by the `Router`, and their token streams turned back into text (`generate`).
+//! Every error is an OpenAI-shaped JSON body; a full cluster answers 503 with `Retry-After`.
+mod chat;
+mod completions;
+mod error;
+mod generate;
+mod params;
+
+pub use error::ApiError;
+
+use crate::core::model::Model;
+use crate::core::protocol::openai::{ModelList, ModelObject};
+use crate::core::router::Router;
+use crate::core::telemetry::Metrics;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router as HttpRouter};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Long prompts as JSON token-id lists get large; past this a request is refused with 413.
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// What every handler shares.
+pub struct FrontendState {
+    pub model: Arc<Model>,
+    pub router: Arc<Router>,
+    pub metrics: Arc<Metrics>,
+    created: u64,
+}
+
+impl FrontendState {
+    pub fn new(model: Arc<Model>, router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            model,
+            router,
+            metrics,
+            created: unix_now(),
+        }
+    }
+
+    /// A request may name the served model or leave `model` out; any other name is a 404, as in vLLM.
+    fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested {
+            Some(name) if name != self.model.card.name => Err(ApiError::not_found(format!(
+                "The model `{name}` does not exist; this server serves `{}` (see GET /v1/models).",
+                self.model.card.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn app(state: Arc<FrontendState>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<FrontendState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelObject {
+            id: state.model.card.name.clone(),
+            object: "model".into(),
+            created: state.created,
+            owned_by: "dynamo".into(),
+            max_model_len: state.model.card.context_length,
+        }],
+    })
+}
+
+/// Ready to serve: at least one worker.
+async fn health(State(state): State<Arc<FrontendState>>) -> Response {
+    let workers = state.router.worker_count();
+    let status = if workers > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if workers > 0 { "healthy" } else { "unhealthy" },
+        "model": state.model.card.name,
+        "workers": workers,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// The process is up.
+async fn live() -> &'static str {
+    "ok"
+}
+
+async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
+    let loads: Vec<_> = state
+        .router
+        .engines()
+        .map(|e| (e.worker_id(), e.load()))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&loads),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {}; see /v1/chat/completions, /v1/completions, /v1/models",
+        uri.path()
+    ))
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

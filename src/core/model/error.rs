@@ -3,14 +3,22 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model path {0} is not a directory; pass --model with an HF model directory (config.json, tokenizer.json, …)")]
+    #[error(
+        "model path {0} is not a directory; pass --model with an HF model directory (config.json, tokenizer.json, …)"
+    )]
     NotADirectory(PathBuf),
     #[error("{origin} has no {file}; an HF model directory needs it")]
     MissingFile { file: String, origin: String },
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file} is not valid JSON: {source}")]
-    BadJson { file: String, source: serde_json::Error },
+    BadJson {
+        file: String,
+        source: serde_json::Error,
+    },
     #[error("cannot load the tokenizer of {origin}: {message}")]
     Tokenizer { origin: String, message: String },
     #[error("the chat template does not compile: {0}")]

@@ -15,8 +15,13 @@ pub struct StoredBlock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvEvent {
     /// Blocks that extend `parent_hash` (or start a sequence when `None`), in order.
-    Stored { parent_hash: Option<u64>, blocks: Vec<StoredBlock> },
-    Removed { hashes: Vec<u64> },
+    Stored {
+        parent_hash: Option<u64>,
+        blocks: Vec<StoredBlock>,
+    },
+    Removed {
+        hashes: Vec<u64>,
+    },
     Cleared,
 }
 

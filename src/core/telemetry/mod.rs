@@ -1,0 +1,314 @@
+//! Metrics (Prometheus text format, Dynamo's metric names so its dashboards work) and log setup.
+//!
+//! Frontend metrics are recorded per request by a `RequestMetrics` guard: created when a request is
+//! admitted, fed each token, and recorded when dropped, so a request cut short by a disconnect still
+//! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
+use crate::core::protocol::{LoadMetrics, WorkerId};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets,
+};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Metrics {
+    registry: Registry,
+    requests_total: IntCounterVec,
+    inflight: IntGaugeVec,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    input_tokens: HistogramVec,
+    output_tokens: HistogramVec,
+    cached_tokens: HistogramVec,
+    duration: HistogramVec,
+    worker_gauges: Vec<(IntGaugeVec, fn(&LoadMetrics) -> i64)>,
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
+        .expect("static histogram definition is valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("metric names are unique");
+    vec
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let vec =
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("static gauge definition is valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("metric names are unique");
+    vec
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "dynamo_frontend_requests_total",
+                "Requests handled by the frontend",
+            ),
+            &["model", "endpoint", "request_type", "status"],
+        )
+        .expect("static counter definition is valid");
+        registry
+            .register(Box::new(requests_total.clone()))
+            .expect("metric names are unique");
+        let latency = exponential_buckets(0.001, 2.0, 18).expect("valid buckets");
+        let tokens = exponential_buckets(1.0, 2.0, 20).expect("valid buckets");
+        let worker_gauges: Vec<(IntGaugeVec, fn(&LoadMetrics) -> i64)> = vec![
+            (
+                gauge(
+                    &registry,
+                    "dynamo_component_requests_running",
+                    "Requests in the worker's running batch",
+                    &["worker_id"],
+                ),
+                |l| l.requests_running.into(),
+            ),
+            (
+                gauge(
+                    &registry,
+                    "dynamo_component_requests_waiting",
+                    "Requests queued in the worker",
+                    &["worker_id"],
+                ),
+                |l| l.requests_waiting.into(),
+            ),
+            (
+                gauge(
+                    &registry,
+                    "dynamo_component_kvstats_active_blocks",
+                    "KV blocks held by requests",
+                    &["worker_id"],
+                ),
+                |l| l.kv_active_blocks as i64,
+            ),
+            (
+                gauge(
+                    &registry,
+                    "dynamo_component_kvstats_total_blocks",
+                    "KV blocks of the worker",
+                    &["worker_id"],
+                ),
+                |l| l.kv_total_blocks as i64,
+            ),
+        ];
+        Self {
+            inflight: gauge(
+                &registry,
+                "dynamo_frontend_inflight_requests",
+                "Requests being processed",
+                &["model"],
+            ),
+            ttft: histogram(
+                &registry,
+                "dynamo_frontend_time_to_first_token_seconds",
+                "Time to first token",
+                latency.clone(),
+            ),
+            itl: histogram(
+                &registry,
+                "dynamo_frontend_inter_token_latency_seconds",
+                "Time between tokens",
+                latency.clone(),
+            ),
+            input_tokens: histogram(
+                &registry,
+                "dynamo_frontend_input_sequence_tokens",
+                "Prompt length",
+                tokens.clone(),
+            ),
+            output_tokens: histogram(
+                &registry,
+                "dynamo_frontend_output_sequence_tokens",
+                "Generated tokens",
+                tokens.clone(),
+            ),
+            cached_tokens: histogram(
+                &registry,
+                "dynamo_frontend_cached_tokens",
+                "Prompt tokens found in KV cache",
+                tokens,
+            ),
+            duration: histogram(
+                &registry,
+                "dynamo_frontend_request_duration_seconds",
+                "Request duration",
+                latency,
+            ),
+            requests_total,
+            worker_gauges,
+            registry,
+        }
+    }
+
+    /// Starts tracking one admitted request.
+    pub fn request(
+        self: &Arc<Self>,
+        model: &str,
+        endpoint: &'static str,
+        streaming: bool,
+    ) -> RequestMetrics {
+        self.inflight.with_label_values(&[model]).inc();
+        RequestMetrics {
+            metrics: self.clone(),
+            model: model.to_string(),
+            endpoint,
+            request_type: if streaming { "stream" } else { "unary" },
+            start: Instant::now(),
+            last_token: None,
+            output_tokens: 0,
+            status: None,
+        }
+    }
+
+    /// Counts a request refused before it reached an engine (bad input, busy).
+    pub fn rejected(&self, model: &str, endpoint: &str, streaming: bool) {
+        let request_type = if streaming { "stream" } else { "unary" };
+        self.requests_total
+            .with_label_values(&[model, endpoint, request_type, "error"])
+            .inc();
+    }
+
+    /// The Prometheus text exposition, with worker gauges read now.
+    pub fn render(&self, workers: &[(WorkerId, LoadMetrics)]) -> String {
+        for (worker, load) in workers {
+            let id = worker.to_string();
+            for (gauge, read) in &self.worker_gauges {
+                gauge.with_label_values(&[&id]).set(read(load));
+            }
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Records one request's metrics; whatever is not marked finished counts as cancelled when dropped.
+pub struct RequestMetrics {
+    metrics: Arc<Metrics>,
+    model: String,
+    endpoint: &'static str,
+    request_type: &'static str,
+    start: Instant,
+    last_token: Option<Instant>,
+    output_tokens: u64,
+    status: Option<&'static str>,
+}
+
+impl RequestMetrics {
+    pub fn prompt(&self, prompt_tokens: usize, cached_tokens: u32) {
+        self.metrics
+            .input_tokens
+            .with_label_values(&[&self.model])
+            .observe(prompt_tokens as f64);
+        self.metrics
+            .cached_tokens
+            .with_label_values(&[&self.model])
+            .observe(cached_tokens as f64);
+    }
+
+    pub fn tokens(&mut self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let now = Instant::now();
+        match self.last_token {
+            None => self
+                .metrics
+                .ttft
+                .with_label_values(&[&self.model])
+                .observe((now - self.start).as_secs_f64()),
+            Some(last) => {
+                let gap = (now - last).as_secs_f64() / count as f64;
+                let itl = self.metrics.itl.with_label_values(&[&self.model]);
+                for _ in 0..count {
+                    itl.observe(gap);
+                }
+            }
+        }
+        self.last_token = Some(now);
+        self.output_tokens += count as u64;
+    }
+
+    pub fn finish(&mut self, success: bool) {
+        self.status = Some(if success { "success" } else { "error" });
+    }
+}
+
+impl Drop for RequestMetrics {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let status = self.status.unwrap_or("cancelled");
+        m.requests_total
+            .with_label_values(&[&self.model, self.endpoint, self.request_type, status])
+            .inc();
+        m.inflight.with_label_values(&[&self.model]).dec();
+        m.output_tokens
+            .with_label_values(&[&self.model])
+            .observe(self.output_tokens as f64);
+        m.duration
+            .with_label_values(&[&self.model])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` (or `DYNAMO_LOG`) overrides the level.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("DYNAMO_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_request_counts_as_cancelled_and_leaves_inflight() {
+        let metrics = Arc::new(Metrics::new());
+        {
+            let mut request = metrics.request("m", "chat_completions", true);
+            request.tokens(1);
+            let text = metrics.render(&[]);
+            assert!(
+                text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 1"),
+                "{text}"
+            );
+        }
+        let text = metrics.render(&[(
+            3,
+            LoadMetrics {
+                kv_total_blocks: 7,
+                ..Default::default()
+            },
+        )]);
+        assert!(text.contains(
+            "dynamo_frontend_requests_total{endpoint=\"chat_completions\",model=\"m\",request_type=\"stream\",status=\"cancelled\"} 1"
+        ), "{text}");
+        assert!(text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 0"));
+        assert!(text.contains("dynamo_frontend_time_to_first_token_seconds_count{model=\"m\"} 1"));
+        assert!(text.contains("dynamo_component_kvstats_total_blocks{worker_id=\"3\"} 7"));
+    }
+}

@@ -1,0 +1,75 @@
+//! `dynamo run`: the whole stack in one process.
+use super::args::MockerArgs;
+use crate::core::local::{self, LocalSettings};
+use crate::core::model::ModelSource;
+use clap::{Args, ValueEnum};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed.
+    Mocker,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// HF model directory (config.json, tokenizer.json, tokenizer_config.json) [default: the built-in tiny-chat]
+    #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Name clients use in "model" [default: the model directory's name]
+    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Engine the workers run.
+    #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
+    pub engine: EngineKind,
+
+    /// In-process workers.
+    #[arg(long, env = "DYNAMO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: u32,
+
+    /// Address the OpenAI HTTP frontend listens on.
+    #[arg(
+        long,
+        env = "DYNAMO_HTTP_HOST",
+        default_value = "127.0.0.1",
+        help_heading = "HTTP frontend"
+    )]
+    pub http_host: IpAddr,
+
+    /// Port of the OpenAI HTTP frontend (0 picks a free one).
+    #[arg(
+        long,
+        env = "DYNAMO_HTTP_PORT",
+        default_value_t = 8000,
+        help_heading = "HTTP frontend"
+    )]
+    pub http_port: u16,
+
+    /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
+    #[arg(long, env = "DYNAMO_BUSY_THRESHOLD", default_value_t = 1024, help_heading = "HTTP frontend",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub busy_threshold: u32,
+
+    #[command(flatten)]
+    pub mocker: MockerArgs,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let EngineKind::Mocker = args.engine;
+    let settings = LocalSettings {
+        model: args
+            .model
+            .map(ModelSource::Dir)
+            .unwrap_or(ModelSource::Builtin),
+        served_model_name: args.served_model_name,
+        workers: args.workers as usize,
+        mocker: args.mocker.config(),
+        busy_threshold: args.busy_threshold as usize,
+        listen: SocketAddr::new(args.http_host, args.http_port),
+    };
+    super::runtime()?.block_on(local::run(settings, super::shutdown_signal()))?;
+    Ok(())
+}

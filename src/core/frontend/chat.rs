@@ -1,0 +1,269 @@
+//! `POST /v1/chat/completions`: messages through the chat template, then the shared generation path.
+use super::FrontendState;
+use super::error::ApiError;
+use super::generate::{self, ChoiceDelta, ChunkRenderer, LogprobEntry, Tracker};
+use super::params::{EndpointOptions, build_choices, fields, parse_body};
+use crate::core::model::TemplateInput;
+use crate::core::protocol::openai::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, SamplingParams, TopLogprob, Usage,
+};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+const ENDPOINT: &str = "chat_completions";
+
+pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
+    match chat(&state, &body).await {
+        Ok(response) => response,
+        Err(error) => {
+            state
+                .metrics
+                .rejected(&state.model.card.name, ENDPOINT, false);
+            error.into_response()
+        }
+    }
+}
+
+async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
+    let value = parse_body(body)?;
+    let request: ChatCompletionRequest = fields(&value)?;
+    let params: SamplingParams = fields(&value)?;
+    state.check_model(request.model.as_deref())?;
+    let model = &state.model;
+    let template = model.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
+    })?;
+    let messages = normalize_messages(&request.messages)?;
+    let prompt = template
+        .render(&TemplateInput {
+            messages: &messages,
+            tools: request.tools.as_deref(),
+            add_generation_prompt: request.add_generation_prompt.unwrap_or(true),
+            extra: request.chat_template_kwargs.as_ref(),
+        })
+        .map_err(|message| ApiError::bad_request(Some("messages"), message))?;
+    let token_ids = model
+        .tokenizer
+        .encode(&prompt, false)
+        .map_err(ApiError::internal)?;
+    let logprobs = match (request.logprobs, request.top_logprobs) {
+        (Some(true), top) => Some(top.unwrap_or(0)),
+        (_, Some(top)) if top > 0 => {
+            return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
+        }
+        _ => None,
+    };
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let options = EndpointOptions {
+        max_tokens: request.max_completion_tokens.or(params.max_tokens),
+        logprobs,
+        request_id: id.clone(),
+    };
+    let prompt_len = token_ids.len();
+    let specs = build_choices(model, &params, &[token_ids], &options)?;
+    let choices = specs.len();
+    let deltas = generate::start(&state.router, model.clone(), specs)?;
+    let metrics = state
+        .metrics
+        .request(&model.card.name, ENDPOINT, request.stream);
+    let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
+    let renderer = ChatChunks {
+        id,
+        created: super::unix_now(),
+        model: model.card.name.clone(),
+        logprobs: logprobs.is_some(),
+    };
+
+    if request.stream {
+        let first = (0..choices as u32)
+            .map(|index| renderer.role_chunk(index))
+            .collect();
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(generate::sse(deltas, tracker, first, renderer, include_usage).into_response());
+    }
+    let deltas = generate::collect(deltas, &mut tracker).await?;
+    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
+}
+
+/// Checks each message and flattens list-of-parts content into text, as text-only templates expect.
+fn normalize_messages(messages: &[Map<String, Value>]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "must contain at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            if !message.get("role").is_some_and(Value::is_string) {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    "must be a string",
+                ));
+            }
+            let mut message = message.clone();
+            match message.get("content") {
+                None | Some(Value::Null) | Some(Value::String(_)) => {}
+                Some(Value::Array(parts)) => {
+                    let text = text_of_parts(i, parts)?;
+                    message.insert("content".into(), Value::String(text));
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].content"),
+                        "must be a string or a list of parts",
+                    ));
+                }
+            }
+            Ok(Value::Object(message))
+        })
+        .collect()
+}
+
+fn text_of_parts(message: usize, parts: &[Value]) -> Result<String, ApiError> {
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let field = format!("messages[{message}].content[{j}]");
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => match part.get("text").and_then(Value::as_str) {
+                Some(text) => texts.push(text),
+                None => {
+                    return Err(ApiError::invalid(
+                        &field,
+                        "is a text part without a `text` string",
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    &field,
+                    format!(
+                        "has type `{other}`, which this model does not accept; send text parts"
+                    ),
+                ));
+            }
+            None => return Err(ApiError::invalid(&field, "needs a `type`")),
+        }
+    }
+    Ok(texts.join("\n"))
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        let chunk = ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        serde_json::to_string(&chunk).unwrap_or_default()
+    }
+
+    fn role_chunk(&self, index: u32) -> String {
+        let delta = ChatDelta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        self.chunk(
+            vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs: None,
+                finish_reason: None,
+            }],
+            None,
+        )
+    }
+
+    fn whole(&self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> ChatCompletion {
+        let mut out: Vec<ChatChoice> = (0..choices as u32)
+            .map(|index| ChatChoice {
+                index,
+                message: ChatMessage {
+                    role: "assistant".into(),
+                    content: String::new(),
+                },
+                logprobs: self.logprobs.then(ChatLogprobs::default),
+                finish_reason: None,
+            })
+            .collect();
+        for delta in deltas {
+            let Some(choice) = out.get_mut(delta.index as usize) else {
+                continue;
+            };
+            choice.message.content.push_str(&delta.text);
+            if let Some(logprobs) = choice.logprobs.as_mut() {
+                logprobs
+                    .content
+                    .extend(delta.logprobs.iter().map(chat_logprob));
+            }
+            if delta.finish_reason.is_some() {
+                choice.finish_reason = delta.finish_reason.map(str::to_string);
+            }
+        }
+        ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: out,
+            usage,
+        }
+    }
+}
+
+impl ChunkRenderer for ChatChunks {
+    fn delta(&mut self, delta: &ChoiceDelta) -> Option<String> {
+        if delta.text.is_empty() && delta.finish_reason.is_none() && delta.logprobs.is_empty() {
+            return None;
+        }
+        let choice = ChatChunkChoice {
+            index: delta.index,
+            delta: ChatDelta {
+                role: None,
+                content: (!delta.text.is_empty()).then(|| delta.text.clone()),
+            },
+            logprobs: self.logprobs.then(|| ChatLogprobs {
+                content: delta.logprobs.iter().map(chat_logprob).collect(),
+            }),
+            finish_reason: delta.finish_reason.map(str::to_string),
+        };
+        Some(self.chunk(vec![choice], None))
+    }
+
+    fn usage(&mut self, usage: Usage) -> String {
+        self.chunk(Vec::new(), Some(usage))
+    }
+}
+
+fn chat_logprob(entry: &LogprobEntry) -> ChatTokenLogprob {
+    ChatTokenLogprob {
+        token: entry.token.clone(),
+        logprob: entry.logprob,
+        bytes: entry.token.as_bytes().to_vec(),
+        top_logprobs: entry
+            .top
+            .iter()
+            .map(|(token, logprob)| TopLogprob {
+                token: token.clone(),
+                logprob: *logprob,
+                bytes: token.as_bytes().to_vec(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,251 @@
+//! `POST /v1/completions`: raw prompts (text or token ids, one or many), then the shared generation path.
+use super::FrontendState;
+use super::error::ApiError;
+use super::generate::{self, ChoiceDelta, ChunkRenderer, Tracker};
+use super::params::{EndpointOptions, build_choices, fields, parse_body};
+use crate::core::model::Model;
+use crate::core::protocol::openai::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, SamplingParams, Usage,
+};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+const ENDPOINT: &str = "completions";
+
+pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
+    match complete(&state, &body).await {
+        Ok(response) => response,
+        Err(error) => {
+            state
+                .metrics
+                .rejected(&state.model.card.name, ENDPOINT, false);
+            error.into_response()
+        }
+    }
+}
+
+async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
+    let value = parse_body(body)?;
+    let request: CompletionRequest = fields(&value)?;
+    let params: SamplingParams = fields(&value)?;
+    state.check_model(request.model.as_deref())?;
+    if request.suffix.is_some() {
+        return Err(ApiError::invalid("suffix", "is not supported"));
+    }
+    if request.echo && request.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "together with `logprobs` would need prompt logprobs, which are not supported yet",
+        ));
+    }
+    let model = &state.model;
+    let prompts = prompts(model, &request.prompt)?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let options = EndpointOptions {
+        max_tokens: params.max_tokens,
+        logprobs: request.logprobs,
+        request_id: id.clone(),
+    };
+    let specs = build_choices(model, &params, &prompts, &options)?;
+    let choices = specs.len();
+    let echoes = if request.echo {
+        let texts: Vec<String> = prompts
+            .iter()
+            .map(|p| model.tokenizer.decode(p, true))
+            .collect();
+        specs
+            .iter()
+            .map(|s| texts[s.prompt_index].clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let deltas = generate::start(&state.router, model.clone(), specs)?;
+    let metrics = state
+        .metrics
+        .request(&model.card.name, ENDPOINT, request.stream);
+    let mut tracker = Tracker::new(metrics, prompts.iter().map(Vec::len).collect(), choices);
+    let renderer = CompletionChunks {
+        id,
+        created: super::unix_now(),
+        model: model.card.name.clone(),
+        logprobs: request.logprobs.is_some(),
+        echoes,
+        echoed: HashSet::new(),
+        offsets: vec![0; choices],
+    };
+    if request.stream {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(
+            generate::sse(deltas, tracker, Vec::new(), renderer, include_usage).into_response(),
+        );
+    }
+    let deltas = generate::collect(deltas, &mut tracker).await?;
+    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
+}
+
+const PROMPT_SHAPES: &str =
+    "must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
+
+/// The prompt field in its four OpenAI shapes, as token ids. Text is encoded with the model's special tokens.
+fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| {
+        model
+            .tokenizer
+            .encode(text, true)
+            .map_err(ApiError::internal)
+    };
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|v| {
+                let id = v
+                    .as_u64()
+                    .ok_or_else(|| ApiError::invalid("prompt", PROMPT_SHAPES))?;
+                if id >= u64::from(model.card.vocab_size) {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!(
+                            "contains token id {id}, outside the vocabulary of {}",
+                            model.card.vocab_size
+                        ),
+                    ));
+                }
+                Ok(id as u32)
+            })
+            .collect()
+    };
+    let prompts = match prompt {
+        Value::String(text) => vec![encode(text)?],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid("prompt", "must not be empty"));
+        }
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .map(|t| encode(t.as_str().unwrap_or_default()))
+            .collect::<Result<_, _>>()?,
+        Value::Array(items) if items.iter().all(Value::is_number) => vec![ids(items)?],
+        Value::Array(items) if items.iter().all(Value::is_array) => items
+            .iter()
+            .map(|p| ids(p.as_array().map(Vec::as_slice).unwrap_or_default()))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::invalid("prompt", PROMPT_SHAPES)),
+    };
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid(
+            "prompt",
+            "has no tokens; send some text or token ids",
+        ));
+    }
+    Ok(prompts)
+}
+
+struct CompletionChunks {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    /// Prompt text per choice, when `echo` is on.
+    echoes: Vec<String>,
+    echoed: HashSet<u32>,
+    /// Characters emitted so far per choice, for `text_offset`.
+    offsets: Vec<u32>,
+}
+
+impl CompletionChunks {
+    fn completion(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    /// The delta's text (with the echoed prompt in front the first time) and its logprobs.
+    fn choice(&mut self, delta: &ChoiceDelta) -> CompletionChoice {
+        let mut text = String::new();
+        if let Some(echo) = self.echoes.get(delta.index as usize)
+            && self.echoed.insert(delta.index)
+        {
+            text.push_str(echo);
+        }
+        text.push_str(&delta.text);
+        let logprobs = self.logprobs.then(|| {
+            let offset = &mut self.offsets[delta.index as usize];
+            let mut out = CompletionLogprobs::default();
+            for entry in &delta.logprobs {
+                out.tokens.push(entry.token.clone());
+                out.token_logprobs.push(entry.logprob);
+                let top: Map<String, Value> = entry
+                    .top
+                    .iter()
+                    .map(|(t, p)| (t.clone(), Value::from(*p)))
+                    .collect();
+                out.top_logprobs.push(top);
+                out.text_offset.push(*offset);
+                *offset += entry.token.chars().count() as u32;
+            }
+            out
+        });
+        CompletionChoice {
+            index: delta.index,
+            text,
+            logprobs,
+            finish_reason: delta.finish_reason.map(str::to_string),
+        }
+    }
+
+    fn whole(mut self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> Completion {
+        let mut out: Vec<CompletionChoice> = (0..choices as u32)
+            .map(|index| CompletionChoice {
+                index,
+                text: String::new(),
+                logprobs: self.logprobs.then(CompletionLogprobs::default),
+                finish_reason: None,
+            })
+            .collect();
+        for delta in &deltas {
+            let part = self.choice(delta);
+            let Some(choice) = out.get_mut(delta.index as usize) else {
+                continue;
+            };
+            choice.text.push_str(&part.text);
+            if let (Some(all), Some(new)) = (choice.logprobs.as_mut(), part.logprobs) {
+                all.tokens.extend(new.tokens);
+                all.token_logprobs.extend(new.token_logprobs);
+                all.top_logprobs.extend(new.top_logprobs);
+                all.text_offset.extend(new.text_offset);
+            }
+            if part.finish_reason.is_some() {
+                choice.finish_reason = part.finish_reason;
+            }
+        }
+        self.completion(out, Some(usage))
+    }
+}
+
+impl ChunkRenderer for CompletionChunks {
+    fn delta(&mut self, delta: &ChoiceDelta) -> Option<String> {
+        let echo_pending = !self.echoes.is_empty() && !self.echoed.contains(&delta.index);
+        if delta.text.is_empty()
+            && delta.finish_reason.is_none()
+            && delta.logprobs.is_empty()
+            && !echo_pending
+        {
+            return None;
+        }
+        let choice = self.choice(delta);
+        serde_json::to_string(&self.completion(vec![choice], None)).ok()
+    }
+
+    fn usage(&mut self, usage: Usage) -> String {
+        serde_json::to_string(&self.completion(Vec::new(), Some(usage))).unwrap_or_default()
+    }
+}

@@ -1,0 +1,318 @@
+//! Request validation shared by both endpoints: JSON in, checked `ChoiceSpec`s out.
+//!
+//! Every check names the field it rejects, and the limits follow vLLM's (e.g. `top_logprobs` ≤ 20, the
+//! prompt plus `max_tokens` within the model's context).
+use super::error::ApiError;
+use super::generate::{ChoiceSpec, TextOptions};
+use crate::core::model::Model;
+use crate::core::protocol::openai::SamplingParams;
+use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub const MAX_N: u32 = 128;
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Reads the body as JSON, reporting syntax errors plainly.
+pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(None, format!("the request body is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            None,
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// Deserializes `T` from the body, naming the offending field on error.
+pub fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::bad_request(None, inner.to_string())
+        } else {
+            ApiError::invalid(&path, format!("is invalid: {inner}"))
+        }
+    })
+}
+
+/// What an endpoint adds to the shared sampling fields.
+pub struct EndpointOptions {
+    /// `max_completion_tokens` (chat) takes precedence over `max_tokens`.
+    pub max_tokens: Option<u32>,
+    /// Alternatives per token, when logprobs were asked for.
+    pub logprobs: Option<u32>,
+    /// Prefix of the engine request ids (`chatcmpl-…`, `cmpl-…`).
+    pub request_id: String,
+}
+
+pub fn build_choices(
+    model: &Model,
+    params: &SamplingParams,
+    prompts: &[Vec<u32>],
+    options: &EndpointOptions,
+) -> Result<Vec<ChoiceSpec>, ApiError> {
+    let sampling = sampling_options(params)?;
+    let n = params.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("must be between 1 and {MAX_N}, got {n}"),
+        ));
+    }
+    if let Some(top) = options.logprobs
+        && top > MAX_TOP_LOGPROBS
+    {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS}, got {top}"),
+        ));
+    }
+    if sampling.temperature == 0.0 && n > 1 && sampling.seed.is_none() {
+        // Greedy samples are identical; vLLM allows it too, so only the text says so.
+        tracing::debug!("n > 1 with temperature 0 returns identical choices");
+    }
+    let stop = stop_strings(params.stop.as_ref())?;
+    let card = &model.card;
+    let mut stop_token_ids = params.stop_token_ids.clone().unwrap_or_default();
+    if let Some(bad) = stop_token_ids.iter().find(|&&id| id >= card.vocab_size) {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!(
+                "contains {bad}, outside the vocabulary of {}",
+                card.vocab_size
+            ),
+        ));
+    }
+    if !params.ignore_eos.unwrap_or(false) {
+        stop_token_ids.extend(
+            card.eos_token_ids
+                .iter()
+                .filter(|id| !stop_token_ids.contains(id))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+    }
+    let text = TextOptions {
+        skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
+        stop,
+        include_stop_str: params.include_stop_str_in_output.unwrap_or(false),
+        tokens_as_ids: params.return_tokens_as_token_ids.unwrap_or(false),
+    };
+
+    let mut specs = Vec::with_capacity(prompts.len() * n as usize);
+    for (prompt_index, prompt) in prompts.iter().enumerate() {
+        let max_tokens = max_tokens_for(card.context_length, prompt.len(), options.max_tokens)?;
+        let min_tokens = params.min_tokens.unwrap_or(0);
+        if min_tokens > max_tokens {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("({min_tokens}) must not exceed max_tokens ({max_tokens})"),
+            ));
+        }
+        for sample in 0..n {
+            let mut sampling = sampling.clone();
+            // Each of n samples needs its own stream of randomness, reproducible from the request's seed.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(sample)));
+            specs.push(ChoiceSpec {
+                index: prompt_index as u32 * n + sample,
+                prompt_index,
+                request: PreprocessedRequest {
+                    request_id: format!(
+                        "{}-{}",
+                        options.request_id,
+                        prompt_index as u32 * n + sample
+                    ),
+                    token_ids: prompt.clone(),
+                    sampling,
+                    stop: StopConditions {
+                        max_tokens,
+                        min_tokens,
+                        stop_token_ids: stop_token_ids.clone(),
+                    },
+                    logprobs: options.logprobs,
+                },
+                text: text.clone(),
+            });
+        }
+    }
+    Ok(specs)
+}
+
+fn max_tokens_for(
+    context: u32,
+    prompt_len: usize,
+    requested: Option<u32>,
+) -> Result<u32, ApiError> {
+    let prompt_len = prompt_len as u64;
+    if prompt_len >= u64::from(context) {
+        return Err(ApiError::bad_request(
+            Some("messages"),
+            format!(
+                "This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens. Please shorten the prompt."
+            ),
+        ));
+    }
+    match requested {
+        Some(0) => Err(ApiError::invalid("max_tokens", "must be at least 1, got 0")),
+        Some(max) if prompt_len + u64::from(max) > u64::from(context) => {
+            Err(ApiError::bad_request(
+                Some("max_tokens"),
+                format!(
+                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max} in `max_tokens`). Please reduce the length of the prompt or `max_tokens`.",
+                    prompt_len + u64::from(max)
+                ),
+            ))
+        }
+        Some(max) => Ok(max),
+        None => Ok((u64::from(context) - prompt_len) as u32),
+    }
+}
+
+fn sampling_options(p: &SamplingParams) -> Result<SamplingOptions, ApiError> {
+    let defaults = SamplingOptions::default();
+    let temperature = p.temperature.unwrap_or(defaults.temperature);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("must be 0 or more, got {temperature}"),
+        ));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = match p.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k >= 1 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("must be -1 (off) or at least 1, got {k}"),
+            ));
+        }
+    };
+    let min_p = p.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(
+            "min_p",
+            format!("must be in [0, 1], got {min_p}"),
+        ));
+    }
+    for (name, value) in [
+        ("presence_penalty", p.presence_penalty),
+        ("frequency_penalty", p.frequency_penalty),
+    ] {
+        if let Some(v) = value
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return Err(ApiError::invalid(
+                name,
+                format!("must be in [-2, 2], got {v}"),
+            ));
+        }
+    }
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!("must be greater than 0, got {repetition_penalty}"),
+        ));
+    }
+    Ok(SamplingOptions {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        seed: p.seed.map(|s| s as u64),
+        presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty,
+    })
+}
+
+fn stop_strings(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match stop {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "must be a string or a list of strings")),
+        Some(_) => Err(ApiError::invalid(
+            "stop",
+            "must be a string or a list of strings",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::ModelSource;
+    use serde_json::json;
+
+    fn choices(body: Value, prompt_len: usize) -> Result<Vec<ChoiceSpec>, ApiError> {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let params: SamplingParams = fields(&body)?;
+        let options = EndpointOptions {
+            max_tokens: params.max_tokens,
+            logprobs: None,
+            request_id: "x".into(),
+        };
+        build_choices(&model, &params, &[vec![5; prompt_len]], &options)
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (body, field) in [
+            (json!({"temperature": -1}), "temperature"),
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_k": -5}), "top_k"),
+            (json!({"n": 0}), "n"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": 5000}), "max_tokens"),
+            (json!({"min_tokens": 9, "max_tokens": 3}), "min_tokens"),
+            (json!({"stop": 5}), "stop"),
+            (json!({"stop_token_ids": [100000]}), "stop_token_ids"),
+            (json!({"presence_penalty": 3}), "presence_penalty"),
+        ] {
+            let err = choices(body.clone(), 10)
+                .err()
+                .unwrap_or_else(|| panic!("{body} was accepted"));
+            assert_eq!(err.param.as_deref(), Some(field), "{body}: {err:?}");
+            assert!(err.message.contains(field), "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn defaults_fill_the_context_and_add_eos() {
+        let specs = choices(json!({"n": 2, "seed": 5, "stop": "x"}), 96).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].request.stop.max_tokens, 4096 - 96);
+        assert_eq!(specs[1].request.sampling.seed, Some(6));
+        assert_eq!(specs[0].request.stop.stop_token_ids.len(), 2);
+        assert_eq!(specs[0].text.stop, vec!["x".to_string()]);
+        let no_eos = choices(json!({"ignore_eos": true}), 4).unwrap();
+        assert!(no_eos[0].request.stop.stop_token_ids.is_empty());
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_context_is_refused() {
+        let err = choices(json!({}), 5000).err().unwrap();
+        assert!(
+            err.message.contains("maximum context length is 4096"),
+            "{}",
+            err.message
+        );
+    }
+}
