@@ -21,8 +21,11 @@ pub struct Metrics {
     output_tokens: HistogramVec,
     cached_tokens: HistogramVec,
     duration: HistogramVec,
-    worker_gauges: Vec<(IntGaugeVec, fn(&LoadMetrics) -> i64)>,
+    worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
 }
+
+/// Reads one gauge's value out of a worker's load.
+type ReadLoad = fn(&LoadMetrics) -> i64;
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
     let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
@@ -64,7 +67,7 @@ impl Metrics {
             .expect("metric names are unique");
         let latency = exponential_buckets(0.001, 2.0, 18).expect("valid buckets");
         let tokens = exponential_buckets(1.0, 2.0, 20).expect("valid buckets");
-        let worker_gauges: Vec<(IntGaugeVec, fn(&LoadMetrics) -> i64)> = vec![
+        let worker_gauges: Vec<(IntGaugeVec, ReadLoad)> = vec![
             (
                 gauge(
                     &registry,

@@ -199,10 +199,11 @@ impl Worker {
         let id = *next_id;
         *next_id += 1;
         let sampling = &submission.request.sampling;
-        let seed = match (sampling.temperature, sampling.seed) {
-            (t, _) if t == 0.0 => 0,
-            (_, Some(seed)) => seed,
-            (_, None) => rand::random(),
+        // Greedy output depends on the tokens alone; sampled output on the seed, random when none is given.
+        let seed = if sampling.temperature == 0.0 {
+            0
+        } else {
+            sampling.seed.unwrap_or_else(rand::random)
         };
         self.scheduler.add(id, &submission.request, seed);
         streams.insert(id, submission.outputs);

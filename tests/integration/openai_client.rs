@@ -1,0 +1,103 @@
+//! The real `openai` Python client against `dynamo run`, streaming and not. The client is installed into a
+//! venv under the target directory on first use; without python3 or PyPI the test says so and skips.
+use crate::util::Server;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const CLIENT_SCRIPT: &str = r#"
+import sys
+from openai import OpenAI
+
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+model = client.models.list().data[0].id
+assert model == "tiny-chat", model
+
+chat = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0)
+assert chat.choices[0].finish_reason == "length", chat
+assert chat.usage.completion_tokens == 8, chat.usage
+text = chat.choices[0].message.content
+assert text, chat
+
+stream = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,
+    stream=True, stream_options={"include_usage": True})
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        pieces.append(choice.delta.content or "")
+        finish = choice.finish_reason or finish
+assert "".join(pieces) == text, ("".join(pieces), text)
+assert finish == "length" and usage.completion_tokens == 8, (finish, usage)
+
+completion = client.completions.create(model=model, prompt="Once upon", max_tokens=5, temperature=0, logprobs=2)
+assert len(completion.choices[0].logprobs.tokens) == 5, completion
+assert completion.usage.prompt_tokens_details is None or completion.usage.prompt_tokens_details.cached_tokens == 0
+
+try:
+    client.chat.completions.create(model=model, messages=[], max_tokens=1)
+    raise SystemExit("an empty message list was accepted")
+except Exception as error:  # openai.BadRequestError
+    assert getattr(error, "status_code", None) == 400, error
+print("openai client ok")
+"#;
+
+/// A venv with the `openai` package, made once per target directory.
+fn venv_python() -> Result<PathBuf, String> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".openai-installed");
+    if ready.exists() {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "openai>=1.40",
+    ]))?;
+    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
+#[test]
+fn the_openai_python_client_works_streaming_and_not() {
+    let python = match venv_python() {
+        Ok(python) => python,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED the_openai_python_client_works: could not install the openai client ({why})"
+            );
+            return;
+        }
+    };
+    let server = Server::start(&["--speedup", "100"]);
+    let out = Command::new(python)
+        .args(["-c", CLIENT_SCRIPT, &server.base])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,149 @@
+//! Starts `dynamo` processes for tests and always stops them.
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn dynamo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dynamo"))
+}
+
+/// A `dynamo run` on a free loopback port; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `dynamo run --http-port 0 ARGS…` and waits for its "serving … on http://…" line.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with(dynamo().args(["run", "--http-port", "0"]).args(args))
+    }
+
+    pub fn start_with(command: &mut Command) -> Server {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the dynamo binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find("http://") {
+                        let base = line[at..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        return Server { child, base };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("dynamo did not print its address within {READY_TIMEOUT:?}");
+                }
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches the server")
+    }
+
+    /// POSTs and returns (status, JSON body).
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self.post(path, body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("the body is JSON"))
+    }
+
+    /// POSTs a streaming request and returns each `data:` payload, `[DONE]` included.
+    pub async fn post_sse(&self, path: &str, body: Value) -> Vec<String> {
+        let response = self.post(path, body).await;
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let text = response.text().await.expect("the stream completes");
+        sse_payloads(&text)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Polls /metrics until `check` holds; panics with the last scrape after `timeout`.
+    pub async fn wait_for_metrics(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.metrics().await;
+            if check(&text) {
+                return text;
+            }
+            if Instant::now() > deadline {
+                panic!("metrics never reached the expected state:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sse_payloads(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|event| !event.trim().is_empty())
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {event:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The value of one Prometheus sample, e.g. `metric(text, "dynamo_frontend_inflight_requests{model=\"tiny-chat\"}")`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+}
