@@ -52,6 +52,7 @@ impl Server {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("dynamo did not print its address within {READY_TIMEOUT:?}");
                 }
             }

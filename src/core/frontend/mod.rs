@@ -16,6 +16,7 @@ use crate::core::protocol::openai::{ModelList, ModelObject};
 use crate::core::router::Router;
 use crate::core::telemetry::Metrics;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::serve::ListenerExt;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -76,9 +77,11 @@ pub async fn serve(
     state: Arc<FrontendState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Without TCP_NODELAY a small SSE chunk can wait ~40 ms for the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {

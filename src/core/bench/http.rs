@@ -1,0 +1,176 @@
+//! `dynamo bench http`: what the HTTP frontend adds on top of the engine.
+//!
+//! The same stack `dynamo run` builds, with mocker workers at a very high speedup so engine time is
+//! negligible, is loaded twice per level: through HTTP (a streaming chat completion: JSON parsing, chat
+//! template, tokenization, routing, detokenization, SSE) and directly (the same token ids routed to the
+//! same workers, the stream drained). The difference is the frontend's added latency; the client shares the
+//! machine with the server, so it is an upper bound.
+use super::{Load, RunStats, drive};
+use crate::core::frontend::{self, FrontendState};
+use crate::core::local::{self, LocalError, LocalSettings};
+use crate::core::model::TemplateInput;
+use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct HttpBenchSettings {
+    pub stack: LocalSettings,
+    pub loads: Vec<Load>,
+    pub requests: usize,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelResult {
+    pub load: String,
+    pub direct: RunStats,
+    pub http: RunStats,
+    pub added_p50_ms: f64,
+    pub added_p99_ms: f64,
+    /// HTTP requests/s over direct requests/s.
+    pub throughput_ratio: f64,
+}
+
+const PROMPT: &str = "Tell me a story about a small robot who learned to paint the sea at night.";
+
+pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalError> {
+    let state = local::build(&settings.stack)?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|source| LocalError::Bind { addr: ([127, 0, 0, 1], 0).into(), source })?;
+    let addr = listener.local_addr().map_err(LocalError::Serve)?;
+    let server = tokio::spawn(frontend::serve(listener, state.clone(), std::future::pending()));
+
+    let messages = [serde_json::json!({"role": "user", "content": PROMPT})];
+    let body = serde_json::json!({
+        "messages": messages, "max_tokens": settings.max_tokens, "temperature": 0, "ignore_eos": true, "stream": true,
+    });
+    let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let http = HttpCaller::new(format!("http://{addr}/v1/chat/completions"), body);
+    let direct = DirectCaller::new(&state, &messages, settings.max_tokens);
+
+    // Warm up connections, allocations and caches on both paths.
+    drive(Load::Concurrency(8), 200, http.clone().into_fn()).await;
+    drive(Load::Concurrency(8), 200, direct.clone().into_fn()).await;
+
+    let mut results = Vec::new();
+    for &load in &settings.loads {
+        let direct_stats = drive(load, settings.requests, direct.clone().into_fn()).await;
+        let http_stats = drive(load, settings.requests, http.clone().into_fn()).await;
+        results.push(LevelResult {
+            load: load.to_string(),
+            added_p50_ms: http_stats.p50_ms - direct_stats.p50_ms,
+            added_p99_ms: http_stats.p99_ms - direct_stats.p99_ms,
+            throughput_ratio: http_stats.requests_per_s / direct_stats.requests_per_s,
+            direct: direct_stats,
+            http: http_stats,
+        });
+    }
+    server.abort();
+    Ok(results)
+}
+
+/// One streaming chat completion over HTTP, read to the end.
+#[derive(Clone)]
+struct HttpCaller {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: Arc<str>,
+    body: Bytes,
+}
+
+impl HttpCaller {
+    fn new(url: String, body: Bytes) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+        Self { client, url: url.into(), body }
+    }
+
+    fn into_fn(self) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+        move || {
+            let this = self.clone();
+            Box::pin(async move {
+                let request = hyper::Request::post(&*this.url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(this.body.clone()))
+                    .map_err(|e| e.to_string())?;
+                let response = this.client.request(request).await.map_err(|e| e.to_string())?;
+                let status = response.status();
+                let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                if !status.is_success() || !body.ends_with(b"data: [DONE]\n\n") {
+                    return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+/// The same request as token ids straight to the router, stream drained.
+#[derive(Clone)]
+struct DirectCaller {
+    state: Arc<FrontendState>,
+    request: PreprocessedRequest,
+}
+
+impl DirectCaller {
+    fn new(state: &Arc<FrontendState>, messages: &[serde_json::Value], max_tokens: u32) -> Self {
+        let input = TemplateInput { messages, tools: None, add_generation_prompt: true, extra: None };
+        let text = state.model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
+        let token_ids = state.model.tokenizer.encode(&text, false).unwrap_or_default();
+        let request = PreprocessedRequest {
+            request_id: "bench".into(),
+            token_ids,
+            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
+            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
+            logprobs: None,
+        };
+        Self { state: state.clone(), request }
+    }
+
+    fn into_fn(self) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+        move || {
+            let this = self.clone();
+            Box::pin(async move {
+                let mut stream = this.state.router.route(this.request.clone()).map_err(|e| e.to_string())?;
+                let mut tokens = 0;
+                while let Some(output) = stream.next().await {
+                    tokens += output.token_ids.len();
+                }
+                if tokens == 0 { Err("no tokens".to_string()) } else { Ok(()) }
+            })
+        }
+    }
+}
+
+/// The readable table `dynamo bench http` prints.
+pub fn table(results: &[LevelResult]) -> String {
+    let mut out = format!(
+        "{:<18} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+        "load", "direct rps", "http rps", "ratio", "dir p50", "http p50", "dir p99", "http p99", "added p99"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<18} {:>11.0} {:>11.0} {:>9.2} {:>8.3}ms {:>8.3}ms {:>8.3}ms {:>9.3}ms {:>9.3}ms\n",
+            r.load,
+            r.direct.requests_per_s,
+            r.http.requests_per_s,
+            r.throughput_ratio,
+            r.direct.p50_ms,
+            r.http.p50_ms,
+            r.direct.p99_ms,
+            r.http.p99_ms,
+            r.added_p99_ms,
+        ));
+        if r.direct.errors + r.http.errors > 0 {
+            out.push_str(&format!("  ! {} direct and {} http requests failed\n", r.direct.errors, r.http.errors));
+        }
+    }
+    out
+}
