@@ -527,3 +527,27 @@ async fn models_health_live_and_unknown_routes() {
     let error: Value = missing.json().await.unwrap();
     assert_eq!(error["error"]["code"], 404);
 }
+
+#[tokio::test]
+async fn a_non_streaming_client_that_disconnects_cancels_too() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&["--speedup", "1"]);
+    let body = json!({"prompt": "Hello", "max_tokens": 3000}).to_string();
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let running = "dynamo_component_requests_running{worker_id=\"0\"}";
+    server
+        .wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(1.0))
+        .await;
+    drop(socket);
+    let text = server
+        .wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(0.0))
+        .await;
+    let cancelled = "dynamo_frontend_requests_total{endpoint=\"completions\",model=\"tiny-chat\",request_type=\"unary\",status=\"cancelled\"}";
+    assert_eq!(metric(&text, cancelled), Some(1.0), "{text}");
+}

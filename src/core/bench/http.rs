@@ -43,9 +43,16 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
     let state = local::build(&settings.stack)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
-        .map_err(|source| LocalError::Bind { addr: ([127, 0, 0, 1], 0).into(), source })?;
+        .map_err(|source| LocalError::Bind {
+            addr: ([127, 0, 0, 1], 0).into(),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(LocalError::Serve)?;
-    let server = tokio::spawn(frontend::serve(listener, state.clone(), std::future::pending()));
+    let server = tokio::spawn(frontend::serve(
+        listener,
+        state.clone(),
+        std::future::pending(),
+    ));
 
     let messages = [serde_json::json!({"role": "user", "content": PROMPT})];
     let body = serde_json::json!({
@@ -88,11 +95,20 @@ impl HttpCaller {
     fn new(url: String, body: Bytes) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
-        Self { client, url: url.into(), body }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Self {
+            client,
+            url: url.into(),
+            body,
+        }
     }
 
-    fn into_fn(self) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+    fn into_fn(
+        self,
+    ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static
+    {
         move || {
             let this = self.clone();
             Box::pin(async move {
@@ -100,9 +116,18 @@ impl HttpCaller {
                     .header("content-type", "application/json")
                     .body(Full::new(this.body.clone()))
                     .map_err(|e| e.to_string())?;
-                let response = this.client.request(request).await.map_err(|e| e.to_string())?;
+                let response = this
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let status = response.status();
-                let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
                 if !status.is_success() || !body.ends_with(b"data: [DONE]\n\n") {
                     return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
                 }
@@ -121,29 +146,64 @@ struct DirectCaller {
 
 impl DirectCaller {
     fn new(state: &Arc<FrontendState>, messages: &[serde_json::Value], max_tokens: u32) -> Self {
-        let input = TemplateInput { messages, tools: None, add_generation_prompt: true, extra: None };
-        let text = state.model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
-        let token_ids = state.model.tokenizer.encode(&text, false).unwrap_or_default();
+        let input = TemplateInput {
+            messages,
+            tools: None,
+            add_generation_prompt: true,
+            extra: None,
+        };
+        let text = state
+            .model
+            .chat_template
+            .as_ref()
+            .and_then(|t| t.render(&input).ok())
+            .unwrap_or_default();
+        let token_ids = state
+            .model
+            .tokenizer
+            .encode(&text, false)
+            .unwrap_or_default();
         let request = PreprocessedRequest {
             request_id: "bench".into(),
             token_ids,
-            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
-            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
+            sampling: SamplingOptions {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: StopConditions {
+                max_tokens,
+                min_tokens: 0,
+                stop_token_ids: Vec::new(),
+            },
             logprobs: None,
         };
-        Self { state: state.clone(), request }
+        Self {
+            state: state.clone(),
+            request,
+        }
     }
 
-    fn into_fn(self) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+    fn into_fn(
+        self,
+    ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static
+    {
         move || {
             let this = self.clone();
             Box::pin(async move {
-                let mut stream = this.state.router.route(this.request.clone()).map_err(|e| e.to_string())?;
+                let mut stream = this
+                    .state
+                    .router
+                    .route(this.request.clone())
+                    .map_err(|e| e.to_string())?;
                 let mut tokens = 0;
                 while let Some(output) = stream.next().await {
                     tokens += output.token_ids.len();
                 }
-                if tokens == 0 { Err("no tokens".to_string()) } else { Ok(()) }
+                if tokens == 0 {
+                    Err("no tokens".to_string())
+                } else {
+                    Ok(())
+                }
             })
         }
     }
@@ -153,7 +213,15 @@ impl DirectCaller {
 pub fn table(results: &[LevelResult]) -> String {
     let mut out = format!(
         "{:<18} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-        "load", "direct rps", "http rps", "ratio", "dir p50", "http p50", "dir p99", "http p99", "added p99"
+        "load",
+        "direct rps",
+        "http rps",
+        "ratio",
+        "dir p50",
+        "http p50",
+        "dir p99",
+        "http p99",
+        "added p99"
     );
     for r in results {
         out.push_str(&format!(
@@ -169,7 +237,10 @@ pub fn table(results: &[LevelResult]) -> String {
             r.added_p99_ms,
         ));
         if r.direct.errors + r.http.errors > 0 {
-            out.push_str(&format!("  ! {} direct and {} http requests failed\n", r.direct.errors, r.http.errors));
+            out.push_str(&format!(
+                "  ! {} direct and {} http requests failed\n",
+                r.direct.errors, r.http.errors
+            ));
         }
     }
     out

@@ -16,10 +16,10 @@ use crate::core::protocol::openai::{ModelList, ModelObject};
 use crate::core::router::Router;
 use crate::core::telemetry::Metrics;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::serve::ListenerExt;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router as HttpRouter};
 use std::future::Future;
 use std::sync::Arc;
@@ -81,7 +81,9 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
