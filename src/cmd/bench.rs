@@ -51,27 +51,15 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 
 fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be greater than 0");
-    let mut loads: Vec<Load> = args
-        .concurrency
-        .iter()
-        .map(|&c| Load::Concurrency(c.max(1)))
-        .collect();
-    loads.extend(
-        args.rate
-            .iter()
-            .filter(|r| **r > 0.0)
-            .map(|&r| Load::Rate(r)),
-    );
+    let mut loads: Vec<Load> = args.concurrency.iter().map(|&c| Load::Concurrency(c.max(1))).collect();
+    loads.extend(args.rate.iter().filter(|r| **r > 0.0).map(|&r| Load::Rate(r)));
     let settings = HttpBenchSettings {
         stack: LocalSettings {
             model: ModelSource::Builtin,
             served_model_name: None,
             workers: args.workers as usize,
             mocker: MockerConfig {
-                scheduler: SchedulerConfig {
-                    max_num_seqs: 4096,
-                    ..SchedulerConfig::default()
-                },
+                scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup: args.speedup,
             },
             busy_threshold: usize::MAX / 2,
@@ -88,10 +76,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     let results = super::runtime()?.block_on(http::run(settings))?;
     print!("{}", http::table(&results));
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "http", "levels": results})
-        );
+        println!("{}", serde_json::json!({"bench": "http", "levels": results}));
     }
     Ok(())
 }

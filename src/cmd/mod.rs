@@ -8,12 +8,7 @@ use clap::{Parser, Subcommand};
 
 /// Serve large language models across many machines from one binary: OpenAI frontend, router, workers.
 #[derive(Debug, Parser)]
-#[command(
-    name = "dynamo",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "dynamo", version, propagate_version = true, max_term_width = 100)]
 #[command(after_help = "Start here: `dynamo run`, then `curl http://127.0.0.1:8000/v1/models`.")]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,9 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -31,21 +31,11 @@ pub struct RunArgs {
     pub workers: u32,
 
     /// Address the OpenAI HTTP frontend listens on.
-    #[arg(
-        long,
-        env = "DYNAMO_HTTP_HOST",
-        default_value = "127.0.0.1",
-        help_heading = "HTTP frontend"
-    )]
+    #[arg(long, env = "DYNAMO_HTTP_HOST", default_value = "127.0.0.1", help_heading = "HTTP frontend")]
     pub http_host: IpAddr,
 
     /// Port of the OpenAI HTTP frontend (0 picks a free one).
-    #[arg(
-        long,
-        env = "DYNAMO_HTTP_PORT",
-        default_value_t = 8000,
-        help_heading = "HTTP frontend"
-    )]
+    #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000, help_heading = "HTTP frontend")]
     pub http_port: u16,
 
     /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
@@ -60,10 +50,7 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let EngineKind::Mocker = args.engine;
     let settings = LocalSettings {
-        model: args
-            .model
-            .map(ModelSource::Dir)
-            .unwrap_or(ModelSource::Builtin),
+        model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
         mocker: args.mocker.config(),

@@ -3,11 +3,7 @@ use crate::util::{Server, dynamo};
 
 fn output(args: &[&str]) -> (bool, String, String) {
     let out = dynamo().args(args).output().expect("dynamo runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
@@ -19,30 +15,17 @@ fn help_lists_the_working_subcommands_and_env_fallbacks() {
     }
     let (ok, run_help, _) = output(&["run", "--help"]);
     assert!(ok);
-    for expected in [
-        "--model",
-        "--http-port",
-        "DYNAMO_HTTP_PORT",
-        "--workers",
-        "--speedup",
-        "HTTP frontend",
-        "Mocker engine",
-    ] {
-        assert!(
-            run_help.contains(expected),
-            "missing {expected} in:\n{run_help}"
-        );
+    for expected in
+        ["--model", "--http-port", "DYNAMO_HTTP_PORT", "--workers", "--speedup", "HTTP frontend", "Mocker engine"]
+    {
+        assert!(run_help.contains(expected), "missing {expected} in:\n{run_help}");
     }
 }
 
 #[test]
 fn completions_in_the_repo_are_up_to_date() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("completions");
-    for (shell, file) in [
-        ("bash", "dynamo.bash"),
-        ("zsh", "_dynamo"),
-        ("fish", "dynamo.fish"),
-    ] {
+    for (shell, file) in [("bash", "dynamo.bash"), ("zsh", "_dynamo"), ("fish", "dynamo.fish")] {
         let (ok, generated, _) = output(&["completions", shell]);
         assert!(ok);
         let kept = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
@@ -60,26 +43,14 @@ fn bad_flags_and_paths_fail_with_a_message_that_says_what_to_do() {
     assert!(err.contains("greater than 0"), "{err}");
     let (ok, _, err) = output(&["run", "--http-port", "0", "--model", "/no/such/model"]);
     assert!(!ok);
-    assert!(
-        err.contains("/no/such/model") && err.contains("--model"),
-        "{err}"
-    );
+    assert!(err.contains("/no/such/model") && err.contains("--model"), "{err}");
 }
 
 #[tokio::test]
 async fn env_vars_stand_in_for_flags() {
-    let server = Server::start_with(
-        dynamo()
-            .arg("run")
-            .env("DYNAMO_HTTP_PORT", "0")
-            .env("DYNAMO_SERVED_MODEL_NAME", "envy"),
-    );
+    let server =
+        Server::start_with(dynamo().arg("run").env("DYNAMO_HTTP_PORT", "0").env("DYNAMO_SERVED_MODEL_NAME", "envy"));
     assert!(!server.base.ends_with(":8000"), "{}", server.base);
-    let models: serde_json::Value = reqwest::get(server.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: serde_json::Value = reqwest::get(server.url("/v1/models")).await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "envy");
 }

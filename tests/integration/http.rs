@@ -10,33 +10,20 @@ const FAST: &[&str] = &["--speedup", "200"];
 fn chat_prompt_tokens(messages: Value) -> usize {
     let model = Model::load(&ModelSource::Builtin, None).unwrap();
     let messages = messages.as_array().unwrap().clone();
-    let input = TemplateInput {
-        messages: &messages,
-        tools: None,
-        add_generation_prompt: true,
-        extra: None,
-    };
+    let input = TemplateInput { messages: &messages, tools: None, add_generation_prompt: true, extra: None };
     let text = model.chat_template.unwrap().render(&input).unwrap();
     model.tokenizer.encode(&text, false).unwrap().len()
 }
 
 fn chunks(payloads: &[String]) -> Vec<Value> {
-    assert_eq!(
-        payloads.last().map(String::as_str),
-        Some("[DONE]"),
-        "{payloads:?}"
-    );
-    payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str(p).unwrap())
-        .collect()
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"), "{payloads:?}");
+    payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect()
 }
 
 #[tokio::test]
 async fn chat_completion_fields_and_usage() {
     let server = Server::start(FAST);
-    let messages =
-        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]);
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]);
     let (status, body) = server
         .post_json(
             "/v1/chat/completions",
@@ -64,9 +51,7 @@ async fn chat_completion_fields_and_usage() {
 async fn chat_streaming_matches_non_streaming_and_ends_with_usage_and_done() {
     let server = Server::start(FAST);
     let request = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_completion_tokens": 12, "temperature": 0});
-    let (_, whole) = server
-        .post_json("/v1/chat/completions", request.clone())
-        .await;
+    let (_, whole) = server.post_json("/v1/chat/completions", request.clone()).await;
     let mut streaming = request.clone();
     streaming["stream"] = json!(true);
     streaming["stream_options"] = json!({"include_usage": true});
@@ -74,27 +59,11 @@ async fn chat_streaming_matches_non_streaming_and_ends_with_usage_and_done() {
 
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let id = chunks[0]["id"].as_str().unwrap();
-    assert!(
-        chunks
-            .iter()
-            .all(|c| c["id"] == id && c["object"] == "chat.completion.chunk")
-    );
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| {
-            c["choices"].get(0)?["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
-    assert_eq!(
-        text,
-        whole["choices"][0]["message"]["content"].as_str().unwrap()
-    );
-    let finishes: Vec<_> = chunks
-        .iter()
-        .filter_map(|c| c["choices"].get(0)?["finish_reason"].as_str())
-        .collect();
+    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string)).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let finishes: Vec<_> = chunks.iter().filter_map(|c| c["choices"].get(0)?["finish_reason"].as_str()).collect();
     assert_eq!(finishes, vec!["length"]);
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
@@ -109,48 +78,29 @@ async fn chat_streaming_matches_non_streaming_and_ends_with_usage_and_done() {
 #[tokio::test]
 async fn completions_take_text_token_ids_batches_n_and_echo() {
     let server = Server::start(FAST);
-    let (status, body) = server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}),
-        )
-        .await;
+    let (status, body) =
+        server.post_json("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(body["usage"]["completion_tokens"], 3);
 
     let (_, batch) = server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2, "temperature": 0}),
-        )
+        .post_json("/v1/completions", json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2, "temperature": 0}))
         .await;
-    let indexes: Vec<_> = batch["choices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["index"].as_u64().unwrap())
-        .collect();
+    let indexes: Vec<_> = batch["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
     assert_eq!(indexes, vec![0, 1, 2, 3]);
     assert_eq!(batch["usage"]["prompt_tokens"], 5);
     assert_eq!(batch["usage"]["completion_tokens"], 8);
     // Greedy: both samples of a prompt agree; the two prompts differ.
     assert_eq!(batch["choices"][0]["text"], batch["choices"][1]["text"]);
 
-    let (_, single) = server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0}),
-        )
-        .await;
+    let (_, single) =
+        server.post_json("/v1/completions", json!({"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0})).await;
     assert_eq!(single["choices"][0]["text"], batch["choices"][0]["text"]);
 
     let (_, echoed) = server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "echo": true}),
-        )
+        .post_json("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "echo": true}))
         .await;
     assert_eq!(
         echoed["choices"][0]["text"].as_str().unwrap(),
@@ -158,15 +108,10 @@ async fn completions_take_text_token_ids_batches_n_and_echo() {
     );
 
     let stream = server
-        .post_sse(
-            "/v1/completions",
-            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": true}),
-        )
+        .post_sse("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": true}))
         .await;
-    let text: String = chunks(&stream)
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
-        .collect();
+    let text: String =
+        chunks(&stream).iter().filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string)).collect();
     assert_eq!(text, body["choices"][0]["text"].as_str().unwrap());
 }
 
@@ -195,20 +140,12 @@ async fn stop_strings_cut_the_text_and_finish_with_stop() {
         request["stream"] = json!(stream);
         let (got, finish) = if stream {
             let chunks = chunks(&server.post_sse("/v1/completions", request).await);
-            let text: String = chunks
-                .iter()
-                .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
-                .collect();
-            (
-                text,
-                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
-            )
+            let text: String =
+                chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string)).collect();
+            (text, chunks.last().unwrap()["choices"][0]["finish_reason"].clone())
         } else {
             let (_, body) = server.post_json("/v1/completions", request).await;
-            (
-                body["choices"][0]["text"].as_str().unwrap().to_string(),
-                body["choices"][0]["finish_reason"].clone(),
-            )
+            (body["choices"][0]["text"].as_str().unwrap().to_string(), body["choices"][0]["finish_reason"].clone())
         };
         assert_eq!(got, expected, "stream={stream}");
         assert_eq!(finish, "stop");
@@ -224,14 +161,7 @@ async fn stop_token_ids_and_min_tokens() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| {
-            t.as_str()
-                .unwrap()
-                .strip_prefix("token_id:")
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
+        .map(|t| t.as_str().unwrap().strip_prefix("token_id:").unwrap().parse().unwrap())
         .collect();
     assert_eq!(ids.len(), 10);
     let stop = ids[2];
@@ -255,9 +185,7 @@ async fn chat_logprobs_have_the_openai_shape() {
             json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 3}),
         )
         .await;
-    let content = body["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap();
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 4);
     for entry in content {
         let token = entry["token"].as_str().unwrap();
@@ -272,18 +200,8 @@ async fn chat_logprobs_have_the_openai_shape() {
             json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": true, "return_tokens_as_token_ids": true}),
         )
         .await;
-    let token = ids["choices"][0]["logprobs"]["content"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        token
-            .strip_prefix("token_id:")
-            .unwrap()
-            .parse::<u32>()
-            .is_ok(),
-        "{token}"
-    );
+    let token = ids["choices"][0]["logprobs"]["content"][0]["token"].as_str().unwrap().to_string();
+    assert!(token.strip_prefix("token_id:").unwrap().parse::<u32>().is_ok(), "{token}");
 }
 
 #[tokio::test]
@@ -313,16 +231,10 @@ async fn bad_input_gets_openai_errors_that_name_the_field() {
         (chat(json!({"top_p": 1.5})), "top_p"),
         (chat(json!({"n": 0})), "n"),
         (chat(json!({"top_logprobs": 3})), "top_logprobs"),
-        (
-            chat(json!({"logprobs": true, "top_logprobs": 30})),
-            "top_logprobs",
-        ),
+        (chat(json!({"logprobs": true, "top_logprobs": 30})), "top_logprobs"),
         (chat(json!({"max_tokens": 100000})), "max_tokens"),
         (chat(json!({"stop": {"a": 1}})), "stop"),
-        (
-            json!({"messages": [{"content": "no role"}]}),
-            "messages[0].role",
-        ),
+        (json!({"messages": [{"content": "no role"}]}), "messages[0].role"),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
             "messages[0].content[0]",
@@ -335,66 +247,25 @@ async fn bad_input_gets_openai_errors_that_name_the_field() {
         assert_eq!(error["error"]["code"], 400);
         assert_eq!(error["error"]["type"], "BadRequestError");
         assert_eq!(error["error"]["param"], field, "{error}");
-        assert!(
-            error["error"]["message"].as_str().unwrap().contains(field),
-            "{error}"
-        );
+        assert!(error["error"]["message"].as_str().unwrap().contains(field), "{error}");
     }
-    let (status, error) = server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": [1, 99999], "max_tokens": 1}),
-        )
-        .await;
-    assert_eq!(
-        (status, error["error"]["param"].as_str()),
-        (400, Some("prompt"))
-    );
-    let (status, error) = server
-        .post_json("/v1/completions", json!({"max_tokens": 1}))
-        .await;
+    let (status, error) = server.post_json("/v1/completions", json!({"prompt": [1, 99999], "max_tokens": 1})).await;
+    assert_eq!((status, error["error"]["param"].as_str()), (400, Some("prompt")));
+    let (status, error) = server.post_json("/v1/completions", json!({"max_tokens": 1})).await;
     assert_eq!(status, 400);
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("prompt"),
-        "{error}"
-    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("prompt"), "{error}");
 
-    let raw = reqwest::Client::new()
-        .post(server.url("/v1/completions"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let raw = reqwest::Client::new().post(server.url("/v1/completions")).body("{not json").send().await.unwrap();
     assert_eq!(raw.status().as_u16(), 400);
     let error: Value = raw.json().await.unwrap();
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not valid JSON")
-    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("not valid JSON"));
 
-    let (status, error) = server
-        .post_json("/v1/completions", json!({"model": "gpt-9", "prompt": "x"}))
-        .await;
+    let (status, error) = server.post_json("/v1/completions", json!({"model": "gpt-9", "prompt": "x"})).await;
     assert_eq!(status, 404);
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("gpt-9")
-    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("gpt-9"));
 
     // Unknown fields are ignored, as vLLM does.
-    let (status, _) = server
-        .post_json(
-            "/v1/chat/completions",
-            chat(json!({"frobnicate": true, "user": "u1"})),
-        )
-        .await;
+    let (status, _) = server.post_json("/v1/chat/completions", chat(json!({"frobnicate": true, "user": "u1"}))).await;
     assert_eq!(status, 200);
 }
 
@@ -414,13 +285,7 @@ async fn busy_workers_get_503_with_retry_after() {
     // Once the held request is gone, the worker takes requests again.
     let mut accepted = false;
     for _ in 0..100 {
-        if server
-            .post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 1}))
-            .await
-            .status()
-            .as_u16()
-            == 200
-        {
+        if server.post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 1})).await.status().as_u16() == 200 {
             accepted = true;
             break;
         }
@@ -433,7 +298,10 @@ async fn busy_workers_get_503_with_retry_after() {
 async fn a_client_that_disconnects_cancels_its_request_in_the_engine() {
     let server = Server::start(&["--speedup", "1"]);
     let mut response = server
-        .post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "stream": true}))
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000, "stream": true}),
+        )
         .await;
     response.chunk().await.unwrap();
     server
@@ -448,13 +316,7 @@ async fn a_client_that_disconnects_cancels_its_request_in_the_engine() {
                 && metric(m, "dynamo_component_kvstats_active_blocks{worker_id=\"0\"}") == Some(0.0)
         })
         .await;
-    assert_eq!(
-        metric(
-            &text,
-            "dynamo_frontend_inflight_requests{model=\"tiny-chat\"}"
-        ),
-        Some(0.0)
-    );
+    assert_eq!(metric(&text, "dynamo_frontend_inflight_requests{model=\"tiny-chat\"}"), Some(0.0));
     let cancelled = "dynamo_frontend_requests_total{endpoint=\"chat_completions\",model=\"tiny-chat\",request_type=\"stream\",status=\"cancelled\"}";
     assert_eq!(metric(&text, cancelled), Some(1.0), "{text}");
 }
@@ -463,12 +325,8 @@ async fn a_client_that_disconnects_cancels_its_request_in_the_engine() {
 async fn metrics_count_requests_tokens_and_latency() {
     let server = Server::start(FAST);
     for stream in [false, true] {
-        let response = server
-            .post(
-                "/v1/completions",
-                json!({"prompt": "Hello", "max_tokens": 5, "stream": stream}),
-            )
-            .await;
+        let response =
+            server.post("/v1/completions", json!({"prompt": "Hello", "max_tokens": 5, "stream": stream})).await;
         assert_eq!(response.status().as_u16(), 200);
         response.text().await.unwrap();
     }
@@ -480,19 +338,10 @@ async fn metrics_count_requests_tokens_and_latency() {
         assert_eq!(metric(&text, &sample), Some(count), "{sample}\n{text}");
     }
     let m = |name: &str| metric(&text, &format!("{name}{{model=\"tiny-chat\"}}"));
-    assert_eq!(
-        m("dynamo_frontend_time_to_first_token_seconds_count"),
-        Some(2.0)
-    );
-    assert_eq!(
-        m("dynamo_frontend_inter_token_latency_seconds_count"),
-        Some(8.0)
-    );
+    assert_eq!(m("dynamo_frontend_time_to_first_token_seconds_count"), Some(2.0));
+    assert_eq!(m("dynamo_frontend_inter_token_latency_seconds_count"), Some(8.0));
     assert_eq!(m("dynamo_frontend_output_sequence_tokens_sum"), Some(10.0));
-    assert_eq!(
-        m("dynamo_frontend_request_duration_seconds_count"),
-        Some(2.0)
-    );
+    assert_eq!(m("dynamo_frontend_request_duration_seconds_count"), Some(2.0));
     assert!(m("dynamo_frontend_input_sequence_tokens_sum").unwrap() >= 2.0);
     assert_eq!(m("dynamo_frontend_inflight_requests"), Some(0.0));
 }
@@ -500,12 +349,7 @@ async fn metrics_count_requests_tokens_and_latency() {
 #[tokio::test]
 async fn models_health_live_and_unknown_routes() {
     let server = Server::start(&["--workers", "3"]);
-    let models: Value = reqwest::get(server.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = reqwest::get(server.url("/v1/models")).await.unwrap().json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "tiny-chat");
     assert_eq!(models["data"][0]["max_model_len"], 4096);
@@ -513,15 +357,7 @@ async fn models_health_live_and_unknown_routes() {
     assert_eq!(health.status().as_u16(), 200);
     let health: Value = health.json().await.unwrap();
     assert_eq!(health["workers"], 3);
-    assert_eq!(
-        reqwest::get(server.url("/live"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "ok"
-    );
+    assert_eq!(reqwest::get(server.url("/live")).await.unwrap().text().await.unwrap(), "ok");
     let missing = reqwest::get(server.url("/v2/nothing")).await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
     let error: Value = missing.json().await.unwrap();
@@ -541,13 +377,9 @@ async fn a_non_streaming_client_that_disconnects_cancels_too() {
     );
     socket.write_all(request.as_bytes()).await.unwrap();
     let running = "dynamo_component_requests_running{worker_id=\"0\"}";
-    server
-        .wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(1.0))
-        .await;
+    server.wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(1.0)).await;
     drop(socket);
-    let text = server
-        .wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(0.0))
-        .await;
+    let text = server.wait_for_metrics(Duration::from_secs(10), |m| metric(m, running) == Some(0.0)).await;
     let cancelled = "dynamo_frontend_requests_total{endpoint=\"completions\",model=\"tiny-chat\",request_type=\"unary\",status=\"cancelled\"}";
     assert_eq!(metric(&text, cancelled), Some(1.0), "{text}");
 }

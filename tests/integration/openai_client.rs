@@ -53,16 +53,11 @@ fn venv_python() -> Result<PathBuf, String> {
         return Ok(python);
     }
     let run = |cmd: &mut Command| -> Result<(), String> {
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+        let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!(
-                "{cmd:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
+            Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)))
         }
     };
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -83,17 +78,12 @@ fn the_openai_python_client_works_streaming_and_not() {
     let python = match venv_python() {
         Ok(python) => python,
         Err(why) => {
-            eprintln!(
-                "SKIPPED the_openai_python_client_works: could not install the openai client ({why})"
-            );
+            eprintln!("SKIPPED the_openai_python_client_works: could not install the openai client ({why})");
             return;
         }
     };
     let server = Server::start(&["--speedup", "100"]);
-    let out = Command::new(python)
-        .args(["-c", CLIENT_SCRIPT, &server.base])
-        .output()
-        .expect("python runs");
+    let out = Command::new(python).args(["-c", CLIENT_SCRIPT, &server.base]).output().expect("python runs");
     assert!(
         out.status.success(),
         "the openai client failed:\n{}\n{}",

@@ -24,11 +24,8 @@ impl Server {
     }
 
     pub fn start_with(command: &mut Command) -> Server {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the dynamo binary starts");
+        let mut child =
+            command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the dynamo binary starts");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -42,11 +39,7 @@ impl Server {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(at) = line.find("http://") {
-                        let base = line[at..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
+                        let base = line[at..].split_whitespace().next().unwrap_or_default().to_string();
                         return Server { child, base };
                     }
                 }
@@ -64,12 +57,7 @@ impl Server {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request reaches the server")
+        reqwest::Client::new().post(self.url(path)).json(&body).send().await.expect("request reaches the server")
     }
 
     /// POSTs and returns (status, JSON body).
@@ -83,33 +71,18 @@ impl Server {
     pub async fn post_sse(&self, path: &str, body: Value) -> Vec<String> {
         let response = self.post(path, body).await;
         assert_eq!(response.status().as_u16(), 200);
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap_or_default()
-            .to_string();
-        assert!(
-            content_type.starts_with("text/event-stream"),
-            "{content_type}"
-        );
+        let content_type = response.headers()["content-type"].to_str().unwrap_or_default().to_string();
+        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
         let text = response.text().await.expect("the stream completes");
         sse_payloads(&text)
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
-            .await
-            .expect("metrics answer")
-            .text()
-            .await
-            .expect("metrics text")
+        reqwest::get(self.url("/metrics")).await.expect("metrics answer").text().await.expect("metrics text")
     }
 
     /// Polls /metrics until `check` holds; panics with the last scrape after `timeout`.
-    pub async fn wait_for_metrics(
-        &self,
-        timeout: Duration,
-        check: impl Fn(&str) -> bool,
-    ) -> String {
+    pub async fn wait_for_metrics(&self, timeout: Duration, check: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.metrics().await;
@@ -135,16 +108,12 @@ pub fn sse_payloads(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter(|event| !event.trim().is_empty())
         .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not an SSE data event: {event:?}"))
-                .to_string()
+            event.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data event: {event:?}")).to_string()
         })
         .collect()
 }
 
 /// The value of one Prometheus sample, e.g. `metric(text, "dynamo_frontend_inflight_requests{model=\"tiny-chat\"}")`.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+    text.lines().find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
 }

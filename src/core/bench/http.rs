@@ -12,10 +12,12 @@ use crate::core::model::TemplateInput;
 use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
+use std::future::Future;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -43,16 +45,9 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
     let state = local::build(&settings.stack)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
-        .map_err(|source| LocalError::Bind {
-            addr: ([127, 0, 0, 1], 0).into(),
-            source,
-        })?;
+        .map_err(|source| LocalError::Bind { addr: ([127, 0, 0, 1], 0).into(), source })?;
     let addr = listener.local_addr().map_err(LocalError::Serve)?;
-    let server = tokio::spawn(frontend::serve(
-        listener,
-        state.clone(),
-        std::future::pending(),
-    ));
+    let server = tokio::spawn(frontend::serve(listener, state.clone(), std::future::pending()));
 
     let messages = [serde_json::json!({"role": "user", "content": PROMPT})];
     let body = serde_json::json!({
@@ -63,13 +58,13 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
     let direct = DirectCaller::new(&state, &messages, settings.max_tokens);
 
     // Warm up connections, allocations and caches on both paths.
-    drive(Load::Concurrency(8), 200, http.clone().into_fn()).await;
-    drive(Load::Concurrency(8), 200, direct.clone().into_fn()).await;
+    drive(Load::Concurrency(8), 200, calls(&http)).await;
+    drive(Load::Concurrency(8), 200, calls(&direct)).await;
 
     let mut results = Vec::new();
     for &load in &settings.loads {
-        let direct_stats = drive(load, settings.requests, direct.clone().into_fn()).await;
-        let http_stats = drive(load, settings.requests, http.clone().into_fn()).await;
+        let direct_stats = drive(load, settings.requests, calls(&direct)).await;
+        let http_stats = drive(load, settings.requests, calls(&http)).await;
         results.push(LevelResult {
             load: load.to_string(),
             added_p50_ms: http_stats.p50_ms - direct_stats.p50_ms,
@@ -81,6 +76,16 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
     }
     server.abort();
     Ok(results)
+}
+
+/// One request of a benchmark path; cloned per call.
+trait Caller: Clone + Send + Sync + 'static {
+    fn call(self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+fn calls<C: Caller>(caller: &C) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+    let caller = caller.clone();
+    move || Box::pin(caller.clone().call())
 }
 
 /// One streaming chat completion over HTTP, read to the end.
@@ -95,45 +100,24 @@ impl HttpCaller {
     fn new(url: String, body: Bytes) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        Self {
-            client,
-            url: url.into(),
-            body,
-        }
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+        Self { client, url: url.into(), body }
     }
+}
 
-    fn into_fn(
-        self,
-    ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static
-    {
-        move || {
-            let this = self.clone();
-            Box::pin(async move {
-                let request = hyper::Request::post(&*this.url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(this.body.clone()))
-                    .map_err(|e| e.to_string())?;
-                let response = this
-                    .client
-                    .request(request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = response.status();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                if !status.is_success() || !body.ends_with(b"data: [DONE]\n\n") {
-                    return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
-                }
-                Ok(())
-            })
+impl Caller for HttpCaller {
+    async fn call(self) -> Result<(), String> {
+        let request = hyper::Request::post(&*self.url)
+            .header("content-type", "application/json")
+            .body(Full::new(self.body.clone()))
+            .map_err(|e| e.to_string())?;
+        let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !status.is_success() || !body.ends_with(b"data: [DONE]\n\n") {
+            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
         }
+        Ok(())
     }
 }
 
@@ -146,66 +130,28 @@ struct DirectCaller {
 
 impl DirectCaller {
     fn new(state: &Arc<FrontendState>, messages: &[serde_json::Value], max_tokens: u32) -> Self {
-        let input = TemplateInput {
-            messages,
-            tools: None,
-            add_generation_prompt: true,
-            extra: None,
-        };
-        let text = state
-            .model
-            .chat_template
-            .as_ref()
-            .and_then(|t| t.render(&input).ok())
-            .unwrap_or_default();
-        let token_ids = state
-            .model
-            .tokenizer
-            .encode(&text, false)
-            .unwrap_or_default();
+        let input = TemplateInput { messages, tools: None, add_generation_prompt: true, extra: None };
+        let text = state.model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
+        let token_ids = state.model.tokenizer.encode(&text, false).unwrap_or_default();
         let request = PreprocessedRequest {
             request_id: "bench".into(),
             token_ids,
-            sampling: SamplingOptions {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            stop: StopConditions {
-                max_tokens,
-                min_tokens: 0,
-                stop_token_ids: Vec::new(),
-            },
+            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
+            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
             logprobs: None,
         };
-        Self {
-            state: state.clone(),
-            request,
-        }
+        Self { state: state.clone(), request }
     }
+}
 
-    fn into_fn(
-        self,
-    ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static
-    {
-        move || {
-            let this = self.clone();
-            Box::pin(async move {
-                let mut stream = this
-                    .state
-                    .router
-                    .route(this.request.clone())
-                    .map_err(|e| e.to_string())?;
-                let mut tokens = 0;
-                while let Some(output) = stream.next().await {
-                    tokens += output.token_ids.len();
-                }
-                if tokens == 0 {
-                    Err("no tokens".to_string())
-                } else {
-                    Ok(())
-                }
-            })
+impl Caller for DirectCaller {
+    async fn call(self) -> Result<(), String> {
+        let mut stream = self.state.router.route(self.request.clone()).map_err(|e| e.to_string())?;
+        let mut tokens = 0;
+        while let Some(output) = stream.next().await {
+            tokens += output.token_ids.len();
         }
+        if tokens == 0 { Err("no tokens".to_string()) } else { Ok(()) }
     }
 }
 
@@ -213,15 +159,7 @@ impl DirectCaller {
 pub fn table(results: &[LevelResult]) -> String {
     let mut out = format!(
         "{:<18} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-        "load",
-        "direct rps",
-        "http rps",
-        "ratio",
-        "dir p50",
-        "http p50",
-        "dir p99",
-        "http p99",
-        "added p99"
+        "load", "direct rps", "http rps", "ratio", "dir p50", "http p50", "dir p99", "http p99", "added p99"
     );
     for r in results {
         out.push_str(&format!(
@@ -237,10 +175,7 @@ pub fn table(results: &[LevelResult]) -> String {
             r.added_p99_ms,
         ));
         if r.direct.errors + r.http.errors > 0 {
-            out.push_str(&format!(
-                "  ! {} direct and {} http requests failed\n",
-                r.direct.errors, r.http.errors
-            ));
+            out.push_str(&format!("  ! {} direct and {} http requests failed\n", r.direct.errors, r.http.errors));
         }
     }
     out

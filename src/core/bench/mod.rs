@@ -87,17 +87,10 @@ where
         }
     };
     let elapsed = start.elapsed().as_secs_f64();
-    let mut latencies: Vec<f64> = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|d| d.as_secs_f64() * 1e3)
-        .collect();
+    let mut latencies: Vec<f64> =
+        results.iter().filter_map(|r| r.as_ref().ok()).map(|d| d.as_secs_f64() * 1e3).collect();
     if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
-        tracing::warn!(
-            "{} of {} requests failed; first: {first}",
-            results.len() - latencies.len(),
-            results.len()
-        );
+        tracing::warn!("{} of {} requests failed; first: {first}", results.len() - latencies.len(), results.len());
     }
     latencies.sort_by(f64::total_cmp);
     RunStats {
@@ -137,13 +130,7 @@ mod tests {
         let counter = calls.clone();
         let stats = drive(Load::Concurrency(4), 40, move || {
             let n = counter.fetch_add(1, Ordering::Relaxed);
-            async move {
-                if n % 10 == 0 {
-                    Err("boom".to_string())
-                } else {
-                    Ok(())
-                }
-            }
+            async move { if n.is_multiple_of(10) { Err("boom".to_string()) } else { Ok(()) } }
         })
         .await;
         assert_eq!(calls.load(Ordering::Relaxed), 40);

@@ -5,9 +5,7 @@
 //! blocks it holds) and reports its load. Implementations: `mocker` (simulated timing, real KV bookkeeping).
 pub mod mocker;
 
-use crate::core::protocol::{
-    EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId,
-};
+use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};

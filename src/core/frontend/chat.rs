@@ -5,8 +5,8 @@ use super::generate::{self, ChoiceDelta, ChunkRenderer, LogprobEntry, Tracker};
 use super::params::{EndpointOptions, build_choices, fields, parse_body};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::openai::{
-    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, SamplingParams, TopLogprob, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
+    ChatMessage, ChatTokenLogprob, SamplingParams, TopLogprob, Usage,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -17,15 +17,8 @@ use std::sync::Arc;
 const ENDPOINT: &str = "chat_completions";
 
 pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
-    match chat(&state, &body).await {
-        Ok(response) => response,
-        Err(error) => {
-            state
-                .metrics
-                .rejected(&state.model.card.name, ENDPOINT, false);
-            error.into_response()
-        }
-    }
+    let result = chat(&state, &body).await;
+    state.answer(ENDPOINT, result)
 }
 
 async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -45,11 +38,8 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiEr
             add_generation_prompt: request.add_generation_prompt.unwrap_or(true),
             extra: request.chat_template_kwargs.as_ref(),
         })
-        .map_err(|message| ApiError::bad_request(Some("messages"), message))?;
-    let token_ids = model
-        .tokenizer
-        .encode(&prompt, false)
-        .map_err(ApiError::internal)?;
+        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    let token_ids = model.tokenizer.encode(&prompt, false).map_err(|e| ApiError::internal(e.to_string()))?;
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (Some(true), top) => Some(top.unwrap_or(0)),
         (_, Some(top)) if top > 0 => {
@@ -67,21 +57,13 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiEr
     let specs = build_choices(model, &params, &[token_ids], &options)?;
     let choices = specs.len();
     let deltas = generate::start(&state.router, model.clone(), specs)?;
-    let metrics = state
-        .metrics
-        .request(&model.card.name, ENDPOINT, request.stream);
+    let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
-    let renderer = ChatChunks {
-        id,
-        created: super::unix_now(),
-        model: model.card.name.clone(),
-        logprobs: logprobs.is_some(),
-    };
+    let renderer =
+        ChatChunks { id, created: super::unix_now(), model: model.card.name.clone(), logprobs: logprobs.is_some() };
 
     if request.stream {
-        let first = (0..choices as u32)
-            .map(|index| renderer.role_chunk(index))
-            .collect();
+        let first = (0..choices as u32).map(|index| renderer.role_chunk(index)).collect();
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         return Ok(generate::sse(deltas, tracker, first, renderer, include_usage).into_response());
     }
@@ -92,20 +74,14 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiEr
 /// Checks each message and flattens list-of-parts content into text, as text-only templates expect.
 fn normalize_messages(messages: &[Map<String, Value>]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "must contain at least one message",
-        ));
+        return Err(ApiError::invalid("messages", "must contain at least one message"));
     }
     messages
         .iter()
         .enumerate()
         .map(|(i, message)| {
             if !message.get("role").is_some_and(Value::is_string) {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].role"),
-                    "must be a string",
-                ));
+                return Err(ApiError::invalid(&format!("messages[{i}].role"), "must be a string"));
             }
             let mut message = message.clone();
             match message.get("content") {
@@ -134,18 +110,13 @@ fn text_of_parts(message: usize, parts: &[Value]) -> Result<String, ApiError> {
             Some("text") => match part.get("text").and_then(Value::as_str) {
                 Some(text) => texts.push(text),
                 None => {
-                    return Err(ApiError::invalid(
-                        &field,
-                        "is a text part without a `text` string",
-                    ));
+                    return Err(ApiError::invalid(&field, "is a text part without a `text` string"));
                 }
             },
             Some(other) => {
                 return Err(ApiError::invalid(
                     &field,
-                    format!(
-                        "has type `{other}`, which this model does not accept; send text parts"
-                    ),
+                    format!("has type `{other}`, which this model does not accept; send text parts"),
                 ));
             }
             None => return Err(ApiError::invalid(&field, "needs a `type`")),
@@ -175,29 +146,15 @@ impl ChatChunks {
     }
 
     fn role_chunk(&self, index: u32) -> String {
-        let delta = ChatDelta {
-            role: Some("assistant".into()),
-            content: Some(String::new()),
-        };
-        self.chunk(
-            vec![ChatChunkChoice {
-                index,
-                delta,
-                logprobs: None,
-                finish_reason: None,
-            }],
-            None,
-        )
+        let delta = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
+        self.chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }], None)
     }
 
     fn whole(&self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> ChatCompletion {
         let mut out: Vec<ChatChoice> = (0..choices as u32)
             .map(|index| ChatChoice {
                 index,
-                message: ChatMessage {
-                    role: "assistant".into(),
-                    content: String::new(),
-                },
+                message: ChatMessage { role: "assistant".into(), content: String::new() },
                 logprobs: self.logprobs.then(ChatLogprobs::default),
                 finish_reason: None,
             })
@@ -208,9 +165,7 @@ impl ChatChunks {
             };
             choice.message.content.push_str(&delta.text);
             if let Some(logprobs) = choice.logprobs.as_mut() {
-                logprobs
-                    .content
-                    .extend(delta.logprobs.iter().map(chat_logprob));
+                logprobs.content.extend(delta.logprobs.iter().map(chat_logprob));
             }
             if delta.finish_reason.is_some() {
                 choice.finish_reason = delta.finish_reason.map(str::to_string);
@@ -234,13 +189,10 @@ impl ChunkRenderer for ChatChunks {
         }
         let choice = ChatChunkChoice {
             index: delta.index,
-            delta: ChatDelta {
-                role: None,
-                content: (!delta.text.is_empty()).then(|| delta.text.clone()),
-            },
-            logprobs: self.logprobs.then(|| ChatLogprobs {
-                content: delta.logprobs.iter().map(chat_logprob).collect(),
-            }),
+            delta: ChatDelta { role: None, content: (!delta.text.is_empty()).then(|| delta.text.clone()) },
+            logprobs: self
+                .logprobs
+                .then(|| ChatLogprobs { content: delta.logprobs.iter().map(chat_logprob).collect() }),
             finish_reason: delta.finish_reason.map(str::to_string),
         };
         Some(self.chunk(vec![choice], None))

@@ -17,15 +17,8 @@ use std::sync::Arc;
 const ENDPOINT: &str = "completions";
 
 pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
-    match complete(&state, &body).await {
-        Ok(response) => response,
-        Err(error) => {
-            state
-                .metrics
-                .rejected(&state.model.card.name, ENDPOINT, false);
-            error.into_response()
-        }
-    }
+    let result = complete(&state, &body).await;
+    state.answer(ENDPOINT, result)
 }
 
 async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -45,29 +38,17 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, A
     let model = &state.model;
     let prompts = prompts(model, &request.prompt)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let options = EndpointOptions {
-        max_tokens: params.max_tokens,
-        logprobs: request.logprobs,
-        request_id: id.clone(),
-    };
+    let options = EndpointOptions { max_tokens: params.max_tokens, logprobs: request.logprobs, request_id: id.clone() };
     let specs = build_choices(model, &params, &prompts, &options)?;
     let choices = specs.len();
     let echoes = if request.echo {
-        let texts: Vec<String> = prompts
-            .iter()
-            .map(|p| model.tokenizer.decode(p, true))
-            .collect();
-        specs
-            .iter()
-            .map(|s| texts[s.prompt_index].clone())
-            .collect()
+        let texts: Vec<String> = prompts.iter().map(|p| model.tokenizer.decode(p, true)).collect();
+        specs.iter().map(|s| texts[s.prompt_index].clone()).collect()
     } else {
         Vec::new()
     };
     let deltas = generate::start(&state.router, model.clone(), specs)?;
-    let metrics = state
-        .metrics
-        .request(&model.card.name, ENDPOINT, request.stream);
+    let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, prompts.iter().map(Vec::len).collect(), choices);
     let renderer = CompletionChunks {
         id,
@@ -80,39 +61,26 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, A
     };
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(
-            generate::sse(deltas, tracker, Vec::new(), renderer, include_usage).into_response(),
-        );
+        return Ok(generate::sse(deltas, tracker, Vec::new(), renderer, include_usage).into_response());
     }
     let deltas = generate::collect(deltas, &mut tracker).await?;
     Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
 }
 
-const PROMPT_SHAPES: &str =
-    "must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
+const PROMPT_SHAPES: &str = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
 
 /// The prompt field in its four OpenAI shapes, as token ids. Text is encoded with the model's special tokens.
 fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| {
-        model
-            .tokenizer
-            .encode(text, true)
-            .map_err(ApiError::internal)
-    };
+    let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::internal(e.to_string()));
     let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         items
             .iter()
             .map(|v| {
-                let id = v
-                    .as_u64()
-                    .ok_or_else(|| ApiError::invalid("prompt", PROMPT_SHAPES))?;
+                let id = v.as_u64().ok_or_else(|| ApiError::invalid("prompt", PROMPT_SHAPES))?;
                 if id >= u64::from(model.card.vocab_size) {
                     return Err(ApiError::invalid(
                         "prompt",
-                        format!(
-                            "contains token id {id}, outside the vocabulary of {}",
-                            model.card.vocab_size
-                        ),
+                        format!("contains token id {id}, outside the vocabulary of {}", model.card.vocab_size),
                     ));
                 }
                 Ok(id as u32)
@@ -124,22 +92,17 @@ fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::invalid("prompt", "must not be empty"));
         }
-        Value::Array(items) if items.iter().all(Value::is_string) => items
-            .iter()
-            .map(|t| encode(t.as_str().unwrap_or_default()))
-            .collect::<Result<_, _>>()?,
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.iter().map(|t| encode(t.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
+        }
         Value::Array(items) if items.iter().all(Value::is_number) => vec![ids(items)?],
-        Value::Array(items) if items.iter().all(Value::is_array) => items
-            .iter()
-            .map(|p| ids(p.as_array().map(Vec::as_slice).unwrap_or_default()))
-            .collect::<Result<_, _>>()?,
+        Value::Array(items) if items.iter().all(Value::is_array) => {
+            items.iter().map(|p| ids(p.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?
+        }
         _ => return Err(ApiError::invalid("prompt", PROMPT_SHAPES)),
     };
     if prompts.iter().any(Vec::is_empty) {
-        return Err(ApiError::invalid(
-            "prompt",
-            "has no tokens; send some text or token ids",
-        ));
+        return Err(ApiError::invalid("prompt", "has no tokens; send some text or token ids"));
     }
     Ok(prompts)
 }
@@ -183,23 +146,14 @@ impl CompletionChunks {
             for entry in &delta.logprobs {
                 out.tokens.push(entry.token.clone());
                 out.token_logprobs.push(entry.logprob);
-                let top: Map<String, Value> = entry
-                    .top
-                    .iter()
-                    .map(|(t, p)| (t.clone(), Value::from(*p)))
-                    .collect();
+                let top: Map<String, Value> = entry.top.iter().map(|(t, p)| (t.clone(), Value::from(*p))).collect();
                 out.top_logprobs.push(top);
                 out.text_offset.push(*offset);
                 *offset += entry.token.chars().count() as u32;
             }
             out
         });
-        CompletionChoice {
-            index: delta.index,
-            text,
-            logprobs,
-            finish_reason: delta.finish_reason.map(str::to_string),
-        }
+        CompletionChoice { index: delta.index, text, logprobs, finish_reason: delta.finish_reason.map(str::to_string) }
     }
 
     fn whole(mut self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> Completion {
@@ -234,11 +188,7 @@ impl CompletionChunks {
 impl ChunkRenderer for CompletionChunks {
     fn delta(&mut self, delta: &ChoiceDelta) -> Option<String> {
         let echo_pending = !self.echoes.is_empty() && !self.echoed.contains(&delta.index);
-        if delta.text.is_empty()
-            && delta.finish_reason.is_none()
-            && delta.logprobs.is_empty()
-            && !echo_pending
-        {
+        if delta.text.is_empty() && delta.finish_reason.is_none() && delta.logprobs.is_empty() && !echo_pending {
             return None;
         }
         let choice = self.choice(delta);

@@ -17,11 +17,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(param: Option<&str>, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            param: param.map(str::to_string),
-        }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: param.map(str::to_string) }
     }
 
     /// A field-level problem: the message always names the field.
@@ -30,19 +26,11 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-            param: None,
-        }
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-            param: None,
-        }
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), param: None }
     }
 
     fn kind(&self) -> &'static str {
@@ -70,16 +58,10 @@ impl From<RouteError> for ApiError {
     fn from(error: RouteError) -> Self {
         let status = match &error {
             RouteError::Busy { .. } | RouteError::NoWorkers => StatusCode::SERVICE_UNAVAILABLE,
-            RouteError::Engine(crate::core::engine::EngineError::InvalidRequest(_)) => {
-                StatusCode::BAD_REQUEST
-            }
+            RouteError::Engine(crate::core::engine::EngineError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
             RouteError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        Self {
-            status,
-            message: error.to_string(),
-            param: None,
-        }
+        Self { status, message: error.to_string(), param: None }
     }
 }
 
@@ -87,9 +69,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
         response
     }

@@ -63,11 +63,7 @@ pub struct ChoiceDelta {
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
 /// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
-pub fn start(
-    router: &Router,
-    model: Arc<Model>,
-    specs: Vec<ChoiceSpec>,
-) -> Result<Deltas, ApiError> {
+pub fn start(router: &Router, model: Arc<Model>, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
         let engine = router.route(spec.request.clone())?;
@@ -84,20 +80,10 @@ struct ChoiceState {
     stops: StopStringMatcher,
 }
 
-fn choice_stream(
-    model: Arc<Model>,
-    spec: ChoiceSpec,
-    engine: RoutedStream,
-) -> BoxStream<'static, ChoiceDelta> {
+fn choice_stream(model: Arc<Model>, spec: ChoiceSpec, engine: RoutedStream) -> BoxStream<'static, ChoiceDelta> {
     let decoder = IncrementalDecoder::new(&spec.request.token_ids, spec.text.skip_special_tokens);
     let stops = StopStringMatcher::new(spec.text.stop.clone(), spec.text.include_stop_str);
-    let state = ChoiceState {
-        spec,
-        model,
-        engine,
-        decoder,
-        stops,
-    };
+    let state = ChoiceState { spec, model, engine, decoder, stops };
     stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         let delta = state.next_delta().await;
@@ -109,11 +95,8 @@ fn choice_stream(
 
 impl ChoiceState {
     async fn next_delta(&mut self) -> ChoiceDelta {
-        let mut delta = ChoiceDelta {
-            index: self.spec.index,
-            prompt_index: self.spec.prompt_index,
-            ..Default::default()
-        };
+        let mut delta =
+            ChoiceDelta { index: self.spec.index, prompt_index: self.spec.prompt_index, ..Default::default() };
         let Some(output) = self.engine.next().await else {
             delta.finish_reason = Some("abort");
             delta.error = Some("the worker stopped before finishing the request".into());
@@ -132,11 +115,7 @@ impl ChoiceState {
             text.push_str(&self.decoder.step(tokenizer, token));
         }
         let as_text = |id: u32| {
-            if self.spec.text.tokens_as_ids {
-                format!("token_id:{id}")
-            } else {
-                tokenizer.token_text(id)
-            }
+            if self.spec.text.tokens_as_ids { format!("token_id:{id}") } else { tokenizer.token_text(id) }
         };
         delta.logprobs = output
             .logprobs
@@ -185,28 +164,17 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(metrics: RequestMetrics, prompt_tokens: Vec<usize>, choices: usize) -> Self {
         let cached_tokens = vec![None; prompt_tokens.len()];
-        Self {
-            metrics,
-            prompt_tokens,
-            completion_tokens: 0,
-            cached_tokens,
-            unfinished: choices,
-            failed: false,
-        }
+        Self { metrics, prompt_tokens, completion_tokens: 0, cached_tokens, unfinished: choices, failed: false }
     }
 
     pub fn observe(&mut self, delta: &ChoiceDelta) {
         self.completion_tokens += delta.new_tokens;
         self.metrics.tokens(delta.new_tokens);
-        if let (Some(cached), Some(slot)) = (
-            delta.cached_tokens,
-            self.cached_tokens.get_mut(delta.prompt_index),
-        ) {
+        if let (Some(cached), Some(slot)) = (delta.cached_tokens, self.cached_tokens.get_mut(delta.prompt_index)) {
             // Choices of one prompt may land on different workers; report the best hit.
             let best = slot.map_or(cached, |c| c.max(cached));
             if slot.is_none() {
-                self.metrics
-                    .prompt(self.prompt_tokens[delta.prompt_index], cached);
+                self.metrics.prompt(self.prompt_tokens[delta.prompt_index], cached);
             }
             *slot = Some(best);
         }
@@ -233,10 +201,7 @@ impl Tracker {
 }
 
 /// Collects a whole request (non-streaming); the first error a choice hit fails the request.
-pub async fn collect(
-    mut deltas: Deltas,
-    tracker: &mut Tracker,
-) -> Result<Vec<ChoiceDelta>, ApiError> {
+pub async fn collect(mut deltas: Deltas, tracker: &mut Tracker) -> Result<Vec<ChoiceDelta>, ApiError> {
     let mut all = Vec::new();
     while let Some(delta) = deltas.next().await {
         tracker.observe(&delta);

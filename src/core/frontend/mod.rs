@@ -38,12 +38,15 @@ pub struct FrontendState {
 
 impl FrontendState {
     pub fn new(model: Arc<Model>, router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            model,
-            router,
-            metrics,
-            created: unix_now(),
-        }
+        Self { model, router, metrics, created: unix_now() }
+    }
+
+    /// The handler's response, or its error as an OpenAI error body (counted as a failed request).
+    fn answer(&self, endpoint: &str, result: Result<Response, ApiError>) -> Response {
+        result.unwrap_or_else(|error| {
+            self.metrics.rejected(&self.model.card.name, endpoint, false);
+            error.into_response()
+        })
     }
 
     /// A request may name the served model or leave `model` out; any other name is a 404, as in vLLM.
@@ -81,9 +84,7 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
@@ -102,11 +103,7 @@ async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
 /// Ready to serve: at least one worker.
 async fn health(State(state): State<Arc<FrontendState>>) -> Response {
     let workers = state.router.worker_count();
-    let status = if workers > 0 {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if workers > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
         "status": if workers > 0 { "healthy" } else { "unhealthy" },
         "model": state.model.card.name,
@@ -121,28 +118,14 @@ async fn live() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
-    let loads: Vec<_> = state
-        .router
-        .engines()
-        .map(|e| (e.worker_id(), e.load()))
-        .collect();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&loads),
-    )
-        .into_response()
+    let loads: Vec<_> = state.router.engines().map(|e| (e.worker_id(), e.load())).collect();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!(
-        "no route for {}; see /v1/chat/completions, /v1/completions, /v1/models",
-        uri.path()
-    ))
+    ApiError::not_found(format!("no route for {}; see /v1/chat/completions, /v1/completions, /v1/models", uri.path()))
 }
 
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -15,14 +15,10 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Reads the body as JSON, reporting syntax errors plainly.
 pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(None, format!("the request body is not valid JSON: {e}"))
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(None, format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            None,
-            "the request body must be a JSON object",
-        ));
+        return Err(ApiError::bad_request(None, "the request body must be a JSON object"));
     }
     Ok(value)
 }
@@ -59,18 +55,12 @@ pub fn build_choices(
     let sampling = sampling_options(params)?;
     let n = params.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid(
-            "n",
-            format!("must be between 1 and {MAX_N}, got {n}"),
-        ));
+        return Err(ApiError::invalid("n", format!("must be between 1 and {MAX_N}, got {n}")));
     }
     if let Some(top) = options.logprobs
         && top > MAX_TOP_LOGPROBS
     {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            format!("must be at most {MAX_TOP_LOGPROBS}, got {top}"),
-        ));
+        return Err(ApiError::invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {top}")));
     }
     if sampling.temperature == 0.0 && n > 1 && sampling.seed.is_none() {
         // Greedy samples are identical; vLLM allows it too, so only the text says so.
@@ -82,20 +72,12 @@ pub fn build_choices(
     if let Some(bad) = stop_token_ids.iter().find(|&&id| id >= card.vocab_size) {
         return Err(ApiError::invalid(
             "stop_token_ids",
-            format!(
-                "contains {bad}, outside the vocabulary of {}",
-                card.vocab_size
-            ),
+            format!("contains {bad}, outside the vocabulary of {}", card.vocab_size),
         ));
     }
     if !params.ignore_eos.unwrap_or(false) {
-        stop_token_ids.extend(
-            card.eos_token_ids
-                .iter()
-                .filter(|id| !stop_token_ids.contains(id))
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        stop_token_ids
+            .extend(card.eos_token_ids.iter().filter(|id| !stop_token_ids.contains(id)).copied().collect::<Vec<_>>());
     }
     let text = TextOptions {
         skip_special_tokens: params.skip_special_tokens.unwrap_or(true),
@@ -122,18 +104,10 @@ pub fn build_choices(
                 index: prompt_index as u32 * n + sample,
                 prompt_index,
                 request: PreprocessedRequest {
-                    request_id: format!(
-                        "{}-{}",
-                        options.request_id,
-                        prompt_index as u32 * n + sample
-                    ),
+                    request_id: format!("{}-{}", options.request_id, prompt_index as u32 * n + sample),
                     token_ids: prompt.clone(),
                     sampling,
-                    stop: StopConditions {
-                        max_tokens,
-                        min_tokens,
-                        stop_token_ids: stop_token_ids.clone(),
-                    },
+                    stop: StopConditions { max_tokens, min_tokens, stop_token_ids: stop_token_ids.clone() },
                     logprobs: options.logprobs,
                 },
                 text: text.clone(),
@@ -143,11 +117,7 @@ pub fn build_choices(
     Ok(specs)
 }
 
-fn max_tokens_for(
-    context: u32,
-    prompt_len: usize,
-    requested: Option<u32>,
-) -> Result<u32, ApiError> {
+fn max_tokens_for(context: u32, prompt_len: usize, requested: Option<u32>) -> Result<u32, ApiError> {
     let prompt_len = prompt_len as u64;
     if prompt_len >= u64::from(context) {
         return Err(ApiError::bad_request(
@@ -159,15 +129,13 @@ fn max_tokens_for(
     }
     match requested {
         Some(0) => Err(ApiError::invalid("max_tokens", "must be at least 1, got 0")),
-        Some(max) if prompt_len + u64::from(max) > u64::from(context) => {
-            Err(ApiError::bad_request(
-                Some("max_tokens"),
-                format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max} in `max_tokens`). Please reduce the length of the prompt or `max_tokens`.",
-                    prompt_len + u64::from(max)
-                ),
-            ))
-        }
+        Some(max) if prompt_len + u64::from(max) > u64::from(context) => Err(ApiError::bad_request(
+            Some("max_tokens"),
+            format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max} in `max_tokens`). Please reduce the length of the prompt or `max_tokens`.",
+                prompt_len + u64::from(max)
+            ),
+        )),
         Some(max) => Ok(max),
         None => Ok((u64::from(context) - prompt_len) as u32),
     }
@@ -177,46 +145,28 @@ fn sampling_options(p: &SamplingParams) -> Result<SamplingOptions, ApiError> {
     let defaults = SamplingOptions::default();
     let temperature = p.temperature.unwrap_or(defaults.temperature);
     if !temperature.is_finite() || temperature < 0.0 {
-        return Err(ApiError::invalid(
-            "temperature",
-            format!("must be 0 or more, got {temperature}"),
-        ));
+        return Err(ApiError::invalid("temperature", format!("must be 0 or more, got {temperature}")));
     }
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            "top_p",
-            format!("must be in (0, 1], got {top_p}"),
-        ));
+        return Err(ApiError::invalid("top_p", format!("must be in (0, 1], got {top_p}")));
     }
     let top_k = match p.top_k {
         None | Some(-1) | Some(0) => None,
         Some(k) if k >= 1 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
         Some(k) => {
-            return Err(ApiError::invalid(
-                "top_k",
-                format!("must be -1 (off) or at least 1, got {k}"),
-            ));
+            return Err(ApiError::invalid("top_k", format!("must be -1 (off) or at least 1, got {k}")));
         }
     };
     let min_p = p.min_p.unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::invalid(
-            "min_p",
-            format!("must be in [0, 1], got {min_p}"),
-        ));
+        return Err(ApiError::invalid("min_p", format!("must be in [0, 1], got {min_p}")));
     }
-    for (name, value) in [
-        ("presence_penalty", p.presence_penalty),
-        ("frequency_penalty", p.frequency_penalty),
-    ] {
+    for (name, value) in [("presence_penalty", p.presence_penalty), ("frequency_penalty", p.frequency_penalty)] {
         if let Some(v) = value
             && !(-2.0..=2.0).contains(&v)
         {
-            return Err(ApiError::invalid(
-                name,
-                format!("must be in [-2, 2], got {v}"),
-            ));
+            return Err(ApiError::invalid(name, format!("must be in [-2, 2], got {v}")));
         }
     }
     let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
@@ -247,10 +197,7 @@ fn stop_strings(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
             .map(|item| item.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| ApiError::invalid("stop", "must be a string or a list of strings")),
-        Some(_) => Err(ApiError::invalid(
-            "stop",
-            "must be a string or a list of strings",
-        )),
+        Some(_) => Err(ApiError::invalid("stop", "must be a string or a list of strings")),
     }
 }
 
@@ -263,11 +210,7 @@ mod tests {
     fn choices(body: Value, prompt_len: usize) -> Result<Vec<ChoiceSpec>, ApiError> {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let params: SamplingParams = fields(&body)?;
-        let options = EndpointOptions {
-            max_tokens: params.max_tokens,
-            logprobs: None,
-            request_id: "x".into(),
-        };
+        let options = EndpointOptions { max_tokens: params.max_tokens, logprobs: None, request_id: "x".into() };
         build_choices(&model, &params, &[vec![5; prompt_len]], &options)
     }
 
@@ -286,9 +229,7 @@ mod tests {
             (json!({"stop_token_ids": [100000]}), "stop_token_ids"),
             (json!({"presence_penalty": 3}), "presence_penalty"),
         ] {
-            let err = choices(body.clone(), 10)
-                .err()
-                .unwrap_or_else(|| panic!("{body} was accepted"));
+            let err = choices(body.clone(), 10).err().unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!(err.param.as_deref(), Some(field), "{body}: {err:?}");
             assert!(err.message.contains(field), "{body}: {}", err.message);
         }
@@ -309,10 +250,6 @@ mod tests {
     #[test]
     fn a_prompt_longer_than_the_context_is_refused() {
         let err = choices(json!({}), 5000).err().unwrap();
-        assert!(
-            err.message.contains("maximum context length is 4096"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("maximum context length is 4096"), "{}", err.message);
     }
 }

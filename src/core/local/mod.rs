@@ -29,36 +29,20 @@ pub enum LocalError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("cannot listen on {addr}: {source}; pick another --http-port (0 picks a free one)")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
 
 /// Loads the model and starts the workers and router; must run inside a tokio runtime.
 pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError> {
-    let model = Arc::new(Model::load(
-        &settings.model,
-        settings.served_model_name.as_deref(),
-    )?);
+    let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
     let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
     let engines: Vec<Arc<dyn Engine>> = (0..settings.workers)
-        .map(|id| {
-            Arc::new(MockerEngine::spawn(
-                id as u64,
-                settings.mocker.clone(),
-                vocab.clone(),
-            )) as Arc<dyn Engine>
-        })
+        .map(|id| Arc::new(MockerEngine::spawn(id as u64, settings.mocker.clone(), vocab.clone())) as Arc<dyn Engine>)
         .collect();
     let router = Arc::new(Router::new(engines, settings.busy_threshold));
-    Ok(Arc::new(FrontendState::new(
-        model,
-        router,
-        Arc::new(Metrics::new()),
-    )))
+    Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
 }
 
 /// Serves until `shutdown` resolves. Prints one line with the address once it accepts connections.
@@ -69,16 +53,11 @@ pub async fn run(
     let state = build(&settings)?;
     let listener = TcpListener::bind(settings.listen)
         .await
-        .map_err(|source| LocalError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+        .map_err(|source| LocalError::Bind { addr: settings.listen, source })?;
     let addr = listener.local_addr().map_err(LocalError::Serve)?;
     println!(
         "dynamo: serving {} on http://{addr} with {} mocker worker(s) (speedup {}); try: curl http://{addr}/v1/models",
         state.model.card.name, settings.workers, settings.mocker.speedup
     );
-    frontend::serve(listener, state, shutdown)
-        .await
-        .map_err(LocalError::Serve)
+    frontend::serve(listener, state, shutdown).await.map_err(LocalError::Serve)
 }

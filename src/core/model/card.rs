@@ -47,28 +47,17 @@ impl ModelCard {
             .find_map(|c| c.get("eos_token_id").map(token_ids))
             .unwrap_or_default();
         if eos_token_ids.is_empty() {
-            let eos = tokenizer_config
-                .and_then(|t| t.get("eos_token"))
-                .and_then(special_token_text);
+            let eos = tokenizer_config.and_then(|t| t.get("eos_token")).and_then(special_token_text);
             eos_token_ids.extend(eos.and_then(|text| tokenizer.token_to_id(&text)));
         }
-        Ok(Self {
-            name,
-            context_length: context_length.min(u32::MAX as u64) as u32,
-            vocab_size,
-            eos_token_ids,
-        })
+        Ok(Self { name, context_length: context_length.min(u32::MAX as u64) as u32, vocab_size, eos_token_ids })
     }
 }
 
 fn token_ids(value: &Value) -> Vec<u32> {
     match value {
         Value::Number(n) => n.as_u64().map(|id| vec![id as u32]).unwrap_or_default(),
-        Value::Array(ids) => ids
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|id| id as u32)
-            .collect(),
+        Value::Array(ids) => ids.iter().filter_map(Value::as_u64).map(|id| id as u32).collect(),
         _ => Vec::new(),
     }
 }
@@ -108,17 +97,13 @@ mod tests {
             &model.tokenizer,
         )
         .unwrap();
-        assert_eq!(
-            card.eos_token_ids,
-            vec![model.tokenizer.token_to_id("<|im_end|>").unwrap()]
-        );
+        assert_eq!(card.eos_token_ids, vec![model.tokenizer.token_to_id("<|im_end|>").unwrap()]);
     }
 
     #[test]
     fn missing_context_length_names_the_field() {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
-        let err = ModelCard::resolve("m".into(), Some(&json!({})), None, None, &model.tokenizer)
-            .unwrap_err();
+        let err = ModelCard::resolve("m".into(), Some(&json!({})), None, None, &model.tokenizer).unwrap_err();
         assert!(err.to_string().contains("max_position_embeddings"));
     }
 }

@@ -22,21 +22,13 @@ impl IncrementalDecoder {
     pub fn new(prompt: &[u32], skip_special_tokens: bool) -> Self {
         let tokens = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
         let read_offset = tokens.len();
-        Self {
-            tokens,
-            prefix_offset: 0,
-            read_offset,
-            skip_special_tokens,
-        }
+        Self { tokens, prefix_offset: 0, read_offset, skip_special_tokens }
     }
 
     /// Adds a token; returns the text it completes (possibly empty while a character is incomplete).
     pub fn step(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
         self.tokens.push(token);
-        let prefix = tokenizer.decode(
-            &self.tokens[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        );
+        let prefix = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset], self.skip_special_tokens);
         let full = tokenizer.decode(&self.tokens[self.prefix_offset..], self.skip_special_tokens);
         if full.ends_with('\u{FFFD}') || full.len() <= prefix.len() {
             return String::new();
@@ -52,10 +44,7 @@ impl IncrementalDecoder {
         if self.read_offset >= self.tokens.len() {
             return String::new();
         }
-        let prefix = tokenizer.decode(
-            &self.tokens[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        );
+        let prefix = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset], self.skip_special_tokens);
         let full = tokenizer.decode(&self.tokens[self.prefix_offset..], self.skip_special_tokens);
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
@@ -69,12 +58,7 @@ fn new_suffix(prefix: &str, full: &str) -> String {
     if let Some(rest) = full.strip_prefix(prefix) {
         return rest.to_string();
     }
-    let common: usize = prefix
-        .chars()
-        .zip(full.chars())
-        .take_while(|(a, b)| a == b)
-        .map(|(c, _)| c.len_utf8())
-        .sum();
+    let common: usize = prefix.chars().zip(full.chars()).take_while(|(a, b)| a == b).map(|(c, _)| c.len_utf8()).sum();
     full[common..].to_string()
 }
 
@@ -96,42 +80,25 @@ pub struct Released {
 impl StopStringMatcher {
     pub fn new(stops: Vec<String>, include_stop: bool) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self {
-            stops,
-            include_stop,
-            pending: String::new(),
-        }
+        Self { stops, include_stop, pending: String::new() }
     }
 
     pub fn push(&mut self, text: &str) -> Released {
         if self.stops.is_empty() {
-            return Released {
-                text: text.to_string(),
-                stopped: false,
-            };
+            return Released { text: text.to_string(), stopped: false };
         }
         self.pending.push_str(text);
-        let earliest = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s.len())))
-            .min();
+        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s.len()))).min();
         if let Some((at, len)) = earliest {
             let end = if self.include_stop { at + len } else { at };
             let text = self.pending[..end].to_string();
             self.pending.clear();
-            return Released {
-                text,
-                stopped: true,
-            };
+            return Released { text, stopped: true };
         }
         let keep = self.longest_stop_prefix_suffix();
         let text = self.pending[..self.pending.len() - keep].to_string();
         self.pending.drain(..self.pending.len() - keep);
-        Released {
-            text,
-            stopped: false,
-        }
+        Released { text, stopped: false }
     }
 
     /// Releases what was held back, at the end of generation.
@@ -163,10 +130,7 @@ mod tests {
 
     fn decode_stepwise(model: &Model, ids: &[u32]) -> Vec<String> {
         let mut decoder = IncrementalDecoder::new(&[], true);
-        let mut pieces: Vec<String> = ids
-            .iter()
-            .map(|&id| decoder.step(&model.tokenizer, id))
-            .collect();
+        let mut pieces: Vec<String> = ids.iter().map(|&id| decoder.step(&model.tokenizer, id)).collect();
         pieces.push(decoder.flush(&model.tokenizer));
         pieces
     }
@@ -176,13 +140,8 @@ mod tests {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let text = "漢字テスト 😀 日本語 Grüße";
         let ids = model.tokenizer.encode(text, false).unwrap();
-        let split_somewhere = ids
-            .iter()
-            .any(|&id| model.tokenizer.decode(&[id], false).contains('\u{FFFD}'));
-        assert!(
-            split_somewhere,
-            "the fixture should split a character between tokens"
-        );
+        let split_somewhere = ids.iter().any(|&id| model.tokenizer.decode(&[id], false).contains('\u{FFFD}'));
+        assert!(split_somewhere, "the fixture should split a character between tokens");
         let pieces = decode_stepwise(&model, &ids);
         assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
         assert_eq!(pieces.concat(), text);
@@ -194,37 +153,16 @@ mod tests {
         let ids = model.tokenizer.encode("Hello world", false).unwrap();
         let (prompt, generated) = ids.split_at(1);
         let mut decoder = IncrementalDecoder::new(prompt, true);
-        let text: String = generated
-            .iter()
-            .map(|&id| decoder.step(&model.tokenizer, id))
-            .collect();
+        let text: String = generated.iter().map(|&id| decoder.step(&model.tokenizer, id)).collect();
         assert_eq!(text, " world");
     }
 
     #[test]
     fn stop_string_across_pushes_is_cut_and_nothing_after_it_leaks() {
         let mut m = StopStringMatcher::new(vec!["STOP".into()], false);
-        assert_eq!(
-            m.push("abc S"),
-            Released {
-                text: "abc ".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("TO"),
-            Released {
-                text: "".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("Pxyz"),
-            Released {
-                text: "".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(m.push("abc S"), Released { text: "abc ".into(), stopped: false });
+        assert_eq!(m.push("TO"), Released { text: "".into(), stopped: false });
+        assert_eq!(m.push("Pxyz"), Released { text: "".into(), stopped: true });
     }
 
     #[test]
@@ -238,13 +176,7 @@ mod tests {
     #[test]
     fn earliest_stop_wins_and_can_be_included() {
         let mut m = StopStringMatcher::new(vec!["world".into(), "lo".into()], true);
-        assert_eq!(
-            m.push("hello world"),
-            Released {
-                text: "hello".into(),
-                stopped: true
-            }
-        );
+        assert_eq!(m.push("hello world"), Released { text: "hello".into(), stopped: true });
     }
 
     #[test]

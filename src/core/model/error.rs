@@ -10,19 +10,18 @@ pub enum ModelError {
     #[error("{origin} has no {file}; an HF model directory needs it")]
     MissingFile { file: String, origin: String },
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{file} is not valid JSON: {source}")]
-    BadJson {
-        file: String,
-        source: serde_json::Error,
-    },
+    BadJson { file: String, source: serde_json::Error },
     #[error("cannot load the tokenizer of {origin}: {message}")]
     Tokenizer { origin: String, message: String },
     #[error("the chat template does not compile: {0}")]
     Template(String),
     #[error("{0}")]
     Config(String),
+    #[error("the tokenizer cannot encode the text: {0}")]
+    Encode(String),
+    /// The chat template refused the messages; the text is the template's own message.
+    #[error("{0}")]
+    Render(String),
 }

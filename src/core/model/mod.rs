@@ -30,22 +30,10 @@ pub enum ModelSource {
 pub const BUILTIN_MODEL_NAME: &str = "tiny-chat";
 
 const BUILTIN_FILES: &[(&str, &str)] = &[
-    (
-        "config.json",
-        include_str!("../../../testdata/tiny-chat/config.json"),
-    ),
-    (
-        "generation_config.json",
-        include_str!("../../../testdata/tiny-chat/generation_config.json"),
-    ),
-    (
-        "tokenizer.json",
-        include_str!("../../../testdata/tiny-chat/tokenizer.json"),
-    ),
-    (
-        "tokenizer_config.json",
-        include_str!("../../../testdata/tiny-chat/tokenizer_config.json"),
-    ),
+    ("config.json", include_str!("../../../testdata/tiny-chat/config.json")),
+    ("generation_config.json", include_str!("../../../testdata/tiny-chat/generation_config.json")),
+    ("tokenizer.json", include_str!("../../../testdata/tiny-chat/tokenizer.json")),
+    ("tokenizer_config.json", include_str!("../../../testdata/tiny-chat/tokenizer_config.json")),
 ];
 
 /// Everything the frontend needs to turn requests into token ids and token ids back into text.
@@ -80,18 +68,11 @@ impl Model {
         )?;
         let template_source = match files.optional("chat_template.jinja") {
             Some(source) => Some(source.to_string()),
-            None => tokenizer_config
-                .as_ref()
-                .and_then(template::source_from_tokenizer_config),
+            None => tokenizer_config.as_ref().and_then(template::source_from_tokenizer_config),
         };
-        let chat_template = template_source
-            .map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref()))
-            .transpose()?;
-        Ok(Self {
-            card,
-            tokenizer,
-            chat_template,
-        })
+        let chat_template =
+            template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
+        Ok(Self { card, tokenizer, chat_template })
     }
 }
 
@@ -106,10 +87,7 @@ impl ModelFiles {
         match source {
             ModelSource::Builtin => Ok(Self {
                 origin: format!("built-in model {BUILTIN_MODEL_NAME}"),
-                files: BUILTIN_FILES
-                    .iter()
-                    .map(|(n, c)| (n.to_string(), c.to_string()))
-                    .collect(),
+                files: BUILTIN_FILES.iter().map(|(n, c)| (n.to_string(), c.to_string())).collect(),
             }),
             ModelSource::Dir(dir) => {
                 if !dir.is_dir() {
@@ -127,35 +105,25 @@ impl ModelFiles {
                         files.push((name.to_string(), text));
                     }
                 }
-                Ok(Self {
-                    origin: dir.display().to_string(),
-                    files,
-                })
+                Ok(Self { origin: dir.display().to_string(), files })
             }
         }
     }
 
     fn optional(&self, name: &str) -> Option<&str> {
-        self.files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.as_str())
+        self.files.iter().find(|(n, _)| n == name).map(|(_, c)| c.as_str())
     }
 
     fn required(&self, name: &str) -> Result<&str, ModelError> {
-        self.optional(name).ok_or_else(|| ModelError::MissingFile {
-            file: name.to_string(),
-            origin: self.origin.clone(),
-        })
+        self.optional(name)
+            .ok_or_else(|| ModelError::MissingFile { file: name.to_string(), origin: self.origin.clone() })
     }
 
     fn json(&self, name: &str) -> Result<Option<serde_json::Value>, ModelError> {
         self.optional(name)
             .map(|text| {
-                serde_json::from_str(text).map_err(|source| ModelError::BadJson {
-                    file: format!("{}/{name}", self.origin),
-                    source,
-                })
+                serde_json::from_str(text)
+                    .map_err(|source| ModelError::BadJson { file: format!("{}/{name}", self.origin), source })
             })
             .transpose()
     }
@@ -165,10 +133,7 @@ fn read_if_present(path: &Path) -> Result<Option<String>, ModelError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(ModelError::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -188,9 +153,7 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_a_clear_error() {
-        let err = Model::load(&ModelSource::Dir("/no/such/model".into()), None)
-            .err()
-            .unwrap();
+        let err = Model::load(&ModelSource::Dir("/no/such/model".into()), None).err().unwrap();
         assert!(err.to_string().contains("/no/such/model"), "{err}");
     }
 
@@ -199,9 +162,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dynamo-empty-model-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), "{}").unwrap();
-        let err = Model::load(&ModelSource::Dir(dir.clone()), None)
-            .err()
-            .unwrap();
+        let err = Model::load(&ModelSource::Dir(dir.clone()), None).err().unwrap();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }

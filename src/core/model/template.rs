@@ -51,61 +51,26 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| ModelError::Template(e.to_string()))?;
-        let token = |key: &str| {
-            tokenizer_config
-                .and_then(|c| c.get(key))
-                .and_then(special_token_text)
-        };
-        Ok(Self {
-            env,
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
-        })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
+        let token = |key: &str| tokenizer_config.and_then(|c| c.get(key)).and_then(special_token_text);
+        Ok(Self { env, bos_token: token("bos_token"), eos_token: token("eos_token") })
     }
 
     /// Renders the prompt; a template error (e.g. `raise_exception`) comes back as its message.
-    pub fn render(&self, input: &TemplateInput<'_>) -> Result<String, String> {
+    pub fn render(&self, input: &TemplateInput<'_>) -> Result<String, ModelError> {
         let mut context = input.extra.cloned().unwrap_or_default();
         context.insert("messages".into(), Value::Array(input.messages.to_vec()));
-        context.insert(
-            "tools".into(),
-            input
-                .tools
-                .map(|t| Value::Array(t.to_vec()))
-                .unwrap_or(Value::Null),
-        );
-        context.insert(
-            "add_generation_prompt".into(),
-            Value::Bool(input.add_generation_prompt),
-        );
-        context.insert(
-            "bos_token".into(),
-            self.bos_token
-                .clone()
-                .map(Value::String)
-                .unwrap_or_default(),
-        );
-        context.insert(
-            "eos_token".into(),
-            self.eos_token
-                .clone()
-                .map(Value::String)
-                .unwrap_or_default(),
-        );
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| e.to_string())?;
-        template
-            .render(JinjaValue::from_serialize(&context))
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidOperation => {
-                    e.detail().unwrap_or("the chat template failed").to_string()
-                }
+        context.insert("tools".into(), input.tools.map(|t| Value::Array(t.to_vec())).unwrap_or(Value::Null));
+        context.insert("add_generation_prompt".into(), Value::Bool(input.add_generation_prompt));
+        context.insert("bos_token".into(), self.bos_token.clone().map(Value::String).unwrap_or_default());
+        context.insert("eos_token".into(), self.eos_token.clone().map(Value::String).unwrap_or_default());
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ModelError::Render(e.to_string()))?;
+        template.render(JinjaValue::from_serialize(&context)).map_err(|e| {
+            ModelError::Render(match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or("the chat template failed").to_string(),
                 _ => format!("the chat template failed: {e}"),
             })
+        })
     }
 }
 
@@ -126,18 +91,12 @@ fn tojson(value: &JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, Error> {
         Some(n) => {
             let spaces = " ".repeat(n);
             let formatter = serde_json::ser::PrettyFormatter::with_indent(spaces.as_bytes());
-            value.serialize(&mut serde_json::Serializer::with_formatter(
-                &mut out, formatter,
-            ))
+            value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, formatter))
         }
-        None => value.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut out,
-            PythonFormatter,
-        )),
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
     };
     written.map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(JinjaValue::from_safe_string(text))
 }
 
@@ -145,34 +104,15 @@ fn tojson(value: &JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, Error> {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
     }
 
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
         writer.write_all(b": ")
     }
 }
@@ -183,38 +123,22 @@ mod tests {
     use serde_json::json;
 
     fn render(source: &str, messages: Value) -> Result<String, String> {
-        let template = ChatTemplate::new(
-            source,
-            Some(&json!({"bos_token": "<s>", "eos_token": {"content": "</s>"}})),
-        )
-        .map_err(|e| e.to_string())?;
+        let template = ChatTemplate::new(source, Some(&json!({"bos_token": "<s>", "eos_token": {"content": "</s>"}})))
+            .map_err(|e| e.to_string())?;
         let messages = messages.as_array().cloned().unwrap_or_default();
-        template.render(&TemplateInput {
-            messages: &messages,
-            tools: None,
-            add_generation_prompt: true,
-            extra: None,
-        })
+        template
+            .render(&TemplateInput { messages: &messages, tools: None, add_generation_prompt: true, extra: None })
+            .map_err(|e| e.to_string())
     }
 
     #[test]
     fn builtin_chatml_template_renders() {
-        let model =
-            crate::core::model::Model::load(&crate::core::model::ModelSource::Builtin, None)
-                .unwrap();
-        let messages = [
-            json!({"role": "system", "content": "  Be brief. "}),
-            json!({"role": "user", "content": "Hi"}),
-        ];
+        let model = crate::core::model::Model::load(&crate::core::model::ModelSource::Builtin, None).unwrap();
+        let messages = [json!({"role": "system", "content": "  Be brief. "}), json!({"role": "user", "content": "Hi"})];
         let text = model
             .chat_template
             .unwrap()
-            .render(&TemplateInput {
-                messages: &messages,
-                tools: None,
-                add_generation_prompt: true,
-                extra: None,
-            })
+            .render(&TemplateInput { messages: &messages, tools: None, add_generation_prompt: true, extra: None })
             .unwrap();
         assert_eq!(
             text,
@@ -230,11 +154,8 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let out = render(
-            "{{ messages[0] | tojson }}",
-            json!([{"role": "user", "content": "é<b>", "n": [1, 2]}]),
-        )
-        .unwrap();
+        let out =
+            render("{{ messages[0] | tojson }}", json!([{"role": "user", "content": "é<b>", "n": [1, 2]}])).unwrap();
         assert_eq!(out, r#"{"role": "user", "content": "é<b>", "n": [1, 2]}"#);
         let indented = render("{{ messages[0] | tojson(indent=2) }}", json!([{"a": 1}])).unwrap();
         assert_eq!(indented, "{\n  \"a\": 1\n}");
@@ -258,7 +179,8 @@ mod tests {
 
     #[test]
     fn named_templates_pick_default() {
-        let config = json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        let config =
+            json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         assert_eq!(source_from_tokenizer_config(&config).as_deref(), Some("D"));
     }
 }

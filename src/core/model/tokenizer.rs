@@ -9,33 +9,24 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(json: &str, origin: &str) -> Result<Self, ModelError> {
-        let inner: tokenizers::Tokenizer =
-            json.parse()
-                .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
-                    origin: origin.to_string(),
-                    message: e.to_string(),
-                })?;
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let special_ids =
+            inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         Ok(Self { inner, special_ids })
     }
 
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        self.inner
-            .encode_fast(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
+        let encoding =
+            self.inner.encode_fast(text, add_special_tokens).map_err(|e| ModelError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// Decodes ids; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .unwrap_or_default()
+        self.inner.decode(ids, skip_special_tokens).unwrap_or_default()
     }
 
     /// One token's text, as logprobs show it.
@@ -63,9 +54,7 @@ impl Tokenizer {
             .filter(|&id| !self.is_special(id))
             .filter(|&id| {
                 let text = self.decode(&[id], false);
-                !text.is_empty()
-                    && !text.contains('\u{FFFD}')
-                    && text.chars().all(|c| !c.is_control())
+                !text.is_empty() && !text.contains('\u{FFFD}') && text.chars().all(|c| !c.is_control())
             })
             .collect()
     }

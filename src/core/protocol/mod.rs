@@ -7,7 +7,5 @@ pub mod engine;
 pub mod kv;
 pub mod openai;
 
-pub use engine::{
-    EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob,
-};
+pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
 pub use kv::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock, WorkerId};

@@ -36,18 +36,8 @@ pub struct Router {
 impl Router {
     /// `busy_threshold`: in-flight requests per worker past which the router refuses new ones.
     pub fn new(engines: Vec<Arc<dyn Engine>>, busy_threshold: usize) -> Self {
-        let workers = engines
-            .into_iter()
-            .map(|engine| Worker {
-                engine,
-                in_flight: Arc::default(),
-            })
-            .collect();
-        Self {
-            workers,
-            busy_threshold: busy_threshold.max(1),
-            next: AtomicUsize::new(0),
-        }
+        let workers = engines.into_iter().map(|engine| Worker { engine, in_flight: Arc::default() }).collect();
+        Self { workers, busy_threshold: busy_threshold.max(1), next: AtomicUsize::new(0) }
     }
 
     pub fn engines(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
@@ -60,21 +50,14 @@ impl Router {
 
     /// Requests routed and not yet finished, over all workers.
     pub fn in_flight(&self) -> usize {
-        self.workers
-            .iter()
-            .map(|w| w.in_flight.load(Ordering::Relaxed))
-            .sum()
+        self.workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum()
     }
 
     pub fn route(&self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
         let worker = self.claim()?;
         let guard = InFlight(worker.in_flight.clone());
         let stream = worker.engine.submit(request)?;
-        Ok(RoutedStream {
-            stream,
-            worker_id: worker.engine.worker_id(),
-            _in_flight: guard,
-        })
+        Ok(RoutedStream { stream, worker_id: worker.engine.worker_id(), _in_flight: guard })
     }
 
     /// Takes one in-flight slot on the least-loaded worker that has one.
@@ -93,17 +76,11 @@ impl Router {
             if load >= self.busy_threshold {
                 break;
             }
-            if worker
-                .in_flight
-                .compare_exchange(load, load + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
+            if worker.in_flight.compare_exchange(load, load + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                 return Ok(worker);
             }
         }
-        Err(RouteError::Busy {
-            threshold: self.busy_threshold,
-        })
+        Err(RouteError::Busy { threshold: self.busy_threshold })
     }
 }
 
@@ -141,24 +118,14 @@ mod tests {
             request_id: "r".into(),
             token_ids: vec![1, 2, 3],
             sampling: SamplingOptions::default(),
-            stop: StopConditions {
-                max_tokens: 1000,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
+            stop: StopConditions { max_tokens: 1000, min_tokens: 0, stop_token_ids: vec![] },
             logprobs: None,
         }
     }
 
     fn router(workers: u64, threshold: usize) -> Router {
         let engines = (0..workers)
-            .map(|id| {
-                Arc::new(MockerEngine::spawn(
-                    id,
-                    MockerConfig::default(),
-                    (10..20).collect(),
-                )) as Arc<dyn Engine>
-            })
+            .map(|id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (10..20).collect())) as Arc<dyn Engine>)
             .collect();
         Router::new(engines, threshold)
     }
@@ -178,10 +145,7 @@ mod tests {
     async fn refuses_past_the_busy_threshold_and_recovers_when_streams_end() {
         let router = router(2, 2);
         let mut streams: Vec<_> = (0..4).map(|_| router.route(request()).unwrap()).collect();
-        assert!(matches!(
-            router.route(request()),
-            Err(RouteError::Busy { threshold: 2 })
-        ));
+        assert!(matches!(router.route(request()), Err(RouteError::Busy { threshold: 2 })));
         streams.pop();
         assert_eq!(router.in_flight(), 3);
         assert!(router.route(request()).is_ok());

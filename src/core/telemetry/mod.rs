@@ -5,8 +5,7 @@
 //! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
 use crate::core::protocol::{LoadMetrics, WorkerId};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-    exponential_buckets,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,18 +29,13 @@ type ReadLoad = fn(&LoadMetrics) -> i64;
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
     let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
         .expect("static histogram definition is valid");
-    registry
-        .register(Box::new(vec.clone()))
-        .expect("metric names are unique");
+    registry.register(Box::new(vec.clone())).expect("metric names are unique");
     vec
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let vec =
-        IntGaugeVec::new(Opts::new(name, help), labels).expect("static gauge definition is valid");
-    registry
-        .register(Box::new(vec.clone()))
-        .expect("metric names are unique");
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("static gauge definition is valid");
+    registry.register(Box::new(vec.clone())).expect("metric names are unique");
     vec
 }
 
@@ -55,16 +49,11 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests_total = IntCounterVec::new(
-            Opts::new(
-                "dynamo_frontend_requests_total",
-                "Requests handled by the frontend",
-            ),
+            Opts::new("dynamo_frontend_requests_total", "Requests handled by the frontend"),
             &["model", "endpoint", "request_type", "status"],
         )
         .expect("static counter definition is valid");
-        registry
-            .register(Box::new(requests_total.clone()))
-            .expect("metric names are unique");
+        registry.register(Box::new(requests_total.clone())).expect("metric names are unique");
         let latency = exponential_buckets(0.001, 2.0, 18).expect("valid buckets");
         let tokens = exponential_buckets(1.0, 2.0, 20).expect("valid buckets");
         let worker_gauges: Vec<(IntGaugeVec, ReadLoad)> = vec![
@@ -78,12 +67,7 @@ impl Metrics {
                 |l| l.requests_running.into(),
             ),
             (
-                gauge(
-                    &registry,
-                    "dynamo_component_requests_waiting",
-                    "Requests queued in the worker",
-                    &["worker_id"],
-                ),
+                gauge(&registry, "dynamo_component_requests_waiting", "Requests queued in the worker", &["worker_id"]),
                 |l| l.requests_waiting.into(),
             ),
             (
@@ -96,22 +80,12 @@ impl Metrics {
                 |l| l.kv_active_blocks as i64,
             ),
             (
-                gauge(
-                    &registry,
-                    "dynamo_component_kvstats_total_blocks",
-                    "KV blocks of the worker",
-                    &["worker_id"],
-                ),
+                gauge(&registry, "dynamo_component_kvstats_total_blocks", "KV blocks of the worker", &["worker_id"]),
                 |l| l.kv_total_blocks as i64,
             ),
         ];
         Self {
-            inflight: gauge(
-                &registry,
-                "dynamo_frontend_inflight_requests",
-                "Requests being processed",
-                &["model"],
-            ),
+            inflight: gauge(&registry, "dynamo_frontend_inflight_requests", "Requests being processed", &["model"]),
             ttft: histogram(
                 &registry,
                 "dynamo_frontend_time_to_first_token_seconds",
@@ -142,12 +116,7 @@ impl Metrics {
                 "Prompt tokens found in KV cache",
                 tokens,
             ),
-            duration: histogram(
-                &registry,
-                "dynamo_frontend_request_duration_seconds",
-                "Request duration",
-                latency,
-            ),
+            duration: histogram(&registry, "dynamo_frontend_request_duration_seconds", "Request duration", latency),
             requests_total,
             worker_gauges,
             registry,
@@ -155,12 +124,7 @@ impl Metrics {
     }
 
     /// Starts tracking one admitted request.
-    pub fn request(
-        self: &Arc<Self>,
-        model: &str,
-        endpoint: &'static str,
-        streaming: bool,
-    ) -> RequestMetrics {
+    pub fn request(self: &Arc<Self>, model: &str, endpoint: &'static str, streaming: bool) -> RequestMetrics {
         self.inflight.with_label_values(&[model]).inc();
         RequestMetrics {
             metrics: self.clone(),
@@ -177,9 +141,7 @@ impl Metrics {
     /// Counts a request refused before it reached an engine (bad input, busy).
     pub fn rejected(&self, model: &str, endpoint: &str, streaming: bool) {
         let request_type = if streaming { "stream" } else { "unary" };
-        self.requests_total
-            .with_label_values(&[model, endpoint, request_type, "error"])
-            .inc();
+        self.requests_total.with_label_values(&[model, endpoint, request_type, "error"]).inc();
     }
 
     /// The Prometheus text exposition, with worker gauges read now.
@@ -211,14 +173,8 @@ pub struct RequestMetrics {
 
 impl RequestMetrics {
     pub fn prompt(&self, prompt_tokens: usize, cached_tokens: u32) {
-        self.metrics
-            .input_tokens
-            .with_label_values(&[&self.model])
-            .observe(prompt_tokens as f64);
-        self.metrics
-            .cached_tokens
-            .with_label_values(&[&self.model])
-            .observe(cached_tokens as f64);
+        self.metrics.input_tokens.with_label_values(&[&self.model]).observe(prompt_tokens as f64);
+        self.metrics.cached_tokens.with_label_values(&[&self.model]).observe(cached_tokens as f64);
     }
 
     pub fn tokens(&mut self, count: usize) {
@@ -227,11 +183,7 @@ impl RequestMetrics {
         }
         let now = Instant::now();
         match self.last_token {
-            None => self
-                .metrics
-                .ttft
-                .with_label_values(&[&self.model])
-                .observe((now - self.start).as_secs_f64()),
+            None => self.metrics.ttft.with_label_values(&[&self.model]).observe((now - self.start).as_secs_f64()),
             Some(last) => {
                 let gap = (now - last).as_secs_f64() / count as f64;
                 let itl = self.metrics.itl.with_label_values(&[&self.model]);
@@ -253,16 +205,10 @@ impl Drop for RequestMetrics {
     fn drop(&mut self) {
         let m = &self.metrics;
         let status = self.status.unwrap_or("cancelled");
-        m.requests_total
-            .with_label_values(&[&self.model, self.endpoint, self.request_type, status])
-            .inc();
+        m.requests_total.with_label_values(&[&self.model, self.endpoint, self.request_type, status]).inc();
         m.inflight.with_label_values(&[&self.model]).dec();
-        m.output_tokens
-            .with_label_values(&[&self.model])
-            .observe(self.output_tokens as f64);
-        m.duration
-            .with_label_values(&[&self.model])
-            .observe(self.start.elapsed().as_secs_f64());
+        m.output_tokens.with_label_values(&[&self.model]).observe(self.output_tokens as f64);
+        m.duration.with_label_values(&[&self.model]).observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -278,10 +224,7 @@ pub fn init_logging(verbose: u8) {
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 #[cfg(test)]
@@ -295,18 +238,9 @@ mod tests {
             let mut request = metrics.request("m", "chat_completions", true);
             request.tokens(1);
             let text = metrics.render(&[]);
-            assert!(
-                text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 1"),
-                "{text}"
-            );
+            assert!(text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 1"), "{text}");
         }
-        let text = metrics.render(&[(
-            3,
-            LoadMetrics {
-                kv_total_blocks: 7,
-                ..Default::default()
-            },
-        )]);
+        let text = metrics.render(&[(3, LoadMetrics { kv_total_blocks: 7, ..Default::default() })]);
         assert!(text.contains(
             "dynamo_frontend_requests_total{endpoint=\"chat_completions\",model=\"m\",request_type=\"stream\",status=\"cancelled\"} 1"
         ), "{text}");

@@ -24,13 +24,7 @@ pub struct KvManager {
 
 impl KvManager {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            active: HashMap::new(),
-            cached: LruCache::unbounded(),
-            partial: 0,
-            events: Vec::new(),
-        }
+        Self { capacity, active: HashMap::new(), cached: LruCache::unbounded(), partial: 0, events: Vec::new() }
     }
 
     pub fn capacity(&self) -> usize {
@@ -52,20 +46,12 @@ impl KvManager {
 
     /// How many leading hashes are held (active or cached).
     pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| {
-                self.active.contains_key(&h.sequence) || self.cached.contains(&h.sequence)
-            })
-            .count()
+        hashes.iter().take_while(|h| self.active.contains_key(&h.sequence) || self.cached.contains(&h.sequence)).count()
     }
 
     /// How many of these hashes sit in the cache unreferenced (taking them shrinks what eviction can free).
     pub fn count_unreferenced(&self, hashes: &[BlockHash]) -> usize {
-        hashes
-            .iter()
-            .filter(|h| self.cached.contains(&h.sequence))
-            .count()
+        hashes.iter().filter(|h| self.cached.contains(&h.sequence)).count()
     }
 
     /// References a full block, reusing the cached one or storing a new one (evicting if needed).
@@ -80,13 +66,7 @@ impl KvManager {
         }
         self.make_room()?;
         self.active.insert(block.sequence, 1);
-        self.record_stored(
-            parent,
-            StoredBlock {
-                hash: block.sequence,
-                tokens_hash: block.local,
-            },
-        );
+        self.record_stored(parent, StoredBlock { hash: block.sequence, tokens_hash: block.local });
         Ok(())
     }
 
@@ -123,9 +103,7 @@ impl KvManager {
         let (evicted, ()) = self.cached.pop_lru().ok_or(KvFull)?;
         match self.events.last_mut() {
             Some(KvEvent::Removed { hashes }) => hashes.push(evicted),
-            _ => self.events.push(KvEvent::Removed {
-                hashes: vec![evicted],
-            }),
+            _ => self.events.push(KvEvent::Removed { hashes: vec![evicted] }),
         }
         Ok(())
     }
@@ -138,10 +116,7 @@ impl KvManager {
             blocks.push(block);
             return;
         }
-        self.events.push(KvEvent::Stored {
-            parent_hash: parent,
-            blocks: vec![block],
-        });
+        self.events.push(KvEvent::Stored { parent_hash: parent, blocks: vec![block] });
     }
 }
 
@@ -170,13 +145,7 @@ mod tests {
         store(&mut kv, &blocks);
         let events = kv.drain_events();
         assert_eq!(events.len(), 1);
-        let KvEvent::Stored {
-            parent_hash,
-            blocks: stored,
-        } = &events[0]
-        else {
-            panic!("{events:?}")
-        };
+        let KvEvent::Stored { parent_hash, blocks: stored } = &events[0] else { panic!("{events:?}") };
         assert_eq!(*parent_hash, None);
         assert_eq!(
             stored.iter().map(|b| b.hash).collect::<Vec<_>>(),
@@ -216,12 +185,7 @@ mod tests {
         let c = chain(3, 1);
         store(&mut kv, &c);
         let events = kv.drain_events();
-        assert_eq!(
-            events[0],
-            KvEvent::Removed {
-                hashes: vec![a[0].sequence]
-            }
-        );
+        assert_eq!(events[0], KvEvent::Removed { hashes: vec![a[0].sequence] });
         assert!(matches!(events[1], KvEvent::Stored { .. }));
         assert_eq!(kv.cached_prefix(&a), 0);
         assert_eq!(kv.cached_prefix(&b), 1);

@@ -13,9 +13,7 @@ pub mod timing;
 pub use scheduler::{Scheduler, SchedulerConfig, SeqId, StepOutcome};
 
 use super::{Engine, EngineError, ResponseStream};
-use crate::core::protocol::{
-    EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId,
-};
+use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,10 +29,7 @@ pub struct MockerConfig {
 
 impl Default for MockerConfig {
     fn default() -> Self {
-        Self {
-            scheduler: SchedulerConfig::default(),
-            speedup: 1.0,
-        }
+        Self { scheduler: SchedulerConfig::default(), speedup: 1.0 }
     }
 }
 
@@ -63,22 +58,9 @@ impl MockerEngine {
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let worker = Worker {
-            worker_id,
-            scheduler,
-            receiver,
-            load: load.clone(),
-            events: events.clone(),
-            config,
-        };
+        let worker = Worker { worker_id, scheduler, receiver, load: load.clone(), events: events.clone(), config };
         tokio::spawn(worker.run());
-        Self {
-            worker_id,
-            inbox,
-            load,
-            events,
-            max_sequence_tokens,
-        }
+        Self { worker_id, inbox, load, events, max_sequence_tokens }
     }
 }
 
@@ -90,9 +72,7 @@ impl Engine for MockerEngine {
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         let needed = request.token_ids.len() + request.stop.max_tokens as usize;
         if request.token_ids.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "the prompt has no tokens".into(),
-            ));
+            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
         }
         if needed > self.max_sequence_tokens {
             return Err(EngineError::InvalidRequest(format!(
@@ -101,9 +81,7 @@ impl Engine for MockerEngine {
             )));
         }
         let (outputs, receiver) = mpsc::unbounded_channel();
-        self.inbox
-            .send(Submission { request, outputs })
-            .map_err(|_| EngineError::Stopped)?;
+        self.inbox.send(Submission { request, outputs }).map_err(|_| EngineError::Stopped)?;
         Ok(ResponseStream::new(receiver))
     }
 
@@ -112,10 +90,7 @@ impl Engine for MockerEngine {
     }
 
     fn load(&self) -> LoadMetrics {
-        *self
-            .load
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -181,10 +156,7 @@ impl Worker {
             let events = self.scheduler.drain_events();
             if !events.is_empty() {
                 // No subscriber is fine: events are for whoever listens.
-                let _ = self.events.send(KvEventBatch {
-                    worker_id: self.worker_id,
-                    events,
-                });
+                let _ = self.events.send(KvEventBatch { worker_id: self.worker_id, events });
             }
             self.publish_load();
         }
@@ -200,20 +172,13 @@ impl Worker {
         *next_id += 1;
         let sampling = &submission.request.sampling;
         // Greedy output depends on the tokens alone; sampled output on the seed, random when none is given.
-        let seed = if sampling.temperature == 0.0 {
-            0
-        } else {
-            sampling.seed.unwrap_or_else(rand::random)
-        };
+        let seed = if sampling.temperature == 0.0 { 0 } else { sampling.seed.unwrap_or_else(rand::random) };
         self.scheduler.add(id, &submission.request, seed);
         streams.insert(id, submission.outputs);
     }
 
     fn publish_load(&self) {
-        *self
-            .load
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = self.scheduler.load();
+        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.scheduler.load();
     }
 }
 
@@ -227,38 +192,20 @@ mod tests {
         PreprocessedRequest {
             request_id: "r".into(),
             token_ids: tokens,
-            sampling: SamplingOptions {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            stop: StopConditions {
-                max_tokens,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
+            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
+            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
             logprobs: None,
         }
     }
 
     fn fast_engine() -> MockerEngine {
-        MockerEngine::spawn(
-            1,
-            MockerConfig {
-                speedup: 1000.0,
-                ..Default::default()
-            },
-            (10..500).collect(),
-        )
+        MockerEngine::spawn(1, MockerConfig { speedup: 1000.0, ..Default::default() }, (10..500).collect())
     }
 
     #[tokio::test]
     async fn streams_max_tokens_then_finishes_with_length() {
         let engine = fast_engine();
-        let outputs: Vec<_> = engine
-            .submit(request((0..40).collect(), 5))
-            .unwrap()
-            .collect()
-            .await;
+        let outputs: Vec<_> = engine.submit(request((0..40).collect(), 5)).unwrap().collect().await;
         assert_eq!(outputs.len(), 5);
         assert_eq!(outputs[4].finish_reason, Some(FinishReason::Length));
         assert_eq!(outputs[0].cached_tokens, Some(0));
@@ -278,19 +225,13 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!(
-            "request still running after its stream was dropped: {:?}",
-            engine.load()
-        );
+        panic!("request still running after its stream was dropped: {:?}", engine.load());
     }
 
     #[tokio::test]
     async fn oversized_requests_are_refused_up_front() {
         let engine = fast_engine();
-        let err = engine
-            .submit(request(vec![1; 10], u32::MAX / 2))
-            .err()
-            .unwrap();
+        let err = engine.submit(request(vec![1; 10], u32::MAX / 2)).err().unwrap();
         assert!(err.to_string().contains("KV cache"), "{err}");
     }
 
@@ -298,20 +239,10 @@ mod tests {
     async fn publishes_stored_events() {
         let engine = fast_engine();
         let mut events = engine.subscribe_kv_events();
-        let _: Vec<_> = engine
-            .submit(request((0..40).collect(), 2))
-            .unwrap()
-            .collect()
-            .await;
+        let _: Vec<_> = engine.submit(request((0..40).collect(), 2)).unwrap().collect().await;
         let batch = events.recv().await.unwrap();
         assert_eq!(batch.worker_id, 1);
-        assert!(matches!(
-            batch.events[0],
-            crate::core::protocol::KvEvent::Stored {
-                parent_hash: None,
-                ..
-            }
-        ));
+        assert!(matches!(batch.events[0], crate::core::protocol::KvEvent::Stored { parent_hash: None, .. }));
     }
 
     /// Wall-clock check that the simulated time really is slept: the ratio of the measured time to the
@@ -319,32 +250,17 @@ mod tests {
     #[tokio::test]
     async fn wall_time_tracks_the_formula_divided_by_speedup() {
         let speedup = 4.0;
-        let engine = MockerEngine::spawn(
-            1,
-            MockerConfig {
-                speedup,
-                ..Default::default()
-            },
-            (10..500).collect(),
-        );
+        let engine = MockerEngine::spawn(1, MockerConfig { speedup, ..Default::default() }, (10..500).collect());
         let (prompt, max_tokens) = (1000usize, 40usize);
         let predicted_ms = (timing::prefill_ms(prompt)
-            + (1..max_tokens)
-                .map(|i| timing::decode_ms(prompt + i))
-                .sum::<f64>())
+            + (1..max_tokens).map(|i| timing::decode_ms(prompt + i)).sum::<f64>())
             / speedup;
         let start = std::time::Instant::now();
-        let outputs: Vec<_> = engine
-            .submit(request((0..prompt as u32).collect(), max_tokens as u32))
-            .unwrap()
-            .collect()
-            .await;
+        let outputs: Vec<_> =
+            engine.submit(request((0..prompt as u32).collect(), max_tokens as u32)).unwrap().collect().await;
         let measured_ms = start.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(outputs.len(), max_tokens);
         let ratio = measured_ms / predicted_ms;
-        assert!(
-            (0.9..1.6).contains(&ratio),
-            "measured {measured_ms:.1} ms vs predicted {predicted_ms:.1} ms"
-        );
+        assert!((0.9..1.6).contains(&ratio), "measured {measured_ms:.1} ms vs predicted {predicted_ms:.1} ms");
     }
 }

@@ -15,9 +15,7 @@
 //! re-issued with its generated tokens appended (migration) continues exactly as it would have.
 use super::kv::{KvFull, KvManager};
 use super::timing;
-use crate::core::protocol::{
-    EngineOutput, FinishReason, LoadMetrics, PreprocessedRequest, TokenLogprob,
-};
+use crate::core::protocol::{EngineOutput, FinishReason, LoadMetrics, PreprocessedRequest, TokenLogprob};
 use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -86,18 +84,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig, vocab: Arc<[u32]>) -> Self {
-        let vocab = if vocab.is_empty() {
-            (0..1000).collect()
-        } else {
-            vocab
-        };
-        Self {
-            kv: KvManager::new(config.num_blocks),
-            config,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            vocab,
-        }
+        let vocab = if vocab.is_empty() { (0..1000).collect() } else { vocab };
+        Self { kv: KvManager::new(config.num_blocks), config, waiting: VecDeque::new(), running: Vec::new(), vocab }
     }
 
     /// The most tokens (prompt + generated) one request may need.
@@ -106,10 +94,7 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, id: SeqId, request: &PreprocessedRequest, seed: u64) {
-        let state = request
-            .token_ids
-            .iter()
-            .fold(splitmix64(seed), |s, &t| mix(s, t));
+        let state = request.token_ids.iter().fold(splitmix64(seed), |s, &t| mix(s, t));
         self.waiting.push_back(Sequence {
             id,
             tokens: request.token_ids.clone(),
@@ -177,8 +162,7 @@ impl Scheduler {
                 outcome.prefill_tokens += chunk;
             }
         }
-        outcome.duration_ms =
-            timing::step_ms(outcome.prefill_tokens, outcome.decoding, active_kv_tokens);
+        outcome.duration_ms = timing::step_ms(outcome.prefill_tokens, outcome.decoding, active_kv_tokens);
 
         let mut finished = Vec::new();
         for (at, &chunk) in chunks.iter().enumerate() {
@@ -205,12 +189,7 @@ impl Scheduler {
         while at < self.running.len() && *budget > 0 {
             let need = self.running[at].tokens.len() - self.running[at].computed;
             let chunk = need.min(*budget);
-            match reserve(
-                &mut self.kv,
-                &mut self.running[at],
-                chunk,
-                self.config.block_size,
-            ) {
+            match reserve(&mut self.kv, &mut self.running[at], chunk, self.config.block_size) {
                 Ok(()) => {
                     chunks.push(chunk);
                     *budget -= chunk;
@@ -247,15 +226,8 @@ impl Scheduler {
             let start = prefix.len() * block_size;
             let chunk = (seq.tokens.len() - start).min(*budget);
             let needed = (start + chunk).div_ceil(block_size) - prefix.len();
-            let available = self
-                .kv
-                .available()
-                .saturating_sub(self.kv.count_unreferenced(&prefix));
-            let keep_free = if self.running.is_empty() {
-                0
-            } else {
-                watermark
-            };
+            let available = self.kv.available().saturating_sub(self.kv.count_unreferenced(&prefix));
+            let keep_free = if self.running.is_empty() { 0 } else { watermark };
             if available < needed + keep_free {
                 break;
             }
@@ -296,17 +268,11 @@ impl Scheduler {
 }
 
 /// Gives `seq` the blocks for its next `chunk` tokens, all or nothing.
-fn reserve(
-    kv: &mut KvManager,
-    seq: &mut Sequence,
-    chunk: usize,
-    block_size: usize,
-) -> Result<(), KvFull> {
+fn reserve(kv: &mut KvManager, seq: &mut Sequence, chunk: usize, block_size: usize) -> Result<(), KvFull> {
     let target = seq.computed + chunk;
     let full = target / block_size;
     let partial = !target.is_multiple_of(block_size);
-    let needed = (full + usize::from(partial))
-        .saturating_sub(seq.blocks.len() + usize::from(seq.has_partial));
+    let needed = (full + usize::from(partial)).saturating_sub(seq.blocks.len() + usize::from(seq.has_partial));
     if kv.available() < needed {
         return Err(KvFull);
     }
@@ -318,10 +284,7 @@ fn reserve(
         let at = seq.blocks.len();
         let parent = seq.blocks.last().map(|b| b.sequence);
         let local = local_block_hash(&seq.tokens[at * block_size..(at + 1) * block_size]);
-        let block = BlockHash {
-            local,
-            sequence: chain_hash(parent, local),
-        };
+        let block = BlockHash { local, sequence: chain_hash(parent, local) };
         kv.acquire_full(parent, block)?;
         seq.blocks.push(block);
     }
@@ -336,10 +299,7 @@ fn reserve(
 fn sample(seq: &mut Sequence, vocab: &[u32]) -> EngineOutput {
     let draw = splitmix64(seq.state ^ 0x5DEE_CE66_D1CE_4E5B);
     let token = vocab[(draw % vocab.len() as u64) as usize];
-    let logprobs = seq
-        .logprobs
-        .map(|top| vec![fake_logprob(token, draw, top, vocab)])
-        .unwrap_or_default();
+    let logprobs = seq.logprobs.map(|top| vec![fake_logprob(token, draw, top, vocab)]).unwrap_or_default();
     seq.state = mix(seq.state, token);
     seq.tokens.push(token);
     seq.generated += 1;
@@ -350,18 +310,9 @@ fn sample(seq: &mut Sequence, vocab: &[u32]) -> EngineOutput {
     } else {
         None
     };
-    let cached_tokens = if seq.reported_cached {
-        None
-    } else {
-        seq.cached_tokens
-    };
+    let cached_tokens = if seq.reported_cached { None } else { seq.cached_tokens };
     seq.reported_cached = true;
-    EngineOutput {
-        token_ids: vec![token],
-        logprobs,
-        finish_reason,
-        cached_tokens,
-    }
+    EngineOutput { token_ids: vec![token], logprobs, finish_reason, cached_tokens }
 }
 
 /// A plausible, deterministic distribution: the sampled token is the most likely, alternatives less so.
@@ -377,11 +328,7 @@ fn fake_logprob(token: u32, draw: u64, top: u32, vocab: &[u32]) -> TokenLogprob 
         }
     }
     alternatives.truncate(top as usize);
-    TokenLogprob {
-        token_id: token,
-        logprob,
-        top: alternatives,
-    }
+    TokenLogprob { token_id: token, logprob, top: alternatives }
 }
 
 fn splitmix64(x: u64) -> u64 {

@@ -18,16 +18,8 @@ pub fn decode_ms(active_kv_tokens: usize) -> f64 {
 /// The cost of one step with `prefill_tokens` new prompt tokens and `decoding` sequences holding
 /// `active_kv_tokens` tokens of KV between them.
 pub fn step_ms(prefill_tokens: usize, decoding: usize, active_kv_tokens: usize) -> f64 {
-    let prefill = if prefill_tokens > 0 {
-        prefill_ms(prefill_tokens)
-    } else {
-        0.0
-    };
-    let decode = if decoding > 0 {
-        decode_ms(active_kv_tokens)
-    } else {
-        0.0
-    };
+    let prefill = if prefill_tokens > 0 { prefill_ms(prefill_tokens) } else { 0.0 };
+    let decode = if decoding > 0 { decode_ms(active_kv_tokens) } else { 0.0 };
     prefill + decode
 }
 

@@ -6,11 +6,7 @@ fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
         request_id: "r".into(),
         token_ids: tokens,
         sampling: SamplingOptions::default(),
-        stop: StopConditions {
-            max_tokens,
-            min_tokens: 0,
-            stop_token_ids: vec![],
-        },
+        stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
         logprobs: None,
     }
 }
@@ -42,22 +38,14 @@ fn run(s: &mut Scheduler) -> (Vec<(SeqId, EngineOutput)>, Vec<StepOutcome>) {
 }
 
 fn tokens_of(outputs: &[(SeqId, EngineOutput)], id: SeqId) -> Vec<u32> {
-    outputs
-        .iter()
-        .filter(|(i, _)| *i == id)
-        .flat_map(|(_, o)| o.token_ids.clone())
-        .collect()
+    outputs.iter().filter(|(i, _)| *i == id).flat_map(|(_, o)| o.token_ids.clone()).collect()
 }
 
 #[test]
 fn shared_prefix_is_reported_as_cached_tokens() {
     let mut s = scheduler(64, 1024);
     let prefix: Vec<u32> = (0..16).collect();
-    s.add(
-        1,
-        &request([prefix.clone(), vec![50, 51, 52]].concat(), 2),
-        0,
-    );
+    s.add(1, &request([prefix.clone(), vec![50, 51, 52]].concat(), 2), 0);
     let (first, _) = run(&mut s);
     assert_eq!(first[0].1.cached_tokens, Some(0));
     s.add(2, &request([prefix, vec![60, 61]].concat(), 2), 0);
@@ -104,10 +92,7 @@ fn eviction_under_pressure_emits_removed_for_the_old_prefix() {
         })
         .collect();
     assert!(!removed.is_empty());
-    assert!(
-        removed.iter().all(|h| stored.contains(h)),
-        "{removed:?} ⊄ {stored:?}"
-    );
+    assert!(removed.iter().all(|h| stored.contains(h)), "{removed:?} ⊄ {stored:?}");
     // The tail block was released first, so it went first.
     assert_eq!(removed[0], stored[2]);
 }
@@ -130,10 +115,7 @@ fn long_prompts_prefill_in_chunks_under_the_budget() {
     let mut s = scheduler(256, 32);
     s.add(1, &request((0..100).collect(), 1), 0);
     let (_, steps) = run(&mut s);
-    assert_eq!(
-        steps.iter().map(|st| st.prefill_tokens).collect::<Vec<_>>(),
-        vec![32, 32, 32, 4]
-    );
+    assert_eq!(steps.iter().map(|st| st.prefill_tokens).collect::<Vec<_>>(), vec![32, 32, 32, 4]);
     assert!(steps[..3].iter().all(|st| st.outputs.is_empty()));
     assert_eq!(steps[3].outputs.len(), 1);
 }
@@ -155,10 +137,7 @@ fn preempted_sequences_recompute_and_produce_the_same_tokens() {
         s.add(i as u64, &request(p.clone(), 20), 7);
     }
     let (outputs, steps) = run(&mut s);
-    assert!(
-        steps.iter().any(|st| st.prefill_tokens > 8),
-        "expected a recompute after preemption"
-    );
+    assert!(steps.iter().any(|st| st.prefill_tokens > 8), "expected a recompute after preemption");
     for (i, expected) in alone.iter().enumerate() {
         assert_eq!(&tokens_of(&outputs, i as u64), expected, "sequence {i}");
     }
@@ -186,20 +165,13 @@ fn stop_tokens_finish_only_after_min_tokens() {
     req.stop.stop_token_ids = vec![stop];
     s.add(2, &req, 0);
     let out = run(&mut s).0;
-    assert_eq!(
-        out.last().unwrap().1.finish_reason,
-        Some(FinishReason::StopToken(stop))
-    );
+    assert_eq!(out.last().unwrap().1.finish_reason, Some(FinishReason::StopToken(stop)));
     assert_eq!(tokens_of(&out, 2).len(), 2);
     req.stop.min_tokens = 5;
     s.add(3, &req, 0);
     let out = run(&mut s).0;
     // Same prompt and seed, so the same tokens as the free run, but the early stop token is ignored.
-    let expected_len = free_run
-        .iter()
-        .skip(4)
-        .position(|&t| t == stop)
-        .map_or(12, |at| at + 5);
+    let expected_len = free_run.iter().skip(4).position(|&t| t == stop).map_or(12, |at| at + 5);
     assert_eq!(tokens_of(&out, 3), free_run[..expected_len]);
 }
 
