@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod engine;
 pub mod frontend;
+pub mod indexer;
 pub mod local;
 pub mod model;
 pub mod protocol;

@@ -6,7 +6,7 @@
 //! 2. run one scheduler step and sleep its simulated duration divided by `speedup` (sleeps are measured
 //!    from a running deadline, so timer granularity does not add up across steps);
 //! 3. send each request its token, publish the step's KV events, update the load snapshot.
-mod kv;
+pub mod kv;
 mod scheduler;
 pub mod timing;
 
