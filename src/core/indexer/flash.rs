@@ -91,6 +91,13 @@ impl FlashIndexer {
         self.shard(hash).write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `change` on the entry of `hash`, if there is one, under its shard's lock.
+    fn with_entry(&self, hash: u64, change: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.write(hash).get_mut(&hash) {
+            change(entry);
+        }
+    }
+
     fn workers(&self) -> RwLockReadGuard<'_, Workers> {
         self.workers.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -157,9 +164,7 @@ impl FlashIndexer {
                 self.count(slot, true);
             }
             if created && let Some(p) = parent {
-                if let Some(parent_entry) = self.write(p).get_mut(&p) {
-                    parent_entry.children.push(hash);
-                }
+                self.with_entry(p, |parent_entry| parent_entry.children.push(hash));
             }
             parent = Some(hash);
         }
@@ -179,9 +184,7 @@ impl FlashIndexer {
             };
             self.count(slot, false);
             if let Some(Some(parent)) = emptied_parent {
-                if let Some(parent_entry) = self.write(parent).get_mut(&parent) {
-                    parent_entry.children.retain(|c| *c != next);
-                }
+                self.with_entry(parent, |parent_entry| parent_entry.children.retain(|c| *c != next));
             }
         }
     }
@@ -203,10 +206,8 @@ impl FlashIndexer {
             });
         }
         for (hash, parent) in emptied {
-            if let Some(parent) = parent
-                && let Some(parent_entry) = self.write(parent).get_mut(&parent)
-            {
-                parent_entry.children.retain(|c| *c != hash);
+            if let Some(parent) = parent {
+                self.with_entry(parent, |parent_entry| parent_entry.children.retain(|c| *c != hash));
             }
         }
         if let Some(blocks) = self.workers().blocks.get(slot as usize) {

@@ -17,8 +17,8 @@ impl Held {
             return;
         }
         for hash in hashes {
-            if !self.parent.contains_key(&hash) {
-                self.parent.insert(hash, parent);
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.parent.entry(hash) {
+                slot.insert(parent);
                 if let Some(p) = parent {
                     self.children.entry(p).or_default().push(hash);
                 }
