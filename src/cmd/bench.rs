@@ -1,6 +1,9 @@
 //! `dynamo bench …`: benchmarks that print a table, or with `--json` one JSON object on the last line.
 use crate::core::bench::Load;
 use crate::core::bench::http::{self, HttpBenchSettings};
+use crate::core::bench::index::{self, IndexBenchSettings};
+use crate::core::bench::trace;
+use std::path::PathBuf;
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
 use crate::core::local::LocalSettings;
 use crate::core::model::ModelSource;
@@ -10,6 +13,39 @@ use clap::{Args, Subcommand};
 pub enum BenchCommand {
     /// Requests/s and added latency of the HTTP frontend, against the same workers called directly.
     Http(HttpArgs),
+    /// KV index under a replayed Mooncake trace: FlashIndexer against the reference index.
+    Index(IndexArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids).
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+
+    /// Simulated workers the trace is routed over.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+
+    /// KV blocks per simulated worker (LRU eviction beyond it).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub capacity: u32,
+
+    /// Disjoint copies of the trace to replay, for a longer run and a bigger index.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+
+    /// Distinct blocks in the find_matches micro-benchmark (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub micro_blocks: usize,
+
+    /// Workers in the find_matches micro-benchmark.
+    #[arg(long, default_value_t = 16)]
+    pub micro_workers: usize,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +82,7 @@ pub struct HttpArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Http(args) => bench_http(args),
+        BenchCommand::Index(args) => bench_index(args),
     }
 }
 
@@ -77,6 +114,48 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     print!("{}", http::table(&results));
     if args.json {
         println!("{}", serde_json::json!({"bench": "http", "levels": results}));
+    }
+    Ok(())
+}
+
+fn bench_index(args: IndexArgs) -> anyhow::Result<()> {
+    let trace = trace::load(&args.trace)?;
+    let settings = IndexBenchSettings {
+        workers: args.workers as usize,
+        capacity: args.capacity as usize,
+        repeat: args.repeat as usize,
+        micro_blocks: args.micro_blocks,
+        micro_workers: args.micro_workers,
+    };
+    println!(
+        "dynamo bench index: {} requests x {} copies over {} workers of {} blocks; micro: {} blocks x {} workers",
+        trace.len(),
+        args.repeat,
+        args.workers,
+        args.capacity,
+        args.micro_blocks,
+        args.micro_workers
+    );
+    let result = index::run(&trace, &settings);
+    print!("{}", index::table(&result));
+    if args.json {
+        let json = serde_json::json!({
+            "bench": "index",
+            "block_ops_per_s": result.flash.block_ops_per_s,
+            "lookup_p50_us": result.flash.lookup_p50_us,
+            "lookup_p99_us": result.flash.lookup_p99_us,
+            "baseline_block_ops_per_s": result.reference.block_ops_per_s,
+            "baseline_lookup_p50_us": result.reference.lookup_p50_us,
+            "baseline_lookup_p99_us": result.reference.lookup_p99_us,
+            "ratio": result.ratio,
+            "bytes_per_entry": result.bytes_per_entry,
+            "entries": result.entries,
+            "block_ops": result.block_ops,
+            "requests": result.requests,
+            "micro_find_matches_p50_us": result.micro_p50_us,
+            "micro_baseline_p50_us": result.micro_reference_p50_us,
+        });
+        println!("{json}");
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! `drive` is the one load generator every benchmark uses: closed loop at a fixed concurrency, or open
 //! loop at a fixed request rate, timing each request from its start to its last byte.
 pub mod http;
+pub mod index;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,208 @@
+//! `dynamo bench index`: the KV index under a replayed trace, FlashIndexer against the reference index.
+//!
+//! 1. Simulate: route each trace request to the worker with the longest cached prefix (ties to the worker
+//!    holding fewest blocks), let that worker's KV manager (the mocker's: LRU eviction under a per-worker
+//!    capacity) store the prompt's blocks, and record the lookup and the Stored/Removed events it emits.
+//! 2. Replay the recorded operations into a fresh index of each kind, timing the whole replay (sustained
+//!    block ops/s: a lookup counts its query's blocks, an event the blocks it stores or removes) and each
+//!    lookup (p50/p99).
+//! 3. Micro: `find_matches` on an index of `micro_blocks` distinct blocks held by `micro_workers` workers
+//!    (each holding a random-length prefix of every 64-block chain), full-chain queries.
+use super::trace::{TraceRequest, sequence_hashes};
+use crate::core::engine::mocker::kv::KvManager;
+use crate::core::indexer::{FlashIndexer, Indexer, ReferenceIndexer};
+use crate::core::protocol::{KvEvent, WorkerId};
+use crate::core::tokens::BlockHash;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct IndexBenchSettings {
+    pub workers: usize,
+    /// KV blocks per simulated worker.
+    pub capacity: usize,
+    /// Disjoint copies of the trace replayed one after the other.
+    pub repeat: usize,
+    pub micro_blocks: usize,
+    pub micro_workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReplayStats {
+    pub block_ops_per_s: f64,
+    pub lookup_p50_us: f64,
+    pub lookup_p99_us: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexBenchResult {
+    pub requests: usize,
+    pub block_ops: u64,
+    pub flash: ReplayStats,
+    pub reference: ReplayStats,
+    /// Flash over reference, sustained block ops/s.
+    pub ratio: f64,
+    /// Flash index memory over (worker, block) pairs held at the end of the replay.
+    pub bytes_per_entry: f64,
+    pub entries: usize,
+    pub micro_p50_us: f64,
+    pub micro_reference_p50_us: f64,
+}
+
+enum Op {
+    Lookup(Vec<u64>),
+    Event(WorkerId, KvEvent),
+}
+
+pub fn run(trace: &[TraceRequest], settings: &IndexBenchSettings) -> IndexBenchResult {
+    let ops = simulate(trace, settings);
+    let block_ops: u64 = ops.iter().map(block_ops_of).sum();
+    let flash_index = FlashIndexer::new();
+    let flash = replay(&flash_index, &ops, block_ops);
+    let reference = replay(&ReferenceIndexer::new(), &ops, block_ops);
+    let entries: usize = flash_index.block_counts().iter().map(|(_, n)| n).sum();
+    let bytes_per_entry = flash_index.memory_bytes() as f64 / entries.max(1) as f64;
+    let (micro_p50_us, micro_reference_p50_us) = micro(settings.micro_blocks, settings.micro_workers);
+    IndexBenchResult {
+        requests: trace.len() * settings.repeat,
+        block_ops,
+        ratio: flash.block_ops_per_s / reference.block_ops_per_s,
+        flash,
+        reference,
+        bytes_per_entry,
+        entries,
+        micro_p50_us,
+        micro_reference_p50_us,
+    }
+}
+
+fn block_ops_of(op: &Op) -> u64 {
+    match op {
+        Op::Lookup(hashes) => hashes.len() as u64,
+        Op::Event(_, KvEvent::Stored { blocks, .. }) => blocks.len() as u64,
+        Op::Event(_, KvEvent::Removed { hashes }) => hashes.len() as u64,
+        Op::Event(_, KvEvent::Cleared) => 1,
+    }
+}
+
+fn simulate(trace: &[TraceRequest], settings: &IndexBenchSettings) -> Vec<Op> {
+    let index = FlashIndexer::new();
+    let mut workers: Vec<KvManager> = (0..settings.workers.max(1)).map(|_| KvManager::new(settings.capacity)).collect();
+    let mut ops = Vec::new();
+    for salt in 0..settings.repeat as u64 {
+        for request in trace {
+            let hashes = sequence_hashes(&request.hash_ids, salt);
+            let scores = index.find_matches(&hashes);
+            let chosen = (0..workers.len())
+                .max_by_key(|&w| {
+                    let kv = &workers[w];
+                    (scores.of(w as WorkerId), std::cmp::Reverse(kv.active_blocks() + kv.cached_blocks()))
+                })
+                .unwrap_or(0);
+            ops.push(Op::Lookup(hashes.clone()));
+            let kv = &mut workers[chosen];
+            let mut held = Vec::new();
+            let mut parent = None;
+            for &sequence in &hashes {
+                if kv.acquire_full(parent, BlockHash { local: sequence, sequence }).is_err() {
+                    break;
+                }
+                held.push(sequence);
+                parent = Some(sequence);
+            }
+            for hash in held.into_iter().rev() {
+                kv.release_full(hash);
+            }
+            for event in kv.drain_events() {
+                index.apply(chosen as WorkerId, &event);
+                ops.push(Op::Event(chosen as WorkerId, event));
+            }
+        }
+    }
+    ops
+}
+
+fn replay(index: &dyn Indexer, ops: &[Op], block_ops: u64) -> ReplayStats {
+    let mut lookups = Vec::new();
+    let start = Instant::now();
+    for op in ops {
+        match op {
+            Op::Lookup(hashes) => {
+                let t = Instant::now();
+                std::hint::black_box(index.find_matches(hashes));
+                lookups.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Op::Event(worker, event) => index.apply(*worker, event),
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    lookups.sort_by(f64::total_cmp);
+    ReplayStats {
+        block_ops_per_s: block_ops as f64 / seconds,
+        lookup_p50_us: super::percentile(&lookups, 0.5),
+        lookup_p99_us: super::percentile(&lookups, 0.99),
+        seconds,
+    }
+}
+
+const MICRO_CHAIN: usize = 64;
+const MICRO_QUERIES: usize = 100_000;
+
+/// p50 of `find_matches` (µs) for the flash and reference indexes over the same synthetic data.
+fn micro(blocks: usize, workers: usize) -> (f64, f64) {
+    if blocks == 0 || workers == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = StdRng::seed_from_u64(7);
+    let chains: Vec<Vec<u64>> = (0..blocks.div_ceil(MICRO_CHAIN))
+        .map(|c| sequence_hashes(&(0..MICRO_CHAIN as u64).collect::<Vec<_>>(), c as u64 + 1_000_000))
+        .collect();
+    let (flash, reference) = (FlashIndexer::new(), ReferenceIndexer::new());
+    for chain in &chains {
+        for worker in 0..workers as WorkerId {
+            let depth = rng.random_range(1..=MICRO_CHAIN);
+            let blocks =
+                chain[..depth].iter().map(|&hash| crate::core::protocol::StoredBlock { hash, tokens_hash: hash }).collect();
+            let event = KvEvent::Stored { parent_hash: None, blocks };
+            flash.apply(worker, &event);
+            reference.apply(worker, &event);
+        }
+    }
+    let queries: Vec<&Vec<u64>> = (0..MICRO_QUERIES).map(|_| &chains[rng.random_range(0..chains.len())]).collect();
+    let p50 = |index: &dyn Indexer, queries: &[&Vec<u64>]| {
+        let mut times: Vec<f64> = queries
+            .iter()
+            .map(|q| {
+                let t = Instant::now();
+                std::hint::black_box(index.find_matches(q));
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        super::percentile(&times, 0.5)
+    };
+    (p50(&flash, &queries), p50(&reference, &queries[..queries.len() / 10]))
+}
+
+/// The readable report of `dynamo bench index`.
+pub fn table(r: &IndexBenchResult) -> String {
+    let mut out = format!("{:<12} {:>16} {:>14} {:>14} {:>10}\n", "index", "block ops/s", "lookup p50", "lookup p99", "seconds");
+    for (name, s) in [("flash", &r.flash), ("reference", &r.reference)] {
+        out.push_str(&format!(
+            "{:<12} {:>16.0} {:>12.2}µs {:>12.2}µs {:>10.3}\n",
+            name, s.block_ops_per_s, s.lookup_p50_us, s.lookup_p99_us, s.seconds
+        ));
+    }
+    out.push_str(&format!(
+        "flash/reference: {:.2}x over {} block ops; {:.1} bytes per (worker, block) entry ({} entries)\n",
+        r.ratio, r.block_ops, r.bytes_per_entry, r.entries
+    ));
+    out.push_str(&format!(
+        "micro find_matches p50: flash {:.3}µs, reference {:.3}µs\n",
+        r.micro_p50_us, r.micro_reference_p50_us
+    ));
+    out
+}
