@@ -3,11 +3,11 @@ use crate::core::bench::Load;
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
 use crate::core::bench::trace;
-use std::path::PathBuf;
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
 use crate::core::local::LocalSettings;
 use crate::core::model::ModelSource;
 use clap::{Args, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -152,8 +152,7 @@ fn bench_index(args: IndexArgs) -> anyhow::Result<()> {
             "entries": result.entries,
             "block_ops": result.block_ops,
             "requests": result.requests,
-            "micro_find_matches_p50_us": result.micro_p50_us,
-            "micro_baseline_p50_us": result.micro_reference_p50_us,
+            "micro": result.micro,
         });
         println!("{json}");
     }

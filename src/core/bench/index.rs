@@ -6,8 +6,9 @@
 //! 2. Replay the recorded operations into a fresh index of each kind, timing the whole replay (sustained
 //!    block ops/s: a lookup counts its query's blocks, an event the blocks it stores or removes) and each
 //!    lookup (p50/p99).
-//! 3. Micro: `find_matches` on an index of `micro_blocks` distinct blocks held by `micro_workers` workers
-//!    (each holding a random-length prefix of every 64-block chain), full-chain queries.
+//! 3. Micro: `find_matches` on an index of `micro_blocks` distinct blocks in 64-block chains over
+//!    `micro_workers` workers, full-chain queries; once with each chain held whole by a few workers, once
+//!    with every worker holding a different-length prefix of every chain (the most bisection steps).
 use super::trace::{TraceRequest, sequence_hashes};
 use crate::core::engine::mocker::kv::KvManager;
 use crate::core::indexer::{FlashIndexer, Indexer, ReferenceIndexer};
@@ -48,8 +49,7 @@ pub struct IndexBenchResult {
     /// Flash index memory over (worker, block) pairs held at the end of the replay.
     pub bytes_per_entry: f64,
     pub entries: usize,
-    pub micro_p50_us: f64,
-    pub micro_reference_p50_us: f64,
+    pub micro: MicroStats,
 }
 
 enum Op {
@@ -65,7 +65,7 @@ pub fn run(trace: &[TraceRequest], settings: &IndexBenchSettings) -> IndexBenchR
     let reference = replay(&ReferenceIndexer::new(), &ops, block_ops);
     let entries: usize = flash_index.block_counts().iter().map(|(_, n)| n).sum();
     let bytes_per_entry = flash_index.memory_bytes() as f64 / entries.max(1) as f64;
-    let (micro_p50_us, micro_reference_p50_us) = micro(settings.micro_blocks, settings.micro_workers);
+    let micro = micro(settings.micro_blocks, settings.micro_workers);
     IndexBenchResult {
         requests: trace.len() * settings.repeat,
         block_ops,
@@ -74,8 +74,7 @@ pub fn run(trace: &[TraceRequest], settings: &IndexBenchSettings) -> IndexBenchR
         reference,
         bytes_per_entry,
         entries,
-        micro_p50_us,
-        micro_reference_p50_us,
+        micro,
     }
 }
 
@@ -151,21 +150,43 @@ fn replay(index: &dyn Indexer, ops: &[Op], block_ops: u64) -> ReplayStats {
 const MICRO_CHAIN: usize = 64;
 const MICRO_QUERIES: usize = 100_000;
 
-/// p50 of `find_matches` (µs) for the flash and reference indexes over the same synthetic data.
-fn micro(blocks: usize, workers: usize) -> (f64, f64) {
+/// `find_matches` p50 in µs over `blocks` distinct blocks in 64-block chains and `workers` workers.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MicroStats {
+    /// Each chain held whole by 1–4 workers: the common case of requests landing where their prefix is.
+    pub whole_p50_us: f64,
+    pub whole_reference_p50_us: f64,
+    /// Every worker holds a different-length prefix of every chain: the most bisection steps.
+    pub divergent_p50_us: f64,
+    pub divergent_reference_p50_us: f64,
+}
+
+fn micro(blocks: usize, workers: usize) -> MicroStats {
+    let (whole_p50_us, whole_reference_p50_us) = micro_case(blocks, workers, false);
+    let (divergent_p50_us, divergent_reference_p50_us) = micro_case(blocks, workers, true);
+    MicroStats { whole_p50_us, whole_reference_p50_us, divergent_p50_us, divergent_reference_p50_us }
+}
+
+fn micro_case(blocks: usize, workers: usize, divergent: bool) -> (f64, f64) {
     if blocks == 0 || workers == 0 {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = StdRng::seed_from_u64(7);
-    let chains: Vec<Vec<u64>> = (0..blocks.div_ceil(MICRO_CHAIN))
-        .map(|c| sequence_hashes(&(0..MICRO_CHAIN as u64).collect::<Vec<_>>(), c as u64 + 1_000_000))
-        .collect();
+    let ids: Vec<u64> = (0..MICRO_CHAIN as u64).collect();
+    let chains: Vec<Vec<u64>> =
+        (0..blocks.div_ceil(MICRO_CHAIN)).map(|c| sequence_hashes(&ids, c as u64 + 1_000_000)).collect();
     let (flash, reference) = (FlashIndexer::new(), ReferenceIndexer::new());
     for chain in &chains {
-        for worker in 0..workers as WorkerId {
-            let depth = rng.random_range(1..=MICRO_CHAIN);
-            let blocks =
-                chain[..depth].iter().map(|&hash| crate::core::protocol::StoredBlock { hash, tokens_hash: hash }).collect();
+        let holders: Vec<(WorkerId, usize)> = if divergent {
+            (0..workers as WorkerId).map(|w| (w, rng.random_range(1..=MICRO_CHAIN))).collect()
+        } else {
+            (0..rng.random_range(1..=4)).map(|_| (rng.random_range(0..workers as WorkerId), MICRO_CHAIN)).collect()
+        };
+        for (worker, depth) in holders {
+            let blocks = chain[..depth]
+                .iter()
+                .map(|&hash| crate::core::protocol::StoredBlock { hash, tokens_hash: hash })
+                .collect();
             let event = KvEvent::Stored { parent_hash: None, blocks };
             flash.apply(worker, &event);
             reference.apply(worker, &event);
@@ -189,7 +210,8 @@ fn micro(blocks: usize, workers: usize) -> (f64, f64) {
 
 /// The readable report of `dynamo bench index`.
 pub fn table(r: &IndexBenchResult) -> String {
-    let mut out = format!("{:<12} {:>16} {:>14} {:>14} {:>10}\n", "index", "block ops/s", "lookup p50", "lookup p99", "seconds");
+    let mut out =
+        format!("{:<12} {:>16} {:>14} {:>14} {:>10}\n", "index", "block ops/s", "lookup p50", "lookup p99", "seconds");
     for (name, s) in [("flash", &r.flash), ("reference", &r.reference)] {
         out.push_str(&format!(
             "{:<12} {:>16.0} {:>12.2}µs {:>12.2}µs {:>10.3}\n",
@@ -200,9 +222,18 @@ pub fn table(r: &IndexBenchResult) -> String {
         "flash/reference: {:.2}x over {} block ops; {:.1} bytes per (worker, block) entry ({} entries)\n",
         r.ratio, r.block_ops, r.bytes_per_entry, r.entries
     ));
+    let m = &r.micro;
     out.push_str(&format!(
-        "micro find_matches p50: flash {:.3}µs, reference {:.3}µs\n",
-        r.micro_p50_us, r.micro_reference_p50_us
+        "micro find_matches p50, chains held whole: flash {:.3}µs, reference {:.3}µs ({:.1}x)\n",
+        m.whole_p50_us,
+        m.whole_reference_p50_us,
+        m.whole_reference_p50_us / m.whole_p50_us
+    ));
+    out.push_str(&format!(
+        "micro find_matches p50, every worker a different depth: flash {:.3}µs, reference {:.3}µs ({:.1}x)\n",
+        m.divergent_p50_us,
+        m.divergent_reference_p50_us,
+        m.divergent_reference_p50_us / m.divergent_p50_us
     ));
     out
 }

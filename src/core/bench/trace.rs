@@ -19,7 +19,9 @@ pub struct TraceRequest {
 pub enum TraceError {
     #[error("cannot read trace {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}:{line}: not a Mooncake trace record ({{timestamp, input_length, output_length, hash_ids}}): {source}")]
+    #[error(
+        "{path}:{line}: not a Mooncake trace record ({{timestamp, input_length, output_length, hash_ids}}): {source}"
+    )]
     Record { path: PathBuf, line: usize, source: serde_json::Error },
     #[error("{0} has no requests")]
     Empty(PathBuf),
@@ -65,10 +67,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dynamo-trace-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.jsonl");
-        std::fs::write(&good, "{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 5, \"hash_ids\": [0, 1]}\n\n").unwrap();
+        std::fs::write(
+            &good,
+            "{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 5, \"hash_ids\": [0, 1]}\n\n",
+        )
+        .unwrap();
         assert_eq!(load(&good).unwrap()[0].hash_ids, vec![0, 1]);
         let bad = dir.join("bad.jsonl");
-        std::fs::write(&bad, "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [0]}\n{\"x\": 1}\n").unwrap();
+        std::fs::write(
+            &bad,
+            "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [0]}\n{\"x\": 1}\n",
+        )
+        .unwrap();
         let err = load(&bad).unwrap_err().to_string();
         assert!(err.contains("bad.jsonl:2"), "{err}");
         std::fs::remove_dir_all(dir).ok();

@@ -11,6 +11,7 @@
 //! another shard, so a lookup waits at most for one block update on one shard and workers' events apply in
 //! parallel. Each entry keeps its parent and children so that removing a block can drop the worker's
 //! extensions of it (the cascade that keeps rule 2 true).
+use super::worker_set::{Slot, WorkerSet};
 use super::{Indexer, OverlapScores};
 use crate::core::protocol::{KvEvent, WorkerId};
 use smallvec::SmallVec;
@@ -20,12 +21,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const SHARD_BITS: u32 = 6;
-
-/// Dense per-index worker number, so worker sets stay small.
-type Slot = u32;
-
-/// Sorted slots of the workers holding a block; up to 4 inline.
-type WorkerSet = SmallVec<[Slot; 4]>;
 
 /// Block hashes are xxh3 outputs already: hashing them again buys nothing.
 #[derive(Default)]
@@ -128,14 +123,14 @@ impl FlashIndexer {
     }
 
     fn holds(&self, slot: Slot, hash: u64) -> bool {
-        self.read(hash).get(&hash).is_some_and(|e| e.workers.binary_search(&slot).is_ok())
+        self.read(hash).get(&hash).is_some_and(|e| e.workers.contains(slot))
     }
 
     /// The workers holding `hash`, intersected with `within` (sets only shrink along a prompt).
     fn holders(&self, hash: u64, within: &WorkerSet) -> WorkerSet {
         match self.read(hash).get(&hash) {
-            Some(entry) => entry.workers.iter().filter(|s| within.binary_search(s).is_ok()).copied().collect(),
-            None => WorkerSet::new(),
+            Some(entry) => entry.workers.intersection(within),
+            None => WorkerSet::default(),
         }
     }
 
@@ -149,16 +144,9 @@ impl FlashIndexer {
                 let mut created = false;
                 let entry = shard.entry(hash).or_insert_with(|| {
                     created = true;
-                    Entry { parent, workers: WorkerSet::new(), children: SmallVec::new() }
+                    Entry { parent, workers: WorkerSet::default(), children: SmallVec::new() }
                 });
-                let added = match entry.workers.binary_search(&slot) {
-                    Ok(_) => false,
-                    Err(at) => {
-                        entry.workers.insert(at, slot);
-                        true
-                    }
-                };
-                (created, added)
+                (created, entry.workers.insert(slot))
             };
             if added {
                 self.count(slot, true);
@@ -177,8 +165,9 @@ impl FlashIndexer {
             let emptied_parent = {
                 let mut shard = self.write(next);
                 let Some(entry) = shard.get_mut(&next) else { continue };
-                let Ok(at) = entry.workers.binary_search(&slot) else { continue };
-                entry.workers.remove(at);
+                if !entry.workers.remove(slot) {
+                    continue;
+                }
                 stack.extend(entry.children.iter().copied());
                 if entry.workers.is_empty() { shard.remove(&next).map(|e| e.parent) } else { None }
             };
@@ -195,9 +184,7 @@ impl FlashIndexer {
         for shard in self.shards.iter() {
             let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
             shard.retain(|&hash, entry| {
-                if let Ok(at) = entry.workers.binary_search(&slot) {
-                    entry.workers.remove(at);
-                }
+                entry.workers.remove(slot);
                 let keep = !entry.workers.is_empty();
                 if !keep {
                     emptied.push((hash, entry.parent));
@@ -225,9 +212,8 @@ impl FlashIndexer {
                 let spilled: usize = shard
                     .values()
                     .map(|e| {
-                        let workers = if e.workers.spilled() { e.workers.capacity() * 4 } else { 0 };
                         let children = if e.children.spilled() { e.children.capacity() * 8 } else { 0 };
-                        workers + children
+                        e.workers.heap_bytes() + children
                     })
                     .sum();
                 shard.capacity() * slot + spilled
@@ -261,7 +247,7 @@ impl Indexer for FlashIndexer {
         };
         let last_index = hashes.len() - 1;
         let last = if last_index == 0 { first.clone() } else { self.holders(hashes[last_index], &first) };
-        let mut depths: Vec<(Slot, u32)> = last.iter().map(|&s| (s, hashes.len() as u32)).collect();
+        let mut depths: Vec<(Slot, u32)> = last.iter().map(|s| (s, hashes.len() as u32)).collect();
         // Bisect (lo, hi] for the positions where holders drop out; the sets at both ends are known.
         let mut pending = vec![(0usize, first, last_index, last)];
         while let Some((lo, at_lo, hi, at_hi)) = pending.pop() {
@@ -269,12 +255,12 @@ impl Indexer for FlashIndexer {
                 continue;
             }
             if hi == lo + 1 {
-                depths.extend(at_lo.iter().filter(|s| at_hi.binary_search(s).is_err()).map(|&s| (s, hi as u32)));
+                depths.extend(at_lo.difference(&at_hi).map(|s| (s, hi as u32)));
                 continue;
             }
             let mid = lo + (hi - lo) / 2;
             let at_mid = self.holders(hashes[mid], &at_lo);
-            let at_hi = at_hi.into_iter().filter(|s| at_mid.binary_search(s).is_ok()).collect();
+            let at_hi = at_hi.intersection(&at_mid);
             pending.push((mid, at_mid.clone(), hi, at_hi));
             pending.push((lo, at_lo, mid, at_mid));
         }

@@ -122,6 +122,19 @@ fn flash_indexer_agrees_with_the_reference() {
     }
 }
 
+#[test]
+fn flash_indexer_agrees_past_64_workers() {
+    // Workers 1000.. take the first 70 slots, so the workload's workers land in the overflow list.
+    let make = || {
+        let index = FlashIndexer::new();
+        (1000..1070).for_each(|w| index.apply(w, &KvEvent::Cleared));
+        Box::new(index) as Box<dyn Indexer>
+    };
+    if let Err(report) = check(&make, 0..60, 150) {
+        panic!("{report}");
+    }
+}
+
 /// The harness must catch a broken index, or its green means nothing.
 #[test]
 fn the_harness_catches_an_index_that_forgets_removals() {
