@@ -34,11 +34,17 @@ _dynamo() {
             dynamo__subcmd__bench,http)
                 cmd="dynamo__subcmd__bench__subcmd__http"
                 ;;
+            dynamo__subcmd__bench,index)
+                cmd="dynamo__subcmd__bench__subcmd__index"
+                ;;
             dynamo__subcmd__bench__subcmd__help,help)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__help"
                 ;;
             dynamo__subcmd__bench__subcmd__help,http)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__http"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,index)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__index"
                 ;;
             dynamo__subcmd__help,bench)
                 cmd="dynamo__subcmd__help__subcmd__bench"
@@ -54,6 +60,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__help__subcmd__bench,http)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__http"
+                ;;
+            dynamo__subcmd__help__subcmd__bench,index)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__index"
                 ;;
             *)
                 ;;
@@ -76,7 +85,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http help"
+            opts="-v -h -V --verbose --help --version http index help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -90,7 +99,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http help"
+            opts="http index help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -118,6 +127,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__http)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__index)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -169,6 +192,44 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__index)
+            opts="-v -h -V --trace --workers --capacity --repeat --micro-blocks --micro-workers --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --trace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --capacity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --repeat)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --micro-blocks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --micro-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__completions)
             opts="-v -h -V --verbose --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -198,7 +259,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http"
+            opts="http index"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -212,6 +273,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__http)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__index)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -268,7 +343,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --engine --workers --http-host --http-port --busy-threshold --speedup --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --engine --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --busy-threshold --speedup --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -295,6 +370,18 @@ _dynamo() {
                     return 0
                     ;;
                 --http-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --router-mode)
+                    COMPREPLY=($(compgen -W "kv round-robin random least-loaded" -- "${cur}"))
+                    return 0
+                    ;;
+                --kv-overlap-score-weight)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --router-temperature)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -37,6 +37,12 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
+round-robin\t''
+random\t''
+least-loaded\t'Fewest requests in flight'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-overlap-score-weight -d 'Weight of prefill work (uncached and queued prompt blocks) against decode blocks in the kv cost' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-temperature -d '0 always takes the cheapest worker; above 0 samples a softmax over normalised costs' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
@@ -47,11 +53,12 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http help" -s h -l help -d 'Print help'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http help" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l concurrency -d 'Closed-loop levels: requests kept in flight' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l rate -d 'Open-loop levels: requests started per second' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l requests -d 'Requests per level and path' -r
@@ -62,7 +69,18 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l trace -d 'Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids)' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l workers -d 'Simulated workers the trace is routed over' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l capacity -d 'KV blocks per simulated worker (LRU eviction beyond it)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l repeat -d 'Disjoint copies of the trace to replay, for a longer run and a bigger index' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l micro-blocks -d 'Distinct blocks in the find_matches micro-benchmark (0 skips it)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l micro-workers -d 'Workers in the find_matches micro-benchmark' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l json -d 'Print one JSON object on the last line as well'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s h -l help -d 'Print help'
@@ -72,3 +90,4 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'

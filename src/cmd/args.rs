@@ -1,6 +1,7 @@
 //! Flag groups more than one subcommand takes.
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
-use clap::Args;
+use crate::core::router::{RouterConfig, RouterMode};
+use clap::{Args, ValueEnum};
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Mocker engine")]
@@ -50,5 +51,60 @@ fn positive_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("expected a number greater than 0, got `{text}`")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RouterModeArg {
+    /// Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load.
+    Kv,
+    RoundRobin,
+    Random,
+    /// Fewest requests in flight.
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Router")]
+pub struct RouterArgs {
+    /// How requests are spread over workers.
+    #[arg(long, env = "DYNAMO_ROUTER_MODE", value_enum, default_value_t = RouterModeArg::Kv)]
+    pub router_mode: RouterModeArg,
+
+    /// Weight of prefill work (uncached and queued prompt blocks) against decode blocks in the kv cost.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub kv_overlap_score_weight: f64,
+
+    /// 0 always takes the cheapest worker; above 0 samples a softmax over normalised costs.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub router_temperature: f64,
+
+    /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
+    #[arg(long, env = "DYNAMO_BUSY_THRESHOLD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub busy_threshold: u32,
+}
+
+impl RouterArgs {
+    pub fn config(&self) -> RouterConfig {
+        let mode = match self.router_mode {
+            RouterModeArg::Kv => RouterMode::Kv,
+            RouterModeArg::RoundRobin => RouterMode::RoundRobin,
+            RouterModeArg::Random => RouterMode::Random,
+            RouterModeArg::LeastLoaded => RouterMode::LeastLoaded,
+        };
+        RouterConfig {
+            mode,
+            busy_threshold: self.busy_threshold as usize,
+            overlap_weight: self.kv_overlap_score_weight,
+            temperature: self.router_temperature,
+            ..RouterConfig::default()
+        }
+    }
+}
+
+fn non_negative_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("expected a number of 0 or more, got `{text}`")),
     }
 }

@@ -6,6 +6,7 @@ use crate::core::bench::trace;
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
 use crate::core::local::LocalSettings;
 use crate::core::model::ModelSource;
+use crate::core::router::RouterConfig;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -99,7 +100,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup: args.speedup,
             },
-            busy_threshold: usize::MAX / 2,
+            router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
             listen: ([127, 0, 0, 1], 0).into(),
         },
         loads,

@@ -1,5 +1,5 @@
 //! `dynamo run`: the whole stack in one process.
-use super::args::MockerArgs;
+use super::args::{MockerArgs, RouterArgs};
 use crate::core::local::{self, LocalSettings};
 use crate::core::model::ModelSource;
 use clap::{Args, ValueEnum};
@@ -38,10 +38,8 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000, help_heading = "HTTP frontend")]
     pub http_port: u16,
 
-    /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
-    #[arg(long, env = "DYNAMO_BUSY_THRESHOLD", default_value_t = 1024, help_heading = "HTTP frontend",
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub busy_threshold: u32,
+    #[command(flatten)]
+    pub router: RouterArgs,
 
     #[command(flatten)]
     pub mocker: MockerArgs,
@@ -54,7 +52,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
         mocker: args.mocker.config(),
-        busy_threshold: args.busy_threshold as usize,
+        router: args.router.config(),
         listen: SocketAddr::new(args.http_host, args.http_port),
     };
     super::runtime()?.block_on(local::run(settings, super::shutdown_signal()))?;

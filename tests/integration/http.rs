@@ -383,3 +383,16 @@ async fn a_non_streaming_client_that_disconnects_cancels_too() {
     let cancelled = "dynamo_frontend_requests_total{endpoint=\"completions\",model=\"tiny-chat\",request_type=\"unary\",status=\"cancelled\"}";
     assert_eq!(metric(&text, cancelled), Some(1.0), "{text}");
 }
+
+#[tokio::test]
+async fn kv_routing_sends_a_repeated_prompt_to_the_worker_that_cached_it() {
+    let server = Server::start(&["--speedup", "200", "--workers", "3", "--router-mode", "kv"]);
+    let prompt: Vec<u32> = (100..140).collect();
+    let request = json!({"prompt": prompt, "max_tokens": 2});
+    let (_, cold) = server.post_json("/v1/completions", request.clone()).await;
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    for _ in 0..4 {
+        let (_, warm) = server.post_json("/v1/completions", request.clone()).await;
+        assert_eq!(warm["usage"]["prompt_tokens_details"]["cached_tokens"], 32, "{warm}");
+    }
+}

@@ -6,7 +6,7 @@ use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::frontend::{self, FrontendState};
 use crate::core::model::{Model, ModelError, ModelSource};
-use crate::core::router::Router;
+use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,8 +19,8 @@ pub struct LocalSettings {
     pub served_model_name: Option<String>,
     pub workers: usize,
     pub mocker: MockerConfig,
-    /// In-flight requests per worker before the frontend answers 503.
-    pub busy_threshold: usize,
+    /// Its block size is taken from the mocker's, so prompt hashes match the workers'.
+    pub router: RouterConfig,
     pub listen: SocketAddr,
 }
 
@@ -41,7 +41,8 @@ pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError>
     let engines: Vec<Arc<dyn Engine>> = (0..settings.workers)
         .map(|id| Arc::new(MockerEngine::spawn(id as u64, settings.mocker.clone(), vocab.clone())) as Arc<dyn Engine>)
         .collect();
-    let router = Arc::new(Router::new(engines, settings.busy_threshold));
+    let config = RouterConfig { block_size: settings.mocker.scheduler.block_size, ..settings.router.clone() };
+    let router = Arc::new(Router::new(engines, config));
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
 }
 
@@ -56,8 +57,8 @@ pub async fn run(
         .map_err(|source| LocalError::Bind { addr: settings.listen, source })?;
     let addr = listener.local_addr().map_err(LocalError::Serve)?;
     println!(
-        "dynamo: serving {} on http://{addr} with {} mocker worker(s) (speedup {}); try: curl http://{addr}/v1/models",
-        state.model.card.name, settings.workers, settings.mocker.speedup
+        "dynamo: serving {} on http://{addr} with {} mocker worker(s) (speedup {}, {:?} routing); try: curl http://{addr}/v1/models",
+        state.model.card.name, settings.workers, settings.mocker.speedup, settings.router.mode
     );
     frontend::serve(listener, state, shutdown).await.map_err(LocalError::Serve)
 }

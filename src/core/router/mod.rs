@@ -1,16 +1,25 @@
-//! Picks the worker for each request and keeps the router's own count of what it sent where.
+//! Picks the worker for each request and keeps the router's own account of what it sent where.
 //!
-//! Here the policy is least-loaded by in-flight requests (ties rotate); the KV-aware cost function comes
-//! with the indexer. The count is the router's own bookkeeping, exact between load reports: it rises when a
-//! request is routed and falls when its stream is dropped. When every worker is at the busy threshold the
-//! router refuses, so the frontend can answer 503 instead of queueing without bound. No lock is taken.
+//! Modes: `kv` (the cost function in `cost`, over overlaps from a `FlashIndexer` fed by every worker's KV
+//! events), `round-robin`, `random`, `least-loaded`. The account is the router's own bookkeeping, exact
+//! between load reports: a routed request adds to its worker's in-flight count and active prefill blocks;
+//! its first token moves those blocks to decode; dropping its stream takes them off. When every worker is at
+//! the busy threshold the router refuses, so the frontend can answer 503 instead of queueing without bound.
+//! Choosing takes no lock: counters are atomics, the index is sharded.
+mod cost;
+
+pub use cost::{Candidate, choose, cost};
+
 use crate::core::engine::{Engine, EngineError, ResponseStream};
+use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
 use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
+use crate::core::tokens::block_hashes;
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -22,22 +31,70 @@ pub enum RouteError {
     Engine(#[from] EngineError),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterMode {
+    Kv,
+    RoundRobin,
+    Random,
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
+    pub mode: RouterMode,
+    /// In-flight requests per worker past which the router refuses new ones.
+    pub busy_threshold: usize,
+    /// Tokens per KV block of the workers (prompt hashes must match theirs).
+    pub block_size: usize,
+    pub overlap_weight: f64,
+    pub temperature: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self { mode: RouterMode::Kv, busy_threshold: 1024, block_size: 16, overlap_weight: 1.0, temperature: 0.0 }
+    }
+}
+
+#[derive(Default)]
+struct WorkerLoad {
+    in_flight: AtomicUsize,
+    prefill_blocks: AtomicU64,
+    decode_blocks: AtomicU64,
+}
+
 struct Worker {
     engine: Arc<dyn Engine>,
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<WorkerLoad>,
 }
 
 pub struct Router {
     workers: Vec<Worker>,
-    busy_threshold: usize,
+    config: RouterConfig,
     next: AtomicUsize,
+    indexer: Arc<FlashIndexer>,
+    feeds: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.feeds.iter().for_each(|feed| feed.abort());
+    }
 }
 
 impl Router {
-    /// `busy_threshold`: in-flight requests per worker past which the router refuses new ones.
-    pub fn new(engines: Vec<Arc<dyn Engine>>, busy_threshold: usize) -> Self {
-        let workers = engines.into_iter().map(|engine| Worker { engine, in_flight: Arc::default() }).collect();
-        Self { workers, busy_threshold: busy_threshold.max(1), next: AtomicUsize::new(0) }
+    /// In `kv` mode this subscribes to every engine's KV events, so it must run inside a tokio runtime.
+    pub fn new(engines: Vec<Arc<dyn Engine>>, mut config: RouterConfig) -> Self {
+        config.busy_threshold = config.busy_threshold.max(1);
+        config.block_size = config.block_size.max(1);
+        let indexer = Arc::new(FlashIndexer::new());
+        let feeds = if config.mode == RouterMode::Kv {
+            engines.iter().map(|engine| spawn_feed(engine.as_ref(), indexer.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        let workers = engines.into_iter().map(|engine| Worker { engine, load: Arc::default() }).collect();
+        Self { workers, config, next: AtomicUsize::new(0), indexer, feeds }
     }
 
     pub fn engines(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
@@ -50,104 +107,168 @@ impl Router {
 
     /// Requests routed and not yet finished, over all workers.
     pub fn in_flight(&self) -> usize {
-        self.workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum()
+        self.workers.iter().map(|w| w.load.in_flight.load(Ordering::Relaxed)).sum()
     }
 
     pub fn route(&self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
-        let worker = self.claim()?;
-        let guard = InFlight(worker.in_flight.clone());
-        let stream = worker.engine.submit(request)?;
-        Ok(RoutedStream { stream, worker_id: worker.engine.worker_id(), _in_flight: guard })
-    }
-
-    /// Takes one in-flight slot on the least-loaded worker that has one.
-    fn claim(&self) -> Result<&Worker, RouteError> {
-        let n = self.workers.len();
-        if n == 0 {
+        if self.workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for _ in 0..4 * n {
-            let (worker, load) = (0..n)
-                .map(|i| &self.workers[(start + i) % n])
-                .map(|w| (w, w.in_flight.load(Ordering::Acquire)))
-                .min_by_key(|(_, load)| *load)
-                .ok_or(RouteError::NoWorkers)?;
-            if load >= self.busy_threshold {
-                break;
+        let hashes: Vec<u64> = match self.config.mode {
+            RouterMode::Kv => {
+                block_hashes(&request.token_ids, self.config.block_size).iter().map(|b| b.sequence).collect()
             }
-            if worker.in_flight.compare_exchange(load, load + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                return Ok(worker);
+            _ => Vec::new(),
+        };
+        let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
+        let mut excluded = vec![false; self.workers.len()];
+        let (index, overlap) = loop {
+            let Some(index) = self.pick(&excluded, &overlaps, hashes.len() as u32) else {
+                return Err(RouteError::Busy { threshold: self.config.busy_threshold });
+            };
+            let worker = &self.workers[index];
+            if worker.load.in_flight.fetch_add(1, Ordering::AcqRel) < self.config.busy_threshold {
+                break (index, overlaps.of(worker.engine.worker_id()));
+            }
+            worker.load.in_flight.fetch_sub(1, Ordering::AcqRel);
+            excluded[index] = true;
+        };
+        let worker = &self.workers[index];
+        let prompt_blocks = request.token_ids.len().div_ceil(self.config.block_size) as u64;
+        let prefill_blocks = prompt_blocks.saturating_sub(u64::from(overlap));
+        worker.load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);
+        let account = Account {
+            load: worker.load.clone(),
+            prefill_blocks,
+            decode_blocks: prompt_blocks,
+            decoding: false,
+            generated: 0,
+            block_size: self.config.block_size,
+        };
+        let stream = worker.engine.submit(request)?;
+        Ok(RoutedStream { stream, worker_id: worker.engine.worker_id(), overlap_blocks: overlap, account })
+    }
+
+    fn pick(&self, excluded: &[bool], overlaps: &OverlapScores, prompt_blocks: u32) -> Option<usize> {
+        let open: Vec<usize> = (0..self.workers.len())
+            .filter(|&i| {
+                !excluded[i] && self.workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold
+            })
+            .collect();
+        if open.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let load = |i: usize| &self.workers[i].load;
+        let chosen = match self.config.mode {
+            RouterMode::RoundRobin => open[start % open.len()],
+            RouterMode::Random => open[rand::random_range(0..open.len())],
+            RouterMode::LeastLoaded => (0..open.len())
+                .map(|k| open[(start + k) % open.len()])
+                .min_by_key(|&i| load(i).in_flight.load(Ordering::Relaxed))?,
+            RouterMode::Kv => {
+                let candidates: Vec<Candidate> = open
+                    .iter()
+                    .map(|&i| Candidate {
+                        overlap_blocks: overlaps.of(self.workers[i].engine.worker_id()),
+                        prefill_blocks: load(i).prefill_blocks.load(Ordering::Relaxed),
+                        decode_blocks: load(i).decode_blocks.load(Ordering::Relaxed),
+                        in_flight: load(i).in_flight.load(Ordering::Relaxed),
+                    })
+                    .collect();
+                let draw = if self.config.temperature > 0.0 { rand::random::<f64>() } else { 0.0 };
+                let at = choose(
+                    &candidates,
+                    prompt_blocks,
+                    self.config.overlap_weight,
+                    self.config.temperature,
+                    draw,
+                    start,
+                )?;
+                open[at]
+            }
+        };
+        Some(chosen)
+    }
+}
+
+/// Feeds one engine's KV events into the index. A subscriber that lagged has missed events: it says so;
+/// resyncing from a snapshot comes with the event plane.
+fn spawn_feed(engine: &dyn Engine, indexer: Arc<FlashIndexer>) -> tokio::task::JoinHandle<()> {
+    let mut events = engine.subscribe_kv_events();
+    let worker = engine.worker_id();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(batch) => batch.events.iter().for_each(|event| indexer.apply(batch.worker_id, event)),
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(worker, missed, "the router fell behind this worker's KV events; its index is stale")
+                }
+                Err(RecvError::Closed) => return,
             }
         }
-        Err(RouteError::Busy { threshold: self.busy_threshold })
+    })
+}
+
+/// One request's share of its worker's load, given back when the stream is dropped.
+struct Account {
+    load: Arc<WorkerLoad>,
+    prefill_blocks: u64,
+    decode_blocks: u64,
+    decoding: bool,
+    generated: usize,
+    block_size: usize,
+}
+
+impl Account {
+    fn observe(&mut self, output: &EngineOutput) {
+        if !self.decoding {
+            self.decoding = true;
+            self.load.prefill_blocks.fetch_sub(self.prefill_blocks, Ordering::Relaxed);
+            self.load.decode_blocks.fetch_add(self.decode_blocks, Ordering::Relaxed);
+        }
+        let before = self.generated / self.block_size;
+        self.generated += output.token_ids.len();
+        let grown = (self.generated / self.block_size - before) as u64;
+        if grown > 0 {
+            self.decode_blocks += grown;
+            self.load.decode_blocks.fetch_add(grown, Ordering::Relaxed);
+        }
     }
 }
 
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
+impl Drop for Account {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.decoding {
+            self.load.decode_blocks.fetch_sub(self.decode_blocks, Ordering::Relaxed);
+        } else {
+            self.load.prefill_blocks.fetch_sub(self.prefill_blocks, Ordering::Relaxed);
+        }
+        self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// An engine's stream that gives its in-flight slot back when dropped.
+/// An engine's stream that keeps its worker's account and gives it back when dropped.
 pub struct RoutedStream {
     stream: ResponseStream,
     pub worker_id: WorkerId,
-    _in_flight: InFlight,
+    /// Prompt blocks the index said the worker already held.
+    pub overlap_blocks: u32,
+    account: Account,
 }
 
 impl Stream for RoutedStream {
     type Item = EngineOutput;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EngineOutput>> {
-        Pin::new(&mut self.stream).poll_next(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_next(cx);
+        if let Poll::Ready(Some(output)) = &polled {
+            this.account.observe(output);
+        }
+        polled
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::engine::mocker::{MockerConfig, MockerEngine};
-    use crate::core::protocol::{SamplingOptions, StopConditions};
-
-    fn request() -> PreprocessedRequest {
-        PreprocessedRequest {
-            request_id: "r".into(),
-            token_ids: vec![1, 2, 3],
-            sampling: SamplingOptions::default(),
-            stop: StopConditions { max_tokens: 1000, min_tokens: 0, stop_token_ids: vec![] },
-            logprobs: None,
-        }
-    }
-
-    fn router(workers: u64, threshold: usize) -> Router {
-        let engines = (0..workers)
-            .map(|id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (10..20).collect())) as Arc<dyn Engine>)
-            .collect();
-        Router::new(engines, threshold)
-    }
-
-    #[tokio::test]
-    async fn spreads_requests_over_the_least_loaded_workers() {
-        let router = router(3, 10);
-        let streams: Vec<_> = (0..6).map(|_| router.route(request()).unwrap()).collect();
-        let mut per_worker = [0; 3];
-        for s in &streams {
-            per_worker[s.worker_id as usize] += 1;
-        }
-        assert_eq!(per_worker, [2, 2, 2]);
-    }
-
-    #[tokio::test]
-    async fn refuses_past_the_busy_threshold_and_recovers_when_streams_end() {
-        let router = router(2, 2);
-        let mut streams: Vec<_> = (0..4).map(|_| router.route(request()).unwrap()).collect();
-        assert!(matches!(router.route(request()), Err(RouteError::Busy { threshold: 2 })));
-        streams.pop();
-        assert_eq!(router.in_flight(), 3);
-        assert!(router.route(request()).is_ok());
-    }
-}
+mod tests;

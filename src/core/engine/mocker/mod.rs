@@ -5,7 +5,7 @@
 //! 1. take new requests; abort those whose client dropped the stream;
 //! 2. run one scheduler step and sleep its simulated duration divided by `speedup` (sleeps are measured
 //!    from a running deadline, so timer granularity does not add up across steps);
-//! 3. send each request its token, publish the step's KV events, update the load snapshot.
+//! 3. publish the step's KV events, send each request its token, update the load snapshot.
 pub mod kv;
 mod scheduler;
 pub mod timing;
@@ -143,6 +143,12 @@ impl Worker {
                 tokio::task::yield_now().await;
             }
 
+            // Events first: a router that sees a request finish should already know what it left cached.
+            let events = self.scheduler.drain_events();
+            if !events.is_empty() {
+                // No subscriber is fine: events are for whoever listens.
+                let _ = self.events.send(KvEventBatch { worker_id: self.worker_id, events });
+            }
             for (id, output) in outcome.outputs {
                 let finished = output.finish_reason.is_some();
                 let delivered = streams.get(&id).is_some_and(|s| s.send(output).is_ok());
@@ -152,11 +158,6 @@ impl Worker {
                         self.scheduler.abort(id);
                     }
                 }
-            }
-            let events = self.scheduler.drain_events();
-            if !events.is_empty() {
-                // No subscriber is fine: events are for whoever listens.
-                let _ = self.events.send(KvEventBatch { worker_id: self.worker_id, events });
             }
             self.publish_load();
         }
