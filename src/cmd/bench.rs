@@ -2,11 +2,12 @@
 use crate::core::bench::Load;
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
+use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::trace;
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
 use crate::core::local::LocalSettings;
 use crate::core::model::ModelSource;
-use crate::core::router::RouterConfig;
+use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -16,6 +17,39 @@ pub enum BenchCommand {
     Http(HttpArgs),
     /// KV index under a replayed Mooncake trace: FlashIndexer against the reference index.
     Index(IndexArgs),
+    /// Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random.
+    Route(RouteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids).
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+
+    /// Mocker workers.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+
+    /// Replay only the first N requests of the trace [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub requests: Option<u32>,
+
+    /// Simulated time (trace arrivals and mocker steps) runs this many times faster than real time.
+    #[arg(long, default_value_t = 50.0)]
+    pub speedup: f64,
+
+    /// KV blocks (of 16 tokens) per worker; the default, 1M tokens, is a 7-8B model on one 80 GB GPU.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_blocks: u32,
+
+    /// Tokens per trace block id.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub block_tokens: u32,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +118,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Http(args) => bench_http(args),
         BenchCommand::Index(args) => bench_index(args),
+        BenchCommand::Route(args) => bench_route(args),
     }
 }
 
@@ -156,6 +191,41 @@ fn bench_index(args: IndexArgs) -> anyhow::Result<()> {
             "micro": result.micro,
         });
         println!("{json}");
+    }
+    Ok(())
+}
+
+fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.speedup > 0.0, "--speedup must be greater than 0");
+    let mut trace = trace::load(&args.trace)?;
+    if let Some(requests) = args.requests {
+        trace.truncate(requests as usize);
+    }
+    let settings = RouteBenchSettings {
+        workers: args.workers as usize,
+        speedup: args.speedup,
+        scheduler: SchedulerConfig { num_blocks: args.num_blocks as usize, ..SchedulerConfig::default() },
+        modes: vec![RouterMode::Kv, RouterMode::RoundRobin, RouterMode::Random],
+        block_tokens: args.block_tokens as usize,
+    };
+    println!(
+        "dynamo bench route: {} trace requests over {} mocker workers ({} blocks each), speedup {}",
+        trace.len(),
+        args.workers,
+        args.num_blocks,
+        args.speedup
+    );
+    let results = super::runtime()?.block_on(route::run(&trace, &settings));
+    print!("{}", route::table(&results));
+    if let [kv, round_robin, ..] = results.as_slice() {
+        println!(
+            "kv vs round-robin: TTFT p50 {:.2}x lower, hit rate {:+.1} points",
+            round_robin.ttft_p50_ms / kv.ttft_p50_ms,
+            (kv.hit_rate - round_robin.hit_rate) * 100.0
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "route", "modes": results}));
     }
     Ok(())
 }

@@ -1,0 +1,175 @@
+//! `dynamo bench route`: routing quality on a replayed trace, KV-aware against round-robin and random.
+//!
+//! For each mode, fresh mocker workers and a router; the trace's requests are sent at their timestamps
+//! (divided by the speedup, like the mockers' time) straight to the router, no HTTP. A trace block id
+//! becomes `block_tokens` deterministic token ids, so requests sharing leading ids share a token prefix and
+//! the workers' prefix caches see exactly the reuse the trace describes. Measured per mode: the share of
+//! prompt tokens served from cache, TTFT p50/p90 and output throughput, all in simulated time.
+use super::trace::TraceRequest;
+use crate::core::engine::Engine;
+use crate::core::engine::mocker::{MockerConfig, MockerEngine, SchedulerConfig};
+use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use crate::core::router::{Router, RouterConfig, RouterMode};
+use futures::StreamExt;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct RouteBenchSettings {
+    pub workers: usize,
+    pub speedup: f64,
+    pub scheduler: SchedulerConfig,
+    pub modes: Vec<RouterMode>,
+    /// Tokens per trace block id (512 in the public Mooncake traces).
+    pub block_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    pub mode: String,
+    pub requests: usize,
+    pub errors: usize,
+    /// Cached prompt tokens over all prompt tokens.
+    pub hit_rate: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    /// Output tokens per simulated second, first request to last token.
+    pub output_tokens_per_s: f64,
+}
+
+struct Outcome {
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    output_tokens: usize,
+    ttft: Duration,
+}
+
+pub async fn run(trace: &[TraceRequest], settings: &RouteBenchSettings) -> Vec<ModeResult> {
+    let mut results = Vec::new();
+    for &mode in &settings.modes {
+        results.push(run_mode(trace, settings, mode).await);
+    }
+    results
+}
+
+async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: RouterMode) -> ModeResult {
+    let config = MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup };
+    let vocab: Arc<[u32]> = (0..32_000).collect();
+    let engines: Vec<Arc<dyn Engine>> = (0..settings.workers)
+        .map(|id| Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone())) as Arc<dyn Engine>)
+        .collect();
+    let router_config = RouterConfig {
+        mode,
+        busy_threshold: usize::MAX / 2,
+        block_size: settings.scheduler.block_size,
+        ..RouterConfig::default()
+    };
+    let router = Arc::new(Router::new(engines, router_config));
+    let start = Instant::now();
+    let first_timestamp = trace.first().map_or(0, |r| r.timestamp);
+    let mut tasks = Vec::with_capacity(trace.len());
+    for (i, request) in trace.iter().enumerate() {
+        let due = Duration::from_secs_f64((request.timestamp - first_timestamp) as f64 / 1000.0 / settings.speedup);
+        tokio::time::sleep_until((start + due).into()).await;
+        let engine_request = PreprocessedRequest {
+            request_id: format!("trace-{i}"),
+            token_ids: prompt_tokens(request, settings.block_tokens),
+            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
+            stop: StopConditions {
+                max_tokens: request.output_length.max(1) as u32,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            logprobs: None,
+        };
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move { send(&router, engine_request).await }));
+    }
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Some(outcome)) => outcomes.push(outcome),
+            _ => errors += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64() * settings.speedup;
+    let prompt: usize = outcomes.iter().map(|o| o.prompt_tokens).sum();
+    let cached: usize = outcomes.iter().map(|o| o.cached_tokens).sum();
+    let output: usize = outcomes.iter().map(|o| o.output_tokens).sum();
+    let mut ttfts: Vec<f64> = outcomes.iter().map(|o| o.ttft.as_secs_f64() * 1e3 * settings.speedup).collect();
+    ttfts.sort_by(f64::total_cmp);
+    ModeResult {
+        mode: format!("{mode:?}"),
+        requests: outcomes.len(),
+        errors,
+        hit_rate: cached as f64 / prompt.max(1) as f64,
+        ttft_p50_ms: super::percentile(&ttfts, 0.5),
+        ttft_p90_ms: super::percentile(&ttfts, 0.9),
+        output_tokens_per_s: output as f64 / elapsed,
+    }
+}
+
+async fn send(router: &Router, request: PreprocessedRequest) -> Option<Outcome> {
+    let prompt_tokens = request.token_ids.len();
+    let start = Instant::now();
+    let mut stream = router.route(request).ok()?;
+    let first = stream.next().await?;
+    let ttft = start.elapsed();
+    let mut output_tokens = first.token_ids.len();
+    while let Some(output) = stream.next().await {
+        output_tokens += output.token_ids.len();
+    }
+    Some(Outcome { prompt_tokens, cached_tokens: first.cached_tokens.unwrap_or(0) as usize, output_tokens, ttft })
+}
+
+/// `input_length` token ids where trace block `i` contributes `block_tokens` ids derived from its hash id.
+fn prompt_tokens(request: &TraceRequest, block_tokens: usize) -> Vec<u32> {
+    let length = (request.input_length as usize).clamp(1, request.hash_ids.len().max(1) * block_tokens);
+    (0..length)
+        .map(|position| {
+            let id = request.hash_ids.get(position / block_tokens).copied().unwrap_or(0);
+            let mixed = (id << 16 | (position % block_tokens) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((mixed >> 33) % 32_000) as u32
+        })
+        .collect()
+}
+
+/// The readable report of `dynamo bench route`.
+pub fn table(results: &[ModeResult]) -> String {
+    let mut out = format!(
+        "{:<12} {:>9} {:>10} {:>13} {:>13} {:>14}\n",
+        "router", "requests", "hit rate", "TTFT p50", "TTFT p90", "output tok/s"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>9.1}% {:>11.0}ms {:>11.0}ms {:>14.0}\n",
+            r.mode,
+            r.requests,
+            r.hit_rate * 100.0,
+            r.ttft_p50_ms,
+            r.ttft_p90_ms,
+            r.output_tokens_per_s
+        ));
+        if r.errors > 0 {
+            out.push_str(&format!("  ! {} requests failed\n", r.errors));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_block_ids_give_shared_token_prefixes() {
+        let a = TraceRequest { timestamp: 0, input_length: 1000, output_length: 1, hash_ids: vec![1, 2] };
+        let b = TraceRequest { timestamp: 0, input_length: 700, output_length: 1, hash_ids: vec![1, 3] };
+        let (ta, tb) = (prompt_tokens(&a, 512), prompt_tokens(&b, 512));
+        assert_eq!((ta.len(), tb.len()), (1000, 700));
+        assert_eq!(ta[..512], tb[..512]);
+        assert_ne!(ta[512..700], tb[512..700]);
+    }
+}
