@@ -1,5 +1,6 @@
 //! Integration tests: the real `dynamo` binary, started on 127.0.0.1 with a free port, driven over HTTP.
 //! One test binary, one module per area, so everything links once.
+mod bench;
 mod cli;
 mod http;
 mod openai_client;

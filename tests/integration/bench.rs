@@ -1,0 +1,92 @@
+//! The benchmarks' plumbing and their `--json` contract, on tiny inputs (nothing here is timed).
+use crate::util::dynamo;
+use serde_json::Value;
+
+fn last_json_line(args: &[&str]) -> Value {
+    let out = dynamo().args(args).output().expect("dynamo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the last line is JSON")
+}
+
+/// A small Mooncake-format trace whose requests share prefixes.
+fn trace_file(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let lines: Vec<String> = (0..60u64)
+        .map(|i| {
+            let ids: Vec<String> = (0..4)
+                .map(|b| if b < 2 { (i % 3 * 10 + b).to_string() } else { (1000 + i * 10 + b).to_string() })
+                .collect();
+            format!(
+                r#"{{"timestamp": {}, "input_length": 60, "output_length": 3, "hash_ids": [{}]}}"#,
+                i * 10,
+                ids.join(", ")
+            )
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).expect("the trace is written");
+    path
+}
+
+#[test]
+fn bench_index_reports_the_documented_json() {
+    let trace = trace_file("index-trace.jsonl");
+    let json = last_json_line(&[
+        "bench",
+        "index",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--workers",
+        "4",
+        "--repeat",
+        "2",
+        "--micro-blocks",
+        "2000",
+        "--micro-workers",
+        "4",
+        "--json",
+    ]);
+    for key in ["block_ops_per_s", "lookup_p50_us", "lookup_p99_us", "baseline_block_ops_per_s", "bytes_per_entry"] {
+        assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {json}");
+    }
+    assert_eq!(json["requests"], 120);
+}
+
+#[test]
+fn bench_route_compares_the_three_modes() {
+    let trace = trace_file("route-trace.jsonl");
+    let json = last_json_line(&[
+        "bench",
+        "route",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--workers",
+        "3",
+        "--speedup",
+        "200",
+        "--block-tokens",
+        "16",
+        "--json",
+    ]);
+    let modes = json["modes"].as_array().expect("modes");
+    let names: Vec<_> = modes.iter().map(|m| m["mode"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names, vec!["Kv", "RoundRobin", "Random"]);
+    for mode in modes {
+        assert_eq!(mode["requests"], 60, "{mode}");
+        assert_eq!(mode["errors"], 0, "{mode}");
+    }
+    // Two of every four blocks repeat across requests: the kv router must find some of them.
+    assert!(modes[0]["hit_rate"].as_f64().unwrap_or(0.0) > 0.2, "{json}");
+}
+
+#[test]
+fn bench_http_reports_both_paths() {
+    let json = last_json_line(&["bench", "http", "--concurrency", "2", "--rate", "200", "--requests", "40", "--json"]);
+    let levels = json["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 2);
+    for level in levels {
+        assert_eq!(level["http"]["errors"], 0, "{level}");
+        assert_eq!(level["direct"]["requests"], 40, "{level}");
+        assert!(level["http"]["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{level}");
+    }
+}
