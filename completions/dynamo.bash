@@ -418,7 +418,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --engine --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --busy-threshold --speedup --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --engine --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --speedup --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -457,6 +457,10 @@ _dynamo() {
                     return 0
                     ;;
                 --router-temperature)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --router-ttl)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

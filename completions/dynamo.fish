@@ -43,12 +43,14 @@ random\t''
 least-loaded\t'Fewest requests in flight'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-overlap-score-weight -d 'Weight of prefill work (uncached and queued prompt blocks) against decode blocks in the kv cost' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-temperature -d '0 always takes the cheapest worker; above 0 samples a softmax over normalised costs' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'

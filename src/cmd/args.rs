@@ -79,6 +79,14 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub router_temperature: f64,
 
+    /// The engines publish no KV events: route on the router's own past decisions instead.
+    #[arg(long)]
+    pub no_kv_events: bool,
+
+    /// With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent.
+    #[arg(long, default_value_t = 120.0, value_parser = non_negative_f64)]
+    pub router_ttl: f64,
+
     /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
     #[arg(long, env = "DYNAMO_BUSY_THRESHOLD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub busy_threshold: u32,
@@ -97,6 +105,9 @@ impl RouterArgs {
             busy_threshold: self.busy_threshold as usize,
             overlap_weight: self.kv_overlap_score_weight,
             temperature: self.router_temperature,
+            kv_events: !self.no_kv_events,
+            approximate_ttl: std::time::Duration::try_from_secs_f64(self.router_ttl)
+                .unwrap_or(std::time::Duration::MAX),
             ..RouterConfig::default()
         }
     }

@@ -13,10 +13,12 @@
 //! tests and the baseline for benchmarks. `FlashIndexer` is the fast one.
 mod flash;
 mod reference;
+mod translate;
 mod worker_set;
 
 pub use flash::FlashIndexer;
 pub use reference::ReferenceIndexer;
+pub use translate::EventTranslator;
 
 use crate::core::protocol::{KvEvent, WorkerId};
 

@@ -4,6 +4,7 @@
 //! Types here carry data only; behaviour lives with the concept that owns it. The engine and KV types derive
 //! serde so the same structs go over msgpack between processes.
 pub mod engine;
+pub mod external;
 pub mod kv;
 pub mod openai;
 

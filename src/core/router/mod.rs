@@ -5,9 +5,12 @@
 //! between load reports: a routed request adds to its worker's in-flight count and active prefill blocks;
 //! its first token moves those blocks to decode; dropping its stream takes them off. When every worker is at
 //! the busy threshold the router refuses, so the frontend can answer 503 instead of queueing without bound.
-//! Choosing takes no lock: counters are atomics, the index is sharded.
+//! Choosing takes no lock: counters are atomics, the index is sharded. For engines without KV events,
+//! `approx` stands in: the router's own decisions, expiring after a TTL.
+mod approx;
 mod cost;
 
+pub use approx::ApproxTracker;
 pub use cost::{Candidate, choose, cost};
 
 use crate::core::engine::{Engine, EngineError, ResponseStream};
@@ -16,9 +19,10 @@ use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
 use crate::core::tokens::block_hashes;
 use futures::Stream;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +52,23 @@ pub struct RouterConfig {
     pub block_size: usize,
     pub overlap_weight: f64,
     pub temperature: f64,
+    /// Workers publish KV events; when false (engines without events), `kv` mode instead assumes a worker
+    /// holds what it was sent for `approximate_ttl`.
+    pub kv_events: bool,
+    pub approximate_ttl: Duration,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        Self { mode: RouterMode::Kv, busy_threshold: 1024, block_size: 16, overlap_weight: 1.0, temperature: 0.0 }
+        Self {
+            mode: RouterMode::Kv,
+            busy_threshold: 1024,
+            block_size: 16,
+            overlap_weight: 1.0,
+            temperature: 0.0,
+            kv_events: true,
+            approximate_ttl: Duration::from_secs(120),
+        }
     }
 }
 
@@ -74,6 +90,8 @@ pub struct Router {
     next: AtomicUsize,
     indexer: Arc<FlashIndexer>,
     feeds: Vec<tokio::task::JoinHandle<()>>,
+    /// Only in approximate mode; held for one record or expiry, never across I/O.
+    approx: Option<Mutex<ApproxTracker>>,
 }
 
 impl Drop for Router {
@@ -88,13 +106,15 @@ impl Router {
         config.busy_threshold = config.busy_threshold.max(1);
         config.block_size = config.block_size.max(1);
         let indexer = Arc::new(FlashIndexer::new());
-        let feeds = if config.mode == RouterMode::Kv {
+        let kv = config.mode == RouterMode::Kv;
+        let feeds = if kv && config.kv_events {
             engines.iter().map(|engine| spawn_feed(engine.as_ref(), indexer.clone())).collect()
         } else {
             Vec::new()
         };
+        let approx = (kv && !config.kv_events).then(|| Mutex::new(ApproxTracker::new(config.approximate_ttl)));
         let workers = engines.into_iter().map(|engine| Worker { engine, load: Arc::default() }).collect();
-        Self { workers, config, next: AtomicUsize::new(0), indexer, feeds }
+        Self { workers, config, next: AtomicUsize::new(0), indexer, feeds, approx }
     }
 
     pub fn engines(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
@@ -120,6 +140,9 @@ impl Router {
             }
             _ => Vec::new(),
         };
+        if let Some(approx) = &self.approx {
+            approx.lock().unwrap_or_else(|p| p.into_inner()).expire(self.indexer.as_ref(), Instant::now());
+        }
         let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
         let mut excluded = vec![false; self.workers.len()];
         let (index, overlap) = loop {
@@ -134,6 +157,10 @@ impl Router {
             excluded[index] = true;
         };
         let worker = &self.workers[index];
+        if let Some(approx) = &self.approx {
+            let mut approx = approx.lock().unwrap_or_else(|p| p.into_inner());
+            approx.record(self.indexer.as_ref(), worker.engine.worker_id(), &hashes, Instant::now());
+        }
         let prompt_blocks = request.token_ids.len().div_ceil(self.config.block_size) as u64;
         let prefill_blocks = prompt_blocks.saturating_sub(u64::from(overlap));
         worker.load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);

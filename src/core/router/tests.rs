@@ -83,3 +83,21 @@ async fn the_account_moves_prefill_to_decode_and_is_given_back() {
     assert_eq!(load.decode_blocks.load(Ordering::Relaxed), 0);
     assert_eq!(load.in_flight.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn approximate_mode_follows_its_own_decisions_without_events() {
+    let config = MockerConfig { speedup: 1000.0, ..Default::default() };
+    let engines = (0..4)
+        .map(|id| Arc::new(MockerEngine::spawn(id, config.clone(), (10..20).collect())) as Arc<dyn Engine>)
+        .collect();
+    let router = Router::new(engines, RouterConfig { kv_events: false, ..Default::default() });
+    assert!(router.feeds.is_empty(), "approximate mode must not listen to events");
+    let prompt: Vec<u32> = (0..64).collect();
+    let first = router.route(request(prompt.clone(), 1)).unwrap();
+    assert_eq!(first.overlap_blocks, 0);
+    let home = first.worker_id;
+    // Finished, so its queued prefill no longer weighs against its worker.
+    let _: Vec<_> = first.collect().await;
+    let again = router.route(request(prompt, 1)).unwrap();
+    assert_eq!((again.worker_id, again.overlap_blocks), (home, 4));
+}
