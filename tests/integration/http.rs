@@ -395,4 +395,7 @@ async fn kv_routing_sends_a_repeated_prompt_to_the_worker_that_cached_it() {
         let (_, warm) = server.post_json("/v1/completions", request.clone()).await;
         assert_eq!(warm["usage"]["prompt_tokens_details"]["cached_tokens"], 32, "{warm}");
     }
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, "dynamo_router_overlap_blocks_count{model=\"tiny-chat\"}"), Some(5.0), "{text}");
+    assert_eq!(metric(&text, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}"), Some(4.0 * 2.0), "{text}");
 }

@@ -56,7 +56,7 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiEr
     let prompt_len = token_ids.len();
     let specs = build_choices(model, &params, &[token_ids], &options)?;
     let choices = specs.len();
-    let deltas = generate::start(&state.router, model.clone(), specs)?;
+    let deltas = generate::start(state, specs)?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
     let renderer =

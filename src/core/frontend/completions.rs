@@ -47,7 +47,7 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, A
     } else {
         Vec::new()
     };
-    let deltas = generate::start(&state.router, model.clone(), specs)?;
+    let deltas = generate::start(state, specs)?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, prompts.iter().map(Vec::len).collect(), choices);
     let renderer = CompletionChunks {

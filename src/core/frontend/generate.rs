@@ -5,11 +5,12 @@
 //! deltas are merged into one stream. Dropping that stream, as axum does when a client disconnects, drops
 //! every engine stream, which cancels the requests in the engines. A `Tracker` follows the merged stream to
 //! count usage and record metrics.
+use super::FrontendState;
 use super::error::ApiError;
 use crate::core::model::{IncrementalDecoder, Model, StopStringMatcher};
 use crate::core::protocol::openai::{PromptTokensDetails, Usage};
 use crate::core::protocol::{FinishReason, PreprocessedRequest};
-use crate::core::router::{RoutedStream, Router};
+use crate::core::router::RoutedStream;
 use crate::core::telemetry::RequestMetrics;
 use axum::response::sse::{Event, Sse};
 use futures::stream::{self, BoxStream, SelectAll};
@@ -63,11 +64,12 @@ pub struct ChoiceDelta {
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
 /// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
-pub fn start(router: &Router, model: Arc<Model>, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
+pub fn start(state: &FrontendState, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
-        let engine = router.route(spec.request.clone())?;
-        streams.push(choice_stream(model.clone(), spec, engine));
+        let engine = state.router.route(spec.request.clone())?;
+        state.metrics.routed(&state.model.card.name, engine.overlap_blocks);
+        streams.push(choice_stream(state.model.clone(), spec, engine));
     }
     Ok(stream::select_all(streams))
 }

@@ -20,6 +20,7 @@ pub struct Metrics {
     output_tokens: HistogramVec,
     cached_tokens: HistogramVec,
     duration: HistogramVec,
+    overlap_blocks: HistogramVec,
     worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
 }
 
@@ -117,6 +118,12 @@ impl Metrics {
                 tokens,
             ),
             duration: histogram(&registry, "dynamo_frontend_request_duration_seconds", "Request duration", latency),
+            overlap_blocks: histogram(
+                &registry,
+                "dynamo_router_overlap_blocks",
+                "Prompt blocks the chosen worker already held, as the router's index saw it",
+                exponential_buckets(1.0, 2.0, 16).expect("valid buckets"),
+            ),
             requests_total,
             worker_gauges,
             registry,
@@ -136,6 +143,11 @@ impl Metrics {
             output_tokens: 0,
             status: None,
         }
+    }
+
+    /// Records one routing decision's overlap with the chosen worker's cache.
+    pub fn routed(&self, model: &str, overlap_blocks: u32) {
+        self.overlap_blocks.with_label_values(&[model]).observe(f64::from(overlap_blocks));
     }
 
     /// Counts a request refused before it reached an engine (bad input, busy).
