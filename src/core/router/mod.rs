@@ -3,7 +3,8 @@
 //! Modes: `kv` (the cost function in `cost`, over overlaps from a `FlashIndexer` fed by every worker's KV
 //! events), `round-robin`, `random`, `least-loaded`. The account is the router's own bookkeeping, exact
 //! between load reports: a routed request adds to its worker's in-flight count and active prefill blocks;
-//! its first token moves those blocks to decode; dropping its stream takes them off. When every worker is at
+//! its first token moves those blocks to decode; dropping its stream takes them off. The kv cost takes the
+//! larger of that account and the worker's own reported active blocks. When every worker is at
 //! the busy threshold the router refuses, so the frontend can answer 503 instead of queueing without bound.
 //! Choosing takes no lock: counters are atomics, the index is sharded. For engines without KV events,
 //! `approx` stands in: the router's own decisions, expiring after a TTL.
@@ -196,11 +197,18 @@ impl Router {
             RouterMode::Kv => {
                 let candidates: Vec<Candidate> = open
                     .iter()
-                    .map(|&i| Candidate {
-                        overlap_blocks: overlaps.of(self.workers[i].engine.worker_id()),
-                        prefill_blocks: load(i).prefill_blocks.load(Ordering::Relaxed),
-                        decode_blocks: load(i).decode_blocks.load(Ordering::Relaxed),
-                        in_flight: load(i).in_flight.load(Ordering::Relaxed),
+                    .map(|&i| {
+                        let prefill_blocks = load(i).prefill_blocks.load(Ordering::Relaxed);
+                        // The worker's own report corrects the account (it sees blocks the router cannot
+                        // predict, e.g. other routers' requests); the account covers decisions the report
+                        // does not show yet.
+                        let reported = self.workers[i].engine.load().kv_active_blocks.saturating_sub(prefill_blocks);
+                        Candidate {
+                            overlap_blocks: overlaps.of(self.workers[i].engine.worker_id()),
+                            prefill_blocks,
+                            decode_blocks: load(i).decode_blocks.load(Ordering::Relaxed).max(reported),
+                            in_flight: load(i).in_flight.load(Ordering::Relaxed),
+                        }
                     })
                     .collect();
                 let draw = if self.config.temperature > 0.0 { rand::random::<f64>() } else { 0.0 };
