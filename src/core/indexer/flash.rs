@@ -1,4 +1,4 @@
-//! FlashIndexer: one flat hash table from block hash to the workers holding it, sharded by hash.
+//! FlashIndexer: a flat hash table from block hash to the workers holding it, sharded by hash.
 //!
 //! Why flat: a radix tree costs a pointer chase (a DRAM miss, ~350 ns here) per block and ~340 B per
 //! (worker, block); a table keyed by the chained sequence hash reaches any block of a prompt in one probe.
@@ -7,11 +7,16 @@
 //! only where the set changes — two probes when every holder holds the whole prompt, O(k log n) when k
 //! different depths occur.
 //!
-//! Concurrency: 64 shards, each a `RwLock` held for one block's update or one probe, never across I/O or
-//! another shard, so a lookup waits at most for one block update on one shard and workers' events apply in
-//! parallel. Each entry keeps its parent and children so that removing a block can drop the worker's
-//! extensions of it (the cascade that keeps rule 2 true).
-use super::worker_set::{Slot, WorkerSet};
+//! Each shard keeps two tables. The hot one maps a hash to one word: the mask of the first 63 workers
+//! holding it, top bit set when more are listed in the cold table. At 17 bytes a block it stays in cache for
+//! millions of blocks, and lookups touch nothing else. The cold one keeps what only updates need: the
+//! parent, the children (so removing a block can drop the worker's extensions of it, the cascade that keeps
+//! rule 2 true) and workers past the 63rd.
+//!
+//! Concurrency: 64 shards, each behind a `RwLock` held for one block's update or one probe, never across
+//! I/O or another shard, so a lookup waits at most for one block update on one shard, and workers' events
+//! apply in parallel.
+use super::worker_set::{LOW_SLOTS, Slot, WorkerSet};
 use super::{Indexer, OverlapScores};
 use crate::core::protocol::{KvEvent, WorkerId};
 use smallvec::SmallVec;
@@ -21,6 +26,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const SHARD_BITS: u32 = 6;
+
+/// Top bit of a hot word: more holders are listed in the cold entry.
+const OVERFLOW: u64 = 1 << LOW_SLOTS;
 
 /// Block hashes are xxh3 outputs already: hashing them again buys nothing.
 #[derive(Default)]
@@ -42,12 +50,81 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type BlockMap = HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>;
+type Table<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
-struct Entry {
+#[derive(Default)]
+struct Cold {
     parent: Option<u64>,
-    workers: WorkerSet,
     children: SmallVec<[u64; 2]>,
+    /// Holders past the mask, sorted.
+    overflow: Vec<Slot>,
+}
+
+#[derive(Default)]
+struct Shard {
+    hot: Table<u64>,
+    cold: Table<Cold>,
+}
+
+impl Shard {
+    fn holders(&self, hash: u64) -> Option<WorkerSet> {
+        let word = *self.hot.get(&hash)?;
+        let overflow = match word & OVERFLOW {
+            0 => &[][..],
+            _ => self.cold.get(&hash).map_or(&[][..], |c| c.overflow.as_slice()),
+        };
+        Some(WorkerSet::from_parts(word, overflow))
+    }
+
+    fn contains(&self, hash: u64, slot: Slot) -> bool {
+        self.holders(hash).is_some_and(|set| set.contains(slot))
+    }
+
+    /// Adds `slot` to the block's holders, creating the block under `parent`; returns (created, added).
+    fn insert(&mut self, hash: u64, parent: Option<u64>, slot: Slot) -> (bool, bool) {
+        if slot < LOW_SLOTS {
+            // The common case touches the hot word only, and the cold table only for a new block.
+            let bit = 1 << slot;
+            if let Some(word) = self.hot.get_mut(&hash) {
+                let added = *word & bit == 0;
+                *word |= bit;
+                return (false, added);
+            }
+            self.hot.insert(hash, bit);
+            self.cold.insert(hash, Cold { parent, ..Cold::default() });
+            return (true, true);
+        }
+        let mut set = self.holders(hash).unwrap_or_default();
+        let created = !self.hot.contains_key(&hash);
+        let cold = self.cold.entry(hash).or_insert_with(|| Cold { parent, ..Cold::default() });
+        let added = set.insert(slot);
+        cold.overflow = set.overflow().to_vec();
+        self.hot.insert(hash, word(&set));
+        (created, added)
+    }
+
+    /// Takes `slot` off the block; returns whether it was there, the children, and, when nobody holds the
+    /// block any more (it is deleted), its parent.
+    fn remove(&mut self, hash: u64, slot: Slot) -> Option<(SmallVec<[u64; 2]>, Option<Option<u64>>)> {
+        let mut set = self.holders(hash)?;
+        if !set.remove(slot) {
+            return None;
+        }
+        let cold = self.cold.get_mut(&hash)?;
+        let children = cold.children.clone();
+        if set.is_empty() {
+            self.hot.remove(&hash);
+            let parent = self.cold.remove(&hash).and_then(|c| c.parent);
+            return Some((children, Some(parent)));
+        }
+        cold.overflow = set.overflow().to_vec();
+        self.hot.insert(hash, word(&set));
+        Some((children, None))
+    }
+}
+
+fn word(set: &WorkerSet) -> u64 {
+    set.mask() | if set.overflow().is_empty() { 0 } else { OVERFLOW }
 }
 
 #[derive(Default)]
@@ -58,7 +135,7 @@ struct Workers {
 }
 
 pub struct FlashIndexer {
-    shards: Box<[RwLock<BlockMap>]>,
+    shards: Box<[RwLock<Shard>]>,
     workers: RwLock<Workers>,
 }
 
@@ -73,24 +150,17 @@ impl FlashIndexer {
         Self { shards: (0..1 << SHARD_BITS).map(|_| RwLock::default()).collect(), workers: RwLock::default() }
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<BlockMap> {
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
         // The high bits pick the shard; hashbrown uses the low bits and the top 7 inside it.
         &self.shards[((hash >> 32) as usize) & ((1 << SHARD_BITS) - 1)]
     }
 
-    fn read(&self, hash: u64) -> RwLockReadGuard<'_, BlockMap> {
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard> {
         self.shard(hash).read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, BlockMap> {
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard> {
         self.shard(hash).write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `change` on the entry of `hash`, if there is one, under its shard's lock.
-    fn with_entry(&self, hash: u64, change: impl FnOnce(&mut Entry)) {
-        if let Some(entry) = self.write(hash).get_mut(&hash) {
-            change(entry);
-        }
     }
 
     fn workers(&self) -> RwLockReadGuard<'_, Workers> {
@@ -122,37 +192,28 @@ impl FlashIndexer {
         }
     }
 
-    fn holds(&self, slot: Slot, hash: u64) -> bool {
-        self.read(hash).get(&hash).is_some_and(|e| e.workers.contains(slot))
-    }
-
     /// The workers holding `hash`, intersected with `within` (sets only shrink along a prompt).
     fn holders(&self, hash: u64, within: &WorkerSet) -> WorkerSet {
-        match self.read(hash).get(&hash) {
-            Some(entry) => entry.workers.intersection(within),
-            None => WorkerSet::default(),
+        self.read(hash).holders(hash).map(|set| set.intersection(within)).unwrap_or_default()
+    }
+
+    fn children_change(&self, parent: u64, change: impl FnOnce(&mut SmallVec<[u64; 2]>)) {
+        if let Some(cold) = self.write(parent).cold.get_mut(&parent) {
+            change(&mut cold.children);
         }
     }
 
     fn store(&self, slot: Slot, mut parent: Option<u64>, hashes: impl Iterator<Item = u64>) {
-        if parent.is_some_and(|p| !self.holds(slot, p)) {
+        if parent.is_some_and(|p| !self.read(p).contains(p, slot)) {
             return;
         }
         for hash in hashes {
-            let (created, added) = {
-                let mut shard = self.write(hash);
-                let mut created = false;
-                let entry = shard.entry(hash).or_insert_with(|| {
-                    created = true;
-                    Entry { parent, workers: WorkerSet::default(), children: SmallVec::new() }
-                });
-                (created, entry.workers.insert(slot))
-            };
+            let (created, added) = self.write(hash).insert(hash, parent, slot);
             if added {
                 self.count(slot, true);
             }
             if created && let Some(p) = parent {
-                self.with_entry(p, |parent_entry| parent_entry.children.push(hash));
+                self.children_change(p, |children| children.push(hash));
             }
             parent = Some(hash);
         }
@@ -162,39 +223,27 @@ impl FlashIndexer {
     fn remove(&self, slot: Slot, hash: u64) {
         let mut stack = vec![hash];
         while let Some(next) = stack.pop() {
-            let emptied_parent = {
-                let mut shard = self.write(next);
-                let Some(entry) = shard.get_mut(&next) else { continue };
-                if !entry.workers.remove(slot) {
-                    continue;
-                }
-                stack.extend(entry.children.iter().copied());
-                if entry.workers.is_empty() { shard.remove(&next).map(|e| e.parent) } else { None }
-            };
+            let Some((children, deleted)) = self.write(next).remove(next, slot) else { continue };
             self.count(slot, false);
-            if let Some(Some(parent)) = emptied_parent {
-                self.with_entry(parent, |parent_entry| parent_entry.children.retain(|c| *c != next));
+            stack.extend(children);
+            if let Some(Some(parent)) = deleted {
+                self.children_change(parent, |children| children.retain(|c| *c != next));
             }
         }
     }
 
     /// Drops every block of the worker: a scan of the table, fine for the rare Cleared or departure.
     fn clear(&self, slot: Slot) {
-        let mut emptied = Vec::new();
+        let mut held = Vec::new();
         for shard in self.shards.iter() {
-            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|&hash, entry| {
-                entry.workers.remove(slot);
-                let keep = !entry.workers.is_empty();
-                if !keep {
-                    emptied.push((hash, entry.parent));
-                }
-                keep
-            });
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            held.extend(shard.hot.keys().filter(|&&hash| shard.contains(hash, slot)).copied());
         }
-        for (hash, parent) in emptied {
-            if let Some(parent) = parent {
-                self.with_entry(parent, |parent_entry| parent_entry.children.retain(|c| *c != hash));
+        for hash in held {
+            // Bound first: an `if let` would hold this shard's lock into the block, which may lock it again.
+            let removed = self.write(hash).remove(hash, slot);
+            if let Some((_, Some(Some(parent)))) = removed {
+                self.children_change(parent, |children| children.retain(|c| *c != hash));
             }
         }
         if let Some(blocks) = self.workers().blocks.get(slot as usize) {
@@ -202,21 +251,23 @@ impl FlashIndexer {
         }
     }
 
-    /// Memory held by the table, estimated from capacities (hashbrown: one control byte per bucket).
+    /// Memory held by the tables, estimated from capacities (hashbrown: one control byte per bucket).
     pub fn memory_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(u64, Entry)>() + 1;
+        let hot_slot = std::mem::size_of::<(u64, u64)>() + 1;
+        let cold_slot = std::mem::size_of::<(u64, Cold)>() + 1;
         self.shards
             .iter()
             .map(|shard| {
                 let shard = shard.read().unwrap_or_else(|p| p.into_inner());
-                let spilled: usize = shard
+                let heap: usize = shard
+                    .cold
                     .values()
-                    .map(|e| {
-                        let children = if e.children.spilled() { e.children.capacity() * 8 } else { 0 };
-                        e.workers.heap_bytes() + children
+                    .map(|c| {
+                        let children = if c.children.spilled() { c.children.capacity() * 8 } else { 0 };
+                        children + c.overflow.capacity() * std::mem::size_of::<Slot>()
                     })
                     .sum();
-                shard.capacity() * slot + spilled
+                shard.hot.capacity() * hot_slot + shard.cold.capacity() * cold_slot + heap
             })
             .sum()
     }
@@ -241,15 +292,15 @@ impl Indexer for FlashIndexer {
 
     fn find_matches(&self, hashes: &[u64]) -> OverlapScores {
         let Some((&first_hash, _)) = hashes.split_first() else { return OverlapScores::default() };
-        let first = match self.read(first_hash).get(&first_hash) {
-            Some(entry) => entry.workers.clone(),
-            None => return OverlapScores::default(),
-        };
+        let Some(first) = self.read(first_hash).holders(first_hash) else { return OverlapScores::default() };
         let last_index = hashes.len() - 1;
         let last = if last_index == 0 { first.clone() } else { self.holders(hashes[last_index], &first) };
-        let mut depths: Vec<(Slot, u32)> = last.iter().map(|s| (s, hashes.len() as u32)).collect();
+        let mut depths: SmallVec<[(Slot, u32); 8]> = last.iter().map(|s| (s, hashes.len() as u32)).collect();
         // Bisect (lo, hi] for the positions where holders drop out; the sets at both ends are known.
-        let mut pending = vec![(0usize, first, last_index, last)];
+        let mut pending: SmallVec<[_; 8]> = SmallVec::new();
+        if first.len() != last.len() {
+            pending.push((0usize, first, last_index, last));
+        }
         while let Some((lo, at_lo, hi, at_hi)) = pending.pop() {
             if at_lo.len() == at_hi.len() {
                 continue;

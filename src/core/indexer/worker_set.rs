@@ -1,6 +1,10 @@
-//! A set of worker slots: a 64-bit mask for the first 64 workers (no allocation, one-instruction set
-//! operations, which is what makes a lookup's probes cheap) and a sorted list for the rest.
+//! A set of worker slots: a bit mask for the first 63 workers (no allocation, one-instruction set
+//! operations, which is what makes a lookup's probes cheap) and a sorted list for the rest. The mask's top
+//! bit is left free so a table can store "and more in the list" in the same word.
 pub type Slot = u32;
+
+/// Slots held in the mask.
+pub const LOW_SLOTS: Slot = 63;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerSet {
@@ -11,7 +15,7 @@ pub struct WorkerSet {
 impl WorkerSet {
     pub fn contains(&self, slot: Slot) -> bool {
         match slot {
-            0..64 => self.low & (1 << slot) != 0,
+            0..LOW_SLOTS => self.low & (1 << slot) != 0,
             _ => self.high.binary_search(&slot).is_ok(),
         }
     }
@@ -19,7 +23,7 @@ impl WorkerSet {
     /// Adds `slot`; false if it was there.
     pub fn insert(&mut self, slot: Slot) -> bool {
         match slot {
-            0..64 => {
+            0..LOW_SLOTS => {
                 let had = self.contains(slot);
                 self.low |= 1 << slot;
                 !had
@@ -37,7 +41,7 @@ impl WorkerSet {
     /// Removes `slot`; false if it was not there.
     pub fn remove(&mut self, slot: Slot) -> bool {
         match slot {
-            0..64 => {
+            0..LOW_SLOTS => {
                 let had = self.contains(slot);
                 self.low &= !(1 << slot);
                 had
@@ -79,9 +83,18 @@ impl WorkerSet {
         mask_slots(self.low).chain(self.high.iter().copied())
     }
 
-    /// Heap bytes beyond the struct itself.
-    pub fn heap_bytes(&self) -> usize {
-        self.high.capacity() * std::mem::size_of::<Slot>()
+    /// A set from its mask (top bit ignored) and its overflow list (sorted).
+    pub fn from_parts(mask: u64, high: &[Slot]) -> Self {
+        WorkerSet { low: mask & !(1 << LOW_SLOTS), high: high.to_vec() }
+    }
+
+    /// The mask part, top bit clear.
+    pub fn mask(&self) -> u64 {
+        self.low
+    }
+
+    pub fn overflow(&self) -> &[Slot] {
+        &self.high
     }
 }
 
@@ -101,19 +114,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn behaves_like_a_set_on_both_sides_of_64() {
+    fn behaves_like_a_set_on_both_sides_of_the_mask() {
         let mut a = WorkerSet::default();
-        for slot in [3, 63, 64, 900, 5] {
+        for slot in [3, 62, 63, 900, 5] {
             assert!(a.insert(slot));
         }
-        assert!(!a.insert(64));
-        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 63, 64, 900]);
+        assert!(!a.insert(63));
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 62, 63, 900]);
         let mut b = WorkerSet::default();
         for slot in [5, 900, 7] {
             b.insert(slot);
         }
         assert_eq!(a.intersection(&b).iter().collect::<Vec<_>>(), vec![5, 900]);
-        assert_eq!(a.difference(&b).collect::<Vec<_>>(), vec![3, 63, 64]);
+        assert_eq!(a.difference(&b).collect::<Vec<_>>(), vec![3, 62, 63]);
         assert!(a.remove(900) && !a.remove(900) && a.remove(3));
         assert_eq!(a.len(), 3);
         assert!(!a.is_empty());
