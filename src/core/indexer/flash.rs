@@ -103,9 +103,8 @@ impl Shard {
         (created, added)
     }
 
-    /// Takes `slot` off the block; returns whether it was there, the children, and, when nobody holds the
-    /// block any more (it is deleted), its parent.
-    fn remove(&mut self, hash: u64, slot: Slot) -> Option<(SmallVec<[u64; 2]>, Option<Option<u64>>)> {
+    /// Takes `slot` off the block; `None` if the worker did not hold it.
+    fn remove(&mut self, hash: u64, slot: Slot) -> Option<Unheld> {
         let mut set = self.holders(hash)?;
         if !set.remove(slot) {
             return None;
@@ -114,13 +113,21 @@ impl Shard {
         let children = cold.children.clone();
         if set.is_empty() {
             self.hot.remove(&hash);
-            let parent = self.cold.remove(&hash).and_then(|c| c.parent);
-            return Some((children, Some(parent)));
+            let unlink_from = self.cold.remove(&hash).and_then(|c| c.parent);
+            return Some(Unheld { children, unlink_from });
         }
         cold.overflow = set.overflow().to_vec();
         self.hot.insert(hash, word(&set));
-        Some((children, None))
+        Some(Unheld { children, unlink_from: None })
     }
+}
+
+/// What is left to do after a worker let go of a block.
+struct Unheld {
+    /// Where the cascade goes next: the worker may hold extensions of the block.
+    children: SmallVec<[u64; 2]>,
+    /// Nobody holds the block any more, so it was deleted: its parent must forget it.
+    unlink_from: Option<u64>,
 }
 
 fn word(set: &WorkerSet) -> u64 {
@@ -223,10 +230,10 @@ impl FlashIndexer {
     fn remove(&self, slot: Slot, hash: u64) {
         let mut stack = vec![hash];
         while let Some(next) = stack.pop() {
-            let Some((children, deleted)) = self.write(next).remove(next, slot) else { continue };
+            let Some(unheld) = self.write(next).remove(next, slot) else { continue };
             self.count(slot, false);
-            stack.extend(children);
-            if let Some(Some(parent)) = deleted {
+            stack.extend(unheld.children);
+            if let Some(parent) = unheld.unlink_from {
                 self.children_change(parent, |children| children.retain(|c| *c != next));
             }
         }
@@ -242,7 +249,7 @@ impl FlashIndexer {
         for hash in held {
             // Bound first: an `if let` would hold this shard's lock into the block, which may lock it again.
             let removed = self.write(hash).remove(hash, slot);
-            if let Some((_, Some(Some(parent)))) = removed {
+            if let Some(Unheld { unlink_from: Some(parent), .. }) = removed {
                 self.children_change(parent, |children| children.retain(|c| *c != hash));
             }
         }
