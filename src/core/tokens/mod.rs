@@ -3,7 +3,9 @@
 //!
 //! A prompt is cut into blocks of `block_size` tokens (full blocks only). A block's *local* hash is xxh3-64 of
 //! its token ids as u32 little-endian with a fixed seed; its *sequence* hash chains the parent block's sequence
-//! hash with the local hash, so equal sequence hashes mean equal prefixes.
+//! hash with the local hash, so equal sequence hashes mean equal prefixes. A block that covers placeholder
+//! tokens of an image or video folds that media's hash into its local hash, so two prompts with the same
+//! placeholders but different pictures do not share blocks.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Seed of every block hash. Changing it invalidates every index built by an older binary.
@@ -18,11 +20,28 @@ pub struct BlockHash {
     pub sequence: u64,
 }
 
+/// Media (an image, a video) whose placeholder tokens occupy positions `start..end` of a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaSpan {
+    pub start: usize,
+    pub end: usize,
+    /// Hash of the media's content.
+    pub hash: u64,
+}
+
 /// xxh3-64 of the tokens as u32 little-endian.
 pub fn local_block_hash(tokens: &[u32]) -> u64 {
-    let mut bytes = Vec::with_capacity(tokens.len() * 4);
+    local_block_hash_with_media(tokens, &[])
+}
+
+/// xxh3-64 of the tokens as u32 little-endian followed by each media hash as u64 little-endian.
+pub fn local_block_hash_with_media(tokens: &[u32], media: &[u64]) -> u64 {
+    let mut bytes = Vec::with_capacity(tokens.len() * 4 + media.len() * 8);
     for token in tokens {
         bytes.extend_from_slice(&token.to_le_bytes());
+    }
+    for hash in media {
+        bytes.extend_from_slice(&hash.to_le_bytes());
     }
     xxh3_64_with_seed(&bytes, BLOCK_HASH_SEED)
 }
@@ -42,11 +61,22 @@ pub fn chain_hash(parent_sequence: Option<u64>, local: u64) -> u64 {
 
 /// The hashes of every full block of `tokens`, in order.
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+    block_hashes_with_media(tokens, block_size, &[])
+}
+
+/// The hashes of every full block of `tokens`, each folding in the media whose placeholders it overlaps.
+pub fn block_hashes_with_media(tokens: &[u32], block_size: usize, media: &[MediaSpan]) -> Vec<BlockHash> {
+    let block_size = block_size.max(1);
     let mut parent = None;
+    let mut overlapping = Vec::new();
     tokens
-        .chunks_exact(block_size.max(1))
-        .map(|block| {
-            let local = local_block_hash(block);
+        .chunks_exact(block_size)
+        .enumerate()
+        .map(|(i, block)| {
+            let (start, end) = (i * block_size, (i + 1) * block_size);
+            overlapping.clear();
+            overlapping.extend(media.iter().filter(|m| m.start < end && start < m.end).map(|m| m.hash));
+            let local = local_block_hash_with_media(block, &overlapping);
             let sequence = chain_hash(parent, local);
             parent = Some(sequence);
             BlockHash { local, sequence }
@@ -82,6 +112,19 @@ mod tests {
         let hashes = block_hashes(&twice, 16);
         assert_eq!(hashes[0].local, hashes[1].local);
         assert_ne!(hashes[0].sequence, hashes[1].sequence);
+    }
+
+    #[test]
+    fn media_changes_only_the_blocks_its_placeholders_touch() {
+        let tokens = vec![9u32; 64];
+        let picture = |hash| [MediaSpan { start: 20, end: 40, hash }];
+        let (a, b) =
+            (block_hashes_with_media(&tokens, 16, &picture(1)), block_hashes_with_media(&tokens, 16, &picture(2)));
+        assert_eq!(a[0], block_hashes(&tokens, 16)[0], "block 0 holds no placeholder");
+        assert_ne!(a[1].local, b[1].local);
+        assert_ne!(a[2].local, b[2].local);
+        assert_eq!(a[3].local, b[3].local, "block 3 holds none, but its chain differs");
+        assert_ne!(a[3].sequence, b[3].sequence);
     }
 
     #[test]
