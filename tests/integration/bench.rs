@@ -46,7 +46,14 @@ fn bench_index_reports_the_documented_json() {
         "4",
         "--json",
     ]);
-    for key in ["block_ops_per_s", "lookup_p50_us", "lookup_p99_us", "baseline_block_ops_per_s", "bytes_per_entry"] {
+    for key in [
+        "block_ops_per_s",
+        "lookup_p50_us",
+        "lookup_p99_us",
+        "baseline_block_ops_per_s",
+        "bytes_per_entry",
+        "concurrent_lookup_p99_us",
+    ] {
         assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {json}");
     }
     assert_eq!(json["requests"], 120);

@@ -6,7 +6,9 @@
 //! 2. Replay the recorded operations into a fresh index of each kind, timing the whole replay (sustained
 //!    block ops/s: a lookup counts its query's blocks, an event the blocks it stores or removes) and each
 //!    lookup (p50/p99).
-//! 3. Micro: `find_matches` on an index of `micro_blocks` distinct blocks in 64-block chains over
+//! 3. Concurrent: the same operations with the events applied on one thread while the lookups run on
+//!    another, so a lookup that has to wait for writes shows in its tail latency.
+//! 4. Micro: `find_matches` on an index of `micro_blocks` distinct blocks in 64-block chains over
 //!    `micro_workers` workers, full-chain queries; once with each chain held whole by a few workers, once
 //!    with every worker holding a different-length prefix of every chain (the most bisection steps).
 use super::trace::{TraceRequest, sequence_hashes};
@@ -44,6 +46,8 @@ pub struct IndexBenchResult {
     pub block_ops: u64,
     pub flash: ReplayStats,
     pub reference: ReplayStats,
+    pub concurrent_flash: ReplayStats,
+    pub concurrent_reference: ReplayStats,
     /// Flash over reference, sustained block ops/s.
     pub ratio: f64,
     /// Flash index memory over (worker, block) pairs held at the end of the replay.
@@ -63,6 +67,8 @@ pub fn run(trace: &[TraceRequest], settings: &IndexBenchSettings) -> IndexBenchR
     let flash_index = FlashIndexer::new();
     let flash = replay(&flash_index, &ops, block_ops);
     let reference = replay(&ReferenceIndexer::new(), &ops, block_ops);
+    let concurrent_flash = replay_concurrent(&FlashIndexer::new(), &ops, block_ops);
+    let concurrent_reference = replay_concurrent(&ReferenceIndexer::new(), &ops, block_ops);
     let entries: usize = flash_index.block_counts().iter().map(|(_, n)| n).sum();
     let bytes_per_entry = flash_index.memory_bytes() as f64 / entries.max(1) as f64;
     let micro = micro(settings.micro_blocks, settings.micro_workers);
@@ -72,6 +78,8 @@ pub fn run(trace: &[TraceRequest], settings: &IndexBenchSettings) -> IndexBenchR
         ratio: flash.block_ops_per_s / reference.block_ops_per_s,
         flash,
         reference,
+        concurrent_flash,
+        concurrent_reference,
         bytes_per_entry,
         entries,
         micro,
@@ -147,6 +155,36 @@ fn replay(index: &dyn Indexer, ops: &[Op], block_ops: u64) -> ReplayStats {
     }
 }
 
+/// Events on a writer thread, lookups on this one; both start together and the clock stops when both end.
+fn replay_concurrent(index: &(dyn Indexer + Sync), ops: &[Op], block_ops: u64) -> ReplayStats {
+    let start = Instant::now();
+    let mut lookups = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for op in ops {
+                if let Op::Event(worker, event) = op {
+                    index.apply(*worker, event);
+                }
+            }
+        });
+        for op in ops {
+            if let Op::Lookup(hashes) = op {
+                let t = Instant::now();
+                std::hint::black_box(index.find_matches(hashes));
+                lookups.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    lookups.sort_by(f64::total_cmp);
+    ReplayStats {
+        block_ops_per_s: block_ops as f64 / seconds,
+        lookup_p50_us: super::percentile(&lookups, 0.5),
+        lookup_p99_us: super::percentile(&lookups, 0.99),
+        seconds,
+    }
+}
+
 const MICRO_CHAIN: usize = 64;
 const MICRO_QUERIES: usize = 100_000;
 
@@ -211,10 +249,15 @@ fn micro_case(blocks: usize, workers: usize, divergent: bool) -> (f64, f64) {
 /// The readable report of `dynamo bench index`.
 pub fn table(r: &IndexBenchResult) -> String {
     let mut out =
-        format!("{:<12} {:>16} {:>14} {:>14} {:>10}\n", "index", "block ops/s", "lookup p50", "lookup p99", "seconds");
-    for (name, s) in [("flash", &r.flash), ("reference", &r.reference)] {
+        format!("{:<22} {:>16} {:>14} {:>14} {:>10}\n", "index", "block ops/s", "lookup p50", "lookup p99", "seconds");
+    for (name, s) in [
+        ("flash", &r.flash),
+        ("reference", &r.reference),
+        ("flash, 2 threads", &r.concurrent_flash),
+        ("reference, 2 threads", &r.concurrent_reference),
+    ] {
         out.push_str(&format!(
-            "{:<12} {:>16.0} {:>12.2}µs {:>12.2}µs {:>10.3}\n",
+            "{:<22} {:>16.0} {:>12.2}µs {:>12.2}µs {:>10.3}\n",
             name, s.block_ops_per_s, s.lookup_p50_us, s.lookup_p99_us, s.seconds
         ));
     }
