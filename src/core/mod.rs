@@ -5,6 +5,7 @@ pub mod frontend;
 pub mod indexer;
 pub mod local;
 pub mod model;
+pub mod plane;
 pub mod protocol;
 pub mod router;
 pub mod telemetry;

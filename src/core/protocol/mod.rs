@@ -7,6 +7,7 @@ pub mod engine;
 pub mod external;
 pub mod kv;
 pub mod openai;
+pub mod plane;
 
 pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
 pub use kv::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock, WorkerId};

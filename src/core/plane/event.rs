@@ -1,0 +1,159 @@
+//! Publisher and subscriber sockets of the event plane, and the sequence tracking that makes loss visible.
+use crate::core::protocol::plane::{FrameError, FrameHeader, Topic, decode_header, encode_payload};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use std::collections::HashMap;
+use tmq::{AsZmqSocket, Context, Multipart};
+
+/// Messages a socket buffers for a slow peer before dropping (ZMQ's high-water mark); drops show as gaps.
+const HIGH_WATER_MARK: i32 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    #[error("event plane socket: {0}")]
+    Socket(#[from] tmq::TmqError),
+    #[error("event plane socket has no usable endpoint")]
+    Endpoint,
+}
+
+pub struct EventPublisher {
+    socket: tmq::publish::Publish,
+    publisher: u64,
+    next_seq: HashMap<Topic, u64>,
+    endpoint: String,
+}
+
+impl EventPublisher {
+    /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
+    pub fn bind(context: &Context, endpoint: &str, publisher: u64) -> Result<Self, PlaneError> {
+        let socket = tmq::publish(context).set_sndhwm(HIGH_WATER_MARK).set_linger(0).bind(endpoint)?;
+        let endpoint =
+            socket.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
+        Ok(Self { socket, publisher, next_seq: HashMap::new(), endpoint })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub async fn publish<T: Serialize>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
+        self.publish_encoded(topic, &encode_payload(value)).await
+    }
+
+    /// Publishes a payload already encoded with `encode_payload`.
+    pub async fn publish_encoded(&mut self, topic: Topic, payload: &[u8]) -> Result<(), PlaneError> {
+        let next = self.next_seq.entry(topic).or_insert(0);
+        let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
+        *next += 1;
+        let frames: Vec<&[u8]> = vec![topic.name(), &publisher, &seq, payload];
+        self.socket.send(frames).await?;
+        Ok(())
+    }
+}
+
+/// How a message relates to the ones before it from the same publisher and topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    InOrder,
+    /// This many messages before this one never arrived.
+    Gap(u64),
+    /// The number went back: the publisher restarted and its earlier state is gone.
+    Restarted,
+}
+
+/// Next expected sequence number per (publisher, topic).
+#[derive(Debug, Default)]
+pub struct SeqTracker {
+    expected: HashMap<(u64, Topic), u64>,
+}
+
+impl SeqTracker {
+    pub fn observe(&mut self, header: FrameHeader) -> Continuity {
+        let expected = self.expected.insert((header.publisher, header.topic), header.seq + 1);
+        match expected {
+            // A subscriber that joins late sees its first message mid-stream; that is no loss.
+            None => Continuity::InOrder,
+            Some(next) if header.seq == next => Continuity::InOrder,
+            Some(next) if header.seq > next => Continuity::Gap(header.seq - next),
+            Some(_) => Continuity::Restarted,
+        }
+    }
+}
+
+/// One message as a subscriber receives it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub header: FrameHeader,
+    pub continuity: Continuity,
+    pub payload: tmq::Message,
+}
+
+pub struct EventSubscriber {
+    socket: tmq::subscribe::Subscribe,
+    tracker: SeqTracker,
+    /// Messages lost, summed over every gap seen.
+    pub lost: u64,
+    pub restarts: u64,
+    /// Messages that were not event-plane frames, skipped.
+    pub malformed: u64,
+}
+
+impl EventSubscriber {
+    /// Subscribes to `topics` of the publishers at `endpoints`; more can be added with `connect`.
+    pub fn connect(context: &Context, endpoints: &[&str], topics: &[Topic]) -> Result<Self, PlaneError> {
+        let (first, rest) = endpoints.split_first().ok_or(PlaneError::Endpoint)?;
+        let (topic, more) = topics.split_first().ok_or(PlaneError::Endpoint)?;
+        let mut socket = tmq::subscribe(context)
+            .set_rcvhwm(HIGH_WATER_MARK)
+            .set_linger(0)
+            .connect(first)?
+            .subscribe(topic.name())?;
+        for topic in more {
+            socket.subscribe(topic.name())?;
+        }
+        for endpoint in rest {
+            socket.get_socket().connect(endpoint).map_err(tmq::TmqError::from)?;
+        }
+        Ok(Self { socket, tracker: SeqTracker::default(), lost: 0, restarts: 0, malformed: 0 })
+    }
+
+    /// Adds a publisher discovered later.
+    pub fn add_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
+        self.socket.get_socket().connect(endpoint).map_err(tmq::TmqError::from)?;
+        Ok(())
+    }
+
+    /// The next well-formed message; `None` when the socket is closed.
+    pub async fn next(&mut self) -> Option<Result<Delivery, PlaneError>> {
+        loop {
+            let frames: Multipart = match self.socket.next().await? {
+                Ok(frames) => frames,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let parts: Vec<&[u8]> = frames.iter().map(|m| &m[..]).collect();
+            let header = match decode_header(&parts) {
+                Ok(header) => header,
+                Err(error) => {
+                    self.skip(&error);
+                    continue;
+                }
+            };
+            let continuity = self.tracker.observe(header);
+            match continuity {
+                Continuity::Gap(n) => self.lost += n,
+                Continuity::Restarted => self.restarts += 1,
+                Continuity::InOrder => {}
+            }
+            let Some(payload) = frames.into_iter().nth(3) else { continue };
+            return Some(Ok(Delivery { header, continuity, payload }));
+        }
+    }
+
+    fn skip(&mut self, error: &FrameError) {
+        self.malformed += 1;
+        tracing::warn!(malformed = self.malformed, "skipped a message that is not an event-plane frame: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests;

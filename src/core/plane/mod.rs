@@ -1,0 +1,16 @@
+//! The event plane: each worker publishes on a ZMQ PUB socket; routers and `dynamo top` subscribe to every
+//! publisher they discover (frames in `protocol::plane`).
+//!
+//! A subscriber must never be silently behind (a known Dynamo failure: a router that stopped getting
+//! events without noticing). So:
+//! 1. every (publisher, topic) numbers its messages from 0;
+//! 2. the subscriber tracks the next expected number; a jump is a gap (messages lost: slow joiner at start,
+//!    high-water-mark drops under load), counted and reported with the message after it;
+//! 3. a number that goes back means the publisher restarted: its old state is gone;
+//! 4. on either, the reader rebuilds that publisher's state from a snapshot (asked over the request plane,
+//!    which comes with the roles) — here the plane only detects and counts.
+//!
+//! Malformed messages are counted and skipped; the socket stays up.
+mod event;
+
+pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, PlaneError, SeqTracker};

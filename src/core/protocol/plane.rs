@@ -1,0 +1,95 @@
+//! Event-plane frames: `[topic][publisher id u64 BE][seq u64 BE][msgpack payload]`, four ZMQ frames.
+//!
+//! The topic frame comes first because ZMQ SUB filters on a message's first frame. Sequence numbers count
+//! per (publisher, topic) from 0, so a subscriber to some topics sees no false gaps from the others.
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// `KvEventBatch`
+    Kv,
+    /// `LoadMetrics`
+    Load,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 2] = [Topic::Kv, Topic::Load];
+
+    pub fn name(self) -> &'static [u8] {
+        match self {
+            Topic::Kv => b"kv",
+            Topic::Load => b"load",
+        }
+    }
+
+    pub fn from_name(name: &[u8]) -> Option<Topic> {
+        Topic::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("expected 4 frames (topic, publisher, seq, payload), got {0}")]
+    FrameCount(usize),
+    #[error("unknown topic {0:?}")]
+    Topic(String),
+    #[error("the {0} frame must be 8 bytes")]
+    Header(&'static str),
+    #[error("payload does not decode: {0}")]
+    Payload(String),
+}
+
+/// A decoded frame's header; the payload stays bytes until the reader knows what it wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub topic: Topic,
+    pub publisher: u64,
+    pub seq: u64,
+}
+
+pub fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data types serialize infallibly to msgpack.
+    rmp_serde::to_vec(value).unwrap_or_default()
+}
+
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(payload).map_err(|e| FrameError::Payload(e.to_string()))
+}
+
+/// Checks the frame layout and reads the header.
+pub fn decode_header(frames: &[&[u8]]) -> Result<FrameHeader, FrameError> {
+    let [topic, publisher, seq, _payload] = frames else { return Err(FrameError::FrameCount(frames.len())) };
+    let topic = Topic::from_name(topic).ok_or_else(|| FrameError::Topic(String::from_utf8_lossy(topic).into()))?;
+    let u64_be = |bytes: &[u8], name| bytes.try_into().map(u64::from_be_bytes).map_err(|_| FrameError::Header(name));
+    Ok(FrameHeader { topic, publisher: u64_be(publisher, "publisher")?, seq: u64_be(seq, "seq")? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::protocol::{KvEvent, KvEventBatch, StoredBlock};
+
+    #[test]
+    fn header_and_payload_round_trip() {
+        let batch = KvEventBatch {
+            worker_id: 3,
+            events: vec![KvEvent::Stored {
+                parent_hash: Some(1),
+                blocks: vec![StoredBlock { hash: 2, tokens_hash: 5 }],
+            }],
+        };
+        let payload = encode_payload(&batch);
+        let frames: [&[u8]; 4] = [b"kv", &7u64.to_be_bytes(), &9u64.to_be_bytes(), &payload];
+        assert_eq!(decode_header(&frames), Ok(FrameHeader { topic: Topic::Kv, publisher: 7, seq: 9 }));
+        assert_eq!(decode_payload::<KvEventBatch>(&payload), Ok(batch));
+    }
+
+    #[test]
+    fn bad_frames_are_errors_that_say_what_is_wrong() {
+        assert_eq!(decode_header(&[b"kv"]), Err(FrameError::FrameCount(1)));
+        assert!(matches!(decode_header(&[b"nope", &[0; 8], &[0; 8], b""]), Err(FrameError::Topic(_))));
+        assert_eq!(decode_header(&[b"kv", &[0; 3], &[0; 8], b""]), Err(FrameError::Header("publisher")));
+        assert!(decode_payload::<KvEventBatch>(b"\xc1garbage").is_err());
+    }
+}
