@@ -37,6 +37,9 @@ _dynamo() {
             dynamo__subcmd__bench,index)
                 cmd="dynamo__subcmd__bench__subcmd__index"
                 ;;
+            dynamo__subcmd__bench,plane)
+                cmd="dynamo__subcmd__bench__subcmd__plane"
+                ;;
             dynamo__subcmd__bench,route)
                 cmd="dynamo__subcmd__bench__subcmd__route"
                 ;;
@@ -48,6 +51,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,index)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__index"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,plane)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__plane"
                 ;;
             dynamo__subcmd__bench__subcmd__help,route)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__route"
@@ -69,6 +75,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__help__subcmd__bench,index)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__index"
+                ;;
+            dynamo__subcmd__help__subcmd__bench,plane)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__plane"
                 ;;
             dynamo__subcmd__help__subcmd__bench,route)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__route"
@@ -94,7 +103,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route help"
+            opts="-v -h -V --verbose --help --version http index route plane help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -108,7 +117,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route help"
+            opts="http index route plane help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -150,6 +159,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__index)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__plane)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -253,6 +276,28 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__plane)
+            opts="-v -h -V --messages --events-per-message --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --messages)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --events-per-message)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__bench__subcmd__route)
             opts="-v -h -V --trace --workers --requests --speedup --num-blocks --block-tokens --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -320,7 +365,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route"
+            opts="http index route plane"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -348,6 +393,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__index)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__plane)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -2,6 +2,7 @@
 use crate::core::bench::Load;
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
+use crate::core::bench::plane;
 use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::trace;
 use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
@@ -19,6 +20,23 @@ pub enum BenchCommand {
     Index(IndexArgs),
     /// Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random.
     Route(RouteArgs),
+    /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
+    Plane(PlaneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlaneArgs {
+    /// Messages to send on each path.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// KV events per message (a worker publishes one batch per engine step).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub events_per_message: u32,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +137,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Http(args) => bench_http(args),
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Route(args) => bench_route(args),
+        BenchCommand::Plane(args) => bench_plane(args),
     }
 }
 
@@ -230,6 +249,19 @@ fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
     }
     if args.json {
         println!("{}", serde_json::json!({"bench": "route", "modes": results}));
+    }
+    Ok(())
+}
+
+fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
+    println!(
+        "dynamo bench plane: {} messages of {} KV events each over loopback TCP, plane vs raw libzmq",
+        args.messages, args.events_per_message
+    );
+    let result = super::runtime()?.block_on(plane::run(args.messages, args.events_per_message as usize))?;
+    print!("{}", plane::table(&result));
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "plane", "result": result}));
     }
     Ok(())
 }

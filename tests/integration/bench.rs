@@ -97,3 +97,12 @@ fn bench_http_reports_both_paths() {
         assert!(level["http"]["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{level}");
     }
 }
+
+#[test]
+fn bench_plane_delivers_every_message_on_the_plane_path() {
+    let json = last_json_line(&["bench", "plane", "--messages", "2000", "--events-per-message", "2", "--json"]);
+    let result = &json["result"];
+    assert_eq!(result["plane"]["messages"], 2000, "{json}");
+    assert_eq!(result["plane"]["lost"], 0, "{json}");
+    assert!(result["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+}

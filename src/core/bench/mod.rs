@@ -5,6 +5,7 @@
 //! loop at a fixed request rate, timing each request from its start to its last byte.
 pub mod http;
 pub mod index;
+pub mod plane;
 pub mod route;
 pub mod trace;
 

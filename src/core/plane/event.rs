@@ -5,8 +5,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 use tmq::{AsZmqSocket, Context, Multipart};
 
-/// Messages a socket buffers for a slow peer before dropping (ZMQ's high-water mark); drops show as gaps.
-const HIGH_WATER_MARK: i32 = 100_000;
+/// Frames (four per message) a socket buffers for a slow peer before dropping (ZMQ's high-water mark);
+/// drops show as gaps. 0 buffers without limit.
+pub const HIGH_WATER_MARK: i32 = 400_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaneError {
@@ -25,8 +26,8 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
-    pub fn bind(context: &Context, endpoint: &str, publisher: u64) -> Result<Self, PlaneError> {
-        let socket = tmq::publish(context).set_sndhwm(HIGH_WATER_MARK).set_linger(0).bind(endpoint)?;
+    pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
+        let socket = tmq::publish(context).set_sndhwm(hwm).set_linger(0).bind(endpoint)?;
         let endpoint =
             socket.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
         Ok(Self { socket, publisher, next_seq: HashMap::new(), endpoint })
@@ -100,14 +101,11 @@ pub struct EventSubscriber {
 
 impl EventSubscriber {
     /// Subscribes to `topics` of the publishers at `endpoints`; more can be added with `connect`.
-    pub fn connect(context: &Context, endpoints: &[&str], topics: &[Topic]) -> Result<Self, PlaneError> {
+    pub fn connect(context: &Context, endpoints: &[&str], topics: &[Topic], hwm: i32) -> Result<Self, PlaneError> {
         let (first, rest) = endpoints.split_first().ok_or(PlaneError::Endpoint)?;
         let (topic, more) = topics.split_first().ok_or(PlaneError::Endpoint)?;
-        let mut socket = tmq::subscribe(context)
-            .set_rcvhwm(HIGH_WATER_MARK)
-            .set_linger(0)
-            .connect(first)?
-            .subscribe(topic.name())?;
+        let mut socket =
+            tmq::subscribe(context).set_rcvhwm(hwm).set_linger(0).connect(first)?.subscribe(topic.name())?;
         for topic in more {
             socket.subscribe(topic.name())?;
         }

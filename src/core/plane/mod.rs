@@ -13,4 +13,4 @@
 //! Malformed messages are counted and skipped; the socket stays up.
 mod event;
 
-pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, PlaneError, SeqTracker};
+pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker};

@@ -41,8 +41,9 @@ async fn first_delivery(publisher: &mut EventPublisher, subscriber: &mut EventSu
 #[tokio::test]
 async fn messages_arrive_in_order_over_loopback() {
     let context = Context::new();
-    let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", 7).unwrap();
-    let mut subscriber = EventSubscriber::connect(&context, &[publisher.endpoint()], &[Topic::Kv]).unwrap();
+    let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", 7, HIGH_WATER_MARK).unwrap();
+    let mut subscriber =
+        EventSubscriber::connect(&context, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
     let first = first_delivery(&mut publisher, &mut subscriber).await;
     // Drain what the first round left in flight, then check a run arrives whole and in order.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
@@ -63,7 +64,7 @@ async fn malformed_messages_are_counted_and_skipped() {
     let context = Context::new();
     let mut raw = tmq::publish(&context).bind("tcp://127.0.0.1:*").unwrap();
     let endpoint = raw.get_socket().get_last_endpoint().unwrap().unwrap();
-    let mut subscriber = EventSubscriber::connect(&context, &[&endpoint], &[Topic::Kv]).unwrap();
+    let mut subscriber = EventSubscriber::connect(&context, &[&endpoint], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
     // Wait out the slow joiner with well-formed frames.
     let mut seq = 0u64;
     loop {
