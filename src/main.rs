@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     match dynamo::cmd::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("dynamo: error: {error:#}");
+            eprintln!("dynamo: error: {error}");
             std::process::ExitCode::FAILURE
         }
     }
