@@ -266,6 +266,10 @@ pub fn table(r: &IndexBenchResult) -> String {
         r.ratio, r.block_ops, r.bytes_per_entry, r.entries
     ));
     let m = &r.micro;
+    if m.whole_p50_us.is_nan() {
+        out.push_str("micro find_matches: skipped (--micro-blocks 0)\n");
+        return out;
+    }
     out.push_str(&format!(
         "micro find_matches p50, chains held whole: flash {:.3}µs, reference {:.3}µs ({:.1}x)\n",
         m.whole_p50_us,

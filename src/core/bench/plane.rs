@@ -129,7 +129,8 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
         for f in frames {
             publisher.send(f).await?;
         }
-        Ok::<_, tmq::TmqError>(())
+        // Returned, not dropped: with linger 0, dropping the socket would discard what is still queued.
+        Ok::<_, tmq::TmqError>(publisher)
     });
     let mut received = 0u64;
     let mut last = start;
@@ -142,7 +143,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
         last = Instant::now();
     }
     let seconds = (last - start).as_secs_f64();
-    sender.await.map_err(|_| PlaneError::Endpoint)??;
+    let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
     let events = received * events_per_message as u64;
     Ok(PlaneRun { events_per_s: events as f64 / seconds, messages: received, lost: messages - received })
 }

@@ -189,13 +189,14 @@ impl FlashIndexer {
         slot
     }
 
-    fn count(&self, slot: Slot, added: bool) {
+    /// Adjusts the worker's block count once per event rather than once per block.
+    fn count(&self, slot: Slot, added: usize, removed: usize) {
+        if added == removed {
+            return;
+        }
         if let Some(blocks) = self.workers().blocks.get(slot as usize) {
-            if added {
-                blocks.fetch_add(1, Ordering::Relaxed);
-            } else {
-                blocks.fetch_sub(1, Ordering::Relaxed);
-            }
+            blocks.fetch_add(added, Ordering::Relaxed);
+            blocks.fetch_sub(removed, Ordering::Relaxed);
         }
     }
 
@@ -214,29 +215,31 @@ impl FlashIndexer {
         if parent.is_some_and(|p| !self.read(p).contains(p, slot)) {
             return;
         }
+        let mut added = 0;
         for hash in hashes {
-            let (created, added) = self.write(hash).insert(hash, parent, slot);
-            if added {
-                self.count(slot, true);
-            }
+            let (created, was_added) = self.write(hash).insert(hash, parent, slot);
+            added += usize::from(was_added);
             if created && let Some(p) = parent {
                 self.children_change(p, |children| children.push(hash));
             }
             parent = Some(hash);
         }
+        self.count(slot, added, 0);
     }
 
     /// Drops `hash` and every extension of it from the worker.
     fn remove(&self, slot: Slot, hash: u64) {
-        let mut stack = vec![hash];
+        let mut stack: SmallVec<[u64; 8]> = SmallVec::from_slice(&[hash]);
+        let mut removed = 0;
         while let Some(next) = stack.pop() {
             let Some(unheld) = self.write(next).remove(next, slot) else { continue };
-            self.count(slot, false);
+            removed += 1;
             stack.extend(unheld.children);
             if let Some(parent) = unheld.unlink_from {
                 self.children_change(parent, |children| children.retain(|c| *c != next));
             }
         }
+        self.count(slot, 0, removed);
     }
 
     /// Drops every block of the worker: a scan of the table, fine for the rare Cleared or departure.
