@@ -9,7 +9,7 @@ use super::{Load, RunStats, drive};
 use crate::core::frontend::{self, FrontendState};
 use crate::core::local::{self, LocalError, LocalSettings};
 use crate::core::model::TemplateInput;
-use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use crate::core::protocol::PreprocessedRequest;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -133,13 +133,7 @@ impl DirectCaller {
         let input = TemplateInput { messages, tools: None, add_generation_prompt: true, extra: None };
         let text = state.model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
         let token_ids = state.model.tokenizer.encode(&text, false).unwrap_or_default();
-        let request = PreprocessedRequest {
-            request_id: "bench".into(),
-            token_ids,
-            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
-            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
-            logprobs: None,
-        };
+        let request = PreprocessedRequest::greedy("bench", token_ids, max_tokens);
         Self { state: state.clone(), request }
     }
 }

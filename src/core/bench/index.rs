@@ -145,7 +145,10 @@ fn replay(index: &dyn Indexer, ops: &[Op], block_ops: u64) -> ReplayStats {
             Op::Event(worker, event) => index.apply(*worker, event),
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    replay_stats(lookups, block_ops, start.elapsed().as_secs_f64())
+}
+
+fn replay_stats(mut lookups: Vec<f64>, block_ops: u64, seconds: f64) -> ReplayStats {
     lookups.sort_by(f64::total_cmp);
     ReplayStats {
         block_ops_per_s: block_ops as f64 / seconds,
@@ -175,14 +178,7 @@ fn replay_concurrent(index: &(dyn Indexer + Sync), ops: &[Op], block_ops: u64) -
             }
         }
     });
-    let seconds = start.elapsed().as_secs_f64();
-    lookups.sort_by(f64::total_cmp);
-    ReplayStats {
-        block_ops_per_s: block_ops as f64 / seconds,
-        lookup_p50_us: super::percentile(&lookups, 0.5),
-        lookup_p99_us: super::percentile(&lookups, 0.99),
-        seconds,
-    }
+    replay_stats(lookups, block_ops, start.elapsed().as_secs_f64())
 }
 
 const MICRO_CHAIN: usize = 64;

@@ -8,7 +8,7 @@
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine, SchedulerConfig};
-use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use crate::core::protocol::PreprocessedRequest;
 use crate::core::router::{Router, RouterConfig, RouterMode};
 use futures::StreamExt;
 use serde::Serialize;
@@ -72,17 +72,11 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
     for (i, request) in trace.iter().enumerate() {
         let due = Duration::from_secs_f64((request.timestamp - first_timestamp) as f64 / 1000.0 / settings.speedup);
         tokio::time::sleep_until((start + due).into()).await;
-        let engine_request = PreprocessedRequest {
-            request_id: format!("trace-{i}"),
-            token_ids: prompt_tokens(request, settings.block_tokens),
-            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
-            stop: StopConditions {
-                max_tokens: request.output_length.max(1) as u32,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
-            logprobs: None,
-        };
+        let engine_request = PreprocessedRequest::greedy(
+            format!("trace-{i}"),
+            prompt_tokens(request, settings.block_tokens),
+            request.output_length.max(1) as u32,
+        );
         let router = router.clone();
         tasks.push(tokio::spawn(async move { send(&router, engine_request).await }));
     }

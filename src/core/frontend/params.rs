@@ -62,10 +62,6 @@ pub fn build_choices(
     {
         return Err(ApiError::invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {top}")));
     }
-    if sampling.temperature == 0.0 && n > 1 && sampling.seed.is_none() {
-        // Greedy samples are identical; vLLM allows it too, so only the text says so.
-        tracing::debug!("n > 1 with temperature 0 returns identical choices");
-    }
     let stop = stop_strings(params.stop.as_ref())?;
     let card = &model.card;
     let mut stop_token_ids = params.stop_token_ids.clone().unwrap_or_default();

@@ -12,6 +12,19 @@ pub struct PreprocessedRequest {
     pub logprobs: Option<u32>,
 }
 
+impl PreprocessedRequest {
+    /// Greedy, no stop tokens, no logprobs: what benchmarks and tests send.
+    pub fn greedy(request_id: impl Into<String>, token_ids: Vec<u32>, max_tokens: u32) -> Self {
+        Self {
+            request_id: request_id.into(),
+            token_ids,
+            sampling: SamplingOptions { temperature: 0.0, ..SamplingOptions::default() },
+            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
+            logprobs: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingOptions {
     /// 0 means greedy.

@@ -1,16 +1,9 @@
 use super::*;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
-use crate::core::protocol::{SamplingOptions, StopConditions};
 use futures::StreamExt;
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
-    PreprocessedRequest {
-        request_id: "r".into(),
-        token_ids: tokens,
-        sampling: SamplingOptions::default(),
-        stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
-        logprobs: None,
-    }
+    PreprocessedRequest::greedy("r", tokens, max_tokens)
 }
 
 fn router(workers: u64, mode: RouterMode, busy_threshold: usize) -> Router {

@@ -186,17 +186,11 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::protocol::{FinishReason, SamplingOptions, StopConditions};
+    use crate::core::protocol::FinishReason;
     use futures::StreamExt;
 
     fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
-        PreprocessedRequest {
-            request_id: "r".into(),
-            token_ids: tokens,
-            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
-            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
-            logprobs: None,
-        }
+        PreprocessedRequest::greedy("r", tokens, max_tokens)
     }
 
     fn fast_engine() -> MockerEngine {

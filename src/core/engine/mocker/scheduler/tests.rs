@@ -1,14 +1,8 @@
 use super::*;
-use crate::core::protocol::{KvEvent, SamplingOptions, StopConditions};
+use crate::core::protocol::KvEvent;
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
-    PreprocessedRequest {
-        request_id: "r".into(),
-        token_ids: tokens,
-        sampling: SamplingOptions::default(),
-        stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![] },
-        logprobs: None,
-    }
+    PreprocessedRequest::greedy("r", tokens, max_tokens)
 }
 
 fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
