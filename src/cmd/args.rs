@@ -1,5 +1,6 @@
 //! Flag groups more than one subcommand takes.
-use crate::core::engine::mocker::{MockerConfig, SchedulerConfig};
+use crate::core::engine::mocker::MockerConfig;
+use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, ValueEnum};
 

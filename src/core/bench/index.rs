@@ -12,7 +12,7 @@
 //!    `micro_workers` workers, full-chain queries; once with each chain held whole by a few workers, once
 //!    with every worker holding a different-length prefix of every chain (the most bisection steps).
 use super::trace::{TraceRequest, sequence_hashes};
-use crate::core::engine::mocker::kv::KvManager;
+use crate::core::engine::blocks::BlockPool;
 use crate::core::indexer::{FlashIndexer, Indexer, ReferenceIndexer};
 use crate::core::protocol::{KvEvent, WorkerId};
 use crate::core::tokens::BlockHash;
@@ -97,7 +97,7 @@ fn block_ops_of(op: &Op) -> u64 {
 
 fn simulate(trace: &[TraceRequest], settings: &IndexBenchSettings) -> Vec<Op> {
     let index = FlashIndexer::new();
-    let mut workers: Vec<KvManager> = (0..settings.workers.max(1)).map(|_| KvManager::new(settings.capacity)).collect();
+    let mut workers: Vec<BlockPool> = (0..settings.workers.max(1)).map(|_| BlockPool::new(settings.capacity)).collect();
     let mut ops = Vec::new();
     for salt in 0..settings.repeat as u64 {
         for request in trace {
@@ -114,14 +114,18 @@ fn simulate(trace: &[TraceRequest], settings: &IndexBenchSettings) -> Vec<Op> {
             let mut held = Vec::new();
             let mut parent = None;
             for &sequence in &hashes {
-                if kv.acquire_full(parent, BlockHash { local: sequence, sequence }).is_err() {
-                    break;
-                }
-                held.push(sequence);
+                let page = match kv.acquire(sequence) {
+                    Some(page) => page,
+                    None => match kv.allocate() {
+                        Ok(page) => kv.commit(page, parent, BlockHash { local: sequence, sequence }),
+                        Err(_) => break,
+                    },
+                };
+                held.push(page);
                 parent = Some(sequence);
             }
-            for hash in held.into_iter().rev() {
-                kv.release_full(hash);
+            for page in held.into_iter().rev() {
+                kv.release(page);
             }
             for event in kv.drain_events() {
                 index.apply(chosen as WorkerId, &event);

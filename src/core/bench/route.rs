@@ -7,7 +7,8 @@
 //! prompt tokens served from cache, TTFT p50/p90 and output throughput, all in simulated time.
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
-use crate::core::engine::mocker::{MockerConfig, MockerEngine, SchedulerConfig};
+use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::protocol::PreprocessedRequest;
 use crate::core::router::{Router, RouterConfig, RouterMode};
 use futures::StreamExt;

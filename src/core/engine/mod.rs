@@ -2,8 +2,13 @@
 //!
 //! An engine takes a `PreprocessedRequest` and streams `EngineOutput`s; dropping the stream cancels the
 //! request and frees its KV blocks at the engine's next step. It publishes KV-cache events (which prefix
-//! blocks it holds) and reports its load. Implementations: `mocker` (simulated timing, real KV bookkeeping).
+//! blocks it holds) and reports its load. Engines that own their KV cache share the block pool (`blocks`),
+//! the continuous-batching `scheduler` and the task around them (`batch`); they differ in the `Executor`:
+//! `mocker` simulates timing, `native` runs the model.
+pub mod batch;
+pub mod blocks;
 pub mod mocker;
+pub mod scheduler;
 
 use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;

@@ -1,24 +1,16 @@
 //! The mocker: a simulated vLLM-style engine with real KV bookkeeping and fitted step timing, for testing
 //! routers and planners at scale without a GPU. Many run in one process (`dynamo run --workers 64`).
 //!
-//! Each mocker is one tokio task owning a `Scheduler`. It sleeps while idle (never spins), and otherwise loops:
-//! 1. take new requests; abort those whose client dropped the stream;
-//! 2. run one scheduler step and sleep its simulated duration divided by `speedup` (sleeps are measured
-//!    from a running deadline, so timer granularity does not add up across steps);
-//! 3. publish the step's KV events, send each request its token, update the load snapshot.
-pub mod kv;
-mod scheduler;
+//! It is the shared scheduler and block pool with an executor that computes nothing: each step's duration
+//! comes from `timing` (slept, divided by `speedup`), and each token is a deterministic function of the seed
+//! and every token before it, so a request re-issued with its generated tokens appended (migration)
+//! continues exactly as it would have.
 pub mod timing;
 
-pub use scheduler::{Scheduler, SchedulerConfig, SeqId, StepOutcome};
-
-use super::{Engine, EngineError, ResponseStream};
-use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
-use tokio::time::Instant;
+use super::batch::{BatchEngine, Pacing};
+use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
+use crate::core::protocol::{PreprocessedRequest, TokenLogprob, WorkerId};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockerConfig {
@@ -33,167 +25,102 @@ impl Default for MockerConfig {
     }
 }
 
-/// How far behind its deadline the loop may fall before it stops trying to catch up (e.g. after a stall).
-const MAX_LAG: Duration = Duration::from_millis(20);
-const EVENT_BUFFER: usize = 4096;
-
-struct Submission {
-    request: PreprocessedRequest,
-    outputs: mpsc::UnboundedSender<EngineOutput>,
-}
-
-pub struct MockerEngine {
-    worker_id: WorkerId,
-    inbox: mpsc::UnboundedSender<Submission>,
-    load: Arc<Mutex<LoadMetrics>>,
-    events: broadcast::Sender<KvEventBatch>,
-    max_sequence_tokens: usize,
-}
+pub struct MockerEngine;
 
 impl MockerEngine {
-    /// Starts the engine's task on the current tokio runtime. `vocab` lists the token ids it samples from.
-    pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> Self {
-        let scheduler = Scheduler::new(config.scheduler.clone(), vocab);
-        let max_sequence_tokens = scheduler.max_sequence_tokens();
-        let (inbox, receiver) = mpsc::unbounded_channel();
-        let load = Arc::new(Mutex::new(scheduler.load()));
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let worker = Worker { worker_id, scheduler, receiver, load: load.clone(), events: events.clone(), config };
-        tokio::spawn(worker.run());
-        Self { worker_id, inbox, load, events, max_sequence_tokens }
+    /// Starts a mocker on the current tokio runtime. `vocab` lists the token ids it samples from.
+    pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> BatchEngine {
+        let scheduler = Scheduler::new(config.scheduler, MockExecutor::new(vocab));
+        BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: false, speedup: config.speedup }, usize::MAX)
     }
 }
 
-impl Engine for MockerEngine {
-    fn worker_id(&self) -> WorkerId {
-        self.worker_id
-    }
+/// Simulates the model: step time from the fitted formula, tokens from a hash of everything before them.
+pub struct MockExecutor {
+    vocab: Arc<[u32]>,
+}
 
-    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        let needed = request.token_ids.len() + request.stop.max_tokens as usize;
-        if request.token_ids.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
-        }
-        if needed > self.max_sequence_tokens {
-            return Err(EngineError::InvalidRequest(format!(
-                "prompt plus max_tokens is {needed} tokens but this worker's KV cache holds {}",
-                self.max_sequence_tokens
-            )));
-        }
-        let (outputs, receiver) = mpsc::unbounded_channel();
-        self.inbox.send(Submission { request, outputs }).map_err(|_| EngineError::Stopped)?;
-        Ok(ResponseStream::new(receiver))
-    }
-
-    fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
-        self.events.subscribe()
-    }
-
-    fn load(&self) -> LoadMetrics {
-        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl MockExecutor {
+    pub fn new(vocab: Arc<[u32]>) -> Self {
+        let vocab = if vocab.is_empty() { (0..1000).collect() } else { vocab };
+        Self { vocab }
     }
 }
 
-struct Worker {
-    worker_id: WorkerId,
-    scheduler: Scheduler,
-    receiver: mpsc::UnboundedReceiver<Submission>,
-    load: Arc<Mutex<LoadMetrics>>,
-    events: broadcast::Sender<KvEventBatch>,
-    config: MockerConfig,
-}
+impl Executor for MockExecutor {
+    /// A mix of the seed and every token so far; decides the next token.
+    type Sampler = u64;
 
-impl Worker {
-    async fn run(mut self) {
-        let mut streams: HashMap<SeqId, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
-        let mut next_id: SeqId = 0;
-        let mut deadline = Instant::now();
-        loop {
-            if self.scheduler.is_idle() {
-                self.publish_load();
-                let Some(submission) = self.receiver.recv().await else {
-                    return;
-                };
-                self.accept(submission, &mut next_id, &mut streams);
-                deadline = Instant::now();
-            }
-            while let Ok(submission) = self.receiver.try_recv() {
-                self.accept(submission, &mut next_id, &mut streams);
-            }
-            streams.retain(|id, sender| {
-                let open = !sender.is_closed();
-                if !open {
-                    self.scheduler.abort(*id);
-                }
-                open
-            });
-            if self.scheduler.is_idle() {
-                continue;
-            }
+    fn sampler(&self, request: &PreprocessedRequest, seed: u64) -> u64 {
+        request.token_ids.iter().fold(splitmix64(seed), |s, &t| mix(s, t))
+    }
 
-            let outcome = self.scheduler.step();
-            deadline += Duration::from_secs_f64(outcome.duration_ms / 1000.0 / self.config.speedup);
-            let now = Instant::now();
-            if deadline > now {
-                tokio::time::sleep_until(deadline).await;
+    fn execute(&mut self, chunks: &mut [Chunk<'_, u64>]) -> Result<Executed, ExecError> {
+        let (mut prefill_tokens, mut decoding, mut active_kv_tokens) = (0, 0, 0);
+        for chunk in chunks.iter() {
+            if chunk.decoding {
+                decoding += 1;
+                active_kv_tokens += chunk.end;
             } else {
-                if now - deadline > MAX_LAG {
-                    deadline = now;
-                }
-                tokio::task::yield_now().await;
+                prefill_tokens += chunk.end - chunk.start;
             }
+        }
+        let sampled = chunks
+            .iter_mut()
+            .map(|chunk| {
+                chunk.samples().then(|| {
+                    let draw = splitmix64(*chunk.sampler ^ 0x5DEE_CE66_D1CE_4E5B);
+                    let token = self.vocab[(draw % self.vocab.len() as u64) as usize];
+                    *chunk.sampler = mix(*chunk.sampler, token);
+                    let logprob = chunk.logprobs.map(|top| fake_logprob(token, draw, top, &self.vocab));
+                    Sampled { token, logprob }
+                })
+            })
+            .collect();
+        Ok(Executed { sampled, simulated_ms: timing::step_ms(prefill_tokens, decoding, active_kv_tokens) })
+    }
+}
 
-            // Events first: a router that sees a request finish should already know what it left cached.
-            let events = self.scheduler.drain_events();
-            if !events.is_empty() {
-                // No subscriber is fine: events are for whoever listens.
-                let _ = self.events.send(KvEventBatch { worker_id: self.worker_id, events });
-            }
-            for (id, output) in outcome.outputs {
-                let finished = output.finish_reason.is_some();
-                let delivered = streams.get(&id).is_some_and(|s| s.send(output).is_ok());
-                if finished || !delivered {
-                    streams.remove(&id);
-                    if !finished {
-                        self.scheduler.abort(id);
-                    }
-                }
-            }
-            self.publish_load();
+/// A plausible, deterministic distribution: the sampled token is the most likely, alternatives less so.
+fn fake_logprob(token: u32, draw: u64, top: u32, vocab: &[u32]) -> TokenLogprob {
+    let logprob = -((draw >> 40) as f32 / (1u64 << 24) as f32) * 0.5;
+    let mut alternatives = vec![(token, logprob)];
+    let mut state = draw;
+    while alternatives.len() < top as usize && alternatives.len() < vocab.len() {
+        state = splitmix64(state);
+        let id = vocab[(state % vocab.len() as u64) as usize];
+        if alternatives.iter().all(|(t, _)| *t != id) {
+            alternatives.push((id, logprob - alternatives.len() as f32 * 0.75));
         }
     }
+    alternatives.truncate(top as usize);
+    TokenLogprob { token_id: token, logprob, top: alternatives }
+}
 
-    fn accept(
-        &mut self,
-        submission: Submission,
-        next_id: &mut SeqId,
-        streams: &mut HashMap<SeqId, mpsc::UnboundedSender<EngineOutput>>,
-    ) {
-        let id = *next_id;
-        *next_id += 1;
-        let sampling = &submission.request.sampling;
-        // Greedy output depends on the tokens alone; sampled output on the seed, random when none is given.
-        let seed = if sampling.temperature == 0.0 { 0 } else { sampling.seed.unwrap_or_else(rand::random) };
-        self.scheduler.add(id, &submission.request, seed);
-        streams.insert(id, submission.outputs);
-    }
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
-    fn publish_load(&self) {
-        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.scheduler.load();
-    }
+fn mix(state: u64, token: u32) -> u64 {
+    splitmix64(state ^ u64::from(token).wrapping_mul(0xD6E8_FEB8_6659_FD93))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::engine::Engine;
     use crate::core::protocol::FinishReason;
     use futures::StreamExt;
+    use std::time::Duration;
 
     fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
         PreprocessedRequest::greedy("r", tokens, max_tokens)
     }
 
-    fn fast_engine() -> MockerEngine {
+    fn fast_engine() -> BatchEngine {
         MockerEngine::spawn(1, MockerConfig { speedup: 1000.0, ..Default::default() }, (10..500).collect())
     }
 

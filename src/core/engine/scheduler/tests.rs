@@ -1,5 +1,8 @@
 use super::*;
+use crate::core::engine::mocker::{MockExecutor, timing};
 use crate::core::protocol::KvEvent;
+
+type Scheduler = super::Scheduler<MockExecutor>;
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
     PreprocessedRequest::greedy("r", tokens, max_tokens)
@@ -14,7 +17,7 @@ fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
         watermark: 0.0,
         enable_prefix_caching: true,
     };
-    Scheduler::new(config, (100..200).collect())
+    Scheduler::new(config, MockExecutor::new((100..200).collect()))
 }
 
 /// Steps until idle; returns every output per sequence and every step.
@@ -97,10 +100,10 @@ fn step_durations_follow_the_formula() {
     s.add(1, &request((0..100).collect(), 5), 0);
     let (_, steps) = run(&mut s);
     assert_eq!(steps.len(), 5);
-    assert_eq!(steps[0].duration_ms, timing::prefill_ms(100));
+    assert_eq!(steps[0].simulated_ms, timing::prefill_ms(100));
     for (i, step) in steps[1..].iter().enumerate() {
         // Decode step i computes the token at position 100 + i, so 101 + i tokens are in KV.
-        assert_eq!(step.duration_ms, timing::decode_ms(101 + i));
+        assert_eq!(step.simulated_ms, timing::decode_ms(101 + i));
     }
 }
 

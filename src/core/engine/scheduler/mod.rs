@@ -1,0 +1,417 @@
+//! The vLLM-style continuous-batching scheduler every engine that owns its KV cache shares, synchronous and
+//! free of I/O so tests can step it by hand. What a step *computes* is the `Executor`'s business: the native
+//! engine runs the model, the mocker simulates the time it would take.
+//!
+//! One `step()`:
+//! 1. Running sequences, oldest first, each get their next chunk of uncomputed tokens (1 when decoding, up to
+//!    the step's token budget when prefilling: chunked prefill). When pages run out, the newest running
+//!    sequence is preempted: its pages are released and it goes back to the front of the queue to be
+//!    recomputed.
+//! 2. Waiting sequences are admitted in order while the budget, `max_num_seqs` and free pages (keeping a
+//!    watermark) allow. Admission first reuses the longest committed prefix, which becomes `cached_tokens`.
+//! 3. The executor computes every chunk's KV into its pages and samples a token for each sequence whose
+//!    tokens are now all computed. Blocks that became full are committed (shared from then on). A sequence
+//!    that reaches a stop token (after `min_tokens`) or `max_tokens` finishes and releases its pages.
+use super::blocks::{BlockPool, KvFull, PageId};
+use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, LoadMetrics, PreprocessedRequest, TokenLogprob};
+use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Fraction of blocks kept free when admitting new sequences, so running ones can grow.
+    pub watermark: f64,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 16384,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            watermark: 0.01,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+pub type SeqId = u64;
+
+/// Runs the model (or its stand-in) over one step's chunks.
+pub trait Executor: Send + 'static {
+    /// Per-sequence sampling state (random generator, penalty counts, …).
+    type Sampler: Send;
+
+    /// The sampling state of a new request; `seed` is already resolved (random when the client gave none).
+    fn sampler(&self, request: &PreprocessedRequest, seed: u64) -> Self::Sampler;
+
+    /// Computes the KV of every chunk into its pages and samples one token for each chunk where
+    /// `chunk.samples()`. Returns one entry per chunk, in order (`None` where nothing was sampled).
+    fn execute(&mut self, chunks: &mut [Chunk<'_, Self::Sampler>]) -> Result<Executed, ExecError>;
+}
+
+/// The part of one sequence a step computes: tokens `start..end` of `tokens`, whose KV goes into `pages`.
+pub struct Chunk<'a, S> {
+    pub id: SeqId,
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub end: usize,
+    /// The sequence's block table: page `i` holds tokens `i * block_size ..`.
+    pub pages: &'a [PageId],
+    /// One new token of a sequence that has generated before (as opposed to prompt tokens).
+    pub decoding: bool,
+    pub logprobs: Option<u32>,
+    pub sampler: &'a mut S,
+}
+
+impl<S> Chunk<'_, S> {
+    /// Whether this chunk completes the sequence's tokens, so the step samples its next one.
+    pub fn samples(&self) -> bool {
+        self.end == self.tokens.len()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: Option<TokenLogprob>,
+}
+
+#[derive(Debug, Default)]
+pub struct Executed {
+    pub sampled: Vec<Option<Sampled>>,
+    /// How long the step would have taken on real hardware (mocker only; real engines take real time).
+    pub simulated_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ExecError(pub String);
+
+struct Sequence<S> {
+    id: SeqId,
+    tokens: Vec<u32>,
+    computed: usize,
+    /// Block table; the first `committed.len()` pages are committed under these hashes.
+    pages: Vec<PageId>,
+    committed: Vec<BlockHash>,
+    generated: u32,
+    max_tokens: u32,
+    min_tokens: u32,
+    stop_token_ids: Vec<u32>,
+    logprobs: Option<u32>,
+    sampler: S,
+    cached_tokens: Option<u32>,
+    reported_cached: bool,
+}
+
+/// What one step did.
+#[derive(Debug, Default)]
+pub struct StepOutcome {
+    pub simulated_ms: f64,
+    pub prefill_tokens: usize,
+    pub decoding: usize,
+    pub outputs: Vec<(SeqId, EngineOutput)>,
+}
+
+pub struct Scheduler<X: Executor> {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    waiting: VecDeque<Sequence<X::Sampler>>,
+    running: Vec<Sequence<X::Sampler>>,
+    executor: X,
+}
+
+impl<X: Executor> Scheduler<X> {
+    pub fn new(config: SchedulerConfig, executor: X) -> Self {
+        Self {
+            pool: BlockPool::new(config.num_blocks),
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            executor,
+        }
+    }
+
+    pub fn executor(&self) -> &X {
+        &self.executor
+    }
+
+    /// The most tokens (prompt + generated) one request may need.
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.config.num_blocks * self.config.block_size
+    }
+
+    pub fn add(&mut self, id: SeqId, request: &PreprocessedRequest, seed: u64) {
+        self.waiting.push_back(Sequence {
+            id,
+            tokens: request.token_ids.clone(),
+            computed: 0,
+            pages: Vec::new(),
+            committed: Vec::new(),
+            generated: 0,
+            max_tokens: request.stop.max_tokens,
+            min_tokens: request.stop.min_tokens,
+            stop_token_ids: request.stop.stop_token_ids.clone(),
+            logprobs: request.logprobs,
+            sampler: self.executor.sampler(request, seed),
+            cached_tokens: None,
+            reported_cached: false,
+        });
+    }
+
+    /// Drops a request wherever it is and frees its pages; false if it was not here.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        if let Some(at) = self.running.iter().position(|s| s.id == id) {
+            let mut seq = self.running.remove(at);
+            release(&mut self.pool, &mut seq);
+            return true;
+        }
+        if let Some(at) = self.waiting.iter().position(|s| s.id == id) {
+            if let Some(mut seq) = self.waiting.remove(at) {
+                release(&mut self.pool, &mut seq);
+            }
+            return true;
+        }
+        false
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn load(&self) -> LoadMetrics {
+        LoadMetrics {
+            requests_running: self.running.len() as u32,
+            requests_waiting: self.waiting.len() as u32,
+            kv_active_blocks: self.pool.active_blocks() as u64,
+            kv_cached_blocks: self.pool.cached_blocks() as u64,
+            kv_total_blocks: self.pool.capacity() as u64,
+        }
+    }
+
+    pub fn drain_events(&mut self) -> Vec<KvEvent> {
+        self.pool.drain_events()
+    }
+
+    pub fn step(&mut self) -> StepOutcome {
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut sizes: Vec<usize> = Vec::new();
+        self.schedule_running(&mut budget, &mut sizes);
+        self.admit_waiting(&mut budget, &mut sizes);
+
+        let mut outcome = StepOutcome::default();
+        let mut chunks: Vec<Chunk<'_, X::Sampler>> = self
+            .running
+            .iter_mut()
+            .zip(&sizes)
+            .map(|(seq, &size)| {
+                let decoding = size == 1 && seq.generated > 0 && seq.computed + 1 == seq.tokens.len();
+                if decoding {
+                    outcome.decoding += 1;
+                } else {
+                    outcome.prefill_tokens += size;
+                }
+                Chunk {
+                    id: seq.id,
+                    tokens: &seq.tokens,
+                    start: seq.computed,
+                    end: seq.computed + size,
+                    pages: &seq.pages,
+                    decoding,
+                    logprobs: seq.logprobs,
+                    sampler: &mut seq.sampler,
+                }
+            })
+            .collect();
+        let executed = match self.executor.execute(&mut chunks) {
+            Ok(executed) if executed.sampled.len() == sizes.len() => Ok(executed),
+            Ok(executed) => Err(ExecError(format!(
+                "the executor returned {} results for {} chunks",
+                executed.sampled.len(),
+                sizes.len()
+            ))),
+            Err(e) => Err(e),
+        };
+        drop(chunks);
+        let executed = match executed {
+            Ok(executed) => executed,
+            Err(e) => {
+                self.fail_batch(sizes.len(), &e, &mut outcome);
+                return outcome;
+            }
+        };
+        outcome.simulated_ms = executed.simulated_ms;
+
+        let mut finished = Vec::new();
+        for (at, (&size, sampled)) in sizes.iter().zip(executed.sampled).enumerate() {
+            let seq = &mut self.running[at];
+            seq.computed += size;
+            if self.config.enable_prefix_caching {
+                commit_full_blocks(&mut self.pool, seq, self.config.block_size);
+            }
+            let Some(sampled) = sampled else {
+                continue;
+            };
+            let output = finish_token(seq, sampled);
+            if output.finish_reason.is_some() {
+                finished.push(at);
+            }
+            outcome.outputs.push((seq.id, output));
+        }
+        for at in finished.into_iter().rev() {
+            let mut seq = self.running.remove(at);
+            release(&mut self.pool, &mut seq);
+        }
+        outcome
+    }
+
+    /// Finishes every scheduled sequence with an error (a failed step leaves their KV undefined).
+    fn fail_batch(&mut self, scheduled: usize, error: &ExecError, outcome: &mut StepOutcome) {
+        tracing::error!("engine step failed: {error}");
+        for mut seq in self.running.drain(..scheduled).collect::<Vec<_>>() {
+            release(&mut self.pool, &mut seq);
+            let output = EngineOutput {
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: Some(FinishReason::Error(error.0.clone())),
+                cached_tokens: None,
+            };
+            outcome.outputs.push((seq.id, output));
+        }
+    }
+
+    fn schedule_running(&mut self, budget: &mut usize, sizes: &mut Vec<usize>) {
+        let mut at = 0;
+        while at < self.running.len() && *budget > 0 {
+            let need = self.running[at].tokens.len() - self.running[at].computed;
+            let size = need.min(*budget);
+            match reserve(&mut self.pool, &mut self.running[at], size, self.config.block_size) {
+                Ok(()) => {
+                    sizes.push(size);
+                    *budget -= size;
+                    at += 1;
+                }
+                Err(KvFull) => {
+                    // Preempt the newest sequence; if that is this one, it simply waits.
+                    if let Some(mut victim) = self.running.pop() {
+                        release(&mut self.pool, &mut victim);
+                        self.waiting.push_front(victim);
+                    }
+                }
+            }
+        }
+        // Sequences past `at` sit this step out. The budget is spent then, so nothing is admitted after them
+        // and `sizes[i]` stays the chunk size of `running[i]`.
+    }
+
+    fn admit_waiting(&mut self, budget: &mut usize, sizes: &mut Vec<usize>) {
+        let block_size = self.config.block_size;
+        let watermark = (self.config.watermark * self.config.num_blocks as f64).ceil() as usize;
+        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            // At least one prompt token is always computed, so the whole prompt is never a cache hit.
+            let prefix = if self.config.enable_prefix_caching {
+                let hashes = block_hashes(&seq.tokens[..seq.tokens.len() - 1], block_size);
+                let matched = self.pool.cached_prefix(&hashes);
+                hashes[..matched].to_vec()
+            } else {
+                Vec::new()
+            };
+            let start = prefix.len() * block_size;
+            let size = (seq.tokens.len() - start).min(*budget);
+            let needed = (start + size).div_ceil(block_size) - prefix.len();
+            let available = self.pool.available().saturating_sub(self.pool.count_unreferenced(&prefix));
+            let keep_free = if self.running.is_empty() { 0 } else { watermark };
+            if available < needed + keep_free {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            for block in &prefix {
+                // Cannot fail: `cached_prefix` just saw every one of them committed.
+                if let Some(page) = self.pool.acquire(block.sequence) {
+                    seq.pages.push(page);
+                    seq.committed.push(*block);
+                }
+            }
+            seq.computed = seq.committed.len() * block_size;
+            seq.cached_tokens.get_or_insert(seq.computed as u32);
+            if reserve(&mut self.pool, &mut seq, size, block_size).is_err() {
+                release(&mut self.pool, &mut seq);
+                self.waiting.push_front(seq);
+                break;
+            }
+            sizes.push(size);
+            *budget -= size;
+            self.running.push(seq);
+        }
+    }
+}
+
+/// Returns every page of `seq` to the pool, tail first so the tail is evicted first.
+fn release<S>(pool: &mut BlockPool, seq: &mut Sequence<S>) {
+    for page in seq.pages.drain(..).rev() {
+        pool.release(page);
+    }
+    seq.committed.clear();
+    seq.computed = 0;
+}
+
+/// Gives `seq` the pages for its next `size` tokens, all or nothing.
+fn reserve<S>(pool: &mut BlockPool, seq: &mut Sequence<S>, size: usize, block_size: usize) -> Result<(), KvFull> {
+    let needed = (seq.computed + size).div_ceil(block_size).saturating_sub(seq.pages.len());
+    if pool.available() < needed {
+        return Err(KvFull);
+    }
+    for _ in 0..needed {
+        seq.pages.push(pool.allocate()?);
+    }
+    Ok(())
+}
+
+/// Commits the blocks of `seq` whose tokens are now all computed.
+fn commit_full_blocks<S>(pool: &mut BlockPool, seq: &mut Sequence<S>, block_size: usize) {
+    while seq.committed.len() < seq.computed / block_size {
+        let at = seq.committed.len();
+        let parent = seq.committed.last().map(|b| b.sequence);
+        let local = local_block_hash(&seq.tokens[at * block_size..(at + 1) * block_size]);
+        let block = BlockHash { local, sequence: chain_hash(parent, local) };
+        seq.pages[at] = pool.commit(seq.pages[at], parent, block);
+        seq.committed.push(block);
+    }
+}
+
+/// Appends a sampled token and decides whether the sequence is done.
+fn finish_token<S>(seq: &mut Sequence<S>, sampled: Sampled) -> EngineOutput {
+    let token = sampled.token;
+    seq.tokens.push(token);
+    seq.generated += 1;
+    let finish_reason = if seq.generated >= seq.min_tokens && seq.stop_token_ids.contains(&token) {
+        Some(FinishReason::StopToken(token))
+    } else if seq.generated >= seq.max_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let cached_tokens = if seq.reported_cached { None } else { seq.cached_tokens };
+    seq.reported_cached = true;
+    EngineOutput {
+        token_ids: vec![token],
+        logprobs: sampled.logprob.into_iter().collect(),
+        finish_reason,
+        cached_tokens,
+    }
+}
+
+#[cfg(test)]
+mod tests;
