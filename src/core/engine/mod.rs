@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod blocks;
 pub mod mocker;
+pub mod native;
 pub mod scheduler;
 
 use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};

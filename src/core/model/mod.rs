@@ -36,6 +36,17 @@ const BUILTIN_FILES: &[(&str, &str)] = &[
     ("tokenizer_config.json", include_str!("../../../testdata/tiny-chat/tokenizer_config.json")),
 ];
 
+/// The built-in model's weights (f32 safetensors), for the native engine.
+pub const BUILTIN_WEIGHTS: &[u8] = include_bytes!("../../../testdata/tiny-chat/model.safetensors");
+
+/// The model's `config.json`, for engines that need the architecture.
+pub fn read_config(source: &ModelSource) -> Result<serde_json::Value, ModelError> {
+    let files = ModelFiles::read(source)?;
+    files
+        .json("config.json")?
+        .ok_or_else(|| ModelError::MissingFile { file: "config.json".into(), origin: files.origin })
+}
+
 /// Everything the frontend needs to turn requests into token ids and token ids back into text.
 pub struct Model {
     pub card: ModelCard,

@@ -1,0 +1,74 @@
+//! The op-level seam between the model and the hardware. The model is written once against `Backend`;
+//! the CPU implementation is `cpu`, a CUDA one slots in beside it. Index arguments (token ids, positions,
+//! slots, block tables) are host slices: a device backend uploads them once per step.
+use super::weights::HostTensor;
+
+/// Where one sequence's tokens sit in a step's batch and where its KV lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionSeq {
+    /// First row of this sequence in the batch.
+    pub first_row: usize,
+    pub rows: usize,
+    /// Position of the first row; row `i` attends to positions `0..=first_position + i`.
+    pub first_position: usize,
+    /// Page of each block of positions.
+    pub block_table: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// f32 activations, norms and biases.
+    type Vector: Send + Sync;
+    /// A weight matrix `[rows = out features, cols = in features]` in its storage type.
+    type Matrix: Send + Sync;
+    /// One layer's K or V pages: `[page, slot in page, kv head, head_dim]`.
+    type Pages: Send + Sync;
+
+    fn describe(&self) -> String;
+    fn vector(&self, data: &[f32]) -> Self::Vector;
+    fn zeros(&self, len: usize) -> Self::Vector;
+    fn matrix(&self, tensor: HostTensor) -> Self::Matrix;
+    fn pages(&self, num_pages: usize, page_len: usize) -> Self::Pages;
+    fn to_host(&self, v: &Self::Vector) -> Vec<f32>;
+
+    /// `out[i] = table[ids[i]]`.
+    fn embedding(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Vector);
+    /// `out[n × rows] = x[n × cols] · wᵀ (+ bias)`. Like every op, it resizes `out` as needed.
+    fn matmul(&self, x: &Self::Vector, w: &Self::Matrix, bias: Option<&Self::Vector>, out: &mut Self::Vector);
+    /// Root-mean-square norm of every `dim`-long row.
+    fn rms_norm(&self, x: &Self::Vector, weight: &Self::Vector, dim: usize, eps: f32, out: &mut Self::Vector);
+    /// Rotary embedding in place on `[rows, heads, head_dim]`, rotating half against half.
+    fn rope(&self, x: &mut Self::Vector, positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]);
+    /// `gate = silu(gate) · up`.
+    fn silu_mul(&self, gate: &mut Self::Vector, up: &Self::Vector);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Vector, y: &Self::Vector);
+    /// Picks rows `rows` of a `[_, dim]` matrix.
+    fn gather_rows(&self, x: &Self::Vector, dim: usize, rows: &[usize]) -> Self::Vector;
+    /// Stores each row's K and V (`[rows, kv heads, head_dim]`) at its slot (`page · block_size + offset`).
+    fn write_kv(
+        &self,
+        k: &Self::Vector,
+        v: &Self::Vector,
+        slots: &[u32],
+        k_pages: &mut Self::Pages,
+        v_pages: &mut Self::Pages,
+    );
+    /// Causal attention of every row's query over its sequence's paged K/V (which already holds this step's rows).
+    fn paged_attention(
+        &self,
+        q: &Self::Vector,
+        k_pages: &Self::Pages,
+        v_pages: &Self::Pages,
+        seqs: &[AttentionSeq],
+        shape: &AttentionShape,
+        out: &mut Self::Vector,
+    );
+}

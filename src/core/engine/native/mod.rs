@@ -1,0 +1,126 @@
+//! The built-in engine: a dense Llama/Qwen decoder run by the shared scheduler over a paged KV cache.
+//!
+//! `config` reads the architecture, `weights` the safetensors, `model` is the forward pass written against
+//! the op-level `backend` seam (`cpu` implements it), and `sampler` picks tokens. `NativeExecutor` is what the
+//! scheduler calls each step: it flattens the step's chunks into one batch, runs the model once, and samples.
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod model;
+pub mod sampler;
+pub mod weights;
+
+use super::batch::{BatchEngine, Pacing};
+use super::scheduler::{Chunk, ExecError, Executed, Executor, Scheduler, SchedulerConfig};
+use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
+use crate::core::protocol::{PreprocessedRequest, WorkerId};
+use backend::Backend;
+use config::{ConfigError, ModelConfig};
+use cpu::CpuBackend;
+use model::{ForwardBatch, KvCache, Transformer};
+use sampler::SeqSampler;
+use std::sync::Arc;
+use weights::{WeightError, WeightFiles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error("cannot start {threads} compute threads: {detail}")]
+    Threads { threads: usize, detail: String },
+    #[error("--kv-cache-gib {gib} holds no KV block of this model ({page_bytes} bytes each); give it more memory")]
+    NoKvMemory { gib: f64, page_bytes: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeSettings {
+    /// Compute threads shared by this process's native workers.
+    pub threads: usize,
+    /// Memory for each worker's KV cache; decides `scheduler.num_blocks` unless that is given.
+    pub kv_cache_gib: f64,
+    pub num_blocks: Option<usize>,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Loads a model on the CPU, reporting `(layers done, layers)` as it goes.
+pub fn load_cpu(
+    source: &ModelSource,
+    threads: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<Arc<Transformer<CpuBackend>>, NativeError> {
+    let config = ModelConfig::parse(&read_config(source)?)?;
+    let files = match source {
+        ModelSource::Dir(dir) => WeightFiles::open(dir)?,
+        ModelSource::Builtin => WeightFiles::from_static("built-in tiny-chat weights", BUILTIN_WEIGHTS)?,
+    };
+    let backend = CpuBackend::new(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?;
+    Ok(Arc::new(Transformer::load(backend, config, &files, progress)?))
+}
+
+/// Starts a worker on a loaded model (workers of one process share the weights, each has its own KV cache).
+pub fn spawn<B: Backend>(
+    worker_id: WorkerId,
+    model: Arc<Transformer<B>>,
+    settings: &NativeSettings,
+) -> Result<BatchEngine, NativeError> {
+    let mut scheduler_config = settings.scheduler.clone();
+    let page_bytes = Transformer::<B>::page_bytes(&model.config, scheduler_config.block_size);
+    scheduler_config.num_blocks =
+        settings.num_blocks.unwrap_or((settings.kv_cache_gib * (1u64 << 30) as f64 / page_bytes as f64) as usize);
+    if scheduler_config.num_blocks == 0 {
+        return Err(NativeError::NoKvMemory { gib: settings.kv_cache_gib, page_bytes });
+    }
+    let context = model.config.max_position_embeddings;
+    let executor = NativeExecutor::new(model, scheduler_config.num_blocks, scheduler_config.block_size);
+    let scheduler = Scheduler::new(scheduler_config, executor);
+    Ok(BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: true, speedup: 1.0 }, context))
+}
+
+/// Runs the real model for the scheduler.
+pub struct NativeExecutor<B: Backend> {
+    model: Arc<Transformer<B>>,
+    cache: KvCache<B>,
+    block_size: usize,
+}
+
+impl<B: Backend> NativeExecutor<B> {
+    pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Self {
+        let cache = model.new_cache(num_pages, block_size);
+        Self { model, cache, block_size }
+    }
+}
+
+impl<B: Backend> Executor for NativeExecutor<B> {
+    type Sampler = SeqSampler;
+
+    fn sampler(&self, request: &PreprocessedRequest, seed: u64) -> SeqSampler {
+        SeqSampler::new(request, seed)
+    }
+
+    fn execute(&mut self, chunks: &mut [Chunk<'_, SeqSampler>]) -> Result<Executed, ExecError> {
+        let mut batch = ForwardBatch::default();
+        for chunk in chunks.iter() {
+            batch.push_seq(chunk.tokens, chunk.start, chunk.end, chunk.pages, self.block_size, chunk.samples());
+        }
+        let logits = self.model.forward(&mut self.cache, &batch, self.block_size);
+        let mut rows = logits.chunks_exact(self.model.config.vocab_size);
+        let sampled = chunks
+            .iter_mut()
+            .map(|chunk| {
+                if !chunk.samples() {
+                    return Ok(None);
+                }
+                let row = rows.next().ok_or_else(|| ExecError("the model returned too few logit rows".into()))?;
+                Ok(Some(chunk.sampler.sample(row, chunk.tokens, chunk.logprobs)))
+            })
+            .collect::<Result<_, ExecError>>()?;
+        Ok(Executed { sampled, simulated_ms: 0.0 })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! The dense decoder (Llama / Mistral / Qwen2 / Qwen3) written once against `Backend`: weights, the paged KV
+//! cache of every layer, and the forward pass over one step's batch of chunks from many sequences.
+//!
+//! Each layer writes the whole batch's K/V into the pages before any row attends, so a row always sees every
+//! earlier position of its sequence, whether computed in an earlier step or in this one.
+use super::backend::{AttentionSeq, AttentionShape, Backend};
+use super::config::{ModelConfig, RopeScaling};
+use super::weights::{WeightError, WeightFiles};
+
+struct Layer<B: Backend> {
+    input_norm: B::Vector,
+    q: B::Matrix,
+    k: B::Matrix,
+    v: B::Matrix,
+    o: B::Matrix,
+    qkv_bias: Option<[B::Vector; 3]>,
+    /// Qwen3's per-head RMS norm of queries and keys.
+    qk_norm: Option<[B::Vector; 2]>,
+    post_norm: B::Vector,
+    gate: B::Matrix,
+    up: B::Matrix,
+    down: B::Matrix,
+}
+
+pub struct Transformer<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    embed: B::Matrix,
+    layers: Vec<Layer<B>>,
+    norm: B::Vector,
+    /// `None` when tied to the embedding.
+    lm_head: Option<B::Matrix>,
+    inv_freq: Vec<f32>,
+}
+
+/// Every layer's K and V pages.
+pub struct KvCache<B: Backend> {
+    layers: Vec<(B::Pages, B::Pages)>,
+}
+
+/// One step's rows, flattened over its sequences.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ForwardBatch {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Page slot each row's K/V goes to.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<AttentionSeq>,
+    /// Rows whose logits are wanted (the last row of each sequence that samples).
+    pub logit_rows: Vec<usize>,
+}
+
+impl ForwardBatch {
+    /// Adds tokens `start..end` of a sequence whose block table is `pages`.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        end: usize,
+        pages: &[u32],
+        block_size: usize,
+        wants_logits: bool,
+    ) {
+        let first_row = self.token_ids.len();
+        for position in start..end {
+            self.token_ids.push(tokens[position]);
+            self.positions.push(position as u32);
+            self.slots.push(pages[position / block_size] * block_size as u32 + (position % block_size) as u32);
+        }
+        self.seqs.push(AttentionSeq {
+            first_row,
+            rows: end - start,
+            first_position: start,
+            block_table: pages.to_vec(),
+        });
+        if wants_logits && end > start {
+            self.logit_rows.push(first_row + end - start - 1);
+        }
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    pub fn load(
+        backend: B,
+        config: ModelConfig,
+        files: &WeightFiles,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, WeightError> {
+        let (h, kv) = (config.hidden_size, config.num_kv_heads * config.head_dim);
+        let q_width = config.num_heads * config.head_dim;
+        let vector = |name: &str, len: usize| -> Result<B::Vector, WeightError> {
+            Ok(backend.vector(&files.read(name, &[len], false)?.data.to_f32()))
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix, WeightError> {
+            Ok(backend.matrix(files.read(name, &[rows, cols], true)?))
+        };
+        let embed = matrix("model.embed_tokens.weight", config.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            progress(i, config.num_layers);
+            let p = format!("model.layers.{i}");
+            let qkv_bias = if config.qkv_bias {
+                Some([
+                    vector(&format!("{p}.self_attn.q_proj.bias"), q_width)?,
+                    vector(&format!("{p}.self_attn.k_proj.bias"), kv)?,
+                    vector(&format!("{p}.self_attn.v_proj.bias"), kv)?,
+                ])
+            } else {
+                None
+            };
+            let qk_norm = if config.qk_norm {
+                Some([
+                    vector(&format!("{p}.self_attn.q_norm.weight"), config.head_dim)?,
+                    vector(&format!("{p}.self_attn.k_norm.weight"), config.head_dim)?,
+                ])
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q: matrix(&format!("{p}.self_attn.q_proj.weight"), q_width, h)?,
+                k: matrix(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
+                v: matrix(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
+                o: matrix(&format!("{p}.self_attn.o_proj.weight"), h, q_width)?,
+                qkv_bias,
+                qk_norm,
+                post_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: matrix(&format!("{p}.mlp.gate_proj.weight"), config.intermediate_size, h)?,
+                up: matrix(&format!("{p}.mlp.up_proj.weight"), config.intermediate_size, h)?,
+                down: matrix(&format!("{p}.mlp.down_proj.weight"), h, config.intermediate_size)?,
+            });
+        }
+        progress(config.num_layers, config.num_layers);
+        let norm = vector("model.norm.weight", h)?;
+        // Some tied checkpoints still ship lm_head; the embedding is the same matrix then.
+        let lm_head = if config.tie_word_embeddings || !files.contains("lm_head.weight") {
+            if !config.tie_word_embeddings {
+                return Err(WeightError::Missing { name: "lm_head.weight".into() });
+            }
+            None
+        } else {
+            Some(matrix("lm_head.weight", config.vocab_size, h)?)
+        };
+        let inv_freq = inverse_frequencies(&config);
+        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn new_cache(&self, num_pages: usize, block_size: usize) -> KvCache<B> {
+        let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;
+        KvCache {
+            layers: (0..self.config.num_layers)
+                .map(|_| (self.backend.pages(num_pages, page_len), self.backend.pages(num_pages, page_len)))
+                .collect(),
+        }
+    }
+
+    /// Bytes of KV one page holds over all layers (f32 pages).
+    pub fn page_bytes(config: &ModelConfig, block_size: usize) -> usize {
+        2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Runs the batch, writing its K/V into `cache`; returns `logit_rows.len() × vocab` logits.
+    pub fn forward(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Vec<f32> {
+        let b = &self.backend;
+        let c = &self.config;
+        let shape =
+            AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size };
+        let mut hidden = b.zeros(0);
+        b.embedding(&self.embed, &batch.token_ids, &mut hidden);
+        let (mut x, mut q, mut k, mut v, mut attn, mut projected) =
+            (b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0));
+        let (mut gate, mut up) = (b.zeros(0), b.zeros(0));
+        for (layer, (k_pages, v_pages)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            b.rms_norm(&hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, &mut x);
+            let [q_bias, k_bias, v_bias] = match &layer.qkv_bias {
+                Some([qb, kb, vb]) => [Some(qb), Some(kb), Some(vb)],
+                None => [None, None, None],
+            };
+            b.matmul(&x, &layer.q, q_bias, &mut q);
+            b.matmul(&x, &layer.k, k_bias, &mut k);
+            b.matmul(&x, &layer.v, v_bias, &mut v);
+            if let Some([q_norm, k_norm]) = &layer.qk_norm {
+                b.rms_norm(&q, q_norm, c.head_dim, c.rms_norm_eps, &mut attn);
+                std::mem::swap(&mut q, &mut attn);
+                b.rms_norm(&k, k_norm, c.head_dim, c.rms_norm_eps, &mut attn);
+                std::mem::swap(&mut k, &mut attn);
+            }
+            b.rope(&mut q, &batch.positions, c.num_heads, c.head_dim, &self.inv_freq);
+            b.rope(&mut k, &batch.positions, c.num_kv_heads, c.head_dim, &self.inv_freq);
+            b.write_kv(&k, &v, &batch.slots, k_pages, v_pages);
+            b.paged_attention(&q, k_pages, v_pages, &batch.seqs, &shape, &mut attn);
+            b.matmul(&attn, &layer.o, None, &mut projected);
+            b.add(&mut hidden, &projected);
+
+            b.rms_norm(&hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, &mut x);
+            b.matmul(&x, &layer.gate, None, &mut gate);
+            b.matmul(&x, &layer.up, None, &mut up);
+            b.silu_mul(&mut gate, &up);
+            b.matmul(&gate, &layer.down, None, &mut projected);
+            b.add(&mut hidden, &projected);
+        }
+        // Only the rows that sample need the (vocabulary-wide, expensive) head.
+        let last = b.gather_rows(&hidden, c.hidden_size, &batch.logit_rows);
+        b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, &mut x);
+        let mut logits = b.zeros(0);
+        b.matmul(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits);
+        b.to_host(&logits)
+    }
+}
+
+/// Rotary frequencies, in f32 as transformers computes them, with Llama 3's scaling applied.
+fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / config.rope_theta.powf((2 * i) as f32 / dim as f32);
+            match config.rope_scaling {
+                RopeScaling::None => freq,
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    let (low_wavelen, high_wavelen) =
+                        (original_max_position / low_freq_factor, original_max_position / high_freq_factor);
+                    if wavelen < high_wavelen {
+                        freq
+                    } else if wavelen > low_wavelen {
+                        freq / factor
+                    } else {
+                        let smooth =
+                            (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * freq / factor + smooth * freq
+                    }
+                }
+            }
+        })
+        .collect()
+}

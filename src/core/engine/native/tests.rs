@@ -1,0 +1,267 @@
+//! The engine against transformers' golden outputs, and against itself under batching, chunking, paging and
+//! prefix caching (each of which must not change a single token).
+use super::*;
+use crate::core::engine::blocks::PageId;
+use crate::core::engine::scheduler::SeqId;
+use crate::core::protocol::{EngineOutput, SamplingOptions};
+use backend::{AttentionSeq, AttentionShape};
+use std::path::{Path, PathBuf};
+
+struct Golden {
+    prompt_ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    greedy_ids: Vec<u32>,
+}
+
+fn testdata(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(path)
+}
+
+fn golden(file: &str) -> Golden {
+    let text = std::fs::read_to_string(testdata(file)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |key: &str| -> Vec<u32> { serde_json::from_value(json[key].clone()).unwrap() };
+    Golden {
+        prompt_ids: ids("prompt_ids"),
+        logits: serde_json::from_value(json["logits"].clone()).unwrap(),
+        greedy_ids: ids("greedy_ids"),
+    }
+}
+
+/// (model source, golden file)
+fn fixtures() -> Vec<(ModelSource, &'static str)> {
+    vec![
+        (ModelSource::Builtin, "golden/tiny-chat.json"),
+        (ModelSource::Dir(testdata("golden/llama")), "golden/llama/golden.json"),
+        (ModelSource::Dir(testdata("golden/qwen3")), "golden/qwen3/golden.json"),
+    ]
+}
+
+fn load(source: &ModelSource) -> Arc<Transformer<CpuBackend>> {
+    load_cpu(source, 2, |_, _| {}).unwrap()
+}
+
+fn scheduler(
+    model: Arc<Transformer<CpuBackend>>,
+    budget: usize,
+    num_blocks: usize,
+) -> Scheduler<NativeExecutor<CpuBackend>> {
+    let config = SchedulerConfig {
+        block_size: 4,
+        num_blocks,
+        max_num_seqs: 16,
+        max_num_batched_tokens: budget,
+        watermark: 0.0,
+        enable_prefix_caching: true,
+    };
+    Scheduler::new(config.clone(), NativeExecutor::new(model, num_blocks, config.block_size))
+}
+
+fn greedy(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
+    let mut request = PreprocessedRequest::greedy("t", tokens, max_tokens);
+    request.logprobs = Some(1);
+    request
+}
+
+fn run(s: &mut Scheduler<NativeExecutor<CpuBackend>>) -> Vec<(SeqId, EngineOutput)> {
+    let mut outputs = Vec::new();
+    while !s.is_idle() {
+        outputs.extend(s.step().outputs);
+    }
+    outputs
+}
+
+/// Tokens and their logprobs, per sequence.
+fn of(outputs: &[(SeqId, EngineOutput)], id: SeqId) -> (Vec<u32>, Vec<f32>) {
+    outputs.iter().filter(|(i, _)| *i == id).map(|(_, o)| (o.token_ids[0], o.logprobs[0].logprob)).unzip()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(worst < tolerance, "{what}: max |Δ| = {worst} ≥ {tolerance}");
+}
+
+#[test]
+fn logits_match_transformers_at_every_prompt_position() {
+    for (source, file) in fixtures() {
+        let model = load(&source);
+        let golden = golden(file);
+        let n = golden.prompt_ids.len();
+        let pages: Vec<PageId> = (0..n.div_ceil(4) as PageId).collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&golden.prompt_ids, 0, n, &pages, 4, true);
+        batch.logit_rows = (0..n).collect();
+        let mut cache = model.new_cache(pages.len(), 4);
+        let logits = model.forward(&mut cache, &batch, 4);
+        // f32 throughout (bf16 weights are upcast the same way in the fixture), so only summation order differs.
+        assert_close(&logits, &golden.logits.concat(), 1e-4, file);
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for (source, file) in fixtures() {
+        let golden = golden(file);
+        let mut s = scheduler(load(&source), 1024, 64);
+        s.add(1, &greedy(golden.prompt_ids.clone(), golden.greedy_ids.len() as u32), 0);
+        assert_eq!(of(&run(&mut s), 1).0, golden.greedy_ids, "{file}");
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let golden = golden("golden/tiny-chat.json");
+    vec![golden.prompt_ids.clone(), golden.prompt_ids[3..].to_vec(), (100..107).collect(), (300..340).collect()]
+}
+
+#[test]
+fn a_batch_equals_each_sequence_alone() {
+    let model = load(&ModelSource::Dir(testdata("golden/llama")));
+    let alone: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| {
+            let mut s = scheduler(model.clone(), 1024, 64);
+            s.add(0, &greedy(p, 8), 0);
+            of(&run(&mut s), 0)
+        })
+        .collect();
+    let mut s = scheduler(model, 1024, 64);
+    for (i, p) in prompts().into_iter().enumerate() {
+        s.add(i as SeqId, &greedy(p, 8), 0);
+    }
+    let together = run(&mut s);
+    for (i, (tokens, logprobs)) in alone.iter().enumerate() {
+        let (t, l) = of(&together, i as SeqId);
+        assert_eq!(&t, tokens, "sequence {i}");
+        assert_close(&l, logprobs, 1e-4, "logprobs");
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    let model = load(&ModelSource::Builtin);
+    let prompt = prompts()[3].clone();
+    let mut one_shot = scheduler(model.clone(), 1024, 64);
+    one_shot.add(0, &greedy(prompt.clone(), 6), 0);
+    // A budget of 7 splits the 40-token prompt into chunks that straddle block boundaries.
+    let mut chunked = scheduler(model, 7, 64);
+    chunked.add(0, &greedy(prompt, 6), 0);
+    let (a, b) = (of(&run(&mut one_shot), 0), of(&run(&mut chunked), 0));
+    assert_eq!(a.0, b.0);
+    assert_close(&a.1, &b.1, 1e-4, "logprobs");
+}
+
+#[test]
+fn a_prefix_cache_hit_gives_the_same_output_as_a_cold_run() {
+    let model = load(&ModelSource::Dir(testdata("golden/qwen3")));
+    let prompt = prompts()[3].clone();
+    let mut s = scheduler(model, 1024, 64);
+    s.add(0, &greedy(prompt.clone(), 6), 0);
+    let cold = run(&mut s);
+    s.add(1, &greedy(prompt, 6), 0);
+    let warm = run(&mut s);
+    assert_eq!(warm[0].1.cached_tokens, Some(36), "9 of 10 blocks reused");
+    let (a, b) = (of(&cold, 0), of(&warm, 1));
+    assert_eq!(a.0, b.0);
+    assert_close(&a.1, &b.1, 1e-5, "logprobs");
+}
+
+#[test]
+fn preemption_under_memory_pressure_changes_no_token() {
+    let model = load(&ModelSource::Builtin);
+    let alone: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| {
+            let mut s = scheduler(model.clone(), 1024, 64);
+            s.add(0, &greedy(p, 12), 0);
+            of(&run(&mut s), 0).0
+        })
+        .collect();
+    // The four need 40 blocks at their longest; 20 forces preemption and recompute.
+    let mut s = scheduler(model, 1024, 20);
+    for (i, p) in prompts().into_iter().enumerate() {
+        s.add(i as SeqId, &greedy(p, 12), 0);
+    }
+    let together = run(&mut s);
+    for (i, tokens) in alone.iter().enumerate() {
+        assert_eq!(&of(&together, i as SeqId).0, tokens, "sequence {i}");
+    }
+    assert_eq!(s.load().kv_active_blocks, 0);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_through_the_engine() {
+    let model = load(&ModelSource::Builtin);
+    let sample = |seed| {
+        let mut s = scheduler(model.clone(), 1024, 64);
+        let mut request = greedy(prompts()[0].clone(), 10);
+        request.sampling = SamplingOptions { temperature: 1.5, ..SamplingOptions::default() };
+        s.add(0, &request, seed);
+        of(&run(&mut s), 0).0
+    };
+    assert_eq!(sample(5), sample(5));
+    assert_ne!(sample(5), sample(6));
+}
+
+/// Paged attention over a shuffled block table against plain causal attention over contiguous K/V.
+#[test]
+fn paged_attention_equals_contiguous_attention() {
+    let backend = CpuBackend::new(2).unwrap();
+    let (heads, kv_heads, dim, block) = (4, 2, 8, 4);
+    let shape = AttentionShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: dim, block_size: block };
+    let rows = 11;
+    let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+    let q: Vec<f32> = (0..rows * heads * dim).map(value).collect();
+    let k: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 17)).collect();
+    let v: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 91)).collect();
+    let table = vec![5u32, 0, 3];
+    let slots: Vec<u32> = (0..rows).map(|p| table[p / block] * block as u32 + (p % block) as u32).collect();
+    let (mut k_pages, mut v_pages) =
+        (backend.pages(6, block * kv_heads * dim), backend.pages(6, block * kv_heads * dim));
+    backend.write_kv(&k, &v, &slots, &mut k_pages, &mut v_pages);
+    let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table }];
+    let mut out = Vec::new();
+    backend.paged_attention(&q, &k_pages, &v_pages, &seqs, &shape, &mut out);
+
+    let mut expected = vec![0.0f32; q.len()];
+    for r in 0..rows {
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            let qv = &q[(r * heads + h) * dim..][..dim];
+            let scores: Vec<f64> = (0..=r)
+                .map(|p| {
+                    let kv = &k[(p * kv_heads + kvh) * dim..][..dim];
+                    qv.iter().zip(kv).map(|(a, b)| f64::from(a * b)).sum::<f64>() / (dim as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (p, s) in scores.iter().enumerate() {
+                let weight = ((s - max).exp() / total) as f32;
+                for d in 0..dim {
+                    expected[(r * heads + h) * dim + d] += weight * v[(p * kv_heads + kvh) * dim + d];
+                }
+            }
+        }
+    }
+    assert_close(&out, &expected, 1e-5, "attention");
+}
+
+#[test]
+fn unsupported_and_broken_checkpoints_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("dynamo-broken-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(testdata("golden/llama").join(f), dir.join(f)).unwrap();
+    }
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::write(dir.join("model.safetensors"), b"not safetensors").unwrap();
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+    // The Qwen3 weights under the Llama config: shapes disagree, and the error says which tensor.
+    std::fs::copy(testdata("golden/qwen3/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("tensor `"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
