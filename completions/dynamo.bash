@@ -477,7 +477,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --engine --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --speedup --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -489,10 +489,6 @@ _dynamo() {
                     ;;
                 --served-model-name)
                     COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --engine)
-                    COMPREPLY=($(compgen -W "mocker" -- "${cur}"))
                     return 0
                     ;;
                 --workers)
@@ -527,8 +523,8 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --speedup)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                --engine)
+                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -544,6 +540,18 @@ _dynamo() {
                     return 0
                     ;;
                 --max-num-batched-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-cache-gib)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --speedup)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,23 +1,34 @@
 //! Flag groups more than one subcommand takes.
 use crate::core::engine::mocker::MockerConfig;
+use crate::core::engine::native::NativeSettings;
 use crate::core::engine::scheduler::SchedulerConfig;
+use crate::core::local::EngineSettings;
 use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, ValueEnum};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The built-in engine: runs the model's weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU.
+    Native,
+    /// Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed.
+    Mocker,
+}
+
+/// Flags of the engine every worker runs (the scheduler's are shared by both engines).
 #[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Mocker engine")]
-pub struct MockerArgs {
-    /// Simulated time runs this many times faster than the fitted real timing.
-    #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
-    pub speedup: f64,
+#[command(next_help_heading = "Engine")]
+pub struct EngineArgs {
+    /// Engine the workers run.
+    #[arg(long, env = "DYNAMO_ENGINE", value_enum, default_value_t = EngineKind::Native)]
+    pub engine: EngineKind,
 
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub block_size: u32,
 
-    /// KV blocks per worker.
-    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
-    pub num_blocks: u32,
+    /// KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_blocks: Option<u32>,
 
     /// Most requests in a worker's running batch.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -30,22 +41,47 @@ pub struct MockerArgs {
     /// Turn off prefix caching (no block reuse between requests).
     #[arg(long)]
     pub no_prefix_caching: bool,
+
+    /// Native: compute threads shared by this process's workers [default: the CPUs this process may use]
+    #[arg(long, env = "DYNAMO_THREADS", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+
+    /// Native: memory for each worker's KV cache, in GiB.
+    #[arg(long, env = "DYNAMO_KV_CACHE_GIB", default_value_t = 1.0, value_parser = positive_f64)]
+    pub kv_cache_gib: f64,
+
+    /// Mocker: simulated time runs this many times faster than the fitted real timing.
+    #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
+    pub speedup: f64,
 }
 
-impl MockerArgs {
-    pub fn config(&self) -> MockerConfig {
-        MockerConfig {
-            scheduler: SchedulerConfig {
-                block_size: self.block_size as usize,
-                num_blocks: self.num_blocks as usize,
-                max_num_seqs: self.max_num_seqs as usize,
-                max_num_batched_tokens: self.max_num_batched_tokens as usize,
-                enable_prefix_caching: !self.no_prefix_caching,
-                ..SchedulerConfig::default()
-            },
-            speedup: self.speedup,
+/// The mocker's KV blocks per worker when --num-blocks is not given.
+const MOCKER_NUM_BLOCKS: usize = 16384;
+
+impl EngineArgs {
+    pub fn settings(&self) -> EngineSettings {
+        let scheduler = SchedulerConfig {
+            block_size: self.block_size as usize,
+            num_blocks: self.num_blocks.map_or(MOCKER_NUM_BLOCKS, |n| n as usize),
+            max_num_seqs: self.max_num_seqs as usize,
+            max_num_batched_tokens: self.max_num_batched_tokens as usize,
+            enable_prefix_caching: !self.no_prefix_caching,
+            ..SchedulerConfig::default()
+        };
+        match self.engine {
+            EngineKind::Mocker => EngineSettings::Mocker(MockerConfig { scheduler, speedup: self.speedup }),
+            EngineKind::Native => EngineSettings::Native(NativeSettings {
+                threads: self.threads.map_or_else(available_cpus, |t| t as usize),
+                kv_cache_gib: self.kv_cache_gib,
+                num_blocks: self.num_blocks.map(|n| n as usize),
+                scheduler,
+            }),
         }
     }
+}
+
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn positive_f64(text: &str) -> Result<f64, String> {

@@ -7,7 +7,7 @@ use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::trace;
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::scheduler::SchedulerConfig;
-use crate::core::local::LocalSettings;
+use crate::core::local::{EngineSettings, LocalSettings};
 use crate::core::model::ModelSource;
 use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, Subcommand};
@@ -151,10 +151,10 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
             model: ModelSource::Builtin,
             served_model_name: None,
             workers: args.workers as usize,
-            mocker: MockerConfig {
+            engine: EngineSettings::Mocker(MockerConfig {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup: args.speedup,
-            },
+            }),
             router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
             listen: ([127, 0, 0, 1], 0).into(),
         },

@@ -1,30 +1,20 @@
 //! `dynamo run`: the whole stack in one process.
-use super::args::{MockerArgs, RouterArgs};
+use super::args::{EngineArgs, RouterArgs};
 use crate::core::local::{self, LocalSettings};
 use crate::core::model::ModelSource;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EngineKind {
-    /// Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed.
-    Mocker,
-}
-
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// HF model directory (config.json, tokenizer.json, tokenizer_config.json) [default: the built-in tiny-chat]
+    /// HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]
     #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
     pub model: Option<PathBuf>,
 
     /// Name clients use in "model" [default: the model directory's name]
     #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
     pub served_model_name: Option<String>,
-
-    /// Engine the workers run.
-    #[arg(long, value_enum, default_value_t = EngineKind::Mocker)]
-    pub engine: EngineKind,
 
     /// In-process workers.
     #[arg(long, env = "DYNAMO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -42,16 +32,15 @@ pub struct RunArgs {
     pub router: RouterArgs,
 
     #[command(flatten)]
-    pub mocker: MockerArgs,
+    pub engine: EngineArgs,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let EngineKind::Mocker = args.engine;
     let settings = LocalSettings {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
-        mocker: args.mocker.config(),
+        engine: args.engine.settings(),
         router: args.router.config(),
         listen: SocketAddr::new(args.http_host, args.http_port),
     };

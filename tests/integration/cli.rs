@@ -15,9 +15,17 @@ fn help_lists_the_working_subcommands_and_env_fallbacks() {
     }
     let (ok, run_help, _) = output(&["run", "--help"]);
     assert!(ok);
-    for expected in
-        ["--model", "--http-port", "DYNAMO_HTTP_PORT", "--workers", "--speedup", "HTTP frontend", "Mocker engine"]
-    {
+    for expected in [
+        "--model",
+        "--http-port",
+        "DYNAMO_HTTP_PORT",
+        "--workers",
+        "--speedup",
+        "--threads",
+        "--kv-cache-gib",
+        "HTTP frontend",
+        "Engine",
+    ] {
         assert!(run_help.contains(expected), "missing {expected} in:\n{run_help}");
     }
 }

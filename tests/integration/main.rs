@@ -3,5 +3,6 @@
 mod bench;
 mod cli;
 mod http;
+mod native;
 mod openai_client;
 mod util;

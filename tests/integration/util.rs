@@ -18,9 +18,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `dynamo run --http-port 0 ARGS…` and waits for its "serving … on http://…" line.
+    /// Starts `dynamo run --engine mocker --http-port 0 ARGS…` and waits for its "serving … on http://…" line.
     pub fn start(args: &[&str]) -> Server {
-        Self::start_with(dynamo().args(["run", "--http-port", "0"]).args(args))
+        Self::start_with(dynamo().args(["run", "--engine", "mocker", "--http-port", "0"]).args(args))
+    }
+
+    /// Starts `dynamo run` with the built-in engine (its default).
+    pub fn native(args: &[&str]) -> Server {
+        Self::start_with(dynamo().args(["run", "--http-port", "0", "--threads", "2"]).args(args))
     }
 
     pub fn start_with(command: &mut Command) -> Server {

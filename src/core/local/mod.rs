@@ -4,6 +4,7 @@
 //! It is only a composition of the same pieces the separate roles use, so there is no second code path.
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::engine::native::{self, NativeError, NativeSettings};
 use crate::core::frontend::{self, FrontendState};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::router::{Router, RouterConfig};
@@ -18,16 +19,40 @@ pub struct LocalSettings {
     pub model: ModelSource,
     pub served_model_name: Option<String>,
     pub workers: usize,
-    pub mocker: MockerConfig,
-    /// Its block size is taken from the mocker's, so prompt hashes match the workers'.
+    pub engine: EngineSettings,
+    /// Its block size is taken from the engine's, so prompt hashes match the workers'.
     pub router: RouterConfig,
     pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineSettings {
+    Mocker(MockerConfig),
+    Native(NativeSettings),
+}
+
+impl EngineSettings {
+    fn block_size(&self) -> usize {
+        match self {
+            EngineSettings::Mocker(config) => config.scheduler.block_size,
+            EngineSettings::Native(settings) => settings.scheduler.block_size,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
+            EngineSettings::Native(settings) => format!("native (cpu, {} threads)", settings.threads),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Native(#[from] NativeError),
     #[error("cannot listen on {addr}: {source}; pick another --http-port (0 picks a free one)")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
@@ -37,11 +62,23 @@ pub enum LocalError {
 /// Loads the model and starts the workers and router; must run inside a tokio runtime.
 pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError> {
     let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
-    let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
-    let engines: Vec<Arc<dyn Engine>> = (0..settings.workers)
-        .map(|id| Arc::new(MockerEngine::spawn(id as u64, settings.mocker.clone(), vocab.clone())) as Arc<dyn Engine>)
-        .collect();
-    let config = RouterConfig { block_size: settings.mocker.scheduler.block_size, ..settings.router.clone() };
+    let engines: Vec<Arc<dyn Engine>> = match &settings.engine {
+        EngineSettings::Mocker(config) => {
+            let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
+            (0..settings.workers)
+                .map(|id| Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone())) as Arc<dyn Engine>)
+                .collect()
+        }
+        EngineSettings::Native(native_settings) => {
+            let weights = load_with_progress(&settings.model, native_settings.threads)?;
+            (0..settings.workers)
+                .map(|id| {
+                    native::spawn(id as u64, weights.clone(), native_settings).map(|e| Arc::new(e) as Arc<dyn Engine>)
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
     let router = Arc::new(Router::new(engines, config));
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
 }
@@ -57,8 +94,28 @@ pub async fn run(
         .map_err(|source| LocalError::Bind { addr: settings.listen, source })?;
     let addr = listener.local_addr().map_err(LocalError::Serve)?;
     println!(
-        "dynamo: serving {} on http://{addr} with {} mocker worker(s) (speedup {}, {:?} routing); try: curl http://{addr}/v1/models",
-        state.model.card.name, settings.workers, settings.mocker.speedup, settings.router.mode
+        "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
+        state.model.card.name,
+        settings.workers,
+        settings.engine.describe(),
+        settings.router.mode
     );
     frontend::serve(listener, state, shutdown).await.map_err(LocalError::Serve)
+}
+
+/// Loads native weights, with a progress bar on a terminal (indicatif draws nothing when stderr is not one).
+fn load_with_progress(
+    source: &ModelSource,
+    threads: usize,
+) -> Result<Arc<native::model::Transformer<native::cpu::CpuBackend>>, NativeError> {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} layers")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let loaded = native::load_cpu(source, threads, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    loaded
 }
