@@ -1,5 +1,6 @@
 //! `dynamo bench …`: benchmarks that print a table, or with `--json` one JSON object on the last line.
 use crate::core::bench::Load;
+use crate::core::bench::engine::{self, EngineBenchSettings};
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
 use crate::core::bench::plane;
@@ -23,6 +24,39 @@ pub enum BenchCommand {
     Route(RouteArgs),
     /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
     Plane(PlaneArgs),
+    /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
+    Engine(EngineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// HF checkpoint directory [default: a generated random SmolLM2-135M-shaped bf16 model]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Compute threads [default: the CPUs this process may use]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+
+    /// Prompt lengths to prefill.
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024])]
+    pub prompt_tokens: Vec<usize>,
+
+    /// Decode batch sizes (batch 1 first: the others are compared with it).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
+    pub batch: Vec<usize>,
+
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub decode_steps: u32,
+
+    /// Prefill runs per prompt length.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: u32,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -139,7 +173,28 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Route(args) => bench_route(args),
         BenchCommand::Plane(args) => bench_plane(args),
+        BenchCommand::Engine(args) => bench_engine(args),
     }
+}
+
+fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
+    let settings = EngineBenchSettings {
+        model: args.model,
+        threads: args
+            .threads
+            .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize),
+        prompt_lengths: args.prompt_tokens.into_iter().filter(|&n| n > 0).collect(),
+        batch_sizes: args.batch.into_iter().filter(|&n| n > 0).collect(),
+        decode_steps: args.decode_steps as usize,
+        repeats: args.repeats as usize,
+    };
+    println!("dynamo bench engine: native engine on the CPU, medians, against the bandwidth bound of this run");
+    let result = engine::run(&settings)?;
+    print!("{}", engine::table(&result));
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "engine", "result": result}));
+    }
+    Ok(())
 }
 
 fn bench_http(args: HttpArgs) -> anyhow::Result<()> {

@@ -31,6 +31,7 @@ pub struct Transformer<B: Backend> {
     /// `None` when tied to the embedding.
     lm_head: Option<B::Matrix>,
     inv_freq: Vec<f32>,
+    weight_bytes: u64,
 }
 
 /// Every layer's K and V pages.
@@ -88,11 +89,15 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Self, WeightError> {
         let (h, kv) = (config.hidden_size, config.num_kv_heads * config.head_dim);
         let q_width = config.num_heads * config.head_dim;
+        let weight_bytes = std::cell::Cell::new(0u64);
         let vector = |name: &str, len: usize| -> Result<B::Vector, WeightError> {
+            weight_bytes.set(weight_bytes.get() + 4 * len as u64);
             Ok(backend.vector(&files.read(name, &[len], false)?.data.to_f32()))
         };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix, WeightError> {
-            Ok(backend.matrix(files.read(name, &[rows, cols], true)?))
+            let tensor = files.read(name, &[rows, cols], true)?;
+            weight_bytes.set(weight_bytes.get() + tensor.data.byte_len() as u64);
+            Ok(backend.matrix(tensor))
         };
         let embed = matrix("model.embed_tokens.weight", config.vocab_size, h)?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -142,11 +147,17 @@ impl<B: Backend> Transformer<B> {
             Some(matrix("lm_head.weight", config.vocab_size, h)?)
         };
         let inv_freq = inverse_frequencies(&config);
-        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq })
+        let weight_bytes = weight_bytes.get();
+        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes })
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Bytes of weights as stored (a decode step streams all of them once).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     pub fn new_cache(&self, num_pages: usize, block_size: usize) -> KvCache<B> {

@@ -32,6 +32,13 @@ pub enum HostData {
 }
 
 impl HostData {
+    pub fn byte_len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len() * 4,
+            HostData::Bf16(v) => v.len() * 2,
+        }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             HostData::F32(v) => v.clone(),

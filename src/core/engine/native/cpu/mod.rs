@@ -1,9 +1,19 @@
-//! The CPU backend: f32 activations, weights in f32 or bf16 (converted per element inside the dot product,
-//! so decode streams half the bytes), KV pages in f32. Work is split over a rayon pool sized by `--threads`;
+//! The CPU backend: f32 activations, weights in f32 or bf16 (widened per element inside the dot product, so
+//! decode streams half the bytes), KV pages in f32. Work is split over a rayon pool sized by `--threads`;
 //! rayon's idle workers sleep instead of spinning, which matters when several workers share a small box.
+//!
+//! Matrix products take one of two paths: few rows (decode) stream each weight row once against every
+//! activation row (`kernels`, bandwidth-bound); many rows (prefill) go to the `gemm` crate's packed,
+//! cache-blocked GEMM (compute-bound), with bf16 weights widened to f32 for the call.
+mod attention;
+mod kernels;
+
 use super::backend::{AttentionSeq, AttentionShape, Backend};
 use super::weights::{HostData, HostTensor};
+use attention::{RowAttention, attend};
+use kernels::{GROUP, dot_rows};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -28,6 +38,89 @@ pub struct CpuMatrix {
 /// Output features one task computes: small enough to spread a decode step over every thread, large enough
 /// that scheduling costs little next to `TILE × cols` multiply-adds.
 const TILE: usize = 16;
+
+/// From this many activation rows on, a packed GEMM beats streaming weight rows (measured with
+/// `dynamo bench engine`: the grouped kernel still wins at batch 16).
+const GEMM_MIN_ROWS: usize = 32;
+
+impl CpuBackend {
+    /// Streams every weight row once, against all activation rows in groups of `GROUP`.
+    fn gemv(&self, x: &[f32], w: &CpuMatrix, out: &mut Vec<f32>) {
+        let (rows, cols) = (w.rows, w.cols);
+        let n = x.len() / cols;
+        let activations: Vec<&[f32]> = x.chunks_exact(cols).collect();
+        let tiles: Vec<Vec<f32>> = self.pool.install(|| {
+            (0..rows.div_ceil(TILE))
+                .into_par_iter()
+                .map(|tile| {
+                    let features = tile * TILE..((tile + 1) * TILE).min(rows);
+                    // Feature-major inside the tile: block[f * n + token].
+                    let mut block = vec![0.0f32; n * features.len()];
+                    for (f, dst) in features.clone().zip(block.chunks_exact_mut(n)) {
+                        let row = f * cols..(f + 1) * cols;
+                        for (group, dst) in activations.chunks(GROUP).zip(dst.chunks_mut(GROUP)) {
+                            match &w.data {
+                                HostData::F32(v) => dot_rows(group, &v[row.clone()], dst),
+                                HostData::Bf16(v) => dot_rows(group, &v[row.clone()], dst),
+                            }
+                        }
+                    }
+                    block
+                })
+                .collect()
+        });
+        out.clear();
+        out.resize(n * rows, 0.0);
+        for (tile, block) in tiles.iter().enumerate() {
+            for (f, values) in block.chunks_exact(n).enumerate() {
+                for (token, value) in values.iter().enumerate() {
+                    out[token * rows + tile * TILE + f] = *value;
+                }
+            }
+        }
+    }
+
+    fn gemm(&self, x: &[f32], w: &CpuMatrix, out: &mut Vec<f32>) {
+        let (rows, cols) = (w.rows, w.cols);
+        let n = x.len() / cols;
+        let threads = self.pool.current_num_threads();
+        self.pool.install(|| {
+            let weights: Cow<'_, [f32]> = match &w.data {
+                HostData::F32(v) => Cow::Borrowed(v),
+                HostData::Bf16(v) => Cow::Owned(v.par_iter().map(|b| b.to_f32()).collect()),
+            };
+            out.clear();
+            out.resize(n * rows, 0.0);
+            // out (n × rows, row-major) = x (n × cols, row-major) · wᵀ, where wᵀ (cols × rows) is w read with
+            // row stride 1 and column stride `cols`.
+            // SAFETY: every pointer covers the extent its dimensions and strides describe: out n·rows,
+            // x n·cols, weights rows·cols; none alias.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    cols,
+                    out.as_mut_ptr(),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    weights.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                );
+            }
+        });
+    }
+}
 
 impl Backend for CpuBackend {
     type Vector = Vec<f32>;
@@ -74,35 +167,19 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &Vec<f32>, w: &CpuMatrix, bias: Option<&Vec<f32>>, out: &mut Vec<f32>) {
-        let (rows, cols) = (w.rows, w.cols);
-        let n = x.len() / cols;
-        let tiles: Vec<Vec<f32>> = self.pool.install(|| {
-            (0..rows.div_ceil(TILE))
-                .into_par_iter()
-                .map(|tile| {
-                    let features = tile * TILE..((tile + 1) * TILE).min(rows);
-                    let mut block = Vec::with_capacity(n * features.len());
-                    for token in x.chunks_exact(cols) {
-                        for f in features.clone() {
-                            let row = f * cols..(f + 1) * cols;
-                            let dot = match &w.data {
-                                HostData::F32(v) => dot_f32(token, &v[row]),
-                                HostData::Bf16(v) => dot_bf16(token, &v[row]),
-                            };
-                            block.push(dot + bias.map_or(0.0, |b| b[f]));
-                        }
-                    }
-                    block
-                })
-                .collect()
-        });
-        out.clear();
-        out.resize(n * rows, 0.0);
-        for (tile, block) in tiles.iter().enumerate() {
-            let first = tile * TILE;
-            let width = block.len() / n.max(1);
-            for (token, values) in block.chunks_exact(width.max(1)).enumerate() {
-                out[token * rows + first..token * rows + first + width].copy_from_slice(values);
+        let n = x.len() / w.cols;
+        if n == 0 {
+            out.clear();
+        } else if n >= GEMM_MIN_ROWS {
+            self.gemm(x, w, out);
+        } else {
+            self.gemv(x, w, out);
+        }
+        if let Some(bias) = bias {
+            for row in out.chunks_exact_mut(w.rows) {
+                for (o, b) in row.iter_mut().zip(bias) {
+                    *o += b;
+                }
             }
         }
     }
@@ -168,69 +245,16 @@ impl Backend for CpuBackend {
         shape: &AttentionShape,
         out: &mut Vec<f32>,
     ) {
-        let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *shape;
-        let group = num_heads / num_kv_heads;
-        let kv_width = num_kv_heads * head_dim;
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let row_width = shape.num_heads * shape.head_dim;
         let rows: Vec<(&AttentionSeq, usize)> = seqs.iter().flat_map(|s| (0..s.rows).map(move |r| (s, r))).collect();
         out.clear();
         out.resize(q.len(), 0.0);
         self.pool.install(|| {
-            out.par_chunks_mut(num_heads * head_dim).zip(&rows).for_each(|(dst, &(seq, r))| {
-                let row = seq.first_row + r;
-                let context = seq.first_position + r + 1;
-                let slot = |p: usize| seq.block_table[p / block_size] as usize * block_size + p % block_size;
-                let mut scores = vec![0.0f32; context];
-                for (head, dst) in dst.chunks_exact_mut(head_dim).enumerate() {
-                    let kv_head = head / group;
-                    let query = &q[(row * num_heads + head) * head_dim..][..head_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, score) in scores.iter_mut().enumerate() {
-                        let key = &k_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-                        *score = dot_f32(query, key) * scale;
-                        max = max.max(*score);
-                    }
-                    let mut total = 0.0;
-                    for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        total += *score;
-                    }
-                    dst.fill(0.0);
-                    for (p, &weight) in scores.iter().enumerate() {
-                        let value = &v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-                        let weight = weight / total;
-                        for (d, v) in dst.iter_mut().zip(value) {
-                            *d += weight * v;
-                        }
-                    }
-                }
+            out.par_chunks_mut(row_width).zip(&rows).for_each_init(Vec::new, |scores, (dst, &(seq, row))| {
+                let query = &q[(seq.first_row + row) * row_width..][..row_width];
+                let job = RowAttention { query, k_pages, v_pages, seq, row, shape };
+                attend(&job, scores, dst);
             })
         });
     }
-}
-
-/// Eight independent accumulators so the compiler can keep them in vector registers.
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-fn dot_bf16(a: &[f32], b: &[half::bf16]) -> f32 {
-    let widen = |x: half::bf16| f32::from_bits(u32::from(x.to_bits()) << 16);
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * widen(*y)).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * widen(y[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -1,0 +1,305 @@
+//! `dynamo bench engine`: the native engine's prefill and decode speed on the CPU, against the memory
+//! bandwidth bound measured in the same run (decode must stream every weight once per step, so weight bytes ÷
+//! bandwidth is the fastest batch-1 decode possible).
+//!
+//! Without `--model` it generates a random SmolLM2-135M-shaped checkpoint (bf16, 576 hidden, 30 layers, 9/3
+//! heads, vocab 49152, tied) into a temporary directory and loads it through the same code as a real one.
+use crate::core::engine::native::cpu::CpuBackend;
+use crate::core::engine::native::model::Transformer;
+use crate::core::engine::native::{NativeError, NativeExecutor, load_cpu};
+use crate::core::engine::scheduler::{Scheduler, SchedulerConfig};
+use crate::core::model::ModelSource;
+use crate::core::protocol::PreprocessedRequest;
+use rayon::prelude::*;
+use safetensors::{Dtype, tensor::TensorView};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct EngineBenchSettings {
+    pub model: Option<PathBuf>,
+    pub threads: usize,
+    pub prompt_lengths: Vec<usize>,
+    pub batch_sizes: Vec<usize>,
+    /// Timed decode steps per batch size.
+    pub decode_steps: usize,
+    /// Prefill runs per prompt length.
+    pub repeats: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Prefill {
+    pub prompt_tokens: usize,
+    pub median_ms: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decode {
+    pub batch: usize,
+    pub median_step_ms: f64,
+    pub tokens_per_s: f64,
+    /// Against batch-1 decode measured in this run.
+    pub speedup_vs_batch_1: f64,
+    /// Of the bandwidth bound (batch 1: how close to streaming the weights at full speed).
+    pub fraction_of_bound: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineBenchResult {
+    pub model: String,
+    pub threads: usize,
+    pub weight_bytes: u64,
+    pub bandwidth_gb_s: f64,
+    pub decode_bound_tokens_per_s: f64,
+    pub prefill: Vec<Prefill>,
+    pub decode: Vec<Decode>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineBenchError {
+    #[error(transparent)]
+    Native(#[from] NativeError),
+    #[error("cannot write the generated model to {path}: {source}")]
+    Generate { path: PathBuf, source: std::io::Error },
+}
+
+pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBenchError> {
+    let generated;
+    let (dir, name) = match &settings.model {
+        Some(dir) => (dir.clone(), dir.display().to_string()),
+        None => {
+            generated = GeneratedModel::smollm2_135m_shape()?;
+            (generated.dir.clone(), "random SmolLM2-135M shape (bf16)".to_string())
+        }
+    };
+    let model = load_cpu(&ModelSource::Dir(dir), settings.threads, |_, _| {})?;
+    let weight_bytes = model.weight_bytes();
+    let bandwidth_gb_s = measure_bandwidth(settings.threads);
+    let decode_bound = bandwidth_gb_s * 1e9 / weight_bytes as f64;
+
+    let vocab = model.config.vocab_size as u32;
+    let mut prefill = Vec::new();
+    for &len in &settings.prompt_lengths {
+        let mut times: Vec<f64> = (0..settings.repeats.max(1))
+            .map(|rep| {
+                let mut s = scheduler(&model, len.max(16), 1);
+                s.add(0, &request(random_tokens(len, vocab, rep as u64), 1), 0);
+                let start = Instant::now();
+                while !s.is_idle() {
+                    s.step();
+                }
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let median_ms = median(&mut times);
+        prefill.push(Prefill { prompt_tokens: len, median_ms, tokens_per_s: len as f64 / (median_ms / 1e3) });
+    }
+
+    let mut decode: Vec<Decode> = Vec::new();
+    for &batch in &settings.batch_sizes {
+        let mut s = scheduler(&model, 8192, batch);
+        for i in 0..batch {
+            s.add(i as u64, &request(random_tokens(32, vocab, 1000 + i as u64), settings.decode_steps as u32 + 1), 0);
+        }
+        // Prefill everyone (one step: the budget holds every prompt), then time the decode steps.
+        s.step();
+        let mut steps: Vec<f64> = (0..settings.decode_steps)
+            .map(|_| {
+                let start = Instant::now();
+                s.step();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let median_step_ms = median(&mut steps);
+        let tokens_per_s = batch as f64 / (median_step_ms / 1e3);
+        let batch_1 = decode.iter().find(|d| d.batch == 1).map_or(tokens_per_s, |d| d.tokens_per_s);
+        decode.push(Decode {
+            batch,
+            median_step_ms,
+            tokens_per_s,
+            speedup_vs_batch_1: tokens_per_s / batch_1,
+            fraction_of_bound: tokens_per_s / decode_bound,
+        });
+    }
+    Ok(EngineBenchResult {
+        model: name,
+        threads: settings.threads,
+        weight_bytes,
+        bandwidth_gb_s,
+        decode_bound_tokens_per_s: decode_bound,
+        prefill,
+        decode,
+    })
+}
+
+pub fn table(r: &EngineBenchResult) -> String {
+    let mut out = format!(
+        "model: {} ({:.0} MB of weights), {} threads\nmemory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n",
+        r.model,
+        r.weight_bytes as f64 / 1e6,
+        r.threads,
+        r.bandwidth_gb_s,
+        r.decode_bound_tokens_per_s
+    );
+    out.push_str(&format!("{:<22} {:>12} {:>12}\n", "prefill", "median ms", "tok/s"));
+    for p in &r.prefill {
+        out.push_str(&format!(
+            "{:<22} {:>12.1} {:>12.1}\n",
+            format!("{} tokens", p.prompt_tokens),
+            p.median_ms,
+            p.tokens_per_s
+        ));
+    }
+    out.push_str(&format!(
+        "{:<22} {:>12} {:>12} {:>12} {:>10}\n",
+        "decode", "step ms", "tok/s", "× batch 1", "of bound"
+    ));
+    for d in &r.decode {
+        out.push_str(&format!(
+            "{:<22} {:>12.2} {:>12.1} {:>12.2} {:>9.0}%\n",
+            format!("batch {}", d.batch),
+            d.median_step_ms,
+            d.tokens_per_s,
+            d.speedup_vs_batch_1,
+            d.fraction_of_bound * 100.0
+        ));
+    }
+    out
+}
+
+fn scheduler(
+    model: &Arc<Transformer<CpuBackend>>,
+    budget: usize,
+    seqs: usize,
+) -> Scheduler<NativeExecutor<CpuBackend>> {
+    let config = SchedulerConfig {
+        num_blocks: 4096,
+        max_num_seqs: seqs.max(1),
+        max_num_batched_tokens: budget,
+        enable_prefix_caching: false,
+        ..SchedulerConfig::default()
+    };
+    let executor = NativeExecutor::new(model.clone(), config.num_blocks, config.block_size);
+    Scheduler::new(config, executor)
+}
+
+fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
+    PreprocessedRequest::greedy("bench", tokens, max_tokens)
+}
+
+fn random_tokens(len: usize, vocab: u32, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % u64::from(vocab)) as u32
+        })
+        .collect()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Read bandwidth of this machine with the engine's thread count: sum a buffer far larger than the caches.
+fn measure_bandwidth(threads: usize) -> f64 {
+    let words = 64 << 20; // 512 MiB of u64
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build();
+    let sum = || {
+        buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add)
+    };
+    let mut rates: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let total = match &pool {
+                Ok(pool) => pool.install(sum),
+                Err(_) => sum(),
+            };
+            std::hint::black_box(total);
+            (words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    median(&mut rates)
+}
+
+/// A random checkpoint in a temporary directory, removed when dropped.
+struct GeneratedModel {
+    dir: PathBuf,
+}
+
+impl GeneratedModel {
+    fn smollm2_135m_shape() -> Result<Self, EngineBenchError> {
+        let dir = std::env::temp_dir().join(format!("dynamo-bench-smollm2-shape-{}", std::process::id()));
+        let generated = Self { dir };
+        let error = |source| EngineBenchError::Generate { path: generated.dir.clone(), source };
+        std::fs::create_dir_all(&generated.dir).map_err(error)?;
+        let (hidden, intermediate, layers, vocab, kv) = (576usize, 1536usize, 30usize, 49152usize, 192usize);
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "vocab_size": vocab, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16"
+        });
+        std::fs::write(generated.dir.join("config.json"), config.to_string()).map_err(error)?;
+        let mut shapes: Vec<(String, Vec<usize>)> =
+            vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            shapes.extend([
+                (format!("{p}.input_layernorm.weight"), vec![hidden]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
+                (format!("{p}.self_attn.q_proj.weight"), vec![hidden, hidden]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![hidden, hidden]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![intermediate, hidden]),
+                (format!("{p}.mlp.up_proj.weight"), vec![intermediate, hidden]),
+                (format!("{p}.mlp.down_proj.weight"), vec![hidden, intermediate]),
+            ]);
+        }
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(at, (name, shape))| {
+                let count: usize = shape.iter().product();
+                let norm = name.ends_with("norm.weight");
+                let mut state = (at as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                (0..count)
+                    .flat_map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let value = if norm { 1.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1 };
+                        half::bf16::from_f32(value).to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = shapes
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), bytes)| {
+                TensorView::new(Dtype::BF16, shape.clone(), bytes)
+                    .map(|view| (name.clone(), view))
+                    .map_err(|e| error(std::io::Error::other(e.to_string())))
+            })
+            .collect::<Result<_, _>>()?;
+        safetensors::serialize_to_file(views, None, &generated.dir.join("model.safetensors"))
+            .map_err(|e| error(std::io::Error::other(e.to_string())))?;
+        Ok(generated)
+    }
+}
+
+impl Drop for GeneratedModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
