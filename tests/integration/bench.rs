@@ -106,3 +106,32 @@ fn bench_plane_delivers_every_message_on_the_plane_path() {
     assert_eq!(result["plane"]["lost"], 0, "{json}");
     assert!(result["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
 }
+
+#[test]
+fn bench_engine_reports_prefill_decode_and_both_bounds() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
+    let json = last_json_line(&[
+        "bench",
+        "engine",
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--prompt-tokens",
+        "8,64",
+        "--batch",
+        "1,4",
+        "--decode-steps",
+        "3",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let result = &json["result"];
+    assert!(result["bandwidth_gb_s"].as_f64().is_some_and(|b| b > 0.0), "{json}");
+    assert!(result["peak_gmacs"].as_f64().is_some_and(|p| p > 0.0), "{json}");
+    assert_eq!(result["prefill"].as_array().map(Vec::len), Some(2), "{json}");
+    let decode = result["decode"].as_array().unwrap();
+    assert_eq!(decode[0]["speedup_vs_batch_1"], 1.0, "{json}");
+    assert!(decode.iter().all(|d| d["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)), "{json}");
+}

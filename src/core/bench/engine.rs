@@ -34,6 +34,8 @@ pub struct Prefill {
     pub prompt_tokens: usize,
     pub median_ms: f64,
     pub tokens_per_s: f64,
+    /// Of the compute bound (attention is not counted in the bound, so long prompts sit lower).
+    pub fraction_of_compute_bound: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,7 +45,8 @@ pub struct Decode {
     pub tokens_per_s: f64,
     /// Against batch-1 decode measured in this run.
     pub speedup_vs_batch_1: f64,
-    /// Of the bandwidth bound (batch 1: how close to streaming the weights at full speed).
+    /// Of the bound for this batch: streaming the weights once per step, or doing its multiply-adds at the
+    /// kernel's peak, whichever is slower.
     pub fraction_of_bound: f64,
 }
 
@@ -54,6 +57,10 @@ pub struct EngineBenchResult {
     pub weight_bytes: u64,
     pub bandwidth_gb_s: f64,
     pub decode_bound_tokens_per_s: f64,
+    /// Multiply-adds per second of the packed f32 GEMM on cache-resident data.
+    pub peak_gmacs: f64,
+    /// Tokens per second if every weight multiply ran at `peak_gmacs` (the ceiling for big batches and prefill).
+    pub compute_bound_tokens_per_s: f64,
     pub prefill: Vec<Prefill>,
     pub decode: Vec<Decode>,
 }
@@ -79,6 +86,8 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
     let weight_bytes = model.weight_bytes();
     let bandwidth_gb_s = measure_bandwidth(settings.threads);
     let decode_bound = bandwidth_gb_s * 1e9 / weight_bytes as f64;
+    let peak_macs = model.backend().peak_macs_per_s();
+    let compute_bound = peak_macs / model.macs_per_token() as f64;
 
     let vocab = model.config.vocab_size as u32;
     let mut prefill = Vec::new();
@@ -95,7 +104,9 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
             })
             .collect();
         let median_ms = median(&mut times);
-        prefill.push(Prefill { prompt_tokens: len, median_ms, tokens_per_s: len as f64 / (median_ms / 1e3) });
+        let tokens_per_s = len as f64 / (median_ms / 1e3);
+        let fraction_of_compute_bound = tokens_per_s / compute_bound;
+        prefill.push(Prefill { prompt_tokens: len, median_ms, tokens_per_s, fraction_of_compute_bound });
     }
 
     let mut decode: Vec<Decode> = Vec::new();
@@ -121,7 +132,7 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
             median_step_ms,
             tokens_per_s,
             speedup_vs_batch_1: tokens_per_s / batch_1,
-            fraction_of_bound: tokens_per_s / decode_bound,
+            fraction_of_bound: tokens_per_s / (decode_bound * batch as f64).min(compute_bound),
         });
     }
     Ok(EngineBenchResult {
@@ -130,6 +141,8 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
         weight_bytes,
         bandwidth_gb_s,
         decode_bound_tokens_per_s: decode_bound,
+        peak_gmacs: peak_macs / 1e9,
+        compute_bound_tokens_per_s: compute_bound,
         prefill,
         decode,
     })
@@ -137,20 +150,25 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
 
 pub fn table(r: &EngineBenchResult) -> String {
     let mut out = format!(
-        "model: {} ({:.0} MB of weights), {} threads\nmemory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n",
+        "model: {} ({:.0} MB of weights), {} threads\n\
+         memory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n\
+         f32 GEMM peak {:.1} GMAC/s → compute bound {:.1} tok/s (prefill, big batches)\n",
         r.model,
         r.weight_bytes as f64 / 1e6,
         r.threads,
         r.bandwidth_gb_s,
-        r.decode_bound_tokens_per_s
+        r.decode_bound_tokens_per_s,
+        r.peak_gmacs,
+        r.compute_bound_tokens_per_s
     );
-    out.push_str(&format!("{:<22} {:>12} {:>12}\n", "prefill", "median ms", "tok/s"));
+    out.push_str(&format!("{:<22} {:>12} {:>12} {:>10}\n", "prefill", "median ms", "tok/s", "of bound"));
     for p in &r.prefill {
         out.push_str(&format!(
-            "{:<22} {:>12.1} {:>12.1}\n",
+            "{:<22} {:>12.1} {:>12.1} {:>9.0}%\n",
             format!("{} tokens", p.prompt_tokens),
             p.median_ms,
-            p.tokens_per_s
+            p.tokens_per_s,
+            p.fraction_of_compute_bound * 100.0
         ));
     }
     out.push_str(&format!(

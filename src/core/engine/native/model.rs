@@ -32,6 +32,7 @@ pub struct Transformer<B: Backend> {
     lm_head: Option<B::Matrix>,
     inv_freq: Vec<f32>,
     weight_bytes: u64,
+    macs_per_token: u64,
 }
 
 /// Every layer's K and V pages.
@@ -148,11 +149,19 @@ impl<B: Backend> Transformer<B> {
         };
         let inv_freq = inverse_frequencies(&config);
         let weight_bytes = weight_bytes.get();
-        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes })
+        let (c, q_width) = (&config, config.num_heads * config.head_dim);
+        let per_layer = 2 * h * q_width + 2 * h * kv + 3 * h * c.intermediate_size;
+        let macs_per_token = (c.num_layers * per_layer + c.vocab_size * h) as u64;
+        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes, macs_per_token })
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Multiply-adds of the matrix products for one token (attention over the context not counted).
+    pub fn macs_per_token(&self) -> u64 {
+        self.macs_per_token
     }
 
     /// Bytes of weights as stored (a decode step streams all of them once).

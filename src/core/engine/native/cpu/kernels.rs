@@ -61,6 +61,69 @@ pub fn dot_rows<W: WeightElement>(x: &[&[f32]], w: &[W], out: &mut [f32]) {
     dispatch(x, w, out);
 }
 
+/// Weight rows and activation rows of one register tile: `BLOCK_FEATURES × BLOCK_ROWS` accumulators plus the
+/// loaded weights fill the 16 AVX2 registers, and every load feeds several FMAs (batched decode is
+/// compute-bound, unlike batch 1).
+pub const BLOCK_FEATURES: usize = 4;
+pub const BLOCK_ROWS: usize = 3;
+
+/// `out[f][r] = w[f] · x[r]` for a full tile.
+pub fn dot_block<W: WeightElement>(
+    x: [&[f32]; BLOCK_ROWS],
+    w: [&[W]; BLOCK_FEATURES],
+) -> [[f32; BLOCK_ROWS]; BLOCK_FEATURES] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2_block(x, w) };
+    }
+    w.map(|row| dot_group::<W, BLOCK_ROWS>(x, row))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexes rows, features and accumulators in lockstep
+unsafe fn avx2_block<W: WeightElement>(
+    x: [&[f32]; BLOCK_ROWS],
+    w: [&[W]; BLOCK_FEATURES],
+) -> [[f32; BLOCK_ROWS]; BLOCK_FEATURES] {
+    use std::arch::x86_64::*;
+    let len = w[0].len();
+    let body = len - len % LANES;
+    for row in &x {
+        assert!(row.len() >= len, "activation row shorter than the weight row");
+    }
+    for row in &w {
+        assert!(row.len() >= len, "weight rows of one tile differ in length");
+    }
+    let mut acc = [[_mm256_setzero_ps(); BLOCK_ROWS]; BLOCK_FEATURES];
+    let mut at = 0;
+    while at < body {
+        // SAFETY: at + 8 ≤ body ≤ len, and every row holds at least len values (asserted).
+        unsafe {
+            let weights: [__m256; BLOCK_FEATURES] = std::array::from_fn(|f| W::load8(w[f].as_ptr().add(at)));
+            for r in 0..BLOCK_ROWS {
+                let xs = _mm256_loadu_ps(x[r].as_ptr().add(at));
+                for f in 0..BLOCK_FEATURES {
+                    acc[f][r] = _mm256_fmadd_ps(xs, weights[f], acc[f][r]);
+                }
+            }
+        }
+        at += LANES;
+    }
+    let mut out = [[0.0f32; BLOCK_ROWS]; BLOCK_FEATURES];
+    for f in 0..BLOCK_FEATURES {
+        for r in 0..BLOCK_ROWS {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 8 f32s.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[f][r]) };
+            let tail: f32 = (body..len).map(|i| x[r][i] * w[f][i].widen()).sum();
+            out[f][r] = lanes.iter().sum::<f32>() + tail;
+        }
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
@@ -186,6 +249,12 @@ mod tests {
             assert!((grouped[r] - expected).abs() < 1e-4, "{} vs {expected}", grouped[r]);
             // The weights are exact in bf16 (multiples of 1/8), so the bf16 path must agree too.
             assert!((grouped16[r] - expected).abs() < 1e-4);
+        }
+        let block = dot_block([&rows[0], &rows[1], &rows[2]], [&w16, &w16, &w16, &w16]);
+        for f in 0..BLOCK_FEATURES {
+            for r in 0..3 {
+                assert!((block[f][r] - grouped16[r]).abs() < 1e-4);
+            }
         }
         // The portable path (what a CPU without AVX2 runs) agrees as well.
         let mut portable = [0.0; 3];

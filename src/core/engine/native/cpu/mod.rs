@@ -11,7 +11,7 @@ mod kernels;
 use super::backend::{AttentionSeq, AttentionShape, Backend};
 use super::weights::{HostData, HostTensor};
 use attention::{RowAttention, attend};
-use kernels::{GROUP, dot_rows};
+use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -43,7 +43,62 @@ const TILE: usize = 16;
 /// `dynamo bench engine`: the grouped kernel still wins at batch 16).
 const GEMM_MIN_ROWS: usize = 32;
 
+/// Dot products of weight rows `features` against every activation row, into `block[f * n + token]`: full
+/// register tiles where they fit, grouped rows for the edges.
+fn tile_dots<W: WeightElement>(
+    activations: &[&[f32]],
+    weights: &[W],
+    cols: usize,
+    features: std::ops::Range<usize>,
+    block: &mut [f32],
+) {
+    let n = activations.len();
+    let row = |f: usize| &weights[f * cols..(f + 1) * cols];
+    let full_rows = if n >= BLOCK_ROWS { n - n % BLOCK_ROWS } else { 0 };
+    let mut f = features.start;
+    while f < features.end {
+        let at = f - features.start;
+        if f + BLOCK_FEATURES <= features.end && full_rows > 0 {
+            let w: [&[W]; BLOCK_FEATURES] = std::array::from_fn(|i| row(f + i));
+            for r in (0..full_rows).step_by(BLOCK_ROWS) {
+                let x: [&[f32]; BLOCK_ROWS] = std::array::from_fn(|i| activations[r + i]);
+                for (i, values) in dot_block(x, w).iter().enumerate() {
+                    block[(at + i) * n + r..][..BLOCK_ROWS].copy_from_slice(values);
+                }
+            }
+            for i in 0..BLOCK_FEATURES {
+                let dst = &mut block[(at + i) * n..(at + i + 1) * n];
+                dot_rows(&activations[full_rows..], row(f + i), &mut dst[full_rows..]);
+            }
+            f += BLOCK_FEATURES;
+        } else {
+            let dst = &mut block[at * n..(at + 1) * n];
+            for (group, dst) in activations.chunks(GROUP).zip(dst.chunks_mut(GROUP)) {
+                dot_rows(group, row(f), dst);
+            }
+            f += 1;
+        }
+    }
+}
+
 impl CpuBackend {
+    /// Multiply-adds per second of this backend's best matrix product (the packed GEMM) on f32 weights that
+    /// stay in cache: the compute ceiling prefill and big batches are measured against.
+    pub fn peak_macs_per_s(&self) -> f64 {
+        let (n, rows, cols) = (256, 576, 576);
+        let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 1e-2).collect();
+        let w =
+            CpuMatrix { rows, cols, data: HostData::F32((0..rows * cols).map(|i| (i % 5) as f32 * 1e-2).collect()) };
+        let mut out = Vec::new();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let start = std::time::Instant::now();
+            self.gemm(&x, &w, &mut out);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        (n * rows * cols) as f64 / best
+    }
+
     /// Streams every weight row once, against all activation rows in groups of `GROUP`.
     fn gemv(&self, x: &[f32], w: &CpuMatrix, out: &mut Vec<f32>) {
         let (rows, cols) = (w.rows, w.cols);
@@ -56,14 +111,9 @@ impl CpuBackend {
                     let features = tile * TILE..((tile + 1) * TILE).min(rows);
                     // Feature-major inside the tile: block[f * n + token].
                     let mut block = vec![0.0f32; n * features.len()];
-                    for (f, dst) in features.clone().zip(block.chunks_exact_mut(n)) {
-                        let row = f * cols..(f + 1) * cols;
-                        for (group, dst) in activations.chunks(GROUP).zip(dst.chunks_mut(GROUP)) {
-                            match &w.data {
-                                HostData::F32(v) => dot_rows(group, &v[row.clone()], dst),
-                                HostData::Bf16(v) => dot_rows(group, &v[row.clone()], dst),
-                            }
-                        }
+                    match &w.data {
+                        HostData::F32(v) => tile_dots(&activations, v, cols, features, &mut block),
+                        HostData::Bf16(v) => tile_dots(&activations, v, cols, features, &mut block),
                     }
                     block
                 })
