@@ -251,9 +251,9 @@ mod tests {
             assert!((grouped16[r] - expected).abs() < 1e-4);
         }
         let block = dot_block([&rows[0], &rows[1], &rows[2]], [&w16, &w16, &w16, &w16]);
-        for f in 0..BLOCK_FEATURES {
-            for r in 0..3 {
-                assert!((block[f][r] - grouped16[r]).abs() < 1e-4);
+        for feature in block {
+            for (value, expected) in feature.iter().zip(grouped16) {
+                assert!((value - expected).abs() < 1e-4);
             }
         }
         // The portable path (what a CPU without AVX2 runs) agrees as well.
