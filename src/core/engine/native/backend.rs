@@ -61,6 +61,10 @@ pub trait Backend: Send + Sync + 'static {
         k_pages: &mut Self::Pages,
         v_pages: &mut Self::Pages,
     );
+    /// Copies whole pages (`page_len` values each) out to the host, in the order of `ids`.
+    fn read_pages(&self, pages: &Self::Pages, ids: &[u32], page_len: usize) -> Vec<f32>;
+    /// Overwrites pages `ids` with `data` (as `read_pages` returned it).
+    fn write_pages(&self, pages: &mut Self::Pages, ids: &[u32], page_len: usize, data: &[f32]);
     /// Causal attention of every row's query over its sequence's paged K/V (which already holds this step's rows).
     fn paged_attention(
         &self,

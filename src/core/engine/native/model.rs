@@ -40,6 +40,20 @@ pub struct KvCache<B: Backend> {
     layers: Vec<(B::Pages, B::Pages)>,
 }
 
+/// Some pages of a KV cache on the host, every layer's K and V: what moves between workers when one prefills
+/// and another decodes. Page `i` of `ids` at export is page `i` here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvBlocks {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Per layer: K then V, `num_blocks × block_size × kv heads × head_dim` each.
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("KV blocks do not fit this model's cache: {0}")]
+pub struct KvShapeError(String);
+
 /// One step's rows, flattened over its sequences.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ForwardBatch {
@@ -176,6 +190,40 @@ impl<B: Backend> Transformer<B> {
                 .map(|_| (self.backend.pages(num_pages, page_len), self.backend.pages(num_pages, page_len)))
                 .collect(),
         }
+    }
+
+    /// Copies pages `ids` of `cache` out, in order.
+    pub fn export_blocks(&self, cache: &KvCache<B>, ids: &[u32], block_size: usize) -> KvBlocks {
+        let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;
+        let layers = cache
+            .layers
+            .iter()
+            .map(|(k, v)| (self.backend.read_pages(k, ids, page_len), self.backend.read_pages(v, ids, page_len)))
+            .collect();
+        KvBlocks { block_size, num_blocks: ids.len(), layers }
+    }
+
+    /// Writes exported blocks into pages `ids` of `cache` (which may differ from the pages they came from).
+    pub fn import_blocks(&self, cache: &mut KvCache<B>, ids: &[u32], blocks: &KvBlocks) -> Result<(), KvShapeError> {
+        let page_len = blocks.block_size * self.config.num_kv_heads * self.config.head_dim;
+        if blocks.num_blocks != ids.len() || blocks.layers.len() != cache.layers.len() {
+            return Err(KvShapeError(format!(
+                "{} blocks of {} layers into {} pages of {} layers",
+                blocks.num_blocks,
+                blocks.layers.len(),
+                ids.len(),
+                cache.layers.len()
+            )));
+        }
+        if let Some((k, _)) = blocks.layers.iter().find(|(k, v)| k.len() != ids.len() * page_len || v.len() != k.len())
+        {
+            return Err(KvShapeError(format!("a layer holds {} values, expected {}", k.len(), ids.len() * page_len)));
+        }
+        for ((k_pages, v_pages), (k, v)) in cache.layers.iter_mut().zip(&blocks.layers) {
+            self.backend.write_pages(k_pages, ids, page_len, k);
+            self.backend.write_pages(v_pages, ids, page_len, v);
+        }
+        Ok(())
     }
 
     /// Bytes of KV one page holds over all layers (f32 pages).

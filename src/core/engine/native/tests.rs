@@ -265,3 +265,36 @@ fn unsupported_and_broken_checkpoints_are_clear_errors() {
     assert!(err.contains("tensor `"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Prefill on one cache, move the blocks to other pages of another cache, decode there: the same logits as
+/// decoding where the prefill ran (what disaggregated prefill/decode relies on).
+#[test]
+fn exported_blocks_imported_elsewhere_decode_exactly_like_local_blocks() {
+    let model = load(&ModelSource::Builtin);
+    let golden = golden("golden/tiny-chat.json");
+    let prompt = &golden.prompt_ids;
+    let (n, block) = (prompt.len(), 4);
+    let local_pages: Vec<PageId> = (0..n.div_ceil(block) as PageId + 1).collect();
+    let mut local = model.new_cache(local_pages.len(), block);
+    let mut prefill = ForwardBatch::default();
+    prefill.push_seq(prompt, 0, n, &local_pages, block, true);
+    let first = sampler::argmax(&model.forward(&mut local, &prefill, block));
+
+    // Only the full blocks and the partial one the prompt touched move; the remote cache is bigger and the
+    // blocks land on other pages.
+    let used = n.div_ceil(block);
+    let blocks = model.export_blocks(&local, &local_pages[..used], block);
+    let remote_pages: Vec<PageId> = (0..used as PageId).map(|i| 10 + 2 * i).chain([3]).collect();
+    let mut remote = model.new_cache(32, block);
+    model.import_blocks(&mut remote, &remote_pages[..used], &blocks).unwrap();
+
+    let tokens: Vec<u32> = prompt.iter().copied().chain([first]).collect();
+    let decode = |cache: &mut KvCache<CpuBackend>, pages: &[PageId]| {
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&tokens, n, n + 1, pages, block, true);
+        model.forward(cache, &batch, block)
+    };
+    assert_eq!(decode(&mut remote, &remote_pages), decode(&mut local, &local_pages));
+    let wrong = model.import_blocks(&mut remote, &remote_pages[..1], &blocks).unwrap_err();
+    assert!(wrong.to_string().contains("blocks"), "{wrong}");
+}

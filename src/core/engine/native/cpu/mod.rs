@@ -286,6 +286,16 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn read_pages(&self, pages: &Vec<f32>, ids: &[u32], page_len: usize) -> Vec<f32> {
+        ids.iter().flat_map(|&id| pages[id as usize * page_len..][..page_len].iter().copied()).collect()
+    }
+
+    fn write_pages(&self, pages: &mut Vec<f32>, ids: &[u32], page_len: usize, data: &[f32]) {
+        for (&id, values) in ids.iter().zip(data.chunks_exact(page_len)) {
+            pages[id as usize * page_len..][..page_len].copy_from_slice(values);
+        }
+    }
+
     fn paged_attention(
         &self,
         q: &Vec<f32>,
