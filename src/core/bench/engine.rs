@@ -4,6 +4,7 @@
 //!
 //! Without `--model` it generates a random SmolLM2-135M-shaped checkpoint (bf16, 576 hidden, 30 layers, 9/3
 //! heads, vocab 49152, tied) into a temporary directory and loads it through the same code as a real one.
+use crate::core::engine::native::backend::BackendError;
 use crate::core::engine::native::cpu::CpuBackend;
 use crate::core::engine::native::model::Transformer;
 use crate::core::engine::native::{NativeError, NativeExecutor, load_cpu};
@@ -69,6 +70,8 @@ pub struct EngineBenchResult {
 pub enum EngineBenchError {
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("cannot write the generated model to {path}: {source}")]
     Generate { path: PathBuf, source: std::io::Error },
 }
@@ -94,15 +97,15 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
     for &len in &settings.prompt_lengths {
         let mut times: Vec<f64> = (0..settings.repeats.max(1))
             .map(|rep| {
-                let mut s = scheduler(&model, len.max(16), 1);
+                let mut s = scheduler(&model, len.max(16), 1)?;
                 s.add(0, &request(random_tokens(len, vocab, rep as u64), 1), 0);
                 let start = Instant::now();
                 while !s.is_idle() {
                     s.step();
                 }
-                start.elapsed().as_secs_f64() * 1e3
+                Ok(start.elapsed().as_secs_f64() * 1e3)
             })
-            .collect();
+            .collect::<Result<_, BackendError>>()?;
         let median_ms = median(&mut times);
         let tokens_per_s = len as f64 / (median_ms / 1e3);
         let fraction_of_compute_bound = tokens_per_s / compute_bound;
@@ -111,7 +114,7 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
 
     let mut decode: Vec<Decode> = Vec::new();
     for &batch in &settings.batch_sizes {
-        let mut s = scheduler(&model, 8192, batch);
+        let mut s = scheduler(&model, 8192, batch)?;
         for i in 0..batch {
             s.add(i as u64, &request(random_tokens(32, vocab, 1000 + i as u64), settings.decode_steps as u32 + 1), 0);
         }
@@ -192,7 +195,7 @@ fn scheduler(
     model: &Arc<Transformer<CpuBackend>>,
     budget: usize,
     seqs: usize,
-) -> Scheduler<NativeExecutor<CpuBackend>> {
+) -> Result<Scheduler<NativeExecutor<CpuBackend>>, BackendError> {
     let config = SchedulerConfig {
         num_blocks: 4096,
         max_num_seqs: seqs.max(1),
@@ -200,8 +203,8 @@ fn scheduler(
         enable_prefix_caching: false,
         ..SchedulerConfig::default()
     };
-    let executor = NativeExecutor::new(model.clone(), config.num_blocks, config.block_size);
-    Scheduler::new(config, executor)
+    let executor = NativeExecutor::new(model.clone(), config.num_blocks, config.block_size)?;
+    Ok(Scheduler::new(config, executor))
 }
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {

@@ -23,6 +23,13 @@ pub struct AttentionShape {
     pub block_size: usize,
 }
 
+/// A device failure (allocation, launch, copy). The CPU backend never fails.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+pub type Op<T = ()> = Result<T, BackendError>;
+
 pub trait Backend: Send + Sync + 'static {
     /// f32 activations, norms and biases.
     type Vector: Send + Sync;
@@ -32,26 +39,26 @@ pub trait Backend: Send + Sync + 'static {
     type Pages: Send + Sync;
 
     fn describe(&self) -> String;
-    fn vector(&self, data: &[f32]) -> Self::Vector;
-    fn zeros(&self, len: usize) -> Self::Vector;
-    fn matrix(&self, tensor: HostTensor) -> Self::Matrix;
-    fn pages(&self, num_pages: usize, page_len: usize) -> Self::Pages;
-    fn to_host(&self, v: &Self::Vector) -> Vec<f32>;
+    fn vector(&self, data: &[f32]) -> Op<Self::Vector>;
+    fn zeros(&self, len: usize) -> Op<Self::Vector>;
+    fn matrix(&self, tensor: HostTensor) -> Op<Self::Matrix>;
+    fn pages(&self, num_pages: usize, page_len: usize) -> Op<Self::Pages>;
+    fn to_host(&self, v: &Self::Vector) -> Op<Vec<f32>>;
 
     /// `out[i] = table[ids[i]]`.
-    fn embedding(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Vector);
+    fn embedding(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Vector) -> Op;
     /// `out[n × rows] = x[n × cols] · wᵀ (+ bias)`. Like every op, it resizes `out` as needed.
-    fn matmul(&self, x: &Self::Vector, w: &Self::Matrix, bias: Option<&Self::Vector>, out: &mut Self::Vector);
+    fn matmul(&self, x: &Self::Vector, w: &Self::Matrix, bias: Option<&Self::Vector>, out: &mut Self::Vector) -> Op;
     /// Root-mean-square norm of every `dim`-long row.
-    fn rms_norm(&self, x: &Self::Vector, weight: &Self::Vector, dim: usize, eps: f32, out: &mut Self::Vector);
+    fn rms_norm(&self, x: &Self::Vector, weight: &Self::Vector, dim: usize, eps: f32, out: &mut Self::Vector) -> Op;
     /// Rotary embedding in place on `[rows, heads, head_dim]`, rotating half against half.
-    fn rope(&self, x: &mut Self::Vector, positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]);
+    fn rope(&self, x: &mut Self::Vector, positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]) -> Op;
     /// `gate = silu(gate) · up`.
-    fn silu_mul(&self, gate: &mut Self::Vector, up: &Self::Vector);
+    fn silu_mul(&self, gate: &mut Self::Vector, up: &Self::Vector) -> Op;
     /// `x += y`.
-    fn add(&self, x: &mut Self::Vector, y: &Self::Vector);
+    fn add(&self, x: &mut Self::Vector, y: &Self::Vector) -> Op;
     /// Picks rows `rows` of a `[_, dim]` matrix.
-    fn gather_rows(&self, x: &Self::Vector, dim: usize, rows: &[usize]) -> Self::Vector;
+    fn gather_rows(&self, x: &Self::Vector, dim: usize, rows: &[usize]) -> Op<Self::Vector>;
     /// Stores each row's K and V (`[rows, kv heads, head_dim]`) at its slot (`page · block_size + offset`).
     fn write_kv(
         &self,
@@ -60,11 +67,11 @@ pub trait Backend: Send + Sync + 'static {
         slots: &[u32],
         k_pages: &mut Self::Pages,
         v_pages: &mut Self::Pages,
-    );
+    ) -> Op;
     /// Copies whole pages (`page_len` values each) out to the host, in the order of `ids`.
-    fn read_pages(&self, pages: &Self::Pages, ids: &[u32], page_len: usize) -> Vec<f32>;
+    fn read_pages(&self, pages: &Self::Pages, ids: &[u32], page_len: usize) -> Op<Vec<f32>>;
     /// Overwrites pages `ids` with `data` (as `read_pages` returned it).
-    fn write_pages(&self, pages: &mut Self::Pages, ids: &[u32], page_len: usize, data: &[f32]);
+    fn write_pages(&self, pages: &mut Self::Pages, ids: &[u32], page_len: usize, data: &[f32]) -> Op;
     /// Causal attention of every row's query over its sequence's paged K/V (which already holds this step's rows).
     fn paged_attention(
         &self,
@@ -74,5 +81,5 @@ pub trait Backend: Send + Sync + 'static {
         seqs: &[AttentionSeq],
         shape: &AttentionShape,
         out: &mut Self::Vector,
-    );
+    ) -> Op;
 }

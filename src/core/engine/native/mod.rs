@@ -14,7 +14,7 @@ use super::batch::{BatchEngine, Pacing};
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Scheduler, SchedulerConfig};
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
 use crate::core::protocol::{PreprocessedRequest, WorkerId};
-use backend::Backend;
+use backend::{Backend, BackendError};
 use config::{ConfigError, ModelConfig};
 use cpu::CpuBackend;
 use model::{ForwardBatch, KvCache, Transformer};
@@ -32,6 +32,8 @@ pub enum NativeError {
     Weights(#[from] WeightError),
     #[error("cannot start {threads} compute threads: {detail}")]
     Threads { threads: usize, detail: String },
+    #[error("cannot allocate {blocks} KV blocks: {detail}; lower --kv-cache-gib or --num-blocks")]
+    KvCache { blocks: usize, detail: String },
     #[error("--kv-cache-gib {gib} holds no KV block of this model ({page_bytes} bytes each); give it more memory")]
     NoKvMemory { gib: f64, page_bytes: usize },
 }
@@ -75,7 +77,8 @@ pub fn spawn<B: Backend>(
         return Err(NativeError::NoKvMemory { gib: settings.kv_cache_gib, page_bytes });
     }
     let context = model.config.max_position_embeddings;
-    let executor = NativeExecutor::new(model, scheduler_config.num_blocks, scheduler_config.block_size);
+    let executor = NativeExecutor::new(model, scheduler_config.num_blocks, scheduler_config.block_size)
+        .map_err(|e| NativeError::KvCache { blocks: scheduler_config.num_blocks, detail: e.to_string() })?;
     let scheduler = Scheduler::new(scheduler_config, executor);
     Ok(BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: true, speedup: 1.0 }, context))
 }
@@ -88,9 +91,9 @@ pub struct NativeExecutor<B: Backend> {
 }
 
 impl<B: Backend> NativeExecutor<B> {
-    pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Self {
-        let cache = model.new_cache(num_pages, block_size);
-        Self { model, cache, block_size }
+    pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Result<Self, BackendError> {
+        let cache = model.new_cache(num_pages, block_size)?;
+        Ok(Self { model, cache, block_size })
     }
 }
 
@@ -106,7 +109,8 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         for chunk in chunks.iter() {
             batch.push_seq(chunk.tokens, chunk.start, chunk.end, chunk.pages, self.block_size, chunk.samples());
         }
-        let logits = self.model.forward(&mut self.cache, &batch, self.block_size);
+        let logits =
+            self.model.forward(&mut self.cache, &batch, self.block_size).map_err(|e| ExecError(e.to_string()))?;
         let mut rows = logits.chunks_exact(self.model.config.vocab_size);
         let sampled = chunks
             .iter_mut()

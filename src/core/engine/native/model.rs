@@ -3,7 +3,7 @@
 //!
 //! Each layer writes the whole batch's K/V into the pages before any row attends, so a row always sees every
 //! earlier position of its sequence, whether computed in an earlier step or in this one.
-use super::backend::{AttentionSeq, AttentionShape, Backend};
+use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::{WeightError, WeightFiles};
 
@@ -107,12 +107,12 @@ impl<B: Backend> Transformer<B> {
         let weight_bytes = std::cell::Cell::new(0u64);
         let vector = |name: &str, len: usize| -> Result<B::Vector, WeightError> {
             weight_bytes.set(weight_bytes.get() + 4 * len as u64);
-            Ok(backend.vector(&files.read(name, &[len], false)?.data.to_f32()))
+            Ok(backend.vector(&files.read(name, &[len], false)?.data.to_f32())?)
         };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix, WeightError> {
             let tensor = files.read(name, &[rows, cols], true)?;
             weight_bytes.set(weight_bytes.get() + tensor.data.byte_len() as u64);
-            Ok(backend.matrix(tensor))
+            Ok(backend.matrix(tensor)?)
         };
         let embed = matrix("model.embed_tokens.weight", config.vocab_size, h)?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -183,24 +183,23 @@ impl<B: Backend> Transformer<B> {
         self.weight_bytes
     }
 
-    pub fn new_cache(&self, num_pages: usize, block_size: usize) -> KvCache<B> {
+    pub fn new_cache(&self, num_pages: usize, block_size: usize) -> Op<KvCache<B>> {
         let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;
-        KvCache {
-            layers: (0..self.config.num_layers)
-                .map(|_| (self.backend.pages(num_pages, page_len), self.backend.pages(num_pages, page_len)))
-                .collect(),
-        }
+        let layers = (0..self.config.num_layers)
+            .map(|_| Ok((self.backend.pages(num_pages, page_len)?, self.backend.pages(num_pages, page_len)?)))
+            .collect::<Op<_>>()?;
+        Ok(KvCache { layers })
     }
 
     /// Copies pages `ids` of `cache` out, in order.
-    pub fn export_blocks(&self, cache: &KvCache<B>, ids: &[u32], block_size: usize) -> KvBlocks {
+    pub fn export_blocks(&self, cache: &KvCache<B>, ids: &[u32], block_size: usize) -> Op<KvBlocks> {
         let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;
         let layers = cache
             .layers
             .iter()
-            .map(|(k, v)| (self.backend.read_pages(k, ids, page_len), self.backend.read_pages(v, ids, page_len)))
-            .collect();
-        KvBlocks { block_size, num_blocks: ids.len(), layers }
+            .map(|(k, v)| Ok((self.backend.read_pages(k, ids, page_len)?, self.backend.read_pages(v, ids, page_len)?)))
+            .collect::<Op<_>>()?;
+        Ok(KvBlocks { block_size, num_blocks: ids.len(), layers })
     }
 
     /// Writes exported blocks into pages `ids` of `cache` (which may differ from the pages they came from).
@@ -220,8 +219,8 @@ impl<B: Backend> Transformer<B> {
             return Err(KvShapeError(format!("a layer holds {} values, expected {}", k.len(), ids.len() * page_len)));
         }
         for ((k_pages, v_pages), (k, v)) in cache.layers.iter_mut().zip(&blocks.layers) {
-            self.backend.write_pages(k_pages, ids, page_len, k);
-            self.backend.write_pages(v_pages, ids, page_len, v);
+            self.backend.write_pages(k_pages, ids, page_len, k).map_err(|e| KvShapeError(e.to_string()))?;
+            self.backend.write_pages(v_pages, ids, page_len, v).map_err(|e| KvShapeError(e.to_string()))?;
         }
         Ok(())
     }
@@ -232,50 +231,49 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Runs the batch, writing its K/V into `cache`; returns `logit_rows.len() × vocab` logits.
-    pub fn forward(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Vec<f32> {
+    pub fn forward(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Op<Vec<f32>> {
         let b = &self.backend;
         let c = &self.config;
         let shape =
             AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size };
-        let mut hidden = b.zeros(0);
-        b.embedding(&self.embed, &batch.token_ids, &mut hidden);
-        let (mut x, mut q, mut k, mut v, mut attn, mut projected) =
-            (b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0), b.zeros(0));
-        let (mut gate, mut up) = (b.zeros(0), b.zeros(0));
+        let mut hidden = b.zeros(0)?;
+        b.embedding(&self.embed, &batch.token_ids, &mut hidden)?;
+        let (mut x, mut q, mut k, mut v) = (b.zeros(0)?, b.zeros(0)?, b.zeros(0)?, b.zeros(0)?);
+        let (mut attn, mut projected, mut gate, mut up) = (b.zeros(0)?, b.zeros(0)?, b.zeros(0)?, b.zeros(0)?);
         for (layer, (k_pages, v_pages)) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            b.rms_norm(&hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, &mut x);
+            b.rms_norm(&hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
             let [q_bias, k_bias, v_bias] = match &layer.qkv_bias {
                 Some([qb, kb, vb]) => [Some(qb), Some(kb), Some(vb)],
                 None => [None, None, None],
             };
-            b.matmul(&x, &layer.q, q_bias, &mut q);
-            b.matmul(&x, &layer.k, k_bias, &mut k);
-            b.matmul(&x, &layer.v, v_bias, &mut v);
+            b.matmul(&x, &layer.q, q_bias, &mut q)?;
+            b.matmul(&x, &layer.k, k_bias, &mut k)?;
+            b.matmul(&x, &layer.v, v_bias, &mut v)?;
             if let Some([q_norm, k_norm]) = &layer.qk_norm {
-                b.rms_norm(&q, q_norm, c.head_dim, c.rms_norm_eps, &mut attn);
+                b.rms_norm(&q, q_norm, c.head_dim, c.rms_norm_eps, &mut attn)?;
                 std::mem::swap(&mut q, &mut attn);
-                b.rms_norm(&k, k_norm, c.head_dim, c.rms_norm_eps, &mut attn);
+                b.rms_norm(&k, k_norm, c.head_dim, c.rms_norm_eps, &mut attn)?;
                 std::mem::swap(&mut k, &mut attn);
             }
-            b.rope(&mut q, &batch.positions, c.num_heads, c.head_dim, &self.inv_freq);
-            b.rope(&mut k, &batch.positions, c.num_kv_heads, c.head_dim, &self.inv_freq);
-            b.write_kv(&k, &v, &batch.slots, k_pages, v_pages);
-            b.paged_attention(&q, k_pages, v_pages, &batch.seqs, &shape, &mut attn);
-            b.matmul(&attn, &layer.o, None, &mut projected);
-            b.add(&mut hidden, &projected);
+            b.rope(&mut q, &batch.positions, c.num_heads, c.head_dim, &self.inv_freq)?;
+            b.rope(&mut k, &batch.positions, c.num_kv_heads, c.head_dim, &self.inv_freq)?;
+            b.write_kv(&k, &v, &batch.slots, k_pages, v_pages)?;
+            b.paged_attention(&q, k_pages, v_pages, &batch.seqs, &shape, &mut attn)?;
+            b.matmul(&attn, &layer.o, None, &mut projected)?;
+            b.add(&mut hidden, &projected)?;
 
-            b.rms_norm(&hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, &mut x);
-            b.matmul(&x, &layer.gate, None, &mut gate);
-            b.matmul(&x, &layer.up, None, &mut up);
-            b.silu_mul(&mut gate, &up);
-            b.matmul(&gate, &layer.down, None, &mut projected);
-            b.add(&mut hidden, &projected);
+            b.rms_norm(&hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
+            b.matmul(&x, &layer.gate, None, &mut gate)?;
+            b.matmul(&x, &layer.up, None, &mut up)?;
+            b.silu_mul(&mut gate, &up)?;
+            b.matmul(&gate, &layer.down, None, &mut projected)?;
+            b.add(&mut hidden, &projected)?;
         }
         // Only the rows that sample need the (vocabulary-wide, expensive) head.
-        let last = b.gather_rows(&hidden, c.hidden_size, &batch.logit_rows);
-        b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, &mut x);
-        let mut logits = b.zeros(0);
-        b.matmul(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits);
+        let last = b.gather_rows(&hidden, c.hidden_size, &batch.logit_rows)?;
+        b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
+        let mut logits = b.zeros(0)?;
+        b.matmul(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits)?;
         b.to_host(&logits)
     }
 }

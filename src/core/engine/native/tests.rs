@@ -54,7 +54,7 @@ fn scheduler(
         watermark: 0.0,
         enable_prefix_caching: true,
     };
-    Scheduler::new(config.clone(), NativeExecutor::new(model, num_blocks, config.block_size))
+    Scheduler::new(config.clone(), NativeExecutor::new(model, num_blocks, config.block_size).unwrap())
 }
 
 fn greedy(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
@@ -92,8 +92,8 @@ fn logits_match_transformers_at_every_prompt_position() {
         let mut batch = ForwardBatch::default();
         batch.push_seq(&golden.prompt_ids, 0, n, &pages, 4, true);
         batch.logit_rows = (0..n).collect();
-        let mut cache = model.new_cache(pages.len(), 4);
-        let logits = model.forward(&mut cache, &batch, 4);
+        let mut cache = model.new_cache(pages.len(), 4).unwrap();
+        let logits = model.forward(&mut cache, &batch, 4).unwrap();
         // f32 throughout (bf16 weights are upcast the same way in the fixture), so only summation order differs.
         assert_close(&logits, &golden.logits.concat(), 1e-4, file);
     }
@@ -216,12 +216,12 @@ fn paged_attention_equals_contiguous_attention() {
     let v: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 91)).collect();
     let table = vec![5u32, 0, 3];
     let slots: Vec<u32> = (0..rows).map(|p| table[p / block] * block as u32 + (p % block) as u32).collect();
-    let (mut k_pages, mut v_pages) =
-        (backend.pages(6, block * kv_heads * dim), backend.pages(6, block * kv_heads * dim));
-    backend.write_kv(&k, &v, &slots, &mut k_pages, &mut v_pages);
+    let page_len = block * kv_heads * dim;
+    let (mut k_pages, mut v_pages) = (backend.pages(6, page_len).unwrap(), backend.pages(6, page_len).unwrap());
+    backend.write_kv(&k, &v, &slots, &mut k_pages, &mut v_pages).unwrap();
     let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table }];
     let mut out = Vec::new();
-    backend.paged_attention(&q, &k_pages, &v_pages, &seqs, &shape, &mut out);
+    backend.paged_attention(&q, &k_pages, &v_pages, &seqs, &shape, &mut out).unwrap();
 
     let mut expected = vec![0.0f32; q.len()];
     for r in 0..rows {
@@ -275,24 +275,24 @@ fn exported_blocks_imported_elsewhere_decode_exactly_like_local_blocks() {
     let prompt = &golden.prompt_ids;
     let (n, block) = (prompt.len(), 4);
     let local_pages: Vec<PageId> = (0..n.div_ceil(block) as PageId + 1).collect();
-    let mut local = model.new_cache(local_pages.len(), block);
+    let mut local = model.new_cache(local_pages.len(), block).unwrap();
     let mut prefill = ForwardBatch::default();
     prefill.push_seq(prompt, 0, n, &local_pages, block, true);
-    let first = sampler::argmax(&model.forward(&mut local, &prefill, block));
+    let first = sampler::argmax(&model.forward(&mut local, &prefill, block).unwrap());
 
     // Only the full blocks and the partial one the prompt touched move; the remote cache is bigger and the
     // blocks land on other pages.
     let used = n.div_ceil(block);
-    let blocks = model.export_blocks(&local, &local_pages[..used], block);
+    let blocks = model.export_blocks(&local, &local_pages[..used], block).unwrap();
     let remote_pages: Vec<PageId> = (0..used as PageId).map(|i| 10 + 2 * i).chain([3]).collect();
-    let mut remote = model.new_cache(32, block);
+    let mut remote = model.new_cache(32, block).unwrap();
     model.import_blocks(&mut remote, &remote_pages[..used], &blocks).unwrap();
 
     let tokens: Vec<u32> = prompt.iter().copied().chain([first]).collect();
     let decode = |cache: &mut KvCache<CpuBackend>, pages: &[PageId]| {
         let mut batch = ForwardBatch::default();
         batch.push_seq(&tokens, n, n + 1, pages, block, true);
-        model.forward(cache, &batch, block)
+        model.forward(cache, &batch, block).unwrap()
     };
     assert_eq!(decode(&mut remote, &remote_pages), decode(&mut local, &local_pages));
     let wrong = model.import_blocks(&mut remote, &remote_pages[..1], &blocks).unwrap_err();

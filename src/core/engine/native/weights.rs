@@ -21,6 +21,8 @@ pub enum WeightError {
     Missing { name: String },
     #[error("tensor `{name}` has shape {actual:?}, but config.json implies {expected:?}")]
     Shape { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("cannot place the weights on the device: {0}")]
+    Device(#[from] super::backend::BackendError),
     #[error("tensor `{name}` is {dtype:?}; supported: bf16, f16, f32")]
     Dtype { name: String, dtype: Dtype },
 }

@@ -8,7 +8,7 @@
 mod attention;
 mod kernels;
 
-use super::backend::{AttentionSeq, AttentionShape, Backend};
+use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
 use super::weights::{HostData, HostTensor};
 use attention::{RowAttention, attend};
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
@@ -181,29 +181,29 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.pool.current_num_threads())
     }
 
-    fn vector(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
+    fn vector(&self, data: &[f32]) -> Op<Vec<f32>> {
+        Ok(data.to_vec())
     }
 
-    fn zeros(&self, len: usize) -> Vec<f32> {
-        vec![0.0; len]
+    fn zeros(&self, len: usize) -> Op<Vec<f32>> {
+        Ok(vec![0.0; len])
     }
 
-    fn matrix(&self, tensor: HostTensor) -> CpuMatrix {
+    fn matrix(&self, tensor: HostTensor) -> Op<CpuMatrix> {
         let rows = tensor.shape.first().copied().unwrap_or(1);
         let cols = tensor.shape.iter().skip(1).product::<usize>().max(1);
-        CpuMatrix { rows, cols, data: tensor.data }
+        Ok(CpuMatrix { rows, cols, data: tensor.data })
     }
 
-    fn pages(&self, num_pages: usize, page_len: usize) -> Vec<f32> {
-        vec![0.0; num_pages * page_len]
+    fn pages(&self, num_pages: usize, page_len: usize) -> Op<Vec<f32>> {
+        Ok(vec![0.0; num_pages * page_len])
     }
 
-    fn to_host(&self, v: &Vec<f32>) -> Vec<f32> {
-        v.clone()
+    fn to_host(&self, v: &Vec<f32>) -> Op<Vec<f32>> {
+        Ok(v.clone())
     }
 
-    fn embedding(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
+    fn embedding(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) -> Op {
         let cols = table.cols;
         out.clear();
         out.reserve(ids.len() * cols);
@@ -214,9 +214,10 @@ impl Backend for CpuBackend {
                 HostData::Bf16(v) => out.extend(v[at..at + cols].iter().map(|x| x.to_f32())),
             }
         }
+        Ok(())
     }
 
-    fn matmul(&self, x: &Vec<f32>, w: &CpuMatrix, bias: Option<&Vec<f32>>, out: &mut Vec<f32>) {
+    fn matmul(&self, x: &Vec<f32>, w: &CpuMatrix, bias: Option<&Vec<f32>>, out: &mut Vec<f32>) -> Op {
         let n = x.len() / w.cols;
         if n == 0 {
             out.clear();
@@ -232,9 +233,10 @@ impl Backend for CpuBackend {
                 }
             }
         }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &Vec<f32>, weight: &Vec<f32>, dim: usize, eps: f32, out: &mut Vec<f32>) {
+    fn rms_norm(&self, x: &Vec<f32>, weight: &Vec<f32>, dim: usize, eps: f32, out: &mut Vec<f32>) -> Op {
         out.clear();
         out.resize(x.len(), 0.0);
         for (row, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
@@ -244,9 +246,10 @@ impl Backend for CpuBackend {
                 *d = v * scale * w;
             }
         }
+        Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]) {
+    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], heads: usize, head_dim: usize, inv_freq: &[f32]) -> Op {
         let half = head_dim / 2;
         for (row, &position) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
             let angles: Vec<(f32, f32)> =
@@ -259,41 +262,53 @@ impl Backend for CpuBackend {
                 }
             }
         }
+        Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) {
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Op {
         for (g, u) in gate.iter_mut().zip(up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
+        Ok(())
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Op {
         for (a, b) in x.iter_mut().zip(y) {
             *a += b;
         }
+        Ok(())
     }
 
-    fn gather_rows(&self, x: &Vec<f32>, dim: usize, rows: &[usize]) -> Vec<f32> {
-        rows.iter().flat_map(|&r| x[r * dim..(r + 1) * dim].iter().copied()).collect()
+    fn gather_rows(&self, x: &Vec<f32>, dim: usize, rows: &[usize]) -> Op<Vec<f32>> {
+        Ok(rows.iter().flat_map(|&r| x[r * dim..(r + 1) * dim].iter().copied()).collect())
     }
 
-    fn write_kv(&self, k: &Vec<f32>, v: &Vec<f32>, slots: &[u32], k_pages: &mut Vec<f32>, v_pages: &mut Vec<f32>) {
+    fn write_kv(
+        &self,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        slots: &[u32],
+        k_pages: &mut Vec<f32>,
+        v_pages: &mut Vec<f32>,
+    ) -> Op {
         let width = k.len() / slots.len().max(1);
         for (row, &slot) in slots.iter().enumerate() {
             let (src, dst) = (row * width..(row + 1) * width, slot as usize * width..(slot as usize + 1) * width);
             k_pages[dst.clone()].copy_from_slice(&k[src.clone()]);
             v_pages[dst].copy_from_slice(&v[src]);
         }
+        Ok(())
     }
 
-    fn read_pages(&self, pages: &Vec<f32>, ids: &[u32], page_len: usize) -> Vec<f32> {
-        ids.iter().flat_map(|&id| pages[id as usize * page_len..][..page_len].iter().copied()).collect()
+    fn read_pages(&self, pages: &Vec<f32>, ids: &[u32], page_len: usize) -> Op<Vec<f32>> {
+        Ok(ids.iter().flat_map(|&id| pages[id as usize * page_len..][..page_len].iter().copied()).collect())
     }
 
-    fn write_pages(&self, pages: &mut Vec<f32>, ids: &[u32], page_len: usize, data: &[f32]) {
+    fn write_pages(&self, pages: &mut Vec<f32>, ids: &[u32], page_len: usize, data: &[f32]) -> Op {
         for (&id, values) in ids.iter().zip(data.chunks_exact(page_len)) {
             pages[id as usize * page_len..][..page_len].copy_from_slice(values);
         }
+        Ok(())
     }
 
     fn paged_attention(
@@ -304,7 +319,7 @@ impl Backend for CpuBackend {
         seqs: &[AttentionSeq],
         shape: &AttentionShape,
         out: &mut Vec<f32>,
-    ) {
+    ) -> Op {
         let row_width = shape.num_heads * shape.head_dim;
         let rows: Vec<(&AttentionSeq, usize)> = seqs.iter().flat_map(|s| (0..s.rows).map(move |r| (s, r))).collect();
         out.clear();
@@ -316,5 +331,6 @@ impl Backend for CpuBackend {
                 attend(&job, scores, dst);
             })
         });
+        Ok(())
     }
 }
