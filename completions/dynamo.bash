@@ -28,6 +28,12 @@ _dynamo() {
             dynamo,run)
                 cmd="dynamo__subcmd__run"
                 ;;
+            dynamo,selftest)
+                cmd="dynamo__subcmd__selftest"
+                ;;
+            dynamo__subcmd__bench,engine)
+                cmd="dynamo__subcmd__bench__subcmd__engine"
+                ;;
             dynamo__subcmd__bench,help)
                 cmd="dynamo__subcmd__bench__subcmd__help"
                 ;;
@@ -42,6 +48,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench,route)
                 cmd="dynamo__subcmd__bench__subcmd__route"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,engine)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
                 ;;
             dynamo__subcmd__bench__subcmd__help,help)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__help"
@@ -70,6 +79,12 @@ _dynamo() {
             dynamo__subcmd__help,run)
                 cmd="dynamo__subcmd__help__subcmd__run"
                 ;;
+            dynamo__subcmd__help,selftest)
+                cmd="dynamo__subcmd__help__subcmd__selftest"
+                ;;
+            dynamo__subcmd__help__subcmd__bench,engine)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
+                ;;
             dynamo__subcmd__help__subcmd__bench,http)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__http"
                 ;;
@@ -89,7 +104,7 @@ _dynamo() {
 
     case "${cmd}" in
         dynamo)
-            opts="-v -h -V --verbose --help --version run bench completions help"
+            opts="-v -h -V --verbose --help --version run bench selftest completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -103,7 +118,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route plane help"
+            opts="-v -h -V --verbose --help --version http index route plane engine help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -116,9 +131,61 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        dynamo__subcmd__bench__subcmd__help)
-            opts="http index route plane help"
+        dynamo__subcmd__bench__subcmd__engine)
+            opts="-v -h -V --model --threads --prompt-tokens --batch --decode-steps --repeats --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prompt-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --decode-steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --repeats)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help)
+            opts="http index route plane engine help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__engine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -351,7 +418,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help)
-            opts="run bench completions help"
+            opts="run bench selftest completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,8 +432,22 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route plane"
+            opts="http index route plane engine"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__engine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -476,6 +557,20 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__help__subcmd__selftest)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__run)
             opts="-v -h -V --model --served-model-name --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -552,6 +647,32 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__selftest)
+            opts="-v -h -V --device --compile-only --model --threads --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -3,6 +3,7 @@ mod args;
 mod bench;
 mod completions;
 mod run;
+mod selftest;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ pub enum Command {
     /// Measure performance; each benchmark compares against a reference in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels).
+    Selftest(selftest::SelftestArgs),
     /// Print shell completions (bash, zsh, fish, …) to stdout.
     Completions(completions::CompletionsArgs),
 }
@@ -35,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Selftest(args) => selftest::run(args),
         Command::Completions(args) => completions::run(args),
     }
 }

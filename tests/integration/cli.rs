@@ -10,7 +10,7 @@ fn output(args: &[&str]) -> (bool, String, String) {
 fn help_lists_the_working_subcommands_and_env_fallbacks() {
     let (ok, help, _) = output(&["--help"]);
     assert!(ok);
-    for command in ["run", "bench", "completions"] {
+    for command in ["run", "bench", "selftest", "completions"] {
         assert!(help.contains(command), "{help}");
     }
     let (ok, run_help, _) = output(&["run", "--help"]);

@@ -1,7 +1,6 @@
 //! The real `openai` Python client against `dynamo run`, streaming and not. The client is installed into a
 //! venv under the target directory on first use; without python3 or PyPI the test says so and skips.
-use crate::util::Server;
-use std::path::{Path, PathBuf};
+use crate::util::{Server, python_venv};
 use std::process::Command;
 
 const CLIENT_SCRIPT: &str = r#"
@@ -44,39 +43,10 @@ except Exception as error:  # openai.BadRequestError
 print("openai client ok")
 "#;
 
-/// A venv with the `openai` package, made once per target directory.
-fn venv_python() -> Result<PathBuf, String> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = venv.join("bin/python");
-    let ready = venv.join(".openai-installed");
-    if ready.exists() {
-        return Ok(python);
-    }
-    let run = |cmd: &mut Command| -> Result<(), String> {
-        let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "openai>=1.40",
-    ]))?;
-    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
-    Ok(python)
-}
-
 #[test]
 fn the_openai_python_client_works_streaming_and_not() {
-    let python = match venv_python() {
-        Ok(python) => python,
+    let python = match python_venv("openai-venv", &["openai>=1.40"]) {
+        Ok(venv) => venv.join("bin/python"),
         Err(why) => {
             eprintln!("SKIPPED the_openai_python_client_works: could not install the openai client ({why})");
             return;

@@ -122,3 +122,27 @@ pub fn sse_payloads(text: &str) -> Vec<String> {
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
 }
+
+/// A venv under the target directory with `packages` installed, made once; `Err` says why it could not be
+/// (no python3, no PyPI), so a test can skip loudly.
+pub fn python_venv(name: &str, packages: &[&str]) -> Result<std::path::PathBuf, String> {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let ready = venv.join(".installed");
+    if ready.exists() {
+        return Ok(venv);
+    }
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(packages))?;
+    std::fs::write(&ready, "").map_err(|e| e.to_string())?;
+    Ok(venv)
+}

@@ -6,8 +6,10 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod model;
 pub mod sampler;
+pub mod selftest;
 pub mod weights;
 
 use super::batch::{BatchEngine, Pacing};
@@ -32,6 +34,8 @@ pub enum NativeError {
     Weights(#[from] WeightError),
     #[error("cannot start {threads} compute threads: {detail}")]
     Threads { threads: usize, detail: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("cannot allocate {blocks} KV blocks: {detail}; lower --kv-cache-gib or --num-blocks")]
     KvCache { blocks: usize, detail: String },
     #[error("--kv-cache-gib {gib} holds no KV block of this model ({page_bytes} bytes each); give it more memory")]
@@ -54,12 +58,21 @@ pub fn load_cpu(
     threads: usize,
     progress: impl FnMut(usize, usize),
 ) -> Result<Arc<Transformer<CpuBackend>>, NativeError> {
+    let backend = CpuBackend::new(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?;
+    load(source, backend, progress)
+}
+
+/// Loads a model onto any backend.
+pub fn load<B: Backend>(
+    source: &ModelSource,
+    backend: B,
+    progress: impl FnMut(usize, usize),
+) -> Result<Arc<Transformer<B>>, NativeError> {
     let config = ModelConfig::parse(&read_config(source)?)?;
     let files = match source {
         ModelSource::Dir(dir) => WeightFiles::open(dir)?,
         ModelSource::Builtin => WeightFiles::from_static("built-in tiny-chat weights", BUILTIN_WEIGHTS)?,
     };
-    let backend = CpuBackend::new(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?;
     Ok(Arc::new(Transformer::load(backend, config, &files, progress)?))
 }
 

@@ -87,7 +87,7 @@ extern "C" __global__ void paged_attention(
     int kv_width = num_kv_heads * head_dim;
     const unsigned int* table = tables + row_table[row];
     float query = d < head_dim ? q[((long)row * num_heads + head) * head_dim + d] : 0.0f;
-    float max_score = -INFINITY, total = 0.0f, acc = 0.0f;
+    float max_score = __int_as_float(0xff800000), total = 0.0f, acc = 0.0f;  // -inf: NVRTC has no math.h
     for (unsigned int p = 0; p < row_context[row]; ++p) {
         long slot = (long)table[p / block_size] * block_size + p % block_size;
         long at = slot * kv_width + kv_head * head_dim + d;
