@@ -572,7 +572,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --workers --http-host --http-port --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -635,6 +635,10 @@ _dynamo() {
                     return 0
                     ;;
                 --max-num-batched-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -51,6 +51,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tok
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r

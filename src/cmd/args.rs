@@ -1,6 +1,6 @@
 //! Flag groups more than one subcommand takes.
 use crate::core::engine::mocker::MockerConfig;
-use crate::core::engine::native::NativeSettings;
+use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::local::EngineSettings;
 use crate::core::router::{RouterConfig, RouterMode};
@@ -42,6 +42,10 @@ pub struct EngineArgs {
     #[arg(long)]
     pub no_prefix_caching: bool,
 
+    /// Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "DYNAMO_DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+
     /// Native: compute threads shared by this process's workers [default: the CPUs this process may use]
     #[arg(long, env = "DYNAMO_THREADS", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
@@ -71,12 +75,27 @@ impl EngineArgs {
         match self.engine {
             EngineKind::Mocker => EngineSettings::Mocker(MockerConfig { scheduler, speedup: self.speedup }),
             EngineKind::Native => EngineSettings::Native(NativeSettings {
+                // Settled here so the serving line names the device actually used.
+                device: self.device.resolve(),
                 threads: self.threads.map_or_else(available_cpus, |t| t as usize),
                 kv_cache_gib: self.kv_cache_gib,
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
             }),
         }
+    }
+}
+
+fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got `{text}`")),
     }
 }
 

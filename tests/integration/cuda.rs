@@ -38,3 +38,12 @@ fn without_cuda_libraries_selftest_says_what_is_missing() {
     assert!(stderr.contains("libnvrtc") || stderr.contains("libcuda"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn serving_on_a_gpu_that_is_not_there_is_refused_with_what_is_missing() {
+    let output =
+        dynamo().args(["run", "--http-port", "0", "--device", "cuda:1"]).env("LD_LIBRARY_PATH", "").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot use CUDA") && !stderr.contains("panicked"), "{stderr}");
+}

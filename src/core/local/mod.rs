@@ -42,7 +42,10 @@ impl EngineSettings {
     fn describe(&self) -> String {
         match self {
             EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
-            EngineSettings::Native(settings) => format!("native (cpu, {} threads)", settings.threads),
+            EngineSettings::Native(settings) => match settings.device {
+                native::Device::Cpu => format!("native (cpu, {} threads)", settings.threads),
+                device => format!("native ({device})"),
+            },
         }
     }
 }
@@ -70,12 +73,17 @@ pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError>
                 .collect()
         }
         EngineSettings::Native(native_settings) => {
-            let weights = load_with_progress(&settings.model, native_settings.threads)?;
-            (0..settings.workers)
-                .map(|id| {
-                    native::spawn(id as u64, weights.clone(), native_settings).map(|e| Arc::new(e) as Arc<dyn Engine>)
-                })
-                .collect::<Result<_, _>>()?
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} layers")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            // indicatif draws nothing when stderr is not a terminal.
+            let spawned = native::spawn_workers(&settings.model, native_settings, settings.workers, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            });
+            bar.finish_and_clear();
+            spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
         }
     };
     let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
@@ -101,21 +109,4 @@ pub async fn run(
         settings.router.mode
     );
     frontend::serve(listener, state, shutdown).await.map_err(LocalError::Serve)
-}
-
-/// Loads native weights, with a progress bar on a terminal (indicatif draws nothing when stderr is not one).
-fn load_with_progress(
-    source: &ModelSource,
-    threads: usize,
-) -> Result<Arc<native::model::Transformer<native::cpu::CpuBackend>>, NativeError> {
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} layers")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let loaded = native::load_cpu(source, threads, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
-    bar.finish_and_clear();
-    loaded
 }

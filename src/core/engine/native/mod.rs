@@ -42,9 +42,44 @@ pub enum NativeError {
     NoKvMemory { gib: f64, page_bytes: usize },
 }
 
+/// Where the native engine computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA device 0 when the driver, NVRTC and cuBLAS load and a GPU is present; otherwise the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// Settles `Auto` by looking for a usable GPU.
+    pub fn resolve(self) -> Device {
+        match self {
+            Device::Auto => {
+                let libraries = cuda::CudaLibraries::probe();
+                let has_gpu = libraries.missing().is_empty()
+                    && cudarc::driver::CudaContext::device_count().is_ok_and(|count| count > 0);
+                if has_gpu { Device::Cuda(0) } else { Device::Cpu }
+            }
+            device => device,
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NativeSettings {
-    /// Compute threads shared by this process's native workers.
+    pub device: Device,
+    /// Compute threads shared by this process's native workers (CPU device).
     pub threads: usize,
     /// Memory for each worker's KV cache; decides `scheduler.num_blocks` unless that is given.
     pub kv_cache_gib: f64,
@@ -74,6 +109,25 @@ pub fn load<B: Backend>(
         ModelSource::Builtin => WeightFiles::from_static("built-in tiny-chat weights", BUILTIN_WEIGHTS)?,
     };
     Ok(Arc::new(Transformer::load(backend, config, &files, progress)?))
+}
+
+/// Loads the model once on the settings' device and starts `workers` workers sharing it.
+pub fn spawn_workers(
+    source: &ModelSource,
+    settings: &NativeSettings,
+    workers: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<BatchEngine>, NativeError> {
+    Ok(match settings.device.resolve() {
+        Device::Cuda(ordinal) => {
+            let model = load(source, cuda::CudaBackend::new(ordinal)?, progress)?;
+            (0..workers).map(|id| spawn(id as WorkerId, model.clone(), settings)).collect::<Result<_, _>>()?
+        }
+        Device::Cpu | Device::Auto => {
+            let model = load_cpu(source, settings.threads, progress)?;
+            (0..workers).map(|id| spawn(id as WorkerId, model.clone(), settings)).collect::<Result<_, _>>()?
+        }
+    })
 }
 
 /// Starts a worker on a loaded model (workers of one process share the weights, each has its own KV cache).

@@ -104,28 +104,29 @@ impl CpuBackend {
         let (rows, cols) = (w.rows, w.cols);
         let n = x.len() / cols;
         let activations: Vec<&[f32]> = x.chunks_exact(cols).collect();
-        let tiles: Vec<Vec<f32>> = self.pool.install(|| {
-            (0..rows.div_ceil(TILE))
-                .into_par_iter()
-                .map(|tile| {
-                    let features = tile * TILE..((tile + 1) * TILE).min(rows);
-                    // Feature-major inside the tile: block[f * n + token].
-                    let mut block = vec![0.0f32; n * features.len()];
-                    match &w.data {
-                        HostData::F32(v) => tile_dots(&activations, v, cols, features, &mut block),
-                        HostData::Bf16(v) => tile_dots(&activations, v, cols, features, &mut block),
-                    }
-                    block
-                })
-                .collect()
+        // Feature-major (`[rows × n]`), so each task owns one contiguous slice; a single token needs no
+        // transpose afterwards.
+        let mut feature_major = if n == 1 { std::mem::take(out) } else { Vec::new() };
+        feature_major.clear();
+        feature_major.resize(rows * n, 0.0);
+        self.pool.install(|| {
+            feature_major.par_chunks_mut(TILE * n).enumerate().for_each(|(tile, block)| {
+                let features = tile * TILE..((tile + 1) * TILE).min(rows);
+                match &w.data {
+                    HostData::F32(v) => tile_dots(&activations, v, cols, features, block),
+                    HostData::Bf16(v) => tile_dots(&activations, v, cols, features, block),
+                }
+            })
         });
+        if n == 1 {
+            *out = feature_major;
+            return;
+        }
         out.clear();
         out.resize(n * rows, 0.0);
-        for (tile, block) in tiles.iter().enumerate() {
-            for (f, values) in block.chunks_exact(n).enumerate() {
-                for (token, value) in values.iter().enumerate() {
-                    out[token * rows + tile * TILE + f] = *value;
-                }
+        for (f, values) in feature_major.chunks_exact(n).enumerate() {
+            for (token, value) in values.iter().enumerate() {
+                out[token * rows + f] = *value;
             }
         }
     }
