@@ -298,3 +298,101 @@ fn exported_blocks_imported_elsewhere_decode_exactly_like_local_blocks() {
     let wrong = model.import_blocks(&mut remote, &remote_pages[..1], &blocks).unwrap_err();
     assert!(wrong.to_string().contains("blocks"), "{wrong}");
 }
+
+/// Writes `tensors` (name → (dtype, shape, little-endian bytes)) as safetensors.
+fn write_safetensors(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            (name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The Llama fixture's tensors as f32 values, after `round` (to emulate a lower-precision checkpoint).
+fn llama_tensors(round: impl Fn(f32) -> f32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(testdata("golden/llama/model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let view = file.tensor(&name).unwrap();
+            let values = view.data().chunks_exact(4).map(|b| round(f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            (name, view.shape().to_vec(), values.collect())
+        })
+        .collect()
+}
+
+fn checkpoint_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dynamo-{label}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(testdata("golden/llama").join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+fn prompt_logits(source: &ModelSource) -> Vec<f32> {
+    let model = load(source);
+    let prompt = golden("golden/llama/golden.json").prompt_ids;
+    let pages: Vec<PageId> = (0..prompt.len().div_ceil(4) as PageId).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push_seq(&prompt, 0, prompt.len(), &pages, 4, true);
+    batch.logit_rows = (0..prompt.len()).collect();
+    model.forward(&mut model.new_cache(pages.len(), 4).unwrap(), &batch, 4).unwrap()
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_like_a_single_file() {
+    let dir = checkpoint_dir("sharded");
+    let tensors = llama_tensors(|v| v);
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let encoded: Vec<_> = part
+            .iter()
+            .map(|(name, shape, values)| {
+                weight_map.insert(name.clone(), serde_json::json!(file));
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (name.clone(), safetensors::Dtype::F32, shape.clone(), bytes)
+            })
+            .collect();
+        write_safetensors(&dir.join(file), &encoded);
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = prompt_logits(&ModelSource::Dir(dir.clone()));
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(sharded, prompt_logits(&ModelSource::Dir(testdata("golden/llama"))));
+}
+
+#[test]
+fn f16_weights_load_as_the_values_they_hold() {
+    let round = |v: f32| half::f16::from_f32(v).to_f32();
+    let tensors = llama_tensors(round);
+    let (f16_dir, f32_dir) = (checkpoint_dir("f16"), checkpoint_dir("f16-as-f32"));
+    let as_f16: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            let bytes = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            (n.clone(), safetensors::Dtype::F16, s.clone(), bytes)
+        })
+        .collect();
+    let as_f32: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (n.clone(), safetensors::Dtype::F32, s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect();
+    write_safetensors(&f16_dir.join("model.safetensors"), &as_f16);
+    write_safetensors(&f32_dir.join("model.safetensors"), &as_f32);
+    let (a, b) = (prompt_logits(&ModelSource::Dir(f16_dir.clone())), prompt_logits(&ModelSource::Dir(f32_dir.clone())));
+    std::fs::remove_dir_all(&f16_dir).ok();
+    std::fs::remove_dir_all(&f32_dir).ok();
+    assert_eq!(a, b);
+    // And the rounding really happened: f16 weights do not give the f32 checkpoint's logits.
+    assert_ne!(a, prompt_logits(&ModelSource::Dir(testdata("golden/llama"))));
+}
