@@ -1,22 +1,27 @@
-//! Causal attention of one query row over its sequence's paged K/V, on the CPU.
+//! Causal attention over paged K/V on the CPU, for a block of consecutive query rows of one sequence.
 //!
-//! The query heads that share a KV head (GQA) are done together, so each key and value row is read once per
-//! group rather than once per head. The loops are plain Rust written to auto-vectorise; like `kernels`, they
-//! are compiled a second time with AVX2 + FMA enabled and that copy is used when the CPU has them.
+//! A block shares every key and value row it reads among its query rows and among the query heads that
+//! share a KV head (GQA), so a long prefill reads its K/V once per block instead of once per row per head.
+//! The loops are plain Rust written to auto-vectorise; like `kernels`, they are compiled a second time with
+//! AVX2 + FMA enabled and that copy is used when the CPU has them.
 use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 
-/// Everything one row needs; `dst` is the row's `[heads × head_dim]` output.
-pub struct RowAttention<'a> {
-    pub query: &'a [f32],
+/// Query rows per block: enough to amortise K/V reads, few enough that a long prefill still spreads over
+/// every thread and the scores stay in cache.
+pub const BLOCK_ROWS: usize = 16;
+
+/// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows.
+pub struct BlockAttention<'a> {
+    pub queries: &'a [f32],
     pub k_pages: &'a [f32],
     pub v_pages: &'a [f32],
     pub seq: &'a AttentionSeq,
-    /// Row within the sequence's chunk.
-    pub row: usize,
+    pub first: usize,
+    pub rows: usize,
     pub shape: &'a AttentionShape,
 }
 
-pub fn attend(job: &RowAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+pub fn attend(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::kernels::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -27,49 +32,60 @@ pub fn attend(job: &RowAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(job: &RowAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+unsafe fn attend_avx2(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     attend_portable(job, scores, dst);
 }
 
 #[inline(always)]
-fn attend_portable(job: &RowAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
-    let kv_width = num_kv_heads * head_dim;
+    let (kv_width, row_width) = (num_kv_heads * head_dim, num_heads * head_dim);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let context = job.seq.first_position + job.row + 1;
+    // Row r of the block attends to positions 0..context(r); the last row sees the most.
+    let context = |r: usize| job.seq.first_position + job.first + r + 1;
+    let longest = context(job.rows - 1);
     let table = &job.seq.block_table;
     let slot = |p: usize| table[p / block_size] as usize * block_size + p % block_size;
+    // scores[(r * group + h) * longest + p]
     scores.clear();
-    scores.resize(group * context, 0.0);
+    scores.resize(job.rows * group * longest, 0.0);
     dst.fill(0.0);
     for kv_head in 0..num_kv_heads {
-        let heads = kv_head * group..(kv_head + 1) * group;
-        let queries = &job.query[heads.start * head_dim..heads.end * head_dim];
-        for p in 0..context {
+        for p in 0..longest {
             let key = &job.k_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-            for (h, query) in queries.chunks_exact(head_dim).enumerate() {
-                scores[h * context + p] = dot(query, key) * scale;
+            let first_row = p.saturating_sub(context(0) - 1);
+            for r in first_row..job.rows {
+                for h in 0..group {
+                    let query = &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
+                    scores[(r * group + h) * longest + p] = dot(query, key) * scale;
+                }
             }
         }
-        for head_scores in scores.chunks_exact_mut(context) {
-            let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0.0;
-            for score in head_scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
-            }
-            for score in head_scores.iter_mut() {
-                *score /= total;
+        for r in 0..job.rows {
+            for h in 0..group {
+                let row_scores = &mut scores[(r * group + h) * longest..][..context(r)];
+                let max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0.0;
+                for score in row_scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    total += *score;
+                }
+                for score in row_scores.iter_mut() {
+                    *score /= total;
+                }
             }
         }
-        let outputs = &mut dst[heads.start * head_dim..heads.end * head_dim];
-        for p in 0..context {
+        for p in 0..longest {
             let value = &job.v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-            for (h, out) in outputs.chunks_exact_mut(head_dim).enumerate() {
-                let weight = scores[h * context + p];
-                for (o, v) in out.iter_mut().zip(value) {
-                    *o += weight * v;
+            let first_row = p.saturating_sub(context(0) - 1);
+            for r in first_row..job.rows {
+                for h in 0..group {
+                    let weight = scores[(r * group + h) * longest + p];
+                    let out = &mut dst[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
+                    for (o, v) in out.iter_mut().zip(value) {
+                        *o += weight * v;
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@ mod kernels;
 
 use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
 use super::weights::{HostData, HostTensor};
-use attention::{RowAttention, attend};
+use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -322,15 +322,23 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) -> Op {
         let row_width = shape.num_heads * shape.head_dim;
-        let rows: Vec<(&AttentionSeq, usize)> = seqs.iter().flat_map(|s| (0..s.rows).map(move |r| (s, r))).collect();
         out.clear();
         out.resize(q.len(), 0.0);
+        // Blocks of consecutive rows of one sequence, each with its own slice of `out` (the batch lays the
+        // sequences' rows out back to back, in order).
+        let mut jobs = Vec::new();
+        let mut rest: &mut [f32] = out;
+        for seq in seqs {
+            for first in (0..seq.rows).step_by(ATTENTION_BLOCK) {
+                let rows = ATTENTION_BLOCK.min(seq.rows - first);
+                let (dst, tail) = rest.split_at_mut(rows * row_width);
+                rest = tail;
+                let queries = &q[(seq.first_row + first) * row_width..][..rows * row_width];
+                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape }, dst));
+            }
+        }
         self.pool.install(|| {
-            out.par_chunks_mut(row_width).zip(&rows).for_each_init(Vec::new, |scores, (dst, &(seq, row))| {
-                let query = &q[(seq.first_row + row) * row_width..][..row_width];
-                let job = RowAttention { query, k_pages, v_pages, seq, row, shape };
-                attend(&job, scores, dst);
-            })
+            jobs.into_par_iter().for_each_init(Vec::new, |scores, (job, dst)| attend(&job, scores, dst));
         });
         Ok(())
     }
