@@ -189,7 +189,7 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, super::NativeErr
     }
     let cuda = CudaBackend::new(options.cuda_device)?;
     report.device = Some(cuda.describe());
-    let cpu = super::cpu::CpuBackend::new(options.threads)
+    let cpu = super::cpu::CpuBackend::reference(options.threads)
         .map_err(|e| super::NativeError::Threads { threads: options.threads, detail: e.to_string() })?;
     report.checks = compare_ops(&cpu, &cuda)?;
     let sources = std::iter::once(ModelSource::Builtin).chain(options.models.iter().cloned().map(ModelSource::Dir));
@@ -198,7 +198,9 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, super::NativeErr
             ModelSource::Builtin => "tiny-chat".to_string(),
             ModelSource::Dir(dir) => dir.display().to_string(),
         };
-        let on_cpu = super::load_cpu(&source, options.threads, |_, _| {})?;
+        let reference = super::cpu::CpuBackend::reference(options.threads)
+            .map_err(|e| super::NativeError::Threads { threads: options.threads, detail: e.to_string() })?;
+        let on_cpu = super::load(&source, reference, |_, _| {})?;
         let on_cuda = super::load(&source, CudaBackend::new(options.cuda_device)?, |_, _| {})?;
         let prompt: Vec<u32> = (0..48).map(|i| (i * 37 + 11) % on_cpu.config.vocab_size as u32).collect();
         report.checks.push(compare_forward(&name, &on_cpu, &on_cuda, &prompt)?);
@@ -230,7 +232,7 @@ mod tests {
     /// The checks themselves must be able to fail: two CPU backends agree, and a wrong op is caught.
     #[test]
     fn two_cpu_backends_agree_and_a_difference_is_reported() {
-        let (a, b) = (CpuBackend::new(1).unwrap(), CpuBackend::new(2).unwrap());
+        let (a, b) = (CpuBackend::reference(1).unwrap(), CpuBackend::reference(2).unwrap());
         let checks = compare_ops(&a, &b).unwrap();
         assert!(checks.len() >= 14, "{checks:?}");
         assert!(checks.iter().all(Check::passed), "{checks:?}");

@@ -37,6 +37,11 @@ fn fixtures() -> Vec<(ModelSource, &'static str)> {
     ]
 }
 
+fn golden_is_bf16(file: &str) -> bool {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(testdata(file)).unwrap()).unwrap();
+    json["weights_dtype"] == "bfloat16"
+}
+
 fn load(source: &ModelSource) -> Arc<Transformer<CpuBackend>> {
     load_cpu(source, 2, |_, _| {}).unwrap()
 }
@@ -94,8 +99,12 @@ fn logits_match_transformers_at_every_prompt_position() {
         batch.logit_rows = (0..n).collect();
         let mut cache = model.new_cache(pages.len(), 4).unwrap();
         let logits = model.forward(&mut cache, &batch, 4).unwrap();
-        // f32 throughout (bf16 weights are upcast the same way in the fixture), so only summation order differs.
-        assert_close(&logits, &golden.logits.concat(), 1e-4, file);
+        // The fixture ran transformers in f32 on exactly the checkpoint's values, so f32 compute differs only in
+        // summation order. bf16 checkpoints on CPUs with AVX-512 BF16 round activations to bf16 (8 bits of
+        // mantissa) for prompt batches: logits of magnitude ~5 then move by up to ~0.04.
+        let bf16_activations = golden_is_bf16(file) && CpuBackend::rounds_bf16_activations();
+        let tolerance = if bf16_activations { 5e-2 } else { 1e-4 };
+        assert_close(&logits, &golden.logits.concat(), tolerance, file);
     }
 }
 
