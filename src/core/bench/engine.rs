@@ -58,7 +58,7 @@ pub struct EngineBenchResult {
     pub weight_bytes: u64,
     pub bandwidth_gb_s: f64,
     pub decode_bound_tokens_per_s: f64,
-    /// Multiply-adds per second of the packed f32 GEMM on cache-resident data.
+    /// Multiply-adds per second of the CPU's fastest matrix product on cache-resident weights.
     pub peak_gmacs: f64,
     /// Tokens per second if every weight multiply ran at `peak_gmacs` (the ceiling for big batches and prefill).
     pub compute_bound_tokens_per_s: f64,
@@ -155,7 +155,7 @@ pub fn table(r: &EngineBenchResult) -> String {
     let mut out = format!(
         "model: {} ({:.0} MB of weights), {} threads\n\
          memory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n\
-         f32 GEMM peak {:.1} GMAC/s → compute bound {:.1} tok/s (prefill, big batches)\n",
+         matrix-product peak {:.1} GMAC/s → compute bound {:.1} tok/s (prefill, big batches)\n",
         r.model,
         r.weight_bytes as f64 / 1e6,
         r.threads,

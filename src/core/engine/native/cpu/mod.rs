@@ -6,19 +6,20 @@
 //! activation row (`kernels`, bandwidth-bound); many rows (prefill) go to the `gemm` crate's packed,
 //! cache-blocked GEMM (compute-bound), with bf16 weights widened to f32 for the call.
 mod attention;
-mod bf16;
 mod kernels;
+mod packed;
 
 use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
 use super::weights::{HostData, HostTensor};
 use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
+use packed::PackedBf16;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
-    /// Use bf16 dot products for bf16 weights where the CPU has them (see `bf16`).
+    /// Pack bf16 weights for bf16 dot products where the CPU has them (see `packed`).
     bf16_activations: bool,
 }
 
@@ -28,7 +29,7 @@ impl CpuBackend {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("dynamo-cpu-{i}"))
             .build()?;
-        Ok(Self { pool, bf16_activations: bf16::available() })
+        Ok(Self { pool, bf16_activations: packed::available() })
     }
 
     /// Keeps every activation in f32 (the reference `dynamo selftest` compares a device against).
@@ -40,7 +41,13 @@ impl CpuBackend {
 pub struct CpuMatrix {
     rows: usize,
     cols: usize,
-    data: HostData,
+    data: Weights,
+}
+
+enum Weights {
+    /// Row-major, as stored in the checkpoint.
+    Rows(HostData),
+    Packed(PackedBf16),
 }
 
 /// Output features one task computes: small enough to spread a decode step over every thread, large enough
@@ -89,101 +96,70 @@ fn tile_dots<W: WeightElement>(
     }
 }
 
-/// Writes a `FEATURES × R` tile into a feature-major block (`block[feature * n + token]`).
-fn store_tile<const R: usize>(
-    block: &mut [f32],
-    n: usize,
-    feature: usize,
-    token: usize,
-    values: [[f32; R]; bf16::FEATURES],
-) {
-    for (i, per_token) in values.iter().enumerate() {
-        block[(feature + i) * n + token..][..R].copy_from_slice(per_token);
-    }
-}
-
-/// A single row is memory-bound either way, and the f32-activation kernel streams the weights faster
-/// (measured with `dynamo bench engine`: 80 vs 56 tok/s at batch 1); from two rows on, the bf16 dot products'
-/// doubled arithmetic rate wins (batch 16: 330 vs 200 tok/s).
-const BF16_MIN_ROWS: usize = 2;
-
-/// Activation rows the bf16 path keeps in cache while it sweeps a tile of weight rows over them.
-const BF16_ROW_CHUNK: usize = 64;
+/// Panels (of 16 output features) one task of the packed product computes.
+const PANELS_PER_TASK: usize = packed::PANELS_PER_CALL;
 
 impl CpuBackend {
-    /// Whether products with bf16 weights round their activations to bf16 on this CPU (batches of two or
-    /// more rows, on CPUs with AVX-512 BF16), which moves logits by up to a few hundredths.
+    /// Whether products with bf16 weights round their activations to bf16 on this CPU (those with AVX-512
+    /// BF16), which moves logits by up to a few hundredths.
     pub fn rounds_bf16_activations() -> bool {
-        bf16::available()
+        packed::available()
     }
 
-    /// bf16 weights × bf16-rounded activations, any number of rows (see `bf16`).
-    fn bf16_matmul(&self, x: &[f32], weights: &[half::bf16], rows: usize, cols: usize, out: &mut Vec<f32>) {
-        let n = x.len() / cols;
-        let rounded = bf16::round(x);
-        let activations: Vec<&[half::bf16]> = rounded.chunks_exact(cols).collect();
-        let mut feature_major = vec![0.0f32; rows * n];
-        self.pool.install(|| {
-            feature_major.par_chunks_mut(TILE * n).enumerate().for_each(|(tile, block)| {
-                let features = tile * TILE..((tile + 1) * TILE).min(rows);
-                let row = |f: usize| &weights[f * cols..(f + 1) * cols];
-                for (chunk_at, chunk) in activations.chunks(BF16_ROW_CHUNK).enumerate() {
-                    let first_token = chunk_at * BF16_ROW_CHUNK;
-                    let mut f = features.start;
-                    while f < features.end {
-                        let width = if f + bf16::FEATURES <= features.end { bf16::FEATURES } else { 1 };
-                        for (group_at, group) in chunk.chunks(bf16::ROWS).enumerate() {
-                            let token = first_token + group_at * bf16::ROWS;
-                            let at = f - features.start;
-                            if width == bf16::FEATURES {
-                                let w: [&[half::bf16]; bf16::FEATURES] = std::array::from_fn(|i| row(f + i));
-                                match *group {
-                                    [a, b, c, d] => store_tile(block, n, at, token, bf16::tile([a, b, c, d], w)),
-                                    [a, b, c] => store_tile(block, n, at, token, bf16::tile([a, b, c], w)),
-                                    [a, b] => store_tile(block, n, at, token, bf16::tile([a, b], w)),
-                                    [a] => store_tile(block, n, at, token, bf16::tile([a], w)),
-                                    _ => {}
-                                }
-                            } else {
-                                for (t, xs) in group.iter().enumerate() {
-                                    block[at * n + token + t] = bf16::tile([xs], [row(f)])[0][0];
-                                }
-                            }
-                        }
-                        f += width;
-                    }
-                }
-            })
+    /// bf16 weights (packed) × bf16-rounded activations, for any number of rows.
+    fn packed_matmul(&self, x: &[f32], w: &PackedBf16, out: &mut Vec<f32>) {
+        let n = x.len() / w.cols;
+        let rounded = packed::round(x);
+        let panels = w.panel_count();
+        let blocks: Vec<(usize, Vec<f32>)> = self.pool.install(|| {
+            (0..panels.div_ceil(PANELS_PER_TASK))
+                .into_par_iter()
+                .map(|task| {
+                    let first = task * PANELS_PER_TASK;
+                    let count = PANELS_PER_TASK.min(panels - first);
+                    let mut block = vec![0.0f32; n * count * 16];
+                    w.multiply_panels(&rounded, n, first, count, &mut block);
+                    (first, block)
+                })
+                .collect()
         });
         out.clear();
-        out.resize(n * rows, 0.0);
-        for (f, values) in feature_major.chunks_exact(n).enumerate() {
-            for (token, value) in values.iter().enumerate() {
-                out[token * rows + f] = *value;
+        out.resize(n * w.rows, 0.0);
+        for (first, block) in blocks {
+            let width = block.len() / n;
+            let start = first * 16;
+            let take = width.min(w.rows - start);
+            for (t, values) in block.chunks_exact(width).enumerate() {
+                out[t * w.rows + start..][..take].copy_from_slice(&values[..take]);
             }
         }
     }
 
-    /// Multiply-adds per second of this backend's best matrix product (the packed GEMM) on f32 weights that
-    /// stay in cache: the compute ceiling prefill and big batches are measured against.
+    /// Multiply-adds per second of this backend's fastest matrix product (the packed f32 GEMM, or the packed
+    /// bf16 one where the CPU has it) on weights that stay in cache: the compute ceiling prefill and big
+    /// batches are measured against.
     pub fn peak_macs_per_s(&self) -> f64 {
         let (n, rows, cols) = (256, 576, 576);
         let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 1e-2).collect();
-        let w =
-            CpuMatrix { rows, cols, data: HostData::F32((0..rows * cols).map(|i| (i % 5) as f32 * 1e-2).collect()) };
+        let data = HostData::F32((0..rows * cols).map(|i| (i % 5) as f32 * 1e-2).collect());
+        let packed = self.bf16_activations.then(|| PackedBf16::pack(rows, cols, &packed::round(&data.to_f32())));
         let mut out = Vec::new();
         let mut best = f64::MAX;
         for _ in 0..20 {
             let start = std::time::Instant::now();
-            self.gemm(&x, &w, &mut out);
+            self.gemm(&x, &data, rows, cols, &mut out);
             best = best.min(start.elapsed().as_secs_f64());
+            if let Some(packed) = &packed {
+                let start = std::time::Instant::now();
+                self.packed_matmul(&x, packed, &mut out);
+                best = best.min(start.elapsed().as_secs_f64());
+            }
         }
         (n * rows * cols) as f64 / best
     }
 
     /// Streams every weight row once, against all activation rows in groups of `GROUP`.
-    fn gemv(&self, x: &[f32], w: &CpuMatrix, out: &mut Vec<f32>) {
-        let (rows, cols) = (w.rows, w.cols);
+    fn gemv(&self, x: &[f32], data: &HostData, rows: usize, cols: usize, out: &mut Vec<f32>) {
         let n = x.len() / cols;
         let activations: Vec<&[f32]> = x.chunks_exact(cols).collect();
         // Feature-major (`[rows × n]`), so each task owns one contiguous slice; a single token needs no
@@ -194,7 +170,7 @@ impl CpuBackend {
         self.pool.install(|| {
             feature_major.par_chunks_mut(TILE * n).enumerate().for_each(|(tile, block)| {
                 let features = tile * TILE..((tile + 1) * TILE).min(rows);
-                match &w.data {
+                match data {
                     HostData::F32(v) => tile_dots(&activations, v, cols, features, block),
                     HostData::Bf16(v) => tile_dots(&activations, v, cols, features, block),
                 }
@@ -213,12 +189,11 @@ impl CpuBackend {
         }
     }
 
-    fn gemm(&self, x: &[f32], w: &CpuMatrix, out: &mut Vec<f32>) {
-        let (rows, cols) = (w.rows, w.cols);
+    fn gemm(&self, x: &[f32], data: &HostData, rows: usize, cols: usize, out: &mut Vec<f32>) {
         let n = x.len() / cols;
         let threads = self.pool.current_num_threads();
         self.pool.install(|| {
-            let weights: Cow<'_, [f32]> = match &w.data {
+            let weights: Cow<'_, [f32]> = match data {
                 HostData::F32(v) => Cow::Borrowed(v),
                 HostData::Bf16(v) => Cow::Owned(v.par_iter().map(|b| b.to_f32()).collect()),
             };
@@ -275,7 +250,11 @@ impl Backend for CpuBackend {
     fn matrix(&self, tensor: HostTensor) -> Op<CpuMatrix> {
         let rows = tensor.shape.first().copied().unwrap_or(1);
         let cols = tensor.shape.iter().skip(1).product::<usize>().max(1);
-        Ok(CpuMatrix { rows, cols, data: tensor.data })
+        let data = match tensor.data {
+            HostData::Bf16(values) if self.bf16_activations => Weights::Packed(PackedBf16::pack(rows, cols, &values)),
+            data => Weights::Rows(data),
+        };
+        Ok(CpuMatrix { rows, cols, data })
     }
 
     fn pages(&self, num_pages: usize, page_len: usize) -> Op<Vec<f32>> {
@@ -293,8 +272,9 @@ impl Backend for CpuBackend {
         for &id in ids {
             let at = (id as usize).min(table.rows.saturating_sub(1)) * cols;
             match &table.data {
-                HostData::F32(v) => out.extend_from_slice(&v[at..at + cols]),
-                HostData::Bf16(v) => out.extend(v[at..at + cols].iter().map(|x| x.to_f32())),
+                Weights::Rows(HostData::F32(v)) => out.extend_from_slice(&v[at..at + cols]),
+                Weights::Rows(HostData::Bf16(v)) => out.extend(v[at..at + cols].iter().map(|x| x.to_f32())),
+                Weights::Packed(packed) => out.extend(packed.row(at / cols).map(|x| x.to_f32())),
             }
         }
         Ok(())
@@ -302,17 +282,11 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &Vec<f32>, w: &CpuMatrix, bias: Option<&Vec<f32>>, out: &mut Vec<f32>) -> Op {
         let n = x.len() / w.cols;
-        if n == 0 {
-            out.clear();
-        } else if let HostData::Bf16(weights) = &w.data
-            && n >= BF16_MIN_ROWS
-            && self.bf16_activations
-        {
-            self.bf16_matmul(x, weights, w.rows, w.cols, out);
-        } else if n >= GEMM_MIN_ROWS {
-            self.gemm(x, w, out);
-        } else {
-            self.gemv(x, w, out);
+        match &w.data {
+            _ if n == 0 => out.clear(),
+            Weights::Packed(packed) => self.packed_matmul(x, packed, out),
+            Weights::Rows(data) if n >= GEMM_MIN_ROWS => self.gemm(x, data, w.rows, w.cols, out),
+            Weights::Rows(data) => self.gemv(x, data, w.rows, w.cols, out),
         }
         if let Some(bias) = bias {
             for row in out.chunks_exact_mut(w.rows) {
