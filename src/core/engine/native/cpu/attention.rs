@@ -10,6 +10,9 @@ use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 /// every thread and the scores stay in cache.
 pub const BLOCK_ROWS: usize = 16;
 
+/// Key positions scored together (two AVX2 vectors).
+const KEYS: usize = 16;
+
 /// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows.
 pub struct BlockAttention<'a> {
     pub queries: &'a [f32],
@@ -51,14 +54,33 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
     scores.clear();
     scores.resize(job.rows * group * longest, 0.0);
     dst.fill(0.0);
+    let mut keys_t = vec![0.0f32; head_dim * KEYS];
     for kv_head in 0..num_kv_heads {
-        for p in 0..longest {
-            let key = &job.k_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-            let first_row = p.saturating_sub(context(0) - 1);
+        // Scores for KEYS positions at a time: the keys are gathered transposed (`keys_t[d][j]`), so each
+        // query accumulates a whole vector of scores with no horizontal sums.
+        for p0 in (0..longest).step_by(KEYS) {
+            let width = KEYS.min(longest - p0);
+            for j in 0..width {
+                let key = &job.k_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
+                for (d, &k) in key.iter().enumerate() {
+                    keys_t[d * KEYS + j] = k;
+                }
+            }
+            let first_row = p0.saturating_sub(context(0) - 1);
             for r in first_row..job.rows {
                 for h in 0..group {
                     let query = &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    scores[(r * group + h) * longest + p] = dot(query, key) * scale;
+                    let mut acc = [0.0f32; KEYS];
+                    for (d, &q) in query.iter().enumerate() {
+                        let column = &keys_t[d * KEYS..(d + 1) * KEYS];
+                        for j in 0..KEYS {
+                            acc[j] += q * column[j];
+                        }
+                    }
+                    let dst = &mut scores[(r * group + h) * longest + p0..][..width];
+                    for (s, a) in dst.iter_mut().zip(acc) {
+                        *s = a * scale;
+                    }
                 }
             }
         }
@@ -90,18 +112,4 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
             }
         }
     }
-}
-
-/// Eight partial sums so the loop vectorises without reassociating floats.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
