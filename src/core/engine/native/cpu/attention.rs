@@ -55,6 +55,7 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
     scores.resize(job.rows * group * longest, 0.0);
     dst.fill(0.0);
     let mut keys_t = vec![0.0f32; head_dim * KEYS];
+    let mut values = vec![0.0f32; KEYS * head_dim];
     for kv_head in 0..num_kv_heads {
         // Scores for KEYS positions at a time: the keys are gathered transposed (`keys_t[d][j]`), so each
         // query accumulates a whole vector of scores with no horizontal sums.
@@ -98,18 +99,48 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
                 }
             }
         }
-        for p in 0..longest {
-            let value = &job.v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
-            let first_row = p.saturating_sub(context(0) - 1);
+        // Values likewise KEYS positions at a time: the chunk stays in L1 while every (row, head) of the block
+        // adds its share, 16 output dimensions per register-held accumulator.
+        for p0 in (0..longest).step_by(KEYS) {
+            let width = KEYS.min(longest - p0);
+            for j in 0..width {
+                let value = &job.v_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
+                values[j * head_dim..(j + 1) * head_dim].copy_from_slice(value);
+            }
+            let first_row = p0.saturating_sub(context(0) - 1);
             for r in first_row..job.rows {
+                let valid = (context(r) - p0).min(width);
                 for h in 0..group {
-                    let weight = scores[(r * group + h) * longest + p];
+                    let weights = &scores[(r * group + h) * longest + p0..][..valid];
                     let out = &mut dst[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    for (o, v) in out.iter_mut().zip(value) {
-                        *o += weight * v;
-                    }
+                    accumulate(out, weights, &values, head_dim);
                 }
             }
         }
+    }
+}
+
+/// `out += Σ_j weights[j] · values[j]` over rows of `head_dim`.
+#[inline(always)]
+fn accumulate(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
+    const DIMS: usize = 16;
+    if head_dim % DIMS != 0 {
+        for (j, &w) in weights.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&values[j * head_dim..(j + 1) * head_dim]) {
+                *o += w * v;
+            }
+        }
+        return;
+    }
+    for (d0, out) in out.chunks_exact_mut(DIMS).enumerate() {
+        let mut acc = [0.0f32; DIMS];
+        acc.copy_from_slice(out);
+        for (j, &w) in weights.iter().enumerate() {
+            let v = &values[j * head_dim + d0 * DIMS..][..DIMS];
+            for i in 0..DIMS {
+                acc[i] += w * v[i];
+            }
+        }
+        out.copy_from_slice(&acc);
     }
 }
