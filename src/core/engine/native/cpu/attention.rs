@@ -124,7 +124,7 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
 #[inline(always)]
 fn accumulate(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
     const DIMS: usize = 16;
-    if head_dim % DIMS != 0 {
+    if !head_dim.is_multiple_of(DIMS) {
         for (j, &w) in weights.iter().enumerate() {
             for (o, v) in out.iter_mut().zip(&values[j * head_dim..(j + 1) * head_dim]) {
                 *o += w * v;
