@@ -41,6 +41,9 @@ unsafe fn attend_avx2(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut
 
 #[inline(always)]
 fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    if job.rows == 1 {
+        return attend_one_row(job, scores, dst);
+    }
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
     let (kv_width, row_width) = (num_kv_heads * head_dim, num_heads * head_dim);
@@ -118,6 +121,66 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
             }
         }
     }
+}
+
+/// A single query row (a decode step): too few queries to pay for gathering keys and values into chunks, so
+/// each key and value row is used where it lies.
+#[inline(always)]
+fn attend_one_row(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
+    let group = num_heads / num_kv_heads;
+    let kv_width = num_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let context = job.seq.first_position + job.first + 1;
+    let table = &job.seq.block_table;
+    let slot = |p: usize| table[p / block_size] as usize * block_size + p % block_size;
+    scores.clear();
+    scores.resize(group * context, 0.0);
+    dst.fill(0.0);
+    for kv_head in 0..num_kv_heads {
+        let queries = &job.queries[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
+        for p in 0..context {
+            let key = &job.k_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
+            for (h, query) in queries.chunks_exact(head_dim).enumerate() {
+                scores[h * context + p] = dot(query, key) * scale;
+            }
+        }
+        for head_scores in scores.chunks_exact_mut(context) {
+            let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for score in head_scores.iter_mut() {
+                *score = (*score - max).exp();
+                total += *score;
+            }
+            for score in head_scores.iter_mut() {
+                *score /= total;
+            }
+        }
+        let outputs = &mut dst[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
+        for p in 0..context {
+            let value = &job.v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
+            for (h, out) in outputs.chunks_exact_mut(head_dim).enumerate() {
+                let weight = scores[h * context + p];
+                for (o, v) in out.iter_mut().zip(value) {
+                    *o += weight * v;
+                }
+            }
+        }
+    }
+}
+
+/// Eight partial sums so the loop vectorises without reassociating floats.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `out += Σ_j weights[j] · values[j]` over rows of `head_dim`.
