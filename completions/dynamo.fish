@@ -107,6 +107,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l model -d 'HF checkpoint directory [default: a generated random SmolLM2-135M-shaped bf16 model]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l threads -d 'Compute threads [default: the CPUs this process may use]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l device -d 'Where to run: auto, cpu, cuda or cuda:N (the bandwidth and compute ceilings are measured on the CPU only)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l prompt-tokens -d 'Prompt lengths to prefill' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l batch -d 'Decode batch sizes (batch 1 first: the others are compared with it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l decode-steps -d 'Timed decode steps per batch size' -r

@@ -86,7 +86,7 @@ impl EngineArgs {
     }
 }
 
-fn parse_device(text: &str) -> Result<Device, String> {
+pub fn parse_device(text: &str) -> Result<Device, String> {
     match text {
         "auto" => Ok(Device::Auto),
         "cpu" => Ok(Device::Cpu),

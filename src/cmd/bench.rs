@@ -7,6 +7,7 @@ use crate::core::bench::plane;
 use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::trace;
 use crate::core::engine::mocker::MockerConfig;
+use crate::core::engine::native::Device;
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::local::{EngineSettings, LocalSettings};
 use crate::core::model::ModelSource;
@@ -37,6 +38,10 @@ pub struct EngineArgs {
     /// Compute threads [default: the CPUs this process may use]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
+
+    /// Where to run: auto, cpu, cuda or cuda:N (the bandwidth and compute ceilings are measured on the CPU only).
+    #[arg(long, default_value = "cpu", value_parser = super::args::parse_device)]
+    pub device: Device,
 
     /// Prompt lengths to prefill.
     #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024])]
@@ -183,12 +188,13 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         threads: args
             .threads
             .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize),
+        device: args.device,
         prompt_lengths: args.prompt_tokens.into_iter().filter(|&n| n > 0).collect(),
         batch_sizes: args.batch.into_iter().filter(|&n| n > 0).collect(),
         decode_steps: args.decode_steps as usize,
         repeats: args.repeats as usize,
     };
-    println!("dynamo bench engine: native engine on the CPU, medians, against the bandwidth bound of this run");
+    println!("dynamo bench engine: the native engine, medians, against ceilings measured in this run (CPU only)");
     let result = engine::run(&settings)?;
     print!("{}", engine::table(&result));
     if args.json {
