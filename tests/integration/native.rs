@@ -91,3 +91,24 @@ fn a_model_the_engine_cannot_run_is_refused_with_the_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("num_local_experts") && stderr.contains("external engine"), "{stderr}");
 }
+
+/// Two native workers share one copy of the weights; their KV events reach the router, which sends a
+/// repeated prompt back to the worker that cached it.
+#[tokio::test]
+async fn kv_routing_across_native_workers_reuses_the_cached_prefix() {
+    let server = Server::native(&["--workers", "2"]);
+    let prompt =
+        "The planner forecasts the load with a Kalman filter and decides how many prefill and decode workers to run.";
+    let request = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 4, "temperature": 0});
+    let (status, first) = server.post_json("/v1/completions", request.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    // The worker publishes its blocks after the step that computed them; give the router a moment to index them.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Every repeat must go to the worker holding the prefix (round-robin would send the first to the other one).
+    for attempt in 0..4 {
+        let (_, again) = server.post_json("/v1/completions", request.clone()).await;
+        assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"], "greedy is deterministic");
+        let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+        assert!(cached >= 16, "repeat {attempt} reused no cached block (cached_tokens {cached}): {again}");
+    }
+}
