@@ -1,4 +1,5 @@
 //! `dynamo selftest`: the CUDA backend against the CPU backend, op by op and a whole forward pass.
+use crate::core::engine::native::Device;
 use crate::core::engine::native::selftest::{self, SelftestOptions};
 use clap::Args;
 use std::path::PathBuf;
@@ -26,14 +27,11 @@ pub struct SelftestArgs {
     pub json: bool,
 }
 
+/// The device flag of `run`, narrowed to CUDA: the CPU is the reference, not a subject.
 fn parse_cuda_device(text: &str) -> Result<usize, String> {
-    match text.strip_prefix("cuda") {
-        Some("") => Ok(0),
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("expected cuda or cuda:N, got `{text}`")),
-        None => Err(format!("only CUDA devices have a selftest (the CPU is the reference); got `{text}`")),
+    match super::args::parse_device(text)? {
+        Device::Cuda(ordinal) => Ok(ordinal),
+        _ => Err(format!("only CUDA devices have a selftest (the CPU is the reference); got `{text}`")),
     }
 }
 

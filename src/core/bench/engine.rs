@@ -251,7 +251,7 @@ fn random_tokens(len: usize, vocab: u32, seed: u64) -> Vec<u32> {
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    super::percentile(values, 0.5)
 }
 
 /// Read bandwidth of this machine with the engine's thread count: sum a buffer far larger than the caches.

@@ -90,16 +90,7 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
         }
         for r in 0..job.rows {
             for h in 0..group {
-                let row_scores = &mut scores[(r * group + h) * longest..][..context(r)];
-                let max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0;
-                for score in row_scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    total += *score;
-                }
-                for score in row_scores.iter_mut() {
-                    *score /= total;
-                }
+                softmax(&mut scores[(r * group + h) * longest..][..context(r)]);
             }
         }
         // Values likewise KEYS positions at a time: the chunk stays in L1 while every (row, head) of the block
@@ -145,17 +136,7 @@ fn attend_one_row(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f3
                 scores[h * context + p] = dot(query, key) * scale;
             }
         }
-        for head_scores in scores.chunks_exact_mut(context) {
-            let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0.0;
-            for score in head_scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
-            }
-            for score in head_scores.iter_mut() {
-                *score /= total;
-            }
-        }
+        scores.chunks_exact_mut(context).for_each(softmax);
         let outputs = &mut dst[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
         for p in 0..context {
             let value = &job.v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
@@ -166,6 +147,20 @@ fn attend_one_row(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f3
                 }
             }
         }
+    }
+}
+
+/// Scores to attention weights, in place.
+#[inline(always)]
+fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        total += *score;
+    }
+    for score in scores.iter_mut() {
+        *score /= total;
     }
 }
 
