@@ -40,11 +40,19 @@ pub trait Engine: Send + Sync {
 /// The outputs of one request. Dropping it cancels the request.
 pub struct ResponseStream {
     receiver: mpsc::UnboundedReceiver<EngineOutput>,
+    /// Dropped with the stream, for engines that must say "cancel" rather than notice a closed channel.
+    _on_drop: Option<Box<dyn Send + Sync>>,
 }
 
 impl ResponseStream {
+    /// An engine in this process notices the receiver's drop on its own.
     pub fn new(receiver: mpsc::UnboundedReceiver<EngineOutput>) -> Self {
-        Self { receiver }
+        Self { receiver, _on_drop: None }
+    }
+
+    /// `on_drop` is dropped with the stream (after the receiver), e.g. to send a cancel message.
+    pub fn with_drop_guard(receiver: mpsc::UnboundedReceiver<EngineOutput>, on_drop: Box<dyn Send + Sync>) -> Self {
+        Self { receiver, _on_drop: Some(on_drop) }
     }
 }
 

@@ -118,7 +118,7 @@ async fn live() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
-    let loads: Vec<_> = state.router.engines().map(|e| (e.worker_id(), e.load())).collect();
+    let loads: Vec<_> = state.router.engines().iter().map(|e| (e.worker_id(), e.load())).collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
 }
 

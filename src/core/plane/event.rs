@@ -28,8 +28,7 @@ impl EventPublisher {
     /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
         let socket = tmq::publish(context).set_sndhwm(hwm).set_linger(0).bind(endpoint)?;
-        let endpoint =
-            socket.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
+        let endpoint = super::request::bound_endpoint(socket.get_socket())?;
         Ok(Self { socket, publisher, next_seq: HashMap::new(), endpoint })
     }
 
@@ -100,17 +99,25 @@ pub struct EventSubscriber {
 }
 
 impl EventSubscriber {
-    /// Subscribes to `topics` of the publishers at `endpoints`; more can be added with `connect`.
+    /// Subscribes to `topics` of the publishers at `endpoints`; more can be added with `add_publisher`.
     pub fn connect(context: &Context, endpoints: &[&str], topics: &[Topic], hwm: i32) -> Result<Self, PlaneError> {
-        let (first, rest) = endpoints.split_first().ok_or(PlaneError::Endpoint)?;
+        let mut subscriber = Self::new(context, topics, hwm)?;
+        for endpoint in endpoints {
+            subscriber.add_publisher(endpoint)?;
+        }
+        Ok(subscriber)
+    }
+
+    /// A subscriber with no publisher yet (a router before discovery finds its workers).
+    pub fn new(context: &Context, topics: &[Topic], hwm: i32) -> Result<Self, PlaneError> {
         let (topic, more) = topics.split_first().ok_or(PlaneError::Endpoint)?;
+        // tmq builds a SUB socket only through connect or bind; an inproc bind to a fresh name gives an
+        // unconnected one.
+        let unique = format!("inproc://dynamo-sub-{}", uuid::Uuid::new_v4());
         let mut socket =
-            tmq::subscribe(context).set_rcvhwm(hwm).set_linger(0).connect(first)?.subscribe(topic.name())?;
+            tmq::subscribe(context).set_rcvhwm(hwm).set_linger(0).bind(&unique)?.subscribe(topic.name())?;
         for topic in more {
             socket.subscribe(topic.name())?;
-        }
-        for endpoint in rest {
-            socket.get_socket().connect(endpoint).map_err(tmq::TmqError::from)?;
         }
         Ok(Self { socket, tracker: SeqTracker::default(), lost: 0, restarts: 0, malformed: 0 })
     }
@@ -118,6 +125,12 @@ impl EventSubscriber {
     /// Adds a publisher discovered later.
     pub fn add_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
         self.socket.get_socket().connect(endpoint).map_err(tmq::TmqError::from)?;
+        Ok(())
+    }
+
+    /// Stops listening to a publisher that left.
+    pub fn remove_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
+        self.socket.get_socket().disconnect(endpoint).map_err(tmq::TmqError::from)?;
         Ok(())
     }
 

@@ -1,3 +1,6 @@
+//! The two planes between processes: `request` (a router's requests and their streamed outputs, with
+//! heartbeats) and the event plane below.
+//!
 //! The event plane: each worker publishes on a ZMQ PUB socket; routers and `dynamo top` subscribe to every
 //! publisher they discover (frames in `protocol::plane`).
 //!
@@ -12,5 +15,6 @@
 //!
 //! Malformed messages are counted and skipped; the socket stays up.
 mod event;
+pub mod request;
 
 pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker};

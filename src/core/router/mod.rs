@@ -21,7 +21,7 @@ use crate::core::tokens::block_hashes;
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
@@ -83,22 +83,26 @@ struct WorkerLoad {
 struct Worker {
     engine: Arc<dyn Engine>,
     load: Arc<WorkerLoad>,
+    /// The task feeding this worker's KV events into the index (kv mode with events).
+    feed: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(feed) = &self.feed {
+            feed.abort();
+        }
+    }
 }
 
 pub struct Router {
-    workers: Vec<Worker>,
+    /// Replaced whole when a worker joins or leaves; a request routes over the snapshot it took.
+    workers: RwLock<Arc<[Arc<Worker>]>>,
     config: RouterConfig,
     next: AtomicUsize,
     indexer: Arc<FlashIndexer>,
-    feeds: Vec<tokio::task::JoinHandle<()>>,
     /// Only in approximate mode; held for one record or expiry, never across I/O.
     approx: Option<Mutex<ApproxTracker>>,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.feeds.iter().for_each(|feed| feed.abort());
-    }
 }
 
 impl Router {
@@ -106,33 +110,65 @@ impl Router {
     pub fn new(engines: Vec<Arc<dyn Engine>>, mut config: RouterConfig) -> Self {
         config.busy_threshold = config.busy_threshold.max(1);
         config.block_size = config.block_size.max(1);
-        let indexer = Arc::new(FlashIndexer::new());
         let kv = config.mode == RouterMode::Kv;
-        let feeds = if kv && config.kv_events {
-            engines.iter().map(|engine| spawn_feed(engine.as_ref(), indexer.clone())).collect()
-        } else {
-            Vec::new()
-        };
         let approx = (kv && !config.kv_events).then(|| Mutex::new(ApproxTracker::new(config.approximate_ttl)));
-        let workers = engines.into_iter().map(|engine| Worker { engine, load: Arc::default() }).collect();
-        Self { workers, config, next: AtomicUsize::new(0), indexer, feeds, approx }
+        let router = Self {
+            workers: RwLock::new(Arc::new([])),
+            config,
+            next: AtomicUsize::new(0),
+            indexer: Arc::new(FlashIndexer::new()),
+            approx,
+        };
+        engines.into_iter().for_each(|engine| router.add_worker(engine));
+        router
     }
 
-    pub fn engines(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
-        self.workers.iter().map(|w| &w.engine)
+    /// Starts routing to a worker (replacing one with the same id). In `kv` mode this subscribes to its KV
+    /// events, so it must run inside a tokio runtime.
+    pub fn add_worker(&self, engine: Arc<dyn Engine>) {
+        let feed = (self.config.mode == RouterMode::Kv && self.config.kv_events)
+            .then(|| spawn_feed(engine.as_ref(), self.indexer.clone()));
+        let worker = Arc::new(Worker { engine, load: Arc::default(), feed });
+        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+        let id = worker.engine.worker_id();
+        let mut next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
+        next.push(worker);
+        *workers = next.into();
+    }
+
+    /// Stops routing to a worker and forgets what it held; its requests in flight are not touched.
+    pub fn remove_worker(&self, id: WorkerId) -> bool {
+        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+        let next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
+        let removed = next.len() != workers.len();
+        *workers = next.into();
+        drop(workers);
+        if removed {
+            self.indexer.remove_worker(id);
+        }
+        removed
+    }
+
+    fn snapshot(&self) -> Arc<[Arc<Worker>]> {
+        self.workers.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn engines(&self) -> Vec<Arc<dyn Engine>> {
+        self.snapshot().iter().map(|w| w.engine.clone()).collect()
     }
 
     pub fn worker_count(&self) -> usize {
-        self.workers.len()
+        self.snapshot().len()
     }
 
     /// Requests routed and not yet finished, over all workers.
     pub fn in_flight(&self) -> usize {
-        self.workers.iter().map(|w| w.load.in_flight.load(Ordering::Relaxed)).sum()
+        self.snapshot().iter().map(|w| w.load.in_flight.load(Ordering::Relaxed)).sum()
     }
 
     pub fn route(&self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
-        if self.workers.is_empty() {
+        let workers = self.snapshot();
+        if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
         let hashes: Vec<u64> = match self.config.mode {
@@ -145,19 +181,19 @@ impl Router {
             approx.lock().unwrap_or_else(|p| p.into_inner()).expire(self.indexer.as_ref(), Instant::now());
         }
         let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
-        let mut excluded = vec![false; self.workers.len()];
+        let mut excluded = vec![false; workers.len()];
         let (index, overlap) = loop {
-            let Some(index) = self.pick(&excluded, &overlaps, hashes.len() as u32) else {
+            let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32) else {
                 return Err(RouteError::Busy { threshold: self.config.busy_threshold });
             };
-            let worker = &self.workers[index];
+            let worker = &workers[index];
             if worker.load.in_flight.fetch_add(1, Ordering::AcqRel) < self.config.busy_threshold {
                 break (index, overlaps.of(worker.engine.worker_id()));
             }
             worker.load.in_flight.fetch_sub(1, Ordering::AcqRel);
             excluded[index] = true;
         };
-        let worker = &self.workers[index];
+        let worker = &workers[index];
         if let Some(approx) = &self.approx {
             let mut approx = approx.lock().unwrap_or_else(|p| p.into_inner());
             approx.record(self.indexer.as_ref(), worker.engine.worker_id(), &hashes, Instant::now());
@@ -177,17 +213,21 @@ impl Router {
         Ok(RoutedStream { stream, worker_id: worker.engine.worker_id(), overlap_blocks: overlap, account })
     }
 
-    fn pick(&self, excluded: &[bool], overlaps: &OverlapScores, prompt_blocks: u32) -> Option<usize> {
-        let open: Vec<usize> = (0..self.workers.len())
-            .filter(|&i| {
-                !excluded[i] && self.workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold
-            })
+    fn pick(
+        &self,
+        workers: &[Arc<Worker>],
+        excluded: &[bool],
+        overlaps: &OverlapScores,
+        prompt_blocks: u32,
+    ) -> Option<usize> {
+        let open: Vec<usize> = (0..workers.len())
+            .filter(|&i| !excluded[i] && workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold)
             .collect();
         if open.is_empty() {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let load = |i: usize| &self.workers[i].load;
+        let load = |i: usize| &workers[i].load;
         let chosen = match self.config.mode {
             RouterMode::RoundRobin => open[start % open.len()],
             RouterMode::Random => open[rand::random_range(0..open.len())],
@@ -202,9 +242,9 @@ impl Router {
                         // The worker's own report corrects the account (it sees blocks the router cannot
                         // predict, e.g. other routers' requests); the account covers decisions the report
                         // does not show yet.
-                        let reported = self.workers[i].engine.load().kv_active_blocks.saturating_sub(prefill_blocks);
+                        let reported = workers[i].engine.load().kv_active_blocks.saturating_sub(prefill_blocks);
                         Candidate {
-                            overlap_blocks: overlaps.of(self.workers[i].engine.worker_id()),
+                            overlap_blocks: overlaps.of(workers[i].engine.worker_id()),
                             prefill_blocks,
                             decode_blocks: load(i).decode_blocks.load(Ordering::Relaxed).max(reported),
                             in_flight: load(i).in_flight.load(Ordering::Relaxed),

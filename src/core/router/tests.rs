@@ -63,7 +63,7 @@ async fn kv_mode_sends_a_repeated_prompt_back_to_the_worker_that_cached_it() {
 async fn the_account_moves_prefill_to_decode_and_is_given_back() {
     let router = router(1, RouterMode::Kv, 10);
     let mut stream = router.route(request((0..64).collect(), 40)).unwrap();
-    let load = router.workers[0].load.clone();
+    let load = router.snapshot()[0].load.clone();
     assert_eq!(load.prefill_blocks.load(Ordering::Relaxed), 4);
     stream.next().await.unwrap();
     assert_eq!(load.prefill_blocks.load(Ordering::Relaxed), 0);
@@ -84,7 +84,7 @@ async fn approximate_mode_follows_its_own_decisions_without_events() {
         .map(|id| Arc::new(MockerEngine::spawn(id, config.clone(), (10..20).collect())) as Arc<dyn Engine>)
         .collect();
     let router = Router::new(engines, RouterConfig { kv_events: false, ..Default::default() });
-    assert!(router.feeds.is_empty(), "approximate mode must not listen to events");
+    assert!(router.snapshot().iter().all(|w| w.feed.is_none()), "approximate mode must not listen to events");
     let prompt: Vec<u32> = (0..64).collect();
     let first = router.route(request(prompt.clone(), 1)).unwrap();
     assert_eq!(first.overlap_blocks, 0);

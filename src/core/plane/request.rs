@@ -1,0 +1,378 @@
+//! The request plane: a worker serves its engine on a ZMQ ROUTER socket (`RequestServer`); a router reaches
+//! each worker through a DEALER socket (`WorkerClient`), many requests at once over one connection.
+//!
+//! Liveness is part of the plane, not an add-on: the client pings every `heartbeat`; the worker's `Hello`
+//! answer carries its record. A worker silent for `dead_after` is declared lost: its open streams end
+//! without a finish reason (which the router's migration picks up) and the owner is told. The worker, in
+//! turn, cancels the requests of a peer that stopped pinging, so a crashed router leaks no KV blocks.
+use crate::core::engine::{Engine, EngineError, ResponseStream};
+use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
+use crate::core::protocol::{EngineOutput, FinishReason, PreprocessedRequest};
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tmq::{AsZmqSocket, Context, Multipart};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::PlaneError;
+
+/// How often a client pings; a worker cancels the requests of a peer silent for `PEER_TIMEOUT_PINGS` of these.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+const PEER_TIMEOUT_PINGS: u32 = 20;
+
+/// What a worker serves on the request plane.
+pub struct Served {
+    pub engine: Arc<dyn Engine>,
+    pub instance: Instance,
+    /// The model's text files, for routers that have no copy.
+    pub model_files: Vec<(String, String)>,
+    /// Requests in flight past which new ones are refused as busy (back-pressure).
+    pub max_in_flight: usize,
+}
+
+/// Counters of what a server had to refuse or skip.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub unreadable: AtomicU64,
+    pub refused: AtomicU64,
+    pub cancelled: AtomicU64,
+}
+
+pub struct RequestServer {
+    endpoint: String,
+    pub stats: Arc<ServerStats>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RequestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum Outgoing {
+    Message(Vec<u8>, FromWorker),
+    Finished(Vec<u8>, u64),
+}
+
+impl RequestServer {
+    /// Binds `endpoint` (`tcp://host:0` picks a free port; `endpoint()` tells which) and serves until dropped.
+    pub fn bind(context: &Context, endpoint: &str, served: Served) -> Result<Self, PlaneError> {
+        let socket = tmq::router(context).set_linger(0).bind(endpoint)?;
+        let endpoint = bound_endpoint(socket.get_socket())?;
+        let stats = Arc::new(ServerStats::default());
+        let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone()));
+        Ok(Self { endpoint, stats, task })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError> {
+    socket.get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)
+}
+
+async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<ServerStats>) {
+    // One task owns the socket, reading and writing: tmq's two halves of a split socket share ZMQ's single
+    // edge-triggered descriptor, and one half can swallow the wake-up the other waits for.
+    let (outgoing, mut queue) = mpsc::unbounded_channel::<Outgoing>();
+    let mut streams: HashMap<(Vec<u8>, u64), JoinHandle<()>> = HashMap::new();
+    let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
+    let mut sweep = tokio::time::interval(HEARTBEAT * 4);
+    loop {
+        tokio::select! {
+            frames = socket.next() => {
+                let Some(Ok(frames)) = frames else { break };
+                let mut parts = frames.into_iter();
+                let (Some(peer), Some(body)) = (parts.next(), parts.next()) else {
+                    stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let peer = peer.to_vec();
+                last_ping.insert(peer.clone(), Instant::now());
+                let message = match decode::<ToWorker>(&body) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("request plane: skipped an unreadable message: {error}");
+                        let _ = outgoing.send(Outgoing::Message(peer, FromWorker::Unreadable { reason: error.to_string() }));
+                        continue;
+                    }
+                };
+                handle(message, peer, &served, &stats, &mut streams, &outgoing);
+            }
+            Some(item) = queue.recv() => match item {
+                Outgoing::Message(peer, message) => {
+                    if socket.send(Multipart::from(vec![peer, encode(&message)])).await.is_err() {
+                        break;
+                    }
+                }
+                Outgoing::Finished(peer, stream) => {
+                    streams.remove(&(peer, stream));
+                }
+            },
+            _ = sweep.tick() => {
+                let silent: Vec<Vec<u8>> = last_ping
+                    .iter()
+                    .filter(|(_, seen)| seen.elapsed() > HEARTBEAT * PEER_TIMEOUT_PINGS)
+                    .map(|(peer, _)| peer.clone())
+                    .collect();
+                for peer in silent {
+                    last_ping.remove(&peer);
+                    streams.retain(|(owner, _), task| {
+                        let keep = *owner != peer;
+                        if !keep {
+                            task.abort();
+                            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        keep
+                    });
+                }
+            }
+        }
+    }
+    streams.values().for_each(JoinHandle::abort);
+}
+
+fn handle(
+    message: ToWorker,
+    peer: Vec<u8>,
+    served: &Arc<Served>,
+    stats: &ServerStats,
+    streams: &mut HashMap<(Vec<u8>, u64), JoinHandle<()>>,
+    outgoing: &mpsc::UnboundedSender<Outgoing>,
+) {
+    let reply = |message| {
+        let _ = outgoing.send(Outgoing::Message(peer.clone(), message));
+    };
+    match message {
+        ToWorker::Ping { .. } => {
+            reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance: served.instance.clone() });
+        }
+        ToWorker::ModelFiles => reply(FromWorker::ModelFiles { files: served.model_files.clone() }),
+        ToWorker::Cancel { stream } => {
+            if let Some(task) = streams.remove(&(peer.clone(), stream)) {
+                task.abort();
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        ToWorker::Generate { stream, request } => {
+            if streams.len() >= served.max_in_flight {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return reply(FromWorker::Refused { stream, reason: Refusal::Busy { limit: served.max_in_flight } });
+            }
+            let mut outputs = match served.engine.submit(request) {
+                Ok(outputs) => outputs,
+                Err(EngineError::InvalidRequest(reason)) => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return reply(FromWorker::Refused { stream, reason: Refusal::Invalid(reason) });
+                }
+                Err(error) => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return reply(FromWorker::Refused { stream, reason: Refusal::Invalid(error.to_string()) });
+                }
+            };
+            let outgoing = outgoing.clone();
+            let owner = peer.clone();
+            let task = tokio::spawn(async move {
+                while let Some(output) = outputs.next().await {
+                    let message = FromWorker::Output { stream, output };
+                    if outgoing.send(Outgoing::Message(owner.clone(), message)).is_err() {
+                        return;
+                    }
+                }
+                let _ = outgoing.send(Outgoing::Finished(owner, stream));
+            });
+            streams.insert((peer, stream), task);
+        }
+    }
+}
+
+/// What a client tells its owner about the worker behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerStatus {
+    /// The worker answered a ping (first time, or again after being lost, possibly restarted with a new id).
+    Alive(Instance),
+    /// No answer for `dead_after`; streams in flight were ended without a finish reason.
+    Lost,
+    /// The worker speaks another protocol version; it is not used.
+    Incompatible { theirs: u32 },
+}
+
+enum Command {
+    Open { stream: u64, request: PreprocessedRequest, outputs: mpsc::UnboundedSender<EngineOutput> },
+    Cancel { stream: u64 },
+    ModelFiles(oneshot::Sender<Vec<(String, String)>>),
+}
+
+/// One router's connection to one worker.
+pub struct WorkerClient {
+    commands: mpsc::UnboundedSender<Command>,
+    next_stream: AtomicU64,
+    alive: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WorkerClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WorkerClient {
+    /// Connects to a worker's request endpoint and starts pinging it; `status` hears when it answers or is lost.
+    pub fn connect(
+        context: &Context,
+        endpoint: &str,
+        dead_after: Duration,
+        status: mpsc::UnboundedSender<WorkerStatus>,
+    ) -> Result<Self, PlaneError> {
+        let socket = tmq::dealer(context).set_linger(0).connect(endpoint)?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let alive = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(client(socket, receiver, dead_after, status, alive.clone()));
+        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, task })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Sends a request; the stream ends with a finish reason, or without one if the worker is lost.
+    /// Dropping the stream cancels the request on the worker.
+    pub fn submit(&self, request: PreprocessedRequest) -> ResponseStream {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (outputs, receiver) = mpsc::unbounded_channel();
+        let _ = self.commands.send(Command::Open { stream, request, outputs });
+        let cancel = CancelOnDrop { commands: self.commands.clone(), stream };
+        ResponseStream::with_drop_guard(receiver, Box::new(cancel))
+    }
+
+    /// The worker's model files (tokenizer, configs), or `None` if it does not answer within `timeout`.
+    pub async fn model_files(&self, timeout: Duration) -> Option<Vec<(String, String)>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::ModelFiles(reply)).ok()?;
+        tokio::time::timeout(timeout, answer).await.ok()?.ok()
+    }
+}
+
+/// Tells the worker to stop a request whose stream was dropped (a no-op for one that already finished).
+struct CancelOnDrop {
+    commands: mpsc::UnboundedSender<Command>,
+    stream: u64,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Cancel { stream: self.stream });
+    }
+}
+
+async fn client(
+    mut socket: tmq::dealer::Dealer,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    dead_after: Duration,
+    status: mpsc::UnboundedSender<WorkerStatus>,
+    alive: Arc<AtomicBool>,
+) {
+    let mut open: HashMap<u64, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
+    let mut files_wanted: Vec<oneshot::Sender<Vec<(String, String)>>> = Vec::new();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut known: Option<u64> = None;
+    loop {
+        let send = tokio::select! {
+            command = commands.recv() => match command {
+                None => return,
+                Some(Command::Open { stream, request, outputs }) => {
+                    if !alive.load(Ordering::Acquire) {
+                        // Ends the stream without a finish reason: the router treats it like a lost worker.
+                        continue;
+                    }
+                    open.insert(stream, outputs);
+                    ToWorker::Generate { stream, request }
+                }
+                Some(Command::Cancel { stream }) => {
+                    if open.remove(&stream).is_none() {
+                        continue;
+                    }
+                    ToWorker::Cancel { stream }
+                }
+                Some(Command::ModelFiles(reply)) => {
+                    files_wanted.push(reply);
+                    ToWorker::ModelFiles
+                }
+            },
+            frames = socket.next() => {
+                let Some(Ok(frames)) = frames else { return };
+                last_heard = Instant::now();
+                let Some(body) = frames.into_iter().next() else { continue };
+                match decode::<FromWorker>(&body) {
+                    Ok(FromWorker::Hello { version, instance }) => {
+                        if version != PROTOCOL_VERSION {
+                            alive.store(false, Ordering::Release);
+                            let _ = status.send(WorkerStatus::Incompatible { theirs: version });
+                        } else if known != Some(instance.id) || !alive.load(Ordering::Acquire) {
+                            known = Some(instance.id);
+                            alive.store(true, Ordering::Release);
+                            let _ = status.send(WorkerStatus::Alive(instance));
+                        }
+                    }
+                    Ok(FromWorker::ModelFiles { files }) => {
+                        files_wanted.drain(..).for_each(|reply| {
+                            let _ = reply.send(files.clone());
+                        });
+                    }
+                    Ok(FromWorker::Output { stream, output }) => {
+                        let finished = output.finish_reason.is_some();
+                        if let Some(outputs) = open.get(&stream) {
+                            let _ = outputs.send(output);
+                        }
+                        if finished {
+                            open.remove(&stream);
+                        }
+                    }
+                    Ok(FromWorker::Refused { stream, reason }) => {
+                        if let Some(outputs) = open.remove(&stream) {
+                            let message = match reason {
+                                Refusal::Busy { limit } => format!("the worker is at its limit of {limit} requests in flight; retry shortly"),
+                                Refusal::Invalid(message) => message,
+                                Refusal::Version { ours, yours } => format!("the worker speaks request-plane version {ours}, not {yours}"),
+                            };
+                            let _ = outputs.send(EngineOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() });
+                        }
+                    }
+                    Ok(FromWorker::Unreadable { reason }) => {
+                        tracing::warn!("a worker could not read our message: {reason}");
+                    }
+                    Err(error) => tracing::warn!("request plane: skipped an unreadable message from a worker: {error}"),
+                }
+                continue;
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > dead_after && alive.swap(false, Ordering::AcqRel) {
+                    // Dropping the senders ends every open stream without a finish reason.
+                    open.clear();
+                    let _ = status.send(WorkerStatus::Lost);
+                }
+                ToWorker::Ping { version: PROTOCOL_VERSION }
+            }
+        };
+        // A DEALER blocks once its queue to a lost worker is full; a message that cannot go now is dropped
+        // (a ping is repeated anyway, and a request to a lost worker is ended by the loss).
+        if let Ok(Err(_)) = tokio::time::timeout(HEARTBEAT, socket.send(Multipart::from(vec![encode(&send)]))).await {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+use super::*;
+use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::protocol::discovery::{ModelCardSummary, Role};
+
+fn instance(id: u64) -> Instance {
+    Instance {
+        id,
+        role: Role::Decode,
+        model: "m".into(),
+        namespace: "test".into(),
+        request_addr: String::new(),
+        event_addr: String::new(),
+        card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1024, tokenizer_hash: 1 },
+    }
+}
+
+fn mocker(speedup: f64) -> Arc<dyn Engine> {
+    let config = MockerConfig { speedup, ..MockerConfig::default() };
+    Arc::new(MockerEngine::spawn(1, config, (0..1000).collect()))
+}
+
+fn server(context: &Context, engine: Arc<dyn Engine>, max_in_flight: usize) -> RequestServer {
+    let served =
+        Served { engine, instance: instance(1), model_files: vec![("a.json".into(), "{}".into())], max_in_flight };
+    RequestServer::bind(context, "tcp://127.0.0.1:*", served).unwrap()
+}
+
+async fn collect(mut stream: ResponseStream) -> Vec<EngineOutput> {
+    let mut outputs = Vec::new();
+    while let Some(output) = stream.next().await {
+        outputs.push(output);
+    }
+    outputs
+}
+
+async fn alive(status: &mut mpsc::UnboundedReceiver<WorkerStatus>) -> Instance {
+    match tokio::time::timeout(Duration::from_secs(10), status.recv()).await {
+        Ok(Some(WorkerStatus::Alive(instance))) => instance,
+        other => panic!("expected Alive, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_remote_request_streams_what_the_engine_streams() {
+    let context = Context::new();
+    let engine = mocker(1000.0);
+    let server = server(&context, engine.clone(), 8);
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
+    assert_eq!(alive(&mut statuses).await.id, 1, "the Hello carries the worker's record");
+    assert_eq!(client.model_files(Duration::from_secs(5)).await, Some(vec![("a.json".into(), "{}".into())]));
+
+    let request = PreprocessedRequest::greedy("r", (1..40).collect(), 12);
+    let remote = collect(client.submit(request.clone())).await;
+    let local = collect(engine.submit(request).unwrap()).await;
+    let tokens = |outputs: &[EngineOutput]| outputs.iter().flat_map(|o| o.token_ids.clone()).collect::<Vec<_>>();
+    assert_eq!(tokens(&remote), tokens(&local));
+    assert_eq!(remote.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Length));
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_on_the_worker() {
+    let context = Context::new();
+    let engine = mocker(1.0);
+    let server = server(&context, engine.clone(), 8);
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
+    alive(&mut statuses).await;
+    let mut stream = client.submit(PreprocessedRequest::greedy("long", (1..100).collect(), 10_000));
+    assert!(stream.next().await.is_some());
+    assert_eq!(engine.load().requests_running, 1);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.load().requests_running > 0 {
+        assert!(Instant::now() < deadline, "the worker kept generating for a client that left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn past_its_limit_a_worker_refuses_with_a_reason() {
+    let context = Context::new();
+    let server = server(&context, mocker(1.0), 1);
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
+    alive(&mut statuses).await;
+    let mut first = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
+    assert!(first.next().await.is_some());
+    let second = collect(client.submit(PreprocessedRequest::greedy("b", vec![1, 2, 3], 5))).await;
+    let Some(FinishReason::Error(message)) = second.last().and_then(|o| o.finish_reason.clone()) else {
+        panic!("{second:?}")
+    };
+    assert!(message.contains("limit of 1"), "{message}");
+    let invalid = collect(client.submit(PreprocessedRequest::greedy("c", vec![], 5))).await;
+    assert!(matches!(invalid.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Error(_))));
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_is_lost_and_its_streams_end_without_a_finish_reason() {
+    let context = Context::new();
+    let server = server(&context, mocker(1.0), 8);
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_millis(800), status).unwrap();
+    alive(&mut statuses).await;
+    let mut stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
+    assert!(stream.next().await.is_some());
+    drop(server);
+    let rest = tokio::time::timeout(Duration::from_secs(10), collect(stream)).await.expect("the stream ends");
+    assert!(rest.iter().all(|o| o.finish_reason.is_none()), "{rest:?}");
+    assert_eq!(statuses.recv().await, Some(WorkerStatus::Lost));
+    assert!(!client.is_alive());
+    let after = collect(client.submit(PreprocessedRequest::greedy("b", vec![1], 3))).await;
+    assert!(after.is_empty(), "a lost worker takes no requests");
+}
+
+#[tokio::test]
+async fn unreadable_messages_are_counted_and_the_connection_stays() {
+    let context = Context::new();
+    let server = server(&context, mocker(1000.0), 8);
+    let mut raw = tmq::dealer(&context).set_linger(0).connect(server.endpoint()).unwrap();
+    for garbage in [&b"\xc1\xc1"[..], b"", &[0x92, 0x01]] {
+        raw.send(Multipart::from(vec![garbage.to_vec()])).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), raw.next()).await.unwrap().unwrap().unwrap();
+        let message: FromWorker = decode(&reply[0]).unwrap();
+        assert!(matches!(message, FromWorker::Unreadable { .. }), "{message:?}");
+    }
+    raw.send(Multipart::from(vec![encode(&ToWorker::Ping { version: PROTOCOL_VERSION })])).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), raw.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(decode::<FromWorker>(&reply[0]), Ok(FromWorker::Hello { .. })));
+    assert_eq!(server.stats.unreadable.load(Ordering::Relaxed), 3);
+}

@@ -1,0 +1,141 @@
+//! Request-plane messages: a router's DEALER socket talks to a worker's ROUTER socket, one msgpack frame per
+//! message (ROUTER adds the peer's identity frame in front on the worker side).
+//!
+//! Every message names its `stream`, a number the router picks per request, so one connection carries many
+//! requests at once. The router pings each worker every heartbeat; the `Hello` answer carries the worker's
+//! whole record, so a ping is at the same time the health check and the way a router learns who is there.
+use super::discovery::Instance;
+use super::engine::{EngineOutput, PreprocessedRequest};
+use serde::{Deserialize, Serialize};
+
+/// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    Ping {
+        version: u32,
+    },
+    /// The model's text files (tokenizer, templates, configs), so a router needs no copy of the model.
+    ModelFiles,
+    Generate {
+        stream: u64,
+        request: PreprocessedRequest,
+    },
+    /// The client went away: stop the request and free its KV blocks, in prefill as well as in decode.
+    Cancel {
+        stream: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    Hello {
+        version: u32,
+        instance: Instance,
+    },
+    ModelFiles {
+        files: Vec<(String, String)>,
+    },
+    /// Outputs end with one that has a `finish_reason`.
+    Output {
+        stream: u64,
+        output: EngineOutput,
+    },
+    /// The request never started: invalid, or the worker is at its limit of requests in flight.
+    Refused {
+        stream: u64,
+        reason: Refusal,
+    },
+    /// A message the worker could not read; the connection stays up.
+    Unreadable {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Refusal {
+    Busy { limit: usize },
+    Invalid(String),
+    Version { ours: u32, yours: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MessageError {
+    #[error("message of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("message does not decode: {0}")]
+    Decode(String),
+}
+
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Plain data types serialize infallibly to msgpack.
+    rmp_serde::to_vec(message).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, MessageError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| MessageError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::protocol::discovery::{ModelCardSummary, Role};
+    use rand::{Rng, SeedableRng};
+
+    fn instance() -> Instance {
+        Instance {
+            id: 7,
+            role: Role::Decode,
+            model: "m".into(),
+            namespace: "dynamo".into(),
+            request_addr: "tcp://127.0.0.1:1".into(),
+            event_addr: "tcp://127.0.0.1:2".into(),
+            card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 3 },
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let messages = vec![
+            FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance() },
+            FromWorker::Output { stream: 3, output: EngineOutput { token_ids: vec![1, 2], ..Default::default() } },
+            FromWorker::Refused { stream: 4, reason: Refusal::Busy { limit: 8 } },
+        ];
+        for message in messages {
+            assert_eq!(decode::<FromWorker>(&encode(&message)), Ok(message));
+        }
+        let generate = ToWorker::Generate { stream: 9, request: PreprocessedRequest::greedy("r", vec![1, 2, 3], 4) };
+        assert_eq!(decode::<ToWorker>(&encode(&generate)), Ok(generate));
+    }
+
+    #[test]
+    fn oversized_and_mangled_messages_are_errors_not_panics() {
+        assert_eq!(
+            decode::<ToWorker>(&vec![0x90; MAX_FRAME_BYTES + 1]),
+            Err(MessageError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+        let valid =
+            encode(&ToWorker::Generate { stream: 1, request: PreprocessedRequest::greedy("r", vec![5; 40], 4) });
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = rng.random(),
+                    1 => bytes.truncate(at),
+                    _ => bytes.insert(at, rng.random()),
+                }
+            }
+            let _ = decode::<ToWorker>(&bytes);
+            let _ = decode::<FromWorker>(&bytes);
+        }
+    }
+}
