@@ -28,6 +28,8 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -s v -l verbose -d 'More log
 complete -c dynamo -n "__fish_dynamo_needs_command" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_needs_command" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
+complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
@@ -60,6 +62,45 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Address routers reach this worker at; its sockets bind there' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
+round-robin\t''
+random\t''
+least-loaded\t'Fewest requests in flight'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kv-overlap-score-weight -d 'Weight of prefill work (uncached and queued prompt blocks) against decode blocks in the kv cost' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-temperature -d '0 always takes the cheapest worker; above 0 samples a softmax over normalised costs' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s V -l version -d 'Print version'
@@ -133,11 +174,13 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s V -l version 
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench selftest completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench selftest completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench selftest completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench selftest completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run bench selftest completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route bench selftest completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'

@@ -103,7 +103,7 @@ fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn positive_f64(text: &str) -> Result<f64, String> {
+pub(super) fn positive_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("expected a number greater than 0, got `{text}`")),
@@ -174,4 +174,18 @@ fn non_negative_f64(text: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("expected a number of 0 or more, got `{text}`")),
     }
+}
+
+/// How a role finds the others.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Discovery")]
+pub struct ClusterArgs {
+    /// Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers
+    /// add and remove themselves).
+    #[arg(long, env = "DYNAMO_DISCOVERY", value_name = "SPEC")]
+    pub discovery: String,
+
+    /// Clusters sharing one network or file see only their own namespace.
+    #[arg(long, env = "DYNAMO_NAMESPACE", default_value = "dynamo")]
+    pub namespace: String,
 }

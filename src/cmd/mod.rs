@@ -2,8 +2,10 @@
 mod args;
 mod bench;
 mod completions;
+mod route;
 mod run;
 mod selftest;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Run everything in one process: OpenAI HTTP frontend, router and workers.
     Run(run::RunArgs),
+    /// Start a worker (prefill and decode in one) that registers itself and serves requests from routers.
+    Decode(worker::WorkerArgs),
+    /// Start the OpenAI HTTP frontend and router in front of the workers discovery finds.
+    Route(route::RouteArgs),
     /// Measure performance; each benchmark compares against a reference in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -37,6 +43,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::core::telemetry::init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Decode(args) => worker::run(args),
+        Command::Route(args) => route::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),
         Command::Completions(args) => completions::run(args),

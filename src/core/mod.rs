@@ -1,5 +1,7 @@
 //! Everything the binary does, one folder per concept. `cmd` calls in here; nothing in here knows about clap.
 pub mod bench;
+pub mod cluster;
+pub mod discovery;
 pub mod engine;
 pub mod frontend;
 pub mod indexer;
@@ -10,3 +12,4 @@ pub mod protocol;
 pub mod router;
 pub mod telemetry;
 pub mod tokens;
+pub mod worker;

@@ -43,10 +43,11 @@ const PROMPT: &str = "Tell me a story about a small robot who learned to paint t
 
 pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalError> {
     let state = local::build(&settings.stack)?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+    let any_port = ([127, 0, 0, 1], 0).into();
+    let listener = tokio::net::TcpListener::bind(any_port)
         .await
-        .map_err(|source| LocalError::Bind { addr: ([127, 0, 0, 1], 0).into(), source })?;
-    let addr = listener.local_addr().map_err(LocalError::Serve)?;
+        .map_err(|source| frontend::ServeError::Bind { addr: any_port, source })?;
+    let addr = listener.local_addr().map_err(frontend::ServeError::Serve)?;
     let server = tokio::spawn(frontend::serve(listener, state.clone(), std::future::pending()));
 
     let messages = [serde_json::json!({"role": "user", "content": PROMPT})];

@@ -74,6 +74,28 @@ pub fn app(state: Arc<FrontendState>) -> HttpRouter {
         .with_state(state)
 }
 
+/// Binds `listen`, prints one line (made by `banner` from the bound address, e.g. when the port was 0) once it
+/// accepts connections, and serves until `shutdown` resolves.
+pub async fn bind_and_serve(
+    listen: std::net::SocketAddr,
+    state: Arc<FrontendState>,
+    banner: impl FnOnce(std::net::SocketAddr) -> String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+    println!("{}", banner(addr));
+    serve(listener, state, shutdown).await.map_err(ServeError::Serve)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}; pick another --http-port (0 picks a free one)")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
 /// Serves until `shutdown` resolves, then finishes the requests in flight.
 pub async fn serve(
     listener: TcpListener,

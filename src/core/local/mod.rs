@@ -7,12 +7,12 @@ use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::engine::native::{self, NativeError, NativeSettings};
 use crate::core::frontend::{self, FrontendState};
 use crate::core::model::{Model, ModelError, ModelSource};
+use crate::core::protocol::WorkerId;
 use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
@@ -32,14 +32,14 @@ pub enum EngineSettings {
 }
 
 impl EngineSettings {
-    fn block_size(&self) -> usize {
+    pub fn block_size(&self) -> usize {
         match self {
             EngineSettings::Mocker(config) => config.scheduler.block_size,
             EngineSettings::Native(settings) => settings.scheduler.block_size,
         }
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
             EngineSettings::Native(settings) => match settings.device {
@@ -56,20 +56,35 @@ pub enum LocalError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Native(#[from] NativeError),
-    #[error("cannot listen on {addr}: {source}; pick another --http-port (0 picks a free one)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("the HTTP server failed: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] frontend::ServeError),
+    #[error("no engine was started")]
+    NoEngine,
 }
 
 /// Loads the model and starts the workers and router; must run inside a tokio runtime.
 pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError> {
     let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
-    let engines: Vec<Arc<dyn Engine>> = match &settings.engine {
+    let ids: Vec<WorkerId> = (0..settings.workers as WorkerId).collect();
+    let engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
+    let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
+    let router = Arc::new(Router::new(engines, config));
+    Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
+}
+
+/// Starts one engine per id on `model` (native workers of one process share one copy of the weights), with a
+/// progress bar while weights load. Must run inside a tokio runtime.
+pub fn spawn_engines(
+    model: &Model,
+    source: &ModelSource,
+    engine: &EngineSettings,
+    ids: &[WorkerId],
+) -> Result<Vec<Arc<dyn Engine>>, LocalError> {
+    Ok(match engine {
         EngineSettings::Mocker(config) => {
             let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
-            (0..settings.workers)
-                .map(|id| Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone())) as Arc<dyn Engine>)
+            ids.iter()
+                .map(|&id| Arc::new(MockerEngine::spawn(id, config.clone(), vocab.clone())) as Arc<dyn Engine>)
                 .collect()
         }
         EngineSettings::Native(native_settings) => {
@@ -78,17 +93,14 @@ pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError>
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             // indicatif draws nothing when stderr is not a terminal.
-            let spawned = native::spawn_workers(&settings.model, native_settings, settings.workers, |done, total| {
+            let spawned = native::spawn_workers(source, native_settings, ids, |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             });
             bar.finish_and_clear();
             spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
         }
-    };
-    let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
-    let router = Arc::new(Router::new(engines, config));
-    Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
+    })
 }
 
 /// Serves until `shutdown` resolves. Prints one line with the address once it accepts connections.
@@ -97,16 +109,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LocalError> {
     let state = build(&settings)?;
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| LocalError::Bind { addr: settings.listen, source })?;
-    let addr = listener.local_addr().map_err(LocalError::Serve)?;
-    println!(
-        "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
-        state.model.card.name,
-        settings.workers,
-        settings.engine.describe(),
-        settings.router.mode
-    );
-    frontend::serve(listener, state, shutdown).await.map_err(LocalError::Serve)
+    let banner = |addr| {
+        format!(
+            "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
+            state.model.card.name,
+            settings.workers,
+            settings.engine.describe(),
+            settings.router.mode
+        )
+    };
+    Ok(frontend::bind_and_serve(settings.listen, state.clone(), banner, shutdown).await?)
 }

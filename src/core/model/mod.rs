@@ -53,6 +53,10 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// `None` when the model has no chat template (only `/v1/completions` works then).
     pub chat_template: Option<ChatTemplate>,
+    /// xxh3 of `tokenizer.json`: workers and routers that disagree on it must not be mixed.
+    pub tokenizer_hash: u64,
+    /// The text files it was read from, for routers in other processes (`text_files`).
+    files: ModelFiles,
 }
 
 impl Model {
@@ -68,6 +72,20 @@ impl Model {
             ModelSource::Builtin => BUILTIN_MODEL_NAME.to_string(),
         };
         let name = served_name.map(str::to_string).unwrap_or(default_name);
+        Self::from_files(files, name)
+    }
+
+    /// A model from the text files another process sent (`text_files` there), served under `name`.
+    pub fn from_text_files(origin: String, files: Vec<(String, String)>, name: String) -> Result<Self, ModelError> {
+        Self::from_files(ModelFiles { origin, files }, name)
+    }
+
+    /// The config, tokenizer and template files, by name (no weights).
+    pub fn text_files(&self) -> &[(String, String)] {
+        &self.files.files
+    }
+
+    fn from_files(files: ModelFiles, name: String) -> Result<Self, ModelError> {
         let tokenizer = Tokenizer::from_json(files.required("tokenizer.json")?, &files.origin)?;
         let tokenizer_config = files.json("tokenizer_config.json")?;
         let card = ModelCard::resolve(
@@ -83,11 +101,13 @@ impl Model {
         };
         let chat_template =
             template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
-        Ok(Self { card, tokenizer, chat_template })
+        let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(files.required("tokenizer.json")?.as_bytes());
+        Ok(Self { card, tokenizer, chat_template, tokenizer_hash, files })
     }
 }
 
 /// The text files of a model, read once from a directory or the built-in set.
+#[derive(Debug, Clone)]
 struct ModelFiles {
     origin: String,
     files: Vec<(String, String)>,

@@ -28,6 +28,7 @@ const PEER_TIMEOUT_PINGS: u32 = 20;
 /// What a worker serves on the request plane.
 pub struct Served {
     pub engine: Arc<dyn Engine>,
+    /// Answered to every ping; `RequestServer::bind` sets its `request_addr` to the endpoint it bound.
     pub instance: Instance,
     /// The model's text files, for routers that have no copy.
     pub model_files: Vec<(String, String)>,
@@ -62,10 +63,11 @@ enum Outgoing {
 
 impl RequestServer {
     /// Binds `endpoint` (`tcp://host:0` picks a free port; `endpoint()` tells which) and serves until dropped.
-    pub fn bind(context: &Context, endpoint: &str, served: Served) -> Result<Self, PlaneError> {
+    pub fn bind(context: &Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
         let socket = tmq::router(context).set_linger(0).bind(endpoint)?;
         let endpoint = bound_endpoint(socket.get_socket())?;
         let stats = Arc::new(ServerStats::default());
+        served.instance.request_addr = endpoint.clone();
         let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone()));
         Ok(Self { endpoint, stats, task })
     }

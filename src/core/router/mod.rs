@@ -149,6 +149,11 @@ impl Router {
         removed
     }
 
+    /// Tokens per KV block of the workers it routes to.
+    pub fn block_size(&self) -> usize {
+        self.config.block_size
+    }
+
     fn snapshot(&self) -> Arc<[Arc<Worker>]> {
         self.workers.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -115,17 +115,17 @@ pub fn load<B: Backend>(
 pub fn spawn_workers(
     source: &ModelSource,
     settings: &NativeSettings,
-    workers: usize,
+    ids: &[WorkerId],
     progress: impl FnMut(usize, usize),
 ) -> Result<Vec<BatchEngine>, NativeError> {
     Ok(match settings.device.resolve() {
         Device::Cuda(ordinal) => {
             let model = load(source, cuda::CudaBackend::new(ordinal)?, progress)?;
-            (0..workers).map(|id| spawn(id as WorkerId, model.clone(), settings)).collect::<Result<_, _>>()?
+            ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
         }
         Device::Cpu | Device::Auto => {
             let model = load_cpu(source, settings.threads, progress)?;
-            (0..workers).map(|id| spawn(id as WorkerId, model.clone(), settings)).collect::<Result<_, _>>()?
+            ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
         }
     })
 }

@@ -1,0 +1,56 @@
+//! `dynamo decode`: a worker process that registers itself and serves its engine on the planes.
+use super::args::{ClusterArgs, EngineArgs};
+use crate::core::model::ModelSource;
+use crate::core::worker::{self, WorkerSettings};
+use clap::Args;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]
+    #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Name clients use in "model" [default: the model directory's name]
+    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Address routers reach this worker at; its sockets bind there.
+    #[arg(long, env = "DYNAMO_HOST", default_value = "127.0.0.1", help_heading = "Planes")]
+    pub host: IpAddr,
+
+    /// Port of the request plane (0 picks a free one).
+    #[arg(long, env = "DYNAMO_REQUEST_PORT", default_value_t = 0, help_heading = "Planes")]
+    pub request_port: u16,
+
+    /// Port of the event plane (0 picks a free one).
+    #[arg(long, env = "DYNAMO_EVENT_PORT", default_value_t = 0, help_heading = "Planes")]
+    pub event_port: u16,
+
+    /// Requests in flight past which new ones are refused as busy (routers then pick another worker).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Planes")]
+    pub max_in_flight: u32,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery)?;
+    let settings = WorkerSettings {
+        model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
+        served_model_name: args.served_model_name,
+        engine: args.engine.settings(),
+        namespace: args.cluster.namespace,
+        host: args.host,
+        request_port: args.request_port,
+        event_port: args.event_port,
+        max_in_flight: args.max_in_flight as usize,
+    };
+    super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;
+    Ok(())
+}

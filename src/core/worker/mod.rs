@@ -1,0 +1,143 @@
+//! A worker process (`dynamo decode`): one engine exposed on the planes. It serves requests on its ROUTER
+//! socket, publishes its KV events and load on its PUB socket, and registers its record with discovery until
+//! it shuts down.
+//!
+//! Load is published on every KV change and at least every `LOAD_INTERVAL`, so a router's view of it is
+//! never older than that, even when nothing else happens.
+use crate::core::discovery::{Discovery, DiscoveryError};
+use crate::core::engine::Engine;
+use crate::core::local::{self, EngineSettings, LocalError};
+use crate::core::model::{Model, ModelError, ModelSource};
+use crate::core::plane::request::{RequestServer, Served};
+use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
+use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
+use crate::core::protocol::plane::Topic;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub model: ModelSource,
+    pub served_model_name: Option<String>,
+    pub engine: EngineSettings,
+    pub namespace: String,
+    /// The address other machines reach this worker at (its sockets bind there).
+    pub host: IpAddr,
+    /// 0 picks a free port.
+    pub request_port: u16,
+    pub event_port: u16,
+    /// Requests in flight past which new ones are refused as busy.
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] LocalError),
+    #[error("cannot open the {plane} plane on {endpoint}: {source}; pick another port (0 picks a free one)")]
+    Plane { plane: &'static str, endpoint: String, source: PlaneError },
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// Serves until `shutdown` resolves, then takes its record back from discovery.
+pub async fn run(
+    settings: WorkerSettings,
+    discovery: Box<dyn Discovery>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let model = Model::load(&settings.model, settings.served_model_name.as_deref())?;
+    let id = rand::random::<u64>();
+    let engine =
+        local::spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(LocalError::NoEngine)?;
+    let context = tmq::Context::new();
+    let tcp = |port: u16| match settings.host {
+        IpAddr::V6(host) => format!("tcp://[{host}]:{port}"),
+        IpAddr::V4(host) => format!("tcp://{host}:{port}"),
+    };
+    let event_endpoint = tcp(settings.event_port);
+    let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
+        .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
+    let instance = Instance {
+        id,
+        role: Role::Decode,
+        model: model.card.name.clone(),
+        namespace: settings.namespace.clone(),
+        request_addr: String::new(),
+        event_addr: publisher.endpoint().to_string(),
+        card: ModelCardSummary {
+            block_size: settings.engine.block_size() as u32,
+            context_length: model.card.context_length,
+            kv_blocks: engine.load().kv_total_blocks,
+            tokenizer_hash: model.tokenizer_hash,
+        },
+    };
+    let request_endpoint = tcp(settings.request_port);
+    let served = Served {
+        engine: engine.clone(),
+        instance: instance.clone(),
+        model_files: model.text_files().to_vec(),
+        max_in_flight: settings.max_in_flight,
+    };
+    let server = RequestServer::bind(&context, &request_endpoint, served).map_err(|source| WorkerError::Plane {
+        plane: "request",
+        endpoint: request_endpoint,
+        source,
+    })?;
+    let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
+    let events = tokio::spawn(publish(engine.clone(), publisher));
+    let registration = discovery.register(&instance)?;
+    println!(
+        "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}), namespace {}",
+        instance.model,
+        settings.engine.describe(),
+        instance.request_addr,
+        instance.event_addr,
+        instance.namespace
+    );
+    shutdown.await;
+    drop(registration);
+    events.abort();
+    drop(server);
+    Ok(())
+}
+
+/// Forwards the engine's KV events and load to the event plane until the engine stops.
+async fn publish(engine: Arc<dyn Engine>, mut publisher: EventPublisher) {
+    let mut kv = engine.subscribe_kv_events();
+    let mut tick = tokio::time::interval(LOAD_INTERVAL);
+    let mut last_load = None;
+    loop {
+        let load_now = tokio::select! {
+            batch = kv.recv() => match batch {
+                Ok(batch) => {
+                    if let Err(error) = publisher.publish(Topic::Kv, &batch).await {
+                        tracing::warn!("could not publish KV events: {error}");
+                    }
+                    false
+                }
+                // The publisher fell behind its own engine: subscribers will see a gap in nothing, so say it.
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "KV events were dropped before publishing; routers' view is stale");
+                    false
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => true,
+        };
+        let load = engine.load();
+        if load_now || last_load != Some(load) {
+            last_load = Some(load);
+            if let Err(error) = publisher.publish(Topic::Load, &load).await {
+                tracing::warn!("could not publish load: {error}");
+            }
+        }
+    }
+}
