@@ -2,6 +2,7 @@
 //! One test binary, one module per area, so everything links once.
 mod bench;
 mod cli;
+mod cluster;
 mod cuda;
 mod http;
 mod native;

@@ -29,32 +29,10 @@ impl Server {
     }
 
     pub fn start_with(command: &mut Command) -> Server {
-        let mut child =
-            command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the dynamo binary starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(at) = line.find("http://") {
-                        let base = line[at..].split_whitespace().next().unwrap_or_default().to_string();
-                        return Server { child, base };
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("dynamo did not print its address within {READY_TIMEOUT:?}");
-                }
-            }
-        }
+        let (child, line) = spawn_until(command, "http://");
+        let at = line.find("http://").unwrap_or_default();
+        let base = line[at..].split_whitespace().next().unwrap_or_default().to_string();
+        Server { child, base }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -99,6 +77,56 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Spawns `command` and waits for a stdout line containing `marker`; returns the child and that line.
+pub fn spawn_until(command: &mut Command, marker: &str) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the dynamo binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(marker) => return (child, line),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dynamo did not print {marker:?} within {READY_TIMEOUT:?}");
+            }
+        }
+    }
+}
+
+/// A `dynamo decode` worker; killed (SIGKILL) when dropped.
+pub struct Worker {
+    child: Child,
+}
+
+impl Worker {
+    pub fn start(args: &[&str]) -> Worker {
+        let (child, _) = spawn_until(dynamo().arg("decode").args(args), "decode worker");
+        Worker { child }
+    }
+
+    /// Ends it the way a clean shutdown does (SIGTERM), so it takes its record back.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

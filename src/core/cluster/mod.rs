@@ -87,7 +87,7 @@ pub async fn serve(
     let cluster = Cluster::join(discovery.as_ref(), settings).await?;
     let banner = |addr| {
         format!(
-            "dynamo: serving {} on http://{addr}, routing ({mode:?}) to the workers discovery finds; try: curl \
+            "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
              http://{addr}/v1/models",
             cluster.state.model.card.name
         )

@@ -1,0 +1,92 @@
+//! Separate processes: `dynamo route` and `dynamo decode` workers that find each other through a cluster file.
+use crate::util::{Server, Worker, dynamo};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn cluster_file(name: &str) -> PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    dir.join("cluster.toml")
+}
+
+fn worker(file: &str, extra: &[&str]) -> Worker {
+    let mut args = vec!["--engine", "mocker", "--speedup", "20", "--discovery", file];
+    args.extend_from_slice(extra);
+    Worker::start(&args)
+}
+
+fn route(file: &str) -> Server {
+    Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", file]))
+}
+
+async fn workers(server: &Server) -> u64 {
+    let health: Value = reqwest::get(server.url("/health")).await.expect("health").json().await.expect("json");
+    health["workers"].as_u64().unwrap_or(0)
+}
+
+async fn wait_for_workers(server: &Server, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while workers(server).await != count {
+        assert!(Instant::now() < deadline, "the router never had {count} workers (has {})", workers(server).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn completion(prompt: &str, max_tokens: u32) -> Value {
+    json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+#[tokio::test]
+async fn workers_join_serve_leave_and_a_late_one_is_used() {
+    let path = cluster_file("join-leave");
+    let file = format!("file:{}", path.display());
+    let first = worker(&file, &[]);
+    let second = worker(&file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 2).await;
+
+    let prompt = "The router sends each request to the worker that already holds the longest prefix of its prompt.";
+    let (status, body) = router.post_json("/v1/completions", completion(prompt, 8)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
+    // The worker's Stored events travel over the event plane; the repeat must land where they say.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, again) = router.post_json("/v1/completions", completion(prompt, 8)).await;
+        assert_eq!(again["choices"][0]["text"], body["choices"][0]["text"], "the mocker is deterministic");
+        if again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) >= 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a repeated prompt never reached the worker that cached it: {again}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    drop(first); // SIGKILL: no goodbye, only silence.
+    wait_for_workers(&router, 1).await;
+    for _ in 0..4 {
+        let (status, body) = router.post_json("/v1/completions", completion("after the loss", 4)).await;
+        assert_eq!(status, 200, "the remaining worker serves: {body}");
+    }
+
+    let late = worker(&file, &[]);
+    wait_for_workers(&router, 2).await;
+    second.stop();
+    wait_for_workers(&router, 1).await;
+    let text = std::fs::read_to_string(&path).expect("the cluster file");
+    assert_eq!(text.matches("[[worker]]").count(), 2, "the stopped worker took its entry back:\n{text}");
+    drop(late);
+}
+
+#[tokio::test]
+async fn a_worker_of_another_namespace_is_not_used() {
+    let path = cluster_file("namespaces");
+    let file = format!("file:{}", path.display());
+    let _ours = worker(&file, &[]);
+    let _theirs = worker(&file, &["--namespace", "other"]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(workers(&router).await, 1);
+}
