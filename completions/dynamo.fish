@@ -47,6 +47,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-overlap-score-w
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-temperature -d '0 always takes the cheapest worker; above 0 samples a softmax over normalised costs' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
@@ -97,6 +98,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kv-overlap-score
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-temperature -d '0 always takes the cheapest worker; above 0 samples a softmax over normalised costs' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -146,6 +146,10 @@ pub struct RouterArgs {
     /// In-flight requests per worker past which the frontend answers 503 with Retry-After.
     #[arg(long, env = "DYNAMO_BUSY_THRESHOLD", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub busy_threshold: u32,
+
+    /// Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead).
+    #[arg(long, env = "DYNAMO_MIGRATION_LIMIT", default_value_t = 3)]
+    pub migration_limit: u32,
 }
 
 impl RouterArgs {
@@ -164,6 +168,7 @@ impl RouterArgs {
             kv_events: !self.no_kv_events,
             approximate_ttl: std::time::Duration::try_from_secs_f64(self.router_ttl)
                 .unwrap_or(std::time::Duration::MAX),
+            migration_limit: self.migration_limit,
             ..RouterConfig::default()
         }
     }

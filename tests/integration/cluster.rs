@@ -90,3 +90,52 @@ async fn a_worker_of_another_namespace_is_not_used() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(workers(&router).await, 1);
 }
+
+fn streamed_text(payloads: &[String]) -> String {
+    payloads
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
+    let path = cluster_file("migration");
+    let file = format!("file:{}", path.display());
+    let first = Worker::start(&["--engine", "mocker", "--discovery", &file]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let prompt = "A stream that outlives its worker: the router continues it on another one with the tokens so far.";
+    let body = |stream: bool| {
+        json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 120, "temperature": 0, "ignore_eos": true,
+               "stream": stream})
+    };
+    let (status, reference) = router.post_json("/v1/completions", body(false)).await;
+    assert_eq!(status, 200, "{reference}");
+
+    let _second = Worker::start(&["--engine", "mocker", "--discovery", &file]);
+    wait_for_workers(&router, 2).await;
+    // The prompt's blocks are cached on the first worker, so the stream goes there; kill it once it is going.
+    let response = router.post("/v1/completions", body(true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let mut response = response;
+    let mut text = String::new();
+    let mut killer = Some(first);
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if killer.is_some() && text.matches("data:").count() >= 10 {
+            drop(killer.take()); // SIGKILL
+        }
+    }
+    assert!(killer.is_none(), "the stream ended before the worker could be killed");
+    let payloads = crate::util::sse_payloads(&text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(streamed_text(&payloads), reference["choices"][0]["text"].as_str().unwrap_or_default());
+    let finish = payloads
+        .iter()
+        .rev()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(str::to_string));
+    assert_eq!(finish.as_deref(), Some("length"));
+}

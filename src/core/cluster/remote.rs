@@ -57,4 +57,8 @@ impl Engine for RemoteEngine {
     fn load(&self) -> LoadMetrics {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn is_alive(&self) -> bool {
+        self.client.is_alive()
+    }
 }

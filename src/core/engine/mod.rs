@@ -35,6 +35,11 @@ pub trait Engine: Send + Sync {
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch>;
 
     fn load(&self) -> LoadMetrics;
+
+    /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.
+    fn is_alive(&self) -> bool {
+        true
+    }
 }
 
 /// The outputs of one request. Dropping it cancels the request.

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use crate::core::model::{IncrementalDecoder, Model, StopStringMatcher};
 use crate::core::protocol::openai::{PromptTokensDetails, Usage};
 use crate::core::protocol::{FinishReason, PreprocessedRequest};
-use crate::core::router::RoutedStream;
+use crate::core::router::MigratingStream;
 use crate::core::telemetry::RequestMetrics;
 use axum::response::sse::{Event, Sse};
 use futures::stream::{self, BoxStream, SelectAll};
@@ -67,7 +67,7 @@ pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 pub fn start(state: &FrontendState, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
-        let engine = state.router.route(spec.request.clone())?;
+        let engine = state.router.route_migrating(spec.request.clone())?;
         state.metrics.routed(&state.model.card.name, engine.overlap_blocks);
         streams.push(choice_stream(state.model.clone(), spec, engine));
     }
@@ -77,12 +77,12 @@ pub fn start(state: &FrontendState, specs: Vec<ChoiceSpec>) -> Result<Deltas, Ap
 struct ChoiceState {
     spec: ChoiceSpec,
     model: Arc<Model>,
-    engine: RoutedStream,
+    engine: MigratingStream,
     decoder: IncrementalDecoder,
     stops: StopStringMatcher,
 }
 
-fn choice_stream(model: Arc<Model>, spec: ChoiceSpec, engine: RoutedStream) -> BoxStream<'static, ChoiceDelta> {
+fn choice_stream(model: Arc<Model>, spec: ChoiceSpec, engine: MigratingStream) -> BoxStream<'static, ChoiceDelta> {
     let decoder = IncrementalDecoder::new(&spec.request.token_ids, spec.text.skip_special_tokens);
     let stops = StopStringMatcher::new(spec.text.stop.clone(), spec.text.include_stop_str);
     let state = ChoiceState { spec, model, engine, decoder, stops };

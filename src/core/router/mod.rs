@@ -10,9 +10,11 @@
 //! `approx` stands in: the router's own decisions, expiring after a TTL.
 mod approx;
 mod cost;
+mod migration;
 
 pub use approx::ApproxTracker;
 pub use cost::{Candidate, choose, cost};
+pub use migration::MigratingStream;
 
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
@@ -57,6 +59,8 @@ pub struct RouterConfig {
     /// holds what it was sent for `approximate_ttl`.
     pub kv_events: bool,
     pub approximate_ttl: Duration,
+    /// Times a request whose worker is lost mid-stream is continued on another one (`migration`).
+    pub migration_limit: u32,
 }
 
 impl Default for RouterConfig {
@@ -69,6 +73,7 @@ impl Default for RouterConfig {
             temperature: 0.0,
             kv_events: true,
             approximate_ttl: Duration::from_secs(120),
+            migration_limit: 3,
         }
     }
 }
@@ -226,7 +231,11 @@ impl Router {
         prompt_blocks: u32,
     ) -> Option<usize> {
         let open: Vec<usize> = (0..workers.len())
-            .filter(|&i| !excluded[i] && workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold)
+            .filter(|&i| {
+                !excluded[i]
+                    && workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold
+                    && workers[i].engine.is_alive()
+            })
             .collect();
         if open.is_empty() {
             return None;
