@@ -127,6 +127,9 @@ mod tests {
         for _ in 0..20_000 {
             let mut bytes = valid.clone();
             for _ in 0..rng.random_range(1..4) {
+                if bytes.is_empty() {
+                    break;
+                }
                 let at = rng.random_range(0..bytes.len());
                 match rng.random_range(0..3) {
                     0 => bytes[at] = rng.random(),
