@@ -69,7 +69,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Addres
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
@@ -88,7 +88,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
 round-robin\t''

@@ -185,9 +185,10 @@ fn non_negative_f64(text: &str) -> Result<f64, String> {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Discovery")]
 pub struct ClusterArgs {
-    /// Where roles find each other: file:PATH (a TOML or JSON cluster file every machine can read; workers
-    /// add and remove themselves).
-    #[arg(long, env = "DYNAMO_DISCOVERY", value_name = "SPEC")]
+    /// Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT
+    /// (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read;
+    /// workers add and remove themselves).
+    #[arg(long, env = "DYNAMO_DISCOVERY", value_name = "SPEC", default_value = "mdns")]
     pub discovery: String,
 
     /// Clusters sharing one network or file see only their own namespace.

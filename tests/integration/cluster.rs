@@ -139,3 +139,77 @@ async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
         .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(str::to_string));
     assert_eq!(finish.as_deref(), Some("length"));
 }
+
+/// Whether two mDNS daemons on this host hear each other over loopback multicast on `port`.
+async fn multicast_works(port: u16) -> bool {
+    use dynamo::core::discovery::{Discovery, Mdns};
+    use dynamo::core::protocol::discovery::{Instance, ModelCardSummary, Role};
+    let (Ok(announcer), Ok(listener)) = (Mdns::new(port), Mdns::new(port)) else { return false };
+    let namespace = format!("probe-{}", std::process::id());
+    let mut events = listener.watch(&namespace);
+    let card = ModelCardSummary { block_size: 16, context_length: 16, kv_blocks: 1, tokenizer_hash: 0 };
+    let probe = Instance {
+        id: u64::from(std::process::id()),
+        role: Role::Decode,
+        model: "probe".into(),
+        namespace,
+        request_addr: "tcp://127.0.0.1:9".into(),
+        event_addr: "tcp://127.0.0.1:9".into(),
+        card,
+    };
+    let Ok(_registration) = announcer.register(&probe) else { return false };
+    tokio::time::timeout(Duration::from_secs(10), events.recv()).await.ok().flatten().is_some()
+}
+
+#[tokio::test]
+async fn workers_found_by_mdns_join_and_a_clean_exit_leaves_at_once() {
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    if !multicast_works(port).await {
+        eprintln!("SKIPPED: loopback multicast does not work here; the cluster-file tests cover discovery");
+        return;
+    }
+    let discovery = format!("mdns:{port}");
+    let namespace = format!("mdns-{}", std::process::id());
+    let args = ["--discovery", &discovery, "--namespace", &namespace];
+    let first = worker(&discovery, &args[2..]);
+    let router = Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1"]).args(args));
+    let second = worker(&discovery, &args[2..]);
+    let _stranger = worker(&discovery, &["--namespace", "someone-else"]);
+    wait_for_workers(&router, 2).await;
+    let (status, body) = router.post_json("/v1/completions", completion("found by multicast DNS", 4)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // SIGTERM: the worker sends its goodbye, and the router drops it without waiting for the heartbeat.
+    let stopped = Instant::now();
+    second.stop();
+    wait_for_workers(&router, 1).await;
+    assert!(stopped.elapsed() < Duration::from_secs(5), "a clean exit took {:?} to leave", stopped.elapsed());
+    drop(first); // SIGKILL: no goodbye; the heartbeat notices.
+    wait_for_workers(&router, 0).await;
+}
+
+#[tokio::test]
+async fn a_router_that_joins_late_learns_the_workers_cache_from_a_snapshot() {
+    let path = cluster_file("snapshot");
+    let file = format!("file:{}", path.display());
+    let _worker = worker(&file, &[]);
+    let first_router = route(&file);
+    wait_for_workers(&first_router, 1).await;
+    let prompt = "Cached before the second router existed: only the worker's snapshot can tell it about these blocks.";
+    let (status, body) = first_router.post_json("/v1/completions", completion(prompt, 4)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) >= 32, "the prompt spans two blocks: {body}");
+
+    // The worker's Stored events went out before this router subscribed; the snapshot is all it can know.
+    let second_router = route(&file);
+    wait_for_workers(&second_router, 1).await;
+    let resynced = "dynamo_router_event_plane_total{event=\"resync_ok\"}";
+    second_router
+        .wait_for_metrics(Duration::from_secs(10), |text| crate::util::metric(text, resynced).unwrap_or(0.0) >= 1.0)
+        .await;
+    let (status, body) = second_router.post_json("/v1/completions", completion(prompt, 4)).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = second_router.metrics().await;
+    let overlap = crate::util::metric(&metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}");
+    assert!(overlap.unwrap_or(0.0) >= 2.0, "the router's own index saw the cached prefix:\n{metrics}");
+}

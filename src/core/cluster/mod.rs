@@ -6,19 +6,21 @@
 //! configs, template). Later workers must agree with it on model name, tokenizer and block size, or they
 //! are refused with the reason in the log.
 mod remote;
+mod resync;
 
 pub use remote::RemoteEngine;
+use resync::KvFeed;
 
 use crate::core::discovery::{Discovery, DiscoveryEvent};
 use crate::core::frontend::FrontendState;
 use crate::core::model::{Model, ModelError};
-use crate::core::plane::request::{WorkerClient, WorkerStatus};
+use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::plane::{Topic, decode_payload};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId};
 use crate::core::router::{Router, RouterConfig};
-use crate::core::telemetry::Metrics;
+use crate::core::telemetry::{Metrics, PlaneEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,9 +66,18 @@ impl Cluster {
         let subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
         let watch = discovery.watch(&settings.namespace);
         let (ready, first) = oneshot::channel();
-        let membership =
-            Membership { context, settings, clients: HashMap::new(), members: HashMap::new(), router: None };
-        let membership = tokio::spawn(membership.run(watch, subscriber, ready));
+        let (snapshots, snapshot_results) = mpsc::unbounded_channel();
+        let membership = Membership {
+            context,
+            settings,
+            clients: HashMap::new(),
+            members: HashMap::new(),
+            publishers: HashMap::new(),
+            router: None,
+            metrics: Arc::new(Metrics::new()),
+            snapshots,
+        };
+        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
         match first.await {
             Ok(Ok(state)) => Ok(Self { state, membership }),
             Ok(Err(error)) => Err(error),
@@ -95,12 +106,20 @@ pub async fn serve(
     Ok(crate::core::frontend::bind_and_serve(listen, cluster.state.clone(), banner, shutdown).await?)
 }
 
+/// How long a router waits for a worker's KV snapshot before dropping that worker's index entries instead.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Member {
     id: WorkerId,
     event_addr: String,
+    client: Arc<WorkerClient>,
     kv: tokio::sync::broadcast::Sender<KvEventBatch>,
+    feed: KvFeed,
     load: Arc<std::sync::Mutex<LoadMetrics>>,
 }
+
+/// A snapshot that arrived (or did not) for the worker with this id at this endpoint.
+type SnapshotResult = (String, WorkerId, Option<KvSnapshot>);
 
 struct Membership {
     context: tmq::Context,
@@ -109,7 +128,11 @@ struct Membership {
     clients: HashMap<String, Arc<WorkerClient>>,
     /// Endpoints whose worker is in the router.
     members: HashMap<String, Member>,
+    /// Event-plane publisher id → its member's endpoint.
+    publishers: HashMap<WorkerId, String>,
     router: Option<(Arc<Router>, Arc<Model>)>,
+    metrics: Arc<Metrics>,
+    snapshots: mpsc::UnboundedSender<SnapshotResult>,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -119,6 +142,7 @@ impl Membership {
         mut self,
         mut watch: mpsc::UnboundedReceiver<DiscoveryEvent>,
         mut subscriber: EventSubscriber,
+        mut snapshot_results: mpsc::UnboundedReceiver<SnapshotResult>,
         ready: Ready,
     ) {
         let (status_sender, mut statuses) = mpsc::unbounded_channel::<(String, WorkerStatus)>();
@@ -152,9 +176,13 @@ impl Membership {
                 },
                 delivery = subscriber.next() => match delivery {
                     Some(Ok(delivery)) => self.deliver(delivery),
-                    Some(Err(error)) => tracing::warn!("event plane: {error}"),
+                    Some(Err(error)) => {
+                        self.metrics.plane(PlaneEvent::Malformed, 1);
+                        tracing::warn!("event plane: {error}");
+                    }
                     None => return,
                 },
+                Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),
             }
         }
     }
@@ -214,22 +242,28 @@ impl Membership {
                 let model = Arc::new(model);
                 self.router = Some((router.clone(), model.clone()));
                 if let Some(ready) = ready.take() {
-                    let state = FrontendState::new(model, router.clone(), Arc::new(Metrics::new()));
+                    let state = FrontendState::new(model, router.clone(), self.metrics.clone());
                     let _ = ready.send(Ok(Arc::new(state)));
                 }
                 router
             }
         };
-        subscriber.add_publisher(&instance.event_addr)?;
-        let engine = RemoteEngine::new(instance.clone(), client);
-        let member = Member {
+        let event_addr = reachable_event_endpoint(&instance.event_addr, addr);
+        subscriber.add_publisher(&event_addr)?;
+        let engine = RemoteEngine::new(instance.clone(), client.clone());
+        let mut member = Member {
             id: instance.id,
-            event_addr: instance.event_addr.clone(),
+            event_addr,
+            client,
             kv: engine.kv_sender(),
+            feed: KvFeed::default(),
             load: engine.load_cell(),
         };
         router.add_worker(Arc::new(engine));
+        // The worker may have cached blocks before this router knew it (a router restarted, say).
+        resync(&self.snapshots, addr, &mut member);
         self.members.insert(addr.to_string(), member);
+        self.publishers.insert(instance.id, addr.to_string());
         tracing::info!(
             "worker {:016x} joined: {} at {addr}, {} KV blocks of {} tokens ({} workers)",
             instance.id,
@@ -243,6 +277,7 @@ impl Membership {
 
     fn leave(&mut self, addr: &str, subscriber: &mut EventSubscriber, why: &str) {
         let Some(member) = self.members.remove(addr) else { return };
+        self.publishers.remove(&member.id);
         if let Some((router, _)) = &self.router {
             router.remove_worker(member.id);
         }
@@ -252,28 +287,96 @@ impl Membership {
         tracing::info!("worker {:016x} at {addr} {why}; {} workers left", member.id, self.members.len());
     }
 
+    fn resynced(&mut self, addr: &str, id: WorkerId, snapshot: Option<KvSnapshot>) {
+        let Some(member) = self.members.get_mut(addr).filter(|m| m.id == id) else { return };
+        match &snapshot {
+            Some(snapshot) => {
+                self.metrics.plane(PlaneEvent::ResyncOk, 1);
+                tracing::debug!(
+                    "worker {id:016x}: KV index rebuilt from a snapshot of {} events",
+                    snapshot.events.len()
+                );
+            }
+            None => {
+                self.metrics.plane(PlaneEvent::ResyncFailed, 1);
+                tracing::warn!(
+                    "worker {id:016x} sent no KV snapshot in {SNAPSHOT_TIMEOUT:?}; its index entries are dropped"
+                );
+            }
+        }
+        for batch in member.feed.finish(id, snapshot) {
+            let _ = member.kv.send(batch);
+        }
+    }
+
     fn deliver(&mut self, delivery: crate::core::plane::Delivery) {
         let publisher = delivery.header.publisher;
-        let Some(member) = self.members.values().find(|m| m.id == publisher) else { return };
+        let Some(addr) = self.publishers.get(&publisher) else { return };
+        let Some(member) = self.members.get_mut(addr) else { return };
         match delivery.continuity {
             crate::core::plane::Continuity::InOrder => {}
-            // Resync from a snapshot is not built yet: the index heals as the worker's blocks churn.
             gap => {
-                tracing::warn!("event plane: {gap:?} from worker {publisher:016x}; its KV index entries may be stale")
+                let (event, count) = match gap {
+                    crate::core::plane::Continuity::Gap(lost) => (PlaneEvent::LostMessages, lost),
+                    _ => (PlaneEvent::PublisherRestart, 1),
+                };
+                self.metrics.plane(event, count);
+                tracing::warn!("event plane: {gap:?} in {:?} from worker {publisher:016x}", delivery.header.topic);
+                if delivery.header.topic == Topic::Kv {
+                    resync(&self.snapshots, addr, member);
+                }
             }
         }
         match delivery.header.topic {
             Topic::Kv => match decode_payload::<KvEventBatch>(&delivery.payload) {
                 Ok(batch) => {
-                    let _ = member.kv.send(batch);
+                    if let Some(batch) = member.feed.receive(delivery.header.seq, batch) {
+                        let _ = member.kv.send(batch);
+                    }
                 }
-                Err(error) => tracing::warn!("worker {publisher:016x} sent unreadable KV events: {error}"),
+                Err(error) => {
+                    self.metrics.plane(PlaneEvent::Malformed, 1);
+                    tracing::warn!("worker {publisher:016x} sent unreadable KV events: {error}");
+                    // What it meant is unknown, so what the index holds for it is too.
+                    resync(&self.snapshots, addr, member);
+                }
             },
             Topic::Load => match decode_payload::<LoadMetrics>(&delivery.payload) {
                 Ok(load) => *member.load.lock().unwrap_or_else(|p| p.into_inner()) = load,
-                Err(error) => tracing::warn!("worker {publisher:016x} sent an unreadable load report: {error}"),
+                Err(error) => {
+                    self.metrics.plane(PlaneEvent::Malformed, 1);
+                    tracing::warn!("worker {publisher:016x} sent an unreadable load report: {error}");
+                }
             },
         }
+    }
+}
+
+/// Asks `member`'s worker for a snapshot unless one is on its way; its events are held until it comes.
+fn resync(results: &mpsc::UnboundedSender<SnapshotResult>, addr: &str, member: &mut Member) {
+    if !member.feed.begin_resync() {
+        return;
+    }
+    let (client, results, addr, id) = (member.client.clone(), results.clone(), addr.to_string(), member.id);
+    tokio::spawn(async move {
+        let snapshot = client.kv_snapshot(SNAPSHOT_TIMEOUT).await;
+        let _ = results.send((addr, id, snapshot));
+    });
+}
+
+/// A worker bound to every interface reports its event endpoint as `tcp://0.0.0.0:PORT`: reach it on the
+/// host its request endpoint was reached on.
+fn reachable_event_endpoint(event_addr: &str, request_addr: &str) -> String {
+    let host_of = |endpoint: &str| -> Option<(String, String)> {
+        let rest = endpoint.strip_prefix("tcp://")?;
+        let (host, port) = rest.rsplit_once(':')?;
+        Some((host.to_string(), port.to_string()))
+    };
+    match (host_of(event_addr), host_of(request_addr)) {
+        (Some((host, port)), Some((reachable, _))) if host == "0.0.0.0" || host == "[::]" => {
+            format!("tcp://{reachable}:{port}")
+        }
+        _ => event_addr.to_string(),
     }
 }
 
@@ -289,4 +392,14 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
         return Some(format!("uses KV blocks of {} tokens, the router {block_size}", instance.card.block_size));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_event_endpoint_on_every_interface_is_reached_where_the_request_endpoint_was() {
+        let reach = super::reachable_event_endpoint;
+        assert_eq!(reach("tcp://0.0.0.0:7001", "tcp://10.1.2.3:7000"), "tcp://10.1.2.3:7001");
+        assert_eq!(reach("tcp://10.9.9.9:7001", "tcp://10.1.2.3:7000"), "tcp://10.9.9.9:7001");
+    }
 }

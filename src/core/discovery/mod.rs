@@ -4,8 +4,10 @@
 //! event endpoint) the router learns from the worker itself, in the `Hello` that answers its ping, so a
 //! hand-written static file needs one line per worker and a stale entry costs nothing but a failed ping.
 //! Liveness is the request plane's heartbeat for every backend alike.
+mod mdns;
 mod static_file;
 
+pub use mdns::Mdns;
 pub use static_file::StaticFile;
 
 use crate::core::protocol::discovery::Instance;
@@ -27,7 +29,11 @@ pub enum DiscoveryError {
     Parse { path: PathBuf, format: &'static str, message: String },
     #[error("cannot write the cluster file {path}: {message}")]
     Write { path: PathBuf, message: String },
-    #[error("unknown discovery {0:?}: use file:PATH (a TOML or JSON cluster file)")]
+    #[error("mDNS: {0}")]
+    Mdns(String),
+    #[error(
+        "unknown discovery {0:?}: use mdns, mdns:PORT (another UDP port than 5353) or file:PATH (a TOML or JSON cluster file)"
+    )]
     Spec(String),
 }
 
@@ -51,10 +57,20 @@ pub trait Discovery: Send + Sync {
     fn watch(&self, namespace: &str) -> mpsc::UnboundedReceiver<DiscoveryEvent>;
 }
 
-/// Parses `--discovery`: `file:PATH`.
+/// The UDP port of multicast DNS (RFC 6762).
+pub const MDNS_PORT: u16 = 5353;
+
+/// Parses `--discovery`: `mdns`, `mdns:PORT` or `file:PATH`.
 pub fn from_spec(spec: &str) -> Result<Box<dyn Discovery>, DiscoveryError> {
+    if spec == "mdns" {
+        return Ok(Box::new(Mdns::new(MDNS_PORT)?));
+    }
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(Box::new(StaticFile::new(path.into()))),
+        Some(("mdns", port)) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Box::new(Mdns::new(port)?)),
+            _ => Err(DiscoveryError::Spec(spec.to_string())),
+        },
         _ => Err(DiscoveryError::Spec(spec.to_string())),
     }
 }

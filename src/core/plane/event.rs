@@ -36,6 +36,11 @@ impl EventPublisher {
         &self.endpoint
     }
 
+    /// The sequence number the next message on `topic` will carry.
+    pub fn next_seq(&self, topic: Topic) -> u64 {
+        self.next_seq.get(&topic).copied().unwrap_or(0)
+    }
+
     pub async fn publish<T: Serialize>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
         self.publish_encoded(topic, &encode_payload(value)).await
     }

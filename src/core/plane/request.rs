@@ -8,18 +8,22 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
-use crate::core::protocol::{EngineOutput, FinishReason, PreprocessedRequest};
+use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, PreprocessedRequest};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tmq::{AsZmqSocket, Context, Multipart};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::PlaneError;
+use super::{KvLedger, PlaneError};
+
+/// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
+/// should carry.
+const SNAPSHOT_BLOCKS_PER_FRAME: usize = 1 << 16;
 
 /// How often a client pings; a worker cancels the requests of a peer silent for `PEER_TIMEOUT_PINGS` of these.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -34,6 +38,8 @@ pub struct Served {
     pub model_files: Vec<(String, String)>,
     /// Requests in flight past which new ones are refused as busy (back-pressure).
     pub max_in_flight: usize,
+    /// What the engine's cache holds, as published so far; answers `KvSnapshot`.
+    pub ledger: Arc<Mutex<KvLedger>>,
 }
 
 /// Counters of what a server had to refuse or skip.
@@ -159,6 +165,18 @@ fn handle(
             reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance: served.instance.clone() });
         }
         ToWorker::ModelFiles => reply(FromWorker::ModelFiles { files: served.model_files.clone() }),
+        ToWorker::KvSnapshot => {
+            let (served, outgoing) = (served.clone(), outgoing.clone());
+            // Sorting a big cache takes a while; the socket's task must not wait for it.
+            tokio::task::spawn_blocking(move || {
+                let (next_seq, events) = served.ledger.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+                for message in snapshot_frames(next_seq, events) {
+                    if outgoing.send(Outgoing::Message(peer.clone(), message)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         ToWorker::Cancel { stream } => {
             if let Some(task) = streams.remove(&(peer.clone(), stream)) {
                 task.abort();
@@ -197,6 +215,40 @@ fn handle(
     }
 }
 
+/// Cuts a snapshot into frames of at most `SNAPSHOT_BLOCKS_PER_FRAME` blocks, splitting a long chain where
+/// needed (its next piece names the previous piece's last block as parent); an empty cache is one frame.
+fn snapshot_frames(next_seq: u64, events: Vec<KvEvent>) -> Vec<FromWorker> {
+    let mut frames = Vec::new();
+    let mut current: Vec<KvEvent> = Vec::new();
+    let mut room = SNAPSHOT_BLOCKS_PER_FRAME;
+    let mut flush = |current: &mut Vec<KvEvent>, room: &mut usize| {
+        frames.push(FromWorker::KvSnapshot { next_seq, events: std::mem::take(current), last: false });
+        *room = SNAPSHOT_BLOCKS_PER_FRAME;
+    };
+    for event in events {
+        let KvEvent::Stored { mut parent_hash, mut blocks } = event else {
+            if room == 0 {
+                flush(&mut current, &mut room);
+            }
+            room -= 1;
+            current.push(event);
+            continue;
+        };
+        while !blocks.is_empty() {
+            if room == 0 {
+                flush(&mut current, &mut room);
+            }
+            let rest = blocks.split_off(blocks.len().min(room));
+            room -= blocks.len();
+            let next_parent = blocks.last().map(|b| b.hash);
+            current.push(KvEvent::Stored { parent_hash, blocks: std::mem::replace(&mut blocks, rest) });
+            parent_hash = next_parent;
+        }
+    }
+    frames.push(FromWorker::KvSnapshot { next_seq, events: current, last: true });
+    frames
+}
+
 /// What a client tells its owner about the worker behind it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerStatus {
@@ -212,6 +264,14 @@ enum Command {
     Open { stream: u64, request: PreprocessedRequest, outputs: mpsc::UnboundedSender<EngineOutput> },
     Cancel { stream: u64 },
     ModelFiles(oneshot::Sender<Vec<(String, String)>>),
+    KvSnapshot(oneshot::Sender<KvSnapshot>),
+}
+
+/// A worker's whole prefix cache, as of the KV messages numbered below `next_seq`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvSnapshot {
+    pub next_seq: u64,
+    pub events: Vec<KvEvent>,
 }
 
 /// One router's connection to one worker.
@@ -263,6 +323,13 @@ impl WorkerClient {
         self.commands.send(Command::ModelFiles(reply)).ok()?;
         tokio::time::timeout(timeout, answer).await.ok()?.ok()
     }
+
+    /// The worker's whole prefix cache, or `None` if it does not arrive within `timeout`.
+    pub async fn kv_snapshot(&self, timeout: Duration) -> Option<KvSnapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::KvSnapshot(reply)).ok()?;
+        tokio::time::timeout(timeout, answer).await.ok()?.ok()
+    }
 }
 
 /// Tells the worker to stop a request whose stream was dropped (a no-op for one that already finished).
@@ -286,6 +353,9 @@ async fn client(
 ) {
     let mut open: HashMap<u64, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
     let mut files_wanted: Vec<oneshot::Sender<Vec<(String, String)>>> = Vec::new();
+    // Answers arrive whole and in order, so one snapshot in the making serves everyone waiting.
+    let mut snapshot_wanted: Vec<oneshot::Sender<KvSnapshot>> = Vec::new();
+    let mut snapshot = KvSnapshot::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -312,6 +382,10 @@ async fn client(
                     files_wanted.push(reply);
                     ToWorker::ModelFiles
                 }
+                Some(Command::KvSnapshot(reply)) => {
+                    snapshot_wanted.push(reply);
+                    ToWorker::KvSnapshot
+                }
             },
             frames = socket.next() => {
                 let Some(Ok(frames)) = frames else { return };
@@ -332,6 +406,19 @@ async fn client(
                         files_wanted.drain(..).for_each(|reply| {
                             let _ = reply.send(files.clone());
                         });
+                    }
+                    Ok(FromWorker::KvSnapshot { next_seq, events, last }) => {
+                        snapshot.next_seq = next_seq;
+                        snapshot.events.extend(events);
+                        if last {
+                            let whole = std::mem::take(&mut snapshot);
+                            if let Some(first) = snapshot_wanted.pop() {
+                                snapshot_wanted.drain(..).for_each(|reply| {
+                                    let _ = reply.send(whole.clone());
+                                });
+                                let _ = first.send(whole);
+                            }
+                        }
                     }
                     Ok(FromWorker::Output { stream, output }) => {
                         let finished = output.finish_reason.is_some();

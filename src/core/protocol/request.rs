@@ -6,6 +6,7 @@
 //! whole record, so a ping is at the same time the health check and the way a router learns who is there.
 use super::discovery::Instance;
 use super::engine::{EngineOutput, PreprocessedRequest};
+use super::kv::KvEvent;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
@@ -29,6 +30,8 @@ pub enum ToWorker {
     Cancel {
         stream: u64,
     },
+    /// Everything the worker's prefix cache holds, for a router that missed KV events or just joined.
+    KvSnapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +42,14 @@ pub enum FromWorker {
     },
     ModelFiles {
         files: Vec<(String, String)>,
+    },
+    /// One piece of a snapshot (a big cache takes several frames); `last` ends it. The snapshot reflects
+    /// exactly the KV messages numbered below `next_seq` on the event plane: a router applies it, then
+    /// the messages it buffered from `next_seq` on.
+    KvSnapshot {
+        next_seq: u64,
+        events: Vec<KvEvent>,
+        last: bool,
     },
     /// Outputs end with one that has a `finish_reason`.
     Output {
@@ -107,6 +118,7 @@ mod tests {
             FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance() },
             FromWorker::Output { stream: 3, output: EngineOutput { token_ids: vec![1, 2], ..Default::default() } },
             FromWorker::Refused { stream: 4, reason: Refusal::Busy { limit: 8 } },
+            FromWorker::KvSnapshot { next_seq: 12, events: vec![KvEvent::Cleared], last: true },
         ];
         for message in messages {
             assert_eq!(decode::<FromWorker>(&encode(&message)), Ok(message));

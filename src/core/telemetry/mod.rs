@@ -22,6 +22,8 @@ pub struct Metrics {
     duration: HistogramVec,
     overlap_blocks: HistogramVec,
     worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
+    /// What the event plane lost or could not read, and the KV resyncs that repaired it: never silent.
+    plane: IntCounterVec,
 }
 
 /// Reads one gauge's value out of a worker's load.
@@ -126,8 +128,26 @@ impl Metrics {
             ),
             requests_total,
             worker_gauges,
+            plane: {
+                let vec = IntCounterVec::new(
+                    Opts::new(
+                        "dynamo_router_event_plane_total",
+                        "Event-plane trouble and repairs: lost_messages, publisher_restarts, malformed, \
+                         resync_ok, resync_failed",
+                    ),
+                    &["event"],
+                )
+                .expect("static counter definition is valid");
+                registry.register(Box::new(vec.clone())).expect("metric names are unique");
+                vec
+            },
             registry,
         }
+    }
+
+    /// Counts event-plane trouble or a repair (`PlaneEvent`).
+    pub fn plane(&self, event: PlaneEvent, count: u64) {
+        self.plane.with_label_values(&[event.label()]).inc_by(count);
     }
 
     /// Starts tracking one admitted request.
@@ -168,6 +188,32 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaneEvent {
+    /// Messages that never arrived (a gap in a publisher's numbering).
+    LostMessages,
+    /// A publisher's numbering went back.
+    PublisherRestart,
+    /// A frame that did not decode.
+    Malformed,
+    /// A worker's KV state rebuilt from its snapshot.
+    ResyncOk,
+    /// No snapshot came; the worker's KV entries were dropped instead.
+    ResyncFailed,
+}
+
+impl PlaneEvent {
+    fn label(self) -> &'static str {
+        match self {
+            Self::LostMessages => "lost_messages",
+            Self::PublisherRestart => "publisher_restarts",
+            Self::Malformed => "malformed",
+            Self::ResyncOk => "resync_ok",
+            Self::ResyncFailed => "resync_failed",
+        }
     }
 }
 

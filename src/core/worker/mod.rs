@@ -9,12 +9,13 @@ use crate::core::engine::Engine;
 use crate::core::local::{self, EngineSettings, LocalError};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served};
-use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
+use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, KvLedger, PlaneError};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::Topic;
+use crate::core::protocol::{KvEvent, KvEventBatch};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -80,11 +81,13 @@ pub async fn run(
         },
     };
     let request_endpoint = tcp(settings.request_port);
+    let ledger = Arc::new(Mutex::new(KvLedger::default()));
     let served = Served {
         engine: engine.clone(),
         instance: instance.clone(),
         model_files: model.text_files().to_vec(),
         max_in_flight: settings.max_in_flight,
+        ledger: ledger.clone(),
     };
     let server = RequestServer::bind(&context, &request_endpoint, served).map_err(|source| WorkerError::Plane {
         plane: "request",
@@ -92,7 +95,7 @@ pub async fn run(
         source,
     })?;
     let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
-    let events = tokio::spawn(publish(engine.clone(), publisher));
+    let events = tokio::spawn(publish(engine.clone(), publisher, ledger));
     let registration = discovery.register(&instance)?;
     println!(
         "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}), namespace {}",
@@ -109,27 +112,34 @@ pub async fn run(
     Ok(())
 }
 
-/// Forwards the engine's KV events and load to the event plane until the engine stops.
-async fn publish(engine: Arc<dyn Engine>, mut publisher: EventPublisher) {
+/// Forwards the engine's KV events and load to the event plane until the engine stops, keeping the ledger
+/// that snapshots are made from in step with what was published.
+async fn publish(engine: Arc<dyn Engine>, mut publisher: EventPublisher, ledger: Arc<Mutex<KvLedger>>) {
     let mut kv = engine.subscribe_kv_events();
     let mut tick = tokio::time::interval(LOAD_INTERVAL);
     let mut last_load = None;
     loop {
         let load_now = tokio::select! {
-            batch = kv.recv() => match batch {
-                Ok(batch) => {
-                    if let Err(error) = publisher.publish(Topic::Kv, &batch).await {
-                        tracing::warn!("could not publish KV events: {error}");
+            batch = kv.recv() => {
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    // Events the engine sent are gone, so neither the ledger nor any router can know what the
+                    // cache holds: everyone forgets this worker's blocks, which is incomplete but never wrong.
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "KV events were dropped before publishing; telling routers to forget this worker's cache");
+                        KvEventBatch { worker_id: engine.worker_id(), events: vec![KvEvent::Cleared] }
                     }
-                    false
+                    Err(RecvError::Closed) => return,
+                };
+                // Recorded before it goes out: a snapshot taken in between already covers this message, and
+                // its `next_seq` tells the router to skip it.
+                let next_seq = publisher.next_seq(Topic::Kv) + 1;
+                ledger.lock().unwrap_or_else(|p| p.into_inner()).record(&batch.events, next_seq);
+                if let Err(error) = publisher.publish(Topic::Kv, &batch).await {
+                    tracing::warn!("could not publish KV events: {error}");
                 }
-                // The publisher fell behind its own engine: subscribers will see a gap in nothing, so say it.
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "KV events were dropped before publishing; routers' view is stale");
-                    false
-                }
-                Err(RecvError::Closed) => return,
-            },
+                false
+            }
             _ = tick.tick() => true,
         };
         let load = engine.load();

@@ -20,8 +20,17 @@ fn mocker(speedup: f64) -> Arc<dyn Engine> {
 }
 
 fn server(context: &Context, engine: Arc<dyn Engine>, max_in_flight: usize) -> RequestServer {
-    let served =
-        Served { engine, instance: instance(1), model_files: vec![("a.json".into(), "{}".into())], max_in_flight };
+    server_with_ledger(context, engine, max_in_flight, Arc::default())
+}
+
+fn server_with_ledger(
+    context: &Context,
+    engine: Arc<dyn Engine>,
+    max_in_flight: usize,
+    ledger: Arc<Mutex<KvLedger>>,
+) -> RequestServer {
+    let model_files = vec![("a.json".into(), "{}".into())];
+    let served = Served { engine, instance: instance(1), model_files, max_in_flight, ledger };
     RequestServer::bind(context, "tcp://127.0.0.1:*", served).unwrap()
 }
 
@@ -129,4 +138,38 @@ async fn unreadable_messages_are_counted_and_the_connection_stays() {
     let reply = tokio::time::timeout(Duration::from_secs(5), raw.next()).await.unwrap().unwrap().unwrap();
     assert!(matches!(decode::<FromWorker>(&reply[0]), Ok(FromWorker::Hello { .. })));
     assert_eq!(server.stats.unreadable.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn a_snapshot_bigger_than_one_frame_arrives_whole() {
+    use crate::core::protocol::StoredBlock;
+    let context = Context::new();
+    let ledger = Arc::new(Mutex::new(KvLedger::default()));
+    // Two chains, the first longer than a frame holds.
+    let chain = |first: u64, len: u64, parent| KvEvent::Stored {
+        parent_hash: parent,
+        blocks: (first..first + len).map(|hash| StoredBlock { hash, tokens_hash: hash }).collect(),
+    };
+    let blocks = SNAPSHOT_BLOCKS_PER_FRAME as u64 + 10;
+    ledger.lock().unwrap().record(&[chain(1, blocks, None), chain(1 << 40, 3, Some(5))], 42);
+    let server = server_with_ledger(&context, mocker(1000.0), 8, ledger.clone());
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
+    alive(&mut statuses).await;
+    let (first, second) =
+        tokio::join!(client.kv_snapshot(Duration::from_secs(10)), client.kv_snapshot(Duration::from_secs(10)));
+    let snapshot = first.expect("a snapshot");
+    assert_eq!(second.as_ref(), Some(&snapshot), "a second asker gets the same picture");
+    assert_eq!(snapshot.next_seq, 42);
+    let stored: Vec<u64> = snapshot
+        .events
+        .iter()
+        .flat_map(|event| match event {
+            KvEvent::Stored { blocks, .. } => blocks.iter().map(|b| b.hash).collect(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(stored.len() as u64, blocks + 3);
+    assert_eq!(stored[..blocks as usize], (1..=blocks).collect::<Vec<_>>()[..], "in storing order");
+    assert_eq!(snapshot_frames(42, ledger.lock().unwrap().snapshot().1).len(), 2);
 }
