@@ -213,3 +213,28 @@ async fn a_router_that_joins_late_learns_the_workers_cache_from_a_snapshot() {
     let overlap = crate::util::metric(&metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}");
     assert!(overlap.unwrap_or(0.0) >= 2.0, "the router's own index saw the cached prefix:\n{metrics}");
 }
+
+#[tokio::test]
+async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
+    let path = cluster_file("busy");
+    let file = format!("file:{}", path.display());
+    // Slow, and one request at a time: round-robin sends it every other request.
+    let _small = Worker::start(&["--engine", "mocker", "--max-in-flight", "1", "--discovery", &file]);
+    let _large = worker(&file, &[]);
+    let router = Server::start_with(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--router-mode",
+        "round-robin",
+        "--discovery",
+        &file,
+    ]));
+    wait_for_workers(&router, 2).await;
+    let requests = (0..6).map(|i| router.post_json("/v1/completions", completion(&format!("request {i}"), 40)));
+    for (status, body) in futures::future::join_all(requests).await {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 40, "{body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    }
+}

@@ -432,7 +432,11 @@ async fn client(
                     Ok(FromWorker::Refused { stream, reason }) => {
                         if let Some(outputs) = open.remove(&stream) {
                             let message = match reason {
-                                Refusal::Busy { limit } => format!("the worker is at its limit of {limit} requests in flight; retry shortly"),
+                                // Ending without a finish reason sends the request to another worker.
+                                Refusal::Busy { limit } => {
+                                    tracing::debug!("a worker at its limit of {limit} requests in flight refused one");
+                                    continue;
+                                }
                                 Refusal::Invalid(message) => message,
                                 Refusal::Version { ours, yours } => format!("the worker speaks request-plane version {ours}, not {yours}"),
                             };

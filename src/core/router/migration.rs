@@ -1,11 +1,11 @@
 //! Requests that outlive their worker. A stream that ends without a finish reason means the worker was lost
-//! (killed, its machine gone, its heartbeat silent); the request continues on another worker with the
-//! tokens generated so far appended to the prompt and `max_tokens` reduced by them, up to the router's
-//! `migration_limit`. The client sees one uninterrupted stream; with greedy sampling (or the mocker's
+//! (killed, its machine gone, its heartbeat silent) or refused the request as busy before starting it; the
+//! request continues on another worker (never one that already failed it) with the tokens generated so far
+//! appended to the prompt and `max_tokens` reduced by them, up to the router's `migration_limit`. The client sees one uninterrupted stream; with greedy sampling (or the mocker's
 //! deterministic tokens) exactly the tokens an uninterrupted run would give, because the continuation's
 //! prompt is the same sequence.
 use super::{RouteError, RoutedStream, Router};
-use crate::core::protocol::{EngineOutput, PreprocessedRequest};
+use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ pub struct MigratingStream {
     generated: Vec<u32>,
     migrations_left: u32,
     current: RoutedStream,
+    /// Workers that lost or refused this request.
+    failed: Vec<WorkerId>,
     /// Prompt blocks the first worker already held.
     pub overlap_blocks: u32,
     sent_first: bool,
@@ -33,6 +35,7 @@ impl Router {
             request,
             generated: Vec::new(),
             current,
+            failed: Vec::new(),
             sent_first: false,
         })
     }
@@ -73,11 +76,12 @@ impl Stream for MigratingStream {
                     this.migrations_left -= 1;
                     let Some(next) = this.continuation() else { return Poll::Ready(None) };
                     let lost = this.current.worker_id;
-                    match this.router.route(next) {
+                    this.failed.push(lost);
+                    match this.router.route_avoiding(next, &this.failed) {
                         Ok(stream) => {
                             tracing::warn!(
                                 request = %this.request.request_id,
-                                "worker {lost:016x} was lost after {} tokens; continuing on worker {:016x}",
+                                "worker {lost:016x} was lost or busy after {} tokens; continuing on worker {:016x}",
                                 this.generated.len(),
                                 stream.worker_id
                             );

@@ -177,6 +177,11 @@ impl Router {
     }
 
     pub fn route(&self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
+        self.route_avoiding(request, &[])
+    }
+
+    /// Routes like `route`, never to a worker in `avoid` (ones that just refused or lost this request).
+    pub fn route_avoiding(&self, request: PreprocessedRequest, avoid: &[WorkerId]) -> Result<RoutedStream, RouteError> {
         let workers = self.snapshot();
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
@@ -191,7 +196,7 @@ impl Router {
             approx.lock().unwrap_or_else(|p| p.into_inner()).expire(self.indexer.as_ref(), Instant::now());
         }
         let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
-        let mut excluded = vec![false; workers.len()];
+        let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
         let (index, overlap) = loop {
             let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32) else {
                 return Err(RouteError::Busy { threshold: self.config.busy_threshold });
