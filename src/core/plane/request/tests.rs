@@ -99,8 +99,20 @@ async fn past_its_limit_a_worker_refuses_and_the_stream_ends_for_another_worker_
     let second = collect(client.submit(PreprocessedRequest::greedy("b", vec![1, 2, 3], 5))).await;
     assert!(second.is_empty(), "busy: no output and no finish reason, as for a lost worker: {second:?}");
     assert_eq!(server.stats.refused.load(Ordering::Relaxed), 1);
-    let invalid = collect(client.submit(PreprocessedRequest::greedy("c", vec![], 5))).await;
-    assert!(matches!(invalid.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Error(_))));
+    // Once the slot is free, an invalid request is refused with the reason, not as busy.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let invalid = loop {
+        let outputs = collect(client.submit(PreprocessedRequest::greedy("c", vec![], 5))).await;
+        if !outputs.is_empty() || Instant::now() > deadline {
+            break outputs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        matches!(invalid.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Error(_))),
+        "{invalid:?}"
+    );
 }
 
 #[tokio::test]
