@@ -360,7 +360,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__plane)
-            opts="-v -h -V --messages --events-per-message --json --verbose --help --version"
+            opts="-v -h -V --messages --events-per-message --requests --tokens --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -371,6 +371,14 @@ _dynamo() {
                     return 0
                     ;;
                 --events-per-message)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --requests)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tokens)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

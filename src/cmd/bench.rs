@@ -74,6 +74,14 @@ pub struct PlaneArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub events_per_message: u32,
 
+    /// Requests to stream through each request-plane path (64 in flight at once).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+
+    /// Outputs (one token each) streamed back per request.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub tokens: u32,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
@@ -320,10 +328,17 @@ fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
         "dynamo bench plane: {} messages of {} KV events each over loopback TCP, plane vs raw libzmq",
         args.messages, args.events_per_message
     );
-    let result = super::runtime()?.block_on(plane::run(args.messages, args.events_per_message as usize))?;
+    let runtime = super::runtime()?;
+    let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize))?;
     print!("{}", plane::table(&result));
+    println!(
+        "request plane: {} requests of {} prompt-sized tokens, {} outputs each streamed back, 64 in flight",
+        args.requests, 256, args.tokens
+    );
+    let requests = runtime.block_on(plane::run_requests(args.requests, args.tokens))?;
+    print!("{}", plane::request_table(&requests));
     if args.json {
-        println!("{}", serde_json::json!({"bench": "plane", "result": result}));
+        println!("{}", serde_json::json!({"bench": "plane", "result": result, "requests": requests}));
     }
     Ok(())
 }

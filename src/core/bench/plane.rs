@@ -1,12 +1,20 @@
-//! `dynamo bench plane`: KV events through the event plane end to end — encode, publish, receive, check
-//! sequence, decode, apply to a FlashIndexer — against raw libzmq PUB/SUB carrying the same bytes with no
-//! encoding, tracking or decoding, in the same run over loopback TCP.
+//! `dynamo bench plane`: both planes against raw libzmq carrying the same bytes, in the same run over
+//! loopback TCP. Event plane: KV events end to end — encode, publish, receive, check sequence, decode,
+//! apply to a FlashIndexer — against PUB/SUB with no encoding, tracking or decoding. Request plane:
+//! streamed requests through `RequestServer`/`WorkerClient` against a bare DEALER/ROUTER echo.
+use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
+use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError};
+use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::{Topic, decode_payload, encode_payload};
-use crate::core::protocol::{KvEvent, KvEventBatch, StoredBlock};
+use crate::core::protocol::request::{FromWorker, ToWorker, encode};
+use crate::core::protocol::{
+    EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, StoredBlock, WorkerId,
+};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tmq::{AsZmqSocket, Context};
 
@@ -152,6 +160,189 @@ pub fn table(r: &PlaneResult) -> String {
     let mut out = format!("{:<10} {:>14} {:>10} {:>8}\n", "path", "KV events/s", "messages", "lost");
     for (name, run) in [("plane", &r.plane), ("raw zmq", &r.raw_zmq)] {
         out.push_str(&format!("{:<10} {:>14.0} {:>10} {:>8}\n", name, run.events_per_s, run.messages, run.lost));
+    }
+    out.push_str(&format!("plane / raw libzmq: {:.2}\n", r.ratio));
+    out
+}
+
+/// One path's request-plane throughput.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RequestRun {
+    pub requests_per_s: f64,
+    /// Streamed outputs (one token each) per second.
+    pub outputs_per_s: f64,
+    pub requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RequestResult {
+    pub plane: RequestRun,
+    pub raw_zmq: RequestRun,
+    /// Plane over raw libzmq, requests/s.
+    pub ratio: f64,
+}
+
+/// Requests a router keeps open at once on the one connection.
+const CONCURRENCY: usize = 64;
+/// Prompt tokens per request: a short chat turn.
+const PROMPT_TOKENS: u32 = 256;
+
+/// Streams `max_tokens` outputs of one token each at once: the request plane is all that is measured.
+struct EchoEngine;
+
+impl Engine for EchoEngine {
+    fn worker_id(&self) -> WorkerId {
+        1
+    }
+
+    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        let (outputs, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let last = request.stop.max_tokens.saturating_sub(1);
+        for i in 0..=last {
+            let finish_reason = (i == last).then_some(FinishReason::Length);
+            let _ = outputs.send(EngineOutput { token_ids: vec![i], finish_reason, ..Default::default() });
+        }
+        Ok(ResponseStream::new(receiver))
+    }
+
+    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
+    fn load(&self) -> LoadMetrics {
+        LoadMetrics::default()
+    }
+}
+
+fn bench_request(tokens: u32) -> PreprocessedRequest {
+    PreprocessedRequest::greedy("bench", (0..PROMPT_TOKENS).collect(), tokens)
+}
+
+/// Requests through `RequestServer` and `WorkerClient` (msgpack, stream ids, per-request tasks, the
+/// heartbeat running), against a bare DEALER/ROUTER pair sending the same bytes, `CONCURRENCY` in flight.
+pub async fn run_requests(requests: u64, tokens: u32) -> Result<RequestResult, PlaneError> {
+    let plane = run_request_plane(requests, tokens).await?;
+    let raw_zmq = run_request_raw(requests, tokens).await?;
+    Ok(RequestResult { ratio: plane.requests_per_s / raw_zmq.requests_per_s, plane, raw_zmq })
+}
+
+fn request_run(requests: u64, tokens: u32, seconds: f64) -> RequestRun {
+    RequestRun {
+        requests_per_s: requests as f64 / seconds,
+        outputs_per_s: (requests * u64::from(tokens)) as f64 / seconds,
+        requests,
+    }
+}
+
+async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
+    let context = Context::new();
+    let card = ModelCardSummary { block_size: 16, context_length: 1 << 20, kv_blocks: 0, tokenizer_hash: 0 };
+    let instance = Instance {
+        id: 1,
+        role: Role::Decode,
+        model: "bench".into(),
+        namespace: "bench".into(),
+        request_addr: String::new(),
+        event_addr: String::new(),
+        card,
+    };
+    let served = Served {
+        engine: Arc::new(EchoEngine),
+        instance,
+        model_files: Vec::new(),
+        max_in_flight: CONCURRENCY * 2,
+        ledger: Arc::default(),
+    };
+    let server = RequestServer::bind(&context, "tcp://127.0.0.1:*", served)?;
+    let (status, mut statuses) = tokio::sync::mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status)?;
+    match tokio::time::timeout(READY_TIMEOUT, statuses.recv()).await {
+        Ok(Some(WorkerStatus::Alive(_))) => {}
+        other => return Err(PlaneError::Incomplete(format!("the bench worker never answered: {other:?}"))),
+    }
+    let request = bench_request(tokens);
+    let one = |client: &WorkerClient| {
+        let stream = client.submit(request.clone());
+        async move { stream.fold(0u32, |n, output| async move { n + output.token_ids.len() as u32 }).await }
+    };
+    let start = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < requests.min(CONCURRENCY as u64) {
+        in_flight.push(one(&client));
+        sent += 1;
+    }
+    let mut completed = 0;
+    while let Some(streamed) = in_flight.next().await {
+        if streamed != tokens {
+            return Err(PlaneError::Incomplete(format!("a request streamed {streamed} of its {tokens} outputs")));
+        }
+        completed += 1;
+        if sent < requests {
+            in_flight.push(one(&client));
+            sent += 1;
+        }
+    }
+    Ok(request_run(completed, tokens, start.elapsed().as_secs_f64()))
+}
+
+async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
+    let context = Context::new();
+    let mut router = tmq::router(&context).set_linger(0).set_sndhwm(0).set_rcvhwm(0).bind("tcp://127.0.0.1:*")?;
+    let endpoint =
+        router.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
+    let mut dealer = tmq::dealer(&context).set_linger(0).set_rcvhwm(0).connect(&endpoint)?;
+    // The bytes the plane carries: the request one way, one output per token the other.
+    let request = encode(&ToWorker::Generate { stream: 0, request: bench_request(tokens) });
+    let outputs: Vec<Vec<u8>> = (0..tokens)
+        .map(|i| {
+            let finish_reason = (i + 1 == tokens).then_some(FinishReason::Length);
+            let output = EngineOutput { token_ids: vec![i], finish_reason, ..Default::default() };
+            encode(&FromWorker::Output { stream: 0, output })
+        })
+        .collect();
+    let server = tokio::spawn(async move {
+        while let Some(Ok(mut frames)) = router.next().await {
+            let Some(peer) = frames.pop_front() else { continue };
+            for output in &outputs {
+                router.send(vec![peer.to_vec(), output.clone()]).await?;
+            }
+        }
+        Ok::<_, tmq::TmqError>(())
+    });
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < requests.min(CONCURRENCY as u64) {
+        dealer.send(vec![request.clone()]).await?;
+        sent += 1;
+    }
+    // Outputs of different requests interleave; every `tokens` of them complete one request on average,
+    // which keeps the window full just as the plane's does.
+    let mut received = 0u64;
+    let expected = requests * u64::from(tokens);
+    while received < expected {
+        let Ok(Some(message)) = tokio::time::timeout(READY_TIMEOUT, dealer.next()).await else {
+            return Err(PlaneError::Incomplete(format!("raw zmq: {received} of {expected} outputs arrived")));
+        };
+        message?;
+        received += 1;
+        if received.is_multiple_of(u64::from(tokens)) && sent < requests {
+            dealer.send(vec![request.clone()]).await?;
+            sent += 1;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    server.abort();
+    Ok(request_run(requests, tokens, seconds))
+}
+
+pub fn request_table(r: &RequestResult) -> String {
+    let mut out = format!("{:<10} {:>14} {:>14} {:>10}\n", "path", "requests/s", "outputs/s", "requests");
+    for (name, run) in [("plane", &r.plane), ("raw zmq", &r.raw_zmq)] {
+        out.push_str(&format!(
+            "{:<10} {:>14.0} {:>14.0} {:>10}\n",
+            name, run.requests_per_s, run.outputs_per_s, run.requests
+        ));
     }
     out.push_str(&format!("plane / raw libzmq: {:.2}\n", r.ratio));
     out

@@ -15,6 +15,9 @@ pub enum PlaneError {
     Socket(#[from] tmq::TmqError),
     #[error("event plane socket has no usable endpoint")]
     Endpoint,
+    /// A measurement that could not complete (benchmarks).
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 pub struct EventPublisher {

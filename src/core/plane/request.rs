@@ -70,7 +70,9 @@ enum Outgoing {
 impl RequestServer {
     /// Binds `endpoint` (`tcp://host:0` picks a free port; `endpoint()` tells which) and serves until dropped.
     pub fn bind(context: &Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
-        let socket = tmq::router(context).set_linger(0).bind(endpoint)?;
+        // A ROUTER drops, silently, what does not fit under its high-water mark: with 64 streams of tokens in
+        // flight the default 1000 lost outputs. The engine's pace bounds what waits here, so no limit.
+        let socket = tmq::router(context).set_linger(0).set_sndhwm(0).set_rcvhwm(0).bind(endpoint)?;
         let endpoint = bound_endpoint(socket.get_socket())?;
         let stats = Arc::new(ServerStats::default());
         served.instance.request_addr = endpoint.clone();
@@ -116,16 +118,40 @@ async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<
                 };
                 handle(message, peer, &served, &stats, &mut streams, &outgoing);
             }
-            Some(item) = queue.recv() => match item {
-                Outgoing::Message(peer, message) => {
-                    if socket.send(Multipart::from(vec![peer, encode(&message)])).await.is_err() {
+            Some(item) = queue.recv() => {
+                let mut frames = Vec::new();
+                let mut batcher = OutputBatcher::default();
+                let mut next = Some(item);
+                let mut taken = 0;
+                // Whatever else is ready goes out with it: one engine step yields an output per running request.
+                while let Some(item) = next.take() {
+                    match item {
+                        Outgoing::Message(peer, message @ FromWorker::Output { .. }) => batcher.push(peer, message),
+                        Outgoing::Message(peer, message) => {
+                            frames.extend(batcher.drain());
+                            frames.push((peer, encode(&message)));
+                        }
+                        Outgoing::Finished(peer, stream) => {
+                            streams.remove(&(peer, stream));
+                        }
+                    }
+                    taken += 1;
+                    if taken < MAX_OUTPUTS_PER_FRAME {
+                        next = queue.try_recv().ok();
+                    }
+                }
+                frames.extend(batcher.drain());
+                let mut failed = false;
+                for (peer, body) in frames {
+                    if socket.send(Multipart::from(vec![peer, body])).await.is_err() {
+                        failed = true;
                         break;
                     }
                 }
-                Outgoing::Finished(peer, stream) => {
-                    streams.remove(&(peer, stream));
+                if failed {
+                    break;
                 }
-            },
+            }
             _ = sweep.tick() => {
                 let silent: Vec<Vec<u8>> = last_ping
                     .iter()
@@ -147,6 +173,35 @@ async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<
         }
     }
     streams.values().for_each(JoinHandle::abort);
+}
+
+/// Outputs coalesced per peer before a frame is sent; at most this many are taken from the queue at once.
+const MAX_OUTPUTS_PER_FRAME: usize = 256;
+
+/// Groups outputs by the router they go to, keeping each router's order.
+#[derive(Default)]
+struct OutputBatcher {
+    peers: Vec<(Vec<u8>, Vec<FromWorker>)>,
+}
+
+impl OutputBatcher {
+    fn push(&mut self, peer: Vec<u8>, message: FromWorker) {
+        match self.peers.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, messages)) => messages.push(message),
+            None => self.peers.push((peer, vec![message])),
+        }
+    }
+
+    /// One frame per peer: a lone output as itself, several as a `Batch`.
+    fn drain(&mut self) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + use<> {
+        std::mem::take(&mut self.peers).into_iter().map(|(peer, mut messages)| {
+            let body = match messages.len() {
+                1 => encode(&messages.remove(0)),
+                _ => encode(&FromWorker::Batch(messages)),
+            };
+            (peer, body)
+        })
+    }
 }
 
 fn handle(
@@ -296,7 +351,7 @@ impl WorkerClient {
         dead_after: Duration,
         status: mpsc::UnboundedSender<WorkerStatus>,
     ) -> Result<Self, PlaneError> {
-        let socket = tmq::dealer(context).set_linger(0).connect(endpoint)?;
+        let socket = tmq::dealer(context).set_linger(0).set_rcvhwm(0).connect(endpoint)?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(client(socket, receiver, dead_after, status, alive.clone()));
@@ -391,8 +446,17 @@ async fn client(
                 let Some(Ok(frames)) = frames else { return };
                 last_heard = Instant::now();
                 let Some(body) = frames.into_iter().next() else { continue };
-                match decode::<FromWorker>(&body) {
-                    Ok(FromWorker::Hello { version, instance }) => {
+                let messages = match decode::<FromWorker>(&body) {
+                    Ok(FromWorker::Batch(messages)) => messages,
+                    Ok(message) => vec![message],
+                    Err(error) => {
+                        tracing::warn!("request plane: skipped an unreadable message from a worker: {error}");
+                        continue;
+                    }
+                };
+                for message in messages {
+                match message {
+                    FromWorker::Hello { version, instance } => {
                         if version != PROTOCOL_VERSION {
                             alive.store(false, Ordering::Release);
                             let _ = status.send(WorkerStatus::Incompatible { theirs: version });
@@ -402,12 +466,12 @@ async fn client(
                             let _ = status.send(WorkerStatus::Alive(instance));
                         }
                     }
-                    Ok(FromWorker::ModelFiles { files }) => {
+                    FromWorker::ModelFiles { files } => {
                         files_wanted.drain(..).for_each(|reply| {
                             let _ = reply.send(files.clone());
                         });
                     }
-                    Ok(FromWorker::KvSnapshot { next_seq, events, last }) => {
+                    FromWorker::KvSnapshot { next_seq, events, last } => {
                         snapshot.next_seq = next_seq;
                         snapshot.events.extend(events);
                         if last {
@@ -420,7 +484,7 @@ async fn client(
                             }
                         }
                     }
-                    Ok(FromWorker::Output { stream, output }) => {
+                    FromWorker::Output { stream, output } => {
                         let finished = output.finish_reason.is_some();
                         if let Some(outputs) = open.get(&stream) {
                             let _ = outputs.send(output);
@@ -429,7 +493,7 @@ async fn client(
                             open.remove(&stream);
                         }
                     }
-                    Ok(FromWorker::Refused { stream, reason }) => {
+                    FromWorker::Refused { stream, reason } => {
                         if let Some(outputs) = open.remove(&stream) {
                             let message = match reason {
                                 // Ending without a finish reason sends the request to another worker.
@@ -443,10 +507,11 @@ async fn client(
                             let _ = outputs.send(EngineOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() });
                         }
                     }
-                    Ok(FromWorker::Unreadable { reason }) => {
+                    FromWorker::Unreadable { reason } => {
                         tracing::warn!("a worker could not read our message: {reason}");
                     }
-                    Err(error) => tracing::warn!("request plane: skipped an unreadable message from a worker: {error}"),
+                    FromWorker::Batch(_) => tracing::warn!("request plane: a worker sent a nested batch; skipped"),
+                }
                 }
                 continue;
             }

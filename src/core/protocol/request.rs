@@ -10,7 +10,7 @@ use super::kv::KvEvent;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -65,6 +65,9 @@ pub enum FromWorker {
     Unreadable {
         reason: String,
     },
+    /// Outputs that were ready at once (a batched engine step yields one per running request), in one
+    /// frame instead of one each. Never nested.
+    Batch(Vec<FromWorker>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +122,7 @@ mod tests {
             FromWorker::Output { stream: 3, output: EngineOutput { token_ids: vec![1, 2], ..Default::default() } },
             FromWorker::Refused { stream: 4, reason: Refusal::Busy { limit: 8 } },
             FromWorker::KvSnapshot { next_seq: 12, events: vec![KvEvent::Cleared], last: true },
+            FromWorker::Batch(vec![FromWorker::Output { stream: 5, output: EngineOutput::default() }]),
         ];
         for message in messages {
             assert_eq!(decode::<FromWorker>(&encode(&message)), Ok(message));
