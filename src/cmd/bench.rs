@@ -325,8 +325,11 @@ fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
 
 fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
     println!(
-        "dynamo bench plane: {} messages of {} KV events each over loopback TCP, plane vs raw libzmq",
-        args.messages, args.events_per_message
+        "dynamo bench plane: {} messages of {} Stored events (+1 Removed once {} blocks are cached) over loopback \
+         TCP, plane vs raw libzmq",
+        args.messages,
+        args.events_per_message,
+        plane::CACHED_BLOCKS
     );
     let runtime = super::runtime()?;
     let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize))?;

@@ -40,15 +40,25 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Both paths buffer without limit, so neither drops and both measure throughput alone.
 const UNLIMITED: i32 = 0;
 
-/// Batch `i`: `events` Stored events of one block each, extending a chain, as a worker would publish.
-fn batch(i: u64, events: usize) -> KvEventBatch {
-    let events = (0..events as u64)
+/// Blocks a simulated worker keeps cached; past it each message also evicts the oldest message's blocks,
+/// so the index stays at a worker's size instead of growing for ever.
+pub const CACHED_BLOCKS: u64 = 65_536;
+
+/// Message `i`: `stored` Stored events of one block each, extending a chain, as a worker would publish per
+/// step; once the cache is full, also one Removed event evicting the chain stored `CACHED_BLOCKS` blocks
+/// earlier, leaf first.
+fn batch(i: u64, stored: usize) -> KvEventBatch {
+    let hash = |message: u64, e: u64| (message * 1024 + e + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut events: Vec<KvEvent> = (0..stored as u64)
         .map(|e| {
-            let hash = (i * 1024 + e + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let parent_hash = (e > 0).then(|| (i * 1024 + e).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            KvEvent::Stored { parent_hash, blocks: vec![StoredBlock { hash, tokens_hash: hash }] }
+            let parent_hash = (e > 0).then(|| hash(i, e - 1));
+            KvEvent::Stored { parent_hash, blocks: vec![StoredBlock { hash: hash(i, e), tokens_hash: hash(i, e) }] }
         })
         .collect();
+    let messages_cached = CACHED_BLOCKS / stored as u64;
+    if let Some(evicted) = i.checked_sub(messages_cached) {
+        events.push(KvEvent::Removed { hashes: (0..stored as u64).rev().map(|e| hash(evicted, e)).collect() });
+    }
     KvEventBatch { worker_id: 1, events }
 }
 
@@ -77,7 +87,21 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), subscriber.next()).await {}
     let lost_before = subscriber.lost;
 
-    let index = FlashIndexer::new();
+    // As in a router: the socket's task decodes, a feed task applies to the index, so the two overlap.
+    let (feed, mut batches) = tokio::sync::mpsc::unbounded_channel::<KvEventBatch>();
+    let applier = tokio::spawn(async move {
+        let index = FlashIndexer::new();
+        let mut events = 0u64;
+        let mut last = Instant::now();
+        while let Some(batch) = batches.recv().await {
+            for event in &batch.events {
+                index.apply(batch.worker_id, event);
+            }
+            events += batch.events.len() as u64;
+            last = Instant::now();
+        }
+        (events, last)
+    });
     let start = Instant::now();
     let sender = tokio::spawn(async move {
         for i in 0..messages {
@@ -86,22 +110,18 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
         Ok::<_, PlaneError>(publisher)
     });
     let mut received = 0u64;
-    let mut last = start;
-    let mut events = 0u64;
     while received + (subscriber.lost - lost_before) < messages {
         let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await else {
             break;
         };
         let delivery = delivery?;
         if let Ok(batch) = decode_payload::<KvEventBatch>(&delivery.payload) {
-            for event in &batch.events {
-                index.apply(batch.worker_id, event);
-            }
-            events += batch.events.len() as u64;
+            let _ = feed.send(batch);
         }
         received += 1;
-        last = Instant::now();
     }
+    drop(feed);
+    let (events, last) = applier.await.map_err(|_| PlaneError::Incomplete("the index task failed".into()))?;
     let seconds = (last - start).as_secs_f64();
     let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
     Ok(PlaneRun { events_per_s: events as f64 / seconds, messages: received, lost: messages - received })
@@ -115,7 +135,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     let mut subscriber =
         tmq::subscribe(&context).set_rcvhwm(UNLIMITED).set_linger(0).connect(&endpoint)?.subscribe(Topic::Kv.name())?;
     // The same bytes the plane sends for one message, encoded once.
-    let payload = encode_payload(&batch(0, events_per_message));
+    let payload = encode_payload(&batch(CACHED_BLOCKS, events_per_message));
     let frame = |seq: u64| -> Vec<Vec<u8>> {
         vec![Topic::Kv.name().to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), payload.clone()]
     };
@@ -152,7 +172,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     }
     let seconds = (last - start).as_secs_f64();
     let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
-    let events = received * events_per_message as u64;
+    let events = received * batch(CACHED_BLOCKS, events_per_message).events.len() as u64;
     Ok(PlaneRun { events_per_s: events as f64 / seconds, messages: received, lost: messages - received })
 }
 

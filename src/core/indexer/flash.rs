@@ -85,12 +85,16 @@ impl Shard {
         if slot < LOW_SLOTS {
             // The common case touches the hot word only, and the cold table only for a new block.
             let bit = 1 << slot;
-            if let Some(word) = self.hot.get_mut(&hash) {
-                let added = *word & bit == 0;
-                *word |= bit;
-                return (false, added);
+            match self.hot.entry(hash) {
+                std::collections::hash_map::Entry::Occupied(mut word) => {
+                    let added = *word.get() & bit == 0;
+                    *word.get_mut() |= bit;
+                    return (false, added);
+                }
+                std::collections::hash_map::Entry::Vacant(word) => {
+                    word.insert(bit);
+                }
             }
-            self.hot.insert(hash, bit);
             self.cold.insert(hash, Cold { parent, ..Cold::default() });
             return (true, true);
         }
@@ -212,16 +216,39 @@ impl FlashIndexer {
     }
 
     fn store(&self, slot: Slot, mut parent: Option<u64>, hashes: impl Iterator<Item = u64>) {
-        if parent.is_some_and(|p| !self.read(p).contains(p, slot)) {
-            return;
-        }
+        // The parent is visited once per block, after the block is in: that one visit both checks that the
+        // worker holds the parent (rule 2; first block only) and links a new child, where a check before and
+        // a link after cost two lock round trips and two probes of the same entry.
+        let mut parent_checked = parent.is_none();
         let mut added = 0;
         for hash in hashes {
             let (created, was_added) = self.write(hash).insert(hash, parent, slot);
-            added += usize::from(was_added);
-            if created && let Some(p) = parent {
-                self.children_change(p, |children| children.push(hash));
+            if let Some(p) = parent
+                && (created || !parent_checked)
+            {
+                // Bound first: the guard must be gone before `remove` below locks shards again.
+                let held = {
+                    let mut shard = self.write(p);
+                    let held = parent_checked || shard.contains(p, slot);
+                    if held
+                        && created
+                        && let Some(cold) = shard.cold.get_mut(&p)
+                    {
+                        cold.children.push(hash);
+                    }
+                    held
+                };
+                if !held {
+                    // A block stored under a parent the worker does not hold: take it back out.
+                    if was_added {
+                        self.count(slot, 1, 0);
+                        self.remove(slot, hash);
+                    }
+                    break;
+                }
+                parent_checked = true;
             }
+            added += usize::from(was_added);
             parent = Some(hash);
         }
         self.count(slot, added, 0);

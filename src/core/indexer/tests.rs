@@ -175,4 +175,8 @@ fn removing_a_block_drops_the_workers_extensions_of_it() {
     // A run whose parent the worker lacks is ignored.
     index.apply(8, &KvEvent::Stored { parent_hash: Some(3), blocks: vec![StoredBlock { hash: 9, tokens_hash: 9 }] });
     assert_eq!(index.find_matches(&[1, 2, 3, 9]).of(8), 1);
+    // Also when the block exists for others: they keep it, the newcomer does not get it.
+    index.apply(9, &KvEvent::Stored { parent_hash: Some(3), blocks: vec![StoredBlock { hash: 1, tokens_hash: 1 }] });
+    assert_eq!(index.find_matches(&[1]).scores, vec![(7, 1), (8, 1)]);
+    assert_eq!(index.block_counts(), vec![(7, 1), (8, 1)]);
 }
