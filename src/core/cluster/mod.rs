@@ -396,6 +396,121 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::core::discovery::StaticFile;
+    use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+    use crate::core::model::ModelSource;
+    use crate::core::plane::KvLedger;
+    use crate::core::plane::request::{RequestServer, Served};
+    use crate::core::plane::{EventPublisher, HIGH_WATER_MARK};
+    use crate::core::protocol::discovery::{ModelCardSummary, Role};
+    use crate::core::protocol::{KvEvent, PreprocessedRequest, StoredBlock};
+    use crate::core::tokens::block_hashes;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// A worker's KV events for `tokens`, as one chain.
+    fn stored(worker: WorkerId, tokens: &[u32]) -> KvEventBatch {
+        let hashes = block_hashes(tokens, 16);
+        let blocks = hashes.iter().map(|h| StoredBlock { hash: h.sequence, tokens_hash: h.local }).collect();
+        KvEventBatch { worker_id: worker, events: vec![KvEvent::Stored { parent_hash: None, blocks }] }
+    }
+
+    fn overlap(router: &Router, tokens: &[u32]) -> u32 {
+        // The stream is dropped at once, which cancels the request on the worker.
+        router.route(PreprocessedRequest::greedy("probe", tokens.to_vec(), 1)).map_or(0, |s| s.overlap_blocks)
+    }
+
+    fn plane_count(metrics: &Metrics, event: &str) -> f64 {
+        let sample = format!("dynamo_router_event_plane_total{{event=\"{event}\"}}");
+        metrics.render(&[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_a_workers_events_is_repaired_from_its_snapshot() {
+        let context = tmq::Context::new();
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let id = 0xabc;
+        let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", id, HIGH_WATER_MARK).unwrap();
+        let ledger = Arc::new(Mutex::new(KvLedger::default()));
+        let card = ModelCardSummary {
+            block_size: 16,
+            context_length: 4096,
+            kv_blocks: 1024,
+            tokenizer_hash: model.tokenizer_hash,
+        };
+        let instance = Instance {
+            id,
+            role: Role::Decode,
+            model: model.card.name.clone(),
+            namespace: "gap".into(),
+            request_addr: String::new(),
+            event_addr: publisher.endpoint().to_string(),
+            card,
+        };
+        let engine = Arc::new(MockerEngine::spawn(
+            id,
+            MockerConfig { speedup: 100.0, ..MockerConfig::default() },
+            (0..1000).collect(),
+        ));
+        let served = Served {
+            engine,
+            instance: instance.clone(),
+            model_files: model.text_files().to_vec(),
+            max_in_flight: 64,
+            ledger: ledger.clone(),
+        };
+        let server = RequestServer::bind(&context, "tcp://127.0.0.1:*", served).unwrap();
+        let dir = std::env::temp_dir().join(format!("dynamo-gap-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let _registration =
+            discovery.register(&Instance { request_addr: server.endpoint().to_string(), ..instance }).unwrap();
+        let settings = ClusterSettings {
+            namespace: "gap".into(),
+            dead_after: Duration::from_secs(5),
+            router: RouterConfig::default(),
+        };
+        let cluster = Cluster::join(&discovery, settings).await.unwrap();
+        let (router, metrics) = (cluster.state.router.clone(), cluster.state.metrics.clone());
+        eventually("the join's snapshot", || plane_count(&metrics, "resync_ok") >= 1.0).await;
+
+        let mut send = async |batch: &KvEventBatch, lose: bool| {
+            ledger.lock().unwrap().record(&batch.events, publisher.next_seq(Topic::Kv) + 1);
+            if lose {
+                publisher.skip(Topic::Kv);
+            } else {
+                publisher.publish(Topic::Kv, batch).await.unwrap();
+            }
+        };
+        let prompt = |first: u32| (first..first + 48).collect::<Vec<u32>>();
+        // Until the subscription is up, messages vanish unseen (no gap either): repeat until one lands.
+        let (seen, lost, after) = (prompt(100), prompt(200), prompt(300));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while overlap(&router, &seen) == 0 {
+            assert!(Instant::now() < deadline, "the router never received an event");
+            send(&stored(id, &seen), false).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        send(&stored(id, &lost), true).await;
+        assert_eq!(overlap(&router, &lost), 0);
+        send(&stored(id, &after), false).await;
+        eventually("the second snapshot", || plane_count(&metrics, "resync_ok") >= 2.0).await;
+        assert_eq!(overlap(&router, &lost), 3, "the lost message's blocks came with the snapshot");
+        assert_eq!(overlap(&router, &after), 3, "the message after the gap was applied too");
+        assert_eq!(overlap(&router, &seen), 3);
+        assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn an_event_endpoint_on_every_interface_is_reached_where_the_request_endpoint_was() {
         let reach = super::reachable_event_endpoint;
