@@ -238,3 +238,36 @@ async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
         assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     }
 }
+
+/// The sum of a metric's samples over every worker (worker ids are random in these tests).
+fn over_workers(metrics: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_its_request_on_the_remote_worker() {
+    let path = cluster_file("cancel");
+    let file = format!("file:{}", path.display());
+    let _worker = Worker::start(&["--engine", "mocker", "--speedup", "1", "--discovery", &file]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let body = json!({"model": "tiny-chat", "prompt": "a long story", "max_tokens": 3000, "ignore_eos": true,
+                      "stream": true});
+    let mut response = router.post("/v1/completions", body).await;
+    response.chunk().await.expect("the stream starts");
+    let running = "dynamo_component_requests_running";
+    router.wait_for_metrics(Duration::from_secs(10), |m| over_workers(m, running) == Some(1.0)).await;
+    drop(response);
+    // The worker's own load report, over the event plane, says the request is gone and its blocks freed.
+    router
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            over_workers(m, running) == Some(0.0)
+                && over_workers(m, "dynamo_component_kvstats_active_blocks") == Some(0.0)
+        })
+        .await;
+}
