@@ -237,6 +237,18 @@ async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
         assert_eq!(body["usage"]["completion_tokens"], 40, "{body}");
         assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     }
+    // The workers' request-plane totals reach the router on the stats topic.
+    let total = |metrics: &str, outcome: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("dynamo_component_request_plane_requests{"))
+            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    router
+        .wait_for_metrics(Duration::from_secs(10), |m| total(m, "refused") >= 1.0 && total(m, "accepted") >= 6.0)
+        .await;
 }
 
 /// The sum of a metric's samples over every worker (worker ids are random in these tests).

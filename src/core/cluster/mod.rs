@@ -18,7 +18,7 @@ use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::plane::{Topic, decode_payload};
-use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId};
+use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::{Metrics, PlaneEvent};
 use std::collections::HashMap;
@@ -278,6 +278,7 @@ impl Membership {
     fn leave(&mut self, addr: &str, subscriber: &mut EventSubscriber, why: &str) {
         let Some(member) = self.members.remove(addr) else { return };
         self.publishers.remove(&member.id);
+        self.metrics.forget_worker(member.id);
         if let Some((router, _)) = &self.router {
             router.remove_worker(member.id);
         }
@@ -339,6 +340,13 @@ impl Membership {
                     tracing::warn!("worker {publisher:016x} sent unreadable KV events: {error}");
                     // What it meant is unknown, so what the index holds for it is too.
                     resync(&self.snapshots, addr, member);
+                }
+            },
+            Topic::Stats => match decode_payload::<WorkerStats>(&delivery.payload) {
+                Ok(stats) => self.metrics.worker_stats(publisher, &stats),
+                Err(error) => {
+                    self.metrics.plane(PlaneEvent::Malformed, 1);
+                    tracing::warn!("worker {publisher:016x} sent unreadable stats: {error}");
                 }
             },
             Topic::Load => match decode_payload::<LoadMetrics>(&delivery.payload) {

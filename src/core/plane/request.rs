@@ -8,7 +8,7 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
-use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, PreprocessedRequest};
+use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, PreprocessedRequest, WorkerStats};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,9 +42,10 @@ pub struct Served {
     pub ledger: Arc<Mutex<KvLedger>>,
 }
 
-/// Counters of what a server had to refuse or skip.
+/// Counters of what a server took, refused or skipped.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    pub accepted: AtomicU64,
     pub unreadable: AtomicU64,
     pub refused: AtomicU64,
     pub cancelled: AtomicU64,
@@ -65,6 +66,17 @@ impl Drop for RequestServer {
 enum Outgoing {
     Message(Vec<u8>, FromWorker),
     Finished(Vec<u8>, u64),
+}
+
+impl ServerStats {
+    pub fn snapshot(&self) -> WorkerStats {
+        WorkerStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            unreadable: self.unreadable.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl RequestServer {
@@ -254,6 +266,7 @@ fn handle(
                     return reply(FromWorker::Refused { stream, reason: Refusal::Invalid(error.to_string()) });
                 }
             };
+            stats.accepted.fetch_add(1, Ordering::Relaxed);
             let outgoing = outgoing.clone();
             let owner = peer.clone();
             let task = tokio::spawn(async move {

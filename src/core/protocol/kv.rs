@@ -43,3 +43,16 @@ pub struct LoadMetrics {
     pub kv_cached_blocks: u64,
     pub kv_total_blocks: u64,
 }
+
+/// A worker's running totals on the request plane since it started, published on the `stats` topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Requests the engine took.
+    pub accepted: u64,
+    /// Requests turned away (busy, invalid).
+    pub refused: u64,
+    /// Requests stopped because their client went away.
+    pub cancelled: u64,
+    /// Messages that did not decode.
+    pub unreadable: u64,
+}

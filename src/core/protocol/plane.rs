@@ -11,15 +11,18 @@ pub enum Topic {
     Kv,
     /// `LoadMetrics`
     Load,
+    /// `WorkerStats`
+    Stats,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 2] = [Topic::Kv, Topic::Load];
+    pub const ALL: [Topic; 3] = [Topic::Kv, Topic::Load, Topic::Stats];
 
     pub fn name(self) -> &'static [u8] {
         match self {
             Topic::Kv => b"kv",
             Topic::Load => b"load",
+            Topic::Stats => b"stats",
         }
     }
 

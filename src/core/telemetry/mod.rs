@@ -3,7 +3,7 @@
 //! Frontend metrics are recorded per request by a `RequestMetrics` guard: created when a request is
 //! admitted, fed each token, and recorded when dropped, so a request cut short by a disconnect still
 //! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
-use crate::core::protocol::{LoadMetrics, WorkerId};
+use crate::core::protocol::{LoadMetrics, WorkerId, WorkerStats};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
@@ -24,6 +24,8 @@ pub struct Metrics {
     worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
     /// What the event plane lost or could not read, and the KV resyncs that repaired it: never silent.
     plane: IntCounterVec,
+    /// Each remote worker's request-plane totals, as its `stats` reports say.
+    worker_requests: IntGaugeVec,
 }
 
 /// Reads one gauge's value out of a worker's load.
@@ -141,8 +143,42 @@ impl Metrics {
                 registry.register(Box::new(vec.clone())).expect("metric names are unique");
                 vec
             },
+            worker_requests: gauge(
+                &registry,
+                "dynamo_component_request_plane_requests",
+                "A worker's requests since it started, by outcome (accepted, refused, cancelled, unreadable)",
+                &["worker_id", "outcome"],
+            ),
             registry,
         }
+    }
+
+    /// Records a remote worker's request-plane totals.
+    pub fn worker_stats(&self, worker: WorkerId, stats: &WorkerStats) {
+        let id = worker.to_string();
+        for (outcome, value) in Self::outcomes(stats) {
+            self.worker_requests.with_label_values(&[&id, outcome]).set(value as i64);
+        }
+    }
+
+    /// Drops a departed worker's series, so dashboards do not show its last values for ever.
+    pub fn forget_worker(&self, worker: WorkerId) {
+        let id = worker.to_string();
+        for (gauge, _) in &self.worker_gauges {
+            let _ = gauge.remove_label_values(&[&id]);
+        }
+        for (outcome, _) in Self::outcomes(&WorkerStats::default()) {
+            let _ = self.worker_requests.remove_label_values(&[&id, outcome]);
+        }
+    }
+
+    fn outcomes(stats: &WorkerStats) -> [(&'static str, u64); 4] {
+        [
+            ("accepted", stats.accepted),
+            ("refused", stats.refused),
+            ("cancelled", stats.cancelled),
+            ("unreadable", stats.unreadable),
+        ]
     }
 
     /// Counts event-plane trouble or a repair (`PlaneEvent`).

@@ -8,7 +8,7 @@ use crate::core::discovery::{Discovery, DiscoveryError};
 use crate::core::engine::Engine;
 use crate::core::local::{self, EngineSettings, LocalError};
 use crate::core::model::{Model, ModelError, ModelSource};
-use crate::core::plane::request::{RequestServer, Served};
+use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, KvLedger, PlaneError};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::Topic;
@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Request-plane totals go out this often (`stats` topic).
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -95,7 +98,7 @@ pub async fn run(
         source,
     })?;
     let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
-    let events = tokio::spawn(publish(engine.clone(), publisher, ledger));
+    let events = tokio::spawn(publish(engine.clone(), publisher, ledger, server.stats.clone()));
     let registration = discovery.register(&instance)?;
     println!(
         "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}), namespace {}",
@@ -114,9 +117,15 @@ pub async fn run(
 
 /// Forwards the engine's KV events and load to the event plane until the engine stops, keeping the ledger
 /// that snapshots are made from in step with what was published.
-async fn publish(engine: Arc<dyn Engine>, mut publisher: EventPublisher, ledger: Arc<Mutex<KvLedger>>) {
+async fn publish(
+    engine: Arc<dyn Engine>,
+    mut publisher: EventPublisher,
+    ledger: Arc<Mutex<KvLedger>>,
+    stats: Arc<ServerStats>,
+) {
     let mut kv = engine.subscribe_kv_events();
     let mut tick = tokio::time::interval(LOAD_INTERVAL);
+    let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     let mut last_load = None;
     loop {
         let load_now = tokio::select! {
@@ -141,6 +150,12 @@ async fn publish(engine: Arc<dyn Engine>, mut publisher: EventPublisher, ledger:
                 false
             }
             _ = tick.tick() => true,
+            _ = stats_tick.tick() => {
+                if let Err(error) = publisher.publish(Topic::Stats, &stats.snapshot()).await {
+                    tracing::warn!("could not publish request-plane stats: {error}");
+                }
+                false
+            }
         };
         let load = engine.load();
         if load_now || last_load != Some(load) {
