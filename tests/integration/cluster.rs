@@ -103,8 +103,26 @@ fn streamed_text(payloads: &[String]) -> String {
 async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
     let path = cluster_file("migration");
     let file = format!("file:{}", path.display());
-    let first = Worker::start(&["--engine", "mocker", "--discovery", &file]);
-    let router = route(&file);
+    a_killed_worker_is_invisible(&["--discovery", &file]).await;
+}
+
+#[tokio::test]
+async fn a_worker_found_by_mdns_and_killed_mid_stream_is_invisible_to_the_client() {
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    if !multicast_works(port).await {
+        eprintln!("SKIPPED: loopback multicast does not work here; the cluster-file variant covers migration");
+        return;
+    }
+    let (discovery, namespace) = (format!("mdns:{port}"), format!("migration-{}", std::process::id()));
+    a_killed_worker_is_invisible(&["--discovery", &discovery, "--namespace", &namespace]).await;
+}
+
+/// Kills the worker a stream runs on, mid-stream; the client must get the text an uninterrupted run gives.
+async fn a_killed_worker_is_invisible(discovery: &[&str]) {
+    let start_worker = || Worker::start(&[&["--engine", "mocker"][..], discovery].concat());
+    let first = start_worker();
+    let router =
+        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1"]).args(discovery));
     wait_for_workers(&router, 1).await;
     let prompt = "A stream that outlives its worker: the router continues it on another one with the tokens so far.";
     let body = |stream: bool| {
@@ -114,7 +132,7 @@ async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
     let (status, reference) = router.post_json("/v1/completions", body(false)).await;
     assert_eq!(status, 200, "{reference}");
 
-    let _second = Worker::start(&["--engine", "mocker", "--discovery", &file]);
+    let _second = start_worker();
     wait_for_workers(&router, 2).await;
     // The prompt's blocks are cached on the first worker, so the stream goes there; kill it once it is going.
     let response = router.post("/v1/completions", body(true)).await;
