@@ -108,6 +108,18 @@ pub async fn run(
         instance.event_addr,
         instance.namespace
     );
+    if settings.host.is_loopback() {
+        eprintln!(
+            "dynamo: listening on {} only, so only routers on this machine can reach this worker; pass --host \
+             with an address other machines reach it at to serve them",
+            settings.host
+        );
+    } else if settings.host.is_unspecified() {
+        eprintln!(
+            "dynamo: listening on every interface; routers reach it at the address discovery resolves (mDNS) \
+             — a cluster file needs --host with one address instead"
+        );
+    }
     shutdown.await;
     drop(registration);
     events.abort();
