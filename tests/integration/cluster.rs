@@ -301,3 +301,26 @@ async fn a_client_that_disconnects_cancels_its_request_on_the_remote_worker() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn a_router_started_before_its_workers_answers_at_once_and_serves_when_one_joins() {
+    let path = cluster_file("early-router");
+    let file = format!("file:{}", path.display());
+    let router = route(&file);
+    let live = reqwest::get(router.url("/live")).await.expect("live answers");
+    assert_eq!(live.status().as_u16(), 200);
+    let health = reqwest::get(router.url("/health")).await.expect("health answers");
+    assert_eq!(health.status().as_u16(), 503);
+    let (status, body) = router.post_json("/v1/completions", completion("too early", 4)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("dynamo decode"), "{body}");
+    let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
+    assert_eq!(models["data"], json!([]), "{models}");
+
+    let _worker = worker(&file, &[]);
+    wait_for_workers(&router, 1).await;
+    let (status, body) = router.post_json("/v1/completions", completion("now there is a worker", 4)).await;
+    assert_eq!(status, 200, "{body}");
+    let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny-chat", "{models}");
+}

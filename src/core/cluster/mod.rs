@@ -61,7 +61,11 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Watches discovery and waits for the first compatible worker; must run inside a tokio runtime.
-    pub async fn join(discovery: &dyn Discovery, settings: ClusterSettings) -> Result<Self, ClusterError> {
+    pub async fn join(
+        discovery: &dyn Discovery,
+        settings: ClusterSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ClusterError> {
         let context = tmq::Context::new();
         let subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
         let watch = discovery.watch(&settings.namespace);
@@ -74,7 +78,7 @@ impl Cluster {
             members: HashMap::new(),
             publishers: HashMap::new(),
             router: None,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             snapshots,
         };
         let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
@@ -86,24 +90,48 @@ impl Cluster {
     }
 }
 
-/// `dynamo route`: waits for the first worker, then serves the OpenAI API until `shutdown` resolves.
+/// `dynamo route`: listens at once, serves the OpenAI API from the first compatible worker on, until
+/// `shutdown` resolves.
 pub async fn serve(
     discovery: Box<dyn Discovery>,
     settings: ClusterSettings,
     listen: std::net::SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
-    eprintln!("dynamo: waiting for workers in namespace {:?}", settings.namespace);
+    use crate::core::frontend::{LateApp, ServeError};
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+    let metrics = Arc::new(Metrics::new());
+    let namespace = settings.namespace.clone();
+    let app = LateApp::waiting(
+        metrics.clone(),
+        format!("no worker of namespace {namespace:?} has joined yet; start one with `dynamo decode`"),
+    );
+    let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), shutdown));
+    println!("dynamo: router on http://{addr} waiting for workers in namespace {namespace:?}");
     let mode = settings.router.mode;
-    let cluster = Cluster::join(discovery.as_ref(), settings).await?;
-    let banner = |addr| {
-        format!(
-            "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
-             http://{addr}/v1/models",
-            cluster.state.model.card.name
-        )
+    let cluster = tokio::select! {
+        cluster = Cluster::join(discovery.as_ref(), settings, metrics) => cluster,
+        // Shut down (or failed) before any worker came.
+        served = &mut server => return served_result(served),
     };
-    Ok(crate::core::frontend::bind_and_serve(listen, cluster.state.clone(), banner, shutdown).await?)
+    let cluster = cluster.inspect_err(|_| server.abort())?;
+    app.ready(cluster.state.clone());
+    println!(
+        "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
+         http://{addr}/v1/models",
+        cluster.state.model.card.name
+    );
+    served_result(server.await)
+}
+
+fn served_result(served: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), ClusterError> {
+    use crate::core::frontend::ServeError;
+    match served {
+        Ok(result) => result.map_err(|e| ServeError::Serve(e).into()),
+        Err(panicked) => Err(ServeError::Serve(std::io::Error::other(panicked.to_string())).into()),
+    }
 }
 
 /// How long a router waits for a worker's KV snapshot before dropping that worker's index entries instead.
@@ -487,7 +515,7 @@ mod tests {
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
         };
-        let cluster = Cluster::join(&discovery, settings).await.unwrap();
+        let cluster = Cluster::join(&discovery, settings, Arc::new(Metrics::new())).await.unwrap();
         let (router, metrics) = (cluster.state.router.clone(), cluster.state.metrics.clone());
         eventually("the join's snapshot", || plane_count(&metrics, "resync_ok") >= 1.0).await;
 

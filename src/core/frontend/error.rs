@@ -29,6 +29,11 @@ impl ApiError {
         Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
     }
 
+    /// The service cannot answer yet (or just now); clients are told to retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), param: None }
     }

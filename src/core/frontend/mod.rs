@@ -102,11 +102,72 @@ pub async fn serve(
     state: Arc<FrontendState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_app(listener, app(state), shutdown).await
+}
+
+/// Serves any app the way `serve` does.
+pub async fn serve_app(
+    listener: TcpListener,
+    app: HttpRouter,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     // Without TCP_NODELAY a small SSE chunk can wait ~40 ms for the peer's delayed ACK.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// An HTTP frontend that listens before it has anything to serve: a router started ahead of its workers
+/// answers `/live` and `/metrics` at once, says 503 (with the reason) to everything else, and becomes the
+/// full frontend the moment `ready` is called, on the same socket.
+#[derive(Clone)]
+pub struct LateApp {
+    current: Arc<std::sync::RwLock<HttpRouter>>,
+}
+
+impl LateApp {
+    pub fn waiting(metrics: Arc<Metrics>, reason: String) -> Self {
+        let reason = Arc::new(reason);
+        let unavailable = {
+            let reason = reason.clone();
+            move || {
+                let reason = reason.clone();
+                async move { ApiError::unavailable(reason.as_str()) }
+            }
+        };
+        let waiting = HttpRouter::new()
+            .route("/live", get(live))
+            .route(
+                "/health",
+                get(move || {
+                    let reason = reason.clone();
+                    async move {
+                        let body = serde_json::json!({"status": "waiting", "workers": 0, "reason": reason.as_str()});
+                        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+                    }
+                }),
+            )
+            .route("/v1/models", get(|| async { Json(ModelList { object: "list".into(), data: Vec::new() }) }))
+            .route("/metrics", get(move || std::future::ready(metrics.render(&[]))))
+            .fallback(unavailable);
+        Self { current: Arc::new(std::sync::RwLock::new(waiting)) }
+    }
+
+    /// From now on every request goes to the full frontend.
+    pub fn ready(&self, state: Arc<FrontendState>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = app(state);
+    }
+
+    /// The app to serve: hands each request to whichever frontend is current.
+    pub fn router(&self) -> HttpRouter {
+        let current = self.current.clone();
+        let service = tower::service_fn(move |request: axum::extract::Request| {
+            let app = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+            tower::ServiceExt::oneshot(app, request)
+        });
+        HttpRouter::new().fallback_service(service)
+    }
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
