@@ -44,14 +44,6 @@ impl KvLedger {
         self.next_seq = next_seq;
     }
 
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
-
     /// The cache as `Stored` events in storing order (chains merged into one event each), and the
     /// sequence number of the first KV message it does not reflect.
     pub fn snapshot(&self) -> (u64, Vec<KvEvent>) {

@@ -468,63 +468,63 @@ async fn client(
                     }
                 };
                 for message in messages {
-                match message {
-                    FromWorker::Hello { version, instance } => {
-                        if version != PROTOCOL_VERSION {
-                            alive.store(false, Ordering::Release);
-                            let _ = status.send(WorkerStatus::Incompatible { theirs: version });
-                        } else if known != Some(instance.id) || !alive.load(Ordering::Acquire) {
-                            known = Some(instance.id);
-                            alive.store(true, Ordering::Release);
-                            let _ = status.send(WorkerStatus::Alive(instance));
-                        }
-                    }
-                    FromWorker::ModelFiles { files } => {
-                        files_wanted.drain(..).for_each(|reply| {
-                            let _ = reply.send(files.clone());
-                        });
-                    }
-                    FromWorker::KvSnapshot { next_seq, events, last } => {
-                        snapshot.next_seq = next_seq;
-                        snapshot.events.extend(events);
-                        if last {
-                            let whole = std::mem::take(&mut snapshot);
-                            if let Some(first) = snapshot_wanted.pop() {
-                                snapshot_wanted.drain(..).for_each(|reply| {
-                                    let _ = reply.send(whole.clone());
-                                });
-                                let _ = first.send(whole);
+                    match message {
+                        FromWorker::Hello { version, instance } => {
+                            if version != PROTOCOL_VERSION {
+                                alive.store(false, Ordering::Release);
+                                let _ = status.send(WorkerStatus::Incompatible { theirs: version });
+                            } else if known != Some(instance.id) || !alive.load(Ordering::Acquire) {
+                                known = Some(instance.id);
+                                alive.store(true, Ordering::Release);
+                                let _ = status.send(WorkerStatus::Alive(instance));
                             }
                         }
-                    }
-                    FromWorker::Output { stream, output } => {
-                        let finished = output.finish_reason.is_some();
-                        if let Some(outputs) = open.get(&stream) {
-                            let _ = outputs.send(output);
+                        FromWorker::ModelFiles { files } => {
+                            files_wanted.drain(..).for_each(|reply| {
+                                let _ = reply.send(files.clone());
+                            });
                         }
-                        if finished {
-                            open.remove(&stream);
-                        }
-                    }
-                    FromWorker::Refused { stream, reason } => {
-                        if let Some(outputs) = open.remove(&stream) {
-                            let message = match reason {
-                                // Ending without a finish reason sends the request to another worker.
-                                Refusal::Busy { limit } => {
-                                    tracing::debug!("a worker at its limit of {limit} requests in flight refused one");
-                                    continue;
+                        FromWorker::KvSnapshot { next_seq, events, last } => {
+                            snapshot.next_seq = next_seq;
+                            snapshot.events.extend(events);
+                            if last {
+                                let whole = std::mem::take(&mut snapshot);
+                                if let Some(first) = snapshot_wanted.pop() {
+                                    snapshot_wanted.drain(..).for_each(|reply| {
+                                        let _ = reply.send(whole.clone());
+                                    });
+                                    let _ = first.send(whole);
                                 }
-                                Refusal::Invalid(message) => message,
-                                Refusal::Version { ours, yours } => format!("the worker speaks request-plane version {ours}, not {yours}"),
-                            };
-                            let _ = outputs.send(EngineOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() });
+                            }
                         }
+                        FromWorker::Output { stream, output } => {
+                            let finished = output.finish_reason.is_some();
+                            if let Some(outputs) = open.get(&stream) {
+                                let _ = outputs.send(output);
+                            }
+                            if finished {
+                                open.remove(&stream);
+                            }
+                        }
+                        FromWorker::Refused { stream, reason } => {
+                            if let Some(outputs) = open.remove(&stream) {
+                                let message = match reason {
+                                    // Ending without a finish reason sends the request to another worker.
+                                    Refusal::Busy { limit } => {
+                                        tracing::debug!("a worker at its limit of {limit} requests in flight refused one");
+                                        continue;
+                                    }
+                                    Refusal::Invalid(message) => message,
+                                    Refusal::Version { ours, yours } => format!("the worker speaks request-plane version {ours}, not {yours}"),
+                                };
+                                let _ = outputs.send(EngineOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() });
+                            }
+                        }
+                        FromWorker::Unreadable { reason } => {
+                            tracing::warn!("a worker could not read our message: {reason}");
+                        }
+                        FromWorker::Batch(_) => tracing::warn!("request plane: a worker sent a nested batch; skipped"),
                     }
-                    FromWorker::Unreadable { reason } => {
-                        tracing::warn!("a worker could not read our message: {reason}");
-                    }
-                    FromWorker::Batch(_) => tracing::warn!("request plane: a worker sent a nested batch; skipped"),
-                }
                 }
                 continue;
             }
