@@ -256,24 +256,21 @@ async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
         assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     }
     // The workers' request-plane totals reach the router on the stats topic.
-    let total = |metrics: &str, outcome: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("dynamo_component_request_plane_requests{"))
-            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
+    let total = |metrics: &str, outcome: &str| {
+        let label = format!("outcome=\"{outcome}\"");
+        over_workers(metrics, "dynamo_component_request_plane_requests", &label).unwrap_or(0.0)
     };
     router
         .wait_for_metrics(Duration::from_secs(10), |m| total(m, "refused") >= 1.0 && total(m, "accepted") >= 6.0)
         .await;
 }
 
-/// The sum of a metric's samples over every worker (worker ids are random in these tests).
-fn over_workers(metrics: &str, name: &str) -> Option<f64> {
+/// The sum of a metric's samples whose labels include `label` over every worker (worker ids are random in
+/// these tests); `None` if there are none.
+fn over_workers(metrics: &str, name: &str, label: &str) -> Option<f64> {
     let values: Vec<f64> = metrics
         .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
         .filter_map(|line| line.rsplit_once(' ')?.1.parse().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
@@ -291,13 +288,13 @@ async fn a_client_that_disconnects_cancels_its_request_on_the_remote_worker() {
     let mut response = router.post("/v1/completions", body).await;
     response.chunk().await.expect("the stream starts");
     let running = "dynamo_component_requests_running";
-    router.wait_for_metrics(Duration::from_secs(10), |m| over_workers(m, running) == Some(1.0)).await;
+    router.wait_for_metrics(Duration::from_secs(10), |m| over_workers(m, running, "") == Some(1.0)).await;
     drop(response);
     // The worker's own load report, over the event plane, says the request is gone and its blocks freed.
     router
         .wait_for_metrics(Duration::from_secs(10), |m| {
-            over_workers(m, running) == Some(0.0)
-                && over_workers(m, "dynamo_component_kvstats_active_blocks") == Some(0.0)
+            over_workers(m, running, "") == Some(0.0)
+                && over_workers(m, "dynamo_component_kvstats_active_blocks", "") == Some(0.0)
         })
         .await;
 }

@@ -16,7 +16,7 @@ use crate::core::frontend::FrontendState;
 use crate::core::model::{Model, ModelError};
 use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
-use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::discovery::{Instance, reached_at, split_endpoint};
 use crate::core::protocol::plane::{Topic, decode_payload};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
@@ -276,7 +276,12 @@ impl Membership {
                 router
             }
         };
-        let event_addr = reachable_event_endpoint(&instance.event_addr, addr);
+        // A worker bound to every interface reports `tcp://0.0.0.0:PORT` for its events: reach them on the
+        // host its request endpoint was reached on.
+        let event_addr = match split_endpoint(addr) {
+            Some((host, _)) => reached_at(&instance.event_addr, host),
+            None => instance.event_addr.clone(),
+        };
         subscriber.add_publisher(&event_addr)?;
         let engine = RemoteEngine::new(instance.clone(), client.clone());
         let mut member = Member {
@@ -398,22 +403,6 @@ fn resync(results: &mpsc::UnboundedSender<SnapshotResult>, addr: &str, member: &
         let snapshot = client.kv_snapshot(SNAPSHOT_TIMEOUT).await;
         let _ = results.send((addr, id, snapshot));
     });
-}
-
-/// A worker bound to every interface reports its event endpoint as `tcp://0.0.0.0:PORT`: reach it on the
-/// host its request endpoint was reached on.
-fn reachable_event_endpoint(event_addr: &str, request_addr: &str) -> String {
-    let host_of = |endpoint: &str| -> Option<(String, String)> {
-        let rest = endpoint.strip_prefix("tcp://")?;
-        let (host, port) = rest.rsplit_once(':')?;
-        Some((host.to_string(), port.to_string()))
-    };
-    match (host_of(event_addr), host_of(request_addr)) {
-        (Some((host, port)), Some((reachable, _))) if host == "0.0.0.0" || host == "[::]" => {
-            format!("tcp://{reachable}:{port}")
-        }
-        _ => event_addr.to_string(),
-    }
 }
 
 /// Why a worker cannot join a router serving `model`, if it cannot.
@@ -545,12 +534,5 @@ mod tests {
         assert_eq!(overlap(&router, &seen), 3);
         assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn an_event_endpoint_on_every_interface_is_reached_where_the_request_endpoint_was() {
-        let reach = super::reachable_event_endpoint;
-        assert_eq!(reach("tcp://0.0.0.0:7001", "tcp://10.1.2.3:7000"), "tcp://10.1.2.3:7001");
-        assert_eq!(reach("tcp://10.9.9.9:7001", "tcp://10.1.2.3:7000"), "tcp://10.9.9.9:7001");
     }
 }

@@ -5,7 +5,9 @@
 //! runs out, which is harmless: the request plane's heartbeat takes it out of routing within
 //! `--worker-timeout`, whatever discovery says.
 use super::{Discovery, DiscoveryError, DiscoveryEvent, Registration};
-use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
+use crate::core::protocol::discovery::{
+    Instance, ModelCardSummary, Role, endpoint_host, endpoint_ip, reached_at, split_endpoint,
+};
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -63,9 +65,11 @@ impl Drop for Unannounce {
 
 impl Discovery for Mdns {
     fn register(&self, instance: &Instance) -> Result<Registration, DiscoveryError> {
-        let (host, port) = host_and_port(&instance.request_addr).ok_or_else(|| {
-            DiscoveryError::Mdns(format!("cannot announce {:?}: not tcp://IP:PORT", instance.request_addr))
-        })?;
+        let address = endpoint_ip(&instance.request_addr).zip(split_endpoint(&instance.request_addr));
+        let Some((host, (_, port))) = address else {
+            let message = format!("cannot announce {:?}: not tcp://IP:PORT", instance.request_addr);
+            return Err(DiscoveryError::Mdns(message));
+        };
         let name = format!("{}-{:016x}", instance.namespace, instance.id);
         let host_name = format!("dynamo-{:016x}.local.", instance.id);
         let properties = txt_properties(instance);
@@ -146,23 +150,14 @@ impl Discovery for Mdns {
     }
 }
 
-fn host_and_port(endpoint: &str) -> Option<(IpAddr, u16)> {
-    let address: std::net::SocketAddr = endpoint.strip_prefix("tcp://")?.parse().ok()?;
-    Some((address.ip(), address.port()))
-}
-
 /// A worker bound to every interface announces `tcp://0.0.0.0:PORT`; reach it at an address mDNS resolved,
 /// IPv4 first (ZMQ endpoints on IPv6 need the socket's IPv6 option).
 fn reachable_endpoint(announced: &str, resolved: &[IpAddr]) -> Option<String> {
-    let (host, port) = host_and_port(announced)?;
-    if !host.is_unspecified() {
+    if !endpoint_ip(announced)?.is_unspecified() {
         return Some(announced.to_string());
     }
     let ip = resolved.iter().find(|ip| ip.is_ipv4()).or_else(|| resolved.first())?;
-    Some(match ip {
-        IpAddr::V4(ip) => format!("tcp://{ip}:{port}"),
-        IpAddr::V6(ip) => format!("tcp://[{ip}]:{port}"),
-    })
+    Some(reached_at(announced, &endpoint_host(*ip)))
 }
 
 /// The record as TXT properties, one per field; a value too long for one TXT string is cut into

@@ -1,6 +1,7 @@
 //! The record every role publishes about itself, the same in mDNS TXT properties, a static file and a
 //! worker's `Hello` on the request plane.
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -35,4 +36,54 @@ pub struct ModelCardSummary {
     pub kv_blocks: u64,
     /// xxh3 of `tokenizer.json`: two workers with different tokenizers cannot share one router.
     pub tokenizer_hash: u64,
+}
+
+/// `tcp://HOST:PORT` split into its host (an IP, a bracketed IPv6, or a name) and port.
+pub fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
+
+/// How `ip` is written as the host of an endpoint (IPv6 in brackets).
+pub fn endpoint_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    }
+}
+
+pub fn tcp_endpoint(ip: IpAddr, port: u16) -> String {
+    format!("tcp://{}:{port}", endpoint_host(ip))
+}
+
+/// The IP of an endpoint's host, if it is one rather than a name.
+pub fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
+    let (host, _) = split_endpoint(endpoint)?;
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// A process bound to every interface reports `tcp://0.0.0.0:PORT` (or `[::]`); others reach it at `host`
+/// (written as in an endpoint). Any other endpoint is returned as it is.
+pub fn reached_at(endpoint: &str, host: &str) -> String {
+    match split_endpoint(endpoint) {
+        Some((bound, port)) if endpoint_ip(endpoint).is_some_and(|ip| ip.is_unspecified()) && bound != host => {
+            format!("tcp://{host}:{port}")
+        }
+        _ => endpoint.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_bound_to_every_interface_are_reached_at_a_real_host() {
+        assert_eq!(reached_at("tcp://0.0.0.0:7001", "10.1.2.3"), "tcp://10.1.2.3:7001");
+        assert_eq!(reached_at("tcp://[::]:7001", "node5"), "tcp://node5:7001");
+        assert_eq!(reached_at("tcp://10.9.9.9:7001", "10.1.2.3"), "tcp://10.9.9.9:7001");
+        assert_eq!(split_endpoint("tcp://node5:7100"), Some(("node5", 7100)));
+        assert_eq!(endpoint_ip("tcp://[::1]:7100"), Some("::1".parse().unwrap()));
+        assert_eq!(tcp_endpoint("::1".parse().unwrap(), 7), "tcp://[::1]:7");
+    }
 }

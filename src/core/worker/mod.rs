@@ -10,7 +10,7 @@ use crate::core::local::{self, EngineSettings, LocalError};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, KvLedger, PlaneError};
-use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
+use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role, tcp_endpoint};
 use crate::core::protocol::plane::Topic;
 use crate::core::protocol::{KvEvent, KvEventBatch};
 use std::future::Future;
@@ -62,10 +62,7 @@ pub async fn run(
     let engine =
         local::spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(LocalError::NoEngine)?;
     let context = tmq::Context::new();
-    let tcp = |port: u16| match settings.host {
-        IpAddr::V6(host) => format!("tcp://[{host}]:{port}"),
-        IpAddr::V4(host) => format!("tcp://{host}:{port}"),
-    };
+    let tcp = |port: u16| tcp_endpoint(settings.host, port);
     let event_endpoint = tcp(settings.event_port);
     let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
         .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
