@@ -7,136 +7,24 @@
 //! only where the set changes — two probes when every holder holds the whole prompt, O(k log n) when k
 //! different depths occur.
 //!
-//! Each shard keeps two tables. The hot one maps a hash to one word: the mask of the first 63 workers
-//! holding it, top bit set when more are listed in the cold table. At 17 bytes a block it stays in cache for
-//! millions of blocks, and lookups touch nothing else. The cold one keeps what only updates need: the
-//! parent, the children (so removing a block can drop the worker's extensions of it, the cascade that keeps
-//! rule 2 true) and workers past the 63rd.
+//! Each shard is a flat open-addressing table (`table.rs`) of 40-byte entries: the mask of the first 63
+//! workers holding the block, its parent and first children (so removing a block can drop the worker's
+//! extensions of it, the cascade that keeps rule 2 true). A lookup or an update of one block reads one
+//! cache line; holders past the 63rd and children past two live in side maps.
 //!
 //! Concurrency: 64 shards, each behind a `RwLock` held for one block's update or one probe, never across
 //! I/O or another shard, so a lookup waits at most for one block update on one shard, and workers' events
 //! apply in parallel.
-use super::worker_set::{LOW_SLOTS, Slot, WorkerSet};
+use super::table::{Table, Unheld};
+use super::worker_set::{Slot, WorkerSet};
 use super::{Indexer, OverlapScores};
 use crate::core::protocol::{KvEvent, WorkerId};
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const SHARD_BITS: u32 = 6;
-
-/// Top bit of a hot word: more holders are listed in the cold entry.
-const OVERFLOW: u64 = 1 << LOW_SLOTS;
-
-/// Block hashes are xxh3 outputs already: hashing them again buys nothing.
-#[derive(Default)]
-struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Table<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
-
-#[derive(Default)]
-struct Cold {
-    parent: Option<u64>,
-    children: SmallVec<[u64; 2]>,
-    /// Holders past the mask, sorted.
-    overflow: Vec<Slot>,
-}
-
-#[derive(Default)]
-struct Shard {
-    hot: Table<u64>,
-    cold: Table<Cold>,
-}
-
-impl Shard {
-    fn holders(&self, hash: u64) -> Option<WorkerSet> {
-        let word = *self.hot.get(&hash)?;
-        let overflow = match word & OVERFLOW {
-            0 => &[][..],
-            _ => self.cold.get(&hash).map_or(&[][..], |c| c.overflow.as_slice()),
-        };
-        Some(WorkerSet::from_parts(word, overflow))
-    }
-
-    fn contains(&self, hash: u64, slot: Slot) -> bool {
-        self.holders(hash).is_some_and(|set| set.contains(slot))
-    }
-
-    /// Adds `slot` to the block's holders, creating the block under `parent`; returns (created, added).
-    fn insert(&mut self, hash: u64, parent: Option<u64>, slot: Slot) -> (bool, bool) {
-        if slot < LOW_SLOTS {
-            // The common case touches the hot word only, and the cold table only for a new block.
-            let bit = 1 << slot;
-            match self.hot.entry(hash) {
-                std::collections::hash_map::Entry::Occupied(mut word) => {
-                    let added = *word.get() & bit == 0;
-                    *word.get_mut() |= bit;
-                    return (false, added);
-                }
-                std::collections::hash_map::Entry::Vacant(word) => {
-                    word.insert(bit);
-                }
-            }
-            self.cold.insert(hash, Cold { parent, ..Cold::default() });
-            return (true, true);
-        }
-        let mut set = self.holders(hash).unwrap_or_default();
-        let created = !self.hot.contains_key(&hash);
-        let cold = self.cold.entry(hash).or_insert_with(|| Cold { parent, ..Cold::default() });
-        let added = set.insert(slot);
-        cold.overflow = set.overflow().to_vec();
-        self.hot.insert(hash, word(&set));
-        (created, added)
-    }
-
-    /// Takes `slot` off the block; `None` if the worker did not hold it.
-    fn remove(&mut self, hash: u64, slot: Slot) -> Option<Unheld> {
-        let mut set = self.holders(hash)?;
-        if !set.remove(slot) {
-            return None;
-        }
-        let cold = self.cold.get_mut(&hash)?;
-        let children = cold.children.clone();
-        if set.is_empty() {
-            self.hot.remove(&hash);
-            let unlink_from = self.cold.remove(&hash).and_then(|c| c.parent);
-            return Some(Unheld { children, unlink_from });
-        }
-        cold.overflow = set.overflow().to_vec();
-        self.hot.insert(hash, word(&set));
-        Some(Unheld { children, unlink_from: None })
-    }
-}
-
-/// What is left to do after a worker let go of a block.
-struct Unheld {
-    /// Where the cascade goes next: the worker may hold extensions of the block.
-    children: SmallVec<[u64; 2]>,
-    /// Nobody holds the block any more, so it was deleted: its parent must forget it.
-    unlink_from: Option<u64>,
-}
-
-fn word(set: &WorkerSet) -> u64 {
-    set.mask() | if set.overflow().is_empty() { 0 } else { OVERFLOW }
-}
 
 #[derive(Default)]
 struct Workers {
@@ -146,7 +34,7 @@ struct Workers {
 }
 
 pub struct FlashIndexer {
-    shards: Box<[RwLock<Shard>]>,
+    shards: Box<[RwLock<Table>]>,
     workers: RwLock<Workers>,
 }
 
@@ -161,16 +49,16 @@ impl FlashIndexer {
         Self { shards: (0..1 << SHARD_BITS).map(|_| RwLock::default()).collect(), workers: RwLock::default() }
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+    fn shard(&self, hash: u64) -> &RwLock<Table> {
         // The high bits pick the shard; hashbrown uses the low bits and the top 7 inside it.
         &self.shards[((hash >> 32) as usize) & ((1 << SHARD_BITS) - 1)]
     }
 
-    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard> {
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Table> {
         self.shard(hash).read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard> {
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Table> {
         self.shard(hash).write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -209,10 +97,8 @@ impl FlashIndexer {
         self.read(hash).holders(hash).map(|set| set.intersection(within)).unwrap_or_default()
     }
 
-    fn children_change(&self, parent: u64, change: impl FnOnce(&mut SmallVec<[u64; 2]>)) {
-        if let Some(cold) = self.write(parent).cold.get_mut(&parent) {
-            change(&mut cold.children);
-        }
+    fn unlink(&self, parent: u64, child: u64) {
+        self.write(parent).remove_child(parent, child);
     }
 
     fn store(&self, slot: Slot, mut parent: Option<u64>, hashes: impl Iterator<Item = u64>) {
@@ -230,11 +116,8 @@ impl FlashIndexer {
                 let held = {
                     let mut shard = self.write(p);
                     let held = parent_checked || shard.contains(p, slot);
-                    if held
-                        && created
-                        && let Some(cold) = shard.cold.get_mut(&p)
-                    {
-                        cold.children.push(hash);
+                    if held && created {
+                        shard.add_child(p, hash);
                     }
                     held
                 };
@@ -263,7 +146,7 @@ impl FlashIndexer {
             removed += 1;
             stack.extend(unheld.children);
             if let Some(parent) = unheld.unlink_from {
-                self.children_change(parent, |children| children.retain(|c| *c != next));
+                self.unlink(parent, next);
             }
         }
         self.count(slot, 0, removed);
@@ -274,13 +157,13 @@ impl FlashIndexer {
         let mut held = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.read().unwrap_or_else(|p| p.into_inner());
-            held.extend(shard.hot.keys().filter(|&&hash| shard.contains(hash, slot)).copied());
+            held.extend(shard.held_by(slot));
         }
         for hash in held {
             // Bound first: an `if let` would hold this shard's lock into the block, which may lock it again.
             let removed = self.write(hash).remove(hash, slot);
             if let Some(Unheld { unlink_from: Some(parent), .. }) = removed {
-                self.children_change(parent, |children| children.retain(|c| *c != hash));
+                self.unlink(parent, hash);
             }
         }
         if let Some(blocks) = self.workers().blocks.get(slot as usize) {
@@ -288,25 +171,9 @@ impl FlashIndexer {
         }
     }
 
-    /// Memory held by the tables, estimated from capacities (hashbrown: one control byte per bucket).
+    /// Memory held by the tables, from their capacities.
     pub fn memory_bytes(&self) -> usize {
-        let hot_slot = std::mem::size_of::<(u64, u64)>() + 1;
-        let cold_slot = std::mem::size_of::<(u64, Cold)>() + 1;
-        self.shards
-            .iter()
-            .map(|shard| {
-                let shard = shard.read().unwrap_or_else(|p| p.into_inner());
-                let heap: usize = shard
-                    .cold
-                    .values()
-                    .map(|c| {
-                        let children = if c.children.spilled() { c.children.capacity() * 8 } else { 0 };
-                        children + c.overflow.capacity() * std::mem::size_of::<Slot>()
-                    })
-                    .sum();
-                shard.hot.capacity() * hot_slot + shard.cold.capacity() * cold_slot + heap
-            })
-            .sum()
+        self.shards.iter().map(|shard| shard.read().unwrap_or_else(|p| p.into_inner()).memory_bytes()).sum()
     }
 }
 

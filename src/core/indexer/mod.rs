@@ -13,6 +13,7 @@
 //! tests and the baseline for benchmarks. `FlashIndexer` is the fast one.
 mod flash;
 mod reference;
+mod table;
 mod translate;
 mod worker_set;
 

@@ -13,53 +13,6 @@ pub struct WorkerSet {
 }
 
 impl WorkerSet {
-    pub fn contains(&self, slot: Slot) -> bool {
-        match slot {
-            0..LOW_SLOTS => self.low & (1 << slot) != 0,
-            _ => self.high.binary_search(&slot).is_ok(),
-        }
-    }
-
-    /// Adds `slot`; false if it was there.
-    pub fn insert(&mut self, slot: Slot) -> bool {
-        match slot {
-            0..LOW_SLOTS => {
-                let had = self.contains(slot);
-                self.low |= 1 << slot;
-                !had
-            }
-            _ => match self.high.binary_search(&slot) {
-                Ok(_) => false,
-                Err(at) => {
-                    self.high.insert(at, slot);
-                    true
-                }
-            },
-        }
-    }
-
-    /// Removes `slot`; false if it was not there.
-    pub fn remove(&mut self, slot: Slot) -> bool {
-        match slot {
-            0..LOW_SLOTS => {
-                let had = self.contains(slot);
-                self.low &= !(1 << slot);
-                had
-            }
-            _ => match self.high.binary_search(&slot) {
-                Ok(at) => {
-                    self.high.remove(at);
-                    true
-                }
-                Err(_) => false,
-            },
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.low == 0 && self.high.is_empty()
-    }
-
     pub fn len(&self) -> usize {
         self.low.count_ones() as usize + self.high.len()
     }
@@ -87,15 +40,6 @@ impl WorkerSet {
     pub fn from_parts(mask: u64, high: &[Slot]) -> Self {
         WorkerSet { low: mask & !(1 << LOW_SLOTS), high: high.to_vec() }
     }
-
-    /// The mask part, top bit clear.
-    pub fn mask(&self) -> u64 {
-        self.low
-    }
-
-    pub fn overflow(&self) -> &[Slot] {
-        &self.high
-    }
 }
 
 fn mask_slots(mut mask: u64) -> impl Iterator<Item = Slot> {
@@ -115,20 +59,12 @@ mod tests {
 
     #[test]
     fn behaves_like_a_set_on_both_sides_of_the_mask() {
-        let mut a = WorkerSet::default();
-        for slot in [3, 62, 63, 900, 5] {
-            assert!(a.insert(slot));
-        }
-        assert!(!a.insert(63));
-        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 62, 63, 900]);
-        let mut b = WorkerSet::default();
-        for slot in [5, 900, 7] {
-            b.insert(slot);
-        }
+        let bits = |slots: &[Slot]| slots.iter().fold(0u64, |mask, s| mask | 1 << s);
+        let a = WorkerSet::from_parts(bits(&[3, 5, 62]) | 1 << LOW_SLOTS, &[63, 900]);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 62, 63, 900], "the top bit is not a slot");
+        let b = WorkerSet::from_parts(bits(&[5, 7]), &[900]);
         assert_eq!(a.intersection(&b).iter().collect::<Vec<_>>(), vec![5, 900]);
         assert_eq!(a.difference(&b).collect::<Vec<_>>(), vec![3, 62, 63]);
-        assert!(a.remove(900) && !a.remove(900) && a.remove(3));
-        assert_eq!(a.len(), 3);
-        assert!(!a.is_empty());
+        assert_eq!(a.len(), 5);
     }
 }

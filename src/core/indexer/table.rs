@@ -1,0 +1,365 @@
+//! One shard's blocks: an open-addressing table (linear probing, backward-shift deletion) whose 40-byte
+//! entries carry everything a lookup or an update needs: the holders, the parent and the first children.
+//!
+//! Why not `HashMap`s: a hashbrown probe reads a control group and then the entry, two cache lines, and the
+//! index kept its holders and its tree links in two maps, so an update probed four lines and a removal
+//! more. Here a probe is one line (usually), an update of a block touches its own entry and its parent's,
+//! and an entry costs 40 bytes plus load-factor slack instead of ~170.
+//!
+//! A free slot is one with no holders: a block nobody holds is deleted, so `holders == 0` needs no separate
+//! marker. A link that points at the entry's own key means "none", since no block is its own parent or child.
+use super::worker_set::{LOW_SLOTS, Slot, WorkerSet};
+use smallvec::SmallVec;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Top bit of `holders`: more holders are listed in `Table::overflow`.
+pub const OVERFLOW: u64 = 1 << LOW_SLOTS;
+
+/// Fibonacci hashing: the top bits of the product depend on every bit of the hash, so even hashes built from
+/// small counters (tests, synthetic traces) spread over the table.
+const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+
+const MIN_CAPACITY: usize = 16;
+
+/// Block hashes are xxh3 outputs already: the side maps need not hash them again.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(SPREAD);
+    }
+}
+
+type SideMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    key: u64,
+    holders: u64,
+    parent: u64,
+    children: [u64; 2],
+}
+
+impl Entry {
+    fn parent(&self) -> Option<u64> {
+        (self.parent != self.key).then_some(self.parent)
+    }
+
+    fn inline_children(&self) -> impl Iterator<Item = u64> + '_ {
+        self.children.iter().copied().filter(|&c| c != self.key)
+    }
+}
+
+/// What is left to do after a worker let go of a block.
+pub struct Unheld {
+    /// Where the cascade goes next: the worker may hold extensions of the block.
+    pub children: SmallVec<[u64; 4]>,
+    /// Nobody holds the block any more, so it was deleted: its parent must forget it.
+    pub unlink_from: Option<u64>,
+}
+
+pub struct Table {
+    /// Power-of-two length.
+    slots: Vec<Entry>,
+    /// `64 - log2(slots.len())`: a hash's home slot is the top bits of its spread.
+    shift: u32,
+    len: usize,
+    /// Holders past the mask (sorted), for blocks whose `holders` has the `OVERFLOW` bit.
+    overflow: SideMap<Vec<Slot>>,
+    /// Children past the two inline ones (a shared system prompt can have thousands).
+    more_children: SideMap<Vec<u64>>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self::with_capacity(MIN_CAPACITY)
+    }
+}
+
+impl Table {
+    fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.next_power_of_two().max(MIN_CAPACITY);
+        Table {
+            slots: vec![Entry::default(); capacity],
+            shift: 64 - capacity.trailing_zeros(),
+            len: 0,
+            overflow: SideMap::default(),
+            more_children: SideMap::default(),
+        }
+    }
+
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(SPREAD) >> self.shift) as usize
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// The slot holding `key`, or the free slot where it would go.
+    fn probe(&self, key: u64) -> Result<usize, usize> {
+        let mut at = self.home(key);
+        loop {
+            let entry = &self.slots[at];
+            if entry.holders == 0 {
+                return Err(at);
+            }
+            if entry.key == key {
+                return Ok(at);
+            }
+            at = (at + 1) & self.mask();
+        }
+    }
+
+    pub fn holders(&self, key: u64) -> Option<WorkerSet> {
+        let entry = &self.slots[self.probe(key).ok()?];
+        let overflow = match entry.holders & OVERFLOW {
+            0 => &[][..],
+            _ => self.overflow.get(&key).map_or(&[][..], Vec::as_slice),
+        };
+        Some(WorkerSet::from_parts(entry.holders, overflow))
+    }
+
+    pub fn contains(&self, key: u64, slot: Slot) -> bool {
+        let Ok(at) = self.probe(key) else { return false };
+        let holders = self.slots[at].holders;
+        match slot {
+            0..LOW_SLOTS => holders & (1 << slot) != 0,
+            _ => holders & OVERFLOW != 0 && self.overflow.get(&key).is_some_and(|o| o.binary_search(&slot).is_ok()),
+        }
+    }
+
+    /// Adds `slot` to the block's holders, creating the block under `parent`; returns (created, added).
+    pub fn insert(&mut self, key: u64, parent: Option<u64>, slot: Slot) -> (bool, bool) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.grow();
+        }
+        let (at, created) = match self.probe(key) {
+            Ok(at) => (at, false),
+            Err(at) => {
+                self.slots[at] = Entry { key, holders: 0, parent: parent.unwrap_or(key), children: [key; 2] };
+                self.len += 1;
+                (at, true)
+            }
+        };
+        let added = if slot < LOW_SLOTS {
+            let bit = 1 << slot;
+            let added = self.slots[at].holders & bit == 0;
+            self.slots[at].holders |= bit;
+            added
+        } else {
+            let list = self.overflow.entry(key).or_default();
+            let added = match list.binary_search(&slot) {
+                Ok(_) => false,
+                Err(i) => {
+                    list.insert(i, slot);
+                    true
+                }
+            };
+            self.slots[at].holders |= OVERFLOW;
+            added
+        };
+        (created, added)
+    }
+
+    /// Takes `slot` off the block; `None` if the worker did not hold it.
+    pub fn remove(&mut self, key: u64, slot: Slot) -> Option<Unheld> {
+        let at = self.probe(key).ok()?;
+        if slot < LOW_SLOTS {
+            let bit = 1 << slot;
+            if self.slots[at].holders & bit == 0 {
+                return None;
+            }
+            self.slots[at].holders &= !bit;
+        } else {
+            let list = self.overflow.get_mut(&key)?;
+            let i = list.binary_search(&slot).ok()?;
+            list.remove(i);
+            if list.is_empty() {
+                self.overflow.remove(&key);
+                self.slots[at].holders &= !OVERFLOW;
+            }
+        }
+        let entry = self.slots[at];
+        let mut children: SmallVec<[u64; 4]> = entry.inline_children().collect();
+        // Most blocks never spill: skip the side map's probe when it is empty.
+        if !self.more_children.is_empty()
+            && let Some(more) = self.more_children.get(&key)
+        {
+            children.extend_from_slice(more);
+        }
+        if entry.holders != 0 {
+            return Some(Unheld { children, unlink_from: None });
+        }
+        if !self.more_children.is_empty() {
+            self.more_children.remove(&key);
+        }
+        self.delete(at);
+        Some(Unheld { children, unlink_from: entry.parent() })
+    }
+
+    /// Records `child` under `parent`; false if the parent is not here.
+    pub fn add_child(&mut self, parent: u64, child: u64) -> bool {
+        let Ok(at) = self.probe(parent) else { return false };
+        let entry = &mut self.slots[at];
+        match entry.children.iter_mut().find(|c| **c == parent) {
+            Some(free) => *free = child,
+            None => self.more_children.entry(parent).or_default().push(child),
+        }
+        true
+    }
+
+    pub fn remove_child(&mut self, parent: u64, child: u64) {
+        let Ok(at) = self.probe(parent) else { return };
+        let entry = &mut self.slots[at];
+        if let Some(c) = entry.children.iter_mut().find(|c| **c == child) {
+            // Refill the inline place from the spill list, so inline stays full before anything spills.
+            let more = if self.more_children.is_empty() { None } else { self.more_children.get_mut(&parent) };
+            *c = match more {
+                Some(more) => {
+                    let moved = more.pop().unwrap_or(parent);
+                    if more.is_empty() {
+                        self.more_children.remove(&parent);
+                    }
+                    moved
+                }
+                None => parent,
+            };
+        } else if let Some(more) = self.more_children.get_mut(&parent) {
+            more.retain(|c| *c != child);
+            if more.is_empty() {
+                self.more_children.remove(&parent);
+            }
+        }
+    }
+
+    /// Every block `slot` holds here.
+    pub fn held_by(&self, slot: Slot) -> Vec<u64> {
+        self.slots.iter().filter(|e| e.holders != 0).map(|e| e.key).filter(|&key| self.contains(key, slot)).collect()
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        let map_slot = |value: usize| std::mem::size_of::<u64>() + value + 1;
+        self.slots.len() * std::mem::size_of::<Entry>()
+            + self.overflow.capacity() * map_slot(std::mem::size_of::<Vec<Slot>>())
+            + self.overflow.values().map(|o| o.capacity() * std::mem::size_of::<Slot>()).sum::<usize>()
+            + self.more_children.capacity() * map_slot(std::mem::size_of::<Vec<u64>>())
+            + self.more_children.values().map(|c| c.capacity() * 8).sum::<usize>()
+    }
+
+    /// Empties slot `at`, shifting back the entries after it that probed past it, so probes never need
+    /// tombstones.
+    fn delete(&mut self, mut at: usize) {
+        self.slots[at].holders = 0;
+        self.len -= 1;
+        let mut next = (at + 1) & self.mask();
+        while self.slots[next].holders != 0 {
+            let home = self.home(self.slots[next].key);
+            // The entry at `next` may move back to `at` unless its home lies in (at, next] (cyclically).
+            let stays = if at <= next { at < home && home <= next } else { at < home || home <= next };
+            if !stays {
+                self.slots[at] = self.slots[next];
+                self.slots[next].holders = 0;
+                at = next;
+            }
+            next = (next + 1) & self.mask();
+        }
+    }
+
+    fn grow(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        let capacity = old.len() * 2;
+        self.slots = vec![Entry::default(); capacity];
+        self.shift = 64 - capacity.trailing_zeros();
+        for entry in old.into_iter().filter(|e| e.holders != 0) {
+            let Err(at) = self.probe(entry.key) else { continue };
+            self.slots[at] = entry;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deletion_keeps_every_other_key_reachable() {
+        // Keys sharing home slots 5 and 6 form one run of collisions; deleting from its middle must shift
+        // later entries back without moving any before its home.
+        let mut table = Table::with_capacity(1024);
+        let shift = table.shift;
+        let home = |k: u64| (k.wrapping_mul(SPREAD) >> shift) as usize;
+        let keys: Vec<u64> = (1u64..).filter(|&k| matches!(home(k), 5 | 6)).take(12).collect();
+        for &k in &keys {
+            table.insert(k, None, 0);
+        }
+        for &k in keys.iter().step_by(3) {
+            assert!(table.remove(k, 0).is_some());
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(table.contains(k, 0), i % 3 != 0, "key {k}");
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_set_under_random_churn() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut table = Table::default();
+        let mut model = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            // A small key space keeps the table dense, with long runs that wrap around its end.
+            let key = rng.random_range(0..300u64);
+            if rng.random_bool(0.5) {
+                table.insert(key, None, 1);
+                model.insert(key);
+            } else {
+                assert_eq!(table.remove(key, 1).is_some(), model.remove(&key), "removing {key}");
+            }
+        }
+        for key in 0..300 {
+            assert_eq!(table.contains(key, 1), model.contains(&key), "key {key}");
+        }
+        assert_eq!(table.len, model.len());
+    }
+
+    #[test]
+    fn children_spill_past_two_and_come_back() {
+        let mut table = Table::default();
+        table.insert(100, None, 0);
+        for child in 1..=5 {
+            table.insert(child, Some(100), 0);
+            assert!(table.add_child(100, child));
+        }
+        table.remove_child(100, 1);
+        table.remove_child(100, 4);
+        let mut left: Vec<u64> = table.remove(100, 0).map(|u| u.children.to_vec()).unwrap_or_default();
+        left.sort_unstable();
+        assert_eq!(left, vec![2, 3, 5]);
+        assert!(table.more_children.is_empty(), "a deleted block's spilled children are dropped too");
+    }
+
+    #[test]
+    fn holders_past_the_mask_live_in_the_overflow_list() {
+        let mut table = Table::default();
+        assert_eq!(table.insert(7, None, 70), (true, true));
+        assert_eq!(table.insert(7, None, 3), (false, true));
+        assert!(table.contains(7, 70) && table.contains(7, 3) && !table.contains(7, 71));
+        assert!(table.remove(7, 70).is_some_and(|u| u.unlink_from.is_none()));
+        assert!(table.overflow.is_empty());
+        assert!(table.remove(7, 3).is_some_and(|u| u.unlink_from.is_none()), "a root has no parent to unlink");
+        assert!(table.holders(7).is_none());
+    }
+}
