@@ -49,9 +49,29 @@ impl FlashIndexer {
         Self { shards: (0..1 << SHARD_BITS).map(|_| RwLock::default()).collect(), workers: RwLock::default() }
     }
 
+    fn shard_index(hash: u64) -> usize {
+        // Bits 32..38 pick the shard; the table inside spreads the whole hash to pick a slot.
+        ((hash >> 32) as usize) & ((1 << SHARD_BITS) - 1)
+    }
+
     fn shard(&self, hash: u64) -> &RwLock<Table> {
-        // The high bits pick the shard; hashbrown uses the low bits and the top 7 inside it.
-        &self.shards[((hash >> 32) as usize) & ((1 << SHARD_BITS) - 1)]
+        &self.shards[Self::shard_index(hash)]
+    }
+
+    /// Holders of a query's first and last blocks, read under both locks at once so that the two cache misses
+    /// overlap instead of following each other: most lookups need nothing else.
+    fn holders_at_ends(&self, first: u64, last: u64) -> (Option<WorkerSet>, Option<WorkerSet>) {
+        if Self::shard_index(first) == Self::shard_index(last) {
+            let table = self.read(first);
+            table.warm(first);
+            table.warm(last);
+            return (table.holders(first), table.holders(last));
+        }
+        // Two read locks at once cannot deadlock: no writer ever holds one shard while waiting for another.
+        let (first_table, last_table) = (self.read(first), self.read(last));
+        first_table.warm(first);
+        last_table.warm(last);
+        (first_table.holders(first), last_table.holders(last))
     }
 
     fn read(&self, hash: u64) -> RwLockReadGuard<'_, Table> {
@@ -196,9 +216,10 @@ impl Indexer for FlashIndexer {
 
     fn find_matches(&self, hashes: &[u64]) -> OverlapScores {
         let Some((&first_hash, _)) = hashes.split_first() else { return OverlapScores::default() };
-        let Some(first) = self.read(first_hash).holders(first_hash) else { return OverlapScores::default() };
         let last_index = hashes.len() - 1;
-        let last = if last_index == 0 { first.clone() } else { self.holders(hashes[last_index], &first) };
+        let (first, last) = self.holders_at_ends(first_hash, hashes[last_index]);
+        let Some(first) = first else { return OverlapScores::default() };
+        let last = last.map(|set| set.intersection(&first)).unwrap_or_default();
         let mut depths: SmallVec<[(Slot, u32); 8]> = last.iter().map(|s| (s, hashes.len() as u32)).collect();
         // Bisect (lo, hi] for the positions where holders drop out; the sets at both ends are known.
         let mut pending: SmallVec<[_; 8]> = SmallVec::new();
