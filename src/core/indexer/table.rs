@@ -10,13 +10,18 @@
 //!
 //! A free slot is one with no holders: a block nobody holds is deleted, so `holders == 0` needs no separate
 //! marker. A link that points at the block's own hash means "none", since no block is its own parent or child.
-use super::worker_set::{LOW_SLOTS, Slot, WorkerSet};
+use super::worker_set::{LOW_MASK, LOW_SLOTS, Slot, WorkerSet};
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Top bit of `holders`: more holders are listed in `Table::overflow`.
-pub const OVERFLOW: u64 = 1 << LOW_SLOTS;
+/// `holders` flag: more holders are listed in `Table::overflow`.
+const FAR_LIST: u64 = 1 << 63;
+/// `holders` flag: the block's one holder is a slot past the mask, kept in the low 32 bits. In a cluster of
+/// thousands of workers most blocks are held by one worker past the mask; this keeps them out of the side map.
+const FAR_ONE: u64 = 1 << 62;
+
+const _: () = assert!(LOW_MASK & (FAR_LIST | FAR_ONE) == 0);
 
 /// Fibonacci hashing: the top bits of the product depend on every bit of the hash, so even hashes built from
 /// small counters (tests, synthetic traces) spread over the table.
@@ -128,19 +133,22 @@ impl Table {
 
     pub fn holders(&self, key: u64) -> Option<WorkerSet> {
         let holders = self.heads[self.probe(key).ok()?].holders;
-        let overflow = match holders & OVERFLOW {
-            0 => &[][..],
-            _ => self.overflow.get(&key).map_or(&[][..], Vec::as_slice),
-        };
-        Some(WorkerSet::from_parts(holders, overflow))
+        Some(match holders {
+            _ if holders & FAR_ONE != 0 => WorkerSet::from_parts(0, &[holders as Slot]),
+            _ if holders & FAR_LIST != 0 => {
+                WorkerSet::from_parts(holders, self.overflow.get(&key).map_or(&[][..], Vec::as_slice))
+            }
+            _ => WorkerSet::from_parts(holders, &[]),
+        })
     }
 
     pub fn contains(&self, key: u64, slot: Slot) -> bool {
         let Ok(at) = self.probe(key) else { return false };
         let holders = self.heads[at].holders;
         match slot {
+            _ if holders & FAR_ONE != 0 => holders as Slot == slot,
             0..LOW_SLOTS => holders & (1 << slot) != 0,
-            _ => holders & OVERFLOW != 0 && self.overflow.get(&key).is_some_and(|o| o.binary_search(&slot).is_ok()),
+            _ => holders & FAR_LIST != 0 && self.overflow.get(&key).is_some_and(|o| o.binary_search(&slot).is_ok()),
         }
     }
 
@@ -149,51 +157,69 @@ impl Table {
         if (self.len + 1) * 4 > self.heads.len() * 3 {
             self.grow();
         }
-        let (at, created) = match self.probe(key) {
-            Ok(at) => (at, false),
+        let at = match self.probe(key) {
+            Ok(at) => at,
             Err(at) => {
-                self.heads[at] = Head { key, holders: 0 };
+                self.heads[at] =
+                    Head { key, holders: if slot < LOW_SLOTS { 1 << slot } else { FAR_ONE | u64::from(slot) } };
                 self.links[at] = Links { parent: parent.unwrap_or(key), children: [key; 2] };
                 self.len += 1;
-                (at, true)
+                return (true, true);
             }
         };
-        let added = if slot < LOW_SLOTS {
+        let holders = &mut self.heads[at].holders;
+        if *holders & FAR_ONE != 0 {
+            let far = *holders as Slot;
+            if far == slot {
+                return (false, false);
+            }
+            // A second holder: the far one moves to the list.
+            *holders = FAR_LIST;
+            self.overflow.insert(key, vec![far]);
+        }
+        if slot < LOW_SLOTS {
             let bit = 1 << slot;
-            let added = self.heads[at].holders & bit == 0;
-            self.heads[at].holders |= bit;
-            added
-        } else {
-            let list = self.overflow.entry(key).or_default();
-            let added = match list.binary_search(&slot) {
-                Ok(_) => false,
-                Err(i) => {
-                    list.insert(i, slot);
-                    true
-                }
-            };
-            self.heads[at].holders |= OVERFLOW;
-            added
-        };
-        (created, added)
+            let added = *holders & bit == 0;
+            *holders |= bit;
+            return (false, added);
+        }
+        *holders |= FAR_LIST;
+        let list = self.overflow.entry(key).or_default();
+        match list.binary_search(&slot) {
+            Ok(_) => (false, false),
+            Err(i) => {
+                list.insert(i, slot);
+                (false, true)
+            }
+        }
     }
 
     /// Takes `slot` off the block; `None` if the worker did not hold it.
     pub fn remove(&mut self, key: u64, slot: Slot) -> Option<Unheld> {
         let at = self.probe(key).ok()?;
-        if slot < LOW_SLOTS {
-            let bit = 1 << slot;
-            if self.heads[at].holders & bit == 0 {
+        let holders = &mut self.heads[at].holders;
+        if *holders & FAR_ONE != 0 {
+            if *holders as Slot != slot {
                 return None;
             }
-            self.heads[at].holders &= !bit;
+            *holders = 0;
+        } else if slot < LOW_SLOTS {
+            let bit = 1 << slot;
+            if *holders & bit == 0 {
+                return None;
+            }
+            *holders &= !bit;
         } else {
             let list = self.overflow.get_mut(&key)?;
             let i = list.binary_search(&slot).ok()?;
             list.remove(i);
-            if list.is_empty() {
+            match (list.as_slice(), *holders & LOW_MASK) {
+                ([], _) => *holders &= !FAR_LIST,
+                (&[last], 0) => *holders = FAR_ONE | u64::from(last),
+                _ => {}
+            }
+            if *holders & FAR_LIST == 0 {
                 self.overflow.remove(&key);
-                self.heads[at].holders &= !OVERFLOW;
             }
         }
         let links = self.links[at];
@@ -356,14 +382,21 @@ mod tests {
     }
 
     #[test]
-    fn holders_past_the_mask_live_in_the_overflow_list() {
+    fn holders_past_the_mask_live_inline_alone_and_in_the_list_together() {
         let mut table = Table::default();
+        let far = |table: &Table| table.overflow.get(&7).cloned().unwrap_or_default();
         assert_eq!(table.insert(7, None, 70), (true, true));
+        assert_eq!(table.insert(7, None, 70), (false, false));
+        assert!(far(&table).is_empty(), "one far holder needs no list");
         assert_eq!(table.insert(7, None, 3), (false, true));
-        assert!(table.contains(7, 70) && table.contains(7, 3) && !table.contains(7, 71));
-        assert!(table.remove(7, 70).is_some_and(|u| u.unlink_from.is_none()));
-        assert!(table.overflow.is_empty());
-        assert!(table.remove(7, 3).is_some_and(|u| u.unlink_from.is_none()), "a root has no parent to unlink");
+        assert_eq!(table.insert(7, None, 900), (false, true));
+        assert_eq!(far(&table), vec![70, 900]);
+        assert!(table.contains(7, 70) && table.contains(7, 3) && table.contains(7, 900) && !table.contains(7, 71));
+        assert_eq!(table.holders(7).map(|set| set.iter().collect::<Vec<_>>()), Some(vec![3, 70, 900]));
+        assert!(table.remove(7, 3).is_some() && table.remove(7, 70).is_some());
+        assert!(far(&table).is_empty(), "back to one far holder, stored inline");
+        assert!(table.contains(7, 900) && table.remove(7, 70).is_none());
+        assert!(table.remove(7, 900).is_some_and(|u| u.unlink_from.is_none()), "a root has no parent to unlink");
         assert!(table.holders(7).is_none());
     }
 }

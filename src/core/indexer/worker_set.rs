@@ -1,15 +1,21 @@
-//! A set of worker slots: a bit mask for the first 63 workers (no allocation, one-instruction set
+//! A set of worker slots: a bit mask for the first 62 workers (no allocation, one-instruction set
 //! operations, which is what makes a lookup's probes cheap) and a sorted list for the rest. The mask's top
-//! bit is left free so a table can store "and more in the list" in the same word.
+//! two bits are left free for a table to say how the rest is stored.
+use smallvec::SmallVec;
+
 pub type Slot = u32;
 
 /// Slots held in the mask.
-pub const LOW_SLOTS: Slot = 63;
+pub const LOW_SLOTS: Slot = 62;
+
+/// The mask's bits that are slots.
+pub const LOW_MASK: u64 = (1 << LOW_SLOTS) - 1;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerSet {
     low: u64,
-    high: Vec<Slot>,
+    /// Sorted; inline up to two, the usual count past the mask, so a lookup's sets do not allocate.
+    high: SmallVec<[Slot; 2]>,
 }
 
 impl WorkerSet {
@@ -19,7 +25,7 @@ impl WorkerSet {
 
     pub fn intersection(&self, other: &WorkerSet) -> WorkerSet {
         let high = if self.high.is_empty() || other.high.is_empty() {
-            Vec::new()
+            SmallVec::new()
         } else {
             self.high.iter().filter(|s| other.high.binary_search(s).is_ok()).copied().collect()
         };
@@ -36,9 +42,9 @@ impl WorkerSet {
         mask_slots(self.low).chain(self.high.iter().copied())
     }
 
-    /// A set from its mask (top bit ignored) and its overflow list (sorted).
+    /// A set from its mask (bits past `LOW_SLOTS` ignored) and the slots past it (sorted).
     pub fn from_parts(mask: u64, high: &[Slot]) -> Self {
-        WorkerSet { low: mask & !(1 << LOW_SLOTS), high: high.to_vec() }
+        WorkerSet { low: mask & LOW_MASK, high: high.into() }
     }
 }
 
@@ -60,11 +66,11 @@ mod tests {
     #[test]
     fn behaves_like_a_set_on_both_sides_of_the_mask() {
         let bits = |slots: &[Slot]| slots.iter().fold(0u64, |mask, s| mask | 1 << s);
-        let a = WorkerSet::from_parts(bits(&[3, 5, 62]) | 1 << LOW_SLOTS, &[63, 900]);
-        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 62, 63, 900], "the top bit is not a slot");
+        let a = WorkerSet::from_parts(bits(&[3, 5, 61]) | 3 << LOW_SLOTS, &[62, 900]);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![3, 5, 61, 62, 900], "the top bits are not slots");
         let b = WorkerSet::from_parts(bits(&[5, 7]), &[900]);
         assert_eq!(a.intersection(&b).iter().collect::<Vec<_>>(), vec![5, 900]);
-        assert_eq!(a.difference(&b).collect::<Vec<_>>(), vec![3, 62, 63]);
+        assert_eq!(a.difference(&b).collect::<Vec<_>>(), vec![3, 61, 62]);
         assert_eq!(a.len(), 5);
     }
 }
