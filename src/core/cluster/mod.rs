@@ -71,6 +71,7 @@ impl Cluster {
         let watch = discovery.watch(&settings.namespace);
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
+        let (resync_requests, resync_asked) = mpsc::unbounded_channel();
         let membership = Membership {
             context,
             settings,
@@ -80,8 +81,9 @@ impl Cluster {
             router: None,
             metrics,
             snapshots,
+            resync_requests,
         };
-        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
+        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, resync_asked, ready));
         match first.await {
             Ok(Ok(state)) => Ok(Self { state, membership }),
             Ok(Err(error)) => Err(error),
@@ -161,6 +163,8 @@ struct Membership {
     router: Option<(Arc<Router>, Arc<Model>)>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
+    /// Handed to each worker's engine: the router's feed asks through it when it fell behind.
+    resync_requests: mpsc::UnboundedSender<WorkerId>,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -171,6 +175,7 @@ impl Membership {
         mut watch: mpsc::UnboundedReceiver<DiscoveryEvent>,
         mut subscriber: EventSubscriber,
         mut snapshot_results: mpsc::UnboundedReceiver<SnapshotResult>,
+        mut resync_asked: mpsc::UnboundedReceiver<WorkerId>,
         ready: Ready,
     ) {
         let (status_sender, mut statuses) = mpsc::unbounded_channel::<(String, WorkerStatus)>();
@@ -211,6 +216,7 @@ impl Membership {
                     None => return,
                 },
                 Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),
+                Some(id) = resync_asked.recv() => self.router_lagged(id),
             }
         }
     }
@@ -283,7 +289,7 @@ impl Membership {
             None => instance.event_addr.clone(),
         };
         subscriber.add_publisher(&event_addr)?;
-        let engine = RemoteEngine::new(instance.clone(), client.clone());
+        let engine = RemoteEngine::new(instance.clone(), client.clone(), self.resync_requests.clone());
         let mut member = Member {
             id: instance.id,
             event_addr,
@@ -341,6 +347,14 @@ impl Membership {
         for batch in member.feed.finish(id, snapshot) {
             let _ = member.kv.send(batch);
         }
+    }
+
+    /// The router's own feed fell behind this worker's events and forgot them: rebuild from a snapshot.
+    fn router_lagged(&mut self, id: WorkerId) {
+        let Some(addr) = self.publishers.get(&id) else { return };
+        let Some(member) = self.members.get_mut(addr) else { return };
+        self.metrics.plane(PlaneEvent::RouterLagged, 1);
+        resync(&self.snapshots, addr, member);
     }
 
     fn deliver(&mut self, delivery: crate::core::plane::Delivery) {
@@ -423,9 +437,9 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
 mod tests {
     use super::*;
     use crate::core::discovery::StaticFile;
+    use crate::core::engine::KvLedger;
     use crate::core::engine::mocker::{MockerConfig, MockerEngine};
     use crate::core::model::ModelSource;
-    use crate::core::plane::KvLedger;
     use crate::core::plane::request::{RequestServer, Served};
     use crate::core::plane::{EventPublisher, HIGH_WATER_MARK};
     use crate::core::protocol::discovery::{ModelCardSummary, Role};

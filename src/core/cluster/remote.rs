@@ -5,7 +5,7 @@ use crate::core::plane::request::WorkerClient;
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::{KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::sync::{Arc, Mutex};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 const EVENT_BUFFER: usize = 4096;
 
@@ -14,13 +14,15 @@ pub struct RemoteEngine {
     client: Arc<WorkerClient>,
     kv: broadcast::Sender<KvEventBatch>,
     load: Arc<Mutex<LoadMetrics>>,
+    /// Where to ask for this worker's state again: the cluster resyncs it from a snapshot.
+    resync: mpsc::UnboundedSender<WorkerId>,
 }
 
 impl RemoteEngine {
-    pub fn new(instance: Instance, client: Arc<WorkerClient>) -> Self {
+    pub fn new(instance: Instance, client: Arc<WorkerClient>, resync: mpsc::UnboundedSender<WorkerId>) -> Self {
         let load = LoadMetrics { kv_total_blocks: instance.card.kv_blocks, ..LoadMetrics::default() };
         let (kv, _) = broadcast::channel(EVENT_BUFFER);
-        Self { instance, client, kv, load: Arc::new(Mutex::new(load)) }
+        Self { instance, client, kv, load: Arc::new(Mutex::new(load)), resync }
     }
 
     pub fn instance(&self) -> &Instance {
@@ -56,6 +58,10 @@ impl Engine for RemoteEngine {
 
     fn load(&self) -> LoadMetrics {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn resend_kv_state(&self) -> bool {
+        self.resync.send(self.instance.id).is_ok()
     }
 
     fn is_alive(&self) -> bool {

@@ -7,9 +7,12 @@
 //! 3. when the executor simulates time, sleep it divided by `speedup` (measured from a running deadline, so
 //!    timer granularity does not add up across steps);
 //! 4. publish the step's KV events, send each request its token, update the load snapshot.
+//!
+//! The published events are also recorded in a `KvLedger`, so a subscriber that lagged can have the whole
+//! state sent again (`resend_kv_state`).
 use super::scheduler::{Executor, Scheduler, SeqId};
-use super::{Engine, EngineError, ResponseStream};
-use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
+use super::{Engine, EngineError, KvLedger, ResponseStream};
+use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,8 +32,32 @@ pub struct BatchEngine {
     worker_id: WorkerId,
     inbox: mpsc::UnboundedSender<Submission>,
     load: Arc<Mutex<LoadMetrics>>,
-    events: broadcast::Sender<KvEventBatch>,
+    events: Publisher,
     max_sequence_tokens: usize,
+}
+
+/// The engine's KV events: the broadcast, and the ledger of what it has said, kept under one lock so that a
+/// resent state lands in order between two steps' events.
+#[derive(Clone)]
+struct Publisher {
+    sender: broadcast::Sender<KvEventBatch>,
+    ledger: Arc<Mutex<KvLedger>>,
+}
+
+impl Publisher {
+    fn publish(&self, batch: KvEventBatch) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        ledger.record(&batch.events, 0);
+        // No subscriber is fine: events are for whoever listens.
+        let _ = self.sender.send(batch);
+    }
+
+    fn resend(&self, worker_id: WorkerId) {
+        let ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, stored) = ledger.snapshot();
+        let events = std::iter::once(KvEvent::Cleared).chain(stored).collect();
+        let _ = self.sender.send(KvEventBatch { worker_id, events });
+    }
 }
 
 /// How the task treats the executor.
@@ -54,7 +81,7 @@ impl BatchEngine {
         let max_sequence_tokens = max_sequence_tokens.min(scheduler.max_sequence_tokens());
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let events = Publisher { sender: broadcast::channel(EVENT_BUFFER).0, ledger: Arc::default() };
         let worker =
             Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
         tokio::spawn(worker.run(pacing));
@@ -85,7 +112,12 @@ impl Engine for BatchEngine {
     }
 
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
-        self.events.subscribe()
+        self.events.sender.subscribe()
+    }
+
+    fn resend_kv_state(&self) -> bool {
+        self.events.resend(self.worker_id);
+        true
     }
 
     fn load(&self) -> LoadMetrics {
@@ -99,7 +131,7 @@ struct Worker<X: Executor> {
     scheduler: Option<Scheduler<X>>,
     receiver: mpsc::UnboundedReceiver<Submission>,
     load: Arc<Mutex<LoadMetrics>>,
-    events: broadcast::Sender<KvEventBatch>,
+    events: Publisher,
 }
 
 impl<X: Executor> Worker<X> {
@@ -171,8 +203,7 @@ impl<X: Executor> Worker<X> {
             // Events first: a router that sees a request finish should already know what it left cached.
             let events = scheduler.drain_events();
             if !events.is_empty() {
-                // No subscriber is fine: events are for whoever listens.
-                let _ = self.events.send(KvEventBatch { worker_id: self.worker_id, events });
+                self.events.publish(KvEventBatch { worker_id: self.worker_id, events });
             }
             for (id, output) in outcome.outputs {
                 let finished = output.finish_reason.is_some();

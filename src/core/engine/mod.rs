@@ -7,9 +7,14 @@
 //! `mocker` simulates timing, `native` runs the model.
 pub mod batch;
 pub mod blocks;
+mod follow;
+mod ledger;
 pub mod mocker;
 pub mod native;
 pub mod scheduler;
+
+pub use follow::KvFollower;
+pub use ledger::KvLedger;
 
 use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;
@@ -35,6 +40,12 @@ pub trait Engine: Send + Sync {
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch>;
 
     fn load(&self) -> LoadMetrics;
+
+    /// Sends the engine's whole KV state again on its KV events (`Cleared`, then `Stored`, in order with the
+    /// rest), for a subscriber that lagged and lost some. False when the engine cannot.
+    fn resend_kv_state(&self) -> bool {
+        false
+    }
 
     /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.
     fn is_alive(&self) -> bool {

@@ -11,12 +11,10 @@
 //!    high-water-mark drops under load), counted and reported with the message after it;
 //! 3. a number that goes back means the publisher restarted: its old state is gone;
 //! 4. on either, the reader rebuilds that publisher's KV state from a snapshot asked over the request plane
-//!    (`KvLedger` on the worker side keeps what the snapshot needs; `cluster` does the asking).
+//!    (`engine::KvLedger` on the worker side keeps what the snapshot needs; `cluster` does the asking).
 //!
 //! Malformed messages are counted and skipped; the socket stays up.
 mod event;
-mod ledger;
 pub mod request;
 
 pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker};
-pub use ledger::KvLedger;

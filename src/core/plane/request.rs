@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{KvLedger, PlaneError};
+use super::PlaneError;
+use crate::core::engine::KvLedger;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
 /// should carry.

@@ -16,7 +16,7 @@ pub use approx::ApproxTracker;
 pub use cost::{Candidate, choose, cost};
 pub use migration::MigratingStream;
 
-use crate::core::engine::{Engine, EngineError, ResponseStream};
+use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
 use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
 use crate::core::tokens::block_hashes;
@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -132,7 +131,7 @@ impl Router {
     /// events, so it must run inside a tokio runtime.
     pub fn add_worker(&self, engine: Arc<dyn Engine>) {
         let feed = (self.config.mode == RouterMode::Kv && self.config.kv_events)
-            .then(|| spawn_feed(engine.as_ref(), self.indexer.clone()));
+            .then(|| spawn_feed(&engine, self.indexer.clone()));
         let worker = Arc::new(Worker { engine, load: Arc::default(), feed });
         let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
         let id = worker.engine.worker_id();
@@ -286,20 +285,12 @@ impl Router {
     }
 }
 
-/// Feeds one engine's KV events into the index. A subscriber that lagged has missed events: it says so;
-/// resyncing from a snapshot comes with the event plane.
-fn spawn_feed(engine: &dyn Engine, indexer: Arc<FlashIndexer>) -> tokio::task::JoinHandle<()> {
-    let mut events = engine.subscribe_kv_events();
-    let worker = engine.worker_id();
+/// Feeds one engine's KV events into the index; a lag becomes `Cleared` and then the engine's state again.
+fn spawn_feed(engine: &Arc<dyn Engine>, indexer: Arc<FlashIndexer>) -> tokio::task::JoinHandle<()> {
+    let mut events = KvFollower::new(engine);
     tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(batch) => batch.events.iter().for_each(|event| indexer.apply(batch.worker_id, event)),
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(worker, missed, "the router fell behind this worker's KV events; its index is stale")
-                }
-                Err(RecvError::Closed) => return,
-            }
+        while let Some(batch) = events.next().await {
+            batch.events.iter().for_each(|event| indexer.apply(batch.worker_id, event));
         }
     })
 }

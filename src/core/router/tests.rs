@@ -1,5 +1,6 @@
 use super::*;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock};
 use futures::StreamExt;
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
@@ -93,4 +94,81 @@ async fn approximate_mode_follows_its_own_decisions_without_events() {
     let _: Vec<_> = first.collect().await;
     let again = router.route(request(prompt, 1)).unwrap();
     assert_eq!((again.worker_id, again.overlap_blocks), (home, 4));
+}
+
+/// An engine whose KV events a test writes by hand, with a tiny channel so the router's feed can be made to
+/// lag; `resend_kv_state` sends `state` (what the engine really holds) when `can_resend`.
+struct HandFedEngine {
+    events: tokio::sync::broadcast::Sender<KvEventBatch>,
+    state: Vec<KvEvent>,
+    can_resend: bool,
+}
+
+impl Engine for HandFedEngine {
+    fn worker_id(&self) -> WorkerId {
+        7
+    }
+
+    fn submit(&self, _: PreprocessedRequest) -> Result<crate::core::engine::ResponseStream, EngineError> {
+        Err(EngineError::Stopped)
+    }
+
+    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
+        self.events.subscribe()
+    }
+
+    fn load(&self) -> LoadMetrics {
+        LoadMetrics::default()
+    }
+
+    fn resend_kv_state(&self) -> bool {
+        let events = std::iter::once(KvEvent::Cleared).chain(self.state.iter().cloned()).collect();
+        self.can_resend && self.events.send(KvEventBatch { worker_id: 7, events }).is_ok()
+    }
+}
+
+/// Lets the (current-thread) runtime run the feed task until it has nothing left to do.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// The router's feed applies one chain, then misses two of four messages (one of them removing that chain).
+/// Returns the overlaps it ends up with for the removed chain, the missed block and a received one.
+async fn overlaps_after_a_lag(can_resend: bool) -> [u32; 3] {
+    let root = |hash: u64| KvEvent::Stored { parent_hash: None, blocks: vec![StoredBlock { hash, tokens_hash: hash }] };
+    let events = tokio::sync::broadcast::channel(2).0;
+    let state = vec![root(30), root(40), root(50)];
+    let engine = HandFedEngine { events: events.clone(), state, can_resend };
+    let router = Router::new(vec![Arc::new(engine)], RouterConfig::default());
+    let send = |events_of_step: Vec<KvEvent>| {
+        let _ = events.send(KvEventBatch { worker_id: 7, events: events_of_step });
+    };
+    send(vec![KvEvent::Stored {
+        parent_hash: None,
+        blocks: [1, 2].map(|hash| StoredBlock { hash, tokens_hash: hash }).to_vec(),
+    }]);
+    settle().await;
+    assert_eq!(router.indexer.find_matches(&[1, 2]).of(7), 2, "the feed runs");
+    // Four messages into a channel of two, before the feed runs again: the first two are lost to it.
+    send(vec![KvEvent::Removed { hashes: vec![1] }]);
+    send(vec![root(30)]);
+    send(vec![root(40)]);
+    send(vec![root(50)]);
+    settle().await;
+    let index = &router.indexer;
+    [index.find_matches(&[1, 2]).of(7), index.find_matches(&[30]).of(7), index.find_matches(&[50]).of(7)]
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_lagging_feed_resyncs_from_the_engine() {
+    assert_eq!(overlaps_after_a_lag(true).await, [0, 1, 1], "exactly what the engine holds");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_lagging_feed_that_cannot_resync_forgets_rather_than_routes_on_removed_blocks() {
+    assert_eq!(
+        overlaps_after_a_lag(false).await,
+        [0, 0, 1],
+        "the removed chain is not claimed, the missed block is lost"
+    );
 }

@@ -6,18 +6,17 @@
 //! never older than that, even when nothing else happens.
 use crate::core::discovery::{Discovery, DiscoveryError};
 use crate::core::engine::Engine;
+use crate::core::engine::{KvFollower, KvLedger};
 use crate::core::local::{self, EngineSettings, LocalError};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
-use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, KvLedger, PlaneError};
+use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role, tcp_endpoint};
 use crate::core::protocol::plane::Topic;
-use crate::core::protocol::{KvEvent, KvEventBatch};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
 
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -132,23 +131,16 @@ async fn publish(
     ledger: Arc<Mutex<KvLedger>>,
     stats: Arc<ServerStats>,
 ) {
-    let mut kv = engine.subscribe_kv_events();
+    // A lag becomes `Cleared` and then the engine's whole state, so routers forget rather than trust a stale
+    // view, and relearn it.
+    let mut kv = KvFollower::new(&engine);
     let mut tick = tokio::time::interval(LOAD_INTERVAL);
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     let mut last_load = None;
     loop {
         let load_now = tokio::select! {
-            batch = kv.recv() => {
-                let batch = match batch {
-                    Ok(batch) => batch,
-                    // Events the engine sent are gone, so neither the ledger nor any router can know what the
-                    // cache holds: everyone forgets this worker's blocks, which is incomplete but never wrong.
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "KV events were dropped before publishing; telling routers to forget this worker's cache");
-                        KvEventBatch { worker_id: engine.worker_id(), events: vec![KvEvent::Cleared] }
-                    }
-                    Err(RecvError::Closed) => return,
-                };
+            batch = kv.next() => {
+                let Some(batch) = batch else { return };
                 // Recorded before it goes out: a snapshot taken in between already covers this message, and
                 // its `next_seq` tells the router to skip it.
                 let next_seq = publisher.next_seq(Topic::Kv) + 1;

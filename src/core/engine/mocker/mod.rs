@@ -125,6 +125,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resent_state_rebuilds_the_index_its_events_built() {
+        use crate::core::indexer::{Indexer, ReferenceIndexer};
+        let scheduler = SchedulerConfig { num_blocks: 40, ..Default::default() };
+        let engine = MockerEngine::spawn(1, MockerConfig { speedup: 1000.0, scheduler }, (10..500).collect());
+        let mut events = engine.subscribe_kv_events();
+        let prompts: Vec<Vec<u32>> = (0..12u32).map(|p| (0..64).map(|t| t * 7 + p % 4 * 1000 + p).collect()).collect();
+        for prompt in &prompts {
+            let _: Vec<_> = engine.submit(request(prompt.clone(), 4)).unwrap().collect().await;
+        }
+        let from_events = ReferenceIndexer::new();
+        while let Ok(batch) = events.try_recv() {
+            batch.events.iter().for_each(|event| from_events.apply(1, event));
+        }
+        assert!(from_events.block_counts()[0].1 > 0);
+        assert!(engine.resend_kv_state());
+        let resent = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        assert_eq!(resent.events.first(), Some(&crate::core::protocol::KvEvent::Cleared));
+        let from_resend = ReferenceIndexer::new();
+        resent.events.iter().for_each(|event| from_resend.apply(1, event));
+        assert_eq!(from_resend.block_counts(), from_events.block_counts());
+        for prompt in &prompts {
+            let hashes: Vec<u64> = crate::core::tokens::block_hashes(prompt, 16).iter().map(|h| h.sequence).collect();
+            assert_eq!(from_resend.find_matches(&hashes), from_events.find_matches(&hashes));
+        }
+    }
+
+    #[tokio::test]
     async fn streams_max_tokens_then_finishes_with_length() {
         let engine = fast_engine();
         let outputs: Vec<_> = engine.submit(request((0..40).collect(), 5)).unwrap().collect().await;
