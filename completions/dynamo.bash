@@ -360,7 +360,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__plane)
-            opts="-v -h -V --messages --events-per-message --requests --tokens --json --verbose --help --version"
+            opts="-v -h -V --messages --events-per-message --rounds --requests --tokens --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -371,6 +371,10 @@ _dynamo() {
                     return 0
                     ;;
                 --events-per-message)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -74,6 +74,10 @@ pub struct PlaneArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub events_per_message: u32,
 
+    /// Alternating rounds of the event plane and raw libzmq; the median of each is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+
     /// Requests to stream through each request-plane path (64 in flight at once).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: u64,
@@ -332,7 +336,7 @@ fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
         plane::CACHED_BLOCKS
     );
     let runtime = super::runtime()?;
-    let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize))?;
+    let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize, args.rounds as usize))?;
     print!("{}", plane::table(&result));
     println!(
         "request plane: {} requests of {} prompt-sized tokens, {} outputs each streamed back, 64 in flight",

@@ -107,6 +107,16 @@ where
     }
 }
 
+/// CPU time this process has used, user and system, from `/proc/self/stat` (Linux; `None` elsewhere). Ticks
+/// are the kernel's USER_HZ, 100 on every Linux ABI, so the resolution is 10 ms.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses; the fields after its closing one are fixed.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
 /// Nearest-rank percentile of sorted values; NaN when empty.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -119,6 +129,18 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let Some(before) = process_cpu_seconds() else { return };
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let after = process_cpu_seconds().unwrap_or(before);
+        assert!(after > before, "60 ms of spinning shows up: {before} -> {after}");
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
