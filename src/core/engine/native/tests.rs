@@ -213,20 +213,29 @@ fn seeded_sampling_is_reproducible_through_the_engine() {
 }
 
 /// Paged attention over a shuffled block table against plain causal attention over contiguous K/V.
+/// Shapes cover each width the value accumulation is split into (64, 16, 1 dimensions), query groups that do
+/// not fill the scoring's groups of four, and more rows than one attention block.
 #[test]
 fn paged_attention_equals_contiguous_attention() {
+    for (heads, kv_heads, dim, rows) in [(4, 2, 8, 11), (6, 2, 80, 21), (3, 1, 64, 35)] {
+        paged_attention_case(heads, kv_heads, dim, rows);
+    }
+}
+
+fn paged_attention_case(heads: usize, kv_heads: usize, dim: usize, rows: usize) {
     let backend = CpuBackend::new(2).unwrap();
-    let (heads, kv_heads, dim, block) = (4, 2, 8, 4);
+    let block = 4;
     let shape = AttentionShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: dim, block_size: block };
-    let rows = 11;
     let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
     let q: Vec<f32> = (0..rows * heads * dim).map(value).collect();
     let k: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 17)).collect();
     let v: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 91)).collect();
-    let table = vec![5u32, 0, 3];
+    // A shuffled table with room for every row.
+    let table: Vec<u32> = (0..rows.div_ceil(block) as u32).map(|b| (b * 5 + 3) % rows.div_ceil(block) as u32).collect();
     let slots: Vec<u32> = (0..rows).map(|p| table[p / block] * block as u32 + (p % block) as u32).collect();
     let page_len = block * kv_heads * dim;
-    let (mut k_pages, mut v_pages) = (backend.pages(6, page_len).unwrap(), backend.pages(6, page_len).unwrap());
+    let (mut k_pages, mut v_pages) =
+        (backend.pages(table.len(), page_len).unwrap(), backend.pages(table.len(), page_len).unwrap());
     backend.write_kv(&k, &v, &slots, &mut k_pages, &mut v_pages).unwrap();
     let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table }];
     let mut out = Vec::new();
@@ -253,7 +262,7 @@ fn paged_attention_equals_contiguous_attention() {
             }
         }
     }
-    assert_close(&out, &expected, 1e-5, "attention");
+    assert_close(&out, &expected, 1e-5, &format!("attention, {heads} heads / {kv_heads} KV heads of {dim}"));
 }
 
 #[test]

@@ -13,6 +13,9 @@ pub const BLOCK_ROWS: usize = 16;
 /// Key positions scored together (two AVX2 vectors).
 const KEYS: usize = 16;
 
+/// Query rows scored together against those keys.
+const QUERIES: usize = 4;
+
 /// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows.
 pub struct BlockAttention<'a> {
     pub queries: &'a [f32],
@@ -71,17 +74,30 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
                 }
             }
             let first_row = p0.saturating_sub(context(0) - 1);
-            for r in first_row..job.rows {
-                for h in 0..group {
-                    let query = &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    let mut acc = [0.0f32; KEYS];
-                    for (d, &q) in query.iter().enumerate() {
-                        let column = &keys_t[d * KEYS..(d + 1) * KEYS];
+            // (row, head) pairs QUERIES at a time: one accumulator chain per query would wait on the FMA's
+            // latency; several independent ones keep both FMA ports busy.
+            let pairs = first_row * group..job.rows * group;
+            for start in pairs.clone().step_by(QUERIES) {
+                let count = QUERIES.min(pairs.end - start);
+                // A short last group repeats its first query; those results are not stored.
+                let query = |i: usize| {
+                    let pair = start + i.min(count - 1);
+                    let (r, h) = (pair / group, pair % group);
+                    &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim]
+                };
+                let queries: [&[f32]; QUERIES] = std::array::from_fn(query);
+                let mut acc = [[0.0f32; KEYS]; QUERIES];
+                for d in 0..head_dim {
+                    let column = &keys_t[d * KEYS..(d + 1) * KEYS];
+                    for (acc, query) in acc.iter_mut().zip(&queries) {
+                        let q = query[d];
                         for j in 0..KEYS {
                             acc[j] += q * column[j];
                         }
                     }
-                    let dst = &mut scores[(r * group + h) * longest + p0..][..width];
+                }
+                for (i, acc) in acc.iter().enumerate().take(count) {
+                    let dst = &mut scores[(start + i) * longest + p0..][..width];
                     for (s, a) in dst.iter_mut().zip(acc) {
                         *s = a * scale;
                     }
@@ -181,20 +197,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `out += Σ_j weights[j] · values[j]` over rows of `head_dim`.
 #[inline(always)]
 fn accumulate(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
-    const DIMS: usize = 16;
-    if !head_dim.is_multiple_of(DIMS) {
-        for (j, &w) in weights.iter().enumerate() {
-            for (o, v) in out.iter_mut().zip(&values[j * head_dim..(j + 1) * head_dim]) {
-                *o += w * v;
-            }
-        }
-        return;
-    }
-    for (d0, out) in out.chunks_exact_mut(DIMS).enumerate() {
+    // 64 output dimensions per pass where they divide: eight independent AVX2 accumulators, so consecutive
+    // weights do not wait on each other's FMA; then 16 at a time, then one.
+    let wide = head_dim - head_dim % 64;
+    let narrow = head_dim - head_dim % 16;
+    accumulate_dims::<64>(&mut out[..wide], 0, weights, values, head_dim);
+    accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, head_dim);
+    accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, head_dim);
+}
+
+/// `accumulate` for the output dimensions `offset..offset + out.len()`, `DIMS` of them per register block.
+#[inline(always)]
+fn accumulate_dims<const DIMS: usize>(
+    out: &mut [f32],
+    offset: usize,
+    weights: &[f32],
+    values: &[f32],
+    head_dim: usize,
+) {
+    for (block, out) in out.chunks_exact_mut(DIMS).enumerate() {
         let mut acc = [0.0f32; DIMS];
         acc.copy_from_slice(out);
         for (j, &w) in weights.iter().enumerate() {
-            let v = &values[j * head_dim + d0 * DIMS..][..DIMS];
+            let v = &values[j * head_dim + offset + block * DIMS..][..DIMS];
             for i in 0..DIMS {
                 acc[i] += w * v[i];
             }
