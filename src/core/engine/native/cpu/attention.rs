@@ -33,17 +33,18 @@ pub fn attend(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) 
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { attend_avx2(job, scores, dst) };
     }
-    attend_portable(job, scores, dst);
+    attend_with::<false>(job, scores, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
-    attend_portable(job, scores, dst);
+    attend_with::<true>(job, scores, dst);
 }
 
+/// `FUSED`: compiled into `attend_avx2`, so the two inner loops may use the explicit FMA kernels of `fused`.
 #[inline(always)]
-fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     if job.rows == 1 {
         return attend_one_row(job, scores, dst);
     }
@@ -86,16 +87,7 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
                     &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim]
                 };
                 let queries: [&[f32]; QUERIES] = std::array::from_fn(query);
-                let mut acc = [[0.0f32; KEYS]; QUERIES];
-                for d in 0..head_dim {
-                    let column = &keys_t[d * KEYS..(d + 1) * KEYS];
-                    for (acc, query) in acc.iter_mut().zip(&queries) {
-                        let q = query[d];
-                        for j in 0..KEYS {
-                            acc[j] += q * column[j];
-                        }
-                    }
-                }
+                let acc = score_chunk::<FUSED>(&queries, &keys_t);
                 for (i, acc) in acc.iter().enumerate().take(count) {
                     let dst = &mut scores[(start + i) * longest + p0..][..width];
                     for (s, a) in dst.iter_mut().zip(acc) {
@@ -123,7 +115,7 @@ fn attend_portable(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f
                 for h in 0..group {
                     let weights = &scores[(r * group + h) * longest + p0..][..valid];
                     let out = &mut dst[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    accumulate(out, weights, &values, head_dim);
+                    accumulate::<FUSED>(out, weights, &values, head_dim);
                 }
             }
         }
@@ -170,14 +162,36 @@ fn attend_one_row(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f3
 #[inline(always)]
 fn softmax(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
     for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        total += *score;
+        *score = exp_nonpositive(*score - max);
     }
+    let total: f32 = scores.iter().sum();
     for score in scores.iter_mut() {
         *score /= total;
     }
+}
+
+/// e^x for x ≤ 0, as softmax needs after subtracting the maximum, within 2 ulp (x below -87 gives e^-87, not
+/// less: beside the maximum's weight of 1 that is nothing). Cephes' `expf` polynomial after reducing by ln 2,
+/// in plain arithmetic so the loop around it vectorises; libm's `expf` is one call per score, which was a sixth
+/// of a long prefill.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts, so n · ln 2 is exact enough for the reduction.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call to `round`.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    // 2^n from its exponent bits; n ≥ -126 because x ≥ -87.
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Eight partial sums so the loop vectorises without reassociating floats.
@@ -194,13 +208,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `acc[i][j] = Σ_d queries[i][d] · keys_t[d · KEYS + j]`.
+#[inline(always)]
+fn score_chunk<const FUSED: bool>(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -> [[f32; KEYS]; QUERIES] {
+    #[cfg(target_arch = "x86_64")]
+    if FUSED {
+        // SAFETY: FUSED code runs only inside `attend_avx2`, on a CPU with AVX2 and FMA.
+        return unsafe { fused::score_chunk(queries, keys_t) };
+    }
+    let mut acc = [[0.0f32; KEYS]; QUERIES];
+    for (d, column) in keys_t.chunks_exact(KEYS).enumerate() {
+        for (acc, query) in acc.iter_mut().zip(queries) {
+            let q = query[d];
+            for j in 0..KEYS {
+                acc[j] += q * column[j];
+            }
+        }
+    }
+    acc
+}
+
 /// `out += Σ_j weights[j] · values[j]` over rows of `head_dim`.
 #[inline(always)]
-fn accumulate(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
+fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
     // 64 output dimensions per pass where they divide: eight independent AVX2 accumulators, so consecutive
     // weights do not wait on each other's FMA; then 16 at a time, then one.
     let wide = head_dim - head_dim % 64;
     let narrow = head_dim - head_dim % 16;
+    #[cfg(target_arch = "x86_64")]
+    if FUSED {
+        for (block, out) in out[..wide].chunks_exact_mut(64).enumerate() {
+            // SAFETY: FUSED code runs only inside `attend_avx2`, on a CPU with AVX2 and FMA.
+            unsafe { fused::accumulate_64(out, weights, values, block * 64, head_dim) };
+        }
+        accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, head_dim);
+        accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, head_dim);
+        return;
+    }
     accumulate_dims::<64>(&mut out[..wide], 0, weights, values, head_dim);
     accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, head_dim);
     accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, head_dim);
@@ -225,5 +269,77 @@ fn accumulate_dims<const DIMS: usize>(
             }
         }
         out.copy_from_slice(&acc);
+    }
+}
+
+/// The two inner loops with explicit FMA instructions. LLVM vectorises the plain loops but, without fast-math,
+/// never fuses their multiply and add; written with `f32::mul_add` it stopped vectorising them at all.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use super::{KEYS, QUERIES};
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 8;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn score_chunk(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -> [[f32; KEYS]; QUERIES] {
+        let mut acc = [[_mm256_setzero_ps(); KEYS / LANES]; QUERIES];
+        for (d, column) in keys_t.chunks_exact(KEYS).enumerate() {
+            // SAFETY: `column` holds KEYS = 16 f32s, two vectors.
+            let keys = unsafe { [_mm256_loadu_ps(column.as_ptr()), _mm256_loadu_ps(column.as_ptr().add(LANES))] };
+            for (acc, query) in acc.iter_mut().zip(queries) {
+                let q = _mm256_set1_ps(query[d]);
+                acc[0] = _mm256_fmadd_ps(q, keys[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(q, keys[1], acc[1]);
+            }
+        }
+        let mut out = [[0.0f32; KEYS]; QUERIES];
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            for (lanes, vector) in out.chunks_exact_mut(LANES).zip(acc) {
+                // SAFETY: `lanes` holds 8 f32s.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *vector) };
+            }
+        }
+        out
+    }
+
+    /// `out[..64] += Σ_j weights[j] · values[j · head_dim + offset ..][..64]`, eight independent accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate_64(out: &mut [f32], weights: &[f32], values: &[f32], offset: usize, head_dim: usize) {
+        assert!(out.len() == 64 && offset + 64 <= head_dim, "a 64-wide block of one head");
+        assert!(values.len() >= weights.len() * head_dim, "a value row per weight");
+        // SAFETY: `out` holds 64 f32s (asserted), eight vectors.
+        let mut acc: [__m256; 8] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(out.as_ptr().add(k * LANES)) });
+        for (j, &w) in weights.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
+            let row = j * head_dim + offset;
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row + 64 ≤ (j + 1) · head_dim ≤ values.len() (asserted), so all eight loads are inside.
+                let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(row + k * LANES)) };
+                *acc = _mm256_fmadd_ps(w, v, *acc);
+            }
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 64 f32s (asserted).
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(k * LANES), *acc) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_nonpositive;
+
+    #[test]
+    fn exp_matches_libm_where_softmax_uses_it() {
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) / 10_000.0;
+            let (ours, exact) = (f64::from(exp_nonpositive(x)), f64::from(x).exp());
+            worst = worst.max((ours - exact).abs() / exact);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }
