@@ -474,7 +474,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_gap_in_a_workers_events_is_repaired_from_its_snapshot() {
+    async fn a_gap_or_a_lagging_router_feed_is_repaired_from_the_workers_snapshot() {
         let context = tmq::Context::new();
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let id = 0xabc;
@@ -547,6 +547,17 @@ mod tests {
         assert_eq!(overlap(&router, &after), 3, "the message after the gap was applied too");
         assert_eq!(overlap(&router, &seen), 3);
         assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
+
+        // The router's own feed lagging: what it asks of the remote engine must bring the worker's whole cache,
+        // including blocks it never saw published.
+        let unseen = prompt(400);
+        ledger.lock().unwrap().record(&stored(id, &unseen).events, publisher.next_seq(Topic::Kv));
+        let remote = router.engines().into_iter().find(|e| e.worker_id() == id).unwrap();
+        assert!(remote.resend_kv_state());
+        eventually("the lag's snapshot", || plane_count(&metrics, "resync_ok") >= 3.0).await;
+        assert_eq!(plane_count(&metrics, "router_lagged"), 1.0);
+        eventually("the unseen blocks", || overlap(&router, &unseen) == 3).await;
+        assert_eq!(overlap(&router, &seen), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
