@@ -108,11 +108,7 @@ async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
 
 #[tokio::test]
 async fn a_worker_found_by_mdns_and_killed_mid_stream_is_invisible_to_the_client() {
-    let port = 40000 + (std::process::id() % 20000) as u16;
-    if !multicast_works(port).await {
-        eprintln!("SKIPPED: loopback multicast does not work here; the cluster-file variant covers migration");
-        return;
-    }
+    let Some(port) = mdns_port_or_skip("the cluster-file variant covers migration").await else { return };
     let (discovery, namespace) = (format!("mdns:{port}"), format!("migration-{}", std::process::id()));
     a_killed_worker_is_invisible(&["--discovery", &discovery, "--namespace", &namespace]).await;
 }
@@ -179,13 +175,20 @@ async fn multicast_works(port: u16) -> bool {
     tokio::time::timeout(Duration::from_secs(10), events.recv()).await.ok().flatten().is_some()
 }
 
+/// This process's mDNS port, or `None` (having said SKIPPED and what still covers the test) where loopback
+/// multicast does not work.
+async fn mdns_port_or_skip(covered_by: &str) -> Option<u16> {
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    if multicast_works(port).await {
+        return Some(port);
+    }
+    eprintln!("SKIPPED: loopback multicast does not work here; {covered_by}");
+    None
+}
+
 #[tokio::test]
 async fn workers_found_by_mdns_join_and_a_clean_exit_leaves_at_once() {
-    let port = 40000 + (std::process::id() % 20000) as u16;
-    if !multicast_works(port).await {
-        eprintln!("SKIPPED: loopback multicast does not work here; the cluster-file tests cover discovery");
-        return;
-    }
+    let Some(port) = mdns_port_or_skip("the cluster-file tests cover discovery").await else { return };
     let discovery = format!("mdns:{port}");
     let namespace = format!("mdns-{}", std::process::id());
     let args = ["--discovery", &discovery, "--namespace", &namespace];
