@@ -39,6 +39,11 @@ pub trait Backend: Send + Sync + 'static {
     type Pages: Send + Sync;
 
     fn describe(&self) -> String;
+    /// Runs a whole forward pass; the CPU backend runs it on one of its own threads, so each op's parallel
+    /// split starts there instead of waking the pool from outside and sleeping until it finishes.
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
     fn vector(&self, data: &[f32]) -> Op<Self::Vector>;
     fn zeros(&self, len: usize) -> Op<Self::Vector>;
     fn matrix(&self, tensor: HostTensor) -> Op<Self::Matrix>;

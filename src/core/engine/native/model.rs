@@ -232,6 +232,10 @@ impl<B: Backend> Transformer<B> {
 
     /// Runs the batch, writing its K/V into `cache`; returns `logit_rows.len() × vocab` logits.
     pub fn forward(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Op<Vec<f32>> {
+        self.backend.run(|| self.forward_layers(cache, batch, block_size))
+    }
+
+    fn forward_layers(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Op<Vec<f32>> {
         let b = &self.backend;
         let c = &self.config;
         let shape =

@@ -235,6 +235,10 @@ impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type Pages = Vec<f32>;
 
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(work)
+    }
+
     fn describe(&self) -> String {
         format!("cpu ({} threads)", self.pool.current_num_threads())
     }
