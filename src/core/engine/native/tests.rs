@@ -212,34 +212,43 @@ fn seeded_sampling_is_reproducible_through_the_engine() {
     assert_ne!(sample(5), sample(6));
 }
 
-/// Paged attention over a shuffled block table against plain causal attention over contiguous K/V.
-/// Shapes cover each width the value accumulation is split into (64, 16, 1 dimensions), query groups that do
-/// not fill the scoring's groups of four, and more rows than one attention block.
+/// Paged attention over a shuffled block table against plain causal attention over contiguous K/V, as one
+/// prefill of every row and as a decode step of each row alone. Shapes cover each width the value
+/// accumulation is split into (64, 16, 1 dimensions), query groups that do not fill the scoring's groups of
+/// four, more rows than one attention block, pages shorter than, as long as and longer than the decode's
+/// groups of eight keys, and a head size that is not a multiple of eight.
 #[test]
 fn paged_attention_equals_contiguous_attention() {
-    for (heads, kv_heads, dim, rows) in [(4, 2, 8, 11), (6, 2, 80, 21), (3, 1, 64, 35)] {
-        paged_attention_case(heads, kv_heads, dim, rows);
+    for (heads, kv_heads, dim, rows) in [(4, 2, 8, 11), (6, 2, 80, 21), (3, 1, 64, 35), (2, 1, 12, 19)] {
+        for block in [4, 8, 16] {
+            paged_attention_case(heads, kv_heads, dim, rows, block);
+        }
     }
 }
 
-fn paged_attention_case(heads: usize, kv_heads: usize, dim: usize, rows: usize) {
+fn paged_attention_case(heads: usize, kv_heads: usize, dim: usize, rows: usize, block: usize) {
     let backend = CpuBackend::new(2).unwrap();
-    let block = 4;
     let shape = AttentionShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: dim, block_size: block };
     let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
     let q: Vec<f32> = (0..rows * heads * dim).map(value).collect();
     let k: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 17)).collect();
     let v: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 91)).collect();
-    // A shuffled table with room for every row.
-    let table: Vec<u32> = (0..rows.div_ceil(block) as u32).map(|b| (b * 5 + 3) % rows.div_ceil(block) as u32).collect();
+    // A table with room for every row, in reverse order.
+    let table: Vec<u32> = (0..rows.div_ceil(block) as u32).rev().collect();
     let slots: Vec<u32> = (0..rows).map(|p| table[p / block] * block as u32 + (p % block) as u32).collect();
     let page_len = block * kv_heads * dim;
     let (mut k_pages, mut v_pages) =
         (backend.pages(table.len(), page_len).unwrap(), backend.pages(table.len(), page_len).unwrap());
     backend.write_kv(&k, &v, &slots, &mut k_pages, &mut v_pages).unwrap();
-    let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table }];
+    let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table.clone() }];
     let mut out = Vec::new();
     backend.paged_attention(&q, &k_pages, &v_pages, &seqs, &shape, &mut out).unwrap();
+    // Row r alone, as the decode step at position r of the same sequence.
+    let steps: Vec<AttentionSeq> = (0..rows)
+        .map(|r| AttentionSeq { first_row: r, rows: 1, first_position: r, block_table: table.clone() })
+        .collect();
+    let mut decoded = Vec::new();
+    backend.paged_attention(&q, &k_pages, &v_pages, &steps, &shape, &mut decoded).unwrap();
 
     let mut expected = vec![0.0f32; q.len()];
     for r in 0..rows {
@@ -262,7 +271,9 @@ fn paged_attention_case(heads: usize, kv_heads: usize, dim: usize, rows: usize) 
             }
         }
     }
-    assert_close(&out, &expected, 1e-5, &format!("attention, {heads} heads / {kv_heads} KV heads of {dim}"));
+    let case = format!("{heads} heads / {kv_heads} KV heads of {dim}, pages of {block}");
+    assert_close(&out, &expected, 1e-5, &format!("prefill attention, {case}"));
+    assert_close(&decoded, &expected, 1e-5, &format!("decode attention, {case}"));
 }
 
 #[test]

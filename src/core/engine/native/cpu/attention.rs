@@ -46,7 +46,7 @@ unsafe fn attend_avx2(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut
 #[inline(always)]
 fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     if job.rows == 1 {
-        return attend_one_row(job, scores, dst);
+        return attend_one_row::<FUSED>(job, scores, dst);
     }
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
@@ -123,38 +123,61 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
 }
 
 /// A single query row (a decode step): too few queries to pay for gathering keys and values into chunks, so
-/// each key and value row is used where it lies.
+/// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced).
 #[inline(always)]
-fn attend_one_row(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
     let kv_width = num_kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let context = job.seq.first_position + job.first + 1;
-    let table = &job.seq.block_table;
-    let slot = |p: usize| table[p / block_size] as usize * block_size + p % block_size;
+    // The rows of positions p0..p0 + width of one page, `kv_width` apart.
+    let page_rows = |p0: usize, width: usize, kv_head: usize| {
+        let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width + kv_head * head_dim;
+        start..start + (width - 1) * kv_width + head_dim
+    };
     scores.clear();
     scores.resize(group * context, 0.0);
     dst.fill(0.0);
     for kv_head in 0..num_kv_heads {
         let queries = &job.queries[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
-        for p in 0..context {
-            let key = &job.k_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
+        for p0 in (0..context).step_by(block_size) {
+            let width = block_size.min(context - p0);
+            let keys = &job.k_pages[page_rows(p0, width, kv_head)];
             for (h, query) in queries.chunks_exact(head_dim).enumerate() {
-                scores[h * context + p] = dot(query, key) * scale;
+                let out = &mut scores[h * context + p0..][..width];
+                score_rows::<FUSED>(query, keys, kv_width, out);
+                out.iter_mut().for_each(|s| *s *= scale);
             }
         }
         scores.chunks_exact_mut(context).for_each(softmax);
         let outputs = &mut dst[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
-        for p in 0..context {
-            let value = &job.v_pages[slot(p) * kv_width + kv_head * head_dim..][..head_dim];
+        for p0 in (0..context).step_by(block_size) {
+            let width = block_size.min(context - p0);
+            let values = &job.v_pages[page_rows(p0, width, kv_head)];
             for (h, out) in outputs.chunks_exact_mut(head_dim).enumerate() {
-                let weight = scores[h * context + p];
-                for (o, v) in out.iter_mut().zip(value) {
-                    *o += weight * v;
-                }
+                accumulate::<FUSED>(out, &scores[h * context + p0..][..width], values, kv_width);
             }
         }
+    }
+}
+
+/// `out[j] = query · keys[j · stride..][..query.len()]`.
+#[inline(always)]
+fn score_rows<const FUSED: bool>(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
+    let head_dim = query.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if FUSED && head_dim.is_multiple_of(8) {
+        for (chunk, out) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: FUSED code runs only inside `attend_avx2`, on a CPU with AVX2 and FMA.
+            let eight = unsafe { fused::dot_8(query, &keys[chunk * 8 * stride..], stride) };
+            out.copy_from_slice(&eight);
+        }
+        done = out.len() - out.len() % 8;
+    }
+    for (j, out) in out.iter_mut().enumerate().skip(done) {
+        *out = dot(query, &keys[j * stride..][..head_dim]);
     }
 }
 
@@ -176,7 +199,7 @@ fn softmax(scores: &mut [f32]) {
 /// in plain arithmetic so the loop around it vectorises; libm's `expf` is one call per score, which was a sixth
 /// of a long prefill.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so n · ln 2 is exact enough for the reduction.
     const LN2_HI: f32 = 0.693_359_4;
@@ -228,9 +251,10 @@ fn score_chunk<const FUSED: bool>(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -
     acc
 }
 
-/// `out += Σ_j weights[j] · values[j]` over rows of `head_dim`.
+/// `out += Σ_j weights[j] · values[j · stride..][..out.len()]`.
 #[inline(always)]
-fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32], head_dim: usize) {
+fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32], stride: usize) {
+    let head_dim = out.len();
     // 64 output dimensions per pass where they divide: eight independent AVX2 accumulators, so consecutive
     // weights do not wait on each other's FMA; then 16 at a time, then one.
     let wide = head_dim - head_dim % 64;
@@ -239,31 +263,25 @@ fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32
     if FUSED {
         for (block, out) in out[..wide].chunks_exact_mut(64).enumerate() {
             // SAFETY: FUSED code runs only inside `attend_avx2`, on a CPU with AVX2 and FMA.
-            unsafe { fused::accumulate_64(out, weights, values, block * 64, head_dim) };
+            unsafe { fused::accumulate_64(out, weights, values, block * 64, stride) };
         }
-        accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, head_dim);
-        accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, head_dim);
+        accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, stride);
+        accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, stride);
         return;
     }
-    accumulate_dims::<64>(&mut out[..wide], 0, weights, values, head_dim);
-    accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, head_dim);
-    accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, head_dim);
+    accumulate_dims::<64>(&mut out[..wide], 0, weights, values, stride);
+    accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, stride);
+    accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, stride);
 }
 
 /// `accumulate` for the output dimensions `offset..offset + out.len()`, `DIMS` of them per register block.
 #[inline(always)]
-fn accumulate_dims<const DIMS: usize>(
-    out: &mut [f32],
-    offset: usize,
-    weights: &[f32],
-    values: &[f32],
-    head_dim: usize,
-) {
+fn accumulate_dims<const DIMS: usize>(out: &mut [f32], offset: usize, weights: &[f32], values: &[f32], stride: usize) {
     for (block, out) in out.chunks_exact_mut(DIMS).enumerate() {
         let mut acc = [0.0f32; DIMS];
         acc.copy_from_slice(out);
         for (j, &w) in weights.iter().enumerate() {
-            let v = &values[j * head_dim + offset + block * DIMS..][..DIMS];
+            let v = &values[j * stride + offset + block * DIMS..][..DIMS];
             for i in 0..DIMS {
                 acc[i] += w * v[i];
             }
@@ -303,18 +321,54 @@ mod fused {
         out
     }
 
-    /// `out[..64] += Σ_j weights[j] · values[j · head_dim + offset ..][..64]`, eight independent accumulators.
+    /// `query · keys[j · stride..][..query.len()]` for j in 0..8: one accumulator per key over the head's
+    /// dimensions, then the eight sums reduced into one vector with three rounds of pairwise adds.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn accumulate_64(out: &mut [f32], weights: &[f32], values: &[f32], offset: usize, head_dim: usize) {
-        assert!(out.len() == 64 && offset + 64 <= head_dim, "a 64-wide block of one head");
-        assert!(values.len() >= weights.len() * head_dim, "a value row per weight");
+    pub unsafe fn dot_8(query: &[f32], keys: &[f32], stride: usize) -> [f32; 8] {
+        let head_dim = query.len();
+        assert!(head_dim.is_multiple_of(LANES) && keys.len() >= 7 * stride + head_dim, "eight whole key rows");
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for d in (0..head_dim).step_by(LANES) {
+            // SAFETY: d + 8 ≤ head_dim, and key j's row lies inside `keys` (asserted).
+            unsafe {
+                let q = _mm256_loadu_ps(query.as_ptr().add(d));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys.as_ptr().add(j * stride + d)), *acc);
+                }
+            }
+        }
+        // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: after two rounds each 128-bit
+        // half holds four keys' partial sums in key order, and adding the halves finishes them.
+        let pairs = [
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+            _mm256_hadd_ps(acc[4], acc[5]),
+            _mm256_hadd_ps(acc[6], acc[7]),
+        ];
+        let (first, second) = (_mm256_hadd_ps(pairs[0], pairs[1]), _mm256_hadd_ps(pairs[2], pairs[3]));
+        let low = _mm256_permute2f128_ps(first, second, 0x20);
+        let high = _mm256_permute2f128_ps(first, second, 0x31);
+        let mut out = [0.0f32; 8];
+        // SAFETY: `out` holds 8 f32s.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(low, high)) };
+        out
+    }
+
+    /// `out[..64] += Σ_j weights[j] · values[j · stride + offset ..][..64]`, eight independent accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate_64(out: &mut [f32], weights: &[f32], values: &[f32], offset: usize, stride: usize) {
+        assert!(out.len() == 64, "a 64-wide block of one head");
+        assert!(
+            weights.is_empty() || values.len() >= (weights.len() - 1) * stride + offset + 64,
+            "a value row per weight"
+        );
         // SAFETY: `out` holds 64 f32s (asserted), eight vectors.
         let mut acc: [__m256; 8] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(out.as_ptr().add(k * LANES)) });
         for (j, &w) in weights.iter().enumerate() {
             let w = _mm256_set1_ps(w);
-            let row = j * head_dim + offset;
+            let row = j * stride + offset;
             for (k, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: row + 64 ≤ (j + 1) · head_dim ≤ values.len() (asserted), so all eight loads are inside.
+                // SAFETY: row + 64 ≤ values.len() for every j < weights.len() (asserted): all eight loads inside.
                 let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(row + k * LANES)) };
                 *acc = _mm256_fmadd_ps(w, v, *acc);
             }
