@@ -223,14 +223,17 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call to `round`.
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5;
     let e = p * (r * r) + r + 1.0;
-    // 2^n from its exponent bits; n ≥ -126 because x ≥ -87.
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from its exponent bits; n ≥ -126 because x ≥ -87. The integer n is read off `shifted`'s low
+    // mantissa bits rather than cast from `n` (a float-to-int `as` saturates, which kept this loop scalar).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Eight partial sums so the loop vectorises without reassociating floats.
