@@ -4,6 +4,7 @@
 //! share a KV head (GQA), so a long prefill reads its K/V once per block instead of once per row per head.
 //! The loops are plain Rust written to auto-vectorise; like `kernels`, they are compiled a second time with
 //! AVX2 + FMA enabled and that copy is used when the CPU has them.
+use super::math::{dot, exp_nonpositive, lanes};
 use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 
 /// Query rows per block: enough to amortise K/V reads, few enough that a long prefill still spreads over
@@ -194,62 +195,6 @@ fn softmax(scores: &mut [f32]) {
     }
 }
 
-/// `values` folded by `op` over eight interleaved lanes, then the lanes folded together: a maximum or a sum that
-/// vectorises (a single running fold cannot be reordered, so it ran one value at a time: a tenth of prefill's
-/// attention; and `f32::max`'s NaN rule kept even the maximum scalar).
-#[inline(always)]
-fn lanes(values: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(init, |a, &b| op(a, b));
-    for chunk in chunks {
-        for i in 0..8 {
-            acc[i] = op(acc[i], chunk[i]);
-        }
-    }
-    acc.iter().fold(tail, |a, &b| op(a, b))
-}
-
-/// e^x for x ≤ 0, as softmax needs after subtracting the maximum, within 2 ulp (x below -87 gives e^-87, not
-/// less: beside the maximum's weight of 1 that is nothing). Cephes' `expf` polynomial after reducing by ln 2,
-/// in plain arithmetic so the loop around it vectorises; libm's `expf` is one call per score, which was a sixth
-/// of a long prefill.
-#[inline(always)]
-pub(super) fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts, so n · ln 2 is exact enough for the reduction.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call to `round`.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    // 2^n from its exponent bits; n ≥ -126 because x ≥ -87. The integer n is read off `shifted`'s low
-    // mantissa bits rather than cast from `n` (a float-to-int `as` saturates, which kept this loop scalar).
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
-}
-
-/// Eight partial sums so the loop vectorises without reassociating floats.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// `acc[i][j] = Σ_d queries[i][d] · keys_t[d · KEYS + j]`.
 #[inline(always)]
 fn score_chunk<const FUSED: bool>(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -> [[f32; KEYS]; QUERIES] {
@@ -396,23 +341,5 @@ mod fused {
             // SAFETY: `out` holds 64 f32s (asserted).
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(k * LANES), *acc) };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_nonpositive;
-
-    #[test]
-    fn exp_matches_libm_where_softmax_uses_it() {
-        let mut worst = 0.0f64;
-        for i in 0..=870_000 {
-            let x = -(i as f32) / 10_000.0;
-            let (ours, exact) = (f64::from(exp_nonpositive(x)), f64::from(x).exp());
-            worst = worst.max((ours - exact).abs() / exact);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }

@@ -7,6 +7,7 @@
 //! cache-blocked GEMM (compute-bound), with bf16 weights widened to f32 for the call.
 mod attention;
 mod kernels;
+mod math;
 mod packed;
 
 use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
@@ -103,7 +104,7 @@ const SILU_CHUNK: usize = 4096;
 fn silu_mul_chunk(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         // σ(x) from e^-|x|, which never overflows, with the vectorisable exp (libm's is a call per value).
-        let e = attention::exp_nonpositive(-g.abs());
+        let e = math::exp_nonpositive(-g.abs());
         let sigmoid = if *g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
         *g *= sigmoid * u;
     }
@@ -325,7 +326,7 @@ impl Backend for CpuBackend {
         out.clear();
         out.resize(x.len(), 0.0);
         for (row, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let mean_square = math::dot(row, row) / dim as f32;
             let scale = 1.0 / (mean_square + eps).sqrt();
             for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
                 *d = v * scale * w;
