@@ -41,6 +41,62 @@ const SINGLE_ROW_PANELS: usize = 6;
 /// Panels one call of `multiply_panels` should be given, so both tile shapes fill up.
 pub const PANELS_PER_CALL: usize = 6;
 
+/// Where a product's tiles store: a row-major output `width` floats wide whose column 0 is the first feature of
+/// panel `base_panel`.
+#[derive(Clone, Copy)]
+struct Output {
+    ptr: *mut f32,
+    len: usize,
+    width: usize,
+    base_panel: usize,
+}
+
+impl Output {
+    /// Stores 16 values at row `row`, starting at the first feature of panel `panel`.
+    ///
+    /// # Safety
+    /// No other thread may be writing those 16 floats.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(&self, row: usize, panel: usize, values: std::arch::x86_64::__m512) {
+        let at = row * self.width + (panel - self.base_panel) * LANES;
+        assert!(at + LANES <= self.len, "a tile inside its output");
+        // SAFETY: 16 floats at `at` are inside the output (asserted); the caller rules out other writers.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(self.ptr.add(at), values) };
+    }
+
+    /// # Safety
+    /// As `store`.
+    unsafe fn set(&self, row: usize, feature: usize, value: f32) {
+        let at = row * self.width + feature - self.base_panel * LANES;
+        assert!(at < self.len, "a value inside its output");
+        // SAFETY: inside the output (asserted); the caller rules out other writers.
+        unsafe { *self.ptr.add(at) = value };
+    }
+}
+
+/// A row-major output one padded row of features wide (`panels · 16`), which the tasks of one product fill
+/// in parallel, each the columns of its own panels: they share every row, so no task can hold a `&mut` slice.
+pub struct SharedOutput<'a> {
+    output: Output,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the output is only written through `multiply_shared`, whose callers give concurrent calls disjoint
+// panels, and so disjoint floats.
+unsafe impl Send for SharedOutput<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for SharedOutput<'_> {}
+
+impl<'a> SharedOutput<'a> {
+    pub fn new(out: &'a mut [f32], width: usize) -> Self {
+        Self {
+            output: Output { ptr: out.as_mut_ptr(), len: out.len(), width, base_panel: 0 },
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
 pub struct PackedBf16 {
     pub rows: usize,
     pub cols: usize,
@@ -77,17 +133,44 @@ impl PackedBf16 {
 
     /// `out[t][f - 16·first_panel] = x[t] · w[f]` for the features of panels `first_panel..first_panel+count`,
     /// all `n` activation rows (`x` is `n × cols` bf16, `out` is `n × 16·count`, row-major).
+    #[cfg(test)]
     pub fn multiply_panels(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if available() {
-            // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above).
-            return unsafe { self.multiply_avx512(x, n, first_panel, count, out) };
-        }
-        self.multiply_portable(x, n, first_panel, count, out);
+        let output = Output { ptr: out.as_mut_ptr(), len: out.len(), width: count * LANES, base_panel: first_panel };
+        // SAFETY: `out` is borrowed mutably here, so nothing else writes to it.
+        unsafe { self.multiply(x, n, first_panel, count, output) }
     }
 
-    fn multiply_portable(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: &mut [f32]) {
-        let width = count * LANES;
+    /// `multiply_panels` into the columns of panels `first_panel..first_panel+count` of a shared output.
+    ///
+    /// # Safety
+    /// Calls running at the same time on one output must be given disjoint panels.
+    pub unsafe fn multiply_shared(
+        &self,
+        x: &[bf16],
+        n: usize,
+        first_panel: usize,
+        count: usize,
+        out: &SharedOutput<'_>,
+    ) {
+        // SAFETY: the caller's disjoint panels mean disjoint floats.
+        unsafe { self.multiply(x, n, first_panel, count, out.output) }
+    }
+
+    /// # Safety
+    /// Nothing else writes to the columns of these panels in `out` meanwhile.
+    unsafe fn multiply(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above); writers as the caller promised.
+            return unsafe { self.multiply_avx512(x, n, first_panel, count, out) };
+        }
+        // SAFETY: as the caller promised.
+        unsafe { self.multiply_portable(x, n, first_panel, count, out) };
+    }
+
+    /// # Safety
+    /// As `multiply`.
+    unsafe fn multiply_portable(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) {
         for t in 0..n {
             for p in 0..count {
                 let panel = &self.data[(first_panel + p) * LANES * self.depth..][..LANES * self.depth];
@@ -96,7 +179,8 @@ impl PackedBf16 {
                     for k in 0..self.cols {
                         sum += x[t * self.cols + k].to_f32() * panel[(k / 2) * LANES * 2 + lane * 2 + k % 2].to_f32();
                     }
-                    out[t * width + p * LANES + lane] = sum;
+                    // SAFETY: as the caller promised.
+                    unsafe { out.set(t, (first_panel + p) * LANES + lane, sum) };
                 }
             }
         }
@@ -104,8 +188,8 @@ impl PackedBf16 {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn multiply_avx512(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: &mut [f32]) {
-        assert!(x.len() >= n * self.cols && out.len() >= n * count * LANES && first_panel + count <= self.panels);
+    unsafe fn multiply_avx512(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) {
+        assert!(x.len() >= n * self.cols && first_panel + count <= self.panels);
         let mut t = 0;
         while t + TOKENS <= n {
             let mut p = 0;
@@ -114,9 +198,9 @@ impl PackedBf16 {
                 // SAFETY: rows t..t+8 and panels p..p+panels are in bounds (asserted above).
                 unsafe {
                     match panels {
-                        3 => self.tile::<TOKENS, 3>(x, t, first_panel + p, out, count, p),
-                        2 => self.tile::<TOKENS, 2>(x, t, first_panel + p, out, count, p),
-                        _ => self.tile::<TOKENS, 1>(x, t, first_panel + p, out, count, p),
+                        3 => self.tile::<TOKENS, 3>(x, t, first_panel + p, out),
+                        2 => self.tile::<TOKENS, 2>(x, t, first_panel + p, out),
+                        _ => self.tile::<TOKENS, 1>(x, t, first_panel + p, out),
                     }
                 }
                 p += panels;
@@ -132,12 +216,12 @@ impl PackedBf16 {
                 // SAFETY: row `row` and panels p..p+panels are in bounds (asserted above).
                 unsafe {
                     match panels {
-                        6 => self.tile::<1, 6>(x, row, first_panel + p, out, count, p),
-                        5 => self.tile::<1, 5>(x, row, first_panel + p, out, count, p),
-                        4 => self.tile::<1, 4>(x, row, first_panel + p, out, count, p),
-                        3 => self.tile::<1, 3>(x, row, first_panel + p, out, count, p),
-                        2 => self.tile::<1, 2>(x, row, first_panel + p, out, count, p),
-                        _ => self.tile::<1, 1>(x, row, first_panel + p, out, count, p),
+                        6 => self.tile::<1, 6>(x, row, first_panel + p, out),
+                        5 => self.tile::<1, 5>(x, row, first_panel + p, out),
+                        4 => self.tile::<1, 4>(x, row, first_panel + p, out),
+                        3 => self.tile::<1, 3>(x, row, first_panel + p, out),
+                        2 => self.tile::<1, 2>(x, row, first_panel + p, out),
+                        _ => self.tile::<1, 1>(x, row, first_panel + p, out),
                     }
                 }
                 p += panels;
@@ -145,23 +229,13 @@ impl PackedBf16 {
         }
     }
 
-    /// Rows `t..t+T` × panels `panel..panel+P`, stored at `out[row][(p_out + j)·16 + lane]` of an output that
-    /// is `out_panels · 16` wide.
+    /// Rows `t..t+T` × panels `panel..panel+P`, stored into `out` (whose writers the caller has ruled out).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::needless_range_loop)] // indexes rows, panels and accumulators in lockstep
-    unsafe fn tile<const T: usize, const P: usize>(
-        &self,
-        x: &[bf16],
-        t: usize,
-        panel: usize,
-        out: &mut [f32],
-        out_panels: usize,
-        p_out: usize,
-    ) {
+    unsafe fn tile<const T: usize, const P: usize>(&self, x: &[bf16], t: usize, panel: usize, out: Output) {
         use std::arch::x86_64::{
             __m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_ps,
-            _mm512_storeu_ps,
         };
         let mut acc = [[_mm512_setzero_ps(); P]; T];
         let pairs = self.depth / 2;
@@ -185,13 +259,10 @@ impl PackedBf16 {
                 }
             }
         }
-        let width = out_panels * LANES;
         for r in 0..T {
             for j in 0..P {
-                let at = (t + r) * width + (p_out + j) * LANES;
-                assert!(at + LANES <= out.len());
-                // SAFETY: 16 floats at `at` are inside `out` (asserted).
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), acc[r][j]) };
+                // SAFETY: the caller has ruled out other writers of these panels.
+                unsafe { out.store(t + r, panel + j, acc[r][j]) };
             }
         }
     }
@@ -214,7 +285,9 @@ mod tests {
         let mut out = vec![0.0; n * panels * LANES];
         packed.multiply_panels(&x, n, 0, panels, &mut out);
         let mut portable = vec![0.0; n * panels * LANES];
-        packed.multiply_portable(&x, n, 0, panels, &mut portable);
+        let output = Output { ptr: portable.as_mut_ptr(), len: portable.len(), width: panels * LANES, base_panel: 0 };
+        // SAFETY: `portable` is only written here.
+        unsafe { packed.multiply_portable(&x, n, 0, panels, output) };
         for t in 0..n {
             for f in 0..rows {
                 // Every product and partial sum is exact in f32, so any summation order agrees exactly.
