@@ -38,7 +38,7 @@ const TOKENS: usize = 8;
 const PANELS: usize = 3;
 /// Panels per tile when rows go one at a time.
 const SINGLE_ROW_PANELS: usize = 6;
-/// Panels one call of `multiply_panels` should be given, so both tile shapes fill up.
+/// Panels one call of `multiply_shared` should be given, so both tile shapes fill up.
 pub const PANELS_PER_CALL: usize = 6;
 
 /// Where a product's tiles store: a row-major output `width` floats wide whose column 0 is the first feature of
