@@ -143,15 +143,9 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     }
     drop(feed);
     let (events, last) = applier.await.map_err(|_| PlaneError::Incomplete("the index task failed".into()))?;
-    let cpu_us_per_event = cpu_per_event(cpu_start, events);
-    let seconds = (last - start).as_secs_f64();
+    let run = PlaneRun::measured(events, last - start, cpu_start, messages, received);
     let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
-    Ok(PlaneRun {
-        events_per_s: events as f64 / seconds,
-        messages: received,
-        lost: messages - received,
-        cpu_us_per_event,
-    })
+    Ok(run)
 }
 
 async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, PlaneError> {
@@ -197,16 +191,22 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
         received += 1;
         last = Instant::now();
     }
-    let seconds = (last - start).as_secs_f64();
     let events = received * batch(CACHED_BLOCKS, events_per_message).events.len() as u64;
-    let cpu_us_per_event = cpu_per_event(cpu_start, events);
+    let run = PlaneRun::measured(events, last - start, cpu_start, messages, received);
     let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
-    Ok(PlaneRun {
-        events_per_s: events as f64 / seconds,
-        messages: received,
-        lost: messages - received,
-        cpu_us_per_event,
-    })
+    Ok(run)
+}
+
+impl PlaneRun {
+    /// A run's figures, read when its last event is in (the CPU time too, so it excludes the tear-down).
+    fn measured(events: u64, elapsed: Duration, cpu_start: Option<f64>, messages: u64, received: u64) -> Self {
+        PlaneRun {
+            events_per_s: events as f64 / elapsed.as_secs_f64(),
+            messages: received,
+            lost: messages - received,
+            cpu_us_per_event: cpu_per_event(cpu_start, events),
+        }
+    }
 }
 
 fn cpu_per_event(cpu_start: Option<f64>, events: u64) -> Option<f64> {
