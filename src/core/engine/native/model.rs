@@ -35,9 +35,43 @@ pub struct Transformer<B: Backend> {
     macs_per_token: u64,
 }
 
-/// Every layer's K and V pages.
+/// Every layer's K and V pages, and the activations of the steps that fill them.
 pub struct KvCache<B: Backend> {
     layers: Vec<(B::Pages, B::Pages)>,
+    activations: Activations<B>,
+}
+
+/// One step's intermediate values, kept from step to step: allocated afresh, the vocabulary-wide logits
+/// (3 MB at batch 16 through a 49k vocabulary) came back from the allocator as new pages each step, and
+/// faulting them in cost a tenth of a CPU decode step.
+struct Activations<B: Backend> {
+    hidden: B::Vector,
+    x: B::Vector,
+    q: B::Vector,
+    k: B::Vector,
+    v: B::Vector,
+    attn: B::Vector,
+    projected: B::Vector,
+    gate: B::Vector,
+    up: B::Vector,
+    logits: B::Vector,
+}
+
+impl<B: Backend> Activations<B> {
+    fn new(b: &B) -> Op<Self> {
+        Ok(Self {
+            hidden: b.zeros(0)?,
+            x: b.zeros(0)?,
+            q: b.zeros(0)?,
+            k: b.zeros(0)?,
+            v: b.zeros(0)?,
+            attn: b.zeros(0)?,
+            projected: b.zeros(0)?,
+            gate: b.zeros(0)?,
+            up: b.zeros(0)?,
+            logits: b.zeros(0)?,
+        })
+    }
 }
 
 /// Some pages of a KV cache on the host, every layer's K and V: what moves between workers when one prefills
@@ -188,7 +222,7 @@ impl<B: Backend> Transformer<B> {
         let layers = (0..self.config.num_layers)
             .map(|_| Ok((self.backend.pages(num_pages, page_len)?, self.backend.pages(num_pages, page_len)?)))
             .collect::<Op<_>>()?;
-        Ok(KvCache { layers })
+        Ok(KvCache { layers, activations: Activations::new(&self.backend)? })
     }
 
     /// Copies pages `ids` of `cache` out, in order.
@@ -240,45 +274,42 @@ impl<B: Backend> Transformer<B> {
         let c = &self.config;
         let shape =
             AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size };
-        let mut hidden = b.zeros(0)?;
-        b.embedding(&self.embed, &batch.token_ids, &mut hidden)?;
-        let (mut x, mut q, mut k, mut v) = (b.zeros(0)?, b.zeros(0)?, b.zeros(0)?, b.zeros(0)?);
-        let (mut attn, mut projected, mut gate, mut up) = (b.zeros(0)?, b.zeros(0)?, b.zeros(0)?, b.zeros(0)?);
+        let Activations { hidden, x, q, k, v, attn, projected, gate, up, logits } = &mut cache.activations;
+        b.embedding(&self.embed, &batch.token_ids, hidden)?;
         for (layer, (k_pages, v_pages)) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            b.rms_norm(&hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
+            b.rms_norm(hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, x)?;
             let [q_bias, k_bias, v_bias] = match &layer.qkv_bias {
                 Some([qb, kb, vb]) => [Some(qb), Some(kb), Some(vb)],
                 None => [None, None, None],
             };
-            b.matmul(&x, &layer.q, q_bias, &mut q)?;
-            b.matmul(&x, &layer.k, k_bias, &mut k)?;
-            b.matmul(&x, &layer.v, v_bias, &mut v)?;
+            b.matmul(x, &layer.q, q_bias, q)?;
+            b.matmul(x, &layer.k, k_bias, k)?;
+            b.matmul(x, &layer.v, v_bias, v)?;
             if let Some([q_norm, k_norm]) = &layer.qk_norm {
-                b.rms_norm(&q, q_norm, c.head_dim, c.rms_norm_eps, &mut attn)?;
-                std::mem::swap(&mut q, &mut attn);
-                b.rms_norm(&k, k_norm, c.head_dim, c.rms_norm_eps, &mut attn)?;
-                std::mem::swap(&mut k, &mut attn);
+                b.rms_norm(q, q_norm, c.head_dim, c.rms_norm_eps, attn)?;
+                std::mem::swap(q, attn);
+                b.rms_norm(k, k_norm, c.head_dim, c.rms_norm_eps, attn)?;
+                std::mem::swap(k, attn);
             }
-            b.rope(&mut q, &batch.positions, c.num_heads, c.head_dim, &self.inv_freq)?;
-            b.rope(&mut k, &batch.positions, c.num_kv_heads, c.head_dim, &self.inv_freq)?;
-            b.write_kv(&k, &v, &batch.slots, k_pages, v_pages)?;
-            b.paged_attention(&q, k_pages, v_pages, &batch.seqs, &shape, &mut attn)?;
-            b.matmul(&attn, &layer.o, None, &mut projected)?;
-            b.add(&mut hidden, &projected)?;
+            b.rope(q, &batch.positions, c.num_heads, c.head_dim, &self.inv_freq)?;
+            b.rope(k, &batch.positions, c.num_kv_heads, c.head_dim, &self.inv_freq)?;
+            b.write_kv(k, v, &batch.slots, k_pages, v_pages)?;
+            b.paged_attention(q, k_pages, v_pages, &batch.seqs, &shape, attn)?;
+            b.matmul(attn, &layer.o, None, projected)?;
+            b.add(hidden, projected)?;
 
-            b.rms_norm(&hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
-            b.matmul(&x, &layer.gate, None, &mut gate)?;
-            b.matmul(&x, &layer.up, None, &mut up)?;
-            b.silu_mul(&mut gate, &up)?;
-            b.matmul(&gate, &layer.down, None, &mut projected)?;
-            b.add(&mut hidden, &projected)?;
+            b.rms_norm(hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, x)?;
+            b.matmul(x, &layer.gate, None, gate)?;
+            b.matmul(x, &layer.up, None, up)?;
+            b.silu_mul(gate, up)?;
+            b.matmul(gate, &layer.down, None, projected)?;
+            b.add(hidden, projected)?;
         }
         // Only the rows that sample need the (vocabulary-wide, expensive) head.
-        let last = b.gather_rows(&hidden, c.hidden_size, &batch.logit_rows)?;
-        b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, &mut x)?;
-        let mut logits = b.zeros(0)?;
-        b.matmul(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, &mut logits)?;
-        b.to_host(&logits)
+        let last = b.gather_rows(hidden, c.hidden_size, &batch.logit_rows)?;
+        b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, x)?;
+        b.matmul(x, self.lm_head.as_ref().unwrap_or(&self.embed), None, logits)?;
+        b.to_host(logits)
     }
 }
 

@@ -135,8 +135,8 @@ impl CpuBackend {
         // per-task blocks afterwards cost a copy of the output (3 MB for a batch of 16 through a 49k vocabulary).
         let width = panels * 16;
         out.clear();
-        out.resize(n * width, 0.0);
-        let shared = SharedOutput::new(out, width);
+        out.reserve(n * width);
+        let shared = SharedOutput::new(&mut out.spare_capacity_mut()[..n * width], width);
         self.pool.install(|| {
             (0..panels.div_ceil(PANELS_PER_TASK)).into_par_iter().for_each(|task| {
                 let first = task * PANELS_PER_TASK;
@@ -145,6 +145,9 @@ impl CpuBackend {
                 unsafe { w.multiply_shared(&rounded, n, first, count, &shared) };
             })
         });
+        // SAFETY: the tasks covered panels 0..panels, and each wrote every row of its panels' columns: all
+        // n · width floats are initialised.
+        unsafe { out.set_len(n * width) };
         if width != w.rows {
             for t in 1..n {
                 out.copy_within(t * width..t * width + w.rows, t * w.rows);

@@ -28,7 +28,33 @@ pub fn available() -> bool {
 
 /// Activations rounded to the nearest bf16 (ties to even), the form the product reads.
 pub fn round(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX-512 F and BW (checked just above).
+        return unsafe { round_avx512(x) };
+    }
+    x.iter().map(|&v| round_one(v)).collect()
+}
+
+/// Compiled with 512-bit registers: the plain loop does 16 values per step instead of SSE2's 4. It runs once
+/// per product on the thread that starts it, which the other threads wait for.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn round_avx512(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| round_one(v)).collect()
+}
+
+/// `half`'s rounding (nearest, ties to even; NaN stays a quiet NaN), written on the bits so it vectorises;
+/// `bf16::from_f32` in a loop did, but only as wide as the target's baseline.
+#[inline(always)]
+fn round_one(value: f32) -> bf16 {
+    let bits = value.to_bits();
+    let rounded = if bits & 0x7fff_ffff > 0x7f80_0000 {
+        (bits >> 16) | 0x40
+    } else {
+        bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16
+    };
+    bf16::from_bits(rounded as u16)
 }
 
 const LANES: usize = 16;
@@ -89,9 +115,11 @@ unsafe impl Send for SharedOutput<'_> {}
 unsafe impl Sync for SharedOutput<'_> {}
 
 impl<'a> SharedOutput<'a> {
-    pub fn new(out: &'a mut [f32], width: usize) -> Self {
+    /// An output over memory that need not be initialised: the products that fill it write every float of
+    /// their panels' columns, so zeroing it first would only be a second pass over it.
+    pub fn new(out: &'a mut [std::mem::MaybeUninit<f32>], width: usize) -> Self {
         Self {
-            output: Output { ptr: out.as_mut_ptr(), len: out.len(), width, base_panel: 0 },
+            output: Output { ptr: out.as_mut_ptr().cast(), len: out.len(), width, base_panel: 0 },
             _borrow: std::marker::PhantomData,
         }
     }
@@ -140,7 +168,8 @@ impl PackedBf16 {
         unsafe { self.multiply(x, n, first_panel, count, output) }
     }
 
-    /// `multiply_panels` into the columns of panels `first_panel..first_panel+count` of a shared output.
+    /// `multiply_panels` into the columns of panels `first_panel..first_panel+count` of a shared output: every
+    /// float of those columns, in all `n` rows, is written.
     ///
     /// # Safety
     /// Calls running at the same time on one output must be given disjoint panels.
@@ -271,6 +300,34 @@ impl PackedBf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_matches_half_for_every_kind_of_value() {
+        // Ties both ways, values that round up into the next exponent or to infinity, subnormals, signed
+        // zeros, infinities, NaNs; then a spread of ordinary bit patterns. More values than one vector, so
+        // both the wide loop and its tail run.
+        let mut values = vec![
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -(1.0 + 3.0 / 256.0),
+            f32::from_bits(0x3fff_ffff),
+            f32::from_bits(0x7f7f_ffff),
+            f32::from_bits(0x0000_8001),
+            f32::from_bits(0x8000_7fff),
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0xff80_0001),
+        ];
+        values.extend((0..4099u32).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9))));
+        let expected: Vec<u16> = values.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let rounded: Vec<u16> = round(&values).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(rounded, expected);
+        assert!(values.iter().map(|&v| round_one(v).to_bits()).eq(expected));
+    }
 
     #[test]
     fn packed_products_equal_plain_sums_for_ragged_shapes() {
