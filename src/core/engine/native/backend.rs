@@ -30,6 +30,13 @@ pub struct BackendError(pub String);
 
 pub type Op<T = ()> = Result<T, BackendError>;
 
+/// One of several products of the same activations (see `Backend::matmuls`).
+pub struct Product<'a, B: Backend + ?Sized> {
+    pub weight: &'a B::Matrix,
+    pub bias: Option<&'a B::Vector>,
+    pub out: &'a mut B::Vector,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// f32 activations, norms and biases.
     type Vector: Send + Sync;
@@ -54,6 +61,15 @@ pub trait Backend: Send + Sync + 'static {
     fn embedding(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Vector) -> Op;
     /// `out[n × rows] = x[n × cols] · wᵀ (+ bias)`. Like every op, it resizes `out` as needed.
     fn matmul(&self, x: &Self::Vector, w: &Self::Matrix, bias: Option<&Self::Vector>, out: &mut Self::Vector) -> Op;
+    /// `matmul` of the same `x` by each weight (a layer's q/k/v, or its gate and up). A backend may run them as
+    /// one: the CPU splits all their output features over its threads at once, instead of waiting for the
+    /// slowest thread after each.
+    fn matmuls(&self, x: &Self::Vector, products: &mut [Product<'_, Self>]) -> Op {
+        for product in products {
+            self.matmul(x, product.weight, product.bias, product.out)?;
+        }
+        Ok(())
+    }
     /// Root-mean-square norm of every `dim`-long row.
     fn rms_norm(&self, x: &Self::Vector, weight: &Self::Vector, dim: usize, eps: f32, out: &mut Self::Vector) -> Op;
     /// Rotary embedding in place on `[rows, heads, head_dim]`, rotating half against half.

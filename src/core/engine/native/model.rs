@@ -3,7 +3,7 @@
 //!
 //! Each layer writes the whole batch's K/V into the pages before any row attends, so a row always sees every
 //! earlier position of its sequence, whether computed in an earlier step or in this one.
-use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
+use super::backend::{AttentionSeq, AttentionShape, Backend, Op, Product};
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::{WeightError, WeightFiles};
 
@@ -282,9 +282,14 @@ impl<B: Backend> Transformer<B> {
                 Some([qb, kb, vb]) => [Some(qb), Some(kb), Some(vb)],
                 None => [None, None, None],
             };
-            b.matmul(x, &layer.q, q_bias, q)?;
-            b.matmul(x, &layer.k, k_bias, k)?;
-            b.matmul(x, &layer.v, v_bias, v)?;
+            b.matmuls(
+                x,
+                &mut [
+                    Product { weight: &layer.q, bias: q_bias, out: q },
+                    Product { weight: &layer.k, bias: k_bias, out: k },
+                    Product { weight: &layer.v, bias: v_bias, out: v },
+                ],
+            )?;
             if let Some([q_norm, k_norm]) = &layer.qk_norm {
                 b.rms_norm(q, q_norm, c.head_dim, c.rms_norm_eps, attn)?;
                 std::mem::swap(q, attn);
@@ -299,8 +304,13 @@ impl<B: Backend> Transformer<B> {
             b.add(hidden, projected)?;
 
             b.rms_norm(hidden, &layer.post_norm, c.hidden_size, c.rms_norm_eps, x)?;
-            b.matmul(x, &layer.gate, None, gate)?;
-            b.matmul(x, &layer.up, None, up)?;
+            b.matmuls(
+                x,
+                &mut [
+                    Product { weight: &layer.gate, bias: None, out: gate },
+                    Product { weight: &layer.up, bias: None, out: up },
+                ],
+            )?;
             b.silu_mul(gate, up)?;
             b.matmul(gate, &layer.down, None, projected)?;
             b.add(hidden, projected)?;

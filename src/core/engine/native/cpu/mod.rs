@@ -10,7 +10,7 @@ mod kernels;
 mod math;
 mod packed;
 
-use super::backend::{AttentionSeq, AttentionShape, Backend, Op};
+use super::backend::{AttentionSeq, AttentionShape, Backend, Op, Product};
 use super::weights::{HostData, HostTensor};
 use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
@@ -97,6 +97,17 @@ fn tile_dots<W: WeightElement>(
     }
 }
 
+/// `out[t] += bias` for every `rows`-wide row `t`.
+fn add_bias(out: &mut [f32], rows: usize, bias: Option<&Vec<f32>>) {
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(rows) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    }
+}
+
 /// Values of `silu_mul` per task: a decode batch's MLP width spreads over the threads.
 const SILU_CHUNK: usize = 4096;
 
@@ -126,34 +137,53 @@ impl CpuBackend {
         packed::available()
     }
 
-    /// bf16 weights (packed) × bf16-rounded activations, for any number of rows.
-    fn packed_matmul(&self, x: &[f32], w: &PackedBf16, out: &mut Vec<f32>) {
-        let n = x.len() / w.cols;
+    /// bf16 weights (packed) × bf16-rounded activations, for any number of rows: each product's output is
+    /// `n × w.rows`, all computed in one parallel split.
+    fn packed_matmuls(&self, x: &[f32], products: &mut [(&PackedBf16, &mut Vec<f32>)]) {
+        let Some(cols) = products.first().map(|(w, _)| w.cols) else { return };
+        let n = x.len() / cols;
         let rounded = packed::round(x);
-        let panels = w.panel_count();
-        // Each task stores its panels' columns straight into the output, padded to whole panels; gathering
-        // per-task blocks afterwards cost a copy of the output (3 MB for a batch of 16 through a 49k vocabulary).
-        let width = panels * 16;
-        out.clear();
-        out.reserve(n * width);
-        let shared = SharedOutput::new(&mut out.spare_capacity_mut()[..n * width], width);
+        // Each task stores its panels' columns straight into its product's output, padded to whole panels;
+        // gathering per-task blocks afterwards cost a copy of the output (3 MB for a batch of 16 through a 49k
+        // vocabulary).
+        let weights: Vec<&PackedBf16> = products.iter().map(|(w, _)| *w).collect();
+        let mut tasks = Vec::new();
+        let outputs: Vec<SharedOutput<'_>> = products
+            .iter_mut()
+            .enumerate()
+            .map(|(product, (w, out))| {
+                let (panels, width) = (w.panel_count(), w.panel_count() * 16);
+                tasks.extend((0..panels).step_by(PANELS_PER_TASK).map(|first| (product, first)));
+                out.clear();
+                out.reserve(n * width);
+                SharedOutput::new(&mut out.spare_capacity_mut()[..n * width], width)
+            })
+            .collect();
         self.pool.install(|| {
-            (0..panels.div_ceil(PANELS_PER_TASK)).into_par_iter().for_each(|task| {
-                let first = task * PANELS_PER_TASK;
-                let count = PANELS_PER_TASK.min(panels - first);
-                // SAFETY: every task has its own panels.
-                unsafe { w.multiply_shared(&rounded, n, first, count, &shared) };
+            tasks.into_par_iter().for_each(|(product, first)| {
+                let w = weights[product];
+                let count = PANELS_PER_TASK.min(w.panel_count() - first);
+                // SAFETY: every task has its own panels of its product's output.
+                unsafe { w.multiply_shared(&rounded, n, first, count, &outputs[product]) };
             })
         });
-        // SAFETY: the tasks covered panels 0..panels, and each wrote every row of its panels' columns: all
-        // n · width floats are initialised.
-        unsafe { out.set_len(n * width) };
-        if width != w.rows {
-            for t in 1..n {
-                out.copy_within(t * width..t * width + w.rows, t * w.rows);
+        drop(outputs);
+        for (w, out) in products.iter_mut() {
+            let width = w.panel_count() * 16;
+            // SAFETY: the tasks covered panels 0..panels of this product, and each wrote every row of its
+            // panels' columns: all n · width floats are initialised.
+            unsafe { out.set_len(n * width) };
+            if width != w.rows {
+                for t in 1..n {
+                    out.copy_within(t * width..t * width + w.rows, t * w.rows);
+                }
+                out.truncate(n * w.rows);
             }
-            out.truncate(n * w.rows);
         }
+    }
+
+    fn packed_matmul(&self, x: &[f32], w: &PackedBf16, out: &mut Vec<f32>) {
+        self.packed_matmuls(x, &mut [(w, out)]);
     }
 
     /// Multiply-adds per second of this backend's fastest matrix product (the packed f32 GEMM, or the packed
@@ -313,12 +343,30 @@ impl Backend for CpuBackend {
             Weights::Rows(data) if n >= GEMM_MIN_ROWS => self.gemm(x, data, w.rows, w.cols, out),
             Weights::Rows(data) => self.gemv(x, data, w.rows, w.cols, out),
         }
-        if let Some(bias) = bias {
-            for row in out.chunks_exact_mut(w.rows) {
-                for (o, b) in row.iter_mut().zip(bias) {
-                    *o += b;
-                }
+        add_bias(out, w.rows, bias);
+        Ok(())
+    }
+
+    fn matmuls(&self, x: &Vec<f32>, products: &mut [Product<'_, Self>]) -> Op {
+        let cols = products.first().map_or(0, |p| p.weight.cols);
+        let packed: Option<Vec<&PackedBf16>> = products
+            .iter()
+            .map(|p| match &p.weight.data {
+                Weights::Packed(packed) if p.weight.cols == cols => Some(packed),
+                _ => None,
+            })
+            .collect();
+        let Some(packed) = packed else {
+            for product in products {
+                self.matmul(x, product.weight, product.bias, product.out)?;
             }
+            return Ok(());
+        };
+        let mut pairs: Vec<(&PackedBf16, &mut Vec<f32>)> =
+            packed.into_iter().zip(products.iter_mut().map(|p| &mut *p.out)).collect();
+        self.packed_matmuls(x, &mut pairs);
+        for product in products.iter_mut() {
+            add_bias(product.out, product.weight.rows, product.bias);
         }
         Ok(())
     }
@@ -441,6 +489,44 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
     use half::bf16;
+
+    /// `matmuls` (one parallel split over every product's panels) gives each product exactly what `matmul` does
+    /// alone, biases included; with an f32 matrix among them it falls back to one product at a time.
+    #[test]
+    fn grouped_products_equal_separate_ones() {
+        let backend = CpuBackend::new(2).unwrap();
+        let cols = 36;
+        let matrix = |rows: usize, salt: usize, bf16_weights: bool| {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7 + salt) % 13) as f32 / 4.0 - 1.5).collect();
+            let data = if bf16_weights {
+                HostData::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect())
+            } else {
+                HostData::F32(w)
+            };
+            backend.matrix(HostTensor { shape: vec![rows, cols], data }).unwrap()
+        };
+        let bias = |rows: usize| -> Vec<f32> { (0..rows).map(|i| i as f32 / 8.0).collect() };
+        for bf16_last in [true, false] {
+            let weights = [matrix(150, 1, true), matrix(32, 2, true), matrix(40, 3, bf16_last)];
+            let biases = [Some(bias(150)), None, Some(bias(40))];
+            for n in [1, 9, 16, 40] {
+                let x: Vec<f32> = (0..n * cols).map(|i| ((i * 5) % 9) as f32 / 8.0 - 0.5).collect();
+                let mut grouped = [vec![f32::NAN; 3], Vec::new(), Vec::new()];
+                let [a, b, c] = &mut grouped;
+                let mut products = [
+                    Product { weight: &weights[0], bias: biases[0].as_ref(), out: a },
+                    Product { weight: &weights[1], bias: biases[1].as_ref(), out: b },
+                    Product { weight: &weights[2], bias: biases[2].as_ref(), out: c },
+                ];
+                backend.matmuls(&x, &mut products).unwrap();
+                for ((w, bias), grouped) in weights.iter().zip(&biases).zip(&grouped) {
+                    let mut alone = Vec::new();
+                    backend.matmul(&x, w, bias.as_ref(), &mut alone).unwrap();
+                    assert_eq!(grouped, &alone, "{n} rows, {} features", w.rows);
+                }
+            }
+        }
+    }
 
     /// bf16 weights through `matmul` (the packed product where the CPU has AVX-512 BF16): feature counts that
     /// fill whole panels and one that does not (its padded output rows are compacted), for decode and prefill

@@ -219,17 +219,27 @@ impl PackedBf16 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn multiply_avx512(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) {
         assert!(x.len() >= n * self.cols && first_panel + count <= self.panels);
+        // The 8-row tiles are compute-bound once their panels are in cache, and the first pass over them is
+        // bound by memory instead; so they fetch the panels after these (the same thread's next task, most
+        // often) into L2 as they go, a share each, and the memory traffic overlaps the multiply-adds.
+        let panel_len = LANES * self.depth;
+        let next = (first_panel + count) * panel_len..((first_panel + 2 * count) * panel_len).min(self.data.len());
+        let tiles = (n / TOKENS) * count.div_ceil(PANELS);
+        let share = next.len().div_ceil(tiles.max(1));
+        let mut fetched = next.start;
         let mut t = 0;
         while t + TOKENS <= n {
             let mut p = 0;
             while p < count {
                 let panels = (count - p).min(PANELS);
+                let ahead = fetched..(fetched + share).min(next.end);
+                fetched = ahead.end;
                 // SAFETY: rows t..t+8 and panels p..p+panels are in bounds (asserted above).
                 unsafe {
                     match panels {
-                        3 => self.tile::<TOKENS, 3>(x, t, first_panel + p, out),
-                        2 => self.tile::<TOKENS, 2>(x, t, first_panel + p, out),
-                        _ => self.tile::<TOKENS, 1>(x, t, first_panel + p, out),
+                        3 => self.tile::<TOKENS, 3>(x, t, first_panel + p, out, ahead),
+                        2 => self.tile::<TOKENS, 2>(x, t, first_panel + p, out, ahead),
+                        _ => self.tile::<TOKENS, 1>(x, t, first_panel + p, out, ahead),
                     }
                 }
                 p += panels;
@@ -245,12 +255,12 @@ impl PackedBf16 {
                 // SAFETY: row `row` and panels p..p+panels are in bounds (asserted above).
                 unsafe {
                     match panels {
-                        6 => self.tile::<1, 6>(x, row, first_panel + p, out),
-                        5 => self.tile::<1, 5>(x, row, first_panel + p, out),
-                        4 => self.tile::<1, 4>(x, row, first_panel + p, out),
-                        3 => self.tile::<1, 3>(x, row, first_panel + p, out),
-                        2 => self.tile::<1, 2>(x, row, first_panel + p, out),
-                        _ => self.tile::<1, 1>(x, row, first_panel + p, out),
+                        6 => self.tile::<1, 6>(x, row, first_panel + p, out, 0..0),
+                        5 => self.tile::<1, 5>(x, row, first_panel + p, out, 0..0),
+                        4 => self.tile::<1, 4>(x, row, first_panel + p, out, 0..0),
+                        3 => self.tile::<1, 3>(x, row, first_panel + p, out, 0..0),
+                        2 => self.tile::<1, 2>(x, row, first_panel + p, out, 0..0),
+                        _ => self.tile::<1, 1>(x, row, first_panel + p, out, 0..0),
                     }
                 }
                 p += panels;
@@ -258,18 +268,39 @@ impl PackedBf16 {
         }
     }
 
-    /// Rows `t..t+T` × panels `panel..panel+P`, stored into `out` (whose writers the caller has ruled out).
+    /// Rows `t..t+T` × panels `panel..panel+P`, stored into `out` (whose writers the caller has ruled out),
+    /// while weights `ahead` (indices into the packed data) are fetched into L2 for a later tile.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::needless_range_loop)] // indexes rows, panels and accumulators in lockstep
-    unsafe fn tile<const T: usize, const P: usize>(&self, x: &[bf16], t: usize, panel: usize, out: Output) {
+    unsafe fn tile<const T: usize, const P: usize>(
+        &self,
+        x: &[bf16],
+        t: usize,
+        panel: usize,
+        out: Output,
+        ahead: std::ops::Range<usize>,
+    ) {
         use std::arch::x86_64::{
-            __m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_ps,
+            __m512bh, __m512i, _MM_HINT_T1, _mm_prefetch, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_set1_epi32,
+            _mm512_setzero_ps,
         };
         let mut acc = [[_mm512_setzero_ps(); P]; T];
         let pairs = self.depth / 2;
         let full_pairs = self.cols / 2;
+        // bf16 values per 64-byte line, and lines to fetch per pair so `ahead` is done by the last pair.
+        const LINE: usize = 32;
+        let lines_per_pair = ahead.len().div_ceil(LINE).div_ceil(pairs.max(1));
+        let mut fetch = ahead.start;
         for kk in 0..pairs {
+            for _ in 0..lines_per_pair {
+                if fetch < ahead.end {
+                    // SAFETY: `fetch` indexes the packed data (the caller's range lies inside it); a prefetch
+                    // never faults anyway.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(self.data.as_ptr().add(fetch).cast()) };
+                    fetch += LINE;
+                }
+            }
             // SAFETY: every panel holds `pairs` pairs of 16 lanes; rows hold `cols` values, and the last,
             // odd column (if any) is read alone below.
             unsafe {
