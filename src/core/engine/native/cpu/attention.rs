@@ -124,7 +124,8 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
 }
 
 /// A single query row (a decode step): too few queries to pay for gathering keys and values into chunks, so
-/// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced).
+/// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced). Every KV head
+/// of a page is done before the next page, so each page is read from memory as one stretch.
 #[inline(always)]
 fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
@@ -137,29 +138,49 @@ fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<
         let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width + kv_head * head_dim;
         start..start + (width - 1) * kv_width + head_dim
     };
+    // scores[head * context + position]
     scores.clear();
-    scores.resize(group * context, 0.0);
+    scores.resize(num_heads * context, 0.0);
     dst.fill(0.0);
-    for kv_head in 0..num_kv_heads {
-        let queries = &job.queries[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
-        for p0 in (0..context).step_by(block_size) {
-            let width = block_size.min(context - p0);
+    let whole_page = |pages: &[f32], p0: usize| {
+        if p0 < context {
+            let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width;
+            prefetch(&pages[start..start + block_size.min(context - p0) * kv_width]);
+        }
+    };
+    for p0 in (0..context).step_by(block_size) {
+        let width = block_size.min(context - p0);
+        whole_page(job.k_pages, p0 + block_size);
+        for kv_head in 0..num_kv_heads {
             let keys = &job.k_pages[page_rows(p0, width, kv_head)];
-            for (h, query) in queries.chunks_exact(head_dim).enumerate() {
+            for h in kv_head * group..(kv_head + 1) * group {
                 let out = &mut scores[h * context + p0..][..width];
-                score_rows::<FUSED>(query, keys, kv_width, out);
+                score_rows::<FUSED>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
                 out.iter_mut().for_each(|s| *s *= scale);
             }
         }
-        scores.chunks_exact_mut(context).for_each(softmax);
-        let outputs = &mut dst[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
-        for p0 in (0..context).step_by(block_size) {
-            let width = block_size.min(context - p0);
+    }
+    scores.chunks_exact_mut(context).for_each(softmax);
+    for p0 in (0..context).step_by(block_size) {
+        let width = block_size.min(context - p0);
+        whole_page(job.v_pages, p0 + block_size);
+        for kv_head in 0..num_kv_heads {
             let values = &job.v_pages[page_rows(p0, width, kv_head)];
-            for (h, out) in outputs.chunks_exact_mut(head_dim).enumerate() {
+            for h in kv_head * group..(kv_head + 1) * group {
+                let out = &mut dst[h * head_dim..][..head_dim];
                 accumulate::<FUSED>(out, &scores[h * context + p0..][..width], values, kv_width);
             }
         }
+    }
+}
+
+/// Asks for `values` to be brought into cache ahead of their use.
+#[inline(always)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in values.chunks(16) {
+        // SAFETY: the address is inside `values`; a prefetch never faults.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
 }
 
