@@ -122,7 +122,7 @@ fn measure<B: Backend>(
     for &len in &settings.prompt_lengths {
         let mut times: Vec<f64> = (0..settings.repeats.max(1))
             .map(|rep| {
-                let mut s = scheduler(model, len.max(16), 1)?;
+                let mut s = scheduler(model, len.max(16), 1, len + 1)?;
                 s.add(0, &request(random_tokens(len, vocab, rep as u64), 1), 0);
                 let start = Instant::now();
                 while !s.is_idle() {
@@ -137,21 +137,32 @@ fn measure<B: Backend>(
         prefill.push(Prefill { prompt_tokens: len, median_ms, tokens_per_s, fraction_of_compute_bound });
     }
 
-    let mut decode: Vec<Decode> = Vec::new();
-    for &batch in &settings.batch_sizes {
-        let mut s = scheduler(model, 8192, batch)?;
-        for i in 0..batch {
-            s.add(i as u64, &request(random_tokens(32, vocab, 1000 + i as u64), settings.decode_steps as u32 + 1), 0);
+    // Every batch size's steps alternate, so a change in what else this machine is doing (memory bandwidth
+    // swings by a third on a shared box) lands on all of them alike and the ratio to batch 1 holds.
+    const PROMPT: usize = 32;
+    let mut runs = settings
+        .batch_sizes
+        .iter()
+        .map(|&batch| {
+            let mut s = scheduler(model, 8192, batch, PROMPT + settings.decode_steps + 2)?;
+            for i in 0..batch {
+                let tokens = random_tokens(PROMPT, vocab, 1000 + i as u64);
+                s.add(i as u64, &request(tokens, settings.decode_steps as u32 + 1), 0);
+            }
+            // Prefill everyone (one step: the budget holds every prompt).
+            s.step();
+            Ok((batch, s, Vec::with_capacity(settings.decode_steps)))
+        })
+        .collect::<Result<Vec<_>, BackendError>>()?;
+    for _ in 0..settings.decode_steps {
+        for (_, s, steps) in &mut runs {
+            let start = Instant::now();
+            s.step();
+            steps.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        // Prefill everyone (one step: the budget holds every prompt), then time the decode steps.
-        s.step();
-        let mut steps: Vec<f64> = (0..settings.decode_steps)
-            .map(|_| {
-                let start = Instant::now();
-                s.step();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
+    }
+    let mut decode: Vec<Decode> = Vec::new();
+    for (batch, _, mut steps) in runs {
         let median_step_ms = median(&mut steps);
         let tokens_per_s = batch as f64 / (median_step_ms / 1e3);
         let batch_1 = decode.iter().find(|d| d.batch == 1).map_or(tokens_per_s, |d| d.tokens_per_s);
@@ -217,17 +228,21 @@ pub fn table(r: &EngineBenchResult) -> String {
     out
 }
 
+/// A scheduler with KV room for `seqs` sequences of `seq_len` tokens (and no more: faulting in an oversized
+/// cache dominated the run).
 fn scheduler<B: Backend>(
     model: &Arc<Transformer<B>>,
     budget: usize,
     seqs: usize,
+    seq_len: usize,
 ) -> Result<Scheduler<NativeExecutor<B>>, BackendError> {
+    let defaults = SchedulerConfig::default();
     let config = SchedulerConfig {
-        num_blocks: 4096,
+        num_blocks: seqs.max(1) * (seq_len.div_ceil(defaults.block_size) + 1),
         max_num_seqs: seqs.max(1),
         max_num_batched_tokens: budget,
         enable_prefix_caching: false,
-        ..SchedulerConfig::default()
+        ..defaults
     };
     let executor = NativeExecutor::new(model.clone(), config.num_blocks, config.block_size)?;
     Ok(Scheduler::new(config, executor))
