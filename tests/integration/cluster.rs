@@ -324,3 +324,46 @@ async fn a_router_started_before_its_workers_answers_at_once_and_serves_when_one
     let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
     assert_eq!(models["data"][0]["id"], "tiny-chat", "{models}");
 }
+
+#[tokio::test]
+async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
+    let path = cluster_file("two-models");
+    let file = format!("file:{}", path.display());
+    let _chat = worker(&file, &[]);
+    let _other = worker(&file, &["--served-model-name", "tiny-other"]);
+    let _other_too = worker(&file, &["--served-model-name", "tiny-other"]);
+    let router = route(&file);
+    wait_for_workers(&router, 3).await;
+
+    let health: Value = reqwest::get(router.url("/health")).await.expect("health").json().await.expect("json");
+    assert_eq!(health["models"], json!({"tiny-chat": 1, "tiny-other": 2}), "{health}");
+    let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
+    let mut ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["tiny-chat", "tiny-other"], "{models}");
+
+    for name in ["tiny-chat", "tiny-other"] {
+        let request = json!({"model": name, "prompt": "to the right workers", "max_tokens": 4, "ignore_eos": true});
+        let (status, body) = router.post_json("/v1/completions", request).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["model"], name, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    }
+    // Each model's requests go to its own workers only: without its one worker, tiny-chat is unavailable
+    // while tiny-other still serves.
+    drop(_chat);
+    wait_for_workers(&router, 2).await;
+    let request = |model: &str| json!({"model": model, "prompt": "after the loss", "max_tokens": 2});
+    let (status, body) = router.post_json("/v1/completions", request("tiny-chat")).await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = router.post_json("/v1/completions", request("tiny-other")).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = router.post_json("/v1/completions", json!({"prompt": "which one?", "max_tokens": 2})).await;
+    assert_eq!(status, 400, "with two models the request must name one: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("tiny-chat") && message.contains("tiny-other"), "{body}");
+    let (status, body) =
+        router.post_json("/v1/completions", json!({"model": "tiny-missing", "prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(status, 404, "{body}");
+}

@@ -6,10 +6,11 @@
 //! same workers, the stream drained). The difference is the frontend's added latency; the client shares the
 //! machine with the server, so it is an upper bound.
 use super::{Load, RunStats, drive};
-use crate::core::frontend::{self, FrontendState};
+use crate::core::frontend::{self, FrontendState, Served};
 use crate::core::local::{self, LocalError, LocalSettings};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::PreprocessedRequest;
+use crate::core::router::Router;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -125,23 +126,24 @@ impl Caller for HttpCaller {
 /// The same request as token ids straight to the router, stream drained.
 #[derive(Clone)]
 struct DirectCaller {
-    state: Arc<FrontendState>,
+    router: Arc<Router>,
     request: PreprocessedRequest,
 }
 
 impl DirectCaller {
     fn new(state: &Arc<FrontendState>, messages: &[serde_json::Value], max_tokens: u32) -> Self {
+        let Served { model, router } = state.first();
         let input = TemplateInput { messages, tools: None, add_generation_prompt: true, extra: None };
-        let text = state.model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
-        let token_ids = state.model.tokenizer.encode(&text, false).unwrap_or_default();
+        let text = model.chat_template.as_ref().and_then(|t| t.render(&input).ok()).unwrap_or_default();
+        let token_ids = model.tokenizer.encode(&text, false).unwrap_or_default();
         let request = PreprocessedRequest::greedy("bench", token_ids, max_tokens);
-        Self { state: state.clone(), request }
+        Self { router, request }
     }
 }
 
 impl Caller for DirectCaller {
     async fn call(self) -> Result<(), String> {
-        let mut stream = self.state.router.route(self.request.clone()).map_err(|e| e.to_string())?;
+        let mut stream = self.router.route(self.request.clone()).map_err(|e| e.to_string())?;
         let mut tokens = 0;
         while let Some(output) = stream.next().await {
             tokens += output.token_ids.len();

@@ -2,9 +2,10 @@
 //! plane's heartbeat says whether they are alive and who they are; the event plane brings their KV events
 //! and load. A worker that answers joins the router, one that goes silent (or leaves discovery) leaves it.
 //!
-//! The router needs no copy of the model: the first compatible worker sends its text files (tokenizer,
-//! configs, template). Later workers must agree with it on model name, tokenizer and block size, or they
-//! are refused with the reason in the log.
+//! The router needs no copy of any model: the first worker serving a model sends its text files (tokenizer,
+//! configs, template), and from then on the frontend serves that model too, with a router of its own. Later
+//! workers of a model must agree with its first on tokenizer and block size, or they are refused with the
+//! reason in the log.
 mod remote;
 mod resync;
 
@@ -12,7 +13,7 @@ pub use remote::RemoteEngine;
 use resync::KvFeed;
 
 use crate::core::discovery::{Discovery, DiscoveryEvent};
-use crate::core::frontend::FrontendState;
+use crate::core::frontend::{FrontendState, Served};
 use crate::core::model::{Model, ModelError};
 use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
@@ -78,7 +79,8 @@ impl Cluster {
             clients: HashMap::new(),
             members: HashMap::new(),
             publishers: HashMap::new(),
-            router: None,
+            models: HashMap::new(),
+            state: None,
             metrics,
             snapshots,
             resync_requests,
@@ -123,7 +125,7 @@ pub async fn serve(
     println!(
         "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
          http://{addr}/v1/models",
-        cluster.state.model.card.name
+        cluster.state.first().model.card.name
     );
     served_result(server.await)
 }
@@ -141,6 +143,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Member {
     id: WorkerId,
+    /// The router of the model this worker serves.
+    router: Arc<Router>,
     event_addr: String,
     client: Arc<WorkerClient>,
     kv: tokio::sync::broadcast::Sender<KvEventBatch>,
@@ -160,7 +164,10 @@ struct Membership {
     members: HashMap<String, Member>,
     /// Event-plane publisher id → its member's endpoint.
     publishers: HashMap<WorkerId, String>,
-    router: Option<(Arc<Router>, Arc<Model>)>,
+    /// Served model name → its model and router.
+    models: HashMap<String, Served>,
+    /// What the frontend serves, from the first model on.
+    state: Option<Arc<FrontendState>>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
     /// Handed to each worker's engine: the router's feed asks through it when it fell behind.
@@ -255,13 +262,13 @@ impl Membership {
             );
             return Ok(());
         }
-        let router = match &self.router {
-            Some((router, model)) => {
-                if let Some(reason) = incompatibility(model, router.block_size(), &instance) {
+        let router = match self.models.get(&instance.model) {
+            Some(served) => {
+                if let Some(reason) = incompatibility(&served.model, served.router.block_size(), &instance) {
                     tracing::warn!("worker {:016x} at {addr} {reason}; not used", instance.id);
                     return Ok(());
                 }
-                router.clone()
+                served.router.clone()
             }
             None => {
                 let Some(files) = client.model_files(Duration::from_secs(30)).await else {
@@ -272,14 +279,26 @@ impl Membership {
                     .map_err(|source| ClusterError::Model { addr: addr.to_string(), source })?;
                 let config =
                     RouterConfig { block_size: instance.card.block_size as usize, ..self.settings.router.clone() };
-                let router = Arc::new(Router::new(Vec::new(), config));
-                let model = Arc::new(model);
-                self.router = Some((router.clone(), model.clone()));
-                if let Some(ready) = ready.take() {
-                    let state = FrontendState::new(model, router.clone(), self.metrics.clone());
-                    let _ = ready.send(Ok(Arc::new(state)));
+                let served = Served { model: Arc::new(model), router: Arc::new(Router::new(Vec::new(), config)) };
+                self.models.insert(instance.model.clone(), served.clone());
+                match &self.state {
+                    Some(state) => {
+                        state.add(served.model.clone(), served.router.clone());
+                        tracing::info!("now serving model {:?} too (first worker at {addr})", instance.model);
+                    }
+                    None => {
+                        let state = Arc::new(FrontendState::new(
+                            served.model.clone(),
+                            served.router.clone(),
+                            self.metrics.clone(),
+                        ));
+                        self.state = Some(state.clone());
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(Ok(state));
+                        }
+                    }
                 }
-                router
+                served.router
             }
         };
         // A worker bound to every interface reports `tcp://0.0.0.0:PORT` for its events: reach them on the
@@ -292,6 +311,7 @@ impl Membership {
         let engine = RemoteEngine::new(instance.clone(), client.clone(), self.resync_requests.clone());
         let mut member = Member {
             id: instance.id,
+            router: router.clone(),
             event_addr,
             client,
             kv: engine.kv_sender(),
@@ -318,9 +338,7 @@ impl Membership {
         let Some(member) = self.members.remove(addr) else { return };
         self.publishers.remove(&member.id);
         self.metrics.forget_worker(member.id);
-        if let Some((router, _)) = &self.router {
-            router.remove_worker(member.id);
-        }
+        member.router.remove_worker(member.id);
         if let Err(error) = subscriber.remove_publisher(&member.event_addr) {
             tracing::debug!("event plane: {error}");
         }
@@ -419,13 +437,10 @@ fn resync(results: &mpsc::UnboundedSender<SnapshotResult>, addr: &str, member: &
     });
 }
 
-/// Why a worker cannot join a router serving `model`, if it cannot.
+/// Why a worker cannot join the router of the model it serves (`model`), if it cannot.
 fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Option<String> {
-    if instance.model != model.card.name {
-        return Some(format!("serves model {:?}, this router {:?}", instance.model, model.card.name));
-    }
     if instance.card.tokenizer_hash != model.tokenizer_hash {
-        return Some("has another tokenizer than the router's other workers".into());
+        return Some(format!("has another tokenizer than the router's other workers of {:?}", instance.model));
     }
     if instance.card.block_size as usize != block_size {
         return Some(format!("uses KV blocks of {} tokens, the router {block_size}", instance.card.block_size));
@@ -519,7 +534,7 @@ mod tests {
             router: RouterConfig::default(),
         };
         let cluster = Cluster::join(&discovery, settings, Arc::new(Metrics::new())).await.unwrap();
-        let (router, metrics) = (cluster.state.router.clone(), cluster.state.metrics.clone());
+        let (router, metrics) = (cluster.state.first().router, cluster.state.metrics.clone());
         eventually("the join's snapshot", || plane_count(&metrics, "resync_ok") >= 1.0).await;
 
         let mut send = async |batch: &KvEventBatch, lose: bool| {

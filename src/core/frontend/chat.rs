@@ -17,16 +17,19 @@ use std::sync::Arc;
 const ENDPOINT: &str = "chat_completions";
 
 pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
-    let result = chat(&state, &body).await;
-    state.answer(ENDPOINT, result)
+    let mut model = None;
+    let result = chat(&state, &body, &mut model).await;
+    state.answer(ENDPOINT, model.as_deref(), result)
 }
 
-async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
+/// `model` is set to the served model's name once the request has named one.
+async fn chat(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String>) -> Result<Response, ApiError> {
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;
-    state.check_model(request.model.as_deref())?;
-    let model = &state.model;
+    let served = state.resolve(request.model.as_deref())?;
+    *model = Some(served.model.card.name.clone());
+    let model = &served.model;
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
     })?;
@@ -56,7 +59,7 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiEr
     let prompt_len = token_ids.len();
     let specs = build_choices(model, &params, &[token_ids], &options)?;
     let choices = specs.len();
-    let deltas = generate::start(state, specs)?;
+    let deltas = generate::start(state, &served, specs)?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
     let renderer =

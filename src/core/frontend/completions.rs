@@ -17,15 +17,18 @@ use std::sync::Arc;
 const ENDPOINT: &str = "completions";
 
 pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
-    let result = complete(&state, &body).await;
-    state.answer(ENDPOINT, result)
+    let mut model = None;
+    let result = complete(&state, &body, &mut model).await;
+    state.answer(ENDPOINT, model.as_deref(), result)
 }
 
-async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, ApiError> {
+/// `model` is set to the served model's name once the request has named one.
+async fn complete(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String>) -> Result<Response, ApiError> {
     let value = parse_body(body)?;
     let request: CompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;
-    state.check_model(request.model.as_deref())?;
+    let served = state.resolve(request.model.as_deref())?;
+    *model = Some(served.model.card.name.clone());
     if request.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "is not supported"));
     }
@@ -35,7 +38,7 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, A
             "together with `logprobs` would need prompt logprobs, which are not supported yet",
         ));
     }
-    let model = &state.model;
+    let model = &served.model;
     let prompts = prompts(model, &request.prompt)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let options = EndpointOptions { max_tokens: params.max_tokens, logprobs: request.logprobs, request_id: id.clone() };
@@ -47,7 +50,7 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8]) -> Result<Response, A
     } else {
         Vec::new()
     };
-    let deltas = generate::start(state, specs)?;
+    let deltas = generate::start(state, &served, specs)?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
     let mut tracker = Tracker::new(metrics, prompts.iter().map(Vec::len).collect(), choices);
     let renderer = CompletionChunks {

@@ -5,8 +5,8 @@
 //! deltas are merged into one stream. Dropping that stream, as axum does when a client disconnects, drops
 //! every engine stream, which cancels the requests in the engines. A `Tracker` follows the merged stream to
 //! count usage and record metrics.
-use super::FrontendState;
 use super::error::ApiError;
+use super::{FrontendState, Served};
 use crate::core::model::{IncrementalDecoder, Model, StopStringMatcher};
 use crate::core::protocol::openai::{PromptTokensDetails, Usage};
 use crate::core::protocol::{FinishReason, PreprocessedRequest};
@@ -64,12 +64,12 @@ pub struct ChoiceDelta {
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
 /// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
-pub fn start(state: &FrontendState, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
+pub fn start(state: &FrontendState, served: &Served, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
-        let engine = state.router.route_migrating(spec.request.clone())?;
-        state.metrics.routed(&state.model.card.name, engine.overlap_blocks);
-        streams.push(choice_stream(state.model.clone(), spec, engine));
+        let engine = served.router.route_migrating(spec.request.clone())?;
+        state.metrics.routed(&served.model.card.name, engine.overlap_blocks);
+        streams.push(choice_stream(served.model.clone(), spec, engine));
     }
     Ok(stream::select_all(streams))
 }

@@ -28,35 +28,73 @@ use tokio::net::TcpListener;
 /// Long prompts as JSON token-id lists get large; past this a request is refused with 413.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// What every handler shares.
-pub struct FrontendState {
+/// One model the frontend serves, and the router over that model's workers.
+#[derive(Clone)]
+pub struct Served {
     pub model: Arc<Model>,
     pub router: Arc<Router>,
+}
+
+/// What every handler shares.
+pub struct FrontendState {
+    /// In the order they were first served: a cluster adds a model when the first worker serving it joins.
+    served: std::sync::RwLock<Vec<Served>>,
     pub metrics: Arc<Metrics>,
     created: u64,
 }
 
 impl FrontendState {
     pub fn new(model: Arc<Model>, router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
-        Self { model, router, metrics, created: unix_now() }
+        Self { served: std::sync::RwLock::new(vec![Served { model, router }]), metrics, created: unix_now() }
     }
 
-    /// The handler's response, or its error as an OpenAI error body (counted as a failed request).
-    fn answer(&self, endpoint: &str, result: Result<Response, ApiError>) -> Response {
+    /// Serves one more model (its name must be new).
+    pub fn add(&self, model: Arc<Model>, router: Arc<Router>) {
+        self.served.write().unwrap_or_else(|p| p.into_inner()).push(Served { model, router });
+    }
+
+    /// Every served model, first served first.
+    pub fn served(&self) -> Vec<Served> {
+        self.served.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The model first served (a single-model server's only one).
+    pub fn first(&self) -> Served {
+        // `new` puts one in and nothing takes any out.
+        self.served.read().unwrap_or_else(|p| p.into_inner())[0].clone()
+    }
+
+    fn names(&self) -> String {
+        let served = self.served();
+        served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The handler's response, or its error as an OpenAI error body (counted as a failed request of `model`,
+    /// when the request got as far as naming one that is served).
+    fn answer(&self, endpoint: &str, model: Option<&str>, result: Result<Response, ApiError>) -> Response {
         result.unwrap_or_else(|error| {
-            self.metrics.rejected(&self.model.card.name, endpoint, false);
+            self.metrics.rejected(model.unwrap_or(""), endpoint, false);
             error.into_response()
         })
     }
 
-    /// A request may name the served model or leave `model` out; any other name is a 404, as in vLLM.
-    fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+    /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
+    /// not served is a 404, as in vLLM.
+    fn resolve(&self, requested: Option<&str>) -> Result<Served, ApiError> {
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
         match requested {
-            Some(name) if name != self.model.card.name => Err(ApiError::not_found(format!(
-                "The model `{name}` does not exist; this server serves `{}` (see GET /v1/models).",
-                self.model.card.name
-            ))),
-            _ => Ok(()),
+            Some(name) => served.iter().find(|s| s.model.card.name == name).cloned().ok_or_else(|| {
+                drop(served);
+                ApiError::not_found(format!(
+                    "The model `{name}` does not exist; this server serves {} (see GET /v1/models).",
+                    self.names()
+                ))
+            }),
+            None if served.len() == 1 => Ok(served[0].clone()),
+            None => {
+                drop(served);
+                Err(ApiError::invalid("model", format!("is required: this server serves {}", self.names())))
+            }
         }
     }
 }
@@ -171,25 +209,31 @@ impl LateApp {
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list".into(),
-        data: vec![ModelObject {
-            id: state.model.card.name.clone(),
+    let data = state
+        .served()
+        .iter()
+        .map(|served| ModelObject {
+            id: served.model.card.name.clone(),
             object: "model".into(),
             created: state.created,
             owned_by: "dynamo".into(),
-            max_model_len: state.model.card.context_length,
-        }],
-    })
+            max_model_len: served.model.card.context_length,
+        })
+        .collect();
+    Json(ModelList { object: "list".into(), data })
 }
 
-/// Ready to serve: at least one worker.
+/// Ready to serve: at least one worker (of any model).
 async fn health(State(state): State<Arc<FrontendState>>) -> Response {
-    let workers = state.router.worker_count();
+    let served = state.served();
+    let workers: usize = served.iter().map(|s| s.router.worker_count()).sum();
     let status = if workers > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let models: serde_json::Map<String, serde_json::Value> =
+        served.iter().map(|s| (s.model.card.name.clone(), s.router.worker_count().into())).collect();
     let body = serde_json::json!({
         "status": if workers > 0 { "healthy" } else { "unhealthy" },
-        "model": state.model.card.name,
+        "model": served[0].model.card.name,
+        "models": models,
         "workers": workers,
     });
     (status, Json(body)).into_response()
@@ -201,7 +245,8 @@ async fn live() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
-    let loads: Vec<_> = state.router.engines().iter().map(|e| (e.worker_id(), e.load())).collect();
+    let loads: Vec<_> =
+        state.served().iter().flat_map(|s| s.router.engines()).map(|e| (e.worker_id(), e.load())).collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
 }
 

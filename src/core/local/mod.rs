@@ -112,7 +112,7 @@ pub async fn run(
     let banner = |addr| {
         format!(
             "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
-            state.model.card.name,
+            state.first().model.card.name,
             settings.workers,
             settings.engine.describe(),
             settings.router.mode
