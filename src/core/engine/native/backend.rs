@@ -23,6 +23,24 @@ pub struct AttentionShape {
     pub block_size: usize,
 }
 
+/// What KV pages hold. bf16 halves their memory and the bytes attention reads; a bf16 checkpoint's K and V
+/// come out of bf16 weights, so its cache keeps them in bf16 (vLLM's default, `--kv-cache-dtype auto`, does
+/// the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+}
+
 /// A device failure (allocation, launch, copy). The CPU backend never fails.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
@@ -54,7 +72,12 @@ pub trait Backend: Send + Sync + 'static {
     fn vector(&self, data: &[f32]) -> Op<Self::Vector>;
     fn zeros(&self, len: usize) -> Op<Self::Vector>;
     fn matrix(&self, tensor: HostTensor) -> Op<Self::Matrix>;
-    fn pages(&self, num_pages: usize, page_len: usize) -> Op<Self::Pages>;
+    /// What this backend's KV pages hold for a model whose weights are bf16 (`bf16_weights`) or not.
+    fn kv_dtype(&self, bf16_weights: bool) -> KvDtype {
+        let _ = bf16_weights;
+        KvDtype::F32
+    }
+    fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<Self::Pages>;
     fn to_host(&self, v: &Self::Vector) -> Op<Vec<f32>>;
 
     /// `out[i] = table[ids[i]]`.

@@ -137,7 +137,7 @@ pub fn spawn<B: Backend>(
     settings: &NativeSettings,
 ) -> Result<BatchEngine, NativeError> {
     let mut scheduler_config = settings.scheduler.clone();
-    let page_bytes = Transformer::<B>::page_bytes(&model.config, scheduler_config.block_size);
+    let page_bytes = model.page_bytes(scheduler_config.block_size);
     scheduler_config.num_blocks =
         settings.num_blocks.unwrap_or((settings.kv_cache_gib * (1u64 << 30) as f64 / page_bytes as f64) as usize);
     if scheduler_config.num_blocks == 0 {

@@ -3,7 +3,7 @@
 //!
 //! Each layer writes the whole batch's K/V into the pages before any row attends, so a row always sees every
 //! earlier position of its sequence, whether computed in an earlier step or in this one.
-use super::backend::{AttentionSeq, AttentionShape, Backend, Op, Product};
+use super::backend::{AttentionSeq, AttentionShape, Backend, KvDtype, Op, Product};
 use super::config::{ModelConfig, RopeScaling};
 use super::weights::{WeightError, WeightFiles};
 
@@ -33,6 +33,7 @@ pub struct Transformer<B: Backend> {
     inv_freq: Vec<f32>,
     weight_bytes: u64,
     macs_per_token: u64,
+    kv_dtype: KvDtype,
 }
 
 /// Every layer's K and V pages, and the activations of the steps that fill them.
@@ -139,6 +140,7 @@ impl<B: Backend> Transformer<B> {
         let (h, kv) = (config.hidden_size, config.num_kv_heads * config.head_dim);
         let q_width = config.num_heads * config.head_dim;
         let weight_bytes = std::cell::Cell::new(0u64);
+        let bf16_weights = std::cell::Cell::new(false);
         let vector = |name: &str, len: usize| -> Result<B::Vector, WeightError> {
             weight_bytes.set(weight_bytes.get() + 4 * len as u64);
             Ok(backend.vector(&files.read(name, &[len], false)?.data.to_f32())?)
@@ -146,6 +148,7 @@ impl<B: Backend> Transformer<B> {
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix, WeightError> {
             let tensor = files.read(name, &[rows, cols], true)?;
             weight_bytes.set(weight_bytes.get() + tensor.data.byte_len() as u64);
+            bf16_weights.set(bf16_weights.get() || matches!(tensor.data, super::weights::HostData::Bf16(_)));
             Ok(backend.matrix(tensor)?)
         };
         let embed = matrix("model.embed_tokens.weight", config.vocab_size, h)?;
@@ -197,10 +200,11 @@ impl<B: Backend> Transformer<B> {
         };
         let inv_freq = inverse_frequencies(&config);
         let weight_bytes = weight_bytes.get();
+        let kv_dtype = backend.kv_dtype(bf16_weights.get());
         let (c, q_width) = (&config, config.num_heads * config.head_dim);
         let per_layer = 2 * h * q_width + 2 * h * kv + 3 * h * c.intermediate_size;
         let macs_per_token = (c.num_layers * per_layer + c.vocab_size * h) as u64;
-        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes, macs_per_token })
+        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes, macs_per_token, kv_dtype })
     }
 
     pub fn backend(&self) -> &B {
@@ -220,7 +224,10 @@ impl<B: Backend> Transformer<B> {
     pub fn new_cache(&self, num_pages: usize, block_size: usize) -> Op<KvCache<B>> {
         let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;
         let layers = (0..self.config.num_layers)
-            .map(|_| Ok((self.backend.pages(num_pages, page_len)?, self.backend.pages(num_pages, page_len)?)))
+            .map(|_| {
+                let pages = || self.backend.pages(num_pages, page_len, self.kv_dtype);
+                Ok((pages()?, pages()?))
+            })
             .collect::<Op<_>>()?;
         Ok(KvCache { layers, activations: Activations::new(&self.backend)? })
     }
@@ -259,9 +266,15 @@ impl<B: Backend> Transformer<B> {
         Ok(())
     }
 
-    /// Bytes of KV one page holds over all layers (f32 pages).
-    pub fn page_bytes(config: &ModelConfig, block_size: usize) -> usize {
-        2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * std::mem::size_of::<f32>()
+    /// What the KV cache's pages hold.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// Bytes of KV one page holds over all layers.
+    pub fn page_bytes(&self, block_size: usize) -> usize {
+        let c = &self.config;
+        2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.kv_dtype.bytes()
     }
 
     /// Runs the batch, writing its K/V into `cache`; returns `logit_rows.len() × vocab` logits.

@@ -1,6 +1,6 @@
 //! `dynamo selftest`: checks a device backend against the CPU backend, op by op on pseudo-random inputs and
 //! then a whole forward pass, so a new GPU machine can be trusted (or not) before it serves anything.
-use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError};
+use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype};
 use super::model::{ForwardBatch, Transformer};
 use super::weights::{HostData, HostTensor};
 use serde::Serialize;
@@ -95,8 +95,15 @@ pub fn compare_ops<A: Backend, B: Backend>(a: &A, b: &B) -> Result<Vec<Check>, B
         AttentionSeq { first_row: 0, rows: 6, first_position: 0, block_table: vec![7, 2] },
         AttentionSeq { first_row: 6, rows: 1, first_position: 9, block_table: vec![0, 5, 3] },
     ];
-    let (mut ka, mut va, mut kb, mut vb) =
-        (a.pages(8, page_len)?, a.pages(8, page_len)?, b.pages(8, page_len)?, b.pages(8, page_len)?);
+    let (mut ka, mut va, mut kb, mut vb) = {
+        let f32_pages = KvDtype::F32;
+        (
+            a.pages(8, page_len, f32_pages)?,
+            a.pages(8, page_len, f32_pages)?,
+            b.pages(8, page_len, f32_pages)?,
+            b.pages(8, page_len, f32_pages)?,
+        )
+    };
     // Fill the second sequence's earlier positions first, as earlier steps would have.
     let history_slots: Vec<u32> = (0..9).map(|p| [0u32, 5, 3][p / 4] * 4 + (p % 4) as u32).collect();
     let (hk, hv) = (values(9 * kv_width, 7), values(9 * kv_width, 8));

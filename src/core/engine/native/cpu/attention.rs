@@ -4,7 +4,7 @@
 //! share a KV head (GQA), so a long prefill reads its K/V once per block instead of once per row per head.
 //! The loops are plain Rust written to auto-vectorise; like `kernels`, they are compiled a second time with
 //! AVX2 + FMA enabled and that copy is used when the CPU has them.
-use super::math::{dot, exp_nonpositive, lanes};
+use super::math::{Element, dot, exp_nonpositive, lanes};
 use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 
 /// Query rows per block: enough to amortise K/V reads, few enough that a long prefill still spreads over
@@ -17,37 +17,38 @@ const KEYS: usize = 16;
 /// Query rows scored together against those keys.
 const QUERIES: usize = 4;
 
-/// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows.
-pub struct BlockAttention<'a> {
+/// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows. K/V pages hold
+/// f32 or bf16 (`E`), widened to f32 as they are read.
+pub struct BlockAttention<'a, E: Element> {
     pub queries: &'a [f32],
-    pub k_pages: &'a [f32],
-    pub v_pages: &'a [f32],
+    pub k_pages: &'a [E],
+    pub v_pages: &'a [E],
     pub seq: &'a AttentionSeq,
     pub first: usize,
     pub rows: usize,
     pub shape: &'a AttentionShape,
 }
 
-pub fn attend(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+pub fn attend<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::kernels::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { attend_avx2(job, scores, dst) };
     }
-    attend_with::<false>(job, scores, dst);
+    attend_with::<false, E>(job, scores, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
-    attend_with::<true>(job, scores, dst);
+unsafe fn attend_avx2<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    attend_with::<true, E>(job, scores, dst);
 }
 
 /// `FUSED`: compiled into `attend_avx2`, so the two inner loops may use the explicit FMA kernels of `fused`.
 #[inline(always)]
-fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_with<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     if job.rows == 1 {
-        return attend_one_row::<FUSED>(job, scores, dst);
+        return attend_one_row::<FUSED, E>(job, scores, dst);
     }
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
@@ -72,7 +73,7 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
             for j in 0..width {
                 let key = &job.k_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
                 for (d, &k) in key.iter().enumerate() {
-                    keys_t[d * KEYS + j] = k;
+                    keys_t[d * KEYS + j] = k.f32();
                 }
             }
             let first_row = p0.saturating_sub(context(0) - 1);
@@ -108,7 +109,9 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
             let width = KEYS.min(longest - p0);
             for j in 0..width {
                 let value = &job.v_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
-                values[j * head_dim..(j + 1) * head_dim].copy_from_slice(value);
+                for (dst, &v) in values[j * head_dim..(j + 1) * head_dim].iter_mut().zip(value) {
+                    *dst = v.f32();
+                }
             }
             let first_row = p0.saturating_sub(context(0) - 1);
             for r in first_row..job.rows {
@@ -116,7 +119,7 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
                 for h in 0..group {
                     let weights = &scores[(r * group + h) * longest + p0..][..valid];
                     let out = &mut dst[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    accumulate::<FUSED>(out, weights, &values, head_dim);
+                    accumulate::<FUSED, f32>(out, weights, &values, head_dim);
                 }
             }
         }
@@ -127,7 +130,7 @@ fn attend_with<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32
 /// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced). Every KV head
 /// of a page is done before the next page, so each page is read from memory as one stretch.
 #[inline(always)]
-fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+fn attend_one_row<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
     let group = num_heads / num_kv_heads;
     let kv_width = num_kv_heads * head_dim;
@@ -142,7 +145,7 @@ fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<
     scores.clear();
     scores.resize(num_heads * context, 0.0);
     dst.fill(0.0);
-    let whole_page = |pages: &[f32], p0: usize| {
+    let whole_page = |pages: &[E], p0: usize| {
         if p0 < context {
             let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width;
             prefetch(&pages[start..start + block_size.min(context - p0) * kv_width]);
@@ -155,7 +158,7 @@ fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<
             let keys = &job.k_pages[page_rows(p0, width, kv_head)];
             for h in kv_head * group..(kv_head + 1) * group {
                 let out = &mut scores[h * context + p0..][..width];
-                score_rows::<FUSED>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
+                score_rows::<FUSED, E>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
                 out.iter_mut().for_each(|s| *s *= scale);
             }
         }
@@ -168,7 +171,7 @@ fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<
             let values = &job.v_pages[page_rows(p0, width, kv_head)];
             for h in kv_head * group..(kv_head + 1) * group {
                 let out = &mut dst[h * head_dim..][..head_dim];
-                accumulate::<FUSED>(out, &scores[h * context + p0..][..width], values, kv_width);
+                accumulate::<FUSED, E>(out, &scores[h * context + p0..][..width], values, kv_width);
             }
         }
     }
@@ -176,9 +179,9 @@ fn attend_one_row<const FUSED: bool>(job: &BlockAttention<'_>, scores: &mut Vec<
 
 /// Asks for `values` to be brought into cache ahead of their use.
 #[inline(always)]
-fn prefetch(values: &[f32]) {
+fn prefetch<E>(values: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in values.chunks(16) {
+    for line in values.chunks(64 / std::mem::size_of::<E>().max(1)) {
         // SAFETY: the address is inside `values`; a prefetch never faults.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
@@ -186,7 +189,7 @@ fn prefetch(values: &[f32]) {
 
 /// `out[j] = query · keys[j · stride..][..query.len()]`.
 #[inline(always)]
-fn score_rows<const FUSED: bool>(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
+fn score_rows<const FUSED: bool, E: Element>(query: &[f32], keys: &[E], stride: usize, out: &mut [f32]) {
     let head_dim = query.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -238,7 +241,7 @@ fn score_chunk<const FUSED: bool>(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -
 
 /// `out += Σ_j weights[j] · values[j · stride..][..out.len()]`.
 #[inline(always)]
-fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32], stride: usize) {
+fn accumulate<const FUSED: bool, E: Element>(out: &mut [f32], weights: &[f32], values: &[E], stride: usize) {
     let head_dim = out.len();
     // 64 output dimensions per pass where they divide: eight independent AVX2 accumulators, so consecutive
     // weights do not wait on each other's FMA; then 16 at a time, then one.
@@ -250,25 +253,31 @@ fn accumulate<const FUSED: bool>(out: &mut [f32], weights: &[f32], values: &[f32
             // SAFETY: FUSED code runs only inside `attend_avx2`, on a CPU with AVX2 and FMA.
             unsafe { fused::accumulate_64(out, weights, values, block * 64, stride) };
         }
-        accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, stride);
-        accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, stride);
+        accumulate_dims::<16, E>(&mut out[wide..narrow], wide, weights, values, stride);
+        accumulate_dims::<1, E>(&mut out[narrow..], narrow, weights, values, stride);
         return;
     }
-    accumulate_dims::<64>(&mut out[..wide], 0, weights, values, stride);
-    accumulate_dims::<16>(&mut out[wide..narrow], wide, weights, values, stride);
-    accumulate_dims::<1>(&mut out[narrow..], narrow, weights, values, stride);
+    accumulate_dims::<64, E>(&mut out[..wide], 0, weights, values, stride);
+    accumulate_dims::<16, E>(&mut out[wide..narrow], wide, weights, values, stride);
+    accumulate_dims::<1, E>(&mut out[narrow..], narrow, weights, values, stride);
 }
 
 /// `accumulate` for the output dimensions `offset..offset + out.len()`, `DIMS` of them per register block.
 #[inline(always)]
-fn accumulate_dims<const DIMS: usize>(out: &mut [f32], offset: usize, weights: &[f32], values: &[f32], stride: usize) {
+fn accumulate_dims<const DIMS: usize, E: Element>(
+    out: &mut [f32],
+    offset: usize,
+    weights: &[f32],
+    values: &[E],
+    stride: usize,
+) {
     for (block, out) in out.chunks_exact_mut(DIMS).enumerate() {
         let mut acc = [0.0f32; DIMS];
         acc.copy_from_slice(out);
         for (j, &w) in weights.iter().enumerate() {
             let v = &values[j * stride + offset + block * DIMS..][..DIMS];
             for i in 0..DIMS {
-                acc[i] += w * v[i];
+                acc[i] += w * v[i].f32();
             }
         }
         out.copy_from_slice(&acc);
@@ -279,10 +288,27 @@ fn accumulate_dims<const DIMS: usize>(out: &mut [f32], offset: usize, weights: &
 /// never fuses their multiply and add; written with `f32::mul_add` it stopped vectorising them at all.
 #[cfg(target_arch = "x86_64")]
 mod fused {
-    use super::{KEYS, QUERIES};
+    use super::{Element, KEYS, QUERIES};
     use std::arch::x86_64::*;
 
     const LANES: usize = 8;
+
+    /// Eight values at `at`, widened to f32 (a bf16 is an f32's top 16 bits).
+    ///
+    /// # Safety
+    /// Eight values at `at` are readable.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load_8<E: Element>(at: *const E) -> __m256 {
+        // SAFETY: eight values at `at` (the caller's promise): 16 bytes of bf16 or 32 of f32.
+        unsafe {
+            if E::BF16 {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(at.cast()))))
+            } else {
+                _mm256_loadu_ps(at.cast())
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn score_chunk(queries: &[&[f32]; QUERIES], keys_t: &[f32]) -> [[f32; KEYS]; QUERIES] {
@@ -309,7 +335,7 @@ mod fused {
     /// `query · keys[j · stride..][..query.len()]` for j in 0..8: one accumulator per key over the head's
     /// dimensions, then the eight sums reduced into one vector with three rounds of pairwise adds.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_8(query: &[f32], keys: &[f32], stride: usize) -> [f32; 8] {
+    pub unsafe fn dot_8<E: Element>(query: &[f32], keys: &[E], stride: usize) -> [f32; 8] {
         let head_dim = query.len();
         assert!(head_dim.is_multiple_of(LANES) && keys.len() >= 7 * stride + head_dim, "eight whole key rows");
         let mut acc = [_mm256_setzero_ps(); 8];
@@ -318,7 +344,7 @@ mod fused {
             unsafe {
                 let q = _mm256_loadu_ps(query.as_ptr().add(d));
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys.as_ptr().add(j * stride + d)), *acc);
+                    *acc = _mm256_fmadd_ps(q, load_8(keys.as_ptr().add(j * stride + d)), *acc);
                 }
             }
         }
@@ -341,7 +367,13 @@ mod fused {
 
     /// `out[..64] += Σ_j weights[j] · values[j · stride + offset ..][..64]`, eight independent accumulators.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn accumulate_64(out: &mut [f32], weights: &[f32], values: &[f32], offset: usize, stride: usize) {
+    pub unsafe fn accumulate_64<E: Element>(
+        out: &mut [f32],
+        weights: &[f32],
+        values: &[E],
+        offset: usize,
+        stride: usize,
+    ) {
         assert!(out.len() == 64, "a 64-wide block of one head");
         assert!(
             weights.is_empty() || values.len() >= (weights.len() - 1) * stride + offset + 64,
@@ -354,7 +386,7 @@ mod fused {
             let row = j * stride + offset;
             for (k, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row + 64 ≤ values.len() for every j < weights.len() (asserted): all eight loads inside.
-                let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(row + k * LANES)) };
+                let v = unsafe { load_8(values.as_ptr().add(row + k * LANES)) };
                 *acc = _mm256_fmadd_ps(w, v, *acc);
             }
         }

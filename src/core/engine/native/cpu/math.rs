@@ -43,15 +43,39 @@ pub fn lanes(values: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().fold(tail, |a, &b| op(a, b))
 }
 
+/// A stored value the kernels widen to f32 as they read it: f32 itself, or bf16 (KV pages of bf16 models).
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Stored as bf16 (else as f32), for the kernels that load eight at a time.
+    const BF16: bool;
+    fn f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift (`to_f32` checks for NaN first).
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
 /// Eight partial sums so the loop vectorises without reassociating floats.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<E: Element>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y.f32()).sum();
     for (x, y) in a8.zip(b8) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f32();
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -1,5 +1,5 @@
 //! The CPU backend: f32 activations, weights in f32 or bf16 (widened per element inside the dot product, so
-//! decode streams half the bytes), KV pages in f32. Work is split over a rayon pool sized by `--threads`;
+//! decode streams half the bytes), KV pages in the weights' type (f32, or bf16, widened as attention reads). Work is split over a rayon pool sized by `--threads`;
 //! rayon's idle workers sleep instead of spinning, which matters when several workers share a small box.
 //!
 //! Matrix products take one of two paths: few rows (decode) stream each weight row once against every
@@ -10,10 +10,12 @@ mod kernels;
 pub(super) mod math;
 mod packed;
 
-use super::backend::{AttentionSeq, AttentionShape, Backend, Op, Product};
+use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype, Op, Product};
 use super::weights::{HostData, HostTensor};
 use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
+use half::bf16;
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
+use math::Element;
 use packed::{PackedBf16, SharedOutput};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -22,6 +24,8 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     /// Pack bf16 weights for bf16 dot products where the CPU has them (see `packed`).
     bf16_activations: bool,
+    /// Keep a bf16 model's KV pages in bf16.
+    bf16_kv: bool,
     /// The last step's rotary angles: every layer rotates q and k at the same positions, so a step computes
     /// its sines and cosines once instead of sixty times (at batch 16 that was about 1 % of a decode step).
     rope_angles: std::sync::Mutex<RopeAngles>,
@@ -54,13 +58,19 @@ impl CpuBackend {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("dynamo-cpu-{i}"))
             .build()?;
-        Ok(Self { pool, bf16_activations: packed::available(), rope_angles: Default::default() })
+        Ok(Self { pool, bf16_activations: packed::available(), bf16_kv: true, rope_angles: Default::default() })
     }
 
-    /// Keeps every activation in f32 (the reference `dynamo selftest` compares a device against).
+    /// Keeps every activation and the KV cache in f32 (the reference `dynamo selftest` compares a device against).
     pub fn reference(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
-        Ok(Self { bf16_activations: false, ..Self::new(threads)? })
+        Ok(Self { bf16_activations: false, bf16_kv: false, ..Self::new(threads)? })
     }
+}
+
+/// One layer's K or V pages.
+pub enum CpuPages {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
 }
 
 pub struct CpuMatrix {
@@ -308,7 +318,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Matrix = CpuMatrix;
-    type Pages = Vec<f32>;
+    type Pages = CpuPages;
 
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
         self.pool.install(work)
@@ -336,8 +346,15 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix { rows, cols, data })
     }
 
-    fn pages(&self, num_pages: usize, page_len: usize) -> Op<Vec<f32>> {
-        Ok(vec![0.0; num_pages * page_len])
+    fn kv_dtype(&self, bf16_weights: bool) -> KvDtype {
+        if bf16_weights && self.bf16_kv { KvDtype::Bf16 } else { KvDtype::F32 }
+    }
+
+    fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<CpuPages> {
+        Ok(match dtype {
+            KvDtype::F32 => CpuPages::F32(vec![0.0; num_pages * page_len]),
+            KvDtype::Bf16 => CpuPages::Bf16(vec![bf16::ZERO; num_pages * page_len]),
+        })
     }
 
     fn to_host(&self, v: &Vec<f32>) -> Op<Vec<f32>> {
@@ -457,25 +474,37 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         slots: &[u32],
-        k_pages: &mut Vec<f32>,
-        v_pages: &mut Vec<f32>,
+        k_pages: &mut CpuPages,
+        v_pages: &mut CpuPages,
     ) -> Op {
         let width = k.len() / slots.len().max(1);
         for (row, &slot) in slots.iter().enumerate() {
             let (src, dst) = (row * width..(row + 1) * width, slot as usize * width..(slot as usize + 1) * width);
-            k_pages[dst.clone()].copy_from_slice(&k[src.clone()]);
-            v_pages[dst].copy_from_slice(&v[src]);
+            for (pages, values) in [(&mut *k_pages, k), (&mut *v_pages, v)] {
+                match pages {
+                    CpuPages::F32(pages) => pages[dst.clone()].copy_from_slice(&values[src.clone()]),
+                    CpuPages::Bf16(pages) => packed::round_into(&values[src.clone()], &mut pages[dst.clone()]),
+                }
+            }
         }
         Ok(())
     }
 
-    fn read_pages(&self, pages: &Vec<f32>, ids: &[u32], page_len: usize) -> Op<Vec<f32>> {
-        Ok(ids.iter().flat_map(|&id| pages[id as usize * page_len..][..page_len].iter().copied()).collect())
+    fn read_pages(&self, pages: &CpuPages, ids: &[u32], page_len: usize) -> Op<Vec<f32>> {
+        let page = |id: u32| id as usize * page_len..(id as usize + 1) * page_len;
+        Ok(match pages {
+            CpuPages::F32(pages) => ids.iter().flat_map(|&id| pages[page(id)].iter().copied()).collect(),
+            CpuPages::Bf16(pages) => ids.iter().flat_map(|&id| pages[page(id)].iter().map(|v| v.f32())).collect(),
+        })
     }
 
-    fn write_pages(&self, pages: &mut Vec<f32>, ids: &[u32], page_len: usize, data: &[f32]) -> Op {
+    fn write_pages(&self, pages: &mut CpuPages, ids: &[u32], page_len: usize, data: &[f32]) -> Op {
         for (&id, values) in ids.iter().zip(data.chunks_exact(page_len)) {
-            pages[id as usize * page_len..][..page_len].copy_from_slice(values);
+            let page = id as usize * page_len..(id as usize + 1) * page_len;
+            match pages {
+                CpuPages::F32(pages) => pages[page].copy_from_slice(values),
+                CpuPages::Bf16(pages) => packed::round_into(values, &mut pages[page]),
+            }
         }
         Ok(())
     }
@@ -483,12 +512,31 @@ impl Backend for CpuBackend {
     fn paged_attention(
         &self,
         q: &Vec<f32>,
-        k_pages: &Vec<f32>,
-        v_pages: &Vec<f32>,
+        k_pages: &CpuPages,
+        v_pages: &CpuPages,
         seqs: &[AttentionSeq],
         shape: &AttentionShape,
         out: &mut Vec<f32>,
     ) -> Op {
+        match (k_pages, v_pages) {
+            (CpuPages::F32(k), CpuPages::F32(v)) => self.attend_pages(q, k, v, seqs, shape, out),
+            (CpuPages::Bf16(k), CpuPages::Bf16(v)) => self.attend_pages(q, k, v, seqs, shape, out),
+            _ => return Err(BackendError("K and V pages of different types".into())),
+        }
+        Ok(())
+    }
+}
+
+impl CpuBackend {
+    fn attend_pages<E: Element>(
+        &self,
+        q: &[f32],
+        k_pages: &[E],
+        v_pages: &[E],
+        seqs: &[AttentionSeq],
+        shape: &AttentionShape,
+        out: &mut Vec<f32>,
+    ) {
         let row_width = shape.num_heads * shape.head_dim;
         out.clear();
         out.resize(q.len(), 0.0);
@@ -508,7 +556,6 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             jobs.into_par_iter().for_each_init(Vec::new, |scores, (job, dst)| attend(&job, scores, dst));
         });
-        Ok(())
     }
 }
 

@@ -36,6 +36,13 @@ pub fn round(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| round_one(v)).collect()
 }
 
+/// `round` into an existing slice (as long as `x`).
+pub fn round_into(x: &[f32], out: &mut [bf16]) {
+    for (dst, &v) in out.iter_mut().zip(x) {
+        *dst = round_one(v);
+    }
+}
+
 /// Compiled with 512-bit registers: the plain loop does 16 values per step instead of SSE2's 4. It runs once
 /// per product on the thread that starts it, which the other threads wait for.
 #[cfg(target_arch = "x86_64")]

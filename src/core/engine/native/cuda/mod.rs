@@ -5,7 +5,7 @@
 //!
 //! cudarc panics, rather than returning an error, when a library is missing, so `CudaBackend::new` checks
 //! each one first and says which is absent.
-use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, Op};
+use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype, Op};
 use super::weights::HostTensor;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -186,7 +186,10 @@ impl Backend for CudaBackend {
         Ok(CudaMatrix { rows, cols, data: self.vector(&tensor.data.to_f32())? })
     }
 
-    fn pages(&self, num_pages: usize, page_len: usize) -> Op<CudaSlice<f32>> {
+    fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<CudaSlice<f32>> {
+        if dtype != KvDtype::F32 {
+            return Err(BackendError(format!("the CUDA backend keeps KV pages in f32, not {dtype:?}")));
+        }
         self.zeros(num_pages * page_len)
     }
 
