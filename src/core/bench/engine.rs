@@ -59,6 +59,8 @@ pub struct EngineBenchResult {
     pub device: String,
     pub threads: usize,
     pub weight_bytes: u64,
+    /// What the KV pages hold (`F32` or `Bf16`).
+    pub kv_dtype: String,
     pub bandwidth_gb_s: f64,
     pub decode_bound_tokens_per_s: f64,
     /// Multiply-adds per second of the CPU's fastest matrix product on cache-resident weights.
@@ -179,6 +181,7 @@ fn measure<B: Backend>(
         device: model.backend().describe(),
         threads: settings.threads,
         weight_bytes,
+        kv_dtype: format!("{:?}", model.kv_dtype()),
         bandwidth_gb_s,
         decode_bound_tokens_per_s: decode_bound,
         peak_gmacs: peak_macs / 1e9,
@@ -190,11 +193,12 @@ fn measure<B: Backend>(
 
 pub fn table(r: &EngineBenchResult) -> String {
     let mut out = format!(
-        "model: {} ({:.0} MB of weights) on {}\n\
+        "model: {} ({:.0} MB of weights, {} KV pages) on {}\n\
          memory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n\
          matrix-product peak {:.1} GMAC/s → compute bound {:.1} tok/s (prefill, big batches)\n",
         r.model,
         r.weight_bytes as f64 / 1e6,
+        r.kv_dtype.to_lowercase(),
         r.device,
         r.bandwidth_gb_s,
         r.decode_bound_tokens_per_s,
