@@ -1,6 +1,7 @@
 //! The CPU backend: f32 activations, weights in f32 or bf16 (widened per element inside the dot product, so
-//! decode streams half the bytes), KV pages in the weights' type (f32, or bf16, widened as attention reads). Work is split over a rayon pool sized by `--threads`;
-//! rayon's idle workers sleep instead of spinning, which matters when several workers share a small box.
+//! decode streams half the bytes), KV pages in the weights' type (f32, or bf16 widened as attention reads).
+//! Work is split over a rayon pool sized by `--threads`; rayon's idle workers sleep instead of spinning, which
+//! matters when several workers share a small box.
 //!
 //! Matrix products take one of two paths: few rows (decode) stream each weight row once against every
 //! activation row (`kernels`, bandwidth-bound); many rows (prefill) go to the `gemm` crate's packed,
