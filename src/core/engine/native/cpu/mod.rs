@@ -15,6 +15,7 @@ use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtyp
 use super::weights::{HostData, HostTensor};
 use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
 use half::bf16;
+use half::vec::HalfBitsVecExt;
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
 use math::Element;
 use packed::{PackedBf16, SharedOutput};
@@ -354,7 +355,9 @@ impl Backend for CpuBackend {
     fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<CpuPages> {
         Ok(match dtype {
             KvDtype::F32 => CpuPages::F32(vec![0.0; num_pages * page_len]),
-            KvDtype::Bf16 => CpuPages::Bf16(vec![bf16::ZERO; num_pages * page_len]),
+            // Zeroed u16s come from calloc untouched, as f32 zeros do; `vec![bf16::ZERO; n]` wrote every one,
+            // committing the whole cache at start.
+            KvDtype::Bf16 => CpuPages::Bf16(vec![0u16; num_pages * page_len].reinterpret_into()),
         })
     }
 
