@@ -127,52 +127,56 @@ fn attend_with<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, score
 }
 
 /// A single query row (a decode step): too few queries to pay for gathering keys and values into chunks, so
-/// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced). Every KV head
-/// of a page is done before the next page, so each page is read from memory as one stretch.
+/// keys and values are read where they lie, a page at a time (a page's rows are evenly spaced).
 #[inline(always)]
 fn attend_one_row<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
-    let AttentionShape { num_heads, num_kv_heads, head_dim, block_size } = *job.shape;
+    let AttentionShape { num_heads, num_kv_heads, head_dim, .. } = *job.shape;
     let group = num_heads / num_kv_heads;
     let kv_width = num_kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let context = job.seq.first_position + job.first + 1;
-    // The rows of positions p0..p0 + width of one page, `kv_width` apart.
-    let page_rows = |p0: usize, width: usize, kv_head: usize| {
-        let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width + kv_head * head_dim;
-        start..start + (width - 1) * kv_width + head_dim
-    };
     // scores[head * context + position]
     scores.clear();
     scores.resize(num_heads * context, 0.0);
     dst.fill(0.0);
-    let whole_page = |pages: &[E], p0: usize| {
-        if p0 < context {
-            let start = job.seq.block_table[p0 / block_size] as usize * block_size * kv_width;
-            prefetch(&pages[start..start + block_size.min(context - p0) * kv_width]);
+    each_page_and_kv_head(job, job.k_pages, context, |p0, width, kv_head, keys| {
+        for h in kv_head * group..(kv_head + 1) * group {
+            let out = &mut scores[h * context + p0..][..width];
+            score_rows::<FUSED, E>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
+            out.iter_mut().for_each(|s| *s *= scale);
         }
-    };
-    for p0 in (0..context).step_by(block_size) {
-        let width = block_size.min(context - p0);
-        whole_page(job.k_pages, p0 + block_size);
-        for kv_head in 0..num_kv_heads {
-            let keys = &job.k_pages[page_rows(p0, width, kv_head)];
-            for h in kv_head * group..(kv_head + 1) * group {
-                let out = &mut scores[h * context + p0..][..width];
-                score_rows::<FUSED, E>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
-                out.iter_mut().for_each(|s| *s *= scale);
-            }
-        }
-    }
+    });
     scores.chunks_exact_mut(context).for_each(softmax);
+    each_page_and_kv_head(job, job.v_pages, context, |p0, width, kv_head, values| {
+        for h in kv_head * group..(kv_head + 1) * group {
+            let out = &mut dst[h * head_dim..][..head_dim];
+            accumulate::<FUSED, E>(out, &scores[h * context + p0..][..width], values, kv_width);
+        }
+    });
+}
+
+/// `visit(first position, positions, KV head, rows)` for every page of the first `context` positions and every
+/// KV head, with that head's rows of the page (`kv_width` apart). Every KV head of a page is done before the
+/// next page, which is prefetched meanwhile, so each page is read from memory as one stretch.
+#[inline(always)]
+fn each_page_and_kv_head<E: Element>(
+    job: &BlockAttention<'_, E>,
+    pages: &[E],
+    context: usize,
+    mut visit: impl FnMut(usize, usize, usize, &[E]),
+) {
+    let AttentionShape { num_kv_heads, head_dim, block_size, .. } = *job.shape;
+    let kv_width = num_kv_heads * head_dim;
+    let page_start = |p0: usize| job.seq.block_table[p0 / block_size] as usize * block_size * kv_width;
     for p0 in (0..context).step_by(block_size) {
         let width = block_size.min(context - p0);
-        whole_page(job.v_pages, p0 + block_size);
+        let next = p0 + block_size;
+        if next < context {
+            prefetch(&pages[page_start(next)..][..block_size.min(context - next) * kv_width]);
+        }
         for kv_head in 0..num_kv_heads {
-            let values = &job.v_pages[page_rows(p0, width, kv_head)];
-            for h in kv_head * group..(kv_head + 1) * group {
-                let out = &mut dst[h * head_dim..][..head_dim];
-                accumulate::<FUSED, E>(out, &scores[h * context + p0..][..width], values, kv_width);
-            }
+            let start = page_start(p0) + kv_head * head_dim;
+            visit(p0, width, kv_head, &pages[start..start + (width - 1) * kv_width + head_dim]);
         }
     }
 }
