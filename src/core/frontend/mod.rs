@@ -64,11 +64,6 @@ impl FrontendState {
         self.served.read().unwrap_or_else(|p| p.into_inner())[0].clone()
     }
 
-    fn names(&self) -> String {
-        let served = self.served();
-        served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ")
-    }
-
     /// The handler's response, or its error as an OpenAI error body (counted as a failed request of `model`,
     /// when the request got as far as naming one that is served).
     fn answer(&self, endpoint: &str, model: Option<&str>, result: Result<Response, ApiError>) -> Response {
@@ -81,20 +76,17 @@ impl FrontendState {
     /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
     /// not served is a 404, as in vLLM.
     fn resolve(&self, requested: Option<&str>) -> Result<Served, ApiError> {
-        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        let served = self.served();
+        let names = || served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ");
         match requested {
             Some(name) => served.iter().find(|s| s.model.card.name == name).cloned().ok_or_else(|| {
-                drop(served);
                 ApiError::not_found(format!(
                     "The model `{name}` does not exist; this server serves {} (see GET /v1/models).",
-                    self.names()
+                    names()
                 ))
             }),
             None if served.len() == 1 => Ok(served[0].clone()),
-            None => {
-                drop(served);
-                Err(ApiError::invalid("model", format!("is required: this server serves {}", self.names())))
-            }
+            None => Err(ApiError::invalid("model", format!("is required: this server serves {}", names()))),
         }
     }
 }
