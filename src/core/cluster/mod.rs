@@ -79,7 +79,6 @@ impl Cluster {
             clients: HashMap::new(),
             members: HashMap::new(),
             publishers: HashMap::new(),
-            models: HashMap::new(),
             state: None,
             metrics,
             snapshots,
@@ -164,9 +163,7 @@ struct Membership {
     members: HashMap<String, Member>,
     /// Event-plane publisher id → its member's endpoint.
     publishers: HashMap<WorkerId, String>,
-    /// Served model name → its model and router.
-    models: HashMap<String, Served>,
-    /// What the frontend serves, from the first model on.
+    /// What the frontend serves (every model, each with its router), from the first model on.
     state: Option<Arc<FrontendState>>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
@@ -262,7 +259,7 @@ impl Membership {
             );
             return Ok(());
         }
-        let router = match self.models.get(&instance.model) {
+        let router = match self.state.as_ref().and_then(|state| state.find(&instance.model)) {
             Some(served) => {
                 if let Some(reason) = incompatibility(&served.model, served.router.block_size(), &instance) {
                     tracing::warn!("worker {:016x} at {addr} {reason}; not used", instance.id);
@@ -280,7 +277,6 @@ impl Membership {
                 let config =
                     RouterConfig { block_size: instance.card.block_size as usize, ..self.settings.router.clone() };
                 let served = Served { model: Arc::new(model), router: Arc::new(Router::new(Vec::new(), config)) };
-                self.models.insert(instance.model.clone(), served.clone());
                 match &self.state {
                     Some(state) => {
                         state.add(served.model.clone(), served.router.clone());

@@ -58,6 +58,11 @@ impl FrontendState {
         self.served.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The served model of this name.
+    pub fn find(&self, name: &str) -> Option<Served> {
+        self.served.read().unwrap_or_else(|p| p.into_inner()).iter().find(|s| s.model.card.name == name).cloned()
+    }
+
     /// The model first served (a single-model server's only one).
     pub fn first(&self) -> Served {
         // `new` puts one in and nothing takes any out.
@@ -79,7 +84,7 @@ impl FrontendState {
         let served = self.served();
         let names = || served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ");
         match requested {
-            Some(name) => served.iter().find(|s| s.model.card.name == name).cloned().ok_or_else(|| {
+            Some(name) => self.find(name).ok_or_else(|| {
                 ApiError::not_found(format!(
                     "The model `{name}` does not exist; this server serves {} (see GET /v1/models).",
                     names()
