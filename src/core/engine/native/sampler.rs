@@ -27,17 +27,8 @@ impl SeqSampler {
     pub fn sample(&mut self, logits: &[f32], tokens: &[u32], logprobs: Option<u32>) -> Sampled {
         let raw_logprob = logprobs.map(|top| log_softmax_top(logits, top));
         let o = &self.options;
-        // Most requests set no penalty, and then the row is read in place (copying a 49k vocabulary's row
-        // per sequence per step showed in batch decode profiles).
-        let penalised;
-        let logits = if self.has_penalties() {
-            let mut copy = logits.to_vec();
-            self.apply_penalties(&mut copy, tokens);
-            penalised = copy;
-            &penalised[..]
-        } else {
-            logits
-        };
+        let penalised = self.penalised(logits, tokens);
+        let logits = penalised.as_deref().unwrap_or(logits);
         let token = if o.temperature <= 0.0 || o.top_k == Some(1) {
             argmax(logits)
         } else {
@@ -58,16 +49,17 @@ impl SeqSampler {
         Sampled { token, logprob }
     }
 
-    fn has_penalties(&self) -> bool {
+    /// The logits after the request's penalties, or `None` when it sets none: most requests, whose row is then
+    /// read in place (copying a 49k vocabulary's row per sequence per step showed in batch decode profiles).
+    fn penalised(&self, logits: &[f32], tokens: &[u32]) -> Option<Vec<f32>> {
         let o = &self.options;
-        (o.repetition_penalty != 1.0 && o.repetition_penalty > 0.0)
-            || o.frequency_penalty != 0.0
-            || o.presence_penalty != 0.0
-    }
-
-    fn apply_penalties(&self, logits: &mut [f32], tokens: &[u32]) {
-        let o = &self.options;
-        if o.repetition_penalty != 1.0 && o.repetition_penalty > 0.0 {
+        let repetition = o.repetition_penalty != 1.0 && o.repetition_penalty > 0.0;
+        let counted = o.frequency_penalty != 0.0 || o.presence_penalty != 0.0;
+        if !repetition && !counted {
+            return None;
+        }
+        let mut logits = logits.to_vec();
+        if repetition {
             let mut seen = vec![false; logits.len()];
             for &t in tokens {
                 if let Some(s) = seen.get_mut(t as usize) {
@@ -78,7 +70,7 @@ impl SeqSampler {
                 *logit = if *logit > 0.0 { *logit / o.repetition_penalty } else { *logit * o.repetition_penalty };
             }
         }
-        if o.frequency_penalty != 0.0 || o.presence_penalty != 0.0 {
+        if counted {
             let mut counts: HashMap<u32, u32> = HashMap::new();
             for &t in &tokens[self.prompt_len.min(tokens.len())..] {
                 *counts.entry(t).or_default() += 1;
@@ -89,6 +81,7 @@ impl SeqSampler {
                 }
             }
         }
+        Some(logits)
     }
 }
 
