@@ -7,7 +7,7 @@ use crate::core::indexer::{FlashIndexer, Indexer};
 use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
-use crate::core::protocol::plane::{Topic, decode_payload, encode_payload};
+use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::request::{FromWorker, ToWorker, encode};
 use crate::core::protocol::{
     EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, StoredBlock, WorkerId,
@@ -115,9 +115,7 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
         let mut events = 0u64;
         let mut last = Instant::now();
         while let Some(batch) = batches.recv().await {
-            for event in &batch.events {
-                index.apply(batch.worker_id, event);
-            }
+            index.apply_all(batch.worker_id, &batch.events);
             events += batch.events.len() as u64;
             last = Instant::now();
         }
@@ -136,7 +134,7 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
             break;
         };
         let delivery = delivery?;
-        if let Ok(batch) = decode_payload::<KvEventBatch>(&delivery.payload) {
+        if let Ok(batch) = KvEventBatch::from_bytes(&delivery.payload) {
             let _ = feed.send(batch);
         }
         received += 1;
@@ -156,7 +154,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     let mut subscriber =
         tmq::subscribe(&context).set_rcvhwm(UNLIMITED).set_linger(0).connect(&endpoint)?.subscribe(Topic::Kv.name())?;
     // The same bytes the plane sends for one message, encoded once.
-    let payload = encode_payload(&batch(CACHED_BLOCKS, events_per_message));
+    let payload = batch(CACHED_BLOCKS, events_per_message).to_bytes();
     let frame = |seq: u64| -> Vec<Vec<u8>> {
         vec![Topic::Kv.name().to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), payload.clone()]
     };

@@ -18,7 +18,7 @@ use crate::core::model::{Model, ModelError};
 use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
 use crate::core::protocol::discovery::{Instance, reached_at, split_endpoint};
-use crate::core::protocol::plane::{Topic, decode_payload};
+use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::{Metrics, PlaneEvent};
@@ -390,7 +390,7 @@ impl Membership {
             }
         }
         match delivery.header.topic {
-            Topic::Kv => match decode_payload::<KvEventBatch>(&delivery.payload) {
+            Topic::Kv => match KvEventBatch::from_bytes(&delivery.payload) {
                 Ok(batch) => {
                     if let Some(batch) = member.feed.receive(delivery.header.seq, batch) {
                         let _ = member.kv.send(batch);
@@ -403,14 +403,14 @@ impl Membership {
                     resync(&self.snapshots, addr, member);
                 }
             },
-            Topic::Stats => match decode_payload::<WorkerStats>(&delivery.payload) {
+            Topic::Stats => match WorkerStats::from_bytes(&delivery.payload) {
                 Ok(stats) => self.metrics.worker_stats(publisher, &stats),
                 Err(error) => {
                     self.metrics.plane(PlaneEvent::Malformed, 1);
                     tracing::warn!("worker {publisher:016x} sent unreadable stats: {error}");
                 }
             },
-            Topic::Load => match decode_payload::<LoadMetrics>(&delivery.payload) {
+            Topic::Load => match LoadMetrics::from_bytes(&delivery.payload) {
                 Ok(load) => *member.load.lock().unwrap_or_else(|p| p.into_inner()) = load,
                 Err(error) => {
                     self.metrics.plane(PlaneEvent::Malformed, 1);

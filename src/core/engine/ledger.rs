@@ -99,7 +99,7 @@ mod tests {
         // One event per chain in storing order: [1, 2, 20, 21, 22] (3 and 7 are gone), then [9, 10].
         assert_eq!(events.len(), 2, "{events:?}");
         let rebuilt = ReferenceIndexer::new();
-        events.iter().for_each(|event| rebuilt.apply(5, event));
+        rebuilt.apply_all(5, &events);
         for query in [vec![1, 2, 20, 21, 22], vec![1, 2, 3], vec![9, 10], vec![7]] {
             assert_eq!(rebuilt.find_matches(&query).of(5), live.find_matches(&query).of(5), "{query:?}");
         }

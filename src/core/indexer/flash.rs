@@ -101,14 +101,13 @@ impl FlashIndexer {
         slot
     }
 
-    /// Adjusts the worker's block count once per event rather than once per block.
-    fn count(&self, slot: Slot, added: usize, removed: usize) {
-        if added == removed {
+    /// Adjusts the worker's block count once per batch of events rather than once per block.
+    fn count(&self, slot: Slot, change: isize) {
+        if change == 0 {
             return;
         }
         if let Some(blocks) = self.workers().blocks.get(slot as usize) {
-            blocks.fetch_add(added, Ordering::Relaxed);
-            blocks.fetch_sub(removed, Ordering::Relaxed);
+            blocks.fetch_add(change as usize, Ordering::Relaxed);
         }
     }
 
@@ -121,7 +120,8 @@ impl FlashIndexer {
         self.write(parent).remove_child(parent, child);
     }
 
-    fn store(&self, slot: Slot, mut parent: Option<u64>, hashes: impl Iterator<Item = u64>) {
+    /// Adds the run of blocks; returns how many the worker did not hold before.
+    fn store(&self, slot: Slot, mut parent: Option<u64>, hashes: impl Iterator<Item = u64>) -> isize {
         // The parent is visited once per block, after the block is in: that one visit both checks that the
         // worker holds the parent (rule 2; first block only) and links a new child, where a check before and
         // a link after cost two lock round trips and two probes of the same entry.
@@ -144,21 +144,20 @@ impl FlashIndexer {
                 if !held {
                     // A block stored under a parent the worker does not hold: take it back out.
                     if was_added {
-                        self.count(slot, 1, 0);
-                        self.remove(slot, hash);
+                        added += 1 - self.remove(slot, hash);
                     }
                     break;
                 }
                 parent_checked = true;
             }
-            added += usize::from(was_added);
+            added += isize::from(was_added);
             parent = Some(hash);
         }
-        self.count(slot, added, 0);
+        added
     }
 
-    /// Drops `hash` and every extension of it from the worker.
-    fn remove(&self, slot: Slot, hash: u64) {
+    /// Drops `hash` and every extension of it from the worker; returns how many blocks it held of them.
+    fn remove(&self, slot: Slot, hash: u64) -> isize {
         let mut stack: SmallVec<[u64; 8]> = SmallVec::from_slice(&[hash]);
         let mut removed = 0;
         while let Some(next) = stack.pop() {
@@ -169,7 +168,7 @@ impl FlashIndexer {
                 self.unlink(parent, next);
             }
         }
-        self.count(slot, 0, removed);
+        removed
     }
 
     /// Drops every block of the worker: a scan of the table, fine for the rare Cleared or departure.
@@ -199,12 +198,28 @@ impl FlashIndexer {
 
 impl Indexer for FlashIndexer {
     fn apply(&self, worker: WorkerId, event: &KvEvent) {
+        self.apply_all(worker, std::slice::from_ref(event));
+    }
+
+    /// Finds the worker's slot once and adjusts its block count once: per event, those two took a lock on
+    /// the worker map each and cost as much as the blocks' own updates.
+    fn apply_all(&self, worker: WorkerId, events: &[KvEvent]) {
         let slot = self.slot(worker);
-        match event {
-            KvEvent::Stored { parent_hash, blocks } => self.store(slot, *parent_hash, blocks.iter().map(|b| b.hash)),
-            KvEvent::Removed { hashes } => hashes.iter().for_each(|&h| self.remove(slot, h)),
-            KvEvent::Cleared => self.clear(slot),
+        let mut change = 0;
+        for event in events {
+            match event {
+                KvEvent::Stored { parent_hash, blocks } => {
+                    change += self.store(slot, *parent_hash, blocks.iter().map(|b| b.hash));
+                }
+                KvEvent::Removed { hashes } => change -= hashes.iter().map(|&h| self.remove(slot, h)).sum::<isize>(),
+                KvEvent::Cleared => {
+                    // The count restarts from zero: what was pending is gone with the blocks.
+                    change = 0;
+                    self.clear(slot);
+                }
+            }
         }
+        self.count(slot, change);
     }
 
     fn remove_worker(&self, worker: WorkerId) {

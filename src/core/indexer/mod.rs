@@ -38,6 +38,11 @@ impl OverlapScores {
 pub trait Indexer: Send + Sync {
     fn apply(&self, worker: WorkerId, event: &KvEvent);
 
+    /// One worker's events in order (a step's batch).
+    fn apply_all(&self, worker: WorkerId, events: &[KvEvent]) {
+        events.iter().for_each(|event| self.apply(worker, event));
+    }
+
     /// Forgets a worker and everything it held.
     fn remove_worker(&self, worker: WorkerId);
 

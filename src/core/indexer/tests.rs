@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Apply(WorkerId, KvEvent),
+    /// One worker's batch (an engine step's events), applied with `apply_all`.
+    Apply(WorkerId, Vec<KvEvent>),
     RemoveWorker(WorkerId),
 }
 
@@ -37,31 +38,41 @@ fn workload(seed: u64, steps: usize) -> (Vec<Op>, Vec<Vec<u64>>) {
     let mut ops = Vec::with_capacity(steps);
     for _ in 0..steps {
         let worker = rng.random_range(0..5u64);
-        let prompt = &prompts[rng.random_range(0..prompts.len())];
-        let op = match rng.random_range(0..100) {
-            0..=59 => {
-                let start = rng.random_range(0..prompt.len());
-                let end = rng.random_range(start + 1..=prompt.len());
-                let parent_hash = start.checked_sub(1).map(|i| prompt[i]);
-                let blocks =
-                    prompt[start..end].iter().map(|&hash| StoredBlock { hash, tokens_hash: hash ^ 1 }).collect();
-                Op::Apply(worker, KvEvent::Stored { parent_hash, blocks })
-            }
-            60..=91 => {
-                let hashes = (0..rng.random_range(1..3)).map(|_| prompt[rng.random_range(0..prompt.len())]).collect();
-                Op::Apply(worker, KvEvent::Removed { hashes })
-            }
-            92..=96 => Op::Apply(worker, KvEvent::Cleared),
-            _ => Op::RemoveWorker(worker),
-        };
-        ops.push(op);
+        if rng.random_range(0..100) < 3 {
+            ops.push(Op::RemoveWorker(worker));
+            continue;
+        }
+        let events = (0..rng.random_range(1..=3))
+            .map(|_| {
+                let prompt = &prompts[rng.random_range(0..prompts.len())];
+                match rng.random_range(0..100) {
+                    0..=59 => {
+                        let start = rng.random_range(0..prompt.len());
+                        let end = rng.random_range(start + 1..=prompt.len());
+                        let parent_hash = start.checked_sub(1).map(|i| prompt[i]);
+                        let blocks = prompt[start..end]
+                            .iter()
+                            .map(|&hash| StoredBlock { hash, tokens_hash: hash ^ 1 })
+                            .collect();
+                        KvEvent::Stored { parent_hash, blocks }
+                    }
+                    60..=94 => {
+                        let hashes =
+                            (0..rng.random_range(1..3)).map(|_| prompt[rng.random_range(0..prompt.len())]).collect();
+                        KvEvent::Removed { hashes }
+                    }
+                    _ => KvEvent::Cleared,
+                }
+            })
+            .collect();
+        ops.push(Op::Apply(worker, events));
     }
     (ops, prompts)
 }
 
 fn run(index: &dyn Indexer, op: &Op) {
     match op {
-        Op::Apply(worker, event) => index.apply(*worker, event),
+        Op::Apply(worker, events) => index.apply_all(*worker, events),
         Op::RemoveWorker(worker) => index.remove_worker(*worker),
     }
 }

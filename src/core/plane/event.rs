@@ -1,7 +1,6 @@
 //! Publisher and subscriber sockets of the event plane, and the sequence tracking that makes loss visible.
-use crate::core::protocol::plane::{FrameError, FrameHeader, Topic, decode_header, encode_payload};
+use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
 use futures::{SinkExt, StreamExt};
-use serde::Serialize;
 use std::collections::HashMap;
 use tmq::{AsZmqSocket, Context, Multipart};
 
@@ -50,16 +49,12 @@ impl EventPublisher {
         *self.next_seq.entry(topic).or_insert(0) += 1;
     }
 
-    pub async fn publish<T: Serialize>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
-        self.publish_encoded(topic, &encode_payload(value)).await
-    }
-
-    /// Publishes a payload already encoded with `encode_payload`.
-    pub async fn publish_encoded(&mut self, topic: Topic, payload: &[u8]) -> Result<(), PlaneError> {
+    pub async fn publish<T: Payload>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
+        let payload = value.to_bytes();
         let next = self.next_seq.entry(topic).or_insert(0);
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;
-        let frames: Vec<&[u8]> = vec![topic.name(), &publisher, &seq, payload];
+        let frames: Vec<&[u8]> = vec![topic.name(), &publisher, &seq, &payload];
         self.socket.send(frames).await?;
         Ok(())
     }

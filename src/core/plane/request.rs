@@ -8,7 +8,7 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
-use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, PreprocessedRequest, WorkerStats};
+use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, KvEvents, PreprocessedRequest, WorkerStats};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -291,7 +291,7 @@ fn snapshot_frames(next_seq: u64, events: Vec<KvEvent>) -> Vec<FromWorker> {
     let mut current: Vec<KvEvent> = Vec::new();
     let mut room = SNAPSHOT_BLOCKS_PER_FRAME;
     let mut flush = |current: &mut Vec<KvEvent>, room: &mut usize| {
-        frames.push(FromWorker::KvSnapshot { next_seq, events: std::mem::take(current), last: false });
+        frames.push(FromWorker::KvSnapshot { next_seq, events: KvEvents(std::mem::take(current)), last: false });
         *room = SNAPSHOT_BLOCKS_PER_FRAME;
     };
     for event in events {
@@ -314,7 +314,7 @@ fn snapshot_frames(next_seq: u64, events: Vec<KvEvent>) -> Vec<FromWorker> {
             parent_hash = next_parent;
         }
     }
-    frames.push(FromWorker::KvSnapshot { next_seq, events: current, last: true });
+    frames.push(FromWorker::KvSnapshot { next_seq, events: KvEvents(current), last: true });
     frames
 }
 
@@ -487,7 +487,7 @@ async fn client(
                         }
                         FromWorker::KvSnapshot { next_seq, events, last } => {
                             snapshot.next_seq = next_seq;
-                            snapshot.events.extend(events);
+                            snapshot.events.extend(events.0);
                             if last {
                                 let whole = std::mem::take(&mut snapshot);
                                 if let Some(first) = snapshot_wanted.pop() {

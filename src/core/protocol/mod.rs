@@ -13,4 +13,4 @@ pub mod plane;
 pub mod request;
 
 pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
-pub use kv::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
+pub use kv::{KvEvent, KvEventBatch, KvEvents, LoadMetrics, StoredBlock, WorkerId, WorkerStats};

@@ -2,6 +2,7 @@
 //!
 //! The topic frame comes first because ZMQ SUB filters on a message's first frame. Sequence numbers count
 //! per (publisher, topic) from 0, so a subscriber to some topics sees no false gaps from the others.
+use super::kv::{KvEventBatch, LoadMetrics, WorkerStats};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -51,15 +52,48 @@ pub struct FrameHeader {
     pub seq: u64,
 }
 
-pub fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
-    // Starting with room for a typical batch halves the encoding time (no regrowth).
-    let mut payload = Vec::with_capacity(256);
+/// What one topic carries, and how it becomes a frame's msgpack bytes and back.
+pub trait Payload: Sized {
+    fn to_bytes(&self) -> Vec<u8>;
+    fn from_bytes(payload: &[u8]) -> Result<Self, FrameError>;
+}
+
+/// Hot: a worker publishes one per engine step and a router decodes every one, so it has its own codec.
+impl Payload for KvEventBatch {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.encode()
+    }
+
+    fn from_bytes(payload: &[u8]) -> Result<Self, FrameError> {
+        KvEventBatch::decode(payload).map_err(|e| FrameError::Payload(e.to_string()))
+    }
+}
+
+/// A few a second per worker: serde's msgpack.
+macro_rules! serde_payload {
+    ($($payload:ty),*) => {$(
+        impl Payload for $payload {
+            fn to_bytes(&self) -> Vec<u8> {
+                encode_serde(self)
+            }
+
+            fn from_bytes(payload: &[u8]) -> Result<Self, FrameError> {
+                decode_serde(payload)
+            }
+        }
+    )*};
+}
+
+serde_payload!(LoadMetrics, WorkerStats);
+
+fn encode_serde<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(64);
     // Plain data types serialize infallibly to msgpack.
     let _ = rmp_serde::encode::write(&mut payload, value);
     payload
 }
 
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+fn decode_serde<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(payload).map_err(|e| FrameError::Payload(e.to_string()))
 }
 
@@ -74,7 +108,7 @@ pub fn decode_header(frames: &[&[u8]]) -> Result<FrameHeader, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::protocol::{KvEvent, KvEventBatch, StoredBlock};
+    use crate::core::protocol::{KvEvent, StoredBlock};
 
     #[test]
     fn header_and_payload_round_trip() {
@@ -85,10 +119,12 @@ mod tests {
                 blocks: vec![StoredBlock { hash: 2, tokens_hash: 5 }],
             }],
         };
-        let payload = encode_payload(&batch);
+        let payload = batch.to_bytes();
         let frames: [&[u8]; 4] = [b"kv", &7u64.to_be_bytes(), &9u64.to_be_bytes(), &payload];
         assert_eq!(decode_header(&frames), Ok(FrameHeader { topic: Topic::Kv, publisher: 7, seq: 9 }));
-        assert_eq!(decode_payload::<KvEventBatch>(&payload), Ok(batch));
+        assert_eq!(KvEventBatch::from_bytes(&payload), Ok(batch));
+        let load = LoadMetrics { requests_running: 3, kv_total_blocks: 1 << 40, ..Default::default() };
+        assert_eq!(LoadMetrics::from_bytes(&load.to_bytes()), Ok(load));
     }
 
     #[test]
@@ -96,6 +132,7 @@ mod tests {
         assert_eq!(decode_header(&[b"kv"]), Err(FrameError::FrameCount(1)));
         assert!(matches!(decode_header(&[b"nope", &[0; 8], &[0; 8], b""]), Err(FrameError::Topic(_))));
         assert_eq!(decode_header(&[b"kv", &[0; 3], &[0; 8], b""]), Err(FrameError::Header("publisher")));
-        assert!(decode_payload::<KvEventBatch>(b"\xc1garbage").is_err());
+        assert!(KvEventBatch::from_bytes(b"\xc1garbage").is_err());
+        assert!(LoadMetrics::from_bytes(b"\xc1garbage").is_err());
     }
 }

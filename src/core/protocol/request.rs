@@ -6,11 +6,11 @@
 //! whole record, so a ping is at the same time the health check and the way a router learns who is there.
 use super::discovery::Instance;
 use super::engine::{EngineOutput, PreprocessedRequest};
-use super::kv::KvEvent;
+use super::kv::KvEvents;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -48,7 +48,7 @@ pub enum FromWorker {
     /// the messages it buffered from `next_seq` on.
     KvSnapshot {
         next_seq: u64,
-        events: Vec<KvEvent>,
+        events: KvEvents,
         last: bool,
     },
     /// Outputs end with one that has a `finish_reason`.
@@ -121,7 +121,11 @@ mod tests {
             FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance() },
             FromWorker::Output { stream: 3, output: EngineOutput { token_ids: vec![1, 2], ..Default::default() } },
             FromWorker::Refused { stream: 4, reason: Refusal::Busy { limit: 8 } },
-            FromWorker::KvSnapshot { next_seq: 12, events: vec![KvEvent::Cleared], last: true },
+            FromWorker::KvSnapshot {
+                next_seq: 12,
+                events: KvEvents(vec![crate::core::protocol::KvEvent::Cleared]),
+                last: true,
+            },
             FromWorker::Batch(vec![FromWorker::Output { stream: 5, output: EngineOutput::default() }]),
         ];
         for message in messages {

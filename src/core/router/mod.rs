@@ -290,7 +290,7 @@ fn spawn_feed(engine: &Arc<dyn Engine>, indexer: Arc<FlashIndexer>) -> tokio::ta
     let mut events = KvFollower::new(engine);
     tokio::spawn(async move {
         while let Some(batch) = events.next().await {
-            batch.events.iter().for_each(|event| indexer.apply(batch.worker_id, event));
+            indexer.apply_all(batch.worker_id, &batch.events);
         }
     })
 }

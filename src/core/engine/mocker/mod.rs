@@ -136,14 +136,14 @@ mod tests {
         }
         let from_events = ReferenceIndexer::new();
         while let Ok(batch) = events.try_recv() {
-            batch.events.iter().for_each(|event| from_events.apply(1, event));
+            from_events.apply_all(1, &batch.events);
         }
         assert!(from_events.block_counts()[0].1 > 0);
         assert!(engine.resend_kv_state());
         let resent = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
         assert_eq!(resent.events.first(), Some(&crate::core::protocol::KvEvent::Cleared));
         let from_resend = ReferenceIndexer::new();
-        resent.events.iter().for_each(|event| from_resend.apply(1, event));
+        from_resend.apply_all(1, &resent.events);
         assert_eq!(from_resend.block_counts(), from_events.block_counts());
         for prompt in &prompts {
             let hashes: Vec<u64> = crate::core::tokens::block_hashes(prompt, 16).iter().map(|h| h.sequence).collect();

@@ -1,5 +1,5 @@
 use super::*;
-use crate::core::protocol::plane::decode_payload;
+use crate::core::protocol::plane::Payload;
 use crate::core::protocol::{KvEvent, KvEventBatch};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ async fn first_delivery(publisher: &mut EventPublisher, subscriber: &mut EventSu
     for i in 0..2000 {
         publisher.publish(Topic::Kv, &batch(i)).await.unwrap();
         if let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
-            let got: KvEventBatch = decode_payload(&delivery.unwrap().payload).unwrap();
+            let got = KvEventBatch::from_bytes(&delivery.unwrap().payload).unwrap();
             let KvEvent::Removed { hashes } = &got.events[0] else { panic!("{got:?}") };
             return hashes[0];
         }
@@ -53,7 +53,7 @@ async fn messages_arrive_in_order_over_loopback() {
     for i in 10_000..10_100 {
         let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap().unwrap();
         assert_eq!((delivery.header.publisher, delivery.continuity), (7, Continuity::InOrder));
-        let got: KvEventBatch = decode_payload(&delivery.payload).unwrap();
+        let got = KvEventBatch::from_bytes(&delivery.payload).unwrap();
         assert_eq!(got, batch(i));
     }
     assert_eq!((subscriber.lost, subscriber.malformed), (0, 0), "first delivery was {first}");
@@ -69,7 +69,7 @@ async fn malformed_messages_are_counted_and_skipped() {
     let mut seq = 0u64;
     loop {
         let frames: Vec<Vec<u8>> =
-            vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), encode_payload(&batch(seq))];
+            vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), batch(seq).to_bytes()];
         raw.send(frames).await.unwrap();
         seq += 1;
         if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
@@ -80,8 +80,7 @@ async fn malformed_messages_are_counted_and_skipped() {
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
     raw.send(vec![b"kv".to_vec(), vec![1, 2, 3]]).await.unwrap();
     raw.send(vec![b"kv".to_vec(), vec![0; 3], vec![0; 8], vec![]]).await.unwrap();
-    let frames =
-        vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), encode_payload(&batch(seq))];
+    let frames = vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), batch(seq).to_bytes()];
     raw.send(frames).await.unwrap();
     let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(delivery.header.seq, seq);
