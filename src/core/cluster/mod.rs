@@ -72,7 +72,6 @@ impl Cluster {
         let watch = discovery.watch(&settings.namespace);
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
-        let (resync_requests, resync_asked) = mpsc::unbounded_channel();
         let membership = Membership {
             context,
             settings,
@@ -82,9 +81,8 @@ impl Cluster {
             state: None,
             metrics,
             snapshots,
-            resync_requests,
         };
-        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, resync_asked, ready));
+        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
         match first.await {
             Ok(Ok(state)) => Ok(Self { state, membership }),
             Ok(Err(error)) => Err(error),
@@ -146,7 +144,6 @@ struct Member {
     router: Arc<Router>,
     event_addr: String,
     client: Arc<WorkerClient>,
-    kv: tokio::sync::broadcast::Sender<KvEventBatch>,
     feed: KvFeed,
     load: Arc<std::sync::Mutex<LoadMetrics>>,
 }
@@ -167,8 +164,6 @@ struct Membership {
     state: Option<Arc<FrontendState>>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
-    /// Handed to each worker's engine: the router's feed asks through it when it fell behind.
-    resync_requests: mpsc::UnboundedSender<WorkerId>,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -179,7 +174,6 @@ impl Membership {
         mut watch: mpsc::UnboundedReceiver<DiscoveryEvent>,
         mut subscriber: EventSubscriber,
         mut snapshot_results: mpsc::UnboundedReceiver<SnapshotResult>,
-        mut resync_asked: mpsc::UnboundedReceiver<WorkerId>,
         ready: Ready,
     ) {
         let (status_sender, mut statuses) = mpsc::unbounded_channel::<(String, WorkerStatus)>();
@@ -220,7 +214,6 @@ impl Membership {
                     None => return,
                 },
                 Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),
-                Some(id) = resync_asked.recv() => self.router_lagged(id),
             }
         }
     }
@@ -304,17 +297,16 @@ impl Membership {
             None => instance.event_addr.clone(),
         };
         subscriber.add_publisher(&event_addr)?;
-        let engine = RemoteEngine::new(instance.clone(), client.clone(), self.resync_requests.clone());
+        let engine = RemoteEngine::new(instance.clone(), client.clone());
         let mut member = Member {
             id: instance.id,
             router: router.clone(),
             event_addr,
             client,
-            kv: engine.kv_sender(),
             feed: KvFeed::default(),
             load: engine.load_cell(),
         };
-        router.add_worker(Arc::new(engine));
+        router.add_remote_worker(Arc::new(engine));
         // The worker may have cached blocks before this router knew it (a router restarted, say).
         resync(&self.snapshots, addr, &mut member);
         self.members.insert(addr.to_string(), member);
@@ -359,16 +351,8 @@ impl Membership {
             }
         }
         for batch in member.feed.finish(id, snapshot) {
-            let _ = member.kv.send(batch);
+            member.router.apply_kv_events(&batch);
         }
-    }
-
-    /// The router's own feed fell behind this worker's events and forgot them: rebuild from a snapshot.
-    fn router_lagged(&mut self, id: WorkerId) {
-        let Some(addr) = self.publishers.get(&id) else { return };
-        let Some(member) = self.members.get_mut(addr) else { return };
-        self.metrics.plane(PlaneEvent::RouterLagged, 1);
-        resync(&self.snapshots, addr, member);
     }
 
     fn deliver(&mut self, delivery: crate::core::plane::Delivery) {
@@ -393,7 +377,7 @@ impl Membership {
             Topic::Kv => match KvEventBatch::from_bytes(&delivery.payload) {
                 Ok(batch) => {
                     if let Some(batch) = member.feed.receive(delivery.header.seq, batch) {
-                        let _ = member.kv.send(batch);
+                        member.router.apply_kv_events(&batch);
                     }
                 }
                 Err(error) => {
@@ -485,7 +469,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_gap_or_a_lagging_router_feed_is_repaired_from_the_workers_snapshot() {
+    async fn a_gap_is_repaired_from_the_workers_snapshot() {
         let context = tmq::Context::new();
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let id = 0xabc;
@@ -559,16 +543,6 @@ mod tests {
         assert_eq!(overlap(&router, &seen), 3);
         assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
 
-        // The router's own feed lagging: what it asks of the remote engine must bring the worker's whole cache,
-        // including blocks it never saw published.
-        let unseen = prompt(400);
-        ledger.lock().unwrap().record(&stored(id, &unseen).events, publisher.next_seq(Topic::Kv));
-        let remote = router.engines().into_iter().find(|e| e.worker_id() == id).unwrap();
-        assert!(remote.resend_kv_state());
-        eventually("the lag's snapshot", || plane_count(&metrics, "resync_ok") >= 3.0).await;
-        assert_eq!(plane_count(&metrics, "router_lagged"), 1.0);
-        eventually("the unseen blocks", || overlap(&router, &unseen) == 3).await;
-        assert_eq!(overlap(&router, &seen), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

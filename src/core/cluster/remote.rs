@@ -1,37 +1,27 @@
-//! A worker in another process, as an `Engine`: requests go over its request-plane connection, KV events
-//! and load arrive from the event plane (fed by the cluster's subscriber).
+//! A worker in another process, as an `Engine`: requests go over its request-plane connection, its load
+//! arrives from the event plane (fed by the cluster's subscriber). Its KV events do not pass through it: the
+//! cluster applies them to the router's index where it decodes them.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::plane::request::WorkerClient;
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::{KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{broadcast, mpsc};
-
-const EVENT_BUFFER: usize = 4096;
+use tokio::sync::broadcast;
 
 pub struct RemoteEngine {
     instance: Instance,
     client: Arc<WorkerClient>,
-    kv: broadcast::Sender<KvEventBatch>,
     load: Arc<Mutex<LoadMetrics>>,
-    /// Where to ask for this worker's state again: the cluster resyncs it from a snapshot.
-    resync: mpsc::UnboundedSender<WorkerId>,
 }
 
 impl RemoteEngine {
-    pub fn new(instance: Instance, client: Arc<WorkerClient>, resync: mpsc::UnboundedSender<WorkerId>) -> Self {
+    pub fn new(instance: Instance, client: Arc<WorkerClient>) -> Self {
         let load = LoadMetrics { kv_total_blocks: instance.card.kv_blocks, ..LoadMetrics::default() };
-        let (kv, _) = broadcast::channel(EVENT_BUFFER);
-        Self { instance, client, kv, load: Arc::new(Mutex::new(load)), resync }
+        Self { instance, client, load: Arc::new(Mutex::new(load)) }
     }
 
     pub fn instance(&self) -> &Instance {
         &self.instance
-    }
-
-    /// Where the event plane puts this worker's KV events.
-    pub fn kv_sender(&self) -> broadcast::Sender<KvEventBatch> {
-        self.kv.clone()
     }
 
     /// Where the event plane puts this worker's load reports.
@@ -52,16 +42,13 @@ impl Engine for RemoteEngine {
         Ok(self.client.submit(request))
     }
 
+    /// Closed at once: this worker's events reach the index from the cluster (`Router::apply_kv_events`).
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
-        self.kv.subscribe()
+        broadcast::channel(1).1
     }
 
     fn load(&self) -> LoadMetrics {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn resend_kv_state(&self) -> bool {
-        self.resync.send(self.instance.id).is_ok()
     }
 
     fn is_alive(&self) -> bool {

@@ -18,7 +18,7 @@ pub use migration::MigratingStream;
 
 use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
-use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
+use crate::core::protocol::{EngineOutput, KvEventBatch, PreprocessedRequest, WorkerId};
 use crate::core::tokens::block_hashes;
 use futures::Stream;
 use std::pin::Pin;
@@ -130,8 +130,29 @@ impl Router {
     /// Starts routing to a worker (replacing one with the same id). In `kv` mode this subscribes to its KV
     /// events, so it must run inside a tokio runtime.
     pub fn add_worker(&self, engine: Arc<dyn Engine>) {
-        let feed = (self.config.mode == RouterMode::Kv && self.config.kv_events)
-            .then(|| spawn_feed(&engine, self.indexer.clone()));
+        let feed = self.indexes_events().then(|| spawn_feed(&engine, self.indexer.clone()));
+        self.insert_worker(engine, feed);
+    }
+
+    /// Starts routing to a worker whose KV events the caller brings with `apply_kv_events` (the cluster, from
+    /// the event plane, where each batch is decoded and applied in one place instead of passing through a
+    /// channel and another task).
+    pub fn add_remote_worker(&self, engine: Arc<dyn Engine>) {
+        self.insert_worker(engine, None);
+    }
+
+    /// A worker's KV events, in its order; ignored unless this router indexes them.
+    pub fn apply_kv_events(&self, batch: &KvEventBatch) {
+        if self.indexes_events() {
+            self.indexer.apply_all(batch.worker_id, &batch.events);
+        }
+    }
+
+    fn indexes_events(&self) -> bool {
+        self.config.mode == RouterMode::Kv && self.config.kv_events
+    }
+
+    fn insert_worker(&self, engine: Arc<dyn Engine>, feed: Option<tokio::task::JoinHandle<()>>) {
         let worker = Arc::new(Worker { engine, load: Arc::default(), feed });
         let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
         let id = worker.engine.worker_id();

@@ -135,7 +135,7 @@ impl Metrics {
                     Opts::new(
                         "dynamo_router_event_plane_total",
                         "Event-plane trouble and repairs: lost_messages, publisher_restarts, malformed, \
-                         resync_ok, resync_failed, router_lagged",
+                         resync_ok, resync_failed",
                     ),
                     &["event"],
                 )
@@ -239,8 +239,6 @@ pub enum PlaneEvent {
     ResyncOk,
     /// No snapshot came; the worker's KV entries were dropped instead.
     ResyncFailed,
-    /// The router's own index feed fell behind a worker's events (they arrived, but too fast to apply).
-    RouterLagged,
 }
 
 impl PlaneEvent {
@@ -251,7 +249,6 @@ impl PlaneEvent {
             Self::Malformed => "malformed",
             Self::ResyncOk => "resync_ok",
             Self::ResyncFailed => "resync_failed",
-            Self::RouterLagged => "router_lagged",
         }
     }
 }
