@@ -1,6 +1,7 @@
 //! Publisher and subscriber sockets of the event plane, and the sequence tracking that makes loss visible.
 use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
 use futures::{SinkExt, StreamExt};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use tmq::{AsZmqSocket, Context, Multipart};
 
@@ -22,7 +23,8 @@ pub enum PlaneError {
 pub struct EventPublisher {
     socket: tmq::publish::Publish,
     publisher: u64,
-    next_seq: HashMap<Topic, u64>,
+    /// Per topic, in `Topic::ALL` order.
+    next_seq: [u64; Topic::ALL.len()],
     endpoint: String,
 }
 
@@ -31,7 +33,7 @@ impl EventPublisher {
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
         let socket = tmq::publish(context).set_sndhwm(hwm).set_linger(0).bind(endpoint)?;
         let endpoint = super::request::bound_endpoint(socket.get_socket())?;
-        Ok(Self { socket, publisher, next_seq: HashMap::new(), endpoint })
+        Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -40,18 +42,18 @@ impl EventPublisher {
 
     /// The sequence number the next message on `topic` will carry.
     pub fn next_seq(&self, topic: Topic) -> u64 {
-        self.next_seq.get(&topic).copied().unwrap_or(0)
+        self.next_seq[topic as usize]
     }
 
     /// Loses the next message on `topic` on purpose, as a full high-water mark would.
     #[cfg(test)]
     pub(crate) fn skip(&mut self, topic: Topic) {
-        *self.next_seq.entry(topic).or_insert(0) += 1;
+        self.next_seq[topic as usize] += 1;
     }
 
     pub async fn publish<T: Payload>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
         let payload = value.to_bytes();
-        let next = self.next_seq.entry(topic).or_insert(0);
+        let next = &mut self.next_seq[topic as usize];
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;
         let frames: Vec<&[u8]> = vec![topic.name(), &publisher, &seq, &payload];
@@ -150,8 +152,9 @@ impl EventSubscriber {
                 Ok(frames) => frames,
                 Err(e) => return Some(Err(e.into())),
             };
-            let parts: Vec<&[u8]> = frames.iter().map(|m| &m[..]).collect();
-            let header = match decode_header(&parts) {
+            // On the stack: every well-formed message has four frames.
+            let header = decode_header(&frames.iter().map(|m| &m[..]).collect::<SmallVec<[&[u8]; 4]>>());
+            let header = match header {
                 Ok(header) => header,
                 Err(error) => {
                     self.skip(&error);

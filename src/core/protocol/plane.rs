@@ -17,6 +17,7 @@ pub enum Topic {
 }
 
 impl Topic {
+    /// In declaration order, so `topic as usize` indexes it (per-topic state lives in arrays).
     pub const ALL: [Topic; 3] = [Topic::Kv, Topic::Load, Topic::Stats];
 
     pub fn name(self) -> &'static [u8] {
@@ -125,6 +126,14 @@ mod tests {
         assert_eq!(KvEventBatch::from_bytes(&payload), Ok(batch));
         let load = LoadMetrics { requests_running: 3, kv_total_blocks: 1 << 40, ..Default::default() };
         assert_eq!(LoadMetrics::from_bytes(&load.to_bytes()), Ok(load));
+    }
+
+    #[test]
+    fn a_topic_indexes_its_place_in_all() {
+        for (i, topic) in Topic::ALL.into_iter().enumerate() {
+            assert_eq!(topic as usize, i);
+            assert_eq!(Topic::from_name(topic.name()), Some(topic));
+        }
     }
 
     #[test]
