@@ -37,6 +37,9 @@ _dynamo() {
             dynamo,selftest)
                 cmd="dynamo__subcmd__selftest"
                 ;;
+            dynamo,top)
+                cmd="dynamo__subcmd__top"
+                ;;
             dynamo__subcmd__bench,engine)
                 cmd="dynamo__subcmd__bench__subcmd__engine"
                 ;;
@@ -94,6 +97,9 @@ _dynamo() {
             dynamo__subcmd__help,selftest)
                 cmd="dynamo__subcmd__help__subcmd__selftest"
                 ;;
+            dynamo__subcmd__help,top)
+                cmd="dynamo__subcmd__help__subcmd__top"
+                ;;
             dynamo__subcmd__help__subcmd__bench,engine)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
                 ;;
@@ -116,7 +122,7 @@ _dynamo() {
 
     case "${cmd}" in
         dynamo)
-            opts="-v -h -V --verbose --help --version run decode route bench selftest completions help"
+            opts="-v -h -V --verbose --help --version run decode route top bench selftest completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -528,7 +534,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help)
-            opts="run decode route bench selftest completions help"
+            opts="run decode route top bench selftest completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -696,6 +702,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__selftest)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__top)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -877,6 +897,40 @@ _dynamo() {
                     return 0
                     ;;
                 --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__top)
+            opts="-v -h -V --once --wait --refresh --worker-timeout --discovery --namespace --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --refresh)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --worker-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --discovery)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -5,6 +5,7 @@ mod completions;
 mod route;
 mod run;
 mod selftest;
+mod top;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ pub enum Command {
     Decode(worker::WorkerArgs),
     /// Start the OpenAI HTTP frontend and router in front of the workers discovery finds.
     Route(route::RouteArgs),
+    /// Watch every worker of a namespace live: state, load, KV cache, requests.
+    Top(top::TopArgs),
     /// Measure performance; each benchmark compares against a reference in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Decode(args) => worker::run(args),
         Command::Route(args) => route::run(args),
+        Command::Top(args) => top::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),
         Command::Completions(args) => completions::run(args),

@@ -12,4 +12,5 @@ pub mod protocol;
 pub mod router;
 pub mod telemetry;
 pub mod tokens;
+pub mod top;
 pub mod worker;

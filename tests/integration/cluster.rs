@@ -367,3 +367,51 @@ async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
         router.post_json("/v1/completions", json!({"model": "tiny-missing", "prompt": "x", "max_tokens": 2})).await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// Runs `dynamo top --once` against the cluster file and returns what it printed.
+fn top_once(file: &str) -> String {
+    let mut child = dynamo()
+        .args(["top", "--once", "--wait", "2.5", "--discovery", file])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the dynamo binary starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("top's status").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dynamo top --once did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("top's output");
+    assert!(output.status.success(), "dynamo top failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
+    let path = cluster_file("top");
+    let file = format!("file:{}", path.display());
+    let _chat = worker(&file, &[]);
+    let _other = worker(&file, &["--served-model-name", "tiny-other"]);
+    let _elsewhere = worker(&file, &["--namespace", "elsewhere"]);
+    let router = route(&file);
+    wait_for_workers(&router, 2).await;
+    for _ in 0..3 {
+        let (status, body) = router.post_json("/v1/completions", completion("counted by top", 4)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let text = tokio::task::spawn_blocking(move || top_once(&file)).await.expect("top ran");
+    assert!(text.contains("2 workers, 2 alive"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|line| line.contains("tcp://")).collect();
+    assert_eq!(rows.len(), 2, "the other namespace's worker is not shown:\n{text}");
+    assert!(rows.iter().any(|r| r.contains("tiny-chat")) && rows.iter().any(|r| r.contains("tiny-other")), "{text}");
+    // Load arrived from both (no "-" left in the KV columns) and the requests were counted.
+    let header = text.lines().find(|line| line.starts_with("WORKER")).expect("a header");
+    let column = |name: &str| header.find(name).expect("a column");
+    let cell = |row: &str, name: &str| row[column(name)..].split_whitespace().next().unwrap_or("").to_string();
+    assert!(rows.iter().all(|row| cell(row, "KV BLOCKS").contains('/')), "{text}");
+    let requests: u64 = rows.iter().map(|row| cell(row, "REQUESTS").parse::<u64>().unwrap_or(0)).sum();
+    assert_eq!(requests, 3, "{text}");
+}

@@ -17,7 +17,7 @@ use crate::core::frontend::{FrontendState, Served};
 use crate::core::model::{Model, ModelError};
 use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
-use crate::core::protocol::discovery::{Instance, reached_at, split_endpoint};
+use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
@@ -219,18 +219,9 @@ impl Membership {
     }
 
     fn connect(&mut self, addr: String, statuses: &mpsc::UnboundedSender<(String, WorkerStatus)>) {
-        let (sender, mut receiver) = mpsc::unbounded_channel();
-        match WorkerClient::connect(&self.context, &addr, self.settings.dead_after, sender) {
+        match WorkerClient::connect_labelled(&self.context, addr.clone(), self.settings.dead_after, statuses) {
             Ok(client) => {
-                self.clients.insert(addr.clone(), Arc::new(client));
-                let statuses = statuses.clone();
-                tokio::spawn(async move {
-                    while let Some(status) = receiver.recv().await {
-                        if statuses.send((addr.clone(), status)).is_err() {
-                            return;
-                        }
-                    }
-                });
+                self.clients.insert(addr, Arc::new(client));
             }
             Err(error) => tracing::warn!("cannot connect to worker at {addr}: {error}"),
         }
@@ -290,12 +281,7 @@ impl Membership {
                 served.router
             }
         };
-        // A worker bound to every interface reports `tcp://0.0.0.0:PORT` for its events: reach them on the
-        // host its request endpoint was reached on.
-        let event_addr = match split_endpoint(addr) {
-            Some((host, _)) => reached_at(&instance.event_addr, host),
-            None => instance.event_addr.clone(),
-        };
+        let event_addr = instance.event_endpoint_from(addr);
         subscriber.add_publisher(&event_addr)?;
         let engine = RemoteEngine::new(instance.clone(), client.clone());
         let mut member = Member {

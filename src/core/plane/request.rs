@@ -372,6 +372,26 @@ impl WorkerClient {
         Ok(Self { commands, next_stream: AtomicU64::new(0), alive, task })
     }
 
+    /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
+    pub fn connect_labelled(
+        context: &Context,
+        endpoint: String,
+        dead_after: Duration,
+        statuses: &mpsc::UnboundedSender<(String, WorkerStatus)>,
+    ) -> Result<Self, PlaneError> {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let client = Self::connect(context, &endpoint, dead_after, sender)?;
+        let statuses = statuses.clone();
+        tokio::spawn(async move {
+            while let Some(status) = receiver.recv().await {
+                if statuses.send((endpoint.clone(), status)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(client)
+    }
+
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
     }

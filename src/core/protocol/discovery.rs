@@ -27,6 +27,17 @@ pub struct Instance {
     pub card: ModelCardSummary,
 }
 
+impl Instance {
+    /// Its event endpoint as reachable by a peer that reached its request endpoint at `request_endpoint`: a
+    /// worker bound to every interface reports `tcp://0.0.0.0:PORT` for its events.
+    pub fn event_endpoint_from(&self, request_endpoint: &str) -> String {
+        match split_endpoint(request_endpoint) {
+            Some((host, _)) => reached_at(&self.event_addr, host),
+            None => self.event_addr.clone(),
+        }
+    }
+}
+
 /// What a router must agree on with a worker before sending it anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelCardSummary {

@@ -1,0 +1,58 @@
+//! `dynamo top`: a live table of every worker in a namespace, from discovery and the event plane.
+use super::args::ClusterArgs;
+use crate::core::top::{self, ClusterView};
+use clap::Args;
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Print the table once, after watching for --wait seconds, instead of taking over the terminal.
+    #[arg(long)]
+    pub once: bool,
+
+    /// Seconds to watch before printing with --once (workers answer within a heartbeat; load and request
+    /// totals arrive every second).
+    #[arg(long, default_value_t = 2.0, value_parser = super::args::positive_f64)]
+    pub wait: f64,
+
+    /// Seconds between redraws of the live table.
+    #[arg(long, default_value_t = 0.5, value_parser = super::args::positive_f64)]
+    pub refresh: f64,
+
+    /// Seconds without an answer to the heartbeat after which a worker shows as lost.
+    #[arg(long, default_value_t = 1.5, value_parser = super::args::positive_f64)]
+    pub worker_timeout: f64,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+pub fn run(args: TopArgs) -> anyhow::Result<()> {
+    if !args.once && !std::io::stdout().is_terminal() {
+        anyhow::bail!("dynamo top draws a live table and needs a terminal; use --once to print it as text");
+    }
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery)?;
+    let view = Arc::new(Mutex::new(ClusterView::new(&args.cluster.namespace)));
+    let runtime = super::runtime()?;
+    let watcher = runtime.spawn(top::watch(
+        discovery,
+        args.cluster.namespace,
+        Duration::from_secs_f64(args.worker_timeout),
+        view.clone(),
+    ));
+    if args.once {
+        runtime.block_on(async { tokio::time::sleep(Duration::from_secs_f64(args.wait)).await });
+    } else {
+        top::ui::run(&view, Duration::from_secs_f64(args.refresh))?;
+    }
+    if watcher.is_finished() {
+        // The watcher only ends early on an event-plane error: say it rather than show an empty table.
+        runtime.block_on(watcher)??;
+    }
+    if args.once {
+        print!("{}", view.lock().unwrap_or_else(|p| p.into_inner()).text(Instant::now()));
+    }
+    Ok(())
+}

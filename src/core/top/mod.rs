@@ -1,0 +1,324 @@
+//! `dynamo top`: the cluster as its workers report it. Every worker discovery finds is pinged on the request
+//! plane (its answer is its record: model, role, KV capacity) and subscribed to on the event plane, and what
+//! it publishes there — load, request totals, KV-cache activity — is folded into a `ClusterView`. The view
+//! knows nothing of terminals: `ui` draws it live, `ClusterView::text` prints it once.
+pub mod ui;
+
+use crate::core::discovery::{Discovery, DiscoveryEvent};
+use crate::core::plane::request::{WorkerClient, WorkerStatus};
+use crate::core::plane::{Continuity, Delivery, EventSubscriber, HIGH_WATER_MARK, PlaneError};
+use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::plane::{Payload, Topic};
+use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, WorkerStats};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How far back the KV event rate looks: long enough to smooth engine steps, short enough to follow a burst.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerState {
+    /// Found by discovery, no answer yet.
+    Connecting,
+    Alive,
+    /// Stopped answering the heartbeat (it stays listed: discovery still names it).
+    Lost,
+    /// Speaks another request-plane version.
+    Incompatible {
+        theirs: u32,
+    },
+}
+
+/// KV events a worker published, and how fast lately.
+#[derive(Debug, Default)]
+pub struct KvActivity {
+    pub events: u64,
+    pub stored_blocks: u64,
+    pub removed_blocks: u64,
+    /// (when a batch came, events before it) over the last `RATE_WINDOW`.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl KvActivity {
+    fn record(&mut self, batch: &KvEventBatch, now: Instant) {
+        self.samples.push_back((now, self.events));
+        self.events += batch.events.len() as u64;
+        for event in &batch.events {
+            match event {
+                KvEvent::Stored { blocks, .. } => self.stored_blocks += blocks.len() as u64,
+                KvEvent::Removed { hashes } => self.removed_blocks += hashes.len() as u64,
+                KvEvent::Cleared => {}
+            }
+        }
+        while self.samples.front().is_some_and(|&(at, _)| now - at > RATE_WINDOW) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Events per second over the window, as of `now` (a worker gone quiet decays to zero).
+    pub fn rate(&self, now: Instant) -> f64 {
+        let Some(&(first, before_first)) = self.samples.front() else { return 0.0 };
+        if now - first > RATE_WINDOW {
+            return 0.0;
+        }
+        // At least a second: one batch just in is not an infinite rate.
+        (self.events - before_first) as f64 / (now - first).as_secs_f64().max(1.0)
+    }
+}
+
+#[derive(Debug)]
+pub struct WorkerView {
+    pub endpoint: String,
+    pub state: PeerState,
+    pub instance: Option<Instance>,
+    pub load: Option<LoadMetrics>,
+    pub stats: Option<WorkerStats>,
+    pub kv: KvActivity,
+    /// Event-plane messages from it that never arrived.
+    pub lost_messages: u64,
+}
+
+impl WorkerView {
+    fn new(endpoint: String) -> Self {
+        Self {
+            endpoint,
+            state: PeerState::Connecting,
+            instance: None,
+            load: None,
+            stats: None,
+            kv: KvActivity::default(),
+            lost_messages: 0,
+        }
+    }
+}
+
+/// What `dynamo top` knows of one namespace.
+#[derive(Debug)]
+pub struct ClusterView {
+    pub namespace: String,
+    /// By request endpoint, as discovery names workers.
+    pub workers: BTreeMap<String, WorkerView>,
+    /// Event-plane publisher id → request endpoint.
+    publishers: HashMap<u64, String>,
+    /// Event-plane messages that did not decode.
+    pub malformed: u64,
+}
+
+impl ClusterView {
+    pub fn new(namespace: &str) -> Self {
+        Self { namespace: namespace.to_string(), workers: BTreeMap::new(), publishers: HashMap::new(), malformed: 0 }
+    }
+
+    fn discovered(&mut self, endpoint: String) {
+        self.workers.entry(endpoint.clone()).or_insert_with(|| WorkerView::new(endpoint));
+    }
+
+    fn removed(&mut self, endpoint: &str) {
+        if let Some(worker) = self.workers.remove(endpoint)
+            && let Some(instance) = worker.instance
+        {
+            self.publishers.remove(&instance.id);
+        }
+    }
+
+    fn status(&mut self, endpoint: &str, status: WorkerStatus) {
+        let Some(worker) = self.workers.get_mut(endpoint) else { return };
+        match status {
+            WorkerStatus::Alive(instance) => {
+                worker.state = PeerState::Alive;
+                if let Some(previous) = worker.instance.replace(instance.clone())
+                    && previous.id != instance.id
+                {
+                    // Restarted under a new id: what the old process published is history.
+                    self.publishers.remove(&previous.id);
+                    worker.load = None;
+                    worker.stats = None;
+                    worker.kv = KvActivity::default();
+                }
+                self.publishers.insert(instance.id, endpoint.to_string());
+            }
+            WorkerStatus::Lost => worker.state = PeerState::Lost,
+            WorkerStatus::Incompatible { theirs } => worker.state = PeerState::Incompatible { theirs },
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery, now: Instant) {
+        let Some(worker) = self.publishers.get(&delivery.header.publisher).and_then(|e| self.workers.get_mut(e)) else {
+            return;
+        };
+        if let Continuity::Gap(lost) = delivery.continuity {
+            worker.lost_messages += lost;
+        }
+        let decoded = match delivery.header.topic {
+            Topic::Kv => KvEventBatch::from_bytes(&delivery.payload).map(|batch| worker.kv.record(&batch, now)),
+            Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| worker.load = Some(load)),
+            Topic::Stats => WorkerStats::from_bytes(&delivery.payload).map(|stats| worker.stats = Some(stats)),
+        };
+        if decoded.is_err() {
+            self.malformed += 1;
+        }
+    }
+
+    pub fn alive(&self) -> usize {
+        self.workers.values().filter(|w| w.state == PeerState::Alive).count()
+    }
+
+    /// KV events per second from every worker.
+    pub fn kv_rate(&self, now: Instant) -> f64 {
+        self.workers.values().map(|w| w.kv.rate(now)).sum()
+    }
+
+    pub fn summary(&self, now: Instant) -> String {
+        format!(
+            "namespace {:?}: {} workers, {} alive; {:.0} KV events/s; {} lost and {} malformed event-plane messages",
+            self.namespace,
+            self.workers.len(),
+            self.alive(),
+            self.kv_rate(now),
+            self.workers.values().map(|w| w.lost_messages).sum::<u64>(),
+            self.malformed
+        )
+    }
+
+    /// One row per worker, in `COLUMNS` order: what both the live table and the text snapshot show.
+    pub fn rows(&self, now: Instant) -> Vec<[String; COLUMNS.len()]> {
+        self.workers.values().map(|worker| row(worker, now)).collect()
+    }
+
+    /// The view as aligned text: the summary, then the table.
+    pub fn text(&self, now: Instant) -> String {
+        let rows = self.rows(now);
+        let widths = column_widths(&rows);
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let padded: Vec<String> = cells.zip(&widths).map(|(cell, &width)| format!("{cell:<width$}")).collect();
+            padded.join("  ").trim_end().to_string()
+        };
+        let mut out = format!("{}\n{}\n", self.summary(now), line(&mut COLUMNS.iter().copied()));
+        for row in &rows {
+            out.push_str(&line(&mut row.iter().map(String::as_str)));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+pub const COLUMNS: [&str; 12] = [
+    "WORKER",
+    "MODEL",
+    "ROLE",
+    "STATE",
+    "RUN",
+    "WAIT",
+    "KV USED",
+    "KV BLOCKS",
+    "KV EV/S",
+    "REQUESTS",
+    "REFUSED",
+    "ENDPOINT",
+];
+
+/// Each column as wide as its widest cell or its title.
+pub fn column_widths(rows: &[[String; COLUMNS.len()]]) -> [usize; COLUMNS.len()] {
+    let mut widths = COLUMNS.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    widths
+}
+
+fn row(worker: &WorkerView, now: Instant) -> [String; COLUMNS.len()] {
+    let unknown = || "-".to_string();
+    let instance = worker.instance.as_ref();
+    let state = match &worker.state {
+        PeerState::Connecting => "connecting".to_string(),
+        PeerState::Alive => "alive".to_string(),
+        PeerState::Lost => "lost".to_string(),
+        PeerState::Incompatible { theirs } => format!("protocol v{theirs}"),
+    };
+    let load = worker.load.as_ref();
+    let used = load.filter(|l| l.kv_total_blocks > 0).map(|l| {
+        let held = l.kv_active_blocks as f64 / l.kv_total_blocks as f64;
+        format!("{:.1}%", 100.0 * held)
+    });
+    [
+        instance.map_or_else(unknown, |i| format!("{:016x}", i.id)),
+        instance.map_or_else(unknown, |i| i.model.clone()),
+        instance.map_or_else(unknown, |i| format!("{:?}", i.role).to_lowercase()),
+        state,
+        load.map_or_else(unknown, |l| l.requests_running.to_string()),
+        load.map_or_else(unknown, |l| l.requests_waiting.to_string()),
+        used.unwrap_or_else(unknown),
+        load.map_or_else(unknown, |l| format!("{}/{}", l.kv_active_blocks + l.kv_cached_blocks, l.kv_total_blocks)),
+        format!("{:.0}", worker.kv.rate(now)),
+        worker.stats.map_or_else(unknown, |s| s.accepted.to_string()),
+        worker.stats.map_or_else(unknown, |s| s.refused.to_string()),
+        worker.endpoint.clone(),
+    ]
+}
+
+/// Follows `namespace` into `view` until discovery ends: pings every worker discovery names and subscribes
+/// to the event plane of every one that answers.
+pub async fn watch(
+    discovery: Box<dyn Discovery>,
+    namespace: String,
+    dead_after: Duration,
+    view: Arc<Mutex<ClusterView>>,
+) -> Result<(), PlaneError> {
+    let context = tmq::Context::new();
+    let mut subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
+    let mut found = discovery.watch(&namespace);
+    let (statuses, mut status_updates) = mpsc::unbounded_channel();
+    let mut clients: HashMap<String, WorkerClient> = HashMap::new();
+    // Request endpoint → the event endpoint subscribed to for it.
+    let mut subscribed: HashMap<String, String> = HashMap::new();
+    let view = || view.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        tokio::select! {
+            event = found.recv() => match event {
+                None => return Ok(()),
+                Some(DiscoveryEvent::Added(endpoint)) => {
+                    match WorkerClient::connect_labelled(&context, endpoint.clone(), dead_after, &statuses) {
+                        Ok(client) => {
+                            clients.insert(endpoint.clone(), client);
+                        }
+                        Err(error) => tracing::warn!("cannot connect to worker at {endpoint}: {error}"),
+                    }
+                    view().discovered(endpoint);
+                }
+                Some(DiscoveryEvent::Removed(endpoint)) => {
+                    clients.remove(&endpoint);
+                    if let Some(events) = subscribed.remove(&endpoint) {
+                        let _ = subscriber.remove_publisher(&events);
+                    }
+                    view().removed(&endpoint);
+                }
+            },
+            Some((endpoint, status)) = status_updates.recv() => {
+                if let WorkerStatus::Alive(instance) = &status {
+                    let events = instance.event_endpoint_from(&endpoint);
+                    if subscribed.get(&endpoint) != Some(&events) {
+                        if let Some(old) = subscribed.insert(endpoint.clone(), events.clone()) {
+                            let _ = subscriber.remove_publisher(&old);
+                        }
+                        if let Err(error) = subscriber.add_publisher(&events) {
+                            tracing::warn!("cannot subscribe to the events of worker at {endpoint}: {error}");
+                        }
+                    }
+                }
+                view().status(&endpoint, status);
+            }
+            delivery = subscriber.next() => match delivery {
+                Some(Ok(delivery)) => view().deliver(delivery, Instant::now()),
+                Some(Err(_)) => view().malformed += 1,
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

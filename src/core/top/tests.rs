@@ -1,0 +1,114 @@
+use super::*;
+use crate::core::protocol::StoredBlock;
+use crate::core::protocol::discovery::{ModelCardSummary, Role};
+use crate::core::protocol::plane::FrameHeader;
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+
+const ENDPOINT: &str = "tcp://10.0.0.7:7100";
+
+fn instance(id: u64) -> Instance {
+    Instance {
+        id,
+        role: Role::Decode,
+        model: "tiny-chat".into(),
+        namespace: "prod".into(),
+        request_addr: ENDPOINT.into(),
+        event_addr: "tcp://0.0.0.0:7101".into(),
+        card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: 1 },
+    }
+}
+
+fn delivery(publisher: u64, topic: Topic, seq: u64, continuity: Continuity, payload: Vec<u8>) -> Delivery {
+    Delivery { header: FrameHeader { topic, publisher, seq }, continuity, payload: tmq::Message::from(payload) }
+}
+
+fn stored(blocks: u64) -> KvEventBatch {
+    let blocks = (0..blocks).map(|h| StoredBlock { hash: h, tokens_hash: h }).collect();
+    KvEventBatch { worker_id: 7, events: vec![KvEvent::Stored { parent_hash: None, blocks }] }
+}
+
+fn cell<'a>(view: &'a [[String; COLUMNS.len()]], row: usize, column: &str) -> &'a str {
+    let at = COLUMNS.iter().position(|&c| c == column).unwrap();
+    &view[row][at]
+}
+
+#[test]
+fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
+    let start = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    let rows = view.rows(start);
+    assert_eq!((cell(&rows, 0, "STATE"), cell(&rows, 0, "MODEL")), ("connecting", "-"));
+
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    let load = LoadMetrics {
+        requests_running: 3,
+        requests_waiting: 1,
+        kv_active_blocks: 250,
+        kv_total_blocks: 1000,
+        kv_cached_blocks: 50,
+    };
+    view.deliver(delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
+    let stats = WorkerStats { accepted: 12, refused: 2, ..WorkerStats::default() };
+    view.deliver(delivery(7, Topic::Stats, 0, Continuity::InOrder, stats.to_bytes()), start);
+    view.deliver(delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(4).to_bytes()), start);
+    let later = start + Duration::from_secs(2);
+    view.deliver(delivery(7, Topic::Kv, 3, Continuity::Gap(2), stored(2).to_bytes()), later);
+    // Another publisher's message and a payload that does not decode: ignored, and counted.
+    view.deliver(delivery(99, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
+    view.deliver(delivery(7, Topic::Load, 1, Continuity::InOrder, b"\xc1".to_vec()), later);
+
+    let rows = view.rows(later);
+    assert_eq!(cell(&rows, 0, "WORKER"), "0000000000000007");
+    assert_eq!(cell(&rows, 0, "STATE"), "alive");
+    assert_eq!((cell(&rows, 0, "RUN"), cell(&rows, 0, "WAIT")), ("3", "1"));
+    assert_eq!((cell(&rows, 0, "KV USED"), cell(&rows, 0, "KV BLOCKS")), ("25.0%", "300/1000"));
+    assert_eq!((cell(&rows, 0, "REQUESTS"), cell(&rows, 0, "REFUSED")), ("12", "2"));
+    let worker = &view.workers[ENDPOINT];
+    assert_eq!((worker.kv.events, worker.kv.stored_blocks, worker.lost_messages), (2, 6, 2));
+    // Two events over the two seconds since the first one.
+    assert_eq!(cell(&rows, 0, "KV EV/S"), "1");
+    assert_eq!(view.malformed, 1);
+    assert_eq!(view.kv_rate(later + RATE_WINDOW * 2), 0.0, "a quiet worker's rate decays");
+
+    view.status(ENDPOINT, WorkerStatus::Lost);
+    assert_eq!(cell(&view.rows(later), 0, "STATE"), "lost");
+    // Back under a new id: the old process's numbers are gone, the new one's messages count.
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(8)));
+    assert!(view.workers[ENDPOINT].load.is_none());
+    view.deliver(delivery(7, Topic::Kv, 4, Continuity::InOrder, stored(1).to_bytes()), later);
+    view.deliver(delivery(8, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
+    assert_eq!(view.workers[ENDPOINT].kv.events, 1);
+
+    view.removed(ENDPOINT);
+    assert!(view.rows(later).is_empty());
+    assert!(view.summary(later).contains("0 workers"));
+}
+
+#[test]
+fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    view.discovered("tcp://10.0.0.8:7100".into());
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    view.status("tcp://10.0.0.8:7100", WorkerStatus::Incompatible { theirs: 2 });
+
+    let text = view.text(now);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "summary, header, two workers:\n{text}");
+    assert!(lines[1].starts_with("WORKER"));
+    assert!(lines[2].contains("tiny-chat") && lines[2].contains("alive"), "{text}");
+    assert!(lines[3].contains("protocol v2"), "{text}");
+    // Columns line up: every row's ENDPOINT starts where the header's does.
+    let at = lines[1].find("ENDPOINT").unwrap();
+    assert!(lines[2..].iter().all(|line| line[at..].starts_with("tcp://")), "{text}");
+
+    let mut terminal = Terminal::new(TestBackend::new(200, 8)).unwrap();
+    terminal.draw(|frame| ui::draw(frame, &view, now)).unwrap();
+    let screen: String = terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect();
+    for expected in ["dynamo top", "2 workers, 1 alive", "WORKER", "0000000000000007", "alive", "protocol v2"] {
+        assert!(screen.contains(expected), "{expected:?} not on screen:\n{screen}");
+    }
+}

@@ -1,0 +1,53 @@
+//! The live table: redrawn every `refresh` from the shared view until q, Esc or Ctrl-C.
+use super::{COLUMNS, ClusterView, column_widths};
+use ratatui::Frame;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Style, Stylize};
+use ratatui::widgets::{Block, Paragraph, Row, Table};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Takes over the terminal (alternate screen, raw mode) and gives it back however the loop ends.
+pub fn run(view: &Mutex<ClusterView>, refresh: Duration) -> std::io::Result<()> {
+    let mut terminal = ratatui::try_init()?;
+    let shown = (|| loop {
+        terminal.draw(|frame| draw(frame, &view.lock().unwrap_or_else(|p| p.into_inner()), Instant::now()))?;
+        if event::poll(refresh)?
+            && let Event::Key(key) = event::read()?
+            && quits(key)
+        {
+            return Ok(());
+        }
+    })();
+    let restored = ratatui::try_restore();
+    shown.and(restored)
+}
+
+fn quits(key: KeyEvent) -> bool {
+    key.kind == KeyEventKind::Press
+        && match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => true,
+            // Raw mode turns Ctrl-C into a key press instead of a signal.
+            KeyCode::Char('c') => key.modifiers.contains(KeyModifiers::CONTROL),
+            _ => false,
+        }
+}
+
+pub fn draw(frame: &mut Frame, view: &ClusterView, now: Instant) {
+    let [header, body] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(frame.area());
+    frame.render_widget(Paragraph::new(format!("dynamo top · {} · q quits", view.summary(now))), header);
+    let rows = view.rows(now);
+    let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
+    let state = COLUMNS.iter().position(|&c| c == "STATE").unwrap_or(0);
+    let styled = rows.into_iter().map(|row| {
+        let style = match row[state].as_str() {
+            "alive" => Style::default(),
+            "connecting" => Style::default().fg(Color::DarkGray),
+            _ => Style::default().fg(Color::Red),
+        };
+        Row::new(row).style(style)
+    });
+    let table = Table::new(styled, widths).header(Row::new(COLUMNS).bold()).block(Block::bordered().title(" workers "));
+    frame.render_widget(table, body);
+}
