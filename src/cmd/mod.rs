@@ -8,6 +8,7 @@ mod selftest;
 mod top;
 mod worker;
 
+use crate::core::telemetry::LogTail;
 use clap::{Parser, Subcommand};
 
 /// Serve large language models across many machines from one binary: OpenAI frontend, router, workers.
@@ -43,12 +44,14 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    crate::core::telemetry::init_logging(cli.verbose);
+    // The live table owns the terminal: its log lines go into the table's footer.
+    let log_tail = matches!(&cli.command, Command::Top(args) if !args.once).then(LogTail::default);
+    crate::core::telemetry::init_logging(cli.verbose, log_tail.clone());
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Decode(args) => worker::run(args),
         Command::Route(args) => route::run(args),
-        Command::Top(args) => top::run(args),
+        Command::Top(args) => top::run(args, log_tail.unwrap_or_default()),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),
         Command::Completions(args) => completions::run(args),

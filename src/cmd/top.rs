@@ -1,5 +1,6 @@
 //! `dynamo top`: a live table of every worker in a namespace, from discovery and the event plane.
 use super::args::ClusterArgs;
+use crate::core::telemetry::LogTail;
 use crate::core::top::{self, ClusterView};
 use clap::Args;
 use std::io::IsTerminal;
@@ -29,7 +30,7 @@ pub struct TopArgs {
     pub cluster: ClusterArgs,
 }
 
-pub fn run(args: TopArgs) -> anyhow::Result<()> {
+pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
     if !args.once && !std::io::stdout().is_terminal() {
         anyhow::bail!("dynamo top draws a live table and needs a terminal; use --once to print it as text");
     }
@@ -45,7 +46,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     if args.once {
         runtime.block_on(async { tokio::time::sleep(Duration::from_secs_f64(args.wait)).await });
     } else {
-        top::ui::run(&view, Duration::from_secs_f64(args.refresh))?;
+        top::ui::run(&view, &logs, Duration::from_secs_f64(args.refresh))?;
     }
     if watcher.is_finished() {
         // The watcher only ends early on an event-plane error: say it rather than show an empty table.

@@ -306,8 +306,9 @@ impl Drop for RequestMetrics {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` (or `DYNAMO_LOG`) overrides the level.
-pub fn init_logging(verbose: u8) {
+/// Logs to stderr, or into `tail` while a full-screen UI owns the terminal; `RUST_LOG` (or `DYNAMO_LOG`)
+/// overrides the level.
+pub fn init_logging(verbose: u8, tail: Option<LogTail>) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -318,12 +319,98 @@ pub fn init_logging(verbose: u8) {
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match tail {
+        Some(tail) => logs.with_ansi(false).without_time().with_target(false).with_writer(tail).try_init(),
+        None => logs.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// The last log lines, kept for a full-screen UI to show (written to the terminal, they would tear it).
+#[derive(Clone, Default)]
+pub struct LogTail(Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl LogTail {
+    const KEPT: usize = 100;
+
+    pub fn last(&self, count: usize) -> Vec<String> {
+        let lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().skip(lines.len().saturating_sub(count)).cloned().collect()
+    }
+}
+
+impl LogTail {
+    fn push(&self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        if line.trim().is_empty() {
+            return;
+        }
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.len() == Self::KEPT {
+            lines.pop_front();
+        }
+        lines.push_back(line.trim().to_string());
+    }
+}
+
+/// One event's writer: whole lines go into the tail as they complete, a last partial one when dropped.
+pub struct TailWriter {
+    tail: LogTail,
+    pending: Vec<u8>,
+}
+
+impl std::io::Write for TailWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(bytes);
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.tail.push(&line);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TailWriter {
+    fn drop(&mut self) {
+        self.tail.push(&self.pending);
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTail {
+    type Writer = TailWriter;
+
+    fn make_writer(&'a self) -> TailWriter {
+        TailWriter { tail: self.clone(), pending: Vec::new() }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_tail_keeps_the_last_lines_whole() {
+        use std::io::Write;
+        use tracing_subscriber::fmt::MakeWriter;
+        let tail = LogTail::default();
+        assert!(tail.last(3).is_empty());
+        write!(tail.make_writer(), "  WARN first\n\n").unwrap();
+        let mut writer = tail.make_writer();
+        write!(writer, "INFO second\nINFO th").unwrap();
+        write!(writer, "ird").unwrap();
+        assert_eq!(tail.last(2), ["WARN first", "INFO second"], "a line is shown once it is whole");
+        drop(writer);
+        assert_eq!(tail.last(2), ["INFO second", "INFO third"]);
+        for n in 0..LogTail::KEPT {
+            writeln!(tail.make_writer(), "line {n}").unwrap();
+        }
+        assert_eq!(tail.last(LogTail::KEPT + 5).len(), LogTail::KEPT, "bounded");
+        assert_eq!(tail.last(1), [format!("line {}", LogTail::KEPT - 1)]);
+    }
 
     #[test]
     fn a_dropped_request_counts_as_cancelled_and_leaves_inflight() {

@@ -106,9 +106,12 @@ fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
     assert!(lines[2..].iter().all(|line| line[at..].starts_with("tcp://")), "{text}");
 
     let mut terminal = Terminal::new(TestBackend::new(200, 8)).unwrap();
-    terminal.draw(|frame| ui::draw(frame, &view, now)).unwrap();
+    let log = vec!["WARN cannot connect to worker at tcp://10.0.0.9:7100".to_string()];
+    terminal.draw(|frame| ui::draw(frame, &view, &log, now)).unwrap();
     let screen: String = terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect();
-    for expected in ["dynamo top", "2 workers, 1 alive", "WORKER", "0000000000000007", "alive", "protocol v2"] {
+    let shown =
+        ["dynamo top", "2 workers, 1 alive", "WORKER", "0000000000000007", "alive", "protocol v2", "cannot connect"];
+    for expected in shown {
         assert!(screen.contains(expected), "{expected:?} not on screen:\n{screen}");
     }
 }

@@ -1,5 +1,6 @@
 //! The live table: redrawn every `refresh` from the shared view until q, Esc or Ctrl-C.
 use super::{COLUMNS, ClusterView, column_widths};
+use crate::core::telemetry::LogTail;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
@@ -8,11 +9,17 @@ use ratatui::widgets::{Block, Paragraph, Row, Table};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Lines of the log shown under the table.
+const LOG_LINES: usize = 3;
+
 /// Takes over the terminal (alternate screen, raw mode) and gives it back however the loop ends.
-pub fn run(view: &Mutex<ClusterView>, refresh: Duration) -> std::io::Result<()> {
+pub fn run(view: &Mutex<ClusterView>, logs: &LogTail, refresh: Duration) -> std::io::Result<()> {
     let mut terminal = ratatui::try_init()?;
     let shown = (|| loop {
-        terminal.draw(|frame| draw(frame, &view.lock().unwrap_or_else(|p| p.into_inner()), Instant::now()))?;
+        terminal.draw(|frame| {
+            let view = view.lock().unwrap_or_else(|p| p.into_inner());
+            draw(frame, &view, &logs.last(LOG_LINES), Instant::now())
+        })?;
         if event::poll(refresh)?
             && let Event::Key(key) = event::read()?
             && quits(key)
@@ -34,8 +41,10 @@ fn quits(key: KeyEvent) -> bool {
         }
 }
 
-pub fn draw(frame: &mut Frame, view: &ClusterView, now: Instant) {
-    let [header, body] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(frame.area());
+pub fn draw(frame: &mut Frame, view: &ClusterView, log: &[String], now: Instant) {
+    let [header, body, footer] =
+        Layout::vertical([Constraint::Length(1), Constraint::Fill(1), Constraint::Length(log.len() as u16)])
+            .areas(frame.area());
     frame.render_widget(Paragraph::new(format!("dynamo top · {} · q quits", view.summary(now))), header);
     let rows = view.rows(now);
     let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
@@ -50,4 +59,5 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, now: Instant) {
     });
     let table = Table::new(styled, widths).header(Row::new(COLUMNS).bold()).block(Block::bordered().title(" workers "));
     frame.render_widget(table, body);
+    frame.render_widget(Paragraph::new(log.join("\n")).fg(Color::Yellow), footer);
 }
