@@ -40,6 +40,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l discovery -d 'Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo decode` workers are, so `dynamo top` and other routers of the namespace see them' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l namespace -d 'The namespace the workers are announced in (with --discovery)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
 round-robin\t''
 random\t''

@@ -1,7 +1,8 @@
 //! `dynamo run`: the whole stack in one process.
 use super::args::{EngineArgs, RouterArgs};
-use crate::core::local::{self, LocalSettings};
+use crate::core::local::{self, Announce, LocalSettings};
 use crate::core::model::ModelSource;
+use crate::core::worker::PlaneSettings;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -28,6 +29,15 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000, help_heading = "HTTP frontend")]
     pub http_port: u16,
 
+    /// Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo
+    /// decode` workers are, so `dynamo top` and other routers of the namespace see them.
+    #[arg(long, env = "DYNAMO_DISCOVERY", value_name = "SPEC", help_heading = "Discovery")]
+    pub discovery: Option<String>,
+
+    /// The namespace the workers are announced in (with --discovery).
+    #[arg(long, env = "DYNAMO_NAMESPACE", default_value = "dynamo", help_heading = "Discovery")]
+    pub namespace: String,
+
     #[command(flatten)]
     pub router: RouterArgs,
 
@@ -44,6 +54,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         router: args.router.config(),
         listen: SocketAddr::new(args.http_host, args.http_port),
     };
-    super::runtime()?.block_on(local::run(settings, super::shutdown_signal()))?;
+    // Their planes listen on loopback: whoever watches a `dynamo run` watches from the same machine.
+    let announce = match args.discovery {
+        Some(spec) => Some(Announce {
+            discovery: crate::core::discovery::from_spec(&spec)?,
+            planes: PlaneSettings {
+                namespace: args.namespace,
+                host: IpAddr::from([127, 0, 0, 1]),
+                request_port: 0,
+                event_port: 0,
+                max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
+            },
+        }),
+        None => None,
+    };
+    super::runtime()?.block_on(local::run(settings, announce, super::shutdown_signal()))?;
     Ok(())
 }

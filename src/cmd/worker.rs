@@ -1,7 +1,7 @@
 //! `dynamo decode`: a worker process that registers itself and serves its engine on the planes.
 use super::args::{ClusterArgs, EngineArgs};
 use crate::core::model::ModelSource;
-use crate::core::worker::{self, WorkerSettings};
+use crate::core::worker::{self, PlaneSettings, WorkerSettings};
 use clap::Args;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub struct WorkerArgs {
     pub event_port: u16,
 
     /// Requests in flight past which new ones are refused as busy (routers then pick another worker).
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Planes")]
+    #[arg(long, default_value_t = worker::DEFAULT_MAX_IN_FLIGHT as u32, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Planes")]
     pub max_in_flight: u32,
 
     #[command(flatten)]
@@ -45,11 +45,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         engine: args.engine.settings(),
-        namespace: args.cluster.namespace,
-        host: args.host,
-        request_port: args.request_port,
-        event_port: args.event_port,
-        max_in_flight: args.max_in_flight as usize,
+        planes: PlaneSettings {
+            namespace: args.cluster.namespace,
+            host: args.host,
+            request_port: args.request_port,
+            event_port: args.event_port,
+            max_in_flight: args.max_in_flight as usize,
+        },
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;
     Ok(())

@@ -369,9 +369,9 @@ async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
 }
 
 /// Runs `dynamo top --once` against the cluster file and returns what it printed.
-fn top_once(file: &str) -> String {
+fn top_once(file: &str, namespace: &str) -> String {
     let mut child = dynamo()
-        .args(["top", "--once", "--wait", "2.5", "--discovery", file])
+        .args(["top", "--once", "--wait", "2.5", "--discovery", file, "--namespace", namespace])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("the dynamo binary starts");
@@ -388,6 +388,14 @@ fn top_once(file: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The cells of `dynamo top`'s column `name`, one per worker row.
+fn column(text: &str, name: &str) -> Vec<String> {
+    let header = text.lines().find(|line| line.starts_with("WORKER")).expect("a header line");
+    let at = header.find(name).unwrap_or_else(|| panic!("no column {name}:\n{text}"));
+    let rows = text.lines().filter(|line| line.contains("tcp://"));
+    rows.map(|row| row.get(at..).unwrap_or("").split_whitespace().next().unwrap_or("").to_string()).collect()
+}
+
 #[tokio::test]
 async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
     let path = cluster_file("top");
@@ -402,16 +410,35 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
         assert_eq!(status, 200, "{body}");
     }
 
-    let text = tokio::task::spawn_blocking(move || top_once(&file)).await.expect("top ran");
+    let text = tokio::task::spawn_blocking(move || top_once(&file, "dynamo")).await.expect("top ran");
     assert!(text.contains("2 workers, 2 alive"), "{text}");
     let rows: Vec<&str> = text.lines().filter(|line| line.contains("tcp://")).collect();
     assert_eq!(rows.len(), 2, "the other namespace's worker is not shown:\n{text}");
     assert!(rows.iter().any(|r| r.contains("tiny-chat")) && rows.iter().any(|r| r.contains("tiny-other")), "{text}");
-    // Load arrived from both (no "-" left in the KV columns) and the requests were counted.
-    let header = text.lines().find(|line| line.starts_with("WORKER")).expect("a header");
-    let column = |name: &str| header.find(name).expect("a column");
-    let cell = |row: &str, name: &str| row[column(name)..].split_whitespace().next().unwrap_or("").to_string();
-    assert!(rows.iter().all(|row| cell(row, "KV BLOCKS").contains('/')), "{text}");
-    let requests: u64 = rows.iter().map(|row| cell(row, "REQUESTS").parse::<u64>().unwrap_or(0)).sum();
+    // Load arrived from both and the requests were counted.
+    assert!(column(&text, "KV BLOCKS").iter().all(|cell| cell.contains('/')), "{text}");
+    let requests: u64 = column(&text, "ROUTED").iter().map(|cell| cell.parse::<u64>().unwrap_or(0)).sum();
     assert_eq!(requests, 3, "{text}");
+}
+
+#[tokio::test]
+async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_other_routers() {
+    let path = cluster_file("run-announced");
+    let file = format!("file:{}", path.display());
+    let run = Server::start(&["--workers", "2", "--discovery", &file, "--namespace", "dev"]);
+    let (status, body) = run.post_json("/v1/completions", completion("through the run's own frontend", 4)).await;
+    assert_eq!(status, 200, "{body}");
+
+    let spec = file.clone();
+    let text = tokio::task::spawn_blocking(move || top_once(&spec, "dev")).await.expect("top ran");
+    assert!(text.contains("2 workers, 2 alive"), "{text}");
+    // The same workers, reached over the planes by a separate router.
+    let router =
+        Server::start_with(dynamo().args(["route", "--http-port", "0", "--discovery", &file, "--namespace", "dev"]));
+    wait_for_workers(&router, 2).await;
+    let (status, body) = router.post_json("/v1/completions", completion("through another router", 4)).await;
+    assert_eq!(status, 200, "{body}");
+    let text = tokio::task::spawn_blocking(move || top_once(&file, "dev")).await.expect("top ran");
+    let routed: u64 = column(&text, "ROUTED").iter().map(|cell| cell.parse::<u64>().unwrap_or(0)).sum();
+    assert_eq!(routed, 1, "only the request that came over the request plane is counted as routed:\n{text}");
 }

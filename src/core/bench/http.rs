@@ -43,7 +43,7 @@ pub struct LevelResult {
 const PROMPT: &str = "Tell me a story about a small robot who learned to paint the sea at night.";
 
 pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalError> {
-    let state = local::build(&settings.stack)?;
+    let state = local::build(&settings.stack, false)?;
     let any_port = ([127, 0, 0, 1], 0).into();
     let listener = tokio::net::TcpListener::bind(any_port)
         .await

@@ -2,6 +2,7 @@
 //! the router and the OpenAI frontend in front of them, and serves until shutdown.
 //!
 //! It is only a composition of the same pieces the separate roles use, so there is no second code path.
+use crate::core::discovery::Discovery;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::engine::native::{self, NativeError, NativeSettings};
@@ -10,6 +11,7 @@ use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::protocol::WorkerId;
 use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::Metrics;
+use crate::core::worker::{self, PlaneSettings, WorkerError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,12 +62,25 @@ pub enum LocalError {
     Serve(#[from] frontend::ServeError),
     #[error("no engine was started")]
     NoEngine,
+    #[error(transparent)]
+    Announce(#[from] Box<WorkerError>),
 }
 
-/// Loads the model and starts the workers and router; must run inside a tokio runtime.
-pub fn build(settings: &LocalSettings) -> Result<Arc<FrontendState>, LocalError> {
+/// `dynamo run --discovery`: its workers also go on the planes and into discovery, as `dynamo decode`
+/// workers do, so `dynamo top` and other routers of the namespace see them.
+pub struct Announce {
+    pub discovery: Box<dyn Discovery>,
+    pub planes: PlaneSettings,
+}
+
+/// Loads the model and starts the workers and router; must run inside a tokio runtime. Workers are numbered
+/// from 0 unless `unique_ids` (workers that other processes see need ids no other process has).
+pub fn build(settings: &LocalSettings, unique_ids: bool) -> Result<Arc<FrontendState>, LocalError> {
     let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
-    let ids: Vec<WorkerId> = (0..settings.workers as WorkerId).collect();
+    let ids: Vec<WorkerId> = match unique_ids {
+        true => (0..settings.workers).map(|_| rand::random()).collect(),
+        false => (0..settings.workers as WorkerId).collect(),
+    };
     let engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
     let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
     let router = Arc::new(Router::new(engines, config));
@@ -106,9 +121,22 @@ pub fn spawn_engines(
 /// Serves until `shutdown` resolves. Prints one line with the address once it accepts connections.
 pub async fn run(
     settings: LocalSettings,
+    announce: Option<Announce>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LocalError> {
-    let state = build(&settings)?;
+    let state = build(&settings, announce.is_some())?;
+    // Held while serving: dropping one takes its worker off the planes and out of discovery.
+    let mut exposed = Vec::new();
+    if let Some(Announce { discovery, planes }) = &announce {
+        let served = state.first();
+        for engine in served.router.engines() {
+            let block_size = settings.engine.block_size();
+            let worker = worker::expose(engine, &served.model, block_size, planes, discovery.as_ref());
+            exposed.push(worker.map_err(|e| LocalError::Announce(Box::new(e)))?);
+        }
+        let endpoints: Vec<&str> = exposed.iter().map(|e| e.instance.request_addr.as_str()).collect();
+        println!("dynamo: workers announced in namespace {:?} at {}", planes.namespace, endpoints.join(", "));
+    }
     let banner = |addr| {
         format!(
             "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
@@ -118,5 +146,7 @@ pub async fn run(
             settings.router.mode
         )
     };
-    Ok(frontend::bind_and_serve(settings.listen, state.clone(), banner, shutdown).await?)
+    frontend::bind_and_serve(settings.listen, state.clone(), banner, shutdown).await?;
+    drop(exposed);
+    Ok(())
 }

@@ -204,6 +204,8 @@ impl ClusterView {
     }
 }
 
+/// ROUTED and REFUSED count what came over the request plane (from routers); a `dynamo run`'s own frontend
+/// reaches its workers directly, so its requests show in RUN and WAIT only.
 pub const COLUMNS: [&str; 12] = [
     "WORKER",
     "MODEL",
@@ -214,7 +216,7 @@ pub const COLUMNS: [&str; 12] = [
     "KV USED",
     "KV BLOCKS",
     "KV EV/S",
-    "REQUESTS",
+    "ROUTED",
     "REFUSED",
     "ENDPOINT",
 ];

@@ -64,7 +64,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!(cell(&rows, 0, "STATE"), "alive");
     assert_eq!((cell(&rows, 0, "RUN"), cell(&rows, 0, "WAIT")), ("3", "1"));
     assert_eq!((cell(&rows, 0, "KV USED"), cell(&rows, 0, "KV BLOCKS")), ("25.0%", "300/1000"));
-    assert_eq!((cell(&rows, 0, "REQUESTS"), cell(&rows, 0, "REFUSED")), ("12", "2"));
+    assert_eq!((cell(&rows, 0, "ROUTED"), cell(&rows, 0, "REFUSED")), ("12", "2"));
     let worker = &view.workers[ENDPOINT];
     assert_eq!((worker.kv.events, worker.kv.stored_blocks, worker.lost_messages), (2, 6, 2));
     // Two events over the two seconds since the first one.

@@ -4,7 +4,7 @@
 //!
 //! Load is published on every KV change and at least every `LOAD_INTERVAL`, so a router's view of it is
 //! never older than that, even when nothing else happens.
-use crate::core::discovery::{Discovery, DiscoveryError};
+use crate::core::discovery::{Discovery, DiscoveryError, Registration};
 use crate::core::engine::Engine;
 use crate::core::engine::{KvFollower, KvLedger};
 use crate::core::local::{self, EngineSettings, LocalError};
@@ -20,6 +20,9 @@ use std::time::Duration;
 
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Requests in flight per worker past which new ones are refused as busy, unless set otherwise.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
 /// Request-plane totals go out this often (`stats` topic).
 pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -28,6 +31,12 @@ pub struct WorkerSettings {
     pub model: ModelSource,
     pub served_model_name: Option<String>,
     pub engine: EngineSettings,
+    pub planes: PlaneSettings,
+}
+
+/// Where an engine's planes listen, and what its record says beyond the engine itself.
+#[derive(Debug, Clone)]
+pub struct PlaneSettings {
     pub namespace: String,
     /// The address other machines reach this worker at (its sockets bind there).
     pub host: IpAddr,
@@ -50,7 +59,73 @@ pub enum WorkerError {
     Discovery(#[from] DiscoveryError),
 }
 
-/// Serves until `shutdown` resolves, then takes its record back from discovery.
+/// One engine on the planes: requests on its ROUTER socket, its KV events and load on its PUB socket, its
+/// record in discovery. Dropped, it takes the record back first, then closes its sockets.
+pub struct Exposed {
+    pub instance: Instance,
+    // Fields drop in this order: the record goes before the sockets close.
+    _registration: Registration,
+    _server: RequestServer,
+    events: tokio::task::JoinHandle<()>,
+    _context: tmq::Context,
+}
+
+impl Drop for Exposed {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
+}
+
+/// Serves `engine` (of `model`, with KV blocks of `block_size` tokens) on the planes and registers it. Must
+/// run inside a tokio runtime.
+pub fn expose(
+    engine: Arc<dyn Engine>,
+    model: &Model,
+    block_size: usize,
+    planes: &PlaneSettings,
+    discovery: &dyn Discovery,
+) -> Result<Exposed, WorkerError> {
+    let id = engine.worker_id();
+    let context = tmq::Context::new();
+    let tcp = |port: u16| tcp_endpoint(planes.host, port);
+    let event_endpoint = tcp(planes.event_port);
+    let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
+        .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
+    let instance = Instance {
+        id,
+        role: Role::Decode,
+        model: model.card.name.clone(),
+        namespace: planes.namespace.clone(),
+        request_addr: String::new(),
+        event_addr: publisher.endpoint().to_string(),
+        card: ModelCardSummary {
+            block_size: block_size as u32,
+            context_length: model.card.context_length,
+            kv_blocks: engine.load().kv_total_blocks,
+            tokenizer_hash: model.tokenizer_hash,
+        },
+    };
+    let request_endpoint = tcp(planes.request_port);
+    let ledger = Arc::new(Mutex::new(KvLedger::default()));
+    let served = Served {
+        engine: engine.clone(),
+        instance: instance.clone(),
+        model_files: model.text_files().to_vec(),
+        max_in_flight: planes.max_in_flight,
+        ledger: ledger.clone(),
+    };
+    let server = RequestServer::bind(&context, &request_endpoint, served).map_err(|source| WorkerError::Plane {
+        plane: "request",
+        endpoint: request_endpoint,
+        source,
+    })?;
+    let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
+    let events = tokio::spawn(publish(engine, publisher, ledger, server.stats.clone()));
+    let registration = discovery.register(&instance)?;
+    Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })
+}
+
+/// `dynamo decode`: serves until `shutdown` resolves, then takes its record back from discovery.
 pub async fn run(
     settings: WorkerSettings,
     discovery: Box<dyn Discovery>,
@@ -60,42 +135,9 @@ pub async fn run(
     let id = rand::random::<u64>();
     let engine =
         local::spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(LocalError::NoEngine)?;
-    let context = tmq::Context::new();
-    let tcp = |port: u16| tcp_endpoint(settings.host, port);
-    let event_endpoint = tcp(settings.event_port);
-    let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
-        .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
-    let instance = Instance {
-        id,
-        role: Role::Decode,
-        model: model.card.name.clone(),
-        namespace: settings.namespace.clone(),
-        request_addr: String::new(),
-        event_addr: publisher.endpoint().to_string(),
-        card: ModelCardSummary {
-            block_size: settings.engine.block_size() as u32,
-            context_length: model.card.context_length,
-            kv_blocks: engine.load().kv_total_blocks,
-            tokenizer_hash: model.tokenizer_hash,
-        },
-    };
-    let request_endpoint = tcp(settings.request_port);
-    let ledger = Arc::new(Mutex::new(KvLedger::default()));
-    let served = Served {
-        engine: engine.clone(),
-        instance: instance.clone(),
-        model_files: model.text_files().to_vec(),
-        max_in_flight: settings.max_in_flight,
-        ledger: ledger.clone(),
-    };
-    let server = RequestServer::bind(&context, &request_endpoint, served).map_err(|source| WorkerError::Plane {
-        plane: "request",
-        endpoint: request_endpoint,
-        source,
-    })?;
-    let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
-    let events = tokio::spawn(publish(engine.clone(), publisher, ledger, server.stats.clone()));
-    let registration = discovery.register(&instance)?;
+    let planes = &settings.planes;
+    let exposed = expose(engine, &model, settings.engine.block_size(), planes, discovery.as_ref())?;
+    let instance = &exposed.instance;
     println!(
         "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}), namespace {}",
         instance.model,
@@ -104,22 +146,20 @@ pub async fn run(
         instance.event_addr,
         instance.namespace
     );
-    if settings.host.is_loopback() {
+    if planes.host.is_loopback() {
         eprintln!(
             "dynamo: listening on {} only, so only routers on this machine can reach this worker; pass --host \
              with an address other machines reach it at to serve them",
-            settings.host
+            planes.host
         );
-    } else if settings.host.is_unspecified() {
+    } else if planes.host.is_unspecified() {
         eprintln!(
             "dynamo: listening on every interface; routers reach it at the address discovery resolves (mDNS) \
              — a cluster file needs --host with one address instead"
         );
     }
     shutdown.await;
-    drop(registration);
-    events.abort();
-    drop(server);
+    drop(exposed);
     Ok(())
 }
 
