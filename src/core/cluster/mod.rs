@@ -337,7 +337,7 @@ impl Membership {
             }
         }
         for batch in member.feed.finish(id, snapshot) {
-            member.router.apply_kv_events(&batch);
+            member.router.apply_kv_events(id, &batch.events);
         }
     }
 
@@ -362,8 +362,9 @@ impl Membership {
         match delivery.header.topic {
             Topic::Kv => match KvEventBatch::from_bytes(&delivery.payload) {
                 Ok(batch) => {
+                    // Indexed under the publisher it came from, whatever id the batch claims.
                     if let Some(batch) = member.feed.receive(delivery.header.seq, batch) {
-                        member.router.apply_kv_events(&batch);
+                        member.router.apply_kv_events(member.id, &batch.events);
                     }
                 }
                 Err(error) => {

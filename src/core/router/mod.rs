@@ -18,7 +18,7 @@ pub use migration::MigratingStream;
 
 use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
-use crate::core::protocol::{EngineOutput, KvEventBatch, PreprocessedRequest, WorkerId};
+use crate::core::protocol::{EngineOutput, KvEvent, PreprocessedRequest, WorkerId};
 use crate::core::tokens::block_hashes;
 use futures::Stream;
 use std::pin::Pin;
@@ -142,9 +142,9 @@ impl Router {
     }
 
     /// A worker's KV events, in its order; ignored unless this router indexes them.
-    pub fn apply_kv_events(&self, batch: &KvEventBatch) {
+    pub fn apply_kv_events(&self, worker: WorkerId, events: &[KvEvent]) {
         if self.indexes_events() {
-            self.indexer.apply_all(batch.worker_id, &batch.events);
+            self.indexer.apply_all(worker, events);
         }
     }
 
