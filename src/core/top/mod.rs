@@ -170,11 +170,20 @@ impl ClusterView {
         self.workers.values().map(|w| w.kv.rate(now)).sum()
     }
 
+    /// The namespace in one line: workers, requests, KV use and event-plane health over every worker.
     pub fn summary(&self, now: Instant) -> String {
+        let loads = self.workers.values().filter_map(|w| w.load.as_ref());
+        let (running, waiting, active, total) = loads.fold((0, 0, 0, 0), |(r, w, a, t), load| {
+            let (running, waiting) = (u64::from(load.requests_running), u64::from(load.requests_waiting));
+            (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
+        });
+        let used = if total > 0 { format!("{:.1}%", 100.0 * active as f64 / total as f64) } else { "-".into() };
+        let workers = self.workers.len();
         format!(
-            "namespace {:?}: {} workers, {} alive; {:.0} KV events/s; {} lost and {} malformed event-plane messages",
+            "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} used; \
+             {:.0} KV events/s; {} lost and {} malformed event-plane messages",
             self.namespace,
-            self.workers.len(),
+            if workers == 1 { "" } else { "s" },
             self.alive(),
             self.kv_rate(now),
             self.workers.values().map(|w| w.lost_messages).sum::<u64>(),

@@ -70,6 +70,8 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     // Two events over the two seconds since the first one.
     assert_eq!(cell(&rows, 0, "KV EV/S"), "1");
     assert_eq!(view.malformed, 1);
+    let summary = view.summary(later);
+    assert!(summary.contains("1 worker, 1 alive; 3 running, 1 waiting; KV 25.0% used"), "{summary}");
     assert_eq!(view.kv_rate(later + RATE_WINDOW * 2), 0.0, "a quiet worker's rate decays");
 
     view.status(ENDPOINT, WorkerStatus::Lost);
