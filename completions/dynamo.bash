@@ -916,7 +916,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__top)
-            opts="-v -h -V --once --wait --refresh --worker-timeout --discovery --namespace --verbose --help --version"
+            opts="-v -h -V --once --json --wait --refresh --worker-timeout --discovery --namespace --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

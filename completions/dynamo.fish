@@ -112,6 +112,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l worker-timeout -d 
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l once -d 'Print the table once, after watching for --wait seconds, instead of taking over the terminal'
+complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l json -d 'With --once: print JSON (the same facts, numbers as numbers) instead of the table'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s V -l version -d 'Print version'

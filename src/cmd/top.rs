@@ -13,6 +13,10 @@ pub struct TopArgs {
     #[arg(long)]
     pub once: bool,
 
+    /// With --once: print JSON (the same facts, numbers as numbers) instead of the table.
+    #[arg(long, requires = "once")]
+    pub json: bool,
+
     /// Seconds to watch before printing with --once (workers answer within a heartbeat; load and request
     /// totals arrive every second).
     #[arg(long, default_value_t = 2.0, value_parser = super::args::positive_f64)]
@@ -53,7 +57,11 @@ pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
         runtime.block_on(watcher)??;
     }
     if args.once {
-        print!("{}", view.lock().unwrap_or_else(|p| p.into_inner()).text(Instant::now()));
+        let view = view.lock().unwrap_or_else(|p| p.into_inner());
+        match args.json {
+            true => println!("{}", view.json(Instant::now())),
+            false => print!("{}", view.text(Instant::now())),
+        }
     }
     Ok(())
 }

@@ -369,9 +369,10 @@ async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
 }
 
 /// Runs `dynamo top --once` against the cluster file and returns what it printed.
-fn top_once(file: &str, namespace: &str) -> String {
+fn top_once(file: &str, namespace: &str, extra: &[&str]) -> String {
     let mut child = dynamo()
         .args(["top", "--once", "--wait", "2.5", "--discovery", file, "--namespace", namespace])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("the dynamo binary starts");
@@ -410,7 +411,7 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
         assert_eq!(status, 200, "{body}");
     }
 
-    let text = tokio::task::spawn_blocking(move || top_once(&file, "dynamo")).await.expect("top ran");
+    let text = tokio::task::spawn_blocking(move || top_once(&file, "dynamo", &[])).await.expect("top ran");
     assert!(text.contains("2 workers, 2 alive"), "{text}");
     let rows: Vec<&str> = text.lines().filter(|line| line.contains("tcp://")).collect();
     assert_eq!(rows.len(), 2, "the other namespace's worker is not shown:\n{text}");
@@ -430,7 +431,7 @@ async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_ot
     assert_eq!(status, 200, "{body}");
 
     let spec = file.clone();
-    let text = tokio::task::spawn_blocking(move || top_once(&spec, "dev")).await.expect("top ran");
+    let text = tokio::task::spawn_blocking(move || top_once(&spec, "dev", &[])).await.expect("top ran");
     assert!(text.contains("2 workers, 2 alive"), "{text}");
     // The same workers, reached over the planes by a separate router.
     let router =
@@ -438,7 +439,11 @@ async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_ot
     wait_for_workers(&router, 2).await;
     let (status, body) = router.post_json("/v1/completions", completion("through another router", 4)).await;
     assert_eq!(status, 200, "{body}");
-    let text = tokio::task::spawn_blocking(move || top_once(&file, "dev")).await.expect("top ran");
-    let routed: u64 = column(&text, "ROUTED").iter().map(|cell| cell.parse::<u64>().unwrap_or(0)).sum();
-    assert_eq!(routed, 1, "only the request that came over the request plane is counted as routed:\n{text}");
+    let json = tokio::task::spawn_blocking(move || top_once(&file, "dev", &["--json"])).await.expect("top ran");
+    let view: Value = serde_json::from_str(&json).expect("top --json prints JSON");
+    let workers = view["workers"].as_array().expect("a list of workers");
+    assert_eq!(workers.len(), 2, "{view}");
+    assert!(workers.iter().all(|w| w["state"] == "alive" && w["load"]["kv_total_blocks"].as_u64() > Some(0)));
+    let routed: u64 = workers.iter().filter_map(|w| w["stats"]["accepted"].as_u64()).sum();
+    assert_eq!(routed, 1, "only the request that came over the request plane is counted as routed: {view}");
 }

@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 /// How far back the KV event rate looks: long enough to smooth engine steps, short enough to follow a burst.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PeerState {
     /// Found by discovery, no answer yet.
     Connecting,
@@ -194,6 +195,29 @@ impl ClusterView {
     /// One row per worker, in `COLUMNS` order: what both the live table and the text snapshot show.
     pub fn rows(&self, now: Instant) -> Vec<[String; COLUMNS.len()]> {
         self.workers.values().map(|worker| row(worker, now)).collect()
+    }
+
+    /// The view as one JSON object, for scripts: the same facts as the table, with numbers as numbers.
+    pub fn json(&self, now: Instant) -> serde_json::Value {
+        let workers: Vec<serde_json::Value> = self
+            .workers
+            .values()
+            .map(|w| {
+                serde_json::json!({
+                    "endpoint": w.endpoint,
+                    "state": w.state,
+                    "record": w.instance,
+                    "load": w.load,
+                    "stats": w.stats,
+                    "kv_events": w.kv.events,
+                    "kv_stored_blocks": w.kv.stored_blocks,
+                    "kv_removed_blocks": w.kv.removed_blocks,
+                    "kv_events_per_s": w.kv.rate(now),
+                    "lost_messages": w.lost_messages,
+                })
+            })
+            .collect();
+        serde_json::json!({"namespace": self.namespace, "workers": workers, "malformed": self.malformed})
     }
 
     /// The view as aligned text: the summary, then the table.

@@ -74,6 +74,15 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert!(summary.contains("1 worker, 1 alive; 3 running, 1 waiting; KV 25.0% used"), "{summary}");
     assert_eq!(view.kv_rate(later + RATE_WINDOW * 2), 0.0, "a quiet worker's rate decays");
 
+    let json = view.json(later);
+    let worker = &json["workers"][0];
+    assert_eq!((worker["state"].as_str(), worker["record"]["id"].as_u64()), (Some("alive"), Some(7)));
+    assert_eq!(
+        (worker["load"]["requests_running"].as_u64(), worker["stats"]["accepted"].as_u64()),
+        (Some(3), Some(12))
+    );
+    assert_eq!((worker["kv_events"].as_u64(), worker["lost_messages"].as_u64()), (Some(2), Some(2)));
+
     view.status(ENDPOINT, WorkerStatus::Lost);
     assert_eq!(cell(&view.rows(later), 0, "STATE"), "lost");
     // Back under a new id: the old process's numbers are gone, the new one's messages count.
@@ -103,6 +112,7 @@ fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
     assert!(lines[1].starts_with("WORKER"));
     assert!(lines[2].contains("tiny-chat") && lines[2].contains("alive"), "{text}");
     assert!(lines[3].contains("protocol v2"), "{text}");
+    assert_eq!(view.json(now)["workers"][1]["state"], serde_json::json!({"incompatible": {"theirs": 2}}));
     // Columns line up: every row's ENDPOINT starts where the header's does.
     let at = lines[1].find("ENDPOINT").unwrap();
     assert!(lines[2..].iter().all(|line| line[at..].starts_with("tcp://")), "{text}");
