@@ -58,6 +58,13 @@ pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
     }
     if args.once {
         let view = view.lock().unwrap_or_else(|p| p.into_inner());
+        if view.workers.is_empty() {
+            eprintln!(
+                "dynamo top: no worker found in namespace {:?} through {}; workers must be started with the same \
+                 --discovery and --namespace",
+                view.namespace, args.cluster.discovery
+            );
+        }
         match args.json {
             true => println!("{}", view.json(Instant::now())),
             false => print!("{}", view.text(Instant::now())),

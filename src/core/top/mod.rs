@@ -168,7 +168,8 @@ impl ClusterView {
 
     /// KV events per second from every worker.
     pub fn kv_rate(&self, now: Instant) -> f64 {
-        self.workers.values().map(|w| w.kv.rate(now)).sum()
+        // Folded from +0: an empty float sum is -0, which prints as "-0".
+        self.workers.values().fold(0.0, |sum, w| sum + w.kv.rate(now))
     }
 
     /// The namespace in one line: workers, requests, KV use and event-plane health over every worker.
