@@ -108,7 +108,7 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     let warmup = batch(u64::MAX / 2048, 1);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        publisher.publish(Topic::Kv, &warmup).await?;
+        publisher.publish(&warmup).await?;
         if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.next()).await {
             break;
         }
@@ -127,7 +127,7 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     let (start, cpu_start) = (Instant::now(), super::process_cpu_seconds());
     let sender = tokio::spawn(async move {
         for batch in &batches {
-            publisher.publish(Topic::Kv, batch).await?;
+            publisher.publish(batch).await?;
         }
         // Both returned, not dropped: freeing the batches would land in the timed window.
         Ok::<_, PlaneError>((publisher, batches))

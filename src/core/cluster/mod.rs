@@ -509,7 +509,7 @@ mod tests {
             if lose {
                 publisher.skip(Topic::Kv);
             } else {
-                publisher.publish(Topic::Kv, batch).await.unwrap();
+                publisher.publish(batch).await.unwrap();
             }
         };
         let prompt = |first: u32| (first..first + 48).collect::<Vec<u32>>();

@@ -51,8 +51,9 @@ impl EventPublisher {
         self.next_seq[topic as usize] += 1;
     }
 
-    pub async fn publish<T: Payload>(&mut self, topic: Topic, value: &T) -> Result<(), PlaneError> {
-        let payload = value.to_bytes();
+    /// Sends `value` on its type's topic.
+    pub async fn publish<T: Payload>(&mut self, value: &T) -> Result<(), PlaneError> {
+        let (topic, payload) = (T::TOPIC, value.to_bytes());
         let next = &mut self.next_seq[topic as usize];
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;

@@ -8,11 +8,8 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Topic {
-    /// `KvEventBatch`
     Kv,
-    /// `LoadMetrics`
     Load,
-    /// `WorkerStats`
     Stats,
 }
 
@@ -55,12 +52,17 @@ pub struct FrameHeader {
 
 /// What one topic carries, and how it becomes a frame's msgpack bytes and back.
 pub trait Payload: Sized {
+    /// The topic it travels on; each topic carries one type.
+    const TOPIC: Topic;
+
     fn to_bytes(&self) -> Vec<u8>;
     fn from_bytes(payload: &[u8]) -> Result<Self, FrameError>;
 }
 
 /// Hot: a worker publishes one per engine step and a router decodes every one, so it has its own codec.
 impl Payload for KvEventBatch {
+    const TOPIC: Topic = Topic::Kv;
+
     fn to_bytes(&self) -> Vec<u8> {
         self.encode()
     }
@@ -72,8 +74,10 @@ impl Payload for KvEventBatch {
 
 /// A few a second per worker: serde's msgpack.
 macro_rules! serde_payload {
-    ($($payload:ty),*) => {$(
+    ($($payload:ty => $topic:expr),*) => {$(
         impl Payload for $payload {
+            const TOPIC: Topic = $topic;
+
             fn to_bytes(&self) -> Vec<u8> {
                 encode_serde(self)
             }
@@ -85,7 +89,7 @@ macro_rules! serde_payload {
     )*};
 }
 
-serde_payload!(LoadMetrics, WorkerStats);
+serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats);
 
 fn encode_serde<T: Serialize>(value: &T) -> Vec<u8> {
     let mut payload = Vec::with_capacity(64);

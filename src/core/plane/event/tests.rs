@@ -28,7 +28,7 @@ fn batch(n: u64) -> KvEventBatch {
 /// returns the i it got.
 async fn first_delivery(publisher: &mut EventPublisher, subscriber: &mut EventSubscriber) -> u64 {
     for i in 0..2000 {
-        publisher.publish(Topic::Kv, &batch(i)).await.unwrap();
+        publisher.publish(&batch(i)).await.unwrap();
         if let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
             let got = KvEventBatch::from_bytes(&delivery.unwrap().payload).unwrap();
             let KvEvent::Removed { hashes } = &got.events[0] else { panic!("{got:?}") };
@@ -48,7 +48,7 @@ async fn messages_arrive_in_order_over_loopback() {
     // Drain what the first round left in flight, then check a run arrives whole and in order.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
     for i in 10_000..10_100 {
-        publisher.publish(Topic::Kv, &batch(i)).await.unwrap();
+        publisher.publish(&batch(i)).await.unwrap();
     }
     for i in 10_000..10_100 {
         let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap().unwrap();
