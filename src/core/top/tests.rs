@@ -120,11 +120,31 @@ fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
 
     let mut terminal = Terminal::new(TestBackend::new(200, 8)).unwrap();
     let log = vec!["WARN cannot connect to worker at tcp://10.0.0.9:7100".to_string()];
-    terminal.draw(|frame| ui::draw(frame, &view, &log, now)).unwrap();
+    let mut table = ratatui::widgets::TableState::default();
+    terminal.draw(|frame| ui::draw(frame, &view, &mut table, &log, now)).unwrap();
     let screen: String = terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect();
     let shown =
         ["dynamo top", "2 workers, 1 alive", "WORKER", "0000000000000007", "alive", "protocol v2", "cannot connect"];
     for expected in shown {
         assert!(screen.contains(expected), "{expected:?} not on screen:\n{screen}");
     }
+}
+
+#[test]
+fn the_highlight_scrolls_the_table_when_workers_outnumber_the_lines() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    let endpoint = |i: u16| format!("tcp://10.0.1.{i}:7100");
+    (10..40).for_each(|i| view.discovered(endpoint(i)));
+    let screen = |table: &mut ratatui::widgets::TableState| {
+        let mut terminal = Terminal::new(TestBackend::new(160, 10)).unwrap();
+        terminal.draw(|frame| ui::draw(frame, &view, table, &[], now)).unwrap();
+        terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect::<String>()
+    };
+    let mut table = ratatui::widgets::TableState::default();
+    let first = screen(&mut table);
+    assert!(first.contains(&endpoint(10)) && !first.contains(&endpoint(39)), "{first}");
+    table.select_last();
+    let last = screen(&mut table);
+    assert!(last.contains(&endpoint(39)) && !last.contains(&endpoint(10)), "{last}");
 }

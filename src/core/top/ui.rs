@@ -1,11 +1,12 @@
-//! The live table: redrawn every `refresh` from the shared view until q, Esc or Ctrl-C.
+//! The live table: redrawn every `refresh` from the shared view until q, Esc or Ctrl-C; arrows (or j/k,
+//! g/G) move a highlight through the workers, scrolling when there are more than the screen holds.
 use super::{COLUMNS, ClusterView, column_widths};
 use crate::core::telemetry::LogTail;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style, Stylize};
-use ratatui::widgets::{Block, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,37 +16,57 @@ const LOG_LINES: usize = 3;
 /// Takes over the terminal (alternate screen, raw mode) and gives it back however the loop ends.
 pub fn run(view: &Mutex<ClusterView>, logs: &LogTail, refresh: Duration) -> std::io::Result<()> {
     let mut terminal = ratatui::try_init()?;
+    let mut table = TableState::default();
     let shown = (|| loop {
         terminal.draw(|frame| {
             let view = view.lock().unwrap_or_else(|p| p.into_inner());
-            draw(frame, &view, &logs.last(LOG_LINES), Instant::now())
+            draw(frame, &view, &mut table, &logs.last(LOG_LINES), Instant::now())
         })?;
         if event::poll(refresh)?
             && let Event::Key(key) = event::read()?
-            && quits(key)
+            && key.kind == KeyEventKind::Press
         {
-            return Ok(());
+            match key_action(key) {
+                Action::Quit => return Ok(()),
+                Action::Down => table.select_next(),
+                Action::Up => table.select_previous(),
+                Action::First => table.select_first(),
+                Action::Last => table.select_last(),
+                Action::Nothing => {}
+            }
         }
     })();
     let restored = ratatui::try_restore();
     shown.and(restored)
 }
 
-fn quits(key: KeyEvent) -> bool {
-    key.kind == KeyEventKind::Press
-        && match key.code {
-            KeyCode::Char('q') | KeyCode::Esc => true,
-            // Raw mode turns Ctrl-C into a key press instead of a signal.
-            KeyCode::Char('c') => key.modifiers.contains(KeyModifiers::CONTROL),
-            _ => false,
-        }
+enum Action {
+    Quit,
+    Down,
+    Up,
+    First,
+    Last,
+    Nothing,
 }
 
-pub fn draw(frame: &mut Frame, view: &ClusterView, log: &[String], now: Instant) {
+fn key_action(key: KeyEvent) -> Action {
+    match key.code {
+        KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+        // Raw mode turns Ctrl-C into a key press instead of a signal.
+        KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => Action::Quit,
+        KeyCode::Down | KeyCode::Char('j') => Action::Down,
+        KeyCode::Up | KeyCode::Char('k') => Action::Up,
+        KeyCode::Home | KeyCode::Char('g') => Action::First,
+        KeyCode::End | KeyCode::Char('G') => Action::Last,
+        _ => Action::Nothing,
+    }
+}
+
+pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState, log: &[String], now: Instant) {
     let [header, body, footer] =
         Layout::vertical([Constraint::Length(1), Constraint::Fill(1), Constraint::Length(log.len() as u16)])
             .areas(frame.area());
-    frame.render_widget(Paragraph::new(format!("dynamo top · {} · q quits", view.summary(now))), header);
+    frame.render_widget(Paragraph::new(format!("dynamo top · {} · ↑↓ move, q quits", view.summary(now))), header);
     let rows = view.rows(now);
     let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
     let state = COLUMNS.iter().position(|&c| c == "STATE").unwrap_or(0);
@@ -57,7 +78,10 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, log: &[String], now: Instant)
         };
         Row::new(row).style(style)
     });
-    let table = Table::new(styled, widths).header(Row::new(COLUMNS).bold()).block(Block::bordered().title(" workers "));
-    frame.render_widget(table, body);
+    let table = Table::new(styled, widths)
+        .header(Row::new(COLUMNS).bold())
+        .row_highlight_style(Style::default().reversed())
+        .block(Block::bordered().title(" workers "));
+    frame.render_stateful_widget(table, body, table_state);
     frame.render_widget(Paragraph::new(log.join("\n")).fg(Color::Yellow), footer);
 }
