@@ -278,6 +278,19 @@ impl Table {
         self.heads.iter().filter(|h| h.holders != 0).map(|h| h.key).filter(|&key| self.contains(key, slot)).collect()
     }
 
+    /// Every block here with its parent and children, for checks that the links stay true.
+    #[cfg(test)]
+    pub fn links(&self) -> Vec<(u64, Option<u64>, Vec<u64>)> {
+        let held = self.heads.iter().zip(&self.links).filter(|(head, _)| head.holders != 0);
+        held.map(|(head, links)| {
+            let key = head.key;
+            let mut children: Vec<u64> = links.children.iter().copied().filter(|&c| c != key).collect();
+            children.extend(self.more_children.get(&key).into_iter().flatten());
+            (key, (links.parent != key).then_some(links.parent), children)
+        })
+        .collect()
+    }
+
     pub fn memory_bytes(&self) -> usize {
         let map_slot = |value: usize| std::mem::size_of::<u64>() + value + 1;
         self.heads.len() * (std::mem::size_of::<Head>() + std::mem::size_of::<Links>())

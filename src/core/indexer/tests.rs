@@ -56,10 +56,15 @@ fn workload(seed: u64, steps: usize) -> (Vec<Op>, Vec<Vec<u64>>) {
                             .collect();
                         KvEvent::Stored { parent_hash, blocks }
                     }
-                    60..=94 => {
+                    60..=79 => {
                         let hashes =
                             (0..rng.random_range(1..3)).map(|_| prompt[rng.random_range(0..prompt.len())]).collect();
                         KvEvent::Removed { hashes }
+                    }
+                    80..=94 => {
+                        // A chain's tail evicted leaf first, as engines do.
+                        let start = rng.random_range(0..prompt.len());
+                        KvEvent::Removed { hashes: prompt[start..].iter().rev().copied().collect() }
                     }
                     _ => KvEvent::Cleared,
                 }
@@ -144,6 +149,19 @@ fn flash_indexer_agrees_past_64_workers() {
     };
     if let Err(report) = check(&make, 0..60, 150) {
         panic!("{report}");
+    }
+}
+
+#[test]
+fn flash_indexer_links_stay_true_through_removals_and_departures() {
+    for seed in 0..60 {
+        let (ops, _) = workload(seed, 150);
+        let index = FlashIndexer::new();
+        for (step, op) in ops.iter().enumerate() {
+            run(&index, op);
+            let wrong = index.false_links();
+            assert!(wrong.is_empty(), "seed {seed}, after step {step} ({op:?}): {wrong:?}");
+        }
     }
 }
 
