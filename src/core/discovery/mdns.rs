@@ -164,14 +164,9 @@ fn reachable_endpoint(announced: &str, resolved: &[IpAddr]) -> Option<String> {
 /// `key.0`, `key.1`, … (a long model path can pass 255 bytes).
 fn txt_properties(instance: &Instance) -> Vec<(String, String)> {
     let card = &instance.card;
-    let role = match instance.role {
-        Role::Decode => "decode",
-        Role::Prefill => "prefill",
-        Role::Encode => "encode",
-    };
     let fields = [
         ("id", format!("{:016x}", instance.id)),
-        ("role", role.to_string()),
+        ("role", instance.role.name().to_string()),
         ("model", instance.model.clone()),
         ("ns", instance.namespace.clone()),
         ("req", instance.request_addr.clone()),
@@ -235,12 +230,8 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
         let text = field(key)?;
         u64::from_str_radix(&text, 16).map_err(|_| format!("the TXT property {key:?} is not hexadecimal: {text:?}"))
     };
-    let role = match field("role")?.as_str() {
-        "decode" => Role::Decode,
-        "prefill" => Role::Prefill,
-        "encode" => Role::Encode,
-        other => return Err(format!("unknown role {other:?}")),
-    };
+    let role = field("role")?;
+    let role = Role::from_name(&role).ok_or_else(|| format!("unknown role {role:?}"))?;
     let small = |key: &str| -> Result<u32, String> {
         u32::try_from(number(key)?).map_err(|_| format!("the TXT property {key:?} is out of range"))
     };

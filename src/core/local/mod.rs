@@ -128,9 +128,8 @@ pub async fn run(
     // Held while serving: dropping one takes its worker off the planes and out of discovery.
     let mut exposed = Vec::new();
     if let Some(Announce { discovery, planes }) = &announce {
-        let served = state.first();
+        let (served, block_size) = (state.first(), settings.engine.block_size());
         for engine in served.router.engines() {
-            let block_size = settings.engine.block_size();
             let worker = worker::expose(engine, &served.model, block_size, planes, discovery.as_ref());
             exposed.push(worker.map_err(|e| LocalError::Announce(Box::new(e)))?);
         }

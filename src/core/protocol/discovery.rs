@@ -12,6 +12,23 @@ pub enum Role {
     Encode,
 }
 
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Decode, Role::Prefill, Role::Encode];
+
+    /// As it is written in records and shown to people (the same as its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Decode => "decode",
+            Role::Prefill => "prefill",
+            Role::Encode => "encode",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.name() == name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: u64,
@@ -87,6 +104,15 @@ pub fn reached_at(endpoint: &str, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_is_named_as_serde_writes_it() {
+        for role in Role::ALL {
+            assert_eq!(serde_json::to_value(role).unwrap(), role.name());
+            assert_eq!(Role::from_name(role.name()), Some(role));
+        }
+        assert_eq!(Role::from_name("router"), None);
+    }
 
     #[test]
     fn endpoints_bound_to_every_interface_are_reached_at_a_real_host() {

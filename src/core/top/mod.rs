@@ -283,7 +283,7 @@ fn row(worker: &WorkerView, now: Instant) -> [String; COLUMNS.len()] {
     [
         instance.map_or_else(unknown, |i| format!("{:016x}", i.id)),
         instance.map_or_else(unknown, |i| i.model.clone()),
-        instance.map_or_else(unknown, |i| format!("{:?}", i.role).to_lowercase()),
+        instance.map_or_else(unknown, |i| i.role.name().to_string()),
         state,
         load.map_or_else(unknown, |l| l.requests_running.to_string()),
         load.map_or_else(unknown, |l| l.requests_waiting.to_string()),

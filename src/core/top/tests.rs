@@ -61,7 +61,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
 
     let rows = view.rows(later);
     assert_eq!(cell(&rows, 0, "WORKER"), "0000000000000007");
-    assert_eq!(cell(&rows, 0, "STATE"), "alive");
+    assert_eq!((cell(&rows, 0, "STATE"), cell(&rows, 0, "ROLE")), ("alive", "decode"));
     assert_eq!((cell(&rows, 0, "RUN"), cell(&rows, 0, "WAIT")), ("3", "1"));
     assert_eq!((cell(&rows, 0, "KV USED"), cell(&rows, 0, "KV BLOCKS")), ("25.0%", "300/1000"));
     assert_eq!((cell(&rows, 0, "ROUTED"), cell(&rows, 0, "REFUSED")), ("12", "2"));

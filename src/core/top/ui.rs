@@ -1,6 +1,6 @@
 //! The live table: redrawn every `refresh` from the shared view until q, Esc or Ctrl-C; arrows (or j/k,
 //! g/G) move a highlight through the workers, scrolling when there are more than the screen holds.
-use super::{COLUMNS, ClusterView, column_widths};
+use super::{COLUMNS, ClusterView, PeerState, column_widths};
 use crate::core::telemetry::LogTail;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
@@ -69,12 +69,12 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState,
     frame.render_widget(Paragraph::new(format!("dynamo top · {} · ↑↓ move, q quits", view.summary(now))), header);
     let rows = view.rows(now);
     let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
-    let state = COLUMNS.iter().position(|&c| c == "STATE").unwrap_or(0);
-    let styled = rows.into_iter().map(|row| {
-        let style = match row[state].as_str() {
-            "alive" => Style::default(),
-            "connecting" => Style::default().fg(Color::DarkGray),
-            _ => Style::default().fg(Color::Red),
+    // Rows come in the order of `view.workers`.
+    let styled = view.workers.values().zip(rows).map(|(worker, row)| {
+        let style = match worker.state {
+            PeerState::Alive => Style::default(),
+            PeerState::Connecting => Style::default().fg(Color::DarkGray),
+            PeerState::Lost | PeerState::Incompatible { .. } => Style::default().fg(Color::Red),
         };
         Row::new(row).style(style)
     });
