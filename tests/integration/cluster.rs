@@ -4,11 +4,14 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-fn cluster_file(name: &str) -> PathBuf {
+/// A fresh cluster file, and the `--discovery` spec that names it.
+fn cluster_file(name: &str) -> (PathBuf, String) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temp dir");
-    dir.join("cluster.toml")
+    let path = dir.join("cluster.toml");
+    let spec = format!("file:{}", path.display());
+    (path, spec)
 }
 
 fn worker(file: &str, extra: &[&str]) -> Worker {
@@ -40,8 +43,7 @@ fn completion(prompt: &str, max_tokens: u32) -> Value {
 
 #[tokio::test]
 async fn workers_join_serve_leave_and_a_late_one_is_used() {
-    let path = cluster_file("join-leave");
-    let file = format!("file:{}", path.display());
+    let (path, file) = cluster_file("join-leave");
     let first = worker(&file, &[]);
     let second = worker(&file, &[]);
     let router = route(&file);
@@ -81,8 +83,7 @@ async fn workers_join_serve_leave_and_a_late_one_is_used() {
 
 #[tokio::test]
 async fn a_worker_of_another_namespace_is_not_used() {
-    let path = cluster_file("namespaces");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("namespaces");
     let _ours = worker(&file, &[]);
     let _theirs = worker(&file, &["--namespace", "other"]);
     let router = route(&file);
@@ -101,8 +102,7 @@ fn streamed_text(payloads: &[String]) -> String {
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_is_invisible_to_the_client() {
-    let path = cluster_file("migration");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("migration");
     a_killed_worker_is_invisible(&["--discovery", &file]).await;
 }
 
@@ -211,8 +211,7 @@ async fn workers_found_by_mdns_join_and_a_clean_exit_leaves_at_once() {
 
 #[tokio::test]
 async fn a_router_that_joins_late_learns_the_workers_cache_from_a_snapshot() {
-    let path = cluster_file("snapshot");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("snapshot");
     let _worker = worker(&file, &[]);
     let first_router = route(&file);
     wait_for_workers(&first_router, 1).await;
@@ -237,8 +236,7 @@ async fn a_router_that_joins_late_learns_the_workers_cache_from_a_snapshot() {
 
 #[tokio::test]
 async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
-    let path = cluster_file("busy");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("busy");
     // Slow, and one request at a time: round-robin sends it every other request.
     let _small = Worker::start(&["--engine", "mocker", "--max-in-flight", "1", "--discovery", &file]);
     let _large = worker(&file, &[]);
@@ -281,8 +279,7 @@ fn over_workers(metrics: &str, name: &str, label: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_its_request_on_the_remote_worker() {
-    let path = cluster_file("cancel");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("cancel");
     let _worker = Worker::start(&["--engine", "mocker", "--speedup", "1", "--discovery", &file]);
     let router = route(&file);
     wait_for_workers(&router, 1).await;
@@ -304,8 +301,7 @@ async fn a_client_that_disconnects_cancels_its_request_on_the_remote_worker() {
 
 #[tokio::test]
 async fn a_router_started_before_its_workers_answers_at_once_and_serves_when_one_joins() {
-    let path = cluster_file("early-router");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("early-router");
     let router = route(&file);
     let live = reqwest::get(router.url("/live")).await.expect("live answers");
     assert_eq!(live.status().as_u16(), 200);
@@ -327,8 +323,7 @@ async fn a_router_started_before_its_workers_answers_at_once_and_serves_when_one
 
 #[tokio::test]
 async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
-    let path = cluster_file("two-models");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("two-models");
     let _chat = worker(&file, &[]);
     let _other = worker(&file, &["--served-model-name", "tiny-other"]);
     let _other_too = worker(&file, &["--served-model-name", "tiny-other"]);
@@ -399,8 +394,7 @@ fn column(text: &str, name: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
-    let path = cluster_file("top");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("top");
     let _chat = worker(&file, &[]);
     let _other = worker(&file, &["--served-model-name", "tiny-other"]);
     let _elsewhere = worker(&file, &["--namespace", "elsewhere"]);
@@ -424,8 +418,7 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
 
 #[tokio::test]
 async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_other_routers() {
-    let path = cluster_file("run-announced");
-    let file = format!("file:{}", path.display());
+    let (_, file) = cluster_file("run-announced");
     let run = Server::start(&["--workers", "2", "--discovery", &file, "--namespace", "dev"]);
     let (status, body) = run.post_json("/v1/completions", completion("through the run's own frontend", 4)).await;
     assert_eq!(status, 200, "{body}");
