@@ -107,14 +107,13 @@ where
     }
 }
 
-/// CPU time this process has used, user and system, from `/proc/self/stat` (Linux; `None` elsewhere). Ticks
-/// are the kernel's USER_HZ, 100 on every Linux ABI, so the resolution is 10 ms.
+/// CPU time this process has used, user and system, every thread (`None` where the clock is missing).
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may hold spaces and parentheses; the fields after its closing one are fixed.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // Nanoseconds, where /proc/self/stat counts 10 ms ticks: a short run would read as no CPU at all.
+    // SAFETY: `now` is a valid timespec the call writes into; the clock id is a constant the kernel knows.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    (status == 0).then_some(now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9)
 }
 
 /// Nearest-rank percentile of sorted values; NaN when empty.

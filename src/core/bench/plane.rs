@@ -95,7 +95,10 @@ pub async fn run(messages: u64, events_per_message: usize, rounds: usize) -> Res
         plane: median(runs.iter().map(|r| r.0).collect()),
         raw_zmq: median(runs.iter().map(|r| r.1).collect()),
         ratio: ratios[ratios.len() / 2],
-        cpu_ratio: cpu_raw.zip(cpu_plane).map(|(raw, plane)| raw / plane),
+        cpu_ratio: cpu_raw
+            .zip(cpu_plane)
+            .filter(|&(raw, plane)| raw > 0.0 && plane > 0.0)
+            .map(|(raw, plane)| raw / plane),
         rounds: runs.len(),
     })
 }
