@@ -334,7 +334,10 @@ pub async fn watch(
                 }
             },
             Some((endpoint, status)) = status_updates.recv() => {
-                if let WorkerStatus::Alive(instance) = &status {
+                // A status can trail the worker's removal from discovery: no subscription for one that left.
+                if let WorkerStatus::Alive(instance) = &status
+                    && clients.contains_key(&endpoint)
+                {
                     let events = instance.event_endpoint_from(&endpoint);
                     if subscribed.get(&endpoint) != Some(&events) {
                         if let Some(old) = subscribed.insert(endpoint.clone(), events.clone()) {
