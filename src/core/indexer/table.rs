@@ -51,6 +51,17 @@ impl Hasher for IdentityHasher {
 
 type SideMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
+fn prefetch_line<T>(value: &T) {
+    // SAFETY: SSE is part of every x86_64 CPU, and a prefetch is only a hint: it reads nothing into the program
+    // and never faults, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((value as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Head {
     key: u64,
@@ -129,6 +140,14 @@ impl Table {
     /// Starts loading the line where `key`'s probe begins, so that probes of several keys overlap their misses.
     pub fn warm(&self, key: u64) {
         std::hint::black_box(self.heads[self.home(key)].holders);
+    }
+
+    /// Asks the CPU for the lines an update of `key` will touch (its home slot in both arrays) without waiting
+    /// for them: an update that comes later finds them loaded, and the misses of many keys overlap.
+    pub fn prefetch(&self, key: u64) {
+        let at = self.home(key);
+        prefetch_line(&self.heads[at]);
+        prefetch_line(&self.links[at]);
     }
 
     pub fn holders(&self, key: u64) -> Option<WorkerSet> {
