@@ -81,6 +81,7 @@ impl Cluster {
             state: None,
             metrics,
             snapshots,
+            kv_batch: KvEventBatch { worker_id: 0, events: Vec::new() },
         };
         let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
         match first.await {
@@ -164,6 +165,8 @@ struct Membership {
     state: Option<Arc<FrontendState>>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
+    /// The KV batch being applied, decoded into the last one's memory.
+    kv_batch: KvEventBatch,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -360,11 +363,11 @@ impl Membership {
             }
         }
         match delivery.header.topic {
-            Topic::Kv => match KvEventBatch::from_bytes(&delivery.payload) {
-                Ok(batch) => {
+            Topic::Kv => match self.kv_batch.decode_into(&delivery.payload) {
+                Ok(()) => {
                     // Indexed under the publisher it came from, whatever id the batch claims.
-                    if let Some(batch) = member.feed.receive(delivery.header.seq, batch) {
-                        member.router.apply_kv_events(member.id, &batch.events);
+                    if member.feed.receive(delivery.header.seq, &self.kv_batch) {
+                        member.router.apply_kv_events(member.id, &self.kv_batch.events);
                     }
                 }
                 Err(error) => {

@@ -21,14 +21,15 @@ impl KvFeed {
         true
     }
 
-    /// A KV message from the event plane: what to apply now (nothing while a snapshot is awaited).
-    pub fn receive(&mut self, seq: u64, batch: KvEventBatch) -> Option<KvEventBatch> {
+    /// A KV message from the event plane: true when it is to be applied now; while a snapshot is awaited
+    /// a copy is held instead.
+    pub fn receive(&mut self, seq: u64, batch: &KvEventBatch) -> bool {
         match &mut self.held {
             Some(held) => {
-                held.push((seq, batch));
-                None
+                held.push((seq, batch.clone()));
+                false
             }
-            None => Some(batch),
+            None => true,
         }
     }
 
@@ -60,24 +61,24 @@ mod tests {
     #[test]
     fn events_the_snapshot_covers_are_skipped_and_later_ones_applied_after_it() {
         let mut feed = KvFeed::default();
-        assert_eq!(feed.receive(0, stored(10)), Some(stored(10)), "live: straight through");
+        assert!(feed.receive(0, &stored(10)), "live: straight through");
         assert!(feed.begin_resync());
         assert!(!feed.begin_resync(), "one snapshot at a time");
-        assert_eq!(feed.receive(5, stored(15)), None);
-        assert_eq!(feed.receive(6, stored(16)), None);
+        assert!(!feed.receive(5, &stored(15)));
+        assert!(!feed.receive(6, &stored(16)));
         let snapshot = KvSnapshot { next_seq: 6, events: stored(15).events };
         let applied = feed.finish(1, Some(snapshot));
         let mut expected = vec![KvEvent::Cleared];
         expected.extend(stored(15).events);
         assert_eq!(applied, vec![KvEventBatch { worker_id: 1, events: expected }, stored(16)]);
-        assert_eq!(feed.receive(7, stored(17)), Some(stored(17)), "live again");
+        assert!(feed.receive(7, &stored(17)), "live again");
     }
 
     #[test]
     fn without_a_snapshot_the_workers_entries_are_dropped_and_held_events_kept() {
         let mut feed = KvFeed::default();
         feed.begin_resync();
-        feed.receive(3, stored(3));
+        assert!(!feed.receive(3, &stored(3)));
         let applied = feed.finish(1, None);
         assert_eq!(applied, vec![KvEventBatch { worker_id: 1, events: vec![KvEvent::Cleared] }, stored(3)]);
     }

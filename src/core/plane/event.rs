@@ -26,6 +26,8 @@ pub struct EventPublisher {
     /// Per topic, in `Topic::ALL` order.
     next_seq: [u64; Topic::ALL.len()],
     endpoint: String,
+    /// The payload of the message being sent, kept between messages for its capacity.
+    payload: Vec<u8>,
 }
 
 impl EventPublisher {
@@ -33,7 +35,7 @@ impl EventPublisher {
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
         let socket = tmq::publish(context).set_sndhwm(hwm).set_linger(0).bind(endpoint)?;
         let endpoint = super::request::bound_endpoint(socket.get_socket())?;
-        Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint })
+        Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new() })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -53,12 +55,15 @@ impl EventPublisher {
 
     /// Sends `value` on its type's topic.
     pub async fn publish<T: Payload>(&mut self, value: &T) -> Result<(), PlaneError> {
-        let (topic, payload) = (T::TOPIC, value.to_bytes());
+        let topic = T::TOPIC;
+        self.payload.clear();
+        value.write_to(&mut self.payload);
         let next = &mut self.next_seq[topic as usize];
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;
-        let frames: Vec<&[u8]> = vec![topic.name(), &publisher, &seq, &payload];
-        self.socket.send(frames).await?;
+        // libzmq copies each frame into its own message, so the buffer is free again once `send` returns.
+        let frames: [&[u8]; 4] = [topic.name(), &publisher, &seq, &self.payload];
+        self.socket.send(frames.into_iter().map(zmq::Message::from).collect::<tmq::Multipart>()).await?;
         Ok(())
     }
 }

@@ -37,24 +37,38 @@ pub struct KvEventBatch {
 
 impl KvEventBatch {
     pub fn encode(&self) -> Vec<u8> {
-        // Room for a typical step's batch up front: no regrowth while writing.
-        let mut out = Vec::with_capacity(64 + 24 * self.events.len());
-        wire::write_array_len(&mut out, 2);
-        wire::write_uint(&mut out, self.worker_id);
-        wire::write_events(&mut out, &self.events);
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
         out
     }
 
+    /// Appends the encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Room for a typical step's batch up front: no regrowth while writing.
+        out.reserve(64 + 24 * self.events.len());
+        wire::write_array_len(out, 2);
+        wire::write_uint(out, self.worker_id);
+        wire::write_events(out, &self.events);
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Self, KvWireError> {
+        let mut batch = Self { worker_id: 0, events: Vec::new() };
+        batch.decode_into(bytes)?;
+        Ok(batch)
+    }
+
+    /// `decode` over this batch, reusing its memory (see `wire::read_events_into`): a router decodes every
+    /// batch of every worker. On an error the batch's contents are meaningless.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), KvWireError> {
         let mut input = bytes;
         let fields = wire::read_array_len(&mut input, "a KV event batch")?;
         if fields != 2 {
             return Err(KvWireError::Shape { what: "a KV event batch", fields });
         }
-        let worker_id = wire::read_uint(&mut input, "the batch's worker id")?;
-        let events = wire::read_events(&mut input)?;
+        self.worker_id = wire::read_uint(&mut input, "the batch's worker id")?;
+        wire::read_events_into(&mut input, &mut self.events)?;
         match input.len() {
-            0 => Ok(Self { worker_id, events }),
+            0 => Ok(()),
             extra => Err(KvWireError::Trailing(extra)),
         }
     }
@@ -197,10 +211,20 @@ mod wire {
     }
 
     pub fn read_events(input: &mut &[u8]) -> Result<Vec<KvEvent>, KvWireError> {
-        let count = read_array_len(input, "a list of KV events")?;
+        let mut events = Vec::new();
+        read_events_into(input, &mut events)?;
+        Ok(events)
+    }
+
+    /// `read_events` into `events`, reusing its entries and their lists where the shapes agree, so that a
+    /// subscriber decoding one batch after another allocates nothing once it has seen a batch of each
+    /// shape. On an error `events` holds a mix of old and new and must not be used.
+    pub fn read_events_into(input: &mut &[u8], events: &mut Vec<KvEvent>) -> Result<(), KvWireError> {
+        let count = read_array_len(input, "a list of KV events")? as usize;
+        events.truncate(count);
         // Each event takes at least two bytes: a length from the wire cannot reserve more than that allows.
-        let mut events = Vec::with_capacity((count as usize).min(input.len() / 2));
-        for _ in 0..count {
+        events.reserve(count.min(input.len() / 2).saturating_sub(events.len()));
+        for at in 0..count {
             let fields = read_array_len(input, "a KV event")?;
             let shape = |expected: u32| match fields == expected {
                 true => Ok(()),
@@ -209,10 +233,11 @@ mod wire {
             if fields == 0 {
                 return Err(KvWireError::Expected("a KV event's tag"));
             }
-            events.push(match read_uint(input, "a KV event's tag")? {
+            let reused = events.get_mut(at);
+            let event = match read_uint(input, "a KV event's tag")? {
                 STORED => {
                     shape(3)?;
-                    let parent_hash = match input.first() {
+                    let parent = match input.first() {
                         Some(&NIL) => {
                             *input = &input[1..];
                             None
@@ -220,25 +245,43 @@ mod wire {
                         _ => Some(read_uint(input, "a Stored event's parent hash or nil")?),
                     };
                     let records = read_records(input, 16, "a Stored event's blocks")?;
-                    let blocks = records
+                    let read = records
                         .chunks_exact(16)
-                        .map(|block| StoredBlock { hash: word(&block[..8]), tokens_hash: word(&block[8..]) })
-                        .collect();
-                    KvEvent::Stored { parent_hash, blocks }
+                        .map(|block| StoredBlock { hash: word(&block[..8]), tokens_hash: word(&block[8..]) });
+                    match reused {
+                        Some(KvEvent::Stored { parent_hash, blocks }) => {
+                            *parent_hash = parent;
+                            blocks.clear();
+                            blocks.extend(read);
+                            continue;
+                        }
+                        _ => KvEvent::Stored { parent_hash: parent, blocks: read.collect() },
+                    }
                 }
                 REMOVED => {
                     shape(2)?;
-                    let records = read_records(input, 8, "a Removed event's hashes")?;
-                    KvEvent::Removed { hashes: records.chunks_exact(8).map(word).collect() }
+                    let read = read_records(input, 8, "a Removed event's hashes")?.chunks_exact(8).map(word);
+                    match reused {
+                        Some(KvEvent::Removed { hashes }) => {
+                            hashes.clear();
+                            hashes.extend(read);
+                            continue;
+                        }
+                        _ => KvEvent::Removed { hashes: read.collect() },
+                    }
                 }
                 CLEARED => {
                     shape(1)?;
                     KvEvent::Cleared
                 }
                 other => return Err(KvWireError::UnknownTag(other)),
-            });
+            };
+            match events.get_mut(at) {
+                Some(slot) => *slot = event,
+                None => events.push(event),
+            }
         }
-        Ok(events)
+        Ok(())
     }
 }
 
@@ -330,6 +373,28 @@ mod tests {
     }
 
     #[test]
+    fn decoding_over_a_used_batch_gives_what_a_fresh_decode_gives() {
+        let batch = |events: Vec<KvEvent>| KvEventBatch { worker_id: events.len() as u64, events };
+        let removed = |hashes: Vec<u64>| KvEvent::Removed { hashes };
+        // Each next batch has more or fewer events than the one before, or another kind at the same place.
+        let sequence = [
+            batch(every_event()),
+            batch(vec![stored(Some(1), 1..9), removed(vec![4])]),
+            batch(vec![stored(None, 3..4), removed(vec![1, 2, 3]), KvEvent::Cleared, stored(Some(5), 0..0)]),
+            batch(vec![]),
+            batch(vec![stored(None, 1..2), stored(Some(1), 2..3), stored(Some(2), 3..4), removed(vec![9])]),
+            batch(every_event()),
+        ];
+        let mut reused = KvEventBatch { worker_id: 0, events: Vec::new() };
+        for expected in sequence {
+            assert_eq!(reused.decode_into(&expected.encode()), Ok(()));
+            assert_eq!(reused, expected);
+            // A refused one in between leaves nothing behind that the next decode would keep.
+            assert!(reused.decode_into(&[0x92, 0x03, 0x92, 0x91, 0x02, 0x91, 0x07]).is_err());
+        }
+    }
+
+    #[test]
     fn a_huge_count_from_the_wire_reserves_nothing_it_cannot_fill() {
         // [3, array32 of 4 billion events] and nothing after.
         let bytes = [0x92, 0x03, 0xdd, 0xff, 0xff, 0xff, 0xff];
@@ -356,7 +421,12 @@ mod tests {
                 }
             }
             // What decodes must be what it says: encoding it again gives back bytes that decode the same.
-            if let Ok(batch) = KvEventBatch::decode(&bytes) {
+            let fresh = KvEventBatch::decode(&bytes);
+            // Decoding over the memory of a previous batch accepts and refuses the same bytes.
+            let mut reused = KvEventBatch::decode(&valid).unwrap();
+            let over = reused.decode_into(&bytes);
+            assert_eq!(over.clone().map(|()| &reused), fresh.as_ref().map_err(Clone::clone), "{bytes:x?}");
+            if let Ok(batch) = fresh {
                 decoded += 1;
                 assert_eq!(KvEventBatch::decode(&batch.encode()), Ok(batch));
             }

@@ -3,7 +3,6 @@
 //! The topic frame comes first because ZMQ SUB filters on a message's first frame. Sequence numbers count
 //! per (publisher, topic) from 0, so a subscriber to some topics sees no false gaps from the others.
 use super::kv::{KvEventBatch, LoadMetrics, WorkerStats};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,16 +54,23 @@ pub trait Payload: Sized {
     /// The topic it travels on; each topic carries one type.
     const TOPIC: Topic;
 
-    fn to_bytes(&self) -> Vec<u8>;
+    /// Appends the payload's bytes to `out` (a publisher reuses one buffer for every message).
+    fn write_to(&self, out: &mut Vec<u8>);
     fn from_bytes(payload: &[u8]) -> Result<Self, FrameError>;
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        out
+    }
 }
 
 /// Hot: a worker publishes one per engine step and a router decodes every one, so it has its own codec.
 impl Payload for KvEventBatch {
     const TOPIC: Topic = Topic::Kv;
 
-    fn to_bytes(&self) -> Vec<u8> {
-        self.encode()
+    fn write_to(&self, out: &mut Vec<u8>) {
+        self.encode_into(out)
     }
 
     fn from_bytes(payload: &[u8]) -> Result<Self, FrameError> {
@@ -78,8 +84,9 @@ macro_rules! serde_payload {
         impl Payload for $payload {
             const TOPIC: Topic = $topic;
 
-            fn to_bytes(&self) -> Vec<u8> {
-                encode_serde(self)
+            fn write_to(&self, out: &mut Vec<u8>) {
+                // Plain data types serialize infallibly to msgpack.
+                let _ = rmp_serde::encode::write(out, self);
             }
 
             fn from_bytes(payload: &[u8]) -> Result<Self, FrameError> {
@@ -90,13 +97,6 @@ macro_rules! serde_payload {
 }
 
 serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats);
-
-fn encode_serde<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(64);
-    // Plain data types serialize infallibly to msgpack.
-    let _ = rmp_serde::encode::write(&mut payload, value);
-    payload
-}
 
 fn decode_serde<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(payload).map_err(|e| FrameError::Payload(e.to_string()))
