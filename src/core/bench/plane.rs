@@ -5,7 +5,7 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
 use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus};
-use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError};
+use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError, SocketReader};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::request::{FromWorker, ToWorker, encode};
@@ -111,15 +111,15 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     let warmup = batch(u64::MAX / 2048, 1);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        publisher.publish(&warmup).await?;
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.next()).await {
+        publisher.publish(&warmup)?;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.next()).await {
             break;
         }
         if Instant::now() > deadline {
             return Err(PlaneError::Endpoint);
         }
     }
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), subscriber.next()).await {}
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(20), subscriber.next()).await {}
     let lost_before = subscriber.lost;
 
     // The engine's work, done before the clock starts as the raw path's frames are: the plane is timed from
@@ -131,14 +131,14 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     let (start, cpu_start) = (Instant::now(), super::process_cpu_seconds());
     let sender = tokio::spawn(async move {
         for batch in &batches {
-            publisher.publish(batch).await?;
+            publisher.publish(batch)?;
         }
         // Both returned, not dropped: freeing the batches would land in the timed window.
         Ok::<_, PlaneError>((publisher, batches))
     });
     let mut received = 0u64;
     while received + (subscriber.lost - lost_before) < messages {
-        let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await else {
+        let Ok(delivery) = tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await else {
             break;
         };
         let delivery = delivery?;
@@ -155,13 +155,19 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     Ok(run)
 }
 
+/// The same sockets, options and frames, through the same socket code (`SocketReader`, libzmq's
+/// `send_multipart`), with nothing of the plane: no encoding, numbering, tracking, decoding or index.
 async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, PlaneError> {
     let context = Context::new();
-    let mut publisher = tmq::publish(&context).set_sndhwm(UNLIMITED).set_linger(0).bind("tcp://127.0.0.1:*")?;
-    let endpoint =
-        publisher.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
-    let mut subscriber =
-        tmq::subscribe(&context).set_rcvhwm(UNLIMITED).set_linger(0).connect(&endpoint)?.subscribe(Topic::Kv.name())?;
+    let zmq = |e: zmq::Error| PlaneError::from(tmq::TmqError::from(e));
+    let publisher = context.socket(zmq::PUB).map_err(zmq)?;
+    publisher.set_sndhwm(UNLIMITED).and_then(|()| publisher.set_linger(0)).map_err(zmq)?;
+    publisher.bind("tcp://127.0.0.1:*").map_err(zmq)?;
+    let endpoint = publisher.get_last_endpoint().map_err(zmq)?.map_err(|_| PlaneError::Endpoint)?;
+    let subscriber = context.socket(zmq::SUB).map_err(zmq)?;
+    subscriber.set_rcvhwm(UNLIMITED).and_then(|()| subscriber.set_linger(0)).map_err(zmq)?;
+    subscriber.set_subscribe(Topic::Kv.name()).and_then(|()| subscriber.connect(&endpoint)).map_err(zmq)?;
+    let mut subscriber = SocketReader::new(subscriber)?;
     // The same bytes the plane sends for one message, encoded once.
     let payload = batch(CACHED_BLOCKS, events_per_message).to_bytes();
     let frame = |seq: u64| -> Vec<Vec<u8>> {
@@ -169,29 +175,29 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     };
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        publisher.send(frame(u64::MAX)).await?;
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.next()).await {
+        publisher.send_multipart(frame(u64::MAX), zmq::DONTWAIT).map_err(zmq)?;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.recv()).await {
             break;
         }
         if Instant::now() > deadline {
             return Err(PlaneError::Endpoint);
         }
     }
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), subscriber.next()).await {}
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(20), subscriber.recv()).await {}
 
     let frames: Vec<Vec<Vec<u8>>> = (0..messages).map(frame).collect();
     let (start, cpu_start) = (Instant::now(), super::process_cpu_seconds());
     let sender = tokio::spawn(async move {
         for f in frames {
-            publisher.send(f).await?;
+            publisher.send_multipart(f, zmq::DONTWAIT)?;
         }
         // Returned, not dropped: with linger 0, dropping the socket would discard what is still queued.
-        Ok::<_, tmq::TmqError>(publisher)
+        Ok::<_, zmq::Error>(publisher)
     });
     let mut received = 0u64;
     let mut last = start;
     while received < messages {
-        let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await else {
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(500), subscriber.recv()).await else {
             break;
         };
         message?;
@@ -200,7 +206,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     }
     let events = received * batch(CACHED_BLOCKS, events_per_message).events.len() as u64;
     let run = PlaneRun::measured(events, last - start, cpu_start, messages, received);
-    let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
+    let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)?.map_err(zmq)?;
     Ok(run)
 }
 

@@ -209,12 +209,11 @@ impl Membership {
                     ),
                 },
                 delivery = subscriber.next() => match delivery {
-                    Some(Ok(delivery)) => self.deliver(delivery),
-                    Some(Err(error)) => {
+                    Ok(delivery) => self.deliver(delivery),
+                    Err(error) => {
                         self.metrics.plane(PlaneEvent::Malformed, 1);
                         tracing::warn!("event plane: {error}");
                     }
-                    None => return,
                 },
                 Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),
             }
@@ -512,7 +511,7 @@ mod tests {
             if lose {
                 publisher.skip(Topic::Kv);
             } else {
-                publisher.publish(batch).await.unwrap();
+                publisher.publish(batch).unwrap();
             }
         };
         let prompt = |first: u32| (first..first + 48).collect::<Vec<u32>>();

@@ -1,9 +1,9 @@
 //! Publisher and subscriber sockets of the event plane, and the sequence tracking that makes loss visible.
+use super::reader::SocketReader;
 use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
-use futures::{SinkExt, StreamExt};
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use tmq::{AsZmqSocket, Context, Multipart};
+use tmq::Context;
 
 /// Frames (four per message) a socket buffers for a slow peer before dropping (ZMQ's high-water mark);
 /// drops show as gaps. 0 buffers without limit.
@@ -21,7 +21,7 @@ pub enum PlaneError {
 }
 
 pub struct EventPublisher {
-    socket: tmq::publish::Publish,
+    socket: zmq::Socket,
     publisher: u64,
     /// Per topic, in `Topic::ALL` order.
     next_seq: [u64; Topic::ALL.len()],
@@ -33,8 +33,10 @@ pub struct EventPublisher {
 impl EventPublisher {
     /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
-        let socket = tmq::publish(context).set_sndhwm(hwm).set_linger(0).bind(endpoint)?;
-        let endpoint = super::request::bound_endpoint(socket.get_socket())?;
+        let socket = context.socket(zmq::PUB).map_err(tmq::TmqError::from)?;
+        socket.set_sndhwm(hwm).and_then(|()| socket.set_linger(0)).map_err(tmq::TmqError::from)?;
+        socket.bind(endpoint).map_err(tmq::TmqError::from)?;
+        let endpoint = super::request::bound_endpoint(&socket)?;
         Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new() })
     }
 
@@ -53,17 +55,18 @@ impl EventPublisher {
         self.next_seq[topic as usize] += 1;
     }
 
-    /// Sends `value` on its type's topic.
-    pub async fn publish<T: Payload>(&mut self, value: &T) -> Result<(), PlaneError> {
+    /// Sends `value` on its type's topic. Never waits: a PUB socket drops what a slow subscriber's queue has
+    /// no room for (which the subscriber sees as a gap) instead of blocking the publisher.
+    pub fn publish<T: Payload>(&mut self, value: &T) -> Result<(), PlaneError> {
         let topic = T::TOPIC;
         self.payload.clear();
         value.write_to(&mut self.payload);
         let next = &mut self.next_seq[topic as usize];
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;
-        // libzmq copies each frame into its own message, so the buffer is free again once `send` returns.
+        // libzmq copies each frame into its own message, so the buffer is free again once this returns.
         let frames: [&[u8]; 4] = [topic.name(), &publisher, &seq, &self.payload];
-        self.socket.send(frames.into_iter().map(zmq::Message::from).collect::<tmq::Multipart>()).await?;
+        self.socket.send_multipart(frames, zmq::DONTWAIT).map_err(tmq::TmqError::from)?;
         Ok(())
     }
 }
@@ -102,11 +105,11 @@ impl SeqTracker {
 pub struct Delivery {
     pub header: FrameHeader,
     pub continuity: Continuity,
-    pub payload: tmq::Message,
+    pub payload: zmq::Message,
 }
 
 pub struct EventSubscriber {
-    socket: tmq::subscribe::Subscribe,
+    reader: SocketReader,
     tracker: SeqTracker,
     /// Messages lost, summed over every gap seen.
     pub lost: u64,
@@ -127,37 +130,36 @@ impl EventSubscriber {
 
     /// A subscriber with no publisher yet (a router before discovery finds its workers).
     pub fn new(context: &Context, topics: &[Topic], hwm: i32) -> Result<Self, PlaneError> {
-        let (topic, more) = topics.split_first().ok_or(PlaneError::Endpoint)?;
-        // tmq builds a SUB socket only through connect or bind; an inproc bind to a fresh name gives an
-        // unconnected one.
-        let unique = format!("inproc://dynamo-sub-{}", uuid::Uuid::new_v4());
-        let mut socket =
-            tmq::subscribe(context).set_rcvhwm(hwm).set_linger(0).bind(&unique)?.subscribe(topic.name())?;
-        for topic in more {
-            socket.subscribe(topic.name())?;
+        let socket = context.socket(zmq::SUB).map_err(tmq::TmqError::from)?;
+        socket.set_rcvhwm(hwm).and_then(|()| socket.set_linger(0)).map_err(tmq::TmqError::from)?;
+        for topic in topics {
+            socket.set_subscribe(topic.name()).map_err(tmq::TmqError::from)?;
         }
-        Ok(Self { socket, tracker: SeqTracker::default(), lost: 0, restarts: 0, malformed: 0 })
+        Ok(Self {
+            reader: SocketReader::new(socket)?,
+            tracker: SeqTracker::default(),
+            lost: 0,
+            restarts: 0,
+            malformed: 0,
+        })
     }
 
     /// Adds a publisher discovered later.
     pub fn add_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
-        self.socket.get_socket().connect(endpoint).map_err(tmq::TmqError::from)?;
+        self.reader.socket().connect(endpoint).map_err(tmq::TmqError::from)?;
         Ok(())
     }
 
     /// Stops listening to a publisher that left.
     pub fn remove_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
-        self.socket.get_socket().disconnect(endpoint).map_err(tmq::TmqError::from)?;
+        self.reader.socket().disconnect(endpoint).map_err(tmq::TmqError::from)?;
         Ok(())
     }
 
-    /// The next well-formed message; `None` when the socket is closed.
-    pub async fn next(&mut self) -> Option<Result<Delivery, PlaneError>> {
+    /// The next well-formed message. Cancel-safe (see `SocketReader::recv`).
+    pub async fn next(&mut self) -> Result<Delivery, PlaneError> {
         loop {
-            let frames: Multipart = match self.socket.next().await? {
-                Ok(frames) => frames,
-                Err(e) => return Some(Err(e.into())),
-            };
+            let frames = self.reader.recv().await?;
             // On the stack: every well-formed message has four frames.
             let header = decode_header(&frames.iter().map(|m| &m[..]).collect::<SmallVec<[&[u8]; 4]>>());
             let header = match header {
@@ -174,7 +176,7 @@ impl EventSubscriber {
                 Continuity::InOrder => {}
             }
             let Some(payload) = frames.into_iter().nth(3) else { continue };
-            return Some(Ok(Delivery { header, continuity, payload }));
+            return Ok(Delivery { header, continuity, payload });
         }
     }
 

@@ -15,6 +15,8 @@
 //!
 //! Malformed messages are counted and skipped; the socket stays up.
 mod event;
+mod reader;
 pub mod request;
 
 pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker};
+pub use reader::SocketReader;

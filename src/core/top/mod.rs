@@ -351,9 +351,8 @@ pub async fn watch(
                 view().status(&endpoint, status);
             }
             delivery = subscriber.next() => match delivery {
-                Some(Ok(delivery)) => view().deliver(delivery, Instant::now()),
-                Some(Err(_)) => view().malformed += 1,
-                None => return Ok(()),
+                Ok(delivery) => view().deliver(delivery, Instant::now()),
+                Err(_) => view().malformed += 1,
             },
         }
     }

@@ -185,14 +185,14 @@ async fn publish(
                 // its `next_seq` tells the router to skip it.
                 let next_seq = publisher.next_seq(Topic::Kv) + 1;
                 ledger.lock().unwrap_or_else(|p| p.into_inner()).record(&batch.events, next_seq);
-                if let Err(error) = publisher.publish(&batch).await {
+                if let Err(error) = publisher.publish(&batch) {
                     tracing::warn!("could not publish KV events: {error}");
                 }
                 false
             }
             _ = tick.tick() => true,
             _ = stats_tick.tick() => {
-                if let Err(error) = publisher.publish(&stats.snapshot()).await {
+                if let Err(error) = publisher.publish(&stats.snapshot()) {
                     tracing::warn!("could not publish request-plane stats: {error}");
                 }
                 false
@@ -201,7 +201,7 @@ async fn publish(
         let load = engine.load();
         if load_now || last_load != Some(load) {
             last_load = Some(load);
-            if let Err(error) = publisher.publish(&load).await {
+            if let Err(error) = publisher.publish(&load) {
                 tracing::warn!("could not publish load: {error}");
             }
         }

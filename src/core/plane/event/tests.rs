@@ -28,8 +28,8 @@ fn batch(n: u64) -> KvEventBatch {
 /// returns the i it got.
 async fn first_delivery(publisher: &mut EventPublisher, subscriber: &mut EventSubscriber) -> u64 {
     for i in 0..2000 {
-        publisher.publish(&batch(i)).await.unwrap();
-        if let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
+        publisher.publish(&batch(i)).unwrap();
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
             let got = KvEventBatch::from_bytes(&delivery.unwrap().payload).unwrap();
             let KvEvent::Removed { hashes } = &got.events[0] else { panic!("{got:?}") };
             return hashes[0];
@@ -46,12 +46,12 @@ async fn messages_arrive_in_order_over_loopback() {
         EventSubscriber::connect(&context, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
     let first = first_delivery(&mut publisher, &mut subscriber).await;
     // Drain what the first round left in flight, then check a run arrives whole and in order.
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
     for i in 10_000..10_100 {
-        publisher.publish(&batch(i)).await.unwrap();
+        publisher.publish(&batch(i)).unwrap();
     }
     for i in 10_000..10_100 {
-        let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap().unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap();
         assert_eq!((delivery.header.publisher, delivery.continuity), (7, Continuity::InOrder));
         let got = KvEventBatch::from_bytes(&delivery.payload).unwrap();
         assert_eq!(got, batch(i));
@@ -62,27 +62,28 @@ async fn messages_arrive_in_order_over_loopback() {
 #[tokio::test]
 async fn malformed_messages_are_counted_and_skipped() {
     let context = Context::new();
-    let mut raw = tmq::publish(&context).bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = raw.get_socket().get_last_endpoint().unwrap().unwrap();
+    let raw = context.socket(zmq::PUB).unwrap();
+    raw.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = raw.get_last_endpoint().unwrap().unwrap();
     let mut subscriber = EventSubscriber::connect(&context, &[&endpoint], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
     // Wait out the slow joiner with well-formed frames.
     let mut seq = 0u64;
     loop {
         let frames: Vec<Vec<u8>> =
             vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), batch(seq).to_bytes()];
-        raw.send(frames).await.unwrap();
+        raw.send_multipart(frames, 0).unwrap();
         seq += 1;
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(5), subscriber.next()).await {
             break;
         }
         assert!(seq < 2000, "the subscriber never received anything");
     }
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
-    raw.send(vec![b"kv".to_vec(), vec![1, 2, 3]]).await.unwrap();
-    raw.send(vec![b"kv".to_vec(), vec![0; 3], vec![0; 8], vec![]]).await.unwrap();
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), subscriber.next()).await {}
+    raw.send_multipart(vec![b"kv".to_vec(), vec![1, 2, 3]], 0).unwrap();
+    raw.send_multipart(vec![b"kv".to_vec(), vec![0; 3], vec![0; 8], vec![]], 0).unwrap();
     let frames = vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), batch(seq).to_bytes()];
-    raw.send(frames).await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap().unwrap();
+    raw.send_multipart(frames, 0).unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap();
     assert_eq!(delivery.header.seq, seq);
     assert_eq!(subscriber.malformed, 2);
 }
