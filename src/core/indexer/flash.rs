@@ -31,7 +31,8 @@ const PREFETCH_LIMIT: usize = 64;
 
 #[derive(Default)]
 struct Workers {
-    slots: HashMap<WorkerId, Slot>,
+    /// foldhash, not SipHash: looked up once per batch of every worker.
+    slots: HashMap<WorkerId, Slot, foldhash::fast::RandomState>,
     ids: Vec<WorkerId>,
     blocks: Vec<AtomicUsize>,
 }

@@ -84,7 +84,8 @@ pub enum Continuity {
 /// Next expected sequence number per (publisher, topic).
 #[derive(Debug, Default)]
 pub struct SeqTracker {
-    expected: HashMap<(u64, Topic), u64>,
+    // foldhash, not SipHash: looked up once per message, and the keys are few (one per publisher and topic).
+    expected: HashMap<(u64, Topic), u64, foldhash::fast::RandomState>,
 }
 
 impl SeqTracker {
