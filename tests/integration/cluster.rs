@@ -169,6 +169,7 @@ async fn multicast_works(port: u16) -> bool {
         namespace,
         request_addr: "tcp://127.0.0.1:9".into(),
         event_addr: "tcp://127.0.0.1:9".into(),
+        transfer_addr: None,
         card,
     };
     let Ok(_registration) = announcer.register(&probe) else { return false };

@@ -324,6 +324,7 @@ async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, Pla
         namespace: "bench".into(),
         request_addr: String::new(),
         event_addr: String::new(),
+        transfer_addr: None,
         card,
     };
     let served = Served {

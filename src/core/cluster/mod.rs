@@ -477,6 +477,7 @@ mod tests {
             namespace: "gap".into(),
             request_addr: String::new(),
             event_addr: publisher.endpoint().to_string(),
+            transfer_addr: None,
             card,
         };
         let engine = Arc::new(MockerEngine::spawn(

@@ -171,13 +171,15 @@ fn txt_properties(instance: &Instance) -> Vec<(String, String)> {
         ("ns", instance.namespace.clone()),
         ("req", instance.request_addr.clone()),
         ("evt", instance.event_addr.clone()),
+        // Absent, not empty, for a worker without a transfer agent.
+        ("xfer", instance.transfer_addr.clone().unwrap_or_default()),
         ("block_size", card.block_size.to_string()),
         ("context", card.context_length.to_string()),
         ("kv_blocks", card.kv_blocks.to_string()),
         ("tokenizer", format!("{:016x}", card.tokenizer_hash)),
     ];
     let mut properties = Vec::new();
-    for (key, value) in fields {
+    for (key, value) in fields.into_iter().filter(|(key, value)| *key != "xfer" || !value.is_empty()) {
         if key.len() + 1 + value.len() <= TXT_STRING_MAX {
             properties.push((key.to_string(), value));
             continue;
@@ -222,6 +224,11 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
         }
         Ok(chunks.into_values().map(String::as_str).collect())
     };
+    // Absent altogether (neither `key` nor `key.0`): `None`; present in pieces with one missing: an error.
+    let optional = |key: &str| -> Result<Option<String>, String> {
+        let present = properties.keys().any(|k| k == key || k.strip_prefix(key).is_some_and(|r| r.starts_with('.')));
+        present.then(|| field(key)).transpose()
+    };
     let number = |key: &str| -> Result<u64, String> {
         let text = field(key)?;
         text.parse().map_err(|_| format!("the TXT property {key:?} is not a number: {text:?}"))
@@ -242,6 +249,7 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
         namespace: field("ns")?,
         request_addr: field("req")?,
         event_addr: field("evt")?,
+        transfer_addr: optional("xfer")?,
         card: ModelCardSummary {
             block_size: small("block_size")?,
             context_length: small("context")?,
@@ -263,18 +271,24 @@ mod tests {
             namespace: namespace.into(),
             request_addr: format!("tcp://127.0.0.1:{port}"),
             event_addr: format!("tcp://127.0.0.1:{}", port + 1),
+            transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: u64::MAX },
         }
     }
 
     #[test]
     fn a_record_survives_txt_properties_even_when_a_field_needs_several_strings() {
+        let transfers = [None, Some("tcp://10.0.0.5:7200".to_string()), Some(format!("nixl://{}", "agent".repeat(80)))];
         for model in ["tiny-chat", &"ä/long-model-path".repeat(40)] {
-            let record = instance(model, "prod", 7100);
-            let properties = txt_properties(&record);
-            assert!(properties.iter().all(|(k, v)| k.len() + 1 + v.len() <= TXT_STRING_MAX));
-            let map: HashMap<String, String> = properties.into_iter().collect();
-            assert_eq!(instance_from_txt(&map), Ok(record));
+            for transfer_addr in transfers.clone() {
+                let record = Instance { transfer_addr, ..instance(model, "prod", 7100) };
+                let properties = txt_properties(&record);
+                assert!(properties.iter().all(|(k, v)| k.len() + 1 + v.len() <= TXT_STRING_MAX));
+                let has_transfer = properties.iter().any(|(k, _)| k.starts_with("xfer"));
+                assert_eq!(has_transfer, record.transfer_addr.is_some(), "no property for no transfer agent");
+                let map: HashMap<String, String> = properties.into_iter().collect();
+                assert_eq!(instance_from_txt(&map), Ok(record));
+            }
         }
     }
 
@@ -288,6 +302,10 @@ mod tests {
         let long = txt_properties(&instance(&"x".repeat(600), "ns", 1));
         let gappy: HashMap<String, String> = long.into_iter().filter(|(k, _)| k != "model.1").collect();
         assert!(instance_from_txt(&gappy).unwrap_err().contains("model"));
+        let long_transfer = Instance { transfer_addr: Some("tcp://".repeat(100)), ..instance("m", "ns", 1) };
+        let gappy: HashMap<String, String> =
+            txt_properties(&long_transfer).into_iter().filter(|(k, _)| k != "xfer.0").collect();
+        assert!(instance_from_txt(&gappy).unwrap_err().contains("xfer"), "an optional field cut short is no field");
     }
 
     #[test]

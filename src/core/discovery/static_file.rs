@@ -6,8 +6,8 @@
 //! namespace = "prod"          # optional; entries without one belong to every namespace
 //! ```
 //!
-//! Workers started with `--discovery file:PATH` add their own entry (with id, role, model and event endpoint,
-//! for people reading the file) and remove it on a clean exit. An entry left by a killed worker is harmless:
+//! Workers started with `--discovery file:PATH` add their own entry (with id, role, model, event endpoint and
+//! transfer endpoint if any, for people reading the file) and remove it on a clean exit. An entry left by a killed worker is harmless:
 //! its pings go unanswered and the router does not use it. The file is polled, so it may live on NFS.
 use super::{Discovery, DiscoveryError, DiscoveryEvent, Registration};
 use crate::core::protocol::discovery::{Instance, Role};
@@ -39,6 +39,8 @@ struct Entry {
     model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     event_addr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transfer_addr: Option<String>,
 }
 
 pub struct StaticFile {
@@ -128,6 +130,7 @@ impl Discovery for StaticFile {
             role: Some(instance.role),
             model: Some(instance.model.clone()),
             event_addr: Some(instance.event_addr.clone()),
+            transfer_addr: instance.transfer_addr.clone(),
         };
         self.update(|file| {
             // A worker restarted on the same endpoint replaces its old entry.
@@ -201,6 +204,7 @@ mod tests {
             namespace: namespace.into(),
             request_addr: format!("tcp://127.0.0.1:{port}"),
             event_addr: format!("tcp://127.0.0.1:{}", port + 1),
+            transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 64, kv_blocks: 8, tokenizer_hash: 0 },
         }
     }

@@ -41,6 +41,10 @@ pub struct Instance {
     pub request_addr: String,
     /// ZMQ endpoint of the worker's PUB socket.
     pub event_addr: String,
+    /// Where the worker's transfer agent takes and serves KV blocks or embeddings for the next role
+    /// (`tcp://host:port`, or another backend's address). `None` for a worker that hands nothing to another
+    /// role: an aggregated worker, which prefills and decodes its own requests.
+    pub transfer_addr: Option<String>,
     pub card: ModelCardSummary,
 }
 

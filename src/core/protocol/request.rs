@@ -10,7 +10,7 @@ use super::kv::KvEvents;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -111,6 +111,7 @@ mod tests {
             namespace: "dynamo".into(),
             request_addr: "tcp://127.0.0.1:1".into(),
             event_addr: "tcp://127.0.0.1:2".into(),
+            transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 3 },
         }
     }
@@ -119,6 +120,10 @@ mod tests {
     fn messages_round_trip() {
         let messages = vec![
             FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance() },
+            FromWorker::Hello {
+                version: PROTOCOL_VERSION,
+                instance: Instance { transfer_addr: Some("tcp://127.0.0.1:3".into()), ..instance() },
+            },
             FromWorker::Output { stream: 3, output: EngineOutput { token_ids: vec![1, 2], ..Default::default() } },
             FromWorker::Refused { stream: 4, reason: Refusal::Busy { limit: 8 } },
             FromWorker::KvSnapshot {

@@ -15,6 +15,7 @@ fn instance(id: u64) -> Instance {
         namespace: "prod".into(),
         request_addr: ENDPOINT.into(),
         event_addr: "tcp://0.0.0.0:7101".into(),
+        transfer_addr: None,
         card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: 1 },
     }
 }

@@ -98,6 +98,7 @@ pub fn expose(
         namespace: planes.namespace.clone(),
         request_addr: String::new(),
         event_addr: publisher.endpoint().to_string(),
+        transfer_addr: None,
         card: ModelCardSummary {
             block_size: block_size as u32,
             context_length: model.card.context_length,
