@@ -136,13 +136,33 @@ mod wire {
     const CLEARED: u64 = 2;
     const NIL: u8 = 0xc0;
 
+    // Each reader and writer handles the forms a batch is made of in line (small arrays and tags, 64-bit
+    // hashes, short byte strings) and leaves the rest to `rmp`, which picks the same smallest forms.
+    const FIXARRAY: u8 = 0x90;
+    const UINT64: u8 = 0xcf;
+    const BIN8: u8 = 0xc4;
+
     // Writing into a `Vec` cannot fail, so the writers' `Result`s carry nothing.
     pub fn write_array_len(out: &mut Vec<u8>, len: usize) {
-        let _ = rmp::encode::write_array_len(out, len as u32);
+        match len {
+            0..16 => out.push(FIXARRAY | len as u8),
+            _ => {
+                let _ = rmp::encode::write_array_len(out, len as u32);
+            }
+        }
     }
 
     pub fn write_uint(out: &mut Vec<u8>, value: u64) {
-        let _ = rmp::encode::write_uint(out, value);
+        match value {
+            0..0x80 => out.push(value as u8),
+            0x1_0000_0000.. => {
+                out.push(UINT64);
+                out.extend_from_slice(&value.to_be_bytes());
+            }
+            _ => {
+                let _ = rmp::encode::write_uint(out, value);
+            }
+        }
     }
 
     fn write_words(out: &mut Vec<u8>, words: impl ExactSizeIterator<Item = u64>) {
@@ -183,16 +203,54 @@ mod wire {
     }
 
     pub fn read_array_len(input: &mut &[u8], what: &'static str) -> Result<u32, KvWireError> {
+        if let Some((&marker @ FIXARRAY..=0x9f, rest)) = input.split_first() {
+            *input = rest;
+            return Ok(u32::from(marker & 0x0f));
+        }
+        read_array_len_rmp(input, what)
+    }
+
+    #[cold]
+    fn read_array_len_rmp(input: &mut &[u8], what: &'static str) -> Result<u32, KvWireError> {
         rmp::decode::read_array_len(input).map_err(|_| KvWireError::Expected(what))
     }
 
-    pub fn read_uint(input: &mut &[u8], what: &'static str) -> Result<u64, KvWireError> {
+    #[cold]
+    fn read_uint_rmp(input: &mut &[u8], what: &'static str) -> Result<u64, KvWireError> {
         rmp::decode::read_int(input).map_err(|_| KvWireError::Expected(what))
+    }
+
+    #[cold]
+    fn read_bin_len_rmp(input: &mut &[u8], what: &'static str) -> Result<usize, KvWireError> {
+        rmp::decode::read_bin_len(input).map(|len| len as usize).map_err(|_| KvWireError::Expected(what))
+    }
+
+    pub fn read_uint(input: &mut &[u8], what: &'static str) -> Result<u64, KvWireError> {
+        match input.split_first() {
+            Some((&value @ 0..0x80, rest)) => {
+                *input = rest;
+                Ok(u64::from(value))
+            }
+            Some((&UINT64, rest)) if rest.len() >= 8 => {
+                let (word, rest) = rest.split_at(8);
+                *input = rest;
+                let mut bytes = [0; 8];
+                bytes.copy_from_slice(word);
+                Ok(u64::from_be_bytes(bytes))
+            }
+            _ => read_uint_rmp(input, what),
+        }
     }
 
     /// A `bin` of `record`-byte records, borrowed from the input.
     fn read_records<'a>(input: &mut &'a [u8], record: usize, what: &'static str) -> Result<&'a [u8], KvWireError> {
-        let len = rmp::decode::read_bin_len(input).map_err(|_| KvWireError::Expected(what))? as usize;
+        let len = match input.split_first_chunk() {
+            Some((&[BIN8, len], rest)) => {
+                *input = rest;
+                usize::from(len)
+            }
+            _ => read_bin_len_rmp(input, what)?,
+        };
         if len > input.len() {
             return Err(KvWireError::Expected(what));
         }
@@ -353,6 +411,26 @@ mod tests {
         expected.extend_from_slice(&1u64.to_le_bytes());
         expected.extend_from_slice(&(!1u64).to_le_bytes());
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn the_forms_written_in_line_are_the_smallest_ones_as_rmp_writes_them() {
+        for value in [0, 1, 0x7f, 0x80, 0xff, 0x100, 0xffff, 0x1_0000, 0xffff_ffff, 0x1_0000_0000, u64::MAX] {
+            let (mut ours, mut reference) = (Vec::new(), Vec::new());
+            wire::write_uint(&mut ours, value);
+            rmp::encode::write_uint(&mut reference, value).unwrap();
+            assert_eq!(ours, reference, "{value:#x}");
+            assert_eq!(wire::read_uint(&mut &ours[..], "a number"), Ok(value));
+            // Cut short, the in-line form is refused like any other.
+            assert!(wire::read_uint(&mut &ours[..ours.len() - 1], "a number").is_err() || ours.len() == 1);
+        }
+        for len in [0, 1, 15, 16, 0xffff, 0x1_0000] {
+            let (mut ours, mut reference) = (Vec::new(), Vec::new());
+            wire::write_array_len(&mut ours, len);
+            rmp::encode::write_array_len(&mut reference, len as u32).unwrap();
+            assert_eq!(ours, reference, "{len}");
+            assert_eq!(wire::read_array_len(&mut &ours[..], "an array"), Ok(len as u32));
+        }
     }
 
     #[test]
