@@ -165,8 +165,17 @@ mod wire {
         }
     }
 
+    pub fn write_bin_len(out: &mut Vec<u8>, len: usize) {
+        match u8::try_from(len) {
+            Ok(len) => out.extend_from_slice(&[BIN8, len]),
+            Err(_) => {
+                let _ = rmp::encode::write_bin_len(out, len as u32);
+            }
+        }
+    }
+
     fn write_words(out: &mut Vec<u8>, words: impl ExactSizeIterator<Item = u64>) {
-        let _ = rmp::encode::write_bin_len(out, (words.len() * 8) as u32);
+        write_bin_len(out, words.len() * 8);
         words.for_each(|word| out.extend_from_slice(&word.to_le_bytes()));
     }
 
@@ -183,7 +192,7 @@ mod wire {
                             let _ = rmp::encode::write_nil(out);
                         }
                     }
-                    let _ = rmp::encode::write_bin_len(out, (blocks.len() * 16) as u32);
+                    write_bin_len(out, blocks.len() * 16);
                     for block in blocks {
                         out.extend_from_slice(&block.hash.to_le_bytes());
                         out.extend_from_slice(&block.tokens_hash.to_le_bytes());
@@ -424,12 +433,16 @@ mod tests {
             // Cut short, the in-line form is refused like any other.
             assert!(wire::read_uint(&mut &ours[..ours.len() - 1], "a number").is_err() || ours.len() == 1);
         }
-        for len in [0, 1, 15, 16, 0xffff, 0x1_0000] {
+        for len in [0, 1, 15, 16, 0xff, 0x100, 0xffff, 0x1_0000] {
             let (mut ours, mut reference) = (Vec::new(), Vec::new());
             wire::write_array_len(&mut ours, len);
             rmp::encode::write_array_len(&mut reference, len as u32).unwrap();
             assert_eq!(ours, reference, "{len}");
             assert_eq!(wire::read_array_len(&mut &ours[..], "an array"), Ok(len as u32));
+            let (mut ours, mut reference) = (Vec::new(), Vec::new());
+            wire::write_bin_len(&mut ours, len);
+            rmp::encode::write_bin_len(&mut reference, len as u32).unwrap();
+            assert_eq!(ours, reference, "bin of {len}");
         }
     }
 
