@@ -262,9 +262,14 @@ async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
         let label = format!("outcome=\"{outcome}\"");
         over_workers(metrics, "dynamo_component_request_plane_requests", &label).unwrap_or(0.0)
     };
-    router
+    let metrics = router
         .wait_for_metrics(Duration::from_secs(10), |m| total(m, "refused") >= 1.0 && total(m, "accepted") >= 6.0)
         .await;
+    // A round-robin router has no index: it neither takes KV events nor asks for snapshots of them.
+    for event in ["resync_ok", "resync_failed"] {
+        let name = format!("dynamo_router_event_plane_total{{event=\"{event}\"}}");
+        assert_eq!(crate::util::metric(&metrics, &name).unwrap_or(0.0), 0.0, "{event}:\n{metrics}");
+    }
 }
 
 /// The sum of a metric's samples whose labels include `label` over every worker (worker ids are random in

@@ -68,7 +68,10 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
         let context = tmq::Context::new();
-        let subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
+        // Publishers filter by topic: a router with no use for KV events is not sent them.
+        let topics: &[Topic] =
+            if settings.router.indexes_events() { &Topic::ALL } else { &[Topic::Load, Topic::Stats] };
+        let subscriber = EventSubscriber::new(&context, topics, HIGH_WATER_MARK)?;
         let watch = discovery.watch(&settings.namespace);
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
@@ -296,7 +299,9 @@ impl Membership {
         };
         router.add_remote_worker(Arc::new(engine));
         // The worker may have cached blocks before this router knew it (a router restarted, say).
-        resync(&self.snapshots, addr, &mut member);
+        if self.settings.router.indexes_events() {
+            resync(&self.snapshots, addr, &mut member);
+        }
         self.members.insert(addr.to_string(), member);
         self.publishers.insert(instance.id, addr.to_string());
         tracing::info!(

@@ -77,6 +77,13 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// Whether workers' KV events feed this router's index; otherwise it has no use for them.
+    pub fn indexes_events(&self) -> bool {
+        self.mode == RouterMode::Kv && self.kv_events
+    }
+}
+
 #[derive(Default)]
 struct WorkerLoad {
     in_flight: AtomicUsize,
@@ -149,7 +156,7 @@ impl Router {
     }
 
     fn indexes_events(&self) -> bool {
-        self.config.mode == RouterMode::Kv && self.config.kv_events
+        self.config.indexes_events()
     }
 
     fn insert_worker(&self, engine: Arc<dyn Engine>, feed: Option<tokio::task::JoinHandle<()>>) {
