@@ -124,8 +124,17 @@ impl ClusterView {
         }
     }
 
-    fn status(&mut self, endpoint: &str, status: WorkerStatus) {
-        let Some(worker) = self.workers.get_mut(endpoint) else { return };
+    /// A worker's answer to a ping. False when it says the worker belongs to another namespace (only a
+    /// hand-written cluster-file entry, which names no namespace, lets one through discovery): it leaves the
+    /// view, as a router does not use it either.
+    fn status(&mut self, endpoint: &str, status: WorkerStatus) -> bool {
+        if let WorkerStatus::Alive(instance) = &status
+            && instance.namespace != self.namespace
+        {
+            self.removed(endpoint);
+            return false;
+        }
+        let Some(worker) = self.workers.get_mut(endpoint) else { return true };
         match status {
             WorkerStatus::Alive(instance) => {
                 worker.state = PeerState::Alive;
@@ -143,6 +152,7 @@ impl ClusterView {
             WorkerStatus::Lost => worker.state = PeerState::Lost,
             WorkerStatus::Incompatible { theirs } => worker.state = PeerState::Incompatible { theirs },
         }
+        true
     }
 
     fn deliver(&mut self, delivery: Delivery, now: Instant) {
@@ -334,21 +344,29 @@ pub async fn watch(
                 }
             },
             Some((endpoint, status)) = status_updates.recv() => {
-                // A status can trail the worker's removal from discovery: no subscription for one that left.
-                if let WorkerStatus::Alive(instance) = &status
-                    && clients.contains_key(&endpoint)
-                {
-                    let events = instance.event_endpoint_from(&endpoint);
-                    if subscribed.get(&endpoint) != Some(&events) {
-                        if let Some(old) = subscribed.insert(endpoint.clone(), events.clone()) {
-                            let _ = subscriber.remove_publisher(&old);
-                        }
-                        if let Err(error) = subscriber.add_publisher(&events) {
-                            tracing::warn!("cannot subscribe to the events of worker at {endpoint}: {error}");
-                        }
+                let events = match &status {
+                    WorkerStatus::Alive(instance) => Some(instance.event_endpoint_from(&endpoint)),
+                    _ => None,
+                };
+                if !view().status(&endpoint, status) {
+                    tracing::warn!("worker at {endpoint} answered for another namespace than {namespace:?}; not shown");
+                    clients.remove(&endpoint);
+                    if let Some(events) = subscribed.remove(&endpoint) {
+                        let _ = subscriber.remove_publisher(&events);
                     }
                 }
-                view().status(&endpoint, status);
+                // A status can trail the worker's removal from discovery: no subscription for one that left.
+                else if let Some(events) = events
+                    && clients.contains_key(&endpoint)
+                    && subscribed.get(&endpoint) != Some(&events)
+                {
+                    if let Some(old) = subscribed.insert(endpoint.clone(), events.clone()) {
+                        let _ = subscriber.remove_publisher(&old);
+                    }
+                    if let Err(error) = subscriber.add_publisher(&events) {
+                        tracing::warn!("cannot subscribe to the events of worker at {endpoint}: {error}");
+                    }
+                }
             }
             delivery = subscriber.next() => match delivery {
                 Ok(delivery) => view().deliver(delivery, Instant::now()),

@@ -100,6 +100,22 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
 }
 
 #[test]
+fn a_worker_answering_for_another_namespace_leaves_the_view() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    // A hand-written cluster-file entry names no namespace, so discovery lists the worker anyway.
+    view.discovered(ENDPOINT.into());
+    let foreign = Instance { namespace: "staging".into(), ..instance(7) };
+    assert!(!view.status(ENDPOINT, WorkerStatus::Alive(foreign)));
+    assert!(view.workers.is_empty(), "{}", view.text(now));
+    view.deliver(delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(2).to_bytes()), now);
+    assert!(view.workers.is_empty() && view.malformed == 0, "its events count for nobody");
+    view.discovered(ENDPOINT.into());
+    assert!(view.status(ENDPOINT, WorkerStatus::Alive(instance(7))), "one of ours at the same address is shown");
+    assert_eq!(view.workers.len(), 1);
+}
+
+#[test]
 fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
     let now = Instant::now();
     let mut view = ClusterView::new("prod");
