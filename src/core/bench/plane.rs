@@ -5,7 +5,7 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
 use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus};
-use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError, SocketReader};
+use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError, SocketReader, publish_socket, subscribe_socket};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::request::{FromWorker, ToWorker, encode};
@@ -200,18 +200,15 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
     Ok(run)
 }
 
-/// The same sockets, options and frames, through the same socket code (`SocketReader`, libzmq's
-/// `send_multipart`), with nothing of the plane: no encoding, numbering, tracking, decoding or index.
+/// The same sockets and frames through the same socket code (`publish_socket`, `subscribe_socket`,
+/// `SocketReader`, libzmq's `send_multipart`), with nothing of the plane: no encoding, numbering, tracking,
+/// decoding or index.
 async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, PlaneError> {
     let context = Context::new();
-    let zmq = |e: zmq::Error| PlaneError::from(tmq::TmqError::from(e));
-    let publisher = context.socket(zmq::PUB).map_err(zmq)?;
-    publisher.set_sndhwm(UNLIMITED).and_then(|()| publisher.set_linger(0)).map_err(zmq)?;
-    publisher.bind("tcp://127.0.0.1:*").map_err(zmq)?;
-    let endpoint = publisher.get_last_endpoint().map_err(zmq)?.map_err(|_| PlaneError::Endpoint)?;
-    let subscriber = context.socket(zmq::SUB).map_err(zmq)?;
-    subscriber.set_rcvhwm(UNLIMITED).and_then(|()| subscriber.set_linger(0)).map_err(zmq)?;
-    subscriber.set_subscribe(Topic::Kv.name()).and_then(|()| subscriber.connect(&endpoint)).map_err(zmq)?;
+    let publisher = publish_socket(&context, "tcp://127.0.0.1:*", UNLIMITED)?;
+    let endpoint = publisher.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
+    let subscriber = subscribe_socket(&context, &[Topic::Kv], UNLIMITED)?;
+    subscriber.connect(&endpoint)?;
     let mut subscriber = SocketReader::new(subscriber)?;
     // The same bytes the plane sends for one message, encoded once.
     let payload = batch(CACHED_BLOCKS, events_per_message).to_bytes();
@@ -220,7 +217,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     };
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        publisher.send_multipart(frame(u64::MAX), zmq::DONTWAIT).map_err(zmq)?;
+        publisher.send_multipart(frame(u64::MAX), zmq::DONTWAIT)?;
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), subscriber.recv()).await {
             break;
         }
@@ -260,7 +257,7 @@ async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, P
     let events = received * batch(CACHED_BLOCKS, events_per_message).events.len() as u64;
     let run = PlaneRun::measured(events, last - start, cpu_start, messages, received);
     credits.close();
-    let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)?.map_err(zmq)?;
+    let _publisher = sender.await.map_err(|_| PlaneError::Endpoint)??;
     Ok(run)
 }
 
@@ -424,8 +421,7 @@ async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, Pla
 async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
     let context = Context::new();
     let mut router = tmq::router(&context).set_linger(0).set_sndhwm(0).set_rcvhwm(0).bind("tcp://127.0.0.1:*")?;
-    let endpoint =
-        router.get_socket().get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)?;
+    let endpoint = router.get_socket().get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
     let mut dealer = tmq::dealer(&context).set_linger(0).set_rcvhwm(0).connect(&endpoint)?;
     // The bytes the plane carries: the request one way, one output per token the other.
     let request = encode(&ToWorker::Generate { stream: 0, request: bench_request(tokens) });

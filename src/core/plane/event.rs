@@ -20,6 +20,32 @@ pub enum PlaneError {
     Incomplete(String),
 }
 
+impl From<zmq::Error> for PlaneError {
+    fn from(error: zmq::Error) -> Self {
+        PlaneError::Socket(error.into())
+    }
+}
+
+/// A PUB socket set up as the event plane's are (high-water mark, no linger), bound to `endpoint`.
+pub fn publish_socket(context: &Context, endpoint: &str, hwm: i32) -> Result<zmq::Socket, PlaneError> {
+    let socket = context.socket(zmq::PUB)?;
+    socket.set_sndhwm(hwm)?;
+    socket.set_linger(0)?;
+    socket.bind(endpoint)?;
+    Ok(socket)
+}
+
+/// A SUB socket set up as the event plane's are, subscribed to `topics` and connected to no publisher yet.
+pub fn subscribe_socket(context: &Context, topics: &[Topic], hwm: i32) -> Result<zmq::Socket, PlaneError> {
+    let socket = context.socket(zmq::SUB)?;
+    socket.set_rcvhwm(hwm)?;
+    socket.set_linger(0)?;
+    for topic in topics {
+        socket.set_subscribe(topic.name())?;
+    }
+    Ok(socket)
+}
+
 pub struct EventPublisher {
     socket: zmq::Socket,
     publisher: u64,
@@ -33,9 +59,7 @@ pub struct EventPublisher {
 impl EventPublisher {
     /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
-        let socket = context.socket(zmq::PUB).map_err(tmq::TmqError::from)?;
-        socket.set_sndhwm(hwm).and_then(|()| socket.set_linger(0)).map_err(tmq::TmqError::from)?;
-        socket.bind(endpoint).map_err(tmq::TmqError::from)?;
+        let socket = publish_socket(context, endpoint, hwm)?;
         let endpoint = super::request::bound_endpoint(&socket)?;
         Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new() })
     }
@@ -66,7 +90,7 @@ impl EventPublisher {
         *next += 1;
         // libzmq copies each frame into its own message, so the buffer is free again once this returns.
         let frames: [&[u8]; 4] = [topic.name(), &publisher, &seq, &self.payload];
-        self.socket.send_multipart(frames, zmq::DONTWAIT).map_err(tmq::TmqError::from)?;
+        self.socket.send_multipart(frames, zmq::DONTWAIT)?;
         Ok(())
     }
 }
@@ -131,11 +155,7 @@ impl EventSubscriber {
 
     /// A subscriber with no publisher yet (a router before discovery finds its workers).
     pub fn new(context: &Context, topics: &[Topic], hwm: i32) -> Result<Self, PlaneError> {
-        let socket = context.socket(zmq::SUB).map_err(tmq::TmqError::from)?;
-        socket.set_rcvhwm(hwm).and_then(|()| socket.set_linger(0)).map_err(tmq::TmqError::from)?;
-        for topic in topics {
-            socket.set_subscribe(topic.name()).map_err(tmq::TmqError::from)?;
-        }
+        let socket = subscribe_socket(context, topics, hwm)?;
         Ok(Self {
             reader: SocketReader::new(socket)?,
             tracker: SeqTracker::default(),
@@ -147,13 +167,13 @@ impl EventSubscriber {
 
     /// Adds a publisher discovered later.
     pub fn add_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
-        self.reader.socket().connect(endpoint).map_err(tmq::TmqError::from)?;
+        self.reader.socket().connect(endpoint)?;
         Ok(())
     }
 
     /// Stops listening to a publisher that left.
     pub fn remove_publisher(&mut self, endpoint: &str) -> Result<(), PlaneError> {
-        self.reader.socket().disconnect(endpoint).map_err(tmq::TmqError::from)?;
+        self.reader.socket().disconnect(endpoint)?;
         Ok(())
     }
 

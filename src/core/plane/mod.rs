@@ -19,5 +19,8 @@ mod event;
 mod reader;
 pub mod request;
 
-pub use event::{Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker};
+pub use event::{
+    Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker, publish_socket,
+    subscribe_socket,
+};
 pub use reader::SocketReader;

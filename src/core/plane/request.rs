@@ -99,7 +99,7 @@ impl RequestServer {
 }
 
 pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError> {
-    socket.get_last_endpoint().map_err(tmq::TmqError::from)?.map_err(|_| PlaneError::Endpoint)
+    socket.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)
 }
 
 async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<ServerStats>) {
