@@ -4,7 +4,7 @@
 //! streamed requests through `RequestServer`/`WorkerClient` against a bare DEALER/ROUTER echo.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
-use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus};
+use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus, dealer_socket, router_socket};
 use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError, SocketReader, publish_socket, subscribe_socket};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::{Payload, Topic};
@@ -12,11 +12,11 @@ use crate::core::protocol::request::{FromWorker, ToWorker, encode};
 use crate::core::protocol::{
     EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, StoredBlock, WorkerId,
 };
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tmq::{AsZmqSocket, Context};
+use zmq::Context;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct PlaneRun {
@@ -420,9 +420,10 @@ async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, Pla
 
 async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
     let context = Context::new();
-    let mut router = tmq::router(&context).set_linger(0).set_sndhwm(0).set_rcvhwm(0).bind("tcp://127.0.0.1:*")?;
-    let endpoint = router.get_socket().get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
-    let mut dealer = tmq::dealer(&context).set_linger(0).set_rcvhwm(0).connect(&endpoint)?;
+    let router = router_socket(&context, "tcp://127.0.0.1:*")?;
+    let endpoint = router.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
+    let mut router = SocketReader::new(router)?;
+    let mut dealer = SocketReader::new(dealer_socket(&context, &endpoint)?)?;
     // The bytes the plane carries: the request one way, one output per token the other.
     let request = encode(&ToWorker::Generate { stream: 0, request: bench_request(tokens) });
     let outputs: Vec<Vec<u8>> = (0..tokens)
@@ -433,18 +434,18 @@ async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, Plane
         })
         .collect();
     let server = tokio::spawn(async move {
-        while let Some(Ok(mut frames)) = router.next().await {
-            let Some(peer) = frames.pop_front() else { continue };
+        while let Ok(frames) = router.recv().await {
+            let Some(peer) = frames.first() else { continue };
             for output in &outputs {
-                router.send(vec![peer.to_vec(), output.clone()]).await?;
+                router.socket().send_multipart([peer.to_vec(), output.clone()], zmq::DONTWAIT)?;
             }
         }
-        Ok::<_, tmq::TmqError>(())
+        Ok::<_, PlaneError>(())
     });
     let start = Instant::now();
     let mut sent = 0;
     while sent < requests.min(CONCURRENCY as u64) {
-        dealer.send(vec![request.clone()]).await?;
+        dealer.socket().send(request.clone(), zmq::DONTWAIT)?;
         sent += 1;
     }
     // Outputs of different requests interleave; every `tokens` of them complete one request on average,
@@ -452,13 +453,13 @@ async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, Plane
     let mut received = 0u64;
     let expected = requests * u64::from(tokens);
     while received < expected {
-        let Ok(Some(message)) = tokio::time::timeout(READY_TIMEOUT, dealer.next()).await else {
+        let Ok(message) = tokio::time::timeout(READY_TIMEOUT, dealer.recv()).await else {
             return Err(PlaneError::Incomplete(format!("raw zmq: {received} of {expected} outputs arrived")));
         };
         message?;
         received += 1;
         if received.is_multiple_of(u64::from(tokens)) && sent < requests {
-            dealer.send(vec![request.clone()]).await?;
+            dealer.socket().send(request.clone(), zmq::DONTWAIT)?;
             sent += 1;
         }
     }

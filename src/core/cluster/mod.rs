@@ -67,7 +67,7 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
-        let context = tmq::Context::new();
+        let context = zmq::Context::new();
         // Publishers filter by topic: a router with no use for KV events is not sent them.
         let topics: &[Topic] =
             if settings.router.indexes_events() { &Topic::ALL } else { &[Topic::Load, Topic::Stats] };
@@ -156,7 +156,7 @@ struct Member {
 type SnapshotResult = (String, WorkerId, Option<KvSnapshot>);
 
 struct Membership {
-    context: tmq::Context,
+    context: zmq::Context,
     settings: ClusterSettings,
     /// One connection per discovered request endpoint, alive or not.
     clients: HashMap<String, Arc<WorkerClient>>,
@@ -464,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gap_is_repaired_from_the_workers_snapshot() {
-        let context = tmq::Context::new();
+        let context = zmq::Context::new();
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let id = 0xabc;
         let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", id, HIGH_WATER_MARK).unwrap();

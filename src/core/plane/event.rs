@@ -3,7 +3,7 @@ use super::reader::SocketReader;
 use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use tmq::Context;
+use zmq::Context;
 
 /// Frames (four per message) a socket buffers for a slow peer before dropping (ZMQ's high-water mark);
 /// drops show as gaps. 0 buffers without limit.
@@ -11,19 +11,15 @@ pub const HIGH_WATER_MARK: i32 = 400_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaneError {
-    #[error("event plane socket: {0}")]
-    Socket(#[from] tmq::TmqError),
+    #[error("plane socket: {0}")]
+    Socket(#[from] zmq::Error),
+    #[error("plane socket: {0}")]
+    Io(#[from] std::io::Error),
     #[error("event plane socket has no usable endpoint")]
     Endpoint,
     /// A measurement that could not complete (benchmarks).
     #[error("{0}")]
     Incomplete(String),
-}
-
-impl From<zmq::Error> for PlaneError {
-    fn from(error: zmq::Error) -> Self {
-        PlaneError::Socket(error.into())
-    }
 }
 
 /// A PUB socket set up as the event plane's are (high-water mark, no linger), bound to `endpoint`.

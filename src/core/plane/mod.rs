@@ -1,6 +1,6 @@
 //! The two planes between processes: `request` (a router's requests and their streamed outputs, with
-//! heartbeats) and the event plane below, whose sockets are libzmq's own read through `reader` (tmq's
-//! stream asks libzmq for readiness, a system call, before every message).
+//! heartbeats) and the event plane below. Both use libzmq's sockets (the `zmq` crate, libzmq built from
+//! source) read through `reader`, which makes no system call per message.
 //!
 //! The event plane: each worker publishes on a ZMQ PUB socket; routers and `dynamo top` subscribe to every
 //! publisher they discover (frames in `protocol::plane`).

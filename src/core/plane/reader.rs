@@ -1,10 +1,12 @@
 //! Reading a ZMQ socket from tokio without a system call per message.
 //!
 //! libzmq signals a socket through one file descriptor that only says "look again"; whether a message is
-//! there is what `ZMQ_EVENTS` says, and asking costs a `poll` of libzmq's mailbox (a system call). tmq asks
-//! before every message, on both ends. A `SocketReader` takes messages for as long as libzmq has them queued
-//! and asks only when it finds none, so a busy subscriber makes no system call per message: the calls were
-//! about an eighth of a busy event plane's CPU.
+//! there is what `ZMQ_EVENTS` says, and asking costs a `poll` of libzmq's mailbox (a system call). tmq, which
+//! the planes used before, asks before every message, on both ends. A `SocketReader` takes messages for as
+//! long as libzmq has them queued and asks only when it finds none, so a busy socket makes no system call per
+//! message: the calls were about an eighth of a busy event plane's CPU. Every socket of both planes is read
+//! through it; sends are libzmq's own, never blocking (`DONTWAIT`).
+use super::PlaneError;
 use smallvec::SmallVec;
 use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::Interest;
@@ -29,7 +31,7 @@ pub struct SocketReader(AsyncFd<Signalled>);
 
 impl SocketReader {
     /// Must be called inside a tokio runtime with I/O enabled.
-    pub fn new(socket: zmq::Socket) -> Result<Self, tmq::TmqError> {
+    pub fn new(socket: zmq::Socket) -> Result<Self, PlaneError> {
         let fd = socket.get_fd()?;
         // SAFETY: the descriptor is the socket's own, open until the socket closes; the socket lives inside
         // the `AsyncFd`, which lets go of the descriptor before it drops the socket.
@@ -42,7 +44,7 @@ impl SocketReader {
     }
 
     /// The next message. Cancel-safe: a message is taken whole within one poll or not at all.
-    pub async fn recv(&mut self) -> Result<Frames, tmq::TmqError> {
+    pub async fn recv(&mut self) -> Result<Frames, PlaneError> {
         loop {
             if let Some(frames) = self.try_recv()? {
                 return Ok(frames);

@@ -9,17 +9,16 @@ use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
 use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, KvEvents, PreprocessedRequest, WorkerStats};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tmq::{AsZmqSocket, Context, Multipart};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::PlaneError;
+use super::{PlaneError, SocketReader};
 use crate::core::engine::KvLedger;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
@@ -29,6 +28,32 @@ const SNAPSHOT_BLOCKS_PER_FRAME: usize = 1 << 16;
 /// How often a client pings; a worker cancels the requests of a peer silent for `PEER_TIMEOUT_PINGS` of these.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 const PEER_TIMEOUT_PINGS: u32 = 20;
+
+/// Messages a client queues for a worker it cannot reach before it drops them (a lost worker's pings pile up
+/// here). Past it a request is ended at once, which sends it to another worker.
+const CLIENT_QUEUE: i32 = 10_000;
+
+/// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
+/// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
+/// pace bounds what waits here, so no limit.
+pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
+    let socket = context.socket(zmq::ROUTER)?;
+    socket.set_linger(0)?;
+    socket.set_sndhwm(0)?;
+    socket.set_rcvhwm(0)?;
+    socket.bind(endpoint)?;
+    Ok(socket)
+}
+
+/// A DEALER socket as a router reaches a worker through, connected to `endpoint`.
+pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
+    let socket = context.socket(zmq::DEALER)?;
+    socket.set_linger(0)?;
+    socket.set_sndhwm(CLIENT_QUEUE)?;
+    socket.set_rcvhwm(0)?;
+    socket.connect(endpoint)?;
+    Ok(socket)
+}
 
 /// What a worker serves on the request plane.
 pub struct Served {
@@ -82,11 +107,10 @@ impl ServerStats {
 
 impl RequestServer {
     /// Binds `endpoint` (`tcp://host:0` picks a free port; `endpoint()` tells which) and serves until dropped.
-    pub fn bind(context: &Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
-        // A ROUTER drops, silently, what does not fit under its high-water mark: with 64 streams of tokens in
-        // flight the default 1000 lost outputs. The engine's pace bounds what waits here, so no limit.
-        let socket = tmq::router(context).set_linger(0).set_sndhwm(0).set_rcvhwm(0).bind(endpoint)?;
-        let endpoint = bound_endpoint(socket.get_socket())?;
+    pub fn bind(context: &zmq::Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
+        let socket = router_socket(context, endpoint)?;
+        let endpoint = bound_endpoint(&socket)?;
+        let socket = SocketReader::new(socket)?;
         let stats = Arc::new(ServerStats::default());
         served.instance.request_addr = endpoint.clone();
         let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone()));
@@ -102,17 +126,17 @@ pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError>
     socket.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)
 }
 
-async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<ServerStats>) {
-    // One task owns the socket, reading and writing: tmq's two halves of a split socket share ZMQ's single
-    // edge-triggered descriptor, and one half can swallow the wake-up the other waits for.
+async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>) {
+    // One task owns the socket, reading and writing: a socket's reads and writes share libzmq's one
+    // edge-triggered descriptor, and a reader on another task could sleep through a wake-up a send took.
     let (outgoing, mut queue) = mpsc::unbounded_channel::<Outgoing>();
     let mut streams: HashMap<(Vec<u8>, u64), JoinHandle<()>> = HashMap::new();
     let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut sweep = tokio::time::interval(HEARTBEAT * 4);
     loop {
         tokio::select! {
-            frames = socket.next() => {
-                let Some(Ok(frames)) = frames else { break };
+            frames = socket.recv() => {
+                let Ok(frames) = frames else { break };
                 let mut parts = frames.into_iter();
                 let (Some(peer), Some(body)) = (parts.next(), parts.next()) else {
                     stats.unreadable.fetch_add(1, Ordering::Relaxed);
@@ -154,14 +178,9 @@ async fn serve(mut socket: tmq::router::Router, served: Arc<Served>, stats: Arc<
                     }
                 }
                 frames.extend(batcher.drain());
-                let mut failed = false;
-                for (peer, body) in frames {
-                    if socket.send(Multipart::from(vec![peer, body])).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                }
-                if failed {
+                // Never blocks: a ROUTER without a high-water mark queues, and drops only for a peer gone.
+                if let Err(error) = frames.into_iter().try_for_each(|(peer, body)| socket.socket().send_multipart([peer, body], zmq::DONTWAIT)) {
+                    tracing::warn!("request plane: the worker's socket failed: {error}");
                     break;
                 }
             }
@@ -360,12 +379,12 @@ impl Drop for WorkerClient {
 impl WorkerClient {
     /// Connects to a worker's request endpoint and starts pinging it; `status` hears when it answers or is lost.
     pub fn connect(
-        context: &Context,
+        context: &zmq::Context,
         endpoint: &str,
         dead_after: Duration,
         status: mpsc::UnboundedSender<WorkerStatus>,
     ) -> Result<Self, PlaneError> {
-        let socket = tmq::dealer(context).set_linger(0).set_rcvhwm(0).connect(endpoint)?;
+        let socket = SocketReader::new(dealer_socket(context, endpoint)?)?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(client(socket, receiver, dead_after, status, alive.clone()));
@@ -374,7 +393,7 @@ impl WorkerClient {
 
     /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
     pub fn connect_labelled(
-        context: &Context,
+        context: &zmq::Context,
         endpoint: String,
         dead_after: Duration,
         statuses: &mpsc::UnboundedSender<(String, WorkerStatus)>,
@@ -434,7 +453,7 @@ impl Drop for CancelOnDrop {
 }
 
 async fn client(
-    mut socket: tmq::dealer::Dealer,
+    mut socket: SocketReader,
     mut commands: mpsc::UnboundedReceiver<Command>,
     dead_after: Duration,
     status: mpsc::UnboundedSender<WorkerStatus>,
@@ -476,8 +495,8 @@ async fn client(
                     ToWorker::KvSnapshot
                 }
             },
-            frames = socket.next() => {
-                let Some(Ok(frames)) = frames else { return };
+            frames = socket.recv() => {
+                let Ok(frames) = frames else { return };
                 last_heard = Instant::now();
                 let Some(body) = frames.into_iter().next() else { continue };
                 let messages = match decode::<FromWorker>(&body) {
@@ -558,10 +577,19 @@ async fn client(
                 ToWorker::Ping { version: PROTOCOL_VERSION }
             }
         };
-        // A DEALER blocks once its queue to a lost worker is full; a message that cannot go now is dropped
-        // (a ping is repeated anyway, and a request to a lost worker is ended by the loss).
-        if let Ok(Err(_)) = tokio::time::timeout(HEARTBEAT, socket.send(Multipart::from(vec![encode(&send)]))).await {
-            return;
+        // A message that finds the queue to the worker full is dropped: a ping is repeated anyway, and a
+        // request ends now, without a finish reason, so that the router sends it to another worker.
+        match socket.socket().send(encode(&send), zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => {
+                if let ToWorker::Generate { stream, .. } = send {
+                    open.remove(&stream);
+                }
+            }
+            Err(error) => {
+                tracing::warn!("request plane: the socket to a worker failed: {error}");
+                return;
+            }
         }
     }
 }

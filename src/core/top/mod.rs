@@ -314,7 +314,7 @@ pub async fn watch(
     dead_after: Duration,
     view: Arc<Mutex<ClusterView>>,
 ) -> Result<(), PlaneError> {
-    let context = tmq::Context::new();
+    let context = zmq::Context::new();
     let mut subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
     let mut found = discovery.watch(&namespace);
     let (statuses, mut status_updates) = mpsc::unbounded_channel();

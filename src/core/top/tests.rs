@@ -21,7 +21,7 @@ fn instance(id: u64) -> Instance {
 }
 
 fn delivery(publisher: u64, topic: Topic, seq: u64, continuity: Continuity, payload: Vec<u8>) -> Delivery {
-    Delivery { header: FrameHeader { topic, publisher, seq }, continuity, payload: tmq::Message::from(payload) }
+    Delivery { header: FrameHeader { topic, publisher, seq }, continuity, payload: zmq::Message::from(payload) }
 }
 
 fn stored(blocks: u64) -> KvEventBatch {

@@ -67,7 +67,7 @@ pub struct Exposed {
     _registration: Registration,
     _server: RequestServer,
     events: tokio::task::JoinHandle<()>,
-    _context: tmq::Context,
+    _context: zmq::Context,
 }
 
 impl Drop for Exposed {
@@ -86,7 +86,7 @@ pub fn expose(
     discovery: &dyn Discovery,
 ) -> Result<Exposed, WorkerError> {
     let id = engine.worker_id();
-    let context = tmq::Context::new();
+    let context = zmq::Context::new();
     let tcp = |port: u16| tcp_endpoint(planes.host, port);
     let event_endpoint = tcp(planes.event_port);
     let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)

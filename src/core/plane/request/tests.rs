@@ -1,6 +1,7 @@
 use super::*;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::protocol::discovery::{ModelCardSummary, Role};
+use zmq::Context;
 
 fn instance(id: u64) -> Instance {
     Instance {
@@ -138,15 +139,15 @@ async fn a_worker_that_dies_is_lost_and_its_streams_end_without_a_finish_reason(
 async fn unreadable_messages_are_counted_and_the_connection_stays() {
     let context = Context::new();
     let server = server(&context, mocker(1000.0), 8);
-    let mut raw = tmq::dealer(&context).set_linger(0).connect(server.endpoint()).unwrap();
+    let mut raw = SocketReader::new(dealer_socket(&context, server.endpoint()).unwrap()).unwrap();
     for garbage in [&b"\xc1\xc1"[..], b"", &[0x92, 0x01]] {
-        raw.send(Multipart::from(vec![garbage.to_vec()])).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), raw.next()).await.unwrap().unwrap().unwrap();
+        raw.socket().send(garbage, 0).unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await.unwrap().unwrap();
         let message: FromWorker = decode(&reply[0]).unwrap();
         assert!(matches!(message, FromWorker::Unreadable { .. }), "{message:?}");
     }
-    raw.send(Multipart::from(vec![encode(&ToWorker::Ping { version: PROTOCOL_VERSION })])).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), raw.next()).await.unwrap().unwrap().unwrap();
+    raw.socket().send(encode(&ToWorker::Ping { version: PROTOCOL_VERSION }), 0).unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await.unwrap().unwrap();
     assert!(matches!(decode::<FromWorker>(&reply[0]), Ok(FromWorker::Hello { .. })));
     assert_eq!(server.stats.unreadable.load(Ordering::Relaxed), 3);
 }
