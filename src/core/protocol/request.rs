@@ -10,7 +10,7 @@ use super::kv::KvEvents;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -138,6 +138,25 @@ mod tests {
         }
         let generate = ToWorker::Generate { stream: 9, request: PreprocessedRequest::greedy("r", vec![1, 2, 3], 4) };
         assert_eq!(decode::<ToWorker>(&encode(&generate)), Ok(generate));
+    }
+
+    #[test]
+    fn a_prompt_travels_as_one_byte_string_and_json_keeps_the_array() {
+        let tokens = vec![0, 1, 127, 128, 65_535, 151_935, u32::MAX];
+        let request = PreprocessedRequest::greedy("r", tokens.clone(), 4);
+        let bytes = encode(&ToWorker::Generate { stream: 1, request: request.clone() });
+        let raw: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert!(bytes.windows(raw.len()).any(|w| w == raw), "the ids as little-endian u32s, in one piece");
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(json["token_ids"], serde_json::json!(tokens));
+        assert_eq!(serde_json::from_value::<PreprocessedRequest>(json).unwrap(), request);
+        // A byte string cut inside an id is refused with what was wrong.
+        let mut cut = rmp_serde::to_vec(&request).unwrap();
+        let at = cut.windows(raw.len()).position(|w| w == raw).unwrap();
+        cut[at - 1] -= 1;
+        cut.remove(at);
+        let error = rmp_serde::from_slice::<PreprocessedRequest>(&cut).unwrap_err().to_string();
+        assert!(error.contains("not a whole number of 4-byte ids"), "{error}");
     }
 
     #[test]
