@@ -9,8 +9,10 @@ use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
 use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, KvEvents, PreprocessedRequest, WorkerStats};
-use futures::StreamExt;
+use futures::stream::{AbortHandle, SelectAll};
+use futures::{FutureExt, Stream, StreamExt};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,9 +91,49 @@ impl Drop for RequestServer {
     }
 }
 
-enum Outgoing {
-    Message(Vec<u8>, FromWorker),
-    Finished(Vec<u8>, u64),
+/// An engine output tagged with its (router, stream); `None` once the engine's stream has ended.
+type Tagged = ((Vec<u8>, u64), Option<EngineOutput>);
+
+/// The requests a server is serving. Their engine streams are polled by the server's one task, so an output
+/// goes from the engine to the socket with no task or channel of its own per request.
+#[derive(Default)]
+struct Streams {
+    open: HashMap<(Vec<u8>, u64), AbortHandle>,
+    outputs: SelectAll<Pin<Box<dyn Stream<Item = Tagged> + Send>>>,
+}
+
+impl Streams {
+    fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    fn add(&mut self, peer: Vec<u8>, stream: u64, outputs: ResponseStream) {
+        let key = (peer, stream);
+        let tag = key.clone();
+        let ended = futures::stream::once(std::future::ready(None));
+        let tagged = outputs.map(Some).chain(ended).map(move |output| (tag.clone(), output));
+        let (tagged, abort) = futures::stream::abortable(tagged);
+        self.outputs.push(Box::pin(tagged));
+        self.open.insert(key, abort);
+    }
+
+    /// Stops a request: its engine stream is dropped, which cancels it in the engine. False if not open.
+    fn cancel(&mut self, key: &(Vec<u8>, u64)) -> bool {
+        self.open.remove(key).inspect(AbortHandle::abort).is_some()
+    }
+
+    /// Stops every request of `peer`; returns how many.
+    fn cancel_peer(&mut self, peer: &[u8]) -> u64 {
+        let before = self.open.len();
+        self.open.retain(|(owner, _), abort| {
+            let keep = owner != peer;
+            if !keep {
+                abort.abort();
+            }
+            keep
+        });
+        (before - self.open.len()) as u64
+    }
 }
 
 impl ServerStats {
@@ -129,11 +171,13 @@ pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError>
 async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>) {
     // One task owns the socket, reading and writing: a socket's reads and writes share libzmq's one
     // edge-triggered descriptor, and a reader on another task could sleep through a wake-up a send took.
-    let (outgoing, mut queue) = mpsc::unbounded_channel::<Outgoing>();
-    let mut streams: HashMap<(Vec<u8>, u64), JoinHandle<()>> = HashMap::new();
+    // Replies other than outputs (answers to pings, refusals, snapshot frames) come through `queue`.
+    let (replies, mut queue) = mpsc::unbounded_channel::<(Vec<u8>, FromWorker)>();
+    let mut streams = Streams::default();
     let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut sweep = tokio::time::interval(HEARTBEAT * 4);
     loop {
+        let mut outbox = Outbox::default();
         tokio::select! {
             frames = socket.recv() => {
                 let Ok(frames) = frames else { break };
@@ -144,46 +188,24 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 };
                 let peer = peer.to_vec();
                 last_ping.insert(peer.clone(), Instant::now());
-                let message = match decode::<ToWorker>(&body) {
-                    Ok(message) => message,
+                match decode::<ToWorker>(&body) {
+                    Ok(message) => handle(message, peer, &served, &stats, &mut streams, &mut outbox, &replies),
                     Err(error) => {
                         stats.unreadable.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("request plane: skipped an unreadable message: {error}");
-                        let _ = outgoing.send(Outgoing::Message(peer, FromWorker::Unreadable { reason: error.to_string() }));
-                        continue;
-                    }
-                };
-                handle(message, peer, &served, &stats, &mut streams, &outgoing);
-            }
-            Some(item) = queue.recv() => {
-                let mut frames = Vec::new();
-                let mut batcher = OutputBatcher::default();
-                let mut next = Some(item);
-                let mut taken = 0;
-                // Whatever else is ready goes out with it: one engine step yields an output per running request.
-                while let Some(item) = next.take() {
-                    match item {
-                        Outgoing::Message(peer, message @ FromWorker::Output { .. }) => batcher.push(peer, message),
-                        Outgoing::Message(peer, message) => {
-                            frames.extend(batcher.drain());
-                            frames.push((peer, encode(&message)));
-                        }
-                        Outgoing::Finished(peer, stream) => {
-                            streams.remove(&(peer, stream));
-                        }
-                    }
-                    taken += 1;
-                    if taken < MAX_OUTPUTS_PER_FRAME {
-                        next = queue.try_recv().ok();
+                        outbox.push(peer, FromWorker::Unreadable { reason: error.to_string() });
                     }
                 }
-                frames.extend(batcher.drain());
-                // Never blocks: a ROUTER without a high-water mark queues, and drops only for a peer gone.
-                if let Err(error) = frames.into_iter().try_for_each(|(peer, body)| socket.socket().send_multipart([peer, body], zmq::DONTWAIT)) {
-                    tracing::warn!("request plane: the worker's socket failed: {error}");
-                    break;
+            }
+            Some(((peer, stream), output)) = streams.outputs.next(), if !streams.outputs.is_empty() => {
+                match output {
+                    Some(output) => outbox.push(peer, FromWorker::Output { stream, output }),
+                    None => {
+                        streams.open.remove(&(peer, stream));
+                    }
                 }
             }
+            Some((peer, message)) = queue.recv() => outbox.push(peer, message),
             _ = sweep.tick() => {
                 let silent: Vec<Vec<u8>> = last_ping
                     .iter()
@@ -192,47 +214,81 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                     .collect();
                 for peer in silent {
                     last_ping.remove(&peer);
-                    streams.retain(|(owner, _), task| {
-                        let keep = *owner != peer;
-                        if !keep {
-                            task.abort();
-                            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        keep
-                    });
+                    stats.cancelled.fetch_add(streams.cancel_peer(&peer), Ordering::Relaxed);
                 }
+                continue;
             }
         }
+        // Whatever else is ready goes out with it: one engine step yields an output per running request.
+        for _ in 1..MAX_OUTPUTS_PER_FRAME {
+            match streams.outputs.next().now_or_never() {
+                Some(Some(((peer, stream), Some(output)))) => outbox.push(peer, FromWorker::Output { stream, output }),
+                Some(Some(((peer, stream), None))) => {
+                    streams.open.remove(&(peer, stream));
+                }
+                _ => match queue.try_recv() {
+                    Ok((peer, message)) => outbox.push(peer, message),
+                    Err(_) => break,
+                },
+            }
+        }
+        if !send(&socket, outbox.drain()) {
+            break;
+        }
     }
-    streams.values().for_each(JoinHandle::abort);
 }
 
-/// Outputs coalesced per peer before a frame is sent; at most this many are taken from the queue at once.
+/// Sends each (peer, body); false if the socket failed. Never blocks: a ROUTER without a high-water mark
+/// queues, and drops only what is for a peer that is gone.
+fn send(socket: &SocketReader, frames: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> bool {
+    let mut frames = frames;
+    match frames.try_for_each(|(peer, body)| socket.socket().send_multipart([peer, body], zmq::DONTWAIT)) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!("request plane: the worker's socket failed: {error}");
+            false
+        }
+    }
+}
+
+/// Outputs coalesced per peer before a frame is sent; at most this many are taken at once.
 const MAX_OUTPUTS_PER_FRAME: usize = 256;
 
-/// Groups outputs by the router they go to, keeping each router's order.
+/// Frames to send, in order. Outputs ready together go to each router as one frame; anything else (a snapshot
+/// frame can be megabytes) goes as its own, after the outputs that were ready before it.
 #[derive(Default)]
-struct OutputBatcher {
-    peers: Vec<(Vec<u8>, Vec<FromWorker>)>,
+struct Outbox {
+    frames: Vec<(Vec<u8>, Vec<u8>)>,
+    outputs: Vec<(Vec<u8>, Vec<FromWorker>)>,
 }
 
-impl OutputBatcher {
+impl Outbox {
     fn push(&mut self, peer: Vec<u8>, message: FromWorker) {
-        match self.peers.iter_mut().find(|(p, _)| *p == peer) {
+        if !matches!(message, FromWorker::Output { .. }) {
+            self.flush_outputs();
+            self.frames.push((peer, encode(&message)));
+            return;
+        }
+        match self.outputs.iter_mut().find(|(p, _)| *p == peer) {
             Some((_, messages)) => messages.push(message),
-            None => self.peers.push((peer, vec![message])),
+            None => self.outputs.push((peer, vec![message])),
         }
     }
 
     /// One frame per peer: a lone output as itself, several as a `Batch`.
-    fn drain(&mut self) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + use<> {
-        std::mem::take(&mut self.peers).into_iter().map(|(peer, mut messages)| {
+    fn flush_outputs(&mut self) {
+        for (peer, mut messages) in std::mem::take(&mut self.outputs) {
             let body = match messages.len() {
                 1 => encode(&messages.remove(0)),
                 _ => encode(&FromWorker::Batch(messages)),
             };
-            (peer, body)
-        })
+            self.frames.push((peer, body));
+        }
+    }
+
+    fn drain(&mut self) -> std::vec::Drain<'_, (Vec<u8>, Vec<u8>)> {
+        self.flush_outputs();
+        self.frames.drain(..)
     }
 }
 
@@ -241,32 +297,30 @@ fn handle(
     peer: Vec<u8>,
     served: &Arc<Served>,
     stats: &ServerStats,
-    streams: &mut HashMap<(Vec<u8>, u64), JoinHandle<()>>,
-    outgoing: &mpsc::UnboundedSender<Outgoing>,
+    streams: &mut Streams,
+    outbox: &mut Outbox,
+    replies: &mpsc::UnboundedSender<(Vec<u8>, FromWorker)>,
 ) {
-    let reply = |message| {
-        let _ = outgoing.send(Outgoing::Message(peer.clone(), message));
-    };
+    let mut reply = |message| outbox.push(peer.clone(), message);
     match message {
         ToWorker::Ping { .. } => {
             reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance: served.instance.clone() });
         }
         ToWorker::ModelFiles => reply(FromWorker::ModelFiles { files: served.model_files.clone() }),
         ToWorker::KvSnapshot => {
-            let (served, outgoing) = (served.clone(), outgoing.clone());
+            let (served, replies) = (served.clone(), replies.clone());
             // Sorting a big cache takes a while; the socket's task must not wait for it.
             tokio::task::spawn_blocking(move || {
                 let (next_seq, events) = served.ledger.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
                 for message in snapshot_frames(next_seq, events) {
-                    if outgoing.send(Outgoing::Message(peer.clone(), message)).is_err() {
+                    if replies.send((peer.clone(), message)).is_err() {
                         return;
                     }
                 }
             });
         }
         ToWorker::Cancel { stream } => {
-            if let Some(task) = streams.remove(&(peer.clone(), stream)) {
-                task.abort();
+            if streams.cancel(&(peer, stream)) {
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -275,7 +329,7 @@ fn handle(
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 return reply(FromWorker::Refused { stream, reason: Refusal::Busy { limit: served.max_in_flight } });
             }
-            let mut outputs = match served.engine.submit(request) {
+            let outputs = match served.engine.submit(request) {
                 Ok(outputs) => outputs,
                 Err(EngineError::InvalidRequest(reason)) => {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -287,18 +341,7 @@ fn handle(
                 }
             };
             stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let outgoing = outgoing.clone();
-            let owner = peer.clone();
-            let task = tokio::spawn(async move {
-                while let Some(output) = outputs.next().await {
-                    let message = FromWorker::Output { stream, output };
-                    if outgoing.send(Outgoing::Message(owner.clone(), message)).is_err() {
-                        return;
-                    }
-                }
-                let _ = outgoing.send(Outgoing::Finished(owner, stream));
-            });
-            streams.insert((peer, stream), task);
+            streams.add(peer, stream, outputs);
         }
     }
 }

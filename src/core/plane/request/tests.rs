@@ -185,3 +185,23 @@ async fn a_snapshot_bigger_than_one_frame_arrives_whole() {
     assert_eq!(stored[..blocks as usize], (1..=blocks).collect::<Vec<_>>()[..], "in storing order");
     assert_eq!(snapshot_frames(42, ledger.lock().unwrap().snapshot().1).len(), 2);
 }
+
+#[tokio::test]
+async fn a_router_that_stops_pinging_has_its_requests_cancelled() {
+    let context = Context::new();
+    let engine = mocker(1.0);
+    let server = server(&context, engine.clone(), 8);
+    // A router that sends one request and then nothing: no pings, as if it crashed without closing.
+    let mut raw = SocketReader::new(dealer_socket(&context, server.endpoint()).unwrap()).unwrap();
+    let request = PreprocessedRequest::greedy("long", (1..100).collect(), 100_000);
+    raw.socket().send(encode(&ToWorker::Generate { stream: 3, request }), 0).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await.unwrap().unwrap();
+    assert!(matches!(decode::<FromWorker>(&first[0]), Ok(FromWorker::Output { stream: 3, .. })));
+    assert_eq!(engine.load().requests_running, 1);
+    let deadline = Instant::now() + HEARTBEAT * (PEER_TIMEOUT_PINGS + 12);
+    while engine.load().requests_running > 0 {
+        assert!(Instant::now() < deadline, "the worker kept generating for a router that went silent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+}
