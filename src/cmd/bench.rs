@@ -75,7 +75,7 @@ pub struct PlaneArgs {
     pub events_per_message: u32,
 
     /// Alternating rounds of the event plane and raw libzmq; the median of each is reported.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
 
     /// Requests to stream through each request-plane path (64 in flight at once).

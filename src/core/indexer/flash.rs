@@ -7,10 +7,10 @@
 //! only where the set changes — two probes when every holder holds the whole prompt, O(k log n) when k
 //! different depths occur.
 //!
-//! Each shard is a flat open-addressing table (`table.rs`). Per block, 16 bytes are all a lookup reads: the
-//! hash and its holders (a mask of the first 62 workers, or the block's one holder past them); 24 more are
-//! only for updates: the parent and first two children, so removing a block can drop the worker's extensions
-//! of it (the cascade that keeps rule 2 true). Further holders and children live in side maps.
+//! Each shard is a flat open-addressing table (`table.rs`) of 32-byte entries, one cache line each: the hash
+//! and its holders (a mask of the first 62 workers, or the block's one holder past them), which is all a
+//! lookup reads, then the parent and first child, so removing a block can drop the worker's extensions of it
+//! (the cascade that keeps rule 2 true). Further holders and children live in side maps.
 //!
 //! Concurrency: 64 shards, each behind a `RwLock` held for one block's update or one probe, never across
 //! I/O or another shard, so a lookup waits at most for one block update on one shard, and workers' events
