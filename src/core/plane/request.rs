@@ -171,7 +171,7 @@ pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError>
 async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>) {
     // One task owns the socket, reading and writing: a socket's reads and writes share libzmq's one
     // edge-triggered descriptor, and a reader on another task could sleep through a wake-up a send took.
-    // Replies other than outputs (answers to pings, refusals, snapshot frames) come through `queue`.
+    // Snapshot frames, made on a blocking thread, come back through `queue`; every other reply is made here.
     let (replies, mut queue) = mpsc::unbounded_channel::<(Vec<u8>, FromWorker)>();
     let mut streams = Streams::default();
     let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
