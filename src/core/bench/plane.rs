@@ -442,6 +442,22 @@ async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, Plane
         }
         Ok::<_, PlaneError>(())
     });
+    // One round trip before the clock starts: the DEALER queues nothing until its connection is up.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match dealer.socket().send(request.clone(), zmq::DONTWAIT) {
+            Ok(()) => break,
+            Err(zmq::Error::EAGAIN) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    for _ in 0..tokens {
+        tokio::time::timeout(READY_TIMEOUT, dealer.recv())
+            .await
+            .map_err(|_| PlaneError::Incomplete("raw zmq: the echo never answered".into()))??;
+    }
     let start = Instant::now();
     let mut sent = 0;
     while sent < requests.min(CONCURRENCY as u64) {

@@ -31,9 +31,13 @@ const SNAPSHOT_BLOCKS_PER_FRAME: usize = 1 << 16;
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 const PEER_TIMEOUT_PINGS: u32 = 20;
 
-/// Messages a client queues for a worker it cannot reach before it drops them (a lost worker's pings pile up
-/// here). Past it a request is ended at once, which sends it to another worker.
+/// Messages a client queues for a connected worker that is slow to take them. Past it a request is ended at
+/// once, which sends it to another worker.
 const CLIENT_QUEUE: i32 = 10_000;
+
+/// How soon a client pings again when a ping could not go out (no connection yet): joining waits for this,
+/// not for a whole heartbeat.
+const RETRY_PING: Duration = Duration::from_millis(20);
 
 /// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
 /// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
@@ -47,10 +51,14 @@ pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
     Ok(socket)
 }
 
-/// A DEALER socket as a router reaches a worker through, connected to `endpoint`.
+/// A DEALER socket as a router reaches a worker through, connected to `endpoint`. Messages are queued only
+/// while the connection is up (`ZMQ_IMMEDIATE`): a send to a worker whose connection dropped fails at once,
+/// so a request submitted after a crash goes to another worker now, not after the heartbeat declares the
+/// worker lost, and nothing piles up for a worker that is gone.
 pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::DEALER)?;
     socket.set_linger(0)?;
+    socket.set_immediate(true)?;
     socket.set_sndhwm(CLIENT_QUEUE)?;
     socket.set_rcvhwm(0)?;
     socket.connect(endpoint)?;
@@ -620,15 +628,18 @@ async fn client(
                 ToWorker::Ping { version: PROTOCOL_VERSION }
             }
         };
-        // A message that finds the queue to the worker full is dropped: a ping is repeated anyway, and a
-        // request ends now, without a finish reason, so that the router sends it to another worker.
+        // A message that cannot go now (no connection, or the queue to a slow worker full) is dropped, and
+        // whoever waits for its answer is told at once: a request ends without a finish reason, so that the
+        // router sends it to another worker; a ping is tried again soon.
         match socket.socket().send(encode(&send), zmq::DONTWAIT) {
             Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => {
-                if let ToWorker::Generate { stream, .. } = send {
-                    open.remove(&stream);
-                }
-            }
+            Err(zmq::Error::EAGAIN) => match send {
+                ToWorker::Generate { stream, .. } => drop(open.remove(&stream)),
+                ToWorker::ModelFiles => drop(files_wanted.pop()),
+                ToWorker::KvSnapshot => drop(snapshot_wanted.pop()),
+                ToWorker::Ping { .. } => heartbeat.reset_after(RETRY_PING),
+                ToWorker::Cancel { .. } => {}
+            },
             Err(error) => {
                 tracing::warn!("request plane: the socket to a worker failed: {error}");
                 return;

@@ -205,3 +205,27 @@ async fn a_router_that_stops_pinging_has_its_requests_cancelled() {
     }
     assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_request_sent_after_the_workers_connection_dropped_ends_at_once() {
+    let context = Context::new();
+    let server = server(&context, mocker(1000.0), 8);
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    // Long enough that the heartbeat does not declare the worker lost during the test.
+    let dead_after = Duration::from_secs(30);
+    let client = WorkerClient::connect(&context, server.endpoint(), dead_after, status).unwrap();
+    alive(&mut statuses).await;
+    drop(server);
+    // Until libzmq sees the connection close, a request may still be queued to it (and wait for the heartbeat);
+    // after, one ends at once, with no output and no finish reason, for the router to send elsewhere.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stream = client.submit(PreprocessedRequest::greedy("after", vec![1, 2, 3], 5));
+        if let Ok(outputs) = tokio::time::timeout(Duration::from_millis(200), collect(stream)).await {
+            assert!(outputs.is_empty(), "{outputs:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "requests still waited for a worker whose connection was gone");
+    }
+    assert!(client.is_alive(), "ended by the dropped connection, not by the heartbeat");
+}
