@@ -2,8 +2,9 @@
 //! each worker through a DEALER socket (`WorkerClient`), many requests at once over one connection.
 //!
 //! Liveness is part of the plane, not an add-on: the client pings every `heartbeat`; the worker's `Hello`
-//! answer carries its record. A worker silent for `dead_after` is declared lost: its open streams end
-//! without a finish reason (which the router's migration picks up) and the owner is told. The worker, in
+//! answer carries its record. A worker silent for `dead_after`, or whose connection dropped (a crash: seen at
+//! the next ping, within a heartbeat), is declared lost: its open streams end without a finish reason (which
+//! the router's migration picks up) and the owner is told. The worker, in
 //! turn, cancels the requests of a peer that stopped pinging, so a crashed router leaks no KV blocks.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
@@ -52,9 +53,8 @@ pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
 }
 
 /// A DEALER socket as a router reaches a worker through, connected to `endpoint`. Messages are queued only
-/// while the connection is up (`ZMQ_IMMEDIATE`): a send to a worker whose connection dropped fails at once,
-/// so a request submitted after a crash goes to another worker now, not after the heartbeat declares the
-/// worker lost, and nothing piles up for a worker that is gone.
+/// while the connection is up (`ZMQ_IMMEDIATE`): a send while it is down fails at once instead of waiting for
+/// whoever listens there next, which could be a restarted worker handed requests their router gave up on.
 pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::DEALER)?;
     socket.set_linger(0)?;
@@ -438,7 +438,8 @@ impl WorkerClient {
         let socket = SocketReader::new(dealer_socket(context, endpoint)?)?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(client(socket, receiver, dead_after, status, alive.clone()));
+        let liveness = Liveness { dead_after, status, alive: alive.clone() };
+        let task = tokio::spawn(client(socket, receiver, liveness));
         Ok(Self { commands, next_stream: AtomicU64::new(0), alive, task })
     }
 
@@ -503,13 +504,27 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn client(
-    mut socket: SocketReader,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+/// How a client decides that its worker is lost, and whom it tells.
+struct Liveness {
+    /// Silence for this long: a worker that hangs, or a connection that died without a word. A connection
+    /// that dropped is noticed sooner: the next ping cannot be sent (`ZMQ_IMMEDIATE`).
     dead_after: Duration,
     status: mpsc::UnboundedSender<WorkerStatus>,
     alive: Arc<AtomicBool>,
-) {
+}
+
+impl Liveness {
+    /// Ends every open stream without a finish reason (the router migrates them) and says the worker is lost.
+    fn lose(&self, open: &mut HashMap<u64, mpsc::UnboundedSender<EngineOutput>>) {
+        if self.alive.swap(false, Ordering::AcqRel) {
+            open.clear();
+            let _ = self.status.send(WorkerStatus::Lost);
+        }
+    }
+}
+
+async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<Command>, liveness: Liveness) {
+    let (status, alive) = (liveness.status.clone(), liveness.alive.clone());
     let mut open: HashMap<u64, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
     let mut files_wanted: Vec<oneshot::Sender<Vec<(String, String)>>> = Vec::new();
     // Answers arrive whole and in order, so one snapshot in the making serves everyone waiting.
@@ -620,10 +635,8 @@ async fn client(
                 continue;
             }
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > dead_after && alive.swap(false, Ordering::AcqRel) {
-                    // Dropping the senders ends every open stream without a finish reason.
-                    open.clear();
-                    let _ = status.send(WorkerStatus::Lost);
+                if last_heard.elapsed() > liveness.dead_after {
+                    liveness.lose(&mut open);
                 }
                 ToWorker::Ping { version: PROTOCOL_VERSION }
             }
@@ -637,7 +650,12 @@ async fn client(
                 ToWorker::Generate { stream, .. } => drop(open.remove(&stream)),
                 ToWorker::ModelFiles => drop(files_wanted.pop()),
                 ToWorker::KvSnapshot => drop(snapshot_wanted.pop()),
-                ToWorker::Ping { .. } => heartbeat.reset_after(RETRY_PING),
+                ToWorker::Ping { .. } => {
+                    // No connection (or a queue of thousands the worker does not take): whatever was in
+                    // flight on it cannot come back, since a new connection is a new peer to the worker.
+                    liveness.lose(&mut open);
+                    heartbeat.reset_after(RETRY_PING);
+                }
                 ToWorker::Cancel { .. } => {}
             },
             Err(error) => {

@@ -51,14 +51,25 @@ async fn alive(status: &mut mpsc::UnboundedReceiver<WorkerStatus>) -> Instance {
     }
 }
 
+/// A client of `server` that has heard its worker's `Hello` (returned); `statuses` hears what comes after.
+async fn connected(
+    context: &Context,
+    server: &RequestServer,
+    dead_after: Duration,
+) -> (WorkerClient, mpsc::UnboundedReceiver<WorkerStatus>, Instance) {
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(context, server.endpoint(), dead_after, status).unwrap();
+    let instance = alive(&mut statuses).await;
+    (client, statuses, instance)
+}
+
 #[tokio::test]
 async fn a_remote_request_streams_what_the_engine_streams() {
     let context = Context::new();
     let engine = mocker(1000.0);
     let server = server(&context, engine.clone(), 8);
-    let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
-    assert_eq!(alive(&mut statuses).await.id, 1, "the Hello carries the worker's record");
+    let (client, _statuses, instance) = connected(&context, &server, Duration::from_secs(5)).await;
+    assert_eq!(instance.id, 1, "the Hello carries the worker's record");
     assert_eq!(client.model_files(Duration::from_secs(5)).await, Some(vec![("a.json".into(), "{}".into())]));
 
     let request = PreprocessedRequest::greedy("r", (1..40).collect(), 12);
@@ -74,9 +85,7 @@ async fn dropping_the_stream_cancels_on_the_worker() {
     let context = Context::new();
     let engine = mocker(1.0);
     let server = server(&context, engine.clone(), 8);
-    let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
-    alive(&mut statuses).await;
+    let (client, _statuses, _) = connected(&context, &server, Duration::from_secs(5)).await;
     let mut stream = client.submit(PreprocessedRequest::greedy("long", (1..100).collect(), 10_000));
     assert!(stream.next().await.is_some());
     assert_eq!(engine.load().requests_running, 1);
@@ -93,9 +102,7 @@ async fn dropping_the_stream_cancels_on_the_worker() {
 async fn past_its_limit_a_worker_refuses_and_the_stream_ends_for_another_worker_to_take_it() {
     let context = Context::new();
     let server = server(&context, mocker(1.0), 1);
-    let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
-    alive(&mut statuses).await;
+    let (client, _statuses, _) = connected(&context, &server, Duration::from_secs(5)).await;
     let mut first = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
     assert!(first.next().await.is_some());
     let second = collect(client.submit(PreprocessedRequest::greedy("b", vec![1, 2, 3], 5))).await;
@@ -121,9 +128,7 @@ async fn past_its_limit_a_worker_refuses_and_the_stream_ends_for_another_worker_
 async fn a_worker_that_dies_is_lost_and_its_streams_end_without_a_finish_reason() {
     let context = Context::new();
     let server = server(&context, mocker(1.0), 8);
-    let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_millis(800), status).unwrap();
-    alive(&mut statuses).await;
+    let (client, mut statuses, _) = connected(&context, &server, Duration::from_millis(800)).await;
     let mut stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
     assert!(stream.next().await.is_some());
     drop(server);
@@ -165,9 +170,7 @@ async fn a_snapshot_bigger_than_one_frame_arrives_whole() {
     let blocks = SNAPSHOT_BLOCKS_PER_FRAME as u64 + 10;
     ledger.lock().unwrap().record(&[chain(1, blocks, None), chain(1 << 40, 3, Some(5))], 42);
     let server = server_with_ledger(&context, mocker(1000.0), 8, ledger.clone());
-    let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, server.endpoint(), Duration::from_secs(5), status).unwrap();
-    alive(&mut statuses).await;
+    let (client, _statuses, _) = connected(&context, &server, Duration::from_secs(5)).await;
     let (first, second) =
         tokio::join!(client.kv_snapshot(Duration::from_secs(10)), client.kv_snapshot(Duration::from_secs(10)));
     let snapshot = first.expect("a snapshot");
@@ -210,13 +213,11 @@ async fn a_router_that_stops_pinging_has_its_requests_cancelled() {
 async fn a_request_sent_after_the_workers_connection_dropped_ends_at_once() {
     let context = Context::new();
     let server = server(&context, mocker(1000.0), 8);
-    let (status, mut statuses) = mpsc::unbounded_channel();
     // Long enough that the heartbeat does not declare the worker lost during the test.
     let dead_after = Duration::from_secs(30);
-    let client = WorkerClient::connect(&context, server.endpoint(), dead_after, status).unwrap();
-    alive(&mut statuses).await;
+    let (client, _statuses, _) = connected(&context, &server, dead_after).await;
     drop(server);
-    // Until libzmq sees the connection close, a request may still be queued to it (and wait for the heartbeat);
+    // Until libzmq sees the connection close, a request may still go into it (and wait for the heartbeat);
     // after, one ends at once, with no output and no finish reason, for the router to send elsewhere.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -227,5 +228,20 @@ async fn a_request_sent_after_the_workers_connection_dropped_ends_at_once() {
         }
         assert!(Instant::now() < deadline, "requests still waited for a worker whose connection was gone");
     }
-    assert!(client.is_alive(), "ended by the dropped connection, not by the heartbeat");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_ends_the_streams_at_once_not_after_the_heartbeat_timeout() {
+    let context = Context::new();
+    let server = server(&context, mocker(1.0), 8);
+    let dead_after = Duration::from_secs(30);
+    let (client, mut statuses, _) = connected(&context, &server, dead_after).await;
+    let mut stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
+    assert!(stream.next().await.is_some());
+    drop(server);
+    let rest = tokio::time::timeout(Duration::from_secs(5), collect(stream)).await.expect("the stream ends");
+    assert!(rest.iter().all(|o| o.finish_reason.is_none()), "{rest:?}");
+    let lost = tokio::time::timeout(Duration::from_secs(5), statuses.recv()).await;
+    assert_eq!(lost, Ok(Some(WorkerStatus::Lost)));
+    assert!(!client.is_alive());
 }
