@@ -42,10 +42,12 @@ const RETRY_PING: Duration = Duration::from_millis(20);
 
 /// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
 /// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
-/// pace bounds what waits here, so no limit.
+/// pace bounds what waits here, so no limit. What is sent to a router that is gone fails (`EHOSTUNREACH`)
+/// instead of vanishing, so that its requests can be stopped at once.
 pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::ROUTER)?;
     socket.set_linger(0)?;
+    socket.set_router_mandatory(true)?;
     socket.set_sndhwm(0)?;
     socket.set_rcvhwm(0)?;
     socket.bind(endpoint)?;
@@ -240,23 +242,39 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 },
             }
         }
-        if !send(&socket, outbox.drain()) {
-            break;
+        match send(&socket, outbox.drain()) {
+            Ok(gone) => {
+                for peer in gone {
+                    // A router that crashed or closed: nobody reads what its requests would still generate.
+                    last_ping.remove(&peer);
+                    stats.cancelled.fetch_add(streams.cancel_peer(&peer), Ordering::Relaxed);
+                }
+            }
+            Err(error) => {
+                tracing::warn!("request plane: the worker's socket failed: {error}");
+                break;
+            }
         }
     }
 }
 
-/// Sends each (peer, body); false if the socket failed. Never blocks: a ROUTER without a high-water mark
-/// queues, and drops only what is for a peer that is gone.
-fn send(socket: &SocketReader, frames: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> bool {
-    let mut frames = frames;
-    match frames.try_for_each(|(peer, body)| socket.socket().send_multipart([peer, body], zmq::DONTWAIT)) {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::warn!("request plane: the worker's socket failed: {error}");
-            false
+/// Sends each (peer, body); returns the peers that are gone. Never blocks: a ROUTER without a high-water mark
+/// queues.
+fn send(socket: &SocketReader, frames: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Vec<Vec<u8>>, zmq::Error> {
+    let mut gone: Vec<Vec<u8>> = Vec::new();
+    for (peer, body) in frames {
+        // The peer's frame is where a ROUTER says it does not know the peer; a body for one is never sent.
+        match socket.socket().send(&peer[..], zmq::SNDMORE | zmq::DONTWAIT) {
+            Ok(()) => socket.socket().send(body, zmq::DONTWAIT)?,
+            Err(zmq::Error::EHOSTUNREACH) => {
+                if !gone.contains(&peer) {
+                    gone.push(peer);
+                }
+            }
+            Err(error) => return Err(error),
         }
     }
+    Ok(gone)
 }
 
 /// Outputs coalesced per peer before a frame is sent; at most this many are taken at once.

@@ -63,6 +63,17 @@ async fn connected(
     (client, statuses, instance)
 }
 
+/// A bare DEALER, as a router without its heartbeat, with one long request that has started generating.
+async fn generating(context: &Context, server: &RequestServer, engine: &Arc<dyn Engine>) -> SocketReader {
+    let mut raw = SocketReader::new(dealer_socket(context, server.endpoint()).unwrap()).unwrap();
+    let request = PreprocessedRequest::greedy("long", (1..100).collect(), 100_000);
+    raw.socket().send(encode(&ToWorker::Generate { stream: 3, request }), 0).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await.unwrap().unwrap();
+    assert!(matches!(decode::<FromWorker>(&first[0]), Ok(FromWorker::Output { stream: 3, .. })));
+    assert_eq!(engine.load().requests_running, 1);
+    raw
+}
+
 #[tokio::test]
 async fn a_remote_request_streams_what_the_engine_streams() {
     let context = Context::new();
@@ -194,13 +205,8 @@ async fn a_router_that_stops_pinging_has_its_requests_cancelled() {
     let context = Context::new();
     let engine = mocker(1.0);
     let server = server(&context, engine.clone(), 8);
-    // A router that sends one request and then nothing: no pings, as if it crashed without closing.
-    let mut raw = SocketReader::new(dealer_socket(&context, server.endpoint()).unwrap()).unwrap();
-    let request = PreprocessedRequest::greedy("long", (1..100).collect(), 100_000);
-    raw.socket().send(encode(&ToWorker::Generate { stream: 3, request }), 0).unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await.unwrap().unwrap();
-    assert!(matches!(decode::<FromWorker>(&first[0]), Ok(FromWorker::Output { stream: 3, .. })));
-    assert_eq!(engine.load().requests_running, 1);
+    // A router that sends one request and then nothing: no pings, as if it hung.
+    let _raw = generating(&context, &server, &engine).await;
     let deadline = Instant::now() + HEARTBEAT * (PEER_TIMEOUT_PINGS + 12);
     while engine.load().requests_running > 0 {
         assert!(Instant::now() < deadline, "the worker kept generating for a router that went silent");
@@ -244,4 +250,19 @@ async fn a_dropped_connection_ends_the_streams_at_once_not_after_the_heartbeat_t
     let lost = tokio::time::timeout(Duration::from_secs(5), statuses.recv()).await;
     assert_eq!(lost, Ok(Some(WorkerStatus::Lost)));
     assert!(!client.is_alive());
+}
+
+#[tokio::test]
+async fn a_router_whose_connection_closes_has_its_requests_cancelled_at_the_next_output() {
+    let context = Context::new();
+    let engine = mocker(1.0);
+    let server = server(&context, engine.clone(), 8);
+    drop(generating(&context, &server, &engine).await);
+    // Well inside the silence it takes the ping sweep to give up on a router.
+    let deadline = Instant::now() + HEARTBEAT * PEER_TIMEOUT_PINGS / 2;
+    while engine.load().requests_running > 0 {
+        assert!(Instant::now() < deadline, "the worker kept generating for a router that closed its connection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
 }
