@@ -157,7 +157,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from route" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l messages -d 'Messages to send on each path' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l events-per-message -d 'KV events per message (a worker publishes one batch per engine step)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l rounds -d 'Alternating rounds of the event plane and raw libzmq; the median of each is reported' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l rounds -d 'Alternating rounds of each plane and raw libzmq; the median of each is reported' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l requests -d 'Requests to stream through each request-plane path (64 in flight at once)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l tokens -d 'Outputs (one token each) streamed back per request' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l json -d 'Print one JSON object on the last line as well'

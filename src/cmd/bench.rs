@@ -74,7 +74,7 @@ pub struct PlaneArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub events_per_message: u32,
 
-    /// Alternating rounds of the event plane and raw libzmq; the median of each is reported.
+    /// Alternating rounds of each plane and raw libzmq; the median of each is reported.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
 
@@ -342,7 +342,7 @@ fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
         "request plane: {} requests of {} prompt-sized tokens, {} outputs each streamed back, 64 in flight",
         args.requests, 256, args.tokens
     );
-    let requests = runtime.block_on(plane::run_requests(args.requests, args.tokens))?;
+    let requests = runtime.block_on(plane::run_requests(args.requests, args.tokens, args.rounds as usize))?;
     print!("{}", plane::request_table(&requests));
     if args.json {
         println!("{}", serde_json::json!({"bench": "plane", "result": result, "requests": requests}));

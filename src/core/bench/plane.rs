@@ -106,36 +106,68 @@ fn batch(i: u64, stored: usize) -> KvEventBatch {
     KvEventBatch { worker_id: 1, events }
 }
 
-/// `rounds` alternate runs of each path: on a shared machine one run of either can land in a noisy moment.
-pub async fn run(messages: u64, events_per_message: usize, rounds: usize) -> Result<PlaneResult, PlaneError> {
+/// Rounds of both paths, one after the other, and what the round-by-round comparison says.
+struct Alternated<R> {
+    runs: Vec<(R, R)>,
+    /// Each path's median round.
+    plane: R,
+    raw_zmq: R,
+    /// The median of the rounds' plane/raw ratios.
+    ratio: f64,
+}
+
+/// `rounds` alternate runs of each path, compared by `rate`: on a shared machine one run of either can land in
+/// a noisy moment, and the two halves of a round share the moment they ran in.
+async fn alternate<R: Copy, P, Q>(
+    rounds: usize,
+    mut plane: impl FnMut() -> P,
+    mut raw: impl FnMut() -> Q,
+    rate: fn(&R) -> f64,
+) -> Result<Alternated<R>, PlaneError>
+where
+    P: std::future::Future<Output = Result<R, PlaneError>>,
+    Q: std::future::Future<Output = Result<R, PlaneError>>,
+{
     let mut runs = Vec::new();
     for _ in 0..rounds.max(1) {
-        let plane = run_plane(messages, events_per_message).await?;
-        let raw_zmq = run_raw(messages, events_per_message).await?;
-        runs.push((plane, raw_zmq, plane.events_per_s / raw_zmq.events_per_s));
+        let plane_run = plane().await?;
+        runs.push((plane_run, raw().await?));
     }
-    let median = |mut values: Vec<PlaneRun>| {
-        values.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+    let median = |pick: fn(&(R, R)) -> R| {
+        let mut values: Vec<R> = runs.iter().map(pick).collect();
+        values.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
         values[values.len() / 2]
     };
-    let mut ratios: Vec<f64> = runs.iter().map(|r| r.2).collect();
+    let (plane, raw_zmq) = (median(|r| r.0), median(|r| r.1));
+    let mut ratios: Vec<f64> = runs.iter().map(|(plane, raw)| rate(plane) / rate(raw)).collect();
     ratios.sort_by(f64::total_cmp);
-    let cpu_median = |of: fn(&(PlaneRun, PlaneRun, f64)) -> Option<f64>| {
-        let mut values: Vec<f64> = runs.iter().filter_map(of).collect();
+    Ok(Alternated { plane, raw_zmq, ratio: ratios[ratios.len() / 2], runs })
+}
+
+pub async fn run(messages: u64, events_per_message: usize, rounds: usize) -> Result<PlaneResult, PlaneError> {
+    let alternated = alternate(
+        rounds,
+        || run_plane(messages, events_per_message),
+        || run_raw(messages, events_per_message),
+        |run: &PlaneRun| run.events_per_s,
+    )
+    .await?;
+    let cpu_median = |of: fn(&(PlaneRun, PlaneRun)) -> Option<f64>| {
+        let mut values: Vec<f64> = alternated.runs.iter().filter_map(of).collect();
         values.sort_by(f64::total_cmp);
         values.get(values.len() / 2).copied()
     };
     let cpu_plane = cpu_median(|r| r.0.cpu_us_per_event);
     let cpu_raw = cpu_median(|r| r.1.cpu_us_per_event);
     Ok(PlaneResult {
-        plane: median(runs.iter().map(|r| r.0).collect()),
-        raw_zmq: median(runs.iter().map(|r| r.1).collect()),
-        ratio: ratios[ratios.len() / 2],
+        plane: alternated.plane,
+        raw_zmq: alternated.raw_zmq,
+        ratio: alternated.ratio,
         cpu_ratio: cpu_raw
             .zip(cpu_plane)
             .filter(|&(raw, plane)| raw > 0.0 && plane > 0.0)
             .map(|(raw, plane)| raw / plane),
-        rounds: runs.len(),
+        rounds: alternated.runs.len(),
     })
 }
 
@@ -307,10 +339,12 @@ pub struct RequestRun {
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct RequestResult {
+    /// The median round of each path.
     pub plane: RequestRun,
     pub raw_zmq: RequestRun,
-    /// Plane over raw libzmq, requests/s.
+    /// Plane over raw libzmq, requests/s: the median of the rounds' ratios.
     pub ratio: f64,
+    pub rounds: usize,
 }
 
 /// Requests a router keeps open at once on the one connection.
@@ -349,12 +383,23 @@ fn bench_request(tokens: u32) -> PreprocessedRequest {
     PreprocessedRequest::greedy("bench", (0..PROMPT_TOKENS).collect(), tokens)
 }
 
-/// Requests through `RequestServer` and `WorkerClient` (msgpack, stream ids, per-request tasks, the
-/// heartbeat running), against a bare DEALER/ROUTER pair sending the same bytes, `CONCURRENCY` in flight.
-pub async fn run_requests(requests: u64, tokens: u32) -> Result<RequestResult, PlaneError> {
-    let plane = run_request_plane(requests, tokens).await?;
-    let raw_zmq = run_request_raw(requests, tokens).await?;
-    Ok(RequestResult { ratio: plane.requests_per_s / raw_zmq.requests_per_s, plane, raw_zmq })
+/// Requests through `RequestServer` and `WorkerClient` (msgpack, stream ids, an engine stream and a channel
+/// per request, the heartbeat running), against a bare DEALER/ROUTER pair sending the same bytes,
+/// `CONCURRENCY` in flight.
+pub async fn run_requests(requests: u64, tokens: u32, rounds: usize) -> Result<RequestResult, PlaneError> {
+    let alternated = alternate(
+        rounds,
+        || run_request_plane(requests, tokens),
+        || run_request_raw(requests, tokens),
+        |run: &RequestRun| run.requests_per_s,
+    )
+    .await?;
+    Ok(RequestResult {
+        plane: alternated.plane,
+        raw_zmq: alternated.raw_zmq,
+        ratio: alternated.ratio,
+        rounds: alternated.runs.len(),
+    })
 }
 
 fn request_run(requests: u64, tokens: u32, seconds: f64) -> RequestRun {
@@ -492,6 +537,6 @@ pub fn request_table(r: &RequestResult) -> String {
             name, run.requests_per_s, run.outputs_per_s, run.requests
         ));
     }
-    out.push_str(&format!("plane / raw libzmq: {:.2}\n", r.ratio));
+    out.push_str(&format!("plane / raw libzmq: {:.2} (median of {} alternating rounds)\n", r.ratio, r.rounds));
     out
 }
