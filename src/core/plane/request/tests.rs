@@ -74,6 +74,17 @@ async fn generating(context: &Context, server: &RequestServer, engine: &Arc<dyn 
     raw
 }
 
+/// Waits until the engine runs nothing, failing with `why` past `within`; the server must have counted the one
+/// request it stopped.
+async fn cancelled_within(within: Duration, engine: &Arc<dyn Engine>, server: &RequestServer, why: &str) {
+    let deadline = Instant::now() + within;
+    while engine.load().requests_running > 0 {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+}
+
 #[tokio::test]
 async fn a_remote_request_streams_what_the_engine_streams() {
     let context = Context::new();
@@ -101,12 +112,8 @@ async fn dropping_the_stream_cancels_on_the_worker() {
     assert!(stream.next().await.is_some());
     assert_eq!(engine.load().requests_running, 1);
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while engine.load().requests_running > 0 {
-        assert!(Instant::now() < deadline, "the worker kept generating for a client that left");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+    cancelled_within(Duration::from_secs(5), &engine, &server, "the worker kept generating for a client that left")
+        .await;
 }
 
 #[tokio::test]
@@ -207,12 +214,13 @@ async fn a_router_that_stops_pinging_has_its_requests_cancelled() {
     let server = server(&context, engine.clone(), 8);
     // A router that sends one request and then nothing: no pings, as if it hung.
     let _raw = generating(&context, &server, &engine).await;
-    let deadline = Instant::now() + HEARTBEAT * (PEER_TIMEOUT_PINGS + 12);
-    while engine.load().requests_running > 0 {
-        assert!(Instant::now() < deadline, "the worker kept generating for a router that went silent");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+    cancelled_within(
+        HEARTBEAT * (PEER_TIMEOUT_PINGS + 12),
+        &engine,
+        &server,
+        "the worker kept generating for a router that went silent",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -259,10 +267,11 @@ async fn a_router_whose_connection_closes_has_its_requests_cancelled_at_the_next
     let server = server(&context, engine.clone(), 8);
     drop(generating(&context, &server, &engine).await);
     // Well inside the silence it takes the ping sweep to give up on a router.
-    let deadline = Instant::now() + HEARTBEAT * PEER_TIMEOUT_PINGS / 2;
-    while engine.load().requests_running > 0 {
-        assert!(Instant::now() < deadline, "the worker kept generating for a router that closed its connection");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(server.stats.cancelled.load(Ordering::Relaxed), 1);
+    cancelled_within(
+        HEARTBEAT * PEER_TIMEOUT_PINGS / 2,
+        &engine,
+        &server,
+        "the worker kept generating for a router that closed its connection",
+    )
+    .await;
 }
