@@ -5,7 +5,9 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
 use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus, dealer_socket, router_socket};
-use crate::core::plane::{EventPublisher, EventSubscriber, PlaneError, SocketReader, publish_socket, subscribe_socket};
+use crate::core::plane::{
+    EventPublisher, EventSubscriber, PlaneError, SocketReader, bound_endpoint, publish_socket, subscribe_socket,
+};
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::request::{FromWorker, ToWorker, encode};
@@ -238,7 +240,7 @@ async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun,
 async fn run_raw(messages: u64, events_per_message: usize) -> Result<PlaneRun, PlaneError> {
     let context = Context::new();
     let publisher = publish_socket(&context, "tcp://127.0.0.1:*", UNLIMITED)?;
-    let endpoint = publisher.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
+    let endpoint = bound_endpoint(&publisher)?;
     let subscriber = subscribe_socket(&context, &[Topic::Kv], UNLIMITED)?;
     subscriber.connect(&endpoint)?;
     let mut subscriber = SocketReader::new(subscriber)?;
@@ -466,7 +468,7 @@ async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, Pla
 async fn run_request_raw(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
     let context = Context::new();
     let router = router_socket(&context, "tcp://127.0.0.1:*")?;
-    let endpoint = router.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)?;
+    let endpoint = bound_endpoint(&router)?;
     let mut router = SocketReader::new(router)?;
     let mut dealer = SocketReader::new(dealer_socket(&context, &endpoint)?)?;
     // The bytes the plane carries: the request one way, one output per token the other.

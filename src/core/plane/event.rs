@@ -56,7 +56,7 @@ impl EventPublisher {
     /// Binds `endpoint` (`tcp://127.0.0.1:*` picks a free port; `endpoint()` tells which).
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
         let socket = publish_socket(context, endpoint, hwm)?;
-        let endpoint = super::request::bound_endpoint(&socket)?;
+        let endpoint = super::bound_endpoint(&socket)?;
         Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new() })
     }
 

@@ -24,3 +24,8 @@ pub use event::{
     subscribe_socket,
 };
 pub use reader::SocketReader;
+
+/// The endpoint a socket was bound to, with the port the system picked for `tcp://host:*` or `:0`.
+pub fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError> {
+    socket.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)
+}

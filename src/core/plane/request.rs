@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{PlaneError, SocketReader};
+use super::{PlaneError, SocketReader, bound_endpoint};
 use crate::core::engine::KvLedger;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
@@ -172,10 +172,6 @@ impl RequestServer {
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
-}
-
-pub(super) fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError> {
-    socket.get_last_endpoint()?.map_err(|_| PlaneError::Endpoint)
 }
 
 async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>) {
