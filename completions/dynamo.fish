@@ -40,6 +40,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-connections -d 'Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-header-timeout -d 'Seconds a client has to send a request\'s headers; a kept-alive connection idle this long is closed' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-body-timeout -d 'Seconds a client has to send a whole request body (408 past it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l discovery -d 'Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo decode` workers are, so `dynamo top` and other routers of the namespace see them' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l namespace -d 'The namespace the workers are announced in (with --discovery)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
@@ -61,6 +66,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native:
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -90,6 +96,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'P
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-connections -d 'Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-header-timeout -d 'Seconds a client has to send a request\'s headers; a kept-alive connection idle this long is closed' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-body-timeout -d 'Seconds a client has to send a whole request body (408 past it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
@@ -102,6 +113,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-temperatu
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s h -l help -d 'Print help (see more with \'--help\')'

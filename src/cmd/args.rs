@@ -2,9 +2,12 @@
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
+use crate::core::frontend::{ApiKey, HttpSettings};
 use crate::core::local::EngineSettings;
 use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, ValueEnum};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
@@ -178,6 +181,61 @@ fn non_negative_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("expected a number of 0 or more, got `{text}`")),
+    }
+}
+
+/// The OpenAI HTTP frontend: where it listens and what it allows a client.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP frontend")]
+pub struct HttpArgs {
+    /// Address the OpenAI HTTP frontend listens on.
+    #[arg(long, env = "DYNAMO_HTTP_HOST", default_value = "127.0.0.1")]
+    pub http_host: IpAddr,
+
+    /// Port of the OpenAI HTTP frontend (0 picks a free one).
+    #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+
+    /// Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics).
+    #[arg(long, env = "DYNAMO_API_KEY", value_name = "KEY", hide_env_values = true, value_parser = ApiKey::new)]
+    pub api_key: Option<ApiKey>,
+
+    /// With --api-key, /metrics asks for the key too.
+    #[arg(long)]
+    pub protect_metrics: bool,
+
+    /// Largest request body in bytes; larger ones are answered 413.
+    #[arg(long, env = "DYNAMO_MAX_REQUEST_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
+    pub max_request_bytes: u64,
+
+    /// Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`).
+    #[arg(long, env = "DYNAMO_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client has to send a request's headers; a kept-alive connection idle this long is closed.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_f64)]
+    pub http_header_timeout: f64,
+
+    /// Seconds a client has to send a whole request body (408 past it).
+    #[arg(long, default_value_t = 60.0, value_parser = positive_f64)]
+    pub http_body_timeout: f64,
+}
+
+impl HttpArgs {
+    pub fn listen(&self) -> SocketAddr {
+        SocketAddr::new(self.http_host, self.http_port)
+    }
+
+    pub fn settings(&self) -> HttpSettings {
+        let seconds = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX);
+        HttpSettings {
+            max_request_bytes: usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX),
+            max_connections: self.max_connections as usize,
+            header_timeout: seconds(self.http_header_timeout),
+            body_timeout: seconds(self.http_body_timeout),
+            api_key: self.api_key.clone(),
+            protect_metrics: self.protect_metrics,
+        }
     }
 }
 

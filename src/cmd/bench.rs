@@ -230,6 +230,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
             }),
             router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
             listen: ([127, 0, 0, 1], 0).into(),
+            http: crate::core::frontend::HttpSettings::default(),
         },
         loads,
         requests: args.requests as usize,

@@ -1,10 +1,10 @@
 //! `dynamo run`: the whole stack in one process.
-use super::args::{EngineArgs, RouterArgs};
+use super::args::{EngineArgs, HttpArgs, RouterArgs};
 use crate::core::local::{self, Announce, LocalSettings};
 use crate::core::model::ModelSource;
 use crate::core::worker::PlaneSettings;
 use clap::Args;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -21,13 +21,8 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: u32,
 
-    /// Address the OpenAI HTTP frontend listens on.
-    #[arg(long, env = "DYNAMO_HTTP_HOST", default_value = "127.0.0.1", help_heading = "HTTP frontend")]
-    pub http_host: IpAddr,
-
-    /// Port of the OpenAI HTTP frontend (0 picks a free one).
-    #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000, help_heading = "HTTP frontend")]
-    pub http_port: u16,
+    #[command(flatten)]
+    pub http: HttpArgs,
 
     /// Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo
     /// decode` workers are, so `dynamo top` and other routers of the namespace see them.
@@ -52,7 +47,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         workers: args.workers as usize,
         engine: args.engine.settings(),
         router: args.router.config(),
-        listen: SocketAddr::new(args.http_host, args.http_port),
+        listen: args.http.listen(),
+        http: args.http.settings(),
     };
     // Their planes listen on loopback: whoever watches a `dynamo run` watches from the same machine.
     let announce = match args.discovery {

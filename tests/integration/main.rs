@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod cluster;
 mod cuda;
+mod hardening;
 mod http;
 mod native;
 mod openai_client;

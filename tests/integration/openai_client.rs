@@ -5,9 +5,15 @@ use std::process::Command;
 
 const CLIENT_SCRIPT: &str = r#"
 import sys
+import openai
 from openai import OpenAI
 
-client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="sk-local")
+try:
+    OpenAI(base_url=sys.argv[1] + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    raise SystemExit("a wrong API key was accepted")
+except openai.AuthenticationError as error:
+    assert error.status_code == 401, error
 model = client.models.list().data[0].id
 assert model == "tiny-chat", model
 
@@ -52,7 +58,7 @@ fn the_openai_python_client_works_streaming_and_not() {
             return;
         }
     };
-    let server = Server::start(&["--speedup", "100"]);
+    let server = Server::start(&["--speedup", "100", "--api-key", "sk-local"]);
     let out = Command::new(python).args(["-c", CLIENT_SCRIPT, &server.base]).output().expect("python runs");
     assert!(
         out.status.success(),

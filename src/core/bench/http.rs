@@ -49,7 +49,12 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
         .await
         .map_err(|source| frontend::ServeError::Bind { addr: any_port, source })?;
     let addr = listener.local_addr().map_err(frontend::ServeError::Serve)?;
-    let server = tokio::spawn(frontend::serve(listener, state.clone(), std::future::pending()));
+    let server = tokio::spawn(frontend::serve_app(
+        listener,
+        frontend::app(state.clone()),
+        frontend::HttpSettings::default(),
+        std::future::pending(),
+    ));
 
     let messages = [serde_json::json!({"role": "user", "content": PROMPT})];
     let body = serde_json::json!({

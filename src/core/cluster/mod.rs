@@ -101,6 +101,7 @@ pub async fn serve(
     discovery: Box<dyn Discovery>,
     settings: ClusterSettings,
     listen: std::net::SocketAddr,
+    http: &crate::core::frontend::HttpSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
     use crate::core::frontend::{LateApp, ServeError};
@@ -113,7 +114,7 @@ pub async fn serve(
         metrics.clone(),
         format!("no worker of namespace {namespace:?} has joined yet; start one with `dynamo decode`"),
     );
-    let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), shutdown));
+    let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), http.clone(), shutdown));
     println!("dynamo: router on http://{addr} waiting for workers in namespace {namespace:?}");
     let mode = settings.router.mode;
     let cluster = tokio::select! {

@@ -1,14 +1,16 @@
 //! `POST /v1/chat/completions`: messages through the chat template, then the shared generation path.
-use super::FrontendState;
+use super::body::JsonBody;
 use super::error::ApiError;
-use super::generate::{self, ChoiceDelta, ChunkRenderer, LogprobEntry, Tracker};
-use super::params::{EndpointOptions, build_choices, fields, parse_body};
+use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, LogprobEntry, Tracker};
+use super::params::{
+    EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
+};
+use super::{FrontendState, Served};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
     ChatMessage, ChatTokenLogprob, SamplingParams, TopLogprob, Usage,
 };
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
@@ -16,19 +18,55 @@ use std::sync::Arc;
 
 const ENDPOINT: &str = "chat_completions";
 
-pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
+pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBody, ApiError>) -> Response {
     let mut model = None;
-    let result = chat(&state, &body, &mut model).await;
+    let result = match body {
+        Ok(body) => chat(&state, body, &mut model).await,
+        Err(refused) => Err(refused),
+    };
     state.answer(ENDPOINT, model.as_deref(), result)
 }
 
+/// A chat request, parsed, templated and tokenized, with its choices ready to route.
+struct Prepared {
+    served: Served,
+    specs: Vec<ChoiceSpec>,
+    prompt_len: usize,
+    id: String,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
 /// `model` is set to the served model's name once the request has named one.
-async fn chat(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String>) -> Result<Response, ApiError> {
+async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
+    let Prepared { served, specs, prompt_len, id, stream, include_usage, logprobs } =
+        state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
+    let choices = specs.len();
+    let model = &served.model;
+    let deltas = generate::start(state, &served, specs)?;
+    let metrics = state.metrics.request(&model.card.name, ENDPOINT, stream);
+    let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
+    let renderer = ChatChunks { id, created: super::unix_now(), model: model.card.name.clone(), logprobs };
+
+    if stream {
+        let first = (0..choices as u32).map(|index| renderer.role_chunk(index)).collect();
+        return Ok(generate::sse(deltas, tracker, first, renderer, include_usage).into_response());
+    }
+    let deltas = generate::collect(deltas, &mut tracker).await?;
+    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
+}
+
+/// The request's CPU work, in the preprocessing pool: every bound is checked before the work it guards.
+fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;
     let served = state.resolve(request.model.as_deref())?;
     *model = Some(served.model.card.name.clone());
+    refuse_unsupported(&value)?;
+    let n = choices_per_prompt(&params, 1)?;
+    served.router.check_room(n as usize)?;
     let model = &served.model;
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
@@ -42,6 +80,7 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String
             extra: request.chat_template_kwargs.as_ref(),
         })
         .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    check_prompt_text(model, &prompt, "messages")?;
     let token_ids = model.tokenizer.encode(&prompt, false).map_err(|e| ApiError::internal(e.to_string()))?;
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (Some(true), top) => Some(top.unwrap_or(0)),
@@ -55,23 +94,20 @@ async fn chat(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String
         max_tokens: request.max_completion_tokens.or(params.max_tokens),
         logprobs,
         request_id: id.clone(),
+        prompt_field: "messages",
+        max_tokens_field: if request.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
     };
     let prompt_len = token_ids.len();
     let specs = build_choices(model, &params, &[token_ids], &options)?;
-    let choices = specs.len();
-    let deltas = generate::start(state, &served, specs)?;
-    let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
-    let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
-    let renderer =
-        ChatChunks { id, created: super::unix_now(), model: model.card.name.clone(), logprobs: logprobs.is_some() };
-
-    if request.stream {
-        let first = (0..choices as u32).map(|index| renderer.role_chunk(index)).collect();
-        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(generate::sse(deltas, tracker, first, renderer, include_usage).into_response());
-    }
-    let deltas = generate::collect(deltas, &mut tracker).await?;
-    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
+    Ok(Prepared {
+        served,
+        specs,
+        prompt_len,
+        id,
+        stream: request.stream,
+        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        logprobs: logprobs.is_some(),
+    })
 }
 
 /// Checks each message and flattens list-of-parts content into text, as text-only templates expect.

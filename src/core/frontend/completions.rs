@@ -1,13 +1,15 @@
 //! `POST /v1/completions`: raw prompts (text or token ids, one or many), then the shared generation path.
-use super::FrontendState;
+use super::body::JsonBody;
 use super::error::ApiError;
-use super::generate::{self, ChoiceDelta, ChunkRenderer, Tracker};
-use super::params::{EndpointOptions, build_choices, fields, parse_body};
+use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, Tracker};
+use super::params::{
+    EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
+};
+use super::{FrontendState, Served};
 use crate::core::model::Model;
 use crate::core::protocol::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, SamplingParams, Usage,
 };
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
@@ -16,19 +18,53 @@ use std::sync::Arc;
 
 const ENDPOINT: &str = "completions";
 
-pub async fn handle(State(state): State<Arc<FrontendState>>, body: Bytes) -> Response {
+pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBody, ApiError>) -> Response {
     let mut model = None;
-    let result = complete(&state, &body, &mut model).await;
+    let result = match body {
+        Ok(body) => complete(&state, body, &mut model).await,
+        Err(refused) => Err(refused),
+    };
     state.answer(ENDPOINT, model.as_deref(), result)
 }
 
+/// A completion request, parsed and tokenized, with its choices ready to route.
+struct Prepared {
+    served: Served,
+    specs: Vec<ChoiceSpec>,
+    prompt_lens: Vec<usize>,
+    renderer: CompletionChunks,
+    stream: bool,
+    include_usage: bool,
+}
+
 /// `model` is set to the served model's name once the request has named one.
-async fn complete(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<String>) -> Result<Response, ApiError> {
+async fn complete(
+    state: &Arc<FrontendState>,
+    body: JsonBody,
+    model: &mut Option<String>,
+) -> Result<Response, ApiError> {
+    let Prepared { served, specs, prompt_lens, renderer, stream, include_usage } =
+        state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
+    let choices = specs.len();
+    let deltas = generate::start(state, &served, specs)?;
+    let metrics = state.metrics.request(&served.model.card.name, ENDPOINT, stream);
+    let mut tracker = Tracker::new(metrics, prompt_lens, choices);
+    if stream {
+        return Ok(generate::sse(deltas, tracker, Vec::new(), renderer, include_usage).into_response());
+    }
+    let deltas = generate::collect(deltas, &mut tracker).await?;
+    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
+}
+
+/// The request's CPU work, in the preprocessing pool: the number of prompts × n and the room for them are
+/// checked before any prompt is tokenized, and each text's length before it is.
+fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: CompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;
     let served = state.resolve(request.model.as_deref())?;
     *model = Some(served.model.card.name.clone());
+    refuse_unsupported(&value)?;
     if request.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "is not supported"));
     }
@@ -38,10 +74,18 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<St
             "together with `logprobs` would need prompt logprobs, which are not supported yet",
         ));
     }
+    let n = choices_per_prompt(&params, prompt_count(&request.prompt))?;
+    served.router.check_room(prompt_count(&request.prompt) * n as usize)?;
     let model = &served.model;
     let prompts = prompts(model, &request.prompt)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let options = EndpointOptions { max_tokens: params.max_tokens, logprobs: request.logprobs, request_id: id.clone() };
+    let options = EndpointOptions {
+        max_tokens: params.max_tokens,
+        logprobs: request.logprobs,
+        request_id: id.clone(),
+        prompt_field: "prompt",
+        max_tokens_field: "max_tokens",
+    };
     let specs = build_choices(model, &params, &prompts, &options)?;
     let choices = specs.len();
     let echoes = if request.echo {
@@ -50,9 +94,6 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<St
     } else {
         Vec::new()
     };
-    let deltas = generate::start(state, &served, specs)?;
-    let metrics = state.metrics.request(&model.card.name, ENDPOINT, request.stream);
-    let mut tracker = Tracker::new(metrics, prompts.iter().map(Vec::len).collect(), choices);
     let renderer = CompletionChunks {
         id,
         created: super::unix_now(),
@@ -62,19 +103,32 @@ async fn complete(state: &Arc<FrontendState>, body: &[u8], model: &mut Option<St
         echoed: HashSet::new(),
         offsets: vec![0; choices],
     };
-    if request.stream {
-        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(generate::sse(deltas, tracker, Vec::new(), renderer, include_usage).into_response());
+    Ok(Prepared {
+        prompt_lens: prompts.iter().map(Vec::len).collect(),
+        served,
+        specs,
+        renderer,
+        stream: request.stream,
+        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// How many prompts the field holds, by its shape alone (a list of strings or of id lists is one per item).
+fn prompt_count(prompt: &Value) -> usize {
+    match prompt {
+        Value::Array(items) if items.first().is_some_and(|i| i.is_string() || i.is_array()) => items.len(),
+        _ => 1,
     }
-    let deltas = generate::collect(deltas, &mut tracker).await?;
-    Ok(axum::Json(renderer.whole(deltas, choices, tracker.usage())).into_response())
 }
 
 const PROMPT_SHAPES: &str = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
 
 /// The prompt field in its four OpenAI shapes, as token ids. Text is encoded with the model's special tokens.
 fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::internal(e.to_string()));
+    let encode = |text: &str| {
+        check_prompt_text(model, text, "prompt")?;
+        model.tokenizer.encode(text, true).map_err(|e| ApiError::internal(e.to_string()))
+    };
     let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         items
             .iter()

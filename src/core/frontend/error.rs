@@ -26,22 +26,48 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
+        Self::with_status(StatusCode::NOT_FOUND, message)
     }
 
     /// The service cannot answer yet (or just now); clients are told to retry.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None }
+        Self::with_status(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    /// No API key, or the wrong one.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::with_status(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::with_status(StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE, message)
+    }
+
+    /// The client took too long to send its request.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::with_status(StatusCode::REQUEST_TIMEOUT, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), param: None }
+        Self::with_status(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), param: None }
     }
 
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "BadRequestError",
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
+            StatusCode::PAYLOAD_TOO_LARGE => "RequestTooLargeError",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaTypeError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             _ => "InternalServerError",
         }
@@ -62,7 +88,9 @@ impl ApiError {
 impl From<RouteError> for ApiError {
     fn from(error: RouteError) -> Self {
         let status = match &error {
-            RouteError::Busy { .. } | RouteError::NoWorkers => StatusCode::SERVICE_UNAVAILABLE,
+            RouteError::Busy { .. } | RouteError::NoWorkers | RouteError::NoRoom { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RouteError::Engine(crate::core::engine::EngineError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
             RouteError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -75,6 +103,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -2,31 +2,35 @@
 //!
 //! Requests are parsed and validated here (`params`), tokenized with the model's tokenizer and chat
 //! template, routed to workers by the `Router`, and their token streams turned back into text (`generate`).
-//! Every error is an OpenAI-shaped JSON body; a full cluster answers 503 with `Retry-After`.
+//! Every error is an OpenAI-shaped JSON body; a full cluster answers 503 with `Retry-After`. What a client
+//! may send and hold (bodies, connections, time, the API key) is bounded in `server` and `body`; a request's
+//! CPU work runs in `preprocess`, off the async runtime.
+mod auth;
+mod body;
 mod chat;
 mod completions;
 mod error;
 mod generate;
 mod params;
+mod preprocess;
+mod server;
 
+pub use auth::ApiKey;
 pub use error::ApiError;
+pub use server::{HttpSettings, serve_app};
 
 use crate::core::model::Model;
 use crate::core::protocol::openai::{ModelList, ModelObject};
 use crate::core::router::Router;
 use crate::core::telemetry::Metrics;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router as HttpRouter};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-
-/// Long prompts as JSON token-id lists get large; past this a request is refused with 413.
-const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// One model the frontend serves, and the router over that model's workers.
 #[derive(Clone)]
@@ -41,11 +45,17 @@ pub struct FrontendState {
     served: std::sync::RwLock<Vec<Served>>,
     pub metrics: Arc<Metrics>,
     created: u64,
+    preprocess: preprocess::Preprocessor,
 }
 
 impl FrontendState {
     pub fn new(model: Arc<Model>, router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
-        Self { served: std::sync::RwLock::new(vec![Served { model, router }]), metrics, created: unix_now() }
+        Self {
+            served: std::sync::RwLock::new(vec![Served { model, router }]),
+            metrics,
+            created: unix_now(),
+            preprocess: preprocess::Preprocessor::default(),
+        }
     }
 
     /// Serves one more model (its name must be new).
@@ -78,6 +88,26 @@ impl FrontendState {
         })
     }
 
+    /// Runs a request's CPU work (`prepare`) in the preprocessing pool. `model` is set to the model the
+    /// request named even when the work then failed, so that the failure is counted against it.
+    async fn prepare<T: Send + 'static>(
+        self: &Arc<Self>,
+        model: &mut Option<String>,
+        prepare: impl FnOnce(&FrontendState, &mut Option<String>) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let state = self.clone();
+        let (named, prepared) = self
+            .preprocess
+            .run(move || {
+                let mut named = None;
+                let prepared = prepare(&state, &mut named);
+                (named, prepared)
+            })
+            .await?;
+        *model = named;
+        prepared
+    }
+
     /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
     /// not served is a 404, as in vLLM.
     fn resolve(&self, requested: Option<&str>) -> Result<Served, ApiError> {
@@ -105,7 +135,6 @@ pub fn app(state: Arc<FrontendState>) -> HttpRouter {
         .route("/live", get(live))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -113,6 +142,7 @@ pub fn app(state: Arc<FrontendState>) -> HttpRouter {
 /// accepts connections, and serves until `shutdown` resolves.
 pub async fn bind_and_serve(
     listen: std::net::SocketAddr,
+    http: &HttpSettings,
     state: Arc<FrontendState>,
     banner: impl FnOnce(std::net::SocketAddr) -> String,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -120,7 +150,7 @@ pub async fn bind_and_serve(
     let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     println!("{}", banner(addr));
-    serve(listener, state, shutdown).await.map_err(ServeError::Serve)
+    serve_app(listener, app(state), http.clone(), shutdown).await.map_err(ServeError::Serve)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,28 +159,6 @@ pub enum ServeError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
-}
-
-/// Serves until `shutdown` resolves, then finishes the requests in flight.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<FrontendState>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_app(listener, app(state), shutdown).await
-}
-
-/// Serves any app the way `serve` does.
-pub async fn serve_app(
-    listener: TcpListener,
-    app: HttpRouter,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    // Without TCP_NODELAY a small SSE chunk can wait ~40 ms for the peer's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// An HTTP frontend that listens before it has anything to serve: a router started ahead of its workers

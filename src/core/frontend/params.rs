@@ -12,6 +12,8 @@ use serde_json::Value;
 
 pub const MAX_N: u32 = 128;
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Engine requests one HTTP request may start (prompts × n): each is routed and streamed on its own.
+pub const MAX_CHOICES: usize = 1024;
 
 /// Reads the body as JSON, reporting syntax errors plainly.
 pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -44,6 +46,110 @@ pub struct EndpointOptions {
     pub logprobs: Option<u32>,
     /// Prefix of the engine request ids (`chatcmpl-…`, `cmpl-…`).
     pub request_id: String,
+    /// The request field holding the prompt (`messages`, `prompt`) and the limit (`max_completion_tokens`,
+    /// `max_tokens`), for errors to name.
+    pub prompt_field: &'static str,
+    pub max_tokens_field: &'static str,
+}
+
+/// The `n` of a request of `prompts` prompts, checked, and checked that prompts × n stays within
+/// `MAX_CHOICES`: before any work is done per prompt or per choice.
+pub fn choices_per_prompt(params: &SamplingParams, prompts: usize) -> Result<u32, ApiError> {
+    let n = params.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", format!("must be between 1 and {MAX_N}, got {n}")));
+    }
+    if prompts.saturating_mul(n as usize) > MAX_CHOICES {
+        let field = if prompts > 1 { "prompt" } else { "n" };
+        return Err(ApiError::bad_request(
+            Some(field),
+            format!(
+                "{prompts} prompt(s) × n = {n} would start {} generations; at most {MAX_CHOICES} are allowed per \
+                 request: send fewer prompts or a smaller n",
+                prompts.saturating_mul(n as usize)
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+/// Refuses a text prompt that cannot fit the model's context, from its length alone, before it is tokenized:
+/// tokenizing megabytes takes seconds and gigabytes, only to be refused afterwards.
+pub fn check_prompt_text(model: &Model, text: &str, field: &str) -> Result<(), ApiError> {
+    let context = model.card.context_length;
+    let fewest = model.tokenizer.fewest_tokens(text);
+    if fewest >= context as usize {
+        return Err(ApiError::bad_request(
+            Some(field),
+            format!(
+                "This model's maximum context length is {context} tokens, but the prompt has {} characters, more \
+                 than {context} tokens can hold. Please shorten the prompt.",
+                text.chars().count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Fields that would change the output and that this server does not implement yet: refused by name rather
+/// than ignored, so a client never takes free text for what it asked.
+pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
+    let set = |field: &str| body.get(field).is_some_and(|v| !v.is_null());
+    let not_yet = |field: &str, what: &str| Err(ApiError::invalid(field, format!("is not supported yet: {what}")));
+    if body.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
+        return not_yet("logit_bias", "biasing tokens is not implemented; leave it out");
+    }
+    if let Some(format) = body.get("response_format").filter(|v| !v.is_null())
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return not_yet(
+            "response_format",
+            "structured output (json_object, json_schema) is not implemented; ask for JSON in the prompt or leave it out",
+        );
+    }
+    let tools = body.get("tools").is_some_and(|v| v.as_array().is_some_and(|t| !t.is_empty()));
+    match body.get("tool_choice") {
+        Some(Value::String(choice)) if choice == "required" && tools => {
+            return not_yet(
+                "tool_choice",
+                "tool calls are not parsed from the output, so one cannot be required; use \"auto\" or \"none\"",
+            );
+        }
+        Some(Value::Object(_)) if tools => {
+            return not_yet(
+                "tool_choice",
+                "tool calls are not parsed from the output, so a named tool cannot be forced; use \"auto\" or \"none\"",
+            );
+        }
+        _ => {}
+    }
+    for (field, what) in [
+        ("functions", "the legacy function-calling fields are not implemented; leave them out"),
+        ("function_call", "the legacy function-calling fields are not implemented; leave them out"),
+        ("guided_json", "guided decoding is not implemented"),
+        ("guided_regex", "guided decoding is not implemented"),
+        ("guided_choice", "guided decoding is not implemented"),
+        ("guided_grammar", "guided decoding is not implemented"),
+        ("structured_outputs", "guided decoding is not implemented"),
+        ("prompt_logprobs", "prompt logprobs are not computed"),
+        ("allowed_token_ids", "restricting the vocabulary is not implemented"),
+        ("bad_words", "banning words is not implemented"),
+        ("truncate_prompt_tokens", "prompts are never truncated; shorten the prompt instead"),
+        ("use_beam_search", "beam search is not implemented"),
+    ] {
+        if set(field) && body.get(field) != Some(&Value::Bool(false)) {
+            return not_yet(field, what);
+        }
+    }
+    if let Some(best_of) = body.get("best_of").and_then(Value::as_u64)
+        && best_of > body.get("n").and_then(Value::as_u64).unwrap_or(1)
+    {
+        return not_yet(
+            "best_of",
+            "ranking more samples than are returned is not implemented; leave it out or set it to n",
+        );
+    }
+    Ok(())
 }
 
 pub fn build_choices(
@@ -53,10 +159,7 @@ pub fn build_choices(
     options: &EndpointOptions,
 ) -> Result<Vec<ChoiceSpec>, ApiError> {
     let sampling = sampling_options(params)?;
-    let n = params.n.unwrap_or(1);
-    if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid("n", format!("must be between 1 and {MAX_N}, got {n}")));
-    }
+    let n = choices_per_prompt(params, prompts.len())?;
     if let Some(top) = options.logprobs
         && top > MAX_TOP_LOGPROBS
     {
@@ -84,7 +187,7 @@ pub fn build_choices(
 
     let mut specs = Vec::with_capacity(prompts.len() * n as usize);
     for (prompt_index, prompt) in prompts.iter().enumerate() {
-        let max_tokens = max_tokens_for(card.context_length, prompt.len(), options.max_tokens)?;
+        let max_tokens = max_tokens_for(card.context_length, prompt.len(), options)?;
         let min_tokens = params.min_tokens.unwrap_or(0);
         if min_tokens > max_tokens {
             return Err(ApiError::invalid(
@@ -113,22 +216,23 @@ pub fn build_choices(
     Ok(specs)
 }
 
-fn max_tokens_for(context: u32, prompt_len: usize, requested: Option<u32>) -> Result<u32, ApiError> {
+fn max_tokens_for(context: u32, prompt_len: usize, options: &EndpointOptions) -> Result<u32, ApiError> {
     let prompt_len = prompt_len as u64;
     if prompt_len >= u64::from(context) {
         return Err(ApiError::bad_request(
-            Some("messages"),
+            Some(options.prompt_field),
             format!(
                 "This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens. Please shorten the prompt."
             ),
         ));
     }
-    match requested {
-        Some(0) => Err(ApiError::invalid("max_tokens", "must be at least 1, got 0")),
+    let field = options.max_tokens_field;
+    match options.max_tokens {
+        Some(0) => Err(ApiError::invalid(field, "must be at least 1, got 0")),
         Some(max) if prompt_len + u64::from(max) > u64::from(context) => Err(ApiError::bad_request(
-            Some("max_tokens"),
+            Some(field),
             format!(
-                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max} in `max_tokens`). Please reduce the length of the prompt or `max_tokens`.",
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max} in `{field}`). Please reduce the length of the prompt or `{field}`.",
                 prompt_len + u64::from(max)
             ),
         )),
@@ -206,7 +310,13 @@ mod tests {
     fn choices(body: Value, prompt_len: usize) -> Result<Vec<ChoiceSpec>, ApiError> {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let params: SamplingParams = fields(&body)?;
-        let options = EndpointOptions { max_tokens: params.max_tokens, logprobs: None, request_id: "x".into() };
+        let options = EndpointOptions {
+            max_tokens: params.max_tokens,
+            logprobs: None,
+            request_id: "x".into(),
+            prompt_field: "prompt",
+            max_tokens_field: "max_tokens",
+        };
         build_choices(&model, &params, &[vec![5; prompt_len]], &options)
     }
 
@@ -247,5 +357,59 @@ mod tests {
     fn a_prompt_longer_than_the_context_is_refused() {
         let err = choices(json!({}), 5000).err().unwrap();
         assert!(err.message.contains("maximum context length is 4096"), "{}", err.message);
+        assert_eq!(err.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn prompts_times_n_is_bounded_before_any_choice_exists() {
+        let ok = SamplingParams { n: Some(128), ..SamplingParams::default() };
+        assert_eq!(choices_per_prompt(&ok, 8).unwrap(), 128);
+        let err = choices_per_prompt(&ok, 9).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("prompt"));
+        assert!(err.message.contains("at most 1024"), "{}", err.message);
+        // The crash case: two million prompts, n = 128. Refused from the counts alone.
+        assert!(choices_per_prompt(&ok, 2_000_000).is_err());
+        let n = SamplingParams { n: Some(129), ..SamplingParams::default() };
+        assert_eq!(choices_per_prompt(&n, 1).unwrap_err().param.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn a_text_far_past_the_context_is_refused_untokenized() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        assert!(check_prompt_text(&model, &"word ".repeat(100), "prompt").is_ok());
+        let err = check_prompt_text(&model, &"x".repeat(10_000_000), "messages").unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+        assert!(err.message.contains("10000000 characters"), "{}", err.message);
+    }
+
+    #[test]
+    fn fields_that_would_change_the_output_are_refused_by_name() {
+        for (body, field) in [
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
+            (json!({"tools": [{"type": "function"}], "tool_choice": "required"}), "tool_choice"),
+            (json!({"tools": [{"type": "function"}], "tool_choice": {"type": "function"}}), "tool_choice"),
+            (json!({"guided_json": {}}), "guided_json"),
+            (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
+            (json!({"best_of": 3, "n": 1}), "best_of"),
+            (json!({"use_beam_search": true}), "use_beam_search"),
+        ] {
+            let err = refuse_unsupported(&body).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            assert_eq!(err.param.as_deref(), Some(field), "{body}");
+            assert!(err.message.contains(field), "{}", err.message);
+        }
+        for body in [
+            json!({}),
+            json!({"logit_bias": {}}),
+            json!({"logit_bias": null}),
+            json!({"response_format": {"type": "text"}}),
+            json!({"tools": [{"type": "function"}], "tool_choice": "auto"}),
+            json!({"tool_choice": "none"}),
+            json!({"best_of": 2, "n": 2}),
+            json!({"use_beam_search": false}),
+        ] {
+            assert!(refuse_unsupported(&body).is_ok(), "{body}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use crate::core::discovery::Discovery;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::engine::native::{self, NativeError, NativeSettings};
-use crate::core::frontend::{self, FrontendState};
+use crate::core::frontend::{self, FrontendState, HttpSettings};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::protocol::WorkerId;
 use crate::core::router::{Router, RouterConfig};
@@ -25,6 +25,7 @@ pub struct LocalSettings {
     /// Its block size is taken from the engine's, so prompt hashes match the workers'.
     pub router: RouterConfig,
     pub listen: SocketAddr,
+    pub http: HttpSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,7 +146,7 @@ pub async fn run(
             settings.router.mode
         )
     };
-    frontend::bind_and_serve(settings.listen, state.clone(), banner, shutdown).await?;
+    frontend::bind_and_serve(settings.listen, &settings.http, state.clone(), banner, shutdown).await?;
     drop(exposed);
     Ok(())
 }

@@ -5,6 +5,10 @@ use std::collections::HashSet;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special_ids: HashSet<u32>,
+    /// The most characters any one token stands for (its vocabulary entry, which is never shorter than the
+    /// text it matches: byte-level entries spell each byte as one character, SentencePiece's `▁` stands for
+    /// one space, byte fallbacks `<0x41>` for at most one character).
+    max_token_chars: usize,
 }
 
 impl Tokenizer {
@@ -15,7 +19,14 @@ impl Tokenizer {
         })?;
         let special_ids =
             inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        Ok(Self { inner, special_ids })
+        let max_token_chars = inner.get_vocab(true).keys().map(|t| t.chars().count()).max().unwrap_or(1).max(1);
+        Ok(Self { inner, special_ids, max_token_chars })
+    }
+
+    /// Fewer tokens than `text` can possibly encode to, known without encoding it: what lets a prompt far too
+    /// long for the context be refused at once. Halved, for normalizers that compose characters.
+    pub fn fewest_tokens(&self, text: &str) -> usize {
+        text.chars().count() / (2 * self.max_token_chars)
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
@@ -79,5 +90,24 @@ mod tests {
         assert!(model.tokenizer.is_special(ids[0]));
         assert_eq!(model.tokenizer.decode(&ids, true), "user");
         assert!(model.tokenizer.printable_ids().len() > 500);
+    }
+
+    #[test]
+    fn fewest_tokens_is_a_lower_bound() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let tokenizer = &model.tokenizer;
+        for text in [
+            "",
+            "a",
+            "Hello! Grüße aus München, 日本語 🚀",
+            &"the ".repeat(5000),
+            &"x".repeat(20_000),
+            &"日本".repeat(3000),
+        ] {
+            let tokens = tokenizer.encode(text, false).unwrap().len();
+            let bound = tokenizer.fewest_tokens(text);
+            assert!(bound <= tokens, "{bound} > {tokens} for a text of {} bytes", text.len());
+        }
+        assert!(tokenizer.fewest_tokens(&"x".repeat(1_000_000)) > 4096);
     }
 }

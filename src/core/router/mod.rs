@@ -33,6 +33,11 @@ pub enum RouteError {
     Busy { threshold: usize },
     #[error("no worker is serving this model")]
     NoWorkers,
+    #[error(
+        "this request needs {needed} streams (prompts × n) and the workers can take {room} more now; retry \
+         shortly, or ask for fewer prompts or a smaller n"
+    )]
+    NoRoom { needed: usize, room: usize },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -201,6 +206,25 @@ impl Router {
     /// Requests routed and not yet finished, over all workers.
     pub fn in_flight(&self) -> usize {
         self.snapshot().iter().map(|w| w.load.in_flight.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Refuses, before any work is done for it, a request of `streams` engine requests that the live workers
+    /// cannot all take now (each up to the busy threshold).
+    pub fn check_room(&self, streams: usize) -> Result<(), RouteError> {
+        let workers = self.snapshot();
+        if workers.is_empty() {
+            return Err(RouteError::NoWorkers);
+        }
+        let room: usize = workers
+            .iter()
+            .filter(|w| w.engine.is_alive())
+            .map(|w| self.config.busy_threshold.saturating_sub(w.load.in_flight.load(Ordering::Acquire)))
+            .fold(0, usize::saturating_add);
+        match room {
+            0 => Err(RouteError::Busy { threshold: self.config.busy_threshold }),
+            room if room < streams => Err(RouteError::NoRoom { needed: streams, room }),
+            _ => Ok(()),
+        }
     }
 
     pub fn route(&self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {

@@ -37,6 +37,20 @@ async fn refuses_past_the_busy_threshold_and_recovers_when_streams_end() {
 }
 
 #[tokio::test]
+async fn a_request_of_more_streams_than_the_workers_can_take_is_refused_before_routing() {
+    let router = router(2, RouterMode::RoundRobin, 3);
+    assert!(router.check_room(6).is_ok());
+    assert!(matches!(router.check_room(7), Err(RouteError::NoRoom { needed: 7, room: 6 })));
+    let streams: Vec<_> = (0..5).map(|_| router.route(request(vec![1, 2, 3], 1000)).unwrap()).collect();
+    assert!(router.check_room(1).is_ok());
+    assert!(matches!(router.check_room(2), Err(RouteError::NoRoom { needed: 2, room: 1 })));
+    let _last = router.route(request(vec![1], 10)).unwrap();
+    assert!(matches!(router.check_room(1), Err(RouteError::Busy { threshold: 3 })));
+    drop(streams);
+    assert!(router.check_room(5).is_ok());
+}
+
+#[tokio::test]
 async fn kv_mode_sends_a_repeated_prompt_back_to_the_worker_that_cached_it() {
     let router = router(4, RouterMode::Kv, 100);
     let prompt: Vec<u32> = (0..200).collect();
