@@ -529,9 +529,14 @@ struct Liveness {
 
 impl Liveness {
     /// Ends every open stream without a finish reason (the router migrates them) and says the worker is lost.
-    fn lose(&self, open: &mut HashMap<u64, mpsc::UnboundedSender<EngineOutput>>) {
+    /// Each is also cancelled on the worker: a worker that only hung still holds the connection, so the
+    /// cancels wait in it and are the first thing it reads when it resumes, instead of it generating, for
+    /// nobody, requests that continue elsewhere. (On a dropped connection they cannot go, and need not.)
+    fn lose(&self, open: &mut HashMap<u64, mpsc::UnboundedSender<EngineOutput>>, socket: &zmq::Socket) {
         if self.alive.swap(false, Ordering::AcqRel) {
-            open.clear();
+            for (stream, _) in open.drain() {
+                let _ = socket.send(encode(&ToWorker::Cancel { stream }), zmq::DONTWAIT);
+            }
             let _ = self.status.send(WorkerStatus::Lost);
         }
     }
@@ -650,7 +655,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > liveness.dead_after {
-                    liveness.lose(&mut open);
+                    liveness.lose(&mut open, socket.socket());
                 }
                 ToWorker::Ping { version: PROTOCOL_VERSION }
             }
@@ -667,7 +672,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
                 ToWorker::Ping { .. } => {
                     // No connection (or a queue of thousands the worker does not take): whatever was in
                     // flight on it cannot come back, since a new connection is a new peer to the worker.
-                    liveness.lose(&mut open);
+                    liveness.lose(&mut open, socket.socket());
                     heartbeat.reset_after(RETRY_PING);
                 }
                 ToWorker::Cancel { .. } => {}

@@ -275,3 +275,44 @@ async fn a_router_whose_connection_closes_has_its_requests_cancelled_at_the_next
     )
     .await;
 }
+
+/// The next message a bare ROUTER (standing in for a worker) receives, and who sent it.
+async fn next_from_router(worker: &mut SocketReader) -> (Vec<u8>, ToWorker) {
+    let frames = tokio::time::timeout(Duration::from_secs(5), worker.recv()).await;
+    let frames = frames.expect("the client sends").unwrap();
+    (frames[0].to_vec(), decode::<ToWorker>(&frames[1]).unwrap())
+}
+
+#[tokio::test]
+async fn a_worker_that_hangs_finds_its_migrated_requests_cancelled_when_it_resumes() {
+    let context = Context::new();
+    let mut worker = SocketReader::new(router_socket(&context, "tcp://127.0.0.1:*").unwrap()).unwrap();
+    let endpoint = bound_endpoint(worker.socket()).unwrap();
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&context, &endpoint, Duration::from_millis(300), status).unwrap();
+    // A worker answering like the real one: Hello to the first ping.
+    let (peer, ping) = next_from_router(&mut worker).await;
+    assert!(matches!(ping, ToWorker::Ping { .. }));
+    let hello = encode(&FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance(7) });
+    worker.socket().send_multipart([peer.as_slice(), hello.as_slice()], 0).unwrap();
+    alive(&mut statuses).await;
+    let stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
+    let stream_id = loop {
+        if let (_, ToWorker::Generate { stream, .. }) = next_from_router(&mut worker).await {
+            break stream;
+        }
+    };
+    // It hangs: reads nothing, answers nothing. The router gives up on it and the stream ends for migration.
+    let rest = tokio::time::timeout(Duration::from_secs(5), collect(stream)).await.expect("the stream ends");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(statuses.recv().await, Some(WorkerStatus::Lost));
+    // It resumes: waiting for it, among the pings, is the cancel of the request that went elsewhere.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "the resumed worker was never told to stop the request");
+        if let (_, ToWorker::Cancel { stream }) = next_from_router(&mut worker).await {
+            assert_eq!(stream, stream_id);
+            break;
+        }
+    }
+}
