@@ -31,10 +31,15 @@ pub fn publish_socket(context: &Context, endpoint: &str, hwm: i32) -> Result<zmq
     Ok(socket)
 }
 
+/// Largest event message a subscriber takes: a step's KV events for a million-token prompt are a few MB. A
+/// publisher that sends more is disconnected by libzmq as it announces the size, before anything is buffered.
+pub const MAX_EVENT_MESSAGE: i64 = 16 << 20;
+
 /// A SUB socket set up as the event plane's are, subscribed to `topics` and connected to no publisher yet.
 pub fn subscribe_socket(context: &Context, topics: &[Topic], hwm: i32) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::SUB)?;
     socket.set_rcvhwm(hwm)?;
+    socket.set_maxmsgsize(MAX_EVENT_MESSAGE)?;
     socket.set_linger(0)?;
     for topic in topics {
         socket.set_subscribe(topic.name())?;

@@ -28,6 +28,10 @@ use crate::core::engine::KvLedger;
 /// should carry.
 const SNAPSHOT_BLOCKS_PER_FRAME: usize = 1 << 16;
 
+/// Blocks one snapshot may gather: a cache of millions of blocks fits, a worker that never says `last` does
+/// not grow its router without bound.
+const MAX_SNAPSHOT_ENTRIES: usize = 1 << 24;
+
 /// How often a client pings; a worker cancels the requests of a peer silent for `PEER_TIMEOUT_PINGS` of these.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 const PEER_TIMEOUT_PINGS: u32 = 20;
@@ -40,6 +44,13 @@ const CLIENT_QUEUE: i32 = 10_000;
 /// not for a whole heartbeat.
 const RETRY_PING: Duration = Duration::from_millis(20);
 
+/// Largest message a worker takes from a router: a request of a few million prompt tokens. A peer that sends
+/// more is disconnected by libzmq as it announces the size, before anything is buffered.
+pub const MAX_TO_WORKER: i64 = 64 << 20;
+
+/// Largest message a router takes from a worker: the model's text files (a tokenizer.json runs to tens of MB).
+pub const MAX_FROM_WORKER: i64 = 256 << 20;
+
 /// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
 /// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
 /// pace bounds what waits here, so no limit. What is sent to a router that is gone fails (`EHOSTUNREACH`)
@@ -50,6 +61,7 @@ pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
     socket.set_router_mandatory(true)?;
     socket.set_sndhwm(0)?;
     socket.set_rcvhwm(0)?;
+    socket.set_maxmsgsize(MAX_TO_WORKER)?;
     socket.bind(endpoint)?;
     Ok(socket)
 }
@@ -63,6 +75,7 @@ pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
     socket.set_immediate(true)?;
     socket.set_sndhwm(CLIENT_QUEUE)?;
     socket.set_rcvhwm(0)?;
+    socket.set_maxmsgsize(MAX_FROM_WORKER)?;
     socket.connect(endpoint)?;
     Ok(socket)
 }
@@ -549,6 +562,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
     // Answers arrive whole and in order, so one snapshot in the making serves everyone waiting.
     let mut snapshot_wanted: Vec<oneshot::Sender<KvSnapshot>> = Vec::new();
     let mut snapshot = KvSnapshot::default();
+    let mut snapshot_entries = 0;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -610,9 +624,25 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
                             });
                         }
                         FromWorker::KvSnapshot { next_seq, events, last } => {
+                            if snapshot_wanted.is_empty() {
+                                // Nobody asked: a frame that would only pile up.
+                                tracing::debug!("request plane: dropped an unsolicited snapshot frame");
+                                continue;
+                            }
                             snapshot.next_seq = next_seq;
+                            snapshot_entries += events.0.iter().map(KvEvent::entries).sum::<usize>();
                             snapshot.events.extend(events.0);
+                            if snapshot_entries > MAX_SNAPSHOT_ENTRIES {
+                                tracing::warn!(
+                                    "request plane: a worker's snapshot passed {MAX_SNAPSHOT_ENTRIES} blocks; dropped, \
+                                     its asker will try again"
+                                );
+                                (snapshot, snapshot_entries) = (KvSnapshot::default(), 0);
+                                snapshot_wanted.clear();
+                                continue;
+                            }
                             if last {
+                                snapshot_entries = 0;
                                 let whole = std::mem::take(&mut snapshot);
                                 if let Some(first) = snapshot_wanted.pop() {
                                     snapshot_wanted.drain(..).for_each(|reply| {

@@ -27,6 +27,17 @@ pub enum KvEvent {
     Cleared,
 }
 
+impl KvEvent {
+    /// Blocks it names (a `Cleared` counts one): what it costs to hold.
+    pub fn entries(&self) -> usize {
+        match self {
+            KvEvent::Stored { blocks, .. } => blocks.len(),
+            KvEvent::Removed { hashes } => hashes.len(),
+            KvEvent::Cleared => 1,
+        }
+    }
+}
+
 /// The events of one engine step, in the order they happened. The event plane's `kv` payload:
 /// `[worker_id, [event, ...]]` in msgpack (`encode` / `decode`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -283,19 +283,53 @@ async fn next_from_router(worker: &mut SocketReader) -> (Vec<u8>, ToWorker) {
     (frames[0].to_vec(), decode::<ToWorker>(&frames[1]).unwrap())
 }
 
-#[tokio::test]
-async fn a_worker_that_hangs_finds_its_migrated_requests_cancelled_when_it_resumes() {
-    let context = Context::new();
-    let mut worker = SocketReader::new(router_socket(&context, "tcp://127.0.0.1:*").unwrap()).unwrap();
+/// A bare ROUTER standing in for a worker, that has answered its client's first ping with a Hello.
+async fn bare_worker(
+    context: &Context,
+    dead_after: Duration,
+) -> (SocketReader, WorkerClient, mpsc::UnboundedReceiver<WorkerStatus>) {
+    let mut worker = SocketReader::new(router_socket(context, "tcp://127.0.0.1:*").unwrap()).unwrap();
     let endpoint = bound_endpoint(worker.socket()).unwrap();
     let (status, mut statuses) = mpsc::unbounded_channel();
-    let client = WorkerClient::connect(&context, &endpoint, Duration::from_millis(300), status).unwrap();
-    // A worker answering like the real one: Hello to the first ping.
+    let client = WorkerClient::connect(context, &endpoint, dead_after, status).unwrap();
     let (peer, ping) = next_from_router(&mut worker).await;
     assert!(matches!(ping, ToWorker::Ping { .. }));
     let hello = encode(&FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance(7) });
     worker.socket().send_multipart([peer.as_slice(), hello.as_slice()], 0).unwrap();
     alive(&mut statuses).await;
+    (worker, client, statuses)
+}
+
+#[tokio::test]
+async fn snapshot_frames_nobody_asked_for_are_dropped() {
+    use crate::core::protocol::StoredBlock;
+    let context = Context::new();
+    let (mut worker, client, mut statuses) = bare_worker(&context, Duration::from_secs(5)).await;
+    let frame = |hash: u64, last: bool| {
+        let blocks = vec![StoredBlock { hash, tokens_hash: hash }];
+        let events = KvEvents(vec![KvEvent::Stored { parent_hash: None, blocks }]);
+        encode(&FromWorker::KvSnapshot { next_seq: hash, events, last })
+    };
+    let (peer, _) = next_from_router(&mut worker).await;
+    for hash in 100..110 {
+        worker.socket().send_multipart([peer.as_slice(), frame(hash, false).as_slice()], 0).unwrap();
+    }
+    // A Hello with a new id is announced once the client has read everything sent before it.
+    let hello = encode(&FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance(8) });
+    worker.socket().send_multipart([peer.as_slice(), hello.as_slice()], 0).unwrap();
+    assert_eq!(alive(&mut statuses).await.id, 8);
+    let asked = tokio::spawn(async move { client.kv_snapshot(Duration::from_secs(5)).await });
+    while !matches!(next_from_router(&mut worker).await, (_, ToWorker::KvSnapshot)) {}
+    worker.socket().send_multipart([peer.as_slice(), frame(7, true).as_slice()], 0).unwrap();
+    let snapshot = asked.await.unwrap().expect("the snapshot asked for");
+    assert_eq!(snapshot.next_seq, 7);
+    assert_eq!(snapshot.events.len(), 1, "{:?}", snapshot.events);
+}
+
+#[tokio::test]
+async fn a_worker_that_hangs_finds_its_migrated_requests_cancelled_when_it_resumes() {
+    let context = Context::new();
+    let (mut worker, client, mut statuses) = bare_worker(&context, Duration::from_millis(300)).await;
     let stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 10_000));
     let stream_id = loop {
         if let (_, ToWorker::Generate { stream, .. }) = next_from_router(&mut worker).await {
@@ -315,4 +349,15 @@ async fn a_worker_that_hangs_finds_its_migrated_requests_cancelled_when_it_resum
             break;
         }
     }
+}
+
+#[test]
+fn plane_sockets_refuse_oversized_messages_as_they_are_announced() {
+    let context = Context::new();
+    let worker = router_socket(&context, "tcp://127.0.0.1:*").unwrap();
+    assert_eq!(worker.get_maxmsgsize().unwrap(), MAX_TO_WORKER);
+    let router = dealer_socket(&context, &bound_endpoint(&worker).unwrap()).unwrap();
+    assert_eq!(router.get_maxmsgsize().unwrap(), MAX_FROM_WORKER);
+    let subscriber = crate::core::plane::event::subscribe_socket(&context, &[], 16).unwrap();
+    assert_eq!(subscriber.get_maxmsgsize().unwrap(), crate::core::plane::event::MAX_EVENT_MESSAGE);
 }
