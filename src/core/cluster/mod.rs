@@ -215,7 +215,9 @@ impl Membership {
                 delivery = subscriber.next() => match delivery {
                     Ok(delivery) => self.deliver(delivery),
                     Err(error) => {
-                        self.metrics.plane(PlaneEvent::Malformed, 1);
+                        if matches!(error, PlaneError::Malformed(_)) {
+                            self.metrics.plane(PlaneEvent::Malformed, 1);
+                        }
                         tracing::warn!("event plane: {error}");
                     }
                 },

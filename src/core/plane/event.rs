@@ -17,6 +17,9 @@ pub enum PlaneError {
     Io(#[from] std::io::Error),
     #[error("event plane socket has no usable endpoint")]
     Endpoint,
+    /// A message that is not an event-plane frame; it was skipped and the socket stays up.
+    #[error("skipped a message that is not an event-plane frame: {0}")]
+    Malformed(#[from] FrameError),
     /// A measurement that could not complete (benchmarks).
     #[error("{0}")]
     Incomplete(String),
@@ -178,7 +181,8 @@ impl EventSubscriber {
         Ok(())
     }
 
-    /// The next well-formed message. Cancel-safe (see `SocketReader::recv`).
+    /// The next message, or `PlaneError::Malformed` for one that is not an event-plane frame (counted, and
+    /// skipped: the next call reads on). Cancel-safe (see `SocketReader::recv`).
     pub async fn next(&mut self) -> Result<Delivery, PlaneError> {
         loop {
             let frames = self.reader.recv().await?;
@@ -187,8 +191,8 @@ impl EventSubscriber {
             let header = match header {
                 Ok(header) => header,
                 Err(error) => {
-                    self.skip(&error);
-                    continue;
+                    self.malformed += 1;
+                    return Err(error.into());
                 }
             };
             let continuity = self.tracker.observe(header);
@@ -200,11 +204,6 @@ impl EventSubscriber {
             let Some(payload) = frames.into_iter().nth(3) else { continue };
             return Ok(Delivery { header, continuity, payload });
         }
-    }
-
-    fn skip(&mut self, error: &FrameError) {
-        self.malformed += 1;
-        tracing::warn!(malformed = self.malformed, "skipped a message that is not an event-plane frame: {error}");
     }
 }
 

@@ -370,7 +370,8 @@ pub async fn watch(
             }
             delivery = subscriber.next() => match delivery {
                 Ok(delivery) => view().deliver(delivery, Instant::now()),
-                Err(_) => view().malformed += 1,
+                Err(PlaneError::Malformed(_)) => view().malformed += 1,
+                Err(error) => tracing::warn!("event plane: {error}"),
             },
         }
     }

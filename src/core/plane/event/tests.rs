@@ -83,6 +83,10 @@ async fn malformed_messages_are_counted_and_skipped() {
     raw.send_multipart(vec![b"kv".to_vec(), vec![0; 3], vec![0; 8], vec![]], 0).unwrap();
     let frames = vec![b"kv".to_vec(), 1u64.to_be_bytes().to_vec(), seq.to_be_bytes().to_vec(), batch(seq).to_bytes()];
     raw.send_multipart(frames, 0).unwrap();
+    for _ in 0..2 {
+        let skipped = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap();
+        assert!(matches!(skipped, Err(PlaneError::Malformed(_))), "{skipped:?}");
+    }
     let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await.unwrap().unwrap();
     assert_eq!(delivery.header.seq, seq);
     assert_eq!(subscriber.malformed, 2);
