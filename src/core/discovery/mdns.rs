@@ -342,4 +342,29 @@ mod tests {
         assert_eq!(next(&mut events).await, Some(DiscoveryEvent::Removed("tcp://127.0.0.1:7100".into())));
         drop(other);
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::core::protocol::fuzz::config(256))]
+
+        #[test]
+        fn any_txt_record_decodes_or_is_refused_and_real_ones_round_trip(
+            pairs in proptest::collection::hash_map("[a-z_.0-9]{0,10}", ".{0,40}", 0..16),
+            model in ".{0,300}",
+            namespace in ".{0,40}",
+            id in proptest::prelude::any::<u64>(),
+            transfer in proptest::option::of(".{0,300}"),
+        ) {
+            let _ = instance_from_txt(&pairs);
+            // An empty transfer endpoint is written as none (see `txt_properties`).
+            let transfer_addr = transfer.filter(|t| !t.is_empty());
+            let record = Instance { id, transfer_addr, ..instance(&model, &namespace, 7100) };
+            let mut map: HashMap<String, String> = txt_properties(&record).into_iter().collect();
+            proptest::prop_assert_eq!(instance_from_txt(&map), Ok(record));
+            // Any property taken out or damaged: a clear refusal or another record, never a panic.
+            for (key, value) in pairs {
+                map.insert(key, value);
+                let _ = instance_from_txt(&map);
+            }
+        }
+    }
 }

@@ -25,6 +25,17 @@ struct ClusterFile {
     worker: Vec<Entry>,
 }
 
+impl ClusterFile {
+    /// The file's text as TOML, or JSON; an error names the format and what is wrong.
+    fn parse(text: &str, json: bool) -> Result<Self, (&'static str, String)> {
+        if json {
+            serde_json::from_str(text).map_err(|e| ("JSON", e.to_string()))
+        } else {
+            toml::from_str(text).map_err(|e| ("TOML", e.to_string()))
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Entry {
     request_addr: String,
@@ -62,12 +73,11 @@ impl StaticFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ClusterFile::default()),
             Err(source) => return Err(DiscoveryError::Io { action: "read", path: self.path.clone(), source }),
         };
-        let parse_error = |format, message: String| DiscoveryError::Parse { path: self.path.clone(), format, message };
-        if self.is_json() {
-            serde_json::from_str(&text).map_err(|e| parse_error("JSON", e.to_string()))
-        } else {
-            toml::from_str(&text).map_err(|e| parse_error("TOML", e.to_string()))
-        }
+        ClusterFile::parse(&text, self.is_json()).map_err(|(format, message)| DiscoveryError::Parse {
+            path: self.path.clone(),
+            format,
+            message,
+        })
     }
 
     fn write(&self, file: &ClusterFile) -> Result<(), DiscoveryError> {
@@ -256,5 +266,29 @@ mod tests {
         assert!(super::super::from_spec("file:/tmp/x.toml").is_ok());
         let Err(error) = super::super::from_spec("etcd://host") else { panic!() };
         assert!(error.to_string().contains("file:PATH"), "{error}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::core::protocol::fuzz::config(256))]
+
+        #[test]
+        fn any_cluster_file_text_parses_or_is_refused(text in ".{0,200}", entries in proptest::collection::vec(("[a-z:/.0-9]{0,24}", proptest::option::of("[a-z]{0,6}")), 0..4)) {
+            let _ = ClusterFile::parse(&text, false);
+            let _ = ClusterFile::parse(&text, true);
+            let mut toml_text = String::new();
+            for (addr, namespace) in &entries {
+                toml_text.push_str(&format!("[[worker]]\nrequest_addr = {addr:?}\n"));
+                if let Some(namespace) = namespace {
+                    toml_text.push_str(&format!("namespace = {namespace:?}\n"));
+                }
+            }
+            let parsed = ClusterFile::parse(&toml_text, false).unwrap();
+            proptest::prop_assert_eq!(parsed.worker.len(), entries.len());
+            for end in 0..toml_text.len() {
+                if toml_text.is_char_boundary(end) {
+                    let _ = ClusterFile::parse(&toml_text[..end], false);
+                }
+            }
+        }
     }
 }

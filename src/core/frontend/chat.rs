@@ -28,7 +28,7 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
 }
 
 /// A chat request, parsed, templated and tokenized, with its choices ready to route.
-struct Prepared {
+pub(super) struct Prepared {
     served: Served,
     specs: Vec<ChoiceSpec>,
     prompt_len: usize,
@@ -58,7 +58,7 @@ async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<Str
 }
 
 /// The request's CPU work, in the preprocessing pool: every bound is checked before the work it guards.
-fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
+pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;

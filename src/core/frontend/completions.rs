@@ -28,7 +28,7 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
 }
 
 /// A completion request, parsed and tokenized, with its choices ready to route.
-struct Prepared {
+pub(super) struct Prepared {
     served: Served,
     specs: Vec<ChoiceSpec>,
     prompt_lens: Vec<usize>,
@@ -58,7 +58,7 @@ async fn complete(
 
 /// The request's CPU work, in the preprocessing pool: the number of prompts × n and the room for them are
 /// checked before any prompt is tokenized, and each text's length before it is.
-fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
+pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: CompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;

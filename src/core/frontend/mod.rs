@@ -10,6 +10,8 @@ mod body;
 mod chat;
 mod completions;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod generate;
 mod params;
 mod preprocess;

@@ -8,7 +8,9 @@
 //! turn, cancels the requests of a peer that stopped pinging, so a crashed router leaks no KV blocks.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
-use crate::core::protocol::request::{FromWorker, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode};
+use crate::core::protocol::request::{
+    FromWorker, MAX_FRAME_BYTES, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode,
+};
 use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, KvEvents, PreprocessedRequest, WorkerStats};
 use futures::stream::{AbortHandle, SelectAll};
 use futures::{FutureExt, Stream, StreamExt};
@@ -44,12 +46,9 @@ const CLIENT_QUEUE: i32 = 10_000;
 /// not for a whole heartbeat.
 const RETRY_PING: Duration = Duration::from_millis(20);
 
-/// Largest message a worker takes from a router: a request of a few million prompt tokens. A peer that sends
-/// more is disconnected by libzmq as it announces the size, before anything is buffered.
-pub const MAX_TO_WORKER: i64 = 64 << 20;
-
-/// Largest message a router takes from a worker: the model's text files (a tokenizer.json runs to tens of MB).
-pub const MAX_FROM_WORKER: i64 = 256 << 20;
+/// Messages past `MAX_FRAME_BYTES` cannot be decoded: a peer that sends one is disconnected by libzmq as it
+/// announces the size, before anything is buffered.
+const MAX_MESSAGE: i64 = MAX_FRAME_BYTES as i64;
 
 /// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
 /// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
@@ -61,7 +60,7 @@ pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
     socket.set_router_mandatory(true)?;
     socket.set_sndhwm(0)?;
     socket.set_rcvhwm(0)?;
-    socket.set_maxmsgsize(MAX_TO_WORKER)?;
+    socket.set_maxmsgsize(MAX_MESSAGE)?;
     socket.bind(endpoint)?;
     Ok(socket)
 }
@@ -75,7 +74,7 @@ pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
     socket.set_immediate(true)?;
     socket.set_sndhwm(CLIENT_QUEUE)?;
     socket.set_rcvhwm(0)?;
-    socket.set_maxmsgsize(MAX_FROM_WORKER)?;
+    socket.set_maxmsgsize(MAX_MESSAGE)?;
     socket.connect(endpoint)?;
     Ok(socket)
 }

@@ -14,3 +14,5 @@ pub mod request;
 
 pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
 pub use kv::{KvEvent, KvEventBatch, KvEvents, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
+#[cfg(test)]
+pub(crate) mod fuzz;

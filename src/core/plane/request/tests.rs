@@ -355,9 +355,9 @@ async fn a_worker_that_hangs_finds_its_migrated_requests_cancelled_when_it_resum
 fn plane_sockets_refuse_oversized_messages_as_they_are_announced() {
     let context = Context::new();
     let worker = router_socket(&context, "tcp://127.0.0.1:*").unwrap();
-    assert_eq!(worker.get_maxmsgsize().unwrap(), MAX_TO_WORKER);
+    assert_eq!(worker.get_maxmsgsize().unwrap(), MAX_MESSAGE);
     let router = dealer_socket(&context, &bound_endpoint(&worker).unwrap()).unwrap();
-    assert_eq!(router.get_maxmsgsize().unwrap(), MAX_FROM_WORKER);
+    assert_eq!(router.get_maxmsgsize().unwrap(), MAX_MESSAGE);
     let subscriber = crate::core::plane::event::subscribe_socket(&context, &[], 16).unwrap();
     assert_eq!(subscriber.get_maxmsgsize().unwrap(), crate::core::plane::event::MAX_EVENT_MESSAGE);
 }
