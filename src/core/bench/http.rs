@@ -4,7 +4,8 @@
 //! negligible, is loaded twice per level: through HTTP (a streaming chat completion: JSON parsing, chat
 //! template, tokenization, routing, detokenization, SSE) and directly (the same token ids routed to the
 //! same workers, the stream drained). The difference is the frontend's added latency; the client shares the
-//! machine with the server, so it is an upper bound.
+//! machine with the server, so it is an upper bound. The frontend runs hardened, as it would face the
+//! internet: every bound at its default and an API key that each request presents.
 use super::{Load, RunStats, drive};
 use crate::core::frontend::{self, FrontendState, Served};
 use crate::core::local::{self, LocalError, LocalSettings};
@@ -40,6 +41,9 @@ pub struct LevelResult {
     pub throughput_ratio: f64,
 }
 
+/// What each benchmark request presents; the server is started with the key in it.
+const AUTHORIZATION: &str = "Bearer sk-bench";
+
 const PROMPT: &str = "Tell me a story about a small robot who learned to paint the sea at night.";
 
 pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalError> {
@@ -49,10 +53,13 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalE
         .await
         .map_err(|source| frontend::ServeError::Bind { addr: any_port, source })?;
     let addr = listener.local_addr().map_err(frontend::ServeError::Serve)?;
+    let key = frontend::ApiKey::new(AUTHORIZATION.trim_start_matches("Bearer "))
+        .map_err(|e| frontend::ServeError::Serve(std::io::Error::other(e)))?;
+    let http_settings = frontend::HttpSettings { api_key: Some(key), ..settings.stack.http.clone() };
     let server = tokio::spawn(frontend::serve_app(
         listener,
         frontend::app(state.clone()),
-        frontend::HttpSettings::default(),
+        http_settings,
         std::future::pending(),
     ));
 
@@ -116,6 +123,7 @@ impl Caller for HttpCaller {
     async fn call(self) -> Result<(), String> {
         let request = hyper::Request::post(&*self.url)
             .header("content-type", "application/json")
+            .header("authorization", AUTHORIZATION)
             .body(Full::new(self.body.clone()))
             .map_err(|e| e.to_string())?;
         let response = self.client.request(request).await.map_err(|e| e.to_string())?;

@@ -6,9 +6,11 @@
 //! configs, template), and from then on the frontend serves that model too, with a router of its own. Later
 //! workers of a model must agree with its first on tokenizer and block size, or they are refused with the
 //! reason in the log.
+mod dormant;
 mod remote;
 mod resync;
 
+use dormant::Dormancy;
 pub use remote::RemoteEngine;
 use resync::KvFeed;
 
@@ -85,6 +87,7 @@ impl Cluster {
             metrics,
             snapshots,
             kv_batch: KvEventBatch { worker_id: 0, events: Vec::new() },
+            dormancy: Dormancy::default(),
         };
         let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
         match first.await {
@@ -171,6 +174,8 @@ struct Membership {
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
     /// The KV batch being applied, decoded into the last one's memory.
     kv_batch: KvEventBatch,
+    /// Endpoints no worker answers at: their connections are closed and probed now and then.
+    dormancy: Dormancy,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -185,18 +190,34 @@ impl Membership {
     ) {
         let (status_sender, mut statuses) = mpsc::unbounded_channel::<(String, WorkerStatus)>();
         let mut ready = Some(ready);
+        let mut dormancy_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = watch.recv() => match event {
                     None => return,
-                    Some(DiscoveryEvent::Added(addr)) => self.connect(addr, &status_sender),
+                    Some(DiscoveryEvent::Added(addr)) => {
+                        self.dormancy.quiet(&addr, std::time::Instant::now());
+                        self.connect(addr, &status_sender);
+                    }
                     Some(DiscoveryEvent::Removed(addr)) => {
                         self.clients.remove(&addr);
+                        self.dormancy.forget(&addr);
                         self.leave(&addr, &mut subscriber, "left discovery");
                     }
                 },
+                _ = dormancy_check.tick() => {
+                    let due = self.dormancy.due(std::time::Instant::now());
+                    for addr in due.close {
+                        tracing::debug!("no worker answers at {addr}; its connection is closed until the next probe");
+                        self.clients.remove(&addr);
+                    }
+                    for addr in due.reconnect {
+                        self.connect(addr, &status_sender);
+                    }
+                }
                 Some((addr, status)) = statuses.recv() => match status {
                     WorkerStatus::Alive(instance) => {
+                        self.dormancy.alive(&addr);
                         self.leave(&addr, &mut subscriber, "restarted");
                         if let Err(error) = self.admit(&addr, instance, &mut subscriber, &mut ready).await {
                             tracing::warn!("{error}");
@@ -206,7 +227,10 @@ impl Membership {
                             }
                         }
                     }
-                    WorkerStatus::Lost => self.leave(&addr, &mut subscriber, "stopped answering"),
+                    WorkerStatus::Lost => {
+                        self.dormancy.quiet(&addr, std::time::Instant::now());
+                        self.leave(&addr, &mut subscriber, "stopped answering");
+                    }
                     WorkerStatus::Incompatible { theirs } => tracing::warn!(
                         "worker at {addr} speaks request-plane version {theirs}, this router {}; not used",
                         crate::core::protocol::request::PROTOCOL_VERSION

@@ -566,6 +566,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut known: Option<u64> = None;
+    let mut unsent_pings = 0u32;
     loop {
         let send = tokio::select! {
             command = commands.recv() => match command {
@@ -693,7 +694,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
         // whoever waits for its answer is told at once: a request ends without a finish reason, so that the
         // router sends it to another worker; a ping is tried again soon.
         match socket.socket().send(encode(&send), zmq::DONTWAIT) {
-            Ok(()) => {}
+            Ok(()) => unsent_pings = 0,
             Err(zmq::Error::EAGAIN) => match send {
                 ToWorker::Generate { stream, .. } => drop(open.remove(&stream)),
                 ToWorker::ModelFiles => drop(files_wanted.pop()),
@@ -702,7 +703,9 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
                     // No connection (or a queue of thousands the worker does not take): whatever was in
                     // flight on it cannot come back, since a new connection is a new peer to the worker.
                     liveness.lose(&mut open, socket.socket());
-                    heartbeat.reset_after(RETRY_PING);
+                    // Soon for a worker that is starting, then every heartbeat for an address nobody is at.
+                    heartbeat.reset_after((RETRY_PING * 2u32.pow(unsent_pings.min(4))).min(HEARTBEAT));
+                    unsent_pings += 1;
                 }
                 ToWorker::Cancel { .. } => {}
             },
