@@ -5,6 +5,7 @@ use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
 use crate::core::bench::plane;
 use crate::core::bench::route::{self, RouteBenchSettings};
+use crate::core::bench::soak::{self, SoakSettings};
 use crate::core::bench::trace;
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::Device;
@@ -27,6 +28,40 @@ pub enum BenchCommand {
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
     Engine(EngineArgs),
+    /// Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served,
+    /// refused, lost, and the router's memory and file descriptors from start to end.
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value_t = 1.0, value_parser = super::args::positive_f64)]
+    pub minutes: f64,
+
+    /// Mocker workers, each its own `dynamo decode` process.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub workers: u32,
+
+    /// Requests started per second, of every kind.
+    #[arg(long, default_value_t = 100.0, value_parser = super::args::positive_f64)]
+    pub rate: f64,
+
+    /// Seconds between worker kills (SIGKILL, then a new worker in its place).
+    #[arg(long, default_value_t = 10.0, value_parser = super::args::positive_f64)]
+    pub kill_every: f64,
+
+    /// Mocker speedup.
+    #[arg(long, default_value_t = 20.0, value_parser = super::args::positive_f64)]
+    pub speedup: f64,
+
+    /// Seed of the request mix and of which worker is killed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -191,7 +226,30 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Route(args) => bench_route(args),
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
+        BenchCommand::Soak(args) => bench_soak(args),
     }
+}
+
+fn bench_soak(args: SoakArgs) -> anyhow::Result<()> {
+    let settings = SoakSettings {
+        binary: std::env::current_exe()?,
+        duration: std::time::Duration::from_secs_f64(args.minutes * 60.0),
+        workers: args.workers as usize,
+        rate: args.rate,
+        kill_every: std::time::Duration::from_secs_f64(args.kill_every),
+        speedup: args.speedup,
+        seed: args.seed,
+    };
+    println!(
+        "dynamo bench soak: {} min of mixed requests at {}/s on dynamo route with {} mocker workers, one killed every {} s",
+        args.minutes, args.rate, args.workers, args.kill_every
+    );
+    let result = super::runtime()?.block_on(soak::run(settings))?;
+    print!("{}", soak::table(&result));
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "soak", "result": result}));
+    }
+    Ok(())
 }
 
 fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {

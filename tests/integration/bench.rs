@@ -148,3 +148,26 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
     assert_eq!(decode[0]["speedup_vs_batch_1"], 1.0, "{json}");
     assert!(decode.iter().all(|d| d["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)), "{json}");
 }
+
+#[test]
+fn bench_soak_loses_nothing_while_workers_are_killed() {
+    let json = last_json_line(&[
+        "bench",
+        "soak",
+        "--minutes",
+        "0.15",
+        "--rate",
+        "30",
+        "--kill-every",
+        "2",
+        "--workers",
+        "2",
+        "--json",
+    ]);
+    let result = &json["result"];
+    assert!(result["worker_kills"].as_u64().is_some_and(|k| k >= 3), "{result}");
+    assert!(result["served"].as_u64().is_some_and(|n| n > 50), "{result}");
+    assert!(result["refused_as_expected"].as_u64().is_some_and(|n| n > 5), "{result}");
+    assert_eq!((result["lost"].as_u64(), result["wrong_status"].as_u64()), (Some(0), Some(0)), "{result}");
+    assert!(result["fds_end"].as_u64().is_some_and(|n| n > 0), "{result}");
+}

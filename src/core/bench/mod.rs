@@ -8,6 +8,7 @@ pub mod http;
 pub mod index;
 pub mod plane;
 pub mod route;
+pub mod soak;
 pub mod trace;
 
 use std::future::Future;
