@@ -14,11 +14,14 @@ pub struct Preprocessor {
     running: Arc<Semaphore>,
 }
 
+/// Requests that may wait for a thread: more than the default connection cap, so that ordinary load (each
+/// connection has one request at a time) never meets it; it bounds the queue if the cap is raised.
+const QUEUE: usize = 4096;
+
 impl Default for Preprocessor {
-    /// A thread per CPU, and a queue of 64 requests per thread.
+    /// A thread per CPU.
     fn default() -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::new(threads, 64 * threads)
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()), QUEUE)
     }
 }
 
