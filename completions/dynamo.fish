@@ -128,15 +128,16 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l json -d 'With --on
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s h -l help -d 'Print help'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l concurrency -d 'Closed-loop levels: requests kept in flight' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l rate -d 'Open-loop levels: requests started per second' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l requests -d 'Requests per level and path' -r
@@ -187,11 +188,22 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l minutes -d 'How long the load runs' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l workers -d 'Mocker workers, each its own `dynamo decode` process' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l rate -d 'Requests started per second, of every kind' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l kill-every -d 'Seconds between worker kills (SIGKILL, then a new worker in its place)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l speedup -d 'Mocker speedup' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l seed -d 'Seed of the request mix and of which worker is killed' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l json -d 'Print one JSON object on the last line as well'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -l device -d 'Device to check: cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -l model -d 'Also compare the forward pass of this checkpoint (repeatable); the built-in model is always compared' -r -F
@@ -217,3 +229,4 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subc
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'

@@ -1,9 +1,9 @@
 //! Flag groups more than one subcommand takes.
+use crate::core::engine::EngineSettings;
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::frontend::{ApiKey, HttpSettings};
-use crate::core::local::EngineSettings;
 use crate::core::router::{RouterConfig, RouterMode};
 use clap::{Args, ValueEnum};
 use std::net::{IpAddr, SocketAddr};

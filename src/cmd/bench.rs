@@ -7,12 +7,13 @@ use crate::core::bench::plane;
 use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::soak::{self, SoakSettings};
 use crate::core::bench::trace;
+use crate::core::engine::EngineSettings;
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::Device;
 use crate::core::engine::scheduler::SchedulerConfig;
-use crate::core::local::{EngineSettings, LocalSettings};
 use crate::core::model::ModelSource;
 use crate::core::router::{RouterConfig, RouterMode};
+use crate::core::run::RunSettings;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -278,7 +279,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     let mut loads: Vec<Load> = args.concurrency.iter().map(|&c| Load::Concurrency(c.max(1))).collect();
     loads.extend(args.rate.iter().filter(|r| **r > 0.0).map(|&r| Load::Rate(r)));
     let settings = HttpBenchSettings {
-        stack: LocalSettings {
+        stack: RunSettings {
             model: ModelSource::Builtin,
             served_model_name: None,
             workers: args.workers as usize,

@@ -1,6 +1,6 @@
 //! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
-use crate::core::cluster::{self, ClusterSettings};
+use crate::core::route::{self, ClusterSettings};
 use clap::Args;
 use std::time::Duration;
 
@@ -28,6 +28,6 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         router: args.router.config(),
     };
     let (listen, http) = (args.http.listen(), args.http.settings());
-    super::runtime()?.block_on(cluster::serve(discovery, settings, listen, &http, super::shutdown_signal()))?;
+    super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, super::shutdown_signal()))?;
     Ok(())
 }

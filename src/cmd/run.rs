@@ -1,7 +1,8 @@
 //! `dynamo run`: the whole stack in one process.
 use super::args::{EngineArgs, HttpArgs, RouterArgs};
-use crate::core::local::{self, Announce, LocalSettings};
 use crate::core::model::ModelSource;
+use crate::core::protocol::discovery::Role;
+use crate::core::run::{self, Announce, RunSettings};
 use crate::core::worker::PlaneSettings;
 use clap::Args;
 use std::net::IpAddr;
@@ -41,7 +42,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let settings = LocalSettings {
+    let settings = RunSettings {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
@@ -55,6 +56,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(spec) => Some(Announce {
             discovery: crate::core::discovery::from_spec(&spec)?,
             planes: PlaneSettings {
+                role: Role::Decode,
                 namespace: args.namespace,
                 host: IpAddr::from([127, 0, 0, 1]),
                 request_port: 0,
@@ -64,6 +66,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
-    super::runtime()?.block_on(local::run(settings, announce, super::shutdown_signal()))?;
+    super::runtime()?.block_on(run::serve(settings, announce, super::shutdown_signal()))?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `dynamo decode`: a worker process that registers itself and serves its engine on the planes.
 use super::args::{ClusterArgs, EngineArgs};
 use crate::core::model::ModelSource;
+use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
 use clap::Args;
 use std::net::IpAddr;
@@ -46,6 +47,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         engine: args.engine.settings(),
         planes: PlaneSettings {
+            role: Role::Decode,
             namespace: args.cluster.namespace,
             host: args.host,
             request_port: args.request_port,

@@ -8,10 +8,10 @@
 //! internet: every bound at its default and an API key that each request presents.
 use super::{Load, RunStats, drive};
 use crate::core::frontend::{self, FrontendState, Served};
-use crate::core::local::{self, LocalError, LocalSettings};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::PreprocessedRequest;
 use crate::core::router::Router;
+use crate::core::run::{self, RunError, RunSettings};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct HttpBenchSettings {
-    pub stack: LocalSettings,
+    pub stack: RunSettings,
     pub loads: Vec<Load>,
     pub requests: usize,
     pub max_tokens: u32,
@@ -46,8 +46,8 @@ const AUTHORIZATION: &str = "Bearer sk-bench";
 
 const PROMPT: &str = "Tell me a story about a small robot who learned to paint the sea at night.";
 
-pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, LocalError> {
-    let state = local::build(&settings.stack, false)?;
+pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, RunError> {
+    let state = run::build(&settings.stack, false)?;
     let any_port = ([127, 0, 0, 1], 0).into();
     let listener = tokio::net::TcpListener::bind(any_port)
         .await

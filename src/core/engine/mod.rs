@@ -12,9 +12,11 @@ mod ledger;
 pub mod mocker;
 pub mod native;
 pub mod scheduler;
+mod spawn;
 
 pub use follow::KvFollower;
 pub use ledger::KvLedger;
+pub use spawn::{EngineSettings, SpawnError, spawn_engines};
 
 use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;

@@ -1,13 +1,13 @@
-//! A worker process (`dynamo decode`): one engine exposed on the planes. It serves requests on its ROUTER
+//! A worker process (`dynamo decode`; the role is a parameter, so prefill and encode workers are this same
+//! composition): one engine exposed on the planes. It serves requests on its ROUTER
 //! socket, publishes its KV events and load on its PUB socket, and registers its record with discovery until
 //! it shuts down.
 //!
 //! Load is published on every KV change and at least every `LOAD_INTERVAL`, so a router's view of it is
 //! never older than that, even when nothing else happens.
 use crate::core::discovery::{Discovery, DiscoveryError, Registration};
-use crate::core::engine::Engine;
+use crate::core::engine::{Engine, EngineSettings, SpawnError, spawn_engines};
 use crate::core::engine::{KvFollower, KvLedger};
-use crate::core::local::{self, EngineSettings, LocalError};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
@@ -37,6 +37,8 @@ pub struct WorkerSettings {
 /// Where an engine's planes listen, and what its record says beyond the engine itself.
 #[derive(Debug, Clone)]
 pub struct PlaneSettings {
+    /// What the record says this worker does; routers give whole requests only to `decode` workers.
+    pub role: Role,
     pub namespace: String,
     /// The address other machines reach this worker at (its sockets bind there).
     pub host: IpAddr,
@@ -52,7 +54,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Engine(#[from] LocalError),
+    Engine(#[from] SpawnError),
     #[error("cannot open the {plane} plane on {endpoint}: {source}; pick another port (0 picks a free one)")]
     Plane { plane: &'static str, endpoint: String, source: PlaneError },
     #[error(transparent)]
@@ -93,7 +95,7 @@ pub fn expose(
         .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
     let instance = Instance {
         id,
-        role: Role::Decode,
+        role: planes.role,
         model: model.card.name.clone(),
         namespace: planes.namespace.clone(),
         request_addr: String::new(),
@@ -134,8 +136,7 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let model = Model::load(&settings.model, settings.served_model_name.as_deref())?;
     let id = rand::random::<u64>();
-    let engine =
-        local::spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(LocalError::NoEngine)?;
+    let engine = spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(SpawnError::NoEngine)?;
     let planes = &settings.planes;
     let exposed = expose(engine, &model, settings.engine.block_size(), planes, discovery.as_ref())?;
     let instance = &exposed.instance;

@@ -3,9 +3,7 @@
 //!
 //! It is only a composition of the same pieces the separate roles use, so there is no second code path.
 use crate::core::discovery::Discovery;
-use crate::core::engine::Engine;
-use crate::core::engine::mocker::{MockerConfig, MockerEngine};
-use crate::core::engine::native::{self, NativeError, NativeSettings};
+use crate::core::engine::{EngineSettings, SpawnError, spawn_engines};
 use crate::core::frontend::{self, FrontendState, HttpSettings};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::protocol::WorkerId;
@@ -17,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
-pub struct LocalSettings {
+pub struct RunSettings {
     pub model: ModelSource,
     pub served_model_name: Option<String>,
     pub workers: usize,
@@ -28,41 +26,14 @@ pub struct LocalSettings {
     pub http: HttpSettings,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum EngineSettings {
-    Mocker(MockerConfig),
-    Native(NativeSettings),
-}
-
-impl EngineSettings {
-    pub fn block_size(&self) -> usize {
-        match self {
-            EngineSettings::Mocker(config) => config.scheduler.block_size,
-            EngineSettings::Native(settings) => settings.scheduler.block_size,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
-            EngineSettings::Native(settings) => match settings.device {
-                native::Device::Cpu => format!("native (cpu, {} threads)", settings.threads),
-                device => format!("native ({device})"),
-            },
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
-pub enum LocalError {
+pub enum RunError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Native(#[from] NativeError),
+    Engine(#[from] SpawnError),
     #[error(transparent)]
     Serve(#[from] frontend::ServeError),
-    #[error("no engine was started")]
-    NoEngine,
     #[error(transparent)]
     Announce(#[from] Box<WorkerError>),
 }
@@ -76,7 +47,7 @@ pub struct Announce {
 
 /// Loads the model and starts the workers and router; must run inside a tokio runtime. Workers are numbered
 /// from 0 unless `unique_ids` (workers that other processes see need ids no other process has).
-pub fn build(settings: &LocalSettings, unique_ids: bool) -> Result<Arc<FrontendState>, LocalError> {
+pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendState>, RunError> {
     let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
     let ids: Vec<WorkerId> = match unique_ids {
         true => (0..settings.workers).map(|_| rand::random()).collect(),
@@ -88,43 +59,12 @@ pub fn build(settings: &LocalSettings, unique_ids: bool) -> Result<Arc<FrontendS
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
 }
 
-/// Starts one engine per id on `model` (native workers of one process share one copy of the weights), with a
-/// progress bar while weights load. Must run inside a tokio runtime.
-pub fn spawn_engines(
-    model: &Model,
-    source: &ModelSource,
-    engine: &EngineSettings,
-    ids: &[WorkerId],
-) -> Result<Vec<Arc<dyn Engine>>, LocalError> {
-    Ok(match engine {
-        EngineSettings::Mocker(config) => {
-            let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
-            ids.iter()
-                .map(|&id| Arc::new(MockerEngine::spawn(id, config.clone(), vocab.clone())) as Arc<dyn Engine>)
-                .collect()
-        }
-        EngineSettings::Native(native_settings) => {
-            let bar = indicatif::ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} layers")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            // indicatif draws nothing when stderr is not a terminal.
-            let spawned = native::spawn_workers(source, native_settings, ids, |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            });
-            bar.finish_and_clear();
-            spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
-        }
-    })
-}
-
 /// Serves until `shutdown` resolves. Prints one line with the address once it accepts connections.
-pub async fn run(
-    settings: LocalSettings,
+pub async fn serve(
+    settings: RunSettings,
     announce: Option<Announce>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), LocalError> {
+) -> Result<(), RunError> {
     let state = build(&settings, announce.is_some())?;
     // Held while serving: dropping one takes its worker off the planes and out of discovery.
     let mut exposed = Vec::new();
@@ -132,7 +72,7 @@ pub async fn run(
         let (served, block_size) = (state.first(), settings.engine.block_size());
         for engine in served.router.engines() {
             let worker = worker::expose(engine, &served.model, block_size, planes, discovery.as_ref());
-            exposed.push(worker.map_err(|e| LocalError::Announce(Box::new(e)))?);
+            exposed.push(worker.map_err(|e| RunError::Announce(Box::new(e)))?);
         }
         let endpoints: Vec<&str> = exposed.iter().map(|e| e.instance.request_addr.as_str()).collect();
         println!("dynamo: workers announced in namespace {:?} at {}", planes.namespace, endpoints.join(", "));

@@ -19,7 +19,7 @@ use crate::core::frontend::{FrontendState, Served};
 use crate::core::model::{Model, ModelError};
 use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
 use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
-use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
@@ -267,6 +267,16 @@ impl Membership {
         ready: &mut Option<Ready>,
     ) -> Result<(), ClusterError> {
         let Some(client) = self.clients.get(addr).cloned() else { return Ok(()) };
+        if instance.role != Role::Decode {
+            // Prefill and encode workers get parts of requests, which only disaggregated serving hands out.
+            tracing::warn!(
+                "worker {:016x} at {addr} is a {} worker; this router gives whole requests to decode workers only; \
+                 not used",
+                instance.id,
+                instance.role.name()
+            );
+            return Ok(());
+        }
         if instance.namespace != self.settings.namespace {
             tracing::warn!(
                 "worker at {addr} is in namespace {:?}, this router in {:?}; not used",
@@ -458,7 +468,7 @@ mod tests {
     use crate::core::model::ModelSource;
     use crate::core::plane::request::{RequestServer, Served};
     use crate::core::plane::{EventPublisher, HIGH_WATER_MARK};
-    use crate::core::protocol::discovery::{ModelCardSummary, Role};
+    use crate::core::protocol::discovery::ModelCardSummary;
     use crate::core::protocol::{KvEvent, PreprocessedRequest, StoredBlock};
     use crate::core::tokens::block_hashes;
     use std::sync::Mutex;
@@ -565,6 +575,43 @@ mod tests {
         assert_eq!(overlap(&router, &seen), 3);
         assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
 
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_prefill_worker_is_never_given_whole_requests() {
+        use crate::core::worker::{PlaneSettings, expose};
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("dynamo-roles-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let planes = |role| PlaneSettings {
+            role,
+            namespace: "roles".into(),
+            host: [127, 0, 0, 1].into(),
+            request_port: 0,
+            event_port: 0,
+            max_in_flight: 64,
+        };
+        let engine = |id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect())) as Arc<_>;
+        let _prefill = expose(engine(1), &model, 16, &planes(Role::Prefill), &discovery).unwrap();
+        let settings = || ClusterSettings {
+            namespace: "roles".into(),
+            dead_after: Duration::from_secs(5),
+            router: RouterConfig::default(),
+        };
+        // The prefill worker answers within milliseconds; the router must not take it as its first worker.
+        let alone = tokio::time::timeout(
+            Duration::from_secs(2),
+            Cluster::join(&discovery, settings(), Arc::new(Metrics::new())),
+        )
+        .await;
+        assert!(alone.is_err(), "a router served with only a prefill worker");
+        let _decode = expose(engine(2), &model, 16, &planes(Role::Decode), &discovery).unwrap();
+        let cluster = Cluster::join(&discovery, settings(), Arc::new(Metrics::new())).await.unwrap();
+        let router = cluster.state.first().router;
+        let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
+        assert_eq!(routed.worker_id, 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

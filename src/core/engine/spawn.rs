@@ -1,0 +1,72 @@
+//! Engines built from settings: one per worker id, on one model (native workers of a process share one
+//! copy of the weights). What `dynamo run` and every worker role start their engines with.
+use super::Engine;
+use super::mocker::{MockerConfig, MockerEngine};
+use super::native::{self, NativeError, NativeSettings};
+use crate::core::model::{Model, ModelSource};
+use crate::core::protocol::WorkerId;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineSettings {
+    Mocker(MockerConfig),
+    Native(NativeSettings),
+}
+
+impl EngineSettings {
+    pub fn block_size(&self) -> usize {
+        match self {
+            EngineSettings::Mocker(config) => config.scheduler.block_size,
+            EngineSettings::Native(settings) => settings.scheduler.block_size,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
+            EngineSettings::Native(settings) => match settings.device {
+                native::Device::Cpu => format!("native (cpu, {} threads)", settings.threads),
+                device => format!("native ({device})"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Native(#[from] NativeError),
+    #[error("no engine was started")]
+    NoEngine,
+}
+
+/// Starts one engine per id on `model` (native workers of one process share one copy of the weights), with a
+/// progress bar while weights load. Must run inside a tokio runtime.
+pub fn spawn_engines(
+    model: &Model,
+    source: &ModelSource,
+    engine: &EngineSettings,
+    ids: &[WorkerId],
+) -> Result<Vec<Arc<dyn Engine>>, SpawnError> {
+    Ok(match engine {
+        EngineSettings::Mocker(config) => {
+            let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
+            ids.iter()
+                .map(|&id| Arc::new(MockerEngine::spawn(id, config.clone(), vocab.clone())) as Arc<dyn Engine>)
+                .collect()
+        }
+        EngineSettings::Native(native_settings) => {
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} layers")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            // indicatif draws nothing when stderr is not a terminal.
+            let spawned = native::spawn_workers(source, native_settings, ids, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            });
+            bar.finish_and_clear();
+            spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
+        }
+    })
+}
