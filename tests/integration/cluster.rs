@@ -446,3 +446,25 @@ async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_ot
     let routed: u64 = workers.iter().filter_map(|w| w["stats"]["accepted"].as_u64()).sum();
     assert_eq!(routed, 1, "only the request that came over the request plane is counted as routed: {view}");
 }
+
+#[tokio::test]
+async fn a_request_past_a_workers_kv_capacity_gets_the_same_400_from_run_and_route() {
+    // 4 blocks of 16 tokens: at most 64 tokens per sequence.
+    let small = ["--num-blocks", "4", "--block-size", "16"];
+    let body = completion("a prompt that fits, with far too many tokens asked for", 100);
+    let alone = Server::start(&small);
+    let (file_path, file) = cluster_file("capacity");
+    let _worker = worker(&file, &small);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let (run_status, run_error) = alone.post_json("/v1/completions", body.clone()).await;
+    let (route_status, route_error) = router.post_json("/v1/completions", body.clone()).await;
+    assert_eq!(run_status, 400, "{run_error}");
+    assert_eq!((route_status, &route_error), (run_status, &run_error));
+    assert!(run_error["error"]["message"].as_str().unwrap().contains("at most 64"), "{run_error}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, error) = router.post_json("/v1/completions", streamed).await;
+    assert_eq!((status, &error), (400, &run_error), "streaming or not, the same answer");
+    let _ = std::fs::remove_dir_all(file_path.parent().unwrap());
+}

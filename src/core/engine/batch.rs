@@ -95,17 +95,7 @@ impl Engine for BatchEngine {
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        let needed = request.token_ids.len() + request.stop.max_tokens as usize;
-        if request.token_ids.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
-        }
-        if needed > self.max_sequence_tokens {
-            return Err(EngineError::InvalidRequest(format!(
-                "prompt plus max_tokens is {needed} tokens but this worker holds at most {} per sequence (its \
-                 KV cache or the model's context length); shorten the prompt or lower max_tokens",
-                self.max_sequence_tokens
-            )));
-        }
+        super::check_fits(&request, self.max_sequence_tokens)?;
         let (outputs, receiver) = mpsc::unbounded_channel();
         self.inbox.send(Submission { request, outputs }).map_err(|_| EngineError::Stopped)?;
         Ok(ResponseStream::new(receiver))

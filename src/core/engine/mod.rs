@@ -32,6 +32,23 @@ pub enum EngineError {
     InvalidRequest(String),
 }
 
+/// Refuses a request that can never run on an engine that holds at most `max_sequence_tokens` tokens per
+/// sequence (its KV cache, or its model's context), before it is queued. Engines in this process and remote
+/// ones both check with it, so `dynamo run` and `dynamo route` answer such a request alike.
+pub fn check_fits(request: &PreprocessedRequest, max_sequence_tokens: usize) -> Result<(), EngineError> {
+    let needed = request.token_ids.len() + request.stop.max_tokens as usize;
+    if request.token_ids.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
+    }
+    if needed > max_sequence_tokens {
+        return Err(EngineError::InvalidRequest(format!(
+            "prompt plus max_tokens is {needed} tokens but this worker holds at most {max_sequence_tokens} per \
+             sequence (its KV cache or the model's context length); shorten the prompt or lower max_tokens"
+        )));
+    }
+    Ok(())
+}
+
 pub trait Engine: Send + Sync {
     fn worker_id(&self) -> WorkerId;
 

@@ -1,7 +1,7 @@
 //! A worker in another process, as an `Engine`: requests go over its request-plane connection, its load
 //! arrives from the event plane (fed by the cluster's subscriber). Its KV events do not pass through it: the
 //! cluster applies them to the router's index where it decodes them.
-use crate::core::engine::{Engine, EngineError, ResponseStream};
+use crate::core::engine::{Engine, EngineError, ResponseStream, check_fits};
 use crate::core::plane::request::WorkerClient;
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::{KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
@@ -39,6 +39,12 @@ impl Engine for RemoteEngine {
         if !self.client.is_alive() {
             return Err(EngineError::Stopped);
         }
+        // Checked here as the worker would, so the client gets the same 400 as from `dynamo run` rather than
+        // an error inside a stream that has already begun.
+        let card = &self.instance.card;
+        let kv_tokens =
+            usize::try_from(card.kv_blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX);
+        check_fits(&request, kv_tokens.min(card.context_length as usize))?;
         Ok(self.client.submit(request))
     }
 
