@@ -28,6 +28,9 @@ _dynamo() {
             dynamo,help)
                 cmd="dynamo__subcmd__help"
                 ;;
+            dynamo,keygen)
+                cmd="dynamo__subcmd__keygen"
+                ;;
             dynamo,route)
                 cmd="dynamo__subcmd__route"
                 ;;
@@ -94,6 +97,9 @@ _dynamo() {
             dynamo__subcmd__help,help)
                 cmd="dynamo__subcmd__help__subcmd__help"
                 ;;
+            dynamo__subcmd__help,keygen)
+                cmd="dynamo__subcmd__help__subcmd__keygen"
+                ;;
             dynamo__subcmd__help,route)
                 cmd="dynamo__subcmd__help__subcmd__route"
                 ;;
@@ -131,7 +137,7 @@ _dynamo() {
 
     case "${cmd}" in
         dynamo)
-            opts="-v -h -V --verbose --help --version run decode route top bench selftest completions help"
+            opts="-v -h -V --verbose --help --version run decode route top bench selftest keygen completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -513,7 +519,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --discovery --namespace --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -548,6 +554,10 @@ _dynamo() {
                     return 0
                     ;;
                 --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -595,7 +605,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help)
-            opts="run decode route top bench selftest completions help"
+            opts="run decode route top bench selftest keygen completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -748,6 +758,20 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__help__subcmd__keygen)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__help__subcmd__route)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -804,8 +828,26 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__keygen)
+            opts="-v -h -V --out --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__route)
-            opts="-v -h -V --http-host --http-port --api-key --protect-metrics --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --worker-timeout --discovery --namespace --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --verbose --help --version"
+            opts="-v -h -V --http-host --http-port --api-key --protect-metrics --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -851,6 +893,10 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --cluster-key-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --router-mode)
                     COMPREPLY=($(compgen -W "kv round-robin random least-loaded" -- "${cur}"))
                     return 0
@@ -883,7 +929,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --workers --http-host --http-port --api-key --protect-metrics --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --discovery --namespace --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --workers --http-host --http-port --api-key --protect-metrics --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -934,6 +980,10 @@ _dynamo() {
                     return 0
                     ;;
                 --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1031,7 +1081,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__top)
-            opts="-v -h -V --once --json --wait --refresh --worker-timeout --discovery --namespace --verbose --help --version"
+            opts="-v -h -V --once --json --wait --refresh --worker-timeout --discovery --namespace --cluster-key-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1054,6 +1104,10 @@ _dynamo() {
                     return 0
                     ;;
                 --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -33,6 +33,7 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "route" -d 'Start the 
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
+complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
@@ -47,6 +48,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-header-timeou
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-body-timeout -d 'Seconds a client has to send a whole request body (408 past it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l discovery -d 'Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo decode` workers are, so `dynamo top` and other routers of the namespace see them' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l namespace -d 'The namespace the workers are announced in (with --discovery)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
 round-robin\t''
 random\t''
@@ -80,6 +82,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
@@ -104,6 +107,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-body-timeou
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-mode -d 'How requests are spread over workers' -r -f -a "kv\t'Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load'
 round-robin\t''
 random\t''
@@ -123,6 +127,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l refresh -d 'Second
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker shows as lost' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l once -d 'Print the table once, after watching for --wait seconds, instead of taking over the terminal'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l json -d 'With --once: print JSON (the same facts, numbers as numbers) instead of the table'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -213,17 +218,22 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -l json -d 'Prin
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -l out -d 'Write the key to this file, readable by its owner only (it must not exist yet) [default: print it]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'

@@ -5,6 +5,7 @@ use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::frontend::{ApiKey, HttpSettings};
 use crate::core::router::{RouterConfig, RouterMode};
+use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -239,6 +240,34 @@ impl HttpArgs {
     }
 }
 
+/// The cluster secret every role of a cluster shares.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Discovery")]
+pub struct KeyArgs {
+    /// File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed
+    /// with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is
+    /// open to anyone on the network.
+    #[arg(long, env = "DYNAMO_CLUSTER_KEY_FILE", value_name = "PATH")]
+    pub cluster_key_file: Option<std::path::PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key from the file, else from `DYNAMO_CLUSTER_KEY`; without one, says once that the cluster is open.
+    pub fn key(&self) -> anyhow::Result<Option<ClusterKey>> {
+        if let Some(path) = &self.cluster_key_file {
+            return Ok(Some(ClusterKey::read(path)?));
+        }
+        if let Ok(text) = std::env::var("DYNAMO_CLUSTER_KEY") {
+            return Ok(Some(ClusterKey::parse(&text, "DYNAMO_CLUSTER_KEY")?));
+        }
+        eprintln!(
+            "dynamo: the cluster is open: anyone who can reach its ports can join it and read its prompts; make a key \
+             with `dynamo keygen --out PATH` and pass --cluster-key-file PATH to every role"
+        );
+        Ok(None)
+    }
+}
+
 /// How a role finds the others.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Discovery")]
@@ -252,4 +281,7 @@ pub struct ClusterArgs {
     /// Clusters sharing one network or file see only their own namespace.
     #[arg(long, env = "DYNAMO_NAMESPACE", default_value = "dynamo")]
     pub namespace: String,
+
+    #[command(flatten)]
+    pub key: KeyArgs,
 }

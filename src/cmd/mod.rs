@@ -2,6 +2,7 @@
 mod args;
 mod bench;
 mod completions;
+mod keygen;
 mod route;
 mod run;
 mod selftest;
@@ -39,6 +40,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels).
     Selftest(selftest::SelftestArgs),
+    /// Make a cluster key: with it, roles seal every plane message and ignore processes without it.
+    Keygen(keygen::KeygenArgs),
     /// Print shell completions (bash, zsh, fish, …) to stdout.
     Completions(completions::CompletionsArgs),
 }
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Top(args) => top::run(args, log_tail.unwrap_or_default()),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Completions(args) => completions::run(args),
     }
 }

@@ -26,6 +26,7 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         namespace: args.cluster.namespace,
         dead_after: Duration::from_secs_f64(args.worker_timeout),
         router: args.router.config(),
+        key: args.cluster.key.key()?,
     };
     let (listen, http) = (args.http.listen(), args.http.settings());
     super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, super::shutdown_signal()))?;

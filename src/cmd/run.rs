@@ -1,5 +1,5 @@
 //! `dynamo run`: the whole stack in one process.
-use super::args::{EngineArgs, HttpArgs, RouterArgs};
+use super::args::{EngineArgs, HttpArgs, KeyArgs, RouterArgs};
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
 use crate::core::run::{self, Announce, RunSettings};
@@ -34,6 +34,10 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_NAMESPACE", default_value = "dynamo", help_heading = "Discovery")]
     pub namespace: String,
 
+    /// With --discovery: the cluster key the announced workers seal their planes with.
+    #[command(flatten)]
+    pub key: KeyArgs,
+
     #[command(flatten)]
     pub router: RouterArgs,
 
@@ -62,6 +66,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 request_port: 0,
                 event_port: 0,
                 max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
+                key: args.key.key()?,
             },
         }),
         None => None,

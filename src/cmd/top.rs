@@ -45,6 +45,7 @@ pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
         discovery,
         args.cluster.namespace,
         Duration::from_secs_f64(args.worker_timeout),
+        args.cluster.key.key()?,
         view.clone(),
     ));
     if args.once {

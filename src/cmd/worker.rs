@@ -53,6 +53,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             request_port: args.request_port,
             event_port: args.event_port,
             max_in_flight: args.max_in_flight as usize,
+            key: args.cluster.key.key()?,
         },
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;

@@ -13,4 +13,5 @@ pub mod run;
 pub mod telemetry;
 pub mod tokens;
 pub mod top;
+pub mod trust;
 pub mod worker;

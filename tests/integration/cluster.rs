@@ -468,3 +468,49 @@ async fn a_request_past_a_workers_kv_capacity_gets_the_same_400_from_run_and_rou
     assert_eq!((status, &error), (400, &run_error), "streaming or not, the same answer");
     let _ = std::fs::remove_dir_all(file_path.parent().unwrap());
 }
+
+#[tokio::test]
+async fn a_keyed_cluster_serves_its_members_and_says_when_it_is_open() {
+    let (file_path, file) = cluster_file("keyed");
+    let key_file = file_path.with_file_name("cluster.key");
+    let made = dynamo().args(["keygen", "--out"]).arg(&key_file).output().expect("keygen runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    // One worker reads the key from the environment, the router from the file.
+    let _member = Worker::start_with(
+        dynamo()
+            .args(["decode", "--engine", "mocker", "--speedup", "20", "--discovery", &file])
+            .env("DYNAMO_CLUSTER_KEY", key.trim()),
+    );
+    let router = Server::start_with(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--worker-timeout",
+        "1",
+        "--discovery",
+        &file,
+        "--cluster-key-file",
+        key_file,
+    ]));
+    wait_for_workers(&router, 1).await;
+    let (status, body) = router.post_json("/v1/completions", completion("sealed on the wire", 4)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+    let top = |args: &[&str]| {
+        let out = dynamo()
+            .args(["top", "--once", "--json", "--wait", "1.5", "--discovery", &file])
+            .args(args)
+            .output()
+            .expect("top runs");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (seen, said) = top(&["--cluster-key-file", key_file]);
+    assert!(seen.contains("tiny-chat"), "top with the key sees the worker's record: {seen}");
+    assert!(!said.contains("cluster is open"), "{said}");
+    let (unseen, said) = top(&[]);
+    assert!(!unseen.contains("tiny-chat"), "top without the key read a sealed record: {unseen}");
+    assert!(said.contains("the cluster is open"), "{said}");
+    let _ = std::fs::remove_dir_all(file_path.parent().unwrap());
+}

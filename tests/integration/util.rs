@@ -112,7 +112,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(args: &[&str]) -> Worker {
-        let (child, _) = spawn_until(dynamo().arg("decode").args(args), "decode worker");
+        Self::start_with(dynamo().arg("decode").args(args))
+    }
+
+    /// Starts a worker from a whole command (`dynamo decode …`, with its environment).
+    pub fn start_with(command: &mut Command) -> Worker {
+        let (child, _) = spawn_until(command, "decode worker");
         Worker { child }
     }
 

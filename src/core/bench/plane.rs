@@ -4,6 +4,7 @@
 //! streamed requests through `RequestServer`/`WorkerClient` against a bare DEALER/ROUTER echo.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer};
+use crate::core::plane::Context;
 use crate::core::plane::request::{RequestServer, Served, WorkerClient, WorkerStatus, dealer_socket, router_socket};
 use crate::core::plane::{
     EventPublisher, EventSubscriber, PlaneError, SocketReader, bound_endpoint, publish_socket, subscribe_socket,
@@ -18,7 +19,6 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zmq::Context;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct PlaneRun {

@@ -1,9 +1,10 @@
 //! Publisher and subscriber sockets of the event plane, and the sequence tracking that makes loss visible.
 use super::reader::SocketReader;
+use super::{Context, Seals};
 use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use zmq::Context;
+use std::sync::Arc;
 
 /// Frames (four per message) a socket buffers for a slow peer before dropping (ZMQ's high-water mark);
 /// drops show as gaps. 0 buffers without limit.
@@ -58,6 +59,7 @@ pub struct EventPublisher {
     endpoint: String,
     /// The payload of the message being sent, kept between messages for its capacity.
     payload: Vec<u8>,
+    seals: Option<Arc<Seals>>,
 }
 
 impl EventPublisher {
@@ -65,7 +67,8 @@ impl EventPublisher {
     pub fn bind(context: &Context, endpoint: &str, publisher: u64, hwm: i32) -> Result<Self, PlaneError> {
         let socket = publish_socket(context, endpoint, hwm)?;
         let endpoint = super::bound_endpoint(&socket)?;
-        Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new() })
+        let seals = context.seals().cloned();
+        Ok(Self { socket, publisher, next_seq: [0; Topic::ALL.len()], endpoint, payload: Vec::new(), seals })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -92,8 +95,16 @@ impl EventPublisher {
         let next = &mut self.next_seq[topic as usize];
         let (publisher, seq) = (self.publisher.to_be_bytes(), next.to_be_bytes());
         *next += 1;
+        let sealed;
+        let payload = match &self.seals {
+            Some(seals) => {
+                sealed = seals.event.seal(&frame_context(topic.name(), &publisher, &seq), &self.payload);
+                &sealed
+            }
+            None => &self.payload,
+        };
         // libzmq copies each frame into its own message, so the buffer is free again once this returns.
-        let frames: [&[u8]; 4] = [topic.name(), &publisher, &seq, &self.payload];
+        let frames: [&[u8]; 4] = [topic.name(), &publisher, &seq, payload];
         self.socket.send_multipart(frames, zmq::DONTWAIT)?;
         Ok(())
     }
@@ -134,7 +145,34 @@ impl SeqTracker {
 pub struct Delivery {
     pub header: FrameHeader,
     pub continuity: Continuity,
-    pub payload: zmq::Message,
+    pub payload: EventBytes,
+}
+
+/// A delivered payload: libzmq's own message in an open cluster, the opened copy in a keyed one.
+#[derive(Debug)]
+pub enum EventBytes {
+    Received(zmq::Message),
+    Opened(Vec<u8>),
+}
+
+impl std::ops::Deref for EventBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            EventBytes::Received(message) => message,
+            EventBytes::Opened(bytes) => bytes,
+        }
+    }
+}
+
+/// What a sealed event payload is bound to: its frame's header, so it cannot be re-labelled.
+fn frame_context(topic: &[u8], publisher: &[u8], seq: &[u8]) -> SmallVec<[u8; 24]> {
+    let mut context = SmallVec::new();
+    context.extend_from_slice(topic);
+    context.extend_from_slice(publisher);
+    context.extend_from_slice(seq);
+    context
 }
 
 pub struct EventSubscriber {
@@ -143,8 +181,9 @@ pub struct EventSubscriber {
     /// Messages lost, summed over every gap seen.
     pub lost: u64,
     pub restarts: u64,
-    /// Messages that were not event-plane frames, skipped.
+    /// Messages that were not event-plane frames (or not sealed with the cluster's key), skipped.
     pub malformed: u64,
+    seals: Option<Arc<Seals>>,
 }
 
 impl EventSubscriber {
@@ -166,6 +205,7 @@ impl EventSubscriber {
             lost: 0,
             restarts: 0,
             malformed: 0,
+            seals: context.seals().cloned(),
         })
     }
 
@@ -195,13 +235,28 @@ impl EventSubscriber {
                     return Err(error.into());
                 }
             };
+            let Some(payload) = frames.into_iter().nth(3) else { continue };
+            // Opened before its numbering counts: a stranger's frame must not move the sequence.
+            let payload = match &self.seals {
+                None => EventBytes::Received(payload),
+                Some(seals) => {
+                    let context =
+                        frame_context(header.topic.name(), &header.publisher.to_be_bytes(), &header.seq.to_be_bytes());
+                    match seals.event.open(&context, &payload) {
+                        Ok(opened) => EventBytes::Opened(opened),
+                        Err(_) => {
+                            self.malformed += 1;
+                            return Err(FrameError::Unsealed.into());
+                        }
+                    }
+                }
+            };
             let continuity = self.tracker.observe(header);
             match continuity {
                 Continuity::Gap(n) => self.lost += n,
                 Continuity::Restarted => self.restarts += 1,
                 Continuity::InOrder => {}
             }
-            let Some(payload) = frames.into_iter().nth(3) else { continue };
             return Ok(Delivery { header, continuity, payload });
         }
     }

@@ -15,15 +15,55 @@
 //!    (`engine::KvLedger` on the worker side keeps what the snapshot needs; `cluster` does the asking).
 //!
 //! Malformed messages are counted and skipped; the socket stays up.
+//!
+//! With a cluster key every message of both planes is sealed (`trust`): the `Context` every socket of a
+//! process is made from carries the seals, so no socket of a keyed process speaks in the clear, and a
+//! message that does not open is dropped and counted like a malformed one.
 mod event;
 mod reader;
 pub mod request;
 
 pub use event::{
-    Continuity, Delivery, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker, publish_socket,
-    subscribe_socket,
+    Continuity, Delivery, EventBytes, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker,
+    publish_socket, subscribe_socket,
 };
 pub use reader::SocketReader;
+
+use crate::core::trust::{ClusterKey, Plane, Seal};
+use std::sync::Arc;
+
+/// What every plane socket of a process is made from: one libzmq context, and the cluster's seals when the
+/// process was given a key.
+#[derive(Clone, Default)]
+pub struct Context {
+    zmq: zmq::Context,
+    seals: Option<Arc<Seals>>,
+}
+
+pub struct Seals {
+    pub request: Seal,
+    pub event: Seal,
+}
+
+impl Context {
+    /// An open cluster's: nothing is sealed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_key(key: Option<&ClusterKey>) -> Self {
+        let seals = key.map(|key| Arc::new(Seals { request: key.seal(Plane::Request), event: key.seal(Plane::Event) }));
+        Self { zmq: zmq::Context::new(), seals }
+    }
+
+    pub fn socket(&self, kind: zmq::SocketType) -> Result<zmq::Socket, zmq::Error> {
+        self.zmq.socket(kind)
+    }
+
+    pub fn seals(&self) -> Option<&Arc<Seals>> {
+        self.seals.as_ref()
+    }
+}
 
 /// The endpoint a socket was bound to, with the port the system picked for `tcp://host:*` or `:0`.
 pub fn bound_endpoint(socket: &zmq::Socket) -> Result<String, PlaneError> {

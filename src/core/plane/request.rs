@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{PlaneError, SocketReader, bound_endpoint};
+use super::{Context, PlaneError, Seals, SocketReader, bound_endpoint};
 use crate::core::engine::KvLedger;
+use std::borrow::Cow;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
 /// should carry.
@@ -50,11 +51,36 @@ const RETRY_PING: Duration = Duration::from_millis(20);
 /// announces the size, before anything is buffered.
 const MAX_MESSAGE: i64 = MAX_FRAME_BYTES as i64;
 
+/// What a sealed message is bound to besides its bytes: its direction, so that a worker's message cannot be
+/// passed off as a router's.
+const TO_WORKER: &[u8] = b"dynamo request plane: to a worker";
+const TO_ROUTER: &[u8] = b"dynamo request plane: to a router";
+
+/// `body` sealed for `direction` in a keyed cluster, as it is in an open one.
+fn sealed(seals: Option<&Seals>, direction: &[u8], body: Vec<u8>) -> Vec<u8> {
+    match seals {
+        Some(seals) => seals.request.seal(direction, &body),
+        None => body,
+    }
+}
+
+/// The plain bytes of a received body.
+fn opened<'a>(
+    seals: Option<&Seals>,
+    direction: &[u8],
+    body: &'a [u8],
+) -> Result<Cow<'a, [u8]>, crate::core::trust::Unsealed> {
+    match seals {
+        Some(seals) => seals.request.open(direction, body).map(Cow::Owned),
+        None => Ok(Cow::Borrowed(body)),
+    }
+}
+
 /// A ROUTER socket as a worker serves on, bound to `endpoint`. A ROUTER drops, silently, what does not fit
 /// under its high-water mark: with 64 streams of tokens in flight the default 1000 lost outputs. The engine's
 /// pace bounds what waits here, so no limit. What is sent to a router that is gone fails (`EHOSTUNREACH`)
 /// instead of vanishing, so that its requests can be stopped at once.
-pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
+pub fn router_socket(context: &Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::ROUTER)?;
     socket.set_linger(0)?;
     socket.set_router_mandatory(true)?;
@@ -68,7 +94,7 @@ pub fn router_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Sock
 /// A DEALER socket as a router reaches a worker through, connected to `endpoint`. Messages are queued only
 /// while the connection is up (`ZMQ_IMMEDIATE`): a send while it is down fails at once instead of waiting for
 /// whoever listens there next, which could be a restarted worker handed requests their router gave up on.
-pub fn dealer_socket(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
+pub fn dealer_socket(context: &Context, endpoint: &str) -> Result<zmq::Socket, PlaneError> {
     let socket = context.socket(zmq::DEALER)?;
     socket.set_linger(0)?;
     socket.set_immediate(true)?;
@@ -171,13 +197,14 @@ impl ServerStats {
 
 impl RequestServer {
     /// Binds `endpoint` (`tcp://host:0` picks a free port; `endpoint()` tells which) and serves until dropped.
-    pub fn bind(context: &zmq::Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
+    pub fn bind(context: &Context, endpoint: &str, mut served: Served) -> Result<Self, PlaneError> {
         let socket = router_socket(context, endpoint)?;
         let endpoint = bound_endpoint(&socket)?;
         let socket = SocketReader::new(socket)?;
         let stats = Arc::new(ServerStats::default());
         served.instance.request_addr = endpoint.clone();
-        let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone()));
+        let seals = context.seals().cloned();
+        let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone(), seals));
         Ok(Self { endpoint, stats, task })
     }
 
@@ -186,7 +213,7 @@ impl RequestServer {
     }
 }
 
-async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>) {
+async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>, seals: Option<Arc<Seals>>) {
     // One task owns the socket, reading and writing: a socket's reads and writes share libzmq's one
     // edge-triggered descriptor, and a reader on another task could sleep through a wake-up a send took.
     // Snapshot frames, made on a blocking thread, come back through `queue`; every other reply is made here.
@@ -202,6 +229,12 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 let mut parts = frames.into_iter();
                 let (Some(peer), Some(body)) = (parts.next(), parts.next()) else {
                     stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let Ok(body) = opened(seals.as_deref(), TO_WORKER, &body) else {
+                    // A stranger, or a router with another key: no answer, and it is not a peer.
+                    stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("request plane: dropped a message not sealed with this cluster's key");
                     continue;
                 };
                 let peer = peer.to_vec();
@@ -250,7 +283,7 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 },
             }
         }
-        match send(&socket, outbox.drain()) {
+        match send(&socket, outbox.drain(), seals.as_deref()) {
             Ok(gone) => {
                 for peer in gone {
                     // A router that crashed or closed: nobody reads what its requests would still generate.
@@ -268,12 +301,16 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
 
 /// Sends each (peer, body); returns the peers that are gone. Never blocks: a ROUTER without a high-water mark
 /// queues.
-fn send(socket: &SocketReader, frames: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Vec<Vec<u8>>, zmq::Error> {
+fn send(
+    socket: &SocketReader,
+    frames: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    seals: Option<&Seals>,
+) -> Result<Vec<Vec<u8>>, zmq::Error> {
     let mut gone: Vec<Vec<u8>> = Vec::new();
     for (peer, body) in frames {
         // The peer's frame is where a ROUTER says it does not know the peer; a body for one is never sent.
         match socket.socket().send(&peer[..], zmq::SNDMORE | zmq::DONTWAIT) {
-            Ok(()) => socket.socket().send(body, zmq::DONTWAIT)?,
+            Ok(()) => socket.socket().send(sealed(seals, TO_ROUTER, body), zmq::DONTWAIT)?,
             Err(zmq::Error::EHOSTUNREACH) => {
                 if !gone.contains(&peer) {
                     gone.push(peer);
@@ -456,7 +493,7 @@ impl Drop for WorkerClient {
 impl WorkerClient {
     /// Connects to a worker's request endpoint and starts pinging it; `status` hears when it answers or is lost.
     pub fn connect(
-        context: &zmq::Context,
+        context: &Context,
         endpoint: &str,
         dead_after: Duration,
         status: mpsc::UnboundedSender<WorkerStatus>,
@@ -465,13 +502,14 @@ impl WorkerClient {
         let (commands, receiver) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(false));
         let liveness = Liveness { dead_after, status, alive: alive.clone() };
-        let task = tokio::spawn(client(socket, receiver, liveness));
+        let link = Link { endpoint: endpoint.to_string(), seals: context.seals().cloned() };
+        let task = tokio::spawn(client(socket, receiver, liveness, link));
         Ok(Self { commands, next_stream: AtomicU64::new(0), alive, task })
     }
 
     /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
     pub fn connect_labelled(
-        context: &zmq::Context,
+        context: &Context,
         endpoint: String,
         dead_after: Duration,
         statuses: &mpsc::UnboundedSender<(String, WorkerStatus)>,
@@ -530,6 +568,18 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// The worker a client talks to, and how its messages are sealed.
+struct Link {
+    endpoint: String,
+    seals: Option<Arc<Seals>>,
+}
+
+impl Link {
+    fn seal(&self, body: Vec<u8>) -> Vec<u8> {
+        sealed(self.seals.as_deref(), TO_WORKER, body)
+    }
+}
+
 /// How a client decides that its worker is lost, and whom it tells.
 struct Liveness {
     /// Silence for this long: a worker that hangs, or a connection that died without a word. A connection
@@ -544,17 +594,22 @@ impl Liveness {
     /// Each is also cancelled on the worker: a worker that only hung still holds the connection, so the
     /// cancels wait in it and are the first thing it reads when it resumes, instead of it generating, for
     /// nobody, requests that continue elsewhere. (On a dropped connection they cannot go, and need not.)
-    fn lose(&self, open: &mut HashMap<u64, mpsc::UnboundedSender<EngineOutput>>, socket: &zmq::Socket) {
+    fn lose(&self, open: &mut HashMap<u64, mpsc::UnboundedSender<EngineOutput>>, socket: &zmq::Socket, link: &Link) {
         if self.alive.swap(false, Ordering::AcqRel) {
             for (stream, _) in open.drain() {
-                let _ = socket.send(encode(&ToWorker::Cancel { stream }), zmq::DONTWAIT);
+                let _ = socket.send(link.seal(encode(&ToWorker::Cancel { stream })), zmq::DONTWAIT);
             }
             let _ = self.status.send(WorkerStatus::Lost);
         }
     }
 }
 
-async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<Command>, liveness: Liveness) {
+async fn client(
+    mut socket: SocketReader,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    liveness: Liveness,
+    link: Link,
+) {
     let (status, alive) = (liveness.status.clone(), liveness.alive.clone());
     let mut open: HashMap<u64, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
     let mut files_wanted: Vec<oneshot::Sender<Vec<(String, String)>>> = Vec::new();
@@ -567,6 +622,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
     let mut last_heard = Instant::now();
     let mut known: Option<u64> = None;
     let mut unsent_pings = 0u32;
+    let mut warned_unsealed = false;
     loop {
         let send = tokio::select! {
             command = commands.recv() => match command {
@@ -598,6 +654,17 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
                 let Ok(frames) = frames else { return };
                 last_heard = Instant::now();
                 let Some(body) = frames.into_iter().next() else { continue };
+                let Ok(body) = opened(link.seals.as_deref(), TO_ROUTER, &body) else {
+                    if !warned_unsealed {
+                        warned_unsealed = true;
+                        tracing::warn!(
+                            "request plane: the worker at {} answers without this cluster's key (started with another \
+                             --cluster-key-file, or none); it is not used",
+                            link.endpoint
+                        );
+                    }
+                    continue;
+                };
                 let messages = match decode::<FromWorker>(&body) {
                     Ok(FromWorker::Batch(messages)) => messages,
                     Ok(message) => vec![message],
@@ -685,7 +752,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > liveness.dead_after {
-                    liveness.lose(&mut open, socket.socket());
+                    liveness.lose(&mut open, socket.socket(), &link);
                 }
                 ToWorker::Ping { version: PROTOCOL_VERSION }
             }
@@ -693,7 +760,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
         // A message that cannot go now (no connection, or the queue to a slow worker full) is dropped, and
         // whoever waits for its answer is told at once: a request ends without a finish reason, so that the
         // router sends it to another worker; a ping is tried again soon.
-        match socket.socket().send(encode(&send), zmq::DONTWAIT) {
+        match socket.socket().send(link.seal(encode(&send)), zmq::DONTWAIT) {
             Ok(()) => unsent_pings = 0,
             Err(zmq::Error::EAGAIN) => match send {
                 ToWorker::Generate { stream, .. } => drop(open.remove(&stream)),
@@ -702,7 +769,7 @@ async fn client(mut socket: SocketReader, mut commands: mpsc::UnboundedReceiver<
                 ToWorker::Ping { .. } => {
                     // No connection (or a queue of thousands the worker does not take): whatever was in
                     // flight on it cannot come back, since a new connection is a new peer to the worker.
-                    liveness.lose(&mut open, socket.socket());
+                    liveness.lose(&mut open, socket.socket(), &link);
                     // Soon for a worker that is starting, then every heartbeat for an address nobody is at.
                     heartbeat.reset_after((RETRY_PING * 2u32.pow(unsent_pings.min(4))).min(HEARTBEAT));
                     unsent_pings += 1;

@@ -39,6 +39,8 @@ pub enum FrameError {
     Header(&'static str),
     #[error("payload does not decode: {0}")]
     Payload(String),
+    #[error("the payload is not sealed with this cluster's key (a worker with another --cluster-key-file, or none)")]
+    Unsealed,
 }
 
 /// A decoded frame's header; the payload stays bytes until the reader knows what it wants.

@@ -24,6 +24,7 @@ use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
 use crate::core::router::{Router, RouterConfig};
 use crate::core::telemetry::{Metrics, PlaneEvent};
+use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,8 @@ pub struct ClusterSettings {
     pub dead_after: Duration,
     /// Its block size is replaced by the workers'.
     pub router: RouterConfig,
+    /// The cluster's secret: with it, only workers that hold it too are heard.
+    pub key: Option<ClusterKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +72,7 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
-        let context = zmq::Context::new();
+        let context = crate::core::plane::Context::with_key(settings.key.as_ref());
         // Publishers filter by topic: a router with no use for KV events is not sent them.
         let topics: &[Topic] =
             if settings.router.indexes_events() { &Topic::ALL } else { &[Topic::Load, Topic::Stats] };
@@ -160,7 +163,7 @@ struct Member {
 type SnapshotResult = (String, WorkerId, Option<KvSnapshot>);
 
 struct Membership {
-    context: zmq::Context,
+    context: crate::core::plane::Context,
     settings: ClusterSettings,
     /// One connection per discovered request endpoint, alive or not.
     clients: HashMap<String, Arc<WorkerClient>>,
@@ -501,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gap_is_repaired_from_the_workers_snapshot() {
-        let context = zmq::Context::new();
+        let context = crate::core::plane::Context::new();
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let id = 0xabc;
         let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", id, HIGH_WATER_MARK).unwrap();
@@ -544,6 +547,7 @@ mod tests {
             namespace: "gap".into(),
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
+            key: None,
         };
         let cluster = Cluster::join(&discovery, settings, Arc::new(Metrics::new())).await.unwrap();
         let (router, metrics) = (cluster.state.first().router, cluster.state.metrics.clone());
@@ -592,6 +596,7 @@ mod tests {
             request_port: 0,
             event_port: 0,
             max_in_flight: 64,
+            key: None,
         };
         let engine = |id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect())) as Arc<_>;
         let _prefill = expose(engine(1), &model, 16, &planes(Role::Prefill), &discovery).unwrap();
@@ -599,6 +604,7 @@ mod tests {
             namespace: "roles".into(),
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
+            key: None,
         };
         // The prefill worker answers within milliseconds; the router must not take it as its first worker.
         let alone = tokio::time::timeout(
@@ -612,6 +618,52 @@ mod tests {
         let router = cluster.state.first().router;
         let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
         assert_eq!(routed.worker_id, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_router_with_a_key_hears_only_workers_with_it() {
+        use crate::core::trust::ClusterKey;
+        use crate::core::worker::{PlaneSettings, expose};
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("dynamo-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let key = ClusterKey::generate().unwrap();
+        let planes = |key: Option<ClusterKey>| PlaneSettings {
+            role: Role::Decode,
+            namespace: "keys".into(),
+            host: [127, 0, 0, 1].into(),
+            request_port: 0,
+            event_port: 0,
+            max_in_flight: 64,
+            key,
+        };
+        let engine = |id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect())) as Arc<_>;
+        let _open = expose(engine(1), &model, 16, &planes(None), &discovery).unwrap();
+        let _other = expose(engine(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), &discovery).unwrap();
+        let settings = || ClusterSettings {
+            namespace: "keys".into(),
+            dead_after: Duration::from_secs(5),
+            router: RouterConfig::default(),
+            key: Some(key.clone()),
+        };
+        let strangers_only = tokio::time::timeout(
+            Duration::from_secs(2),
+            Cluster::join(&discovery, settings(), Arc::new(Metrics::new())),
+        )
+        .await;
+        assert!(strangers_only.is_err(), "a keyed router took a worker without its key");
+        let _member = expose(engine(3), &model, 16, &planes(Some(key.clone())), &discovery).unwrap();
+        let cluster = Cluster::join(&discovery, settings(), Arc::new(Metrics::new())).await.unwrap();
+        let router = cluster.state.first().router;
+        let mut routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 4)).unwrap();
+        assert_eq!(routed.worker_id, 3);
+        let mut tokens = 0;
+        while let Some(output) = futures::StreamExt::next(&mut routed).await {
+            tokens += output.token_ids.len();
+        }
+        assert_eq!(tokens, 4, "the member's sealed stream arrives whole");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

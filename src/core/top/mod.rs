@@ -312,9 +312,10 @@ pub async fn watch(
     discovery: Box<dyn Discovery>,
     namespace: String,
     dead_after: Duration,
+    key: Option<crate::core::trust::ClusterKey>,
     view: Arc<Mutex<ClusterView>>,
 ) -> Result<(), PlaneError> {
-    let context = zmq::Context::new();
+    let context = crate::core::plane::Context::with_key(key.as_ref());
     let mut subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
     let mut found = discovery.watch(&namespace);
     let (statuses, mut status_updates) = mpsc::unbounded_channel();

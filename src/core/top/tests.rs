@@ -1,4 +1,5 @@
 use super::*;
+use crate::core::plane::EventBytes;
 use crate::core::protocol::StoredBlock;
 use crate::core::protocol::discovery::{ModelCardSummary, Role};
 use crate::core::protocol::plane::FrameHeader;
@@ -21,7 +22,7 @@ fn instance(id: u64) -> Instance {
 }
 
 fn delivery(publisher: u64, topic: Topic, seq: u64, continuity: Continuity, payload: Vec<u8>) -> Delivery {
-    Delivery { header: FrameHeader { topic, publisher, seq }, continuity, payload: zmq::Message::from(payload) }
+    Delivery { header: FrameHeader { topic, publisher, seq }, continuity, payload: EventBytes::Opened(payload) }
 }
 
 fn stored(blocks: u64) -> KvEventBatch {

@@ -47,6 +47,8 @@ pub struct PlaneSettings {
     pub event_port: u16,
     /// Requests in flight past which new ones are refused as busy.
     pub max_in_flight: usize,
+    /// The cluster's secret: with it, every plane message is sealed and only routers that hold it are heard.
+    pub key: Option<crate::core::trust::ClusterKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +71,7 @@ pub struct Exposed {
     _registration: Registration,
     _server: RequestServer,
     events: tokio::task::JoinHandle<()>,
-    _context: zmq::Context,
+    _context: crate::core::plane::Context,
 }
 
 impl Drop for Exposed {
@@ -88,7 +90,7 @@ pub fn expose(
     discovery: &dyn Discovery,
 ) -> Result<Exposed, WorkerError> {
     let id = engine.worker_id();
-    let context = zmq::Context::new();
+    let context = crate::core::plane::Context::with_key(planes.key.as_ref());
     let tcp = |port: u16| tcp_endpoint(planes.host, port);
     let event_endpoint = tcp(planes.event_port);
     let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)

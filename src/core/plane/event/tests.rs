@@ -91,3 +91,36 @@ async fn malformed_messages_are_counted_and_skipped() {
     assert_eq!(delivery.header.seq, seq);
     assert_eq!(subscriber.malformed, 2);
 }
+
+#[tokio::test]
+async fn with_a_key_strangers_read_nothing_and_their_frames_are_dropped() {
+    use crate::core::trust::ClusterKey;
+    let key = ClusterKey::generate().unwrap();
+    let keyed = Context::with_key(Some(&key));
+    let mut publisher = EventPublisher::bind(&keyed, "tcp://127.0.0.1:*", 7, HIGH_WATER_MARK).unwrap();
+    // A member reads the events as before.
+    let mut member = EventSubscriber::connect(&keyed, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
+    first_delivery(&mut publisher, &mut member).await;
+    // A stranger gets the frames but not the block hashes in them.
+    let open = Context::new();
+    let mut stranger = EventSubscriber::connect(&open, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
+    let received = loop {
+        publisher.publish(&batch(1)).unwrap();
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_millis(5), stranger.next()).await {
+            break delivery.unwrap();
+        }
+    };
+    assert!(KvEventBatch::from_bytes(&received.payload).is_err(), "a stranger decoded a sealed batch");
+    // A member with another key, or a stranger publishing into a member: dropped and counted.
+    let other = Context::with_key(Some(&ClusterKey::generate().unwrap()));
+    let mut outsider =
+        EventSubscriber::connect(&other, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
+    let refused = loop {
+        publisher.publish(&batch(2)).unwrap();
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_millis(5), outsider.next()).await {
+            break delivery;
+        }
+    };
+    assert!(matches!(refused, Err(PlaneError::Malformed(FrameError::Unsealed))), "{refused:?}");
+    assert_eq!((outsider.malformed, outsider.lost), (1, 0), "an unopened frame moves no sequence");
+}

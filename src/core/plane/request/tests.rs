@@ -1,7 +1,7 @@
 use super::*;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::plane::Context;
 use crate::core::protocol::discovery::{ModelCardSummary, Role};
-use zmq::Context;
 
 fn instance(id: u64) -> Instance {
     Instance {
@@ -360,4 +360,33 @@ fn plane_sockets_refuse_oversized_messages_as_they_are_announced() {
     assert_eq!(router.get_maxmsgsize().unwrap(), MAX_MESSAGE);
     let subscriber = crate::core::plane::event::subscribe_socket(&context, &[], 16).unwrap();
     assert_eq!(subscriber.get_maxmsgsize().unwrap(), crate::core::plane::event::MAX_EVENT_MESSAGE);
+}
+
+#[tokio::test]
+async fn with_a_key_only_members_are_answered() {
+    use crate::core::trust::ClusterKey;
+    let key = ClusterKey::generate().unwrap();
+    let keyed = Context::with_key(Some(&key));
+    let server = server(&keyed, mocker(1000.0), 8);
+    // A member joins and streams as in an open cluster.
+    let (client, _statuses, instance) = connected(&keyed, &server, Duration::from_secs(5)).await;
+    assert_eq!(instance.id, 1);
+    let outputs = collect(client.submit(PreprocessedRequest::greedy("r", (1..40).collect(), 6))).await;
+    assert_eq!(outputs.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Length));
+    // A stranger's pings and requests are dropped unanswered and counted.
+    let mut stranger = SocketReader::new(dealer_socket(&Context::new(), server.endpoint()).unwrap()).unwrap();
+    let ping = encode(&ToWorker::Ping { version: PROTOCOL_VERSION });
+    let unreadable = server.stats.unreadable.load(Ordering::Relaxed);
+    while server.stats.unreadable.load(Ordering::Relaxed) < unreadable + 3 {
+        stranger.socket().send(&ping[..], zmq::DONTWAIT).ok();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = tokio::time::timeout(Duration::from_millis(200), stranger.recv()).await;
+    assert!(answer.is_err(), "a stranger was answered");
+    // A member with another key is no member.
+    let other = Context::with_key(Some(&ClusterKey::generate().unwrap()));
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let _outsider = WorkerClient::connect(&other, server.endpoint(), Duration::from_secs(5), status).unwrap();
+    let heard = tokio::time::timeout(Duration::from_millis(500), statuses.recv()).await;
+    assert!(heard.is_err(), "a worker answered a router with another key: {heard:?}");
 }
