@@ -395,7 +395,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__plane)
-            opts="-v -h -V --messages --events-per-message --rounds --requests --tokens --json --verbose --help --version"
+            opts="-v -h -V --messages --events-per-message --rounds --requests --tokens --cluster-key --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -178,6 +178,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l rounds -d 'Alternating rounds of each plane and raw libzmq; the median of each is reported' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l requests -d 'Requests to stream through each request-plane path (64 in flight at once)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l tokens -d 'Outputs (one token each) streamed back per request' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l cluster-key -d 'Seal both planes\' messages with a cluster key, as `--cluster-key-file` does (the raw paths stay clear)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from plane" -s h -l help -d 'Print help'

@@ -122,6 +122,10 @@ pub struct PlaneArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub tokens: u32,
 
+    /// Seal both planes' messages with a cluster key, as `--cluster-key-file` does (the raw paths stay clear).
+    #[arg(long)]
+    pub cluster_key: bool,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
@@ -395,14 +399,19 @@ fn bench_plane(args: PlaneArgs) -> anyhow::Result<()> {
         args.events_per_message,
         plane::CACHED_BLOCKS
     );
+    let key = args.cluster_key.then(crate::core::trust::ClusterKey::generate).transpose()?;
+    if key.is_some() {
+        println!("both planes seal every message with a cluster key; the raw paths stay in the clear");
+    }
     let runtime = super::runtime()?;
-    let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize, args.rounds as usize))?;
+    let rounds = args.rounds as usize;
+    let result = runtime.block_on(plane::run(args.messages, args.events_per_message as usize, rounds, key.as_ref()))?;
     print!("{}", plane::table(&result));
     println!(
         "request plane: {} requests of {} prompt-sized tokens, {} outputs each streamed back, 64 in flight",
         args.requests, 256, args.tokens
     );
-    let requests = runtime.block_on(plane::run_requests(args.requests, args.tokens, args.rounds as usize))?;
+    let requests = runtime.block_on(plane::run_requests(args.requests, args.tokens, rounds, key.as_ref()))?;
     print!("{}", plane::request_table(&requests));
     if args.json {
         println!("{}", serde_json::json!({"bench": "plane", "result": result, "requests": requests}));

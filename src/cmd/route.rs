@@ -21,12 +21,13 @@ pub struct RouteArgs {
 }
 
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
-    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery)?;
+    let key = args.cluster.key.key()?;
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = ClusterSettings {
         namespace: args.cluster.namespace,
         dead_after: Duration::from_secs_f64(args.worker_timeout),
         router: args.router.config(),
-        key: args.cluster.key.key()?,
+        key,
     };
     let (listen, http) = (args.http.listen(), args.http.settings());
     super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, super::shutdown_signal()))?;

@@ -57,18 +57,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Their planes listen on loopback: whoever watches a `dynamo run` watches from the same machine.
     let announce = match args.discovery {
-        Some(spec) => Some(Announce {
-            discovery: crate::core::discovery::from_spec(&spec)?,
-            planes: PlaneSettings {
-                role: Role::Decode,
-                namespace: args.namespace,
-                host: IpAddr::from([127, 0, 0, 1]),
-                request_port: 0,
-                event_port: 0,
-                max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
-                key: args.key.key()?,
-            },
-        }),
+        Some(spec) => {
+            let key = args.key.key()?;
+            Some(Announce {
+                discovery: crate::core::discovery::from_spec(&spec, key.as_ref())?,
+                planes: PlaneSettings {
+                    role: Role::Decode,
+                    namespace: args.namespace,
+                    host: IpAddr::from([127, 0, 0, 1]),
+                    request_port: 0,
+                    event_port: 0,
+                    max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
+                    key,
+                },
+            })
+        }
         None => None,
     };
     super::runtime()?.block_on(run::serve(settings, announce, super::shutdown_signal()))?;

@@ -38,14 +38,15 @@ pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
     if !args.once && !std::io::stdout().is_terminal() {
         anyhow::bail!("dynamo top draws a live table and needs a terminal; use --once to print it as text");
     }
-    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery)?;
+    let key = args.cluster.key.key()?;
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let view = Arc::new(Mutex::new(ClusterView::new(&args.cluster.namespace)));
     let runtime = super::runtime()?;
     let watcher = runtime.spawn(top::watch(
         discovery,
         args.cluster.namespace,
         Duration::from_secs_f64(args.worker_timeout),
-        args.cluster.key.key()?,
+        key,
         view.clone(),
     ));
     if args.once {

@@ -41,7 +41,8 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery)?;
+    let key = args.cluster.key.key()?;
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = WorkerSettings {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
@@ -53,7 +54,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             request_port: args.request_port,
             event_port: args.event_port,
             max_in_flight: args.max_in_flight as usize,
-            key: args.cluster.key.key()?,
+            key,
         },
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;

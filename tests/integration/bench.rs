@@ -121,6 +121,15 @@ fn bench_plane_delivers_every_message_and_every_streamed_output() {
 }
 
 #[test]
+fn bench_plane_with_a_cluster_key_delivers_every_sealed_message() {
+    let args = ["bench", "plane", "--messages", "1000", "--requests", "200", "--rounds", "1", "--cluster-key"];
+    let json = last_json_line(&[&args[..], &["--json"]].concat());
+    assert_eq!(json["result"]["plane"]["messages"], 1000, "{json}");
+    assert_eq!(json["result"]["plane"]["lost"], 0, "{json}");
+    assert_eq!(json["requests"]["plane"]["requests"], 200, "{json}");
+}
+
+#[test]
 fn bench_engine_reports_prefill_decode_and_both_bounds() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
     let json = last_json_line(&[

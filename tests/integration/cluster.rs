@@ -158,7 +158,7 @@ async fn a_killed_worker_is_invisible(discovery: &[&str]) {
 async fn multicast_works(port: u16) -> bool {
     use dynamo::core::discovery::{Discovery, Mdns};
     use dynamo::core::protocol::discovery::{Instance, ModelCardSummary, Role};
-    let (Ok(announcer), Ok(listener)) = (Mdns::new(port), Mdns::new(port)) else { return false };
+    let (Ok(announcer), Ok(listener)) = (Mdns::new(port, None), Mdns::new(port, None)) else { return false };
     let namespace = format!("probe-{}", std::process::id());
     let mut events = listener.watch(&namespace);
     let card = ModelCardSummary { block_size: 16, context_length: 16, kv_blocks: 1, tokenizer_hash: 0 };

@@ -15,6 +15,7 @@ use crate::core::protocol::request::{FromWorker, ToWorker, encode};
 use crate::core::protocol::{
     EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, StoredBlock, WorkerId,
 };
+use crate::core::trust::ClusterKey;
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
@@ -146,10 +147,17 @@ where
     Ok(Alternated { plane, raw_zmq, ratio: ratios[ratios.len() / 2], runs })
 }
 
-pub async fn run(messages: u64, events_per_message: usize, rounds: usize) -> Result<PlaneResult, PlaneError> {
+/// `key`: seal the plane's messages as a keyed cluster does (the raw path stays clear, so the ratio shows
+/// what sealing costs).
+pub async fn run(
+    messages: u64,
+    events_per_message: usize,
+    rounds: usize,
+    key: Option<&ClusterKey>,
+) -> Result<PlaneResult, PlaneError> {
     let alternated = alternate(
         rounds,
-        || run_plane(messages, events_per_message),
+        || run_plane(messages, events_per_message, key),
         || run_raw(messages, events_per_message),
         |run: &PlaneRun| run.events_per_s,
     )
@@ -173,8 +181,8 @@ pub async fn run(messages: u64, events_per_message: usize, rounds: usize) -> Res
     })
 }
 
-async fn run_plane(messages: u64, events_per_message: usize) -> Result<PlaneRun, PlaneError> {
-    let context = Context::new();
+async fn run_plane(messages: u64, events_per_message: usize, key: Option<&ClusterKey>) -> Result<PlaneRun, PlaneError> {
+    let context = Context::with_key(key);
     let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", 1, UNLIMITED)?;
     let mut subscriber = EventSubscriber::connect(&context, &[publisher.endpoint()], &[Topic::Kv], UNLIMITED)?;
     // Out-wait ZMQ's slow joiner: publish until one message arrives, then drain.
@@ -388,10 +396,15 @@ fn bench_request(tokens: u32) -> PreprocessedRequest {
 /// Requests through `RequestServer` and `WorkerClient` (msgpack, stream ids, an engine stream and a channel
 /// per request, the heartbeat running), against a bare DEALER/ROUTER pair sending the same bytes,
 /// `CONCURRENCY` in flight.
-pub async fn run_requests(requests: u64, tokens: u32, rounds: usize) -> Result<RequestResult, PlaneError> {
+pub async fn run_requests(
+    requests: u64,
+    tokens: u32,
+    rounds: usize,
+    key: Option<&ClusterKey>,
+) -> Result<RequestResult, PlaneError> {
     let alternated = alternate(
         rounds,
-        || run_request_plane(requests, tokens),
+        || run_request_plane(requests, tokens, key),
         || run_request_raw(requests, tokens),
         |run: &RequestRun| run.requests_per_s,
     )
@@ -412,8 +425,8 @@ fn request_run(requests: u64, tokens: u32, seconds: f64) -> RequestRun {
     }
 }
 
-async fn run_request_plane(requests: u64, tokens: u32) -> Result<RequestRun, PlaneError> {
-    let context = Context::new();
+async fn run_request_plane(requests: u64, tokens: u32, key: Option<&ClusterKey>) -> Result<RequestRun, PlaneError> {
+    let context = Context::with_key(key);
     let card = ModelCardSummary { block_size: 16, context_length: 1 << 20, kv_blocks: 0, tokenizer_hash: 0 };
     let instance = Instance {
         id: 1,

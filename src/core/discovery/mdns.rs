@@ -1,6 +1,10 @@
 //! Discovery by multicast DNS (`--discovery mdns`): each worker announces a `_dynamo._tcp.local.` service whose
 //! TXT properties carry its whole record; routers browse for it. Nothing to configure on one network segment.
 //!
+//! With a cluster key each record carries `mac`, a tag over its other properties that only key holders can
+//! make, and watchers ignore records without a valid one: a stranger on the network cannot make a router
+//! open connections to addresses of its choosing.
+//!
 //! A clean exit sends the goodbye (TTL 0) at once. A killed worker's announcement lingers until its TTL
 //! runs out, which is harmless: the request plane's heartbeat takes it out of routing within
 //! `--worker-timeout`, whatever discovery says.
@@ -8,6 +12,7 @@ use super::{Discovery, DiscoveryError, DiscoveryEvent, Registration};
 use crate::core::protocol::discovery::{
     Instance, ModelCardSummary, Role, endpoint_host, endpoint_ip, reached_at, split_endpoint,
 };
+use crate::core::trust::ClusterKey;
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -25,6 +30,7 @@ const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Mdns {
     daemon: Arc<Daemon>,
+    key: Option<ClusterKey>,
 }
 
 /// Shuts the daemon's thread down when neither the discovery nor a registration needs it any more.
@@ -39,9 +45,10 @@ impl Drop for Daemon {
 
 impl Mdns {
     /// `port` is the UDP port of the mDNS traffic: 5353 on a real network; tests use their own.
-    pub fn new(port: u16) -> Result<Self, DiscoveryError> {
+    /// With `key`, records are signed and only signed ones are seen.
+    pub fn new(port: u16, key: Option<ClusterKey>) -> Result<Self, DiscoveryError> {
         let daemon = ServiceDaemon::new_with_port(port).map_err(|e| DiscoveryError::Mdns(e.to_string()))?;
-        Ok(Self { daemon: Arc::new(Daemon(daemon)) })
+        Ok(Self { daemon: Arc::new(Daemon(daemon)), key })
     }
 }
 
@@ -72,7 +79,11 @@ impl Discovery for Mdns {
         };
         let name = format!("{}-{:016x}", instance.namespace, instance.id);
         let host_name = format!("dynamo-{:016x}.local.", instance.id);
-        let properties = txt_properties(instance);
+        let mut properties = txt_properties(instance);
+        if let Some(key) = &self.key {
+            let tag = key.sign(&signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+            properties.push((MAC.to_string(), tag.iter().map(|b| format!("{b:02x}")).collect()));
+        }
         let mdns_error = |e: mdns_sd::Error| DiscoveryError::Mdns(e.to_string());
         let info = if host.is_unspecified() {
             // Bound to every interface: announce every address the host has, as they come and go.
@@ -98,6 +109,7 @@ impl Discovery for Mdns {
         };
         let namespace = namespace.to_string();
         let daemon = self.daemon.clone();
+        let key = self.key.clone();
         tokio::spawn(async move {
             let _daemon = daemon;
             // Service full name → the request endpoint announced under it.
@@ -113,6 +125,15 @@ impl Discovery for Mdns {
                 let changes = match event {
                     ServiceEvent::ServiceResolved(service) => {
                         let properties = service.txt_properties.clone().into_property_map_str();
+                        if let Some(key) = &key
+                            && !signed_by(key, &properties)
+                        {
+                            tracing::debug!(
+                                "ignoring the mDNS service {}: not signed with the cluster key",
+                                service.fullname
+                            );
+                            continue;
+                        }
                         let instance = match instance_from_txt(&properties) {
                             Ok(instance) => instance,
                             Err(problem) => {
@@ -158,6 +179,24 @@ fn reachable_endpoint(announced: &str, resolved: &[IpAddr]) -> Option<String> {
     }
     let ip = resolved.iter().find(|ip| ip.is_ipv4()).or_else(|| resolved.first())?;
     Some(reached_at(announced, &endpoint_host(*ip)))
+}
+
+/// The TXT property holding a record's tag.
+const MAC: &str = "mac";
+
+/// What a record's tag covers: every property but the tag, sorted, one `key=value` line each.
+fn signed_bytes<'a>(properties: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
+    let mut lines: Vec<String> =
+        properties.filter(|(key, _)| *key != MAC).map(|(key, value)| format!("{key}={value}\n")).collect();
+    lines.sort();
+    lines.concat().into_bytes()
+}
+
+fn signed_by(key: &ClusterKey, properties: &HashMap<String, String>) -> bool {
+    let Some(tag) = properties.get(MAC).filter(|t| t.len() == 64 && t.is_ascii()) else { return false };
+    let tag: Option<Vec<u8>> = (0..32).map(|i| u8::from_str_radix(tag.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let bytes = signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    tag.is_some_and(|tag| key.verify(&bytes, &tag))
 }
 
 /// The record as TXT properties, one per field; a value too long for one TXT string is cut into
@@ -325,7 +364,7 @@ mod tests {
     #[tokio::test]
     async fn workers_announce_and_withdraw_and_routers_see_only_their_namespace() {
         let port = 20000 + (std::process::id() % 20000) as u16;
-        let (Ok(worker_side), Ok(router_side)) = (Mdns::new(port), Mdns::new(port)) else {
+        let (Ok(worker_side), Ok(router_side)) = (Mdns::new(port, None), Mdns::new(port, None)) else {
             eprintln!("SKIPPED: cannot open mDNS sockets here (no multicast); the static-file backend is tested");
             return;
         };
@@ -341,6 +380,46 @@ mod tests {
         drop(registration);
         assert_eq!(next(&mut events).await, Some(DiscoveryEvent::Removed("tcp://127.0.0.1:7100".into())));
         drop(other);
+    }
+
+    #[test]
+    fn a_signed_record_verifies_only_whole_and_under_its_key() {
+        let key = ClusterKey::generate().unwrap();
+        let properties = txt_properties(&instance("m", "ns", 7100));
+        let tag = key.sign(&signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+        let mut map: HashMap<String, String> = properties.into_iter().collect();
+        assert!(!signed_by(&key, &map), "an unsigned record");
+        map.insert(MAC.into(), tag.iter().map(|b| format!("{b:02x}")).collect());
+        assert!(signed_by(&key, &map));
+        assert!(!signed_by(&ClusterKey::generate().unwrap(), &map), "another key");
+        let mut moved = map.clone();
+        moved.insert("req".into(), "tcp://10.6.6.6:7100".into());
+        assert!(!signed_by(&key, &moved), "a changed address");
+        let mut cut = map.clone();
+        cut.insert(MAC.into(), "ab".into());
+        assert!(!signed_by(&key, &cut));
+    }
+
+    #[tokio::test]
+    async fn with_a_key_only_signed_announcements_are_seen() {
+        let port = 20000 + ((std::process::id() + 7) % 20000) as u16;
+        let key = ClusterKey::generate().unwrap();
+        let (Ok(stranger), Ok(member), Ok(router_side)) =
+            (Mdns::new(port, None), Mdns::new(port, Some(key.clone())), Mdns::new(port, Some(key)))
+        else {
+            eprintln!("SKIPPED: cannot open mDNS sockets here (no multicast); the static-file backend is tested");
+            return;
+        };
+        let namespace = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let mut events = router_side.watch(&namespace);
+        // The stranger announces first; the member's is the first (and only) one the router sees.
+        let _fake = stranger.register(&instance("m", &namespace, 7200)).unwrap();
+        let _real = member.register(&instance("m", &namespace, 7300)).unwrap();
+        let Some(first) = next(&mut events).await else {
+            eprintln!("SKIPPED: no mDNS announcement arrived over loopback multicast in 10 s (sandboxed network?)");
+            return;
+        };
+        assert_eq!(first, DiscoveryEvent::Added("tcp://127.0.0.1:7300".into()));
     }
 
     proptest::proptest! {

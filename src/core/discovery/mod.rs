@@ -11,6 +11,7 @@ pub use mdns::Mdns;
 pub use static_file::StaticFile;
 
 use crate::core::protocol::discovery::Instance;
+use crate::core::trust::ClusterKey;
 use std::path::PathBuf;
 use tokio::sync::mpsc;
 
@@ -60,15 +61,17 @@ pub trait Discovery: Send + Sync {
 /// The UDP port of multicast DNS (RFC 6762).
 pub const MDNS_PORT: u16 = 5353;
 
-/// Parses `--discovery`: `mdns`, `mdns:PORT` or `file:PATH`.
-pub fn from_spec(spec: &str) -> Result<Box<dyn Discovery>, DiscoveryError> {
+/// Parses `--discovery`: `mdns`, `mdns:PORT` or `file:PATH`. With `key`, mDNS records are signed and only
+/// signed ones are seen; a cluster file is trusted as its file permissions say (entries are often written by
+/// hand), and what it lists is still only heard if it answers with the key.
+pub fn from_spec(spec: &str, key: Option<&ClusterKey>) -> Result<Box<dyn Discovery>, DiscoveryError> {
     if spec == "mdns" {
-        return Ok(Box::new(Mdns::new(MDNS_PORT)?));
+        return Ok(Box::new(Mdns::new(MDNS_PORT, key.cloned())?));
     }
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(Box::new(StaticFile::new(path.into()))),
         Some(("mdns", port)) => match port.parse::<u16>() {
-            Ok(port) if port > 0 => Ok(Box::new(Mdns::new(port)?)),
+            Ok(port) if port > 0 => Ok(Box::new(Mdns::new(port, key.cloned())?)),
             _ => Err(DiscoveryError::Spec(spec.to_string())),
         },
         _ => Err(DiscoveryError::Spec(spec.to_string())),

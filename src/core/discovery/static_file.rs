@@ -263,8 +263,8 @@ mod tests {
 
     #[test]
     fn specs_other_than_a_file_are_refused_with_the_accepted_form() {
-        assert!(super::super::from_spec("file:/tmp/x.toml").is_ok());
-        let Err(error) = super::super::from_spec("etcd://host") else { panic!() };
+        assert!(super::super::from_spec("file:/tmp/x.toml", None).is_ok());
+        let Err(error) = super::super::from_spec("etcd://host", None) else { panic!() };
         assert!(error.to_string().contains("file:PATH"), "{error}");
     }
 

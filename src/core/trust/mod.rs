@@ -85,6 +85,17 @@ impl ClusterKey {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// A tag over a discovery record's bytes that only holders of the key can make.
+    pub fn sign(&self, record: &[u8]) -> [u8; 32] {
+        let key = blake3::derive_key("dynamo 2026 discovery record v1", &self.0);
+        *blake3::keyed_hash(&key, record).as_bytes()
+    }
+
+    /// Whether `tag` is this key's over `record` (in constant time).
+    pub fn verify(&self, record: &[u8], tag: &[u8]) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.sign(record)[..], tag).into()
+    }
+
     /// The sealer of one plane's messages.
     pub fn seal(&self, plane: Plane) -> Seal {
         let context = match plane {
