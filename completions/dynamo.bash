@@ -829,13 +829,25 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__keygen)
-            opts="-v -h -V --out --verbose --help --version"
+            opts="-v -h -V --out --sign --namespace --cluster-key-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sign)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

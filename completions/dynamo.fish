@@ -220,6 +220,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s v -l verbose 
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -l out -d 'Write the key to this file, readable by its owner only (it must not exist yet) [default: print it]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -l sign -d 'Instead of a new key: print the `mac` of a cluster-file entry for this request address, signed with the cluster key (--cluster-key-file or DYNAMO_CLUSTER_KEY)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -l namespace -d 'With --sign: the entry\'s namespace [default: none, an entry every namespace sees]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s V -l version -d 'Print version'

@@ -512,5 +512,13 @@ async fn a_keyed_cluster_serves_its_members_and_says_when_it_is_open() {
     let (unseen, said) = top(&[]);
     assert!(!unseen.contains("tiny-chat"), "top without the key read a sealed record: {unseen}");
     assert!(said.contains("the cluster is open"), "{said}");
+    // A hand-written entry's mac, printed for pasting; without a key there is nothing to sign with.
+    let signed = dynamo().args(["keygen", "--sign", "tcp://10.0.0.9:7100", "--cluster-key-file", key_file]).output();
+    let signed = String::from_utf8_lossy(&signed.expect("keygen runs").stdout).into_owned();
+    assert!(signed.starts_with("mac = \"") && signed.trim_end().len() == "mac = \"\"".len() + 64, "{signed}");
+    let unsigned = dynamo().args(["keygen", "--sign", "tcp://10.0.0.9:7100"]).env_remove("DYNAMO_CLUSTER_KEY").output();
+    let unsigned = unsigned.expect("keygen runs");
+    assert!(!unsigned.status.success());
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("--sign needs the cluster key"));
     let _ = std::fs::remove_dir_all(file_path.parent().unwrap());
 }

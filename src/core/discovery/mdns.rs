@@ -82,7 +82,7 @@ impl Discovery for Mdns {
         let mut properties = txt_properties(instance);
         if let Some(key) = &self.key {
             let tag = key.sign(&signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
-            properties.push((MAC.to_string(), tag.iter().map(|b| format!("{b:02x}")).collect()));
+            properties.push((MAC.to_string(), tag));
         }
         let mdns_error = |e: mdns_sd::Error| DiscoveryError::Mdns(e.to_string());
         let info = if host.is_unspecified() {
@@ -193,10 +193,8 @@ fn signed_bytes<'a>(properties: impl Iterator<Item = (&'a str, &'a str)>) -> Vec
 }
 
 fn signed_by(key: &ClusterKey, properties: &HashMap<String, String>) -> bool {
-    let Some(tag) = properties.get(MAC).filter(|t| t.len() == 64 && t.is_ascii()) else { return false };
-    let tag: Option<Vec<u8>> = (0..32).map(|i| u8::from_str_radix(tag.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-    let bytes = signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    tag.is_some_and(|tag| key.verify(&bytes, &tag))
+    let Some(tag) = properties.get(MAC) else { return false };
+    key.verify(&signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))), tag)
 }
 
 /// The record as TXT properties, one per field; a value too long for one TXT string is cut into
@@ -389,7 +387,7 @@ mod tests {
         let tag = key.sign(&signed_bytes(properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
         let mut map: HashMap<String, String> = properties.into_iter().collect();
         assert!(!signed_by(&key, &map), "an unsigned record");
-        map.insert(MAC.into(), tag.iter().map(|b| format!("{b:02x}")).collect());
+        map.insert(MAC.into(), tag);
         assert!(signed_by(&key, &map));
         assert!(!signed_by(&ClusterKey::generate().unwrap(), &map), "another key");
         let mut moved = map.clone();

@@ -8,7 +8,7 @@ mod mdns;
 mod static_file;
 
 pub use mdns::Mdns;
-pub use static_file::StaticFile;
+pub use static_file::{StaticFile, entry_tag};
 
 use crate::core::protocol::discovery::Instance;
 use crate::core::trust::ClusterKey;
@@ -61,15 +61,14 @@ pub trait Discovery: Send + Sync {
 /// The UDP port of multicast DNS (RFC 6762).
 pub const MDNS_PORT: u16 = 5353;
 
-/// Parses `--discovery`: `mdns`, `mdns:PORT` or `file:PATH`. With `key`, mDNS records are signed and only
-/// signed ones are seen; a cluster file is trusted as its file permissions say (entries are often written by
-/// hand), and what it lists is still only heard if it answers with the key.
+/// Parses `--discovery`: `mdns`, `mdns:PORT` or `file:PATH`. With `key`, the records and entries this process
+/// writes are signed and only signed ones are seen.
 pub fn from_spec(spec: &str, key: Option<&ClusterKey>) -> Result<Box<dyn Discovery>, DiscoveryError> {
     if spec == "mdns" {
         return Ok(Box::new(Mdns::new(MDNS_PORT, key.cloned())?));
     }
     match spec.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => Ok(Box::new(StaticFile::new(path.into()))),
+        Some(("file", path)) if !path.is_empty() => Ok(Box::new(StaticFile::new(path.into()).with_key(key.cloned()))),
         Some(("mdns", port)) => match port.parse::<u16>() {
             Ok(port) if port > 0 => Ok(Box::new(Mdns::new(port, key.cloned())?)),
             _ => Err(DiscoveryError::Spec(spec.to_string())),

@@ -11,6 +11,7 @@
 //! its pings go unanswered and the router does not use it. The file is polled, so it may live on NFS.
 use super::{Discovery, DiscoveryError, DiscoveryEvent, Registration};
 use crate::core::protocol::discovery::{Instance, Role};
+use crate::core::trust::ClusterKey;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -52,15 +53,42 @@ struct Entry {
     event_addr: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     transfer_addr: Option<String>,
+    /// With a cluster key: the key's tag over `request_addr` and `namespace` (`entry_tag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
 pub struct StaticFile {
     path: PathBuf,
+    key: Option<ClusterKey>,
+}
+
+/// The tag a keyed cluster's entry for `request_addr` (in `namespace`, or every one) must carry, in hex: what
+/// a worker writes for itself, and what `dynamo keygen --sign` prints for an entry written by hand.
+pub fn entry_tag(key: &ClusterKey, request_addr: &str, namespace: Option<&str>) -> String {
+    key.sign(&entry_bytes(request_addr, namespace))
+}
+
+fn entry_bytes(request_addr: &str, namespace: Option<&str>) -> Vec<u8> {
+    format!("dynamo cluster-file entry\n{request_addr}\n{}", namespace.unwrap_or("*")).into_bytes()
+}
+
+impl Entry {
+    /// Whether `key` signed it (in constant time).
+    fn signed_by(&self, key: &ClusterKey) -> bool {
+        let Some(mac) = self.mac.as_deref() else { return false };
+        key.verify(&entry_bytes(&self.request_addr, self.namespace.as_deref()), mac)
+    }
 }
 
 impl StaticFile {
     pub fn new(path: PathBuf) -> Self {
-        Self { path }
+        Self { path, key: None }
+    }
+
+    /// With a key, the entries this process writes are signed, and only signed entries are seen.
+    pub fn with_key(self, key: Option<ClusterKey>) -> Self {
+        Self { key, ..self }
     }
 
     fn is_json(&self) -> bool {
@@ -141,6 +169,7 @@ impl Discovery for StaticFile {
             model: Some(instance.model.clone()),
             event_addr: Some(instance.event_addr.clone()),
             transfer_addr: instance.transfer_addr.clone(),
+            mac: self.key.as_ref().map(|key| entry_tag(key, &instance.request_addr, Some(&instance.namespace))),
         };
         self.update(|file| {
             // A worker restarted on the same endpoint replaces its old entry.
@@ -154,8 +183,10 @@ impl Discovery for StaticFile {
         let (events, receiver) = mpsc::unbounded_channel();
         let file = StaticFile::new(self.path.clone());
         let namespace = namespace.to_string();
+        let key = self.key.clone();
         tokio::spawn(async move {
             let mut known = BTreeSet::new();
+            let mut unsigned_warned = BTreeSet::new();
             let mut seen_version: Option<(SystemTime, u64)> = None;
             let mut reported_error = false;
             loop {
@@ -169,6 +200,17 @@ impl Discovery for StaticFile {
                                 .worker
                                 .into_iter()
                                 .filter(|e| e.namespace.as_deref().is_none_or(|n| n == namespace))
+                                .filter(|e| {
+                                    let signed = key.as_ref().is_none_or(|key| e.signed_by(key));
+                                    if !signed && unsigned_warned.insert(e.request_addr.clone()) {
+                                        tracing::warn!(
+                                            "the cluster file lists {} without this cluster key's mac; ignored (sign a \
+                                             hand-written entry with `dynamo keygen --sign ADDR`)",
+                                            e.request_addr
+                                        );
+                                    }
+                                    signed
+                                })
                                 .map(|e| e.request_addr)
                                 .collect();
                             for added in now.difference(&known) {
@@ -266,6 +308,39 @@ mod tests {
         assert!(super::super::from_spec("file:/tmp/x.toml", None).is_ok());
         let Err(error) = super::super::from_spec("etcd://host", None) else { panic!() };
         assert!(error.to_string().contains("file:PATH"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn with_a_key_only_signed_entries_are_seen() {
+        let dir = std::env::temp_dir().join(format!("dynamo-discovery-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        let key = ClusterKey::generate().unwrap();
+        let stranger = ClusterKey::generate().unwrap();
+        let signed = |addr: &str, key: &ClusterKey| {
+            format!("[[worker]]\nrequest_addr = \"{addr}\"\nmac = \"{}\"\n", entry_tag(key, addr, None))
+        };
+        // Unsigned, signed with another key, and a signed entry whose address was changed: none is seen.
+        let forged = signed("tcp://10.0.0.8:7100", &key).replace("10.0.0.8", "10.6.6.6");
+        let text = format!(
+            "[[worker]]\nrequest_addr = \"tcp://10.0.0.5:7100\"\n{}{forged}{}",
+            signed("tcp://10.0.0.6:7100", &stranger),
+            signed("tcp://10.0.0.7:7100", &key)
+        );
+        std::fs::write(&path, text).unwrap();
+        let discovery = StaticFile::new(path.clone()).with_key(Some(key.clone()));
+        let mut events = discovery.watch("ns");
+        assert_eq!(next(&mut events).await, DiscoveryEvent::Added("tcp://10.0.0.7:7100".into()));
+        // A keyed worker signs the entry it writes for itself.
+        let _registration = discovery.register(&instance(9, 7200, "ns")).unwrap();
+        assert_eq!(next(&mut events).await, DiscoveryEvent::Added("tcp://127.0.0.1:7200".into()));
+        let mut unkeyed_events = StaticFile::new(path.clone()).watch("ns");
+        let mut everything = Vec::new();
+        for _ in 0..5 {
+            everything.push(next(&mut unkeyed_events).await);
+        }
+        assert_eq!(everything.len(), 5, "an open watcher still sees every entry");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     proptest::proptest! {

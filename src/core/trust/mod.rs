@@ -73,17 +73,7 @@ impl ClusterKey {
 
     /// Reads a key written as hexadecimal (surrounding whitespace allowed), as `dynamo keygen` writes it.
     pub fn parse(text: &str, origin: &str) -> Result<Self, TrustError> {
-        let malformed = || TrustError::Malformed { origin: origin.to_string() };
-        let text = text.trim().as_bytes();
-        if text.len() != KEY_BYTES * 2 {
-            return Err(malformed());
-        }
-        let mut key = [0u8; KEY_BYTES];
-        for (byte, pair) in key.iter_mut().zip(text.chunks_exact(2)) {
-            let pair = std::str::from_utf8(pair).map_err(|_| malformed())?;
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| malformed())?;
-        }
-        Ok(Self(key))
+        unhex(text.trim()).map(Self).ok_or_else(|| TrustError::Malformed { origin: origin.to_string() })
     }
 
     pub fn read(path: &Path) -> Result<Self, TrustError> {
@@ -93,18 +83,22 @@ impl ClusterKey {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 
-    /// A tag over a discovery record's bytes that only holders of the key can make.
-    pub fn sign(&self, record: &[u8]) -> [u8; 32] {
-        let key = blake3::derive_key("dynamo 2026 discovery record v1", &self.0);
-        *blake3::keyed_hash(&key, record).as_bytes()
+    /// A tag over a discovery record's bytes that only holders of the key can make, in hex.
+    pub fn sign(&self, record: &[u8]) -> String {
+        hex(self.tag(record).as_bytes())
     }
 
-    /// Whether `tag` is this key's over `record` (in constant time).
-    pub fn verify(&self, record: &[u8], tag: &[u8]) -> bool {
-        subtle::ConstantTimeEq::ct_eq(&self.sign(record)[..], tag).into()
+    /// Whether `tag` (hex) is this key's over `record`, compared in constant time.
+    pub fn verify(&self, record: &[u8], tag: &str) -> bool {
+        let Some(tag) = unhex::<32>(tag) else { return false };
+        subtle::ConstantTimeEq::ct_eq(&self.tag(record).as_bytes()[..], &tag[..]).into()
+    }
+
+    fn tag(&self, record: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&blake3::derive_key("dynamo 2026 discovery record v1", &self.0), record)
     }
 
     /// The sealer of one plane's messages.
@@ -115,6 +109,23 @@ impl ClusterKey {
         };
         Seal::new(blake3::derive_key(context, &self.0))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Exactly `N` bytes written as `2N` hexadecimal digits.
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let text = text.as_bytes();
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut bytes = [0u8; N];
+    for (byte, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 /// Seals and opens one plane's messages: `salt ‖ counter ‖ ciphertext ‖ tag`.
