@@ -233,14 +233,19 @@ impl Router {
 
     /// Routes like `route`, never to a worker in `avoid` (ones that just refused or lost this request).
     pub fn route_avoiding(&self, request: PreprocessedRequest, avoid: &[WorkerId]) -> Result<RoutedStream, RouteError> {
+        self.choose(&request.token_ids, avoid)?.dispatch(request)
+    }
+
+    /// The worker a prompt of `token_ids` would go to (never one in `avoid`), charged with its load as if it
+    /// had been sent: the charge is the returned value's, given back when it is dropped unless `dispatch`
+    /// hands it on to the request's stream. Nothing is submitted.
+    pub fn choose(&self, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
         let workers = self.snapshot();
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
         let hashes: Vec<u64> = match self.config.mode {
-            RouterMode::Kv => {
-                block_hashes(&request.token_ids, self.config.block_size).iter().map(|b| b.sequence).collect()
-            }
+            RouterMode::Kv => block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect(),
             _ => Vec::new(),
         };
         if let Some(approx) = &self.approx {
@@ -259,12 +264,12 @@ impl Router {
             worker.load.in_flight.fetch_sub(1, Ordering::AcqRel);
             excluded[index] = true;
         };
-        let worker = &workers[index];
+        let worker = workers[index].clone();
         if let Some(approx) = &self.approx {
             let mut approx = approx.lock().unwrap_or_else(|p| p.into_inner());
             approx.record(self.indexer.as_ref(), worker.engine.worker_id(), &hashes, Instant::now());
         }
-        let prompt_blocks = request.token_ids.len().div_ceil(self.config.block_size) as u64;
+        let prompt_blocks = token_ids.len().div_ceil(self.config.block_size) as u64;
         let prefill_blocks = prompt_blocks.saturating_sub(u64::from(overlap));
         worker.load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);
         let account = Account {
@@ -275,8 +280,7 @@ impl Router {
             generated: 0,
             block_size: self.config.block_size,
         };
-        let stream = worker.engine.submit(request)?;
-        Ok(RoutedStream { stream, worker_id: worker.engine.worker_id(), overlap_blocks: overlap, account })
+        Ok(Choice { worker_id: worker.engine.worker_id(), overlap_blocks: overlap, worker, account })
     }
 
     fn pick(
@@ -382,6 +386,28 @@ impl Drop for Account {
             self.load.prefill_blocks.fetch_sub(self.prefill_blocks, Ordering::Relaxed);
         }
         self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A worker chosen for a request, and the load it was charged with until the request ends.
+pub struct Choice {
+    pub worker_id: WorkerId,
+    /// Prompt blocks the index says the worker already holds.
+    pub overlap_blocks: u32,
+    worker: Arc<Worker>,
+    account: Account,
+}
+
+impl Choice {
+    /// Sends the request to the chosen worker; its stream carries the charge from here on.
+    pub fn dispatch(self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
+        let stream = self.worker.engine.submit(request)?;
+        Ok(RoutedStream {
+            stream,
+            worker_id: self.worker_id,
+            overlap_blocks: self.overlap_blocks,
+            account: self.account,
+        })
     }
 }
 

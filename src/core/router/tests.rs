@@ -37,6 +37,26 @@ async fn refuses_past_the_busy_threshold_and_recovers_when_streams_end() {
 }
 
 #[tokio::test]
+async fn a_choice_charges_its_worker_until_dropped_or_dispatched() {
+    let router = router(2, RouterMode::LeastLoaded, 10);
+    let first = router.choose(&[1, 2, 3], &[]).unwrap();
+    let second = router.choose(&[1, 2, 3], &[]).unwrap();
+    assert_ne!(first.worker_id, second.worker_id, "the first choice's charge counts for the second");
+    assert_eq!(router.in_flight(), 2, "nothing was submitted, but both are charged");
+    drop(second);
+    assert_eq!(router.in_flight(), 1);
+    let avoided = router.choose(&[1], &[first.worker_id]).unwrap();
+    assert_ne!(avoided.worker_id, first.worker_id);
+    drop(avoided);
+    let chosen = first.worker_id;
+    let stream = first.dispatch(request(vec![1, 2, 3], 2)).unwrap();
+    assert_eq!((stream.worker_id, router.in_flight()), (chosen, 1), "the stream holds the charge now");
+    let outputs: Vec<_> = stream.collect().await;
+    assert!(!outputs.is_empty());
+    assert_eq!(router.in_flight(), 0);
+}
+
+#[tokio::test]
 async fn a_request_of_more_streams_than_the_workers_can_take_is_refused_before_routing() {
     let router = router(2, RouterMode::RoundRobin, 3);
     assert!(router.check_room(6).is_ok());
