@@ -481,7 +481,17 @@ pub struct WorkerClient {
     commands: mpsc::UnboundedSender<Command>,
     next_stream: AtomicU64,
     alive: Arc<AtomicBool>,
+    dropped: Arc<Dropped>,
     task: JoinHandle<()>,
+}
+
+/// Messages from the worker that were dropped unread, since the owner last took the counts.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    /// Not sealed with this cluster's key.
+    pub unsealed: AtomicU64,
+    /// Snapshot frames nobody asked for.
+    pub unsolicited: AtomicU64,
 }
 
 impl Drop for WorkerClient {
@@ -502,9 +512,10 @@ impl WorkerClient {
         let (commands, receiver) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(false));
         let liveness = Liveness { dead_after, status, alive: alive.clone() };
-        let link = Link { endpoint: endpoint.to_string(), seals: context.seals().cloned() };
+        let dropped = Arc::new(Dropped::default());
+        let link = Link { endpoint: endpoint.to_string(), seals: context.seals().cloned(), dropped: dropped.clone() };
         let task = tokio::spawn(client(socket, receiver, liveness, link));
-        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, task })
+        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, dropped, task })
     }
 
     /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
@@ -529,6 +540,11 @@ impl WorkerClient {
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// Messages dropped unread since the last call: (unsealed, unsolicited).
+    pub fn take_dropped(&self) -> (u64, u64) {
+        (self.dropped.unsealed.swap(0, Ordering::Relaxed), self.dropped.unsolicited.swap(0, Ordering::Relaxed))
     }
 
     /// Sends a request; the stream ends with a finish reason, or without one if the worker is lost.
@@ -572,6 +588,7 @@ impl Drop for CancelOnDrop {
 struct Link {
     endpoint: String,
     seals: Option<Arc<Seals>>,
+    dropped: Arc<Dropped>,
 }
 
 impl Link {
@@ -655,6 +672,7 @@ async fn client(
                 last_heard = Instant::now();
                 let Some(body) = frames.into_iter().next() else { continue };
                 let Ok(body) = opened(link.seals.as_deref(), TO_ROUTER, &body) else {
+                    link.dropped.unsealed.fetch_add(1, Ordering::Relaxed);
                     if !warned_unsealed {
                         warned_unsealed = true;
                         tracing::warn!(
@@ -693,7 +711,7 @@ async fn client(
                         FromWorker::KvSnapshot { next_seq, events, last } => {
                             if snapshot_wanted.is_empty() {
                                 // Nobody asked: a frame that would only pile up.
-                                tracing::debug!("request plane: dropped an unsolicited snapshot frame");
+                                link.dropped.unsolicited.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
                             snapshot.next_seq = next_seq;

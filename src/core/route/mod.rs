@@ -209,6 +209,11 @@ impl Membership {
                     }
                 },
                 _ = dormancy_check.tick() => {
+                    for client in self.clients.values() {
+                        let (unsealed, unsolicited) = client.take_dropped();
+                        self.metrics.request_plane_dropped("unsealed", unsealed);
+                        self.metrics.request_plane_dropped("unsolicited", unsolicited);
+                    }
                     let due = self.dormancy.due(std::time::Instant::now());
                     for addr in due.close {
                         tracing::debug!("no worker answers at {addr}; its connection is closed until the next probe");
@@ -655,7 +660,8 @@ mod tests {
         .await;
         assert!(strangers_only.is_err(), "a keyed router took a worker without its key");
         let _member = expose(engine(3), &model, 16, &planes(Some(key.clone())), &discovery).unwrap();
-        let cluster = Cluster::join(&discovery, settings(), Arc::new(Metrics::new())).await.unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cluster = Cluster::join(&discovery, settings(), metrics.clone()).await.unwrap();
         let router = cluster.state.first().router;
         let mut routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 4)).unwrap();
         assert_eq!(routed.worker_id, 3);
@@ -664,6 +670,12 @@ mod tests {
             tokens += output.token_ids.len();
         }
         assert_eq!(tokens, 4, "the member's sealed stream arrives whole");
+        // The strangers' answers are dropped unread, and counted.
+        let dropped = || {
+            let sample = "dynamo_router_request_plane_dropped_total{reason=\"unsealed\"}";
+            metrics.render(&[]).lines().find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        eventually("the strangers' answers counted", || dropped() > 0.0).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
     /// What the event plane lost or could not read, and the KV resyncs that repaired it: never silent.
     plane: IntCounterVec,
+    /// Request-plane messages a router's clients dropped unread, by reason.
+    request_plane_dropped: IntCounterVec,
     /// Each remote worker's request-plane totals, as its `stats` reports say.
     worker_requests: IntGaugeVec,
 }
@@ -34,6 +36,12 @@ type ReadLoad = fn(&LoadMetrics) -> i64;
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
     let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
         .expect("static histogram definition is valid");
+    registry.register(Box::new(vec.clone())).expect("metric names are unique");
+    vec
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("static counter definition is valid");
     registry.register(Box::new(vec.clone())).expect("metric names are unique");
     vec
 }
@@ -130,19 +138,20 @@ impl Metrics {
             ),
             requests_total,
             worker_gauges,
-            plane: {
-                let vec = IntCounterVec::new(
-                    Opts::new(
-                        "dynamo_router_event_plane_total",
-                        "Event-plane trouble and repairs: lost_messages, publisher_restarts, malformed, \
-                         resync_ok, resync_failed",
-                    ),
-                    &["event"],
-                )
-                .expect("static counter definition is valid");
-                registry.register(Box::new(vec.clone())).expect("metric names are unique");
-                vec
-            },
+            plane: counter(
+                &registry,
+                "dynamo_router_event_plane_total",
+                "Event-plane trouble and repairs: lost_messages, publisher_restarts, malformed, resync_ok, \
+                 resync_failed",
+                &["event"],
+            ),
+            request_plane_dropped: counter(
+                &registry,
+                "dynamo_router_request_plane_dropped_total",
+                "Messages from workers dropped unread: unsealed (not sealed with this cluster's key), unsolicited \
+                 (a snapshot frame nobody asked for)",
+                &["reason"],
+            ),
             worker_requests: gauge(
                 &registry,
                 "dynamo_component_request_plane_requests",
@@ -179,6 +188,13 @@ impl Metrics {
             ("cancelled", stats.cancelled),
             ("unreadable", stats.unreadable),
         ]
+    }
+
+    /// Counts request-plane messages a router dropped unread (`reason`: unsealed, unsolicited).
+    pub fn request_plane_dropped(&self, reason: &str, count: u64) {
+        if count > 0 {
+            self.request_plane_dropped.with_label_values(&[reason]).inc_by(count);
+        }
     }
 
     /// Counts event-plane trouble or a repair (`PlaneEvent`).
