@@ -206,19 +206,19 @@ pub struct HttpArgs {
     pub protect_metrics: bool,
 
     /// Largest request body in bytes; larger ones are answered 413.
-    #[arg(long, env = "DYNAMO_MAX_REQUEST_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
+    #[arg(long, env = "DYNAMO_MAX_REQUEST_BYTES", default_value_t = HttpSettings::DEFAULT_MAX_REQUEST_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
     pub max_request_bytes: u64,
 
     /// Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`).
-    #[arg(long, env = "DYNAMO_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "DYNAMO_MAX_CONNECTIONS", default_value_t = HttpSettings::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
     /// Seconds a client has to send a request's headers; a kept-alive connection idle this long is closed.
-    #[arg(long, default_value_t = 30.0, value_parser = positive_f64)]
+    #[arg(long, default_value_t = HttpSettings::DEFAULT_HEADER_TIMEOUT_S, value_parser = positive_f64)]
     pub http_header_timeout: f64,
 
     /// Seconds a client has to send a whole request body (408 past it).
-    #[arg(long, default_value_t = 60.0, value_parser = positive_f64)]
+    #[arg(long, default_value_t = HttpSettings::DEFAULT_BODY_TIMEOUT_S, value_parser = positive_f64)]
     pub http_body_timeout: f64,
 }
 

@@ -40,13 +40,20 @@ pub struct HttpSettings {
     pub protect_metrics: bool,
 }
 
+impl HttpSettings {
+    pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+    pub const DEFAULT_HEADER_TIMEOUT_S: f64 = 30.0;
+    pub const DEFAULT_BODY_TIMEOUT_S: f64 = 60.0;
+}
+
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            max_request_bytes: 8 * 1024 * 1024,
-            max_connections: 1024,
-            header_timeout: Duration::from_secs(30),
-            body_timeout: Duration::from_secs(60),
+            max_request_bytes: Self::DEFAULT_MAX_REQUEST_BYTES,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs_f64(Self::DEFAULT_HEADER_TIMEOUT_S),
+            body_timeout: Duration::from_secs_f64(Self::DEFAULT_BODY_TIMEOUT_S),
             api_key: None,
             protect_metrics: false,
         }
