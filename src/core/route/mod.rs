@@ -479,6 +479,7 @@ mod tests {
     use crate::core::protocol::discovery::ModelCardSummary;
     use crate::core::protocol::{KvEvent, PreprocessedRequest, StoredBlock};
     use crate::core::tokens::block_hashes;
+    use crate::core::worker::{PlaneSettings, expose};
     use std::sync::Mutex;
     use std::time::Instant;
 
@@ -587,39 +588,48 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn a_prefill_worker_is_never_given_whole_requests() {
-        use crate::core::worker::{PlaneSettings, expose};
-        let model = Model::load(&ModelSource::Builtin, None).unwrap();
-        let dir = std::env::temp_dir().join(format!("dynamo-roles-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let discovery = StaticFile::new(dir.join("cluster.toml"));
-        let planes = |role| PlaneSettings {
+    /// The planes of a worker exposed on loopback for these tests.
+    fn loopback(role: Role, namespace: &str, key: Option<crate::core::trust::ClusterKey>) -> PlaneSettings {
+        PlaneSettings {
             role,
-            namespace: "roles".into(),
+            namespace: namespace.into(),
             host: [127, 0, 0, 1].into(),
             request_port: 0,
             event_port: 0,
             max_in_flight: 64,
-            key: None,
-        };
-        let engine = |id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect())) as Arc<_>;
-        let _prefill = expose(engine(1), &model, 16, &planes(Role::Prefill), &discovery).unwrap();
-        let settings = || ClusterSettings {
-            namespace: "roles".into(),
+            key,
+        }
+    }
+
+    fn mocker(id: WorkerId) -> Arc<dyn crate::core::engine::Engine> {
+        Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect()))
+    }
+
+    fn settings(namespace: &str, key: Option<crate::core::trust::ClusterKey>) -> ClusterSettings {
+        ClusterSettings {
+            namespace: namespace.into(),
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
-            key: None,
-        };
+            key,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prefill_worker_is_never_given_whole_requests() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("dynamo-roles-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let _prefill = expose(mocker(1), &model, 16, &loopback(Role::Prefill, "roles", None), &discovery).unwrap();
         // The prefill worker answers within milliseconds; the router must not take it as its first worker.
         let alone = tokio::time::timeout(
             Duration::from_secs(2),
-            Cluster::join(&discovery, settings(), Arc::new(Metrics::new())),
+            Cluster::join(&discovery, settings("roles", None), Arc::new(Metrics::new())),
         )
         .await;
         assert!(alone.is_err(), "a router served with only a prefill worker");
-        let _decode = expose(engine(2), &model, 16, &planes(Role::Decode), &discovery).unwrap();
-        let cluster = Cluster::join(&discovery, settings(), Arc::new(Metrics::new())).await.unwrap();
+        let _decode = expose(mocker(2), &model, 16, &loopback(Role::Decode, "roles", None), &discovery).unwrap();
+        let cluster = Cluster::join(&discovery, settings("roles", None), Arc::new(Metrics::new())).await.unwrap();
         let router = cluster.state.first().router;
         let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
         assert_eq!(routed.worker_id, 2);
@@ -629,39 +639,23 @@ mod tests {
     #[tokio::test]
     async fn a_router_with_a_key_hears_only_workers_with_it() {
         use crate::core::trust::ClusterKey;
-        use crate::core::worker::{PlaneSettings, expose};
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let dir = std::env::temp_dir().join(format!("dynamo-keys-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let discovery = StaticFile::new(dir.join("cluster.toml"));
         let key = ClusterKey::generate().unwrap();
-        let planes = |key: Option<ClusterKey>| PlaneSettings {
-            role: Role::Decode,
-            namespace: "keys".into(),
-            host: [127, 0, 0, 1].into(),
-            request_port: 0,
-            event_port: 0,
-            max_in_flight: 64,
-            key,
-        };
-        let engine = |id| Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect())) as Arc<_>;
-        let _open = expose(engine(1), &model, 16, &planes(None), &discovery).unwrap();
-        let _other = expose(engine(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), &discovery).unwrap();
-        let settings = || ClusterSettings {
-            namespace: "keys".into(),
-            dead_after: Duration::from_secs(5),
-            router: RouterConfig::default(),
-            key: Some(key.clone()),
-        };
+        let planes = |key| loopback(Role::Decode, "keys", key);
+        let _open = expose(mocker(1), &model, 16, &planes(None), &discovery).unwrap();
+        let _other = expose(mocker(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), &discovery).unwrap();
         let strangers_only = tokio::time::timeout(
             Duration::from_secs(2),
-            Cluster::join(&discovery, settings(), Arc::new(Metrics::new())),
+            Cluster::join(&discovery, settings("keys", Some(key.clone())), Arc::new(Metrics::new())),
         )
         .await;
         assert!(strangers_only.is_err(), "a keyed router took a worker without its key");
-        let _member = expose(engine(3), &model, 16, &planes(Some(key.clone())), &discovery).unwrap();
+        let _member = expose(mocker(3), &model, 16, &planes(Some(key.clone())), &discovery).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let cluster = Cluster::join(&discovery, settings(), metrics.clone()).await.unwrap();
+        let cluster = Cluster::join(&discovery, settings("keys", Some(key)), metrics.clone()).await.unwrap();
         let router = cluster.state.first().router;
         let mut routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 4)).unwrap();
         assert_eq!(routed.worker_id, 3);
