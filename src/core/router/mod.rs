@@ -103,6 +103,27 @@ struct Worker {
     feed: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Worker {
+    /// What the kv cost knows of this worker for a prompt with these overlaps.
+    fn candidate(&self, overlaps: &OverlapScores) -> Candidate {
+        let prefill_blocks = self.load.prefill_blocks.load(Ordering::Relaxed);
+        // The worker's own report corrects the account (it sees blocks the router cannot predict, e.g. other
+        // routers' requests); the account covers decisions the report does not show yet.
+        let reported = self.engine.load().kv_active_blocks.saturating_sub(prefill_blocks);
+        Candidate {
+            overlap_blocks: overlaps.of(self.engine.worker_id()),
+            prefill_blocks,
+            decode_blocks: self.load.decode_blocks.load(Ordering::Relaxed).max(reported),
+            in_flight: self.load.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Alive and under the busy threshold: a request sent now would be taken.
+    fn open(&self, busy_threshold: usize) -> bool {
+        self.load.in_flight.load(Ordering::Acquire) < busy_threshold && self.engine.is_alive()
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(feed) = &self.feed {
@@ -244,14 +265,7 @@ impl Router {
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
-        let hashes: Vec<u64> = match self.config.mode {
-            RouterMode::Kv => block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect(),
-            _ => Vec::new(),
-        };
-        if let Some(approx) = &self.approx {
-            approx.lock().unwrap_or_else(|p| p.into_inner()).expire(self.indexer.as_ref(), Instant::now());
-        }
-        let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
+        let (hashes, overlaps) = self.overlaps(token_ids);
         let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
         let (index, overlap) = loop {
             let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32) else {
@@ -283,6 +297,42 @@ impl Router {
         Ok(Choice { worker_id: worker.engine.worker_id(), overlap_blocks: overlap, worker, account })
     }
 
+    /// Every worker's price for a prompt of `token_ids`, as `choose` would weigh it, with nothing charged and
+    /// nothing recorded: for callers that compare workers before committing to one (a prefill/decode pair, an
+    /// endpoint picker scoring its pods). Cost is the kv cost whatever the mode; lower is better.
+    pub fn quote(&self, token_ids: &[u32]) -> Vec<Quote> {
+        let workers = self.snapshot();
+        let (_, overlaps) = self.overlaps(token_ids);
+        // Whole blocks, as the index counts them.
+        let prompt_blocks = (token_ids.len() / self.config.block_size) as u32;
+        workers
+            .iter()
+            .map(|worker| {
+                let candidate = worker.candidate(&overlaps);
+                Quote {
+                    worker_id: worker.engine.worker_id(),
+                    overlap_blocks: candidate.overlap_blocks,
+                    cost: cost(&candidate, prompt_blocks, self.config.overlap_weight),
+                    in_flight: candidate.in_flight,
+                    open: worker.open(self.config.busy_threshold),
+                }
+            })
+            .collect()
+    }
+
+    /// The prompt's block hashes (kv mode only) and what each worker holds of them.
+    fn overlaps(&self, token_ids: &[u32]) -> (Vec<u64>, OverlapScores) {
+        let hashes: Vec<u64> = match self.config.mode {
+            RouterMode::Kv => block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(approx) = &self.approx {
+            approx.lock().unwrap_or_else(|p| p.into_inner()).expire(self.indexer.as_ref(), Instant::now());
+        }
+        let overlaps = if hashes.is_empty() { OverlapScores::default() } else { self.indexer.find_matches(&hashes) };
+        (hashes, overlaps)
+    }
+
     fn pick(
         &self,
         workers: &[Arc<Worker>],
@@ -290,13 +340,8 @@ impl Router {
         overlaps: &OverlapScores,
         prompt_blocks: u32,
     ) -> Option<usize> {
-        let open: Vec<usize> = (0..workers.len())
-            .filter(|&i| {
-                !excluded[i]
-                    && workers[i].load.in_flight.load(Ordering::Acquire) < self.config.busy_threshold
-                    && workers[i].engine.is_alive()
-            })
-            .collect();
+        let open: Vec<usize> =
+            (0..workers.len()).filter(|&i| !excluded[i] && workers[i].open(self.config.busy_threshold)).collect();
         if open.is_empty() {
             return None;
         }
@@ -309,22 +354,7 @@ impl Router {
                 .map(|k| open[(start + k) % open.len()])
                 .min_by_key(|&i| load(i).in_flight.load(Ordering::Relaxed))?,
             RouterMode::Kv => {
-                let candidates: Vec<Candidate> = open
-                    .iter()
-                    .map(|&i| {
-                        let prefill_blocks = load(i).prefill_blocks.load(Ordering::Relaxed);
-                        // The worker's own report corrects the account (it sees blocks the router cannot
-                        // predict, e.g. other routers' requests); the account covers decisions the report
-                        // does not show yet.
-                        let reported = workers[i].engine.load().kv_active_blocks.saturating_sub(prefill_blocks);
-                        Candidate {
-                            overlap_blocks: overlaps.of(workers[i].engine.worker_id()),
-                            prefill_blocks,
-                            decode_blocks: load(i).decode_blocks.load(Ordering::Relaxed).max(reported),
-                            in_flight: load(i).in_flight.load(Ordering::Relaxed),
-                        }
-                    })
-                    .collect();
+                let candidates: Vec<Candidate> = open.iter().map(|&i| workers[i].candidate(overlaps)).collect();
                 let draw = if self.config.temperature > 0.0 { rand::random::<f64>() } else { 0.0 };
                 let at = choose(
                     &candidates,
@@ -387,6 +417,18 @@ impl Drop for Account {
         }
         self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// One worker's price for a prompt (`Router::quote`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quote {
+    pub worker_id: WorkerId,
+    /// Prompt blocks the index says the worker already holds.
+    pub overlap_blocks: u32,
+    pub cost: f64,
+    pub in_flight: usize,
+    /// Would take a request now (alive, under the busy threshold).
+    pub open: bool,
 }
 
 /// A worker chosen for a request, and the load it was charged with until the request ends.

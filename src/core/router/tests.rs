@@ -85,6 +85,12 @@ async fn kv_mode_sends_a_repeated_prompt_back_to_the_worker_that_cached_it() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
+    let quotes = router.quote(&prompt);
+    assert_eq!(router.quote(&prompt), quotes, "a quote changes nothing");
+    assert_eq!(router.in_flight(), 0, "a quote charges nothing");
+    let best = quotes.iter().min_by(|a, b| a.cost.total_cmp(&b.cost)).unwrap();
+    assert_eq!((best.worker_id, best.overlap_blocks, best.open), (home, 12, true));
+    assert!(quotes.iter().filter(|q| q.worker_id != home).all(|q| q.overlap_blocks == 0 && q.cost > best.cost));
     for _ in 0..3 {
         let again = router.route(request(prompt.clone(), 2)).unwrap();
         assert_eq!(again.worker_id, home);
