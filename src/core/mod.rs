@@ -4,6 +4,7 @@ pub mod discovery;
 pub mod engine;
 pub mod frontend;
 pub mod indexer;
+pub mod members;
 pub mod model;
 pub mod plane;
 pub mod protocol;

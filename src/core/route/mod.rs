@@ -6,19 +6,18 @@
 //! configs, template), and from then on the frontend serves that model too, with a router of its own. Later
 //! workers of a model must agree with its first on tokenizer and block size, or they are refused with the
 //! reason in the log.
-mod dormant;
 mod remote;
 mod resync;
 
-use dormant::Dormancy;
 pub use remote::RemoteEngine;
 use resync::KvFeed;
 
-use crate::core::discovery::{Discovery, DiscoveryEvent};
+use crate::core::discovery::Discovery;
 use crate::core::frontend::{FrontendState, Served};
+use crate::core::members::{Change, Members};
 use crate::core::model::{Model, ModelError};
-use crate::core::plane::request::{KvSnapshot, WorkerClient, WorkerStatus};
-use crate::core::plane::{EventSubscriber, HIGH_WATER_MARK, PlaneError};
+use crate::core::plane::PlaneError;
+use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
@@ -72,27 +71,21 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
-        let context = crate::core::plane::Context::with_key(settings.key.as_ref());
         // Publishers filter by topic: a router with no use for KV events is not sent them.
         let topics: &[Topic] =
             if settings.router.indexes_events() { &Topic::ALL } else { &[Topic::Load, Topic::Stats] };
-        let subscriber = EventSubscriber::new(&context, topics, HIGH_WATER_MARK)?;
-        let watch = discovery.watch(&settings.namespace);
+        let watch = Members::watch(discovery, &settings.namespace, settings.dead_after, settings.key.as_ref(), topics)?;
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
         let membership = Membership {
-            context,
             settings,
-            clients: HashMap::new(),
             members: HashMap::new(),
-            publishers: HashMap::new(),
             state: None,
             metrics,
             snapshots,
             kv_batch: KvEventBatch { worker_id: 0, events: Vec::new() },
-            dormancy: Dormancy::default(),
         };
-        let membership = tokio::spawn(membership.run(watch, subscriber, snapshot_results, ready));
+        let membership = tokio::spawn(membership.run(watch, snapshot_results, ready));
         match first.await {
             Ok(Ok(state)) => Ok(Self { state, membership }),
             Ok(Err(error)) => Err(error),
@@ -153,7 +146,6 @@ struct Member {
     id: WorkerId,
     /// The router of the model this worker serves.
     router: Arc<Router>,
-    event_addr: String,
     client: Arc<WorkerClient>,
     feed: KvFeed,
     load: Arc<std::sync::Mutex<LoadMetrics>>,
@@ -163,22 +155,15 @@ struct Member {
 type SnapshotResult = (String, WorkerId, Option<KvSnapshot>);
 
 struct Membership {
-    context: crate::core::plane::Context,
     settings: ClusterSettings,
-    /// One connection per discovered request endpoint, alive or not.
-    clients: HashMap<String, Arc<WorkerClient>>,
     /// Endpoints whose worker is in the router.
     members: HashMap<String, Member>,
-    /// Event-plane publisher id → its member's endpoint.
-    publishers: HashMap<WorkerId, String>,
     /// What the frontend serves (every model, each with its router), from the first model on.
     state: Option<Arc<FrontendState>>,
     metrics: Arc<Metrics>,
     snapshots: mpsc::UnboundedSender<SnapshotResult>,
     /// The KV batch being applied, decoded into the last one's memory.
     kv_batch: KvEventBatch,
-    /// Endpoints no worker answers at: their connections are closed and probed now and then.
-    dormancy: Dormancy,
 }
 
 type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
@@ -186,48 +171,21 @@ type Ready = oneshot::Sender<Result<Arc<FrontendState>, ClusterError>>;
 impl Membership {
     async fn run(
         mut self,
-        mut watch: mpsc::UnboundedReceiver<DiscoveryEvent>,
-        mut subscriber: EventSubscriber,
+        mut watch: Members,
         mut snapshot_results: mpsc::UnboundedReceiver<SnapshotResult>,
         ready: Ready,
     ) {
-        let (status_sender, mut statuses) = mpsc::unbounded_channel::<(String, WorkerStatus)>();
         let mut ready = Some(ready);
-        let mut dormancy_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                event = watch.recv() => match event {
+                change = watch.next() => match change {
                     None => return,
-                    Some(DiscoveryEvent::Added(addr)) => {
-                        self.dormancy.quiet(&addr, std::time::Instant::now());
-                        self.connect(addr, &status_sender);
-                    }
-                    Some(DiscoveryEvent::Removed(addr)) => {
-                        self.clients.remove(&addr);
-                        self.dormancy.forget(&addr);
-                        self.leave(&addr, &mut subscriber, "left discovery");
-                    }
-                },
-                _ = dormancy_check.tick() => {
-                    for client in self.clients.values() {
-                        let (unsealed, unsolicited) = client.take_dropped();
-                        self.metrics.request_plane_dropped("unsealed", unsealed);
-                        self.metrics.request_plane_dropped("unsolicited", unsolicited);
-                    }
-                    let due = self.dormancy.due(std::time::Instant::now());
-                    for addr in due.close {
-                        tracing::debug!("no worker answers at {addr}; its connection is closed until the next probe");
-                        self.clients.remove(&addr);
-                    }
-                    for addr in due.reconnect {
-                        self.connect(addr, &status_sender);
-                    }
-                }
-                Some((addr, status)) = statuses.recv() => match status {
-                    WorkerStatus::Alive(instance) => {
-                        self.dormancy.alive(&addr);
-                        self.leave(&addr, &mut subscriber, "restarted");
-                        if let Err(error) = self.admit(&addr, instance, &mut subscriber, &mut ready).await {
+                    Some(Change::Found(_)) => {}
+                    Some(Change::Left(endpoint)) => self.leave(&endpoint, &mut watch, "left discovery"),
+                    Some(Change::Lost(endpoint)) => self.leave(&endpoint, &mut watch, "stopped answering"),
+                    Some(Change::Answered { endpoint, instance }) => {
+                        self.leave(&endpoint, &mut watch, "restarted");
+                        if let Err(error) = self.admit(&endpoint, instance, &mut watch, &mut ready).await {
                             tracing::warn!("{error}");
                             if let Some(ready) = ready.take() {
                                 let _ = ready.send(Err(error));
@@ -235,22 +193,18 @@ impl Membership {
                             }
                         }
                     }
-                    WorkerStatus::Lost => {
-                        self.dormancy.quiet(&addr, std::time::Instant::now());
-                        self.leave(&addr, &mut subscriber, "stopped answering");
-                    }
-                    WorkerStatus::Incompatible { theirs } => tracing::warn!(
-                        "worker at {addr} speaks request-plane version {theirs}, this router {}; not used",
+                    Some(Change::Incompatible { endpoint, theirs }) => tracing::warn!(
+                        "worker at {endpoint} speaks request-plane version {theirs}, this router {}; not used",
                         crate::core::protocol::request::PROTOCOL_VERSION
                     ),
-                },
-                delivery = subscriber.next() => match delivery {
-                    Ok(delivery) => self.deliver(delivery),
-                    Err(error) => {
-                        if matches!(error, PlaneError::Malformed(_)) {
-                            self.metrics.plane(PlaneEvent::Malformed, 1);
-                        }
+                    Some(Change::Delivered { endpoint, delivery }) => self.deliver(&endpoint, delivery),
+                    Some(Change::Malformed(error)) => {
+                        self.metrics.plane(PlaneEvent::Malformed, 1);
                         tracing::warn!("event plane: {error}");
+                    }
+                    Some(Change::Dropped { unsealed, unsolicited }) => {
+                        self.metrics.request_plane_dropped("unsealed", unsealed);
+                        self.metrics.request_plane_dropped("unsolicited", unsolicited);
                     }
                 },
                 Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),
@@ -258,23 +212,14 @@ impl Membership {
         }
     }
 
-    fn connect(&mut self, addr: String, statuses: &mpsc::UnboundedSender<(String, WorkerStatus)>) {
-        match WorkerClient::connect_labelled(&self.context, addr.clone(), self.settings.dead_after, statuses) {
-            Ok(client) => {
-                self.clients.insert(addr, Arc::new(client));
-            }
-            Err(error) => tracing::warn!("cannot connect to worker at {addr}: {error}"),
-        }
-    }
-
     async fn admit(
         &mut self,
         addr: &str,
         instance: Instance,
-        subscriber: &mut EventSubscriber,
+        watch: &mut Members,
         ready: &mut Option<Ready>,
     ) -> Result<(), ClusterError> {
-        let Some(client) = self.clients.get(addr).cloned() else { return Ok(()) };
+        let Some(client) = watch.client(addr) else { return Ok(()) };
         if instance.role != Role::Decode {
             // Prefill and encode workers get parts of requests, which only disaggregated serving hands out.
             tracing::warn!(
@@ -331,13 +276,11 @@ impl Membership {
                 served.router
             }
         };
-        let event_addr = instance.event_endpoint_from(addr);
-        subscriber.add_publisher(&event_addr)?;
+        watch.subscribe(addr, &instance)?;
         let engine = RemoteEngine::new(instance.clone(), client.clone());
         let mut member = Member {
             id: instance.id,
             router: router.clone(),
-            event_addr,
             client,
             feed: KvFeed::default(),
             load: engine.load_cell(),
@@ -348,7 +291,6 @@ impl Membership {
             resync(&self.snapshots, addr, &mut member);
         }
         self.members.insert(addr.to_string(), member);
-        self.publishers.insert(instance.id, addr.to_string());
         tracing::info!(
             "worker {:016x} joined: {} at {addr}, {} KV blocks of {} tokens ({} workers)",
             instance.id,
@@ -360,14 +302,11 @@ impl Membership {
         Ok(())
     }
 
-    fn leave(&mut self, addr: &str, subscriber: &mut EventSubscriber, why: &str) {
+    fn leave(&mut self, addr: &str, watch: &mut Members, why: &str) {
+        watch.unsubscribe(addr);
         let Some(member) = self.members.remove(addr) else { return };
-        self.publishers.remove(&member.id);
         self.metrics.forget_worker(member.id);
         member.router.remove_worker(member.id);
-        if let Err(error) = subscriber.remove_publisher(&member.event_addr) {
-            tracing::debug!("event plane: {error}");
-        }
         tracing::info!("worker {:016x} at {addr} {why}; {} workers left", member.id, self.members.len());
     }
 
@@ -393,9 +332,8 @@ impl Membership {
         }
     }
 
-    fn deliver(&mut self, delivery: crate::core::plane::Delivery) {
+    fn deliver(&mut self, addr: &str, delivery: crate::core::plane::Delivery) {
         let publisher = delivery.header.publisher;
-        let Some(addr) = self.publishers.get(&publisher) else { return };
         let Some(member) = self.members.get_mut(addr) else { return };
         match delivery.continuity {
             crate::core::plane::Continuity::InOrder => {}
@@ -588,19 +526,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// The planes of a worker exposed on loopback for these tests.
-    fn loopback(role: Role, namespace: &str, key: Option<crate::core::trust::ClusterKey>) -> PlaneSettings {
-        PlaneSettings {
-            role,
-            namespace: namespace.into(),
-            host: [127, 0, 0, 1].into(),
-            request_port: 0,
-            event_port: 0,
-            max_in_flight: 64,
-            key,
-        }
-    }
-
     fn mocker(id: WorkerId) -> Arc<dyn crate::core::engine::Engine> {
         Arc::new(MockerEngine::spawn(id, MockerConfig::default(), (0..1000).collect()))
     }
@@ -620,7 +545,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dynamo-roles-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let discovery = StaticFile::new(dir.join("cluster.toml"));
-        let _prefill = expose(mocker(1), &model, 16, &loopback(Role::Prefill, "roles", None), &discovery).unwrap();
+        let _prefill =
+            expose(mocker(1), &model, 16, &PlaneSettings::loopback(Role::Prefill, "roles", None), &discovery).unwrap();
         // The prefill worker answers within milliseconds; the router must not take it as its first worker.
         let alone = tokio::time::timeout(
             Duration::from_secs(2),
@@ -628,7 +554,8 @@ mod tests {
         )
         .await;
         assert!(alone.is_err(), "a router served with only a prefill worker");
-        let _decode = expose(mocker(2), &model, 16, &loopback(Role::Decode, "roles", None), &discovery).unwrap();
+        let _decode =
+            expose(mocker(2), &model, 16, &PlaneSettings::loopback(Role::Decode, "roles", None), &discovery).unwrap();
         let cluster = Cluster::join(&discovery, settings("roles", None), Arc::new(Metrics::new())).await.unwrap();
         let router = cluster.state.first().router;
         let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
@@ -644,7 +571,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let discovery = StaticFile::new(dir.join("cluster.toml"));
         let key = ClusterKey::generate().unwrap();
-        let planes = |key| loopback(Role::Decode, "keys", key);
+        let planes = |key| PlaneSettings::loopback(Role::Decode, "keys", key);
         let _open = expose(mocker(1), &model, 16, &planes(None), &discovery).unwrap();
         let _other = expose(mocker(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), &discovery).unwrap();
         let strangers_only = tokio::time::timeout(

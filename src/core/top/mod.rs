@@ -4,16 +4,16 @@
 //! knows nothing of terminals: `ui` draws it live, `ClusterView::text` prints it once.
 pub mod ui;
 
-use crate::core::discovery::{Discovery, DiscoveryEvent};
-use crate::core::plane::request::{WorkerClient, WorkerStatus};
-use crate::core::plane::{Continuity, Delivery, EventSubscriber, HIGH_WATER_MARK, PlaneError};
+use crate::core::discovery::Discovery;
+use crate::core::members::{Change, Members};
+use crate::core::plane::request::WorkerStatus;
+use crate::core::plane::{Continuity, Delivery, PlaneError};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, WorkerStats};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// How far back the KV event rate looks: long enough to smooth engine steps, short enough to follow a burst.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -101,15 +101,13 @@ pub struct ClusterView {
     pub namespace: String,
     /// By request endpoint, as discovery names workers.
     pub workers: BTreeMap<String, WorkerView>,
-    /// Event-plane publisher id → request endpoint.
-    publishers: HashMap<u64, String>,
     /// Event-plane messages that did not decode.
     pub malformed: u64,
 }
 
 impl ClusterView {
     pub fn new(namespace: &str) -> Self {
-        Self { namespace: namespace.to_string(), workers: BTreeMap::new(), publishers: HashMap::new(), malformed: 0 }
+        Self { namespace: namespace.to_string(), workers: BTreeMap::new(), malformed: 0 }
     }
 
     fn discovered(&mut self, endpoint: String) {
@@ -117,11 +115,7 @@ impl ClusterView {
     }
 
     fn removed(&mut self, endpoint: &str) {
-        if let Some(worker) = self.workers.remove(endpoint)
-            && let Some(instance) = worker.instance
-        {
-            self.publishers.remove(&instance.id);
-        }
+        self.workers.remove(endpoint);
     }
 
     /// A worker's answer to a ping. False when it says the worker belongs to another namespace (only a
@@ -142,12 +136,10 @@ impl ClusterView {
                     && previous.id != instance.id
                 {
                     // Restarted under a new id: what the old process published is history.
-                    self.publishers.remove(&previous.id);
                     worker.load = None;
                     worker.stats = None;
                     worker.kv = KvActivity::default();
                 }
-                self.publishers.insert(instance.id, endpoint.to_string());
             }
             WorkerStatus::Lost => worker.state = PeerState::Lost,
             WorkerStatus::Incompatible { theirs } => worker.state = PeerState::Incompatible { theirs },
@@ -155,10 +147,10 @@ impl ClusterView {
         true
     }
 
-    fn deliver(&mut self, delivery: Delivery, now: Instant) {
-        let Some(worker) = self.publishers.get(&delivery.header.publisher).and_then(|e| self.workers.get_mut(e)) else {
-            return;
-        };
+    /// A message from the worker at `endpoint` (`Members` delivers only from the process that answered
+    /// there last).
+    fn deliver(&mut self, endpoint: &str, delivery: Delivery, now: Instant) {
+        let Some(worker) = self.workers.get_mut(endpoint) else { return };
         if let Continuity::Gap(lost) = delivery.continuity {
             worker.lost_messages += lost;
         }
@@ -315,67 +307,32 @@ pub async fn watch(
     key: Option<crate::core::trust::ClusterKey>,
     view: Arc<Mutex<ClusterView>>,
 ) -> Result<(), PlaneError> {
-    let context = crate::core::plane::Context::with_key(key.as_ref());
-    let mut subscriber = EventSubscriber::new(&context, &Topic::ALL, HIGH_WATER_MARK)?;
-    let mut found = discovery.watch(&namespace);
-    let (statuses, mut status_updates) = mpsc::unbounded_channel();
-    let mut clients: HashMap<String, WorkerClient> = HashMap::new();
-    // Request endpoint → the event endpoint subscribed to for it.
-    let mut subscribed: HashMap<String, String> = HashMap::new();
+    let mut members = Members::watch(discovery.as_ref(), &namespace, dead_after, key.as_ref(), &Topic::ALL)?;
     let view = || view.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        tokio::select! {
-            event = found.recv() => match event {
-                None => return Ok(()),
-                Some(DiscoveryEvent::Added(endpoint)) => {
-                    match WorkerClient::connect_labelled(&context, endpoint.clone(), dead_after, &statuses) {
-                        Ok(client) => {
-                            clients.insert(endpoint.clone(), client);
-                        }
-                        Err(error) => tracing::warn!("cannot connect to worker at {endpoint}: {error}"),
-                    }
-                    view().discovered(endpoint);
-                }
-                Some(DiscoveryEvent::Removed(endpoint)) => {
-                    clients.remove(&endpoint);
-                    if let Some(events) = subscribed.remove(&endpoint) {
-                        let _ = subscriber.remove_publisher(&events);
-                    }
-                    view().removed(&endpoint);
-                }
-            },
-            Some((endpoint, status)) = status_updates.recv() => {
-                let events = match &status {
-                    WorkerStatus::Alive(instance) => Some(instance.event_endpoint_from(&endpoint)),
-                    _ => None,
-                };
-                if !view().status(&endpoint, status) {
+    while let Some(change) = members.next().await {
+        match change {
+            Change::Found(endpoint) => view().discovered(endpoint),
+            Change::Left(endpoint) => view().removed(&endpoint),
+            Change::Answered { endpoint, instance } => {
+                if !view().status(&endpoint, WorkerStatus::Alive(instance.clone())) {
                     tracing::warn!("worker at {endpoint} answered for another namespace than {namespace:?}; not shown");
-                    clients.remove(&endpoint);
-                    if let Some(events) = subscribed.remove(&endpoint) {
-                        let _ = subscriber.remove_publisher(&events);
-                    }
-                }
-                // A status can trail the worker's removal from discovery: no subscription for one that left.
-                else if let Some(events) = events
-                    && clients.contains_key(&endpoint)
-                    && subscribed.get(&endpoint) != Some(&events)
-                {
-                    if let Some(old) = subscribed.insert(endpoint.clone(), events.clone()) {
-                        let _ = subscriber.remove_publisher(&old);
-                    }
-                    if let Err(error) = subscriber.add_publisher(&events) {
-                        tracing::warn!("cannot subscribe to the events of worker at {endpoint}: {error}");
-                    }
+                    members.forget(&endpoint);
+                } else if let Err(error) = members.subscribe(&endpoint, &instance) {
+                    tracing::warn!("cannot subscribe to the events of worker at {endpoint}: {error}");
                 }
             }
-            delivery = subscriber.next() => match delivery {
-                Ok(delivery) => view().deliver(delivery, Instant::now()),
-                Err(PlaneError::Malformed(_)) => view().malformed += 1,
-                Err(error) => tracing::warn!("event plane: {error}"),
-            },
+            Change::Lost(endpoint) => {
+                view().status(&endpoint, WorkerStatus::Lost);
+            }
+            Change::Incompatible { endpoint, theirs } => {
+                view().status(&endpoint, WorkerStatus::Incompatible { theirs });
+            }
+            Change::Delivered { endpoint, delivery } => view().deliver(&endpoint, delivery, Instant::now()),
+            Change::Malformed(_) => view().malformed += 1,
+            Change::Dropped { .. } => {}
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -51,15 +51,15 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
         kv_total_blocks: 1000,
         kv_cached_blocks: 50,
     };
-    view.deliver(delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
+    view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
     let stats = WorkerStats { accepted: 12, refused: 2, ..WorkerStats::default() };
-    view.deliver(delivery(7, Topic::Stats, 0, Continuity::InOrder, stats.to_bytes()), start);
-    view.deliver(delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(4).to_bytes()), start);
+    view.deliver(ENDPOINT, delivery(7, Topic::Stats, 0, Continuity::InOrder, stats.to_bytes()), start);
+    view.deliver(ENDPOINT, delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(4).to_bytes()), start);
     let later = start + Duration::from_secs(2);
-    view.deliver(delivery(7, Topic::Kv, 3, Continuity::Gap(2), stored(2).to_bytes()), later);
-    // Another publisher's message and a payload that does not decode: ignored, and counted.
-    view.deliver(delivery(99, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
-    view.deliver(delivery(7, Topic::Load, 1, Continuity::InOrder, b"\xc1".to_vec()), later);
+    view.deliver(ENDPOINT, delivery(7, Topic::Kv, 3, Continuity::Gap(2), stored(2).to_bytes()), later);
+    // A message for an endpoint the view does not hold, and a payload that does not decode: ignored, and counted.
+    view.deliver("tcp://10.0.0.99:7100", delivery(99, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
+    view.deliver(ENDPOINT, delivery(7, Topic::Load, 1, Continuity::InOrder, b"\xc1".to_vec()), later);
 
     let rows = view.rows(later);
     assert_eq!(cell(&rows, 0, "WORKER"), "0000000000000007");
@@ -90,8 +90,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     // Back under a new id: the old process's numbers are gone, the new one's messages count.
     view.status(ENDPOINT, WorkerStatus::Alive(instance(8)));
     assert!(view.workers[ENDPOINT].load.is_none());
-    view.deliver(delivery(7, Topic::Kv, 4, Continuity::InOrder, stored(1).to_bytes()), later);
-    view.deliver(delivery(8, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
+    view.deliver(ENDPOINT, delivery(8, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
     assert_eq!(view.workers[ENDPOINT].kv.events, 1);
 
     view.removed(ENDPOINT);
@@ -109,7 +108,7 @@ fn a_worker_answering_for_another_namespace_leaves_the_view() {
     let foreign = Instance { namespace: "staging".into(), ..instance(7) };
     assert!(!view.status(ENDPOINT, WorkerStatus::Alive(foreign)));
     assert!(view.workers.is_empty(), "{}", view.text(now));
-    view.deliver(delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(2).to_bytes()), now);
+    view.deliver(ENDPOINT, delivery(7, Topic::Kv, 0, Continuity::InOrder, stored(2).to_bytes()), now);
     assert!(view.workers.is_empty() && view.malformed == 0, "its events count for nobody");
     view.discovered(ENDPOINT.into());
     assert!(view.status(ENDPOINT, WorkerStatus::Alive(instance(7))), "one of ours at the same address is shown");

@@ -51,6 +51,22 @@ pub struct PlaneSettings {
     pub key: Option<crate::core::trust::ClusterKey>,
 }
 
+#[cfg(test)]
+impl PlaneSettings {
+    /// The planes of a worker exposed on loopback at free ports, for tests.
+    pub fn loopback(role: Role, namespace: &str, key: Option<crate::core::trust::ClusterKey>) -> Self {
+        Self {
+            role,
+            namespace: namespace.into(),
+            host: [127, 0, 0, 1].into(),
+            request_port: 0,
+            event_port: 0,
+            max_in_flight: 64,
+            key,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]

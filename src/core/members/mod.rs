@@ -1,0 +1,208 @@
+//! Following a namespace's workers, for every process that watches a cluster (`dynamo route`, `dynamo top`,
+//! and the planner and endpoint picker to come): discovery says where workers are, a request-plane
+//! connection to each says whether it answers and who it is, and an event-plane subscription to each one
+//! its owner accepts brings what it publishes. `Members::next` hands over each change; what a change means
+//! (join a router, fill a table) is the owner's.
+//!
+//! Endpoints nobody answers at are closed and probed now and then (`dormant`), so a cluster file full of
+//! dead entries costs neither descriptors nor pings.
+mod dormant;
+
+use crate::core::discovery::{Discovery, DiscoveryEvent};
+use crate::core::plane::request::{WorkerClient, WorkerStatus};
+use crate::core::plane::{Context, Delivery, EventSubscriber, HIGH_WATER_MARK, PlaneError};
+use crate::core::protocol::WorkerId;
+use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::plane::Topic;
+use dormant::Dormancy;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often quiet connections are checked and dropped-message counts collected.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What happened to a namespace's workers.
+#[derive(Debug)]
+pub enum Change {
+    /// Discovery named an endpoint; a connection to it is open and pinging.
+    Found(String),
+    /// Discovery dropped it: its connection and subscription are gone.
+    Left(String),
+    /// A worker answered there (first time, again after a loss, or restarted under a new id). Its events
+    /// come once the owner calls `subscribe`.
+    Answered { endpoint: String, instance: Instance },
+    /// It stopped answering for `dead_after`; its streams in flight ended without a finish reason.
+    Lost(String),
+    /// It speaks another request-plane version.
+    Incompatible { endpoint: String, theirs: u32 },
+    /// A message from the event plane of a subscribed worker.
+    Delivered { endpoint: String, delivery: Delivery },
+    /// An event-plane message that was not a frame of ours (or not sealed with the cluster key).
+    Malformed(PlaneError),
+    /// Request-plane answers dropped unread since the last report: not sealed with the cluster key, or
+    /// snapshot frames nobody asked for.
+    Dropped { unsealed: u64, unsolicited: u64 },
+}
+
+pub struct Members {
+    context: Context,
+    namespace: String,
+    dead_after: Duration,
+    found: mpsc::UnboundedReceiver<DiscoveryEvent>,
+    subscriber: EventSubscriber,
+    /// One connection per discovered endpoint, alive or not (dormant ones are closed).
+    clients: HashMap<String, Arc<WorkerClient>>,
+    /// Every connection's status reports, labelled with its endpoint.
+    statuses: mpsc::UnboundedSender<(String, WorkerStatus)>,
+    status_reports: mpsc::UnboundedReceiver<(String, WorkerStatus)>,
+    /// Endpoint → the publisher id and event endpoint subscribed to for it.
+    subscribed: HashMap<String, (WorkerId, String)>,
+    /// Publisher id → endpoint, for the subscribed ones.
+    publishers: HashMap<WorkerId, String>,
+    dormancy: Dormancy,
+    check: tokio::time::Interval,
+}
+
+impl Members {
+    /// Starts following `namespace`; subscriptions will be to `topics`. Must run inside a tokio runtime.
+    pub fn watch(
+        discovery: &dyn Discovery,
+        namespace: &str,
+        dead_after: Duration,
+        key: Option<&crate::core::trust::ClusterKey>,
+        topics: &[Topic],
+    ) -> Result<Self, PlaneError> {
+        let context = Context::with_key(key);
+        let subscriber = EventSubscriber::new(&context, topics, HIGH_WATER_MARK)?;
+        let (statuses, status_reports) = mpsc::unbounded_channel();
+        Ok(Self {
+            context,
+            namespace: namespace.to_string(),
+            dead_after,
+            found: discovery.watch(namespace),
+            subscriber,
+            clients: HashMap::new(),
+            statuses,
+            status_reports,
+            subscribed: HashMap::new(),
+            publishers: HashMap::new(),
+            dormancy: Dormancy::default(),
+            check: tokio::time::interval(CHECK_INTERVAL),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The next change; `None` once discovery has stopped. Cancel-safe: a change is taken from its source
+    /// only when it is returned.
+    pub async fn next(&mut self) -> Option<Change> {
+        loop {
+            tokio::select! {
+                event = self.found.recv() => match event? {
+                    DiscoveryEvent::Added(endpoint) => {
+                        self.dormancy.quiet(&endpoint, Instant::now());
+                        self.connect(&endpoint);
+                        return Some(Change::Found(endpoint));
+                    }
+                    DiscoveryEvent::Removed(endpoint) => {
+                        self.forget(&endpoint);
+                        return Some(Change::Left(endpoint));
+                    }
+                },
+                _ = self.check.tick() => {
+                    let due = self.dormancy.due(Instant::now());
+                    for endpoint in due.close {
+                        tracing::debug!("no worker answers at {endpoint}; its connection is closed until the next probe");
+                        self.clients.remove(&endpoint);
+                    }
+                    for endpoint in due.reconnect {
+                        self.connect(&endpoint);
+                    }
+                    let (unsealed, unsolicited) = self.clients.values().map(|c| c.take_dropped()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                    if unsealed + unsolicited > 0 {
+                        return Some(Change::Dropped { unsealed, unsolicited });
+                    }
+                }
+                Some((endpoint, status)) = self.status_reports.recv() => {
+                    // A status can trail its endpoint's removal from discovery: nothing to say of it then.
+                    if !self.clients.contains_key(&endpoint) {
+                        continue;
+                    }
+                    return Some(match status {
+                        WorkerStatus::Alive(instance) => {
+                            self.dormancy.alive(&endpoint);
+                            Change::Answered { endpoint, instance }
+                        }
+                        WorkerStatus::Lost => {
+                            self.dormancy.quiet(&endpoint, Instant::now());
+                            Change::Lost(endpoint)
+                        }
+                        WorkerStatus::Incompatible { theirs } => Change::Incompatible { endpoint, theirs },
+                    });
+                }
+                delivery = self.subscriber.next() => match delivery {
+                    Ok(delivery) => {
+                        // Only from the process subscribed to: a restarted worker's predecessor is history.
+                        let Some(endpoint) = self.publishers.get(&delivery.header.publisher) else { continue };
+                        return Some(Change::Delivered { endpoint: endpoint.clone(), delivery });
+                    }
+                    Err(error @ PlaneError::Malformed(_)) => return Some(Change::Malformed(error)),
+                    Err(error) => tracing::warn!("event plane: {error}"),
+                },
+            }
+        }
+    }
+
+    /// The connection to the worker at `endpoint`, while it is open.
+    pub fn client(&self, endpoint: &str) -> Option<Arc<WorkerClient>> {
+        self.clients.get(endpoint).cloned()
+    }
+
+    /// Delivers the events `instance` publishes, as the worker at `endpoint`, from now on (replacing what
+    /// was subscribed to for that endpoint before).
+    pub fn subscribe(&mut self, endpoint: &str, instance: &Instance) -> Result<(), PlaneError> {
+        let events = instance.event_endpoint_from(endpoint);
+        if self.subscribed.get(endpoint) == Some(&(instance.id, events.clone())) {
+            return Ok(());
+        }
+        self.unsubscribe(endpoint);
+        self.subscriber.add_publisher(&events)?;
+        self.publishers.insert(instance.id, endpoint.to_string());
+        self.subscribed.insert(endpoint.to_string(), (instance.id, events));
+        Ok(())
+    }
+
+    /// No more events from the worker at `endpoint`; its connection stays.
+    pub fn unsubscribe(&mut self, endpoint: &str) {
+        let Some((id, events)) = self.subscribed.remove(endpoint) else { return };
+        self.publishers.remove(&id);
+        if let Err(error) = self.subscriber.remove_publisher(&events) {
+            tracing::debug!("event plane: {error}");
+        }
+    }
+
+    /// Drops the endpoint until discovery names it again: its connection, subscription and probes.
+    pub fn forget(&mut self, endpoint: &str) {
+        self.unsubscribe(endpoint);
+        self.clients.remove(endpoint);
+        self.dormancy.forget(endpoint);
+    }
+
+    fn connect(&mut self, endpoint: &str) {
+        let connected =
+            WorkerClient::connect_labelled(&self.context, endpoint.to_string(), self.dead_after, &self.statuses);
+        match connected {
+            Ok(client) => {
+                self.clients.insert(endpoint.to_string(), Arc::new(client));
+            }
+            Err(error) => tracing::warn!("cannot connect to worker at {endpoint}: {error}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

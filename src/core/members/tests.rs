@@ -1,0 +1,66 @@
+use super::*;
+use crate::core::discovery::StaticFile;
+use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::model::{Model, ModelSource};
+use crate::core::protocol::discovery::Role;
+use crate::core::worker::{PlaneSettings, expose};
+
+/// The next change that `wanted` accepts, skipping others; panics after 10 s.
+async fn next_matching(members: &mut Members, wanted: impl Fn(&Change) -> bool) -> Change {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, members.next()).await {
+            Ok(Some(change)) if wanted(&change) => return change,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("discovery stopped"),
+            Err(_) => panic!("no such change in 10 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_is_followed_from_discovery_to_its_events_and_its_departure() {
+    let model = Model::load(&ModelSource::Builtin, None).unwrap();
+    let dir = std::env::temp_dir().join(format!("dynamo-members-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let discovery = StaticFile::new(dir.join("cluster.toml"));
+    let engine = Arc::new(MockerEngine::spawn(7, MockerConfig::default(), (0..1000).collect()));
+    let worker =
+        expose(engine, &model, 16, &PlaneSettings::loopback(Role::Decode, "members", None), &discovery).unwrap();
+    let endpoint = worker.instance.request_addr.clone();
+    let mut members = Members::watch(&discovery, "members", Duration::from_secs(5), None, &Topic::ALL).unwrap();
+
+    let found = next_matching(&mut members, |c| matches!(c, Change::Found(_))).await;
+    assert!(matches!(&found, Change::Found(e) if *e == endpoint), "{found:?}");
+    let Change::Answered { endpoint: at, instance } =
+        next_matching(&mut members, |c| matches!(c, Change::Answered { .. })).await
+    else {
+        unreachable!()
+    };
+    assert_eq!((at.as_str(), instance.id), (endpoint.as_str(), 7));
+    assert!(members.client(&endpoint).is_some());
+
+    // Nothing is delivered before the owner subscribes; once it has, the worker's load reports come.
+    members.subscribe(&endpoint, &instance).unwrap();
+    let delivered = next_matching(&mut members, |c| matches!(c, Change::Delivered { .. })).await;
+    let Change::Delivered { endpoint: from, delivery } = delivered else { unreachable!() };
+    assert_eq!((from.as_str(), delivery.header.publisher), (endpoint.as_str(), 7));
+
+    // Subscribed as another process (a restart under a new id): the old publisher's messages are not its.
+    members.subscribe(&endpoint, &Instance { id: 8, ..instance.clone() }).unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(Change::Delivered { delivery, .. }) = members.next().await {
+                return delivery.header.publisher;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "a message from publisher {quiet:?} was delivered for id 8");
+
+    drop(worker);
+    let left = next_matching(&mut members, |c| matches!(c, Change::Left(_))).await;
+    assert!(matches!(&left, Change::Left(e) if *e == endpoint), "{left:?}");
+    assert!(members.client(&endpoint).is_none(), "its connection is closed with its departure");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
