@@ -443,7 +443,7 @@ async fn run_request_plane(requests: u64, tokens: u32, key: Option<&ClusterKey>)
         instance,
         model_files: Vec::new(),
         max_in_flight: CONCURRENCY * 2,
-        ledger: Arc::default(),
+        kv_published: Arc::default(),
     };
     let server = RequestServer::bind(&context, "tcp://127.0.0.1:*", served)?;
     let (status, mut statuses) = tokio::sync::mpsc::unbounded_channel();

@@ -9,7 +9,7 @@
 //! 4. publish the step's KV events, send each request its token, update the load snapshot.
 //!
 //! The published events are also recorded in a `KvLedger`, so a subscriber that lagged can have the whole
-//! state sent again (`resend_kv_state`).
+//! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
 use super::scheduler::{Executor, Scheduler, SeqId};
 use super::{Engine, EngineError, KvLedger, ResponseStream};
 use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
@@ -47,15 +47,14 @@ struct Publisher {
 impl Publisher {
     fn publish(&self, batch: KvEventBatch) {
         let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
-        ledger.record(&batch.events, 0);
+        ledger.record(&batch.events);
         // No subscriber is fine: events are for whoever listens.
         let _ = self.sender.send(batch);
     }
 
     fn resend(&self, worker_id: WorkerId) {
         let ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, stored) = ledger.snapshot();
-        let events = std::iter::once(KvEvent::Cleared).chain(stored).collect();
+        let events = std::iter::once(KvEvent::Cleared).chain(ledger.snapshot()).collect();
         let _ = self.sender.send(KvEventBatch { worker_id, events });
     }
 }
@@ -108,6 +107,10 @@ impl Engine for BatchEngine {
     fn resend_kv_state(&self) -> bool {
         self.events.resend(self.worker_id);
         true
+    }
+
+    fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
+        Some(self.events.ledger.lock().unwrap_or_else(|p| p.into_inner()).snapshot())
     }
 
     fn load(&self) -> LoadMetrics {

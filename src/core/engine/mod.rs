@@ -15,10 +15,12 @@ pub mod scheduler;
 mod spawn;
 
 pub use follow::KvFollower;
+#[cfg(test)]
+pub use ledger::HandKeptLedger;
 pub use ledger::KvLedger;
 pub use spawn::{EngineSettings, SpawnError, spawn_engines};
 
-use crate::core::protocol::{EngineOutput, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
+use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -64,6 +66,13 @@ pub trait Engine: Send + Sync {
     /// rest), for a subscriber that lagged and lost some. False when the engine cannot.
     fn resend_kv_state(&self) -> bool {
         false
+    }
+
+    /// The engine's whole KV cache as `Stored` events in storing order, from the ledger of what it has
+    /// published (everything broadcast so far, and possibly a step more). An engine that publishes KV events
+    /// must answer; `None` from one that publishes none.
+    fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
+        None
     }
 
     /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.

@@ -12,7 +12,8 @@
 //!    high-water-mark drops under load), counted and reported with the message after it;
 //! 3. a number that goes back means the publisher restarted: its old state is gone;
 //! 4. on either, the reader rebuilds that publisher's KV state from a snapshot asked over the request plane
-//!    (`engine::KvLedger` on the worker side keeps what the snapshot needs; `cluster` does the asking).
+//!    (the engine's `KvLedger` keeps what the snapshot needs, the worker says how many messages it covers;
+//!    `route` does the asking).
 //!
 //! Malformed messages are counted and skipped; the socket stays up.
 //!

@@ -16,15 +16,14 @@ use futures::stream::{AbortHandle, SelectAll};
 use futures::{FutureExt, Stream, StreamExt};
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Context, PlaneError, Seals, SocketReader, bound_endpoint};
-use crate::core::engine::KvLedger;
 use std::borrow::Cow;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
@@ -114,8 +113,11 @@ pub struct Served {
     pub model_files: Vec<(String, String)>,
     /// Requests in flight past which new ones are refused as busy (back-pressure).
     pub max_in_flight: usize,
-    /// What the engine's cache holds, as published so far; answers `KvSnapshot`.
-    pub ledger: Arc<Mutex<KvLedger>>,
+    /// KV messages published on the event plane so far (the sequence number the next one will carry). Read
+    /// before the engine's snapshot is taken, so the snapshot covers at least every message before it; the
+    /// messages after it that it covers too replay harmlessly (a suffix of the cache's history, applied
+    /// again, leaves the same blocks).
+    pub kv_published: Arc<AtomicU64>,
 }
 
 /// Counters of what a server took, refused or skipped.
@@ -382,7 +384,11 @@ fn handle(
             let (served, replies) = (served.clone(), replies.clone());
             // Sorting a big cache takes a while; the socket's task must not wait for it.
             tokio::task::spawn_blocking(move || {
-                let (next_seq, events) = served.ledger.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+                let next_seq = served.kv_published.load(Ordering::Acquire);
+                let events = served.engine.kv_snapshot().unwrap_or_else(|| {
+                    tracing::warn!("asked for a KV snapshot by a router, but this engine keeps no ledger");
+                    Vec::new()
+                });
                 for message in snapshot_frames(next_seq, events) {
                     if replies.send((peer.clone(), message)).is_err() {
                         return;

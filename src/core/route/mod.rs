@@ -409,8 +409,8 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
 mod tests {
     use super::*;
     use crate::core::discovery::StaticFile;
-    use crate::core::engine::KvLedger;
     use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+    use crate::core::engine::{HandKeptLedger, KvLedger};
     use crate::core::model::ModelSource;
     use crate::core::plane::request::{RequestServer, Served};
     use crate::core::plane::{EventPublisher, HIGH_WATER_MARK};
@@ -419,6 +419,7 @@ mod tests {
     use crate::core::tokens::block_hashes;
     use crate::core::worker::{PlaneSettings, expose};
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
 
     /// A worker's KV events for `tokens`, as one chain.
@@ -452,7 +453,6 @@ mod tests {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let id = 0xabc;
         let mut publisher = EventPublisher::bind(&context, "tcp://127.0.0.1:*", id, HIGH_WATER_MARK).unwrap();
-        let ledger = Arc::new(Mutex::new(KvLedger::default()));
         let card = ModelCardSummary {
             block_size: 16,
             context_length: 4096,
@@ -469,17 +469,17 @@ mod tests {
             transfer_addr: None,
             card,
         };
-        let engine = Arc::new(MockerEngine::spawn(
-            id,
-            MockerConfig { speedup: 100.0, ..MockerConfig::default() },
-            (0..1000).collect(),
-        ));
+        let mocker =
+            MockerEngine::spawn(id, MockerConfig { speedup: 100.0, ..MockerConfig::default() }, (0..1000).collect());
+        // Its snapshot is what this test publishes by hand.
+        let engine = Arc::new(HandKeptLedger { engine: Arc::new(mocker), ledger: Mutex::new(KvLedger::default()) });
+        let kv_published = Arc::new(AtomicU64::new(0));
         let served = Served {
-            engine,
+            engine: engine.clone(),
             instance: instance.clone(),
             model_files: model.text_files().to_vec(),
             max_in_flight: 64,
-            ledger: ledger.clone(),
+            kv_published: kv_published.clone(),
         };
         let server = RequestServer::bind(&context, "tcp://127.0.0.1:*", served).unwrap();
         let dir = std::env::temp_dir().join(format!("dynamo-gap-{}", uuid::Uuid::new_v4()));
@@ -498,12 +498,13 @@ mod tests {
         eventually("the join's snapshot", || plane_count(&metrics, "resync_ok") >= 1.0).await;
 
         let mut send = async |batch: &KvEventBatch, lose: bool| {
-            ledger.lock().unwrap().record(&batch.events, publisher.next_seq(Topic::Kv) + 1);
+            engine.ledger.lock().unwrap().record(&batch.events);
             if lose {
                 publisher.skip(Topic::Kv);
             } else {
                 publisher.publish(batch).unwrap();
             }
+            kv_published.store(publisher.next_seq(Topic::Kv), Ordering::Release);
         };
         let prompt = |first: u32| (first..first + 48).collect::<Vec<u32>>();
         // Until the subscription is up, messages vanish unseen (no gap either): repeat until one lands.

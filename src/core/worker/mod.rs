@@ -6,8 +6,8 @@
 //! Load is published on every KV change and at least every `LOAD_INTERVAL`, so a router's view of it is
 //! never older than that, even when nothing else happens.
 use crate::core::discovery::{Discovery, DiscoveryError, Registration};
+use crate::core::engine::KvFollower;
 use crate::core::engine::{Engine, EngineSettings, SpawnError, spawn_engines};
-use crate::core::engine::{KvFollower, KvLedger};
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
@@ -15,7 +15,8 @@ use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role, tcp_end
 use crate::core::protocol::plane::Topic;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
@@ -127,13 +128,13 @@ pub fn expose(
         },
     };
     let request_endpoint = tcp(planes.request_port);
-    let ledger = Arc::new(Mutex::new(KvLedger::default()));
+    let kv_published = Arc::new(AtomicU64::new(0));
     let served = Served {
         engine: engine.clone(),
         instance: instance.clone(),
         model_files: model.text_files().to_vec(),
         max_in_flight: planes.max_in_flight,
-        ledger: ledger.clone(),
+        kv_published: kv_published.clone(),
     };
     let server = RequestServer::bind(&context, &request_endpoint, served).map_err(|source| WorkerError::Plane {
         plane: "request",
@@ -141,7 +142,7 @@ pub fn expose(
         source,
     })?;
     let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
-    let events = tokio::spawn(publish(engine, publisher, ledger, server.stats.clone()));
+    let events = tokio::spawn(publish(engine, publisher, kv_published, server.stats.clone()));
     let registration = discovery.register(&instance)?;
     Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })
 }
@@ -183,12 +184,12 @@ pub async fn run(
     Ok(())
 }
 
-/// Forwards the engine's KV events and load to the event plane until the engine stops, keeping the ledger
-/// that snapshots are made from in step with what was published.
+/// Forwards the engine's KV events and load to the event plane until the engine stops, counting the KV
+/// messages published for the snapshots the request plane answers from the engine's ledger.
 async fn publish(
     engine: Arc<dyn Engine>,
     mut publisher: EventPublisher,
-    ledger: Arc<Mutex<KvLedger>>,
+    kv_published: Arc<AtomicU64>,
     stats: Arc<ServerStats>,
 ) {
     // A lag becomes `Cleared` and then the engine's whole state, so routers forget rather than trust a stale
@@ -201,13 +202,12 @@ async fn publish(
         let load_now = tokio::select! {
             batch = kv.next() => {
                 let Some(batch) = batch else { return };
-                // Recorded before it goes out: a snapshot taken in between already covers this message, and
-                // its `next_seq` tells the router to skip it.
-                let next_seq = publisher.next_seq(Topic::Kv) + 1;
-                ledger.lock().unwrap_or_else(|p| p.into_inner()).record(&batch.events, next_seq);
                 if let Err(error) = publisher.publish(&batch) {
                     tracing::warn!("could not publish KV events: {error}");
                 }
+                // After it went out: the engine recorded these events before broadcasting them, so a snapshot
+                // taken once this is read covers every message numbered below it.
+                kv_published.store(publisher.next_seq(Topic::Kv), Ordering::Release);
                 false
             }
             _ = tick.tick() => true,

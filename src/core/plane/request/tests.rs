@@ -22,17 +22,19 @@ fn mocker(speedup: f64) -> Arc<dyn Engine> {
 }
 
 fn server(context: &Context, engine: Arc<dyn Engine>, max_in_flight: usize) -> RequestServer {
-    server_with_ledger(context, engine, max_in_flight, Arc::default())
+    server_with_published(context, engine, max_in_flight, 0)
 }
 
-fn server_with_ledger(
+/// A server that says `kv_published` KV messages went out before its engine's snapshot.
+fn server_with_published(
     context: &Context,
     engine: Arc<dyn Engine>,
     max_in_flight: usize,
-    ledger: Arc<Mutex<KvLedger>>,
+    kv_published: u64,
 ) -> RequestServer {
     let model_files = vec![("a.json".into(), "{}".into())];
-    let served = Served { engine, instance: instance(1), model_files, max_in_flight, ledger };
+    let kv_published = Arc::new(AtomicU64::new(kv_published));
+    let served = Served { engine, instance: instance(1), model_files, max_in_flight, kv_published };
     RequestServer::bind(context, "tcp://127.0.0.1:*", served).unwrap()
 }
 
@@ -179,15 +181,18 @@ async fn unreadable_messages_are_counted_and_the_connection_stays() {
 async fn a_snapshot_bigger_than_one_frame_arrives_whole() {
     use crate::core::protocol::StoredBlock;
     let context = Context::new();
-    let ledger = Arc::new(Mutex::new(KvLedger::default()));
+    let mut ledger = crate::core::engine::KvLedger::default();
     // Two chains, the first longer than a frame holds.
     let chain = |first: u64, len: u64, parent| KvEvent::Stored {
         parent_hash: parent,
         blocks: (first..first + len).map(|hash| StoredBlock { hash, tokens_hash: hash }).collect(),
     };
     let blocks = SNAPSHOT_BLOCKS_PER_FRAME as u64 + 10;
-    ledger.lock().unwrap().record(&[chain(1, blocks, None), chain(1 << 40, 3, Some(5))], 42);
-    let server = server_with_ledger(&context, mocker(1000.0), 8, ledger.clone());
+    ledger.record(&[chain(1, blocks, None), chain(1 << 40, 3, Some(5))]);
+    let frames = snapshot_frames(42, ledger.snapshot()).len();
+    let engine =
+        Arc::new(crate::core::engine::HandKeptLedger { engine: mocker(1000.0), ledger: std::sync::Mutex::new(ledger) });
+    let server = server_with_published(&context, engine, 8, 42);
     let (client, _statuses, _) = connected(&context, &server, Duration::from_secs(5)).await;
     let (first, second) =
         tokio::join!(client.kv_snapshot(Duration::from_secs(10)), client.kv_snapshot(Duration::from_secs(10)));
@@ -204,7 +209,7 @@ async fn a_snapshot_bigger_than_one_frame_arrives_whole() {
         .collect();
     assert_eq!(stored.len() as u64, blocks + 3);
     assert_eq!(stored[..blocks as usize], (1..=blocks).collect::<Vec<_>>()[..], "in storing order");
-    assert_eq!(snapshot_frames(42, ledger.lock().unwrap().snapshot().1).len(), 2);
+    assert_eq!(frames, 2);
 }
 
 #[tokio::test]
