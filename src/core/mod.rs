@@ -14,5 +14,6 @@ pub mod run;
 pub mod telemetry;
 pub mod tokens;
 pub mod top;
+pub mod transfer;
 pub mod trust;
 pub mod worker;

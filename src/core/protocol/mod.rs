@@ -11,6 +11,7 @@ pub mod kv;
 pub mod openai;
 pub mod plane;
 pub mod request;
+pub mod transfer;
 
 pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
 pub use kv::{KvEvent, KvEventBatch, KvEvents, LoadMetrics, StoredBlock, WorkerId, WorkerStats};

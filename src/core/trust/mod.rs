@@ -101,6 +101,20 @@ impl ClusterKey {
         blake3::keyed_hash(&blake3::derive_key("dynamo 2026 discovery record v1", &self.0), record)
     }
 
+    /// What `role` ("initiator" or "target") of a transfer connection answers to the other side's `nonce`,
+    /// as agent `agent`: only holders of the key can make it, and it is good for that connection only.
+    pub fn transfer_proof(&self, role: &str, nonce: &[u8], agent: u64) -> [u8; 32] {
+        let key = blake3::derive_key("dynamo 2026 transfer handshake v1", &self.0);
+        let mut hasher = blake3::Hasher::new_keyed(&key);
+        hasher.update(role.as_bytes()).update(&[0]).update(nonce).update(&agent.to_be_bytes());
+        *hasher.finalize().as_bytes()
+    }
+
+    /// Whether `proof` is `transfer_proof(role, nonce, agent)`, compared in constant time.
+    pub fn verify_transfer_proof(&self, role: &str, nonce: &[u8], agent: u64, proof: &[u8]) -> bool {
+        proof.len() == 32 && subtle::ConstantTimeEq::ct_eq(&self.transfer_proof(role, nonce, agent)[..], proof).into()
+    }
+
     /// The sealer of one plane's messages.
     pub fn seal(&self, plane: Plane) -> Seal {
         let context = match plane {

@@ -1,0 +1,287 @@
+//! The tcp backend, and the target side every connection shares (`serve_connection`: the shm socket runs
+//! it too). A peer gets `streams` data connections; a request's ranges are cut into pieces spread over them
+//! by bytes, so one big request fills every stream and a small one (under `ONE_STREAM_BELOW`) costs one
+//! round trip on one. Bodies go straight from and into region memory: no staging buffer on either side.
+use super::wire::{self, read_header, write_frame};
+use super::{Direction, Inner, Notification, Range, TransferError};
+use crate::core::protocol::transfer::{AgentMetadata, FrameKind, TransferFrame, TransferFrameError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+/// Requests smaller than this go over one stream: splitting them costs more round trips than it saves.
+const ONE_STREAM_BELOW: u64 = 512 * 1024;
+/// Pieces are at least this big, so a stream writes few headers per byte.
+const MIN_PIECE: u64 = 256 * 1024;
+/// Reads sent ahead of their answers on one stream; bounded so neither side's socket buffer can fill with
+/// what the other is not reading.
+const READ_WINDOW: usize = 64;
+
+/// Accepts peers until the agent is dropped.
+pub(super) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+    // Owned here, so dropping the agent (which aborts this task) closes every connection too.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!("transfer listener: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let inner = inner.clone();
+        connections.spawn(async move {
+            if let Err(error) = serve_connection(&inner, &mut stream).await {
+                tracing::debug!("transfer connection from {peer}: {error}");
+            }
+        });
+    }
+}
+
+/// The target's side of one connection, from its handshake to its end.
+pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    stream: &mut S,
+) -> Result<(), TransferError> {
+    let initiator = wire::accept(stream, inner).await?;
+    serve_frames(inner, stream, initiator).await
+}
+
+/// Serves data and control frames after the handshake. A range outside its region, or a frame out of
+/// place, ends the connection after a `Failed` saying why: what follows on the stream cannot be trusted.
+pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    stream: &mut S,
+    initiator: u64,
+) -> Result<(), TransferError> {
+    loop {
+        let frame = match read_header(stream).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                let _ = wire::fail(stream, 0, &error.to_string()).await;
+                return Err(error);
+            }
+        };
+        match frame.kind {
+            FrameKind::Write | FrameKind::Read => {
+                let region = inner.region(frame.region);
+                let Some(region) = region.filter(|r| r.holds(frame.offset, frame.len)) else {
+                    let why = format!(
+                        "range {}..+{} is not inside a region registered here (region {})",
+                        frame.offset, frame.len, frame.region
+                    );
+                    let _ = wire::fail(stream, frame.request, &why).await;
+                    return Err(TransferError::Descriptors(why));
+                };
+                if frame.kind == FrameKind::Write {
+                    // SAFETY: in bounds (checked above); the owner keeps readers off ranges being transferred.
+                    let Some(bytes) = (unsafe { region.bytes_mut(frame.offset, frame.len) }) else { continue };
+                    stream.read_exact(bytes).await?;
+                } else {
+                    // SAFETY: as above, with writers kept off.
+                    let Some(bytes) = (unsafe { region.bytes(frame.offset, frame.len) }) else { continue };
+                    write_frame(stream, TransferFrame { kind: FrameKind::Data, ..frame }, bytes).await?;
+                }
+            }
+            FrameKind::Flush => {
+                write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?
+            }
+            FrameKind::Notify => {
+                let message = wire::read_body(stream, &frame).await?;
+                // The owner may have stopped listening (shutting down); the data landed all the same.
+                let _ = inner.notifications.send(Notification { from: initiator, message });
+                write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?;
+            }
+            other => {
+                let error = TransferFrameError::Unexpected { got: other, expected: "a data or control frame" };
+                let _ = wire::fail(stream, frame.request, &error.to_string()).await;
+                return Err(error.into());
+            }
+        }
+    }
+}
+
+/// A tcp peer: its metadata and its data connections (reopened when one failed).
+pub(super) struct TcpPeer {
+    inner: Arc<Inner>,
+    addr: String,
+    pub metadata: AgentMetadata,
+    streams: Vec<Mutex<Option<TcpStream>>>,
+    requests: AtomicU64,
+}
+
+/// Part of a range that one stream moves.
+struct Piece<'a> {
+    range: &'a Range,
+    /// From the start of the range.
+    at: u64,
+    len: u64,
+}
+
+impl TcpPeer {
+    pub async fn connect(inner: Arc<Inner>, addr: String) -> Result<Self, TransferError> {
+        let (first, metadata) = open(&inner, &addr).await?;
+        let mut streams = vec![Mutex::new(Some(first))];
+        streams.extend((1..inner.settings.streams.max(1)).map(|_| Mutex::new(None)));
+        Ok(Self { inner, addr, metadata, streams, requests: AtomicU64::new(1) })
+    }
+
+    pub async fn transfer(
+        &self,
+        direction: Direction,
+        ranges: &[Range],
+        notification: Option<&[u8]>,
+    ) -> Result<(), TransferError> {
+        let request = self.requests.fetch_add(1, Ordering::Relaxed);
+        let total: u64 = ranges.iter().map(|r| r.local.len).sum();
+        let streams = if total < ONE_STREAM_BELOW { 1 } else { self.streams.len() };
+        let parts = split(ranges, total, streams);
+        let moved = parts.iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(i, part)| async move {
+            let mut slot = self.checkout(i).await?;
+            let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };
+            let result = match direction {
+                Direction::Write => write_pieces(stream, part).await,
+                Direction::Read => read_pieces(stream, part).await,
+            };
+            let result = match result {
+                Ok(()) => flush(stream, request).await,
+                Err(error) => Err(error),
+            };
+            if result.is_err() {
+                // What is left unread on it is unknown.
+                *slot = None;
+            }
+            result
+        });
+        futures::future::try_join_all(moved).await?;
+        if let Some(message) = notification {
+            let mut slot = self.checkout(0).await?;
+            let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };
+            let result = wire::notify(stream, request, message).await;
+            if result.is_err() {
+                *slot = None;
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Stream `i`, opened first if it is not (or was dropped after a failure).
+    async fn checkout(&self, i: usize) -> Result<tokio::sync::MutexGuard<'_, Option<TcpStream>>, TransferError> {
+        let mut slot = self.streams[i].lock().await;
+        if slot.is_none() {
+            let (stream, metadata) = open(&self.inner, &self.addr).await?;
+            if metadata.agent != self.metadata.agent {
+                // Another process answers there now: this peer's regions are gone with the old one.
+                return Err(TransferError::PeerLost);
+            }
+            *slot = Some(stream);
+        }
+        Ok(slot)
+    }
+
+    pub async fn drop_connections(&self) {
+        for stream in &self.streams {
+            // A stream busy with the timed-out transfer is dropped by it (its future was dropped).
+            if let Ok(mut slot) = stream.try_lock() {
+                *slot = None;
+            }
+        }
+    }
+}
+
+impl Piece<'_> {
+    /// The local offset, and the remote range as a frame header.
+    fn ends(&self) -> (u64, TransferFrame) {
+        let remote = &self.range.remote;
+        let frame = TransferFrame {
+            kind: FrameKind::Write,
+            region: remote.region,
+            request: 0,
+            offset: remote.offset + self.at,
+            len: self.len,
+        };
+        (self.range.local.offset + self.at, frame)
+    }
+}
+
+async fn write_pieces(stream: &mut TcpStream, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
+    for piece in pieces {
+        let (local, remote) = piece.ends();
+        // SAFETY: checked against the region when the transfer was planned; the owner keeps writers off ranges
+        // being sent.
+        let bytes = unsafe { piece.range.region.bytes(local, piece.len) };
+        let bytes = bytes.ok_or_else(|| TransferError::Descriptors("a local range left its region".into()))?;
+        write_frame(stream, remote, bytes).await?;
+    }
+    Ok(())
+}
+
+async fn read_pieces(stream: &mut TcpStream, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
+    for window in pieces.chunks(READ_WINDOW) {
+        for piece in window {
+            let (_, remote) = piece.ends();
+            write_frame(stream, TransferFrame { kind: FrameKind::Read, ..remote }, &[]).await?;
+        }
+        for piece in window {
+            let (local, remote) = piece.ends();
+            let data = read_header(stream).await?.ok_or(TransferError::Closed)?;
+            if data.kind == FrameKind::Failed {
+                let why = wire::read_body(stream, &data).await?;
+                return Err(TransferError::Refused(String::from_utf8_lossy(&why).into_owned()));
+            }
+            if data != (TransferFrame { kind: FrameKind::Data, ..remote }) {
+                let expected = "the data of the range asked for";
+                return Err(TransferFrameError::Unexpected { got: data.kind, expected }.into());
+            }
+            // SAFETY: as in `write_pieces`, with every other access kept off ranges being received.
+            let bytes = unsafe { piece.range.region.bytes_mut(local, piece.len) };
+            let bytes = bytes.ok_or_else(|| TransferError::Descriptors("a local range left its region".into()))?;
+            stream.read_exact(bytes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Asks the target to confirm everything before it on this stream is done.
+async fn flush(stream: &mut TcpStream, request: u64) -> Result<(), TransferError> {
+    write_frame(stream, TransferFrame::control(FrameKind::Flush, request, 0), &[]).await?;
+    wire::expect(stream, FrameKind::Done, "Done").await.map(|_| ())
+}
+
+/// Cuts `ranges` into pieces over `streams` streams, each getting about the same bytes, in order.
+fn split(ranges: &[Range], total: u64, streams: usize) -> Vec<Vec<Piece<'_>>> {
+    let streams = streams.max(1);
+    let share = total.div_ceil(streams as u64).max(MIN_PIECE);
+    let mut parts: Vec<Vec<Piece>> = (0..streams).map(|_| Vec::new()).collect();
+    let (mut stream, mut filled) = (0usize, 0u64);
+    for range in ranges {
+        let mut at = 0;
+        while at < range.local.len {
+            // The last stream takes whatever rounding left over.
+            let room = if stream + 1 < streams { share - filled } else { u64::MAX };
+            let len = (range.local.len - at).min(room);
+            parts[stream].push(Piece { range, at, len });
+            at += len;
+            filled += len;
+            if filled >= share && stream + 1 < streams {
+                (stream, filled) = (stream + 1, 0);
+            }
+        }
+    }
+    parts
+}
+
+async fn open(inner: &Inner, addr: &str) -> Result<(TcpStream, AgentMetadata), TransferError> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let metadata = wire::initiate(&mut stream, inner.id, inner.key.as_ref()).await?;
+    stream.flush().await?;
+    Ok((stream, metadata))
+}

@@ -1,0 +1,142 @@
+//! Frames on a transfer connection (`protocol::transfer`) read and written over any byte stream, and the
+//! handshake both backends open with: the target's metadata, and proof of the cluster key both ways.
+use super::{Inner, TransferError};
+use crate::core::protocol::transfer::{
+    AgentMetadata, FrameKind, HEADER_BYTES, MAX_CONTROL_BYTES, NONCE_BYTES, TransferFrame, TransferFrameError,
+};
+use crate::core::trust::ClusterKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    frame: TransferFrame,
+    body: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(&frame.encode()).await?;
+    if !body.is_empty() {
+        stream.write_all(body).await?;
+    }
+    Ok(())
+}
+
+/// The next frame's header, `None` at a clean end of stream.
+pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<TransferFrame>, TransferError> {
+    let mut header = [0u8; HEADER_BYTES];
+    match stream.read_exact(&mut header).await {
+        Ok(_) => Ok(Some(TransferFrame::decode(&header)?)),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A control frame's body (bounded by the header's decode).
+pub async fn read_body<S: AsyncRead + Unpin>(stream: &mut S, frame: &TransferFrame) -> Result<Vec<u8>, TransferError> {
+    let len = frame.body_len().min(MAX_CONTROL_BYTES) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// The next frame, which must be of `kind` (a `Failed` from the peer becomes its reason), with its body.
+pub async fn expect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    kind: FrameKind,
+    expected: &'static str,
+) -> Result<(TransferFrame, Vec<u8>), TransferError> {
+    let frame = read_header(stream).await?.ok_or(TransferError::Closed)?;
+    if frame.kind == FrameKind::Failed {
+        let reason = read_body(stream, &frame).await?;
+        return Err(TransferError::Refused(String::from_utf8_lossy(&reason).into_owned()));
+    }
+    if frame.kind != kind || frame.kind.carries_data() {
+        return Err(TransferFrameError::Unexpected { got: frame.kind, expected }.into());
+    }
+    let body = read_body(stream, &frame).await?;
+    Ok((frame, body))
+}
+
+fn nonce() -> [u8; NONCE_BYTES] {
+    rand::random()
+}
+
+/// Opens a connection as the initiator: says who it is, learns the target's metadata, and proves the
+/// cluster key when there is one (and checks the target's proof).
+pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    agent: u64,
+    key: Option<&ClusterKey>,
+) -> Result<AgentMetadata, TransferError> {
+    let mine = nonce();
+    write_frame(stream, TransferFrame::control(FrameKind::Hello, agent, NONCE_BYTES as u64), &mine).await?;
+    let (_, body) = expect(stream, FrameKind::Metadata, "the target's metadata").await?;
+    let metadata = AgentMetadata::from_bytes(&body)?;
+    match key {
+        None if !metadata.nonce.is_empty() => Err(TransferError::Unauthenticated(
+            "the peer belongs to a cluster with a key; give this process the same --cluster-key-file".into(),
+        )),
+        None => Ok(metadata),
+        Some(key) => {
+            if !key.verify_transfer_proof("target", &mine, metadata.agent, &metadata.proof) {
+                return Err(TransferError::Unauthenticated(
+                    "the peer did not prove this cluster's key (another --cluster-key-file, or none)".into(),
+                ));
+            }
+            let proof = key.transfer_proof("initiator", &metadata.nonce, agent);
+            write_frame(stream, TransferFrame::control(FrameKind::Proof, agent, proof.len() as u64), &proof).await?;
+            expect(stream, FrameKind::Done, "the target's acceptance").await?;
+            Ok(metadata)
+        }
+    }
+}
+
+/// Answers a connection's opening as the target; returns the initiator's agent id once it may send data.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &Inner) -> Result<u64, TransferError> {
+    let (hello, theirs) = expect(stream, FrameKind::Hello, "Hello").await?;
+    if theirs.len() != NONCE_BYTES {
+        return Err(TransferError::Refused(format!(
+            "a Hello carries a {NONCE_BYTES}-byte nonce, not {}",
+            theirs.len()
+        )));
+    }
+    let initiator = hello.request;
+    let (nonce, proof) = match &inner.key {
+        Some(key) => (nonce().to_vec(), key.transfer_proof("target", &theirs, inner.id).to_vec()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let metadata = AgentMetadata { nonce: nonce.clone(), proof, ..inner.metadata() };
+    let body = metadata.to_bytes();
+    write_frame(stream, TransferFrame::control(FrameKind::Metadata, inner.id, body.len() as u64), &body).await?;
+    if let Some(key) = &inner.key {
+        let refuse = "not a member of this cluster: no proof of its key";
+        let (frame, proof) = match expect(stream, FrameKind::Proof, "a proof of the cluster key").await {
+            Ok(proven) => proven,
+            Err(error) => {
+                let _ = fail(stream, 0, refuse).await;
+                return Err(error);
+            }
+        };
+        if frame.request != initiator || !key.verify_transfer_proof("initiator", &nonce, initiator, &proof) {
+            let _ = fail(stream, 0, refuse).await;
+            return Err(TransferError::Unauthenticated(format!("agent {initiator:016x}: {refuse}")));
+        }
+        write_frame(stream, TransferFrame::control(FrameKind::Done, 0, 0), &[]).await?;
+    }
+    Ok(initiator)
+}
+
+/// Tells the peer why `request` (0: the connection) cannot be done.
+pub async fn fail<S: AsyncWrite + Unpin>(stream: &mut S, request: u64, why: &str) -> std::io::Result<()> {
+    let why = &why.as_bytes()[..why.len().min(MAX_CONTROL_BYTES as usize)];
+    write_frame(stream, TransferFrame::control(FrameKind::Failed, request, why.len() as u64), why).await?;
+    stream.flush().await
+}
+
+/// Sends the initiator's `message` for `request` and waits until the target has taken it.
+pub async fn notify<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: u64,
+    message: &[u8],
+) -> Result<(), TransferError> {
+    write_frame(stream, TransferFrame::control(FrameKind::Notify, request, message.len() as u64), message).await?;
+    expect(stream, FrameKind::Done, "Done").await.map(|_| ())
+}
