@@ -64,6 +64,12 @@ _dynamo() {
             dynamo__subcmd__bench,soak)
                 cmd="dynamo__subcmd__bench__subcmd__soak"
                 ;;
+            dynamo__subcmd__bench,transfer)
+                cmd="dynamo__subcmd__bench__subcmd__transfer"
+                ;;
+            dynamo__subcmd__bench,transfer-target)
+                cmd="dynamo__subcmd__bench__subcmd__transfer__subcmd__target"
+                ;;
             dynamo__subcmd__bench__subcmd__help,engine)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
                 ;;
@@ -84,6 +90,12 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,soak)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__soak"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,transfer)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__transfer"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,transfer-target)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__transfer__subcmd__target"
                 ;;
             dynamo__subcmd__help,bench)
                 cmd="dynamo__subcmd__help__subcmd__bench"
@@ -130,6 +142,12 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,soak)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__soak"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,transfer)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__transfer"
+                ;;
+            dynamo__subcmd__help__subcmd__bench,transfer-target)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__transfer__subcmd__target"
+                ;;
             *)
                 ;;
         esac
@@ -151,7 +169,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route plane engine soak help"
+            opts="-v -h -V --verbose --help --version http index route plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -207,7 +225,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route plane engine soak help"
+            opts="http index route plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -305,6 +323,34 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__soak)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__transfer)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__transfer__subcmd__target)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -504,6 +550,66 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__transfer)
+            opts="-v -h -V --backend --blocks --layout --rounds --latency-requests --streams --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --backend)
+                    COMPREPLY=($(compgen -W "shm tcp nixl" -- "${cur}"))
+                    return 0
+                    ;;
+                --blocks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --layout)
+                    COMPREPLY=($(compgen -W "layered contiguous" -- "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --latency-requests)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --streams)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__transfer__subcmd__target)
+            opts="-v -h -V --layout --blocks --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --layout)
+                    COMPREPLY=($(compgen -W "layered contiguous" -- "${cur}"))
+                    return 0
+                    ;;
+                --blocks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__completions)
             opts="-v -h -V --verbose --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -619,7 +725,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route plane engine soak"
+            opts="http index route plane engine transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -703,6 +809,34 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__soak)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__transfer)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__transfer__subcmd__target)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -133,16 +133,18 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l json -d 'With --on
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s h -l help -d 'Print help'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine soak help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "transfer" -d 'KV blocks of real model shapes moved between two processes by each transfer backend, against memcpy and raw loopback TCP of the same bytes'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "transfer-target" -d 'The other process of `bench transfer` (started by it)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route plane engine transfer transfer-target soak help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l concurrency -d 'Closed-loop levels: requests kept in flight' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l rate -d 'Open-loop levels: requests started per second' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l requests -d 'Requests per level and path' -r
@@ -194,6 +196,25 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l backend -d 'Backends to measure' -r -f -a "shm\t''
+tcp\t''
+nixl\t'Not built in yet: reported as unavailable'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l blocks -d 'KV blocks moved per request, of each model shape (SmolLM2-135M and Llama-3-8B)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l layout -d 'How KV pages lie in memory' -r -f -a "layered\t'The engine\'s: a region of pages per layer for K and one for V; a block is one page in each'
+contiguous\t'One region, each block\'s bytes contiguous: the best case'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l rounds -d 'Timed rounds of each path; the median is reported' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l latency-requests -d 'One-block requests timed for the latency percentiles' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l streams -d 'Data connections of the tcp backend, and of the several-stream raw TCP reference' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l json -d 'Print one JSON object on the last line as well'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -l layout -r -f -a "layered\t'The engine\'s: a region of pages per layer for K and one for V; a block is one page in each'
+contiguous\t'One region, each block\'s bytes contiguous: the best case'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -l blocks -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l minutes -d 'How long the load runs' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l workers -d 'Mocker workers, each its own `dynamo decode` process' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from soak" -l rate -d 'Requests started per second, of every kind' -r
@@ -209,6 +230,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "transfer" -d 'KV blocks of real model shapes moved between two processes by each transfer backend, against memcpy and raw loopback TCP of the same bytes'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "transfer-target" -d 'The other process of `bench transfer` (started by it)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand selftest" -l device -d 'Device to check: cuda or cuda:N' -r
@@ -243,4 +266,6 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subc
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "plane" -d 'KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "engine" -d 'Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "transfer" -d 'KV blocks of real model shapes moved between two processes by each transfer backend, against memcpy and raw loopback TCP of the same bytes'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "transfer-target" -d 'The other process of `bench transfer` (started by it)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "soak" -d 'Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served, refused, lost, and the router\'s memory and file descriptors from start to end'

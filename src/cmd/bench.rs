@@ -7,6 +7,7 @@ use crate::core::bench::plane;
 use crate::core::bench::route::{self, RouteBenchSettings};
 use crate::core::bench::soak::{self, SoakSettings};
 use crate::core::bench::trace;
+use crate::core::bench::transfer::{self, Layout, TransferBenchSettings};
 use crate::core::engine::EngineSettings;
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::Device;
@@ -14,6 +15,7 @@ use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::model::ModelSource;
 use crate::core::router::{RouterConfig, RouterMode};
 use crate::core::run::RunSettings;
+use crate::core::transfer::Backend;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -29,9 +31,63 @@ pub enum BenchCommand {
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
     Engine(EngineArgs),
+    /// KV blocks of real model shapes moved between two processes by each transfer backend, against memcpy
+    /// and raw loopback TCP of the same bytes.
+    Transfer(TransferArgs),
+    /// The other process of `bench transfer` (started by it).
+    #[command(hide = true)]
+    TransferTarget(TransferTargetArgs),
     /// Minutes of valid, hostile and cut-off requests on `dynamo route` while workers are killed: served,
     /// refused, lost, and the router's memory and file descriptors from start to end.
     Soak(SoakArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransferBackendArg {
+    Shm,
+    Tcp,
+    /// Not built in yet: reported as unavailable.
+    Nixl,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_values = ["shm", "tcp"])]
+    pub backend: Vec<TransferBackendArg>,
+
+    /// KV blocks moved per request, of each model shape (SmolLM2-135M and Llama-3-8B).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub blocks: u64,
+
+    /// How KV pages lie in memory.
+    #[arg(long, value_enum, default_value = "layered")]
+    pub layout: Layout,
+
+    /// Timed rounds of each path; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+
+    /// One-block requests timed for the latency percentiles.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub latency_requests: u32,
+
+    /// Data connections of the tcp backend, and of the several-stream raw TCP reference.
+    #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub streams: u32,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferTargetArgs {
+    #[arg(long, value_enum)]
+    pub layout: Layout,
+
+    #[arg(long)]
+    pub blocks: u64,
 }
 
 #[derive(Debug, Args)]
@@ -232,7 +288,43 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
         BenchCommand::Soak(args) => bench_soak(args),
+        BenchCommand::Transfer(args) => bench_transfer(args),
+        BenchCommand::TransferTarget(args) => {
+            super::runtime()?.block_on(transfer::serve_target(args.layout, args.blocks.clamp(1, 4096)))
+        }
     }
+}
+
+fn bench_transfer(args: TransferArgs) -> anyhow::Result<()> {
+    let backends: Vec<Backend> = args
+        .backend
+        .iter()
+        .filter_map(|b| match b {
+            TransferBackendArg::Shm => Some(Backend::Shm),
+            TransferBackendArg::Tcp => Some(Backend::Tcp),
+            TransferBackendArg::Nixl => None,
+        })
+        .collect();
+    let settings = TransferBenchSettings {
+        binary: std::env::current_exe()?,
+        blocks: args.blocks,
+        layout: args.layout,
+        backends,
+        rounds: args.rounds as usize,
+        latency_requests: args.latency_requests as usize,
+        streams: args.streams as usize,
+    };
+    println!(
+        "dynamo bench transfer: {} KV blocks per request ({:?} layout, scattered pages) written to another process, \
+         medians of {} rounds",
+        args.blocks, args.layout, args.rounds
+    );
+    let results = super::runtime()?.block_on(transfer::run(&settings))?;
+    print!("{}", transfer::table(&results));
+    if args.json {
+        println!("{}", transfer::json(&results));
+    }
+    Ok(())
 }
 
 fn bench_soak(args: SoakArgs) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ pub mod plane;
 pub mod route;
 pub mod soak;
 pub mod trace;
+pub mod transfer;
 
 use std::future::Future;
 use std::sync::Arc;

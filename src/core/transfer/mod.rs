@@ -229,11 +229,16 @@ impl Agent {
 
     /// Connects to the agent at `address` (`tcp://host:port` or `host:port`) and picks the backend for it.
     pub async fn connect(&self, address: &str) -> Result<Peer, TransferError> {
+        self.connect_using(address, self.inner.settings.backend).await
+    }
+
+    /// Connects as `connect` does, with `backend` forced (or picked, when `None`) instead of the settings'.
+    pub async fn connect_using(&self, address: &str, backend: Option<Backend>) -> Result<Peer, TransferError> {
         let addr = address.strip_prefix("tcp://").unwrap_or(address);
         let tcp = tcp::TcpPeer::connect(self.inner.clone(), addr.to_string()).await?;
         let metadata = tcp.metadata.clone();
         let same_host = metadata.host == self.inner.host && metadata.shm.is_some();
-        let link = match (self.inner.settings.backend, same_host) {
+        let link = match (backend, same_host) {
             (Some(Backend::Tcp), _) | (None, false) => Link::Tcp(tcp),
             (Some(Backend::Shm), false) => {
                 return Err(TransferError::Unavailable {
@@ -243,7 +248,7 @@ impl Agent {
             }
             (_, true) => match shm::ShmPeer::connect(&self.inner, &metadata).await {
                 Ok(shm) => Link::Shm(shm),
-                Err(error) if self.inner.settings.backend.is_none() => {
+                Err(error) if backend.is_none() => {
                     tracing::warn!("shm to the agent at {address} failed ({error}); using tcp");
                     Link::Tcp(tcp)
                 }

@@ -7,7 +7,7 @@ use super::{Direction, Inner, Notification, Range, TransferError};
 use crate::core::protocol::transfer::{AgentMetadata, FrameKind, TransferFrame, TransferFrameError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
@@ -15,6 +15,9 @@ use tokio::sync::Mutex;
 const ONE_STREAM_BELOW: u64 = 512 * 1024;
 /// Pieces are at least this big, so a stream writes few headers per byte.
 const MIN_PIECE: u64 = 256 * 1024;
+/// Each connection's read buffer: many small frames come in one read, and a body bigger than the buffer is
+/// read straight into region memory past it.
+const READ_BUFFER: usize = 256 * 1024;
 /// Reads sent ahead of their answers on one stream; bounded so neither side's socket buffer can fill with
 /// what the other is not reading.
 const READ_WINDOW: usize = 64;
@@ -59,6 +62,7 @@ pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     initiator: u64,
 ) -> Result<(), TransferError> {
+    let stream = &mut BufReader::with_capacity(READ_BUFFER, stream);
     loop {
         let frame = match read_header(stream).await {
             Ok(Some(frame)) => frame,
@@ -89,13 +93,13 @@ pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                     write_frame(stream, TransferFrame { kind: FrameKind::Data, ..frame }, bytes).await?;
                 }
             }
-            FrameKind::Flush => {
-                write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?
-            }
-            FrameKind::Notify => {
+            FrameKind::Flush | FrameKind::Notify => {
+                // A Flush may carry the request's notification: everything before it on this stream landed.
                 let message = wire::read_body(stream, &frame).await?;
-                // The owner may have stopped listening (shutting down); the data landed all the same.
-                let _ = inner.notifications.send(Notification { from: initiator, message });
+                if frame.kind == FrameKind::Notify || !message.is_empty() {
+                    // The owner may have stopped listening (shutting down); the data landed all the same.
+                    let _ = inner.notifications.send(Notification { from: initiator, message });
+                }
                 write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?;
             }
             other => {
@@ -112,9 +116,12 @@ pub(super) struct TcpPeer {
     inner: Arc<Inner>,
     addr: String,
     pub metadata: AgentMetadata,
-    streams: Vec<Mutex<Option<TcpStream>>>,
+    streams: Vec<Mutex<Option<Connection>>>,
     requests: AtomicU64,
 }
+
+/// A data connection; writes pass through its read buffer.
+type Connection = BufReader<TcpStream>;
 
 /// Part of a range that one stream moves.
 struct Piece<'a> {
@@ -127,7 +134,7 @@ struct Piece<'a> {
 impl TcpPeer {
     pub async fn connect(inner: Arc<Inner>, addr: String) -> Result<Self, TransferError> {
         let (first, metadata) = open(&inner, &addr).await?;
-        let mut streams = vec![Mutex::new(Some(first))];
+        let mut streams = vec![Mutex::new(Some(BufReader::with_capacity(READ_BUFFER, first)))];
         streams.extend((1..inner.settings.streams.max(1)).map(|_| Mutex::new(None)));
         Ok(Self { inner, addr, metadata, streams, requests: AtomicU64::new(1) })
     }
@@ -142,6 +149,9 @@ impl TcpPeer {
         let total: u64 = ranges.iter().map(|r| r.local.len).sum();
         let streams = if total < ONE_STREAM_BELOW { 1 } else { self.streams.len() };
         let parts = split(ranges, total, streams);
+        let used = parts.iter().filter(|part| !part.is_empty()).count();
+        // On one stream the notification rides on its flush: one round trip for the whole request.
+        let (with_flush, after) = if used <= 1 { (notification, None) } else { (None, notification) };
         let moved = parts.iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(i, part)| async move {
             let mut slot = self.checkout(i).await?;
             let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };
@@ -150,7 +160,7 @@ impl TcpPeer {
                 Direction::Read => read_pieces(stream, part).await,
             };
             let result = match result {
-                Ok(()) => flush(stream, request).await,
+                Ok(()) => flush(stream, request, with_flush.unwrap_or_default()).await,
                 Err(error) => Err(error),
             };
             if result.is_err() {
@@ -160,7 +170,7 @@ impl TcpPeer {
             result
         });
         futures::future::try_join_all(moved).await?;
-        if let Some(message) = notification {
+        if let Some(message) = after {
             let mut slot = self.checkout(0).await?;
             let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };
             let result = wire::notify(stream, request, message).await;
@@ -173,7 +183,7 @@ impl TcpPeer {
     }
 
     /// Stream `i`, opened first if it is not (or was dropped after a failure).
-    async fn checkout(&self, i: usize) -> Result<tokio::sync::MutexGuard<'_, Option<TcpStream>>, TransferError> {
+    async fn checkout(&self, i: usize) -> Result<tokio::sync::MutexGuard<'_, Option<Connection>>, TransferError> {
         let mut slot = self.streams[i].lock().await;
         if slot.is_none() {
             let (stream, metadata) = open(&self.inner, &self.addr).await?;
@@ -181,7 +191,7 @@ impl TcpPeer {
                 // Another process answers there now: this peer's regions are gone with the old one.
                 return Err(TransferError::PeerLost);
             }
-            *slot = Some(stream);
+            *slot = Some(BufReader::with_capacity(READ_BUFFER, stream));
         }
         Ok(slot)
     }
@@ -211,24 +221,23 @@ impl Piece<'_> {
     }
 }
 
-async fn write_pieces(stream: &mut TcpStream, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
+async fn write_pieces(stream: &mut Connection, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
+    let mut frames = Vec::with_capacity(pieces.len());
     for piece in pieces {
         let (local, remote) = piece.ends();
         // SAFETY: checked against the region when the transfer was planned; the owner keeps writers off ranges
         // being sent.
         let bytes = unsafe { piece.range.region.bytes(local, piece.len) };
-        let bytes = bytes.ok_or_else(|| TransferError::Descriptors("a local range left its region".into()))?;
-        write_frame(stream, remote, bytes).await?;
+        frames.push((remote, bytes.ok_or_else(|| TransferError::Descriptors("a local range left its region".into()))?));
     }
-    Ok(())
+    Ok(wire::write_frames(stream, &frames).await?)
 }
 
-async fn read_pieces(stream: &mut TcpStream, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
+async fn read_pieces(stream: &mut Connection, pieces: &[Piece<'_>]) -> Result<(), TransferError> {
     for window in pieces.chunks(READ_WINDOW) {
-        for piece in window {
-            let (_, remote) = piece.ends();
-            write_frame(stream, TransferFrame { kind: FrameKind::Read, ..remote }, &[]).await?;
-        }
+        let asks: Vec<(TransferFrame, &[u8])> =
+            window.iter().map(|piece| (TransferFrame { kind: FrameKind::Read, ..piece.ends().1 }, &[][..])).collect();
+        wire::write_frames(stream, &asks).await?;
         for piece in window {
             let (local, remote) = piece.ends();
             let data = read_header(stream).await?.ok_or(TransferError::Closed)?;
@@ -249,9 +258,11 @@ async fn read_pieces(stream: &mut TcpStream, pieces: &[Piece<'_>]) -> Result<(),
     Ok(())
 }
 
-/// Asks the target to confirm everything before it on this stream is done.
-async fn flush(stream: &mut TcpStream, request: u64) -> Result<(), TransferError> {
-    write_frame(stream, TransferFrame::control(FrameKind::Flush, request, 0), &[]).await?;
+/// Asks the target to confirm everything before it on this stream is done, handing it `notification`
+/// (empty: none) once it is.
+async fn flush(stream: &mut Connection, request: u64, notification: &[u8]) -> Result<(), TransferError> {
+    let frame = TransferFrame::control(FrameKind::Flush, request, notification.len() as u64);
+    write_frame(stream, frame, notification).await?;
     wire::expect(stream, FrameKind::Done, "Done").await.map(|_| ())
 }
 
