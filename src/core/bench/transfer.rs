@@ -62,9 +62,9 @@ impl Layout {
     /// The descriptors of block `block` in regions starting at `first`.
     fn block(self, shape: &Shape, first: RegionId, block: u64) -> Vec<Descriptor> {
         match self {
-            Layout::Layered => (0..2 * shape.layers as RegionId)
-                .map(|r| Descriptor { region: first + r, offset: block * shape.page_bytes(), len: shape.page_bytes() })
-                .collect(),
+            Layout::Layered => {
+                crate::core::transfer::layered_page(first, 2 * shape.layers as u32, block, shape.page_bytes()).collect()
+            }
             Layout::Contiguous => {
                 vec![Descriptor { region: first, offset: block * shape.block_bytes(), len: shape.block_bytes() }]
             }

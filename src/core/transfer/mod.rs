@@ -216,8 +216,8 @@ impl Agent {
     }
 
     /// Makes `region` movable; peers that connect from now on see it under the returned id.
-    pub fn register(&self, region: Region) -> (RegionId, Arc<Region>) {
-        let region = Arc::new(region);
+    pub fn register(&self, region: impl Into<Arc<Region>>) -> (RegionId, Arc<Region>) {
+        let region = region.into();
         let mut regions = self.inner.regions.write().unwrap_or_else(|p| p.into_inner());
         regions.push(region.clone());
         ((regions.len() - 1) as RegionId, region)
@@ -341,6 +341,12 @@ fn outside(side: &str, d: &Descriptor, region_len: u64) -> TransferError {
         d.len,
         d.region
     ))
+}
+
+/// The descriptors of KV page `page` in an engine's layered cache (`Transformer::cache_memory`): one per
+/// region of `regions` regions from `first` (each layer's K, then V), `page_bytes` at `page × page_bytes`.
+pub fn layered_page(first: RegionId, regions: u32, page: u64, page_bytes: u64) -> impl Iterator<Item = Descriptor> {
+    (first..first + regions).map(move |region| Descriptor { region, offset: page * page_bytes, len: page_bytes })
 }
 
 impl Descriptor {

@@ -63,6 +63,11 @@ impl Region {
             .len(usize::try_from(len).map_err(|e| RegionError::Map { len, source: std::io::Error::other(e) })?)
             .map_raw(&file)
             .map_err(|source| RegionError::Map { len, source })?;
+        if len >= 2 << 20 {
+            // Huge pages where the system allows them for shared memory (`shmem_enabled`: advise): an engine's
+            // attention reads pages scattered over the cache, and 4 KiB mappings cost it TLB misses.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
         Ok(Self { map, file })
     }
 
@@ -72,6 +77,12 @@ impl Region {
 
     pub fn is_empty(&self) -> bool {
         self.map.len() == 0
+    }
+
+    /// The first byte: for owners that lay typed data over the region (an engine's KV pages), under the
+    /// module's rules.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {

@@ -78,6 +78,12 @@ pub trait Backend: Send + Sync + 'static {
         KvDtype::F32
     }
     fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<Self::Pages>;
+    /// The memory `pages` live in, for a transfer agent to register, so KV blocks move straight into and out
+    /// of them; `None` where the backend cannot hand it out (device memory awaits the CUDA transfer seam).
+    fn page_memory(&self, pages: &Self::Pages) -> Option<std::sync::Arc<crate::core::transfer::Region>> {
+        let _ = pages;
+        None
+    }
     fn to_host(&self, v: &Self::Vector) -> Op<Vec<f32>>;
 
     /// `out[i] = table[ids[i]]`.

@@ -232,6 +232,18 @@ impl<B: Backend> Transformer<B> {
         Ok(KvCache { layers, activations: Activations::new(&self.backend)? })
     }
 
+    /// The memory of `cache`'s pages, layer by layer, K then V: `2 × layers` regions of `num_pages` pages of
+    /// `kv_page_bytes` each, so page `p` of region `r` is bytes `p × kv_page_bytes ..` (`None` where the
+    /// backend keeps its pages to itself).
+    pub fn cache_memory(&self, cache: &KvCache<B>) -> Option<Vec<std::sync::Arc<crate::core::transfer::Region>>> {
+        cache.layers.iter().flat_map(|(k, v)| [k, v]).map(|pages| self.backend.page_memory(pages)).collect()
+    }
+
+    /// Bytes of one layer's K (or V) for one block: the unit a KV transfer moves.
+    pub fn kv_page_bytes(&self, block_size: usize) -> u64 {
+        (block_size * self.config.num_kv_heads * self.config.head_dim * self.kv_dtype.bytes()) as u64
+    }
+
     /// Copies pages `ids` of `cache` out, in order.
     pub fn export_blocks(&self, cache: &KvCache<B>, ids: &[u32], block_size: usize) -> Op<KvBlocks> {
         let page_len = block_size * self.config.num_kv_heads * self.config.head_dim;

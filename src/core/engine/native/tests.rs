@@ -460,3 +460,53 @@ fn f16_weights_load_as_the_values_they_hold() {
     // And the rounding really happened: f16 weights do not give the f32 checkpoint's logits.
     assert_ne!(a, prompt_logits(&ModelSource::Dir(testdata("golden/llama"))));
 }
+
+/// Disaggregation's hand-off without staging: a prefill's pages registered with one transfer agent are
+/// written by each backend straight into other pages of another cache registered with another, and decoding
+/// there gives the very logits decoding where the prefill ran does; for f32 pages (the tiny model) and bf16
+/// ones (the bf16 Qwen3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_moved_by_the_transfer_layer_decode_exactly_like_local_blocks() {
+    use crate::core::transfer::{Agent, AgentSettings, Backend as Link, Direction, layered_page};
+    for (source, golden_file, dtype) in [
+        (ModelSource::Builtin, "golden/tiny-chat.json", KvDtype::F32),
+        (ModelSource::Dir(testdata("golden/qwen3")), "golden/qwen3/golden.json", KvDtype::Bf16),
+    ] {
+        let model = load(&source);
+        assert_eq!(model.kv_dtype(), dtype, "{golden_file}");
+        let prompt = &golden(golden_file).prompt_ids;
+        let (n, block) = (prompt.len(), 4);
+        let used = n.div_ceil(block);
+        let local_pages: Vec<PageId> = (0..used as PageId + 1).collect();
+        let mut local = model.new_cache(local_pages.len(), block).unwrap();
+        let mut prefill = ForwardBatch::default();
+        prefill.push_seq(prompt, 0, n, &local_pages, block, true);
+        let first = sampler::argmax(&model.forward(&mut local, &prefill, block).unwrap());
+        let tokens: Vec<u32> = prompt.iter().copied().chain([first]).collect();
+        let decode = |cache: &mut KvCache<CpuBackend>, pages: &[PageId]| {
+            let mut batch = ForwardBatch::default();
+            batch.push_seq(&tokens, n, n + 1, pages, block, true);
+            model.forward(cache, &batch, block).unwrap()
+        };
+        let expected = decode(&mut local, &local_pages);
+        let remote_pages: Vec<PageId> = (0..used as PageId).map(|i| 10 + 2 * i).chain([3]).collect();
+        let page_bytes = model.kv_page_bytes(block);
+        for link in [Link::Tcp, Link::Shm] {
+            let mut remote = model.new_cache(32, block).unwrap();
+            let (source_agent, _) = Agent::start(1, AgentSettings::loopback(None)).await.unwrap();
+            let (target_agent, _) = Agent::start(2, AgentSettings::loopback(None)).await.unwrap();
+            let regions = model.cache_memory(&local).expect("CPU pages are shared memory");
+            let count = regions.len() as u32;
+            regions.into_iter().for_each(|r| drop(source_agent.register(r)));
+            model.cache_memory(&remote).unwrap().into_iter().for_each(|r| drop(target_agent.register(r)));
+            let descriptors = |pages: &[PageId]| -> Vec<_> {
+                pages[..used].iter().flat_map(|&p| layered_page(0, count, u64::from(p), page_bytes)).collect()
+            };
+            let peer = source_agent.connect_using(&target_agent.address(), Some(link)).await.unwrap();
+            let (from, to) = (descriptors(&local_pages), descriptors(&remote_pages));
+            source_agent.transfer(&peer, Direction::Write, &from, &to, None).await.unwrap();
+            let moved = decode(&mut remote, &remote_pages);
+            assert!(moved == expected, "{golden_file} over {link:?}: logits differ after the move");
+        }
+    }
+}

@@ -13,9 +13,9 @@ mod packed;
 
 use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype, Op, Product};
 use super::weights::{HostData, HostTensor};
+use crate::core::transfer::Region;
 use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
 use half::bf16;
-use half::vec::HalfBitsVecExt;
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
 use math::Element;
 use packed::{PackedBf16, SharedOutput};
@@ -69,10 +69,52 @@ impl CpuBackend {
     }
 }
 
-/// One layer's K or V pages.
+/// One layer's K or V pages, in shared memory a transfer agent can register (`Backend::page_memory`), so KV
+/// blocks move between processes straight into and out of them.
 pub enum CpuPages {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+    F32(PageMemory<f32>),
+    Bf16(PageMemory<bf16>),
+}
+
+/// Values of type `E` laid over a region. The KV cache owns it: the engine reads and writes pages through it
+/// while it steps, and transfers move only pages of sequences the engine does not run until they are done
+/// (the region's rule).
+pub struct PageMemory<E> {
+    region: std::sync::Arc<Region>,
+    len: usize,
+    _values: std::marker::PhantomData<E>,
+}
+
+impl<E: plain::Plain> PageMemory<E> {
+    fn zeroed(len: usize) -> Result<Self, BackendError> {
+        let bytes = (len * std::mem::size_of::<E>()) as u64;
+        let region = Region::new(bytes.max(1)).map_err(|e| BackendError(e.to_string()))?;
+        Ok(Self { region: std::sync::Arc::new(region), len, _values: std::marker::PhantomData })
+    }
+}
+
+impl<E> std::ops::Deref for PageMemory<E> {
+    type Target = [E];
+
+    fn deref(&self) -> &[E] {
+        // SAFETY: the region holds `len` values of `E` (made so by `zeroed`), is page-aligned (so aligned for
+        // `E`), and every bit pattern is an `E` (`Plain`); other access follows the region's rule.
+        unsafe { std::slice::from_raw_parts(self.region.as_mut_ptr() as *const E, self.len) }
+    }
+}
+
+impl<E> std::ops::DerefMut for PageMemory<E> {
+    fn deref_mut(&mut self) -> &mut [E] {
+        // SAFETY: as in `deref`, through the cache's exclusive borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.region.as_mut_ptr() as *mut E, self.len) }
+    }
+}
+
+/// Types any bit pattern of which is a value: what may be laid over shared memory.
+mod plain {
+    pub trait Plain: Copy {}
+    impl Plain for f32 {}
+    impl Plain for half::bf16 {}
 }
 
 pub struct CpuMatrix {
@@ -354,10 +396,16 @@ impl Backend for CpuBackend {
 
     fn pages(&self, num_pages: usize, page_len: usize, dtype: KvDtype) -> Op<CpuPages> {
         Ok(match dtype {
-            KvDtype::F32 => CpuPages::F32(vec![0.0; num_pages * page_len]),
-            // Zeroed u16s come from calloc untouched, as f32 zeros do; `vec![bf16::ZERO; n]` wrote every one,
-            // committing the whole cache at start.
-            KvDtype::Bf16 => CpuPages::Bf16(vec![0u16; num_pages * page_len].reinterpret_into()),
+            // Zeroed by the kernel as pages are first touched: nothing is committed at start.
+            KvDtype::F32 => CpuPages::F32(PageMemory::zeroed(num_pages * page_len)?),
+            KvDtype::Bf16 => CpuPages::Bf16(PageMemory::zeroed(num_pages * page_len)?),
+        })
+    }
+
+    fn page_memory(&self, pages: &CpuPages) -> Option<std::sync::Arc<Region>> {
+        Some(match pages {
+            CpuPages::F32(memory) => memory.region.clone(),
+            CpuPages::Bf16(memory) => memory.region.clone(),
         })
     }
 
