@@ -12,10 +12,19 @@
 //! 3. The executor computes every chunk's KV into its pages and samples a token for each sequence whose
 //!    tokens are now all computed. Blocks that became full are committed (shared from then on). A sequence
 //!    that reaches a stop token (after `min_tokens`) or `max_tokens` finishes and releases its pages.
+//!
+//! Two states hand KV between workers (disaggregated serving):
+//! - **held for a peer** (`add_holding`): a sequence that finishes keeps its pages under a lease until the
+//!   peer has read them (`release_lease`), the peer is declared dead (the same), or the lease expires;
+//! - **arriving from a peer** (`add_arriving`): pages are allocated for the prompt's KV, which a transfer
+//!   writes; the sequence is not scheduled until `arrived` (then it continues from there, its full blocks
+//!   committed as if computed) or `arrival_failed` (then it is computed here from the start, as vLLM
+//!   recomputes when a KV load fails).
 use super::blocks::{BlockPool, KvFull, PageId};
 use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, LoadMetrics, PreprocessedRequest, TokenLogprob};
 use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -109,6 +118,23 @@ struct Sequence<S> {
     sampler: S,
     cached_tokens: Option<u32>,
     reported_cached: bool,
+    /// Keep the pages this long for a peer once finished.
+    hold_for: Option<Duration>,
+}
+
+/// A finished sequence's pages, kept for a peer until `expires`.
+struct Lease {
+    id: SeqId,
+    pages: Vec<PageId>,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandOffError {
+    #[error("no room for {needed} KV blocks from a peer ({available} free)")]
+    Full { needed: usize, available: usize },
+    #[error("KV for {from_peer} tokens of a {tokens}-token sequence: at least its last token is computed here")]
+    TooMany { from_peer: usize, tokens: usize },
 }
 
 /// What one step did.
@@ -125,6 +151,9 @@ pub struct Scheduler<X: Executor> {
     pool: BlockPool,
     waiting: VecDeque<Sequence<X::Sampler>>,
     running: Vec<Sequence<X::Sampler>>,
+    /// Sequences whose first tokens' KV a peer is writing into their pages.
+    arriving: Vec<Sequence<X::Sampler>>,
+    leases: Vec<Lease>,
     executor: X,
 }
 
@@ -135,6 +164,8 @@ impl<X: Executor> Scheduler<X> {
             config,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            arriving: Vec::new(),
+            leases: Vec::new(),
             executor,
         }
     }
@@ -149,7 +180,92 @@ impl<X: Executor> Scheduler<X> {
     }
 
     pub fn add(&mut self, id: SeqId, request: &PreprocessedRequest, seed: u64) {
-        self.waiting.push_back(Sequence {
+        let seq = self.sequence(id, request, seed);
+        self.waiting.push_back(seq);
+    }
+
+    /// Adds a request whose pages are held for a peer for `lease` once it finishes (a prefill for a decode
+    /// worker); `held_pages` names them meanwhile.
+    pub fn add_holding(&mut self, id: SeqId, request: &PreprocessedRequest, seed: u64, lease: Duration) {
+        let seq = Sequence { hold_for: Some(lease), ..self.sequence(id, request, seed) };
+        self.waiting.push_back(seq);
+    }
+
+    /// Adds a request whose first `from_peer` tokens' KV a peer will write, and returns the pages it must
+    /// write them to (block `i` of the sequence in page `i`). Nothing runs until `arrived` or
+    /// `arrival_failed`.
+    pub fn add_arriving(
+        &mut self,
+        id: SeqId,
+        request: &PreprocessedRequest,
+        seed: u64,
+        from_peer: usize,
+    ) -> Result<Vec<PageId>, HandOffError> {
+        let mut seq = self.sequence(id, request, seed);
+        if from_peer >= seq.tokens.len() {
+            return Err(HandOffError::TooMany { from_peer, tokens: seq.tokens.len() });
+        }
+        let needed = from_peer.div_ceil(self.config.block_size);
+        if self.pool.available() < needed {
+            return Err(HandOffError::Full { needed, available: self.pool.available() });
+        }
+        for _ in 0..needed {
+            let page = self.pool.allocate().map_err(|KvFull| HandOffError::Full { needed, available: 0 })?;
+            seq.pages.push(page);
+        }
+        // Counted as computed only once it has arrived; until then it is only pages.
+        seq.computed = from_peer;
+        let pages = seq.pages.clone();
+        self.arriving.push(seq);
+        Ok(pages)
+    }
+
+    /// The peer's KV for `id` has landed: it is scheduled from there on. False if `id` is not arriving.
+    pub fn arrived(&mut self, id: SeqId) -> bool {
+        let Some(at) = self.arriving.iter().position(|s| s.id == id) else { return false };
+        let mut seq = self.arriving.remove(at);
+        if self.config.enable_prefix_caching {
+            commit_full_blocks(&mut self.pool, &mut seq, self.config.block_size);
+        }
+        self.waiting.push_front(seq);
+        true
+    }
+
+    /// The peer's KV for `id` will not come: its pages (holding nothing usable) are freed and it is computed
+    /// here from the start. False if `id` is not arriving.
+    pub fn arrival_failed(&mut self, id: SeqId) -> bool {
+        let Some(at) = self.arriving.iter().position(|s| s.id == id) else { return false };
+        let mut seq = self.arriving.remove(at);
+        release(&mut self.pool, &mut seq);
+        self.waiting.push_front(seq);
+        true
+    }
+
+    /// The pages a finished sequence holds for a peer, in block order.
+    pub fn held_pages(&self, id: SeqId) -> Option<&[PageId]> {
+        self.leases.iter().find(|l| l.id == id).map(|l| l.pages.as_slice())
+    }
+
+    /// Ends `id`'s lease (the peer read its pages, or is gone); false if it holds none.
+    pub fn release_lease(&mut self, id: SeqId) -> bool {
+        let Some(at) = self.leases.iter().position(|l| l.id == id) else { return false };
+        let lease = self.leases.swap_remove(at);
+        lease.pages.into_iter().rev().for_each(|page| self.pool.release(page));
+        true
+    }
+
+    /// Ends every lease past its expiry at `now`; returns whose.
+    pub fn expire_leases(&mut self, now: Instant) -> Vec<SeqId> {
+        let expired: Vec<SeqId> = self.leases.iter().filter(|l| l.expires <= now).map(|l| l.id).collect();
+        for &id in &expired {
+            tracing::warn!("the KV of request {id} was held for a peer that never took it; its lease expired");
+            self.release_lease(id);
+        }
+        expired
+    }
+
+    fn sequence(&self, id: SeqId, request: &PreprocessedRequest, seed: u64) -> Sequence<X::Sampler> {
+        Sequence {
             id,
             tokens: request.token_ids.clone(),
             computed: 0,
@@ -163,11 +279,20 @@ impl<X: Executor> Scheduler<X> {
             sampler: self.executor.sampler(request, seed),
             cached_tokens: None,
             reported_cached: false,
-        });
+            hold_for: None,
+        }
     }
 
     /// Drops a request wherever it is and frees its pages; false if it was not here.
     pub fn abort(&mut self, id: SeqId) -> bool {
+        if self.release_lease(id) {
+            return true;
+        }
+        if let Some(at) = self.arriving.iter().position(|s| s.id == id) {
+            let mut seq = self.arriving.remove(at);
+            release(&mut self.pool, &mut seq);
+            return true;
+        }
         if let Some(at) = self.running.iter().position(|s| s.id == id) {
             let mut seq = self.running.remove(at);
             release(&mut self.pool, &mut seq);
@@ -183,13 +308,13 @@ impl<X: Executor> Scheduler<X> {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
+        self.running.is_empty() && self.waiting.is_empty() && self.arriving.is_empty()
     }
 
     pub fn load(&self) -> LoadMetrics {
         LoadMetrics {
             requests_running: self.running.len() as u32,
-            requests_waiting: self.waiting.len() as u32,
+            requests_waiting: (self.waiting.len() + self.arriving.len()) as u32,
             kv_active_blocks: self.pool.active_blocks() as u64,
             kv_cached_blocks: self.pool.cached_blocks() as u64,
             kv_total_blocks: self.pool.capacity() as u64,
@@ -201,6 +326,9 @@ impl<X: Executor> Scheduler<X> {
     }
 
     pub fn step(&mut self) -> StepOutcome {
+        if !self.leases.is_empty() {
+            self.expire_leases(Instant::now());
+        }
         let mut budget = self.config.max_num_batched_tokens;
         let mut sizes: Vec<usize> = Vec::new();
         self.schedule_running(&mut budget, &mut sizes);
@@ -267,7 +395,13 @@ impl<X: Executor> Scheduler<X> {
         }
         for at in finished.into_iter().rev() {
             let mut seq = self.running.remove(at);
-            release(&mut self.pool, &mut seq);
+            match seq.hold_for {
+                Some(lease) => {
+                    let pages = std::mem::take(&mut seq.pages);
+                    self.leases.push(Lease { id: seq.id, pages, expires: Instant::now() + lease });
+                }
+                None => release(&mut self.pool, &mut seq),
+            }
         }
         outcome
     }
@@ -318,17 +452,18 @@ impl<X: Executor> Scheduler<X> {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
-            // At least one prompt token is always computed, so the whole prompt is never a cache hit.
-            let prefix = if self.config.enable_prefix_caching {
+            // At least one prompt token is always computed, so the whole prompt is never a cache hit. A
+            // sequence whose KV arrived from a peer has its pages already.
+            let prefix = if self.config.enable_prefix_caching && seq.pages.is_empty() {
                 let hashes = block_hashes(&seq.tokens[..seq.tokens.len() - 1], block_size);
                 let matched = self.pool.cached_prefix(&hashes);
                 hashes[..matched].to_vec()
             } else {
                 Vec::new()
             };
-            let start = prefix.len() * block_size;
+            let start = if seq.pages.is_empty() { prefix.len() * block_size } else { seq.computed };
             let size = (seq.tokens.len() - start).min(*budget);
-            let needed = (start + size).div_ceil(block_size) - prefix.len();
+            let needed = (start + size).div_ceil(block_size).saturating_sub(prefix.len() + seq.pages.len());
             let available = self.pool.available().saturating_sub(self.pool.count_unreferenced(&prefix));
             let keep_free = if self.running.is_empty() { 0 } else { watermark };
             if available < needed + keep_free {
@@ -344,8 +479,10 @@ impl<X: Executor> Scheduler<X> {
                     seq.committed.push(*block);
                 }
             }
-            seq.computed = seq.committed.len() * block_size;
-            seq.cached_tokens.get_or_insert(seq.computed as u32);
+            if seq.pages.is_empty() || !prefix.is_empty() {
+                seq.computed = seq.committed.len() * block_size;
+                seq.cached_tokens.get_or_insert(seq.computed as u32);
+            }
             if reserve(&mut self.pool, &mut seq, size, block_size).is_err() {
                 release(&mut self.pool, &mut seq);
                 self.waiting.push_front(seq);

@@ -197,3 +197,79 @@ fn logprobs_put_the_sampled_token_first() {
         assert!(lp.top.windows(2).all(|w| w[0].1 > w[1].1));
     }
 }
+
+#[test]
+fn a_sequence_held_for_a_peer_keeps_its_pages_until_released_or_its_lease_expires() {
+    let mut s = scheduler(16, 1024);
+    let lease = std::time::Duration::from_secs(30);
+    s.add_holding(1, &request((0..8).collect(), 1), 0, lease);
+    s.add_holding(2, &request((20..28).collect(), 1), 0, lease);
+    let (outputs, _) = run(&mut s);
+    assert_eq!(outputs.len(), 2, "both finished");
+    let held = |s: &Scheduler| s.load().kv_active_blocks;
+    assert_eq!(s.held_pages(1).map(<[_]>::len), Some(2), "the prompt's two blocks are held");
+    assert_eq!(held(&s), 4);
+    assert!(s.release_lease(2), "the peer read them");
+    assert_eq!((held(&s), s.held_pages(2)), (2, None));
+    let now = std::time::Instant::now();
+    assert!(s.expire_leases(now).is_empty(), "not yet");
+    assert_eq!(s.expire_leases(now + lease * 2), vec![1]);
+    assert_eq!((held(&s), s.load().kv_total_blocks), (0, 16), "every page is back");
+    assert!(!s.release_lease(1));
+    // The held blocks stayed committed: the same prompt is a cache hit afterwards.
+    s.add(3, &request((0..8).collect(), 1), 0);
+    let (outputs, _) = run(&mut s);
+    assert_eq!(outputs[0].1.cached_tokens, Some(4));
+}
+
+#[test]
+fn a_sequence_whose_kv_arrives_waits_for_it_then_computes_only_the_rest() {
+    let mut s = scheduler(16, 1024);
+    // A prefill worker computed the prompt's 8 tokens and sampled 77; the decode side gets all 9.
+    let tokens: Vec<u32> = (0..8).chain([77]).collect();
+    let pages = s.add_arriving(1, &request(tokens.clone(), 3), 0, 8).unwrap();
+    assert_eq!(pages.len(), 2);
+    assert_eq!((s.load().kv_active_blocks, s.load().requests_waiting), (2, 1));
+    let idle = s.step();
+    assert!(idle.outputs.is_empty() && idle.prefill_tokens == 0, "nothing runs before the KV has landed");
+    assert!(s.arrived(1));
+    let step = s.step();
+    assert_eq!(step.prefill_tokens, 1, "only the token after the peer's KV is computed");
+    assert_eq!(step.outputs.len(), 1);
+    let stored: usize = s
+        .drain_events()
+        .iter()
+        .map(|e| match e {
+            KvEvent::Stored { blocks, .. } => blocks.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(stored, 2, "the arrived blocks are committed and announced like computed ones");
+    run(&mut s);
+    assert_eq!(s.load().kv_active_blocks, 0);
+
+    // When the transfer fails, the sequence is computed here from the start (another prompt: this one's
+    // blocks are cached now).
+    let other: Vec<u32> = (100..108).chain([77]).collect();
+    s.add_arriving(2, &request(other, 1), 0, 8).unwrap();
+    assert!(s.arrival_failed(2));
+    let step = s.step();
+    assert_eq!(step.prefill_tokens, 9);
+    assert!(!s.arrived(2), "no longer arriving");
+}
+
+#[test]
+fn arriving_kv_is_refused_when_it_cannot_fit_or_would_leave_nothing_to_compute() {
+    let mut s = scheduler(2, 1024);
+    assert_eq!(
+        s.add_arriving(1, &request((0..9).collect(), 1), 0, 9),
+        Err(HandOffError::TooMany { from_peer: 9, tokens: 9 })
+    );
+    assert_eq!(
+        s.add_arriving(1, &request((0..13).collect(), 1), 0, 12),
+        Err(HandOffError::Full { needed: 3, available: 2 })
+    );
+    assert!(s.add_arriving(1, &request((0..9).collect(), 1), 0, 8).is_ok());
+    assert!(s.abort(1), "an arriving sequence can be aborted");
+    assert_eq!(s.load().kv_active_blocks, 0);
+}
