@@ -80,6 +80,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Addres
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
+shm\t''
+tcp\t''"
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-streams -d 'Data connections per tcp peer' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
@@ -93,6 +98,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Nati
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Offer this worker\'s KV pages to other workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -69,6 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     event_port: 0,
                     max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
                     key,
+                    transfer: None,
                 },
             })
         }

@@ -34,10 +34,68 @@ pub struct WorkerArgs {
     pub max_in_flight: u32,
 
     #[command(flatten)]
+    pub transfer: TransferArgs,
+
+    #[command(flatten)]
     pub cluster: ClusterArgs,
 
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Offer this worker's KV pages to other workers through a transfer agent (disaggregated serving; the
+    /// native engine on the CPU). Its address goes in the worker's record.
+    #[arg(long, env = "DYNAMO_KV_TRANSFER", help_heading = "KV transfer")]
+    pub kv_transfer: bool,
+
+    /// Port of the transfer agent (0 picks a free one).
+    #[arg(
+        long,
+        env = "DYNAMO_TRANSFER_PORT",
+        default_value_t = 0,
+        requires = "kv_transfer",
+        help_heading = "KV transfer"
+    )]
+    pub transfer_port: u16,
+
+    /// How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always.
+    #[arg(
+        long,
+        env = "DYNAMO_TRANSFER_BACKEND",
+        value_enum,
+        default_value = "auto",
+        requires = "kv_transfer",
+        help_heading = "KV transfer"
+    )]
+    pub transfer_backend: TransferBackend,
+
+    /// Data connections per tcp peer.
+    #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64), requires = "kv_transfer", help_heading = "KV transfer")]
+    pub transfer_streams: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransferBackend {
+    Auto,
+    Shm,
+    Tcp,
+}
+
+impl TransferArgs {
+    fn settings(&self) -> Option<worker::TransferSettings> {
+        use crate::core::transfer::Backend;
+        self.kv_transfer.then_some(worker::TransferSettings {
+            port: self.transfer_port,
+            backend: match self.transfer_backend {
+                TransferBackend::Auto => None,
+                TransferBackend::Shm => Some(Backend::Shm),
+                TransferBackend::Tcp => Some(Backend::Tcp),
+            },
+            streams: self.transfer_streams as usize,
+        })
+    }
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -55,6 +113,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             event_port: args.event_port,
             max_in_flight: args.max_in_flight as usize,
             key,
+            transfer: args.transfer.settings(),
         },
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;

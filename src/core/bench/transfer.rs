@@ -152,7 +152,7 @@ fn register_all(
 /// `dynamo bench transfer-target`: an agent with the bench's regions and a raw TCP sink; prints
 /// `ready <agent address> <sink address>` and serves until its stdin closes.
 pub async fn serve_target(layout: Layout, blocks: u64) -> anyhow::Result<()> {
-    let (agent, _notifications) = Agent::start(rand::random(), AgentSettings::loopback(None)).await?;
+    let (agent, _notifications) = Agent::start(rand::random(), AgentSettings::loopback(None))?;
     register_all(&agent, layout, blocks)?;
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("ready {} {}", agent.address(), sink.local_addr()?);
@@ -220,7 +220,7 @@ async fn start_target(settings: &TransferBenchSettings) -> Result<Target, Transf
 pub async fn run(settings: &TransferBenchSettings) -> Result<Vec<ShapeResult>, TransferBenchError> {
     let mut target = start_target(settings).await?;
     let agent_settings = AgentSettings { streams: settings.streams, ..AgentSettings::loopback(None) };
-    let (agent, _) = Agent::start(rand::random(), agent_settings).await?;
+    let (agent, _) = Agent::start(rand::random(), agent_settings)?;
     let firsts =
         register_all(&agent, settings.layout, settings.blocks).map_err(crate::core::transfer::TransferError::from)?;
     let mut peers = Vec::new();

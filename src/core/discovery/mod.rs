@@ -8,6 +8,8 @@ mod mdns;
 mod static_file;
 
 pub use mdns::Mdns;
+#[cfg(test)]
+pub use static_file::TempClusterFile;
 pub use static_file::{StaticFile, entry_tag};
 
 use crate::core::protocol::discovery::Instance;

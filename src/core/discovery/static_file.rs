@@ -81,6 +81,36 @@ impl Entry {
     }
 }
 
+/// A cluster file in a directory of its own, removed when dropped: tests' discovery.
+#[cfg(test)]
+pub struct TempClusterFile {
+    pub discovery: StaticFile,
+    dir: std::path::PathBuf,
+}
+
+#[cfg(test)]
+impl Default for TempClusterFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+impl TempClusterFile {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("dynamo-cluster-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot make {}: {e}", dir.display()));
+        Self { discovery: StaticFile::new(dir.join("cluster.toml")), dir }
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempClusterFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl StaticFile {
     pub fn new(path: PathBuf) -> Self {
         Self { path, key: None }

@@ -34,6 +34,7 @@ pub struct BatchEngine {
     load: Arc<Mutex<LoadMetrics>>,
     events: Publisher,
     max_sequence_tokens: usize,
+    kv_memory: Option<super::KvMemory>,
 }
 
 /// The engine's KV events: the broadcast, and the ledger of what it has said, kept under one lock so that a
@@ -78,13 +79,14 @@ impl BatchEngine {
         max_sequence_tokens: usize,
     ) -> Self {
         let max_sequence_tokens = max_sequence_tokens.min(scheduler.max_sequence_tokens());
+        let kv_memory = scheduler.executor().kv_memory();
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
         let events = Publisher { sender: broadcast::channel(EVENT_BUFFER).0, ledger: Arc::default() };
         let worker =
             Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
         tokio::spawn(worker.run(pacing));
-        Self { worker_id, inbox, load, events, max_sequence_tokens }
+        Self { worker_id, inbox, load, events, max_sequence_tokens, kv_memory }
     }
 }
 
@@ -107,6 +109,10 @@ impl Engine for BatchEngine {
     fn resend_kv_state(&self) -> bool {
         self.events.resend(self.worker_id);
         true
+    }
+
+    fn kv_memory(&self) -> Option<super::KvMemory> {
+        self.kv_memory.clone()
     }
 
     fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {

@@ -51,6 +51,15 @@ pub fn check_fits(request: &PreprocessedRequest, max_sequence_tokens: usize) -> 
     Ok(())
 }
 
+/// An engine's KV pages as memory a transfer agent can register: `regions` (each layer's K, then its V, as
+/// `transfer::layered_page` addresses them), each `pages` pages of `page_bytes`.
+#[derive(Debug, Clone)]
+pub struct KvMemory {
+    pub regions: Vec<std::sync::Arc<crate::core::transfer::Region>>,
+    pub pages: u64,
+    pub page_bytes: u64,
+}
+
 pub trait Engine: Send + Sync {
     fn worker_id(&self) -> WorkerId;
 
@@ -72,6 +81,12 @@ pub trait Engine: Send + Sync {
     /// published (everything broadcast so far, and possibly a step more). An engine that publishes KV events
     /// must answer; `None` from one that publishes none.
     fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
+        None
+    }
+
+    /// Its KV pages as shared memory, for a transfer agent; `None` where they cannot move (the mocker only
+    /// simulates them; the CUDA backend's device pages await its transfer seam).
+    fn kv_memory(&self) -> Option<KvMemory> {
         None
     }
 

@@ -1,5 +1,4 @@
 use super::*;
-use crate::core::discovery::StaticFile;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::model::{Model, ModelSource};
 use crate::core::protocol::discovery::Role;
@@ -21,14 +20,13 @@ async fn next_matching(members: &mut Members, wanted: impl Fn(&Change) -> bool) 
 #[tokio::test]
 async fn a_worker_is_followed_from_discovery_to_its_events_and_its_departure() {
     let model = Model::load(&ModelSource::Builtin, None).unwrap();
-    let dir = std::env::temp_dir().join(format!("dynamo-members-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let discovery = StaticFile::new(dir.join("cluster.toml"));
+    let cluster = crate::core::discovery::TempClusterFile::new();
+    let discovery = &cluster.discovery;
     let engine = Arc::new(MockerEngine::spawn(7, MockerConfig::default(), (0..1000).collect()));
     let worker =
-        expose(engine, &model, 16, &PlaneSettings::loopback(Role::Decode, "members", None), &discovery).unwrap();
+        expose(engine, &model, 16, &PlaneSettings::loopback(Role::Decode, "members", None), discovery).unwrap();
     let endpoint = worker.instance.request_addr.clone();
-    let mut members = Members::watch(&discovery, "members", Duration::from_secs(5), None, &Topic::ALL).unwrap();
+    let mut members = Members::watch(discovery, "members", Duration::from_secs(5), None, &Topic::ALL).unwrap();
 
     let found = next_matching(&mut members, |c| matches!(c, Change::Found(_))).await;
     assert!(matches!(&found, Change::Found(e) if *e == endpoint), "{found:?}");
@@ -62,5 +60,4 @@ async fn a_worker_is_followed_from_discovery_to_its_events_and_its_departure() {
     let left = next_matching(&mut members, |c| matches!(c, Change::Left(_))).await;
     assert!(matches!(&left, Change::Left(e) if *e == endpoint), "{left:?}");
     assert!(members.client(&endpoint).is_none(), "its connection is closed with its departure");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -57,6 +57,16 @@ impl Instance {
             None => self.event_addr.clone(),
         }
     }
+
+    /// Its transfer agent's address as reachable by a peer that reached its request endpoint at
+    /// `request_endpoint` (as `event_endpoint_from`); `None` for a worker without one.
+    pub fn transfer_endpoint_from(&self, request_endpoint: &str) -> Option<String> {
+        let transfer = self.transfer_addr.as_deref()?;
+        Some(match split_endpoint(request_endpoint) {
+            Some((host, _)) => reached_at(transfer, host),
+            None => transfer.to_string(),
+        })
+    }
 }
 
 /// What a router must agree on with a worker before sending it anything.

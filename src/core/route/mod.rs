@@ -408,7 +408,6 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::discovery::StaticFile;
     use crate::core::engine::mocker::{MockerConfig, MockerEngine};
     use crate::core::engine::{HandKeptLedger, KvLedger};
     use crate::core::model::ModelSource;
@@ -482,9 +481,8 @@ mod tests {
             kv_published: kv_published.clone(),
         };
         let server = RequestServer::bind(&context, "tcp://127.0.0.1:*", served).unwrap();
-        let dir = std::env::temp_dir().join(format!("dynamo-gap-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let discovery = &cluster.discovery;
         let _registration =
             discovery.register(&Instance { request_addr: server.endpoint().to_string(), ..instance }).unwrap();
         let settings = ClusterSettings {
@@ -493,7 +491,7 @@ mod tests {
             router: RouterConfig::default(),
             key: None,
         };
-        let cluster = Cluster::join(&discovery, settings, Arc::new(Metrics::new())).await.unwrap();
+        let cluster = Cluster::join(discovery, settings, Arc::new(Metrics::new())).await.unwrap();
         let (router, metrics) = (cluster.state.first().router, cluster.state.metrics.clone());
         eventually("the join's snapshot", || plane_count(&metrics, "resync_ok") >= 1.0).await;
 
@@ -523,8 +521,6 @@ mod tests {
         assert_eq!(overlap(&router, &after), 3, "the message after the gap was applied too");
         assert_eq!(overlap(&router, &seen), 3);
         assert_eq!(plane_count(&metrics, "lost_messages"), 1.0);
-
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn mocker(id: WorkerId) -> Arc<dyn crate::core::engine::Engine> {
@@ -543,47 +539,44 @@ mod tests {
     #[tokio::test]
     async fn a_prefill_worker_is_never_given_whole_requests() {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
-        let dir = std::env::temp_dir().join(format!("dynamo-roles-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let discovery = &cluster.discovery;
         let _prefill =
-            expose(mocker(1), &model, 16, &PlaneSettings::loopback(Role::Prefill, "roles", None), &discovery).unwrap();
+            expose(mocker(1), &model, 16, &PlaneSettings::loopback(Role::Prefill, "roles", None), discovery).unwrap();
         // The prefill worker answers within milliseconds; the router must not take it as its first worker.
         let alone = tokio::time::timeout(
             Duration::from_secs(2),
-            Cluster::join(&discovery, settings("roles", None), Arc::new(Metrics::new())),
+            Cluster::join(discovery, settings("roles", None), Arc::new(Metrics::new())),
         )
         .await;
         assert!(alone.is_err(), "a router served with only a prefill worker");
         let _decode =
-            expose(mocker(2), &model, 16, &PlaneSettings::loopback(Role::Decode, "roles", None), &discovery).unwrap();
-        let cluster = Cluster::join(&discovery, settings("roles", None), Arc::new(Metrics::new())).await.unwrap();
+            expose(mocker(2), &model, 16, &PlaneSettings::loopback(Role::Decode, "roles", None), discovery).unwrap();
+        let cluster = Cluster::join(discovery, settings("roles", None), Arc::new(Metrics::new())).await.unwrap();
         let router = cluster.state.first().router;
         let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
         assert_eq!(routed.worker_id, 2);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn a_router_with_a_key_hears_only_workers_with_it() {
         use crate::core::trust::ClusterKey;
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
-        let dir = std::env::temp_dir().join(format!("dynamo-keys-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let discovery = StaticFile::new(dir.join("cluster.toml"));
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let discovery = &cluster.discovery;
         let key = ClusterKey::generate().unwrap();
         let planes = |key| PlaneSettings::loopback(Role::Decode, "keys", key);
-        let _open = expose(mocker(1), &model, 16, &planes(None), &discovery).unwrap();
-        let _other = expose(mocker(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), &discovery).unwrap();
+        let _open = expose(mocker(1), &model, 16, &planes(None), discovery).unwrap();
+        let _other = expose(mocker(2), &model, 16, &planes(Some(ClusterKey::generate().unwrap())), discovery).unwrap();
         let strangers_only = tokio::time::timeout(
             Duration::from_secs(2),
-            Cluster::join(&discovery, settings("keys", Some(key.clone())), Arc::new(Metrics::new())),
+            Cluster::join(discovery, settings("keys", Some(key.clone())), Arc::new(Metrics::new())),
         )
         .await;
         assert!(strangers_only.is_err(), "a keyed router took a worker without its key");
-        let _member = expose(mocker(3), &model, 16, &planes(Some(key.clone())), &discovery).unwrap();
+        let _member = expose(mocker(3), &model, 16, &planes(Some(key.clone())), discovery).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let cluster = Cluster::join(&discovery, settings("keys", Some(key)), metrics.clone()).await.unwrap();
+        let cluster = Cluster::join(discovery, settings("keys", Some(key)), metrics.clone()).await.unwrap();
         let router = cluster.state.first().router;
         let mut routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 4)).unwrap();
         assert_eq!(routed.worker_id, 3);
@@ -598,6 +591,5 @@ mod tests {
             metrics.render(&[]).lines().find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
         };
         eventually("the strangers' answers counted", || dropped() > 0.0).await;
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,6 +34,9 @@ pub type RegionId = u32;
 /// Data connections a tcp peer gets unless set otherwise: enough to fill loopback and a 100 Gb/s NIC's
 /// queues on this class of machine, few enough not to matter for file descriptors.
 pub const DEFAULT_STREAMS: usize = 4;
+/// Notifications waiting for the agent's owner past which more are dropped (peers send them; a peer must not
+/// be able to fill memory with them).
+const NOTIFICATION_QUEUE: usize = 4096;
 /// How long a transfer may take before it fails and its connections are dropped.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -155,7 +158,7 @@ pub(crate) struct Inner {
     regions: RwLock<Vec<Arc<Region>>>,
     host: String,
     shm: Option<String>,
-    notifications: mpsc::UnboundedSender<Notification>,
+    notifications: mpsc::Sender<Notification>,
 }
 
 impl Inner {
@@ -179,13 +182,12 @@ impl Inner {
 impl Agent {
     /// Starts listening (tcp on `settings.host`, and the shm socket); notifications for this agent come on
     /// the returned receiver. Must run inside a tokio runtime.
-    pub async fn start(
-        id: AgentId,
-        settings: AgentSettings,
-    ) -> Result<(Self, mpsc::UnboundedReceiver<Notification>), TransferError> {
-        let listener = tokio::net::TcpListener::bind((settings.host, settings.port)).await?;
+    pub fn start(id: AgentId, settings: AgentSettings) -> Result<(Self, mpsc::Receiver<Notification>), TransferError> {
+        let listener = std::net::TcpListener::bind((settings.host, settings.port))?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let address = listener.local_addr()?;
-        let (notifications, received) = mpsc::unbounded_channel();
+        let (notifications, received) = mpsc::channel(NOTIFICATION_QUEUE);
         let shm_listener = match settings.backend {
             Some(Backend::Tcp) => None,
             _ => shm::listen(id).inspect_err(|e| tracing::warn!("no shm transfers from this agent: {e}")).ok(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 /// Requests smaller than this go over one stream: splitting them costs more round trips than it saves.
 const ONE_STREAM_BELOW: u64 = 512 * 1024;
@@ -97,8 +97,13 @@ pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                 // A Flush may carry the request's notification: everything before it on this stream landed.
                 let message = wire::read_body(stream, &frame).await?;
                 if frame.kind == FrameKind::Notify || !message.is_empty() {
-                    // The owner may have stopped listening (shutting down); the data landed all the same.
-                    let _ = inner.notifications.send(Notification { from: initiator, message });
+                    // Dropped when the owner stopped listening (shutting down) or is this far behind; the data
+                    // landed all the same.
+                    if let Err(mpsc::error::TrySendError::Full(_)) =
+                        inner.notifications.try_send(Notification { from: initiator, message })
+                    {
+                        tracing::warn!("transfer notifications from agent {initiator:016x} dropped: nobody reads them");
+                    }
                 }
                 write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?;
             }

@@ -19,8 +19,8 @@ async fn agent(
     id: AgentId,
     backend: Option<Backend>,
     key: Option<ClusterKey>,
-) -> (Agent, mpsc::UnboundedReceiver<Notification>) {
-    Agent::start(id, AgentSettings { backend, ..AgentSettings::loopback(key) }).await.unwrap()
+) -> (Agent, mpsc::Receiver<Notification>) {
+    Agent::start(id, AgentSettings { backend, ..AgentSettings::loopback(key) }).unwrap()
 }
 
 fn d(region: RegionId, offset: u64, len: u64) -> Descriptor {

@@ -50,6 +50,19 @@ pub struct PlaneSettings {
     pub max_in_flight: usize,
     /// The cluster's secret: with it, every plane message is sealed and only routers that hold it are heard.
     pub key: Option<crate::core::trust::ClusterKey>,
+    /// A transfer agent that offers this worker's KV pages to other roles; `None` for an aggregated worker,
+    /// which hands nothing on.
+    pub transfer: Option<TransferSettings>,
+}
+
+/// How a worker's transfer agent listens (on the planes' host) and reaches its peers.
+#[derive(Debug, Clone)]
+pub struct TransferSettings {
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Forces one backend; `None` picks shm for same-host peers and tcp for the rest.
+    pub backend: Option<crate::core::transfer::Backend>,
+    pub streams: usize,
 }
 
 #[cfg(test)]
@@ -64,6 +77,7 @@ impl PlaneSettings {
             event_port: 0,
             max_in_flight: 64,
             key,
+            transfer: None,
         }
     }
 }
@@ -78,6 +92,13 @@ pub enum WorkerError {
     Plane { plane: &'static str, endpoint: String, source: PlaneError },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    #[error(
+        "this engine's KV cache cannot be handed to other workers ({engine}); run the native engine on the CPU, or \
+         leave out --kv-transfer"
+    )]
+    NoKvMemory { engine: &'static str },
+    #[error("cannot start the transfer agent: {0}")]
+    Transfer(#[from] crate::core::transfer::TransferError),
 }
 
 /// One engine on the planes: requests on its ROUTER socket, its KV events and load on its PUB socket, its
@@ -87,6 +108,7 @@ pub struct Exposed {
     // Fields drop in this order: the record goes before the sockets close.
     _registration: Registration,
     _server: RequestServer,
+    _transfer: Option<crate::core::transfer::Agent>,
     events: tokio::task::JoinHandle<()>,
     _context: crate::core::plane::Context,
 }
@@ -141,10 +163,52 @@ pub fn expose(
         endpoint: request_endpoint,
         source,
     })?;
-    let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
+    let transfer = match &planes.transfer {
+        None => None,
+        Some(settings) => Some(start_agent(&*engine, planes, settings)?),
+    };
+    let instance = Instance {
+        request_addr: server.endpoint().to_string(),
+        transfer_addr: transfer.as_ref().map(|agent| agent.address()),
+        ..instance
+    };
     let events = tokio::spawn(publish(engine, publisher, kv_published, server.stats.clone()));
     let registration = discovery.register(&instance)?;
-    Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })
+    Ok(Exposed {
+        instance,
+        _registration: registration,
+        _server: server,
+        _transfer: transfer,
+        events,
+        _context: context,
+    })
+}
+
+/// The worker's transfer agent, its KV pages registered (each layer's K, then V: `transfer::layered_page`).
+fn start_agent(
+    engine: &dyn Engine,
+    planes: &PlaneSettings,
+    settings: &TransferSettings,
+) -> Result<crate::core::transfer::Agent, WorkerError> {
+    use crate::core::transfer::{Agent, AgentSettings, DEFAULT_TIMEOUT};
+    let memory = engine.kv_memory().ok_or(WorkerError::NoKvMemory {
+        engine: "the mocker only simulates its pages; the CUDA backend's device pages have no transfer seam yet",
+    })?;
+    let agent_settings = AgentSettings {
+        host: planes.host,
+        port: settings.port,
+        streams: settings.streams,
+        backend: settings.backend,
+        timeout: DEFAULT_TIMEOUT,
+        key: planes.key.clone(),
+    };
+    // Notifications are for the hand-off that disaggregated serving will drive; until then nobody reads them
+    // and the agent drops them.
+    let (agent, _notifications) = Agent::start(engine.worker_id(), agent_settings)?;
+    for region in memory.regions {
+        agent.register(region);
+    }
+    Ok(agent)
 }
 
 /// `dynamo decode`: serves until `shutdown` resolves, then takes its record back from discovery.
@@ -159,8 +223,9 @@ pub async fn run(
     let planes = &settings.planes;
     let exposed = expose(engine, &model, settings.engine.block_size(), planes, discovery.as_ref())?;
     let instance = &exposed.instance;
+    let transfer = instance.transfer_addr.as_ref().map(|addr| format!(", KV transfer {addr}")).unwrap_or_default();
     println!(
-        "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}), namespace {}",
+        "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}{transfer}), namespace {}",
         instance.model,
         settings.engine.describe(),
         instance.request_addr,
@@ -225,5 +290,58 @@ async fn publish(
                 tracing::warn!("could not publish load: {error}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+    use crate::core::engine::native::{Device, NativeSettings};
+    use crate::core::engine::scheduler::SchedulerConfig;
+    use crate::core::transfer::{Agent, AgentSettings};
+
+    #[tokio::test]
+    async fn a_worker_with_kv_transfer_offers_its_pages_at_the_address_in_its_record() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let discovery = &cluster.discovery;
+        let scheduler = SchedulerConfig { num_blocks: 64, block_size: 16, ..SchedulerConfig::default() };
+        let native = EngineSettings::Native(NativeSettings {
+            device: Device::Cpu,
+            threads: 1,
+            kv_cache_gib: 0.0,
+            num_blocks: Some(64),
+            scheduler,
+        });
+        let engine = spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);
+        let transfer = TransferSettings { port: 0, backend: None, streams: 2 };
+        let planes =
+            PlaneSettings { transfer: Some(transfer.clone()), ..PlaneSettings::loopback(Role::Prefill, "x", None) };
+        let worker = expose(engine.clone(), &model, 16, &planes, discovery).unwrap();
+        let request_addr = &worker.instance.request_addr;
+        let address = worker.instance.transfer_endpoint_from(request_addr).expect("the record names the agent");
+
+        let (peer_agent, _) = Agent::start(8, AgentSettings::loopback(None)).unwrap();
+        let peer = peer_agent.connect(&address).await.unwrap();
+        let memory = engine.kv_memory().unwrap();
+        assert_eq!(peer.agent(), 7, "the agent speaks for the worker");
+        assert_eq!(peer.regions().len(), 2 * model_layers(&model), "each layer's K and V pages");
+        assert!(peer.regions().iter().all(|r| r.len == memory.pages * memory.page_bytes), "{:?}", peer.regions());
+        assert_eq!(memory.pages, 64);
+
+        // Without movable pages there is no agent, and the worker says why.
+        let mocker: Arc<dyn Engine> = Arc::new(MockerEngine::spawn(9, MockerConfig::default(), (0..100).collect()));
+        let refused = expose(mocker, &model, 16, &planes, discovery).err().expect("a mocker cannot hand KV over");
+        assert!(refused.to_string().contains("--kv-transfer"), "{refused}");
+        drop(worker);
+    }
+
+    fn model_layers(model: &Model) -> usize {
+        let config: serde_json::Value = serde_json::from_str(
+            &model.text_files().iter().find(|(name, _)| name == "config.json").expect("a config").1,
+        )
+        .unwrap();
+        config["num_hidden_layers"].as_u64().unwrap() as usize
     }
 }

@@ -155,12 +155,13 @@ pub struct NativeExecutor<B: Backend> {
     model: Arc<Transformer<B>>,
     cache: KvCache<B>,
     block_size: usize,
+    num_pages: usize,
 }
 
 impl<B: Backend> NativeExecutor<B> {
     pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Result<Self, BackendError> {
         let cache = model.new_cache(num_pages, block_size)?;
-        Ok(Self { model, cache, block_size })
+        Ok(Self { model, cache, block_size, num_pages })
     }
 }
 
@@ -169,6 +170,14 @@ impl<B: Backend> Executor for NativeExecutor<B> {
 
     fn sampler(&self, request: &PreprocessedRequest, seed: u64) -> SeqSampler {
         SeqSampler::new(request, seed)
+    }
+
+    fn kv_memory(&self) -> Option<super::KvMemory> {
+        Some(super::KvMemory {
+            regions: self.model.cache_memory(&self.cache)?,
+            pages: self.num_pages as u64,
+            page_bytes: self.model.kv_page_bytes(self.block_size),
+        })
     }
 
     fn execute(&mut self, chunks: &mut [Chunk<'_, SeqSampler>]) -> Result<Executed, ExecError> {

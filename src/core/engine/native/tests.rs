@@ -493,8 +493,8 @@ async fn blocks_moved_by_the_transfer_layer_decode_exactly_like_local_blocks() {
         let page_bytes = model.kv_page_bytes(block);
         for link in [Link::Tcp, Link::Shm] {
             let mut remote = model.new_cache(32, block).unwrap();
-            let (source_agent, _) = Agent::start(1, AgentSettings::loopback(None)).await.unwrap();
-            let (target_agent, _) = Agent::start(2, AgentSettings::loopback(None)).await.unwrap();
+            let (source_agent, _) = Agent::start(1, AgentSettings::loopback(None)).unwrap();
+            let (target_agent, _) = Agent::start(2, AgentSettings::loopback(None)).unwrap();
             let regions = model.cache_memory(&local).expect("CPU pages are shared memory");
             let count = regions.len() as u32;
             regions.into_iter().for_each(|r| drop(source_agent.register(r)));

@@ -63,6 +63,11 @@ pub trait Executor: Send + 'static {
     /// Computes the KV of every chunk into its pages and samples one token for each chunk where
     /// `chunk.samples()`. Returns one entry per chunk, in order (`None` where nothing was sampled).
     fn execute(&mut self, chunks: &mut [Chunk<'_, Self::Sampler>]) -> Result<Executed, ExecError>;
+
+    /// The KV pages it computes into, as memory a transfer agent can register (see `Engine::kv_memory`).
+    fn kv_memory(&self) -> Option<super::KvMemory> {
+        None
+    }
 }
 
 /// The part of one sequence a step computes: tokens `start..end` of `tokens`, whose KV goes into `pages`.
