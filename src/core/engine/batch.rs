@@ -10,13 +10,14 @@
 //!
 //! The published events are also recorded in a `KvLedger`, so a subscriber that lagged can have the whole
 //! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
-use super::scheduler::{Executor, Scheduler, SeqId};
+use super::blocks::PageId;
+use super::scheduler::{Executor, HandOffError, Scheduler, SeqId};
 use super::{Engine, EngineError, KvLedger, ResponseStream};
 use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 /// How far behind its deadline a simulated loop may fall before it stops trying to catch up (e.g. after a stall).
@@ -24,13 +25,37 @@ const MAX_LAG: Duration = Duration::from_millis(20);
 const EVENT_BUFFER: usize = 4096;
 
 struct Submission {
+    id: SeqId,
     request: PreprocessedRequest,
     outputs: mpsc::UnboundedSender<EngineOutput>,
+    hand_off: HandOff,
+}
+
+/// What a request does with KV shared with a peer worker.
+enum HandOff {
+    None,
+    /// Keep its pages for this long once finished.
+    Hold(Duration),
+    /// Its first tokens' KV comes from a peer; the pages to write it to are sent back.
+    Arriving {
+        from_peer: usize,
+        pages: oneshot::Sender<Result<Vec<PageId>, HandOffError>>,
+    },
+}
+
+/// What the engine's task is asked to do.
+enum Command {
+    Submit(Submission),
+    /// The peer's KV for a request landed (true) or will not come (false).
+    Arrived(SeqId, bool),
+    ReleaseLease(SeqId),
+    HeldPages(SeqId, oneshot::Sender<Option<Vec<PageId>>>),
 }
 
 pub struct BatchEngine {
     worker_id: WorkerId,
-    inbox: mpsc::UnboundedSender<Submission>,
+    inbox: mpsc::UnboundedSender<Command>,
+    next_id: std::sync::atomic::AtomicU64,
     load: Arc<Mutex<LoadMetrics>>,
     events: Publisher,
     max_sequence_tokens: usize,
@@ -86,7 +111,61 @@ impl BatchEngine {
         let worker =
             Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
         tokio::spawn(worker.run(pacing));
-        Self { worker_id, inbox, load, events, max_sequence_tokens, kv_memory }
+        Self { worker_id, inbox, next_id: 0.into(), load, events, max_sequence_tokens, kv_memory }
+    }
+
+    fn submit_with(
+        &self,
+        request: PreprocessedRequest,
+        hand_off: HandOff,
+    ) -> Result<(SeqId, ResponseStream), EngineError> {
+        super::check_fits(&request, self.max_sequence_tokens)?;
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (outputs, receiver) = mpsc::unbounded_channel();
+        let submission = Submission { id, request, outputs, hand_off };
+        self.inbox.send(Command::Submit(submission)).map_err(|_| EngineError::Stopped)?;
+        Ok((id, ResponseStream::new(receiver)))
+    }
+
+    /// Runs a request (a prefill for a peer, typically `max_tokens` 1) whose pages are held for `lease` once
+    /// it finishes: `held_pages` names them then, `release_lease` frees them when the peer has read them.
+    pub fn submit_holding(
+        &self,
+        request: PreprocessedRequest,
+        lease: Duration,
+    ) -> Result<(SeqId, ResponseStream), EngineError> {
+        self.submit_with(request, HandOff::Hold(lease))
+    }
+
+    /// Queues a request whose first `from_peer` tokens' KV a peer writes: returns the pages to write (block
+    /// `i` in page `i`) and the stream, which starts once `arrived` says the KV is there.
+    pub async fn submit_arriving(
+        &self,
+        request: PreprocessedRequest,
+        from_peer: usize,
+    ) -> Result<(SeqId, Vec<PageId>, ResponseStream), EngineError> {
+        let (pages, reply) = oneshot::channel();
+        let (id, stream) = self.submit_with(request, HandOff::Arriving { from_peer, pages })?;
+        let pages = reply.await.map_err(|_| EngineError::Stopped)?;
+        let pages = pages.map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        Ok((id, pages, stream))
+    }
+
+    /// Says whether the peer's KV for request `id` landed; if not, the request is computed here instead.
+    pub fn arrived(&self, id: SeqId, landed: bool) -> Result<(), EngineError> {
+        self.inbox.send(Command::Arrived(id, landed)).map_err(|_| EngineError::Stopped)
+    }
+
+    /// The pages request `id` holds for a peer, once it has finished (`None` if it holds none).
+    pub async fn held_pages(&self, id: SeqId) -> Result<Option<Vec<PageId>>, EngineError> {
+        let (reply, pages) = oneshot::channel();
+        self.inbox.send(Command::HeldPages(id, reply)).map_err(|_| EngineError::Stopped)?;
+        pages.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Frees what request `id` holds for a peer (read, or the peer is gone).
+    pub fn release_lease(&self, id: SeqId) -> Result<(), EngineError> {
+        self.inbox.send(Command::ReleaseLease(id)).map_err(|_| EngineError::Stopped)
     }
 }
 
@@ -96,10 +175,7 @@ impl Engine for BatchEngine {
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        super::check_fits(&request, self.max_sequence_tokens)?;
-        let (outputs, receiver) = mpsc::unbounded_channel();
-        self.inbox.send(Submission { request, outputs }).map_err(|_| EngineError::Stopped)?;
-        Ok(ResponseStream::new(receiver))
+        self.submit_with(request, HandOff::None).map(|(_, stream)| stream)
     }
 
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
@@ -128,7 +204,7 @@ struct Worker<X: Executor> {
     worker_id: WorkerId,
     /// Taken while a step runs on the blocking pool.
     scheduler: Option<Scheduler<X>>,
-    receiver: mpsc::UnboundedReceiver<Submission>,
+    receiver: mpsc::UnboundedReceiver<Command>,
     load: Arc<Mutex<LoadMetrics>>,
     events: Publisher,
 }
@@ -139,19 +215,28 @@ impl<X: Executor> Worker<X> {
             return;
         };
         let mut streams: HashMap<SeqId, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
-        let mut next_id: SeqId = 0;
         let mut deadline = Instant::now();
         loop {
-            if scheduler.is_idle() {
+            // Sequences waiting for a peer's KV and pages held for one are no work: wait for a command (or
+            // for the next lease to expire).
+            if !scheduler.has_work() {
                 self.publish_load(&scheduler);
-                let Some(submission) = self.receiver.recv().await else {
-                    return;
+                let command = match scheduler.next_lease_expiry() {
+                    Some(expiry) => tokio::select! {
+                        command = self.receiver.recv() => command,
+                        _ = tokio::time::sleep_until(Instant::from_std(expiry)) => {
+                            scheduler.expire_leases(std::time::Instant::now());
+                            continue;
+                        }
+                    },
+                    None => self.receiver.recv().await,
                 };
-                accept(&mut scheduler, submission, &mut next_id, &mut streams);
+                let Some(command) = command else { return };
+                obey(&mut scheduler, command, &mut streams);
                 deadline = Instant::now();
             }
-            while let Ok(submission) = self.receiver.try_recv() {
-                accept(&mut scheduler, submission, &mut next_id, &mut streams);
+            while let Ok(command) = self.receiver.try_recv() {
+                obey(&mut scheduler, command, &mut streams);
             }
             streams.retain(|id, sender| {
                 let open = !sender.is_closed();
@@ -160,7 +245,7 @@ impl<X: Executor> Worker<X> {
                 }
                 open
             });
-            if scheduler.is_idle() {
+            if !scheduler.has_work() {
                 continue;
             }
 
@@ -223,17 +308,46 @@ impl<X: Executor> Worker<X> {
     }
 }
 
-fn accept<X: Executor>(
+fn obey<X: Executor>(
     scheduler: &mut Scheduler<X>,
-    submission: Submission,
-    next_id: &mut SeqId,
+    command: Command,
     streams: &mut HashMap<SeqId, mpsc::UnboundedSender<EngineOutput>>,
 ) {
-    let id = *next_id;
-    *next_id += 1;
-    let sampling = &submission.request.sampling;
+    let submission = match command {
+        Command::Submit(submission) => submission,
+        Command::Arrived(id, true) => {
+            scheduler.arrived(id);
+            return;
+        }
+        Command::Arrived(id, false) => {
+            scheduler.arrival_failed(id);
+            return;
+        }
+        Command::ReleaseLease(id) => {
+            scheduler.release_lease(id);
+            return;
+        }
+        Command::HeldPages(id, reply) => {
+            let _ = reply.send(scheduler.held_pages(id).map(<[PageId]>::to_vec));
+            return;
+        }
+    };
+    let Submission { id, request, outputs, hand_off } = submission;
+    let sampling = &request.sampling;
     // Greedy output depends on the tokens alone; sampled output on the seed, random when none is given.
     let seed = if sampling.temperature == 0.0 { 0 } else { sampling.seed.unwrap_or_else(rand::random) };
-    scheduler.add(id, &submission.request, seed);
-    streams.insert(id, submission.outputs);
+    match hand_off {
+        HandOff::None => scheduler.add(id, &request, seed),
+        HandOff::Hold(lease) => scheduler.add_holding(id, &request, seed, lease),
+        HandOff::Arriving { from_peer, pages } => {
+            let added = scheduler.add_arriving(id, &request, seed, from_peer);
+            let refused = added.is_err();
+            // The asker may be gone; then its stream is closed and the next pass aborts the request.
+            let _ = pages.send(added);
+            if refused {
+                return;
+            }
+        }
+    }
+    streams.insert(id, outputs);
 }

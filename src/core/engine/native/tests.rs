@@ -510,3 +510,67 @@ async fn blocks_moved_by_the_transfer_layer_decode_exactly_like_local_blocks() {
         }
     }
 }
+
+/// Disaggregated serving at the engine level: a prefill engine runs the prompt and holds its pages, a transfer
+/// agent writes them into the pages a decode engine set aside, and the decode engine continues from there.
+/// The tokens are the very ones one engine generates alone (greedy), the prefill's pages go back to its pool
+/// when the lease is released, and a decode engine whose KV never came computes the prompt itself and still
+/// generates the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engine() {
+    use crate::core::engine::Engine;
+    use crate::core::transfer::{Agent, AgentSettings, Direction, layered_page};
+    use futures::StreamExt;
+    let model = load(&ModelSource::Builtin);
+    let settings = NativeSettings {
+        device: Device::Cpu,
+        threads: 1,
+        kv_cache_gib: 0.0,
+        num_blocks: Some(64),
+        scheduler: SchedulerConfig { block_size: 4, num_blocks: 64, ..SchedulerConfig::default() },
+    };
+    let prompt = golden("golden/tiny-chat.json").prompt_ids;
+    let tokens = |stream: crate::core::engine::ResponseStream| async move {
+        stream.flat_map(|o: EngineOutput| futures::stream::iter(o.token_ids)).collect::<Vec<u32>>().await
+    };
+    let greedy = |tokens: Vec<u32>, max_tokens| PreprocessedRequest::greedy("pd", tokens, max_tokens);
+    let alone = spawn(1, model.clone(), &settings).unwrap();
+    let expected = tokens(alone.submit(greedy(prompt.clone(), 8)).unwrap()).await;
+
+    let prefill = spawn(2, model.clone(), &settings).unwrap();
+    let decode = spawn(3, model.clone(), &settings).unwrap();
+    let (prefill_agent, _) = Agent::start(2, AgentSettings::loopback(None)).unwrap();
+    let (decode_agent, _) = Agent::start(3, AgentSettings::loopback(None)).unwrap();
+    let (memory, decode_memory) = (prefill.kv_memory().unwrap(), decode.kv_memory().unwrap());
+    memory.regions.iter().for_each(|r| drop(prefill_agent.register(r.clone())));
+    decode_memory.regions.iter().for_each(|r| drop(decode_agent.register(r.clone())));
+    let regions = memory.regions.len() as u32;
+
+    let (held, stream) = prefill.submit_holding(greedy(prompt.clone(), 1), std::time::Duration::from_secs(30)).unwrap();
+    let first = tokens(stream).await;
+    assert_eq!(first, expected[..1]);
+    let source = prefill.held_pages(held).await.unwrap().expect("the prompt's pages are held");
+    assert_eq!(source.len(), prompt.len().div_ceil(4));
+    assert!(prefill.load().kv_active_blocks >= source.len() as u64);
+
+    let continued: Vec<u32> = prompt.iter().copied().chain(first.iter().copied()).collect();
+    let (id, target, stream) = decode.submit_arriving(greedy(continued.clone(), 7), prompt.len()).await.unwrap();
+    let descriptors = |pages: &[PageId]| -> Vec<_> {
+        pages.iter().flat_map(|&p| layered_page(0, regions, u64::from(p), memory.page_bytes)).collect()
+    };
+    let peer = prefill_agent.connect(&decode_agent.address()).await.unwrap();
+    prefill_agent.transfer(&peer, Direction::Write, &descriptors(&source), &descriptors(&target), None).await.unwrap();
+    decode.arrived(id, true).unwrap();
+    let rest = tokens(stream).await;
+    assert_eq!([first.clone(), rest].concat(), expected, "handed over, the same tokens");
+
+    prefill.release_lease(held).unwrap();
+    assert_eq!(prefill.held_pages(held).await.unwrap(), None);
+    assert_eq!(prefill.load().kv_active_blocks, 0, "the held pages are back in the prefill's pool");
+
+    // The KV never comes: the decode engine computes the prompt itself.
+    let fresh = spawn(4, model.clone(), &settings).unwrap();
+    let (id, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len()).await.unwrap();
+    fresh.arrived(id, false).unwrap();
+    assert_eq!([first, tokens(stream).await].concat(), expected, "recomputed, the same tokens");
+}

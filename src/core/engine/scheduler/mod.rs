@@ -312,6 +312,17 @@ impl<X: Executor> Scheduler<X> {
         false
     }
 
+    /// Whether a step would compute anything (sequences waiting for a peer's KV, or holding pages for one,
+    /// are not work).
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// When the first lease held for a peer expires.
+    pub fn next_lease_expiry(&self) -> Option<Instant> {
+        self.leases.iter().map(|l| l.expires).min()
+    }
+
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty() && self.arriving.is_empty()
     }
