@@ -98,14 +98,17 @@ impl FrontendState {
         prepare: impl FnOnce(&FrontendState, &mut Option<String>) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let state = self.clone();
-        let (named, prepared) = self
-            .preprocess
-            .run(move || {
-                let mut named = None;
-                let prepared = prepare(&state, &mut named);
-                (named, prepared)
-            })
-            .await?;
+        let ran = self.preprocess.run(move || {
+            let mut named = None;
+            let prepared = prepare(&state, &mut named);
+            (named, prepared)
+        });
+        let (named, prepared) = ran.await.map_err(|refused| {
+            if matches!(refused, preprocess::Refused::Full(_)) {
+                self.metrics.preprocess_refused();
+            }
+            ApiError::from(refused)
+        })?;
         *model = named;
         prepared
     }
@@ -263,4 +266,42 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::engine::Engine;
+    use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+    use crate::core::model::ModelSource;
+    use crate::core::router::RouterConfig;
+
+    #[tokio::test]
+    async fn a_request_the_preprocessing_pool_turns_away_is_counted() {
+        let model = Arc::new(Model::load(&ModelSource::Builtin, None).unwrap());
+        let engine = MockerEngine::spawn(0, MockerConfig::default(), (10..20).collect());
+        let router = Arc::new(Router::new(vec![Arc::new(engine) as Arc<dyn Engine>], RouterConfig::default()));
+        let mut state = FrontendState::new(model, router, Arc::new(Metrics::new()));
+        // One thread and no queue: while one request is being prepared, the next is turned away.
+        state.preprocess = preprocess::Preprocessor::new(1, 0);
+        let state = Arc::new(state);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let busy = state.clone();
+        let blocker = tokio::spawn(async move {
+            busy.prepare(&mut None, move |_, _| {
+                let _ = started.send(());
+                let _ = wait.recv();
+                Ok(())
+            })
+            .await
+        });
+        running.await.expect("the first request is being prepared");
+        let refused = state.prepare(&mut None, |_, _| Ok(())).await.expect_err("no thread and no queue left");
+        assert_eq!(refused.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let rendered = state.metrics.render(&[]);
+        assert!(rendered.contains("dynamo_frontend_preprocess_refused_total 1"), "{rendered}");
+        release.send(()).unwrap();
+        assert!(blocker.await.unwrap().is_ok());
+    }
 }

@@ -6,6 +6,22 @@ use super::error::ApiError;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
+/// Why work did not run.
+#[derive(Debug)]
+pub enum Refused {
+    /// The queue was full: the request is turned away (503).
+    Full(ApiError),
+    Failed(ApiError),
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Full(error) | Refused::Failed(error) => error,
+        }
+    }
+}
+
 pub struct Preprocessor {
     threads: usize,
     queue: usize,
@@ -39,26 +55,26 @@ impl Preprocessor {
     /// Runs `work` on a blocking thread once one of ours is free, or refuses at once when the queue is full.
     /// The slots stay taken until `work` returns, even if the caller stops waiting: a running tokenization
     /// cannot be interrupted, so it still counts.
-    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Refused> {
         let admitted = self.admitted.clone().try_acquire_owned().map_err(|_| {
-            ApiError::unavailable(format!(
+            Refused::Full(ApiError::unavailable(format!(
                 "{} requests are already waiting to be tokenized on {} threads; retry shortly",
                 self.queue, self.threads
-            ))
+            )))
         })?;
         let running = self
             .running
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| ApiError::internal("the tokenizer pool was closed"))?;
+            .map_err(|_| Refused::Failed(ApiError::internal("the tokenizer pool was closed")))?;
         tokio::task::spawn_blocking(move || {
             let out = work();
             drop((running, admitted));
             out
         })
         .await
-        .map_err(|e| ApiError::internal(format!("preprocessing the request failed: {e}")))
+        .map_err(|e| Refused::Failed(ApiError::internal(format!("preprocessing the request failed: {e}"))))
     }
 }
 
@@ -91,7 +107,7 @@ mod tests {
         while pool.admitted.available_permits() > 0 {
             tokio::task::yield_now().await;
         }
-        let refused = pool.run(|| 3).await.unwrap_err();
+        let Err(Refused::Full(refused)) = pool.run(|| 3).await else { panic!("a third is turned away") };
         assert_eq!(refused.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
         assert!(refused.message.contains("waiting to be tokenized"), "{}", refused.message);
         release.send(()).unwrap();

@@ -55,12 +55,15 @@ pub enum ClusterError {
 /// Everything the frontend needs, once the first worker has answered.
 pub struct Cluster {
     pub state: Arc<FrontendState>,
-    membership: tokio::task::JoinHandle<()>,
+    _membership: AbortOnDrop,
 }
 
-impl Drop for Cluster {
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.membership.abort();
+        self.0.abort();
     }
 }
 
@@ -85,9 +88,11 @@ impl Cluster {
             snapshots,
             kv_batch: KvEventBatch { worker_id: 0, events: Vec::new() },
         };
-        let membership = tokio::spawn(membership.run(watch, snapshot_results, ready));
+        // Aborted when dropped: a caller that stops waiting (a timeout, a shutdown) takes the membership task
+        // down with it instead of leaving it to watch for nobody.
+        let membership = AbortOnDrop(tokio::spawn(membership.run(watch, snapshot_results, ready)));
         match first.await {
-            Ok(Ok(state)) => Ok(Self { state, membership }),
+            Ok(Ok(state)) => Ok(Self { state, _membership: membership }),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(ClusterError::NoWorkers),
         }
@@ -534,6 +539,16 @@ mod tests {
             router: RouterConfig::default(),
             key,
         }
+    }
+
+    #[tokio::test]
+    async fn a_join_given_up_on_takes_its_membership_task_down() {
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let metrics = Arc::new(Metrics::new());
+        let join = Cluster::join(&cluster.discovery, settings("nobody", None), metrics.clone());
+        assert!(tokio::time::timeout(Duration::from_millis(200), join).await.is_err(), "no worker, no cluster");
+        // The task held the only other reference to the metrics.
+        eventually("the membership task ends", || Arc::strong_count(&metrics) == 1).await;
     }
 
     #[tokio::test]

@@ -26,6 +26,8 @@ pub struct Metrics {
     plane: IntCounterVec,
     /// Request-plane messages a router's clients dropped unread, by reason.
     request_plane_dropped: IntCounterVec,
+    /// Requests the preprocessing pool turned away because its queue was full.
+    preprocess_refused: IntCounterVec,
     /// Each remote worker's request-plane totals, as its `stats` reports say.
     worker_requests: IntGaugeVec,
 }
@@ -152,6 +154,12 @@ impl Metrics {
                  (a snapshot frame nobody asked for)",
                 &["reason"],
             ),
+            preprocess_refused: counter(
+                &registry,
+                "dynamo_frontend_preprocess_refused_total",
+                "Requests answered 503 because every tokenizer thread was busy and its queue full",
+                &[],
+            ),
             worker_requests: gauge(
                 &registry,
                 "dynamo_component_request_plane_requests",
@@ -195,6 +203,11 @@ impl Metrics {
         if count > 0 {
             self.request_plane_dropped.with_label_values(&[reason]).inc_by(count);
         }
+    }
+
+    /// Counts a request the preprocessing pool refused.
+    pub fn preprocess_refused(&self) {
+        self.preprocess_refused.with_label_values::<&str>(&[]).inc();
     }
 
     /// Counts event-plane trouble or a repair (`PlaneEvent`).
