@@ -241,8 +241,9 @@ impl ClusterView {
 }
 
 /// ROUTED and REFUSED count what came over the request plane (from routers); a `dynamo run`'s own frontend
-/// reaches its workers directly, so its requests show in RUN and WAIT only.
-pub const COLUMNS: [&str; 12] = [
+/// reaches its workers directly, so its requests show in RUN and WAIT only. KV XFER is where the worker's
+/// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on.
+pub const COLUMNS: [&str; 13] = [
     "WORKER",
     "MODEL",
     "ROLE",
@@ -255,6 +256,7 @@ pub const COLUMNS: [&str; 12] = [
     "ROUTED",
     "REFUSED",
     "ENDPOINT",
+    "KV XFER",
 ];
 
 /// Each column as wide as its widest cell or its title.
@@ -295,6 +297,7 @@ fn row(worker: &WorkerView, now: Instant) -> [String; COLUMNS.len()] {
         worker.stats.map_or_else(unknown, |s| s.accepted.to_string()),
         worker.stats.map_or_else(unknown, |s| s.refused.to_string()),
         worker.endpoint.clone(),
+        instance.and_then(|i| i.transfer_endpoint_from(&worker.endpoint)).unwrap_or_else(unknown),
     ]
 }
 

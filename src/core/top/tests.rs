@@ -67,6 +67,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!((cell(&rows, 0, "RUN"), cell(&rows, 0, "WAIT")), ("3", "1"));
     assert_eq!((cell(&rows, 0, "KV USED"), cell(&rows, 0, "KV BLOCKS")), ("25.0%", "300/1000"));
     assert_eq!((cell(&rows, 0, "ROUTED"), cell(&rows, 0, "REFUSED")), ("12", "2"));
+    assert_eq!(cell(&rows, 0, "KV XFER"), "-", "no transfer agent");
     let worker = &view.workers[ENDPOINT];
     assert_eq!((worker.kv.events, worker.kv.stored_blocks, worker.lost_messages), (2, 6, 2));
     // Two events over the two seconds since the first one.
@@ -88,8 +89,11 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     view.status(ENDPOINT, WorkerStatus::Lost);
     assert_eq!(cell(&view.rows(later), 0, "STATE"), "lost");
     // Back under a new id: the old process's numbers are gone, the new one's messages count.
-    view.status(ENDPOINT, WorkerStatus::Alive(instance(8)));
+    // (now with a transfer agent bound to every interface: shown where this view reached the worker)
+    let offering = Instance { transfer_addr: Some("tcp://0.0.0.0:7102".into()), ..instance(8) };
+    view.status(ENDPOINT, WorkerStatus::Alive(offering));
     assert!(view.workers[ENDPOINT].load.is_none());
+    assert_eq!(cell(&view.rows(later), 0, "KV XFER"), "tcp://10.0.0.7:7102");
     view.deliver(ENDPOINT, delivery(8, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
     assert_eq!(view.workers[ENDPOINT].kv.events, 1);
 
