@@ -39,6 +39,7 @@ enum HandOff {
     /// Its first tokens' KV comes from a peer; the pages to write it to are sent back.
     Arriving {
         from_peer: usize,
+        wait: Duration,
         pages: oneshot::Sender<Result<Vec<PageId>, HandOffError>>,
     },
 }
@@ -138,14 +139,16 @@ impl BatchEngine {
     }
 
     /// Queues a request whose first `from_peer` tokens' KV a peer writes: returns the pages to write (block
-    /// `i` in page `i`) and the stream, which starts once `arrived` says the KV is there.
+    /// `i` in page `i`) and the stream, which starts once `arrived` says the KV is there (or once `wait` has
+    /// passed without it: then the request is computed here).
     pub async fn submit_arriving(
         &self,
         request: PreprocessedRequest,
         from_peer: usize,
+        wait: Duration,
     ) -> Result<(SeqId, Vec<PageId>, ResponseStream), EngineError> {
         let (pages, reply) = oneshot::channel();
-        let (id, stream) = self.submit_with(request, HandOff::Arriving { from_peer, pages })?;
+        let (id, stream) = self.submit_with(request, HandOff::Arriving { from_peer, wait, pages })?;
         let pages = reply.await.map_err(|_| EngineError::Stopped)?;
         let pages = pages.map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         Ok((id, pages, stream))
@@ -221,11 +224,11 @@ impl<X: Executor> Worker<X> {
             // for the next lease to expire).
             if !scheduler.has_work() {
                 self.publish_load(&scheduler);
-                let command = match scheduler.next_lease_expiry() {
+                let command = match scheduler.next_deadline() {
                     Some(expiry) => tokio::select! {
                         command = self.receiver.recv() => command,
                         _ = tokio::time::sleep_until(Instant::from_std(expiry)) => {
-                            scheduler.expire_leases(std::time::Instant::now());
+                            scheduler.expire(std::time::Instant::now());
                             continue;
                         }
                     },
@@ -339,8 +342,8 @@ fn obey<X: Executor>(
     match hand_off {
         HandOff::None => scheduler.add(id, &request, seed),
         HandOff::Hold(lease) => scheduler.add_holding(id, &request, seed, lease),
-        HandOff::Arriving { from_peer, pages } => {
-            let added = scheduler.add_arriving(id, &request, seed, from_peer);
+        HandOff::Arriving { from_peer, wait, pages } => {
+            let added = scheduler.add_arriving(id, &request, seed, from_peer, wait);
             let refused = added.is_err();
             // The asker may be gone; then its stream is closed and the next pass aborts the request.
             let _ = pages.send(added);

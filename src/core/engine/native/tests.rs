@@ -554,7 +554,10 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
     assert!(prefill.load().kv_active_blocks >= source.len() as u64);
 
     let continued: Vec<u32> = prompt.iter().copied().chain(first.iter().copied()).collect();
-    let (id, target, stream) = decode.submit_arriving(greedy(continued.clone(), 7), prompt.len()).await.unwrap();
+    let (id, target, stream) = decode
+        .submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
     let descriptors = |pages: &[PageId]| -> Vec<_> {
         pages.iter().flat_map(|&p| layered_page(0, regions, u64::from(p), memory.page_bytes)).collect()
     };
@@ -570,7 +573,14 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
 
     // The KV never comes: the decode engine computes the prompt itself.
     let fresh = spawn(4, model.clone(), &settings).unwrap();
-    let (id, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len()).await.unwrap();
+    let (id, _, stream) = fresh
+        .submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
     fresh.arrived(id, false).unwrap();
-    assert_eq!([first, tokens(stream).await].concat(), expected, "recomputed, the same tokens");
+    assert_eq!([first.clone(), tokens(stream).await].concat(), expected, "recomputed, the same tokens");
+    // Nobody says anything: once the wait is over the engine wakes and computes it.
+    let short = std::time::Duration::from_millis(100);
+    let (_, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len(), short).await.unwrap();
+    assert_eq!([first, tokens(stream).await].concat(), expected, "computed after the wait, the same tokens");
 }

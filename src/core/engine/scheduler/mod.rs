@@ -18,8 +18,8 @@
 //!   peer has read them (`release_lease`), the peer is declared dead (the same), or the lease expires;
 //! - **arriving from a peer** (`add_arriving`): pages are allocated for the prompt's KV, which a transfer
 //!   writes; the sequence is not scheduled until `arrived` (then it continues from there, its full blocks
-//!   committed as if computed) or `arrival_failed` (then it is computed here from the start, as vLLM
-//!   recomputes when a KV load fails).
+//!   committed as if computed) or `arrival_failed` or its wait is over (then it is computed here from the
+//!   start, as vLLM recomputes when a KV load fails: a peer that died costs time, never the request).
 use super::blocks::{BlockPool, KvFull, PageId};
 use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, LoadMetrics, PreprocessedRequest, TokenLogprob};
 use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
@@ -125,6 +125,8 @@ struct Sequence<S> {
     reported_cached: bool,
     /// Keep the pages this long for a peer once finished.
     hold_for: Option<Duration>,
+    /// While arriving: when to stop waiting for the peer's KV.
+    arrive_by: Option<Instant>,
 }
 
 /// A finished sequence's pages, kept for a peer until `expires`.
@@ -197,16 +199,17 @@ impl<X: Executor> Scheduler<X> {
     }
 
     /// Adds a request whose first `from_peer` tokens' KV a peer will write, and returns the pages it must
-    /// write them to (block `i` of the sequence in page `i`). Nothing runs until `arrived` or
-    /// `arrival_failed`.
+    /// write them to (block `i` of the sequence in page `i`). Nothing runs until `arrived`, `arrival_failed`
+    /// or `wait` has passed.
     pub fn add_arriving(
         &mut self,
         id: SeqId,
         request: &PreprocessedRequest,
         seed: u64,
         from_peer: usize,
+        wait: Duration,
     ) -> Result<Vec<PageId>, HandOffError> {
-        let mut seq = self.sequence(id, request, seed);
+        let mut seq = Sequence { arrive_by: Some(Instant::now() + wait), ..self.sequence(id, request, seed) };
         if from_peer >= seq.tokens.len() {
             return Err(HandOffError::TooMany { from_peer, tokens: seq.tokens.len() });
         }
@@ -229,6 +232,7 @@ impl<X: Executor> Scheduler<X> {
     pub fn arrived(&mut self, id: SeqId) -> bool {
         let Some(at) = self.arriving.iter().position(|s| s.id == id) else { return false };
         let mut seq = self.arriving.remove(at);
+        seq.arrive_by = None;
         if self.config.enable_prefix_caching {
             commit_full_blocks(&mut self.pool, &mut seq, self.config.block_size);
         }
@@ -241,6 +245,7 @@ impl<X: Executor> Scheduler<X> {
     pub fn arrival_failed(&mut self, id: SeqId) -> bool {
         let Some(at) = self.arriving.iter().position(|s| s.id == id) else { return false };
         let mut seq = self.arriving.remove(at);
+        seq.arrive_by = None;
         release(&mut self.pool, &mut seq);
         self.waiting.push_front(seq);
         true
@@ -259,14 +264,21 @@ impl<X: Executor> Scheduler<X> {
         true
     }
 
-    /// Ends every lease past its expiry at `now`; returns whose.
-    pub fn expire_leases(&mut self, now: Instant) -> Vec<SeqId> {
-        let expired: Vec<SeqId> = self.leases.iter().filter(|l| l.expires <= now).map(|l| l.id).collect();
-        for &id in &expired {
+    /// Ends every lease past its expiry at `now`, and computes here every arriving sequence whose wait is
+    /// over; returns whose.
+    pub fn expire(&mut self, now: Instant) -> Vec<SeqId> {
+        let leases: Vec<SeqId> = self.leases.iter().filter(|l| l.expires <= now).map(|l| l.id).collect();
+        for &id in &leases {
             tracing::warn!("the KV of request {id} was held for a peer that never took it; its lease expired");
             self.release_lease(id);
         }
-        expired
+        let overdue: Vec<SeqId> =
+            self.arriving.iter().filter(|s| s.arrive_by.is_some_and(|by| by <= now)).map(|s| s.id).collect();
+        for &id in &overdue {
+            tracing::warn!("the KV of request {id} never came from its peer; computing it here");
+            self.arrival_failed(id);
+        }
+        [leases, overdue].concat()
     }
 
     fn sequence(&self, id: SeqId, request: &PreprocessedRequest, seed: u64) -> Sequence<X::Sampler> {
@@ -285,6 +297,7 @@ impl<X: Executor> Scheduler<X> {
             cached_tokens: None,
             reported_cached: false,
             hold_for: None,
+            arrive_by: None,
         }
     }
 
@@ -318,9 +331,10 @@ impl<X: Executor> Scheduler<X> {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
-    /// When the first lease held for a peer expires.
-    pub fn next_lease_expiry(&self) -> Option<Instant> {
-        self.leases.iter().map(|l| l.expires).min()
+    /// When the next lease expires or the next arrival's wait is over.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let leases = self.leases.iter().map(|l| l.expires);
+        leases.chain(self.arriving.iter().filter_map(|s| s.arrive_by)).min()
     }
 
     pub fn is_idle(&self) -> bool {
@@ -342,8 +356,8 @@ impl<X: Executor> Scheduler<X> {
     }
 
     pub fn step(&mut self) -> StepOutcome {
-        if !self.leases.is_empty() {
-            self.expire_leases(Instant::now());
+        if !self.leases.is_empty() || !self.arriving.is_empty() {
+            self.expire(Instant::now());
         }
         let mut budget = self.config.max_num_batched_tokens;
         let mut sizes: Vec<usize> = Vec::new();

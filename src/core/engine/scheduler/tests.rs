@@ -212,8 +212,8 @@ fn a_sequence_held_for_a_peer_keeps_its_pages_until_released_or_its_lease_expire
     assert!(s.release_lease(2), "the peer read them");
     assert_eq!((held(&s), s.held_pages(2)), (2, None));
     let now = std::time::Instant::now();
-    assert!(s.expire_leases(now).is_empty(), "not yet");
-    assert_eq!(s.expire_leases(now + lease * 2), vec![1]);
+    assert!(s.expire(now).is_empty(), "not yet");
+    assert_eq!(s.expire(now + lease * 2), vec![1]);
     assert_eq!((held(&s), s.load().kv_total_blocks), (0, 16), "every page is back");
     assert!(!s.release_lease(1));
     // The held blocks stayed committed: the same prompt is a cache hit afterwards.
@@ -222,12 +222,14 @@ fn a_sequence_held_for_a_peer_keeps_its_pages_until_released_or_its_lease_expire
     assert_eq!(outputs[0].1.cached_tokens, Some(4));
 }
 
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[test]
 fn a_sequence_whose_kv_arrives_waits_for_it_then_computes_only_the_rest() {
     let mut s = scheduler(16, 1024);
     // A prefill worker computed the prompt's 8 tokens and sampled 77; the decode side gets all 9.
     let tokens: Vec<u32> = (0..8).chain([77]).collect();
-    let pages = s.add_arriving(1, &request(tokens.clone(), 3), 0, 8).unwrap();
+    let pages = s.add_arriving(1, &request(tokens.clone(), 3), 0, 8, WAIT).unwrap();
     assert_eq!(pages.len(), 2);
     assert_eq!((s.load().kv_active_blocks, s.load().requests_waiting), (2, 1));
     let idle = s.step();
@@ -251,25 +253,35 @@ fn a_sequence_whose_kv_arrives_waits_for_it_then_computes_only_the_rest() {
     // When the transfer fails, the sequence is computed here from the start (another prompt: this one's
     // blocks are cached now).
     let other: Vec<u32> = (100..108).chain([77]).collect();
-    s.add_arriving(2, &request(other, 1), 0, 8).unwrap();
+    s.add_arriving(2, &request(other, 1), 0, 8, WAIT).unwrap();
     assert!(s.arrival_failed(2));
     let step = s.step();
     assert_eq!(step.prefill_tokens, 9);
     assert!(!s.arrived(2), "no longer arriving");
+    run(&mut s);
+
+    // When the peer never answers, the wait ends and the sequence is computed here.
+    let third: Vec<u32> = (200..208).chain([77]).collect();
+    s.add_arriving(3, &request(third, 1), 0, 8, WAIT).unwrap();
+    let now = std::time::Instant::now();
+    assert!(s.next_deadline().is_some_and(|d| d > now + WAIT / 2));
+    assert!(s.expire(now).is_empty(), "still waiting");
+    assert_eq!(s.expire(now + WAIT * 2), vec![3]);
+    assert_eq!(s.step().prefill_tokens, 9, "computed here from the start");
 }
 
 #[test]
 fn arriving_kv_is_refused_when_it_cannot_fit_or_would_leave_nothing_to_compute() {
     let mut s = scheduler(2, 1024);
     assert_eq!(
-        s.add_arriving(1, &request((0..9).collect(), 1), 0, 9),
+        s.add_arriving(1, &request((0..9).collect(), 1), 0, 9, WAIT),
         Err(HandOffError::TooMany { from_peer: 9, tokens: 9 })
     );
     assert_eq!(
-        s.add_arriving(1, &request((0..13).collect(), 1), 0, 12),
+        s.add_arriving(1, &request((0..13).collect(), 1), 0, 12, WAIT),
         Err(HandOffError::Full { needed: 3, available: 2 })
     );
-    assert!(s.add_arriving(1, &request((0..9).collect(), 1), 0, 8).is_ok());
+    assert!(s.add_arriving(1, &request((0..9).collect(), 1), 0, 8, WAIT).is_ok());
     assert!(s.abort(1), "an arriving sequence can be aborted");
     assert_eq!(s.load().kv_active_blocks, 0);
 }
