@@ -11,6 +11,12 @@ pub struct CompletionsArgs {
 
 pub fn run(args: CompletionsArgs) -> anyhow::Result<()> {
     let mut command = super::Cli::command();
-    clap_complete::generate(args.shell, &mut command, "dynamo", &mut std::io::stdout());
-    Ok(())
+    // Generated whole first: clap_complete panics when its writer fails, as stdout does when piped into
+    // `head`.
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "dynamo", &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
 }

@@ -31,6 +31,22 @@ fn help_lists_the_working_subcommands_and_env_fallbacks() {
 }
 
 #[test]
+fn completions_piped_into_a_reader_that_went_away_exit_cleanly() {
+    let mut child = dynamo()
+        .args(["completions", "zsh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dynamo runs");
+    // Closed before the child has written anything, as `| head -1` closes it after one line.
+    drop(child.stdout.take());
+    let status = child.wait().expect("it exits");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr).ok();
+    assert!(status.success(), "{status}: {stderr}");
+}
+
+#[test]
 fn completions_in_the_repo_are_up_to_date() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("completions");
     for (shell, file) in [("bash", "dynamo.bash"), ("zsh", "_dynamo"), ("fish", "dynamo.fish")] {

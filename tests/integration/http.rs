@@ -84,6 +84,11 @@ async fn completions_take_text_token_ids_batches_n_and_echo() {
     assert_eq!(body["object"], "text_completion");
     assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(body["usage"]["completion_tokens"], 3);
+    // Without max_tokens the legacy endpoint stops at 16, as OpenAI's and vLLM's do.
+    let (_, unbounded) =
+        server.post_json("/v1/completions", json!({"prompt": "Hello", "temperature": 0, "ignore_eos": true})).await;
+    assert_eq!(unbounded["usage"]["completion_tokens"], 16, "{unbounded}");
+    assert_eq!(unbounded["choices"][0]["finish_reason"], "length");
 
     let (_, batch) = server
         .post_json("/v1/completions", json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2, "temperature": 0}))
@@ -353,6 +358,13 @@ async fn models_health_live_and_unknown_routes() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "tiny-chat");
     assert_eq!(models["data"][0]["max_model_len"], 4096);
+    // One model by id, as `client.models.retrieve` asks; an unknown one is OpenAI's 404.
+    let one: Value = reqwest::get(server.url("/v1/models/tiny-chat")).await.unwrap().json().await.unwrap();
+    assert_eq!(one, models["data"][0]);
+    let unknown = reqwest::get(server.url("/v1/models/org/other-model")).await.unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    let error: Value = unknown.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("org/other-model"), "{error}");
     let health = reqwest::get(server.url("/health")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     let health: Value = health.json().await.unwrap();

@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 const ENDPOINT: &str = "completions";
 
+/// Tokens generated when a request names no `max_tokens`.
+const LEGACY_DEFAULT_MAX_TOKENS: u32 = 16;
+
 pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBody, ApiError>) -> Response {
     let mut model = None;
     let result = match body {
@@ -80,7 +83,8 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let prompts = prompts(model, &request.prompt)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let options = EndpointOptions {
-        max_tokens: params.max_tokens,
+        // The legacy endpoint's default, in OpenAI's API and vLLM alike (chat's is the rest of the context).
+        max_tokens: params.max_tokens.or(Some(LEGACY_DEFAULT_MAX_TOKENS)),
         logprobs: request.logprobs,
         request_id: id.clone(),
         prompt_field: "prompt",

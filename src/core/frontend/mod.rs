@@ -113,6 +113,16 @@ impl FrontendState {
         prepared
     }
 
+    fn model_object(&self, served: &Served) -> ModelObject {
+        ModelObject {
+            id: served.model.card.name.clone(),
+            object: "model".into(),
+            created: self.created,
+            owned_by: "dynamo".into(),
+            max_model_len: served.model.card.context_length,
+        }
+    }
+
     /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
     /// not served is a 404, as in vLLM.
     fn resolve(&self, requested: Option<&str>) -> Result<Served, ApiError> {
@@ -136,6 +146,8 @@ pub fn app(state: Arc<FrontendState>) -> HttpRouter {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/models", get(models))
+        // A wildcard: model names often hold a slash (`Qwen/Qwen3-0.6B`), which clients do not escape.
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/live", get(live))
         .route("/metrics", get(metrics))
@@ -219,18 +231,17 @@ impl LateApp {
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
-    let data = state
-        .served()
-        .iter()
-        .map(|served| ModelObject {
-            id: served.model.card.name.clone(),
-            object: "model".into(),
-            created: state.created,
-            owned_by: "dynamo".into(),
-            max_model_len: served.model.card.context_length,
-        })
-        .collect();
+    let data = state.served().iter().map(|served| state.model_object(served)).collect();
     Json(ModelList { object: "list".into(), data })
+}
+
+/// `GET /v1/models/{id}`: one served model, or OpenAI's 404.
+async fn model(
+    State(state): State<Arc<FrontendState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let served = state.resolve(Some(&id))?;
+    Ok(Json(state.model_object(&served)))
 }
 
 /// Ready to serve: at least one worker (of any model).

@@ -96,6 +96,10 @@ pub fn check_prompt_text(model: &Model, text: &str, field: &str) -> Result<(), A
 pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let set = |field: &str| body.get(field).is_some_and(|v| !v.is_null());
     let not_yet = |field: &str, what: &str| Err(ApiError::invalid(field, format!("is not supported yet: {what}")));
+    // As OpenAI and vLLM answer: the options describe a stream that is not asked for.
+    if set("stream_options") && body.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Err(ApiError::invalid("stream_options", "can only be set together with `stream: true`"));
+    }
     if body.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
         return not_yet("logit_bias", "biasing tokens is not implemented; leave it out");
     }
@@ -394,6 +398,8 @@ mod tests {
             (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
             (json!({"best_of": 3, "n": 1}), "best_of"),
             (json!({"use_beam_search": true}), "use_beam_search"),
+            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+            (json!({"stream": false, "stream_options": {"include_usage": true}}), "stream_options"),
         ] {
             let err = refuse_unsupported(&body).err().unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!(err.param.as_deref(), Some(field), "{body}");
@@ -408,6 +414,8 @@ mod tests {
             json!({"tool_choice": "none"}),
             json!({"best_of": 2, "n": 2}),
             json!({"use_beam_search": false}),
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+            json!({"stream_options": null}),
         ] {
             assert!(refuse_unsupported(&body).is_ok(), "{body}");
         }
