@@ -201,8 +201,7 @@ pub fn build_choices(
         }
         for sample in 0..n {
             let mut sampling = sampling.clone();
-            // Each of n samples needs its own stream of randomness, reproducible from the request's seed.
-            sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(sample)));
+            sampling.seed = sampling.seed.map(|seed| choice_seed(seed, sample));
             specs.push(ChoiceSpec {
                 index: prompt_index as u32 * n + sample,
                 prompt_index,
@@ -218,6 +217,19 @@ pub fn build_choices(
         }
     }
     Ok(specs)
+}
+
+/// Each of n samples needs its own stream of randomness, reproducible from the request's seed, and
+/// independent of every other request's: `seed + i` made neighbouring seeds share samples (a seed sweep was
+/// mostly duplicates). The first keeps the seed itself, so `n: 1` samples as it always did.
+fn choice_seed(seed: u64, choice: u32) -> u64 {
+    if choice == 0 {
+        return seed;
+    }
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..].copy_from_slice(&choice.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
 fn max_tokens_for(context: u32, prompt_len: usize, options: &EndpointOptions) -> Result<u32, ApiError> {
@@ -350,7 +362,15 @@ mod tests {
         let specs = choices(json!({"n": 2, "seed": 5, "stop": "x"}), 96).unwrap();
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].request.stop.max_tokens, 4096 - 96);
-        assert_eq!(specs[1].request.sampling.seed, Some(6));
+        assert_eq!(specs[0].request.sampling.seed, Some(5), "the first sample keeps the request's seed");
+        // Neighbouring seeds share no sample's seed.
+        let seeds = |seed: u64| -> Vec<u64> {
+            let specs = choices(json!({"n": 8, "seed": seed}), 4).unwrap();
+            specs.iter().map(|s| s.request.sampling.seed.unwrap()).collect()
+        };
+        let (five, six) = (seeds(5), seeds(6));
+        assert!(five.iter().all(|s| !six.contains(s)), "{five:?} {six:?}");
+        assert_eq!(five, seeds(5), "reproducible");
         assert_eq!(specs[0].request.stop.stop_token_ids.len(), 2);
         assert_eq!(specs[0].text.stop, vec!["x".to_string()]);
         let no_eos = choices(json!({"ignore_eos": true}), 4).unwrap();

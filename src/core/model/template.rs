@@ -15,6 +15,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The template names the `developer` role; otherwise such messages reach it as `system`, which is what
+    /// OpenAI's newer clients mean by it and what templates written before it know.
+    knows_developer: bool,
 }
 
 /// What a chat request gives the template.
@@ -53,13 +56,26 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
         let token = |key: &str| tokenizer_config.and_then(|c| c.get(key)).and_then(special_token_text);
-        Ok(Self { env, bos_token: token("bos_token"), eos_token: token("eos_token") })
+        Ok(Self {
+            env,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            knows_developer: source.contains("developer"),
+        })
     }
 
     /// Renders the prompt; a template error (e.g. `raise_exception`) comes back as its message.
     pub fn render(&self, input: &TemplateInput<'_>) -> Result<String, ModelError> {
         let mut context = input.extra.cloned().unwrap_or_default();
-        context.insert("messages".into(), Value::Array(input.messages.to_vec()));
+        let mut messages = input.messages.to_vec();
+        if !self.knows_developer {
+            for message in &mut messages {
+                if message.get("role").and_then(Value::as_str) == Some("developer") {
+                    message["role"] = Value::from("system");
+                }
+            }
+        }
+        context.insert("messages".into(), Value::Array(messages));
         context.insert("tools".into(), input.tools.map(|t| Value::Array(t.to_vec())).unwrap_or(Value::Null));
         context.insert("add_generation_prompt".into(), Value::Bool(input.add_generation_prompt));
         context.insert("bos_token".into(), self.bos_token.clone().map(Value::String).unwrap_or_default());
@@ -182,5 +198,18 @@ mod tests {
         let config =
             json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         assert_eq!(source_from_tokenizer_config(&config).as_deref(), Some("D"));
+    }
+
+    #[test]
+    fn a_developer_message_is_a_system_message_to_templates_that_do_not_know_the_role() {
+        let chatml = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}";
+        let template = ChatTemplate::new(chatml, None).unwrap();
+        let messages = [json!({"role": "developer", "content": "Be brief."}), json!({"role": "user", "content": "Hi"})];
+        let input = TemplateInput { messages: &messages, tools: None, add_generation_prompt: false, extra: None };
+        assert_eq!(template.render(&input).unwrap(), "<|system|>Be brief.<|user|>Hi");
+        let knowing =
+            "{% for m in messages %}{% if m.role == 'developer' %}[dev]{% endif %}{{ m.content }}{% endfor %}";
+        let template = ChatTemplate::new(knowing, None).unwrap();
+        assert_eq!(template.render(&input).unwrap(), "[dev]Be brief.Hi");
     }
 }
