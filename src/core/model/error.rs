@@ -7,6 +7,12 @@ pub enum ModelError {
         "model path {0} is not a directory; pass --model with an HF model directory (config.json, tokenizer.json, …)"
     )]
     NotADirectory(PathBuf),
+    #[error(
+        "{0} is not a directory here; it looks like a Hugging Face hub id, and this binary does not download \
+         models: fetch it with `huggingface-cli download {0} --local-dir DIR` (or `hf download {0} --local-dir \
+         DIR`), then pass --model DIR"
+    )]
+    HubId(String),
     #[error("{origin} has no {file}; an HF model directory needs it")]
     MissingFile { file: String, origin: String },
     #[error("cannot read {path}: {source}")]

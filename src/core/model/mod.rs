@@ -122,7 +122,10 @@ impl ModelFiles {
             }),
             ModelSource::Dir(dir) => {
                 if !dir.is_dir() {
-                    return Err(ModelError::NotADirectory(dir.clone()));
+                    return Err(match hub_id(dir) {
+                        Some(id) => ModelError::HubId(id),
+                        None => ModelError::NotADirectory(dir.clone()),
+                    });
                 }
                 let mut files = Vec::new();
                 for name in [
@@ -168,6 +171,18 @@ fn read_if_present(path: &Path) -> Result<Option<String>, ModelError> {
     }
 }
 
+/// `org/name` for a path that does not exist and reads like a Hugging Face hub id.
+fn hub_id(path: &std::path::Path) -> Option<String> {
+    let text = path.to_str()?;
+    let (org, name) = text.split_once('/')?;
+    let plain = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with('.')
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    (!path.exists() && plain(org) && plain(name)).then(|| text.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +211,16 @@ mod tests {
         let err = Model::load(&ModelSource::Dir(dir.clone()), None).err().unwrap();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_hub_id_given_as_a_model_path_says_how_to_fetch_it() {
+        let error = Model::load(&ModelSource::Dir("Qwen/Qwen3-0.6B".into()), None).err().expect("not a directory");
+        let message = error.to_string();
+        assert!(message.contains("huggingface-cli download Qwen/Qwen3-0.6B --local-dir"), "{message}");
+        for path in ["/no/such/dir", "./models/x", "nothing-here"] {
+            let error = Model::load(&ModelSource::Dir(path.into()), None).err().expect("not a directory");
+            assert!(matches!(error, ModelError::NotADirectory(_)), "{path}: {error}");
+        }
     }
 }
