@@ -235,7 +235,15 @@ impl Agent {
     }
 
     /// Connects as `connect` does, with `backend` forced (or picked, when `None`) instead of the settings'.
+    /// A peer that does not complete the handshake within the transfer timeout is given up on.
     pub async fn connect_using(&self, address: &str, backend: Option<Backend>) -> Result<Peer, TransferError> {
+        let timeout = self.inner.settings.timeout;
+        tokio::time::timeout(timeout, self.connect_now(address, backend))
+            .await
+            .unwrap_or(Err(TransferError::Timeout(timeout)))
+    }
+
+    async fn connect_now(&self, address: &str, backend: Option<Backend>) -> Result<Peer, TransferError> {
         let addr = address.strip_prefix("tcp://").unwrap_or(address);
         let tcp = tcp::TcpPeer::connect(self.inner.clone(), addr.to_string()).await?;
         let metadata = tcp.metadata.clone();

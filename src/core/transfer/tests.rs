@@ -205,3 +205,26 @@ async fn a_target_fed_garbage_answers_or_closes_and_writes_nothing_out_of_bounds
     source.transfer(&peer, Direction::Write, &[d(0, 0, 4096)], &[d(0, 0, 4096)], None).await.unwrap();
     assert_eq!(read(&region, 0, 4096), pattern(3, 4096));
 }
+
+#[tokio::test]
+async fn a_peer_that_says_nothing_is_given_up_on_by_either_side() {
+    use tokio::io::AsyncReadExt;
+    let quick = std::time::Duration::from_millis(200);
+    let settings = || AgentSettings { timeout: quick, ..AgentSettings::loopback(None) };
+    // A target that accepts and never answers: the initiator's connect fails within its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let (initiator, _) = Agent::start(1, settings()).unwrap();
+    let started = std::time::Instant::now();
+    let error = initiator.connect(&silent_addr).await.err().expect("nobody answers");
+    assert!(matches!(error, TransferError::Timeout(_)), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
+    drop(silent);
+    // A client that connects to an agent and says nothing is disconnected.
+    let (target, _) = Agent::start(2, settings()).unwrap();
+    let addr = target.address();
+    let mut idle = tokio::net::TcpStream::connect(addr.strip_prefix("tcp://").unwrap()).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the silent connection is still open");
+}

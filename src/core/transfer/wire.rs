@@ -124,8 +124,15 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Answers a connection's opening as the target; returns the initiator's agent id once it may send data.
+/// Answers a connection's opening as the target; returns the initiator's agent id once it may send data. A
+/// connection that has not proven itself within the transfer timeout is dropped: strangers must not hold
+/// descriptors and tasks by saying nothing.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &Inner) -> Result<u64, TransferError> {
+    let timeout = inner.settings.timeout;
+    tokio::time::timeout(timeout, accept_now(stream, inner)).await.unwrap_or(Err(TransferError::Timeout(timeout)))
+}
+
+async fn accept_now<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &Inner) -> Result<u64, TransferError> {
     let (hello, theirs) = expect(stream, FrameKind::Hello, "Hello").await?;
     if theirs.len() != NONCE_BYTES {
         return Err(TransferError::Refused(format!(
