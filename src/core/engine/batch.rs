@@ -12,8 +12,8 @@
 //! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
 use super::blocks::PageId;
 use super::scheduler::{Executor, HandOffError, Scheduler, SeqId};
-use super::{Engine, EngineError, KvLedger, ResponseStream};
-use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
+use super::{ArrivingPages, Engine, EngineError, KvLedger, KvMemory, KvPages, ResponseStream};
+use crate::core::protocol::{EngineOutput, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,11 +28,11 @@ struct Submission {
     id: SeqId,
     request: PreprocessedRequest,
     outputs: mpsc::UnboundedSender<EngineOutput>,
-    hand_off: HandOff,
+    hand_off: Shared,
 }
 
 /// What a request does with KV shared with a peer worker.
-enum HandOff {
+enum Shared {
     None,
     /// Keep its pages for this long once finished.
     Hold(Duration),
@@ -118,7 +118,7 @@ impl BatchEngine {
     fn submit_with(
         &self,
         request: PreprocessedRequest,
-        hand_off: HandOff,
+        hand_off: Shared,
     ) -> Result<(SeqId, ResponseStream), EngineError> {
         super::check_fits(&request, self.max_sequence_tokens)?;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -127,50 +127,59 @@ impl BatchEngine {
         self.inbox.send(Command::Submit(submission)).map_err(|_| EngineError::Stopped)?;
         Ok((id, ResponseStream::new(receiver)))
     }
+}
 
-    /// Runs a request (a prefill for a peer, typically `max_tokens` 1) whose pages are held for `lease` once
-    /// it finishes: `held_pages` names them then, `release_lease` frees them when the peer has read them.
-    pub fn submit_holding(
+impl KvPages for BatchEngine {
+    fn memory(&self) -> &KvMemory {
+        // `Engine::kv_pages` offers this only to engines that have movable pages.
+        self.kv_memory.as_ref().unwrap_or(&NO_MEMORY)
+    }
+
+    fn submit_holding(
         &self,
         request: PreprocessedRequest,
         lease: Duration,
     ) -> Result<(SeqId, ResponseStream), EngineError> {
-        self.submit_with(request, HandOff::Hold(lease))
+        self.submit_with(request, Shared::Hold(lease))
     }
 
-    /// Queues a request whose first `from_peer` tokens' KV a peer writes: returns the pages to write (block
-    /// `i` in page `i`) and the stream, which starts once `arrived` says the KV is there (or once `wait` has
-    /// passed without it: then the request is computed here).
-    pub async fn submit_arriving(
+    fn submit_arriving(
         &self,
         request: PreprocessedRequest,
         from_peer: usize,
         wait: Duration,
-    ) -> Result<(SeqId, Vec<PageId>, ResponseStream), EngineError> {
+    ) -> Result<(SeqId, ArrivingPages, ResponseStream), EngineError> {
         let (pages, reply) = oneshot::channel();
-        let (id, stream) = self.submit_with(request, HandOff::Arriving { from_peer, wait, pages })?;
-        let pages = reply.await.map_err(|_| EngineError::Stopped)?;
-        let pages = pages.map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let (id, stream) = self.submit_with(request, Shared::Arriving { from_peer, wait, pages })?;
+        let pages = Box::pin(async move {
+            match reply.await {
+                Ok(Ok(pages)) => Ok(pages),
+                Ok(Err(refused)) => Err(EngineError::InvalidRequest(refused.to_string())),
+                Err(_) => Err(EngineError::Stopped),
+            }
+        });
         Ok((id, pages, stream))
     }
 
-    /// Says whether the peer's KV for request `id` landed; if not, the request is computed here instead.
-    pub fn arrived(&self, id: SeqId, landed: bool) -> Result<(), EngineError> {
+    fn arrived(&self, id: SeqId, landed: bool) -> Result<(), EngineError> {
         self.inbox.send(Command::Arrived(id, landed)).map_err(|_| EngineError::Stopped)
     }
 
-    /// The pages request `id` holds for a peer, once it has finished (`None` if it holds none).
-    pub async fn held_pages(&self, id: SeqId) -> Result<Option<Vec<PageId>>, EngineError> {
+    fn held_pages(&self, id: SeqId) -> futures::future::BoxFuture<'static, Result<Option<Vec<PageId>>, EngineError>> {
         let (reply, pages) = oneshot::channel();
-        self.inbox.send(Command::HeldPages(id, reply)).map_err(|_| EngineError::Stopped)?;
-        pages.await.map_err(|_| EngineError::Stopped)
+        let sent = self.inbox.send(Command::HeldPages(id, reply));
+        Box::pin(async move {
+            sent.map_err(|_| EngineError::Stopped)?;
+            pages.await.map_err(|_| EngineError::Stopped)
+        })
     }
 
-    /// Frees what request `id` holds for a peer (read, or the peer is gone).
-    pub fn release_lease(&self, id: SeqId) -> Result<(), EngineError> {
+    fn release_lease(&self, id: SeqId) -> Result<(), EngineError> {
         self.inbox.send(Command::ReleaseLease(id)).map_err(|_| EngineError::Stopped)
     }
 }
+
+static NO_MEMORY: KvMemory = KvMemory { regions: Vec::new(), pages: 0, page_bytes: 0, block_size: 0 };
 
 impl Engine for BatchEngine {
     fn worker_id(&self) -> WorkerId {
@@ -178,7 +187,14 @@ impl Engine for BatchEngine {
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        self.submit_with(request, HandOff::None).map(|(_, stream)| stream)
+        if request.hand_off != HandOff::None {
+            return Err(EngineError::InvalidRequest(
+                "this worker has no transfer agent, so it can neither hold KV for a peer nor read it from one; start \
+                 it with --kv-transfer (or as `dynamo prefill`)"
+                    .into(),
+            ));
+        }
+        self.submit_with(request, Shared::None).map(|(_, stream)| stream)
     }
 
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
@@ -190,8 +206,8 @@ impl Engine for BatchEngine {
         true
     }
 
-    fn kv_memory(&self) -> Option<super::KvMemory> {
-        self.kv_memory.clone()
+    fn kv_pages(&self) -> Option<&dyn KvPages> {
+        self.kv_memory.as_ref().map(|_| self as &dyn KvPages)
     }
 
     fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
@@ -340,16 +356,16 @@ fn obey<X: Executor>(
     // Greedy output depends on the tokens alone; sampled output on the seed, random when none is given.
     let seed = if sampling.temperature == 0.0 { 0 } else { sampling.seed.unwrap_or_else(rand::random) };
     match hand_off {
-        HandOff::None => scheduler.add(id, &request, seed),
-        HandOff::Hold(lease) => scheduler.add_holding(id, &request, seed, lease),
-        HandOff::Arriving { from_peer, wait, pages } => {
+        Shared::None => scheduler.add(id, &request, seed),
+        Shared::Hold(lease) => scheduler.add_holding(id, &request, seed, lease),
+        Shared::Arriving { from_peer, wait, pages } => {
             let added = scheduler.add_arriving(id, &request, seed, from_peer, wait);
-            let refused = added.is_err();
+            if added.is_err() {
+                // No room for the peer's KV now: the request queues as any other and computes its prompt here.
+                scheduler.add(id, &request, seed);
+            }
             // The asker may be gone; then its stream is closed and the next pass aborts the request.
             let _ = pages.send(added);
-            if refused {
-                return;
-            }
         }
     }
     streams.insert(id, outputs);

@@ -58,6 +58,47 @@ pub struct KvMemory {
     pub regions: Vec<std::sync::Arc<crate::core::transfer::Region>>,
     pub pages: u64,
     pub page_bytes: u64,
+    /// Tokens whose KV one page holds.
+    pub block_size: u32,
+}
+
+/// The pages an arriving request's KV goes to (block `i` in page `i`), once the engine has allocated them.
+pub type ArrivingPages = futures::future::BoxFuture<'static, Result<Vec<blocks::PageId>, EngineError>>;
+
+/// What an engine whose KV pages can move offers disaggregated serving (`core::handoff`): its pages as memory,
+/// requests that keep their KV for a peer, and requests whose prompt's KV a peer writes.
+pub trait KvPages: Send + Sync {
+    fn memory(&self) -> &KvMemory;
+
+    /// Runs a request (a prefill for a peer, `max_tokens` 1) whose pages are held for `lease` once it
+    /// finishes: `held_pages` names them then, `release_lease` frees them when the peer has read them.
+    fn submit_holding(
+        &self,
+        request: PreprocessedRequest,
+        lease: std::time::Duration,
+    ) -> Result<(scheduler::SeqId, ResponseStream), EngineError>;
+
+    /// Queues a request whose first `from_peer` tokens' KV a peer writes into the pages named once they are
+    /// allocated; its stream starts once `arrived` says the KV is there (or once `wait` has passed without
+    /// it: then the request is computed here).
+    fn submit_arriving(
+        &self,
+        request: PreprocessedRequest,
+        from_peer: usize,
+        wait: std::time::Duration,
+    ) -> Result<(scheduler::SeqId, ArrivingPages, ResponseStream), EngineError>;
+
+    /// Says whether the peer's KV for request `id` landed; if not, the request is computed here instead.
+    fn arrived(&self, id: scheduler::SeqId, landed: bool) -> Result<(), EngineError>;
+
+    /// The pages request `id` holds for a peer, once it has finished (`None` if it holds none).
+    fn held_pages(
+        &self,
+        id: scheduler::SeqId,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Vec<blocks::PageId>>, EngineError>>;
+
+    /// Frees what request `id` holds for a peer (read, or the peer is gone).
+    fn release_lease(&self, id: scheduler::SeqId) -> Result<(), EngineError>;
 }
 
 pub trait Engine: Send + Sync {
@@ -84,9 +125,16 @@ pub trait Engine: Send + Sync {
         None
     }
 
-    /// Its KV pages as shared memory, for a transfer agent; `None` where they cannot move (the mocker only
-    /// simulates them; the CUDA backend's device pages await its transfer seam).
-    fn kv_memory(&self) -> Option<KvMemory> {
+    /// Its KV pages as shared memory a transfer agent can offer peers, and the requests that share them;
+    /// `None` where they cannot move (the mocker only simulates them; the CUDA backend's device pages await
+    /// its transfer seam).
+    fn kv_pages(&self) -> Option<&dyn KvPages> {
+        None
+    }
+
+    /// Where its transfer agent listens (`tcp://host:port`), for an engine whose KV can be handed to or from
+    /// other workers; `None` for one that serves whole requests only.
+    fn transfer_addr(&self) -> Option<String> {
         None
     }
 

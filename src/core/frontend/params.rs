@@ -6,7 +6,7 @@ use super::error::ApiError;
 use super::generate::{ChoiceSpec, TextOptions};
 use crate::core::model::Model;
 use crate::core::protocol::openai::SamplingParams;
-use crate::core::protocol::{PreprocessedRequest, SamplingOptions, StopConditions};
+use crate::core::protocol::{HandOff, PreprocessedRequest, SamplingOptions, StopConditions};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -211,6 +211,7 @@ pub fn build_choices(
                     sampling,
                     stop: StopConditions { max_tokens, min_tokens, stop_token_ids: stop_token_ids.clone() },
                     logprobs: options.logprobs,
+                    hand_off: HandOff::None,
                 },
                 text: text.clone(),
             });

@@ -11,6 +11,64 @@ pub struct PreprocessedRequest {
     pub stop: StopConditions,
     /// Return the sampled token's logprob and this many alternatives; `None` returns no logprobs.
     pub logprobs: Option<u32>,
+    /// Whether the prompt's KV is kept for, or comes from, another worker (disaggregated serving).
+    #[serde(default)]
+    pub hand_off: HandOff,
+}
+
+/// A request's part in disaggregated serving: a prefill worker computes the prompt and keeps its KV for a
+/// decode worker, which reads it through the transfer layer and generates from there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum HandOff {
+    /// The whole request here (aggregated serving).
+    #[default]
+    None,
+    /// Generate the first token, then keep the prompt's KV for a peer to read: the final output says where
+    /// (`EngineOutput::held`) when it ends for length, and nothing is kept when it ends otherwise.
+    Hold,
+    /// The prompt minus its last token (the prefill's first token) was computed by a peer, whose pages hold
+    /// its KV: read them, then decode. If they cannot be read, the prompt is computed here.
+    From(Box<HeldKv>),
+}
+
+/// KV a prefill worker holds for a decode worker: the pages of one request, for one lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldKv {
+    /// The holder's transfer agent (`tcp://host:port`); the router fills it in from the holder's record.
+    pub agent: String,
+    /// Names the hold to its holder; a read that carries it ends the lease.
+    pub lease: u64,
+    /// Prompt tokens whose KV the pages hold, from the first.
+    pub tokens: u32,
+    /// Block `i` of the prompt is in page `i`.
+    pub pages: Vec<u32>,
+    pub layout: KvLayout,
+}
+
+/// How an engine's KV pages sit in its transfer agent's regions: `regions` consecutive region ids from
+/// `first_region` (each layer's K, then its V), page `p` at `p * page_bytes` in each. Two engines can hand KV
+/// to each other only if everything but `first_region` is equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayout {
+    pub block_size: u32,
+    pub page_bytes: u64,
+    pub first_region: u32,
+    pub regions: u32,
+}
+
+impl KvLayout {
+    /// Why pages of `self` cannot be copied into pages of `other`, if they cannot.
+    pub fn mismatch(&self, other: &KvLayout) -> Option<String> {
+        let ours = (self.block_size, self.page_bytes, self.regions);
+        let theirs = (other.block_size, other.page_bytes, other.regions);
+        (ours != theirs).then(|| {
+            format!(
+                "KV pages differ: {} tokens, {} bytes, {} regions against {} tokens, {} bytes, {} regions (another \
+                 model, dtype or block size)",
+                ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2
+            )
+        })
+    }
 }
 
 impl PreprocessedRequest {
@@ -22,6 +80,7 @@ impl PreprocessedRequest {
             sampling: SamplingOptions { temperature: 0.0, ..SamplingOptions::default() },
             stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: Vec::new() },
             logprobs: None,
+            hand_off: HandOff::None,
         }
     }
 }
@@ -93,6 +152,9 @@ pub struct EngineOutput {
     pub finish_reason: Option<FinishReason>,
     /// Prompt tokens found in the prefix cache; set on the first output.
     pub cached_tokens: Option<u32>,
+    /// On the final output of a `HandOff::Hold` request that ended for length: the KV held for the peer.
+    #[serde(default)]
+    pub held: Option<HeldKv>,
 }
 
 /// A prompt's token ids in binary formats: one byte string of little-endian `u32`s instead of an array of

@@ -7,8 +7,8 @@ use super::external::{decode_msgpack_batch, decode_trtllm_json};
 use super::plane::{Payload, decode_header};
 use super::request::{FromWorker, Refusal, ToWorker, decode, encode};
 use super::{
-    EngineOutput, FinishReason, KvEvent, KvEventBatch, KvEvents, LoadMetrics, PreprocessedRequest, SamplingOptions,
-    StopConditions, StoredBlock, TokenLogprob, WorkerStats,
+    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
+    PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
 };
 use proptest::prelude::*;
 
@@ -35,14 +35,35 @@ fn batch() -> impl Strategy<Value = KvEventBatch> {
         .prop_map(|(worker_id, events)| KvEventBatch { worker_id, events })
 }
 
+fn held() -> impl Strategy<Value = HeldKv> {
+    (".{0,20}", any::<u64>(), any::<u32>(), prop::collection::vec(any::<u32>(), 0..8), any::<(u32, u64, u32, u32)>())
+        .prop_map(|(agent, lease, tokens, pages, (block_size, page_bytes, first_region, regions))| HeldKv {
+            agent,
+            lease,
+            tokens,
+            pages,
+            layout: KvLayout { block_size, page_bytes, first_region, regions },
+        })
+}
+
 fn request() -> impl Strategy<Value = PreprocessedRequest> {
-    (".{0,12}", prop::collection::vec(any::<u32>(), 0..64), any::<Option<u64>>(), 0u32..100_000, any::<Option<u32>>())
-        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs)| PreprocessedRequest {
+    let hand_off =
+        prop_oneof![Just(HandOff::None), Just(HandOff::Hold), held().prop_map(|held| HandOff::From(Box::new(held)))];
+    (
+        ".{0,12}",
+        prop::collection::vec(any::<u32>(), 0..64),
+        any::<Option<u64>>(),
+        0u32..100_000,
+        any::<Option<u32>>(),
+        hand_off,
+    )
+        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, hand_off)| PreprocessedRequest {
             request_id,
             token_ids,
             sampling: SamplingOptions { seed, ..SamplingOptions::default() },
             stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![max_tokens] },
             logprobs,
+            hand_off,
         })
 }
 
@@ -57,14 +78,18 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
 }
 
 fn from_worker() -> impl Strategy<Value = FromWorker> {
-    let output = (prop::collection::vec(any::<u32>(), 0..8), any::<Option<u32>>(), any::<bool>()).prop_map(
-        |(token_ids, cached_tokens, finished)| EngineOutput {
-            logprobs: token_ids.iter().map(|&token_id| TokenLogprob { token_id, logprob: -1.0, top: vec![] }).collect(),
-            token_ids,
-            cached_tokens,
-            finish_reason: finished.then_some(FinishReason::Length),
-        },
-    );
+    let output =
+        (prop::collection::vec(any::<u32>(), 0..8), any::<Option<u32>>(), any::<bool>(), prop::option::of(held()))
+            .prop_map(|(token_ids, cached_tokens, finished, held)| EngineOutput {
+                logprobs: token_ids
+                    .iter()
+                    .map(|&token_id| TokenLogprob { token_id, logprob: -1.0, top: vec![] })
+                    .collect(),
+                token_ids,
+                cached_tokens,
+                finish_reason: finished.then_some(FinishReason::Length),
+                held,
+            });
     let single = prop_oneof![
         (any::<u64>(), output).prop_map(|(stream, output)| FromWorker::Output { stream, output }),
         (any::<u64>(), prop::collection::vec(event(), 0..4), any::<bool>()).prop_map(|(next_seq, events, last)| {

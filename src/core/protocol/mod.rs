@@ -13,7 +13,10 @@ pub mod plane;
 pub mod request;
 pub mod transfer;
 
-pub use engine::{EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob};
+pub use engine::{
+    EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, PreprocessedRequest, SamplingOptions, StopConditions,
+    TokenLogprob,
+};
 pub use kv::{KvEvent, KvEventBatch, KvEvents, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
 #[cfg(test)]
 pub(crate) mod fuzz;

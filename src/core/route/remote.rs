@@ -57,6 +57,10 @@ impl Engine for RemoteEngine {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn transfer_addr(&self) -> Option<String> {
+        self.instance.transfer_endpoint_from(&self.instance.request_addr)
+    }
+
     fn is_alive(&self) -> bool {
         self.client.is_alive()
     }

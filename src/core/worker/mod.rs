@@ -8,6 +8,7 @@
 use crate::core::discovery::{Discovery, DiscoveryError, Registration};
 use crate::core::engine::KvFollower;
 use crate::core::engine::{Engine, EngineSettings, SpawnError, spawn_engines};
+use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
@@ -92,13 +93,8 @@ pub enum WorkerError {
     Plane { plane: &'static str, endpoint: String, source: PlaneError },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
-    #[error(
-        "this engine's KV cache cannot be handed to other workers ({engine}); run the native engine on the CPU, or \
-         leave out --kv-transfer"
-    )]
-    NoKvMemory { engine: &'static str },
-    #[error("cannot start the transfer agent: {0}")]
-    Transfer(#[from] crate::core::transfer::TransferError),
+    #[error(transparent)]
+    HandOff(#[from] crate::core::handoff::HandOffError),
 }
 
 /// One engine on the planes: requests on its ROUTER socket, its KV events and load on its PUB socket, its
@@ -108,7 +104,6 @@ pub struct Exposed {
     // Fields drop in this order: the record goes before the sockets close.
     _registration: Registration,
     _server: RequestServer,
-    _transfer: Option<crate::core::transfer::Agent>,
     events: tokio::task::JoinHandle<()>,
     _context: crate::core::plane::Context,
 }
@@ -119,10 +114,11 @@ impl Drop for Exposed {
     }
 }
 
-/// Serves `engine` (of `model`, with KV blocks of `block_size` tokens) on the planes and registers it. Must
-/// run inside a tokio runtime.
+/// Serves `engine` (of `model`, with KV blocks of `block_size` tokens) on the planes and registers it; with
+/// `planes.transfer`, behind a transfer agent that hands its KV to and from other workers (an engine that
+/// already has one keeps it). Must run inside a tokio runtime.
 pub fn expose(
-    engine: Arc<dyn Engine>,
+    mut engine: Arc<dyn Engine>,
     model: &Model,
     block_size: usize,
     planes: &PlaneSettings,
@@ -149,6 +145,9 @@ pub fn expose(
             tokenizer_hash: model.tokenizer_hash,
         },
     };
+    if let (Some(settings), None) = (&planes.transfer, engine.transfer_addr()) {
+        engine = Arc::new(HandOffEngine::start(engine, agent_settings(planes, settings))?);
+    }
     let request_endpoint = tcp(planes.request_port);
     let kv_published = Arc::new(AtomicU64::new(0));
     let served = Served {
@@ -163,52 +162,23 @@ pub fn expose(
         endpoint: request_endpoint,
         source,
     })?;
-    let transfer = match &planes.transfer {
-        None => None,
-        Some(settings) => Some(start_agent(&*engine, planes, settings)?),
-    };
-    let instance = Instance {
-        request_addr: server.endpoint().to_string(),
-        transfer_addr: transfer.as_ref().map(|agent| agent.address()),
-        ..instance
-    };
+    let instance =
+        Instance { request_addr: server.endpoint().to_string(), transfer_addr: engine.transfer_addr(), ..instance };
     let events = tokio::spawn(publish(engine, publisher, kv_published, server.stats.clone()));
     let registration = discovery.register(&instance)?;
-    Ok(Exposed {
-        instance,
-        _registration: registration,
-        _server: server,
-        _transfer: transfer,
-        events,
-        _context: context,
-    })
+    Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })
 }
 
-/// The worker's transfer agent, its KV pages registered (each layer's K, then V: `transfer::layered_page`).
-fn start_agent(
-    engine: &dyn Engine,
-    planes: &PlaneSettings,
-    settings: &TransferSettings,
-) -> Result<crate::core::transfer::Agent, WorkerError> {
-    use crate::core::transfer::{Agent, AgentSettings, DEFAULT_TIMEOUT};
-    let memory = engine.kv_memory().ok_or(WorkerError::NoKvMemory {
-        engine: "the mocker only simulates its pages; the CUDA backend's device pages have no transfer seam yet",
-    })?;
-    let agent_settings = AgentSettings {
+/// How a worker's transfer agent listens (on the planes' host, with the planes' key).
+pub fn agent_settings(planes: &PlaneSettings, settings: &TransferSettings) -> crate::core::transfer::AgentSettings {
+    crate::core::transfer::AgentSettings {
         host: planes.host,
         port: settings.port,
         streams: settings.streams,
         backend: settings.backend,
-        timeout: DEFAULT_TIMEOUT,
+        timeout: crate::core::transfer::DEFAULT_TIMEOUT,
         key: planes.key.clone(),
-    };
-    // Notifications are for the hand-off that disaggregated serving will drive; until then nobody reads them
-    // and the agent drops them.
-    let (agent, _notifications) = Agent::start(engine.worker_id(), agent_settings)?;
-    for region in memory.regions {
-        agent.register(region);
     }
-    Ok(agent)
 }
 
 /// `dynamo decode`: serves until `shutdown` resolves, then takes its record back from discovery.
@@ -225,7 +195,8 @@ pub async fn run(
     let instance = &exposed.instance;
     let transfer = instance.transfer_addr.as_ref().map(|addr| format!(", KV transfer {addr}")).unwrap_or_default();
     println!(
-        "dynamo: decode worker {id:016x} serving {} with {} on {} (events {}{transfer}), namespace {}",
+        "dynamo: {} worker {id:016x} serving {} with {} on {} (events {}{transfer}), namespace {}",
+        planes.role.name(),
         instance.model,
         settings.engine.describe(),
         instance.request_addr,
@@ -324,7 +295,7 @@ mod tests {
 
         let (peer_agent, _) = Agent::start(8, AgentSettings::loopback(None)).unwrap();
         let peer = peer_agent.connect(&address).await.unwrap();
-        let memory = engine.kv_memory().unwrap();
+        let memory = engine.kv_pages().unwrap().memory().clone();
         assert_eq!(peer.agent(), 7, "the agent speaks for the worker");
         assert_eq!(peer.regions().len(), 2 * model_layers(&model), "each layer's K and V pages");
         assert!(peer.regions().iter().all(|r| r.len == memory.pages * memory.page_bytes), "{:?}", peer.regions());

@@ -177,6 +177,7 @@ impl<B: Backend> Executor for NativeExecutor<B> {
             regions: self.model.cache_memory(&self.cache)?,
             pages: self.num_pages as u64,
             page_bytes: self.model.kv_page_bytes(self.block_size),
+            block_size: self.block_size as u32,
         })
     }
 

@@ -518,7 +518,7 @@ async fn blocks_moved_by_the_transfer_layer_decode_exactly_like_local_blocks() {
 /// generates the same tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engine() {
-    use crate::core::engine::Engine;
+    use crate::core::engine::{Engine, KvPages};
     use crate::core::transfer::{Agent, AgentSettings, Direction, layered_page};
     use futures::StreamExt;
     let model = load(&ModelSource::Builtin);
@@ -541,7 +541,7 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
     let decode = spawn(3, model.clone(), &settings).unwrap();
     let (prefill_agent, _) = Agent::start(2, AgentSettings::loopback(None)).unwrap();
     let (decode_agent, _) = Agent::start(3, AgentSettings::loopback(None)).unwrap();
-    let (memory, decode_memory) = (prefill.kv_memory().unwrap(), decode.kv_memory().unwrap());
+    let (memory, decode_memory) = (prefill.memory().clone(), decode.memory().clone());
     memory.regions.iter().for_each(|r| drop(prefill_agent.register(r.clone())));
     decode_memory.regions.iter().for_each(|r| drop(decode_agent.register(r.clone())));
     let regions = memory.regions.len() as u32;
@@ -554,10 +554,9 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
     assert!(prefill.load().kv_active_blocks >= source.len() as u64);
 
     let continued: Vec<u32> = prompt.iter().copied().chain(first.iter().copied()).collect();
-    let (id, target, stream) = decode
-        .submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (id, target, stream) =
+        decode.submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30)).unwrap();
+    let target = target.await.unwrap();
     let descriptors = |pages: &[PageId]| -> Vec<_> {
         pages.iter().flat_map(|&p| layered_page(0, regions, u64::from(p), memory.page_bytes)).collect()
     };
@@ -573,14 +572,12 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
 
     // The KV never comes: the decode engine computes the prompt itself.
     let fresh = spawn(4, model.clone(), &settings).unwrap();
-    let (id, _, stream) = fresh
-        .submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (id, _, stream) =
+        fresh.submit_arriving(greedy(continued.clone(), 7), prompt.len(), std::time::Duration::from_secs(30)).unwrap();
     fresh.arrived(id, false).unwrap();
     assert_eq!([first.clone(), tokens(stream).await].concat(), expected, "recomputed, the same tokens");
     // Nobody says anything: once the wait is over the engine wakes and computes it.
     let short = std::time::Duration::from_millis(100);
-    let (_, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len(), short).await.unwrap();
+    let (_, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len(), short).unwrap();
     assert_eq!([first, tokens(stream).await].concat(), expected, "computed after the wait, the same tokens");
 }

@@ -446,6 +446,7 @@ impl<X: Executor> Scheduler<X> {
                 logprobs: Vec::new(),
                 finish_reason: Some(FinishReason::Error(error.0.clone())),
                 cached_tokens: None,
+                held: None,
             };
             outcome.outputs.push((seq.id, output));
         }
@@ -577,6 +578,7 @@ fn finish_token<S>(seq: &mut Sequence<S>, sampled: Sampled) -> EngineOutput {
         logprobs: sampled.logprob.into_iter().collect(),
         finish_reason,
         cached_tokens,
+        held: None,
     }
 }
 

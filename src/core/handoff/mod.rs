@@ -1,0 +1,279 @@
+//! Disaggregated serving's KV hand-off between two workers' engines, over the transfer layer.
+//!
+//! A prefill worker runs a `HandOff::Hold` request: it computes the prompt, streams the first token and keeps
+//! the prompt's pages for a lease; its final output names them (`HeldKv`). The router sends the rest of the
+//! request to a decode worker as `HandOff::From`: its engine allocates pages, this module reads the prefill
+//! worker's pages into them, and the engine decodes from there. The read carries the lease, so the prefill
+//! worker frees its pages as soon as they are copied; pages nobody reads are freed when the lease expires.
+//!
+//! The decode side reads, rather than the prefill side writing, so that pages are allocated only once the
+//! decode worker is about to use them and a failure is handled where the request lives (vLLM's NIXL connector
+//! reads the same way). A holder that is gone, a read that fails or times out, pages laid out otherwise: the
+//! decode engine computes the prompt itself, and the client gets the same tokens, later.
+use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream};
+use crate::core::protocol::{
+    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, LoadMetrics, PreprocessedRequest,
+    WorkerId,
+};
+use crate::core::transfer::{Agent, AgentSettings, Descriptor, Direction, Notification, Peer, layered_page};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// How long a prefill worker keeps a request's pages for the decode worker that should read them. The
+/// router sends the decode half as soon as the prefill ends, so this only has to outlast a slow read.
+pub const LEASE: Duration = Duration::from_secs(60);
+/// How long a decode engine waits for a read before it computes the prompt itself: a connect and a read,
+/// each bounded by the transfer timeout, fit in it.
+pub const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandOffError {
+    #[error(
+        "this engine's KV cache cannot be handed to other workers ({0}); run the native engine on the CPU, or \
+         leave out --kv-transfer"
+    )]
+    NoKvPages(&'static str),
+    #[error("cannot start the transfer agent: {0}")]
+    Transfer(#[from] crate::core::transfer::TransferError),
+}
+
+/// An engine whose requests can hold their KV for a peer or read it from one: the engine, with a transfer
+/// agent that offers its pages. Requests without a hand-off go straight to the engine.
+pub struct HandOffEngine {
+    inner: Arc<dyn Engine>,
+    shared: Arc<Shared>,
+    notifications: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    agent: Agent,
+    layout: KvLayout,
+    /// Agents read from, by address; a connection that failed is dropped and made again next time.
+    peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
+}
+
+impl Drop for HandOffEngine {
+    fn drop(&mut self) {
+        self.notifications.abort();
+    }
+}
+
+impl HandOffEngine {
+    /// Starts a transfer agent for `engine`'s pages; must run inside a tokio runtime.
+    pub fn start(engine: Arc<dyn Engine>, settings: AgentSettings) -> Result<Self, HandOffError> {
+        let pages = engine.kv_pages().ok_or(HandOffError::NoKvPages(
+            "the mocker only simulates its pages; the CUDA backend's device pages have no transfer seam yet",
+        ))?;
+        let memory = pages.memory();
+        let (agent, notifications) = Agent::start(engine.worker_id(), settings)?;
+        let mut first_region = None;
+        for region in &memory.regions {
+            let (id, _) = agent.register(region.clone());
+            first_region.get_or_insert(id);
+        }
+        let layout = KvLayout {
+            block_size: memory.block_size,
+            page_bytes: memory.page_bytes,
+            first_region: first_region.unwrap_or(0),
+            regions: memory.regions.len() as u32,
+        };
+        let notifications = tokio::spawn(end_leases(engine.clone(), notifications));
+        let shared = Arc::new(Shared { agent, layout, peers: Default::default() });
+        Ok(Self { inner: engine, shared, notifications })
+    }
+
+    /// Where peers reach this engine's agent (`tcp://host:port`).
+    pub fn address(&self) -> String {
+        self.shared.agent.address()
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.shared.layout
+    }
+
+    fn pages(&self) -> Result<&dyn KvPages, EngineError> {
+        // `start` checked that the engine has them; an engine does not lose them.
+        self.inner.kv_pages().ok_or(EngineError::Stopped)
+    }
+
+    /// Prefill for a peer: the outputs pass through, the last one naming the held pages.
+    fn hold(&self, mut request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        request.hand_off = HandOff::None;
+        let tokens = request.token_ids.len() as u32;
+        let (id, mut stream) = self.pages()?.submit_holding(request, LEASE)?;
+        let (outputs, receiver) = mpsc::unbounded_channel();
+        let (engine, layout) = (self.inner.clone(), self.shared.layout);
+        tokio::spawn(async move {
+            let release = || {
+                if let Some(pages) = engine.kv_pages() {
+                    let _ = pages.release_lease(id);
+                }
+            };
+            loop {
+                let mut output: EngineOutput = tokio::select! {
+                    output = stream.next() => match output {
+                        Some(output) => output,
+                        None => return,
+                    },
+                    // The router went away: dropping the stream cancels the prefill.
+                    _ = outputs.closed() => return release(),
+                };
+                let finished = output.finish_reason.clone();
+                if finished == Some(FinishReason::Length) {
+                    let held = match engine.kv_pages() {
+                        Some(pages) => pages.held_pages(id).await.ok().flatten(),
+                        None => None,
+                    };
+                    output.held = held.map(|pages| HeldKv { agent: String::new(), lease: id, tokens, pages, layout });
+                } else if finished.is_some() {
+                    // Ended for good (a stop token, an error): nobody will read it.
+                    release();
+                }
+                if outputs.send(output).is_err() {
+                    return release();
+                }
+                if finished.is_some() {
+                    return;
+                }
+            }
+        });
+        Ok(ResponseStream::new(receiver))
+    }
+
+    /// Decode after a peer's prefill: read its pages into ours, then generate.
+    fn receive(&self, mut request: PreprocessedRequest, held: HeldKv) -> Result<ResponseStream, EngineError> {
+        request.hand_off = HandOff::None;
+        let from_peer = held.tokens as usize;
+        let fits = from_peer < request.token_ids.len()
+            && held.pages.len() >= from_peer.div_ceil(self.shared.layout.block_size.max(1) as usize);
+        if !fits {
+            return Err(EngineError::InvalidRequest(format!(
+                "the KV handed over covers {from_peer} tokens in {} pages, which does not fit a request of {} tokens",
+                held.pages.len(),
+                request.token_ids.len()
+            )));
+        }
+        if let Some(why) = held.layout.mismatch(&self.shared.layout) {
+            tracing::warn!(
+                "KV from the agent at {} cannot be used here ({why}); computing the prompt here",
+                held.agent
+            );
+            return self.inner.submit(request);
+        }
+        let pages = self.pages()?;
+        let (id, target, stream) = pages.submit_arriving(request, from_peer, ARRIVAL_WAIT)?;
+        let (engine, shared) = (self.inner.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let read = shared.read(&held, target).await;
+            if let Err(why) = &read {
+                tracing::warn!(
+                    "could not read the KV held by the agent at {}: {why}; computing the prompt here",
+                    held.agent
+                );
+            }
+            if let Some(pages) = engine.kv_pages() {
+                let _ = pages.arrived(id, read.is_ok());
+            }
+        });
+        Ok(stream)
+    }
+}
+
+impl Shared {
+    /// Copies the held pages into the pages the engine allocated, telling the holder (by the lease) once done.
+    async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<(), String> {
+        let target = target.await.map_err(|e| e.to_string())?;
+        let peer = self.peer(&held.agent).await?;
+        let pages = held.tokens.div_ceil(self.layout.block_size.max(1)) as usize;
+        let descriptors = |layout: &KvLayout, pages: &[u32]| -> Vec<Descriptor> {
+            pages
+                .iter()
+                .flat_map(|&page| layered_page(layout.first_region, layout.regions, page.into(), layout.page_bytes))
+                .collect()
+        };
+        let local = descriptors(&self.layout, &target[..pages.min(target.len())]);
+        let remote = descriptors(&held.layout, &held.pages[..pages]);
+        let lease = held.lease.to_le_bytes();
+        match self.agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.peers.lock().await.remove(&held.agent);
+                Err(error.to_string())
+            }
+        }
+    }
+
+    async fn peer(&self, address: &str) -> Result<Arc<Peer>, String> {
+        if let Some(peer) = self.peers.lock().await.get(address) {
+            return Ok(peer.clone());
+        }
+        let peer = Arc::new(self.agent.connect(address).await.map_err(|e| e.to_string())?);
+        self.peers.lock().await.insert(address.to_string(), peer.clone());
+        Ok(peer)
+    }
+}
+
+/// Frees the pages a peer has read: its read's notification names the lease.
+async fn end_leases(engine: Arc<dyn Engine>, mut notifications: mpsc::Receiver<Notification>) {
+    while let Some(notification) = notifications.recv().await {
+        let Ok(lease) = <[u8; 8]>::try_from(notification.message.as_slice()) else {
+            tracing::warn!(
+                "agent {:016x} sent a notification that names no lease ({} bytes); ignored",
+                notification.from,
+                notification.message.len()
+            );
+            continue;
+        };
+        if let Some(pages) = engine.kv_pages() {
+            let _ = pages.release_lease(u64::from_le_bytes(lease));
+        }
+    }
+}
+
+impl Engine for HandOffEngine {
+    fn worker_id(&self) -> WorkerId {
+        self.inner.worker_id()
+    }
+
+    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        match request.hand_off.clone() {
+            HandOff::None => self.inner.submit(request),
+            HandOff::Hold => self.hold(request),
+            HandOff::From(held) => self.receive(request, *held),
+        }
+    }
+
+    fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
+        self.inner.subscribe_kv_events()
+    }
+
+    fn load(&self) -> LoadMetrics {
+        self.inner.load()
+    }
+
+    fn resend_kv_state(&self) -> bool {
+        self.inner.resend_kv_state()
+    }
+
+    fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
+        self.inner.kv_snapshot()
+    }
+
+    fn kv_pages(&self) -> Option<&dyn KvPages> {
+        self.inner.kv_pages()
+    }
+
+    fn transfer_addr(&self) -> Option<String> {
+        Some(self.address())
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+}
+
+#[cfg(test)]
+mod tests;
