@@ -29,6 +29,7 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_needs_command" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "prefill" -d 'Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving)'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
@@ -39,6 +40,7 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "help" -d 'Print this 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-workers -d 'In-process workers that only prefill prompts and hand their KV to the workers above (disaggregated serving; 0 serves aggregated). Needs the native engine on the CPU' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
@@ -58,6 +60,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-temperature
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
@@ -98,11 +102,40 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Nati
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Offer this worker\'s KV pages to other workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record'
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l host -d 'Address routers reach this worker at; its sockets bind there' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
+shm\t''
+tcp\t''"
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-streams -d 'Data connections per tcp peer' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l block-size -d 'Tokens per KV block' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
@@ -123,6 +156,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-temperatu
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l router-ttl -d 'With --no-kv-events, seconds a worker is assumed to keep a prompt it was sent' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l busy-threshold -d 'In-flight requests per worker past which the frontend answers 503 with Retry-After' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -258,15 +293,16 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s V -l version -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode route top bench selftest keygen completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "prefill" -d 'Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'

@@ -154,6 +154,16 @@ pub struct RouterArgs {
     /// Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead).
     #[arg(long, env = "DYNAMO_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: u32,
+
+    /// With prefill workers up: prompts whose part not cached on their decode worker is at least this many
+    /// tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt).
+    #[arg(long, env = "DYNAMO_DISAGG_THRESHOLD", default_value_t = 0, help_heading = "Disaggregation")]
+    pub disagg_threshold: u32,
+
+    /// Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are
+    /// prefilled on their decode worker rather than wait.
+    #[arg(long, env = "DYNAMO_PREFILL_QUEUE_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Disaggregation")]
+    pub prefill_queue_limit: u32,
 }
 
 impl RouterArgs {
@@ -173,6 +183,8 @@ impl RouterArgs {
             approximate_ttl: std::time::Duration::try_from_secs_f64(self.router_ttl)
                 .unwrap_or(std::time::Duration::MAX),
             migration_limit: self.migration_limit,
+            disagg_threshold: self.disagg_threshold as usize,
+            prefill_queue_limit: self.prefill_queue_limit as usize,
             ..RouterConfig::default()
         }
     }

@@ -379,6 +379,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
             model: ModelSource::Builtin,
             served_model_name: None,
             workers: args.workers as usize,
+            prefill_workers: 0,
             engine: EngineSettings::Mocker(MockerConfig {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup: args.speedup,

@@ -9,6 +9,7 @@ mod selftest;
 mod top;
 mod worker;
 
+use crate::core::protocol::discovery::Role;
 use crate::core::telemetry::LogTail;
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Start a worker (prefill and decode in one) that registers itself and serves requests from routers.
     Decode(worker::WorkerArgs),
+    /// Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving).
+    Prefill(worker::WorkerArgs),
     /// Start the OpenAI HTTP frontend and router in front of the workers discovery finds.
     Route(route::RouteArgs),
     /// Watch every worker of a namespace live: state, load, KV cache, requests.
@@ -52,7 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::core::telemetry::init_logging(cli.verbose, log_tail.clone());
     match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Decode(args) => worker::run(args),
+        Command::Decode(args) => worker::run(args, Role::Decode),
+        Command::Prefill(args) => worker::run(args, Role::Prefill),
         Command::Route(args) => route::run(args),
         Command::Top(args) => top::run(args, log_tail.unwrap_or_default()),
         Command::Bench(command) => bench::run(command),

@@ -22,6 +22,11 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: u32,
 
+    /// In-process workers that only prefill prompts and hand their KV to the workers above (disaggregated
+    /// serving; 0 serves aggregated). Needs the native engine on the CPU.
+    #[arg(long, env = "DYNAMO_PREFILL_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub prefill_workers: u32,
+
     #[command(flatten)]
     pub http: HttpArgs,
 
@@ -50,6 +55,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
+        prefill_workers: args.prefill_workers as usize,
         engine: args.engine.settings(),
         router: args.router.config(),
         listen: args.http.listen(),

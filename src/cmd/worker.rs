@@ -1,4 +1,5 @@
-//! `dynamo decode`: a worker process that registers itself and serves its engine on the planes.
+//! `dynamo decode` and `dynamo prefill`: a worker process that registers itself and serves its engine on the
+//! planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs};
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
@@ -45,34 +46,21 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Args)]
 pub struct TransferArgs {
-    /// Offer this worker's KV pages to other workers through a transfer agent (disaggregated serving; the
-    /// native engine on the CPU). Its address goes in the worker's record.
+    /// Take prompts' KV from prefill workers through a transfer agent (disaggregated serving; the native
+    /// engine on the CPU). Its address goes in the worker's record. Prefill workers always have one.
     #[arg(long, env = "DYNAMO_KV_TRANSFER", help_heading = "KV transfer")]
     pub kv_transfer: bool,
 
     /// Port of the transfer agent (0 picks a free one).
-    #[arg(
-        long,
-        env = "DYNAMO_TRANSFER_PORT",
-        default_value_t = 0,
-        requires = "kv_transfer",
-        help_heading = "KV transfer"
-    )]
+    #[arg(long, env = "DYNAMO_TRANSFER_PORT", default_value_t = 0, help_heading = "KV transfer")]
     pub transfer_port: u16,
 
     /// How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always.
-    #[arg(
-        long,
-        env = "DYNAMO_TRANSFER_BACKEND",
-        value_enum,
-        default_value = "auto",
-        requires = "kv_transfer",
-        help_heading = "KV transfer"
-    )]
+    #[arg(long, env = "DYNAMO_TRANSFER_BACKEND", value_enum, default_value = "auto", help_heading = "KV transfer")]
     pub transfer_backend: TransferBackend,
 
     /// Data connections per tcp peer.
-    #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64), requires = "kv_transfer", help_heading = "KV transfer")]
+    #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "KV transfer")]
     pub transfer_streams: u32,
 }
 
@@ -84,9 +72,19 @@ pub enum TransferBackend {
 }
 
 impl TransferArgs {
-    fn settings(&self) -> Option<worker::TransferSettings> {
+    fn settings(&self, role: Role) -> anyhow::Result<Option<worker::TransferSettings>> {
         use crate::core::transfer::Backend;
-        self.kv_transfer.then_some(worker::TransferSettings {
+        let defaults = (0, TransferBackend::Auto, crate::core::transfer::DEFAULT_STREAMS as u32);
+        let given = (self.transfer_port, self.transfer_backend, self.transfer_streams);
+        if role == Role::Decode && !self.kv_transfer {
+            anyhow::ensure!(
+                given == defaults,
+                "--transfer-port, --transfer-backend and --transfer-streams set up the transfer agent that \
+                 --kv-transfer starts; add --kv-transfer"
+            );
+            return Ok(None);
+        }
+        Ok(Some(worker::TransferSettings {
             port: self.transfer_port,
             backend: match self.transfer_backend {
                 TransferBackend::Auto => None,
@@ -94,11 +92,11 @@ impl TransferArgs {
                 TransferBackend::Tcp => Some(Backend::Tcp),
             },
             streams: self.transfer_streams as usize,
-        })
+        }))
     }
 }
 
-pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = WorkerSettings {
@@ -106,14 +104,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         engine: args.engine.settings(),
         planes: PlaneSettings {
-            role: Role::Decode,
+            role,
             namespace: args.cluster.namespace,
             host: args.host,
             request_port: args.request_port,
             event_port: args.event_port,
             max_in_flight: args.max_in_flight as usize,
             key,
-            transfer: args.transfer.settings(),
+            transfer: args.transfer.settings(role)?,
         },
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod cluster;
 mod cuda;
+mod disagg;
 mod hardening;
 mod http;
 mod native;

@@ -117,7 +117,12 @@ impl Worker {
 
     /// Starts a worker from a whole command (`dynamo decode …`, with its environment).
     pub fn start_with(command: &mut Command) -> Worker {
-        let (child, _) = spawn_until(command, "decode worker");
+        Self::start_as("decode", command)
+    }
+
+    /// Starts a worker of `role` (`dynamo prefill …` for "prefill") from a whole command.
+    pub fn start_as(role: &str, command: &mut Command) -> Worker {
+        let (child, _) = spawn_until(command, &format!("{role} worker"));
         Worker { child }
     }
 

@@ -23,7 +23,7 @@ pub use server::{HttpSettings, serve_app};
 
 use crate::core::model::Model;
 use crate::core::protocol::openai::{ModelList, ModelObject};
-use crate::core::router::Router;
+use crate::core::router::{Pool, Router};
 use crate::core::telemetry::Metrics;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -52,6 +52,7 @@ pub struct FrontendState {
 
 impl FrontendState {
     pub fn new(model: Arc<Model>, router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
+        router.report_to(metrics.clone());
         Self {
             served: std::sync::RwLock::new(vec![Served { model, router }]),
             metrics,
@@ -62,6 +63,7 @@ impl FrontendState {
 
     /// Serves one more model (its name must be new).
     pub fn add(&self, model: Arc<Model>, router: Arc<Router>) {
+        router.report_to(self.metrics.clone());
         self.served.write().unwrap_or_else(|p| p.into_inner()).push(Served { model, router });
     }
 
@@ -244,10 +246,12 @@ async fn model(
     Ok(Json(state.model_object(&served)))
 }
 
-/// Ready to serve: at least one worker (of any model).
+/// Ready to serve: at least one worker (of any model) that takes whole requests; prefill workers are counted
+/// apart.
 async fn health(State(state): State<Arc<FrontendState>>) -> Response {
     let served = state.served();
     let workers: usize = served.iter().map(|s| s.router.worker_count()).sum();
+    let prefill_workers: usize = served.iter().map(|s| s.router.engines_of(Pool::Prefill).len()).sum();
     let status = if workers > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let models: serde_json::Map<String, serde_json::Value> =
         served.iter().map(|s| (s.model.card.name.clone(), s.router.worker_count().into())).collect();
@@ -256,6 +260,7 @@ async fn health(State(state): State<Arc<FrontendState>>) -> Response {
         "model": served[0].model.card.name,
         "models": models,
         "workers": workers,
+        "prefill_workers": prefill_workers,
     });
     (status, Json(body)).into_response()
 }
@@ -266,8 +271,11 @@ async fn live() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
-    let loads: Vec<_> =
-        state.served().iter().flat_map(|s| s.router.engines()).map(|e| (e.worker_id(), e.load())).collect();
+    let loads: Vec<_> = (state.served().iter())
+        .flat_map(|s| [Pool::Decode, Pool::Prefill].map(|pool| s.router.engines_of(pool)))
+        .flatten()
+        .map(|e| (e.worker_id(), e.load()))
+        .collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
 }
 

@@ -32,8 +32,8 @@ pub const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum HandOffError {
     #[error(
-        "this engine's KV cache cannot be handed to other workers ({0}); run the native engine on the CPU, or \
-         leave out --kv-transfer"
+        "this engine's KV cache cannot be handed to other workers ({0}); prefill workers and --kv-transfer need the \
+         native engine on the CPU"
     )]
     NoKvPages(&'static str),
     #[error("cannot start the transfer agent: {0}")]

@@ -21,7 +21,7 @@ use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
-use crate::core::router::{Router, RouterConfig};
+use crate::core::router::{Pool, Router, RouterConfig};
 use crate::core::telemetry::{Metrics, PlaneEvent};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
@@ -225,16 +225,21 @@ impl Membership {
         ready: &mut Option<Ready>,
     ) -> Result<(), ClusterError> {
         let Some(client) = watch.client(addr) else { return Ok(()) };
-        if instance.role != Role::Decode {
-            // Prefill and encode workers get parts of requests, which only disaggregated serving hands out.
-            tracing::warn!(
-                "worker {:016x} at {addr} is a {} worker; this router gives whole requests to decode workers only; \
-                 not used",
-                instance.id,
-                instance.role.name()
-            );
-            return Ok(());
-        }
+        let pool = match instance.role {
+            Role::Decode => Pool::Decode,
+            Role::Prefill if instance.transfer_addr.is_some() => Pool::Prefill,
+            Role::Prefill => {
+                tracing::warn!("prefill worker {:016x} at {addr} names no transfer agent; not used", instance.id);
+                return Ok(());
+            }
+            Role::Encode => {
+                tracing::warn!(
+                    "worker {:016x} at {addr} is an encode worker, which this router does not use yet; not used",
+                    instance.id
+                );
+                return Ok(());
+            }
+        };
         if instance.namespace != self.settings.namespace {
             tracing::warn!(
                 "worker at {addr} is in namespace {:?}, this router in {:?}; not used",
@@ -290,14 +295,15 @@ impl Membership {
             feed: KvFeed::default(),
             load: engine.load_cell(),
         };
-        router.add_remote_worker(Arc::new(engine));
+        router.add_remote_worker(Arc::new(engine), pool);
         // The worker may have cached blocks before this router knew it (a router restarted, say).
         if self.settings.router.indexes_events() {
             resync(&self.snapshots, addr, &mut member);
         }
         self.members.insert(addr.to_string(), member);
         tracing::info!(
-            "worker {:016x} joined: {} at {addr}, {} KV blocks of {} tokens ({} workers)",
+            "{} worker {:016x} joined: {} at {addr}, {} KV blocks of {} tokens ({} workers)",
+            instance.role.name(),
             instance.id,
             instance.model,
             instance.card.kv_blocks,

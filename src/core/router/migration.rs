@@ -4,8 +4,14 @@
 //! appended to the prompt and `max_tokens` reduced by them, up to the router's `migration_limit`. The client sees one uninterrupted stream; with greedy sampling (or the mocker's
 //! deterministic tokens) exactly the tokens an uninterrupted run would give, because the continuation's
 //! prompt is the same sequence.
-use super::{RouteError, RoutedStream, Router};
-use crate::core::protocol::{EngineOutput, PreprocessedRequest, WorkerId};
+//!
+//! Disaggregated serving is a planned migration: the request starts on a prefill worker that generates the
+//! first token and holds the prompt's KV; its continuation goes to the decode worker chosen up front, told
+//! where that KV is. A prefill worker lost or refusing hands the whole request to the decode worker instead.
+use super::{Choice, Disagg, RouteError, RoutedStream, Router};
+use crate::core::protocol::{
+    EngineOutput, FinishReason, HandOff, HeldKv, PreprocessedRequest, StopConditions, WorkerId,
+};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,12 +28,32 @@ pub struct MigratingStream {
     /// Prompt blocks the first worker already held.
     pub overlap_blocks: u32,
     sent_first: bool,
+    /// While a prefill worker computes the prompt: the decode worker that continues, and where the prefill
+    /// worker's agent listens.
+    prefilling: Option<(Choice, String)>,
 }
 
 impl Router {
     /// Routes like `route`, and continues the request elsewhere if its worker is lost mid-stream.
+    /// With prefill workers up, the prompt may be prefilled on one of them first (`disagg`).
     pub fn route_migrating(self: &Arc<Self>, request: PreprocessedRequest) -> Result<MigratingStream, RouteError> {
-        let current = self.route(request.clone())?;
+        let decode = self.choose(&request.token_ids, &[])?;
+        let (current, prefilling) = match self.prefill_choice(&request, &decode) {
+            None => (decode.dispatch(request.clone())?, None),
+            Some(prefill) => {
+                let agent = prefill.transfer_addr().unwrap_or_default();
+                let stop = StopConditions { max_tokens: 1, ..request.stop.clone() };
+                let hold = PreprocessedRequest { hand_off: HandOff::Hold, stop, ..request.clone() };
+                match prefill.dispatch(hold) {
+                    Ok(stream) => (stream, Some((decode, agent))),
+                    Err(error) => {
+                        tracing::warn!(request = %request.request_id, "prefill worker refused ({error}); prefilling on the decode worker");
+                        self.record(Disagg::Fallback);
+                        (decode.dispatch(request.clone())?, None)
+                    }
+                }
+            }
+        };
         Ok(MigratingStream {
             router: self.clone(),
             overlap_blocks: current.overlap_blocks,
@@ -37,6 +63,7 @@ impl Router {
             current,
             failed: Vec::new(),
             sent_first: false,
+            prefilling,
         })
     }
 }
@@ -44,12 +71,47 @@ impl Router {
 impl MigratingStream {
     /// The request that continues where the lost worker stopped, if there is anything left to generate.
     fn continuation(&self) -> Option<PreprocessedRequest> {
+        // The original request: whatever hand-off a part of it had, the continuation has its own.
         let done = self.generated.len() as u32;
         let mut next = self.request.clone();
         next.stop.max_tokens = next.stop.max_tokens.checked_sub(done).filter(|&left| left > 0)?;
         next.stop.min_tokens = next.stop.min_tokens.saturating_sub(done);
         next.token_ids.extend_from_slice(&self.generated);
         Some(next)
+    }
+}
+
+impl MigratingStream {
+    /// At the end of a prefill worker's part: sends the rest to the decode worker, with the prefill's held
+    /// KV, and keeps `output` from ending the client's stream. A prefill that ended the request (a stop token,
+    /// an error) ends it.
+    fn hand_to_decode(&mut self, output: &mut EngineOutput) {
+        let held = output.held.take();
+        let Some((decode, agent)) = self.prefilling.take() else { return };
+        if output.finish_reason != Some(FinishReason::Length) {
+            return;
+        }
+        let Some(mut next) = self.continuation() else { return };
+        // Without held KV (a prefill worker that could not keep it) the decode worker computes the prompt.
+        if let Some(held) = held {
+            next.hand_off = HandOff::From(Box::new(HeldKv { agent, ..held }));
+        }
+        let decode_id = decode.worker_id;
+        let continued = decode.dispatch(next).or_else(|error| {
+            // It went away meanwhile: another decode worker computes the prompt itself.
+            tracing::warn!(request = %self.request.request_id, "decode worker {decode_id:016x} refused ({error}); routing elsewhere");
+            let plain = self.continuation().ok_or(error)?;
+            self.router.route_avoiding(plain, &[decode_id])
+        });
+        match continued {
+            Ok(stream) => {
+                output.finish_reason = None;
+                self.current = stream;
+            }
+            Err(error) => {
+                output.finish_reason = Some(FinishReason::Error(format!("no decode worker took the request: {error}")));
+            }
+        }
     }
 }
 
@@ -62,6 +124,9 @@ impl Stream for MigratingStream {
             match Pin::new(&mut this.current).poll_next(cx) {
                 Poll::Ready(Some(mut output)) => {
                     this.generated.extend_from_slice(&output.token_ids);
+                    if output.finish_reason.is_some() {
+                        this.hand_to_decode(&mut output);
+                    }
                     if this.sent_first {
                         // The continuation's prompt hits its own cache; the client asked about the original.
                         output.cached_tokens = None;
@@ -70,6 +135,25 @@ impl Stream for MigratingStream {
                     return Poll::Ready(Some(output));
                 }
                 Poll::Ready(None) => {
+                    if let Some((decode, _)) = this.prefilling.take() {
+                        // The prefill worker was lost or refused: the decode worker does it all.
+                        this.router.record(Disagg::Fallback);
+                        let Some(next) = this.continuation() else { return Poll::Ready(None) };
+                        tracing::warn!(
+                            request = %this.request.request_id,
+                            "prefill worker {:016x} was lost or busy; prefilling on decode worker {:016x}",
+                            this.current.worker_id,
+                            decode.worker_id
+                        );
+                        match decode.dispatch(next) {
+                            Ok(stream) => this.current = stream,
+                            Err(error) => {
+                                tracing::warn!(request = %this.request.request_id, "cannot continue: {error}");
+                                return Poll::Ready(None);
+                            }
+                        }
+                        continue;
+                    }
                     if this.migrations_left == 0 {
                         return Poll::Ready(None);
                     }

@@ -10,6 +10,7 @@
 //! `approx` stands in: the router's own decisions, expiring after a TTL.
 mod approx;
 mod cost;
+mod disagg;
 mod migration;
 
 pub use approx::ApproxTracker;
@@ -65,6 +66,12 @@ pub struct RouterConfig {
     pub approximate_ttl: Duration,
     /// Times a request whose worker is lost mid-stream is continued on another one (`migration`).
     pub migration_limit: u32,
+    /// With prefill workers up: prompts whose part the chosen decode worker has not cached is at least this
+    /// many tokens are prefilled on a prefill worker, shorter ones on the decode worker itself (0: every one).
+    pub disagg_threshold: usize,
+    /// Prefills in flight on a prefill worker past which it takes no more; when every prefill worker is
+    /// there, prompts are prefilled on their decode worker rather than wait.
+    pub prefill_queue_limit: usize,
 }
 
 impl Default for RouterConfig {
@@ -78,6 +85,8 @@ impl Default for RouterConfig {
             kv_events: true,
             approximate_ttl: Duration::from_secs(120),
             migration_limit: 3,
+            disagg_threshold: 0,
+            prefill_queue_limit: 8,
         }
     }
 }
@@ -132,9 +141,47 @@ impl Drop for Worker {
     }
 }
 
+/// Where a prompt is prefilled, once prefill workers are up (`dynamo_router_disagg_decisions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disagg {
+    /// On a prefill worker, its KV then read by the decode worker.
+    Remote,
+    /// On the decode worker: the uncached part is below the threshold, or there is one token to generate.
+    Short,
+    /// On the decode worker: every prefill worker is at its queue limit.
+    Busy,
+    /// On the decode worker: it cannot take KV from a peer (no transfer agent).
+    Unsupported,
+    /// On the decode worker after all: the prefill worker was lost or refused.
+    Fallback,
+}
+
+impl Disagg {
+    pub fn label(self) -> &'static str {
+        match self {
+            Disagg::Remote => "remote",
+            Disagg::Short => "local_short",
+            Disagg::Busy => "local_busy",
+            Disagg::Unsupported => "local_unsupported",
+            Disagg::Fallback => "local_fallback",
+        }
+    }
+}
+
+/// The workers a request may be sent to: decode (aggregated) workers take whole requests, prefill workers
+/// only prompts whose KV a decode worker then reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Decode,
+    Prefill,
+}
+
 pub struct Router {
     /// Replaced whole when a worker joins or leaves; a request routes over the snapshot it took.
     workers: RwLock<Arc<[Arc<Worker>]>>,
+    prefill: RwLock<Arc<[Arc<Worker>]>>,
+    /// Where decisions are counted, once a frontend serves this router.
+    metrics: std::sync::OnceLock<Arc<crate::core::telemetry::Metrics>>,
     config: RouterConfig,
     next: AtomicUsize,
     indexer: Arc<FlashIndexer>,
@@ -151,27 +198,55 @@ impl Router {
         let approx = (kv && !config.kv_events).then(|| Mutex::new(ApproxTracker::new(config.approximate_ttl)));
         let router = Self {
             workers: RwLock::new(Arc::new([])),
+            prefill: RwLock::new(Arc::new([])),
+            metrics: std::sync::OnceLock::new(),
             config,
             next: AtomicUsize::new(0),
             indexer: Arc::new(FlashIndexer::new()),
             approx,
         };
-        engines.into_iter().for_each(|engine| router.add_worker(engine));
+        engines.into_iter().for_each(|engine| router.add_worker(engine, Pool::Decode));
         router
     }
 
-    /// Starts routing to a worker (replacing one with the same id). In `kv` mode this subscribes to its KV
-    /// events, so it must run inside a tokio runtime.
-    pub fn add_worker(&self, engine: Arc<dyn Engine>) {
+    /// Counts this router's decisions in `metrics` from now on (the first call wins).
+    pub fn report_to(&self, metrics: Arc<crate::core::telemetry::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn record(&self, decision: Disagg) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.disagg_decision(decision.label());
+        }
+    }
+
+    /// Starts routing to a worker (replacing one with the same id) of `pool`. In `kv` mode this subscribes to
+    /// its KV events, so it must run inside a tokio runtime.
+    pub fn add_worker(&self, engine: Arc<dyn Engine>, pool: Pool) {
         let feed = self.indexes_events().then(|| spawn_feed(&engine, self.indexer.clone()));
-        self.insert_worker(engine, feed);
+        self.insert_worker(engine, feed, pool);
     }
 
     /// Starts routing to a worker whose KV events the caller brings with `apply_kv_events` (the cluster, from
     /// the event plane, where each batch is decoded and applied in one place instead of passing through a
     /// channel and another task).
-    pub fn add_remote_worker(&self, engine: Arc<dyn Engine>) {
-        self.insert_worker(engine, None);
+    pub fn add_remote_worker(&self, engine: Arc<dyn Engine>, pool: Pool) {
+        self.insert_worker(engine, None, pool);
+    }
+
+    fn pool(&self, pool: Pool) -> &RwLock<Arc<[Arc<Worker>]>> {
+        match pool {
+            Pool::Decode => &self.workers,
+            Pool::Prefill => &self.prefill,
+        }
+    }
+
+    /// Requests in flight on one worker of `pool` past which it is passed over.
+    fn limit(&self, pool: Pool) -> usize {
+        match pool {
+            Pool::Decode => self.config.busy_threshold,
+            Pool::Prefill => self.config.prefill_queue_limit.max(1),
+        }
     }
 
     /// A worker's KV events, in its order; ignored unless this router indexes them.
@@ -185,22 +260,30 @@ impl Router {
         self.config.indexes_events()
     }
 
-    fn insert_worker(&self, engine: Arc<dyn Engine>, feed: Option<tokio::task::JoinHandle<()>>) {
+    fn insert_worker(&self, engine: Arc<dyn Engine>, feed: Option<tokio::task::JoinHandle<()>>, pool: Pool) {
+        let id = engine.worker_id();
+        self.remove_from_pools(id);
         let worker = Arc::new(Worker { engine, load: Arc::default(), feed });
-        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
-        let id = worker.engine.worker_id();
-        let mut next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
+        let mut workers = self.pool(pool).write().unwrap_or_else(|p| p.into_inner());
+        let mut next: Vec<Arc<Worker>> = workers.iter().cloned().collect();
         next.push(worker);
         *workers = next.into();
     }
 
+    fn remove_from_pools(&self, id: WorkerId) -> bool {
+        let mut removed = false;
+        for pool in [Pool::Decode, Pool::Prefill] {
+            let mut workers = self.pool(pool).write().unwrap_or_else(|p| p.into_inner());
+            let next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
+            removed |= next.len() != workers.len();
+            *workers = next.into();
+        }
+        removed
+    }
+
     /// Stops routing to a worker and forgets what it held; its requests in flight are not touched.
     pub fn remove_worker(&self, id: WorkerId) -> bool {
-        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
-        let next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
-        let removed = next.len() != workers.len();
-        *workers = next.into();
-        drop(workers);
+        let removed = self.remove_from_pools(id);
         if removed {
             self.indexer.remove_worker(id);
         }
@@ -213,11 +296,20 @@ impl Router {
     }
 
     fn snapshot(&self) -> Arc<[Arc<Worker>]> {
-        self.workers.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.snapshot_of(Pool::Decode)
     }
 
+    fn snapshot_of(&self, pool: Pool) -> Arc<[Arc<Worker>]> {
+        self.pool(pool).read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The decode (aggregated) workers.
     pub fn engines(&self) -> Vec<Arc<dyn Engine>> {
-        self.snapshot().iter().map(|w| w.engine.clone()).collect()
+        self.engines_of(Pool::Decode)
+    }
+
+    pub fn engines_of(&self, pool: Pool) -> Vec<Arc<dyn Engine>> {
+        self.snapshot_of(pool).iter().map(|w| w.engine.clone()).collect()
     }
 
     pub fn worker_count(&self) -> usize {
@@ -261,18 +353,24 @@ impl Router {
     /// had been sent: the charge is the returned value's, given back when it is dropped unless `dispatch`
     /// hands it on to the request's stream. Nothing is submitted.
     pub fn choose(&self, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
-        let workers = self.snapshot();
+        self.choose_in(Pool::Decode, token_ids, avoid)
+    }
+
+    /// `choose` over one pool's workers, each up to that pool's limit.
+    pub fn choose_in(&self, pool: Pool, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
+        let workers = self.snapshot_of(pool);
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
+        let limit = self.limit(pool);
         let (hashes, overlaps) = self.overlaps(token_ids);
         let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
         let (index, overlap) = loop {
-            let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32) else {
-                return Err(RouteError::Busy { threshold: self.config.busy_threshold });
+            let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32, limit) else {
+                return Err(RouteError::Busy { threshold: limit });
             };
             let worker = &workers[index];
-            if worker.load.in_flight.fetch_add(1, Ordering::AcqRel) < self.config.busy_threshold {
+            if worker.load.in_flight.fetch_add(1, Ordering::AcqRel) < limit {
                 break (index, overlaps.of(worker.engine.worker_id()));
             }
             worker.load.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -339,9 +437,9 @@ impl Router {
         excluded: &[bool],
         overlaps: &OverlapScores,
         prompt_blocks: u32,
+        limit: usize,
     ) -> Option<usize> {
-        let open: Vec<usize> =
-            (0..workers.len()).filter(|&i| !excluded[i] && workers[i].open(self.config.busy_threshold)).collect();
+        let open: Vec<usize> = (0..workers.len()).filter(|&i| !excluded[i] && workers[i].open(limit)).collect();
         if open.is_empty() {
             return None;
         }
@@ -441,6 +539,11 @@ pub struct Choice {
 }
 
 impl Choice {
+    /// Where the chosen worker's transfer agent listens, if it can hand KV over.
+    pub fn transfer_addr(&self) -> Option<String> {
+        self.worker.engine.transfer_addr()
+    }
+
     /// Sends the request to the chosen worker; its stream carries the charge from here on.
     pub fn dispatch(self, request: PreprocessedRequest) -> Result<RoutedStream, RouteError> {
         let stream = self.worker.engine.submit(request)?;

@@ -3,11 +3,14 @@
 //!
 //! It is only a composition of the same pieces the separate roles use, so there is no second code path.
 use crate::core::discovery::Discovery;
+use crate::core::engine::Engine;
 use crate::core::engine::{EngineSettings, SpawnError, spawn_engines};
 use crate::core::frontend::{self, FrontendState, HttpSettings};
+use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::protocol::WorkerId;
-use crate::core::router::{Router, RouterConfig};
+use crate::core::protocol::discovery::Role;
+use crate::core::router::{Pool, Router, RouterConfig};
 use crate::core::telemetry::Metrics;
 use crate::core::worker::{self, PlaneSettings, WorkerError};
 use std::future::Future;
@@ -19,6 +22,8 @@ pub struct RunSettings {
     pub model: ModelSource,
     pub served_model_name: Option<String>,
     pub workers: usize,
+    /// Workers that only prefill, handing the KV to the `workers` (0: aggregated serving).
+    pub prefill_workers: usize,
     pub engine: EngineSettings,
     /// Its block size is taken from the engine's, so prompt hashes match the workers'.
     pub router: RouterConfig,
@@ -36,6 +41,8 @@ pub enum RunError {
     Serve(#[from] frontend::ServeError),
     #[error(transparent)]
     Announce(#[from] Box<WorkerError>),
+    #[error(transparent)]
+    HandOff(#[from] crate::core::handoff::HandOffError),
 }
 
 /// `dynamo run --discovery`: its workers also go on the planes and into discovery, as `dynamo decode`
@@ -46,16 +53,26 @@ pub struct Announce {
 }
 
 /// Loads the model and starts the workers and router; must run inside a tokio runtime. Workers are numbered
-/// from 0 unless `unique_ids` (workers that other processes see need ids no other process has).
+/// from 0 (decode workers first) unless `unique_ids` (workers that other processes see need ids no other
+/// process has). With prefill workers, every worker gets a transfer agent on loopback (shm between them).
 pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendState>, RunError> {
     let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
+    let count = settings.workers + settings.prefill_workers;
     let ids: Vec<WorkerId> = match unique_ids {
-        true => (0..settings.workers).map(|_| rand::random()).collect(),
-        false => (0..settings.workers as WorkerId).collect(),
+        true => (0..count).map(|_| rand::random()).collect(),
+        false => (0..count as WorkerId).collect(),
     };
-    let engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
+    let mut engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
+    if settings.prefill_workers > 0 {
+        let agent = crate::core::transfer::AgentSettings::loopback(None);
+        engines = (engines.into_iter())
+            .map(|engine| Ok(Arc::new(HandOffEngine::start(engine, agent.clone())?) as Arc<dyn Engine>))
+            .collect::<Result<_, RunError>>()?;
+    }
+    let prefill = engines.split_off(settings.workers);
     let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
     let router = Arc::new(Router::new(engines, config));
+    prefill.into_iter().for_each(|engine| router.add_worker(engine, Pool::Prefill));
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
 }
 
@@ -70,18 +87,25 @@ pub async fn serve(
     let mut exposed = Vec::new();
     if let Some(Announce { discovery, planes }) = &announce {
         let (served, block_size) = (state.first(), settings.engine.block_size());
-        for engine in served.router.engines() {
-            let worker = worker::expose(engine, &served.model, block_size, planes, discovery.as_ref());
-            exposed.push(worker.map_err(|e| RunError::Announce(Box::new(e)))?);
+        for (pool, role) in [(Pool::Decode, Role::Decode), (Pool::Prefill, Role::Prefill)] {
+            let planes = PlaneSettings { role, ..planes.clone() };
+            for engine in served.router.engines_of(pool) {
+                let worker = worker::expose(engine, &served.model, block_size, &planes, discovery.as_ref());
+                exposed.push(worker.map_err(|e| RunError::Announce(Box::new(e)))?);
+            }
         }
         let endpoints: Vec<&str> = exposed.iter().map(|e| e.instance.request_addr.as_str()).collect();
         println!("dynamo: workers announced in namespace {:?} at {}", planes.namespace, endpoints.join(", "));
     }
     let banner = |addr| {
         format!(
-            "dynamo: serving {} on http://{addr} with {} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
+            "dynamo: serving {} on http://{addr} with {}{} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
             state.first().model.card.name,
             settings.workers,
+            match settings.prefill_workers {
+                0 => String::new(),
+                n => format!(" decode + {n} prefill"),
+            },
             settings.engine.describe(),
             settings.router.mode
         )
@@ -90,3 +114,6 @@ pub async fn serve(
     drop(exposed);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

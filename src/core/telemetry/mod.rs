@@ -28,6 +28,8 @@ pub struct Metrics {
     request_plane_dropped: IntCounterVec,
     /// Requests the preprocessing pool turned away because its queue was full.
     preprocess_refused: IntCounterVec,
+    /// Where prompts were prefilled once prefill workers were up.
+    disagg_decisions: IntCounterVec,
     /// Each remote worker's request-plane totals, as its `stats` reports say.
     worker_requests: IntGaugeVec,
 }
@@ -160,6 +162,14 @@ impl Metrics {
                 "Requests answered 503 because every tokenizer thread was busy and its queue full",
                 &[],
             ),
+            disagg_decisions: counter(
+                &registry,
+                "dynamo_router_disagg_decisions_total",
+                "Where prompts were prefilled while prefill workers were up: remote (a prefill worker), local_short \
+                 (uncached part below --disagg-threshold), local_busy (every prefill worker at its queue limit), \
+                 local_unsupported (the decode worker cannot take KV), local_fallback (the prefill worker was lost)",
+                &["decision"],
+            ),
             worker_requests: gauge(
                 &registry,
                 "dynamo_component_request_plane_requests",
@@ -208,6 +218,11 @@ impl Metrics {
     /// Counts a request the preprocessing pool refused.
     pub fn preprocess_refused(&self) {
         self.preprocess_refused.with_label_values::<&str>(&[]).inc();
+    }
+
+    /// Counts one disaggregation decision (`router::Disagg`'s label).
+    pub fn disagg_decision(&self, decision: &str) {
+        self.disagg_decisions.with_label_values(&[decision]).inc();
     }
 
     /// Counts event-plane trouble or a repair (`PlaneEvent`).

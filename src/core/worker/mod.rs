@@ -130,6 +130,11 @@ pub fn expose(
     let event_endpoint = tcp(planes.event_port);
     let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
         .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
+    if let (Some(settings), None) = (&planes.transfer, engine.transfer_addr()) {
+        engine = Arc::new(HandOffEngine::start(engine, agent_settings(planes, settings))?);
+    }
+    // The record a router's ping is answered with: everything but the request address, which the router
+    // already knows.
     let instance = Instance {
         id,
         role: planes.role,
@@ -137,7 +142,7 @@ pub fn expose(
         namespace: planes.namespace.clone(),
         request_addr: String::new(),
         event_addr: publisher.endpoint().to_string(),
-        transfer_addr: None,
+        transfer_addr: engine.transfer_addr(),
         card: ModelCardSummary {
             block_size: block_size as u32,
             context_length: model.card.context_length,
@@ -145,9 +150,6 @@ pub fn expose(
             tokenizer_hash: model.tokenizer_hash,
         },
     };
-    if let (Some(settings), None) = (&planes.transfer, engine.transfer_addr()) {
-        engine = Arc::new(HandOffEngine::start(engine, agent_settings(planes, settings))?);
-    }
     let request_endpoint = tcp(planes.request_port);
     let kv_published = Arc::new(AtomicU64::new(0));
     let served = Served {
@@ -162,8 +164,7 @@ pub fn expose(
         endpoint: request_endpoint,
         source,
     })?;
-    let instance =
-        Instance { request_addr: server.endpoint().to_string(), transfer_addr: engine.transfer_addr(), ..instance };
+    let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
     let events = tokio::spawn(publish(engine, publisher, kv_published, server.stats.clone()));
     let registration = discovery.register(&instance)?;
     Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })

@@ -1,0 +1,119 @@
+use super::*;
+use crate::core::engine::native::{Device, NativeSettings};
+use crate::core::engine::scheduler::SchedulerConfig;
+use crate::core::engine::{EngineError, ResponseStream};
+use crate::core::protocol::{KvEventBatch, LoadMetrics, PreprocessedRequest};
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+const BLOCK: usize = 4;
+
+fn settings(prefill_workers: usize, disagg_threshold: usize) -> RunSettings {
+    let scheduler = SchedulerConfig { block_size: BLOCK, num_blocks: 128, ..SchedulerConfig::default() };
+    RunSettings {
+        model: ModelSource::Builtin,
+        served_model_name: None,
+        workers: 1,
+        prefill_workers,
+        engine: EngineSettings::Native(NativeSettings {
+            device: Device::Cpu,
+            threads: 1,
+            kv_cache_gib: 0.0,
+            num_blocks: Some(128),
+            scheduler,
+        }),
+        router: RouterConfig { disagg_threshold, ..RouterConfig::default() },
+        listen: ([127, 0, 0, 1], 0).into(),
+        http: HttpSettings::default(),
+    }
+}
+
+fn prompt(seed: u32) -> Vec<u32> {
+    (0..57).map(|i| 11 + (i * 31 + seed * 7) % 230).collect()
+}
+
+async fn generate(router: &Arc<Router>, prompt: &[u32]) -> Vec<u32> {
+    let stream = router.route_migrating(PreprocessedRequest::greedy("r", prompt.to_vec(), 9)).unwrap();
+    stream.flat_map(|output| futures::stream::iter(output.token_ids)).collect().await
+}
+
+fn decisions(state: &FrontendState, decision: &str) -> f64 {
+    let sample = format!("dynamo_router_disagg_decisions_total{{decision=\"{decision}\"}}");
+    state.metrics.render(&[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn prefill_workers_give_the_tokens_of_aggregated_serving() {
+    let aggregated = build(&settings(0, 0), false).unwrap().first().router;
+    let state = build(&settings(1, 0), false).unwrap();
+    let router = state.first().router;
+    let prefill = router.engines_of(Pool::Prefill).remove(0);
+    let decode = router.engines().remove(0);
+
+    let (a, b) = (prompt(1), prompt(2));
+    let expected = generate(&aggregated, &a).await;
+    assert_eq!(generate(&router, &a).await, expected, "prefilled on one worker, decoded on the other");
+    assert_eq!(decisions(&state, "remote"), 1.0);
+    eventually("the decode worker's read ends the prefill's lease", || prefill.load().kv_active_blocks == 0).await;
+
+    // The decode worker already holds it all: with a threshold, it prefills the rest itself.
+    let state = build(&settings(1, 8), false).unwrap();
+    let router = state.first().router;
+    let first = generate(&router, &a).await;
+    assert_eq!(first, expected);
+    assert_eq!(generate(&router, &a).await, expected, "cached on the decode worker, prefilled there");
+    assert_eq!((decisions(&state, "remote"), decisions(&state, "local_short")), (1.0, 1.0));
+    // A prompt cached on the prefill worker only, and one cached nowhere: both handed over, both right.
+    let extended = [a.clone(), b.clone()].concat();
+    let aggregated_extended = generate(&aggregated, &extended).await;
+    assert_eq!(generate(&router, &extended).await, aggregated_extended);
+    assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await);
+    assert_eq!(decisions(&state, "remote"), 3.0);
+    assert!(decode.load().kv_total_blocks > 0);
+}
+
+/// A prefill worker that is lost as soon as it is sent anything.
+struct Lost;
+
+impl Engine for Lost {
+    fn worker_id(&self) -> WorkerId {
+        99
+    }
+
+    fn submit(&self, _: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        Ok(ResponseStream::new(tokio::sync::mpsc::unbounded_channel().1))
+    }
+
+    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
+    fn load(&self) -> LoadMetrics {
+        LoadMetrics::default()
+    }
+
+    fn transfer_addr(&self) -> Option<String> {
+        Some("tcp://127.0.0.1:1".into())
+    }
+}
+
+#[tokio::test]
+async fn a_lost_prefill_worker_leaves_the_prompt_to_the_decode_worker() {
+    let aggregated = build(&settings(0, 0), false).unwrap().first().router;
+    let state = build(&settings(1, 0), false).unwrap();
+    let router = state.first().router;
+    let prefill = router.engines_of(Pool::Prefill).remove(0);
+    router.remove_worker(prefill.worker_id());
+    router.add_worker(Arc::new(Lost), Pool::Prefill);
+    let a = prompt(3);
+    assert_eq!(generate(&router, &a).await, generate(&aggregated, &a).await, "one uninterrupted stream");
+    assert_eq!(decisions(&state, "local_fallback"), 1.0);
+}

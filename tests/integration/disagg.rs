@@ -1,0 +1,81 @@
+//! Disaggregated serving with real processes: prefill workers compute prompts and hand their KV to decode
+//! workers through the transfer layer, and greedy output stays what aggregated serving gives.
+use crate::util::{Server, Worker, dynamo, metric};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn golden() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/tiny-chat.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Prompts that span one block, many blocks, and one that extends another (its prefix cached wherever the
+/// first went).
+fn prompts() -> Vec<Vec<u64>> {
+    let golden: Vec<u64> = serde_json::from_value(golden()["prompt_ids"].clone()).unwrap();
+    let long: Vec<u64> = (0..150).map(|i| 20 + (i * 37) % 900).collect();
+    let extended: Vec<u64> = long.iter().copied().chain((0..40).map(|i| 30 + i * 11)).collect();
+    vec![golden, long, extended]
+}
+
+/// Greedy token ids, read back from `token_id:N` logprob entries.
+async fn greedy(server: &Server, prompt: &[u64], max_tokens: usize) -> Vec<u64> {
+    let body = json!({
+        "model": "tiny-chat", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true,
+        "logprobs": 1, "return_tokens_as_token_ids": true,
+    });
+    let (status, body) = server.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{body}");
+    (body["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter())
+        .map(|t| t.as_str().unwrap().trim_start_matches("token_id:").parse().unwrap())
+        .collect()
+}
+
+async fn disaggregated_equals_aggregated(disaggregated: &Server) {
+    let golden_ids: Vec<u64> = serde_json::from_value(golden()["greedy_ids"].clone()).unwrap();
+    let aggregated = Server::native(&[]);
+    let prompts = prompts();
+    assert_eq!(greedy(disaggregated, &prompts[0], golden_ids.len()).await, golden_ids, "transformers' tokens");
+    for prompt in &prompts[1..] {
+        let expected = greedy(&aggregated, prompt, 12).await;
+        assert_eq!(greedy(disaggregated, prompt, 12).await, expected, "a prompt of {} tokens", prompt.len());
+    }
+    // Cached on both workers now: the same again.
+    assert_eq!(greedy(disaggregated, &prompts[2], 12).await, greedy(&aggregated, &prompts[2], 12).await);
+    let metrics = disaggregated.metrics().await;
+    let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
+    assert_eq!(remote, Some(4.0), "every prompt went to the prefill worker:\n{metrics}");
+}
+
+#[tokio::test]
+async fn run_with_a_prefill_worker_gives_the_tokens_of_aggregated_serving() {
+    let server = Server::native(&["--prefill-workers", "1"]);
+    disaggregated_equals_aggregated(&server).await;
+}
+
+fn cluster_file(name: &str) -> String {
+    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    format!("file:{}", dir.join("cluster.toml").display())
+}
+
+#[tokio::test]
+async fn prefill_decode_and_route_processes_give_the_tokens_of_aggregated_serving() {
+    let file = cluster_file("disagg");
+    let native = ["--threads", "1", "--discovery", &file];
+    let _prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
+    let _decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
+    let router = Server::start_with(dynamo().args(["route", "--http-port", "0", "--discovery", &file]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
+        if health["workers"] == 1 && health["prefill_workers"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never saw both workers: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    disaggregated_equals_aggregated(&router).await;
+}
