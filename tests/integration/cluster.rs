@@ -274,7 +274,7 @@ async fn a_worker_at_its_limit_refuses_and_the_request_is_served_elsewhere() {
 
 /// The sum of a metric's samples whose labels include `label` over every worker (worker ids are random in
 /// these tests); `None` if there are none.
-fn over_workers(metrics: &str, name: &str, label: &str) -> Option<f64> {
+pub fn over_workers(metrics: &str, name: &str, label: &str) -> Option<f64> {
     let values: Vec<f64> = metrics
         .lines()
         .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))

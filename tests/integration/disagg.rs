@@ -1,5 +1,6 @@
 //! Disaggregated serving with real processes: prefill workers compute prompts and hand their KV to decode
 //! workers through the transfer layer, and greedy output stays what aggregated serving gives.
+use crate::cluster::over_workers;
 use crate::util::{Server, Worker, dynamo, metric};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,13 @@ async fn disaggregated_equals_aggregated(disaggregated: &Server) {
     let metrics = disaggregated.metrics().await;
     let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
     assert_eq!(remote, Some(4.0), "every prompt went to the prefill worker:\n{metrics}");
+    // Their KV moved: the decode worker read every one (a remote worker reports it each second).
+    let transfers = |what: &str, metrics: &str| over_workers(metrics, "dynamo_component_kv_transfers", what);
+    let metrics =
+        disaggregated.wait_for_metrics(Duration::from_secs(10), |m| transfers("what=\"read\"", m) == Some(4.0)).await;
+    assert_eq!(transfers("what=\"held\"", &metrics), Some(4.0), "{metrics}");
+    assert_eq!(transfers("what=\"read_failed\"", &metrics), Some(0.0), "{metrics}");
+    assert!(transfers("what=\"read_bytes\"", &metrics) > Some(0.0), "{metrics}");
 }
 
 #[tokio::test]

@@ -138,6 +138,12 @@ pub trait Engine: Send + Sync {
         None
     }
 
+    /// Its KV hand-offs so far, for an engine that hands KV over in this process; `None` otherwise (a remote
+    /// worker's come with its stats reports).
+    fn kv_transfers(&self) -> Option<crate::core::protocol::KvTransferStats> {
+        None
+    }
+
     /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.
     fn is_alive(&self) -> bool {
         true

@@ -271,11 +271,16 @@ async fn live() -> &'static str {
 }
 
 async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
-    let loads: Vec<_> = (state.served().iter())
+    let engines: Vec<_> = (state.served().iter())
         .flat_map(|s| [Pool::Decode, Pool::Prefill].map(|pool| s.router.engines_of(pool)))
         .flatten()
-        .map(|e| (e.worker_id(), e.load()))
         .collect();
+    for engine in &engines {
+        if let Some(transfers) = engine.kv_transfers() {
+            state.metrics.kv_transfers(engine.worker_id(), &transfers);
+        }
+    }
+    let loads: Vec<_> = engines.iter().map(|e| (e.worker_id(), e.load())).collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
 }
 

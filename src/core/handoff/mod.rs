@@ -12,13 +12,14 @@
 //! decode engine computes the prompt itself, and the client gets the same tokens, later.
 use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream};
 use crate::core::protocol::{
-    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, LoadMetrics, PreprocessedRequest,
-    WorkerId,
+    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, KvTransferStats, LoadMetrics,
+    PreprocessedRequest, WorkerId,
 };
 use crate::core::transfer::{Agent, AgentSettings, Descriptor, Direction, Notification, Peer, layered_page};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
@@ -53,6 +54,15 @@ struct Shared {
     layout: KvLayout,
     /// Agents read from, by address; a connection that failed is dropped and made again next time.
     peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
+    counts: Counts,
+}
+
+#[derive(Default)]
+struct Counts {
+    held: AtomicU64,
+    read: AtomicU64,
+    read_failed: AtomicU64,
+    read_bytes: AtomicU64,
 }
 
 impl Drop for HandOffEngine {
@@ -81,7 +91,7 @@ impl HandOffEngine {
             regions: memory.regions.len() as u32,
         };
         let notifications = tokio::spawn(end_leases(engine.clone(), notifications));
-        let shared = Arc::new(Shared { agent, layout, peers: Default::default() });
+        let shared = Arc::new(Shared { agent, layout, peers: Default::default(), counts: Counts::default() });
         Ok(Self { inner: engine, shared, notifications })
     }
 
@@ -105,7 +115,7 @@ impl HandOffEngine {
         let tokens = request.token_ids.len() as u32;
         let (id, mut stream) = self.pages()?.submit_holding(request, LEASE)?;
         let (outputs, receiver) = mpsc::unbounded_channel();
-        let (engine, layout) = (self.inner.clone(), self.shared.layout);
+        let (engine, shared) = (self.inner.clone(), self.shared.clone());
         tokio::spawn(async move {
             let release = || {
                 if let Some(pages) = engine.kv_pages() {
@@ -127,7 +137,11 @@ impl HandOffEngine {
                         Some(pages) => pages.held_pages(id).await.ok().flatten(),
                         None => None,
                     };
+                    let layout = shared.layout;
                     output.held = held.map(|pages| HeldKv { agent: String::new(), lease: id, tokens, pages, layout });
+                    if output.held.is_some() {
+                        shared.counts.held.fetch_add(1, Ordering::Relaxed);
+                    }
                 } else if finished.is_some() {
                     // Ended for good (a stop token, an error): nobody will read it.
                     release();
@@ -157,6 +171,7 @@ impl HandOffEngine {
             )));
         }
         if let Some(why) = held.layout.mismatch(&self.shared.layout) {
+            self.shared.counts.read_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 "KV from the agent at {} cannot be used here ({why}); computing the prompt here",
                 held.agent
@@ -168,6 +183,14 @@ impl HandOffEngine {
         let (engine, shared) = (self.inner.clone(), self.shared.clone());
         tokio::spawn(async move {
             let read = shared.read(&held, target).await;
+            let counts = &shared.counts;
+            match &read {
+                Ok(bytes) => {
+                    counts.read.fetch_add(1, Ordering::Relaxed);
+                    counts.read_bytes.fetch_add(*bytes, Ordering::Relaxed);
+                }
+                Err(_) => drop(counts.read_failed.fetch_add(1, Ordering::Relaxed)),
+            }
             if let Err(why) = &read {
                 tracing::warn!(
                     "could not read the KV held by the agent at {}: {why}; computing the prompt here",
@@ -184,7 +207,8 @@ impl HandOffEngine {
 
 impl Shared {
     /// Copies the held pages into the pages the engine allocated, telling the holder (by the lease) once done.
-    async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<(), String> {
+    /// Bytes moved, or why nothing was.
+    async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<u64, String> {
         let target = target.await.map_err(|e| e.to_string())?;
         let peer = self.peer(&held.agent).await?;
         let pages = held.tokens.div_ceil(self.layout.block_size.max(1)) as usize;
@@ -198,7 +222,7 @@ impl Shared {
         let remote = descriptors(&held.layout, &held.pages[..pages]);
         let lease = held.lease.to_le_bytes();
         match self.agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
-            Ok(_) => Ok(()),
+            Ok(stats) => Ok(stats.bytes),
             Err(error) => {
                 self.peers.lock().await.remove(&held.agent);
                 Err(error.to_string())
@@ -268,6 +292,17 @@ impl Engine for HandOffEngine {
 
     fn transfer_addr(&self) -> Option<String> {
         Some(self.address())
+    }
+
+    fn kv_transfers(&self) -> Option<KvTransferStats> {
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counts = &self.shared.counts;
+        Some(KvTransferStats {
+            held: count(&counts.held),
+            read: count(&counts.read),
+            read_failed: count(&counts.read_failed),
+            read_bytes: count(&counts.read_bytes),
+        })
     }
 
     fn is_alive(&self) -> bool {

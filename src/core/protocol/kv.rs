@@ -386,6 +386,21 @@ pub struct WorkerStats {
     pub cancelled: u64,
     /// Messages that did not decode.
     pub unreadable: u64,
+    /// Its KV hand-offs (disaggregated serving), for workers with a transfer agent.
+    #[serde(default)]
+    pub kv: KvTransferStats,
+}
+
+/// A worker's KV hand-offs since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvTransferStats {
+    /// Prompts' KV it held for a decode worker (as a prefill worker).
+    pub held: u64,
+    /// Prompts' KV it read from a prefill worker (as a decode worker).
+    pub read: u64,
+    /// Reads that did not happen or failed, so it computed the prompt itself.
+    pub read_failed: u64,
+    pub read_bytes: u64,
 }
 
 #[cfg(test)]

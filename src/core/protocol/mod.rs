@@ -17,6 +17,6 @@ pub use engine::{
     EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, PreprocessedRequest, SamplingOptions, StopConditions,
     TokenLogprob,
 };
-pub use kv::{KvEvent, KvEventBatch, KvEvents, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
+pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
 #[cfg(test)]
 pub(crate) mod fuzz;

@@ -3,7 +3,7 @@
 //! Frontend metrics are recorded per request by a `RequestMetrics` guard: created when a request is
 //! admitted, fed each token, and recorded when dropped, so a request cut short by a disconnect still
 //! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
-use crate::core::protocol::{LoadMetrics, WorkerId, WorkerStats};
+use crate::core::protocol::{KvTransferStats, LoadMetrics, WorkerId, WorkerStats};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
@@ -32,6 +32,8 @@ pub struct Metrics {
     disagg_decisions: IntCounterVec,
     /// Each remote worker's request-plane totals, as its `stats` reports say.
     worker_requests: IntGaugeVec,
+    /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
+    worker_kv_transfers: IntGaugeVec,
 }
 
 /// Reads one gauge's value out of a worker's load.
@@ -176,6 +178,13 @@ impl Metrics {
                 "A worker's requests since it started, by outcome (accepted, refused, cancelled, unreadable)",
                 &["worker_id", "outcome"],
             ),
+            worker_kv_transfers: gauge(
+                &registry,
+                "dynamo_component_kv_transfers",
+                "A worker's KV hand-offs since it started: prompts held for a decode worker (held), read from a \
+                 prefill worker (read, read_bytes), or computed because the read failed (read_failed)",
+                &["worker_id", "what"],
+            ),
             registry,
         }
     }
@@ -186,6 +195,24 @@ impl Metrics {
         for (outcome, value) in Self::outcomes(stats) {
             self.worker_requests.with_label_values(&[&id, outcome]).set(value as i64);
         }
+        self.kv_transfers(worker, &stats.kv);
+    }
+
+    /// Records a worker's KV hand-off totals.
+    pub fn kv_transfers(&self, worker: WorkerId, stats: &KvTransferStats) {
+        let id = worker.to_string();
+        for (what, value) in Self::transfers(stats) {
+            self.worker_kv_transfers.with_label_values(&[&id, what]).set(value as i64);
+        }
+    }
+
+    fn transfers(stats: &KvTransferStats) -> [(&'static str, u64); 4] {
+        [
+            ("held", stats.held),
+            ("read", stats.read),
+            ("read_failed", stats.read_failed),
+            ("read_bytes", stats.read_bytes),
+        ]
     }
 
     /// Drops a departed worker's series, so dashboards do not show its last values for ever.
@@ -196,6 +223,9 @@ impl Metrics {
         }
         for (outcome, _) in Self::outcomes(&WorkerStats::default()) {
             let _ = self.worker_requests.remove_label_values(&[&id, outcome]);
+        }
+        for (what, _) in Self::transfers(&KvTransferStats::default()) {
+            let _ = self.worker_kv_transfers.remove_label_values(&[&id, what]);
         }
     }
 

@@ -12,6 +12,7 @@ use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
+use crate::core::protocol::WorkerStats;
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role, tcp_endpoint};
 use crate::core::protocol::plane::Topic;
 use std::future::Future;
@@ -249,7 +250,8 @@ async fn publish(
             }
             _ = tick.tick() => true,
             _ = stats_tick.tick() => {
-                if let Err(error) = publisher.publish(&stats.snapshot()) {
+                let snapshot = WorkerStats { kv: engine.kv_transfers().unwrap_or_default(), ..stats.snapshot() };
+                if let Err(error) = publisher.publish(&snapshot) {
                     tracing::warn!("could not publish request-plane stats: {error}");
                 }
                 false
