@@ -30,7 +30,8 @@ pub struct MockerEngine;
 impl MockerEngine {
     /// Starts a mocker on the current tokio runtime. `vocab` lists the token ids it samples from.
     pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> BatchEngine {
-        let scheduler = Scheduler::new(config.scheduler, MockExecutor::new(vocab));
+        let capacity = config.scheduler.num_blocks * config.scheduler.block_size;
+        let scheduler = Scheduler::new(config.scheduler, MockExecutor::new(vocab, capacity));
         BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: false, speedup: config.speedup }, usize::MAX)
     }
 }
@@ -38,12 +39,14 @@ impl MockerEngine {
 /// Simulates the model: step time from the fitted formula, tokens from a hash of everything before them.
 pub struct MockExecutor {
     vocab: Arc<[u32]>,
+    /// Tokens the simulated KV cache holds, which decode time is relative to.
+    kv_capacity_tokens: usize,
 }
 
 impl MockExecutor {
-    pub fn new(vocab: Arc<[u32]>) -> Self {
+    pub fn new(vocab: Arc<[u32]>, kv_capacity_tokens: usize) -> Self {
         let vocab = if vocab.is_empty() { (0..1000).collect() } else { vocab };
-        Self { vocab }
+        Self { vocab, kv_capacity_tokens }
     }
 }
 
@@ -77,7 +80,8 @@ impl Executor for MockExecutor {
                 })
             })
             .collect();
-        Ok(Executed { sampled, simulated_ms: timing::step_ms(prefill_tokens, decoding, active_kv_tokens) })
+        let simulated_ms = timing::step_ms(prefill_tokens, decoding, active_kv_tokens, self.kv_capacity_tokens);
+        Ok(Executed { sampled, simulated_ms })
     }
 }
 
@@ -202,7 +206,7 @@ mod tests {
         let engine = MockerEngine::spawn(1, MockerConfig { speedup, ..Default::default() }, (10..500).collect());
         let (prompt, max_tokens) = (1000usize, 40usize);
         let predicted_ms = (timing::prefill_ms(prompt)
-            + (1..max_tokens).map(|i| timing::decode_ms(prompt + i)).sum::<f64>())
+            + (1..max_tokens).map(|i| timing::decode_ms(prompt + i, 16_384 * 16)).sum::<f64>())
             / speedup;
         let start = std::time::Instant::now();
         let outputs: Vec<_> =

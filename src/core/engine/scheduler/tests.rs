@@ -17,7 +17,7 @@ fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
         watermark: 0.0,
         enable_prefix_caching: true,
     };
-    Scheduler::new(config, MockExecutor::new((100..200).collect()))
+    Scheduler::new(config, MockExecutor::new((100..200).collect(), num_blocks * 4))
 }
 
 /// Steps until idle; returns every output per sequence and every step.
@@ -103,7 +103,7 @@ fn step_durations_follow_the_formula() {
     assert_eq!(steps[0].simulated_ms, timing::prefill_ms(100));
     for (i, step) in steps[1..].iter().enumerate() {
         // Decode step i computes the token at position 100 + i, so 101 + i tokens are in KV.
-        assert_eq!(step.simulated_ms, timing::decode_ms(101 + i));
+        assert_eq!(step.simulated_ms, timing::decode_ms(101 + i, 256 * 4), "relative to the cache's capacity");
     }
 }
 
