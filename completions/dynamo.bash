@@ -46,6 +46,9 @@ _dynamo() {
             dynamo,top)
                 cmd="dynamo__subcmd__top"
                 ;;
+            dynamo__subcmd__bench,disagg)
+                cmd="dynamo__subcmd__bench__subcmd__disagg"
+                ;;
             dynamo__subcmd__bench,engine)
                 cmd="dynamo__subcmd__bench__subcmd__engine"
                 ;;
@@ -72,6 +75,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench,transfer-target)
                 cmd="dynamo__subcmd__bench__subcmd__transfer__subcmd__target"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,disagg)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__disagg"
                 ;;
             dynamo__subcmd__bench__subcmd__help,engine)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
@@ -130,6 +136,9 @@ _dynamo() {
             dynamo__subcmd__help,top)
                 cmd="dynamo__subcmd__help__subcmd__top"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,disagg)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__disagg"
+                ;;
             dynamo__subcmd__help__subcmd__bench,engine)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
                 ;;
@@ -175,12 +184,78 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route plane engine transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route disagg plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__disagg)
+            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --gpus --prefill-gpus --threshold --queue-limit --ttft-target-ms --itl-target-ms --transfer-gbps --kv-bytes-per-token --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --trace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --requests)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --num-blocks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --block-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpus)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prefill-gpus)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threshold)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ttft-target-ms)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --itl-target-ms)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -231,8 +306,22 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route plane engine transfer transfer-target soak help"
+            opts="http index route disagg plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__disagg)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -481,17 +570,13 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__route)
-            opts="-v -h -V --trace --workers --requests --speedup --num-blocks --block-tokens --json --verbose --help --version"
+            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --workers --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --trace)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --workers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -508,6 +593,10 @@ _dynamo() {
                     return 0
                     ;;
                 --block-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -743,8 +832,22 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route plane engine transfer transfer-target soak"
+            opts="http index route disagg plane engine transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__disagg)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -27,6 +27,9 @@ pub enum BenchCommand {
     Index(IndexArgs),
     /// Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random.
     Route(RouteArgs),
+    /// Aggregated vs always-disaggregated vs conditional serving on a replayed trace, same simulated GPUs:
+    /// TTFT, ITL and goodput.
+    Disagg(DisaggArgs),
     /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
@@ -189,20 +192,74 @@ pub struct PlaneArgs {
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
-    /// Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids).
-    #[arg(long, value_name = "FILE")]
-    pub trace: PathBuf,
+    #[command(flatten)]
+    pub replay: ReplayArgs,
 
     /// Mocker workers.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DisaggArgs {
+    #[command(flatten)]
+    pub replay: ReplayArgs,
+
+    /// Simulated GPUs (one mocker worker each) in every set-up.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub gpus: u32,
+
+    /// Of those, prefill workers in the disaggregated set-ups [default: half].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefill_gpus: Option<u32>,
+
+    /// The conditional set-up's --disagg-threshold: prompts whose uncached part is shorter stay on the decode
+    /// worker.
+    #[arg(long, default_value_t = 2048)]
+    pub threshold: u32,
+
+    /// The conditional set-up's --prefill-queue-limit.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_limit: u32,
+
+    /// A request is good if its TTFT is at most this (simulated ms) …
+    #[arg(long, default_value_t = 2000.0, value_parser = positive_f64)]
+    pub ttft_target_ms: f64,
+
+    /// … and its tokens came this fast on average (simulated ms between tokens).
+    #[arg(long, default_value_t = 40.0, value_parser = positive_f64)]
+    pub itl_target_ms: f64,
+
+    /// Bandwidth a prompt's KV moves at between workers, GB/s (measure yours with `dynamo bench transfer`).
+    #[arg(long, default_value_t = 25.0, value_parser = positive_f64)]
+    pub transfer_gbps: f64,
+
+    /// KV bytes per token of the simulated model (Llama-3-8B in bf16: 128 KiB).
+    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_bytes_per_token: u64,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A trace replayed on mocker workers (`bench route`, `bench disagg`).
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids).
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
 
     /// Replay only the first N requests of the trace [default: all].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub requests: Option<u32>,
 
     /// Simulated time (trace arrivals and mocker steps) runs this many times faster than real time.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = positive_f64)]
     pub speedup: f64,
 
     /// KV blocks (of 16 tokens) per worker; the default, 1M tokens, is a 7-8B model on one 80 GB GPU.
@@ -212,10 +269,27 @@ pub struct RouteArgs {
     /// Tokens per trace block id.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub block_tokens: u32,
+}
 
-    /// Print one JSON object on the last line as well.
-    #[arg(long)]
-    pub json: bool,
+impl ReplayArgs {
+    fn trace(&self) -> anyhow::Result<Vec<trace::TraceRequest>> {
+        let mut trace = trace::load(&self.trace)?;
+        if let Some(requests) = self.requests {
+            trace.truncate(requests as usize);
+        }
+        Ok(trace)
+    }
+
+    fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig { num_blocks: self.num_blocks as usize, ..SchedulerConfig::default() }
+    }
+}
+
+fn positive_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a number above 0, got `{text}`")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +359,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Http(args) => bench_http(args),
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Route(args) => bench_route(args),
+        BenchCommand::Disagg(args) => bench_disagg(args),
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
         BenchCommand::Soak(args) => bench_soak(args),
@@ -449,25 +524,68 @@ fn bench_index(args: IndexArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.speedup > 0.0, "--speedup must be greater than 0");
-    let mut trace = trace::load(&args.trace)?;
-    if let Some(requests) = args.requests {
-        trace.truncate(requests as usize);
+fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
+    use crate::core::bench::disagg::{self, DisaggBenchSettings};
+    let trace = args.replay.trace()?;
+    let gpus = args.gpus as usize;
+    let prefill_gpus = args.prefill_gpus.map_or(gpus / 2, |p| p as usize);
+    anyhow::ensure!(prefill_gpus < gpus, "--prefill-gpus must leave at least one of the --gpus {gpus} to decode");
+    let settings = DisaggBenchSettings {
+        gpus,
+        prefill_gpus,
+        threshold: args.threshold as usize,
+        queue_limit: args.queue_limit as usize,
+        speedup: args.replay.speedup,
+        scheduler: args.replay.scheduler(),
+        block_tokens: args.replay.block_tokens as usize,
+        ttft_target_ms: args.ttft_target_ms,
+        itl_target_ms: args.itl_target_ms,
+        transfer_bytes_per_s: args.transfer_gbps * 1e9,
+        kv_bytes_per_token: args.kv_bytes_per_token,
+    };
+    println!(
+        "dynamo bench disagg: {} trace requests on {gpus} simulated GPUs ({prefill_gpus} prefill when split), KV \
+         at {} GB/s ({} B/token), targets TTFT {} ms and ITL {} ms, speedup {}",
+        trace.len(),
+        args.transfer_gbps,
+        args.kv_bytes_per_token,
+        args.ttft_target_ms,
+        args.itl_target_ms,
+        args.replay.speedup
+    );
+    let results = super::runtime()?.block_on(disagg::run(&trace, &settings))?;
+    print!("{}", disagg::table(&results));
+    if let [aggregated, disaggregated, conditional] = results.as_slice() {
+        for (name, setup) in [("disaggregated", disaggregated), ("conditional", conditional)] {
+            println!(
+                "{name} / aggregated: ITL p90 {:.2}x, TTFT p50 {:.2}x, goodput {:.2}x (below 1 is lower)",
+                setup.itl_p90_ms / aggregated.itl_p90_ms,
+                setup.ttft_p50_ms / aggregated.ttft_p50_ms,
+                setup.goodput_rps / aggregated.goodput_rps
+            );
+        }
     }
+    if args.json {
+        println!("{}", serde_json::json!({ "setups": results }));
+    }
+    Ok(())
+}
+
+fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
+    let trace = args.replay.trace()?;
     let settings = RouteBenchSettings {
         workers: args.workers as usize,
-        speedup: args.speedup,
-        scheduler: SchedulerConfig { num_blocks: args.num_blocks as usize, ..SchedulerConfig::default() },
+        speedup: args.replay.speedup,
+        scheduler: args.replay.scheduler(),
         modes: vec![RouterMode::Kv, RouterMode::RoundRobin, RouterMode::Random],
-        block_tokens: args.block_tokens as usize,
+        block_tokens: args.replay.block_tokens as usize,
     };
     println!(
         "dynamo bench route: {} trace requests over {} mocker workers ({} blocks each), speedup {}",
         trace.len(),
         args.workers,
-        args.num_blocks,
-        args.speedup
+        args.replay.num_blocks,
+        args.replay.speedup
     );
     let results = super::runtime()?.block_on(route::run(&trace, &settings));
     print!("{}", route::table(&results));

@@ -194,3 +194,39 @@ fn bench_transfer_moves_blocks_between_two_processes_and_reads_them_back() {
     assert_eq!(shapes.len(), 2, "{json}");
     assert_eq!(shapes[0]["descriptors"], 8 * 60, "SmolLM2: a page per layer for K and for V: {json}");
 }
+
+#[test]
+fn bench_disagg_compares_aggregated_disaggregated_and_conditional() {
+    let trace = trace_file("disagg-trace.jsonl");
+    let json = last_json_line(&[
+        "bench",
+        "disagg",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--gpus",
+        "4",
+        "--speedup",
+        "10",
+        "--block-tokens",
+        "16",
+        // Prompts are 60 tokens; 32 of them are a prefix shared with other requests.
+        "--threshold",
+        "32",
+        "--json",
+    ]);
+    let setups = json["setups"].as_array().expect("setups");
+    let names: Vec<_> = setups.iter().map(|s| s["setup"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names, vec!["aggregated", "disaggregated", "conditional"]);
+    for setup in setups {
+        assert_eq!((setup["requests"].as_u64(), setup["errors"].as_u64()), (Some(60), Some(0)), "{setup}");
+        for field in ["ttft_p50_ms", "itl_p90_ms", "goodput_rps"] {
+            assert!(setup[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {setup}");
+        }
+    }
+    assert_eq!((setups[0]["prefill_workers"].as_u64(), setups[1]["prefill_workers"].as_u64()), (Some(0), Some(2)));
+    let remote = |i: usize| setups[i]["remote_share"].as_f64().unwrap_or(-1.0);
+    assert_eq!((remote(0), remote(1)), (0.0, 1.0), "none and every prompt's KV moved: {json}");
+    // Once a prefix is cached on its decode worker, 28 uncached tokens are under the threshold: only the
+    // first prompts of each prefix move.
+    assert!(remote(2) > 0.0 && remote(2) < 0.5, "{json}");
+}

@@ -39,11 +39,22 @@ pub struct ModeResult {
     pub output_tokens_per_s: f64,
 }
 
-struct Outcome {
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    output_tokens: usize,
-    ttft: Duration,
+/// One replayed request, in real time (multiply by the speedup for simulated time).
+pub(super) struct Outcome {
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub output_tokens: usize,
+    pub ttft: Duration,
+    /// The gaps between consecutive outputs after the first.
+    pub gaps: Vec<Duration>,
+}
+
+/// A trace replayed against one router.
+pub(super) struct Replayed {
+    pub outcomes: Vec<Outcome>,
+    pub errors: usize,
+    /// Real seconds from the first request to the last token.
+    pub elapsed_s: f64,
 }
 
 pub async fn run(trace: &[TraceRequest], settings: &RouteBenchSettings) -> Vec<ModeResult> {
@@ -67,29 +78,9 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
         ..RouterConfig::default()
     };
     let router = Arc::new(Router::new(engines, router_config));
-    let start = Instant::now();
-    let first_timestamp = trace.first().map_or(0, |r| r.timestamp);
-    let mut tasks = Vec::with_capacity(trace.len());
-    for (i, request) in trace.iter().enumerate() {
-        let due = Duration::from_secs_f64((request.timestamp - first_timestamp) as f64 / 1000.0 / settings.speedup);
-        tokio::time::sleep_until((start + due).into()).await;
-        let engine_request = PreprocessedRequest::greedy(
-            format!("trace-{i}"),
-            prompt_tokens(request, settings.block_tokens),
-            request.output_length.max(1) as u32,
-        );
-        let router = router.clone();
-        tasks.push(tokio::spawn(async move { send(&router, engine_request).await }));
-    }
-    let mut outcomes = Vec::with_capacity(tasks.len());
-    let mut errors = 0;
-    for task in tasks {
-        match task.await {
-            Ok(Some(outcome)) => outcomes.push(outcome),
-            _ => errors += 1,
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64() * settings.speedup;
+    let Replayed { outcomes, errors, elapsed_s } =
+        replay(trace, &router, settings.speedup, settings.block_tokens).await;
+    let elapsed = elapsed_s * settings.speedup;
     let prompt: usize = outcomes.iter().map(|o| o.prompt_tokens).sum();
     let cached: usize = outcomes.iter().map(|o| o.cached_tokens).sum();
     let output: usize = outcomes.iter().map(|o| o.output_tokens).sum();
@@ -106,17 +97,54 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
     }
 }
 
-async fn send(router: &Router, request: PreprocessedRequest) -> Option<Outcome> {
+/// Sends `trace`'s requests to `router` at their timestamps (divided by `speedup`) and follows each to its
+/// end. A trace block id becomes `block_tokens` token ids (`prompt_tokens`).
+pub(super) async fn replay(
+    trace: &[TraceRequest],
+    router: &Arc<Router>,
+    speedup: f64,
+    block_tokens: usize,
+) -> Replayed {
+    let start = Instant::now();
+    let first_timestamp = trace.first().map_or(0, |r| r.timestamp);
+    let mut tasks = Vec::with_capacity(trace.len());
+    for (i, request) in trace.iter().enumerate() {
+        let due = Duration::from_secs_f64(request.timestamp.saturating_sub(first_timestamp) as f64 / 1000.0 / speedup);
+        tokio::time::sleep_until((start + due).into()).await;
+        let engine_request = PreprocessedRequest::greedy(
+            format!("trace-{i}"),
+            prompt_tokens(request, block_tokens),
+            request.output_length.max(1) as u32,
+        );
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move { send(&router, engine_request).await }));
+    }
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Some(outcome)) => outcomes.push(outcome),
+            _ => errors += 1,
+        }
+    }
+    Replayed { outcomes, errors, elapsed_s: start.elapsed().as_secs_f64() }
+}
+
+async fn send(router: &Arc<Router>, request: PreprocessedRequest) -> Option<Outcome> {
     let prompt_tokens = request.token_ids.len();
     let start = Instant::now();
-    let mut stream = router.route(request).ok()?;
+    let mut stream = router.route_migrating(request).ok()?;
     let first = stream.next().await?;
     let ttft = start.elapsed();
     let mut output_tokens = first.token_ids.len();
+    let (mut gaps, mut last) = (Vec::new(), Instant::now());
     while let Some(output) = stream.next().await {
+        gaps.push(last.elapsed());
+        last = Instant::now();
         output_tokens += output.token_ids.len();
     }
-    Some(Outcome { prompt_tokens, cached_tokens: first.cached_tokens.unwrap_or(0) as usize, output_tokens, ttft })
+    let cached_tokens = first.cached_tokens.unwrap_or(0) as usize;
+    Some(Outcome { prompt_tokens, cached_tokens, output_tokens, ttft, gaps })
 }
 
 /// `input_length` token ids where trace block `i` contributes `block_tokens` ids derived from its hash id.

@@ -10,6 +10,10 @@
 //! decode worker is about to use them and a failure is handled where the request lives (vLLM's NIXL connector
 //! reads the same way). A holder that is gone, a read that fails or times out, pages laid out otherwise: the
 //! decode engine computes the prompt itself, and the client gets the same tokens, later.
+//!
+//! The mocker's pages are not memory, so between mockers a `SimulatedFabric` stands in for the transfer
+//! layer: a read takes the prompt's KV bytes over a bandwidth, in the mockers' simulated time, and ends the
+//! holder's lease as a real read's notification does. Everything else is the same code.
 use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, KvTransferStats, LoadMetrics,
@@ -46,11 +50,12 @@ pub enum HandOffError {
 pub struct HandOffEngine {
     inner: Arc<dyn Engine>,
     shared: Arc<Shared>,
-    notifications: tokio::task::JoinHandle<()>,
+    notifications: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Shared {
-    agent: Agent,
+    mover: Mover,
+    address: String,
     layout: KvLayout,
     /// Agents read from, by address; a connection that failed is dropped and made again next time.
     peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
@@ -65,19 +70,50 @@ struct Counts {
     read_bytes: AtomicU64,
 }
 
+/// How KV gets from a holder's pages into ours.
+enum Mover {
+    /// The transfer layer: our pages registered with an agent that reads the holder's agent.
+    Agent(Agent),
+    Simulated(Arc<SimulatedFabric>),
+}
+
+/// The transfer layer as the mocker sees it: holders by address, and how long moving bytes takes.
+pub struct SimulatedFabric {
+    bytes_per_second: f64,
+    /// Simulated time runs this many times faster than real time (the mockers' speedup).
+    speedup: f64,
+    /// KV bytes per token of the model being simulated.
+    kv_bytes_per_token: u64,
+    holders: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
+}
+
+impl SimulatedFabric {
+    pub fn new(bytes_per_second: f64, speedup: f64, kv_bytes_per_token: u64) -> Arc<Self> {
+        Arc::new(Self { bytes_per_second, speedup, kv_bytes_per_token, holders: Default::default() })
+    }
+
+    /// How long moving `tokens` tokens' KV takes, in simulated time.
+    pub fn transfer_time(&self, tokens: u64) -> Duration {
+        let bytes = tokens.saturating_mul(self.kv_bytes_per_token) as f64;
+        Duration::from_secs_f64(bytes / self.bytes_per_second.max(1.0))
+    }
+}
+
 impl Drop for HandOffEngine {
     fn drop(&mut self) {
-        self.notifications.abort();
+        if let Some(task) = &self.notifications {
+            task.abort();
+        }
     }
 }
 
 impl HandOffEngine {
     /// Starts a transfer agent for `engine`'s pages; must run inside a tokio runtime.
     pub fn start(engine: Arc<dyn Engine>, settings: AgentSettings) -> Result<Self, HandOffError> {
-        let pages = engine.kv_pages().ok_or(HandOffError::NoKvPages(
+        let memory = engine.kv_pages().map(|pages| pages.memory()).filter(|memory| !memory.regions.is_empty());
+        let memory = memory.ok_or(HandOffError::NoKvPages(
             "the mocker only simulates its pages; the CUDA backend's device pages have no transfer seam yet",
         ))?;
-        let memory = pages.memory();
         let (agent, notifications) = Agent::start(engine.worker_id(), settings)?;
         let mut first_region = None;
         for region in &memory.regions {
@@ -90,14 +126,40 @@ impl HandOffEngine {
             first_region: first_region.unwrap_or(0),
             regions: memory.regions.len() as u32,
         };
-        let notifications = tokio::spawn(end_leases(engine.clone(), notifications));
-        let shared = Arc::new(Shared { agent, layout, peers: Default::default(), counts: Counts::default() });
+        let notifications = Some(tokio::spawn(end_leases(engine.clone(), notifications)));
+        let address = agent.address();
+        let shared = Arc::new(Shared {
+            mover: Mover::Agent(agent),
+            address,
+            layout,
+            peers: Default::default(),
+            counts: Counts::default(),
+        });
         Ok(Self { inner: engine, shared, notifications })
     }
 
-    /// Where peers reach this engine's agent (`tcp://host:port`).
+    /// A simulated engine (the mocker) on `fabric`, which it joins.
+    pub fn simulated(engine: Arc<dyn Engine>, fabric: Arc<SimulatedFabric>) -> Result<Self, HandOffError> {
+        let memory = engine
+            .kv_pages()
+            .map(|pages| pages.memory())
+            .ok_or(HandOffError::NoKvPages("this engine keeps no pages at all, not even simulated ones"))?;
+        let layout = KvLayout { block_size: memory.block_size, page_bytes: 0, first_region: 0, regions: 0 };
+        let address = format!("sim://{:016x}", engine.worker_id());
+        fabric.holders.lock().unwrap_or_else(|p| p.into_inner()).insert(address.clone(), engine.clone());
+        let shared = Arc::new(Shared {
+            mover: Mover::Simulated(fabric),
+            address,
+            layout,
+            peers: Default::default(),
+            counts: Counts::default(),
+        });
+        Ok(Self { inner: engine, shared, notifications: None })
+    }
+
+    /// Where peers reach this engine's agent (`tcp://host:port`, or `sim://id` on a simulated fabric).
     pub fn address(&self) -> String {
-        self.shared.agent.address()
+        self.shared.address.clone()
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -210,7 +272,11 @@ impl Shared {
     /// Bytes moved, or why nothing was.
     async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<u64, String> {
         let target = target.await.map_err(|e| e.to_string())?;
-        let peer = self.peer(&held.agent).await?;
+        let agent = match &self.mover {
+            Mover::Agent(agent) => agent,
+            Mover::Simulated(fabric) => return simulate_read(fabric, held).await,
+        };
+        let peer = self.peer(agent, &held.agent).await?;
         let pages = held.tokens.div_ceil(self.layout.block_size.max(1)) as usize;
         let descriptors = |layout: &KvLayout, pages: &[u32]| -> Vec<Descriptor> {
             pages
@@ -221,7 +287,7 @@ impl Shared {
         let local = descriptors(&self.layout, &target[..pages.min(target.len())]);
         let remote = descriptors(&held.layout, &held.pages[..pages]);
         let lease = held.lease.to_le_bytes();
-        match self.agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
+        match agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
             Ok(stats) => Ok(stats.bytes),
             Err(error) => {
                 self.peers.lock().await.remove(&held.agent);
@@ -230,14 +296,25 @@ impl Shared {
         }
     }
 
-    async fn peer(&self, address: &str) -> Result<Arc<Peer>, String> {
+    async fn peer(&self, agent: &Agent, address: &str) -> Result<Arc<Peer>, String> {
         if let Some(peer) = self.peers.lock().await.get(address) {
             return Ok(peer.clone());
         }
-        let peer = Arc::new(self.agent.connect(address).await.map_err(|e| e.to_string())?);
+        let peer = Arc::new(agent.connect(address).await.map_err(|e| e.to_string())?);
         self.peers.lock().await.insert(address.to_string(), peer.clone());
         Ok(peer)
     }
+}
+
+/// A read over the simulated fabric: the bytes' time, then the holder's lease ends.
+async fn simulate_read(fabric: &SimulatedFabric, held: &HeldKv) -> Result<u64, String> {
+    let holder = fabric.holders.lock().unwrap_or_else(|p| p.into_inner()).get(&held.agent).cloned();
+    let holder = holder.ok_or_else(|| format!("no simulated worker at {}", held.agent))?;
+    tokio::time::sleep(fabric.transfer_time(held.tokens.into()).div_f64(fabric.speedup.max(1e-9))).await;
+    if let Some(pages) = holder.kv_pages() {
+        let _ = pages.release_lease(held.lease);
+    }
+    Ok(u64::from(held.tokens) * fabric.kv_bytes_per_token)
 }
 
 /// Frees the pages a peer has read: its read's notification names the lease.

@@ -30,8 +30,8 @@ pub struct MockerEngine;
 impl MockerEngine {
     /// Starts a mocker on the current tokio runtime. `vocab` lists the token ids it samples from.
     pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> BatchEngine {
-        let capacity = config.scheduler.num_blocks * config.scheduler.block_size;
-        let scheduler = Scheduler::new(config.scheduler, MockExecutor::new(vocab, capacity));
+        let executor = MockExecutor::new(vocab, config.scheduler.num_blocks, config.scheduler.block_size);
+        let scheduler = Scheduler::new(config.scheduler, executor);
         BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: false, speedup: config.speedup }, usize::MAX)
     }
 }
@@ -39,14 +39,15 @@ impl MockerEngine {
 /// Simulates the model: step time from the fitted formula, tokens from a hash of everything before them.
 pub struct MockExecutor {
     vocab: Arc<[u32]>,
-    /// Tokens the simulated KV cache holds, which decode time is relative to.
-    kv_capacity_tokens: usize,
+    /// The simulated KV cache: decode time is relative to its capacity.
+    num_blocks: usize,
+    block_size: usize,
 }
 
 impl MockExecutor {
-    pub fn new(vocab: Arc<[u32]>, kv_capacity_tokens: usize) -> Self {
+    pub fn new(vocab: Arc<[u32]>, num_blocks: usize, block_size: usize) -> Self {
         let vocab = if vocab.is_empty() { (0..1000).collect() } else { vocab };
-        Self { vocab, kv_capacity_tokens }
+        Self { vocab, num_blocks, block_size }
     }
 }
 
@@ -80,8 +81,20 @@ impl Executor for MockExecutor {
                 })
             })
             .collect();
-        let simulated_ms = timing::step_ms(prefill_tokens, decoding, active_kv_tokens, self.kv_capacity_tokens);
+        let capacity = self.num_blocks * self.block_size;
+        let simulated_ms = timing::step_ms(prefill_tokens, decoding, active_kv_tokens, capacity);
         Ok(Executed { sampled, simulated_ms })
+    }
+
+    /// Pages without memory: enough for the hand-off's bookkeeping between mockers (`SimulatedFabric`), which
+    /// no transfer agent can offer.
+    fn kv_memory(&self) -> Option<crate::core::engine::KvMemory> {
+        Some(crate::core::engine::KvMemory {
+            regions: Vec::new(),
+            pages: self.num_blocks as u64,
+            page_bytes: 0,
+            block_size: self.block_size as u32,
+        })
     }
 }
 

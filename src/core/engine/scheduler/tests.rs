@@ -17,7 +17,7 @@ fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
         watermark: 0.0,
         enable_prefix_caching: true,
     };
-    Scheduler::new(config, MockExecutor::new((100..200).collect(), num_blocks * 4))
+    Scheduler::new(config, MockExecutor::new((100..200).collect(), num_blocks, 4))
 }
 
 /// Steps until idle; returns every output per sequence and every step.

@@ -1,0 +1,178 @@
+//! `dynamo bench disagg`: aggregated against disaggregated serving on a replayed trace, at the same number of
+//! simulated GPUs, in one run.
+//!
+//! Three set-ups of mocker workers, each fresh: `aggregated` (every GPU a decode worker that prefills too),
+//! `disaggregated` (prefill workers take every prompt, whatever their queue) and `conditional` (prompts whose
+//! uncached part is under the threshold stay on the decode worker, as do all while every prefill worker is
+//! at its queue limit). Prefill and decode time come from the mocker's fitted model; moving a prompt's KV
+//! takes its bytes over the given bandwidth (`SimulatedFabric`). Measured in simulated time: TTFT and ITL
+//! percentiles, and goodput: requests per second that met both the TTFT target and the ITL target.
+//!
+//! ITL is each request's mean gap between tokens (what vLLM's benchmark calls TPOT), not single gaps: at a
+//! speedup, the mockers' sleeps are rounded to the timer's millisecond and tokens arrive in bursts, so one
+//! gap says little, while their mean over a request is the simulated time.
+use super::route::{Replayed, replay};
+use super::trace::TraceRequest;
+use crate::core::engine::Engine;
+use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::engine::scheduler::SchedulerConfig;
+use crate::core::handoff::{HandOffEngine, HandOffError, SimulatedFabric};
+use crate::core::router::{Pool, Router, RouterConfig};
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct DisaggBenchSettings {
+    /// Simulated GPUs, one worker each, in every set-up.
+    pub gpus: usize,
+    /// Of those, prefill workers in the disaggregated set-ups.
+    pub prefill_gpus: usize,
+    /// `conditional`'s --disagg-threshold (tokens).
+    pub threshold: usize,
+    /// `conditional`'s --prefill-queue-limit.
+    pub queue_limit: usize,
+    pub speedup: f64,
+    pub scheduler: SchedulerConfig,
+    /// Tokens per trace block id.
+    pub block_tokens: usize,
+    pub ttft_target_ms: f64,
+    pub itl_target_ms: f64,
+    pub transfer_bytes_per_s: f64,
+    pub kv_bytes_per_token: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupResult {
+    pub setup: &'static str,
+    pub prefill_workers: usize,
+    pub decode_workers: usize,
+    pub requests: usize,
+    pub errors: usize,
+    /// Prompts whose KV a decode worker read from a prefill worker, over all requests.
+    pub remote_share: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub itl_p50_ms: f64,
+    pub itl_p90_ms: f64,
+    pub itl_p99_ms: f64,
+    /// Requests per simulated second that met both targets.
+    pub goodput_rps: f64,
+    /// Share of requests that met both targets.
+    pub goodput_share: f64,
+}
+
+pub async fn run(trace: &[TraceRequest], settings: &DisaggBenchSettings) -> Result<Vec<SetupResult>, HandOffError> {
+    let split = settings.prefill_gpus.min(settings.gpus.saturating_sub(1));
+    let everything = usize::MAX / 2;
+    Ok(vec![
+        run_setup(trace, settings, "aggregated", 0, 0, everything).await?,
+        run_setup(trace, settings, "disaggregated", split, 0, everything).await?,
+        run_setup(trace, settings, "conditional", split, settings.threshold, settings.queue_limit).await?,
+    ])
+}
+
+async fn run_setup(
+    trace: &[TraceRequest],
+    settings: &DisaggBenchSettings,
+    setup: &'static str,
+    prefill_workers: usize,
+    disagg_threshold: usize,
+    prefill_queue_limit: usize,
+) -> Result<SetupResult, HandOffError> {
+    let config = MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup };
+    let vocab: Arc<[u32]> = (0..32_000).collect();
+    let fabric = SimulatedFabric::new(settings.transfer_bytes_per_s, settings.speedup, settings.kv_bytes_per_token);
+    let engines: Vec<Arc<dyn Engine>> = (0..settings.gpus.max(1))
+        .map(|id| {
+            let mocker: Arc<dyn Engine> = Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone()));
+            Ok(match prefill_workers {
+                0 => mocker,
+                _ => Arc::new(HandOffEngine::simulated(mocker, fabric.clone())?),
+            })
+        })
+        .collect::<Result<_, HandOffError>>()?;
+    let mut decode = engines;
+    let prefill = decode.split_off(decode.len() - prefill_workers);
+    let router_config = RouterConfig {
+        busy_threshold: usize::MAX / 2,
+        block_size: settings.scheduler.block_size,
+        disagg_threshold,
+        prefill_queue_limit,
+        ..RouterConfig::default()
+    };
+    let router = Arc::new(Router::new(decode.clone(), router_config));
+    prefill.iter().for_each(|engine| router.add_worker(engine.clone(), Pool::Prefill));
+    let Replayed { outcomes, errors, elapsed_s } =
+        replay(trace, &router, settings.speedup, settings.block_tokens).await;
+
+    let simulated_ms = |d: &std::time::Duration| d.as_secs_f64() * 1e3 * settings.speedup;
+    let mean_itl = |gaps: &[std::time::Duration]| {
+        (!gaps.is_empty()).then(|| gaps.iter().map(simulated_ms).sum::<f64>() / gaps.len() as f64)
+    };
+    let mut ttfts: Vec<f64> = outcomes.iter().map(|o| simulated_ms(&o.ttft)).collect();
+    let mut itls: Vec<f64> = outcomes.iter().filter_map(|o| mean_itl(&o.gaps)).collect();
+    let good = (outcomes.iter())
+        .filter(|o| {
+            let itl = mean_itl(&o.gaps).unwrap_or(0.0);
+            simulated_ms(&o.ttft) <= settings.ttft_target_ms && itl <= settings.itl_target_ms
+        })
+        .count();
+    ttfts.sort_by(f64::total_cmp);
+    itls.sort_by(f64::total_cmp);
+    let read: u64 = decode.iter().filter_map(|e| e.kv_transfers()).map(|t| t.read).sum();
+    let requests = outcomes.len() + errors;
+    Ok(SetupResult {
+        setup,
+        prefill_workers,
+        decode_workers: decode.len(),
+        requests: outcomes.len(),
+        errors,
+        remote_share: read as f64 / requests.max(1) as f64,
+        ttft_p50_ms: super::percentile(&ttfts, 0.5),
+        ttft_p90_ms: super::percentile(&ttfts, 0.9),
+        ttft_p99_ms: super::percentile(&ttfts, 0.99),
+        itl_p50_ms: super::percentile(&itls, 0.5),
+        itl_p90_ms: super::percentile(&itls, 0.9),
+        itl_p99_ms: super::percentile(&itls, 0.99),
+        goodput_rps: good as f64 / (elapsed_s * settings.speedup).max(1e-9),
+        goodput_share: good as f64 / requests.max(1) as f64,
+    })
+}
+
+/// The readable report of `dynamo bench disagg`.
+pub fn table(results: &[SetupResult]) -> String {
+    let mut out = format!(
+        "{:<14} {:>5} {:>8} {:>7} {:>17} {:>17} {:>17} {:>17} {:>12}\n",
+        "setup",
+        "P+D",
+        "requests",
+        "remote",
+        "TTFT p50/p90 ms",
+        "TTFT p99 ms",
+        "ITL p50/p90 ms",
+        "ITL p99 ms",
+        "goodput"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<14} {:>5} {:>8} {:>6.0}% {:>8.0}/{:<8.0} {:>17.0} {:>8.1}/{:<8.1} {:>17.1} {:>6.2} r/s {:>3.0}%\n",
+            r.setup,
+            format!("{}+{}", r.prefill_workers, r.decode_workers),
+            r.requests,
+            r.remote_share * 100.0,
+            r.ttft_p50_ms,
+            r.ttft_p90_ms,
+            r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p90_ms,
+            r.itl_p99_ms,
+            r.goodput_rps,
+            r.goodput_share * 100.0
+        ));
+        if r.errors > 0 {
+            out.push_str(&format!("  ! {} requests failed\n", r.errors));
+        }
+    }
+    out
+}
