@@ -69,13 +69,14 @@ fn cluster_file(name: &str) -> String {
     format!("file:{}", dir.join("cluster.toml").display())
 }
 
-#[tokio::test]
-async fn prefill_decode_and_route_processes_give_the_tokens_of_aggregated_serving() {
-    let file = cluster_file("disagg");
+/// A prefill worker, a decode worker that takes KV, and a router over them, found through a cluster file.
+async fn split_cluster(name: &str) -> (Worker, Worker, Server) {
+    let file = cluster_file(name);
     let native = ["--threads", "1", "--discovery", &file];
-    let _prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
-    let _decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
-    let router = Server::start_with(dynamo().args(["route", "--http-port", "0", "--discovery", &file]));
+    let prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
+    let decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
+    let router =
+        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
@@ -85,5 +86,25 @@ async fn prefill_decode_and_route_processes_give_the_tokens_of_aggregated_servin
         assert!(Instant::now() < deadline, "the router never saw both workers: {health}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (prefill, decode, router)
+}
+
+#[tokio::test]
+async fn prefill_decode_and_route_processes_give_the_tokens_of_aggregated_serving() {
+    let (_prefill, _decode, router) = split_cluster("disagg").await;
     disaggregated_equals_aggregated(&router).await;
+}
+
+#[tokio::test]
+async fn a_prefill_worker_that_freezes_mid_prefill_leaves_the_prompt_to_the_decode_worker() {
+    let (prefill, _decode, router) = split_cluster("disagg-frozen").await;
+    let prompt = &prompts()[1];
+    let expected = greedy(&Server::native(&[]), prompt, 12).await;
+    // Frozen, it takes the prompt and never answers; the router gives up on it after --worker-timeout.
+    prefill.signal("STOP");
+    assert_eq!(greedy(&router, prompt, 12).await, expected, "one uninterrupted answer");
+    let metrics = router.metrics().await;
+    let decisions = |d: &str| metric(&metrics, &format!("dynamo_router_disagg_decisions_total{{decision=\"{d}\"}}"));
+    assert_eq!((decisions("remote"), decisions("local_fallback")), (Some(1.0), Some(1.0)), "{metrics}");
+    prefill.signal("CONT");
 }

@@ -126,6 +126,11 @@ impl Worker {
         Worker { child }
     }
 
+    /// Sends it a signal by name (`STOP` freezes it: alive to the kernel, silent to its peers).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
     /// Ends it the way a clean shutdown does (SIGTERM), so it takes its record back.
     pub fn stop(mut self) {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
