@@ -11,7 +11,7 @@
 //! The published events are also recorded in a `KvLedger`, so a subscriber that lagged can have the whole
 //! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
 use super::blocks::PageId;
-use super::scheduler::{Executor, HandOffError, Scheduler, SeqId};
+use super::scheduler::{ArrivalPages, Executor, HandOffError, Scheduler, SeqId};
 use super::{ArrivingPages, Engine, EngineError, KvLedger, KvMemory, KvPages, ResponseStream};
 use crate::core::protocol::{EngineOutput, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
@@ -40,7 +40,7 @@ enum Shared {
     Arriving {
         from_peer: usize,
         wait: Duration,
-        pages: oneshot::Sender<Result<Vec<PageId>, HandOffError>>,
+        pages: oneshot::Sender<Result<ArrivalPages, HandOffError>>,
     },
 }
 

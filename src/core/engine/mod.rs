@@ -62,8 +62,8 @@ pub struct KvMemory {
     pub block_size: u32,
 }
 
-/// The pages an arriving request's KV goes to (block `i` in page `i`), once the engine has allocated them.
-pub type ArrivingPages = futures::future::BoxFuture<'static, Result<Vec<blocks::PageId>, EngineError>>;
+/// The pages an arriving request's KV goes to, once the engine has allocated them.
+pub type ArrivingPages = futures::future::BoxFuture<'static, Result<scheduler::ArrivalPages, EngineError>>;
 
 /// What an engine whose KV pages can move offers disaggregated serving (`core::handoff`): its pages as memory,
 /// requests that keep their KV for a peer, and requests whose prompt's KV a peer writes.

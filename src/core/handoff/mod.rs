@@ -272,20 +272,26 @@ impl Shared {
     /// Bytes moved, or why nothing was.
     async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<u64, String> {
         let target = target.await.map_err(|e| e.to_string())?;
+        let block_size = self.layout.block_size.max(1) as usize;
+        let pages = (held.tokens as usize).div_ceil(block_size);
+        // Blocks this worker had cached already are not read.
+        let (from, to) = (target.cached.min(pages), pages.min(target.pages.len()));
         let agent = match &self.mover {
             Mover::Agent(agent) => agent,
-            Mover::Simulated(fabric) => return simulate_read(fabric, held).await,
+            Mover::Simulated(fabric) => {
+                let tokens = (held.tokens as usize).min(to * block_size).saturating_sub(from * block_size);
+                return simulate_read(fabric, held, tokens as u64).await;
+            }
         };
         let peer = self.peer(agent, &held.agent).await?;
-        let pages = held.tokens.div_ceil(self.layout.block_size.max(1)) as usize;
         let descriptors = |layout: &KvLayout, pages: &[u32]| -> Vec<Descriptor> {
             pages
                 .iter()
                 .flat_map(|&page| layered_page(layout.first_region, layout.regions, page.into(), layout.page_bytes))
                 .collect()
         };
-        let local = descriptors(&self.layout, &target[..pages.min(target.len())]);
-        let remote = descriptors(&held.layout, &held.pages[..pages]);
+        let local = descriptors(&self.layout, &target.pages[from..to]);
+        let remote = descriptors(&held.layout, &held.pages[from..to]);
         let lease = held.lease.to_le_bytes();
         match agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
             Ok(stats) => Ok(stats.bytes),
@@ -307,14 +313,14 @@ impl Shared {
 }
 
 /// A read over the simulated fabric: the bytes' time, then the holder's lease ends.
-async fn simulate_read(fabric: &SimulatedFabric, held: &HeldKv) -> Result<u64, String> {
+async fn simulate_read(fabric: &SimulatedFabric, held: &HeldKv, tokens: u64) -> Result<u64, String> {
     let holder = fabric.holders.lock().unwrap_or_else(|p| p.into_inner()).get(&held.agent).cloned();
     let holder = holder.ok_or_else(|| format!("no simulated worker at {}", held.agent))?;
-    tokio::time::sleep(fabric.transfer_time(held.tokens.into()).div_f64(fabric.speedup.max(1e-9))).await;
+    tokio::time::sleep(fabric.transfer_time(tokens).div_f64(fabric.speedup.max(1e-9))).await;
     if let Some(pages) = holder.kv_pages() {
         let _ = pages.release_lease(held.lease);
     }
-    Ok(u64::from(held.tokens) * fabric.kv_bytes_per_token)
+    Ok(tokens * fabric.kv_bytes_per_token)
 }
 
 /// Frees the pages a peer has read: its read's notification names the lease.

@@ -149,3 +149,29 @@ async fn a_prefill_that_ends_for_good_or_is_cancelled_holds_nothing() {
     drop(stream);
     eventually("the cancelled prefill's pages are freed", || prefill.load().kv_active_blocks == held_before).await;
 }
+
+#[tokio::test]
+async fn a_decode_worker_reads_only_the_blocks_it_has_not_cached() {
+    let model = Model::load(&ModelSource::Builtin, None).unwrap();
+    let (prefill, decode) = (hand_off(2, &model), hand_off(3, &model));
+    let alone = engine(1, &model);
+    let prompt = prompt();
+    let extended: Vec<u32> = prompt.iter().copied().chain((0..20).map(|i| 300 + i)).collect();
+    let mut read_bytes = Vec::new();
+    for prompt in [&prompt, &extended] {
+        let expected =
+            tokens(&outputs(alone.submit(PreprocessedRequest::greedy("a", prompt.clone(), 6)).unwrap()).await);
+        let (first, held) = prefill_holding(&prefill, prompt).await;
+        let continued = [prompt.clone(), first.clone()].concat();
+        let request = with(PreprocessedRequest::greedy("d", continued, 5), HandOff::From(Box::new(held)));
+        let rest = tokens(&outputs(decode.submit(request).unwrap()).await);
+        assert_eq!([first, rest].concat(), expected, "a prompt of {} tokens", prompt.len());
+        read_bytes.push(decode.kv_transfers().unwrap().read_bytes);
+    }
+    let page = decode.layout().page_bytes * u64::from(decode.layout().regions);
+    // The first prompt's 11 full blocks stayed cached on the decode worker: of the extended prompt's 17
+    // blocks, 6 are read.
+    assert_eq!(read_bytes[0], 12 * page, "the whole first prompt");
+    assert_eq!(read_bytes[1] - read_bytes[0], 6 * page, "only what the decode worker lacked");
+    assert_eq!(decode.kv_transfers().unwrap().read_failed, 0);
+}

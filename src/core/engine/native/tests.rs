@@ -561,7 +561,10 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
         pages.iter().flat_map(|&p| layered_page(0, regions, u64::from(p), memory.page_bytes)).collect()
     };
     let peer = prefill_agent.connect(&decode_agent.address()).await.unwrap();
-    prefill_agent.transfer(&peer, Direction::Write, &descriptors(&source), &descriptors(&target), None).await.unwrap();
+    prefill_agent
+        .transfer(&peer, Direction::Write, &descriptors(&source), &descriptors(&target.pages), None)
+        .await
+        .unwrap();
     decode.arrived(id, true).unwrap();
     let rest = tokens(stream).await;
     assert_eq!([first.clone(), rest].concat(), expected, "handed over, the same tokens");

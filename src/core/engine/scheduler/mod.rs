@@ -144,6 +144,14 @@ pub enum HandOffError {
     TooMany { from_peer: usize, tokens: usize },
 }
 
+/// The pages an arriving sequence's KV goes to: block `i` in `pages[i]`, of which the first `cached` already
+/// hold theirs (this worker's prefix cache had them) and the rest wait for the peer's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrivalPages {
+    pub cached: usize,
+    pub pages: Vec<PageId>,
+}
+
 /// What one step did.
 #[derive(Debug, Default)]
 pub struct StepOutcome {
@@ -208,22 +216,47 @@ impl<X: Executor> Scheduler<X> {
         seed: u64,
         from_peer: usize,
         wait: Duration,
-    ) -> Result<Vec<PageId>, HandOffError> {
+    ) -> Result<ArrivalPages, HandOffError> {
         let mut seq = Sequence { arrive_by: Some(Instant::now() + wait), ..self.sequence(id, request, seed) };
         if from_peer >= seq.tokens.len() {
             return Err(HandOffError::TooMany { from_peer, tokens: seq.tokens.len() });
         }
-        let needed = from_peer.div_ceil(self.config.block_size);
-        if self.pool.available() < needed {
-            return Err(HandOffError::Full { needed, available: self.pool.available() });
+        let block_size = self.config.block_size;
+        let blocks = from_peer.div_ceil(block_size);
+        // What this worker's prefix cache holds of it is not read again, but the last block always is: the
+        // read's notification is what ends the peer's lease.
+        let prefix = if self.config.enable_prefix_caching {
+            let hashes = block_hashes(&seq.tokens[..from_peer], block_size);
+            let matched = self.pool.cached_prefix(&hashes).min(blocks.saturating_sub(1));
+            hashes[..matched].to_vec()
+        } else {
+            Vec::new()
+        };
+        let needed = blocks - prefix.len();
+        let available = self.pool.available().saturating_sub(self.pool.count_unreferenced(&prefix));
+        if available < needed {
+            return Err(HandOffError::Full { needed, available });
+        }
+        for block in &prefix {
+            // Cannot fail: `cached_prefix` just saw every one of them committed.
+            if let Some(page) = self.pool.acquire(block.sequence) {
+                seq.pages.push(page);
+                seq.committed.push(*block);
+            }
         }
         for _ in 0..needed {
-            let page = self.pool.allocate().map_err(|KvFull| HandOffError::Full { needed, available: 0 })?;
-            seq.pages.push(page);
+            match self.pool.allocate() {
+                Ok(page) => seq.pages.push(page),
+                Err(KvFull) => {
+                    release(&mut self.pool, &mut seq);
+                    return Err(HandOffError::Full { needed, available: 0 });
+                }
+            }
         }
         // Counted as computed only once it has arrived; until then it is only pages.
         seq.computed = from_peer;
-        let pages = seq.pages.clone();
+        seq.cached_tokens = Some((seq.committed.len() * block_size) as u32);
+        let pages = ArrivalPages { cached: seq.committed.len(), pages: seq.pages.clone() };
         self.arriving.push(seq);
         Ok(pages)
     }

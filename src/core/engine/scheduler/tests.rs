@@ -230,7 +230,7 @@ fn a_sequence_whose_kv_arrives_waits_for_it_then_computes_only_the_rest() {
     // A prefill worker computed the prompt's 8 tokens and sampled 77; the decode side gets all 9.
     let tokens: Vec<u32> = (0..8).chain([77]).collect();
     let pages = s.add_arriving(1, &request(tokens.clone(), 3), 0, 8, WAIT).unwrap();
-    assert_eq!(pages.len(), 2);
+    assert_eq!(pages.pages.len(), 2);
     assert_eq!((s.load().kv_active_blocks, s.load().requests_waiting), (2, 1));
     let idle = s.step();
     assert!(idle.outputs.is_empty() && idle.prefill_tokens == 0, "nothing runs before the KV has landed");
