@@ -117,3 +117,60 @@ async fn a_lost_prefill_worker_leaves_the_prompt_to_the_decode_worker() {
     assert_eq!(generate(&router, &a).await, generate(&aggregated, &a).await, "one uninterrupted stream");
     assert_eq!(decisions(&state, "local_fallback"), 1.0);
 }
+
+/// A prefill worker that takes prompts and never finishes them: it stays at its queue.
+struct Stuck(WorkerId);
+
+impl Engine for Stuck {
+    fn worker_id(&self) -> WorkerId {
+        self.0
+    }
+
+    fn submit(&self, _: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        // Held by the stream's own drop guard: open (never ending) until the router lets go of it.
+        Ok(ResponseStream::with_drop_guard(receiver, Box::new(sender)))
+    }
+
+    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
+    fn load(&self) -> LoadMetrics {
+        LoadMetrics::default()
+    }
+
+    fn transfer_addr(&self) -> Option<String> {
+        Some("tcp://127.0.0.1:1".into())
+    }
+}
+
+#[tokio::test]
+async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or_it_cannot_take_kv() {
+    let aggregated = build(&settings(0, 0), false).unwrap().first().router;
+    let mut full = settings(1, 0);
+    full.router.prefill_queue_limit = 1;
+    let state = build(&full, false).unwrap();
+    let router = state.first().router;
+    let prefill = router.engines_of(Pool::Prefill).remove(0);
+    router.remove_worker(prefill.worker_id());
+    router.add_worker(Arc::new(Stuck(98)), Pool::Prefill);
+    let (a, b) = (prompt(4), prompt(5));
+    // The first takes the prefill worker's only place and waits there.
+    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", a, 9)).unwrap();
+    assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await, "prefilled where it decodes");
+    assert_eq!((decisions(&state, "remote"), decisions(&state, "local_busy")), (1.0, 1.0));
+    drop(waiting);
+
+    // A decode worker without a transfer agent cannot take KV: its prompts stay with it.
+    let router =
+        Arc::new(Router::new(aggregated.engines(), RouterConfig { block_size: BLOCK, ..RouterConfig::default() }));
+    let state = FrontendState::new(
+        Arc::new(Model::load(&ModelSource::Builtin, None).unwrap()),
+        router.clone(),
+        Arc::new(Metrics::new()),
+    );
+    router.add_worker(Arc::new(Stuck(97)), Pool::Prefill);
+    assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await);
+    assert_eq!((decisions(&state, "remote"), decisions(&state, "local_unsupported")), (0.0, 1.0));
+}
