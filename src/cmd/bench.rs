@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// Aggregated vs always-disaggregated vs conditional serving on a replayed trace, same simulated GPUs:
     /// TTFT, ITL and goodput.
     Disagg(DisaggArgs),
+    /// Aggregated vs disaggregated serving on the native engine in one process: TTFT and ITL of a mix of
+    /// long and short prompts under concurrency.
+    DisaggNative(DisaggNativeArgs),
     /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
@@ -247,6 +250,50 @@ pub struct DisaggArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct DisaggNativeArgs {
+    /// HF model directory [default: the built-in tiny-chat]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Workers in each set-up (one process).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub workers: u32,
+
+    /// Of those, prefill workers in the disaggregated set-up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefill_workers: u32,
+
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..))]
+    pub requests: u32,
+
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+
+    /// Tokens of a long prompt.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
+    pub long_tokens: u32,
+
+    /// Tokens of a short prompt.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    pub short_tokens: u32,
+
+    /// One request in this many has a long prompt.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub long_every: u32,
+
+    /// Tokens each request generates.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_tokens: u32,
+
+    #[command(flatten)]
+    pub engine: super::args::EngineArgs,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// A trace replayed on mocker workers (`bench route`, `bench disagg`).
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -360,6 +407,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Route(args) => bench_route(args),
         BenchCommand::Disagg(args) => bench_disagg(args),
+        BenchCommand::DisaggNative(args) => bench_disagg_native(args),
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
         BenchCommand::Soak(args) => bench_soak(args),
@@ -564,6 +612,55 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
                 setup.goodput_rps / aggregated.goodput_rps
             );
         }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "setups": results }));
+    }
+    Ok(())
+}
+
+fn bench_disagg_native(args: DisaggNativeArgs) -> anyhow::Result<()> {
+    use crate::core::bench::disagg::{self, NativeDisaggSettings};
+    anyhow::ensure!(
+        args.prefill_workers < args.workers,
+        "--prefill-workers must leave at least one of the --workers {} to decode",
+        args.workers
+    );
+    let settings = NativeDisaggSettings {
+        model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
+        engine: args.engine.settings(),
+        workers: args.workers as usize,
+        prefill_workers: args.prefill_workers as usize,
+        requests: args.requests as usize,
+        concurrency: args.concurrency as usize,
+        long_tokens: args.long_tokens as usize,
+        short_tokens: args.short_tokens as usize,
+        long_every: args.long_every as usize,
+        max_tokens: args.max_tokens,
+    };
+    println!(
+        "dynamo bench disagg-native: {} requests at concurrency {}, one in {} of {} prompt tokens, the rest {}, {} \
+         tokens out; {} workers with {}",
+        args.requests,
+        args.concurrency,
+        args.long_every,
+        args.long_tokens,
+        args.short_tokens,
+        args.max_tokens,
+        args.workers,
+        settings.engine.describe()
+    );
+    let results = super::runtime()?.block_on(disagg::run_native(&settings))?;
+    print!("{}", disagg::native_table(&results));
+    if let [aggregated, disaggregated] = results.as_slice() {
+        println!(
+            "disaggregated / aggregated: ITL p90 {:.2}x, short-prompt TTFT p90 {:.2}x, TTFT p50 {:.2}x, output \
+             {:.2}x (below 1 is lower)",
+            disaggregated.itl_p90_ms / aggregated.itl_p90_ms,
+            disaggregated.short_ttft_p90_ms / aggregated.short_ttft_p90_ms,
+            disaggregated.ttft_p50_ms / aggregated.ttft_p50_ms,
+            disaggregated.output_tokens_per_s / aggregated.output_tokens_per_s
+        );
     }
     if args.json {
         println!("{}", serde_json::json!({ "setups": results }));

@@ -176,3 +176,153 @@ pub fn table(results: &[SetupResult]) -> String {
     }
     out
 }
+
+/// The end-to-end comparison on a real engine (`dynamo bench disagg-native`): the same workers in one
+/// process, all decoding (aggregated) or some only prefilling, under a closed loop of long and short prompts.
+#[derive(Debug, Clone)]
+pub struct NativeDisaggSettings {
+    pub model: crate::core::model::ModelSource,
+    pub engine: crate::core::engine::EngineSettings,
+    pub workers: usize,
+    pub prefill_workers: usize,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub long_tokens: usize,
+    pub short_tokens: usize,
+    /// Every this many requests, one has a long prompt.
+    pub long_every: usize,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NativeSetupResult {
+    pub setup: &'static str,
+    pub prefill_workers: usize,
+    pub decode_workers: usize,
+    pub requests: usize,
+    pub errors: usize,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    /// Over the short prompts only: what a long prompt in the same batch costs them.
+    pub short_ttft_p90_ms: f64,
+    pub itl_p50_ms: f64,
+    pub itl_p90_ms: f64,
+    pub output_tokens_per_s: f64,
+}
+
+/// One request's timings (real time).
+struct Timing {
+    long: bool,
+    ttft_ms: f64,
+    itl_ms: Option<f64>,
+    tokens: usize,
+}
+
+pub async fn run_native(settings: &NativeDisaggSettings) -> Result<Vec<NativeSetupResult>, crate::core::run::RunError> {
+    let split = settings.prefill_workers.min(settings.workers.saturating_sub(1));
+    Ok(vec![
+        run_native_setup(settings, "aggregated", 0).await?,
+        run_native_setup(settings, "disaggregated", split).await?,
+    ])
+}
+
+async fn run_native_setup(
+    settings: &NativeDisaggSettings,
+    setup: &'static str,
+    prefill_workers: usize,
+) -> Result<NativeSetupResult, crate::core::run::RunError> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+    let run = crate::core::run::RunSettings {
+        model: settings.model.clone(),
+        served_model_name: None,
+        workers: settings.workers.max(1) - prefill_workers,
+        prefill_workers,
+        engine: settings.engine.clone(),
+        router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
+        listen: ([127, 0, 0, 1], 0).into(),
+        http: Default::default(),
+    };
+    let router = crate::core::run::build(&run, false)?.first().router;
+    let timings = Arc::new(Mutex::new(Vec::with_capacity(settings.requests)));
+    let next = Arc::new(AtomicUsize::new(0));
+    let (long, short, every, max_tokens) =
+        (settings.long_tokens, settings.short_tokens, settings.long_every.max(1), settings.max_tokens);
+    let started = Instant::now();
+    let recorded = timings.clone();
+    let stats = super::drive(super::Load::Concurrency(settings.concurrency), settings.requests, move || {
+        let (router, timings) = (router.clone(), recorded.clone());
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let is_long = i.is_multiple_of(every);
+            // Each prompt its own, so no request finds another's KV cached.
+            let length = if is_long { long } else { short };
+            let prompt = (0..length).map(|p| 3 + ((i * 7919 + p * 104_729) % 30_000) as u32).collect();
+            let request = crate::core::protocol::PreprocessedRequest::greedy(format!("mix-{i}"), prompt, max_tokens);
+            let start = Instant::now();
+            let mut stream = router.route_migrating(request).map_err(|e| e.to_string())?;
+            let first = futures::StreamExt::next(&mut stream).await.ok_or("no output")?;
+            let ttft = start.elapsed();
+            let mut tokens = first.token_ids.len();
+            while let Some(output) = futures::StreamExt::next(&mut stream).await {
+                tokens += output.token_ids.len();
+            }
+            let rest = start.elapsed() - ttft;
+            let itl_ms = (tokens > 1).then(|| rest.as_secs_f64() * 1e3 / (tokens - 1) as f64);
+            let timing = Timing { long: is_long, ttft_ms: ttft.as_secs_f64() * 1e3, itl_ms, tokens };
+            timings.lock().unwrap_or_else(|p| p.into_inner()).push(timing);
+            Ok(())
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let timings = std::mem::take(&mut *timings.lock().unwrap_or_else(|p| p.into_inner()));
+    let sorted = |values: Vec<f64>| {
+        let mut values = values;
+        values.sort_by(f64::total_cmp);
+        values
+    };
+    let ttfts = sorted(timings.iter().map(|t| t.ttft_ms).collect());
+    let short_ttfts = sorted(timings.iter().filter(|t| !t.long).map(|t| t.ttft_ms).collect());
+    let itls = sorted(timings.iter().filter_map(|t| t.itl_ms).collect());
+    Ok(NativeSetupResult {
+        setup,
+        prefill_workers,
+        decode_workers: run.workers,
+        requests: timings.len(),
+        errors: stats.errors,
+        ttft_p50_ms: super::percentile(&ttfts, 0.5),
+        ttft_p90_ms: super::percentile(&ttfts, 0.9),
+        short_ttft_p90_ms: super::percentile(&short_ttfts, 0.9),
+        itl_p50_ms: super::percentile(&itls, 0.5),
+        itl_p90_ms: super::percentile(&itls, 0.9),
+        output_tokens_per_s: timings.iter().map(|t| t.tokens).sum::<usize>() as f64 / elapsed,
+    })
+}
+
+/// The readable report of `dynamo bench disagg-native`.
+pub fn native_table(results: &[NativeSetupResult]) -> String {
+    let mut out = format!(
+        "{:<14} {:>5} {:>8} {:>17} {:>15} {:>15} {:>12}\n",
+        "setup", "P+D", "requests", "TTFT p50/p90 ms", "short p90 ms", "ITL p50/p90 ms", "output tok/s"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<14} {:>5} {:>8} {:>8.0}/{:<8.0} {:>15.0} {:>7.1}/{:<7.1} {:>12.0}\n",
+            r.setup,
+            format!("{}+{}", r.prefill_workers, r.decode_workers),
+            r.requests,
+            r.ttft_p50_ms,
+            r.ttft_p90_ms,
+            r.short_ttft_p90_ms,
+            r.itl_p50_ms,
+            r.itl_p90_ms,
+            r.output_tokens_per_s
+        ));
+        if r.errors > 0 {
+            out.push_str(&format!("  ! {} requests failed\n", r.errors));
+        }
+    }
+    out
+}

@@ -10,7 +10,6 @@
 //!
 //! The published events are also recorded in a `KvLedger`, so a subscriber that lagged can have the whole
 //! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
-use super::blocks::PageId;
 use super::scheduler::{ArrivalPages, Executor, HandOffError, Scheduler, SeqId};
 use super::{ArrivingPages, Engine, EngineError, KvLedger, KvMemory, KvPages, ResponseStream};
 use crate::core::protocol::{EngineOutput, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
@@ -50,7 +49,6 @@ enum Command {
     /// The peer's KV for a request landed (true) or will not come (false).
     Arrived(SeqId, bool),
     ReleaseLease(SeqId),
-    HeldPages(SeqId, oneshot::Sender<Option<Vec<PageId>>>),
 }
 
 pub struct BatchEngine {
@@ -163,15 +161,6 @@ impl KvPages for BatchEngine {
 
     fn arrived(&self, id: SeqId, landed: bool) -> Result<(), EngineError> {
         self.inbox.send(Command::Arrived(id, landed)).map_err(|_| EngineError::Stopped)
-    }
-
-    fn held_pages(&self, id: SeqId) -> futures::future::BoxFuture<'static, Result<Option<Vec<PageId>>, EngineError>> {
-        let (reply, pages) = oneshot::channel();
-        let sent = self.inbox.send(Command::HeldPages(id, reply));
-        Box::pin(async move {
-            sent.map_err(|_| EngineError::Stopped)?;
-            pages.await.map_err(|_| EngineError::Stopped)
-        })
     }
 
     fn release_lease(&self, id: SeqId) -> Result<(), EngineError> {
@@ -344,10 +333,6 @@ fn obey<X: Executor>(
         }
         Command::ReleaseLease(id) => {
             scheduler.release_lease(id);
-            return;
-        }
-        Command::HeldPages(id, reply) => {
-            let _ = reply.send(scheduler.held_pages(id).map(<[PageId]>::to_vec));
             return;
         }
     };

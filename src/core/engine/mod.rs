@@ -71,7 +71,8 @@ pub trait KvPages: Send + Sync {
     fn memory(&self) -> &KvMemory;
 
     /// Runs a request (a prefill for a peer, `max_tokens` 1) whose pages are held for `lease` once it
-    /// finishes: `held_pages` names them then, `release_lease` frees them when the peer has read them.
+    /// finishes: its final output names them (`EngineOutput::held`, the layout left to the caller), and
+    /// `release_lease` frees them when the peer has read them.
     fn submit_holding(
         &self,
         request: PreprocessedRequest,
@@ -90,12 +91,6 @@ pub trait KvPages: Send + Sync {
 
     /// Says whether the peer's KV for request `id` landed; if not, the request is computed here instead.
     fn arrived(&self, id: scheduler::SeqId, landed: bool) -> Result<(), EngineError>;
-
-    /// The pages request `id` holds for a peer, once it has finished (`None` if it holds none).
-    fn held_pages(
-        &self,
-        id: scheduler::SeqId,
-    ) -> futures::future::BoxFuture<'static, Result<Option<Vec<blocks::PageId>>, EngineError>>;
 
     /// Frees what request `id` holds for a peer (read, or the peer is gone).
     fn release_lease(&self, id: scheduler::SeqId) -> Result<(), EngineError>;

@@ -195,17 +195,14 @@ impl HandOffEngine {
                 };
                 let finished = output.finish_reason.clone();
                 if finished == Some(FinishReason::Length) {
-                    let held = match engine.kv_pages() {
-                        Some(pages) => pages.held_pages(id).await.ok().flatten(),
-                        None => None,
-                    };
                     let layout = shared.layout;
-                    output.held = held.map(|pages| HeldKv { agent: String::new(), lease: id, tokens, pages, layout });
+                    output.held = output.held.take().map(|held| HeldKv { tokens, layout, ..held });
                     if output.held.is_some() {
                         shared.counts.held.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if finished.is_some() {
                     // Ended for good (a stop token, an error): nobody will read it.
+                    output.held = None;
                     release();
                 }
                 if outputs.send(output).is_err() {

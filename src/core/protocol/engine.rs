@@ -48,7 +48,7 @@ pub struct HeldKv {
 /// How an engine's KV pages sit in its transfer agent's regions: `regions` consecutive region ids from
 /// `first_region` (each layer's K, then its V), page `p` at `p * page_bytes` in each. Two engines can hand KV
 /// to each other only if everything but `first_region` is equal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
     pub block_size: u32,
     pub page_bytes: u64,
@@ -152,7 +152,8 @@ pub struct EngineOutput {
     pub finish_reason: Option<FinishReason>,
     /// Prompt tokens found in the prefix cache; set on the first output.
     pub cached_tokens: Option<u32>,
-    /// On the final output of a `HandOff::Hold` request that ended for length: the KV held for the peer.
+    /// On the final output of a request whose pages are held for a peer (`HandOff::Hold`, ended for
+    /// length): where they are.
     #[serde(default)]
     pub held: Option<HeldKv>,
 }

@@ -21,7 +21,9 @@
 //!   committed as if computed) or `arrival_failed` or its wait is over (then it is computed here from the
 //!   start, as vLLM recomputes when a KV load fails: a peer that died costs time, never the request).
 use super::blocks::{BlockPool, KvFull, PageId};
-use crate::core::protocol::{EngineOutput, FinishReason, KvEvent, LoadMetrics, PreprocessedRequest, TokenLogprob};
+use crate::core::protocol::{
+    EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, PreprocessedRequest, TokenLogprob,
+};
 use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -461,6 +463,18 @@ impl<X: Executor> Scheduler<X> {
             match seq.hold_for {
                 Some(lease) => {
                     let pages = std::mem::take(&mut seq.pages);
+                    // Named on the final output itself: asking for them after the step would wait a whole
+                    // next step (a long prefill, perhaps) while the peer waits to read them.
+                    let held = HeldKv {
+                        agent: String::new(),
+                        lease: seq.id,
+                        tokens: seq.computed as u32,
+                        pages: pages.clone(),
+                        layout: KvLayout { block_size: self.config.block_size as u32, ..KvLayout::default() },
+                    };
+                    if let Some((_, output)) = outcome.outputs.iter_mut().rev().find(|(id, _)| *id == seq.id) {
+                        output.held = Some(held);
+                    }
                     self.leases.push(Lease { id: seq.id, pages, expires: Instant::now() + lease });
                 }
                 None => release(&mut self.pool, &mut seq),
