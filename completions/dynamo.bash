@@ -49,6 +49,9 @@ _dynamo() {
             dynamo__subcmd__bench,disagg)
                 cmd="dynamo__subcmd__bench__subcmd__disagg"
                 ;;
+            dynamo__subcmd__bench,disagg-native)
+                cmd="dynamo__subcmd__bench__subcmd__disagg__subcmd__native"
+                ;;
             dynamo__subcmd__bench,engine)
                 cmd="dynamo__subcmd__bench__subcmd__engine"
                 ;;
@@ -78,6 +81,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,disagg)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__disagg"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,disagg-native)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__disagg__subcmd__native"
                 ;;
             dynamo__subcmd__bench__subcmd__help,engine)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
@@ -139,6 +145,9 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,disagg)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__disagg"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,disagg-native)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__disagg__subcmd__native"
+                ;;
             dynamo__subcmd__help__subcmd__bench,engine)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
                 ;;
@@ -184,7 +193,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route disagg plane engine transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route disagg disagg-native plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -263,6 +272,92 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__disagg__subcmd__native)
+            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prefill-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --requests)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --concurrency)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --long-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --short-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --long-every)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine)
+                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    return 0
+                    ;;
+                --block-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --num-blocks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-num-seqs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-num-batched-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-cache-gib)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__bench__subcmd__engine)
             opts="-v -h -V --model --threads --device --prompt-tokens --batch --decode-steps --repeats --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -306,7 +401,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route disagg plane engine transfer transfer-target soak help"
+            opts="http index route disagg disagg-native plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -320,6 +415,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__disagg)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__disagg__subcmd__native)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -832,7 +941,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route disagg plane engine transfer transfer-target soak"
+            opts="http index route disagg disagg-native plane engine transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -846,6 +955,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__disagg)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__disagg__subcmd__native)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -230,3 +230,34 @@ fn bench_disagg_compares_aggregated_disaggregated_and_conditional() {
     // first prompts of each prefix move.
     assert!(remote(2) > 0.0 && remote(2) < 0.5, "{json}");
 }
+
+#[test]
+fn bench_disagg_native_compares_aggregated_and_disaggregated_serving() {
+    let json = last_json_line(&[
+        "bench",
+        "disagg-native",
+        "--requests",
+        "8",
+        "--concurrency",
+        "2",
+        "--long-tokens",
+        "200",
+        "--short-tokens",
+        "16",
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let setups = json["setups"].as_array().expect("setups");
+    let names: Vec<_> = setups.iter().map(|s| s["setup"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names, vec!["aggregated", "disaggregated"]);
+    for setup in setups {
+        assert_eq!((setup["requests"].as_u64(), setup["errors"].as_u64()), (Some(8), Some(0)), "{setup}");
+        for field in ["ttft_p50_ms", "short_ttft_p90_ms", "itl_p90_ms", "output_tokens_per_s"] {
+            assert!(setup[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {setup}");
+        }
+    }
+    assert_eq!((setups[1]["prefill_workers"].as_u64(), setups[1]["decode_workers"].as_u64()), (Some(1), Some(1)));
+}
