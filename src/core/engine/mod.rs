@@ -42,6 +42,13 @@ pub fn check_fits(request: &PreprocessedRequest, max_sequence_tokens: usize) -> 
     if request.token_ids.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
     }
+    if request.generated as usize >= request.token_ids.len() {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} of the {} tokens are said to be generated, but a request has at least one prompt token",
+            request.generated,
+            request.token_ids.len()
+        )));
+    }
     if needed > max_sequence_tokens {
         return Err(EngineError::InvalidRequest(format!(
             "prompt plus max_tokens is {needed} tokens but this worker holds at most {max_sequence_tokens} per \

@@ -212,6 +212,7 @@ pub fn build_choices(
                     stop: StopConditions { max_tokens, min_tokens, stop_token_ids: stop_token_ids.clone() },
                     logprobs: options.logprobs,
                     hand_off: HandOff::None,
+                    generated: 0,
                 },
                 text: text.clone(),
             });

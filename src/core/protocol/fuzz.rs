@@ -55,15 +55,18 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
         any::<Option<u64>>(),
         0u32..100_000,
         any::<Option<u32>>(),
-        hand_off,
+        (hand_off, any::<u32>()),
     )
-        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, hand_off)| PreprocessedRequest {
-            request_id,
-            token_ids,
-            sampling: SamplingOptions { seed, ..SamplingOptions::default() },
-            stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![max_tokens] },
-            logprobs,
-            hand_off,
+        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated))| {
+            PreprocessedRequest {
+                request_id,
+                token_ids,
+                sampling: SamplingOptions { seed, ..SamplingOptions::default() },
+                stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![max_tokens] },
+                logprobs,
+                hand_off,
+                generated,
+            }
         })
 }
 

@@ -77,6 +77,7 @@ impl MigratingStream {
         next.stop.max_tokens = next.stop.max_tokens.checked_sub(done).filter(|&left| left > 0)?;
         next.stop.min_tokens = next.stop.min_tokens.saturating_sub(done);
         next.token_ids.extend_from_slice(&self.generated);
+        next.generated = self.request.generated + done;
         Some(next)
     }
 }

@@ -33,7 +33,11 @@ fn prompt(seed: u32) -> Vec<u32> {
 }
 
 async fn generate(router: &Arc<Router>, prompt: &[u32]) -> Vec<u32> {
-    let stream = router.route_migrating(PreprocessedRequest::greedy("r", prompt.to_vec(), 9)).unwrap();
+    complete(router, PreprocessedRequest::greedy("r", prompt.to_vec(), 9)).await
+}
+
+async fn complete(router: &Arc<Router>, request: PreprocessedRequest) -> Vec<u32> {
+    let stream = router.route_migrating(request).unwrap();
     stream.flat_map(|output| futures::stream::iter(output.token_ids)).collect().await
 }
 
@@ -78,6 +82,25 @@ async fn prefill_workers_give_the_tokens_of_aggregated_serving() {
     assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await);
     assert_eq!(decisions(&state, "remote"), 3.0);
     assert!(decode.load().kv_total_blocks > 0);
+}
+
+#[tokio::test]
+async fn seeded_sampling_continues_on_the_decode_worker_as_if_it_had_never_moved() {
+    use crate::core::protocol::SamplingOptions;
+    let aggregated = build(&settings(0, 0), false).unwrap().first().router;
+    let state = build(&settings(1, 0), false).unwrap();
+    let router = state.first().router;
+    for (seed, frequency_penalty) in [(7, 0.0), (8, 0.0), (9, 0.8)] {
+        let sampling = SamplingOptions { temperature: 1.0, seed: Some(seed), frequency_penalty, ..Default::default() };
+        let request = PreprocessedRequest { sampling, ..PreprocessedRequest::greedy("s", prompt(6), 12) };
+        let expected = complete(&aggregated, request.clone()).await;
+        assert_eq!(complete(&router, request).await, expected, "seed {seed}, frequency penalty {frequency_penalty}");
+    }
+    assert_eq!(decisions(&state, "remote"), 3.0);
+    // A peer cannot make a worker draw without bound: what it says was generated is bounded by the prompt.
+    let claimed = PreprocessedRequest { generated: 57, ..PreprocessedRequest::greedy("g", prompt(6), 2) };
+    let refused = router.engines()[0].submit(claimed).err().expect("more generated than there are tokens");
+    assert!(refused.to_string().contains("said to be generated"), "{refused}");
 }
 
 /// A prefill worker that is lost as soon as it is sent anything.

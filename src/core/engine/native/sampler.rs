@@ -15,12 +15,19 @@ pub struct SeqSampler {
 }
 
 impl SeqSampler {
+    /// A continuation (`request.generated` > 0) draws past the tokens its earlier parts sampled, one draw
+    /// each, so a seeded request samples what it would have sampled without moving.
     pub fn new(request: &PreprocessedRequest, seed: u64) -> Self {
-        Self {
-            options: request.sampling.clone(),
-            rng: StdRng::seed_from_u64(seed),
-            prompt_len: request.token_ids.len(),
+        let options = request.sampling.clone();
+        let mut rng = StdRng::seed_from_u64(seed);
+        // `check_fits` bounds `generated` by the prompt, so this is at most a context's worth of draws.
+        if draws(&options) {
+            for _ in 0..request.generated {
+                let _: f32 = rng.random();
+            }
         }
+        let prompt_len = request.token_ids.len().saturating_sub(request.generated as usize);
+        Self { options, rng, prompt_len }
     }
 
     /// Picks the token that follows `tokens` (prompt and everything generated so far).
@@ -29,7 +36,7 @@ impl SeqSampler {
         let o = &self.options;
         let penalised = self.penalised(logits, tokens);
         let logits = penalised.as_deref().unwrap_or(logits);
-        let token = if o.temperature <= 0.0 || o.top_k == Some(1) {
+        let token = if !draws(o) {
             argmax(logits)
         } else {
             let candidates = filter(logits, o.temperature, o.top_k, o.top_p, o.min_p);
@@ -83,6 +90,11 @@ impl SeqSampler {
         }
         Some(logits)
     }
+}
+
+/// Whether a token is drawn at random (one draw of the generator each) rather than taken greedily.
+fn draws(options: &SamplingOptions) -> bool {
+    options.temperature > 0.0 && options.top_k != Some(1)
 }
 
 /// The first position of the largest logit (NaNs never win). Two passes, the maximum in eight lanes and then
