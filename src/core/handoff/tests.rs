@@ -8,6 +8,16 @@ use std::time::Instant;
 const BLOCK: usize = 4;
 
 fn engine(id: WorkerId, model: &Model) -> Arc<dyn Engine> {
+    engine_of(id, model, &ModelSource::Builtin)
+}
+
+/// The built-in model's KV pages are f32, the Qwen3 fixture's (bf16 weights) bf16.
+fn sources() -> [ModelSource; 2] {
+    let qwen3 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/qwen3");
+    [ModelSource::Builtin, ModelSource::Dir(qwen3)]
+}
+
+fn engine_of(id: WorkerId, model: &Model, source: &ModelSource) -> Arc<dyn Engine> {
     let scheduler = SchedulerConfig { block_size: BLOCK, num_blocks: 64, ..SchedulerConfig::default() };
     let settings = EngineSettings::Native(NativeSettings {
         device: Device::Cpu,
@@ -16,11 +26,15 @@ fn engine(id: WorkerId, model: &Model) -> Arc<dyn Engine> {
         num_blocks: Some(64),
         scheduler,
     });
-    spawn_engines(model, &ModelSource::Builtin, &settings, &[id]).unwrap().remove(0)
+    spawn_engines(model, source, &settings, &[id]).unwrap().remove(0)
 }
 
 fn hand_off(id: WorkerId, model: &Model) -> HandOffEngine {
-    HandOffEngine::start(engine(id, model), AgentSettings::loopback(None)).unwrap()
+    hand_off_of(id, model, &ModelSource::Builtin)
+}
+
+fn hand_off_of(id: WorkerId, model: &Model, source: &ModelSource) -> HandOffEngine {
+    HandOffEngine::start(engine_of(id, model, source), AgentSettings::loopback(None)).unwrap()
 }
 
 fn prompt() -> Vec<u32> {
@@ -60,12 +74,18 @@ async fn prefill_holding(prefill: &HandOffEngine, prompt: &[u32]) -> (Vec<u32>, 
 
 #[tokio::test]
 async fn a_prompt_prefilled_on_one_worker_is_decoded_on_another_with_the_same_tokens() {
-    let model = Model::load(&ModelSource::Builtin, None).unwrap();
+    for source in sources() {
+        handed_over_equals_computed_here(&source).await;
+    }
+}
+
+async fn handed_over_equals_computed_here(source: &ModelSource) {
+    let model = Model::load(source, None).unwrap();
     let prompt = prompt();
-    let alone = engine(1, &model);
+    let alone = engine_of(1, &model, source);
     let expected = tokens(&outputs(alone.submit(PreprocessedRequest::greedy("a", prompt.clone(), 8)).unwrap()).await);
 
-    let (prefill, decode) = (hand_off(2, &model), hand_off(3, &model));
+    let (prefill, decode) = (hand_off_of(2, &model, source), hand_off_of(3, &model, source));
     let (first, held) = prefill_holding(&prefill, &prompt).await;
     assert_eq!(first, expected[..1], "the prefill's first token is the aggregated one");
     assert_eq!(held.tokens as usize, prompt.len());
