@@ -207,7 +207,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__disagg)
-            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --gpus --prefill-gpus --threshold --queue-limit --ttft-target-ms --itl-target-ms --transfer-gbps --kv-bytes-per-token --json --verbose --help --version"
+            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --gpus --prefill-gpus --threshold --queue-limit --ttft-target-ms --itl-target-ms --transfer-gbps --output-scale --kv-bytes-per-token --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -258,6 +258,10 @@ _dynamo() {
                     return 0
                     ;;
                 --transfer-gbps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output-scale)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -230,6 +230,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l ttft-target-ms -d 'A request is good if its TTFT is at most this (simulated ms) …' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l itl-target-ms -d '… and its tokens came this fast on average (simulated ms between tokens)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l transfer-gbps -d 'Bandwidth a prompt\'s KV moves at between workers, GB/s (measure yours with `dynamo bench transfer`)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l output-scale -d 'Multiplies every request\'s output length: the public trace\'s outputs are short, and how much decoding a long prefill stalls decides what disaggregation is worth' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l kv-bytes-per-token -d 'KV bytes per token of the simulated model (Llama-3-8B in bf16: 128 KiB)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

@@ -241,6 +241,11 @@ pub struct DisaggArgs {
     #[arg(long, default_value_t = 25.0, value_parser = positive_f64)]
     pub transfer_gbps: f64,
 
+    /// Multiplies every request's output length: the public trace's outputs are short, and how much decoding
+    /// a long prefill stalls decides what disaggregation is worth.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    pub output_scale: f64,
+
     /// KV bytes per token of the simulated model (Llama-3-8B in bf16: 128 KiB).
     #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u64).range(1..))]
     pub kv_bytes_per_token: u64,
@@ -574,7 +579,10 @@ fn bench_index(args: IndexArgs) -> anyhow::Result<()> {
 
 fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
     use crate::core::bench::disagg::{self, DisaggBenchSettings};
-    let trace = args.replay.trace()?;
+    let mut trace = args.replay.trace()?;
+    for request in &mut trace {
+        request.output_length = ((request.output_length as f64 * args.output_scale).round() as u64).max(1);
+    }
     let gpus = args.gpus as usize;
     let prefill_gpus = args.prefill_gpus.map_or(gpus / 2, |p| p as usize);
     anyhow::ensure!(prefill_gpus < gpus, "--prefill-gpus must leave at least one of the --gpus {gpus} to decode");
@@ -592,9 +600,10 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
         kv_bytes_per_token: args.kv_bytes_per_token,
     };
     println!(
-        "dynamo bench disagg: {} trace requests on {gpus} simulated GPUs ({prefill_gpus} prefill when split), KV \
-         at {} GB/s ({} B/token), targets TTFT {} ms and ITL {} ms, speedup {}",
+        "dynamo bench disagg: {} trace requests (outputs ×{}) on {gpus} simulated GPUs ({prefill_gpus} prefill \
+         when split), KV at {} GB/s ({} B/token), targets TTFT {} ms and ITL {} ms, speedup {}",
         trace.len(),
+        args.output_scale,
         args.transfer_gbps,
         args.kv_bytes_per_token,
         args.ttft_target_ms,
