@@ -67,6 +67,9 @@ _dynamo() {
             dynamo__subcmd__bench,plane)
                 cmd="dynamo__subcmd__bench__subcmd__plane"
                 ;;
+            dynamo__subcmd__bench,planner)
+                cmd="dynamo__subcmd__bench__subcmd__planner"
+                ;;
             dynamo__subcmd__bench,route)
                 cmd="dynamo__subcmd__bench__subcmd__route"
                 ;;
@@ -99,6 +102,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,plane)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__plane"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,planner)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__planner"
                 ;;
             dynamo__subcmd__bench__subcmd__help,route)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__route"
@@ -160,6 +166,9 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,plane)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__plane"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,planner)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__planner"
+                ;;
             dynamo__subcmd__help__subcmd__bench,route)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__route"
                 ;;
@@ -193,7 +202,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route disagg disagg-native plane engine transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route disagg disagg-native planner plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -405,7 +414,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route disagg disagg-native plane engine transfer transfer-target soak help"
+            opts="http index route disagg disagg-native planner plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -503,6 +512,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__plane)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__planner)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -672,6 +695,28 @@ _dynamo() {
                     return 0
                     ;;
                 --tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__planner)
+            opts="-v -h -V --trace --interval --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --trace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --interval)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -945,7 +990,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route disagg disagg-native plane engine transfer transfer-target soak"
+            opts="http index route disagg disagg-native planner plane engine transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1029,6 +1074,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__plane)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__planner)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

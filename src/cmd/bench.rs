@@ -33,6 +33,9 @@ pub enum BenchCommand {
     /// Aggregated vs disaggregated serving on the native engine in one process: TTFT and ITL of a mix of
     /// long and short prompts under concurrency.
     DisaggNative(DisaggNativeArgs),
+    /// Load forecasts on a trace: one-step-ahead WAPE of every predictor (constant, moving average, EWMA,
+    /// Kalman) on requests, input and output tokens per interval.
+    Planner(PlannerArgs),
     /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
@@ -256,6 +259,22 @@ pub struct DisaggArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PlannerArgs {
+    /// Mooncake JSONL (timestamp ms, input_length, output_length) or Azure CSV (TIMESTAMP, ContextTokens,
+    /// GeneratedTokens) trace.
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+
+    /// Interval lengths, seconds.
+    #[arg(long, value_delimiter = ',', default_values = ["10", "60"], value_parser = positive_f64)]
+    pub interval: Vec<f64>,
+
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DisaggNativeArgs {
     /// HF model directory [default: the built-in tiny-chat]
     #[arg(long, value_name = "DIR")]
@@ -413,6 +432,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Route(args) => bench_route(args),
         BenchCommand::Disagg(args) => bench_disagg(args),
         BenchCommand::DisaggNative(args) => bench_disagg_native(args),
+        BenchCommand::Planner(args) => bench_planner(args),
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
         BenchCommand::Soak(args) => bench_soak(args),
@@ -624,6 +644,24 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
     }
     if args.json {
         println!("{}", serde_json::json!({ "setups": results }));
+    }
+    Ok(())
+}
+
+fn bench_planner(args: PlannerArgs) -> anyhow::Result<()> {
+    use crate::core::bench::planner;
+    let arrivals = planner::load_arrivals(&args.trace)?;
+    println!(
+        "dynamo bench planner: {} requests from {}, one-step-ahead WAPE per interval (lower is better, * the best); \
+         the planner's default: {}",
+        arrivals.len(),
+        args.trace.display(),
+        planner::DEFAULT_PREDICTOR
+    );
+    let results = planner::run(&arrivals, &args.interval);
+    print!("{}", planner::table(&results));
+    if args.json {
+        println!("{}", serde_json::json!({ "default": planner::DEFAULT_PREDICTOR, "results": results }));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod indexer;
 pub mod members;
 pub mod model;
 pub mod plane;
+pub mod planner;
 pub mod protocol;
 pub mod route;
 pub mod router;

@@ -261,3 +261,28 @@ fn bench_disagg_native_compares_aggregated_and_disaggregated_serving() {
     }
     assert_eq!((setups[1]["prefill_workers"].as_u64(), setups[1]["decode_workers"].as_u64()), (Some(1), Some(1)));
 }
+
+#[test]
+fn bench_planner_scores_every_predictor_on_every_series() {
+    let trace = trace_file("planner-trace.jsonl");
+    let json =
+        last_json_line(&["bench", "planner", "--trace", trace.to_str().unwrap(), "--interval", "0.5,1", "--json"]);
+    assert_eq!(json["default"], "auto");
+    let results = json["results"].as_array().expect("results");
+    let of = |interval: f64, series: &str| {
+        (results.iter())
+            .filter(|r| r["interval_s"].as_f64() == Some(interval) && r["series"] == series)
+            .map(|r| (r["predictor"].as_str().unwrap_or_default().to_string(), r["wape"].as_f64()))
+            .collect::<Vec<_>>()
+    };
+    for interval in [0.5, 1.0] {
+        for series in ["requests", "input_tokens", "output_tokens"] {
+            let row = of(interval, series);
+            let names: Vec<&str> = row.iter().map(|(name, _)| name.as_str()).collect();
+            assert!(names.contains(&"auto") && names.contains(&"kalman") && names.contains(&"mavg-5"), "{names:?}");
+            // The trace is one request every 100 ms: every interval holds the same load, forecast exactly.
+            let constant = row.iter().find(|(name, _)| name == "constant").and_then(|(_, w)| *w);
+            assert!(constant.is_some_and(|w| w < 0.05), "{interval} {series}: {row:?}");
+        }
+    }
+}

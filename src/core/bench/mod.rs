@@ -8,6 +8,7 @@ pub mod engine;
 pub mod http;
 pub mod index;
 pub mod plane;
+pub mod planner;
 pub mod route;
 pub mod soak;
 pub mod trace;
