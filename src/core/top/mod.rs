@@ -58,14 +58,14 @@ impl KvActivity {
         }
     }
 
-    /// Events per second over the window, as of `now` (a worker gone quiet decays to zero).
+    /// Events per second over the window, as of `now` (a worker gone quiet decays to zero). Samples are
+    /// pruned only when a batch comes, so the window is applied here too: an old sample still held must not
+    /// hide the batches after it.
     pub fn rate(&self, now: Instant) -> f64 {
-        let Some(&(first, before_first)) = self.samples.front() else { return 0.0 };
-        if now - first > RATE_WINDOW {
-            return 0.0;
-        }
+        let within = self.samples.iter().find(|&&(at, _)| now.saturating_duration_since(at) <= RATE_WINDOW);
+        let Some(&(first, before_first)) = within else { return 0.0 };
         // At least a second: one batch just in is not an infinite rate.
-        (self.events - before_first) as f64 / (now - first).as_secs_f64().max(1.0)
+        (self.events - before_first) as f64 / now.saturating_duration_since(first).as_secs_f64().max(1.0)
     }
 }
 
@@ -176,7 +176,9 @@ impl ClusterView {
 
     /// The namespace in one line: workers, requests, KV use and event-plane health over every worker.
     pub fn summary(&self, now: Instant) -> String {
-        let loads = self.workers.values().filter_map(|w| w.load.as_ref());
+        // A worker that stopped answering runs nothing any more, whatever it last reported.
+        let alive = self.workers.values().filter(|w| w.state == PeerState::Alive);
+        let loads = alive.filter_map(|w| w.load.as_ref());
         let (running, waiting, active, total) = loads.fold((0, 0, 0, 0), |(r, w, a, t), load| {
             let (running, waiting) = (u64::from(load.requests_running), u64::from(load.requests_waiting));
             (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
@@ -206,10 +208,16 @@ impl ClusterView {
             .workers
             .values()
             .map(|w| {
+                // Ids as the hex the table and the logs show: as JSON numbers past 2^53, JavaScript and jq
+                // round them.
+                let mut record = serde_json::json!(w.instance);
+                if let (Some(instance), Some(fields)) = (&w.instance, record.as_object_mut()) {
+                    fields.insert("id".into(), format!("{:016x}", instance.id).into());
+                }
                 serde_json::json!({
                     "endpoint": w.endpoint,
                     "state": w.state,
-                    "record": w.instance,
+                    "record": record,
                     "load": w.load,
                     "stats": w.stats,
                     "kv_events": w.kv.events,

@@ -79,7 +79,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
 
     let json = view.json(later);
     let worker = &json["workers"][0];
-    assert_eq!((worker["state"].as_str(), worker["record"]["id"].as_u64()), (Some("alive"), Some(7)));
+    assert_eq!((worker["state"].as_str(), worker["record"]["id"].as_str()), (Some("alive"), Some("0000000000000007")));
     assert_eq!(
         (worker["load"]["requests_running"].as_u64(), worker["stats"]["accepted"].as_u64()),
         (Some(3), Some(12))
@@ -88,6 +88,11 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
 
     view.status(ENDPOINT, WorkerStatus::Lost);
     assert_eq!(cell(&view.rows(later), 0, "STATE"), "lost");
+    let summary = view.summary(later);
+    assert!(
+        summary.contains("0 alive; 0 running, 0 waiting; KV - used"),
+        "a lost worker's load is not counted: {summary}"
+    );
     // Back under a new id: the old process's numbers are gone, the new one's messages count.
     // (now with a transfer agent bound to every interface: shown where this view reached the worker)
     let offering = Instance { transfer_addr: Some("tcp://0.0.0.0:7102".into()), ..instance(8) };
@@ -101,6 +106,23 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert!(view.rows(later).is_empty());
     let summary = view.summary(later);
     assert!(summary.contains("0 workers") && summary.contains(" 0 KV events/s"), "{summary}");
+}
+
+#[test]
+fn the_kv_event_rate_counts_the_window_even_when_an_older_sample_is_still_held() {
+    let start = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    let batch = |seq: u64| delivery(7, Topic::Kv, seq, Continuity::InOrder, stored(1).to_bytes());
+    // A batch a second for six seconds: the first is outside the window by then, but nothing pruned it.
+    for second in 0..6 {
+        view.deliver(ENDPOINT, batch(second), start + Duration::from_secs(second));
+    }
+    let now = start + Duration::from_secs(6);
+    let rate = view.kv_rate(now);
+    assert!((0.8..=1.25).contains(&rate), "a steady batch a second reads {rate}");
+    assert_eq!(view.kv_rate(start + Duration::from_secs(60)), 0.0, "and decays once quiet");
 }
 
 #[test]
