@@ -23,6 +23,9 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 pub enum PeerState {
     /// Found by discovery, no answer yet.
     Connecting,
+    /// Found by discovery, and no answer for longer than a worker may stay silent (a stale cluster-file
+    /// entry, a firewall, the wrong address): not a worker that is starting.
+    Unreachable,
     Alive,
     /// Stopped answering the heartbeat (it stays listed: discovery still names it).
     Lost,
@@ -79,11 +82,14 @@ pub struct WorkerView {
     pub kv: KvActivity,
     /// Event-plane messages from it that never arrived.
     pub lost_messages: u64,
+    /// When discovery named it.
+    pub found: Instant,
 }
 
 impl WorkerView {
     fn new(endpoint: String) -> Self {
         Self {
+            found: Instant::now(),
             endpoint,
             state: PeerState::Connecting,
             instance: None,
@@ -103,11 +109,28 @@ pub struct ClusterView {
     pub workers: BTreeMap<String, WorkerView>,
     /// Event-plane messages that did not decode.
     pub malformed: u64,
+    /// How long a worker found by discovery may take to answer before it is shown as unreachable.
+    pub answer_within: Duration,
 }
 
 impl ClusterView {
     pub fn new(namespace: &str) -> Self {
-        Self { namespace: namespace.to_string(), workers: BTreeMap::new(), malformed: 0 }
+        Self {
+            namespace: namespace.to_string(),
+            workers: BTreeMap::new(),
+            malformed: 0,
+            answer_within: Duration::from_secs(5),
+        }
+    }
+
+    /// A worker's state as of `now`: one still connecting past `answer_within` is unreachable.
+    pub fn state(&self, worker: &WorkerView, now: Instant) -> PeerState {
+        match worker.state {
+            PeerState::Connecting if now.saturating_duration_since(worker.found) > self.answer_within => {
+                PeerState::Unreachable
+            }
+            ref state => state.clone(),
+        }
     }
 
     fn discovered(&mut self, endpoint: String) {
@@ -199,7 +222,7 @@ impl ClusterView {
 
     /// One row per worker, in `COLUMNS` order: what both the live table and the text snapshot show.
     pub fn rows(&self, now: Instant) -> Vec<[String; COLUMNS.len()]> {
-        self.workers.values().map(|worker| row(worker, now)).collect()
+        self.workers.values().map(|worker| row(worker, &self.state(worker, now), now)).collect()
     }
 
     /// The view as one JSON object, for scripts: the same facts as the table, with numbers as numbers.
@@ -216,7 +239,7 @@ impl ClusterView {
                 }
                 serde_json::json!({
                     "endpoint": w.endpoint,
-                    "state": w.state,
+                    "state": self.state(w, now),
                     "record": record,
                     "load": w.load,
                     "stats": w.stats,
@@ -278,11 +301,12 @@ pub fn column_widths(rows: &[[String; COLUMNS.len()]]) -> [usize; COLUMNS.len()]
     widths
 }
 
-fn row(worker: &WorkerView, now: Instant) -> [String; COLUMNS.len()] {
+fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS.len()] {
     let unknown = || "-".to_string();
     let instance = worker.instance.as_ref();
-    let state = match &worker.state {
+    let state = match state {
         PeerState::Connecting => "connecting".to_string(),
+        PeerState::Unreachable => "no answer".to_string(),
         PeerState::Alive => "alive".to_string(),
         PeerState::Lost => "lost".to_string(),
         PeerState::Incompatible { theirs } => format!("protocol v{theirs}"),
@@ -320,6 +344,7 @@ pub async fn watch(
 ) -> Result<(), PlaneError> {
     let mut members = Members::watch(discovery.as_ref(), &namespace, dead_after, key.as_ref(), &Topic::ALL)?;
     let view = || view.lock().unwrap_or_else(|p| p.into_inner());
+    view().answer_within = dead_after;
     while let Some(change) = members.next().await {
         match change {
             Change::Found(endpoint) => view().discovered(endpoint),

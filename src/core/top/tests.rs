@@ -42,6 +42,10 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     view.discovered(ENDPOINT.into());
     let rows = view.rows(start);
     assert_eq!((cell(&rows, 0, "STATE"), cell(&rows, 0, "MODEL")), ("connecting", "-"));
+    // Silent past the time a worker may take to answer: not starting, unreachable.
+    let silent = Instant::now() + view.answer_within + Duration::from_millis(1);
+    assert_eq!(cell(&view.rows(silent), 0, "STATE"), "no answer");
+    assert_eq!(view.json(silent)["workers"][0]["state"], "unreachable");
 
     view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
     let load = LoadMetrics {

@@ -71,10 +71,12 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState,
     let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
     // Rows come in the order of `view.workers`.
     let styled = view.workers.values().zip(rows).map(|(worker, row)| {
-        let style = match worker.state {
+        let style = match view.state(worker, now) {
             PeerState::Alive => Style::default(),
             PeerState::Connecting => Style::default().fg(Color::DarkGray),
-            PeerState::Lost | PeerState::Incompatible { .. } => Style::default().fg(Color::Red),
+            PeerState::Unreachable | PeerState::Lost | PeerState::Incompatible { .. } => {
+                Style::default().fg(Color::Red)
+            }
         };
         Row::new(row).style(style)
     });
