@@ -417,7 +417,7 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
     assert_eq!(rows.len(), 2, "the other namespace's worker is not shown:\n{text}");
     assert!(rows.iter().any(|r| r.contains("tiny-chat")) && rows.iter().any(|r| r.contains("tiny-other")), "{text}");
     // Load arrived from both and the requests were counted.
-    assert!(column(&text, "KV BLOCKS").iter().all(|cell| cell.contains('/')), "{text}");
+    assert!(column(&text, "KV HELD").iter().all(|cell| cell.contains('/')), "{text}");
     let requests: u64 = column(&text, "ROUTED").iter().map(|cell| cell.parse::<u64>().unwrap_or(0)).sum();
     assert_eq!(requests, 3, "{text}");
 }

@@ -209,7 +209,7 @@ impl ClusterView {
         let used = if total > 0 { format!("{:.1}%", 100.0 * active as f64 / total as f64) } else { "-".into() };
         let workers = self.workers.len();
         format!(
-            "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} used; \
+            "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} active; \
              {:.0} KV events/s; {} lost and {} malformed event-plane messages",
             self.namespace,
             if workers == 1 { "" } else { "s" },
@@ -281,8 +281,8 @@ pub const COLUMNS: [&str; 13] = [
     "STATE",
     "RUN",
     "WAIT",
-    "KV USED",
-    "KV BLOCKS",
+    "KV ACTIVE",
+    "KV HELD",
     "KV EV/S",
     "ROUTED",
     "REFUSED",

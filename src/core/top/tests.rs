@@ -69,7 +69,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!(cell(&rows, 0, "WORKER"), "0000000000000007");
     assert_eq!((cell(&rows, 0, "STATE"), cell(&rows, 0, "ROLE")), ("alive", "decode"));
     assert_eq!((cell(&rows, 0, "RUN"), cell(&rows, 0, "WAIT")), ("3", "1"));
-    assert_eq!((cell(&rows, 0, "KV USED"), cell(&rows, 0, "KV BLOCKS")), ("25.0%", "300/1000"));
+    assert_eq!((cell(&rows, 0, "KV ACTIVE"), cell(&rows, 0, "KV HELD")), ("25.0%", "300/1000"));
     assert_eq!((cell(&rows, 0, "ROUTED"), cell(&rows, 0, "REFUSED")), ("12", "2"));
     assert_eq!(cell(&rows, 0, "KV XFER"), "-", "no transfer agent");
     let worker = &view.workers[ENDPOINT];
@@ -78,7 +78,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!(cell(&rows, 0, "KV EV/S"), "1");
     assert_eq!(view.malformed, 1);
     let summary = view.summary(later);
-    assert!(summary.contains("1 worker, 1 alive; 3 running, 1 waiting; KV 25.0% used"), "{summary}");
+    assert!(summary.contains("1 worker, 1 alive; 3 running, 1 waiting; KV 25.0% active"), "{summary}");
     assert_eq!(view.kv_rate(later + RATE_WINDOW * 2), 0.0, "a quiet worker's rate decays");
 
     let json = view.json(later);
@@ -94,7 +94,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!(cell(&view.rows(later), 0, "STATE"), "lost");
     let summary = view.summary(later);
     assert!(
-        summary.contains("0 alive; 0 running, 0 waiting; KV - used"),
+        summary.contains("0 alive; 0 running, 0 waiting; KV - active"),
         "a lost worker's load is not counted: {summary}"
     );
     // Back under a new id: the old process's numbers are gone, the new one's messages count.
@@ -194,4 +194,36 @@ fn the_highlight_scrolls_the_table_when_workers_outnumber_the_lines() {
     table.select_last();
     let last = screen(&mut table);
     assert!(last.contains(&endpoint(39)) && !last.contains(&endpoint(10)), "{last}");
+}
+
+#[test]
+fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    let load = LoadMetrics {
+        requests_running: 12,
+        requests_waiting: 3,
+        kv_active_blocks: 1500,
+        kv_total_blocks: 16384,
+        kv_cached_blocks: 28,
+    };
+    view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let mut table = ratatui::widgets::TableState::default();
+    terminal.draw(|frame| ui::draw(frame, &view, &mut table, &[], now)).unwrap();
+    let buffer = terminal.backend().buffer();
+    let lines: Vec<String> =
+        (0..24).map(|y| (0..80).map(|x| buffer.cell((x, y)).map_or(" ", |c| c.symbol())).collect::<String>()).collect();
+    let screen = lines.join("\n");
+    for whole in ["0000000000000007", "alive", "12", "9.2%", "1528/16384", "q quits"] {
+        assert!(screen.contains(whole), "{whole:?} cut or missing at 80 columns:\n{screen}");
+    }
+    // What did not fit is not there at all, not half there.
+    assert!(!screen.contains("tcp://10.0.0.7"), "the endpoint column should have been dropped:\n{screen}");
+    let widths = column_widths(&view.rows(now));
+    let kept = ui::fitting_columns(&widths, 78);
+    let used: usize = kept.iter().map(|&at| widths[at]).sum::<usize>() + kept.len() - 1;
+    assert!(used <= 78 && kept.contains(&0) && kept.len() < COLUMNS.len(), "{kept:?}");
 }

@@ -62,15 +62,53 @@ fn key_action(key: KeyEvent) -> Action {
     }
 }
 
+/// Columns by how much an operator needs them: a narrow terminal keeps the first that fit.
+const PRIORITY: [&str; COLUMNS.len()] = [
+    "WORKER",
+    "STATE",
+    "RUN",
+    "WAIT",
+    "KV ACTIVE",
+    "ROLE",
+    "KV HELD",
+    "MODEL",
+    "ROUTED",
+    "REFUSED",
+    "KV EV/S",
+    "ENDPOINT",
+    "KV XFER",
+];
+
+/// The columns (indices into `COLUMNS`, in its order) that fit whole in `width`, one space between each.
+pub fn fitting_columns(widths: &[usize; COLUMNS.len()], width: usize) -> Vec<usize> {
+    let mut kept = Vec::new();
+    let mut used = 0;
+    for name in PRIORITY {
+        let Some(at) = COLUMNS.iter().position(|&c| c == name) else { continue };
+        let needed = widths[at] + usize::from(!kept.is_empty());
+        if used + needed <= width {
+            used += needed;
+            kept.push(at);
+        }
+    }
+    kept.sort_unstable();
+    kept
+}
+
 pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState, log: &[String], now: Instant) {
     let [header, body, footer] =
         Layout::vertical([Constraint::Length(1), Constraint::Fill(1), Constraint::Length(log.len() as u16)])
             .areas(frame.area());
-    frame.render_widget(Paragraph::new(format!("dynamo top · {} · ↑↓ move, q quits", view.summary(now))), header);
+    // The keys first: a narrow terminal cuts the end of the line.
+    frame.render_widget(Paragraph::new(format!("dynamo top · ↑↓ move, q quits · {}", view.summary(now))), header);
     let rows = view.rows(now);
-    let widths = column_widths(&rows).map(|w| Constraint::Length(w as u16));
+    // The borders take two columns; whole columns are dropped, least useful first, rather than values cut.
+    let shown = fitting_columns(&column_widths(&rows), usize::from(body.width.saturating_sub(2)));
+    let widths: Vec<Constraint> = shown.iter().map(|&at| Constraint::Length(column_widths(&rows)[at] as u16)).collect();
+    let header_row: Vec<&str> = shown.iter().map(|&at| COLUMNS[at]).collect();
     // Rows come in the order of `view.workers`.
-    let styled = view.workers.values().zip(rows).map(|(worker, row)| {
+    let styled = view.workers.values().zip(rows.iter()).map(|(worker, row)| {
+        let row: Vec<String> = shown.iter().map(|&at| row[at].clone()).collect();
         let style = match view.state(worker, now) {
             PeerState::Alive => Style::default(),
             PeerState::Connecting => Style::default().fg(Color::DarkGray),
@@ -81,7 +119,7 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState,
         Row::new(row).style(style)
     });
     let table = Table::new(styled, widths)
-        .header(Row::new(COLUMNS).bold())
+        .header(Row::new(header_row).bold())
         .row_highlight_style(Style::default().reversed())
         .block(Block::bordered().title(" workers "));
     frame.render_stateful_widget(table, body, table_state);
