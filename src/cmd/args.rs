@@ -217,6 +217,10 @@ pub struct HttpArgs {
     #[arg(long)]
     pub protect_metrics: bool,
 
+    /// Web origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any.
+    #[arg(long = "allowed-origin", env = "DYNAMO_ALLOWED_ORIGINS", value_name = "ORIGIN", value_delimiter = ',', value_parser = crate::core::frontend::valid_origin)]
+    pub allowed_origins: Vec<String>,
+
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, env = "DYNAMO_MAX_REQUEST_BYTES", default_value_t = HttpSettings::DEFAULT_MAX_REQUEST_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
     pub max_request_bytes: u64,
@@ -248,6 +252,7 @@ impl HttpArgs {
             body_timeout: seconds(self.http_body_timeout),
             api_key: self.api_key.clone(),
             protect_metrics: self.protect_metrics,
+            allowed_origins: self.allowed_origins.clone(),
         }
     }
 }

@@ -191,6 +191,44 @@ async fn the_api_key_guards_everything_but_the_probes() {
     assert_eq!(client.get(keyed.url("/health")).send().await.unwrap().status().as_u16(), 200);
 }
 
+#[tokio::test]
+async fn browsers_from_an_allowed_origin_get_their_preflight_and_others_do_not() {
+    let page = "http://localhost:3000";
+    let server = Server::start(&["--speedup", "200", "--api-key", "sk-web", "--allowed-origin", page]);
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, server.url("/v1/chat/completions"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization,content-type")
+            .send()
+    };
+    // A preflight carries no key, and is answered anyway.
+    let allowed = preflight(page).await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], page);
+    let methods = allowed.headers()["access-control-allow-methods"].to_str().unwrap().to_string();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = allowed.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(headers.contains("authorization") && headers.contains("content-type"), "{headers}");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "{:?}", other.headers());
+    // The call itself still needs the key, and its answer names the origin for the browser.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let call = client.post(server.url("/v1/chat/completions")).header("Origin", page).bearer_auth("sk-web").json(&chat);
+    let answered = call.send().await.unwrap();
+    assert_eq!(answered.status().as_u16(), 200);
+    assert_eq!(answered.headers()["access-control-allow-origin"], page);
+    // Without the flag nothing is allowed cross-origin, and a bad origin is refused at start.
+    let closed = Server::start(&["--speedup", "200"]);
+    let options = client.request(reqwest::Method::OPTIONS, closed.url("/v1/models")).header("Origin", page);
+    assert!(options.send().await.unwrap().headers().get("access-control-allow-origin").is_none());
+    let refused = dynamo().args(["run", "--engine", "mocker", "--allowed-origin", "localhost:3000"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("expected an origin"));
+}
+
 /// The binary needs only glibc: libstdc++ (from the vendored libzmq's C++) is linked in.
 #[test]
 fn the_binary_does_not_load_libstdcxx() {

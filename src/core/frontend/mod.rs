@@ -19,7 +19,7 @@ mod server;
 
 pub use auth::ApiKey;
 pub use error::ApiError;
-pub use server::{HttpSettings, serve_app};
+pub use server::{HttpSettings, serve_app, valid_origin};
 
 use crate::core::model::Model;
 use crate::core::protocol::openai::{ModelList, ModelObject};

@@ -38,6 +38,8 @@ pub struct HttpSettings {
     /// `Authorization: Bearer KEY`.
     pub api_key: Option<ApiKey>,
     pub protect_metrics: bool,
+    /// Web origins whose pages may call the API from a browser (CORS), `*` for any; none by default.
+    pub allowed_origins: Vec<String>,
 }
 
 impl HttpSettings {
@@ -56,7 +58,45 @@ impl Default for HttpSettings {
             body_timeout: Duration::from_secs_f64(Self::DEFAULT_BODY_TIMEOUT_S),
             api_key: None,
             protect_metrics: false,
+            allowed_origins: Vec::new(),
         }
+    }
+}
+
+/// What browsers are told about cross-origin calls: the listed origins (or any, for `*`) may call every
+/// endpoint with GET and POST, sending an API key and JSON. `None` when no origin is allowed.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // Checked when the flag was parsed (`valid_origin`); one that is not a header value is left out.
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+/// Parses an `--allowed-origin`: `*`, or a scheme, host and optional port, as browsers send `Origin`.
+pub fn valid_origin(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('/');
+    let well_formed = text == "*"
+        || ((text.starts_with("http://") || text.starts_with("https://"))
+            && !text.split_once("://").is_some_and(|(_, rest)| rest.is_empty() || rest.contains('/'))
+            && axum::http::HeaderValue::from_str(text).is_ok());
+    if well_formed {
+        Ok(text.to_string())
+    } else {
+        Err(format!("expected an origin such as https://app.example.com or http://localhost:3000, or *, got `{text}`"))
     }
 }
 
@@ -75,6 +115,11 @@ pub async fn serve_app(
 ) -> std::io::Result<()> {
     let app = auth::protect(app, settings.api_key, settings.protect_metrics)
         .layer(axum::Extension(Arc::new(BodyLimits::new(settings.max_request_bytes, settings.body_timeout))));
+    // Outside the key check: a browser's preflight carries no credentials, and gets its answer here.
+    let app = match cors(&settings.allowed_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
     let cap = connection_cap(settings.max_connections);
     let slots = Arc::new(Semaphore::new(cap));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
