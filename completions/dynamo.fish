@@ -41,8 +41,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l model -d 'HF model
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-workers -d 'In-process workers that only prefill prompts and hand their KV to the workers above (disaggregated serving; 0 serves aggregated). Needs the native engine on the CPU' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -l host -d 'Address the OpenAI HTTP frontend listens on' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -l port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l allowed-origin -d 'Web origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r
@@ -137,8 +137,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-cach
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -d 'Address the OpenAI HTTP frontend listens on' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -l host -d 'Address the OpenAI HTTP frontend listens on' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -l port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-origin -d 'Web origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r

@@ -202,11 +202,11 @@ fn non_negative_f64(text: &str) -> Result<f64, String> {
 #[command(next_help_heading = "HTTP frontend")]
 pub struct HttpArgs {
     /// Address the OpenAI HTTP frontend listens on.
-    #[arg(long, env = "DYNAMO_HTTP_HOST", default_value = "127.0.0.1")]
+    #[arg(long, visible_alias = "host", env = "DYNAMO_HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: IpAddr,
 
     /// Port of the OpenAI HTTP frontend (0 picks a free one).
-    #[arg(long, env = "DYNAMO_HTTP_PORT", default_value_t = 8000)]
+    #[arg(long, visible_alias = "port", env = "DYNAMO_HTTP_PORT", default_value_t = 8000)]
     pub http_port: u16,
 
     /// Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics).

@@ -62,7 +62,7 @@ pub enum TransferBackendArg {
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Backends to measure.
-    #[arg(long, value_delimiter = ',', default_values = ["shm", "tcp"])]
+    #[arg(long, value_delimiter = ',', default_value = "shm,tcp")]
     pub backend: Vec<TransferBackendArg>,
 
     /// KV blocks moved per request, of each model shape (SmolLM2-135M and Llama-3-8B).
@@ -145,11 +145,11 @@ pub struct EngineArgs {
     pub device: Device,
 
     /// Prompt lengths to prefill.
-    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024])]
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
     pub prompt_tokens: Vec<usize>,
 
     /// Decode batch sizes (batch 1 first: the others are compared with it).
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub batch: Vec<usize>,
 
     /// Timed decode steps per batch size.
@@ -266,7 +266,7 @@ pub struct PlannerArgs {
     pub trace: PathBuf,
 
     /// Interval lengths, seconds.
-    #[arg(long, value_delimiter = ',', default_values = ["10", "60"], value_parser = positive_f64)]
+    #[arg(long, value_delimiter = ',', default_value = "10,60", value_parser = positive_f64)]
     pub interval: Vec<f64>,
 
     /// Print one JSON object on the last line as well.
@@ -397,11 +397,11 @@ pub struct IndexArgs {
 #[derive(Debug, Args)]
 pub struct HttpArgs {
     /// Closed-loop levels: requests kept in flight.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64, 512])]
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
     pub concurrency: Vec<usize>,
 
     /// Open-loop levels: requests started per second.
-    #[arg(long, value_delimiter = ',', default_values_t = [1000.0f64])]
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
     pub rate: Vec<f64>,
 
     /// Requests per level and path.

@@ -92,3 +92,31 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down: finishing requests in flight");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["dynamo"][..], args].concat()).map(|cli| cli.command).unwrap()
+    }
+
+    #[test]
+    fn list_flags_default_to_what_their_help_shows_and_vllm_spellings_work() {
+        // Shown as `[default: 1,64,512]`, the form the flag takes.
+        let Command::Bench(bench::BenchCommand::Http(http)) = parse(&["bench", "http"]) else { panic!() };
+        assert_eq!(http.concurrency, vec![1, 64, 512]);
+        let Command::Bench(bench::BenchCommand::Planner(planner)) = parse(&["bench", "planner", "--trace", "t"]) else {
+            panic!()
+        };
+        assert_eq!(planner.interval, vec![10.0, 60.0]);
+        let Command::Run(run) = parse(&["run", "/models/qwen", "--port", "9000", "--host", "0.0.0.0"]) else {
+            panic!()
+        };
+        assert_eq!(run.model_dir, Some("/models/qwen".into()));
+        assert_eq!(run.http.listen(), "0.0.0.0:9000".parse().unwrap());
+        let Command::Prefill(worker) = parse(&["prefill", "/models/qwen"]) else { panic!() };
+        assert_eq!(worker.model_dir, Some("/models/qwen".into()));
+        assert!(Cli::try_parse_from(["dynamo", "run", "/a", "--model", "/b"]).is_err(), "one model, not two");
+    }
+}

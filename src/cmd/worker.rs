@@ -14,6 +14,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
     pub model: Option<PathBuf>,
 
+    /// The model directory as vLLM takes it (`vllm serve DIR`): the same as --model.
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_dir: Option<PathBuf>,
+
     /// Name clients use in "model" [default: the model directory's name]
     #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
     pub served_model_name: Option<String>,
@@ -100,7 +104,7 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = WorkerSettings {
-        model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
+        model: args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
         served_model_name: args.served_model_name,
         engine: args.engine.settings(),
         planes: PlaneSettings {
