@@ -274,7 +274,7 @@ impl ClusterView {
 /// ROUTED and REFUSED count what came over the request plane (from routers); a `dynamo run`'s own frontend
 /// reaches its workers directly, so its requests show in RUN and WAIT only. KV XFER is where the worker's
 /// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on.
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 14] = [
     "WORKER",
     "MODEL",
     "ROLE",
@@ -288,6 +288,7 @@ pub const COLUMNS: [&str; 13] = [
     "REFUSED",
     "ENDPOINT",
     "KV XFER",
+    "HANDOFFS",
 ];
 
 /// Each column as wide as its widest cell or its title.
@@ -330,7 +331,20 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         worker.stats.map_or_else(unknown, |s| s.refused.to_string()),
         worker.endpoint.clone(),
         instance.and_then(|i| i.transfer_endpoint_from(&worker.endpoint)).unwrap_or_else(unknown),
+        handoffs(worker),
     ]
+}
+
+/// Prompts' KV a worker held for decode workers or read from prefill workers, and the reads that failed.
+fn handoffs(worker: &WorkerView) -> String {
+    let offers = worker.instance.as_ref().is_some_and(|i| i.transfer_addr.is_some());
+    match worker.stats.map(|s| s.kv) {
+        Some(kv) if offers => match kv.read_failed {
+            0 => (kv.held + kv.read).to_string(),
+            failed => format!("{} ({failed} failed)", kv.held + kv.read),
+        },
+        _ => "-".to_string(),
+    }
 }
 
 /// Follows `namespace` into `view` until discovery ends: pings every worker discovery names and subscribes

@@ -103,6 +103,11 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     view.status(ENDPOINT, WorkerStatus::Alive(offering));
     assert!(view.workers[ENDPOINT].load.is_none());
     assert_eq!(cell(&view.rows(later), 0, "KV XFER"), "tcp://10.0.0.7:7102");
+    assert_eq!(cell(&view.rows(later), 0, "HANDOFFS"), "-", "no stats from the new process yet");
+    let kv = crate::core::protocol::KvTransferStats { held: 0, read: 5, read_failed: 1, read_bytes: 1 << 20 };
+    let stats = WorkerStats { kv, ..WorkerStats::default() };
+    view.deliver(ENDPOINT, delivery(8, Topic::Stats, 0, Continuity::InOrder, stats.to_bytes()), later);
+    assert_eq!(cell(&view.rows(later), 0, "HANDOFFS"), "5 (1 failed)");
     view.deliver(ENDPOINT, delivery(8, Topic::Kv, 0, Continuity::InOrder, stored(1).to_bytes()), later);
     assert_eq!(view.workers[ENDPOINT].kv.events, 1);
 

@@ -75,6 +75,7 @@ const PRIORITY: [&str; COLUMNS.len()] = [
     "ROUTED",
     "REFUSED",
     "KV EV/S",
+    "HANDOFFS",
     "ENDPOINT",
     "KV XFER",
 ];
