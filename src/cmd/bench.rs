@@ -735,8 +735,8 @@ fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
     print!("{}", route::table(&results));
     if let [kv, round_robin, ..] = results.as_slice() {
         println!(
-            "kv vs round-robin: TTFT p50 {:.2}x lower, hit rate {:+.1} points",
-            round_robin.ttft_p50_ms / kv.ttft_p50_ms,
+            "kv / round-robin: TTFT p50 {:.2}x (below 1 is lower), hit rate {:+.1} points",
+            kv.ttft_p50_ms / round_robin.ttft_p50_ms,
             (kv.hit_rate - round_robin.hit_rate) * 100.0
         );
     }

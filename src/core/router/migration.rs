@@ -37,7 +37,7 @@ impl Router {
     /// Routes like `route`, and continues the request elsewhere if its worker is lost mid-stream.
     /// With prefill workers up, the prompt may be prefilled on one of them first (`disagg`).
     pub fn route_migrating(self: &Arc<Self>, request: PreprocessedRequest) -> Result<MigratingStream, RouteError> {
-        let decode = self.choose(&request.token_ids, &[])?;
+        let mut decode = self.choose(&request.token_ids, &[])?;
         let (current, prefilling) = match self.prefill_choice(&request, &decode) {
             None => (decode.dispatch(request.clone())?, None),
             Some(prefill) => {
@@ -45,7 +45,10 @@ impl Router {
                 let stop = StopConditions { max_tokens: 1, ..request.stop.clone() };
                 let hold = PreprocessedRequest { hand_off: HandOff::Hold, stop, ..request.clone() };
                 match prefill.dispatch(hold) {
-                    Ok(stream) => (stream, Some((decode, agent))),
+                    Ok(stream) => {
+                        decode.without_prefill();
+                        (stream, Some((decode, agent)))
+                    }
                     Err(error) => {
                         tracing::warn!(request = %request.request_id, "prefill worker refused ({error}); prefilling on the decode worker");
                         self.record(Disagg::Fallback);

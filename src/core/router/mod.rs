@@ -539,6 +539,16 @@ pub struct Choice {
 }
 
 impl Choice {
+    /// For a request whose prompt a prefill worker computes: this worker will only decode it, so it is not
+    /// charged with the prompt's prefill meanwhile (its blocks count once its first output comes).
+    pub(super) fn without_prefill(&mut self) {
+        let account = &mut self.account;
+        if !account.decoding {
+            account.load.prefill_blocks.fetch_sub(account.prefill_blocks, Ordering::Relaxed);
+            account.prefill_blocks = 0;
+        }
+    }
+
     /// Where the chosen worker's transfer agent listens, if it can hand KV over.
     pub fn transfer_addr(&self) -> Option<String> {
         self.worker.engine.transfer_addr()

@@ -197,3 +197,21 @@ async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or
     assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await);
     assert_eq!((decisions(&state, "remote"), decisions(&state, "local_unsupported")), (0.0, 1.0));
 }
+
+#[tokio::test]
+async fn a_decode_worker_is_not_charged_with_a_prompt_prefilled_elsewhere() {
+    let state = build(&settings(1, 0), false).unwrap();
+    let router = state.first().router;
+    let prefill = router.engines_of(Pool::Prefill).remove(0);
+    router.remove_worker(prefill.worker_id());
+    router.add_worker(Arc::new(Stuck(96)), Pool::Prefill);
+    let other = prompt(9);
+    let cost = |router: &Router| router.quote(&other).iter().map(|q| q.cost).sum::<f64>();
+    let before = cost(&router);
+    // Its prompt waits at the prefill worker: the decode worker has nothing of it to compute.
+    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", prompt(8), 9)).unwrap();
+    assert_eq!(decisions(&state, "remote"), 1.0);
+    assert_eq!(cost(&router), before, "the decode worker's price for another prompt is unchanged");
+    assert_eq!(router.in_flight(), 1, "though it counts the request as its own");
+    drop(waiting);
+}
