@@ -223,12 +223,16 @@ impl ChatChunks {
 
 impl ChunkRenderer for ChatChunks {
     fn delta(&mut self, delta: &ChoiceDelta) -> Option<String> {
-        if delta.text.is_empty() && delta.finish_reason.is_none() && delta.logprobs.is_empty() {
+        if !delta.carries_anything() {
             return None;
         }
+        // A step that generated tokens whose text is not complete yet (part of a UTF-8 character, a possible
+        // stop string) still sends its chunk, with empty content, as vLLM does: a client timing chunks sees
+        // every token arrive.
+        let content = (delta.new_tokens > 0 || !delta.text.is_empty()).then(|| delta.text.clone());
         let choice = ChatChunkChoice {
             index: delta.index,
-            delta: ChatDelta { role: None, content: (!delta.text.is_empty()).then(|| delta.text.clone()) },
+            delta: ChatDelta { role: None, content },
             logprobs: self
                 .logprobs
                 .then(|| ChatLogprobs { content: delta.logprobs.iter().map(chat_logprob).collect() }),
@@ -256,5 +260,21 @@ fn chat_logprob(entry: &LogprobEntry) -> ChatTokenLogprob {
                 bytes: token.as_bytes().to_vec(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_whose_text_is_not_complete_yet_still_sends_its_chunk() {
+        let mut chunks = ChatChunks { id: "chatcmpl-1".into(), created: 0, model: "m".into(), logprobs: false };
+        // The first byte of a three-byte character: a token, no text yet.
+        let partial = ChoiceDelta { index: 0, new_tokens: 1, ..ChoiceDelta::default() };
+        let chunk: serde_json::Value = serde_json::from_str(&chunks.delta(&partial).expect("a chunk")).unwrap();
+        assert_eq!(chunk["choices"][0]["delta"]["content"], "");
+        // Nothing generated and nothing to say: no chunk.
+        assert!(chunks.delta(&ChoiceDelta::default()).is_none());
     }
 }

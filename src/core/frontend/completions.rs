@@ -249,7 +249,8 @@ impl CompletionChunks {
 impl ChunkRenderer for CompletionChunks {
     fn delta(&mut self, delta: &ChoiceDelta) -> Option<String> {
         let echo_pending = !self.echoes.is_empty() && !self.echoed.contains(&delta.index);
-        if delta.text.is_empty() && delta.finish_reason.is_none() && delta.logprobs.is_empty() && !echo_pending {
+        // A step's tokens are sent even before their text is complete (see the chat renderer).
+        if !delta.carries_anything() && !echo_pending {
             return None;
         }
         let choice = self.choice(delta);
@@ -258,5 +259,27 @@ impl ChunkRenderer for CompletionChunks {
 
     fn usage(&mut self, usage: Usage) -> String {
         serde_json::to_string(&self.completion(Vec::new(), Some(usage))).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_whose_text_is_not_complete_yet_still_sends_its_chunk() {
+        let mut chunks = CompletionChunks {
+            id: "cmpl-1".into(),
+            created: 0,
+            model: "m".into(),
+            logprobs: false,
+            echoes: Vec::new(),
+            echoed: HashSet::new(),
+            offsets: vec![0],
+        };
+        let partial = ChoiceDelta { index: 0, new_tokens: 1, ..ChoiceDelta::default() };
+        let chunk: serde_json::Value = serde_json::from_str(&chunks.delta(&partial).expect("a chunk")).unwrap();
+        assert_eq!(chunk["choices"][0]["text"], "");
+        assert!(chunks.delta(&ChoiceDelta::default()).is_none());
     }
 }

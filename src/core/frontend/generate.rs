@@ -61,6 +61,14 @@ pub struct ChoiceDelta {
     pub cached_tokens: Option<u32>,
 }
 
+impl ChoiceDelta {
+    /// Whether a streaming client is sent a chunk for it: text, tokens (even with no text yet), logprobs or
+    /// the end.
+    pub fn carries_anything(&self) -> bool {
+        !self.text.is_empty() || self.new_tokens > 0 || !self.logprobs.is_empty() || self.finish_reason.is_some()
+    }
+}
+
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
 /// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
