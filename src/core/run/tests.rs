@@ -103,16 +103,25 @@ async fn seeded_sampling_continues_on_the_decode_worker_as_if_it_had_never_moved
     assert!(refused.to_string().contains("said to be generated"), "{refused}");
 }
 
-/// A prefill worker that is lost as soon as it is sent anything.
-struct Lost;
+/// A prefill worker that is lost as soon as it is sent anything, or that takes prompts and never finishes
+/// them (it stays at its queue).
+struct FakePrefill {
+    id: WorkerId,
+    stuck: bool,
+}
 
-impl Engine for Lost {
+impl Engine for FakePrefill {
     fn worker_id(&self) -> WorkerId {
-        99
+        self.id
     }
 
     fn submit(&self, _: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        Ok(ResponseStream::new(tokio::sync::mpsc::unbounded_channel().1))
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Ok(match self.stuck {
+            // Held by the stream's own drop guard: open (never ending) until the router lets go of it.
+            true => ResponseStream::with_drop_guard(receiver, Box::new(sender)),
+            false => ResponseStream::new(receiver),
+        })
     }
 
     fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
@@ -126,6 +135,14 @@ impl Engine for Lost {
     fn transfer_addr(&self) -> Option<String> {
         Some("tcp://127.0.0.1:1".into())
     }
+}
+
+/// `router`'s prefill worker swapped for a fake one.
+fn fake_prefill(router: &Router, id: WorkerId, stuck: bool) {
+    for prefill in router.engines_of(Pool::Prefill) {
+        router.remove_worker(prefill.worker_id());
+    }
+    router.add_worker(Arc::new(FakePrefill { id, stuck }), Pool::Prefill);
 }
 
 #[tokio::test]
@@ -133,39 +150,10 @@ async fn a_lost_prefill_worker_leaves_the_prompt_to_the_decode_worker() {
     let aggregated = build(&settings(0, 0), false).unwrap().first().router;
     let state = build(&settings(1, 0), false).unwrap();
     let router = state.first().router;
-    let prefill = router.engines_of(Pool::Prefill).remove(0);
-    router.remove_worker(prefill.worker_id());
-    router.add_worker(Arc::new(Lost), Pool::Prefill);
+    fake_prefill(&router, 99, false);
     let a = prompt(3);
     assert_eq!(generate(&router, &a).await, generate(&aggregated, &a).await, "one uninterrupted stream");
     assert_eq!(decisions(&state, "local_fallback"), 1.0);
-}
-
-/// A prefill worker that takes prompts and never finishes them: it stays at its queue.
-struct Stuck(WorkerId);
-
-impl Engine for Stuck {
-    fn worker_id(&self) -> WorkerId {
-        self.0
-    }
-
-    fn submit(&self, _: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        // Held by the stream's own drop guard: open (never ending) until the router lets go of it.
-        Ok(ResponseStream::with_drop_guard(receiver, Box::new(sender)))
-    }
-
-    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
-        tokio::sync::broadcast::channel(1).1
-    }
-
-    fn load(&self) -> LoadMetrics {
-        LoadMetrics::default()
-    }
-
-    fn transfer_addr(&self) -> Option<String> {
-        Some("tcp://127.0.0.1:1".into())
-    }
 }
 
 #[tokio::test]
@@ -175,9 +163,7 @@ async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or
     full.router.prefill_queue_limit = 1;
     let state = build(&full, false).unwrap();
     let router = state.first().router;
-    let prefill = router.engines_of(Pool::Prefill).remove(0);
-    router.remove_worker(prefill.worker_id());
-    router.add_worker(Arc::new(Stuck(98)), Pool::Prefill);
+    fake_prefill(&router, 98, true);
     let (a, b) = (prompt(4), prompt(5));
     // The first takes the prefill worker's only place and waits there.
     let waiting = router.route_migrating(PreprocessedRequest::greedy("w", a, 9)).unwrap();
@@ -193,7 +179,7 @@ async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or
         router.clone(),
         Arc::new(Metrics::new()),
     );
-    router.add_worker(Arc::new(Stuck(97)), Pool::Prefill);
+    fake_prefill(&router, 97, true);
     assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await);
     assert_eq!((decisions(&state, "remote"), decisions(&state, "local_unsupported")), (0.0, 1.0));
 }
@@ -202,9 +188,7 @@ async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or
 async fn a_decode_worker_is_not_charged_with_a_prompt_prefilled_elsewhere() {
     let state = build(&settings(1, 0), false).unwrap();
     let router = state.first().router;
-    let prefill = router.engines_of(Pool::Prefill).remove(0);
-    router.remove_worker(prefill.worker_id());
-    router.add_worker(Arc::new(Stuck(96)), Pool::Prefill);
+    fake_prefill(&router, 96, true);
     let other = prompt(9);
     let cost = |router: &Router| router.quote(&other).iter().map(|q| q.cost).sum::<f64>();
     let before = cost(&router);

@@ -104,8 +104,9 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState,
     frame.render_widget(Paragraph::new(format!("dynamo top · ↑↓ move, q quits · {}", view.summary(now))), header);
     let rows = view.rows(now);
     // The borders take two columns; whole columns are dropped, least useful first, rather than values cut.
-    let shown = fitting_columns(&column_widths(&rows), usize::from(body.width.saturating_sub(2)));
-    let widths: Vec<Constraint> = shown.iter().map(|&at| Constraint::Length(column_widths(&rows)[at] as u16)).collect();
+    let all_widths = column_widths(&rows);
+    let shown = fitting_columns(&all_widths, usize::from(body.width.saturating_sub(2)));
+    let widths: Vec<Constraint> = shown.iter().map(|&at| Constraint::Length(all_widths[at] as u16)).collect();
     let header_row: Vec<&str> = shown.iter().map(|&at| COLUMNS[at]).collect();
     // Rows come in the order of `view.workers`.
     let styled = view.workers.values().zip(rows.iter()).map(|(worker, row)| {
