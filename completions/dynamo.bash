@@ -878,7 +878,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -905,6 +905,10 @@ _dynamo() {
                     return 0
                     ;;
                 --max-in-flight)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --drain-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1314,7 +1318,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1341,6 +1345,10 @@ _dynamo() {
                     return 0
                     ;;
                 --max-in-flight)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --drain-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -85,6 +85,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Addres
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
 shm\t''
@@ -114,6 +115,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l host -d 'Addre
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
 shm\t''

@@ -107,6 +107,11 @@ fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A flag's seconds as a duration; past what a duration holds, forever.
+pub(super) fn seconds(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
+}
+
 pub(super) fn positive_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -180,8 +185,7 @@ impl RouterArgs {
             overlap_weight: self.kv_overlap_score_weight,
             temperature: self.router_temperature,
             kv_events: !self.no_kv_events,
-            approximate_ttl: std::time::Duration::try_from_secs_f64(self.router_ttl)
-                .unwrap_or(std::time::Duration::MAX),
+            approximate_ttl: seconds(self.router_ttl),
             migration_limit: self.migration_limit,
             disagg_threshold: self.disagg_threshold as usize,
             prefill_queue_limit: self.prefill_queue_limit as usize,
@@ -190,7 +194,7 @@ impl RouterArgs {
     }
 }
 
-fn non_negative_f64(text: &str) -> Result<f64, String> {
+pub(super) fn non_negative_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("expected a number of 0 or more, got `{text}`")),
@@ -244,7 +248,6 @@ impl HttpArgs {
     }
 
     pub fn settings(&self) -> HttpSettings {
-        let seconds = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX);
         HttpSettings {
             max_request_bytes: usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX),
             max_connections: self.max_connections as usize,

@@ -478,10 +478,10 @@ fn bench_transfer(args: TransferArgs) -> anyhow::Result<()> {
 fn bench_soak(args: SoakArgs) -> anyhow::Result<()> {
     let settings = SoakSettings {
         binary: std::env::current_exe()?,
-        duration: std::time::Duration::from_secs_f64(args.minutes * 60.0),
+        duration: super::args::seconds(args.minutes * 60.0),
         workers: args.workers as usize,
         rate: args.rate,
-        kill_every: std::time::Duration::from_secs_f64(args.kill_every),
+        kill_every: super::args::seconds(args.kill_every),
         speedup: args.speedup,
         seed: args.seed,
     };

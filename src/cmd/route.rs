@@ -2,7 +2,6 @@
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
 use crate::core::route::{self, ClusterSettings};
 use clap::Args;
-use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
@@ -25,7 +24,7 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = ClusterSettings {
         namespace: args.cluster.namespace,
-        dead_after: Duration::from_secs_f64(args.worker_timeout),
+        dead_after: super::args::seconds(args.worker_timeout),
         router: args.router.config(),
         key,
     };

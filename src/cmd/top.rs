@@ -5,7 +5,7 @@ use crate::core::top::{self, ClusterView};
 use clap::Args;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
@@ -45,14 +45,14 @@ pub fn run(args: TopArgs, logs: LogTail) -> anyhow::Result<()> {
     let watcher = runtime.spawn(top::watch(
         discovery,
         args.cluster.namespace,
-        Duration::from_secs_f64(args.worker_timeout),
+        super::args::seconds(args.worker_timeout),
         key,
         view.clone(),
     ));
     if args.once {
-        runtime.block_on(async { tokio::time::sleep(Duration::from_secs_f64(args.wait)).await });
+        runtime.block_on(async { tokio::time::sleep(super::args::seconds(args.wait)).await });
     } else {
-        top::ui::run(&view, &logs, Duration::from_secs_f64(args.refresh))?;
+        top::ui::run(&view, &logs, super::args::seconds(args.refresh))?;
     }
     if watcher.is_finished() {
         // The watcher only ends early on an event-plane error: say it rather than show an empty table.

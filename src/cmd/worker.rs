@@ -38,6 +38,11 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = worker::DEFAULT_MAX_IN_FLIGHT as u32, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Planes")]
     pub max_in_flight: u32,
 
+    /// Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left
+    /// discovery; a second signal stops it at once.
+    #[arg(long, env = "DYNAMO_DRAIN_TIMEOUT", default_value_t = worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, help_heading = "Planes")]
+    pub drain_timeout: f64,
+
     #[command(flatten)]
     pub transfer: TransferArgs,
 
@@ -117,7 +122,8 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
             key,
             transfer: args.transfer.settings(role)?,
         },
+        drain_timeout: super::args::seconds(args.drain_timeout),
     };
-    super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal()))?;
+    super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal))?;
     Ok(())
 }

@@ -19,3 +19,13 @@ pub mod top;
 pub mod transfer;
 pub mod trust;
 pub mod worker;
+
+/// A spawned task that ends when its last owner is dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -92,6 +92,12 @@ async fn a_worker_of_another_namespace_is_not_used() {
     assert_eq!(workers(&router).await, 1);
 }
 
+/// 120 greedy tokens whatever they are: long enough to do something to a worker mid-stream.
+fn long_completion(prompt: &str, stream: bool) -> Value {
+    json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 120, "temperature": 0, "ignore_eos": true,
+           "stream": stream})
+}
+
 fn streamed_text(payloads: &[String]) -> String {
     payloads
         .iter()
@@ -121,10 +127,7 @@ async fn a_killed_worker_is_invisible(discovery: &[&str]) {
         Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1"]).args(discovery));
     wait_for_workers(&router, 1).await;
     let prompt = "A stream that outlives its worker: the router continues it on another one with the tokens so far.";
-    let body = |stream: bool| {
-        json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 120, "temperature": 0, "ignore_eos": true,
-               "stream": stream})
-    };
+    let body = |stream: bool| long_completion(prompt, stream);
     let (status, reference) = router.post_json("/v1/completions", body(false)).await;
     assert_eq!(status, 200, "{reference}");
 
@@ -152,6 +155,48 @@ async fn a_killed_worker_is_invisible(discovery: &[&str]) {
         .filter_map(|p| serde_json::from_str::<Value>(p).ok())
         .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(str::to_string));
     assert_eq!(finish.as_deref(), Some("length"));
+}
+
+#[tokio::test]
+async fn a_worker_told_to_stop_finishes_its_stream_before_it_exits_and_new_requests_go_elsewhere() {
+    let (_, file) = cluster_file("drain");
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("drain-{}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).expect("a log file");
+    let mut first = Worker::start_with(
+        dynamo().args(["decode", "--engine", "mocker", "--discovery", &file, "--drain-timeout", "60"]).stderr(stderr),
+    );
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let prompt = "A worker that is told to stop finishes what it serves: nothing moves, nothing is computed twice.";
+    let body = |stream: bool| long_completion(prompt, stream);
+    let (status, reference) = router.post_json("/v1/completions", body(false)).await;
+    assert_eq!(status, 200, "{reference}");
+    let _second = worker(&file, &[]);
+    wait_for_workers(&router, 2).await;
+
+    // The prompt's blocks are on the first worker, so the stream goes there; it is told to stop mid-stream.
+    let mut response = router.post("/v1/completions", body(true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    let mut signalled = false;
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if !signalled && text.matches("data:").count() >= 10 {
+            first.signal("TERM");
+            signalled = true;
+            // It has left discovery: the router stops sending it work while its stream goes on.
+            wait_for_workers(&router, 1).await;
+            let (status, body) = router.post_json("/v1/completions", completion("sent while it drains", 4)).await;
+            assert_eq!(status, 200, "the other worker serves: {body}");
+        }
+    }
+    assert!(signalled, "the stream ended before the worker could be told to stop");
+    let payloads = crate::util::sse_payloads(&text);
+    assert_eq!(streamed_text(&payloads), reference["choices"][0]["text"].as_str().unwrap_or_default());
+    let exit = first.exit_within(Duration::from_secs(20)).expect("the drained worker exits");
+    assert!(exit.success(), "{exit:?}");
+    let said = std::fs::read_to_string(&log).expect("its log");
+    assert!(said.contains("finishing 1 requests in flight") && said.contains("drained; stopping"), "{said}");
 }
 
 /// Whether two mDNS daemons on this host hear each other over loopback multicast on `port`.

@@ -80,9 +80,10 @@ impl Server {
     }
 }
 
-/// Spawns `command` and waits for a stdout line containing `marker`; returns the child and that line.
+/// Spawns `command` and waits for a stdout line containing `marker`; returns the child and that line. Its
+/// stderr goes where the command says (the test's, unless set).
 pub fn spawn_until(command: &mut Command, marker: &str) -> (Child, String) {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the dynamo binary starts");
+    let mut child = command.stdout(Stdio::piped()).spawn().expect("the dynamo binary starts");
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -129,6 +130,18 @@ impl Worker {
     /// Sends it a signal by name (`STOP` freezes it: alive to the kernel, silent to its peers).
     pub fn signal(&self, name: &str) {
         let _ = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
+    /// How it exited, if it did within `timeout`.
+    pub fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => return None,
+            }
+        }
     }
 
     /// Ends it the way a clean shutdown does (SIGTERM), so it takes its record back.

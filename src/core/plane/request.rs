@@ -19,11 +19,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{Context, PlaneError, Seals, SocketReader, bound_endpoint};
+use crate::core::AbortOnDrop;
 use std::borrow::Cow;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
@@ -132,12 +132,20 @@ pub struct ServerStats {
 pub struct RequestServer {
     endpoint: String,
     pub stats: Arc<ServerStats>,
-    task: JoinHandle<()>,
+    admission: Arc<Admission>,
+    _task: AbortOnDrop,
 }
 
-impl Drop for RequestServer {
-    fn drop(&mut self) {
-        self.task.abort();
+/// Whether a server still takes new requests, and how many it is serving.
+#[derive(Debug)]
+struct Admission {
+    draining: AtomicBool,
+    in_flight: watch::Sender<usize>,
+}
+
+impl Admission {
+    fn count(&self, streams: &Streams) {
+        self.in_flight.send_if_modified(|count| std::mem::replace(count, streams.len()) != streams.len());
     }
 }
 
@@ -207,16 +215,36 @@ impl RequestServer {
         let stats = Arc::new(ServerStats::default());
         served.instance.request_addr = endpoint.clone();
         let seals = context.seals().cloned();
-        let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone(), seals));
-        Ok(Self { endpoint, stats, task })
+        let admission = Arc::new(Admission { draining: AtomicBool::new(false), in_flight: watch::Sender::new(0) });
+        let task = tokio::spawn(serve(socket, Arc::new(served), stats.clone(), admission.clone(), seals));
+        Ok(Self { endpoint, stats, admission, _task: AbortOnDrop(task) })
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        *self.admission.in_flight.borrow()
+    }
+
+    /// Refuses new requests from now on (as draining: routers send them to another worker) and resolves once
+    /// every request in flight has sent its last output.
+    pub async fn drain(&self) {
+        self.admission.draining.store(true, Ordering::Release);
+        let mut in_flight = self.admission.in_flight.subscribe();
+        let _ = in_flight.wait_for(|count| *count == 0).await;
+    }
 }
 
-async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerStats>, seals: Option<Arc<Seals>>) {
+async fn serve(
+    mut socket: SocketReader,
+    served: Arc<Served>,
+    stats: Arc<ServerStats>,
+    admission: Arc<Admission>,
+    seals: Option<Arc<Seals>>,
+) {
     // One task owns the socket, reading and writing: a socket's reads and writes share libzmq's one
     // edge-triggered descriptor, and a reader on another task could sleep through a wake-up a send took.
     // Snapshot frames, made on a blocking thread, come back through `queue`; every other reply is made here.
@@ -243,6 +271,10 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 let peer = peer.to_vec();
                 last_ping.insert(peer.clone(), Instant::now());
                 match decode::<ToWorker>(&body) {
+                    Ok(ToWorker::Generate { stream, .. }) if admission.draining.load(Ordering::Acquire) => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        outbox.push(peer, FromWorker::Refused { stream, reason: Refusal::Draining });
+                    }
                     Ok(message) => handle(message, peer, &served, &stats, &mut streams, &mut outbox, &replies),
                     Err(error) => {
                         stats.unreadable.fetch_add(1, Ordering::Relaxed);
@@ -270,6 +302,7 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                     last_ping.remove(&peer);
                     stats.cancelled.fetch_add(streams.cancel_peer(&peer), Ordering::Relaxed);
                 }
+                admission.count(&streams);
                 continue;
             }
         }
@@ -299,6 +332,8 @@ async fn serve(mut socket: SocketReader, served: Arc<Served>, stats: Arc<ServerS
                 break;
             }
         }
+        // Only once their last outputs went out: a drain that sees none in flight may close the socket.
+        admission.count(&streams);
     }
 }
 
@@ -489,7 +524,9 @@ pub struct WorkerClient {
     next_stream: AtomicU64,
     alive: Arc<AtomicBool>,
     dropped: Arc<Dropped>,
-    task: JoinHandle<()>,
+    /// Shared with every stream in flight: a worker that leaves discovery to drain (or a router that stops
+    /// watching it) still sends the rest of what it is generating.
+    connection: Arc<AbortOnDrop>,
 }
 
 /// Messages from the worker that were dropped unread, since the owner last took the counts.
@@ -499,12 +536,6 @@ pub struct Dropped {
     pub unsealed: AtomicU64,
     /// Snapshot frames nobody asked for.
     pub unsolicited: AtomicU64,
-}
-
-impl Drop for WorkerClient {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl WorkerClient {
@@ -522,7 +553,7 @@ impl WorkerClient {
         let dropped = Arc::new(Dropped::default());
         let link = Link { endpoint: endpoint.to_string(), seals: context.seals().cloned(), dropped: dropped.clone() };
         let task = tokio::spawn(client(socket, receiver, liveness, link));
-        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, dropped, task })
+        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, dropped, connection: Arc::new(AbortOnDrop(task)) })
     }
 
     /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
@@ -560,7 +591,7 @@ impl WorkerClient {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (outputs, receiver) = mpsc::unbounded_channel();
         let _ = self.commands.send(Command::Open { stream, request, outputs });
-        let cancel = CancelOnDrop { commands: self.commands.clone(), stream };
+        let cancel = CancelOnDrop { commands: self.commands.clone(), stream, _connection: self.connection.clone() };
         ResponseStream::with_drop_guard(receiver, Box::new(cancel))
     }
 
@@ -583,6 +614,7 @@ impl WorkerClient {
 struct CancelOnDrop {
     commands: mpsc::UnboundedSender<Command>,
     stream: u64,
+    _connection: Arc<AbortOnDrop>,
 }
 
 impl Drop for CancelOnDrop {
@@ -759,6 +791,10 @@ async fn client(
                                     // Ending without a finish reason sends the request to another worker.
                                     Refusal::Busy { limit } => {
                                         tracing::debug!("a worker at its limit of {limit} requests in flight refused one");
+                                        continue;
+                                    }
+                                    Refusal::Draining => {
+                                        tracing::debug!("a draining worker refused a request");
                                         continue;
                                     }
                                     Refusal::Invalid(message) => message,

@@ -10,7 +10,7 @@ use super::kv::KvEvents;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -72,9 +72,16 @@ pub enum FromWorker {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Refusal {
-    Busy { limit: usize },
+    Busy {
+        limit: usize,
+    },
+    /// The worker is shutting down: it finishes what it serves but takes nothing new.
+    Draining,
     Invalid(String),
-    Version { ours: u32, yours: u32 },
+    Version {
+        ours: u32,
+        yours: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

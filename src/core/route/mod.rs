@@ -12,6 +12,7 @@ mod resync;
 pub use remote::RemoteEngine;
 use resync::KvFeed;
 
+use crate::core::AbortOnDrop;
 use crate::core::discovery::Discovery;
 use crate::core::frontend::{FrontendState, Served};
 use crate::core::members::{Change, Members};
@@ -56,15 +57,6 @@ pub enum ClusterError {
 pub struct Cluster {
     pub state: Arc<FrontendState>,
     _membership: AbortOnDrop,
-}
-
-/// A task that ends when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Cluster {

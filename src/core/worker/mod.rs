@@ -35,7 +35,12 @@ pub struct WorkerSettings {
     pub served_model_name: Option<String>,
     pub engine: EngineSettings,
     pub planes: PlaneSettings,
+    /// How long a worker told to stop keeps serving what it has in flight.
+    pub drain_timeout: Duration,
 }
+
+/// How long a worker that is told to stop finishes its requests, unless set otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where an engine's planes listen, and what its record says beyond the engine itself.
 #[derive(Debug, Clone)]
@@ -103,15 +108,36 @@ pub enum WorkerError {
 pub struct Exposed {
     pub instance: Instance,
     // Fields drop in this order: the record goes before the sockets close.
-    _registration: Registration,
-    _server: RequestServer,
-    events: tokio::task::JoinHandle<()>,
+    registration: Option<Registration>,
+    server: RequestServer,
+    engine: Arc<dyn Engine>,
+    _events: crate::core::AbortOnDrop,
     _context: crate::core::plane::Context,
 }
 
-impl Drop for Exposed {
-    fn drop(&mut self) {
-        self.events.abort();
+/// How often a drain looks whether KV held for a peer has been read.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+impl Exposed {
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        self.server.in_flight()
+    }
+
+    /// Stops taking work without losing any: the record leaves discovery, new requests are refused as
+    /// draining (routers that have not yet seen it leave send them elsewhere), the ones in flight run to their
+    /// end, and KV held for a decode worker waits to be read. Resolves when all that is done (true) or
+    /// `timeout` has passed (false); the planes stay open until this is dropped.
+    pub async fn drain(&mut self, timeout: Duration) -> bool {
+        self.registration = None;
+        let finished = async {
+            self.server.drain().await;
+            // Pages stay active while a lease holds them for a peer, and until then its read would fail.
+            while self.engine.load().kv_active_blocks > 0 {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        };
+        tokio::time::timeout(timeout, finished).await.is_ok()
     }
 }
 
@@ -166,9 +192,10 @@ pub fn expose(
         source,
     })?;
     let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
-    let events = tokio::spawn(publish(engine, publisher, kv_published, server.stats.clone()));
-    let registration = discovery.register(&instance)?;
-    Ok(Exposed { instance, _registration: registration, _server: server, events, _context: context })
+    let events =
+        crate::core::AbortOnDrop(tokio::spawn(publish(engine.clone(), publisher, kv_published, server.stats.clone())));
+    let registration = Some(discovery.register(&instance)?);
+    Ok(Exposed { instance, registration, server, engine, _events: events, _context: context })
 }
 
 /// How a worker's transfer agent listens (on the planes' host, with the planes' key).
@@ -183,11 +210,12 @@ pub fn agent_settings(planes: &PlaneSettings, settings: &TransferSettings) -> cr
     }
 }
 
-/// `dynamo decode`: serves until `shutdown` resolves, then takes its record back from discovery.
-pub async fn run(
+/// `dynamo decode`: serves until the first `signal`, then drains (`Exposed::drain`) until done, the drain
+/// timeout, or a second `signal`.
+pub async fn run<S: Future<Output = ()>>(
     settings: WorkerSettings,
     discovery: Box<dyn Discovery>,
-    shutdown: impl Future<Output = ()>,
+    signal: impl Fn() -> S,
 ) -> Result<(), WorkerError> {
     let model = Model::load(&settings.model, settings.served_model_name.as_deref())?;
     let id = rand::random::<u64>();
@@ -217,8 +245,22 @@ pub async fn run(
              — a cluster file needs --host with one address instead"
         );
     }
-    shutdown.await;
-    drop(exposed);
+    signal().await;
+    let mut exposed = exposed;
+    let timeout = settings.drain_timeout;
+    eprintln!(
+        "dynamo: draining: left discovery, finishing {} requests in flight (at most {timeout:?}; stop again to \
+         stop now)",
+        exposed.in_flight()
+    );
+    let drained = tokio::select! {
+        drained = exposed.drain(timeout) => drained,
+        () = signal() => false,
+    };
+    match drained {
+        true => eprintln!("dynamo: drained; stopping"),
+        false => eprintln!("dynamo: stopping with {} requests in flight", exposed.in_flight()),
+    }
     Ok(())
 }
 

@@ -119,6 +119,35 @@ async fn dropping_the_stream_cancels_on_the_worker() {
 }
 
 #[tokio::test]
+async fn a_draining_worker_finishes_what_it_serves_and_refuses_the_rest() {
+    let context = Context::new();
+    let engine = mocker(20.0);
+    let server = server(&context, engine.clone(), 8);
+    let (client, _statuses, _) = connected(&context, &server, Duration::from_secs(5)).await;
+    let mut running = client.submit(PreprocessedRequest::greedy("running", (1..40).collect(), 40));
+    let first = running.next().await.expect("the request started");
+    assert_eq!(server.in_flight(), 1);
+
+    let mut drained = std::pin::pin!(server.drain());
+    assert!(futures::poll!(drained.as_mut()).is_pending(), "a request is still in flight");
+    let refused = collect(client.submit(PreprocessedRequest::greedy("new", vec![1, 2, 3], 5))).await;
+    assert!(refused.is_empty(), "refused: no output and no finish reason, for another worker to take: {refused:?}");
+
+    // The connection outlives its client: a router that stopped watching a worker still gets the rest.
+    drop(client);
+    let mut tokens = first.token_ids.len();
+    let mut last = None;
+    while let Some(output) = running.next().await {
+        tokens += output.token_ids.len();
+        last = output.finish_reason;
+    }
+    assert_eq!((tokens, last), (40, Some(FinishReason::Length)), "the request in flight ran to its end");
+    tokio::time::timeout(Duration::from_secs(5), drained).await.expect("drained once nothing is in flight");
+    assert_eq!(server.in_flight(), 0);
+    assert_eq!(server.stats.refused.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn past_its_limit_a_worker_refuses_and_the_stream_ends_for_another_worker_to_take_it() {
     let context = Context::new();
     let server = server(&context, mocker(1.0), 1);
