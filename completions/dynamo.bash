@@ -1420,7 +1420,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__route)
-            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --verbose --help --version"
+            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --drain-timeout --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1511,6 +1511,50 @@ _dynamo() {
                     return 0
                     ;;
                 --prefill-queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --planner)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --planner-connector)
+                    COMPREPLY=($(compgen -W "local advisory" -- "${cur}"))
+                    return 0
+                    ;;
+                --planner-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --min-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --min-prefill-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-prefill-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --worker-budget)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --scale-up-pressure)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --scale-down-pressure)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --drain-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -162,6 +162,18 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l busy-threshold -
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit -d 'Times a request whose worker is lost mid-stream continues on another worker (0: it fails instead)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner -d 'Plan the cluster\'s size, forecasting traffic with this predictor: auto, constant, mavg-N, ewma-A, kalman, kalman-log1p, kalman-adaptive, kalman-adaptive-log1p (`dynamo bench planner` compares them). Workers are sized on their KV pressure (load-based scaling); the forecast is exported meanwhile' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-connector -d 'Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine, with the router\'s discovery, namespace and key, and the worker flags after `--`), or advisory (logs and exports it only)' -r -f -a "local\t''
+advisory\t''"
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-interval -d 'Seconds between plans' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l min-workers -d 'Fewest decode workers' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-workers -d 'Most decode workers' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l min-prefill-workers -d 'Fewest prefill workers' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-prefill-workers -d 'Most prefill workers (0: aggregated serving, decode workers only)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-budget -d 'Most workers of every role together (Dynamo\'s max GPU budget)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-up-pressure -d 'KV pressure (KV needed over KV held) past which a role gets one more worker; past 1, requests queue' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-down-pressure -d 'KV pressure every sample of an interval must stay under for a role to lose a worker' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l drain-timeout -d 'Seconds a worker the planner stops may take to finish its requests' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

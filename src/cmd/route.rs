@@ -1,7 +1,12 @@
-//! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds.
+//! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds, and optionally
+//! the planner that sizes the cluster.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
+use crate::core::planner::load::{Bounds, Thresholds};
+use crate::core::planner::local::{LocalConnector, LocalSettings};
+use crate::core::planner::{Advisory, Connector, PlannerSettings, PlannerStart};
 use crate::core::route::{self, ClusterSettings};
-use clap::Args;
+use crate::core::trust::ClusterKey;
+use clap::{Args, ValueEnum};
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
@@ -17,10 +22,161 @@ pub struct RouteArgs {
 
     #[command(flatten)]
     pub router: RouterArgs,
+
+    #[command(flatten)]
+    pub planner: PlannerArgs,
 }
+
+/// The planner: how many workers of each role, and who starts them.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Planner")]
+pub struct PlannerArgs {
+    /// Plan the cluster's size, forecasting traffic with this predictor: auto, constant, mavg-N, ewma-A,
+    /// kalman, kalman-log1p, kalman-adaptive, kalman-adaptive-log1p (`dynamo bench planner` compares them).
+    /// Workers are sized on their KV pressure (load-based scaling); the forecast is exported meanwhile.
+    #[arg(long, value_name = "PREDICTOR")]
+    pub planner: Option<String>,
+
+    /// Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine,
+    /// with the router's discovery, namespace and key, and the worker flags after `--`), or advisory (logs
+    /// and exports it only).
+    #[arg(long, value_enum, default_value = "local", requires = "planner")]
+    pub planner_connector: ConnectorArg,
+
+    /// Seconds between plans.
+    #[arg(long, default_value_t = 5.0, value_parser = super::args::positive_f64, requires = "planner")]
+    pub planner_interval: f64,
+
+    /// Fewest decode workers.
+    #[arg(long, default_value_t = 1, requires = "planner")]
+    pub min_workers: u32,
+
+    /// Most decode workers.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), requires = "planner")]
+    pub max_workers: u32,
+
+    /// Fewest prefill workers.
+    #[arg(long, default_value_t = 0, requires = "planner")]
+    pub min_prefill_workers: u32,
+
+    /// Most prefill workers (0: aggregated serving, decode workers only).
+    #[arg(long, default_value_t = 0, requires = "planner")]
+    pub max_prefill_workers: u32,
+
+    /// Most workers of every role together (Dynamo's max GPU budget).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), requires = "planner")]
+    pub worker_budget: u32,
+
+    /// KV pressure (KV needed over KV held) past which a role gets one more worker; past 1, requests queue.
+    #[arg(long, default_value_t = Thresholds::default().up, value_parser = super::args::positive_f64, requires = "planner")]
+    pub scale_up_pressure: f64,
+
+    /// KV pressure every sample of an interval must stay under for a role to lose a worker.
+    #[arg(long, default_value_t = Thresholds::default().down, value_parser = super::args::non_negative_f64, requires = "planner")]
+    pub scale_down_pressure: f64,
+
+    /// Seconds a worker the planner stops may take to finish its requests.
+    #[arg(long, default_value_t = crate::core::worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, requires = "planner")]
+    pub drain_timeout: f64,
+
+    /// Flags for the workers the local connector starts (model, engine, …), after `--`.
+    #[arg(last = true, value_name = "WORKER FLAGS")]
+    pub worker_flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectorArg {
+    Local,
+    Advisory,
+}
+
+impl PlannerArgs {
+    fn start(&self, cluster: &ClusterArgs, key: Option<&ClusterKey>) -> anyhow::Result<Option<PlannerStart>> {
+        let Some(predictor) = &self.planner else {
+            anyhow::ensure!(
+                self.worker_flags.is_empty(),
+                "flags after `--` go to the workers the planner starts; add --planner"
+            );
+            return Ok(None);
+        };
+        crate::core::planner::forecast::by_name(predictor).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            self.min_workers <= self.max_workers && self.min_prefill_workers <= self.max_prefill_workers,
+            "--min-workers and --min-prefill-workers may not be above --max-workers and --max-prefill-workers"
+        );
+        anyhow::ensure!(
+            self.min_workers + self.min_prefill_workers <= self.worker_budget,
+            "the fewest workers ({} decode, {} prefill) are more than --worker-budget {}",
+            self.min_workers,
+            self.min_prefill_workers,
+            self.worker_budget
+        );
+        anyhow::ensure!(
+            self.scale_down_pressure < self.scale_up_pressure,
+            "--scale-down-pressure must be below --scale-up-pressure"
+        );
+        let interval = super::args::seconds(self.planner_interval);
+        let settings = PlannerSettings {
+            interval,
+            sample_every: (interval / SAMPLES_PER_INTERVAL).max(MIN_SAMPLE_EVERY),
+            predictor: predictor.clone(),
+            decode: Bounds { min: self.min_workers as usize, max: self.max_workers as usize },
+            prefill: Bounds { min: self.min_prefill_workers as usize, max: self.max_prefill_workers as usize },
+            budget: self.worker_budget as usize,
+            thresholds: Thresholds { up: self.scale_up_pressure, down: self.scale_down_pressure },
+        };
+        let connector: Box<dyn Connector> = match self.planner_connector {
+            ConnectorArg::Advisory => {
+                anyhow::ensure!(
+                    self.worker_flags.is_empty(),
+                    "the advisory planner starts no workers: drop the flags after `--`"
+                );
+                Box::new(Advisory)
+            }
+            ConnectorArg::Local => Box::new(LocalConnector::new(self.local(cluster)?)),
+        };
+        let discovery = crate::core::discovery::from_spec(&cluster.discovery, key)?;
+        Ok(Some(PlannerStart { discovery, settings, connector }))
+    }
+
+    /// How the local connector starts workers: the router's cluster flags, then the ones after `--`, checked
+    /// here as the worker will read them.
+    fn local(&self, cluster: &ClusterArgs) -> anyhow::Result<LocalSettings> {
+        let mut args =
+            vec!["--discovery".to_string(), cluster.discovery.clone(), "--namespace".into(), cluster.namespace.clone()];
+        if let Some(path) = &cluster.key.cluster_key_file {
+            args.extend(["--cluster-key-file".into(), path.display().to_string()]);
+        }
+        args.extend(self.worker_flags.iter().cloned());
+        let kv_transfer = self.max_prefill_workers > 0;
+        let mut whole = vec!["dynamo".to_string(), "decode".into()];
+        whole.extend(args.iter().cloned());
+        if kv_transfer {
+            whole.push("--kv-transfer".into());
+        }
+        if let Err(error) = <super::Cli as clap::Parser>::try_parse_from(&whole) {
+            anyhow::bail!(
+                "the planner's workers would not start with `{}`: {}",
+                whole.join(" "),
+                error.render().to_string().trim()
+            );
+        }
+        Ok(LocalSettings {
+            program: std::env::current_exe()?,
+            args,
+            kv_transfer,
+            drain_timeout: super::args::seconds(self.drain_timeout),
+        })
+    }
+}
+
+/// Load samples per planner interval (Dynamo's load planner takes 10).
+const SAMPLES_PER_INTERVAL: u32 = 10;
+const MIN_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
+    let planner = args.planner.start(&args.cluster, key.as_ref())?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = ClusterSettings {
         namespace: args.cluster.namespace,
@@ -29,6 +185,6 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         key,
     };
     let (listen, http) = (args.http.listen(), args.http.settings());
-    super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, super::shutdown_signal()))?;
+    super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, planner, super::shutdown_signal()))?;
     Ok(())
 }

@@ -70,6 +70,25 @@ fn bad_flags_and_paths_fail_with_a_message_that_says_what_to_do() {
     assert!(err.contains("/no/such/model") && err.contains("--model"), "{err}");
 }
 
+#[test]
+fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
+    let refused = |args: &[&str], says: &[&str]| {
+        let (ok, _, err) =
+            output(&[&["route", "--http-port", "0", "--discovery", "file:/nonexistent/c.toml"], args].concat());
+        assert!(!ok, "{args:?} was accepted");
+        assert!(says.iter().all(|s| err.contains(s)), "{args:?}: {err}");
+    };
+    refused(&["--planner", "arima"], &["unknown predictor", "ewma-A"]);
+    refused(&["--", "--engine", "mocker"], &["after `--`", "--planner"]);
+    refused(&["--planner", "auto", "--", "--engine", "vllm"], &["would not start", "vllm"]);
+    refused(&["--planner", "auto", "--min-workers", "4", "--max-workers", "2"], &["--min-workers"]);
+    refused(
+        &["--planner", "auto", "--min-workers", "8", "--min-prefill-workers", "2", "--max-prefill-workers", "2"],
+        &["--worker-budget"],
+    );
+    refused(&["--min-workers", "2"], &["--planner"]);
+}
+
 #[tokio::test]
 async fn env_vars_stand_in_for_flags() {
     let server =

@@ -9,4 +9,5 @@ mod hardening;
 mod http;
 mod native;
 mod openai_client;
+mod planner;
 mod util;

@@ -134,14 +134,7 @@ impl Worker {
 
     /// How it exited, if it did within `timeout`.
     pub fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                _ => return None,
-            }
-        }
+        exit_within(&mut self.child, timeout)
     }
 
     /// Ends it the way a clean shutdown does (SIGTERM), so it takes its record back.
@@ -155,6 +148,26 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Sends it SIGTERM and waits at most `timeout` for it to exit; how it exited, if it did.
+    pub fn terminate_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        exit_within(&mut self.child, timeout)
+    }
+}
+
+/// How `child` exited, if it did within `timeout`.
+fn exit_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
     }
 }
 

@@ -1,6 +1,313 @@
-//! The planner: how much load is coming, and (next) how many workers of each role that needs.
+//! The planner (`dynamo route --planner`): each interval it reads the cluster's load and the frontend's
+//! traffic, forecasts the next interval's traffic, decides how many workers of each role the cluster should
+//! have, and hands that plan to a connector that makes it so.
 //!
-//! So far: the load forecast (`forecast`), one observation per interval in, a one-interval-ahead forecast
-//! out, measured against simple baselines by `dynamo bench planner`. Replica maths and the connectors that
-//! act on the plan are the next steps.
+//! - `forecast`: the traffic forecast (one observation per interval in, the next interval's value out).
+//! - `load`: load-based scaling, one worker up or down per role and interval, on KV pressure.
+//! - `local`: the connector that starts and drains `dynamo decode` / `dynamo prefill` processes on this box.
+//!
+//! The planner sees the cluster as `dynamo top` does (a `ClusterView` fed by its own watch of discovery and
+//! the planes), so it needs nothing from the router but the traffic counts.
 pub mod forecast;
+pub mod load;
+pub mod local;
+
+use crate::core::protocol::discovery::Role;
+use crate::core::telemetry::{Metrics, Traffic};
+use crate::core::top::{ClusterView, PeerState};
+use forecast::Predictor;
+use load::{Bounds, PoolSample, Thresholds};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The roles a plan sizes.
+pub const ROLES: [Role; 2] = [Role::Decode, Role::Prefill];
+
+#[derive(Debug, Clone)]
+pub struct PlannerSettings {
+    /// How often the plan is made.
+    pub interval: Duration,
+    /// How often load is sampled within an interval.
+    pub sample_every: Duration,
+    /// The traffic predictor's name (`forecast::by_name`).
+    pub predictor: String,
+    pub decode: Bounds,
+    pub prefill: Bounds,
+    /// Most workers of all roles together.
+    pub budget: usize,
+    pub thresholds: Thresholds,
+}
+
+impl PlannerSettings {
+    pub fn bounds(&self, role: Role) -> Bounds {
+        match role {
+            Role::Prefill => self.prefill,
+            _ => self.decode,
+        }
+    }
+
+    /// The roles the plan may give workers (prefill only for disaggregated serving).
+    fn roles(&self) -> impl Iterator<Item = (usize, Role)> + '_ {
+        ROLES.into_iter().enumerate().filter(|&(_, role)| self.bounds(role).max > 0)
+    }
+}
+
+/// Workers wanted per role, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Plan {
+    pub decode: usize,
+    pub prefill: usize,
+    /// The next interval's traffic as forecast; `None` before the first interval.
+    pub forecast: Option<Forecast>,
+    pub reason: String,
+}
+
+impl Plan {
+    pub fn workers(&self, role: Role) -> usize {
+        match role {
+            Role::Prefill => self.prefill,
+            _ => self.decode,
+        }
+    }
+
+    fn set(&mut self, role: Role, workers: usize) {
+        match role {
+            Role::Prefill => self.prefill = workers,
+            _ => self.decode = workers,
+        }
+    }
+}
+
+/// Traffic per interval, forecast one interval ahead.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Forecast {
+    pub requests: f64,
+    pub input_tokens: f64,
+    pub output_tokens: f64,
+}
+
+/// What carries a plan out.
+pub trait Connector: Send {
+    /// Brings the workers it runs toward `plan`, given the cluster as `view` shows it. Does not wait for
+    /// workers to join or to drain.
+    fn apply(&mut self, plan: &Plan, view: &ClusterView);
+    /// Why the cluster is not yet as the last plan asked (workers starting, draining), if it is not: the
+    /// planner judges load only on a settled cluster.
+    fn settling(&mut self, view: &ClusterView) -> Option<String>;
+    /// Stops what it started, letting it drain; blocks until it has (or its drain timeout has passed).
+    fn shutdown(&mut self);
+}
+
+/// Acts on nothing: the plan is logged and exported as metrics (Dynamo's "advisory" scaling mode).
+pub struct Advisory;
+
+impl Connector for Advisory {
+    fn apply(&mut self, _plan: &Plan, _view: &ClusterView) {}
+
+    fn settling(&mut self, _view: &ClusterView) -> Option<String> {
+        None
+    }
+
+    fn shutdown(&mut self) {}
+}
+
+/// Each role's load as sampled now: alive workers that reported it.
+pub fn sample(view: &ClusterView) -> [PoolSample; 2] {
+    let mut pools = [PoolSample::default(); 2];
+    for worker in view.workers.values().filter(|w| w.state == PeerState::Alive) {
+        let (Some(instance), Some(load)) = (&worker.instance, &worker.load) else { continue };
+        if let Some(at) = ROLES.iter().position(|&role| role == instance.role) {
+            pools[at].add(load);
+        }
+    }
+    pools
+}
+
+/// What `dynamo route --planner` starts the planner with.
+pub struct PlannerStart {
+    /// Its own watch of the cluster (the router's is its own business).
+    pub discovery: Box<dyn crate::core::discovery::Discovery>,
+    pub settings: PlannerSettings,
+    pub connector: Box<dyn Connector>,
+}
+
+/// A planner at work; `stop` ends it and drains the workers it started.
+pub struct Planning {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    _watch: crate::core::AbortOnDrop,
+}
+
+impl PlannerStart {
+    /// Starts watching the namespace and planning; must run inside a tokio runtime.
+    pub fn spawn(
+        self,
+        metrics: Arc<Metrics>,
+        namespace: &str,
+        dead_after: Duration,
+        key: Option<crate::core::trust::ClusterKey>,
+    ) -> Result<Planning, String> {
+        let view = Arc::new(Mutex::new(ClusterView::new(namespace)));
+        let planner = Planner::new(self.settings, view.clone(), metrics, self.connector)?;
+        let watch = crate::core::top::watch(self.discovery, namespace.to_string(), dead_after, key, view);
+        let watch = crate::core::AbortOnDrop(tokio::spawn(async move {
+            if let Err(error) = watch.await {
+                tracing::warn!("planner: cannot watch the cluster: {error}");
+            }
+        }));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(planner.run(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Planning { stop, task, _watch: watch })
+    }
+}
+
+impl Planning {
+    /// Stops planning; resolves once the workers it started have drained and exited.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// The planner's state between intervals.
+pub struct Planner {
+    settings: PlannerSettings,
+    view: Arc<Mutex<ClusterView>>,
+    metrics: Arc<Metrics>,
+    connector: Box<dyn Connector>,
+    plan: Plan,
+    samples: Vec<[PoolSample; 2]>,
+    predictors: [Box<dyn Predictor>; 3],
+    traffic: Traffic,
+}
+
+impl Planner {
+    pub fn new(
+        settings: PlannerSettings,
+        view: Arc<Mutex<ClusterView>>,
+        metrics: Arc<Metrics>,
+        connector: Box<dyn Connector>,
+    ) -> Result<Self, String> {
+        let predictor = || forecast::by_name(&settings.predictor);
+        let predictors = [predictor()?, predictor()?, predictor()?];
+        let mut plan = Plan { decode: 0, prefill: 0, forecast: None, reason: "the fewest workers to start".into() };
+        for role in ROLES {
+            plan.set(role, settings.bounds(role).min);
+        }
+        let traffic = metrics.traffic();
+        Ok(Self { settings, view, metrics, connector, plan, samples: Vec::new(), predictors, traffic })
+    }
+
+    /// Plans every interval until `stop` resolves, then stops (and drains) the workers its connector started.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        self.act(true);
+        let mut sampling = tokio::time::interval(self.settings.sample_every);
+        let first = tokio::time::Instant::now() + self.settings.interval;
+        let mut planning = tokio::time::interval_at(first, self.settings.interval);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = sampling.tick() => {
+                    let pools = sample(&self.view.lock().unwrap_or_else(|p| p.into_inner()));
+                    self.samples.push(pools);
+                }
+                _ = planning.tick() => self.plan_next(),
+                () = &mut stop => break,
+            }
+        }
+        let mut connector = self.connector;
+        let _ = tokio::task::spawn_blocking(move || connector.shutdown()).await;
+    }
+
+    /// One interval's decision: forecast, then each role's step unless the cluster is still settling.
+    fn plan_next(&mut self) {
+        let traffic = self.metrics.traffic();
+        let interval = traffic.since(&self.traffic);
+        self.traffic = traffic;
+        let observed = [interval.requests as f64, interval.input_tokens as f64, interval.output_tokens as f64];
+        for (predictor, value) in self.predictors.iter_mut().zip(observed) {
+            predictor.observe(value);
+        }
+        let [requests, input_tokens, output_tokens] = self.predictors.each_ref().map(|p| p.forecast());
+        self.plan.forecast = match (requests, input_tokens, output_tokens) {
+            (Some(requests), Some(input_tokens), Some(output_tokens)) => {
+                Some(Forecast { requests, input_tokens, output_tokens })
+            }
+            _ => None,
+        };
+        let samples = std::mem::take(&mut self.samples);
+        let before = (self.plan.decode, self.plan.prefill);
+        let settling = self.connector.settling(&self.view.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut reasons = Vec::new();
+        match settling {
+            Some(why) => {
+                reasons.push(format!("waiting: {why}"));
+                for (_, role) in self.settings.roles() {
+                    self.metrics.planner_decision(role.name(), "wait");
+                }
+            }
+            None => {
+                let current = samples.last().map_or([0; 2], |pools| pools.map(|p| p.workers));
+                let mut next = self.plan.clone();
+                for (at, role) in self.settings.roles() {
+                    let pool: Vec<PoolSample> = samples.iter().map(|pools| pools[at]).collect();
+                    let step = load::step(&pool, current[at], self.settings.bounds(role), self.settings.thresholds);
+                    next.set(role, step.workers);
+                    reasons.push(format!("{}: {}", role.name(), step.reason));
+                }
+                self.within_budget(&mut next, current);
+                for (at, role) in self.settings.roles() {
+                    let decision = match next.workers(role).cmp(&current[at]) {
+                        std::cmp::Ordering::Greater => "up",
+                        std::cmp::Ordering::Less => "down",
+                        std::cmp::Ordering::Equal => "hold",
+                    };
+                    self.metrics.planner_decision(role.name(), decision);
+                }
+                self.plan = next;
+            }
+        }
+        let changed = (self.plan.decode, self.plan.prefill) != before;
+        self.plan.reason = reasons.join("; ");
+        self.act(changed);
+        if let Some(pools) = samples.last() {
+            for (at, role) in self.settings.roles() {
+                self.metrics.planner_pool(role.name(), pools[at].workers, pools[at].pressure());
+            }
+        }
+    }
+
+    /// Takes back steps up past the budget (prefill's first: decode workers serve whole requests too);
+    /// `current` is each role's workers now.
+    fn within_budget(&self, next: &mut Plan, current: [usize; 2]) {
+        for role in [Role::Prefill, Role::Decode] {
+            let over = (next.decode + next.prefill).saturating_sub(self.settings.budget);
+            let at = ROLES.iter().position(|&r| r == role).unwrap_or(0);
+            let back = over.min(next.workers(role).saturating_sub(current[at]));
+            if back > 0 {
+                next.set(role, next.workers(role) - back);
+            }
+        }
+    }
+
+    /// Tells the connector and the metrics what the plan is now; the log hears of it when it `changed`.
+    fn act(&mut self, changed: bool) {
+        let (decode, prefill, reason) = (self.plan.decode, self.plan.prefill, &self.plan.reason);
+        match changed {
+            true => tracing::info!("planner: {decode} decode, {prefill} prefill workers ({reason})"),
+            false => tracing::debug!("planner: {decode} decode, {prefill} prefill workers ({reason})"),
+        }
+        for role in ROLES {
+            self.metrics.planner_wanted(role.name(), self.plan.workers(role));
+        }
+        if let Some(forecast) = &self.plan.forecast {
+            self.metrics.planner_forecast(forecast);
+        }
+        self.connector.apply(&self.plan, &self.view.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -51,6 +51,8 @@ pub enum ClusterError {
     NoWorkers,
     #[error(transparent)]
     Serve(#[from] crate::core::frontend::ServeError),
+    #[error("planner: {0}")]
+    Planner(String),
 }
 
 /// Everything the frontend needs, once the first worker has answered.
@@ -93,18 +95,43 @@ impl Cluster {
 
 /// `dynamo route`: listens at once, serves the OpenAI API from the first compatible worker on, until
 /// `shutdown` resolves.
+/// With `planner`, a planner sizes the cluster meanwhile; the workers it started drain before this returns.
 pub async fn serve(
     discovery: Box<dyn Discovery>,
     settings: ClusterSettings,
     listen: std::net::SocketAddr,
     http: &crate::core::frontend::HttpSettings,
+    planner: Option<crate::core::planner::PlannerStart>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ClusterError> {
+    use crate::core::frontend::ServeError;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let metrics = Arc::new(Metrics::new());
+    let planning = match planner {
+        Some(planner) => {
+            let (namespace, key) = (&settings.namespace, settings.key.clone());
+            Some(planner.spawn(metrics.clone(), namespace, settings.dead_after, key).map_err(ClusterError::Planner)?)
+        }
+        None => None,
+    };
+    let served = serve_routes(discovery, settings, listener, http, metrics, shutdown).await;
+    if let Some(planning) = planning {
+        planning.stop().await;
+    }
+    served
+}
+
+async fn serve_routes(
+    discovery: Box<dyn Discovery>,
+    settings: ClusterSettings,
+    listener: tokio::net::TcpListener,
+    http: &crate::core::frontend::HttpSettings,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
     use crate::core::frontend::{LateApp, ServeError};
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
-    let metrics = Arc::new(Metrics::new());
     let namespace = settings.namespace.clone();
     let app = LateApp::waiting(
         metrics.clone(),

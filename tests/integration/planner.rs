@@ -1,0 +1,107 @@
+//! `dynamo route --planner`: the planner sizes a real cluster of worker processes it starts and drains.
+use crate::util::{Server, dynamo, metric};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Decode workers the planner's last plan saw alive, and wanted.
+fn decode_workers(metrics: &str) -> (f64, f64) {
+    let read = |state: &str| metric(metrics, &format!("dynamo_planner_workers{{role=\"decode\",state=\"{state}\"}}"));
+    (read("observed").unwrap_or(0.0), read("wanted").unwrap_or(0.0))
+}
+
+/// Clients that send long greedy requests back to back until told to stop; each checks its answer.
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Load {
+    fn start(router: &Server, clients: usize) -> Load {
+        let (stop, done, failed) = (Arc::new(AtomicBool::new(false)), Arc::default(), Arc::default());
+        let clients = (0..clients)
+            .map(|client| {
+                let url = router.url("/v1/completions");
+                let (stop, done, failed): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) =
+                    (stop.clone(), Arc::clone(&done), Arc::clone(&failed));
+                tokio::spawn(async move {
+                    let http = reqwest::Client::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        // A prompt of its own each time: no prefix cache shrinks what it needs.
+                        let prompt =
+                            format!("client {client} request {n}: {}", "scale the cluster to its load ".repeat(12));
+                        let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 200,
+                                          "temperature": 0, "ignore_eos": true});
+                        let answer = http.post(&url).json(&body).send().await;
+                        let ok = match answer {
+                            Ok(response) if response.status() == 200 => response
+                                .json::<Value>()
+                                .await
+                                .is_ok_and(|body| body["usage"]["completion_tokens"] == 200),
+                            _ => false,
+                        };
+                        let counter = if ok { &done } else { &failed };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, clients, done, failed }
+    }
+
+    /// Stops sending and waits for the requests in flight; returns (succeeded, failed).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            let _ = client.await;
+        }
+        (self.done.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_planner_scales_up_under_load_and_drains_down_after_it_without_a_failed_request() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("planner-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    let log = dir.join("route.log");
+    let mut router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--worker-timeout", "2", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-interval", "1", "--min-workers", "1", "--max-workers", "3"])
+            // Small KV caches, so that a few long requests fill one worker and queue.
+            .args(["--", "--engine", "mocker", "--num-blocks", "48", "--speedup", "4"])
+            .stderr(std::fs::File::create(&log).expect("a log file")),
+    );
+    let wait = Duration::from_secs(60);
+    router.wait_for_metrics(wait, |m| decode_workers(m) == (1.0, 1.0)).await;
+
+    let heavy = Load::start(&router, 8);
+    router.wait_for_metrics(wait, |m| decode_workers(m).0 >= 3.0).await;
+    let (done_heavy, failed_heavy) = heavy.finish().await;
+
+    // Down one worker per interval, with a request still coming now and then.
+    let light = Load::start(&router, 1);
+    let metrics = router.wait_for_metrics(wait, |m| decode_workers(m) == (1.0, 1.0)).await;
+    let (done_light, failed_light) = light.finish().await;
+    assert_eq!((failed_heavy, failed_light), (0, 0), "{done_heavy} + {done_light} requests succeeded");
+    assert!(done_heavy > 0 && done_light > 0);
+    let decisions = |decision: &str| {
+        metric(&metrics, &format!("dynamo_planner_decisions_total{{decision=\"{decision}\",role=\"decode\"}}"))
+            .unwrap_or(0.0)
+    };
+    assert!(decisions("up") >= 2.0 && decisions("down") >= 2.0, "{metrics}");
+
+    let exit = router.terminate_within(Duration::from_secs(40)).expect("the router exits once its workers drained");
+    assert!(exit.success(), "{exit:?}");
+    let said = std::fs::read_to_string(&log).expect("the router's log");
+    // Three drains: two scaled down, the last at shutdown; none killed, none died.
+    assert_eq!(said.matches("drained; stopping").count(), 3, "{said}");
+    assert!(!said.contains("did not exit after draining") && !said.contains("exited by itself"), "{said}");
+}
