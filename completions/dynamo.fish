@@ -32,6 +32,7 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "decode" -d 'Start a w
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "prefill" -d 'Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving)'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
+complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "profile" -d 'Write a worker\'s performance profile (prefill time by prompt length, time between tokens by batch and context) for the planner\'s profile-based sizing: the mocker\'s from its timing fit, others measured'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
@@ -173,6 +174,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-prefill-work
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-budget -d 'Most workers of every role together (Dynamo\'s max GPU budget)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-up-pressure -d 'KV pressure (KV needed over KV held) past which a role gets one more worker; past 1, requests queue' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-down-pressure -d 'KV pressure every sample of an interval must stay under for a role to lose a worker' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-profile -d 'Size each role for the latency targets from this performance profile (`dynamo profile` writes one) and the traffic forecast; load-based steps still add workers beyond that' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l ttft-target-ms -d 'Mean time to first token the profile-based sizing aims at, in ms' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l itl-target-ms -d 'Mean time between tokens the profile-based sizing aims at, in ms' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l drain-timeout -d 'Seconds a worker the planner stops may take to finish its requests' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
@@ -190,6 +194,27 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand top" -l json -d 'With --on
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand top" -s V -l version -d 'Print version'
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l model -d 'HF model directory [default: the built-in tiny-chat]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s o -l out -d 'Where the profile goes (JSON)' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-prompt -d 'Longest prompt prefilled (64, 128, … up to this; never past the model\'s context length)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-context -d 'Longest context decoded (64, 128, … up to this)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-batch -d 'Largest batch decoded (1, 2, 4, … up to this, as far as the KV cache holds them)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l decode-tokens -d 'Tokens each decoding sequence generates' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l repeats -d 'Times each prefill is measured (the median counts)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l block-size -d 'Tokens per KV block' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route disagg disagg-native planner plane engine transfer transfer-target soak help" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route disagg disagg-native planner plane engine transfer transfer-target soak help" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and not __fish_seen_subcommand_from http index route disagg disagg-native planner plane engine transfer transfer-target soak help" -s V -l version -d 'Print version'
@@ -363,16 +388,17 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand keygen" -s V -l version -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c dynamo -n "__fish_dynamo_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "prefill" -d 'Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving)'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
-complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top bench selftest keygen completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "run" -d 'Run everything in one process: OpenAI HTTP frontend, router and workers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "decode" -d 'Start a worker (prefill and decode in one) that registers itself and serves requests from routers'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "prefill" -d 'Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "route" -d 'Start the OpenAI HTTP frontend and router in front of the workers discovery finds'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "top" -d 'Watch every worker of a namespace live: state, load, KV cache, requests'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "profile" -d 'Write a worker\'s performance profile (prefill time by prompt length, time between tokens by batch and context) for the planner\'s profile-based sizing: the mocker\'s from its timing fit, others measured'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "bench" -d 'Measure performance; each benchmark compares against a reference in the same run'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "selftest" -d 'Check the CUDA backend against the CPU backend (or, with --compile-only, just compile its kernels)'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "keygen" -d 'Make a cluster key: with it, roles seal every plane message and ignore processes without it'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
+complete -c dynamo -n "__fish_dynamo_using_subcommand help; and not __fish_seen_subcommand_from run decode prefill route top profile bench selftest keygen completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "http" -d 'Requests/s and added latency of the HTTP frontend, against the same workers called directly'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "index" -d 'KV index under a replayed Mooncake trace: FlashIndexer against the reference index'
 complete -c dynamo -n "__fish_dynamo_using_subcommand help; and __fish_seen_subcommand_from bench" -f -a "route" -d 'Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random'

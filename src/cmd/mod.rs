@@ -3,6 +3,7 @@ mod args;
 mod bench;
 mod completions;
 mod keygen;
+mod profile;
 mod route;
 mod run;
 mod selftest;
@@ -38,6 +39,9 @@ pub enum Command {
     Route(route::RouteArgs),
     /// Watch every worker of a namespace live: state, load, KV cache, requests.
     Top(top::TopArgs),
+    /// Write a worker's performance profile (prefill time by prompt length, time between tokens by batch and
+    /// context) for the planner's profile-based sizing: the mocker's from its timing fit, others measured.
+    Profile(profile::ProfileArgs),
     /// Measure performance; each benchmark compares against a reference in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefill(args) => worker::run(args, Role::Prefill),
         Command::Route(args) => route::run(args),
         Command::Top(args) => top::run(args, log_tail.unwrap_or_default()),
+        Command::Profile(args) => profile::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),
         Command::Keygen(args) => keygen::run(args),

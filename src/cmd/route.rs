@@ -3,7 +3,9 @@
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
-use crate::core::planner::{Advisory, Connector, PlannerSettings, PlannerStart};
+use crate::core::planner::profile::Profile;
+use crate::core::planner::sla::Targets;
+use crate::core::planner::{Advisory, Connector, PlannerSettings, PlannerStart, SlaSettings};
 use crate::core::route::{self, ClusterSettings};
 use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
@@ -75,6 +77,19 @@ pub struct PlannerArgs {
     #[arg(long, default_value_t = Thresholds::default().down, value_parser = super::args::non_negative_f64, requires = "planner")]
     pub scale_down_pressure: f64,
 
+    /// Size each role for the latency targets from this performance profile (`dynamo profile` writes one)
+    /// and the traffic forecast; load-based steps still add workers beyond that.
+    #[arg(long, value_name = "PATH", requires = "planner")]
+    pub planner_profile: Option<std::path::PathBuf>,
+
+    /// Mean time to first token the profile-based sizing aims at, in ms.
+    #[arg(long, default_value_t = Targets::default().ttft_ms, value_parser = super::args::positive_f64, requires = "planner_profile")]
+    pub ttft_target_ms: f64,
+
+    /// Mean time between tokens the profile-based sizing aims at, in ms.
+    #[arg(long, default_value_t = Targets::default().itl_ms, value_parser = super::args::positive_f64, requires = "planner_profile")]
+    pub itl_target_ms: f64,
+
     /// Seconds a worker the planner stops may take to finish its requests.
     #[arg(long, default_value_t = crate::core::worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, requires = "planner")]
     pub drain_timeout: f64,
@@ -124,6 +139,13 @@ impl PlannerArgs {
             prefill: Bounds { min: self.min_prefill_workers as usize, max: self.max_prefill_workers as usize },
             budget: self.worker_budget as usize,
             thresholds: Thresholds { up: self.scale_up_pressure, down: self.scale_down_pressure },
+            sla: match &self.planner_profile {
+                Some(path) => Some(SlaSettings {
+                    profile: Profile::read(path)?,
+                    targets: Targets { ttft_ms: self.ttft_target_ms, itl_ms: self.itl_target_ms },
+                }),
+                None => None,
+            },
         };
         let connector: Box<dyn Connector> = match self.planner_connector {
             ConnectorArg::Advisory => {

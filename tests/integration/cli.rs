@@ -87,6 +87,37 @@ fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
         &["--worker-budget"],
     );
     refused(&["--min-workers", "2"], &["--planner"]);
+    refused(
+        &["--planner", "auto", "--planner-profile", "/no/such/profile.json"],
+        &["cannot read the profile", "/no/such"],
+    );
+    refused(&["--planner", "auto", "--ttft-target-ms", "100"], &["--planner-profile"]);
+}
+
+#[test]
+fn a_profile_written_by_dynamo_profile_is_read_by_the_planner() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let path = dir.join("mocker.json");
+    let (ok, out, err) =
+        output(&["profile", "--engine", "mocker", "--num-blocks", "1024", "--out", &path.to_string_lossy()]);
+    assert!(ok && out.contains("written to"), "{out}{err}");
+    let profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("written")).expect("JSON");
+    assert_eq!(profile["kv_tokens"], 1024 * 16);
+    // Read back by the planner: the router gets past its planner flags (and stops at its discovery).
+    let (ok, _, err) = output(&[
+        "route",
+        "--discovery",
+        "bogus:x",
+        "--planner",
+        "auto",
+        "--planner-connector",
+        "advisory",
+        "--planner-profile",
+        &path.to_string_lossy(),
+    ]);
+    assert!(!ok && !err.contains("profile") && err.contains("bogus"), "{err}");
 }
 
 #[tokio::test]

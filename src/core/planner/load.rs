@@ -47,6 +47,7 @@ pub struct PoolSample {
     /// KV blocks the pool's requests need: held by running ones, estimated for queued ones.
     pub kv_demand: f64,
     pub kv_capacity: f64,
+    pub running: u64,
     pub waiting: u64,
 }
 
@@ -59,6 +60,7 @@ impl PoolSample {
         self.workers += 1;
         self.kv_demand += load.kv_active_blocks as f64 + f64::from(load.requests_waiting) * per_request;
         self.kv_capacity += load.kv_total_blocks as f64;
+        self.running += u64::from(load.requests_running);
         self.waiting += u64::from(load.requests_waiting);
     }
 
@@ -120,7 +122,7 @@ mod tests {
 
     fn sample(workers: usize, pressure: f64) -> PoolSample {
         let capacity = 100.0 * workers as f64;
-        PoolSample { workers, kv_demand: pressure * capacity, kv_capacity: capacity, waiting: 0 }
+        PoolSample { workers, kv_demand: pressure * capacity, kv_capacity: capacity, running: 0, waiting: 0 }
     }
 
     const BOUNDS: Bounds = Bounds { min: 1, max: 4 };

@@ -11,6 +11,8 @@
 pub mod forecast;
 pub mod load;
 pub mod local;
+pub mod profile;
+pub mod sla;
 
 use crate::core::protocol::discovery::Role;
 use crate::core::telemetry::{Metrics, Traffic};
@@ -36,6 +38,15 @@ pub struct PlannerSettings {
     /// Most workers of all roles together.
     pub budget: usize,
     pub thresholds: Thresholds,
+    /// Profile-based sizing: with it, each role has at least the workers its latency target needs for the
+    /// forecast traffic; load-based steps still add to that.
+    pub sla: Option<SlaSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SlaSettings {
+    pub profile: profile::Profile,
+    pub targets: sla::Targets,
 }
 
 impl PlannerSettings {
@@ -181,6 +192,7 @@ pub struct Planner {
     samples: Vec<[PoolSample; 2]>,
     predictors: [Box<dyn Predictor>; 3],
     traffic: Traffic,
+    corrections: sla::Corrections,
 }
 
 impl Planner {
@@ -197,7 +209,8 @@ impl Planner {
             plan.set(role, settings.bounds(role).min);
         }
         let traffic = metrics.traffic();
-        Ok(Self { settings, view, metrics, connector, plan, samples: Vec::new(), predictors, traffic })
+        let corrections = sla::Corrections::default();
+        Ok(Self { settings, view, metrics, connector, plan, samples: Vec::new(), predictors, traffic, corrections })
     }
 
     /// Plans every interval until `stop` resolves, then stops (and drains) the workers its connector started.
@@ -250,11 +263,14 @@ impl Planner {
             }
             None => {
                 let current = samples.last().map_or([0; 2], |pools| pools.map(|p| p.workers));
+                let needed = self.sla_needs(&interval, &samples, &mut reasons);
                 let mut next = self.plan.clone();
                 for (at, role) in self.settings.roles() {
                     let pool: Vec<PoolSample> = samples.iter().map(|pools| pools[at]).collect();
-                    let step = load::step(&pool, current[at], self.settings.bounds(role), self.settings.thresholds);
-                    next.set(role, step.workers);
+                    let bounds = self.settings.bounds(role);
+                    let step = load::step(&pool, current[at], bounds, self.settings.thresholds);
+                    let need = needed.map_or(0, |needed| needed[at]);
+                    next.set(role, bounds.clamp(step.workers.max(need)));
                     reasons.push(format!("{}: {}", role.name(), step.reason));
                 }
                 self.within_budget(&mut next, current);
@@ -277,6 +293,68 @@ impl Planner {
                 self.metrics.planner_pool(role.name(), pools[at].workers, pools[at].pressure());
             }
         }
+    }
+
+    /// The workers each role needs for its latency target with the forecast traffic (`None` without a
+    /// profile, or before a forecast), after correcting the profile by the latency the last `interval` saw.
+    fn sla_needs(
+        &mut self,
+        interval: &Traffic,
+        samples: &[[PoolSample; 2]],
+        reasons: &mut Vec<String>,
+    ) -> Option<[usize; 2]> {
+        let SlaSettings { profile, targets } = self.settings.sla.as_ref()?;
+        let seconds = self.settings.interval.as_secs_f64();
+        let disaggregated = self.settings.prefill.max > 0;
+        // Whoever prefills: prefill workers, or the aggregated decode workers.
+        let prefilling = usize::from(disaggregated);
+        let mean = |read: &dyn Fn(&[PoolSample; 2]) -> f64| match samples.len() {
+            0 => 0.0,
+            n => samples.iter().map(read).sum::<f64>() / n as f64,
+        };
+        let observed = (interval.requests as f64, interval.input_tokens as f64, interval.output_tokens as f64);
+        if let Some(demand) = sla::Demand::per_interval(observed.0, observed.1, observed.2, seconds) {
+            let prefill_workers = mean(&|pools| pools[prefilling].workers as f64);
+            let running = mean(&|pools| pools[0].running as f64 / pools[0].workers.max(1) as f64);
+            let expected_ttft = sla::expected_ttft_ms(&demand, profile, prefill_workers);
+            let expected_itl = sla::expected_itl_ms(&demand, profile, running);
+            let corrections = &mut self.corrections;
+            if let Some(c) = interval.mean_ttft_ms().and_then(|seen| sla::bounded_correction(seen, expected_ttft)) {
+                corrections.prefill = c;
+            }
+            if let Some(c) = interval.mean_itl_ms().and_then(|seen| sla::bounded_correction(seen, expected_itl)) {
+                corrections.decode = c;
+            }
+        }
+        self.metrics.planner_correction("prefill", self.corrections.prefill);
+        self.metrics.planner_correction("decode", self.corrections.decode);
+        let forecast = self.plan.forecast?;
+        let Some(demand) =
+            sla::Demand::per_interval(forecast.requests, forecast.input_tokens, forecast.output_tokens, seconds)
+        else {
+            return Some([0; 2]);
+        };
+        let prefill = sla::prefill_workers(&demand, profile, targets, self.corrections.prefill);
+        let decode = sla::decode_workers(&demand, profile, targets, self.corrections.decode);
+        let (prefill, decode) = match (prefill, decode) {
+            (Ok(prefill), Ok(decode)) => (prefill, decode),
+            (Err(why), _) | (_, Err(why)) => {
+                reasons.push(format!("targets out of reach: {why}"));
+                return None;
+            }
+        };
+        let needed = match disaggregated {
+            true => [decode.ceil() as usize, prefill.ceil() as usize],
+            false => [(prefill + decode).ceil() as usize, 0],
+        };
+        reasons.push(format!(
+            "the targets need {} decode, {} prefill workers for {:.1} requests/s of {:.0}+{:.0} tokens",
+            needed[0], needed[1], demand.requests_per_s, demand.prompt_tokens, demand.output_tokens
+        ));
+        for (at, role) in self.settings.roles() {
+            self.metrics.planner_sizing(role.name(), needed[at]);
+        }
+        Some(needed)
     }
 
     /// Takes back steps up past the budget (prefill's first: decode workers serve whole requests too);

@@ -31,6 +31,7 @@ fn settings() -> PlannerSettings {
         prefill: Bounds { min: 0, max: 2 },
         budget: 4,
         thresholds: Thresholds::default(),
+        sla: None,
     }
 }
 
@@ -143,4 +144,66 @@ fn a_cluster_still_settling_is_not_judged_and_the_forecast_follows_the_traffic()
     let forecast = rig.planner.plan.forecast.expect("a forecast after an interval");
     assert_eq!((forecast.requests, forecast.input_tokens), (1.0, 120.0), "the constant predictor: the last interval");
     assert!(rig.metrics.render(&[]).contains(r#"dynamo_planner_forecast{series="input_tokens"} 120"#));
+}
+
+/// Requests through the frontend's metrics as the planner reads them: `count` of `prompt` tokens, each
+/// generating `output` tokens, the first after `ttft_ms`, the others `itl_ms` apart.
+fn traffic(metrics: &Arc<Metrics>, count: usize, prompt: usize, output: usize, ttft_ms: u64, itl_ms: u64) {
+    for _ in 0..count {
+        let mut request = metrics.request("m", "completions", true);
+        request.prompt(prompt, 0);
+        request.age(Duration::from_millis(ttft_ms));
+        request.tokens(1);
+        request.age(Duration::from_millis(itl_ms * (output as u64 - 1)));
+        request.tokens(output - 1);
+        request.finish(true);
+    }
+}
+
+#[test]
+fn with_a_profile_each_role_gets_at_least_what_its_latency_target_needs() {
+    use super::profile::Profile;
+    use super::sla::{Demand, Targets};
+    let profile = Profile::mocker(16_384 * 16, 256, 1.0);
+    let targets = Targets { ttft_ms: 500.0, itl_ms: 30.0 };
+    let planned = |ttft_ms: u64| {
+        let sla = Some(SlaSettings { profile: profile.clone(), targets });
+        let bounds = Bounds { min: 1, max: 12 };
+        let mut rig = rig(PlannerSettings { budget: 24, decode: bounds, prefill: bounds, sla, ..settings() });
+        // One interval of 40 requests of 2048 + 100 tokens; the constant predictor forecasts the same again.
+        traffic(&rig.metrics, 40, 2048, 100, ttft_ms, 20);
+        let plan = rig.interval(view(1, 4, 0.1));
+        (plan, rig)
+    };
+    let ((decode, prefill), first) = planned(100);
+    let demand = Demand { requests_per_s: 40.0, prompt_tokens: 2048.0, output_tokens: 100.0 };
+    let corrections = first.planner.corrections;
+    assert!(corrections.prefill > 1.0 && corrections.prefill < 2.0, "100 ms seen, about 73 expected: {corrections:?}");
+    let needed_prefill = super::sla::prefill_workers(&demand, &profile, &targets, corrections.prefill).unwrap();
+    let needed_decode = super::sla::decode_workers(&demand, &profile, &targets, corrections.decode).unwrap();
+    assert_eq!((decode, prefill), (needed_decode.ceil() as usize, needed_prefill.ceil() as usize));
+    assert!(prefill >= 3, "40 prompts/s of 2048 tokens, 70 ms each, within 500 ms: {prefill}");
+    let text = first.metrics.render(&[]);
+    assert!(text.contains(&format!(r#"dynamo_planner_workers{{role="prefill",state="needed"}} {prefill}"#)), "{text}");
+    assert!(text.contains(r#"dynamo_planner_correction{phase="prefill"}"#), "{text}");
+
+    // Clients that saw twice the TTFT: the correction doubles, and the need more than that.
+    let ((_, more), second) = planned(200);
+    assert!(second.planner.corrections.prefill > 1.9 * corrections.prefill);
+    assert!(more > 2 * prefill, "{more} prefill workers after 200 ms TTFTs, {prefill} after 100 ms");
+}
+
+#[test]
+fn without_traffic_or_within_reach_of_nothing_the_profile_sets_no_floor() {
+    use super::profile::Profile;
+    use super::sla::Targets;
+    let profile = Profile::mocker(16_384 * 16, 256, 1.0);
+    // No TTFT under 1 ms is possible: the load steps alone decide, and the reason says why.
+    let sla = Some(SlaSettings { profile, targets: Targets { ttft_ms: 1.0, itl_ms: 30.0 } });
+    let mut rig = rig(PlannerSettings { sla, ..settings() });
+    traffic(&rig.metrics, 10, 2048, 100, 60, 10);
+    assert_eq!(rig.interval(view(2, 0, 0.7)), (2, 0));
+    assert!(rig.planner.plan.reason.contains("targets out of reach"), "{}", rig.planner.plan.reason);
+    // An idle interval needs nothing beyond the fewest.
+    assert_eq!(rig.interval(view(2, 0, 0.0)), (1, 0));
 }
