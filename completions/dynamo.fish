@@ -177,6 +177,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-down-press
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-profile -d 'Size each role for the latency targets from this performance profile (`dynamo profile` writes one) and the traffic forecast; load-based steps still add workers beyond that' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l ttft-target-ms -d 'Mean time to first token the profile-based sizing aims at, in ms' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l itl-target-ms -d 'Mean time between tokens the profile-based sizing aims at, in ms' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l sla-attainment -d 'The share of requests that must meet the latency targets (0.95: 95 %); without it, their means must (as Dynamo\'s SLA planner sizes)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l drain-timeout -d 'Seconds a worker the planner stops may take to finish its requests' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
@@ -304,6 +305,18 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l trace -d 'Mooncake JSONL (timestamp ms, input_length, output_length) or Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) trace' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l interval -d 'Interval lengths, seconds' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l requests -d 'Replay only the first N requests of the trace [default: all]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l speedup -d 'Simulated time (trace arrivals and mocker steps) runs this many times faster than real time' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l num-blocks -d 'KV blocks (of 16 tokens) per worker' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l block-tokens -d 'Tokens per trace block id' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l max-workers -d 'Most workers, for the planner and the static pools alike' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l ttft-target-ms -d 'A request met its targets if its TTFT was at most this (simulated ms) …' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l itl-target-ms -d '… and its tokens came this fast on average (simulated ms between tokens)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l attainment -d 'The share of requests that must meet both' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l planner-interval -d 'The planner\'s interval, simulated seconds' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l startup -d 'Simulated seconds a started worker takes to join (loading its weights)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l predictor -d 'The planner\'s traffic predictor' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l simulate -d 'Instead: replay the (Mooncake) trace in simulated time on mocker workers that the planner sizes, and on static pools of them; SLA attainment and worker-hours of each'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from planner" -s h -l help -d 'Print help'

@@ -269,9 +269,65 @@ pub struct PlannerArgs {
     #[arg(long, value_delimiter = ',', default_value = "10,60", value_parser = positive_f64)]
     pub interval: Vec<f64>,
 
+    /// Instead: replay the (Mooncake) trace in simulated time on mocker workers that the planner sizes, and
+    /// on static pools of them; SLA attainment and worker-hours of each.
+    #[arg(long)]
+    pub simulate: bool,
+
+    #[command(flatten)]
+    pub simulation: SimulationArgs,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "With --simulate")]
+pub struct SimulationArgs {
+    /// Replay only the first N requests of the trace [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), requires = "simulate")]
+    pub requests: Option<u32>,
+
+    /// Simulated time (trace arrivals and mocker steps) runs this many times faster than real time.
+    #[arg(long, default_value_t = 50.0, value_parser = positive_f64, requires = "simulate")]
+    pub speedup: f64,
+
+    /// KV blocks (of 16 tokens) per worker.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), requires = "simulate")]
+    pub num_blocks: u32,
+
+    /// Tokens per trace block id.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..), requires = "simulate")]
+    pub block_tokens: u32,
+
+    /// Most workers, for the planner and the static pools alike.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256), requires = "simulate")]
+    pub max_workers: u32,
+
+    /// A request met its targets if its TTFT was at most this (simulated ms) …
+    #[arg(long, default_value_t = 2000.0, value_parser = positive_f64, requires = "simulate")]
+    pub ttft_target_ms: f64,
+
+    /// … and its tokens came this fast on average (simulated ms between tokens).
+    #[arg(long, default_value_t = 40.0, value_parser = positive_f64, requires = "simulate")]
+    pub itl_target_ms: f64,
+
+    /// The share of requests that must meet both.
+    #[arg(long, default_value_t = 0.95, value_parser = positive_f64, requires = "simulate")]
+    pub attainment: f64,
+
+    /// The planner's interval, simulated seconds.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_f64, requires = "simulate")]
+    pub planner_interval: f64,
+
+    /// Simulated seconds a started worker takes to join (loading its weights).
+    #[arg(long, default_value_t = 30.0, value_parser = super::args::non_negative_f64, requires = "simulate")]
+    pub startup: f64,
+
+    /// The planner's traffic predictor.
+    #[arg(long, default_value = "auto", requires = "simulate")]
+    pub predictor: String,
 }
 
 #[derive(Debug, Args)]
@@ -650,6 +706,9 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
 
 fn bench_planner(args: PlannerArgs) -> anyhow::Result<()> {
     use crate::core::bench::planner;
+    if args.simulate {
+        return bench_scaling(&args.trace, &args.simulation, args.json);
+    }
     let arrivals = planner::load_arrivals(&args.trace)?;
     println!(
         "dynamo bench planner: {} requests from {}, one-step-ahead WAPE per interval (lower is better, * the best); \
@@ -662,6 +721,58 @@ fn bench_planner(args: PlannerArgs) -> anyhow::Result<()> {
     print!("{}", planner::table(&results));
     if args.json {
         println!("{}", serde_json::json!({ "default": planner::DEFAULT_PREDICTOR, "results": results }));
+    }
+    Ok(())
+}
+
+fn bench_scaling(path: &std::path::Path, args: &SimulationArgs, json: bool) -> anyhow::Result<()> {
+    use crate::core::bench::scaling::{self, ScalingSettings};
+    use crate::core::planner::sla::Targets;
+    crate::core::planner::forecast::by_name(&args.predictor).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.attainment <= 1.0, "--attainment is a share: at most 1");
+    let mut trace = trace::load(path)?;
+    if let Some(requests) = args.requests {
+        trace.truncate(requests as usize);
+    }
+    let settings = ScalingSettings {
+        speedup: args.speedup,
+        scheduler: SchedulerConfig { num_blocks: args.num_blocks as usize, ..SchedulerConfig::default() },
+        block_tokens: args.block_tokens as usize,
+        targets: Targets {
+            ttft_ms: args.ttft_target_ms,
+            itl_ms: args.itl_target_ms,
+            attainment: Some(args.attainment),
+        },
+        attainment: args.attainment,
+        max_workers: args.max_workers as usize,
+        interval_s: args.planner_interval,
+        startup_s: args.startup,
+        predictor: args.predictor.clone(),
+    };
+    println!(
+        "dynamo bench planner --simulate: {} trace requests; targets TTFT {} ms and ITL {} ms for {:.0}% of requests; \
+         the planner (predictor {}, every {} s, workers start in {} s) against the fewest static workers that meet \
+         them, at most {}; speedup {}",
+        trace.len(),
+        args.ttft_target_ms,
+        args.itl_target_ms,
+        args.attainment * 100.0,
+        args.predictor,
+        args.planner_interval,
+        args.startup,
+        args.max_workers,
+        args.speedup
+    );
+    let results = super::runtime()?.block_on(scaling::run(&trace, &settings)).map_err(anyhow::Error::msg)?;
+    print!("{}", scaling::table(&results, &settings));
+    if json {
+        let planner = results.iter().find(|r| r.setup == "planner");
+        let best = scaling::best_static(&results, args.attainment);
+        let ratio = planner.zip(best).map(|(p, b)| p.worker_hours / b.worker_hours.max(1e-12));
+        println!(
+            "{}",
+            serde_json::json!({ "setups": results, "best_static": best.map(|b| &b.setup), "worker_hours_ratio": ratio })
+        );
     }
     Ok(())
 }

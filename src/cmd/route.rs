@@ -90,6 +90,11 @@ pub struct PlannerArgs {
     #[arg(long, default_value_t = Targets::default().itl_ms, value_parser = super::args::positive_f64, requires = "planner_profile")]
     pub itl_target_ms: f64,
 
+    /// The share of requests that must meet the latency targets (0.95: 95 %); without it, their means must
+    /// (as Dynamo's SLA planner sizes).
+    #[arg(long, value_parser = share, requires = "planner_profile")]
+    pub sla_attainment: Option<f64>,
+
     /// Seconds a worker the planner stops may take to finish its requests.
     #[arg(long, default_value_t = crate::core::worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, requires = "planner")]
     pub drain_timeout: f64,
@@ -142,7 +147,11 @@ impl PlannerArgs {
             sla: match &self.planner_profile {
                 Some(path) => Some(SlaSettings {
                     profile: Profile::read(path)?,
-                    targets: Targets { ttft_ms: self.ttft_target_ms, itl_ms: self.itl_target_ms },
+                    targets: Targets {
+                        ttft_ms: self.ttft_target_ms,
+                        itl_ms: self.itl_target_ms,
+                        attainment: self.sla_attainment,
+                    },
                 }),
                 None => None,
             },
@@ -189,6 +198,13 @@ impl PlannerArgs {
             kv_transfer,
             drain_timeout: super::args::seconds(self.drain_timeout),
         })
+    }
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.5 && v < 1.0 => Ok(v),
+        _ => Err(format!("expected a share above 0.5 and below 1 (0.95 for 95 %), got `{text}`")),
     }
 }
 

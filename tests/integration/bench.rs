@@ -286,3 +286,42 @@ fn bench_planner_scores_every_predictor_on_every_series() {
         }
     }
 }
+
+#[test]
+fn bench_planner_simulate_compares_the_planner_with_the_fewest_static_workers_that_meet_the_targets() {
+    let trace = trace_file("scaling-trace.jsonl");
+    let json = last_json_line(&[
+        "bench",
+        "planner",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--simulate",
+        "--speedup",
+        "20",
+        "--block-tokens",
+        "16",
+        "--max-workers",
+        "3",
+        "--planner-interval",
+        "1",
+        "--json",
+    ]);
+    let setups = json["setups"].as_array().expect("setups");
+    let names: Vec<&str> = setups.iter().map(|s| s["setup"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names.first(), Some(&"planner"), "{names:?}");
+    assert!(names.contains(&"static 3"), "the most workers are always tried: {names:?}");
+    for setup in setups {
+        assert_eq!((setup["requests"].as_u64(), setup["errors"].as_u64()), (Some(60), Some(0)), "{setup}");
+        let attainment = setup["attainment"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&attainment), "{setup}");
+        assert!(setup["worker_hours"].as_f64().is_some_and(|h| h > 0.0), "{setup}");
+    }
+    // One 60-token request every 100 ms is light work: one static worker meets the targets, and it is the
+    // best; the planner's worker-hours are compared with its own.
+    assert_eq!(json["best_static"], "static 1", "{json}");
+    let ratio = json["worker_hours_ratio"].as_f64().expect("a ratio");
+    let planner = &setups[0];
+    let best = setups.iter().find(|s| s["setup"] == "static 1").expect("static 1");
+    let expected = planner["worker_hours"].as_f64().unwrap() / best["worker_hours"].as_f64().unwrap();
+    assert!((ratio - expected).abs() < 1e-9, "{json}");
+}

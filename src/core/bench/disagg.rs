@@ -11,7 +11,7 @@
 //! ITL is each request's mean gap between tokens (what vLLM's benchmark calls TPOT), not single gaps: at a
 //! speedup, the mockers' sleeps are rounded to the timer's millisecond and tokens arrive in bursts, so one
 //! gap says little, while their mean over a request is the simulated time.
-use super::route::{Replayed, replay};
+use super::route::{Judged, Replayed, judge, replay};
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
@@ -104,22 +104,9 @@ async fn run_setup(
     let router = Arc::new(Router::new(decode.clone(), router_config));
     prefill.iter().for_each(|engine| router.add_worker(engine.clone(), Pool::Prefill));
     let Replayed { outcomes, errors, elapsed_s } =
-        replay(trace, &router, settings.speedup, settings.block_tokens).await;
-
-    let simulated_ms = |d: &std::time::Duration| d.as_secs_f64() * 1e3 * settings.speedup;
-    let mean_itl = |gaps: &[std::time::Duration]| {
-        (!gaps.is_empty()).then(|| gaps.iter().map(simulated_ms).sum::<f64>() / gaps.len() as f64)
-    };
-    let mut ttfts: Vec<f64> = outcomes.iter().map(|o| simulated_ms(&o.ttft)).collect();
-    let mut itls: Vec<f64> = outcomes.iter().filter_map(|o| mean_itl(&o.gaps)).collect();
-    let good = (outcomes.iter())
-        .filter(|o| {
-            let itl = mean_itl(&o.gaps).unwrap_or(0.0);
-            simulated_ms(&o.ttft) <= settings.ttft_target_ms && itl <= settings.itl_target_ms
-        })
-        .count();
-    ttfts.sort_by(f64::total_cmp);
-    itls.sort_by(f64::total_cmp);
+        replay(trace, &router, settings.speedup, settings.block_tokens, None).await;
+    let Judged { ttfts, itls, good } =
+        judge(&outcomes, settings.speedup, settings.ttft_target_ms, settings.itl_target_ms);
     let read: u64 = decode.iter().filter_map(|e| e.kv_transfers()).map(|t| t.read).sum();
     let requests = outcomes.len() + errors;
     Ok(SetupResult {

@@ -10,6 +10,7 @@ pub mod index;
 pub mod plane;
 pub mod planner;
 pub mod route;
+pub mod scaling;
 pub mod soak;
 pub mod trace;
 pub mod transfer;

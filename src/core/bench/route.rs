@@ -11,6 +11,7 @@ use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::protocol::PreprocessedRequest;
 use crate::core::router::{Router, RouterConfig, RouterMode};
+use crate::core::telemetry::Metrics;
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
@@ -49,6 +50,35 @@ pub(super) struct Outcome {
     pub gaps: Vec<Duration>,
 }
 
+impl Outcome {
+    /// Its mean gap between tokens in simulated ms (what vLLM's benchmark calls TPOT); `None` for one
+    /// output.
+    fn mean_gap_ms(&self, speedup: f64) -> Option<f64> {
+        let total: Duration = self.gaps.iter().sum();
+        (!self.gaps.is_empty()).then(|| total.as_secs_f64() * 1e3 * speedup / self.gaps.len() as f64)
+    }
+}
+
+/// Replayed requests' latencies in simulated ms, sorted, and how many met both targets.
+pub(super) struct Judged {
+    pub ttfts: Vec<f64>,
+    /// Each request's mean gap between tokens.
+    pub itls: Vec<f64>,
+    pub good: usize,
+}
+
+pub(super) fn judge(outcomes: &[Outcome], speedup: f64, ttft_target_ms: f64, itl_target_ms: f64) -> Judged {
+    let ttft = |o: &Outcome| o.ttft.as_secs_f64() * 1e3 * speedup;
+    let good = (outcomes.iter())
+        .filter(|o| ttft(o) <= ttft_target_ms && o.mean_gap_ms(speedup).unwrap_or(0.0) <= itl_target_ms)
+        .count();
+    let mut ttfts: Vec<f64> = outcomes.iter().map(ttft).collect();
+    let mut itls: Vec<f64> = outcomes.iter().filter_map(|o| o.mean_gap_ms(speedup)).collect();
+    ttfts.sort_by(f64::total_cmp);
+    itls.sort_by(f64::total_cmp);
+    Judged { ttfts, itls, good }
+}
+
 /// A trace replayed against one router.
 pub(super) struct Replayed {
     pub outcomes: Vec<Outcome>,
@@ -79,7 +109,7 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
     };
     let router = Arc::new(Router::new(engines, router_config));
     let Replayed { outcomes, errors, elapsed_s } =
-        replay(trace, &router, settings.speedup, settings.block_tokens).await;
+        replay(trace, &router, settings.speedup, settings.block_tokens, None).await;
     let elapsed = elapsed_s * settings.speedup;
     let prompt: usize = outcomes.iter().map(|o| o.prompt_tokens).sum();
     let cached: usize = outcomes.iter().map(|o| o.cached_tokens).sum();
@@ -98,12 +128,14 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
 }
 
 /// Sends `trace`'s requests to `router` at their timestamps (divided by `speedup`) and follows each to its
-/// end. A trace block id becomes `block_tokens` token ids (`prompt_tokens`).
+/// end, recording each in `metrics` as the frontend would. A trace block id becomes `block_tokens` token ids
+/// (`prompt_tokens`).
 pub(super) async fn replay(
     trace: &[TraceRequest],
     router: &Arc<Router>,
     speedup: f64,
     block_tokens: usize,
+    metrics: Option<&Arc<Metrics>>,
 ) -> Replayed {
     let start = Instant::now();
     let first_timestamp = trace.first().map_or(0, |r| r.timestamp);
@@ -116,8 +148,8 @@ pub(super) async fn replay(
             prompt_tokens(request, block_tokens),
             request.output_length.max(1) as u32,
         );
-        let router = router.clone();
-        tasks.push(tokio::spawn(async move { send(&router, engine_request).await }));
+        let (router, metrics) = (router.clone(), metrics.cloned());
+        tasks.push(tokio::spawn(async move { send(&router, engine_request, metrics).await }));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());
     let mut errors = 0;
@@ -130,20 +162,31 @@ pub(super) async fn replay(
     Replayed { outcomes, errors, elapsed_s: start.elapsed().as_secs_f64() }
 }
 
-async fn send(router: &Arc<Router>, request: PreprocessedRequest) -> Option<Outcome> {
+async fn send(router: &Arc<Router>, request: PreprocessedRequest, metrics: Option<Arc<Metrics>>) -> Option<Outcome> {
     let prompt_tokens = request.token_ids.len();
+    let mut recorded = metrics.map(|metrics| metrics.request("trace", "completions", true));
     let start = Instant::now();
     let mut stream = router.route_migrating(request).ok()?;
     let first = stream.next().await?;
     let ttft = start.elapsed();
+    let cached_tokens = first.cached_tokens.unwrap_or(0) as usize;
+    if let Some(recorded) = &mut recorded {
+        recorded.prompt(prompt_tokens, cached_tokens as u32);
+        recorded.tokens(first.token_ids.len());
+    }
     let mut output_tokens = first.token_ids.len();
     let (mut gaps, mut last) = (Vec::new(), Instant::now());
     while let Some(output) = stream.next().await {
         gaps.push(last.elapsed());
         last = Instant::now();
         output_tokens += output.token_ids.len();
+        if let Some(recorded) = &mut recorded {
+            recorded.tokens(output.token_ids.len());
+        }
     }
-    let cached_tokens = first.cached_tokens.unwrap_or(0) as usize;
+    if let Some(recorded) = &mut recorded {
+        recorded.finish(true);
+    }
     Some(Outcome { prompt_tokens, cached_tokens, output_tokens, ttft, gaps })
 }
 

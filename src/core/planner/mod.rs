@@ -193,7 +193,18 @@ pub struct Planner {
     predictors: [Box<dyn Predictor>; 3],
     traffic: Traffic,
     corrections: sla::Corrections,
+    /// How much the profile-based need is raised because too few requests met the targets lately.
+    margin: f64,
+    /// The profile-based need of the interval before.
+    last_need: Option<[usize; 2]>,
 }
+
+/// The attainment margin grows by this factor after an interval below the target share …
+const MARGIN_UP: f64 = 1.15;
+/// … shrinks by this one after an interval comfortably above it (half the way to all) …
+const MARGIN_DOWN: f64 = 0.97;
+/// … and stays within 1 and this.
+const MARGIN_MOST: f64 = 3.0;
 
 impl Planner {
     pub fn new(
@@ -210,7 +221,24 @@ impl Planner {
         }
         let traffic = metrics.traffic();
         let corrections = sla::Corrections::default();
-        Ok(Self { settings, view, metrics, connector, plan, samples: Vec::new(), predictors, traffic, corrections })
+        if let Some(SlaSettings { targets, .. }) = &settings.sla {
+            let ms = |ms: f64| Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX);
+            metrics.judge_by(ms(targets.ttft_ms), ms(targets.itl_ms));
+        }
+        let samples = Vec::new();
+        Ok(Self {
+            settings,
+            view,
+            metrics,
+            connector,
+            plan,
+            samples,
+            predictors,
+            traffic,
+            corrections,
+            margin: 1.0,
+            last_need: None,
+        })
     }
 
     /// Plans every interval until `stop` resolves, then stops (and drains) the workers its connector started.
@@ -239,17 +267,7 @@ impl Planner {
         let traffic = self.metrics.traffic();
         let interval = traffic.since(&self.traffic);
         self.traffic = traffic;
-        let observed = [interval.requests as f64, interval.input_tokens as f64, interval.output_tokens as f64];
-        for (predictor, value) in self.predictors.iter_mut().zip(observed) {
-            predictor.observe(value);
-        }
-        let [requests, input_tokens, output_tokens] = self.predictors.each_ref().map(|p| p.forecast());
-        self.plan.forecast = match (requests, input_tokens, output_tokens) {
-            (Some(requests), Some(input_tokens), Some(output_tokens)) => {
-                Some(Forecast { requests, input_tokens, output_tokens })
-            }
-            _ => None,
-        };
+        self.observe(&interval);
         let samples = std::mem::take(&mut self.samples);
         let before = (self.plan.decode, self.plan.prefill);
         let settling = self.connector.settling(&self.view.lock().unwrap_or_else(|p| p.into_inner()));
@@ -295,6 +313,40 @@ impl Planner {
         }
     }
 
+    /// Feeds the predictors one interval's traffic; the plan's forecast is theirs.
+    fn observe(&mut self, interval: &Traffic) {
+        let observed = [interval.requests as f64, interval.input_tokens as f64, interval.output_tokens as f64];
+        for (predictor, value) in self.predictors.iter_mut().zip(observed) {
+            predictor.observe(value);
+        }
+        let [requests, input_tokens, output_tokens] = self.predictors.each_ref().map(|p| p.forecast());
+        self.plan.forecast = match (requests, input_tokens, output_tokens) {
+            (Some(requests), Some(input_tokens), Some(output_tokens)) => {
+                Some(Forecast { requests, input_tokens, output_tokens })
+            }
+            _ => None,
+        };
+    }
+
+    /// Feeds the predictors the traffic of intervals before the planner started (Dynamo's warm-up trace),
+    /// oldest first; with a profile, the first plan is then at least what that forecast needs.
+    pub fn warm_up(&mut self, intervals: &[Traffic]) {
+        intervals.iter().for_each(|interval| self.observe(interval));
+        let mut reasons = vec!["warmed up".to_string()];
+        if let Some(needed) = self.sla_needs(&Traffic::default(), &[], &mut reasons) {
+            for (at, role) in self.settings.roles() {
+                let bounds = self.settings.bounds(role);
+                self.plan.set(role, bounds.clamp(self.plan.workers(role).max(needed[at])));
+            }
+        }
+        self.plan.reason = reasons.join("; ");
+    }
+
+    /// The plan as it stands.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// The workers each role needs for its latency target with the forecast traffic (`None` without a
     /// profile, or before a forecast), after correcting the profile by the latency the last `interval` saw.
     fn sla_needs(
@@ -326,35 +378,58 @@ impl Planner {
                 corrections.decode = c;
             }
         }
+        if let (Some(share), Some(seen)) = (targets.attainment, interval.attainment()) {
+            self.metrics.planner_attainment(seen);
+            if seen < share {
+                self.margin = (self.margin * MARGIN_UP).min(MARGIN_MOST);
+            } else if seen >= share + (1.0 - share) / 2.0 {
+                self.margin = (self.margin * MARGIN_DOWN).max(1.0);
+            }
+        }
         self.metrics.planner_correction("prefill", self.corrections.prefill);
         self.metrics.planner_correction("decode", self.corrections.decode);
+        self.metrics.planner_correction("attainment_margin", self.margin);
         let forecast = self.plan.forecast?;
         let Some(demand) =
             sla::Demand::per_interval(forecast.requests, forecast.input_tokens, forecast.output_tokens, seconds)
         else {
             return Some([0; 2]);
         };
-        let prefill = sla::prefill_workers(&demand, profile, targets, self.corrections.prefill);
-        let decode = sla::decode_workers(&demand, profile, targets, self.corrections.decode);
-        let (prefill, decode) = match (prefill, decode) {
-            (Ok(prefill), Ok(decode)) => (prefill, decode),
-            (Err(why), _) | (_, Err(why)) => {
+        let corrections = &self.corrections;
+        let needed = match disaggregated {
+            true => sla::decode_workers(&demand, profile, targets, corrections.decode)
+                .and_then(|decode| Ok([decode, sla::prefill_workers(&demand, profile, targets, corrections.prefill)?])),
+            false => sla::aggregated_workers(&demand, profile, targets, corrections).map(|workers| [workers, 0]),
+        };
+        let needed = match needed {
+            Ok(needed) => needed.map(|workers| (workers as f64 * self.margin).ceil() as usize),
+            Err(why) => {
                 reasons.push(format!("targets out of reach: {why}"));
                 return None;
             }
         };
-        let needed = match disaggregated {
-            true => [decode.ceil() as usize, prefill.ceil() as usize],
-            false => [(prefill + decode).ceil() as usize, 0],
+        // A need that falls for one interval is noise as often as not, and a worker stopped now and started
+        // again next interval costs its start-up: the floor falls only once two needs in a row are lower.
+        let floor = match self.last_need.replace(needed) {
+            Some(last) => [needed[0].max(last[0]), needed[1].max(last[1])],
+            None => needed,
         };
         reasons.push(format!(
-            "the targets need {} decode, {} prefill workers for {:.1} requests/s of {:.0}+{:.0} tokens",
-            needed[0], needed[1], demand.requests_per_s, demand.prompt_tokens, demand.output_tokens
+            "the targets need {} decode, {} prefill workers for {:.1} requests/s of {:.0}+{:.0} tokens (margin {:.2}, \
+             floor {} and {})",
+            needed[0],
+            needed[1],
+            demand.requests_per_s,
+            demand.prompt_tokens,
+            demand.output_tokens,
+            self.margin,
+            floor[0],
+            floor[1]
         ));
         for (at, role) in self.settings.roles() {
             self.metrics.planner_sizing(role.name(), needed[at]);
         }
-        Some(needed)
+        Some(floor)
     }
 
     /// Takes back steps up past the budget (prefill's first: decode workers serve whole requests too);

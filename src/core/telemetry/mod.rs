@@ -37,11 +37,14 @@ pub struct Metrics {
     /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
     worker_kv_transfers: IntGaugeVec,
     /// Requests and tokens so far, for the planner's forecast.
-    traffic: [AtomicU64; 7],
+    traffic: [AtomicU64; 9],
+    /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
+    targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
     planner_pressure: GaugeVec,
     planner_forecast: GaugeVec,
     planner_corrections: GaugeVec,
+    planner_attainment: GaugeVec,
     planner_decisions: IntCounterVec,
 }
 
@@ -56,10 +59,13 @@ pub struct Traffic {
     pub ttfts: u64,
     pub itl_us: u64,
     pub itls: u64,
+    /// Requests that ended, judged against the targets (`Metrics::judge_by`), and those that met both.
+    pub judged: u64,
+    pub met: u64,
 }
 
 impl Traffic {
-    fn from_counters(counters: &[AtomicU64; 7]) -> Self {
+    fn from_counters(counters: &[AtomicU64; 9]) -> Self {
         let read = |at: usize| counters[at].load(Ordering::Relaxed);
         Traffic {
             requests: read(REQUESTS),
@@ -69,6 +75,8 @@ impl Traffic {
             ttfts: read(TTFTS),
             itl_us: read(ITL_US),
             itls: read(ITLS),
+            judged: read(JUDGED),
+            met: read(MET),
         }
     }
 
@@ -82,7 +90,14 @@ impl Traffic {
             ttfts: self.ttfts.saturating_sub(earlier.ttfts),
             itl_us: self.itl_us.saturating_sub(earlier.itl_us),
             itls: self.itls.saturating_sub(earlier.itls),
+            judged: self.judged.saturating_sub(earlier.judged),
+            met: self.met.saturating_sub(earlier.met),
         }
+    }
+
+    /// The share of judged requests that met both targets; `None` without one.
+    pub fn attainment(&self) -> Option<f64> {
+        (self.judged > 0).then(|| self.met as f64 / self.judged as f64)
     }
 
     /// Mean time to first token, in ms; `None` without one.
@@ -103,6 +118,8 @@ const TTFT_US: usize = 3;
 const TTFTS: usize = 4;
 const ITL_US: usize = 5;
 const ITLS: usize = 6;
+const JUDGED: usize = 7;
+const MET: usize = 8;
 
 /// Reads one gauge's value out of a worker's load.
 type ReadLoad = fn(&LoadMetrics) -> i64;
@@ -260,6 +277,7 @@ impl Metrics {
                 &["worker_id", "what"],
             ),
             traffic: Default::default(),
+            targets: Default::default(),
             planner_workers: gauge(
                 &registry,
                 "dynamo_planner_workers",
@@ -283,9 +301,16 @@ impl Metrics {
             planner_corrections: float_gauge(
                 &registry,
                 "dynamo_planner_correction",
-                "Observed over expected latency in the last planner interval, by phase: prefill (TTFT), decode (ITL); \
-                 the profile-based sizing scales the profile by it",
+                "Observed over expected latency in the last planner interval, by phase: prefill (TTFT), decode (ITL), \
+                 by which the profile-based sizing scales the profile; and attainment_margin, by which it raises its \
+                 need after intervals where too few requests met the targets",
                 &["phase"],
+            ),
+            planner_attainment: float_gauge(
+                &registry,
+                "dynamo_planner_attainment",
+                "The share of requests that met both latency targets in the last planner interval",
+                &[],
             ),
             planner_decisions: counter(
                 &registry,
@@ -296,6 +321,14 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// From now on, every request that ends is judged: did its first token come within `ttft` and its
+    /// tokens, on average, within `itl` of each other (`Traffic::attainment`).
+    pub fn judge_by(&self, ttft: std::time::Duration, itl: std::time::Duration) {
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.targets[0].store(micros(ttft), Ordering::Relaxed);
+        self.targets[1].store(micros(itl), Ordering::Relaxed);
     }
 
     /// Requests and tokens so far.
@@ -331,6 +364,10 @@ impl Metrics {
 
     pub fn planner_correction(&self, phase: &str, value: f64) {
         self.planner_corrections.with_label_values(&[phase]).set(value);
+    }
+
+    pub fn planner_attainment(&self, share: f64) {
+        self.planner_attainment.with_label_values(&[] as &[&str]).set(share);
     }
 
     pub fn planner_decision(&self, role: &str, decision: &str) {
@@ -417,6 +454,7 @@ impl Metrics {
             endpoint,
             request_type: if streaming { "stream" } else { "unary" },
             start: Instant::now(),
+            first_token: None,
             last_token: None,
             output_tokens: 0,
             status: None,
@@ -482,6 +520,7 @@ pub struct RequestMetrics {
     endpoint: &'static str,
     request_type: &'static str,
     start: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
     output_tokens: u64,
     status: Option<&'static str>,
@@ -504,6 +543,7 @@ impl RequestMetrics {
         let micros = |since: Instant| u64::try_from((now - since).as_micros()).unwrap_or(u64::MAX);
         match self.last_token {
             None => {
+                self.first_token = Some(now);
                 self.metrics.ttft.with_label_values(&[&self.model]).observe((now - self.start).as_secs_f64());
                 traffic[TTFT_US].fetch_add(micros(self.start), Ordering::Relaxed);
                 traffic[TTFTS].fetch_add(1, Ordering::Relaxed);
@@ -527,8 +567,8 @@ impl RequestMetrics {
     #[cfg(test)]
     pub fn age(&mut self, elapsed: std::time::Duration) {
         self.start -= elapsed;
-        if let Some(last) = &mut self.last_token {
-            *last -= elapsed;
+        for at in [&mut self.first_token, &mut self.last_token].into_iter().flatten() {
+            *at -= elapsed;
         }
     }
 
@@ -546,6 +586,30 @@ impl Drop for RequestMetrics {
         m.output_tokens.with_label_values(&[&self.model]).observe(self.output_tokens as f64);
         m.traffic[OUTPUT_TOKENS].fetch_add(self.output_tokens, Ordering::Relaxed);
         m.duration.with_label_values(&[&self.model]).observe(self.start.elapsed().as_secs_f64());
+        self.judge();
+    }
+}
+
+impl RequestMetrics {
+    /// Counts the request against the targets, if any are set: a failed or cancelled one missed them.
+    fn judge(&self) {
+        let traffic = &self.metrics.traffic;
+        let targets = &self.metrics.targets;
+        let (ttft_target, itl_target) = (targets[0].load(Ordering::Relaxed), targets[1].load(Ordering::Relaxed));
+        if ttft_target == 0 {
+            return;
+        }
+        let micros = |d: std::time::Duration| d.as_micros();
+        let met = match (self.status, self.first_token, self.last_token) {
+            (Some("success"), Some(first), Some(last)) => {
+                let gaps = self.output_tokens.saturating_sub(1).max(1) as u128;
+                micros(first - self.start) <= u128::from(ttft_target)
+                    && micros(last - first) / gaps <= u128::from(itl_target)
+            }
+            _ => false,
+        };
+        traffic[JUDGED].fetch_add(1, Ordering::Relaxed);
+        traffic[MET].fetch_add(u64::from(met), Ordering::Relaxed);
     }
 }
 

@@ -87,6 +87,13 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
+    /// An alive worker at its record's request address that has reported `load` (a view of workers known
+    /// otherwise than through the planes: in-process ones, tests).
+    pub fn reporting(instance: Instance, load: LoadMetrics) -> Self {
+        let endpoint = instance.request_addr.clone();
+        Self { state: PeerState::Alive, instance: Some(instance), load: Some(load), ..Self::new(endpoint) }
+    }
+
     fn new(endpoint: String) -> Self {
         Self {
             found: Instant::now(),
