@@ -105,3 +105,31 @@ async fn the_local_planner_scales_up_under_load_and_drains_down_after_it_without
     assert_eq!(said.matches("drained; stopping").count(), 3, "{said}");
     assert!(!said.contains("did not exit after draining") && !said.contains("exited by itself"), "{said}");
 }
+
+#[tokio::test]
+async fn workers_that_cannot_start_are_tried_three_times_and_no_more() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("planner-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    let log = dir.join("route.log");
+    let _router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-interval", "0.2"])
+            // Read as a flag, refused only when the worker loads it.
+            .args(["--", "--model", "/no/such/model"])
+            .stderr(std::fs::File::create(&log).expect("a log file")),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let said = loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if said.contains("starting no more") {
+            break said;
+        }
+        assert!(std::time::Instant::now() < deadline, "the planner kept starting workers:\n{said}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(said.matches("started decode worker").count(), 3, "{said}");
+    assert!(said.contains("/no/such/model"), "the workers' own error is in the router's output: {said}");
+}

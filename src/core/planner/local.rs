@@ -33,19 +33,27 @@ struct LocalWorker {
     process: Child,
     /// When it was told to stop.
     stopping: Option<Instant>,
+    /// Whether it was ever seen answering.
+    answered: bool,
 }
 
 pub struct LocalConnector {
     settings: LocalSettings,
     workers: Vec<LocalWorker>,
+    /// Workers in a row that exited by themselves before they ever answered.
+    failed_starts: u32,
 }
+
+/// After this many workers in a row exit before answering (a model that does not load, a port taken), no
+/// more are started: each would fail the same way.
+const MOST_FAILED_STARTS: u32 = 3;
 
 /// The host local workers listen on: routers on this machine reach them, nobody else.
 const HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 impl LocalConnector {
     pub fn new(settings: LocalSettings) -> Self {
-        Self { settings, workers: Vec::new() }
+        Self { settings, workers: Vec::new(), failed_starts: 0 }
     }
 
     fn start(&mut self, role: Role) -> std::io::Result<()> {
@@ -70,7 +78,7 @@ impl LocalConnector {
         let process = command.spawn()?;
         let endpoint = tcp_endpoint(HOST, port);
         tracing::info!("planner: started {} worker (pid {}) at {endpoint}", role.name(), process.id());
-        self.workers.push(LocalWorker { role, endpoint, process, stopping: None });
+        self.workers.push(LocalWorker { role, endpoint, process, stopping: None, answered: false });
         Ok(())
     }
 
@@ -86,9 +94,16 @@ impl LocalConnector {
         worker.stopping = Some(Instant::now());
     }
 
-    /// Forgets workers that exited; kills those that drained past their timeout.
-    fn reap(&mut self) {
+    /// Notes which workers answer; forgets those that exited; kills those that drained past their timeout.
+    fn reap(&mut self, view: &ClusterView) {
         let timeout = self.settings.drain_timeout + KILL_GRACE;
+        for worker in &mut self.workers {
+            if view.workers.get(&worker.endpoint).is_some_and(|v| v.state == PeerState::Alive) {
+                worker.answered = true;
+                self.failed_starts = 0;
+            }
+        }
+        let failed_starts = &mut self.failed_starts;
         self.workers.retain_mut(|worker| match worker.process.try_wait() {
             Ok(None) => {
                 if worker.stopping.is_some_and(|since| since.elapsed() > timeout) {
@@ -106,6 +121,15 @@ impl LocalConnector {
                         worker.role.name(),
                         worker.endpoint
                     );
+                    if !worker.answered {
+                        *failed_starts += 1;
+                        if *failed_starts == MOST_FAILED_STARTS {
+                            tracing::error!(
+                                "planner: {MOST_FAILED_STARTS} workers in a row exited before they answered (their \
+                                 output is above); starting no more: fix their flags and restart the router"
+                            );
+                        }
+                    }
                 }
                 false
             }
@@ -126,7 +150,8 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 
 impl Connector for LocalConnector {
     fn apply(&mut self, plan: &Plan, view: &ClusterView) {
-        self.reap();
+        self.reap(view);
+        let given_up = self.failed_starts >= MOST_FAILED_STARTS;
         for role in ROLES {
             let ours = self.running(role).count();
             // Its draining workers may still be in the view until discovery says they left: never others.
@@ -137,7 +162,8 @@ impl Connector for LocalConnector {
                 .filter(|w| w.instance.as_ref().is_some_and(|i| i.role == role))
                 .count();
             let wanted = plan.workers(role).saturating_sub(others);
-            for _ in ours..wanted {
+            let starting = if given_up { 0 } else { wanted.saturating_sub(ours) };
+            for _ in 0..starting {
                 if let Err(error) = self.start(role) {
                     tracing::warn!("planner: cannot start a {} worker: {error}", role.name());
                     break;
@@ -164,7 +190,7 @@ impl Connector for LocalConnector {
     }
 
     fn settling(&mut self, view: &ClusterView) -> Option<String> {
-        self.reap();
+        self.reap(view);
         let alive = |w: &LocalWorker| view.workers.get(&w.endpoint).is_some_and(|v| v.state == PeerState::Alive);
         let starting = self.workers.iter().filter(|w| w.stopping.is_none() && !alive(w)).count();
         let draining = self.workers.iter().filter(|w| w.stopping.is_some()).count();
@@ -179,8 +205,9 @@ impl Connector for LocalConnector {
             Self::stop(worker);
         }
         let deadline = Instant::now() + self.settings.drain_timeout + KILL_GRACE;
+        let nobody = ClusterView::new("");
         while !self.workers.is_empty() && Instant::now() < deadline {
-            self.reap();
+            self.reap(&nobody);
             std::thread::sleep(Duration::from_millis(20));
         }
         for worker in &mut self.workers {
