@@ -1665,7 +1665,7 @@ _dynamo() {
                     return 0
                     ;;
                 --planner-connector)
-                    COMPREPLY=($(compgen -W "local advisory" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "local virtual" -- "${cur}"))
                     return 0
                     ;;
                 --planner-interval)

@@ -164,8 +164,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit 
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner -d 'Plan the cluster\'s size, forecasting traffic with this predictor: auto, constant, mavg-N, ewma-A, kalman, kalman-log1p, kalman-adaptive, kalman-adaptive-log1p (`dynamo bench planner` compares them). Workers are sized on their KV pressure (load-based scaling); the forecast is exported meanwhile' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-connector -d 'Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine, with the router\'s discovery, namespace and key, and the worker flags after `--`), or advisory (logs and exports it only)' -r -f -a "local\t''
-advisory\t''"
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-connector -d 'Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine, with the router\'s discovery, namespace and key, and the worker flags after `--`), or virtual (an orchestrator, which reads it on the event plane, where every plan is published)' -r -f -a "local\t''
+virtual\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-interval -d 'Seconds between plans' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l min-workers -d 'Fewest decode workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-workers -d 'Most decode workers' -r

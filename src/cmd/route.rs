@@ -5,7 +5,7 @@ use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
 use crate::core::planner::profile::Profile;
 use crate::core::planner::sla::Targets;
-use crate::core::planner::{Advisory, Connector, PlannerSettings, PlannerStart, SlaSettings};
+use crate::core::planner::{Connector, PlannerSettings, PlannerStart, SlaSettings, Virtual};
 use crate::core::route::{self, ClusterSettings};
 use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
@@ -40,8 +40,8 @@ pub struct PlannerArgs {
     pub planner: Option<String>,
 
     /// Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine,
-    /// with the router's discovery, namespace and key, and the worker flags after `--`), or advisory (logs
-    /// and exports it only).
+    /// with the router's discovery, namespace and key, and the worker flags after `--`), or virtual (an
+    /// orchestrator, which reads it on the event plane, where every plan is published).
     #[arg(long, value_enum, default_value = "local", requires = "planner")]
     pub planner_connector: ConnectorArg,
 
@@ -107,11 +107,16 @@ pub struct PlannerArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConnectorArg {
     Local,
-    Advisory,
+    Virtual,
 }
 
 impl PlannerArgs {
-    fn start(&self, cluster: &ClusterArgs, key: Option<&ClusterKey>) -> anyhow::Result<Option<PlannerStart>> {
+    fn start(
+        &self,
+        cluster: &ClusterArgs,
+        key: Option<&ClusterKey>,
+        host: std::net::IpAddr,
+    ) -> anyhow::Result<Option<PlannerStart>> {
         let Some(predictor) = &self.planner else {
             anyhow::ensure!(
                 self.worker_flags.is_empty(),
@@ -157,17 +162,17 @@ impl PlannerArgs {
             },
         };
         let connector: Box<dyn Connector> = match self.planner_connector {
-            ConnectorArg::Advisory => {
+            ConnectorArg::Virtual => {
                 anyhow::ensure!(
                     self.worker_flags.is_empty(),
-                    "the advisory planner starts no workers: drop the flags after `--`"
+                    "the virtual connector starts no workers: drop the flags after `--`"
                 );
-                Box::new(Advisory)
+                Box::new(Virtual)
             }
             ConnectorArg::Local => Box::new(LocalConnector::new(self.local(cluster)?)),
         };
         let discovery = crate::core::discovery::from_spec(&cluster.discovery, key)?;
-        Ok(Some(PlannerStart { discovery, settings, connector }))
+        Ok(Some(PlannerStart { discovery, settings, connector, host }))
     }
 
     /// How the local connector starts workers: the router's cluster flags, then the ones after `--`, checked
@@ -214,7 +219,7 @@ const MIN_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
-    let planner = args.planner.start(&args.cluster, key.as_ref())?;
+    let planner = args.planner.start(&args.cluster, key.as_ref(), args.http.listen().ip())?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = ClusterSettings {
         namespace: args.cluster.namespace,

@@ -113,7 +113,7 @@ fn a_profile_written_by_dynamo_profile_is_read_by_the_planner() {
         "--planner",
         "auto",
         "--planner-connector",
-        "advisory",
+        "virtual",
         "--planner-profile",
         &path.to_string_lossy(),
     ]);

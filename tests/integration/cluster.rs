@@ -415,7 +415,7 @@ async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
 }
 
 /// Runs `dynamo top --once` against the cluster file and returns what it printed.
-fn top_once(file: &str, namespace: &str, extra: &[&str]) -> String {
+pub fn top_once(file: &str, namespace: &str, extra: &[&str]) -> String {
     let mut child = dynamo()
         .args(["top", "--once", "--wait", "2.5", "--discovery", file, "--namespace", namespace])
         .args(extra)

@@ -5,6 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A fresh directory, and the discovery spec of a cluster file in it.
+fn cluster(name: &str) -> (std::path::PathBuf, String) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    (dir, discovery)
+}
+
 /// Decode workers the planner's last plan saw alive, and wanted.
 fn decode_workers(metrics: &str) -> (f64, f64) {
     let read = |state: &str| metric(metrics, &format!("dynamo_planner_workers{{role=\"decode\",state=\"{state}\"}}"));
@@ -66,10 +75,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_planner_scales_up_under_load_and_drains_down_after_it_without_a_failed_request() {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("planner-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    let (dir, discovery) = cluster("planner");
     let log = dir.join("route.log");
     let mut router = Server::start_with(
         dynamo()
@@ -108,10 +114,7 @@ async fn the_local_planner_scales_up_under_load_and_drains_down_after_it_without
 
 #[tokio::test]
 async fn workers_that_cannot_start_are_tried_three_times_and_no_more() {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("planner-bad-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    let (dir, discovery) = cluster("planner-bad");
     let log = dir.join("route.log");
     let _router = Server::start_with(
         dynamo()
@@ -132,4 +135,34 @@ async fn workers_that_cannot_start_are_tried_three_times_and_no_more() {
     };
     assert_eq!(said.matches("started decode worker").count(), 3, "{said}");
     assert!(said.contains("/no/such/model"), "the workers' own error is in the router's output: {said}");
+}
+
+#[tokio::test]
+async fn every_plan_goes_out_on_the_event_plane_where_top_shows_it() {
+    let (_, discovery) = cluster("planner-virtual");
+    let _worker = crate::util::Worker::start(&["--engine", "mocker", "--discovery", &discovery]);
+    let router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-connector", "virtual", "--planner-interval", "0.5"])
+            .args(["--min-workers", "2"]),
+    );
+    // It wants two, and starts none: that is the orchestrator's part.
+    router.wait_for_metrics(Duration::from_secs(30), |m| decode_workers(m) == (1.0, 2.0)).await;
+    let health: Value = reqwest::get(router.url("/health")).await.expect("health").json().await.expect("json");
+    assert_eq!(health["workers"], 1, "the planner is not a worker the router routes to: {health}");
+
+    let text = crate::cluster::top_once(&discovery, "dynamo", &["--json"]);
+    let top: Value = serde_json::from_str(text.lines().last().unwrap_or_default()).expect("top's JSON");
+    let members = top["workers"].as_array().expect("members");
+    let planner = members.iter().find(|m| m["record"]["role"] == "planner").expect("the planner is a member");
+    assert_eq!(planner["state"], "alive", "{planner}");
+    assert_eq!(
+        (planner["plan"]["decode"].as_u64(), planner["plan"]["prefill"].as_u64()),
+        (Some(2), Some(0)),
+        "{planner}"
+    );
+    let text = crate::cluster::top_once(&discovery, "dynamo", &[]);
+    assert!(text.contains(": 2 decode, 0 prefill workers"), "{text}");
+    assert!(text.contains("1 worker, 1 alive"), "{text}");
 }

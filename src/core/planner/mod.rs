@@ -4,17 +4,21 @@
 //!
 //! - `forecast`: the traffic forecast (one observation per interval in, the next interval's value out).
 //! - `load`: load-based scaling, one worker up or down per role and interval, on KV pressure.
+//! - `profile`, `sla`: a worker's performance profile, and the fewest workers that meet latency targets.
 //! - `local`: the connector that starts and drains `dynamo decode` / `dynamo prefill` processes on this box.
+//! - `member`: the planner as a cluster member, publishing its plans on the event plane.
 //!
 //! The planner sees the cluster as `dynamo top` does (a `ClusterView` fed by its own watch of discovery and
 //! the planes), so it needs nothing from the router but the traffic counts.
 pub mod forecast;
 pub mod load;
 pub mod local;
+pub mod member;
 pub mod profile;
 pub mod sla;
 
 use crate::core::protocol::discovery::Role;
+pub use crate::core::protocol::{Forecast, Plan};
 use crate::core::telemetry::{Metrics, Traffic};
 use crate::core::top::{ClusterView, PeerState};
 use forecast::Predictor;
@@ -63,40 +67,6 @@ impl PlannerSettings {
     }
 }
 
-/// Workers wanted per role, and why.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Plan {
-    pub decode: usize,
-    pub prefill: usize,
-    /// The next interval's traffic as forecast; `None` before the first interval.
-    pub forecast: Option<Forecast>,
-    pub reason: String,
-}
-
-impl Plan {
-    pub fn workers(&self, role: Role) -> usize {
-        match role {
-            Role::Prefill => self.prefill,
-            _ => self.decode,
-        }
-    }
-
-    fn set(&mut self, role: Role, workers: usize) {
-        match role {
-            Role::Prefill => self.prefill = workers,
-            _ => self.decode = workers,
-        }
-    }
-}
-
-/// Traffic per interval, forecast one interval ahead.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Forecast {
-    pub requests: f64,
-    pub input_tokens: f64,
-    pub output_tokens: f64,
-}
-
 /// What carries a plan out.
 pub trait Connector: Send {
     /// Brings the workers it runs toward `plan`, given the cluster as `view` shows it. Does not wait for
@@ -109,10 +79,11 @@ pub trait Connector: Send {
     fn shutdown(&mut self);
 }
 
-/// Acts on nothing: the plan is logged and exported as metrics (Dynamo's "advisory" scaling mode).
-pub struct Advisory;
+/// Acts on nothing: an orchestrator carries the plan out, as it reads it on the event plane (where every
+/// planner publishes its plans), in the log or in the metrics (Dynamo's virtual connector).
+pub struct Virtual;
 
-impl Connector for Advisory {
+impl Connector for Virtual {
     fn apply(&mut self, _plan: &Plan, _view: &ClusterView) {}
 
     fn settling(&mut self, _view: &ClusterView) -> Option<String> {
@@ -140,6 +111,8 @@ pub struct PlannerStart {
     pub discovery: Box<dyn crate::core::discovery::Discovery>,
     pub settings: PlannerSettings,
     pub connector: Box<dyn Connector>,
+    /// Where its member sockets listen (the router's HTTP host).
+    pub host: std::net::IpAddr,
 }
 
 /// A planner at work; `stop` ends it and drains the workers it started.
@@ -159,7 +132,8 @@ impl PlannerStart {
         key: Option<crate::core::trust::ClusterKey>,
     ) -> Result<Planning, String> {
         let view = Arc::new(Mutex::new(ClusterView::new(namespace)));
-        let planner = Planner::new(self.settings, view.clone(), metrics, self.connector)?;
+        let mut planner = Planner::new(self.settings, view.clone(), metrics, self.connector)?;
+        planner.announce_with(member::Announcer::start(self.discovery.as_ref(), namespace, self.host, key.as_ref())?);
         let watch = crate::core::top::watch(self.discovery, namespace.to_string(), dead_after, key, view);
         let watch = crate::core::AbortOnDrop(tokio::spawn(async move {
             if let Err(error) = watch.await {
@@ -191,6 +165,7 @@ pub struct Planner {
     plan: Plan,
     samples: Vec<[PoolSample; 2]>,
     predictors: [Box<dyn Predictor>; 3],
+    announcer: Option<member::Announcer>,
     traffic: Traffic,
     corrections: sla::Corrections,
     /// How much the profile-based need is raised because too few requests met the targets lately.
@@ -234,6 +209,7 @@ impl Planner {
             plan,
             samples,
             predictors,
+            announcer: None,
             traffic,
             corrections,
             margin: 1.0,
@@ -340,6 +316,11 @@ impl Planner {
             }
         }
         self.plan.reason = reasons.join("; ");
+    }
+
+    /// Publishes every plan through `announcer` from now on.
+    pub fn announce_with(&mut self, announcer: member::Announcer) {
+        self.announcer = Some(announcer);
     }
 
     /// The plan as it stands.
@@ -459,6 +440,9 @@ impl Planner {
             self.metrics.planner_forecast(forecast);
         }
         self.connector.apply(&self.plan, &self.view.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(announcer) = &mut self.announcer {
+            announcer.publish(&self.plan);
+        }
     }
 }
 

@@ -10,10 +10,12 @@ pub enum Role {
     Decode,
     Prefill,
     Encode,
+    /// A router's planner: it serves no requests, and publishes its plans on the event plane.
+    Planner,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Decode, Role::Prefill, Role::Encode];
+    pub const ALL: [Role; 4] = [Role::Decode, Role::Prefill, Role::Encode, Role::Planner];
 
     /// As it is written in records and shown to people (the same as its serde name).
     pub fn name(self) -> &'static str {
@@ -21,6 +23,7 @@ impl Role {
             Role::Decode => "decode",
             Role::Prefill => "prefill",
             Role::Encode => "encode",
+            Role::Planner => "planner",
         }
     }
 

@@ -1,6 +1,7 @@
 //! Every wire type, defined once: what the frontend hands an engine (`engine`), what workers publish about
 //! their KV cache and load (`kv`, framed by `plane`), what routers and workers say on the request plane
-//! (`request`), the record each role registers (`discovery`), and the OpenAI HTTP JSON (`openai`).
+//! (`request`), the record each role registers (`discovery`), a planner's decisions (`plan`), and the OpenAI
+//! HTTP JSON (`openai`).
 //!
 //! Types here carry data only; behaviour lives with the concept that owns it. The engine and KV types derive
 //! serde so the same structs go over msgpack between processes.
@@ -9,6 +10,7 @@ pub mod engine;
 pub mod external;
 pub mod kv;
 pub mod openai;
+pub mod plan;
 pub mod plane;
 pub mod request;
 pub mod transfer;
@@ -18,5 +20,6 @@ pub use engine::{
     TokenLogprob,
 };
 pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
+pub use plan::{Forecast, Plan};
 #[cfg(test)]
 pub(crate) mod fuzz;

@@ -10,17 +10,23 @@ pub enum Topic {
     Kv,
     Load,
     Stats,
+    /// A planner's decisions.
+    Plan,
 }
 
 impl Topic {
     /// In declaration order, so `topic as usize` indexes it (per-topic state lives in arrays).
-    pub const ALL: [Topic; 3] = [Topic::Kv, Topic::Load, Topic::Stats];
+    pub const ALL: [Topic; 4] = [Topic::Kv, Topic::Load, Topic::Stats, Topic::Plan];
+
+    /// What workers publish.
+    pub const WORKER: [Topic; 3] = [Topic::Kv, Topic::Load, Topic::Stats];
 
     pub fn name(self) -> &'static [u8] {
         match self {
             Topic::Kv => b"kv",
             Topic::Load => b"load",
             Topic::Stats => b"stats",
+            Topic::Plan => b"plan",
         }
     }
 
@@ -98,7 +104,7 @@ macro_rules! serde_payload {
     )*};
 }
 
-serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats);
+serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats, super::Plan => Topic::Plan);
 
 fn decode_serde<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(payload).map_err(|e| FrameError::Payload(e.to_string()))

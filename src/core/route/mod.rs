@@ -70,7 +70,7 @@ impl Cluster {
     ) -> Result<Self, ClusterError> {
         // Publishers filter by topic: a router with no use for KV events is not sent them.
         let topics: &[Topic] =
-            if settings.router.indexes_events() { &Topic::ALL } else { &[Topic::Load, Topic::Stats] };
+            if settings.router.indexes_events() { &Topic::WORKER } else { &[Topic::Load, Topic::Stats] };
         let watch = Members::watch(discovery, &settings.namespace, settings.dead_after, settings.key.as_ref(), topics)?;
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
@@ -258,6 +258,12 @@ impl Membership {
                 );
                 return Ok(());
             }
+            Role::Planner => {
+                // Stays out of the routing set for good: it answers pings and nothing else.
+                watch.forget(addr);
+                tracing::debug!("the member at {addr} is a planner, not a worker");
+                return Ok(());
+            }
         };
         if instance.namespace != self.settings.namespace {
             tracing::warn!(
@@ -401,6 +407,8 @@ impl Membership {
                     tracing::warn!("worker {publisher:016x} sent unreadable stats: {error}");
                 }
             },
+            // Never subscribed to: routers take the workers' topics only.
+            Topic::Plan => {}
             Topic::Load => match LoadMetrics::from_bytes(&delivery.payload) {
                 Ok(load) => *member.load.lock().unwrap_or_else(|p| p.into_inner()) = load,
                 Err(error) => {

@@ -9,8 +9,9 @@ use crate::core::members::{Change, Members};
 use crate::core::plane::request::WorkerStatus;
 use crate::core::plane::{Continuity, Delivery, PlaneError};
 use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::discovery::Role;
 use crate::core::protocol::plane::{Payload, Topic};
-use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, WorkerStats};
+use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, Plan, WorkerStats};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +80,8 @@ pub struct WorkerView {
     pub instance: Option<Instance>,
     pub load: Option<LoadMetrics>,
     pub stats: Option<WorkerStats>,
+    /// A planner's latest plan.
+    pub plan: Option<Plan>,
     pub kv: KvActivity,
     /// Event-plane messages from it that never arrived.
     pub lost_messages: u64,
@@ -87,6 +90,11 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
+    /// A planner's record, not a worker's.
+    pub fn is_planner(&self) -> bool {
+        self.instance.as_ref().is_some_and(|i| i.role == Role::Planner)
+    }
+
     /// An alive worker at its record's request address that has reported `load` (a view of workers known
     /// otherwise than through the planes: in-process ones, tests).
     pub fn reporting(instance: Instance, load: LoadMetrics) -> Self {
@@ -102,6 +110,7 @@ impl WorkerView {
             instance: None,
             load: None,
             stats: None,
+            plan: None,
             kv: KvActivity::default(),
             lost_messages: 0,
         }
@@ -168,6 +177,7 @@ impl ClusterView {
                     // Restarted under a new id: what the old process published is history.
                     worker.load = None;
                     worker.stats = None;
+                    worker.plan = None;
                     worker.kv = KvActivity::default();
                 }
             }
@@ -188,14 +198,37 @@ impl ClusterView {
             Topic::Kv => KvEventBatch::from_bytes(&delivery.payload).map(|batch| worker.kv.record(&batch, now)),
             Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| worker.load = Some(load)),
             Topic::Stats => WorkerStats::from_bytes(&delivery.payload).map(|stats| worker.stats = Some(stats)),
+            Topic::Plan => Plan::from_bytes(&delivery.payload).map(|plan| worker.plan = Some(plan)),
         };
         if decoded.is_err() {
             self.malformed += 1;
         }
     }
 
+    /// Alive workers (planners are members, not workers).
     pub fn alive(&self) -> usize {
-        self.workers.values().filter(|w| w.state == PeerState::Alive).count()
+        self.workers.values().filter(|w| w.state == PeerState::Alive && !w.is_planner()).count()
+    }
+
+    /// Each planner's latest plan, one line each: what `top` shows under its summary.
+    pub fn plans(&self) -> Vec<String> {
+        let planners = self.workers.values().filter(|w| w.is_planner());
+        planners
+            .map(|w| {
+                let id = w.instance.as_ref().map_or_else(|| "-".into(), |i| format!("{:016x}", i.id));
+                let Some(plan) = &w.plan else { return format!("planner {id}: no plan yet") };
+                let forecast = plan.forecast.map_or_else(String::new, |f| {
+                    format!(
+                        "; next interval {:.0} requests, {:.0} prompt and {:.0} output tokens",
+                        f.requests, f.input_tokens, f.output_tokens
+                    )
+                });
+                format!(
+                    "planner {id}: {} decode, {} prefill workers{forecast} ({})",
+                    plan.decode, plan.prefill, plan.reason
+                )
+            })
+            .collect()
     }
 
     /// KV events per second from every worker.
@@ -214,7 +247,7 @@ impl ClusterView {
             (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
         });
         let used = if total > 0 { format!("{:.1}%", 100.0 * active as f64 / total as f64) } else { "-".into() };
-        let workers = self.workers.len();
+        let workers = self.workers.values().filter(|w| !w.is_planner()).count();
         format!(
             "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} active; \
              {:.0} KV events/s; {} lost and {} malformed event-plane messages",
@@ -250,6 +283,7 @@ impl ClusterView {
                     "record": record,
                     "load": w.load,
                     "stats": w.stats,
+                    "plan": w.plan,
                     "kv_events": w.kv.events,
                     "kv_stored_blocks": w.kv.stored_blocks,
                     "kv_removed_blocks": w.kv.removed_blocks,
@@ -269,7 +303,13 @@ impl ClusterView {
             let padded: Vec<String> = cells.zip(&widths).map(|(cell, &width)| format!("{cell:<width$}")).collect();
             padded.join("  ").trim_end().to_string()
         };
-        let mut out = format!("{}\n{}\n", self.summary(now), line(&mut COLUMNS.iter().copied()));
+        let mut out = format!("{}\n", self.summary(now));
+        for plan in self.plans() {
+            out.push_str(&plan);
+            out.push('\n');
+        }
+        out.push_str(&line(&mut COLUMNS.iter().copied()));
+        out.push('\n');
         for row in &rows {
             out.push_str(&line(&mut row.iter().map(String::as_str)));
             out.push('\n');

@@ -232,3 +232,36 @@ fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys()
     let used: usize = kept.iter().map(|&at| widths[at]).sum::<usize>() + kept.len() - 1;
     assert!(used <= 78 && kept.contains(&0) && kept.len() < COLUMNS.len(), "{kept:?}");
 }
+
+#[test]
+fn a_planner_is_a_member_whose_latest_plan_is_shown_under_the_summary() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    let planner_at = "tcp://10.0.0.9:7200";
+    view.discovered(planner_at.into());
+    view.status(
+        planner_at,
+        WorkerStatus::Alive(Instance { role: Role::Planner, request_addr: planner_at.into(), ..instance(9) }),
+    );
+    assert_eq!(view.plans(), ["planner 0000000000000009: no plan yet"]);
+    let plan = Plan {
+        decode: 3,
+        prefill: 1,
+        forecast: Some(crate::core::protocol::Forecast { requests: 120.0, input_tokens: 4.0e5, output_tokens: 2.0e4 }),
+        reason: "decode: KV pressure 1.20 past 1.00".into(),
+    };
+    view.deliver(planner_at, delivery(9, Topic::Plan, 0, Continuity::InOrder, plan.to_bytes()), now);
+    let text = view.text(now);
+    assert!(
+        text.contains(
+            "planner 0000000000000009: 3 decode, 1 prefill workers; next interval 120 requests, 400000 prompt and \
+             20000 output tokens (decode: KV pressure 1.20 past 1.00)"
+        ),
+        "{text}"
+    );
+    // It is a member, not a worker: the summary counts the one worker.
+    assert!(view.summary(now).contains("1 worker, 1 alive"), "{}", view.summary(now));
+    assert_eq!(view.json(now)["workers"][1]["plan"]["decode"], 3);
+}

@@ -97,11 +97,17 @@ pub fn fitting_columns(widths: &[usize; COLUMNS.len()], width: usize) -> Vec<usi
 }
 
 pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState, log: &[String], now: Instant) {
-    let [header, body, footer] =
-        Layout::vertical([Constraint::Length(1), Constraint::Fill(1), Constraint::Length(log.len() as u16)])
-            .areas(frame.area());
+    let plans = view.plans();
+    let [header, planned, body, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(plans.len() as u16),
+        Constraint::Fill(1),
+        Constraint::Length(log.len() as u16),
+    ])
+    .areas(frame.area());
     // The keys first: a narrow terminal cuts the end of the line.
     frame.render_widget(Paragraph::new(format!("dynamo top · ↑↓ move, q quits · {}", view.summary(now))), header);
+    frame.render_widget(Paragraph::new(plans.join("\n")).fg(Color::Cyan), planned);
     let rows = view.rows(now);
     // The borders take two columns; whole columns are dropped, least useful first, rather than values cut.
     let all_widths = column_widths(&rows);
