@@ -164,7 +164,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l migration-limit 
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner -d 'Plan the cluster\'s size, forecasting traffic with this predictor: auto, constant, mavg-N, ewma-A, kalman, kalman-log1p, kalman-adaptive, kalman-adaptive-log1p (`dynamo bench planner` compares them). Workers are sized on their KV pressure (load-based scaling); the forecast is exported meanwhile' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-connector -d 'Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine, with the router\'s discovery, namespace and key, and the worker flags after `--`), or virtual (an orchestrator, which reads it on the event plane, where every plan is published)' -r -f -a "local\t''
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-connector -d 'Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine, with the router\'s discovery, namespace and key, and the worker flags after `--`), kubernetes (sets the replicas of the --kube-*-deployment Deployments), or virtual (an orchestrator, which reads it on the event plane, where every plan is published)' -r -f -a "local\t''
+kubernetes\t''
 virtual\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-interval -d 'Seconds between plans' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l min-workers -d 'Fewest decode workers' -r
@@ -179,6 +180,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l ttft-target-ms -
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l itl-target-ms -d 'Mean time between tokens the profile-based sizing aims at, in ms' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l sla-attainment -d 'The share of requests that must meet the latency targets (0.95: 95 %); without it, their means must (as Dynamo\'s SLA planner sizes)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l drain-timeout -d 'Seconds a worker the planner stops may take to finish its requests' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-api -d 'Kubernetes: the API over plain HTTP (`kubectl proxy` in the router\'s pod brings credentials and TLS)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-namespace -d 'Kubernetes: the namespace of the Deployments [default: the pod\'s own, else "default"]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-decode-deployment -d 'Kubernetes: the Deployment of decode workers' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-prefill-deployment -d 'Kubernetes: the Deployment of prefill workers (needed with --max-prefill-workers above 0)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-token-file -d 'Kubernetes: a file holding a bearer token for the API (not needed through `kubectl proxy`)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

@@ -1,6 +1,7 @@
 //! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds, and optionally
 //! the planner that sizes the cluster.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
+use crate::core::planner::kubernetes::{KubernetesConnector, KubernetesSettings};
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
 use crate::core::planner::profile::Profile;
@@ -40,8 +41,9 @@ pub struct PlannerArgs {
     pub planner: Option<String>,
 
     /// Who carries the plan out: local (starts and drains `dynamo decode`/`prefill` processes on this machine,
-    /// with the router's discovery, namespace and key, and the worker flags after `--`), or virtual (an
-    /// orchestrator, which reads it on the event plane, where every plan is published).
+    /// with the router's discovery, namespace and key, and the worker flags after `--`), kubernetes (sets the
+    /// replicas of the --kube-*-deployment Deployments), or virtual (an orchestrator, which reads it on the
+    /// event plane, where every plan is published).
     #[arg(long, value_enum, default_value = "local", requires = "planner")]
     pub planner_connector: ConnectorArg,
 
@@ -99,6 +101,32 @@ pub struct PlannerArgs {
     #[arg(long, default_value_t = crate::core::worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, requires = "planner")]
     pub drain_timeout: f64,
 
+    /// Kubernetes: the API over plain HTTP (`kubectl proxy` in the router's pod brings credentials and TLS).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8001",
+        value_name = "URL",
+        help_heading = "Planner on Kubernetes",
+        requires = "planner"
+    )]
+    pub kube_api: String,
+
+    /// Kubernetes: the namespace of the Deployments [default: the pod's own, else "default"]
+    #[arg(long, value_name = "NAMESPACE", help_heading = "Planner on Kubernetes", requires = "planner")]
+    pub kube_namespace: Option<String>,
+
+    /// Kubernetes: the Deployment of decode workers.
+    #[arg(long, value_name = "NAME", help_heading = "Planner on Kubernetes", requires = "planner")]
+    pub kube_decode_deployment: Option<String>,
+
+    /// Kubernetes: the Deployment of prefill workers (needed with --max-prefill-workers above 0).
+    #[arg(long, value_name = "NAME", help_heading = "Planner on Kubernetes", requires = "planner")]
+    pub kube_prefill_deployment: Option<String>,
+
+    /// Kubernetes: a file holding a bearer token for the API (not needed through `kubectl proxy`).
+    #[arg(long, value_name = "PATH", help_heading = "Planner on Kubernetes", requires = "planner")]
+    pub kube_token_file: Option<std::path::PathBuf>,
+
     /// Flags for the workers the local connector starts (model, engine, …), after `--`.
     #[arg(last = true, value_name = "WORKER FLAGS")]
     pub worker_flags: Vec<String>,
@@ -107,6 +135,7 @@ pub struct PlannerArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConnectorArg {
     Local,
+    Kubernetes,
     Virtual,
 }
 
@@ -170,9 +199,57 @@ impl PlannerArgs {
                 Box::new(Virtual)
             }
             ConnectorArg::Local => Box::new(LocalConnector::new(self.local(cluster)?)),
+            ConnectorArg::Kubernetes => Box::new(KubernetesConnector::new(self.kubernetes()?)),
         };
+        let kube_flags = self.kube_decode_deployment.is_some()
+            || self.kube_prefill_deployment.is_some()
+            || self.kube_namespace.is_some()
+            || self.kube_token_file.is_some();
+        anyhow::ensure!(
+            self.planner_connector == ConnectorArg::Kubernetes || !kube_flags,
+            "the --kube-* flags are for --planner-connector kubernetes"
+        );
         let discovery = crate::core::discovery::from_spec(&cluster.discovery, key)?;
         Ok(Some(PlannerStart { discovery, settings, connector, host }))
+    }
+
+    /// Which Deployments the Kubernetes connector scales, and how it reaches the API.
+    fn kubernetes(&self) -> anyhow::Result<KubernetesSettings> {
+        anyhow::ensure!(
+            self.worker_flags.is_empty(),
+            "the kubernetes connector starts no processes: drop the flags after `--`"
+        );
+        let Some(decode) = self.kube_decode_deployment.clone() else {
+            anyhow::bail!("--planner-connector kubernetes needs --kube-decode-deployment NAME");
+        };
+        anyhow::ensure!(
+            self.max_prefill_workers == 0 || self.kube_prefill_deployment.is_some(),
+            "--max-prefill-workers above 0 needs --kube-prefill-deployment NAME"
+        );
+        anyhow::ensure!(
+            self.kube_api.starts_with("http://"),
+            "--kube-api {} is not http://HOST:PORT: the API is spoken over plain HTTP (run `kubectl proxy` beside \
+             the router); TLS to the API server is not built",
+            self.kube_api
+        );
+        let read = |path: &std::path::Path| -> anyhow::Result<String> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))?;
+            Ok(text.trim().to_string())
+        };
+        let token = self.kube_token_file.as_deref().map(read).transpose()?;
+        let pod_namespace = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace");
+        let namespace = match &self.kube_namespace {
+            Some(namespace) => namespace.clone(),
+            None => read(pod_namespace).unwrap_or_else(|_| "default".into()),
+        };
+        Ok(KubernetesSettings {
+            api: self.kube_api.clone(),
+            namespace,
+            decode,
+            prefill: self.kube_prefill_deployment.clone(),
+            token,
+        })
     }
 
     /// How the local connector starts workers: the router's cluster flags, then the ones after `--`, checked

@@ -166,3 +166,36 @@ async fn every_plan_goes_out_on_the_event_plane_where_top_shows_it() {
     assert!(text.contains(": 2 decode, 0 prefill workers"), "{text}");
     assert!(text.contains("1 worker, 1 alive"), "{text}");
 }
+
+#[tokio::test]
+async fn the_kubernetes_connector_sets_the_replicas_of_the_decode_deployment() {
+    use axum::routing::patch;
+    let (tx, mut patches) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let app = axum::Router::new().route(
+        "/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale",
+        patch(move |uri: axum::http::Uri, body: String| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((uri.path().to_string(), body));
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let api = format!("http://{}", listener.local_addr().expect("its address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (_, discovery) = cluster("planner-kube");
+    let _router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-connector", "kubernetes", "--planner-interval", "0.5"])
+            .args(["--min-workers", "2", "--kube-api", &api, "--kube-namespace", "llm"])
+            .args(["--kube-decode-deployment", "dynamo-decode"]),
+    );
+    let (path, body) = tokio::time::timeout(Duration::from_secs(30), patches.recv())
+        .await
+        .expect("a scale request within 30 s")
+        .expect("the fake API runs");
+    assert_eq!(path, "/apis/apps/v1/namespaces/llm/deployments/dynamo-decode/scale");
+    assert_eq!(body, r#"{"spec":{"replicas":2}}"#);
+}

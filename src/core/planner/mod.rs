@@ -6,11 +6,13 @@
 //! - `load`: load-based scaling, one worker up or down per role and interval, on KV pressure.
 //! - `profile`, `sla`: a worker's performance profile, and the fewest workers that meet latency targets.
 //! - `local`: the connector that starts and drains `dynamo decode` / `dynamo prefill` processes on this box.
+//! - `kubernetes`: the connector that sets the replicas of the Deployments running each role.
 //! - `member`: the planner as a cluster member, publishing its plans on the event plane.
 //!
 //! The planner sees the cluster as `dynamo top` does (a `ClusterView` fed by its own watch of discovery and
 //! the planes), so it needs nothing from the router but the traffic counts.
 pub mod forecast;
+pub mod kubernetes;
 pub mod load;
 pub mod local;
 pub mod member;
