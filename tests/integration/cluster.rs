@@ -77,7 +77,9 @@ async fn workers_join_serve_leave_and_a_late_one_is_used() {
     second.stop();
     wait_for_workers(&router, 1).await;
     let text = std::fs::read_to_string(&path).expect("the cluster file");
-    assert_eq!(text.matches("[[worker]]").count(), 2, "the stopped worker took its entry back:\n{text}");
+    // The router has an entry of its own (its traffic goes out on the event plane).
+    assert_eq!(text.matches(r#"role = "decode""#).count(), 2, "the stopped worker took its entry back:\n{text}");
+    assert_eq!(text.matches(r#"role = "router""#).count(), 1, "{text}");
     drop(late);
 }
 
@@ -435,11 +437,16 @@ pub fn top_once(file: &str, namespace: &str, extra: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `dynamo top`'s table rows of workers (routers have rows too, with role `router`).
+fn worker_rows(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().filter(|line| line.contains("tcp://") && !line.contains(" router "))
+}
+
 /// The cells of `dynamo top`'s column `name`, one per worker row.
 fn column(text: &str, name: &str) -> Vec<String> {
     let header = text.lines().find(|line| line.starts_with("WORKER")).expect("a header line");
     let at = header.find(name).unwrap_or_else(|| panic!("no column {name}:\n{text}"));
-    let rows = text.lines().filter(|line| line.contains("tcp://"));
+    let rows = worker_rows(text);
     rows.map(|row| row.get(at..).unwrap_or("").split_whitespace().next().unwrap_or("").to_string()).collect()
 }
 
@@ -458,7 +465,7 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
 
     let text = tokio::task::spawn_blocking(move || top_once(&file, "dynamo", &[])).await.expect("top ran");
     assert!(text.contains("2 workers, 2 alive"), "{text}");
-    let rows: Vec<&str> = text.lines().filter(|line| line.contains("tcp://")).collect();
+    let rows: Vec<&str> = worker_rows(&text).collect();
     assert_eq!(rows.len(), 2, "the other namespace's worker is not shown:\n{text}");
     assert!(rows.iter().any(|r| r.contains("tiny-chat")) && rows.iter().any(|r| r.contains("tiny-other")), "{text}");
     // Load arrived from both and the requests were counted.
@@ -485,7 +492,8 @@ async fn a_dynamo_run_that_announces_its_workers_is_seen_by_top_and_served_by_ot
     assert_eq!(status, 200, "{body}");
     let json = tokio::task::spawn_blocking(move || top_once(&file, "dev", &["--json"])).await.expect("top ran");
     let view: Value = serde_json::from_str(&json).expect("top --json prints JSON");
-    let workers = view["workers"].as_array().expect("a list of workers");
+    let members = view["workers"].as_array().expect("a list of workers");
+    let workers: Vec<&Value> = members.iter().filter(|m| m["record"]["role"] != "router").collect();
     assert_eq!(workers.len(), 2, "{view}");
     assert!(workers.iter().all(|w| w["state"] == "alive" && w["load"]["kv_total_blocks"].as_u64() > Some(0)));
     let routed: u64 = workers.iter().filter_map(|w| w["stats"]["accepted"].as_u64()).sum();
@@ -566,4 +574,18 @@ async fn a_keyed_cluster_serves_its_members_and_says_when_it_is_open() {
     assert!(!unsigned.status.success());
     assert!(String::from_utf8_lossy(&unsigned.stderr).contains("--sign needs the cluster key"));
     let _ = std::fs::remove_dir_all(file_path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn a_router_publishes_its_traffic_which_top_shows_under_its_summary() {
+    let (_, file) = cluster_file("router-report");
+    let _worker = worker(&file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let (status, body) = router.post_json("/v1/completions", completion("counted by the router", 4)).await;
+    assert_eq!(status, 200, "{body}");
+    let text = tokio::task::spawn_blocking(move || top_once(&file, "dynamo", &[])).await.expect("top ran");
+    let line = text.lines().find(|line| line.starts_with("router ")).unwrap_or_else(|| panic!("no router:\n{text}"));
+    assert!(line.contains("requests/s") && line.ends_with("1 workers"), "{text}");
+    assert!(text.contains("1 worker, 1 alive"), "the router is a member, not a worker:\n{text}");
 }

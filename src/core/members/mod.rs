@@ -4,8 +4,11 @@
 //! its owner accepts brings what it publishes. `Members::next` hands over each change; what a change means
 //! (join a router, fill a table) is the owner's.
 //!
+//! Members that are not workers (planners, routers) announce themselves with `announce`.
+//!
 //! Endpoints nobody answers at are closed and probed now and then (`dormant`), so a cluster file full of
 //! dead entries costs neither descriptors nor pings.
+pub mod announce;
 mod dormant;
 
 use crate::core::discovery::{Discovery, DiscoveryEvent};

@@ -7,7 +7,6 @@
 //! - `profile`, `sla`: a worker's performance profile, and the fewest workers that meet latency targets.
 //! - `local`: the connector that starts and drains `dynamo decode` / `dynamo prefill` processes on this box.
 //! - `kubernetes`: the connector that sets the replicas of the Deployments running each role.
-//! - `member`: the planner as a cluster member, publishing its plans on the event plane.
 //!
 //! The planner sees the cluster as `dynamo top` does (a `ClusterView` fed by its own watch of discovery and
 //! the planes), so it needs nothing from the router but the traffic counts.
@@ -15,10 +14,10 @@ pub mod forecast;
 pub mod kubernetes;
 pub mod load;
 pub mod local;
-pub mod member;
 pub mod profile;
 pub mod sla;
 
+use crate::core::members::announce::Announcer;
 use crate::core::protocol::discovery::Role;
 pub use crate::core::protocol::{Forecast, Plan};
 use crate::core::telemetry::{Metrics, Traffic};
@@ -135,7 +134,8 @@ impl PlannerStart {
     ) -> Result<Planning, String> {
         let view = Arc::new(Mutex::new(ClusterView::new(namespace)));
         let mut planner = Planner::new(self.settings, view.clone(), metrics, self.connector)?;
-        planner.announce_with(member::Announcer::start(self.discovery.as_ref(), namespace, self.host, key.as_ref())?);
+        let discovery = self.discovery.as_ref();
+        planner.announce_with(Announcer::start(discovery, namespace, Role::Planner, self.host, key.as_ref())?);
         let watch = crate::core::top::watch(self.discovery, namespace.to_string(), dead_after, key, view);
         let watch = crate::core::AbortOnDrop(tokio::spawn(async move {
             if let Err(error) = watch.await {
@@ -167,7 +167,7 @@ pub struct Planner {
     plan: Plan,
     samples: Vec<[PoolSample; 2]>,
     predictors: [Box<dyn Predictor>; 3],
-    announcer: Option<member::Announcer>,
+    announcer: Option<Announcer>,
     traffic: Traffic,
     corrections: sla::Corrections,
     /// How much the profile-based need is raised because too few requests met the targets lately.
@@ -321,7 +321,7 @@ impl Planner {
     }
 
     /// Publishes every plan through `announcer` from now on.
-    pub fn announce_with(&mut self, announcer: member::Announcer) {
+    pub fn announce_with(&mut self, announcer: Announcer) {
         self.announcer = Some(announcer);
     }
 

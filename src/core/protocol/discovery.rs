@@ -12,10 +12,12 @@ pub enum Role {
     Encode,
     /// A router's planner: it serves no requests, and publishes its plans on the event plane.
     Planner,
+    /// A router: it publishes its traffic on the event plane.
+    Router,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Decode, Role::Prefill, Role::Encode, Role::Planner];
+    pub const ALL: [Role; 5] = [Role::Decode, Role::Prefill, Role::Encode, Role::Planner, Role::Router];
 
     /// As it is written in records and shown to people (the same as its serde name).
     pub fn name(self) -> &'static str {
@@ -24,6 +26,7 @@ impl Role {
             Role::Prefill => "prefill",
             Role::Encode => "encode",
             Role::Planner => "planner",
+            Role::Router => "router",
         }
     }
 

@@ -1,6 +1,7 @@
 //! Every wire type, defined once: what the frontend hands an engine (`engine`), what workers publish about
 //! their KV cache and load (`kv`, framed by `plane`), what routers and workers say on the request plane
-//! (`request`), the record each role registers (`discovery`), a planner's decisions (`plan`), and the OpenAI
+//! (`request`), the record each role registers (`discovery`), a planner's decisions (`plan`), a router's
+//! traffic (`router`), and the OpenAI
 //! HTTP JSON (`openai`).
 //!
 //! Types here carry data only; behaviour lives with the concept that owns it. The engine and KV types derive
@@ -13,6 +14,7 @@ pub mod openai;
 pub mod plan;
 pub mod plane;
 pub mod request;
+pub mod router;
 pub mod transfer;
 
 pub use engine::{
@@ -21,5 +23,6 @@ pub use engine::{
 };
 pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
 pub use plan::{Forecast, Plan};
+pub use router::RouterReport;
 #[cfg(test)]
 pub(crate) mod fuzz;

@@ -12,11 +12,13 @@ pub enum Topic {
     Stats,
     /// A planner's decisions.
     Plan,
+    /// A router's traffic.
+    Router,
 }
 
 impl Topic {
     /// In declaration order, so `topic as usize` indexes it (per-topic state lives in arrays).
-    pub const ALL: [Topic; 4] = [Topic::Kv, Topic::Load, Topic::Stats, Topic::Plan];
+    pub const ALL: [Topic; 5] = [Topic::Kv, Topic::Load, Topic::Stats, Topic::Plan, Topic::Router];
 
     /// What workers publish.
     pub const WORKER: [Topic; 3] = [Topic::Kv, Topic::Load, Topic::Stats];
@@ -27,6 +29,7 @@ impl Topic {
             Topic::Load => b"load",
             Topic::Stats => b"stats",
             Topic::Plan => b"plan",
+            Topic::Router => b"router",
         }
     }
 
@@ -104,7 +107,7 @@ macro_rules! serde_payload {
     )*};
 }
 
-serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats, super::Plan => Topic::Plan);
+serde_payload!(LoadMetrics => Topic::Load, WorkerStats => Topic::Stats, super::Plan => Topic::Plan, super::RouterReport => Topic::Router);
 
 fn decode_serde<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(payload).map_err(|e| FrameError::Payload(e.to_string()))

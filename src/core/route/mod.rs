@@ -15,15 +15,16 @@ use resync::KvFeed;
 use crate::core::AbortOnDrop;
 use crate::core::discovery::Discovery;
 use crate::core::frontend::{FrontendState, Served};
+use crate::core::members::announce::Announcer;
 use crate::core::members::{Change, Members};
 use crate::core::model::{Model, ModelError};
 use crate::core::plane::PlaneError;
 use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
-use crate::core::protocol::{KvEventBatch, LoadMetrics, WorkerId, WorkerStats};
+use crate::core::protocol::{KvEventBatch, LoadMetrics, RouterReport, WorkerId, WorkerStats};
 use crate::core::router::{Pool, Router, RouterConfig};
-use crate::core::telemetry::{Metrics, PlaneEvent};
+use crate::core::telemetry::{Metrics, PlaneEvent, Traffic};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,19 +141,59 @@ async fn serve_routes(
     let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), http.clone(), shutdown));
     println!("dynamo: router on http://{addr} waiting for workers in namespace {namespace:?}");
     let mode = settings.router.mode;
+    let key = settings.key.clone();
     let cluster = tokio::select! {
-        cluster = Cluster::join(discovery.as_ref(), settings, metrics) => cluster,
+        cluster = Cluster::join(discovery.as_ref(), settings, metrics.clone()) => cluster,
         // Shut down (or failed) before any worker came.
         served = &mut server => return served_result(served),
     };
     let cluster = cluster.inspect_err(|_| server.abort())?;
     app.ready(cluster.state.clone());
+    let _reporting = match Announcer::start(discovery.as_ref(), &namespace, Role::Router, addr.ip(), key.as_ref()) {
+        Ok(announcer) => Some(AbortOnDrop(tokio::spawn(report_traffic(announcer, metrics, cluster.state.clone())))),
+        Err(error) => {
+            tracing::warn!("this router's traffic will not be on the event plane: {error}");
+            None
+        }
+    };
     println!(
         "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
          http://{addr}/v1/models",
         cluster.state.first().model.card.name
     );
     served_result(server.await)
+}
+
+/// How often a router publishes its traffic (`router` topic).
+const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn report_traffic(mut announcer: Announcer, metrics: Arc<Metrics>, state: Arc<FrontendState>) {
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    tick.tick().await;
+    let mut last = (metrics.traffic(), std::time::Instant::now());
+    loop {
+        tick.tick().await;
+        let now = (metrics.traffic(), std::time::Instant::now());
+        let workers: usize = state.served().iter().map(|s| s.router.worker_count()).sum();
+        let seconds = (now.1 - last.1).as_secs_f64();
+        announcer.publish(&traffic_report(&now.0.since(&last.0), seconds, workers));
+        last = now;
+    }
+}
+
+/// An interval's traffic as rates and means.
+pub fn traffic_report(interval: &Traffic, seconds: f64, workers: usize) -> RouterReport {
+    let per_second = |count: u64| count as f64 / seconds.max(1e-9);
+    RouterReport {
+        interval_s: seconds,
+        requests_per_s: per_second(interval.requests),
+        refused_per_s: per_second(interval.refused),
+        output_tokens_per_s: per_second(interval.output_tokens),
+        ttft_ms: interval.mean_ttft_ms(),
+        itl_ms: interval.mean_itl_ms(),
+        prefix_hit: (interval.input_tokens > 0).then(|| interval.cached_tokens as f64 / interval.input_tokens as f64),
+        workers: u32::try_from(workers).unwrap_or(u32::MAX),
+    }
 }
 
 fn served_result(served: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), ClusterError> {
@@ -258,10 +299,10 @@ impl Membership {
                 );
                 return Ok(());
             }
-            Role::Planner => {
+            role @ (Role::Planner | Role::Router) => {
                 // Stays out of the routing set for good: it answers pings and nothing else.
                 watch.forget(addr);
-                tracing::debug!("the member at {addr} is a planner, not a worker");
+                tracing::debug!("the member at {addr} is a {}, not a worker", role.name());
                 return Ok(());
             }
         };
@@ -408,7 +449,7 @@ impl Membership {
                 }
             },
             // Never subscribed to: routers take the workers' topics only.
-            Topic::Plan => {}
+            Topic::Plan | Topic::Router => {}
             Topic::Load => match LoadMetrics::from_bytes(&delivery.payload) {
                 Ok(load) => *member.load.lock().unwrap_or_else(|p| p.into_inner()) = load,
                 Err(error) => {

@@ -37,7 +37,7 @@ pub struct Metrics {
     /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
     worker_kv_transfers: IntGaugeVec,
     /// Requests and tokens so far, for the planner's forecast.
-    traffic: [AtomicU64; 9],
+    traffic: [AtomicU64; 11],
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -62,10 +62,14 @@ pub struct Traffic {
     /// Requests that ended, judged against the targets (`Metrics::judge_by`), and those that met both.
     pub judged: u64,
     pub met: u64,
+    /// Prompt tokens found in the chosen workers' caches.
+    pub cached_tokens: u64,
+    /// Requests refused before they reached an engine.
+    pub refused: u64,
 }
 
 impl Traffic {
-    fn from_counters(counters: &[AtomicU64; 9]) -> Self {
+    fn from_counters(counters: &[AtomicU64; 11]) -> Self {
         let read = |at: usize| counters[at].load(Ordering::Relaxed);
         Traffic {
             requests: read(REQUESTS),
@@ -77,6 +81,8 @@ impl Traffic {
             itls: read(ITLS),
             judged: read(JUDGED),
             met: read(MET),
+            cached_tokens: read(CACHED_TOKENS),
+            refused: read(REFUSED),
         }
     }
 
@@ -92,6 +98,8 @@ impl Traffic {
             itls: self.itls.saturating_sub(earlier.itls),
             judged: self.judged.saturating_sub(earlier.judged),
             met: self.met.saturating_sub(earlier.met),
+            cached_tokens: self.cached_tokens.saturating_sub(earlier.cached_tokens),
+            refused: self.refused.saturating_sub(earlier.refused),
         }
     }
 
@@ -120,6 +128,8 @@ const ITL_US: usize = 5;
 const ITLS: usize = 6;
 const JUDGED: usize = 7;
 const MET: usize = 8;
+const CACHED_TOKENS: usize = 9;
+const REFUSED: usize = 10;
 
 /// Reads one gauge's value out of a worker's load.
 type ReadLoad = fn(&LoadMetrics) -> i64;
@@ -470,6 +480,7 @@ impl Metrics {
     pub fn rejected(&self, model: &str, endpoint: &str, streaming: bool) {
         let request_type = if streaming { "stream" } else { "unary" };
         self.requests_total.with_label_values(&[model, endpoint, request_type, "error"]).inc();
+        self.traffic[REFUSED].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition, with worker gauges read now.
@@ -530,6 +541,7 @@ impl RequestMetrics {
     pub fn prompt(&self, prompt_tokens: usize, cached_tokens: u32) {
         self.metrics.traffic[REQUESTS].fetch_add(1, Ordering::Relaxed);
         self.metrics.traffic[INPUT_TOKENS].fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.metrics.traffic[CACHED_TOKENS].fetch_add(u64::from(cached_tokens), Ordering::Relaxed);
         self.metrics.input_tokens.with_label_values(&[&self.model]).observe(prompt_tokens as f64);
         self.metrics.cached_tokens.with_label_values(&[&self.model]).observe(cached_tokens as f64);
     }

@@ -11,7 +11,7 @@ use crate::core::plane::{Continuity, Delivery, PlaneError};
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::discovery::Role;
 use crate::core::protocol::plane::{Payload, Topic};
-use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, Plan, WorkerStats};
+use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, Plan, RouterReport, WorkerStats};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +82,8 @@ pub struct WorkerView {
     pub stats: Option<WorkerStats>,
     /// A planner's latest plan.
     pub plan: Option<Plan>,
+    /// A router's latest traffic report.
+    pub report: Option<RouterReport>,
     pub kv: KvActivity,
     /// Event-plane messages from it that never arrived.
     pub lost_messages: u64,
@@ -90,9 +92,9 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
-    /// A planner's record, not a worker's.
-    pub fn is_planner(&self) -> bool {
-        self.instance.as_ref().is_some_and(|i| i.role == Role::Planner)
+    /// A planner's or a router's record, not a worker's.
+    pub fn is_not_worker(&self) -> bool {
+        self.instance.as_ref().is_some_and(|i| matches!(i.role, Role::Planner | Role::Router))
     }
 
     /// An alive worker at its record's request address that has reported `load` (a view of workers known
@@ -111,6 +113,7 @@ impl WorkerView {
             load: None,
             stats: None,
             plan: None,
+            report: None,
             kv: KvActivity::default(),
             lost_messages: 0,
         }
@@ -178,6 +181,7 @@ impl ClusterView {
                     worker.load = None;
                     worker.stats = None;
                     worker.plan = None;
+                    worker.report = None;
                     worker.kv = KvActivity::default();
                 }
             }
@@ -199,6 +203,7 @@ impl ClusterView {
             Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| worker.load = Some(load)),
             Topic::Stats => WorkerStats::from_bytes(&delivery.payload).map(|stats| worker.stats = Some(stats)),
             Topic::Plan => Plan::from_bytes(&delivery.payload).map(|plan| worker.plan = Some(plan)),
+            Topic::Router => RouterReport::from_bytes(&delivery.payload).map(|report| worker.report = Some(report)),
         };
         if decoded.is_err() {
             self.malformed += 1;
@@ -207,15 +212,19 @@ impl ClusterView {
 
     /// Alive workers (planners are members, not workers).
     pub fn alive(&self) -> usize {
-        self.workers.values().filter(|w| w.state == PeerState::Alive && !w.is_planner()).count()
+        self.workers.values().filter(|w| w.state == PeerState::Alive && !w.is_not_worker()).count()
     }
 
-    /// Each planner's latest plan, one line each: what `top` shows under its summary.
-    pub fn plans(&self) -> Vec<String> {
-        let planners = self.workers.values().filter(|w| w.is_planner());
-        planners
+    /// Each router's latest traffic and each planner's latest plan, one line each: what `top` shows under its
+    /// summary.
+    pub fn members(&self) -> Vec<String> {
+        let members = self.workers.values().filter(|w| w.is_not_worker());
+        members
             .map(|w| {
                 let id = w.instance.as_ref().map_or_else(|| "-".into(), |i| format!("{:016x}", i.id));
+                if w.instance.as_ref().is_some_and(|i| i.role == Role::Router) {
+                    return router_line(&id, w.report.as_ref());
+                }
                 let Some(plan) = &w.plan else { return format!("planner {id}: no plan yet") };
                 let forecast = plan.forecast.map_or_else(String::new, |f| {
                     format!(
@@ -247,7 +256,7 @@ impl ClusterView {
             (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
         });
         let used = if total > 0 { format!("{:.1}%", 100.0 * active as f64 / total as f64) } else { "-".into() };
-        let workers = self.workers.values().filter(|w| !w.is_planner()).count();
+        let workers = self.workers.values().filter(|w| !w.is_not_worker()).count();
         format!(
             "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} active; \
              {:.0} KV events/s; {} lost and {} malformed event-plane messages",
@@ -284,6 +293,7 @@ impl ClusterView {
                     "load": w.load,
                     "stats": w.stats,
                     "plan": w.plan,
+                    "report": w.report,
                     "kv_events": w.kv.events,
                     "kv_stored_blocks": w.kv.stored_blocks,
                     "kv_removed_blocks": w.kv.removed_blocks,
@@ -304,8 +314,8 @@ impl ClusterView {
             padded.join("  ").trim_end().to_string()
         };
         let mut out = format!("{}\n", self.summary(now));
-        for plan in self.plans() {
-            out.push_str(&plan);
+        for member in self.members() {
+            out.push_str(&member);
             out.push('\n');
         }
         out.push_str(&line(&mut COLUMNS.iter().copied()));
@@ -380,6 +390,22 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         instance.and_then(|i| i.transfer_endpoint_from(&worker.endpoint)).unwrap_or_else(unknown),
         handoffs(worker),
     ]
+}
+
+/// A router's traffic in one line.
+fn router_line(id: &str, report: Option<&RouterReport>) -> String {
+    let Some(r) = report else { return format!("router {id}: no report yet") };
+    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
+    let hit = r.prefix_hit.map_or_else(|| "-".to_string(), |hit| format!("{:.0}%", hit * 100.0));
+    format!(
+        "router {id}: {:.1} requests/s ({:.1} refused), {:.0} tokens/s, TTFT {}, ITL {}, prefix hit {hit}, {} workers",
+        r.requests_per_s,
+        r.refused_per_s,
+        r.output_tokens_per_s,
+        ms(r.ttft_ms),
+        ms(r.itl_ms),
+        r.workers
+    )
 }
 
 /// Prompts' KV a worker held for decode workers or read from prefill workers, and the reads that failed.

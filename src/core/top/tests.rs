@@ -245,7 +245,7 @@ fn a_planner_is_a_member_whose_latest_plan_is_shown_under_the_summary() {
         planner_at,
         WorkerStatus::Alive(Instance { role: Role::Planner, request_addr: planner_at.into(), ..instance(9) }),
     );
-    assert_eq!(view.plans(), ["planner 0000000000000009: no plan yet"]);
+    assert_eq!(view.members(), ["planner 0000000000000009: no plan yet"]);
     let plan = Plan {
         decode: 3,
         prefill: 1,
@@ -264,4 +264,35 @@ fn a_planner_is_a_member_whose_latest_plan_is_shown_under_the_summary() {
     // It is a member, not a worker: the summary counts the one worker.
     assert!(view.summary(now).contains("1 worker, 1 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][1]["plan"]["decode"], 3);
+}
+
+#[test]
+fn a_routers_traffic_is_shown_under_the_summary() {
+    let now = Instant::now();
+    let mut view = ClusterView::new("prod");
+    let router_at = "tcp://10.0.0.8:7300";
+    view.discovered(router_at.into());
+    view.status(
+        router_at,
+        WorkerStatus::Alive(Instance { role: Role::Router, request_addr: router_at.into(), ..instance(8) }),
+    );
+    assert_eq!(view.members(), ["router 0000000000000008: no report yet"]);
+    let report = crate::core::protocol::RouterReport {
+        interval_s: 2.0,
+        requests_per_s: 12.5,
+        refused_per_s: 0.5,
+        output_tokens_per_s: 640.0,
+        ttft_ms: Some(120.25),
+        itl_ms: None,
+        prefix_hit: Some(0.44),
+        workers: 3,
+    };
+    view.deliver(router_at, delivery(8, Topic::Router, 0, Continuity::InOrder, report.to_bytes()), now);
+    assert_eq!(
+        view.members(),
+        ["router 0000000000000008: 12.5 requests/s (0.5 refused), 640 tokens/s, TTFT 120.2 ms, ITL -, prefix hit \
+          44%, 3 workers"]
+    );
+    assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
+    assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
 }

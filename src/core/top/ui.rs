@@ -97,7 +97,7 @@ pub fn fitting_columns(widths: &[usize; COLUMNS.len()], width: usize) -> Vec<usi
 }
 
 pub fn draw(frame: &mut Frame, view: &ClusterView, table_state: &mut TableState, log: &[String], now: Instant) {
-    let plans = view.plans();
+    let plans = view.members();
     let [header, planned, body, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(plans.len() as u16),

@@ -1,0 +1,20 @@
+//! What a router says of its traffic on the event plane (`router` topic), every few seconds, for `dynamo top`.
+use serde::{Deserialize, Serialize};
+
+/// A router's traffic over the last `interval_s` seconds, every model together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouterReport {
+    pub interval_s: f64,
+    /// Requests that reached a worker, per second.
+    pub requests_per_s: f64,
+    /// Requests refused before reaching one (bad input, busy, no worker), per second.
+    pub refused_per_s: f64,
+    pub output_tokens_per_s: f64,
+    /// Mean time to first token and between tokens, ms; `None` without one in the interval.
+    pub ttft_ms: Option<f64>,
+    pub itl_ms: Option<f64>,
+    /// Prompt tokens found in the chosen workers' caches, over all prompt tokens; `None` without prompts.
+    pub prefix_hit: Option<f64>,
+    /// Workers it routes to.
+    pub workers: u32,
+}
