@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Args)]
+#[command(after_help = format!("Keys of the live table:\n{}", crate::core::top::ui::KEYS))]
 pub struct TopArgs {
     /// Print the table once, after watching for --wait seconds, instead of taking over the terminal.
     #[arg(long)]

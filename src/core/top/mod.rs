@@ -276,33 +276,31 @@ impl ClusterView {
 
     /// The view as one JSON object, for scripts: the same facts as the table, with numbers as numbers.
     pub fn json(&self, now: Instant) -> serde_json::Value {
-        let workers: Vec<serde_json::Value> = self
-            .workers
-            .values()
-            .map(|w| {
-                // Ids as the hex the table and the logs show: as JSON numbers past 2^53, JavaScript and jq
-                // round them.
-                let mut record = serde_json::json!(w.instance);
-                if let (Some(instance), Some(fields)) = (&w.instance, record.as_object_mut()) {
-                    fields.insert("id".into(), format!("{:016x}", instance.id).into());
-                }
-                serde_json::json!({
-                    "endpoint": w.endpoint,
-                    "state": self.state(w, now),
-                    "record": record,
-                    "load": w.load,
-                    "stats": w.stats,
-                    "plan": w.plan,
-                    "report": w.report,
-                    "kv_events": w.kv.events,
-                    "kv_stored_blocks": w.kv.stored_blocks,
-                    "kv_removed_blocks": w.kv.removed_blocks,
-                    "kv_events_per_s": w.kv.rate(now),
-                    "lost_messages": w.lost_messages,
-                })
-            })
-            .collect();
+        let workers: Vec<serde_json::Value> = self.workers.values().map(|w| self.member_json(w, now)).collect();
         serde_json::json!({"namespace": self.namespace, "workers": workers, "malformed": self.malformed})
+    }
+
+    /// One member as `json` gives it (the detail view shows it too).
+    pub fn member_json(&self, w: &WorkerView, now: Instant) -> serde_json::Value {
+        // Ids as the hex the table and the logs show: as JSON numbers past 2^53, JavaScript and jq round them.
+        let mut record = serde_json::json!(w.instance);
+        if let (Some(instance), Some(fields)) = (&w.instance, record.as_object_mut()) {
+            fields.insert("id".into(), format!("{:016x}", instance.id).into());
+        }
+        serde_json::json!({
+            "endpoint": w.endpoint,
+            "state": self.state(w, now),
+            "record": record,
+            "load": w.load,
+            "stats": w.stats,
+            "plan": w.plan,
+            "report": w.report,
+            "kv_events": w.kv.events,
+            "kv_stored_blocks": w.kv.stored_blocks,
+            "kv_removed_blocks": w.kv.removed_blocks,
+            "kv_events_per_s": w.kv.rate(now),
+            "lost_messages": w.lost_messages,
+        })
     }
 
     /// The view as aligned text: the summary, then the table.

@@ -172,8 +172,8 @@ fn the_text_snapshot_and_the_live_table_show_the_same_rows() {
 
     let mut terminal = Terminal::new(TestBackend::new(200, 8)).unwrap();
     let log = vec!["WARN cannot connect to worker at tcp://10.0.0.9:7100".to_string()];
-    let mut table = ratatui::widgets::TableState::default();
-    terminal.draw(|frame| ui::draw(frame, &view, &mut table, &log, now)).unwrap();
+    let mut screen = ui::Screen::default();
+    terminal.draw(|frame| ui::draw(frame, &view, &mut screen, &log, now)).unwrap();
     let screen: String = terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect();
     let shown =
         ["dynamo top", "2 workers, 1 alive", "WORKER", "0000000000000007", "alive", "protocol v2", "cannot connect"];
@@ -188,16 +188,16 @@ fn the_highlight_scrolls_the_table_when_workers_outnumber_the_lines() {
     let mut view = ClusterView::new("prod");
     let endpoint = |i: u16| format!("tcp://10.0.1.{i}:7100");
     (10..40).for_each(|i| view.discovered(endpoint(i)));
-    let screen = |table: &mut ratatui::widgets::TableState| {
+    let screen = |state: &mut ui::Screen| {
         let mut terminal = Terminal::new(TestBackend::new(160, 10)).unwrap();
-        terminal.draw(|frame| ui::draw(frame, &view, table, &[], now)).unwrap();
+        terminal.draw(|frame| ui::draw(frame, &view, state, &[], now)).unwrap();
         terminal.backend().buffer().content().iter().map(|cell| cell.symbol()).collect::<String>()
     };
-    let mut table = ratatui::widgets::TableState::default();
-    let first = screen(&mut table);
+    let mut state = ui::Screen::default();
+    let first = screen(&mut state);
     assert!(first.contains(&endpoint(10)) && !first.contains(&endpoint(39)), "{first}");
-    table.select_last();
-    let last = screen(&mut table);
+    state.table.select_last();
+    let last = screen(&mut state);
     assert!(last.contains(&endpoint(39)) && !last.contains(&endpoint(10)), "{last}");
 }
 
@@ -216,8 +216,8 @@ fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys()
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
     let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
-    let mut table = ratatui::widgets::TableState::default();
-    terminal.draw(|frame| ui::draw(frame, &view, &mut table, &[], now)).unwrap();
+    let mut screen = ui::Screen::default();
+    terminal.draw(|frame| ui::draw(frame, &view, &mut screen, &[], now)).unwrap();
     let buffer = terminal.backend().buffer();
     let lines: Vec<String> =
         (0..24).map(|y| (0..80).map(|x| buffer.cell((x, y)).map_or(" ", |c| c.symbol())).collect::<String>()).collect();
@@ -295,4 +295,110 @@ fn a_routers_traffic_is_shown_under_the_summary() {
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
+}
+
+/// Three alive workers of two models with different loads.
+fn three_workers(now: Instant) -> ClusterView {
+    let mut view = ClusterView::new("prod");
+    for (id, model, running) in [(1, "tiny-chat", 9), (2, "tiny-other", 12), (3, "tiny-chat", 3)] {
+        let endpoint = format!("tcp://10.0.0.{id}:7100");
+        view.discovered(endpoint.clone());
+        let record = Instance { model: model.into(), request_addr: endpoint.clone(), ..instance(id) };
+        view.status(&endpoint, WorkerStatus::Alive(record));
+        let load = LoadMetrics { requests_running: running, kv_total_blocks: 1000, ..LoadMetrics::default() };
+        view.deliver(&endpoint, delivery(id, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
+    }
+    view
+}
+
+fn drawn(view: &ClusterView, screen: &mut ui::Screen, now: Instant) -> Vec<String> {
+    let (width, height) = (200, 24);
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+    terminal.draw(|frame| ui::draw(frame, view, screen, &[], now)).unwrap();
+    let buffer = terminal.backend().buffer();
+    (0..height).map(|y| (0..width).map(|x| buffer.cell((x, y)).map_or(" ", |c| c.symbol())).collect()).collect()
+}
+
+fn press(screen: &mut ui::Screen, keys: &str) -> ui::Flow {
+    use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    let mut flow = ui::Flow::Continue;
+    for key in keys.split(' ') {
+        let code = match key {
+            "Enter" => KeyCode::Enter,
+            "Esc" => KeyCode::Esc,
+            "Down" => KeyCode::Down,
+            "Backspace" => KeyCode::Backspace,
+            text => KeyCode::Char(text.chars().next().unwrap()),
+        };
+        flow = ui::update(screen, KeyEvent::new(code, KeyModifiers::NONE));
+    }
+    flow
+}
+
+/// The worker ids of the table's rows, top to bottom.
+fn row_ids(lines: &[String]) -> Vec<String> {
+    let words =
+        |line: &String| line.split(|c: char| c.is_whitespace() || c == '│').map(String::from).collect::<Vec<_>>();
+    lines.iter().filter_map(|line| words(line).into_iter().find(|w| w.starts_with("00000000000000"))).collect()
+}
+
+#[test]
+fn s_sorts_by_the_next_column_numbers_as_numbers_and_past_the_last_unsorts() {
+    let now = Instant::now();
+    let view = three_workers(now);
+    let mut screen = ui::Screen::default();
+    let run = COLUMNS.iter().position(|&c| c == "RUN").unwrap();
+    for _ in 0..=run {
+        press(&mut screen, "s");
+    }
+    assert_eq!(screen.sort, Some(run));
+    let lines = drawn(&view, &mut screen, now);
+    // 3, 9, 12: as numbers, not as text (which puts 12 first).
+    assert_eq!(row_ids(&lines), ["0000000000000003", "0000000000000001", "0000000000000002"], "{lines:#?}");
+    assert!(lines[0].contains("sorted by RUN") && lines.iter().any(|l| l.contains("RUN▲")), "{lines:#?}");
+    for _ in run + 1..COLUMNS.len() {
+        press(&mut screen, "s");
+    }
+    assert_eq!(screen.sort, Some(COLUMNS.len() - 1));
+    press(&mut screen, "s");
+    assert_eq!(screen.sort, None, "past the last column: discovery's order again");
+}
+
+#[test]
+fn slash_filters_the_rows_enter_keeps_the_filter_and_esc_clears_it() {
+    let now = Instant::now();
+    let view = three_workers(now);
+    let mut screen = ui::Screen::default();
+    press(&mut screen, "/ o t h e x Backspace r");
+    assert_eq!((screen.mode, screen.filter.as_str()), (ui::Mode::Filtering, "other"));
+    let lines = drawn(&view, &mut screen, now);
+    assert_eq!(row_ids(&lines), ["0000000000000002"], "{lines:#?}");
+    assert!(lines[0].contains("filter: other_"), "{}", lines[0]);
+    // While typing, q is a letter, not quit.
+    assert_eq!(press(&mut screen, "q Backspace Enter"), ui::Flow::Continue);
+    assert_eq!((screen.mode, screen.filter.as_str()), (ui::Mode::Table, "other"));
+    press(&mut screen, "Esc");
+    assert_eq!(row_ids(&drawn(&view, &mut screen, now)).len(), 3);
+}
+
+#[test]
+fn enter_shows_the_selected_worker_in_detail_and_help_lists_the_keys() {
+    let now = Instant::now();
+    let view = three_workers(now);
+    let mut screen = ui::Screen::default();
+    press(&mut screen, "Enter");
+    assert_eq!(screen.mode, ui::Mode::Table, "nothing selected: no detail");
+    press(&mut screen, "Down Down Enter");
+    assert_eq!(screen.mode, ui::Mode::Detail);
+    let detail = drawn(&view, &mut screen, now).join("\n");
+    assert!(
+        detail.contains("tcp://10.0.0.2:7100 · Esc back") && detail.contains("\"requests_running\": 12"),
+        "{detail}"
+    );
+    press(&mut screen, "Esc ?");
+    let help = drawn(&view, &mut screen, now).join("\n");
+    assert!(help.contains("sort by the next column") && help.contains("any key closes"), "{help}");
+    press(&mut screen, "x");
+    assert_eq!(screen.mode, ui::Mode::Table);
+    assert_eq!(press(&mut screen, "q"), ui::Flow::Quit);
 }
