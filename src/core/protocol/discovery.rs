@@ -131,7 +131,7 @@ mod tests {
             assert_eq!(serde_json::to_value(role).unwrap(), role.name());
             assert_eq!(Role::from_name(role.name()), Some(role));
         }
-        assert_eq!(Role::from_name("router"), None);
+        assert_eq!(Role::from_name("frontend"), None);
     }
 
     #[test]
