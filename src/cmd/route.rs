@@ -169,6 +169,11 @@ impl PlannerArgs {
             self.scale_down_pressure < self.scale_up_pressure,
             "--scale-down-pressure must be below --scale-up-pressure"
         );
+        anyhow::ensure!(
+            self.planner_interval >= 0.1,
+            "--planner-interval {} is too short: the planner samples its workers ten times an interval; at least 0.1",
+            self.planner_interval
+        );
         let interval = super::args::seconds(self.planner_interval);
         let settings = PlannerSettings {
             interval,

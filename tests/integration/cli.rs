@@ -93,6 +93,7 @@ fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
     );
     refused(&["--planner", "auto", "--ttft-target-ms", "100"], &["--planner-profile"]);
     refused(&["--planner", "auto", "--planner-connector", "kubernetes"], &["--kube-decode-deployment"]);
+    refused(&["--planner", "auto", "--planner-interval", "1e-10"], &["--planner-interval", "too short"]);
     let kube = ["--planner", "auto", "--planner-connector", "kubernetes", "--kube-decode-deployment", "d"];
     refused(&[&kube[..], &["--kube-api", "https://10.0.0.1:443"]].concat(), &["plain HTTP", "kubectl proxy"]);
     refused(&[&kube[..], &["--max-prefill-workers", "2"]].concat(), &["--kube-prefill-deployment"]);

@@ -144,8 +144,13 @@ struct Admission {
 }
 
 impl Admission {
-    fn count(&self, streams: &Streams) {
-        self.in_flight.send_if_modified(|count| std::mem::replace(count, streams.len()) != streams.len());
+    /// Tells waiting drains how many are in flight, when that changed since `last` (the serve loop calls this
+    /// every turn, so the lock is taken only on a change).
+    fn count(&self, streams: &Streams, last: &mut usize) {
+        if streams.len() != *last {
+            *last = streams.len();
+            self.in_flight.send_replace(*last);
+        }
     }
 }
 
@@ -250,6 +255,7 @@ async fn serve(
     // Snapshot frames, made on a blocking thread, come back through `queue`; every other reply is made here.
     let (replies, mut queue) = mpsc::unbounded_channel::<(Vec<u8>, FromWorker)>();
     let mut streams = Streams::default();
+    let mut counted = 0;
     let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut sweep = tokio::time::interval(HEARTBEAT * 4);
     loop {
@@ -302,7 +308,7 @@ async fn serve(
                     last_ping.remove(&peer);
                     stats.cancelled.fetch_add(streams.cancel_peer(&peer), Ordering::Relaxed);
                 }
-                admission.count(&streams);
+                admission.count(&streams, &mut counted);
                 continue;
             }
         }
@@ -333,7 +339,7 @@ async fn serve(
             }
         }
         // Only once their last outputs went out: a drain that sees none in flight may close the socket.
-        admission.count(&streams);
+        admission.count(&streams, &mut counted);
     }
 }
 

@@ -94,8 +94,12 @@ impl Connector for KubernetesConnector {
                     Ok(response) if response.status().is_success() => Ok(()),
                     Ok(response) => {
                         let status = response.status();
-                        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let body = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]).into_owned();
+                        // Read only as far as is logged: the API (or whatever answers there) sizes the body.
+                        let limited = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
+                        let body = match limited.collect().await {
+                            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                            Err(_) => format!("(an answer past {MAX_ERROR_BODY} bytes, not read)"),
+                        };
                         Err(format!("the API answered {status}: {body}"))
                     }
                     Err(error) => Err(format!("cannot reach the API: {error}")),
@@ -139,7 +143,7 @@ impl Connector for KubernetesConnector {
     fn shutdown(&mut self) {}
 }
 
-/// Of an error answer, this much is logged.
+/// Of an error answer, at most this much is read and logged (a longer one is not read at all).
 const MAX_ERROR_BODY: usize = 512;
 
 #[cfg(test)]
