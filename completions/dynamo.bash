@@ -378,7 +378,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__engine)
-            opts="-v -h -V --model --threads --device --prompt-tokens --batch --decode-steps --repeats --json --verbose --help --version"
+            opts="-v -h -V --model --threads --device --prompt-tokens --batch --temperature --decode-steps --repeats --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -401,6 +401,10 @@ _dynamo() {
                     return 0
                     ;;
                 --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --temperature)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -342,6 +342,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l device -d 'Where to run: auto, cpu, cuda or cuda:N (the bandwidth and compute ceilings are measured on the CPU only)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l prompt-tokens -d 'Prompt lengths to prefill' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l batch -d 'Decode batch sizes (batch 1 first: the others are compared with it)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l temperature -d 'Sampling temperatures to decode at, each with every batch size (0 is greedy, the others are compared with it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l decode-steps -d 'Timed decode steps per batch size' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l repeats -d 'Prefill runs per prompt length' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l json -d 'Print one JSON object on the last line as well'

@@ -103,6 +103,14 @@ pub fn parse_device(text: &str) -> Result<Device, String> {
     }
 }
 
+/// A sampling temperature: finite and 0 or more, as the HTTP API accepts it.
+pub fn parse_temperature(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("expected a temperature of 0 or more (0 is greedy), got `{text}`")),
+    }
+}
+
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

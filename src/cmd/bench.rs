@@ -152,6 +152,11 @@ pub struct EngineArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub batch: Vec<usize>,
 
+    /// Sampling temperatures to decode at, each with every batch size (0 is greedy, the others are compared
+    /// with it).
+    #[arg(long, value_delimiter = ',', default_value = "0,1", value_parser = super::args::parse_temperature)]
+    pub temperature: Vec<f32>,
+
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_steps: u32,
@@ -562,6 +567,7 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         device: args.device,
         prompt_lengths: args.prompt_tokens.into_iter().filter(|&n| n > 0).collect(),
         batch_sizes: args.batch.into_iter().filter(|&n| n > 0).collect(),
+        temperatures: args.temperature,
         decode_steps: args.decode_steps as usize,
         repeats: args.repeats as usize,
     };

@@ -143,6 +143,8 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
         "8,64",
         "--batch",
         "1,4",
+        "--temperature",
+        "0,1",
         "--decode-steps",
         "3",
         "--repeats",
@@ -156,6 +158,12 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
     let decode = result["decode"].as_array().unwrap();
     assert_eq!(decode[0]["speedup_vs_batch_1"], 1.0, "{json}");
     assert!(decode.iter().all(|d| d["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)), "{json}");
+    // Every batch at each temperature; sampled runs are compared with greedy ones and their sampling timed.
+    let runs: Vec<(u64, f64)> =
+        decode.iter().map(|d| (d["batch"].as_u64().unwrap(), d["temperature"].as_f64().unwrap())).collect();
+    assert_eq!(runs, [(1, 0.0), (4, 0.0), (1, 1.0), (4, 1.0)], "{json}");
+    assert!(decode.iter().all(|d| d["vs_greedy"].as_f64().is_some_and(|v| v > 0.0)), "{json}");
+    assert!(decode[3]["sampling_share"].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "{json}");
 }
 
 #[test]

@@ -26,6 +26,8 @@ pub struct EngineBenchSettings {
     pub device: Device,
     pub prompt_lengths: Vec<usize>,
     pub batch_sizes: Vec<usize>,
+    /// Sampling temperatures to decode at (0 is greedy); every batch size runs at each.
+    pub temperatures: Vec<f32>,
     /// Timed decode steps per batch size.
     pub decode_steps: usize,
     /// Prefill runs per prompt length.
@@ -44,10 +46,15 @@ pub struct Prefill {
 #[derive(Debug, Clone, Serialize)]
 pub struct Decode {
     pub batch: usize,
+    pub temperature: f32,
     pub median_step_ms: f64,
     pub tokens_per_s: f64,
-    /// Against batch-1 decode measured in this run.
+    /// Against batch-1 decode at the same temperature, measured in this run.
     pub speedup_vs_batch_1: f64,
+    /// Against greedy decode of the same batch in this run (1 when this is greedy, absent without a greedy run).
+    pub vs_greedy: Option<f64>,
+    /// Of the median step, the median time spent turning logits into tokens.
+    pub sampling_share: f64,
     /// Of the bound for this batch: streaming the weights once per step, or doing its multiply-adds at the
     /// kernel's peak, whichever is slower.
     pub fraction_of_bound: f64,
@@ -142,37 +149,50 @@ fn measure<B: Backend>(
     // Every batch size's steps alternate, so a change in what else this machine is doing (memory bandwidth
     // swings by a third on a shared box) lands on all of them alike and the ratio to batch 1 holds.
     const PROMPT: usize = 32;
-    let mut runs = settings
-        .batch_sizes
+    let temperatures = if settings.temperatures.is_empty() { &[0.0][..] } else { &settings.temperatures[..] };
+    let mut runs = temperatures
         .iter()
-        .map(|&batch| {
+        .flat_map(|&temperature| settings.batch_sizes.iter().map(move |&batch| (temperature, batch)))
+        .map(|(temperature, batch)| {
             let mut s = scheduler(model, 8192, batch, PROMPT + settings.decode_steps + 2)?;
             for i in 0..batch {
                 let tokens = random_tokens(PROMPT, vocab, 1000 + i as u64);
-                s.add(i as u64, &request(tokens, settings.decode_steps as u32 + 1), 0);
+                let mut request = request(tokens, settings.decode_steps as u32 + 1);
+                request.sampling.temperature = temperature;
+                s.add(i as u64, &request, i as u64);
             }
             // Prefill everyone (one step: the budget holds every prompt).
             s.step();
-            Ok((batch, s, Vec::with_capacity(settings.decode_steps)))
+            Ok(((temperature, batch), s, Vec::with_capacity(settings.decode_steps)))
         })
         .collect::<Result<Vec<_>, BackendError>>()?;
     for _ in 0..settings.decode_steps {
         for (_, s, steps) in &mut runs {
+            let sampled_before = s.executor().sampling_time();
             let start = Instant::now();
             s.step();
-            steps.push(start.elapsed().as_secs_f64() * 1e3);
+            let step_ms = start.elapsed().as_secs_f64() * 1e3;
+            steps.push((step_ms, (s.executor().sampling_time() - sampled_before).as_secs_f64() * 1e3));
         }
     }
     let mut decode: Vec<Decode> = Vec::new();
-    for (batch, _, mut steps) in runs {
-        let median_step_ms = median(&mut steps);
+    for ((temperature, batch), _, steps) in runs {
+        let median_step_ms = median(&mut steps.iter().map(|(step, _)| *step).collect::<Vec<_>>());
+        let median_sampling_ms = median(&mut steps.iter().map(|(_, sampling)| *sampling).collect::<Vec<_>>());
         let tokens_per_s = batch as f64 / (median_step_ms / 1e3);
-        let batch_1 = decode.iter().find(|d| d.batch == 1).map_or(tokens_per_s, |d| d.tokens_per_s);
+        let batch_1 = decode
+            .iter()
+            .find(|d| d.batch == 1 && d.temperature == temperature)
+            .map_or(tokens_per_s, |d| d.tokens_per_s);
+        let greedy = decode.iter().find(|d| d.batch == batch && d.temperature == 0.0).map(|d| d.tokens_per_s);
         decode.push(Decode {
             batch,
+            temperature,
             median_step_ms,
             tokens_per_s,
             speedup_vs_batch_1: tokens_per_s / batch_1,
+            vs_greedy: if temperature == 0.0 { Some(1.0) } else { greedy.map(|g| tokens_per_s / g) },
+            sampling_share: median_sampling_ms / median_step_ms,
             fraction_of_bound: tokens_per_s / (decode_bound * batch as f64).min(compute_bound),
         });
     }
@@ -216,16 +236,18 @@ pub fn table(r: &EngineBenchResult) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<22} {:>12} {:>12} {:>12} {:>10}\n",
-        "decode", "step ms", "tok/s", "× batch 1", "of bound"
+        "{:<22} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}\n",
+        "decode", "step ms", "tok/s", "× batch 1", "× greedy", "sampling", "of bound"
     ));
     for d in &r.decode {
         out.push_str(&format!(
-            "{:<22} {:>12.2} {:>12.1} {:>12.2} {:>9.0}%\n",
-            format!("batch {}", d.batch),
+            "{:<22} {:>12.2} {:>12.1} {:>12.2} {:>10} {:>9.1}% {:>9.0}%\n",
+            format!("batch {} temp {}", d.batch, d.temperature),
             d.median_step_ms,
             d.tokens_per_s,
             d.speedup_vs_batch_1,
+            d.vs_greedy.map_or("-".to_string(), |v| format!("{v:.2}")),
+            d.sampling_share * 100.0,
             d.fraction_of_bound * 100.0
         ));
     }
