@@ -292,7 +292,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__disagg__subcmd__native)
-            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --json --verbose --help --version"
+            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --engine-metrics --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -335,7 +335,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -367,6 +367,18 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -932,7 +944,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --engine-metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -991,7 +1003,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1023,6 +1035,18 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1386,7 +1410,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --engine-metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1445,7 +1469,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1480,6 +1504,18 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1488,7 +1524,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__profile)
-            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --engine-metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1527,7 +1563,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1559,6 +1595,18 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1752,7 +1800,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --workers --prefill-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --workers --prefill-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --engine-metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1859,7 +1907,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1891,6 +1939,18 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -65,7 +65,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l migration-limit -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l disagg-threshold -d 'With prefill workers up: prompts whose part not cached on their decode worker is at least this many tokens are prefilled on a prefill worker, shorter ones on the decode worker (0: every prompt)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
-mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -74,6 +75,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native:
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
@@ -96,7 +100,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'W
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
-mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -105,6 +110,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Nati
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -126,7 +134,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l discovery -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
-mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -135,6 +144,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -209,7 +221,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-batch -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l decode-tokens -d 'Tokens each decoding sequence generates' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l repeats -d 'Times each prefill is measured (the median counts)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
-mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -218,6 +231,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -295,7 +311,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l long-every -d 'One request in this many has a long prompt' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-tokens -d 'Tokens each request generates' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
-mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'"
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -304,6 +321,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

@@ -1,5 +1,6 @@
 //! Flag groups more than one subcommand takes.
 use crate::core::engine::EngineSettings;
+use crate::core::engine::external::{ExternalKind, ExternalSettings};
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
@@ -16,6 +17,8 @@ pub enum EngineKind {
     Native,
     /// Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed.
     Mocker,
+    /// A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics.
+    Vllm,
 }
 
 /// Flags of the engine every worker runs (the scheduler's are shared by both engines).
@@ -61,13 +64,36 @@ pub struct EngineArgs {
     /// Mocker: simulated time runs this many times faster than the fitted real timing.
     #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
     pub speedup: f64,
+
+    /// vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm).
+    #[arg(long, value_name = "URL", required_if_eq("engine", "vllm"))]
+    pub engine_url: Option<String>,
+
+    /// vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without
+    /// it the routers see no KV of this worker and route to it by load only.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub kv_events: Option<String>,
+
+    /// vLLM: its Prometheus metrics [default: /metrics of --engine-url]
+    #[arg(long, value_name = "URL")]
+    pub engine_metrics: Option<String>,
 }
 
 /// The mocker's KV blocks per worker when --num-blocks is not given.
 const MOCKER_NUM_BLOCKS: usize = 16384;
 
 impl EngineArgs {
-    pub fn settings(&self) -> EngineSettings {
+    pub fn settings(&self) -> anyhow::Result<EngineSettings> {
+        let external = [
+            ("--engine-url", &self.engine_url),
+            ("--kv-events", &self.kv_events),
+            ("--engine-metrics", &self.engine_metrics),
+        ];
+        if let (EngineKind::Native | EngineKind::Mocker, Some((flag, _))) =
+            (self.engine, external.iter().find(|(_, value)| value.is_some()))
+        {
+            anyhow::bail!("{flag} is for an external engine (--engine vllm); this worker runs its own engine");
+        }
         let scheduler = SchedulerConfig {
             block_size: self.block_size as usize,
             num_blocks: self.num_blocks.map_or(MOCKER_NUM_BLOCKS, |n| n as usize),
@@ -76,7 +102,7 @@ impl EngineArgs {
             enable_prefix_caching: !self.no_prefix_caching,
             ..SchedulerConfig::default()
         };
-        match self.engine {
+        Ok(match self.engine {
             EngineKind::Mocker => EngineSettings::Mocker(MockerConfig { scheduler, speedup: self.speedup }),
             EngineKind::Native => EngineSettings::Native(NativeSettings {
                 // Settled here so the serving line names the device actually used.
@@ -86,7 +112,14 @@ impl EngineArgs {
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
             }),
-        }
+            EngineKind::Vllm => EngineSettings::External(ExternalSettings {
+                kind: ExternalKind::Vllm,
+                url: self.engine_url.clone().unwrap_or_default(),
+                kv_events: self.kv_events.clone(),
+                metrics_url: self.engine_metrics.clone(),
+                block_size: self.block_size as usize,
+            }),
+        })
     }
 }
 

@@ -792,7 +792,7 @@ fn bench_disagg_native(args: DisaggNativeArgs) -> anyhow::Result<()> {
     );
     let settings = NativeDisaggSettings {
         model: args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
-        engine: args.engine.settings(),
+        engine: args.engine.settings()?,
         workers: args.workers as usize,
         prefill_workers: args.prefill_workers as usize,
         requests: args.requests as usize,

@@ -42,7 +42,7 @@ pub struct ProfileArgs {
 
 pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let source = args.model.map(ModelSource::Dir).unwrap_or(ModelSource::Builtin);
-    let settings = args.engine.settings();
+    let settings = args.engine.settings()?;
     let grid = Grid {
         max_prompt: args.max_prompt,
         max_context: args.max_context,

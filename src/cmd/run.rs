@@ -60,7 +60,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         workers: args.workers as usize,
         prefill_workers: args.prefill_workers as usize,
-        engine: args.engine.settings(),
+        engine: args.engine.settings()?,
         router: args.router.config(),
         listen: args.http.listen(),
         http: args.http.settings(),

@@ -1,6 +1,7 @@
 //! `dynamo decode` and `dynamo prefill`: a worker process that registers itself and serves its engine on the
 //! planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs};
+use crate::core::engine::EngineSettings;
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
@@ -108,10 +109,33 @@ impl TransferArgs {
 pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
+    let model = args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin);
+    let engine = args.engine.settings()?;
+    if let (EngineSettings::External(external), ModelSource::Builtin) = (&engine, &model) {
+        anyhow::bail!(
+            "--engine {} needs --model DIR: the engine's checkpoint directory, whose tokenizer, chat template and \
+             context the routers use for the requests they send it",
+            external.kind.name()
+        );
+    }
+    if let EngineSettings::External(external) = &engine {
+        let kind = external.kind.name();
+        anyhow::ensure!(
+            role == Role::Decode,
+            "dynamo {} --engine {kind}: handing KV over through {kind}'s own connector is not built yet; serve the \
+             engine whole with dynamo decode --engine {kind}",
+            role.name()
+        );
+        anyhow::ensure!(
+            args.transfer.settings(role)?.is_none(),
+            "--engine {kind} keeps its KV in the engine, which dynamo's transfer layer cannot reach: leave \
+             --kv-transfer out"
+        );
+    }
     let settings = WorkerSettings {
-        model: args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
+        model,
         served_model_name: args.served_model_name,
-        engine: args.engine.settings(),
+        engine,
         planes: PlaneSettings {
             role,
             namespace: args.cluster.namespace,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A fresh cluster file, and the `--discovery` spec that names it.
-fn cluster_file(name: &str) -> (PathBuf, String) {
+pub fn cluster_file(name: &str) -> (PathBuf, String) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temp dir");
@@ -20,7 +20,7 @@ fn worker(file: &str, extra: &[&str]) -> Worker {
     Worker::start(&args)
 }
 
-fn route(file: &str) -> Server {
+pub fn route(file: &str) -> Server {
     Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", file]))
 }
 
@@ -29,7 +29,7 @@ async fn workers(server: &Server) -> u64 {
     health["workers"].as_u64().unwrap_or(0)
 }
 
-async fn wait_for_workers(server: &Server, count: u64) {
+pub async fn wait_for_workers(server: &Server, count: u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while workers(server).await != count {
         assert!(Instant::now() < deadline, "the router never had {count} workers (has {})", workers(server).await);

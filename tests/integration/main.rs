@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod cuda;
 mod disagg;
+mod external;
 mod hardening;
 mod http;
 mod native;

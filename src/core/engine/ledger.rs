@@ -42,6 +42,15 @@ impl KvLedger {
         }
     }
 
+    /// Blocks the cache holds.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
     /// The cache as `Stored` events in storing order (chains merged into one event each).
     pub fn snapshot(&self) -> Vec<KvEvent> {
         let mut entries: Vec<(&u64, &Entry)> = self.blocks.iter().collect();

@@ -4,9 +4,11 @@
 //! request and frees its KV blocks at the engine's next step. It publishes KV-cache events (which prefix
 //! blocks it holds) and reports its load. Engines that own their KV cache share the block pool (`blocks`),
 //! the continuous-batching `scheduler` and the task around them (`batch`); they differ in the `Executor`:
-//! `mocker` simulates timing, `native` runs the model.
+//! `mocker` simulates timing, `native` runs the model. `external` is another server (vLLM) put behind a
+//! worker.
 pub mod batch;
 pub mod blocks;
+pub mod external;
 mod follow;
 mod ledger;
 pub mod mocker;
@@ -18,7 +20,7 @@ pub use follow::KvFollower;
 #[cfg(test)]
 pub use ledger::HandKeptLedger;
 pub use ledger::KvLedger;
-pub use spawn::{EngineSettings, SpawnError, spawn_engines};
+pub use spawn::{EngineSettings, SpawnError, spawn_engines, start_engine};
 
 use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;

@@ -1,6 +1,7 @@
 //! Engines built from settings: one per worker id, on one model (native workers of a process share one
 //! copy of the weights). What `dynamo run` and every worker role start their engines with.
 use super::Engine;
+use super::external::{ExternalEngine, ExternalError, ExternalSettings};
 use super::mocker::{MockerConfig, MockerEngine};
 use super::native::{self, NativeError, NativeSettings};
 use crate::core::model::{Model, ModelSource};
@@ -11,6 +12,8 @@ use std::sync::Arc;
 pub enum EngineSettings {
     Mocker(MockerConfig),
     Native(NativeSettings),
+    /// Another server (vLLM) that one worker puts on the planes.
+    External(ExternalSettings),
 }
 
 impl EngineSettings {
@@ -18,6 +21,7 @@ impl EngineSettings {
         match self {
             EngineSettings::Mocker(config) => config.scheduler.block_size,
             EngineSettings::Native(settings) => settings.scheduler.block_size,
+            EngineSettings::External(settings) => settings.block_size,
         }
     }
 
@@ -28,6 +32,7 @@ impl EngineSettings {
                 native::Device::Cpu => format!("native (cpu, {} threads)", settings.threads),
                 device => format!("native ({device})"),
             },
+            EngineSettings::External(settings) => format!("{} at {}", settings.kind.name(), settings.url),
         }
     }
 }
@@ -38,6 +43,26 @@ pub enum SpawnError {
     Native(#[from] NativeError),
     #[error("no engine was started")]
     NoEngine,
+    #[error(transparent)]
+    External(#[from] ExternalError),
+    #[error(
+        "--engine {0} wraps one running server, which one worker process puts on the planes: start it with \
+         `dynamo decode --engine {0} --engine-url URL` and route to it with `dynamo route`"
+    )]
+    ExternalHere(&'static str),
+}
+
+/// One engine with id `id`: a server this process connects to, or one it runs (as `spawn_engines`).
+pub async fn start_engine(
+    model: &Model,
+    source: &ModelSource,
+    engine: &EngineSettings,
+    id: WorkerId,
+) -> Result<Arc<dyn Engine>, SpawnError> {
+    match engine {
+        EngineSettings::External(settings) => Ok(Arc::new(ExternalEngine::connect(id, settings).await?)),
+        _ => spawn_engines(model, source, engine, &[id])?.pop().ok_or(SpawnError::NoEngine),
+    }
 }
 
 /// Starts one engine per id on `model` (native workers of one process share one copy of the weights), with a
@@ -68,5 +93,6 @@ pub fn spawn_engines(
             bar.finish_and_clear();
             spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
         }
+        EngineSettings::External(settings) => return Err(SpawnError::ExternalHere(settings.kind.name())),
     })
 }

@@ -88,7 +88,7 @@ impl ApiError {
 impl From<RouteError> for ApiError {
     fn from(error: RouteError) -> Self {
         let status = match &error {
-            RouteError::Busy { .. } | RouteError::NoWorkers | RouteError::NoRoom { .. } => {
+            RouteError::Busy { .. } | RouteError::NoWorkers | RouteError::Unavailable | RouteError::NoRoom { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RouteError::Engine(crate::core::engine::EngineError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,

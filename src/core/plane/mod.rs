@@ -25,8 +25,8 @@ mod reader;
 pub mod request;
 
 pub use event::{
-    Continuity, Delivery, EventBytes, EventPublisher, EventSubscriber, HIGH_WATER_MARK, PlaneError, SeqTracker,
-    publish_socket, subscribe_socket,
+    Continuity, Delivery, EventBytes, EventPublisher, EventSubscriber, HIGH_WATER_MARK, MAX_EVENT_MESSAGE, PlaneError,
+    SeqTracker, publish_socket, subscribe_socket,
 };
 pub use reader::SocketReader;
 

@@ -454,9 +454,9 @@ fn handle(
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     return reply(FromWorker::Refused { stream, reason: Refusal::Invalid(reason) });
                 }
-                Err(error) => {
+                Err(error @ EngineError::Stopped) => {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
-                    return reply(FromWorker::Refused { stream, reason: Refusal::Invalid(error.to_string()) });
+                    return reply(FromWorker::Refused { stream, reason: Refusal::Unavailable(error.to_string()) });
                 }
             };
             stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -801,6 +801,10 @@ async fn client(
                                     }
                                     Refusal::Draining => {
                                         tracing::debug!("a draining worker refused a request");
+                                        continue;
+                                    }
+                                    Refusal::Unavailable(reason) => {
+                                        tracing::debug!("a worker whose engine is unavailable refused a request: {reason}");
                                         continue;
                                     }
                                     Refusal::Invalid(message) => message,

@@ -373,6 +373,10 @@ pub struct LoadMetrics {
     /// Blocks no request holds but kept for prefix reuse.
     pub kv_cached_blocks: u64,
     pub kv_total_blocks: u64,
+    /// Its engine cannot take requests now (an external engine that stopped answering): routers skip the
+    /// worker until it says otherwise.
+    #[serde(default)]
+    pub engine_down: bool,
 }
 
 /// A worker's running totals on the request plane since it started, published on the `stats` topic.

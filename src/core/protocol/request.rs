@@ -10,7 +10,7 @@ use super::kv::KvEvents;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -82,6 +82,8 @@ pub enum Refusal {
         ours: u32,
         yours: u32,
     },
+    /// Its engine cannot take requests now (an external engine that stopped answering); another worker can.
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

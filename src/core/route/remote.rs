@@ -36,7 +36,7 @@ impl Engine for RemoteEngine {
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        if !self.client.is_alive() {
+        if !self.is_alive() {
             return Err(EngineError::Stopped);
         }
         // Checked here as the worker would, so the client gets the same 400 as from `dynamo run` rather than
@@ -61,7 +61,8 @@ impl Engine for RemoteEngine {
         self.instance.transfer_endpoint_from(&self.instance.request_addr)
     }
 
+    /// Answering, and its engine too (a worker whose external engine is down says so in its load).
     fn is_alive(&self) -> bool {
-        self.client.is_alive()
+        self.client.is_alive() && !self.load().engine_down
     }
 }

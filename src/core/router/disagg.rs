@@ -37,7 +37,7 @@ impl Router {
         match self.choose_in(Pool::Prefill, &request.token_ids, &[]) {
             Ok(prefill) if prefill.transfer_addr().is_some() => Ok(prefill),
             Ok(_) => Err(Disagg::Unsupported),
-            Err(RouteError::Busy { .. }) => Err(Disagg::Busy),
+            Err(RouteError::Busy { .. } | RouteError::Unavailable) => Err(Disagg::Busy),
             Err(_) => Err(Disagg::Unsupported),
         }
     }

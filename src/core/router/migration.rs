@@ -27,7 +27,9 @@ pub struct MigratingStream {
     failed: Vec<WorkerId>,
     /// Prompt blocks the first worker already held.
     pub overlap_blocks: u32,
-    sent_first: bool,
+    /// Whether `current` continues tokens another part generated: its prompt hits its own cache, so the
+    /// cached count it reports is not the client's (the first part's, on whichever output it came).
+    continues: bool,
     /// While a prefill worker computes the prompt: the decode worker that continues, and where the prefill
     /// worker's agent listens.
     prefilling: Option<(Choice, String)>,
@@ -65,7 +67,7 @@ impl Router {
             generated: Vec::new(),
             current,
             failed: Vec::new(),
-            sent_first: false,
+            continues: false,
             prefilling,
         })
     }
@@ -82,6 +84,11 @@ impl MigratingStream {
         next.token_ids.extend_from_slice(&self.generated);
         next.generated = self.request.generated + done;
         Some(next)
+    }
+
+    fn continue_on(&mut self, stream: RoutedStream) {
+        self.continues |= !self.generated.is_empty();
+        self.current = stream;
     }
 }
 
@@ -110,7 +117,7 @@ impl MigratingStream {
         match continued {
             Ok(stream) => {
                 output.finish_reason = None;
-                self.current = stream;
+                self.continue_on(stream);
             }
             Err(error) => {
                 output.finish_reason = Some(FinishReason::Error(format!("no decode worker took the request: {error}")));
@@ -131,11 +138,9 @@ impl Stream for MigratingStream {
                     if output.finish_reason.is_some() {
                         this.hand_to_decode(&mut output);
                     }
-                    if this.sent_first {
-                        // The continuation's prompt hits its own cache; the client asked about the original.
+                    if this.continues {
                         output.cached_tokens = None;
                     }
-                    this.sent_first = true;
                     return Poll::Ready(Some(output));
                 }
                 Poll::Ready(None) => {
@@ -150,7 +155,7 @@ impl Stream for MigratingStream {
                             decode.worker_id
                         );
                         match decode.dispatch(next) {
-                            Ok(stream) => this.current = stream,
+                            Ok(stream) => this.continue_on(stream),
                             Err(error) => {
                                 tracing::warn!(request = %this.request.request_id, "cannot continue: {error}");
                                 return Poll::Ready(None);
@@ -173,7 +178,7 @@ impl Stream for MigratingStream {
                                 this.generated.len(),
                                 stream.worker_id
                             );
-                            this.current = stream;
+                            this.continue_on(stream);
                         }
                         Err(error) => {
                             tracing::warn!(request = %this.request.request_id, "cannot migrate: {error}");

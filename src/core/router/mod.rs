@@ -34,6 +34,8 @@ pub enum RouteError {
     Busy { threshold: usize },
     #[error("no worker is serving this model")]
     NoWorkers,
+    #[error("no worker of this model can take requests now (each is lost or its engine is down); retry shortly")]
+    Unavailable,
     #[error(
         "this request needs {needed} streams (prompts × n) and the workers can take {room} more now; retry \
          shortly, or ask for fewer prompts or a smaller n"
@@ -328,6 +330,9 @@ impl Router {
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
+        if !workers.iter().any(|w| w.engine.is_alive()) {
+            return Err(RouteError::Unavailable);
+        }
         let room: usize = workers
             .iter()
             .filter(|w| w.engine.is_alive())
@@ -365,6 +370,9 @@ impl Router {
         let limit = self.limit(pool);
         let (hashes, overlaps) = self.overlaps(token_ids);
         let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
+        if !workers.iter().zip(&excluded).any(|(w, &excluded)| !excluded && w.engine.is_alive()) {
+            return Err(RouteError::Unavailable);
+        }
         let (index, overlap) = loop {
             let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32, limit) else {
                 return Err(RouteError::Busy { threshold: limit });

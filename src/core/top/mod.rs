@@ -363,6 +363,7 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
     let state = match state {
         PeerState::Connecting => "connecting".to_string(),
         PeerState::Unreachable => "no answer".to_string(),
+        PeerState::Alive if worker.load.is_some_and(|l| l.engine_down) => "engine down".to_string(),
         PeerState::Alive => "alive".to_string(),
         PeerState::Lost => "lost".to_string(),
         PeerState::Incompatible { theirs } => format!("protocol v{theirs}"),

@@ -234,6 +234,7 @@ fn draw_table(
     let styled = shown.iter().zip(&shown_cells).map(|(&at, row)| {
         let row: Vec<String> = columns.iter().map(|&column| row[column].clone()).collect();
         let style = match view.state(workers[at], now) {
+            PeerState::Alive if workers[at].load.is_some_and(|l| l.engine_down) => Style::default().fg(Color::Red),
             PeerState::Alive => Style::default(),
             PeerState::Connecting => Style::default().fg(Color::DarkGray),
             PeerState::Unreachable | PeerState::Lost | PeerState::Incompatible { .. } => {

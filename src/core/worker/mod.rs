@@ -7,7 +7,7 @@
 //! never older than that, even when nothing else happens.
 use crate::core::discovery::{Discovery, DiscoveryError, Registration};
 use crate::core::engine::KvFollower;
-use crate::core::engine::{Engine, EngineSettings, SpawnError, spawn_engines};
+use crate::core::engine::{Engine, EngineSettings, SpawnError, start_engine};
 use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
@@ -219,7 +219,7 @@ pub async fn run<S: Future<Output = ()>>(
 ) -> Result<(), WorkerError> {
     let model = Model::load(&settings.model, settings.served_model_name.as_deref())?;
     let id = rand::random::<u64>();
-    let engine = spawn_engines(&model, &settings.model, &settings.engine, &[id])?.pop().ok_or(SpawnError::NoEngine)?;
+    let engine = start_engine(&model, &settings.model, &settings.engine, id).await?;
     let planes = &settings.planes;
     let exposed = expose(engine, &model, settings.engine.block_size(), planes, discovery.as_ref())?;
     let instance = &exposed.instance;
@@ -330,7 +330,8 @@ mod tests {
             num_blocks: Some(64),
             scheduler,
         });
-        let engine = spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);
+        let engine =
+            crate::core::engine::spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);
         let transfer = TransferSettings { port: 0, backend: None, streams: 2 };
         let planes =
             PlaneSettings { transfer: Some(transfer.clone()), ..PlaneSettings::loopback(Role::Prefill, "x", None) };

@@ -383,6 +383,7 @@ impl<X: Executor> Scheduler<X> {
             kv_active_blocks: self.pool.active_blocks() as u64,
             kv_cached_blocks: self.pool.cached_blocks() as u64,
             kv_total_blocks: self.pool.capacity() as u64,
+            engine_down: false,
         }
     }
 

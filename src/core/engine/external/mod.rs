@@ -1,0 +1,322 @@
+//! An engine that is another server: a vLLM process (its OpenAI-compatible API, its KV-event publisher and
+//! its `/metrics`) put behind this worker, so routers, the planner and `dynamo top` treat it as any worker.
+//! The router has already tokenized and templated the request; the engine gets token ids and this worker's
+//! stop conditions, and streams token ids back, so detokenization, stop strings and usage stay the frontend's.
+//! Dropping a request's stream drops its HTTP response, which closes the connection: vLLM aborts a request
+//! whose client went away.
+//!
+//! SGLang and TensorRT-LLM speak other dialects (SGLang's `/generate`, TRT-LLM's polled events); each would
+//! be one more module beside `vllm`.
+mod events;
+mod http;
+mod metrics;
+mod vllm;
+
+use super::{Engine, EngineError, KvLedger, ResponseStream, check_fits};
+use crate::core::protocol::{
+    EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId,
+};
+use http::{EngineHttp, EventStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// The external engines a worker can wrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExternalKind {
+    Vllm,
+}
+
+impl ExternalKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExternalKind::Vllm => "vllm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalSettings {
+    pub kind: ExternalKind,
+    /// `http://host:port` of the engine's OpenAI-compatible server.
+    pub url: String,
+    /// The engine's KV-event publisher (`tcp://host:port`), when it publishes them.
+    pub kv_events: Option<String>,
+    /// Where its Prometheus metrics are [default: `/metrics` of `url`].
+    pub metrics_url: Option<String>,
+    /// Tokens per KV block, which must be the engine's (its events are split into blocks of this size).
+    pub block_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error("{0}")]
+    Settings(String),
+    #[error("the {kind} server at {url} does not answer: {reason}; start it first (or fix --engine-url)")]
+    Unreachable { kind: &'static str, url: String, reason: String },
+    #[error("the {kind} server at {url}: {reason}")]
+    Mismatch { kind: &'static str, url: String, reason: String },
+}
+
+/// How often the engine's `/metrics` is read for its load.
+const METRICS_INTERVAL: Duration = Duration::from_millis(250);
+
+pub struct ExternalEngine {
+    shared: Arc<Shared>,
+    _tasks: Vec<crate::core::AbortOnDrop>,
+}
+
+pub(crate) struct Shared {
+    id: WorkerId,
+    kind: ExternalKind,
+    http: EngineHttp,
+    metrics: EngineHttp,
+    metrics_path: String,
+    /// The name the engine serves its model under (what each request must say).
+    model: String,
+    max_sequence_tokens: usize,
+    events: broadcast::Sender<KvEventBatch>,
+    /// Recorded before each broadcast, so a snapshot covers what was sent.
+    ledger: Mutex<KvLedger>,
+    gauges: Mutex<vllm::EngineGauges>,
+    /// Requests this worker has forwarded and not seen end.
+    in_flight: AtomicU32,
+    alive: AtomicBool,
+}
+
+impl Shared {
+    fn publish_kv(&self, events: Vec<KvEvent>) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.record(&events);
+        // No subscriber yet is no error: the ledger has it for whoever asks.
+        let _ = self.events.send(KvEventBatch { worker_id: self.id, events });
+    }
+
+    async fn read_gauges(&self) -> Result<vllm::EngineGauges, String> {
+        let (status, body) = self.metrics.get(&self.metrics_path).await?;
+        if !status.is_success() {
+            return Err(format!("{}{} answered {status}", self.metrics.base(), self.metrics_path));
+        }
+        Ok(vllm::gauges(&metrics::Samples::parse(&String::from_utf8_lossy(&body))))
+    }
+}
+
+impl ExternalEngine {
+    /// Connects to the engine: its model and context from `/v1/models`, its KV cache from `/metrics`
+    /// (refused if its block size is not `settings.block_size`), then follows its load and KV events.
+    pub async fn connect(id: WorkerId, settings: &ExternalSettings) -> Result<Self, ExternalError> {
+        let kind = settings.kind.name();
+        let http = EngineHttp::new(&settings.url).map_err(ExternalError::Settings)?;
+        let (metrics, metrics_path) = match &settings.metrics_url {
+            Some(url) => split_url(url)?,
+            None => (http.clone(), "/metrics".to_string()),
+        };
+        let unreachable = |reason: String| ExternalError::Unreachable { kind, url: settings.url.clone(), reason };
+        let mismatch = |reason: String| ExternalError::Mismatch { kind, url: settings.url.clone(), reason };
+        let (status, body) = http.get("/v1/models").await.map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(unreachable(format!("/v1/models answered {status}")));
+        }
+        let served = vllm::parse_models(&body).map_err(mismatch)?;
+        let shared = Arc::new(Shared {
+            id,
+            kind: settings.kind,
+            http,
+            metrics,
+            metrics_path,
+            model: served.id,
+            max_sequence_tokens: served.max_model_len.map_or(usize::MAX, |n| n as usize),
+            events: broadcast::channel(4096).0,
+            ledger: Mutex::default(),
+            gauges: Mutex::default(),
+            in_flight: AtomicU32::new(0),
+            alive: AtomicBool::new(true),
+        });
+        let gauges = shared.read_gauges().await.map_err(|e| unreachable(format!("its metrics: {e}")))?;
+        if let Some(block_size) = gauges.block_size.filter(|&b| b as usize != settings.block_size) {
+            return Err(mismatch(format!(
+                "it keeps KV in blocks of {block_size} tokens, this worker was told {} (pass --block-size {block_size})",
+                settings.block_size
+            )));
+        }
+        *shared.gauges.lock().unwrap_or_else(|e| e.into_inner()) = gauges;
+        let mut tasks = vec![crate::core::AbortOnDrop(tokio::spawn(watch_load(shared.clone())))];
+        if let Some(endpoint) = &settings.kv_events {
+            let sink = shared.clone();
+            let follow = events::follow(endpoint.clone(), settings.block_size, move |events| sink.publish_kv(events));
+            tasks.push(crate::core::AbortOnDrop(tokio::spawn(follow)));
+        }
+        Ok(Self { shared, _tasks: tasks })
+    }
+
+    /// The name the engine serves its model under.
+    pub fn served_model(&self) -> &str {
+        &self.shared.model
+    }
+}
+
+/// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that stops answering is not alive until it
+/// answers again (a restart), and the routers skip it meanwhile.
+async fn watch_load(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(METRICS_INTERVAL);
+    loop {
+        tick.tick().await;
+        match shared.read_gauges().await {
+            Ok(gauges) => {
+                *shared.gauges.lock().unwrap_or_else(|e| e.into_inner()) = gauges;
+                if !shared.alive.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("the {} engine at {} answers again", shared.kind.name(), shared.http.base());
+                }
+            }
+            Err(error) => {
+                if shared.alive.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("the {} engine stopped answering: {error}", shared.kind.name());
+                }
+            }
+        }
+    }
+}
+
+fn split_url(url: &str) -> Result<(EngineHttp, String), ExternalError> {
+    let uri: hyper::Uri = url.parse().map_err(|e| ExternalError::Settings(format!("--engine-metrics {url:?}: {e}")))?;
+    let path = uri.path_and_query().map_or("/metrics".to_string(), |p| p.as_str().to_string());
+    let base = format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()));
+    Ok((EngineHttp::new(&base).map_err(ExternalError::Settings)?, path))
+}
+
+impl Engine for ExternalEngine {
+    fn worker_id(&self) -> WorkerId {
+        self.shared.id
+    }
+
+    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        check_fits(&request, self.shared.max_sequence_tokens)?;
+        if !self.shared.alive.load(Ordering::Relaxed) {
+            return Err(EngineError::Stopped);
+        }
+        if !matches!(request.hand_off, crate::core::protocol::HandOff::None) {
+            return Err(EngineError::InvalidRequest(
+                "this worker's engine hands no KV over through dynamo's transfer layer (its own protocol is not \
+                 built yet): serve it aggregated"
+                    .into(),
+            ));
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let shared = self.shared.clone();
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let closed = sender.clone();
+            // A dropped stream ends the forwarding, which drops the response and closes its connection.
+            tokio::select! {
+                () = forward(&shared, request, &sender) => {}
+                () = closed.closed() => {}
+            }
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(ResponseStream::new(receiver))
+    }
+
+    fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
+        self.shared.events.subscribe()
+    }
+
+    fn load(&self) -> LoadMetrics {
+        let gauges = *self.shared.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        let total = gauges.num_blocks.unwrap_or(0);
+        let active = (gauges.kv_usage.clamp(0.0, 1.0) * total as f64).round() as u64;
+        let stored = self.shared.ledger.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        // Ours count from the moment a request is sent; the engine's gauges lag by up to a metrics read.
+        let in_flight = self.shared.in_flight.load(Ordering::Relaxed);
+        let running = gauges.running.max(in_flight.saturating_sub(gauges.waiting));
+        LoadMetrics {
+            requests_running: running,
+            requests_waiting: gauges.waiting,
+            kv_active_blocks: active,
+            kv_cached_blocks: stored.saturating_sub(active),
+            kv_total_blocks: total,
+            engine_down: !self.shared.alive.load(Ordering::Relaxed),
+        }
+    }
+
+    fn resend_kv_state(&self) -> bool {
+        let ledger = self.shared.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = vec![KvEvent::Cleared];
+        events.extend(ledger.snapshot());
+        let _ = self.shared.events.send(KvEventBatch { worker_id: self.shared.id, events });
+        true
+    }
+
+    fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
+        Some(self.shared.ledger.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
+    }
+
+    fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends `request` to the engine and streams what comes back into `sender`; every way it can end sends one
+/// final output (an engine that fails says why in `FinishReason::Error`).
+async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::UnboundedSender<EngineOutput>) {
+    let failed = |reason: String| {
+        let _ =
+            sender.send(EngineOutput { finish_reason: Some(FinishReason::Error(reason)), ..EngineOutput::default() });
+    };
+    let body = vllm::completion_body(&request, &shared.model);
+    let response = match shared.http.post_json("/v1/completions", &body, &request.request_id).await {
+        Ok(response) => response,
+        Err(error) => {
+            shared.alive.store(false, Ordering::Relaxed);
+            return failed(format!("the {} engine is unreachable: {error}", shared.kind.name()));
+        }
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let body = http::read_bounded(response.into_body()).await.unwrap_or_default();
+        let message = serde_json::from_slice(&body).map_or_else(
+            |_| String::from_utf8_lossy(&body).chars().take(300).collect(),
+            |json| vllm::error_message(&json),
+        );
+        return failed(format!("the {} engine refused the request ({status}): {message}", shared.kind.name()));
+    }
+    let mut stream = EventStream::new(response.into_body());
+    let logprobs = request.logprobs.is_some();
+    // The last tokens are held until the usage chunk after them says how many prompt tokens were cached.
+    let mut last: Option<EngineOutput> = None;
+    loop {
+        let data = match stream.next().await {
+            Ok(Some(data)) if data.trim() == "[DONE]" => break,
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(error) => return failed(error),
+        };
+        let delta = match vllm::parse_chunk(&data, logprobs) {
+            Ok(delta) => delta,
+            Err(error) => return failed(error),
+        };
+        if delta.usage {
+            if let Some(last) = last.as_mut() {
+                last.cached_tokens = delta.cached_tokens;
+            }
+            continue;
+        }
+        let output = EngineOutput {
+            token_ids: delta.token_ids,
+            logprobs: delta.logprobs,
+            finish_reason: delta.finish_reason,
+            ..EngineOutput::default()
+        };
+        if output.finish_reason.is_some() {
+            last = Some(output);
+        } else if !output.token_ids.is_empty() && sender.send(output).is_err() {
+            return;
+        }
+    }
+    match last {
+        Some(last) => {
+            let _ = sender.send(last);
+        }
+        None => failed(format!("the {} engine's stream ended before the request finished", shared.kind.name())),
+    }
+}

@@ -1,0 +1,330 @@
+//! vLLM's OpenAI-compatible server as this worker speaks to it: a `/v1/completions` request whose prompt is
+//! the router's token ids (so vLLM neither tokenizes nor applies a template) and whose stop conditions are
+//! ours (`ignore_eos` with our stop ids, EOS among them), streamed back as token ids (`return_token_ids`) and
+//! logprobs keyed `token_id:N` (`return_tokens_as_token_ids`); `/v1/models` for the model's name and context;
+//! and the `vllm:` gauges of `/metrics` for load.
+use super::metrics::Samples;
+use crate::core::protocol::{FinishReason, PreprocessedRequest, TokenLogprob};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The streamed completion request for `request`, to the engine's model `model`.
+pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
+    let s = &request.sampling;
+    let mut body = json!({
+        "model": model,
+        "prompt": request.token_ids,
+        "max_tokens": request.stop.max_tokens,
+        "min_tokens": request.stop.min_tokens,
+        "stop_token_ids": request.stop.stop_token_ids,
+        // EOS is in our stop ids unless the client asked to ignore it, so vLLM's own EOS check would only
+        // stop what the client said not to.
+        "ignore_eos": true,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "min_p": s.min_p,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "repetition_penalty": s.repetition_penalty,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "return_token_ids": true,
+    });
+    if let Some(k) = s.top_k {
+        body["top_k"] = json!(k);
+    }
+    if let Some(seed) = s.seed {
+        body["seed"] = json!(seed);
+    }
+    if let Some(top) = request.logprobs {
+        body["logprobs"] = json!(top);
+        body["return_tokens_as_token_ids"] = json!(true);
+    }
+    body
+}
+
+/// What one streamed chunk adds to the request.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    /// From the usage chunk, when the server counts cached prompt tokens (`--enable-prompt-tokens-details`).
+    pub cached_tokens: Option<u32>,
+    /// A usage chunk: the stream's last before `[DONE]`.
+    pub usage: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    logprobs: Option<Logprobs>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    stop_reason: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Logprobs {
+    #[serde(default)]
+    tokens: Vec<String>,
+    #[serde(default)]
+    token_logprobs: Vec<Option<f32>>,
+    #[serde(default)]
+    top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
+}
+
+/// One `data:` payload of the stream. An error from the engine, or a chunk without the token ids this
+/// worker asked for (a server too old for `return_token_ids`), is an `Err` with what to do about it.
+pub fn parse_chunk(data: &str, logprobs_asked: bool) -> Result<Delta, String> {
+    let chunk: Chunk = serde_json::from_str(data).map_err(|e| format!("an unreadable stream chunk from vLLM: {e}"))?;
+    if let Some(error) = chunk.error {
+        return Err(format!("vLLM failed the request: {}", error_message(&error)));
+    }
+    let mut delta = Delta::default();
+    if let Some(usage) = chunk.usage {
+        delta.usage = true;
+        delta.cached_tokens = usage.prompt_tokens_details.and_then(|d| d.cached_tokens);
+    }
+    let Some(choice) = chunk.choices.into_iter().next() else { return Ok(delta) };
+    delta.token_ids = choice.token_ids.ok_or(
+        "vLLM streamed a chunk without token_ids: the server predates return_token_ids (vLLM 0.10.2); upgrade it",
+    )?;
+    if logprobs_asked {
+        let logprobs = choice.logprobs.ok_or("vLLM streamed tokens without the logprobs asked for")?;
+        delta.logprobs = token_logprobs(&delta.token_ids, logprobs)?;
+    }
+    delta.finish_reason = choice.finish_reason.map(|reason| finish(&reason, choice.stop_reason, &delta.token_ids));
+    Ok(delta)
+}
+
+fn token_logprobs(ids: &[u32], logprobs: Logprobs) -> Result<Vec<TokenLogprob>, String> {
+    if logprobs.tokens.len() != ids.len() || logprobs.token_logprobs.len() != ids.len() {
+        return Err(format!(
+            "vLLM streamed {} tokens with {} logprobs: they must pair up",
+            ids.len(),
+            logprobs.token_logprobs.len()
+        ));
+    }
+    let mut top = logprobs.top_logprobs.into_iter();
+    ids.iter()
+        .zip(logprobs.token_logprobs)
+        .map(|(&token_id, logprob)| {
+            let mut alternatives = top
+                .next()
+                .flatten()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(token, logprob)| {
+                    Ok((token_id_of(&token)?, logprob.as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            alternatives.sort_by(|a, b| b.1.total_cmp(&a.1));
+            Ok(TokenLogprob { token_id, logprob: logprob.unwrap_or(f32::NEG_INFINITY), top: alternatives })
+        })
+        .collect()
+}
+
+/// `token_id:N`, as vLLM names tokens when asked to (`return_tokens_as_token_ids`).
+fn token_id_of(token: &str) -> Result<u32, String> {
+    token
+        .strip_prefix("token_id:")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| format!("vLLM named a logprob's token {token:?}, not token_id:N"))
+}
+
+/// vLLM's reason in ours: `stop` after a stop id names it in `stop_reason` (the id is the last token, as ours
+/// is); `length` is ours; anything else (`abort`, a stop string this worker never sends) ends in error.
+fn finish(reason: &str, stop_reason: Option<Value>, ids: &[u32]) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        "stop" => match stop_reason.as_ref().and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()) {
+            Some(id) => FinishReason::StopToken(id),
+            None => match ids.last() {
+                Some(&id) => FinishReason::StopToken(id),
+                None => FinishReason::Error("vLLM stopped without saying on which token".into()),
+            },
+        },
+        "abort" => FinishReason::Error("vLLM aborted the request".into()),
+        other => {
+            FinishReason::Error(format!("vLLM finished the request with {other:?}, which this worker never asks for"))
+        }
+    }
+}
+
+/// The message of an OpenAI-style error body (`{"error": {"message"}}`, or vLLM's older `{"message"}`).
+pub fn error_message(body: &Value) -> String {
+    let message = body.get("error").map_or(body, |e| e).get("message").and_then(Value::as_str);
+    match message {
+        Some(message) => message.to_string(),
+        None => body.to_string().chars().take(300).collect(),
+    }
+}
+
+/// The served model: its name (what requests must say) and context length, from `/v1/models`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedModel {
+    pub id: String,
+    pub max_model_len: Option<u32>,
+}
+
+pub fn parse_models(body: &[u8]) -> Result<ServedModel, String> {
+    #[derive(Deserialize)]
+    struct Models {
+        data: Vec<Model>,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        id: String,
+        #[serde(default)]
+        max_model_len: Option<u32>,
+    }
+    let models: Models =
+        serde_json::from_slice(body).map_err(|e| format!("/v1/models is not an OpenAI model list: {e}"))?;
+    let first = models.data.into_iter().next().ok_or("/v1/models lists no model")?;
+    Ok(ServedModel { id: first.id, max_model_len: first.max_model_len })
+}
+
+/// What the engine's `/metrics` says about its load and KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineGauges {
+    pub running: u32,
+    pub waiting: u32,
+    /// Of the KV cache in use, 0 to 1.
+    pub kv_usage: f64,
+    pub block_size: Option<u32>,
+    pub num_blocks: Option<u64>,
+}
+
+/// Summed over the engine's data-parallel ranks (one series each, label `engine`).
+pub fn gauges(samples: &Samples) -> EngineGauges {
+    let info = samples.labels_of("vllm:cache_config_info");
+    let label = |name: &str| info.and_then(|labels| labels.get(name)).and_then(|v| v.parse::<u64>().ok());
+    EngineGauges {
+        running: samples.sum("vllm:num_requests_running") as u32,
+        waiting: samples.sum("vllm:num_requests_waiting") as u32,
+        // `gpu_cache_usage_perc` is the name before vLLM 0.10.
+        kv_usage: samples
+            .mean("vllm:kv_cache_usage_perc")
+            .or_else(|| samples.mean("vllm:gpu_cache_usage_perc"))
+            .unwrap_or(0.0),
+        block_size: label("block_size").and_then(|b| u32::try_from(b).ok()),
+        num_blocks: label("num_gpu_blocks"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::protocol::SamplingOptions;
+
+    #[test]
+    fn the_request_carries_token_ids_and_our_stop_conditions() {
+        let mut request = PreprocessedRequest::greedy("r", vec![5, 6, 7], 9);
+        request.stop.stop_token_ids = vec![2, 50];
+        request.stop.min_tokens = 3;
+        request.sampling =
+            SamplingOptions { temperature: 0.5, top_k: Some(4), seed: Some(1), ..SamplingOptions::default() };
+        request.logprobs = Some(3);
+        let body = completion_body(&request, "org/model");
+        assert_eq!(body["model"], "org/model");
+        assert_eq!(body["prompt"], json!([5, 6, 7]));
+        assert_eq!((body["max_tokens"].as_u64(), body["min_tokens"].as_u64()), (Some(9), Some(3)));
+        assert_eq!(body["stop_token_ids"], json!([2, 50]));
+        assert_eq!((body["ignore_eos"].as_bool(), body["stream"].as_bool()), (Some(true), Some(true)));
+        assert_eq!(
+            (body["top_k"].as_u64(), body["seed"].as_u64(), body["logprobs"].as_u64()),
+            (Some(4), Some(1), Some(3))
+        );
+        assert_eq!(body["return_tokens_as_token_ids"], true);
+        // Unset options are left to the engine's defaults rather than sent as nulls.
+        let plain = completion_body(&PreprocessedRequest::greedy("r", vec![1], 1), "m");
+        assert!(plain.get("top_k").is_none() && plain.get("seed").is_none() && plain.get("logprobs").is_none());
+    }
+
+    #[test]
+    fn chunks_become_tokens_logprobs_and_our_finish_reasons() {
+        let chunk = r#"{"choices":[{"index":0,"text":"a","token_ids":[17],"finish_reason":null,
+            "logprobs":{"tokens":["token_id:17"],"token_logprobs":[-0.25],
+                        "top_logprobs":[{"token_id:3":-2.0,"token_id:17":-0.25}],"text_offset":[0]}}]}"#;
+        let delta = parse_chunk(chunk, true).unwrap();
+        assert_eq!(delta.token_ids, vec![17]);
+        assert_eq!(delta.logprobs[0].logprob, -0.25);
+        assert_eq!(delta.logprobs[0].top, vec![(17, -0.25), (3, -2.0)]);
+        assert_eq!(delta.finish_reason, None);
+
+        let stop = |body: &str| parse_chunk(body, false).unwrap().finish_reason;
+        let stopped = r#"{"choices":[{"token_ids":[50],"finish_reason":"stop","stop_reason":50}]}"#;
+        assert_eq!(stop(stopped), Some(FinishReason::StopToken(50)));
+        let eos = r#"{"choices":[{"token_ids":[2],"finish_reason":"stop","stop_reason":null}]}"#;
+        assert_eq!(stop(eos), Some(FinishReason::StopToken(2)));
+        let length = r#"{"choices":[{"token_ids":[9],"finish_reason":"length"}]}"#;
+        assert_eq!(stop(length), Some(FinishReason::Length));
+        let abort = r#"{"choices":[{"token_ids":[],"finish_reason":"abort"}]}"#;
+        assert!(matches!(stop(abort), Some(FinishReason::Error(_))));
+
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32}}}"#;
+        let delta = parse_chunk(usage, false).unwrap();
+        assert!(delta.usage && delta.cached_tokens == Some(32));
+    }
+
+    #[test]
+    fn what_this_worker_cannot_use_is_an_error_that_says_why() {
+        let old_server = r#"{"choices":[{"text":"a","finish_reason":null}]}"#;
+        assert!(parse_chunk(old_server, false).unwrap_err().contains("return_token_ids"));
+        let unpaired =
+            r#"{"choices":[{"token_ids":[1,2],"logprobs":{"tokens":["token_id:1"],"token_logprobs":[-1.0]}}]}"#;
+        assert!(parse_chunk(unpaired, true).unwrap_err().contains("pair up"));
+        let named = r#"{"choices":[{"token_ids":[1],"logprobs":{"tokens":["a"],"token_logprobs":[-1.0],"top_logprobs":[{"a":-1.0}]}}]}"#;
+        assert!(parse_chunk(named, true).unwrap_err().contains("token_id:N"));
+        let error = r#"{"error":{"message":"out of memory","code":500}}"#;
+        assert!(parse_chunk(error, false).unwrap_err().contains("out of memory"));
+        assert!(parse_chunk("not json", false).is_err());
+    }
+
+    #[test]
+    fn the_model_list_names_the_model_and_its_context() {
+        let body = br#"{"object":"list","data":[{"id":"Qwen/Qwen3-0.6B","object":"model","max_model_len":4096}]}"#;
+        assert_eq!(
+            parse_models(body).unwrap(),
+            ServedModel { id: "Qwen/Qwen3-0.6B".into(), max_model_len: Some(4096) }
+        );
+        assert!(parse_models(br#"{"data":[]}"#).unwrap_err().contains("no model"));
+    }
+
+    #[test]
+    fn gauges_sum_ranks_and_read_the_cache_config() {
+        let samples = super::super::metrics::Samples::parse(
+            "vllm:num_requests_running{engine=\"0\"} 2\nvllm:num_requests_running{engine=\"1\"} 3\n\
+             vllm:num_requests_waiting{engine=\"0\"} 4\nvllm:gpu_cache_usage_perc{engine=\"0\"} 0.5\n\
+             vllm:cache_config_info{block_size=\"32\",num_gpu_blocks=\"777\"} 1\n",
+        );
+        let g = gauges(&samples);
+        assert_eq!((g.running, g.waiting, g.kv_usage, g.block_size, g.num_blocks), (5, 4, 0.5, Some(32), Some(777)));
+    }
+}

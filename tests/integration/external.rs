@@ -1,0 +1,360 @@
+//! `dynamo decode --engine vllm` in front of an engine double: a server on loopback that speaks vLLM's
+//! OpenAI API as the worker uses it (token-id prompts, `return_token_ids`, logprobs keyed `token_id:N`, usage
+//! with cached tokens, `/v1/models` with `max_model_len`, `vllm:` gauges on `/metrics`) and publishes KV events
+//! as vLLM 0.26+ does (`[topic, seq, msgpack [ts, [{"type": "BlockStored", …}], rank]]`). Its tokens follow a
+//! fixed rule, so what a client gets through the router can be told apart from anything else.
+use crate::cluster::{cluster_file, route, wait_for_workers};
+use crate::util::{Server, Worker, dynamo, metric};
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BLOCK: usize = 16;
+const MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-chat");
+
+/// The double's next token after `last`: a rule no real model follows, within tiny-chat's vocabulary and
+/// never its EOS (2).
+fn next_token(last: u32) -> u32 {
+    (last * 7 + 3) % 900 + 10
+}
+
+#[derive(Default)]
+struct DoubleState {
+    requests: Mutex<Vec<Value>>,
+    running: AtomicU64,
+    aborted: AtomicU64,
+    /// Answers 503 to everything while set (a restarting engine).
+    down: AtomicBool,
+    token_delay_ms: AtomicU64,
+    events: Mutex<Option<(zmq::Socket, u64)>>,
+}
+
+struct Double {
+    base: String,
+    kv_events: String,
+    state: Arc<DoubleState>,
+    _context: zmq::Context,
+}
+
+impl Double {
+    async fn start() -> Double {
+        let context = zmq::Context::new();
+        let publisher = context.socket(zmq::PUB).expect("a PUB socket");
+        publisher.bind("tcp://127.0.0.1:*").expect("binds");
+        let kv_events = publisher.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let state = Arc::new(DoubleState { events: Mutex::new(Some((publisher, 0))), ..DoubleState::default() });
+        let app = axum::Router::new()
+            .route("/v1/models", axum::routing::get(models))
+            .route("/metrics", axum::routing::get(gauges))
+            .route("/v1/completions", axum::routing::post(complete))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Double { base, kv_events, state, _context: context }
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+async fn models(State(state): State<Arc<DoubleState>>) -> axum::response::Response {
+    if state.down.load(Ordering::Relaxed) {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
+    }
+    axum::Json(json!({"object": "list", "data": [{"id": "double/model", "object": "model", "max_model_len": 512}]}))
+        .into_response()
+}
+
+async fn gauges(State(state): State<Arc<DoubleState>>) -> axum::response::Response {
+    if state.down.load(Ordering::Relaxed) {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
+    }
+    let running = state.running.load(Ordering::Relaxed);
+    format!(
+        "# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"double/model\"}} {running}.0\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"double/model\"}} 0.0\n\
+         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"double/model\"}} 0.125\n\
+         vllm:cache_config_info{{block_size=\"{BLOCK}\",cache_dtype=\"auto\",num_gpu_blocks=\"1024\"}} 1.0\n"
+    )
+    .into_response()
+}
+
+/// Counts a stream that was dropped before its end: the client (the worker) went away.
+struct Abort {
+    state: Arc<DoubleState>,
+    finished: bool,
+}
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.state.running.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.state.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn complete(
+    State(state): State<Arc<DoubleState>>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::response::Response {
+    if state.down.load(Ordering::Relaxed) {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
+    }
+    state.requests.lock().unwrap().push(body.clone());
+    let Some(prompt) = body["prompt"].as_array().map(|p| p.iter().filter_map(|t| t.as_u64()).collect::<Vec<_>>())
+    else {
+        return (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "prompt must be ids"}})))
+            .into_response();
+    };
+    publish_prompt_blocks(&state, &prompt);
+    state.running.fetch_add(1, Ordering::Relaxed);
+    let max_tokens = body["max_tokens"].as_u64().unwrap_or(16);
+    let stops: Vec<u64> =
+        body["stop_token_ids"].as_array().map_or(vec![], |s| s.iter().filter_map(|t| t.as_u64()).collect());
+    let logprobs = body["logprobs"].as_u64();
+    let delay = Duration::from_millis(state.token_delay_ms.load(Ordering::Relaxed));
+    let first = next_token(*prompt.last().unwrap_or(&0) as u32);
+    let guard = Abort { state: state.clone(), finished: false };
+    let cached = (prompt.len() / BLOCK * BLOCK) as u64;
+    let chunks = futures::stream::unfold((guard, first, 0u64, false), move |(mut guard, token, sent, done)| {
+        let stops = stops.clone();
+        async move {
+            if done {
+                return None;
+            }
+            tokio::time::sleep(delay).await;
+            let sent = sent + 1;
+            let stop = stops.contains(&u64::from(token));
+            let finish = if stop {
+                json!("stop")
+            } else if sent >= max_tokens {
+                json!("length")
+            } else {
+                Value::Null
+            };
+            let mut choice = json!({"index": 0, "text": "x", "token_ids": [token], "finish_reason": finish,
+                                "stop_reason": if stop { json!(token) } else { Value::Null }});
+            if let Some(top) = logprobs {
+                let alternatives: serde_json::Map<String, Value> = (0..top.max(1))
+                    .map(|i| (format!("token_id:{}", token + i as u32), json!(-0.5 - i as f64)))
+                    .collect();
+                choice["logprobs"] = json!({"tokens": [format!("token_id:{token}")], "token_logprobs": [-0.5],
+                                        "top_logprobs": [alternatives], "text_offset": [0]});
+            }
+            let mut text = format!("data: {}\n\n", json!({"object": "text_completion", "choices": [choice]}));
+            let last = !finish.is_null();
+            if last {
+                guard.finished = true;
+                let usage = json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": sent,
+                               "prompt_tokens_details": {"cached_tokens": cached}}});
+                text.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
+            }
+            Some((Ok::<_, std::convert::Infallible>(text), (guard, next_token(token), sent, last)))
+        }
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(chunks))
+        .unwrap()
+}
+
+/// The prompt's full blocks as one `BlockStored` (vLLM's map encoding, integer hashes chained from the root).
+fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
+    use rmpv::Value as M;
+    let blocks = prompt.len() / BLOCK;
+    if blocks == 0 {
+        return;
+    }
+    let mut hash = 1u64;
+    let hashes: Vec<M> = prompt
+        .chunks_exact(BLOCK)
+        .map(|block| {
+            hash = block.iter().fold(hash.wrapping_mul(0x100_0000_01b3), |h, &t| (h ^ t).wrapping_mul(0x100_0000_01b3));
+            M::from(hash)
+        })
+        .collect();
+    let tokens: Vec<M> = prompt[..blocks * BLOCK].iter().map(|&t| M::from(t)).collect();
+    let event = M::Map(vec![
+        (M::from("type"), M::from("BlockStored")),
+        (M::from("block_hashes"), M::Array(hashes)),
+        (M::from("parent_block_hash"), M::Nil),
+        (M::from("token_ids"), M::Array(tokens)),
+        (M::from("block_size"), M::from(BLOCK as u64)),
+        (M::from("medium"), M::from("GPU")),
+    ]);
+    let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::Nil]);
+    let mut payload = Vec::new();
+    rmpv::encode::write_value(&mut payload, &batch).unwrap();
+    let mut events = state.events.lock().unwrap();
+    if let Some((socket, seq)) = events.as_mut() {
+        socket.send_multipart([&b""[..], &seq.to_be_bytes(), &payload], 0).unwrap();
+        *seq += 1;
+    }
+}
+
+fn vllm_worker(double: &Double, file: &str, extra: &[&str]) -> Worker {
+    let mut command = dynamo();
+    command.args(["decode", "--engine", "vllm", "--engine-url", &double.base, "--kv-events", &double.kv_events]);
+    command.args(["--model", MODEL_DIR, "--discovery", file]).args(extra);
+    Worker::start_with(&mut command)
+}
+
+fn expected_tokens(after: u32, count: usize) -> Vec<u32> {
+    std::iter::successors(Some(next_token(after)), |&t| Some(next_token(t))).take(count).collect()
+}
+
+fn decode(ids: &[u32]) -> String {
+    let tokenizer = tokenizers::Tokenizer::from_file(format!("{MODEL_DIR}/tokenizer.json")).expect("tokenizer");
+    tokenizer.decode(ids, true).expect("decodes")
+}
+
+async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Posts `body` until the answer's status is what `wanted` accepts (at most 10 s), and returns that answer.
+async fn post_until(router: &Server, body: &Value, what: &str, wanted: impl Fn(u16) -> bool) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+        if wanted(status) {
+            return (status, answer);
+        }
+        assert!(Instant::now() < deadline, "never got {what}: last {status} {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_worker_forwards_token_ids_and_streams_the_engines_tokens_back() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("vllm-forward");
+    let _worker = vllm_worker(&double, &file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+
+    let body = json!({"model": "tiny-chat", "prompt": "hello there, engine", "max_tokens": 6, "temperature": 0.7,
+                      "top_k": 5, "seed": 11, "logprobs": 2, "ignore_eos": false});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = double.requests();
+    assert_eq!(sent.len(), 1);
+    let request = &sent[0];
+    // Token ids in, our stop conditions (EOS among the stop ids, vLLM's own EOS check off), token ids back.
+    let prompt: Vec<u32> = request["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert!(!prompt.is_empty(), "{request}");
+    assert_eq!(request["model"], "double/model", "{request}");
+    assert_eq!((request["ignore_eos"].as_bool(), request["return_token_ids"].as_bool()), (Some(true), Some(true)));
+    assert!(request["stop_token_ids"].as_array().unwrap().contains(&json!(2)), "{request}");
+    assert_eq!(
+        (request["max_tokens"].as_u64(), request["top_k"].as_u64(), request["seed"].as_u64()),
+        (Some(6), Some(5), Some(11))
+    );
+    assert!((request["temperature"].as_f64().unwrap() - 0.7).abs() < 1e-6, "{request}");
+    // What the client reads is the double's tokens, detokenized by the router.
+    let ids = expected_tokens(*prompt.last().unwrap(), 6);
+    assert_eq!(answer["choices"][0]["text"], decode(&ids), "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 6, "{answer}");
+    let logprobs = &answer["choices"][0]["logprobs"];
+    assert_eq!(logprobs["token_logprobs"].as_array().map(Vec::len), Some(6), "{answer}");
+    assert_eq!(logprobs["token_logprobs"][0], -0.5, "{answer}");
+    assert_eq!(logprobs["top_logprobs"][0].as_object().map(|o| o.len()), Some(2), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_aborts_the_engines_request_and_its_kv_events_reach_the_router() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("vllm-cancel");
+    let _worker = vllm_worker(&double, &file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+
+    // Cancellation: the client goes away mid-stream, and the engine sees its request dropped.
+    double.state.token_delay_ms.store(20, Ordering::Relaxed);
+    let body = json!({"model": "tiny-chat", "prompt": "a long story", "max_tokens": 400, "ignore_eos": true,
+                      "stream": true});
+    let mut response = router.post("/v1/completions", body).await;
+    response.chunk().await.expect("the stream starts");
+    drop(response);
+    wait_until("the engine's abort", Duration::from_secs(10), || double.state.aborted.load(Ordering::Relaxed) == 1)
+        .await;
+    double.state.token_delay_ms.store(0, Ordering::Relaxed);
+
+    // KV events: the engine's stored blocks reach the router's index, so a repeated long prompt is routed as
+    // one whose blocks the worker holds.
+    let prompt = "the same long prompt, told again and again so that it fills a few blocks of sixteen tokens each";
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+    let overlap =
+        |metrics: &str| metric(metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+        if overlap(&router.metrics().await) > 0.0 {
+            // The engine's usage said how much of the prompt it had cached.
+            assert!(answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) >= 16, "{answer}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never saw the engine's blocks: {}", router.metrics().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_stops_answering_is_refused_and_served_again_when_it_is_back() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("vllm-restart");
+    let _worker = vllm_worker(&double, &file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let body = json!({"model": "tiny-chat", "prompt": "hi", "max_tokens": 3, "ignore_eos": true});
+    assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+
+    double.state.down.store(true, Ordering::Relaxed);
+    // Once its metrics fail, the worker refuses, and the client hears that no worker can serve (not a hang).
+    let (_, answer) = post_until(&router, &body, "a 503 with the engine down", |status| status == 503).await;
+    assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("engine is down"), "{answer}");
+    double.state.down.store(false, Ordering::Relaxed);
+    post_until(&router, &body, "a 200 once the engine is back", |status| status == 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_worker_is_refused_without_its_model_or_with_another_block_size() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("vllm-refused");
+    let run = |extra: &[&str]| {
+        let output = dynamo()
+            .args(["decode", "--engine", "vllm", "--engine-url", &double.base, "--discovery", &file])
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    assert!(run(&[]).contains("needs --model DIR"));
+    let stderr = run(&["--model", MODEL_DIR, "--block-size", "32"]);
+    assert!(stderr.contains("blocks of 16 tokens") && stderr.contains("--block-size 16"), "{stderr}");
+    let output = dynamo().args(["decode", "--engine", "vllm", "--model", MODEL_DIR]).output().expect("runs");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--engine-url"), "{output:?}");
+    let output =
+        dynamo().args(["decode", "--engine", "mocker", "--engine-url", "http://127.0.0.1:1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("external engine"), "{output:?}");
+    let unreachable = dynamo()
+        .args(["decode", "--engine", "vllm", "--engine-url", "http://127.0.0.1:1", "--model", MODEL_DIR])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("does not answer"), "{unreachable:?}");
+}
