@@ -618,7 +618,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__http)
-            opts="-v -h -V --concurrency --rate --requests --max-tokens --workers --speedup --json --verbose --help --version"
+            opts="-v -h -V --concurrency --rate --requests --max-tokens --workers --speedup --engine-url --model --kv-events --block-size --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -645,6 +645,22 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --block-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

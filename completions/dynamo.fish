@@ -257,8 +257,12 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l rate -d 'Open-loop levels: requests started per second' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l requests -d 'Requests per level and path' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l max-tokens -d 'Tokens generated per request' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l workers -d 'Mocker workers behind the frontend' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l speedup -d 'Mocker speedup; high so the engine\'s simulated time does not hide the frontend' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l workers -d 'Mocker workers behind the frontend [default: 1]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l speedup -d 'Mocker speedup; high so the engine\'s simulated time does not hide the frontend [default: 1e6]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine-url -d 'A running vLLM server (or one that speaks its API): compare calling it directly with calling it through `dynamo route` and `dynamo decode --engine vllm`, started by the benchmark' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l model -d 'With --engine-url: the engine\'s checkpoint directory (the worker\'s --model)' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l kv-events -d 'With --engine-url: the engine\'s KV-event publisher, passed to the worker' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l block-size -d 'With --engine-url: tokens per KV block of the engine' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s h -l help -d 'Print help'

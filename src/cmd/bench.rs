@@ -9,6 +9,7 @@ use crate::core::bench::soak::{self, SoakSettings};
 use crate::core::bench::trace;
 use crate::core::bench::transfer::{self, Layout, TransferBenchSettings};
 use crate::core::engine::EngineSettings;
+use crate::core::engine::external::{ExternalKind, ExternalSettings};
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::Device;
 use crate::core::engine::scheduler::SchedulerConfig;
@@ -473,13 +474,30 @@ pub struct HttpArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
 
-    /// Mocker workers behind the frontend.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub workers: u32,
+    /// Mocker workers behind the frontend [default: 1]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "engine_url")]
+    pub workers: Option<u32>,
 
-    /// Mocker speedup; high so the engine's simulated time does not hide the frontend.
-    #[arg(long, default_value_t = 1e6)]
-    pub speedup: f64,
+    /// Mocker speedup; high so the engine's simulated time does not hide the frontend [default: 1e6]
+    #[arg(long, conflicts_with = "engine_url")]
+    pub speedup: Option<f64>,
+
+    /// A running vLLM server (or one that speaks its API): compare calling it directly with calling it
+    /// through `dynamo route` and `dynamo decode --engine vllm`, started by the benchmark.
+    #[arg(long, value_name = "URL", requires = "model")]
+    pub engine_url: Option<String>,
+
+    /// With --engine-url: the engine's checkpoint directory (the worker's --model).
+    #[arg(long, value_name = "DIR", requires = "engine_url")]
+    pub model: Option<PathBuf>,
+
+    /// With --engine-url: the engine's KV-event publisher, passed to the worker.
+    #[arg(long, value_name = "ENDPOINT", requires = "engine_url")]
+    pub kv_events: Option<String>,
+
+    /// With --engine-url: tokens per KV block of the engine.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub block_size: u32,
 
     /// Print one JSON object on the last line as well.
     #[arg(long)]
@@ -581,18 +599,46 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
 }
 
 fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.speedup > 0.0, "--speedup must be greater than 0");
     let mut loads: Vec<Load> = args.concurrency.iter().map(|&c| Load::Concurrency(c.max(1))).collect();
     loads.extend(args.rate.iter().filter(|r| **r > 0.0).map(|&r| Load::Rate(r)));
+    if let (Some(url), Some(model_dir)) = (args.engine_url, args.model) {
+        let settings = http::ExternalBenchSettings {
+            binary: std::env::current_exe()?,
+            engine: ExternalSettings {
+                kind: ExternalKind::Vllm,
+                url,
+                kv_events: args.kv_events,
+                metrics_url: None,
+                block_size: args.block_size as usize,
+            },
+            model_dir,
+            loads,
+            requests: args.requests as usize,
+            max_tokens: args.max_tokens,
+        };
+        println!(
+            "dynamo bench http: streaming chat completions, {} tokens each, {} requests per level and path: \
+             direct = the engine at {}, http = through dynamo route and dynamo decode --engine vllm",
+            args.max_tokens, args.requests, settings.engine.url
+        );
+        let results = super::runtime()?.block_on(http::run_external(settings))?;
+        print!("{}", http::table(&results));
+        if args.json {
+            println!("{}", serde_json::json!({"bench": "http", "engine": "external", "levels": results}));
+        }
+        return Ok(());
+    }
+    let (workers, speedup) = (args.workers.unwrap_or(1), args.speedup.unwrap_or(1e6));
+    anyhow::ensure!(speedup > 0.0, "--speedup must be greater than 0");
     let settings = HttpBenchSettings {
         stack: RunSettings {
             model: ModelSource::Builtin,
             served_model_name: None,
-            workers: args.workers as usize,
+            workers: workers as usize,
             prefill_workers: 0,
             engine: EngineSettings::Mocker(MockerConfig {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
-                speedup: args.speedup,
+                speedup,
             }),
             router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
             listen: ([127, 0, 0, 1], 0).into(),
@@ -604,7 +650,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     };
     println!(
         "dynamo bench http: streaming chat completions, {} tokens each, {} requests per level and path, {} mocker worker(s) at speedup {}",
-        args.max_tokens, args.requests, args.workers, args.speedup
+        args.max_tokens, args.requests, workers, speedup
     );
     let results = super::runtime()?.block_on(http::run(settings))?;
     print!("{}", http::table(&results));

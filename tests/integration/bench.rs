@@ -333,3 +333,24 @@ fn bench_planner_simulate_compares_the_planner_with_the_fewest_static_workers_th
     let expected = planner["worker_hours"].as_f64().unwrap() / best["worker_hours"].as_f64().unwrap();
     assert!((ratio - expected).abs() < 1e-9, "{json}");
 }
+
+#[test]
+fn bench_http_measures_an_engine_directly_and_through_a_dynamo_worker_and_router() {
+    // The engine is a `dynamo run` itself: it speaks the vLLM API the worker uses (token-id prompts,
+    // return_token_ids), so the whole chain runs here without vLLM.
+    let engine = crate::util::Server::start(&["--speedup", "1000000"]);
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-chat");
+    let args = ["bench", "http", "--engine-url", &engine.base, "--model", model, "--concurrency", "4", "--rate", "0"];
+    let json = last_json_line(&[&args[..], &["--requests", "40", "--json"]].concat());
+    let level = &json["levels"][0];
+    for path in ["direct", "http"] {
+        assert_eq!((level[path]["requests"].as_u64(), level[path]["errors"].as_u64()), (Some(40), Some(0)), "{json}");
+    }
+    assert!(level["throughput_ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    // The mocker stack's flags make no sense beside an engine of one's own.
+    let refused = dynamo()
+        .args(["bench", "http", "--engine-url", &engine.base, "--model", model, "--workers", "2"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--workers"));
+}

@@ -120,6 +120,57 @@ async fn completions_take_text_token_ids_batches_n_and_echo() {
     assert_eq!(text, body["choices"][0]["text"].as_str().unwrap());
 }
 
+/// `body` with the fields of `extra` added.
+fn with(body: &Value, extra: Value) -> Value {
+    let mut merged = body.clone();
+    if let (Some(fields), Some(extra)) = (merged.as_object_mut(), extra.as_object()) {
+        fields.extend(extra.clone());
+    }
+    merged
+}
+
+#[tokio::test]
+async fn return_token_ids_gives_the_prompts_and_the_generated_ids_as_vllm_does() {
+    let server = Server::start(FAST);
+    let tokenizer = Model::load(&ModelSource::Builtin, None).unwrap().tokenizer;
+    let body = json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+                      "return_token_ids": true});
+    let (status, whole) = server.post_json("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    for (choice, prompt) in whole["choices"].as_array().unwrap().iter().zip([json!([5, 6, 7]), json!([8, 9])]) {
+        assert_eq!(choice["prompt_token_ids"], prompt, "{whole}");
+        let ids: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).unwrap();
+        assert_eq!(ids.len(), 4, "{whole}");
+        assert_eq!(choice["text"].as_str().unwrap(), tokenizer.decode(&ids, true), "{whole}");
+    }
+    // Streamed: the prompt's ids on each choice's first chunk only, and the chunks' ids add up to the whole.
+    let stream = server.post_sse("/v1/completions", with(&body, json!({"stream": true}))).await;
+    let parts = chunks(&stream);
+    let of_choice = |index: u64| parts.iter().filter(move |c| c["choices"][0]["index"] == index);
+    for (index, whole_choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+        let with_prompt: Vec<&Value> =
+            of_choice(index as u64).filter(|c| c["choices"][0].get("prompt_token_ids").is_some()).collect();
+        assert_eq!(with_prompt.len(), 1, "{parts:?}");
+        let ids: Vec<Value> = of_choice(index as u64)
+            .flat_map(|c| c["choices"][0]["token_ids"].as_array().cloned().unwrap_or_default())
+            .collect();
+        assert_eq!(Value::from(ids), whole_choice["token_ids"], "{parts:?}");
+    }
+    // Chat: the prompt's ids once, on the response (the first chunk when streamed), each choice's its own.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+                      "ignore_eos": true, "return_token_ids": true});
+    let (_, answer) = server.post_json("/v1/chat/completions", chat.clone()).await;
+    let prompt = answer["prompt_token_ids"].as_array().map_or(0, Vec::len);
+    assert_eq!(prompt as u64, answer["usage"]["prompt_tokens"].as_u64().unwrap(), "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"].as_array().map(Vec::len), Some(3), "{answer}");
+    let stream = server.post_sse("/v1/chat/completions", with(&chat, json!({"stream": true}))).await;
+    let parts = chunks(&stream);
+    assert_eq!(parts.iter().filter(|c| c.get("prompt_token_ids").is_some()).count(), 1, "{parts:?}");
+    // Without it, none of that.
+    let (_, plain) = server.post_json("/v1/completions", json!({"prompt": [5], "max_tokens": 2})).await;
+    assert!(plain["choices"][0].get("token_ids").is_none() && plain["choices"][0].get("prompt_token_ids").is_none());
+}
+
 #[tokio::test]
 async fn seeded_sampling_is_reproducible() {
     let server = Server::start(FAST);

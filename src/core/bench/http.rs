@@ -6,6 +6,11 @@
 //! same workers, the stream drained). The difference is the frontend's added latency; the client shares the
 //! machine with the server, so it is an upper bound. The frontend runs hardened, as it would face the
 //! internet: every bound at its default and an API key that each request presents.
+//!
+//! With `--engine-url` (`run_external`) the engine is a real server (vLLM, or anything that speaks its API):
+//! the same streaming chat completion goes to it directly, and through a `dynamo route` and a `dynamo decode
+//! --engine vllm` in front of it, started as processes as a user would; the difference is what the worker and
+//! the router add.
 use super::{Load, RunStats, drive};
 use crate::core::frontend::{self, FrontendState, Served};
 use crate::core::model::TemplateInput;
@@ -71,14 +76,88 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, RunErr
     let http = HttpCaller::new(format!("http://{addr}/v1/chat/completions"), body);
     let direct = DirectCaller::new(&state, &messages, settings.max_tokens);
 
-    // Warm up connections, allocations and caches on both paths.
-    drive(Load::Concurrency(8), 200, calls(&http)).await;
-    drive(Load::Concurrency(8), 200, calls(&direct)).await;
+    let results = compare(&settings.loads, settings.requests, &direct, &http).await;
+    server.abort();
+    Ok(results)
+}
 
+#[derive(Debug, Clone)]
+pub struct ExternalBenchSettings {
+    /// The `dynamo` binary to start the router and the worker from.
+    pub binary: std::path::PathBuf,
+    pub engine: crate::core::engine::external::ExternalSettings,
+    /// The engine's checkpoint directory (the worker's `--model`).
+    pub model_dir: std::path::PathBuf,
+    pub loads: Vec<Load>,
+    pub requests: usize,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalBenchError {
+    #[error(transparent)]
+    Engine(#[from] crate::core::engine::external::ExternalError),
+    #[error(transparent)]
+    Process(#[from] super::processes::ProcessError),
+    #[error("cannot prepare the run's directory {path}: {source}")]
+    Dir { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Each level loads the engine directly (`direct`), then through dynamo (`http`).
+pub async fn run_external(settings: ExternalBenchSettings) -> Result<Vec<LevelResult>, ExternalBenchError> {
+    use super::processes::{router_address, spawn_until};
+    let engine = &settings.engine;
+    let served = crate::core::engine::external::served_model_at(&engine.url, engine.kind).await?;
+    let dir = std::env::temp_dir().join(format!("dynamo-bench-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| ExternalBenchError::Dir { path: dir.clone(), source })?;
+    let discovery = format!("file:{}", dir.join("cluster.toml").display());
+    let namespace = format!("bench-http-{}", std::process::id());
+    let mut router = tokio::process::Command::new(&settings.binary);
+    router.args(["route", "--http-port", "0", "--discovery", &discovery, "--namespace", &namespace]);
+    let (_router, output) = spawn_until(&mut router, "router on http://", "the router").await?;
+    let mut worker = tokio::process::Command::new(&settings.binary);
+    worker.args(["decode", "--engine", engine.kind.name(), "--engine-url", &engine.url]);
+    worker.args(["--block-size", &engine.block_size.to_string()]);
+    worker.arg("--model").arg(&settings.model_dir);
+    worker.args(["--discovery", &discovery, "--namespace", &namespace]);
+    if let Some(events) = &engine.kv_events {
+        worker.args(["--kv-events", events]);
+    }
+    if let Some(metrics) = &engine.metrics_url {
+        worker.args(["--engine-metrics", metrics]);
+    }
+    let (_worker, worker_output) = spawn_until(&mut worker, "decode worker", "the worker").await?;
+    super::processes::drain(worker_output);
+    let base = router_address(output).await?;
+
+    let messages = [serde_json::json!({"role": "user", "content": PROMPT})];
+    let body = |model: Option<&str>| {
+        let mut body = serde_json::json!({
+            "messages": messages, "max_tokens": settings.max_tokens, "temperature": 0, "ignore_eos": true,
+            "stream": true,
+        });
+        if let Some(model) = model {
+            body["model"] = model.into();
+        }
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    };
+    let direct =
+        HttpCaller::new(format!("{}/v1/chat/completions", engine.url.trim_end_matches('/')), body(Some(&served.id)));
+    let through = HttpCaller::new(format!("{base}/v1/chat/completions"), body(None));
+    let results = compare(&settings.loads, settings.requests, &direct, &through).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(results)
+}
+
+/// Warms both paths up (connections, allocations, caches), then loads each level on `direct` and then on
+/// `http`.
+async fn compare(loads: &[Load], requests: usize, direct: &impl Caller, http: &impl Caller) -> Vec<LevelResult> {
+    drive(Load::Concurrency(8), 200, calls(http)).await;
+    drive(Load::Concurrency(8), 200, calls(direct)).await;
     let mut results = Vec::new();
-    for &load in &settings.loads {
-        let direct_stats = drive(load, settings.requests, calls(&direct)).await;
-        let http_stats = drive(load, settings.requests, calls(&http)).await;
+    for &load in loads {
+        let direct_stats = drive(load, requests, calls(direct)).await;
+        let http_stats = drive(load, requests, calls(http)).await;
         results.push(LevelResult {
             load: load.to_string(),
             added_p50_ms: http_stats.p50_ms - direct_stats.p50_ms,
@@ -88,8 +167,7 @@ pub async fn run(settings: HttpBenchSettings) -> Result<Vec<LevelResult>, RunErr
             http: http_stats,
         });
     }
-    server.abort();
-    Ok(results)
+    results
 }
 
 /// One request of a benchmark path; cloned per call.

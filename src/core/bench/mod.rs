@@ -9,6 +9,7 @@ pub mod http;
 pub mod index;
 pub mod plane;
 pub mod planner;
+pub mod processes;
 pub mod route;
 pub mod scaling;
 pub mod soak;

@@ -8,6 +8,7 @@
 //! and the router's resident memory and open file descriptors after the warm-up and at the end (goal: flat
 //! within 10 %; the reference is the same process at the start of the run).
 use super::percentile;
+use super::processes::{ProcessError, drain, router_address, spawn_until};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -17,10 +18,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
@@ -40,15 +39,12 @@ pub struct SoakSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SoakError {
-    #[error("cannot start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
-    #[error("{0} did not become ready within {READY_TIMEOUT:?}")]
-    NotReady(String),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     #[error("cannot prepare the run's directory {path}: {source}")]
     Dir { path: PathBuf, source: std::io::Error },
 }
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const API_KEY: &str = "sk-soak";
 /// The router's body limit in this run: small, so an oversized body fits the socket buffers and its 413 is
 /// read rather than lost to a reset.
@@ -159,7 +155,7 @@ impl Cluster {
         let mut router = Command::new(&settings.binary);
         router.args(["route", "--http-port", "0", "--discovery", &discovery, "--namespace", "soak"]);
         router.args(["--api-key", API_KEY, "--max-request-bytes", &MAX_REQUEST_BYTES.to_string()]);
-        let (router, mut output) = spawn_until(&mut router, "router on http://", "the router").await?;
+        let (router, output) = spawn_until(&mut router, "router on http://", "the router").await?;
         let mut cluster = Cluster {
             binary: settings.binary.clone(),
             cluster_file,
@@ -171,13 +167,7 @@ impl Cluster {
             let worker = cluster.start_worker().await?;
             cluster.workers.push(worker);
         }
-        // The router says where it serves once the first worker joined.
-        let serving = tokio::time::timeout(READY_TIMEOUT, read_until(&mut output, "serving ")).await;
-        drain(output);
-        let line = serving.ok().flatten().ok_or_else(|| SoakError::NotReady("the router".into()))?;
-        let at = line.find("http://").unwrap_or(line.len());
-        let base = line[at..].split_whitespace().next().unwrap_or_default().to_string();
-        Ok((cluster, base))
+        Ok((cluster, router_address(output).await?))
     }
 
     async fn start_worker(&self) -> Result<Child, SoakError> {
@@ -202,34 +192,6 @@ impl Cluster {
         self.workers.push(worker);
         Ok(())
     }
-}
-
-type Output = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
-
-/// Starts `command` and reads its stdout up to a line containing `marker`; the rest is the caller's.
-async fn spawn_until(command: &mut Command, marker: &str, what: &str) -> Result<(Child, Output), SoakError> {
-    command.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).kill_on_drop(true);
-    let mut child = command.spawn().map_err(|source| SoakError::Spawn { what: what.to_string(), source })?;
-    let stdout = child.stdout.take().ok_or_else(|| SoakError::NotReady(what.to_string()))?;
-    let mut lines = BufReader::new(stdout).lines();
-    match tokio::time::timeout(READY_TIMEOUT, read_until(&mut lines, marker)).await {
-        Ok(Some(_)) => Ok((child, lines)),
-        _ => Err(SoakError::NotReady(what.to_string())),
-    }
-}
-
-async fn read_until(lines: &mut Output, marker: &str) -> Option<String> {
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains(marker) {
-            return Some(line);
-        }
-    }
-    None
-}
-
-/// Reads the rest of a child's output, so that it never blocks on a full pipe.
-fn drain(mut lines: Output) {
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 }
 
 /// One request's outcome: the status (0 when the connection failed) and whether a valid one completed.

@@ -172,7 +172,7 @@ struct ChatChunks {
 }
 
 impl ChatChunks {
-    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>, prompt_token_ids: Option<Vec<u32>>) -> String {
         let chunk = ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk".into(),
@@ -180,13 +180,18 @@ impl ChatChunks {
             model: self.model.clone(),
             choices,
             usage,
+            prompt_token_ids,
         };
         serde_json::to_string(&chunk).unwrap_or_default()
     }
 
     fn role_chunk(&self, index: u32) -> String {
         let delta = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
-        self.chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }], None)
+        self.chunk(
+            vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, token_ids: None }],
+            None,
+            None,
+        )
     }
 
     fn whole(&self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> ChatCompletion {
@@ -196,8 +201,10 @@ impl ChatChunks {
                 message: ChatMessage { role: "assistant".into(), content: String::new() },
                 logprobs: self.logprobs.then(ChatLogprobs::default),
                 finish_reason: None,
+                token_ids: None,
             })
             .collect();
+        let mut prompt_token_ids = None;
         for delta in deltas {
             let Some(choice) = out.get_mut(delta.index as usize) else {
                 continue;
@@ -209,6 +216,11 @@ impl ChatChunks {
             if delta.finish_reason.is_some() {
                 choice.finish_reason = delta.finish_reason.map(str::to_string);
             }
+            if let Some(ids) = delta.token_ids {
+                choice.token_ids.get_or_insert_default().extend(ids);
+            }
+            // Every choice continues the one prompt a chat request has.
+            prompt_token_ids = prompt_token_ids.or(delta.prompt_token_ids);
         }
         ChatCompletion {
             id: self.id.clone(),
@@ -217,6 +229,7 @@ impl ChatChunks {
             model: self.model.clone(),
             choices: out,
             usage,
+            prompt_token_ids,
         }
     }
 }
@@ -237,12 +250,13 @@ impl ChunkRenderer for ChatChunks {
                 .logprobs
                 .then(|| ChatLogprobs { content: delta.logprobs.iter().map(chat_logprob).collect() }),
             finish_reason: delta.finish_reason.map(str::to_string),
+            token_ids: delta.token_ids.clone(),
         };
-        Some(self.chunk(vec![choice], None))
+        Some(self.chunk(vec![choice], None, delta.prompt_token_ids.clone()))
     }
 
     fn usage(&mut self, usage: Usage) -> String {
-        self.chunk(Vec::new(), Some(usage))
+        self.chunk(Vec::new(), Some(usage), None)
     }
 }
 

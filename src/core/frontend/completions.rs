@@ -214,7 +214,14 @@ impl CompletionChunks {
             }
             out
         });
-        CompletionChoice { index: delta.index, text, logprobs, finish_reason: delta.finish_reason.map(str::to_string) }
+        CompletionChoice {
+            index: delta.index,
+            text,
+            logprobs,
+            finish_reason: delta.finish_reason.map(str::to_string),
+            prompt_token_ids: delta.prompt_token_ids.clone(),
+            token_ids: delta.token_ids.clone(),
+        }
     }
 
     fn whole(mut self, deltas: Vec<ChoiceDelta>, choices: usize, usage: Usage) -> Completion {
@@ -224,6 +231,8 @@ impl CompletionChunks {
                 text: String::new(),
                 logprobs: self.logprobs.then(CompletionLogprobs::default),
                 finish_reason: None,
+                prompt_token_ids: None,
+                token_ids: None,
             })
             .collect();
         for delta in &deltas {
@@ -240,6 +249,12 @@ impl CompletionChunks {
             }
             if part.finish_reason.is_some() {
                 choice.finish_reason = part.finish_reason;
+            }
+            if let Some(ids) = part.token_ids {
+                choice.token_ids.get_or_insert_default().extend(ids);
+            }
+            if part.prompt_token_ids.is_some() {
+                choice.prompt_token_ids = part.prompt_token_ids;
             }
         }
         self.completion(out, Some(usage))

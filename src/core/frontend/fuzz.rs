@@ -90,6 +90,7 @@ const FIELDS: &[&str] = &[
     "add_generation_prompt",
     "skip_special_tokens",
     "return_tokens_as_token_ids",
+    "return_token_ids",
     "include_stop_str_in_output",
 ];
 

@@ -26,6 +26,8 @@ pub struct TextOptions {
     pub include_stop_str: bool,
     /// vLLM's `return_tokens_as_token_ids`: logprob tokens read `token_id:N`.
     pub tokens_as_ids: bool,
+    /// vLLM's `return_token_ids`: the prompt's and the generated token ids go with the text.
+    pub token_ids: bool,
 }
 
 /// One choice to generate.
@@ -59,6 +61,10 @@ pub struct ChoiceDelta {
     pub finish_reason: Option<&'static str>,
     pub error: Option<String>,
     pub cached_tokens: Option<u32>,
+    /// With `return_token_ids`: this step's tokens (a stop token too, as vLLM lists it), and on the choice's
+    /// first delta its prompt's.
+    pub token_ids: Option<Vec<u32>>,
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 impl ChoiceDelta {
@@ -88,12 +94,13 @@ struct ChoiceState {
     engine: MigratingStream,
     decoder: IncrementalDecoder,
     stops: StopStringMatcher,
+    started: bool,
 }
 
 fn choice_stream(model: Arc<Model>, spec: ChoiceSpec, engine: MigratingStream) -> BoxStream<'static, ChoiceDelta> {
     let decoder = IncrementalDecoder::new(&spec.request.token_ids, spec.text.skip_special_tokens);
     let stops = StopStringMatcher::new(spec.text.stop.clone(), spec.text.include_stop_str);
-    let state = ChoiceState { spec, model, engine, decoder, stops };
+    let state = ChoiceState { spec, model, engine, decoder, stops, started: false };
     stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         let delta = state.next_delta().await;
@@ -115,6 +122,12 @@ impl ChoiceState {
         let tokenizer = &self.model.tokenizer;
         delta.cached_tokens = output.cached_tokens;
         delta.new_tokens = output.token_ids.len();
+        if self.spec.text.token_ids {
+            delta.token_ids = Some(output.token_ids.clone());
+            if !std::mem::replace(&mut self.started, true) {
+                delta.prompt_token_ids = Some(self.spec.request.token_ids.clone());
+            }
+        }
         let hidden = match output.finish_reason {
             Some(FinishReason::StopToken(token)) => Some(token),
             _ => None,

@@ -187,6 +187,7 @@ pub fn build_choices(
         stop,
         include_stop_str: params.include_stop_str_in_output.unwrap_or(false),
         tokens_as_ids: params.return_tokens_as_token_ids.unwrap_or(false),
+        token_ids: params.return_token_ids.unwrap_or(false),
     };
 
     let mut specs = Vec::with_capacity(prompts.len() * n as usize);

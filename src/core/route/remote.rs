@@ -42,8 +42,12 @@ impl Engine for RemoteEngine {
         // Checked here as the worker would, so the client gets the same 400 as from `dynamo run` rather than
         // an error inside a stream that has already begun.
         let card = &self.instance.card;
-        let kv_tokens =
-            usize::try_from(card.kv_blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX);
+        // No KV capacity in the record is one the worker does not know (an external engine that does not say
+        // it): the context is the limit, and the worker checks the engine's own.
+        let kv_tokens = match card.kv_blocks {
+            0 => usize::MAX,
+            blocks => usize::try_from(blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX),
+        };
         check_fits(&request, kv_tokens.min(card.context_length as usize))?;
         Ok(self.client.submit(request))
     }

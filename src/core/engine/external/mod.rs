@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
+pub use vllm::ServedModel;
 
 /// The external engines a worker can wrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +115,7 @@ impl ExternalEngine {
         };
         let unreachable = |reason: String| ExternalError::Unreachable { kind, url: settings.url.clone(), reason };
         let mismatch = |reason: String| ExternalError::Mismatch { kind, url: settings.url.clone(), reason };
-        let (status, body) = http.get("/v1/models").await.map_err(unreachable)?;
-        if !status.is_success() {
-            return Err(unreachable(format!("/v1/models answered {status}")));
-        }
-        let served = vllm::parse_models(&body).map_err(mismatch)?;
+        let served = served_model(&http, settings.kind).await?;
         let shared = Arc::new(Shared {
             id,
             kind: settings.kind,
@@ -154,6 +151,25 @@ impl ExternalEngine {
     pub fn served_model(&self) -> &str {
         &self.shared.model
     }
+}
+
+/// The model an engine at `url` serves (its name and context), from its `/v1/models`.
+pub async fn served_model_at(url: &str, kind: ExternalKind) -> Result<ServedModel, ExternalError> {
+    served_model(&EngineHttp::new(url).map_err(ExternalError::Settings)?, kind).await
+}
+
+async fn served_model(http: &EngineHttp, kind: ExternalKind) -> Result<ServedModel, ExternalError> {
+    let url = http.base().to_string();
+    let (status, body) = http.get("/v1/models").await.map_err(|reason| ExternalError::Unreachable {
+        kind: kind.name(),
+        url: url.clone(),
+        reason,
+    })?;
+    if !status.is_success() {
+        let reason = format!("/v1/models answered {status}");
+        return Err(ExternalError::Unreachable { kind: kind.name(), url, reason });
+    }
+    vllm::parse_models(&body).map_err(|reason| ExternalError::Mismatch { kind: kind.name(), url, reason })
 }
 
 /// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that stops answering is not alive until it
