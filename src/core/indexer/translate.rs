@@ -5,28 +5,46 @@
 //! index cannot use are dropped and counted, never half-applied: a stored run whose parent the engine never
 //! told us about, tokens that do not split into the stated blocks, a block size other than the router's, and
 //! tiers other than the GPU's (one index is one tier).
-use crate::core::protocol::external::ExternalEvent;
+//!
+//! Blocks the engine keyed by more than their tokens (a LoRA adapter, media, a cache salt) fold that key into
+//! their hash, as this project's own media blocks do, so a plain prompt never matches them. Of a hybrid
+//! model's KV-cache groups only the first full-attention one is indexed: a sliding-window group evicts
+//! blocks whose prefix the full-attention group still holds, and merging them would lose it.
+use crate::core::protocol::external::{ExternalEvent, KvGroup};
 use crate::core::protocol::{KvEvent, StoredBlock};
-use crate::core::tokens::{chain_hash, local_block_hash};
+use crate::core::tokens::{chain_hash, local_block_hash, local_block_hash_with_media};
 use std::collections::HashMap;
 
 pub struct EventTranslator {
     block_size: usize,
     ours: HashMap<u64, u64>,
+    /// The KV-cache group indexed, once a hybrid model's engine has named one.
+    group: Option<u32>,
     /// Events dropped as unusable, for metrics and logs.
     pub dropped: u64,
+    /// Events of the groups not indexed (sliding-window, state-space, a second full-attention group).
+    pub other_groups: u64,
 }
 
 impl EventTranslator {
     pub fn new(block_size: usize) -> Self {
-        Self { block_size: block_size.max(1), ours: HashMap::new(), dropped: 0 }
+        Self { block_size: block_size.max(1), ours: HashMap::new(), group: None, dropped: 0, other_groups: 0 }
     }
 
     pub fn translate(&mut self, event: &ExternalEvent) -> Option<KvEvent> {
+        let group = match event {
+            ExternalEvent::Stored { group: Some(group), .. } => Some(self.indexes(group)),
+            ExternalEvent::Removed { group: Some(index), .. } => Some(self.group.is_none_or(|ours| ours == *index)),
+            _ => None,
+        };
+        if group == Some(false) {
+            self.other_groups += 1;
+            return None;
+        }
         let translated = match event {
             ExternalEvent::Stored { medium, .. } | ExternalEvent::Removed { medium, .. } if !is_gpu(medium) => None,
-            ExternalEvent::Stored { hashes, parent, token_ids, block_size, .. } => {
-                self.stored(hashes, *parent, token_ids, block_size.unwrap_or(self.block_size))
+            ExternalEvent::Stored { hashes, parent, token_ids, block_size, extra, .. } => {
+                self.stored(hashes, *parent, token_ids, block_size.unwrap_or(self.block_size), extra)
             }
             ExternalEvent::Removed { hashes, .. } => {
                 let hashes: Vec<u64> = hashes.iter().filter_map(|h| self.ours.remove(h)).collect();
@@ -43,8 +61,34 @@ impl EventTranslator {
         translated
     }
 
-    fn stored(&mut self, hashes: &[u64], parent: Option<u64>, tokens: &[u32], block_size: usize) -> Option<KvEvent> {
-        if block_size != self.block_size || tokens.len() != hashes.len() * block_size || hashes.is_empty() {
+    /// Whether `group`'s events are indexed: the first full-attention group seen (a group of no stated kind
+    /// counts as one) and no other.
+    fn indexes(&mut self, group: &KvGroup) -> bool {
+        let full_attention = group.kind.as_deref().is_none_or(|kind| kind == "full_attention");
+        match self.group {
+            Some(ours) => ours == group.index,
+            None if full_attention => {
+                self.group = Some(group.index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn stored(
+        &mut self,
+        hashes: &[u64],
+        parent: Option<u64>,
+        tokens: &[u32],
+        block_size: usize,
+        extra: &[Option<u64>],
+    ) -> Option<KvEvent> {
+        let keyed = !extra.is_empty();
+        if block_size != self.block_size
+            || tokens.len() != hashes.len() * block_size
+            || hashes.is_empty()
+            || (keyed && extra.len() != hashes.len())
+        {
             return None;
         }
         let parent_hash = match parent {
@@ -55,8 +99,12 @@ impl EventTranslator {
         let blocks = hashes
             .iter()
             .zip(tokens.chunks_exact(block_size))
-            .map(|(&engine_hash, block)| {
-                let tokens_hash = local_block_hash(block);
+            .enumerate()
+            .map(|(i, (&engine_hash, block))| {
+                let tokens_hash = match extra.get(i).copied().flatten() {
+                    Some(key) => local_block_hash_with_media(block, &[key]),
+                    None => local_block_hash(block),
+                };
                 let hash = chain_hash(previous, tokens_hash);
                 self.ours.insert(engine_hash, hash);
                 previous = Some(hash);
@@ -121,7 +169,7 @@ mod tests {
     fn vllm_array_encoding() {
         let batches = msgpack_batches("vllm_array.msgpack");
         assert_eq!(batches[0].dp_rank, Some(0));
-        let ExternalEvent::Stored { hashes, parent, token_ids, block_size, medium } = &batches[0].events[0] else {
+        let ExternalEvent::Stored { hashes, parent, token_ids, block_size, medium, .. } = &batches[0].events[0] else {
             panic!("{:?}", batches[0])
         };
         assert_eq!((hashes.as_slice(), *parent, token_ids.len(), *block_size), (&[111, 222][..], None, 8, Some(4)));
@@ -169,12 +217,87 @@ mod tests {
             token_ids: vec![1, 2, 3, 4],
             block_size: Some(block_size),
             medium: medium.map(str::to_string),
+            extra: Vec::new(),
+            group: None,
         };
         assert!(translator.translate(&stored(Some(99), None, 4)).is_none(), "unknown parent");
         assert!(translator.translate(&stored(None, Some("CPU"), 4)).is_none(), "another tier");
         assert!(translator.translate(&stored(None, None, 2)).is_none(), "another block size");
         assert_eq!(translator.dropped, 3);
         assert!(translator.translate(&stored(None, Some("GPU"), 4)).is_some());
+    }
+
+    /// One vLLM batch (positional, as before the map encoding) of the events given as msgpack values.
+    fn batch(events: Vec<rmpv::Value>) -> ExternalBatch {
+        let mut bytes = Vec::new();
+        let value = rmpv::Value::Array(vec![1.0.into(), rmpv::Value::Array(events), rmpv::Value::Nil]);
+        rmpv::encode::write_value(&mut bytes, &value).unwrap();
+        decode_msgpack_batch(&bytes).unwrap()
+    }
+
+    /// `BlockStored` in vLLM's field order: hashes, parent, tokens, block size, lora_id, medium, lora_name,
+    /// extra_keys, group_idx, kv_cache_spec_kind.
+    fn stored_event(hashes: &[u64], tokens: std::ops::Range<u32>, tail: Vec<rmpv::Value>) -> rmpv::Value {
+        use rmpv::Value as M;
+        let mut fields = vec![
+            M::from("BlockStored"),
+            M::Array(hashes.iter().map(|&h| M::from(h)).collect()),
+            M::Nil,
+            M::Array(tokens.map(M::from).collect()),
+            M::from(4),
+        ];
+        fields.extend(tail);
+        M::Array(fields)
+    }
+
+    fn depth_after(batches: &[ExternalBatch]) -> usize {
+        let ours: Vec<u64> = block_hashes(&(0..8).collect::<Vec<u32>>(), 4).iter().map(|b| b.sequence).collect();
+        let index = FlashIndexer::new();
+        let mut translator = EventTranslator::new(4);
+        for event in batches.iter().flat_map(|b| &b.events) {
+            if let Some(event) = translator.translate(event) {
+                index.apply(1, &event);
+            }
+        }
+        index.find_matches(&ours).of(1) as usize
+    }
+
+    #[test]
+    fn adapter_and_extra_keyed_blocks_never_match_a_plain_prompt() {
+        use rmpv::Value as M;
+        let plain = batch(vec![stored_event(&[1, 2], 0..8, vec![])]);
+        assert_eq!(depth_after(&[plain]), 2);
+        // Under a LoRA adapter (by name, or by the deprecated id): the same tokens are other KV.
+        let by_name = batch(vec![stored_event(&[1, 2], 0..8, vec![M::Nil, M::from("GPU"), M::from("sql-adapter")])]);
+        assert_eq!(depth_after(&[by_name]), 0);
+        let by_id = batch(vec![stored_event(&[1, 2], 0..8, vec![M::from(3)])]);
+        assert_eq!(depth_after(&[by_id]), 0);
+        // Extra keys on the second block only (an image starting there): the first still matches.
+        let keys = M::Array(vec![M::Nil, M::Array(vec![M::from("mm-hash"), M::from(0)])]);
+        let media = batch(vec![stored_event(&[1, 2], 0..8, vec![M::Nil, M::from("GPU"), M::Nil, keys])]);
+        assert_eq!(depth_after(&[media]), 1);
+    }
+
+    #[test]
+    fn only_the_first_full_attention_group_of_a_hybrid_model_is_indexed() {
+        use rmpv::Value as M;
+        let group =
+            |index: u64, kind: &str| vec![M::Nil, M::from("GPU"), M::Nil, M::Nil, M::from(index), M::from(kind)];
+        let removed = |hash: u64, index: u64| {
+            M::Array(vec![M::from("BlockRemoved"), M::Array(vec![M::from(hash)]), M::from("GPU"), M::from(index)])
+        };
+        let batches = [
+            batch(vec![stored_event(&[10, 11], 0..8, group(0, "sliding_window"))]),
+            batch(vec![stored_event(&[20, 21], 0..8, group(1, "full_attention"))]),
+            // The sliding window evicts its copy of the first block; the full-attention group keeps its own.
+            batch(vec![removed(10, 0)]),
+        ];
+        assert_eq!(depth_after(&batches), 2);
+        let evicted = [&batches[..], &[batch(vec![removed(21, 1)])]].concat();
+        assert_eq!(depth_after(&evicted), 1);
+        let mut translator = EventTranslator::new(4);
+        batches.iter().flat_map(|b| &b.events).for_each(|e| drop(translator.translate(e)));
+        assert_eq!((translator.other_groups, translator.dropped), (2, 0));
     }
 
     #[test]

@@ -20,12 +20,26 @@ pub enum ExternalEvent {
         block_size: Option<usize>,
         /// Cache tier ("GPU", "CPU", …) when the engine says.
         medium: Option<String>,
+        /// Per block, a digest of what the engine keyed it by besides its tokens: a LoRA adapter, a media
+        /// item, a cache salt (vLLM's `lora_name`/`lora_id` and `extra_keys`). Empty when nothing did.
+        extra: Vec<Option<u64>>,
+        /// The KV-cache group of a hybrid model's blocks, when the engine says.
+        group: Option<KvGroup>,
     },
     Removed {
         hashes: Vec<u64>,
         medium: Option<String>,
+        group: Option<u32>,
     },
     Cleared,
+}
+
+/// One KV-cache group of a hybrid model (vLLM's `group_idx` and `kv_cache_spec_kind`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvGroup {
+    pub index: u32,
+    /// `full_attention`, `sliding_window`, `mamba`, …, when the engine says.
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,27 +119,78 @@ fn decode_event(value: &Value) -> Result<Option<ExternalEvent>, DecodeError> {
     let fields = Fields { value };
     let medium = fields.get("medium", 6).and_then(Value::as_str).map(str::to_string);
     let event = match tag {
-        "BlockStored" => ExternalEvent::Stored {
-            hashes: hash_list(fields.get("block_hashes", 1))?,
-            parent: fields.get("parent_block_hash", 2).map(engine_hash).transpose()?,
-            token_ids: fields
-                .get("token_ids", 3)
-                .and_then(Value::as_array)
-                .ok_or_else(|| shape("BlockStored without token_ids"))?
-                .iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| shape("a token id is not a u32")))
-                .collect::<Result<_, _>>()?,
-            block_size: fields.get("block_size", 4).and_then(Value::as_u64).map(|b| b as usize),
-            medium,
-        },
+        "BlockStored" => {
+            let hashes = hash_list(fields.get("block_hashes", 1))?;
+            let extra = block_keys(
+                fields.get("lora_id", 5),
+                fields.get("lora_name", 7),
+                fields.get("extra_keys", 8),
+                hashes.len(),
+            );
+            ExternalEvent::Stored {
+                hashes,
+                parent: fields.get("parent_block_hash", 2).map(engine_hash).transpose()?,
+                token_ids: fields
+                    .get("token_ids", 3)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| shape("BlockStored without token_ids"))?
+                    .iter()
+                    .map(|t| {
+                        t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| shape("a token id is not a u32"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                block_size: fields.get("block_size", 4).and_then(Value::as_u64).map(|b| b as usize),
+                medium,
+                extra,
+                group: fields.get("group_idx", 9).and_then(Value::as_u64).and_then(|g| u32::try_from(g).ok()).map(
+                    |index| KvGroup {
+                        index,
+                        kind: fields.get("kv_cache_spec_kind", 10).and_then(Value::as_str).map(str::to_string),
+                    },
+                ),
+            }
+        }
         "BlockRemoved" => ExternalEvent::Removed {
             hashes: hash_list(fields.get("block_hashes", 1))?,
             medium: fields.get("medium", 2).and_then(Value::as_str).map(str::to_string),
+            group: fields.get("group_idx", 3).and_then(Value::as_u64).and_then(|g| u32::try_from(g).ok()),
         },
         "AllBlocksCleared" => ExternalEvent::Cleared,
         _ => return Ok(None),
     };
     Ok(Some(event))
+}
+
+/// For each of `blocks` blocks, the digest of its adapter and its extra keys (either may be missing); empty
+/// when no block has either. Digests of the values' msgpack encoding: equal keys give equal digests, whatever
+/// they hold.
+fn block_keys(
+    lora_id: Option<&Value>,
+    lora_name: Option<&Value>,
+    extra_keys: Option<&Value>,
+    blocks: usize,
+) -> Vec<Option<u64>> {
+    let digest = |value: &Value| {
+        let mut bytes = Vec::new();
+        let _ = rmpv::encode::write_value(&mut bytes, value);
+        xxh3_64(&bytes)
+    };
+    // The name when there is one (the id is deprecated in its favour, and ids are per process).
+    let lora = lora_name.or(lora_id).map(digest);
+    let per_block: Vec<Option<u64>> = match extra_keys.and_then(Value::as_array) {
+        Some(keys) => keys.iter().map(|k| (!k.is_nil()).then(|| digest(k))).collect(),
+        None => Vec::new(),
+    };
+    if lora.is_none() && per_block.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    // A LoRA keys every block of the run.
+    (0..blocks)
+        .map(|i| match (lora, per_block.get(i).copied().flatten()) {
+            (None, None) => None,
+            (lora, key) => Some(xxh3_64(&[lora.unwrap_or(0).to_le_bytes(), key.unwrap_or(0).to_le_bytes()].concat())),
+        })
+        .collect()
 }
 
 fn hash_list(value: Option<&Value>) -> Result<Vec<u64>, DecodeError> {
@@ -192,10 +257,12 @@ pub fn decode_trtllm_json(payload: &[u8]) -> Result<ExternalBatch, DecodeError> 
                     token_ids: blocks.iter().flat_map(|b| b.tokens.iter().map(|t| t.token_id)).collect(),
                     block_size,
                     medium: None,
+                    extra: Vec::new(),
+                    group: None,
                 });
             }
             TrtData::Removed { block_hashes } => {
-                batch.events.push(ExternalEvent::Removed { hashes: block_hashes, medium: None })
+                batch.events.push(ExternalEvent::Removed { hashes: block_hashes, medium: None, group: None })
             }
             TrtData::Other => batch.skipped += 1,
         }
