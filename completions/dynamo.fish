@@ -77,6 +77,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'N
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
@@ -112,6 +113,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
@@ -146,6 +148,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
@@ -233,6 +236,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -327,6 +331,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l json -d 'Print one JSON object on the last line as well'

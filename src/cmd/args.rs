@@ -74,6 +74,11 @@ pub struct EngineArgs {
     #[arg(long, value_name = "ENDPOINT")]
     pub kv_events: Option<String>,
 
+    /// vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker
+    /// starts from the engine's event history and fills gaps from it.
+    #[arg(long, value_name = "ENDPOINT", requires = "kv_events")]
+    pub kv_events_replay: Option<String>,
+
     /// vLLM: its Prometheus metrics [default: /metrics of --engine-url]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
@@ -87,6 +92,7 @@ impl EngineArgs {
         let external = [
             ("--engine-url", &self.engine_url),
             ("--kv-events", &self.kv_events),
+            ("--kv-events-replay", &self.kv_events_replay),
             ("--engine-metrics", &self.engine_metrics),
         ];
         if let (EngineKind::Native | EngineKind::Mocker, Some((flag, _))) =
@@ -116,6 +122,7 @@ impl EngineArgs {
                 kind: ExternalKind::Vllm,
                 url: self.engine_url.clone().unwrap_or_default(),
                 kv_events: self.kv_events.clone(),
+                kv_events_replay: self.kv_events_replay.clone(),
                 metrics_url: self.engine_metrics.clone(),
                 block_size: self.block_size as usize,
             }),

@@ -608,6 +608,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
                 kind: ExternalKind::Vllm,
                 url,
                 kv_events: args.kv_events,
+                kv_events_replay: None,
                 metrics_url: None,
                 block_size: args.block_size as usize,
             },

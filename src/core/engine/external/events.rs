@@ -1,16 +1,30 @@
 //! The engine's own KV events, read as it publishes them (a ZMQ PUB socket sending `[topic, seq (8 bytes,
 //! big-endian), payload]`, vLLM's `--kv-events-config` and SGLang's alike) and handed on in this project's
 //! terms: re-hashed from their token ids (`EventTranslator`), recorded in the engine's ledger, broadcast to
-//! the worker's event plane. A gap in the engine's numbers, or numbers that went back (it restarted), clears
-//! what the routers know of it; what it stores from then on is relearned.
+//! the worker's event plane.
+//!
+//! With the engine's replay socket (vLLM's `replay_endpoint`: a ROUTER that answers `["", start seq]` with
+//! every batch it still buffers from there, `["", seq, payload]` each, then `["", 2^64 - 1, ""]`), the worker
+//! starts from the engine's history, so blocks stored before it joined keep their children, and a gap in the
+//! numbers is filled from it. Without one, or when the history no longer reaches back far enough, a gap
+//! clears what the routers know of the engine and what it stores from then on is relearned. Numbers that go
+//! back mean the engine restarted: its cache is gone, and so is the routers' view of it.
 use crate::core::indexer::EventTranslator;
 use crate::core::plane::{Context, MAX_EVENT_MESSAGE, SocketReader};
 use crate::core::protocol::KvEvent;
-use crate::core::protocol::external::decode_msgpack_batch;
+use crate::core::protocol::external::{ExternalEvent, decode_msgpack_batch};
+use std::time::Duration;
 
-/// Follows `endpoint` until the engine is dropped. Messages that are not the engines' framing or payload are
-/// skipped and counted in the log, never fatal.
-pub async fn follow(endpoint: String, block_size: usize, publish: impl Fn(Vec<KvEvent>)) {
+/// How long the engine's history may take to arrive.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most batches taken from one replay (vLLM buffers 10,000 steps by default).
+const MAX_REPLAY: usize = 100_000;
+/// The replay's end marker's sequence number.
+const END_OF_REPLAY: u64 = u64::MAX;
+
+/// Follows `endpoint` (and reads history from `replay`, when given) until the engine is dropped. Messages that
+/// are not the engines' framing or payload are skipped and counted in the log, never fatal.
+pub async fn follow(endpoint: String, replay: Option<String>, block_size: usize, publish: impl Fn(Vec<KvEvent>)) {
     let context = Context::new();
     let reader = context.socket(zmq::SUB).and_then(|socket| {
         socket.set_maxmsgsize(MAX_EVENT_MESSAGE)?;
@@ -27,9 +41,16 @@ pub async fn follow(endpoint: String, block_size: usize, publish: impl Fn(Vec<Kv
                 return;
             }
         };
-    let mut translator = EventTranslator::new(block_size);
-    let mut expected: Option<u64> = None;
+    let mut stream = Stream { translator: EventTranslator::new(block_size), expected: None, replayed_to: None };
     let mut unreadable = 0u64;
+    // Subscribed before asking, so nothing falls between the history and the live messages; those the history
+    // already had are skipped by number.
+    if let Some(replay) = &replay {
+        let events = stream.catch_up(&context, replay, 0).await;
+        if !events.is_empty() {
+            publish(events);
+        }
+    }
     loop {
         let frames = match reader.recv().await {
             Ok(frames) => frames,
@@ -39,9 +60,10 @@ pub async fn follow(endpoint: String, block_size: usize, publish: impl Fn(Vec<Kv
             }
         };
         let (seq, payload) = match &frames[..] {
-            [_topic, seq, payload] if seq.len() == 8 => {
-                (u64::from_be_bytes(seq[..].try_into().unwrap_or_default()), payload)
-            }
+            [_topic, seq, payload] => match seq_of(seq) {
+                Some(seq) => (seq, payload),
+                None => continue,
+            },
             _ => {
                 unreadable += 1;
                 tracing::warn!(
@@ -53,22 +75,117 @@ pub async fn follow(endpoint: String, block_size: usize, publish: impl Fn(Vec<Kv
             }
         };
         let mut events = Vec::new();
-        // A subscriber that joins late sees its first message mid-stream: no loss, but blocks stored before it
-        // have no known parent, so their children are dropped until they are stored again.
-        if expected.is_some_and(|next| seq != next) {
-            tracing::warn!("the engine's KV events jumped from {expected:?} to {seq}: its index is rebuilt");
-            events.extend(translator.translate(&crate::core::protocol::external::ExternalEvent::Cleared));
+        if stream.replayed_to.is_some_and(|last| seq <= last) {
+            continue;
         }
-        expected = Some(seq.wrapping_add(1));
-        match decode_msgpack_batch(payload) {
-            Ok(batch) => events.extend(batch.events.iter().filter_map(|event| translator.translate(event))),
-            Err(error) => {
-                unreadable += 1;
-                tracing::warn!("skipped an unreadable KV-event batch from {endpoint} ({unreadable} so far): {error}");
+        stream.replayed_to = None;
+        if let Some(next) = stream.expected.filter(|&next| seq > next) {
+            match &replay {
+                Some(replay) => events.extend(stream.catch_up(&context, replay, next).await),
+                None => events.extend(stream.forget(&format!("its numbers jumped from {next} to {seq}"))),
+            }
+            if stream.replayed_to.is_some_and(|last| seq <= last) {
+                publish_nonempty(&publish, events);
+                continue;
+            }
+        } else if stream.expected.is_some_and(|next| seq < next) {
+            events.extend(
+                stream.forget(&format!("its numbers went back from {:?} to {seq} (it restarted)", stream.expected)),
+            );
+        }
+        if let Err(error) = stream.apply(seq, payload, &mut events) {
+            unreadable += 1;
+            tracing::warn!("skipped an unreadable KV-event batch from {endpoint} ({unreadable} so far): {error}");
+        }
+        publish_nonempty(&publish, events);
+    }
+}
+
+fn publish_nonempty(publish: &impl Fn(Vec<KvEvent>), events: Vec<KvEvent>) {
+    if !events.is_empty() {
+        publish(events);
+    }
+}
+
+fn seq_of(frame: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(frame.try_into().ok()?))
+}
+
+/// Where the engine's numbered batches stand.
+struct Stream {
+    translator: EventTranslator,
+    /// The next batch's number, once one was seen.
+    expected: Option<u64>,
+    /// The last batch a replay gave, until a live one past it arrives (live ones up to it are duplicates).
+    replayed_to: Option<u64>,
+}
+
+impl Stream {
+    /// Translates batch `seq` into `events`.
+    fn apply(&mut self, seq: u64, payload: &[u8], events: &mut Vec<KvEvent>) -> Result<(), String> {
+        self.expected = Some(seq.wrapping_add(1));
+        let batch = decode_msgpack_batch(payload).map_err(|e| e.to_string())?;
+        events.extend(batch.events.iter().filter_map(|event| self.translator.translate(event)));
+        Ok(())
+    }
+
+    /// A clear, for when what was missed cannot be had.
+    fn forget(&mut self, why: &str) -> Option<KvEvent> {
+        tracing::warn!("the engine's KV events: {why}; its index is rebuilt from what it stores next");
+        self.translator.translate(&ExternalEvent::Cleared)
+    }
+
+    /// The events of the engine's history from batch `from` on, or a clear when it no longer reaches back
+    /// that far (or cannot be read).
+    async fn catch_up(&mut self, context: &Context, replay: &str, from: u64) -> Vec<KvEvent> {
+        let mut events = Vec::new();
+        let history = match tokio::time::timeout(REPLAY_TIMEOUT, history(context, replay, from)).await {
+            Ok(Ok(history)) => history,
+            Ok(Err(error)) => {
+                events.extend(self.forget(&format!("its history at {replay} could not be read ({error})")));
+                return events;
+            }
+            Err(_) => {
+                events.extend(self.forget(&format!("its history at {replay} did not come within {REPLAY_TIMEOUT:?}")));
+                return events;
+            }
+        };
+        // A first start may find the history trimmed (nothing before it had children to lose); a gap must be
+        // filled from exactly where it began.
+        match history.first() {
+            Some((first, _)) if from > 0 && *first != from => {
+                events.extend(self.forget(&format!("its history starts at {first}, after the gap at {from}")));
+            }
+            None if from > 0 => events.extend(self.forget(&format!("its history has nothing from {from} on"))),
+            _ => {}
+        }
+        for (seq, payload) in &history {
+            if let Err(error) = self.apply(*seq, payload, &mut events) {
+                tracing::warn!("skipped an unreadable KV-event batch of the engine's history: {error}");
             }
         }
-        if !events.is_empty() {
-            publish(events);
+        self.replayed_to = history.last().map(|(seq, _)| *seq);
+        events
+    }
+}
+
+/// The batches the engine's replay socket still holds from `from` on, in order.
+async fn history(context: &Context, replay: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let socket = context.socket(zmq::DEALER).map_err(|e| e.to_string())?;
+    socket.set_maxmsgsize(MAX_EVENT_MESSAGE).map_err(|e| e.to_string())?;
+    socket.set_linger(0).map_err(|e| e.to_string())?;
+    socket.connect(replay).map_err(|e| e.to_string())?;
+    socket.send_multipart([&b""[..], &from.to_be_bytes()], 0).map_err(|e| e.to_string())?;
+    let mut reader = SocketReader::new(socket).map_err(|e| e.to_string())?;
+    let mut batches = Vec::new();
+    loop {
+        let frames = reader.recv().await.map_err(|e| e.to_string())?;
+        let [_, seq, payload] = &frames[..] else { return Err(format!("a reply of {} frames", frames.len())) };
+        match seq_of(seq) {
+            Some(END_OF_REPLAY) => return Ok(batches),
+            Some(seq) if batches.len() < MAX_REPLAY => batches.push((seq, payload.to_vec())),
+            Some(_) => return Err(format!("more than {MAX_REPLAY} batches")),
+            None => return Err("a reply whose number is not 8 bytes".into()),
         }
     }
 }
@@ -102,18 +219,23 @@ mod tests {
         let endpoint = publisher.get_last_endpoint().unwrap().unwrap();
         let seen: Arc<Mutex<Vec<KvEvent>>> = Arc::default();
         let sink = seen.clone();
-        let _follow = crate::core::AbortOnDrop(tokio::spawn(follow(endpoint, 4, move |events| {
+        let _follow = crate::core::AbortOnDrop(tokio::spawn(follow(endpoint, None, 4, move |events| {
             sink.lock().unwrap().extend(events)
         })));
         let send =
             |seq: u64, payload: &[u8]| publisher.send_multipart([&b"kv"[..], &seq.to_be_bytes(), payload], 0).unwrap();
-        // PUB drops what it sends before the subscriber is connected: send until the first arrives.
+        // PUB drops what it sends before the subscriber is connected: send, numbered on, until one arrives (the
+        // first one seen is where this subscriber starts; no loss).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut seq = 0;
         while seen.lock().unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "no event arrived");
-            send(0, &stored(&[11, 12], None, 0..8));
+            send(seq, &stored(&[11, 12], None, 0..8));
+            seq += 1;
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // One still on its way when the first arrived would land after this.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let wait_for = |count: usize| {
             let seen = seen.clone();
             async move {
@@ -136,10 +258,98 @@ mod tests {
         let before = seen.lock().unwrap().len();
         // A frame that is not the engines' framing, then a batch after a lost one: the index is cleared.
         publisher.send_multipart([&b"kv"[..], b"short"], 0).unwrap();
-        send(7, &stored(&[13], Some(12), 8..12));
+        send(seq + 7, &stored(&[13], Some(12), 8..12));
         let events = wait_for(before + 1).await;
         assert_eq!(events[before], KvEvent::Cleared, "{events:?}");
         // The child of a block stored before the clear has no known parent now: dropped, not guessed.
         assert_eq!(events.len(), before + 1, "{events:?}");
+    }
+
+    /// The batches an engine keeps for replay: (number, payload).
+    type Buffered = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+    /// vLLM's replay socket: a ROUTER answering `["", start]` with the buffered batches from there, then the end
+    /// marker; serves until `stop`.
+    fn replay_server(
+        context: &zmq::Context,
+        buffer: Buffered,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let router = context.socket(zmq::ROUTER).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        router.set_rcvtimeo(50).unwrap();
+        let endpoint = router.get_last_endpoint().unwrap().unwrap();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(frames) = router.recv_multipart(0) else { continue };
+                let [identity, _, start] = &frames[..] else { continue };
+                let start = u64::from_be_bytes(start[..].try_into().unwrap());
+                for (seq, payload) in buffer.lock().unwrap().iter().filter(|(seq, _)| *seq >= start) {
+                    router.send_multipart([&identity[..], b"", &seq.to_be_bytes(), payload], 0).unwrap();
+                }
+                router.send_multipart([&identity[..], b"", &u64::MAX.to_be_bytes(), b""], 0).unwrap();
+            }
+        });
+        (endpoint, thread)
+    }
+
+    #[tokio::test]
+    async fn history_from_the_replay_socket_keeps_old_parents_and_fills_gaps() {
+        let context = zmq::Context::new();
+        let publisher = context.socket(zmq::PUB).unwrap();
+        publisher.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = publisher.get_last_endpoint().unwrap().unwrap();
+        let buffer: Buffered = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (replay, server) = replay_server(&context, buffer.clone(), stop.clone());
+        // Batch k stores block k (tokens 4k..4k+4), child of block k - 1: one chain.
+        let batch =
+            |k: u32| stored(&[100 + u64::from(k)], k.checked_sub(1).map(|p| 100 + u64::from(p)), 4 * k..4 * k + 4);
+        let record = |k: u32| buffer.lock().unwrap().push((u64::from(k), batch(k)));
+        let send = |k: u32| publisher.send_multipart([&b"kv"[..], &u64::from(k).to_be_bytes(), &batch(k)], 0).unwrap();
+        // Two batches before the worker joins: without the history, every later block would be an orphan.
+        record(0);
+        record(1);
+        let seen: Arc<Mutex<Vec<KvEvent>>> = Arc::default();
+        let sink = seen.clone();
+        let _follow = crate::core::AbortOnDrop(tokio::spawn(follow(endpoint, Some(replay), 4, move |events| {
+            sink.lock().unwrap().extend(events)
+        })));
+        let stored_blocks = |seen: &[KvEvent]| -> Vec<u64> {
+            seen.iter()
+                .flat_map(|e| match e {
+                    KvEvent::Stored { blocks, .. } => blocks.iter().map(|b| b.hash).collect(),
+                    _ => vec![],
+                })
+                .collect()
+        };
+        // Live batches from 2 on; the first ones are lost while the subscription connects, and come from
+        // the history as gaps instead.
+        let mut k = 2;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored_blocks(&seen.lock().unwrap()).len() < k as usize {
+            assert!(std::time::Instant::now() < deadline, "{:?}", seen.lock().unwrap());
+            record(k);
+            send(k);
+            k += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        // One more lost on purpose, then the next: the gap is filled.
+        record(k);
+        record(k + 1);
+        send(k + 1);
+        let total = k as usize + 2;
+        while stored_blocks(&seen.lock().unwrap()).len() < total {
+            assert!(std::time::Instant::now() < deadline, "{:?}", seen.lock().unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.join().unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(!seen.contains(&KvEvent::Cleared), "{seen:?}");
+        // Every block, in order, under our own chained hashes of one prompt.
+        let tokens: Vec<u32> = (0..4 * total as u32).collect();
+        let ours: Vec<u64> = crate::core::tokens::block_hashes(&tokens, 4).iter().map(|h| h.sequence).collect();
+        assert_eq!(stored_blocks(&seen), ours);
     }
 }

@@ -44,6 +44,8 @@ pub struct ExternalSettings {
     pub url: String,
     /// The engine's KV-event publisher (`tcp://host:port`), when it publishes them.
     pub kv_events: Option<String>,
+    /// Its replay socket (vLLM's `replay_endpoint`), for the history of those events.
+    pub kv_events_replay: Option<String>,
     /// Where its Prometheus metrics are [default: `/metrics` of `url`].
     pub metrics_url: Option<String>,
     /// Tokens per KV block, which must be the engine's (its events are split into blocks of this size).
@@ -141,7 +143,9 @@ impl ExternalEngine {
         let mut tasks = vec![crate::core::AbortOnDrop(tokio::spawn(watch_load(shared.clone())))];
         if let Some(endpoint) = &settings.kv_events {
             let sink = shared.clone();
-            let follow = events::follow(endpoint.clone(), settings.block_size, move |events| sink.publish_kv(events));
+            let replay = settings.kv_events_replay.clone();
+            let follow =
+                events::follow(endpoint.clone(), replay, settings.block_size, move |events| sink.publish_kv(events));
             tasks.push(crate::core::AbortOnDrop(tokio::spawn(follow)));
         }
         Ok(Self { shared, _tasks: tasks })
