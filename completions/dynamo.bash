@@ -335,7 +335,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -622,7 +622,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__http)
-            opts="-v -h -V --concurrency --rate --requests --max-tokens --workers --speedup --engine-url --model --kv-events --block-size --json --verbose --help --version"
+            opts="-v -h -V --concurrency --rate --requests --max-tokens --workers --speedup --engine-url --engine --model --kv-events --block-size --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -654,6 +654,10 @@ _dynamo() {
                     ;;
                 --engine-url)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine)
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --model)
@@ -1023,7 +1027,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1493,7 +1497,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1591,7 +1595,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1939,7 +1943,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)

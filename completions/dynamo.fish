@@ -66,7 +66,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l disagg-threshold -
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-queue-limit -d 'Prefills in flight per prefill worker past which it takes no more; when all are full, prompts are prefilled on their decode worker rather than wait' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
-vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -75,10 +76,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native:
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
@@ -102,7 +103,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'C
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
-vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -111,10 +113,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Nati
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -137,7 +139,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l namespace -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
-vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -146,10 +149,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -225,7 +228,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l decode-tokens 
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l repeats -d 'Times each prefill is measured (the median counts)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
-vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -234,10 +238,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -264,12 +268,16 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l workers -d 'Mocker workers behind the frontend [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l speedup -d 'Mocker speedup; high so the engine\'s simulated time does not hide the frontend [default: 1e6]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine-url -d 'A running vLLM server (or one that speaks its API): compare calling it directly with calling it through `dynamo route` and `dynamo decode --engine vllm`, started by the benchmark' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine -d 'With --engine-url: which engine it is (vllm or sglang) [default: vllm]' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
+mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l model -d 'With --engine-url: the engine\'s checkpoint directory (the worker\'s --model)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l kv-events -d 'With --engine-url: the engine\'s KV-event publisher, passed to the worker' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l block-size -d 'With --engine-url: tokens per KV block of the engine' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l trace -d 'Mooncake-format trace (JSON lines with timestamp, input_length, output_length, hash_ids)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from index" -l workers -d 'Simulated workers the trace is routed over' -r
@@ -320,7 +328,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-tokens -d 'Tokens each request generates' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
-vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'"
+vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -329,10 +338,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events-replay -d 'vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'vLLM: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

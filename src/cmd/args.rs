@@ -19,6 +19,8 @@ pub enum EngineKind {
     Mocker,
     /// A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics.
     Vllm,
+    /// A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics).
+    Sglang,
 }
 
 /// Flags of the engine every worker runs (the scheduler's are shared by both engines).
@@ -65,21 +67,21 @@ pub struct EngineArgs {
     #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
     pub speedup: f64,
 
-    /// vLLM: its OpenAI-compatible server, http://HOST:PORT (required with --engine vllm).
-    #[arg(long, value_name = "URL", required_if_eq("engine", "vllm"))]
+    /// vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang).
+    #[arg(long, value_name = "URL", required_if_eq_any([("engine", "vllm"), ("engine", "sglang")]))]
     pub engine_url: Option<String>,
 
-    /// vLLM: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without
-    /// it the routers see no KV of this worker and route to it by load only.
+    /// vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557);
+    /// without it the routers see no KV of this worker and route to it by load only.
     #[arg(long, value_name = "ENDPOINT")]
     pub kv_events: Option<String>,
 
-    /// vLLM: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker
+    /// vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker
     /// starts from the engine's event history and fills gaps from it.
     #[arg(long, value_name = "ENDPOINT", requires = "kv_events")]
     pub kv_events_replay: Option<String>,
 
-    /// vLLM: its Prometheus metrics [default: /metrics of --engine-url]
+    /// vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
 }
@@ -98,7 +100,9 @@ impl EngineArgs {
         if let (EngineKind::Native | EngineKind::Mocker, Some((flag, _))) =
             (self.engine, external.iter().find(|(_, value)| value.is_some()))
         {
-            anyhow::bail!("{flag} is for an external engine (--engine vllm); this worker runs its own engine");
+            anyhow::bail!(
+                "{flag} is for an external engine (--engine vllm or sglang); this worker runs its own engine"
+            );
         }
         let scheduler = SchedulerConfig {
             block_size: self.block_size as usize,
@@ -118,8 +122,8 @@ impl EngineArgs {
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
             }),
-            EngineKind::Vllm => EngineSettings::External(ExternalSettings {
-                kind: ExternalKind::Vllm,
+            EngineKind::Vllm | EngineKind::Sglang => EngineSettings::External(ExternalSettings {
+                kind: if self.engine == EngineKind::Vllm { ExternalKind::Vllm } else { ExternalKind::Sglang },
                 url: self.engine_url.clone().unwrap_or_default(),
                 kv_events: self.kv_events.clone(),
                 kv_events_replay: self.kv_events_replay.clone(),

@@ -487,6 +487,10 @@ pub struct HttpArgs {
     #[arg(long, value_name = "URL", requires = "model")]
     pub engine_url: Option<String>,
 
+    /// With --engine-url: which engine it is (vllm or sglang) [default: vllm]
+    #[arg(long, value_enum, requires = "engine_url")]
+    pub engine: Option<super::args::EngineKind>,
+
     /// With --engine-url: the engine's checkpoint directory (the worker's --model).
     #[arg(long, value_name = "DIR", requires = "engine_url")]
     pub model: Option<PathBuf>,
@@ -602,10 +606,18 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     let mut loads: Vec<Load> = args.concurrency.iter().map(|&c| Load::Concurrency(c.max(1))).collect();
     loads.extend(args.rate.iter().filter(|r| **r > 0.0).map(|&r| Load::Rate(r)));
     if let (Some(url), Some(model_dir)) = (args.engine_url, args.model) {
+        use super::args::EngineKind;
+        let kind = match args.engine.unwrap_or(EngineKind::Vllm) {
+            EngineKind::Vllm => ExternalKind::Vllm,
+            EngineKind::Sglang => ExternalKind::Sglang,
+            EngineKind::Native | EngineKind::Mocker => {
+                anyhow::bail!("--engine with --engine-url names the engine at that URL: vllm or sglang")
+            }
+        };
         let settings = http::ExternalBenchSettings {
             binary: std::env::current_exe()?,
             engine: ExternalSettings {
-                kind: ExternalKind::Vllm,
+                kind,
                 url,
                 kv_events: args.kv_events,
                 kv_events_replay: None,
@@ -619,8 +631,11 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
         };
         println!(
             "dynamo bench http: streaming chat completions, {} tokens each, {} requests per level and path: \
-             direct = the engine at {}, http = through dynamo route and dynamo decode --engine vllm",
-            args.max_tokens, args.requests, settings.engine.url
+             direct = the engine at {}, http = through dynamo route and dynamo decode --engine {}",
+            args.max_tokens,
+            args.requests,
+            settings.engine.url,
+            kind.name()
         );
         let results = super::runtime()?.block_on(http::run_external(settings))?;
         print!("{}", http::table(&results));

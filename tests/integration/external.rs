@@ -50,6 +50,7 @@ impl Double {
             .route("/v1/models", axum::routing::get(models))
             .route("/metrics", axum::routing::get(gauges))
             .route("/v1/completions", axum::routing::post(complete))
+            .route("/generate", axum::routing::post(generate))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -80,7 +81,11 @@ async fn gauges(State(state): State<Arc<DoubleState>>) -> axum::response::Respon
          vllm:num_requests_running{{engine=\"0\",model_name=\"double/model\"}} {running}.0\n\
          vllm:num_requests_waiting{{engine=\"0\",model_name=\"double/model\"}} 0.0\n\
          vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"double/model\"}} 0.125\n\
-         vllm:cache_config_info{{block_size=\"{BLOCK}\",cache_dtype=\"auto\",num_gpu_blocks=\"1024\"}} 1.0\n"
+         vllm:cache_config_info{{block_size=\"{BLOCK}\",cache_dtype=\"auto\",num_gpu_blocks=\"1024\"}} 1.0\n\
+         sglang:num_running_reqs{{tp_rank=\"0\"}} {running}.0\n\
+         sglang:num_queue_reqs{{tp_rank=\"0\"}} 0.0\n\
+         sglang:token_usage{{tp_rank=\"0\"}} 0.125\n\
+         sglang:cache_config_info{{page_size=\"{BLOCK}\",num_pages=\"1024\"}} 1.0\n"
     )
     .into_response()
 }
@@ -165,6 +170,59 @@ async fn complete(
         .unwrap()
 }
 
+/// SGLang's `/generate`: `input_ids` in, every chunk's `output_ids` all so far (SGLang's default) with
+/// `meta_info` counting them, the stop token kept, `[DONE]` at the end.
+async fn generate(
+    State(state): State<Arc<DoubleState>>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::response::Response {
+    state.requests.lock().unwrap().push(body.clone());
+    let prompt: Vec<u64> =
+        body["input_ids"].as_array().map_or(vec![], |p| p.iter().filter_map(Value::as_u64).collect());
+    publish_prompt_blocks(&state, &prompt);
+    state.running.fetch_add(1, Ordering::Relaxed);
+    let sampling = &body["sampling_params"];
+    let max_tokens = sampling["max_new_tokens"].as_u64().unwrap_or(16) as usize;
+    let stops: Vec<u64> =
+        sampling["stop_token_ids"].as_array().map_or(vec![], |s| s.iter().filter_map(Value::as_u64).collect());
+    let cached = (prompt.len() / BLOCK * BLOCK) as u64;
+    let guard = Abort { state: state.clone(), finished: false };
+    let first = next_token(*prompt.last().unwrap_or(&0) as u32);
+    let chunks = futures::stream::unfold(
+        (guard, first, Vec::<u32>::new(), false),
+        move |(mut guard, token, mut out, done)| {
+            let stops = stops.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                out.push(token);
+                let stop = stops.contains(&u64::from(token));
+                let finish = if stop {
+                    json!({"type": "stop", "matched": token})
+                } else if out.len() >= max_tokens {
+                    json!({"type": "length", "length": out.len()})
+                } else {
+                    Value::Null
+                };
+                let meta = json!({"id": "rid", "finish_reason": finish, "prompt_tokens": 0, "completion_tokens": out.len(),
+                              "cached_tokens": cached});
+                let mut text = format!("data: {}\n\n", json!({"text": null, "output_ids": out, "meta_info": meta}));
+                let last = !finish.is_null();
+                if last {
+                    guard.finished = true;
+                    text.push_str("data: [DONE]\n\n");
+                }
+                Some((Ok::<_, std::convert::Infallible>(text), (guard, next_token(token), out, last)))
+            }
+        },
+    );
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(chunks))
+        .unwrap()
+}
+
 /// The prompt's full blocks as one `BlockStored` (vLLM's map encoding, integer hashes chained from the root).
 fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
     use rmpv::Value as M;
@@ -200,8 +258,12 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
 }
 
 fn vllm_worker(double: &Double, file: &str, extra: &[&str]) -> Worker {
+    engine_worker("vllm", double, file, extra)
+}
+
+fn engine_worker(engine: &str, double: &Double, file: &str, extra: &[&str]) -> Worker {
     let mut command = dynamo();
-    command.args(["decode", "--engine", "vllm", "--engine-url", &double.base, "--kv-events", &double.kv_events]);
+    command.args(["decode", "--engine", engine, "--engine-url", &double.base, "--kv-events", &double.kv_events]);
     command.args(["--model", MODEL_DIR, "--discovery", file]).args(extra);
     Worker::start_with(&mut command)
 }
@@ -357,4 +419,29 @@ async fn a_vllm_worker_is_refused_without_its_model_or_with_another_block_size()
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("does not answer"), "{unreachable:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sglang_worker_speaks_generate_and_streams_its_tokens_back() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("sglang-forward");
+    let _worker = engine_worker("sglang", &double, &file, &[]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let prompt = "a prompt long enough to fill two blocks of sixteen tokens, so that the cache has a say";
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 5, "temperature": 0, "seed": 3});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    let request = &double.requests()[0];
+    let ids: Vec<u32> = serde_json::from_value(request["input_ids"].clone()).unwrap();
+    let sampling = &request["sampling_params"];
+    assert_eq!((sampling["max_new_tokens"].as_u64(), sampling["ignore_eos"].as_bool()), (Some(5), Some(true)));
+    assert!(sampling["stop_token_ids"].as_array().unwrap().contains(&json!(2)), "{request}");
+    // Cumulative output_ids in, each token once out; SGLang's cached count on the usage.
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*ids.last().unwrap(), 5)), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some((ids.len() / BLOCK * BLOCK) as u64)
+    );
 }

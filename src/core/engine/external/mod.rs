@@ -5,36 +5,119 @@
 //! Dropping a request's stream drops its HTTP response, which closes the connection: vLLM aborts a request
 //! whose client went away.
 //!
-//! SGLang and TensorRT-LLM speak other dialects (SGLang's `/generate`, TRT-LLM's polled events); each would
-//! be one more module beside `vllm`.
+//! Each engine's dialect is a module (`vllm`, `sglang`): the request it takes, the chunks it streams, the
+//! gauges it exposes. TensorRT-LLM (polled events, its own disaggregated parameters) would be one more.
 mod events;
 mod http;
 mod metrics;
+mod sglang;
 mod vllm;
 
 use super::{Engine, EngineError, KvLedger, ResponseStream, check_fits};
 use crate::core::protocol::{
-    EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId,
+    EngineOutput, FinishReason, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, TokenLogprob, WorkerId,
 };
 use http::{EngineHttp, EventStream};
+use serde::Deserialize;
+use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-pub use vllm::ServedModel;
 
 /// The external engines a worker can wrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExternalKind {
     Vllm,
+    Sglang,
 }
 
 impl ExternalKind {
     pub fn name(self) -> &'static str {
         match self {
             ExternalKind::Vllm => "vllm",
+            ExternalKind::Sglang => "sglang",
         }
     }
+
+    /// Where a streamed request goes, and its body.
+    fn request(self, request: &PreprocessedRequest, model: &str) -> (&'static str, Value) {
+        match self {
+            ExternalKind::Vllm => ("/v1/completions", vllm::completion_body(request, model)),
+            ExternalKind::Sglang => ("/generate", sglang::generate_body(request)),
+        }
+    }
+
+    /// One streamed event's data, of a request of which `delivered` tokens were already taken.
+    fn parse(self, data: &str, logprobs: bool, delivered: usize) -> Result<Delta, String> {
+        match self {
+            ExternalKind::Vllm => vllm::parse_chunk(data, logprobs),
+            ExternalKind::Sglang => sglang::parse_chunk(data, logprobs, delivered),
+        }
+    }
+
+    fn gauges(self, samples: &metrics::Samples) -> EngineGauges {
+        match self {
+            ExternalKind::Vllm => vllm::gauges(samples),
+            ExternalKind::Sglang => sglang::gauges(samples),
+        }
+    }
+}
+
+/// What one streamed chunk adds to the request.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    /// From the usage chunk, when the server counts cached prompt tokens (`--enable-prompt-tokens-details`).
+    pub cached_tokens: Option<u32>,
+    /// A usage chunk: the stream's last before `[DONE]`.
+    pub usage: bool,
+}
+
+/// The message of an OpenAI-style error body (`{"error": {"message"}}`, or vLLM's older `{"message"}`).
+pub fn error_message(body: &Value) -> String {
+    let message = body.get("error").map_or(body, |e| e).get("message").and_then(Value::as_str);
+    match message {
+        Some(message) => message.to_string(),
+        None => body.to_string().chars().take(300).collect(),
+    }
+}
+
+/// The served model: its name (what requests must say) and context length, from `/v1/models`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedModel {
+    pub id: String,
+    pub max_model_len: Option<u32>,
+}
+
+pub fn parse_models(body: &[u8]) -> Result<ServedModel, String> {
+    #[derive(Deserialize)]
+    struct Models {
+        data: Vec<Model>,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        id: String,
+        #[serde(default)]
+        max_model_len: Option<u32>,
+    }
+    let models: Models =
+        serde_json::from_slice(body).map_err(|e| format!("/v1/models is not an OpenAI model list: {e}"))?;
+    let first = models.data.into_iter().next().ok_or("/v1/models lists no model")?;
+    Ok(ServedModel { id: first.id, max_model_len: first.max_model_len })
+}
+
+/// What the engine's `/metrics` says about its load and KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineGauges {
+    pub running: u32,
+    pub waiting: u32,
+    /// Of the KV cache in use, 0 to 1.
+    pub kv_usage: f64,
+    pub block_size: Option<u32>,
+    pub num_blocks: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +165,7 @@ pub(crate) struct Shared {
     events: broadcast::Sender<KvEventBatch>,
     /// Recorded before each broadcast, so a snapshot covers what was sent.
     ledger: Mutex<KvLedger>,
-    gauges: Mutex<vllm::EngineGauges>,
+    gauges: Mutex<EngineGauges>,
     /// Requests this worker has forwarded and not seen end.
     in_flight: AtomicU32,
     alive: AtomicBool,
@@ -96,12 +179,12 @@ impl Shared {
         let _ = self.events.send(KvEventBatch { worker_id: self.id, events });
     }
 
-    async fn read_gauges(&self) -> Result<vllm::EngineGauges, String> {
+    async fn read_gauges(&self) -> Result<EngineGauges, String> {
         let (status, body) = self.metrics.get(&self.metrics_path).await?;
         if !status.is_success() {
             return Err(format!("{}{} answered {status}", self.metrics.base(), self.metrics_path));
         }
-        Ok(vllm::gauges(&metrics::Samples::parse(&String::from_utf8_lossy(&body))))
+        Ok(self.kind.gauges(&metrics::Samples::parse(&String::from_utf8_lossy(&body))))
     }
 }
 
@@ -173,7 +256,7 @@ async fn served_model(http: &EngineHttp, kind: ExternalKind) -> Result<ServedMod
         let reason = format!("/v1/models answered {status}");
         return Err(ExternalError::Unreachable { kind: kind.name(), url, reason });
     }
-    vllm::parse_models(&body).map_err(|reason| ExternalError::Mismatch { kind: kind.name(), url, reason })
+    parse_models(&body).map_err(|reason| ExternalError::Mismatch { kind: kind.name(), url, reason })
 }
 
 /// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that stops answering is not alive until it
@@ -283,8 +366,8 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
         let _ =
             sender.send(EngineOutput { finish_reason: Some(FinishReason::Error(reason)), ..EngineOutput::default() });
     };
-    let body = vllm::completion_body(&request, &shared.model);
-    let response = match shared.http.post_json("/v1/completions", &body, &request.request_id).await {
+    let (path, body) = shared.kind.request(&request, &shared.model);
+    let response = match shared.http.post_json(path, &body, &request.request_id).await {
         Ok(response) => response,
         Err(error) => {
             shared.alive.store(false, Ordering::Relaxed);
@@ -294,16 +377,16 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
     let status = response.status();
     if !status.is_success() {
         let body = http::read_bounded(response.into_body()).await.unwrap_or_default();
-        let message = serde_json::from_slice(&body).map_or_else(
-            |_| String::from_utf8_lossy(&body).chars().take(300).collect(),
-            |json| vllm::error_message(&json),
-        );
+        let message = serde_json::from_slice(&body)
+            .map_or_else(|_| String::from_utf8_lossy(&body).chars().take(300).collect(), |json| error_message(&json));
         return failed(format!("the {} engine refused the request ({status}): {message}", shared.kind.name()));
     }
     let mut stream = EventStream::new(response.into_body());
     let logprobs = request.logprobs.is_some();
     // The last tokens are held until the usage chunk after them says how many prompt tokens were cached.
     let mut last: Option<EngineOutput> = None;
+    let mut delivered = 0;
+    let mut cached_said = false;
     loop {
         let data = match stream.next().await {
             Ok(Some(data)) if data.trim() == "[DONE]" => break,
@@ -311,7 +394,7 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
             Ok(None) => break,
             Err(error) => return failed(error),
         };
-        let delta = match vllm::parse_chunk(&data, logprobs) {
+        let delta = match shared.kind.parse(&data, logprobs, delivered) {
             Ok(delta) => delta,
             Err(error) => return failed(error),
         };
@@ -321,10 +404,14 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
             }
             continue;
         }
+        delivered += delta.token_ids.len();
+        // Engines that say it on every chunk (SGLang) say it once here.
+        let cached_tokens = delta.cached_tokens.filter(|_| !std::mem::replace(&mut cached_said, true));
         let output = EngineOutput {
             token_ids: delta.token_ids,
             logprobs: delta.logprobs,
             finish_reason: delta.finish_reason,
+            cached_tokens,
             ..EngineOutput::default()
         };
         if output.finish_reason.is_some() {

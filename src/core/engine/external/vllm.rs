@@ -4,6 +4,7 @@
 //! logprobs keyed `token_id:N` (`return_tokens_as_token_ids`); `/v1/models` for the model's name and context;
 //! and the `vllm:` gauges of `/metrics` for load.
 use super::metrics::Samples;
+use super::{Delta, EngineGauges};
 use crate::core::protocol::{FinishReason, PreprocessedRequest, TokenLogprob};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -41,18 +42,6 @@ pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
         body["return_tokens_as_token_ids"] = json!(true);
     }
     body
-}
-
-/// What one streamed chunk adds to the request.
-#[derive(Debug, Default, PartialEq)]
-pub struct Delta {
-    pub token_ids: Vec<u32>,
-    pub logprobs: Vec<TokenLogprob>,
-    pub finish_reason: Option<FinishReason>,
-    /// From the usage chunk, when the server counts cached prompt tokens (`--enable-prompt-tokens-details`).
-    pub cached_tokens: Option<u32>,
-    /// A usage chunk: the stream's last before `[DONE]`.
-    pub usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -104,7 +93,7 @@ struct PromptTokensDetails {
 pub fn parse_chunk(data: &str, logprobs_asked: bool) -> Result<Delta, String> {
     let chunk: Chunk = serde_json::from_str(data).map_err(|e| format!("an unreadable stream chunk from vLLM: {e}"))?;
     if let Some(error) = chunk.error {
-        return Err(format!("vLLM failed the request: {}", error_message(&error)));
+        return Err(format!("vLLM failed the request: {}", super::error_message(&error)));
     }
     let mut delta = Delta::default();
     if let Some(usage) = chunk.usage {
@@ -175,50 +164,6 @@ fn finish(reason: &str, stop_reason: Option<Value>, ids: &[u32]) -> FinishReason
             FinishReason::Error(format!("vLLM finished the request with {other:?}, which this worker never asks for"))
         }
     }
-}
-
-/// The message of an OpenAI-style error body (`{"error": {"message"}}`, or vLLM's older `{"message"}`).
-pub fn error_message(body: &Value) -> String {
-    let message = body.get("error").map_or(body, |e| e).get("message").and_then(Value::as_str);
-    match message {
-        Some(message) => message.to_string(),
-        None => body.to_string().chars().take(300).collect(),
-    }
-}
-
-/// The served model: its name (what requests must say) and context length, from `/v1/models`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServedModel {
-    pub id: String,
-    pub max_model_len: Option<u32>,
-}
-
-pub fn parse_models(body: &[u8]) -> Result<ServedModel, String> {
-    #[derive(Deserialize)]
-    struct Models {
-        data: Vec<Model>,
-    }
-    #[derive(Deserialize)]
-    struct Model {
-        id: String,
-        #[serde(default)]
-        max_model_len: Option<u32>,
-    }
-    let models: Models =
-        serde_json::from_slice(body).map_err(|e| format!("/v1/models is not an OpenAI model list: {e}"))?;
-    let first = models.data.into_iter().next().ok_or("/v1/models lists no model")?;
-    Ok(ServedModel { id: first.id, max_model_len: first.max_model_len })
-}
-
-/// What the engine's `/metrics` says about its load and KV cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineGauges {
-    pub running: u32,
-    pub waiting: u32,
-    /// Of the KV cache in use, 0 to 1.
-    pub kv_usage: f64,
-    pub block_size: Option<u32>,
-    pub num_blocks: Option<u64>,
 }
 
 /// Summed over the engine's data-parallel ranks (one series each, label `engine`).
@@ -311,10 +256,10 @@ mod tests {
     fn the_model_list_names_the_model_and_its_context() {
         let body = br#"{"object":"list","data":[{"id":"Qwen/Qwen3-0.6B","object":"model","max_model_len":4096}]}"#;
         assert_eq!(
-            parse_models(body).unwrap(),
-            ServedModel { id: "Qwen/Qwen3-0.6B".into(), max_model_len: Some(4096) }
+            super::super::parse_models(body).unwrap(),
+            super::super::ServedModel { id: "Qwen/Qwen3-0.6B".into(), max_model_len: Some(4096) }
         );
-        assert!(parse_models(br#"{"data":[]}"#).unwrap_err().contains("no model"));
+        assert!(super::super::parse_models(br#"{"data":[]}"#).unwrap_err().contains("no model"));
     }
 
     #[test]
