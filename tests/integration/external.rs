@@ -30,6 +30,8 @@ struct DoubleState {
     down: AtomicBool,
     token_delay_ms: AtomicU64,
     events: Mutex<Option<(zmq::Socket, u64)>>,
+    /// Cuts the next stream (of whichever double shares it) off after two tokens, as an engine that dies does.
+    cut_next: Arc<AtomicBool>,
 }
 
 struct Double {
@@ -41,11 +43,17 @@ struct Double {
 
 impl Double {
     async fn start() -> Double {
+        Self::start_sharing(Arc::default()).await
+    }
+
+    /// A double that cuts the next stream off when `cut_next` is set, the flag shared with other doubles.
+    async fn start_sharing(cut_next: Arc<AtomicBool>) -> Double {
         let context = zmq::Context::new();
         let publisher = context.socket(zmq::PUB).expect("a PUB socket");
         publisher.bind("tcp://127.0.0.1:*").expect("binds");
         let kv_events = publisher.get_last_endpoint().expect("endpoint").expect("utf-8");
-        let state = Arc::new(DoubleState { events: Mutex::new(Some((publisher, 0))), ..DoubleState::default() });
+        let state =
+            Arc::new(DoubleState { events: Mutex::new(Some((publisher, 0))), cut_next, ..DoubleState::default() });
         let app = axum::Router::new()
             .route("/v1/models", axum::routing::get(models))
             .route("/metrics", axum::routing::get(gauges))
@@ -128,13 +136,17 @@ async fn complete(
     let first = next_token(*prompt.last().unwrap_or(&0) as u32);
     let guard = Abort { state: state.clone(), finished: false };
     let cached = (prompt.len() / BLOCK * BLOCK) as u64;
+    let cut = state.cut_next.clone();
     let chunks = futures::stream::unfold((guard, first, 0u64, false), move |(mut guard, token, sent, done)| {
-        let stops = stops.clone();
+        let (stops, cut) = (stops.clone(), cut.clone());
         async move {
             if done {
                 return None;
             }
             tokio::time::sleep(delay).await;
+            if sent == 2 && cut.swap(false, Ordering::Relaxed) {
+                return Some((Err(std::io::Error::other("the engine died")), (guard, token, sent, true)));
+            }
             let sent = sent + 1;
             let stop = stops.contains(&u64::from(token));
             let finish = if stop {
@@ -161,7 +173,7 @@ async fn complete(
                                "prompt_tokens_details": {"cached_tokens": cached}}});
                 text.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
             }
-            Some((Ok::<_, std::convert::Infallible>(text), (guard, next_token(token), sent, last)))
+            Some((Ok::<_, std::io::Error>(text), (guard, next_token(token), sent, last)))
         }
     });
     axum::response::Response::builder()
@@ -444,4 +456,34 @@ async fn an_sglang_worker_speaks_generate_and_streams_its_tokens_back() {
         answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
         Some((ids.len() / BLOCK * BLOCK) as u64)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_its_engine_loses_moves_to_another_worker_with_what_it_generated() {
+    let cut_next = Arc::new(AtomicBool::new(false));
+    let (one, two) = (Double::start_sharing(cut_next.clone()).await, Double::start_sharing(cut_next.clone()).await);
+    let (_, file) = cluster_file("vllm-lost");
+    let _workers = (vllm_worker(&one, &file, &[]), vllm_worker(&two, &file, &[]));
+    let router = route(&file);
+    wait_for_workers(&router, 2).await;
+    // Whichever engine gets it dies after two tokens; the other continues from there.
+    cut_next.store(true, Ordering::Relaxed);
+    let body = json!({"model": "tiny-chat", "prompt": "tell me more", "max_tokens": 6, "temperature": 0,
+                      "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(!cut_next.load(Ordering::Relaxed), "no stream was cut");
+    let requests: Vec<Value> = [one.requests(), two.requests()].concat();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let prompt: Vec<u32> = serde_json::from_value(requests[0]["prompt"].clone()).unwrap();
+    let prompt = if requests[0]["max_tokens"] == 6 {
+        prompt
+    } else {
+        serde_json::from_value(requests[1]["prompt"].clone()).unwrap()
+    };
+    // The same text as an uninterrupted run: two tokens from the first engine, four from the second.
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 6)), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 6, "{answer}");
+    let continued = requests.iter().find(|r| r["max_tokens"] == 4).expect("a continuation of 4 tokens");
+    assert_eq!(continued["prompt"].as_array().map(Vec::len), Some(prompt.len() + 2), "{continued}");
 }

@@ -161,8 +161,14 @@ type Tagged = ((Vec<u8>, u64), Option<EngineOutput>);
 /// goes from the engine to the socket with no task or channel of its own per request.
 #[derive(Default)]
 struct Streams {
-    open: HashMap<(Vec<u8>, u64), AbortHandle>,
+    open: HashMap<(Vec<u8>, u64), Open>,
     outputs: SelectAll<Pin<Box<dyn Stream<Item = Tagged> + Send>>>,
+}
+
+struct Open {
+    abort: AbortHandle,
+    /// Its final output (one with a finish reason) went out.
+    finished: bool,
 }
 
 impl Streams {
@@ -177,21 +183,46 @@ impl Streams {
         let tagged = outputs.map(Some).chain(ended).map(move |output| (tag.clone(), output));
         let (tagged, abort) = futures::stream::abortable(tagged);
         self.outputs.push(Box::pin(tagged));
-        self.open.insert(key, abort);
+        self.open.insert(key, Open { abort, finished: false });
+    }
+
+    /// What goes to the router for one item of a request's engine stream: its output, or, when the stream ended
+    /// before a final output (an engine that lost the request: an external server that went away), a refusal
+    /// that sends the request, with what it generated so far, to another worker. Nothing for the end of a
+    /// finished or cancelled request.
+    fn settle(&mut self, peer: &[u8], stream: u64, output: Option<EngineOutput>) -> Option<FromWorker> {
+        // The key is built only at a request's end: not once per token.
+        match output {
+            Some(output) => {
+                if output.finish_reason.is_some()
+                    && let Some(open) = self.open.get_mut(&(peer.to_vec(), stream))
+                {
+                    open.finished = true;
+                }
+                Some(FromWorker::Output { stream, output })
+            }
+            None => match self.open.remove(&(peer.to_vec(), stream)) {
+                Some(Open { finished: false, .. }) => Some(FromWorker::Refused {
+                    stream,
+                    reason: Refusal::Unavailable("the engine lost the request before it finished".into()),
+                }),
+                _ => None,
+            },
+        }
     }
 
     /// Stops a request: its engine stream is dropped, which cancels it in the engine. False if not open.
     fn cancel(&mut self, key: &(Vec<u8>, u64)) -> bool {
-        self.open.remove(key).inspect(AbortHandle::abort).is_some()
+        self.open.remove(key).inspect(|open| open.abort.abort()).is_some()
     }
 
     /// Stops every request of `peer`; returns how many.
     fn cancel_peer(&mut self, peer: &[u8]) -> u64 {
         let before = self.open.len();
-        self.open.retain(|(owner, _), abort| {
+        self.open.retain(|(owner, _), open| {
             let keep = owner != peer;
             if !keep {
-                abort.abort();
+                open.abort.abort();
             }
             keep
         });
@@ -290,11 +321,8 @@ async fn serve(
                 }
             }
             Some(((peer, stream), output)) = streams.outputs.next(), if !streams.outputs.is_empty() => {
-                match output {
-                    Some(output) => outbox.push(peer, FromWorker::Output { stream, output }),
-                    None => {
-                        streams.open.remove(&(peer, stream));
-                    }
+                if let Some(message) = streams.settle(&peer, stream, output) {
+                    outbox.push(peer, message);
                 }
             }
             Some((peer, message)) = queue.recv() => outbox.push(peer, message),
@@ -315,9 +343,10 @@ async fn serve(
         // Whatever else is ready goes out with it: one engine step yields an output per running request.
         for _ in 1..MAX_OUTPUTS_PER_FRAME {
             match streams.outputs.next().now_or_never() {
-                Some(Some(((peer, stream), Some(output)))) => outbox.push(peer, FromWorker::Output { stream, output }),
-                Some(Some(((peer, stream), None))) => {
-                    streams.open.remove(&(peer, stream));
+                Some(Some(((peer, stream), output))) => {
+                    if let Some(message) = streams.settle(&peer, stream, output) {
+                        outbox.push(peer, message);
+                    }
                 }
                 _ => match queue.try_recv() {
                     Ok((peer, message)) => outbox.push(peer, message),

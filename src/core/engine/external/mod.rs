@@ -359,19 +359,24 @@ impl Engine for ExternalEngine {
     }
 }
 
-/// Sends `request` to the engine and streams what comes back into `sender`; every way it can end sends one
-/// final output (an engine that fails says why in `FinishReason::Error`).
+/// Sends `request` to the engine and streams what comes back into `sender`. A request the engine refuses, or
+/// answers with what this worker cannot read, ends with `FinishReason::Error`; one it loses (unreachable, a 5xx,
+/// a stream cut off) ends with no final output, which the worker's request plane turns into a refusal that
+/// moves the request, with what it generated so far, to another worker.
 async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::UnboundedSender<EngineOutput>) {
+    let kind = shared.kind.name();
     let failed = |reason: String| {
         let _ =
             sender.send(EngineOutput { finish_reason: Some(FinishReason::Error(reason)), ..EngineOutput::default() });
     };
+    let lost =
+        |reason: String| tracing::warn!(request = %request.request_id, "the {kind} engine lost a request: {reason}");
     let (path, body) = shared.kind.request(&request, &shared.model);
     let response = match shared.http.post_json(path, &body, &request.request_id).await {
         Ok(response) => response,
         Err(error) => {
             shared.alive.store(false, Ordering::Relaxed);
-            return failed(format!("the {} engine is unreachable: {error}", shared.kind.name()));
+            return lost(format!("unreachable: {error}"));
         }
     };
     let status = response.status();
@@ -379,7 +384,10 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
         let body = http::read_bounded(response.into_body()).await.unwrap_or_default();
         let message = serde_json::from_slice(&body)
             .map_or_else(|_| String::from_utf8_lossy(&body).chars().take(300).collect(), |json| error_message(&json));
-        return failed(format!("the {} engine refused the request ({status}): {message}", shared.kind.name()));
+        if status.is_server_error() {
+            return lost(format!("it answered {status}: {message}"));
+        }
+        return failed(format!("the {kind} engine refused the request ({status}): {message}"));
     }
     let mut stream = EventStream::new(response.into_body());
     let logprobs = request.logprobs.is_some();
@@ -392,7 +400,7 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
             Ok(Some(data)) if data.trim() == "[DONE]" => break,
             Ok(Some(data)) => data,
             Ok(None) => break,
-            Err(error) => return failed(error),
+            Err(error) => return lost(error),
         };
         let delta = match shared.kind.parse(&data, logprobs, delivered) {
             Ok(delta) => delta,
@@ -424,6 +432,6 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
         Some(last) => {
             let _ = sender.send(last);
         }
-        None => failed(format!("the {} engine's stream ended before the request finished", shared.kind.name())),
+        None => lost("its stream ended before the request finished".into()),
     }
 }
