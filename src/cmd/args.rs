@@ -129,6 +129,7 @@ impl EngineArgs {
                 kv_events_replay: self.kv_events_replay.clone(),
                 metrics_url: self.engine_metrics.clone(),
                 block_size: self.block_size as usize,
+                kv_connector: false,
             }),
         })
     }

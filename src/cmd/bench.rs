@@ -623,6 +623,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
                 kv_events_replay: None,
                 metrics_url: None,
                 block_size: args.block_size as usize,
+                kv_connector: false,
             },
             model_dir,
             loads,

@@ -2,6 +2,7 @@
 //! planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs};
 use crate::core::engine::EngineSettings;
+use crate::core::engine::external::ExternalKind;
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
@@ -57,7 +58,8 @@ pub struct WorkerArgs {
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Take prompts' KV from prefill workers through a transfer agent (disaggregated serving; the native
-    /// engine on the CPU). Its address goes in the worker's record. Prefill workers always have one.
+    /// engine on the CPU). Its address goes in the worker's record. Prefill workers always have one. With
+    /// --engine vllm: the engine runs a KV connector (NixlConnector) and takes KV from vLLM prefill workers.
     #[arg(long, env = "DYNAMO_KV_TRANSFER", help_heading = "KV transfer")]
     pub kv_transfer: bool,
 
@@ -110,7 +112,7 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let model = args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin);
-    let engine = args.engine.settings()?;
+    let mut engine = args.engine.settings()?;
     if let (EngineSettings::External(external), ModelSource::Builtin) = (&engine, &model) {
         anyhow::bail!(
             "--engine {} needs --model DIR: the engine's checkpoint directory, whose tokenizer, chat template and \
@@ -118,19 +120,25 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
             external.kind.name()
         );
     }
-    if let EngineSettings::External(external) = &engine {
-        let kind = external.kind.name();
+    // An external engine's KV moves through the engine's own connector, never dynamo's transfer agent.
+    let mut transfer = args.transfer.settings(role)?;
+    if let EngineSettings::External(external) = &mut engine {
+        let kind = external.kind;
         anyhow::ensure!(
-            role == Role::Decode,
-            "dynamo {} --engine {kind}: handing KV over through {kind}'s own connector is not built yet; serve the \
-             engine whole with dynamo decode --engine {kind}",
-            role.name()
+            kind == ExternalKind::Vllm || transfer.is_none(),
+            "dynamo {} --engine {}{}: handing KV over through the engine's own connector is built for vLLM only; \
+             serve the engine whole with dynamo decode --engine {}",
+            role.name(),
+            kind.name(),
+            if role == Role::Decode { " --kv-transfer" } else { "" },
+            kind.name()
         );
         anyhow::ensure!(
-            args.transfer.settings(role)?.is_none(),
-            "--engine {kind} keeps its KV in the engine, which dynamo's transfer layer cannot reach: leave \
-             --kv-transfer out"
+            args.transfer.transfer_port == 0 && args.transfer.transfer_backend == TransferBackend::Auto,
+            "--engine {} moves KV through its own connector: --transfer-port and --transfer-backend do not apply",
+            kind.name()
         );
+        external.kv_connector = transfer.take().is_some();
     }
     let settings = WorkerSettings {
         model,
@@ -144,7 +152,7 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
             event_port: args.event_port,
             max_in_flight: args.max_in_flight as usize,
             key,
-            transfer: args.transfer.settings(role)?,
+            transfer,
         },
         drain_timeout: super::args::seconds(args.drain_timeout),
     };

@@ -127,6 +127,9 @@ async fn complete(
             .into_response();
     };
     publish_prompt_blocks(&state, &prompt);
+    if body["stream"] == false {
+        return prefill_answer(&body, &prompt).into_response();
+    }
     state.running.fetch_add(1, Ordering::Relaxed);
     let max_tokens = body["max_tokens"].as_u64().unwrap_or(16);
     let stops: Vec<u64> =
@@ -180,6 +183,23 @@ async fn complete(
         .header("content-type", "text/event-stream")
         .body(axum::body::Body::from_stream(chunks))
         .unwrap()
+}
+
+/// A whole (unstreamed) completion, as vLLM's prefill leg answers: with `kv_transfer_params.do_remote_decode`,
+/// the parameters a decode engine pulls the prompt's KV with.
+fn prefill_answer(body: &Value, prompt: &[u64]) -> axum::Json<Value> {
+    let max_tokens = body["max_tokens"].as_u64().unwrap_or(16) as usize;
+    let ids = expected_tokens(*prompt.last().unwrap_or(&0) as u32, max_tokens);
+    let mut answer = json!({"object": "text_completion", "choices": [{"index": 0, "text": "x", "token_ids": ids,
+                            "finish_reason": "length", "stop_reason": null}],
+                            "usage": {"prompt_tokens": prompt.len(), "completion_tokens": max_tokens}});
+    if body["kv_transfer_params"]["do_remote_decode"] == true {
+        let blocks: Vec<usize> = (0..prompt.len().div_ceil(BLOCK)).collect();
+        answer["kv_transfer_params"] = json!({"do_remote_prefill": true, "do_remote_decode": false,
+            "remote_block_ids": blocks, "remote_engine_id": "double-prefill", "remote_request_id": "p-1",
+            "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 1});
+    }
+    axum::Json(answer)
 }
 
 /// SGLang's `/generate`: `input_ids` in, every chunk's `output_ids` all so far (SGLang's default) with
@@ -486,4 +506,58 @@ async fn a_stream_its_engine_loses_moves_to_another_worker_with_what_it_generate
     assert_eq!(answer["usage"]["completion_tokens"], 6, "{answer}");
     let continued = requests.iter().find(|r| r["max_tokens"] == 4).expect("a continuation of 4 tokens");
     assert_eq!(continued["prompt"].as_array().map(Vec::len), Some(prompt.len() + 2), "{continued}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_prefill_and_decode_workers_hand_kv_over_through_vllms_own_protocol() {
+    let (prefill, decoder) = (Double::start().await, Double::start().await);
+    let (_, file) = cluster_file("vllm-disagg");
+    let mut command = dynamo();
+    command.args([
+        "prefill",
+        "--engine",
+        "vllm",
+        "--engine-url",
+        &prefill.base,
+        "--model",
+        MODEL_DIR,
+        "--discovery",
+        &file,
+    ]);
+    let _prefill = Worker::start_as("prefill", &mut command);
+    let _decode = vllm_worker(&decoder, &file, &["--kv-transfer"]);
+    let router = route(&file);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
+        if health["workers"] == 1 && health["prefill_workers"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never had both workers: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"model": "tiny-chat", "prompt": "a prompt for two roles", "max_tokens": 5, "temperature": 0,
+                      "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    // The prefill leg: one token, not streamed, asking vLLM to keep the KV for a remote decode.
+    let legs = prefill.requests();
+    assert_eq!(legs.len(), 1, "{legs:?}");
+    let leg = &legs[0];
+    assert_eq!((leg["stream"].as_bool(), leg["max_tokens"].as_u64()), (Some(false), Some(1)), "{leg}");
+    assert_eq!(leg["kv_transfer_params"]["do_remote_decode"], true, "{leg}");
+    // The decode leg: the original prompt and length, with the prefill's parameters verbatim.
+    let decoded = decoder.requests();
+    assert_eq!(decoded.len(), 1, "{decoded:?}");
+    assert_eq!(decoded[0]["prompt"], leg["prompt"]);
+    assert_eq!(decoded[0]["max_tokens"], 5);
+    assert_eq!(decoded[0]["kv_transfer_params"]["remote_engine_id"], "double-prefill", "{}", decoded[0]);
+    let sent: Vec<u64> = serde_json::from_value(leg["prompt"].clone()).unwrap();
+    let params = prefill_answer(leg, &sent).0["kv_transfer_params"].clone();
+    assert_eq!(decoded[0]["kv_transfer_params"], params, "the prefill's parameters, verbatim");
+    let prompt: Vec<u32> = serde_json::from_value(leg["prompt"].clone()).unwrap();
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 5)), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    let metrics = router.metrics().await;
+    assert_eq!(metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}"), Some(1.0), "{metrics}");
 }

@@ -48,6 +48,10 @@ pub struct HeldKv {
     /// Block `i` of the prompt is in page `i`.
     pub pages: Vec<u32>,
     pub layout: KvLayout,
+    /// For KV an external engine holds and its own connector moves (vLLM's `kv_transfer_params`, as JSON):
+    /// passed verbatim to the decode worker's engine; no pages, no agent.
+    #[serde(default)]
+    pub engine_params: Option<String>,
 }
 
 /// How an engine's KV pages sit in its transfer agent's regions: `regions` consecutive region ids from

@@ -43,6 +43,7 @@ fn held() -> impl Strategy<Value = HeldKv> {
             tokens,
             pages,
             layout: KvLayout { block_size, page_bytes, first_region, regions },
+            engine_params: None,
         })
 }
 

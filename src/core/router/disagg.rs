@@ -35,10 +35,17 @@ impl Router {
             return Err(Disagg::Short);
         }
         match self.choose_in(Pool::Prefill, &request.token_ids, &[]) {
-            Ok(prefill) if prefill.transfer_addr().is_some() => Ok(prefill),
+            Ok(prefill) if same_transfer(&prefill, decode) => Ok(prefill),
             Ok(_) => Err(Disagg::Unsupported),
             Err(RouteError::Busy { .. } | RouteError::Unavailable) => Err(Disagg::Busy),
             Err(_) => Err(Disagg::Unsupported),
         }
     }
+}
+
+/// Whether `prefill` can hand its KV to `decode`: both offer the same kind of transfer (`tcp://` agents of
+/// this project, or one external engine's own connector, `vllm://`).
+fn same_transfer(prefill: &Choice, decode: &Choice) -> bool {
+    let scheme = |addr: Option<String>| addr.and_then(|a| a.split_once("://").map(|(scheme, _)| scheme.to_string()));
+    scheme(prefill.transfer_addr()).is_some_and(|kind| Some(kind) == scheme(decode.transfer_addr()))
 }

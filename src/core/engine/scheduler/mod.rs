@@ -472,6 +472,7 @@ impl<X: Executor> Scheduler<X> {
                         tokens: seq.computed as u32,
                         pages: pages.clone(),
                         layout: KvLayout { block_size: self.config.block_size as u32, ..KvLayout::default() },
+                        engine_params: None,
                     };
                     if let Some((_, output)) = outcome.outputs.iter_mut().rev().find(|(id, _)| *id == seq.id) {
                         output.held = Some(held);
