@@ -37,6 +37,19 @@ pub async fn wait_for_workers(server: &Server, count: u64) {
     }
 }
 
+/// Waits until the router has `decode` decode workers and `prefill` prefill workers.
+pub async fn wait_for_roles(router: &Server, decode: u64, prefill: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
+        if health["workers"] == decode && health["prefill_workers"] == prefill {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the router never saw {decode} + {prefill} workers: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn completion(prompt: &str, max_tokens: u32) -> Value {
     json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }

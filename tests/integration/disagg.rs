@@ -4,7 +4,7 @@ use crate::cluster::over_workers;
 use crate::util::{Server, Worker, dynamo, metric};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn golden() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/tiny-chat.json");
@@ -77,15 +77,7 @@ async fn split_cluster(name: &str) -> (Worker, Worker, Server) {
     let decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
     let router =
         Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
-        if health["workers"] == 1 && health["prefill_workers"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the router never saw both workers: {health}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
     (prefill, decode, router)
 }
 

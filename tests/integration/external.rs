@@ -527,15 +527,7 @@ async fn vllm_prefill_and_decode_workers_hand_kv_over_through_vllms_own_protocol
     let _prefill = Worker::start_as("prefill", &mut command);
     let _decode = vllm_worker(&decoder, &file, &["--kv-transfer"]);
     let router = route(&file);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
-        if health["workers"] == 1 && health["prefill_workers"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the router never had both workers: {health}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
     let body = json!({"model": "tiny-chat", "prompt": "a prompt for two roles", "max_tokens": 5, "temperature": 0,
                       "ignore_eos": true});
     let (status, answer) = router.post_json("/v1/completions", body).await;
