@@ -81,6 +81,10 @@ pub struct EngineArgs {
     #[arg(long, value_name = "ENDPOINT", requires = "kv_events")]
     pub kv_events_replay: Option<String>,
 
+    /// SGLang prefill worker: the engine's --disaggregation-bootstrap-port, which decode engines fetch KV from.
+    #[arg(long, value_name = "PORT", default_value_t = crate::core::engine::external::SGLANG_BOOTSTRAP_PORT)]
+    pub engine_bootstrap_port: u16,
+
     /// vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
@@ -130,6 +134,7 @@ impl EngineArgs {
                 metrics_url: self.engine_metrics.clone(),
                 block_size: self.block_size as usize,
                 kv_connector: false,
+                bootstrap_port: self.engine_bootstrap_port,
             }),
         })
     }

@@ -624,6 +624,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
                 metrics_url: None,
                 block_size: args.block_size as usize,
                 kv_connector: false,
+                bootstrap_port: crate::core::engine::external::SGLANG_BOOTSTRAP_PORT,
             },
             model_dir,
             loads,

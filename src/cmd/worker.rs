@@ -2,7 +2,6 @@
 //! planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs};
 use crate::core::engine::EngineSettings;
-use crate::core::engine::external::ExternalKind;
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
@@ -124,15 +123,6 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let mut transfer = args.transfer.settings(role)?;
     if let EngineSettings::External(external) = &mut engine {
         let kind = external.kind;
-        anyhow::ensure!(
-            kind == ExternalKind::Vllm || transfer.is_none(),
-            "dynamo {} --engine {}{}: handing KV over through the engine's own connector is built for vLLM only; \
-             serve the engine whole with dynamo decode --engine {}",
-            role.name(),
-            kind.name(),
-            if role == Role::Decode { " --kv-transfer" } else { "" },
-            kind.name()
-        );
         anyhow::ensure!(
             args.transfer.transfer_port == 0 && args.transfer.transfer_backend == TransferBackend::Auto,
             "--engine {} moves KV through its own connector: --transfer-port and --transfer-backend do not apply",

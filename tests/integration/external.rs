@@ -212,6 +212,12 @@ async fn generate(
     let prompt: Vec<u64> =
         body["input_ids"].as_array().map_or(vec![], |p| p.iter().filter_map(Value::as_u64).collect());
     publish_prompt_blocks(&state, &prompt);
+    if body["stream"] == false {
+        // SGLang's prefill leg: answered whole.
+        let ids = expected_tokens(*prompt.last().unwrap_or(&0) as u32, 1);
+        let meta = json!({"finish_reason": {"type": "length", "length": 1}, "completion_tokens": 1});
+        return axum::Json(json!({"text": "x", "output_ids": ids, "meta_info": meta})).into_response();
+    }
     state.running.fetch_add(1, Ordering::Relaxed);
     let sampling = &body["sampling_params"];
     let max_tokens = sampling["max_new_tokens"].as_u64().unwrap_or(16) as usize;
@@ -294,10 +300,30 @@ fn vllm_worker(double: &Double, file: &str, extra: &[&str]) -> Worker {
 }
 
 fn engine_worker(engine: &str, double: &Double, file: &str, extra: &[&str]) -> Worker {
+    engine_worker_as("decode", engine, double, file, extra)
+}
+
+fn engine_worker_as(role: &str, engine: &str, double: &Double, file: &str, extra: &[&str]) -> Worker {
     let mut command = dynamo();
-    command.args(["decode", "--engine", engine, "--engine-url", &double.base, "--kv-events", &double.kv_events]);
+    command.args([role, "--engine", engine, "--engine-url", &double.base, "--kv-events", &double.kv_events]);
     command.args(["--model", MODEL_DIR, "--discovery", file]).args(extra);
-    Worker::start_with(&mut command)
+    Worker::start_as(role, &mut command)
+}
+
+/// A prefill worker in front of `prefill`, a decode worker that takes KV in front of `decoder`, and a router
+/// that sees both.
+async fn split_pair(
+    engine: &str,
+    prefill: &Double,
+    decoder: &Double,
+    file: &str,
+    extra: &[&str],
+) -> (Worker, Worker, Server) {
+    let prefill_worker = engine_worker_as("prefill", engine, prefill, file, extra);
+    let decode_worker = engine_worker(engine, decoder, file, &["--kv-transfer"]);
+    let router = route(file);
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    (prefill_worker, decode_worker, router)
 }
 
 fn expected_tokens(after: u32, count: usize) -> Vec<u32> {
@@ -512,22 +538,7 @@ async fn a_stream_its_engine_loses_moves_to_another_worker_with_what_it_generate
 async fn vllm_prefill_and_decode_workers_hand_kv_over_through_vllms_own_protocol() {
     let (prefill, decoder) = (Double::start().await, Double::start().await);
     let (_, file) = cluster_file("vllm-disagg");
-    let mut command = dynamo();
-    command.args([
-        "prefill",
-        "--engine",
-        "vllm",
-        "--engine-url",
-        &prefill.base,
-        "--model",
-        MODEL_DIR,
-        "--discovery",
-        &file,
-    ]);
-    let _prefill = Worker::start_as("prefill", &mut command);
-    let _decode = vllm_worker(&decoder, &file, &["--kv-transfer"]);
-    let router = route(&file);
-    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    let (_prefill, _decode, router) = split_pair("vllm", &prefill, &decoder, &file, &[]).await;
     let body = json!({"model": "tiny-chat", "prompt": "a prompt for two roles", "max_tokens": 5, "temperature": 0,
                       "ignore_eos": true});
     let (status, answer) = router.post_json("/v1/completions", body).await;
@@ -552,4 +563,27 @@ async fn vllm_prefill_and_decode_workers_hand_kv_over_through_vllms_own_protocol
     assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
     let metrics = router.metrics().await;
     assert_eq!(metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}"), Some(1.0), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_prefill_and_decode_legs_share_one_bootstrap_room() {
+    let (prefill, decoder) = (Double::start().await, Double::start().await);
+    let (_, file) = cluster_file("sglang-disagg");
+    let bootstrap = ["--engine-bootstrap-port", "9123"];
+    let (_prefill, _decode, router) = split_pair("sglang", &prefill, &decoder, &file, &bootstrap).await;
+    let body = json!({"model": "tiny-chat", "prompt": "two legs, one room", "max_tokens": 4, "temperature": 0,
+                      "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    // The prefill leg runs beside the decode leg; wait for it to have been sent.
+    wait_until("the prefill leg", Duration::from_secs(10), || !prefill.requests().is_empty()).await;
+    let (leg, decoded) = (prefill.requests()[0].clone(), decoder.requests()[0].clone());
+    assert_eq!(leg["bootstrap_host"], "127.0.0.1", "{leg}");
+    assert_eq!(leg["bootstrap_port"], 9123, "{leg}");
+    for field in ["bootstrap_host", "bootstrap_port", "bootstrap_room", "input_ids"] {
+        assert_eq!(leg[field], decoded[field], "{field}: {leg} vs {decoded}");
+    }
+    assert!(leg["bootstrap_room"].as_u64().is_some_and(|room| room < 1 << 63), "{leg}");
+    let prompt: Vec<u32> = serde_json::from_value(decoded["input_ids"].clone()).unwrap();
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 4)), "{answer}");
 }

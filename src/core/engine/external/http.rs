@@ -40,6 +40,11 @@ impl EngineHttp {
         &self.base
     }
 
+    /// The host of the engine's URL.
+    pub fn host(&self) -> Option<String> {
+        self.base.parse::<hyper::Uri>().ok()?.host().map(|h| h.trim_matches(['[', ']']).to_string())
+    }
+
     /// GET `path`, its status and body (at most `MAX_BODY`), within `ANSWER_TIMEOUT`.
     pub async fn get(&self, path: &str) -> Result<(hyper::StatusCode, Bytes), String> {
         let request = hyper::Request::get(format!("{}{path}", self.base))

@@ -8,6 +8,8 @@
 //! Each engine's dialect is a module (`vllm`, `sglang`): the request it takes, the chunks it streams, the
 //! gauges it exposes. TensorRT-LLM (polled events, its own disaggregated parameters) would be one more.
 mod events;
+mod handoff;
+pub use handoff::SGLANG_BOOTSTRAP_PORT;
 mod http;
 mod metrics;
 mod sglang;
@@ -15,7 +17,7 @@ mod vllm;
 
 use super::{Engine, EngineError, KvLedger, ResponseStream, check_fits};
 use crate::core::protocol::{
-    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, TokenLogprob,
+    EngineOutput, FinishReason, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, TokenLogprob,
     WorkerId,
 };
 use http::{EngineHttp, EventStream};
@@ -138,6 +140,8 @@ pub struct ExternalSettings {
     /// disaggregated serving through the engine's protocol: its record offers `vllm://HOST:PORT` as its
     /// transfer address, and a router pairs it only with workers that offer the same kind.
     pub kv_connector: bool,
+    /// SGLang: the prefill engine's `--disaggregation-bootstrap-port`, which decode engines fetch KV through.
+    pub bootstrap_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +178,7 @@ pub(crate) struct Shared {
     /// Requests this worker has forwarded and not seen end.
     in_flight: AtomicU32,
     kv_connector: bool,
+    bootstrap_port: u16,
     alive: AtomicBool,
 }
 
@@ -220,6 +225,7 @@ impl ExternalEngine {
             gauges: Mutex::default(),
             in_flight: AtomicU32::new(0),
             kv_connector: settings.kv_connector,
+            bootstrap_port: settings.bootstrap_port,
             alive: AtomicBool::new(true),
         });
         let gauges = shared.read_gauges().await.map_err(|e| unreachable(format!("its metrics: {e}")))?;
@@ -306,10 +312,9 @@ impl Engine for ExternalEngine {
             return Err(EngineError::Stopped);
         }
         let holds = matches!(request.hand_off, HandOff::Hold);
-        if holds && !(self.shared.kv_connector && self.shared.kind == ExternalKind::Vllm) {
+        if holds && !self.shared.kv_connector {
             return Err(EngineError::InvalidRequest(
-                "this worker's engine keeps no KV for a peer: only a vLLM engine with a KV connector does (dynamo \
-                 prefill --engine vllm)"
+                "this worker's engine keeps no KV for a peer: only one behind dynamo prefill --engine vllm|sglang does"
                     .into(),
             ));
         }
@@ -320,7 +325,13 @@ impl Engine for ExternalEngine {
             let closed = sender.clone();
             // A dropped stream ends the forwarding, which drops the response and closes its connection.
             tokio::select! {
-                () = async { if holds { prefill(&shared, request, &sender).await } else { forward(&shared, request, &sender).await } } => {}
+                () = async {
+                    if holds {
+                        handoff::prefill(&shared, request, &sender).await
+                    } else {
+                        forward(&shared, request, &sender).await
+                    }
+                } => {}
                 () = closed.closed() => {}
             }
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -372,85 +383,6 @@ impl Engine for ExternalEngine {
     }
 }
 
-/// The prefill leg of vLLM's disaggregated serving: the prompt computed with one token to generate and its KV
-/// kept for a decode worker (`kv_transfer_params.do_remote_decode`); the final output names it by the
-/// parameters vLLM returns, for the decode worker's engine to pull. The token is left out: the decode worker
-/// generates from the prompt, as vLLM's own proxies do. When vLLM kept nothing (the one token ended the
-/// request, or no connector), the output says so and the decode worker computes the prompt.
-async fn prefill(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::UnboundedSender<EngineOutput>) {
-    let (_, mut body) = shared.kind.request(&request, &shared.model);
-    if let Some(fields) = body.as_object_mut() {
-        for field in ["stream_options", "min_tokens"] {
-            fields.remove(field);
-        }
-    }
-    body["stream"] = false.into();
-    body["max_tokens"] = 1.into();
-    body["kv_transfer_params"] = serde_json::json!({
-        "do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null, "remote_block_ids": null,
-        "remote_host": null, "remote_port": null,
-    });
-    let answer = async {
-        let response = shared.http.post_json("/v1/completions", &body, &request.request_id).await?;
-        let status = response.status();
-        let body = http::read_bounded(response.into_body()).await?;
-        let json: Value =
-            serde_json::from_slice(&body).map_err(|e| format!("vLLM's prefill answer is not JSON ({status}): {e}"))?;
-        if !status.is_success() {
-            return Err(format!("vLLM refused the prefill ({status}): {}", error_message(&json)));
-        }
-        Ok(json)
-    };
-    let answer = match answer.await {
-        Ok(answer) => answer,
-        Err(error) => {
-            let _ = sender
-                .send(EngineOutput { finish_reason: Some(FinishReason::Error(error)), ..EngineOutput::default() });
-            return;
-        }
-    };
-    let choice = &answer["choices"][0];
-    let cached_tokens = answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().map(|c| c as u32);
-    let params = answer.get("kv_transfer_params").filter(|p| !p.is_null());
-    let output = match (choice["finish_reason"].as_str(), params) {
-        (Some("length"), params) => EngineOutput {
-            finish_reason: Some(FinishReason::Length),
-            cached_tokens,
-            held: params.map(|params| HeldKv {
-                agent: String::new(),
-                lease: 0,
-                tokens: request.token_ids.len() as u32,
-                pages: Vec::new(),
-                layout: Default::default(),
-                engine_params: Some(params.to_string()),
-            }),
-            ..EngineOutput::default()
-        },
-        // The one token ended the request (a stop token): that is the whole answer.
-        (Some("stop"), _) => {
-            let token_ids: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).unwrap_or_default();
-            let stop = choice["stop_reason"].as_u64().map(|id| id as u32).or(token_ids.last().copied());
-            match stop {
-                Some(id) => EngineOutput {
-                    token_ids: vec![id],
-                    finish_reason: Some(FinishReason::StopToken(id)),
-                    cached_tokens,
-                    ..EngineOutput::default()
-                },
-                None => EngineOutput {
-                    finish_reason: Some(FinishReason::Error("vLLM stopped the prefill on no token".into())),
-                    ..EngineOutput::default()
-                },
-            }
-        }
-        (other, _) => EngineOutput {
-            finish_reason: Some(FinishReason::Error(format!("vLLM ended the prefill with {other:?}"))),
-            ..EngineOutput::default()
-        },
-    };
-    let _ = sender.send(output);
-}
-
 /// Sends `request` to the engine and streams what comes back into `sender`. A request the engine refuses, or
 /// answers with what this worker cannot read, ends with `FinishReason::Error`; one it loses (unreachable, a 5xx,
 /// a stream cut off) ends with no final output, which the worker's request plane turns into a refusal that
@@ -464,12 +396,12 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
     let lost =
         |reason: String| tracing::warn!(request = %request.request_id, "the {kind} engine lost a request: {reason}");
     let (path, mut body) = shared.kind.request(&request, &shared.model);
-    // KV a vLLM prefill worker holds for this request: its engine pulls it (a decode worker without a
+    // KV a prefill worker's engine holds for this request: this engine pulls it (a decode worker without a
     // connector, or KV held otherwise, computes the prompt itself).
     if let HandOff::From(held) = &request.hand_off
         && let (true, Some(params)) = (shared.kv_connector, &held.engine_params)
     {
-        body["kv_transfer_params"] = serde_json::from_str(params).unwrap_or(Value::Null);
+        handoff::decode_leg(shared.kind, params, &mut body);
     }
     let response = match shared.http.post_json(path, &body, &request.request_id).await {
         Ok(response) => response,
