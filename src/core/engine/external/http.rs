@@ -25,9 +25,9 @@ impl EngineHttp {
     /// `base` is `http://host:port`; only plain HTTP (engines serve it on their own port).
     pub fn new(base: &str) -> Result<Self, String> {
         let base = base.trim_end_matches('/').to_string();
-        let uri: hyper::Uri = base.parse().map_err(|e| format!("--engine-url {base:?} is not a URL: {e}"))?;
+        let uri: hyper::Uri = base.parse().map_err(|e| format!("{base:?} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!("--engine-url {base:?} must be http://HOST:PORT (plain HTTP to the engine's server)"));
+            return Err(format!("{base:?} must be http://HOST:PORT (plain HTTP to the engine's server)"));
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(2)));

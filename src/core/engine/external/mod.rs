@@ -204,7 +204,7 @@ impl ExternalEngine {
     /// (refused if its block size is not `settings.block_size`), then follows its load and KV events.
     pub async fn connect(id: WorkerId, settings: &ExternalSettings) -> Result<Self, ExternalError> {
         let kind = settings.kind.name();
-        let http = EngineHttp::new(&settings.url).map_err(ExternalError::Settings)?;
+        let http = EngineHttp::new(&settings.url).map_err(|e| ExternalError::Settings(format!("--engine-url {e}")))?;
         let (metrics, metrics_path) = match &settings.metrics_url {
             Some(url) => split_url(url)?,
             None => (http.clone(), "/metrics".to_string()),
@@ -228,7 +228,13 @@ impl ExternalEngine {
             bootstrap_port: settings.bootstrap_port,
             alive: AtomicBool::new(true),
         });
-        let gauges = shared.read_gauges().await.map_err(|e| unreachable(format!("its metrics: {e}")))?;
+        let gauges = shared.read_gauges().await.map_err(|e| {
+            let hint = match settings.kind {
+                ExternalKind::Sglang => " (SGLang serves them with --enable-metrics)",
+                ExternalKind::Vllm => "",
+            };
+            unreachable(format!("its metrics{hint}: {e}"))
+        })?;
         if let Some(block_size) = gauges.block_size.filter(|&b| b as usize != settings.block_size) {
             return Err(mismatch(format!(
                 "it keeps KV in blocks of {block_size} tokens, this worker was told {} (pass --block-size {block_size})",
@@ -246,16 +252,11 @@ impl ExternalEngine {
         }
         Ok(Self { shared, _tasks: tasks })
     }
-
-    /// The name the engine serves its model under.
-    pub fn served_model(&self) -> &str {
-        &self.shared.model
-    }
 }
 
 /// The model an engine at `url` serves (its name and context), from its `/v1/models`.
 pub async fn served_model_at(url: &str, kind: ExternalKind) -> Result<ServedModel, ExternalError> {
-    served_model(&EngineHttp::new(url).map_err(ExternalError::Settings)?, kind).await
+    served_model(&EngineHttp::new(url).map_err(|e| ExternalError::Settings(format!("--engine-url {e}")))?, kind).await
 }
 
 async fn served_model(http: &EngineHttp, kind: ExternalKind) -> Result<ServedModel, ExternalError> {
@@ -298,7 +299,7 @@ fn split_url(url: &str) -> Result<(EngineHttp, String), ExternalError> {
     let uri: hyper::Uri = url.parse().map_err(|e| ExternalError::Settings(format!("--engine-metrics {url:?}: {e}")))?;
     let path = uri.path_and_query().map_or("/metrics".to_string(), |p| p.as_str().to_string());
     let base = format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()));
-    Ok((EngineHttp::new(&base).map_err(ExternalError::Settings)?, path))
+    Ok((EngineHttp::new(&base).map_err(|e| ExternalError::Settings(format!("--engine-metrics {e}")))?, path))
 }
 
 impl Engine for ExternalEngine {
