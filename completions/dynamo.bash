@@ -335,7 +335,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -661,7 +661,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --model)
@@ -1031,7 +1031,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1505,7 +1505,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1607,7 +1607,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)
@@ -1959,7 +1959,7 @@ _dynamo() {
                     return 0
                     ;;
                 --engine)
-                    COMPREPLY=($(compgen -W "native mocker vllm sglang" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "native mocker vllm sglang trtllm" -- "${cur}"))
                     return 0
                     ;;
                 --block-size)

@@ -67,7 +67,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-queue-limi
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -76,11 +77,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native:
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-bootstrap-port -d 'SGLang prefill worker: the engine\'s --disaggregation-bootstrap-port, which decode engines fetch KV from' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-metrics -d 'Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
@@ -105,7 +106,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-fil
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -114,11 +116,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Nati
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-bootstrap-port -d 'SGLang prefill worker: the engine\'s --disaggregation-bootstrap-port, which decode engines fetch KV from' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-metrics -d 'Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one. With --engine vllm: the engine runs a KV connector (NixlConnector) and takes KV from vLLM prefill workers'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -142,7 +144,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l cluster-key-fi
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -151,11 +154,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-bootstrap-port -d 'SGLang prefill worker: the engine\'s --disaggregation-bootstrap-port, which decode engines fetch KV from' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-metrics -d 'Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-transfer -d 'Take prompts\' KV from prefill workers through a transfer agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker\'s record. Prefill workers always have one. With --engine vllm: the engine runs a KV connector (NixlConnector) and takes KV from vLLM prefill workers'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
@@ -232,7 +235,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l repeats -d 'Ti
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -241,11 +245,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Nat
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-bootstrap-port -d 'SGLang prefill worker: the engine\'s --disaggregation-bootstrap-port, which decode engines fetch KV from' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-metrics -d 'Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -272,10 +276,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l workers -d 'Mocker workers behind the frontend [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l speedup -d 'Mocker speedup; high so the engine\'s simulated time does not hide the frontend [default: 1e6]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine-url -d 'A running vLLM server (or one that speaks its API): compare calling it directly with calling it through `dynamo route` and `dynamo decode --engine vllm`, started by the benchmark' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine -d 'With --engine-url: which engine it is (vllm or sglang) [default: vllm]' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l engine -d 'With --engine-url: which engine it is (vllm, sglang or trtllm) [default: vllm]' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l model -d 'With --engine-url: the engine\'s checkpoint directory (the worker\'s --model)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l kv-events -d 'With --engine-url: the engine\'s KV-event publisher, passed to the worker' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from http" -l block-size -d 'With --engine-url: tokens per KV block of the engine' -r
@@ -333,7 +338,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine -d 'Engine the workers run' -r -f -a "native\t'The built-in engine: runs the model\'s weights (Llama / Mistral / Qwen2 / Qwen3 safetensors) on the CPU'
 mocker\t'Simulated engine: real KV-cache bookkeeping, timing fitted to vLLM, no weights needed'
 vllm\t'A running vLLM server (--engine-url), put behind this worker: its OpenAI API, KV events and metrics'
-sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'"
+sglang\t'A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics)'
+trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
@@ -342,11 +348,11 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); without it the routers see no KV of this worker and route to it by load only' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events-replay -d 'vLLM / SGLang: its KV-event replay socket (replay_endpoint of --kv-events-config, e.g. tcp://HOST:5558): the worker starts from the engine\'s event history and fills gaps from it' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-bootstrap-port -d 'SGLang prefill worker: the engine\'s --disaggregation-bootstrap-port, which decode engines fetch KV from' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-metrics -d 'Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l no-prefix-caching -d 'Turn off prefix caching (no block reuse between requests)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'

@@ -21,6 +21,8 @@ pub enum EngineKind {
     Vllm,
     /// A running SGLang server (--engine-url): its /generate API, KV events and metrics (--enable-metrics).
     Sglang,
+    /// A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics.
+    Trtllm,
 }
 
 /// Flags of the engine every worker runs (the scheduler's are shared by both engines).
@@ -67,12 +69,17 @@ pub struct EngineArgs {
     #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
     pub speedup: f64,
 
-    /// vLLM / SGLang: its server, http://HOST:PORT (required with --engine vllm or sglang).
-    #[arg(long, value_name = "URL", required_if_eq_any([("engine", "vllm"), ("engine", "sglang")]))]
+    /// vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines).
+    #[arg(
+        long,
+        value_name = "URL",
+        required_if_eq_any([("engine", "vllm"), ("engine", "sglang"), ("engine", "trtllm")])
+    )]
     pub engine_url: Option<String>,
 
     /// vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557);
-    /// without it the routers see no KV of this worker and route to it by load only.
+    /// TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the
+    /// routers see no KV of this worker and route to it by load only.
     #[arg(long, value_name = "ENDPOINT")]
     pub kv_events: Option<String>,
 
@@ -85,7 +92,7 @@ pub struct EngineArgs {
     #[arg(long, value_name = "PORT", default_value_t = crate::core::engine::external::SGLANG_BOOTSTRAP_PORT)]
     pub engine_bootstrap_port: u16,
 
-    /// vLLM / SGLang: its Prometheus metrics [default: /metrics of --engine-url]
+    /// Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
 }
@@ -105,7 +112,7 @@ impl EngineArgs {
             (self.engine, external.iter().find(|(_, value)| value.is_some()))
         {
             anyhow::bail!(
-                "{flag} is for an external engine (--engine vllm or sglang); this worker runs its own engine"
+                "{flag} is for an external engine (--engine vllm, sglang or trtllm); this worker runs its own engine"
             );
         }
         let scheduler = SchedulerConfig {
@@ -126,8 +133,12 @@ impl EngineArgs {
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
             }),
-            EngineKind::Vllm | EngineKind::Sglang => EngineSettings::External(ExternalSettings {
-                kind: if self.engine == EngineKind::Vllm { ExternalKind::Vllm } else { ExternalKind::Sglang },
+            EngineKind::Vllm | EngineKind::Sglang | EngineKind::Trtllm => EngineSettings::External(ExternalSettings {
+                kind: match self.engine {
+                    EngineKind::Sglang => ExternalKind::Sglang,
+                    EngineKind::Trtllm => ExternalKind::Trtllm,
+                    _ => ExternalKind::Vllm,
+                },
                 url: self.engine_url.clone().unwrap_or_default(),
                 kv_events: self.kv_events.clone(),
                 kv_events_replay: self.kv_events_replay.clone(),

@@ -487,7 +487,7 @@ pub struct HttpArgs {
     #[arg(long, value_name = "URL", requires = "model")]
     pub engine_url: Option<String>,
 
-    /// With --engine-url: which engine it is (vllm or sglang) [default: vllm]
+    /// With --engine-url: which engine it is (vllm, sglang or trtllm) [default: vllm]
     #[arg(long, value_enum, requires = "engine_url")]
     pub engine: Option<super::args::EngineKind>,
 
@@ -610,8 +610,9 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
         let kind = match args.engine.unwrap_or(EngineKind::Vllm) {
             EngineKind::Vllm => ExternalKind::Vllm,
             EngineKind::Sglang => ExternalKind::Sglang,
+            EngineKind::Trtllm => ExternalKind::Trtllm,
             EngineKind::Native | EngineKind::Mocker => {
-                anyhow::bail!("--engine with --engine-url names the engine at that URL: vllm or sglang")
+                anyhow::bail!("--engine with --engine-url names the engine at that URL: vllm, sglang or trtllm")
             }
         };
         let settings = http::ExternalBenchSettings {

@@ -32,6 +32,8 @@ struct DoubleState {
     events: Mutex<Option<(zmq::Socket, u64)>>,
     /// Cuts the next stream (of whichever double shares it) off after two tokens, as an engine that dies does.
     cut_next: Arc<AtomicBool>,
+    /// TensorRT-LLM's events since the last `POST /kv_cache_events`.
+    trtllm_events: Mutex<Vec<Value>>,
 }
 
 struct Double {
@@ -59,6 +61,8 @@ impl Double {
             .route("/metrics", axum::routing::get(gauges))
             .route("/v1/completions", axum::routing::post(complete))
             .route("/generate", axum::routing::post(generate))
+            .route("/prometheus/metrics", axum::routing::get(trtllm_gauges))
+            .route("/kv_cache_events", axum::routing::post(trtllm_events))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -96,6 +100,19 @@ async fn gauges(State(state): State<Arc<DoubleState>>) -> axum::response::Respon
          sglang:cache_config_info{{page_size=\"{BLOCK}\",num_pages=\"1024\"}} 1.0\n"
     )
     .into_response()
+}
+
+async fn trtllm_gauges(State(state): State<Arc<DoubleState>>) -> String {
+    let running = state.running.load(Ordering::Relaxed);
+    format!(
+        "trtllm_num_requests_running{{model_name=\"m\"}} {running}\ntrtllm_num_requests_waiting{{model_name=\"m\"}} 0\n\
+         trtllm_kv_cache_utilization{{model_name=\"m\"}} 0.25\ntrtllm_kv_cache_tokens_per_block {BLOCK}\n\
+         trtllm_kv_cache_max_blocks 2048\n"
+    )
+}
+
+async fn trtllm_events(State(state): State<Arc<DoubleState>>) -> axum::Json<Value> {
+    axum::Json(Value::Array(std::mem::take(&mut *state.trtllm_events.lock().unwrap())))
 }
 
 /// Counts a stream that was dropped before its end: the client (the worker) went away.
@@ -288,6 +305,19 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
     let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::Nil]);
     let mut payload = Vec::new();
     rmpv::encode::write_value(&mut payload, &batch).unwrap();
+    // TensorRT-LLM's shape of the same event, for its polled endpoint.
+    let blocks: Vec<Value> = prompt
+        .chunks_exact(BLOCK)
+        .enumerate()
+        .map(|(i, block)| {
+            let tokens: Vec<Value> =
+                block.iter().map(|&t| json!({"type": "unique_token", "token_id": t, "token_extra_id": 0})).collect();
+            json!({"type": "stored_block", "block_hash": 1000 + i, "tokens": tokens, "cache_level": 0, "priority": 35})
+        })
+        .collect();
+    let stored =
+        json!({"event_id": 1, "window_size": 1024, "data": {"type": "stored", "parent_hash": null, "blocks": blocks}});
+    state.trtllm_events.lock().unwrap().push(stored);
     let mut events = state.events.lock().unwrap();
     if let Some((socket, seq)) = events.as_mut() {
         socket.send_multipart([&b""[..], &seq.to_be_bytes(), &payload], 0).unwrap();
@@ -586,4 +616,41 @@ async fn sglang_prefill_and_decode_legs_share_one_bootstrap_room() {
     assert!(leg["bootstrap_room"].as_u64().is_some_and(|room| room < 1 << 63), "{leg}");
     let prompt: Vec<u32> = serde_json::from_value(decoded["input_ids"].clone()).unwrap();
     assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 4)), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trtllm_worker_sends_only_its_fields_and_polls_its_kv_events() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("trtllm");
+    let events = format!("{}/kv_cache_events", double.base);
+    let mut command = dynamo();
+    command.args(["decode", "--engine", "trtllm", "--engine-url", &double.base, "--kv-events", &events]);
+    command.args(["--model", MODEL_DIR, "--discovery", &file]);
+    let _worker = Worker::start_with(&mut command);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let prompt = "a long prompt, for a TensorRT-LLM engine whose events are asked for rather than published";
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": true,
+                      "logprobs": 0});
+    let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let request = &double.requests()[0];
+    assert_eq!(request["detokenize"], false, "{request}");
+    assert!(request.get("return_token_ids").is_none() && request.get("return_tokens_as_token_ids").is_none());
+    let ids: Vec<u32> = serde_json::from_value(request["prompt"].clone()).unwrap();
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*ids.last().unwrap(), 3)), "{answer}");
+    assert_eq!(answer["choices"][0]["logprobs"]["token_logprobs"][0], -0.5, "{answer}");
+    // Alternatives keyed by text name no token: refused, not dropped.
+    let (status, refused) =
+        router.post_json("/v1/completions", json!({"model": "tiny-chat", "prompt": "x", "logprobs": 2})).await;
+    assert_eq!(status, 400, "{refused}");
+    // The polled events reach the router's index.
+    let overlap =
+        |metrics: &str| metric(metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while overlap(&router.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "the router never saw the engine's blocks");
+        assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -60,6 +60,8 @@ pub struct ChoiceDelta {
     /// `stop`, `length` or `abort`; set on the last delta of the choice.
     pub finish_reason: Option<&'static str>,
     pub error: Option<String>,
+    /// The error is the request's (a worker refused it as asked), not the server's.
+    pub invalid: bool,
     pub cached_tokens: Option<u32>,
     /// With `return_token_ids`: this step's tokens (a stop token too, as vLLM lists it), and on the choice's
     /// first delta its prompt's.
@@ -158,6 +160,11 @@ impl ChoiceState {
                 delta.error = Some(message.clone());
                 Some("abort")
             }
+            Some(FinishReason::Invalid(message)) => {
+                delta.error = Some(message.clone());
+                delta.invalid = true;
+                Some("abort")
+            }
         };
         if finish.is_some() {
             text.push_str(&self.decoder.flush(tokenizer));
@@ -229,7 +236,10 @@ pub async fn collect(mut deltas: Deltas, tracker: &mut Tracker) -> Result<Vec<Ch
     while let Some(delta) = deltas.next().await {
         tracker.observe(&delta);
         if let Some(error) = &delta.error {
-            return Err(ApiError::internal(error.clone()));
+            return Err(match delta.invalid {
+                true => ApiError::bad_request(None, error.clone()),
+                false => ApiError::internal(error.clone()),
+            });
         }
         all.push(delta);
     }

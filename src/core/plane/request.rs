@@ -822,7 +822,7 @@ async fn client(
                         }
                         FromWorker::Refused { stream, reason } => {
                             if let Some(outputs) = open.remove(&stream) {
-                                let message = match reason {
+                                let finish = match reason {
                                     // Ending without a finish reason sends the request to another worker.
                                     Refusal::Busy { limit } => {
                                         tracing::debug!("a worker at its limit of {limit} requests in flight refused one");
@@ -836,10 +836,10 @@ async fn client(
                                         tracing::debug!("a worker whose engine is unavailable refused a request: {reason}");
                                         continue;
                                     }
-                                    Refusal::Invalid(message) => message,
-                                    Refusal::Version { ours, yours } => format!("the worker speaks request-plane version {ours}, not {yours}"),
+                                    Refusal::Invalid(message) => FinishReason::Invalid(message),
+                                    Refusal::Version { ours, yours } => FinishReason::Error(format!("the worker speaks request-plane version {ours}, not {yours}")),
                                 };
-                                let _ = outputs.send(EngineOutput { finish_reason: Some(FinishReason::Error(message)), ..Default::default() });
+                                let _ = outputs.send(EngineOutput { finish_reason: Some(finish), ..Default::default() });
                             }
                         }
                         FromWorker::Unreadable { reason } => {

@@ -151,6 +151,9 @@ pub enum FinishReason {
     Length,
     Cancelled,
     Error(String),
+    /// The worker refused the request as asked (what it cannot do, not what went wrong): the client's to
+    /// change, answered as a 400 when nothing was generated yet.
+    Invalid(String),
 }
 
 /// What an engine streams per step for one request.

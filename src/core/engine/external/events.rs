@@ -9,10 +9,11 @@
 //! numbers is filled from it. Without one, or when the history no longer reaches back far enough, a gap
 //! clears what the routers know of the engine and what it stores from then on is relearned. Numbers that go
 //! back mean the engine restarted: its cache is gone, and so is the routers' view of it.
+use super::http::EngineHttp;
 use crate::core::indexer::EventTranslator;
 use crate::core::plane::{Context, MAX_EVENT_MESSAGE, SocketReader};
 use crate::core::protocol::KvEvent;
-use crate::core::protocol::external::{ExternalEvent, decode_msgpack_batch};
+use crate::core::protocol::external::{ExternalEvent, decode_msgpack_batch, decode_trtllm_json};
 use std::time::Duration;
 
 /// How long the engine's history may take to arrive.
@@ -109,6 +110,37 @@ fn publish_nonempty(publish: &impl Fn(Vec<KvEvent>), events: Vec<KvEvent>) {
 
 fn seq_of(frame: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(frame.try_into().ok()?))
+}
+
+/// How often TensorRT-LLM's events are asked for.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Drains an engine's events by asking for them (`POST` to `http`, TensorRT-LLM's `/kv_cache_events`, a JSON
+/// list of what happened since the last ask) until the engine is dropped. One that does not answer is asked
+/// again; the events it kept meanwhile come with the next answer.
+pub async fn poll(http: EngineHttp, block_size: usize, publish: impl Fn(Vec<KvEvent>)) {
+    let mut translator = EventTranslator::new(block_size);
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let answer = async {
+            let response = http.post_json("", &serde_json::json!({}), "kv-events").await?;
+            let status = response.status();
+            let body = super::http::read_bounded(response.into_body()).await?;
+            match status.is_success() {
+                true => decode_trtllm_json(&body).map_err(|e| e.to_string()),
+                false => Err(format!("it answered {status}")),
+            }
+        };
+        match answer.await {
+            Ok(batch) => {
+                let events: Vec<KvEvent> = batch.events.iter().filter_map(|e| translator.translate(e)).collect();
+                publish_nonempty(&publish, events);
+            }
+            Err(error) => tracing::debug!("the engine's KV events at {} could not be read: {error}", http.base()),
+        }
+    }
 }
 
 /// Where the engine's numbered batches stand.

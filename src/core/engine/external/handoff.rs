@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
+/// Why a TensorRT-LLM worker takes no part in disaggregated serving yet.
+pub const TRTLLM_NOT_BUILT: &str = "TensorRT-LLM's own disaggregated serving (disaggregated_params: context_only, then \
+     generation_only) is not built yet: serve the engine whole with dynamo decode --engine trtllm";
+
 /// SGLang's default `--disaggregation-bootstrap-port`.
 pub const SGLANG_BOOTSTRAP_PORT: u16 = 8998;
 
@@ -23,6 +27,7 @@ pub async fn prefill(shared: &Arc<Shared>, request: PreprocessedRequest, sender:
     let output = match shared.kind {
         ExternalKind::Vllm => vllm_prefill(shared, &request).await,
         ExternalKind::Sglang => sglang_prefill(shared, &request),
+        ExternalKind::Trtllm => Err(TRTLLM_NOT_BUILT.into()),
     };
     let _ = sender.send(output.unwrap_or_else(|error| EngineOutput {
         finish_reason: Some(FinishReason::Error(error)),
@@ -40,6 +45,8 @@ pub fn decode_leg(kind: ExternalKind, params: &str, body: &mut Value) {
                 body.extend(params.clone());
             }
         }
+        // Never offered: a TensorRT-LLM worker has no connector (`TRTLLM_NOT_BUILT`).
+        ExternalKind::Trtllm => {}
     }
 }
 

@@ -9,10 +9,11 @@
 //! gauges it exposes. TensorRT-LLM (polled events, its own disaggregated parameters) would be one more.
 mod events;
 mod handoff;
-pub use handoff::SGLANG_BOOTSTRAP_PORT;
+pub use handoff::{SGLANG_BOOTSTRAP_PORT, TRTLLM_NOT_BUILT};
 mod http;
 mod metrics;
 mod sglang;
+mod trtllm;
 mod vllm;
 
 use super::{Engine, EngineError, KvLedger, ResponseStream, check_fits};
@@ -33,6 +34,7 @@ use tokio::sync::{broadcast, mpsc};
 pub enum ExternalKind {
     Vllm,
     Sglang,
+    Trtllm,
 }
 
 impl ExternalKind {
@@ -40,6 +42,23 @@ impl ExternalKind {
         match self {
             ExternalKind::Vllm => "vllm",
             ExternalKind::Sglang => "sglang",
+            ExternalKind::Trtllm => "trtllm",
+        }
+    }
+
+    /// Where its Prometheus metrics are, unless told otherwise.
+    fn metrics_path(self) -> &'static str {
+        match self {
+            ExternalKind::Trtllm => trtllm::METRICS_PATH,
+            ExternalKind::Vllm | ExternalKind::Sglang => "/metrics",
+        }
+    }
+
+    /// Why the engine cannot answer `request` as asked, if it cannot.
+    fn refuses(self, request: &PreprocessedRequest) -> Option<String> {
+        match self {
+            ExternalKind::Trtllm => trtllm::refuses(request),
+            ExternalKind::Vllm | ExternalKind::Sglang => None,
         }
     }
 
@@ -48,6 +67,7 @@ impl ExternalKind {
         match self {
             ExternalKind::Vllm => ("/v1/completions", vllm::completion_body(request, model)),
             ExternalKind::Sglang => ("/generate", sglang::generate_body(request)),
+            ExternalKind::Trtllm => ("/v1/completions", trtllm::completion_body(request, model)),
         }
     }
 
@@ -56,6 +76,7 @@ impl ExternalKind {
         match self {
             ExternalKind::Vllm => vllm::parse_chunk(data, logprobs),
             ExternalKind::Sglang => sglang::parse_chunk(data, logprobs, delivered),
+            ExternalKind::Trtllm => trtllm::parse_chunk(data, logprobs),
         }
     }
 
@@ -63,6 +84,7 @@ impl ExternalKind {
         match self {
             ExternalKind::Vllm => vllm::gauges(samples),
             ExternalKind::Sglang => sglang::gauges(samples),
+            ExternalKind::Trtllm => trtllm::gauges(samples),
         }
     }
 }
@@ -207,7 +229,7 @@ impl ExternalEngine {
         let http = EngineHttp::new(&settings.url).map_err(|e| ExternalError::Settings(format!("--engine-url {e}")))?;
         let (metrics, metrics_path) = match &settings.metrics_url {
             Some(url) => split_url(url)?,
-            None => (http.clone(), "/metrics".to_string()),
+            None => (http.clone(), settings.kind.metrics_path().to_string()),
         };
         let unreachable = |reason: String| ExternalError::Unreachable { kind, url: settings.url.clone(), reason };
         let mismatch = |reason: String| ExternalError::Mismatch { kind, url: settings.url.clone(), reason };
@@ -231,7 +253,7 @@ impl ExternalEngine {
         let gauges = shared.read_gauges().await.map_err(|e| {
             let hint = match settings.kind {
                 ExternalKind::Sglang => " (SGLang serves them with --enable-metrics)",
-                ExternalKind::Vllm => "",
+                ExternalKind::Vllm | ExternalKind::Trtllm => "",
             };
             unreachable(format!("its metrics{hint}: {e}"))
         })?;
@@ -245,10 +267,20 @@ impl ExternalEngine {
         let mut tasks = vec![crate::core::AbortOnDrop(tokio::spawn(watch_load(shared.clone())))];
         if let Some(endpoint) = &settings.kv_events {
             let sink = shared.clone();
-            let replay = settings.kv_events_replay.clone();
-            let follow =
-                events::follow(endpoint.clone(), replay, settings.block_size, move |events| sink.publish_kv(events));
-            tasks.push(crate::core::AbortOnDrop(tokio::spawn(follow)));
+            let publish = move |events| sink.publish_kv(events);
+            let task = match endpoint.starts_with("http://") {
+                // TensorRT-LLM's are drained by asking (`POST /kv_cache_events`).
+                true => {
+                    let http =
+                        EngineHttp::new(endpoint).map_err(|e| ExternalError::Settings(format!("--kv-events {e}")))?;
+                    tokio::spawn(events::poll(http, settings.block_size, publish))
+                }
+                false => {
+                    let replay = settings.kv_events_replay.clone();
+                    tokio::spawn(events::follow(endpoint.clone(), replay, settings.block_size, publish))
+                }
+            };
+            tasks.push(crate::core::AbortOnDrop(task));
         }
         Ok(Self { shared, _tasks: tasks })
     }
@@ -309,6 +341,9 @@ impl Engine for ExternalEngine {
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         check_fits(&request, self.shared.max_sequence_tokens)?;
+        if let Some(why) = self.shared.kind.refuses(&request) {
+            return Err(EngineError::InvalidRequest(why));
+        }
         if !self.shared.alive.load(Ordering::Relaxed) {
             return Err(EngineError::Stopped);
         }

@@ -91,9 +91,34 @@ struct PromptTokensDetails {
 /// One `data:` payload of the stream. An error from the engine, or a chunk without the token ids this
 /// worker asked for (a server too old for `return_token_ids`), is an `Err` with what to do about it.
 pub fn parse_chunk(data: &str, logprobs_asked: bool) -> Result<Delta, String> {
-    let chunk: Chunk = serde_json::from_str(data).map_err(|e| format!("an unreadable stream chunk from vLLM: {e}"))?;
+    parse_openai_chunk(data, logprobs_asked, Naming::VLLM)
+}
+
+/// How an engine's OpenAI-style chunks name what this worker reads.
+pub struct Naming {
+    pub engine: &'static str,
+    /// Logprob alternatives are keyed `token_id:N` (vLLM's `return_tokens_as_token_ids`); otherwise they are
+    /// keyed by text, which names no token for certain, and only the sampled token's logprob is read.
+    pub alternatives_by_id: bool,
+    /// Why a chunk may lack `token_ids`, and what to do.
+    pub without_ids: &'static str,
+}
+
+impl Naming {
+    const VLLM: Naming = Naming {
+        engine: "vLLM",
+        alternatives_by_id: true,
+        without_ids: "the server predates return_token_ids (vLLM 0.10.2); upgrade it",
+    };
+}
+
+/// A completion chunk as vLLM streams it, and TensorRT-LLM (`detokenize: false`) in the same shape.
+pub fn parse_openai_chunk(data: &str, logprobs_asked: bool, naming: Naming) -> Result<Delta, String> {
+    let engine = naming.engine;
+    let chunk: Chunk =
+        serde_json::from_str(data).map_err(|e| format!("an unreadable stream chunk from {engine}: {e}"))?;
     if let Some(error) = chunk.error {
-        return Err(format!("vLLM failed the request: {}", super::error_message(&error)));
+        return Err(format!("{engine} failed the request: {}", super::error_message(&error)));
     }
     let mut delta = Delta::default();
     if let Some(usage) = chunk.usage {
@@ -101,21 +126,24 @@ pub fn parse_chunk(data: &str, logprobs_asked: bool) -> Result<Delta, String> {
         delta.cached_tokens = usage.prompt_tokens_details.and_then(|d| d.cached_tokens);
     }
     let Some(choice) = chunk.choices.into_iter().next() else { return Ok(delta) };
-    delta.token_ids = choice.token_ids.ok_or(
-        "vLLM streamed a chunk without token_ids: the server predates return_token_ids (vLLM 0.10.2); upgrade it",
-    )?;
+    delta.token_ids = choice
+        .token_ids
+        .ok_or_else(|| format!("{engine} streamed a chunk without token_ids: {}", naming.without_ids))?;
     if logprobs_asked {
-        let logprobs = choice.logprobs.ok_or("vLLM streamed tokens without the logprobs asked for")?;
-        delta.logprobs = token_logprobs(&delta.token_ids, logprobs)?;
+        let logprobs =
+            choice.logprobs.ok_or_else(|| format!("{engine} streamed tokens without the logprobs asked for"))?;
+        delta.logprobs = token_logprobs(&delta.token_ids, logprobs, &naming)?;
     }
-    delta.finish_reason = choice.finish_reason.map(|reason| finish(&reason, choice.stop_reason, &delta.token_ids));
+    delta.finish_reason =
+        choice.finish_reason.map(|reason| finish(engine, &reason, choice.stop_reason, &delta.token_ids));
     Ok(delta)
 }
 
-fn token_logprobs(ids: &[u32], logprobs: Logprobs) -> Result<Vec<TokenLogprob>, String> {
-    if logprobs.tokens.len() != ids.len() || logprobs.token_logprobs.len() != ids.len() {
+fn token_logprobs(ids: &[u32], logprobs: Logprobs, naming: &Naming) -> Result<Vec<TokenLogprob>, String> {
+    if logprobs.token_logprobs.len() != ids.len() || (naming.alternatives_by_id && logprobs.tokens.len() != ids.len()) {
         return Err(format!(
-            "vLLM streamed {} tokens with {} logprobs: they must pair up",
+            "{} streamed {} tokens with {} logprobs: they must pair up",
+            naming.engine,
             ids.len(),
             logprobs.token_logprobs.len()
         ));
@@ -124,15 +152,16 @@ fn token_logprobs(ids: &[u32], logprobs: Logprobs) -> Result<Vec<TokenLogprob>, 
     ids.iter()
         .zip(logprobs.token_logprobs)
         .map(|(&token_id, logprob)| {
-            let mut alternatives = top
-                .next()
-                .flatten()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(token, logprob)| {
-                    Ok((token_id_of(&token)?, logprob.as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
-                })
-                .collect::<Result<Vec<_>, String>>()?;
+            let named = top.next().flatten().unwrap_or_default();
+            let mut alternatives = match naming.alternatives_by_id {
+                true => named
+                    .into_iter()
+                    .map(|(token, logprob)| {
+                        Ok((token_id_of(&token)?, logprob.as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+                false => Vec::new(),
+            };
             alternatives.sort_by(|a, b| b.1.total_cmp(&a.1));
             Ok(TokenLogprob { token_id, logprob: logprob.unwrap_or(f32::NEG_INFINITY), top: alternatives })
         })
@@ -149,20 +178,20 @@ fn token_id_of(token: &str) -> Result<u32, String> {
 
 /// vLLM's reason in ours: `stop` after a stop id names it in `stop_reason` (the id is the last token, as ours
 /// is); `length` is ours; anything else (`abort`, a stop string this worker never sends) ends in error.
-fn finish(reason: &str, stop_reason: Option<Value>, ids: &[u32]) -> FinishReason {
+fn finish(engine: &str, reason: &str, stop_reason: Option<Value>, ids: &[u32]) -> FinishReason {
     match reason {
         "length" => FinishReason::Length,
         "stop" => match stop_reason.as_ref().and_then(Value::as_u64).and_then(|id| u32::try_from(id).ok()) {
             Some(id) => FinishReason::StopToken(id),
             None => match ids.last() {
                 Some(&id) => FinishReason::StopToken(id),
-                None => FinishReason::Error("vLLM stopped without saying on which token".into()),
+                None => FinishReason::Error(format!("{engine} stopped without saying on which token")),
             },
         },
-        "abort" => FinishReason::Error("vLLM aborted the request".into()),
-        other => {
-            FinishReason::Error(format!("vLLM finished the request with {other:?}, which this worker never asks for"))
-        }
+        "abort" => FinishReason::Error(format!("{engine} aborted the request")),
+        other => FinishReason::Error(format!(
+            "{engine} finished the request with {other:?}, which this worker never asks for"
+        )),
     }
 }
 

@@ -168,7 +168,7 @@ async fn past_its_limit_a_worker_refuses_and_the_stream_ends_for_another_worker_
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(
-        matches!(invalid.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Error(_))),
+        matches!(invalid.last().and_then(|o| o.finish_reason.clone()), Some(FinishReason::Invalid(_))),
         "{invalid:?}"
     );
 }
