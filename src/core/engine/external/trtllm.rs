@@ -6,7 +6,7 @@
 //! (`trtllm_num_requests_running`, `…_waiting`, `trtllm_kv_cache_utilization`, `…tokens_per_block`,
 //! `…max_blocks`); KV events from its `/kv_cache_events`, which is polled (`--kv-events http://…`).
 use super::metrics::Samples;
-use super::vllm::{Naming, parse_openai_chunk};
+use super::vllm::{Naming, openai_body, parse_openai_chunk};
 use super::{Delta, EngineGauges};
 use crate::core::protocol::PreprocessedRequest;
 use serde_json::{Value, json};
@@ -26,28 +26,9 @@ pub fn refuses(request: &PreprocessedRequest) -> Option<String> {
 
 /// The streamed completion request for `request` (which `refuses` let through).
 pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
-    let s = &request.sampling;
-    let mut body = json!({
-        "model": model,
-        "prompt": request.token_ids,
-        "max_tokens": request.stop.max_tokens,
-        "min_tokens": request.stop.min_tokens,
-        "stop_token_ids": request.stop.stop_token_ids,
-        "ignore_eos": true,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k.unwrap_or(0),
-        "min_p": s.min_p,
-        "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        "repetition_penalty": s.repetition_penalty,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "detokenize": false,
-    });
-    if let Some(seed) = s.seed {
-        body["seed"] = json!(seed);
-    }
+    let mut body = openai_body(request, model);
+    body["detokenize"] = json!(false);
+    body["top_k"] = json!(request.sampling.top_k.unwrap_or(0));
     if request.logprobs.is_some() {
         body["logprobs"] = json!(1);
     }

@@ -11,6 +11,21 @@ use serde_json::{Value, json};
 
 /// The streamed completion request for `request`, to the engine's model `model`.
 pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
+    let mut body = openai_body(request, model);
+    body["return_token_ids"] = json!(true);
+    if let Some(k) = request.sampling.top_k {
+        body["top_k"] = json!(k);
+    }
+    if let Some(top) = request.logprobs {
+        body["logprobs"] = json!(top);
+        body["return_tokens_as_token_ids"] = json!(true);
+    }
+    body
+}
+
+/// The fields of a streamed `/v1/completions` request that vLLM and TensorRT-LLM read alike: the router's
+/// token ids, this worker's stop conditions, the sampling options.
+pub fn openai_body(request: &PreprocessedRequest, model: &str) -> Value {
     let s = &request.sampling;
     let mut body = json!({
         "model": model,
@@ -18,8 +33,8 @@ pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
         "max_tokens": request.stop.max_tokens,
         "min_tokens": request.stop.min_tokens,
         "stop_token_ids": request.stop.stop_token_ids,
-        // EOS is in our stop ids unless the client asked to ignore it, so vLLM's own EOS check would only
-        // stop what the client said not to.
+        // EOS is in our stop ids unless the client asked to ignore it, so the engine's own EOS check would
+        // only stop what the client said not to.
         "ignore_eos": true,
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -29,17 +44,9 @@ pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
         "repetition_penalty": s.repetition_penalty,
         "stream": true,
         "stream_options": {"include_usage": true},
-        "return_token_ids": true,
     });
-    if let Some(k) = s.top_k {
-        body["top_k"] = json!(k);
-    }
     if let Some(seed) = s.seed {
         body["seed"] = json!(seed);
-    }
-    if let Some(top) = request.logprobs {
-        body["logprobs"] = json!(top);
-        body["return_tokens_as_token_ids"] = json!(true);
     }
     body
 }
