@@ -40,6 +40,8 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "completions" -d 'Prin
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l prefill-workers -d 'In-process workers that only prefill prompts and hand their KV to the workers above (disaggregated serving; 0 serves aggregated). Needs the native engine on the CPU' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -l host -d 'Address the OpenAI HTTP frontend listens on' -r
@@ -90,6 +92,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s h -l help -d 'Prin
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Address routers reach this worker at; its sockets bind there' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d 'Port of the event plane (0 picks a free one)' -r
@@ -128,6 +132,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'P
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l host -d 'Address routers reach this worker at; its sockets bind there' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l request-port -d 'Port of the request plane (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l event-port -d 'Port of the event plane (0 picks a free one)' -r

@@ -5,10 +5,12 @@ use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::frontend::{ApiKey, HttpSettings};
+use crate::core::model::{ModelOptions, ModelSource};
 use crate::core::router::{RouterConfig, RouterMode};
 use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,6 +25,44 @@ pub enum EngineKind {
     Sglang,
     /// A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics.
     Trtllm,
+}
+
+/// Which model a process serves, and as what (shared by `run` and the worker roles).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]
+    #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// The model directory as vLLM takes it (`vllm serve DIR`): the same as --model.
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Name clients use in "model" [default: the model directory's name]
+    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Longest sequence (prompt plus output) served, at most the model's context [default: the model's]
+    #[arg(long, env = "DYNAMO_MAX_MODEL_LEN", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_model_len: Option<u32>,
+
+    /// A Jinja chat template file to use instead of the model's (routers get it with the model's files).
+    #[arg(long, env = "DYNAMO_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> ModelSource {
+        self.model.clone().or_else(|| self.model_dir.clone()).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin)
+    }
+
+    pub fn options(&self) -> ModelOptions {
+        ModelOptions {
+            served_name: self.served_model_name.clone(),
+            max_model_len: self.max_model_len,
+            chat_template: self.chat_template.clone(),
+        }
+    }
 }
 
 /// Flags of the engine every worker runs (the scheduler's are shared by both engines).

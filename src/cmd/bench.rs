@@ -652,7 +652,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     let settings = HttpBenchSettings {
         stack: RunSettings {
             model: ModelSource::Builtin,
-            served_model_name: None,
+            model_options: Default::default(),
             workers: workers as usize,
             prefill_workers: 0,
             engine: EngineSettings::Mocker(MockerConfig {

@@ -118,10 +118,10 @@ mod tests {
         let Command::Run(run) = parse(&["run", "/models/qwen", "--port", "9000", "--host", "0.0.0.0"]) else {
             panic!()
         };
-        assert_eq!(run.model_dir, Some("/models/qwen".into()));
+        assert_eq!(run.model.model_dir, Some("/models/qwen".into()));
         assert_eq!(run.http.listen(), "0.0.0.0:9000".parse().unwrap());
         let Command::Prefill(worker) = parse(&["prefill", "/models/qwen"]) else { panic!() };
-        assert_eq!(worker.model_dir, Some("/models/qwen".into()));
+        assert_eq!(worker.model.model_dir, Some("/models/qwen".into()));
         assert!(Cli::try_parse_from(["dynamo", "run", "/a", "--model", "/b"]).is_err(), "one model, not two");
     }
 }

@@ -1,26 +1,15 @@
 //! `dynamo run`: the whole stack in one process.
-use super::args::{EngineArgs, HttpArgs, KeyArgs, RouterArgs};
-use crate::core::model::ModelSource;
+use super::args::{EngineArgs, HttpArgs, KeyArgs, ModelArgs, RouterArgs};
 use crate::core::protocol::discovery::Role;
 use crate::core::run::{self, Announce, RunSettings};
 use crate::core::worker::PlaneSettings;
 use clap::Args;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]
-    #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
-    pub model: Option<PathBuf>,
-
-    /// The model directory as vLLM takes it (`vllm serve DIR`): the same as --model.
-    #[arg(value_name = "MODEL", conflicts_with = "model")]
-    pub model_dir: Option<PathBuf>,
-
-    /// Name clients use in "model" [default: the model directory's name]
-    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
-    pub served_model_name: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// In-process workers.
     #[arg(long, env = "DYNAMO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -56,8 +45,8 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = RunSettings {
-        model: args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin),
-        served_model_name: args.served_model_name,
+        model: args.model.source(),
+        model_options: args.model.options(),
         workers: args.workers as usize,
         prefill_workers: args.prefill_workers as usize,
         engine: args.engine.settings()?,

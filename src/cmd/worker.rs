@@ -1,6 +1,6 @@
 //! `dynamo decode` and `dynamo prefill`: a worker process that registers itself and serves its engine on the
 //! planes, in the role it was started as.
-use super::args::{ClusterArgs, EngineArgs};
+use super::args::{ClusterArgs, EngineArgs, ModelArgs};
 use crate::core::engine::EngineSettings;
 use crate::core::engine::external::ExternalKind;
 use crate::core::model::ModelSource;
@@ -8,21 +8,11 @@ use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
 use clap::Args;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]
-    #[arg(long, env = "DYNAMO_MODEL", value_name = "DIR")]
-    pub model: Option<PathBuf>,
-
-    /// The model directory as vLLM takes it (`vllm serve DIR`): the same as --model.
-    #[arg(value_name = "MODEL", conflicts_with = "model")]
-    pub model_dir: Option<PathBuf>,
-
-    /// Name clients use in "model" [default: the model directory's name]
-    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
-    pub served_model_name: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Address routers reach this worker at; its sockets bind there.
     #[arg(long, env = "DYNAMO_HOST", default_value = "127.0.0.1", help_heading = "Planes")]
@@ -111,7 +101,7 @@ impl TransferArgs {
 pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
-    let model = args.model.or(args.model_dir).map(ModelSource::Dir).unwrap_or(ModelSource::Builtin);
+    let model = args.model.source();
     let mut engine = args.engine.settings()?;
     if let (EngineSettings::External(external), ModelSource::Builtin) = (&engine, &model) {
         anyhow::bail!(
@@ -137,7 +127,7 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
     }
     let settings = WorkerSettings {
         model,
-        served_model_name: args.served_model_name,
+        model_options: args.model.options(),
         engine,
         planes: PlaneSettings {
             role,

@@ -602,3 +602,27 @@ async fn a_router_publishes_its_traffic_which_top_shows_under_its_summary() {
     assert!(line.contains("requests/s") && line.ends_with("1 workers"), "{text}");
     assert!(text.contains("1 worker, 1 alive"), "the router is a member, not a worker:\n{text}");
 }
+
+#[tokio::test]
+async fn a_workers_max_model_len_and_chat_template_hold_at_a_router_in_another_process() {
+    let (dir, file) = cluster_file("max-model-len");
+    let template = dir.parent().unwrap().join("fixed.jinja");
+    std::fs::write(&template, "{% for m in messages %}Q: {{ m.content }}\nA:{% endfor %}").unwrap();
+    let _worker = worker(&file, &["--max-model-len", "64", "--chat-template", template.to_str().unwrap()]);
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    // Without max_tokens a chat gets the rest of the 64 tokens, not of the model's own context (which the
+    // worker would refuse).
+    let chat = json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{answer}");
+    let usage = &answer["usage"];
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap(), 64, "{answer}");
+    // The worker's template, not the model's: the prompt is "Q: hi\nA:".
+    let tokenizer =
+        dynamo::core::model::Model::load(&dynamo::core::model::ModelSource::Builtin, None).unwrap().tokenizer;
+    assert_eq!(usage["prompt_tokens"].as_u64(), Some(tokenizer.encode("Q: hi\nA:", false).unwrap().len() as u64));
+    let (status, refused) = router.post_json("/v1/completions", completion("hello", 100)).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("64"), "{refused}");
+}

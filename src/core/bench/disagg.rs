@@ -223,7 +223,7 @@ async fn run_native_setup(
     use std::time::Instant;
     let run = crate::core::run::RunSettings {
         model: settings.model.clone(),
-        served_model_name: None,
+        model_options: Default::default(),
         workers: settings.workers.max(1) - prefill_workers,
         prefill_workers,
         engine: settings.engine.clone(),

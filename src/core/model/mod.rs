@@ -59,10 +59,34 @@ pub struct Model {
     files: ModelFiles,
 }
 
+/// What a user may change of a model as it is served (vLLM's flags of the same names).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOptions {
+    /// The name clients address it by (default: the directory name).
+    pub served_name: Option<String>,
+    /// The longest sequence served, at most the model's own context.
+    pub max_model_len: Option<u32>,
+    /// A Jinja chat template file used instead of the model's (routers in other processes get it too).
+    pub chat_template: Option<PathBuf>,
+}
+
 impl Model {
     /// Loads a model; `served_name` overrides the name clients address it by (default: the directory name).
     pub fn load(source: &ModelSource, served_name: Option<&str>) -> Result<Self, ModelError> {
-        let files = ModelFiles::read(source)?;
+        Self::load_with(source, &ModelOptions { served_name: served_name.map(str::to_string), ..Default::default() })
+    }
+
+    /// Loads a model as `options` say it is served.
+    pub fn load_with(source: &ModelSource, options: &ModelOptions) -> Result<Self, ModelError> {
+        let served_name = options.served_name.as_deref();
+        let mut files = ModelFiles::read(source)?;
+        if let Some(path) = &options.chat_template {
+            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            // As a chat_template.jinja beside the model's files: it wins over tokenizer_config.json's, and goes
+            // with the files to routers.
+            files.files.retain(|(name, _)| name != "chat_template.jinja");
+            files.files.push(("chat_template.jinja".to_string(), text));
+        }
         let default_name = match source {
             ModelSource::Dir(dir) => dir
                 .canonicalize()
@@ -72,7 +96,18 @@ impl Model {
             ModelSource::Builtin => BUILTIN_MODEL_NAME.to_string(),
         };
         let name = served_name.map(str::to_string).unwrap_or(default_name);
-        Self::from_files(files, name)
+        let mut model = Self::from_files(files, name)?;
+        if let Some(limit) = options.max_model_len {
+            let context = model.card.context_length;
+            if limit == 0 || limit > context {
+                return Err(ModelError::Config(format!(
+                    "--max-model-len {limit} must be between 1 and the model's context of {context} tokens \
+                     (max_position_embeddings in its config.json)"
+                )));
+            }
+            model.card.context_length = limit;
+        }
+        Ok(model)
     }
 
     /// A model from the text files another process sent (`text_files` there), served under `name`.
@@ -186,6 +221,33 @@ fn hub_id(path: &std::path::Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_model_len_shortens_the_context_and_a_chat_template_replaces_the_models() {
+        let options =
+            |max_model_len, chat_template| ModelOptions { max_model_len, chat_template, ..Default::default() };
+        let model = Model::load_with(&ModelSource::Builtin, &options(Some(64), None)).unwrap();
+        assert_eq!(model.card.context_length, 64);
+        let context = Model::load(&ModelSource::Builtin, None).unwrap().card.context_length;
+        let past = Model::load_with(&ModelSource::Builtin, &options(Some(context + 1), None)).err().unwrap();
+        assert!(past.to_string().contains("--max-model-len"), "{past}");
+
+        let dir = std::env::temp_dir().join(format!("dynamo-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jinja");
+        std::fs::write(&path, "{% for m in messages %}<<{{ m.content }}>>{% endfor %}").unwrap();
+        let model = Model::load_with(&ModelSource::Builtin, &options(None, Some(path.clone()))).unwrap();
+        let messages = [serde_json::json!({"role": "user", "content": "hi"})];
+        let input = TemplateInput { messages: &messages, tools: None, add_generation_prompt: true, extra: None };
+        assert_eq!(model.chat_template.as_ref().unwrap().render(&input).unwrap(), "<<hi>>");
+        // Routers in other processes build the model from these files: they get the same template.
+        let files = model.text_files().to_vec();
+        let remote = Model::from_text_files("worker".into(), files, "tiny-chat".into()).unwrap();
+        assert_eq!(remote.chat_template.unwrap().render(&input).unwrap(), "<<hi>>");
+        std::fs::write(&path, "{% for m in messages %}").unwrap();
+        assert!(Model::load_with(&ModelSource::Builtin, &options(None, Some(path))).is_err(), "a broken template");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn builtin_and_testdata_dir_load_the_same_model() {

@@ -327,8 +327,10 @@ impl Membership {
                     tracing::warn!("worker at {addr} did not send its model files; will retry when it answers again");
                     return Ok(());
                 };
-                let model = Model::from_text_files(format!("worker at {addr}"), files, instance.model.clone())
+                let mut model = Model::from_text_files(format!("worker at {addr}"), files, instance.model.clone())
                     .map_err(|source| ClusterError::Model { addr: addr.to_string(), source })?;
+                // The context the worker serves, which its --max-model-len may have shortened.
+                model.card.context_length = instance.card.context_length;
                 let config =
                     RouterConfig { block_size: instance.card.block_size as usize, ..self.settings.router.clone() };
                 let served = Served { model: Arc::new(model), router: Arc::new(Router::new(Vec::new(), config)) };

@@ -20,7 +20,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub model: ModelSource,
-    pub served_model_name: Option<String>,
+    pub model_options: crate::core::model::ModelOptions,
     pub workers: usize,
     /// Workers that only prefill, handing the KV to the `workers` (0: aggregated serving).
     pub prefill_workers: usize,
@@ -56,7 +56,7 @@ pub struct Announce {
 /// from 0 (decode workers first) unless `unique_ids` (workers that other processes see need ids no other
 /// process has). With prefill workers, every worker gets a transfer agent on loopback (shm between them).
 pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendState>, RunError> {
-    let model = Arc::new(Model::load(&settings.model, settings.served_model_name.as_deref())?);
+    let model = Arc::new(Model::load_with(&settings.model, &settings.model_options)?);
     let count = settings.workers + settings.prefill_workers;
     let ids: Vec<WorkerId> = match unique_ids {
         true => (0..count).map(|_| rand::random()).collect(),

@@ -12,7 +12,7 @@ fn settings(prefill_workers: usize, disagg_threshold: usize) -> RunSettings {
     let scheduler = SchedulerConfig { block_size: BLOCK, num_blocks: 128, ..SchedulerConfig::default() };
     RunSettings {
         model: ModelSource::Builtin,
-        served_model_name: None,
+        model_options: Default::default(),
         workers: 1,
         prefill_workers,
         engine: EngineSettings::Native(NativeSettings {

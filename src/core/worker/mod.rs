@@ -32,7 +32,7 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub model: ModelSource,
-    pub served_model_name: Option<String>,
+    pub model_options: crate::core::model::ModelOptions,
     pub engine: EngineSettings,
     pub planes: PlaneSettings,
     /// How long a worker told to stop keeps serving what it has in flight.
@@ -217,7 +217,7 @@ pub async fn run<S: Future<Output = ()>>(
     discovery: Box<dyn Discovery>,
     signal: impl Fn() -> S,
 ) -> Result<(), WorkerError> {
-    let model = Model::load(&settings.model, settings.served_model_name.as_deref())?;
+    let model = Model::load_with(&settings.model, &settings.model_options)?;
     let id = rand::random::<u64>();
     let engine = start_engine(&model, &settings.model, &settings.engine, id).await?;
     let planes = &settings.planes;
