@@ -272,11 +272,20 @@ impl PlannerArgs {
         if kv_transfer {
             whole.push("--kv-transfer".into());
         }
-        if let Err(error) = <super::Cli as clap::Parser>::try_parse_from(&whole) {
-            anyhow::bail!(
+        let parsed = <super::Cli as clap::Parser>::try_parse_from(&whole).map_err(|error| {
+            anyhow::anyhow!(
                 "the planner's workers would not start with `{}`: {}",
                 whole.join(" "),
                 error.render().to_string().trim()
+            )
+        })?;
+        if let super::Command::Decode(worker) = &parsed.command {
+            use super::args::EngineKind;
+            anyhow::ensure!(
+                matches!(worker.engine.engine, EngineKind::Native | EngineKind::Mocker),
+                "the local connector starts workers that each run an engine; an external engine is one server that \
+                 its own worker wraps: scale those with --planner-connector kubernetes (one engine and its worker \
+                 per pod) or virtual"
             );
         }
         Ok(LocalSettings {

@@ -80,7 +80,10 @@ fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
     };
     refused(&["--planner", "arima"], &["unknown predictor", "ewma-A"]);
     refused(&["--", "--engine", "mocker"], &["after `--`", "--planner"]);
-    refused(&["--planner", "auto", "--", "--engine", "vllm"], &["would not start", "vllm"]);
+    refused(&["--planner", "auto", "--", "--engine", "nonsense"], &["would not start", "nonsense"]);
+    // An external engine is one server: starting more workers in front of it scales nothing.
+    let external = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:1", "--model", "testdata/tiny-chat"];
+    refused(&[&["--planner", "auto", "--"][..], &external].concat(), &["local connector", "kubernetes"]);
     refused(&["--planner", "auto", "--min-workers", "4", "--max-workers", "2"], &["--min-workers"]);
     refused(
         &["--planner", "auto", "--min-workers", "8", "--min-prefill-workers", "2", "--max-prefill-workers", "2"],
