@@ -18,8 +18,10 @@ use std::time::Duration;
 
 /// How long the engine's history may take to arrive.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most batches taken from one replay (vLLM buffers 10,000 steps by default).
+/// Most batches taken from one replay (vLLM buffers 10,000 steps by default), and most bytes: a history is
+/// held whole before it is applied, so a peer must not be able to size it past this.
 const MAX_REPLAY: usize = 100_000;
+const MAX_REPLAY_BYTES: usize = 512 << 20;
 /// The replay's end marker's sequence number.
 const END_OF_REPLAY: u64 = u64::MAX;
 
@@ -116,10 +118,12 @@ fn seq_of(frame: &[u8]) -> Option<u64> {
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Drains an engine's events by asking for them (`POST` to `http`, TensorRT-LLM's `/kv_cache_events`, a JSON
-/// list of what happened since the last ask) until the engine is dropped. One that does not answer is asked
-/// again; the events it kept meanwhile come with the next answer.
+/// list of what happened since the last ask) until the engine is dropped. An ask that fails after the engine
+/// may have drained its list (an answer cut off, over the size bound, unreadable) lost events: what the
+/// routers know of the engine is cleared and relearned, rather than kept wrong.
 pub async fn poll(http: EngineHttp, block_size: usize, publish: impl Fn(Vec<KvEvent>)) {
     let mut translator = EventTranslator::new(block_size);
+    let mut cleared = false;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,8 +141,15 @@ pub async fn poll(http: EngineHttp, block_size: usize, publish: impl Fn(Vec<KvEv
             Ok(batch) => {
                 let events: Vec<KvEvent> = batch.events.iter().filter_map(|e| translator.translate(e)).collect();
                 publish_nonempty(&publish, events);
+                cleared = false;
             }
-            Err(error) => tracing::debug!("the engine's KV events at {} could not be read: {error}", http.base()),
+            Err(error) => {
+                tracing::debug!("the engine's KV events at {} could not be read: {error}", http.base());
+                // Once per outage: an engine that is down has nothing more to lose.
+                if !std::mem::replace(&mut cleared, true) {
+                    publish_nonempty(&publish, translator.translate(&ExternalEvent::Cleared).into_iter().collect());
+                }
+            }
         }
     }
 }
@@ -209,14 +220,17 @@ async fn history(context: &Context, replay: &str, from: u64) -> Result<Vec<(u64,
     socket.connect(replay).map_err(|e| e.to_string())?;
     socket.send_multipart([&b""[..], &from.to_be_bytes()], 0).map_err(|e| e.to_string())?;
     let mut reader = SocketReader::new(socket).map_err(|e| e.to_string())?;
-    let mut batches = Vec::new();
+    let (mut batches, mut bytes) = (Vec::new(), 0usize);
     loop {
         let frames = reader.recv().await.map_err(|e| e.to_string())?;
         let [_, seq, payload] = &frames[..] else { return Err(format!("a reply of {} frames", frames.len())) };
+        bytes = bytes.saturating_add(payload.len());
         match seq_of(seq) {
             Some(END_OF_REPLAY) => return Ok(batches),
-            Some(seq) if batches.len() < MAX_REPLAY => batches.push((seq, payload.to_vec())),
-            Some(_) => return Err(format!("more than {MAX_REPLAY} batches")),
+            Some(seq) if batches.len() < MAX_REPLAY && bytes <= MAX_REPLAY_BYTES => {
+                batches.push((seq, payload.to_vec()))
+            }
+            Some(_) => return Err(format!("more than {MAX_REPLAY} batches or {MAX_REPLAY_BYTES} bytes")),
             None => return Err("a reply whose number is not 8 bytes".into()),
         }
     }
@@ -383,5 +397,44 @@ mod tests {
         let tokens: Vec<u32> = (0..4 * total as u32).collect();
         let ours: Vec<u64> = crate::core::tokens::block_hashes(&tokens, 4).iter().map(|h| h.sequence).collect();
         assert_eq!(stored_blocks(&seen), ours);
+    }
+
+    #[tokio::test]
+    async fn a_failed_poll_clears_what_the_routers_know_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // TensorRT-LLM's JSON: one stored block, then a failure, then nothing new.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new().route(
+            "/kv_cache_events",
+            axum::routing::post(move || {
+                let call = counter.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let stored = r#"[{"event_id":1,"data":{"type":"stored","parent_hash":null,"blocks":[{"type":"stored_block","block_hash":7,"tokens":[{"type":"unique_token","token_id":1},{"type":"unique_token","token_id":2},{"type":"unique_token","token_id":3},{"type":"unique_token","token_id":4}]}]}}]"#;
+                    match call {
+                        0 => (axum::http::StatusCode::OK, stored.to_string()),
+                        1 | 2 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string()),
+                        _ => (axum::http::StatusCode::OK, "[]".to_string()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/kv_cache_events", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let seen: Arc<Mutex<Vec<KvEvent>>> = Arc::default();
+        let sink = seen.clone();
+        let http = EngineHttp::new(&url).unwrap();
+        let _poll =
+            crate::core::AbortOnDrop(tokio::spawn(poll(http, 4, move |events| sink.lock().unwrap().extend(events))));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while calls.load(Ordering::Relaxed) < 5 {
+            assert!(std::time::Instant::now() < deadline, "the engine was not asked again");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock().unwrap();
+        assert!(matches!(seen.first(), Some(KvEvent::Stored { .. })), "{seen:?}");
+        // Two failed asks in a row: one clear.
+        assert_eq!(seen[1..], [KvEvent::Cleared], "{seen:?}");
     }
 }
