@@ -654,3 +654,15 @@ async fn a_trtllm_worker_sends_only_its_fields_and_polls_its_kv_events() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamo_run_reports_its_kv_cache_as_vllm_does_to_a_worker_in_front_of_it() {
+    // Its vllm: gauges are what a vLLM worker reads: its block size is checked against the worker's.
+    let engine = Server::start(&["--speedup", "1000"]);
+    let output = dynamo()
+        .args(["decode", "--engine", "vllm", "--engine-url", &engine.base, "--model", MODEL_DIR, "--block-size", "32"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("blocks of 16 tokens"), "{stderr}");
+}

@@ -400,6 +400,12 @@ async fn metrics_count_requests_tokens_and_latency() {
     assert_eq!(m("dynamo_frontend_request_duration_seconds_count"), Some(2.0));
     assert!(m("dynamo_frontend_input_sequence_tokens_sum").unwrap() >= 2.0);
     assert_eq!(m("dynamo_frontend_inflight_requests"), Some(0.0));
+    // vLLM's names for the same load, for tools that read vLLM's /metrics.
+    let v = |name: &str| metric(&text, &format!("{name}{{model_name=\"tiny-chat\"}}"));
+    assert_eq!((v("vllm:num_requests_running"), v("vllm:num_requests_waiting")), (Some(0.0), Some(0.0)), "{text}");
+    assert_eq!(v("vllm:kv_cache_usage_perc"), Some(0.0), "{text}");
+    let info = "vllm:cache_config_info{block_size=\"16\",model_name=\"tiny-chat\",num_gpu_blocks=\"16384\"}";
+    assert_eq!(metric(&text, info), Some(1.0), "{text}");
 }
 
 #[tokio::test]

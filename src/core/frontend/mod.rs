@@ -22,9 +22,10 @@ pub use error::ApiError;
 pub use server::{HttpSettings, serve_app, valid_origin};
 
 use crate::core::model::Model;
+use crate::core::protocol::LoadMetrics;
 use crate::core::protocol::openai::{ModelList, ModelObject};
 use crate::core::router::{Pool, Router};
-use crate::core::telemetry::Metrics;
+use crate::core::telemetry::{Metrics, ModelLoad};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -211,7 +212,7 @@ impl LateApp {
                 }),
             )
             .route("/v1/models", get(|| async { Json(ModelList { object: "list".into(), data: Vec::new() }) }))
-            .route("/metrics", get(move || std::future::ready(metrics.render(&[]))))
+            .route("/metrics", get(move || std::future::ready(metrics.render(&[], &[]))))
             .fallback(unavailable);
         Self { current: Arc::new(std::sync::RwLock::new(waiting)) }
     }
@@ -281,7 +282,21 @@ async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
         }
     }
     let loads: Vec<_> = engines.iter().map(|e| (e.worker_id(), e.load())).collect();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads)).into_response()
+    // Decode workers only: they run the requests, as a vLLM server's gauges count its own.
+    let models: Vec<ModelLoad> = (state.served().iter())
+        .map(|s| {
+            let mut load = LoadMetrics::default();
+            for engine in s.router.engines_of(Pool::Decode).iter().filter(|e| e.is_alive()) {
+                let l = engine.load();
+                load.requests_running += l.requests_running;
+                load.requests_waiting += l.requests_waiting;
+                load.kv_active_blocks += l.kv_active_blocks;
+                load.kv_total_blocks += l.kv_total_blocks;
+            }
+            ModelLoad { model: s.model.card.name.clone(), block_size: s.router.block_size(), load }
+        })
+        .collect();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&loads, &models)).into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -323,7 +338,7 @@ mod tests {
         running.await.expect("the first request is being prepared");
         let refused = state.prepare(&mut None, |_, _| Ok(())).await.expect_err("no thread and no queue left");
         assert_eq!(refused.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
-        let rendered = state.metrics.render(&[]);
+        let rendered = state.metrics.render(&[], &[]);
         assert!(rendered.contains("dynamo_frontend_preprocess_refused_total 1"), "{rendered}");
         release.send(()).unwrap();
         assert!(blocker.await.unwrap().is_ok());

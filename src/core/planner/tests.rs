@@ -98,7 +98,7 @@ fn each_role_follows_its_own_pressure_one_worker_per_interval() {
     assert_eq!(rig.interval(view(1, 0, 1.5)), (2, 0));
     assert_eq!(rig.interval(view(2, 1, 1.5)), (3, 2), "decode and prefill each step up");
     assert_eq!(rig.interval(view(3, 2, 0.1)), (2, 1));
-    let text = rig.metrics.render(&[]);
+    let text = rig.metrics.render(&[], &[]);
     for line in [
         r#"dynamo_planner_decisions_total{decision="up",role="decode"} 2"#,
         r#"dynamo_planner_decisions_total{decision="down",role="prefill"} 1"#,
@@ -125,7 +125,9 @@ fn a_cluster_still_settling_is_not_judged_and_the_forecast_follows_the_traffic()
     *rig.connector.settling.lock().unwrap() = Some("1 workers starting".into());
     assert_eq!(rig.interval(view(1, 0, 1.5)), (1, 0), "a worker on its way may be the one the load needs");
     assert!(rig.planner.plan.reason.contains("1 workers starting"), "{}", rig.planner.plan.reason);
-    assert!(rig.metrics.render(&[]).contains(r#"dynamo_planner_decisions_total{decision="wait",role="decode"} 1"#));
+    assert!(
+        rig.metrics.render(&[], &[]).contains(r#"dynamo_planner_decisions_total{decision="wait",role="decode"} 1"#)
+    );
 
     *rig.connector.settling.lock().unwrap() = None;
     let request = rig.metrics.request("m", "completions", false);
@@ -134,7 +136,7 @@ fn a_cluster_still_settling_is_not_judged_and_the_forecast_follows_the_traffic()
     rig.interval(view(1, 0, 0.3));
     let forecast = rig.planner.plan.forecast.expect("a forecast after an interval");
     assert_eq!((forecast.requests, forecast.input_tokens), (1.0, 120.0), "the constant predictor: the last interval");
-    assert!(rig.metrics.render(&[]).contains(r#"dynamo_planner_forecast{series="input_tokens"} 120"#));
+    assert!(rig.metrics.render(&[], &[]).contains(r#"dynamo_planner_forecast{series="input_tokens"} 120"#));
 }
 
 /// Requests through the frontend's metrics as the planner reads them: `count` of `prompt` tokens, each
@@ -174,7 +176,7 @@ fn with_a_profile_each_role_gets_at_least_what_its_latency_target_needs() {
     let needed_decode = super::sla::decode_workers(&demand, &profile, &targets, corrections.decode).unwrap();
     assert_eq!((decode, prefill), (needed_decode, needed_prefill));
     assert!(prefill >= 3, "40 prompts/s of 2048 tokens, 70 ms each, within 500 ms: {prefill}");
-    let text = first.metrics.render(&[]);
+    let text = first.metrics.render(&[], &[]);
     assert!(text.contains(&format!(r#"dynamo_planner_workers{{role="prefill",state="needed"}} {prefill}"#)), "{text}");
     assert!(text.contains(r#"dynamo_planner_correction{phase="prefill"}"#), "{text}");
 

@@ -516,7 +516,7 @@ mod tests {
 
     fn plane_count(metrics: &Metrics, event: &str) -> f64 {
         let sample = format!("dynamo_router_event_plane_total{{event=\"{event}\"}}");
-        metrics.render(&[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
+        metrics.render(&[], &[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
     }
 
     async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -679,7 +679,11 @@ mod tests {
         // The strangers' answers are dropped unread, and counted.
         let dropped = || {
             let sample = "dynamo_router_request_plane_dropped_total{reason=\"unsealed\"}";
-            metrics.render(&[]).lines().find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+            metrics
+                .render(&[], &[])
+                .lines()
+                .find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
         };
         eventually("the strangers' answers counted", || dropped() > 0.0).await;
     }

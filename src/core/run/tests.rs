@@ -43,7 +43,7 @@ async fn complete(router: &Arc<Router>, request: PreprocessedRequest) -> Vec<u32
 
 fn decisions(state: &FrontendState, decision: &str) -> f64 {
     let sample = format!("dynamo_router_disagg_decisions_total{{decision=\"{decision}\"}}");
-    state.metrics.render(&[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
+    state.metrics.render(&[], &[]).lines().find_map(|l| l.strip_prefix(&sample)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {

@@ -24,6 +24,9 @@ pub struct Metrics {
     duration: HistogramVec,
     overlap_blocks: HistogramVec,
     worker_gauges: Vec<(IntGaugeVec, ReadLoad)>,
+    /// Per model, vLLM's gauge names for the same load, so tools that read vLLM's `/metrics` (the Gateway API
+    /// Inference Extension's endpoint picker, a dynamo worker in front of this server) read this one.
+    engine_gauges: EngineGauges,
     /// What the event plane lost or could not read, and the KV resyncs that repaired it: never silent.
     plane: IntCounterVec,
     /// Request-plane messages a router's clients dropped unread, by reason.
@@ -159,6 +162,45 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     vec
 }
 
+/// vLLM's load gauges, per served model (label `model_name`).
+#[derive(Debug, Clone)]
+struct EngineGauges {
+    running: IntGaugeVec,
+    waiting: IntGaugeVec,
+    kv_usage: prometheus::GaugeVec,
+    cache_config: IntGaugeVec,
+}
+
+impl EngineGauges {
+    fn new(registry: &Registry) -> Self {
+        let kv_usage = prometheus::GaugeVec::new(
+            Opts::new("vllm:kv_cache_usage_perc", "KV cache in use by running requests, 0 to 1 (vLLM's name)"),
+            &["model_name"],
+        )
+        .expect("static gauge definition is valid");
+        registry.register(Box::new(kv_usage.clone())).expect("metric names are unique");
+        Self {
+            running: gauge(registry, "vllm:num_requests_running", "Requests running (vLLM's name)", &["model_name"]),
+            waiting: gauge(registry, "vllm:num_requests_waiting", "Requests waiting (vLLM's name)", &["model_name"]),
+            kv_usage,
+            cache_config: gauge(
+                registry,
+                "vllm:cache_config_info",
+                "The KV cache's block size and blocks, as labels (vLLM's name)",
+                &["model_name", "block_size", "num_gpu_blocks"],
+            ),
+        }
+    }
+}
+
+/// One served model's workers, summed, for vLLM's gauges.
+#[derive(Debug, Clone)]
+pub struct ModelLoad {
+    pub model: String,
+    pub block_size: usize,
+    pub load: LoadMetrics,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -245,6 +287,7 @@ impl Metrics {
             ),
             requests_total,
             worker_gauges,
+            engine_gauges: EngineGauges::new(&registry),
             plane: counter(
                 &registry,
                 "dynamo_router_event_plane_total",
@@ -483,13 +526,23 @@ impl Metrics {
         self.traffic[REFUSED].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition, with worker gauges read now.
-    pub fn render(&self, workers: &[(WorkerId, LoadMetrics)]) -> String {
+    /// The Prometheus text exposition, with worker gauges read now, and each model's summed under vLLM's names.
+    pub fn render(&self, workers: &[(WorkerId, LoadMetrics)], models: &[ModelLoad]) -> String {
         for (worker, load) in workers {
             let id = worker.to_string();
             for (gauge, read) in &self.worker_gauges {
                 gauge.with_label_values(&[&id]).set(read(load));
             }
+        }
+        let g = &self.engine_gauges;
+        g.cache_config.reset();
+        for ModelLoad { model, block_size, load } in models {
+            g.running.with_label_values(&[model]).set(load.requests_running.into());
+            g.waiting.with_label_values(&[model]).set(load.requests_waiting.into());
+            let usage = load.kv_active_blocks as f64 / load.kv_total_blocks.max(1) as f64;
+            g.kv_usage.with_label_values(&[model]).set(usage.min(1.0));
+            let (block_size, blocks) = (block_size.to_string(), load.kv_total_blocks.to_string());
+            g.cache_config.with_label_values(&[model, &block_size, &blocks]).set(1);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
@@ -737,10 +790,10 @@ mod tests {
         {
             let mut request = metrics.request("m", "chat_completions", true);
             request.tokens(1);
-            let text = metrics.render(&[]);
+            let text = metrics.render(&[], &[]);
             assert!(text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 1"), "{text}");
         }
-        let text = metrics.render(&[(3, LoadMetrics { kv_total_blocks: 7, ..Default::default() })]);
+        let text = metrics.render(&[(3, LoadMetrics { kv_total_blocks: 7, ..Default::default() })], &[]);
         assert!(text.contains(
             "dynamo_frontend_requests_total{endpoint=\"chat_completions\",model=\"m\",request_type=\"stream\",status=\"cancelled\"} 1"
         ), "{text}");
