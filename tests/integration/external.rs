@@ -138,6 +138,10 @@ async fn complete(
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
     }
     state.requests.lock().unwrap().push(body.clone());
+    if body["seed"] == 666 {
+        let error = json!({"error": {"message": "seed 666 is not allowed here", "code": 400}});
+        return (axum::http::StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
+    }
     let Some(prompt) = body["prompt"].as_array().map(|p| p.iter().filter_map(|t| t.as_u64()).collect::<Vec<_>>())
     else {
         return (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "prompt must be ids"}})))
@@ -421,6 +425,11 @@ async fn a_vllm_worker_forwards_token_ids_and_streams_the_engines_tokens_back() 
     assert_eq!(logprobs["token_logprobs"].as_array().map(Vec::len), Some(6), "{answer}");
     assert_eq!(logprobs["token_logprobs"][0], -0.5, "{answer}");
     assert_eq!(logprobs["top_logprobs"][0].as_object().map(|o| o.len()), Some(2), "{answer}");
+    // What the engine refuses as asked is the client's to change: a 400 with the engine's reason.
+    let cursed = json!({"model": "tiny-chat", "prompt": "hi", "max_tokens": 2, "seed": 666});
+    let (status, refused) = router.post_json("/v1/completions", cursed).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap_or_default().contains("seed 666"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -454,7 +454,11 @@ async fn forward(shared: &Shared, request: PreprocessedRequest, sender: &mpsc::U
         if status.is_server_error() {
             return lost(format!("it answered {status}: {message}"));
         }
-        return failed(format!("the {kind} engine refused the request ({status}): {message}"));
+        // The request as asked, not the engine, is at fault: the client's to change (a 400), not to retry.
+        let reason = format!("the {kind} engine refused the request ({status}): {message}");
+        let _ =
+            sender.send(EngineOutput { finish_reason: Some(FinishReason::Invalid(reason)), ..EngineOutput::default() });
+        return;
     }
     let mut stream = EventStream::new(response.into_body());
     let logprobs = request.logprobs.is_some();
