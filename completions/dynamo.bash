@@ -79,6 +79,9 @@ _dynamo() {
             dynamo__subcmd__bench,soak)
                 cmd="dynamo__subcmd__bench__subcmd__soak"
                 ;;
+            dynamo__subcmd__bench,trace)
+                cmd="dynamo__subcmd__bench__subcmd__trace"
+                ;;
             dynamo__subcmd__bench,transfer)
                 cmd="dynamo__subcmd__bench__subcmd__transfer"
                 ;;
@@ -115,11 +118,38 @@ _dynamo() {
             dynamo__subcmd__bench__subcmd__help,soak)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__soak"
                 ;;
+            dynamo__subcmd__bench__subcmd__help,trace)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__trace"
+                ;;
             dynamo__subcmd__bench__subcmd__help,transfer)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__transfer"
                 ;;
             dynamo__subcmd__bench__subcmd__help,transfer-target)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__transfer__subcmd__target"
+                ;;
+            dynamo__subcmd__bench__subcmd__help__subcmd__trace,conversations)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__trace__subcmd__conversations"
+                ;;
+            dynamo__subcmd__bench__subcmd__help__subcmd__trace,shared-prefix)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__trace__subcmd__shared__subcmd__prefix"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace,conversations)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__conversations"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace,help)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__help"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace,shared-prefix)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__shared__subcmd__prefix"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace__subcmd__help,conversations)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__conversations"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace__subcmd__help,help)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__help"
+                ;;
+            dynamo__subcmd__bench__subcmd__trace__subcmd__help,shared-prefix)
+                cmd="dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__shared__subcmd__prefix"
                 ;;
             dynamo__subcmd__help,bench)
                 cmd="dynamo__subcmd__help__subcmd__bench"
@@ -181,11 +211,20 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,soak)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__soak"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,trace)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__trace"
+                ;;
             dynamo__subcmd__help__subcmd__bench,transfer)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__transfer"
                 ;;
             dynamo__subcmd__help__subcmd__bench,transfer-target)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__transfer__subcmd__target"
+                ;;
+            dynamo__subcmd__help__subcmd__bench__subcmd__trace,conversations)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__trace__subcmd__conversations"
+                ;;
+            dynamo__subcmd__help__subcmd__bench__subcmd__trace,shared-prefix)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__trace__subcmd__shared__subcmd__prefix"
                 ;;
             *)
                 ;;
@@ -208,7 +247,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route disagg disagg-native planner plane engine transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route trace disagg disagg-native planner plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -444,7 +483,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route disagg disagg-native planner plane engine transfer transfer-target soak help"
+            opts="http index route trace disagg disagg-native planner plane engine transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -586,6 +625,48 @@ _dynamo() {
         dynamo__subcmd__bench__subcmd__help__subcmd__soak)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__trace)
+            opts="shared-prefix conversations"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__trace__subcmd__conversations)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__trace__subcmd__shared__subcmd__prefix)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -822,7 +903,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__route)
-            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --workers --json --verbose --help --version"
+            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --workers --modes --concurrency --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -849,6 +930,14 @@ _dynamo() {
                     return 0
                     ;;
                 --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --modes)
+                    COMPREPLY=($(compgen -W "kv latency round-robin random least-loaded" -- "${cur}"))
+                    return 0
+                    ;;
+                --concurrency)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -887,6 +976,196 @@ _dynamo() {
                     return 0
                     ;;
                 --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace)
+            opts="-v -h -V --verbose --help --version shared-prefix conversations help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__conversations)
+            opts="-o -v -h -V --sessions --rate --burst --mean-turns --system-prompts --system-tokens --mean-user-tokens --mean-output-tokens --mean-think-s --max-context --block-tokens --seed --out --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --sessions)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --burst)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mean-turns)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --system-prompts)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --system-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mean-user-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mean-output-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mean-think-s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-context)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --block-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__help)
+            opts="shared-prefix conversations help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__conversations)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__help__subcmd__shared__subcmd__prefix)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__trace__subcmd__shared__subcmd__prefix)
+            opts="-o -v -h -V --prefixes --uses --prefix-tokens --suffix-tokens --output-tokens --block-tokens --seed --out --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --prefixes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --uses)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prefix-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --suffix-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --block-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --out)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1116,7 +1395,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route disagg disagg-native planner plane engine transfer transfer-target soak"
+            opts="http index route trace disagg disagg-native planner plane engine transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1244,6 +1523,48 @@ _dynamo() {
         dynamo__subcmd__help__subcmd__bench__subcmd__soak)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__trace)
+            opts="shared-prefix conversations"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__trace__subcmd__conversations)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__trace__subcmd__shared__subcmd__prefix)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1749,7 +2070,7 @@ _dynamo() {
                     return 0
                     ;;
                 --router-mode)
-                    COMPREPLY=($(compgen -W "kv round-robin random least-loaded" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "kv latency round-robin random least-loaded" -- "${cur}"))
                     return 0
                     ;;
                 --kv-overlap-score-weight)
@@ -1951,7 +2272,7 @@ _dynamo() {
                     return 0
                     ;;
                 --router-mode)
-                    COMPREPLY=($(compgen -W "kv round-robin random least-loaded" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "kv latency round-robin random least-loaded" -- "${cur}"))
                     return 0
                     ;;
                 --kv-overlap-score-weight)

@@ -232,6 +232,9 @@ pub(super) fn positive_f64(text: &str) -> Result<f64, String> {
 pub enum RouterModeArg {
     /// Lowest cost: uncached prompt blocks and queued prefill, weighed against decode load.
     Kv,
+    /// Lowest predicted time to first token: the prefill of what the worker lacks, behind its queued prompts
+    /// and beside its decode batch, timed by the worker's performance profile.
+    Latency,
     RoundRobin,
     Random,
     /// Fewest requests in flight.
@@ -280,16 +283,22 @@ pub struct RouterArgs {
     pub prefill_queue_limit: u32,
 }
 
-impl RouterArgs {
-    pub fn config(&self) -> RouterConfig {
-        let mode = match self.router_mode {
+impl From<RouterModeArg> for RouterMode {
+    fn from(mode: RouterModeArg) -> Self {
+        match mode {
             RouterModeArg::Kv => RouterMode::Kv,
+            RouterModeArg::Latency => RouterMode::Latency,
             RouterModeArg::RoundRobin => RouterMode::RoundRobin,
             RouterModeArg::Random => RouterMode::Random,
             RouterModeArg::LeastLoaded => RouterMode::LeastLoaded,
-        };
+        }
+    }
+}
+
+impl RouterArgs {
+    pub fn config(&self) -> RouterConfig {
         RouterConfig {
-            mode,
+            mode: self.router_mode.into(),
             busy_threshold: self.busy_threshold as usize,
             overlap_weight: self.kv_overlap_score_weight,
             temperature: self.router_temperature,

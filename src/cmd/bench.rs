@@ -4,7 +4,7 @@ use crate::core::bench::engine::{self, EngineBenchSettings};
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
 use crate::core::bench::plane;
-use crate::core::bench::route::{self, RouteBenchSettings};
+use crate::core::bench::route::{self, Pace, RouteBenchSettings};
 use crate::core::bench::soak::{self, SoakSettings};
 use crate::core::bench::trace;
 use crate::core::bench::transfer::{self, Layout, TransferBenchSettings};
@@ -28,6 +28,10 @@ pub enum BenchCommand {
     Index(IndexArgs),
     /// Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random.
     Route(RouteArgs),
+    /// Writes a synthetic Mooncake-format trace (shared prefixes, or multi-turn conversations in bursts) for
+    /// the other benches.
+    #[command(subcommand)]
+    Trace(TraceCommand),
     /// Aggregated vs always-disaggregated vs conditional serving on a replayed trace, same simulated GPUs:
     /// TTFT, ITL and goodput.
     Disagg(DisaggArgs),
@@ -202,6 +206,77 @@ pub struct PlaneArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Shared prompt prefixes each used several times, in a shuffled order.
+    SharedPrefix(SharedPrefixArgs),
+    /// Multi-turn chat sessions arriving in bursts; each turn's prompt is the conversation so far.
+    Conversations(ConversationsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceOutput {
+    /// Tokens per block id in the trace (pass the same --block-tokens to the bench that replays it).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub block_tokens: u32,
+
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Where to write it [default: standard output].
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SharedPrefixArgs {
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub prefixes: u32,
+    /// Requests per prefix.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub uses: u32,
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub prefix_tokens: u32,
+    /// Each request's own tokens after the prefix.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub suffix_tokens: u32,
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub output_tokens: u32,
+    #[command(flatten)]
+    pub output: TraceOutput,
+}
+
+#[derive(Debug, Args)]
+pub struct ConversationsArgs {
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sessions: u32,
+    /// New sessions per second outside bursts.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    pub rate: f64,
+    /// The rate during a burst, as a multiple of --rate.
+    #[arg(long, default_value_t = 6.0, value_parser = positive_f64)]
+    pub burst: f64,
+    #[arg(long, default_value_t = 5.0, value_parser = positive_f64)]
+    pub mean_turns: f64,
+    /// Distinct system prompts sessions start with.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub system_prompts: u32,
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub system_tokens: u32,
+    #[arg(long, default_value_t = 200.0, value_parser = positive_f64)]
+    pub mean_user_tokens: f64,
+    #[arg(long, default_value_t = 300.0, value_parser = positive_f64)]
+    pub mean_output_tokens: f64,
+    /// Mean seconds between an answer's end and the next turn.
+    #[arg(long, default_value_t = 20.0, value_parser = positive_f64)]
+    pub mean_think_s: f64,
+    /// Longest prompt; a conversation that would pass it ends.
+    #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_context: u32,
+    #[command(flatten)]
+    pub output: TraceOutput,
+}
+
 #[derive(Debug, Args)]
 pub struct RouteArgs {
     #[command(flatten)]
@@ -210,6 +285,15 @@ pub struct RouteArgs {
     /// Mocker workers.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
+
+    /// Router modes compared, each on fresh workers.
+    #[arg(long, value_delimiter = ',', default_value = "latency,kv,round-robin,random")]
+    pub modes: Vec<super::args::RouterModeArg>,
+
+    /// Instead of the trace's timestamps, a closed loop of this many clients sending the requests in trace
+    /// order; several (`1,8,32`) sweep the levels, each a run of every mode.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: Vec<u32>,
 
     /// Print one JSON object on the last line as well.
     #[arg(long)]
@@ -513,6 +597,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Http(args) => bench_http(args),
         BenchCommand::Index(args) => bench_index(args),
         BenchCommand::Route(args) => bench_route(args),
+        BenchCommand::Trace(command) => bench_trace(command),
         BenchCommand::Disagg(args) => bench_disagg(args),
         BenchCommand::DisaggNative(args) => bench_disagg_native(args),
         BenchCommand::Planner(args) => bench_planner(args),
@@ -897,33 +982,121 @@ fn bench_disagg_native(args: DisaggNativeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_trace(command: TraceCommand) -> anyhow::Result<()> {
+    use crate::core::bench::synth;
+    let (requests, output) = match command {
+        TraceCommand::SharedPrefix(args) => {
+            let spec = synth::SharedPrefix {
+                prefixes: args.prefixes as usize,
+                uses: args.uses as usize,
+                prefix_tokens: args.prefix_tokens as usize,
+                suffix_tokens: args.suffix_tokens as usize,
+                output_tokens: args.output_tokens as usize,
+                block_tokens: args.output.block_tokens as usize,
+                seed: args.output.seed,
+            };
+            (synth::shared_prefix(&spec), args.output)
+        }
+        TraceCommand::Conversations(args) => {
+            let spec = synth::Conversations {
+                sessions: args.sessions as usize,
+                rate: args.rate,
+                burst: args.burst,
+                mean_turns: args.mean_turns,
+                system_prompts: args.system_prompts as usize,
+                system_tokens: args.system_tokens as usize,
+                mean_user_tokens: args.mean_user_tokens,
+                mean_output_tokens: args.mean_output_tokens,
+                mean_think_s: args.mean_think_s,
+                answer_tokens_per_s: 50.0,
+                max_context: args.max_context as usize,
+                block_tokens: args.output.block_tokens as usize,
+                seed: args.output.seed,
+            };
+            (synth::conversations(&spec), args.output)
+        }
+    };
+    let text = synth::to_jsonl(&requests);
+    match &output.out {
+        Some(path) => {
+            std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            eprintln!("wrote {} requests to {}", requests.len(), path.display());
+        }
+        None => {
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`| head`) ends the output, not the process with a panic.
+            if let Err(error) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush())
+                && error.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                return Err(error.into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
     let trace = args.replay.trace()?;
-    let settings = RouteBenchSettings {
-        workers: args.workers as usize,
-        speedup: args.replay.speedup,
-        scheduler: args.replay.scheduler(),
-        modes: vec![RouterMode::Kv, RouterMode::RoundRobin, RouterMode::Random],
-        block_tokens: args.replay.block_tokens as usize,
+    let modes: Vec<RouterMode> = args.modes.iter().map(|&mode| mode.into()).collect();
+    let paces: Vec<Pace> = match args.concurrency.as_slice() {
+        [] => vec![Pace::Timestamps],
+        levels => levels.iter().map(|&c| Pace::Concurrency(c as usize)).collect(),
     };
+    let block_tokens = args.replay.block_tokens as usize;
+    let scheduler = args.replay.scheduler();
+    let ideal = route::ideal_cached_fraction(&trace, block_tokens, scheduler.block_size);
     println!(
-        "dynamo bench route: {} trace requests over {} mocker workers ({} blocks each), speedup {}",
+        "dynamo bench route: {} trace requests over {} mocker workers ({} blocks each), speedup {}; ideal cached \
+         fraction {:.1}% (one unbounded cache)",
         trace.len(),
         args.workers,
         args.replay.num_blocks,
-        args.replay.speedup
+        args.replay.speedup,
+        ideal * 100.0
     );
-    let results = super::runtime()?.block_on(route::run(&trace, &settings));
-    print!("{}", route::table(&results));
-    if let [kv, round_robin, ..] = results.as_slice() {
-        println!(
-            "kv / round-robin: TTFT p50 {:.2}x (below 1 is lower), hit rate {:+.1} points",
-            kv.ttft_p50_ms / round_robin.ttft_p50_ms,
-            (kv.hit_rate - round_robin.hit_rate) * 100.0
-        );
+    let runtime = super::runtime()?;
+    let mut levels = Vec::new();
+    for pace in paces {
+        let settings = RouteBenchSettings {
+            workers: args.workers as usize,
+            speedup: args.replay.speedup,
+            scheduler: scheduler.clone(),
+            modes: modes.clone(),
+            block_tokens,
+            pace,
+        };
+        if let Pace::Concurrency(clients) = pace {
+            println!("\nconcurrency {clients} (closed loop, trace order):");
+        }
+        let results = runtime.block_on(route::run(&trace, &settings));
+        print!("{}", route::table(&results));
+        if let Some(first) = modes.first() {
+            print!("{}", route::comparison(&results, *first));
+        }
+        let by_mode: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|r| (route::mode_name(r.mode).to_string(), serde_json::to_value(r).unwrap_or_default()))
+            .collect();
+        let concurrency = match pace {
+            Pace::Concurrency(clients) => serde_json::json!(clients),
+            Pace::Timestamps => serde_json::Value::Null,
+        };
+        levels.push(serde_json::json!({"concurrency": concurrency, "modes": by_mode}));
     }
     if args.json {
-        println!("{}", serde_json::json!({"bench": "route", "modes": results}));
+        let json = match levels.as_slice() {
+            [one] => {
+                let mut one = one.clone();
+                if let Some(object) = one.as_object_mut() {
+                    object.insert("bench".into(), "route".into());
+                    object.insert("ideal_cached_fraction".into(), ideal.into());
+                }
+                one
+            }
+            _ => serde_json::json!({"bench": "route", "ideal_cached_fraction": ideal, "levels": levels}),
+        };
+        println!("{json}");
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `dynamo profile`: a worker's performance profile, for the planner's profile-based sizing
 //! (`dynamo route --planner … --planner-profile PATH`).
 use super::args::EngineArgs;
+use crate::core::engine::profile::{self, Grid};
 use crate::core::model::ModelSource;
-use crate::core::planner::profile::{self, Grid};
 use clap::Args;
 use std::path::PathBuf;
 

@@ -1,10 +1,10 @@
 //! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds, and optionally
 //! the planner that sizes the cluster.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
+use crate::core::engine::profile::Profile;
 use crate::core::planner::kubernetes::{KubernetesConnector, KubernetesSettings};
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
-use crate::core::planner::profile::Profile;
 use crate::core::planner::sla::Targets;
 use crate::core::planner::{Connector, PlannerSettings, PlannerStart, SlaSettings, Virtual};
 use crate::core::route::{self, ClusterSettings};

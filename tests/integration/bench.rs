@@ -60,7 +60,7 @@ fn bench_index_reports_the_documented_json() {
 }
 
 #[test]
-fn bench_route_compares_the_three_modes() {
+fn bench_route_compares_the_modes() {
     let trace = trace_file("route-trace.jsonl");
     let json = last_json_line(&[
         "bench",
@@ -77,19 +77,73 @@ fn bench_route_compares_the_three_modes() {
         "16",
         "--json",
     ]);
-    let modes = json["modes"].as_array().expect("modes");
-    let names: Vec<_> = modes.iter().map(|m| m["mode"].as_str().unwrap_or_default()).collect();
-    assert_eq!(names, vec!["Kv", "RoundRobin", "Random"]);
-    for mode in modes {
-        assert_eq!(mode["requests"], 60, "{mode}");
-        assert_eq!(mode["errors"], 0, "{mode}");
+    let modes = json["modes"].as_object().expect("modes by name");
+    let names: Vec<&str> = modes.keys().map(String::as_str).collect();
+    assert_eq!(names.len(), 4, "{json}");
+    for name in ["latency", "kv", "round-robin", "random"] {
+        let mode = &modes[name];
+        assert_eq!(mode["requests"], 60, "{name}: {mode}");
+        assert_eq!(mode["errors"], 0, "{name}: {mode}");
+        for key in ["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"] {
+            assert!(mode[key].as_f64().is_some_and(|v| v > 0.0), "{name} {key}: {mode}");
+        }
+        let spread = mode["requests_per_worker"].as_array().expect("the load spread");
+        assert_eq!(spread.iter().filter_map(|n| n.as_u64()).sum::<u64>(), 60, "{mode}");
     }
     // Requests share one of four 2-block prefixes (32 of 60 tokens). Sending each prefix back to its worker
-    // misses only the first four: 56/60 × 32/60 = 0.498. Round-robin over 3 workers misses each prefix once
-    // per worker: 48/60 × 32/60 = 0.427.
-    let hit_rate = |i: usize| modes[i]["hit_rate"].as_f64().unwrap_or(0.0);
-    assert!(hit_rate(0) > 0.45, "{json}");
-    assert!(hit_rate(0) > hit_rate(1), "{json}");
+    // misses only the first four: 56/60 × 32/60 = 0.498, the ideal. Round-robin over 3 workers misses each
+    // prefix once per worker: 48/60 × 32/60 = 0.427.
+    let ideal = json["ideal_cached_fraction"].as_f64().expect("the ideal");
+    assert!((ideal - 56.0 / 60.0 * 32.0 / 60.0).abs() < 1e-9, "{json}");
+    let cached = |name: &str| modes[name]["cached_fraction"].as_f64().unwrap_or(0.0);
+    for name in ["latency", "kv"] {
+        assert!(cached(name) > 0.45, "{name}: {json}");
+        assert!(cached(name) > cached("round-robin"), "{name}: {json}");
+    }
+}
+
+#[test]
+fn bench_route_sweeps_concurrency_on_a_synthesized_shared_prefix_trace() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("shared.jsonl");
+    let status = dynamo()
+        .args(["bench", "trace", "shared-prefix", "--prefixes", "6", "--uses", "3", "--prefix-tokens", "256"])
+        .args(["--suffix-tokens", "16", "--output-tokens", "4", "--out"])
+        .arg(&trace)
+        .status()
+        .expect("dynamo runs");
+    assert!(status.success());
+    let json = last_json_line(&[
+        "bench",
+        "route",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--block-tokens",
+        "16",
+        "--workers",
+        "2",
+        "--modes",
+        "latency,round-robin",
+        "--concurrency",
+        "1,4",
+        "--speedup",
+        "10",
+        "--json",
+    ]);
+    let levels = json["levels"].as_array().expect("one result per level");
+    assert_eq!(levels.iter().map(|l| l["concurrency"].as_u64()).collect::<Vec<_>>(), [Some(1), Some(4)]);
+    // 12 of 18 requests can reuse 256 of 272 tokens.
+    let ideal = json["ideal_cached_fraction"].as_f64().unwrap_or(0.0);
+    assert!((ideal - 12.0 / 18.0 * 256.0 / 272.0).abs() < 1e-9, "{json}");
+    for level in levels {
+        assert_eq!(level["modes"]["latency"]["requests"], 18, "{level}");
+        assert_eq!(level["modes"]["round-robin"]["errors"], 0, "{level}");
+    }
+    // One client at a time: every prefix goes back to the worker that holds it, idle by then.
+    let alone = levels[0]["modes"]["latency"]["cached_fraction"].as_f64().unwrap_or(0.0);
+    assert!((alone - ideal).abs() < 1e-9, "{json}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -21,7 +21,14 @@ fn worker(file: &str, extra: &[&str]) -> Worker {
 }
 
 pub fn route(file: &str) -> Server {
-    Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", file]))
+    route_with(file, &[])
+}
+
+/// `route` with more flags.
+fn route_with(file: &str, extra: &[&str]) -> Server {
+    Server::start_with(
+        dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", file]).args(extra),
+    )
 }
 
 async fn workers(server: &Server) -> u64 {
@@ -105,6 +112,26 @@ async fn a_worker_of_another_namespace_is_not_used() {
     wait_for_workers(&router, 1).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(workers(&router).await, 1);
+}
+
+#[tokio::test]
+async fn a_latency_router_prices_remote_workers_by_the_profiles_they_send() {
+    let (_, file) = cluster_file("latency-profiles");
+    let _workers = [worker(&file, &[]), worker(&file, &[])];
+    let router = route_with(&file, &["--router-mode", "latency"]);
+    wait_for_workers(&router, 2).await;
+    for i in 0..4 {
+        let (status, body) = router.post_json("/v1/completions", completion(&format!("prompt number {i}"), 4)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Predictions are only made (and checked) with a profile: the mockers' came over the request plane.
+    let text = router.metrics().await;
+    let checked: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("dynamo_router_ttft_prediction_error_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(checked, 4.0, "{text}");
 }
 
 /// 120 greedy tokens whatever they are: long enough to do something to a worker mid-stream.
@@ -549,17 +576,7 @@ async fn a_keyed_cluster_serves_its_members_and_says_when_it_is_open() {
             .args(["decode", "--engine", "mocker", "--speedup", "20", "--discovery", &file])
             .env("DYNAMO_CLUSTER_KEY", key.trim()),
     );
-    let router = Server::start_with(dynamo().args([
-        "route",
-        "--http-port",
-        "0",
-        "--worker-timeout",
-        "1",
-        "--discovery",
-        &file,
-        "--cluster-key-file",
-        key_file,
-    ]));
+    let router = route_with(&file, &["--cluster-key-file", key_file]);
     wait_for_workers(&router, 1).await;
     let (status, body) = router.post_json("/v1/completions", completion("sealed on the wire", 4)).await;
     assert_eq!(status, 200, "{body}");

@@ -11,7 +11,7 @@
 //! ITL is each request's mean gap between tokens (what vLLM's benchmark calls TPOT), not single gaps: at a
 //! speedup, the mockers' sleeps are rounded to the timer's millisecond and tokens arrive in bursts, so one
 //! gap says little, while their mean over a request is the simulated time.
-use super::route::{Judged, Replayed, judge, replay};
+use super::route::{Judged, Pace, Replayed, judge, replay};
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
@@ -104,7 +104,7 @@ async fn run_setup(
     let router = Arc::new(Router::new(decode.clone(), router_config));
     prefill.iter().for_each(|engine| router.add_worker(engine.clone(), Pool::Prefill));
     let Replayed { outcomes, errors, elapsed_s } =
-        replay(trace, &router, settings.speedup, settings.block_tokens, None).await;
+        replay(trace, &router, settings.speedup, settings.block_tokens, Pace::Timestamps, None).await;
     let Judged { ttfts, itls, good } =
         judge(&outcomes, settings.speedup, settings.ttft_target_ms, settings.itl_target_ms);
     let read: u64 = decode.iter().filter_map(|e| e.kv_transfers()).map(|t| t.read).sum();

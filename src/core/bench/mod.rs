@@ -13,6 +13,7 @@ pub mod processes;
 pub mod route;
 pub mod scaling;
 pub mod soak;
+pub mod synth;
 pub mod trace;
 pub mod transfer;
 

@@ -25,19 +25,62 @@ pub struct RouteBenchSettings {
     pub modes: Vec<RouterMode>,
     /// Tokens per trace block id (512 in the public Mooncake traces).
     pub block_tokens: usize,
+    pub pace: Pace,
+}
+
+/// When a replayed request is sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// At its timestamp (divided by the speedup).
+    Timestamps,
+    /// In trace order, as soon as fewer than this many are in flight (a closed loop of so many clients).
+    Concurrency(usize),
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeResult {
-    pub mode: String,
+    #[serde(skip)]
+    pub mode: RouterMode,
     pub requests: usize,
     pub errors: usize,
     /// Cached prompt tokens over all prompt tokens.
-    pub hit_rate: f64,
+    pub cached_fraction: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p90_ms: f64,
+    pub ttft_p99_ms: f64,
     /// Output tokens per simulated second, first request to last token.
     pub output_tokens_per_s: f64,
+    /// Requests each worker was sent, most to fewest: the load spread.
+    pub requests_per_worker: Vec<usize>,
+}
+
+/// The name a mode has on the command line (`--router-mode`).
+pub fn mode_name(mode: RouterMode) -> &'static str {
+    match mode {
+        RouterMode::Kv => "kv",
+        RouterMode::Latency => "latency",
+        RouterMode::RoundRobin => "round-robin",
+        RouterMode::Random => "random",
+        RouterMode::LeastLoaded => "least-loaded",
+    }
+}
+
+/// The share of prompt tokens a single cache of unbounded size would have served: each request's leading
+/// trace blocks seen in an earlier request, in whole blocks of `kv_block` tokens and never its last token
+/// (an engine computes at least that one). No router can do better.
+pub fn ideal_cached_fraction(trace: &[TraceRequest], block_tokens: usize, kv_block: usize) -> f64 {
+    let mut seen = std::collections::HashSet::new();
+    let (mut cached, mut prompt) = (0usize, 0usize);
+    for request in trace {
+        let tokens = prompt_length(request, block_tokens);
+        let hashes = super::trace::sequence_hashes(&request.hash_ids, 0);
+        let matched = hashes.iter().take_while(|h| seen.contains(*h)).count();
+        let hit = (matched * block_tokens).min(tokens.saturating_sub(1));
+        cached += hit / kv_block.max(1) * kv_block.max(1);
+        prompt += tokens;
+        seen.extend(hashes);
+    }
+    cached as f64 / prompt.max(1) as f64
 }
 
 /// One replayed request, in real time (multiply by the speedup for simulated time).
@@ -46,6 +89,8 @@ pub(super) struct Outcome {
     pub cached_tokens: usize,
     pub output_tokens: usize,
     pub ttft: Duration,
+    /// The worker it was sent to first.
+    pub worker: crate::core::protocol::WorkerId,
     /// The gaps between consecutive outputs after the first.
     pub gaps: Vec<Duration>,
 }
@@ -109,47 +154,71 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
     };
     let router = Arc::new(Router::new(engines, router_config));
     let Replayed { outcomes, errors, elapsed_s } =
-        replay(trace, &router, settings.speedup, settings.block_tokens, None).await;
+        replay(trace, &router, settings.speedup, settings.block_tokens, settings.pace, None).await;
     let elapsed = elapsed_s * settings.speedup;
     let prompt: usize = outcomes.iter().map(|o| o.prompt_tokens).sum();
     let cached: usize = outcomes.iter().map(|o| o.cached_tokens).sum();
     let output: usize = outcomes.iter().map(|o| o.output_tokens).sum();
     let mut ttfts: Vec<f64> = outcomes.iter().map(|o| o.ttft.as_secs_f64() * 1e3 * settings.speedup).collect();
     ttfts.sort_by(f64::total_cmp);
+    let mut requests_per_worker = vec![0; settings.workers];
+    for outcome in &outcomes {
+        if let Some(count) = requests_per_worker.get_mut(outcome.worker as usize) {
+            *count += 1;
+        }
+    }
+    requests_per_worker.sort_unstable_by(|a, b| b.cmp(a));
     ModeResult {
-        mode: format!("{mode:?}"),
+        mode,
         requests: outcomes.len(),
         errors,
-        hit_rate: cached as f64 / prompt.max(1) as f64,
+        cached_fraction: cached as f64 / prompt.max(1) as f64,
         ttft_p50_ms: super::percentile(&ttfts, 0.5),
         ttft_p90_ms: super::percentile(&ttfts, 0.9),
+        ttft_p99_ms: super::percentile(&ttfts, 0.99),
         output_tokens_per_s: output as f64 / elapsed,
+        requests_per_worker,
     }
 }
 
-/// Sends `trace`'s requests to `router` at their timestamps (divided by `speedup`) and follows each to its
-/// end, recording each in `metrics` as the frontend would. A trace block id becomes `block_tokens` token ids
-/// (`prompt_tokens`).
+/// Sends `trace`'s requests to `router` as `pace` says (timestamps divided by `speedup`) and follows each to
+/// its end, recording each in `metrics` as the frontend would. A trace block id becomes `block_tokens` token
+/// ids (`prompt_tokens`).
 pub(super) async fn replay(
     trace: &[TraceRequest],
     router: &Arc<Router>,
     speedup: f64,
     block_tokens: usize,
+    pace: Pace,
     metrics: Option<&Arc<Metrics>>,
 ) -> Replayed {
     let start = Instant::now();
     let first_timestamp = trace.first().map_or(0, |r| r.timestamp);
+    let clients = match pace {
+        Pace::Timestamps => None,
+        Pace::Concurrency(clients) => Some(Arc::new(tokio::sync::Semaphore::new(clients.max(1)))),
+    };
     let mut tasks = Vec::with_capacity(trace.len());
     for (i, request) in trace.iter().enumerate() {
-        let due = Duration::from_secs_f64(request.timestamp.saturating_sub(first_timestamp) as f64 / 1000.0 / speedup);
-        tokio::time::sleep_until((start + due).into()).await;
+        let client = match &clients {
+            Some(clients) => clients.clone().acquire_owned().await.ok(),
+            None => {
+                let due = request.timestamp.saturating_sub(first_timestamp) as f64 / 1000.0 / speedup;
+                tokio::time::sleep_until((start + Duration::from_secs_f64(due)).into()).await;
+                None
+            }
+        };
         let engine_request = PreprocessedRequest::greedy(
             format!("trace-{i}"),
             prompt_tokens(request, block_tokens),
             request.output_length.max(1) as u32,
         );
         let (router, metrics) = (router.clone(), metrics.cloned());
-        tasks.push(tokio::spawn(async move { send(&router, engine_request, metrics).await }));
+        tasks.push(tokio::spawn(async move {
+            let outcome = send(&router, engine_request, metrics).await;
+            drop(client);
+            outcome
+        }));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());
     let mut errors = 0;
@@ -167,6 +236,7 @@ async fn send(router: &Arc<Router>, request: PreprocessedRequest, metrics: Optio
     let mut recorded = metrics.map(|metrics| metrics.request("trace", "completions", true));
     let start = Instant::now();
     let mut stream = router.route_migrating(request).ok()?;
+    let worker = stream.worker_id();
     let first = stream.next().await?;
     let ttft = start.elapsed();
     let cached_tokens = first.cached_tokens.unwrap_or(0) as usize;
@@ -187,13 +257,12 @@ async fn send(router: &Arc<Router>, request: PreprocessedRequest, metrics: Optio
     if let Some(recorded) = &mut recorded {
         recorded.finish(true);
     }
-    Some(Outcome { prompt_tokens, cached_tokens, output_tokens, ttft, gaps })
+    Some(Outcome { prompt_tokens, cached_tokens, output_tokens, ttft, worker, gaps })
 }
 
 /// `input_length` token ids where trace block `i` contributes `block_tokens` ids derived from its hash id.
 fn prompt_tokens(request: &TraceRequest, block_tokens: usize) -> Vec<u32> {
-    let length = (request.input_length as usize).clamp(1, request.hash_ids.len().max(1) * block_tokens);
-    (0..length)
+    (0..prompt_length(request, block_tokens))
         .map(|position| {
             let id = request.hash_ids.get(position / block_tokens).copied().unwrap_or(0);
             let mixed = (id << 16 | (position % block_tokens) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -202,25 +271,53 @@ fn prompt_tokens(request: &TraceRequest, block_tokens: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Its input length, at least one token and at most what its blocks hold.
+fn prompt_length(request: &TraceRequest, block_tokens: usize) -> usize {
+    (request.input_length as usize).clamp(1, request.hash_ids.len().max(1) * block_tokens)
+}
+
 /// The readable report of `dynamo bench route`.
 pub fn table(results: &[ModeResult]) -> String {
     let mut out = format!(
-        "{:<12} {:>9} {:>10} {:>13} {:>13} {:>14}\n",
-        "router", "requests", "hit rate", "TTFT p50", "TTFT p90", "output tok/s"
+        "{:<13} {:>9} {:>9} {:>11} {:>11} {:>11} {:>13}  {}\n",
+        "router", "requests", "cached", "TTFT p50", "TTFT p90", "TTFT p99", "output tok/s", "requests per worker"
     );
     for r in results {
+        let spread: Vec<String> = r.requests_per_worker.iter().map(|n| n.to_string()).collect();
         out.push_str(&format!(
-            "{:<12} {:>9} {:>9.1}% {:>11.0}ms {:>11.0}ms {:>14.0}\n",
-            r.mode,
+            "{:<13} {:>9} {:>8.1}% {:>9.0}ms {:>9.0}ms {:>9.0}ms {:>13.0}  {}\n",
+            mode_name(r.mode),
             r.requests,
-            r.hit_rate * 100.0,
+            r.cached_fraction * 100.0,
             r.ttft_p50_ms,
             r.ttft_p90_ms,
-            r.output_tokens_per_s
+            r.ttft_p99_ms,
+            r.output_tokens_per_s,
+            spread.join(" ")
         ));
         if r.errors > 0 {
             out.push_str(&format!("  ! {} requests failed\n", r.errors));
         }
+    }
+    out
+}
+
+/// How `mode` compares with each other mode of the same run, one line each: TTFT as its value over the
+/// other's (below 1: `mode` is faster), cached fraction as the difference in points.
+pub fn comparison(results: &[ModeResult], mode: RouterMode) -> String {
+    let Some(ours) = results.iter().find(|r| r.mode == mode) else { return String::new() };
+    let mut out = String::new();
+    for other in results.iter().filter(|r| r.mode != mode) {
+        out.push_str(&format!(
+            "{} / {}: TTFT p50 {:.2}x, p90 {:.2}x, p99 {:.2}x (below 1: {} is faster); cached {:+.1} points\n",
+            mode_name(mode),
+            mode_name(other.mode),
+            ours.ttft_p50_ms / other.ttft_p50_ms,
+            ours.ttft_p90_ms / other.ttft_p90_ms,
+            ours.ttft_p99_ms / other.ttft_p99_ms,
+            mode_name(mode),
+            (ours.cached_fraction - other.cached_fraction) * 100.0
+        ));
     }
     out
 }

@@ -9,13 +9,13 @@
 //! warm-up trace), and the workers of its first plan are up from the start, as a static pool's are.
 //! Worker-hours count from a worker's start to its end. The static pools: the fewest workers that reach the
 //! target attainment, found by bisection (attainment grows with workers), with every pool tried reported.
-use super::route::{Judged, Replayed, judge, replay};
+use super::route::{Judged, Pace, Replayed, judge, replay};
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
+use crate::core::engine::profile::Profile;
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::planner::load::{Bounds, Thresholds};
-use crate::core::planner::profile::Profile;
 use crate::core::planner::sla::Targets;
 use crate::core::planner::{Connector, Plan, Planner, PlannerSettings, SlaSettings};
 use crate::core::protocol::WorkerId;
@@ -113,7 +113,7 @@ async fn run_static(trace: &[TraceRequest], settings: &ScalingSettings, workers:
         .map(|id| Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone())) as Arc<dyn Engine>)
         .collect();
     let router = Arc::new(Router::new(engines, router_config(settings)));
-    let replayed = replay(trace, &router, settings.speedup, settings.block_tokens, None).await;
+    let replayed = replay(trace, &router, settings.speedup, settings.block_tokens, Pace::Timestamps, None).await;
     let worker_seconds = workers as f64 * replayed.elapsed_s;
     result(format!("static {workers}"), settings, &replayed, worker_seconds, workers)
 }
@@ -146,9 +146,8 @@ fn result(
 async fn run_planner(trace: &[TraceRequest], settings: &ScalingSettings) -> Result<ScalingResult, String> {
     let real = |simulated_s: f64| Duration::from_secs_f64((simulated_s / settings.speedup).max(1e-3));
     let interval = real(settings.interval_s);
-    let kv_tokens = (settings.scheduler.num_blocks * settings.scheduler.block_size) as u64;
     // Planned in real time: the mocker's profile and the targets at its speedup.
-    let profile = Profile::mocker(kv_tokens, settings.scheduler.max_num_seqs as u32, settings.speedup);
+    let profile = Profile::mocker(&mocker_config(settings));
     let targets = Targets {
         ttft_ms: settings.targets.ttft_ms / settings.speedup,
         itl_ms: settings.targets.itl_ms / settings.speedup,
@@ -184,7 +183,8 @@ async fn run_planner(trace: &[TraceRequest], settings: &ScalingSettings) -> Resu
     while fleet.lock().unwrap_or_else(|p| p.into_inner()).joined() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let replayed = replay(trace, &router, settings.speedup, settings.block_tokens, Some(&metrics)).await;
+    let replayed =
+        replay(trace, &router, settings.speedup, settings.block_tokens, Pace::Timestamps, Some(&metrics)).await;
     let _ = stop.send(());
     let _ = planning.await;
     drop(refresh);

@@ -59,6 +59,7 @@ pub struct BatchEngine {
     events: Publisher,
     max_sequence_tokens: usize,
     kv_memory: Option<super::KvMemory>,
+    profile: Option<Arc<crate::core::protocol::profile::Profile>>,
 }
 
 /// The engine's KV events: the broadcast, and the ledger of what it has said, kept under one lock so that a
@@ -94,6 +95,13 @@ pub struct Pacing {
 }
 
 impl BatchEngine {
+    /// Says how fast it is (`Engine::profile`): the mocker knows from its fit, the native engine from a
+    /// profile measured earlier.
+    pub fn with_profile(mut self, profile: crate::core::protocol::profile::Profile) -> Self {
+        self.profile = Some(Arc::new(profile));
+        self
+    }
+
     /// Starts the engine's task on the current tokio runtime. `max_sequence_tokens` also counts the model's
     /// context limit, not only the KV cache's.
     pub fn spawn<X: Executor>(
@@ -110,7 +118,7 @@ impl BatchEngine {
         let worker =
             Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
         tokio::spawn(worker.run(pacing));
-        Self { worker_id, inbox, next_id: 0.into(), load, events, max_sequence_tokens, kv_memory }
+        Self { worker_id, inbox, next_id: 0.into(), load, events, max_sequence_tokens, kv_memory, profile: None }
     }
 
     fn submit_with(
@@ -173,6 +181,10 @@ static NO_MEMORY: KvMemory = KvMemory { regions: Vec::new(), pages: 0, page_byte
 impl Engine for BatchEngine {
     fn worker_id(&self) -> WorkerId {
         self.worker_id
+    }
+
+    fn profile(&self) -> Option<Arc<crate::core::protocol::profile::Profile>> {
+        self.profile.clone()
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {

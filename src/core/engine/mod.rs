@@ -13,6 +13,7 @@ mod follow;
 mod ledger;
 pub mod mocker;
 pub mod native;
+pub mod profile;
 pub mod scheduler;
 mod spawn;
 
@@ -22,9 +23,11 @@ pub use ledger::HandKeptLedger;
 pub use ledger::KvLedger;
 pub use spawn::{EngineSettings, SpawnError, spawn_engines, start_engine};
 
+use crate::core::protocol::profile::Profile;
 use crate::core::protocol::{EngineOutput, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use futures::Stream;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{broadcast, mpsc};
 
@@ -145,6 +148,12 @@ pub trait Engine: Send + Sync {
     /// Its KV hand-offs so far, for an engine that hands KV over in this process; `None` otherwise (a remote
     /// worker's come with its stats reports).
     fn kv_transfers(&self) -> Option<crate::core::protocol::KvTransferStats> {
+        None
+    }
+
+    /// How fast it computes prompts and steps batches, for a router that prices workers in time (`latency`
+    /// mode); `None` for an engine that does not know (a native or external one started without a profile).
+    fn profile(&self) -> Option<Arc<Profile>> {
         None
     }
 

@@ -385,6 +385,10 @@ impl Engine for HandOffEngine {
         })
     }
 
+    fn profile(&self) -> Option<std::sync::Arc<crate::core::protocol::profile::Profile>> {
+        self.inner.profile()
+    }
+
     fn is_alive(&self) -> bool {
         self.inner.is_alive()
     }

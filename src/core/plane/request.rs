@@ -8,6 +8,7 @@
 //! turn, cancels the requests of a peer that stopped pinging, so a crashed router leaks no KV blocks.
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::profile::Profile;
 use crate::core::protocol::request::{
     FromWorker, MAX_FRAME_BYTES, PROTOCOL_VERSION, Refusal, ToWorker, decode, encode,
 };
@@ -451,6 +452,9 @@ fn handle(
             reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance: served.instance.clone() });
         }
         ToWorker::ModelFiles => reply(FromWorker::ModelFiles { files: served.model_files.clone() }),
+        ToWorker::Profile => {
+            reply(FromWorker::Profile { profile: served.engine.profile().map(|profile| (*profile).clone()) })
+        }
         ToWorker::KvSnapshot => {
             let (served, replies) = (served.clone(), replies.clone());
             // Sorting a big cache takes a while; the socket's task must not wait for it.
@@ -543,6 +547,7 @@ enum Command {
     Open { stream: u64, request: PreprocessedRequest, outputs: mpsc::UnboundedSender<EngineOutput> },
     Cancel { stream: u64 },
     ModelFiles(oneshot::Sender<Vec<(String, String)>>),
+    Profile(oneshot::Sender<Option<Profile>>),
     KvSnapshot(oneshot::Sender<KvSnapshot>),
 }
 
@@ -637,6 +642,21 @@ impl WorkerClient {
         tokio::time::timeout(timeout, answer).await.ok()?.ok()
     }
 
+    /// The worker's performance profile, checked: `None` when it has none, sends one that does not hold
+    /// together (said in the log), or does not answer within `timeout`.
+    pub async fn profile(&self, timeout: Duration) -> Option<Profile> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Profile(reply)).ok()?;
+        let profile = tokio::time::timeout(timeout, answer).await.ok()?.ok()??;
+        match profile.check() {
+            Ok(()) => Some(profile),
+            Err(reason) => {
+                tracing::warn!("the worker sent a performance profile that does not hold together: {reason}");
+                None
+            }
+        }
+    }
+
     /// The worker's whole prefix cache, or `None` if it does not arrive within `timeout`.
     pub async fn kv_snapshot(&self, timeout: Duration) -> Option<KvSnapshot> {
         let (reply, answer) = oneshot::channel();
@@ -704,6 +724,7 @@ async fn client(
     let (status, alive) = (liveness.status.clone(), liveness.alive.clone());
     let mut open: HashMap<u64, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
     let mut files_wanted: Vec<oneshot::Sender<Vec<(String, String)>>> = Vec::new();
+    let mut profile_wanted: Vec<oneshot::Sender<Option<Profile>>> = Vec::new();
     // Answers arrive whole and in order, so one snapshot in the making serves everyone waiting.
     let mut snapshot_wanted: Vec<oneshot::Sender<KvSnapshot>> = Vec::new();
     let mut snapshot = KvSnapshot::default();
@@ -735,6 +756,10 @@ async fn client(
                 Some(Command::ModelFiles(reply)) => {
                     files_wanted.push(reply);
                     ToWorker::ModelFiles
+                }
+                Some(Command::Profile(reply)) => {
+                    profile_wanted.push(reply);
+                    ToWorker::Profile
                 }
                 Some(Command::KvSnapshot(reply)) => {
                     snapshot_wanted.push(reply);
@@ -780,6 +805,11 @@ async fn client(
                         FromWorker::ModelFiles { files } => {
                             files_wanted.drain(..).for_each(|reply| {
                                 let _ = reply.send(files.clone());
+                            });
+                        }
+                        FromWorker::Profile { profile } => {
+                            profile_wanted.drain(..).for_each(|reply| {
+                                let _ = reply.send(profile.clone());
                             });
                         }
                         FromWorker::KvSnapshot { next_seq, events, last } => {
@@ -865,6 +895,7 @@ async fn client(
             Err(zmq::Error::EAGAIN) => match send {
                 ToWorker::Generate { stream, .. } => drop(open.remove(&stream)),
                 ToWorker::ModelFiles => drop(files_wanted.pop()),
+                ToWorker::Profile => drop(profile_wanted.pop()),
                 ToWorker::KvSnapshot => drop(snapshot_wanted.pop()),
                 ToWorker::Ping { .. } => {
                     // No connection (or a queue of thousands the worker does not take): whatever was in

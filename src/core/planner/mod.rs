@@ -4,7 +4,7 @@
 //!
 //! - `forecast`: the traffic forecast (one observation per interval in, the next interval's value out).
 //! - `load`: load-based scaling, one worker up or down per role and interval, on KV pressure.
-//! - `profile`, `sla`: a worker's performance profile, and the fewest workers that meet latency targets.
+//! - `sla`: the fewest workers that meet latency targets, from a worker's performance profile (`engine::profile`).
 //! - `local`: the connector that starts and drains `dynamo decode` / `dynamo prefill` processes on this box.
 //! - `kubernetes`: the connector that sets the replicas of the Deployments running each role.
 //!
@@ -14,7 +14,6 @@ pub mod forecast;
 pub mod kubernetes;
 pub mod load;
 pub mod local;
-pub mod profile;
 pub mod sla;
 
 use crate::core::members::announce::Announcer;
@@ -50,7 +49,7 @@ pub struct PlannerSettings {
 
 #[derive(Debug, Clone)]
 pub struct SlaSettings {
-    pub profile: profile::Profile,
+    pub profile: crate::core::engine::profile::Profile,
     pub targets: sla::Targets,
 }
 

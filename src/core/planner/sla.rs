@@ -18,7 +18,7 @@
 //!
 //! The corrections are observed over expected mean latency in the last interval (Dynamo's correction
 //! factors), so a profile that is off (another model, a noisy neighbour) is corrected by what clients see.
-use super::profile::Profile;
+use crate::core::engine::profile::Profile;
 
 /// The latency targets.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -220,7 +220,7 @@ mod tests {
     use super::*;
 
     fn profile() -> Profile {
-        Profile::mocker(16_384 * 16, 256, 1.0)
+        Profile::mocker(&crate::core::engine::mocker::MockerConfig::default())
     }
 
     const DEMAND: Demand = Demand { requests_per_s: 10.0, prompt_tokens: 2048.0, output_tokens: 200.0 };

@@ -155,9 +155,9 @@ fn traffic(metrics: &Arc<Metrics>, count: usize, prompt: usize, output: usize, t
 
 #[test]
 fn with_a_profile_each_role_gets_at_least_what_its_latency_target_needs() {
-    use super::profile::Profile;
     use super::sla::{Demand, Targets};
-    let profile = Profile::mocker(16_384 * 16, 256, 1.0);
+    use crate::core::engine::profile::Profile;
+    let profile = Profile::mocker(&crate::core::engine::mocker::MockerConfig::default());
     let targets = Targets { ttft_ms: 500.0, itl_ms: 30.0, attainment: None };
     let planned = |ttft_ms: u64| {
         let sla = Some(SlaSettings { profile: profile.clone(), targets });
@@ -188,9 +188,9 @@ fn with_a_profile_each_role_gets_at_least_what_its_latency_target_needs() {
 
 #[test]
 fn without_traffic_or_within_reach_of_nothing_the_profile_sets_no_floor() {
-    use super::profile::Profile;
     use super::sla::Targets;
-    let profile = Profile::mocker(16_384 * 16, 256, 1.0);
+    use crate::core::engine::profile::Profile;
+    let profile = Profile::mocker(&crate::core::engine::mocker::MockerConfig::default());
     // No TTFT under 1 ms is possible: the load steps alone decide, and the reason says why.
     let sla = Some(SlaSettings { profile, targets: Targets { ttft_ms: 1.0, itl_ms: 30.0, attainment: None } });
     let mut rig = rig(PlannerSettings { sla, ..settings() });

@@ -13,6 +13,7 @@ pub mod kv;
 pub mod openai;
 pub mod plan;
 pub mod plane;
+pub mod profile;
 pub mod request;
 pub mod router;
 pub mod transfer;

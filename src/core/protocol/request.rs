@@ -7,10 +7,11 @@
 use super::discovery::Instance;
 use super::engine::{EngineOutput, PreprocessedRequest};
 use super::kv::KvEvents;
+use super::profile::Profile;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -22,6 +23,8 @@ pub enum ToWorker {
     },
     /// The model's text files (tokenizer, templates, configs), so a router needs no copy of the model.
     ModelFiles,
+    /// How fast the worker is, for a router that prices workers in time.
+    Profile,
     Generate {
         stream: u64,
         request: PreprocessedRequest,
@@ -42,6 +45,10 @@ pub enum FromWorker {
     },
     ModelFiles {
         files: Vec<(String, String)>,
+    },
+    /// `None` from a worker whose engine has none.
+    Profile {
+        profile: Option<Profile>,
     },
     /// One piece of a snapshot (a big cache takes several frames); `last` ends it. The snapshot reflects
     /// exactly the KV messages numbered below `next_seq` on the event plane: a router applies it, then

@@ -23,7 +23,7 @@ use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, RouterReport, WorkerId, WorkerStats};
-use crate::core::router::{Pool, Router, RouterConfig};
+use crate::core::router::{Pool, Router, RouterConfig, RouterMode};
 use crate::core::telemetry::{Metrics, PlaneEvent, Traffic};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
@@ -206,6 +206,8 @@ fn served_result(served: Result<std::io::Result<()>, tokio::task::JoinError>) ->
 
 /// How long a router waits for a worker's KV snapshot before dropping that worker's index entries instead.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a joining worker has to send its performance profile (latency routing).
+const PROFILE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Member {
     id: WorkerId,
@@ -355,7 +357,15 @@ impl Membership {
             }
         };
         watch.subscribe(addr, &instance)?;
-        let engine = RemoteEngine::new(instance.clone(), client.clone());
+        // Only latency routing prices workers in time; a worker that sends none is priced with another's.
+        let profile = match self.settings.router.mode {
+            RouterMode::Latency => client.profile(PROFILE_TIMEOUT).await,
+            _ => None,
+        };
+        if self.settings.router.mode == RouterMode::Latency && profile.is_none() {
+            tracing::info!("worker {:016x} at {addr} sent no performance profile", instance.id);
+        }
+        let engine = RemoteEngine::new(instance.clone(), client.clone()).with_profile(profile);
         let mut member = Member {
             id: instance.id,
             router: router.clone(),

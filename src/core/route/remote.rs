@@ -4,6 +4,7 @@
 use crate::core::engine::{Engine, EngineError, ResponseStream, check_fits};
 use crate::core::plane::request::WorkerClient;
 use crate::core::protocol::discovery::Instance;
+use crate::core::protocol::profile::Profile;
 use crate::core::protocol::{KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
@@ -12,12 +13,20 @@ pub struct RemoteEngine {
     instance: Instance,
     client: Arc<WorkerClient>,
     load: Arc<Mutex<LoadMetrics>>,
+    /// Asked of the worker once it joined (latency routing only).
+    profile: Option<Arc<Profile>>,
 }
 
 impl RemoteEngine {
     pub fn new(instance: Instance, client: Arc<WorkerClient>) -> Self {
         let load = LoadMetrics { kv_total_blocks: instance.card.kv_blocks, ..LoadMetrics::default() };
-        Self { instance, client, load: Arc::new(Mutex::new(load)) }
+        Self { instance, client, load: Arc::new(Mutex::new(load)), profile: None }
+    }
+
+    /// The profile the worker sent (`WorkerClient::profile`).
+    pub fn with_profile(mut self, profile: Option<Profile>) -> Self {
+        self.profile = profile.map(Arc::new);
+        self
     }
 
     pub fn instance(&self) -> &Instance {
@@ -59,6 +68,10 @@ impl Engine for RemoteEngine {
 
     fn load(&self) -> LoadMetrics {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn profile(&self) -> Option<Arc<Profile>> {
+        self.profile.clone()
     }
 
     fn transfer_addr(&self) -> Option<String> {

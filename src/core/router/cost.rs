@@ -29,11 +29,19 @@ pub fn choose(
     draw: f64,
     tie_start: usize,
 ) -> Option<usize> {
-    let n = candidates.len();
+    let costs: Vec<f64> = candidates.iter().map(|c| cost(c, prompt_blocks, overlap_weight)).collect();
+    let in_flight: Vec<usize> = candidates.iter().map(|c| c.in_flight).collect();
+    cheapest(&costs, &in_flight, temperature, draw, tie_start)
+}
+
+/// The index of the cheapest of `costs` (any unit, lower is better), as `choose` picks: ties to the fewest
+/// `in_flight`, then from `tie_start` on; with `temperature` above 0 a softmax over the costs normalised to
+/// [0, 1], sampled by `draw`.
+pub fn cheapest(costs: &[f64], in_flight: &[usize], temperature: f64, draw: f64, tie_start: usize) -> Option<usize> {
+    let n = costs.len();
     if n == 0 {
         return None;
     }
-    let costs: Vec<f64> = candidates.iter().map(|c| cost(c, prompt_blocks, overlap_weight)).collect();
     if temperature > 0.0 {
         let max = costs.iter().copied().fold(0.0, f64::max);
         let scale = if max > 0.0 { max } else { 1.0 };
@@ -50,7 +58,7 @@ pub fn choose(
     }
     (0..n)
         .map(|i| (tie_start + i) % n)
-        .min_by(|&a, &b| costs[a].total_cmp(&costs[b]).then(candidates[a].in_flight.cmp(&candidates[b].in_flight)))
+        .min_by(|&a, &b| costs[a].total_cmp(&costs[b]).then(in_flight[a].cmp(&in_flight[b])))
 }
 
 #[cfg(test)]

@@ -74,6 +74,11 @@ impl Router {
 }
 
 impl MigratingStream {
+    /// The worker serving it now.
+    pub fn worker_id(&self) -> WorkerId {
+        self.current.worker_id
+    }
+
     /// The request that continues where the lost worker stopped, if there is anything left to generate.
     fn continuation(&self) -> Option<PreprocessedRequest> {
         // The original request: whatever hand-off a part of it had, the continuation has its own.

@@ -1,7 +1,8 @@
 //! Picks the worker for each request and keeps the router's own account of what it sent where.
 //!
 //! Modes: `kv` (the cost function in `cost`, over overlaps from a `FlashIndexer` fed by every worker's KV
-//! events), `round-robin`, `random`, `least-loaded`. The account is the router's own bookkeeping, exact
+//! events), `latency` (each worker's predicted time to first token, `latency`, over the same overlaps and
+//! the workers' performance profiles), `round-robin`, `random`, `least-loaded`. The account is the router's own bookkeeping, exact
 //! between load reports: a routed request adds to its worker's in-flight count and active prefill blocks;
 //! its first token moves those blocks to decode; dropping its stream takes them off. The kv cost takes the
 //! larger of that account and the worker's own reported active blocks. When every worker is at
@@ -11,14 +12,17 @@
 mod approx;
 mod cost;
 mod disagg;
+mod latency;
 mod migration;
 
 pub use approx::ApproxTracker;
-pub use cost::{Candidate, choose, cost};
+pub use cost::{Candidate, cheapest, choose, cost};
+pub use latency::{Backlog, predicted_ttft_ms};
 pub use migration::MigratingStream;
 
 use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
+use crate::core::protocol::profile::Profile;
 use crate::core::protocol::{EngineOutput, KvEvent, PreprocessedRequest, WorkerId};
 use crate::core::tokens::block_hashes;
 use futures::Stream;
@@ -48,9 +52,17 @@ pub enum RouteError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterMode {
     Kv,
+    Latency,
     RoundRobin,
     Random,
     LeastLoaded,
+}
+
+impl RouterMode {
+    /// Whether it weighs what each worker has cached of a prompt.
+    pub fn uses_overlaps(self) -> bool {
+        matches!(self, RouterMode::Kv | RouterMode::Latency)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +108,7 @@ impl Default for RouterConfig {
 impl RouterConfig {
     /// Whether workers' KV events feed this router's index; otherwise it has no use for them.
     pub fn indexes_events(&self) -> bool {
-        self.mode == RouterMode::Kv && self.kv_events
+        self.mode.uses_overlaps() && self.kv_events
     }
 }
 
@@ -105,10 +117,15 @@ struct WorkerLoad {
     in_flight: AtomicUsize,
     prefill_blocks: AtomicU64,
     decode_blocks: AtomicU64,
+    /// Requests whose first token has not come, and their uncached prompt tokens.
+    prefilling: AtomicUsize,
+    prefill_tokens: AtomicU64,
 }
 
 struct Worker {
     engine: Arc<dyn Engine>,
+    /// The engine's, taken once when it joined (latency mode prices in it).
+    profile: Option<Arc<Profile>>,
     load: Arc<WorkerLoad>,
     /// The task feeding this worker's KV events into the index (kv mode with events).
     feed: Option<tokio::task::JoinHandle<()>>,
@@ -126,6 +143,19 @@ impl Worker {
             prefill_blocks,
             decode_blocks: self.load.decode_blocks.load(Ordering::Relaxed).max(reported),
             in_flight: self.load.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What is ahead of a new prompt there, for the latency cost: the account's queue, and the larger of the
+    /// account's and the worker's own count of KV held by decoding sequences (as `candidate`).
+    fn backlog(&self, block_size: usize) -> Backlog {
+        let in_flight = self.load.in_flight.load(Ordering::Relaxed);
+        let prefilling = self.load.prefilling.load(Ordering::Relaxed);
+        let candidate = self.candidate(&OverlapScores::default());
+        Backlog {
+            queued_prefill_tokens: self.load.prefill_tokens.load(Ordering::Relaxed),
+            decoding: in_flight.saturating_sub(prefilling) as u64,
+            decode_kv_tokens: candidate.decode_blocks.saturating_mul(block_size as u64),
         }
     }
 
@@ -196,7 +226,7 @@ impl Router {
     pub fn new(engines: Vec<Arc<dyn Engine>>, mut config: RouterConfig) -> Self {
         config.busy_threshold = config.busy_threshold.max(1);
         config.block_size = config.block_size.max(1);
-        let kv = config.mode == RouterMode::Kv;
+        let kv = config.mode.uses_overlaps();
         let approx = (kv && !config.kv_events).then(|| Mutex::new(ApproxTracker::new(config.approximate_ttl)));
         let router = Self {
             workers: RwLock::new(Arc::new([])),
@@ -265,7 +295,8 @@ impl Router {
     fn insert_worker(&self, engine: Arc<dyn Engine>, feed: Option<tokio::task::JoinHandle<()>>, pool: Pool) {
         let id = engine.worker_id();
         self.remove_from_pools(id);
-        let worker = Arc::new(Worker { engine, load: Arc::default(), feed });
+        let profile = engine.profile();
+        let worker = Arc::new(Worker { engine, profile, load: Arc::default(), feed });
         let mut workers = self.pool(pool).write().unwrap_or_else(|p| p.into_inner());
         let mut next: Vec<Arc<Worker>> = workers.iter().cloned().collect();
         next.push(worker);
@@ -373,13 +404,14 @@ impl Router {
         if !workers.iter().zip(&excluded).any(|(w, &excluded)| !excluded && w.engine.is_alive()) {
             return Err(RouteError::Unavailable);
         }
-        let (index, overlap) = loop {
-            let Some(index) = self.pick(&workers, &excluded, &overlaps, hashes.len() as u32, limit) else {
+        let prompt = Prompt { tokens: token_ids.len(), blocks: hashes.len() as u32 };
+        let (index, overlap, predicted_ms) = loop {
+            let Some((index, predicted_ms)) = self.pick(&workers, &excluded, &overlaps, prompt, limit) else {
                 return Err(RouteError::Busy { threshold: limit });
             };
             let worker = &workers[index];
             if worker.load.in_flight.fetch_add(1, Ordering::AcqRel) < limit {
-                break (index, overlaps.of(worker.engine.worker_id()));
+                break (index, overlaps.of(worker.engine.worker_id()), predicted_ms);
             }
             worker.load.in_flight.fetch_sub(1, Ordering::AcqRel);
             excluded[index] = true;
@@ -391,14 +423,25 @@ impl Router {
         }
         let prompt_blocks = token_ids.len().div_ceil(self.config.block_size) as u64;
         let prefill_blocks = prompt_blocks.saturating_sub(u64::from(overlap));
+        let prefill_tokens = uncached_tokens(token_ids.len(), overlap, self.config.block_size);
         worker.load.prefill_blocks.fetch_add(prefill_blocks, Ordering::Relaxed);
+        worker.load.prefill_tokens.fetch_add(prefill_tokens, Ordering::Relaxed);
+        worker.load.prefilling.fetch_add(1, Ordering::Relaxed);
         let account = Account {
             load: worker.load.clone(),
             prefill_blocks,
+            prefill_tokens,
+            prefilling: true,
             decode_blocks: prompt_blocks,
             decoding: false,
             generated: 0,
             block_size: self.config.block_size,
+            prediction: predicted_ms.zip(self.metrics.get()).map(|(predicted_ms, metrics)| Prediction {
+                predicted_ms,
+                sent: Instant::now(),
+                worker_id: worker.engine.worker_id(),
+                metrics: metrics.clone(),
+            }),
         };
         Ok(Choice { worker_id: worker.engine.worker_id(), overlap_blocks: overlap, worker, account })
     }
@@ -429,7 +472,9 @@ impl Router {
     /// The prompt's block hashes (kv mode only) and what each worker holds of them.
     fn overlaps(&self, token_ids: &[u32]) -> (Vec<u64>, OverlapScores) {
         let hashes: Vec<u64> = match self.config.mode {
-            RouterMode::Kv => block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect(),
+            RouterMode::Kv | RouterMode::Latency => {
+                block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect()
+            }
             _ => Vec::new(),
         };
         if let Some(approx) = &self.approx {
@@ -439,42 +484,101 @@ impl Router {
         (hashes, overlaps)
     }
 
+    /// The open worker to send a prompt to, and in latency mode the time to first token predicted there.
     fn pick(
         &self,
         workers: &[Arc<Worker>],
         excluded: &[bool],
         overlaps: &OverlapScores,
-        prompt_blocks: u32,
+        prompt: Prompt,
         limit: usize,
-    ) -> Option<usize> {
+    ) -> Option<(usize, Option<f64>)> {
         let open: Vec<usize> = (0..workers.len()).filter(|&i| !excluded[i] && workers[i].open(limit)).collect();
         if open.is_empty() {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let load = |i: usize| &workers[i].load;
+        let draw = || if self.config.temperature > 0.0 { rand::random::<f64>() } else { 0.0 };
         let chosen = match self.config.mode {
             RouterMode::RoundRobin => open[start % open.len()],
             RouterMode::Random => open[rand::random_range(0..open.len())],
             RouterMode::LeastLoaded => (0..open.len())
                 .map(|k| open[(start + k) % open.len()])
                 .min_by_key(|&i| load(i).in_flight.load(Ordering::Relaxed))?,
-            RouterMode::Kv => {
-                let candidates: Vec<Candidate> = open.iter().map(|&i| workers[i].candidate(overlaps)).collect();
-                let draw = if self.config.temperature > 0.0 { rand::random::<f64>() } else { 0.0 };
-                let at = choose(
-                    &candidates,
-                    prompt_blocks,
-                    self.config.overlap_weight,
-                    self.config.temperature,
-                    draw,
-                    start,
-                )?;
-                open[at]
-            }
+            RouterMode::Latency => match self.predictions(workers, &open, overlaps, prompt) {
+                Some(predicted) => {
+                    let in_flight: Vec<usize> =
+                        open.iter().map(|&i| load(i).in_flight.load(Ordering::Relaxed)).collect();
+                    let at = cheapest(&predicted, &in_flight, self.config.temperature, draw(), start)?;
+                    return Some((open[at], Some(predicted[at])));
+                }
+                None => self.cheapest_kv(workers, &open, overlaps, prompt, start, draw())?,
+            },
+            RouterMode::Kv => self.cheapest_kv(workers, &open, overlaps, prompt, start, draw())?,
         };
-        Some(chosen)
+        Some((chosen, None))
     }
+
+    fn cheapest_kv(
+        &self,
+        workers: &[Arc<Worker>],
+        open: &[usize],
+        overlaps: &OverlapScores,
+        prompt: Prompt,
+        start: usize,
+        draw: f64,
+    ) -> Option<usize> {
+        let candidates: Vec<Candidate> = open.iter().map(|&i| workers[i].candidate(overlaps)).collect();
+        let at = choose(&candidates, prompt.blocks, self.config.overlap_weight, self.config.temperature, draw, start)?;
+        Some(open[at])
+    }
+
+    /// Each open worker's predicted time to first token for the prompt, in `open`'s order. A worker that
+    /// sent no profile is priced with another worker's of the same set (they serve one model, almost always
+    /// on like hardware); `None` when none has one, and the kv cost decides instead (said once in the log).
+    fn predictions(
+        &self,
+        workers: &[Arc<Worker>],
+        open: &[usize],
+        overlaps: &OverlapScores,
+        prompt: Prompt,
+    ) -> Option<Vec<f64>> {
+        let Some(stand_in) = workers.iter().find_map(|w| w.profile.clone()) else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "latency routing: no worker sent a performance profile (start native workers with --profile \
+                     FILE from `dynamo profile`); routing by the kv cost meanwhile"
+                )
+            });
+            return None;
+        };
+        let block_size = self.config.block_size;
+        let predicted = open
+            .iter()
+            .map(|&i| {
+                let worker = &workers[i];
+                let profile = worker.profile.as_deref().unwrap_or(&stand_in);
+                let overlap = overlaps.of(worker.engine.worker_id());
+                let new_tokens = uncached_tokens(prompt.tokens, overlap, block_size);
+                predicted_ttft_ms(profile, &worker.backlog(block_size), new_tokens)
+            })
+            .collect();
+        Some(predicted)
+    }
+}
+
+/// A prompt's size, as the costs read it: tokens, and whole blocks the index can hold.
+#[derive(Debug, Clone, Copy)]
+struct Prompt {
+    tokens: usize,
+    blocks: u32,
+}
+
+/// The prompt tokens a worker holding `overlap_blocks` of them must compute.
+fn uncached_tokens(prompt_tokens: usize, overlap_blocks: u32, block_size: usize) -> u64 {
+    prompt_tokens.saturating_sub(overlap_blocks as usize * block_size) as u64
 }
 
 /// Feeds one engine's KV events into the index; a lag becomes `Cleared` and then the engine's state again.
@@ -491,18 +595,34 @@ fn spawn_feed(engine: &Arc<dyn Engine>, indexer: Arc<FlashIndexer>) -> tokio::ta
 struct Account {
     load: Arc<WorkerLoad>,
     prefill_blocks: u64,
+    prefill_tokens: u64,
+    /// Counted in its worker's `prefilling` until its first output (or until it is known not to prefill).
+    prefilling: bool,
     decode_blocks: u64,
     decoding: bool,
     generated: usize,
     block_size: usize,
+    /// The time to first token latency mode predicted, checked against the first output's arrival.
+    prediction: Option<Prediction>,
+}
+
+struct Prediction {
+    predicted_ms: f64,
+    sent: Instant,
+    worker_id: WorkerId,
+    metrics: Arc<crate::core::telemetry::Metrics>,
 }
 
 impl Account {
     fn observe(&mut self, output: &EngineOutput) {
         if !self.decoding {
             self.decoding = true;
-            self.load.prefill_blocks.fetch_sub(self.prefill_blocks, Ordering::Relaxed);
+            self.end_prefill();
             self.load.decode_blocks.fetch_add(self.decode_blocks, Ordering::Relaxed);
+            if let Some(prediction) = self.prediction.take() {
+                let observed = prediction.sent.elapsed().as_secs_f64();
+                prediction.metrics.ttft_prediction(prediction.worker_id, prediction.predicted_ms / 1e3, observed);
+            }
         }
         let before = self.generated / self.block_size;
         self.generated += output.token_ids.len();
@@ -514,12 +634,24 @@ impl Account {
     }
 }
 
+impl Account {
+    /// Takes this request's prompt off its worker's prefill queue.
+    fn end_prefill(&mut self) {
+        if !std::mem::take(&mut self.prefilling) {
+            return;
+        }
+        self.load.prefill_blocks.fetch_sub(std::mem::take(&mut self.prefill_blocks), Ordering::Relaxed);
+        self.load.prefill_tokens.fetch_sub(std::mem::take(&mut self.prefill_tokens), Ordering::Relaxed);
+        self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Account {
     fn drop(&mut self) {
         if self.decoding {
             self.load.decode_blocks.fetch_sub(self.decode_blocks, Ordering::Relaxed);
         } else {
-            self.load.prefill_blocks.fetch_sub(self.prefill_blocks, Ordering::Relaxed);
+            self.end_prefill();
         }
         self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
@@ -552,8 +684,9 @@ impl Choice {
     pub(super) fn without_prefill(&mut self) {
         let account = &mut self.account;
         if !account.decoding {
-            account.load.prefill_blocks.fetch_sub(account.prefill_blocks, Ordering::Relaxed);
-            account.prefill_blocks = 0;
+            account.end_prefill();
+            // Its first token waits on another worker's prefill and the hand-off: not this worker's to predict.
+            account.prediction = None;
         }
     }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::core::engine::batch::BatchEngine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock};
 use futures::StreamExt;
@@ -211,4 +212,96 @@ async fn a_lagging_feed_that_cannot_resync_forgets_rather_than_routes_on_removed
         [0, 0, 1],
         "the removed chain is not claimed, the missed block is lost"
     );
+}
+
+/// Waits (bounded) until the index says `worker` holds the first block of `prompt`.
+async fn indexed(router: &Router, prompt: &[u32], worker: WorkerId) {
+    let hashes: Vec<u64> = block_hashes(prompt, 16).iter().map(|b| b.sequence).collect();
+    for _ in 0..500 {
+        if router.indexer.find_matches(&hashes).of(worker) > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    panic!("worker {worker} never indexed the prompt");
+}
+
+#[tokio::test]
+async fn latency_mode_waits_for_a_hit_only_while_waiting_is_faster() {
+    let router = router(2, RouterMode::Latency, 100);
+    assert!(router.snapshot().iter().all(|w| w.profile.is_some()), "mockers bring their profile");
+    let prompt: Vec<u32> = (0..2048).collect();
+    let first = router.route(request(prompt.clone(), 1)).unwrap();
+    let home = first.worker_id;
+    let _: Vec<_> = first.collect().await;
+    indexed(&router, &prompt, home).await;
+    let again = router.route(request(prompt.clone(), 1)).unwrap();
+    assert_eq!((again.worker_id, again.overlap_blocks), (home, 128), "an idle holder wins");
+    drop(again);
+    // Two long prompts queued on the holder: computing the whole prompt on the idle worker is faster than
+    // waiting behind them for the hit; one short prompt queued there is not.
+    let short = router.choose_in(Pool::Decode, &(5000..5100).collect::<Vec<u32>>(), &[1 - home]).unwrap();
+    let with_short_queue = router.route(request(prompt.clone(), 1)).unwrap();
+    assert_eq!(with_short_queue.worker_id, home);
+    drop((short, with_short_queue));
+    let long: Vec<u32> = (10_000..18_000).collect();
+    let queued: Vec<_> = (0..2).map(|_| router.choose_in(Pool::Decode, &long, &[1 - home]).unwrap()).collect();
+    let busy_holder = router.route(request(prompt.clone(), 1)).unwrap();
+    assert_ne!(busy_holder.worker_id, home, "the queue costs more than the hit saves");
+    drop(queued);
+}
+
+#[tokio::test]
+async fn latency_mode_reports_its_predictions_against_what_happened() {
+    let router = router(2, RouterMode::Latency, 100);
+    let metrics = Arc::new(crate::core::telemetry::Metrics::new());
+    router.report_to(metrics.clone());
+    for i in 0..3u32 {
+        let stream = router.route(request((i * 1000..i * 1000 + 300).collect(), 2)).unwrap();
+        let _: Vec<_> = stream.collect().await;
+    }
+    let text = metrics.render(&[], &[]);
+    let count: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("dynamo_router_ttft_prediction_error_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(count, 3.0, "{text}");
+    assert!(text.contains("dynamo_router_ttft_predicted_seconds_total{worker_id="));
+    assert!(text.contains("dynamo_router_ttft_observed_seconds_total{worker_id="));
+    let load = router.snapshot()[0].load.clone();
+    assert_eq!((load.prefilling.load(Ordering::Relaxed), load.prefill_tokens.load(Ordering::Relaxed)), (0, 0));
+}
+
+/// A mocker that does not say how fast it is, as a native engine started without a profile.
+struct Unprofiled(BatchEngine);
+
+impl Engine for Unprofiled {
+    fn worker_id(&self) -> WorkerId {
+        self.0.worker_id()
+    }
+
+    fn submit(&self, request: PreprocessedRequest) -> Result<crate::core::engine::ResponseStream, EngineError> {
+        self.0.submit(request)
+    }
+
+    fn subscribe_kv_events(&self) -> tokio::sync::broadcast::Receiver<KvEventBatch> {
+        self.0.subscribe_kv_events()
+    }
+
+    fn load(&self) -> LoadMetrics {
+        self.0.load()
+    }
+}
+
+#[tokio::test]
+async fn latency_mode_without_any_profile_routes_by_the_kv_cost() {
+    let engines: Vec<Arc<dyn Engine>> = (0..2)
+        .map(|id| Arc::new(Unprofiled(MockerEngine::spawn(id, MockerConfig::default(), (10..20).collect()))) as _)
+        .collect();
+    let router = Router::new(engines, RouterConfig { mode: RouterMode::Latency, ..Default::default() });
+    assert!(router.snapshot().iter().all(|w| w.profile.is_none()));
+    let a = router.choose(&[1, 2, 3], &[]).unwrap();
+    let b = router.choose(&[1, 2, 3], &[]).unwrap();
+    assert_ne!(a.worker_id, b.worker_id, "the kv cost spreads equal workers");
 }

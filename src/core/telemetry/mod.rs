@@ -5,8 +5,8 @@
 //! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
 use crate::core::protocol::{KvTransferStats, LoadMetrics, WorkerId, WorkerStats};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-    exponential_buckets,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +35,11 @@ pub struct Metrics {
     preprocess_refused: IntCounterVec,
     /// Where prompts were prefilled once prefill workers were up.
     disagg_decisions: IntCounterVec,
+    /// Latency routing's predicted time to first token against the observed one, per worker: how far off
+    /// (histogram), and both summed (their ratio is the model's bias).
+    ttft_prediction_error: HistogramVec,
+    ttft_predicted: CounterVec,
+    ttft_observed: CounterVec,
     /// Each remote worker's request-plane totals, as its `stats` reports say.
     worker_requests: IntGaugeVec,
     /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
@@ -146,6 +151,12 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> 
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("static counter definition is valid");
+    registry.register(Box::new(vec.clone())).expect("metric names are unique");
+    vec
+}
+
+fn float_counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let vec = CounterVec::new(Opts::new(name, help), labels).expect("static counter definition is valid");
     registry.register(Box::new(vec.clone())).expect("metric names are unique");
     vec
 }
@@ -316,6 +327,29 @@ impl Metrics {
                  local_unsupported (the decode worker cannot take KV), local_fallback (the prefill worker was lost)",
                 &["decision"],
             ),
+            ttft_prediction_error: {
+                let opts = HistogramOpts::new(
+                    "dynamo_router_ttft_prediction_error_seconds",
+                    "Latency routing: how far each request's observed time to first token (at the router) was from \
+                     the one predicted when it was routed, by worker",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+                let vec = HistogramVec::new(opts, &["worker_id"]).expect("static histogram definition is valid");
+                registry.register(Box::new(vec.clone())).expect("metric names are unique");
+                vec
+            },
+            ttft_predicted: float_counter(
+                &registry,
+                "dynamo_router_ttft_predicted_seconds_total",
+                "Latency routing: predicted times to first token summed, by worker (over the observed sum: the bias)",
+                &["worker_id"],
+            ),
+            ttft_observed: float_counter(
+                &registry,
+                "dynamo_router_ttft_observed_seconds_total",
+                "Latency routing: observed times to first token of the predicted requests summed, by worker",
+                &["worker_id"],
+            ),
             worker_requests: gauge(
                 &registry,
                 "dynamo_component_request_plane_requests",
@@ -465,6 +499,9 @@ impl Metrics {
         for (what, _) in Self::transfers(&KvTransferStats::default()) {
             let _ = self.worker_kv_transfers.remove_label_values(&[&id, what]);
         }
+        let _ = self.ttft_prediction_error.remove_label_values(&[&id]);
+        let _ = self.ttft_predicted.remove_label_values(&[&id]);
+        let _ = self.ttft_observed.remove_label_values(&[&id]);
     }
 
     fn outcomes(stats: &WorkerStats) -> [(&'static str, u64); 4] {
@@ -491,6 +528,14 @@ impl Metrics {
     /// Counts one disaggregation decision (`router::Disagg`'s label).
     pub fn disagg_decision(&self, decision: &str) {
         self.disagg_decisions.with_label_values(&[decision]).inc();
+    }
+
+    /// Records one latency-routed request's predicted and observed time to first token.
+    pub fn ttft_prediction(&self, worker: WorkerId, predicted_s: f64, observed_s: f64) {
+        let id = worker.to_string();
+        self.ttft_prediction_error.with_label_values(&[&id]).observe((observed_s - predicted_s).abs());
+        self.ttft_predicted.with_label_values(&[&id]).inc_by(predicted_s.max(0.0));
+        self.ttft_observed.with_label_values(&[&id]).inc_by(observed_s.max(0.0));
     }
 
     /// Counts event-plane trouble or a repair (`PlaneEvent`).

@@ -31,8 +31,10 @@ impl MockerEngine {
     /// Starts a mocker on the current tokio runtime. `vocab` lists the token ids it samples from.
     pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> BatchEngine {
         let executor = MockExecutor::new(vocab, config.scheduler.num_blocks, config.scheduler.block_size);
+        let profile = crate::core::engine::profile::Profile::mocker(&config);
         let scheduler = Scheduler::new(config.scheduler, executor);
         BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: false, speedup: config.speedup }, usize::MAX)
+            .with_profile(profile)
     }
 }
 

@@ -1,4 +1,5 @@
-//! A worker's performance profile: what the planner's replica maths reads to turn traffic into workers.
+//! The maths over a worker's performance profile (`protocol::profile`), what the planner's replica maths and
+//! a `latency` router read to turn load into time:
 //!
 //! - prefill: for prompts of some lengths, how long one takes alone (its time to first token on an idle
 //!   worker);
@@ -8,40 +9,13 @@
 //! Between measured points it interpolates linearly (decode first along the context, then along the batch);
 //! past the ends it extrapolates from the last two points, never below the nearest point's value. The
 //! mocker's profile comes from its timing formula; the native engine's is measured (`dynamo profile`).
-use crate::core::engine::mocker::timing;
+use crate::core::engine::mocker::{MockerConfig, timing};
 use crate::core::engine::{Engine, EngineError};
 use crate::core::protocol::PreprocessedRequest;
+pub use crate::core::protocol::profile::{DecodePoint, PrefillPoint, Profile};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Profile {
-    /// What it describes (engine, model, device), for people.
-    pub source: String,
-    /// KV tokens a worker holds: a decode batch's sequences must fit in it together.
-    pub kv_tokens: u64,
-    /// Most sequences in a worker's batch.
-    pub max_batch: u32,
-    /// By prompt length, ascending.
-    pub prefill: Vec<PrefillPoint>,
-    /// By context, then batch, ascending.
-    pub decode: Vec<DecodePoint>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct PrefillPoint {
-    pub prompt_tokens: u32,
-    pub ttft_ms: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct DecodePoint {
-    pub context_tokens: u32,
-    pub batch: u32,
-    pub itl_ms: f64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -70,8 +44,7 @@ pub async fn of_worker(
     let model = crate::core::model::Model::load(source, None)?;
     let block_size = settings.block_size() as u64;
     if let EngineSettings::Mocker(config) = settings {
-        let kv_tokens = config.scheduler.num_blocks as u64 * block_size;
-        return Ok(Profile::mocker(kv_tokens, config.scheduler.max_num_seqs as u32, config.speedup));
+        return Ok(Profile::mocker(config));
     }
     let engines = crate::core::engine::spawn_engines(&model, source, settings, &[0])?;
     let engine = engines.into_iter().next().ok_or(crate::core::engine::SpawnError::NoEngine)?;
@@ -83,7 +56,12 @@ pub async fn of_worker(
         ..*grid
     };
     let source = format!("{} on {}, measured", model.card.name, settings.describe());
-    Ok(measure(&engine, model.card.vocab_size, kv_tokens, &grid, source).await?)
+    // An external engine's step budget is its own business; vLLM's default stands in for it.
+    let step_tokens = match settings {
+        EngineSettings::Native(native) => u32::try_from(native.scheduler.max_num_batched_tokens).unwrap_or(u32::MAX),
+        _ => 8192,
+    };
+    Ok(measure(&engine, model.card.vocab_size, kv_tokens, step_tokens, &grid, source).await?)
 }
 
 /// A profile's file is a few hundred points; one past this is not a profile.
@@ -105,39 +83,22 @@ impl Profile {
         Ok(profile)
     }
 
-    /// What must hold for the maths to mean anything.
-    pub fn check(&self) -> Result<(), String> {
-        if self.prefill.is_empty() || self.decode.is_empty() {
-            return Err("it needs at least one prefill and one decode point".into());
-        }
-        if self.kv_tokens == 0 || self.max_batch == 0 {
-            return Err("kv_tokens and max_batch must be above 0".into());
-        }
-        let positive = |ms: f64| ms.is_finite() && ms > 0.0;
-        if !self.prefill.iter().all(|p| p.prompt_tokens > 0 && positive(p.ttft_ms)) {
-            return Err("every prefill point needs prompt_tokens and ttft_ms above 0".into());
-        }
-        if !self.decode.iter().all(|p| p.context_tokens > 0 && p.batch > 0 && positive(p.itl_ms)) {
-            return Err("every decode point needs context_tokens, batch and itl_ms above 0".into());
-        }
-        if !self.prefill.windows(2).all(|w| w[0].prompt_tokens < w[1].prompt_tokens) {
-            return Err("prefill points must be by prompt_tokens, ascending, each once".into());
-        }
-        let key = |p: &DecodePoint| (p.context_tokens, p.batch);
-        if !self.decode.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
-            return Err("decode points must be by context_tokens then batch, ascending, each once".into());
-        }
-        Ok(())
-    }
-
-    /// The mocker's profile, from its timing formula: a worker of `kv_tokens` KV tokens, at most `max_batch`
-    /// sequences, running `speedup` times faster than the fit.
-    pub fn mocker(kv_tokens: u64, max_batch: u32, speedup: f64) -> Self {
-        let speedup = if speedup.is_finite() && speedup > 0.0 { speedup } else { 1.0 };
-        let prefill = doubling(64, 32_768)
-            .map(|tokens| PrefillPoint {
-                prompt_tokens: tokens,
-                ttft_ms: timing::prefill_ms(tokens as usize) / speedup,
+    /// The mocker's profile, from its timing formula and its scheduler: a prompt alone is computed
+    /// `max_num_batched_tokens` at a time, each chunk one step of the fit's prefill time; a batch of sequences
+    /// of some context decodes at the fit's time for their KV over the cache's capacity.
+    pub fn mocker(config: &MockerConfig) -> Self {
+        let scheduler = &config.scheduler;
+        let speedup = if config.speedup.is_finite() && config.speedup > 0.0 { config.speedup } else { 1.0 };
+        let kv_tokens = (scheduler.num_blocks * scheduler.block_size).max(1) as u64;
+        let max_batch = u32::try_from(scheduler.max_num_seqs).unwrap_or(u32::MAX).max(1);
+        let step_tokens = scheduler.max_num_batched_tokens.max(1);
+        // From one token: small prompts differ by little, but a router comparing a hit with a miss on them
+        // should see that little rather than a flat line.
+        let prefill = doubling(1, 32_768)
+            .map(|tokens| {
+                let (steps, last) = ((tokens as usize) / step_tokens, (tokens as usize) % step_tokens);
+                let ms = steps as f64 * timing::prefill_ms(step_tokens) + timing::prefill_ms(last);
+                PrefillPoint { prompt_tokens: tokens, ttft_ms: ms / speedup }
             })
             .collect();
         let capacity = usize::try_from(kv_tokens).unwrap_or(usize::MAX);
@@ -154,8 +115,14 @@ impl Profile {
                 decode.push(DecodePoint { context_tokens: context, batch, itl_ms });
             }
         }
-        let source = format!("the mocker's timing fit at speedup {speedup}");
-        Self { source, kv_tokens: kv_tokens.max(1), max_batch: max_batch.max(1), prefill, decode }
+        Self {
+            source: format!("the mocker's timing fit at speedup {speedup}"),
+            kv_tokens,
+            max_batch,
+            step_tokens: u32::try_from(step_tokens).unwrap_or(u32::MAX),
+            prefill,
+            decode,
+        }
     }
 
     /// Time to first token of a prompt of `tokens` on an idle worker.
@@ -237,6 +204,7 @@ pub async fn measure(
     engine: &Arc<dyn Engine>,
     vocab: u32,
     kv_tokens: u64,
+    step_tokens: u32,
     grid: &Grid,
     source: String,
 ) -> Result<Profile, EngineError> {
@@ -287,7 +255,14 @@ pub async fn measure(
             }
         }
     }
-    Ok(Profile { source, kv_tokens, max_batch: grid.max_batch.max(1), prefill, decode })
+    Ok(Profile {
+        source,
+        kv_tokens,
+        max_batch: grid.max_batch.max(1),
+        step_tokens: step_tokens.max(1),
+        prefill,
+        decode,
+    })
 }
 
 /// The time between tokens while every sequence of a batch was decoding: from the last first token to the
@@ -330,10 +305,11 @@ fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::engine::scheduler::SchedulerConfig;
 
     #[test]
     fn the_mockers_profile_is_its_timing_formula() {
-        let profile = Profile::mocker(16_384 * 16, 256, 2.0);
+        let profile = Profile::mocker(&MockerConfig { speedup: 2.0, ..MockerConfig::default() });
         profile.check().unwrap();
         assert_eq!(profile.prefill_ms(1024.0), timing::prefill_ms(1024) / 2.0);
         // Between points: on the line between them.
@@ -345,7 +321,7 @@ mod tests {
 
     #[test]
     fn decode_capacity_is_the_largest_batch_within_the_itl_target() {
-        let profile = Profile::mocker(16_384 * 16, 256, 1.0);
+        let profile = Profile::mocker(&MockerConfig::default());
         let (tokens_per_s, batch) = profile.decode_capacity(2048.0, 30.0).expect("one sequence is within 30 ms");
         assert!(profile.itl_ms(2048.0, batch) <= 30.0);
         assert!(profile.itl_ms(2048.0, batch + 1.0) > 30.0, "batch {batch} is the largest");
@@ -364,7 +340,7 @@ mod tests {
         let kv_tokens = (config.scheduler.num_blocks * config.scheduler.block_size) as u64;
         let engine: Arc<dyn Engine> = Arc::new(MockerEngine::spawn(1, config, (0..1000).collect()));
         let grid = Grid { max_prompt: 256, max_context: 128, max_batch: 4, decode_tokens: 8, repeats: 1 };
-        let profile = measure(&engine, 1000, kv_tokens, &grid, "mocker".into()).await.unwrap();
+        let profile = measure(&engine, 1000, kv_tokens, 8192, &grid, "mocker".into()).await.unwrap();
         profile.check().unwrap();
         let prompts: Vec<u32> = profile.prefill.iter().map(|p| p.prompt_tokens).collect();
         assert_eq!(prompts, [64, 128, 256]);
@@ -396,6 +372,11 @@ mod tests {
         assert_eq!(interpolate(&[(1.0, 10.0), (2.0, 20.0)], 0.0), 10.0);
     }
 
+    fn small_mocker() -> Profile {
+        let scheduler = SchedulerConfig { num_blocks: 4096, max_num_seqs: 64, ..SchedulerConfig::default() };
+        Profile::mocker(&MockerConfig { scheduler, speedup: 1.0 })
+    }
+
     #[test]
     fn a_bad_profile_file_is_refused_with_what_is_wrong() {
         let dir = std::env::temp_dir().join(format!("profile-test-{}", std::process::id()));
@@ -405,11 +386,11 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             Profile::read(&path).map_err(|e| e.to_string())
         };
-        let good = serde_json::to_string(&Profile::mocker(65_536, 64, 1.0)).unwrap();
+        let good = serde_json::to_string(&small_mocker()).unwrap();
         assert!(write("good.json", &good).is_ok());
         let error = write("empty.json", r#"{"source":"x","kv_tokens":1,"max_batch":1,"prefill":[],"decode":[]}"#);
         assert!(error.unwrap_err().contains("at least one prefill"));
-        let mut shuffled = Profile::mocker(65_536, 64, 1.0);
+        let mut shuffled = small_mocker();
         shuffled.prefill.reverse();
         let error = write("order.json", &serde_json::to_string(&shuffled).unwrap()).unwrap_err();
         assert!(error.contains("ascending"), "{error}");
