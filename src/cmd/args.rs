@@ -135,6 +135,11 @@ pub struct EngineArgs {
     /// Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
+
+    /// Native and external engines: their performance profile, written by `dynamo profile` on this model and
+    /// hardware, which a --router-mode latency router prices this worker by (the mocker's is its timing fit).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// The mocker's KV blocks per worker when --num-blocks is not given.
@@ -155,6 +160,13 @@ impl EngineArgs {
                 "{flag} is for an external engine (--engine vllm, sglang or trtllm); this worker runs its own engine"
             );
         }
+        let profile = match (&self.profile, self.engine) {
+            (None, _) => None,
+            (Some(_), EngineKind::Mocker) => {
+                anyhow::bail!("--profile is for native and external engines; the mocker's profile is its timing fit")
+            }
+            (Some(path), _) => Some(crate::core::engine::profile::Profile::read(path)?),
+        };
         let scheduler = SchedulerConfig {
             block_size: self.block_size as usize,
             num_blocks: self.num_blocks.map_or(MOCKER_NUM_BLOCKS, |n| n as usize),
@@ -172,6 +184,7 @@ impl EngineArgs {
                 kv_cache_gib: self.kv_cache_gib,
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
+                profile,
             }),
             EngineKind::Vllm | EngineKind::Sglang | EngineKind::Trtllm => EngineSettings::External(ExternalSettings {
                 kind: match self.engine {
@@ -186,6 +199,7 @@ impl EngineArgs {
                 block_size: self.block_size as usize,
                 kv_connector: false,
                 bootstrap_port: self.engine_bootstrap_port,
+                profile,
             }),
         })
     }

@@ -134,6 +134,39 @@ async fn a_latency_router_prices_remote_workers_by_the_profiles_they_send() {
     assert_eq!(checked, 4.0, "{text}");
 }
 
+#[tokio::test]
+async fn a_native_worker_sends_the_profile_it_was_given_and_a_bad_one_is_refused_at_start() {
+    let (path, file) = cluster_file("native-profile");
+    let dir = path.parent().expect("the cluster file's dir");
+    let profile = dir.join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"source": "by hand", "kv_tokens": 4096, "max_batch": 8,
+            "prefill": [{"prompt_tokens": 16, "ttft_ms": 4.0}, {"prompt_tokens": 256, "ttft_ms": 20.0}],
+            "decode": [{"context_tokens": 64, "batch": 1, "itl_ms": 2.0}]}"#,
+    )
+    .unwrap();
+    let profile = profile.to_str().unwrap();
+    let _native = Worker::start(&["--threads", "1", "--discovery", &file, "--profile", profile]);
+    let router = route_with(&file, &["--router-mode", "latency"]);
+    wait_for_workers(&router, 1).await;
+    let (status, body) = router.post_json("/v1/completions", completion("a prompt priced in time", 2)).await;
+    assert_eq!(status, 200, "{body}");
+    let text = router.metrics().await;
+    assert!(text.contains("dynamo_router_ttft_prediction_error_seconds_count{worker_id="), "{text}");
+
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, r#"{"source": "x", "kv_tokens": 1, "max_batch": 1, "prefill": [], "decode": []}"#).unwrap();
+    let out =
+        dynamo().args(["decode", "--threads", "1", "--discovery", &file, "--profile"]).arg(&broken).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("at least one prefill"), "{stderr}");
+    let out =
+        dynamo().args(["decode", "--engine", "mocker", "--discovery", &file, "--profile", profile]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("timing fit"), "{stderr}");
+}
+
 /// 120 greedy tokens whatever they are: long enough to do something to a worker mid-stream.
 fn long_completion(prompt: &str, stream: bool) -> Value {
     json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 120, "temperature": 0, "ignore_eos": true,

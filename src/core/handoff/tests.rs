@@ -25,6 +25,7 @@ fn engine_of(id: WorkerId, model: &Model, source: &ModelSource) -> Arc<dyn Engin
         kv_cache_gib: 0.0,
         num_blocks: Some(64),
         scheduler,
+        profile: None,
     });
     spawn_engines(model, source, &settings, &[id]).unwrap().remove(0)
 }

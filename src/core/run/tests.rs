@@ -21,6 +21,7 @@ fn settings(prefill_workers: usize, disagg_threshold: usize) -> RunSettings {
             kv_cache_gib: 0.0,
             num_blocks: Some(128),
             scheduler,
+            profile: None,
         }),
         router: RouterConfig { disagg_threshold, ..RouterConfig::default() },
         listen: ([127, 0, 0, 1], 0).into(),

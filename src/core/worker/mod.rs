@@ -329,6 +329,7 @@ mod tests {
             kv_cache_gib: 0.0,
             num_blocks: Some(64),
             scheduler,
+            profile: None,
         });
         let engine =
             crate::core::engine::spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);

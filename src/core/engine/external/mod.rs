@@ -164,6 +164,8 @@ pub struct ExternalSettings {
     pub kv_connector: bool,
     /// SGLang: the prefill engine's `--disaggregation-bootstrap-port`, which decode engines fetch KV through.
     pub bootstrap_port: u16,
+    /// How fast the engine is, measured earlier by `dynamo profile` (`Engine::profile`).
+    pub profile: Option<crate::core::protocol::profile::Profile>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +183,7 @@ const METRICS_INTERVAL: Duration = Duration::from_millis(250);
 
 pub struct ExternalEngine {
     shared: Arc<Shared>,
+    profile: Option<Arc<crate::core::protocol::profile::Profile>>,
     _tasks: Vec<crate::core::AbortOnDrop>,
 }
 
@@ -282,7 +285,7 @@ impl ExternalEngine {
             };
             tasks.push(crate::core::AbortOnDrop(task));
         }
-        Ok(Self { shared, _tasks: tasks })
+        Ok(Self { shared, profile: settings.profile.clone().map(Arc::new), _tasks: tasks })
     }
 }
 
@@ -335,6 +338,10 @@ fn split_url(url: &str) -> Result<(EngineHttp, String), ExternalError> {
 }
 
 impl Engine for ExternalEngine {
+    fn profile(&self) -> Option<Arc<crate::core::protocol::profile::Profile>> {
+        self.profile.clone()
+    }
+
     fn worker_id(&self) -> WorkerId {
         self.shared.id
     }

@@ -87,6 +87,8 @@ pub struct NativeSettings {
     pub kv_cache_gib: f64,
     pub num_blocks: Option<usize>,
     pub scheduler: SchedulerConfig,
+    /// How fast it is, measured earlier by `dynamo profile` (`Engine::profile`).
+    pub profile: Option<crate::core::protocol::profile::Profile>,
 }
 
 /// Loads a model on the CPU, reporting `(layers done, layers)` as it goes.
@@ -120,7 +122,7 @@ pub fn spawn_workers(
     ids: &[WorkerId],
     progress: impl FnMut(usize, usize),
 ) -> Result<Vec<BatchEngine>, NativeError> {
-    Ok(match settings.device.resolve() {
+    let engines: Vec<BatchEngine> = match settings.device.resolve() {
         Device::Cuda(ordinal) => {
             let model = load(source, cuda::CudaBackend::new(ordinal)?, progress)?;
             ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
@@ -129,6 +131,10 @@ pub fn spawn_workers(
             let model = load_cpu(source, settings.threads, progress)?;
             ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
         }
+    };
+    Ok(match &settings.profile {
+        Some(profile) => engines.into_iter().map(|engine| engine.with_profile(profile.clone())).collect(),
+        None => engines,
     })
 }
 

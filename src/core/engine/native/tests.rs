@@ -528,6 +528,7 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
         kv_cache_gib: 0.0,
         num_blocks: Some(64),
         scheduler: SchedulerConfig { block_size: 4, num_blocks: 64, ..SchedulerConfig::default() },
+        profile: None,
     };
     let prompt = golden("golden/tiny-chat.json").prompt_ids;
     let tokens = |stream: crate::core::engine::ResponseStream| async move {
