@@ -11,7 +11,7 @@ use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::protocol::PreprocessedRequest;
 use crate::core::router::{Router, RouterConfig, RouterMode};
-use crate::core::telemetry::Metrics;
+use crate::core::telemetry::{Metrics, Predictions};
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
@@ -52,6 +52,9 @@ pub struct ModeResult {
     pub output_tokens_per_s: f64,
     /// Requests each worker was sent, most to fewest: the load spread.
     pub requests_per_worker: Vec<usize>,
+    /// Latency mode: its predicted times to first token against the observed ones, in simulated ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<Predictions>,
 }
 
 /// The name a mode has on the command line (`--router-mode`).
@@ -153,6 +156,8 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
         ..RouterConfig::default()
     };
     let router = Arc::new(Router::new(engines, router_config));
+    let metrics = Arc::new(Metrics::new());
+    router.report_to(metrics.clone());
     let Replayed { outcomes, errors, elapsed_s } =
         replay(trace, &router, settings.speedup, settings.block_tokens, settings.pace, None).await;
     let elapsed = elapsed_s * settings.speedup;
@@ -178,6 +183,16 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
         ttft_p99_ms: super::percentile(&ttfts, 0.99),
         output_tokens_per_s: output as f64 / elapsed,
         requests_per_worker,
+        predictions: (mode == RouterMode::Latency).then(|| {
+            let real = metrics.predictions();
+            let simulated = |ms: f64| ms * settings.speedup;
+            Predictions {
+                count: real.count,
+                mean_error_ms: simulated(real.mean_error_ms),
+                mean_predicted_ms: simulated(real.mean_predicted_ms),
+                mean_observed_ms: simulated(real.mean_observed_ms),
+            }
+        }),
     }
 }
 
@@ -297,6 +312,12 @@ pub fn table(results: &[ModeResult]) -> String {
         ));
         if r.errors > 0 {
             out.push_str(&format!("  ! {} requests failed\n", r.errors));
+        }
+        if let Some(p) = &r.predictions {
+            out.push_str(&format!(
+                "  its TTFT predictions: mean {:.0}ms predicted, {:.0}ms observed, mean error {:.0}ms ({} requests)\n",
+                p.mean_predicted_ms, p.mean_observed_ms, p.mean_error_ms, p.count
+            ));
         }
     }
     out

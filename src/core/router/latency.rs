@@ -6,7 +6,7 @@
 //! So a prompt whose uncached part is `new` tokens, queued behind `queued` prompt tokens not yet computed,
 //! has its first token once `queued + new` tokens are computed: the profile's prefill time of one prompt that
 //! long (measured alone, in the same chunks), plus one decode step of the worker's batch for each of those
-//! chunks. A cache hit is worth the prefill time it saves; a queue costs the time it takes, so a worker that
+//! chunks and half a step for the one under way when the prompt arrives. A cache hit is worth the prefill time it saves; a queue costs the time it takes, so a worker that
 //! holds a prefix but is busy loses to an idle one exactly when waiting there would be slower.
 //!
 //! Not modelled: a full batch (`max_batch` sequences running) or a full cache, where a prompt waits for a
@@ -34,7 +34,9 @@ pub fn predicted_ttft_ms(profile: &Profile, backlog: &Backlog, new_tokens: u64) 
         decoding => {
             let steps = tokens.div_ceil(u64::from(profile.step_tokens.max(1)));
             let context = backlog.decode_kv_tokens as f64 / decoding as f64;
-            steps as f64 * profile.itl_ms(context.max(1.0), decoding as f64)
+            // A worker that is decoding is always mid-step when the prompt arrives: on average half a step
+            // passes before the next one can take it.
+            (steps as f64 + 0.5) * profile.itl_ms(context.max(1.0), decoding as f64)
         }
     };
     prefill + decode
@@ -68,10 +70,11 @@ mod tests {
         let decoding = Backlog { decoding: 32, decode_kv_tokens: 32 * 2048, ..Backlog::default() };
         let capacity = 16_384 * 16;
         let with_batch = predicted_ttft_ms(&profile, &decoding, 2000);
-        assert!((with_batch - alone - timing::decode_ms(32 * 2048, capacity)).abs() < 0.05, "{with_batch}");
-        // Two chunks of 8,192 tokens: two decode steps.
+        let step = timing::decode_ms(32 * 2048, capacity);
+        assert!((with_batch - alone - 1.5 * step).abs() < 0.05, "{with_batch}");
+        // Two chunks of 8,192 tokens: two decode steps, and the half under way.
         let long = predicted_ttft_ms(&profile, &decoding, 9000) - profile.prefill_ms(9000.0);
-        assert!((long - 2.0 * timing::decode_ms(32 * 2048, capacity)).abs() < 0.1, "{long}");
+        assert!((long - 2.5 * step).abs() < 0.1, "{long}");
     }
 
     #[test]
