@@ -259,7 +259,7 @@ pub enum RouterModeArg {
 #[command(next_help_heading = "Router")]
 pub struct RouterArgs {
     /// How requests are spread over workers.
-    #[arg(long, env = "DYNAMO_ROUTER_MODE", value_enum, default_value_t = RouterModeArg::Kv)]
+    #[arg(long, env = "DYNAMO_ROUTER_MODE", value_enum, default_value_t = RouterModeArg::Latency)]
     pub router_mode: RouterModeArg,
 
     /// Weight of prefill work (uncached and queued prompt blocks) against decode blocks in the kv cost.

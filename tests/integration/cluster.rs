@@ -240,7 +240,9 @@ async fn a_worker_told_to_stop_finishes_its_stream_before_it_exits_and_new_reque
     let mut first = Worker::start_with(
         dynamo().args(["decode", "--engine", "mocker", "--discovery", &file, "--drain-timeout", "60"]).stderr(stderr),
     );
-    let router = route(&file);
+    // The kv cost, so the stream follows its prefix to the first worker (a latency router would rightly
+    // prefer the second, which runs 20 times faster).
+    let router = route_with(&file, &["--router-mode", "kv"]);
     wait_for_workers(&router, 1).await;
     let prompt = "A worker that is told to stop finishes what it serves: nothing moves, nothing is computed twice.";
     let body = |stream: bool| long_completion(prompt, stream);

@@ -316,6 +316,15 @@ impl Membership {
             );
             return Ok(());
         }
+        // Only latency routing prices workers in time; a worker that sends none is priced with another's.
+        // Asked before the router is made ready below, so that no request finds it without this worker.
+        let profile = match self.settings.router.mode {
+            RouterMode::Latency => client.profile(PROFILE_TIMEOUT).await,
+            _ => None,
+        };
+        if self.settings.router.mode == RouterMode::Latency && profile.is_none() {
+            tracing::info!("worker {:016x} at {addr} sent no performance profile", instance.id);
+        }
         let router = match self.state.as_ref().and_then(|state| state.find(&instance.model)) {
             Some(served) => {
                 if let Some(reason) = incompatibility(&served.model, served.router.block_size(), &instance) {
@@ -357,14 +366,6 @@ impl Membership {
             }
         };
         watch.subscribe(addr, &instance)?;
-        // Only latency routing prices workers in time; a worker that sends none is priced with another's.
-        let profile = match self.settings.router.mode {
-            RouterMode::Latency => client.profile(PROFILE_TIMEOUT).await,
-            _ => None,
-        };
-        if self.settings.router.mode == RouterMode::Latency && profile.is_none() {
-            tracing::info!("worker {:016x} at {addr} sent no performance profile", instance.id);
-        }
         let engine = RemoteEngine::new(instance.clone(), client.clone()).with_profile(profile);
         let mut member = Member {
             id: instance.id,

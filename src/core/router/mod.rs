@@ -91,7 +91,7 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
-            mode: RouterMode::Kv,
+            mode: RouterMode::Latency,
             busy_threshold: 1024,
             block_size: 16,
             overlap_weight: 1.0,
@@ -547,7 +547,7 @@ impl Router {
         let Some(stand_in) = workers.iter().find_map(|w| w.profile.clone()) else {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                tracing::warn!(
+                tracing::info!(
                     "latency routing: no worker sent a performance profile (start native workers with --profile \
                      FILE from `dynamo profile`); routing by the kv cost meanwhile"
                 )
