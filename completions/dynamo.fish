@@ -48,6 +48,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-host -l host 
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-port -l port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l allowed-origin -d 'Web origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l tool-call-parser -d 'The format chat models write tool calls in (hermes, mistral, llama3_json), read from their output into `tool_calls` [default: the one the chat template names]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-connections -d 'Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-header-timeout -d 'Seconds a client has to send a request\'s headers; a kept-alive connection idle this long is closed' -r
@@ -178,6 +179,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-host -l hos
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-port -l port -d 'Port of the OpenAI HTTP frontend (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l api-key -d 'Clients must send `Authorization: Bearer KEY` (all but /health, /live and /metrics)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-origin -d 'Web origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l tool-call-parser -d 'The format chat models write tool calls in (hermes, mistral, llama3_json), read from their output into `tool_calls` [default: the one the chat template names]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-request-bytes -d 'Largest request body in bytes; larger ones are answered 413' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-connections -d 'Open client connections past which a new one is answered 503 (lowered to fit `ulimit -n`)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-header-timeout -d 'Seconds a client has to send a request\'s headers; a kept-alive connection idle this long is closed' -r

@@ -205,6 +205,11 @@ impl EngineArgs {
     }
 }
 
+fn parse_tool_parser(text: &str) -> Result<crate::core::frontend::tools::ToolParser, String> {
+    crate::core::frontend::tools::ToolParser::from_name(text)
+        .ok_or_else(|| format!("expected hermes, mistral or llama3_json, got `{text}`"))
+}
+
 pub fn parse_device(text: &str) -> Result<Device, String> {
     match text {
         "auto" => Ok(Device::Auto),
@@ -357,6 +362,11 @@ pub struct HttpArgs {
     #[arg(long = "allowed-origin", env = "DYNAMO_ALLOWED_ORIGINS", value_name = "ORIGIN", value_delimiter = ',', value_parser = crate::core::frontend::valid_origin)]
     pub allowed_origins: Vec<String>,
 
+    /// The format chat models write tool calls in (hermes, mistral, llama3_json), read from their output into
+    /// `tool_calls` [default: the one the chat template names]
+    #[arg(long, env = "DYNAMO_TOOL_CALL_PARSER", value_name = "FORMAT", value_parser = parse_tool_parser)]
+    pub tool_call_parser: Option<crate::core::frontend::tools::ToolParser>,
+
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, env = "DYNAMO_MAX_REQUEST_BYTES", default_value_t = HttpSettings::DEFAULT_MAX_REQUEST_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
     pub max_request_bytes: u64,
@@ -388,6 +398,7 @@ impl HttpArgs {
             api_key: self.api_key.clone(),
             protect_metrics: self.protect_metrics,
             allowed_origins: self.allowed_origins.clone(),
+            tool_parser: self.tool_call_parser,
         }
     }
 }

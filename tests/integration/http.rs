@@ -468,3 +468,32 @@ async fn kv_routing_sends_a_repeated_prompt_to_the_worker_that_cached_it() {
     assert_eq!(metric(&text, "dynamo_router_overlap_blocks_count{model=\"tiny-chat\"}"), Some(5.0), "{text}");
     assert_eq!(metric(&text, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}"), Some(4.0 * 2.0), "{text}");
 }
+
+#[tokio::test]
+async fn tools_need_a_known_call_format_and_then_are_read_from_the_output() {
+    let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]);
+    let body = json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+                      "tools": tools, "max_tokens": 6, "temperature": 0});
+    // The built-in model's template names no tool-call format: its calls could not be read, so it says so.
+    let plain = Server::start(FAST);
+    let (status, error) = plain.post_json("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap_or_default().contains("--tool-call-parser"), "{error}");
+    let (status, answer) = plain.post_json("/v1/chat/completions", with(&body, json!({"tool_choice": "none"}))).await;
+    assert_eq!(status, 200, "declined tools need no format: {answer}");
+
+    // With a format named, the request is served; the mocker's text holds no call, so it is all content.
+    let hermes = Server::start(&["--speedup", "200", "--tool-call-parser", "hermes"]);
+    let (status, answer) = hermes.post_json("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let choice = &answer["choices"][0];
+    assert!(choice["message"]["content"].as_str().is_some_and(|c| !c.is_empty()), "{answer}");
+    assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
+    assert_eq!(choice["finish_reason"], "length");
+    let streamed = hermes.post_sse("/v1/chat/completions", with(&body, json!({"stream": true}))).await;
+    let text: String = chunks(&streamed)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, choice["message"]["content"].as_str().unwrap_or_default(), "streamed as whole");
+}

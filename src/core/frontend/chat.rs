@@ -5,11 +5,12 @@ use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, LogprobEntry
 use super::params::{
     EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
 };
+use super::tools::{self, ToolCall, ToolParser, ToolStream};
 use super::{FrontendState, Served};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
-    ChatMessage, ChatTokenLogprob, SamplingParams, TopLogprob, Usage,
+    ChatMessage, ChatTokenLogprob, FunctionCallOut, SamplingParams, ToolCallOut, TopLogprob, Usage,
 };
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,8 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
 /// A chat request, parsed, templated and tokenized, with its choices ready to route.
 pub(super) struct Prepared {
     served: Served,
+    /// The format tool calls are read in, when the request offers tools and lets the model call them.
+    tool_parser: Option<ToolParser>,
     specs: Vec<ChoiceSpec>,
     prompt_len: usize,
     id: String,
@@ -40,14 +43,14 @@ pub(super) struct Prepared {
 
 /// `model` is set to the served model's name once the request has named one.
 async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
-    let Prepared { served, specs, prompt_len, id, stream, include_usage, logprobs } =
+    let Prepared { served, tool_parser, specs, prompt_len, id, stream, include_usage, logprobs } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let choices = specs.len();
     let model = &served.model;
     let deltas = generate::start(state, &served, specs)?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
-    let renderer = ChatChunks { id, created: super::unix_now(), model: model.card.name.clone(), logprobs };
+    let renderer = ChatChunks::new(id, model.card.name.clone(), logprobs, tool_parser, choices);
 
     if stream {
         let first = (0..choices as u32).map(|index| renderer.role_chunk(index)).collect();
@@ -72,6 +75,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
     })?;
     let messages = normalize_messages(&request.messages)?;
+    let tool_parser = tool_parser(state, template, &request)?;
     let prompt = template
         .render(&TemplateInput {
             messages: &messages,
@@ -101,6 +105,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let specs = build_choices(model, &params, &[token_ids], &options)?;
     Ok(Prepared {
         served,
+        tool_parser,
         specs,
         prompt_len,
         id,
@@ -108,6 +113,29 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         include_usage: request.stream_options.is_some_and(|o| o.include_usage),
         logprobs: logprobs.is_some(),
     })
+}
+
+/// The format to read tool calls in: `--tool-call-parser`, else the one the template names. `None` when the
+/// request offers no tools or says `tool_choice: "none"`; a request that offers tools to a model whose format
+/// is unknown is refused (as vLLM does without a parser), since its calls would come back as plain text.
+fn tool_parser(
+    state: &FrontendState,
+    template: &crate::core::model::ChatTemplate,
+    request: &ChatCompletionRequest,
+) -> Result<Option<ToolParser>, ApiError> {
+    let offered = request.tools.as_ref().is_some_and(|tools| !tools.is_empty());
+    let declined = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+    if !offered || declined {
+        return Ok(None);
+    }
+    match state.tool_parser.get().copied().or_else(|| ToolParser::of_template(template.source())) {
+        Some(parser) => Ok(Some(parser)),
+        None => Err(ApiError::invalid(
+            "tools",
+            "this model's chat template names no tool-call format, so calls could not be read from its output; \
+             start the server with --tool-call-parser hermes|mistral|llama3_json, or send tool_choice \"none\"",
+        )),
+    }
 }
 
 /// Checks each message and flattens list-of-parts content into text, as text-only templates expect.
@@ -169,9 +197,18 @@ struct ChatChunks {
     created: u64,
     model: String,
     logprobs: bool,
+    tool_parser: Option<ToolParser>,
+    /// Each choice's output as it streams, read for tool calls.
+    tool_streams: Vec<ToolStream>,
 }
 
 impl ChatChunks {
+    fn new(id: String, model: String, logprobs: bool, tool_parser: Option<ToolParser>, choices: usize) -> Self {
+        let tool_streams =
+            tool_parser.map_or_else(Vec::new, |parser| (0..choices).map(|_| ToolStream::new(parser)).collect());
+        Self { id, created: super::unix_now(), model, logprobs, tool_parser, tool_streams }
+    }
+
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>, prompt_token_ids: Option<Vec<u32>>) -> String {
         let chunk = ChatCompletionChunk {
             id: self.id.clone(),
@@ -186,7 +223,7 @@ impl ChatChunks {
     }
 
     fn role_chunk(&self, index: u32) -> String {
-        let delta = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
+        let delta = ChatDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None };
         self.chunk(
             vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, token_ids: None }],
             None,
@@ -198,7 +235,7 @@ impl ChatChunks {
         let mut out: Vec<ChatChoice> = (0..choices as u32)
             .map(|index| ChatChoice {
                 index,
-                message: ChatMessage { role: "assistant".into(), content: String::new() },
+                message: ChatMessage { role: "assistant".into(), content: Some(String::new()), tool_calls: None },
                 logprobs: self.logprobs.then(ChatLogprobs::default),
                 finish_reason: None,
                 token_ids: None,
@@ -209,7 +246,7 @@ impl ChatChunks {
             let Some(choice) = out.get_mut(delta.index as usize) else {
                 continue;
             };
-            choice.message.content.push_str(&delta.text);
+            choice.message.content.get_or_insert_default().push_str(&delta.text);
             if let Some(logprobs) = choice.logprobs.as_mut() {
                 logprobs.content.extend(delta.logprobs.iter().map(chat_logprob));
             }
@@ -221,6 +258,19 @@ impl ChatChunks {
             }
             // Every choice continues the one prompt a chat request has.
             prompt_token_ids = prompt_token_ids.or(delta.prompt_token_ids);
+        }
+        if let Some(parser) = self.tool_parser {
+            for choice in &mut out {
+                let (content, calls) = tools::parse_whole(parser, choice.message.content.as_deref().unwrap_or(""));
+                if calls.is_empty() {
+                    continue;
+                }
+                choice.message.content = (!content.is_empty()).then_some(content);
+                choice.message.tool_calls = Some(calls.into_iter().map(|call| tool_call_out(None, call)).collect());
+                if choice.finish_reason.as_deref() == Some("stop") {
+                    choice.finish_reason = Some("tool_calls".into());
+                }
+            }
         }
         ChatCompletion {
             id: self.id.clone(),
@@ -242,14 +292,32 @@ impl ChunkRenderer for ChatChunks {
         // A step that generated tokens whose text is not complete yet (part of a UTF-8 character, a possible
         // stop string) still sends its chunk, with empty content, as vLLM does: a client timing chunks sees
         // every token arrive.
-        let content = (delta.new_tokens > 0 || !delta.text.is_empty()).then(|| delta.text.clone());
+        let mut content = (delta.new_tokens > 0 || !delta.text.is_empty()).then(|| delta.text.clone());
+        let mut tool_calls = None;
+        let mut finish_reason = delta.finish_reason.map(str::to_string);
+        if let Some(stream) = self.tool_streams.get_mut(delta.index as usize) {
+            // Text that may be a call is held back until it is known; a call goes out whole.
+            let earlier = stream.calls;
+            let (text, calls) = stream.read(&delta.text, delta.finish_reason.is_some());
+            let calls: Vec<ToolCallOut> = (calls.into_iter().enumerate())
+                .map(|(i, call)| tool_call_out(Some((earlier + i) as u32), call))
+                .collect();
+            content = match (content, text.is_empty()) {
+                (_, false) => Some(text),
+                (content, true) => content.map(|_| String::new()),
+            };
+            tool_calls = (!calls.is_empty()).then_some(calls);
+            if stream.calls > 0 && finish_reason.as_deref() == Some("stop") {
+                finish_reason = Some("tool_calls".into());
+            }
+        }
         let choice = ChatChunkChoice {
             index: delta.index,
-            delta: ChatDelta { role: None, content },
+            delta: ChatDelta { role: None, content, tool_calls },
             logprobs: self
                 .logprobs
                 .then(|| ChatLogprobs { content: delta.logprobs.iter().map(chat_logprob).collect() }),
-            finish_reason: delta.finish_reason.map(str::to_string),
+            finish_reason,
             token_ids: delta.token_ids.clone(),
         };
         Some(self.chunk(vec![choice], None, delta.prompt_token_ids.clone()))
@@ -257,6 +325,16 @@ impl ChunkRenderer for ChatChunks {
 
     fn usage(&mut self, usage: Usage) -> String {
         self.chunk(Vec::new(), Some(usage), None)
+    }
+}
+
+/// A call as OpenAI writes it, with a fresh id; `index` (its place among the choice's calls) in a stream.
+fn tool_call_out(index: Option<u32>, call: ToolCall) -> ToolCallOut {
+    ToolCallOut {
+        index,
+        id: format!("call_{}", uuid::Uuid::new_v4().simple()),
+        kind: "function".into(),
+        function: FunctionCallOut { name: call.name, arguments: call.arguments },
     }
 }
 
@@ -281,9 +359,55 @@ fn chat_logprob(entry: &LogprobEntry) -> ChatTokenLogprob {
 mod tests {
     use super::*;
 
+    fn text(index: u32, text: &str, finish_reason: Option<&'static str>) -> ChoiceDelta {
+        ChoiceDelta { index, text: text.into(), new_tokens: 1, finish_reason, ..ChoiceDelta::default() }
+    }
+
+    #[test]
+    fn a_streamed_tool_call_goes_out_whole_after_the_content_before_it() {
+        let mut chunks = ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(ToolParser::Hermes), 1);
+        let pieces = [
+            text(0, "Checking <tool", None),
+            text(0, "_call>{\"name\": \"weather\", ", None),
+            text(0, "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>", Some("stop")),
+        ];
+        let sent: Vec<serde_json::Value> =
+            pieces.iter().map(|d| serde_json::from_str(&chunks.delta(d).expect("a chunk")).unwrap()).collect();
+        assert_eq!(sent[0]["choices"][0]["delta"]["content"], "Checking ");
+        assert_eq!(sent[1]["choices"][0]["delta"]["content"], "", "held back: it may be a call");
+        let last = &sent[2]["choices"][0];
+        let call = &last["delta"]["tool_calls"][0];
+        assert_eq!((call["index"].as_u64(), call["type"].as_str()), (Some(0), Some("function")));
+        assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+        assert_eq!(call["function"]["name"], "weather");
+        let arguments: serde_json::Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(arguments, serde_json::json!({"city": "Oslo"}));
+        assert_eq!(last["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn a_whole_answer_splits_content_and_tool_calls() {
+        let chunks = ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(ToolParser::Hermes), 2);
+        let deltas = vec![
+            text(0, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", Some("stop")),
+            text(1, "no call here", Some("length")),
+        ];
+        let usage = Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3, prompt_tokens_details: None };
+        let whole = serde_json::to_value(chunks.whole(deltas, 2, usage)).unwrap();
+        let (first, second) = (&whole["choices"][0], &whole["choices"][1]);
+        assert_eq!(first["message"]["content"], serde_json::Value::Null);
+        assert_eq!(first["message"]["tool_calls"][0]["function"]["name"], "f");
+        assert!(first["message"]["tool_calls"][0].get("index").is_none(), "a message's calls carry no index");
+        assert_eq!(first["finish_reason"], "tool_calls");
+        assert_eq!(second["message"]["content"], "no call here");
+        assert!(second["message"].get("tool_calls").is_none());
+        assert_eq!(second["finish_reason"], "length");
+    }
+
     #[test]
     fn a_token_whose_text_is_not_complete_yet_still_sends_its_chunk() {
-        let mut chunks = ChatChunks { id: "chatcmpl-1".into(), created: 0, model: "m".into(), logprobs: false };
+        let mut chunks = ChatChunks::new("chatcmpl-1".into(), "m".into(), false, None, 1);
         // The first byte of a three-byte character: a token, no text yet.
         let partial = ChoiceDelta { index: 0, new_tokens: 1, ..ChoiceDelta::default() };
         let chunk: serde_json::Value = serde_json::from_str(&chunks.delta(&partial).expect("a chunk")).unwrap();

@@ -16,6 +16,7 @@ mod generate;
 mod params;
 mod preprocess;
 mod server;
+pub mod tools;
 
 pub use auth::ApiKey;
 pub use error::ApiError;
@@ -49,6 +50,8 @@ pub struct FrontendState {
     pub metrics: Arc<Metrics>,
     created: u64,
     preprocess: preprocess::Preprocessor,
+    /// `--tool-call-parser`: the format models' tool calls are read in, over the one their templates name.
+    tool_parser: std::sync::OnceLock<tools::ToolParser>,
 }
 
 impl FrontendState {
@@ -59,7 +62,13 @@ impl FrontendState {
             metrics,
             created: unix_now(),
             preprocess: preprocess::Preprocessor::default(),
+            tool_parser: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reads every model's tool calls in `parser`'s format (`--tool-call-parser`; the first call wins).
+    pub fn use_tool_parser(&self, parser: tools::ToolParser) {
+        let _ = self.tool_parser.set(parser);
     }
 
     /// Serves one more model (its name must be new).
@@ -170,6 +179,9 @@ pub async fn bind_and_serve(
     let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     println!("{}", banner(addr));
+    if let Some(parser) = http.tool_parser {
+        state.use_tool_parser(parser);
+    }
     serve_app(listener, app(state), http.clone(), shutdown).await.map_err(ServeError::Serve)
 }
 

@@ -127,6 +127,12 @@ pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         }
         _ => {}
     }
+    if tools && body.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+        return not_yet(
+            "parallel_tool_calls",
+            "every call the model writes is returned; one cannot be enforced without constrained decoding",
+        );
+    }
     for (field, what) in [
         ("functions", "the legacy function-calling fields are not implemented; leave them out"),
         ("function_call", "the legacy function-calling fields are not implemented; leave them out"),
@@ -417,6 +423,7 @@ mod tests {
             (json!({"response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
             (json!({"tools": [{"type": "function"}], "tool_choice": "required"}), "tool_choice"),
             (json!({"tools": [{"type": "function"}], "tool_choice": {"type": "function"}}), "tool_choice"),
+            (json!({"tools": [{"type": "function"}], "parallel_tool_calls": false}), "parallel_tool_calls"),
             (json!({"guided_json": {}}), "guided_json"),
             (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
             (json!({"best_of": 3, "n": 1}), "best_of"),

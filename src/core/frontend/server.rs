@@ -40,6 +40,8 @@ pub struct HttpSettings {
     pub protect_metrics: bool,
     /// Web origins whose pages may call the API from a browser (CORS), `*` for any; none by default.
     pub allowed_origins: Vec<String>,
+    /// The format models' tool calls are read in, over the one each chat template names.
+    pub tool_parser: Option<super::tools::ToolParser>,
 }
 
 impl HttpSettings {
@@ -59,6 +61,7 @@ impl Default for HttpSettings {
             api_key: None,
             protect_metrics: false,
             allowed_origins: Vec::new(),
+            tool_parser: None,
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct ChatTemplate {
     /// The template names the `developer` role; otherwise such messages reach it as `system`, which is what
     /// OpenAI's newer clients mean by it and what templates written before it know.
     knows_developer: bool,
+    source: String,
 }
 
 /// What a chat request gives the template.
@@ -61,7 +62,13 @@ impl ChatTemplate {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
             knows_developer: source.contains("developer"),
+            source: source.to_string(),
         })
+    }
+
+    /// The template's text (what a tool-call format is recognised by).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the prompt; a template error (e.g. `raise_exception`) comes back as its message.

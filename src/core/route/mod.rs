@@ -148,6 +148,9 @@ async fn serve_routes(
         served = &mut server => return served_result(served),
     };
     let cluster = cluster.inspect_err(|_| server.abort())?;
+    if let Some(parser) = http.tool_parser {
+        cluster.state.use_tool_parser(parser);
+    }
     app.ready(cluster.state.clone());
     let _reporting = match Announcer::start(discovery.as_ref(), &namespace, Role::Router, addr.ip(), key.as_ref()) {
         Ok(announcer) => Some(AbortOnDrop(tokio::spawn(report_traffic(announcer, metrics, cluster.state.clone())))),
