@@ -64,7 +64,7 @@ async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<Str
 pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
-    let params: SamplingParams = fields(&value)?;
+    let mut params: SamplingParams = fields(&value)?;
     let served = state.resolve(request.model.as_deref())?;
     *model = Some(served.model.card.name.clone());
     refuse_unsupported(&value)?;
@@ -76,6 +76,11 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     })?;
     let messages = normalize_messages(&request.messages)?;
     let tool_parser = tool_parser(state, template, &request)?;
+    // The markers that open a call are special tokens in many tokenizers (Mistral's [TOOL_CALLS], Hermes's
+    // <tool_call>): kept in the text the parser reads unless the client says otherwise, as vLLM does.
+    if tool_parser.is_some() && params.skip_special_tokens.is_none() {
+        params.skip_special_tokens = Some(false);
+    }
     let prompt = template
         .render(&TemplateInput {
             messages: &messages,
