@@ -126,27 +126,18 @@ impl Profile {
     }
 
     /// Time to first token of a prompt of `tokens` on an idle worker.
+    // Both are read for every worker at every latency-routed request: no allocation but the rows' index.
     pub fn prefill_ms(&self, tokens: f64) -> f64 {
-        let points: Vec<(f64, f64)> = self.prefill.iter().map(|p| (f64::from(p.prompt_tokens), p.ttft_ms)).collect();
-        interpolate(&points, tokens)
+        interpolate_by(&self.prefill, |p| f64::from(p.prompt_tokens), |p| p.ttft_ms, tokens)
     }
 
     /// Time between tokens of `batch` sequences of `context` tokens each.
     pub fn itl_ms(&self, context: f64, batch: f64) -> f64 {
-        let contexts = self.contexts();
-        let at_context: Vec<(f64, f64)> = contexts
-            .iter()
-            .map(|&c| {
-                let row: Vec<(f64, f64)> = self
-                    .decode
-                    .iter()
-                    .filter(|p| p.context_tokens == c)
-                    .map(|p| (f64::from(p.batch), p.itl_ms))
-                    .collect();
-                (f64::from(c), interpolate(&row, batch))
-            })
-            .collect();
-        interpolate(&at_context, context)
+        // One row per context, ascending; each row's value at `batch`, then the rows' line at `context`.
+        let rows: Vec<&[DecodePoint]> = self.decode.chunk_by(|a, b| a.context_tokens == b.context_tokens).collect();
+        let at_batch = |row: &&[DecodePoint]| interpolate_by(row, |p| f64::from(p.batch), |p| p.itl_ms, batch);
+        let row_context = |row: &&[DecodePoint]| row.first().map_or(0.0, |p| f64::from(p.context_tokens));
+        interpolate_by(&rows, row_context, at_batch, context)
     }
 
     /// The most tokens per second one worker decodes for sequences of `context` tokens with the time between
@@ -175,12 +166,6 @@ impl Profile {
         }
         let batch = low;
         Some((batch * 1000.0 / self.itl_ms(context, batch), batch))
-    }
-
-    fn contexts(&self) -> Vec<u32> {
-        let mut contexts: Vec<u32> = self.decode.iter().map(|p| p.context_tokens).collect();
-        contexts.dedup();
-        contexts
     }
 }
 
@@ -281,15 +266,22 @@ fn doubling(from: u32, to: u32) -> impl Iterator<Item = u32> {
     std::iter::successors(Some(from), |&n| n.checked_mul(2)).take_while(move |&n| n <= to)
 }
 
-/// Piecewise linear through `points` (x ascending); beyond the ends, the last two points' line, never below
-/// the end point's y. One point is a constant.
+/// `interpolate_by` over (x, y) pairs.
+#[cfg(test)]
 fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
-    match points {
+    interpolate_by(points, |p| p.0, |p| p.1, x)
+}
+
+/// Piecewise linear through `items` (x ascending, read by `x_of`; y by `y_of`, only of the two items around
+/// `x`); beyond the ends, the last two items' line, never below the end item's y. One item is a constant.
+fn interpolate_by<T>(items: &[T], x_of: impl Fn(&T) -> f64, y_of: impl Fn(&T) -> f64, x: f64) -> f64 {
+    match items {
         [] => 0.0,
-        [(_, y)] => *y,
+        [only] => y_of(only),
         _ => {
-            let at = points.partition_point(|&(px, _)| px < x).clamp(1, points.len() - 1);
-            let ((x0, y0), (x1, y1)) = (points[at - 1], points[at]);
+            let at = items.partition_point(|item| x_of(item) < x).clamp(1, items.len() - 1);
+            let (x0, y0) = (x_of(&items[at - 1]), y_of(&items[at - 1]));
+            let (x1, y1) = (x_of(&items[at]), y_of(&items[at]));
             let y = y0 + (y1 - y0) * (x - x0) / (x1 - x0);
             if x < x0 {
                 y.max(y0.min(y1))
