@@ -84,7 +84,7 @@ fn bench_route_compares_the_modes() {
         let mode = &modes[name];
         assert_eq!(mode["requests"], 60, "{name}: {mode}");
         assert_eq!(mode["errors"], 0, "{name}: {mode}");
-        for key in ["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"] {
+        for key in ["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms"] {
             assert!(mode[key].as_f64().is_some_and(|v| v > 0.0), "{name} {key}: {mode}");
         }
         let spread = mode["requests_per_worker"].as_array().expect("the load spread");

@@ -48,6 +48,10 @@ pub struct ModeResult {
     pub ttft_p50_ms: f64,
     pub ttft_p90_ms: f64,
     pub ttft_p99_ms: f64,
+    /// Each request's mean time between tokens, across requests (simulated ms): what a router that piles
+    /// decoding onto a few workers costs.
+    pub itl_p50_ms: f64,
+    pub itl_p90_ms: f64,
     /// Output tokens per simulated second, first request to last token.
     pub output_tokens_per_s: f64,
     /// Requests each worker was sent, most to fewest: the load spread.
@@ -164,8 +168,7 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
     let prompt: usize = outcomes.iter().map(|o| o.prompt_tokens).sum();
     let cached: usize = outcomes.iter().map(|o| o.cached_tokens).sum();
     let output: usize = outcomes.iter().map(|o| o.output_tokens).sum();
-    let mut ttfts: Vec<f64> = outcomes.iter().map(|o| o.ttft.as_secs_f64() * 1e3 * settings.speedup).collect();
-    ttfts.sort_by(f64::total_cmp);
+    let Judged { ttfts, itls, .. } = judge(&outcomes, settings.speedup, f64::INFINITY, f64::INFINITY);
     let mut requests_per_worker = vec![0; settings.workers];
     for outcome in &outcomes {
         if let Some(count) = requests_per_worker.get_mut(outcome.worker as usize) {
@@ -181,6 +184,8 @@ async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: R
         ttft_p50_ms: super::percentile(&ttfts, 0.5),
         ttft_p90_ms: super::percentile(&ttfts, 0.9),
         ttft_p99_ms: super::percentile(&ttfts, 0.99),
+        itl_p50_ms: super::percentile(&itls, 0.5),
+        itl_p90_ms: super::percentile(&itls, 0.9),
         output_tokens_per_s: output as f64 / elapsed,
         requests_per_worker,
         predictions: (mode == RouterMode::Latency).then(|| {
@@ -294,19 +299,30 @@ fn prompt_length(request: &TraceRequest, block_tokens: usize) -> usize {
 /// The readable report of `dynamo bench route`.
 pub fn table(results: &[ModeResult]) -> String {
     let mut out = format!(
-        "{:<13} {:>9} {:>9} {:>11} {:>11} {:>11} {:>13}  {}\n",
-        "router", "requests", "cached", "TTFT p50", "TTFT p90", "TTFT p99", "output tok/s", "requests per worker"
+        "{:<13} {:>9} {:>9} {:>11} {:>11} {:>11} {:>10} {:>10} {:>13}  {}\n",
+        "router",
+        "requests",
+        "cached",
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p90",
+        "output tok/s",
+        "requests per worker"
     );
     for r in results {
         let spread: Vec<String> = r.requests_per_worker.iter().map(|n| n.to_string()).collect();
         out.push_str(&format!(
-            "{:<13} {:>9} {:>8.1}% {:>9.0}ms {:>9.0}ms {:>9.0}ms {:>13.0}  {}\n",
+            "{:<13} {:>9} {:>8.1}% {:>9.0}ms {:>9.0}ms {:>9.0}ms {:>8.1}ms {:>8.1}ms {:>13.0}  {}\n",
             mode_name(r.mode),
             r.requests,
             r.cached_fraction * 100.0,
             r.ttft_p50_ms,
             r.ttft_p90_ms,
             r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p90_ms,
             r.output_tokens_per_s,
             spread.join(" ")
         ));
@@ -330,12 +346,14 @@ pub fn comparison(results: &[ModeResult], mode: RouterMode) -> String {
     let mut out = String::new();
     for other in results.iter().filter(|r| r.mode != mode) {
         out.push_str(&format!(
-            "{} / {}: TTFT p50 {:.2}x, p90 {:.2}x, p99 {:.2}x (below 1: {} is faster); cached {:+.1} points\n",
+            "{} / {}: TTFT p50 {:.2}x, p90 {:.2}x, p99 {:.2}x, ITL p90 {:.2}x (below 1: {} is faster); cached \
+             {:+.1} points\n",
             mode_name(mode),
             mode_name(other.mode),
             ours.ttft_p50_ms / other.ttft_p50_ms,
             ours.ttft_p90_ms / other.ttft_p90_ms,
             ours.ttft_p99_ms / other.ttft_p99_ms,
+            ours.itl_p90_ms / other.itl_p90_ms,
             mode_name(mode),
             (ours.cached_fraction - other.cached_fraction) * 100.0
         ));
