@@ -469,7 +469,7 @@ impl Router {
             .collect()
     }
 
-    /// The prompt's block hashes (kv mode only) and what each worker holds of them.
+    /// The prompt's block hashes (kv and latency modes only) and what each worker holds of them.
     fn overlaps(&self, token_ids: &[u32]) -> (Vec<u64>, OverlapScores) {
         let hashes: Vec<u64> = match self.config.mode {
             RouterMode::Kv | RouterMode::Latency => {
