@@ -1075,10 +1075,8 @@ fn bench_route(args: RouteArgs) -> anyhow::Result<()> {
         if let Some(first) = modes.first() {
             print!("{}", route::comparison(&results, *first));
         }
-        let by_mode: serde_json::Map<String, serde_json::Value> = results
-            .iter()
-            .map(|r| (route::mode_name(r.mode).to_string(), serde_json::to_value(r).unwrap_or_default()))
-            .collect();
+        let by_mode: serde_json::Map<String, serde_json::Value> =
+            results.iter().map(|r| (r.mode.name().to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
         let concurrency = match pace {
             Pace::Concurrency(clients) => serde_json::json!(clients),
             Pace::Timestamps => serde_json::Value::Null,

@@ -61,17 +61,6 @@ pub struct ModeResult {
     pub predictions: Option<Predictions>,
 }
 
-/// The name a mode has on the command line (`--router-mode`).
-pub fn mode_name(mode: RouterMode) -> &'static str {
-    match mode {
-        RouterMode::Kv => "kv",
-        RouterMode::Latency => "latency",
-        RouterMode::RoundRobin => "round-robin",
-        RouterMode::Random => "random",
-        RouterMode::LeastLoaded => "least-loaded",
-    }
-}
-
 /// The share of prompt tokens a single cache of unbounded size would have served: each request's leading
 /// trace blocks seen in an earlier request, in whole blocks of `kv_block` tokens and never its last token
 /// (an engine computes at least that one). No router can do better.
@@ -315,7 +304,7 @@ pub fn table(results: &[ModeResult]) -> String {
         let spread: Vec<String> = r.requests_per_worker.iter().map(|n| n.to_string()).collect();
         out.push_str(&format!(
             "{:<13} {:>9} {:>8.1}% {:>9.0}ms {:>9.0}ms {:>9.0}ms {:>8.1}ms {:>8.1}ms {:>13.0}  {}\n",
-            mode_name(r.mode),
+            r.mode.name(),
             r.requests,
             r.cached_fraction * 100.0,
             r.ttft_p50_ms,
@@ -348,13 +337,13 @@ pub fn comparison(results: &[ModeResult], mode: RouterMode) -> String {
         out.push_str(&format!(
             "{} / {}: TTFT p50 {:.2}x, p90 {:.2}x, p99 {:.2}x, ITL p90 {:.2}x (below 1: {} is faster); cached \
              {:+.1} points\n",
-            mode_name(mode),
-            mode_name(other.mode),
+            mode.name(),
+            other.mode.name(),
             ours.ttft_p50_ms / other.ttft_p50_ms,
             ours.ttft_p90_ms / other.ttft_p90_ms,
             ours.ttft_p99_ms / other.ttft_p99_ms,
             ours.itl_p90_ms / other.itl_p90_ms,
-            mode_name(mode),
+            mode.name(),
             (ours.cached_fraction - other.cached_fraction) * 100.0
         ));
     }

@@ -160,9 +160,10 @@ async fn serve_routes(
         }
     };
     println!(
-        "dynamo: serving {} on http://{addr} with the workers discovery finds, {mode:?} routing; try: curl \
+        "dynamo: serving {} on http://{addr} with the workers discovery finds, {} routing; try: curl \
          http://{addr}/v1/models",
-        cluster.state.first().model.card.name
+        cluster.state.first().model.card.name,
+        mode.name()
     );
     served_result(server.await)
 }

@@ -59,6 +59,17 @@ pub enum RouterMode {
 }
 
 impl RouterMode {
+    /// Its name on the command line (`--router-mode`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RouterMode::Kv => "kv",
+            RouterMode::Latency => "latency",
+            RouterMode::RoundRobin => "round-robin",
+            RouterMode::Random => "random",
+            RouterMode::LeastLoaded => "least-loaded",
+        }
+    }
+
     /// Whether it weighs what each worker has cached of a prompt.
     pub fn uses_overlaps(self) -> bool {
         matches!(self, RouterMode::Kv | RouterMode::Latency)

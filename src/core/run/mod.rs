@@ -99,7 +99,7 @@ pub async fn serve(
     }
     let banner = |addr| {
         format!(
-            "dynamo: serving {} on http://{addr} with {}{} {} worker(s), {:?} routing; try: curl http://{addr}/v1/models",
+            "dynamo: serving {} on http://{addr} with {}{} {} worker(s), {} routing; try: curl http://{addr}/v1/models",
             state.first().model.card.name,
             settings.workers,
             match settings.prefill_workers {
@@ -107,7 +107,7 @@ pub async fn serve(
                 n => format!(" decode + {n} prefill"),
             },
             settings.engine.describe(),
-            settings.router.mode
+            settings.router.mode.name()
         )
     };
     frontend::bind_and_serve(settings.listen, &settings.http, state.clone(), banner, shutdown).await?;
