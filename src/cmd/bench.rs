@@ -26,7 +26,8 @@ pub enum BenchCommand {
     Http(HttpArgs),
     /// KV index under a replayed Mooncake trace: FlashIndexer against the reference index.
     Index(IndexArgs),
-    /// Routing quality on a replayed trace: hit rate, TTFT and throughput of kv vs round-robin vs random.
+    /// Routing quality on a replayed trace: cached fraction, TTFT, ITL and load spread of latency vs kv vs
+    /// round-robin vs random routing.
     Route(RouteArgs),
     /// Writes a synthetic Mooncake-format trace (shared prefixes, or multi-turn conversations in bursts) for
     /// the other benches.
@@ -475,7 +476,9 @@ pub struct ReplayArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub requests: Option<u32>,
 
-    /// Simulated time (trace arrivals and mocker steps) runs this many times faster than real time.
+    /// Simulated time (trace arrivals and mocker steps) runs this many times faster than real time. Steps are
+    /// paced by a timer of about 1 ms real time: at 50, latencies of tens of simulated ms are noise; use 10
+    /// or below to compare those.
     #[arg(long, default_value_t = 50.0, value_parser = positive_f64)]
     pub speedup: f64,
 
