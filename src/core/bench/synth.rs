@@ -12,6 +12,7 @@
 //!   piling conversations onto their holders makes them queue.
 use super::trace::TraceRequest;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +33,7 @@ pub fn shared_prefix(spec: &SharedPrefix) -> Vec<TraceRequest> {
     let input = spec.prefix_tokens + spec.suffix_tokens;
     let total_blocks = input.div_ceil(block);
     let mut order: Vec<usize> = (0..spec.prefixes).flat_map(|p| std::iter::repeat_n(p, spec.uses)).collect();
-    shuffle(&mut order, &mut rng);
+    order.shuffle(&mut rng);
     let mut next_id = (spec.prefixes * prefix_blocks) as u64;
     order
         .into_iter()
@@ -139,12 +140,6 @@ pub fn to_jsonl(requests: &[TraceRequest]) -> String {
                 + "\n"
         })
         .collect()
-}
-
-fn shuffle<T>(items: &mut [T], rng: &mut StdRng) {
-    for i in (1..items.len()).rev() {
-        items.swap(i, rng.random_range(0..=i));
-    }
 }
 
 fn exponential(rng: &mut StdRng, mean: f64) -> f64 {
