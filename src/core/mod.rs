@@ -3,6 +3,7 @@ pub mod bench;
 pub mod discovery;
 pub mod engine;
 pub mod frontend;
+pub mod grammar;
 pub mod handoff;
 pub mod indexer;
 pub mod members;

@@ -12,6 +12,7 @@
 //! state sent again (`resend_kv_state`), and a worker can answer a router's snapshot request (`kv_snapshot`).
 use super::scheduler::{ArrivalPages, Executor, HandOffError, Scheduler, SeqId};
 use super::{ArrivingPages, Engine, EngineError, KvLedger, KvMemory, KvPages, ResponseStream};
+use crate::core::grammar::{Compiler, GrammarError};
 use crate::core::protocol::{EngineOutput, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,8 @@ enum Command {
     /// The peer's KV for a request landed (true) or will not come (false).
     Arrived(SeqId, bool),
     ReleaseLease(SeqId),
+    /// Structured output's compiler, given once before the first request.
+    Grammars(Compiler),
 }
 
 pub struct BatchEngine {
@@ -60,6 +63,8 @@ pub struct BatchEngine {
     max_sequence_tokens: usize,
     kv_memory: Option<super::KvMemory>,
     profile: Option<Arc<crate::core::protocol::profile::Profile>>,
+    /// Checks a request's constraint before it is queued; `None` refuses constrained requests.
+    grammars: Option<Compiler>,
 }
 
 /// The engine's KV events: the broadcast, and the ledger of what it has said, kept under one lock so that a
@@ -102,6 +107,14 @@ impl BatchEngine {
         self
     }
 
+    /// Lets requests constrain their output (structured output) by the model whose vocabulary this is.
+    pub fn with_grammars(mut self, grammars: Compiler) -> Self {
+        // The task is only gone if it panicked; then submissions fail as `Stopped` anyway.
+        let _ = self.inbox.send(Command::Grammars(grammars.clone()));
+        self.grammars = Some(grammars);
+        self
+    }
+
     /// Starts the engine's task on the current tokio runtime. `max_sequence_tokens` also counts the model's
     /// context limit, not only the KV cache's.
     pub fn spawn<X: Executor>(
@@ -118,7 +131,17 @@ impl BatchEngine {
         let worker =
             Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
         tokio::spawn(worker.run(pacing));
-        Self { worker_id, inbox, next_id: 0.into(), load, events, max_sequence_tokens, kv_memory, profile: None }
+        Self {
+            worker_id,
+            inbox,
+            next_id: 0.into(),
+            load,
+            events,
+            max_sequence_tokens,
+            kv_memory,
+            profile: None,
+            grammars: None,
+        }
     }
 
     fn submit_with(
@@ -127,6 +150,14 @@ impl BatchEngine {
         hand_off: Shared,
     ) -> Result<(SeqId, ResponseStream), EngineError> {
         super::check_fits(&request, self.max_sequence_tokens)?;
+        if let Some(constraint) = &request.constraint {
+            // Compiled here, on the caller's thread, so a bad one is refused at once and the engine's task
+            // finds it in the cache.
+            let grammars = self.grammars.as_ref().ok_or(GrammarError::Unavailable).and_then(Compiler::grammars);
+            grammars
+                .and_then(|grammars| grammars.compile(constraint))
+                .map_err(|e| EngineError::InvalidRequest(format!("structured output: {e}")))?;
+        }
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (outputs, receiver) = mpsc::unbounded_channel();
         let submission = Submission { id, request, outputs, hand_off };
@@ -345,6 +376,10 @@ fn obey<X: Executor>(
         }
         Command::ReleaseLease(id) => {
             scheduler.release_lease(id);
+            return;
+        }
+        Command::Grammars(grammars) => {
+            scheduler.set_grammars(grammars);
             return;
         }
     };

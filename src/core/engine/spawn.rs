@@ -77,7 +77,10 @@ pub fn spawn_engines(
         EngineSettings::Mocker(config) => {
             let vocab: Arc<[u32]> = model.tokenizer.printable_ids().into();
             ids.iter()
-                .map(|&id| Arc::new(MockerEngine::spawn(id, config.clone(), vocab.clone())) as Arc<dyn Engine>)
+                .map(|&id| {
+                    let engine = MockerEngine::spawn(id, config.clone(), vocab.clone());
+                    Arc::new(engine.with_grammars(model.grammars().clone())) as Arc<dyn Engine>
+                })
                 .collect()
         }
         EngineSettings::Native(native_settings) => {
@@ -91,7 +94,10 @@ pub fn spawn_engines(
                 bar.set_position(done as u64);
             });
             bar.finish_and_clear();
-            spawned?.into_iter().map(|e| Arc::new(e) as Arc<dyn Engine>).collect()
+            spawned?
+                .into_iter()
+                .map(|engine| Arc::new(engine.with_grammars(model.grammars().clone())) as Arc<dyn Engine>)
+                .collect()
         }
         EngineSettings::External(settings) => return Err(SpawnError::ExternalHere(settings.kind.name())),
     })

@@ -153,7 +153,7 @@ impl ChoiceState {
             .collect();
         let finish = match &output.finish_reason {
             None => None,
-            Some(FinishReason::StopToken(_)) => Some("stop"),
+            Some(FinishReason::StopToken(_) | FinishReason::Complete) => Some("stop"),
             Some(FinishReason::Length) => Some("length"),
             Some(FinishReason::Cancelled) => Some("abort"),
             Some(FinishReason::Error(message)) => {

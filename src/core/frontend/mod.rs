@@ -16,6 +16,7 @@ mod generate;
 mod params;
 mod preprocess;
 mod server;
+mod structured;
 pub mod tools;
 
 pub use auth::ApiKey;

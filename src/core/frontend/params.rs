@@ -103,14 +103,6 @@ pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     if body.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
         return not_yet("logit_bias", "biasing tokens is not implemented; leave it out");
     }
-    if let Some(format) = body.get("response_format").filter(|v| !v.is_null())
-        && format.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return not_yet(
-            "response_format",
-            "structured output (json_object, json_schema) is not implemented; ask for JSON in the prompt or leave it out",
-        );
-    }
     let tools = body.get("tools").is_some_and(|v| v.as_array().is_some_and(|t| !t.is_empty()));
     match body.get("tool_choice") {
         Some(Value::String(choice)) if choice == "required" && tools => {
@@ -136,11 +128,6 @@ pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     for (field, what) in [
         ("functions", "the legacy function-calling fields are not implemented; leave them out"),
         ("function_call", "the legacy function-calling fields are not implemented; leave them out"),
-        ("guided_json", "guided decoding is not implemented"),
-        ("guided_regex", "guided decoding is not implemented"),
-        ("guided_choice", "guided decoding is not implemented"),
-        ("guided_grammar", "guided decoding is not implemented"),
-        ("structured_outputs", "guided decoding is not implemented"),
         ("prompt_logprobs", "prompt logprobs are not computed"),
         ("allowed_token_ids", "restricting the vocabulary is not implemented"),
         ("bad_words", "banning words is not implemented"),
@@ -176,6 +163,7 @@ pub fn build_choices(
         return Err(ApiError::invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {top}")));
     }
     let stop = stop_strings(params.stop.as_ref())?;
+    let constraint = super::structured::constraint(model, params)?;
     let card = &model.card;
     let mut stop_token_ids = params.stop_token_ids.clone().unwrap_or_default();
     if let Some(bad) = stop_token_ids.iter().find(|&&id| id >= card.vocab_size) {
@@ -220,6 +208,7 @@ pub fn build_choices(
                     logprobs: options.logprobs,
                     hand_off: HandOff::None,
                     generated: 0,
+                    constraint: constraint.clone(),
                 },
                 text: text.clone(),
             });
@@ -419,12 +408,9 @@ mod tests {
     fn fields_that_would_change_the_output_are_refused_by_name() {
         for (body, field) in [
             (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
-            (json!({"response_format": {"type": "json_schema", "json_schema": {}}}), "response_format"),
             (json!({"tools": [{"type": "function"}], "tool_choice": "required"}), "tool_choice"),
             (json!({"tools": [{"type": "function"}], "tool_choice": {"type": "function"}}), "tool_choice"),
             (json!({"tools": [{"type": "function"}], "parallel_tool_calls": false}), "parallel_tool_calls"),
-            (json!({"guided_json": {}}), "guided_json"),
             (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
             (json!({"best_of": 3, "n": 1}), "best_of"),
             (json!({"use_beam_search": true}), "use_beam_search"),
@@ -439,7 +425,8 @@ mod tests {
             json!({}),
             json!({"logit_bias": {}}),
             json!({"logit_bias": null}),
-            json!({"response_format": {"type": "text"}}),
+            json!({"response_format": {"type": "json_object"}}),
+            json!({"guided_json": {}, "structured_outputs": {"regex": "a"}}),
             json!({"tools": [{"type": "function"}], "tool_choice": "auto"}),
             json!({"tool_choice": "none"}),
             json!({"best_of": 2, "n": 2}),

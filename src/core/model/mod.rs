@@ -15,6 +15,7 @@ pub use error::ModelError;
 pub use template::{ChatTemplate, TemplateInput};
 pub use tokenizer::Tokenizer;
 
+use crate::core::grammar::Compiler;
 use std::path::{Path, PathBuf};
 
 /// Where a model's files come from.
@@ -57,6 +58,8 @@ pub struct Model {
     pub tokenizer_hash: u64,
     /// The text files it was read from, for routers in other processes (`text_files`).
     files: ModelFiles,
+    /// Structured output's view of the vocabulary, built on first use (`grammars`).
+    grammars: Compiler,
 }
 
 /// What a user may change of a model as it is served (vLLM's flags of the same names).
@@ -137,7 +140,13 @@ impl Model {
         let chat_template =
             template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
         let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(files.required("tokenizer.json")?.as_bytes());
-        Ok(Self { card, tokenizer, chat_template, tokenizer_hash, files })
+        let grammars = Compiler::new(files.required("tokenizer.json")?, &card.eos_token_ids);
+        Ok(Self { card, tokenizer, chat_template, tokenizer_hash, files, grammars })
+    }
+
+    /// What structured-output constraints compile against (built on first use, shared by its clones).
+    pub fn grammars(&self) -> &Compiler {
+        &self.grammars
     }
 }
 

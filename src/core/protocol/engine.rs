@@ -19,6 +19,23 @@ pub struct PreprocessedRequest {
     /// them, so a seeded request continues as if it had never moved.
     #[serde(default)]
     pub generated: u32,
+    /// What the output must match (structured output); `None` is free text.
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
+}
+
+/// A shape the generated text must take, enforced while sampling (`core::grammar`). Each is the text the
+/// client sent (a schema as JSON text, not a parsed value), so equal requests share one compiled grammar.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Constraint {
+    /// A JSON value valid under this JSON Schema (`{"type":"object"}` for OpenAI's `json_object`).
+    JsonSchema(String),
+    /// Text matching this regular expression, whole.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this Lark grammar (llguidance's dialect, as vLLM's `guidance` backend takes it).
+    Lark(String),
 }
 
 /// A request's part in disaggregated serving: a prefill worker computes the prompt and keeps its KV for a
@@ -91,6 +108,7 @@ impl PreprocessedRequest {
             logprobs: None,
             hand_off: HandOff::None,
             generated: 0,
+            constraint: None,
         }
     }
 }
@@ -151,6 +169,9 @@ pub enum FinishReason {
     Length,
     Cancelled,
     Error(String),
+    /// The output is whole under its constraint: nothing more would keep it valid (a structured output's
+    /// closing brace). The last id is part of the text.
+    Complete,
     /// The worker refused the request as asked (what it cannot do, not what went wrong): the client's to
     /// change, answered as a 400 when nothing was generated yet.
     Invalid(String),

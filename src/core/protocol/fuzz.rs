@@ -7,7 +7,7 @@ use super::external::{decode_msgpack_batch, decode_trtllm_json};
 use super::plane::{Payload, decode_header};
 use super::request::{FromWorker, Refusal, ToWorker, decode, encode};
 use super::{
-    EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
+    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
     PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
 };
 use proptest::prelude::*;
@@ -56,9 +56,9 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
         any::<Option<u64>>(),
         0u32..100_000,
         any::<Option<u32>>(),
-        (hand_off, any::<u32>()),
+        (hand_off, any::<u32>(), constraint()),
     )
-        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated))| {
+        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint))| {
             PreprocessedRequest {
                 request_id,
                 token_ids,
@@ -67,8 +67,19 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
                 logprobs,
                 hand_off,
                 generated,
+                constraint,
             }
         })
+}
+
+fn constraint() -> impl Strategy<Value = Option<Constraint>> {
+    prop_oneof![
+        Just(None),
+        ".{0,40}".prop_map(|text| Some(Constraint::JsonSchema(text))),
+        ".{0,40}".prop_map(|text| Some(Constraint::Regex(text))),
+        prop::collection::vec(".{0,8}", 0..4).prop_map(|choices| Some(Constraint::Choice(choices))),
+        ".{0,40}".prop_map(|text| Some(Constraint::Lark(text))),
+    ]
 }
 
 fn to_worker() -> impl Strategy<Value = ToWorker> {

@@ -58,7 +58,8 @@ impl ExternalKind {
     fn refuses(self, request: &PreprocessedRequest) -> Option<String> {
         match self {
             ExternalKind::Trtllm => trtllm::refuses(request),
-            ExternalKind::Vllm | ExternalKind::Sglang => None,
+            ExternalKind::Sglang => sglang::refuses(request),
+            ExternalKind::Vllm => None,
         }
     }
 

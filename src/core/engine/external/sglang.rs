@@ -8,11 +8,25 @@
 //! are the last `completion_tokens - delivered` of either.
 use super::metrics::Samples;
 use super::{Delta, EngineGauges};
-use crate::core::protocol::{FinishReason, PreprocessedRequest, TokenLogprob};
+use crate::core::protocol::{Constraint, FinishReason, PreprocessedRequest, TokenLogprob};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// The streamed `/generate` request for `request`.
+/// What SGLang cannot do of a request, said before it is sent.
+pub fn refuses(request: &PreprocessedRequest) -> Option<String> {
+    matches!(request.constraint, Some(Constraint::Lark(_))).then(|| {
+        "SGLang takes grammars in EBNF, not Lark: this worker cannot forward a Lark grammar; use a JSON schema, a \
+         regex or a choice"
+            .to_string()
+    })
+}
+
+/// One of the choices, whole, as a regex.
+fn choice_regex(choices: &[String]) -> String {
+    choices.iter().map(|c| regex_syntax::escape(c)).collect::<Vec<_>>().join("|")
+}
+
 pub fn generate_body(request: &PreprocessedRequest) -> Value {
     let s = &request.sampling;
     let mut sampling = json!({
@@ -31,6 +45,13 @@ pub fn generate_body(request: &PreprocessedRequest) -> Value {
     });
     if let Some(seed) = s.seed {
         sampling["sampling_seed"] = json!(seed);
+    }
+    match &request.constraint {
+        Some(Constraint::JsonSchema(schema)) => sampling["json_schema"] = json!(schema),
+        Some(Constraint::Regex(pattern)) => sampling["regex"] = json!(pattern),
+        Some(Constraint::Choice(choices)) => sampling["regex"] = json!(choice_regex(choices)),
+        // Refused before (`refuses`): SGLang reads EBNF, not Lark.
+        Some(Constraint::Lark(_)) | None => {}
     }
     let mut body = json!({
         "input_ids": request.token_ids,

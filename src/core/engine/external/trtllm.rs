@@ -16,6 +16,13 @@ pub const METRICS_PATH: &str = "/prometheus/metrics";
 
 /// Why TensorRT-LLM cannot answer `request` as asked, if it cannot.
 pub fn refuses(request: &PreprocessedRequest) -> Option<String> {
+    if request.constraint.is_some() {
+        return Some(
+            "structured output is not forwarded to TensorRT-LLM by this worker yet: leave response_format and the \
+             guided fields out, or serve with --engine vllm|sglang or the native engine"
+                .into(),
+        );
+    }
     request.logprobs.filter(|&top| top > 0).map(|top| {
         format!(
             "TensorRT-LLM names logprob alternatives by their text, not their token ids, so {top} alternatives cannot \

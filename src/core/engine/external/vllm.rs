@@ -5,7 +5,7 @@
 //! and the `vllm:` gauges of `/metrics` for load.
 use super::metrics::Samples;
 use super::{Delta, EngineGauges};
-use crate::core::protocol::{FinishReason, PreprocessedRequest, TokenLogprob};
+use crate::core::protocol::{Constraint, FinishReason, PreprocessedRequest, TokenLogprob};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -20,7 +20,24 @@ pub fn completion_body(request: &PreprocessedRequest, model: &str) -> Value {
         body["logprobs"] = json!(top);
         body["return_tokens_as_token_ids"] = json!(true);
     }
+    if let Some(constraint) = &request.constraint {
+        body["structured_outputs"] = structured_outputs(constraint);
+    }
     body
+}
+
+/// vLLM's `structured_outputs`, which its own structured-output backend enforces. A Lark grammar is
+/// read as Lark only by vLLM's `guidance` backend; the others answer with an error, which reaches the client.
+fn structured_outputs(constraint: &Constraint) -> Value {
+    match constraint {
+        // Text this frontend wrote from a parsed schema, so it parses.
+        Constraint::JsonSchema(schema) => {
+            json!({"json": serde_json::from_str::<Value>(schema).unwrap_or(json!(schema))})
+        }
+        Constraint::Regex(pattern) => json!({"regex": pattern}),
+        Constraint::Choice(choices) => json!({"choice": choices}),
+        Constraint::Lark(grammar) => json!({"grammar": grammar}),
+    }
 }
 
 /// The fields of a streamed `/v1/completions` request that vLLM and TensorRT-LLM read alike: the router's

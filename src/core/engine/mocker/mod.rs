@@ -76,7 +76,10 @@ impl Executor for MockExecutor {
             .map(|chunk| {
                 chunk.samples().then(|| {
                     let draw = splitmix64(*chunk.sampler ^ 0x5DEE_CE66_D1CE_4E5B);
-                    let token = self.vocab[(draw % self.vocab.len() as u64) as usize];
+                    let token = match chunk.guide.as_deref_mut() {
+                        None => self.vocab[(draw % self.vocab.len() as u64) as usize],
+                        Some(guide) => guided_token(guide, draw),
+                    };
                     *chunk.sampler = mix(*chunk.sampler, token);
                     let logprob = chunk.logprobs.map(|top| fake_logprob(token, draw, top, &self.vocab));
                     Sampled { token, logprob }
@@ -97,6 +100,16 @@ impl Executor for MockExecutor {
             page_bytes: 0,
             block_size: self.block_size as u32,
         })
+    }
+}
+
+/// A token the constraint allows, drawn as freely as an unconstrained one (the model's EOS among them where
+/// the output may end). With none allowed, any: the guide then ends the sequence with its error.
+fn guided_token(guide: &mut crate::core::grammar::Guide, draw: u64) -> u32 {
+    let allowed = guide.allowed();
+    match allowed.len() {
+        0 => 0,
+        n => allowed[(draw % n as u64) as usize],
     }
 }
 
@@ -168,6 +181,39 @@ mod tests {
             let hashes: Vec<u64> = crate::core::tokens::block_hashes(prompt, 16).iter().map(|h| h.sequence).collect();
             assert_eq!(from_resend.find_matches(&hashes), from_events.find_matches(&hashes));
         }
+    }
+
+    #[tokio::test]
+    async fn constrained_requests_follow_their_grammar_and_are_refused_where_none_is_known() {
+        use crate::core::model::{Model, ModelSource};
+        use crate::core::protocol::Constraint;
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let mut constrained = request((0..40).collect(), 50);
+        constrained.constraint = Some(Constraint::Choice(vec!["alpha".into(), "beta gamma".into()]));
+        let refused = fast_engine().submit(constrained.clone()).err().unwrap();
+        assert!(refused.to_string().contains("structured output"), "{refused}");
+
+        let engine = fast_engine().with_grammars(model.grammars().clone());
+        let mut written = std::collections::HashSet::new();
+        for seed in 0..8 {
+            let mut constrained = constrained.clone();
+            constrained.token_ids.push(seed);
+            let outputs: Vec<_> = engine.submit(constrained).unwrap().collect().await;
+            let tokens: Vec<u32> = outputs.iter().flat_map(|o| o.token_ids.clone()).collect();
+            let last = outputs.last().and_then(|o| o.finish_reason.clone());
+            assert!(matches!(last, Some(FinishReason::Complete | FinishReason::StopToken(_))), "{last:?}");
+            let shown = match last {
+                Some(FinishReason::StopToken(_)) => &tokens[..tokens.len() - 1],
+                _ => &tokens[..],
+            };
+            written.insert(model.tokenizer.decode(shown, false));
+        }
+        assert!(written.iter().all(|w| w == "alpha" || w == "beta gamma"), "{written:?}");
+
+        let mut broken = request((0..40).collect(), 5);
+        broken.constraint = Some(Constraint::Regex("(".into()));
+        let refused = engine.submit(broken).err().unwrap();
+        assert!(matches!(refused, crate::core::engine::EngineError::InvalidRequest(_)), "{refused}");
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ pub mod weights;
 
 use super::batch::{BatchEngine, Pacing};
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Scheduler, SchedulerConfig};
+use crate::core::grammar::Guide;
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
 use crate::core::protocol::{PreprocessedRequest, WorkerId};
 use backend::{Backend, BackendError};
@@ -201,8 +202,30 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         for chunk in chunks.iter() {
             batch.push_seq(chunk.tokens, chunk.start, chunk.end, chunk.pages, self.block_size, chunk.samples());
         }
-        let logits =
-            self.model.forward(&mut self.cache, &batch, self.block_size).map_err(|e| ExecError(e.to_string()))?;
+        // Structured outputs' masks depend only on the tokens so far: computed on a thread of their own
+        // while the forward pass runs, so sampling finds them ready.
+        let mut guides: Vec<(usize, &mut Guide)> = chunks
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, chunk)| chunk.samples())
+            .filter_map(|(at, chunk)| chunk.guide.take().map(|guide| (at, guide)))
+            .collect();
+        let forward = |executor: &mut Self| executor.model.forward(&mut executor.cache, &batch, executor.block_size);
+        let logits = if guides.is_empty() {
+            forward(self)
+        } else {
+            std::thread::scope(|scope| {
+                let preparing = scope.spawn(|| guides.iter_mut().for_each(|(_, guide)| guide.prepare()));
+                let logits = forward(self);
+                // A mask that panicked is computed again (and fails there, visibly) when sampling asks for it.
+                let _ = preparing.join();
+                logits
+            })
+        };
+        for (at, guide) in guides {
+            chunks[at].guide = Some(guide);
+        }
+        let logits = logits.map_err(|e| ExecError(e.to_string()))?;
         let started = Instant::now();
         let mut rows = logits.chunks_exact(self.model.config.vocab_size);
         let work = chunks
@@ -219,7 +242,11 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         // about the time of one.
         let sampled = self.model.backend().run(|| {
             work.into_par_iter()
-                .map(|job| job.map(|(chunk, row)| chunk.sampler.sample(row, chunk.tokens, chunk.logprobs)))
+                .map(|job| {
+                    job.map(|(chunk, row)| {
+                        chunk.sampler.sample(row, chunk.tokens, chunk.logprobs, chunk.guide.as_deref_mut())
+                    })
+                })
                 .collect()
         });
         self.sampling += started.elapsed();

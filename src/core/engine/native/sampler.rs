@@ -3,6 +3,7 @@
 //! the model's raw distribution, before any of that (vLLM's default).
 use super::cpu::math::{exp_nonpositive, lanes};
 use crate::core::engine::scheduler::Sampled;
+use crate::core::grammar::Guide;
 use crate::core::protocol::{PreprocessedRequest, SamplingOptions, TokenLogprob};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,6 +21,8 @@ pub struct SeqSampler {
 struct Scratch {
     weights: Vec<f32>,
     candidates: Vec<(u32, f32)>,
+    /// The logits with what a structured output's constraint rules out at minus infinity.
+    masked: Vec<f32>,
 }
 
 impl SeqSampler {
@@ -38,18 +41,35 @@ impl SeqSampler {
         Self { options, rng, prompt_len, scratch: Scratch::default() }
     }
 
-    /// Picks the token that follows `tokens` (prompt and everything generated so far).
-    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], logprobs: Option<u32>) -> Sampled {
+    /// Picks the token that follows `tokens` (prompt and everything generated so far), among those `guide`
+    /// allows when the request constrains its output.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        tokens: &[u32],
+        logprobs: Option<u32>,
+        guide: Option<&mut Guide>,
+    ) -> Sampled {
         let raw_logprob = logprobs.map(|top| log_softmax_top(logits, top));
-        let o = &self.options;
         let penalised = self.penalised(logits, tokens);
-        let logits = penalised.as_deref().unwrap_or(logits);
+        let mut masked = std::mem::take(&mut self.scratch.masked);
+        let logits = match guide {
+            Some(guide) => {
+                masked.clear();
+                masked.extend_from_slice(penalised.as_deref().unwrap_or(logits));
+                guide.mask_logits(&mut masked);
+                &masked
+            }
+            None => penalised.as_deref().unwrap_or(logits),
+        };
+        let o = &self.options;
         let token = if draws(o) {
             let uniform: f32 = self.rng.random();
             draw(logits, o, uniform, &mut self.scratch)
         } else {
             argmax(logits)
         };
+        self.scratch.masked = masked;
         let logprob = raw_logprob.map(|(all, top)| TokenLogprob { token_id: token, logprob: all[token as usize], top });
         Sampled { token, logprob }
     }
@@ -242,7 +262,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_logit_and_reports_raw_logprobs() {
         let mut s = sampler(sampled(0.0), 0);
-        let out = s.sample(&[0.0, 3.0, 1.0], &[0], Some(2));
+        let out = s.sample(&[0.0, 3.0, 1.0], &[0], Some(2), None);
         assert_eq!(out.token, 1);
         let lp = out.logprob.unwrap();
         let expected = 3.0 - (1.0f32 + 3.0f32.exp() + 1.0f32.exp()).ln();
@@ -275,12 +295,12 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
             let mut s = sampler(sampled(1.0), seed);
-            (0..20).map(|_| s.sample(&logits, &[], None).token).collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[], None, None).token).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         let mut k1 = sampler(SamplingOptions { top_k: Some(1), ..sampled(1.0) }, 3);
-        assert_eq!(k1.sample(&logits, &[], None).token, argmax(&logits));
+        assert_eq!(k1.sample(&logits, &[], None, None).token, argmax(&logits));
     }
 
     /// The distribution the options define, computed the plain way (sort everything, cut, normalise): what
@@ -380,10 +400,10 @@ mod tests {
         let options = SamplingOptions { repetition_penalty: 2.0, ..sampled(0.0) };
         let mut s = sampler(options, 0);
         // Token 0 leads but appeared before: 2.0 / 2 = 1.0 < 1.5.
-        assert_eq!(s.sample(&[2.0, 1.5], &[0], None).token, 1);
+        assert_eq!(s.sample(&[2.0, 1.5], &[0], None, None).token, 1);
         let options = SamplingOptions { frequency_penalty: 1.0, ..sampled(0.0) };
         let mut s = sampler(options, 0);
         // The prompt (2 tokens) does not count; token 0 generated twice: 2.0 - 2 = 0 < 1.5.
-        assert_eq!(s.sample(&[2.0, 1.5], &[1, 1, 0, 0], None).token, 1);
+        assert_eq!(s.sample(&[2.0, 1.5], &[1, 1, 0, 0], None, None).token, 1);
     }
 }

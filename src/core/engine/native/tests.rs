@@ -237,6 +237,48 @@ fn seeded_sampling_is_reproducible_through_the_engine() {
     assert_ne!(sample(5), sample(6));
 }
 
+/// A batch mixing constrained and free sequences, greedy and sampled: each constrained one writes JSON valid
+/// under its schema and ends as `Complete`; the free one is what it is alone (the masks, computed beside the
+/// forward pass, touch nobody else's row).
+#[test]
+fn structured_outputs_keep_to_their_schema_in_a_mixed_batch() {
+    use crate::core::protocol::{Constraint, FinishReason};
+    let text = crate::core::model::Model::load(&ModelSource::Builtin, None).unwrap();
+    let model = load(&ModelSource::Builtin);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["answer", "score"],
+        "additionalProperties": false,
+    });
+    let free = greedy(prompts()[1].clone(), 12);
+    let alone = {
+        let mut s = scheduler(model.clone(), 1024, 256);
+        s.add(0, &free, 0);
+        of(&run(&mut s), 0).0
+    };
+    let mut s = scheduler(model.clone(), 1024, 256);
+    s.set_grammars(text.grammars().clone());
+    let mut constrained = greedy(prompts()[0].clone(), 64);
+    constrained.constraint = Some(Constraint::JsonSchema(schema.to_string()));
+    let mut sampled = constrained.clone();
+    sampled.sampling = SamplingOptions { temperature: 1.0, ..SamplingOptions::default() };
+    s.add(0, &constrained, 0);
+    s.add(1, &free, 0);
+    s.add(2, &sampled, 9);
+    let outputs = run(&mut s);
+    for id in [0, 2] {
+        let tokens = of(&outputs, id).0;
+        let written = text.tokenizer.decode(&tokens, false);
+        let value: serde_json::Value = serde_json::from_str(&written).unwrap_or_else(|e| panic!("{written}: {e}"));
+        assert!(["yes", "no"].contains(&value["answer"].as_str().unwrap_or("")), "{written}");
+        assert!((1..=5).contains(&value["score"].as_i64().unwrap_or(0)), "{written}");
+        let last = outputs.iter().rev().find(|(i, _)| *i == id).unwrap();
+        assert_eq!(last.1.finish_reason, Some(FinishReason::Complete), "{written}");
+    }
+    assert_eq!(of(&outputs, 1).0, alone, "the free sequence changed beside constrained ones");
+}
+
 /// Paged attention over a shuffled block table against plain causal attention over contiguous K/V, as one
 /// prefill of every row and as a decode step of each row alone. Shapes cover each width the value
 /// accumulation is split into (64, 16, 1 dimensions), query groups that do not fill the scoring's groups of

@@ -21,6 +21,7 @@
 //!   committed as if computed) or `arrival_failed` or its wait is over (then it is computed here from the
 //!   start, as vLLM recomputes when a KV load fails: a peer that died costs time, never the request).
 use super::blocks::{BlockPool, KvFull, PageId};
+use crate::core::grammar::{Compiler, GrammarError, Guide};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, PreprocessedRequest, TokenLogprob,
 };
@@ -84,6 +85,8 @@ pub struct Chunk<'a, S> {
     pub decoding: bool,
     pub logprobs: Option<u32>,
     pub sampler: &'a mut S,
+    /// What the sampled token must keep to (structured output): mask the logits with it.
+    pub guide: Option<&'a mut Guide>,
 }
 
 impl<S> Chunk<'_, S> {
@@ -123,6 +126,9 @@ struct Sequence<S> {
     stop_token_ids: Vec<u32>,
     logprobs: Option<u32>,
     sampler: S,
+    /// Its structured output's place in the constraint (an error only if it stopped compiling since the
+    /// engine accepted it).
+    guide: Option<Result<Guide, GrammarError>>,
     cached_tokens: Option<u32>,
     reported_cached: bool,
     /// Keep the pages this long for a peer once finished.
@@ -172,11 +178,14 @@ pub struct Scheduler<X: Executor> {
     arriving: Vec<Sequence<X::Sampler>>,
     leases: Vec<Lease>,
     executor: X,
+    /// Compiles the constraints of structured-output requests; `None` refuses them.
+    grammars: Option<Compiler>,
 }
 
 impl<X: Executor> Scheduler<X> {
     pub fn new(config: SchedulerConfig, executor: X) -> Self {
         Self {
+            grammars: None,
             pool: BlockPool::new(config.num_blocks),
             config,
             waiting: VecDeque::new(),
@@ -189,6 +198,11 @@ impl<X: Executor> Scheduler<X> {
 
     pub fn executor(&self) -> &X {
         &self.executor
+    }
+
+    /// Lets requests constrain their output (structured output) by this model's vocabulary.
+    pub fn set_grammars(&mut self, grammars: Compiler) {
+        self.grammars = Some(grammars);
     }
 
     /// The most tokens (prompt + generated) one request may need.
@@ -329,6 +343,10 @@ impl<X: Executor> Scheduler<X> {
             stop_token_ids: request.stop.stop_token_ids.clone(),
             logprobs: request.logprobs,
             sampler: self.executor.sampler(request, seed),
+            guide: match &self.grammars {
+                Some(grammars) => grammars.guide_for(request),
+                None => request.constraint.as_ref().map(|_| Err(GrammarError::Unavailable)),
+            },
             cached_tokens: None,
             reported_cached: false,
             hold_for: None,
@@ -421,6 +439,7 @@ impl<X: Executor> Scheduler<X> {
                     decoding,
                     logprobs: seq.logprobs,
                     sampler: &mut seq.sampler,
+                    guide: seq.guide.as_mut().and_then(|g| g.as_mut().ok()),
                 }
             })
             .collect();
@@ -611,10 +630,17 @@ fn commit_full_blocks<S>(pool: &mut BlockPool, seq: &mut Sequence<S>, block_size
 /// Appends a sampled token and decides whether the sequence is done.
 fn finish_token<S>(seq: &mut Sequence<S>, sampled: Sampled) -> EngineOutput {
     let token = sampled.token;
+    let ends = match &mut seq.guide {
+        None => None,
+        Some(Ok(guide)) => guide.consume(token),
+        Some(Err(e)) => Some(FinishReason::Error(e.to_string())),
+    };
     seq.tokens.push(token);
     seq.generated += 1;
     let finish_reason = if seq.generated >= seq.min_tokens && seq.stop_token_ids.contains(&token) {
         Some(FinishReason::StopToken(token))
+    } else if let Some(ends) = ends {
+        Some(ends)
     } else if seq.generated >= seq.max_tokens {
         Some(FinishReason::Length)
     } else {
