@@ -11,4 +11,5 @@ mod http;
 mod native;
 mod openai_client;
 mod planner;
+mod structured;
 mod util;

@@ -67,3 +67,50 @@ fn the_openai_python_client_works_streaming_and_not() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+const PARSE_SCRIPT: &str = r#"
+import sys
+from typing import Literal
+from openai import OpenAI
+from pydantic import BaseModel, Field
+
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
+    confidence: int = Field(ge=1, le=5)
+    sure: bool
+
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="none")
+completions = client.chat.completions
+parse = getattr(completions, "parse", None) or client.beta.chat.completions.parse
+for temperature in (0, 1.0):
+    result = parse(
+        model="tiny-chat", messages=[{"role": "user", "content": "Is the sky blue?"}],
+        response_format=Verdict, max_tokens=64, temperature=temperature)
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop", result
+    assert isinstance(choice.message.parsed, Verdict), result
+print("parse ok")
+"#;
+
+/// `parse()` with a pydantic model on the built-in model, whose random weights write JSON only because the
+/// grammar lets nothing else through.
+#[test]
+fn the_openai_python_client_parses_structured_output_into_its_model() {
+    let python = match python_venv("openai-venv", &["openai>=1.40"]) {
+        Ok(venv) => venv.join("bin/python"),
+        Err(why) => {
+            eprintln!(
+                "SKIPPED the_openai_python_client_parses_structured_output: could not install the openai client ({why})"
+            );
+            return;
+        }
+    };
+    let server = Server::native(&[]);
+    let out = Command::new(python).args(["-c", PARSE_SCRIPT, &server.base]).output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
