@@ -441,7 +441,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__engine)
-            opts="-v -h -V --model --threads --device --prompt-tokens --batch --temperature --decode-steps --repeats --json --verbose --help --version"
+            opts="-v -h -V --model --threads --device --prompt-tokens --batch --temperature --decode-steps --repeats --structured --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

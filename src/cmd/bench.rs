@@ -171,6 +171,10 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeats: u32,
 
+    /// Also decode each batch held to a JSON schema (structured output) and compare with it free ("× free").
+    #[arg(long)]
+    pub structured: bool,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
@@ -680,6 +684,7 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         temperatures: args.temperature,
         decode_steps: args.decode_steps as usize,
         repeats: args.repeats as usize,
+        structured: args.structured,
     };
     println!("dynamo bench engine: the native engine, medians, against ceilings measured in this run (CPU only)");
     let result = engine::run(&settings)?;

@@ -203,6 +203,7 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
         "3",
         "--repeats",
         "1",
+        "--structured",
         "--json",
     ]);
     let result = &json["result"];
@@ -213,11 +214,19 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
     assert_eq!(decode[0]["speedup_vs_batch_1"], 1.0, "{json}");
     assert!(decode.iter().all(|d| d["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)), "{json}");
     // Every batch at each temperature; sampled runs are compared with greedy ones and their sampling timed.
-    let runs: Vec<(u64, f64)> =
-        decode.iter().map(|d| (d["batch"].as_u64().unwrap(), d["temperature"].as_f64().unwrap())).collect();
-    assert_eq!(runs, [(1, 0.0), (4, 0.0), (1, 1.0), (4, 1.0)], "{json}");
+    // Each free, then held to the JSON schema and compared with the free run.
+    let runs: Vec<(u64, f64, bool)> = decode
+        .iter()
+        .map(|d| (d["batch"].as_u64().unwrap(), d["temperature"].as_f64().unwrap(), d["structured"] == true))
+        .collect();
+    let expected: Vec<(u64, f64, bool)> = [(1, 0.0), (4, 0.0), (1, 1.0), (4, 1.0)]
+        .into_iter()
+        .flat_map(|(batch, temperature)| [(batch, temperature, false), (batch, temperature, true)])
+        .collect();
+    assert_eq!(runs, expected, "{json}");
     assert!(decode.iter().all(|d| d["vs_greedy"].as_f64().is_some_and(|v| v > 0.0)), "{json}");
-    assert!(decode[3]["sampling_share"].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "{json}");
+    assert!(decode.iter().all(|d| d["vs_unconstrained"].as_f64().is_some() == (d["structured"] == true)), "{json}");
+    assert!(decode[7]["sampling_share"].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "{json}");
 }
 
 #[test]

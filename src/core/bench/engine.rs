@@ -10,8 +10,9 @@ use crate::core::engine::native::cuda::CudaBackend;
 use crate::core::engine::native::model::Transformer;
 use crate::core::engine::native::{NativeError, NativeExecutor, load, load_cpu};
 use crate::core::engine::scheduler::{Scheduler, SchedulerConfig};
-use crate::core::model::ModelSource;
-use crate::core::protocol::PreprocessedRequest;
+use crate::core::grammar::Compiler;
+use crate::core::model::{Model, ModelSource};
+use crate::core::protocol::{Constraint, PreprocessedRequest};
 use rayon::prelude::*;
 use safetensors::{Dtype, tensor::TensorView};
 use serde::Serialize;
@@ -32,7 +33,17 @@ pub struct EngineBenchSettings {
     pub decode_steps: usize,
     /// Prefill runs per prompt length.
     pub repeats: usize,
+    /// Also decode every batch under a JSON schema (structured output), to price the grammar's masks.
+    pub structured: bool,
 }
+
+/// What the structured runs are held to: nested objects, arrays, strings, numbers and an enum, the parts a
+/// real extraction schema has. At least 64 records: no sequence can close it within a run, so every step
+/// decodes the whole batch, as the unconstrained runs do.
+const BENCH_SCHEMA: &str = r#"{"type":"object","properties":{"records":{"type":"array","minItems":64,"items":{"type":"object",
+"properties":{"name":{"type":"string"},"kind":{"enum":["person","place","thing"]},"score":{"type":"number"},
+"tags":{"type":"array","items":{"type":"string"}}},"required":["name","kind","score","tags"]}}},
+"required":["records"]}"#;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Prefill {
@@ -53,6 +64,10 @@ pub struct Decode {
     pub speedup_vs_batch_1: f64,
     /// Against greedy decode of the same batch in this run (1 when this is greedy, absent without a greedy run).
     pub vs_greedy: Option<f64>,
+    /// Whether the output was held to a JSON schema (`--structured`).
+    pub structured: bool,
+    /// A structured run against the same batch and temperature unconstrained, in this run.
+    pub vs_unconstrained: Option<f64>,
     /// Of the median step, the median time spent turning logits into tokens.
     pub sampling_share: f64,
     /// Of the bound for this batch: streaming the weights once per step, or doing its multiply-adds at the
@@ -86,6 +101,8 @@ pub enum EngineBenchError {
     Backend(#[from] BackendError),
     #[error("cannot write the generated model to {path}: {source}")]
     Generate { path: PathBuf, source: std::io::Error },
+    #[error("--structured needs the model's tokenizer: {0}")]
+    Structured(String),
 }
 
 pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBenchError> {
@@ -98,18 +115,24 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
         }
     };
     let source = ModelSource::Dir(dir);
+    let grammars = match settings.structured {
+        true => Some(
+            Model::load(&source, None).map_err(|e| EngineBenchError::Structured(e.to_string()))?.grammars().clone(),
+        ),
+        false => None,
+    };
     match settings.device.resolve() {
         Device::Cuda(ordinal) => {
             let model = load(&source, CudaBackend::new(ordinal)?, |_, _| {})?;
             // The CPU's ceilings say nothing about a GPU; measuring the GPU's is still to do, so the
             // fractions are left out rather than made up.
-            measure(&model, settings, name, None)
+            measure(&model, settings, grammars, name, None)
         }
         Device::Cpu | Device::Auto => {
             let model = load_cpu(&source, settings.threads, |_, _| {})?;
             let bandwidth_gb_s = measure_bandwidth(settings.threads);
             let peak_macs = model.backend().peak_macs_per_s();
-            measure(&model, settings, name, Some((bandwidth_gb_s, peak_macs)))
+            measure(&model, settings, grammars, name, Some((bandwidth_gb_s, peak_macs)))
         }
     }
 }
@@ -118,6 +141,7 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
 fn measure<B: Backend>(
     model: &Arc<Transformer<B>>,
     settings: &EngineBenchSettings,
+    grammars: Option<Compiler>,
     name: String,
     ceilings: Option<(f64, f64)>,
 ) -> Result<EngineBenchResult, EngineBenchError> {
@@ -150,41 +174,55 @@ fn measure<B: Backend>(
     // swings by a third on a shared box) lands on all of them alike and the ratio to batch 1 holds.
     const PROMPT: usize = 32;
     let temperatures = if settings.temperatures.is_empty() { &[0.0][..] } else { &settings.temperatures[..] };
+    let kinds: &[bool] = if grammars.is_some() { &[false, true] } else { &[false] };
     let mut runs = temperatures
         .iter()
         .flat_map(|&temperature| settings.batch_sizes.iter().map(move |&batch| (temperature, batch)))
-        .map(|(temperature, batch)| {
+        .flat_map(|run| kinds.iter().map(move |&structured| (run, structured)))
+        .map(|((temperature, batch), structured)| {
             let mut s = scheduler(model, 8192, batch, PROMPT + settings.decode_steps + 2)?;
+            if let Some(grammars) = grammars.as_ref().filter(|_| structured) {
+                s.set_grammars(grammars.clone());
+            }
             for i in 0..batch {
                 let tokens = random_tokens(PROMPT, vocab, 1000 + i as u64);
                 let mut request = request(tokens, settings.decode_steps as u32 + 1);
                 request.sampling.temperature = temperature;
+                if structured {
+                    request.constraint = Some(Constraint::JsonSchema(BENCH_SCHEMA.into()));
+                }
                 s.add(i as u64, &request, i as u64);
             }
             // Prefill everyone (one step: the budget holds every prompt).
             s.step();
-            Ok(((temperature, batch), s, Vec::with_capacity(settings.decode_steps)))
+            Ok(((temperature, batch, structured), s, Vec::with_capacity(settings.decode_steps)))
         })
         .collect::<Result<Vec<_>, BackendError>>()?;
     for _ in 0..settings.decode_steps {
         for (_, s, steps) in &mut runs {
             let sampled_before = s.executor().sampling_time();
             let start = Instant::now();
-            s.step();
+            let produced = s.step().outputs.len();
             let step_ms = start.elapsed().as_secs_f64() * 1e3;
-            steps.push((step_ms, (s.executor().sampling_time() - sampled_before).as_secs_f64() * 1e3));
+            let sampling_ms = (s.executor().sampling_time() - sampled_before).as_secs_f64() * 1e3;
+            // A structured sequence may end early (its object closed): the rate counts what each step made.
+            if produced > 0 {
+                steps.push((step_ms, sampling_ms, produced as f64 / (step_ms / 1e3)));
+            }
         }
     }
     let mut decode: Vec<Decode> = Vec::new();
-    for ((temperature, batch), _, steps) in runs {
-        let median_step_ms = median(&mut steps.iter().map(|(step, _)| *step).collect::<Vec<_>>());
-        let median_sampling_ms = median(&mut steps.iter().map(|(_, sampling)| *sampling).collect::<Vec<_>>());
-        let tokens_per_s = batch as f64 / (median_step_ms / 1e3);
-        let batch_1 = decode
+    for ((temperature, batch, structured), _, steps) in runs {
+        let median_step_ms = median(&mut steps.iter().map(|(step, _, _)| *step).collect::<Vec<_>>());
+        let median_sampling_ms = median(&mut steps.iter().map(|(_, sampling, _)| *sampling).collect::<Vec<_>>());
+        let tokens_per_s = median(&mut steps.iter().map(|(_, _, rate)| *rate).collect::<Vec<_>>());
+        let same = |d: &&Decode, b: usize, t: f32| d.batch == b && d.temperature == t && d.structured == structured;
+        let batch_1 = decode.iter().find(|d| same(d, 1, temperature)).map_or(tokens_per_s, |d| d.tokens_per_s);
+        let greedy = decode.iter().find(|d| same(d, batch, 0.0)).map(|d| d.tokens_per_s);
+        let unconstrained = decode
             .iter()
-            .find(|d| d.batch == 1 && d.temperature == temperature)
-            .map_or(tokens_per_s, |d| d.tokens_per_s);
-        let greedy = decode.iter().find(|d| d.batch == batch && d.temperature == 0.0).map(|d| d.tokens_per_s);
+            .find(|d| d.batch == batch && d.temperature == temperature && !d.structured)
+            .map(|d| d.tokens_per_s);
         decode.push(Decode {
             batch,
             temperature,
@@ -192,6 +230,8 @@ fn measure<B: Backend>(
             tokens_per_s,
             speedup_vs_batch_1: tokens_per_s / batch_1,
             vs_greedy: if temperature == 0.0 { Some(1.0) } else { greedy.map(|g| tokens_per_s / g) },
+            structured,
+            vs_unconstrained: unconstrained.filter(|_| structured).map(|u| tokens_per_s / u),
             sampling_share: median_sampling_ms / median_step_ms,
             fraction_of_bound: tokens_per_s / (decode_bound * batch as f64).min(compute_bound),
         });
@@ -236,17 +276,20 @@ pub fn table(r: &EngineBenchResult) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<22} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}\n",
-        "decode", "step ms", "tok/s", "× batch 1", "× greedy", "sampling", "of bound"
+        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
+        "decode", "step ms", "tok/s", "× batch 1", "× greedy", "× free", "sampling", "of bound"
     ));
+    let ratio = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.2}"));
     for d in &r.decode {
+        let label = format!("batch {} temp {}{}", d.batch, d.temperature, if d.structured { " json" } else { "" });
         out.push_str(&format!(
-            "{:<22} {:>12.2} {:>12.1} {:>12.2} {:>10} {:>9.1}% {:>9.0}%\n",
-            format!("batch {} temp {}", d.batch, d.temperature),
+            "{:<28} {:>10.2} {:>10.1} {:>10.2} {:>9} {:>9} {:>8.1}% {:>8.0}%\n",
+            label,
             d.median_step_ms,
             d.tokens_per_s,
             d.speedup_vs_batch_1,
-            d.vs_greedy.map_or("-".to_string(), |v| format!("{v:.2}")),
+            ratio(d.vs_greedy),
+            ratio(d.vs_unconstrained),
             d.sampling_share * 100.0,
             d.fraction_of_bound * 100.0
         ));
@@ -336,9 +379,11 @@ impl GeneratedModel {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 9,
             "num_key_value_heads": 3, "vocab_size": vocab, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16"
+            "rope_theta": 100000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "bos_token_id": 0, "eos_token_id": 2
         });
         std::fs::write(generated.dir.join("config.json"), config.to_string()).map_err(error)?;
+        std::fs::write(generated.dir.join("tokenizer.json"), synthetic_tokenizer(vocab)).map_err(error)?;
         let mut shapes: Vec<(String, Vec<usize>)> =
             vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
         for i in 0..layers {
@@ -386,8 +431,64 @@ impl GeneratedModel {
     }
 }
 
+/// A byte-level BPE tokenizer of `size` tokens: the built-in model's, then made-up words (with and without a
+/// leading space, digits, punctuation runs) as a real vocabulary has, so a grammar's masks walk a trie of
+/// realistic size and shape. Only its vocabulary is real; it encodes with the built-in merges alone.
+fn synthetic_tokenizer(size: usize) -> String {
+    let builtin = Model::load(&ModelSource::Builtin, None).ok();
+    let text = builtin
+        .as_ref()
+        .and_then(|m| m.text_files().iter().find(|(name, _)| name == "tokenizer.json"))
+        .map(|(_, text)| text.clone());
+    let Some(mut json) = text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
+        return String::new();
+    };
+    let Some(vocab) = json["model"]["vocab"].as_object_mut() else { return String::new() };
+    let mut state = 0x5EED_u64;
+    let mut next = |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    const LETTERS: &[u8] = b"etaoinshrdlcumwfgypbvkjxqzETAOINSHRDLCUMWFGYPBVKJXQZ";
+    const MARKS: &[u8] = b"{}[]\",:.!?-_()'/;";
+    let mut id = vocab.len();
+    while id < size {
+        let word: String = match next(20) {
+            0..=1 => (0..1 + next(4)).map(|_| char::from(b'0' + next(10) as u8)).collect(),
+            2 => (0..1 + next(3)).map(|_| char::from(MARKS[next(MARKS.len() as u64) as usize])).collect(),
+            n => {
+                let letters: String =
+                    (0..2 + next(8)).map(|_| char::from(LETTERS[next(12 + n * 2) as usize])).collect();
+                if n % 2 == 0 { format!("Ġ{letters}") } else { letters }
+            }
+        };
+        if !vocab.contains_key(&word) {
+            vocab.insert(word, serde_json::Value::from(id));
+            id += 1;
+        }
+    }
+    json.to_string()
+}
+
 impl Drop for GeneratedModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_vocabulary_has_its_size_and_compiles_the_bench_schema() {
+        let json = synthetic_tokenizer(5000);
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let ids: std::collections::HashSet<u64> =
+            parsed["model"]["vocab"].as_object().unwrap().values().map(|id| id.as_u64().unwrap()).collect();
+        assert_eq!(ids, (0..5000).collect());
+        let grammars = crate::core::grammar::Compiler::new(&json, &[2]).grammars().unwrap();
+        let mut guide = grammars.guide(&Constraint::JsonSchema(BENCH_SCHEMA.into()), &[]).unwrap();
+        assert!(!guide.allowed().is_empty(), "the schema's opening has no token");
     }
 }
