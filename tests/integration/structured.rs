@@ -24,11 +24,16 @@ fn assert_verdict(text: &str) {
 }
 
 fn chat(extra: Value) -> Value {
-    let mut body = json!({
+    let body = json!({
         "model": "tiny-chat",
         "messages": [{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
         "max_tokens": 64,
     });
+    merged(body, &extra)
+}
+
+/// `body` with `extra`'s fields set over its own.
+fn merged(mut body: Value, extra: &Value) -> Value {
     for (key, value) in extra.as_object().into_iter().flatten() {
         body[key] = value.clone();
     }
@@ -134,4 +139,85 @@ async fn a_prefill_worker_hands_the_constrained_output_on_in_shape() {
     let metrics = server.metrics().await;
     let remote = crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
     assert!(remote >= Some(5.0), "the prompts were not prefilled remotely: {metrics}");
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "time", "parameters": {
+            "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+            "additionalProperties": false}}},
+    ])
+}
+
+fn assert_weather_arguments(arguments: &str) {
+    let value: Value = serde_json::from_str(arguments).unwrap_or_else(|e| panic!("{arguments}: {e}"));
+    assert!(["Oslo", "Lima"].contains(&value["city"].as_str().unwrap_or("")), "{arguments}");
+    assert!((1..=7).contains(&value["days"].as_i64().unwrap_or(0)), "{arguments}");
+}
+
+/// `tool_choice` forcing a call works on a model that was never taught a tool format (the built-in one): the
+/// output is the call's JSON, held to the tools' schemas, as vLLM does it.
+#[tokio::test]
+async fn a_forced_tool_call_is_made_whatever_format_the_model_knows() {
+    let server = Server::native(&[]);
+    let ask = |extra: Value| chat(merged(json!({"tools": weather_tools(), "max_tokens": 200}), &extra));
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "weather"}}, "temperature": 0});
+    let (status, body) = server.post_json("/v1/chat/completions", ask(named.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let message = &body["choices"][0]["message"];
+    assert!(message["content"].is_null(), "{body}");
+    assert_eq!(message["tool_calls"][0]["function"]["name"], "weather", "{body}");
+    assert_weather_arguments(message["tool_calls"][0]["function"]["arguments"].as_str().unwrap_or(""));
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "OpenAI answers a named function with stop: {body}");
+
+    let mut streamed = named.clone();
+    streamed["stream"] = json!(true);
+    let payloads = server.post_sse("/v1/chat/completions", ask(streamed)).await;
+    let chunks: Vec<Value> =
+        payloads.iter().filter(|p| *p != "[DONE]").map(|p| serde_json::from_str(p).unwrap()).collect();
+    let calls: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
+    assert_eq!(calls.len(), 1, "{payloads:?}");
+    assert_eq!(calls[0]["index"], 0);
+    assert_eq!(
+        calls[0]["function"]["arguments"], message["tool_calls"][0]["function"]["arguments"],
+        "streamed as whole"
+    );
+
+    for (extra, most) in [
+        (json!({"tool_choice": "required", "parallel_tool_calls": false}), 1),
+        (json!({"tool_choice": "required", "temperature": 1.0, "seed": 3}), usize::MAX),
+    ] {
+        let (status, body) = server.post_json("/v1/chat/completions", ask(extra.clone())).await;
+        assert_eq!(status, 200, "{body}");
+        let calls = body["choices"][0]["message"]["tool_calls"].as_array().cloned().unwrap_or_default();
+        assert!(!calls.is_empty() && calls.len() <= most, "{extra}: {body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{body}");
+        for call in &calls {
+            let arguments = call["function"]["arguments"].as_str().unwrap_or("");
+            match call["function"]["name"].as_str() {
+                Some("weather") => assert_weather_arguments(arguments),
+                Some("time") => {
+                    assert!(arguments == r#"{"zone":"UTC"}"# || arguments == r#"{"zone":"CET"}"#, "{arguments}")
+                }
+                other => panic!("a call to {other:?}: {body}"),
+            }
+        }
+    }
+
+    for (extra, param) in [
+        (json!({"tool_choice": {"type": "function", "function": {"name": "nowhere"}}}), "tool_choice"),
+        (json!({"tool_choice": "required", "tools": []}), "tool_choice"),
+        (json!({"tool_choice": "required", "response_format": {"type": "json_object"}}), "tool_choice"),
+        (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tool_choice": "auto", "parallel_tool_calls": false}), "parallel_tool_calls"),
+    ] {
+        let (status, body) = server.post_json("/v1/chat/completions", ask(extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert_eq!(body["error"]["param"], param, "{extra}: {body}");
+    }
 }

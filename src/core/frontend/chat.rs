@@ -5,7 +5,7 @@ use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, LogprobEntry
 use super::params::{
     EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
 };
-use super::tools::{self, ToolCall, ToolParser, ToolStream};
+use super::tools::{self, Calls, ToolCall, ToolParser, ToolStream};
 use super::{FrontendState, Served};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::openai::{
@@ -14,7 +14,7 @@ use crate::core::protocol::openai::{
 };
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
 const ENDPOINT: &str = "chat_completions";
@@ -32,7 +32,7 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
 pub(super) struct Prepared {
     served: Served,
     /// The format tool calls are read in, when the request offers tools and lets the model call them.
-    tool_parser: Option<ToolParser>,
+    tool_parser: Option<Calls>,
     specs: Vec<ChoiceSpec>,
     prompt_len: usize,
     id: String,
@@ -75,11 +75,22 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
     })?;
     let messages = normalize_messages(&request.messages)?;
-    let tool_parser = tool_parser(state, template, &request)?;
+    let parallel = value.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+    let (tool_parser, forced) = tool_calls(state, template, &request, parallel)?.unzip();
     // The markers that open a call are special tokens in many tokenizers (Mistral's [TOOL_CALLS], Hermes's
     // <tool_call>): kept in the text the parser reads unless the client says otherwise, as vLLM does.
-    if tool_parser.is_some() && params.skip_special_tokens.is_none() {
+    if matches!(tool_parser, Some(Calls::Parsed(_))) && params.skip_special_tokens.is_none() {
         params.skip_special_tokens = Some(false);
+    }
+    if let Some(schema) = forced.flatten() {
+        if params.constrains() {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "forces a call by a grammar of its own, so it cannot be combined with response_format or the \
+                 guided fields",
+            ));
+        }
+        params.guided_json = Some(schema);
     }
     let prompt = template
         .render(&TemplateInput {
@@ -120,27 +131,98 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     })
 }
 
-/// The format to read tool calls in: `--tool-call-parser`, else the one the template names. `None` when the
-/// request offers no tools or says `tool_choice: "none"`; a request that offers tools to a model whose format
-/// is unknown is refused (as vLLM does without a parser), since its calls would come back as plain text.
-fn tool_parser(
+/// How the output is read for tool calls, and the schema that forces a call when `tool_choice` asks for one
+/// (`required`, or a named function: the output is then JSON held to the tools' parameters, as vLLM does,
+/// whatever format the model was taught). `None` when the request offers no tools or says `"none"`. Offered
+/// with `auto` to a model whose format is unknown, they are refused (as vLLM does without a parser), since
+/// its calls would come back as plain text.
+fn tool_calls(
     state: &FrontendState,
     template: &crate::core::model::ChatTemplate,
     request: &ChatCompletionRequest,
-) -> Result<Option<ToolParser>, ApiError> {
-    let offered = request.tools.as_ref().is_some_and(|tools| !tools.is_empty());
-    let declined = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-    if !offered || declined {
+    parallel: bool,
+) -> Result<Option<(Calls, Option<Value>)>, ApiError> {
+    let tools = request.tools.as_deref().unwrap_or_default();
+    let choice = request.tool_choice.as_ref().filter(|c| !c.is_null());
+    match choice {
+        Some(Value::String(choice)) if choice == "none" => return Ok(None),
+        Some(Value::String(choice)) if choice == "auto" => {}
+        None => {}
+        Some(Value::String(choice)) if choice == "required" => {
+            if tools.is_empty() {
+                return Err(ApiError::invalid("tool_choice", "is \"required\" but no `tools` are offered"));
+            }
+            let calls = tools
+                .iter()
+                .enumerate()
+                .map(|(i, tool)| {
+                    let (name, parameters) = function_of(tool, i)?;
+                    Ok(json!({
+                        "type": "object",
+                        "properties": {"name": {"const": name}, "parameters": parameters},
+                        "required": ["name", "parameters"],
+                        "additionalProperties": false,
+                    }))
+                })
+                .collect::<Result<Vec<Value>, ApiError>>()?;
+            let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
+            if !parallel {
+                schema["maxItems"] = json!(1);
+            }
+            return Ok(Some((Calls::Required, Some(schema))));
+        }
+        Some(Value::Object(named)) => {
+            let wanted = named.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
+                ApiError::invalid("tool_choice", "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}")
+            })?;
+            for (i, tool) in tools.iter().enumerate() {
+                let (name, parameters) = function_of(tool, i)?;
+                if name == wanted {
+                    return Ok(Some((Calls::Named(name.to_string()), Some(parameters))));
+                }
+            }
+            return Err(ApiError::invalid("tool_choice", format!("names `{wanted}`, which is not among `tools`")));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                format!("must be \"none\", \"auto\", \"required\" or a named function, got {other}"),
+            ));
+        }
+    }
+    if tools.is_empty() {
         return Ok(None);
     }
+    if !parallel {
+        return Err(ApiError::invalid(
+            "parallel_tool_calls",
+            "is false, which only tool_choice \"required\" or a named function can enforce; every call the model \
+             writes under \"auto\" is returned",
+        ));
+    }
     match state.tool_parser.get().copied().or_else(|| ToolParser::of_template(template.source())) {
-        Some(parser) => Ok(Some(parser)),
+        Some(parser) => Ok(Some((Calls::Parsed(parser), None))),
         None => Err(ApiError::invalid(
             "tools",
             "this model's chat template names no tool-call format, so calls could not be read from its output; \
-             start the server with --tool-call-parser hermes|mistral|llama3_json, or send tool_choice \"none\"",
+             start the server with --tool-call-parser hermes|mistral|llama3_json, send tool_choice \"none\", or \
+             force a call with tool_choice \"required\" or a named function",
         )),
     }
+}
+
+/// The name and parameters' schema of `tools[at]` (`{"type": "function", "function": {"name", "parameters"}}`).
+fn function_of(tool: &Value, at: usize) -> Result<(&str, Value), ApiError> {
+    let function = tool.get("function");
+    let name = function.and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(&format!("tools[{at}]"), "must be {\"type\": \"function\", \"function\": {\"name\": …}}")
+    })?;
+    let parameters = function
+        .and_then(|f| f.get("parameters"))
+        .filter(|p| !p.is_null())
+        .cloned()
+        .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+    Ok((name, parameters))
 }
 
 /// Checks each message and flattens list-of-parts content into text, as text-only templates expect.
@@ -202,15 +284,16 @@ struct ChatChunks {
     created: u64,
     model: String,
     logprobs: bool,
-    tool_parser: Option<ToolParser>,
+    tool_parser: Option<Calls>,
     /// Each choice's output as it streams, read for tool calls.
     tool_streams: Vec<ToolStream>,
 }
 
 impl ChatChunks {
-    fn new(id: String, model: String, logprobs: bool, tool_parser: Option<ToolParser>, choices: usize) -> Self {
-        let tool_streams =
-            tool_parser.map_or_else(Vec::new, |parser| (0..choices).map(|_| ToolStream::new(parser)).collect());
+    fn new(id: String, model: String, logprobs: bool, tool_parser: Option<Calls>, choices: usize) -> Self {
+        let tool_streams = tool_parser
+            .as_ref()
+            .map_or_else(Vec::new, |reading| (0..choices).map(|_| ToolStream::new(reading.clone())).collect());
         Self { id, created: super::unix_now(), model, logprobs, tool_parser, tool_streams }
     }
 
@@ -264,16 +347,16 @@ impl ChatChunks {
             // Every choice continues the one prompt a chat request has.
             prompt_token_ids = prompt_token_ids.or(delta.prompt_token_ids);
         }
-        if let Some(parser) = self.tool_parser {
+        if let Some(reading) = &self.tool_parser {
             for choice in &mut out {
-                let (content, calls) = tools::parse_whole(parser, choice.message.content.as_deref().unwrap_or(""));
+                let (content, calls) = tools::parse_whole(reading, choice.message.content.as_deref().unwrap_or(""));
                 if calls.is_empty() {
                     continue;
                 }
                 choice.message.content = (!content.is_empty()).then_some(content);
                 choice.message.tool_calls = Some(calls.into_iter().map(|call| tool_call_out(None, call)).collect());
                 if choice.finish_reason.as_deref() == Some("stop") {
-                    choice.finish_reason = Some("tool_calls".into());
+                    choice.finish_reason = Some(reading.finish_reason().into());
                 }
             }
         }
@@ -313,7 +396,7 @@ impl ChunkRenderer for ChatChunks {
             };
             tool_calls = (!calls.is_empty()).then_some(calls);
             if stream.calls > 0 && finish_reason.as_deref() == Some("stop") {
-                finish_reason = Some("tool_calls".into());
+                finish_reason = self.tool_parser.as_ref().map(|reading| reading.finish_reason().to_string());
             }
         }
         let choice = ChatChunkChoice {
@@ -370,7 +453,8 @@ mod tests {
 
     #[test]
     fn a_streamed_tool_call_goes_out_whole_after_the_content_before_it() {
-        let mut chunks = ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(ToolParser::Hermes), 1);
+        let mut chunks =
+            ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(Calls::Parsed(ToolParser::Hermes)), 1);
         let pieces = [
             text(0, "Checking <tool", None),
             text(0, "_call>{\"name\": \"weather\", ", None),
@@ -393,7 +477,8 @@ mod tests {
 
     #[test]
     fn a_whole_answer_splits_content_and_tool_calls() {
-        let chunks = ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(ToolParser::Hermes), 2);
+        let chunks =
+            ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(Calls::Parsed(ToolParser::Hermes)), 2);
         let deltas = vec![
             text(0, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", Some("stop")),
             text(1, "no call here", Some("length")),

@@ -103,28 +103,6 @@ pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     if body.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
         return not_yet("logit_bias", "biasing tokens is not implemented; leave it out");
     }
-    let tools = body.get("tools").is_some_and(|v| v.as_array().is_some_and(|t| !t.is_empty()));
-    match body.get("tool_choice") {
-        Some(Value::String(choice)) if choice == "required" && tools => {
-            return not_yet(
-                "tool_choice",
-                "tool calls are not parsed from the output, so one cannot be required; use \"auto\" or \"none\"",
-            );
-        }
-        Some(Value::Object(_)) if tools => {
-            return not_yet(
-                "tool_choice",
-                "tool calls are not parsed from the output, so a named tool cannot be forced; use \"auto\" or \"none\"",
-            );
-        }
-        _ => {}
-    }
-    if tools && body.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
-        return not_yet(
-            "parallel_tool_calls",
-            "every call the model writes is returned; one cannot be enforced without constrained decoding",
-        );
-    }
     for (field, what) in [
         ("functions", "the legacy function-calling fields are not implemented; leave them out"),
         ("function_call", "the legacy function-calling fields are not implemented; leave them out"),
@@ -408,9 +386,6 @@ mod tests {
     fn fields_that_would_change_the_output_are_refused_by_name() {
         for (body, field) in [
             (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
-            (json!({"tools": [{"type": "function"}], "tool_choice": "required"}), "tool_choice"),
-            (json!({"tools": [{"type": "function"}], "tool_choice": {"type": "function"}}), "tool_choice"),
-            (json!({"tools": [{"type": "function"}], "parallel_tool_calls": false}), "parallel_tool_calls"),
             (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
             (json!({"best_of": 3, "n": 1}), "best_of"),
             (json!({"use_beam_search": true}), "use_beam_search"),

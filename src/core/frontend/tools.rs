@@ -51,6 +51,36 @@ impl ToolParser {
     }
 }
 
+/// How a choice's output is read for calls.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Calls {
+    /// Written in the model's own format, among other text, if it chooses to call (`tool_choice: "auto"`).
+    Parsed(ToolParser),
+    /// The whole output is the arguments of this function, held to its parameters' schema (a named
+    /// `tool_choice`).
+    Named(String),
+    /// The whole output is a JSON list of `{"name", "parameters"}`, at least one, held to the tools' schemas
+    /// (`tool_choice: "required"`).
+    Required,
+}
+
+impl From<ToolParser> for Calls {
+    fn from(parser: ToolParser) -> Self {
+        Calls::Parsed(parser)
+    }
+}
+
+impl Calls {
+    /// The `finish_reason` of a choice that made calls and would otherwise have said `stop`: OpenAI answers
+    /// a named function with `stop`, every other call with `tool_calls`.
+    pub fn finish_reason(&self) -> &'static str {
+        match self {
+            Calls::Named(_) => "stop",
+            Calls::Parsed(_) | Calls::Required => "tool_calls",
+        }
+    }
+}
+
 /// One function call the model made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
@@ -69,7 +99,7 @@ pub enum Parsed {
 /// One choice's output as it streams.
 #[derive(Debug)]
 pub struct ToolStream {
-    parser: ToolParser,
+    reading: Calls,
     /// Text not yet given out: a possible start marker, or a call not yet closed.
     pending: String,
     state: State,
@@ -92,17 +122,19 @@ const MISTRAL_MARK: &str = "[TOOL_CALLS]";
 const PYTHON_TAG: &str = "<|python_tag|>";
 
 impl ToolStream {
-    pub fn new(parser: ToolParser) -> Self {
-        Self { parser, pending: String::new(), state: State::Start, calls: 0 }
+    pub fn new(reading: Calls) -> Self {
+        Self { reading, pending: String::new(), state: State::Start, calls: 0 }
     }
 
     /// The next piece of text; what can be said of the text so far.
     pub fn feed(&mut self, text: &str) -> Vec<Parsed> {
         self.pending.push_str(text);
         let mut out = Vec::new();
+        // A forced call is the whole output: read at the end.
+        let Calls::Parsed(parser) = self.reading else { return out };
         loop {
             let before = (self.state, self.pending.len());
-            match (self.parser, self.state) {
+            match (parser, self.state) {
                 (ToolParser::Llama3Json, State::Start) => {
                     let trimmed = self.pending.trim_start();
                     if trimmed.is_empty() || PYTHON_TAG.starts_with(trimmed) && trimmed.len() < PYTHON_TAG.len() {
@@ -116,7 +148,7 @@ impl ToolStream {
                 }
                 (ToolParser::Llama3Json, State::Text) | (_, State::Start) => {
                     self.state = State::Text;
-                    if self.parser == ToolParser::Llama3Json {
+                    if parser == ToolParser::Llama3Json {
                         out.push(Parsed::Content(std::mem::take(&mut self.pending)));
                         break;
                     }
@@ -150,7 +182,26 @@ impl ToolStream {
     /// The output ended: whatever was held back, parsed or given out as content.
     pub fn finish(&mut self) -> Vec<Parsed> {
         let rest = std::mem::take(&mut self.pending);
-        let out = match (self.parser, self.state) {
+        let parser = match &self.reading {
+            Calls::Parsed(parser) => *parser,
+            // Held to the schema, so it parses unless `max_tokens` cut it: then it is what it is, content.
+            Calls::Named(name) => {
+                let call = serde_json::from_str::<Value>(&rest)
+                    .ok()
+                    .filter(Value::is_object)
+                    .map(|arguments| ToolCall { name: name.clone(), arguments: arguments.to_string() });
+                return self
+                    .finished(call.map_or_else(|| vec![Parsed::Content(rest)], |call| vec![Parsed::Call(call)]));
+            }
+            Calls::Required => {
+                let calls = call_list(&rest).filter(|_| rest.trim_start().starts_with('['));
+                return self.finished(match calls {
+                    Some(calls) => calls.into_iter().map(Parsed::Call).collect(),
+                    None => vec![Parsed::Content(rest)],
+                });
+            }
+        };
+        let out = match (parser, self.state) {
             (ToolParser::Hermes, State::Call) => vec![Parsed::Content(format!("{HERMES_OPEN}{rest}"))],
             (ToolParser::Mistral, State::Call) => match call_list(&rest) {
                 Some(calls) => calls.into_iter().map(Parsed::Call).collect(),
@@ -167,6 +218,10 @@ impl ToolStream {
             }
             _ => vec![Parsed::Content(rest)],
         };
+        self.finished(out)
+    }
+
+    fn finished(&mut self, out: Vec<Parsed>) -> Vec<Parsed> {
         self.calls += out.iter().filter(|p| matches!(p, Parsed::Call(_))).count();
         out.into_iter().filter(|p| !matches!(p, Parsed::Content(text) if text.is_empty())).collect()
     }
@@ -211,8 +266,8 @@ impl ToolStream {
 }
 
 /// Parses a whole output (a request that does not stream).
-pub fn parse_whole(parser: ToolParser, text: &str) -> (String, Vec<ToolCall>) {
-    ToolStream::new(parser).read(text, true)
+pub fn parse_whole(reading: &Calls, text: &str) -> (String, Vec<ToolCall>) {
+    ToolStream::new(reading.clone()).read(text, true)
 }
 
 /// `{"name": …, "arguments" | "parameters": {…}}`, arguments re-serialised as compact JSON text.
@@ -247,8 +302,8 @@ mod tests {
     use super::*;
 
     /// The output fed in pieces of `size` bytes (on character boundaries), everything it gave out in order.
-    fn streamed(parser: ToolParser, text: &str, size: usize) -> Vec<Parsed> {
-        let mut stream = ToolStream::new(parser);
+    fn streamed(parser: impl Into<Calls>, text: &str, size: usize) -> Vec<Parsed> {
+        let mut stream = ToolStream::new(parser.into());
         let mut out = Vec::new();
         let mut rest = text;
         while !rest.is_empty() {
@@ -324,11 +379,24 @@ mod tests {
     #[test]
     fn a_whole_output_splits_into_content_and_calls() {
         let (content, calls) = parse_whole(
-            ToolParser::Hermes,
+            &Calls::Parsed(ToolParser::Hermes),
             "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 1}\"}</tool_call>",
         );
         assert_eq!(content, "");
         assert_eq!(calls, vec![ToolCall { name: "f".into(), arguments: r#"{"a": 1}"#.into() }]);
+    }
+
+    #[test]
+    fn forced_calls_are_the_whole_output_and_content_when_cut() {
+        let named = || Calls::Named("weather".into());
+        assert_eq!(streamed(named(), "{\"city\": \"Oslo\"}", 3), vec![call("weather", r#"{"city":"Oslo"}"#)]);
+        assert_eq!(streamed(named(), "{\"city\": \"Os", 3), vec![Parsed::Content("{\"city\": \"Os".into())]);
+        let list = r#"[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]"#;
+        assert_eq!(streamed(Calls::Required, list, 5), vec![call("a", r#"{"x":1}"#), call("b", "{}")]);
+        let cut = r#"[{"name": "a", "param"#;
+        assert_eq!(streamed(Calls::Required, cut, 5), vec![Parsed::Content(cut.into())]);
+        assert_eq!(named().finish_reason(), "stop");
+        assert_eq!(Calls::Required.finish_reason(), "tool_calls");
     }
 
     #[test]

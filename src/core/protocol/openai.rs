@@ -79,6 +79,19 @@ pub struct SamplingParams {
     pub structured_outputs: Option<Value>,
 }
 
+impl SamplingParams {
+    /// Whether any structured-output field asks for a shape.
+    pub fn constrains(&self) -> bool {
+        let format = self.response_format.as_ref().filter(|f| !f.is_null());
+        format.is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
+            || self.guided_json.as_ref().is_some_and(|v| !v.is_null())
+            || self.guided_regex.is_some()
+            || self.guided_choice.is_some()
+            || self.guided_grammar.is_some()
+            || self.structured_outputs.as_ref().is_some_and(|v| !v.is_null())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PromptTokensDetails {
     pub cached_tokens: u32,
