@@ -140,6 +140,28 @@ fn a_guide_resumes_after_tokens_generated_elsewhere() {
 }
 
 #[test]
+fn nested_models_as_pydantic_writes_them_resolve_their_local_refs() {
+    let model = model();
+    let schema = json!({
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                            "required": ["x"], "additionalProperties": false}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/Point"}, "b": {"type": "array", "items": {"$ref": "#/$defs/Point"}, "maxItems": 2}},
+        "required": ["a", "b"],
+        "additionalProperties": false,
+    });
+    for seed in 0..5 {
+        let (text, ends) = generate(&model, &Constraint::JsonSchema(schema.to_string()), seed, 200);
+        assert_eq!(ends, Some(FinishReason::Complete), "{text}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert!(value["a"]["x"].is_i64() && value["b"].as_array().is_some_and(|b| b.len() <= 2), "{text}");
+    }
+    let remote = json!({"$ref": "https://example.com/schema.json"});
+    let error = model.grammars().grammars().unwrap().compile(&Constraint::JsonSchema(remote.to_string())).err();
+    assert!(error.is_some(), "a remote $ref compiled");
+}
+
+#[test]
 fn bad_constraints_say_what_is_wrong() {
     let grammars = model().grammars().grammars().unwrap();
     for (constraint, says) in [
