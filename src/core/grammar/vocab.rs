@@ -12,7 +12,8 @@ use std::sync::Arc;
 enum Spelling {
     /// GPT-2's byte-level BPE: each byte is one printable character.
     ByteLevel(HashMap<char, u8>),
-    /// SentencePiece with byte fallback: `<0x0A>` is a byte, this character is a space, the rest is UTF-8.
+    /// SentencePiece (with byte fallback or without): `<0x0A>` is a byte, this character is a space, the
+    /// rest is UTF-8.
     ByteFallback { space: char },
 }
 
@@ -21,7 +22,7 @@ pub fn token_env(tokenizer_json: &str, eos_ids: &[u32]) -> Result<TokEnv, Gramma
     let json: Value = serde_json::from_str(tokenizer_json).map_err(|e| bad(format!("tokenizer.json: {e}")))?;
     let spelling = spelling(&json["decoder"]).ok_or_else(|| {
         bad(format!(
-            "its decoder ({}) is neither byte-level nor SentencePiece with byte fallback",
+            "its decoder ({}) is neither byte-level nor SentencePiece",
             json["decoder"]["type"].as_str().unwrap_or("none")
         ))
     })?;
@@ -66,6 +67,11 @@ pub fn token_env(tokenizer_json: &str, eos_ids: &[u32]) -> Result<TokEnv, Gramma
 fn spelling(decoder: &Value) -> Option<Spelling> {
     match decoder["type"].as_str()? {
         "ByteLevel" => Some(Spelling::ByteLevel(byte_level_chars())),
+        // SentencePiece written back by its space character alone (Mistral's newer tokenizers).
+        "Metaspace" => {
+            let space = decoder["replacement"].as_str().and_then(|r| r.chars().next()).unwrap_or('▁');
+            Some(Spelling::ByteFallback { space })
+        }
         "Sequence" => {
             let steps = decoder["decoders"].as_array()?;
             steps.iter().any(|d| d["type"] == "ByteFallback").then(|| {
@@ -153,5 +159,18 @@ mod tests {
         assert_eq!(spell(&sentencepiece, "<0x0A>").unwrap(), b"\n");
         assert_eq!(spell(&sentencepiece, "<0xZZ>"), None);
         assert_eq!(spell(&sentencepiece, "<0x0A0>").unwrap(), b"<0x0A0>");
+    }
+
+    #[test]
+    fn the_decoder_says_how_tokens_are_spelled() {
+        use serde_json::json;
+        assert!(matches!(spelling(&json!({"type": "ByteLevel"})), Some(Spelling::ByteLevel(_))));
+        let llama2 = json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]});
+        assert!(matches!(spelling(&llama2), Some(Spelling::ByteFallback { space: '▁' })));
+        let mistral = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"});
+        assert!(matches!(spelling(&mistral), Some(Spelling::ByteFallback { space: '▁' })));
+        assert!(spelling(&json!({"type": "WordPiece"})).is_none());
+        assert!(spelling(&json!({"type": "Sequence", "decoders": [{"type": "Fuse"}]})).is_none());
     }
 }
