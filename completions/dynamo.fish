@@ -39,7 +39,7 @@ complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "keygen" -d 'Make a cl
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "completions" -d 'Print shell completions (bash, zsh, fish, …) to stdout'
 complete -c dynamo -n "__fish_dynamo_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l served-model-name -d 'Names clients use in "model", the first the one answers carry (space- or comma-separated, as vLLM\'s) [default: the model directory\'s name]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l workers -d 'In-process workers' -r
@@ -94,7 +94,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s v -l verbose -d 'M
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l served-model-name -d 'Names clients use in "model", the first the one answers carry (space- or comma-separated, as vLLM\'s) [default: the model directory\'s name]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l host -d 'Address routers reach this worker at; its sockets bind there' -r
@@ -135,7 +135,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s v -l verbose -d
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l model -d 'HF model directory (config.json, tokenizer files, safetensors weights) [default: the built-in tiny-chat]' -r -F
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l served-model-name -d 'Name clients use in "model" [default: the model directory\'s name]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l served-model-name -d 'Names clients use in "model", the first the one answers carry (space- or comma-separated, as vLLM\'s) [default: the model directory\'s name]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-model-len -d 'Longest sequence (prompt plus output) served, at most the model\'s context [default: the model\'s]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l chat-template -d 'A Jinja chat template file to use instead of the model\'s (routers get it with the model\'s files)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l host -d 'Address routers reach this worker at; its sockets bind there' -r

@@ -38,9 +38,10 @@ pub struct ModelArgs {
     #[arg(value_name = "MODEL", conflicts_with = "model")]
     pub model_dir: Option<PathBuf>,
 
-    /// Name clients use in "model" [default: the model directory's name]
-    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME")]
-    pub served_model_name: Option<String>,
+    /// Names clients use in "model", the first the one answers carry (space- or comma-separated, as vLLM's)
+    /// [default: the model directory's name]
+    #[arg(long, env = "DYNAMO_SERVED_MODEL_NAME", value_name = "NAME", num_args = 1.., value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
 
     /// Longest sequence (prompt plus output) served, at most the model's context [default: the model's]
     #[arg(long, env = "DYNAMO_MAX_MODEL_LEN", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
@@ -58,7 +59,7 @@ impl ModelArgs {
 
     pub fn options(&self) -> ModelOptions {
         ModelOptions {
-            served_name: self.served_model_name.clone(),
+            served_names: self.served_model_name.clone(),
             max_model_len: self.max_model_len,
             chat_template: self.chat_template.clone(),
         }

@@ -453,8 +453,9 @@ async fn a_router_started_before_its_workers_answers_at_once_and_serves_when_one
 async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
     let (_, file) = cluster_file("two-models");
     let _chat = worker(&file, &[]);
-    let _other = worker(&file, &["--served-model-name", "tiny-other"]);
-    let _other_too = worker(&file, &["--served-model-name", "tiny-other"]);
+    // Served under two names (vLLM's `--served-model-name a b`, or a comma list): the router answers to both.
+    let _other = worker(&file, &["--served-model-name", "tiny-other", "other-alias"]);
+    let _other_too = worker(&file, &["--served-model-name", "tiny-other,other-alias"]);
     let router = route(&file);
     wait_for_workers(&router, 3).await;
 
@@ -463,13 +464,16 @@ async fn workers_of_two_models_are_served_by_one_router_each_to_its_own() {
     let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
     let mut ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
     ids.sort();
-    assert_eq!(ids, ["tiny-chat", "tiny-other"], "{models}");
+    assert_eq!(ids, ["other-alias", "tiny-chat", "tiny-other"], "{models}");
+    let alias: Value =
+        reqwest::get(router.url("/v1/models/other-alias")).await.expect("model").json().await.expect("json");
+    assert_eq!(alias["id"], "other-alias", "{alias}");
 
-    for name in ["tiny-chat", "tiny-other"] {
+    for (name, answered) in [("tiny-chat", "tiny-chat"), ("tiny-other", "tiny-other"), ("other-alias", "tiny-other")] {
         let request = json!({"model": name, "prompt": "to the right workers", "max_tokens": 4, "ignore_eos": true});
         let (status, body) = router.post_json("/v1/completions", request).await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body["model"], name, "{body}");
+        assert_eq!(body["model"], answered, "answers carry the first name, as vLLM's: {body}");
         assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
     }
     // Each model's requests go to its own workers only: without its one worker, tiny-chat is unavailable

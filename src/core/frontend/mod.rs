@@ -85,7 +85,7 @@ impl FrontendState {
 
     /// The served model of this name.
     pub fn find(&self, name: &str) -> Option<Served> {
-        self.served.read().unwrap_or_else(|p| p.into_inner()).iter().find(|s| s.model.card.name == name).cloned()
+        self.served.read().unwrap_or_else(|p| p.into_inner()).iter().find(|s| s.model.card.answers_to(name)).cloned()
     }
 
     /// The model first served (a single-model server's only one).
@@ -126,9 +126,9 @@ impl FrontendState {
         prepared
     }
 
-    fn model_object(&self, served: &Served) -> ModelObject {
+    fn model_object(&self, served: &Served, id: &str) -> ModelObject {
         ModelObject {
-            id: served.model.card.name.clone(),
+            id: id.to_string(),
             object: "model".into(),
             created: self.created,
             owned_by: "dynamo".into(),
@@ -247,7 +247,18 @@ impl LateApp {
 }
 
 async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
-    let data = state.served().iter().map(|served| state.model_object(served)).collect();
+    // Each name on its own, as vLLM lists its served names.
+    let data = state
+        .served()
+        .iter()
+        .flat_map(|served| {
+            let card = &served.model.card;
+            std::iter::once(&card.name)
+                .chain(&card.aliases)
+                .map(|name| state.model_object(served, name))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     Json(ModelList { object: "list".into(), data })
 }
 
@@ -257,7 +268,7 @@ async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let served = state.resolve(Some(&id))?;
-    Ok(Json(state.model_object(&served)))
+    Ok(Json(state.model_object(&served, &id)))
 }
 
 /// Ready to serve: at least one worker (of any model) that takes whole requests; prefill workers are counted

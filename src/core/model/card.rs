@@ -4,8 +4,10 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelCard {
-    /// The name clients put in `"model"`.
+    /// The name clients put in `"model"`, and the one answers carry.
     pub name: String,
+    /// Other names it is served under (vLLM's `--served-model-name a b`: every name after the first).
+    pub aliases: Vec<String>,
     /// Prompt plus generated tokens may not exceed this.
     pub context_length: u32,
     pub vocab_size: u32,
@@ -14,6 +16,11 @@ pub struct ModelCard {
 }
 
 impl ModelCard {
+    /// Whether clients may address it as `name`.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name || self.aliases.iter().any(|alias| alias == name)
+    }
+
     /// Reads `config.json`, `generation_config.json` and `tokenizer_config.json` (any may be absent) and
     /// the tokenizer itself. Precedence follows transformers: generation_config's EOS over config's.
     pub fn resolve(
@@ -50,7 +57,8 @@ impl ModelCard {
             let eos = tokenizer_config.and_then(|t| t.get("eos_token")).and_then(special_token_text);
             eos_token_ids.extend(eos.and_then(|text| tokenizer.token_to_id(&text)));
         }
-        Ok(Self { name, context_length: context_length.min(u32::MAX as u64) as u32, vocab_size, eos_token_ids })
+        let context_length = context_length.min(u32::MAX as u64) as u32;
+        Ok(Self { name, aliases: Vec::new(), context_length, vocab_size, eos_token_ids })
     }
 }
 

@@ -27,6 +27,10 @@ pub enum ModelSource {
     Builtin,
 }
 
+/// The names a model is served under besides its first (`--served-model-name a b c`), as a JSON list among
+/// its text files: not a file of the model's directory, but travels with them to routers.
+const ALIASES_FILE: &str = "served_model_aliases.json";
+
 /// The name `dynamo run` serves the built-in model under.
 pub const BUILTIN_MODEL_NAME: &str = "tiny-chat";
 
@@ -65,8 +69,8 @@ pub struct Model {
 /// What a user may change of a model as it is served (vLLM's flags of the same names).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelOptions {
-    /// The name clients address it by (default: the directory name).
-    pub served_name: Option<String>,
+    /// The names clients address it by, the first the one answers carry (default: the directory name).
+    pub served_names: Vec<String>,
     /// The longest sequence served, at most the model's own context.
     pub max_model_len: Option<u32>,
     /// A Jinja chat template file used instead of the model's (routers in other processes get it too).
@@ -76,12 +80,12 @@ pub struct ModelOptions {
 impl Model {
     /// Loads a model; `served_name` overrides the name clients address it by (default: the directory name).
     pub fn load(source: &ModelSource, served_name: Option<&str>) -> Result<Self, ModelError> {
-        Self::load_with(source, &ModelOptions { served_name: served_name.map(str::to_string), ..Default::default() })
+        let served_names = served_name.map(str::to_string).into_iter().collect();
+        Self::load_with(source, &ModelOptions { served_names, ..Default::default() })
     }
 
     /// Loads a model as `options` say it is served.
     pub fn load_with(source: &ModelSource, options: &ModelOptions) -> Result<Self, ModelError> {
-        let served_name = options.served_name.as_deref();
         let mut files = ModelFiles::read(source)?;
         if let Some(path) = &options.chat_template {
             let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
@@ -98,7 +102,15 @@ impl Model {
                 .unwrap_or_else(|| dir.display().to_string()),
             ModelSource::Builtin => BUILTIN_MODEL_NAME.to_string(),
         };
-        let name = served_name.map(str::to_string).unwrap_or(default_name);
+        let (name, aliases) = match options.served_names.split_first() {
+            Some((name, aliases)) => (name.clone(), aliases),
+            None => (default_name, &[][..]),
+        };
+        if !aliases.is_empty() {
+            // Beside the model's files, as the chat template is: routers in other processes serve it under
+            // every name too.
+            files.files.push((ALIASES_FILE.to_string(), serde_json::Value::from(aliases.to_vec()).to_string()));
+        }
         let mut model = Self::from_files(files, name)?;
         if let Some(limit) = options.max_model_len {
             let context = model.card.context_length;
@@ -141,6 +153,11 @@ impl Model {
             template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
         let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(files.required("tokenizer.json")?.as_bytes());
         let grammars = Compiler::new(files.required("tokenizer.json")?, &card.eos_token_ids);
+        let mut card = card;
+        if let Some(aliases) = files.json(ALIASES_FILE)? {
+            card.aliases = serde_json::from_value(aliases)
+                .map_err(|source| ModelError::BadJson { file: format!("{}/{ALIASES_FILE}", files.origin), source })?;
+        }
         Ok(Self { card, tokenizer, chat_template, tokenizer_hash, files, grammars })
     }
 
