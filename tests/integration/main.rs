@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod cuda;
 mod disagg;
+mod embeddings;
 mod external;
 mod hardening;
 mod http;

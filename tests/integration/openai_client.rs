@@ -89,13 +89,22 @@ for temperature in (0, 1.0):
     choice = result.choices[0]
     assert choice.finish_reason == "stop", result
     assert isinstance(choice.message.parsed, Verdict), result
-print("parse ok")
+
+# The client asks for base64 by default and decodes it; floats when asked.
+embeddings = client.embeddings.create(model="tiny-chat", input=["the sky is blue", "grass is green"])
+assert [e.index for e in embeddings.data] == [0, 1], embeddings
+assert all(len(e.embedding) == 64 for e in embeddings.data), embeddings
+assert abs(sum(v * v for v in embeddings.data[0].embedding) - 1.0) < 1e-4
+floats = client.embeddings.create(model="tiny-chat", input="the sky is blue", encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, embeddings.data[0].embedding)) < 1e-6
+assert embeddings.usage.prompt_tokens == embeddings.usage.total_tokens > 0, embeddings.usage
+print("parse and embeddings ok")
 "#;
 
 /// `parse()` with a pydantic model on the built-in model, whose random weights write JSON only because the
-/// grammar lets nothing else through.
+/// grammar lets nothing else through; and `embeddings.create`, base64 (the client's default) and floats.
 #[test]
-fn the_openai_python_client_parses_structured_output_into_its_model() {
+fn the_openai_python_client_parses_structured_output_and_reads_embeddings() {
     let python = match python_venv("openai-venv", &["openai>=1.40"]) {
         Ok(venv) => venv.join("bin/python"),
         Err(why) => {

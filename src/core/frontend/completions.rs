@@ -80,7 +80,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let n = choices_per_prompt(&params, prompt_count(&request.prompt))?;
     served.router.check_room(prompt_count(&request.prompt) * n as usize)?;
     let model = &served.model;
-    let prompts = prompts(model, &request.prompt)?;
+    let prompts = prompts(model, &request.prompt, "prompt")?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let options = EndpointOptions {
         // The legacy endpoint's default, in OpenAI's API and vLLM alike (chat's is the rest of the context).
@@ -118,7 +118,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
 }
 
 /// How many prompts the field holds, by its shape alone (a list of strings or of id lists is one per item).
-fn prompt_count(prompt: &Value) -> usize {
+pub(super) fn prompt_count(prompt: &Value) -> usize {
     match prompt {
         Value::Array(items) if items.first().is_some_and(|i| i.is_string() || i.is_array()) => items.len(),
         _ => 1,
@@ -127,20 +127,21 @@ fn prompt_count(prompt: &Value) -> usize {
 
 const PROMPT_SHAPES: &str = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids";
 
-/// The prompt field in its four OpenAI shapes, as token ids. Text is encoded with the model's special tokens.
-fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
+/// The prompt field (`field`: `prompt`, or `input` for embeddings) in its four OpenAI shapes, as token ids.
+/// Text is encoded with the model's special tokens.
+pub(super) fn prompts(model: &Model, prompt: &Value, field: &str) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |text: &str| {
-        check_prompt_text(model, text, "prompt")?;
+        check_prompt_text(model, text, field)?;
         model.tokenizer.encode(text, true).map_err(|e| ApiError::internal(e.to_string()))
     };
     let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         items
             .iter()
             .map(|v| {
-                let id = v.as_u64().ok_or_else(|| ApiError::invalid("prompt", PROMPT_SHAPES))?;
+                let id = v.as_u64().ok_or_else(|| ApiError::invalid(field, PROMPT_SHAPES))?;
                 if id >= u64::from(model.card.vocab_size) {
                     return Err(ApiError::invalid(
-                        "prompt",
+                        field,
                         format!("contains token id {id}, outside the vocabulary of {}", model.card.vocab_size),
                     ));
                 }
@@ -151,7 +152,7 @@ fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
     let prompts = match prompt {
         Value::String(text) => vec![encode(text)?],
         Value::Array(items) if items.is_empty() => {
-            return Err(ApiError::invalid("prompt", "must not be empty"));
+            return Err(ApiError::invalid(field, "must not be empty"));
         }
         Value::Array(items) if items.iter().all(Value::is_string) => {
             items.iter().map(|t| encode(t.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
@@ -160,10 +161,10 @@ fn prompts(model: &Model, prompt: &Value) -> Result<Vec<Vec<u32>>, ApiError> {
         Value::Array(items) if items.iter().all(Value::is_array) => {
             items.iter().map(|p| ids(p.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?
         }
-        _ => return Err(ApiError::invalid("prompt", PROMPT_SHAPES)),
+        _ => return Err(ApiError::invalid(field, PROMPT_SHAPES)),
     };
     if prompts.iter().any(Vec::is_empty) {
-        return Err(ApiError::invalid("prompt", "has no tokens; send some text or token ids"));
+        return Err(ApiError::invalid(field, "has no tokens; send some text or token ids"));
     }
     Ok(prompts)
 }

@@ -67,6 +67,8 @@ pub struct ChoiceDelta {
     /// first delta its prompt's.
     pub token_ids: Option<Vec<u32>>,
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// An embedding request's result, on its one delta.
+    pub embedding: Option<Vec<f32>>,
 }
 
 impl ChoiceDelta {
@@ -116,7 +118,7 @@ impl ChoiceState {
     async fn next_delta(&mut self) -> ChoiceDelta {
         let mut delta =
             ChoiceDelta { index: self.spec.index, prompt_index: self.spec.prompt_index, ..Default::default() };
-        let Some(output) = self.engine.next().await else {
+        let Some(mut output) = self.engine.next().await else {
             delta.finish_reason = Some("abort");
             delta.error = Some("the worker stopped before finishing the request".into());
             return delta;
@@ -124,6 +126,7 @@ impl ChoiceState {
         let tokenizer = &self.model.tokenizer;
         delta.cached_tokens = output.cached_tokens;
         delta.new_tokens = output.token_ids.len();
+        delta.embedding = output.embedding.take();
         if self.spec.text.token_ids {
             delta.token_ids = Some(output.token_ids.clone());
             if !std::mem::replace(&mut self.started, true) {

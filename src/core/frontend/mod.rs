@@ -9,6 +9,7 @@ mod auth;
 mod body;
 mod chat;
 mod completions;
+mod embeddings;
 mod error;
 #[cfg(test)]
 mod fuzz;
@@ -158,6 +159,7 @@ pub fn app(state: Arc<FrontendState>) -> HttpRouter {
     HttpRouter::new()
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(models))
         // A wildcard: model names often hold a slash (`Qwen/Qwen3-0.6B`), which clients do not escape.
         .route("/v1/models/{*id}", get(model))

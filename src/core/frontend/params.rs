@@ -187,6 +187,7 @@ pub fn build_choices(
                     hand_off: HandOff::None,
                     generated: 0,
                     constraint: constraint.clone(),
+                    pooling: None,
                 },
                 text: text.clone(),
             });

@@ -22,6 +22,17 @@ pub struct PreprocessedRequest {
     /// What the output must match (structured output); `None` is free text.
     #[serde(default)]
     pub constraint: Option<Constraint>,
+    /// Return the prompt's embedding instead of generating (`/v1/embeddings`); `None` generates.
+    #[serde(default)]
+    pub pooling: Option<Pooling>,
+}
+
+/// How a prompt becomes one embedding: the model's last hidden state (after its final norm) at the prompt's
+/// last token, as decoder embedding models (Qwen3-Embedding, e5-mistral, gte-Qwen2) are trained to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pooling {
+    /// Scaled to unit length (vLLM's default for embeddings).
+    pub normalize: bool,
 }
 
 /// A shape the generated text must take, enforced while sampling (`core::grammar`). Each is the text the
@@ -109,6 +120,7 @@ impl PreprocessedRequest {
             hand_off: HandOff::None,
             generated: 0,
             constraint: None,
+            pooling: None,
         }
     }
 }
@@ -190,6 +202,9 @@ pub struct EngineOutput {
     /// length): where they are.
     #[serde(default)]
     pub held: Option<HeldKv>,
+    /// The prompt's embedding, on the one output of a pooling request.
+    #[serde(default)]
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// A prompt's token ids in binary formats: one byte string of little-endian `u32`s instead of an array of

@@ -8,7 +8,7 @@ use super::plane::{Payload, decode_header};
 use super::request::{FromWorker, Refusal, ToWorker, decode, encode};
 use super::{
     Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
-    PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
+    Pooling, PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
 };
 use proptest::prelude::*;
 
@@ -56,20 +56,23 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
         any::<Option<u64>>(),
         0u32..100_000,
         any::<Option<u32>>(),
-        (hand_off, any::<u32>(), constraint()),
+        (hand_off, any::<u32>(), constraint(), prop::option::of(any::<bool>())),
     )
-        .prop_map(|(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint))| {
-            PreprocessedRequest {
-                request_id,
-                token_ids,
-                sampling: SamplingOptions { seed, ..SamplingOptions::default() },
-                stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![max_tokens] },
-                logprobs,
-                hand_off,
-                generated,
-                constraint,
-            }
-        })
+        .prop_map(
+            |(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint, pooling))| {
+                PreprocessedRequest {
+                    request_id,
+                    token_ids,
+                    sampling: SamplingOptions { seed, ..SamplingOptions::default() },
+                    stop: StopConditions { max_tokens, min_tokens: 0, stop_token_ids: vec![max_tokens] },
+                    logprobs,
+                    hand_off,
+                    generated,
+                    constraint,
+                    pooling: pooling.map(|normalize| Pooling { normalize }),
+                }
+            },
+        )
 }
 
 fn constraint() -> impl Strategy<Value = Option<Constraint>> {
@@ -93,18 +96,22 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
 }
 
 fn from_worker() -> impl Strategy<Value = FromWorker> {
-    let output =
-        (prop::collection::vec(any::<u32>(), 0..8), any::<Option<u32>>(), any::<bool>(), prop::option::of(held()))
-            .prop_map(|(token_ids, cached_tokens, finished, held)| EngineOutput {
-                logprobs: token_ids
-                    .iter()
-                    .map(|&token_id| TokenLogprob { token_id, logprob: -1.0, top: vec![] })
-                    .collect(),
-                token_ids,
-                cached_tokens,
-                finish_reason: finished.then_some(FinishReason::Length),
-                held,
-            });
+    let embedding = prop::option::of(prop::collection::vec(-1.0f32..1.0, 0..8));
+    let output = (
+        prop::collection::vec(any::<u32>(), 0..8),
+        any::<Option<u32>>(),
+        any::<bool>(),
+        prop::option::of(held()),
+        embedding,
+    )
+        .prop_map(|(token_ids, cached_tokens, finished, held, embedding)| EngineOutput {
+            logprobs: token_ids.iter().map(|&token_id| TokenLogprob { token_id, logprob: -1.0, top: vec![] }).collect(),
+            token_ids,
+            cached_tokens,
+            finish_reason: finished.then_some(FinishReason::Length),
+            held,
+            embedding,
+        });
     let single = prop_oneof![
         (any::<u64>(), output).prop_map(|(stream, output)| FromWorker::Output { stream, output }),
         (any::<u64>(), prop::collection::vec(event(), 0..4), any::<bool>()).prop_map(|(next_seq, events, last)| {

@@ -19,7 +19,7 @@ pub mod router;
 pub mod transfer;
 
 pub use engine::{
-    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, PreprocessedRequest, SamplingOptions,
+    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, Pooling, PreprocessedRequest, SamplingOptions,
     StopConditions, TokenLogprob,
 };
 pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};

@@ -242,6 +242,45 @@ pub struct Completion {
     pub usage: Option<Usage>,
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    /// A string, strings, token ids, or lists of token ids (as a completion's `prompt`).
+    pub input: Value,
+    /// `float` (the default) or `base64` (little-endian f32s).
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<u32>,
+    /// vLLM's: unit length (the default) or as the model gives it.
+    pub normalize: Option<bool>,
+    /// vLLM's: the tokenizer's own special tokens around text (the default).
+    pub add_special_tokens: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingList {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<EmbeddingData>,
+    pub usage: EmbeddingUsage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingData {
+    pub index: u32,
+    pub object: String,
+    /// A list of floats, or their base64 text.
+    pub embedding: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: u32,
+    pub total_tokens: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelObject {
     pub id: String,

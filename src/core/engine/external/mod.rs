@@ -349,6 +349,13 @@ impl Engine for ExternalEngine {
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         check_fits(&request, self.shared.max_sequence_tokens)?;
+        if request.pooling.is_some() {
+            return Err(EngineError::InvalidRequest(format!(
+                "embeddings are not forwarded to {} by this worker yet: serve the embedding model on the native \
+                 engine, or ask the engine's own /v1/embeddings",
+                self.shared.kind.name()
+            )));
+        }
         if let Some(why) = self.shared.kind.refuses(&request) {
             return Err(EngineError::InvalidRequest(why));
         }

@@ -75,6 +75,9 @@ impl Executor for MockExecutor {
             .iter_mut()
             .map(|chunk| {
                 chunk.samples().then(|| {
+                    if chunk.pooling {
+                        return Sampled { token: 0, logprob: None, hidden: Some(fake_embedding(*chunk.sampler)) };
+                    }
                     let draw = splitmix64(*chunk.sampler ^ 0x5DEE_CE66_D1CE_4E5B);
                     let token = match chunk.guide.as_deref_mut() {
                         None => self.vocab[(draw % self.vocab.len() as u64) as usize],
@@ -82,7 +85,7 @@ impl Executor for MockExecutor {
                     };
                     *chunk.sampler = mix(*chunk.sampler, token);
                     let logprob = chunk.logprobs.map(|top| fake_logprob(token, draw, top, &self.vocab));
-                    Sampled { token, logprob }
+                    Sampled { token, logprob, hidden: None }
                 })
             })
             .collect();
@@ -101,6 +104,20 @@ impl Executor for MockExecutor {
             block_size: self.block_size as u32,
         })
     }
+}
+
+/// Values in a simulated embedding: a model's hidden size is not the mocker's to know, so a small fixed one.
+pub const MOCK_EMBEDDING_DIM: usize = 64;
+
+/// A deterministic vector of the prompt (`state` mixes its tokens): equal prompts embed equally, others not.
+fn fake_embedding(state: u64) -> Vec<f32> {
+    let mut x = state;
+    (0..MOCK_EMBEDDING_DIM)
+        .map(|_| {
+            x = splitmix64(x);
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
 }
 
 /// A token the constraint allows, drawn as freely as an unconstrained one (the model's EOS among them where

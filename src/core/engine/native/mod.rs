@@ -13,7 +13,7 @@ pub mod selftest;
 pub mod weights;
 
 use super::batch::{BatchEngine, Pacing};
-use super::scheduler::{Chunk, ExecError, Executed, Executor, Scheduler, SchedulerConfig};
+use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
 use crate::core::grammar::Guide;
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
 use crate::core::protocol::{PreprocessedRequest, WorkerId};
@@ -210,7 +210,10 @@ impl<B: Backend> Executor for NativeExecutor<B> {
             .filter(|(_, chunk)| chunk.samples())
             .filter_map(|(at, chunk)| chunk.guide.take().map(|guide| (at, guide)))
             .collect();
-        let forward = |executor: &mut Self| executor.model.forward(&mut executor.cache, &batch, executor.block_size);
+        let pooling = chunks.iter().any(|chunk| chunk.pooling && chunk.samples());
+        let forward = |executor: &mut Self| {
+            executor.model.forward_with_hidden(&mut executor.cache, &batch, executor.block_size, pooling)
+        };
         let logits = if guides.is_empty() {
             forward(self)
         } else {
@@ -225,17 +228,27 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         for (at, guide) in guides {
             chunks[at].guide = Some(guide);
         }
-        let logits = logits.map_err(|e| ExecError(e.to_string()))?;
+        let (logits, hidden) = logits.map_err(|e| ExecError(e.to_string()))?;
         let started = Instant::now();
         let mut rows = logits.chunks_exact(self.model.config.vocab_size);
+        let mut hidden_rows = hidden.as_deref().unwrap_or_default().chunks_exact(self.model.config.hidden_size);
+        let mut pooled = Vec::new();
         let work = chunks
             .iter_mut()
-            .map(|chunk| match chunk.samples() {
+            .enumerate()
+            .map(|(at, chunk)| match chunk.samples() {
                 false => Ok(None),
-                true => rows
-                    .next()
-                    .map(|row| Some((chunk, row)))
-                    .ok_or_else(|| ExecError("the model returned too few logit rows".into())),
+                true => {
+                    let row = rows.next().ok_or_else(|| ExecError("the model returned too few logit rows".into()))?;
+                    if chunk.pooling {
+                        let state = hidden_rows.next().ok_or_else(|| ExecError("too few hidden rows".into()))?;
+                        pooled.push((at, state.to_vec()));
+                        return Ok(None);
+                    }
+                    // Rows of pooling chunks have no logits to sample; the others' follow in order.
+                    hidden_rows.next();
+                    Ok(Some((chunk, row)))
+                }
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
         // Each sequence's draw reads a whole vocabulary row: across the pool, a 16-sequence step samples in
@@ -249,6 +262,10 @@ impl<B: Backend> Executor for NativeExecutor<B> {
                 })
                 .collect()
         });
+        let mut sampled: Vec<Option<Sampled>> = sampled;
+        for (at, state) in pooled {
+            sampled[at] = Some(Sampled { token: 0, logprob: None, hidden: Some(state) });
+        }
         self.sampling += started.elapsed();
         Ok(Executed { sampled, simulated_ms: 0.0 })
     }

@@ -291,10 +291,28 @@ impl<B: Backend> Transformer<B> {
 
     /// Runs the batch, writing its K/V into `cache`; returns `logit_rows.len() × vocab` logits.
     pub fn forward(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Op<Vec<f32>> {
-        self.backend.run(|| self.forward_layers(cache, batch, block_size))
+        self.backend.run(|| self.forward_layers(cache, batch, block_size, false)).map(|(logits, _)| logits)
     }
 
-    fn forward_layers(&self, cache: &mut KvCache<B>, batch: &ForwardBatch, block_size: usize) -> Op<Vec<f32>> {
+    /// `forward`, and with `hidden` also the final hidden states (after the last norm) of the rows that get
+    /// logits, `hidden_size` values each: what embedding requests return.
+    pub fn forward_with_hidden(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &ForwardBatch,
+        block_size: usize,
+        hidden: bool,
+    ) -> Op<(Vec<f32>, Option<Vec<f32>>)> {
+        self.backend.run(|| self.forward_layers(cache, batch, block_size, hidden))
+    }
+
+    fn forward_layers(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &ForwardBatch,
+        block_size: usize,
+        want_hidden: bool,
+    ) -> Op<(Vec<f32>, Option<Vec<f32>>)> {
         let b = &self.backend;
         let c = &self.config;
         let shape =
@@ -343,8 +361,16 @@ impl<B: Backend> Transformer<B> {
         // Only the rows that sample need the (vocabulary-wide, expensive) head.
         let last = b.gather_rows(hidden, c.hidden_size, &batch.logit_rows)?;
         b.rms_norm(&last, &self.norm, c.hidden_size, c.rms_norm_eps, x)?;
+        let pooled = match want_hidden {
+            true => {
+                let mut rows = b.to_host(x)?;
+                rows.truncate(batch.logit_rows.len() * c.hidden_size);
+                Some(rows)
+            }
+            false => None,
+        };
         b.matmul(x, self.lm_head.as_ref().unwrap_or(&self.embed), None, logits)?;
-        b.to_host(logits)
+        Ok((b.to_host(logits)?, pooled))
     }
 }
 

@@ -71,7 +71,7 @@ impl SeqSampler {
         };
         self.scratch.masked = masked;
         let logprob = raw_logprob.map(|(all, top)| TokenLogprob { token_id: token, logprob: all[token as usize], top });
-        Sampled { token, logprob }
+        Sampled { token, logprob, hidden: None }
     }
 
     /// The logits after the request's penalties, or `None` when it sets none: most requests, whose row is then

@@ -279,6 +279,51 @@ fn structured_outputs_keep_to_their_schema_in_a_mixed_batch() {
     assert_eq!(of(&outputs, 1).0, alone, "the free sequence changed beside constrained ones");
 }
 
+/// An embedding is the final hidden state the head reads: through the (tied) embedding matrix it gives the
+/// logits the same prompt is sampled from, so its argmax is the greedy token and its log-softmax the logprob.
+/// It is the same alone, beside generating sequences, and when the prompt's prefix is cached.
+#[test]
+fn an_embedding_is_the_hidden_state_the_head_reads() {
+    use crate::core::protocol::{FinishReason, Pooling};
+    let model = load(&ModelSource::Builtin);
+    let weights = safetensors::SafeTensors::deserialize(crate::core::model::BUILTIN_WEIGHTS).unwrap();
+    let table = weights.tensor("model.embed_tokens.weight").unwrap();
+    let embed: Vec<f32> = table.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let hidden_size = model.config.hidden_size;
+    let prompt = prompts()[1].clone();
+    let embedding_of = |outputs: &[(SeqId, EngineOutput)], id| {
+        let output = &outputs.iter().find(|(i, _)| *i == id).unwrap().1;
+        assert_eq!(output.finish_reason, Some(FinishReason::Length));
+        assert!(output.token_ids.is_empty(), "an embedding request generates nothing");
+        output.embedding.clone().unwrap()
+    };
+    let pooled = |normalize| PreprocessedRequest { pooling: Some(Pooling { normalize }), ..greedy(prompt.clone(), 1) };
+
+    let mut s = scheduler(model.clone(), 1024, 256);
+    s.add(0, &pooled(false), 0);
+    s.add(1, &greedy(prompt.clone(), 1), 0);
+    s.add(2, &greedy(prompts()[0].clone(), 4), 0);
+    let outputs = run(&mut s);
+    let hidden = embedding_of(&outputs, 0);
+    assert_eq!(hidden.len(), hidden_size);
+    let logits: Vec<f32> =
+        embed.chunks_exact(hidden_size).map(|row| row.iter().zip(&hidden).map(|(a, b)| a * b).sum()).collect();
+    let (tokens, logprobs) = of(&outputs, 1);
+    assert_eq!(sampler::argmax(&logits), tokens[0], "the head over the embedding picks the greedy token");
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    assert!((logits[tokens[0] as usize] - log_sum - logprobs[0]).abs() < 1e-3);
+
+    // Again, its prefix now cached, and normalized: the same direction, unit length.
+    s.add(3, &pooled(true), 0);
+    let again = run(&mut s);
+    assert!(again.iter().find(|(i, _)| *i == 3).unwrap().1.cached_tokens > Some(0), "the prefix was cached");
+    let unit = embedding_of(&again, 3);
+    let norm = hidden.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((unit.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-4);
+    assert_close(&unit, &hidden.iter().map(|v| v / norm).collect::<Vec<_>>(), 1e-4, "cached and normalized");
+}
+
 /// Paged attention over a shuffled block table against plain causal attention over contiguous K/V, as one
 /// prefill of every row and as a decode step of each row alone. Shapes cover each width the value
 /// accumulation is split into (64, 16, 1 dimensions), query groups that do not fill the scoring's groups of

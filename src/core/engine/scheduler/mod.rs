@@ -23,7 +23,7 @@
 use super::blocks::{BlockPool, KvFull, PageId};
 use crate::core::grammar::{Compiler, GrammarError, Guide};
 use crate::core::protocol::{
-    EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, PreprocessedRequest, TokenLogprob,
+    EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, Pooling, PreprocessedRequest, TokenLogprob,
 };
 use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
 use std::collections::VecDeque;
@@ -87,6 +87,8 @@ pub struct Chunk<'a, S> {
     pub sampler: &'a mut S,
     /// What the sampled token must keep to (structured output): mask the logits with it.
     pub guide: Option<&'a mut Guide>,
+    /// Return the final hidden state at the chunk's last token instead of a token (an embedding request).
+    pub pooling: bool,
 }
 
 impl<S> Chunk<'_, S> {
@@ -100,6 +102,8 @@ impl<S> Chunk<'_, S> {
 pub struct Sampled {
     pub token: u32,
     pub logprob: Option<TokenLogprob>,
+    /// For a pooling chunk (`Chunk::pooling`): the final hidden state at its last token, and no token.
+    pub hidden: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Default)]
@@ -129,6 +133,8 @@ struct Sequence<S> {
     /// Its structured output's place in the constraint (an error only if it stopped compiling since the
     /// engine accepted it).
     guide: Option<Result<Guide, GrammarError>>,
+    /// An embedding request: it ends after its prompt, with the pooled hidden state.
+    pooling: Option<Pooling>,
     cached_tokens: Option<u32>,
     reported_cached: bool,
     /// Keep the pages this long for a peer once finished.
@@ -347,6 +353,7 @@ impl<X: Executor> Scheduler<X> {
                 Some(grammars) => grammars.guide_for(request),
                 None => request.constraint.as_ref().map(|_| Err(GrammarError::Unavailable)),
             },
+            pooling: request.pooling,
             cached_tokens: None,
             reported_cached: false,
             hold_for: None,
@@ -440,6 +447,7 @@ impl<X: Executor> Scheduler<X> {
                     logprobs: seq.logprobs,
                     sampler: &mut seq.sampler,
                     guide: seq.guide.as_mut().and_then(|g| g.as_mut().ok()),
+                    pooling: seq.pooling.is_some(),
                 }
             })
             .collect();
@@ -472,7 +480,10 @@ impl<X: Executor> Scheduler<X> {
             let Some(sampled) = sampled else {
                 continue;
             };
-            let output = finish_token(seq, sampled);
+            let output = match seq.pooling {
+                Some(pooling) => finish_pooled(seq, pooling, sampled),
+                None => finish_token(seq, sampled),
+            };
             if output.finish_reason.is_some() {
                 finished.push(at);
             }
@@ -515,6 +526,7 @@ impl<X: Executor> Scheduler<X> {
                 finish_reason: Some(FinishReason::Error(error.0.clone())),
                 cached_tokens: None,
                 held: None,
+                embedding: None,
             };
             outcome.outputs.push((seq.id, output));
         }
@@ -654,6 +666,35 @@ fn finish_token<S>(seq: &mut Sequence<S>, sampled: Sampled) -> EngineOutput {
         finish_reason,
         cached_tokens,
         held: None,
+        embedding: None,
+    }
+}
+
+/// A pooling sequence's one output: its embedding, nothing generated.
+fn finish_pooled<S>(seq: &mut Sequence<S>, pooling: Pooling, sampled: Sampled) -> EngineOutput {
+    let finish_reason = match sampled.hidden {
+        Some(_) => FinishReason::Length,
+        None => FinishReason::Error("the engine returned no hidden state for an embedding request".into()),
+    };
+    let embedding = sampled.hidden.map(|mut hidden| {
+        if pooling.normalize {
+            let norm = hidden.iter().map(|v| v * v).sum::<f32>().sqrt();
+            // A zero vector stays zero rather than turning into NaNs.
+            if norm > 0.0 {
+                hidden.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        hidden
+    });
+    let cached_tokens = if seq.reported_cached { None } else { seq.cached_tokens };
+    seq.reported_cached = true;
+    EngineOutput {
+        token_ids: Vec::new(),
+        logprobs: Vec::new(),
+        finish_reason: Some(finish_reason),
+        cached_tokens,
+        held: None,
+        embedding,
     }
 }
 
