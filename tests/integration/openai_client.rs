@@ -98,11 +98,33 @@ assert abs(sum(v * v for v in embeddings.data[0].embedding) - 1.0) < 1e-4
 floats = client.embeddings.create(model="tiny-chat", input="the sky is blue", encoding_format="float")
 assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, embeddings.data[0].embedding)) < 1e-6
 assert embeddings.usage.prompt_tokens == embeddings.usage.total_tokens > 0, embeddings.usage
-print("parse and embeddings ok")
+
+# A forced call, streamed: the deltas reassemble into one call whose arguments are valid JSON.
+import json
+tools = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}]
+calls, finish = {}, None
+for chunk in completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=tools,
+        tool_choice={"type": "function", "function": {"name": "weather"}}, stream=True, max_tokens=64):
+    for choice in chunk.choices:
+        finish = choice.finish_reason or finish
+        for call in choice.delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+            entry["id"] = entry["id"] or call.id
+            entry["name"] += (call.function.name or "") if call.function else ""
+            entry["arguments"] += (call.function.arguments or "") if call.function else ""
+assert list(calls) == [0] and calls[0]["name"] == "weather" and calls[0]["id"], calls
+arguments = json.loads(calls[0]["arguments"])
+assert arguments["city"] in ("Oslo", "Lima") and 1 <= arguments["days"] <= 7, arguments
+assert finish == "stop", finish
+print("parse, embeddings and a streamed call ok")
 "#;
 
 /// `parse()` with a pydantic model on the built-in model, whose random weights write JSON only because the
-/// grammar lets nothing else through; and `embeddings.create`, base64 (the client's default) and floats.
+/// grammar lets nothing else through; `embeddings.create`, base64 (the client's default) and floats; and a
+/// forced tool call, streamed, reassembled by index into valid JSON arguments.
 #[test]
 fn the_openai_python_client_parses_structured_output_and_reads_embeddings() {
     let python = match python_venv("openai-venv", &["openai>=1.40"]) {

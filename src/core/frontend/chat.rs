@@ -5,7 +5,7 @@ use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, LogprobEntry
 use super::params::{
     EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
 };
-use super::tools::{self, Calls, ToolCall, ToolParser, ToolStream};
+use super::tools::{self, CallPiece, Calls, ToolCall, ToolParser, ToolStream};
 use super::{FrontendState, Served};
 use crate::core::model::TemplateInput;
 use crate::core::protocol::openai::{
@@ -384,12 +384,10 @@ impl ChunkRenderer for ChatChunks {
         let mut tool_calls = None;
         let mut finish_reason = delta.finish_reason.map(str::to_string);
         if let Some(stream) = self.tool_streams.get_mut(delta.index as usize) {
-            // Text that may be a call is held back until it is known; a call goes out whole.
-            let earlier = stream.calls;
-            let (text, calls) = stream.read(&delta.text, delta.finish_reason.is_some());
-            let calls: Vec<ToolCallOut> = (calls.into_iter().enumerate())
-                .map(|(i, call)| tool_call_out(Some((earlier + i) as u32), call))
-                .collect();
+            // Text that may be a call is held back until it is known; a call goes out as soon as its name is
+            // read, then its arguments as they come.
+            let (text, pieces) = stream.read(&delta.text, delta.finish_reason.is_some());
+            let calls = call_deltas(pieces);
             content = match (content, text.is_empty()) {
                 (_, false) => Some(text),
                 (content, true) => content.map(|_| String::new()),
@@ -420,10 +418,35 @@ impl ChunkRenderer for ChatChunks {
 fn tool_call_out(index: Option<u32>, call: ToolCall) -> ToolCallOut {
     ToolCallOut {
         index,
-        id: format!("call_{}", uuid::Uuid::new_v4().simple()),
-        kind: "function".into(),
-        function: FunctionCallOut { name: call.name, arguments: call.arguments },
+        id: Some(call_id()),
+        kind: Some("function".into()),
+        function: FunctionCallOut { name: Some(call.name), arguments: call.arguments },
     }
+}
+
+fn call_id() -> String {
+    format!("call_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A stream delta's call entries: a call's first piece with its id, type and name, the others with argument
+/// text only; pieces of one call in a row are one entry.
+fn call_deltas(pieces: Vec<CallPiece>) -> Vec<ToolCallOut> {
+    let mut out: Vec<ToolCallOut> = Vec::new();
+    for piece in pieces {
+        let index = Some(piece.index as u32);
+        match out.last_mut() {
+            Some(last) if last.index == index && piece.name.is_none() => {
+                last.function.arguments.push_str(&piece.arguments)
+            }
+            _ => out.push(ToolCallOut {
+                index,
+                id: piece.name.as_ref().map(|_| call_id()),
+                kind: piece.name.as_ref().map(|_| "function".to_string()),
+                function: FunctionCallOut { name: piece.name, arguments: piece.arguments },
+            }),
+        }
+    }
+    out
 }
 
 fn chat_logprob(entry: &LogprobEntry) -> ChatTokenLogprob {
@@ -452,27 +475,35 @@ mod tests {
     }
 
     #[test]
-    fn a_streamed_tool_call_goes_out_whole_after_the_content_before_it() {
+    fn a_streamed_tool_call_goes_out_by_name_then_argument_fragments() {
         let mut chunks =
             ChatChunks::new("chatcmpl-1".into(), "m".into(), false, Some(Calls::Parsed(ToolParser::Hermes)), 1);
         let pieces = [
             text(0, "Checking <tool", None),
             text(0, "_call>{\"name\": \"weather\", ", None),
-            text(0, "\"arguments\": {\"city\": \"Oslo\"}}</tool_call>", Some("stop")),
+            text(0, "\"arguments\": {\"city\": ", None),
+            text(0, "\"Oslo\"}}</tool_call>", Some("stop")),
         ];
         let sent: Vec<serde_json::Value> =
             pieces.iter().map(|d| serde_json::from_str(&chunks.delta(d).expect("a chunk")).unwrap()).collect();
         assert_eq!(sent[0]["choices"][0]["delta"]["content"], "Checking ");
         assert_eq!(sent[1]["choices"][0]["delta"]["content"], "", "held back: it may be a call");
-        let last = &sent[2]["choices"][0];
-        let call = &last["delta"]["tool_calls"][0];
-        assert_eq!((call["index"].as_u64(), call["type"].as_str()), (Some(0), Some("function")));
-        assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")));
-        assert_eq!(call["function"]["name"], "weather");
-        let arguments: serde_json::Value =
-            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
-        assert_eq!(arguments, serde_json::json!({"city": "Oslo"}));
-        assert_eq!(last["finish_reason"], "tool_calls");
+        // Named as soon as the name is read: index, id, type and name on the first entry.
+        let first = &sent[1]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!((first["index"].as_u64(), first["type"].as_str()), (Some(0), Some("function")), "{first}");
+        assert!(first["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+        assert_eq!(first["function"]["name"], "weather");
+        // Then argument text only, as it comes.
+        let fragments: Vec<&serde_json::Value> =
+            sent[2..].iter().map(|chunk| &chunk["choices"][0]["delta"]["tool_calls"][0]).collect();
+        assert!(
+            fragments.iter().all(|f| f.get("id").is_none() && f["function"].get("name").is_none()),
+            "{fragments:?}"
+        );
+        let arguments: String =
+            std::iter::once(first).chain(fragments).filter_map(|f| f["function"]["arguments"].as_str()).collect();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&arguments).unwrap(), serde_json::json!({"city": "Oslo"}));
+        assert_eq!(sent[3]["choices"][0]["finish_reason"], "tool_calls");
     }
 
     #[test]

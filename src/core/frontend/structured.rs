@@ -114,7 +114,7 @@ fn schema_text(schema: &Value, field: &str) -> Result<String, ApiError> {
         other => other.clone(),
     };
     match parsed {
-        Value::Object(_) | Value::Bool(true) => Ok(parsed.to_string()),
+        Value::Object(_) => Ok(parsed.to_string()),
         _ => Err(ApiError::invalid(field, "must be a JSON schema (an object)")),
     }
 }

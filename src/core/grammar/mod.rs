@@ -14,7 +14,8 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-/// Distinct constraints kept compiled (each a lexer and grammar, from kilobytes to a few MB).
+/// Distinct constraints kept compiled (each a lexer and grammar, from kilobytes to a few MB: llguidance's
+/// own limits bound one).
 const CACHED_GRAMMARS: usize = 64;
 
 /// A compiled structured-output constraint could not be built.
@@ -56,7 +57,8 @@ impl Compiler {
 /// A model's vocabulary as llguidance sees it, and the constraints compiled against it.
 pub struct Grammars {
     factory: ParserFactory,
-    compiled: Mutex<lru::LruCache<Constraint, TokenParser>>,
+    /// Keyed by the constraint's 128-bit hash: a schema may be megabytes, which the cache need not keep.
+    compiled: Mutex<lru::LruCache<u128, TokenParser>>,
     eos_ids: Arc<[u32]>,
 }
 
@@ -86,12 +88,17 @@ impl Grammars {
 
     /// Compiles `constraint` (or finds it compiled): what the frontend calls to refuse a bad one.
     pub fn compile(&self, constraint: &Constraint) -> Result<TokenParser, GrammarError> {
-        if let Some(parser) = self.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(constraint) {
+        let key = {
+            let mut hasher = xxhash_rust::xxh3::Xxh3::default();
+            std::hash::Hash::hash(constraint, &mut hasher);
+            hasher.digest128()
+        };
+        if let Some(parser) = self.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(parser.clone());
         }
         let grammar = top_level(constraint)?;
         let parser = self.factory.create_parser(grammar).map_err(|e| GrammarError::Invalid(e.to_string()))?;
-        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).put(constraint.clone(), parser.clone());
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).put(key, parser.clone());
         Ok(parser)
     }
 }

@@ -134,21 +134,24 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
-/// A tool call the model made, in a message (no `index`) or a stream's delta (with it).
+/// A tool call the model made, in a message (no `index`) or a stream's delta (with it). A stream gives a
+/// call's id, type and name on its first delta and only argument text after, as OpenAI streams them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCallOut {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub function: FunctionCallOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionCallOut {
-    pub name: String,
-    /// A JSON object as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A JSON object as text (in a stream, the part of it this delta adds).
     pub arguments: String,
 }
 
