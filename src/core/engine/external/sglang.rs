@@ -197,6 +197,20 @@ mod tests {
     }
 
     #[test]
+    fn a_constraint_goes_to_sglang_as_a_schema_or_regex_and_lark_is_refused() {
+        let with = |constraint| PreprocessedRequest {
+            constraint: Some(constraint),
+            ..PreprocessedRequest::greedy("r", vec![1], 4)
+        };
+        let schema = generate_body(&with(Constraint::JsonSchema(r#"{"type":"object"}"#.into())));
+        assert_eq!(schema["sampling_params"]["json_schema"], r#"{"type":"object"}"#);
+        let choice = generate_body(&with(Constraint::Choice(vec!["a.b".into(), "c d".into()])));
+        assert_eq!(choice["sampling_params"]["regex"], r"a\.b|c d");
+        assert!(refuses(&with(Constraint::Regex("x".into()))).is_none());
+        assert!(refuses(&with(Constraint::Lark("start: \"a\"".into()))).is_some_and(|why| why.contains("EBNF")));
+    }
+
+    #[test]
     fn cumulative_and_incremental_streams_give_the_same_tokens() {
         let chunk = |ids: &str, total: usize, finish: &str| {
             format!(

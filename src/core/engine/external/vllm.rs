@@ -263,6 +263,20 @@ mod tests {
         // Unset options are left to the engine's defaults rather than sent as nulls.
         let plain = completion_body(&PreprocessedRequest::greedy("r", vec![1], 1), "m");
         assert!(plain.get("top_k").is_none() && plain.get("seed").is_none() && plain.get("logprobs").is_none());
+        assert!(plain.get("structured_outputs").is_none());
+    }
+
+    #[test]
+    fn a_constraint_goes_to_vllm_as_its_structured_outputs() {
+        let with = |constraint| {
+            let request =
+                PreprocessedRequest { constraint: Some(constraint), ..PreprocessedRequest::greedy("r", vec![1], 4) };
+            completion_body(&request, "m")["structured_outputs"].clone()
+        };
+        assert_eq!(with(Constraint::JsonSchema(r#"{"type":"object"}"#.into())), json!({"json": {"type": "object"}}));
+        assert_eq!(with(Constraint::Regex("a+".into())), json!({"regex": "a+"}));
+        assert_eq!(with(Constraint::Choice(vec!["x".into(), "y".into()])), json!({"choice": ["x", "y"]}));
+        assert_eq!(with(Constraint::Lark("start: \"a\"".into())), json!({"grammar": "start: \"a\""}));
     }
 
     #[test]
