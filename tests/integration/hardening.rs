@@ -130,7 +130,11 @@ async fn sizes_types_and_unsupported_fields_are_refused_by_name() {
     assert_eq!(response.status().as_u16(), 413);
     for (body, field) in [
         (json!({"prompt": "Hi", "logit_bias": {"5": 100}}), "logit_bias"),
-        (json!({"prompt": "Hi", "response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"prompt": "Hi", "prompt_logprobs": 1}), "prompt_logprobs"),
+        (
+            json!({"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}}),
+            "response_format",
+        ),
     ] {
         let (status, error) = server.post_json("/v1/completions", body).await;
         assert_eq!((status, error["error"]["param"].as_str()), (400, Some(field)), "{error}");

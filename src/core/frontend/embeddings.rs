@@ -26,7 +26,7 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
     state.answer(ENDPOINT, model.as_deref(), result)
 }
 
-struct Prepared {
+pub(super) struct Prepared {
     served: Served,
     specs: Vec<ChoiceSpec>,
     prompt_lens: Vec<usize>,
@@ -69,7 +69,7 @@ async fn embed(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<St
     .into_response())
 }
 
-fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
+pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: EmbeddingRequest = fields(&value)?;
     let served = state.resolve(request.model.as_deref())?;

@@ -1,7 +1,7 @@
 //! Property tests of the two endpoints' request preparation over hostile bodies: arbitrary bytes, and JSON
 //! objects whose known fields take arbitrary values of every type. Each must come back prepared or as an
 //! OpenAI error with a client-error or busy status; never a panic, never a 500.
-use super::{FrontendState, chat, completions};
+use super::{FrontendState, chat, completions, embeddings};
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::model::{Model, ModelSource};
@@ -84,6 +84,14 @@ const FIELDS: &[&str] = &[
     "tools",
     "tool_choice",
     "response_format",
+    "json_schema",
+    "schema",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "parallel_tool_calls",
     "logit_bias",
     "best_of",
     "chat_template_kwargs",
@@ -92,6 +100,11 @@ const FIELDS: &[&str] = &[
     "return_tokens_as_token_ids",
     "return_token_ids",
     "include_stop_str_in_output",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "normalize",
+    "add_special_tokens",
 ];
 
 /// A body that starts out valid for both endpoints, then has some fields replaced by arbitrary values.
@@ -101,6 +114,7 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
         body.insert("messages".into(), serde_json::json!([{"role": "user", "content": "Hi"}]));
         body.insert("prompt".into(), "Hi".into());
         body.insert("max_tokens".into(), 4.into());
+        body.insert("input".into(), "Hi".into());
         for (field, value) in fields {
             body.insert(field.to_string(), value);
         }
@@ -112,6 +126,7 @@ fn check(endpoint: &str, body: &[u8]) -> Result<(), TestCaseError> {
     let state = state();
     let outcome = match endpoint {
         "chat" => chat::prepare(state, body, &mut None).map(|_| ()),
+        "embeddings" => embeddings::prepare(state, body, &mut None).map(|_| ()),
         _ => completions::prepare(state, body, &mut None).map(|_| ()),
     };
     if let Err(error) = outcome {
@@ -129,11 +144,13 @@ proptest! {
     fn arbitrary_bytes_are_refused_as_bad_requests(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
         check("chat", &bytes)?;
         check("completions", &bytes)?;
+        check("embeddings", &bytes)?;
     }
 
     #[test]
     fn hostile_fields_are_prepared_or_refused_never_a_panic(body in body()) {
         check("chat", &body)?;
         check("completions", &body)?;
+        check("embeddings", &body)?;
     }
 }
