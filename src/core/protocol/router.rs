@@ -13,6 +13,15 @@ pub struct RouterReport {
     /// Mean time to first token and between tokens, ms; `None` without one in the interval.
     pub ttft_ms: Option<f64>,
     pub itl_ms: Option<f64>,
+    /// Their medians and 99th percentiles over the interval, ms (of a uniform sample when it had many).
+    #[serde(default)]
+    pub ttft_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub ttft_p99_ms: Option<f64>,
+    #[serde(default)]
+    pub itl_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub itl_p99_ms: Option<f64>,
     /// Prompt tokens found in the chosen workers' caches, over all prompt tokens; `None` without prompts.
     pub prefix_hit: Option<f64>,
     /// Workers it routes to.

@@ -24,7 +24,7 @@ use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, RouterReport, WorkerId, WorkerStats};
 use crate::core::router::{Pool, Router, RouterConfig, RouterMode};
-use crate::core::telemetry::{Metrics, PlaneEvent, Traffic};
+use crate::core::telemetry::{Latencies, Metrics, PlaneEvent, Traffic};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -180,14 +180,16 @@ async fn report_traffic(mut announcer: Announcer, metrics: Arc<Metrics>, state: 
         let now = (metrics.traffic(), std::time::Instant::now());
         let workers: usize = state.served().iter().map(|s| s.router.worker_count()).sum();
         let seconds = (now.1 - last.1).as_secs_f64();
-        announcer.publish(&traffic_report(&now.0.since(&last.0), seconds, workers));
+        let report = traffic_report(&now.0.since(&last.0), &metrics.take_latencies(), seconds, workers);
+        announcer.publish(&report);
         last = now;
     }
 }
 
-/// An interval's traffic as rates and means.
-pub fn traffic_report(interval: &Traffic, seconds: f64, workers: usize) -> RouterReport {
+/// An interval's traffic as rates, means and percentiles.
+pub fn traffic_report(interval: &Traffic, latencies: &Latencies, seconds: f64, workers: usize) -> RouterReport {
     let per_second = |count: u64| count as f64 / seconds.max(1e-9);
+    let quantile = Latencies::quantile_ms;
     RouterReport {
         interval_s: seconds,
         requests_per_s: per_second(interval.requests),
@@ -195,6 +197,10 @@ pub fn traffic_report(interval: &Traffic, seconds: f64, workers: usize) -> Route
         output_tokens_per_s: per_second(interval.output_tokens),
         ttft_ms: interval.mean_ttft_ms(),
         itl_ms: interval.mean_itl_ms(),
+        ttft_p50_ms: quantile(&latencies.ttft_us, 0.5),
+        ttft_p99_ms: quantile(&latencies.ttft_us, 0.99),
+        itl_p50_ms: quantile(&latencies.itl_us, 0.5),
+        itl_p99_ms: quantile(&latencies.itl_us, 0.99),
         prefix_hit: (interval.input_tokens > 0).then(|| interval.cached_tokens as f64 / interval.input_tokens as f64),
         workers: u32::try_from(workers).unwrap_or(u32::MAX),
     }

@@ -48,6 +48,8 @@ pub struct Metrics {
     worker_kv_transfers: IntGaugeVec,
     /// Requests and tokens so far, for the planner's forecast.
     traffic: [AtomicU64; 11],
+    /// This interval's times to first token and between tokens, for percentiles (`take_latencies`).
+    latencies: std::sync::Mutex<[Reservoir; 2]>,
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -136,6 +138,64 @@ impl Traffic {
     /// Mean time between tokens, in ms; `None` without one.
     pub fn mean_itl_ms(&self) -> Option<f64> {
         (self.itls > 0).then(|| self.itl_us as f64 / self.itls as f64 / 1000.0)
+    }
+}
+
+/// Latencies kept per interval for percentiles: beyond this many, a uniform sample of them.
+const RESERVOIR: usize = 4096;
+const TTFT_SAMPLES: usize = 0;
+const ITL_SAMPLES: usize = 1;
+
+/// A uniform sample of at most `RESERVOIR` values of however many were added (reservoir sampling, with a
+/// generator of its own so no lock or global state is shared).
+#[derive(Debug, Default)]
+struct Reservoir {
+    seen: u64,
+    samples: Vec<u32>,
+    state: u64,
+}
+
+impl Reservoir {
+    fn add(&mut self, value: u32) {
+        self.seen += 1;
+        if self.samples.len() < RESERVOIR {
+            self.samples.push(value);
+            return;
+        }
+        // xorshift64*: plenty for choosing which sample to replace.
+        self.state = if self.state == 0 { 0x9E37_79B9_7F4A_7C15 } else { self.state };
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let draw = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) % self.seen;
+        if let Some(slot) = self.samples.get_mut(draw as usize) {
+            *slot = value;
+        }
+    }
+
+    fn take(&mut self) -> Vec<u32> {
+        self.seen = 0;
+        std::mem::take(&mut self.samples)
+    }
+}
+
+/// An interval's latencies, in microseconds (`Metrics::take_latencies`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Latencies {
+    pub ttft_us: Vec<u32>,
+    pub itl_us: Vec<u32>,
+}
+
+impl Latencies {
+    /// The `q` quantile (0 to 1) of a sample, in ms: the nearest rank; `None` for none.
+    pub fn quantile_ms(samples: &[u32], q: f64) -> Option<f64> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        Some(f64::from(sorted[rank - 1]) / 1000.0)
     }
 }
 
@@ -376,6 +436,7 @@ impl Metrics {
                 &["worker_id", "what"],
             ),
             traffic: Default::default(),
+            latencies: Default::default(),
             predictions: Default::default(),
             targets: Default::default(),
             planner_workers: gauge(
@@ -434,6 +495,22 @@ impl Metrics {
     /// Requests and tokens so far.
     pub fn traffic(&self) -> Traffic {
         Traffic::from_counters(&self.traffic)
+    }
+
+    /// The latencies seen since the last call (a uniform sample of at most `RESERVOIR` each), and a fresh
+    /// start: what a router's report gives percentiles of.
+    pub fn take_latencies(&self) -> Latencies {
+        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        let [ttft, itl] = &mut *latencies;
+        Latencies { ttft_us: ttft.take(), itl_us: itl.take() }
+    }
+
+    fn sample_latency(&self, which: usize, micros: u64, count: usize) {
+        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        let value = u32::try_from(micros).unwrap_or(u32::MAX);
+        for _ in 0..count {
+            latencies[which].add(value);
+        }
     }
 
     pub fn planner_wanted(&self, role: &str, workers: usize) {
@@ -687,6 +764,7 @@ impl RequestMetrics {
                 self.metrics.ttft.with_label_values(&[&self.model]).observe((now - self.start).as_secs_f64());
                 traffic[TTFT_US].fetch_add(micros(self.start), Ordering::Relaxed);
                 traffic[TTFTS].fetch_add(1, Ordering::Relaxed);
+                self.metrics.sample_latency(TTFT_SAMPLES, micros(self.start), 1);
             }
             Some(last) => {
                 let gap = (now - last).as_secs_f64() / count as f64;
@@ -696,6 +774,7 @@ impl RequestMetrics {
                 }
                 traffic[ITL_US].fetch_add(micros(last), Ordering::Relaxed);
                 traffic[ITLS].fetch_add(count as u64, Ordering::Relaxed);
+                self.metrics.sample_latency(ITL_SAMPLES, micros(last) / count as u64, count);
             }
         }
         self.last_token = Some(now);
@@ -838,6 +917,30 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interval_s_latency_percentiles_come_from_a_bounded_uniform_sample() {
+        let mut reservoir = Reservoir::default();
+        for value in 1..=100u32 {
+            reservoir.add(value);
+        }
+        let small = reservoir.take();
+        assert_eq!(
+            (Latencies::quantile_ms(&small, 0.5), Latencies::quantile_ms(&small, 0.99)),
+            (Some(0.05), Some(0.099))
+        );
+        assert_eq!(Latencies::quantile_ms(&[], 0.5), None);
+        // Ten times the room: the sample stays bounded and its quantiles near the whole's.
+        for value in 0..(10 * RESERVOIR as u32) {
+            reservoir.add(value);
+        }
+        let sample = reservoir.take();
+        assert_eq!(sample.len(), RESERVOIR);
+        let median = Latencies::quantile_ms(&sample, 0.5).unwrap() * 1000.0;
+        let whole = 5.0 * RESERVOIR as f64;
+        assert!((median - whole).abs() < 0.05 * whole, "median {median} of a sample, {whole} of all");
+        assert!(reservoir.take().is_empty(), "taken: the next interval starts empty");
+    }
 
     #[test]
     fn the_log_tail_keeps_the_last_lines_whole() {

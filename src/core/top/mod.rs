@@ -394,15 +394,20 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
 /// A router's traffic in one line.
 fn router_line(id: &str, report: Option<&RouterReport>) -> String {
     let Some(r) = report else { return format!("router {id}: no report yet") };
-    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
+    // Median / 99th percentile when the report has them, else the mean.
+    let latency = |mean: Option<f64>, p50: Option<f64>, p99: Option<f64>| match (p50, p99, mean) {
+        (Some(p50), Some(p99), _) => format!("p50 {p50:.1} / p99 {p99:.1} ms"),
+        (_, _, Some(mean)) => format!("{mean:.1} ms"),
+        _ => "-".to_string(),
+    };
     let hit = r.prefix_hit.map_or_else(|| "-".to_string(), |hit| format!("{:.0}%", hit * 100.0));
     format!(
         "router {id}: {:.1} requests/s ({:.1} refused), {:.0} tokens/s, TTFT {}, ITL {}, prefix hit {hit}, {} workers",
         r.requests_per_s,
         r.refused_per_s,
         r.output_tokens_per_s,
-        ms(r.ttft_ms),
-        ms(r.itl_ms),
+        latency(r.ttft_ms, r.ttft_p50_ms, r.ttft_p99_ms),
+        latency(r.itl_ms, r.itl_p50_ms, r.itl_p99_ms),
         r.workers
     )
 }

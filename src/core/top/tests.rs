@@ -285,15 +285,18 @@ fn a_routers_traffic_is_shown_under_the_summary() {
         refused_per_s: 0.5,
         output_tokens_per_s: 640.0,
         ttft_ms: Some(120.25),
-        itl_ms: None,
+        itl_ms: Some(8.0),
+        ttft_p50_ms: Some(100.0),
+        ttft_p99_ms: Some(410.5),
         prefix_hit: Some(0.44),
         workers: 3,
+        ..Default::default()
     };
     view.deliver(router_at, delivery(8, Topic::Router, 0, Continuity::InOrder, report.to_bytes()), now);
     assert_eq!(
         view.members(),
-        ["router 0000000000000008: 12.5 requests/s (0.5 refused), 640 tokens/s, TTFT 120.2 ms, ITL -, prefix hit \
-          44%, 3 workers"]
+        ["router 0000000000000008: 12.5 requests/s (0.5 refused), 640 tokens/s, TTFT p50 100.0 / p99 410.5 ms, ITL \
+          8.0 ms, prefix hit 44%, 3 workers"]
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
