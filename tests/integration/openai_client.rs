@@ -90,6 +90,21 @@ for temperature in (0, 1.0):
     assert choice.finish_reason == "stop", result
     assert isinstance(choice.message.parsed, Verdict), result
 
+# Three tokens cannot hold the object: the answer ends for length, which the client raises as such rather
+# than parsing half a JSON value.
+import openai
+try:
+    parse(model="tiny-chat", messages=[{"role": "user", "content": "Is the sky blue?"}],
+          response_format=Verdict, max_tokens=3, temperature=0)
+    raise SystemExit("a cut structured output was parsed")
+except openai.LengthFinishReasonError:
+    pass
+
+assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+developer = completions.create(
+    model="tiny-chat", max_tokens=2, messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+assert developer.choices[0].finish_reason == "length", developer
+
 # The client asks for base64 by default and decodes it; floats when asked.
 embeddings = client.embeddings.create(model="tiny-chat", input=["the sky is blue", "grass is green"])
 assert [e.index for e in embeddings.data] == [0, 1], embeddings
