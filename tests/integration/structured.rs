@@ -221,3 +221,19 @@ async fn a_forced_tool_call_is_made_whatever_format_the_model_knows() {
         assert_eq!(body["error"]["param"], param, "{extra}: {body}");
     }
 }
+
+/// Across processes: the constraint travels on the request plane to a `dynamo decode` worker, and the router
+/// compiles it against the model files the worker sent; embeddings come back the same way.
+#[tokio::test]
+async fn a_router_and_a_worker_in_other_processes_answer_in_shape_and_embed() {
+    let (_, file) = crate::cluster::cluster_file("structured");
+    let _worker = crate::util::Worker::start(&["--threads", "1", "--discovery", &file]);
+    let router = crate::cluster::route(&file);
+    crate::cluster::wait_for_workers(&router, 1).await;
+    answers_in_shape(&router).await;
+    let (status, body) = router.post_json("/v1/chat/completions", chat(json!({"guided_regex": "(unclosed"}))).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("guided_regex")), "{body}");
+    let (status, body) = router.post_json("/v1/embeddings", json!({"input": ["one", "two"]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][1]["embedding"].as_array().map(Vec::len), Some(64), "{body}");
+}
