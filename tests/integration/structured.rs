@@ -215,6 +215,10 @@ async fn a_forced_tool_call_is_made_whatever_format_the_model_knows() {
         (json!({"tool_choice": "required", "response_format": {"type": "json_object"}}), "tool_choice"),
         (json!({"tool_choice": "sometimes"}), "tool_choice"),
         (json!({"tool_choice": "auto", "parallel_tool_calls": false}), "parallel_tool_calls"),
+        (
+            json!({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]}),
+            "tools",
+        ),
     ] {
         let (status, body) = server.post_json("/v1/chat/completions", ask(extra.clone())).await;
         assert_eq!(status, 400, "{extra}: {body}");

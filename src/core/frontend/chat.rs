@@ -82,7 +82,8 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     if matches!(tool_parser, Some(Calls::Parsed(_))) && params.skip_special_tokens.is_none() {
         params.skip_special_tokens = Some(false);
     }
-    if let Some(schema) = forced.flatten() {
+    let forced = forced.flatten();
+    if let Some(schema) = forced.clone() {
         if params.constrains() {
             return Err(ApiError::invalid(
                 "tool_choice",
@@ -118,7 +119,16 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         max_tokens_field: if request.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
     };
     let prompt_len = token_ids.len();
-    let specs = build_choices(model, &params, &[token_ids], &options)?;
+    let specs = build_choices(model, &params, &[token_ids], &options).map_err(|error| {
+        // The forcing schema went in as guided_json; its faults are the tools' parameters'.
+        match (&forced, error.param.as_deref()) {
+            (Some(_), Some("guided_json")) => ApiError::invalid(
+                "tools",
+                format!("have parameters that cannot be enforced for tool_choice: {}", error.message),
+            ),
+            _ => error,
+        }
+    })?;
     Ok(Prepared {
         served,
         tool_parser,
