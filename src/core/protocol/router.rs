@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A router's traffic over the last `interval_s` seconds, every model together.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RouterReport {
     pub interval_s: f64,
     /// Requests that reached a worker, per second.
@@ -26,4 +26,18 @@ pub struct RouterReport {
     pub prefix_hit: Option<f64>,
     /// Workers it routes to.
     pub workers: u32,
+    /// The same per model, for a router that serves several (empty when it serves one).
+    #[serde(default)]
+    pub models: Vec<ModelReport>,
+}
+
+/// One model's share of a router's traffic over the interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelReport {
+    pub model: String,
+    pub requests_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub ttft_p50_ms: Option<f64>,
+    pub ttft_p99_ms: Option<f64>,
+    pub prefix_hit: Option<f64>,
 }

@@ -22,9 +22,9 @@ use crate::core::plane::PlaneError;
 use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
-use crate::core::protocol::{KvEventBatch, LoadMetrics, RouterReport, WorkerId, WorkerStats};
+use crate::core::protocol::{KvEventBatch, LoadMetrics, ModelReport, RouterReport, WorkerId, WorkerStats};
 use crate::core::router::{Pool, Router, RouterConfig, RouterMode};
-use crate::core::telemetry::{Latencies, Metrics, PlaneEvent, Traffic};
+use crate::core::telemetry::{Latencies, Metrics, ModelTraffic, PlaneEvent, Traffic};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -180,7 +180,11 @@ async fn report_traffic(mut announcer: Announcer, metrics: Arc<Metrics>, state: 
         let now = (metrics.traffic(), std::time::Instant::now());
         let workers: usize = state.served().iter().map(|s| s.router.worker_count()).sum();
         let seconds = (now.1 - last.1).as_secs_f64();
-        let report = traffic_report(&now.0.since(&last.0), &metrics.take_latencies(), seconds, workers);
+        let mut report = traffic_report(&now.0.since(&last.0), &metrics.take_latencies(), seconds, workers);
+        let models = metrics.take_model_traffic();
+        if state.served().len() > 1 {
+            report.models = models.into_iter().map(|(model, traffic)| model_report(model, traffic, seconds)).collect();
+        }
         announcer.publish(&report);
         last = now;
     }
@@ -203,6 +207,21 @@ pub fn traffic_report(interval: &Traffic, latencies: &Latencies, seconds: f64, w
         itl_p99_ms: quantile(&latencies.itl_us, 0.99),
         prefix_hit: (interval.input_tokens > 0).then(|| interval.cached_tokens as f64 / interval.input_tokens as f64),
         workers: u32::try_from(workers).unwrap_or(u32::MAX),
+        models: Vec::new(),
+    }
+}
+
+/// One model's part of an interval's traffic.
+pub fn model_report(model: String, mut traffic: ModelTraffic, seconds: f64) -> ModelReport {
+    let per_second = |count: u64| count as f64 / seconds.max(1e-9);
+    let ttft = traffic.ttft_us();
+    ModelReport {
+        model,
+        requests_per_s: per_second(traffic.requests),
+        output_tokens_per_s: per_second(traffic.output_tokens),
+        ttft_p50_ms: Latencies::quantile_ms(&ttft, 0.5),
+        ttft_p99_ms: Latencies::quantile_ms(&ttft, 0.99),
+        prefix_hit: (traffic.input_tokens > 0).then(|| traffic.cached_tokens as f64 / traffic.input_tokens as f64),
     }
 }
 

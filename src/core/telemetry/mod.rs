@@ -50,6 +50,8 @@ pub struct Metrics {
     traffic: [AtomicU64; 11],
     /// This interval's times to first token and between tokens, for percentiles (`take_latencies`).
     latencies: std::sync::Mutex<[Reservoir; 2]>,
+    /// This interval's traffic per model (`take_model_traffic`).
+    model_traffic: std::sync::Mutex<std::collections::BTreeMap<String, ModelTraffic>>,
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -176,6 +178,23 @@ impl Reservoir {
     fn take(&mut self) -> Vec<u32> {
         self.seen = 0;
         std::mem::take(&mut self.samples)
+    }
+}
+
+/// One model's requests, tokens and times to first token over an interval.
+#[derive(Debug, Default)]
+pub struct ModelTraffic {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    ttft: Reservoir,
+}
+
+impl ModelTraffic {
+    /// The times to first token seen (a uniform sample), in microseconds.
+    pub fn ttft_us(&mut self) -> Vec<u32> {
+        self.ttft.take()
     }
 }
 
@@ -437,6 +456,7 @@ impl Metrics {
             ),
             traffic: Default::default(),
             latencies: Default::default(),
+            model_traffic: Default::default(),
             predictions: Default::default(),
             targets: Default::default(),
             planner_workers: gauge(
@@ -503,6 +523,20 @@ impl Metrics {
         let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         let [ttft, itl] = &mut *latencies;
         Latencies { ttft_us: ttft.take(), itl_us: itl.take() }
+    }
+
+    /// Each model's traffic since the last call, and a fresh start (a router's per-model report lines).
+    pub fn take_model_traffic(&self) -> Vec<(String, ModelTraffic)> {
+        std::mem::take(&mut *self.model_traffic.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect()
+    }
+
+    fn model_traffic(&self, model: &str, update: impl FnOnce(&mut ModelTraffic)) {
+        let mut traffic = self.model_traffic.lock().unwrap_or_else(|p| p.into_inner());
+        match traffic.get_mut(model) {
+            Some(entry) => update(entry),
+            // Bounded by the models served: names come from the router's own list, not from clients.
+            None => update(traffic.entry(model.to_string()).or_default()),
+        }
     }
 
     fn sample_latency(&self, which: usize, micros: u64, count: usize) {
@@ -749,6 +783,11 @@ impl RequestMetrics {
         self.metrics.traffic[CACHED_TOKENS].fetch_add(u64::from(cached_tokens), Ordering::Relaxed);
         self.metrics.input_tokens.with_label_values(&[&self.model]).observe(prompt_tokens as f64);
         self.metrics.cached_tokens.with_label_values(&[&self.model]).observe(cached_tokens as f64);
+        self.metrics.model_traffic(&self.model, |t| {
+            t.requests += 1;
+            t.input_tokens += prompt_tokens as u64;
+            t.cached_tokens += u64::from(cached_tokens);
+        });
     }
 
     pub fn tokens(&mut self, count: usize) {
@@ -765,6 +804,8 @@ impl RequestMetrics {
                 traffic[TTFT_US].fetch_add(micros(self.start), Ordering::Relaxed);
                 traffic[TTFTS].fetch_add(1, Ordering::Relaxed);
                 self.metrics.sample_latency(TTFT_SAMPLES, micros(self.start), 1);
+                let ttft = u32::try_from(micros(self.start)).unwrap_or(u32::MAX);
+                self.metrics.model_traffic(&self.model, |t| t.ttft.add(ttft));
             }
             Some(last) => {
                 let gap = (now - last).as_secs_f64() / count as f64;
@@ -804,6 +845,8 @@ impl Drop for RequestMetrics {
         m.inflight.with_label_values(&[&self.model]).dec();
         m.output_tokens.with_label_values(&[&self.model]).observe(self.output_tokens as f64);
         m.traffic[OUTPUT_TOKENS].fetch_add(self.output_tokens, Ordering::Relaxed);
+        let output_tokens = self.output_tokens;
+        m.model_traffic(&self.model, |t| t.output_tokens += output_tokens);
         m.duration.with_label_values(&[&self.model]).observe(self.start.elapsed().as_secs_f64());
         self.judge();
     }
@@ -917,6 +960,22 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_model_s_traffic_is_counted_apart_and_taken_once() {
+        let metrics = Arc::new(Metrics::new());
+        for (model, prompt, cached, tokens) in [("a", 10, 4, 3), ("b", 20, 0, 1), ("a", 6, 6, 2)] {
+            let mut request = metrics.request(model, "completions", true);
+            request.prompt(prompt, cached);
+            request.tokens(tokens);
+        }
+        let mut taken = metrics.take_model_traffic();
+        assert_eq!(taken.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let (_, a) = &mut taken[0];
+        assert_eq!((a.requests, a.input_tokens, a.cached_tokens, a.output_tokens), (2, 16, 10, 5));
+        assert_eq!(a.ttft_us().len(), 2, "one time to first token per request");
+        assert!(metrics.take_model_traffic().is_empty(), "taken: the next interval starts empty");
+    }
 
     #[test]
     fn an_interval_s_latency_percentiles_come_from_a_bounded_uniform_sample() {

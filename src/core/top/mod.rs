@@ -220,22 +220,22 @@ impl ClusterView {
     pub fn members(&self) -> Vec<String> {
         let members = self.workers.values().filter(|w| w.is_not_worker());
         members
-            .map(|w| {
+            .flat_map(|w| {
                 let id = w.instance.as_ref().map_or_else(|| "-".into(), |i| format!("{:016x}", i.id));
                 if w.instance.as_ref().is_some_and(|i| i.role == Role::Router) {
-                    return router_line(&id, w.report.as_ref());
+                    return router_lines(&id, w.report.as_ref());
                 }
-                let Some(plan) = &w.plan else { return format!("planner {id}: no plan yet") };
+                let Some(plan) = &w.plan else { return vec![format!("planner {id}: no plan yet")] };
                 let forecast = plan.forecast.map_or_else(String::new, |f| {
                     format!(
                         "; next interval {:.0} requests, {:.0} prompt and {:.0} output tokens",
                         f.requests, f.input_tokens, f.output_tokens
                     )
                 });
-                format!(
+                vec![format!(
                     "planner {id}: {} decode, {} prefill workers{forecast} ({})",
                     plan.decode, plan.prefill, plan.reason
-                )
+                )]
             })
             .collect()
     }
@@ -391,15 +391,34 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
     ]
 }
 
-/// A router's traffic in one line.
-fn router_line(id: &str, report: Option<&RouterReport>) -> String {
-    let Some(r) = report else { return format!("router {id}: no report yet") };
-    // Median / 99th percentile when the report has them, else the mean.
-    let latency = |mean: Option<f64>, p50: Option<f64>, p99: Option<f64>| match (p50, p99, mean) {
+/// A router's traffic in one line, and one more per model when it serves several.
+fn router_lines(id: &str, report: Option<&RouterReport>) -> Vec<String> {
+    let Some(r) = report else { return vec![format!("router {id}: no report yet")] };
+    let hit = |hit: Option<f64>| hit.map_or_else(|| "-".to_string(), |hit| format!("{:.0}%", hit * 100.0));
+    let models = r.models.iter().map(|m| {
+        format!(
+            "  model {}: {:.1} requests/s, {:.0} tokens/s, TTFT {}, prefix hit {}",
+            m.model,
+            m.requests_per_s,
+            m.output_tokens_per_s,
+            latency(None, m.ttft_p50_ms, m.ttft_p99_ms),
+            hit(m.prefix_hit)
+        )
+    });
+    std::iter::once(router_line(id, r)).chain(models).collect()
+}
+
+/// Median / 99th percentile when the report has them, else the mean.
+fn latency(mean: Option<f64>, p50: Option<f64>, p99: Option<f64>) -> String {
+    match (p50, p99, mean) {
         (Some(p50), Some(p99), _) => format!("p50 {p50:.1} / p99 {p99:.1} ms"),
         (_, _, Some(mean)) => format!("{mean:.1} ms"),
         _ => "-".to_string(),
-    };
+    }
+}
+
+/// A router's traffic, every model together, in one line.
+fn router_line(id: &str, r: &RouterReport) -> String {
     let hit = r.prefix_hit.map_or_else(|| "-".to_string(), |hit| format!("{:.0}%", hit * 100.0));
     format!(
         "router {id}: {:.1} requests/s ({:.1} refused), {:.0} tokens/s, TTFT {}, ITL {}, prefix hit {hit}, {} workers",

@@ -290,13 +290,28 @@ fn a_routers_traffic_is_shown_under_the_summary() {
         ttft_p99_ms: Some(410.5),
         prefix_hit: Some(0.44),
         workers: 3,
+        models: vec![
+            crate::core::protocol::ModelReport {
+                model: "tiny-chat".into(),
+                requests_per_s: 10.0,
+                output_tokens_per_s: 600.0,
+                ttft_p50_ms: Some(90.0),
+                ttft_p99_ms: Some(400.0),
+                prefix_hit: Some(0.5),
+            },
+            crate::core::protocol::ModelReport { model: "other".into(), requests_per_s: 2.5, ..Default::default() },
+        ],
         ..Default::default()
     };
     view.deliver(router_at, delivery(8, Topic::Router, 0, Continuity::InOrder, report.to_bytes()), now);
     assert_eq!(
         view.members(),
-        ["router 0000000000000008: 12.5 requests/s (0.5 refused), 640 tokens/s, TTFT p50 100.0 / p99 410.5 ms, ITL \
-          8.0 ms, prefix hit 44%, 3 workers"]
+        [
+            "router 0000000000000008: 12.5 requests/s (0.5 refused), 640 tokens/s, TTFT p50 100.0 / p99 410.5 ms, \
+             ITL 8.0 ms, prefix hit 44%, 3 workers",
+            "  model tiny-chat: 10.0 requests/s, 600 tokens/s, TTFT p50 90.0 / p99 400.0 ms, prefix hit 50%",
+            "  model other: 2.5 requests/s, 0 tokens/s, TTFT -, prefix hit -",
+        ]
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
