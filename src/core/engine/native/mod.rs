@@ -245,7 +245,7 @@ impl<B: Backend> Executor for NativeExecutor<B> {
                         pooled.push((at, state.to_vec()));
                         return Ok(None);
                     }
-                    // Rows of pooling chunks have no logits to sample; the others' follow in order.
+                    // When a chunk pools, every logit row has its hidden row: keep the two in step.
                     hidden_rows.next();
                     Ok(Some((chunk, row)))
                 }
