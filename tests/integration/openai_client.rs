@@ -51,15 +51,21 @@ print("openai client ok")
 
 #[test]
 fn the_openai_python_client_works_streaming_and_not() {
+    run_client(CLIENT_SCRIPT, || Server::start(&["--speedup", "100", "--api-key", "sk-local"]));
+}
+
+/// Runs `script` with the openai client against the server `start` starts (its base URL the one argument),
+/// or says SKIPPED when the client cannot be installed.
+fn run_client(script: &str, start: impl FnOnce() -> Server) {
     let python = match python_venv("openai-venv", &["openai>=1.40"]) {
         Ok(venv) => venv.join("bin/python"),
         Err(why) => {
-            eprintln!("SKIPPED the_openai_python_client_works: could not install the openai client ({why})");
+            eprintln!("SKIPPED: could not install the openai Python client ({why})");
             return;
         }
     };
-    let server = Server::start(&["--speedup", "100", "--api-key", "sk-local"]);
-    let out = Command::new(python).args(["-c", CLIENT_SCRIPT, &server.base]).output().expect("python runs");
+    let server = start();
+    let out = Command::new(python).args(["-c", script, &server.base]).output().expect("python runs");
     assert!(
         out.status.success(),
         "the openai client failed:\n{}\n{}",
@@ -142,21 +148,5 @@ print("parse, embeddings and a streamed call ok")
 /// forced tool call, streamed, reassembled by index into valid JSON arguments.
 #[test]
 fn the_openai_python_client_parses_structured_output_and_reads_embeddings() {
-    let python = match python_venv("openai-venv", &["openai>=1.40"]) {
-        Ok(venv) => venv.join("bin/python"),
-        Err(why) => {
-            eprintln!(
-                "SKIPPED the_openai_python_client_parses_structured_output: could not install the openai client ({why})"
-            );
-            return;
-        }
-    };
-    let server = Server::native(&[]);
-    let out = Command::new(python).args(["-c", PARSE_SCRIPT, &server.base]).output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "the openai client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_client(PARSE_SCRIPT, || Server::native(&[]));
 }

@@ -487,7 +487,8 @@ mod tests {
         let ids: std::collections::HashSet<u64> =
             parsed["model"]["vocab"].as_object().unwrap().values().map(|id| id.as_u64().unwrap()).collect();
         assert_eq!(ids, (0..5000).collect());
-        let grammars = crate::core::grammar::Compiler::new(&json, &[2]).grammars().unwrap();
+        let tokenizer = crate::core::model::Tokenizer::from_json(&json, "synthetic").unwrap();
+        let grammars = crate::core::grammar::Compiler::new(&json, tokenizer.shared(), &[2]).grammars().unwrap();
         let mut guide = grammars.guide(&Constraint::JsonSchema(BENCH_SCHEMA.into()), &[]).unwrap();
         assert!(!guide.allowed().is_empty(), "the schema's opening has no token");
     }

@@ -33,17 +33,21 @@ pub enum GrammarError {
 #[derive(Clone)]
 pub struct Compiler {
     tokenizer_json: Arc<str>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
     eos_ids: Arc<[u32]>,
     built: Arc<std::sync::OnceLock<Result<Arc<Grammars>, GrammarError>>>,
 }
 
 impl Compiler {
-    pub fn new(tokenizer_json: &str, eos_ids: &[u32]) -> Self {
-        Self { tokenizer_json: tokenizer_json.into(), eos_ids: eos_ids.into(), built: Arc::default() }
+    /// From the model's `tokenizer.json` text and the tokenizer made of it.
+    pub fn new(tokenizer_json: &str, tokenizer: Arc<tokenizers::Tokenizer>, eos_ids: &[u32]) -> Self {
+        Self { tokenizer_json: tokenizer_json.into(), tokenizer, eos_ids: eos_ids.into(), built: Arc::default() }
     }
 
     pub fn grammars(&self) -> Result<Arc<Grammars>, GrammarError> {
-        self.built.get_or_init(|| Grammars::new(&self.tokenizer_json, &self.eos_ids).map(Arc::new)).clone()
+        self.built
+            .get_or_init(|| Grammars::new(&self.tokenizer_json, self.tokenizer.clone(), &self.eos_ids).map(Arc::new))
+            .clone()
     }
 
     /// A guide for a request's constraint (see `Grammars::guide`); `None` when it has none.
@@ -63,9 +67,14 @@ pub struct Grammars {
 }
 
 impl Grammars {
-    /// From the model's `tokenizer.json` text; `eos_ids` end a sequence (the first is the one grammars name).
-    pub fn new(tokenizer_json: &str, eos_ids: &[u32]) -> Result<Self, GrammarError> {
-        let env = vocab::token_env(tokenizer_json, eos_ids)?;
+    /// From the model's `tokenizer.json` text and its tokenizer; `eos_ids` end a sequence (the first is the one
+    /// grammars name).
+    pub fn new(
+        tokenizer_json: &str,
+        tokenizer: Arc<tokenizers::Tokenizer>,
+        eos_ids: &[u32],
+    ) -> Result<Self, GrammarError> {
+        let env = vocab::token_env(tokenizer_json, tokenizer, eos_ids)?;
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
         // Warnings and errors come back as values, named in the client's 400; nothing is printed.
         factory.quiet();

@@ -110,11 +110,8 @@ fn masked_logits_keep_only_what_the_constraint_allows_and_eos_only_where_it_may_
 
     // A model with two EOS ids may end with either.
     let other_eos = 1;
-    let two = Grammars::new(
-        model.text_files().iter().find(|(n, _)| n == "tokenizer.json").unwrap().1.as_str(),
-        &[eos, other_eos],
-    )
-    .unwrap();
+    let json = model.text_files().iter().find(|(n, _)| n == "tokenizer.json").unwrap().1.as_str();
+    let two = Grammars::new(json, model.tokenizer.shared(), &[eos, other_eos]).unwrap();
     let mut guide = two.guide(&Constraint::Regex("a".into()), &a).unwrap();
     let mut logits = vec![0.5f32; model.card.vocab_size as usize];
     guide.mask_logits(&mut logits);
@@ -179,6 +176,6 @@ fn bad_constraints_say_what_is_wrong() {
 #[test]
 fn tokenizers_whose_bytes_cannot_be_read_are_refused_plainly() {
     let json = json!({"decoder": {"type": "WordPiece"}, "model": {"vocab": {"a": 0}}, "added_tokens": []});
-    let error = Grammars::new(&json.to_string(), &[0]).err().unwrap();
+    let error = Grammars::new(&json.to_string(), model().tokenizer.shared(), &[0]).err().unwrap();
     assert!(error.to_string().contains("WordPiece"), "{error}");
 }

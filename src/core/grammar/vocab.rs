@@ -17,7 +17,11 @@ enum Spelling {
     ByteFallback { space: char },
 }
 
-pub fn token_env(tokenizer_json: &str, eos_ids: &[u32]) -> Result<TokEnv, GrammarError> {
+pub fn token_env(
+    tokenizer_json: &str,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    eos_ids: &[u32],
+) -> Result<TokEnv, GrammarError> {
     let bad = |why: String| GrammarError::Vocabulary(why);
     let json: Value = serde_json::from_str(tokenizer_json).map_err(|e| bad(format!("tokenizer.json: {e}")))?;
     let spelling = spelling(&json["decoder"]).ok_or_else(|| {
@@ -59,8 +63,6 @@ pub fn token_env(tokenizer_json: &str, eos_ids: &[u32]) -> Result<TokEnv, Gramma
     let size = u32::try_from(bytes.len()).map_err(|_| bad("too many tokens".into()))?;
     let eos = eos_ids.first().copied().filter(|&eos| eos < size).unwrap_or(size.saturating_sub(1));
     let trie = TokTrie::from(&TokRxInfo::new(size, eos), &bytes);
-    let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
-        .map_err(|e| bad(format!("tokenizer.json: {e}")))?;
     Ok(Arc::new(Env { trie, tokenizer }))
 }
 
@@ -124,7 +126,7 @@ fn spell(spelling: &Spelling, text: &str) -> Option<Vec<u8>> {
 /// The trie, and the model's own tokenizer for the text llguidance tokenizes (forced strings).
 struct Env {
     trie: TokTrie,
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: Arc<tokenizers::Tokenizer>,
 }
 
 impl TokenizerEnv for Env {

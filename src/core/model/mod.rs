@@ -152,7 +152,7 @@ impl Model {
         let chat_template =
             template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
         let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(files.required("tokenizer.json")?.as_bytes());
-        let grammars = Compiler::new(files.required("tokenizer.json")?, &card.eos_token_ids);
+        let grammars = Compiler::new(files.required("tokenizer.json")?, tokenizer.shared(), &card.eos_token_ids);
         let mut card = card;
         if let Some(aliases) = files.json(ALIASES_FILE)? {
             card.aliases = serde_json::from_value(aliases)

@@ -3,7 +3,8 @@ use super::ModelError;
 use std::collections::HashSet;
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared with structured output's vocabulary (`grammar`), which tokenizes forced text with it.
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     special_ids: HashSet<u32>,
     /// The most characters any one token stands for (its vocabulary entry, which is never shorter than the
     /// text it matches: byte-level entries spell each byte as one character, SentencePiece's `▁` stands for
@@ -20,7 +21,7 @@ impl Tokenizer {
         let special_ids =
             inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let max_token_chars = inner.get_vocab(true).keys().map(|t| t.chars().count()).max().unwrap_or(1).max(1);
-        Ok(Self { inner, special_ids, max_token_chars })
+        Ok(Self { inner: std::sync::Arc::new(inner), special_ids, max_token_chars })
     }
 
     /// Fewer tokens than `text` can possibly encode to, known without encoding it: what lets a prompt far too
@@ -51,6 +52,11 @@ impl Tokenizer {
 
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
+    }
+
+    /// The HF tokenizer itself, shared.
+    pub fn shared(&self) -> std::sync::Arc<tokenizers::Tokenizer> {
+        self.inner.clone()
     }
 
     /// Vocabulary size including added tokens.
