@@ -1219,7 +1219,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__transfer__subcmd__target)
-            opts="-v -h -V --layout --blocks --verbose --help --version"
+            opts="-v -h -V --layout --blocks --nixl --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1302,7 +1302,7 @@ _dynamo() {
                     return 0
                     ;;
                 --transfer-backend)
-                    COMPREPLY=($(compgen -W "auto shm tcp" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "auto shm tcp nixl" -- "${cur}"))
                     return 0
                     ;;
                 --transfer-streams)
@@ -1830,7 +1830,7 @@ _dynamo() {
                     return 0
                     ;;
                 --transfer-backend)
-                    COMPREPLY=($(compgen -W "auto shm tcp" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "auto shm tcp nixl" -- "${cur}"))
                     return 0
                     ;;
                 --transfer-streams)

@@ -103,9 +103,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always. nixl is NVIDIA\'s NIXL (UCX), loaded from libnixl_capi.so on LD_LIBRARY_PATH; the workers it reads from must run it too' -r -f -a "auto\t''
 shm\t''
-tcp\t''"
+tcp\t''
+nixl\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-streams -d 'Data connections per tcp peer' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
@@ -144,9 +145,10 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l event-port -d 
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always. nixl is NVIDIA\'s NIXL (UCX), loaded from libnixl_capi.so on LD_LIBRARY_PATH; the workers it reads from must run it too' -r -f -a "auto\t''
 shm\t''
-tcp\t''"
+tcp\t''
+nixl\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-streams -d 'Data connections per tcp peer' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
@@ -429,7 +431,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l backend -d 'Backends to measure' -r -f -a "shm\t''
 tcp\t''
-nixl\t'Not built in yet: reported as unavailable'"
+nixl\t'NVIDIA\'s NIXL (UCX), where libnixl_capi.so can be loaded; reported as unavailable otherwise'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l blocks -d 'KV blocks moved per request, of each model shape (SmolLM2-135M and Llama-3-8B)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l layout -d 'How KV pages lie in memory' -r -f -a "layered\t'The engine\'s: a region of pages per layer for K and one for V; a block is one page in each'
 contiguous\t'One region, each block\'s bytes contiguous: the best case'"
@@ -443,6 +445,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -l layout -r -f -a "layered\t'The engine\'s: a region of pages per layer for K and one for V; a block is one page in each'
 contiguous\t'One region, each block\'s bytes contiguous: the best case'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -l blocks -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -l nixl -d 'Run NIXL too'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer-target" -s V -l version -d 'Print version'

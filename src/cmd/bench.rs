@@ -61,14 +61,14 @@ pub enum BenchCommand {
 pub enum TransferBackendArg {
     Shm,
     Tcp,
-    /// Not built in yet: reported as unavailable.
+    /// NVIDIA's NIXL (UCX), where libnixl_capi.so can be loaded; reported as unavailable otherwise.
     Nixl,
 }
 
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Backends to measure.
-    #[arg(long, value_delimiter = ',', default_value = "shm,tcp")]
+    #[arg(long, value_delimiter = ',', default_value = "shm,tcp,nixl")]
     pub backend: Vec<TransferBackendArg>,
 
     /// KV blocks moved per request, of each model shape (SmolLM2-135M and Llama-3-8B).
@@ -103,6 +103,10 @@ pub struct TransferTargetArgs {
 
     #[arg(long)]
     pub blocks: u64,
+
+    /// Run NIXL too.
+    #[arg(long)]
+    pub nixl: bool,
 }
 
 #[derive(Debug, Args)]
@@ -613,19 +617,26 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Soak(args) => bench_soak(args),
         BenchCommand::Transfer(args) => bench_transfer(args),
         BenchCommand::TransferTarget(args) => {
-            super::runtime()?.block_on(transfer::serve_target(args.layout, args.blocks.clamp(1, 4096)))
+            super::runtime()?.block_on(transfer::serve_target(args.layout, args.blocks.clamp(1, 4096), args.nixl))
         }
     }
 }
 
 fn bench_transfer(args: TransferArgs) -> anyhow::Result<()> {
+    let mut unavailable = Vec::new();
     let backends: Vec<Backend> = args
         .backend
         .iter()
         .filter_map(|b| match b {
             TransferBackendArg::Shm => Some(Backend::Shm),
             TransferBackendArg::Tcp => Some(Backend::Tcp),
-            TransferBackendArg::Nixl => None,
+            TransferBackendArg::Nixl => match crate::core::transfer::nixl_available() {
+                Ok(()) => Some(Backend::Nixl),
+                Err(why) => {
+                    unavailable.push(("nixl", why));
+                    None
+                }
+            },
         })
         .collect();
     let settings = TransferBenchSettings {
@@ -643,7 +654,7 @@ fn bench_transfer(args: TransferArgs) -> anyhow::Result<()> {
         args.blocks, args.layout, args.rounds
     );
     let results = super::runtime()?.block_on(transfer::run(&settings))?;
-    print!("{}", transfer::table(&results));
+    print!("{}", transfer::table(&results, &unavailable));
     if args.json {
         println!("{}", transfer::json(&results));
     }

@@ -57,7 +57,9 @@ pub struct TransferArgs {
     #[arg(long, env = "DYNAMO_TRANSFER_PORT", default_value_t = 0, help_heading = "KV transfer")]
     pub transfer_port: u16,
 
-    /// How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always.
+    /// How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always. nixl is
+    /// NVIDIA's NIXL (UCX), loaded from libnixl_capi.so on LD_LIBRARY_PATH; the workers it reads from must
+    /// run it too.
     #[arg(long, env = "DYNAMO_TRANSFER_BACKEND", value_enum, default_value = "auto", help_heading = "KV transfer")]
     pub transfer_backend: TransferBackend,
 
@@ -71,6 +73,7 @@ pub enum TransferBackend {
     Auto,
     Shm,
     Tcp,
+    Nixl,
 }
 
 impl TransferArgs {
@@ -92,6 +95,11 @@ impl TransferArgs {
                 TransferBackend::Auto => None,
                 TransferBackend::Shm => Some(Backend::Shm),
                 TransferBackend::Tcp => Some(Backend::Tcp),
+                TransferBackend::Nixl => {
+                    crate::core::transfer::nixl_available()
+                        .map_err(|why| anyhow::anyhow!("--transfer-backend nixl: {why}"))?;
+                    Some(Backend::Nixl)
+                }
             },
             streams: self.transfer_streams as usize,
         }))

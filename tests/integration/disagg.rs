@@ -33,7 +33,7 @@ async fn greedy(server: &Server, prompt: &[u64], max_tokens: usize) -> Vec<u64> 
         .collect()
 }
 
-async fn disaggregated_equals_aggregated(disaggregated: &Server) {
+pub async fn disaggregated_equals_aggregated(disaggregated: &Server) {
     let golden_ids: Vec<u64> = serde_json::from_value(golden()["greedy_ids"].clone()).unwrap();
     let aggregated = Server::native(&[]);
     let prompts = prompts();
@@ -49,11 +49,22 @@ async fn disaggregated_equals_aggregated(disaggregated: &Server) {
     assert_eq!(remote, Some(4.0), "every prompt went to the prefill worker:\n{metrics}");
     // Their KV moved: the decode worker read every one (a remote worker reports it each second).
     let transfers = |what: &str, metrics: &str| over_workers(metrics, "dynamo_component_kv_transfers", what);
-    let metrics =
-        disaggregated.wait_for_metrics(Duration::from_secs(10), |m| transfers("what=\"read\"", m) == Some(4.0)).await;
+    // Each worker reports on its own second: wait for both.
+    let metrics = disaggregated
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            transfers("what=\"read\"", m) == Some(4.0) && transfers("what=\"held\"", m) == Some(4.0)
+        })
+        .await;
     assert_eq!(transfers("what=\"held\"", &metrics), Some(4.0), "{metrics}");
     assert_eq!(transfers("what=\"read_failed\"", &metrics), Some(0.0), "{metrics}");
     assert!(transfers("what=\"read_bytes\"", &metrics) > Some(0.0), "{metrics}");
+    // The holder's pages go back to its pool when the read's notification reaches it: seconds, not the
+    // lease's 60 s expiry (a lost notification fails this).
+    disaggregated
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -71,10 +82,20 @@ fn cluster_file(name: &str) -> String {
 
 /// A prefill worker, a decode worker that takes KV, and a router over them, found through a cluster file.
 async fn split_cluster(name: &str) -> (Worker, Worker, Server) {
+    split_cluster_with(name, |_| {}).await
+}
+
+/// As `split_cluster`, with each worker's command completed by `worker` (flags, environment).
+pub async fn split_cluster_with(name: &str, worker: impl Fn(&mut std::process::Command)) -> (Worker, Worker, Server) {
     let file = cluster_file(name);
     let native = ["--threads", "1", "--discovery", &file];
-    let prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
-    let decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
+    let (mut prefill, mut decode) = (dynamo(), dynamo());
+    prefill.arg("prefill").args(native);
+    decode.args(["decode", "--kv-transfer"]).args(native);
+    worker(&mut prefill);
+    worker(&mut decode);
+    let prefill = Worker::start_as("prefill", &mut prefill);
+    let decode = Worker::start_as("decode", &mut decode);
     let router =
         Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
     crate::cluster::wait_for_roles(&router, 1, 1).await;

@@ -10,6 +10,7 @@ mod external;
 mod hardening;
 mod http;
 mod native;
+mod nixl;
 mod openai_client;
 mod planner;
 mod structured;

@@ -93,8 +93,10 @@ pub struct BackendResult {
     /// One block, one request: the overhead a transfer adds to a request.
     pub p50_us: f64,
     pub p99_us: f64,
-    /// Against memcpy (shm) or the faster raw TCP (tcp).
+    /// Against memcpy (shm, nixl: same host) or the faster raw TCP (tcp).
     pub vs_reference: f64,
+    /// Against NIXL (UCX) on the same regions in the same run, where it was measured.
+    pub vs_nixl: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,8 +153,11 @@ fn register_all(
 
 /// `dynamo bench transfer-target`: an agent with the bench's regions and a raw TCP sink; prints
 /// `ready <agent address> <sink address>` and serves until its stdin closes.
-pub async fn serve_target(layout: Layout, blocks: u64) -> anyhow::Result<()> {
-    let (agent, _notifications) = Agent::start(rand::random(), AgentSettings::loopback(None))?;
+/// With `nixl`, its agent also runs NIXL.
+pub async fn serve_target(layout: Layout, blocks: u64, nixl: bool) -> anyhow::Result<()> {
+    let backend = nixl.then_some(Backend::Nixl);
+    let (agent, _notifications) =
+        Agent::start(rand::random(), AgentSettings { backend, ..AgentSettings::loopback(None) })?;
     register_all(&agent, layout, blocks)?;
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("ready {} {}", agent.address(), sink.local_addr()?);
@@ -194,8 +199,10 @@ async fn start_target(settings: &TransferBenchSettings) -> Result<Target, Transf
         Layout::Layered => "layered",
         Layout::Contiguous => "contiguous",
     };
+    let nixl = settings.backends.contains(&Backend::Nixl);
     let mut child = tokio::process::Command::new(&settings.binary)
         .args(["bench", "transfer-target", "--layout", layout, "--blocks", &settings.blocks.to_string()])
+        .args(nixl.then_some("--nixl"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -219,7 +226,8 @@ async fn start_target(settings: &TransferBenchSettings) -> Result<Target, Transf
 
 pub async fn run(settings: &TransferBenchSettings) -> Result<Vec<ShapeResult>, TransferBenchError> {
     let mut target = start_target(settings).await?;
-    let agent_settings = AgentSettings { streams: settings.streams, ..AgentSettings::loopback(None) };
+    let backend = settings.backends.contains(&Backend::Nixl).then_some(Backend::Nixl);
+    let agent_settings = AgentSettings { streams: settings.streams, backend, ..AgentSettings::loopback(None) };
     let (agent, _) = Agent::start(rand::random(), agent_settings)?;
     let firsts =
         register_all(&agent, settings.layout, settings.blocks).map_err(crate::core::transfer::TransferError::from)?;
@@ -309,7 +317,7 @@ async fn measure_shape(
         latencies.sort_by(f64::total_cmp);
         // Against the better of one raw stream and several: what loopback TCP can do here at all.
         let reference = match backend {
-            Backend::Shm => gbps(memcpy),
+            Backend::Shm | Backend::Nixl => gbps(memcpy),
             Backend::Tcp => gbps(raw_one.min(raw_many)),
         };
         backends.push(BackendResult {
@@ -319,7 +327,11 @@ async fn measure_shape(
             p50_us: super::percentile(&latencies, 0.5),
             p99_us: super::percentile(&latencies, 0.99),
             vs_reference: gbps(elapsed) / reference,
+            vs_nixl: None,
         });
+    }
+    if let Some(nixl) = backends.iter().find(|b| b.backend == "nixl").map(|b| b.gbps) {
+        backends.iter_mut().filter(|b| b.backend != "nixl").for_each(|b| b.vs_nixl = Some(b.gbps / nixl));
     }
     Ok(ShapeResult {
         shape: shape.name,
@@ -425,7 +437,8 @@ fn median_of(mut times: Vec<Duration>) -> Duration {
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
-pub fn table(results: &[ShapeResult]) -> String {
+/// `unavailable`: backends asked for that could not run here, with why.
+pub fn table(results: &[ShapeResult], unavailable: &[(&str, String)]) -> String {
     let mut out = String::new();
     for shape in results {
         out.push_str(&format!(
@@ -444,14 +457,17 @@ pub fn table(results: &[ShapeResult]) -> String {
             shape.raw_tcp_streams_gbps
         ));
         for backend in &shape.backends {
-            let reference = if backend.backend == "shm" { "memcpy" } else { "raw tcp" };
+            let reference = if backend.backend == "tcp" { "raw tcp" } else { "memcpy" };
+            let vs_nixl = backend.vs_nixl.map(|r| format!("  {r:.2}x nixl")).unwrap_or_default();
             out.push_str(&format!(
-                "  {:<22} {:>8.2} GB/s  {:>5.2}x {reference}  {:>9.0} descriptors/s  1 block: p50 {:.0} µs, p99 {:.0} µs\n",
+                "  {:<22} {:>8.2} GB/s  {:>5.2}x {reference}{vs_nixl}  {:>9.0} descriptors/s  1 block: p50 {:.0} µs, p99 {:.0} µs\n",
                 backend.backend, backend.gbps, backend.vs_reference, backend.descriptors_per_s, backend.p50_us, backend.p99_us
             ));
         }
     }
-    out.push_str("  nixl                        -  not available: this build has no NIXL backend yet\n");
+    for (backend, why) in unavailable {
+        out.push_str(&format!("  {backend:<22} not available: {why}\n"));
+    }
     out
 }
 

@@ -15,7 +15,9 @@
 //! - `Notify` (request, body): the initiator's message, delivered to the target's owner after the request's
 //!   data landed; answered `Done`;
 //! - `Failed` (request, body: why, text): the request cannot be done; the connection stays usable unless the
-//!   failure was in framing.
+//!   failure was in framing;
+//! - `Nixl` (request, empty): asks for the target's `NixlOffer`, answered by a `Nixl` frame carrying it
+//!   (msgpack). Only after the handshake: NIXL's metadata lets its holder write the target's memory.
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"DXF1";
@@ -37,10 +39,11 @@ pub enum FrameKind {
     Done = 8,
     Notify = 9,
     Failed = 10,
+    Nixl = 11,
 }
 
 impl FrameKind {
-    const ALL: [FrameKind; 10] = [
+    const ALL: [FrameKind; 11] = [
         FrameKind::Hello,
         FrameKind::Metadata,
         FrameKind::Proof,
@@ -51,6 +54,7 @@ impl FrameKind {
         FrameKind::Done,
         FrameKind::Notify,
         FrameKind::Failed,
+        FrameKind::Nixl,
     ];
 
     /// Whether its body is raw region bytes (bounded by the region) rather than a control message.
@@ -147,6 +151,28 @@ pub struct AgentMetadata {
     pub proof: Vec<u8>,
 }
 
+/// What an agent that runs NIXL gives a proven peer: its NIXL agent's name and metadata (`getLocalMD`: the
+/// transport's address and the keys to its registered memory), and where each of its regions starts in its
+/// address space, in region order, since NIXL descriptors name addresses rather than regions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NixlOffer {
+    pub name: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub metadata: Vec<u8>,
+    pub addresses: Vec<u64>,
+}
+
+impl NixlOffer {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Plain data: encoding cannot fail.
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, TransferFrameError> {
+        rmp_serde::from_slice(bytes).map_err(|e| TransferFrameError::Body { what: "NIXL offer", reason: e.to_string() })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionInfo {
     pub id: u32,
@@ -227,13 +253,16 @@ mod tests {
         };
         assert_eq!(AgentMetadata::from_bytes(&metadata.to_bytes()), Ok(metadata));
         assert!(AgentMetadata::from_bytes(b"\xc1garbage").is_err());
+        let offer = NixlOffer { name: "dynamo-7".into(), metadata: vec![0, 1, 2], addresses: vec![1 << 40, 4096] };
+        assert_eq!(NixlOffer::from_bytes(&offer.to_bytes()), Ok(offer));
+        assert!(NixlOffer::from_bytes(b"\xc1").is_err());
     }
 
     proptest! {
         #![proptest_config(crate::core::protocol::fuzz::config(2048))]
 
         #[test]
-        fn any_header_decodes_or_is_refused_without_panicking(bytes in prop::array::uniform32(any::<u8>()), tail in prop::array::uniform4(any::<u8>()), kind in 0u8..12) {
+        fn any_header_decodes_or_is_refused_without_panicking(bytes in prop::array::uniform32(any::<u8>()), tail in prop::array::uniform4(any::<u8>()), kind in 0u8..13) {
             let mut header = [0u8; HEADER_BYTES];
             header[..32].copy_from_slice(&bytes);
             header[32..].copy_from_slice(&tail);

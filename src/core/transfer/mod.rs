@@ -12,13 +12,16 @@
 //! its regions' memfds over an abstract unix socket, and a transfer is a copy between mappings; `tcp`
 //! otherwise: several data connections, each range read or written straight from and into region memory.
 //! Both open with the same handshake (`wire`), which proves the cluster key both ways when there is one;
-//! shm peers must also run as the same user. Bodies are not encrypted: KV pages are hundreds of MB a second
+//! shm peers must also run as the same user. A third, `nixl`, is NVIDIA's library (UCX), asked for by name:
+//! both agents run it, and its metadata travels over a proven connection (`nixl`). Bodies are not encrypted: KV pages are hundreds of MB a second
 //! and the cluster key's AES-GCM would cap a stream near its sealing speed.
+mod nixl;
 mod region;
 mod shm;
 mod tcp;
 mod wire;
 
+pub use nixl::available as nixl_available;
 pub use region::{Region, RegionError};
 
 use crate::core::protocol::transfer::{AgentMetadata, RegionInfo, TransferFrameError};
@@ -44,6 +47,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Backend {
     Shm,
     Tcp,
+    /// NVIDIA's NIXL (UCX), loaded at run time; only when asked for.
+    Nixl,
 }
 
 impl Backend {
@@ -51,6 +56,7 @@ impl Backend {
         match self {
             Backend::Shm => "shm",
             Backend::Tcp => "tcp",
+            Backend::Nixl => "nixl",
         }
     }
 }
@@ -63,7 +69,8 @@ pub struct AgentSettings {
     pub port: u16,
     /// Data connections per tcp peer.
     pub streams: usize,
-    /// Forces one backend for every peer; `None` picks shm for same-host peers and tcp for the rest.
+    /// Forces one backend for every peer; `None` picks shm for same-host peers and tcp for the rest. `nixl`
+    /// also starts a NIXL agent, without which no peer can reach this one through NIXL.
     pub backend: Option<Backend>,
     pub timeout: Duration,
     pub key: Option<ClusterKey>,
@@ -159,6 +166,7 @@ pub(crate) struct Inner {
     host: String,
     shm: Option<String>,
     notifications: mpsc::Sender<Notification>,
+    nixl: Option<Arc<nixl::NixlAgent>>,
 }
 
 impl Inner {
@@ -192,6 +200,10 @@ impl Agent {
             Some(Backend::Tcp) => None,
             _ => shm::listen(id).inspect_err(|e| tracing::warn!("no shm transfers from this agent: {e}")).ok(),
         };
+        let nixl = match settings.backend {
+            Some(Backend::Nixl) => Some(Arc::new(nixl::NixlAgent::start(id, notifications.clone())?)),
+            _ => None,
+        };
         let inner = Arc::new(Inner {
             id,
             key: settings.key.clone(),
@@ -200,6 +212,7 @@ impl Agent {
             host: host_identity(),
             shm: shm_listener.as_ref().map(|(name, _)| name.clone()),
             notifications,
+            nixl,
         });
         let mut tasks = vec![tokio::spawn(tcp::serve(inner.clone(), listener))];
         if let Some((_, listener)) = shm_listener {
@@ -221,6 +234,11 @@ impl Agent {
     pub fn register(&self, region: impl Into<Arc<Region>>) -> (RegionId, Arc<Region>) {
         let region = region.into();
         let mut regions = self.inner.regions.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(nixl) = &self.inner.nixl
+            && let Err(error) = nixl.register(region.as_mut_ptr() as u64, region.len())
+        {
+            tracing::error!("region {} cannot move through NIXL: {error}", regions.len());
+        }
         regions.push(region.clone());
         ((regions.len() - 1) as RegionId, region)
     }
@@ -249,6 +267,23 @@ impl Agent {
         let metadata = tcp.metadata.clone();
         let same_host = metadata.host == self.inner.host && metadata.shm.is_some();
         let link = match (backend, same_host) {
+            (Some(Backend::Nixl), _) => {
+                let Some(nixl) = &self.inner.nixl else {
+                    return Err(TransferError::Unavailable {
+                        backend: "nixl",
+                        why: "this agent was not started with the nixl backend".into(),
+                    });
+                };
+                let offer = tcp.nixl_offer().await?;
+                if offer.addresses.len() != metadata.regions.len() {
+                    return Err(TransferError::Descriptors(format!(
+                        "the agent at {address} offers {} regions through NIXL but lists {}",
+                        offer.addresses.len(),
+                        metadata.regions.len()
+                    )));
+                }
+                Link::Nixl { remote: nixl.load(&offer)?, _control: tcp }
+            }
             (Some(Backend::Tcp), _) | (None, false) => Link::Tcp(tcp),
             (Some(Backend::Shm), false) => {
                 return Err(TransferError::Unavailable {
@@ -285,6 +320,9 @@ impl Agent {
         let moved = match &peer.link {
             Link::Tcp(tcp) => tokio::time::timeout(timeout, tcp.transfer(direction, &ranges, notification)).await,
             Link::Shm(shm) => tokio::time::timeout(timeout, shm.transfer(direction, &ranges, notification)).await,
+            Link::Nixl { remote, .. } => {
+                tokio::time::timeout(timeout, remote.transfer(direction, &ranges, notification, timeout)).await
+            }
         };
         match moved {
             Ok(result) => result.map(|()| stats),
@@ -383,6 +421,12 @@ pub struct Peer {
 enum Link {
     Tcp(tcp::TcpPeer),
     Shm(shm::ShmPeer),
+    /// The tcp connection stays open: the peer's NIXL metadata was loaded on it, and it is kept for the
+    /// peer's lifetime as the other backends keep theirs.
+    Nixl {
+        remote: nixl::RemoteAgent,
+        _control: tcp::TcpPeer,
+    },
 }
 
 impl Peer {
@@ -394,6 +438,7 @@ impl Peer {
         match self.link {
             Link::Tcp(_) => Backend::Tcp,
             Link::Shm(_) => Backend::Shm,
+            Link::Nixl { .. } => Backend::Nixl,
         }
     }
 

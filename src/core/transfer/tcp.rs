@@ -4,7 +4,7 @@
 //! round trip on one. Bodies go straight from and into region memory: no staging buffer on either side.
 use super::wire::{self, read_header, write_frame};
 use super::{Direction, Inner, Notification, Range, TransferError};
-use crate::core::protocol::transfer::{AgentMetadata, FrameKind, TransferFrame, TransferFrameError};
+use crate::core::protocol::transfer::{AgentMetadata, FrameKind, NixlOffer, TransferFrame, TransferFrameError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -107,6 +107,25 @@ pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 write_frame(stream, TransferFrame::control(FrameKind::Done, frame.request, 0), &[]).await?;
             }
+            FrameKind::Nixl => {
+                // The connection is proven (accept ran first): only now may the NIXL keys go out.
+                match inner.nixl.as_ref().map(|nixl| nixl.offer()) {
+                    Some(Ok(offer)) => {
+                        let body = offer.to_bytes();
+                        write_frame(
+                            stream,
+                            TransferFrame::control(FrameKind::Nixl, frame.request, body.len() as u64),
+                            &body,
+                        )
+                        .await?
+                    }
+                    Some(Err(error)) => wire::fail(stream, frame.request, &error.to_string()).await?,
+                    None => {
+                        let why = "this agent offers no NIXL transfers: start it with --transfer-backend nixl";
+                        wire::fail(stream, frame.request, why).await?
+                    }
+                }
+            }
             other => {
                 let error = TransferFrameError::Unexpected { got: other, expected: "a data or control frame" };
                 let _ = wire::fail(stream, frame.request, &error.to_string()).await;
@@ -185,6 +204,16 @@ impl TcpPeer {
             result?;
         }
         Ok(())
+    }
+
+    /// The peer's NIXL metadata and region addresses, asked for on the first stream.
+    pub async fn nixl_offer(&self) -> Result<NixlOffer, TransferError> {
+        let request = self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.checkout(0).await?;
+        let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };
+        write_frame(stream, TransferFrame::control(FrameKind::Nixl, request, 0), &[]).await?;
+        let (_, body) = wire::expect(stream, FrameKind::Nixl, "the peer's NIXL offer").await?;
+        Ok(NixlOffer::from_bytes(&body)?)
     }
 
     /// Stream `i`, opened first if it is not (or was dropped after a failure).

@@ -228,3 +228,39 @@ async fn a_peer_that_says_nothing_is_given_up_on_by_either_side() {
     let closed = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the silent connection is still open");
 }
+
+#[tokio::test]
+async fn an_agent_without_nixl_refuses_its_offer_by_name_and_keeps_the_connection() {
+    let (source, _) = agent(1, Some(Backend::Tcp), None).await;
+    let (target, _) = agent(2, Some(Backend::Tcp), None).await;
+    let (_, local) = source.register(Region::new(4096).unwrap());
+    let (_, remote) = target.register(Region::new(4096).unwrap());
+    let peer = source.connect(&target.address()).await.unwrap();
+    let Link::Tcp(tcp) = &peer.link else { panic!("a tcp peer") };
+    match tcp.nixl_offer().await {
+        Err(TransferError::Refused(why)) => assert!(why.contains("start it with --transfer-backend nixl"), "{why}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|o| o.name)),
+    }
+    fill(&local, 3);
+    source.transfer(&peer, Direction::Write, &[d(0, 0, 4096)], &[d(0, 0, 4096)], None).await.unwrap();
+    assert_eq!(read(&remote, 0, 4096), pattern(3, 4096), "the connection still moves data");
+    // An agent that does not run NIXL cannot reach anyone through it.
+    match source.connect_using(&target.address(), Some(Backend::Nixl)).await {
+        Err(TransferError::Unavailable { backend: "nixl", why }) => assert!(why.contains("not started with"), "{why}"),
+        other => panic!("expected nixl to be unavailable, got {:?}", other.map(|p| p.backend())),
+    }
+}
+
+#[tokio::test]
+async fn nixl_without_its_library_is_an_error_that_says_where_to_find_it() {
+    let Err(missing) = nixl_available() else {
+        eprintln!("SKIPPED: libnixl_capi.so loads in this process; the integration tests cover NIXL itself");
+        return;
+    };
+    assert!(missing.contains("LD_LIBRARY_PATH"), "{missing}");
+    match Agent::start(1, AgentSettings { backend: Some(Backend::Nixl), ..AgentSettings::loopback(None) }) {
+        Err(TransferError::Unavailable { backend: "nixl", why }) => assert_eq!(why, missing),
+        Err(other) => panic!("expected nixl to be unavailable, got {other}"),
+        Ok(_) => panic!("an agent started without its library"),
+    }
+}
