@@ -1255,7 +1255,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1306,6 +1306,10 @@ _dynamo() {
                     return 0
                     ;;
                 --transfer-streams)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-lease)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1783,7 +1787,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1834,6 +1838,10 @@ _dynamo() {
                     return 0
                     ;;
                 --transfer-streams)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-lease)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

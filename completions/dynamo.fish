@@ -108,6 +108,7 @@ shm\t''
 tcp\t''
 nixl\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-streams -d 'Data connections per tcp peer' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-lease -d 'Seconds a prefill worker keeps a prompt\'s KV for the decode worker that should read it; past it the pages go back to the pool (a decode worker that died before reading costs no more than this)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
@@ -150,6 +151,7 @@ shm\t''
 tcp\t''
 nixl\t''"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-streams -d 'Data connections per tcp peer' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-lease -d 'Seconds a prefill worker keeps a prompt\'s KV for the decode worker that should read it; past it the pages go back to the pool (a decode worker that died before reading costs no more than this)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F

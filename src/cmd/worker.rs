@@ -66,6 +66,11 @@ pub struct TransferArgs {
     /// Data connections per tcp peer.
     #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "KV transfer")]
     pub transfer_streams: u32,
+
+    /// Seconds a prefill worker keeps a prompt's KV for the decode worker that should read it; past it the
+    /// pages go back to the pool (a decode worker that died before reading costs no more than this).
+    #[arg(long, default_value_t = crate::core::handoff::LEASE.as_secs_f64(), value_parser = lease_seconds, help_heading = "KV transfer")]
+    pub kv_lease: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,11 +81,23 @@ pub enum TransferBackend {
     Nixl,
 }
 
+/// A lease: more than nothing, at most an hour (past that, pages a dead reader held are as good as lost).
+fn lease_seconds(text: &str) -> Result<f64, String> {
+    match super::args::positive_f64(text)? {
+        seconds if seconds <= 3600.0 => Ok(seconds),
+        _ => Err(format!("expected at most 3600 seconds, got `{text}`")),
+    }
+}
+
 impl TransferArgs {
     fn settings(&self, role: Role) -> anyhow::Result<Option<worker::TransferSettings>> {
         use crate::core::transfer::Backend;
         let defaults = (0, TransferBackend::Auto, crate::core::transfer::DEFAULT_STREAMS as u32);
         let given = (self.transfer_port, self.transfer_backend, self.transfer_streams);
+        anyhow::ensure!(
+            role == Role::Prefill || self.kv_lease == crate::core::handoff::LEASE.as_secs_f64(),
+            "--kv-lease is how long a prefill worker keeps KV for its reader; a decode worker holds none"
+        );
         if role == Role::Decode && !self.kv_transfer {
             anyhow::ensure!(
                 given == defaults,
@@ -102,6 +119,7 @@ impl TransferArgs {
                 }
             },
             streams: self.transfer_streams as usize,
+            lease: super::args::seconds(self.kv_lease),
         }))
     }
 }

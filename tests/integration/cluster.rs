@@ -173,7 +173,7 @@ fn long_completion(prompt: &str, stream: bool) -> Value {
            "stream": stream})
 }
 
-fn streamed_text(payloads: &[String]) -> String {
+pub fn streamed_text(payloads: &[String]) -> String {
     payloads
         .iter()
         .filter_map(|p| serde_json::from_str::<Value>(p).ok())

@@ -1,7 +1,7 @@
 //! Disaggregated serving with real processes: prefill workers compute prompts and hand their KV to decode
 //! workers through the transfer layer, and greedy output stays what aggregated serving gives.
-use crate::cluster::over_workers;
-use crate::util::{Server, Worker, dynamo, metric};
+use crate::cluster::{over_workers, streamed_text};
+use crate::util::{Server, Worker, dynamo, metric, sse_payloads};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,18 +82,21 @@ fn cluster_file(name: &str) -> String {
 
 /// A prefill worker, a decode worker that takes KV, and a router over them, found through a cluster file.
 async fn split_cluster(name: &str) -> (Worker, Worker, Server) {
-    split_cluster_with(name, |_| {}).await
+    split_cluster_with(name, |_, _| {}).await
 }
 
-/// As `split_cluster`, with each worker's command completed by `worker` (flags, environment).
-pub async fn split_cluster_with(name: &str, worker: impl Fn(&mut std::process::Command)) -> (Worker, Worker, Server) {
+/// As `split_cluster`, with each worker's command completed by `worker` (given its role: flags, environment).
+pub async fn split_cluster_with(
+    name: &str,
+    worker: impl Fn(&str, &mut std::process::Command),
+) -> (Worker, Worker, Server) {
     let file = cluster_file(name);
     let native = ["--threads", "1", "--discovery", &file];
     let (mut prefill, mut decode) = (dynamo(), dynamo());
     prefill.arg("prefill").args(native);
     decode.args(["decode", "--kv-transfer"]).args(native);
-    worker(&mut prefill);
-    worker(&mut decode);
+    worker("prefill", &mut prefill);
+    worker("decode", &mut decode);
     let prefill = Worker::start_as("prefill", &mut prefill);
     let decode = Worker::start_as("decode", &mut decode);
     let router =
@@ -120,4 +123,62 @@ async fn a_prefill_worker_that_freezes_mid_prefill_leaves_the_prompt_to_the_deco
     let decisions = |d: &str| metric(&metrics, &format!("dynamo_router_disagg_decisions_total{{decision=\"{d}\"}}"));
     assert_eq!((decisions("remote"), decisions("local_fallback")), (Some(1.0), Some(1.0)), "{metrics}");
     prefill.signal("CONT");
+}
+
+/// A greedy completion of `prompt`'s token ids, streamed or not.
+fn completion(prompt: &[u64], stream: bool) -> Value {
+    json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stream": stream})
+}
+
+#[tokio::test]
+async fn a_prefill_worker_killed_during_its_hand_off_costs_the_decode_worker_no_pages() {
+    let (prefill, _decode, router) = split_cluster("disagg-lost-holder").await;
+    let prompt = &prompts()[1];
+    let (_, expected) = Server::native(&[]).post_json("/v1/completions", completion(prompt, false)).await;
+    // The first token comes from the prefill worker; the decode worker reads its KV at that moment. Killed
+    // then, the holder is gone before, during or just after the read, and in every case the client gets the
+    // whole answer and the decode worker's pages (set aside for the read, or computed into) go back.
+    let mut response = router.post("/v1/completions", completion(prompt, true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let (mut text, mut holder) = (String::new(), Some(prefill));
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if holder.is_some() && text.contains("data:") {
+            drop(holder.take()); // SIGKILL
+        }
+    }
+    assert_eq!(streamed_text(&sse_payloads(&text)), expected["choices"][0]["text"].as_str().unwrap(), "{text}");
+    // Once the lost worker is forgotten, what is left is the decode worker's: nothing in use.
+    router
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            m.matches("dynamo_component_kvstats_active_blocks{").count() == 1
+                && over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_decode_worker_lost_before_it_reads_holds_the_prefill_workers_pages_only_for_the_lease() {
+    let lease = |role: &str, command: &mut std::process::Command| {
+        if role == "prefill" {
+            command.args(["--kv-lease", "2"]);
+        }
+    };
+    let (_prefill, decode, router) = split_cluster_with("disagg-lost-reader", lease).await;
+    // Frozen, the decode worker is still chosen (the router has not missed its heartbeat yet), the prefill
+    // worker holds the prompt's KV for it, and nobody reads it; then it dies.
+    decode.signal("STOP");
+    let request = router.post("/v1/completions", completion(&prompts()[1], false));
+    let _ = tokio::time::timeout(Duration::from_secs(1), request).await;
+    decode.signal("KILL");
+    let held = |m: &str| over_workers(m, "dynamo_component_kv_transfers", "what=\"held\"") == Some(1.0);
+    router.wait_for_metrics(Duration::from_secs(10), held).await;
+    // The lease (2 s) ends and the pages go back; without it they would be held for good.
+    router
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            held(m)
+                && m.matches("dynamo_component_kvstats_active_blocks{").count() == 1
+                && over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
+        })
+        .await;
 }

@@ -14,4 +14,5 @@ mod nixl;
 mod openai_client;
 mod planner;
 mod structured;
+mod transfer;
 mod util;

@@ -45,7 +45,7 @@ fn bench_transfer_moves_blocks_through_nixl_between_two_processes() {
 #[tokio::test]
 async fn prompts_kv_moves_from_prefill_to_decode_worker_through_nixl() {
     let Some(dir) = library_or_skip("prompts_kv_moves_from_prefill_to_decode_worker_through_nixl") else { return };
-    let with_nixl = |command: &mut std::process::Command| {
+    let with_nixl = |_: &str, command: &mut std::process::Command| {
         command.args(["--transfer-backend", "nixl"]).env("LD_LIBRARY_PATH", &dir);
     };
     let (_prefill, _decode, router) = split_cluster_with("disagg-nixl", with_nixl).await;

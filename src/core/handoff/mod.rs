@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
-/// How long a prefill worker keeps a request's pages for the decode worker that should read them. The
-/// router sends the decode half as soon as the prefill ends, so this only has to outlast a slow read.
+/// How long a prefill worker keeps a request's pages for the decode worker that should read them, unless
+/// told otherwise (`with_lease`). The router sends the decode half as soon as the prefill ends, so this only
+/// has to outlast a slow read; it is also how long a decode worker that died before reading costs the pages.
 pub const LEASE: Duration = Duration::from_secs(60);
 /// How long a decode engine waits for a read before it computes the prompt itself: a connect and a read,
 /// each bounded by the transfer timeout, fit in it.
@@ -51,6 +52,7 @@ pub struct HandOffEngine {
     inner: Arc<dyn Engine>,
     shared: Arc<Shared>,
     notifications: Option<tokio::task::JoinHandle<()>>,
+    lease: Duration,
 }
 
 struct Shared {
@@ -135,7 +137,13 @@ impl HandOffEngine {
             peers: Default::default(),
             counts: Counts::default(),
         });
-        Ok(Self { inner: engine, shared, notifications })
+        Ok(Self { inner: engine, shared, notifications, lease: LEASE })
+    }
+
+    /// Held pages are kept for a reader this long at most.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// A simulated engine (the mocker) on `fabric`, which it joins.
@@ -154,7 +162,7 @@ impl HandOffEngine {
             peers: Default::default(),
             counts: Counts::default(),
         });
-        Ok(Self { inner: engine, shared, notifications: None })
+        Ok(Self { inner: engine, shared, notifications: None, lease: LEASE })
     }
 
     /// Where peers reach this engine's agent (`tcp://host:port`, or `sim://id` on a simulated fabric).
@@ -175,7 +183,7 @@ impl HandOffEngine {
     fn hold(&self, mut request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         request.hand_off = HandOff::None;
         let tokens = request.token_ids.len() as u32;
-        let (id, mut stream) = self.pages()?.submit_holding(request, LEASE)?;
+        let (id, mut stream) = self.pages()?.submit_holding(request, self.lease)?;
         let (outputs, receiver) = mpsc::unbounded_channel();
         let (engine, shared) = (self.inner.clone(), self.shared.clone());
         tokio::spawn(async move {

@@ -70,6 +70,8 @@ pub struct TransferSettings {
     /// Forces one backend; `None` picks shm for same-host peers and tcp for the rest.
     pub backend: Option<crate::core::transfer::Backend>,
     pub streams: usize,
+    /// How long a prefill worker keeps a prompt's pages for a decode worker that has not read them.
+    pub lease: std::time::Duration,
 }
 
 #[cfg(test)]
@@ -158,7 +160,7 @@ pub fn expose(
     let publisher = EventPublisher::bind(&context, &event_endpoint, id, HIGH_WATER_MARK)
         .map_err(|source| WorkerError::Plane { plane: "event", endpoint: event_endpoint, source })?;
     if let (Some(settings), None) = (&planes.transfer, engine.transfer_addr()) {
-        engine = Arc::new(HandOffEngine::start(engine, agent_settings(planes, settings))?);
+        engine = Arc::new(HandOffEngine::start(engine, agent_settings(planes, settings))?.with_lease(settings.lease));
     }
     // The record a router's ping is answered with: everything but the request address, which the router
     // already knows.
@@ -333,7 +335,7 @@ mod tests {
         });
         let engine =
             crate::core::engine::spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);
-        let transfer = TransferSettings { port: 0, backend: None, streams: 2 };
+        let transfer = TransferSettings { port: 0, backend: None, streams: 2, lease: crate::core::handoff::LEASE };
         let planes =
             PlaneSettings { transfer: Some(transfer.clone()), ..PlaneSettings::loopback(Role::Prefill, "x", None) };
         let worker = expose(engine.clone(), &model, 16, &planes, discovery).unwrap();
