@@ -525,8 +525,11 @@ fn worker_rows(text: &str) -> impl Iterator<Item = &str> {
 fn column(text: &str, name: &str) -> Vec<String> {
     let header = text.lines().find(|line| line.starts_with("WORKER")).expect("a header line");
     let at = header.find(name).unwrap_or_else(|| panic!("no column {name}:\n{text}"));
+    // In characters: the RUN TREND column's bars are several bytes each.
+    let at = header[..at].chars().count();
     let rows = worker_rows(text);
-    rows.map(|row| row.get(at..).unwrap_or("").split_whitespace().next().unwrap_or("").to_string()).collect()
+    rows.map(|row| row.chars().skip(at).collect::<String>().split_whitespace().next().unwrap_or("").to_string())
+        .collect()
 }
 
 #[tokio::test]

@@ -14,5 +14,6 @@ mod nixl;
 mod openai_client;
 mod planner;
 mod structured;
+mod top;
 mod transfer;
 mod util;

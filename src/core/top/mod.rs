@@ -1,8 +1,12 @@
 //! `dynamo top`: the cluster as its workers report it. Every worker discovery finds is pinged on the request
 //! plane (its answer is its record: model, role, KV capacity) and subscribed to on the event plane, and what
 //! it publishes there — load, request totals, KV-cache activity — is folded into a `ClusterView`. The view
-//! knows nothing of terminals: `ui` draws it live, `ClusterView::text` prints it once.
+//! knows nothing of terminals: `ui` draws it live, `ClusterView::text` prints it once; `history` keeps the
+//! last minutes of it for sparklines.
+pub mod history;
 pub mod ui;
+
+use history::History;
 
 use crate::core::discovery::Discovery;
 use crate::core::members::{Change, Members};
@@ -85,6 +89,8 @@ pub struct WorkerView {
     /// A router's latest traffic report.
     pub report: Option<RouterReport>,
     pub kv: KvActivity,
+    /// Its load reports over the last minutes.
+    pub history: History,
     /// Event-plane messages from it that never arrived.
     pub lost_messages: u64,
     /// When discovery named it.
@@ -115,6 +121,7 @@ impl WorkerView {
             plan: None,
             report: None,
             kv: KvActivity::default(),
+            history: History::default(),
             lost_messages: 0,
         }
     }
@@ -130,6 +137,8 @@ pub struct ClusterView {
     pub malformed: u64,
     /// How long a worker found by discovery may take to answer before it is shown as unreachable.
     pub answer_within: Duration,
+    /// The cluster's totals over the last minutes.
+    pub history: History,
 }
 
 impl ClusterView {
@@ -139,6 +148,7 @@ impl ClusterView {
             workers: BTreeMap::new(),
             malformed: 0,
             answer_within: Duration::from_secs(5),
+            history: History::default(),
         }
     }
 
@@ -183,6 +193,7 @@ impl ClusterView {
                     worker.plan = None;
                     worker.report = None;
                     worker.kv = KvActivity::default();
+                    worker.history = History::default();
                 }
             }
             WorkerStatus::Lost => worker.state = PeerState::Lost,
@@ -198,15 +209,45 @@ impl ClusterView {
         if let Continuity::Gap(lost) = delivery.continuity {
             worker.lost_messages += lost;
         }
-        let decoded = match delivery.header.topic {
+        let topic = delivery.header.topic;
+        let decoded = match topic {
             Topic::Kv => KvEventBatch::from_bytes(&delivery.payload).map(|batch| worker.kv.record(&batch, now)),
-            Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| worker.load = Some(load)),
+            Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| {
+                worker.history.record_load(now, &load, worker.stats.map(|s| s.accepted));
+                worker.load = Some(load);
+            }),
             Topic::Stats => WorkerStats::from_bytes(&delivery.payload).map(|stats| worker.stats = Some(stats)),
             Topic::Plan => Plan::from_bytes(&delivery.payload).map(|plan| worker.plan = Some(plan)),
             Topic::Router => RouterReport::from_bytes(&delivery.payload).map(|report| worker.report = Some(report)),
         };
         if decoded.is_err() {
             self.malformed += 1;
+        } else if matches!(topic, Topic::Load | Topic::Router) {
+            let totals = self.totals(now);
+            self.history.record_cluster(totals);
+        }
+    }
+
+    /// The cluster as of `now`: what alive workers run and wait on and their KV in use, and what its routers
+    /// report (requests per second, summed; the slowest median TTFT).
+    pub fn totals(&self, now: Instant) -> history::Sample {
+        // A worker that stopped answering runs nothing any more, whatever it last reported.
+        let alive = self.workers.values().filter(|w| w.state == PeerState::Alive);
+        let loads = alive.filter_map(|w| w.load.as_ref());
+        let (running, waiting, active, total) = loads.fold((0, 0, 0, 0), |(r, w, a, t), load| {
+            let (running, waiting) = (u64::from(load.requests_running), u64::from(load.requests_waiting));
+            (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
+        });
+        let reports: Vec<&RouterReport> = self.workers.values().filter_map(|w| w.report.as_ref()).collect();
+        let requests_per_s = (!reports.is_empty()).then(|| reports.iter().map(|r| r.requests_per_s).sum());
+        let ttft_ms = reports.iter().filter_map(|r| r.ttft_p50_ms.or(r.ttft_ms)).reduce(f64::max);
+        history::Sample {
+            at: now,
+            running: running as f64,
+            waiting: waiting as f64,
+            kv_active: if total > 0 { active as f64 / total as f64 } else { f64::NAN },
+            requests_per_s,
+            ttft_ms,
         }
     }
 
@@ -248,14 +289,9 @@ impl ClusterView {
 
     /// The namespace in one line: workers, requests, KV use and event-plane health over every worker.
     pub fn summary(&self, now: Instant) -> String {
-        // A worker that stopped answering runs nothing any more, whatever it last reported.
-        let alive = self.workers.values().filter(|w| w.state == PeerState::Alive);
-        let loads = alive.filter_map(|w| w.load.as_ref());
-        let (running, waiting, active, total) = loads.fold((0, 0, 0, 0), |(r, w, a, t), load| {
-            let (running, waiting) = (u64::from(load.requests_running), u64::from(load.requests_waiting));
-            (r + running, w + waiting, a + load.kv_active_blocks, t + load.kv_total_blocks)
-        });
-        let used = if total > 0 { format!("{:.1}%", 100.0 * active as f64 / total as f64) } else { "-".into() };
+        let totals = self.totals(now);
+        let (running, waiting) = (totals.running, totals.waiting);
+        let used = if totals.kv_active.is_nan() { "-".into() } else { format!("{:.1}%", 100.0 * totals.kv_active) };
         let workers = self.workers.values().filter(|w| !w.is_not_worker()).count();
         format!(
             "namespace {:?}: {workers} worker{}, {} alive; {running} running, {waiting} waiting; KV {used} active; \
@@ -328,14 +364,16 @@ impl ClusterView {
 
 /// ROUTED and REFUSED count what came over the request plane (from routers); a `dynamo run`'s own frontend
 /// reaches its workers directly, so its requests show in RUN and WAIT only. KV XFER is where the worker's
-/// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on.
-pub const COLUMNS: [&str; 14] = [
+/// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on. RUN TREND is its
+/// running requests over its last `TREND_SAMPLES` load reports.
+pub const COLUMNS: [&str; 15] = [
     "WORKER",
     "MODEL",
     "ROLE",
     "STATE",
     "RUN",
     "WAIT",
+    "RUN TREND",
     "KV ACTIVE",
     "KV HELD",
     "KV EV/S",
@@ -345,6 +383,9 @@ pub const COLUMNS: [&str; 14] = [
     "KV XFER",
     "HANDOFFS",
 ];
+
+/// Load reports a RUN TREND cell draws (a worker reports about once a second).
+pub const TREND_SAMPLES: usize = 16;
 
 /// Each column as wide as its widest cell or its title.
 pub fn column_widths(rows: &[[String; COLUMNS.len()]]) -> [usize; COLUMNS.len()] {
@@ -380,6 +421,10 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         state,
         load.map_or_else(unknown, |l| l.requests_running.to_string()),
         load.map_or_else(unknown, |l| l.requests_waiting.to_string()),
+        match worker.history.is_empty() {
+            true => unknown(),
+            false => history::sparkline(&worker.history.series(|s| Some(s.running)), TREND_SAMPLES, 1.0),
+        },
         used.unwrap_or_else(unknown),
         load.map_or_else(unknown, |l| format!("{}/{}", l.kv_active_blocks + l.kv_cached_blocks, l.kv_total_blocks)),
         format!("{:.0}", worker.kv.rate(now)),

@@ -30,6 +30,14 @@ fn stored(blocks: u64) -> KvEventBatch {
     KvEventBatch { worker_id: 7, events: vec![KvEvent::Stored { parent_hash: None, blocks }] }
 }
 
+/// A view of one worker that answered at `ENDPOINT`.
+fn one_alive_worker() -> ClusterView {
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    view
+}
+
 fn cell<'a>(view: &'a [[String; COLUMNS.len()]], row: usize, column: &str) -> &'a str {
     let at = COLUMNS.iter().position(|&c| c == column).unwrap();
     &view[row][at]
@@ -121,9 +129,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
 #[test]
 fn the_kv_event_rate_counts_the_window_even_when_an_older_sample_is_still_held() {
     let start = Instant::now();
-    let mut view = ClusterView::new("prod");
-    view.discovered(ENDPOINT.into());
-    view.status(ENDPOINT, WorkerStatus::Alive(instance(7)));
+    let mut view = one_alive_worker();
     let batch = |seq: u64| delivery(7, Topic::Kv, seq, Continuity::InOrder, stored(1).to_bytes());
     // A batch a second for six seconds: the first is outside the window by then, but nothing pruned it.
     for second in 0..6 {
@@ -421,4 +427,46 @@ fn enter_shows_the_selected_worker_in_detail_and_help_lists_the_keys() {
     press(&mut screen, "x");
     assert_eq!(screen.mode, ui::Mode::Table);
     assert_eq!(press(&mut screen, "q"), ui::Flow::Quit);
+}
+
+#[test]
+fn history_draws_each_workers_trend_in_the_table_and_the_clusters_in_the_header() {
+    let start = Instant::now();
+    let mut view = one_alive_worker();
+    assert_eq!(cell(&view.rows(start), 0, "RUN TREND"), "-", "no report yet");
+    for (second, running) in [0u32, 1, 2, 4, 8].into_iter().enumerate() {
+        let at = start + Duration::from_secs(second as u64);
+        let stats = WorkerStats { accepted: 10 * second as u64, ..WorkerStats::default() };
+        view.deliver(ENDPOINT, delivery(7, Topic::Stats, second as u64, Continuity::InOrder, stats.to_bytes()), at);
+        let load = LoadMetrics {
+            requests_running: running,
+            kv_active_blocks: 100 * u64::from(running),
+            kv_total_blocks: 1000,
+            ..LoadMetrics::default()
+        };
+        view.deliver(ENDPOINT, delivery(7, Topic::Load, second as u64, Continuity::InOrder, load.to_bytes()), at);
+    }
+    let now = start + Duration::from_secs(4);
+    assert_eq!(cell(&view.rows(now), 0, "RUN TREND"), "▁▂▃▅█");
+    let rates = view.workers[ENDPOINT].history.series(|s| s.requests_per_s);
+    assert_eq!(rates, vec![10.0; 4], "ten more accepted each second");
+    // The cluster's line: its totals once a second, drawn to the terminal's width.
+    assert_eq!(view.history.series(|s| Some(s.running)), vec![0.0, 1.0, 2.0, 4.0, 8.0]);
+    let line = ui::trend_line(&view.history, 120);
+    assert!(line.starts_with("cluster, last minutes:") && line.contains("▅█ running 8"), "{line}");
+    assert!(line.contains("KV 80.0%") && !line.contains("req/s"), "no router has reported yet: {line}");
+    assert!(line.chars().count() <= 120, "{line}");
+    assert!(ui::trend_line(&ClusterView::new("prod").history, 120).is_empty(), "nothing before the first sample");
+    let mut screen = ui::Screen::default();
+    let lines = drawn(&view, &mut screen, now);
+    assert!(lines[1].starts_with("cluster, last minutes:"), "{lines:#?}");
+    // The detail view charts the selected worker's history above its record.
+    press(&mut screen, "Down Enter");
+    let detail = drawn(&view, &mut screen, now).join("\n");
+    for title in
+        ["running: now 8, most 8 in the last 5 min", "KV active: now 80.0%, most 80.0%", "requests/s: now 10.0"]
+    {
+        assert!(detail.contains(title), "{title}: {detail}");
+    }
+    assert!(detail.contains("\"requests_running\": 8"), "the record is still shown: {detail}");
 }

@@ -1,13 +1,14 @@
 //! The live table, as bottom structures it: a `Screen` (what the operator chose: selection, sort, filter,
 //! which view), `update` (a key changes it), and `draw` (the cluster view and the screen, to widgets), so
 //! keys and drawing are tested without a terminal. Redrawn every `refresh` until q or Ctrl-C.
+use super::history::{self, History};
 use super::{COLUMNS, ClusterView, PeerState, column_widths};
 use crate::core::telemetry::LogTail;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Style, Stylize};
-use ratatui::widgets::{Block, Clear, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Block, Borders, Clear, Paragraph, Row, Sparkline, Table, TableState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -123,6 +124,7 @@ const PRIORITY: [&str; COLUMNS.len()] = [
     "ROLE",
     "KV HELD",
     "MODEL",
+    "RUN TREND",
     "ROUTED",
     "REFUSED",
     "KV EV/S",
@@ -170,8 +172,10 @@ pub fn shown_rows(screen: &Screen, rows: &[[String; COLUMNS.len()]]) -> Vec<usiz
 
 pub fn draw(frame: &mut Frame, view: &ClusterView, screen: &mut Screen, log: &[String], now: Instant) {
     let members = view.members();
-    let [header, planned, body, footer] = Layout::vertical([
+    let trend = trend_line(&view.history, usize::from(frame.area().width));
+    let [header, trends, planned, body, footer] = Layout::vertical([
         Constraint::Length(1),
+        Constraint::Length(u16::from(!trend.is_empty())),
         Constraint::Length(members.len() as u16),
         Constraint::Fill(1),
         Constraint::Length(log.len() as u16),
@@ -186,6 +190,7 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, screen: &mut Screen, log: &[S
     // The keys first: a narrow terminal cuts the end of the line.
     let title = format!("dynamo top · ? help, q quits{sorted}{filtered} · {}", view.summary(now));
     frame.render_widget(Paragraph::new(title), header);
+    frame.render_widget(Paragraph::new(trend).fg(Color::Green), trends);
     frame.render_widget(Paragraph::new(members.join("\n")).fg(Color::Cyan), planned);
     let rows = view.rows(now);
     let shown = shown_rows(screen, &rows);
@@ -197,7 +202,26 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, screen: &mut Screen, log: &[S
             |worker| serde_json::to_string_pretty(&view.member_json(worker, now)).unwrap_or_default(),
         );
         let title = selected.map_or_else(String::new, |w| format!(" {} · Esc back ", w.endpoint));
-        frame.render_widget(Paragraph::new(text).block(Block::bordered().title(title)), body);
+        let charted = selected.filter(|w| !w.history.is_empty());
+        // Beside the record on a wide terminal, else above it in at most half the body: the record is what the
+        // operator opened the view for.
+        let (charts_area, record) = match charted {
+            None => (Rect::default(), body),
+            Some(_) if body.width >= 120 => {
+                let [record, charts] =
+                    Layout::horizontal([Constraint::Fill(1), Constraint::Percentage(45)]).areas(body);
+                (charts, record)
+            }
+            Some(_) => {
+                let charts = (CHARTS.len() as u16 * CHART_LINES).min(body.height / 2 / CHART_LINES * CHART_LINES);
+                let [charts, record] = Layout::vertical([Constraint::Length(charts), Constraint::Fill(1)]).areas(body);
+                (charts, record)
+            }
+        };
+        if let Some(worker) = charted {
+            draw_charts(frame, &worker.history, charts_area);
+        }
+        frame.render_widget(Paragraph::new(text).block(Block::bordered().title(title)), record);
     } else {
         draw_table(frame, view, screen, body, &rows, &shown, now);
     }
@@ -248,6 +272,105 @@ fn draw_table(
         .row_highlight_style(Style::default().reversed())
         .block(Block::bordered().title(" workers "));
     frame.render_stateful_widget(table, body, &mut screen.table);
+}
+
+/// A series of a history: a sample's value, where known.
+type Pick = fn(&history::Sample) -> Option<f64>;
+
+/// The series a worker's detail view charts: a title, the value of a sample, and how to print it.
+const CHARTS: [(&str, Pick, Unit); 4] = [
+    ("running", |s| Some(s.running), Unit::Count),
+    ("waiting", |s| Some(s.waiting), Unit::Count),
+    ("KV active", |s| Some(s.kv_active), Unit::Share),
+    ("requests/s", |s| s.requests_per_s, Unit::Rate),
+];
+/// Each chart's lines: its title, then the bars.
+const CHART_LINES: u16 = 3;
+
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Count,
+    Share,
+    Rate,
+}
+
+impl Unit {
+    fn show(self, value: f64) -> String {
+        match self {
+            Unit::Count => format!("{value:.0}"),
+            Unit::Share => format!("{:.1}%", 100.0 * value),
+            Unit::Rate => format!("{value:.1}"),
+        }
+    }
+
+    /// Bars are integers: shares in tenths of a percent, rates in tenths.
+    fn bar(self, value: f64) -> u64 {
+        match self {
+            Unit::Count => value.max(0.0).round() as u64,
+            Unit::Share => (value.max(0.0) * 1000.0).round() as u64,
+            Unit::Rate => (value.max(0.0) * 10.0).round() as u64,
+        }
+    }
+
+    /// The smallest top of scale: one request, 10 % of the cache, one request a second.
+    fn floor(self) -> u64 {
+        match self {
+            Unit::Count => 1,
+            Unit::Share => 100,
+            Unit::Rate => 10,
+        }
+    }
+}
+
+/// A worker's history as bar charts, the latest on the right: as many as fit in `area`, in `CHARTS` order.
+fn draw_charts(frame: &mut Frame, history: &History, area: Rect) {
+    let fit = usize::from(area.height / CHART_LINES).min(CHARTS.len());
+    let lines = usize::from(area.height) / fit.max(1);
+    let areas = Layout::vertical(vec![Constraint::Length(lines as u16); fit]).split(area);
+    for ((name, pick, unit), &chart) in CHARTS.iter().zip(areas.iter()) {
+        let values = history.series(pick);
+        let width = usize::from(chart.width);
+        let shown = &values[values.len().saturating_sub(width)..];
+        let bars: Vec<u64> = shown.iter().map(|&v| unit.bar(v)).collect();
+        let top = bars.iter().copied().max().unwrap_or(0).max(unit.floor());
+        let now = values.last().map_or_else(|| "-".to_string(), |&v| unit.show(v));
+        let most = values.iter().copied().reduce(f64::max).map_or_else(|| "-".to_string(), |v| unit.show(v));
+        let title = format!(" {name}: now {now}, most {most} in the last {} min ", history::KEPT.as_secs() / 60);
+        let sparkline =
+            Sparkline::default().data(bars).max(top).block(Block::default().borders(Borders::TOP).title(title));
+        frame.render_widget(sparkline.fg(Color::Green), chart);
+    }
+}
+
+/// The cluster's history in one line of `width` characters: running, waiting and KV in use, and what the
+/// routers report (requests per second, median TTFT) once they have; empty before the first sample.
+pub fn trend_line(history: &History, width: usize) -> String {
+    let Some(last) = history.last() else { return String::new() };
+    let mut parts: Vec<(String, Vec<f64>, f64)> = vec![
+        (format!("running {:.0}", last.running), history.series(|s| Some(s.running)), 1.0),
+        (format!("waiting {:.0}", last.waiting), history.series(|s| Some(s.waiting)), 1.0),
+    ];
+    if !last.kv_active.is_nan() {
+        let kv = history.series(|s| (!s.kv_active.is_nan()).then_some(s.kv_active));
+        parts.push((format!("KV {:.1}%", 100.0 * last.kv_active), kv, 0.1));
+    }
+    if let Some(rate) = last.requests_per_s {
+        parts.push((format!("{rate:.1} req/s"), history.series(|s| s.requests_per_s), 1.0));
+    }
+    if let Some(ttft) = last.ttft_ms {
+        parts.push((format!("TTFT p50 {ttft:.0} ms"), history.series(|s| s.ttft_ms), 1.0));
+    }
+    let lead = "cluster, last minutes:";
+    let labels: usize = parts.iter().map(|(label, ..)| label.chars().count() + 3).sum::<usize>() + lead.len();
+    let each = (width.saturating_sub(labels) / parts.len()).min(60);
+    let drawn: Vec<String> = parts
+        .iter()
+        .map(|(label, values, floor)| match each {
+            0 => label.clone(),
+            _ => format!("{} {label}", history::sparkline(values, each, *floor)),
+        })
+        .collect();
+    format!("{lead} {}", drawn.join(" · "))
 }
 
 /// A `width` × `height` rectangle in the middle of `area` (smaller if it does not fit).
