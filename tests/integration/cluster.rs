@@ -293,6 +293,7 @@ async fn multicast_works(port: u16) -> bool {
         event_addr: "tcp://127.0.0.1:9".into(),
         transfer_addr: None,
         card,
+        device: String::new(),
     };
     let Ok(_registration) = announcer.register(&probe) else { return false };
     tokio::time::timeout(Duration::from_secs(10), events.recv()).await.ok().flatten().is_some()
@@ -552,6 +553,8 @@ async fn top_shows_every_worker_of_its_namespace_with_its_load_and_requests() {
     assert!(rows.iter().any(|r| r.contains("tiny-chat")) && rows.iter().any(|r| r.contains("tiny-other")), "{text}");
     // Load arrived from both and the requests were counted.
     assert!(column(&text, "KV HELD").iter().all(|cell| cell.contains('/')), "{text}");
+    assert!(column(&text, "DEVICE").iter().all(|cell| cell == "mocker"), "each worker's answer names it:\n{text}");
+    assert!(column(&text, "RUN").iter().all(|cell| cell.ends_with("/256")), "out of --max-num-seqs:\n{text}");
     let requests: u64 = column(&text, "ROUTED").iter().map(|cell| cell.parse::<u64>().unwrap_or(0)).sum();
     assert_eq!(requests, 3, "{text}");
 }

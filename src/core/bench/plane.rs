@@ -437,6 +437,7 @@ async fn run_request_plane(requests: u64, tokens: u32, key: Option<&ClusterKey>)
         event_addr: String::new(),
         transfer_addr: None,
         card,
+        device: String::new(),
     };
     let served = Served {
         engine: Arc::new(EchoEngine),

@@ -356,6 +356,7 @@ fn worker_view(id: WorkerId, load: crate::core::protocol::LoadMetrics) -> Worker
         event_addr: String::new(),
         transfer_addr: None,
         card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: load.kv_total_blocks, tokenizer_hash: 0 },
+        device: "mocker (simulated)".into(),
     };
     WorkerView::reporting(instance, load)
 }

@@ -293,6 +293,7 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
             kv_blocks: number("kv_blocks")?,
             tokenizer_hash: hex("tokenizer")?,
         },
+        device: String::new(),
     })
 }
 
@@ -310,6 +311,7 @@ mod tests {
             event_addr: format!("tcp://127.0.0.1:{}", port + 1),
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: u64::MAX },
+            device: String::new(),
         }
     }
 

@@ -288,6 +288,7 @@ mod tests {
             event_addr: format!("tcp://127.0.0.1:{}", port + 1),
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 64, kv_blocks: 8, tokenizer_hash: 0 },
+            device: String::new(),
         }
     }
 

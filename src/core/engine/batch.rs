@@ -65,6 +65,7 @@ pub struct BatchEngine {
     profile: Option<Arc<crate::core::protocol::profile::Profile>>,
     /// Checks a request's constraint before it is queued; `None` refuses constrained requests.
     grammars: Option<Compiler>,
+    device: String,
 }
 
 /// The engine's KV events: the broadcast, and the ledger of what it has said, kept under one lock so that a
@@ -125,6 +126,7 @@ impl BatchEngine {
     ) -> Self {
         let max_sequence_tokens = max_sequence_tokens.min(scheduler.max_sequence_tokens());
         let kv_memory = scheduler.executor().kv_memory();
+        let device = scheduler.executor().device();
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
         let events = Publisher { sender: broadcast::channel(EVENT_BUFFER).0, ledger: Arc::default() };
@@ -141,6 +143,7 @@ impl BatchEngine {
             kv_memory,
             profile: None,
             grammars: None,
+            device,
         }
     }
 
@@ -212,6 +215,10 @@ static NO_MEMORY: KvMemory = KvMemory { regions: Vec::new(), pages: 0, page_byte
 impl Engine for BatchEngine {
     fn worker_id(&self) -> WorkerId {
         self.worker_id
+    }
+
+    fn device(&self) -> String {
+        self.device.clone()
     }
 
     fn profile(&self) -> Option<Arc<crate::core::protocol::profile::Profile>> {

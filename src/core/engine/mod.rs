@@ -147,6 +147,12 @@ pub trait Engine: Send + Sync {
 
     /// Its KV hand-offs so far, for an engine that hands KV over in this process; `None` otherwise (a remote
     /// worker's come with its stats reports).
+    /// What it computes on, for operators: `cpu (16 threads)`, `cuda:0`, `mocker`, `vllm at URL`; empty
+    /// where it cannot say.
+    fn device(&self) -> String {
+        String::new()
+    }
+
     fn kv_transfers(&self) -> Option<crate::core::protocol::KvTransferStats> {
         None
     }

@@ -366,6 +366,10 @@ impl Engine for HandOffEngine {
         self.inner.load()
     }
 
+    fn device(&self) -> String {
+        self.inner.device()
+    }
+
     fn resend_kv_state(&self) -> bool {
         self.inner.resend_kv_state()
     }

@@ -44,6 +44,7 @@ impl Announcer {
             event_addr: publisher.endpoint().to_string(),
             transfer_addr: None,
             card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: 0, tokenizer_hash: 0 },
+            device: String::new(),
         };
         let served = Served {
             engine: Arc::new(NoEngine(id)),

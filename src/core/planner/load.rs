@@ -137,6 +137,7 @@ mod tests {
             kv_cached_blocks: 7,
             kv_total_blocks: 100,
             engine_down: false,
+            max_running: 0,
         };
         pool.add(&load(4, 2, 80));
         pool.add(&load(0, 0, 0));

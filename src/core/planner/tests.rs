@@ -50,6 +50,7 @@ fn view(decode: usize, prefill: usize, pressure: f64) -> ClusterView {
             event_addr: String::new(),
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 1 },
+            device: String::new(),
         };
         let load = LoadMetrics {
             requests_running: 1,

@@ -52,6 +52,10 @@ pub struct Instance {
     /// role: an aggregated worker, which prefills and decodes its own requests.
     pub transfer_addr: Option<String>,
     pub card: ModelCardSummary,
+    /// What it computes on (`Engine::device`), for operators. A worker's answer to a ping carries it;
+    /// discovery records do not (empty).
+    #[serde(default)]
+    pub device: String,
 }
 
 impl Instance {

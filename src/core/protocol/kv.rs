@@ -377,6 +377,9 @@ pub struct LoadMetrics {
     /// worker until it says otherwise.
     #[serde(default)]
     pub engine_down: bool,
+    /// The most requests it runs at once (`--max-num-seqs`); 0 where unknown (an external engine).
+    #[serde(default)]
+    pub max_running: u32,
 }
 
 /// A worker's running totals on the request plane since it started, published on the `stats` topic.

@@ -129,6 +129,7 @@ mod tests {
             event_addr: "tcp://127.0.0.1:2".into(),
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 3 },
+            device: String::new(),
         }
     }
 

@@ -588,6 +588,7 @@ mod tests {
             event_addr: publisher.endpoint().to_string(),
             transfer_addr: None,
             card,
+            device: String::new(),
         };
         let mocker =
             MockerEngine::spawn(id, MockerConfig { speedup: 100.0, ..MockerConfig::default() }, (0..1000).collect());

@@ -324,9 +324,9 @@ impl ClusterView {
             fields.insert("id".into(), format!("{:016x}", instance.id).into());
         }
         serde_json::json!({
+            // What changes first, the record last: the detail view shows this, and a short terminal cuts the end.
             "endpoint": w.endpoint,
             "state": self.state(w, now),
-            "record": record,
             "load": w.load,
             "stats": w.stats,
             "plan": w.plan,
@@ -336,6 +336,7 @@ impl ClusterView {
             "kv_removed_blocks": w.kv.removed_blocks,
             "kv_events_per_s": w.kv.rate(now),
             "lost_messages": w.lost_messages,
+            "record": record,
         })
     }
 
@@ -364,12 +365,14 @@ impl ClusterView {
 
 /// ROUTED and REFUSED count what came over the request plane (from routers); a `dynamo run`'s own frontend
 /// reaches its workers directly, so its requests show in RUN and WAIT only. KV XFER is where the worker's
-/// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on. RUN TREND is its
-/// running requests over its last `TREND_SAMPLES` load reports.
-pub const COLUMNS: [&str; 15] = [
+/// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on. RUN is out of the
+/// most it runs at once where it says (`--max-num-seqs`); RUN TREND is its running requests over its last
+/// `TREND_SAMPLES` load reports. DEVICE is what it computes on, as its answer to a ping says.
+pub const COLUMNS: [&str; 16] = [
     "WORKER",
     "MODEL",
     "ROLE",
+    "DEVICE",
     "STATE",
     "RUN",
     "WAIT",
@@ -418,8 +421,12 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         instance.map_or_else(unknown, |i| format!("{:016x}", i.id)),
         instance.map_or_else(unknown, |i| i.model.clone()),
         instance.map_or_else(unknown, |i| i.role.name().to_string()),
+        instance.map(|i| i.device.clone()).filter(|d| !d.is_empty()).unwrap_or_else(unknown),
         state,
-        load.map_or_else(unknown, |l| l.requests_running.to_string()),
+        load.map_or_else(unknown, |l| match l.max_running {
+            0 => l.requests_running.to_string(),
+            most => format!("{}/{most}", l.requests_running),
+        }),
         load.map_or_else(unknown, |l| l.requests_waiting.to_string()),
         match worker.history.is_empty() {
             true => unknown(),

@@ -18,6 +18,7 @@ fn instance(id: u64) -> Instance {
         event_addr: "tcp://0.0.0.0:7101".into(),
         transfer_addr: None,
         card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: 1 },
+        device: String::new(),
     }
 }
 
@@ -63,6 +64,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
         kv_total_blocks: 1000,
         kv_cached_blocks: 50,
         engine_down: false,
+        max_running: 0,
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
     let stats = WorkerStats { accepted: 12, refused: 2, ..WorkerStats::default() };
@@ -81,6 +83,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
     assert_eq!((cell(&rows, 0, "KV ACTIVE"), cell(&rows, 0, "KV HELD")), ("25.0%", "300/1000"));
     assert_eq!((cell(&rows, 0, "ROUTED"), cell(&rows, 0, "REFUSED")), ("12", "2"));
     assert_eq!(cell(&rows, 0, "KV XFER"), "-", "no transfer agent");
+    assert_eq!(cell(&rows, 0, "DEVICE"), "-", "a record from discovery names no device");
     let worker = &view.workers[ENDPOINT];
     assert_eq!((worker.kv.events, worker.kv.stored_blocks, worker.lost_messages), (2, 6, 2));
     // Two events over the two seconds since the first one.
@@ -221,6 +224,7 @@ fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys()
         kv_total_blocks: 16384,
         kv_cached_blocks: 28,
         engine_down: false,
+        max_running: 0,
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
     let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
@@ -442,12 +446,14 @@ fn history_draws_each_workers_trend_in_the_table_and_the_clusters_in_the_header(
             requests_running: running,
             kv_active_blocks: 100 * u64::from(running),
             kv_total_blocks: 1000,
+            max_running: 16,
             ..LoadMetrics::default()
         };
         view.deliver(ENDPOINT, delivery(7, Topic::Load, second as u64, Continuity::InOrder, load.to_bytes()), at);
     }
     let now = start + Duration::from_secs(4);
     assert_eq!(cell(&view.rows(now), 0, "RUN TREND"), "▁▂▃▅█");
+    assert_eq!(cell(&view.rows(now), 0, "RUN"), "8/16", "out of its --max-num-seqs");
     let rates = view.workers[ENDPOINT].history.series(|s| s.requests_per_s);
     assert_eq!(rates, vec![10.0; 4], "ten more accepted each second");
     // The cluster's line: its totals once a second, drawn to the terminal's width.
@@ -460,12 +466,12 @@ fn history_draws_each_workers_trend_in_the_table_and_the_clusters_in_the_header(
     let mut screen = ui::Screen::default();
     let lines = drawn(&view, &mut screen, now);
     assert!(lines[1].starts_with("cluster, last minutes:"), "{lines:#?}");
-    // The detail view charts the selected worker's history above its record.
+    // The detail view gauges how full the selected worker is and charts its history, beside its record.
     press(&mut screen, "Down Enter");
     let detail = drawn(&view, &mut screen, now).join("\n");
-    for title in
-        ["running: now 8, most 8 in the last 5 min", "KV active: now 80.0%, most 80.0%", "requests/s: now 10.0"]
-    {
+    let titles =
+        ["running: now 8, most 8 in the last 5 min", "KV active: now 80.0%, most 80.0%", "requests/s: now 10.0"];
+    for title in titles.into_iter().chain(["KV active  80.0%", "running 8 of 16"]) {
         assert!(detail.contains(title), "{title}: {detail}");
     }
     assert!(detail.contains("\"requests_running\": 8"), "the record is still shown: {detail}");

@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Style, Stylize};
-use ratatui::widgets::{Block, Borders, Clear, Paragraph, Row, Sparkline, Table, TableState};
+use ratatui::widgets::{Block, Borders, Clear, LineGauge, Paragraph, Row, Sparkline, Table, TableState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,7 @@ const PRIORITY: [&str; COLUMNS.len()] = [
     "RUN TREND",
     "ROUTED",
     "REFUSED",
+    "DEVICE",
     "KV EV/S",
     "HANDOFFS",
     "ENDPOINT",
@@ -214,12 +215,16 @@ pub fn draw(frame: &mut Frame, view: &ClusterView, screen: &mut Screen, log: &[S
             }
             Some(_) => {
                 let charts = (CHARTS.len() as u16 * CHART_LINES).min(body.height / 2 / CHART_LINES * CHART_LINES);
+                let charts = charts + GAUGES;
                 let [charts, record] = Layout::vertical([Constraint::Length(charts), Constraint::Fill(1)]).areas(body);
                 (charts, record)
             }
         };
         if let Some(worker) = charted {
-            draw_charts(frame, &worker.history, charts_area);
+            let [gauges, charts] =
+                Layout::vertical([Constraint::Length(GAUGES), Constraint::Fill(1)]).areas(charts_area);
+            draw_gauges(frame, worker, gauges);
+            draw_charts(frame, &worker.history, charts);
         }
         frame.render_widget(Paragraph::new(text).block(Block::bordered().title(title)), record);
     } else {
@@ -320,6 +325,25 @@ impl Unit {
             Unit::Rate => 10,
         }
     }
+}
+
+/// Lines the detail view's gauges take: KV in use, and running of the most it runs.
+const GAUGES: u16 = 2;
+
+/// How full a worker is now: its KV in use by running requests, and its running requests against the most it
+/// runs at once (`--max-num-seqs`) where it says.
+fn draw_gauges(frame: &mut Frame, worker: &super::WorkerView, area: Rect) {
+    let Some(load) = worker.load else { return };
+    let [kv_area, running_area] = Layout::vertical([Constraint::Length(1); 2]).areas(area);
+    let kv = load.kv_active_blocks as f64 / load.kv_total_blocks.max(1) as f64;
+    let label = format!("KV active {:>5.1}% ", 100.0 * kv);
+    frame.render_widget(LineGauge::default().ratio(kv.clamp(0.0, 1.0)).label(label).fg(Color::Green), kv_area);
+    let (running, most) = (load.requests_running, load.max_running);
+    let (ratio, label) = match most {
+        0 => (0.0, format!("running {running} (its limit unknown) ")),
+        most => (f64::from(running) / f64::from(most), format!("running {running} of {most} ")),
+    };
+    frame.render_widget(LineGauge::default().ratio(ratio.clamp(0.0, 1.0)).label(label).fg(Color::Green), running_area);
 }
 
 /// A worker's history as bar charts, the latest on the right: as many as fit in `area`, in `CHARTS` order.

@@ -178,6 +178,7 @@ pub fn expose(
             kv_blocks: engine.load().kv_total_blocks,
             tokenizer_hash: model.tokenizer_hash,
         },
+        device: engine.device(),
     };
     let request_endpoint = tcp(planes.request_port);
     let kv_published = Arc::new(AtomicU64::new(0));

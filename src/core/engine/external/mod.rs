@@ -394,6 +394,10 @@ impl Engine for ExternalEngine {
         self.shared.events.subscribe()
     }
 
+    fn device(&self) -> String {
+        format!("{} at {}", self.shared.kind.name(), self.shared.http.base())
+    }
+
     fn load(&self) -> LoadMetrics {
         let gauges = *self.shared.gauges.lock().unwrap_or_else(|e| e.into_inner());
         let total = gauges.num_blocks.unwrap_or(0);
@@ -409,6 +413,7 @@ impl Engine for ExternalEngine {
             kv_cached_blocks: stored.saturating_sub(active),
             kv_total_blocks: total,
             engine_down: !self.shared.alive.load(Ordering::Relaxed),
+            max_running: 0,
         }
     }
 

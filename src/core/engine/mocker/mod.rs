@@ -57,6 +57,10 @@ impl Executor for MockExecutor {
     /// A mix of the seed and every token so far; decides the next token.
     type Sampler = u64;
 
+    fn device(&self) -> String {
+        "mocker (simulated)".into()
+    }
+
     fn sampler(&self, request: &PreprocessedRequest, seed: u64) -> u64 {
         request.token_ids.iter().fold(splitmix64(seed), |s, &t| mix(s, t))
     }

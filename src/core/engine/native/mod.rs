@@ -188,6 +188,10 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         SeqSampler::new(request, seed)
     }
 
+    fn device(&self) -> String {
+        self.model.backend().describe()
+    }
+
     fn kv_memory(&self) -> Option<super::KvMemory> {
         Some(super::KvMemory {
             regions: self.model.cache_memory(&self.cache)?,

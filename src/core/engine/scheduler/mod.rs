@@ -71,6 +71,11 @@ pub trait Executor: Send + 'static {
     fn kv_memory(&self) -> Option<super::KvMemory> {
         None
     }
+
+    /// What it computes on, for operators (`Engine::device`).
+    fn device(&self) -> String {
+        String::new()
+    }
 }
 
 /// The part of one sequence a step computes: tokens `start..end` of `tokens`, whose KV goes into `pages`.
@@ -409,6 +414,7 @@ impl<X: Executor> Scheduler<X> {
             kv_cached_blocks: self.pool.cached_blocks() as u64,
             kv_total_blocks: self.pool.capacity() as u64,
             engine_down: false,
+            max_running: self.config.max_num_seqs as u32,
         }
     }
 

@@ -13,6 +13,7 @@ fn instance(id: u64) -> Instance {
         event_addr: String::new(),
         transfer_addr: None,
         card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1024, tokenizer_hash: 1 },
+        device: String::new(),
     }
 }
 
