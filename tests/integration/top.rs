@@ -56,8 +56,10 @@ async fn top_in_a_terminal_follows_workers_under_load_and_shows_one_killed() {
         let base = router.base.clone();
         async move {
             let client = reqwest::Client::new();
-            loop {
-                let body = json!({"model": "tiny-chat", "prompt": "a load for top to see", "max_tokens": 64});
+            // Prompts of their own, so no worker's cache draws them all.
+            for i in 0u64.. {
+                let prompt = format!("{i} a load for top to see");
+                let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 64});
                 let _ = client.post(format!("{base}/v1/completions")).json(&body).send().await;
             }
         }
@@ -72,8 +74,18 @@ async fn top_in_a_terminal_follows_workers_under_load_and_shows_one_killed() {
     let screen =
         tmux.wait_for("two workers alive and a router's traffic", |s| alive(s) == 2 && s.contains("requests/s")).await;
     assert!(screen.contains("dynamo top · ? help, q quits"), "{screen}");
-    // Under load, history builds: the cluster's line and each worker's trend.
+    // Under load, history builds: the cluster's line and each worker's trend; the router says where its
+    // requests went.
     tmux.wait_for("the cluster's history", |s| s.contains("cluster, last minutes:") && s.contains("req/s")).await;
+    let routed = |screen: &str| screen.lines().find(|l| l.trim_start().starts_with("routed to:")).map(str::to_string);
+    let screen =
+        tmux.wait_for("the router's decisions per worker", |s| routed(s).is_some_and(|l| l.contains(" · "))).await;
+    let ids: Vec<String> = (screen.lines())
+        .filter(|l| l.contains(" decode "))
+        .filter_map(|l| l.split(|c: char| c == '│' || c.is_whitespace()).find(|w| w.len() == 16).map(str::to_string))
+        .collect();
+    let line = routed(&screen).unwrap_or_default();
+    assert!(ids.len() == 2 && ids.iter().all(|id| line.contains(id.as_str())), "both workers by id: {line}\n{screen}");
 
     drop(first); // SIGKILL
     let lost = |screen: &str| screen.lines().any(|l| l.contains(" decode ") && l.contains(" lost "));

@@ -86,7 +86,7 @@ pub fn start(state: &FrontendState, served: &Served, specs: Vec<ChoiceSpec>) -> 
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
         let engine = served.router.route_migrating(spec.request.clone())?;
-        state.metrics.routed(&served.model.card.name, engine.overlap_blocks);
+        state.metrics.routed(&served.model.card.name, engine.worker_id(), engine.overlap_blocks);
         streams.push(choice_stream(served.model.clone(), spec, engine));
     }
     Ok(stream::select_all(streams))

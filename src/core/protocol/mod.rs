@@ -24,6 +24,6 @@ pub use engine::{
 };
 pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
 pub use plan::{Forecast, Plan};
-pub use router::{ModelReport, RouterReport};
+pub use router::{ModelReport, RoutedTo, RouterReport};
 #[cfg(test)]
 pub(crate) mod fuzz;

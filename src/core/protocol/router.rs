@@ -29,6 +29,17 @@ pub struct RouterReport {
     /// The same per model, for a router that serves several (empty when it serves one).
     #[serde(default)]
     pub models: Vec<ModelReport>,
+    /// Where its requests went: each worker it chose over the interval, busiest first.
+    #[serde(default)]
+    pub routed: Vec<RoutedTo>,
+}
+
+/// The requests a router sent one worker over the interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutedTo {
+    /// Its id as the hex every view shows (a number past 2^53 is rounded by JSON readers).
+    pub worker: String,
+    pub requests_per_s: f64,
 }
 
 /// One model's share of a router's traffic over the interval.

@@ -22,7 +22,7 @@ use crate::core::plane::PlaneError;
 use crate::core::plane::request::{KvSnapshot, WorkerClient};
 use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
-use crate::core::protocol::{KvEventBatch, LoadMetrics, ModelReport, RouterReport, WorkerId, WorkerStats};
+use crate::core::protocol::{KvEventBatch, LoadMetrics, ModelReport, RoutedTo, RouterReport, WorkerId, WorkerStats};
 use crate::core::router::{Pool, Router, RouterConfig, RouterMode};
 use crate::core::telemetry::{Latencies, Metrics, ModelTraffic, PlaneEvent, Traffic};
 use crate::core::trust::ClusterKey;
@@ -185,6 +185,7 @@ async fn report_traffic(mut announcer: Announcer, metrics: Arc<Metrics>, state: 
         if state.served().len() > 1 {
             report.models = models.into_iter().map(|(model, traffic)| model_report(model, traffic, seconds)).collect();
         }
+        report.routed = routed_report(metrics.take_routed(), seconds);
         announcer.publish(&report);
         last = now;
     }
@@ -208,7 +209,18 @@ pub fn traffic_report(interval: &Traffic, latencies: &Latencies, seconds: f64, w
         prefix_hit: (interval.input_tokens > 0).then(|| interval.cached_tokens as f64 / interval.input_tokens as f64),
         workers: u32::try_from(workers).unwrap_or(u32::MAX),
         models: Vec::new(),
+        routed: Vec::new(),
     }
+}
+
+/// Requests per worker over an interval, busiest first.
+pub fn routed_report(mut routed: Vec<(u64, u64)>, seconds: f64) -> Vec<RoutedTo> {
+    routed.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let per_second = |count: u64| count as f64 / seconds.max(1e-9);
+    routed
+        .into_iter()
+        .map(|(worker, count)| RoutedTo { worker: format!("{worker:016x}"), requests_per_s: per_second(count) })
+        .collect()
 }
 
 /// One model's part of an interval's traffic.

@@ -52,6 +52,8 @@ pub struct Metrics {
     latencies: std::sync::Mutex<[Reservoir; 2]>,
     /// This interval's traffic per model (`take_model_traffic`).
     model_traffic: std::sync::Mutex<std::collections::BTreeMap<String, ModelTraffic>>,
+    /// Requests routed to each worker since the last report (bounded by the workers routed to).
+    routed_to: std::sync::Mutex<std::collections::HashMap<WorkerId, u64>>,
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -457,6 +459,7 @@ impl Metrics {
             traffic: Default::default(),
             latencies: Default::default(),
             model_traffic: Default::default(),
+            routed_to: Default::default(),
             predictions: Default::default(),
             targets: Default::default(),
             planner_workers: gauge(
@@ -700,9 +703,15 @@ impl Metrics {
         }
     }
 
-    /// Records one routing decision's overlap with the chosen worker's cache.
-    pub fn routed(&self, model: &str, overlap_blocks: u32) {
+    /// Records one routing decision: the worker chosen, and its overlap with that worker's cache.
+    pub fn routed(&self, model: &str, worker: WorkerId, overlap_blocks: u32) {
         self.overlap_blocks.with_label_values(&[model]).observe(f64::from(overlap_blocks));
+        *self.routed_to.lock().unwrap_or_else(|p| p.into_inner()).entry(worker).or_default() += 1;
+    }
+
+    /// Requests routed to each worker since the last call, and a fresh start (a router's report).
+    pub fn take_routed(&self) -> Vec<(WorkerId, u64)> {
+        std::mem::take(&mut *self.routed_to.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect()
     }
 
     /// Counts a request refused before it reached an engine (bad input, busy).

@@ -457,7 +457,26 @@ fn router_lines(id: &str, report: Option<&RouterReport>) -> Vec<String> {
             hit(m.prefix_hit)
         )
     });
-    std::iter::once(router_line(id, r)).chain(models).collect()
+    std::iter::once(router_line(id, r)).chain(models).chain(routed_line(&r.routed)).collect()
+}
+
+/// Workers a router's report names past this are summed up in one "more".
+const ROUTED_SHOWN: usize = 8;
+
+/// Where a router's requests went over its last interval, busiest first; nothing when none went anywhere.
+fn routed_line(routed: &[crate::core::protocol::RoutedTo]) -> Option<String> {
+    let total: f64 = routed.iter().map(|r| r.requests_per_s).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut shown: Vec<String> = (routed.iter().take(ROUTED_SHOWN))
+        .map(|r| format!("{} {:.1}/s ({:.0}%)", r.worker, r.requests_per_s, 100.0 * r.requests_per_s / total))
+        .collect();
+    if routed.len() > ROUTED_SHOWN {
+        let rest: f64 = routed[ROUTED_SHOWN..].iter().map(|r| r.requests_per_s).sum();
+        shown.push(format!("{} more {rest:.1}/s", routed.len() - ROUTED_SHOWN));
+    }
+    Some(format!("  routed to: {}", shown.join(" · ")))
 }
 
 /// Median / 99th percentile when the report has them, else the mean.

@@ -311,6 +311,9 @@ fn a_routers_traffic_is_shown_under_the_summary() {
             },
             crate::core::protocol::ModelReport { model: "other".into(), requests_per_s: 2.5, ..Default::default() },
         ],
+        routed: [("00000000000000a1", 10.0), ("00000000000000b2", 2.5)]
+            .map(|(worker, requests_per_s)| crate::core::protocol::RoutedTo { worker: worker.into(), requests_per_s })
+            .to_vec(),
         ..Default::default()
     };
     view.deliver(router_at, delivery(8, Topic::Router, 0, Continuity::InOrder, report.to_bytes()), now);
@@ -321,10 +324,12 @@ fn a_routers_traffic_is_shown_under_the_summary() {
              ITL 8.0 ms, prefix hit 44%, 3 workers",
             "  model tiny-chat: 10.0 requests/s, 600 tokens/s, TTFT p50 90.0 / p99 400.0 ms, prefix hit 50%",
             "  model other: 2.5 requests/s, 0 tokens/s, TTFT -, prefix hit -",
+            "  routed to: 00000000000000a1 10.0/s (80%) · 00000000000000b2 2.5/s (20%)",
         ]
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
+    assert_eq!(view.json(now)["workers"][0]["report"]["routed"][0]["worker"], "00000000000000a1", "ids as hex");
 }
 
 /// Three alive workers of two models with different loads.
