@@ -86,6 +86,7 @@ async fn top_in_a_terminal_follows_workers_under_load_and_shows_one_killed() {
         .collect();
     let line = routed(&screen).unwrap_or_default();
     assert!(ids.len() == 2 && ids.iter().all(|id| line.contains(id.as_str())), "both workers by id: {line}\n{screen}");
+    assert!(line.contains("TTFT p50"), "each worker's TTFT as the router saw it: {line}");
 
     drop(first); // SIGKILL
     let lost = |screen: &str| screen.lines().any(|l| l.contains(" decode ") && l.contains(" lost "));

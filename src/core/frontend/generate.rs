@@ -69,6 +69,8 @@ pub struct ChoiceDelta {
     pub prompt_token_ids: Option<Vec<u32>>,
     /// An embedding request's result, on its one delta.
     pub embedding: Option<Vec<f32>>,
+    /// The worker its first token came from, on the delta that carries that token.
+    pub first_token_from: Option<crate::core::protocol::WorkerId>,
 }
 
 impl ChoiceDelta {
@@ -99,12 +101,14 @@ struct ChoiceState {
     decoder: IncrementalDecoder,
     stops: StopStringMatcher,
     started: bool,
+    /// Whether a token came yet.
+    answered: bool,
 }
 
 fn choice_stream(model: Arc<Model>, spec: ChoiceSpec, engine: MigratingStream) -> BoxStream<'static, ChoiceDelta> {
     let decoder = IncrementalDecoder::new(&spec.request.token_ids, spec.text.skip_special_tokens);
     let stops = StopStringMatcher::new(spec.text.stop.clone(), spec.text.include_stop_str);
-    let state = ChoiceState { spec, model, engine, decoder, stops, started: false };
+    let state = ChoiceState { spec, model, engine, decoder, stops, started: false, answered: false };
     stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         let delta = state.next_delta().await;
@@ -127,6 +131,9 @@ impl ChoiceState {
         delta.cached_tokens = output.cached_tokens;
         delta.new_tokens = output.token_ids.len();
         delta.embedding = output.embedding.take();
+        if delta.new_tokens > 0 && !std::mem::replace(&mut self.answered, true) {
+            delta.first_token_from = Some(self.engine.worker_id());
+        }
         if self.spec.text.token_ids {
             delta.token_ids = Some(output.token_ids.clone());
             if !std::mem::replace(&mut self.started, true) {
@@ -203,6 +210,9 @@ impl Tracker {
     pub fn observe(&mut self, delta: &ChoiceDelta) {
         self.completion_tokens += delta.new_tokens;
         self.metrics.tokens(delta.new_tokens);
+        if let Some(worker) = delta.first_token_from {
+            self.metrics.first_token_from(worker);
+        }
         if let (Some(cached), Some(slot)) = (delta.cached_tokens, self.cached_tokens.get_mut(delta.prompt_index)) {
             // Choices of one prompt may land on different workers; report the best hit.
             let best = slot.map_or(cached, |c| c.max(cached));

@@ -40,6 +40,9 @@ pub struct RoutedTo {
     /// Its id as the hex every view shows (a number past 2^53 is rounded by JSON readers).
     pub worker: String,
     pub requests_per_s: f64,
+    /// Median time to first token of its requests, ms; `None` without one in the interval.
+    #[serde(default)]
+    pub ttft_p50_ms: Option<f64>,
 }
 
 /// One model's share of a router's traffic over the interval.

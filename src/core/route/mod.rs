@@ -24,7 +24,7 @@ use crate::core::protocol::discovery::{Instance, Role};
 use crate::core::protocol::plane::{Payload, Topic};
 use crate::core::protocol::{KvEventBatch, LoadMetrics, ModelReport, RoutedTo, RouterReport, WorkerId, WorkerStats};
 use crate::core::router::{Pool, Router, RouterConfig, RouterMode};
-use crate::core::telemetry::{Latencies, Metrics, ModelTraffic, PlaneEvent, Traffic};
+use crate::core::telemetry::{Latencies, Metrics, ModelTraffic, PlaneEvent, Traffic, WorkerTraffic};
 use crate::core::trust::ClusterKey;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -214,12 +214,15 @@ pub fn traffic_report(interval: &Traffic, latencies: &Latencies, seconds: f64, w
 }
 
 /// Requests per worker over an interval, busiest first.
-pub fn routed_report(mut routed: Vec<(u64, u64)>, seconds: f64) -> Vec<RoutedTo> {
-    routed.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+pub fn routed_report(mut routed: Vec<(u64, WorkerTraffic)>, seconds: f64) -> Vec<RoutedTo> {
+    routed.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
     let per_second = |count: u64| count as f64 / seconds.max(1e-9);
-    routed
-        .into_iter()
-        .map(|(worker, count)| RoutedTo { worker: format!("{worker:016x}"), requests_per_s: per_second(count) })
+    (routed.into_iter())
+        .map(|(worker, mut traffic)| RoutedTo {
+            worker: format!("{worker:016x}"),
+            requests_per_s: per_second(traffic.requests),
+            ttft_p50_ms: Latencies::quantile_ms(&traffic.ttft_us(), 0.5),
+        })
         .collect()
 }
 

@@ -52,8 +52,9 @@ pub struct Metrics {
     latencies: std::sync::Mutex<[Reservoir; 2]>,
     /// This interval's traffic per model (`take_model_traffic`).
     model_traffic: std::sync::Mutex<std::collections::BTreeMap<String, ModelTraffic>>,
-    /// Requests routed to each worker since the last report (bounded by the workers routed to).
-    routed_to: std::sync::Mutex<std::collections::HashMap<WorkerId, u64>>,
+    /// Requests routed to each worker since the last report, and their times to first token (bounded by the
+    /// workers routed to).
+    routed_to: std::sync::Mutex<std::collections::HashMap<WorkerId, WorkerTraffic>>,
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -195,6 +196,20 @@ pub struct ModelTraffic {
 
 impl ModelTraffic {
     /// The times to first token seen (a uniform sample), in microseconds.
+    pub fn ttft_us(&mut self) -> Vec<u32> {
+        self.ttft.take()
+    }
+}
+
+/// What a router sent one worker over an interval (`Metrics::take_routed`).
+#[derive(Debug, Default)]
+pub struct WorkerTraffic {
+    pub requests: u64,
+    ttft: Reservoir,
+}
+
+impl WorkerTraffic {
+    /// The times to first token its requests saw (a uniform sample), in microseconds.
     pub fn ttft_us(&mut self) -> Vec<u32> {
         self.ttft.take()
     }
@@ -706,12 +721,20 @@ impl Metrics {
     /// Records one routing decision: the worker chosen, and its overlap with that worker's cache.
     pub fn routed(&self, model: &str, worker: WorkerId, overlap_blocks: u32) {
         self.overlap_blocks.with_label_values(&[model]).observe(f64::from(overlap_blocks));
-        *self.routed_to.lock().unwrap_or_else(|p| p.into_inner()).entry(worker).or_default() += 1;
+        self.routed_to.lock().unwrap_or_else(|p| p.into_inner()).entry(worker).or_default().requests += 1;
     }
 
     /// Requests routed to each worker since the last call, and a fresh start (a router's report).
-    pub fn take_routed(&self) -> Vec<(WorkerId, u64)> {
+    pub fn take_routed(&self) -> Vec<(WorkerId, WorkerTraffic)> {
         std::mem::take(&mut *self.routed_to.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect()
+    }
+
+    /// A first token from `worker`, `micros` after its request came; counted only for a worker routed to in
+    /// this interval (the map stays bounded by the router's own choices).
+    fn first_token_from(&self, worker: WorkerId, micros: u64) {
+        if let Some(traffic) = self.routed_to.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&worker) {
+            traffic.ttft.add(u32::try_from(micros).unwrap_or(u32::MAX));
+        }
     }
 
     /// Counts a request refused before it reached an engine (bad input, busy).
@@ -843,6 +866,12 @@ impl RequestMetrics {
 
     pub fn finish(&mut self, success: bool) {
         self.status = Some(if success { "success" } else { "error" });
+    }
+
+    /// One of its choices had its first token from `worker`: that worker's TTFT, for the router's report.
+    pub fn first_token_from(&self, worker: WorkerId) {
+        let micros = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.first_token_from(worker, micros);
     }
 }
 
@@ -984,6 +1013,22 @@ mod tests {
         assert_eq!((a.requests, a.input_tokens, a.cached_tokens, a.output_tokens), (2, 16, 10, 5));
         assert_eq!(a.ttft_us().len(), 2, "one time to first token per request");
         assert!(metrics.take_model_traffic().is_empty(), "taken: the next interval starts empty");
+    }
+
+    #[test]
+    fn each_chosen_worker_is_counted_with_its_first_tokens_and_only_chosen_ones() {
+        let metrics = Arc::new(Metrics::new());
+        for worker in [7, 7, 9] {
+            metrics.routed("m", worker, 0);
+            metrics.request("m", "completions", true).first_token_from(worker);
+        }
+        // A worker the router did not choose this interval (a claim on the wire) adds no entry.
+        metrics.request("m", "completions", true).first_token_from(12);
+        let mut taken = metrics.take_routed();
+        taken.sort_by_key(|(worker, _)| *worker);
+        assert_eq!(taken.iter().map(|(w, t)| (*w, t.requests)).collect::<Vec<_>>(), [(7, 2), (9, 1)]);
+        assert_eq!(taken[0].1.ttft_us().len(), 2, "one first token per request");
+        assert!(metrics.take_routed().is_empty(), "taken: the next interval starts empty");
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct Sample {
     /// Requests per second since the previous sample (a worker: accepted over the request plane; the
     /// cluster: what its routers report), `None` where unknown.
     pub requests_per_s: Option<f64>,
-    /// Median time to first token the routers report, in ms (the cluster only).
+    /// Median time to first token the routers report, in ms (a worker's: as a router saw its requests).
     pub ttft_ms: Option<f64>,
 }
 
@@ -71,6 +71,13 @@ impl History {
             || self.samples.front().is_some_and(|s| sample.at.saturating_duration_since(s.at) > KEPT)
         {
             self.samples.pop_front();
+        }
+    }
+
+    /// A router's median TTFT for this worker, on its latest sample (routers report every few seconds).
+    pub fn note_ttft(&mut self, ms: f64) {
+        if let Some(last) = self.samples.back_mut() {
+            last.ttft_ms = Some(ms);
         }
     }
 

@@ -222,9 +222,29 @@ impl ClusterView {
         };
         if decoded.is_err() {
             self.malformed += 1;
-        } else if matches!(topic, Topic::Load | Topic::Router) {
+            return;
+        }
+        if topic == Topic::Router {
+            self.note_routed_ttft(endpoint);
+        }
+        if matches!(topic, Topic::Load | Topic::Router) {
             let totals = self.totals(now);
             self.history.record_cluster(totals);
+        }
+    }
+
+    /// The median TTFT the router at `endpoint` saw from each worker, into that worker's history.
+    fn note_routed_ttft(&mut self, endpoint: &str) {
+        let Some(report) = self.workers.get(endpoint).and_then(|w| w.report.clone()) else { return };
+        for routed in &report.routed {
+            let Some(ttft) = routed.ttft_p50_ms else { continue };
+            let worker = self
+                .workers
+                .values_mut()
+                .find(|w| w.instance.as_ref().is_some_and(|i| format!("{:016x}", i.id) == routed.worker));
+            if let Some(worker) = worker {
+                worker.history.note_ttft(ttft);
+            }
         }
     }
 
@@ -470,7 +490,10 @@ fn routed_line(routed: &[crate::core::protocol::RoutedTo]) -> Option<String> {
         return None;
     }
     let mut shown: Vec<String> = (routed.iter().take(ROUTED_SHOWN))
-        .map(|r| format!("{} {:.1}/s ({:.0}%)", r.worker, r.requests_per_s, 100.0 * r.requests_per_s / total))
+        .map(|r| {
+            let ttft = r.ttft_p50_ms.map_or_else(String::new, |ms| format!(", TTFT p50 {ms:.0} ms"));
+            format!("{} {:.1}/s ({:.0}%{ttft})", r.worker, r.requests_per_s, 100.0 * r.requests_per_s / total)
+        })
         .collect();
     if routed.len() > ROUTED_SHOWN {
         let rest: f64 = routed[ROUTED_SHOWN..].iter().map(|r| r.requests_per_s).sum();

@@ -312,7 +312,11 @@ fn a_routers_traffic_is_shown_under_the_summary() {
             crate::core::protocol::ModelReport { model: "other".into(), requests_per_s: 2.5, ..Default::default() },
         ],
         routed: [("00000000000000a1", 10.0), ("00000000000000b2", 2.5)]
-            .map(|(worker, requests_per_s)| crate::core::protocol::RoutedTo { worker: worker.into(), requests_per_s })
+            .map(|(worker, requests_per_s)| crate::core::protocol::RoutedTo {
+                worker: worker.into(),
+                requests_per_s,
+                ttft_p50_ms: Some(42.0),
+            })
             .to_vec(),
         ..Default::default()
     };
@@ -324,12 +328,20 @@ fn a_routers_traffic_is_shown_under_the_summary() {
              ITL 8.0 ms, prefix hit 44%, 3 workers",
             "  model tiny-chat: 10.0 requests/s, 600 tokens/s, TTFT p50 90.0 / p99 400.0 ms, prefix hit 50%",
             "  model other: 2.5 requests/s, 0 tokens/s, TTFT -, prefix hit -",
-            "  routed to: 00000000000000a1 10.0/s (80%) · 00000000000000b2 2.5/s (20%)",
+            "  routed to: 00000000000000a1 10.0/s (80%, TTFT p50 42 ms) · 00000000000000b2 2.5/s (20%, TTFT p50 42 ms)",
         ]
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
     assert_eq!(view.json(now)["workers"][0]["report"]["workers"], 3);
     assert_eq!(view.json(now)["workers"][0]["report"]["routed"][0]["worker"], "00000000000000a1", "ids as hex");
+    // A worker the router names gets its median TTFT in its history.
+    let worker_at = "tcp://10.0.0.9:7100";
+    view.discovered(worker_at.into());
+    view.status(worker_at, WorkerStatus::Alive(Instance { request_addr: worker_at.into(), ..instance(0xa1) }));
+    let load = LoadMetrics { requests_running: 1, kv_total_blocks: 10, ..LoadMetrics::default() };
+    view.deliver(worker_at, delivery(0xa1, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
+    view.deliver(router_at, delivery(8, Topic::Router, 1, Continuity::InOrder, report.to_bytes()), now);
+    assert_eq!(view.workers[worker_at].history.series(|s| s.ttft_ms), vec![42.0]);
 }
 
 /// Three alive workers of two models with different loads.

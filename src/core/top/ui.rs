@@ -283,11 +283,12 @@ fn draw_table(
 type Pick = fn(&history::Sample) -> Option<f64>;
 
 /// The series a worker's detail view charts: a title, the value of a sample, and how to print it.
-const CHARTS: [(&str, Pick, Unit); 4] = [
+const CHARTS: [(&str, Pick, Unit); 5] = [
     ("running", |s| Some(s.running), Unit::Count),
     ("waiting", |s| Some(s.waiting), Unit::Count),
     ("KV active", |s| Some(s.kv_active), Unit::Share),
     ("requests/s", |s| s.requests_per_s, Unit::Rate),
+    ("TTFT p50 ms (routers')", |s| s.ttft_ms, Unit::Count),
 ];
 /// Each chart's lines: its title, then the bars.
 const CHART_LINES: u16 = 3;
