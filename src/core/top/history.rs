@@ -1,7 +1,7 @@
 //! What `dynamo top` remembers: the last few minutes of each worker's load reports and of the cluster's
 //! totals, drawn as sparklines (a text one in the table and the header, ratatui's in the detail view), as
 //! btm and nvtop draw theirs.
-use crate::core::protocol::LoadMetrics;
+use crate::core::protocol::{LoadMetrics, WorkerStats};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -26,26 +26,30 @@ pub struct Sample {
     pub requests_per_s: Option<f64>,
     /// Median time to first token the routers report, in ms (a worker's: as a router saw its requests).
     pub ttft_ms: Option<f64>,
+    /// Prompts' KV read from prefill workers, bytes per second since the previous sample (a worker's; the
+    /// cluster's: every worker's latest, summed), `None` where unknown.
+    pub kv_read_per_s: Option<f64>,
 }
 
 #[derive(Debug, Default)]
 pub struct History {
     samples: VecDeque<Sample>,
-    /// The request-plane total at the last sample, for the rate.
-    accepted: Option<(Instant, u64)>,
+    /// The worker's totals at the last sample (requests taken, KV bytes read), for the rates.
+    totals: Option<(Instant, WorkerStats)>,
 }
 
 impl History {
-    /// A worker's load report, with its request total so far (from its stats) when known.
-    pub fn record_load(&mut self, at: Instant, load: &LoadMetrics, accepted: Option<u64>) {
-        let requests_per_s = match (self.accepted, accepted) {
-            (Some((then, before)), Some(now)) if at > then => {
-                Some(now.saturating_sub(before) as f64 / at.duration_since(then).as_secs_f64())
+    /// A worker's load report, with its totals so far (its latest stats) when known.
+    pub fn record_load(&mut self, at: Instant, load: &LoadMetrics, stats: Option<WorkerStats>) {
+        let rate = |pick: fn(&WorkerStats) -> u64| match (&self.totals, &stats) {
+            (Some((then, before)), Some(now)) if at > *then => {
+                Some(pick(now).saturating_sub(pick(before)) as f64 / at.duration_since(*then).as_secs_f64())
             }
             _ => None,
         };
-        if let Some(total) = accepted {
-            self.accepted = Some((at, total));
+        let (requests_per_s, kv_read_per_s) = (rate(|s| s.accepted), rate(|s| s.kv.read_bytes));
+        if let Some(stats) = stats {
+            self.totals = Some((at, stats));
         }
         let kv_active = load.kv_active_blocks as f64 / load.kv_total_blocks.max(1) as f64;
         self.push(Sample {
@@ -55,6 +59,7 @@ impl History {
             kv_active,
             requests_per_s,
             ttft_ms: None,
+            kv_read_per_s,
         });
     }
 
@@ -131,7 +136,8 @@ mod tests {
         let mut history = History::default();
         for second in 0..400u64 {
             let at = start + Duration::from_secs(second);
-            history.record_load(at, &load(second as u32 % 5, 1, second % 100), Some(second * 3));
+            let stats = WorkerStats { accepted: second * 3, ..WorkerStats::default() };
+            history.record_load(at, &load(second as u32 % 5, 1, second % 100), Some(stats));
         }
         let running = history.series(|s| Some(s.running));
         assert_eq!(running.len(), 301, "five minutes of one report a second, both ends included");
@@ -152,6 +158,7 @@ mod tests {
             kv_active: 0.0,
             requests_per_s: None,
             ttft_ms: None,
+            kv_read_per_s: None,
         };
         for ms in [0, 300, 999, 1000, 1500, 2100] {
             history.record_cluster(sample(ms));

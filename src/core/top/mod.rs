@@ -213,7 +213,7 @@ impl ClusterView {
         let decoded = match topic {
             Topic::Kv => KvEventBatch::from_bytes(&delivery.payload).map(|batch| worker.kv.record(&batch, now)),
             Topic::Load => LoadMetrics::from_bytes(&delivery.payload).map(|load| {
-                worker.history.record_load(now, &load, worker.stats.map(|s| s.accepted));
+                worker.history.record_load(now, &load, worker.stats);
                 worker.load = Some(load);
             }),
             Topic::Stats => WorkerStats::from_bytes(&delivery.payload).map(|stats| worker.stats = Some(stats)),
@@ -261,6 +261,8 @@ impl ClusterView {
         let reports: Vec<&RouterReport> = self.workers.values().filter_map(|w| w.report.as_ref()).collect();
         let requests_per_s = (!reports.is_empty()).then(|| reports.iter().map(|r| r.requests_per_s).sum());
         let ttft_ms = reports.iter().filter_map(|r| r.ttft_p50_ms.or(r.ttft_ms)).reduce(f64::max);
+        let moving = self.workers.values().filter(|w| w.state == PeerState::Alive);
+        let kv_read_per_s = moving.filter_map(|w| w.history.last().and_then(|s| s.kv_read_per_s)).reduce(|a, b| a + b);
         history::Sample {
             at: now,
             running: running as f64,
@@ -268,6 +270,7 @@ impl ClusterView {
             kv_active: if total > 0 { active as f64 / total as f64 } else { f64::NAN },
             requests_per_s,
             ttft_ms,
+            kv_read_per_s,
         }
     }
 
@@ -525,15 +528,27 @@ fn router_line(id: &str, r: &RouterReport) -> String {
     )
 }
 
-/// Prompts' KV a worker held for decode workers or read from prefill workers, and the reads that failed.
+/// Prompts' KV a worker held for decode workers or read from prefill workers, the reads that failed, and how
+/// fast it reads lately.
 fn handoffs(worker: &WorkerView) -> String {
     let offers = worker.instance.as_ref().is_some_and(|i| i.transfer_addr.is_some());
-    match worker.stats.map(|s| s.kv) {
-        Some(kv) if offers => match kv.read_failed {
-            0 => (kv.held + kv.read).to_string(),
-            failed => format!("{} ({failed} failed)", kv.held + kv.read),
-        },
-        _ => "-".to_string(),
+    let Some(kv) = worker.stats.map(|s| s.kv).filter(|_| offers) else { return "-".to_string() };
+    let mut cell = (kv.held + kv.read).to_string();
+    if kv.read_failed > 0 {
+        cell.push_str(&format!(" ({} failed)", kv.read_failed));
+    }
+    if let Some(rate) = worker.history.last().and_then(|s| s.kv_read_per_s).filter(|&r| r > 0.0) {
+        cell.push_str(&format!(" {}", bytes_per_s(rate)));
+    }
+    cell
+}
+
+/// A rate of bytes as people read it.
+pub fn bytes_per_s(rate: f64) -> String {
+    match rate {
+        r if r >= 1e9 => format!("{:.1} GB/s", r / 1e9),
+        r if r >= 1e6 => format!("{:.1} MB/s", r / 1e6),
+        r => format!("{:.0} kB/s", r / 1e3),
     }
 }
 

@@ -493,3 +493,28 @@ fn history_draws_each_workers_trend_in_the_table_and_the_clusters_in_the_header(
     }
     assert!(detail.contains("\"requests_running\": 8"), "the record is still shown: {detail}");
 }
+
+#[test]
+fn a_decode_workers_kv_reads_show_as_a_rate_in_its_row_and_the_clusters_line() {
+    let start = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    let record = Instance { transfer_addr: Some("tcp://10.0.0.7:7200".into()), ..instance(7) };
+    view.status(ENDPOINT, WorkerStatus::Alive(record));
+    for second in 0..3u64 {
+        let at = start + Duration::from_secs(second);
+        let kv = crate::core::protocol::KvTransferStats {
+            read: second,
+            read_bytes: second * 2_000_000,
+            ..Default::default()
+        };
+        let stats = WorkerStats { kv, ..WorkerStats::default() };
+        view.deliver(ENDPOINT, delivery(7, Topic::Stats, second, Continuity::InOrder, stats.to_bytes()), at);
+        let load = LoadMetrics { kv_total_blocks: 100, ..LoadMetrics::default() };
+        view.deliver(ENDPOINT, delivery(7, Topic::Load, second, Continuity::InOrder, load.to_bytes()), at);
+    }
+    let now = start + Duration::from_secs(2);
+    assert_eq!(cell(&view.rows(now), 0, "HANDOFFS"), "2 2.0 MB/s");
+    let line = ui::trend_line(&view.history, 160);
+    assert!(line.contains("KV moved 2.0 MB/s"), "{line}");
+}

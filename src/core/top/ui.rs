@@ -385,6 +385,10 @@ pub fn trend_line(history: &History, width: usize) -> String {
     if let Some(ttft) = last.ttft_ms {
         parts.push((format!("TTFT p50 {ttft:.0} ms"), history.series(|s| s.ttft_ms), 1.0));
     }
+    if let Some(moved) = last.kv_read_per_s {
+        let label = format!("KV moved {}", super::bytes_per_s(moved));
+        parts.push((label, history.series(|s| s.kv_read_per_s), 1e6));
+    }
     let lead = "cluster, last minutes:";
     let labels: usize = parts.iter().map(|(label, ..)| label.chars().count() + 3).sum::<usize>() + lead.len();
     let each = (width.saturating_sub(labels) / parts.len()).min(60);
