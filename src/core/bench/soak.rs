@@ -284,14 +284,9 @@ fn request_for(kind: Kind, word: u64) -> (&'static str, &'static str, bool, Vec<
 
 /// Resident memory (MiB) and open file descriptors of a process.
 fn footprint(pid: u32) -> (f64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN);
+    let rss = crate::core::telemetry::resident_bytes(pid).map_or(f64::NAN, |bytes| bytes as f64);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (rss_kib / 1024.0, fds)
+    (rss / (1 << 20) as f64, fds)
 }
 
 pub async fn run(settings: SoakSettings) -> Result<SoakResult, SoakError> {

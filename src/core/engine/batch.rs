@@ -130,8 +130,14 @@ impl BatchEngine {
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
         let events = Publisher { sender: broadcast::channel(EVENT_BUFFER).0, ledger: Arc::default() };
-        let worker =
-            Worker { worker_id, scheduler: Some(scheduler), receiver, load: load.clone(), events: events.clone() };
+        let worker = Worker {
+            worker_id,
+            scheduler: Some(scheduler),
+            receiver,
+            load: load.clone(),
+            events: events.clone(),
+            memory: None,
+        };
         tokio::spawn(worker.run(pacing));
         Self {
             worker_id,
@@ -265,7 +271,12 @@ struct Worker<X: Executor> {
     receiver: mpsc::UnboundedReceiver<Command>,
     load: Arc<Mutex<LoadMetrics>>,
     events: Publisher,
+    /// The device's memory use and when it was read: at most once a `MEMORY_EVERY`, since a read costs a
+    /// system call (or a driver call) and load is published after every step.
+    memory: Option<(Instant, Option<(u64, u64)>)>,
 }
+
+const MEMORY_EVERY: Duration = Duration::from_secs(1);
 
 impl<X: Executor> Worker<X> {
     async fn run(mut self, pacing: Pacing) {
@@ -361,8 +372,16 @@ impl<X: Executor> Worker<X> {
         }
     }
 
-    fn publish_load(&self, scheduler: &Scheduler<X>) {
-        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = scheduler.load();
+    fn publish_load(&mut self, scheduler: &Scheduler<X>) {
+        let now = Instant::now();
+        if self.memory.is_none_or(|(at, _)| now.duration_since(at) >= MEMORY_EVERY) {
+            self.memory = Some((now, scheduler.executor().memory_use()));
+        }
+        let mut load = scheduler.load();
+        if let Some((_, Some((used, total)))) = self.memory {
+            (load.device_memory_used, load.device_memory_total) = (used, total);
+        }
+        *self.load.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = load;
     }
 }
 

@@ -380,6 +380,12 @@ pub struct LoadMetrics {
     /// The most requests it runs at once (`--max-num-seqs`); 0 where unknown (an external engine).
     #[serde(default)]
     pub max_running: u32,
+    /// Bytes its device has in use and in all (a GPU's memory; on the CPU the process's resident memory and
+    /// the machine's); 0 where unknown.
+    #[serde(default)]
+    pub device_memory_used: u64,
+    #[serde(default)]
+    pub device_memory_total: u64,
 }
 
 /// A worker's running totals on the request plane since it started, published on the `stats` topic.

@@ -915,6 +915,20 @@ impl RequestMetrics {
 
 /// Logs to stderr, or into `tail` while a full-screen UI owns the terminal; `RUST_LOG` (or `DYNAMO_LOG`)
 /// overrides the level.
+/// Resident memory of process `pid`, in bytes (Linux's `/proc`; `None` elsewhere or when it is gone).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// This machine's memory, in bytes (Linux's `/proc/meminfo`).
+pub fn machine_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 pub fn init_logging(verbose: u8, tail: Option<LogTail>) {
     let default = match verbose {
         0 => "info",

@@ -444,7 +444,7 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         instance.map_or_else(unknown, |i| format!("{:016x}", i.id)),
         instance.map_or_else(unknown, |i| i.model.clone()),
         instance.map_or_else(unknown, |i| i.role.name().to_string()),
-        instance.map(|i| i.device.clone()).filter(|d| !d.is_empty()).unwrap_or_else(unknown),
+        device(instance, load),
         state,
         load.map_or_else(unknown, |l| match l.max_running {
             0 => l.requests_running.to_string(),
@@ -464,6 +464,18 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         instance.and_then(|i| i.transfer_endpoint_from(&worker.endpoint)).unwrap_or_else(unknown),
         handoffs(worker),
     ]
+}
+
+/// What a worker computes on, and how much of its memory is in use where it says.
+fn device(instance: Option<&Instance>, load: Option<&LoadMetrics>) -> String {
+    let name = instance.map(|i| i.device.as_str()).filter(|d| !d.is_empty()).unwrap_or("-");
+    match load.filter(|l| l.device_memory_total > 0) {
+        Some(l) => {
+            let gb = |bytes: u64| bytes as f64 / 1e9;
+            format!("{name} {:.1}/{:.0} GB", gb(l.device_memory_used), gb(l.device_memory_total))
+        }
+        None => name.to_string(),
+    }
 }
 
 /// A router's traffic in one line, and one more per model when it serves several.

@@ -65,6 +65,8 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
         kv_cached_blocks: 50,
         engine_down: false,
         max_running: 0,
+        device_memory_used: 0,
+        device_memory_total: 0,
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
     let stats = WorkerStats { accepted: 12, refused: 2, ..WorkerStats::default() };
@@ -225,6 +227,8 @@ fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys()
         kv_cached_blocks: 28,
         engine_down: false,
         max_running: 0,
+        device_memory_used: 0,
+        device_memory_total: 0,
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
     let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
@@ -500,7 +504,7 @@ fn a_decode_workers_kv_reads_show_as_a_rate_in_its_row_and_the_clusters_line() {
     let mut view = ClusterView::new("prod");
     view.discovered(ENDPOINT.into());
     let record = Instance { transfer_addr: Some("tcp://10.0.0.7:7200".into()), ..instance(7) };
-    view.status(ENDPOINT, WorkerStatus::Alive(record));
+    view.status(ENDPOINT, WorkerStatus::Alive(Instance { device: "cuda:0 NVIDIA H100".into(), ..record }));
     for second in 0..3u64 {
         let at = start + Duration::from_secs(second);
         let kv = crate::core::protocol::KvTransferStats {
@@ -510,10 +514,16 @@ fn a_decode_workers_kv_reads_show_as_a_rate_in_its_row_and_the_clusters_line() {
         };
         let stats = WorkerStats { kv, ..WorkerStats::default() };
         view.deliver(ENDPOINT, delivery(7, Topic::Stats, second, Continuity::InOrder, stats.to_bytes()), at);
-        let load = LoadMetrics { kv_total_blocks: 100, ..LoadMetrics::default() };
+        let load = LoadMetrics {
+            kv_total_blocks: 100,
+            device_memory_used: 61_000_000_000,
+            device_memory_total: 80_000_000_000,
+            ..LoadMetrics::default()
+        };
         view.deliver(ENDPOINT, delivery(7, Topic::Load, second, Continuity::InOrder, load.to_bytes()), at);
     }
     let now = start + Duration::from_secs(2);
+    assert_eq!(cell(&view.rows(now), 0, "DEVICE"), "cuda:0 NVIDIA H100 61.0/80 GB", "its name, and its memory in use");
     assert_eq!(cell(&view.rows(now), 0, "HANDOFFS"), "2 2.0 MB/s");
     let line = ui::trend_line(&view.history, 160);
     assert!(line.contains("KV moved 2.0 MB/s"), "{line}");

@@ -414,6 +414,8 @@ impl Engine for ExternalEngine {
             kv_total_blocks: total,
             engine_down: !self.shared.alive.load(Ordering::Relaxed),
             max_running: 0,
+            device_memory_used: 0,
+            device_memory_total: 0,
         }
     }
 

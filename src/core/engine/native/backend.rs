@@ -64,6 +64,12 @@ pub trait Backend: Send + Sync + 'static {
     type Pages: Send + Sync;
 
     fn describe(&self) -> String;
+
+    /// Bytes its device has in use and has in all: the GPU's memory, or on the CPU this process's resident
+    /// memory and the machine's.
+    fn memory_use(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Runs a whole forward pass; the CPU backend runs it on one of its own threads, so each op's parallel
     /// split starts there instead of waking the pool from outside and sleeping until it finishes.
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {

@@ -192,6 +192,10 @@ impl<B: Backend> Executor for NativeExecutor<B> {
         self.model.backend().describe()
     }
 
+    fn memory_use(&self) -> Option<(u64, u64)> {
+        self.model.backend().memory_use()
+    }
+
     fn kv_memory(&self) -> Option<super::KvMemory> {
         Some(super::KvMemory {
             regions: self.model.cache_memory(&self.cache)?,

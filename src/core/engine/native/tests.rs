@@ -678,3 +678,25 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
     let (_, _, stream) = fresh.submit_arriving(greedy(continued, 7), prompt.len(), short).unwrap();
     assert_eq!([first, tokens(stream).await].concat(), expected, "computed after the wait, the same tokens");
 }
+
+/// What `dynamo top` shows of a worker: its device, and its memory and request limits in its load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_names_its_device_and_reports_its_memory_and_limit() {
+    use crate::core::engine::Engine;
+    use futures::StreamExt;
+    let settings = NativeSettings {
+        device: Device::Cpu,
+        threads: 1,
+        kv_cache_gib: 0.0,
+        num_blocks: Some(16),
+        scheduler: SchedulerConfig { block_size: 4, num_blocks: 16, max_num_seqs: 3, ..SchedulerConfig::default() },
+        profile: None,
+    };
+    let engine = spawn(1, load(&ModelSource::Builtin), &settings).unwrap();
+    assert!(engine.device().starts_with("cpu (") && engine.device().ends_with(" threads)"), "{}", engine.device());
+    let outputs: Vec<EngineOutput> = engine.submit(greedy(vec![5, 6, 7], 2)).unwrap().collect().await;
+    assert!(!outputs.is_empty());
+    let load = engine.load();
+    assert_eq!(load.max_running, 3);
+    assert!(load.device_memory_used > 0 && load.device_memory_used < load.device_memory_total, "{load:?}");
+}

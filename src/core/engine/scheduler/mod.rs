@@ -76,6 +76,11 @@ pub trait Executor: Send + 'static {
     fn device(&self) -> String {
         String::new()
     }
+
+    /// Bytes its device has in use and in all (`Backend::memory_use`), where it can say.
+    fn memory_use(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The part of one sequence a step computes: tokens `start..end` of `tokens`, whose KV goes into `pages`.
@@ -415,6 +420,8 @@ impl<X: Executor> Scheduler<X> {
             kv_total_blocks: self.pool.capacity() as u64,
             engine_down: false,
             max_running: self.config.max_num_seqs as u32,
+            device_memory_used: 0,
+            device_memory_total: 0,
         }
     }
 

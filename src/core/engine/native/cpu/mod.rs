@@ -372,6 +372,11 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.pool.current_num_threads())
     }
 
+    fn memory_use(&self) -> Option<(u64, u64)> {
+        use crate::core::telemetry::{machine_memory_bytes, resident_bytes};
+        Some((resident_bytes(std::process::id())?, machine_memory_bytes()?))
+    }
+
     fn vector(&self, data: &[f32]) -> Op<Vec<f32>> {
         Ok(data.to_vec())
     }

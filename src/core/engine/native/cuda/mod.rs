@@ -87,6 +87,8 @@ pub struct CudaBackend {
     blas: CudaBlas,
     kernels: Kernels,
     ordinal: usize,
+    /// The device's name as the driver gives it (empty when it would not).
+    name: String,
 }
 
 pub struct CudaMatrix {
@@ -129,7 +131,8 @@ impl CudaBackend {
             paged_attention: load("paged_attention")?,
         };
         let blas = CudaBlas::new(stream.clone()).map_err(device_error)?;
-        Ok(Self { stream, blas, kernels, ordinal })
+        let name = ctx.name().unwrap_or_default();
+        Ok(Self { stream, blas, kernels, ordinal, name })
     }
 
     fn upload_u32(&self, values: &[u32]) -> Op<CudaSlice<u32>> {
@@ -166,7 +169,12 @@ impl Backend for CudaBackend {
     type Pages = CudaSlice<f32>;
 
     fn describe(&self) -> String {
-        format!("cuda:{}", self.ordinal)
+        format!("cuda:{} {}", self.ordinal, self.name).trim_end().to_string()
+    }
+
+    fn memory_use(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.stream.context().mem_get_info().ok()?;
+        Some(((total - free.min(total)) as u64, total as u64))
     }
 
     fn vector(&self, data: &[f32]) -> Op<CudaSlice<f32>> {
