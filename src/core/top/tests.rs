@@ -363,7 +363,10 @@ fn three_workers(now: Instant) -> ClusterView {
 }
 
 fn drawn(view: &ClusterView, screen: &mut ui::Screen, now: Instant) -> Vec<String> {
-    let (width, height) = (200, 24);
+    drawn_at(view, screen, now, 200, 24)
+}
+
+fn drawn_at(view: &ClusterView, screen: &mut ui::Screen, now: Instant, width: u16, height: u16) -> Vec<String> {
     let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
     terminal.draw(|frame| ui::draw(frame, view, screen, &[], now)).unwrap();
     let buffer = terminal.backend().buffer();
@@ -527,4 +530,36 @@ fn a_decode_workers_kv_reads_show_as_a_rate_in_its_row_and_the_clusters_line() {
     assert_eq!(cell(&view.rows(now), 0, "HANDOFFS"), "2 2.0 MB/s");
     let line = ui::trend_line(&view.history, 160);
     assert!(line.contains("KV moved 2.0 MB/s"), "{line}");
+}
+
+#[test]
+fn a_large_terminal_shows_every_column_the_history_and_every_worker_whole() {
+    let start = Instant::now();
+    let mut view = three_workers(start);
+    for second in 1..=5u64 {
+        let at = start + Duration::from_secs(second);
+        for (id, running) in [(1u64, 9u32), (2, 12), (3, 3)] {
+            let endpoint = format!("tcp://10.0.0.{id}:7100");
+            let load = LoadMetrics {
+                requests_running: running + second as u32,
+                kv_total_blocks: 1000,
+                max_running: 256,
+                ..LoadMetrics::default()
+            };
+            view.deliver(&endpoint, delivery(id, Topic::Load, second, Continuity::InOrder, load.to_bytes()), at);
+        }
+    }
+    let now = start + Duration::from_secs(5);
+    let lines = drawn_at(&view, &mut ui::Screen::default(), now, 200, 50);
+    let screen = lines.join("\n");
+    assert!(lines[1].starts_with("cluster, last minutes:"), "{screen}");
+    let header = lines.iter().find(|l| l.contains("WORKER")).expect("a header row");
+    for column in COLUMNS {
+        assert!(header.contains(column), "{column} missing at 200 columns:\n{screen}");
+    }
+    for (id, running) in [("0000000000000001", "14/256"), ("0000000000000002", "17/256"), ("0000000000000003", "8/256")]
+    {
+        let row = lines.iter().find(|l| l.contains(id)).unwrap_or_else(|| panic!("no row for {id}:\n{screen}"));
+        assert!(row.contains(running) && row.contains("tcp://10.0.0."), "{row}");
+    }
 }
