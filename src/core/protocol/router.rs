@@ -32,6 +32,10 @@ pub struct RouterReport {
     /// Where its requests went: each worker it chose over the interval, busiest first.
     #[serde(default)]
     pub routed: Vec<RoutedTo>,
+    /// Its disaggregation decisions over the interval (`remote`, `local_short`, …; as
+    /// `dynamo_router_disagg_decisions_total` labels them), per second; empty when it made none.
+    #[serde(default)]
+    pub disagg: Vec<(String, f64)>,
 }
 
 /// The requests a router sent one worker over the interval.

@@ -186,6 +186,9 @@ async fn report_traffic(mut announcer: Announcer, metrics: Arc<Metrics>, state: 
             report.models = models.into_iter().map(|(model, traffic)| model_report(model, traffic, seconds)).collect();
         }
         report.routed = routed_report(metrics.take_routed(), seconds);
+        report.disagg = (metrics.take_disagg().into_iter())
+            .map(|(decision, count)| (decision.to_string(), count as f64 / seconds.max(1e-9)))
+            .collect();
         announcer.publish(&report);
         last = now;
     }
@@ -210,6 +213,7 @@ pub fn traffic_report(interval: &Traffic, latencies: &Latencies, seconds: f64, w
         workers: u32::try_from(workers).unwrap_or(u32::MAX),
         models: Vec::new(),
         routed: Vec::new(),
+        disagg: Vec::new(),
     }
 }
 

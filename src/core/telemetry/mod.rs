@@ -55,6 +55,8 @@ pub struct Metrics {
     /// Requests routed to each worker since the last report, and their times to first token (bounded by the
     /// workers routed to).
     routed_to: std::sync::Mutex<std::collections::HashMap<WorkerId, WorkerTraffic>>,
+    /// Disaggregation decisions since the last report, by label (a handful of fixed labels).
+    disagg_taken: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// The latency targets requests are judged by (µs: TTFT, mean ITL), once a planner sets them.
     targets: [AtomicU64; 2],
     planner_workers: IntGaugeVec,
@@ -475,6 +477,7 @@ impl Metrics {
             latencies: Default::default(),
             model_traffic: Default::default(),
             routed_to: Default::default(),
+            disagg_taken: Default::default(),
             predictions: Default::default(),
             targets: Default::default(),
             planner_workers: gauge(
@@ -668,8 +671,9 @@ impl Metrics {
     }
 
     /// Counts one disaggregation decision (`router::Disagg`'s label).
-    pub fn disagg_decision(&self, decision: &str) {
+    pub fn disagg_decision(&self, decision: &'static str) {
         self.disagg_decisions.with_label_values(&[decision]).inc();
+        *self.disagg_taken.lock().unwrap_or_else(|p| p.into_inner()).entry(decision).or_default() += 1;
     }
 
     /// Records one latency-routed request's predicted and observed time to first token.
@@ -722,6 +726,11 @@ impl Metrics {
     pub fn routed(&self, model: &str, worker: WorkerId, overlap_blocks: u32) {
         self.overlap_blocks.with_label_values(&[model]).observe(f64::from(overlap_blocks));
         self.routed_to.lock().unwrap_or_else(|p| p.into_inner()).entry(worker).or_default().requests += 1;
+    }
+
+    /// Disaggregation decisions since the last call, by label, and a fresh start (a router's report).
+    pub fn take_disagg(&self) -> Vec<(&'static str, u64)> {
+        std::mem::take(&mut *self.disagg_taken.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect()
     }
 
     /// Requests routed to each worker since the last call, and a fresh start (a router's report).
@@ -1043,6 +1052,11 @@ mod tests {
         assert_eq!(taken.iter().map(|(w, t)| (*w, t.requests)).collect::<Vec<_>>(), [(7, 2), (9, 1)]);
         assert_eq!(taken[0].1.ttft_us().len(), 2, "one first token per request");
         assert!(metrics.take_routed().is_empty(), "taken: the next interval starts empty");
+        metrics.disagg_decision("remote");
+        metrics.disagg_decision("local_short");
+        metrics.disagg_decision("remote");
+        assert_eq!(metrics.take_disagg(), [("local_short", 1), ("remote", 2)]);
+        assert!(metrics.take_disagg().is_empty());
     }
 
     #[test]

@@ -492,7 +492,12 @@ fn router_lines(id: &str, report: Option<&RouterReport>) -> Vec<String> {
             hit(m.prefix_hit)
         )
     });
-    std::iter::once(router_line(id, r)).chain(models).chain(routed_line(&r.routed)).collect()
+    let disagg = (!r.disagg.is_empty()).then(|| {
+        let decisions: Vec<String> =
+            r.disagg.iter().map(|(decision, rate)| format!("{decision} {rate:.1}/s")).collect();
+        format!("  prefill: {}", decisions.join(" · "))
+    });
+    std::iter::once(router_line(id, r)).chain(models).chain(routed_line(&r.routed)).chain(disagg).collect()
 }
 
 /// Workers a router's report names past this are summed up in one "more".

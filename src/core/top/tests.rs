@@ -322,6 +322,7 @@ fn a_routers_traffic_is_shown_under_the_summary() {
                 ttft_p50_ms: Some(42.0),
             })
             .to_vec(),
+        disagg: vec![("remote".into(), 2.0), ("local_short".into(), 0.5)],
         ..Default::default()
     };
     view.deliver(router_at, delivery(8, Topic::Router, 0, Continuity::InOrder, report.to_bytes()), now);
@@ -333,6 +334,7 @@ fn a_routers_traffic_is_shown_under_the_summary() {
             "  model tiny-chat: 10.0 requests/s, 600 tokens/s, TTFT p50 90.0 / p99 400.0 ms, prefix hit 50%",
             "  model other: 2.5 requests/s, 0 tokens/s, TTFT -, prefix hit -",
             "  routed to: 00000000000000a1 10.0/s (80%, TTFT p50 42 ms) · 00000000000000b2 2.5/s (20%, TTFT p50 42 ms)",
+            "  prefill: remote 2.0/s · local_short 0.5/s",
         ]
     );
     assert!(view.summary(now).contains("0 workers, 0 alive"), "{}", view.summary(now));
