@@ -8,6 +8,7 @@ pub mod handoff;
 pub mod indexer;
 pub mod members;
 pub mod model;
+pub mod multimodal;
 pub mod plane;
 pub mod planner;
 pub mod protocol;

@@ -17,3 +17,4 @@ mod structured;
 mod top;
 mod transfer;
 mod util;
+mod vision;
