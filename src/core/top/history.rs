@@ -63,9 +63,15 @@ impl History {
         });
     }
 
+    /// Whether a cluster sample taken at `now` would be kept: the last is a second old or more. Asked
+    /// first, since summing the cluster costs a pass over every worker and reports come many a second.
+    pub fn cluster_sample_due(&self, now: Instant) -> bool {
+        self.samples.back().is_none_or(|last| now.saturating_duration_since(last.at) >= CLUSTER_EVERY)
+    }
+
     /// A sample of the cluster's totals, unless the last is under a second old.
     pub fn record_cluster(&mut self, sample: Sample) {
-        if self.samples.back().is_none_or(|last| sample.at.saturating_duration_since(last.at) >= CLUSTER_EVERY) {
+        if self.cluster_sample_due(sample.at) {
             self.push(sample);
         }
     }

@@ -227,7 +227,7 @@ impl ClusterView {
         if topic == Topic::Router {
             self.note_routed_ttft(endpoint);
         }
-        if matches!(topic, Topic::Load | Topic::Router) {
+        if matches!(topic, Topic::Load | Topic::Router) && self.history.cluster_sample_due(now) {
             let totals = self.totals(now);
             self.history.record_cluster(totals);
         }
@@ -237,11 +237,8 @@ impl ClusterView {
     fn note_routed_ttft(&mut self, endpoint: &str) {
         let Some(report) = self.workers.get(endpoint).and_then(|w| w.report.clone()) else { return };
         for routed in &report.routed {
-            let Some(ttft) = routed.ttft_p50_ms else { continue };
-            let worker = self
-                .workers
-                .values_mut()
-                .find(|w| w.instance.as_ref().is_some_and(|i| format!("{:016x}", i.id) == routed.worker));
+            let (Some(ttft), Ok(id)) = (routed.ttft_p50_ms, u64::from_str_radix(&routed.worker, 16)) else { continue };
+            let worker = self.workers.values_mut().find(|w| w.instance.as_ref().is_some_and(|i| i.id == id));
             if let Some(worker) = worker {
                 worker.history.note_ttft(ttft);
             }
