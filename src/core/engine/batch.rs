@@ -285,10 +285,12 @@ impl<X: Executor> Worker<X> {
         };
         let mut streams: HashMap<SeqId, mpsc::UnboundedSender<EngineOutput>> = HashMap::new();
         let mut deadline = Instant::now();
+        self.refresh_memory(&scheduler);
         loop {
             // Sequences waiting for a peer's KV and pages held for one are no work: wait for a command (or
             // for the next lease to expire).
             if !scheduler.has_work() {
+                self.refresh_memory(&scheduler);
                 self.publish_load(&scheduler);
                 let command = match scheduler.next_deadline() {
                     Some(expiry) => tokio::select! {
@@ -358,6 +360,9 @@ impl<X: Executor> Worker<X> {
             if !events.is_empty() {
                 self.events.publish(KvEventBatch { worker_id: self.worker_id, events });
             }
+            // Load too: whoever sees a request finish should see the pages it left held (a prefill's lease).
+            self.publish_load(&scheduler);
+            let mut aborted = false;
             for (id, output) in outcome.outputs {
                 let finished = output.finish_reason.is_some();
                 let delivered = streams.get(&id).is_some_and(|s| s.send(output).is_ok());
@@ -365,18 +370,26 @@ impl<X: Executor> Worker<X> {
                     streams.remove(&id);
                     if !finished {
                         scheduler.abort(id);
+                        aborted = true;
                     }
                 }
             }
-            self.publish_load(&scheduler);
+            if aborted {
+                self.publish_load(&scheduler);
+            }
+            // Read after the outputs went out, so the system call never delays a token.
+            self.refresh_memory(&scheduler);
         }
     }
 
-    fn publish_load(&mut self, scheduler: &Scheduler<X>) {
+    fn refresh_memory(&mut self, scheduler: &Scheduler<X>) {
         let now = Instant::now();
         if self.memory.is_none_or(|(at, _)| now.duration_since(at) >= MEMORY_EVERY) {
             self.memory = Some((now, scheduler.executor().memory_use()));
         }
+    }
+
+    fn publish_load(&mut self, scheduler: &Scheduler<X>) {
         let mut load = scheduler.load();
         if let Some((_, Some((used, total)))) = self.memory {
             (load.device_memory_used, load.device_memory_total) = (used, total);
