@@ -30,8 +30,10 @@ impl ModelCard {
         tokenizer_config: Option<&Value>,
         tokenizer: &Tokenizer,
     ) -> Result<Self, ModelError> {
-        let context_length = config
-            .and_then(|c| c.get("max_position_embeddings"))
+        // A multimodal checkpoint keeps its language model's facts in `text_config`.
+        let text_config = config.and_then(|c| c.get("text_config")).filter(|t| t.is_object());
+        let field = |name: &str| config.and_then(|c| c.get(name)).or_else(|| text_config.and_then(|t| t.get(name)));
+        let context_length = field("max_position_embeddings")
             .and_then(Value::as_u64)
             .or_else(|| tokenizer_config.and_then(|t| t.get("model_max_length")).and_then(Value::as_u64))
             .filter(|&n| n > 0)
@@ -42,13 +44,12 @@ impl ModelCard {
                         .to_string(),
                 )
             })?;
-        let vocab_size = config
-            .and_then(|c| c.get("vocab_size"))
+        let vocab_size = field("vocab_size")
             .and_then(Value::as_u64)
             .map(|v| v as u32)
             .unwrap_or_else(|| tokenizer.vocab_size())
             .max(tokenizer.vocab_size());
-        let mut eos_token_ids = [generation_config, config]
+        let mut eos_token_ids = [generation_config, config, text_config]
             .into_iter()
             .flatten()
             .find_map(|c| c.get("eos_token_id").map(token_ids))
@@ -113,5 +114,14 @@ mod tests {
         let model = Model::load(&ModelSource::Builtin, None).unwrap();
         let err = ModelCard::resolve("m".into(), Some(&json!({})), None, None, &model.tokenizer).unwrap_err();
         assert!(err.to_string().contains("max_position_embeddings"));
+    }
+
+    #[test]
+    fn a_multimodal_config_is_read_through_its_text_config() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let config = json!({"model_type": "llava",
+                            "text_config": {"max_position_embeddings": 512, "vocab_size": 5000, "eos_token_id": 7}});
+        let card = ModelCard::resolve("m".into(), Some(&config), None, None, &model.tokenizer).unwrap();
+        assert_eq!((card.context_length, card.vocab_size, card.eos_token_ids.clone()), (512, 5000, vec![7]));
     }
 }

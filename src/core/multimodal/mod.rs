@@ -7,6 +7,7 @@ mod resample;
 
 pub use preprocess::{DecodeLimits, ImageError, ImageProcessor, PixelValues, decode};
 pub use resample::Filter;
+use std::ops::Range;
 
 /// An image's identity: xxh3-64 of its width, height and 8-bit RGB pixels (after decoding, so the same
 /// picture sent as PNG or WebP is one image, and before preprocessing, which a model may change).
@@ -17,6 +18,24 @@ pub fn content_hash(image: &image::DynamicImage) -> u64 {
     hasher.update(&rgb.height().to_le_bytes());
     hasher.update(rgb.as_raw());
     hasher.digest()
+}
+
+/// The prompt with each image's placeholder token repeated `per_image` times, as transformers' processors
+/// expand it (one `<image>` in the text, one embedding per position in the model), and where each image's
+/// run of placeholders lies.
+pub fn expand_placeholders(ids: &[u32], image_token: u32, per_image: usize) -> (Vec<u32>, Vec<Range<usize>>) {
+    let images = ids.iter().filter(|&&id| id == image_token).count();
+    let mut expanded = Vec::with_capacity(ids.len() + images * per_image.saturating_sub(1));
+    let mut runs = Vec::with_capacity(images);
+    for &id in ids {
+        if id == image_token {
+            runs.push(expanded.len()..expanded.len() + per_image);
+            expanded.extend(std::iter::repeat_n(image_token, per_image));
+        } else {
+            expanded.push(id);
+        }
+    }
+    (expanded, runs)
 }
 
 #[cfg(test)]
@@ -50,5 +69,13 @@ mod tests {
         assert_eq!(a[0], b[0]);
         assert!(a[1..].iter().zip(&b[1..]).all(|(x, y)| x.sequence != y.sequence));
         assert_eq!(with(hash), a, "the same image, the same blocks");
+    }
+
+    #[test]
+    fn each_placeholder_becomes_a_run_of_them() {
+        let (ids, runs) = expand_placeholders(&[1, 9, 2, 9], 9, 3);
+        assert_eq!(ids, vec![1, 9, 9, 9, 2, 9, 9, 9]);
+        assert_eq!(runs, vec![1..4, 5..8]);
+        assert_eq!(expand_placeholders(&[1, 2], 9, 3), (vec![1, 2], vec![]));
     }
 }

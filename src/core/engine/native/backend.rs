@@ -1,6 +1,7 @@
 //! The op-level seam between the model and the hardware. The model is written once against `Backend`;
 //! the CPU implementation is `cpu`, a CUDA one slots in beside it. Index arguments (token ids, positions,
 //! slots, block tables) are host slices: a device backend uploads them once per step.
+use super::host::{self, Activation};
 use super::weights::HostTensor;
 
 /// Where one sequence's tokens sit in a step's batch and where its KV lives.
@@ -115,6 +116,52 @@ pub trait Backend: Send + Sync + 'static {
     fn add(&self, x: &mut Self::Vector, y: &Self::Vector) -> Op;
     /// Picks rows `rows` of a `[_, dim]` matrix.
     fn gather_rows(&self, x: &Self::Vector, dim: usize, rows: &[usize]) -> Op<Self::Vector>;
+    /// Overwrites rows `first_row..` of a `[_, dim]` matrix with `data`: an image's embeddings in place of what
+    /// its placeholder tokens looked up.
+    fn write_rows(&self, x: &mut Self::Vector, dim: usize, first_row: usize, data: &[f32]) -> Op {
+        let mut rows = self.to_host(x)?;
+        let target = rows_in(rows.len(), dim, first_row, data.len())?;
+        rows[target].copy_from_slice(data);
+        *x = self.vector(&rows)?;
+        Ok(())
+    }
+    /// Layer norm with a bias over every `dim`-long row (vision encoders; `host` says why on the host).
+    fn layer_norm(
+        &self,
+        x: &Self::Vector,
+        weight: &Self::Vector,
+        bias: &Self::Vector,
+        dim: usize,
+        eps: f32,
+        out: &mut Self::Vector,
+    ) -> Op {
+        let (x, weight, bias) = (self.to_host(x)?, self.to_host(weight)?, self.to_host(bias)?);
+        *out = self.vector(&host::layer_norm(&x, &weight, &bias, dim, eps))?;
+        Ok(())
+    }
+    /// An activation in place.
+    fn activate(&self, x: &mut Self::Vector, activation: Activation) -> Op {
+        let mut values = self.to_host(x)?;
+        host::activate(&mut values, activation);
+        *x = self.vector(&values)?;
+        Ok(())
+    }
+    /// Attention of every position over every position of its own `seq_len`-long sequence, unmasked.
+    #[allow(clippy::too_many_arguments)]
+    fn bidirectional_attention(
+        &self,
+        q: &Self::Vector,
+        k: &Self::Vector,
+        v: &Self::Vector,
+        seq_len: usize,
+        heads: usize,
+        head_dim: usize,
+        out: &mut Self::Vector,
+    ) -> Op {
+        let (q, k, v) = (self.to_host(q)?, self.to_host(k)?, self.to_host(v)?);
+        *out = self.vector(&host::bidirectional_attention(&q, &k, &v, seq_len, heads, head_dim))?;
+        Ok(())
+    }
     /// Stores each row's K and V (`[rows, kv heads, head_dim]`) at its slot (`page · block_size + offset`).
     fn write_kv(
         &self,
@@ -138,4 +185,15 @@ pub trait Backend: Send + Sync + 'static {
         shape: &AttentionShape,
         out: &mut Self::Vector,
     ) -> Op;
+}
+
+/// The values `data_len` values written from row `first_row` of a `[_, dim]` matrix of `len` values cover.
+pub fn rows_in(len: usize, dim: usize, first_row: usize, data_len: usize) -> Op<std::ops::Range<usize>> {
+    let start = first_row.saturating_mul(dim);
+    match start.checked_add(data_len) {
+        Some(end) if end <= len && data_len.is_multiple_of(dim.max(1)) => Ok(start..end),
+        _ => Err(BackendError(format!(
+            "{data_len} values from row {first_row} do not fit a matrix of {len} values in rows of {dim}"
+        ))),
+    }
 }

@@ -44,11 +44,16 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
     pub qk_norm: bool,
+    /// The vision part of a LLaVA-style checkpoint (whose text model is the rest).
+    pub multimodal: Option<super::vision::LlavaConfig>,
 }
 
 impl ModelConfig {
     pub fn parse(config: &Value) -> Result<Self, ConfigError> {
         let model_type = text(config, "model_type")?;
+        if model_type == "llava" {
+            return super::vision::parse_llava(config);
+        }
         let (qkv_bias, qk_norm) = match model_type.as_str() {
             "llama" | "mistral" => (flag(config, "attention_bias", false), false),
             "qwen2" => (true, false),
@@ -56,7 +61,7 @@ impl ModelConfig {
             other => {
                 return Err(ConfigError::Unsupported {
                     what: format!("model_type \"{other}\""),
-                    detail: "supported: llama, mistral, qwen2, qwen3".into(),
+                    detail: "supported: llama, mistral, qwen2, qwen3, and llava over one of them".into(),
                 });
             }
         };
@@ -116,6 +121,7 @@ impl ModelConfig {
             qkv_bias,
             qk_norm,
             model_type,
+            multimodal: None,
         })
     }
 }

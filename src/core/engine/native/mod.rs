@@ -7,9 +7,11 @@ pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod host;
 pub mod model;
 pub mod sampler;
 pub mod selftest;
+pub mod vision;
 pub mod weights;
 
 use super::batch::{BatchEngine, Pacing};

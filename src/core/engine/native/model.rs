@@ -3,9 +3,11 @@
 //!
 //! Each layer writes the whole batch's K/V into the pages before any row attends, so a row always sees every
 //! earlier position of its sequence, whether computed in an earlier step or in this one.
-use super::backend::{AttentionSeq, AttentionShape, Backend, KvDtype, Op, Product};
+use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype, Op, Product};
 use super::config::{ModelConfig, RopeScaling};
+use super::vision::VisionTower;
 use super::weights::{WeightError, WeightFiles};
+use std::sync::Arc;
 
 struct Layer<B: Backend> {
     input_norm: B::Vector,
@@ -34,6 +36,8 @@ pub struct Transformer<B: Backend> {
     weight_bytes: u64,
     macs_per_token: u64,
     kv_dtype: KvDtype,
+    /// A LLaVA-style checkpoint's vision tower and projector.
+    vision: Option<VisionTower<B>>,
 }
 
 /// Every layer's K and V pages, and the activations of the steps that fill them.
@@ -99,6 +103,18 @@ pub struct ForwardBatch {
     pub seqs: Vec<AttentionSeq>,
     /// Rows whose logits are wanted (the last row of each sequence that samples).
     pub logit_rows: Vec<usize>,
+    /// Rows that take given embeddings (an image's) instead of their tokens' own.
+    pub embeds: Vec<RowEmbeds>,
+}
+
+/// Embeddings for consecutive rows of a batch: rows `from..from + rows` of `values` (`hidden_size` each)
+/// go to batch rows `first_row..`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowEmbeds {
+    pub first_row: usize,
+    pub values: Arc<Vec<f32>>,
+    pub from: usize,
+    pub rows: usize,
 }
 
 impl ForwardBatch {
@@ -151,11 +167,12 @@ impl<B: Backend> Transformer<B> {
             bf16_weights.set(bf16_weights.get() || matches!(tensor.data, super::weights::HostData::Bf16(_)));
             Ok(backend.matrix(tensor)?)
         };
-        let embed = matrix("model.embed_tokens.weight", config.vocab_size, h)?;
+        let (body, head) = text_names(files);
+        let embed = matrix(&format!("{body}embed_tokens.weight"), config.vocab_size, h)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             progress(i, config.num_layers);
-            let p = format!("model.layers.{i}");
+            let p = format!("{body}layers.{i}");
             let qkv_bias = if config.qkv_bias {
                 Some([
                     vector(&format!("{p}.self_attn.q_proj.bias"), q_width)?,
@@ -188,15 +205,19 @@ impl<B: Backend> Transformer<B> {
             });
         }
         progress(config.num_layers, config.num_layers);
-        let norm = vector("model.norm.weight", h)?;
+        let norm = vector(&format!("{body}norm.weight"), h)?;
         // Some tied checkpoints still ship lm_head; the embedding is the same matrix then.
-        let lm_head = if config.tie_word_embeddings || !files.contains("lm_head.weight") {
+        let lm_head = if config.tie_word_embeddings || !files.contains(head) {
             if !config.tie_word_embeddings {
-                return Err(WeightError::Missing { name: "lm_head.weight".into() });
+                return Err(WeightError::Missing { name: head.into() });
             }
             None
         } else {
-            Some(matrix("lm_head.weight", config.vocab_size, h)?)
+            Some(matrix(head, config.vocab_size, h)?)
+        };
+        let vision = match &config.multimodal {
+            Some(multimodal) => Some(VisionTower::load(&backend, multimodal.clone(), h, files)?),
+            None => None,
         };
         let inv_freq = inverse_frequencies(&config);
         let weight_bytes = weight_bytes.get();
@@ -204,7 +225,29 @@ impl<B: Backend> Transformer<B> {
         let (c, q_width) = (&config, config.num_heads * config.head_dim);
         let per_layer = 2 * h * q_width + 2 * h * kv + 3 * h * c.intermediate_size;
         let macs_per_token = (c.num_layers * per_layer + c.vocab_size * h) as u64;
-        Ok(Self { config, backend, embed, layers, norm, lm_head, inv_freq, weight_bytes, macs_per_token, kv_dtype })
+        Ok(Self {
+            config,
+            backend,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            weight_bytes,
+            macs_per_token,
+            kv_dtype,
+            vision,
+        })
+    }
+
+    pub fn vision(&self) -> Option<&VisionTower<B>> {
+        self.vision.as_ref()
+    }
+
+    /// Each image's embeddings (see `VisionTower::encode`); an error for a model without a vision tower.
+    pub fn encode_images(&self, images: &[&[f32]]) -> Op<Vec<f32>> {
+        let tower = self.vision.as_ref().ok_or_else(|| BackendError("this model has no vision tower".into()))?;
+        self.backend.run(|| tower.encode(&self.backend, images))
     }
 
     pub fn backend(&self) -> &B {
@@ -319,6 +362,13 @@ impl<B: Backend> Transformer<B> {
             AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size };
         let Activations { hidden, x, q, k, v, attn, projected, gate, up, logits } = &mut cache.activations;
         b.embedding(&self.embed, &batch.token_ids, hidden)?;
+        for embeds in &batch.embeds {
+            let span = embeds.from * c.hidden_size..(embeds.from + embeds.rows) * c.hidden_size;
+            let values = embeds.values.get(span).ok_or_else(|| {
+                BackendError(format!("rows {}.. of embeddings holding {} values", embeds.from, embeds.values.len()))
+            })?;
+            b.write_rows(hidden, c.hidden_size, embeds.first_row, values)?;
+        }
         for (layer, (k_pages, v_pages)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             b.rms_norm(hidden, &layer.input_norm, c.hidden_size, c.rms_norm_eps, x)?;
             let [q_bias, k_bias, v_bias] = match &layer.qkv_bias {
@@ -371,6 +421,18 @@ impl<B: Backend> Transformer<B> {
         };
         b.matmul(x, self.lm_head.as_ref().unwrap_or(&self.embed), None, logits)?;
         Ok((b.to_host(logits)?, pooled))
+    }
+}
+
+/// Where the language model's tensors are: `model.` for a text checkpoint, `model.language_model.` in a
+/// multimodal one as transformers 5 writes it, `language_model.model.` as hub checkpoints before it did.
+fn text_names(files: &WeightFiles) -> (&'static str, &'static str) {
+    if files.contains("model.language_model.embed_tokens.weight") {
+        ("model.language_model.", "lm_head.weight")
+    } else if files.contains("language_model.model.embed_tokens.weight") {
+        ("language_model.model.", "language_model.lm_head.weight")
+    } else {
+        ("model.", "lm_head.weight")
     }
 }
 

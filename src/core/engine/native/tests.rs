@@ -700,3 +700,103 @@ async fn the_engine_names_its_device_and_reports_its_memory_and_limit() {
     assert_eq!(load.max_running, 3);
     assert!(load.device_memory_used > 0 && load.device_memory_used < load.device_memory_total, "{load:?}");
 }
+
+/// A LLaVA checkpoint's outputs for one prompt with images, from `testdata/generate_tiny_llava.py`.
+struct LlavaCase {
+    text: String,
+    images: Vec<String>,
+    prompt_ids: Vec<u32>,
+    features: Vec<f32>,
+    last_logits: Vec<f32>,
+    greedy_ids: Vec<u32>,
+}
+
+fn llava_cases(dir: &Path) -> Vec<LlavaCase> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let field = |case: &serde_json::Value, key: &str| case[key].clone();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| LlavaCase {
+            text: serde_json::from_value(field(case, "text")).unwrap(),
+            images: serde_json::from_value(field(case, "images")).unwrap(),
+            prompt_ids: serde_json::from_value(field(case, "prompt_ids")).unwrap(),
+            features: serde_json::from_value::<Vec<Vec<f32>>>(field(case, "features")).unwrap().concat(),
+            last_logits: serde_json::from_value(field(case, "last_logits")).unwrap(),
+            greedy_ids: serde_json::from_value(field(case, "greedy_ids")).unwrap(),
+        })
+        .collect()
+}
+
+/// The pixel values of a case's image files, through the checkpoint's own image processor.
+fn llava_pixels(dir: &Path, case: &LlavaCase) -> Vec<Vec<f32>> {
+    use crate::core::multimodal::{DecodeLimits, ImageProcessor, decode};
+    let processor = ImageProcessor::from_dir(dir).unwrap().expect("the checkpoint ships its image processor");
+    case.images
+        .iter()
+        .map(|file| {
+            processor
+                .preprocess(&decode(&std::fs::read(dir.join(file)).unwrap(), &DecodeLimits::default()).unwrap())
+                .data
+        })
+        .collect()
+}
+
+#[test]
+fn a_llava_checkpoint_matches_transformers_features_logits_and_greedy_tokens() {
+    // tiny-llava: f32, CLIP with quick_gelu, the second-to-last layer's patches, a Llama, transformers 5's
+    // tensor names. llava-full: bf16 under the hub's older names, the class token and two layers
+    // concatenated, gelu in the tower, a tied Qwen2.
+    for dir in [testdata("tiny-llava"), testdata("golden/llava-full")] {
+        let what = dir.display().to_string();
+        let model = super::load(&ModelSource::Dir(dir.clone()), CpuBackend::reference(2).unwrap(), |_, _| {}).unwrap();
+        let multimodal = model.config.multimodal.clone().expect("a multimodal config");
+        let tokenizer = crate::core::model::Tokenizer::from_json(
+            &std::fs::read_to_string(dir.join("tokenizer.json")).unwrap(),
+            "tokenizer.json",
+        )
+        .unwrap();
+        for case in llava_cases(&dir) {
+            // The prompt as transformers' processor expands it: one `<image>` in the text, a run in the ids.
+            let text_ids = tokenizer.encode(&case.text, false).unwrap();
+            let per_image = multimodal.tokens_per_image();
+            let (ids, runs) =
+                crate::core::multimodal::expand_placeholders(&text_ids, multimodal.image_token_id, per_image);
+            assert_eq!(ids, case.prompt_ids, "{what}: placeholders expanded as LlavaProcessor does");
+            assert_eq!(runs.len(), case.images.len());
+
+            let pixels = llava_pixels(&dir, &case);
+            let images: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+            let features = Arc::new(model.encode_images(&images).unwrap());
+            assert_close(&features, &case.features, 1e-4, &format!("{what}: image features"));
+
+            // Greedy decoding over the paged cache: the prompt with the images' embeddings, then a token a step.
+            let mut tokens = ids.clone();
+            let total = tokens.len() + case.greedy_ids.len();
+            let pages: Vec<PageId> = (0..total.div_ceil(4) as PageId).collect();
+            let mut cache = model.new_cache(pages.len(), 4).unwrap();
+            let mut batch = ForwardBatch::default();
+            batch.push_seq(&tokens, 0, tokens.len(), &pages, 4, true);
+            for (image, run) in runs.iter().enumerate() {
+                batch.embeds.push(model::RowEmbeds {
+                    first_row: run.start,
+                    values: features.clone(),
+                    from: image * per_image,
+                    rows: per_image,
+                });
+            }
+            let mut logits = model.forward(&mut cache, &batch, 4).unwrap();
+            assert_close(&logits, &case.last_logits, 1e-4, &format!("{what}: logits at the last prompt position"));
+            while tokens.len() < total {
+                let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                tokens.push(best as u32);
+                let mut step = ForwardBatch::default();
+                step.push_seq(&tokens, tokens.len() - 1, tokens.len(), &pages, 4, true);
+                logits = model.forward(&mut cache, &step, 4).unwrap();
+            }
+            assert_eq!(tokens[ids.len()..], case.greedy_ids[..], "{what}: greedy tokens");
+        }
+    }
+}

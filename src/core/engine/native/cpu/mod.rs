@@ -526,6 +526,12 @@ impl Backend for CpuBackend {
         Ok(rows.iter().flat_map(|&r| x[r * dim..(r + 1) * dim].iter().copied()).collect())
     }
 
+    fn write_rows(&self, x: &mut Vec<f32>, dim: usize, first_row: usize, data: &[f32]) -> Op {
+        let target = super::backend::rows_in(x.len(), dim, first_row, data.len())?;
+        x[target].copy_from_slice(data);
+        Ok(())
+    }
+
     fn write_kv(
         &self,
         k: &Vec<f32>,
