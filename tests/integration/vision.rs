@@ -57,3 +57,79 @@ fn an_image_past_the_limits_or_not_an_image_is_refused_before_its_pixels_are_all
     let error = decode(b"not an image at all", &DecodeLimits::default()).unwrap_err().to_string();
     assert!(error.contains("send PNG, JPEG or WebP"), "{error}");
 }
+
+fn tiny_llava() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-llava")
+}
+
+fn data_url(file: &str) -> String {
+    use base64::Engine as _;
+    let bytes = std::fs::read(tiny_llava().join(file)).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// A chat message with these images, then the golden question.
+fn ask(images: &[&str]) -> Value {
+    let mut content: Vec<Value> =
+        images.iter().map(|f| serde_json::json!({"type": "image_url", "image_url": {"url": data_url(f)}})).collect();
+    content.push(serde_json::json!({"type": "text", "text": "What is in the picture?"}));
+    serde_json::json!([{"role": "user", "content": content}])
+}
+
+#[tokio::test]
+async fn dynamo_run_on_a_llava_checkpoint_answers_images_with_transformers_greedy_tokens() {
+    let dir = tiny_llava();
+    let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--served-model-name", "llava"]);
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    for case in golden["cases"].as_array().unwrap() {
+        let images: Vec<&str> = case["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+        let greedy = case["greedy_ids"].as_array().unwrap();
+        let body = serde_json::json!({"model": "llava", "messages": ask(&images), "max_tokens": greedy.len(),
+                                      "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+        // Twice: the second is served from the prefix cache, which must not confuse anything.
+        for attempt in 0..2 {
+            let (status, answer) = server.post_json("/v1/chat/completions", body.clone()).await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(&answer["choices"][0]["token_ids"], &case["greedy_ids"], "{images:?}, attempt {attempt}");
+            let prompt_tokens = case["prompt_ids"].as_array().unwrap().len();
+            assert_eq!(answer["usage"]["prompt_tokens"], prompt_tokens, "the image tokens are counted");
+        }
+    }
+    // The same question about another picture is not answered from the first one's cached KV: the tall image
+    // alone gives other tokens than the wide one (and than nothing).
+    let one = |images: &[&str]| {
+        serde_json::json!({"model": "llava", "messages": ask(images), "max_tokens": 12, "temperature": 0,
+                           "ignore_eos": true, "return_token_ids": true})
+    };
+    let (_, wide) = server.post_json("/v1/chat/completions", one(&["wide.png"])).await;
+    let (_, tall) = server.post_json("/v1/chat/completions", one(&["tall-rgba.png"])).await;
+    assert_ne!(wide["choices"][0]["token_ids"], tall["choices"][0]["token_ids"]);
+}
+
+#[tokio::test]
+async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
+    let dir = tiny_llava();
+    let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--served-model-name", "llava"]);
+    let chat = |messages: Value| serde_json::json!({"model": "llava", "messages": messages, "max_tokens": 2});
+    let url = |url: &str| serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]);
+    let too_many = ask(&["wide.png"; 9]);
+    let cases = [
+        (chat(url("data:image/png;base64,bm90IGFuIGltYWdl")), "messages[0].content[0]"),
+        (chat(url("https://example.com/cat.png")), "`https:` URL"),
+        (chat(too_many), "at most 8 per prompt"),
+        (chat(serde_json::json!([{"role": "user", "content": "<image> what is this?"}])), "placeholder"),
+        (serde_json::json!({"model": "llava", "prompt": "<image> hi", "max_tokens": 2}), "no image"),
+    ];
+    for (body, says) in cases {
+        let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
+        let (status, answer) = server.post_json(path, body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(says), "{says}: {answer}");
+    }
+    // A text model refuses images outright.
+    let text = crate::util::Server::native(&[]);
+    let body = serde_json::json!({"model": "tiny-chat", "messages": ask(&["wide.png"]), "max_tokens": 2});
+    let (status, answer) = text.post_json("/v1/chat/completions", body).await;
+    assert_eq!(status, 400);
+    assert!(answer["error"]["message"].as_str().unwrap().contains("does not take images"), "{answer}");
+}

@@ -2,6 +2,7 @@
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::generate::{self, ChoiceDelta, ChoiceSpec, ChunkRenderer, LogprobEntry, Tracker};
+use super::media;
 use super::params::{
     EndpointOptions, build_choices, check_prompt_text, choices_per_prompt, fields, parse_body, refuse_unsupported,
 };
@@ -74,7 +75,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
     })?;
-    let messages = normalize_messages(&request.messages)?;
+    let (messages, images) = normalize_messages(&request.messages, model.card.image.is_some())?;
     let parallel = value.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
     let (tool_parser, forced) = tool_calls(state, template, &request, parallel)?.unzip();
     // The markers that open a call are special tokens in many tokenizers (Mistral's [TOOL_CALLS], Hermes's
@@ -103,6 +104,10 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
     check_prompt_text(model, &prompt, "messages")?;
     let token_ids = model.tokenizer.encode(&prompt, false).map_err(|e| ApiError::internal(e.to_string()))?;
+    let (token_ids, media) = match model.card.image {
+        Some(placeholder) => media::place(&token_ids, images, placeholder)?,
+        None => (token_ids, Vec::new()),
+    };
     let logprobs = match (request.logprobs, request.top_logprobs) {
         (Some(true), top) => Some(top.unwrap_or(0)),
         (_, Some(top)) if top > 0 => {
@@ -119,7 +124,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         max_tokens_field: if request.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
     };
     let prompt_len = token_ids.len();
-    let specs = build_choices(model, &params, &[token_ids], &options).map_err(|error| {
+    let mut specs = build_choices(model, &params, &[token_ids], &options).map_err(|error| {
         // The forcing schema went in as guided_json; its faults are the tools' parameters'.
         match (&forced, error.param.as_deref()) {
             (Some(_), Some("guided_json")) => ApiError::invalid(
@@ -129,6 +134,10 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
             _ => error,
         }
     })?;
+    let media = (!media.is_empty()).then(|| Arc::new(media));
+    for spec in &mut specs {
+        spec.request.media = media.clone();
+    }
     Ok(Prepared {
         served,
         tool_parser,
@@ -235,12 +244,18 @@ fn function_of(tool: &Value, at: usize) -> Result<(&str, Value), ApiError> {
     Ok((name, parameters))
 }
 
-/// Checks each message and flattens list-of-parts content into text, as text-only templates expect.
-fn normalize_messages(messages: &[Map<String, Value>]) -> Result<Vec<Value>, ApiError> {
+/// Checks each message, and reads its list-of-parts content: flattened into text for a text model (as
+/// text-only templates expect), kept as parts for a vision model, whose template places `{"type": "image"}`
+/// parts as HF templates do. Returns the messages and the images, in order.
+fn normalize_messages(
+    messages: &[Map<String, Value>],
+    takes_images: bool,
+) -> Result<(Vec<Value>, Vec<media::ImagePart>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
     }
-    messages
+    let mut images = Vec::new();
+    let messages = messages
         .iter()
         .enumerate()
         .map(|(i, message)| {
@@ -251,8 +266,8 @@ fn normalize_messages(messages: &[Map<String, Value>]) -> Result<Vec<Value>, Api
             match message.get("content") {
                 None | Some(Value::Null) | Some(Value::String(_)) => {}
                 Some(Value::Array(parts)) => {
-                    let text = text_of_parts(i, parts)?;
-                    message.insert("content".into(), Value::String(text));
+                    let content = read_parts(i, parts, takes_images, &mut images)?;
+                    message.insert("content".into(), content);
                 }
                 Some(_) => {
                     return Err(ApiError::invalid(
@@ -263,30 +278,68 @@ fn normalize_messages(messages: &[Map<String, Value>]) -> Result<Vec<Value>, Api
             }
             Ok(Value::Object(message))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((messages, images))
 }
 
-fn text_of_parts(message: usize, parts: &[Value]) -> Result<String, ApiError> {
+fn read_parts(
+    message: usize,
+    parts: &[Value],
+    takes_images: bool,
+    images: &mut Vec<media::ImagePart>,
+) -> Result<Value, ApiError> {
     let mut texts = Vec::with_capacity(parts.len());
+    let mut kept = Vec::with_capacity(parts.len());
     for (j, part) in parts.iter().enumerate() {
         let field = format!("messages[{message}].content[{j}]");
         match part.get("type").and_then(Value::as_str) {
             Some("text") => match part.get("text").and_then(Value::as_str) {
-                Some(text) => texts.push(text),
+                Some(text) => {
+                    texts.push(text);
+                    kept.push(json!({"type": "text", "text": text}));
+                }
                 None => {
                     return Err(ApiError::invalid(&field, "is a text part without a `text` string"));
                 }
             },
+            Some("image_url") if takes_images => {
+                if images.len() == media::MAX_IMAGES_PER_PROMPT {
+                    return Err(ApiError::invalid(
+                        &field,
+                        format!("is one image too many: at most {} per prompt", media::MAX_IMAGES_PER_PROMPT),
+                    ));
+                }
+                images.push(media::read_image(&field, part)?);
+                if images.iter().map(media::ImagePart::size).sum::<usize>() > media::MAX_PROMPT_IMAGE_BYTES {
+                    return Err(ApiError::invalid(
+                        &field,
+                        format!(
+                            "takes the prompt's images past {} MiB together; send fewer or smaller ones",
+                            media::MAX_PROMPT_IMAGE_BYTES >> 20
+                        ),
+                    ));
+                }
+                kept.push(json!({"type": "image"}));
+            }
+            Some("image_url") => {
+                return Err(ApiError::invalid(&field, "is an image, and this model does not take images"));
+            }
             Some(other) => {
                 return Err(ApiError::invalid(
                     &field,
-                    format!("has type `{other}`, which this model does not accept; send text parts"),
+                    format!(
+                        "has type `{other}`, which this model does not accept; send text{} parts",
+                        if takes_images { " and image_url" } else { "" }
+                    ),
                 ));
             }
             None => return Err(ApiError::invalid(&field, "needs a `type`")),
         }
     }
-    Ok(texts.join("\n"))
+    Ok(match takes_images {
+        true => Value::Array(kept),
+        false => Value::String(texts.join("\n")),
+    })
 }
 
 struct ChatChunks {

@@ -81,6 +81,19 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     served.router.check_room(prompt_count(&request.prompt) * n as usize)?;
     let model = &served.model;
     let prompts = prompts(model, &request.prompt, "prompt")?;
+    // Its embeddings would be the placeholder's own, which the model never saw in training.
+    if let Some(image) = model.card.image
+        && prompts.iter().any(|p| p.contains(&image.token_id))
+    {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "holds the image placeholder (token {}) but no image; send images as image_url parts to \
+                 /v1/chat/completions",
+                image.token_id
+            ),
+        ));
+    }
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let options = EndpointOptions {
         // The legacy endpoint's default, in OpenAI's API and vLLM alike (chat's is the rest of the context).

@@ -133,6 +133,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
                 generated: 0,
                 constraint: None,
                 pooling: Some(pooling),
+                media: None,
             },
             text: TextOptions {
                 skip_special_tokens: true,

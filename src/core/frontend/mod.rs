@@ -14,6 +14,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 mod generate;
+mod media;
 mod params;
 mod preprocess;
 mod server;

@@ -188,6 +188,7 @@ pub fn build_choices(
                     generated: 0,
                     constraint: constraint.clone(),
                     pooling: None,
+                    media: None,
                 },
                 text: text.clone(),
             });

@@ -13,6 +13,31 @@ pub struct ModelCard {
     pub vocab_size: u32,
     /// Sampling one of these ends a request (unless `ignore_eos`).
     pub eos_token_ids: Vec<u32>,
+    /// How images enter its prompts, for a model that reads them.
+    pub image: Option<ImageTokens>,
+}
+
+/// A vision model's placeholder: the chat template writes `token_id` once per image, and the prompt holds it
+/// `per_image` times (one position per embedding), as the checkpoint's processor expands it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageTokens {
+    pub token_id: u32,
+    pub per_image: u32,
+}
+
+/// What a LLaVA-style config says about its images; `None` for a text model, or one whose vision part the
+/// built-in engine cannot read (which then takes no images, with a warning).
+fn image_tokens(config: Option<&Value>) -> Option<ImageTokens> {
+    let config = config.filter(|c| c.get("model_type").and_then(Value::as_str) == Some("llava"))?;
+    match crate::core::engine::native::config::ModelConfig::parse(config) {
+        Ok(parsed) => parsed
+            .multimodal
+            .map(|m| ImageTokens { token_id: m.image_token_id, per_image: m.tokens_per_image() as u32 }),
+        Err(e) => {
+            tracing::warn!("this model will take no images: {e}");
+            None
+        }
+    }
 }
 
 impl ModelCard {
@@ -59,7 +84,8 @@ impl ModelCard {
             eos_token_ids.extend(eos.and_then(|text| tokenizer.token_to_id(&text)));
         }
         let context_length = context_length.min(u32::MAX as u64) as u32;
-        Ok(Self { name, aliases: Vec::new(), context_length, vocab_size, eos_token_ids })
+        let image = image_tokens(config);
+        Ok(Self { name, aliases: Vec::new(), context_length, vocab_size, eos_token_ids, image })
     }
 }
 
@@ -123,5 +149,9 @@ mod tests {
                             "text_config": {"max_position_embeddings": 512, "vocab_size": 5000, "eos_token_id": 7}});
         let card = ModelCard::resolve("m".into(), Some(&config), None, None, &model.tokenizer).unwrap();
         assert_eq!((card.context_length, card.vocab_size, card.eos_token_ids.clone()), (512, 5000, vec![7]));
+        assert_eq!(card.image, Some(ImageTokens { token_id: 32000, per_image: 576 }), "llava-1.5's defaults");
+        let text_only =
+            ModelCard::resolve("m".into(), Some(&json!({"max_position_embeddings": 8})), None, None, &model.tokenizer);
+        assert_eq!(text_only.unwrap().image, None);
     }
 }

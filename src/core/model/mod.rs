@@ -9,7 +9,7 @@ mod error;
 mod template;
 mod tokenizer;
 
-pub use card::ModelCard;
+pub use card::{ImageTokens, ModelCard};
 pub use detokenize::{IncrementalDecoder, StopStringMatcher};
 pub use error::ModelError;
 pub use template::{ChatTemplate, TemplateInput};

@@ -544,7 +544,7 @@ pub enum WorkerStatus {
 }
 
 enum Command {
-    Open { stream: u64, request: PreprocessedRequest, outputs: mpsc::UnboundedSender<EngineOutput> },
+    Open { stream: u64, request: Box<PreprocessedRequest>, outputs: mpsc::UnboundedSender<EngineOutput> },
     Cancel { stream: u64 },
     ModelFiles(oneshot::Sender<Vec<(String, String)>>),
     Profile(oneshot::Sender<Option<Profile>>),
@@ -630,7 +630,7 @@ impl WorkerClient {
     pub fn submit(&self, request: PreprocessedRequest) -> ResponseStream {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (outputs, receiver) = mpsc::unbounded_channel();
-        let _ = self.commands.send(Command::Open { stream, request, outputs });
+        let _ = self.commands.send(Command::Open { stream, request: Box::new(request), outputs });
         let cancel = CancelOnDrop { commands: self.commands.clone(), stream, _connection: self.connection.clone() };
         ResponseStream::with_drop_guard(receiver, Box::new(cancel))
     }
@@ -745,7 +745,7 @@ async fn client(
                         continue;
                     }
                     open.insert(stream, outputs);
-                    ToWorker::Generate { stream, request }
+                    ToWorker::Generate { stream, request: *request }
                 }
                 Some(Command::Cancel { stream }) => {
                     if open.remove(&stream).is_none() {

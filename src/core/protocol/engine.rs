@@ -25,6 +25,28 @@ pub struct PreprocessedRequest {
     /// Return the prompt's embedding instead of generating (`/v1/embeddings`); `None` generates.
     #[serde(default)]
     pub pooling: Option<Pooling>,
+    /// The prompt's images, in order: their placeholder tokens are in `token_ids`. Shared by a request's
+    /// choices, not copied.
+    /// (`None` rather than empty keeps the request, which every queue and message carries, small.)
+    #[serde(default)]
+    pub media: Option<std::sync::Arc<Vec<MediaInput>>>,
+}
+
+/// An image of a prompt: its file as the client sent it (PNG, JPEG or WebP: the smallest form on the wire;
+/// the worker decodes and preprocesses it for its own model), the hash that names its content, and the
+/// placeholder tokens `start..end` its embeddings fill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaInput {
+    pub start: u32,
+    pub end: u32,
+    pub hash: u64,
+    pub data: bytes::Bytes,
+}
+
+impl MediaInput {
+    pub fn span(&self) -> crate::core::tokens::MediaSpan {
+        crate::core::tokens::MediaSpan { start: self.start as usize, end: self.end as usize, hash: self.hash }
+    }
 }
 
 /// How a prompt becomes one embedding: the model's last hidden state (after its final norm) at the prompt's
@@ -121,7 +143,17 @@ impl PreprocessedRequest {
             generated: 0,
             constraint: None,
             pooling: None,
+            media: None,
         }
+    }
+
+    pub fn media(&self) -> &[MediaInput] {
+        self.media.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// Where the prompt's images are, for block hashes.
+    pub fn media_spans(&self) -> Vec<crate::core::tokens::MediaSpan> {
+        self.media().iter().map(MediaInput::span).collect()
     }
 }
 

@@ -8,7 +8,7 @@ use super::plane::{Payload, decode_header};
 use super::request::{FromWorker, Refusal, ToWorker, decode, encode};
 use super::{
     Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
-    Pooling, PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
+    MediaInput, Pooling, PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
 };
 use proptest::prelude::*;
 
@@ -56,10 +56,10 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
         any::<Option<u64>>(),
         0u32..100_000,
         any::<Option<u32>>(),
-        (hand_off, any::<u32>(), constraint(), prop::option::of(any::<bool>())),
+        (hand_off, any::<u32>(), constraint(), prop::option::of(any::<bool>()), media()),
     )
         .prop_map(
-            |(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint, pooling))| {
+            |(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint, pooling, media))| {
                 PreprocessedRequest {
                     request_id,
                     token_ids,
@@ -70,9 +70,16 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
                     generated,
                     constraint,
                     pooling: pooling.map(|normalize| Pooling { normalize }),
+                    media: (!media.is_empty()).then(|| media.into()),
                 }
             },
         )
+}
+
+fn media() -> impl Strategy<Value = Vec<MediaInput>> {
+    let one = (any::<u32>(), any::<u32>(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..48))
+        .prop_map(|(start, end, hash, data)| MediaInput { start, end, hash, data: data.into() });
+    prop::collection::vec(one, 0..3)
 }
 
 fn constraint() -> impl Strategy<Value = Option<Constraint>> {

@@ -19,8 +19,8 @@ pub mod router;
 pub mod transfer;
 
 pub use engine::{
-    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, Pooling, PreprocessedRequest, SamplingOptions,
-    StopConditions, TokenLogprob,
+    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, MediaInput, Pooling, PreprocessedRequest,
+    SamplingOptions, StopConditions, TokenLogprob,
 };
 pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
 pub use plan::{Forecast, Plan};

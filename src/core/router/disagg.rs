@@ -34,7 +34,7 @@ impl Router {
         if request.stop.max_tokens <= 1 || uncached < self.config.disagg_threshold {
             return Err(Disagg::Short);
         }
-        match self.choose_in(Pool::Prefill, &request.token_ids, &[]) {
+        match self.choose_in(Pool::Prefill, &request.token_ids, &request.media_spans(), &[]) {
             Ok(prefill) if same_transfer(&prefill, decode) => Ok(prefill),
             Ok(_) => Err(Disagg::Unsupported),
             Err(RouteError::Busy { .. } | RouteError::Unavailable) => Err(Disagg::Busy),

@@ -8,7 +8,7 @@
 //! Disaggregated serving is a planned migration: the request starts on a prefill worker that generates the
 //! first token and holds the prompt's KV; its continuation goes to the decode worker chosen up front, told
 //! where that KV is. A prefill worker lost or refusing hands the whole request to the decode worker instead.
-use super::{Choice, Disagg, RouteError, RoutedStream, Router};
+use super::{Choice, Disagg, Pool, RouteError, RoutedStream, Router};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HandOff, HeldKv, PreprocessedRequest, StopConditions, WorkerId,
 };
@@ -39,7 +39,7 @@ impl Router {
     /// Routes like `route`, and continues the request elsewhere if its worker is lost mid-stream.
     /// With prefill workers up, the prompt may be prefilled on one of them first (`disagg`).
     pub fn route_migrating(self: &Arc<Self>, request: PreprocessedRequest) -> Result<MigratingStream, RouteError> {
-        let mut decode = self.choose(&request.token_ids, &[])?;
+        let mut decode = self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), &[])?;
         let (current, prefilling) = match self.prefill_choice(&request, &decode) {
             None => (decode.dispatch(request.clone())?, None),
             Some(prefill) => {

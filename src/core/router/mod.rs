@@ -24,7 +24,7 @@ use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
 use crate::core::protocol::profile::Profile;
 use crate::core::protocol::{EngineOutput, KvEvent, PreprocessedRequest, WorkerId};
-use crate::core::tokens::block_hashes;
+use crate::core::tokens::{MediaSpan, block_hashes_with_media};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -393,24 +393,30 @@ impl Router {
 
     /// Routes like `route`, never to a worker in `avoid` (ones that just refused or lost this request).
     pub fn route_avoiding(&self, request: PreprocessedRequest, avoid: &[WorkerId]) -> Result<RoutedStream, RouteError> {
-        self.choose(&request.token_ids, avoid)?.dispatch(request)
+        self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), avoid)?.dispatch(request)
     }
 
     /// The worker a prompt of `token_ids` would go to (never one in `avoid`), charged with its load as if it
     /// had been sent: the charge is the returned value's, given back when it is dropped unless `dispatch`
     /// hands it on to the request's stream. Nothing is submitted.
     pub fn choose(&self, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
-        self.choose_in(Pool::Decode, token_ids, avoid)
+        self.choose_in(Pool::Decode, token_ids, &[], avoid)
     }
 
     /// `choose` over one pool's workers, each up to that pool's limit.
-    pub fn choose_in(&self, pool: Pool, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
+    pub fn choose_in(
+        &self,
+        pool: Pool,
+        token_ids: &[u32],
+        media: &[MediaSpan],
+        avoid: &[WorkerId],
+    ) -> Result<Choice, RouteError> {
         let workers = self.snapshot_of(pool);
         if workers.is_empty() {
             return Err(RouteError::NoWorkers);
         }
         let limit = self.limit(pool);
-        let (hashes, overlaps) = self.overlaps(token_ids);
+        let (hashes, overlaps) = self.overlaps(token_ids, media);
         let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
         if !workers.iter().zip(&excluded).any(|(w, &excluded)| !excluded && w.engine.is_alive()) {
             return Err(RouteError::Unavailable);
@@ -460,9 +466,9 @@ impl Router {
     /// Every worker's price for a prompt of `token_ids`, as `choose` would weigh it, with nothing charged and
     /// nothing recorded: for callers that compare workers before committing to one (a prefill/decode pair, an
     /// endpoint picker scoring its pods). Cost is the kv cost whatever the mode; lower is better.
-    pub fn quote(&self, token_ids: &[u32]) -> Vec<Quote> {
+    pub fn quote(&self, token_ids: &[u32], media: &[MediaSpan]) -> Vec<Quote> {
         let workers = self.snapshot();
-        let (_, overlaps) = self.overlaps(token_ids);
+        let (_, overlaps) = self.overlaps(token_ids, media);
         // Whole blocks, as the index counts them.
         let prompt_blocks = (token_ids.len() / self.config.block_size) as u32;
         workers
@@ -481,10 +487,10 @@ impl Router {
     }
 
     /// The prompt's block hashes (kv and latency modes only) and what each worker holds of them.
-    fn overlaps(&self, token_ids: &[u32]) -> (Vec<u64>, OverlapScores) {
+    fn overlaps(&self, token_ids: &[u32], media: &[MediaSpan]) -> (Vec<u64>, OverlapScores) {
         let hashes: Vec<u64> = match self.config.mode {
             RouterMode::Kv | RouterMode::Latency => {
-                block_hashes(token_ids, self.config.block_size).iter().map(|b| b.sequence).collect()
+                block_hashes_with_media(token_ids, self.config.block_size, media).iter().map(|b| b.sequence).collect()
             }
             _ => Vec::new(),
         };

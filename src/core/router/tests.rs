@@ -2,6 +2,7 @@ use super::*;
 use crate::core::engine::batch::BatchEngine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
 use crate::core::protocol::{KvEvent, KvEventBatch, LoadMetrics, StoredBlock};
+use crate::core::tokens::block_hashes;
 use futures::StreamExt;
 
 fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
@@ -86,8 +87,8 @@ async fn kv_mode_sends_a_repeated_prompt_back_to_the_worker_that_cached_it() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    let quotes = router.quote(&prompt);
-    assert_eq!(router.quote(&prompt), quotes, "a quote changes nothing");
+    let quotes = router.quote(&prompt, &[]);
+    assert_eq!(router.quote(&prompt, &[]), quotes, "a quote changes nothing");
     assert_eq!(router.in_flight(), 0, "a quote charges nothing");
     let best = quotes.iter().min_by(|a, b| a.cost.total_cmp(&b.cost)).unwrap();
     assert_eq!((best.worker_id, best.overlap_blocks, best.open), (home, 12, true));
@@ -240,12 +241,12 @@ async fn latency_mode_waits_for_a_hit_only_while_waiting_is_faster() {
     drop(again);
     // Two long prompts queued on the holder: computing the whole prompt on the idle worker is faster than
     // waiting behind them for the hit; one short prompt queued there is not.
-    let short = router.choose_in(Pool::Decode, &(5000..5100).collect::<Vec<u32>>(), &[1 - home]).unwrap();
+    let short = router.choose_in(Pool::Decode, &(5000..5100).collect::<Vec<u32>>(), &[], &[1 - home]).unwrap();
     let with_short_queue = router.route(request(prompt.clone(), 1)).unwrap();
     assert_eq!(with_short_queue.worker_id, home);
     drop((short, with_short_queue));
     let long: Vec<u32> = (10_000..18_000).collect();
-    let queued: Vec<_> = (0..2).map(|_| router.choose_in(Pool::Decode, &long, &[1 - home]).unwrap()).collect();
+    let queued: Vec<_> = (0..2).map(|_| router.choose_in(Pool::Decode, &long, &[], &[1 - home]).unwrap()).collect();
     let busy_holder = router.route(request(prompt.clone(), 1)).unwrap();
     assert_ne!(busy_holder.worker_id, home, "the queue costs more than the hit saves");
     drop(queued);

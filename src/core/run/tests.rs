@@ -191,7 +191,7 @@ async fn a_decode_worker_is_not_charged_with_a_prompt_prefilled_elsewhere() {
     let router = state.first().router;
     fake_prefill(&router, 96, true);
     let other = prompt(9);
-    let cost = |router: &Router| router.quote(&other).iter().map(|q| q.cost).sum::<f64>();
+    let cost = |router: &Router| router.quote(&other, &[]).iter().map(|q| q.cost).sum::<f64>();
     let before = cost(&router);
     // Its prompt waits at the prefill worker: the decode worker has nothing of it to compute.
     let waiting = router.route_migrating(PreprocessedRequest::greedy("w", prompt(8), 9)).unwrap();

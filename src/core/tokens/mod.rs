@@ -68,20 +68,22 @@ pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
 pub fn block_hashes_with_media(tokens: &[u32], block_size: usize, media: &[MediaSpan]) -> Vec<BlockHash> {
     let block_size = block_size.max(1);
     let mut parent = None;
-    let mut overlapping = Vec::new();
-    tokens
-        .chunks_exact(block_size)
-        .enumerate()
-        .map(|(i, block)| {
-            let (start, end) = (i * block_size, (i + 1) * block_size);
-            overlapping.clear();
-            overlapping.extend(media.iter().filter(|m| m.start < end && start < m.end).map(|m| m.hash));
-            let local = local_block_hash_with_media(block, &overlapping);
+    (0..tokens.len() / block_size)
+        .map(|index| {
+            let local = local_block_hash_at(tokens, index, block_size, media);
             let sequence = chain_hash(parent, local);
             parent = Some(sequence);
             BlockHash { local, sequence }
         })
         .collect()
+}
+
+/// The local hash of full block `index` of `tokens`, folding in the media whose placeholders it overlaps.
+pub fn local_block_hash_at(tokens: &[u32], index: usize, block_size: usize, media: &[MediaSpan]) -> u64 {
+    let (start, end) = (index * block_size, (index + 1) * block_size);
+    let overlapping: smallvec::SmallVec<[u64; 2]> =
+        media.iter().filter(|m| m.start < end && start < m.end).map(|m| m.hash).collect();
+    local_block_hash_with_media(&tokens[start..end], &overlapping)
 }
 
 #[cfg(test)]

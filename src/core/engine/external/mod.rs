@@ -56,6 +56,11 @@ impl ExternalKind {
 
     /// Why the engine cannot answer `request` as asked, if it cannot.
     fn refuses(self, request: &PreprocessedRequest) -> Option<String> {
+        if !request.media().is_empty() {
+            return Some(
+                "images are not forwarded to external engines yet; serve this model with the built-in engine".into(),
+            );
+        }
         match self {
             ExternalKind::Trtllm => trtllm::refuses(request),
             ExternalKind::Sglang => sglang::refuses(request),

@@ -18,13 +18,14 @@ use super::batch::{BatchEngine, Pacing};
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
 use crate::core::grammar::Guide;
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
-use crate::core::protocol::{PreprocessedRequest, WorkerId};
+use crate::core::protocol::{MediaInput, PreprocessedRequest, WorkerId};
 use backend::{Backend, BackendError};
 use config::{ConfigError, ModelConfig};
 use cpu::CpuBackend;
-use model::{ForwardBatch, KvCache, Transformer};
+use model::{ForwardBatch, KvCache, RowEmbeds, Transformer};
 use rayon::prelude::*;
 use sampler::SeqSampler;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weights::{WeightError, WeightFiles};
@@ -43,6 +44,13 @@ pub enum NativeError {
     Backend(#[from] BackendError),
     #[error("cannot allocate {blocks} KV blocks: {detail}; lower --kv-cache-gib or --num-blocks")]
     KvCache { blocks: usize, detail: String },
+    #[error(transparent)]
+    Image(#[from] crate::core::multimodal::ImageError),
+    #[error(
+        "the model has a vision tower but no image processor: add its preprocessor_config.json (or a \
+         processor_config.json with an `image_processor`)"
+    )]
+    NoImageProcessor,
     #[error("--kv-cache-gib {gib} holds no KV block of this model ({page_bytes} bytes each); give it more memory")]
     NoKvMemory { gib: f64, page_bytes: usize },
 }
@@ -115,7 +123,15 @@ pub fn load<B: Backend>(
         ModelSource::Dir(dir) => WeightFiles::open(dir)?,
         ModelSource::Builtin => WeightFiles::from_static("built-in tiny-chat weights", BUILTIN_WEIGHTS)?,
     };
-    Ok(Arc::new(Transformer::load(backend, config, &files, progress)?))
+    let mut model = Transformer::load(backend, config, &files, progress)?;
+    if let Some(tower) = model.vision_mut() {
+        let processor = match source {
+            ModelSource::Dir(dir) => crate::core::multimodal::ImageProcessor::from_dir(dir)?,
+            ModelSource::Builtin => None,
+        };
+        tower.processor = Some(processor.ok_or(NativeError::NoImageProcessor)?);
+    }
+    Ok(Arc::new(model))
 }
 
 /// Loads the model once on the settings' device and starts `workers` workers sharing it.
@@ -161,6 +177,12 @@ pub fn spawn<B: Backend>(
     Ok(BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: true, speedup: 1.0 }, context))
 }
 
+/// The positions `start..end` of a chunk that hold `media`'s placeholders, if any.
+fn overlap(media: &MediaInput, start: usize, end: usize) -> Option<(usize, usize)> {
+    let (lo, hi) = (start.max(media.start as usize), end.min(media.end as usize));
+    (lo < hi).then_some((lo, hi))
+}
+
 /// Runs the real model for the scheduler.
 pub struct NativeExecutor<B: Backend> {
     model: Arc<Transformer<B>>,
@@ -169,12 +191,71 @@ pub struct NativeExecutor<B: Backend> {
     num_pages: usize,
     /// Time spent turning logits into tokens, for `dynamo bench engine` to report sampling's share of a step.
     sampling: Duration,
+    /// Embeddings of the images seen lately, by content hash: a repeated image is not encoded again, nor is
+    /// one whose prompt is prefilled over several steps.
+    embeddings: lru::LruCache<u64, Arc<Vec<f32>>>,
 }
+
+/// Memory the embeddings cache may hold (LLaVA-1.5-7B: 9 MiB an image, so 28 images).
+const EMBEDDINGS_CACHE_BYTES: usize = 256 << 20;
 
 impl<B: Backend> NativeExecutor<B> {
     pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Result<Self, BackendError> {
         let cache = model.new_cache(num_pages, block_size)?;
-        Ok(Self { model, cache, block_size, num_pages, sampling: Duration::ZERO })
+        let image_bytes = model.vision().map_or(1, |t| t.config.tokens_per_image() * model.config.hidden_size * 4);
+        let images =
+            std::num::NonZeroUsize::new(EMBEDDINGS_CACHE_BYTES / image_bytes.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let embeddings = lru::LruCache::new(images);
+        Ok(Self { model, cache, block_size, num_pages, sampling: Duration::ZERO, embeddings })
+    }
+
+    /// Encodes the images whose placeholders this step computes and that are not cached yet, in one batch.
+    fn encode_images(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<(), ExecError> {
+        let mut wanted: Vec<&MediaInput> = Vec::new();
+        for chunk in chunks {
+            for media in chunk.media.iter().filter(|m| overlap(m, chunk.start, chunk.end).is_some()) {
+                if !self.embeddings.contains(&media.hash) && !wanted.iter().any(|w| w.hash == media.hash) {
+                    wanted.push(media);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let files: Vec<&[u8]> = wanted.iter().map(|m| m.data.as_ref()).collect();
+        let values = self.model.encode_image_files(&files).map_err(|e| ExecError(format!("an image: {e}")))?;
+        let per_image = values.len() / wanted.len();
+        for (media, embeddings) in wanted.iter().zip(values.chunks_exact(per_image.max(1))) {
+            self.embeddings.put(media.hash, Arc::new(embeddings.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// The rows of `chunk` (whose first row is `first_row` of the batch) that its images' embeddings fill.
+    fn image_rows(&mut self, chunk: &Chunk<'_, SeqSampler>, first_row: usize) -> Result<Vec<RowEmbeds>, ExecError> {
+        let per_image = self.model.vision().map_or(0, |t| t.config.tokens_per_image());
+        let mut rows = Vec::new();
+        for media in chunk.media {
+            let Some((lo, hi)) = overlap(media, chunk.start, chunk.end) else { continue };
+            if (media.end - media.start) as usize != per_image {
+                return Err(ExecError(format!(
+                    "an image holds {} placeholder tokens; this model takes {per_image} per image",
+                    media.end - media.start
+                )));
+            }
+            let values = self
+                .embeddings
+                .get(&media.hash)
+                .cloned()
+                .ok_or_else(|| ExecError("an image was not encoded".into()))?;
+            rows.push(RowEmbeds {
+                first_row: first_row + lo - chunk.start,
+                values,
+                from: lo - media.start as usize,
+                rows: hi - lo,
+            });
+        }
+        Ok(rows)
     }
 
     /// Total time spent sampling since this executor was made.
@@ -208,8 +289,14 @@ impl<B: Backend> Executor for NativeExecutor<B> {
     }
 
     fn execute(&mut self, chunks: &mut [Chunk<'_, SeqSampler>]) -> Result<Executed, ExecError> {
+        self.encode_images(chunks)?;
         let mut batch = ForwardBatch::default();
         for chunk in chunks.iter() {
+            let first_row = batch.token_ids.len();
+            if !chunk.media.is_empty() {
+                let rows = self.image_rows(chunk, first_row)?;
+                batch.embeds.extend(rows);
+            }
             batch.push_seq(chunk.tokens, chunk.start, chunk.end, chunk.pages, self.block_size, chunk.samples());
         }
         // Structured outputs' masks depend only on the tokens so far: computed on a thread of their own

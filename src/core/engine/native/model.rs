@@ -244,6 +244,16 @@ impl<B: Backend> Transformer<B> {
         self.vision.as_ref()
     }
 
+    pub fn vision_mut(&mut self) -> Option<&mut VisionTower<B>> {
+        self.vision.as_mut()
+    }
+
+    /// The embeddings of image files, each `tokens_per_image × hidden_size` values, one after another.
+    pub fn encode_image_files(&self, files: &[&[u8]]) -> Op<Vec<f32>> {
+        let tower = self.vision.as_ref().ok_or_else(|| BackendError("this model has no vision tower".into()))?;
+        self.backend.run(|| tower.encode_files(&self.backend, files))
+    }
+
     /// Each image's embeddings (see `VisionTower::encode`); an error for a model without a vision tower.
     pub fn encode_images(&self, images: &[&[f32]]) -> Op<Vec<f32>> {
         let tower = self.vision.as_ref().ok_or_else(|| BackendError("this model has no vision tower".into()))?;

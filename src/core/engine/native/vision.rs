@@ -9,6 +9,7 @@ use super::backend::{Backend, BackendError, Op, Product};
 use super::config::{ConfigError, ModelConfig};
 use super::host::Activation;
 use super::weights::{WeightError, WeightFiles};
+use crate::core::multimodal::{DecodeLimits, ImageProcessor, decode};
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -245,6 +246,8 @@ pub struct VisionTower<B: Backend> {
     layers: Vec<EncoderLayer<B>>,
     projector: [Linear<B>; 2],
     text_hidden: usize,
+    /// The checkpoint's image processor (set by `native::load` from the model's directory).
+    pub processor: Option<ImageProcessor>,
 }
 
 /// Where a checkpoint keeps the tower and projector: transformers 5 writes `model.vision_tower.…`, hub
@@ -316,7 +319,30 @@ impl<B: Backend> VisionTower<B> {
             linear(&format!("{projector}linear_2"), text_hidden, text_hidden, bias)?,
         ];
         let pre_norm = norm(&format!("{tower}pre_layrnorm"))?;
-        Ok(Self { config, patch, positions, pre_norm, layers, projector, text_hidden })
+        Ok(Self { config, patch, positions, pre_norm, layers, projector, text_hidden, processor: None })
+    }
+
+    /// The embeddings of image files (PNG, JPEG, WebP as clients send them): decoded within the default limits,
+    /// preprocessed by the checkpoint's image processor, encoded.
+    pub fn encode_files(&self, b: &B, files: &[&[u8]]) -> Op<Vec<f32>> {
+        let processor = self.processor.as_ref().ok_or_else(|| BackendError("no image processor was loaded".into()))?;
+        let side = self.config.vision.image_size;
+        let pixels = files
+            .iter()
+            .map(|file| {
+                let image = decode(file, &DecodeLimits::default()).map_err(|e| BackendError(e.to_string()))?;
+                let pixels = processor.preprocess(&image);
+                if (pixels.height, pixels.width) != (side, side) {
+                    return Err(BackendError(format!(
+                        "the image processor gives {}x{} pixels but the vision tower reads {side}x{side}: \
+                         preprocessor_config.json does not fit config.json",
+                        pixels.width, pixels.height
+                    )));
+                }
+                Ok(pixels.data)
+            })
+            .collect::<Op<Vec<_>>>()?;
+        self.encode(b, &pixels.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     /// Length of one image's pixel values (`3 × side × side`, channel-major).

@@ -23,9 +23,10 @@
 use super::blocks::{BlockPool, KvFull, PageId};
 use crate::core::grammar::{Compiler, GrammarError, Guide};
 use crate::core::protocol::{
-    EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, Pooling, PreprocessedRequest, TokenLogprob,
+    EngineOutput, FinishReason, HeldKv, KvEvent, KvLayout, LoadMetrics, MediaInput, Pooling, PreprocessedRequest,
+    TokenLogprob,
 };
-use crate::core::tokens::{BlockHash, block_hashes, chain_hash, local_block_hash};
+use crate::core::tokens::{BlockHash, MediaSpan, block_hashes_with_media, chain_hash, local_block_hash_at};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,8 @@ pub struct Chunk<'a, S> {
     pub guide: Option<&'a mut Guide>,
     /// Return the final hidden state at the chunk's last token instead of a token (an embedding request).
     pub pooling: bool,
+    /// The sequence's images: the rows of their placeholders take their embeddings.
+    pub media: &'a [MediaInput],
 }
 
 impl<S> Chunk<'_, S> {
@@ -151,6 +154,9 @@ struct Sequence<S> {
     hold_for: Option<Duration>,
     /// While arriving: when to stop waiting for the peer's KV.
     arrive_by: Option<Instant>,
+    /// The prompt's images (their hashes fold into the blocks holding their placeholders).
+    media: std::sync::Arc<Vec<MediaInput>>,
+    spans: Vec<MediaSpan>,
 }
 
 /// A finished sequence's pages, kept for a peer until `expires`.
@@ -258,7 +264,7 @@ impl<X: Executor> Scheduler<X> {
         // What this worker's prefix cache holds of it is not read again, but the last block always is: the
         // read's notification is what ends the peer's lease.
         let prefix = if self.config.enable_prefix_caching {
-            let hashes = block_hashes(&seq.tokens[..from_peer], block_size);
+            let hashes = block_hashes_with_media(&seq.tokens[..from_peer], block_size, &seq.spans);
             let matched = self.pool.cached_prefix(&hashes).min(blocks.saturating_sub(1));
             hashes[..matched].to_vec()
         } else {
@@ -368,6 +374,8 @@ impl<X: Executor> Scheduler<X> {
             reported_cached: false,
             hold_for: None,
             arrive_by: None,
+            media: request.media.clone().unwrap_or_default(),
+            spans: request.media_spans(),
         }
     }
 
@@ -461,6 +469,7 @@ impl<X: Executor> Scheduler<X> {
                     sampler: &mut seq.sampler,
                     guide: seq.guide.as_mut().and_then(|g| g.as_mut().ok()),
                     pooling: seq.pooling.is_some(),
+                    media: &seq.media,
                 }
             })
             .collect();
@@ -579,7 +588,7 @@ impl<X: Executor> Scheduler<X> {
             // At least one prompt token is always computed, so the whole prompt is never a cache hit. A
             // sequence whose KV arrived from a peer has its pages already.
             let prefix = if self.config.enable_prefix_caching && seq.pages.is_empty() {
-                let hashes = block_hashes(&seq.tokens[..seq.tokens.len() - 1], block_size);
+                let hashes = block_hashes_with_media(&seq.tokens[..seq.tokens.len() - 1], block_size, &seq.spans);
                 let matched = self.pool.cached_prefix(&hashes);
                 hashes[..matched].to_vec()
             } else {
@@ -645,7 +654,7 @@ fn commit_full_blocks<S>(pool: &mut BlockPool, seq: &mut Sequence<S>, block_size
     while seq.committed.len() < seq.computed / block_size {
         let at = seq.committed.len();
         let parent = seq.committed.last().map(|b| b.sequence);
-        let local = local_block_hash(&seq.tokens[at * block_size..(at + 1) * block_size]);
+        let local = local_block_hash_at(&seq.tokens, at, block_size, &seq.spans);
         let block = BlockHash { local, sequence: chain_hash(parent, local) };
         seq.pages[at] = pool.commit(seq.pages[at], parent, block);
         seq.committed.push(block);
