@@ -76,17 +76,18 @@ fn ask(images: &[&str]) -> Value {
     serde_json::json!([{"role": "user", "content": content}])
 }
 
-#[tokio::test]
-async fn dynamo_run_on_a_llava_checkpoint_answers_images_with_transformers_greedy_tokens() {
-    let dir = tiny_llava();
-    let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--served-model-name", "llava"]);
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+/// Every golden case answered over HTTP with transformers' greedy tokens, twice (the second from the prefix
+/// cache), and another picture behind the same text answered differently (its blocks are not the first's).
+async fn answers_images_like_transformers(server: &crate::util::Server) {
+    let models: Value = reqwest::get(server.url("/v1/models")).await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().expect("a served model").to_string();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_llava().join("golden.json")).unwrap()).unwrap();
     for case in golden["cases"].as_array().unwrap() {
         let images: Vec<&str> = case["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
         let greedy = case["greedy_ids"].as_array().unwrap();
-        let body = serde_json::json!({"model": "llava", "messages": ask(&images), "max_tokens": greedy.len(),
+        let body = serde_json::json!({"model": model, "messages": ask(&images), "max_tokens": greedy.len(),
                                       "temperature": 0, "ignore_eos": true, "return_token_ids": true});
-        // Twice: the second is served from the prefix cache, which must not confuse anything.
         for attempt in 0..2 {
             let (status, answer) = server.post_json("/v1/chat/completions", body.clone()).await;
             assert_eq!(status, 200, "{answer}");
@@ -95,15 +96,34 @@ async fn dynamo_run_on_a_llava_checkpoint_answers_images_with_transformers_greed
             assert_eq!(answer["usage"]["prompt_tokens"], prompt_tokens, "the image tokens are counted");
         }
     }
-    // The same question about another picture is not answered from the first one's cached KV: the tall image
-    // alone gives other tokens than the wide one (and than nothing).
     let one = |images: &[&str]| {
-        serde_json::json!({"model": "llava", "messages": ask(images), "max_tokens": 12, "temperature": 0,
+        serde_json::json!({"model": model, "messages": ask(images), "max_tokens": 12, "temperature": 0,
                            "ignore_eos": true, "return_token_ids": true})
     };
     let (_, wide) = server.post_json("/v1/chat/completions", one(&["wide.png"])).await;
     let (_, tall) = server.post_json("/v1/chat/completions", one(&["tall-rgba.png"])).await;
     assert_ne!(wide["choices"][0]["token_ids"], tall["choices"][0]["token_ids"]);
+}
+
+#[tokio::test]
+async fn dynamo_run_on_a_llava_checkpoint_answers_images_with_transformers_greedy_tokens() {
+    let dir = tiny_llava();
+    answers_images_like_transformers(&crate::util::Server::native(&["--model", dir.to_str().unwrap()])).await;
+}
+
+#[tokio::test]
+async fn images_give_the_same_tokens_when_prefill_and_decode_are_split() {
+    let dir = tiny_llava();
+    // In one process, and as route, prefill and decode processes (the images cross the request plane).
+    let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--prefill-workers", "1"]);
+    answers_images_like_transformers(&server).await;
+    let model = ["--model", dir.to_str().unwrap()];
+    let (_prefill, _decode, router) =
+        crate::disagg::split_cluster_with("vision-disagg", |_, command| drop(command.args(model))).await;
+    answers_images_like_transformers(&router).await;
+    let metrics = router.metrics().await;
+    let remote = crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
+    assert!(remote >= Some(4.0), "the image prompts went to the prefill worker:\n{metrics}");
 }
 
 #[tokio::test]
