@@ -4,6 +4,7 @@ use crate::core::engine::external::{ExternalKind, ExternalSettings};
 use crate::core::engine::mocker::MockerConfig;
 use crate::core::engine::native::{Device, NativeSettings};
 use crate::core::engine::scheduler::SchedulerConfig;
+use crate::core::frontend::media::MediaSettings;
 use crate::core::frontend::{ApiKey, HttpSettings};
 use crate::core::model::{ModelOptions, ModelSource};
 use crate::core::router::{RouterConfig, RouterMode};
@@ -383,6 +384,15 @@ pub struct HttpArgs {
     /// Seconds a client has to send a whole request body (408 past it).
     #[arg(long, default_value_t = HttpSettings::DEFAULT_BODY_TIMEOUT_S, value_parser = positive_f64)]
     pub http_body_timeout: f64,
+
+    /// Images one prompt may carry (vision models); more are answered 400.
+    #[arg(long, env = "DYNAMO_LIMIT_IMAGES_PER_PROMPT", default_value_t = MediaSettings::DEFAULT_MAX_IMAGES, value_name = "N")]
+    pub limit_images_per_prompt: usize,
+
+    /// A directory whose image files requests may name as `file:///…` URLs (none by default: any client could
+    /// then read what this server can read there).
+    #[arg(long, env = "DYNAMO_ALLOWED_LOCAL_MEDIA_PATH", value_name = "DIR")]
+    pub allowed_local_media_path: Option<std::path::PathBuf>,
 }
 
 impl HttpArgs {
@@ -390,8 +400,14 @@ impl HttpArgs {
         SocketAddr::new(self.http_host, self.http_port)
     }
 
-    pub fn settings(&self) -> HttpSettings {
-        HttpSettings {
+    pub fn settings(&self) -> anyhow::Result<HttpSettings> {
+        let local_root = match &self.allowed_local_media_path {
+            Some(dir) => Some(std::fs::canonicalize(dir).map_err(|e| {
+                anyhow::anyhow!("--allowed-local-media-path {}: {e}; name a directory that exists", dir.display())
+            })?),
+            None => None,
+        };
+        Ok(HttpSettings {
             max_request_bytes: usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX),
             max_connections: self.max_connections as usize,
             header_timeout: seconds(self.http_header_timeout),
@@ -400,7 +416,8 @@ impl HttpArgs {
             protect_metrics: self.protect_metrics,
             allowed_origins: self.allowed_origins.clone(),
             tool_parser: self.tool_call_parser,
-        }
+            media: MediaSettings { max_images: self.limit_images_per_prompt, local_root },
+        })
     }
 }
 

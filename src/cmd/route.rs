@@ -318,7 +318,7 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         router: args.router.config(),
         key,
     };
-    let (listen, http) = (args.http.listen(), args.http.settings());
+    let (listen, http) = (args.http.listen(), args.http.settings()?);
     super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, planner, super::shutdown_signal()))?;
     Ok(())
 }

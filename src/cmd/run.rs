@@ -52,7 +52,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         engine: args.engine.settings()?,
         router: args.router.config(),
         listen: args.http.listen(),
-        http: args.http.settings(),
+        http: args.http.settings()?,
     };
     // Their planes listen on loopback: whoever watches a `dynamo run` watches from the same machine.
     let announce = match args.discovery {

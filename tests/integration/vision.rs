@@ -68,6 +68,14 @@ fn data_url(file: &str) -> String {
     format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
+/// `dynamo run` serving tiny-llava as `llava`.
+fn llava_server(extra: &[&str]) -> crate::util::Server {
+    let dir = tiny_llava();
+    let mut args = vec!["--model", dir.to_str().unwrap(), "--served-model-name", "llava"];
+    args.extend_from_slice(extra);
+    crate::util::Server::native(&args)
+}
+
 /// A chat message with these images, then the golden question.
 fn ask(images: &[&str]) -> Value {
     let mut content: Vec<Value> =
@@ -118,8 +126,10 @@ async fn images_give_the_same_tokens_when_prefill_and_decode_are_split() {
     let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--prefill-workers", "1"]);
     answers_images_like_transformers(&server).await;
     let model = ["--model", dir.to_str().unwrap()];
-    let (_prefill, _decode, router) =
-        crate::disagg::split_cluster_with("vision-disagg", |_, command| drop(command.args(model))).await;
+    let (_prefill, _decode, router) = crate::disagg::split_cluster_with("vision-disagg", |_, command| {
+        command.args(model);
+    })
+    .await;
     answers_images_like_transformers(&router).await;
     let metrics = router.metrics().await;
     let remote = crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
@@ -127,16 +137,41 @@ async fn images_give_the_same_tokens_when_prefill_and_decode_are_split() {
 }
 
 #[tokio::test]
-async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
+async fn local_image_files_are_read_only_under_the_allowed_path() {
     let dir = tiny_llava();
-    let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--served-model-name", "llava"]);
+    let server = llava_server(&["--allowed-local-media-path", dir.to_str().unwrap()]);
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][0];
+    let file = |path: &Path| {
+        serde_json::json!({"model": "llava", "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+                           "return_token_ids": true, "messages": [{"role": "user", "content": [
+                               {"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}},
+                               {"type": "text", "text": "What is in the picture?"}]}]})
+    };
+    let (status, answer) = server.post_json("/v1/chat/completions", file(&dir.join("wide.png"))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], case["greedy_ids"], "the file gives the inline image's answer");
+    for outside in [dir.join("../tiny-chat/tokenizer.json"), dir.join("../golden/llava-full/wide.png")] {
+        let (status, answer) = server.post_json("/v1/chat/completions", file(&outside)).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("is not under"), "{answer}");
+    }
+    // Without the flag no file is read.
+    let closed = llava_server(&[]);
+    let (status, answer) = closed.post_json("/v1/chat/completions", file(&dir.join("wide.png"))).await;
+    assert_eq!(status, 400);
+    assert!(answer["error"]["message"].as_str().unwrap().contains("--allowed-local-media-path"), "{answer}");
+}
+
+#[tokio::test]
+async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
+    let server = llava_server(&["--limit-images-per-prompt", "2"]);
     let chat = |messages: Value| serde_json::json!({"model": "llava", "messages": messages, "max_tokens": 2});
     let url = |url: &str| serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]);
-    let too_many = ask(&["wide.png"; 9]);
     let cases = [
         (chat(url("data:image/png;base64,bm90IGFuIGltYWdl")), "messages[0].content[0]"),
         (chat(url("https://example.com/cat.png")), "`https:` URL"),
-        (chat(too_many), "at most 8 per prompt"),
+        (chat(ask(&["wide.png"; 3])), "at most 2 per prompt"),
         (chat(serde_json::json!([{"role": "user", "content": "<image> what is this?"}])), "placeholder"),
         (serde_json::json!({"model": "llava", "prompt": "<image> hi", "max_tokens": 2}), "no image"),
     ];
@@ -146,6 +181,9 @@ async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
         assert_eq!(status, 400, "{answer}");
         assert!(answer["error"]["message"].as_str().unwrap().contains(says), "{says}: {answer}");
     }
+    // Two are within the limit.
+    let (status, answer) = server.post_json("/v1/chat/completions", chat(ask(&["wide.png"; 2]))).await;
+    assert_eq!(status, 200, "{answer}");
     // A text model refuses images outright.
     let text = crate::util::Server::native(&[]);
     let body = serde_json::json!({"model": "tiny-chat", "messages": ask(&["wide.png"]), "max_tokens": 2});

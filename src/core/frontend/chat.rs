@@ -75,7 +75,8 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
     })?;
-    let (messages, images) = normalize_messages(&request.messages, model.card.image.is_some())?;
+    let images_allowed = model.card.image.is_some().then(|| state.media_settings());
+    let (messages, images) = normalize_messages(&request.messages, images_allowed)?;
     let parallel = value.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
     let (tool_parser, forced) = tool_calls(state, template, &request, parallel)?.unzip();
     // The markers that open a call are special tokens in many tokenizers (Mistral's [TOOL_CALLS], Hermes's
@@ -249,7 +250,7 @@ fn function_of(tool: &Value, at: usize) -> Result<(&str, Value), ApiError> {
 /// parts as HF templates do. Returns the messages and the images, in order.
 fn normalize_messages(
     messages: &[Map<String, Value>],
-    takes_images: bool,
+    images_allowed: Option<&media::MediaSettings>,
 ) -> Result<(Vec<Value>, Vec<media::ImagePart>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
@@ -266,7 +267,7 @@ fn normalize_messages(
             match message.get("content") {
                 None | Some(Value::Null) | Some(Value::String(_)) => {}
                 Some(Value::Array(parts)) => {
-                    let content = read_parts(i, parts, takes_images, &mut images)?;
+                    let content = read_parts(i, parts, images_allowed, &mut images)?;
                     message.insert("content".into(), content);
                 }
                 Some(_) => {
@@ -285,9 +286,10 @@ fn normalize_messages(
 fn read_parts(
     message: usize,
     parts: &[Value],
-    takes_images: bool,
+    images_allowed: Option<&media::MediaSettings>,
     images: &mut Vec<media::ImagePart>,
 ) -> Result<Value, ApiError> {
+    let takes_images = images_allowed.is_some();
     let mut texts = Vec::with_capacity(parts.len());
     let mut kept = Vec::with_capacity(parts.len());
     for (j, part) in parts.iter().enumerate() {
@@ -302,14 +304,17 @@ fn read_parts(
                     return Err(ApiError::invalid(&field, "is a text part without a `text` string"));
                 }
             },
-            Some("image_url") if takes_images => {
-                if images.len() == media::MAX_IMAGES_PER_PROMPT {
+            Some("image_url") if let Some(settings) = images_allowed => {
+                if images.len() >= settings.max_images {
                     return Err(ApiError::invalid(
                         &field,
-                        format!("is one image too many: at most {} per prompt", media::MAX_IMAGES_PER_PROMPT),
+                        format!(
+                            "is one image too many: at most {} per prompt (--limit-images-per-prompt)",
+                            settings.max_images
+                        ),
                     ));
                 }
-                images.push(media::read_image(&field, part)?);
+                images.push(media::read_image(&field, part, settings)?);
                 if images.iter().map(media::ImagePart::size).sum::<usize>() > media::MAX_PROMPT_IMAGE_BYTES {
                     return Err(ApiError::invalid(
                         &field,

@@ -14,7 +14,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 mod generate;
-mod media;
+pub mod media;
 mod params;
 mod preprocess;
 mod server;
@@ -55,6 +55,8 @@ pub struct FrontendState {
     preprocess: preprocess::Preprocessor,
     /// `--tool-call-parser`: the format models' tool calls are read in, over the one their templates name.
     tool_parser: std::sync::OnceLock<tools::ToolParser>,
+    /// `--limit-images-per-prompt`, `--allowed-local-media-path`.
+    media: std::sync::OnceLock<media::MediaSettings>,
 }
 
 impl FrontendState {
@@ -66,7 +68,18 @@ impl FrontendState {
             created: unix_now(),
             preprocess: preprocess::Preprocessor::default(),
             tool_parser: std::sync::OnceLock::new(),
+            media: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What images requests may bring (the first call wins; the defaults until then).
+    pub fn use_media_settings(&self, settings: media::MediaSettings) {
+        let _ = self.media.set(settings);
+    }
+
+    fn media_settings(&self) -> &media::MediaSettings {
+        static DEFAULT: std::sync::OnceLock<media::MediaSettings> = std::sync::OnceLock::new();
+        self.media.get().unwrap_or_else(|| DEFAULT.get_or_init(media::MediaSettings::default))
     }
 
     /// Reads every model's tool calls in `parser`'s format (`--tool-call-parser`; the first call wins).
@@ -186,6 +199,7 @@ pub async fn bind_and_serve(
     if let Some(parser) = http.tool_parser {
         state.use_tool_parser(parser);
     }
+    state.use_media_settings(http.media.clone());
     serve_app(listener, app(state), http.clone(), shutdown).await.map_err(ServeError::Serve)
 }
 

@@ -42,6 +42,8 @@ pub struct HttpSettings {
     pub allowed_origins: Vec<String>,
     /// The format models' tool calls are read in, over the one each chat template names.
     pub tool_parser: Option<super::tools::ToolParser>,
+    /// What images a request may bring.
+    pub media: super::media::MediaSettings,
 }
 
 impl HttpSettings {
@@ -62,6 +64,7 @@ impl Default for HttpSettings {
             protect_metrics: false,
             allowed_origins: Vec::new(),
             tool_parser: None,
+            media: super::media::MediaSettings::default(),
         }
     }
 }
