@@ -55,6 +55,9 @@ _dynamo() {
             dynamo__subcmd__bench,disagg-native)
                 cmd="dynamo__subcmd__bench__subcmd__disagg__subcmd__native"
                 ;;
+            dynamo__subcmd__bench,encode)
+                cmd="dynamo__subcmd__bench__subcmd__encode"
+                ;;
             dynamo__subcmd__bench,engine)
                 cmd="dynamo__subcmd__bench__subcmd__engine"
                 ;;
@@ -93,6 +96,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,disagg-native)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__disagg__subcmd__native"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,encode)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__encode"
                 ;;
             dynamo__subcmd__bench__subcmd__help,engine)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
@@ -190,6 +196,9 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,disagg-native)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__disagg__subcmd__native"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,encode)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__encode"
+                ;;
             dynamo__subcmd__help__subcmd__bench,engine)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
                 ;;
@@ -247,7 +256,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route trace disagg disagg-native planner plane engine transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -440,6 +449,36 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__encode)
+            opts="-v -h -V --model --threads --batch --rounds --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__bench__subcmd__engine)
             opts="-v -h -V --model --threads --device --prompt-tokens --batch --temperature --decode-steps --repeats --structured --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -487,7 +526,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route trace disagg disagg-native planner plane engine transfer transfer-target soak help"
+            opts="http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -515,6 +554,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__disagg__subcmd__native)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__encode)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1407,7 +1460,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route trace disagg disagg-native planner plane engine transfer transfer-target soak"
+            opts="http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1435,6 +1488,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__disagg__subcmd__native)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__encode)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

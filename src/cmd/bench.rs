@@ -1,5 +1,6 @@
 //! `dynamo bench …`: benchmarks that print a table, or with `--json` one JSON object on the last line.
 use crate::core::bench::Load;
+use crate::core::bench::encode;
 use crate::core::bench::engine::{self, EngineBenchSettings};
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
@@ -46,6 +47,8 @@ pub enum BenchCommand {
     Plane(PlaneArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
     Engine(EngineArgs),
+    /// Images through a vision model's tower on the CPU, against the CPU's matrix-product peak.
+    Encode(EncodeArgs),
     /// KV blocks of real model shapes moved between two processes by each transfer backend, against memcpy
     /// and raw loopback TCP of the same bytes.
     Transfer(TransferArgs),
@@ -136,6 +139,29 @@ pub struct SoakArgs {
     pub seed: u64,
 
     /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    /// LLaVA-style checkpoint directory [default: a generated random LLaVA-1.5-shaped vision tower, bf16]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Compute threads [default: the CPUs this process may use]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+
+    /// Images per pass through the tower.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch: u32,
+
+    /// Timed passes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rounds: u32,
+
+    /// Also print the result as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
 }
@@ -614,6 +640,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Planner(args) => bench_planner(args),
         BenchCommand::Plane(args) => bench_plane(args),
         BenchCommand::Engine(args) => bench_engine(args),
+        BenchCommand::Encode(args) => bench_encode(args),
         BenchCommand::Soak(args) => bench_soak(args),
         BenchCommand::Transfer(args) => bench_transfer(args),
         BenchCommand::TransferTarget(args) => {
@@ -702,6 +729,26 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
     print!("{}", engine::table(&result));
     if args.json {
         println!("{}", serde_json::json!({"bench": "engine", "result": result}));
+    }
+    Ok(())
+}
+
+fn bench_encode(args: EncodeArgs) -> anyhow::Result<()> {
+    let settings = encode::EncodeBenchSettings {
+        model: args.model,
+        threads: args
+            .threads
+            .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize),
+        batch: args.batch as usize,
+        rounds: args.rounds as usize,
+    };
+    println!(
+        "dynamo bench encode: images through the vision tower (CPU), medians, against the product peak measured now"
+    );
+    let result = encode::run(&settings)?;
+    print!("{}", encode::report(&result));
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "encode", "result": result}));
     }
     Ok(())
 }

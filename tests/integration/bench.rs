@@ -190,6 +190,26 @@ fn bench_plane_with_a_cluster_key_delivers_every_sealed_message() {
 }
 
 #[test]
+fn bench_encode_reports_images_per_second_against_the_product_peak() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-llava");
+    let args = ["bench", "encode", "--model", model.to_str().unwrap(), "--threads", "2", "--batch", "2"];
+    let json = last_json_line(&[&args[..], &["--rounds", "2", "--json"]].concat());
+    let result = &json["result"];
+    assert_eq!((result["batch"].as_u64(), result["tokens_per_image"].as_u64()), (Some(2), Some(25)), "{json}");
+    // 25 patches + the class token through 2 of 3 layers (the projector reads the second-to-last), then the
+    // projector: counted from the config, not measured.
+    assert_eq!(result["macs_per_image"], 752_512, "{json}");
+    for field in ["images_per_s", "median_ms_per_image", "peak_macs_per_s", "fraction_of_peak"] {
+        assert!(result[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {json}");
+    }
+    // Without a vision tower it says so.
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
+    let ran = dynamo().args(["bench", "encode", "--model", text.to_str().unwrap()]).output().unwrap();
+    assert!(!ran.status.success());
+    assert!(String::from_utf8_lossy(&ran.stderr).contains("no vision tower"), "{ran:?}");
+}
+
+#[test]
 fn bench_engine_reports_prefill_decode_and_both_bounds() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
     let json = last_json_line(&[

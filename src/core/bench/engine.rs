@@ -103,6 +103,8 @@ pub enum EngineBenchError {
     Generate { path: PathBuf, source: std::io::Error },
     #[error("--structured needs the model's tokenizer: {0}")]
     Structured(String),
+    #[error("{0}")]
+    Encode(String),
 }
 
 pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBenchError> {
@@ -364,16 +366,12 @@ fn measure_bandwidth(threads: usize) -> f64 {
 }
 
 /// A random checkpoint in a temporary directory, removed when dropped.
-struct GeneratedModel {
-    dir: PathBuf,
+pub(super) struct GeneratedModel {
+    pub dir: PathBuf,
 }
 
 impl GeneratedModel {
     fn smollm2_135m_shape() -> Result<Self, EngineBenchError> {
-        let dir = std::env::temp_dir().join(format!("dynamo-bench-smollm2-shape-{}", std::process::id()));
-        let generated = Self { dir };
-        let error = |source| EngineBenchError::Generate { path: generated.dir.clone(), source };
-        std::fs::create_dir_all(&generated.dir).map_err(error)?;
         let (hidden, intermediate, layers, vocab, kv) = (576usize, 1536usize, 30usize, 49152usize, 192usize);
         let config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
@@ -382,30 +380,32 @@ impl GeneratedModel {
             "rope_theta": 100000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
             "bos_token_id": 0, "eos_token_id": 2
         });
-        std::fs::write(generated.dir.join("config.json"), config.to_string()).map_err(error)?;
-        std::fs::write(generated.dir.join("tokenizer.json"), synthetic_tokenizer(vocab)).map_err(error)?;
-        let mut shapes: Vec<(String, Vec<usize>)> =
-            vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
-        for i in 0..layers {
-            let p = format!("model.layers.{i}");
-            shapes.extend([
-                (format!("{p}.input_layernorm.weight"), vec![hidden]),
-                (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
-                (format!("{p}.self_attn.q_proj.weight"), vec![hidden, hidden]),
-                (format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden]),
-                (format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden]),
-                (format!("{p}.self_attn.o_proj.weight"), vec![hidden, hidden]),
-                (format!("{p}.mlp.gate_proj.weight"), vec![intermediate, hidden]),
-                (format!("{p}.mlp.up_proj.weight"), vec![intermediate, hidden]),
-                (format!("{p}.mlp.down_proj.weight"), vec![hidden, intermediate]),
-            ]);
+        let files = [("config.json", config.to_string()), ("tokenizer.json", synthetic_tokenizer(vocab))];
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.norm.weight".into(), vec![hidden])];
+        shapes.extend(decoder_shapes("model.", hidden, intermediate, layers, vocab, kv));
+        Self::random("smollm2-shape", &files, &shapes)
+    }
+
+    /// A checkpoint of `files` and random bf16 weights of `shapes` (norm weights 1, the rest uniform in
+    /// ±0.05), written as one safetensors file.
+    pub(super) fn random(
+        label: &str,
+        files: &[(&str, String)],
+        shapes: &[(String, Vec<usize>)],
+    ) -> Result<Self, EngineBenchError> {
+        let dir = std::env::temp_dir().join(format!("dynamo-bench-{label}-{}", std::process::id()));
+        let generated = Self { dir };
+        let error = |source| EngineBenchError::Generate { path: generated.dir.clone(), source };
+        std::fs::create_dir_all(&generated.dir).map_err(error)?;
+        for (name, text) in files {
+            std::fs::write(generated.dir.join(name), text).map_err(error)?;
         }
         let data: Vec<Vec<u8>> = shapes
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(at, (name, shape))| {
                 let count: usize = shape.iter().product();
-                let norm = name.ends_with("norm.weight");
+                let norm = name.ends_with("norm.weight") || name.contains("layer_norm") || name.contains("layrnorm");
                 let mut state = (at as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 (0..count)
                     .flat_map(|_| {
@@ -431,10 +431,37 @@ impl GeneratedModel {
     }
 }
 
+/// The tensors of a Llama decoder under `prefix` (`model.`), its embedding included, its final norm not.
+pub(super) fn decoder_shapes(
+    prefix: &str,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    vocab: usize,
+    kv: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let mut shapes = vec![(format!("{prefix}embed_tokens.weight"), vec![vocab, hidden])];
+    for i in 0..layers {
+        let p = format!("{prefix}layers.{i}");
+        shapes.extend([
+            (format!("{p}.input_layernorm.weight"), vec![hidden]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![hidden, hidden]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![hidden, hidden]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![intermediate, hidden]),
+            (format!("{p}.mlp.up_proj.weight"), vec![intermediate, hidden]),
+            (format!("{p}.mlp.down_proj.weight"), vec![hidden, intermediate]),
+        ]);
+    }
+    shapes
+}
+
 /// A byte-level BPE tokenizer of `size` tokens: the built-in model's, then made-up words (with and without a
 /// leading space, digits, punctuation runs) as a real vocabulary has, so a grammar's masks walk a trie of
 /// realistic size and shape. Only its vocabulary is real; it encodes with the built-in merges alone.
-fn synthetic_tokenizer(size: usize) -> String {
+pub(super) fn synthetic_tokenizer(size: usize) -> String {
     let builtin = Model::load(&ModelSource::Builtin, None).ok();
     let text = builtin
         .as_ref()

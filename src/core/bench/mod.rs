@@ -4,6 +4,7 @@
 //! `drive` is the one load generator every benchmark uses: closed loop at a fixed concurrency, or open
 //! loop at a fixed request rate, timing each request from its start to its last byte.
 pub mod disagg;
+pub mod encode;
 pub mod engine;
 pub mod http;
 pub mod index;

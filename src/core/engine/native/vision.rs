@@ -345,6 +345,17 @@ impl<B: Backend> VisionTower<B> {
         self.encode(b, &pixels.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
+    /// Multiply-adds of one image through the tower and projector, attention's included.
+    pub fn macs_per_image(&self) -> u64 {
+        let c = &self.config.vision;
+        let (h, seq) = (c.hidden_size, self.config.patches() + 1);
+        let patch = self.config.patches() * 3 * c.patch_size * c.patch_size * h;
+        let layer = seq * (4 * h * h + 2 * h * c.intermediate_size) + 2 * seq * seq * h;
+        let tokens = self.config.tokens_per_image();
+        let projector = tokens * (h * self.config.feature_layers.len() + self.text_hidden) * self.text_hidden;
+        (patch + self.layers.len() * layer + projector) as u64
+    }
+
     /// Length of one image's pixel values (`3 × side × side`, channel-major).
     pub fn pixels_per_image(&self) -> usize {
         3 * self.config.vision.image_size * self.config.vision.image_size
