@@ -73,7 +73,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     served.router.check_room(n as usize)?;
     let model = &served.model;
     let template = model.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request(None, "this model has no chat template (no chat_template in tokenizer_config.json nor chat_template.jinja); use /v1/completions")
+        ApiError::bad_request(None, "this model has no chat template (no chat_template.jinja, chat_template.json nor chat_template in tokenizer_config.json); use /v1/completions")
     })?;
     let images_allowed = model.card.image.is_some().then(|| state.media_settings());
     let (messages, images) = normalize_messages(&request.messages, images_allowed)?;

@@ -145,9 +145,13 @@ impl Model {
             tokenizer_config.as_ref(),
             &tokenizer,
         )?;
+        // As transformers 5 looks for it: chat_template.jinja, then chat_template.json (`{"chat_template": …}`,
+        // as multimodal hub checkpoints ship it), then tokenizer_config.json.
+        let from_json =
+            files.json("chat_template.json")?.and_then(|json| template::source_from_tokenizer_config(&json));
         let template_source = match files.optional("chat_template.jinja") {
             Some(source) => Some(source.to_string()),
-            None => tokenizer_config.as_ref().and_then(template::source_from_tokenizer_config),
+            None => from_json.or_else(|| tokenizer_config.as_ref().and_then(template::source_from_tokenizer_config)),
         };
         let chat_template =
             template_source.map(|source| ChatTemplate::new(&source, tokenizer_config.as_ref())).transpose()?;
@@ -195,6 +199,7 @@ impl ModelFiles {
                     "tokenizer.json",
                     "tokenizer_config.json",
                     "chat_template.jinja",
+                    "chat_template.json",
                 ] {
                     if let Some(text) = read_if_present(&dir.join(name))? {
                         files.push((name.to_string(), text));
@@ -272,6 +277,25 @@ mod tests {
         assert_eq!(remote.chat_template.unwrap().render(&input).unwrap(), "<<hi>>");
         std::fs::write(&path, "{% for m in messages %}").unwrap();
         assert!(Model::load_with(&ModelSource::Builtin, &options(None, Some(path))).is_err(), "a broken template");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_chat_template_json_is_read_as_multimodal_checkpoints_ship_it() {
+        let dir = std::env::temp_dir().join(format!("dynamo-template-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chat");
+        for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tiny.join(file), dir.join(file)).unwrap();
+        }
+        let template = r#"{"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}"#;
+        std::fs::write(dir.join("chat_template.json"), template).unwrap();
+        let model = Model::load(&ModelSource::Dir(dir.clone()), None).unwrap();
+        let messages = [serde_json::json!({"role": "user", "content": "hi"})];
+        let input = TemplateInput { messages: &messages, tools: None, add_generation_prompt: true, extra: None };
+        assert_eq!(model.chat_template.as_ref().unwrap().render(&input).unwrap(), "[hi]", "over tokenizer_config's");
+        let remote = Model::from_text_files("worker".into(), model.text_files().to_vec(), "m".into()).unwrap();
+        assert_eq!(remote.chat_template.unwrap().render(&input).unwrap(), "[hi]", "and on a router");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
