@@ -2,6 +2,7 @@
 //! mask), on host slices. `Backend`'s defaults run them here for every backend: a tower runs once per image
 //! beside a decoder that runs at every token, so a device copying in and out around them costs little next to
 //! the matrix products, which stay on the device.
+use super::cpu::math::{dot, exp_nonpositive, lanes};
 use rayon::prelude::*;
 
 /// An activation function, by the name a config gives it.
@@ -80,17 +81,15 @@ pub fn bidirectional_attention(
             for (row, dst) in out.chunks_exact_mut(head_dim).enumerate() {
                 let query = at(q, start(row), head_dim);
                 for (j, score) in scores.iter_mut().enumerate() {
-                    *score = query.iter().zip(at(k, start(j), head_dim)).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *score = dot(query, at(k, start(j), head_dim)) * scale;
                 }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
+                let max = lanes(&scores, f32::NEG_INFINITY, f32::max);
+                scores.iter_mut().for_each(|score| *score = exp_nonpositive(*score - max));
+                let sum = lanes(&scores, 0.0, |a, b| a + b);
                 for (j, &p) in scores.iter().enumerate() {
+                    let weight = p / sum;
                     for (d, value) in dst.iter_mut().zip(at(v, start(j), head_dim)) {
-                        *d += p / sum * value;
+                        *d += weight * value;
                     }
                 }
             }
