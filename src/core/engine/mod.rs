@@ -60,6 +60,19 @@ pub fn check_fits(request: &PreprocessedRequest, max_sequence_tokens: usize) -> 
              sequence (its KV cache or the model's context length); shorten the prompt or lower max_tokens"
         )));
     }
+    // Images in order, each over placeholders of the prompt, none sharing one: what the executor reads.
+    let mut end = 0;
+    for media in request.media() {
+        if media.start < end || media.end <= media.start || media.end as usize > request.token_ids.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "an image over positions {}..{} of a {}-token prompt (after one ending at {end})",
+                media.start,
+                media.end,
+                request.token_ids.len()
+            )));
+        }
+        end = media.end;
+    }
     Ok(())
 }
 
@@ -193,5 +206,26 @@ impl Stream for ResponseStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EngineOutput>> {
         self.receiver.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::protocol::MediaInput;
+
+    #[test]
+    fn images_must_lie_in_order_over_the_prompt() {
+        let with = |spans: &[(u32, u32)]| {
+            let mut request = PreprocessedRequest::greedy("m", vec![7; 10], 2);
+            let media = spans.iter().map(|&(start, end)| MediaInput { start, end, hash: 1, data: Default::default() });
+            request.media = Some(std::sync::Arc::new(media.collect()));
+            check_fits(&request, 100)
+        };
+        assert!(with(&[(1, 4), (4, 9)]).is_ok());
+        for bad in [&[(1, 4), (3, 9)][..], &[(5, 5)], &[(8, 11)], &[(6, 9), (1, 3)]] {
+            let error = with(bad).unwrap_err().to_string();
+            assert!(error.contains("an image over positions"), "{bad:?}: {error}");
+        }
     }
 }
