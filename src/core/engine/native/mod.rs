@@ -191,9 +191,9 @@ pub struct NativeExecutor<B: Backend> {
     num_pages: usize,
     /// Time spent turning logits into tokens, for `dynamo bench engine` to report sampling's share of a step.
     sampling: Duration,
-    /// Embeddings of the images seen lately, by content hash: a repeated image is not encoded again, nor is
-    /// one whose prompt is prefilled over several steps.
-    embeddings: lru::LruCache<u64, Arc<Vec<f32>>>,
+    /// For a vision model, the embeddings of the images seen lately, by content hash: a repeated image is
+    /// not encoded again, nor is one whose prompt is prefilled over several steps.
+    embeddings: Option<lru::LruCache<u64, Arc<Vec<f32>>>>,
 }
 
 /// Memory the embeddings cache may hold (LLaVA-1.5-7B: 9 MiB an image, so 28 images).
@@ -202,37 +202,53 @@ const EMBEDDINGS_CACHE_BYTES: usize = 256 << 20;
 impl<B: Backend> NativeExecutor<B> {
     pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Result<Self, BackendError> {
         let cache = model.new_cache(num_pages, block_size)?;
-        let image_bytes = model.vision().map_or(1, |t| t.config.tokens_per_image() * model.config.hidden_size * 4);
-        let images =
-            std::num::NonZeroUsize::new(EMBEDDINGS_CACHE_BYTES / image_bytes.max(1)).unwrap_or(NonZeroUsize::MIN);
-        let embeddings = lru::LruCache::new(images);
+        // The cache's map is allocated whole up front: sized by images, never more than a few thousand.
+        let embeddings = model.vision().map(|tower| {
+            let image_bytes = tower.config.tokens_per_image() * model.config.hidden_size * 4;
+            let images = (EMBEDDINGS_CACHE_BYTES / image_bytes.max(1)).clamp(1, 4096);
+            lru::LruCache::new(NonZeroUsize::new(images).unwrap_or(NonZeroUsize::MIN))
+        });
         Ok(Self { model, cache, block_size, num_pages, sampling: Duration::ZERO, embeddings })
     }
 
-    /// Encodes the images whose placeholders this step computes and that are not cached yet, in one batch.
-    fn encode_images(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<(), ExecError> {
-        let mut wanted: Vec<&MediaInput> = Vec::new();
+    /// The embeddings of every image whose placeholders this step computes: from the cache, or encoded
+    /// now, all the missing ones in one batch. Held for the step, whatever the cache evicts meanwhile.
+    fn step_embeddings(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<Vec<(u64, Arc<Vec<f32>>)>, ExecError> {
+        let mut step: Vec<(u64, Arc<Vec<f32>>)> = Vec::new();
+        let mut missing: Vec<&MediaInput> = Vec::new();
+        let cache = self.embeddings.as_mut().ok_or_else(|| ExecError("this model takes no images".into()))?;
         for chunk in chunks {
             for media in chunk.media.iter().filter(|m| overlap(m, chunk.start, chunk.end).is_some()) {
-                if !self.embeddings.contains(&media.hash) && !wanted.iter().any(|w| w.hash == media.hash) {
-                    wanted.push(media);
+                if step.iter().any(|(hash, _)| *hash == media.hash) || missing.iter().any(|m| m.hash == media.hash) {
+                    continue;
+                }
+                match cache.get(&media.hash) {
+                    Some(values) => step.push((media.hash, values.clone())),
+                    None => missing.push(media),
                 }
             }
         }
-        if wanted.is_empty() {
-            return Ok(());
+        if missing.is_empty() {
+            return Ok(step);
         }
-        let files: Vec<&[u8]> = wanted.iter().map(|m| m.data.as_ref()).collect();
+        let files: Vec<&[u8]> = missing.iter().map(|m| m.data.as_ref()).collect();
         let values = self.model.encode_image_files(&files).map_err(|e| ExecError(format!("an image: {e}")))?;
-        let per_image = values.len() / wanted.len();
-        for (media, embeddings) in wanted.iter().zip(values.chunks_exact(per_image.max(1))) {
-            self.embeddings.put(media.hash, Arc::new(embeddings.to_vec()));
+        let per_image = values.len() / missing.len();
+        for (media, embeddings) in missing.iter().zip(values.chunks_exact(per_image.max(1))) {
+            let embeddings = Arc::new(embeddings.to_vec());
+            cache.put(media.hash, embeddings.clone());
+            step.push((media.hash, embeddings));
         }
-        Ok(())
+        Ok(step)
     }
 
     /// The rows of `chunk` (whose first row is `first_row` of the batch) that its images' embeddings fill.
-    fn image_rows(&mut self, chunk: &Chunk<'_, SeqSampler>, first_row: usize) -> Result<Vec<RowEmbeds>, ExecError> {
+    fn image_rows(
+        &self,
+        chunk: &Chunk<'_, SeqSampler>,
+        first_row: usize,
+        step: &[(u64, Arc<Vec<f32>>)],
+    ) -> Result<Vec<RowEmbeds>, ExecError> {
         let per_image = self.model.vision().map_or(0, |t| t.config.tokens_per_image());
         let mut rows = Vec::new();
         for media in chunk.media {
@@ -243,10 +259,10 @@ impl<B: Backend> NativeExecutor<B> {
                     media.end - media.start
                 )));
             }
-            let values = self
-                .embeddings
-                .get(&media.hash)
-                .cloned()
+            let values = step
+                .iter()
+                .find(|(hash, _)| *hash == media.hash)
+                .map(|(_, values)| values.clone())
                 .ok_or_else(|| ExecError("an image was not encoded".into()))?;
             rows.push(RowEmbeds {
                 first_row: first_row + lo - chunk.start,
@@ -289,13 +305,13 @@ impl<B: Backend> Executor for NativeExecutor<B> {
     }
 
     fn execute(&mut self, chunks: &mut [Chunk<'_, SeqSampler>]) -> Result<Executed, ExecError> {
-        self.encode_images(chunks)?;
+        let images = chunks.iter().any(|c| c.media.iter().any(|m| overlap(m, c.start, c.end).is_some()));
+        let step = if images { self.step_embeddings(chunks)? } else { Vec::new() };
         let mut batch = ForwardBatch::default();
         for chunk in chunks.iter() {
             let first_row = batch.token_ids.len();
             if !chunk.media.is_empty() {
-                let rows = self.image_rows(chunk, first_row)?;
-                batch.embeds.extend(rows);
+                batch.embeds.extend(self.image_rows(chunk, first_row, &step)?);
             }
             batch.push_seq(chunk.tokens, chunk.start, chunk.end, chunk.pages, self.block_size, chunk.samples());
         }

@@ -801,3 +801,47 @@ fn a_llava_checkpoint_matches_transformers_features_logits_and_greedy_tokens() {
         }
     }
 }
+
+#[test]
+fn images_of_one_step_reach_their_rows_whatever_the_embeddings_cache_holds() {
+    use crate::core::multimodal::{DecodeLimits, content_hash, decode};
+    use crate::core::protocol::MediaInput;
+    let dir = testdata("tiny-llava");
+    let model = super::load(&ModelSource::Dir(dir.clone()), CpuBackend::reference(2).unwrap(), |_, _| {}).unwrap();
+    let multimodal = model.config.multimodal.clone().unwrap();
+    let config = SchedulerConfig {
+        block_size: 4,
+        num_blocks: 128,
+        max_num_seqs: 16,
+        max_num_batched_tokens: 1024,
+        watermark: 0.0,
+        enable_prefix_caching: true,
+    };
+    let mut executor = NativeExecutor::new(model, config.num_blocks, config.block_size).unwrap();
+    // Room for one image, and the step below prefills two prompts holding three images (two distinct).
+    executor.embeddings = Some(lru::LruCache::new(NonZeroUsize::MIN));
+    let mut s = Scheduler::new(config, executor);
+    let cases = llava_cases(&dir);
+    for (id, case) in cases.iter().enumerate() {
+        let mut request = greedy(case.prompt_ids.clone(), case.greedy_ids.len() as u32);
+        let starts = (0..case.prompt_ids.len()).filter(|&i| {
+            case.prompt_ids[i] == multimodal.image_token_id
+                && (i == 0 || case.prompt_ids[i - 1] != multimodal.image_token_id)
+        });
+        let media = starts
+            .zip(&case.images)
+            .map(|(start, file)| {
+                let data = std::fs::read(dir.join(file)).unwrap();
+                let hash = content_hash(&decode(&data, &DecodeLimits::default()).unwrap());
+                let end = (start + multimodal.tokens_per_image()) as u32;
+                MediaInput { start: start as u32, end, hash, data: data.into() }
+            })
+            .collect();
+        request.media = Some(Arc::new(media));
+        s.add(id as SeqId, &request, 0);
+    }
+    let outputs = run(&mut s);
+    for (id, case) in cases.iter().enumerate() {
+        assert_eq!(of(&outputs, id as SeqId).0, case.greedy_ids, "case {id}");
+    }
+}
