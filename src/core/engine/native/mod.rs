@@ -196,6 +196,9 @@ pub struct NativeExecutor<B: Backend> {
     embeddings: Option<lru::LruCache<u64, Arc<Vec<f32>>>>,
 }
 
+/// An image's content hash and its embeddings (`tokens_per_image × hidden_size`).
+type ImageEmbeddings = (u64, Arc<Vec<f32>>);
+
 /// Memory the embeddings cache may hold (LLaVA-1.5-7B: 9 MiB an image, so 28 images).
 const EMBEDDINGS_CACHE_BYTES: usize = 256 << 20;
 
@@ -213,8 +216,8 @@ impl<B: Backend> NativeExecutor<B> {
 
     /// The embeddings of every image whose placeholders this step computes: from the cache, or encoded
     /// now, all the missing ones in one batch. Held for the step, whatever the cache evicts meanwhile.
-    fn step_embeddings(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<Vec<(u64, Arc<Vec<f32>>)>, ExecError> {
-        let mut step: Vec<(u64, Arc<Vec<f32>>)> = Vec::new();
+    fn step_embeddings(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<Vec<ImageEmbeddings>, ExecError> {
+        let mut step: Vec<ImageEmbeddings> = Vec::new();
         let mut missing: Vec<&MediaInput> = Vec::new();
         let cache = self.embeddings.as_mut().ok_or_else(|| ExecError("this model takes no images".into()))?;
         for chunk in chunks {
@@ -247,7 +250,7 @@ impl<B: Backend> NativeExecutor<B> {
         &self,
         chunk: &Chunk<'_, SeqSampler>,
         first_row: usize,
-        step: &[(u64, Arc<Vec<f32>>)],
+        step: &[ImageEmbeddings],
     ) -> Result<Vec<RowEmbeds>, ExecError> {
         let per_image = self.model.vision().map_or(0, |t| t.config.tokens_per_image());
         let mut rows = Vec::new();
