@@ -155,7 +155,7 @@ struct Sequence<S> {
     /// While arriving: when to stop waiting for the peer's KV.
     arrive_by: Option<Instant>,
     /// The prompt's images (their hashes fold into the blocks holding their placeholders).
-    media: std::sync::Arc<Vec<MediaInput>>,
+    media: Option<std::sync::Arc<Vec<MediaInput>>>,
     spans: Vec<MediaSpan>,
 }
 
@@ -374,7 +374,7 @@ impl<X: Executor> Scheduler<X> {
             reported_cached: false,
             hold_for: None,
             arrive_by: None,
-            media: request.media.clone().unwrap_or_default(),
+            media: request.media.clone(),
             spans: request.media_spans(),
         }
     }
@@ -469,7 +469,7 @@ impl<X: Executor> Scheduler<X> {
                     sampler: &mut seq.sampler,
                     guide: seq.guide.as_mut().and_then(|g| g.as_mut().ok()),
                     pooling: seq.pooling.is_some(),
-                    media: &seq.media,
+                    media: seq.media.as_deref().map_or(&[], Vec::as_slice),
                 }
             })
             .collect();
