@@ -804,6 +804,18 @@ fn a_llava_checkpoint_matches_transformers_features_logits_and_greedy_tokens() {
 
 #[test]
 fn images_of_one_step_reach_their_rows_whatever_the_embeddings_cache_holds() {
+    llava_cases_through_the_scheduler(1024);
+}
+
+#[test]
+fn an_image_split_across_prefill_chunks_gives_the_same_tokens() {
+    // 7 tokens a step: every image's 25 placeholders are prefilled over several steps, chunks starting and
+    // ending inside them.
+    llava_cases_through_the_scheduler(7);
+}
+
+/// Both tiny-llava cases in one scheduler (`budget` tokens a step) whose embeddings cache holds one image.
+fn llava_cases_through_the_scheduler(budget: usize) {
     use crate::core::multimodal::{DecodeLimits, content_hash, decode};
     use crate::core::protocol::MediaInput;
     let dir = testdata("tiny-llava");
@@ -813,7 +825,7 @@ fn images_of_one_step_reach_their_rows_whatever_the_embeddings_cache_holds() {
         block_size: 4,
         num_blocks: 128,
         max_num_seqs: 16,
-        max_num_batched_tokens: 1024,
+        max_num_batched_tokens: budget,
         watermark: 0.0,
         enable_prefix_caching: true,
     };
