@@ -156,6 +156,9 @@ async fn local_image_files_are_read_only_under_the_allowed_path() {
         assert_eq!(status, 400, "{answer}");
         assert!(answer["error"]["message"].as_str().unwrap().contains("is not under"), "{answer}");
     }
+    let (status, answer) = server.post_json("/v1/chat/completions", file(&dir.join("missing.png"))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("cannot be read"), "{answer}");
     // Without the flag no file is read.
     let closed = llava_server(&[]);
     let (status, answer) = closed.post_json("/v1/chat/completions", file(&dir.join("wide.png"))).await;

@@ -109,7 +109,8 @@ fn read_local(field: &str, path: &str, root: Option<&Path>) -> Result<Vec<u8>, A
         ));
     };
     let outside = || ApiError::invalid(field, format!("names a file that is not under {}", root.display()));
-    let resolved = std::fs::canonicalize(path).map_err(|_| outside())?;
+    let resolved = std::fs::canonicalize(path)
+        .map_err(|e| ApiError::invalid(field, format!("names a file that cannot be read: {e}")))?;
     if !resolved.starts_with(root) {
         return Err(outside());
     }
