@@ -196,6 +196,10 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 /// (no python3, no PyPI), so a test can skip loudly.
 pub fn python_venv(name: &str, packages: &[&str]) -> Result<std::path::PathBuf, String> {
     let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    // Tests sharing a venv run at once: without the lock, one saw the other's half-installed wheel (no library
+    // yet) and reported the backend unavailable.
+    let lock = std::fs::File::create(venv.with_extension("lock")).map_err(|e| format!("{name}.lock: {e}"))?;
+    lock.lock().map_err(|e| format!("{name}.lock: {e}"))?;
     let ready = venv.join(".installed");
     if ready.exists() {
         return Ok(venv);
