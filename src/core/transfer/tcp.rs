@@ -174,8 +174,9 @@ impl TcpPeer {
         let streams = if total < ONE_STREAM_BELOW { 1 } else { self.streams.len() };
         let parts = split(ranges, total, streams);
         let used = parts.iter().filter(|part| !part.is_empty()).count();
-        // On one stream the notification rides on its flush: one round trip for the whole request.
-        let (with_flush, after) = if used <= 1 { (notification, None) } else { (None, notification) };
+        // On one stream the notification rides on its flush: one round trip for the whole request. With nothing
+        // to move (the reader had it all already) it still goes, alone: it ends the holder's lease.
+        let (with_flush, after) = if used == 1 { (notification, None) } else { (None, notification) };
         let moved = parts.iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(i, part)| async move {
             let mut slot = self.checkout(i).await?;
             let Some(stream) = slot.as_mut() else { return Err(TransferError::Closed) };

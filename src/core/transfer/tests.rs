@@ -57,6 +57,12 @@ async fn moves_blocks_both_ways(backend: Backend) {
     assert_eq!(stats.bytes, len);
     assert_eq!(read(&local[1].1, 0, len), pattern(9, len as usize));
     assert!(notifications.try_recv().is_err(), "no notification was asked for");
+
+    // Nothing to move (the reader had it all): the notification still goes, to end the holder's lease.
+    let stats = source.transfer(&peer, Direction::Read, &[], &[], Some(b"lease")).await.unwrap();
+    assert_eq!(stats.bytes, 0);
+    let note = tokio::time::timeout(Duration::from_secs(10), notifications.recv()).await;
+    assert_eq!(note.ok().flatten(), Some(Notification { from: 1, message: b"lease".to_vec() }));
 }
 
 #[tokio::test]
