@@ -25,6 +25,9 @@ _dynamo() {
             dynamo,decode)
                 cmd="dynamo__subcmd__decode"
                 ;;
+            dynamo,encode)
+                cmd="dynamo__subcmd__encode"
+                ;;
             dynamo,help)
                 cmd="dynamo__subcmd__help"
                 ;;
@@ -166,6 +169,9 @@ _dynamo() {
             dynamo__subcmd__help,decode)
                 cmd="dynamo__subcmd__help__subcmd__decode"
                 ;;
+            dynamo__subcmd__help,encode)
+                cmd="dynamo__subcmd__help__subcmd__encode"
+                ;;
             dynamo__subcmd__help,help)
                 cmd="dynamo__subcmd__help__subcmd__help"
                 ;;
@@ -242,7 +248,7 @@ _dynamo() {
 
     case "${cmd}" in
         dynamo)
-            opts="-v -h -V --verbose --help --version run decode prefill route top profile bench selftest keygen completions help"
+            opts="-v -h -V --verbose --help --version run decode prefill encode route top profile bench selftest keygen completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1445,8 +1451,98 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__encode)
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --transfer-port --transfer-backend --transfer-streams --encode-cache-mib --embeddings-lease --device --threads --discovery --namespace --cluster-key-file --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --served-model-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-model-len)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --chat-template)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --request-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --event-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-in-flight)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --drain-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-backend)
+                    COMPREPLY=($(compgen -W "auto shm tcp nixl" -- "${cur}"))
+                    return 0
+                    ;;
+                --transfer-streams)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --encode-cache-mib)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --embeddings-lease)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --discovery)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-key-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__help)
-            opts="run decode prefill route top profile bench selftest keygen completions help"
+            opts="run decode prefill encode route top profile bench selftest keygen completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1698,6 +1794,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__decode)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__encode)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -2098,7 +2208,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__route)
-            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
+            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2204,6 +2314,10 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --encode-queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --planner)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2292,7 +2406,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2319,6 +2433,10 @@ _dynamo() {
                     return 0
                     ;;
                 --prefill-workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --encode-workers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2415,6 +2533,10 @@ _dynamo() {
                     return 0
                     ;;
                 --prefill-queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --encode-queue-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -233,7 +233,7 @@ pub fn parse_temperature(text: &str) -> Result<f32, String> {
     }
 }
 
-fn available_cpus() -> usize {
+pub(super) fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -302,6 +302,11 @@ pub struct RouterArgs {
     /// prefilled on their decode worker rather than wait.
     #[arg(long, env = "DYNAMO_PREFILL_QUEUE_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Disaggregation")]
     pub prefill_queue_limit: u32,
+
+    /// Requests with images in flight per encode worker past which it takes no more; when all are full, the
+    /// worker that prefills a prompt encodes its images itself rather than wait.
+    #[arg(long, env = "DYNAMO_ENCODE_QUEUE_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Disaggregation")]
+    pub encode_queue_limit: u32,
 }
 
 impl From<RouterModeArg> for RouterMode {
@@ -328,6 +333,7 @@ impl RouterArgs {
             migration_limit: self.migration_limit,
             disagg_threshold: self.disagg_threshold as usize,
             prefill_queue_limit: self.prefill_queue_limit as usize,
+            encode_queue_limit: self.encode_queue_limit as usize,
             ..RouterConfig::default()
         }
     }

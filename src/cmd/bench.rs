@@ -807,6 +807,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
             model_options: Default::default(),
             workers: workers as usize,
             prefill_workers: 0,
+            encode_workers: 0,
             engine: EngineSettings::Mocker(MockerConfig {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup,

@@ -35,6 +35,9 @@ pub enum Command {
     Decode(worker::WorkerArgs),
     /// Start a worker that only prefills prompts and hands their KV to decode workers (disaggregated serving).
     Prefill(worker::WorkerArgs),
+    /// Start a worker that runs only a vision model's image encoder and hands images' embeddings to the
+    /// workers that prefill their prompts (those need --kv-transfer, or to be prefill workers).
+    Encode(worker::EncodeArgs),
     /// Start the OpenAI HTTP frontend and router in front of the workers discovery finds.
     Route(route::RouteArgs),
     /// Watch every worker of a namespace live: state, load, KV cache, requests.
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Decode(args) => worker::run(args, Role::Decode),
         Command::Prefill(args) => worker::run(args, Role::Prefill),
+        Command::Encode(args) => worker::run_encoder(args),
         Command::Route(args) => route::run(args),
         Command::Top(args) => top::run(args, log_tail.unwrap_or_default()),
         Command::Profile(args) => profile::run(args),

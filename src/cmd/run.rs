@@ -20,6 +20,11 @@ pub struct RunArgs {
     #[arg(long, env = "DYNAMO_PREFILL_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub prefill_workers: u32,
 
+    /// In-process workers that only run a vision model's image encoder and hand images' embeddings to the
+    /// workers that prefill their prompts (a LLaVA-style --model on the native engine; 0 encodes in them).
+    #[arg(long, env = "DYNAMO_ENCODE_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub encode_workers: u32,
+
     #[command(flatten)]
     pub http: HttpArgs,
 
@@ -49,6 +54,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         model_options: args.model.options(),
         workers: args.workers as usize,
         prefill_workers: args.prefill_workers as usize,
+        encode_workers: args.encode_workers as usize,
         engine: args.engine.settings()?,
         router: args.router.config(),
         listen: args.http.listen(),

@@ -1,5 +1,5 @@
-//! `dynamo decode` and `dynamo prefill`: a worker process that registers itself and serves its engine on the
-//! planes, in the role it was started as.
+//! `dynamo decode`, `dynamo prefill` and `dynamo encode`: a worker process that registers itself and serves
+//! its engine on the planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs, ModelArgs};
 use crate::core::engine::EngineSettings;
 use crate::core::engine::external::ExternalKind;
@@ -14,6 +14,65 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    #[command(flatten)]
+    pub planes: PlaneArgs,
+
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `dynamo encode`'s flags: a worker's, less the generating engine's and KV's.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub planes: PlaneArgs,
+
+    /// Port of the transfer agent that serves the embeddings (0 picks a free one).
+    #[arg(long, env = "DYNAMO_TRANSFER_PORT", default_value_t = 0, help_heading = "Transfer")]
+    pub transfer_port: u16,
+
+    /// How embeddings move: shm to workers on this host and tcp to the rest (auto), or one of them always.
+    #[arg(long, env = "DYNAMO_TRANSFER_BACKEND", value_enum, default_value = "auto", help_heading = "Transfer")]
+    pub transfer_backend: TransferBackend,
+
+    /// Data connections per tcp peer.
+    #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Transfer")]
+    pub transfer_streams: u32,
+
+    /// Memory for images' embeddings, in MiB: held for their readers, then kept so a repeated image is not
+    /// encoded again (LLaVA-1.5-7B: 9 MiB an image).
+    #[arg(long, env = "DYNAMO_ENCODE_CACHE_MIB", default_value_t = crate::core::encode::DEFAULT_CACHE_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20), help_heading = "Encoder")]
+    pub encode_cache_mib: u64,
+
+    /// Seconds an image's embeddings are kept for the worker that should read them; past it the memory may
+    /// go to another image.
+    #[arg(long, default_value_t = crate::core::encode::LEASE.as_secs_f64(), value_parser = lease_seconds, help_heading = "Encoder")]
+    pub embeddings_lease: f64,
+
+    /// Where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "DYNAMO_DEVICE", default_value = "auto", value_parser = super::args::parse_device, help_heading = "Encoder")]
+    pub device: crate::core::engine::native::Device,
+
+    /// Compute threads [default: the CPUs this process may use]
+    #[arg(long, env = "DYNAMO_THREADS", value_parser = clap::value_parser!(u32).range(1..=4096), help_heading = "Encoder")]
+    pub threads: Option<u32>,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Where a worker's planes listen and how it stops.
+#[derive(Debug, Args)]
+pub struct PlaneArgs {
     /// Address routers reach this worker at; its sockets bind there.
     #[arg(long, env = "DYNAMO_HOST", default_value = "127.0.0.1", help_heading = "Planes")]
     pub host: IpAddr,
@@ -34,15 +93,27 @@ pub struct WorkerArgs {
     /// discovery; a second signal stops it at once.
     #[arg(long, env = "DYNAMO_DRAIN_TIMEOUT", default_value_t = worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, help_heading = "Planes")]
     pub drain_timeout: f64,
+}
 
-    #[command(flatten)]
-    pub transfer: TransferArgs,
-
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-
-    #[command(flatten)]
-    pub engine: EngineArgs,
+impl PlaneArgs {
+    fn settings(
+        &self,
+        role: Role,
+        cluster: &ClusterArgs,
+        key: Option<crate::core::trust::ClusterKey>,
+        transfer: Option<worker::TransferSettings>,
+    ) -> PlaneSettings {
+        PlaneSettings {
+            role,
+            namespace: cluster.namespace.clone(),
+            host: self.host,
+            request_port: self.request_port,
+            event_port: self.event_port,
+            max_in_flight: self.max_in_flight as usize,
+            key,
+            transfer,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +152,23 @@ pub enum TransferBackend {
     Nixl,
 }
 
+impl TransferBackend {
+    /// The backend forced, or `None` to pick per peer; nixl only where its library loads.
+    fn backend(self) -> anyhow::Result<Option<crate::core::transfer::Backend>> {
+        use crate::core::transfer::Backend;
+        Ok(match self {
+            TransferBackend::Auto => None,
+            TransferBackend::Shm => Some(Backend::Shm),
+            TransferBackend::Tcp => Some(Backend::Tcp),
+            TransferBackend::Nixl => {
+                crate::core::transfer::nixl_available()
+                    .map_err(|why| anyhow::anyhow!("--transfer-backend nixl: {why}"))?;
+                Some(Backend::Nixl)
+            }
+        })
+    }
+}
+
 /// A lease: more than nothing, at most an hour (past that, pages a dead reader held are as good as lost).
 fn lease_seconds(text: &str) -> Result<f64, String> {
     match super::args::positive_f64(text)? {
@@ -91,7 +179,6 @@ fn lease_seconds(text: &str) -> Result<f64, String> {
 
 impl TransferArgs {
     fn settings(&self, role: Role) -> anyhow::Result<Option<worker::TransferSettings>> {
-        use crate::core::transfer::Backend;
         let defaults = (0, TransferBackend::Auto, crate::core::transfer::DEFAULT_STREAMS as u32);
         let given = (self.transfer_port, self.transfer_backend, self.transfer_streams);
         anyhow::ensure!(
@@ -108,16 +195,7 @@ impl TransferArgs {
         }
         Ok(Some(worker::TransferSettings {
             port: self.transfer_port,
-            backend: match self.transfer_backend {
-                TransferBackend::Auto => None,
-                TransferBackend::Shm => Some(Backend::Shm),
-                TransferBackend::Tcp => Some(Backend::Tcp),
-                TransferBackend::Nixl => {
-                    crate::core::transfer::nixl_available()
-                        .map_err(|why| anyhow::anyhow!("--transfer-backend nixl: {why}"))?;
-                    Some(Backend::Nixl)
-                }
-            },
+            backend: self.transfer_backend.backend()?,
             streams: self.transfer_streams as usize,
             lease: super::args::seconds(self.kv_lease),
         }))
@@ -155,18 +233,32 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
         model,
         model_options: args.model.options(),
         engine,
-        planes: PlaneSettings {
-            role,
-            namespace: args.cluster.namespace,
-            host: args.host,
-            request_port: args.request_port,
-            event_port: args.event_port,
-            max_in_flight: args.max_in_flight as usize,
-            key,
-            transfer,
-        },
-        drain_timeout: super::args::seconds(args.drain_timeout),
+        planes: args.planes.settings(role, &args.cluster, key, transfer),
+        drain_timeout: super::args::seconds(args.planes.drain_timeout),
     };
     super::runtime()?.block_on(worker::run(settings, discovery, super::shutdown_signal))?;
+    Ok(())
+}
+
+pub fn run_encoder(args: EncodeArgs) -> anyhow::Result<()> {
+    let key = args.cluster.key.key()?;
+    let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
+    let lease = super::args::seconds(args.embeddings_lease);
+    let transfer = worker::TransferSettings {
+        port: args.transfer_port,
+        backend: args.transfer_backend.backend()?,
+        streams: args.transfer_streams as usize,
+        lease,
+    };
+    let settings = worker::EncoderSettings {
+        model: args.model.source(),
+        model_options: args.model.options(),
+        device: args.device,
+        threads: args.threads.map_or_else(super::args::available_cpus, |t| t as usize),
+        encode: crate::core::encode::EncodeSettings { cache_bytes: args.encode_cache_mib << 20, lease },
+        planes: args.planes.settings(Role::Encode, &args.cluster, key, Some(transfer)),
+        drain_timeout: super::args::seconds(args.planes.drain_timeout),
+    };
+    super::runtime()?.block_on(worker::run_encoder(settings, discovery, super::shutdown_signal))?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Everything the binary does, one folder per concept. `cmd` calls in here; nothing in here knows about clap.
 pub mod bench;
 pub mod discovery;
+pub mod encode;
 pub mod engine;
 pub mod frontend;
 pub mod grammar;

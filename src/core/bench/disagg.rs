@@ -226,6 +226,7 @@ async fn run_native_setup(
         model_options: Default::default(),
         workers: settings.workers.max(1) - prefill_workers,
         prefill_workers,
+        encode_workers: 0,
         engine: settings.engine.clone(),
         router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
         listen: ([127, 0, 0, 1], 0).into(),
@@ -248,7 +249,7 @@ async fn run_native_setup(
             let prompt = (0..length).map(|p| 3 + ((i * 7919 + p * 104_729) % 30_000) as u32).collect();
             let request = crate::core::protocol::PreprocessedRequest::greedy(format!("mix-{i}"), prompt, max_tokens);
             let start = Instant::now();
-            let mut stream = router.route_migrating(request).map_err(|e| e.to_string())?;
+            let mut stream = router.route_migrating(request).await.map_err(|e| e.to_string())?;
             let first = futures::StreamExt::next(&mut stream).await.ok_or("no output")?;
             let ttft = start.elapsed();
             let mut tokens = first.token_ids.len();

@@ -244,7 +244,7 @@ async fn send(router: &Arc<Router>, request: PreprocessedRequest, metrics: Optio
     let prompt_tokens = request.token_ids.len();
     let mut recorded = metrics.map(|metrics| metrics.request("trace", "completions", true));
     let start = Instant::now();
-    let mut stream = router.route_migrating(request).ok()?;
+    let mut stream = router.route_migrating(request).await.ok()?;
     let worker = stream.worker_id();
     let first = stream.next().await?;
     let ttft = start.elapsed();

@@ -62,6 +62,7 @@ pub struct BatchEngine {
     events: Publisher,
     max_sequence_tokens: usize,
     kv_memory: Option<super::KvMemory>,
+    embeddings: Option<Arc<crate::core::multimodal::EmbeddingCache>>,
     profile: Option<Arc<crate::core::protocol::profile::Profile>>,
     /// Checks a request's constraint before it is queued; `None` refuses constrained requests.
     grammars: Option<Compiler>,
@@ -126,6 +127,7 @@ impl BatchEngine {
     ) -> Self {
         let max_sequence_tokens = max_sequence_tokens.min(scheduler.max_sequence_tokens());
         let kv_memory = scheduler.executor().kv_memory();
+        let embeddings = scheduler.executor().embedding_cache();
         let device = scheduler.executor().device();
         let (inbox, receiver) = mpsc::unbounded_channel();
         let load = Arc::new(Mutex::new(scheduler.load()));
@@ -147,6 +149,7 @@ impl BatchEngine {
             events,
             max_sequence_tokens,
             kv_memory,
+            embeddings,
             profile: None,
             grammars: None,
             device,
@@ -253,6 +256,10 @@ impl Engine for BatchEngine {
 
     fn kv_pages(&self) -> Option<&dyn KvPages> {
         self.kv_memory.as_ref().map(|_| self as &dyn KvPages)
+    }
+
+    fn embeddings(&self) -> Option<Arc<crate::core::multimodal::EmbeddingCache>> {
+        self.embeddings.clone()
     }
 
     fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {

@@ -158,14 +158,25 @@ pub trait Engine: Send + Sync {
         None
     }
 
-    /// Its KV hand-offs so far, for an engine that hands KV over in this process; `None` otherwise (a remote
-    /// worker's come with its stats reports).
     /// What it computes on, for operators: `cpu (16 threads)`, `cuda:0`, `mocker`, `vllm at URL`; empty
     /// where it cannot say.
     fn device(&self) -> String {
         String::new()
     }
 
+    /// Where a model that takes images keeps their embeddings, so that ones computed elsewhere (an encode
+    /// worker's) can be put in before the request that needs them; `None` for other engines.
+    fn embeddings(&self) -> Option<Arc<crate::core::multimodal::EmbeddingCache>> {
+        None
+    }
+
+    /// Its images so far, for an engine of a model that takes them.
+    fn images(&self) -> Option<crate::core::protocol::ImageStats> {
+        self.embeddings().map(|cache| cache.stats())
+    }
+
+    /// Its KV hand-offs so far, for an engine that hands KV over in this process; `None` otherwise (a remote
+    /// worker's come with its stats reports).
     fn kv_transfers(&self) -> Option<crate::core::protocol::KvTransferStats> {
         None
     }
@@ -218,7 +229,13 @@ mod tests {
     fn images_must_lie_in_order_over_the_prompt() {
         let with = |spans: &[(u32, u32)]| {
             let mut request = PreprocessedRequest::greedy("m", vec![7; 10], 2);
-            let media = spans.iter().map(|&(start, end)| MediaInput { start, end, hash: 1, data: Default::default() });
+            let media = spans.iter().map(|&(start, end)| MediaInput {
+                start,
+                end,
+                hash: 1,
+                data: Default::default(),
+                encoded: None,
+            });
             request.media = Some(std::sync::Arc::new(media.collect()));
             check_fits(&request, 100)
         };

@@ -48,7 +48,7 @@ async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<Str
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let choices = specs.len();
     let model = &served.model;
-    let deltas = generate::start(state, &served, specs)?;
+    let deltas = generate::start(state, &served, specs).await?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
     let renderer = ChatChunks::new(id, model.card.name.clone(), logprobs, tool_parser, choices);

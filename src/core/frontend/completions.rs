@@ -49,7 +49,7 @@ async fn complete(
     let Prepared { served, specs, prompt_lens, renderer, stream, include_usage } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let choices = specs.len();
-    let deltas = generate::start(state, &served, specs)?;
+    let deltas = generate::start(state, &served, specs).await?;
     let metrics = state.metrics.request(&served.model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, prompt_lens, choices);
     if stream {

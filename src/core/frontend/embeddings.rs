@@ -38,7 +38,7 @@ async fn embed(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<St
     let Prepared { served, specs, prompt_lens, base64, id } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let inputs = specs.len();
-    let deltas = generate::start(state, &served, specs)?;
+    let deltas = generate::start(state, &served, specs).await?;
     let metrics = state.metrics.request(&served.model.card.name, ENDPOINT, false);
     let mut tracker = Tracker::new(metrics, prompt_lens, inputs);
     let deltas = generate::collect(deltas, &mut tracker).await?;

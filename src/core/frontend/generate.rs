@@ -84,10 +84,10 @@ impl ChoiceDelta {
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
 /// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
-pub fn start(state: &FrontendState, served: &Served, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
+pub async fn start(state: &FrontendState, served: &Served, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
-        let engine = served.router.route_migrating(spec.request.clone())?;
+        let engine = served.router.route_migrating(spec.request.clone()).await?;
         state.metrics.routed(&served.model.card.name, engine.worker_id(), engine.overlap_blocks);
         streams.push(choice_stream(served.model.clone(), spec, engine));
     }

@@ -151,6 +151,7 @@ pub fn place(
             end: run.end as u32,
             hash: image.hash,
             data: image.data,
+            encoded: None,
         })
         .collect();
     Ok((ids, media))

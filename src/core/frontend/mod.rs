@@ -288,12 +288,12 @@ async fn model(
     Ok(Json(state.model_object(&served, &id)))
 }
 
-/// Ready to serve: at least one worker (of any model) that takes whole requests; prefill workers are counted
-/// apart.
+/// Ready to serve: at least one worker (of any model) that takes whole requests; prefill and encode workers
+/// are counted apart.
 async fn health(State(state): State<Arc<FrontendState>>) -> Response {
     let served = state.served();
     let workers: usize = served.iter().map(|s| s.router.worker_count()).sum();
-    let prefill_workers: usize = served.iter().map(|s| s.router.engines_of(Pool::Prefill).len()).sum();
+    let of = |pool| served.iter().map(|s| s.router.engines_of(pool).len()).sum::<usize>();
     let status = if workers > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let models: serde_json::Map<String, serde_json::Value> =
         served.iter().map(|s| (s.model.card.name.clone(), s.router.worker_count().into())).collect();
@@ -302,7 +302,8 @@ async fn health(State(state): State<Arc<FrontendState>>) -> Response {
         "model": served[0].model.card.name,
         "models": models,
         "workers": workers,
-        "prefill_workers": prefill_workers,
+        "prefill_workers": of(Pool::Prefill),
+        "encode_workers": of(Pool::Encode),
     });
     (status, Json(body)).into_response()
 }
@@ -320,6 +321,11 @@ async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
     for engine in &engines {
         if let Some(transfers) = engine.kv_transfers() {
             state.metrics.kv_transfers(engine.worker_id(), &transfers);
+        }
+    }
+    for engine in state.served().iter().flat_map(|s| s.router.engines_of(Pool::Encode)).chain(engines.clone()) {
+        if let Some(images) = engine.images() {
+            state.metrics.images(engine.worker_id(), &images);
         }
     }
     let loads: Vec<_> = engines.iter().map(|e| (e.worker_id(), e.load())).collect();

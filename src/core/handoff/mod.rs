@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
+mod embeddings;
+
 /// How long a prefill worker keeps a request's pages for the decode worker that should read them, unless
 /// told otherwise (`with_lease`). The router sends the decode half as soon as the prefill ends, so this only
 /// has to outlast a slow read; it is also how long a decode worker that died before reading costs the pages.
@@ -49,9 +51,15 @@ pub enum HandOffError {
 /// An engine whose requests can hold their KV for a peer or read it from one: the engine, with a transfer
 /// agent that offers its pages. Requests without a hand-off go straight to the engine.
 pub struct HandOffEngine {
+    core: Core,
+    notifications: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What a request's hand-off needs, cheap to clone into the task that waits for its images' embeddings.
+#[derive(Clone)]
+struct Core {
     inner: Arc<dyn Engine>,
     shared: Arc<Shared>,
-    notifications: Option<tokio::task::JoinHandle<()>>,
     lease: Duration,
 }
 
@@ -62,6 +70,8 @@ struct Shared {
     /// Agents read from, by address; a connection that failed is dropped and made again next time.
     peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
     counts: Counts,
+    /// For a model that takes images: where embeddings read from encode workers land.
+    landing: Option<embeddings::Landing>,
 }
 
 #[derive(Default)]
@@ -130,19 +140,24 @@ impl HandOffEngine {
         };
         let notifications = Some(tokio::spawn(end_leases(engine.clone(), notifications)));
         let address = agent.address();
+        let landing = match engine.embeddings() {
+            Some(cache) => Some(embeddings::Landing::register(&agent, cache)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             mover: Mover::Agent(agent),
             address,
             layout,
             peers: Default::default(),
             counts: Counts::default(),
+            landing,
         });
-        Ok(Self { inner: engine, shared, notifications, lease: LEASE })
+        Ok(Self { core: Core { inner: engine, shared, lease: LEASE }, notifications })
     }
 
     /// Held pages are kept for a reader this long at most.
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.core.lease = lease;
         self
     }
 
@@ -161,17 +176,59 @@ impl HandOffEngine {
             layout,
             peers: Default::default(),
             counts: Counts::default(),
+            landing: None,
         });
-        Ok(Self { inner: engine, shared, notifications: None, lease: LEASE })
+        Ok(Self { core: Core { inner: engine, shared, lease: LEASE }, notifications: None })
     }
 
     /// Where peers reach this engine's agent (`tcp://host:port`, or `sim://id` on a simulated fabric).
     pub fn address(&self) -> String {
-        self.shared.address.clone()
+        self.core.shared.address.clone()
     }
 
     pub fn layout(&self) -> KvLayout {
-        self.shared.layout
+        self.core.shared.layout
+    }
+}
+
+impl Core {
+    /// Starts the request's hand-off, once the embeddings encode workers hold for its images are read.
+    fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        if request.media().iter().all(|m| m.encoded.is_none()) {
+            return self.start(request);
+        }
+        let (outputs, receiver) = mpsc::unbounded_channel();
+        let core = self.clone();
+        tokio::spawn(async move {
+            let request = core.shared.take_embeddings(request).await;
+            let mut stream = match core.start(request) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    let finish_reason = Some(FinishReason::Error(error.to_string()));
+                    let _ = outputs.send(EngineOutput { finish_reason, ..Default::default() });
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    output = stream.next() => match output {
+                        Some(output) => if outputs.send(output).is_err() { return },
+                        None => return,
+                    },
+                    // The router went away: dropping the stream cancels the request.
+                    _ = outputs.closed() => return,
+                }
+            }
+        });
+        Ok(ResponseStream::new(receiver))
+    }
+
+    fn start(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
+        match request.hand_off.clone() {
+            HandOff::None => self.inner.submit(request),
+            HandOff::Hold => self.hold(request),
+            HandOff::From(held) => self.receive(request, *held),
+        }
     }
 
     fn pages(&self) -> Result<&dyn KvPages, EngineError> {
@@ -331,55 +388,48 @@ async fn simulate_read(fabric: &SimulatedFabric, held: &HeldKv, tokens: u64) -> 
 /// Frees the pages a peer has read: its read's notification names the lease.
 async fn end_leases(engine: Arc<dyn Engine>, mut notifications: mpsc::Receiver<Notification>) {
     while let Some(notification) = notifications.recv().await {
-        let Ok(lease) = <[u8; 8]>::try_from(notification.message.as_slice()) else {
-            tracing::warn!(
-                "agent {:016x} sent a notification that names no lease ({} bytes); ignored",
-                notification.from,
-                notification.message.len()
-            );
-            continue;
-        };
+        let Some(lease) = notification.lease() else { continue };
         if let Some(pages) = engine.kv_pages() {
-            let _ = pages.release_lease(u64::from_le_bytes(lease));
+            let _ = pages.release_lease(lease);
         }
     }
 }
 
 impl Engine for HandOffEngine {
     fn worker_id(&self) -> WorkerId {
-        self.inner.worker_id()
+        self.core.inner.worker_id()
     }
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
-        match request.hand_off.clone() {
-            HandOff::None => self.inner.submit(request),
-            HandOff::Hold => self.hold(request),
-            HandOff::From(held) => self.receive(request, *held),
-        }
+        self.core.submit(request)
     }
 
     fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEventBatch> {
-        self.inner.subscribe_kv_events()
+        self.core.inner.subscribe_kv_events()
     }
 
     fn load(&self) -> LoadMetrics {
-        self.inner.load()
+        self.core.inner.load()
     }
 
     fn device(&self) -> String {
-        self.inner.device()
+        self.core.inner.device()
     }
 
     fn resend_kv_state(&self) -> bool {
-        self.inner.resend_kv_state()
+        self.core.inner.resend_kv_state()
     }
 
     fn kv_snapshot(&self) -> Option<Vec<KvEvent>> {
-        self.inner.kv_snapshot()
+        self.core.inner.kv_snapshot()
     }
 
     fn kv_pages(&self) -> Option<&dyn KvPages> {
-        self.inner.kv_pages()
+        self.core.inner.kv_pages()
+    }
+
+    fn embeddings(&self) -> Option<Arc<crate::core::multimodal::EmbeddingCache>> {
+        self.core.inner.embeddings()
     }
 
     fn transfer_addr(&self) -> Option<String> {
@@ -388,7 +438,7 @@ impl Engine for HandOffEngine {
 
     fn kv_transfers(&self) -> Option<KvTransferStats> {
         let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counts = &self.shared.counts;
+        let counts = &self.core.shared.counts;
         Some(KvTransferStats {
             held: count(&counts.held),
             read: count(&counts.read),
@@ -398,11 +448,11 @@ impl Engine for HandOffEngine {
     }
 
     fn profile(&self) -> Option<std::sync::Arc<crate::core::protocol::profile::Profile>> {
-        self.inner.profile()
+        self.core.inner.profile()
     }
 
     fn is_alive(&self) -> bool {
-        self.inner.is_alive()
+        self.core.inner.is_alive()
     }
 }
 

@@ -1,10 +1,13 @@
 //! Images in: decoding what clients send (PNG, JPEG, WebP, within limits a decompression bomb cannot pass)
 //! and turning it into the pixel values a checkpoint's vision tower reads, exactly as its image processor
 //! does (`preprocess`, with PIL's resampling in `resample`); and an image's identity for prefix caching
-//! (`content_hash`, what `tokens::MediaSpan` folds into the blocks that hold its placeholders).
+//! (`content_hash`, what `tokens::MediaSpan` folds into the blocks that hold its placeholders); and a worker's
+//! cache of images' embeddings (`EmbeddingCache`).
+mod embeddings;
 mod preprocess;
 mod resample;
 
+pub use embeddings::{EMBEDDINGS_CACHE_BYTES, EmbeddingCache};
 pub use preprocess::{DecodeLimits, ImageError, ImageProcessor, PixelValues, decode};
 pub use resample::Filter;
 use std::ops::Range;

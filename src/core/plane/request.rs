@@ -238,7 +238,7 @@ impl ServerStats {
             refused: self.refused.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
             unreadable: self.unreadable.load(Ordering::Relaxed),
-            kv: Default::default(),
+            ..Default::default()
         }
     }
 }

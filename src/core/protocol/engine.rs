@@ -41,6 +41,27 @@ pub struct MediaInput {
     pub end: u32,
     pub hash: u64,
     pub data: bytes::Bytes,
+    /// Its embeddings, computed already by an encode worker that holds them for the worker prefilling the
+    /// prompt; `None` (or a read that fails) and that worker encodes the image itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoded: Option<HeldEmbeddings>,
+}
+
+/// One image's embeddings (`tokens_per_image × hidden_size` little-endian f32s, row after row) in an encode
+/// worker's transfer region, kept for one read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldEmbeddings {
+    /// The holder's transfer agent (`tcp://host:port`); the router fills it in from the holder's record.
+    #[serde(default)]
+    pub agent: String,
+    /// Names the hold to its holder; a read that carries it ends the lease.
+    pub lease: u64,
+    pub region: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// xxh3-64 of the bytes: a read is one-sided, so one made after the lease ended (a request that moved
+    /// on to another worker) may find the memory holding another image, and must be able to tell.
+    pub checksum: u64,
 }
 
 impl MediaInput {
@@ -237,6 +258,9 @@ pub struct EngineOutput {
     /// The prompt's embedding, on the one output of a pooling request.
     #[serde(default)]
     pub embedding: Option<Vec<f32>>,
+    /// An encode worker's answer: where each of the request's images' embeddings are held, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encoded: Vec<HeldEmbeddings>,
 }
 
 /// A prompt's token ids in binary formats: one byte string of little-endian `u32`s instead of an array of

@@ -7,8 +7,9 @@ use super::external::{decode_msgpack_batch, decode_trtllm_json};
 use super::plane::{Payload, decode_header};
 use super::request::{FromWorker, Refusal, ToWorker, decode, encode};
 use super::{
-    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout, LoadMetrics,
-    MediaInput, Pooling, PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob, WorkerStats,
+    Constraint, EngineOutput, FinishReason, HandOff, HeldEmbeddings, HeldKv, KvEvent, KvEventBatch, KvEvents, KvLayout,
+    LoadMetrics, MediaInput, Pooling, PreprocessedRequest, SamplingOptions, StopConditions, StoredBlock, TokenLogprob,
+    WorkerStats,
 };
 use proptest::prelude::*;
 
@@ -77,9 +78,21 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
 }
 
 fn media() -> impl Strategy<Value = Vec<MediaInput>> {
-    let one = (any::<u32>(), any::<u32>(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..48))
-        .prop_map(|(start, end, hash, data)| MediaInput { start, end, hash, data: data.into() });
+    let one = (any::<u32>(), any::<u32>(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..48), held_embeddings())
+        .prop_map(|(start, end, hash, data, encoded)| MediaInput { start, end, hash, data: data.into(), encoded });
     prop::collection::vec(one, 0..3)
+}
+
+fn held_embeddings() -> impl Strategy<Value = Option<HeldEmbeddings>> {
+    let held = (".{0,24}", any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>());
+    prop::option::of(held.prop_map(|(agent, lease, region, offset, len, checksum)| HeldEmbeddings {
+        agent,
+        lease,
+        region,
+        offset,
+        len,
+        checksum,
+    }))
 }
 
 fn constraint() -> impl Strategy<Value = Option<Constraint>> {
@@ -110,14 +123,16 @@ fn from_worker() -> impl Strategy<Value = FromWorker> {
         any::<bool>(),
         prop::option::of(held()),
         embedding,
+        prop::collection::vec(held_embeddings(), 0..3),
     )
-        .prop_map(|(token_ids, cached_tokens, finished, held, embedding)| EngineOutput {
+        .prop_map(|(token_ids, cached_tokens, finished, held, embedding, encoded)| EngineOutput {
             logprobs: token_ids.iter().map(|&token_id| TokenLogprob { token_id, logprob: -1.0, top: vec![] }).collect(),
             token_ids,
             cached_tokens,
             finish_reason: finished.then_some(FinishReason::Length),
             held,
             embedding,
+            encoded: encoded.into_iter().flatten().collect(),
         });
     let single = prop_oneof![
         (any::<u64>(), output).prop_map(|(stream, output)| FromWorker::Output { stream, output }),

@@ -402,6 +402,20 @@ pub struct WorkerStats {
     /// Its KV hand-offs (disaggregated serving), for workers with a transfer agent.
     #[serde(default)]
     pub kv: KvTransferStats,
+    /// Its images, for workers of a model that takes them.
+    #[serde(default)]
+    pub images: ImageStats,
+}
+
+/// A worker's images since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStats {
+    /// Images it ran through its vision tower (an encode worker's, or a prefilling worker's own).
+    pub encoded: u64,
+    /// Images whose embeddings it read from an encode worker instead.
+    pub read: u64,
+    /// Embeddings an encode worker held for it that it could not read, so it encoded the image itself.
+    pub read_failed: u64,
 }
 
 /// A worker's KV hand-offs since it started.

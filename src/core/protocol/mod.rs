@@ -19,10 +19,12 @@ pub mod router;
 pub mod transfer;
 
 pub use engine::{
-    Constraint, EngineOutput, FinishReason, HandOff, HeldKv, KvLayout, MediaInput, Pooling, PreprocessedRequest,
-    SamplingOptions, StopConditions, TokenLogprob,
+    Constraint, EngineOutput, FinishReason, HandOff, HeldEmbeddings, HeldKv, KvLayout, MediaInput, Pooling,
+    PreprocessedRequest, SamplingOptions, StopConditions, TokenLogprob,
 };
-pub use kv::{KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats};
+pub use kv::{
+    ImageStats, KvEvent, KvEventBatch, KvEvents, KvTransferStats, LoadMetrics, StoredBlock, WorkerId, WorkerStats,
+};
 pub use plan::{Forecast, Plan};
 pub use router::{ModelReport, RoutedTo, RouterReport};
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::profile::Profile;
 use serde::{Deserialize, Serialize};
 
 /// Raised whenever a message changes meaning; a peer with another version is refused with both numbers.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;

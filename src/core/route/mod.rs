@@ -342,11 +342,9 @@ impl Membership {
                 tracing::warn!("prefill worker {:016x} at {addr} names no transfer agent; not used", instance.id);
                 return Ok(());
             }
+            Role::Encode if instance.transfer_addr.is_some() => Pool::Encode,
             Role::Encode => {
-                tracing::warn!(
-                    "worker {:016x} at {addr} is an encode worker, which this router does not use yet; not used",
-                    instance.id
-                );
+                tracing::warn!("encode worker {:016x} at {addr} names no transfer agent; not used", instance.id);
                 return Ok(());
             }
             role @ (Role::Planner | Role::Router) => {
@@ -424,7 +422,7 @@ impl Membership {
         };
         router.add_remote_worker(Arc::new(engine), pool);
         // The worker may have cached blocks before this router knew it (a router restarted, say).
-        if self.settings.router.indexes_events() {
+        if self.settings.router.indexes_events() && pool != Pool::Encode {
             resync(&self.snapshots, addr, &mut member);
         }
         self.members.insert(addr.to_string(), member);
@@ -539,7 +537,8 @@ fn incompatibility(model: &Model, block_size: usize, instance: &Instance) -> Opt
     if instance.card.tokenizer_hash != model.tokenizer_hash {
         return Some(format!("has another tokenizer than the router's other workers of {:?}", instance.model));
     }
-    if instance.card.block_size as usize != block_size {
+    // An encode worker keeps no KV: its blocks are nobody's concern.
+    if instance.role != Role::Encode && instance.card.block_size as usize != block_size {
         return Some(format!("uses KV blocks of {} tokens, the router {block_size}", instance.card.block_size));
     }
     None

@@ -38,9 +38,15 @@ pub struct MigratingStream {
 impl Router {
     /// Routes like `route`, and continues the request elsewhere if its worker is lost mid-stream.
     /// With prefill workers up, the prompt may be prefilled on one of them first (`disagg`).
-    pub fn route_migrating(self: &Arc<Self>, request: PreprocessedRequest) -> Result<MigratingStream, RouteError> {
+    /// With encode workers up, an encode worker may compute the request's images first (`encode`).
+    pub async fn route_migrating(
+        self: &Arc<Self>,
+        mut request: PreprocessedRequest,
+    ) -> Result<MigratingStream, RouteError> {
         let mut decode = self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), &[])?;
-        let (current, prefilling) = match self.prefill_choice(&request, &decode) {
+        let prefill = self.prefill_choice(&request, &decode);
+        self.encode_images(&mut request, prefill.as_ref().unwrap_or(&decode)).await;
+        let (current, prefilling) = match prefill {
             None => (decode.dispatch(request.clone())?, None),
             Some(prefill) => {
                 let agent = prefill.transfer_addr().unwrap_or_default();
@@ -110,6 +116,7 @@ impl MigratingStream {
         let Some(mut next) = self.continuation() else { return };
         // Without held KV (a prefill worker that could not keep it) the decode worker computes the prompt.
         if let Some(held) = held {
+            next = super::encode::without_embeddings(next);
             next.hand_off = HandOff::From(Box::new(HeldKv { agent, ..held }));
         }
         let decode_id = decode.worker_id;

@@ -12,6 +12,7 @@
 mod approx;
 mod cost;
 mod disagg;
+mod encode;
 mod latency;
 mod migration;
 
@@ -97,6 +98,9 @@ pub struct RouterConfig {
     /// Prefills in flight on a prefill worker past which it takes no more; when every prefill worker is
     /// there, prompts are prefilled on their decode worker rather than wait.
     pub prefill_queue_limit: usize,
+    /// Requests in flight on an encode worker past which it takes no more; when every encode worker is there,
+    /// images are encoded by the worker that prefills their prompt rather than wait.
+    pub encode_queue_limit: usize,
 }
 
 impl Default for RouterConfig {
@@ -112,6 +116,7 @@ impl Default for RouterConfig {
             migration_limit: 3,
             disagg_threshold: 0,
             prefill_queue_limit: 8,
+            encode_queue_limit: 8,
         }
     }
 }
@@ -212,17 +217,24 @@ impl Disagg {
 }
 
 /// The workers a request may be sent to: decode (aggregated) workers take whole requests, prefill workers
-/// only prompts whose KV a decode worker then reads.
+/// only prompts whose KV a decode worker then reads, encode workers only images whose embeddings the worker
+/// that prefills then reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pool {
     Decode,
     Prefill,
+    Encode,
+}
+
+impl Pool {
+    pub const ALL: [Pool; 3] = [Pool::Decode, Pool::Prefill, Pool::Encode];
 }
 
 pub struct Router {
     /// Replaced whole when a worker joins or leaves; a request routes over the snapshot it took.
     workers: RwLock<Arc<[Arc<Worker>]>>,
     prefill: RwLock<Arc<[Arc<Worker>]>>,
+    encode: RwLock<Arc<[Arc<Worker>]>>,
     /// Where decisions are counted, once a frontend serves this router.
     metrics: std::sync::OnceLock<Arc<crate::core::telemetry::Metrics>>,
     config: RouterConfig,
@@ -242,6 +254,7 @@ impl Router {
         let router = Self {
             workers: RwLock::new(Arc::new([])),
             prefill: RwLock::new(Arc::new([])),
+            encode: RwLock::new(Arc::new([])),
             metrics: std::sync::OnceLock::new(),
             config,
             next: AtomicUsize::new(0),
@@ -281,6 +294,7 @@ impl Router {
         match pool {
             Pool::Decode => &self.workers,
             Pool::Prefill => &self.prefill,
+            Pool::Encode => &self.encode,
         }
     }
 
@@ -289,6 +303,7 @@ impl Router {
         match pool {
             Pool::Decode => self.config.busy_threshold,
             Pool::Prefill => self.config.prefill_queue_limit.max(1),
+            Pool::Encode => self.config.encode_queue_limit.max(1),
         }
     }
 
@@ -316,7 +331,7 @@ impl Router {
 
     fn remove_from_pools(&self, id: WorkerId) -> bool {
         let mut removed = false;
-        for pool in [Pool::Decode, Pool::Prefill] {
+        for pool in Pool::ALL {
             let mut workers = self.pool(pool).write().unwrap_or_else(|p| p.into_inner());
             let next: Vec<Arc<Worker>> = workers.iter().filter(|w| w.engine.worker_id() != id).cloned().collect();
             removed |= next.len() != workers.len();

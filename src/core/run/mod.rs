@@ -3,6 +3,7 @@
 //!
 //! It is only a composition of the same pieces the separate roles use, so there is no second code path.
 use crate::core::discovery::Discovery;
+use crate::core::encode::EncodeEngine;
 use crate::core::engine::Engine;
 use crate::core::engine::{EngineSettings, SpawnError, spawn_engines};
 use crate::core::frontend::{self, FrontendState, HttpSettings};
@@ -24,6 +25,8 @@ pub struct RunSettings {
     pub workers: usize,
     /// Workers that only prefill, handing the KV to the `workers` (0: aggregated serving).
     pub prefill_workers: usize,
+    /// Workers that only encode images, handing their embeddings to the worker that prefills the prompt.
+    pub encode_workers: usize,
     pub engine: EngineSettings,
     /// Its block size is taken from the engine's, so prompt hashes match the workers'.
     pub router: RouterConfig,
@@ -43,6 +46,10 @@ pub enum RunError {
     Announce(#[from] Box<WorkerError>),
     #[error(transparent)]
     HandOff(#[from] crate::core::handoff::HandOffError),
+    #[error(transparent)]
+    Encode(#[from] crate::core::encode::EncodeError),
+    #[error("--encode-workers run a vision model's image encoder: {0}")]
+    Encoder(String),
 }
 
 /// `dynamo run --discovery`: its workers also go on the planes and into discovery, as `dynamo decode`
@@ -54,7 +61,8 @@ pub struct Announce {
 
 /// Loads the model and starts the workers and router; must run inside a tokio runtime. Workers are numbered
 /// from 0 (decode workers first) unless `unique_ids` (workers that other processes see need ids no other
-/// process has). With prefill workers, every worker gets a transfer agent on loopback (shm between them).
+/// process has). With prefill or encode workers, every worker gets a transfer agent on loopback (shm between
+/// them).
 pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendState>, RunError> {
     let model = Arc::new(Model::load_with(&settings.model, &settings.model_options)?);
     let count = settings.workers + settings.prefill_workers;
@@ -63,8 +71,8 @@ pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendSta
         false => (0..count as WorkerId).collect(),
     };
     let mut engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
-    if settings.prefill_workers > 0 {
-        let agent = crate::core::transfer::AgentSettings::loopback(None);
+    let agent = crate::core::transfer::AgentSettings::loopback(None);
+    if settings.prefill_workers > 0 || settings.encode_workers > 0 {
         engines = (engines.into_iter())
             .map(|engine| Ok(Arc::new(HandOffEngine::start(engine, agent.clone())?) as Arc<dyn Engine>))
             .collect::<Result<_, RunError>>()?;
@@ -73,7 +81,34 @@ pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendSta
     let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
     let router = Arc::new(Router::new(engines, config));
     prefill.into_iter().for_each(|engine| router.add_worker(engine, Pool::Prefill));
+    for engine in encode_workers(settings, unique_ids, &agent)? {
+        router.add_worker(engine, Pool::Encode);
+    }
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
+}
+
+/// The settings' encode workers, sharing one load of the model's vision tower (numbered after the others).
+fn encode_workers(
+    settings: &RunSettings,
+    unique_ids: bool,
+    agent: &crate::core::transfer::AgentSettings,
+) -> Result<Vec<Arc<dyn Engine>>, RunError> {
+    if settings.encode_workers == 0 {
+        return Ok(Vec::new());
+    }
+    let EngineSettings::Native(native) = &settings.engine else {
+        return Err(RunError::Encoder("they need the native engine".into()));
+    };
+    let encoder = crate::core::engine::native::load_image_encoder(&settings.model, native.device, native.threads)
+        .map_err(|e| RunError::Encoder(e.to_string()))?;
+    let first = (settings.workers + settings.prefill_workers) as WorkerId;
+    (0..settings.encode_workers as WorkerId)
+        .map(|i| {
+            let id = if unique_ids { rand::random() } else { first + i };
+            let encode = crate::core::encode::EncodeSettings::default();
+            Ok(Arc::new(EncodeEngine::start(id, encoder.clone(), agent.clone(), &encode)?) as Arc<dyn Engine>)
+        })
+        .collect()
 }
 
 /// Serves until `shutdown` resolves. Prints one line with the address once it accepts connections.
@@ -87,7 +122,8 @@ pub async fn serve(
     let mut exposed = Vec::new();
     if let Some(Announce { discovery, planes }) = &announce {
         let (served, block_size) = (state.first(), settings.engine.block_size());
-        for (pool, role) in [(Pool::Decode, Role::Decode), (Pool::Prefill, Role::Prefill)] {
+        for (pool, role) in [(Pool::Decode, Role::Decode), (Pool::Prefill, Role::Prefill), (Pool::Encode, Role::Encode)]
+        {
             let planes = PlaneSettings { role, ..planes.clone() };
             for engine in served.router.engines_of(pool) {
                 let worker = worker::expose(engine, &served.model, block_size, &planes, discovery.as_ref());
@@ -99,12 +135,13 @@ pub async fn serve(
     }
     let banner = |addr| {
         format!(
-            "dynamo: serving {} on http://{addr} with {}{} {} worker(s), {} routing; try: curl http://{addr}/v1/models",
+            "dynamo: serving {} on http://{addr} with {} {} worker(s), {} routing; try: curl http://{addr}/v1/models",
             state.first().model.card.name,
-            settings.workers,
-            match settings.prefill_workers {
-                0 => String::new(),
-                n => format!(" decode + {n} prefill"),
+            match (settings.prefill_workers, settings.encode_workers) {
+                (0, 0) => settings.workers.to_string(),
+                (0, e) => format!("{} aggregated + {e} encode", settings.workers),
+                (p, 0) => format!("{} decode + {p} prefill", settings.workers),
+                (p, e) => format!("{} decode + {p} prefill + {e} encode", settings.workers),
             },
             settings.engine.describe(),
             settings.router.mode.name()

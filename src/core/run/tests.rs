@@ -15,6 +15,7 @@ fn settings(prefill_workers: usize, disagg_threshold: usize) -> RunSettings {
         model_options: Default::default(),
         workers: 1,
         prefill_workers,
+        encode_workers: 0,
         engine: EngineSettings::Native(NativeSettings {
             device: Device::Cpu,
             threads: 1,
@@ -38,7 +39,7 @@ async fn generate(router: &Arc<Router>, prompt: &[u32]) -> Vec<u32> {
 }
 
 async fn complete(router: &Arc<Router>, request: PreprocessedRequest) -> Vec<u32> {
-    let stream = router.route_migrating(request).unwrap();
+    let stream = router.route_migrating(request).await.unwrap();
     stream.flat_map(|output| futures::stream::iter(output.token_ids)).collect().await
 }
 
@@ -167,7 +168,7 @@ async fn prompts_stay_on_the_decode_worker_while_every_prefill_worker_is_full_or
     fake_prefill(&router, 98, true);
     let (a, b) = (prompt(4), prompt(5));
     // The first takes the prefill worker's only place and waits there.
-    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", a, 9)).unwrap();
+    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", a, 9)).await.unwrap();
     assert_eq!(generate(&router, &b).await, generate(&aggregated, &b).await, "prefilled where it decodes");
     assert_eq!((decisions(&state, "remote"), decisions(&state, "local_busy")), (1.0, 1.0));
     drop(waiting);
@@ -194,7 +195,7 @@ async fn a_decode_worker_is_not_charged_with_a_prompt_prefilled_elsewhere() {
     let cost = |router: &Router| router.quote(&other, &[]).iter().map(|q| q.cost).sum::<f64>();
     let before = cost(&router);
     // Its prompt waits at the prefill worker: the decode worker has nothing of it to compute.
-    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", prompt(8), 9)).unwrap();
+    let waiting = router.route_migrating(PreprocessedRequest::greedy("w", prompt(8), 9)).await.unwrap();
     assert_eq!(decisions(&state, "remote"), 1.0);
     assert_eq!(cost(&router), before, "the decode worker's price for another prompt is unchanged");
     assert_eq!(router.in_flight(), 1, "though it counts the request as its own");

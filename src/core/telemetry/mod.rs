@@ -3,7 +3,7 @@
 //! Frontend metrics are recorded per request by a `RequestMetrics` guard: created when a request is
 //! admitted, fed each token, and recorded when dropped, so a request cut short by a disconnect still
 //! counts (as `cancelled`). Worker gauges are read from each engine's load at scrape time.
-use crate::core::protocol::{KvTransferStats, LoadMetrics, WorkerId, WorkerStats};
+use crate::core::protocol::{ImageStats, KvTransferStats, LoadMetrics, WorkerId, WorkerStats};
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder, exponential_buckets,
@@ -35,6 +35,8 @@ pub struct Metrics {
     preprocess_refused: IntCounterVec,
     /// Where prompts were prefilled once prefill workers were up.
     disagg_decisions: IntCounterVec,
+    /// Where images were encoded once encode workers were up.
+    encode_decisions: IntCounterVec,
     /// Latency routing's predicted time to first token against the observed one, per worker: how far off
     /// (histogram), and both summed (their ratio is the model's bias).
     ttft_prediction_error: HistogramVec,
@@ -46,6 +48,7 @@ pub struct Metrics {
     worker_requests: IntGaugeVec,
     /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
     worker_kv_transfers: IntGaugeVec,
+    worker_images: IntGaugeVec,
     /// Requests and tokens so far, for the planner's forecast.
     traffic: [AtomicU64; 11],
     /// This interval's times to first token and between tokens, for percentiles (`take_latencies`).
@@ -437,6 +440,14 @@ impl Metrics {
                  local_unsupported (the decode worker cannot take KV), local_fallback (the prefill worker was lost)",
                 &["decision"],
             ),
+            encode_decisions: counter(
+                &registry,
+                "dynamo_router_encode_decisions_total",
+                "Where the images of requests were encoded while encode workers were up: remote (an encode worker), \
+                 local_busy (every encode worker at its queue limit), local_unsupported (the prefilling worker \
+                 cannot read embeddings), local_fallback (the encode worker failed, was lost or too slow)",
+                &["decision"],
+            ),
             ttft_prediction_error: {
                 let opts = HistogramOpts::new(
                     "dynamo_router_ttft_prediction_error_seconds",
@@ -471,6 +482,13 @@ impl Metrics {
                 "dynamo_component_kv_transfers",
                 "A worker's KV hand-offs since it started: prompts held for a decode worker (held), read from a \
                  prefill worker (read, read_bytes), or computed because the read failed (read_failed)",
+                &["worker_id", "what"],
+            ),
+            worker_images: gauge(
+                &registry,
+                "dynamo_component_images",
+                "A worker's images since it started: run through its vision tower (encoded), their embeddings read \
+                 from an encode worker instead (read), or encoded because that read failed (read_failed)",
                 &["worker_id", "what"],
             ),
             traffic: Default::default(),
@@ -613,6 +631,21 @@ impl Metrics {
             self.worker_requests.with_label_values(&[&id, outcome]).set(value as i64);
         }
         self.kv_transfers(worker, &stats.kv);
+        if stats.images != ImageStats::default() {
+            self.images(worker, &stats.images);
+        }
+    }
+
+    /// Records a worker's image totals.
+    pub fn images(&self, worker: WorkerId, stats: &ImageStats) {
+        let id = worker.to_string();
+        for (what, value) in Self::image_counts(stats) {
+            self.worker_images.with_label_values(&[&id, what]).set(value as i64);
+        }
+    }
+
+    fn image_counts(stats: &ImageStats) -> [(&'static str, u64); 3] {
+        [("encoded", stats.encoded), ("read", stats.read), ("read_failed", stats.read_failed)]
     }
 
     /// Records a worker's KV hand-off totals.
@@ -644,6 +677,9 @@ impl Metrics {
         for (what, _) in Self::transfers(&KvTransferStats::default()) {
             let _ = self.worker_kv_transfers.remove_label_values(&[&id, what]);
         }
+        for (what, _) in Self::image_counts(&ImageStats::default()) {
+            let _ = self.worker_images.remove_label_values(&[&id, what]);
+        }
         let _ = self.ttft_prediction_error.remove_label_values(&[&id]);
         let _ = self.ttft_predicted.remove_label_values(&[&id]);
         let _ = self.ttft_observed.remove_label_values(&[&id]);
@@ -674,6 +710,10 @@ impl Metrics {
     pub fn disagg_decision(&self, decision: &'static str) {
         self.disagg_decisions.with_label_values(&[decision]).inc();
         *self.disagg_taken.lock().unwrap_or_else(|p| p.into_inner()).entry(decision).or_default() += 1;
+    }
+
+    pub fn encode_decision(&self, decision: &'static str) {
+        self.encode_decisions.with_label_values(&[decision]).inc();
     }
 
     /// Records one latency-routed request's predicted and observed time to first token.

@@ -137,6 +137,21 @@ pub struct Notification {
     pub message: Vec<u8>,
 }
 
+impl Notification {
+    /// The lease a reader's notification ends (8 bytes, little-endian), or `None` (logged) for another message.
+    pub fn lease(&self) -> Option<u64> {
+        let lease = <[u8; 8]>::try_from(self.message.as_slice()).ok().map(u64::from_le_bytes);
+        if lease.is_none() {
+            tracing::warn!(
+                "agent {:016x} sent a notification that names no lease ({} bytes); ignored",
+                self.from,
+                self.message.len()
+            );
+        }
+        lease
+    }
+}
+
 /// What one transfer moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransferStats {

@@ -6,7 +6,9 @@
 //! Load is published on every KV change and at least every `LOAD_INTERVAL`, so a router's view of it is
 //! never older than that, even when nothing else happens.
 use crate::core::discovery::{Discovery, DiscoveryError, Registration};
+use crate::core::encode::{EncodeEngine, EncodeSettings};
 use crate::core::engine::KvFollower;
+use crate::core::engine::native;
 use crate::core::engine::{Engine, EngineSettings, SpawnError, start_engine};
 use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
@@ -103,6 +105,8 @@ pub enum WorkerError {
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
     HandOff(#[from] crate::core::handoff::HandOffError),
+    #[error(transparent)]
+    Encode(#[from] crate::core::encode::EncodeError),
 }
 
 /// One engine on the planes: requests on its ROUTER socket, its KV events and load on its PUB socket, its
@@ -223,15 +227,74 @@ pub async fn run<S: Future<Output = ()>>(
     let model = Model::load_with(&settings.model, &settings.model_options)?;
     let id = rand::random::<u64>();
     let engine = start_engine(&model, &settings.model, &settings.engine, id).await?;
-    let planes = &settings.planes;
-    let exposed = expose(engine, &model, settings.engine.block_size(), planes, discovery.as_ref())?;
+    let served =
+        Serving { model: &model, block_size: settings.engine.block_size(), describe: settings.engine.describe() };
+    serve(engine, served, &settings.planes, settings.drain_timeout, discovery, signal).await
+}
+
+/// `dynamo encode`: the vision tower and projector of `model` alone, as an encode worker that holds images'
+/// embeddings for the workers that prefill their prompts; served and drained as `run` does.
+pub async fn run_encoder<S: Future<Output = ()>>(
+    settings: EncoderSettings,
+    discovery: Box<dyn Discovery>,
+    signal: impl Fn() -> S,
+) -> Result<(), WorkerError> {
+    let model = Model::load_with(&settings.model, &settings.model_options)?;
+    let id = rand::random::<u64>();
+    let encoder = native::load_image_encoder(&settings.model, settings.device, settings.threads)
+        .map_err(|e| WorkerError::Engine(SpawnError::from(e)))?;
+    let transfer = settings.planes.transfer.clone().unwrap_or(TransferSettings {
+        port: 0,
+        backend: None,
+        streams: crate::core::transfer::DEFAULT_STREAMS,
+        lease: settings.encode.lease,
+    });
+    let describe = format!("its vision tower on {}", encoder.device());
+    let engine = EncodeEngine::start(id, encoder, agent_settings(&settings.planes, &transfer), &settings.encode)?;
+    let served = Serving { model: &model, block_size: ENCODER_BLOCK_SIZE, describe };
+    serve(Arc::new(engine), served, &settings.planes, settings.drain_timeout, discovery, signal).await
+}
+
+/// What an encode worker's record says its KV blocks hold: it has none, and routers do not compare it.
+const ENCODER_BLOCK_SIZE: usize = 16;
+
+/// What `dynamo encode` runs.
+#[derive(Debug, Clone)]
+pub struct EncoderSettings {
+    pub model: ModelSource,
+    pub model_options: crate::core::model::ModelOptions,
+    pub device: native::Device,
+    pub threads: usize,
+    pub encode: EncodeSettings,
+    pub planes: PlaneSettings,
+    pub drain_timeout: Duration,
+}
+
+/// What a served engine's banner and record say about it.
+struct Serving<'a> {
+    model: &'a Model,
+    block_size: usize,
+    describe: String,
+}
+
+/// Exposes `engine` until the first `signal`, then drains it.
+async fn serve<S: Future<Output = ()>>(
+    engine: Arc<dyn Engine>,
+    served: Serving<'_>,
+    planes: &PlaneSettings,
+    drain_timeout: Duration,
+    discovery: Box<dyn Discovery>,
+    signal: impl Fn() -> S,
+) -> Result<(), WorkerError> {
+    let id = engine.worker_id();
+    let exposed = expose(engine, served.model, served.block_size, planes, discovery.as_ref())?;
     let instance = &exposed.instance;
-    let transfer = instance.transfer_addr.as_ref().map(|addr| format!(", KV transfer {addr}")).unwrap_or_default();
+    let transfer = instance.transfer_addr.as_ref().map(|addr| format!(", transfer {addr}")).unwrap_or_default();
     println!(
         "dynamo: {} worker {id:016x} serving {} with {} on {} (events {}{transfer}), namespace {}",
         planes.role.name(),
         instance.model,
-        settings.engine.describe(),
+        served.describe,
         instance.request_addr,
         instance.event_addr,
         instance.namespace
@@ -250,14 +313,13 @@ pub async fn run<S: Future<Output = ()>>(
     }
     signal().await;
     let mut exposed = exposed;
-    let timeout = settings.drain_timeout;
     eprintln!(
-        "dynamo: draining: left discovery, finishing {} requests in flight (at most {timeout:?}; stop again to \
-         stop now)",
+        "dynamo: draining: left discovery, finishing {} requests in flight (at most {drain_timeout:?}; stop again \
+         to stop now)",
         exposed.in_flight()
     );
     let drained = tokio::select! {
-        drained = exposed.drain(timeout) => drained,
+        drained = exposed.drain(drain_timeout) => drained,
         () = signal() => false,
     };
     match drained {
@@ -295,7 +357,11 @@ async fn publish(
             }
             _ = tick.tick() => true,
             _ = stats_tick.tick() => {
-                let snapshot = WorkerStats { kv: engine.kv_transfers().unwrap_or_default(), ..stats.snapshot() };
+                let snapshot = WorkerStats {
+                    kv: engine.kv_transfers().unwrap_or_default(),
+                    images: engine.images().unwrap_or_default(),
+                    ..stats.snapshot()
+                };
                 if let Err(error) = publisher.publish(&snapshot) {
                     tracing::warn!("could not publish request-plane stats: {error}");
                 }

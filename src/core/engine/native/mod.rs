@@ -18,6 +18,7 @@ use super::batch::{BatchEngine, Pacing};
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
 use crate::core::grammar::Guide;
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
+use crate::core::multimodal::{EMBEDDINGS_CACHE_BYTES, EmbeddingCache};
 use crate::core::protocol::{MediaInput, PreprocessedRequest, WorkerId};
 use backend::{Backend, BackendError};
 use config::{ConfigError, ModelConfig};
@@ -25,9 +26,9 @@ use cpu::CpuBackend;
 use model::{ForwardBatch, KvCache, RowEmbeds, Transformer};
 use rayon::prelude::*;
 use sampler::SeqSampler;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vision::VisionTower;
 use weights::{WeightError, WeightFiles};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,11 @@ pub enum NativeError {
     NoImageProcessor,
     #[error("--kv-cache-gib {gib} holds no KV block of this model ({page_bytes} bytes each); give it more memory")]
     NoKvMemory { gib: f64, page_bytes: usize },
+    #[error(
+        "the model has no vision tower (config.json's model_type is not llava): an encode worker needs a \
+         LLaVA-style checkpoint"
+    )]
+    NoVisionTower,
 }
 
 /// Where the native engine computes.
@@ -134,6 +140,80 @@ pub fn load<B: Backend>(
     Ok(Arc::new(model))
 }
 
+/// What an encode worker computes with: image files in, a vision model's input embeddings out.
+pub trait ImageEncoder: Send + Sync {
+    /// Values of one image's embeddings (`tokens_per_image × hidden_size`).
+    fn image_len(&self) -> usize;
+
+    /// Each file's embeddings, one image after another; an image that does not decode fails them all.
+    fn encode_files(&self, files: &[&[u8]]) -> Result<Vec<f32>, String>;
+
+    /// What it computes on, as `Engine::device` says it.
+    fn device(&self) -> String;
+}
+
+/// A whole model encodes with its own tower (`dynamo run`'s encode workers share its weights).
+impl<B: Backend> ImageEncoder for Transformer<B> {
+    fn image_len(&self) -> usize {
+        self.vision().map_or(0, |tower| tower.config.tokens_per_image() * self.config.hidden_size)
+    }
+
+    fn encode_files(&self, files: &[&[u8]]) -> Result<Vec<f32>, String> {
+        self.encode_image_files(files).map_err(|e| e.to_string())
+    }
+
+    fn device(&self) -> String {
+        self.backend().describe()
+    }
+}
+
+/// A vision model's tower and projector alone, with its image processor: what `dynamo encode` loads (a
+/// fraction of the whole model's weights; the language model's are never read).
+struct VisionOnly<B: Backend> {
+    backend: B,
+    tower: VisionTower<B>,
+    hidden_size: usize,
+}
+
+impl<B: Backend> ImageEncoder for VisionOnly<B> {
+    fn image_len(&self) -> usize {
+        self.tower.config.tokens_per_image() * self.hidden_size
+    }
+
+    fn encode_files(&self, files: &[&[u8]]) -> Result<Vec<f32>, String> {
+        self.backend.run(|| self.tower.encode_files(&self.backend, files)).map_err(|e| e.to_string())
+    }
+
+    fn device(&self) -> String {
+        self.backend.describe()
+    }
+}
+
+/// Loads only the vision tower and projector of a LLaVA-style checkpoint, on `device`.
+pub fn load_image_encoder(
+    source: &ModelSource,
+    device: Device,
+    threads: usize,
+) -> Result<Arc<dyn ImageEncoder>, NativeError> {
+    fn vision_only<B: Backend>(source: &ModelSource, backend: B) -> Result<Arc<dyn ImageEncoder>, NativeError> {
+        let config = ModelConfig::parse(&read_config(source)?)?;
+        let ModelSource::Dir(dir) = source else { return Err(NativeError::NoVisionTower) };
+        let multimodal = config.multimodal.clone().ok_or(NativeError::NoVisionTower)?;
+        let files = WeightFiles::open(dir)?;
+        let mut tower = VisionTower::load(&backend, multimodal, config.hidden_size, &files)?;
+        tower.processor =
+            Some(crate::core::multimodal::ImageProcessor::from_dir(dir)?.ok_or(NativeError::NoImageProcessor)?);
+        Ok(Arc::new(VisionOnly { backend, tower, hidden_size: config.hidden_size }))
+    }
+    match device.resolve() {
+        Device::Cuda(ordinal) => vision_only(source, cuda::CudaBackend::new(ordinal)?),
+        Device::Cpu | Device::Auto => vision_only(
+            source,
+            CpuBackend::new(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?,
+        ),
+    }
+}
+
 /// Loads the model once on the settings' device and starts `workers` workers sharing it.
 pub fn spawn_workers(
     source: &ModelSource,
@@ -191,25 +271,20 @@ pub struct NativeExecutor<B: Backend> {
     num_pages: usize,
     /// Time spent turning logits into tokens, for `dynamo bench engine` to report sampling's share of a step.
     sampling: Duration,
-    /// For a vision model, the embeddings of the images seen lately, by content hash: a repeated image is
-    /// not encoded again, nor is one whose prompt is prefilled over several steps.
-    embeddings: Option<lru::LruCache<u64, Arc<Vec<f32>>>>,
+    /// For a vision model, the embeddings of the images seen lately (shared with the worker's transfer side,
+    /// which puts in the ones encode workers computed).
+    embeddings: Option<Arc<EmbeddingCache>>,
 }
 
 /// An image's content hash and its embeddings (`tokens_per_image × hidden_size`).
 type ImageEmbeddings = (u64, Arc<Vec<f32>>);
 
-/// Memory the embeddings cache may hold (LLaVA-1.5-7B: 9 MiB an image, so 28 images).
-const EMBEDDINGS_CACHE_BYTES: usize = 256 << 20;
-
 impl<B: Backend> NativeExecutor<B> {
     pub fn new(model: Arc<Transformer<B>>, num_pages: usize, block_size: usize) -> Result<Self, BackendError> {
         let cache = model.new_cache(num_pages, block_size)?;
-        // The cache's map is allocated whole up front: sized by images, never more than a few thousand.
         let embeddings = model.vision().map(|tower| {
-            let image_bytes = tower.config.tokens_per_image() * model.config.hidden_size * 4;
-            let images = (EMBEDDINGS_CACHE_BYTES / image_bytes.max(1)).clamp(1, 4096);
-            lru::LruCache::new(NonZeroUsize::new(images).unwrap_or(NonZeroUsize::MIN))
+            let image_len = tower.config.tokens_per_image() * model.config.hidden_size;
+            Arc::new(EmbeddingCache::new(image_len, EMBEDDINGS_CACHE_BYTES))
         });
         Ok(Self { model, cache, block_size, num_pages, sampling: Duration::ZERO, embeddings })
     }
@@ -219,13 +294,13 @@ impl<B: Backend> NativeExecutor<B> {
     fn step_embeddings(&mut self, chunks: &[Chunk<'_, SeqSampler>]) -> Result<Vec<ImageEmbeddings>, ExecError> {
         let mut step: Vec<ImageEmbeddings> = Vec::new();
         let mut missing: Vec<&MediaInput> = Vec::new();
-        let cache = self.embeddings.as_mut().ok_or_else(|| ExecError("this model takes no images".into()))?;
+        let cache = self.embeddings.as_ref().ok_or_else(|| ExecError("this model takes no images".into()))?;
         for chunk in chunks {
             for media in chunk.media.iter().filter(|m| overlap(m, chunk.start, chunk.end).is_some()) {
                 if step.iter().any(|(hash, _)| *hash == media.hash) || missing.iter().any(|m| m.hash == media.hash) {
                     continue;
                 }
-                match cache.get(&media.hash) {
+                match cache.get(media.hash) {
                     Some(values) => step.push((media.hash, values.clone())),
                     None => missing.push(media),
                 }
@@ -236,10 +311,11 @@ impl<B: Backend> NativeExecutor<B> {
         }
         let files: Vec<&[u8]> = missing.iter().map(|m| m.data.as_ref()).collect();
         let values = self.model.encode_image_files(&files).map_err(|e| ExecError(format!("an image: {e}")))?;
+        cache.count_encoded(missing.len());
         let per_image = values.len() / missing.len();
         for (media, embeddings) in missing.iter().zip(values.chunks_exact(per_image.max(1))) {
             let embeddings = Arc::new(embeddings.to_vec());
-            cache.put(media.hash, embeddings.clone());
+            cache.put(media.hash, embeddings.clone()).map_err(ExecError)?;
             step.push((media.hash, embeddings));
         }
         Ok(step)
@@ -296,6 +372,10 @@ impl<B: Backend> Executor for NativeExecutor<B> {
 
     fn memory_use(&self) -> Option<(u64, u64)> {
         self.model.backend().memory_use()
+    }
+
+    fn embedding_cache(&self) -> Option<Arc<EmbeddingCache>> {
+        self.embeddings.clone()
     }
 
     fn kv_memory(&self) -> Option<super::KvMemory> {

@@ -831,7 +831,8 @@ fn llava_cases_through_the_scheduler(budget: usize) {
     };
     let mut executor = NativeExecutor::new(model, config.num_blocks, config.block_size).unwrap();
     // Room for one image, and the step below prefills two prompts holding three images (two distinct).
-    executor.embeddings = Some(lru::LruCache::new(NonZeroUsize::MIN));
+    let image_len = multimodal.tokens_per_image() * executor.model.config.hidden_size;
+    executor.embeddings = Some(Arc::new(EmbeddingCache::new(image_len, 0)));
     let mut s = Scheduler::new(config, executor);
     let cases = llava_cases(&dir);
     for (id, case) in cases.iter().enumerate() {
@@ -846,7 +847,7 @@ fn llava_cases_through_the_scheduler(budget: usize) {
                 let data = std::fs::read(dir.join(file)).unwrap();
                 let hash = content_hash(&decode(&data, &DecodeLimits::default()).unwrap());
                 let end = (start + multimodal.tokens_per_image()) as u32;
-                MediaInput { start: start as u32, end, hash, data: data.into() }
+                MediaInput { start: start as u32, end, hash, data: data.into(), encoded: None }
             })
             .collect();
         request.media = Some(Arc::new(media));

@@ -82,6 +82,11 @@ pub trait Executor: Send + 'static {
     fn memory_use(&self) -> Option<(u64, u64)> {
         None
     }
+
+    /// Where it keeps images' embeddings, for a model that takes images (`Engine::embeddings`).
+    fn embedding_cache(&self) -> Option<std::sync::Arc<crate::core::multimodal::EmbeddingCache>> {
+        None
+    }
 }
 
 /// The part of one sequence a step computes: tokens `start..end` of `tokens`, whose KV goes into `pages`.
@@ -547,8 +552,7 @@ impl<X: Executor> Scheduler<X> {
                 logprobs: Vec::new(),
                 finish_reason: Some(FinishReason::Error(error.0.clone())),
                 cached_tokens: None,
-                held: None,
-                embedding: None,
+                ..Default::default()
             };
             outcome.outputs.push((seq.id, output));
         }
@@ -687,8 +691,7 @@ fn finish_token<S>(seq: &mut Sequence<S>, sampled: Sampled) -> EngineOutput {
         logprobs: sampled.logprob.into_iter().collect(),
         finish_reason,
         cached_tokens,
-        held: None,
-        embedding: None,
+        ..Default::default()
     }
 }
 
@@ -715,8 +718,8 @@ fn finish_pooled<S>(seq: &mut Sequence<S>, pooling: Pooling, sampled: Sampled) -
         logprobs: Vec::new(),
         finish_reason: Some(finish_reason),
         cached_tokens,
-        held: None,
         embedding,
+        ..Default::default()
     }
 }
 
