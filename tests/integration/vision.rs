@@ -136,6 +136,94 @@ async fn images_give_the_same_tokens_when_prefill_and_decode_are_split() {
     assert!(remote >= Some(4.0), "the image prompts went to the prefill worker:\n{metrics}");
 }
 
+/// An encode worker, a decode worker with a transfer agent (with `split`, a prefill worker too) and a router,
+/// as processes serving tiny-llava; ready once the router has them all.
+async fn encode_cluster(name: &str, split: bool) -> (Vec<crate::util::Worker>, crate::util::Server) {
+    use crate::util::{Worker, dynamo};
+    let (_, file) = crate::cluster::cluster_file(name);
+    let dir = tiny_llava();
+    let common = ["--model", dir.to_str().unwrap(), "--threads", "1", "--discovery", &file];
+    let mut workers = vec![Worker::start_as("encode", dynamo().arg("encode").args(common))];
+    if split {
+        workers.push(Worker::start_as("prefill", dynamo().arg("prefill").args(common)));
+    }
+    workers.push(Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(common)));
+    let router = crate::util::Server::start_with(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--worker-timeout",
+        "1",
+        "--discovery",
+        &file,
+    ]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let health: Value = reqwest::get(router.url("/health")).await.unwrap().json().await.unwrap();
+        if health["workers"] == 1 && health["prefill_workers"] == u64::from(split) && health["encode_workers"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the router never saw every worker: {health}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    (workers, router)
+}
+
+/// After `answers_images_like_transformers`: its two pictures were encoded once each, by the encode worker
+/// (none by the workers that prefilled), and read once each by the prefilling worker.
+async fn encoded_by_the_encode_worker(server: &crate::util::Server) {
+    let images = |m: &str, what: &str| crate::cluster::over_workers(m, "dynamo_component_images", what);
+    let timeout = std::time::Duration::from_secs(10);
+    let metrics = server
+        .wait_for_metrics(timeout, |m| {
+            images(m, "what=\"encoded\"") == Some(2.0) && images(m, "what=\"read\"") == Some(2.0)
+        })
+        .await;
+    let decisions =
+        |d: &str| crate::util::metric(&metrics, &format!("dynamo_router_encode_decisions_total{{decision=\"{d}\"}}"));
+    assert_eq!(decisions("remote"), Some(6.0), "every request's images went to the encode worker:\n{metrics}");
+    assert_eq!(decisions("local_fallback"), None, "{metrics}");
+    assert_eq!(images(&metrics, "what=\"read_failed\""), Some(0.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn images_give_the_same_tokens_when_an_encode_worker_encodes_them() {
+    // In one process (E/PD), then as processes: E/PD and E/P/D.
+    let server = llava_server(&["--encode-workers", "1"]);
+    answers_images_like_transformers(&server).await;
+    encoded_by_the_encode_worker(&server).await;
+    for split in [false, true] {
+        let (_workers, router) = encode_cluster(&format!("vision-encode-{split}"), split).await;
+        answers_images_like_transformers(&router).await;
+        encoded_by_the_encode_worker(&router).await;
+    }
+}
+
+#[tokio::test]
+async fn an_encode_worker_that_freezes_or_dies_leaves_the_images_to_the_prefilling_worker() {
+    let (mut workers, router) = encode_cluster("vision-encode-lost", false).await;
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_llava().join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][1];
+    let images: Vec<&str> = case["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    let body = serde_json::json!({"model": "tiny-llava", "messages": ask(&images), "max_tokens": case["greedy_ids"].as_array().unwrap().len(),
+                                  "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    // Frozen, it takes the images and never answers; the router gives up on it after --worker-timeout.
+    workers[0].signal("STOP");
+    let (status, answer) = router.post_json("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], case["greedy_ids"], "one uninterrupted answer");
+    let metrics = router.metrics().await;
+    let decisions =
+        |d: &str| crate::util::metric(&metrics, &format!("dynamo_router_encode_decisions_total{{decision=\"{d}\"}}"));
+    assert_eq!((decisions("remote"), decisions("local_fallback")), (None, Some(1.0)), "{metrics}");
+    // Killed, it is gone for good: the decode worker serves images alone.
+    drop(workers.remove(0));
+    let (status, answer) = router.post_json("/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], case["greedy_ids"]);
+}
+
 #[tokio::test]
 async fn local_image_files_are_read_only_under_the_allowed_path() {
     let dir = tiny_llava();
