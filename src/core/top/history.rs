@@ -29,6 +29,8 @@ pub struct Sample {
     /// Prompts' KV read from prefill workers, bytes per second since the previous sample (a worker's; the
     /// cluster's: every worker's latest, summed), `None` where unknown.
     pub kv_read_per_s: Option<f64>,
+    /// Images run through the worker's vision tower, per second since the previous sample (a worker's).
+    pub images_per_s: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +50,7 @@ impl History {
             _ => None,
         };
         let (requests_per_s, kv_read_per_s) = (rate(|s| s.accepted), rate(|s| s.kv.read_bytes));
+        let images_per_s = rate(|s| s.images.encoded);
         if let Some(stats) = stats {
             self.totals = Some((at, stats));
         }
@@ -60,6 +63,7 @@ impl History {
             requests_per_s,
             ttft_ms: None,
             kv_read_per_s,
+            images_per_s,
         });
     }
 
@@ -165,6 +169,7 @@ mod tests {
             requests_per_s: None,
             ttft_ms: None,
             kv_read_per_s: None,
+            images_per_s: None,
         };
         for ms in [0, 300, 999, 1000, 1500, 2100] {
             history.record_cluster(sample(ms));

@@ -259,7 +259,9 @@ impl ClusterView {
         let requests_per_s = (!reports.is_empty()).then(|| reports.iter().map(|r| r.requests_per_s).sum());
         let ttft_ms = reports.iter().filter_map(|r| r.ttft_p50_ms.or(r.ttft_ms)).reduce(f64::max);
         let moving = self.workers.values().filter(|w| w.state == PeerState::Alive);
-        let kv_read_per_s = moving.filter_map(|w| w.history.last().and_then(|s| s.kv_read_per_s)).reduce(|a, b| a + b);
+        let kv_read_per_s =
+            moving.clone().filter_map(|w| w.history.last().and_then(|s| s.kv_read_per_s)).reduce(|a, b| a + b);
+        let images_per_s = moving.filter_map(|w| w.history.last().and_then(|s| s.images_per_s)).reduce(|a, b| a + b);
         history::Sample {
             at: now,
             running: running as f64,
@@ -268,6 +270,7 @@ impl ClusterView {
             requests_per_s,
             ttft_ms,
             kv_read_per_s,
+            images_per_s,
         }
     }
 
@@ -387,8 +390,9 @@ impl ClusterView {
 /// reaches its workers directly, so its requests show in RUN and WAIT only. KV XFER is where the worker's
 /// transfer agent takes peers (`--kv-transfer`), `-` for a worker that hands nothing on. RUN is out of the
 /// most it runs at once where it says (`--max-num-seqs`); RUN TREND is its running requests over its last
-/// `TREND_SAMPLES` load reports. DEVICE is what it computes on, as its answer to a ping says.
-pub const COLUMNS: [&str; 16] = [
+/// `TREND_SAMPLES` load reports. DEVICE is what it computes on, as its answer to a ping says. IMAGES, for
+/// workers of a model that takes them: images encoded (and read from encode workers), and the rate lately.
+pub const COLUMNS: [&str; 17] = [
     "WORKER",
     "MODEL",
     "ROLE",
@@ -405,6 +409,7 @@ pub const COLUMNS: [&str; 16] = [
     "ENDPOINT",
     "KV XFER",
     "HANDOFFS",
+    "IMAGES",
 ];
 
 /// Load reports a RUN TREND cell draws (a worker reports about once a second).
@@ -460,7 +465,27 @@ fn row(worker: &WorkerView, state: &PeerState, now: Instant) -> [String; COLUMNS
         worker.endpoint.clone(),
         instance.and_then(|i| i.transfer_endpoint_from(&worker.endpoint)).unwrap_or_else(unknown),
         handoffs(worker),
+        images(worker),
     ]
+}
+
+/// Images a worker encoded (an encode worker's, or a prefilling worker's own), those whose embeddings it
+/// read from encode workers, the reads that failed, and how fast it encodes lately.
+fn images(worker: &WorkerView) -> String {
+    let Some(images) = worker.stats.map(|s| s.images).filter(|i| *i != Default::default()) else {
+        return "-".to_string();
+    };
+    let mut cell = format!("{} encoded", images.encoded);
+    if images.read + images.read_failed > 0 {
+        cell.push_str(&format!(", {} read", images.read));
+    }
+    if images.read_failed > 0 {
+        cell.push_str(&format!(" ({} failed)", images.read_failed));
+    }
+    if let Some(rate) = worker.history.last().and_then(|s| s.images_per_s).filter(|&r| r > 0.0) {
+        cell.push_str(&format!(" {rate:.1}/s"));
+    }
+    cell
 }
 
 /// What a worker computes on, and how much of its memory is in use where it says.

@@ -535,6 +535,38 @@ fn a_decode_workers_kv_reads_show_as_a_rate_in_its_row_and_the_clusters_line() {
 }
 
 #[test]
+fn an_encode_workers_images_show_as_a_rate_in_its_row_and_the_clusters_line() {
+    let start = Instant::now();
+    let mut view = ClusterView::new("prod");
+    view.discovered(ENDPOINT.into());
+    let record = Instance { role: Role::Encode, transfer_addr: Some("tcp://10.0.0.7:7200".into()), ..instance(7) };
+    view.status(ENDPOINT, WorkerStatus::Alive(record));
+    assert_eq!(cell(&view.rows(start), 0, "IMAGES"), "-", "nothing known yet");
+    for second in 0..3u64 {
+        let at = start + Duration::from_secs(second);
+        let images = crate::core::protocol::ImageStats { encoded: 4 * second, ..Default::default() };
+        let stats = WorkerStats { images, ..WorkerStats::default() };
+        view.deliver(ENDPOINT, delivery(7, Topic::Stats, second, Continuity::InOrder, stats.to_bytes()), at);
+        let load = LoadMetrics { kv_total_blocks: 54, ..LoadMetrics::default() };
+        view.deliver(ENDPOINT, delivery(7, Topic::Load, second, Continuity::InOrder, load.to_bytes()), at);
+    }
+    let now = start + Duration::from_secs(2);
+    assert_eq!(cell(&view.rows(now), 0, "ROLE"), "encode");
+    assert_eq!(cell(&view.rows(now), 0, "IMAGES"), "8 encoded 4.0/s");
+    let line = ui::trend_line(&view.history, 160);
+    assert!(line.contains("4.0 images/s"), "{line}");
+    // A prefilling worker that read some from encode workers and failed one.
+    let images = crate::core::protocol::ImageStats { encoded: 1, read: 5, read_failed: 1 };
+    let stats = WorkerStats { images, ..WorkerStats::default() };
+    view.deliver(ENDPOINT, delivery(7, Topic::Stats, 3, Continuity::InOrder, stats.to_bytes()), now);
+    assert_eq!(
+        cell(&view.rows(now), 0, "IMAGES"),
+        "1 encoded, 5 read (1 failed) 4.0/s",
+        "the rate of the last load report"
+    );
+}
+
+#[test]
 fn a_large_terminal_shows_every_column_the_history_and_every_worker_whole() {
     let start = Instant::now();
     let mut view = three_workers(start);

@@ -130,6 +130,7 @@ const PRIORITY: [&str; COLUMNS.len()] = [
     "DEVICE",
     "KV EV/S",
     "HANDOFFS",
+    "IMAGES",
     "ENDPOINT",
     "KV XFER",
 ];
@@ -388,6 +389,9 @@ pub fn trend_line(history: &History, width: usize) -> String {
     if let Some(moved) = last.kv_read_per_s {
         let label = format!("KV moved {}", super::bytes_per_s(moved));
         parts.push((label, history.series(|s| s.kv_read_per_s), 1e6));
+    }
+    if let Some(images) = last.images_per_s {
+        parts.push((format!("{images:.1} images/s"), history.series(|s| s.images_per_s), 1.0));
     }
     let lead = "cluster, last minutes:";
     let labels: usize = parts.iter().map(|(label, ..)| label.chars().count() + 3).sum::<usize>() + lead.len();
