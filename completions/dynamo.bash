@@ -456,7 +456,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__encode)
-            opts="-v -h -V --model --threads --batch --rounds --json --verbose --help --version"
+            opts="-v -h -V --model --threads --batch --rounds --text-streams --images --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -475,6 +475,14 @@ _dynamo() {
                     return 0
                     ;;
                 --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --text-streams)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --images)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

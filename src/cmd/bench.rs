@@ -161,6 +161,14 @@ pub struct EncodeArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rounds: u32,
 
+    /// Text requests decoding while images arrive, aggregated and with an encode worker (0 skips that part).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub text_streams: u32,
+
+    /// Image requests that arrive, one after another, while the text requests decode.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub images: u32,
+
     /// Also print the result as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -741,11 +749,16 @@ fn bench_encode(args: EncodeArgs) -> anyhow::Result<()> {
             .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize),
         batch: args.batch as usize,
         rounds: args.rounds as usize,
+        text_streams: args.text_streams as usize,
+        images: args.images as usize,
     };
     println!(
         "dynamo bench encode: images through the vision tower (CPU), medians, against the product peak measured now"
     );
-    let result = encode::run(&settings)?;
+    let mut result = encode::run(&settings)?;
+    if settings.text_streams > 0 {
+        result.interference = Some(super::runtime()?.block_on(encode::interference(&settings))?);
+    }
     print!("{}", encode::report(&result));
     if args.json {
         println!("{}", serde_json::json!({"bench": "encode", "result": result}));

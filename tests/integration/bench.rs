@@ -193,7 +193,8 @@ fn bench_plane_with_a_cluster_key_delivers_every_sealed_message() {
 fn bench_encode_reports_images_per_second_against_the_product_peak() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-llava");
     let args = ["bench", "encode", "--model", model.to_str().unwrap(), "--threads", "2", "--batch", "2"];
-    let json = last_json_line(&[&args[..], &["--rounds", "2", "--json"]].concat());
+    let json =
+        last_json_line(&[&args[..], &["--rounds", "2", "--text-streams", "2", "--images", "2", "--json"]].concat());
     let result = &json["result"];
     assert_eq!((result["batch"].as_u64(), result["tokens_per_image"].as_u64()), (Some(2), Some(25)), "{json}");
     // 25 patches + the class token through 2 of 3 layers (the projector reads the second-to-last), then the
@@ -202,6 +203,15 @@ fn bench_encode_reports_images_per_second_against_the_product_peak() {
     for field in ["images_per_s", "median_ms_per_image", "peak_macs_per_s", "fraction_of_peak"] {
         assert!(result[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {json}");
     }
+    // Text decoding while two images arrive, aggregated and with an encode worker, side by side.
+    let interference = &result["interference"];
+    assert_eq!((interference["text_streams"].as_u64(), interference["images"].as_u64()), (Some(2), Some(2)));
+    for side in ["aggregated", "with_encode_worker"] {
+        for field in ["gaps", "itl_p50_ms", "itl_p99_ms", "image_ttft_p50_ms"] {
+            assert!(interference[side][field].as_f64().is_some_and(|v| v > 0.0), "{side} {field}: {json}");
+        }
+    }
+    assert!(interference["itl_p99_ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
     // Without a vision tower it says so.
     let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
     let ran = dynamo().args(["bench", "encode", "--model", text.to_str().unwrap()]).output().unwrap();
