@@ -57,6 +57,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-header-timeou
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l http-body-timeout -d 'Seconds a client has to send a whole request body (408 past it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l limit-images-per-prompt -d 'Images one prompt may carry (vision models); more are answered 400' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l allowed-local-media-path -d 'A directory whose image files requests may name as `file:///…` URLs (none by default: any client could then read what this server can read there)' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l allowed-media-domains -d 'Hosts image URLs may be fetched from, redirects included (exact names, comma-separated) [default: any; on a server untrusted clients reach, set it: they could otherwise have it fetch internal addresses]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l media-fetch-timeout -d 'Seconds fetching one image URL may take' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l discovery -d 'Also put the workers on the planes and register them (mdns, mdns:PORT or file:PATH), as `dynamo decode` workers are, so `dynamo top` and other routers of the namespace see them' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l namespace -d 'The namespace the workers are announced in (with --discovery)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l cluster-key-file -d 'File holding the cluster key (`dynamo keygen --out PATH` makes one): every plane message is sealed with it and processes without it are ignored. Without a key (nor DYNAMO_CLUSTER_KEY) the cluster is open to anyone on the network' -r -F
@@ -220,6 +222,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-header-time
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l http-body-timeout -d 'Seconds a client has to send a whole request body (408 past it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l limit-images-per-prompt -d 'Images one prompt may carry (vision models); more are answered 400' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-local-media-path -d 'A directory whose image files requests may name as `file:///…` URLs (none by default: any client could then read what this server can read there)' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-media-domains -d 'Hosts image URLs may be fetched from, redirects included (exact names, comma-separated) [default: any; on a server untrusted clients reach, set it: they could otherwise have it fetch internal addresses]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l media-fetch-timeout -d 'Seconds fetching one image URL may take' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r

@@ -399,6 +399,15 @@ pub struct HttpArgs {
     /// then read what this server can read there).
     #[arg(long, env = "DYNAMO_ALLOWED_LOCAL_MEDIA_PATH", value_name = "DIR")]
     pub allowed_local_media_path: Option<std::path::PathBuf>,
+
+    /// Hosts image URLs may be fetched from, redirects included (exact names, comma-separated) [default: any;
+    /// on a server untrusted clients reach, set it: they could otherwise have it fetch internal addresses]
+    #[arg(long, env = "DYNAMO_ALLOWED_MEDIA_DOMAINS", value_name = "HOST", num_args = 1.., value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+
+    /// Seconds fetching one image URL may take.
+    #[arg(long, env = "DYNAMO_MEDIA_FETCH_TIMEOUT", default_value_t = MediaSettings::DEFAULT_FETCH_TIMEOUT.as_secs_f64(), value_parser = positive_f64, value_name = "SECONDS")]
+    pub media_fetch_timeout: f64,
 }
 
 impl HttpArgs {
@@ -422,7 +431,12 @@ impl HttpArgs {
             protect_metrics: self.protect_metrics,
             allowed_origins: self.allowed_origins.clone(),
             tool_parser: self.tool_call_parser,
-            media: MediaSettings { max_images: self.limit_images_per_prompt, local_root },
+            media: MediaSettings {
+                max_images: self.limit_images_per_prompt,
+                local_root,
+                allowed_domains: (!self.allowed_media_domains.is_empty()).then(|| self.allowed_media_domains.clone()),
+                fetch_timeout: seconds(self.media_fetch_timeout),
+            },
         })
     }
 }

@@ -255,6 +255,38 @@ async fn local_image_files_are_read_only_under_the_allowed_path() {
 }
 
 #[tokio::test]
+async fn image_urls_are_fetched_from_the_hosts_allowed() {
+    let dir = tiny_llava();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let picture = std::fs::read(dir.join("wide.png")).unwrap();
+    let app = axum::Router::new().route("/wide.png", axum::routing::get(move || std::future::ready(picture.clone())));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = llava_server(&["--allowed-media-domains", "127.0.0.1"]);
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][0];
+    let ask = |url: String| {
+        serde_json::json!({"model": "llava", "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+                           "return_token_ids": true, "messages": [{"role": "user", "content": [
+                               {"type": "image_url", "image_url": {"url": url}},
+                               {"type": "text", "text": "What is in the picture?"}]}]})
+    };
+    let (status, answer) =
+        server.post_json("/v1/chat/completions", ask(format!("http://127.0.0.1:{port}/wide.png"))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], case["greedy_ids"], "the URL gives the inline image's answer");
+    for (url, says) in [
+        (format!("http://localhost:{port}/wide.png"), "localhost is not one of --allowed-media-domains"),
+        (format!("http://127.0.0.1:{port}/gone.png"), "404"),
+    ] {
+        let (status, answer) = server.post_json("/v1/chat/completions", ask(url)).await;
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says) && message.contains("messages[0].content[0]"), "{answer}");
+    }
+}
+
+#[tokio::test]
 async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
     let server = llava_server(&["--limit-images-per-prompt", "2"]);
     let chat = |messages: Value| serde_json::json!({"model": "llava", "messages": messages, "max_tokens": 2});

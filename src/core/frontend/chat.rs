@@ -44,8 +44,9 @@ pub(super) struct Prepared {
 
 /// `model` is set to the served model's name once the request has named one.
 async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
+    let fetched = state.fetch_images(&body.bytes).await;
     let Prepared { served, tool_parser, specs, prompt_len, id, stream, include_usage, logprobs } =
-        state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
+        state.prepare(model, move |state, model| prepare(state, &body.bytes, &fetched, model)).await?;
     let choices = specs.len();
     let model = &served.model;
     let deltas = generate::start(state, &served, specs).await?;
@@ -62,7 +63,12 @@ async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<Str
 }
 
 /// The request's CPU work, in the preprocessing pool: every bound is checked before the work it guards.
-pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<String>) -> Result<Prepared, ApiError> {
+pub(super) fn prepare(
+    state: &FrontendState,
+    body: &[u8],
+    fetched: &media::Fetched,
+    model: &mut Option<String>,
+) -> Result<Prepared, ApiError> {
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
     let mut params: SamplingParams = fields(&value)?;
@@ -75,7 +81,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, "this model has no chat template (no chat_template.jinja, chat_template.json nor chat_template in tokenizer_config.json); use /v1/completions")
     })?;
-    let images_allowed = model.card.image.is_some().then(|| state.media_settings());
+    let images_allowed = model.card.image.is_some().then(|| (state.media_settings(), fetched));
     let (messages, images) = normalize_messages(&request.messages, images_allowed)?;
     let parallel = value.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
     let (tool_parser, forced) = tool_calls(state, template, &request, parallel)?.unzip();
@@ -250,7 +256,7 @@ fn function_of(tool: &Value, at: usize) -> Result<(&str, Value), ApiError> {
 /// parts as HF templates do. Returns the messages and the images, in order.
 fn normalize_messages(
     messages: &[Map<String, Value>],
-    images_allowed: Option<&media::MediaSettings>,
+    images_allowed: Option<(&media::MediaSettings, &media::Fetched)>,
 ) -> Result<(Vec<Value>, Vec<media::ImagePart>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
@@ -286,7 +292,7 @@ fn normalize_messages(
 fn read_parts(
     message: usize,
     parts: &[Value],
-    images_allowed: Option<&media::MediaSettings>,
+    images_allowed: Option<(&media::MediaSettings, &media::Fetched)>,
     images: &mut Vec<media::ImagePart>,
 ) -> Result<Value, ApiError> {
     let takes_images = images_allowed.is_some();
@@ -304,7 +310,7 @@ fn read_parts(
                     return Err(ApiError::invalid(&field, "is a text part without a `text` string"));
                 }
             },
-            Some("image_url") if let Some(settings) = images_allowed => {
+            Some("image_url") if let Some((settings, fetched)) = images_allowed => {
                 if images.len() >= settings.max_images {
                     return Err(ApiError::invalid(
                         &field,
@@ -314,7 +320,7 @@ fn read_parts(
                         ),
                     ));
                 }
-                images.push(media::read_image(&field, part, settings)?);
+                images.push(media::read_image(&field, part, settings, fetched)?);
                 if images.iter().map(media::ImagePart::size).sum::<usize>() > media::MAX_PROMPT_IMAGE_BYTES {
                     return Err(ApiError::invalid(
                         &field,

@@ -125,7 +125,7 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 fn check(endpoint: &str, body: &[u8]) -> Result<(), TestCaseError> {
     let state = state();
     let outcome = match endpoint {
-        "chat" => chat::prepare(state, body, &mut None).map(|_| ()),
+        "chat" => chat::prepare(state, body, &Default::default(), &mut None).map(|_| ()),
         "embeddings" => embeddings::prepare(state, body, &mut None).map(|_| ()),
         _ => completions::prepare(state, body, &mut None).map(|_| ()),
     };

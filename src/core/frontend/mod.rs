@@ -55,8 +55,10 @@ pub struct FrontendState {
     preprocess: preprocess::Preprocessor,
     /// `--tool-call-parser`: the format models' tool calls are read in, over the one their templates name.
     tool_parser: std::sync::OnceLock<tools::ToolParser>,
-    /// `--limit-images-per-prompt`, `--allowed-local-media-path`.
+    /// `--limit-images-per-prompt`, `--allowed-local-media-path`, `--allowed-media-domains`.
     media: std::sync::OnceLock<media::MediaSettings>,
+    /// What fetches image URLs, made on the first request that names one.
+    media_client: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl FrontendState {
@@ -69,6 +71,7 @@ impl FrontendState {
             preprocess: preprocess::Preprocessor::default(),
             tool_parser: std::sync::OnceLock::new(),
             media: std::sync::OnceLock::new(),
+            media_client: std::sync::OnceLock::new(),
         }
     }
 
@@ -80,6 +83,20 @@ impl FrontendState {
     fn media_settings(&self) -> &media::MediaSettings {
         static DEFAULT: std::sync::OnceLock<media::MediaSettings> = std::sync::OnceLock::new();
         self.media.get().unwrap_or_else(|| DEFAULT.get_or_init(media::MediaSettings::default))
+    }
+
+    /// The images a chat request names by `http(s)` URL, fetched, when its model takes images.
+    async fn fetch_images(&self, body: &[u8]) -> media::Fetched {
+        let model = || serde_json::from_slice::<serde_json::Value>(body).ok()?["model"].as_str().map(String::from);
+        let takes_images = |model: Option<String>| {
+            self.resolve(model.as_deref()).is_ok_and(|served| served.model.card.image.is_some())
+        };
+        if !media::names_remote_urls(body) || !takes_images(model()) {
+            return media::Fetched::default();
+        }
+        let settings = self.media_settings();
+        let client = self.media_client.get_or_init(|| settings.client());
+        media::fetch_images(body, settings, client).await
     }
 
     /// Reads every model's tool calls in `parser`'s format (`--tool-call-parser`; the first call wins).
