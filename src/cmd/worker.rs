@@ -118,9 +118,10 @@ impl PlaneArgs {
 
 #[derive(Debug, Args)]
 pub struct TransferArgs {
-    /// Take prompts' KV from prefill workers through a transfer agent (disaggregated serving; the native
-    /// engine on the CPU). Its address goes in the worker's record. Prefill workers always have one. With
-    /// --engine vllm: the engine runs a KV connector (NixlConnector) and takes KV from vLLM prefill workers.
+    /// Take prompts' KV from prefill workers, and images' embeddings from encode workers, through a transfer
+    /// agent (disaggregated serving; the native engine on the CPU). Its address goes in the worker's record.
+    /// Prefill workers always have one. With --engine vllm: the engine runs a KV connector (NixlConnector)
+    /// and takes KV from vLLM prefill workers.
     #[arg(long, env = "DYNAMO_KV_TRANSFER", help_heading = "KV transfer")]
     pub kv_transfer: bool,
 

@@ -188,10 +188,12 @@ async fn encoded_by_the_encode_worker(server: &crate::util::Server) {
 
 #[tokio::test]
 async fn images_give_the_same_tokens_when_an_encode_worker_encodes_them() {
-    // In one process (E/PD), then as processes: E/PD and E/P/D.
-    let server = llava_server(&["--encode-workers", "1"]);
-    answers_images_like_transformers(&server).await;
-    encoded_by_the_encode_worker(&server).await;
+    // In one process (E/PD and E/P/D), then as processes: E/PD and E/P/D.
+    for split in [&[][..], &["--prefill-workers", "1"]] {
+        let server = llava_server(&[&["--encode-workers", "1"][..], split].concat());
+        answers_images_like_transformers(&server).await;
+        encoded_by_the_encode_worker(&server).await;
+    }
     for split in [false, true] {
         let (_workers, router) = encode_cluster(&format!("vision-encode-{split}"), split).await;
         answers_images_like_transformers(&router).await;
@@ -293,7 +295,9 @@ async fn image_requests_that_cannot_be_served_are_refused_naming_the_part() {
     let url = |url: &str| serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]);
     let cases = [
         (chat(url("data:image/png;base64,bm90IGFuIGltYWdl")), "messages[0].content[0]"),
-        (chat(url("https://example.com/cat.png")), "`https:` URL"),
+        (chat(url("ftp://example.com/cat.png")), "`ftp:` URL"),
+        // Nothing listens there (and no test reaches past loopback).
+        (chat(url("http://127.0.0.1:9/cat.png")), "could not be used: http://127.0.0.1:9/cat.png"),
         (chat(ask(&["wide.png"; 3])), "at most 2 per prompt"),
         (chat(serde_json::json!([{"role": "user", "content": "<image> what is this?"}])), "placeholder"),
         (serde_json::json!({"model": "llava", "prompt": "<image> hi", "max_tokens": 2}), "no image"),

@@ -136,7 +136,9 @@ impl Engine for EncodeEngine {
 
     fn load(&self) -> LoadMetrics {
         let shared = &self.shared;
-        let slots = shared.slots();
+        let mut slots = shared.slots();
+        // Expired leases count as free here too, or a drain would wait on readers that died.
+        slots.expire(Instant::now());
         LoadMetrics {
             requests_running: shared.running.load(Ordering::Relaxed),
             requests_waiting: shared.waiting.load(Ordering::Relaxed),

@@ -115,6 +115,7 @@ async fn with_every_slot_held_new_images_are_refused_until_a_lease_ends_or_expir
     assert!(engine.submit(request(&[&wide])).is_ok(), "wide itself is there to be held again");
     // Nobody reads: the leases expire, and the slot goes to the next image.
     tokio::time::sleep(lease * 2).await;
+    assert_eq!(engine.load().kv_active_blocks, 0, "expired leases hold nothing (a drain waits on none)");
     let second = answer(&engine, request(&[&tall])).await;
     assert_eq!(second.encoded.len(), 1, "{second:?}");
     assert_eq!(engine.images_encoded(), 2);

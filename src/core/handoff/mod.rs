@@ -14,6 +14,9 @@
 //! The mocker's pages are not memory, so between mockers a `SimulatedFabric` stands in for the transfer
 //! layer: a read takes the prompt's KV bytes over a bandwidth, in the mockers' simulated time, and ends the
 //! holder's lease as a real read's notification does. Everything else is the same code.
+//!
+//! The same agent reads what encode workers hold for a request's images (`embeddings`) before the request
+//! starts, whatever its KV hand-off.
 use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, KvTransferStats, LoadMetrics,
