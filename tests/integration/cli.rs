@@ -71,6 +71,34 @@ fn bad_flags_and_paths_fail_with_a_message_that_says_what_to_do() {
 }
 
 #[test]
+fn encode_workers_without_a_vision_model_or_the_native_engine_are_refused_saying_why() {
+    let llava = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-llava");
+    let cases: [(&[&str], &str); 3] = [
+        (&["encode", "--discovery", "file:/nonexistent/c.toml"], "no vision tower"),
+        (&["run", "--http-port", "0", "--encode-workers", "1"], "no vision tower"),
+        (
+            &[
+                "run",
+                "--http-port",
+                "0",
+                "--encode-workers",
+                "1",
+                "--engine",
+                "mocker",
+                "--model",
+                llava.to_str().unwrap(),
+            ],
+            "need the native engine",
+        ),
+    ];
+    for (args, says) in cases {
+        let (ok, _, err) = output(args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains(says) && err.contains("encode"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
     let refused = |args: &[&str], says: &[&str]| {
         let (ok, _, err) =

@@ -70,8 +70,10 @@ pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendSta
         true => (0..count).map(|_| rand::random()).collect(),
         false => (0..count as WorkerId).collect(),
     };
-    let mut engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
     let agent = crate::core::transfer::AgentSettings::loopback(None);
+    // First: a model or engine they cannot work with is refused before anything else starts.
+    let encoders = encode_workers(settings, unique_ids, &agent)?;
+    let mut engines = spawn_engines(&model, &settings.model, &settings.engine, &ids)?;
     if settings.prefill_workers > 0 || settings.encode_workers > 0 {
         engines = (engines.into_iter())
             .map(|engine| Ok(Arc::new(HandOffEngine::start(engine, agent.clone())?) as Arc<dyn Engine>))
@@ -81,7 +83,7 @@ pub fn build(settings: &RunSettings, unique_ids: bool) -> Result<Arc<FrontendSta
     let config = RouterConfig { block_size: settings.engine.block_size(), ..settings.router.clone() };
     let router = Arc::new(Router::new(engines, config));
     prefill.into_iter().for_each(|engine| router.add_worker(engine, Pool::Prefill));
-    for engine in encode_workers(settings, unique_ids, &agent)? {
+    for engine in encoders {
         router.add_worker(engine, Pool::Encode);
     }
     Ok(Arc::new(FrontendState::new(model, router, Arc::new(Metrics::new()))))
@@ -97,7 +99,7 @@ fn encode_workers(
         return Ok(Vec::new());
     }
     let EngineSettings::Native(native) = &settings.engine else {
-        return Err(RunError::Encoder("they need the native engine".into()));
+        return Err(RunError::Encoder("they need the native engine (--engine native, the default)".into()));
     };
     let encoder = crate::core::engine::native::load_image_encoder(&settings.model, native.device, native.threads)
         .map_err(|e| RunError::Encoder(e.to_string()))?;
