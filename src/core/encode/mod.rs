@@ -7,6 +7,10 @@
 //! one. A slot is pinned while a lease on it is unread; a read ends its lease by its notification, and a
 //! lease nobody reads expires (a reader that died). With every slot pinned, a request with new images is
 //! refused, and the router has the prefill worker encode them.
+//!
+//! Requests that arrive while the tower is busy wait in one queue, and go through it together: one pass for
+//! all their images (up to `MAX_BATCH_IMAGES`), as a GPU would want them and as the CPU's products run
+//! closer to their peak with more rows.
 use crate::core::engine::native::ImageEncoder;
 use crate::core::engine::{Engine, EngineError, ResponseStream};
 use crate::core::protocol::{
@@ -26,6 +30,8 @@ pub const DEFAULT_CACHE_BYTES: u64 = 512 << 20;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// How long a request may wait for its turn through the tower and be encoded before its slots are given up.
 const ENCODE_ALLOWANCE: Duration = Duration::from_secs(600);
+/// Images one pass through the tower takes at most, from however many queued requests.
+pub const MAX_BATCH_IMAGES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -56,7 +62,8 @@ pub struct EncodeEngine {
     shared: Arc<Shared>,
     /// Never sends: an encode worker has no KV cache, but the planes subscribe to every engine's events.
     kv_events: broadcast::Sender<KvEventBatch>,
-    _notifications: crate::core::AbortOnDrop,
+    /// Ending leases, and passing queued images through the tower.
+    _tasks: [crate::core::AbortOnDrop; 2],
 }
 
 struct Shared {
@@ -65,12 +72,23 @@ struct Shared {
     region: Arc<Region>,
     region_id: RegionId,
     slots: Mutex<Slots>,
-    /// One batch of images through the tower at a time: the backend already spreads one over every thread.
-    turn: tokio::sync::Semaphore,
+    /// Requests waiting for the tower; one pass at a time takes what is queued (the backend already spreads
+    /// one pass over every thread).
+    queue: mpsc::UnboundedSender<Job>,
     lease: Duration,
     running: AtomicU32,
     waiting: AtomicU32,
     encoded: AtomicU64,
+    /// Passes through the tower so far.
+    passes: AtomicU64,
+}
+
+/// One request's images to encode: each with its slot, and where to say how it went.
+struct Job {
+    images: Vec<(usize, bytes::Bytes)>,
+    /// The request's outputs: closed once its client went away, and then it is not encoded.
+    client: mpsc::UnboundedSender<EngineOutput>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 impl EncodeEngine {
@@ -89,25 +107,33 @@ impl EncodeEngine {
         }
         let (agent, notifications) = Agent::start(worker_id, agent)?;
         let (region_id, region) = agent.register(Region::new(count * image_bytes).map_err(TransferError::from)?);
+        let (queue, jobs) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             encoder,
             agent,
             region,
             region_id,
             slots: Mutex::new(Slots::new(count as usize, image_bytes)),
-            turn: tokio::sync::Semaphore::new(1),
+            queue,
             lease: settings.lease,
             running: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
             encoded: AtomicU64::new(0),
+            passes: AtomicU64::new(0),
         });
-        let notifications = crate::core::AbortOnDrop(tokio::spawn(end_leases(shared.clone(), notifications)));
-        Ok(Self { worker_id, shared, kv_events: broadcast::channel(1).0, _notifications: notifications })
+        let tasks =
+            [tokio::spawn(end_leases(shared.clone(), notifications)), tokio::spawn(passes(shared.clone(), jobs))];
+        Ok(Self { worker_id, shared, kv_events: broadcast::channel(1).0, _tasks: tasks.map(crate::core::AbortOnDrop) })
     }
 
     /// Images encoded so far (a repeated image that was still held counts once).
     pub fn images_encoded(&self) -> u64 {
         self.shared.encoded.load(Ordering::Relaxed)
+    }
+
+    /// Passes through the tower so far (requests queued together share one).
+    pub fn passes(&self) -> u64 {
+        self.shared.passes.load(Ordering::Relaxed)
     }
 }
 
@@ -145,7 +171,7 @@ impl Engine for EncodeEngine {
             kv_active_blocks: slots.pinned() as u64,
             kv_cached_blocks: slots.cached() as u64,
             kv_total_blocks: slots.slots.len() as u64,
-            max_running: 1,
+            max_running: MAX_BATCH_IMAGES as u32,
             ..Default::default()
         }
     }
@@ -220,40 +246,48 @@ impl Shared {
         }
     }
 
-    /// Runs the missing images through the tower, in one batch, and writes each into its slot.
+    /// Queues the missing images for the tower and waits for their pass.
     async fn encode_missing(
         self: Arc<Self>,
         media: &Arc<Vec<MediaInput>>,
         missing: &[(usize, usize)],
         outputs: &mpsc::UnboundedSender<EngineOutput>,
     ) -> Result<(), String> {
+        let images = missing.iter().map(|&(slot, image)| (slot, media[image].data.clone())).collect();
+        let (done, finished) = tokio::sync::oneshot::channel();
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let turn = self.turn.acquire().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let _turn = turn.map_err(|_| "the encoder stopped".to_string())?;
-        if outputs.is_closed() {
-            return Err("the request was cancelled".into());
+        let queued = self.queue.send(Job { images, client: outputs.clone(), done });
+        if queued.is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err("the encoder stopped".into());
         }
-        self.running.fetch_add(1, Ordering::Relaxed);
-        let (shared, media, missing) = (self.clone(), media.clone(), missing.to_vec());
-        let done = tokio::task::spawn_blocking(move || {
-            let files: Vec<&[u8]> = missing.iter().map(|&(_, image)| media[image].data.as_ref()).collect();
-            let values = shared.encoder.encode_files(&files)?;
-            let image_len = shared.encoder.image_len();
-            if values.len() != image_len * missing.len() {
-                return Err(format!("the tower gave {} values for {} images", values.len(), missing.len()));
+        finished.await.map_err(|_| "the encoder stopped".to_string())?
+    }
+
+    /// One pass through the tower for every image of `jobs`, each written into its slot. A pass that fails
+    /// (an image that does not decode) is tried again a request at a time, so only that request fails.
+    fn pass(&self, jobs: &[Job]) -> Vec<Result<(), String>> {
+        let run = |jobs: &[Job]| -> Result<(), String> {
+            let images: Vec<&(usize, bytes::Bytes)> = jobs.iter().flat_map(|job| &job.images).collect();
+            let files: Vec<&[u8]> = images.iter().map(|(_, data)| data.as_ref()).collect();
+            self.passes.fetch_add(1, Ordering::Relaxed);
+            let values = self.encoder.encode_files(&files)?;
+            let image_len = self.encoder.image_len();
+            if values.len() != image_len * images.len() {
+                return Err(format!("the tower gave {} values for {} images", values.len(), images.len()));
             }
-            for (&(slot, _), image) in missing.iter().zip(values.chunks_exact(image_len)) {
-                let checksum = shared.write(slot, image)?;
-                shared.slots().slots[slot].checksum = checksum;
+            for (&&(slot, _), image) in images.iter().zip(values.chunks_exact(image_len)) {
+                let checksum = self.write(slot, image)?;
+                self.slots().slots[slot].checksum = checksum;
             }
-            Ok(missing.len())
-        })
-        .await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        let images = done.map_err(|e| format!("the encoding thread failed: {e}"))??;
-        self.encoded.fetch_add(images as u64, Ordering::Relaxed);
-        Ok(())
+            self.encoded.fetch_add(images.len() as u64, Ordering::Relaxed);
+            Ok(())
+        };
+        match run(jobs) {
+            Ok(()) => jobs.iter().map(|_| Ok(())).collect(),
+            Err(why) if jobs.len() == 1 => vec![Err(why)],
+            Err(_) => jobs.iter().map(|job| run(std::slice::from_ref(job))).collect(),
+        }
     }
 
     /// Writes one image's embeddings into its slot as little-endian f32s; their checksum.
@@ -265,6 +299,43 @@ impl Shared {
         let bytes = bytes.ok_or_else(|| format!("slot {slot} is outside the embeddings region"))?;
         bytes.chunks_exact_mut(4).zip(image).for_each(|(out, value)| out.copy_from_slice(&value.to_le_bytes()));
         Ok(xxhash_rust::xxh3::xxh3_64(bytes))
+    }
+}
+
+/// Takes the queued requests a pass at a time: whatever waits when the tower comes free goes through
+/// together, up to `MAX_BATCH_IMAGES` images (a request is never split).
+async fn passes(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        let mut images = batch[0].images.len();
+        while images < MAX_BATCH_IMAGES {
+            let Ok(job) = jobs.try_recv() else { break };
+            images += job.images.len();
+            batch.push(job);
+        }
+        shared.waiting.fetch_sub(batch.len() as u32, Ordering::Relaxed);
+        let (cancelled, batch): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|job| job.client.is_closed());
+        for job in cancelled {
+            let _ = job.done.send(Err("the request was cancelled".into()));
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let running = batch.len() as u32;
+        shared.running.fetch_add(running, Ordering::Relaxed);
+        let pass = shared.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let results = pass.pass(&batch);
+            (batch, results)
+        })
+        .await;
+        shared.running.fetch_sub(running, Ordering::Relaxed);
+        // A pass that panicked took its jobs' senders with it: their requests answer with an error.
+        if let Ok((batch, results)) = done {
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.done.send(result);
+            }
+        }
     }
 }
 

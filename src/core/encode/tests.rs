@@ -133,3 +133,63 @@ async fn a_request_without_images_or_with_one_that_does_not_decode_gets_an_error
     let load = engine.load();
     assert_eq!((load.kv_active_blocks, load.kv_cached_blocks), (0, 0), "{load:?}");
 }
+
+/// The real encoder, but each pass waits for a go-ahead, and what each pass took is kept.
+struct Gated {
+    inner: Arc<dyn ImageEncoder>,
+    gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    passes: Mutex<Vec<usize>>,
+}
+
+impl ImageEncoder for Gated {
+    fn image_len(&self) -> usize {
+        self.inner.image_len()
+    }
+
+    fn encode_files(&self, files: &[&[u8]]) -> Result<Vec<f32>, String> {
+        self.passes.lock().unwrap().push(files.len());
+        let _ = self.gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        self.inner.encode_files(files)
+    }
+
+    fn device(&self) -> String {
+        "gated".into()
+    }
+}
+
+/// A PNG of its own for each seed.
+fn picture(seed: u8) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
+}
+
+#[tokio::test]
+async fn requests_that_wait_for_the_tower_go_through_it_together_and_a_bad_image_fails_only_its_own() {
+    let (go, gate) = std::sync::mpsc::channel();
+    let gated = Arc::new(Gated { inner: encoder(), gate: Mutex::new(gate), passes: Mutex::new(Vec::new()) });
+    let engine =
+        EncodeEngine::start(1, gated.clone(), AgentSettings::loopback(None), &EncodeSettings::default()).unwrap();
+    let submit = |files: &[&[u8]]| engine.submit(request(files)).unwrap();
+    let first = submit(&[&picture(1)]);
+    eventually("the first pass started", || gated.passes.lock().unwrap().len() == 1).await;
+    // Two requests, one of them bad, queue behind it; then two good ones.
+    let queued = [submit(&[&picture(2), &picture(3)]), submit(&[b"not an image"]), submit(&[&picture(4)])];
+    eventually("three requests wait", || engine.load().requests_waiting == 3).await;
+    // The first pass, the batch of three that fails, and each of the three again.
+    for _ in 0..5 {
+        go.send(()).unwrap();
+    }
+    let answer = |mut stream: ResponseStream| async move { stream.next().await.expect("one output") };
+    assert_eq!(answer(first).await.encoded.len(), 1);
+    let [two, bad, four] = queued;
+    let (two, bad, four) = (answer(two).await, answer(bad).await, answer(four).await);
+    assert_eq!((two.encoded.len(), four.encoded.len()), (2, 1), "{two:?} {four:?}");
+    assert!(matches!(bad.finish_reason, Some(FinishReason::Error(ref why)) if why.contains("PNG")), "{bad:?}");
+    // One pass for the three waiting requests (4 images); it failed on the bad one, so each went alone.
+    assert_eq!(*gated.passes.lock().unwrap(), [1, 4, 2, 1, 1]);
+    assert_eq!(engine.images_encoded(), 4);
+    assert_eq!(engine.load().kv_active_blocks, 4, "the good requests' slots, held for their readers");
+}
