@@ -84,11 +84,13 @@ impl Default for MediaSettings {
 #[derive(Debug, Default)]
 pub struct Fetched(HashMap<String, Result<bytes::Bytes, String>>);
 
-/// Fetches the `http(s)` image URLs a chat request body names (at most the per-prompt image limit of them),
-/// all at once, each within the size limit and the timeout. A body that does not parse, or names none,
-/// fetches nothing: preprocessing then says what is wrong with it.
-pub async fn fetch_images(body: &[u8], settings: &MediaSettings, client: &Result<reqwest::Client, String>) -> Fetched {
-    let urls = remote_urls(body, settings.max_images);
+/// Fetches `urls` (a chat request's, from `remote_images`) all at once, each within the size limit and the
+/// timeout.
+pub async fn fetch_images(
+    urls: Vec<String>,
+    settings: &MediaSettings,
+    client: &Result<reqwest::Client, String>,
+) -> Fetched {
     let fetches = urls.into_iter().map(|url| async move {
         let fetched = match client {
             Ok(client) => fetch(&url, settings, client).await,
@@ -99,18 +101,25 @@ pub async fn fetch_images(body: &[u8], settings: &MediaSettings, client: &Result
     Fetched(futures::future::join_all(fetches).await.into_iter().collect())
 }
 
-/// Whether a request body may name an image by `http(s)` URL: a look at its bytes, before any parsing.
-pub fn names_remote_urls(body: &[u8]) -> bool {
-    let names = |scheme: &[u8]| body.windows(scheme.len()).any(|w| w.eq_ignore_ascii_case(scheme));
-    names(b"http://") || names(b"https://")
+/// Whether a request body may name a URL at all: a byte search (SIMD), cheap enough for every request.
+pub fn names_urls(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"://").is_some()
 }
 
-/// The distinct `http(s)` URLs of the body's `image_url` parts, in order, at most `limit`.
-fn remote_urls(body: &[u8], limit: usize) -> Vec<String> {
-    if !names_remote_urls(body) {
-        return Vec::new();
+/// What a chat body asks to be fetched: the model it names, and the distinct `http(s)` URLs of its
+/// `image_url` parts, in order, at most `limit`. `None` for a body that names no URL or does not parse
+/// (preprocessing then says what is wrong with it).
+#[derive(Debug, PartialEq)]
+pub struct RemoteImages {
+    pub model: Option<String>,
+    pub urls: Vec<String>,
+}
+
+pub fn remote_images(body: &[u8], limit: usize) -> Option<RemoteImages> {
+    if !names_urls(body) {
+        return None;
     }
-    let Ok(value) = serde_json::from_slice::<Value>(body) else { return Vec::new() };
+    let value = serde_json::from_slice::<Value>(body).ok()?;
     let parts = value["messages"].as_array().into_iter().flatten().flat_map(|m| m["content"].as_array()).flatten();
     let mut urls: Vec<String> = Vec::new();
     for part in parts.filter(|part| part["type"] == "image_url") {
@@ -119,7 +128,7 @@ fn remote_urls(body: &[u8], limit: usize) -> Vec<String> {
             urls.push(url.to_string());
         }
     }
-    urls
+    Some(RemoteImages { model: value["model"].as_str().map(String::from), urls })
 }
 
 fn is_remote(url: &str) -> bool {
@@ -364,7 +373,12 @@ mod tests {
         let base = image_server().await;
         let url = |path: &str| format!("{base}{path}");
         let settings = MediaSettings { fetch_timeout: Duration::from_millis(300), ..MediaSettings::default() };
-        let fetched = fetch_images(&body(&[url("/a.png"), url("/moved")]), &settings, &settings.client()).await;
+        let fetch = |urls: &[String], settings: &MediaSettings| {
+            let urls = remote_images(&body(urls), 8).expect("a body with URLs").urls;
+            let (settings, client) = (settings.clone(), settings.client());
+            async move { fetch_images(urls, &settings, &client).await }
+        };
+        let fetched = fetch(&[url("/a.png"), url("/moved")], &settings).await;
         let field = "messages[0].content[0]";
         let read = |fetched: &Fetched, path: &str| {
             let part = json!({"type": "image_url", "image_url": {"url": url(path)}});
@@ -375,7 +389,7 @@ mod tests {
         assert_eq!(read(&fetched, "/moved"), Ok(inline.hash), "redirects are followed");
 
         let failing = [url("/missing"), url("/huge"), url("/slow"), "http://[::1".to_string()];
-        let fetched = fetch_images(&body(&failing), &settings, &settings.client()).await;
+        let fetched = fetch(&failing, &settings).await;
         for (path, says) in [("/missing", "404"), ("/huge", "over 20 MiB"), ("/slow", "took longer than 300ms")] {
             let error = read(&fetched, path).unwrap_err();
             assert!(error.contains(says) && error.contains(field) && error.contains(path), "{path}: {error}");
@@ -384,7 +398,7 @@ mod tests {
         // Restricted to 127.0.0.1: a URL on another host, or redirected to one, is not fetched.
         let settings = MediaSettings { allowed_domains: Some(vec!["127.0.0.1".into()]), ..settings };
         let urls = [url("/a.png"), url("/elsewhere"), "http://example.invalid/a.png".to_string()];
-        let fetched = fetch_images(&body(&urls), &settings, &settings.client()).await;
+        let fetched = fetch(&urls, &settings).await;
         assert_eq!(read(&fetched, "/a.png"), Ok(inline.hash));
         let error = read(&fetched, "/elsewhere").unwrap_err();
         assert!(
@@ -401,10 +415,16 @@ mod tests {
         let urls: Vec<String> = ["http://a/1", "https://a/2", "http://a/1", "data:image/png;base64,AA", "HTTP://a/3"]
             .map(String::from)
             .to_vec();
-        assert_eq!(remote_urls(&body(&urls), 8), ["http://a/1", "https://a/2", "HTTP://a/3"]);
-        assert_eq!(remote_urls(&body(&urls), 2), ["http://a/1", "https://a/2"], "no more than the limit");
-        assert!(remote_urls(b"{not json but http://a/1", 8).is_empty());
-        assert!(!names_remote_urls(&body(&["data:image/png;base64,AA".into()])));
+        let found = remote_images(&body(&urls), 8).unwrap();
+        assert_eq!(found.urls, ["http://a/1", "https://a/2", "HTTP://a/3"]);
+        assert_eq!(found.model.as_deref(), Some("m"));
+        assert_eq!(
+            remote_images(&body(&urls), 2).unwrap().urls,
+            ["http://a/1", "https://a/2"],
+            "no more than the limit"
+        );
+        assert_eq!(remote_images(b"{not json but http://a/1", 8), None);
+        assert_eq!(remote_images(&body(&["data:image/png;base64,AA".into()]), 8), None, "no URL: not even parsed");
     }
 
     #[test]

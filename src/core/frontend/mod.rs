@@ -85,18 +85,23 @@ impl FrontendState {
         self.media.get().unwrap_or_else(|| DEFAULT.get_or_init(media::MediaSettings::default))
     }
 
-    /// The images a chat request names by `http(s)` URL, fetched, when its model takes images.
-    async fn fetch_images(&self, body: &[u8]) -> media::Fetched {
-        let model = || serde_json::from_slice::<serde_json::Value>(body).ok()?["model"].as_str().map(String::from);
-        let takes_images = |model: Option<String>| {
-            self.resolve(model.as_deref()).is_ok_and(|served| served.model.card.image.is_some())
-        };
-        if !media::names_remote_urls(body) || !takes_images(model()) {
+    /// The images a chat request names by `http(s)` URL, fetched, when its model takes images. Only a body
+    /// that names a URL is parsed for them, and off the async runtime (it may be megabytes).
+    async fn fetch_images(&self, body: &bytes::Bytes) -> media::Fetched {
+        if !media::names_urls(body) {
             return media::Fetched::default();
         }
         let settings = self.media_settings();
+        let (body, limit) = (body.clone(), settings.max_images);
+        let Ok(Some(remote)) = tokio::task::spawn_blocking(move || media::remote_images(&body, limit)).await else {
+            return media::Fetched::default();
+        };
+        let takes_images = self.resolve(remote.model.as_deref()).is_ok_and(|s| s.model.card.image.is_some());
+        if remote.urls.is_empty() || !takes_images {
+            return media::Fetched::default();
+        }
         let client = self.media_client.get_or_init(|| settings.client());
-        media::fetch_images(body, settings, client).await
+        media::fetch_images(remote.urls, settings, client).await
     }
 
     /// Reads every model's tool calls in `parser`'s format (`--tool-call-parser`; the first call wins).
