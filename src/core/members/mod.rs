@@ -44,9 +44,8 @@ pub enum Change {
     Delivered { endpoint: String, delivery: Delivery },
     /// An event-plane message that was not a frame of ours (or not sealed with the cluster key).
     Malformed(PlaneError),
-    /// Request-plane answers dropped unread since the last report: not sealed with the cluster key, or
-    /// snapshot frames nobody asked for.
-    Dropped { unsealed: u64, unsolicited: u64 },
+    /// Request-plane answers dropped unread since the last report, by reason (`WorkerClient::take_dropped`).
+    Dropped([(&'static str, u64); 3]),
 }
 
 pub struct Members {
@@ -125,9 +124,14 @@ impl Members {
                     for endpoint in due.reconnect {
                         self.connect(&endpoint);
                     }
-                    let (unsealed, unsolicited) = self.clients.values().map(|c| c.take_dropped()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-                    if unsealed + unsolicited > 0 {
-                        return Some(Change::Dropped { unsealed, unsolicited });
+                    let mut dropped = [("", 0); 3];
+                    for client in self.clients.values() {
+                        for (sum, (reason, count)) in dropped.iter_mut().zip(client.take_dropped()) {
+                            *sum = (reason, sum.1 + count);
+                        }
+                    }
+                    if dropped.iter().any(|(_, count)| *count > 0) {
+                        return Some(Change::Dropped(dropped));
                     }
                 }
                 Some((endpoint, status)) = self.status_reports.recv() => {

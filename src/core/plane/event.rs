@@ -2,6 +2,7 @@
 use super::reader::SocketReader;
 use super::{Context, Seals};
 use crate::core::protocol::plane::{FrameError, FrameHeader, Payload, Topic, decode_header};
+use crate::core::trust::{Seen, Unopened};
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -184,6 +185,7 @@ pub struct EventSubscriber {
     /// Messages that were not event-plane frames (or not sealed with the cluster's key), skipped.
     pub malformed: u64,
     seals: Option<Arc<Seals>>,
+    seen: Seen,
 }
 
 impl EventSubscriber {
@@ -206,6 +208,7 @@ impl EventSubscriber {
             restarts: 0,
             malformed: 0,
             seals: context.seals().cloned(),
+            seen: Seen::default(),
         })
     }
 
@@ -242,11 +245,18 @@ impl EventSubscriber {
                 Some(seals) => {
                     let context =
                         frame_context(header.topic.name(), &header.publisher.to_be_bytes(), &header.seq.to_be_bytes());
-                    match seals.event.open(&context, &payload) {
+                    // Per publisher: one process's publishers share a sealer, and reach here over their own
+                    // connections, each in its own order.
+                    match seals.event.open(&context, &payload, &mut self.seen, header.publisher) {
                         Ok(opened) => EventBytes::Opened(opened),
-                        Err(_) => {
+                        Err(why) => {
                             self.malformed += 1;
-                            return Err(FrameError::Unsealed.into());
+                            return Err(match why {
+                                Unopened::Unsealed => FrameError::Unsealed,
+                                // A replay would read as the publisher restarting, and clear its blocks.
+                                Unopened::Replayed => FrameError::Replayed,
+                            }
+                            .into());
                         }
                     }
                 }

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::{Context, PlaneError, Seals, SocketReader, bound_endpoint};
 use crate::core::AbortOnDrop;
+use crate::core::trust::{Seen, Unopened};
 use std::borrow::Cow;
 
 /// Snapshot blocks per frame: a million-block cache is about 20 MB of msgpack, well past what one frame
@@ -64,14 +65,15 @@ fn sealed(seals: Option<&Seals>, direction: &[u8], body: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// The plain bytes of a received body.
+/// The plain bytes of a received body, which `seen` (the receiver's) had not had before.
 fn opened<'a>(
     seals: Option<&Seals>,
     direction: &[u8],
     body: &'a [u8],
-) -> Result<Cow<'a, [u8]>, crate::core::trust::Unsealed> {
+    seen: &mut Seen,
+) -> Result<Cow<'a, [u8]>, Unopened> {
     match seals {
-        Some(seals) => seals.request.open(direction, body).map(Cow::Owned),
+        Some(seals) => seals.request.open(direction, body, seen, 0).map(Cow::Owned),
         None => Ok(Cow::Borrowed(body)),
     }
 }
@@ -290,6 +292,7 @@ async fn serve(
     let mut counted = 0;
     let mut last_ping: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut sweep = tokio::time::interval(HEARTBEAT * 4);
+    let mut seen = Seen::default();
     loop {
         let mut outbox = Outbox::default();
         tokio::select! {
@@ -300,11 +303,14 @@ async fn serve(
                     stats.unreadable.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                let Ok(body) = opened(seals.as_deref(), TO_WORKER, &body) else {
-                    // A stranger, or a router with another key: no answer, and it is not a peer.
-                    stats.unreadable.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("request plane: dropped a message not sealed with this cluster's key");
-                    continue;
+                let body = match opened(seals.as_deref(), TO_WORKER, &body, &mut seen) {
+                    Ok(body) => body,
+                    Err(why) => {
+                        // A stranger, a router with another key, or a replay: no answer, and it is not a peer.
+                        stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("request plane: dropped {why}");
+                        continue;
+                    }
                 };
                 let peer = peer.to_vec();
                 last_ping.insert(peer.clone(), Instant::now());
@@ -576,6 +582,8 @@ pub struct Dropped {
     pub unsealed: AtomicU64,
     /// Snapshot frames nobody asked for.
     pub unsolicited: AtomicU64,
+    /// Sealed answers received before: copies sent again by someone who captured them.
+    pub replayed: AtomicU64,
 }
 
 impl WorkerClient {
@@ -621,8 +629,15 @@ impl WorkerClient {
     }
 
     /// Messages dropped unread since the last call: (unsealed, unsolicited).
-    pub fn take_dropped(&self) -> (u64, u64) {
-        (self.dropped.unsealed.swap(0, Ordering::Relaxed), self.dropped.unsolicited.swap(0, Ordering::Relaxed))
+    /// What was dropped unread since the last call, by reason (as the router's metric names them).
+    pub fn take_dropped(&self) -> [(&'static str, u64); 3] {
+        let take = |count: &AtomicU64| count.swap(0, Ordering::Relaxed);
+        let dropped = &self.dropped;
+        [
+            ("unsealed", take(&dropped.unsealed)),
+            ("unsolicited", take(&dropped.unsolicited)),
+            ("replayed", take(&dropped.replayed)),
+        ]
     }
 
     /// Sends a request; the stream ends with a finish reason, or without one if the worker is lost.
@@ -735,6 +750,7 @@ async fn client(
     let mut known: Option<u64> = None;
     let mut unsent_pings = 0u32;
     let mut warned_unsealed = false;
+    let mut seen = Seen::default();
     loop {
         let send = tokio::select! {
             command = commands.recv() => match command {
@@ -768,9 +784,15 @@ async fn client(
             },
             frames = socket.recv() => {
                 let Ok(frames) = frames else { return };
-                last_heard = Instant::now();
                 let Some(body) = frames.into_iter().next() else { continue };
-                let Ok(body) = opened(link.seals.as_deref(), TO_ROUTER, &body) else {
+                let body = match opened(link.seals.as_deref(), TO_ROUTER, &body, &mut seen) {
+                    Ok(body) => body,
+                    Err(Unopened::Replayed) => {
+                        // A copy of an earlier answer: its tokens were delivered once already.
+                        link.dropped.replayed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(Unopened::Unsealed) => {
                     link.dropped.unsealed.fetch_add(1, Ordering::Relaxed);
                     if !warned_unsealed {
                         warned_unsealed = true;
@@ -781,7 +803,10 @@ async fn client(
                         );
                     }
                     continue;
+                    }
                 };
+                // Only what this worker sealed, once, says it is alive.
+                last_heard = Instant::now();
                 let messages = match decode::<FromWorker>(&body) {
                     Ok(FromWorker::Batch(messages)) => messages,
                     Ok(message) => vec![message],

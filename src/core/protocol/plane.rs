@@ -50,6 +50,8 @@ pub enum FrameError {
     Payload(String),
     #[error("the payload is not sealed with this cluster's key (a worker with another --cluster-key-file, or none)")]
     Unsealed,
+    #[error("a sealed message received before, sent again (a replay by someone who captured it)")]
+    Replayed,
 }
 
 /// A decoded frame's header; the payload stays bytes until the reader knows what it wants.

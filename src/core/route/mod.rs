@@ -317,9 +317,10 @@ impl Membership {
                         self.metrics.plane(PlaneEvent::Malformed, 1);
                         tracing::warn!("event plane: {error}");
                     }
-                    Some(Change::Dropped { unsealed, unsolicited }) => {
-                        self.metrics.request_plane_dropped("unsealed", unsealed);
-                        self.metrics.request_plane_dropped("unsolicited", unsolicited);
+                    Some(Change::Dropped(dropped)) => {
+                        for (reason, count) in dropped {
+                            self.metrics.request_plane_dropped(reason, count);
+                        }
                     }
                 },
                 Some((addr, id, snapshot)) = snapshot_results.recv() => self.resynced(&addr, id, snapshot),

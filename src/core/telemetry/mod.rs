@@ -423,7 +423,7 @@ impl Metrics {
                 &registry,
                 "dynamo_router_request_plane_dropped_total",
                 "Messages from workers dropped unread: unsealed (not sealed with this cluster's key), unsolicited \
-                 (a snapshot frame nobody asked for)",
+                 (a snapshot frame nobody asked for), replayed (a sealed answer received before, sent again)",
                 &["reason"],
             ),
             preprocess_refused: counter(

@@ -623,7 +623,7 @@ pub async fn watch(
             }
             Change::Delivered { endpoint, delivery } => view().deliver(&endpoint, delivery, Instant::now()),
             Change::Malformed(_) => view().malformed += 1,
-            Change::Dropped { .. } => {}
+            Change::Dropped(_) => {}
         }
     }
     Ok(())

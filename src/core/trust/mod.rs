@@ -14,10 +14,15 @@
 //! salt, seals under a key derived from the plane's subkey and that salt, and counts its messages as nonces;
 //! the salt travels in each message, and an opener keeps the keys of the salts it has opened with.
 //!
+//! A captured message sent again is refused: every receiver keeps a `Seen` window per sender (salt) over the
+//! message numbers it opened, so an old request is not run twice and an old stream chunk does not repeat
+//! tokens. The window is wide (`WINDOW` numbers) because one sender's numbers reach a receiver over several
+//! connections (a router's watch and its planner's), a little out of order; a receiver remembers the last
+//! `SENDERS` senders, far more than talk to one process.
+//!
 //! Why not ZMQ CURVE: the vendored libzmq is built without libsodium, so it has no CURVE; and one shared
 //! secret, which an operator copies like an SSH key, is what bare-metal clusters are set up with. Its limit:
-//! every holder of the key is trusted alike (a member could speak for another member), and a captured message
-//! replayed on the same plane is accepted again (it reveals and forges nothing, but costs a worker the work).
+//! every holder of the key is trusted alike (a member could speak for another member).
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::TryRngCore;
@@ -35,6 +40,10 @@ const TAG_BYTES: usize = 16;
 pub const SEAL_OVERHEAD: usize = HEADER_BYTES + TAG_BYTES;
 /// Senders' keys an opener keeps: a router hears one sealer per worker and plane.
 const OPENERS: usize = 1024;
+/// Senders a receiver remembers the numbers of.
+const SENDERS: usize = 1024;
+/// How far back of the newest number from a sender a message is still taken (once).
+const WINDOW: u64 = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -152,10 +161,67 @@ pub struct Seal {
     openers: Mutex<lru::LruCache<[u8; SALT_BYTES], Aes256Gcm>>,
 }
 
-/// A message that was not sealed with this cluster's key (or was changed on the way).
+/// Why a sealed message was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a message not sealed with this cluster's key (a peer with another --cluster-key-file, or none)")]
-pub struct Unsealed;
+pub enum Unopened {
+    /// Not sealed with this cluster's key, or changed on the way.
+    #[error("a message not sealed with this cluster's key (a peer with another --cluster-key-file, or none)")]
+    Unsealed,
+    /// Opened before: a copy sent again, by someone who captured it.
+    #[error("a sealed message received before, sent again (a replay)")]
+    Replayed,
+}
+
+/// The messages one receiver has opened, per sender: what makes a replay visible.
+pub struct Seen {
+    senders: lru::LruCache<([u8; SALT_BYTES], u64), Window>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self { senders: lru::LruCache::new(NonZeroUsize::new(SENDERS).unwrap_or(NonZeroUsize::MIN)) }
+    }
+}
+
+/// The newest number from one sender and which of the `WINDOW` before it have arrived (a bit per number,
+/// at `number % WINDOW`).
+struct Window {
+    newest: u64,
+    arrived: Box<[u64; (WINDOW / 64) as usize]>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self { newest: 0, arrived: Box::new([0; (WINDOW / 64) as usize]) }
+    }
+
+    fn bit(number: u64) -> (usize, u64) {
+        let at = number % WINDOW;
+        ((at / 64) as usize, 1 << (at % 64))
+    }
+
+    /// Whether `number` arrives for the first time (and is now marked).
+    fn first_time(&mut self, number: u64) -> bool {
+        if number > self.newest {
+            if number - self.newest >= WINDOW {
+                self.arrived.fill(0);
+            } else {
+                // Each bit from here to `number` last stood for a number a window older.
+                for newer in self.newest + 1..=number {
+                    let (word, bit) = Self::bit(newer);
+                    self.arrived[word] &= !bit;
+                }
+            }
+            self.newest = number;
+        } else if self.newest - number >= WINDOW {
+            return false;
+        }
+        let (word, bit) = Self::bit(number);
+        let first = self.arrived[word] & bit == 0;
+        self.arrived[word] |= bit;
+        first
+    }
+}
 
 fn salted_cipher(plane_key: &[u8; KEY_BYTES], salt: &[u8; SALT_BYTES]) -> Aes256Gcm {
     let mut material = [0u8; KEY_BYTES + SALT_BYTES];
@@ -197,24 +263,33 @@ impl Seal {
         out
     }
 
-    /// The plain message, if `sealed` was sealed by this cluster under `context` and not changed since.
-    pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unsealed> {
+    /// The plain message, if `sealed` was sealed by this cluster under `context`, not changed since, and not
+    /// opened before by the receiver whose messages `seen` remembers. `stream` tells apart the streams a
+    /// receiver hears from one sender (the event plane's publishers of one process); the request plane has one.
+    pub fn open(&self, context: &[u8], sealed: &[u8], seen: &mut Seen, stream: u64) -> Result<Vec<u8>, Unopened> {
         if sealed.len() < SEAL_OVERHEAD {
-            return Err(Unsealed);
+            return Err(Unopened::Unsealed);
         }
         let (header, rest) = sealed.split_at(HEADER_BYTES);
         let (body, tag) = rest.split_at(rest.len() - TAG_BYTES);
         let (salt, counter) = header.split_at(SALT_BYTES);
-        let salt: [u8; SALT_BYTES] = salt.try_into().map_err(|_| Unsealed)?;
+        let salt: [u8; SALT_BYTES] = salt.try_into().map_err(|_| Unopened::Unsealed)?;
         // Copied out of the cache (a key schedule, a few hundred bytes), so that many connections' tasks open at
         // once rather than one after another under the lock.
         let cached = self.openers.lock().unwrap_or_else(|p| p.into_inner()).get(&salt).cloned();
         let known = cached.is_some();
         let cipher = cached.unwrap_or_else(|| salted_cipher(&self.plane_key, &salt));
         let mut plain = body.to_vec();
-        cipher.decrypt_in_place_detached(&nonce(counter), context, &mut plain, tag.into()).map_err(|_| Unsealed)?;
+        cipher
+            .decrypt_in_place_detached(&nonce(counter), context, &mut plain, tag.into())
+            .map_err(|_| Unopened::Unsealed)?;
         if !known {
             self.openers.lock().unwrap_or_else(|p| p.into_inner()).put(salt, cipher);
+        }
+        // Only after the tag held: a stranger's numbers must not move a window.
+        let number = u64::from_le_bytes(counter.try_into().map_err(|_| Unopened::Unsealed)?);
+        if !seen.senders.get_or_insert_mut((salt, stream), Window::new).first_time(number) {
+            return Err(Unopened::Replayed);
         }
         Ok(plain)
     }
@@ -236,30 +311,73 @@ mod tests {
         assert_eq!(format!("{key:?}"), "ClusterKey(…)");
     }
 
+    /// Opens as a receiver that has seen nothing yet.
+    fn open_once(seal: &Seal, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unopened> {
+        seal.open(context, sealed, &mut Seen::default(), 0)
+    }
+
     #[test]
     fn sealed_messages_open_only_with_the_same_key_plane_and_context() {
+        use Unopened::Unsealed;
         let key = ClusterKey::generate().unwrap();
         let (request, event) = (key.seal(Plane::Request), key.seal(Plane::Event));
         let sealed = request.seal(b"to worker", b"the prompt");
         assert_eq!(sealed.len(), b"the prompt".len() + SEAL_OVERHEAD);
         assert!(!sealed.windows(6).any(|w| w == b"prompt"), "the text is not visible");
-        assert_eq!(key.seal(Plane::Request).open(b"to worker", &sealed).unwrap(), b"the prompt");
-        assert_eq!(request.open(b"to router", &sealed), Err(Unsealed), "another context");
-        assert_eq!(event.open(b"to worker", &sealed), Err(Unsealed), "another plane");
+        assert_eq!(open_once(&key.seal(Plane::Request), b"to worker", &sealed).unwrap(), b"the prompt");
+        assert_eq!(open_once(&request, b"to router", &sealed), Err(Unsealed), "another context");
+        assert_eq!(open_once(&event, b"to worker", &sealed), Err(Unsealed), "another plane");
         let stranger = ClusterKey::generate().unwrap().seal(Plane::Request);
-        assert_eq!(stranger.open(b"to worker", &sealed), Err(Unsealed), "another key");
+        assert_eq!(open_once(&stranger, b"to worker", &sealed), Err(Unsealed), "another key");
         for at in 0..sealed.len() {
             let mut changed = sealed.clone();
             changed[at] ^= 1;
-            assert_eq!(request.open(b"to worker", &changed), Err(Unsealed), "a flipped bit at {at}");
+            assert_eq!(open_once(&request, b"to worker", &changed), Err(Unsealed), "a flipped bit at {at}");
         }
-        assert_eq!(request.open(b"to worker", &sealed[..10]), Err(Unsealed));
+        assert_eq!(open_once(&request, b"to worker", &sealed[..10]), Err(Unsealed));
         assert_ne!(request.seal(b"c", b"same"), request.seal(b"c", b"same"), "a fresh nonce each time");
         // A stranger's salts never take an opener's place.
-        assert_eq!(request.open(b"to worker", &sealed).unwrap(), b"the prompt");
+        assert_eq!(open_once(&request, b"to worker", &sealed).unwrap(), b"the prompt");
         for _ in 0..10 {
-            let _ = request.open(b"to worker", &stranger.seal(b"to worker", b"x"));
+            let _ = open_once(&request, b"to worker", &stranger.seal(b"to worker", b"x"));
         }
         assert_eq!(request.openers.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_message_opens_once_per_receiver_however_late_or_out_of_order_it_comes() {
+        let key = ClusterKey::generate().unwrap();
+        let (sender, receiver) = (key.seal(Plane::Request), key.seal(Plane::Request));
+        let messages: Vec<Vec<u8>> = (0..3 * WINDOW).map(|i| sender.seal(b"c", &i.to_le_bytes())).collect();
+        let (mut seen, mut other) = (Seen::default(), Seen::default());
+        // Out of order within the window: every one opens, once.
+        for i in [5, 3, 4, 0, 1, 2] {
+            assert!(receiver.open(b"c", &messages[i], &mut seen, 0).is_ok(), "message {i}");
+        }
+        for (i, message) in messages.iter().enumerate().take(6) {
+            assert_eq!(receiver.open(b"c", message, &mut seen, 0), Err(Unopened::Replayed), "message {i} again");
+        }
+        // Another receiver (a second watch in the same process), or another stream of the same sender, is apart.
+        assert!(receiver.open(b"c", &messages[0], &mut other, 0).is_ok());
+        assert!(receiver.open(b"c", &messages[0], &mut seen, 1).is_ok());
+        // Far ahead: what was skipped still opens while inside the window, and what fell out of it never does.
+        let last = (3 * WINDOW - 1) as usize;
+        assert!(receiver.open(b"c", &messages[last], &mut seen, 0).is_ok());
+        assert!(receiver.open(b"c", &messages[last - 10], &mut seen, 0).is_ok());
+        assert_eq!(receiver.open(b"c", &messages[last - 10], &mut seen, 0), Err(Unopened::Replayed));
+        let fallen = last - WINDOW as usize;
+        assert_eq!(receiver.open(b"c", &messages[fallen], &mut seen, 0), Err(Unopened::Replayed), "too old");
+        assert!(receiver.open(b"c", &messages[fallen + 1], &mut seen, 0).is_ok(), "the oldest still inside");
+        // A number skipped in a jump of less than the window is not mistaken for one seen a window ago.
+        let mut jumped = Seen::default();
+        assert!(receiver.open(b"c", &messages[1], &mut jumped, 0).is_ok());
+        assert!(receiver.open(b"c", &messages[1 + WINDOW as usize - 1], &mut jumped, 0).is_ok());
+        assert!(receiver.open(b"c", &messages[WINDOW as usize + 1], &mut jumped, 0).is_ok(), "shares 1's bit");
+        // A forged message does not move the window: the one it claims to be still opens.
+        let mut forged = messages[last - 20].clone();
+        let tag_at = forged.len() - 1;
+        forged[tag_at] ^= 1;
+        assert_eq!(receiver.open(b"c", &forged, &mut seen, 0), Err(Unopened::Unsealed));
+        assert!(receiver.open(b"c", &messages[last - 20], &mut seen, 0).is_ok());
     }
 }

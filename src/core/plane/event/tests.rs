@@ -124,3 +124,47 @@ async fn with_a_key_strangers_read_nothing_and_their_frames_are_dropped() {
     assert!(matches!(refused, Err(PlaneError::Malformed(FrameError::Unsealed))), "{refused:?}");
     assert_eq!((outsider.malformed, outsider.lost), (1, 0), "an unopened frame moves no sequence");
 }
+
+#[tokio::test]
+async fn with_a_key_a_captured_event_sent_again_is_dropped_not_taken_for_a_restart() {
+    use crate::core::trust::ClusterKey;
+    let keyed = Context::with_key(Some(&ClusterKey::generate().unwrap()));
+    let mut publisher = EventPublisher::bind(&keyed, "tcp://127.0.0.1:*", 7, HIGH_WATER_MARK).unwrap();
+    let mut member = EventSubscriber::connect(&keyed, &[publisher.endpoint()], &[Topic::Kv], HIGH_WATER_MARK).unwrap();
+    // An eavesdropper records one message's frames as they go by.
+    let open = Context::new();
+    let tap = subscribe_socket(&open, &[Topic::Kv], HIGH_WATER_MARK).unwrap();
+    tap.connect(publisher.endpoint()).unwrap();
+    let mut tap = SocketReader::new(tap).unwrap();
+    first_delivery(&mut publisher, &mut member).await;
+    let captured = loop {
+        publisher.publish(&batch(5)).unwrap();
+        if let Ok(frames) = tokio::time::timeout(Duration::from_millis(5), tap.recv()).await {
+            break frames.unwrap();
+        }
+    };
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), member.next()).await {}
+    // and sends it again from a publisher of its own that the member hears.
+    let replayer = publish_socket(&open, "tcp://127.0.0.1:*", HIGH_WATER_MARK).unwrap();
+    member.add_publisher(&crate::core::plane::bound_endpoint(&replayer).unwrap()).unwrap();
+    let replayed = loop {
+        let frames: Vec<&[u8]> = captured.iter().map(|frame| &frame[..]).collect();
+        replayer.send_multipart(frames, 0).unwrap();
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_millis(5), member.next()).await {
+            break delivery;
+        }
+    };
+    assert!(matches!(replayed, Err(PlaneError::Malformed(FrameError::Replayed))), "{replayed:?}");
+    assert_eq!(member.restarts, 0, "an old number replayed would read as the publisher restarting");
+    // The publisher's own next message is still in order.
+    publisher.publish(&batch(6)).unwrap();
+    let next = loop {
+        match tokio::time::timeout(Duration::from_secs(5), member.next()).await.unwrap() {
+            Ok(delivery) => break delivery,
+            Err(PlaneError::Malformed(FrameError::Replayed)) => continue,
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert_eq!(next.continuity, Continuity::InOrder);
+    assert_eq!(KvEventBatch::from_bytes(&next.payload).unwrap(), batch(6));
+}

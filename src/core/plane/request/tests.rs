@@ -425,3 +425,86 @@ async fn with_a_key_only_members_are_answered() {
     let heard = tokio::time::timeout(Duration::from_millis(500), statuses.recv()).await;
     assert!(heard.is_err(), "a worker answered a router with another key: {heard:?}");
 }
+
+#[tokio::test]
+async fn with_a_key_a_captured_request_sent_again_is_not_run_twice() {
+    use crate::core::trust::ClusterKey;
+    let keyed = Context::with_key(Some(&ClusterKey::generate().unwrap()));
+    let server = server(&keyed, mocker(1000.0), 8);
+    let seals = keyed.seals().unwrap().clone();
+    let request = PreprocessedRequest::greedy("r", (1..40).collect(), 3);
+    let captured = sealed(Some(&seals), TO_WORKER, encode(&ToWorker::Generate { stream: 1, request }));
+    // The member's request runs and finishes.
+    let mut member = SocketReader::new(dealer_socket(&keyed, server.endpoint()).unwrap()).unwrap();
+    member.socket().send(&captured[..], 0).unwrap();
+    let mut seen = Seen::default();
+    loop {
+        let frames = tokio::time::timeout(Duration::from_secs(5), member.recv()).await.unwrap().unwrap();
+        let body = opened(Some(&seals), TO_ROUTER, &frames[0], &mut seen).unwrap();
+        let finished = match decode::<FromWorker>(&body).unwrap() {
+            FromWorker::Batch(messages) => messages
+                .into_iter()
+                .any(|m| matches!(m, FromWorker::Output { output: EngineOutput { finish_reason: Some(_), .. }, .. })),
+            FromWorker::Output { output, .. } => output.finish_reason.is_some(),
+            _ => false,
+        };
+        if finished {
+            break;
+        }
+    }
+    assert_eq!(server.stats.accepted.load(Ordering::Relaxed), 1);
+    // Someone who captured it sends it again, from their own connection and from the member's: dropped unrun.
+    let mut replayer = SocketReader::new(dealer_socket(&Context::new(), server.endpoint()).unwrap()).unwrap();
+    let unreadable = server.stats.unreadable.load(Ordering::Relaxed);
+    replayer.socket().send(&captured[..], 0).unwrap();
+    member.socket().send(&captured[..], 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.stats.unreadable.load(Ordering::Relaxed) < unreadable + 2 {
+        assert!(Instant::now() < deadline, "the replays were not dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.stats.accepted.load(Ordering::Relaxed), 1, "a replayed request ran again");
+    assert!(tokio::time::timeout(Duration::from_millis(200), replayer.recv()).await.is_err(), "a replay was answered");
+}
+
+#[tokio::test]
+async fn with_a_key_a_captured_answer_sent_again_is_not_delivered_twice() {
+    use crate::core::trust::ClusterKey;
+    let keyed = Context::with_key(Some(&ClusterKey::generate().unwrap()));
+    // A bare worker with the key: its messages sealed as a worker's are.
+    let mut worker = SocketReader::new(router_socket(&keyed, "tcp://127.0.0.1:*").unwrap()).unwrap();
+    let endpoint = bound_endpoint(worker.socket()).unwrap();
+    let seals = keyed.seals().unwrap().clone();
+    let (status, mut statuses) = mpsc::unbounded_channel();
+    let client = WorkerClient::connect(&keyed, &endpoint, Duration::from_secs(5), status).unwrap();
+    let mut seen = Seen::default();
+    async fn next(worker: &mut SocketReader, seals: &Seals, seen: &mut Seen) -> (Vec<u8>, ToWorker) {
+        let frames = tokio::time::timeout(Duration::from_secs(5), worker.recv()).await.unwrap().unwrap();
+        let body = opened(Some(seals), TO_WORKER, &frames[1], seen).unwrap();
+        (frames[0].to_vec(), decode::<ToWorker>(&body).unwrap())
+    }
+    let (peer, _) = next(&mut worker, &seals, &mut seen).await;
+    let send = |worker: &SocketReader, message: &[u8]| {
+        worker.socket().send_multipart([peer.as_slice(), message], 0).unwrap();
+    };
+    let hello = FromWorker::Hello { version: PROTOCOL_VERSION, instance: instance(7) };
+    send(&worker, &sealed(Some(&seals), TO_ROUTER, encode(&hello)));
+    alive(&mut statuses).await;
+    let stream = client.submit(PreprocessedRequest::greedy("a", vec![1, 2, 3], 2));
+    let stream_id = loop {
+        if let (_, ToWorker::Generate { stream, .. }) = next(&mut worker, &seals, &mut seen).await {
+            break stream;
+        }
+    };
+    let output = |token: u32, finish_reason| FromWorker::Output {
+        stream: stream_id,
+        output: EngineOutput { token_ids: vec![token], finish_reason, ..EngineOutput::default() },
+    };
+    let first = sealed(Some(&seals), TO_ROUTER, encode(&output(10, None)));
+    send(&worker, &first);
+    send(&worker, &first);
+    send(&worker, &sealed(Some(&seals), TO_ROUTER, encode(&output(11, Some(FinishReason::Length)))));
+    let tokens: Vec<u32> = collect(stream).await.into_iter().flat_map(|o| o.token_ids).collect();
+    assert_eq!(tokens, [10, 11], "a replayed chunk repeated its tokens");
+    assert_eq!(client.take_dropped()[2], ("replayed", 1));
+}
