@@ -1248,7 +1248,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__transfer)
-            opts="-v -h -V --backend --blocks --layout --rounds --latency-requests --streams --json --verbose --help --version"
+            opts="-v -h -V --backend --blocks --layout --rounds --latency-requests --streams --sealed --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

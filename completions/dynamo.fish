@@ -488,6 +488,7 @@ contiguous\t'One region, each block\'s bytes contiguous: the best case'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l rounds -d 'Timed rounds of each path; the median is reported' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l latency-requests -d 'One-block requests timed for the latency percentiles' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l streams -d 'Data connections of the tcp backend, and of the several-stream raw TCP reference' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l sealed -d 'Both processes hold a fresh cluster key, as a keyed cluster\'s workers do: tcp\'s bytes are encrypted (the raw TCP references stay clear, so their ratio is what sealing costs)'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from transfer" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -94,6 +94,11 @@ pub struct TransferArgs {
     #[arg(long, default_value_t = crate::core::transfer::DEFAULT_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub streams: u32,
 
+    /// Both processes hold a fresh cluster key, as a keyed cluster's workers do: tcp's bytes are encrypted
+    /// (the raw TCP references stay clear, so their ratio is what sealing costs).
+    #[arg(long)]
+    pub sealed: bool,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
@@ -652,7 +657,13 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Soak(args) => bench_soak(args),
         BenchCommand::Transfer(args) => bench_transfer(args),
         BenchCommand::TransferTarget(args) => {
-            super::runtime()?.block_on(transfer::serve_target(args.layout, args.blocks.clamp(1, 4096), args.nixl))
+            // The key of a --sealed bench comes from its parent's environment, never from a command line.
+            let key = match std::env::var("DYNAMO_CLUSTER_KEY") {
+                Ok(text) => Some(crate::core::trust::ClusterKey::parse(&text, "DYNAMO_CLUSTER_KEY")?),
+                Err(_) => None,
+            };
+            let target = transfer::serve_target(args.layout, args.blocks.clamp(1, 4096), args.nixl, key);
+            super::runtime()?.block_on(target)
         }
     }
 }
@@ -682,16 +693,22 @@ fn bench_transfer(args: TransferArgs) -> anyhow::Result<()> {
         rounds: args.rounds as usize,
         latency_requests: args.latency_requests as usize,
         streams: args.streams as usize,
+        key: args.sealed.then(crate::core::trust::ClusterKey::generate).transpose()?,
     };
     println!(
         "dynamo bench transfer: {} KV blocks per request ({:?} layout, scattered pages) written to another process, \
-         medians of {} rounds",
-        args.blocks, args.layout, args.rounds
+         medians of {} rounds{}",
+        args.blocks,
+        args.layout,
+        args.rounds,
+        if args.sealed { ", sealed with a cluster key" } else { "" }
     );
     let results = super::runtime()?.block_on(transfer::run(&settings))?;
     print!("{}", transfer::table(&results, &unavailable));
     if args.json {
-        println!("{}", transfer::json(&results));
+        let mut summary = transfer::json(&results);
+        summary["sealed"] = args.sealed.into();
+        println!("{summary}");
     }
     Ok(())
 }

@@ -292,14 +292,18 @@ fn bench_soak_loses_nothing_while_workers_are_killed() {
 fn bench_transfer_moves_blocks_between_two_processes_and_reads_them_back() {
     // The bench reads one written block back through each backend and fails if it differs.
     let args = ["bench", "transfer", "--blocks", "8", "--rounds", "1", "--latency-requests", "5", "--json"];
-    let json = last_json_line(&[&args[..], &["--backend", "shm,tcp"]].concat());
-    for key in ["memcpy_gbps", "raw_tcp_gbps", "shm_gbps", "shm_p50_us", "tcp_gbps", "tcp_p50_us"] {
-        assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {json}");
+    // Sealed: both processes keyed, tcp's bytes encrypted on the way and checked on reading back.
+    for sealed in [&[][..], &["--sealed"]] {
+        let json = last_json_line(&[&args[..], &["--backend", "shm,tcp"], sealed].concat());
+        for key in ["memcpy_gbps", "raw_tcp_gbps", "shm_gbps", "shm_p50_us", "tcp_gbps", "tcp_p50_us"] {
+            assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {json}");
+        }
+        assert!(json["nixl_gbps"].is_null() && json["nixl_p50_us"].is_null(), "{json}");
+        assert_eq!(json["sealed"], !sealed.is_empty(), "{json}");
+        let shapes = json["shapes"].as_array().expect("shapes");
+        assert_eq!(shapes.len(), 2, "{json}");
+        assert_eq!(shapes[0]["descriptors"], 8 * 60, "SmolLM2: a page per layer for K and for V: {json}");
     }
-    assert!(json["nixl_gbps"].is_null() && json["nixl_p50_us"].is_null(), "{json}");
-    let shapes = json["shapes"].as_array().expect("shapes");
-    assert_eq!(shapes.len(), 2, "{json}");
-    assert_eq!(shapes[0]["descriptors"], 8 * 60, "SmolLM2: a page per layer for K and for V: {json}");
 }
 
 #[test]

@@ -83,6 +83,8 @@ pub struct TransferBenchSettings {
     /// One-block transfers timed for the per-request latency.
     pub latency_requests: usize,
     pub streams: usize,
+    /// Both agents keyed with it (`--sealed`).
+    pub key: Option<crate::core::trust::ClusterKey>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,10 +156,15 @@ fn register_all(
 /// `dynamo bench transfer-target`: an agent with the bench's regions and a raw TCP sink; prints
 /// `ready <agent address> <sink address>` and serves until its stdin closes.
 /// With `nixl`, its agent also runs NIXL.
-pub async fn serve_target(layout: Layout, blocks: u64, nixl: bool) -> anyhow::Result<()> {
+pub async fn serve_target(
+    layout: Layout,
+    blocks: u64,
+    nixl: bool,
+    key: Option<crate::core::trust::ClusterKey>,
+) -> anyhow::Result<()> {
     let backend = nixl.then_some(Backend::Nixl);
     let (agent, _notifications) =
-        Agent::start(rand::random(), AgentSettings { backend, ..AgentSettings::loopback(None) })?;
+        Agent::start(rand::random(), AgentSettings { backend, ..AgentSettings::loopback(key) })?;
     register_all(&agent, layout, blocks)?;
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("ready {} {}", agent.address(), sink.local_addr()?);
@@ -200,7 +207,12 @@ async fn start_target(settings: &TransferBenchSettings) -> Result<Target, Transf
         Layout::Contiguous => "contiguous",
     };
     let nixl = settings.backends.contains(&Backend::Nixl);
-    let mut child = tokio::process::Command::new(&settings.binary)
+    let mut command = tokio::process::Command::new(&settings.binary);
+    command.env_remove("DYNAMO_CLUSTER_KEY");
+    if let Some(key) = &settings.key {
+        command.env("DYNAMO_CLUSTER_KEY", key.to_hex());
+    }
+    let mut child = command
         .args(["bench", "transfer-target", "--layout", layout, "--blocks", &settings.blocks.to_string()])
         .args(nixl.then_some("--nixl"))
         .stdin(std::process::Stdio::piped())
@@ -227,7 +239,8 @@ async fn start_target(settings: &TransferBenchSettings) -> Result<Target, Transf
 pub async fn run(settings: &TransferBenchSettings) -> Result<Vec<ShapeResult>, TransferBenchError> {
     let mut target = start_target(settings).await?;
     let backend = settings.backends.contains(&Backend::Nixl).then_some(Backend::Nixl);
-    let agent_settings = AgentSettings { streams: settings.streams, backend, ..AgentSettings::loopback(None) };
+    let agent_settings =
+        AgentSettings { streams: settings.streams, backend, ..AgentSettings::loopback(settings.key.clone()) };
     let (agent, _) = Agent::start(rand::random(), agent_settings)?;
     let firsts =
         register_all(&agent, settings.layout, settings.blocks).map_err(crate::core::transfer::TransferError::from)?;

@@ -13,10 +13,15 @@
 //! otherwise: several data connections, each range read or written straight from and into region memory.
 //! Both open with the same handshake (`wire`), which proves the cluster key both ways when there is one;
 //! shm peers must also run as the same user. A third, `nixl`, is NVIDIA's library (UCX), asked for by name:
-//! both agents run it, and its metadata travels over a proven connection (`nixl`). Bodies are not encrypted: KV pages are hundreds of MB a second
-//! and the cluster key's AES-GCM would cap a stream near its sealing speed.
+//! both agents run it, and its metadata travels over a proven connection (`nixl`).
+//!
+//! With a cluster key, a tcp connection's bytes after the handshake are sealed (`sealed`): KV pages and
+//! embeddings cross the network encrypted and authenticated. shm's control connection stays clear: it never
+//! leaves the host, only a same-user process can open it, and the data it moves goes between mappings, not
+//! over it. NIXL's data path is UCX's own and is not encrypted.
 mod nixl;
 mod region;
+mod sealed;
 mod shm;
 mod tcp;
 mod wire;

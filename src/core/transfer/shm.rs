@@ -60,7 +60,8 @@ pub(super) async fn serve(inner: Arc<Inner>, listener: UnixListener) {
                 }
             }
             let served = async {
-                let initiator = wire::accept(&mut stream, &inner).await?;
+                // Left clear, keyed or not: this socket never leaves the host (see the module's doc).
+                let (initiator, _) = wire::accept(&mut stream, &inner).await?;
                 let regions: Vec<RawFd> = {
                     let regions = inner.regions.read().unwrap_or_else(|p| p.into_inner());
                     regions.iter().map(|r| r.fd()).collect()
@@ -91,7 +92,7 @@ impl ShmPeer {
             .map_err(|e| unavailable(format!("cannot reach its socket {name:?}: {e}")))?;
         stream.set_nonblocking(true)?;
         let mut stream = UnixStream::from_std(stream)?;
-        let answered = wire::initiate(&mut stream, inner.id, inner.key.as_ref()).await?;
+        let (answered, _) = wire::initiate(&mut stream, inner.id, inner.key.as_ref()).await?;
         if answered.agent != metadata.agent {
             return Err(unavailable(format!("agent {:016x} answers at its socket", answered.agent)));
         }

@@ -1,7 +1,9 @@
 //! The tcp backend, and the target side every connection shares (`serve_connection`: the shm socket runs
 //! it too). A peer gets `streams` data connections; a request's ranges are cut into pieces spread over them
 //! by bytes, so one big request fills every stream and a small one (under `ONE_STREAM_BELOW`) costs one
-//! round trip on one. Bodies go straight from and into region memory: no staging buffer on either side.
+//! round trip on one. In an open cluster bodies go straight from and into region memory, with no staging
+//! buffer on either side; in a keyed one they pass through the connection's sealed records.
+use super::sealed::SealedStream;
 use super::wire::{self, read_header, write_frame};
 use super::{Direction, Inner, Notification, Range, TransferError};
 use crate::core::protocol::transfer::{AgentMetadata, FrameKind, NixlOffer, TransferFrame, TransferFrameError};
@@ -51,8 +53,8 @@ pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     inner: &Inner,
     stream: &mut S,
 ) -> Result<(), TransferError> {
-    let initiator = wire::accept(stream, inner).await?;
-    serve_frames(inner, stream, initiator).await
+    let (initiator, ciphers) = wire::accept(stream, inner).await?;
+    serve_frames(inner, &mut SealedStream::new(stream, ciphers), initiator).await
 }
 
 /// Serves data and control frames after the handshake. A range outside its region, or a frame out of
@@ -144,8 +146,8 @@ pub(super) struct TcpPeer {
     requests: AtomicU64,
 }
 
-/// A data connection; writes pass through its read buffer.
-type Connection = BufReader<TcpStream>;
+/// A data connection, sealed in a keyed cluster; writes pass through its read buffer.
+type Connection = BufReader<SealedStream<TcpStream>>;
 
 /// Part of a range that one stream moves.
 struct Piece<'a> {
@@ -324,10 +326,10 @@ fn split(ranges: &[Range], total: u64, streams: usize) -> Vec<Vec<Piece<'_>>> {
     parts
 }
 
-async fn open(inner: &Inner, addr: &str) -> Result<(TcpStream, AgentMetadata), TransferError> {
+async fn open(inner: &Inner, addr: &str) -> Result<(SealedStream<TcpStream>, AgentMetadata), TransferError> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let metadata = wire::initiate(&mut stream, inner.id, inner.key.as_ref()).await?;
+    let (metadata, ciphers) = wire::initiate(&mut stream, inner.id, inner.key.as_ref()).await?;
     stream.flush().await?;
-    Ok((stream, metadata))
+    Ok((SealedStream::new(stream, ciphers), metadata))
 }

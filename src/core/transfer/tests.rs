@@ -27,9 +27,9 @@ fn d(region: RegionId, offset: u64, len: u64) -> Descriptor {
     Descriptor { region, offset, len }
 }
 
-async fn moves_blocks_both_ways(backend: Backend) {
-    let (source, _) = agent(1, Some(backend), None).await;
-    let (target, mut notifications) = agent(2, Some(backend), None).await;
+async fn moves_blocks_both_ways(backend: Backend, key: Option<ClusterKey>) {
+    let (source, _) = agent(1, Some(backend), key.clone()).await;
+    let (target, mut notifications) = agent(2, Some(backend), key).await;
     // Two regions each, as an engine has K and V pages; 4 MiB so a request spreads over every tcp stream.
     let len = 4 << 20;
     let local: Vec<_> = (0..2).map(|_| source.register(Region::new(len).unwrap())).collect();
@@ -67,12 +67,84 @@ async fn moves_blocks_both_ways(backend: Backend) {
 
 #[tokio::test]
 async fn tcp_moves_blocks_both_ways_and_notifies_after_the_data() {
-    moves_blocks_both_ways(Backend::Tcp).await;
+    moves_blocks_both_ways(Backend::Tcp, None).await;
 }
 
 #[tokio::test]
 async fn shm_moves_blocks_both_ways_and_notifies_after_the_data() {
-    moves_blocks_both_ways(Backend::Shm).await;
+    moves_blocks_both_ways(Backend::Shm, None).await;
+}
+
+#[tokio::test]
+async fn with_a_key_both_backends_move_blocks_as_without() {
+    for backend in [Backend::Tcp, Backend::Shm] {
+        moves_blocks_both_ways(backend, Some(ClusterKey::generate().unwrap())).await;
+    }
+}
+
+/// Passes bytes from `from` to `to`, keeping a copy in `record`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    record: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+        record.lock().unwrap().extend_from_slice(&buffer[..n]);
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A tcp forwarder to `target` on loopback that keeps a copy of every byte it passes, both ways.
+async fn tap(target: &str) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("tcp://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (target, record) = (target.strip_prefix("tcp://").unwrap().to_string(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let ((client_in, client_out), (server_in, server_out)) = (client.into_split(), server.into_split());
+            tokio::spawn(pump(client_in, server_out, record.clone()));
+            tokio::spawn(pump(server_in, client_out, record.clone()));
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn with_a_key_what_crosses_the_network_is_unreadable() {
+    let secret = b"page of the KV of a secret prompt ";
+    for key in [None, Some(ClusterKey::generate().unwrap())] {
+        let (source, _) = agent(1, Some(Backend::Tcp), key.clone()).await;
+        let (target, mut notifications) = agent(2, Some(Backend::Tcp), key.clone()).await;
+        let len = 1 << 20;
+        let (_, local) = source.register(Region::new(len).unwrap());
+        let (_, remote) = target.register(Region::new(len).unwrap());
+        // SAFETY: no transfer is running on it.
+        unsafe {
+            let bytes = local.bytes_mut(0, len).unwrap();
+            for (i, byte) in bytes.iter_mut().enumerate() {
+                *byte = secret[i % secret.len()];
+            }
+        }
+        let (addr, seen) = tap(&target.address()).await;
+        let peer = source.connect(&addr).await.unwrap();
+        source
+            .transfer(&peer, Direction::Write, &[d(0, 0, len)], &[d(0, 0, len)], Some(b"the notification"))
+            .await
+            .unwrap();
+        assert_eq!(read(&remote, 0, len), read(&local, 0, len));
+        assert_eq!(notifications.recv().await.unwrap().message, b"the notification");
+        let seen = seen.lock().unwrap();
+        let visible = |what: &[u8]| seen.windows(what.len()).any(|w| w == what);
+        assert!(seen.len() as u64 > len, "the tap saw the transfer");
+        assert_eq!(visible(&secret[..]), key.is_none(), "KV bytes readable on the wire with key {}", key.is_some());
+        assert_eq!(visible(b"the notification"), key.is_none());
+    }
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Frames on a transfer connection (`protocol::transfer`) read and written over any byte stream, and the
 //! handshake both backends open with: the target's metadata, and proof of the cluster key both ways.
+use super::sealed::StreamCiphers;
 use super::{Inner, TransferError};
 use crate::core::protocol::transfer::{
     AgentMetadata, FrameKind, HEADER_BYTES, MAX_CONTROL_BYTES, NONCE_BYTES, TransferFrame, TransferFrameError,
@@ -95,12 +96,13 @@ fn nonce() -> [u8; NONCE_BYTES] {
 }
 
 /// Opens a connection as the initiator: says who it is, learns the target's metadata, and proves the
-/// cluster key when there is one (and checks the target's proof).
+/// cluster key when there is one (and checks the target's proof); with a key, the ciphers the connection's
+/// bytes may be sealed with from here on (`sealed`).
 pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     agent: u64,
     key: Option<&ClusterKey>,
-) -> Result<AgentMetadata, TransferError> {
+) -> Result<(AgentMetadata, Option<StreamCiphers>), TransferError> {
     let mine = nonce();
     write_frame(stream, TransferFrame::control(FrameKind::Hello, agent, NONCE_BYTES as u64), &mine).await?;
     let (_, body) = expect(stream, FrameKind::Metadata, "the target's metadata").await?;
@@ -109,7 +111,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
         None if !metadata.nonce.is_empty() => Err(TransferError::Unauthenticated(
             "the peer belongs to a cluster with a key; give this process the same --cluster-key-file".into(),
         )),
-        None => Ok(metadata),
+        None => Ok((metadata, None)),
         Some(key) => {
             if !key.verify_transfer_proof("target", &mine, metadata.agent, &metadata.proof) {
                 return Err(TransferError::Unauthenticated(
@@ -119,20 +121,28 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             let proof = key.transfer_proof("initiator", &metadata.nonce, agent);
             write_frame(stream, TransferFrame::control(FrameKind::Proof, agent, proof.len() as u64), &proof).await?;
             expect(stream, FrameKind::Done, "the target's acceptance").await?;
-            Ok(metadata)
+            let [send, receive] = key.transfer_ciphers(&mine, &metadata.nonce);
+            Ok((metadata, Some(StreamCiphers { send, receive })))
         }
     }
 }
 
-/// Answers a connection's opening as the target; returns the initiator's agent id once it may send data. A
-/// connection that has not proven itself within the transfer timeout is dropped: strangers must not hold
-/// descriptors and tasks by saying nothing.
-pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &Inner) -> Result<u64, TransferError> {
+/// Answers a connection's opening as the target; returns the initiator's agent id once it may send data (and,
+/// with a key, the ciphers its bytes may be sealed with from here on). A connection that has not proven
+/// itself within the transfer timeout is dropped: strangers must not hold descriptors and tasks by saying
+/// nothing.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    inner: &Inner,
+) -> Result<(u64, Option<StreamCiphers>), TransferError> {
     let timeout = inner.settings.timeout;
     tokio::time::timeout(timeout, accept_now(stream, inner)).await.unwrap_or(Err(TransferError::Timeout(timeout)))
 }
 
-async fn accept_now<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &Inner) -> Result<u64, TransferError> {
+async fn accept_now<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    inner: &Inner,
+) -> Result<(u64, Option<StreamCiphers>), TransferError> {
     let (hello, theirs) = expect(stream, FrameKind::Hello, "Hello").await?;
     if theirs.len() != NONCE_BYTES {
         return Err(TransferError::Refused(format!(
@@ -162,8 +172,10 @@ async fn accept_now<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, inner: &I
             return Err(TransferError::Unauthenticated(format!("agent {initiator:016x}: {refuse}")));
         }
         write_frame(stream, TransferFrame::control(FrameKind::Done, 0, 0), &[]).await?;
+        let [receive, send] = key.transfer_ciphers(&theirs, &nonce);
+        return Ok((initiator, Some(StreamCiphers { send, receive })));
     }
-    Ok(initiator)
+    Ok((initiator, None))
 }
 
 /// Tells the peer why `request` (0: the connection) cannot be done.

@@ -122,6 +122,18 @@ impl ClusterKey {
         proof.len() == 32 && subtle::ConstantTimeEq::ct_eq(&self.transfer_proof(role, nonce, agent)[..], proof).into()
     }
 
+    /// The ciphers of one transfer connection after its handshake, `[to the target, to the initiator]`, from the
+    /// key and both sides' nonces: fresh for every connection, so each direction may number from 0.
+    pub fn transfer_ciphers(&self, initiator_nonce: &[u8], target_nonce: &[u8]) -> [Cipher; 2] {
+        let key = blake3::derive_key("dynamo 2026 transfer stream v1", &self.0);
+        let direction = |towards: &str| {
+            let mut hasher = blake3::Hasher::new_keyed(&key);
+            hasher.update(towards.as_bytes()).update(&[0]).update(initiator_nonce).update(&[0]).update(target_nonce);
+            Cipher::new(hasher.finalize().as_bytes())
+        };
+        [direction("to the target"), direction("to the initiator")]
+    }
+
     /// The sealer of one plane's messages.
     pub fn seal(&self, plane: Plane) -> Seal {
         let context = match plane {
