@@ -8,6 +8,11 @@
 //!
 //! Endpoints nobody answers at are closed and probed now and then (`dormant`), so a cluster file full of
 //! dead entries costs neither descriptors nor pings.
+//!
+//! Each subscribed worker gets a subscriber socket of its own, so a message is known by the connection it
+//! came over, not by the worker id it claims: a message under another id than the worker's at that endpoint
+//! is dropped as malformed. (One socket for all would deliver a member's forgeries as another worker's: in
+//! a keyed cluster every member holds the key, so only the connection tells who spoke.)
 pub mod announce;
 mod dormant;
 
@@ -16,7 +21,7 @@ use crate::core::plane::request::{WorkerClient, WorkerStatus};
 use crate::core::plane::{Context, Delivery, EventSubscriber, HIGH_WATER_MARK, PlaneError};
 use crate::core::protocol::WorkerId;
 use crate::core::protocol::discovery::Instance;
-use crate::core::protocol::plane::Topic;
+use crate::core::protocol::plane::{FrameError, Topic};
 use dormant::Dormancy;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,7 +47,8 @@ pub enum Change {
     Incompatible { endpoint: String, theirs: u32 },
     /// A message from the event plane of a subscribed worker.
     Delivered { endpoint: String, delivery: Delivery },
-    /// An event-plane message that was not a frame of ours (or not sealed with the cluster key).
+    /// An event-plane message that was not a frame of ours (or not sealed with the cluster key, or sent
+    /// under another worker's id).
     Malformed(PlaneError),
     /// Request-plane answers dropped unread since the last report, by reason (`WorkerClient::take_dropped`).
     Dropped([(&'static str, u64); 3]),
@@ -53,18 +59,32 @@ pub struct Members {
     namespace: String,
     dead_after: Duration,
     found: mpsc::UnboundedReceiver<DiscoveryEvent>,
-    subscriber: EventSubscriber,
+    topics: Vec<Topic>,
+    /// What every subscription's task has received, labelled with its endpoint and generation.
+    deliveries: mpsc::Sender<(String, u64, Result<Delivery, PlaneError>)>,
+    delivered: mpsc::Receiver<(String, u64, Result<Delivery, PlaneError>)>,
+    generations: u64,
     /// One connection per discovered endpoint, alive or not (dormant ones are closed).
     clients: HashMap<String, Arc<WorkerClient>>,
     /// Every connection's status reports, labelled with its endpoint.
     statuses: mpsc::UnboundedSender<(String, WorkerStatus)>,
     status_reports: mpsc::UnboundedReceiver<(String, WorkerStatus)>,
-    /// Endpoint → the publisher id and event endpoint subscribed to for it.
-    subscribed: HashMap<String, (WorkerId, String)>,
-    /// Publisher id → endpoint, for the subscribed ones.
-    publishers: HashMap<WorkerId, String>,
+    /// Endpoint → what is subscribed to for it.
+    subscribed: HashMap<String, Subscription>,
     dormancy: Dormancy,
     check: tokio::time::Interval,
+}
+
+/// Deliveries one subscription's task may have queued: the event plane's own high-water mark bounds what
+/// waits behind them, and a gap there is resynced like any other.
+const DELIVERIES: usize = 4096;
+
+/// One worker's event subscription: its own socket, read by its own task.
+struct Subscription {
+    id: WorkerId,
+    events: String,
+    generation: u64,
+    _task: crate::core::AbortOnDrop,
 }
 
 impl Members {
@@ -77,19 +97,21 @@ impl Members {
         topics: &[Topic],
     ) -> Result<Self, PlaneError> {
         let context = Context::with_key(key);
-        let subscriber = EventSubscriber::new(&context, topics, HIGH_WATER_MARK)?;
         let (statuses, status_reports) = mpsc::unbounded_channel();
+        let (deliveries, delivered) = mpsc::channel(DELIVERIES);
         Ok(Self {
             context,
             namespace: namespace.to_string(),
             dead_after,
             found: discovery.watch(namespace),
-            subscriber,
+            topics: topics.to_vec(),
+            deliveries,
+            delivered,
+            generations: 0,
             clients: HashMap::new(),
             statuses,
             status_reports,
             subscribed: HashMap::new(),
-            publishers: HashMap::new(),
             dormancy: Dormancy::default(),
             check: tokio::time::interval(CHECK_INTERVAL),
         })
@@ -151,15 +173,16 @@ impl Members {
                         WorkerStatus::Incompatible { theirs } => Change::Incompatible { endpoint, theirs },
                     });
                 }
-                delivery = self.subscriber.next() => match delivery {
-                    Ok(delivery) => {
-                        // Only from the process subscribed to: a restarted worker's predecessor is history.
-                        let Some(endpoint) = self.publishers.get(&delivery.header.publisher) else { continue };
-                        return Some(Change::Delivered { endpoint: endpoint.clone(), delivery });
+                Some((endpoint, generation, delivery)) = self.delivered.recv() => {
+                    // Only from the subscription still open: what a replaced one queued is history.
+                    if self.subscribed.get(&endpoint).is_none_or(|s| s.generation != generation) {
+                        continue;
                     }
-                    Err(error @ PlaneError::Malformed(_)) => return Some(Change::Malformed(error)),
-                    Err(error) => tracing::warn!("event plane: {error}"),
-                },
+                    return Some(match delivery {
+                        Ok(delivery) => Change::Delivered { endpoint, delivery },
+                        Err(error) => Change::Malformed(error),
+                    });
+                }
             }
         }
     }
@@ -173,23 +196,23 @@ impl Members {
     /// was subscribed to for that endpoint before).
     pub fn subscribe(&mut self, endpoint: &str, instance: &Instance) -> Result<(), PlaneError> {
         let events = instance.event_endpoint_from(endpoint);
-        if self.subscribed.get(endpoint) == Some(&(instance.id, events.clone())) {
+        if self.subscribed.get(endpoint).is_some_and(|s| s.id == instance.id && s.events == events) {
             return Ok(());
         }
         self.unsubscribe(endpoint);
-        self.subscriber.add_publisher(&events)?;
-        self.publishers.insert(instance.id, endpoint.to_string());
-        self.subscribed.insert(endpoint.to_string(), (instance.id, events));
+        let subscriber = EventSubscriber::connect(&self.context, &[&events], &self.topics, HIGH_WATER_MARK)?;
+        self.generations += 1;
+        let generation = self.generations;
+        let task =
+            tokio::spawn(forward(subscriber, endpoint.to_string(), instance.id, generation, self.deliveries.clone()));
+        let subscription = Subscription { id: instance.id, events, generation, _task: crate::core::AbortOnDrop(task) };
+        self.subscribed.insert(endpoint.to_string(), subscription);
         Ok(())
     }
 
     /// No more events from the worker at `endpoint`; its connection stays.
     pub fn unsubscribe(&mut self, endpoint: &str) {
-        let Some((id, events)) = self.subscribed.remove(endpoint) else { return };
-        self.publishers.remove(&id);
-        if let Err(error) = self.subscriber.remove_publisher(&events) {
-            tracing::debug!("event plane: {error}");
-        }
+        self.subscribed.remove(endpoint);
     }
 
     /// Drops the endpoint until discovery names it again: its connection, subscription and probes.
@@ -207,6 +230,34 @@ impl Members {
                 self.clients.insert(endpoint.to_string(), Arc::new(client));
             }
             Err(error) => tracing::warn!("cannot connect to worker at {endpoint}: {error}"),
+        }
+    }
+}
+
+/// Reads one worker's subscription into the owner's queue, labelled; a message under another id than the
+/// worker's is passed on as malformed.
+async fn forward(
+    mut subscriber: EventSubscriber,
+    endpoint: String,
+    id: WorkerId,
+    generation: u64,
+    deliveries: mpsc::Sender<(String, u64, Result<Delivery, PlaneError>)>,
+) {
+    loop {
+        let delivery = match subscriber.next().await {
+            Ok(delivery) if delivery.header.publisher != id => {
+                let claimed = delivery.header.publisher;
+                Err(PlaneError::Malformed(FrameError::NotItsWorker { worker: id, claimed }))
+            }
+            Ok(delivery) => Ok(delivery),
+            Err(error @ PlaneError::Malformed(_)) => Err(error),
+            Err(error) => {
+                tracing::warn!("event plane: the subscription to the worker at {endpoint} failed: {error}");
+                return;
+            }
+        };
+        if deliveries.send((endpoint.clone(), generation, delivery)).await.is_err() {
+            return;
         }
     }
 }

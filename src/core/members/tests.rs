@@ -61,3 +61,56 @@ async fn a_worker_is_followed_from_discovery_to_its_events_and_its_departure() {
     assert!(matches!(&left, Change::Left(e) if *e == endpoint), "{left:?}");
     assert!(members.client(&endpoint).is_none(), "its connection is closed with its departure");
 }
+
+#[tokio::test]
+async fn events_count_as_the_worker_whose_connection_they_came_over_whatever_id_they_claim() {
+    use crate::core::plane::EventPublisher;
+    use crate::core::protocol::plane::Payload;
+    use crate::core::protocol::{KvEvent, KvEventBatch};
+    let cluster = crate::core::discovery::TempClusterFile::new();
+    let mut members =
+        Members::watch(&cluster.discovery, "members", Duration::from_secs(5), None, &[Topic::Kv]).unwrap();
+    let context = Context::new();
+    // Worker 7, and a member (worker 9 by its record) that publishes under 7's id from its own socket.
+    let mut honest = EventPublisher::bind(&context, "tcp://127.0.0.1:*", 7, HIGH_WATER_MARK).unwrap();
+    let mut forger = EventPublisher::bind(&context, "tcp://127.0.0.1:*", 7, HIGH_WATER_MARK).unwrap();
+    let record = |id: u64, events: &str| Instance {
+        id,
+        role: Role::Decode,
+        model: "m".into(),
+        namespace: "members".into(),
+        request_addr: String::new(),
+        event_addr: events.to_string(),
+        transfer_addr: None,
+        card: crate::core::protocol::discovery::ModelCardSummary {
+            block_size: 16,
+            context_length: 4096,
+            kv_blocks: 1024,
+            tokenizer_hash: 1,
+        },
+        device: String::new(),
+    };
+    members.subscribe("tcp://127.0.0.1:1", &record(7, honest.endpoint())).unwrap();
+    members.subscribe("tcp://127.0.0.1:2", &record(9, forger.endpoint())).unwrap();
+    let batch = |hash: u64| KvEventBatch { worker_id: 7, events: vec![KvEvent::Removed { hashes: vec![hash] }] };
+    let (mut honest_heard, mut forgery_refused) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(honest_heard && forgery_refused) {
+        assert!(tokio::time::Instant::now() < deadline, "heard {honest_heard}, refused {forgery_refused}");
+        honest.publish(&batch(1)).unwrap();
+        forger.publish(&batch(2)).unwrap();
+        let Ok(Some(change)) = tokio::time::timeout(Duration::from_millis(20), members.next()).await else { continue };
+        match change {
+            Change::Delivered { endpoint, delivery } => {
+                assert_eq!(endpoint, "tcp://127.0.0.1:1", "a forgery was delivered as worker 7's");
+                let batch = KvEventBatch::from_bytes(&delivery.payload).unwrap();
+                assert_eq!(batch.events, [KvEvent::Removed { hashes: vec![1] }]);
+                honest_heard = true;
+            }
+            Change::Malformed(PlaneError::Malformed(FrameError::NotItsWorker { worker: 9, claimed: 7 })) => {
+                forgery_refused = true;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -52,6 +52,8 @@ pub enum FrameError {
     Unsealed,
     #[error("a sealed message received before, sent again (a replay by someone who captured it)")]
     Replayed,
+    #[error("a message from worker {worker:016x}'s connection under another worker's id, {claimed:016x}")]
+    NotItsWorker { worker: u64, claimed: u64 },
 }
 
 /// A decoded frame's header; the payload stays bytes until the reader knows what it wants.

@@ -308,10 +308,13 @@ impl Membership {
                             }
                         }
                     }
-                    Some(Change::Incompatible { endpoint, theirs }) => tracing::warn!(
-                        "worker at {endpoint} speaks request-plane version {theirs}, this router {}; not used",
-                        crate::core::protocol::request::PROTOCOL_VERSION
-                    ),
+                    Some(Change::Incompatible { endpoint, theirs }) => {
+                        self.metrics.worker_refused("protocol");
+                        tracing::warn!(
+                            "worker at {endpoint} speaks request-plane version {theirs}, this router {}; not used",
+                            crate::core::protocol::request::PROTOCOL_VERSION
+                        )
+                    }
                     Some(Change::Delivered { endpoint, delivery }) => self.deliver(&endpoint, delivery),
                     Some(Change::Malformed(error)) => {
                         self.metrics.plane(PlaneEvent::Malformed, 1);
@@ -340,11 +343,13 @@ impl Membership {
             Role::Decode => Pool::Decode,
             Role::Prefill if instance.transfer_addr.is_some() => Pool::Prefill,
             Role::Prefill => {
+                self.metrics.worker_refused("no_transfer_agent");
                 tracing::warn!("prefill worker {:016x} at {addr} names no transfer agent; not used", instance.id);
                 return Ok(());
             }
             Role::Encode if instance.transfer_addr.is_some() => Pool::Encode,
             Role::Encode => {
+                self.metrics.worker_refused("no_transfer_agent");
                 tracing::warn!("encode worker {:016x} at {addr} names no transfer agent; not used", instance.id);
                 return Ok(());
             }
@@ -355,7 +360,19 @@ impl Membership {
                 return Ok(());
             }
         };
+        // Ids are random per process: a second endpoint answering with a live worker's id is an impostor (or a
+        // copy of its state), and taking it would hand it the real worker's place and, when it left, remove both.
+        if let Some(holder) = self.members.iter().find(|(at, m)| m.id == instance.id && at.as_str() != addr) {
+            self.metrics.worker_refused("duplicate_id");
+            tracing::warn!(
+                "the member at {addr} answers as worker {:016x}, which the worker at {} is; not used",
+                instance.id,
+                holder.0
+            );
+            return Ok(());
+        }
         if instance.namespace != self.settings.namespace {
+            self.metrics.worker_refused("namespace");
             tracing::warn!(
                 "worker at {addr} is in namespace {:?}, this router in {:?}; not used",
                 instance.namespace,
@@ -375,6 +392,7 @@ impl Membership {
         let router = match self.state.as_ref().and_then(|state| state.find(&instance.model)) {
             Some(served) => {
                 if let Some(reason) = incompatibility(&served.model, served.router.block_size(), &instance) {
+                    self.metrics.worker_refused("model");
                     tracing::warn!("worker {:016x} at {addr} {reason}; not used", instance.id);
                     return Ok(());
                 }
@@ -707,6 +725,34 @@ mod tests {
         let router = cluster.state.first().router;
         let routed = router.route(PreprocessedRequest::greedy("r", vec![1, 2, 3], 1)).unwrap();
         assert_eq!(routed.worker_id, 2);
+    }
+
+    #[tokio::test]
+    async fn a_second_endpoint_answering_with_a_live_workers_id_is_not_used() {
+        let model = Model::load(&ModelSource::Builtin, None).unwrap();
+        let cluster = crate::core::discovery::TempClusterFile::new();
+        let discovery = &cluster.discovery;
+        let planes = PlaneSettings::loopback(Role::Decode, "ids", None);
+        let honest = expose(mocker(5), &model, 16, &planes, discovery).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cluster = Cluster::join(discovery, settings("ids", None), metrics.clone()).await.unwrap();
+        // Another process says it is worker 5: taking it would give it 5's requests (and its leaving would
+        // take 5 out of routing).
+        let impostor = expose(mocker(5), &model, 16, &planes, discovery).unwrap();
+        let refused = || {
+            let sample = "dynamo_router_workers_refused_total{reason=\"duplicate_id\"}";
+            let text = metrics.render(&[], &[]);
+            text.lines().find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        eventually("the impostor is refused", || refused() >= 1.0).await;
+        let router = cluster.state.first().router;
+        assert_eq!(router.worker_count(), 1);
+        let streams: Vec<_> = (0..3)
+            .map(|i| router.route(PreprocessedRequest::greedy(format!("r{i}"), vec![1, 2, 3], 2000)).unwrap())
+            .collect();
+        eventually("the requests run on the real worker", || honest.in_flight() == 3).await;
+        assert_eq!(impostor.in_flight(), 0, "the impostor was handed requests");
+        drop(streams);
     }
 
     #[tokio::test]

@@ -31,6 +31,8 @@ pub struct Metrics {
     plane: IntCounterVec,
     /// Request-plane messages a router's clients dropped unread, by reason.
     request_plane_dropped: IntCounterVec,
+    /// Workers' answers a router did not take, by reason.
+    workers_refused: IntCounterVec,
     /// Requests the preprocessing pool turned away because its queue was full.
     preprocess_refused: IntCounterVec,
     /// Where prompts were prefilled once prefill workers were up.
@@ -426,6 +428,14 @@ impl Metrics {
                  (a snapshot frame nobody asked for), replayed (a sealed answer received before, sent again)",
                 &["reason"],
             ),
+            workers_refused: counter(
+                &registry,
+                "dynamo_router_workers_refused_total",
+                "Workers' answers a router did not use: protocol (another request-plane version), namespace, model \
+                 (a model or KV layout other than the one served), no_transfer_agent (a prefill or encode worker \
+                 without one), duplicate_id (the id of a live worker at another endpoint)",
+                &["reason"],
+            ),
             preprocess_refused: counter(
                 &registry,
                 "dynamo_frontend_preprocess_refused_total",
@@ -695,6 +705,11 @@ impl Metrics {
     }
 
     /// Counts request-plane messages a router dropped unread (`reason`: unsealed, unsolicited).
+    /// Counts a worker's answer the router did not use (`reason` as the metric's help names them).
+    pub fn worker_refused(&self, reason: &str) {
+        self.workers_refused.with_label_values(&[reason]).inc();
+    }
+
     pub fn request_plane_dropped(&self, reason: &str, count: u64) {
         if count > 0 {
             self.request_plane_dropped.with_label_values(&[reason]).inc_by(count);
