@@ -14,6 +14,9 @@ pub const MAX_N: u32 = 128;
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Engine requests one HTTP request may start (prompts × n): each is routed and streamed on its own.
 pub const MAX_CHOICES: usize = 1024;
+/// Prompt tokens summed over a request's generations: each generation carries its prompt to a worker, so n
+/// samples of a long prompt hold n copies (128 of a 128k-token prompt would be 64 MiB from one request).
+pub const MAX_CHOICE_TOKENS: usize = 1 << 22;
 
 /// Reads the body as JSON, reporting syntax errors plainly.
 pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -139,6 +142,17 @@ pub fn build_choices(
         && top > MAX_TOP_LOGPROBS
     {
         return Err(ApiError::invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {top}")));
+    }
+    let copied: usize = prompts.iter().map(|prompt| prompt.len().saturating_mul(n as usize)).sum();
+    if copied > MAX_CHOICE_TOKENS {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} generation(s) of these prompts would carry {copied} prompt tokens to the workers; at most \
+                 {MAX_CHOICE_TOKENS} per request: lower n or send the prompts in several requests",
+                prompts.len() * n as usize
+            ),
+        ));
     }
     let stop = stop_strings(params.stop.as_ref())?;
     let constraint = super::structured::constraint(model, params)?;
@@ -373,6 +387,27 @@ mod tests {
         assert!(choices_per_prompt(&ok, 2_000_000).is_err());
         let n = SamplingParams { n: Some(129), ..SamplingParams::default() };
         assert_eq!(choices_per_prompt(&n, 1).unwrap_err().param.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn many_samples_of_a_long_prompt_are_bounded_in_prompt_tokens() {
+        let mut long = Model::load(&ModelSource::Builtin, None).unwrap();
+        let options = EndpointOptions {
+            max_tokens: Some(1),
+            logprobs: None,
+            request_id: "x".into(),
+            prompt_field: "prompt",
+            max_tokens_field: "max_tokens",
+        };
+        let params = SamplingParams { n: Some(128), max_tokens: Some(1), ..SamplingParams::default() };
+        // A context of 128k tokens, as real models have: the prompt alone is within it.
+        long.card.context_length = 1 << 17;
+        let fits = vec![vec![5; MAX_CHOICE_TOKENS / 128]];
+        assert_eq!(build_choices(&long, &params, &fits, &options).unwrap().len(), 128);
+        let past = vec![vec![5; MAX_CHOICE_TOKENS / 128 + 1]];
+        let err = build_choices(&long, &params, &past, &options).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("n"));
+        assert!(err.message.contains("at most 4194304"), "{}", err.message);
     }
 
     #[test]
