@@ -309,4 +309,27 @@ mod tests {
         // Without a key the stream passes through.
         assert_eq!(read_all(None, &plain).await.unwrap(), plain);
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::core::protocol::fuzz::config(128))]
+
+        /// A peer's arbitrary bytes, or a sealed stream with one byte changed, are refused: never a panic,
+        /// never a byte handed up that the key did not seal.
+        #[test]
+        fn arbitrary_or_altered_bytes_never_open(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..2048),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let key = ClusterKey::generate().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                assert!(read_all(Some(pair(&key).1), &bytes).await.is_err());
+                let mut wire = on_the_wire(pair(&key).0, &bytes).await;
+                let at = at.index(wire.len());
+                wire[at] ^= flip;
+                assert!(read_all(Some(pair(&key).1), &wire).await.is_err(), "a changed byte at {at} opened");
+            });
+        }
+    }
 }
