@@ -87,6 +87,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-batched-to
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
@@ -131,6 +133,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-batched
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
@@ -174,6 +178,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-batche
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
@@ -298,6 +304,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-batche
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
@@ -416,6 +424,8 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-events -d 'vLLM / SGLang: its KV-event publisher (the endpoint of its --kv-events-config, e.g. tcp://HOST:5557); TensorRT-LLM: its events URL, asked every 100 ms (http://HOST:PORT/kv_cache_events). Without it the routers see no KV of this worker and route to it by load only' -r
@@ -464,10 +474,12 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_sub
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l temperature -d 'Sampling temperatures to decode at, each with every batch size (0 is greedy, the others are compared with it)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l decode-steps -d 'Timed decode steps per batch size' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l repeats -d 'Prefill runs per prompt length' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l quantization -d 'How the weights are held, each measured in turn: none (the checkpoint\'s), int8' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
+int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l structured -d 'Also decode each batch held to a JSON schema (structured output) and compare with it free ("× free")'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -l json -d 'Print one JSON object on the last line as well'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s h -l help -d 'Print help'
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from engine" -s V -l version -d 'Print version'
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from encode" -l model -d 'LLaVA-style checkpoint directory [default: a generated random LLaVA-1.5-shaped vision tower, bf16]' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from encode" -l threads -d 'Compute threads [default: the CPUs this process may use]' -r

@@ -2,7 +2,7 @@
 use crate::core::engine::EngineSettings;
 use crate::core::engine::external::{ExternalKind, ExternalSettings};
 use crate::core::engine::mocker::MockerConfig;
-use crate::core::engine::native::{Device, NativeSettings};
+use crate::core::engine::native::{Device, NativeSettings, Quantization};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::frontend::media::MediaSettings;
 use crate::core::frontend::{ApiKey, HttpSettings};
@@ -107,6 +107,11 @@ pub struct EngineArgs {
     #[arg(long, env = "DYNAMO_KV_CACHE_GIB", default_value_t = 1.0, value_parser = positive_f64)]
     pub kv_cache_gib: f64,
 
+    /// Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per
+    /// output channel, quantized at load; CPU only: about half of bf16's bytes to stream per token).
+    #[arg(long, env = "DYNAMO_QUANTIZATION", value_enum, default_value_t = Quantization::None)]
+    pub quantization: Quantization,
+
     /// Mocker: simulated time runs this many times faster than the fitted real timing.
     #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
     pub speedup: f64,
@@ -162,6 +167,12 @@ impl EngineArgs {
                 "{flag} is for an external engine (--engine vllm, sglang or trtllm); this worker runs its own engine"
             );
         }
+        if self.quantization != Quantization::None && self.engine != EngineKind::Native {
+            anyhow::bail!(
+                "--quantization is the native engine's; the mocker has no weights, and an external engine takes its \
+                 own (vLLM's and SGLang's --quantization)"
+            );
+        }
         let profile = match (&self.profile, self.engine) {
             (None, _) => None,
             (Some(_), EngineKind::Mocker) => {
@@ -187,6 +198,7 @@ impl EngineArgs {
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
                 profile,
+                quantization: self.quantization,
             }),
             EngineKind::Vllm | EngineKind::Sglang | EngineKind::Trtllm => EngineSettings::External(ExternalSettings {
                 kind: match self.engine {

@@ -218,6 +218,10 @@ pub struct EngineArgs {
     #[arg(long)]
     pub structured: bool,
 
+    /// How the weights are held, each measured in turn: none (the checkpoint's), int8.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    pub quantization: Vec<crate::core::engine::native::Quantization>,
+
     /// Print one JSON object on the last line as well.
     #[arg(long)]
     pub json: bool,
@@ -748,12 +752,18 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         decode_steps: args.decode_steps as usize,
         repeats: args.repeats as usize,
         structured: args.structured,
+        quantization: Default::default(),
     };
     println!("dynamo bench engine: the native engine, medians, against ceilings measured in this run (CPU only)");
-    let result = engine::run(&settings)?;
-    print!("{}", engine::table(&result));
+    let mut results = Vec::new();
+    for &quantization in &args.quantization {
+        let result = engine::run(&EngineBenchSettings { quantization, ..settings.clone() })?;
+        print!("{}", engine::table(&result));
+        results.push(result);
+    }
+    print!("{}", engine::comparison(&results));
     if args.json {
-        println!("{}", serde_json::json!({"bench": "engine", "result": result}));
+        println!("{}", engine::json(&results));
     }
     Ok(())
 }

@@ -242,7 +242,7 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
         "--structured",
         "--json",
     ]);
-    let result = &json["result"];
+    let result = &json["results"][0];
     assert!(result["bandwidth_gb_s"].as_f64().is_some_and(|b| b > 0.0), "{json}");
     assert!(result["peak_gmacs"].as_f64().is_some_and(|p| p > 0.0), "{json}");
     assert_eq!(result["prefill"].as_array().map(Vec::len), Some(2), "{json}");
@@ -263,6 +263,37 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
     assert!(decode.iter().all(|d| d["vs_greedy"].as_f64().is_some_and(|v| v > 0.0)), "{json}");
     assert!(decode.iter().all(|d| d["vs_unconstrained"].as_f64().is_some() == (d["structured"] == true)), "{json}");
     assert!(decode[7]["sampling_share"].as_f64().is_some_and(|s| s > 0.0 && s < 1.0), "{json}");
+}
+
+#[test]
+fn bench_engine_measures_int8_beside_the_checkpoints_weights() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/llama");
+    let args = ["bench", "engine", "--model", model.to_str().unwrap(), "--threads", "2", "--prompt-tokens", "8"];
+    let more = ["--batch", "1,2", "--temperature", "0", "--decode-steps", "2", "--repeats", "1"];
+    let json = last_json_line(&[&args[..], &more, &["--quantization", "none,int8", "--json"]].concat());
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{json}");
+    assert!(results[0]["logits_error"].is_null(), "{json}");
+    let error = &results[1]["logits_error"];
+    assert!(error["max"].as_f64().is_some_and(|e| e > 0.0), "{json}");
+    assert!(error["same_top_token"].as_f64().is_some_and(|s| s > 0.5), "{json}");
+    // A byte a weight and a scale a row, against the checkpoint's f32 (and f32's norms, kept as they are).
+    let bytes = |r: &serde_json::Value| r["weight_bytes"].as_f64().unwrap();
+    assert!(bytes(&results[1]) < bytes(&results[0]) / 3.0, "{json}");
+    // The summary rows, each with its quantization.
+    let rows: Vec<(u64, &str)> = json["decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["batch"].as_u64().unwrap(), d["quantization"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rows, [(1, "none"), (2, "none"), (1, "int8"), (2, "int8")], "{json}");
+    assert!(json["decode"].as_array().unwrap().iter().all(|d| d["tok_s"].as_f64().is_some_and(|t| t > 0.0)));
+    assert_eq!(json["prefill"].as_array().map(Vec::len), Some(2), "{json}");
+    // The quantization of the native engine only.
+    let ran = dynamo().args(["run", "--engine", "mocker", "--quantization", "int8"]).output().unwrap();
+    assert!(!ran.status.success());
+    assert!(String::from_utf8_lossy(&ran.stderr).contains("native engine"), "{ran:?}");
 }
 
 #[test]

@@ -85,7 +85,7 @@ pub fn run(settings: &EncodeBenchSettings) -> Result<EncodeBenchResult, EngineBe
             (generated.dir.clone(), "random LLaVA-1.5 vision shape (CLIP ViT-L/14-336, bf16)".to_string())
         }
     };
-    let model = load_cpu(&ModelSource::Dir(dir), settings.threads, |_, _| {})?;
+    let model = load_cpu(&ModelSource::Dir(dir), settings.threads, Default::default(), |_, _| {})?;
     let tower = model.vision().ok_or_else(|| {
         EngineBenchError::Encode("the model has no vision tower: name a LLaVA-style checkpoint".into())
     })?;
@@ -184,6 +184,7 @@ async fn interference_run(
             num_blocks: Some(scheduler.num_blocks),
             scheduler,
             profile: None,
+            quantization: Default::default(),
         }),
         router: Default::default(),
         listen: ([127, 0, 0, 1], 0).into(),

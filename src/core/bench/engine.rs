@@ -8,7 +8,9 @@ use crate::core::engine::native::Device;
 use crate::core::engine::native::backend::{Backend, BackendError};
 use crate::core::engine::native::cuda::CudaBackend;
 use crate::core::engine::native::model::Transformer;
-use crate::core::engine::native::{NativeError, NativeExecutor, load, load_cpu};
+use crate::core::engine::native::{
+    LogitsError, NativeError, NativeExecutor, Quantization, load, load_cpu, logits_error,
+};
 use crate::core::engine::scheduler::{Scheduler, SchedulerConfig};
 use crate::core::grammar::Compiler;
 use crate::core::model::{Model, ModelSource};
@@ -35,6 +37,7 @@ pub struct EngineBenchSettings {
     pub repeats: usize,
     /// Also decode every batch under a JSON schema (structured output), to price the grammar's masks.
     pub structured: bool,
+    pub quantization: Quantization,
 }
 
 /// What the structured runs are held to: nested objects, arrays, strings, numbers and an enum, the parts a
@@ -80,6 +83,9 @@ pub struct EngineBenchResult {
     pub model: String,
     pub device: String,
     pub threads: usize,
+    pub quantization: Quantization,
+    /// Quantized: how far its logits are from the checkpoint's over a 24-token prompt.
+    pub logits_error: Option<LogitsError>,
     pub weight_bytes: u64,
     /// What the KV pages hold (`F32` or `Bf16`).
     pub kv_dtype: String,
@@ -124,6 +130,7 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
         false => None,
     };
     match settings.device.resolve() {
+        Device::Cuda(_) if settings.quantization != Quantization::None => Err(NativeError::QuantizedOnGpu.into()),
         Device::Cuda(ordinal) => {
             let model = load(&source, CudaBackend::new(ordinal)?, |_, _| {})?;
             // The CPU's ceilings say nothing about a GPU; measuring the GPU's is still to do, so the
@@ -131,10 +138,16 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
             measure(&model, settings, grammars, name, None)
         }
         Device::Cpu | Device::Auto => {
-            let model = load_cpu(&source, settings.threads, |_, _| {})?;
+            let model = load_cpu(&source, settings.threads, settings.quantization, |_, _| {})?;
             let bandwidth_gb_s = measure_bandwidth(settings.threads);
             let peak_macs = model.backend().peak_macs_per_s();
-            measure(&model, settings, grammars, name, Some((bandwidth_gb_s, peak_macs)))
+            let mut result = measure(&model, settings, grammars, name, Some((bandwidth_gb_s, peak_macs)))?;
+            if settings.quantization != Quantization::None {
+                // Under GEMM_MIN_ROWS, so its products are decode's (activations quantized too): the larger error.
+                let prompt = random_tokens(24, model.config.vocab_size as u32, 7);
+                result.logits_error = Some(logits_error(&source, settings.threads, settings.quantization, &prompt)?);
+            }
+            Ok(result)
         }
     }
 }
@@ -242,6 +255,8 @@ fn measure<B: Backend>(
         model: name,
         device: model.backend().describe(),
         threads: settings.threads,
+        quantization: settings.quantization,
+        logits_error: None,
         weight_bytes,
         kv_dtype: format!("{:?}", model.kv_dtype()),
         bandwidth_gb_s,
@@ -254,8 +269,19 @@ fn measure<B: Backend>(
 }
 
 pub fn table(r: &EngineBenchResult) -> String {
+    let quantized = match (r.quantization, r.logits_error) {
+        (Quantization::None, _) => String::new(),
+        (Quantization::Int8, Some(error)) => format!(
+            ", int8 (logits within {:.4} of the checkpoint's, {:.2} % of the largest; the same top token at \
+             {:.0} % of positions)",
+            error.max,
+            error.relative * 100.0,
+            error.same_top_token * 100.0
+        ),
+        (Quantization::Int8, None) => ", int8".to_string(),
+    };
     let mut out = format!(
-        "model: {} ({:.0} MB of weights, {} KV pages) on {}\n\
+        "model: {}{quantized} ({:.0} MB of weights, {} KV pages) on {}\n\
          memory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n\
          matrix-product peak {:.1} GMAC/s → compute bound {:.1} tok/s (prefill, big batches)\n",
         r.model,
@@ -297,6 +323,75 @@ pub fn table(r: &EngineBenchResult) -> String {
         ));
     }
     out
+}
+
+/// Each quantized run's decode and prefill speeds against the unquantized run's, in the same run (one line
+/// each); empty without both.
+pub fn comparison(results: &[EngineBenchResult]) -> String {
+    let Some(base) = results.iter().find(|r| r.quantization == Quantization::None) else { return String::new() };
+    let mut out = String::new();
+    for quantized in results.iter().filter(|r| r.quantization != Quantization::None) {
+        for d in &quantized.decode {
+            let same = base
+                .decode
+                .iter()
+                .find(|b| (b.batch, b.temperature, b.structured) == (d.batch, d.temperature, d.structured));
+            if let Some(b) = same {
+                out.push_str(&format!(
+                    "{:?} decode batch {} temp {}: {:.1} tok/s, {:.2}× unquantized ({:.1}); {:.2}× the unquantized \
+                     model's memory bound\n",
+                    quantized.quantization,
+                    d.batch,
+                    d.temperature,
+                    d.tokens_per_s,
+                    d.tokens_per_s / b.tokens_per_s,
+                    b.tokens_per_s,
+                    d.tokens_per_s / base.decode_bound_tokens_per_s / d.batch as f64,
+                ));
+            }
+        }
+        for p in &quantized.prefill {
+            if let Some(b) = base.prefill.iter().find(|b| b.prompt_tokens == p.prompt_tokens) {
+                out.push_str(&format!(
+                    "{:?} prefill {} tokens: {:.1} tok/s, {:.2}× unquantized ({:.1})\n",
+                    quantized.quantization,
+                    p.prompt_tokens,
+                    p.tokens_per_s,
+                    p.tokens_per_s / b.tokens_per_s,
+                    b.tokens_per_s
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The runs as the issue's summary lists them: every decode and prefill row with its quantization.
+pub fn json(results: &[EngineBenchResult]) -> serde_json::Value {
+    let decode: Vec<serde_json::Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.decode.iter().map(|d| {
+                serde_json::json!({"batch": d.batch, "temperature": d.temperature, "structured": d.structured,
+                    "quantization": r.quantization, "tok_s": d.tokens_per_s})
+            })
+        })
+        .collect();
+    let prefill: Vec<serde_json::Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.prefill.iter().map(|p| {
+                serde_json::json!({"tokens": p.prompt_tokens, "quantization": r.quantization, "tok_s": p.tokens_per_s})
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "bench": "engine",
+        "results": results,
+        "decode": decode,
+        "prefill": prefill,
+        "bandwidth_gbps": results.first().map(|r| r.bandwidth_gb_s),
+    })
 }
 
 /// A scheduler with KV room for `seqs` sequences of `seq_len` tokens (and no more: faulting in an oversized

@@ -26,6 +26,7 @@ fn engine_of(id: WorkerId, model: &Model, source: &ModelSource) -> Arc<dyn Engin
         num_blocks: Some(64),
         scheduler,
         profile: None,
+        quantization: Default::default(),
     });
     spawn_engines(model, source, &settings, &[id]).unwrap().remove(0)
 }

@@ -23,6 +23,7 @@ fn settings(prefill_workers: usize, disagg_threshold: usize) -> RunSettings {
             num_blocks: Some(128),
             scheduler,
             profile: None,
+            quantization: Default::default(),
         }),
         router: RouterConfig { disagg_threshold, ..RouterConfig::default() },
         listen: ([127, 0, 0, 1], 0).into(),

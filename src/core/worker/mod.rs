@@ -399,6 +399,7 @@ mod tests {
             num_blocks: Some(64),
             scheduler,
             profile: None,
+            quantization: Default::default(),
         });
         let engine =
             crate::core::engine::spawn_engines(&model, &ModelSource::Builtin, &native, &[7]).unwrap().remove(0);

@@ -79,6 +79,11 @@ pub trait Backend: Send + Sync + 'static {
     fn vector(&self, data: &[f32]) -> Op<Self::Vector>;
     fn zeros(&self, len: usize) -> Op<Self::Vector>;
     fn matrix(&self, tensor: HostTensor) -> Op<Self::Matrix>;
+    /// Bytes `matrix(tensor)` will hold, which a decode step streams: the checkpoint's unless the backend
+    /// stores it otherwise (quantized).
+    fn matrix_bytes(&self, tensor: &HostTensor) -> u64 {
+        tensor.data.byte_len() as u64
+    }
     /// What this backend's KV pages hold for a model whose weights are bf16 (`bf16_weights`) or not.
     fn kv_dtype(&self, bf16_weights: bool) -> KvDtype {
         let _ = bf16_weights;

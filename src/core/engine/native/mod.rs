@@ -15,6 +15,7 @@ pub mod vision;
 pub mod weights;
 
 use super::batch::{BatchEngine, Pacing};
+use super::blocks::PageId;
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
 use crate::core::grammar::Guide;
 use crate::core::model::{BUILTIN_WEIGHTS, ModelError, ModelSource, read_config};
@@ -59,6 +60,19 @@ pub enum NativeError {
          LLaVA-style checkpoint"
     )]
     NoVisionTower,
+    #[error("--quantization int8 runs on the CPU backend only; on a GPU serve the checkpoint as it is")]
+    QuantizedOnGpu,
+}
+
+/// How the native engine holds a model's matrices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// As the checkpoint stores them (f32, bf16; f16 is widened to f32).
+    #[default]
+    None,
+    /// Symmetric int8 per output channel, quantized at load (CPU).
+    Int8,
 }
 
 /// Where the native engine computes.
@@ -106,16 +120,73 @@ pub struct NativeSettings {
     pub scheduler: SchedulerConfig,
     /// How fast it is, measured earlier by `dynamo profile` (`Engine::profile`).
     pub profile: Option<crate::core::protocol::profile::Profile>,
+    pub quantization: Quantization,
 }
 
 /// Loads a model on the CPU, reporting `(layers done, layers)` as it goes.
 pub fn load_cpu(
     source: &ModelSource,
     threads: usize,
+    quantization: Quantization,
     progress: impl FnMut(usize, usize),
 ) -> Result<Arc<Transformer<CpuBackend>>, NativeError> {
     let backend = CpuBackend::new(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?;
+    let backend = match quantization {
+        Quantization::None => backend,
+        Quantization::Int8 => backend.quantized_int8(),
+    };
     load(source, backend, progress)
+}
+
+/// How far a quantization moves a model's logits from the checkpoint's, over every position of a prompt.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LogitsError {
+    /// The largest difference.
+    pub max: f32,
+    /// `max` over the largest logit's magnitude.
+    pub relative: f32,
+    /// Positions whose most likely next token is the same.
+    pub same_top_token: f32,
+}
+
+/// `LogitsError` of `quantization` on `prompt` (f32 compute throughout, so only the weights differ): what the
+/// tests hold int8 to and `dynamo bench engine` prints.
+pub fn logits_error(
+    source: &ModelSource,
+    threads: usize,
+    quantization: Quantization,
+    prompt: &[u32],
+) -> Result<LogitsError, NativeError> {
+    let backend = |quantization: Quantization| -> Result<CpuBackend, NativeError> {
+        let backend =
+            CpuBackend::reference(threads).map_err(|e| NativeError::Threads { threads, detail: e.to_string() })?;
+        Ok(match quantization {
+            Quantization::None => backend,
+            Quantization::Int8 => backend.quantized_int8(),
+        })
+    };
+    let logits = |backend: CpuBackend| -> Result<Vec<f32>, NativeError> {
+        const BLOCK: usize = 16;
+        let model = load(source, backend, |_, _| {})?;
+        let pages: Vec<PageId> = (0..prompt.len().div_ceil(BLOCK) as PageId).collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(prompt, 0, prompt.len(), &pages, BLOCK, true);
+        batch.logit_rows = (0..prompt.len()).collect();
+        let mut cache = model.new_cache(pages.len(), BLOCK)?;
+        Ok(model.forward(&mut cache, &batch, BLOCK)?)
+    };
+    let exact = logits(backend(Quantization::None)?)?;
+    let approximate = logits(backend(quantization)?)?;
+    let max = exact.iter().zip(&approximate).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let largest = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let top = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+    let vocab = exact.len() / prompt.len().max(1);
+    let same = exact.chunks(vocab.max(1)).zip(approximate.chunks(vocab.max(1))).filter(|(a, b)| top(a) == top(b));
+    Ok(LogitsError {
+        max,
+        relative: max / largest.max(f32::MIN_POSITIVE),
+        same_top_token: same.count() as f32 / prompt.len().max(1) as f32,
+    })
 }
 
 /// Loads a model onto any backend.
@@ -222,12 +293,13 @@ pub fn spawn_workers(
     progress: impl FnMut(usize, usize),
 ) -> Result<Vec<BatchEngine>, NativeError> {
     let engines: Vec<BatchEngine> = match settings.device.resolve() {
+        Device::Cuda(_) if settings.quantization != Quantization::None => return Err(NativeError::QuantizedOnGpu),
         Device::Cuda(ordinal) => {
             let model = load(source, cuda::CudaBackend::new(ordinal)?, progress)?;
             ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
         }
         Device::Cpu | Device::Auto => {
-            let model = load_cpu(source, settings.threads, progress)?;
+            let model = load_cpu(source, settings.threads, settings.quantization, progress)?;
             ids.iter().map(|&id| spawn(id, model.clone(), settings)).collect::<Result<_, _>>()?
         }
     };

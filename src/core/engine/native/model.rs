@@ -163,7 +163,7 @@ impl<B: Backend> Transformer<B> {
         };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix, WeightError> {
             let tensor = files.read(name, &[rows, cols], true)?;
-            weight_bytes.set(weight_bytes.get() + tensor.data.byte_len() as u64);
+            weight_bytes.set(weight_bytes.get() + backend.matrix_bytes(&tensor));
             bf16_weights.set(bf16_weights.get() || matches!(tensor.data, super::weights::HostData::Bf16(_)));
             Ok(backend.matrix(tensor)?)
         };

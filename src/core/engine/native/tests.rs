@@ -43,7 +43,7 @@ fn golden_is_bf16(file: &str) -> bool {
 }
 
 fn load(source: &ModelSource) -> Arc<Transformer<CpuBackend>> {
-    load_cpu(source, 2, |_, _| {}).unwrap()
+    load_cpu(source, 2, Default::default(), |_, _| {}).unwrap()
 }
 
 fn scheduler(
@@ -406,14 +406,14 @@ fn unsupported_and_broken_checkpoints_are_clear_errors() {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(testdata("golden/llama").join(f), dir.join(f)).unwrap();
     }
-    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, Default::default(), |_, _| {}).err().unwrap().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
     std::fs::write(dir.join("model.safetensors"), b"not safetensors").unwrap();
-    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, Default::default(), |_, _| {}).err().unwrap().to_string();
     assert!(err.contains("not a valid safetensors file"), "{err}");
     // The Qwen3 weights under the Llama config: shapes disagree, and the error says which tensor.
     std::fs::copy(testdata("golden/qwen3/model.safetensors"), dir.join("model.safetensors")).unwrap();
-    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, |_, _| {}).err().unwrap().to_string();
+    let err = load_cpu(&ModelSource::Dir(dir.clone()), 1, Default::default(), |_, _| {}).err().unwrap().to_string();
     assert!(err.contains("tensor `"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -617,6 +617,7 @@ async fn a_prefill_handed_to_another_engine_decodes_the_same_tokens_as_one_engin
         num_blocks: Some(64),
         scheduler: SchedulerConfig { block_size: 4, num_blocks: 64, ..SchedulerConfig::default() },
         profile: None,
+        quantization: Default::default(),
     };
     let prompt = golden("golden/tiny-chat.json").prompt_ids;
     let tokens = |stream: crate::core::engine::ResponseStream| async move {
@@ -692,6 +693,7 @@ async fn the_engine_names_its_device_and_reports_its_memory_and_limit() {
         num_blocks: Some(16),
         scheduler: SchedulerConfig { block_size: 4, num_blocks: 16, max_num_seqs: 3, ..SchedulerConfig::default() },
         profile: None,
+        quantization: Default::default(),
     };
     let engine = spawn(1, load(&ModelSource::Builtin), &settings).unwrap();
     assert!(engine.device().starts_with("cpu (") && engine.device().ends_with(" threads)"), "{}", engine.device());
@@ -856,5 +858,20 @@ fn llava_cases_through_the_scheduler(budget: usize) {
     let outputs = run(&mut s);
     for (id, case) in cases.iter().enumerate() {
         assert_eq!(of(&outputs, id as SeqId).0, case.greedy_ids, "case {id}");
+    }
+}
+
+/// int8 weights (one scale per output channel, activations in blocks of 32 for decode-sized products) move
+/// every fixture's logits by a few percent of the largest at most (these are random models of 2 layers and 64
+/// features, with no structure for the error to average out in), and mostly keep the most likely token.
+#[test]
+fn int8_weights_keep_every_fixtures_logits_close() {
+    for (source, file) in fixtures() {
+        let golden = golden(file);
+        let error = super::logits_error(&source, 2, super::Quantization::Int8, &golden.prompt_ids).unwrap();
+        eprintln!("{file}: int8 {error:?}");
+        assert!(error.max > 0.0, "{file}: int8 changed nothing: the quantization did not apply");
+        assert!(error.relative < 0.08, "{file}: int8 moved logits by {error:?}");
+        assert!(error.same_top_token >= 0.8, "{file}: int8 changed the top token too often: {error:?}");
     }
 }

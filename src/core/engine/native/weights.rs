@@ -34,6 +34,18 @@ pub enum HostData {
 }
 
 impl HostData {
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn byte_len(&self) -> usize {
         match self {
             HostData::F32(v) => v.len() * 4,

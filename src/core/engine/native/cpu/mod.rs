@@ -6,7 +6,10 @@
 //! Matrix products take one of two paths: few rows (decode) stream each weight row once against every
 //! activation row (`kernels`, bandwidth-bound); many rows (prefill) go to the `gemm` crate's packed,
 //! cache-blocked GEMM (compute-bound), with bf16 weights widened to f32 for the call.
+//!
+//! With `--quantization int8` every matrix is held as int8 rows with a scale each (`int8`).
 mod attention;
+mod int8;
 mod kernels;
 pub(super) mod math;
 mod packed;
@@ -28,6 +31,8 @@ pub struct CpuBackend {
     bf16_activations: bool,
     /// Keep a bf16 model's KV pages in bf16.
     bf16_kv: bool,
+    /// Quantize every matrix to int8 as it is loaded (`--quantization int8`).
+    int8: bool,
     /// The last step's rotary angles: every layer rotates q and k at the same positions, so a step computes
     /// its sines and cosines once instead of sixty times (at batch 16 that was about 1 % of a decode step).
     rope_angles: std::sync::Mutex<RopeAngles>,
@@ -60,7 +65,18 @@ impl CpuBackend {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("dynamo-cpu-{i}"))
             .build()?;
-        Ok(Self { pool, bf16_activations: packed::available(), bf16_kv: true, rope_angles: Default::default() })
+        Ok(Self {
+            pool,
+            bf16_activations: packed::available(),
+            bf16_kv: true,
+            int8: false,
+            rope_angles: Default::default(),
+        })
+    }
+
+    /// Holds every matrix as int8 with a scale per row (`--quantization int8`).
+    pub fn quantized_int8(self) -> Self {
+        Self { int8: true, ..self }
     }
 
     /// Keeps every activation and the KV cache in f32 (the reference `dynamo selftest` compares a device against).
@@ -127,6 +143,7 @@ enum Weights {
     /// Row-major, as stored in the checkpoint.
     Rows(HostData),
     Packed(PackedBf16),
+    Int8(int8::Int8Rows),
 }
 
 /// Output features one task computes: small enough to spread a decode step over every thread, large enough
@@ -276,7 +293,7 @@ impl CpuBackend {
         let mut best = f64::MAX;
         for _ in 0..20 {
             let start = std::time::Instant::now();
-            self.gemm(&x, &data, rows, cols, &mut out);
+            self.gemm(&x, &Weights::Rows(HostData::F32(data.to_f32())), rows, cols, &mut out);
             best = best.min(start.elapsed().as_secs_f64());
             if let Some(packed) = &packed {
                 let start = std::time::Instant::now();
@@ -288,20 +305,30 @@ impl CpuBackend {
     }
 
     /// Streams every weight row once, against all activation rows in groups of `GROUP`.
-    fn gemv(&self, x: &[f32], data: &HostData, rows: usize, cols: usize, out: &mut Vec<f32>) {
+    fn gemv(&self, x: &[f32], weights: &Weights, rows: usize, cols: usize, out: &mut Vec<f32>) {
         let n = x.len() / cols;
         let activations: Vec<&[f32]> = x.chunks_exact(cols).collect();
         // Feature-major (`[rows × n]`), so each task owns one contiguous slice; a single token needs no
         // transpose afterwards.
+        // int8 weights multiply int8 activations (`int8`): each row quantized once, before the split.
+        let quantized_rows: Vec<int8::Q8Row> = match weights {
+            Weights::Int8(_) => activations.iter().map(|x| int8::Q8Row::quantize(x)).collect(),
+            _ => Vec::new(),
+        };
         let mut feature_major = if n == 1 { std::mem::take(out) } else { Vec::new() };
         feature_major.clear();
         feature_major.resize(rows * n, 0.0);
         self.pool.install(|| {
             feature_major.par_chunks_mut(TILE * n).enumerate().for_each(|(tile, block)| {
                 let features = tile * TILE..((tile + 1) * TILE).min(rows);
-                match data {
-                    HostData::F32(v) => tile_dots(&activations, v, cols, features, block),
-                    HostData::Bf16(v) => tile_dots(&activations, v, cols, features, block),
+                match weights {
+                    Weights::Rows(HostData::F32(v)) => tile_dots(&activations, v, cols, features, block),
+                    Weights::Rows(HostData::Bf16(v)) => tile_dots(&activations, v, cols, features, block),
+                    Weights::Int8(q) => {
+                        int8::tile(&quantized_rows, &activations, &q.values, &q.scales, cols, features, block)
+                    }
+                    // Packed products never come here (`matmul` sends them to `packed_matmul`).
+                    Weights::Packed(_) => {}
                 }
             })
         });
@@ -318,13 +345,17 @@ impl CpuBackend {
         }
     }
 
-    fn gemm(&self, x: &[f32], data: &HostData, rows: usize, cols: usize, out: &mut Vec<f32>) {
+    fn gemm(&self, x: &[f32], weights: &Weights, rows: usize, cols: usize, out: &mut Vec<f32>) {
         let n = x.len() / cols;
         let threads = self.pool.current_num_threads();
         self.pool.install(|| {
-            let weights: Cow<'_, [f32]> = match data {
-                HostData::F32(v) => Cow::Borrowed(v),
-                HostData::Bf16(v) => Cow::Owned(v.par_iter().map(|b| b.to_f32()).collect()),
+            let weights: Cow<'_, [f32]> = match weights {
+                Weights::Rows(HostData::F32(v)) => Cow::Borrowed(v),
+                Weights::Rows(HostData::Bf16(v)) => Cow::Owned(v.par_iter().map(|b| b.to_f32()).collect()),
+                Weights::Int8(q) => Cow::Owned(q.dequantize(cols)),
+                Weights::Packed(packed) => {
+                    Cow::Owned((0..rows).flat_map(|r| packed.row(r).map(|v| v.to_f32())).collect())
+                }
             };
             out.clear();
             out.resize(n * rows, 0.0);
@@ -369,7 +400,8 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", self.pool.current_num_threads())
+        let weights = if self.int8 { ", int8 weights" } else { "" };
+        format!("cpu ({} threads{weights})", self.pool.current_num_threads())
     }
 
     fn memory_use(&self) -> Option<(u64, u64)> {
@@ -389,10 +421,19 @@ impl Backend for CpuBackend {
         let rows = tensor.shape.first().copied().unwrap_or(1);
         let cols = tensor.shape.iter().skip(1).product::<usize>().max(1);
         let data = match tensor.data {
+            data if self.int8 => Weights::Int8(int8::Int8Rows::quantize(rows, cols, &data)),
             HostData::Bf16(values) if self.bf16_activations => Weights::Packed(PackedBf16::pack(rows, cols, &values)),
             data => Weights::Rows(data),
         };
         Ok(CpuMatrix { rows, cols, data })
+    }
+
+    fn matrix_bytes(&self, tensor: &HostTensor) -> u64 {
+        match self.int8 {
+            // A byte per weight and an f32 scale per row.
+            true => (tensor.data.len() + 4 * tensor.shape.first().copied().unwrap_or(1)) as u64,
+            false => tensor.data.byte_len() as u64,
+        }
     }
 
     fn kv_dtype(&self, bf16_weights: bool) -> KvDtype {
@@ -428,6 +469,7 @@ impl Backend for CpuBackend {
                 Weights::Rows(HostData::F32(v)) => out.extend_from_slice(&v[at..at + cols]),
                 Weights::Rows(HostData::Bf16(v)) => out.extend(v[at..at + cols].iter().map(|x| x.to_f32())),
                 Weights::Packed(packed) => out.extend(packed.row(at / cols).map(|x| x.to_f32())),
+                Weights::Int8(q) => out.extend(q.row(at / cols, cols)),
             }
         }
         Ok(())
@@ -438,8 +480,8 @@ impl Backend for CpuBackend {
         match &w.data {
             _ if n == 0 => out.clear(),
             Weights::Packed(packed) => self.packed_matmul(x, packed, out),
-            Weights::Rows(data) if n >= GEMM_MIN_ROWS => self.gemm(x, data, w.rows, w.cols, out),
-            Weights::Rows(data) => self.gemv(x, data, w.rows, w.cols, out),
+            weights if n >= GEMM_MIN_ROWS => self.gemm(x, weights, w.rows, w.cols, out),
+            weights => self.gemv(x, weights, w.rows, w.cols, out),
         }
         add_bias(out, w.rows, bias);
         Ok(())
@@ -693,5 +735,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// int8 weights through `matmul` and `embedding`, for decode rows (int8 × int8 blocks and an f32 tail)
+    /// and prefill rows (the GEMM on dequantized weights): each output is the dot product with the
+    /// dequantized row. Weights and activations are whole multiples of their steps, so quantizing keeps them
+    /// exactly and the only difference left is summation order.
+    #[test]
+    fn int8_products_equal_products_with_the_dequantized_weights() {
+        let backend = CpuBackend::new(2).unwrap().quantized_int8();
+        let cols = 43; // a tail past the 8- and 16-lane bodies
+        for rows in [150, 7] {
+            // Row r's values are multiples of (r + 1) / 127 up to ±(r + 1): its scale is exactly that step.
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    let (r, k) = (i / cols, i % cols);
+                    let steps = if k == 0 { 127 } else { ((i * 7) % 255) as i32 - 127 };
+                    steps as f32 * (r + 1) as f32 / 127.0
+                })
+                .collect();
+            let matrix =
+                backend.matrix(HostTensor { shape: vec![rows, cols], data: HostData::F32(w.clone()) }).unwrap();
+            assert!(matches!(matrix.data, Weights::Int8(_)));
+            for n in [1, 2, 3, 5, 16, 40] {
+                // Likewise activations: whole steps of 0.5 / 127, with a full-scale value in each row's first
+                // block, so decode's int8 activations hold them exactly too.
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| if i % cols == 0 { 127 } else { ((i * 5) % 255) as i32 - 127 })
+                    .map(|steps| steps as f32 * 0.5 / 127.0)
+                    .collect();
+                let mut out = vec![f32::NAN; 3];
+                backend.matmul(&x, &matrix, None, &mut out).unwrap();
+                assert_eq!(out.len(), n * rows);
+                for t in 0..n {
+                    for f in 0..rows {
+                        let expected: f32 = (0..cols).map(|k| x[t * cols + k] * w[f * cols + k]).sum();
+                        let got = out[t * rows + f];
+                        assert!(
+                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                            "{n} rows: {t},{f}: {got} vs {expected}"
+                        );
+                    }
+                }
+            }
+            let mut looked_up = Vec::new();
+            backend.embedding(&matrix, &[1, 0], &mut looked_up).unwrap();
+            let expected: Vec<f32> = w[cols..2 * cols].iter().chain(&w[..cols]).copied().collect();
+            for (got, want) in looked_up.iter().zip(&expected) {
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{got} vs {want}");
+            }
+        }
+        // What it streams per token: a byte per weight and a scale per row.
+        let tensor = HostTensor { shape: vec![10, 20], data: HostData::F32(vec![0.5; 200]) };
+        assert_eq!(backend.matrix_bytes(&tensor), 200 + 40);
     }
 }
