@@ -80,8 +80,8 @@ impl<S> SealedStream<S> {
 }
 
 impl Sealing {
-    /// Seals the first `RECORD` bytes of `bufs` into `out`; how many it took.
-    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> usize {
+    /// Seals the first `RECORD` bytes of `bufs` into `out`.
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) {
         self.out.clear();
         self.out.extend_from_slice(&[0; LENGTH_BYTES]);
         for buf in bufs {
@@ -96,7 +96,6 @@ impl Sealing {
         self.sent += 1;
         self.written = 0;
         self.carries = carries;
-        carries
     }
 
     /// Opens the record at the start of `raw[next..filled]` if it is all there: `Ok(false)` when more bytes
@@ -192,8 +191,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SealedStream<S> {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         };
         // A record left pending carries the front of these same bytes: it is finished, not sealed again.
-        if sealing.written == sealing.out.len() && sealing.seal(bufs) == 0 {
-            return Poll::Ready(Ok(0));
+        if sealing.written == sealing.out.len() {
+            if bufs.iter().all(|buf| buf.is_empty()) {
+                // Nothing to say: an empty record would be sent and answer the next write with 0.
+                return Poll::Ready(Ok(0));
+            }
+            sealing.seal(bufs);
         }
         ready!(this.poll_drain(cx))?;
         let carried = this.sealing.as_deref().map_or(0, |sealing| sealing.carries);
@@ -242,6 +245,8 @@ mod tests {
         let message: Vec<u8> = (0..3 * RECORD + 12_345).map(|i| (i % 251) as u8).collect();
         let sent = message.clone();
         let writer = tokio::spawn(async move {
+            // An empty write says nothing and costs the next one nothing.
+            assert_eq!(a.write(b"").await.unwrap(), 0);
             a.write_all(b"hello").await.unwrap();
             let mut slices = [IoSlice::new(&sent[..100]), IoSlice::new(&sent[100..])];
             let mut slices = &mut slices[..];
