@@ -29,7 +29,13 @@ impl EngineSettings {
         match self {
             EngineSettings::Mocker(config) => format!("mocker (speedup {})", config.speedup),
             EngineSettings::Native(settings) => match settings.device {
-                native::Device::Cpu => format!("native (cpu, {} threads)", settings.threads),
+                native::Device::Cpu => {
+                    let weights = match settings.quantization {
+                        native::Quantization::None => "",
+                        native::Quantization::Int8 => ", int8 weights",
+                    };
+                    format!("native (cpu, {} threads{weights})", settings.threads)
+                }
                 device => format!("native ({device})"),
             },
             EngineSettings::External(settings) => format!("{} at {}", settings.kind.name(), settings.url),
@@ -101,4 +107,26 @@ pub fn spawn_engines(
         }
         EngineSettings::External(settings) => return Err(SpawnError::ExternalHere(settings.kind.name())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_line_names_int8_weights() {
+        let settings = |quantization| {
+            EngineSettings::Native(native::NativeSettings {
+                device: native::Device::Cpu,
+                threads: 2,
+                kv_cache_gib: 1.0,
+                num_blocks: None,
+                scheduler: Default::default(),
+                profile: None,
+                quantization,
+            })
+        };
+        assert_eq!(settings(native::Quantization::None).describe(), "native (cpu, 2 threads)");
+        assert_eq!(settings(native::Quantization::Int8).describe(), "native (cpu, 2 threads, int8 weights)");
+    }
 }
