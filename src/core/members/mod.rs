@@ -75,8 +75,9 @@ pub struct Members {
     check: tokio::time::Interval,
 }
 
-/// Deliveries one subscription's task may have queued: the event plane's own high-water mark bounds what
-/// waits behind them, and a gap there is resynced like any other.
+/// Deliveries waiting for the owner, from every subscription's task together: past it the tasks wait, the
+/// event plane's own high-water mark bounds what queues behind them, and a gap there is resynced like any
+/// other.
 const DELIVERIES: usize = 4096;
 
 /// One worker's event subscription: its own socket, read by its own task.
