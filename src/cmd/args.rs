@@ -486,8 +486,10 @@ impl KeyArgs {
 #[command(next_help_heading = "Discovery")]
 pub struct ClusterArgs {
     /// Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT
-    /// (the same on another UDP port), or file:PATH (a TOML or JSON cluster file every machine can read;
-    /// workers add and remove themselves).
+    /// (the same on another UDP port), file:PATH (a TOML or JSON cluster file every machine can read;
+    /// workers add and remove themselves), or k8s[:SELECTOR] (the Kubernetes API: workers write DynamoWorker
+    /// records owned by their pods and are seen while ready in the EndpointSlices of the Services labelled
+    /// SELECTOR, by default dynamo.rs/discovery=enabled).
     #[arg(long, env = "DYNAMO_DISCOVERY", value_name = "SPEC", default_value = "mdns")]
     pub discovery: String,
 

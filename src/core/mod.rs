@@ -7,6 +7,7 @@ pub mod frontend;
 pub mod grammar;
 pub mod handoff;
 pub mod indexer;
+pub mod kube;
 pub mod members;
 pub mod model;
 pub mod multimodal;

@@ -9,6 +9,7 @@ mod embeddings;
 mod external;
 mod hardening;
 mod http;
+mod kubernetes;
 mod native;
 mod nixl;
 mod openai_client;

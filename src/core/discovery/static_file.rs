@@ -37,11 +37,12 @@ impl ClusterFile {
     }
 }
 
+/// One worker's entry: a cluster file's line, and the record of a Kubernetes worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Entry {
-    request_addr: String,
+pub(super) struct Entry {
+    pub(super) request_addr: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    namespace: Option<String>,
+    pub(super) namespace: Option<String>,
     /// Hexadecimal: TOML integers stop at 2^63 and ids are random u64s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
@@ -74,8 +75,22 @@ fn entry_bytes(request_addr: &str, namespace: Option<&str>) -> Vec<u8> {
 }
 
 impl Entry {
+    /// `instance`'s entry, signed with `key` when there is one.
+    pub(super) fn of(instance: &Instance, key: Option<&ClusterKey>) -> Self {
+        Entry {
+            request_addr: instance.request_addr.clone(),
+            namespace: Some(instance.namespace.clone()),
+            id: Some(format!("{:016x}", instance.id)),
+            role: Some(instance.role),
+            model: Some(instance.model.clone()),
+            event_addr: Some(instance.event_addr.clone()),
+            transfer_addr: instance.transfer_addr.clone(),
+            mac: key.map(|key| entry_tag(key, &instance.request_addr, Some(&instance.namespace))),
+        }
+    }
+
     /// Whether `key` signed it (in constant time).
-    fn signed_by(&self, key: &ClusterKey) -> bool {
+    pub(super) fn signed_by(&self, key: &ClusterKey) -> bool {
         let Some(mac) = self.mac.as_deref() else { return false };
         key.verify(&entry_bytes(&self.request_addr, self.namespace.as_deref()), mac)
     }
@@ -191,16 +206,7 @@ impl Drop for Unregister {
 
 impl Discovery for StaticFile {
     fn register(&self, instance: &Instance) -> Result<Registration, DiscoveryError> {
-        let entry = Entry {
-            request_addr: instance.request_addr.clone(),
-            namespace: Some(instance.namespace.clone()),
-            id: Some(format!("{:016x}", instance.id)),
-            role: Some(instance.role),
-            model: Some(instance.model.clone()),
-            event_addr: Some(instance.event_addr.clone()),
-            transfer_addr: instance.transfer_addr.clone(),
-            mac: self.key.as_ref().map(|key| entry_tag(key, &instance.request_addr, Some(&instance.namespace))),
-        };
+        let entry = Entry::of(instance, self.key.as_ref());
         self.update(|file| {
             // A worker restarted on the same endpoint replaces its old entry.
             file.worker.retain(|e| e.request_addr != entry.request_addr);
@@ -274,11 +280,12 @@ impl Discovery for StaticFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::core::protocol::discovery::ModelCardSummary;
 
-    fn instance(id: u64, port: u16, namespace: &str) -> Instance {
+    /// A decode worker's record with its request and event endpoints on loopback ports `port` and `port + 1`.
+    pub(in crate::core::discovery) fn instance(id: u64, port: u16, namespace: &str) -> Instance {
         Instance {
             id,
             role: Role::Decode,

@@ -135,7 +135,9 @@ impl Exposed {
     /// end, and KV held for a decode worker waits to be read. Resolves when all that is done (true) or
     /// `timeout` has passed (false); the planes stay open until this is dropped.
     pub async fn drain(&mut self, timeout: Duration) -> bool {
-        self.registration = None;
+        if let Some(registration) = self.registration.take() {
+            registration.leave().await;
+        }
         let finished = async {
             self.server.drain().await;
             // Pages stay active while a lease holds them for a peer, and until then its read would fail.
