@@ -2,6 +2,7 @@
 //! the planner that sizes the cluster.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
 use crate::core::engine::profile::Profile;
+use crate::core::kube::{ApiConfig, Auth, SERVICE_ACCOUNT_DIR};
 use crate::core::planner::kubernetes::{KubernetesConnector, KubernetesSettings};
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
@@ -101,17 +102,12 @@ pub struct PlannerArgs {
     #[arg(long, default_value_t = crate::core::worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, requires = "planner")]
     pub drain_timeout: f64,
 
-    /// Kubernetes: the API over plain HTTP (`kubectl proxy` in the router's pod brings credentials and TLS).
-    #[arg(
-        long,
-        default_value = "http://127.0.0.1:8001",
-        value_name = "URL",
-        help_heading = "Planner on Kubernetes",
-        requires = "planner"
-    )]
-    pub kube_api: String,
+    /// Kubernetes: the API's URL, e.g. `kubectl proxy`'s http://127.0.0.1:8001 [default: the kubeconfig's
+    /// ($KUBECONFIG, ~/.kube/config), else the pod's service account]
+    #[arg(long, value_name = "URL", help_heading = "Planner on Kubernetes", requires = "planner")]
+    pub kube_api: Option<String>,
 
-    /// Kubernetes: the namespace of the Deployments [default: the pod's own, else "default"]
+    /// Kubernetes: the namespace of the Deployments [default: the kubeconfig context's, or the pod's own]
     #[arg(long, value_name = "NAMESPACE", help_heading = "Planner on Kubernetes", requires = "planner")]
     pub kube_namespace: Option<String>,
 
@@ -123,7 +119,7 @@ pub struct PlannerArgs {
     #[arg(long, value_name = "NAME", help_heading = "Planner on Kubernetes", requires = "planner")]
     pub kube_prefill_deployment: Option<String>,
 
-    /// Kubernetes: a file holding a bearer token for the API (not needed through `kubectl proxy`).
+    /// Kubernetes: a file holding a bearer token for the --kube-api URL (not needed through `kubectl proxy`).
     #[arg(long, value_name = "PATH", help_heading = "Planner on Kubernetes", requires = "planner")]
     pub kube_token_file: Option<std::path::PathBuf>,
 
@@ -204,10 +200,11 @@ impl PlannerArgs {
                 Box::new(Virtual)
             }
             ConnectorArg::Local => Box::new(LocalConnector::new(self.local(cluster)?)),
-            ConnectorArg::Kubernetes => Box::new(KubernetesConnector::new(self.kubernetes()?)),
+            ConnectorArg::Kubernetes => Box::new(KubernetesConnector::new(self.kubernetes()?)?),
         };
         let kube_flags = self.kube_decode_deployment.is_some()
             || self.kube_prefill_deployment.is_some()
+            || self.kube_api.is_some()
             || self.kube_namespace.is_some()
             || self.kube_token_file.is_some();
         anyhow::ensure!(
@@ -231,30 +228,40 @@ impl PlannerArgs {
             self.max_prefill_workers == 0 || self.kube_prefill_deployment.is_some(),
             "--max-prefill-workers above 0 needs --kube-prefill-deployment NAME"
         );
-        anyhow::ensure!(
-            self.kube_api.starts_with("http://"),
-            "--kube-api {} is not http://HOST:PORT: the API is spoken over plain HTTP (run `kubectl proxy` beside \
-             the router); TLS to the API server is not built",
-            self.kube_api
-        );
-        let read = |path: &std::path::Path| -> anyhow::Result<String> {
-            let text = std::fs::read_to_string(path)
-                .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))?;
-            Ok(text.trim().to_string())
+        let mut api = match &self.kube_api {
+            Some(url) => {
+                anyhow::ensure!(
+                    url.starts_with("http://") || url.starts_with("https://"),
+                    "--kube-api {url} is not an http:// or https:// URL"
+                );
+                let auth = match &self.kube_token_file {
+                    Some(path) => {
+                        // Read again for every call (tokens rotate); said here if it cannot be read at all.
+                        std::fs::metadata(path)
+                            .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))?;
+                        Auth::BearerFile(path.clone())
+                    }
+                    None => Auth::None,
+                };
+                let pod_namespace = std::path::Path::new(SERVICE_ACCOUNT_DIR).join("namespace");
+                let namespace = std::fs::read_to_string(pod_namespace).map(|n| n.trim().to_string());
+                ApiConfig {
+                    server: url.trim_end_matches('/').to_string(),
+                    ca_pem: None,
+                    insecure: false,
+                    auth,
+                    namespace: namespace.ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
+                }
+            }
+            None => {
+                anyhow::ensure!(self.kube_token_file.is_none(), "--kube-token-file is the token for --kube-api URL");
+                ApiConfig::infer()?
+            }
         };
-        let token = self.kube_token_file.as_deref().map(read).transpose()?;
-        let pod_namespace = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace");
-        let namespace = match &self.kube_namespace {
-            Some(namespace) => namespace.clone(),
-            None => read(pod_namespace).unwrap_or_else(|_| "default".into()),
-        };
-        Ok(KubernetesSettings {
-            api: self.kube_api.clone(),
-            namespace,
-            decode,
-            prefill: self.kube_prefill_deployment.clone(),
-            token,
-        })
+        if let Some(namespace) = &self.kube_namespace {
+            api.namespace = namespace.clone();
+        }
+        Ok(KubernetesSettings { api, decode, prefill: self.kube_prefill_deployment.clone() })
     }
 
     /// How the local connector starts workers: the router's cluster flags, then the ones after `--`, checked

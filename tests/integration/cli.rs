@@ -126,7 +126,10 @@ fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
     refused(&["--planner", "auto", "--planner-connector", "kubernetes"], &["--kube-decode-deployment"]);
     refused(&["--planner", "auto", "--planner-interval", "1e-10"], &["--planner-interval", "too short"]);
     let kube = ["--planner", "auto", "--planner-connector", "kubernetes", "--kube-decode-deployment", "d"];
-    refused(&[&kube[..], &["--kube-api", "https://10.0.0.1:443"]].concat(), &["plain HTTP", "kubectl proxy"]);
+    refused(&[&kube[..], &["--kube-api", "10.0.0.1:443"]].concat(), &["not an http:// or https:// URL"]);
+    refused(&[&kube[..], &["--kube-token-file", "/no/such/token"]].concat(), &["--kube-token-file is the token"]);
+    let api = ["--kube-api", "https://10.0.0.1:443", "--kube-token-file", "/no/such/token"];
+    refused(&[&kube[..], &api[..]].concat(), &["cannot read /no/such/token"]);
     refused(&[&kube[..], &["--max-prefill-workers", "2"]].concat(), &["--kube-prefill-deployment"]);
     refused(&["--planner", "auto", "--kube-decode-deployment", "d"], &["--planner-connector kubernetes"]);
 }

@@ -349,9 +349,9 @@ fn ready_pods(slice: &Value) -> HashSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::discovery::static_file::tests::instance;
     use crate::core::kube::fake::FakeApi;
     use crate::core::kube::{ApiConfig, Auth};
-    use crate::core::discovery::static_file::tests::instance;
 
     const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/llm/endpointslices";
     const WORKERS: &str = "/apis/dynamo.rs/v1alpha1/namespaces/llm/dynamoworkers";

@@ -1,38 +1,27 @@
 //! The Kubernetes connector: the plan carried out by setting the replicas of the Deployments that run each
 //! role (`PATCH …/deployments/NAME/scale`, a JSON merge patch of `spec.replicas`), as Dynamo's planner scales
 //! its graph's services. Kubernetes then starts pods, or stops them with SIGTERM, which a worker answers by
-//! draining (give the pods a `terminationGracePeriodSeconds` past the workers' `--drain-timeout`).
-//!
-//! The API is spoken over plain HTTP: through `kubectl proxy` (a sidecar `kubectl proxy --port 8001` in the
-//! router's pod, which brings the service account's credentials and the API server's TLS), or an API server
-//! reached otherwise without TLS. A bearer token is sent when one is given. TLS to the API server itself is
-//! not built: it would take a TLS stack this binary does not carry yet.
+//! draining (give the pods a `terminationGracePeriodSeconds` past the workers' `--drain-timeout`). The API
+//! is reached as `core::kube` reaches it: a kubeconfig, the pod's service account, or a URL given.
 use super::{Connector, Plan, ROLES};
+use crate::core::kube::{ApiConfig, KubeClient, KubeError};
 use crate::core::protocol::discovery::Role;
 use crate::core::top::{ClusterView, PeerState};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct KubernetesSettings {
-    /// `http://host:port` of the API (`kubectl proxy`'s, by default `http://127.0.0.1:8001`).
-    pub api: String,
-    /// The Kubernetes namespace of the Deployments.
-    pub namespace: String,
+    /// Where the API is and who the router is to it; its namespace is the Deployments'.
+    pub api: ApiConfig,
     /// The Deployment of decode workers, and of prefill workers (if the plan may have any).
     pub decode: String,
     pub prefill: Option<String>,
-    /// Sent as `Authorization: Bearer …` when set.
-    pub token: Option<String>,
 }
 
 pub struct KubernetesConnector {
-    settings: KubernetesSettings,
-    client: Client<HttpConnector, Full<Bytes>>,
+    decode: String,
+    prefill: Option<String>,
+    client: Arc<KubeClient>,
     /// Replicas last set per role, and the error of the last attempt (shown while settling).
     state: Arc<Mutex<Scaled>>,
 }
@@ -44,30 +33,16 @@ struct Scaled {
 }
 
 impl KubernetesConnector {
-    pub fn new(settings: KubernetesSettings) -> Self {
-        let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        Self { settings, client, state: Arc::default() }
+    pub fn new(settings: KubernetesSettings) -> Result<Self, KubeError> {
+        let client = Arc::new(KubeClient::new(settings.api)?);
+        Ok(Self { decode: settings.decode, prefill: settings.prefill, client, state: Arc::default() })
     }
 
     fn deployment(&self, role: Role) -> Option<&str> {
         match role {
-            Role::Prefill => self.settings.prefill.as_deref(),
-            _ => Some(&self.settings.decode),
+            Role::Prefill => self.prefill.as_deref(),
+            _ => Some(&self.decode),
         }
-    }
-
-    /// The request that sets `name`'s replicas.
-    fn scale_request(&self, name: &str, replicas: usize) -> Result<hyper::Request<Full<Bytes>>, String> {
-        let KubernetesSettings { api, namespace, token, .. } = &self.settings;
-        let uri = format!("{}/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale", api.trim_end_matches('/'));
-        let body = serde_json::json!({ "spec": { "replicas": replicas } }).to_string();
-        let mut request = hyper::Request::patch(uri)
-            .header("content-type", "application/merge-patch+json")
-            .header("accept", "application/json");
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        request.body(Full::new(Bytes::from(body))).map_err(|error| error.to_string())
     }
 }
 
@@ -79,34 +54,16 @@ impl Connector for KubernetesConnector {
             if self.state.lock().unwrap_or_else(|p| p.into_inner()).replicas[at] == Some(replicas) {
                 continue;
             }
-            let request = match self.scale_request(name, replicas) {
-                Ok(request) => request,
-                Err(error) => {
-                    tracing::warn!("planner: cannot scale deployment {name}: {error}");
-                    continue;
-                }
-            };
+            let path = format!("/apis/apps/v1/namespaces/{}/deployments/{name}/scale", self.client.namespace);
             let (client, state, name) = (self.client.clone(), self.state.clone(), name.to_string());
             // Sent in the background: the planner's loop does not wait on the API server. A failed one is
             // sent again at the next plan, which has not been recorded as applied.
             tokio::spawn(async move {
-                let outcome = match client.request(request).await {
-                    Ok(response) if response.status().is_success() => Ok(()),
-                    Ok(response) => {
-                        let status = response.status();
-                        // Read only as far as is logged: the API (or whatever answers there) sizes the body.
-                        let limited = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
-                        let body = match limited.collect().await {
-                            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-                            Err(_) => format!("(an answer past {MAX_ERROR_BODY} bytes, not read)"),
-                        };
-                        Err(format!("the API answered {status}: {body}"))
-                    }
-                    Err(error) => Err(format!("cannot reach the API: {error}")),
-                };
+                let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+                let outcome = client.merge_patch(&path, &patch).await.map_err(|error| error.to_string());
                 let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
                 match outcome {
-                    Ok(()) => {
+                    Ok(_) => {
                         tracing::info!("planner: deployment {name} scaled to {replicas} replicas");
                         state.replicas[at] = Some(replicas);
                         state.error = None;
@@ -143,12 +100,10 @@ impl Connector for KubernetesConnector {
     fn shutdown(&mut self) {}
 }
 
-/// Of an error answer, at most this much is read and logged (a longer one is not read at all).
-const MAX_ERROR_BODY: usize = 512;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::kube::Auth;
     use axum::Router;
     use axum::routing::patch;
 
@@ -176,6 +131,10 @@ mod tests {
         (url, seen)
     }
 
+    fn api_config(server: String, auth: Auth) -> ApiConfig {
+        ApiConfig { server, ca_pem: None, insecure: false, auth, namespace: "llm".into() }
+    }
+
     fn plan(decode: usize, prefill: usize) -> Plan {
         Plan { decode, prefill, forecast: None, reason: String::new() }
     }
@@ -195,13 +154,11 @@ mod tests {
     async fn a_plan_sets_each_roles_deployment_replicas_once() {
         let (api, seen) = fake_api(200).await;
         let settings = KubernetesSettings {
-            api,
-            namespace: "llm".into(),
+            api: api_config(api, Auth::Bearer("t0ken".into())),
             decode: "dynamo-decode".into(),
             prefill: Some("dynamo-prefill".into()),
-            token: Some("t0ken".into()),
         };
-        let mut connector = KubernetesConnector::new(settings);
+        let mut connector = KubernetesConnector::new(settings).unwrap();
         let view = ClusterView::new("dynamo");
         connector.apply(&plan(3, 1), &view);
         let mut requests = until(&seen, 2).await;
@@ -231,9 +188,8 @@ mod tests {
     #[tokio::test]
     async fn a_refused_scale_is_said_while_settling_and_tried_again() {
         let (api, seen) = fake_api(403).await;
-        let settings =
-            KubernetesSettings { api, namespace: "llm".into(), decode: "d".into(), prefill: None, token: None };
-        let mut connector = KubernetesConnector::new(settings);
+        let settings = KubernetesSettings { api: api_config(api, Auth::None), decode: "d".into(), prefill: None };
+        let mut connector = KubernetesConnector::new(settings).unwrap();
         let view = ClusterView::new("dynamo");
         connector.apply(&plan(2, 0), &view);
         until(&seen, 1).await;
