@@ -77,6 +77,20 @@ async fn workers_found_through_the_kubernetes_api_serve_while_their_pods_are_rea
         router.post_json("/v1/completions", json!({"model": "tiny-chat", "prompt": "hi", "max_tokens": 4})).await;
     assert_eq!(status, 200, "{body}");
 
+    // `dynamo top` finds it the same way (run on a blocking thread: the fake API answers on this runtime).
+    let config_for_top = config.clone();
+    let top = tokio::task::spawn_blocking(move || {
+        dynamo()
+            .args(["top", "--once", "--wait", "2", "--discovery", "k8s"])
+            .env("KUBECONFIG", &config_for_top)
+            .output()
+            .expect("dynamo top runs")
+    })
+    .await
+    .expect("top's thread");
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(text.contains("1 worker, 1 alive"), "{text}{}", String::from_utf8_lossy(&top.stderr));
+
     // A clean exit deletes its record; the router lets the worker go.
     worker.stop();
     until("the record's deletion", || api.names(WORKERS).is_empty()).await;

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod cluster;
 mod cuda;
+mod deploy;
 mod disagg;
 mod embeddings;
 mod external;

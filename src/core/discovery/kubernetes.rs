@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 pub const API_VERSION: &str = "dynamo.rs/v1alpha1";
 pub const KIND: &str = "DynamoWorker";
+pub const PLURAL: &str = "dynamoworkers";
 /// Labels the Services whose EndpointSlices say which worker pods are ready.
 pub const DEFAULT_SELECTOR: &str = "dynamo.rs/discovery=enabled";
 /// The field manager of a worker's server-side apply.
@@ -42,7 +43,7 @@ pub struct Kubernetes {
 }
 
 fn workers_path(namespace: &str) -> String {
-    format!("/apis/{API_VERSION}/namespaces/{namespace}/dynamoworkers")
+    format!("/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}")
 }
 
 fn slices_path(namespace: &str) -> String {

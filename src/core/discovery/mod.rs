@@ -8,7 +8,8 @@ mod kubernetes;
 mod mdns;
 mod static_file;
 
-pub use kubernetes::Kubernetes;
+pub use kubernetes::{API_VERSION as KUBE_API_VERSION, DEFAULT_SELECTOR as KUBE_SELECTOR, KIND as KUBE_KIND};
+pub use kubernetes::{Kubernetes, PLURAL as KUBE_PLURAL};
 pub use mdns::Mdns;
 #[cfg(test)]
 pub use static_file::TempClusterFile;
