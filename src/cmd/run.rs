@@ -4,7 +4,6 @@ use crate::core::protocol::discovery::Role;
 use crate::core::run::{self, Announce, RunSettings};
 use crate::core::worker::PlaneSettings;
 use clap::Args;
-use std::net::IpAddr;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -60,7 +59,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         listen: args.http.listen(),
         http: args.http.settings()?,
     };
-    // Their planes listen on loopback: whoever watches a `dynamo run` watches from the same machine.
+    // Their planes listen where the OpenAI server does: on loopback unless it is served beyond this machine.
+    let plane_host = args.http.http_host;
     let announce = match args.discovery {
         Some(spec) => {
             let key = args.key.key()?;
@@ -69,12 +69,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 planes: PlaneSettings {
                     role: Role::Decode,
                     namespace: args.namespace,
-                    host: IpAddr::from([127, 0, 0, 1]),
+                    host: plane_host,
                     request_port: 0,
                     event_port: 0,
                     max_in_flight: crate::core::worker::DEFAULT_MAX_IN_FLIGHT,
                     key,
                     transfer: None,
+                    http: None,
                 },
             })
         }

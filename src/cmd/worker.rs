@@ -112,6 +112,7 @@ impl PlaneArgs {
             max_in_flight: self.max_in_flight as usize,
             key,
             transfer,
+            http: None,
         }
     }
 }

@@ -438,6 +438,7 @@ async fn run_request_plane(requests: u64, tokens: u32, key: Option<&ClusterKey>)
         transfer_addr: None,
         card,
         device: String::new(),
+        http_addr: None,
     };
     let served = Served {
         engine: Arc::new(EchoEngine),

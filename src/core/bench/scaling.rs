@@ -357,6 +357,7 @@ fn worker_view(id: WorkerId, load: crate::core::protocol::LoadMetrics) -> Worker
         transfer_addr: None,
         card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: load.kv_total_blocks, tokenizer_hash: 0 },
         device: "mocker (simulated)".into(),
+        http_addr: None,
     };
     WorkerView::reporting(instance, load)
 }

@@ -294,6 +294,7 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
             tokenizer_hash: hex("tokenizer")?,
         },
         device: String::new(),
+        http_addr: None,
     })
 }
 
@@ -312,6 +313,7 @@ mod tests {
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: u64::MAX },
             device: String::new(),
+            http_addr: None,
         }
     }
 

@@ -296,6 +296,7 @@ pub(super) mod tests {
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 64, kv_blocks: 8, tokenizer_hash: 0 },
             device: String::new(),
+            http_addr: None,
         }
     }
 

@@ -215,7 +215,21 @@ pub async fn bind_and_serve(
     banner: impl FnOnce(std::net::SocketAddr) -> String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    serve_on(bind(listen).await?, http, state, banner, shutdown).await
+}
+
+pub async fn bind(listen: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })
+}
+
+/// `bind_and_serve` on a socket already bound.
+pub async fn serve_on(
+    listener: TcpListener,
+    http: &HttpSettings,
+    state: Arc<FrontendState>,
+    banner: impl FnOnce(std::net::SocketAddr) -> String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     println!("{}", banner(addr));
     if let Some(parser) = http.tool_parser {

@@ -45,6 +45,7 @@ impl Announcer {
             transfer_addr: None,
             card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: 0, tokenizer_hash: 0 },
             device: String::new(),
+            http_addr: None,
         };
         let served = Served {
             engine: Arc::new(NoEngine(id)),

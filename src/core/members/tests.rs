@@ -89,6 +89,7 @@ async fn events_count_as_the_worker_whose_connection_they_came_over_whatever_id_
             tokenizer_hash: 1,
         },
         device: String::new(),
+        http_addr: None,
     };
     members.subscribe("tcp://127.0.0.1:1", &record(7, honest.endpoint())).unwrap();
     members.subscribe("tcp://127.0.0.1:2", &record(9, forger.endpoint())).unwrap();

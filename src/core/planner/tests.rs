@@ -51,6 +51,7 @@ fn view(decode: usize, prefill: usize, pressure: f64) -> ClusterView {
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 1 },
             device: String::new(),
+            http_addr: None,
         };
         let load = LoadMetrics {
             requests_running: 1,

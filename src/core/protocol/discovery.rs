@@ -56,26 +56,38 @@ pub struct Instance {
     /// discovery records do not (empty).
     #[serde(default)]
     pub device: String,
+    /// The OpenAI HTTP server that serves this worker alone (`tcp://host:port`), when its process has one:
+    /// a `dynamo run --discovery` worker, which a Gateway API endpoint picker can send requests to.
+    #[serde(default)]
+    pub http_addr: Option<String>,
 }
 
 impl Instance {
     /// Its event endpoint as reachable by a peer that reached its request endpoint at `request_endpoint`: a
     /// worker bound to every interface reports `tcp://0.0.0.0:PORT` for its events.
     pub fn event_endpoint_from(&self, request_endpoint: &str) -> String {
-        match split_endpoint(request_endpoint) {
-            Some((host, _)) => reached_at(&self.event_addr, host),
-            None => self.event_addr.clone(),
-        }
+        reached_from(&self.event_addr, request_endpoint)
     }
 
     /// Its transfer agent's address as reachable by a peer that reached its request endpoint at
     /// `request_endpoint` (as `event_endpoint_from`); `None` for a worker without one.
     pub fn transfer_endpoint_from(&self, request_endpoint: &str) -> Option<String> {
-        let transfer = self.transfer_addr.as_deref()?;
-        Some(match split_endpoint(request_endpoint) {
-            Some((host, _)) => reached_at(transfer, host),
-            None => transfer.to_string(),
-        })
+        Some(reached_from(self.transfer_addr.as_deref()?, request_endpoint))
+    }
+
+    /// Its own OpenAI server's endpoint as reachable by a peer that reached its request endpoint at
+    /// `request_endpoint` (as `event_endpoint_from`); `None` for a worker without one.
+    pub fn http_endpoint_from(&self, request_endpoint: &str) -> Option<String> {
+        Some(reached_from(self.http_addr.as_deref()?, request_endpoint))
+    }
+}
+
+/// `endpoint` (of the process whose request endpoint a peer reached at `request_endpoint`) as that peer
+/// reaches it.
+fn reached_from(endpoint: &str, request_endpoint: &str) -> String {
+    match split_endpoint(request_endpoint) {
+        Some((host, _)) => reached_at(endpoint, host),
+        None => endpoint.to_string(),
     }
 }
 

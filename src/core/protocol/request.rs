@@ -130,6 +130,7 @@ mod tests {
             transfer_addr: None,
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 3 },
             device: String::new(),
+            http_addr: None,
         }
     }
 

@@ -626,6 +626,7 @@ mod tests {
             transfer_addr: None,
             card,
             device: String::new(),
+            http_addr: None,
         };
         let mocker =
             MockerEngine::spawn(id, MockerConfig { speedup: 100.0, ..MockerConfig::default() }, (0..1000).collect());

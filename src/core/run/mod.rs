@@ -120,13 +120,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let state = build(&settings, announce.is_some())?;
+    let listener = frontend::bind(settings.listen).await?;
+    let http = listener.local_addr().map_err(frontend::ServeError::Serve)?;
     // Held while serving: dropping one takes its worker off the planes and out of discovery.
     let mut exposed = Vec::new();
     if let Some(Announce { discovery, planes }) = &announce {
         let (served, block_size) = (state.first(), settings.engine.block_size());
+        // One worker taking whole requests is the one this OpenAI server serves: its record says so, and an
+        // endpoint picker can send a request meant for it here.
+        let alone = served.router.engines_of(Pool::Decode).len() == 1;
         for (pool, role) in [(Pool::Decode, Role::Decode), (Pool::Prefill, Role::Prefill), (Pool::Encode, Role::Encode)]
         {
-            let planes = PlaneSettings { role, ..planes.clone() };
+            let http = (alone && pool == Pool::Decode).then_some(http);
+            let planes = PlaneSettings { role, http, ..planes.clone() };
             for engine in served.router.engines_of(pool) {
                 let worker = worker::expose(engine, &served.model, block_size, &planes, discovery.as_ref());
                 exposed.push(worker.map_err(|e| RunError::Announce(Box::new(e)))?);
@@ -149,7 +155,7 @@ pub async fn serve(
             settings.router.mode.name()
         )
     };
-    frontend::bind_and_serve(settings.listen, &settings.http, state.clone(), banner, shutdown).await?;
+    frontend::serve_on(listener, &settings.http, state.clone(), banner, shutdown).await?;
     drop(exposed);
     Ok(())
 }

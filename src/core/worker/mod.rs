@@ -62,6 +62,8 @@ pub struct PlaneSettings {
     /// A transfer agent that offers this worker's KV pages to other roles; `None` for an aggregated worker,
     /// which hands nothing on.
     pub transfer: Option<TransferSettings>,
+    /// The OpenAI server of this process, when it serves this worker alone (its record's `http_addr`).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// How a worker's transfer agent listens (on the planes' host) and reaches its peers.
@@ -89,6 +91,7 @@ impl PlaneSettings {
             max_in_flight: 64,
             key,
             transfer: None,
+            http: None,
         }
     }
 }
@@ -185,6 +188,7 @@ pub fn expose(
             tokenizer_hash: model.tokenizer_hash,
         },
         device: engine.device(),
+        http_addr: planes.http.map(|http| tcp_endpoint(http.ip(), http.port())),
     };
     let request_endpoint = tcp(planes.request_port);
     let kv_published = Arc::new(AtomicU64::new(0));

@@ -14,6 +14,7 @@ fn instance(id: u64) -> Instance {
         transfer_addr: None,
         card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1024, tokenizer_hash: 1 },
         device: String::new(),
+        http_addr: None,
     }
 }
 
