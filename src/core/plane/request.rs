@@ -539,6 +539,8 @@ fn snapshot_frames(next_seq: u64, events: Vec<KvEvent>) -> Vec<FromWorker> {
 }
 
 /// What a client tells its owner about the worker behind it.
+// Sent once per change of a worker's state, never stored in bulk: boxing the record would cost every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerStatus {
     /// The worker answered a ping (first time, or again after being lost, possibly restarted with a new id).
