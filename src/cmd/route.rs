@@ -17,6 +17,12 @@ pub struct RouteArgs {
     #[command(flatten)]
     pub http: HttpArgs,
 
+    /// Also serve the Gateway API Inference Extension's endpoint picker (Envoy ext_proc over h2c) on this
+    /// port of --http-host (0 picks a free one): a gateway asks it which worker each request goes to, among
+    /// workers served by an OpenAI server of their own (`dynamo run --workers 1 --discovery …`).
+    #[arg(long, value_name = "PORT", help_heading = "Gateway API endpoint picker")]
+    pub epp_port: Option<u16>,
+
     /// Seconds without an answer to the heartbeat after which a worker leaves the routing set.
     #[arg(long, default_value_t = 1.5, value_parser = super::args::positive_f64, help_heading = "Planes")]
     pub worker_timeout: f64,
@@ -326,6 +332,8 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         key,
     };
     let (listen, http) = (args.http.listen(), args.http.settings()?);
-    super::runtime()?.block_on(route::serve(discovery, settings, listen, &http, planner, super::shutdown_signal()))?;
+    let epp = args.epp_port.map(|port| std::net::SocketAddr::new(listen.ip(), port));
+    let serving = route::serve(discovery, settings, listen, &http, planner, epp, super::shutdown_signal());
+    super::runtime()?.block_on(serving)?;
     Ok(())
 }

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod discovery;
 pub mod encode;
 pub mod engine;
+pub mod epp;
 pub mod frontend;
 pub mod grammar;
 pub mod handoff;

@@ -29,10 +29,15 @@ impl Server {
     }
 
     pub fn start_with(command: &mut Command) -> Server {
+        Self::start_saying(command).0
+    }
+
+    /// `start_with`, and the line it printed with its address.
+    pub fn start_saying(command: &mut Command) -> (Server, String) {
         let (child, line) = spawn_until(command, "http://");
         let at = line.find("http://").unwrap_or_default();
         let base = line[at..].split_whitespace().next().unwrap_or_default().to_string();
-        Server { child, base }
+        (Server { child, base }, line)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -158,6 +158,12 @@ pub trait Engine: Send + Sync {
         None
     }
 
+    /// Where the OpenAI server that serves this worker alone listens (`tcp://host:port`): where an endpoint
+    /// picker sends a request it chose this worker for. `None` for a worker reached over the planes only.
+    fn http_addr(&self) -> Option<String> {
+        None
+    }
+
     /// What it computes on, for operators: `cpu (16 threads)`, `cuda:0`, `mocker`, `vllm at URL`; empty
     /// where it cannot say.
     fn device(&self) -> String {

@@ -40,6 +40,13 @@ pub(super) struct Prepared {
     include_usage: bool,
 }
 
+impl Prepared {
+    /// Its model and the engine request of its first choice: what an endpoint picker prices.
+    pub(super) fn into_first(self) -> (Served, Option<crate::core::protocol::PreprocessedRequest>) {
+        (self.served, self.specs.into_iter().next().map(|spec| spec.request))
+    }
+}
+
 /// `model` is set to the served model's name once the request has named one.
 async fn complete(
     state: &Arc<FrontendState>,

@@ -16,6 +16,7 @@ mod fuzz;
 mod generate;
 pub mod media;
 mod params;
+mod pick;
 mod preprocess;
 mod server;
 mod structured;
@@ -23,6 +24,7 @@ pub mod tools;
 
 pub use auth::ApiKey;
 pub use error::ApiError;
+pub use pick::Picked;
 pub use server::{HttpSettings, serve_app, valid_origin};
 
 use crate::core::model::Model;

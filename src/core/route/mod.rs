@@ -54,6 +54,8 @@ pub enum ClusterError {
     Serve(#[from] crate::core::frontend::ServeError),
     #[error("planner: {0}")]
     Planner(String),
+    #[error("cannot listen on {addr} for the endpoint picker: {source}; pick another --epp-port (0 picks a free one)")]
+    Epp { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// Everything the frontend needs, once the first worker has answered.
@@ -103,11 +105,18 @@ pub async fn serve(
     listen: std::net::SocketAddr,
     http: &crate::core::frontend::HttpSettings,
     planner: Option<crate::core::planner::PlannerStart>,
+    epp: Option<std::net::SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
     use crate::core::frontend::ServeError;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let epp = match epp {
+        Some(at) => {
+            Some(tokio::net::TcpListener::bind(at).await.map_err(|source| ClusterError::Epp { addr: at, source })?)
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let planning = match planner {
         Some(planner) => {
@@ -116,7 +125,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let served = serve_routes(discovery, settings, listener, http, metrics, shutdown).await;
+    let served = serve_routes(discovery, settings, listener, epp, http, metrics, shutdown).await;
     if let Some(planning) = planning {
         planning.stop().await;
     }
@@ -127,6 +136,7 @@ async fn serve_routes(
     discovery: Box<dyn Discovery>,
     settings: ClusterSettings,
     listener: tokio::net::TcpListener,
+    epp: Option<tokio::net::TcpListener>,
     http: &crate::core::frontend::HttpSettings,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -134,12 +144,26 @@ async fn serve_routes(
     use crate::core::frontend::{LateApp, ServeError};
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let namespace = settings.namespace.clone();
-    let app = LateApp::waiting(
-        metrics.clone(),
-        format!("no worker of namespace {namespace:?} has joined yet; start one with `dynamo decode`"),
-    );
+    let waiting = format!("no worker of namespace {namespace:?} has joined yet; start one with `dynamo decode`");
+    let app = LateApp::waiting(metrics.clone(), waiting.clone());
+    let picker = crate::core::epp::FrontendPicker::waiting(waiting);
     let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), http.clone(), shutdown));
-    println!("dynamo: router on http://{addr} waiting for workers in namespace {namespace:?}");
+    // Ends with the router: aborted when this returns.
+    let mut picker_at = String::new();
+    let _picking = match epp {
+        Some(listener) => {
+            let at = listener.local_addr().map_err(ServeError::Serve)?;
+            let processor = crate::core::epp::ExternalProcessor::new(Arc::new(picker.clone()), http.max_request_bytes);
+            picker_at = format!(" and endpoint picker (Envoy ext_proc, h2c) on {at}");
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(error) = crate::core::epp::serve(listener, processor, std::future::pending()).await {
+                    tracing::error!("the endpoint picker stopped: {error}");
+                }
+            })))
+        }
+        None => None,
+    };
+    println!("dynamo: router on http://{addr}{picker_at} waiting for workers in namespace {namespace:?}");
     let mode = settings.router.mode;
     let key = settings.key.clone();
     let cluster = tokio::select! {
@@ -152,6 +176,7 @@ async fn serve_routes(
         cluster.state.use_tool_parser(parser);
     }
     app.ready(cluster.state.clone());
+    picker.ready(cluster.state.clone());
     let _reporting = match Announcer::start(discovery.as_ref(), &namespace, Role::Router, addr.ip(), key.as_ref()) {
         Ok(announcer) => Some(AbortOnDrop(tokio::spawn(report_traffic(announcer, metrics, cluster.state.clone())))),
         Err(error) => {

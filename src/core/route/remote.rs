@@ -78,6 +78,10 @@ impl Engine for RemoteEngine {
         self.instance.transfer_endpoint_from(&self.instance.request_addr)
     }
 
+    fn http_addr(&self) -> Option<String> {
+        self.instance.http_endpoint_from(&self.instance.request_addr)
+    }
+
     /// Answering, and its engine too (a worker whose external engine is down says so in its load).
     fn is_alive(&self) -> bool {
         self.client.is_alive() && !self.load().engine_down

@@ -1,0 +1,49 @@
+//! The router's side of the picker: a request priced and charged as this router's frontend would route it
+//! (`FrontendState::pick`), among the workers with an OpenAI server of their own in the gateway's subset.
+use super::{Pick, PickRequest, Picker, Refusal, WORKER_HEADER};
+use crate::core::frontend::FrontendState;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+/// Listens before any worker has joined (answering 503 with why), and picks from the moment `ready` is
+/// called, as the router's HTTP server does.
+#[derive(Clone)]
+pub struct FrontendPicker {
+    state: Arc<std::sync::OnceLock<Arc<FrontendState>>>,
+    waiting: Arc<String>,
+}
+
+impl FrontendPicker {
+    /// A picker that refuses with `reason` until it is ready.
+    pub fn waiting(reason: String) -> Self {
+        Self { state: Arc::default(), waiting: Arc::new(reason) }
+    }
+
+    pub fn ready(&self, state: Arc<FrontendState>) {
+        let _ = self.state.set(state);
+    }
+}
+
+impl Picker for FrontendPicker {
+    fn pick(&self, request: PickRequest) -> BoxFuture<'static, Result<Pick, Refusal>> {
+        let Some(state) = self.state.get().cloned() else {
+            let refusal = Refusal { status: 503, body: super::error_json(&self.waiting) };
+            return Box::pin(async move { Err(refusal) });
+        };
+        Box::pin(async move {
+            let subset = request.subset;
+            let allowed = |endpoint: &str| subset.as_ref().is_none_or(|subset| subset.iter().any(|e| e == endpoint));
+            match state.pick(&request.path, request.body, allowed).await {
+                Ok(picked) => Ok(Pick {
+                    endpoint: picked.endpoint,
+                    headers: vec![(WORKER_HEADER.to_string(), format!("{:016x}", picked.worker_id))],
+                    held: Box::new(picked.choice),
+                }),
+                Err(error) => Err(Refusal {
+                    status: error.status.as_u16(),
+                    body: serde_json::to_vec(&error.body()).unwrap_or_default(),
+                }),
+            }
+        })
+    }
+}

@@ -1,0 +1,73 @@
+//! A request priced as this frontend would route it, without running it: parsed, templated and tokenized by
+//! the same `prepare` as `/v1/chat/completions` and `/v1/completions` (so a bad request gets the same
+//! error), then the router's choice among the workers that have an OpenAI server of their own. What an
+//! endpoint picker asks; the choice is charged to the worker's load until the caller drops it.
+use super::{ApiError, FrontendState, chat, completions};
+use crate::core::protocol::WorkerId;
+use crate::core::protocol::discovery::split_endpoint;
+use crate::core::router::{Choice, Pool};
+use std::sync::Arc;
+
+/// The worker chosen, where its OpenAI server is (`host:port`), and the charge held for it.
+pub struct Picked {
+    pub endpoint: String,
+    pub worker_id: WorkerId,
+    pub overlap_blocks: u32,
+    pub choice: Choice,
+}
+
+impl FrontendState {
+    /// Chooses a worker for the request to `path` with `body`, among those whose OpenAI server's
+    /// `host:port` `allowed` accepts. A path other than the two generation endpoints is priced by load alone.
+    pub async fn pick(
+        self: &Arc<Self>,
+        path: &str,
+        body: bytes::Bytes,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<Picked, ApiError> {
+        let path = path.split('?').next().unwrap_or_default();
+        let mut model = None;
+        let (served, request) = match path {
+            "/v1/chat/completions" => {
+                let fetched = self.fetch_images(&body).await;
+                let prepared =
+                    self.prepare(&mut model, move |state, model| chat::prepare(state, &body, &fetched, model)).await?;
+                prepared.into_first()
+            }
+            "/v1/completions" => self
+                .prepare(&mut model, move |state, model| completions::prepare(state, &body, model))
+                .await?
+                .into_first(),
+            _ => (self.first(), None),
+        };
+        let (token_ids, media) = match &request {
+            Some(request) => (request.token_ids.as_slice(), request.media_spans()),
+            None => (&[][..], Vec::new()),
+        };
+        let mut endpoints = Vec::new();
+        let mut avoid = Vec::new();
+        for engine in served.router.engines_of(Pool::Decode) {
+            let endpoint = engine.http_addr().and_then(|address| host_port(&address)).filter(|e| allowed(e));
+            match endpoint {
+                Some(endpoint) => endpoints.push((engine.worker_id(), endpoint)),
+                None => avoid.push(engine.worker_id()),
+            }
+        }
+        if endpoints.is_empty() {
+            return Err(ApiError::unavailable(
+                "no worker with an OpenAI server of its own (dynamo run --discovery) is eligible for this request",
+            ));
+        }
+        let choice = served.router.choose_in(Pool::Decode, token_ids, &media, &avoid)?;
+        let endpoint = (endpoints.into_iter())
+            .find_map(|(id, endpoint)| (id == choice.worker_id).then_some(endpoint))
+            .ok_or_else(|| ApiError::internal("the router chose a worker it was told to avoid"))?;
+        Ok(Picked { endpoint, worker_id: choice.worker_id, overlap_blocks: choice.overlap_blocks, choice })
+    }
+}
+
+/// `tcp://host:port` as `host:port`, the form a gateway's destination takes.
+fn host_port(address: &str) -> Option<String> {
+    let (host, port) = split_endpoint(address)?;
+    Some(format!("{host}:{port}"))
+}

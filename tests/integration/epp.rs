@@ -1,0 +1,124 @@
+//! `dynamo route --epp-port`: a gateway's ext_proc stream (played by a tonic client, as Envoy sends it with
+//! GAIE's configuration) against a real router whose workers are `dynamo run` model servers.
+use crate::cluster::{cluster_file, wait_for_workers};
+use crate::util::{Server, dynamo};
+use dynamo::core::protocol::ext_proc::{
+    HeaderMap, HeaderValue, HttpBody, HttpHeaders, Metadata, ProcessingRequest, ProcessingResponse, Request, Response,
+};
+use serde_json::json;
+
+/// A model server: one mocker worker behind its own OpenAI server, announced in `namespace`.
+fn model_server(file: &str, namespace: &str) -> Server {
+    Server::start(&["--workers", "1", "--discovery", file, "--namespace", namespace])
+}
+
+/// Sends a POST to `path` with `body` as Envoy would (headers, then the body), with the gateway's `subset`
+/// if any; the picker's first answer.
+async fn ask(picker: &str, path: &str, body: &serde_json::Value, subset: Option<&str>) -> ProcessingResponse {
+    let header =
+        |key: &str, value: &str| HeaderValue { key: key.into(), value: String::new(), raw_value: value.into() };
+    let metadata_context = subset.map(|subset| {
+        let value = prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(subset.into())) };
+        let hint =
+            prost_types::Struct { fields: [("x-gateway-destination-endpoint-subset".to_string(), value)].into() };
+        Metadata { filter_metadata: [("envoy.lb.subset_hint".to_string(), hint)].into() }
+    });
+    let messages = vec![
+        ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap { headers: vec![header(":method", "POST"), header(":path", path)] }),
+                end_of_stream: false,
+            })),
+            metadata_context,
+            observability_mode: false,
+        },
+        ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody { body: body.to_string().into_bytes(), end_of_stream: true })),
+            metadata_context: None,
+            observability_mode: false,
+        },
+    ];
+    exchange(picker, messages).await.expect("an answer")
+}
+
+/// A gateway's stream of `messages`: the picker's first answer, or the gRPC status it ended the stream with.
+async fn exchange(picker: &str, messages: Vec<ProcessingRequest>) -> Result<ProcessingResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{picker}"))
+        .expect("a URI")
+        .connect()
+        .await
+        .expect("the picker accepts");
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<ProcessingRequest, ProcessingResponse>::default();
+    let path = axum::http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");
+    let stream = client.streaming(tonic::Request::new(futures::stream::iter(messages)), path, codec).await?;
+    stream.into_inner().message().await?.ok_or_else(|| tonic::Status::unknown("the stream ended unanswered"))
+}
+
+/// The destination a headers answer names.
+fn destination(answer: &ProcessingResponse) -> String {
+    let Some(Response::RequestHeaders(headers)) = &answer.response else { panic!("not a pick: {answer:?}") };
+    let mutation = headers.response.as_ref().and_then(|r| r.header_mutation.as_ref()).expect("headers set");
+    let header = (mutation.set_headers.iter())
+        .find_map(|h| h.header.as_ref().filter(|h| h.key == "x-gateway-destination-endpoint"))
+        .expect("the destination header");
+    String::from_utf8(header.raw_value.clone()).expect("text")
+}
+
+fn host_port(server: &Server) -> String {
+    server.base.trim_start_matches("http://").to_string()
+}
+
+#[tokio::test]
+async fn the_picker_sends_a_request_to_the_model_server_that_holds_its_prefix_within_the_gateways_subset() {
+    let namespace = format!("epp-{}", std::process::id());
+    let (_, file) = cluster_file("epp");
+    let (a, b) = (model_server(&file, &namespace), model_server(&file, &namespace));
+    let (router, line) = Server::start_saying(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--epp-port",
+        "0",
+        "--discovery",
+        &file,
+        "--namespace",
+        &namespace,
+    ]));
+    let at = line.split("h2c) on ").nth(1).expect("the picker's address");
+    let picker = at.split_whitespace().next().expect("an address").to_string();
+    wait_for_workers(&router, 2).await;
+
+    // A's worker computes a long prompt's KV; its events reach the router's index.
+    let prompt = "The gateway asks the picker where to send each request. ".repeat(12);
+    let warm = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 1});
+    let (status, body) = a.post_json("/v1/completions", warm).await;
+    assert_eq!(status, 200, "{body}");
+    let request = json!({"model": "tiny-chat", "prompt": format!("{prompt} And then?"), "max_tokens": 4});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while destination(&ask(&picker, "/v1/completions", &request, None).await) != host_port(&a) {
+        assert!(std::time::Instant::now() < deadline, "the picker never chose the worker that holds the prefix");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(destination(&ask(&picker, "/v1/completions", &request, None).await), host_port(&a));
+    }
+    // Within a subset without A, B; with nothing eligible, 503; a bad request, the frontend's 400.
+    let only_b = host_port(&b);
+    assert_eq!(destination(&ask(&picker, "/v1/completions", &request, Some(&only_b)).await), only_b);
+    let answer = ask(&picker, "/v1/completions", &request, Some("10.255.0.1:9")).await;
+    let Some(Response::ImmediateResponse(refused)) = &answer.response else { panic!("{answer:?}") };
+    assert_eq!(refused.status.as_ref().map(|s| s.code), Some(503));
+    let answer = ask(&picker, "/v1/completions", &json!({"model": "tiny-chat", "max_tokens": 4}), None).await;
+    let Some(Response::ImmediateResponse(refused)) = &answer.response else { panic!("{answer:?}") };
+    assert_eq!(refused.status.as_ref().map(|s| s.code), Some(400), "{}", String::from_utf8_lossy(&refused.body));
+    // A malformed message ends its stream with a gRPC error; the picker goes on.
+    let error = exchange(&picker, vec![ProcessingRequest::default()]).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+    // The destination serves the request.
+    let chosen =
+        if destination(&ask(&picker, "/v1/completions", &request, None).await) == host_port(&a) { &a } else { &b };
+    let (status, body) = chosen.post_json("/v1/completions", request).await;
+    assert_eq!(status, 200, "{body}");
+}
