@@ -231,6 +231,9 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-local-me
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l allowed-media-domains -d 'Hosts image URLs may be fetched from, redirects included (exact names, comma-separated) [default: any; on a server untrusted clients reach, set it: they could otherwise have it fetch internal addresses]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l media-fetch-timeout -d 'Seconds fetching one image URL may take' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l epp-port -d 'Also serve the Gateway API Inference Extension\'s endpoint picker (Envoy ext_proc over h2c) on this port of --http-host (0 picks a free one): a gateway asks it which worker each request goes to, among workers served by an OpenAI server of their own (`dynamo run --workers 1 --discovery …`)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l epp-health-port -d 'The picker\'s gRPC health service (grpc.health.v1: liveness, readiness and the ext_proc service), in plaintext on this port of --http-host' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l epp-cert-file -d 'The picker\'s TLS certificate chain (PEM) [default: a self-signed one made at start-up, which gateways configured as GAIE\'s accept]' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l epp-key-file -d 'The key of --epp-cert-file (PEM)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-timeout -d 'Seconds without an answer to the heartbeat after which a worker leaves the routing set' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l discovery -d 'Where roles find each other: mdns (multicast DNS on the local network, nothing to set up), mdns:PORT (the same on another UDP port), file:PATH (a TOML or JSON cluster file every machine can read; workers add and remove themselves), or k8s[:SELECTOR] (the Kubernetes API: workers write DynamoWorker records owned by their pods and are seen while ready in the EndpointSlices of the Services labelled SELECTOR, by default dynamo.rs/discovery=enabled)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l namespace -d 'Clusters sharing one network or file see only their own namespace' -r
@@ -271,6 +274,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-decode-depl
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-prefill-deployment -d 'Kubernetes: the Deployment of prefill workers (needed with --max-prefill-workers above 0)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l kube-token-file -d 'Kubernetes: a file holding a bearer token for the --kube-api URL (not needed through `kubectl proxy`)' -r -F
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l protect-metrics -d 'With --api-key, /metrics asks for the key too'
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l epp-insecure -d 'Serve the picker over h2c (plaintext HTTP/2) rather than TLS'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l no-kv-events -d 'The engines publish no KV events: route on the router\'s own past decisions instead'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s v -l verbose -d 'More log output (-v debug, -vv trace); RUST_LOG or DYNAMO_LOG override it'
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -2,6 +2,7 @@
 //! the planner that sizes the cluster.
 use super::args::{ClusterArgs, HttpArgs, RouterArgs};
 use crate::core::engine::profile::Profile;
+use crate::core::epp::{EppSettings, Tls};
 use crate::core::kube::{ApiConfig, Auth, SERVICE_ACCOUNT_DIR};
 use crate::core::planner::kubernetes::{KubernetesConnector, KubernetesSettings};
 use crate::core::planner::load::{Bounds, Thresholds};
@@ -22,6 +23,24 @@ pub struct RouteArgs {
     /// workers served by an OpenAI server of their own (`dynamo run --workers 1 --discovery …`).
     #[arg(long, value_name = "PORT", help_heading = "Gateway API endpoint picker")]
     pub epp_port: Option<u16>,
+
+    /// The picker's gRPC health service (grpc.health.v1: liveness, readiness and the ext_proc service), in
+    /// plaintext on this port of --http-host.
+    #[arg(long, value_name = "PORT", requires = "epp_port", help_heading = "Gateway API endpoint picker")]
+    pub epp_health_port: Option<u16>,
+
+    /// Serve the picker over h2c (plaintext HTTP/2) rather than TLS.
+    #[arg(long, requires = "epp_port", conflicts_with = "epp_cert_file", help_heading = "Gateway API endpoint picker")]
+    pub epp_insecure: bool,
+
+    /// The picker's TLS certificate chain (PEM) [default: a self-signed one made at start-up, which gateways
+    /// configured as GAIE's accept].
+    #[arg(long, value_name = "PATH", requires_all = ["epp_port", "epp_key_file"], help_heading = "Gateway API endpoint picker")]
+    pub epp_cert_file: Option<std::path::PathBuf>,
+
+    /// The key of --epp-cert-file (PEM).
+    #[arg(long, value_name = "PATH", requires = "epp_cert_file", help_heading = "Gateway API endpoint picker")]
+    pub epp_key_file: Option<std::path::PathBuf>,
 
     /// Seconds without an answer to the heartbeat after which a worker leaves the routing set.
     #[arg(long, default_value_t = 1.5, value_parser = super::args::positive_f64, help_heading = "Planes")]
@@ -332,7 +351,16 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         key,
     };
     let (listen, http) = (args.http.listen(), args.http.settings()?);
-    let epp = args.epp_port.map(|port| std::net::SocketAddr::new(listen.ip(), port));
+    let epp = args.epp_port.map(|port| {
+        let tls = match (&args.epp_cert_file, &args.epp_key_file) {
+            _ if args.epp_insecure => Tls::Insecure,
+            (Some(certificate), Some(key)) => Tls::Files { certificate: certificate.clone(), key: key.clone() },
+            // Named for where it listens; gateways configured as GAIE's do not check it.
+            _ => Tls::SelfSigned(vec!["localhost".into(), listen.ip().to_string()]),
+        };
+        let health = args.epp_health_port.map(|port| std::net::SocketAddr::new(listen.ip(), port));
+        EppSettings { listen: std::net::SocketAddr::new(listen.ip(), port), health, tls }
+    });
     let serving = route::serve(discovery, settings, listen, &http, planner, epp, super::shutdown_signal());
     super::runtime()?.block_on(serving)?;
     Ok(())

@@ -6,6 +6,14 @@ fn output(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `dynamo route ARGS` exits with an error that says each of `says`.
+fn route_refuses(args: &[&str], says: &[&str]) {
+    let (ok, _, err) =
+        output(&[&["route", "--http-port", "0", "--discovery", "file:/nonexistent/c.toml"], args].concat());
+    assert!(!ok, "{args:?} was accepted");
+    assert!(says.iter().all(|s| err.contains(s)), "{args:?}: {err}");
+}
+
 #[test]
 fn help_lists_the_working_subcommands_and_env_fallbacks() {
     let (ok, help, _) = output(&["--help"]);
@@ -100,12 +108,7 @@ fn encode_workers_without_a_vision_model_or_the_native_engine_are_refused_saying
 
 #[test]
 fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
-    let refused = |args: &[&str], says: &[&str]| {
-        let (ok, _, err) =
-            output(&[&["route", "--http-port", "0", "--discovery", "file:/nonexistent/c.toml"], args].concat());
-        assert!(!ok, "{args:?} was accepted");
-        assert!(says.iter().all(|s| err.contains(s)), "{args:?}: {err}");
-    };
+    let refused = route_refuses;
     refused(&["--planner", "arima"], &["unknown predictor", "ewma-A"]);
     refused(&["--", "--engine", "mocker"], &["after `--`", "--planner"]);
     refused(&["--planner", "auto", "--", "--engine", "nonsense"], &["would not start", "nonsense"]);
@@ -167,4 +170,14 @@ async fn env_vars_stand_in_for_flags() {
     assert!(!server.base.ends_with(":8000"), "{}", server.base);
     let models: serde_json::Value = reqwest::get(server.url("/v1/models")).await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "envy");
+}
+
+#[test]
+fn endpoint_picker_flags_that_cannot_work_are_refused_before_anything_starts() {
+    let refused = route_refuses;
+    refused(&["--epp-insecure"], &["--epp-port"]);
+    refused(&["--epp-port", "0", "--epp-cert-file", "/no/cert.pem"], &["--epp-key-file"]);
+    refused(&["--epp-port", "0", "--epp-insecure", "--epp-cert-file", "c", "--epp-key-file", "k"], &["cannot be used"]);
+    let files = ["--epp-port", "0", "--epp-cert-file", "/no/cert.pem", "--epp-key-file", "/no/key.pem"];
+    refused(&files, &["endpoint picker", "cannot read /no/cert.pem"]);
 }

@@ -41,13 +41,21 @@ async fn ask(picker: &str, path: &str, body: &serde_json::Value, subset: Option<
     exchange(picker, messages).await.expect("an answer")
 }
 
-/// A gateway's stream of `messages`: the picker's first answer, or the gRPC status it ended the stream with.
+/// A gateway's stream of `messages` over h2c: the picker's first answer, or the gRPC status it ended the
+/// stream with.
 async fn exchange(picker: &str, messages: Vec<ProcessingRequest>) -> Result<ProcessingResponse, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{picker}"))
         .expect("a URI")
         .connect()
         .await
         .expect("the picker accepts");
+    exchange_on(channel, messages).await
+}
+
+async fn exchange_on(
+    channel: tonic::transport::Channel,
+    messages: Vec<ProcessingRequest>,
+) -> Result<ProcessingResponse, tonic::Status> {
     let mut client = tonic::client::Grpc::new(channel);
     client.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<ProcessingRequest, ProcessingResponse>::default();
@@ -66,6 +74,12 @@ fn destination(answer: &ProcessingResponse) -> String {
     String::from_utf8(header.raw_value.clone()).expect("text")
 }
 
+/// The address after `marker` in a line the router printed.
+fn printed(line: &str, marker: &str) -> String {
+    let after = line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker:?} is not in {line:?}"));
+    after.split(|c: char| c.is_whitespace() || c == ')').next().expect("an address").to_string()
+}
+
 fn host_port(server: &Server) -> String {
     server.base.trim_start_matches("http://").to_string()
 }
@@ -75,19 +89,14 @@ async fn the_picker_sends_a_request_to_the_model_server_that_holds_its_prefix_wi
     let namespace = format!("epp-{}", std::process::id());
     let (_, file) = cluster_file("epp");
     let (a, b) = (model_server(&file, &namespace), model_server(&file, &namespace));
-    let (router, line) = Server::start_saying(dynamo().args([
-        "route",
-        "--http-port",
-        "0",
-        "--epp-port",
-        "0",
-        "--discovery",
-        &file,
-        "--namespace",
-        &namespace,
-    ]));
-    let at = line.split("h2c) on ").nth(1).expect("the picker's address");
-    let picker = at.split_whitespace().next().expect("an address").to_string();
+    let (router, line) =
+        Server::start_saying(dynamo().args(["route", "--http-port", "0", "--epp-port", "0", "--epp-insecure"]).args([
+            "--discovery",
+            &file,
+            "--namespace",
+            &namespace,
+        ]));
+    let picker = printed(&line, "h2c) on ");
     wait_for_workers(&router, 2).await;
 
     // A's worker computes a long prompt's KV; its events reach the router's index.
@@ -121,4 +130,68 @@ async fn the_picker_sends_a_request_to_the_model_server_that_holds_its_prefix_wi
         if destination(&ask(&picker, "/v1/completions", &request, None).await) == host_port(&a) { &a } else { &b };
     let (status, body) = chosen.post_json("/v1/completions", request).await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_picker_speaks_tls_by_default_or_with_a_given_certificate_and_says_when_it_is_ready() {
+    let namespace = format!("epp-tls-{}", std::process::id());
+    let (_, file) = cluster_file("epp-tls");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("epp-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    let (certificate, key) = (dir.join("picker.pem"), dir.join("picker.key"));
+    std::fs::write(&certificate, made.cert.pem()).expect("written");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("written");
+    let route =
+        |tls: &[&str]| {
+            Server::start_saying(
+                dynamo()
+                    .args(["route", "--http-port", "0", "--epp-port", "0", "--epp-health-port", "0"])
+                    .args(tls)
+                    .args(["--discovery", &file, "--namespace", &namespace]),
+            )
+        };
+    let health = |at: String, service: &'static str| async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{at}")).unwrap().connect().await.unwrap();
+        let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let answer = tonic_health::pb::health_client::HealthClient::new(channel).check(request).await;
+        answer.expect("the health service answers").into_inner().status
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+    let given = ["--epp-cert-file", certificate.to_str().unwrap(), "--epp-key-file", key.to_str().unwrap()];
+    let (router, line) = route(&given);
+    let (picker, health_at) = (printed(&line, "TLS) on "), printed(&line, "gRPC health on "));
+    // Alive at once, not ready until a worker has joined.
+    assert_eq!(health(health_at.clone(), "liveness").await, serving);
+    assert_eq!(health(health_at.clone(), "readiness").await, not_serving);
+    let _server = model_server(&file, &namespace);
+    wait_for_workers(&router, 1).await;
+    assert_eq!(health(health_at.clone(), "readiness").await, serving);
+    assert_eq!(health(health_at, "envoy.service.ext_proc.v3.ExternalProcessor").await, serving);
+    // A client that trusts the given certificate is answered over TLS.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(made.cert.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{picker}"))
+        .unwrap()
+        .tls_config(tls)
+        .expect("a TLS client")
+        .connect()
+        .await
+        .expect("the TLS handshake");
+    let answer = exchange_on(channel, vec![ProcessingRequest::default()]).await.unwrap_err();
+    assert_eq!(answer.code(), tonic::Code::InvalidArgument, "{answer}");
+    drop(router);
+
+    // By default a self-signed certificate: plaintext h2c is not answered.
+    let (_router, line) = route(&[]);
+    let picker = printed(&line, "TLS) on ");
+    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{picker}")).unwrap().connect().await;
+    let answered = match plaintext {
+        Ok(channel) => exchange_on(channel, vec![ProcessingRequest::default()]).await.map(|_| ()),
+        Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+    };
+    assert!(answered.is_err_and(|status| status.code() != tonic::Code::InvalidArgument));
 }

@@ -10,7 +10,9 @@
 //! - the response passes through; the pick stays charged to the worker's load until the response ends
 //!   (its last body chunk or trailers), or the stream does.
 //!
-//! Served over h2c (plaintext HTTP/2); TLS is not built yet (the gateway's cluster must be plaintext).
+//! Served over TLS with a certificate made at start-up (self-signed: GAIE's gateways do not verify it), or
+//! one given, or over h2c; and the gRPC health service on a plaintext port of its own, as GAIE's pickers do
+//! (`liveness` at once; `readiness` and the ext_proc service once a worker has joined).
 use crate::core::protocol::ext_proc::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMap, HeaderMutation, HeaderValueOption, HeadersResponse,
     HttpStatus, ImmediateResponse, Metadata, Mutation, PROCESS_PATH, ProcessingRequest, ProcessingResponse, Request,
@@ -342,16 +344,90 @@ impl tower::Service<axum::http::Request<tonic::body::Body>> for ExternalProcesso
     }
 }
 
-/// Serves the picker on `listener` (h2c) until `shutdown`.
+/// Where and how the picker is served.
+#[derive(Debug, Clone)]
+pub struct EppSettings {
+    pub listen: std::net::SocketAddr,
+    /// The plaintext gRPC health service's address.
+    pub health: Option<std::net::SocketAddr>,
+    pub tls: Tls,
+}
+
+/// How the picker's gRPC is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// h2c: plaintext HTTP/2.
+    Insecure,
+    /// A certificate made at start-up for these names (and IPs), self-signed.
+    SelfSigned(Vec<String>),
+    /// A certificate chain and its key, PEM files.
+    Files { certificate: std::path::PathBuf, key: std::path::PathBuf },
+}
+
+impl Tls {
+    /// The certificate chain and key to serve; `None` for h2c.
+    pub fn identity(&self) -> Result<Option<tonic::transport::Identity>, String> {
+        match self {
+            Tls::Insecure => Ok(None),
+            Tls::SelfSigned(names) => {
+                let made = rcgen::generate_simple_self_signed(names.clone())
+                    .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
+                Ok(Some(tonic::transport::Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem())))
+            }
+            Tls::Files { certificate, key } => {
+                let read = |path: &std::path::Path| {
+                    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+                };
+                Ok(Some(tonic::transport::Identity::from_pem(read(certificate)?, read(key)?)))
+            }
+        }
+    }
+}
+
+/// Serves the picker on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     processor: ExternalProcessor,
+    identity: Option<tonic::transport::Identity>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(processor)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await
+) -> Result<(), String> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(identity) = identity {
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        server = server.tls_config(config).map_err(|e| format!("the certificate or key is not usable: {e}"))?;
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    server.add_service(processor).serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| e.to_string())
+}
+
+/// The gRPC health service (`grpc.health.v1.Health`) for the picker: `liveness` serving from the start,
+/// `readiness` and the ext_proc service once `ready` is called.
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+}
+
+impl Health {
+    pub async fn serve(listener: tokio::net::TcpListener) -> (Self, crate::core::AbortOnDrop) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_service_status("liveness", tonic_health::ServingStatus::Serving).await;
+        for name in ["readiness", SERVICE_NAME] {
+            reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+        }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let task = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+            if let Err(error) = served {
+                tracing::error!("the endpoint picker's health service stopped: {error}");
+            }
+        });
+        (Self { reporter }, crate::core::AbortOnDrop(task))
+    }
+
+    pub async fn ready(&self) {
+        for name in ["readiness", SERVICE_NAME] {
+            self.reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+    }
 }
 
 #[cfg(test)]

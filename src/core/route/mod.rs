@@ -54,8 +54,13 @@ pub enum ClusterError {
     Serve(#[from] crate::core::frontend::ServeError),
     #[error("planner: {0}")]
     Planner(String),
-    #[error("cannot listen on {addr} for the endpoint picker: {source}; pick another --epp-port (0 picks a free one)")]
+    #[error(
+        "cannot listen on {addr} for the endpoint picker: {source}; pick another --epp-port or --epp-health-port (0 \
+         picks a free one)"
+    )]
     Epp { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("endpoint picker: {0}")]
+    EppTls(String),
 }
 
 /// Everything the frontend needs, once the first worker has answered.
@@ -105,16 +110,14 @@ pub async fn serve(
     listen: std::net::SocketAddr,
     http: &crate::core::frontend::HttpSettings,
     planner: Option<crate::core::planner::PlannerStart>,
-    epp: Option<std::net::SocketAddr>,
+    epp: Option<crate::core::epp::EppSettings>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
     use crate::core::frontend::ServeError;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
     let epp = match epp {
-        Some(at) => {
-            Some(tokio::net::TcpListener::bind(at).await.map_err(|source| ClusterError::Epp { addr: at, source })?)
-        }
+        Some(settings) => Some(EppListening::bind(&settings).await?),
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
@@ -132,11 +135,34 @@ pub async fn serve(
     served
 }
 
+/// The picker's sockets, bound (and its certificate made or read) before anything is served, so that a
+/// port taken or a bad certificate stops `dynamo route` at start.
+struct EppListening {
+    listener: tokio::net::TcpListener,
+    health_listener: Option<tokio::net::TcpListener>,
+    identity: Option<tonic::transport::Identity>,
+}
+
+impl EppListening {
+    async fn bind(settings: &crate::core::epp::EppSettings) -> Result<Self, ClusterError> {
+        let bind = |addr| async move {
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| ClusterError::Epp { addr, source })
+        };
+        let listener = bind(settings.listen).await?;
+        let health_listener = match settings.health {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let identity = settings.tls.identity().map_err(ClusterError::EppTls)?;
+        Ok(Self { listener, health_listener, identity })
+    }
+}
+
 async fn serve_routes(
     discovery: Box<dyn Discovery>,
     settings: ClusterSettings,
     listener: tokio::net::TcpListener,
-    epp: Option<tokio::net::TcpListener>,
+    epp: Option<EppListening>,
     http: &crate::core::frontend::HttpSettings,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -150,13 +176,21 @@ async fn serve_routes(
     let mut server = tokio::spawn(crate::core::frontend::serve_app(listener, app.router(), http.clone(), shutdown));
     // Ends with the router: aborted when this returns.
     let mut picker_at = String::new();
+    let mut health = None;
     let _picking = match epp {
-        Some(listener) => {
+        Some(EppListening { listener, health_listener, identity }) => {
             let at = listener.local_addr().map_err(ServeError::Serve)?;
             let processor = crate::core::epp::ExternalProcessor::new(Arc::new(picker.clone()), http.max_request_bytes);
-            picker_at = format!(" and endpoint picker (Envoy ext_proc, h2c) on {at}");
+            let scheme = if identity.is_some() { "TLS" } else { "h2c" };
+            picker_at = format!(" and endpoint picker (Envoy ext_proc, {scheme}) on {at}");
+            if let Some(listener) = health_listener {
+                let health_at = listener.local_addr().map_err(ServeError::Serve)?;
+                picker_at.push_str(&format!(" (gRPC health on {health_at})"));
+                health = Some(crate::core::epp::Health::serve(listener).await);
+            }
             Some(AbortOnDrop(tokio::spawn(async move {
-                if let Err(error) = crate::core::epp::serve(listener, processor, std::future::pending()).await {
+                if let Err(error) = crate::core::epp::serve(listener, processor, identity, std::future::pending()).await
+                {
                     tracing::error!("the endpoint picker stopped: {error}");
                 }
             })))
@@ -177,6 +211,9 @@ async fn serve_routes(
     }
     app.ready(cluster.state.clone());
     picker.ready(cluster.state.clone());
+    if let Some((health, _)) = &health {
+        health.ready().await;
+    }
     let _reporting = match Announcer::start(discovery.as_ref(), &namespace, Role::Router, addr.ip(), key.as_ref()) {
         Ok(announcer) => Some(AbortOnDrop(tokio::spawn(report_traffic(announcer, metrics, cluster.state.clone())))),
         Err(error) => {
