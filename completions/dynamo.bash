@@ -64,6 +64,9 @@ _dynamo() {
             dynamo__subcmd__bench,engine)
                 cmd="dynamo__subcmd__bench__subcmd__engine"
                 ;;
+            dynamo__subcmd__bench,epp)
+                cmd="dynamo__subcmd__bench__subcmd__epp"
+                ;;
             dynamo__subcmd__bench,help)
                 cmd="dynamo__subcmd__bench__subcmd__help"
                 ;;
@@ -105,6 +108,9 @@ _dynamo() {
                 ;;
             dynamo__subcmd__bench__subcmd__help,engine)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__engine"
+                ;;
+            dynamo__subcmd__bench__subcmd__help,epp)
+                cmd="dynamo__subcmd__bench__subcmd__help__subcmd__epp"
                 ;;
             dynamo__subcmd__bench__subcmd__help,help)
                 cmd="dynamo__subcmd__bench__subcmd__help__subcmd__help"
@@ -208,6 +214,9 @@ _dynamo() {
             dynamo__subcmd__help__subcmd__bench,engine)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__engine"
                 ;;
+            dynamo__subcmd__help__subcmd__bench,epp)
+                cmd="dynamo__subcmd__help__subcmd__bench__subcmd__epp"
+                ;;
             dynamo__subcmd__help__subcmd__bench,http)
                 cmd="dynamo__subcmd__help__subcmd__bench__subcmd__http"
                 ;;
@@ -262,7 +271,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench)
-            opts="-v -h -V --verbose --help --version http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak help"
+            opts="-v -h -V --verbose --help --version http index route trace disagg disagg-native planner plane epp engine encode transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -547,8 +556,42 @@ _dynamo() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dynamo__subcmd__bench__subcmd__epp)
+            opts="-v -h -V --rate --picks --rounds --workers --prompt-words --json --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --rate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --picks)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prompt-words)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dynamo__subcmd__bench__subcmd__help)
-            opts="http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak help"
+            opts="http index route trace disagg disagg-native planner plane epp engine encode transfer transfer-target soak help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -604,6 +647,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__help__subcmd__engine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__bench__subcmd__help__subcmd__epp)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1576,7 +1633,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench)
-            opts="http index route trace disagg disagg-native planner plane engine encode transfer transfer-target soak"
+            opts="http index route trace disagg disagg-native planner plane epp engine encode transfer transfer-target soak"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1632,6 +1689,20 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__help__subcmd__bench__subcmd__engine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dynamo__subcmd__help__subcmd__bench__subcmd__epp)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

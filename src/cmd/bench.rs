@@ -2,6 +2,7 @@
 use crate::core::bench::Load;
 use crate::core::bench::encode;
 use crate::core::bench::engine::{self, EngineBenchSettings};
+use crate::core::bench::epp;
 use crate::core::bench::http::{self, HttpBenchSettings};
 use crate::core::bench::index::{self, IndexBenchSettings};
 use crate::core::bench::plane;
@@ -45,6 +46,9 @@ pub enum BenchCommand {
     Planner(PlannerArgs),
     /// KV events through the ZMQ event plane end to end, against raw libzmq PUB/SUB of the same bytes.
     Plane(PlaneArgs),
+    /// The Gateway API endpoint picker: picks through Envoy's ext_proc gRPC stream against the router's own
+    /// pick called directly, at the same rate.
+    Epp(EppArgs),
     /// Native engine prefill and decode speed on the CPU, against the memory-bandwidth bound.
     Engine(EngineArgs),
     /// Images through a vision model's tower on the CPU, against the CPU's matrix-product peak.
@@ -254,6 +258,33 @@ pub struct PlaneArgs {
     pub cluster_key: bool,
 
     /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EppArgs {
+    /// Picks started per second (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Picks per round and path.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub picks: u32,
+
+    /// Rounds, each path in turn; the medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+
+    /// Mocker workers the router picks among.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// Words of each request's prompt.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(8..=100_000))]
+    pub prompt_words: u32,
+
+    /// Print one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
 }
@@ -656,6 +687,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::DisaggNative(args) => bench_disagg_native(args),
         BenchCommand::Planner(args) => bench_planner(args),
         BenchCommand::Plane(args) => bench_plane(args),
+        BenchCommand::Epp(args) => bench_epp(args),
         BenchCommand::Engine(args) => bench_engine(args),
         BenchCommand::Encode(args) => bench_encode(args),
         BenchCommand::Soak(args) => bench_soak(args),
@@ -868,6 +900,38 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
     print!("{}", http::table(&results));
     if args.json {
         println!("{}", serde_json::json!({"bench": "http", "levels": results}));
+    }
+    Ok(())
+}
+
+fn bench_epp(args: EppArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rate > 0.0 && args.rate.is_finite(), "--rate must be a positive number of picks per second");
+    let settings = epp::EppBenchSettings {
+        stack: RunSettings {
+            model: ModelSource::Builtin,
+            model_options: Default::default(),
+            workers: args.workers as usize,
+            prefill_workers: 0,
+            encode_workers: 0,
+            engine: EngineSettings::Mocker(MockerConfig::default()),
+            router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
+            listen: ([127, 0, 0, 1], 0).into(),
+            http: crate::core::frontend::HttpSettings::default(),
+        },
+        rate: args.rate,
+        picks: args.picks as usize,
+        rounds: args.rounds as usize,
+        prompt_words: args.prompt_words as usize,
+    };
+    println!(
+        "dynamo bench epp: {} picks per round and path at {} picks/s, {} rounds, {} mocker workers, prompts of {} \
+         words: direct = the router's pick, grpc = through the ext_proc stream (h2c)",
+        args.picks, args.rate, args.rounds, args.workers, args.prompt_words
+    );
+    let result = super::runtime()?.block_on(epp::run(settings))?;
+    print!("{}", epp::table(&result));
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "epp", "result": result}));
     }
     Ok(())
 }

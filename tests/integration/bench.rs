@@ -181,6 +181,24 @@ fn bench_plane_delivers_every_message_and_every_streamed_output() {
 }
 
 #[test]
+fn bench_epp_picks_through_the_grpc_stream_and_directly_without_errors() {
+    let args = ["bench", "epp", "--picks", "200", "--rounds", "2", "--rate", "400", "--workers", "2", "--json"];
+    let json = last_json_line(&args);
+    let result = &json["result"];
+    for path in ["direct", "grpc"] {
+        assert_eq!(
+            (result[path]["requests"].as_u64(), result[path]["errors"].as_u64()),
+            (Some(200), Some(0)),
+            "{json}"
+        );
+        assert!(result[path]["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{json}");
+    }
+    assert!(result["ratio_p50"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    assert!(result["added_p99_us"].is_number(), "{json}");
+    assert_eq!(result["rounds"], 2, "{json}");
+}
+
+#[test]
 fn bench_plane_with_a_cluster_key_delivers_every_sealed_message() {
     let args = ["bench", "plane", "--messages", "1000", "--requests", "200", "--rounds", "1", "--cluster-key"];
     let json = last_json_line(&[&args[..], &["--json"]].concat());

@@ -9,22 +9,22 @@ use std::path::Path;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
 
-/// Every document of every manifest the kustomization lists.
+/// Every document of every manifest the kustomizations list (the cluster's, and the gateway's).
 fn documents() -> Vec<Value> {
-    let kustomization: Value =
-        yaml(&std::fs::read_to_string(Path::new(DIR).join("kustomization.yaml")).unwrap())[0].clone();
-    let files = kustomization["resources"].as_array().expect("the kustomization lists resources");
     let mut documents = Vec::new();
-    for file in files {
-        let path = Path::new(DIR).join(file.as_str().expect("a file name"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        documents.extend(yaml(&text));
+    for dir in [Path::new(DIR).to_path_buf(), Path::new(DIR).join("gateway")] {
+        let kustomization = yaml(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())[0].clone();
+        let files = kustomization["resources"].as_array().expect("the kustomization lists resources");
+        for file in files {
+            let path = dir.join(file.as_str().expect("a file name"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            documents.extend(yaml(&text));
+        }
+        let listed = (std::fs::read_dir(&dir).unwrap())
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "yaml"))
+            .count();
+        assert_eq!(listed, files.len() + 1, "every manifest of {} is in its kustomization", dir.display());
     }
-    let listed: usize = std::fs::read_dir(DIR)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "yaml"))
-        .count();
-    assert_eq!(listed, files.len() + 1, "every manifest is in the kustomization");
     documents
 }
 
@@ -151,8 +151,15 @@ fn every_container_is_one_the_binary_runs_with_what_its_discovery_and_planner_ne
         let probe = container["readinessProbe"].as_object().unwrap_or_else(|| panic!("{name} has a readiness probe"));
         let probed = probe.values().find_map(|p| p["port"].as_str()).expect("the probe names its port");
         assert!(port(probed).is_some(), "{name} probes a port it does not declare: {probed}");
+        let port_of = |flag_name: &str| flag(&args, flag_name).map(|p| p.parse::<u64>().unwrap());
+        if role == "route" || role == "run" {
+            assert_eq!(port("http"), port_of("--http-port"), "{name}");
+        }
         if role == "route" {
-            assert_eq!(port("http"), flag(&args, "--http-port").map(|p| p.parse().unwrap()), "{name}");
+            assert_eq!(port("epp"), port_of("--epp-port"), "{name}");
+            assert_eq!(port("epp-health"), port_of("--epp-health-port"), "{name}");
+        } else if role == "run" {
+            assert_eq!(flag(&args, "--http-host"), Some("0.0.0.0"), "{name}: its planes listen where its HTTP does");
         } else {
             for (named, flag_name) in
                 [("request", "--request-port"), ("event", "--event-port"), ("transfer", "--transfer-port")]
@@ -167,29 +174,82 @@ fn every_container_is_one_the_binary_runs_with_what_its_discovery_and_planner_ne
     }
 }
 
+fn selects(selector: &serde_json::Map<String, Value>, deployment: &Value) -> bool {
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    selector.iter().all(|(k, v)| &labels[k] == v)
+}
+
+fn role(deployment: &Value) -> &str {
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"][0].as_str().unwrap()
+}
+
+/// The container port named `name` of `deployment`'s pods.
+fn named_port(deployment: &Value, name: &str) -> Option<u64> {
+    let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"].as_array()?;
+    ports.iter().find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64())
+}
+
 #[test]
-fn the_discovery_service_selects_every_worker_and_only_workers() {
+fn the_discovery_services_select_every_worker_and_only_workers() {
     let documents = documents();
     let (key, value) = KUBE_SELECTOR.split_once('=').unwrap();
     let services: Vec<&Value> =
         of_kind(&documents, "Service").into_iter().filter(|s| s["metadata"]["labels"][key] == value).collect();
-    assert_eq!(services.len(), 1, "one Service carries the discovery label");
-    let selector = services[0]["spec"]["selector"].as_object().unwrap();
+    assert!(!services.is_empty(), "a Service carries the discovery label");
     for deployment in of_kind(&documents, "Deployment") {
-        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
-        let selected = selector.iter().all(|(k, v)| &labels[k] == v);
-        let worker = deployment["spec"]["template"]["spec"]["containers"][0]["args"][0] != "route";
-        assert_eq!(selected, worker, "{}", deployment["metadata"]["name"]);
+        let selecting: Vec<&&Value> =
+            services.iter().filter(|s| selects(s["spec"]["selector"].as_object().unwrap(), deployment)).collect();
+        let name = &deployment["metadata"]["name"];
+        // Every role that registers a worker (all but the router) is ready in a labelled Service's slices:
+        // which needs a port of its pods for the Service to name.
+        assert_eq!(selecting.len(), usize::from(role(deployment) != "route"), "{name}");
+        for service in selecting {
+            for port in service["spec"]["ports"].as_array().unwrap() {
+                let target = port["targetPort"].as_str().unwrap();
+                assert!(named_port(deployment, target).is_some(), "{name} lacks the port {target} its Service names");
+            }
+        }
     }
 }
 
 #[test]
-fn kubectl_builds_the_kustomization() {
-    let Ok(output) = std::process::Command::new("kubectl").args(["kustomize", DIR]).output() else {
-        eprintln!("SKIPPED: kubectl is not on PATH; the manifests were checked as YAML only");
-        return;
-    };
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let built = yaml(&String::from_utf8_lossy(&output.stdout));
-    assert_eq!(built.len(), documents().len());
+fn the_inference_pool_is_the_model_servers_picked_by_the_routers_picker() {
+    let documents = documents();
+    let pool = named(&documents, "InferencePool", "dynamo");
+    let selector = pool["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let servers: Vec<&Value> = of_kind(&documents, "Deployment").into_iter().filter(|d| selects(selector, d)).collect();
+    assert!(!servers.is_empty() && servers.iter().all(|d| role(d) == "run"), "the pool is dynamo run pods only");
+    let http = servers[0]["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
+    let args: Vec<String> = http.iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    assert_eq!(
+        pool["spec"]["targetPorts"][0]["number"].as_u64(),
+        flag(&args, "--http-port").map(|p| p.parse().unwrap())
+    );
+    assert!(args.windows(2).any(|w| w[0] == "--workers" && w[1] == "1"), "one worker per model server: {args:?}");
+    // The picker's Service reaches the router's --epp-port.
+    let picker = &pool["spec"]["endpointPickerRef"];
+    let service = named(&documents, "Service", picker["name"].as_str().unwrap());
+    let port = (service["spec"]["ports"].as_array().unwrap().iter())
+        .find(|p| p["port"] == picker["port"]["number"])
+        .expect("the Service has the picker's port");
+    let router = named(&documents, "Deployment", "dynamo-route");
+    assert!(selects(service["spec"]["selector"].as_object().unwrap(), router));
+    assert_eq!(named_port(router, port["targetPort"].as_str().unwrap()), Some(9002));
+    let route = named(&documents, "HTTPRoute", "dynamo");
+    let backend = &route["spec"]["rules"][0]["backendRefs"][0];
+    assert_eq!((backend["kind"].as_str(), backend["name"].as_str()), (Some("InferencePool"), Some("dynamo")));
+}
+
+#[test]
+fn kubectl_builds_the_kustomizations() {
+    let mut built = 0;
+    for dir in [DIR.to_string(), format!("{DIR}/gateway")] {
+        let Ok(output) = std::process::Command::new("kubectl").args(["kustomize", &dir]).output() else {
+            eprintln!("SKIPPED: kubectl is not on PATH; the manifests were checked as YAML only");
+            return;
+        };
+        assert!(output.status.success(), "{dir}: {}", String::from_utf8_lossy(&output.stderr));
+        built += yaml(&String::from_utf8_lossy(&output.stdout)).len();
+    }
+    assert_eq!(built, documents().len());
 }

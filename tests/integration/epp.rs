@@ -2,9 +2,8 @@
 //! GAIE's configuration) against a real router whose workers are `dynamo run` model servers.
 use crate::cluster::{cluster_file, wait_for_workers};
 use crate::util::{Server, dynamo};
-use dynamo::core::protocol::ext_proc::{
-    HeaderMap, HeaderValue, HttpBody, HttpHeaders, Metadata, ProcessingRequest, ProcessingResponse, Request, Response,
-};
+use dynamo::core::epp::gateway::{self, Gateway};
+use dynamo::core::protocol::ext_proc::{ProcessingRequest, ProcessingResponse, Response};
 use serde_json::json;
 
 /// A model server: one mocker worker behind its own OpenAI server, announced in `namespace`.
@@ -12,66 +11,21 @@ fn model_server(file: &str, namespace: &str) -> Server {
     Server::start(&["--workers", "1", "--discovery", file, "--namespace", namespace])
 }
 
-/// Sends a POST to `path` with `body` as Envoy would (headers, then the body), with the gateway's `subset`
-/// if any; the picker's first answer.
+/// Sends a POST to `path` with `body` as Envoy would, with the gateway's `subset` if any, over h2c; the
+/// picker's first answer.
 async fn ask(picker: &str, path: &str, body: &serde_json::Value, subset: Option<&str>) -> ProcessingResponse {
-    let header =
-        |key: &str, value: &str| HeaderValue { key: key.into(), value: String::new(), raw_value: value.into() };
-    let metadata_context = subset.map(|subset| {
-        let value = prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(subset.into())) };
-        let hint =
-            prost_types::Struct { fields: [("x-gateway-destination-endpoint-subset".to_string(), value)].into() };
-        Metadata { filter_metadata: [("envoy.lb.subset_hint".to_string(), hint)].into() }
-    });
-    let messages = vec![
-        ProcessingRequest {
-            request: Some(Request::RequestHeaders(HttpHeaders {
-                headers: Some(HeaderMap { headers: vec![header(":method", "POST"), header(":path", path)] }),
-                end_of_stream: false,
-            })),
-            metadata_context,
-            observability_mode: false,
-        },
-        ProcessingRequest {
-            request: Some(Request::RequestBody(HttpBody { body: body.to_string().into_bytes(), end_of_stream: true })),
-            metadata_context: None,
-            observability_mode: false,
-        },
-    ];
+    let messages = gateway::post(path, body.to_string().as_bytes(), subset);
     exchange(picker, messages).await.expect("an answer")
 }
 
-/// A gateway's stream of `messages` over h2c: the picker's first answer, or the gRPC status it ended the
-/// stream with.
+/// A stream of `messages` over h2c: the picker's first answer, or the gRPC status it ended the stream with.
 async fn exchange(picker: &str, messages: Vec<ProcessingRequest>) -> Result<ProcessingResponse, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{picker}"))
-        .expect("a URI")
-        .connect()
-        .await
-        .expect("the picker accepts");
-    exchange_on(channel, messages).await
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{picker}")).expect("a URI");
+    Gateway::connect(endpoint).await.expect("the picker accepts").exchange(messages).await
 }
 
-async fn exchange_on(
-    channel: tonic::transport::Channel,
-    messages: Vec<ProcessingRequest>,
-) -> Result<ProcessingResponse, tonic::Status> {
-    let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.expect("ready");
-    let codec = tonic_prost::ProstCodec::<ProcessingRequest, ProcessingResponse>::default();
-    let path = axum::http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");
-    let stream = client.streaming(tonic::Request::new(futures::stream::iter(messages)), path, codec).await?;
-    stream.into_inner().message().await?.ok_or_else(|| tonic::Status::unknown("the stream ended unanswered"))
-}
-
-/// The destination a headers answer names.
 fn destination(answer: &ProcessingResponse) -> String {
-    let Some(Response::RequestHeaders(headers)) = &answer.response else { panic!("not a pick: {answer:?}") };
-    let mutation = headers.response.as_ref().and_then(|r| r.header_mutation.as_ref()).expect("headers set");
-    let header = (mutation.set_headers.iter())
-        .find_map(|h| h.header.as_ref().filter(|h| h.key == "x-gateway-destination-endpoint"))
-        .expect("the destination header");
-    String::from_utf8(header.raw_value.clone()).expect("text")
+    gateway::destination(answer).unwrap_or_else(|| panic!("not a pick: {answer:?}"))
 }
 
 /// The address after `marker` in a line the router printed.
@@ -174,24 +128,20 @@ async fn the_picker_speaks_tls_by_default_or_with_a_given_certificate_and_says_w
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(made.cert.pem()))
         .domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{picker}"))
-        .unwrap()
-        .tls_config(tls)
-        .expect("a TLS client")
-        .connect()
-        .await
-        .expect("the TLS handshake");
-    let answer = exchange_on(channel, vec![ProcessingRequest::default()]).await.unwrap_err();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{picker}")).unwrap();
+    let gateway = Gateway::connect(endpoint.tls_config(tls).expect("a TLS client")).await.expect("the TLS handshake");
+    let answer = gateway.exchange(vec![ProcessingRequest::default()]).await.unwrap_err();
     assert_eq!(answer.code(), tonic::Code::InvalidArgument, "{answer}");
     drop(router);
 
     // By default a self-signed certificate: plaintext h2c is not answered.
     let (_router, line) = route(&[]);
     let picker = printed(&line, "TLS) on ");
-    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{picker}")).unwrap().connect().await;
+    let plaintext =
+        Gateway::connect(tonic::transport::Endpoint::from_shared(format!("http://{picker}")).unwrap()).await;
     let answered = match plaintext {
-        Ok(channel) => exchange_on(channel, vec![ProcessingRequest::default()]).await.map(|_| ()),
-        Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+        Ok(gateway) => gateway.exchange(vec![ProcessingRequest::default()]).await.map(|_| ()),
+        Err(error) => Err(tonic::Status::unavailable(error)),
     };
     assert!(answered.is_err_and(|status| status.code() != tonic::Code::InvalidArgument));
 }

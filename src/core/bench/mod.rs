@@ -6,6 +6,7 @@
 pub mod disagg;
 pub mod encode;
 pub mod engine;
+pub mod epp;
 pub mod http;
 pub mod index;
 pub mod plane;

@@ -1,7 +1,9 @@
 //! The router's side of the picker: a request priced and charged as this router's frontend would route it
 //! (`FrontendState::pick`), among the workers with an OpenAI server of their own in the gateway's subset.
 use super::{Pick, PickRequest, Picker, Refusal, WORKER_HEADER};
+use crate::core::engine::Engine;
 use crate::core::frontend::FrontendState;
+use crate::core::protocol::discovery::split_endpoint;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -32,8 +34,12 @@ impl Picker for FrontendPicker {
         };
         Box::pin(async move {
             let subset = request.subset;
-            let allowed = |endpoint: &str| subset.as_ref().is_none_or(|subset| subset.iter().any(|e| e == endpoint));
-            match state.pick(&request.path, request.body, allowed).await {
+            // Workers with an OpenAI server of their own (a `dynamo run --discovery`'s), in the gateway's subset.
+            let eligible = |engine: &dyn Engine| {
+                let endpoint = host_port(&engine.http_addr()?)?;
+                subset.as_ref().is_none_or(|subset| subset.contains(&endpoint)).then_some(endpoint)
+            };
+            match state.pick(&request.path, request.body, eligible).await {
                 Ok(picked) => Ok(Pick {
                     endpoint: picked.endpoint,
                     headers: vec![(WORKER_HEADER.to_string(), format!("{:016x}", picked.worker_id))],
@@ -46,4 +52,10 @@ impl Picker for FrontendPicker {
             }
         })
     }
+}
+
+/// `tcp://host:port` as `host:port`, the form a gateway's destination takes.
+fn host_port(address: &str) -> Option<String> {
+    let (host, port) = split_endpoint(address)?;
+    Some(format!("{host}:{port}"))
 }

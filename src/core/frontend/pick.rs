@@ -1,10 +1,10 @@
 //! A request priced as this frontend would route it, without running it: parsed, templated and tokenized by
 //! the same `prepare` as `/v1/chat/completions` and `/v1/completions` (so a bad request gets the same
-//! error), then the router's choice among the workers that have an OpenAI server of their own. What an
-//! endpoint picker asks; the choice is charged to the worker's load until the caller drops it.
+//! error), then the router's choice among the workers the caller finds eligible. What an endpoint picker
+//! asks; the choice is charged to the worker's load until the caller drops it.
 use super::{ApiError, FrontendState, chat, completions};
+use crate::core::engine::Engine;
 use crate::core::protocol::WorkerId;
-use crate::core::protocol::discovery::split_endpoint;
 use crate::core::router::{Choice, Pool};
 use std::sync::Arc;
 
@@ -17,13 +17,14 @@ pub struct Picked {
 }
 
 impl FrontendState {
-    /// Chooses a worker for the request to `path` with `body`, among those whose OpenAI server's
-    /// `host:port` `allowed` accepts. A path other than the two generation endpoints is priced by load alone.
+    /// Chooses a worker for the request to `path` with `body`, among those `eligible` gives an endpoint
+    /// (where the request is to be sent). A path other than the two generation endpoints is priced by load
+    /// alone.
     pub async fn pick(
         self: &Arc<Self>,
         path: &str,
         body: bytes::Bytes,
-        allowed: impl Fn(&str) -> bool,
+        eligible: impl Fn(&dyn Engine) -> Option<String>,
     ) -> Result<Picked, ApiError> {
         let path = path.split('?').next().unwrap_or_default();
         let mut model = None;
@@ -47,16 +48,13 @@ impl FrontendState {
         let mut endpoints = Vec::new();
         let mut avoid = Vec::new();
         for engine in served.router.engines_of(Pool::Decode) {
-            let endpoint = engine.http_addr().and_then(|address| host_port(&address)).filter(|e| allowed(e));
-            match endpoint {
+            match eligible(engine.as_ref()) {
                 Some(endpoint) => endpoints.push((engine.worker_id(), endpoint)),
                 None => avoid.push(engine.worker_id()),
             }
         }
         if endpoints.is_empty() {
-            return Err(ApiError::unavailable(
-                "no worker with an OpenAI server of its own (dynamo run --discovery) is eligible for this request",
-            ));
+            return Err(ApiError::unavailable("no worker is eligible for this request"));
         }
         let choice = served.router.choose_in(Pool::Decode, token_ids, &media, &avoid)?;
         let endpoint = (endpoints.into_iter())
@@ -64,10 +62,4 @@ impl FrontendState {
             .ok_or_else(|| ApiError::internal("the router chose a worker it was told to avoid"))?;
         Ok(Picked { endpoint, worker_id: choice.worker_id, overlap_blocks: choice.overlap_blocks, choice })
     }
-}
-
-/// `tcp://host:port` as `host:port`, the form a gateway's destination takes.
-fn host_port(address: &str) -> Option<String> {
-    let (host, port) = split_endpoint(address)?;
-    Some(format!("{host}:{port}"))
 }
