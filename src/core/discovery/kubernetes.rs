@@ -34,6 +34,8 @@ const MANAGER: &str = "dynamo-worker";
 /// diff.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// Invalid record versions remembered so each is warned about once.
+const MAX_WARNED: usize = 4096;
 const LAST_RETRY: Duration = Duration::from_secs(30);
 
 pub struct Kubernetes {
@@ -311,6 +313,10 @@ impl View {
             (Some(owner), Some(Ok(entry))) => return Some((owner.to_string(), entry)),
         };
         let version = object.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or_default();
+        // Bounded: whoever may write records could write invalid ones without end.
+        if self.warned.len() >= MAX_WARNED {
+            self.warned.clear();
+        }
         if self.warned.insert((object_name(object), version.to_string())) {
             tracing::warn!(
                 "the worker record {} has {why}; ignored (a valid one before it is kept)",

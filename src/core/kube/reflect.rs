@@ -20,6 +20,8 @@ pub enum Change {
 /// How long one watch asks to last; the server ends it then, and it is opened again from its version.
 const WATCH_FOR: Duration = Duration::from_secs(290);
 const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// A watch that ends sooner than this having said nothing is reopened after a pause.
+const QUICK_END: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
 
 /// Keeps `path` (a collection, e.g. `/apis/discovery.k8s.io/v1/namespaces/NS/endpointslices`, of objects
@@ -60,7 +62,9 @@ pub async fn reflect(client: Arc<KubeClient>, path: String, selector: Option<Str
                 }
             };
             retry.succeeded(&path);
+            let (opened, mut delivered) = (std::time::Instant::now(), false);
             while let Some(event) = events.next().await {
+                delivered = true;
                 let event = match event {
                     Ok(event) => event,
                     Err(error) => {
@@ -91,6 +95,10 @@ pub async fn reflect(client: Arc<KubeClient>, path: String, selector: Option<Str
                 if changes.send(change).await.is_err() {
                     return;
                 }
+            }
+            // A server that ends every watch at once would otherwise be asked again without a pause.
+            if !delivered && opened.elapsed() < QUICK_END {
+                tokio::time::sleep(FIRST_RETRY).await;
             }
         }
     }
