@@ -58,7 +58,7 @@ impl Picker for Direct {
                 Ok(picked) => {
                     Ok(Pick { endpoint: picked.endpoint, headers: Vec::new(), held: Box::new(picked.choice) })
                 }
-                Err(error) => Err(Refusal { status: error.status.as_u16(), body: error.message.into_bytes() }),
+                Err(error) => Err(Refusal::from(error)),
             }
         })
     }

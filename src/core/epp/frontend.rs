@@ -2,7 +2,7 @@
 //! (`FrontendState::pick`), among the workers with an OpenAI server of their own in the gateway's subset.
 use super::{Pick, PickRequest, Picker, Refusal, WORKER_HEADER};
 use crate::core::engine::Engine;
-use crate::core::frontend::FrontendState;
+use crate::core::frontend::{ApiError, FrontendState};
 use crate::core::protocol::discovery::split_endpoint;
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ impl FrontendPicker {
 impl Picker for FrontendPicker {
     fn pick(&self, request: PickRequest) -> BoxFuture<'static, Result<Pick, Refusal>> {
         let Some(state) = self.state.get().cloned() else {
-            let refusal = Refusal { status: 503, body: super::error_json(&self.waiting) };
+            let refusal = Refusal::from(ApiError::unavailable(self.waiting.as_str()));
             return Box::pin(async move { Err(refusal) });
         };
         Box::pin(async move {
@@ -45,10 +45,7 @@ impl Picker for FrontendPicker {
                     headers: vec![(WORKER_HEADER.to_string(), format!("{:016x}", picked.worker_id))],
                     held: Box::new(picked.choice),
                 }),
-                Err(error) => Err(Refusal {
-                    status: error.status.as_u16(),
-                    body: serde_json::to_vec(&error.body()).unwrap_or_default(),
-                }),
+                Err(error) => Err(Refusal::from(error)),
             }
         })
     }

@@ -13,6 +13,7 @@
 //! Served over TLS with a certificate made at start-up (self-signed: GAIE's gateways do not verify it), or
 //! one given, or over h2c; and the gRPC health service on a plaintext port of its own, as GAIE's pickers do
 //! (`liveness` at once; `readiness` and the ext_proc service once a worker has joined).
+use crate::core::frontend::ApiError;
 use crate::core::protocol::ext_proc::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMap, HeaderMutation, HeaderValueOption, HeadersResponse,
     HttpStatus, ImmediateResponse, Metadata, Mutation, PROCESS_PATH, ProcessingRequest, ProcessingResponse, Request,
@@ -62,6 +63,13 @@ pub struct Pick {
 pub struct Refusal {
     pub status: u16,
     pub body: Vec<u8>,
+}
+
+/// The frontend's error, status and body, as the client would get it from the frontend itself.
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Self { status: error.status.as_u16(), body: serde_json::to_vec(&error.body()).unwrap_or_default() }
+    }
 }
 
 pub trait Picker: Send + Sync + 'static {
@@ -114,7 +122,7 @@ impl Exchange {
                 if self.body.len() + body.body.len() > self.max_body {
                     self.over = true;
                     let message = format!("the request body is larger than {} bytes", self.max_body);
-                    return Ok(vec![immediate(&Refusal { status: 413, body: error_json(&message) })]);
+                    return Ok(vec![immediate(&ApiError::too_large(message).into())]);
                 }
                 self.body.extend_from_slice(&body.body);
                 if body.end_of_stream {
@@ -207,13 +215,6 @@ fn immediate(refusal: &Refusal) -> ProcessingResponse {
         body: refusal.body.clone(),
         details: "dynamo_endpoint_picker".into(),
     }))
-}
-
-/// An OpenAI-style error body.
-pub fn error_json(message: &str) -> Vec<u8> {
-    serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})
-        .to_string()
-        .into_bytes()
 }
 
 fn string(value: &str) -> Kind {

@@ -156,7 +156,7 @@ async fn the_gateways_subset_is_passed_on_as_a_list_or_a_comma_string() {
 
 #[tokio::test]
 async fn a_refusal_an_oversized_body_and_a_bad_sequence_are_answered_not_crashed_on() {
-    let refusal = Refusal { status: 503, body: error_json("no worker") };
+    let refusal = Refusal::from(crate::core::frontend::ApiError::unavailable("no worker"));
     let mut exchange = Exchange::new(FakePicker::new(Some(refusal.clone())), 1 << 20);
     exchange.on(headers("/v1/completions", false, None)).await.unwrap();
     let answers = exchange.on(body(b"{}", true)).await.unwrap();
@@ -170,6 +170,9 @@ async fn a_refusal_an_oversized_body_and_a_bad_sequence_are_answered_not_crashed
     let answers = exchange.on(body(b"0123456789", false)).await.unwrap();
     let Some(Response::ImmediateResponse(immediate)) = &answers[0].response else { panic!("{answers:?}") };
     assert_eq!(immediate.status.as_ref().unwrap().code, 413);
+    // The frontend's own error body.
+    let error: serde_json::Value = serde_json::from_slice(&immediate.body).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("larger than 8 bytes"), "{error}");
 
     let mut exchange = Exchange::new(FakePicker::new(None), 8);
     let error = exchange.on(body(b"{}", true)).await.unwrap_err();
