@@ -76,6 +76,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     key,
                     transfer: None,
                     http: None,
+                    // Its OpenAI server's /metrics already has its gauges.
+                    metrics_port: None,
                 },
             })
         }

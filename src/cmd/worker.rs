@@ -93,6 +93,11 @@ pub struct PlaneArgs {
     /// discovery; a second signal stops it at once.
     #[arg(long, env = "DYNAMO_DRAIN_TIMEOUT", default_value_t = worker::DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_parser = super::args::non_negative_f64, help_heading = "Planes")]
     pub drain_timeout: f64,
+
+    /// Serve /metrics (this worker's load, also under vLLM's gauge names for endpoint pickers), /health (503
+    /// once it drains: a readiness probe) and /live on this port of --host (0 picks a free one).
+    #[arg(long, env = "DYNAMO_METRICS_PORT", help_heading = "Planes")]
+    pub metrics_port: Option<u16>,
 }
 
 impl PlaneArgs {
@@ -113,6 +118,7 @@ impl PlaneArgs {
             key,
             transfer,
             http: None,
+            metrics_port: self.metrics_port,
         }
     }
 }

@@ -691,3 +691,88 @@ async fn a_workers_max_model_len_and_chat_template_hold_at_a_router_in_another_p
     assert_eq!(status, 400, "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("64"), "{refused}");
 }
+
+/// The first sample of `family` in a Prometheus text (whatever its labels), e.g. `vllm:num_requests_running`.
+fn sample(text: &str, family: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .find(|line| line.starts_with(&format!("{family}{{")) || line.starts_with(&format!("{family} ")))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_workers_metrics_port_shows_its_load_under_vllms_names_and_its_health_fails_once_it_drains() {
+    let (_, file) = cluster_file("worker-metrics");
+    let (mut worker, line) = Worker::start_saying(
+        "decode",
+        // Slowed down, so the stream is still running when the worker is told to stop.
+        dynamo().args([
+            "decode",
+            "--engine",
+            "mocker",
+            "--speedup",
+            "0.1",
+            "--discovery",
+            &file,
+            "--metrics-port",
+            "0",
+        ]),
+    );
+    let at = line.find("metrics http://").expect("the banner names the metrics port") + "metrics ".len();
+    let metrics_url = line[at..].split([',', ')', ' ']).next().unwrap_or_default().to_string();
+    let health_url = metrics_url.replace("/metrics", "/health");
+    let scrape = || async { reqwest::get(&metrics_url).await.expect("metrics answer").text().await.expect("text") };
+    let health = || async {
+        let response = reqwest::get(&health_url).await.expect("health answers");
+        (response.status().as_u16(), response.json::<Value>().await.expect("JSON"))
+    };
+
+    let idle = scrape().await;
+    assert_eq!(sample(&idle, "vllm:num_requests_running"), Some(0.0), "{idle}");
+    assert_eq!(sample(&idle, "vllm:num_requests_waiting"), Some(0.0), "{idle}");
+    assert_eq!(sample(&idle, "vllm:kv_cache_usage_perc"), Some(0.0), "{idle}");
+    let config = idle.lines().find(|l| l.starts_with("vllm:cache_config_info{")).expect("cache config");
+    assert!(config.contains("block_size=\"16\"") && config.contains("model_name=\"tiny-chat\""), "{config}");
+    assert!(sample(&idle, "dynamo_component_kvstats_total_blocks").is_some_and(|b| b > 0.0), "{idle}");
+    let (status, body) = health().await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("healthy")), "{body}");
+
+    // A stream in flight is the worker's load, as its gauges say.
+    let router = route(&file);
+    wait_for_workers(&router, 1).await;
+    let mut response = router.post("/v1/completions", long_completion("Gauges a gateway can read.", true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let busy = scrape().await;
+        if sample(&busy, "vllm:num_requests_running") == Some(1.0) {
+            assert!(sample(&busy, "vllm:kv_cache_usage_perc").is_some_and(|u| u > 0.0), "{busy}");
+            let accepted = busy.lines().find(|l| {
+                l.starts_with("dynamo_component_request_plane_requests{") && l.contains("outcome=\"accepted\"")
+            });
+            assert!(accepted.is_some_and(|l| l.ends_with(" 1")), "the request plane's totals: {busy}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the running stream never showed: {busy}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Told to stop, it fails its readiness at once, and still finishes the stream.
+    worker.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = health().await;
+        if status == 503 {
+            assert_eq!(body["status"], "draining", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "health never said draining: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(worker.exit_within(Duration::from_secs(20)).is_some_and(|s| s.success()), "the worker exits");
+}

@@ -161,15 +161,21 @@ fn every_container_is_one_the_binary_runs_with_what_its_discovery_and_planner_ne
         } else if role == "run" {
             assert_eq!(flag(&args, "--http-host"), Some("0.0.0.0"), "{name}: its planes listen where its HTTP does");
         } else {
-            for (named, flag_name) in
-                [("request", "--request-port"), ("event", "--event-port"), ("transfer", "--transfer-port")]
-            {
+            for (named, flag_name) in [
+                ("request", "--request-port"),
+                ("event", "--event-port"),
+                ("transfer", "--transfer-port"),
+                ("metrics", "--metrics-port"),
+            ] {
                 assert_eq!(port(named), flag(&args, flag_name).map(|p| p.parse().unwrap()), "{name}: {named}");
             }
             let drain: f64 = flag(&args, "--drain-timeout").unwrap_or("30").parse().unwrap();
             let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap_or(30.0);
             assert!(grace > drain, "{name}: a grace period of {grace} s cuts a drain of {drain} s");
             assert_eq!(flag(&args, "--host"), Some("0.0.0.0"), "{name} listens where peers reach it (its POD_IP)");
+            // Ready while it serves, unready once it drains: only its /health says so (its sockets stay open).
+            assert_eq!(probe["httpGet"]["path"], "/health", "{name}");
+            assert_eq!(probed, "metrics", "{name}");
         }
     }
 }

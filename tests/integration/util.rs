@@ -128,8 +128,13 @@ impl Worker {
 
     /// Starts a worker of `role` (`dynamo prefill …` for "prefill") from a whole command.
     pub fn start_as(role: &str, command: &mut Command) -> Worker {
-        let (child, _) = spawn_until(command, &format!("{role} worker"));
-        Worker { child }
+        Self::start_saying(role, command).0
+    }
+
+    /// `start_as`, and the line it printed with its addresses.
+    pub fn start_saying(role: &str, command: &mut Command) -> (Worker, String) {
+        let (child, line) = spawn_until(command, &format!("{role} worker"));
+        (Worker { child }, line)
     }
 
     /// Sends it a signal by name (`STOP` freezes it: alive to the kernel, silent to its peers).

@@ -14,7 +14,6 @@ use crate::core::handoff::HandOffEngine;
 use crate::core::model::{Model, ModelError, ModelSource};
 use crate::core::plane::request::{RequestServer, Served, ServerStats};
 use crate::core::plane::{EventPublisher, HIGH_WATER_MARK, PlaneError};
-use crate::core::protocol::WorkerStats;
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role, tcp_endpoint};
 use crate::core::protocol::plane::Topic;
 use std::future::Future;
@@ -22,6 +21,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+mod probe;
 
 pub const LOAD_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -64,6 +65,9 @@ pub struct PlaneSettings {
     pub transfer: Option<TransferSettings>,
     /// The OpenAI server of this process, when it serves this worker alone (its record's `http_addr`).
     pub http: Option<std::net::SocketAddr>,
+    /// A port of its own for `/metrics` (vLLM's gauge names too), `/health` and `/live`, on `host`; 0 picks a
+    /// free one.
+    pub metrics_port: Option<u16>,
 }
 
 /// How a worker's transfer agent listens (on the planes' host) and reaches its peers.
@@ -92,6 +96,7 @@ impl PlaneSettings {
             key,
             transfer: None,
             http: None,
+            metrics_port: None,
         }
     }
 }
@@ -110,12 +115,19 @@ pub enum WorkerError {
     HandOff(#[from] crate::core::handoff::HandOffError),
     #[error(transparent)]
     Encode(#[from] crate::core::encode::EncodeError),
+    #[error("cannot serve metrics on {addr}: {source}; pick another --metrics-port (0 picks a free one)")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// One engine on the planes: requests on its ROUTER socket, its KV events and load on its PUB socket, its
 /// record in discovery. Dropped, it takes the record back first, then closes its sockets.
 pub struct Exposed {
     pub instance: Instance,
+    /// Where its `/metrics` and `/health` answer, when it has a metrics port.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Set when it starts to drain: its `/health` then says 503.
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    _probe: Option<crate::core::AbortOnDrop>,
     // Fields drop in this order: the record goes before the sockets close.
     registration: Option<Registration>,
     server: RequestServer,
@@ -138,6 +150,7 @@ impl Exposed {
     /// end, and KV held for a decode worker waits to be read. Resolves when all that is done (true) or
     /// `timeout` has passed (false); the planes stay open until this is dropped.
     pub async fn drain(&mut self, timeout: Duration) -> bool {
+        self.draining.store(true, Ordering::Release);
         if let Some(registration) = self.registration.take() {
             registration.leave().await;
         }
@@ -207,8 +220,39 @@ pub fn expose(
     let instance = Instance { request_addr: server.endpoint().to_string(), ..instance };
     let events =
         crate::core::AbortOnDrop(tokio::spawn(publish(engine.clone(), publisher, kv_published, server.stats.clone())));
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (probe, metrics_addr) = match planes.metrics_port {
+        Some(port) => {
+            let listener = listen((planes.host, port).into())?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| WorkerError::Metrics { addr: (planes.host, port).into(), source })?;
+            // An encode worker holds no KV: it has no model server's gauges to give.
+            let model = (planes.role != Role::Encode).then(|| (instance.model.clone(), block_size));
+            (Some(probe::serve(listener, engine.clone(), server.stats.clone(), model, draining.clone())), Some(addr))
+        }
+        None => (None, None),
+    };
     let registration = Some(discovery.register(&instance)?);
-    Ok(Exposed { instance, registration, server, engine, _events: events, _context: context })
+    Ok(Exposed {
+        instance,
+        metrics_addr,
+        draining,
+        _probe: probe,
+        registration,
+        server,
+        engine,
+        _events: events,
+        _context: context,
+    })
+}
+
+/// A listening socket for the worker's metrics port, made without awaiting (`expose` is not async).
+fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .and_then(tokio::net::TcpListener::from_std);
+    bound.map_err(|source| WorkerError::Metrics { addr, source })
 }
 
 /// How a worker's transfer agent listens (on the planes' host, with the planes' key).
@@ -296,8 +340,9 @@ async fn serve<S: Future<Output = ()>>(
     let exposed = expose(engine, served.model, served.block_size, planes, discovery.as_ref())?;
     let instance = &exposed.instance;
     let transfer = instance.transfer_addr.as_ref().map(|addr| format!(", transfer {addr}")).unwrap_or_default();
+    let metrics = exposed.metrics_addr.map(|addr| format!(", metrics http://{addr}/metrics")).unwrap_or_default();
     println!(
-        "dynamo: {} worker {id:016x} serving {} with {} on {} (events {}{transfer}), namespace {}",
+        "dynamo: {} worker {id:016x} serving {} with {} on {} (events {}{transfer}{metrics}), namespace {}",
         planes.role.name(),
         instance.model,
         served.describe,
@@ -363,11 +408,7 @@ async fn publish(
             }
             _ = tick.tick() => true,
             _ = stats_tick.tick() => {
-                let snapshot = WorkerStats {
-                    kv: engine.kv_transfers().unwrap_or_default(),
-                    images: engine.images().unwrap_or_default(),
-                    ..stats.snapshot()
-                };
+                let snapshot = probe::worker_stats(engine.as_ref(), &stats);
                 if let Err(error) = publisher.publish(&snapshot) {
                     tracing::warn!("could not publish request-plane stats: {error}");
                 }
