@@ -269,6 +269,13 @@ impl<B: Backend> Transformer<B> {
         self.macs_per_token
     }
 
+    /// Multiply-adds of a causal prefill's attention over `tokens` positions: every query head scores, then
+    /// weighs, the positions up to its own (n(n+1)/2 pairs), in every layer.
+    pub fn attention_macs(&self, tokens: u64) -> u64 {
+        let c = &self.config;
+        2 * (c.num_layers * c.num_heads * c.head_dim) as u64 * (tokens * (tokens + 1) / 2)
+    }
+
     /// Bytes of weights as stored (a decode step streams all of them once).
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes

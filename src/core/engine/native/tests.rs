@@ -329,24 +329,41 @@ fn an_embedding_is_the_hidden_state_the_head_reads() {
 /// prefill of every row and as a decode step of each row alone. Shapes cover each width the value
 /// accumulation is split into (64, 16, 1 dimensions), query groups that do not fill the scoring's groups of
 /// four, more rows than one attention block, pages shorter than, as long as and longer than the decode's
-/// groups of eight keys, and a head size that is not a multiple of eight.
+/// groups of eight keys, and a head size that is not a multiple of eight. Contexts of several of the
+/// prefill's key tiles (a running softmax carried across them), with scores growing along the context so a
+/// later tile's maximum overtakes an earlier one's, and prefills of the rows after a cached prefix.
 #[test]
 fn paged_attention_equals_contiguous_attention() {
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
         for (heads, kv_heads, dim, rows) in [(4, 2, 8, 11), (6, 2, 80, 21), (3, 1, 64, 35), (2, 1, 12, 19)] {
             for block in [4, 8, 16] {
-                paged_attention_case(dtype, heads, kv_heads, dim, rows, block);
+                paged_attention_case(dtype, heads, kv_heads, dim, rows, block, 0);
             }
+        }
+        for (heads, kv_heads, dim, rows, cached) in [(3, 1, 64, 203, 0), (4, 2, 16, 150, 77), (6, 2, 24, 300, 131)] {
+            paged_attention_case(dtype, heads, kv_heads, dim, rows, 16, cached);
         }
     }
 }
 
-fn paged_attention_case(dtype: KvDtype, heads: usize, kv_heads: usize, dim: usize, rows: usize, block: usize) {
+/// `rows` positions of one sequence whose first `cached` are already in the pages: the prefill computes the
+/// rest, and each row alone as a decode step.
+fn paged_attention_case(
+    dtype: KvDtype,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    rows: usize,
+    block: usize,
+    cached: usize,
+) {
     let backend = CpuBackend::new(2).unwrap();
     let shape = AttentionShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: dim, block_size: block };
     let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
     let q: Vec<f32> = (0..rows * heads * dim).map(value).collect();
-    let k: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 17)).collect();
+    // Keys lean towards later positions, so the running maximum moves from tile to tile.
+    let lean = |i: usize| 1.0 + (i / (kv_heads * dim)) as f32 / 64.0;
+    let k: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 17) * lean(i)).collect();
     let v: Vec<f32> = (0..rows * kv_heads * dim).map(|i| value(i + 91)).collect();
     // A table with room for every row, in reverse order.
     let table: Vec<u32> = (0..rows.div_ceil(block) as u32).rev().collect();
@@ -363,9 +380,10 @@ fn paged_attention_case(dtype: KvDtype, heads: usize, kv_heads: usize, dim: usiz
         }
     };
     let (k, v) = (stored(&k), stored(&v));
-    let seqs = [AttentionSeq { first_row: 0, rows, first_position: 0, block_table: table.clone() }];
+    let seqs = [AttentionSeq { first_row: 0, rows: rows - cached, first_position: cached, block_table: table.clone() }];
     let mut out = Vec::new();
-    backend.paged_attention(&q, &k_pages, &v_pages, &seqs, &shape, &mut out).unwrap();
+    let row_width = heads * dim;
+    backend.paged_attention(&q[cached * row_width..].to_vec(), &k_pages, &v_pages, &seqs, &shape, &mut out).unwrap();
     // Row r alone, as the decode step at position r of the same sequence.
     let steps: Vec<AttentionSeq> = (0..rows)
         .map(|r| AttentionSeq { first_row: r, rows: 1, first_position: r, block_table: table.clone() })
@@ -394,8 +412,9 @@ fn paged_attention_case(dtype: KvDtype, heads: usize, kv_heads: usize, dim: usiz
             }
         }
     }
-    let case = format!("{dtype:?} pages, {heads} heads / {kv_heads} KV heads of {dim}, pages of {block}");
-    assert_close(&out, &expected, 1e-5, &format!("prefill attention, {case}"));
+    let case =
+        format!("{dtype:?} pages, {heads} heads / {kv_heads} KV heads of {dim}, pages of {block}, {cached} cached");
+    assert_close(&out, &expected[cached * row_width..], 1e-5, &format!("prefill attention, {case}"));
     assert_close(&decoded, &expected, 1e-5, &format!("decode attention, {case}"));
 }
 

@@ -7,15 +7,19 @@
 use super::math::{Element, dot, exp_nonpositive, lanes};
 use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 
-/// Query rows per block: enough to amortise K/V reads, few enough that a long prefill still spreads over
-/// every thread and the scores stay in cache.
-pub const BLOCK_ROWS: usize = 16;
+/// Query rows per block: enough that gathering a tile's keys and values is paid for by many rows, few enough
+/// that a prompt of a few hundred tokens still spreads over every thread.
+pub const BLOCK_ROWS: usize = 32;
 
 /// Key positions scored together (two AVX2 vectors).
 const KEYS: usize = 16;
 
 /// Query rows scored together against those keys.
 const QUERIES: usize = 4;
+
+/// Key positions per tile of a block's attention: with a block's rows, its scores (rows × query heads per KV
+/// head × TILE) stay in L1/L2 however long the context.
+const TILE: usize = 64;
 
 /// Rows `first..first + rows` of `seq`'s chunk; `queries` and `dst` hold exactly those rows. K/V pages hold
 /// f32 or bf16 (`E`), widened to f32 as they are read.
@@ -45,6 +49,10 @@ unsafe fn attend_avx2<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<
 }
 
 /// `FUSED`: compiled into `attend_avx2`, so the two inner loops may use the explicit FMA kernels of `fused`.
+///
+/// Keys are taken a tile at a time, and each (row, head) keeps its softmax's running maximum and sum from
+/// tile to tile (its output rescaled when the maximum grows), so no row's scores are ever held whole: a
+/// tile's keys, values and scores stay in cache however long the context.
 #[inline(always)]
 fn attend_with<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     if job.rows == 1 {
@@ -54,74 +62,88 @@ fn attend_with<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, score
     let group = num_heads / num_kv_heads;
     let (kv_width, row_width) = (num_kv_heads * head_dim, num_heads * head_dim);
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let pairs = job.rows * group;
     // Row r of the block attends to positions 0..context(r); the last row sees the most.
     let context = |r: usize| job.seq.first_position + job.first + r + 1;
     let longest = context(job.rows - 1);
     let table = &job.seq.block_table;
     let slot = |p: usize| table[p / block_size] as usize * block_size + p % block_size;
-    // scores[(r * group + h) * longest + p]
+    let out_of = |pair: usize| (pair / group) * row_width + (pair % group) * head_dim;
+    // scores[pair * TILE + j] for the (row, head) pair `pair` = r * group + h and the tile's key j.
     scores.clear();
-    scores.resize(job.rows * group * longest, 0.0);
+    scores.resize(pairs * TILE, 0.0);
     dst.fill(0.0);
-    let mut keys_t = vec![0.0f32; head_dim * KEYS];
-    let mut values = vec![0.0f32; KEYS * head_dim];
+    // The tile's keys transposed KEYS at a time (`keys_t[chunk][d][j]`), so each query accumulates a whole
+    // vector of scores with no horizontal sums; its values row by row.
+    let mut keys_t = vec![0.0f32; TILE * head_dim];
+    let mut values = vec![0.0f32; TILE * head_dim];
+    // Each pair's softmax so far: the largest score seen and the sum of exp(score − that).
+    let mut running = vec![(f32::NEG_INFINITY, 0.0f32); pairs];
     for kv_head in 0..num_kv_heads {
-        // Scores for KEYS positions at a time: the keys are gathered transposed (`keys_t[d][j]`), so each
-        // query accumulates a whole vector of scores with no horizontal sums.
-        for p0 in (0..longest).step_by(KEYS) {
-            let width = KEYS.min(longest - p0);
+        running.fill((f32::NEG_INFINITY, 0.0));
+        let head_out = kv_head * group * head_dim;
+        for t0 in (0..longest).step_by(TILE) {
+            let width = TILE.min(longest - t0);
             for j in 0..width {
-                let key = &job.k_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
+                let key = &job.k_pages[slot(t0 + j) * kv_width + kv_head * head_dim..][..head_dim];
+                let chunk = &mut keys_t[(j / KEYS) * head_dim * KEYS..][..head_dim * KEYS];
                 for (d, &k) in key.iter().enumerate() {
-                    keys_t[d * KEYS + j] = k.f32();
+                    chunk[d * KEYS + j % KEYS] = k.f32();
                 }
             }
-            let first_row = p0.saturating_sub(context(0) - 1);
+            // Rows whose context ends before this tile have nothing in it.
+            let live = t0.saturating_sub(context(0) - 1) * group..pairs;
             // (row, head) pairs QUERIES at a time: one accumulator chain per query would wait on the FMA's
             // latency; several independent ones keep both FMA ports busy.
-            let pairs = first_row * group..job.rows * group;
-            for start in pairs.clone().step_by(QUERIES) {
-                let count = QUERIES.min(pairs.end - start);
+            for start in live.clone().step_by(QUERIES) {
+                let count = QUERIES.min(live.end - start);
                 // A short last group repeats its first query; those results are not stored.
                 let query = |i: usize| {
                     let pair = start + i.min(count - 1);
-                    let (r, h) = (pair / group, pair % group);
-                    &job.queries[r * row_width + (kv_head * group + h) * head_dim..][..head_dim]
+                    &job.queries[out_of(pair) + head_out..][..head_dim]
                 };
                 let queries: [&[f32]; QUERIES] = std::array::from_fn(query);
-                let acc = score_chunk::<FUSED>(&queries, &keys_t);
-                for (i, acc) in acc.iter().enumerate().take(count) {
-                    let dst = &mut scores[(start + i) * longest + p0..][..width];
-                    for (s, a) in dst.iter_mut().zip(acc) {
-                        *s = a * scale;
+                for (chunk, keys_t) in keys_t.chunks_exact(head_dim * KEYS).take(width.div_ceil(KEYS)).enumerate() {
+                    let acc = score_chunk::<FUSED>(&queries, keys_t);
+                    for (i, acc) in acc.iter().enumerate().take(count) {
+                        let dst = &mut scores[(start + i) * TILE + chunk * KEYS..][..KEYS];
+                        for (s, a) in dst.iter_mut().zip(acc) {
+                            *s = a * scale;
+                        }
                     }
                 }
             }
-        }
-        for r in 0..job.rows {
-            for h in 0..group {
-                softmax(&mut scores[(r * group + h) * longest..][..context(r)]);
+            for pair in live.clone() {
+                let valid = (context(pair / group) - t0).min(width);
+                let tile = &mut scores[pair * TILE..][..valid];
+                let (max, sum) = running[pair];
+                let new_max = max.max(lanes(tile, f32::NEG_INFINITY, |a, b| if b > a { b } else { a }));
+                for score in tile.iter_mut() {
+                    *score = exp_nonpositive(*score - new_max);
+                }
+                let correction = exp_nonpositive(max - new_max);
+                running[pair] = (new_max, sum * correction + lanes(tile, 0.0, |a, b| a + b));
+                if correction != 1.0 {
+                    dst[out_of(pair) + head_out..][..head_dim].iter_mut().for_each(|o| *o *= correction);
+                }
             }
-        }
-        // Values likewise KEYS positions at a time: the chunk stays in L1 while every (row, head) of the block
-        // adds its share, 16 output dimensions per register-held accumulator.
-        for p0 in (0..longest).step_by(KEYS) {
-            let width = KEYS.min(longest - p0);
             for j in 0..width {
-                let value = &job.v_pages[slot(p0 + j) * kv_width + kv_head * head_dim..][..head_dim];
+                let value = &job.v_pages[slot(t0 + j) * kv_width + kv_head * head_dim..][..head_dim];
                 for (dst, &v) in values[j * head_dim..(j + 1) * head_dim].iter_mut().zip(value) {
                     *dst = v.f32();
                 }
             }
-            let first_row = p0.saturating_sub(context(0) - 1);
-            for r in first_row..job.rows {
-                let valid = (context(r) - p0).min(width);
-                for h in 0..group {
-                    let weights = &scores[(r * group + h) * longest + p0..][..valid];
-                    let out = &mut dst[r * row_width + (kv_head * group + h) * head_dim..][..head_dim];
-                    accumulate::<FUSED, f32>(out, weights, &values, head_dim);
-                }
+            // Every live pair adds its share while the tile's values are in L1, 16 output dimensions per
+            // register-held accumulator.
+            for pair in live {
+                let valid = (context(pair / group) - t0).min(width);
+                let out = &mut dst[out_of(pair) + head_out..][..head_dim];
+                accumulate::<FUSED, f32>(out, &scores[pair * TILE..][..valid], &values, head_dim);
             }
+        }
+        for (pair, &(_, sum)) in running.iter().enumerate() {
+            let inverse = 1.0 / sum;
+            dst[out_of(pair) + head_out..][..head_dim].iter_mut().for_each(|o| *o *= inverse);
         }
     }
 }
