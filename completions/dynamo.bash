@@ -1387,7 +1387,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1430,6 +1430,10 @@ _dynamo() {
                     return 0
                     ;;
                 --metrics-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http-addr)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1533,7 +1537,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__encode)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --transfer-port --transfer-backend --transfer-streams --encode-cache-mib --embeddings-lease --device --threads --discovery --namespace --cluster-key-file --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --transfer-port --transfer-backend --transfer-streams --encode-cache-mib --embeddings-lease --device --threads --discovery --namespace --cluster-key-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1576,6 +1580,10 @@ _dynamo() {
                     return 0
                     ;;
                 --metrics-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http-addr)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2063,7 +2071,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2106,6 +2114,10 @@ _dynamo() {
                     return 0
                     ;;
                 --metrics-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --http-addr)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

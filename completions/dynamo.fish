@@ -112,6 +112,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l event-port -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l metrics-port -d 'Serve /metrics (this worker\'s load, also under vLLM\'s gauge names for endpoint pickers), /health (503 once it drains: a readiness probe) and /live on this port of --host (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l http-addr -d 'Where an OpenAI frontend serving this worker listens (a `dynamo route` beside it, e.g. in the same pod, which follows the x-worker-instance-id an endpoint picker sets): written in its record, so a Gateway API endpoint picker can send the worker\'s requests there' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always. nixl is NVIDIA\'s NIXL (UCX), loaded from libnixl_capi.so on LD_LIBRARY_PATH; the workers it reads from must run it too' -r -f -a "auto\t''
 shm\t''
@@ -158,6 +159,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l event-port -d 
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l metrics-port -d 'Serve /metrics (this worker\'s load, also under vLLM\'s gauge names for endpoint pickers), /health (503 once it drains: a readiness probe) and /live on this port of --host (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l http-addr -d 'Where an OpenAI frontend serving this worker listens (a `dynamo route` beside it, e.g. in the same pod, which follows the x-worker-instance-id an endpoint picker sets): written in its record, so a Gateway API endpoint picker can send the worker\'s requests there' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-port -d 'Port of the transfer agent (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-backend -d 'How KV moves: shm to workers on this host and tcp to the rest (auto), or one of them always. nixl is NVIDIA\'s NIXL (UCX), loaded from libnixl_capi.so on LD_LIBRARY_PATH; the workers it reads from must run it too' -r -f -a "auto\t''
 shm\t''
@@ -204,6 +206,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l event-port -d '
 complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l max-in-flight -d 'Requests in flight past which new ones are refused as busy (routers then pick another worker)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l drain-timeout -d 'Seconds a worker told to stop (SIGTERM, Ctrl-C) keeps serving the requests it has, having left discovery; a second signal stops it at once' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l metrics-port -d 'Serve /metrics (this worker\'s load, also under vLLM\'s gauge names for endpoint pickers), /health (503 once it drains: a readiness probe) and /live on this port of --host (0 picks a free one)' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l http-addr -d 'Where an OpenAI frontend serving this worker listens (a `dynamo route` beside it, e.g. in the same pod, which follows the x-worker-instance-id an endpoint picker sets): written in its record, so a Gateway API endpoint picker can send the worker\'s requests there' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l transfer-port -d 'Port of the transfer agent that serves the embeddings (0 picks a free one)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand encode" -l transfer-backend -d 'How embeddings move: shm to workers on this host and tcp to the rest (auto), or one of them always' -r -f -a "auto\t''
 shm\t''

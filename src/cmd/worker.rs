@@ -98,6 +98,22 @@ pub struct PlaneArgs {
     /// once it drains: a readiness probe) and /live on this port of --host (0 picks a free one).
     #[arg(long, env = "DYNAMO_METRICS_PORT", help_heading = "Planes")]
     pub metrics_port: Option<u16>,
+
+    /// Where an OpenAI frontend serving this worker listens (a `dynamo route` beside it, e.g. in the same
+    /// pod, which follows the x-worker-instance-id an endpoint picker sets): written in its record, so a
+    /// Gateway API endpoint picker can send the worker's requests there.
+    #[arg(long, env = "DYNAMO_HTTP_ADDR", value_parser = reachable_addr, help_heading = "Planes")]
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+/// A socket address peers can reach: not 0.0.0.0 or [::].
+fn reachable_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr =
+        text.parse().map_err(|_| format!("expected IP:PORT (e.g. 10.0.0.7:8000), got `{text}`"))?;
+    match addr.ip().is_unspecified() {
+        true => Err(format!("`{text}` is every interface, which no peer can reach; give the address they reach")),
+        false => Ok(addr),
+    }
 }
 
 impl PlaneArgs {
@@ -117,7 +133,7 @@ impl PlaneArgs {
             max_in_flight: self.max_in_flight as usize,
             key,
             transfer,
-            http: None,
+            http: self.http_addr,
             metrics_port: self.metrics_port,
         }
     }

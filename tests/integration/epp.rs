@@ -1,7 +1,7 @@
 //! `dynamo route --epp-port`: a gateway's ext_proc stream (played by a tonic client, as Envoy sends it with
 //! GAIE's configuration) against a real router whose workers are `dynamo run` model servers.
 use crate::cluster::{cluster_file, wait_for_workers};
-use crate::util::{Server, dynamo};
+use crate::util::{Server, Worker, dynamo};
 use dynamo::core::epp::gateway::{self, Gateway};
 use dynamo::core::protocol::ext_proc::{ProcessingRequest, ProcessingResponse, Response};
 use serde_json::json;
@@ -144,4 +144,99 @@ async fn the_picker_speaks_tls_by_default_or_with_a_given_certificate_and_says_w
         Err(error) => Err(tonic::Status::unavailable(error)),
     };
     assert!(answered.is_err_and(|status| status.code() != tonic::Code::InvalidArgument));
+}
+
+/// The picker's headers in a headers answer: (name, value) pairs.
+fn set_headers(answer: &ProcessingResponse) -> Vec<(String, String)> {
+    let Some(Response::RequestHeaders(headers)) = &answer.response else { panic!("not a pick: {answer:?}") };
+    let mutation = headers.response.as_ref().and_then(|r| r.header_mutation.as_ref()).expect("headers set");
+    (mutation.set_headers.iter().filter_map(|h| h.header.as_ref()))
+        .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.raw_value).into_owned()))
+        .collect()
+}
+
+fn worker_id(banner: &str) -> u64 {
+    let hex = printed(banner, " worker ");
+    u64::from_str_radix(&hex, 16).unwrap_or_else(|_| panic!("no worker id in {banner:?}"))
+}
+
+#[tokio::test]
+async fn with_prefill_workers_the_picker_names_the_pair_and_the_frontend_beside_the_decode_worker_follows_it() {
+    let (_, file) = cluster_file("epp-disagg");
+    let native = ["--threads", "1", "--discovery", &file];
+    // The decode worker's own frontend (a pod's sidecar): it sees the whole cluster and follows the picker.
+    let sidecar = Server::start_with(dynamo().args(["route", "--http-port", "0", "--discovery", &file]));
+    let (_prefill, prefill_line) = Worker::start_saying("prefill", dynamo().arg("prefill").args(native));
+    let (_decode, decode_line) = Worker::start_saying(
+        "decode",
+        dynamo().args(["decode", "--kv-transfer", "--http-addr", &host_port(&sidecar)]).args(native),
+    );
+    let (prefill_id, decode_id) = (worker_id(&prefill_line), worker_id(&decode_line));
+    let (router, line) = Server::start_saying(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--epp-port",
+        "0",
+        "--epp-insecure",
+        "--disagg-threshold",
+        "0",
+        "--discovery",
+        &file,
+    ]));
+    let picker = printed(&line, "h2c) on ");
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    crate::cluster::wait_for_roles(&sidecar, 1, 1).await;
+
+    let request = json!({"model": "tiny-chat", "prompt": "Prefilled there, decoded here.", "max_tokens": 6,
+                         "temperature": 0, "ignore_eos": true});
+    let answer = ask(&picker, "/v1/completions", &request, None).await;
+    assert_eq!(destination(&answer), host_port(&sidecar), "the decode worker's frontend");
+    let headers = set_headers(&answer);
+    let header = |name: &str| headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+    assert_eq!(header("x-worker-instance-id"), Some(decode_id.to_string()), "{headers:?}");
+    assert_eq!(header("x-prefill-instance-id"), Some(prefill_id.to_string()), "{headers:?}");
+    assert_eq!(header("x-dynamo-routing-mode").as_deref(), Some("disaggregated"), "{headers:?}");
+    let metrics = router.metrics().await;
+    let remote = "dynamo_router_disagg_decisions_total{decision=\"remote\"}";
+    assert_eq!(crate::util::metric(&metrics, remote), Some(1.0), "the picker's decision: {metrics}");
+
+    // The frontend follows the names: a remote prefill on that worker, the same text as its own choice.
+    let (status, own) = sidecar.post_json("/v1/completions", request.clone()).await;
+    assert_eq!(status, 200, "{own}");
+    let send = |pins: Vec<(&'static str, String)>| {
+        let mut post = reqwest::Client::new().post(sidecar.url("/v1/completions")).json(&request);
+        for (name, value) in pins {
+            post = post.header(name, value);
+        }
+        async move {
+            let response = post.send().await.expect("the frontend answers");
+            (response.status().as_u16(), response.json::<serde_json::Value>().await.expect("JSON"))
+        }
+    };
+    let named = |name: &'static str| (name, header(name).unwrap_or_default());
+    let pins = vec![named("x-worker-instance-id"), named("x-prefill-instance-id")];
+    let before = crate::util::metric(&sidecar.metrics().await, remote).unwrap_or(0.0);
+    let (status, followed) = send(pins).await;
+    assert_eq!(status, 200, "{followed}");
+    assert_eq!(followed["choices"][0]["text"], own["choices"][0]["text"]);
+    let after = crate::util::metric(&sidecar.metrics().await, remote).unwrap_or(0.0);
+    assert_eq!(after, before + 1.0, "prefilled on the named prefill worker");
+    // The decode worker alone (no prefill worker named): it prefills the prompt itself.
+    let (status, alone) = send(vec![("x-worker-instance-id", decode_id.to_string())]).await;
+    assert_eq!(status, 200, "{alone}");
+    assert_eq!(crate::util::metric(&sidecar.metrics().await, remote).unwrap_or(0.0), after, "no remote prefill");
+    // A prefill worker that is not there: the decode worker prefills instead, counted as a fallback.
+    let fallback = "dynamo_router_disagg_decisions_total{decision=\"local_fallback\"}";
+    let gone = vec![named("x-worker-instance-id"), ("x-prefill-instance-id", (prefill_id ^ 1).to_string())];
+    let (status, body) = send(gone).await;
+    assert_eq!((status, &body["choices"][0]["text"]), (200, &own["choices"][0]["text"]), "{body}");
+    assert_eq!(crate::util::metric(&sidecar.metrics().await, fallback), Some(1.0));
+    // A decode worker that is not there, and an id that is not one.
+    let (status, body) = send(vec![("x-worker-instance-id", (decode_id ^ 1).to_string())]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("not a decode worker"), "{body}");
+    let (status, body) = send(vec![("x-worker-instance-id", format!("{decode_id:016x}z"))]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("x-worker-instance-id"), "{body}");
 }

@@ -1,9 +1,10 @@
 //! The router's side of the picker: a request priced and charged as this router's frontend would route it
 //! (`FrontendState::pick`), among the workers with an OpenAI server of their own in the gateway's subset.
-use super::{Pick, PickRequest, Picker, Refusal, WORKER_HEADER};
+use super::{Pick, PickRequest, Picker, Refusal};
 use crate::core::engine::Engine;
 use crate::core::frontend::{ApiError, FrontendState};
 use crate::core::protocol::discovery::split_endpoint;
+use crate::core::protocol::openai::{PREFILL_ID_HEADER, ROUTING_MODE_HEADER, WORKER_ID_HEADER};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -40,11 +41,19 @@ impl Picker for FrontendPicker {
                 subset.as_ref().is_none_or(|subset| subset.contains(&endpoint)).then_some(endpoint)
             };
             match state.pick(&request.path, request.body, eligible).await {
-                Ok(picked) => Ok(Pick {
-                    endpoint: picked.endpoint,
-                    headers: vec![(WORKER_HEADER.to_string(), format!("{:016x}", picked.worker_id))],
-                    held: Box::new(picked.choice),
-                }),
+                Ok(picked) => {
+                    // The ids in decimal, as Dynamo's picker writes them; the frontend at the endpoint follows them.
+                    let mut headers = vec![(WORKER_ID_HEADER.to_string(), picked.worker_id.to_string())];
+                    let mode = match &picked.prefill {
+                        Some(prefill) => {
+                            headers.push((PREFILL_ID_HEADER.to_string(), prefill.worker_id.to_string()));
+                            "disaggregated"
+                        }
+                        None => "aggregated",
+                    };
+                    headers.push((ROUTING_MODE_HEADER.to_string(), mode.to_string()));
+                    Ok(Pick { endpoint: picked.endpoint, headers, held: Box::new((picked.choice, picked.prefill)) })
+                }
                 Err(error) => Err(Refusal::from(error)),
             }
         })

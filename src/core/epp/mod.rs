@@ -36,8 +36,6 @@ pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 /// The namespace of the destination in dynamic metadata.
 pub const LB_NAMESPACE: &str = "envoy.lb";
-/// The worker's id, for logs and tests.
-pub const WORKER_HEADER: &str = "x-dynamo-worker-id";
 /// Body chunks sent back are at most this long (GAIE's limit, under Envoy's 64 KiB frame).
 pub const CHUNK: usize = 62_000;
 

@@ -38,7 +38,7 @@ impl Picker for FakePicker {
                 let endpoint = request.subset.and_then(|s| s.first().cloned()).unwrap_or("10.0.0.1:8000".into());
                 Ok(Pick {
                     endpoint,
-                    headers: vec![(WORKER_HEADER.into(), "7".into())],
+                    headers: vec![(crate::core::protocol::openai::WORKER_ID_HEADER.into(), "7".into())],
                     held: Box::new(Held(self.held.clone())),
                 })
             }

@@ -2,6 +2,9 @@
 //! `Content-Length` before anything is read), whole within `timeout` (408), and all bodies being held at once
 //! within one budget (503), so memory for bodies is bounded whatever many clients send together.
 use super::error::ApiError;
+use crate::core::protocol::WorkerId;
+use crate::core::protocol::openai::{PREFILL_ID_HEADER, WORKER_ID_HEADER};
+use crate::core::router::Pins;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
@@ -31,10 +34,25 @@ impl BodyLimits {
     }
 }
 
-/// A request's whole body, holding its share of the budget until dropped.
+/// A request's whole body, holding its share of the budget until dropped, and the workers its headers name.
 pub struct JsonBody {
     pub bytes: Bytes,
+    pub pins: Pins,
     _held: Option<OwnedSemaphorePermit>,
+}
+
+/// The workers `headers` name for the request (`x-worker-instance-id`, `x-prefill-instance-id`: decimal ids,
+/// as an endpoint picker in front of this server sets them).
+fn pins_of(headers: &header::HeaderMap) -> Result<Pins, ApiError> {
+    let id = |name: &str| -> Result<Option<WorkerId>, ApiError> {
+        let Some(value) = headers.get(name) else { return Ok(None) };
+        let text = value.to_str().unwrap_or_default().trim();
+        text.parse().map(Some).map_err(|_| {
+            let shown: String = String::from_utf8_lossy(value.as_bytes()).chars().take(40).collect();
+            ApiError::bad_request(None, format!("{name} must be a worker id in decimal, got `{shown}`"))
+        })
+    };
+    Ok(Pins { decode: id(WORKER_ID_HEADER)?, prefill: id(PREFILL_ID_HEADER)? })
 }
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
@@ -53,6 +71,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
                 String::from_utf8_lossy(kind.as_bytes())
             )));
         }
+        let pins = pins_of(request.headers())?;
         let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -63,7 +82,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         }
         let read = read_body(request.into_body(), &limits);
         match tokio::time::timeout(limits.timeout, read).await {
-            Ok(body) => body,
+            Ok(body) => body.map(|body| JsonBody { pins, ..body }),
             Err(_) => Err(ApiError::timeout(format!(
                 "the request body did not arrive within {} s",
                 limits.timeout.as_secs_f64()
@@ -107,7 +126,7 @@ async fn read_body(mut body: axum::body::Body, limits: &BodyLimits) -> Result<Js
             Bytes::from(whole)
         }
     };
-    Ok(JsonBody { bytes, _held: held })
+    Ok(JsonBody { bytes, pins: Pins::default(), _held: held })
 }
 
 /// `application/json`, or any `+json` type, with parameters.

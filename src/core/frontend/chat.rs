@@ -51,12 +51,13 @@ impl Prepared {
 
 /// `model` is set to the served model's name once the request has named one.
 async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
+    let pins = body.pins;
     let fetched = state.fetch_images(&body.bytes).await;
     let Prepared { served, tool_parser, specs, prompt_len, id, stream, include_usage, logprobs } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, &fetched, model)).await?;
     let choices = specs.len();
     let model = &served.model;
-    let deltas = generate::start(state, &served, specs).await?;
+    let deltas = generate::start(state, &served, specs, pins).await?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
     let renderer = ChatChunks::new(id, model.card.name.clone(), logprobs, tool_parser, choices);

@@ -53,10 +53,11 @@ async fn complete(
     body: JsonBody,
     model: &mut Option<String>,
 ) -> Result<Response, ApiError> {
+    let pins = body.pins;
     let Prepared { served, specs, prompt_lens, renderer, stream, include_usage } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let choices = specs.len();
-    let deltas = generate::start(state, &served, specs).await?;
+    let deltas = generate::start(state, &served, specs, pins).await?;
     let metrics = state.metrics.request(&served.model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, prompt_lens, choices);
     if stream {

@@ -35,10 +35,11 @@ pub(super) struct Prepared {
 }
 
 async fn embed(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
+    let pins = body.pins;
     let Prepared { served, specs, prompt_lens, base64, id } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, model)).await?;
     let inputs = specs.len();
-    let deltas = generate::start(state, &served, specs).await?;
+    let deltas = generate::start(state, &served, specs, pins).await?;
     let metrics = state.metrics.request(&served.model.card.name, ENDPOINT, false);
     let mut tracker = Tracker::new(metrics, prompt_lens, inputs);
     let deltas = generate::collect(deltas, &mut tracker).await?;

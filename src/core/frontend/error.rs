@@ -88,9 +88,11 @@ impl ApiError {
 impl From<RouteError> for ApiError {
     fn from(error: RouteError) -> Self {
         let status = match &error {
-            RouteError::Busy { .. } | RouteError::NoWorkers | RouteError::Unavailable | RouteError::NoRoom { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RouteError::Busy { .. }
+            | RouteError::NoWorkers
+            | RouteError::Unavailable
+            | RouteError::NoRoom { .. }
+            | RouteError::NotHere(..) => StatusCode::SERVICE_UNAVAILABLE,
             RouteError::Engine(crate::core::engine::EngineError::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
             RouteError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
         };

@@ -10,7 +10,7 @@ use super::{FrontendState, Served};
 use crate::core::model::{IncrementalDecoder, Model, StopStringMatcher};
 use crate::core::protocol::openai::{PromptTokensDetails, Usage};
 use crate::core::protocol::{FinishReason, PreprocessedRequest};
-use crate::core::router::MigratingStream;
+use crate::core::router::{MigratingStream, Pins};
 use crate::core::telemetry::RequestMetrics;
 use axum::response::sse::{Event, Sse};
 use futures::stream::{self, BoxStream, SelectAll};
@@ -83,11 +83,17 @@ impl ChoiceDelta {
 
 pub type Deltas = SelectAll<BoxStream<'static, ChoiceDelta>>;
 
-/// Routes every choice; if one is refused, the ones already started are dropped (and so cancelled).
-pub async fn start(state: &FrontendState, served: &Served, specs: Vec<ChoiceSpec>) -> Result<Deltas, ApiError> {
+/// Routes every choice (to the workers `pins` names, where it names them); if one is refused, the ones
+/// already started are dropped (and so cancelled).
+pub async fn start(
+    state: &FrontendState,
+    served: &Served,
+    specs: Vec<ChoiceSpec>,
+    pins: Pins,
+) -> Result<Deltas, ApiError> {
     let mut streams = Vec::with_capacity(specs.len());
     for spec in specs {
-        let engine = served.router.route_migrating(spec.request.clone()).await?;
+        let engine = served.router.route_pinned(spec.request.clone(), pins).await?;
         state.metrics.routed(&served.model.card.name, engine.worker_id(), engine.overlap_blocks);
         streams.push(choice_stream(served.model.clone(), spec, engine));
     }

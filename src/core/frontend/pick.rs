@@ -1,19 +1,22 @@
 //! A request priced as this frontend would route it, without running it: parsed, templated and tokenized by
 //! the same `prepare` as `/v1/chat/completions` and `/v1/completions` (so a bad request gets the same
-//! error), then the router's choice among the workers the caller finds eligible. What an endpoint picker
-//! asks; the choice is charged to the worker's load until the caller drops it.
+//! error), then the router's choice among the workers the caller finds eligible, and the prefill worker for
+//! it where the router would disaggregate. What an endpoint picker asks; the choices are charged to the
+//! workers' load until the caller drops them.
 use super::{ApiError, FrontendState, chat, completions};
 use crate::core::engine::Engine;
 use crate::core::protocol::WorkerId;
 use crate::core::router::{Choice, Pool};
 use std::sync::Arc;
 
-/// The worker chosen, where its OpenAI server is (`host:port`), and the charge held for it.
+/// The worker chosen, where its OpenAI server is (`host:port`), and the charge held for it; with prefill
+/// workers up, the prefill worker chosen to compute the prompt for it, when disaggregation applies.
 pub struct Picked {
     pub endpoint: String,
     pub worker_id: WorkerId,
     pub overlap_blocks: u32,
     pub choice: Choice,
+    pub prefill: Option<Choice>,
 }
 
 impl FrontendState {
@@ -56,10 +59,11 @@ impl FrontendState {
         if endpoints.is_empty() {
             return Err(ApiError::unavailable("no worker is eligible for this request"));
         }
-        let choice = served.router.choose_in(Pool::Decode, token_ids, &media, &avoid)?;
+        let mut choice = served.router.choose_in(Pool::Decode, token_ids, &media, &avoid)?;
         let endpoint = (endpoints.into_iter())
             .find_map(|(id, endpoint)| (id == choice.worker_id).then_some(endpoint))
             .ok_or_else(|| ApiError::internal("the router chose a worker it was told to avoid"))?;
-        Ok(Picked { endpoint, worker_id: choice.worker_id, overlap_blocks: choice.overlap_blocks, choice })
+        let prefill = request.as_ref().and_then(|request| served.router.prefill_for(request, &mut choice));
+        Ok(Picked { endpoint, worker_id: choice.worker_id, overlap_blocks: choice.overlap_blocks, choice, prefill })
     }
 }

@@ -7,6 +7,15 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// The decode worker a request is to go to (a decimal worker id), as an endpoint picker in front of the
+/// frontend names it (NVIDIA Dynamo's header): every frontend follows it.
+pub const WORKER_ID_HEADER: &str = "x-worker-instance-id";
+/// The prefill worker that is to compute the request's prompt (a decimal worker id); with a decode worker
+/// named and no prefill worker, the decode worker prefills it.
+pub const PREFILL_ID_HEADER: &str = "x-prefill-instance-id";
+/// What the picker decided: `aggregated` or `disaggregated` (for logs and proxies; frontends read the ids).
+pub const ROUTING_MODE_HEADER: &str = "x-dynamo-routing-mode";
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]

@@ -10,6 +10,15 @@ use super::{Choice, Disagg, Pool, RouteError, Router};
 use crate::core::protocol::PreprocessedRequest;
 
 impl Router {
+    /// The prefill worker that would compute `request`'s prompt for `decode`, charged with it (and `decode`
+    /// then no longer charged with its prefill), or `None` when `decode` would prefill it itself: the pair
+    /// an endpoint picker names. Counted as `route_migrating`'s decisions are.
+    pub fn prefill_for(&self, request: &PreprocessedRequest, decode: &mut Choice) -> Option<Choice> {
+        let prefill = self.prefill_choice(request, decode)?;
+        decode.without_prefill();
+        Some(prefill)
+    }
+
     /// The prefill worker for `request` (charged with it), or `None` when the decode worker chosen for it
     /// prefills it itself. Counts the decision whenever there are prefill workers to decide between.
     pub(super) fn prefill_choice(&self, request: &PreprocessedRequest, decode: &Choice) -> Option<Choice> {
@@ -45,7 +54,7 @@ impl Router {
 
 /// Whether `prefill` can hand its KV to `decode`: both offer the same kind of transfer (`tcp://` agents of
 /// this project, or one external engine's own connector, `vllm://`).
-fn same_transfer(prefill: &Choice, decode: &Choice) -> bool {
+pub(super) fn same_transfer(prefill: &Choice, decode: &Choice) -> bool {
     let scheme = |addr: Option<String>| addr.and_then(|a| a.split_once("://").map(|(scheme, _)| scheme.to_string()));
     scheme(prefill.transfer_addr()).is_some_and(|kind| Some(kind) == scheme(decode.transfer_addr()))
 }

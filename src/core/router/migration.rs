@@ -35,16 +35,51 @@ pub struct MigratingStream {
     prefilling: Option<(Choice, String)>,
 }
 
+/// Workers a request names for itself (`x-worker-instance-id`, `x-prefill-instance-id`: an endpoint
+/// picker's choice, made in front of this router): it goes to them rather than to the router's own choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// The worker that decodes it (and, with no prefill worker named, prefills it too).
+    pub decode: Option<WorkerId>,
+    /// The prefill worker that computes its prompt, whose KV the decode worker then reads.
+    pub prefill: Option<WorkerId>,
+}
+
 impl Router {
     /// Routes like `route`, and continues the request elsewhere if its worker is lost mid-stream.
     /// With prefill workers up, the prompt may be prefilled on one of them first (`disagg`).
     /// With encode workers up, an encode worker may compute the request's images first (`encode`).
     pub async fn route_migrating(
         self: &Arc<Self>,
-        mut request: PreprocessedRequest,
+        request: PreprocessedRequest,
     ) -> Result<MigratingStream, RouteError> {
-        let mut decode = self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), &[])?;
-        let prefill = self.prefill_choice(&request, &decode);
+        self.route_pinned(request, Pins::default()).await
+    }
+
+    /// `route_migrating` to the workers `pins` names, where it names them. A named decode worker that is not
+    /// here is an error; a named prefill worker that is not here, or cannot hand its KV to the decode worker,
+    /// leaves the prompt to the decode worker (counted as a fallback). A named decode worker with no prefill
+    /// worker named prefills the prompt itself: the picker that named it decided so.
+    pub async fn route_pinned(
+        self: &Arc<Self>,
+        mut request: PreprocessedRequest,
+        pins: Pins,
+    ) -> Result<MigratingStream, RouteError> {
+        let media = request.media_spans();
+        let mut decode = match pins.decode {
+            Some(id) => self.choose_pinned(Pool::Decode, id, &request.token_ids, &media)?,
+            None => self.choose_in(Pool::Decode, &request.token_ids, &media, &[])?,
+        };
+        let prefill = match (pins.prefill, pins.decode) {
+            (Some(id), _) => {
+                let prefill = self.choose_pinned(Pool::Prefill, id, &request.token_ids, &media).ok();
+                let usable = prefill.filter(|prefill| super::disagg::same_transfer(prefill, &decode));
+                self.record(if usable.is_some() { Disagg::Remote } else { Disagg::Fallback });
+                usable
+            }
+            (None, Some(_)) => None,
+            (None, None) => self.prefill_choice(&request, &decode),
+        };
         self.encode_images(&mut request, prefill.as_ref().unwrap_or(&decode)).await;
         let (current, prefilling) = match prefill {
             None => (decode.dispatch(request.clone())?, None),

@@ -19,7 +19,7 @@ mod migration;
 pub use approx::ApproxTracker;
 pub use cost::{Candidate, cheapest, choose, cost};
 pub use latency::{Backlog, predicted_ttft_ms};
-pub use migration::MigratingStream;
+pub use migration::{MigratingStream, Pins};
 
 use crate::core::engine::{Engine, EngineError, KvFollower, ResponseStream};
 use crate::core::indexer::{FlashIndexer, Indexer, OverlapScores};
@@ -46,6 +46,8 @@ pub enum RouteError {
          shortly, or ask for fewer prompts or a smaller n"
     )]
     NoRoom { needed: usize, room: usize },
+    #[error("worker {0} ({0:016x}), which the request names, is not a {1} worker of this router; pick again")]
+    NotHere(WorkerId, &'static str),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -228,6 +230,14 @@ pub enum Pool {
 
 impl Pool {
     pub const ALL: [Pool; 3] = [Pool::Decode, Pool::Prefill, Pool::Encode];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Decode => "decode",
+            Pool::Prefill => "prefill",
+            Pool::Encode => "encode",
+        }
+    }
 }
 
 pub struct Router {
@@ -476,6 +486,22 @@ impl Router {
             }),
         };
         Ok(Choice { worker_id: worker.engine.worker_id(), overlap_blocks: overlap, worker, account })
+    }
+
+    /// `choose_in` with one candidate: worker `id` of `pool`, charged as any choice is.
+    pub fn choose_pinned(
+        &self,
+        pool: Pool,
+        id: WorkerId,
+        token_ids: &[u32],
+        media: &[MediaSpan],
+    ) -> Result<Choice, RouteError> {
+        let workers = self.snapshot_of(pool);
+        let others: Vec<WorkerId> = workers.iter().map(|w| w.engine.worker_id()).filter(|&w| w != id).collect();
+        if others.len() == workers.len() {
+            return Err(RouteError::NotHere(id, pool.name()));
+        }
+        self.choose_in(pool, token_ids, media, &others)
     }
 
     /// Every worker's price for a prompt of `token_ids`, as `choose` would weigh it, with nothing charged and

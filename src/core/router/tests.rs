@@ -306,3 +306,24 @@ async fn latency_mode_without_any_profile_routes_by_the_kv_cost() {
     let b = router.choose(&[1, 2, 3], &[]).unwrap();
     assert_ne!(a.worker_id, b.worker_id, "the kv cost spreads equal workers");
 }
+
+#[tokio::test]
+async fn a_request_that_names_its_worker_goes_there_whatever_the_cost() {
+    let router = Arc::new(router(3, RouterMode::Kv, 100));
+    let prompt: Vec<u32> = (0..200).collect();
+    let first = router.route(request(prompt.clone(), 2)).unwrap();
+    let home = first.worker_id;
+    let _: Vec<_> = first.collect().await;
+    indexed(&router, &prompt, home).await;
+    let elsewhere = (home + 1) % 3;
+    let pins = Pins { decode: Some(elsewhere), prefill: None };
+    let named = router.route_pinned(request(prompt.clone(), 2), pins).await.unwrap();
+    assert_eq!((named.worker_id(), named.overlap_blocks), (elsewhere, 0), "named, though another holds the prefix");
+    drop(named);
+    let unpinned = router.route_pinned(request(prompt.clone(), 2), Pins::default()).await.unwrap();
+    assert_eq!(unpinned.worker_id(), home, "no name: the router's own choice");
+    drop(unpinned);
+    let missing = Pins { decode: Some(7), prefill: None };
+    assert!(matches!(router.route_pinned(request(prompt, 2), missing).await, Err(RouteError::NotHere(7, "decode"))));
+    assert_eq!(router.in_flight(), 0, "nothing left charged");
+}

@@ -63,7 +63,8 @@ pub struct PlaneSettings {
     /// A transfer agent that offers this worker's KV pages to other roles; `None` for an aggregated worker,
     /// which hands nothing on.
     pub transfer: Option<TransferSettings>,
-    /// The OpenAI server of this process, when it serves this worker alone (its record's `http_addr`).
+    /// The OpenAI server that serves this worker (its record's `http_addr`): this process's, when it serves this
+    /// worker alone, or a frontend beside it that follows an endpoint picker's choice.
     pub http: Option<std::net::SocketAddr>,
     /// A port of its own for `/metrics` (vLLM's gauge names too), `/health` and `/live`, on `host`; 0 picks a
     /// free one.
