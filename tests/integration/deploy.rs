@@ -91,93 +91,105 @@ fn every_container_is_one_the_binary_runs_with_what_its_discovery_and_planner_ne
             assert_eq!(&labels[key], value, "{name}: its selector selects its pods");
         }
         let account = pod["serviceAccountName"].as_str().unwrap_or_else(|| panic!("{name} has a service account"));
-        let container = &pod["containers"][0];
-        let args: Vec<String> = container["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().expect("args are strings").to_string())
-            .collect();
-        if let Err(error) = dynamo::cmd::Cli::try_parse_from(std::iter::once("dynamo".to_string()).chain(args.clone()))
-        {
-            panic!("{name}'s args are not the binary's: {error}");
-        }
-        let role = args[0].as_str();
-        assert_eq!(flag(&args, "--discovery"), Some("k8s"), "{name}");
-        let env = container["env"].as_array().unwrap();
-        for (variable, field) in [
-            ("POD_NAME", "metadata.name"),
-            ("POD_UID", "metadata.uid"),
-            ("POD_NAMESPACE", "metadata.namespace"),
-            ("POD_IP", "status.podIP"),
-        ] {
-            assert!(
-                env.iter().any(|e| e["name"] == variable && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
-                "{name} lacks {variable} from {field}"
-            );
-        }
-        // Every role registers (workers, and routers as event-plane members) and leaves.
-        for verb in ["patch", "delete"] {
-            assert!(allowed(&documents, account, "dynamo.rs", KUBE_PLURAL, verb), "{name} may not {verb} its record");
-        }
-        if role == "route" {
-            for (group, resource) in [("dynamo.rs", KUBE_PLURAL), ("discovery.k8s.io", "endpointslices")] {
-                for verb in ["list", "watch"] {
-                    assert!(allowed(&documents, account, group, resource, verb), "{name} may not {verb} {resource}");
-                }
-            }
-        }
-        if flag(&args, "--planner-connector") == Some("kubernetes") {
-            assert!(
-                allowed(&documents, account, "apps", "deployments/scale", "patch"),
-                "{name}'s planner may not scale"
-            );
-            for scaled in
-                ["--kube-decode-deployment", "--kube-prefill-deployment"].iter().filter_map(|f| flag(&args, f))
-            {
-                named(&documents, "Deployment", scaled);
-            }
-        }
-        if let Some(key) = flag(&args, "--cluster-key-file") {
-            let mounts = container["volumeMounts"].as_array().unwrap();
-            assert!(
-                mounts.iter().any(|m| key.starts_with(m["mountPath"].as_str().unwrap())),
-                "{name}: {key} is not mounted"
-            );
-        }
-        let ports = container["ports"].as_array().unwrap();
-        let port =
-            |named: &str| ports.iter().find(|p| p["name"] == named).map(|p| p["containerPort"].as_u64().unwrap());
-        let probe = container["readinessProbe"].as_object().unwrap_or_else(|| panic!("{name} has a readiness probe"));
-        let probed = probe.values().find_map(|p| p["port"].as_str()).expect("the probe names its port");
-        assert!(port(probed).is_some(), "{name} probes a port it does not declare: {probed}");
-        let port_of = |flag_name: &str| flag(&args, flag_name).map(|p| p.parse::<u64>().unwrap());
-        if role == "route" || role == "run" {
-            assert_eq!(port("http"), port_of("--http-port"), "{name}");
-        }
-        if role == "route" {
-            assert_eq!(port("epp"), port_of("--epp-port"), "{name}");
-            assert_eq!(port("epp-health"), port_of("--epp-health-port"), "{name}");
-        } else if role == "run" {
-            assert_eq!(flag(&args, "--http-host"), Some("0.0.0.0"), "{name}: its planes listen where its HTTP does");
-        } else {
-            for (named, flag_name) in [
-                ("request", "--request-port"),
-                ("event", "--event-port"),
-                ("transfer", "--transfer-port"),
-                ("metrics", "--metrics-port"),
-            ] {
-                assert_eq!(port(named), flag(&args, flag_name).map(|p| p.parse().unwrap()), "{name}: {named}");
-            }
-            let drain: f64 = flag(&args, "--drain-timeout").unwrap_or("30").parse().unwrap();
-            let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap_or(30.0);
-            assert!(grace > drain, "{name}: a grace period of {grace} s cuts a drain of {drain} s");
-            assert_eq!(flag(&args, "--host"), Some("0.0.0.0"), "{name} listens where peers reach it (its POD_IP)");
-            // Ready while it serves, unready once it drains: only its /health says so (its sockets stay open).
-            assert_eq!(probe["httpGet"]["path"], "/health", "{name}");
-            assert_eq!(probed, "metrics", "{name}");
+        for container in pod["containers"].as_array().unwrap() {
+            container_runs(&documents, deployment, container, account);
         }
     }
+}
+
+/// One container of `deployment`: its args are the binary's, with what its role needs.
+fn container_runs(documents: &[Value], deployment: &Value, container: &Value, account: &str) {
+    let name = format!("{}/{}", deployment["metadata"]["name"].as_str().unwrap(), container["name"].as_str().unwrap());
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args = args_of(container);
+    // As the kubelet expands $(POD_IP) from the container's environment.
+    let expanded = args.iter().map(|a| a.replace("$(POD_IP)", "10.0.0.7"));
+    if let Err(error) = dynamo::cmd::Cli::try_parse_from(std::iter::once("dynamo".to_string()).chain(expanded)) {
+        panic!("{name}'s args are not the binary's: {error}");
+    }
+    let role = args[0].as_str();
+    assert_eq!(flag(&args, "--discovery"), Some("k8s"), "{name}");
+    let env = container["env"].as_array().unwrap();
+    for (variable, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_UID", "metadata.uid"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_IP", "status.podIP"),
+    ] {
+        assert!(
+            env.iter().any(|e| e["name"] == variable && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
+            "{name} lacks {variable} from {field}"
+        );
+    }
+    // Every role registers (workers, and routers as event-plane members) and leaves.
+    for verb in ["patch", "delete"] {
+        assert!(allowed(documents, account, "dynamo.rs", KUBE_PLURAL, verb), "{name} may not {verb} its record");
+    }
+    if role == "route" {
+        for (group, resource) in [("dynamo.rs", KUBE_PLURAL), ("discovery.k8s.io", "endpointslices")] {
+            for verb in ["list", "watch"] {
+                assert!(allowed(documents, account, group, resource, verb), "{name} may not {verb} {resource}");
+            }
+        }
+    }
+    if flag(&args, "--planner-connector") == Some("kubernetes") {
+        assert!(allowed(documents, account, "apps", "deployments/scale", "patch"), "{name}'s planner may not scale");
+        for scaled in ["--kube-decode-deployment", "--kube-prefill-deployment"].iter().filter_map(|f| flag(&args, f)) {
+            named(documents, "Deployment", scaled);
+        }
+    }
+    if let Some(key) = flag(&args, "--cluster-key-file") {
+        let mounts = container["volumeMounts"].as_array().unwrap();
+        assert!(
+            mounts.iter().any(|m| key.starts_with(m["mountPath"].as_str().unwrap())),
+            "{name}: {key} is not mounted"
+        );
+    }
+    let ports = container["ports"].as_array().unwrap();
+    let port = |named: &str| ports.iter().find(|p| p["name"] == named).map(|p| p["containerPort"].as_u64().unwrap());
+    let probe = container["readinessProbe"].as_object().unwrap_or_else(|| panic!("{name} has a readiness probe"));
+    let probed = probe.values().find_map(|p| p["port"].as_str()).expect("the probe names its port");
+    assert!(port(probed).is_some(), "{name} probes a port it does not declare: {probed}");
+    let port_of = |flag_name: &str| flag(&args, flag_name).map(|p| p.parse::<u64>().unwrap());
+    if role == "route" || role == "run" {
+        assert_eq!(port("http"), port_of("--http-port"), "{name}");
+    }
+    if role == "route" {
+        assert_eq!(port("epp"), port_of("--epp-port"), "{name}");
+        assert_eq!(port("epp-health"), port_of("--epp-health-port"), "{name}");
+    } else if role == "run" {
+        assert_eq!(flag(&args, "--http-host"), Some("0.0.0.0"), "{name}: its planes listen where its HTTP does");
+    } else {
+        for (named, flag_name) in [
+            ("request", "--request-port"),
+            ("event", "--event-port"),
+            ("transfer", "--transfer-port"),
+            ("metrics", "--metrics-port"),
+        ] {
+            assert_eq!(port(named), flag(&args, flag_name).map(|p| p.parse().unwrap()), "{name}: {named}");
+        }
+        let drain: f64 = flag(&args, "--drain-timeout").unwrap_or("30").parse().unwrap();
+        let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap_or(30.0);
+        assert!(grace > drain, "{name}: a grace period of {grace} s cuts a drain of {drain} s");
+        assert_eq!(flag(&args, "--host"), Some("0.0.0.0"), "{name} listens where peers reach it (its POD_IP)");
+        // Ready while it serves, unready once it drains: only its /health says so (its sockets stay open).
+        assert_eq!(probe["httpGet"]["path"], "/health", "{name}");
+        assert_eq!(probed, "metrics", "{name}");
+    }
+    // A frontend beside the worker, where its record sends the picker's requests, is in the same pod.
+    if let Some(http) = flag(&args, "--http-addr") {
+        let port = http.strip_prefix("$(POD_IP):").unwrap_or_else(|| panic!("{name}: {http} is not the pod's"));
+        let beside = pod["containers"].as_array().unwrap().iter().map(args_of).any(|other| {
+            other[0] == "route"
+                && flag(&other, "--http-port") == Some(port)
+                && flag(&other, "--http-host") == Some("0.0.0.0")
+        });
+        assert!(beside, "{name}: no frontend of its pod listens on {port}");
+    }
+}
+
+fn args_of(container: &Value) -> Vec<String> {
+    (container["args"].as_array().unwrap().iter()).map(|a| a.as_str().expect("args are strings").to_string()).collect()
 }
 
 fn selects(selector: &serde_json::Map<String, Value>, deployment: &Value) -> bool {
@@ -219,19 +231,20 @@ fn the_discovery_services_select_every_worker_and_only_workers() {
 }
 
 #[test]
-fn the_inference_pool_is_the_model_servers_picked_by_the_routers_picker() {
+fn the_inference_pool_is_the_decode_pods_frontends_picked_by_the_routers_picker() {
     let documents = documents();
     let pool = named(&documents, "InferencePool", "dynamo");
     let selector = pool["spec"]["selector"]["matchLabels"].as_object().unwrap();
-    let servers: Vec<&Value> = of_kind(&documents, "Deployment").into_iter().filter(|d| selects(selector, d)).collect();
-    assert!(!servers.is_empty() && servers.iter().all(|d| role(d) == "run"), "the pool is dynamo run pods only");
-    let http = servers[0]["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
-    let args: Vec<String> = http.iter().map(|a| a.as_str().unwrap().to_string()).collect();
-    assert_eq!(
-        pool["spec"]["targetPorts"][0]["number"].as_u64(),
-        flag(&args, "--http-port").map(|p| p.parse().unwrap())
-    );
-    assert!(args.windows(2).any(|w| w[0] == "--workers" && w[1] == "1"), "one worker per model server: {args:?}");
+    let pods: Vec<&Value> = of_kind(&documents, "Deployment").into_iter().filter(|d| selects(selector, d)).collect();
+    assert!(!pods.is_empty() && pods.iter().all(|d| role(d) == "decode"), "the pool is decode pods only");
+    let target = pool["spec"]["targetPorts"][0]["number"].as_u64().unwrap().to_string();
+    for pod in pods {
+        let containers: Vec<Vec<String>> =
+            pod["spec"]["template"]["spec"]["containers"].as_array().unwrap().iter().map(args_of).collect();
+        // The worker names the frontend beside it, which listens on the pool's port.
+        assert_eq!(flag(&containers[0], "--http-addr"), Some(format!("$(POD_IP):{target}").as_str()));
+        assert!(containers.iter().any(|c| c[0] == "route" && flag(c, "--http-port") == Some(target.as_str())));
+    }
     // The picker's Service reaches the router's --epp-port.
     let picker = &pool["spec"]["endpointPickerRef"];
     let service = named(&documents, "Service", picker["name"].as_str().unwrap());
