@@ -7,6 +7,7 @@ mod cuda;
 mod deploy;
 mod disagg;
 mod embeddings;
+mod envoy;
 mod epp;
 mod external;
 mod hardening;
