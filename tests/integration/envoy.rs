@@ -229,3 +229,61 @@ async fn a_real_envoy_sends_each_request_where_the_picker_says_and_streams_pass_
     let (status, text) = envoy.post(&request).await;
     assert!(status >= 500, "{status}: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_real_envoy_a_disaggregated_pick_is_prefilled_where_the_picker_says() {
+    let binary = match tokio::task::spawn_blocking(envoy_binary).await.expect("the lookup ran") {
+        Ok(binary) => binary,
+        Err(why) => {
+            eprintln!("SKIPPED: no Envoy for the gateway test ({why})");
+            return;
+        }
+    };
+    let (_, file) = cluster_file("envoy-disagg");
+    let native = ["--threads", "1", "--discovery", &file];
+    // The decode worker's pod: the worker and the frontend beside it, which the gateway reaches. Left to
+    // itself this frontend never disaggregates (its threshold is past any prompt here): a remote prefill
+    // there is the picker's, named in the headers Envoy passed on.
+    let sidecar = Server::start_with(dynamo().args([
+        "route",
+        "--http-port",
+        "0",
+        "--disagg-threshold",
+        "100000",
+        "--discovery",
+        &file,
+    ]));
+    let beside = sidecar.base.trim_start_matches("http://").to_string();
+    let _prefill = crate::util::Worker::start_as("prefill", dynamo().arg("prefill").args(native));
+    let _decode = crate::util::Worker::start_as(
+        "decode",
+        dynamo().args(["decode", "--kv-transfer", "--http-addr", &beside]).args(native),
+    );
+    let (router, line) = Server::start_saying(dynamo().args(["route", "--http-port", "0", "--epp-port", "0"]).args([
+        "--disagg-threshold",
+        "0",
+        "--discovery",
+        &file,
+    ]));
+    let picker = line.split("TLS) on ").nth(1).and_then(|s| s.split_whitespace().next()).expect("the picker's address");
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    crate::cluster::wait_for_roles(&sidecar, 1, 1).await;
+    let envoy = Envoy::start(&binary, picker);
+
+    let request = json!({"model": "tiny-chat", "prompt": "Through the gateway, prefilled elsewhere.", "max_tokens": 6,
+                         "temperature": 0, "ignore_eos": true});
+    let (status, text) = envoy.post(&request).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, own) = sidecar.post_json("/v1/completions", request).await;
+    assert_eq!(status, 200, "{own}");
+    let through: Value = serde_json::from_str(&text).expect("JSON through the gateway");
+    assert_eq!(through["choices"][0]["text"], own["choices"][0]["text"]);
+    // The picker decided remote and the frontend followed it; sent to the frontend directly, the same request
+    // was prefilled by the decode worker.
+    let decided = |text: &str, decision: &str| {
+        metric(text, &format!("dynamo_router_disagg_decisions_total{{decision=\"{decision}\"}}"))
+    };
+    assert_eq!(decided(&router.metrics().await, "remote"), Some(1.0));
+    let followed = sidecar.metrics().await;
+    assert_eq!((decided(&followed, "remote"), decided(&followed, "local_short")), (Some(1.0), Some(1.0)), "{followed}");
+}
