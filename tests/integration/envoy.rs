@@ -216,6 +216,28 @@ async fn a_real_envoy_sends_each_request_where_the_picker_says_and_streams_pass_
         .collect();
     assert_eq!(joined, direct["choices"][0]["text"].as_str().unwrap_or_default());
 
+    // A pick counts in its worker's load while its response streams, and no longer once Envoy has told the
+    // picker the response ended.
+    let charged = |text: &str| -> f64 {
+        (text.lines().filter(|l| l.starts_with("dynamo_router_worker_in_flight{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut long = streamed.clone();
+    long["max_tokens"] = json!(200);
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/v1/completions", envoy.base))
+        .json(&long)
+        .send()
+        .await
+        .expect("envoy answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let first = response.chunk().await.expect("the stream goes on").expect("a first chunk");
+    assert!(!first.is_empty());
+    assert_eq!(charged(&router.metrics().await), 1.0, "the pick is held while its response streams");
+    while response.chunk().await.expect("the stream goes on").is_some() {}
+    router.wait_for_metrics(Duration::from_secs(10), |text| charged(text) == 0.0).await;
+
     // The picker's refusal reaches the client as the frontend would give it.
     let (status, text) = envoy.post(&json!({"model": "tiny-chat", "max_tokens": 4})).await;
     assert_eq!(status, 400, "{text}");

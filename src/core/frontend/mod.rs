@@ -366,6 +366,9 @@ async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
             state.metrics.images(engine.worker_id(), &images);
         }
     }
+    for served in state.served().iter() {
+        state.metrics.charged(&served.router.charged());
+    }
     let loads: Vec<_> = engines.iter().map(|e| (e.worker_id(), e.load())).collect();
     // Decode workers only: they run the requests, as a vLLM server's gauges count its own.
     let models: Vec<ModelLoad> = (state.served().iter())

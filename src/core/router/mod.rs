@@ -385,6 +385,13 @@ impl Router {
         self.snapshot().len()
     }
 
+    /// Each worker's charges (requests routed or picks held, not yet ended), every pool's.
+    pub fn charged(&self) -> Vec<(WorkerId, usize)> {
+        (Pool::ALL.iter().flat_map(|&pool| self.snapshot_of(pool).to_vec()))
+            .map(|w| (w.engine.worker_id(), w.load.in_flight.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Requests routed and not yet finished, over all workers.
     pub fn in_flight(&self) -> usize {
         self.snapshot().iter().map(|w| w.load.in_flight.load(Ordering::Relaxed)).sum()

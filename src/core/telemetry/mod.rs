@@ -50,6 +50,9 @@ pub struct Metrics {
     worker_requests: IntGaugeVec,
     /// Each worker's KV hand-offs, as its `stats` reports (or, in this process, its engine) say.
     worker_kv_transfers: IntGaugeVec,
+    /// What this router has charged each worker with: requests it sent there, and picks it made for a
+    /// gateway, not yet ended.
+    router_in_flight: IntGaugeVec,
     worker_images: IntGaugeVec,
     /// Requests and tokens so far, for the planner's forecast.
     traffic: [AtomicU64; 11],
@@ -487,6 +490,12 @@ impl Metrics {
                 "A worker's requests since it started, by outcome (accepted, refused, cancelled, unreadable)",
                 &["worker_id", "outcome"],
             ),
+            router_in_flight: gauge(
+                &registry,
+                "dynamo_router_worker_in_flight",
+                "Requests this router sent to each worker, and picks it made for a gateway, not yet ended",
+                &["worker_id"],
+            ),
             worker_kv_transfers: gauge(
                 &registry,
                 "dynamo_component_kv_transfers",
@@ -658,6 +667,13 @@ impl Metrics {
         [("encoded", stats.encoded), ("read", stats.read), ("read_failed", stats.read_failed)]
     }
 
+    /// Records what this router has charged each worker with (`Router::charged`).
+    pub fn charged(&self, charges: &[(WorkerId, usize)]) {
+        for (worker, count) in charges {
+            self.router_in_flight.with_label_values(&[&worker.to_string()]).set(*count as i64);
+        }
+    }
+
     /// Records a worker's KV hand-off totals.
     pub fn kv_transfers(&self, worker: WorkerId, stats: &KvTransferStats) {
         let id = worker.to_string();
@@ -690,6 +706,7 @@ impl Metrics {
         for (what, _) in Self::image_counts(&ImageStats::default()) {
             let _ = self.worker_images.remove_label_values(&[&id, what]);
         }
+        let _ = self.router_in_flight.remove_label_values(&[&id]);
         let _ = self.ttft_prediction_error.remove_label_values(&[&id]);
         let _ = self.ttft_predicted.remove_label_values(&[&id]);
         let _ = self.ttft_observed.remove_label_values(&[&id]);
