@@ -57,8 +57,8 @@ impl Router {
     }
 
     /// `route_migrating` to the workers `pins` names, where it names them. A named decode worker that is not
-    /// here is an error; a named prefill worker that is not here, or cannot hand its KV to the decode worker,
-    /// leaves the prompt to the decode worker (counted as a fallback). A named decode worker with no prefill
+    /// here is an error; a named prefill worker that is not here (or busy) leaves the prompt to the decode
+    /// worker, counted as a fallback, and one that cannot hand its KV to the decode worker as unsupported. A named decode worker with no prefill
     /// worker named prefills the prompt itself: the picker that named it decided so.
     pub async fn route_pinned(
         self: &Arc<Self>,
@@ -71,12 +71,20 @@ impl Router {
             None => self.choose_in(Pool::Decode, &request.token_ids, &media, &[])?,
         };
         let prefill = match (pins.prefill, pins.decode) {
-            (Some(id), _) => {
-                let prefill = self.choose_pinned(Pool::Prefill, id, &request.token_ids, &media).ok();
-                let usable = prefill.filter(|prefill| super::disagg::same_transfer(prefill, &decode));
-                self.record(if usable.is_some() { Disagg::Remote } else { Disagg::Fallback });
-                usable
-            }
+            (Some(id), _) => match self.choose_pinned(Pool::Prefill, id, &request.token_ids, &media) {
+                Ok(prefill) if super::disagg::same_transfer(&prefill, &decode) => {
+                    self.record(Disagg::Remote);
+                    Some(prefill)
+                }
+                Ok(_) => {
+                    self.record(Disagg::Unsupported);
+                    None
+                }
+                Err(_) => {
+                    self.record(Disagg::Fallback);
+                    None
+                }
+            },
             (None, Some(_)) => None,
             (None, None) => self.prefill_choice(&request, &decode),
         };
