@@ -2,7 +2,6 @@
 //! its engine on the planes, in the role it was started as.
 use super::args::{ClusterArgs, EngineArgs, ModelArgs};
 use crate::core::engine::EngineSettings;
-use crate::core::engine::external::ExternalKind;
 use crate::core::model::ModelSource;
 use crate::core::protocol::discovery::Role;
 use crate::core::worker::{self, PlaneSettings, WorkerSettings};
@@ -246,10 +245,6 @@ pub fn run(args: WorkerArgs, role: Role) -> anyhow::Result<()> {
             args.transfer.transfer_port == 0 && args.transfer.transfer_backend == TransferBackend::Auto,
             "--engine {} moves KV through its own connector: --transfer-port and --transfer-backend do not apply",
             kind.name()
-        );
-        anyhow::ensure!(
-            kind != ExternalKind::Trtllm || transfer.is_none(),
-            crate::core::engine::external::TRTLLM_NOT_BUILT
         );
         external.kv_connector = transfer.take().is_some();
     }

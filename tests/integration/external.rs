@@ -207,8 +207,28 @@ async fn complete(
 }
 
 /// A whole (unstreamed) completion, as vLLM's prefill leg answers: with `kv_transfer_params.do_remote_decode`,
-/// the parameters a decode engine pulls the prompt's KV with.
+/// the parameters a decode engine pulls the prompt's KV with. A TensorRT-LLM `context_only` request is
+/// answered with its first token and the `disaggregated_params` the generation leg needs, or, when that token
+/// is a stop token, as a finished request.
 fn prefill_answer(body: &Value, prompt: &[u64]) -> axum::Json<Value> {
+    if body["disaggregated_params"]["request_type"] == "context_only" {
+        let first = next_token(*prompt.last().unwrap_or(&0) as u32);
+        let stops = body["stop_token_ids"].as_array().cloned().unwrap_or_default();
+        let stopped = stops.contains(&json!(first));
+        let mut choice = json!({"index": 0, "text": "", "token_ids": [first],
+                                "finish_reason": match (stopped, body["max_tokens"] == 1) {
+                                    (true, _) => "stop",
+                                    (false, true) => "length",
+                                    (false, false) => "not_finished",
+                                },
+                                "stop_reason": if stopped { json!(first) } else { Value::Null }});
+        if !stopped {
+            choice["disaggregated_params"] = json!({"request_type": "context_only", "first_gen_tokens": [first],
+                "ctx_request_id": 77, "encoded_opaque_state": "b3BhcXVlIHN0YXRl", "draft_tokens": null});
+        }
+        return axum::Json(json!({"object": "text_completion", "choices": [choice], "prompt_token_ids": prompt,
+                                 "usage": {"prompt_tokens": prompt.len(), "completion_tokens": 1}}));
+    }
     let max_tokens = body["max_tokens"].as_u64().unwrap_or(16) as usize;
     let ids = expected_tokens(*prompt.last().unwrap_or(&0) as u32, max_tokens);
     let mut answer = json!({"object": "text_completion", "choices": [{"index": 0, "text": "x", "token_ids": ids,
@@ -358,6 +378,24 @@ async fn split_pair(
     let router = route(file);
     crate::cluster::wait_for_roles(&router, 1, 1).await;
     (prefill_worker, decode_worker, router)
+}
+
+/// Posts `body` (5 tokens) through a split pair and checks the shape both engines' sequential legs share: one
+/// unstreamed one-token prefill leg, one streamed decode leg with the same prompt and the request's length, and
+/// the decode engine's tokens as the answer. The prefill leg and the decode leg.
+async fn two_legs(router: &Server, body: Value, prefill: &Double, decoder: &Double) -> (Value, Value) {
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (legs, decoded) = (prefill.requests(), decoder.requests());
+    assert_eq!((legs.len(), decoded.len()), (1, 1), "{legs:?} then {decoded:?}");
+    let (leg, decoded) = (legs[0].clone(), decoded[0].clone());
+    assert_eq!((leg["stream"].as_bool(), leg["max_tokens"].as_u64()), (Some(false), Some(1)), "{leg}");
+    assert_eq!((&decoded["prompt"], decoded["stream"].as_bool()), (&leg["prompt"], Some(true)), "{decoded}");
+    assert_eq!(decoded["max_tokens"], 5, "{decoded}");
+    let prompt: Vec<u32> = serde_json::from_value(leg["prompt"].clone()).unwrap();
+    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 5)), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    (leg, decoded)
 }
 
 fn expected_tokens(after: u32, count: usize) -> Vec<u32> {
@@ -580,26 +618,13 @@ async fn vllm_prefill_and_decode_workers_hand_kv_over_through_vllms_own_protocol
     let (_prefill, _decode, router) = split_pair("vllm", &prefill, &decoder, &file, &[]).await;
     let body = json!({"model": "tiny-chat", "prompt": "a prompt for two roles", "max_tokens": 5, "temperature": 0,
                       "ignore_eos": true});
-    let (status, answer) = router.post_json("/v1/completions", body).await;
-    assert_eq!(status, 200, "{answer}");
-    // The prefill leg: one token, not streamed, asking vLLM to keep the KV for a remote decode.
-    let legs = prefill.requests();
-    assert_eq!(legs.len(), 1, "{legs:?}");
-    let leg = &legs[0];
-    assert_eq!((leg["stream"].as_bool(), leg["max_tokens"].as_u64()), (Some(false), Some(1)), "{leg}");
+    let (leg, decoded) = two_legs(&router, body, &prefill, &decoder).await;
+    // The prefill leg asks vLLM to keep the KV for a remote decode; the decode leg carries what it answered.
     assert_eq!(leg["kv_transfer_params"]["do_remote_decode"], true, "{leg}");
-    // The decode leg: the original prompt and length, with the prefill's parameters verbatim.
-    let decoded = decoder.requests();
-    assert_eq!(decoded.len(), 1, "{decoded:?}");
-    assert_eq!(decoded[0]["prompt"], leg["prompt"]);
-    assert_eq!(decoded[0]["max_tokens"], 5);
-    assert_eq!(decoded[0]["kv_transfer_params"]["remote_engine_id"], "double-prefill", "{}", decoded[0]);
+    assert_eq!(decoded["kv_transfer_params"]["remote_engine_id"], "double-prefill", "{decoded}");
     let sent: Vec<u64> = serde_json::from_value(leg["prompt"].clone()).unwrap();
-    let params = prefill_answer(leg, &sent).0["kv_transfer_params"].clone();
-    assert_eq!(decoded[0]["kv_transfer_params"], params, "the prefill's parameters, verbatim");
-    let prompt: Vec<u32> = serde_json::from_value(leg["prompt"].clone()).unwrap();
-    assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 5)), "{answer}");
-    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    let params = prefill_answer(&leg, &sent).0["kv_transfer_params"].clone();
+    assert_eq!(decoded["kv_transfer_params"], params, "the prefill's parameters, verbatim");
     let metrics = router.metrics().await;
     assert_eq!(metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}"), Some(1.0), "{metrics}");
 }
@@ -625,6 +650,38 @@ async fn sglang_prefill_and_decode_legs_share_one_bootstrap_room() {
     assert!(leg["bootstrap_room"].as_u64().is_some_and(|room| room < 1 << 63), "{leg}");
     let prompt: Vec<u32> = serde_json::from_value(decoded["input_ids"].clone()).unwrap();
     assert_eq!(answer["choices"][0]["text"], decode(&expected_tokens(*prompt.last().unwrap(), 4)), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trtllm_prefill_and_decode_legs_carry_its_disaggregated_params() {
+    let (prefill, decoder) = (Double::start().await, Double::start().await);
+    let (_, file) = cluster_file("trtllm-disagg");
+    let (_prefill, _decode, router) = split_pair("trtllm", &prefill, &decoder, &file, &[]).await;
+    let body = json!({"model": "tiny-chat", "prompt": "a context phase here, a generation phase there",
+                      "max_tokens": 5, "temperature": 0, "ignore_eos": true});
+    let (leg, decoded) = two_legs(&router, body, &prefill, &decoder).await;
+    // The context leg is marked context_only and has no field TensorRT-LLM lacks; the generation leg carries
+    // the context phase's parameters as generation_only.
+    assert_eq!(leg["disaggregated_params"], json!({"request_type": "context_only"}), "{leg}");
+    assert!(leg.get("stream_options").is_none() && leg.get("kv_transfer_params").is_none(), "{leg}");
+    let sent: Vec<u64> = serde_json::from_value(leg["prompt"].clone()).unwrap();
+    let mut params = prefill_answer(&leg, &sent).0["choices"][0]["disaggregated_params"].clone();
+    params["request_type"] = json!("generation_only");
+    assert_eq!(decoded["disaggregated_params"], params, "{decoded}");
+    let expected = expected_tokens(*sent.last().unwrap() as u32, 5);
+
+    // A context phase whose first token is a stop token is the whole answer: no generation leg.
+    let body = json!({"model": "tiny-chat", "prompt": "a context phase here, a generation phase there",
+                      "max_tokens": 5, "temperature": 0, "stop_token_ids": [expected[0]], "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["choices"][0]["finish_reason"].as_str(), answer["usage"]["completion_tokens"].as_u64()),
+        (Some("stop"), Some(1)),
+        "{answer}"
+    );
+    assert_eq!(prefill.requests().len(), 2);
+    assert_eq!(decoder.requests().len(), 1, "the generation leg was sent for a finished request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,16 +7,16 @@
 //! - SGLang: both legs carry the same `bootstrap_host`, `bootstrap_port` (the prefill engine's) and a random
 //!   `bootstrap_room`, and run at once: the decode engine fetches the KV from the prefill engine's bootstrap
 //!   server. The prefill leg's own answer is read and dropped.
+//! - TensorRT-LLM: the prefill leg sends the prompt unstreamed with `disaggregated_params.request_type:
+//!   context_only`; the `disaggregated_params` it answers with (the first token, the context request's id, the
+//!   engine's opaque state) go to the decode engine as `generation_only`, which pulls the KV through its cache
+//!   transceiver and streams every token, the first one included.
 use super::{ExternalKind, Shared, error_message, http};
 use crate::core::protocol::{EngineOutput, FinishReason, HeldKv, PreprocessedRequest};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
-
-/// Why a TensorRT-LLM worker takes no part in disaggregated serving yet.
-pub const TRTLLM_NOT_BUILT: &str = "TensorRT-LLM's own disaggregated serving (disaggregated_params: context_only, then \
-     generation_only) is not built yet: serve the engine whole with dynamo decode --engine trtllm";
 
 /// SGLang's default `--disaggregation-bootstrap-port`.
 pub const SGLANG_BOOTSTRAP_PORT: u16 = 8998;
@@ -27,7 +27,7 @@ pub async fn prefill(shared: &Arc<Shared>, request: PreprocessedRequest, sender:
     let output = match shared.kind {
         ExternalKind::Vllm => vllm_prefill(shared, &request).await,
         ExternalKind::Sglang => sglang_prefill(shared, &request),
-        ExternalKind::Trtllm => Err(TRTLLM_NOT_BUILT.into()),
+        ExternalKind::Trtllm => trtllm_prefill(shared, &request).await,
     };
     let _ = sender.send(output.unwrap_or_else(|error| EngineOutput {
         finish_reason: Some(FinishReason::Error(error)),
@@ -45,8 +45,12 @@ pub fn decode_leg(kind: ExternalKind, params: &str, body: &mut Value) {
                 body.extend(params.clone());
             }
         }
-        // Never offered: a TensorRT-LLM worker has no connector (`TRTLLM_NOT_BUILT`).
-        ExternalKind::Trtllm => {}
+        ExternalKind::Trtllm => {
+            if let Value::Object(mut params) = params {
+                params.insert("request_type".into(), "generation_only".into());
+                body["disaggregated_params"] = Value::Object(params);
+            }
+        }
     }
 }
 
@@ -117,30 +121,66 @@ async fn vllm_prefill(shared: &Shared, request: &PreprocessedRequest) -> Result<
         "do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null, "remote_block_ids": null,
         "remote_host": null, "remote_port": null,
     });
-    let answer = async {
-        let response = shared.http.post_json("/v1/completions", &body, &request.request_id).await?;
-        let status = response.status();
-        let body = http::read_bounded(response.into_body()).await?;
-        let json: Value =
-            serde_json::from_slice(&body).map_err(|e| format!("vLLM's prefill answer is not JSON ({status}): {e}"))?;
-        if !status.is_success() {
-            return Err(format!("vLLM refused the prefill ({status}): {}", error_message(&json)));
-        }
-        Ok(json)
-    };
-    let answer = answer.await?;
+    let answer = post_prefill(shared, request, &body, "vLLM").await?;
+    let params = answer.get("kv_transfer_params").cloned();
+    Ok(prefill_output(request, &answer, params, &["length"], "vLLM"))
+}
+
+/// The prefill leg of TensorRT-LLM's disaggregated serving: the prompt sent unstreamed as a `context_only`
+/// request (with the router's one-token limit, as TensorRT-LLM's earlier orchestrator sent it), whose answer's `disaggregated_params` (first token, context request id, opaque state) name the KV
+/// its cache transceiver keeps for the decode engine. TensorRT-LLM's own orchestrator goes on to the
+/// generation leg when the context phase ends `length` or `not_finished`; any other end is the whole answer.
+async fn trtllm_prefill(shared: &Shared, request: &PreprocessedRequest) -> Result<EngineOutput, String> {
+    let (_, mut body) = shared.kind.request(request, &shared.model);
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("stream_options");
+    }
+    body["stream"] = false.into();
+    body["disaggregated_params"] = json!({"request_type": "context_only"});
+    let answer = post_prefill(shared, request, &body, "TensorRT-LLM").await?;
+    let params = answer["choices"][0].get("disaggregated_params").cloned();
+    Ok(prefill_output(request, &answer, params, &["length", "not_finished"], "TensorRT-LLM"))
+}
+
+/// Sends a sequential prefill leg (`body`, unstreamed) to the engine's `/v1/completions`; its JSON answer.
+async fn post_prefill(
+    shared: &Shared,
+    request: &PreprocessedRequest,
+    body: &Value,
+    engine: &str,
+) -> Result<Value, String> {
+    let response = shared.http.post_json("/v1/completions", body, &request.request_id).await?;
+    let status = response.status();
+    let body = http::read_bounded(response.into_body()).await?;
+    let json: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("{engine}'s prefill answer is not JSON ({status}): {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{engine} refused the prefill ({status}): {}", error_message(&json)));
+    }
+    Ok(json)
+}
+
+/// What a sequential prefill leg's `answer` makes of the request: KV held under `params` for the decode leg when
+/// the answer ended as one of `continues`, or the whole answer when its first token was a stop token.
+fn prefill_output(
+    request: &PreprocessedRequest,
+    answer: &Value,
+    params: Option<Value>,
+    continues: &[&str],
+    engine: &str,
+) -> EngineOutput {
     let choice = &answer["choices"][0];
     let cached_tokens = answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().map(|c| c as u32);
-    let params = answer.get("kv_transfer_params").filter(|p| !p.is_null());
-    let output = match (choice["finish_reason"].as_str(), params) {
-        (Some("length"), params) => EngineOutput {
+    let params = params.filter(Value::is_object);
+    match choice["finish_reason"].as_str() {
+        Some(reason) if continues.contains(&reason) => EngineOutput {
             finish_reason: Some(FinishReason::Length),
             cached_tokens,
-            held: params.map(|params| held(request, params)),
+            held: params.map(|params| held(request, &params)),
             ..EngineOutput::default()
         },
-        // The one token ended the request (a stop token): that is the whole answer.
-        (Some("stop"), _) => {
+        // The first token ended the request (a stop token): that is the whole answer.
+        Some("stop") => {
             let token_ids: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).unwrap_or_default();
             let stop = choice["stop_reason"].as_u64().map(|id| id as u32).or(token_ids.last().copied());
             match stop {
@@ -151,15 +191,14 @@ async fn vllm_prefill(shared: &Shared, request: &PreprocessedRequest) -> Result<
                     ..EngineOutput::default()
                 },
                 None => EngineOutput {
-                    finish_reason: Some(FinishReason::Error("vLLM stopped the prefill on no token".into())),
+                    finish_reason: Some(FinishReason::Error(format!("{engine} stopped the prefill on no token"))),
                     ..EngineOutput::default()
                 },
             }
         }
-        (other, _) => EngineOutput {
-            finish_reason: Some(FinishReason::Error(format!("vLLM ended the prefill with {other:?}"))),
+        other => EngineOutput {
+            finish_reason: Some(FinishReason::Error(format!("{engine} ended the prefill with {other:?}"))),
             ..EngineOutput::default()
         },
-    };
-    Ok(output)
+    }
 }

@@ -5,11 +5,12 @@
 //! Dropping a request's stream drops its HTTP response, which closes the connection: vLLM aborts a request
 //! whose client went away.
 //!
-//! Each engine's dialect is a module (`vllm`, `sglang`): the request it takes, the chunks it streams, the
-//! gauges it exposes. TensorRT-LLM (polled events, its own disaggregated parameters) would be one more.
+//! Each engine's dialect is a module (`vllm`, `sglang`, `trtllm`): the request it takes, the chunks it streams,
+//! the gauges it exposes; `handoff` is how each one's own connector moves KV between a prefill and a decode
+//! engine.
 mod events;
 mod handoff;
-pub use handoff::{SGLANG_BOOTSTRAP_PORT, TRTLLM_NOT_BUILT};
+pub use handoff::SGLANG_BOOTSTRAP_PORT;
 mod http;
 mod metrics;
 mod sglang;
@@ -370,7 +371,7 @@ impl Engine for ExternalEngine {
         let holds = matches!(request.hand_off, HandOff::Hold);
         if holds && !self.shared.kv_connector {
             return Err(EngineError::InvalidRequest(
-                "this worker's engine keeps no KV for a peer: only one behind dynamo prefill --engine vllm|sglang does"
+                "this worker's engine keeps no KV for a peer: only one behind dynamo prefill --engine vllm|sglang|trtllm does"
                     .into(),
             ));
         }
