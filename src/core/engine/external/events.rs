@@ -4,7 +4,8 @@
 //! the worker's event plane.
 //!
 //! With the engine's replay socket (vLLM's `replay_endpoint`: a ROUTER that answers `["", start seq]` with
-//! every batch it still buffers from there, `["", seq, payload]` each, then `["", 2^64 - 1, ""]`), the worker
+//! every batch it still buffers from there, `["", topic, seq, payload]` each (before vLLM 0.32 without the
+//! topic), then the end marker with 2^64 - 1 for its number), the worker
 //! starts from the engine's history, so blocks stored before it joined keep their children, and a gap in the
 //! numbers is filled from it. Without one, or when the history no longer reaches back far enough, a gap
 //! clears what the routers know of the engine and what it stores from then on is relearned. Numbers that go
@@ -223,7 +224,10 @@ async fn history(context: &Context, replay: &str, from: u64) -> Result<Vec<(u64,
     let (mut batches, mut bytes) = (Vec::new(), 0usize);
     loop {
         let frames = reader.recv().await.map_err(|e| e.to_string())?;
-        let [_, seq, payload] = &frames[..] else { return Err(format!("a reply of {} frames", frames.len())) };
+        let (seq, payload) = match &frames[..] {
+            [_, _, seq, payload] | [_, seq, payload] => (seq, payload),
+            _ => return Err(format!("a reply of {} frames", frames.len())),
+        };
         bytes = bytes.saturating_add(payload.len());
         match seq_of(seq) {
             Some(END_OF_REPLAY) => return Ok(batches),
@@ -315,11 +319,13 @@ mod tests {
     type Buffered = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
 
     /// vLLM's replay socket: a ROUTER answering `["", start]` with the buffered batches from there, then the end
-    /// marker; serves until `stop`.
+    /// marker, each with a topic frame before its number as vLLM 0.32 sends them when `topic` is given; serves
+    /// until `stop`.
     fn replay_server(
         context: &zmq::Context,
         buffer: Buffered,
         stop: Arc<std::sync::atomic::AtomicBool>,
+        topic: Option<&'static [u8]>,
     ) -> (String, std::thread::JoinHandle<()>) {
         let router = context.socket(zmq::ROUTER).unwrap();
         router.bind("tcp://127.0.0.1:*").unwrap();
@@ -330,10 +336,17 @@ mod tests {
                 let Ok(frames) = router.recv_multipart(0) else { continue };
                 let [identity, _, start] = &frames[..] else { continue };
                 let start = u64::from_be_bytes(start[..].try_into().unwrap());
+                let reply = |seq: u64, payload: &[u8]| {
+                    let mut frames = vec![&identity[..], b""];
+                    frames.extend(topic);
+                    let seq = seq.to_be_bytes();
+                    frames.extend([&seq[..], payload]);
+                    router.send_multipart(frames, 0).unwrap();
+                };
                 for (seq, payload) in buffer.lock().unwrap().iter().filter(|(seq, _)| *seq >= start) {
-                    router.send_multipart([&identity[..], b"", &seq.to_be_bytes(), payload], 0).unwrap();
+                    reply(*seq, payload);
                 }
-                router.send_multipart([&identity[..], b"", &u64::MAX.to_be_bytes(), b""], 0).unwrap();
+                reply(u64::MAX, b"");
             }
         });
         (endpoint, thread)
@@ -341,13 +354,22 @@ mod tests {
 
     #[tokio::test]
     async fn history_from_the_replay_socket_keeps_old_parents_and_fills_gaps() {
+        history_keeps_old_parents_and_fills_gaps(Some(b"kv")).await;
+    }
+
+    #[tokio::test]
+    async fn history_from_a_replay_socket_before_vllm_0_32_without_topics_too() {
+        history_keeps_old_parents_and_fills_gaps(None).await;
+    }
+
+    async fn history_keeps_old_parents_and_fills_gaps(topic: Option<&'static [u8]>) {
         let context = zmq::Context::new();
         let publisher = context.socket(zmq::PUB).unwrap();
         publisher.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = publisher.get_last_endpoint().unwrap().unwrap();
         let buffer: Buffered = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (replay, server) = replay_server(&context, buffer.clone(), stop.clone());
+        let (replay, server) = replay_server(&context, buffer.clone(), stop.clone(), topic);
         // Batch k stores block k (tokens 4k..4k+4), child of block k - 1: one chain.
         let batch =
             |k: u32| stored(&[100 + u64::from(k)], k.checked_sub(1).map(|p| 100 + u64::from(p)), 4 * k..4 * k + 4);
