@@ -22,3 +22,4 @@ mod top;
 mod transfer;
 mod util;
 mod vision;
+mod vllm;

@@ -529,7 +529,7 @@ impl GeneratedModel {
 }
 
 /// The tensors of a Llama decoder under `prefix` (`model.`), its embedding included, its final norm not.
-pub(super) fn decoder_shapes(
+pub fn decoder_shapes(
     prefix: &str,
     hidden: usize,
     intermediate: usize,
