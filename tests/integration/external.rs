@@ -28,6 +28,8 @@ struct DoubleState {
     aborted: AtomicU64,
     /// Answers 503 to everything while set (a restarting engine).
     down: AtomicBool,
+    /// Answers this many more `/metrics` reads with a 503 (a busy engine's server, slow to answer).
+    metrics_failures: AtomicU64,
     token_delay_ms: AtomicU64,
     events: Mutex<Option<(zmq::Socket, u64)>>,
     /// Cuts the next stream (of whichever double shares it) off after two tokens, as an engine that dies does.
@@ -84,7 +86,8 @@ async fn models(State(state): State<Arc<DoubleState>>) -> axum::response::Respon
 }
 
 async fn gauges(State(state): State<Arc<DoubleState>>) -> axum::response::Response {
-    if state.down.load(Ordering::Relaxed) {
+    let busy = state.metrics_failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+    if state.down.load(Ordering::Relaxed) || busy {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
     }
     let running = state.running.load(Ordering::Relaxed);
@@ -519,6 +522,19 @@ async fn an_engine_that_stops_answering_is_refused_and_served_again_when_it_is_b
     wait_for_workers(&router, 1).await;
     let body = json!({"model": "tiny-chat", "prompt": "hi", "max_tokens": 3, "ignore_eos": true});
     assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+
+    // Two failed reads of its load in a row (a busy server) leave it serving.
+    double.state.metrics_failures.store(2, Ordering::Relaxed);
+    while double.state.metrics_failures.load(Ordering::Relaxed) > 0 {
+        let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "a busy engine was taken for a dead one: {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "a busy engine was taken for a dead one: {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     double.state.down.store(true, Ordering::Relaxed);
     // Once its metrics fail, the worker refuses, and the client hears that no worker can serve (not a hang).
