@@ -8,6 +8,11 @@
 //! broadcast to all lanes. A register tile of `TOKENS` activation rows × `PANELS` panels accumulates without
 //! any horizontal sum and is stored straight into the row-major output. Rows and the reduction length are
 //! padded with zeros to whole panels and pairs.
+//!
+//! That layout is also the one AMX's `tdpbf16ps` reads its second operand in: 16 rows of pairs, 64 bytes a row,
+//! so on CPUs with AMX (Sapphire Rapids on) a panel's 16 pairs are one tile as they lie, and blocks of 16
+//! activation rows by 32 reduction values are the other: prefill's products run on the tile unit (`amx`),
+//! and only the last rows (decode's one row, a prompt's tail under 16) on the vector registers.
 use half::bf16;
 
 /// Whether this CPU has AVX-512 BF16 (the packed layout is only used then).
@@ -226,15 +231,78 @@ impl PackedBf16 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn multiply_avx512(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) {
         assert!(x.len() >= n * self.cols && first_panel + count <= self.panels);
+        // SAFETY: rows and panels in bounds (asserted above); writers as the caller promised.
+        let t = unsafe { self.multiply_amx(x, n, first_panel, count, out) };
+        // SAFETY: as above.
+        unsafe { self.multiply_rows_avx512(x, t, n, first_panel, count, out) }
+    }
+
+    /// The whole blocks of 16 rows on the tile unit, when the CPU has one and the reduction is whole tiles of 32
+    /// values; the rows it did (from 0).
+    ///
+    /// # Safety
+    /// As `multiply`, with rows and panels in bounds.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn multiply_amx(&self, x: &[bf16], n: usize, first_panel: usize, count: usize, out: Output) -> usize {
+        const ROWS: usize = amx::ROWS;
+        if n < ROWS || !self.cols.is_multiple_of(amx::DEPTH) || !amx::available() {
+            return 0;
+        }
+        let blocks = n / ROWS;
+        let last = (blocks * ROWS - 1) * out.width + (first_panel + count - out.base_panel) * LANES;
+        assert!(last <= out.len, "the tiles inside their output");
+        let panel_len = LANES * self.depth;
+        let chunks = self.cols / amx::DEPTH;
+        let tile = amx::Tiles::configure();
+        let mut block = 0;
+        while block < blocks {
+            let row_blocks = (blocks - block).min(2);
+            let mut p = 0;
+            while p < count {
+                let panels = (count - p).min(2);
+                let rows = block * ROWS;
+                // SAFETY: `row_blocks` blocks of 16 rows from `rows` are inside `x` (n rows of `cols`) and `out`
+                // (asserted above), the panels inside the packed data; the caller rules out other writers.
+                unsafe {
+                    tile.multiply(
+                        x.as_ptr().add(rows * self.cols),
+                        self.cols * 2,
+                        self.data.as_ptr().add((first_panel + p) * panel_len),
+                        panel_len,
+                        out.ptr.add(rows * out.width + (first_panel + p - out.base_panel) * LANES),
+                        out.width * 4,
+                        chunks,
+                        row_blocks,
+                        panels,
+                    )
+                };
+                p += panels;
+            }
+            block += row_blocks;
+        }
+        blocks * ROWS
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn multiply_rows_avx512(
+        &self,
+        x: &[bf16],
+        from: usize,
+        n: usize,
+        first_panel: usize,
+        count: usize,
+        out: Output,
+    ) {
         // The 8-row tiles are compute-bound once their panels are in cache, and the first pass over them is
         // bound by memory instead; so they fetch the panels after these (the same thread's next task, most
         // often) into L2 as they go, a share each, and the memory traffic overlaps the multiply-adds.
         let panel_len = LANES * self.depth;
         let next = (first_panel + count) * panel_len..((first_panel + 2 * count) * panel_len).min(self.data.len());
-        let tiles = (n / TOKENS) * count.div_ceil(PANELS);
+        let tiles = ((n - from) / TOKENS) * count.div_ceil(PANELS);
         let share = next.len().div_ceil(tiles.max(1));
         let mut fetched = next.start;
-        let mut t = 0;
+        let mut t = from;
         while t + TOKENS <= n {
             let mut p = 0;
             while p < count {
@@ -335,6 +403,133 @@ impl PackedBf16 {
     }
 }
 
+/// Intel AMX through inline assembly (its intrinsics are not stable Rust): eight tile registers of 16 rows by 64
+/// bytes, configured alike; a block of the product is `tmm0..tmm3` accumulating two row blocks (`tmm4`,
+/// `tmm5`) by two panels (`tmm6`, `tmm7`), 32 reduction values a step.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    /// Activation rows of one tile.
+    pub const ROWS: usize = 16;
+    /// Reduction values (bf16) of one step: a 64-byte tile row.
+    pub const DEPTH: usize = 32;
+    /// Bytes from one pair-row of a panel to the next.
+    const PANEL_ROW: usize = 64;
+
+    /// Whether this CPU has AMX with bf16 and Linux lets this process use it (it must ask first:
+    /// `ARCH_REQ_XCOMP_PERM` for the tile data; without it the first tile instruction is an illegal one).
+    pub fn available() -> bool {
+        use std::sync::OnceLock;
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            let features = std::arch::x86_64::__cpuid_count(7, 0);
+            let (tile, bf16) = (features.edx >> 24 & 1 == 1, features.edx >> 22 & 1 == 1);
+            if std::env::var_os("DYNAMO_NO_AMX").is_some() || !tile || !bf16 || !super::available() {
+                return false;
+            }
+            // SAFETY: a request for a permission; it changes nothing but what this process may use.
+            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        })
+    }
+
+    /// The tile registers of this thread, configured; released when dropped.
+    pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Tiles {
+        /// Configures this thread's tiles (once `available` has said yes).
+        pub fn configure() -> Tiles {
+            let mut config = Config([0; 64]);
+            config.0[0] = 1; // palette 1
+            for tile in 0..8 {
+                config.0[16 + 2 * tile] = 64; // bytes a row
+                config.0[48 + tile] = ROWS as u8;
+            }
+            // SAFETY: a valid palette-1 configuration; `available` said the CPU and the OS allow tiles.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+            Tiles(std::marker::PhantomData)
+        }
+
+        /// `c[r][f] = Σ_k a[r][k] · b[f][k]` for `row_blocks` (1 or 2) blocks of 16 rows and `panels` (1 or 2)
+        /// panels of 16 features, over `chunks` steps of 32 values: `a` row-major (`a_stride` bytes a row),
+        /// panel `j` at `b + j · panel_len` in the packed layout, `c` row-major (`c_stride` bytes a row).
+        ///
+        /// # Safety
+        /// Every row and panel read is inside its allocation, every float written inside `c`'s, and no other
+        /// thread writes those.
+        #[allow(clippy::too_many_arguments)] // one block's pointers, strides and counts
+        pub unsafe fn multiply(
+            &self,
+            a: *const half::bf16,
+            a_stride: usize,
+            b: *const half::bf16,
+            panel_len: usize,
+            c: *mut f32,
+            c_stride: usize,
+            chunks: usize,
+            row_blocks: usize,
+            panels: usize,
+        ) {
+            // SAFETY: the tiles are configured (`configure`); the caller vouches for the memory each load (here
+            // and below) reads and each store writes.
+            unsafe {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem))
+            };
+            let (a1, b1) = (a.wrapping_add(ROWS * a_stride / 2), b.wrapping_add(panel_len));
+            for chunk in 0..chunks {
+                let (a0, a1) = (a.wrapping_add(chunk * DEPTH), a1.wrapping_add(chunk * DEPTH));
+                // A panel's 16 pairs of one step lie together: 16 × 32 values from the step's first.
+                let (b0, b1) = (b.wrapping_add(chunk * ROWS * 32), b1.wrapping_add(chunk * ROWS * 32));
+                // SAFETY: as above.
+                unsafe {
+                    asm!("tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm6, [{b} + {p}*1]", "tdpbf16ps tmm0, tmm4, tmm6",
+                         a = in(reg) a0, s = in(reg) a_stride, b = in(reg) b0, p = in(reg) PANEL_ROW,
+                         options(nostack, readonly));
+                    if panels == 2 {
+                        asm!("tileloadd tmm7, [{b} + {p}*1]", "tdpbf16ps tmm1, tmm4, tmm7",
+                             b = in(reg) b1, p = in(reg) PANEL_ROW, options(nostack, readonly));
+                    }
+                    if row_blocks == 2 {
+                        asm!("tileloadd tmm5, [{a} + {s}*1]", "tdpbf16ps tmm2, tmm5, tmm6",
+                             a = in(reg) a1, s = in(reg) a_stride, options(nostack, readonly));
+                        if panels == 2 {
+                            asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                        }
+                    }
+                }
+            }
+            let c1 = c.wrapping_add(ROWS * c_stride / 4);
+            // SAFETY: as above.
+            unsafe {
+                asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c, s = in(reg) c_stride, options(nostack));
+                if panels == 2 {
+                    asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) c.wrapping_add(16), s = in(reg) c_stride,
+                         options(nostack));
+                }
+                if row_blocks == 2 {
+                    asm!("tilestored [{c} + {s}*1], tmm2", c = in(reg) c1, s = in(reg) c_stride, options(nostack));
+                    if panels == 2 {
+                        asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c1.wrapping_add(16), s = in(reg) c_stride,
+                             options(nostack));
+                    }
+                }
+            }
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: releases this thread's tile state, which `configure` made.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +560,33 @@ mod tests {
         let rounded: Vec<u16> = round(&values).iter().map(|v| v.to_bits()).collect();
         assert_eq!(rounded, expected);
         assert!(values.iter().map(|&v| round_one(v).to_bits()).eq(expected));
+    }
+
+    #[test]
+    fn tile_unit_blocks_and_the_rows_after_them_equal_plain_sums() {
+        // A reduction of whole 32-value steps, so the tile unit takes the two blocks of 16 rows (where the
+        // CPU has one), then the vector registers the last 5; 5 panels: two pairs and one alone.
+        let (rows, cols, n) = (80, 96, 37);
+        let w: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(((i * 7) % 13) as f32 / 4.0 - 1.5)).collect();
+        let x: Vec<bf16> = (0..n * cols).map(|i| bf16::from_f32(((i * 5) % 9) as f32 / 8.0 - 0.5)).collect();
+        let packed = PackedBf16::pack(rows, cols, &w);
+        let panels = packed.panel_count();
+        // Two calls over disjoint panels of one output, as the engine's tasks make them.
+        let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); n * panels * LANES];
+        let shared = SharedOutput::new(&mut out, panels * LANES);
+        // SAFETY: the two calls are given disjoint panels.
+        unsafe {
+            packed.multiply_shared(&x, n, 0, 3, &shared);
+            packed.multiply_shared(&x, n, 3, panels - 3, &shared);
+        }
+        for t in 0..n {
+            for f in 0..rows {
+                // Every product and partial sum is exact in f32, so any summation order agrees exactly.
+                let expected: f32 = (0..cols).map(|k| x[t * cols + k].to_f32() * w[f * cols + k].to_f32()).sum();
+                // SAFETY: every float of the panels' columns was written.
+                assert_eq!(unsafe { out[t * panels * LANES + f].assume_init() }, expected, "row {t}, feature {f}");
+            }
+        }
     }
 
     #[test]
