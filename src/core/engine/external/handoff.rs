@@ -127,9 +127,10 @@ async fn vllm_prefill(shared: &Shared, request: &PreprocessedRequest) -> Result<
 }
 
 /// The prefill leg of TensorRT-LLM's disaggregated serving: the prompt sent unstreamed as a `context_only`
-/// request (with the router's one-token limit, as TensorRT-LLM's earlier orchestrator sent it), whose answer's `disaggregated_params` (first token, context request id, opaque state) name the KV
-/// its cache transceiver keeps for the decode engine. TensorRT-LLM's own orchestrator goes on to the
-/// generation leg when the context phase ends `length` or `not_finished`; any other end is the whole answer.
+/// request (with the router's one-token limit, as TensorRT-LLM's earlier orchestrator sent it), whose answer's
+/// `disaggregated_params` (first token, context request id, opaque state) name the KV its cache transceiver
+/// keeps for the decode engine. TensorRT-LLM's own orchestrator goes on to the generation leg when the context
+/// phase ends `length` or `not_finished`; any other end is the whole answer.
 async fn trtllm_prefill(shared: &Shared, request: &PreprocessedRequest) -> Result<EngineOutput, String> {
     let (_, mut body) = shared.kind.request(request, &shared.model);
     if let Some(fields) = body.as_object_mut() {
