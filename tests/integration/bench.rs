@@ -263,6 +263,8 @@ fn bench_engine_reports_prefill_decode_and_both_bounds() {
     let result = &json["results"][0];
     assert!(result["bandwidth_gb_s"].as_f64().is_some_and(|b| b > 0.0), "{json}");
     assert!(result["peak_gmacs"].as_f64().is_some_and(|p| p > 0.0), "{json}");
+    let units = ["AMX tiles", "AVX-512 BF16", "f32 FMA"];
+    assert!(result["product_unit"].as_str().is_some_and(|unit| units.contains(&unit)), "{json}");
     assert_eq!(result["prefill"].as_array().map(Vec::len), Some(2), "{json}");
     let decode = result["decode"].as_array().unwrap();
     assert_eq!(decode[0]["speedup_vs_batch_1"], 1.0, "{json}");

@@ -6,6 +6,7 @@
 //! heads, vocab 49152, tied) into a temporary directory and loads it through the same code as a real one.
 use crate::core::engine::native::Device;
 use crate::core::engine::native::backend::{Backend, BackendError};
+use crate::core::engine::native::cpu::CpuBackend;
 use crate::core::engine::native::cuda::CudaBackend;
 use crate::core::engine::native::model::Transformer;
 use crate::core::engine::native::{
@@ -94,6 +95,8 @@ pub struct EngineBenchResult {
     pub decode_bound_tokens_per_s: f64,
     /// Multiply-adds per second of the CPU's fastest matrix product on cache-resident weights.
     pub peak_gmacs: f64,
+    /// What ran the fastest product: "AMX tiles", "AVX-512 BF16" (bf16 products) or "f32 FMA"; none on a GPU.
+    pub product_unit: Option<String>,
     /// Tokens per second if every weight multiply ran at `peak_gmacs` (the ceiling for big batches and prefill).
     pub compute_bound_tokens_per_s: f64,
     pub prefill: Vec<Prefill>,
@@ -143,6 +146,7 @@ pub fn run(settings: &EngineBenchSettings) -> Result<EngineBenchResult, EngineBe
             let bandwidth_gb_s = measure_bandwidth(settings.threads);
             let peak_macs = model.backend().peak_macs_per_s();
             let mut result = measure(&model, settings, grammars, name, Some((bandwidth_gb_s, peak_macs)))?;
+            result.product_unit = Some(CpuBackend::product_unit().to_string());
             if settings.quantization != Quantization::None {
                 // Under GEMM_MIN_ROWS, so its products are decode's (activations quantized too): the larger error.
                 let prompt = random_tokens(24, model.config.vocab_size as u32, 7);
@@ -264,6 +268,7 @@ fn measure<B: Backend>(
         bandwidth_gb_s,
         decode_bound_tokens_per_s: decode_bound,
         peak_gmacs: peak_macs / 1e9,
+        product_unit: None,
         compute_bound_tokens_per_s: compute_bound,
         prefill,
         decode,
@@ -285,7 +290,8 @@ pub fn table(r: &EngineBenchResult) -> String {
     let mut out = format!(
         "model: {}{quantized} ({:.0} MB of weights, {} KV pages) on {}\n\
          memory bandwidth {:.1} GB/s → batch-1 decode bound {:.1} tok/s\n\
-         matrix-product peak {:.1} GMAC/s → compute bound {:.1} tok/s (weights alone; each prompt's bound adds its attention)\n",
+         matrix-product peak {:.1} GMAC/s{} → compute bound {:.1} tok/s (weights alone; each prompt's bound adds its \
+         attention)\n",
         r.model,
         r.weight_bytes as f64 / 1e6,
         r.kv_dtype.to_lowercase(),
@@ -293,6 +299,7 @@ pub fn table(r: &EngineBenchResult) -> String {
         r.bandwidth_gb_s,
         r.decode_bound_tokens_per_s,
         r.peak_gmacs,
+        r.product_unit.as_ref().map(|unit| format!(" ({unit})")).unwrap_or_default(),
         r.compute_bound_tokens_per_s
     );
     out.push_str(&format!("{:<22} {:>12} {:>12} {:>10}\n", "prefill", "median ms", "tok/s", "of bound"));

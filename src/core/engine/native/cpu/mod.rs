@@ -232,6 +232,11 @@ impl CpuBackend {
         packed::available()
     }
 
+    /// What runs this backend's fastest matrix product: the bf16 one's unit where the CPU has one, else f32 FMA.
+    pub fn product_unit() -> &'static str {
+        packed::unit().unwrap_or("f32 FMA")
+    }
+
     /// bf16 weights (packed) × bf16-rounded activations, for any number of rows: each product's output is
     /// `n × w.rows`, all computed in one parallel split.
     fn packed_matmuls(&self, x: &[f32], products: &mut [(&PackedBf16, &mut Vec<f32>)]) {

@@ -31,6 +31,15 @@ pub fn available() -> bool {
     false
 }
 
+/// What runs the bf16 products here, for the banner and the benchmarks: the tile unit, or the vector one.
+pub fn unit() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        return Some("AMX tiles");
+    }
+    available().then_some("AVX-512 BF16")
+}
+
 /// Activations rounded to the nearest bf16 (ties to even), the form the product reads.
 pub fn round(x: &[f32]) -> Vec<bf16> {
     #[cfg(target_arch = "x86_64")]
