@@ -223,6 +223,34 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
         assert_eq!(ours, theirs, "{field} through dynamo {answer}, direct {direct}");
     }
     assert_eq!(answer["usage"]["completion_tokens"], direct["usage"]["completion_tokens"], "{answer} vs {direct}");
+
+    // Sampled with a seed, with logprobs: the worker passes the seed and reads vLLM's logprobs by token id, so
+    // the same draws and the same numbers come back.
+    let sampled = |mut body: Value| {
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(1234);
+        body["logprobs"] = json!(2);
+        body
+    };
+    let theirs = vllm.complete(&sampled(body("tiny-vllm"))).await;
+    let (status, ours) = router.post_json("/v1/completions", sampled(served.clone())).await;
+    assert_eq!(status, 200, "{ours}");
+    assert_eq!(ours["choices"][0]["token_ids"], theirs["choices"][0]["token_ids"], "{ours} vs {theirs}");
+    let logprobs = |answer: &Value| -> Vec<f64> {
+        serde_json::from_value(answer["choices"][0]["logprobs"]["token_logprobs"].clone()).unwrap_or_default()
+    };
+    let (ours_lp, theirs_lp) = (logprobs(&ours), logprobs(&theirs));
+    assert_eq!(ours_lp.len(), 12, "{ours}");
+    assert!(ours_lp.iter().zip(&theirs_lp).all(|(a, b)| (a - b).abs() < 1e-4), "{ours_lp:?} vs {theirs_lp:?}");
+    let alternatives = ours["choices"][0]["logprobs"]["top_logprobs"][0].as_object().map(|top| top.len());
+    assert!(alternatives.is_some_and(|n| n >= 2), "{ours}");
+
+    // Streamed through dynamo, the same text as vLLM's whole answer.
+    let mut streamed = served.clone();
+    streamed["stream"] = json!(true);
+    let payloads = router.post_sse("/v1/completions", streamed).await;
+    assert_eq!(crate::cluster::streamed_text(&payloads), direct["choices"][0]["text"].as_str().unwrap_or_default());
+
     // vLLM stored the prompt's blocks before the worker joined (answering directly), and does not store them
     // again when it answers through the worker: only its replayed history tells the router, which then sends
     // the same prompt where they are.
