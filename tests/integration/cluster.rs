@@ -25,7 +25,7 @@ pub fn route(file: &str) -> Server {
 }
 
 /// `route` with more flags.
-fn route_with(file: &str, extra: &[&str]) -> Server {
+pub fn route_with(file: &str, extra: &[&str]) -> Server {
     Server::start_with(
         dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", file]).args(extra),
     )

