@@ -100,6 +100,41 @@ fn checkpoint(dir: &Path) {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("model.safetensors");
 }
 
+/// What each real-vLLM test starts from: the venv, a fresh checkpoint (and the name the router serves it
+/// under), a cluster file.
+struct Setup {
+    venv: PathBuf,
+    model: PathBuf,
+    name: String,
+    file: String,
+}
+
+/// `Setup` for test `label`, or `None` (having said SKIPPED and why) when the test is not asked for or vLLM
+/// cannot be installed.
+fn set_up(label: &str) -> Option<Setup> {
+    if std::env::var("DYNAMO_TEST_VLLM").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED {label}: opt-in, set DYNAMO_TEST_VLLM=1 (installs {VLLM} into target/, about 6 GB and 2 minutes \
+             the first time; vLLM then takes about 40 s to start)"
+        );
+        return None;
+    }
+    let venv = vllm_venv().inspect_err(|why| eprintln!("SKIPPED {label}: vLLM could not be installed ({why})")).ok()?;
+    let (dir, file) = cluster_file(label);
+    let name = format!("{label}-model-{}", std::process::id());
+    let model = dir.parent().expect("a parent").join(&name);
+    checkpoint(&model);
+    Some(Setup { venv, model, name, file })
+}
+
+/// A greedy completion of `prompt` by `model`, 12 tokens, compared by token ids as well as text (vLLM and the
+/// router detokenize on their own).
+fn greedy(model: &str, prompt: &str) -> Value {
+    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
+    body["return_token_ids"] = json!(true);
+    body
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
@@ -197,20 +232,7 @@ impl Drop for Vllm {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_events_reach_the_router() {
-    if std::env::var("DYNAMO_TEST_VLLM").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED a_real_vllm_behind_a_worker…: opt-in, set DYNAMO_TEST_VLLM=1 (installs {VLLM} into target/, \
-             about 6 GB and 4 minutes the first time; vLLM then takes minutes to start)"
-        );
-        return;
-    }
-    let venv = match vllm_venv() {
-        Ok(venv) => venv,
-        Err(why) => return eprintln!("SKIPPED a_real_vllm_behind_a_worker…: vLLM could not be installed ({why})"),
-    };
-    let (dir, file) = cluster_file("real-vllm");
-    let model = dir.parent().expect("a parent").join(format!("real-vllm-model-{}", std::process::id()));
-    checkpoint(&model);
+    let Some(Setup { venv, model, name, file }) = set_up("real-vllm") else { return };
     // vLLM binds its sockets only to a wildcard address (it connects to any other); the worker connects.
     let (events_port, replay_port) = (free_port(), free_port());
     let (events, replay) = (format!("tcp://*:{events_port}"), format!("tcp://*:{replay_port}"));
@@ -218,12 +240,7 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     let (events, replay) = (format!("tcp://127.0.0.1:{events_port}"), format!("tcp://127.0.0.1:{replay_port}"));
     let prompt = "The router sends each request to the worker that already holds the longest prefix of its prompt \
                   in the key-value cache, and the planner decides how many workers to run.";
-    // Compared by token ids as well as text: vLLM and the router detokenize on their own.
-    let body = |model: &str| {
-        let mut body = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
-        body["return_token_ids"] = json!(true);
-        body
-    };
+    let body = |model: &str| greedy(model, prompt);
     let direct = vllm.complete(&body("tiny-vllm")).await;
     assert!(direct["choices"][0]["text"].is_string(), "{direct}");
 
@@ -235,7 +252,7 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     let _worker = Worker::start_with(&mut command);
     let router: Server = route(&file);
     wait_for_workers(&router, 1).await;
-    let served = body(&model.file_name().expect("a name").to_string_lossy());
+    let served = body(&name);
     let (status, answer) = router.post_json("/v1/completions", served.clone()).await;
     assert_eq!(status, 200, "{answer}");
     for field in ["prompt_token_ids", "token_ids", "text"] {
@@ -298,16 +315,7 @@ fn sum_of(metrics: &str, name: &str) -> Option<f64> {
 /// prompt's KV from the prefill engine and generates what one engine generates alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vllm_prefill_and_decode_engines_hand_kv_over_through_nixl() {
-    if std::env::var("DYNAMO_TEST_VLLM").as_deref() != Ok("1") {
-        return eprintln!("SKIPPED real_vllm_prefill_and_decode…: opt-in, set DYNAMO_TEST_VLLM=1 (see above)");
-    }
-    let venv = match vllm_venv() {
-        Ok(venv) => venv,
-        Err(why) => return eprintln!("SKIPPED real_vllm_prefill_and_decode…: vLLM could not be installed ({why})"),
-    };
-    let (dir, file) = cluster_file("real-vllm-pd");
-    let model = dir.parent().expect("a parent").join(format!("real-vllm-pd-model-{}", std::process::id()));
-    checkpoint(&model);
+    let Some(Setup { venv, model, name, file }) = set_up("real-vllm-pd") else { return };
     let connector = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}"#;
     let start = |side_channel: u16| {
         let (events, replay) = (free_port(), free_port());
@@ -337,16 +345,11 @@ async fn real_vllm_prefill_and_decode_engines_hand_kv_over_through_nixl() {
 
     let prompt = "Prefill here, decode there: the key-value cache of this prompt moves from one engine to the other \
                   through NIXL, and the tokens that follow are the ones the decode engine would write alone.";
-    let body = |model: &str| {
-        let mut body = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
-        body["return_token_ids"] = json!(true);
-        body
-    };
+    let body = |model: &str| greedy(model, prompt);
     // The prefill engine's own answer, first: the decode engine has then never seen the prompt, and can only
     // have its KV from the prefill engine.
     let alone = prefill.complete(&body("tiny-vllm")).await;
-    let (status, answer) =
-        router.post_json("/v1/completions", body(&model.file_name().expect("a name").to_string_lossy())).await;
+    let (status, answer) = router.post_json("/v1/completions", body(&name)).await;
     assert_eq!(status, 200, "{answer}");
     let metrics = router.metrics().await;
     assert_eq!(crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}"), Some(1.0));

@@ -336,14 +336,14 @@ async fn watch_load(shared: Arc<Shared>) {
             }
             Err(error) => {
                 failures += 1;
-                if failures >= DOWN_AFTER_FAILURES && shared.alive.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "the {} engine stopped answering ({failures} reads in a row): {error}",
-                        shared.kind.name()
-                    );
-                } else if failures < DOWN_AFTER_FAILURES {
+                if failures < DOWN_AFTER_FAILURES {
                     tracing::debug!(
                         "the {} engine's load could not be read ({failures} in a row): {error}",
+                        shared.kind.name()
+                    );
+                } else if shared.alive.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the {} engine stopped answering ({failures} reads in a row): {error}",
                         shared.kind.name()
                     );
                 }

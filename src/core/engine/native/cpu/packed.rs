@@ -571,13 +571,20 @@ mod tests {
         assert!(values.iter().map(|&v| round_one(v).to_bits()).eq(expected));
     }
 
+    /// Weights (`rows × cols`) and activations (`n × cols`) of few distinct values, so that every product and
+    /// partial sum is exact in f32 and any summation order agrees exactly.
+    fn operands(rows: usize, cols: usize, n: usize) -> (Vec<bf16>, Vec<bf16>) {
+        let w = (0..rows * cols).map(|i| bf16::from_f32(((i * 7) % 13) as f32 / 4.0 - 1.5)).collect();
+        let x = (0..n * cols).map(|i| bf16::from_f32(((i * 5) % 9) as f32 / 8.0 - 0.5)).collect();
+        (w, x)
+    }
+
     #[test]
     fn tile_unit_blocks_and_the_rows_after_them_equal_plain_sums() {
         // A reduction of whole 32-value steps, so the tile unit takes the two blocks of 16 rows (where the
         // CPU has one), then the vector registers the last 5; 5 panels: two pairs and one alone.
         let (rows, cols, n) = (80, 96, 37);
-        let w: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(((i * 7) % 13) as f32 / 4.0 - 1.5)).collect();
-        let x: Vec<bf16> = (0..n * cols).map(|i| bf16::from_f32(((i * 5) % 9) as f32 / 8.0 - 0.5)).collect();
+        let (w, x) = operands(rows, cols, n);
         let packed = PackedBf16::pack(rows, cols, &w);
         let panels = packed.panel_count();
         // Two calls over disjoint panels of one output, as the engine's tasks make them.
@@ -603,8 +610,7 @@ mod tests {
         // 150 rows (10 panels, the last one partial), 9 columns (odd), 11 activation rows: a tile of 8 rows,
         // then 3 single rows over 6 + 4 panels.
         let (rows, cols, n) = (150, 9, 11);
-        let w: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(((i * 7) % 13) as f32 / 4.0 - 1.5)).collect();
-        let x: Vec<bf16> = (0..n * cols).map(|i| bf16::from_f32(((i * 5) % 9) as f32 / 8.0 - 0.5)).collect();
+        let (w, x) = operands(rows, cols, n);
         let packed = PackedBf16::pack(rows, cols, &w);
         assert!(packed.row(5).eq(w[5 * cols..6 * cols].iter().copied()));
         let panels = packed.panel_count();
