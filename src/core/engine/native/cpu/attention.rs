@@ -4,6 +4,11 @@
 //! share a KV head (GQA), so a long prefill reads its K/V once per block instead of once per row per head.
 //! The loops are plain Rust written to auto-vectorise; like `kernels`, they are compiled a second time with
 //! AVX2 + FMA enabled and that copy is used when the CPU has them.
+//!
+//! On CPUs with AMX, a bf16 model's prefill takes both products of attention (Q·Kᵀ and weights·V) to the tile
+//! unit instead (`tiles`): the context's keys and values are laid out once per layer in the tile unit's pair
+//! layout (`TiledKv`), queries and weights are rounded to bf16 as bf16 attention does on every engine, and
+//! what is left on the vector registers is the softmax.
 use super::math::{Element, dot, exp_nonpositive, lanes};
 use crate::core::engine::native::backend::{AttentionSeq, AttentionShape};
 
@@ -31,9 +36,17 @@ pub struct BlockAttention<'a, E: Element> {
     pub first: usize,
     pub rows: usize,
     pub shape: &'a AttentionShape,
+    /// The sequence's keys and values laid out for the tile unit: the block is attended there.
+    pub tiled: Option<&'a TiledKv>,
 }
 
 pub fn attend<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(tiled) = job.tiled {
+        // SAFETY: a `TiledKv` exists only where the tile unit is usable (`TiledKv::usable`), on a CPU with
+        // AVX-512 (which AMX's checks include).
+        return unsafe { tiles::attend(job, tiled, scores, dst) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::kernels::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -47,6 +60,73 @@ pub fn attend<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, ds
 unsafe fn attend_avx2<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     attend_with::<true, E>(job, scores, dst);
 }
+
+/// One sequence's keys and values for one layer, positions `0..positions`, laid out as the tile unit reads its
+/// second operand (`packed`): 16 rows of 64 bytes, each row one pair of the reduction for 16 outputs.
+pub struct TiledKv {
+    /// Per KV head, the keys (`keys`) and values (`values`), both zero-padded to whole tiles of `TILE` positions.
+    heads: Vec<HeadTiles>,
+}
+
+struct HeadTiles {
+    /// Scores are a reduction over the head's dimensions: panels of 16 positions, `[head_dim / 2][16][2]`.
+    keys: Vec<half::bf16>,
+    /// Outputs are a reduction over positions: per tile, panels of 16 dimensions, `[TILE / 2][16][2]`.
+    values: Vec<half::bf16>,
+}
+
+impl TiledKv {
+    /// Whether attention of this shape can run on the tile unit here: it reads the head's dimensions 32 at a
+    /// time, and only CPUs with AMX (and Linux's permission to use it) have one.
+    pub fn usable(shape: &AttentionShape) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return shape.head_dim.is_multiple_of(super::packed::amx::DEPTH) && super::packed::amx::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `seq`'s context (every position its last row attends to) of one KV head, read from the pages.
+    fn pack_head<E: Element>(
+        k_pages: &[E],
+        v_pages: &[E],
+        seq: &AttentionSeq,
+        shape: &AttentionShape,
+        kv_head: usize,
+    ) -> HeadTiles {
+        let AttentionShape { num_kv_heads, head_dim, block_size, .. } = *shape;
+        let kv_width = num_kv_heads * head_dim;
+        let positions = seq.first_position + seq.rows;
+        let len = positions.div_ceil(TILE) * TILE * head_dim;
+        let (mut keys, mut values) = (vec![half::bf16::ZERO; len], vec![half::bf16::ZERO; len]);
+        for p in 0..positions {
+            let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
+            let at = slot * kv_width + kv_head * head_dim;
+            let panel = &mut keys[(p / PANEL) * PANEL * head_dim..][..PANEL * head_dim];
+            for (d, k) in k_pages[at..][..head_dim].iter().enumerate() {
+                panel[(d / 2) * 2 * PANEL + (p % PANEL) * 2 + d % 2] = k.bf16();
+            }
+            let (tile, j) = (p / TILE, p % TILE);
+            let tile = &mut values[tile * TILE * head_dim..][..TILE * head_dim];
+            for (d, v) in v_pages[at..][..head_dim].iter().enumerate() {
+                tile[(d / PANEL) * TILE * PANEL + (j / 2) * 2 * PANEL + (d % PANEL) * 2 + j % 2] = v.bf16();
+            }
+        }
+        HeadTiles { keys, values }
+    }
+
+    /// Every KV head of `seq`'s context; the heads are laid out in parallel (on the caller's pool).
+    pub fn pack<E: Element>(k_pages: &[E], v_pages: &[E], seq: &AttentionSeq, shape: &AttentionShape) -> TiledKv {
+        use rayon::prelude::*;
+        let heads = (0..shape.num_kv_heads)
+            .into_par_iter()
+            .map(|kv_head| Self::pack_head(k_pages, v_pages, seq, shape, kv_head))
+            .collect();
+        TiledKv { heads }
+    }
+}
+
+/// Outputs of one tile-unit panel.
+const PANEL: usize = 16;
 
 /// `FUSED`: compiled into `attend_avx2`, so the two inner loops may use the explicit FMA kernels of `fused`.
 ///
@@ -307,6 +387,141 @@ fn accumulate_dims<const DIMS: usize, E: Element>(
             }
         }
         out.copy_from_slice(&acc);
+    }
+}
+
+/// A block's attention on the tile unit: per KV head and tile of `TILE` positions, the scores of every (row,
+/// head) pair in blocks of 16 pairs × 16 positions, the running softmax as in `attend_with` (on 512-bit
+/// registers), the weights rounded to bf16, and their product with the tile's values in blocks of 16 pairs ×
+/// 16 dimensions, added to the output under the softmax's correction.
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use super::super::packed::amx::{DEPTH, ROWS, Tiles};
+    use super::super::packed::round_into;
+    use super::{BlockAttention, Element, HeadTiles, PANEL, TILE, TiledKv, exp_nonpositive, lanes};
+    use crate::core::engine::native::backend::AttentionShape;
+    use half::bf16;
+
+    /// # Safety
+    /// The CPU has AMX and AVX-512 and this thread may use the tiles (`TiledKv::usable`), and `tiled` holds
+    /// `job`'s sequence (`TiledKv::pack` of it).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn attend<E: Element>(
+        job: &BlockAttention<'_, E>,
+        tiled: &TiledKv,
+        scores: &mut Vec<f32>,
+        dst: &mut [f32],
+    ) {
+        let AttentionShape { num_heads, num_kv_heads, head_dim, .. } = *job.shape;
+        let group = num_heads / num_kv_heads;
+        let row_width = num_heads * head_dim;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let pairs = job.rows * group;
+        // Whole blocks of 16 pairs; the pairs past the last one are zeros whose results are not read.
+        let blocks = pairs.div_ceil(ROWS);
+        let context = |r: usize| job.seq.first_position + job.first + r + 1;
+        let longest = context(job.rows - 1);
+        let out_of = |pair: usize| (pair / group) * row_width + (pair % group) * head_dim;
+        assert!(tiled.heads.len() == num_kv_heads, "one layout per KV head");
+        assert!(head_dim.is_multiple_of(DEPTH) && dst.len() == pairs * num_kv_heads * head_dim);
+        scores.clear();
+        scores.resize(blocks * ROWS * TILE, 0.0);
+        let mut queries = vec![bf16::ZERO; blocks * ROWS * head_dim];
+        let mut weights = vec![bf16::ZERO; blocks * ROWS * TILE];
+        let mut products = vec![0.0f32; blocks * ROWS * head_dim];
+        let mut running = vec![(f32::NEG_INFINITY, 0.0f32); pairs];
+        let mut corrections = vec![1.0f32; pairs];
+        dst.fill(0.0);
+        let tiles = Tiles::configure();
+        for (kv_head, HeadTiles { keys, values }) in tiled.heads.iter().enumerate() {
+            assert!(keys.len() >= longest.div_ceil(TILE) * TILE * head_dim && values.len() == keys.len());
+            running.fill((f32::NEG_INFINITY, 0.0));
+            let head_out = kv_head * group * head_dim;
+            for pair in 0..pairs {
+                round_into(
+                    &job.queries[out_of(pair) + head_out..][..head_dim],
+                    &mut queries[pair * head_dim..][..head_dim],
+                );
+            }
+            for t0 in (0..longest).step_by(TILE) {
+                let width = TILE.min(longest - t0);
+                // Rows whose context ends before this tile have nothing in it; whole blocks of them are skipped.
+                let live = t0.saturating_sub(context(0) - 1) * group..pairs;
+                let first_block = live.start / ROWS;
+                let key_panels = width.div_ceil(PANEL);
+                // SAFETY (both products): the tiles are configured on this thread; rows of blocks
+                // `first_block..blocks` lie in `queries`, `scores`, `weights` and `products` (sized for
+                // `blocks`); key panels up to `key_panels` of this tile and value panels of this tile lie in
+                // the head's layout, which holds whole tiles up to `longest` (asserted); a weight row is read
+                // for `chunks · DEPTH ≤ TILE` positions.
+                for block in (first_block..blocks).step_by(2) {
+                    let row_blocks = (blocks - block).min(2);
+                    for panel in (0..key_panels).step_by(2) {
+                        // SAFETY: see above.
+                        unsafe {
+                            tiles.multiply(
+                                queries.as_ptr().add(block * ROWS * head_dim),
+                                head_dim * 2,
+                                keys.as_ptr().add((t0 / PANEL + panel) * PANEL * head_dim),
+                                PANEL * head_dim,
+                                scores.as_mut_ptr().add(block * ROWS * TILE + panel * PANEL),
+                                TILE * 4,
+                                head_dim / DEPTH,
+                                row_blocks,
+                                (key_panels - panel).min(2),
+                            )
+                        };
+                    }
+                }
+                let chunks = width.div_ceil(DEPTH);
+                for pair in live.clone() {
+                    let valid = (context(pair / group) - t0).min(width);
+                    let tile = &mut scores[pair * TILE..][..valid];
+                    tile.iter_mut().for_each(|s| *s *= scale);
+                    let (max, sum) = running[pair];
+                    let new_max = max.max(lanes(tile, f32::NEG_INFINITY, |a, b| if b > a { b } else { a }));
+                    for score in tile.iter_mut() {
+                        *score = exp_nonpositive(*score - new_max);
+                    }
+                    corrections[pair] = exp_nonpositive(max - new_max);
+                    running[pair] = (new_max, sum * corrections[pair] + lanes(tile, 0.0, |a, b| a + b));
+                    let row = &mut weights[pair * TILE..][..chunks * DEPTH];
+                    round_into(tile, &mut row[..valid]);
+                    row[valid..].fill(bf16::ZERO);
+                }
+                let tile_values = values[(t0 / TILE) * TILE * head_dim..].as_ptr();
+                for block in (first_block..blocks).step_by(2) {
+                    let row_blocks = (blocks - block).min(2);
+                    for panel in (0..head_dim / PANEL).step_by(2) {
+                        // SAFETY: see above.
+                        unsafe {
+                            tiles.multiply(
+                                weights.as_ptr().add(block * ROWS * TILE),
+                                TILE * 2,
+                                tile_values.add(panel * TILE * PANEL),
+                                TILE * PANEL,
+                                products.as_mut_ptr().add(block * ROWS * head_dim + panel * PANEL),
+                                head_dim * 4,
+                                chunks,
+                                row_blocks,
+                                (head_dim / PANEL - panel).min(2),
+                            )
+                        };
+                    }
+                }
+                for pair in live {
+                    let out = &mut dst[out_of(pair) + head_out..][..head_dim];
+                    let correction = corrections[pair];
+                    for (o, p) in out.iter_mut().zip(&products[pair * head_dim..][..head_dim]) {
+                        *o = *o * correction + p;
+                    }
+                }
+            }
+            for (pair, &(_, sum)) in running.iter().enumerate() {
+                let inverse = 1.0 / sum;
+                dst[out_of(pair) + head_out..][..head_dim].iter_mut().for_each(|o| *o *= inverse);
+            }
+        }
     }
 }
 

@@ -48,6 +48,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// Stored as bf16 (else as f32), for the kernels that load eight at a time.
     const BF16: bool;
     fn f32(self) -> f32;
+    /// The value as the tile unit reads it: bf16 as stored, f32 rounded to the nearest bf16.
+    fn bf16(self) -> half::bf16;
 }
 
 impl Element for f32 {
@@ -55,6 +57,10 @@ impl Element for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn bf16(self) -> half::bf16 {
+        half::bf16::from_f32(self)
     }
 }
 
@@ -64,6 +70,10 @@ impl Element for half::bf16 {
     fn f32(self) -> f32 {
         // bf16 is the top half of an f32: widening is a shift (`to_f32` checks for NaN first).
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn bf16(self) -> half::bf16 {
+        self
     }
 }
 

@@ -17,7 +17,7 @@ mod packed;
 use super::backend::{AttentionSeq, AttentionShape, Backend, BackendError, KvDtype, Op, Product};
 use super::weights::{HostData, HostTensor};
 use crate::core::transfer::Region;
-use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, attend};
+use attention::{BLOCK_ROWS as ATTENTION_BLOCK, BlockAttention, TiledKv, attend};
 use half::bf16;
 use kernels::{BLOCK_FEATURES, BLOCK_ROWS, GROUP, WeightElement, dot_block, dot_rows};
 use math::Element;
@@ -230,6 +230,11 @@ impl CpuBackend {
     /// BF16), which moves logits by up to a few hundredths.
     pub fn rounds_bf16_activations() -> bool {
         packed::available()
+    }
+
+    /// Whether a bf16 model's prompts attend on the tile unit here (see `attention`), for attention of `shape`.
+    pub fn attends_on_tiles(shape: &AttentionShape) -> bool {
+        TiledKv::usable(shape)
     }
 
     /// What runs this backend's fastest matrix product: the bf16 one's unit where the CPU has one, else f32 FMA.
@@ -650,17 +655,27 @@ impl CpuBackend {
         let row_width = shape.num_heads * shape.head_dim;
         out.clear();
         out.resize(q.len(), 0.0);
+        // A bf16 model's prompts go to the tile unit where there is one (the decode step's single row stays on
+        // the vector registers: too few queries to pay for laying its context out).
+        let tiled: Vec<Option<TiledKv>> = if E::BF16 && TiledKv::usable(shape) {
+            self.pool.install(|| {
+                seqs.iter().map(|seq| (seq.rows > 1).then(|| TiledKv::pack(k_pages, v_pages, seq, shape))).collect()
+            })
+        } else {
+            seqs.iter().map(|_| None).collect()
+        };
         // Blocks of consecutive rows of one sequence, each with its own slice of `out` (the batch lays the
         // sequences' rows out back to back, in order).
         let mut jobs = Vec::new();
         let mut rest: &mut [f32] = out;
-        for seq in seqs {
+        for (seq, tiled) in seqs.iter().zip(&tiled) {
+            let tiled = tiled.as_ref();
             for first in (0..seq.rows).step_by(ATTENTION_BLOCK) {
                 let rows = ATTENTION_BLOCK.min(seq.rows - first);
                 let (dst, tail) = rest.split_at_mut(rows * row_width);
                 rest = tail;
                 let queries = &q[(seq.first_row + first) * row_width..][..rows * row_width];
-                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape }, dst));
+                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape, tiled }, dst));
             }
         }
         self.pool.install(|| {

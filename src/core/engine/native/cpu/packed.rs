@@ -51,6 +51,7 @@ pub fn round(x: &[f32]) -> Vec<bf16> {
 }
 
 /// `round` into an existing slice (as long as `x`).
+#[inline(always)]
 pub fn round_into(x: &[f32], out: &mut [bf16]) {
     for (dst, &v) in out.iter_mut().zip(x) {
         *dst = round_one(v);
@@ -416,7 +417,7 @@ impl PackedBf16 {
 /// bytes, configured alike; a block of the product is `tmm0..tmm3` accumulating two row blocks (`tmm4`,
 /// `tmm5`) by two panels (`tmm6`, `tmm7`), 32 reduction values a step.
 #[cfg(target_arch = "x86_64")]
-mod amx {
+pub(super) mod amx {
     use std::arch::asm;
 
     /// Activation rows of one tile.
