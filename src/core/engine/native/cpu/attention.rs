@@ -43,8 +43,8 @@ pub struct BlockAttention<'a, E: Element> {
 pub fn attend<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(tiled) = job.tiled {
-        // SAFETY: a `TiledKv` exists only where the tile unit is usable (`TiledKv::usable`), on a CPU with
-        // AVX-512 (which AMX's checks include).
+        // SAFETY: a `TiledKv` exists only where the tile unit is usable (`TiledKv::usable`): AMX, AVX-512 F,
+        // BW and BF16 (which AMX's checks include), AVX2 and FMA.
         return unsafe { tiles::attend(job, tiled, scores, dst) };
     }
     #[cfg(target_arch = "x86_64")]
@@ -80,7 +80,9 @@ impl TiledKv {
     /// time, and only CPUs with AMX (and Linux's permission to use it) have one.
     pub fn usable(shape: &AttentionShape) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return shape.head_dim.is_multiple_of(super::packed::amx::DEPTH) && super::packed::amx::available();
+        return shape.head_dim.is_multiple_of(super::packed::amx::DEPTH)
+            && super::packed::amx::available()
+            && super::kernels::has_avx2_fma();
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -398,14 +400,14 @@ fn accumulate_dims<const DIMS: usize, E: Element>(
 mod tiles {
     use super::super::packed::amx::{DEPTH, ROWS, Tiles};
     use super::super::packed::round_into;
-    use super::{BlockAttention, Element, HeadTiles, PANEL, TILE, TiledKv, exp_nonpositive, lanes};
+    use super::{BlockAttention, Element, HeadTiles, PANEL, TILE, TiledKv, exp_nonpositive};
     use crate::core::engine::native::backend::AttentionShape;
     use half::bf16;
 
     /// # Safety
     /// The CPU has AMX and AVX-512 and this thread may use the tiles (`TiledKv::usable`), and `tiled` holds
     /// `job`'s sequence (`TiledKv::pack` of it).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
     pub unsafe fn attend<E: Element>(
         job: &BlockAttention<'_, E>,
         tiled: &TiledKv,
@@ -474,20 +476,15 @@ mod tiles {
                     }
                 }
                 let chunks = width.div_ceil(DEPTH);
+                // A weight row is rounded whole, zeros past `valid`, so the product may read `chunks · DEPTH`.
                 for pair in live.clone() {
                     let valid = (context(pair / group) - t0).min(width);
-                    let tile = &mut scores[pair * TILE..][..valid];
-                    tile.iter_mut().for_each(|s| *s *= scale);
                     let (max, sum) = running[pair];
-                    let new_max = max.max(lanes(tile, f32::NEG_INFINITY, |a, b| if b > a { b } else { a }));
-                    for score in tile.iter_mut() {
-                        *score = exp_nonpositive(*score - new_max);
-                    }
+                    let row: &mut [bf16; TILE] = (&mut weights[pair * TILE..][..TILE]).try_into().expect("a tile");
+                    let (new_max, tile_sum) =
+                        weigh(scores[pair * TILE..][..TILE].try_into().expect("a tile"), valid, scale, max, row);
                     corrections[pair] = exp_nonpositive(max - new_max);
-                    running[pair] = (new_max, sum * corrections[pair] + lanes(tile, 0.0, |a, b| a + b));
-                    let row = &mut weights[pair * TILE..][..chunks * DEPTH];
-                    round_into(tile, &mut row[..valid]);
-                    row[valid..].fill(bf16::ZERO);
+                    running[pair] = (new_max, sum * corrections[pair] + tile_sum);
                 }
                 let tile_values = values[(t0 / TILE) * TILE * head_dim..].as_ptr();
                 for block in (first_block..blocks).step_by(2) {
@@ -522,6 +519,64 @@ mod tiles {
                 dst[out_of(pair) + head_out..][..head_dim].iter_mut().for_each(|o| *o *= inverse);
             }
         }
+    }
+
+    /// One (row, head) pair's tile of raw scores, its first `valid` real: scaled, their maximum taken with
+    /// `max` (the largest earlier score), and `weights` set to e^(score − that maximum) rounded to bf16, zero
+    /// past `valid`. Returns the new maximum and the sum of the f32 weights. Four 512-bit registers hold the
+    /// tile from start to end: written as plain loops it was five passes and two scalar horizontal folds.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+    fn weigh(scores: &[f32; TILE], valid: usize, scale: f32, max: f32, weights: &mut [bf16; TILE]) -> (f32, f32) {
+        use std::arch::x86_64::*;
+        const LANES: usize = 16;
+        let live = |v: usize| -> __mmask16 {
+            let lanes = valid.saturating_sub(v * LANES).min(LANES);
+            ((1u32 << lanes) - 1) as __mmask16
+        };
+        let masks: [__mmask16; TILE / LANES] = std::array::from_fn(live);
+        // SAFETY: each load reads 16 floats of the 64 in `scores`.
+        let x: [__m512; TILE / LANES] = std::array::from_fn(|v| unsafe {
+            _mm512_mul_ps(
+                _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), masks[v], scores.as_ptr().add(v * LANES)),
+                _mm512_set1_ps(scale),
+            )
+        });
+        let tile_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])));
+        let new_max = max.max(tile_max);
+        let e: [__m512; TILE / LANES] =
+            std::array::from_fn(|v| _mm512_maskz_mov_ps(masks[v], exp(_mm512_sub_ps(x[v], _mm512_set1_ps(new_max)))));
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
+        for half in 0..2 {
+            // Nearest-even rounding, as `round_into`; lanes 0..16 from the second operand, 16..32 from the first.
+            let pair = _mm512_cvtne2ps_pbh(e[2 * half + 1], e[2 * half]);
+            // SAFETY: 32 bf16s (64 bytes) at `half · 32` of the 64 in `weights`.
+            unsafe {
+                _mm512_storeu_si512(
+                    weights.as_mut_ptr().add(half * 32).cast(),
+                    std::mem::transmute::<__m512bh, __m512i>(pair),
+                )
+            };
+        }
+        (new_max, sum)
+    }
+
+    /// `exp_nonpositive` on 16 lanes, with fused multiply-adds.
+    #[target_feature(enable = "avx512f,fma")]
+    fn exp(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let round = _mm512_set1_ps(12_582_912.0);
+        let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), round);
+        let n = _mm512_sub_ps(shifted, round);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+        let bits = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(round));
+        _mm512_mul_ps(e, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(bits, _mm512_set1_epi32(127)))))
     }
 }
 
