@@ -295,6 +295,7 @@ async fn multicast_works(port: u16) -> bool {
         card,
         device: String::new(),
         http_addr: None,
+        adapters: Vec::new(),
     };
     let Ok(_registration) = announcer.register(&probe) else { return false };
     tokio::time::timeout(Duration::from_secs(10), events.recv()).await.ok().flatten().is_some()

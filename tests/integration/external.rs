@@ -36,6 +36,8 @@ struct DoubleState {
     cut_next: Arc<AtomicBool>,
     /// TensorRT-LLM's events since the last `POST /kv_cache_events`.
     trtllm_events: Mutex<Vec<Value>>,
+    /// LoRA adapters it serves, listed in `/v1/models` as vLLM lists `--lora-modules`.
+    adapters: Mutex<Vec<String>>,
 }
 
 struct Double {
@@ -81,7 +83,13 @@ async fn models(State(state): State<Arc<DoubleState>>) -> axum::response::Respon
     if state.down.load(Ordering::Relaxed) {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
     }
-    axum::Json(json!({"object": "list", "data": [{"id": "double/model", "object": "model", "max_model_len": 512}]}))
+    let base = json!({"id": "double/model", "object": "model", "max_model_len": 512, "parent": null});
+    let adapters = state.adapters.lock().unwrap().clone();
+    let adapters = adapters.iter().map(|name| {
+        json!({"id": name, "object": "model", "max_model_len": 512, "root": format!("/loras/{name}"),
+               "parent": "double/model"})
+    });
+    axum::Json(json!({"object": "list", "data": std::iter::once(base).chain(adapters).collect::<Vec<_>>()}))
         .into_response()
 }
 
@@ -150,7 +158,9 @@ async fn complete(
         return (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "prompt must be ids"}})))
             .into_response();
     };
-    publish_prompt_blocks(&state, &prompt);
+    // Under an adapter the engine keys the prompt's blocks by it, as vLLM does.
+    let adapter = body["model"].as_str().filter(|name| state.adapters.lock().unwrap().iter().any(|a| a == name));
+    publish_prompt_blocks(&state, &prompt, adapter);
     if body["stream"] == false {
         return prefill_answer(&body, &prompt).into_response();
     }
@@ -255,7 +265,7 @@ async fn generate(
     state.requests.lock().unwrap().push(body.clone());
     let prompt: Vec<u64> =
         body["input_ids"].as_array().map_or(vec![], |p| p.iter().filter_map(Value::as_u64).collect());
-    publish_prompt_blocks(&state, &prompt);
+    publish_prompt_blocks(&state, &prompt, None);
     if body["stream"] == false {
         // SGLang's prefill leg: answered whole.
         let ids = expected_tokens(*prompt.last().unwrap_or(&0) as u32, 1);
@@ -305,8 +315,9 @@ async fn generate(
         .unwrap()
 }
 
-/// The prompt's full blocks as one `BlockStored` (vLLM's map encoding, integer hashes chained from the root).
-fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
+/// The prompt's full blocks as one `BlockStored` (vLLM's map encoding, integer hashes chained from the root),
+/// under `lora_name` when the prompt ran under an adapter.
+fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&str>) {
     use rmpv::Value as M;
     let blocks = prompt.len() / BLOCK;
     if blocks == 0 {
@@ -328,6 +339,7 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64]) {
         (M::from("token_ids"), M::Array(tokens)),
         (M::from("block_size"), M::from(BLOCK as u64)),
         (M::from("medium"), M::from("GPU")),
+        (M::from("lora_name"), adapter.map_or(M::Nil, M::from)),
     ]);
     let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::Nil]);
     let mut payload = Vec::new();
@@ -471,6 +483,63 @@ async fn a_vllm_worker_forwards_token_ids_and_streams_the_engines_tokens_back() 
     let (status, refused) = router.post_json("/v1/completions", cursed).await;
     assert_eq!(status, 400, "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap_or_default().contains("seed 666"), "{refused}");
+}
+
+/// LoRA adapters as vLLM serves them (`--lora-modules`, listed by `/v1/models` under their base model): the
+/// router lists them too, sends a request that names one only to a worker whose engine serves it, under that
+/// name, and indexes the adapter's KV apart from the base model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_requests_go_to_the_engines_that_serve_the_adapter_and_match_only_its_kv() {
+    let serving = Double::start().await;
+    serving.state.adapters.lock().unwrap().push("sql-lora".into());
+    let other = Double::start().await;
+    let (_, file) = cluster_file("vllm-lora");
+    let _workers = [vllm_worker(&serving, &file, &[]), vllm_worker(&other, &file, &[])];
+    let router = route(&file);
+    wait_for_workers(&router, 2).await;
+
+    let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
+    let listed: Vec<(&str, Option<&str>)> = (models["data"].as_array().expect("a list").iter())
+        .map(|m| (m["id"].as_str().unwrap_or_default(), m["parent"].as_str()))
+        .collect();
+    assert_eq!(listed, [("tiny-chat", None), ("sql-lora", Some("tiny-chat"))], "{models}");
+    let one: Value = reqwest::get(router.url("/v1/models/sql-lora")).await.expect("model").json().await.expect("json");
+    assert_eq!(one["parent"], "tiny-chat", "{one}");
+
+    for i in 0..4 {
+        let body = json!({"model": "sql-lora", "prompt": format!("select {i} from t"), "max_tokens": 2});
+        let (status, answer) = router.post_json("/v1/completions", body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["model"], "sql-lora", "{answer}");
+    }
+    let sent = serving.requests();
+    assert_eq!((sent.len(), other.requests().len()), (4, 0), "every adapter request went to its engine");
+    assert!(sent.iter().all(|r| r["model"] == "sql-lora"), "{sent:?}");
+    let chat = json!({"model": "sql-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, answer) = router.post_json("/v1/chat/completions", chat).await;
+    assert_eq!((status, &answer["model"]), (200, &json!("sql-lora")), "{answer}");
+    assert_eq!(serving.requests().len(), 5);
+    let unknown = json!({"model": "nosql-lora", "prompt": "hi", "max_tokens": 2});
+    let (status, answer) = router.post_json("/v1/completions", unknown).await;
+    assert_eq!(status, 404, "{answer}");
+
+    // The adapter's blocks are the adapter's: a repeated adapter prompt finds them, the same prompt on the base
+    // model does not.
+    let prompt = "the same long prompt, told again and again so that it fills a few blocks of sixteen tokens each";
+    let under = json!({"model": "sql-lora", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    let overlap =
+        |metrics: &str| metric(metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}").unwrap_or(0.0);
+    assert_eq!(router.post_json("/v1/completions", under.clone()).await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while overlap(&router.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "the adapter's blocks never matched: {}", router.metrics().await);
+        assert_eq!(router.post_json("/v1/completions", under.clone()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = overlap(&router.metrics().await);
+    let base = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    assert_eq!(router.post_json("/v1/completions", base).await.0, 200);
+    assert_eq!(overlap(&router.metrics().await), before, "a base-model prompt matched the adapter's KV");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -439,6 +439,7 @@ async fn run_request_plane(requests: u64, tokens: u32, key: Option<&ClusterKey>)
         card,
         device: String::new(),
         http_addr: None,
+        adapters: Vec::new(),
     };
     let served = Served {
         engine: Arc::new(EchoEngine),

@@ -358,6 +358,7 @@ fn worker_view(id: WorkerId, load: crate::core::protocol::LoadMetrics) -> Worker
         card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: load.kv_total_blocks, tokenizer_hash: 0 },
         device: "mocker (simulated)".into(),
         http_addr: None,
+        adapters: Vec::new(),
     };
     WorkerView::reporting(instance, load)
 }

@@ -295,6 +295,7 @@ fn instance_from_txt(properties: &HashMap<String, String>) -> Result<Instance, S
         },
         device: String::new(),
         http_addr: None,
+        adapters: Vec::new(),
     })
 }
 
@@ -314,6 +315,7 @@ mod tests {
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: u64::MAX },
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         }
     }
 

@@ -297,6 +297,7 @@ pub(super) mod tests {
             card: ModelCardSummary { block_size: 16, context_length: 64, kv_blocks: 8, tokenizer_hash: 0 },
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         }
     }
 

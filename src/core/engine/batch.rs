@@ -45,6 +45,8 @@ enum Shared {
 }
 
 /// What the engine's task is asked to do.
+// Submissions are most commands, one per request: boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Submit(Submission),
     /// The peer's KV for a request landed (true) or will not come (false).
@@ -162,6 +164,7 @@ impl BatchEngine {
         hand_off: Shared,
     ) -> Result<(SeqId, ResponseStream), EngineError> {
         super::check_fits(&request, self.max_sequence_tokens)?;
+        super::check_adapter(&request, &[])?;
         if let Some(constraint) = &request.constraint {
             // Compiled here, on the caller's thread, so a bad one is refused at once and the engine's task
             // finds it in the cache.

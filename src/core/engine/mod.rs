@@ -39,6 +39,18 @@ pub enum EngineError {
     InvalidRequest(String),
 }
 
+/// Refuses a request under a LoRA adapter the engine does not serve (`adapters`): run on the base model it
+/// would answer as another model than the client asked for.
+pub fn check_adapter(request: &PreprocessedRequest, adapters: &[String]) -> Result<(), EngineError> {
+    match &request.adapter {
+        Some(name) if !adapters.contains(name) => Err(EngineError::InvalidRequest(format!(
+            "this worker serves no LoRA adapter named {name:?} (it serves {})",
+            if adapters.is_empty() { "none".to_string() } else { format!("{adapters:?}") }
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a request that can never run on an engine that holds at most `max_sequence_tokens` tokens per
 /// sequence (its KV cache, or its model's context), before it is queued. Engines in this process and remote
 /// ones both check with it, so `dynamo run` and `dynamo route` answer such a request alike.
@@ -191,6 +203,12 @@ pub trait Engine: Send + Sync {
     /// mode); `None` for an engine that does not know (a native or external one started without a profile).
     fn profile(&self) -> Option<Arc<Profile>> {
         None
+    }
+
+    /// The LoRA adapters it serves besides the base model, by the names clients put in `"model"` (an
+    /// external engine's, as its `/v1/models` lists them); the native engine and the mocker serve none.
+    fn adapters(&self) -> &[String] {
+        &[]
     }
 
     /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.

@@ -32,6 +32,8 @@ pub async fn handle(State(state): State<Arc<FrontendState>>, body: Result<JsonBo
 /// A chat request, parsed, templated and tokenized, with its choices ready to route.
 pub(super) struct Prepared {
     served: Served,
+    /// The name the request asked for and the response carries: the model's, or its LoRA adapter's.
+    served_as: String,
     /// The format tool calls are read in, when the request offers tools and lets the model call them.
     tool_parser: Option<Calls>,
     specs: Vec<ChoiceSpec>,
@@ -53,14 +55,14 @@ impl Prepared {
 async fn chat(state: &Arc<FrontendState>, body: JsonBody, model: &mut Option<String>) -> Result<Response, ApiError> {
     let pins = body.pins;
     let fetched = state.fetch_images(&body.bytes).await;
-    let Prepared { served, tool_parser, specs, prompt_len, id, stream, include_usage, logprobs } =
+    let Prepared { served, served_as, tool_parser, specs, prompt_len, id, stream, include_usage, logprobs } =
         state.prepare(model, move |state, model| prepare(state, &body.bytes, &fetched, model)).await?;
     let choices = specs.len();
     let model = &served.model;
     let deltas = generate::start(state, &served, specs, pins).await?;
     let metrics = state.metrics.request(&model.card.name, ENDPOINT, stream);
     let mut tracker = Tracker::new(metrics, vec![prompt_len], choices);
-    let renderer = ChatChunks::new(id, model.card.name.clone(), logprobs, tool_parser, choices);
+    let renderer = ChatChunks::new(id, served_as, logprobs, tool_parser, choices);
 
     if stream {
         let first = (0..choices as u32).map(|index| renderer.role_chunk(index)).collect();
@@ -80,7 +82,7 @@ pub(super) fn prepare(
     let value = parse_body(body)?;
     let request: ChatCompletionRequest = fields(&value)?;
     let mut params: SamplingParams = fields(&value)?;
-    let served = state.resolve(request.model.as_deref())?;
+    let (served, adapter) = state.resolve_generation(request.model.as_deref())?;
     *model = Some(served.model.card.name.clone());
     refuse_unsupported(&value)?;
     let n = choices_per_prompt(&params, 1)?;
@@ -152,8 +154,10 @@ pub(super) fn prepare(
     let media = (!media.is_empty()).then(|| Arc::new(media));
     for spec in &mut specs {
         spec.request.media = media.clone();
+        spec.request.adapter = adapter.clone();
     }
     Ok(Prepared {
+        served_as: adapter.unwrap_or_else(|| served.model.card.name.clone()),
         served,
         tool_parser,
         specs,

@@ -73,7 +73,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let value = parse_body(body)?;
     let request: CompletionRequest = fields(&value)?;
     let params: SamplingParams = fields(&value)?;
-    let served = state.resolve(request.model.as_deref())?;
+    let (served, adapter) = state.resolve_generation(request.model.as_deref())?;
     *model = Some(served.model.card.name.clone());
     refuse_unsupported(&value)?;
     if request.suffix.is_some() {
@@ -111,7 +111,10 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
         prompt_field: "prompt",
         max_tokens_field: "max_tokens",
     };
-    let specs = build_choices(model, &params, &prompts, &options)?;
+    let mut specs = build_choices(model, &params, &prompts, &options)?;
+    for spec in &mut specs {
+        spec.request.adapter = adapter.clone();
+    }
     let choices = specs.len();
     let echoes = if request.echo {
         let texts: Vec<String> = prompts.iter().map(|p| model.tokenizer.decode(p, true)).collect();
@@ -122,7 +125,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
     let renderer = CompletionChunks {
         id,
         created: super::unix_now(),
-        model: model.card.name.clone(),
+        model: adapter.unwrap_or_else(|| model.card.name.clone()),
         logprobs: request.logprobs.is_some(),
         echoes,
         echoed: HashSet::new(),

@@ -135,6 +135,7 @@ pub(super) fn prepare(state: &FrontendState, body: &[u8], model: &mut Option<Str
                 constraint: None,
                 pooling: Some(pooling),
                 media: None,
+                adapter: None,
             },
             text: TextOptions {
                 skip_special_tokens: true,

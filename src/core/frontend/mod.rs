@@ -172,7 +172,25 @@ impl FrontendState {
             created: self.created,
             owned_by: "dynamo".into(),
             max_model_len: served.model.card.context_length,
+            parent: None,
         }
+    }
+
+    /// A LoRA adapter of `served`'s model, listed as vLLM lists one: its base model as `parent`.
+    fn adapter_object(&self, served: &Served, adapter: &str) -> ModelObject {
+        ModelObject { parent: Some(served.model.card.name.clone()), ..self.model_object(served, adapter) }
+    }
+
+    /// The served model a request for generation names, and the LoRA adapter when the name is one that a
+    /// worker of that model serves (as vLLM, which serves each adapter under its own name).
+    fn resolve_generation(&self, requested: Option<&str>) -> Result<(Served, Option<String>), ApiError> {
+        if let Some(name) = requested
+            && self.find(name).is_none()
+            && let Some(served) = self.served().into_iter().find(|s| s.router.adapters().iter().any(|a| a == name))
+        {
+            return Ok((served, Some(name.to_string())));
+        }
+        self.resolve(requested).map(|served| (served, None))
     }
 
     /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
@@ -181,6 +199,15 @@ impl FrontendState {
         let served = self.served();
         let names = || served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ");
         match requested {
+            Some(name)
+                if self.find(name).is_none()
+                    && served.iter().any(|s| s.router.adapters().iter().any(|a| a == name)) =>
+            {
+                Err(ApiError::invalid(
+                    "model",
+                    format!("`{name}` is a LoRA adapter, served for /v1/completions and /v1/chat/completions only"),
+                ))
+            }
             Some(name) => self.find(name).ok_or_else(|| {
                 ApiError::not_found(format!(
                     "The model `{name}` does not exist; this server serves {} (see GET /v1/models).",
@@ -308,9 +335,11 @@ async fn models(State(state): State<Arc<FrontendState>>) -> Json<ModelList> {
         .iter()
         .flat_map(|served| {
             let card = &served.model.card;
+            let adapters = served.router.adapters();
             std::iter::once(&card.name)
                 .chain(&card.aliases)
                 .map(|name| state.model_object(served, name))
+                .chain(adapters.iter().map(|adapter| state.adapter_object(served, adapter)))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -322,8 +351,10 @@ async fn model(
     State(state): State<Arc<FrontendState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    let served = state.resolve(Some(&id))?;
-    Ok(Json(state.model_object(&served, &id)))
+    Ok(Json(match state.resolve_generation(Some(&id))? {
+        (served, Some(adapter)) => state.adapter_object(&served, &adapter),
+        (served, None) => state.model_object(&served, &id),
+    }))
 }
 
 /// Ready to serve: at least one worker (of any model) that takes whole requests; prefill and encode workers

@@ -203,6 +203,7 @@ pub fn build_choices(
                     constraint: constraint.clone(),
                     pooling: None,
                     media: None,
+                    adapter: None,
                 },
                 text: text.clone(),
             });

@@ -44,9 +44,9 @@ impl FrontendState {
                 .into_first(),
             _ => (self.first(), None),
         };
-        let (token_ids, media) = match &request {
-            Some(request) => (request.token_ids.as_slice(), request.media_spans()),
-            None => (&[][..], Vec::new()),
+        let (token_ids, media, adapter) = match &request {
+            Some(request) => (request.token_ids.as_slice(), request.media_spans(), request.adapter.as_deref()),
+            None => (&[][..], Vec::new(), None),
         };
         let mut endpoints = Vec::new();
         let mut avoid = Vec::new();
@@ -59,7 +59,7 @@ impl FrontendState {
         if endpoints.is_empty() {
             return Err(ApiError::unavailable("no worker is eligible for this request"));
         }
-        let mut choice = served.router.choose_in(Pool::Decode, token_ids, &media, &avoid)?;
+        let mut choice = served.router.choose_in(Pool::Decode, token_ids, &media, adapter, &avoid)?;
         let endpoint = (endpoints.into_iter())
             .find_map(|(id, endpoint)| (id == choice.worker_id).then_some(endpoint))
             .ok_or_else(|| ApiError::internal("the router chose a worker it was told to avoid"))?;

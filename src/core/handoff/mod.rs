@@ -419,6 +419,10 @@ impl Engine for HandOffEngine {
         self.core.inner.device()
     }
 
+    fn adapters(&self) -> &[String] {
+        self.core.inner.adapters()
+    }
+
     fn resend_kv_state(&self) -> bool {
         self.core.inner.resend_kv_state()
     }

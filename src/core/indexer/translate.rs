@@ -278,6 +278,30 @@ mod tests {
         assert_eq!(depth_after(&[media]), 1);
     }
 
+    /// A request under an adapter hashes its blocks as the engine's events under that adapter translate:
+    /// its prompt finds them, the same tokens on the base model or under another adapter do not.
+    #[test]
+    fn a_request_under_an_adapter_names_the_blocks_its_engine_stored_under_it() {
+        use crate::core::protocol::PreprocessedRequest;
+        use crate::core::tokens::block_hashes_with_media;
+        use rmpv::Value as M;
+        let index = FlashIndexer::new();
+        let mut translator = EventTranslator::new(4);
+        let under = batch(vec![stored_event(&[1, 2], 0..8, vec![M::Nil, M::from("GPU"), M::from("sql-adapter")])]);
+        for event in &under.events {
+            index.apply(1, &translator.translate(event).expect("translated"));
+        }
+        let depth = |adapter: Option<&str>| {
+            let request = PreprocessedRequest {
+                adapter: adapter.map(String::from),
+                ..PreprocessedRequest::greedy("r", (0..8).collect(), 1)
+            };
+            let hashes = block_hashes_with_media(&request.token_ids, 4, &request.media_spans());
+            index.find_matches(&hashes.iter().map(|b| b.sequence).collect::<Vec<_>>()).of(1)
+        };
+        assert_eq!((depth(Some("sql-adapter")), depth(None), depth(Some("other"))), (2, 0, 0));
+    }
+
     #[test]
     fn only_the_first_full_attention_group_of_a_hybrid_model_is_indexed() {
         use rmpv::Value as M;

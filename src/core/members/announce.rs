@@ -46,6 +46,7 @@ impl Announcer {
             card: ModelCardSummary { block_size: 0, context_length: 0, kv_blocks: 0, tokenizer_hash: 0 },
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         };
         let served = Served {
             engine: Arc::new(NoEngine(id)),

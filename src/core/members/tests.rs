@@ -90,6 +90,7 @@ async fn events_count_as_the_worker_whose_connection_they_came_over_whatever_id_
         },
         device: String::new(),
         http_addr: None,
+        adapters: Vec::new(),
     };
     members.subscribe("tcp://127.0.0.1:1", &record(7, honest.endpoint())).unwrap();
     members.subscribe("tcp://127.0.0.1:2", &record(9, forger.endpoint())).unwrap();

@@ -52,6 +52,7 @@ fn view(decode: usize, prefill: usize, pressure: f64) -> ClusterView {
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 1 },
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         };
         let load = LoadMetrics {
             requests_running: 1,

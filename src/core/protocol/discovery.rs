@@ -60,6 +60,11 @@ pub struct Instance {
     /// a `dynamo run --discovery` worker, which a Gateway API endpoint picker can send requests to.
     #[serde(default)]
     pub http_addr: Option<String>,
+    /// The LoRA adapters its engine serves besides the base model, by the names clients put in `"model"`
+    /// (an external engine's, as its `/v1/models` lists them). A worker's answer to a ping carries them;
+    /// discovery records do not (empty).
+    #[serde(default)]
+    pub adapters: Vec<String>,
 }
 
 impl Instance {

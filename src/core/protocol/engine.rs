@@ -30,6 +30,10 @@ pub struct PreprocessedRequest {
     /// (`None` rather than empty keeps the request, which every queue and message carries, small.)
     #[serde(default)]
     pub media: Option<std::sync::Arc<Vec<MediaInput>>>,
+    /// The LoRA adapter the prompt runs under (the name clients put in `"model"`), for an engine that serves
+    /// it; `None` is the base model. Its KV is other KV than the base model's for the same tokens.
+    #[serde(default)]
+    pub adapter: Option<String>,
 }
 
 /// An image of a prompt: its file as the client sent it (PNG, JPEG or WebP: the smallest form on the wire;
@@ -165,6 +169,7 @@ impl PreprocessedRequest {
             constraint: None,
             pooling: None,
             media: None,
+            adapter: None,
         }
     }
 
@@ -172,9 +177,15 @@ impl PreprocessedRequest {
         self.media.as_deref().map_or(&[], Vec::as_slice)
     }
 
-    /// Where the prompt's images are, for block hashes.
+    /// What keys the prompt's blocks besides their tokens, for block hashes: its images where they are, and
+    /// its adapter over the whole prompt (as the engine's events key an adapter's blocks).
     pub fn media_spans(&self) -> Vec<crate::core::tokens::MediaSpan> {
-        self.media().iter().map(MediaInput::span).collect()
+        let adapter = self.adapter.as_deref().map(|name| crate::core::tokens::MediaSpan {
+            start: 0,
+            end: self.token_ids.len(),
+            hash: super::external::adapter_key(name),
+        });
+        self.media().iter().map(MediaInput::span).chain(adapter).collect()
     }
 }
 

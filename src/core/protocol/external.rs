@@ -170,11 +170,6 @@ fn block_keys(
     extra_keys: Option<&Value>,
     blocks: usize,
 ) -> Vec<Option<u64>> {
-    let digest = |value: &Value| {
-        let mut bytes = Vec::new();
-        let _ = rmpv::encode::write_value(&mut bytes, value);
-        xxh3_64(&bytes)
-    };
     // The name when there is one (the id is deprecated in its favour, and ids are per process).
     let lora = lora_name.or(lora_id).map(digest);
     let per_block: Vec<Option<u64>> = match extra_keys.and_then(Value::as_array) {
@@ -188,9 +183,25 @@ fn block_keys(
     (0..blocks)
         .map(|i| match (lora, per_block.get(i).copied().flatten()) {
             (None, None) => None,
-            (lora, key) => Some(xxh3_64(&[lora.unwrap_or(0).to_le_bytes(), key.unwrap_or(0).to_le_bytes()].concat())),
+            (lora, key) => Some(block_key(lora, key)),
         })
         .collect()
+}
+
+fn digest(value: &Value) -> u64 {
+    let mut bytes = Vec::new();
+    let _ = rmpv::encode::write_value(&mut bytes, value);
+    xxh3_64(&bytes)
+}
+
+fn block_key(lora: Option<u64>, extra: Option<u64>) -> u64 {
+    xxh3_64(&[lora.unwrap_or(0).to_le_bytes(), extra.unwrap_or(0).to_le_bytes()].concat())
+}
+
+/// The key a block of a prompt under the LoRA adapter `name` is stored under (and no extra keys): what an
+/// engine's event for it folds in, so a request names the same blocks.
+pub fn adapter_key(name: &str) -> u64 {
+    block_key(Some(digest(&Value::from(name))), None)
 }
 
 fn hash_list(value: Option<&Value>) -> Result<Vec<u64>, DecodeError> {

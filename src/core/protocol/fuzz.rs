@@ -57,10 +57,24 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
         any::<Option<u64>>(),
         0u32..100_000,
         any::<Option<u32>>(),
-        (hand_off, any::<u32>(), constraint(), prop::option::of(any::<bool>()), media()),
+        (
+            hand_off,
+            any::<u32>(),
+            constraint(),
+            prop::option::of(any::<bool>()),
+            media(),
+            prop::option::of("[a-z-]{1,12}"),
+        ),
     )
         .prop_map(
-            |(request_id, token_ids, seed, max_tokens, logprobs, (hand_off, generated, constraint, pooling, media))| {
+            |(
+                request_id,
+                token_ids,
+                seed,
+                max_tokens,
+                logprobs,
+                (hand_off, generated, constraint, pooling, media, adapter),
+            )| {
                 PreprocessedRequest {
                     request_id,
                     token_ids,
@@ -72,6 +86,7 @@ fn request() -> impl Strategy<Value = PreprocessedRequest> {
                     constraint,
                     pooling: pooling.map(|normalize| Pooling { normalize }),
                     media: (!media.is_empty()).then(|| media.into()),
+                    adapter,
                 }
             },
         )

@@ -300,6 +300,9 @@ pub struct ModelObject {
     pub created: u64,
     pub owned_by: String,
     pub max_model_len: u32,
+    /// The base model of a LoRA adapter (vLLM's field); absent for a base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,9 @@ pub const PROTOCOL_VERSION: u32 = 12;
 /// Frames above this are refused unread (a prompt of a million tokens is about 5 MB of msgpack).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 
+// A request is most of what crosses to a worker, one message each: boxing it would add an allocation to every
+// request to save bytes in the rare pings.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
     Ping {
@@ -131,6 +134,7 @@ mod tests {
             card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 100, tokenizer_hash: 3 },
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         }
     }
 

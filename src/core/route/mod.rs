@@ -689,6 +689,7 @@ mod tests {
             card,
             device: String::new(),
             http_addr: None,
+            adapters: Vec::new(),
         };
         let mocker =
             MockerEngine::spawn(id, MockerConfig { speedup: 100.0, ..MockerConfig::default() }, (0..1000).collect());

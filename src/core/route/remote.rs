@@ -1,7 +1,7 @@
 //! A worker in another process, as an `Engine`: requests go over its request-plane connection, its load
 //! arrives from the event plane (fed by the cluster's subscriber). Its KV events do not pass through it: the
 //! cluster applies them to the router's index where it decodes them.
-use crate::core::engine::{Engine, EngineError, ResponseStream, check_fits};
+use crate::core::engine::{Engine, EngineError, ResponseStream, check_adapter, check_fits};
 use crate::core::plane::request::WorkerClient;
 use crate::core::protocol::discovery::Instance;
 use crate::core::protocol::profile::Profile;
@@ -58,6 +58,7 @@ impl Engine for RemoteEngine {
             blocks => usize::try_from(blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX),
         };
         check_fits(&request, kv_tokens.min(card.context_length as usize))?;
+        check_adapter(&request, &self.instance.adapters)?;
         Ok(self.client.submit(request))
     }
 
@@ -80,6 +81,10 @@ impl Engine for RemoteEngine {
 
     fn http_addr(&self) -> Option<String> {
         self.instance.http_endpoint_from(&self.instance.request_addr)
+    }
+
+    fn adapters(&self) -> &[String] {
+        &self.instance.adapters
     }
 
     /// Answering, and its engine too (a worker whose external engine is down says so in its load).

@@ -43,7 +43,8 @@ impl Router {
         if request.stop.max_tokens <= 1 || uncached < self.config.disagg_threshold {
             return Err(Disagg::Short);
         }
-        match self.choose_in(Pool::Prefill, &request.token_ids, &request.media_spans(), &[]) {
+        let adapter = request.adapter.as_deref();
+        match self.choose_in(Pool::Prefill, &request.token_ids, &request.media_spans(), adapter, &[]) {
             Ok(prefill) if same_transfer(&prefill, decode) => Ok(prefill),
             Ok(_) => Err(Disagg::Unsupported),
             Err(RouteError::Busy { .. } | RouteError::Unavailable) => Err(Disagg::Busy),

@@ -24,7 +24,7 @@ impl Router {
         if !reader.transfer_addr().is_some_and(|addr| addr.starts_with("tcp://")) {
             return self.record_encode("local_unsupported");
         }
-        let encoder = match self.choose_in(Pool::Encode, &[], &[], &[]) {
+        let encoder = match self.choose_in(Pool::Encode, &[], &[], None, &[]) {
             Ok(encoder) => encoder,
             Err(RouteError::Busy { .. }) => return self.record_encode("local_busy"),
             Err(_) => return self.record_encode("local_fallback"),

@@ -65,13 +65,14 @@ impl Router {
         mut request: PreprocessedRequest,
         pins: Pins,
     ) -> Result<MigratingStream, RouteError> {
-        let media = request.media_spans();
+        let (media, adapter) = (request.media_spans(), request.adapter.clone());
+        let adapter = adapter.as_deref();
         let mut decode = match pins.decode {
-            Some(id) => self.choose_pinned(Pool::Decode, id, &request.token_ids, &media)?,
-            None => self.choose_in(Pool::Decode, &request.token_ids, &media, &[])?,
+            Some(id) => self.choose_pinned(Pool::Decode, id, &request.token_ids, &media, adapter)?,
+            None => self.choose_in(Pool::Decode, &request.token_ids, &media, adapter, &[])?,
         };
         let prefill = match (pins.prefill, pins.decode) {
-            (Some(id), _) => match self.choose_pinned(Pool::Prefill, id, &request.token_ids, &media) {
+            (Some(id), _) => match self.choose_pinned(Pool::Prefill, id, &request.token_ids, &media, adapter) {
                 Ok(prefill) if super::disagg::same_transfer(&prefill, &decode) => {
                     self.record(Disagg::Remote);
                     Some(prefill)

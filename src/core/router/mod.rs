@@ -381,6 +381,19 @@ impl Router {
         self.snapshot_of(pool).iter().map(|w| w.engine.clone()).collect()
     }
 
+    /// The LoRA adapters some worker of any pool serves, each once, in the order first met.
+    pub fn adapters(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for worker in Pool::ALL.iter().flat_map(|&pool| self.snapshot_of(pool).to_vec()) {
+            for name in worker.engine.adapters() {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
     pub fn worker_count(&self) -> usize {
         self.snapshot().len()
     }
@@ -425,22 +438,25 @@ impl Router {
 
     /// Routes like `route`, never to a worker in `avoid` (ones that just refused or lost this request).
     pub fn route_avoiding(&self, request: PreprocessedRequest, avoid: &[WorkerId]) -> Result<RoutedStream, RouteError> {
-        self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), avoid)?.dispatch(request)
+        let adapter = request.adapter.as_deref();
+        self.choose_in(Pool::Decode, &request.token_ids, &request.media_spans(), adapter, avoid)?.dispatch(request)
     }
 
     /// The worker a prompt of `token_ids` would go to (never one in `avoid`), charged with its load as if it
     /// had been sent: the charge is the returned value's, given back when it is dropped unless `dispatch`
     /// hands it on to the request's stream. Nothing is submitted.
     pub fn choose(&self, token_ids: &[u32], avoid: &[WorkerId]) -> Result<Choice, RouteError> {
-        self.choose_in(Pool::Decode, token_ids, &[], avoid)
+        self.choose_in(Pool::Decode, token_ids, &[], None, avoid)
     }
 
-    /// `choose` over one pool's workers, each up to that pool's limit.
+    /// `choose` over one pool's workers, each up to that pool's limit; under a LoRA `adapter`, only over the
+    /// workers that serve it (`media` then holds its key, as `PreprocessedRequest::media_spans` puts it).
     pub fn choose_in(
         &self,
         pool: Pool,
         token_ids: &[u32],
         media: &[MediaSpan],
+        adapter: Option<&str>,
         avoid: &[WorkerId],
     ) -> Result<Choice, RouteError> {
         let workers = self.snapshot_of(pool);
@@ -449,7 +465,9 @@ impl Router {
         }
         let limit = self.limit(pool);
         let (hashes, overlaps) = self.overlaps(token_ids, media);
-        let mut excluded: Vec<bool> = workers.iter().map(|w| avoid.contains(&w.engine.worker_id())).collect();
+        let lacks = |w: &Worker| adapter.is_some_and(|name| !w.engine.adapters().iter().any(|a| a == name));
+        let mut excluded: Vec<bool> =
+            workers.iter().map(|w| avoid.contains(&w.engine.worker_id()) || lacks(w)).collect();
         if !workers.iter().zip(&excluded).any(|(w, &excluded)| !excluded && w.engine.is_alive()) {
             return Err(RouteError::Unavailable);
         }
@@ -502,13 +520,14 @@ impl Router {
         id: WorkerId,
         token_ids: &[u32],
         media: &[MediaSpan],
+        adapter: Option<&str>,
     ) -> Result<Choice, RouteError> {
         let workers = self.snapshot_of(pool);
         let others: Vec<WorkerId> = workers.iter().map(|w| w.engine.worker_id()).filter(|&w| w != id).collect();
         if others.len() == workers.len() {
             return Err(RouteError::NotHere(id, pool.name()));
         }
-        self.choose_in(pool, token_ids, media, &others)
+        self.choose_in(pool, token_ids, media, adapter, &others)
     }
 
     /// Every worker's price for a prompt of `token_ids`, as `choose` would weigh it, with nothing charged and

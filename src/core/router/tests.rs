@@ -241,12 +241,13 @@ async fn latency_mode_waits_for_a_hit_only_while_waiting_is_faster() {
     drop(again);
     // Two long prompts queued on the holder: computing the whole prompt on the idle worker is faster than
     // waiting behind them for the hit; one short prompt queued there is not.
-    let short = router.choose_in(Pool::Decode, &(5000..5100).collect::<Vec<u32>>(), &[], &[1 - home]).unwrap();
+    let short = router.choose_in(Pool::Decode, &(5000..5100).collect::<Vec<u32>>(), &[], None, &[1 - home]).unwrap();
     let with_short_queue = router.route(request(prompt.clone(), 1)).unwrap();
     assert_eq!(with_short_queue.worker_id, home);
     drop((short, with_short_queue));
     let long: Vec<u32> = (10_000..18_000).collect();
-    let queued: Vec<_> = (0..2).map(|_| router.choose_in(Pool::Decode, &long, &[], &[1 - home]).unwrap()).collect();
+    let queued: Vec<_> =
+        (0..2).map(|_| router.choose_in(Pool::Decode, &long, &[], None, &[1 - home]).unwrap()).collect();
     let busy_holder = router.route(request(prompt.clone(), 1)).unwrap();
     assert_ne!(busy_holder.worker_id, home, "the queue costs more than the hit saves");
     drop(queued);

@@ -20,6 +20,7 @@ fn instance(id: u64) -> Instance {
         card: ModelCardSummary { block_size: 16, context_length: 4096, kv_blocks: 1000, tokenizer_hash: 1 },
         device: String::new(),
         http_addr: None,
+        adapters: Vec::new(),
     }
 }
 

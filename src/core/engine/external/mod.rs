@@ -17,7 +17,7 @@ mod sglang;
 mod trtllm;
 mod vllm;
 
-use super::{Engine, EngineError, KvLedger, ResponseStream, check_fits};
+use super::{Engine, EngineError, KvLedger, ResponseStream, check_adapter, check_fits};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HandOff, KvEvent, KvEventBatch, LoadMetrics, PreprocessedRequest, TokenLogprob,
     WorkerId,
@@ -122,6 +122,9 @@ pub fn error_message(body: &Value) -> String {
 pub struct ServedModel {
     pub id: String,
     pub max_model_len: Option<u32>,
+    /// The LoRA adapters it serves too: the entries whose `parent` is the base model (vLLM lists each
+    /// `--lora-modules` adapter so, and the ones loaded later through its API).
+    pub adapters: Vec<String>,
 }
 
 pub fn parse_models(body: &[u8]) -> Result<ServedModel, String> {
@@ -134,11 +137,18 @@ pub fn parse_models(body: &[u8]) -> Result<ServedModel, String> {
         id: String,
         #[serde(default)]
         max_model_len: Option<u32>,
+        #[serde(default)]
+        parent: Option<String>,
     }
     let models: Models =
         serde_json::from_slice(body).map_err(|e| format!("/v1/models is not an OpenAI model list: {e}"))?;
-    let first = models.data.into_iter().next().ok_or("/v1/models lists no model")?;
-    Ok(ServedModel { id: first.id, max_model_len: first.max_model_len })
+    let base =
+        (models.data.iter()).find(|m| m.parent.is_none()).or(models.data.first()).ok_or("/v1/models lists no model")?;
+    let adapters = (models.data.iter())
+        .filter(|m| m.parent.as_ref() == Some(&base.id) && m.id != base.id)
+        .map(|m| m.id.clone())
+        .collect();
+    Ok(ServedModel { id: base.id.clone(), max_model_len: base.max_model_len, adapters })
 }
 
 /// What the engine's `/metrics` says about its load and KV cache.
@@ -206,6 +216,8 @@ pub(crate) struct Shared {
     metrics_path: String,
     /// The name the engine serves its model under (what each request must say).
     model: String,
+    /// Its LoRA adapters (`ServedModel::adapters`): a request under one names it instead of `model`.
+    adapters: Vec<String>,
     max_sequence_tokens: usize,
     events: broadcast::Sender<KvEventBatch>,
     /// Recorded before each broadcast, so a snapshot covers what was sent.
@@ -255,6 +267,7 @@ impl ExternalEngine {
             metrics,
             metrics_path,
             model: served.id,
+            adapters: served.adapters,
             max_sequence_tokens: served.max_model_len.map_or(usize::MAX, |n| n as usize),
             events: broadcast::channel(4096).0,
             ledger: Mutex::default(),
@@ -370,6 +383,7 @@ impl Engine for ExternalEngine {
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         check_fits(&request, self.shared.max_sequence_tokens)?;
+        check_adapter(&request, &self.shared.adapters)?;
         if request.pooling.is_some() {
             return Err(EngineError::InvalidRequest(format!(
                 "embeddings are not forwarded to {} by this worker yet: serve the embedding model on the native \
@@ -417,6 +431,10 @@ impl Engine for ExternalEngine {
 
     fn device(&self) -> String {
         format!("{} at {}", self.shared.kind.name(), self.shared.http.base())
+    }
+
+    fn adapters(&self) -> &[String] {
+        &self.shared.adapters
     }
 
     fn load(&self) -> LoadMetrics {

@@ -63,6 +63,10 @@ pub fn generate_body(request: &PreprocessedRequest) -> Value {
         body["return_logprob"] = json!(true);
         body["top_logprobs_num"] = json!(top);
     }
+    // SGLang names a loaded adapter by `lora_path` (its `--lora-paths NAME=PATH` name).
+    if let Some(adapter) = &request.adapter {
+        body["lora_path"] = json!(adapter);
+    }
     body
 }
 

@@ -41,11 +41,12 @@ fn structured_outputs(constraint: &Constraint) -> Value {
 }
 
 /// The fields of a streamed `/v1/completions` request that vLLM and TensorRT-LLM read alike: the router's
-/// token ids, this worker's stop conditions, the sampling options.
+/// token ids, this worker's stop conditions, the sampling options; under a LoRA adapter, the adapter's name
+/// as the model, as both engines name one.
 pub fn openai_body(request: &PreprocessedRequest, model: &str) -> Value {
     let s = &request.sampling;
     let mut body = json!({
-        "model": model,
+        "model": request.adapter.as_deref().unwrap_or(model),
         "prompt": request.token_ids,
         "max_tokens": request.stop.max_tokens,
         "min_tokens": request.stop.min_tokens,
@@ -320,13 +321,25 @@ mod tests {
     }
 
     #[test]
-    fn the_model_list_names_the_model_and_its_context() {
+    fn the_model_list_names_the_model_its_context_and_its_adapters() {
+        use super::super::{ServedModel, parse_models};
         let body = br#"{"object":"list","data":[{"id":"Qwen/Qwen3-0.6B","object":"model","max_model_len":4096}]}"#;
-        assert_eq!(
-            super::super::parse_models(body).unwrap(),
-            super::super::ServedModel { id: "Qwen/Qwen3-0.6B".into(), max_model_len: Some(4096) }
-        );
-        assert!(super::super::parse_models(br#"{"data":[]}"#).unwrap_err().contains("no model"));
+        let plain = ServedModel { id: "Qwen/Qwen3-0.6B".into(), max_model_len: Some(4096), adapters: Vec::new() };
+        assert_eq!(parse_models(body).unwrap(), plain);
+        assert!(parse_models(br#"{"data":[]}"#).unwrap_err().contains("no model"));
+        // vLLM with --lora-modules: each adapter its own entry, its base model as `parent`, whatever the order.
+        let body = br#"{"object":"list","data":[
+            {"id":"sql","object":"model","root":"/loras/sql","parent":"Qwen/Qwen3-0.6B","max_model_len":4096},
+            {"id":"Qwen/Qwen3-0.6B","object":"model","root":"Qwen/Qwen3-0.6B","parent":null,"max_model_len":4096},
+            {"id":"chat","object":"model","root":"/loras/chat","parent":"Qwen/Qwen3-0.6B","max_model_len":4096}]}"#;
+        assert_eq!(parse_models(body).unwrap(), ServedModel { adapters: vec!["sql".into(), "chat".into()], ..plain });
+    }
+
+    #[test]
+    fn a_request_under_an_adapter_names_it_as_the_model() {
+        let request =
+            PreprocessedRequest { adapter: Some("sql".into()), ..PreprocessedRequest::greedy("r", vec![1], 4) };
+        assert_eq!(openai_body(&request, "org/model")["model"], "sql");
     }
 
     #[test]
