@@ -340,6 +340,8 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&s
         (M::from("block_size"), M::from(BLOCK as u64)),
         (M::from("medium"), M::from("GPU")),
         (M::from("lora_name"), adapter.map_or(M::Nil, M::from)),
+        // vLLM 0.32 names the adapter among each block's extra keys too.
+        (M::from("extra_keys"), M::Array(vec![adapter.map_or(M::Nil, |a| M::Array(vec![M::from(a)])); blocks])),
     ]);
     let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::Nil]);
     let mut payload = Vec::new();

@@ -77,16 +77,19 @@ fn checkpoint(dir: &Path) {
     let kv = hidden / heads * kv_heads;
     let mut shapes = dynamo::core::bench::engine::decoder_shapes("model.", hidden, intermediate, layers, vocab, kv);
     shapes.push(("model.norm.weight".into(), vec![hidden]));
-    let mut state = 0x5EED_u64;
+    random_safetensors(&dir.join("model.safetensors"), &shapes, 0x5EED, 0.2);
+}
+
+/// f32 tensors of `shapes`, uniform in ±`spread`/2 from `seed` (norm weights 1), saved at `path`.
+fn random_safetensors(path: &Path, shapes: &[(String, Vec<usize>)], seed: u64, spread: f32) {
+    let mut state = seed;
     let data: Vec<Vec<u8>> = (shapes.iter())
         .map(|(name, shape)| {
-            let count: usize = shape.iter().product();
-            (0..count)
+            (0..shape.iter().product::<usize>())
                 .flat_map(|_| {
                     state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let random = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-                    let value = if name.ends_with("norm.weight") { 1.0 } else { random };
-                    value.to_le_bytes()
+                    let random = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread;
+                    (if name.ends_with("norm.weight") { 1.0 } else { random }).to_le_bytes()
                 })
                 .collect()
         })
@@ -97,7 +100,7 @@ fn checkpoint(dir: &Path) {
             (name.clone(), view.expect("a tensor"))
         })
         .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("model.safetensors");
+    safetensors::serialize_to_file(views, None, path).expect("a safetensors file");
 }
 
 /// What each real-vLLM test starts from: the venv, a fresh checkpoint (and the name the router serves it
@@ -363,4 +366,76 @@ async fn real_vllm_prefill_and_decode_engines_hand_kv_over_through_nixl() {
         assert!(Instant::now() < deadline, "the decode engine moved no KV: {}", decoder.metrics().await);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A random LoRA adapter (PEFT's layout: rank 8 on every layer's q_proj and v_proj) for `checkpoint`'s model,
+/// its B matrices not zero so that it changes what the model writes.
+fn adapter(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("an adapter dir");
+    let (hidden, kv, layers, rank) = (128usize, 64usize, 2usize, 8usize);
+    let config = json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 16,
+                        "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"],
+                        "base_model_name_or_path": "tiny-vllm"});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).expect("adapter_config.json");
+    let mut shapes = Vec::new();
+    for layer in 0..layers {
+        for (module, out) in [("q_proj", hidden), ("v_proj", kv)] {
+            let prefix = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
+            shapes.push((format!("{prefix}.lora_A.weight"), vec![rank, hidden]));
+            shapes.push((format!("{prefix}.lora_B.weight"), vec![out, rank]));
+        }
+    }
+    random_safetensors(&dir.join("adapter_model.safetensors"), &shapes, 0xADA9, 0.5);
+}
+
+/// A real vLLM serving a LoRA adapter (`--lora-modules`) behind a worker: the router lists the adapter under
+/// its model, a request naming it gets what vLLM answers under it directly (which is not what the base model
+/// answers), and vLLM's events for the adapter's blocks match a repeated adapter prompt, never a base one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_vllm_lora_adapter_is_served_through_the_router_with_its_own_kv() {
+    let Some(Setup { venv, model, name, file }) = set_up("real-vllm-lora") else { return };
+    let lora = model.with_extension("lora");
+    adapter(&lora);
+    let (events_port, replay_port) = (free_port(), free_port());
+    let (events, replay) = (format!("tcp://*:{events_port}"), format!("tcp://*:{replay_port}"));
+    let module = format!("sql-lora={}", lora.display());
+    let extra = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--lora-modules", &module];
+    let vllm = Vllm::start(&venv, &model, &events, &replay, &extra, &[]).await.expect("vLLM starts");
+    let events = format!("tcp://127.0.0.1:{events_port}");
+    let prompt = "Adapters change what the model writes without changing its weights: a low-rank update per layer.";
+    let (base, under) =
+        (vllm.complete(&greedy("tiny-vllm", prompt)).await, vllm.complete(&greedy("sql-lora", prompt)).await);
+    assert!(under["choices"][0]["token_ids"].is_array(), "{under}");
+    assert_ne!(base["choices"][0]["token_ids"], under["choices"][0]["token_ids"], "the adapter changed nothing");
+
+    let mut command = dynamo();
+    command.args(["decode", "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", &events]);
+    command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]);
+    let _worker = Worker::start_with(&mut command);
+    let router: Server = route(&file);
+    wait_for_workers(&router, 1).await;
+    let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
+    let listed = models["data"].as_array().expect("a list");
+    assert!(listed.iter().any(|m| m["id"] == "sql-lora" && m["parent"] == name.as_str()), "{models}");
+
+    let (status, answer) = router.post_json("/v1/completions", greedy("sql-lora", prompt)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model"], "sql-lora", "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], under["choices"][0]["token_ids"], "{answer} vs {under}");
+
+    // A prompt of a few blocks never sent before: under the adapter it comes to match its own blocks; the same
+    // prompt on the base model then matches none.
+    let long = "Blocks stored under an adapter hold other keys and values than the same tokens on the base model, so \
+                an index that mixed them would send a base prompt to KV it cannot use; this one keys them apart, as \
+                the engine does, and only a prompt under the same adapter finds them again.";
+    let overlap = |metrics: &str| sum_of(metrics, "dynamo_router_overlap_blocks_sum").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while overlap(&router.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "the adapter's blocks never matched: {}", router.metrics().await);
+        assert_eq!(router.post_json("/v1/completions", greedy("sql-lora", long)).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = overlap(&router.metrics().await);
+    assert_eq!(router.post_json("/v1/completions", greedy(&name, long)).await.0, 200);
+    assert_eq!(overlap(&router.metrics().await), before, "a base prompt matched the adapter's blocks");
 }

@@ -300,6 +300,19 @@ mod tests {
             index.find_matches(&hashes.iter().map(|b| b.sequence).collect::<Vec<_>>()).of(1)
         };
         assert_eq!((depth(Some("sql-adapter")), depth(None), depth(Some("other"))), (2, 0, 0));
+        // vLLM 0.32 names the adapter among each block's extra keys as well: the same blocks.
+        let index_again = FlashIndexer::new();
+        let repeated = M::Array(vec![M::Array(vec![M::from("sql-adapter")]); 2]);
+        let tail = vec![M::from(1), M::from("GPU"), M::from("sql-adapter"), repeated];
+        for event in &batch(vec![stored_event(&[1, 2], 0..8, tail)]).events {
+            index_again.apply(1, &translator.translate(event).expect("translated"));
+        }
+        let request = PreprocessedRequest {
+            adapter: Some("sql-adapter".into()),
+            ..PreprocessedRequest::greedy("r", (0..8).collect(), 1)
+        };
+        let hashes = block_hashes_with_media(&request.token_ids, 4, &request.media_spans());
+        assert_eq!(index_again.find_matches(&hashes.iter().map(|b| b.sequence).collect::<Vec<_>>()).of(1), 2);
     }
 
     #[test]

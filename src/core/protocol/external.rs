@@ -163,7 +163,9 @@ fn decode_event(value: &Value) -> Result<Option<ExternalEvent>, DecodeError> {
 
 /// For each of `blocks` blocks, the digest of its adapter and its extra keys (either may be missing); empty
 /// when no block has either. Digests of the values' msgpack encoding: equal keys give equal digests, whatever
-/// they hold.
+/// they hold. vLLM (0.32) repeats the adapter's name among each block's extra keys: it is the adapter's part,
+/// so it is left out of the extra keys, and an adapter's plain block is keyed the same whether or not the
+/// engine repeats it (`adapter_key`).
 fn block_keys(
     lora_id: Option<&Value>,
     lora_name: Option<&Value>,
@@ -172,8 +174,18 @@ fn block_keys(
 ) -> Vec<Option<u64>> {
     // The name when there is one (the id is deprecated in its favour, and ids are per process).
     let lora = lora_name.or(lora_id).map(digest);
+    let besides_adapter = |keys: &Value| -> Option<u64> {
+        match (keys, lora_name) {
+            (Value::Nil, _) => None,
+            (Value::Array(items), Some(name)) => {
+                let rest: Vec<Value> = items.iter().filter(|item| *item != name).cloned().collect();
+                (!rest.is_empty()).then(|| digest(&Value::Array(rest)))
+            }
+            (keys, _) => Some(digest(keys)),
+        }
+    };
     let per_block: Vec<Option<u64>> = match extra_keys.and_then(Value::as_array) {
-        Some(keys) => keys.iter().map(|k| (!k.is_nil()).then(|| digest(k))).collect(),
+        Some(keys) => keys.iter().map(besides_adapter).collect(),
         None => Vec::new(),
     };
     if lora.is_none() && per_block.iter().all(Option::is_none) {
