@@ -38,9 +38,14 @@ pub struct BlockAttention<'a, E: Element> {
     pub shape: &'a AttentionShape,
     /// The sequence's keys and values laid out for the tile unit: the block is attended there.
     pub tiled: Option<&'a TiledKv>,
+    /// The KV heads (and their query heads) this job attends, for a single row (a decode step): one
+    /// sequence's step is split by KV head so that a long context is read by several threads; `dst` then holds
+    /// those heads only. Blocks of several rows take every head.
+    pub kv_heads: std::ops::Range<usize>,
 }
 
 pub fn attend<E: Element>(job: &BlockAttention<'_, E>, scores: &mut Vec<f32>, dst: &mut [f32]) {
+    assert!(job.rows == 1 || job.kv_heads == (0..job.shape.num_kv_heads), "only a single row splits by KV head");
     #[cfg(target_arch = "x86_64")]
     if let Some(tiled) = job.tiled {
         // SAFETY: a `TiledKv` exists only where the tile unit is usable (`TiledKv::usable`): AMX, AVX-512 F,
@@ -239,13 +244,16 @@ fn attend_one_row<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, sc
     let kv_width = num_kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let context = job.seq.first_position + job.first + 1;
-    // scores[head * context + position]
+    // The job's query heads; `dst` and the scores hold those only, from the first.
+    let first_head = job.kv_heads.start * group;
+    assert_eq!(dst.len(), job.kv_heads.len() * group * head_dim, "the job's heads of one row");
+    // scores[(head - first_head) * context + position]
     scores.clear();
-    scores.resize(num_heads * context, 0.0);
+    scores.resize(job.kv_heads.len() * group * context, 0.0);
     dst.fill(0.0);
     each_page_and_kv_head(job, job.k_pages, context, |p0, width, kv_head, keys| {
         for h in kv_head * group..(kv_head + 1) * group {
-            let out = &mut scores[h * context + p0..][..width];
+            let out = &mut scores[(h - first_head) * context + p0..][..width];
             score_rows::<FUSED, E>(&job.queries[h * head_dim..][..head_dim], keys, kv_width, out);
             out.iter_mut().for_each(|s| *s *= scale);
         }
@@ -253,15 +261,15 @@ fn attend_one_row<const FUSED: bool, E: Element>(job: &BlockAttention<'_, E>, sc
     scores.chunks_exact_mut(context).for_each(softmax);
     each_page_and_kv_head(job, job.v_pages, context, |p0, width, kv_head, values| {
         for h in kv_head * group..(kv_head + 1) * group {
-            let out = &mut dst[h * head_dim..][..head_dim];
-            accumulate::<FUSED, E>(out, &scores[h * context + p0..][..width], values, kv_width);
+            let out = &mut dst[(h - first_head) * head_dim..][..head_dim];
+            accumulate::<FUSED, E>(out, &scores[(h - first_head) * context + p0..][..width], values, kv_width);
         }
     });
 }
 
-/// `visit(first position, positions, KV head, rows)` for every page of the first `context` positions and every
-/// KV head, with that head's rows of the page (`kv_width` apart). Every KV head of a page is done before the
-/// next page, which is prefetched meanwhile, so each page is read from memory as one stretch.
+/// `visit(first position, positions, KV head, rows)` for every page of the first `context` positions and each
+/// of the job's KV heads, with that head's rows of the page (`kv_width` apart). Every KV head of a page is done
+/// before the next page, which is prefetched meanwhile, so each page is read from memory as one stretch.
 #[inline(always)]
 fn each_page_and_kv_head<E: Element>(
     job: &BlockAttention<'_, E>,
@@ -276,9 +284,13 @@ fn each_page_and_kv_head<E: Element>(
         let width = block_size.min(context - p0);
         let next = p0 + block_size;
         if next < context {
-            prefetch(&pages[page_start(next)..][..block_size.min(context - next) * kv_width]);
+            // The job's heads of each position of the next page (all of the page when it takes every head).
+            let (from, len) = (job.kv_heads.start * head_dim, job.kv_heads.len() * head_dim);
+            for row in 0..block_size.min(context - next) {
+                prefetch(&pages[page_start(next) + row * kv_width + from..][..len]);
+            }
         }
-        for kv_head in 0..num_kv_heads {
+        for kv_head in job.kv_heads.clone() {
             let start = page_start(p0) + kv_head * head_dim;
             visit(p0, width, kv_head, &pages[start..start + (width - 1) * kv_width + head_dim]);
         }

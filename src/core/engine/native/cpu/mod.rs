@@ -668,14 +668,40 @@ impl CpuBackend {
         // sequences' rows out back to back, in order).
         let mut jobs = Vec::new();
         let mut rest: &mut [f32] = out;
+        let every_head = 0..shape.num_kv_heads;
+        let head_width = row_width / shape.num_kv_heads;
         for (seq, tiled) in seqs.iter().zip(&tiled) {
             let tiled = tiled.as_ref();
+            if seq.rows == 1 {
+                // A decode step: one job per KV head, so one long context is read by several threads.
+                let queries = &q[seq.first_row * row_width..][..row_width];
+                let (mut dst, tail) = rest.split_at_mut(row_width);
+                rest = tail;
+                for kv_head in every_head.clone() {
+                    let (heads, others) = dst.split_at_mut(head_width);
+                    dst = others;
+                    let job = BlockAttention {
+                        queries,
+                        k_pages,
+                        v_pages,
+                        seq,
+                        first: 0,
+                        rows: 1,
+                        shape,
+                        tiled,
+                        kv_heads: kv_head..kv_head + 1,
+                    };
+                    jobs.push((job, heads));
+                }
+                continue;
+            }
             for first in (0..seq.rows).step_by(ATTENTION_BLOCK) {
                 let rows = ATTENTION_BLOCK.min(seq.rows - first);
                 let (dst, tail) = rest.split_at_mut(rows * row_width);
                 rest = tail;
                 let queries = &q[(seq.first_row + first) * row_width..][..rows * row_width];
-                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape, tiled }, dst));
+                let kv_heads = every_head.clone();
+                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape, tiled, kv_heads }, dst));
             }
         }
         self.pool.install(|| {
