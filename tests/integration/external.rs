@@ -524,6 +524,10 @@ async fn lora_requests_go_to_the_engines_that_serve_the_adapter_and_match_only_i
     let unknown = json!({"model": "nosql-lora", "prompt": "hi", "max_tokens": 2});
     let (status, answer) = router.post_json("/v1/completions", unknown).await;
     assert_eq!(status, 404, "{answer}");
+    let embed = json!({"model": "sql-lora", "input": "hi"});
+    let (status, answer) = router.post_json("/v1/embeddings", embed).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("LoRA adapter"), "{answer}");
 
     // The adapter's blocks are the adapter's: a repeated adapter prompt finds them, the same prompt on the base
     // model does not.

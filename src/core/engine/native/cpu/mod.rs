@@ -701,7 +701,10 @@ impl CpuBackend {
                 rest = tail;
                 let queries = &q[(seq.first_row + first) * row_width..][..rows * row_width];
                 let kv_heads = every_head.clone();
-                jobs.push((BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape, tiled, kv_heads }, dst));
+                jobs.push((
+                    BlockAttention { queries, k_pages, v_pages, seq, first, rows, shape, tiled, kv_heads },
+                    dst,
+                ));
             }
         }
         self.pool.install(|| {
