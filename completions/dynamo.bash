@@ -355,7 +355,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__disagg__subcmd__native)
-            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --json --verbose --help --version"
+            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -450,6 +450,10 @@ _dynamo() {
                     return 0
                     ;;
                 --engine-bootstrap-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data-parallel-rank)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1387,7 +1391,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1518,6 +1522,10 @@ _dynamo() {
                     return 0
                     ;;
                 --engine-bootstrap-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data-parallel-rank)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2071,7 +2079,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2205,6 +2213,10 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --data-parallel-rank)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --engine-metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2221,7 +2233,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__profile)
-            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2312,6 +2324,10 @@ _dynamo() {
                     return 0
                     ;;
                 --engine-bootstrap-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data-parallel-rank)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2553,7 +2569,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2748,6 +2764,10 @@ _dynamo() {
                     return 0
                     ;;
                 --engine-bootstrap-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data-parallel-rank)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -139,6 +139,13 @@ pub struct EngineArgs {
     #[arg(long, value_name = "PORT", default_value_t = crate::core::engine::external::SGLANG_BOOTSTRAP_PORT)]
     pub engine_bootstrap_port: u16,
 
+    /// vLLM run with --data-parallel-size N: the rank (0..N) this worker fronts. Its KV events come from
+    /// --kv-events' port + rank (where vLLM puts that rank's publisher; --kv-events-replay likewise), its load
+    /// from that rank's series, and each request is pinned to the rank (X-data-parallel-rank), so the routers
+    /// see every rank's cache on its own. Start one worker per rank.
+    #[arg(long, value_name = "RANK", value_parser = clap::value_parser!(u32).range(0..1024))]
+    pub data_parallel_rank: Option<u32>,
+
     /// Its Prometheus metrics [default: /metrics of --engine-url; TensorRT-LLM: /prometheus/metrics]
     #[arg(long, value_name = "URL")]
     pub engine_metrics: Option<String>,
@@ -159,6 +166,7 @@ impl EngineArgs {
             ("--kv-events", &self.kv_events),
             ("--kv-events-replay", &self.kv_events_replay),
             ("--engine-metrics", &self.engine_metrics),
+            ("--data-parallel-rank", &self.data_parallel_rank.map(|rank| rank.to_string())),
         ];
         if let (EngineKind::Native | EngineKind::Mocker, Some((flag, _))) =
             (self.engine, external.iter().find(|(_, value)| value.is_some()))
@@ -213,6 +221,7 @@ impl EngineArgs {
                 block_size: self.block_size as usize,
                 kv_connector: false,
                 bootstrap_port: self.engine_bootstrap_port,
+                data_parallel_rank: self.data_parallel_rank,
                 profile,
             }),
         })

@@ -849,6 +849,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
                 block_size: args.block_size as usize,
                 kv_connector: false,
                 bootstrap_port: crate::core::engine::external::SGLANG_BOOTSTRAP_PORT,
+                data_parallel_rank: None,
                 profile: None,
             },
             model_dir,

@@ -38,6 +38,11 @@ struct DoubleState {
     trtllm_events: Mutex<Vec<Value>>,
     /// LoRA adapters it serves, listed in `/v1/models` as vLLM lists `--lora-modules`.
     adapters: Mutex<Vec<String>>,
+    /// Data-parallel ranks 1 and up (`Double::start_ranked`): each its publisher on the port after the one
+    /// before, as vLLM offsets them.
+    ranks: Mutex<Vec<(zmq::Socket, u64)>>,
+    /// Each completion's `X-data-parallel-rank` header.
+    pinned: Mutex<Vec<Option<String>>>,
 }
 
 struct Double {
@@ -76,6 +81,28 @@ impl Double {
 
     fn requests(&self) -> Vec<Value> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// A double of a vLLM with `ranks` data-parallel ranks, each publishing its KV events on its own port
+    /// (`kv_events`' port + rank) with its rank in the batch; a request runs on the rank its header pins.
+    async fn start_ranked(ranks: u16) -> Double {
+        // The ports after the first one the system picked are usually free; when one is not, start over.
+        for _ in 0..20 {
+            let double = Self::start().await;
+            let base: u16 = double.kv_events.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("a port");
+            let sockets: Option<Vec<(zmq::Socket, u64)>> = (1..ranks)
+                .map(|rank| {
+                    let socket = double._context.socket(zmq::PUB).expect("a PUB socket");
+                    socket.bind(&format!("tcp://127.0.0.1:{}", base.checked_add(rank)?)).ok()?;
+                    Some((socket, 0))
+                })
+                .collect();
+            if let Some(sockets) = sockets {
+                *double.state.ranks.lock().unwrap() = sockets;
+                return double;
+            }
+        }
+        panic!("no {ranks} consecutive free ports for the ranks' publishers");
     }
 }
 
@@ -143,12 +170,16 @@ impl Drop for Abort {
 
 async fn complete(
     State(state): State<Arc<DoubleState>>,
+    headers: axum::http::HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> axum::response::Response {
     if state.down.load(Ordering::Relaxed) {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
     }
     state.requests.lock().unwrap().push(body.clone());
+    let pinned = headers.get("x-data-parallel-rank").and_then(|v| v.to_str().ok()).map(str::to_string);
+    state.pinned.lock().unwrap().push(pinned.clone());
+    let rank: usize = pinned.and_then(|r| r.parse().ok()).unwrap_or(0);
     if body["seed"] == 666 {
         let error = json!({"error": {"message": "seed 666 is not allowed here", "code": 400}});
         return (axum::http::StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
@@ -160,7 +191,7 @@ async fn complete(
     };
     // Under an adapter the engine keys the prompt's blocks by it, as vLLM does.
     let adapter = body["model"].as_str().filter(|name| state.adapters.lock().unwrap().iter().any(|a| a == name));
-    publish_prompt_blocks(&state, &prompt, adapter);
+    publish_prompt_blocks(&state, &prompt, adapter, rank);
     if body["stream"] == false {
         return prefill_answer(&body, &prompt).into_response();
     }
@@ -265,7 +296,7 @@ async fn generate(
     state.requests.lock().unwrap().push(body.clone());
     let prompt: Vec<u64> =
         body["input_ids"].as_array().map_or(vec![], |p| p.iter().filter_map(Value::as_u64).collect());
-    publish_prompt_blocks(&state, &prompt, None);
+    publish_prompt_blocks(&state, &prompt, None, 0);
     if body["stream"] == false {
         // SGLang's prefill leg: answered whole.
         let ids = expected_tokens(*prompt.last().unwrap_or(&0) as u32, 1);
@@ -316,8 +347,8 @@ async fn generate(
 }
 
 /// The prompt's full blocks as one `BlockStored` (vLLM's map encoding, integer hashes chained from the root),
-/// under `lora_name` when the prompt ran under an adapter.
-fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&str>) {
+/// under `lora_name` when the prompt ran under an adapter, on data-parallel rank `rank`'s publisher.
+fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&str>, rank: usize) {
     use rmpv::Value as M;
     let blocks = prompt.len() / BLOCK;
     if blocks == 0 {
@@ -343,7 +374,7 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&s
         // vLLM 0.32 names the adapter among each block's extra keys too.
         (M::from("extra_keys"), M::Array(vec![adapter.map_or(M::Nil, |a| M::Array(vec![M::from(a)])); blocks])),
     ]);
-    let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::Nil]);
+    let batch = M::Array(vec![M::from(1.0), M::Array(vec![event]), M::from(rank as u64)]);
     let mut payload = Vec::new();
     rmpv::encode::write_value(&mut payload, &batch).unwrap();
     // TensorRT-LLM's shape of the same event, for its polled endpoint.
@@ -359,8 +390,12 @@ fn publish_prompt_blocks(state: &DoubleState, prompt: &[u64], adapter: Option<&s
     let stored =
         json!({"event_id": 1, "window_size": 1024, "data": {"type": "stored", "parent_hash": null, "blocks": blocks}});
     state.trtllm_events.lock().unwrap().push(stored);
-    let mut events = state.events.lock().unwrap();
-    if let Some((socket, seq)) = events.as_mut() {
+    let (mut events, mut ranks) = (state.events.lock().unwrap(), state.ranks.lock().unwrap());
+    let publisher = match rank {
+        0 => events.as_mut(),
+        rank => ranks.get_mut(rank - 1),
+    };
+    if let Some((socket, seq)) = publisher {
         socket.send_multipart([&b""[..], &seq.to_be_bytes(), &payload], 0).unwrap();
         *seq += 1;
     }
@@ -546,6 +581,47 @@ async fn lora_requests_go_to_the_engines_that_serve_the_adapter_and_match_only_i
     let base = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
     assert_eq!(router.post_json("/v1/completions", base).await.0, 200);
     assert_eq!(overlap(&router.metrics().await), before, "a base-model prompt matched the adapter's KV");
+}
+
+/// vLLM's data-parallel ranks, one worker each (`--data-parallel-rank`): each worker pins its requests to its
+/// rank and hears only that rank's KV events (the publisher's port + rank), so a prompt a rank has run comes
+/// back to that rank's worker and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_data_parallel_rank_is_a_worker_that_pins_its_requests_and_hears_its_own_events() {
+    let double = Double::start_ranked(2).await;
+    let (_, file) = cluster_file("vllm-ranks");
+    let _workers = [
+        vllm_worker(&double, &file, &["--data-parallel-rank", "0"]),
+        vllm_worker(&double, &file, &["--data-parallel-rank", "1"]),
+    ];
+    let router = route(&file);
+    wait_for_workers(&router, 2).await;
+    // Distinct prompts spread over both workers; every request carries its worker's rank.
+    for i in 0..6 {
+        let body = json!({"model": "tiny-chat", "prompt": format!("question {i}"), "max_tokens": 2});
+        assert_eq!(router.post_json("/v1/completions", body).await.0, 200);
+    }
+    let pinned: Vec<Option<String>> = double.state.pinned.lock().unwrap().clone();
+    assert!(pinned.iter().all(|r| matches!(r.as_deref(), Some("0" | "1"))), "{pinned:?}");
+
+    // A long prompt, repeated until the router matches it: the worker it then goes to is the one whose rank ran
+    // it, since each worker hears only its rank's publisher.
+    let prompt = "the same long prompt, told again and again so that it fills a few blocks of sixteen tokens each";
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    let overlap =
+        |metrics: &str| metric(metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+        if overlap(&router.metrics().await) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never saw a rank's blocks: {}", router.metrics().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ranks: Vec<Option<String>> = double.state.pinned.lock().unwrap()[6..].to_vec();
+    let (matched, before) = ranks.split_last().expect("requests");
+    assert!(before.contains(matched), "the match went to rank {matched:?}, which never ran the prompt: {ranks:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,8 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct EngineHttp {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// The engine's data-parallel rank every request is pinned to (vLLM's `X-data-parallel-rank` header).
+    rank: Option<u32>,
 }
 
 impl EngineHttp {
@@ -33,7 +35,12 @@ impl EngineHttp {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Self { base, client })
+        Ok(Self { base, client, rank: None })
+    }
+
+    /// This client with every POST pinned to data-parallel rank `rank`.
+    pub fn pinned_to_rank(self, rank: Option<u32>) -> Self {
+        Self { rank, ..self }
     }
 
     pub fn base(&self) -> &str {
@@ -68,11 +75,14 @@ impl EngineHttp {
         body: &serde_json::Value,
         request_id: &str,
     ) -> Result<hyper::Response<Incoming>, String> {
-        let request = hyper::Request::post(format!("{}{path}", self.base))
+        let mut request = hyper::Request::post(format!("{}{path}", self.base))
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id)
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| format!("POST {path}: {e}"))?;
+            .header("x-request-id", request_id);
+        if let Some(rank) = self.rank {
+            request = request.header("x-data-parallel-rank", rank);
+        }
+        let request =
+            request.body(Full::new(Bytes::from(body.to_string()))).map_err(|e| format!("POST {path}: {e}"))?;
         self.client.request(request).await.map_err(|e| format!("POST {}{path}: {e}", self.base))
     }
 }

@@ -35,6 +35,13 @@ impl Samples {
         (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     }
 
+    /// Only the series of data-parallel rank `rank` (vLLM's label `engine`) and those of no rank.
+    pub fn of_rank(self, rank: u32) -> Self {
+        let rank = rank.to_string();
+        let samples = self.samples.into_iter().filter(|s| s.labels.get("engine").is_none_or(|e| *e == rank)).collect();
+        Self { samples }
+    }
+
     /// The labels of the first series of `name` (info gauges carry their facts there).
     pub fn labels_of(&self, name: &str) -> Option<&HashMap<String, String>> {
         self.samples.iter().find(|s| s.name == name).map(|s| &s.labels)

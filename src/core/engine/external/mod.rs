@@ -183,6 +183,25 @@ pub struct ExternalSettings {
     pub bootstrap_port: u16,
     /// How fast the engine is, measured earlier by `dynamo profile` (`Engine::profile`).
     pub profile: Option<crate::core::protocol::profile::Profile>,
+    /// vLLM with `--data-parallel-size` > 1: the rank this worker fronts. Its KV events come from the
+    /// publisher's port + rank (as vLLM offsets each rank's, replay socket too), its load from that rank's
+    /// series (label `engine`), and every request is pinned to it (`X-data-parallel-rank`); one worker per rank.
+    pub data_parallel_rank: Option<u32>,
+}
+
+/// `endpoint` (`tcp://HOST:PORT`) with its port moved up by `rank`, as vLLM places a data-parallel rank's
+/// publisher; port 0 (the system's pick) stays.
+fn offset_for_rank(endpoint: &str, rank: Option<u32>) -> Result<String, ExternalError> {
+    let Some(rank) = rank.filter(|&rank| rank > 0) else { return Ok(endpoint.to_string()) };
+    let bad =
+        || ExternalError::Settings(format!("{endpoint:?} is not tcp://HOST:PORT, which a rank's port is offset in"));
+    let (host, port) = endpoint.rsplit_once(':').filter(|(host, _)| host.starts_with("tcp://")).ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Ok(endpoint.to_string());
+    }
+    let moved = u16::try_from(u32::from(port) + rank).map_err(|_| bad())?;
+    Ok(format!("{host}:{moved}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +246,8 @@ pub(crate) struct Shared {
     in_flight: AtomicU32,
     kv_connector: bool,
     bootstrap_port: u16,
+    /// The data-parallel rank fronted (`ExternalSettings::data_parallel_rank`): its gauges only.
+    rank: Option<u32>,
     alive: AtomicBool,
 }
 
@@ -243,7 +264,12 @@ impl Shared {
         if !status.is_success() {
             return Err(format!("{}{} answered {status}", self.metrics.base(), self.metrics_path));
         }
-        Ok(self.kind.gauges(&metrics::Samples::parse(&String::from_utf8_lossy(&body))))
+        let samples = metrics::Samples::parse(&String::from_utf8_lossy(&body));
+        let samples = match self.rank {
+            Some(rank) => samples.of_rank(rank),
+            None => samples,
+        };
+        Ok(self.kind.gauges(&samples))
     }
 }
 
@@ -252,7 +278,14 @@ impl ExternalEngine {
     /// (refused if its block size is not `settings.block_size`), then follows its load and KV events.
     pub async fn connect(id: WorkerId, settings: &ExternalSettings) -> Result<Self, ExternalError> {
         let kind = settings.kind.name();
-        let http = EngineHttp::new(&settings.url).map_err(|e| ExternalError::Settings(format!("--engine-url {e}")))?;
+        if settings.data_parallel_rank.is_some() && settings.kind != ExternalKind::Vllm {
+            return Err(ExternalError::Settings(format!(
+                "--data-parallel-rank is for vLLM's data-parallel engines; {kind} is not one"
+            )));
+        }
+        let http = EngineHttp::new(&settings.url)
+            .map_err(|e| ExternalError::Settings(format!("--engine-url {e}")))?
+            .pinned_to_rank(settings.data_parallel_rank);
         let (metrics, metrics_path) = match &settings.metrics_url {
             Some(url) => split_url(url)?,
             None => (http.clone(), settings.kind.metrics_path().to_string()),
@@ -275,6 +308,7 @@ impl ExternalEngine {
             in_flight: AtomicU32::new(0),
             kv_connector: settings.kv_connector,
             bootstrap_port: settings.bootstrap_port,
+            rank: settings.data_parallel_rank,
             alive: AtomicBool::new(true),
         });
         let gauges = shared.read_gauges().await.map_err(|e| {
@@ -303,8 +337,10 @@ impl ExternalEngine {
                     tokio::spawn(events::poll(http, settings.block_size, publish))
                 }
                 false => {
-                    let replay = settings.kv_events_replay.clone();
-                    tokio::spawn(events::follow(endpoint.clone(), replay, settings.block_size, publish))
+                    let rank = settings.data_parallel_rank;
+                    let replay = settings.kv_events_replay.as_deref().map(|r| offset_for_rank(r, rank)).transpose()?;
+                    let endpoint = offset_for_rank(endpoint, rank)?;
+                    tokio::spawn(events::follow(endpoint, replay, settings.block_size, publish))
                 }
             };
             tasks.push(crate::core::AbortOnDrop(task));

@@ -351,5 +351,21 @@ mod tests {
         );
         let g = gauges(&samples);
         assert_eq!((g.running, g.waiting, g.kv_usage, g.block_size, g.num_blocks), (5, 4, 0.5, Some(32), Some(777)));
+        // A worker in front of one rank reads that rank's series, and the ones of no rank (the cache config).
+        let g = gauges(&samples.of_rank(1));
+        assert_eq!((g.running, g.waiting, g.block_size, g.num_blocks), (3, 0, Some(32), Some(777)));
+    }
+
+    #[test]
+    fn a_ranks_publisher_is_on_the_port_after_the_ranks_before_it() {
+        use super::super::offset_for_rank;
+        assert_eq!(offset_for_rank("tcp://10.0.0.5:5557", Some(3)).unwrap(), "tcp://10.0.0.5:5560");
+        assert_eq!(offset_for_rank("tcp://[::1]:5557", Some(1)).unwrap(), "tcp://[::1]:5558");
+        assert_eq!(offset_for_rank("tcp://h:5557", Some(0)).unwrap(), "tcp://h:5557");
+        assert_eq!(offset_for_rank("tcp://h:5557", None).unwrap(), "tcp://h:5557");
+        assert_eq!(offset_for_rank("tcp://h:0", Some(2)).unwrap(), "tcp://h:0");
+        for bad in ["ipc:///tmp/kv", "tcp://h:65535", "tcp://h:port"] {
+            assert!(offset_for_rank(bad, Some(1)).is_err(), "{bad}");
+        }
     }
 }
