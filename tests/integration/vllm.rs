@@ -139,6 +139,15 @@ fn greedy(model: &str, prompt: &str) -> Value {
     body
 }
 
+/// A `dynamo ROLE --engine vllm` worker in front of `vllm`, hearing its KV events on `events`, with `extra`
+/// arguments. vLLM's CPU attention keeps KV in blocks of a multiple of 32 tokens, so the worker's are 32.
+fn vllm_worker(role: &str, vllm: &Vllm, events: &str, model: &Path, file: &str, extra: &[&str]) -> Worker {
+    let mut command = dynamo();
+    command.args([role, "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", events]);
+    command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", file]).args(extra);
+    Worker::start_as(role, &mut command)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
@@ -248,12 +257,7 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     let direct = vllm.complete(&body("tiny-vllm")).await;
     assert!(direct["choices"][0]["text"].is_string(), "{direct}");
 
-    let mut command = dynamo();
-    command.args(["decode", "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", &events]);
-    command.args(["--kv-events-replay", &replay]);
-    // vLLM's CPU attention keeps KV in blocks of a multiple of 32 tokens.
-    command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]);
-    let _worker = Worker::start_with(&mut command);
+    let _worker = vllm_worker("decode", &vllm, &events, &model, &file, &["--kv-events-replay", &replay]);
     let router: Server = route(&file);
     wait_for_workers(&router, 1).await;
     let served = body(&name);
@@ -336,14 +340,8 @@ async fn real_vllm_prefill_and_decode_engines_hand_kv_over_through_nixl() {
         }
     };
     let ((prefill, prefill_events), (decoder, decoder_events)) = tokio::join!(start(free_port()), start(free_port()));
-    let worker = |role: &str, vllm: &Vllm, events: &str, extra: &[&str]| {
-        let mut command = dynamo();
-        command.args([role, "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", events]);
-        command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]).args(extra);
-        Worker::start_as(role, &mut command)
-    };
-    let _prefill_worker = worker("prefill", &prefill, &prefill_events, &[]);
-    let _decode_worker = worker("decode", &decoder, &decoder_events, &["--kv-transfer"]);
+    let _prefill_worker = vllm_worker("prefill", &prefill, &prefill_events, &model, &file, &[]);
+    let _decode_worker = vllm_worker("decode", &decoder, &decoder_events, &model, &file, &["--kv-transfer"]);
     let router = crate::cluster::route_with(&file, &["--disagg-threshold", "0"]);
     crate::cluster::wait_for_roles(&router, 1, 1).await;
 
@@ -409,10 +407,7 @@ async fn a_real_vllm_lora_adapter_is_served_through_the_router_with_its_own_kv()
     assert!(under["choices"][0]["token_ids"].is_array(), "{under}");
     assert_ne!(base["choices"][0]["token_ids"], under["choices"][0]["token_ids"], "the adapter changed nothing");
 
-    let mut command = dynamo();
-    command.args(["decode", "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", &events]);
-    command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]);
-    let _worker = Worker::start_with(&mut command);
+    let _worker = vllm_worker("decode", &vllm, &events, &model, &file, &[]);
     let router: Server = route(&file);
     wait_for_workers(&router, 1).await;
     let models: Value = reqwest::get(router.url("/v1/models")).await.expect("models").json().await.expect("json");
@@ -463,11 +458,14 @@ async fn real_vllm_data_parallel_ranks_are_workers_of_their_own() {
         Vllm::start(&venv, &model, &events, &replay, &["--data-parallel-size", "2"], &[]).await.expect("vLLM starts");
     let (events, replay) = (format!("tcp://127.0.0.1:{events_port}"), format!("tcp://127.0.0.1:{replay_port}"));
     let worker = |rank: &str| {
-        let mut command = dynamo();
-        command.args(["decode", "--engine", "vllm", "--engine-url", &vllm.base, "--kv-events", &events]);
-        command.args(["--kv-events-replay", &replay, "--data-parallel-rank", rank]);
-        command.args(["--model", &model.to_string_lossy(), "--block-size", "32", "--discovery", &file]);
-        Worker::start_with(&mut command)
+        vllm_worker(
+            "decode",
+            &vllm,
+            &events,
+            &model,
+            &file,
+            &["--kv-events-replay", &replay, "--data-parallel-rank", rank],
+        )
     };
     let _workers = [worker("0"), worker("1")];
     let router: Server = route(&file);

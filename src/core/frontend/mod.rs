@@ -184,13 +184,18 @@ impl FrontendState {
     /// The served model a request for generation names, and the LoRA adapter when the name is one that a
     /// worker of that model serves (as vLLM, which serves each adapter under its own name).
     fn resolve_generation(&self, requested: Option<&str>) -> Result<(Served, Option<String>), ApiError> {
-        if let Some(name) = requested
-            && self.find(name).is_none()
-            && let Some(served) = self.served().into_iter().find(|s| s.router.adapters().iter().any(|a| a == name))
-        {
+        if let Some((name, served)) = requested.and_then(|name| Some((name, self.adapter_of(name)?))) {
             return Ok((served, Some(name.to_string())));
         }
         self.resolve(requested).map(|served| (served, None))
+    }
+
+    /// The served model whose workers serve a LoRA adapter named `name`, when no model is named so.
+    fn adapter_of(&self, name: &str) -> Option<Served> {
+        if self.find(name).is_some() {
+            return None;
+        }
+        self.served().into_iter().find(|s| s.router.adapters().iter().any(|a| a == name))
     }
 
     /// The served model a request names. Leaving `model` out is allowed while one model is served; any name
@@ -199,15 +204,10 @@ impl FrontendState {
         let served = self.served();
         let names = || served.iter().map(|s| format!("`{}`", s.model.card.name)).collect::<Vec<_>>().join(", ");
         match requested {
-            Some(name)
-                if self.find(name).is_none()
-                    && served.iter().any(|s| s.router.adapters().iter().any(|a| a == name)) =>
-            {
-                Err(ApiError::invalid(
-                    "model",
-                    format!("`{name}` is a LoRA adapter, served for /v1/completions and /v1/chat/completions only"),
-                ))
-            }
+            Some(name) if self.adapter_of(name).is_some() => Err(ApiError::invalid(
+                "model",
+                format!("`{name}` is a LoRA adapter, served for /v1/completions and /v1/chat/completions only"),
+            )),
             Some(name) => self.find(name).ok_or_else(|| {
                 ApiError::not_found(format!(
                     "The model `{name}` does not exist; this server serves {} (see GET /v1/models).",

@@ -7,24 +7,32 @@
 /// of a long prefill.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts, so n · ln 2 is exact enough for the reduction.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call to `round`.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
+    use exp::*;
+    let x = x.max(FLOOR);
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
-        * r
-        + 0.5;
+    let p = POLYNOMIAL[1..].iter().fold(POLYNOMIAL[0], |p, &c| p * r + c);
     let e = p * (r * r) + r + 1.0;
     // 2^n from its exponent bits; n ≥ -126 because x ≥ -87. The integer n is read off `shifted`'s low
     // mantissa bits rather than cast from `n` (a float-to-int `as` saturates, which kept this loop scalar).
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     e * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// The constants of `exp_nonpositive`, which the tile attention's 16-lane copy uses too.
+pub mod exp {
+    /// Below this the result is e^-87 (n stays ≥ -126, a normal power of two).
+    pub const FLOOR: f32 = -87.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 in two parts, so n · ln 2 is exact enough for the reduction.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a call to `round`.
+    pub const ROUND: f32 = 12_582_912.0;
+    /// e^r ≈ 1 + r + r² · p(r), p's coefficients from the highest power (Horner's order).
+    pub const POLYNOMIAL: [f32; 6] =
+        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 }
 
 /// `values` folded by `op` over eight interleaved lanes, then the lanes folded together: a maximum or a sum that
