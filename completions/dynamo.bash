@@ -2347,7 +2347,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__route)
-            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --epp-port --epp-health-port --epp-insecure --epp-cert-file --epp-key-file --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
+            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --epp-port --epp-health-port --epp-insecure --epp-cert-file --epp-key-file --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --kv-events-from --model --served-model-name --block-size --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2478,6 +2478,22 @@ _dynamo() {
                     return 0
                     ;;
                 --encode-queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-events-from)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --served-model-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --block-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

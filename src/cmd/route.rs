@@ -9,7 +9,7 @@ use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
 use crate::core::planner::sla::Targets;
 use crate::core::planner::{Connector, PlannerSettings, PlannerStart, SlaSettings, Virtual};
-use crate::core::route::{self, ClusterSettings};
+use crate::core::route::{self, ClusterSettings, HeldEngine, HeldSettings};
 use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
 
@@ -53,7 +53,49 @@ pub struct RouteArgs {
     pub router: RouterArgs,
 
     #[command(flatten)]
+    pub held: HeldArgs,
+
+    #[command(flatten)]
     pub planner: PlannerArgs,
+}
+
+/// Engines this router holds itself, without a `dynamo` worker beside them.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Engines without a worker")]
+pub struct HeldArgs {
+    /// A vLLM, SGLang or TensorRT-LLM server this router routes to itself, with no `dynamo decode` beside it:
+    /// KIND:EVENTS=URL, its KV-event publisher and its HTTP server (vllm:tcp://10.0.0.7:5557=http://10.0.0.7:8000;
+    /// TensorRT-LLM: trtllm:http://HOST:PORT/kv_cache_events=http://HOST:PORT). Once per engine; they serve
+    /// --model and must answer at start. The workers discovery finds serve beside them.
+    #[arg(long, value_name = "KIND:EVENTS=URL", requires = "model")]
+    pub kv_events_from: Vec<HeldEngine>,
+
+    /// The held engines' model directory (tokenizer, chat template, config.json), as the engines were given it.
+    #[arg(long, value_name = "DIR", requires = "kv_events_from")]
+    pub model: Option<std::path::PathBuf>,
+
+    /// Names clients use in "model" for the held engines' model [default: the model directory's name]
+    #[arg(long, value_name = "NAME", num_args = 1.., value_delimiter = ',', requires = "kv_events_from")]
+    pub served_model_name: Vec<String>,
+
+    /// Tokens per KV block of the held engines (each must keep its KV in blocks of this size).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub block_size: u32,
+}
+
+impl HeldArgs {
+    fn settings(&self) -> Option<HeldSettings> {
+        let model = self.model.clone().filter(|_| !self.kv_events_from.is_empty())?;
+        Some(HeldSettings {
+            model: crate::core::model::ModelSource::Dir(model),
+            model_options: crate::core::model::ModelOptions {
+                served_names: self.served_model_name.clone(),
+                ..Default::default()
+            },
+            block_size: self.block_size as usize,
+            engines: self.kv_events_from.clone(),
+        })
+    }
 }
 
 /// The planner: how many workers of each role, and who starts them.
@@ -349,6 +391,7 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         dead_after: super::args::seconds(args.worker_timeout),
         router: args.router.config(),
         key,
+        held: args.held.settings(),
     };
     let (listen, http) = (args.http.listen(), args.http.settings()?);
     let epp = args.epp_port.map(|port| {

@@ -3,7 +3,7 @@
 //! with cached tokens, `/v1/models` with `max_model_len`, `vllm:` gauges on `/metrics`) and publishes KV events
 //! as vLLM 0.26+ does (`[topic, seq, msgpack [ts, [{"type": "BlockStored", …}], rank]]`). Its tokens follow a
 //! fixed rule, so what a client gets through the router can be told apart from anything else.
-use crate::cluster::{cluster_file, route, wait_for_workers};
+use crate::cluster::{cluster_file, route, route_with, wait_for_workers};
 use crate::util::{Server, Worker, dynamo, metric};
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -693,6 +693,75 @@ async fn an_engine_that_stops_answering_is_refused_and_served_again_when_it_is_b
     assert!(answer["error"]["message"].as_str().unwrap_or_default().contains("engine is down"), "{answer}");
     double.state.down.store(false, Ordering::Relaxed);
     post_until(&router, &body, "a 200 once the engine is back", |status| status == 200).await;
+}
+
+/// `dynamo route --kv-events-from`: engines started with no `dynamo` worker beside them, which the router holds
+/// itself (their API, KV events and load), served from the start and routed to by their KV like the worker
+/// that discovery finds beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_holds_the_engines_it_is_given_beside_the_workers_it_finds() {
+    let doubles = [Double::start().await, Double::start().await, Double::start().await];
+    let (_, file) = cluster_file("vllm-held");
+    let held = |double: &Double| format!("vllm:{}={}", double.kv_events, double.base);
+    let (first, second) = (held(&doubles[0]), held(&doubles[1]));
+    let router = route_with(&file, &["--model", MODEL_DIR, "--kv-events-from", &first, "--kv-events-from", &second]);
+    // Served before any worker joins: the held engines are its workers.
+    wait_for_workers(&router, 2).await;
+    let models: Value = reqwest::get(router.url("/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-chat", "{models}");
+    let _worker = vllm_worker(&doubles[2], &file, &[]);
+    wait_for_workers(&router, 3).await;
+
+    // Distinct long prompts, each run once and then repeated until the router matches it: every match goes
+    // to the engine that ran the prompt, held or found, so the router hears each one's KV events.
+    let ran = || doubles.iter().map(|d| d.requests().len()).collect::<Vec<_>>();
+    let overlap = |metrics: &str| metric(metrics, "dynamo_router_overlap_blocks_sum{model=\"tiny-chat\"}");
+    let mut matched_on = [0usize; 3];
+    for i in 0..12 {
+        let prompt = format!("prompt number {i} is long enough to fill a few blocks of sixteen tokens each, told once");
+        let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+        let before = ran();
+        let (status, answer) = router.post_json("/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+        let owner = (0..3).find(|&d| ran()[d] > before[d]).expect("an engine ran the prompt");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (seen, before) = (overlap(&router.metrics().await).unwrap_or(0.0), ran());
+            assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+            if overlap(&router.metrics().await).unwrap_or(0.0) > seen {
+                let now = ran();
+                assert!(now[owner] > before[owner], "prompt {i} ran on engine {owner}, its match went elsewhere");
+                matched_on[owner] += 1;
+                break;
+            }
+            assert!(Instant::now() < deadline, "the router never matched prompt {i} (engine {owner})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if matched_on.iter().all(|&n| n > 0) {
+            return;
+        }
+    }
+    panic!("not every engine ran a prompt the router then matched: {matched_on:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_refuses_to_start_with_a_held_engine_it_cannot_use() {
+    let double = Double::start().await;
+    let (_, file) = cluster_file("vllm-held-refused");
+    let route = |extra: &[&str]| {
+        let output =
+            dynamo().args(["route", "--http-port", "0", "--discovery", &file]).args(extra).output().expect("runs");
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let held = format!("vllm:{}={}", double.kv_events, double.base);
+    let stderr = route(&["--model", MODEL_DIR, "--kv-events-from", &held, "--block-size", "32"]);
+    assert!(stderr.contains("blocks of 16 tokens") && stderr.contains(&held), "{stderr}");
+    let stderr = route(&["--model", MODEL_DIR, "--kv-events-from", "vllm:tcp://127.0.0.1:1=http://127.0.0.1:1"]);
+    assert!(stderr.contains("does not answer"), "{stderr}");
+    assert!(route(&["--kv-events-from", &held]).contains("--model"));
+    let stderr = route(&["--model", MODEL_DIR, "--kv-events-from", &double.base]);
+    assert!(stderr.contains("expected KIND:EVENTS=URL"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

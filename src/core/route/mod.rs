@@ -6,9 +6,11 @@
 //! configs, template), and from then on the frontend serves that model too, with a router of its own. Later
 //! workers of a model must agree with its first on tokenizer and block size, or they are refused with the
 //! reason in the log.
+mod held;
 mod remote;
 mod resync;
 
+pub use held::{HeldEngine, HeldSettings};
 pub use remote::RemoteEngine;
 use resync::KvFeed;
 
@@ -40,6 +42,8 @@ pub struct ClusterSettings {
     pub router: RouterConfig,
     /// The cluster's secret: with it, only workers that hold it too are heard.
     pub key: Option<ClusterKey>,
+    /// Engines this router holds itself, besides the workers it finds; it serves their model from the start.
+    pub held: Option<HeldSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,8 @@ pub enum ClusterError {
     Epp { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("endpoint picker: {0}")]
     EppTls(String),
+    #[error(transparent)]
+    Held(#[from] held::HeldError),
 }
 
 /// Everything the frontend needs, once the first worker has answered.
@@ -70,7 +76,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Watches discovery and waits for the first compatible worker; must run inside a tokio runtime.
+    /// Watches discovery and waits for the first compatible worker (with held engines, connects to them and
+    /// waits for nobody); must run inside a tokio runtime.
     pub async fn join(
         discovery: &dyn Discovery,
         settings: ClusterSettings,
@@ -80,19 +87,30 @@ impl Cluster {
         let topics: &[Topic] =
             if settings.router.indexes_events() { &Topic::WORKER } else { &[Topic::Load, Topic::Stats] };
         let watch = Members::watch(discovery, &settings.namespace, settings.dead_after, settings.key.as_ref(), topics)?;
+        let state = match &settings.held {
+            Some(held) => {
+                let served = held.connect(&settings.router).await?;
+                Some(Arc::new(FrontendState::new(served.model, served.router, metrics.clone())))
+            }
+            None => None,
+        };
         let (ready, first) = oneshot::channel();
         let (snapshots, snapshot_results) = mpsc::unbounded_channel();
         let membership = Membership {
             settings,
             members: HashMap::new(),
-            state: None,
+            state: state.clone(),
             metrics,
             snapshots,
             kv_batch: KvEventBatch { worker_id: 0, events: Vec::new() },
         };
         // Aborted when dropped: a caller that stops waiting (a timeout, a shutdown) takes the membership task
         // down with it instead of leaving it to watch for nobody.
-        let membership = AbortOnDrop(tokio::spawn(membership.run(watch, snapshot_results, ready)));
+        let waiting = state.is_none().then_some(ready);
+        let membership = AbortOnDrop(tokio::spawn(membership.run(watch, snapshot_results, waiting)));
+        if let Some(state) = state {
+            return Ok(Self { state, _membership: membership });
+        }
         match first.await {
             Ok(Ok(state)) => Ok(Self { state, _membership: membership }),
             Ok(Err(error)) => Err(error),
@@ -200,6 +218,7 @@ async fn serve_routes(
     println!("dynamo: router on http://{addr}{picker_at} waiting for workers in namespace {namespace:?}");
     let mode = settings.router.mode;
     let key = settings.key.clone();
+    let held = settings.held.as_ref().map(|held| format!("{} and ", held.describe())).unwrap_or_default();
     let cluster = tokio::select! {
         cluster = Cluster::join(discovery.as_ref(), settings, metrics.clone()) => cluster,
         // Shut down (or failed) before any worker came.
@@ -222,7 +241,7 @@ async fn serve_routes(
         }
     };
     println!(
-        "dynamo: serving {} on http://{addr} with the workers discovery finds, {} routing; try: curl \
+        "dynamo: serving {} on http://{addr} with {held}the workers discovery finds, {} routing; try: curl \
          http://{addr}/v1/models",
         cluster.state.first().model.card.name,
         mode.name()
@@ -350,9 +369,8 @@ impl Membership {
         mut self,
         mut watch: Members,
         mut snapshot_results: mpsc::UnboundedReceiver<SnapshotResult>,
-        ready: Ready,
+        mut ready: Option<Ready>,
     ) {
-        let mut ready = Some(ready);
         loop {
             tokio::select! {
                 change = watch.next() => match change {
@@ -713,6 +731,7 @@ mod tests {
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
             key: None,
+            held: None,
         };
         let cluster = Cluster::join(discovery, settings, Arc::new(Metrics::new())).await.unwrap();
         let (router, metrics) = (cluster.state.first().router, cluster.state.metrics.clone());
@@ -756,6 +775,7 @@ mod tests {
             dead_after: Duration::from_secs(5),
             router: RouterConfig::default(),
             key,
+            held: None,
         }
     }
 

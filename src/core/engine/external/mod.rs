@@ -347,6 +347,11 @@ impl ExternalEngine {
         }
         Ok(Self { shared, profile: settings.profile.clone().map(Arc::new), _tasks: tasks })
     }
+
+    /// The longest sequence the engine serves (its `max_model_len`; unbounded when it does not say).
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.shared.max_sequence_tokens
+    }
 }
 
 /// The model an engine at `url` serves (its name and context), from its `/v1/models`.
