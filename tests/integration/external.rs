@@ -583,6 +583,36 @@ async fn lora_requests_go_to_the_engines_that_serve_the_adapter_and_match_only_i
     assert_eq!(overlap(&router.metrics().await), before, "a base-model prompt matched the adapter's KV");
 }
 
+/// Adapters an engine loads and unloads while it serves (vLLM's `/v1/load_lora_adapter`): the worker reads
+/// its model list again and says so in its answers to the router's pings, and a router holding an engine
+/// reads it itself; both routers then list the adapter and route to it, and stop when it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_loaded_while_the_engine_serves_is_routed_to_and_one_unloaded_is_not() {
+    let (found, held) = (Double::start().await, Double::start().await);
+    let (_, file) = cluster_file("vllm-lora-late");
+    let _worker = vllm_worker(&found, &file, &[]);
+    let router = route(&file);
+    let (_, alone) = cluster_file("vllm-lora-late-held");
+    let holder = route_with(
+        &alone,
+        &["--model", MODEL_DIR, "--kv-events-from", &format!("vllm:{}={}", held.kv_events, held.base)],
+    );
+    wait_for_workers(&router, 1).await;
+    wait_for_workers(&holder, 1).await;
+    let body = json!({"model": "late-lora", "prompt": "select 1", "max_tokens": 2});
+    for (router, double) in [(&router, &found), (&holder, &held)] {
+        assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 404);
+        double.state.adapters.lock().unwrap().push("late-lora".into());
+        let (_, answer) = post_until(router, &body, "the loaded adapter served", |status| status == 200).await;
+        assert_eq!(answer["model"], "late-lora", "{answer}");
+        assert_eq!(double.requests().last().map(|r| r["model"].clone()), Some(json!("late-lora")));
+        let models: Value = reqwest::get(router.url("/v1/models")).await.unwrap().json().await.unwrap();
+        assert_eq!(models["data"][1]["id"], "late-lora", "{models}");
+        double.state.adapters.lock().unwrap().clear();
+        post_until(router, &body, "the unloaded adapter refused", |status| status == 404).await;
+    }
+}
+
 /// vLLM's data-parallel ranks, one worker each (`--data-parallel-rank`): each worker pins its requests to its
 /// rank and hears only that rank's KV events (the publisher's port + rank), so a prompt a rank has run comes
 /// back to that rank's worker and no other.

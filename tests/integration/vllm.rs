@@ -421,7 +421,8 @@ async fn a_real_vllm_lora_adapter_is_served_through_the_router_with_its_own_kv()
     let (events, replay) = (format!("tcp://*:{events_port}"), format!("tcp://*:{replay_port}"));
     let module = format!("sql-lora={}", lora.display());
     let extra = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--lora-modules", &module];
-    let vllm = Vllm::start(&venv, &model, &events, &replay, &extra, &[]).await.expect("vLLM starts");
+    let runtime = [("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True".to_string())];
+    let vllm = Vllm::start(&venv, &model, &events, &replay, &extra, &runtime).await.expect("vLLM starts");
     let events = format!("tcp://127.0.0.1:{events_port}");
     let prompt = "Adapters change what the model writes without changing its weights: a low-rank update per layer.";
     let (base, under) =
@@ -456,6 +457,31 @@ async fn a_real_vllm_lora_adapter_is_served_through_the_router_with_its_own_kv()
     let before = overlap(&router.metrics().await);
     assert_eq!(router.post_json("/v1/completions", greedy(&name, long)).await.0, 200);
     assert_eq!(overlap(&router.metrics().await), before, "a base prompt matched the adapter's blocks");
+
+    // Loaded while vLLM serves (its /v1/load_lora_adapter), under another name: the router serves it within
+    // a few seconds, with the adapter's answer; unloaded, it is unknown again.
+    let manage = |path: &str, body: Value| {
+        let url = format!("{}{path}", vllm.base);
+        async move { reqwest::Client::new().post(url).json(&body).send().await.expect("vllm answers").status() }
+    };
+    let late = json!({"lora_name": "late-lora", "lora_path": lora.to_string_lossy()});
+    assert!(manage("/v1/load_lora_adapter", late).await.is_success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let (status, answer) = router.post_json("/v1/completions", greedy("late-lora", prompt)).await;
+        if status == 200 {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "the loaded adapter was never served: {status} {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer["choices"][0]["token_ids"], under["choices"][0]["token_ids"], "{answer} vs {under}");
+    assert!(manage("/v1/unload_lora_adapter", json!({"lora_name": "late-lora"})).await.is_success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while router.post_json("/v1/completions", greedy("late-lora", prompt)).await.0 != 404 {
+        assert!(Instant::now() < deadline, "the unloaded adapter is still served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A free port whose next one is free too (a data-parallel rank 1's publisher goes there).

@@ -205,10 +205,11 @@ pub trait Engine: Send + Sync {
         None
     }
 
-    /// The LoRA adapters it serves besides the base model, by the names clients put in `"model"` (an
-    /// external engine's, as its `/v1/models` lists them); the native engine and the mocker serve none.
-    fn adapters(&self) -> &[String] {
-        &[]
+    /// The LoRA adapters it serves now besides the base model, by the names clients put in `"model"` (an
+    /// external engine's, as its `/v1/models` lists them, which changes as it loads and unloads them); the
+    /// native engine and the mocker serve none.
+    fn adapters(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// False once the engine is known to be gone (a remote worker that stopped answering); routers skip it.

@@ -419,7 +419,7 @@ impl Engine for HandOffEngine {
         self.core.inner.device()
     }
 
-    fn adapters(&self) -> &[String] {
+    fn adapters(&self) -> Vec<String> {
         self.core.inner.adapters()
     }
 

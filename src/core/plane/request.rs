@@ -455,7 +455,9 @@ fn handle(
     let mut reply = |message| outbox.push(peer.clone(), message);
     match message {
         ToWorker::Ping { .. } => {
-            reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance: served.instance.clone() });
+            // The adapters as they are now: an external engine loads and unloads them while it serves.
+            let instance = Instance { adapters: served.engine.adapters(), ..served.instance.clone() };
+            reply(FromWorker::Hello { version: PROTOCOL_VERSION, instance });
         }
         ToWorker::ModelFiles => reply(FromWorker::ModelFiles { files: served.model_files.clone() }),
         ToWorker::Profile => {
@@ -572,6 +574,8 @@ pub struct WorkerClient {
     next_stream: AtomicU64,
     alive: Arc<AtomicBool>,
     dropped: Arc<Dropped>,
+    /// The LoRA adapters the worker's last `Hello` named.
+    adapters: Arc<std::sync::Mutex<Vec<String>>>,
     /// Shared with every stream in flight: a worker that leaves discovery to drain (or a router that stops
     /// watching it) still sends the rest of what it is generating.
     connection: Arc<AbortOnDrop>,
@@ -601,9 +605,16 @@ impl WorkerClient {
         let alive = Arc::new(AtomicBool::new(false));
         let liveness = Liveness { dead_after, status, alive: alive.clone() };
         let dropped = Arc::new(Dropped::default());
-        let link = Link { endpoint: endpoint.to_string(), seals: context.seals().cloned(), dropped: dropped.clone() };
+        let adapters = Arc::default();
+        let link = Link {
+            endpoint: endpoint.to_string(),
+            seals: context.seals().cloned(),
+            dropped: dropped.clone(),
+            adapters: Arc::clone(&adapters),
+        };
         let task = tokio::spawn(client(socket, receiver, liveness, link));
-        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, dropped, connection: Arc::new(AbortOnDrop(task)) })
+        let connection = Arc::new(AbortOnDrop(task));
+        Ok(Self { commands, next_stream: AtomicU64::new(0), alive, dropped, adapters, connection })
     }
 
     /// `connect` for an owner watching many workers on one channel: each status comes with the endpoint.
@@ -628,6 +639,12 @@ impl WorkerClient {
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// The LoRA adapters the worker serves, as its last answer to a ping named them: the record it joined
+    /// with may be older (its engine loads and unloads adapters while it serves).
+    pub fn adapters(&self) -> Vec<String> {
+        self.adapters.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Messages dropped unread since the last call: (unsealed, unsolicited).
@@ -700,6 +717,7 @@ struct Link {
     endpoint: String,
     seals: Option<Arc<Seals>>,
     dropped: Arc<Dropped>,
+    adapters: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Link {
@@ -819,11 +837,18 @@ async fn client(
                 };
                 for message in messages {
                     match message {
-                        FromWorker::Hello { version, instance } => {
-                            if version != PROTOCOL_VERSION {
-                                alive.store(false, Ordering::Release);
-                                let _ = status.send(WorkerStatus::Incompatible { theirs: version });
-                            } else if known != Some(instance.id) || !alive.load(Ordering::Acquire) {
+                        FromWorker::Hello { version, .. } if version != PROTOCOL_VERSION => {
+                            alive.store(false, Ordering::Release);
+                            let _ = status.send(WorkerStatus::Incompatible { theirs: version });
+                        }
+                        FromWorker::Hello { instance, .. } => {
+                            {
+                                let mut adapters = link.adapters.lock().unwrap_or_else(|e| e.into_inner());
+                                if *adapters != instance.adapters {
+                                    adapters.clone_from(&instance.adapters);
+                                }
+                            }
+                            if known != Some(instance.id) || !alive.load(Ordering::Acquire) {
                                 known = Some(instance.id);
                                 alive.store(true, Ordering::Release);
                                 let _ = status.send(WorkerStatus::Alive(instance));

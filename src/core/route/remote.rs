@@ -58,7 +58,7 @@ impl Engine for RemoteEngine {
             blocks => usize::try_from(blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX),
         };
         check_fits(&request, kv_tokens.min(card.context_length as usize))?;
-        check_adapter(&request, &self.instance.adapters)?;
+        check_adapter(&request, &self.client.adapters())?;
         Ok(self.client.submit(request))
     }
 
@@ -83,8 +83,9 @@ impl Engine for RemoteEngine {
         self.instance.http_endpoint_from(&self.instance.request_addr)
     }
 
-    fn adapters(&self) -> &[String] {
-        &self.instance.adapters
+    /// As its last heartbeat answer named them (its engine may load adapters while it serves).
+    fn adapters(&self) -> Vec<String> {
+        self.client.adapters()
     }
 
     /// Answering, and its engine too (a worker whose external engine is down says so in its load).

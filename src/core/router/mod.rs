@@ -386,8 +386,8 @@ impl Router {
         let mut names: Vec<String> = Vec::new();
         for worker in Pool::ALL.iter().flat_map(|&pool| self.snapshot_of(pool).to_vec()) {
             for name in worker.engine.adapters() {
-                if !names.contains(name) {
-                    names.push(name.clone());
+                if !names.contains(&name) {
+                    names.push(name);
                 }
             }
         }

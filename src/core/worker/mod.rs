@@ -203,7 +203,7 @@ pub fn expose(
         },
         device: engine.device(),
         http_addr: planes.http.map(|http| tcp_endpoint(http.ip(), http.port())),
-        adapters: engine.adapters().to_vec(),
+        adapters: engine.adapters(),
     };
     let request_endpoint = tcp(planes.request_port);
     let kv_published = Arc::new(AtomicU64::new(0));

@@ -220,6 +220,8 @@ const METRICS_INTERVAL: Duration = Duration::from_millis(250);
 /// a healthy engine out of every router (and its clients' requests with it); a dead one refuses at once, so
 /// it is down within this many intervals.
 const DOWN_AFTER_FAILURES: u32 = 3;
+/// How often the engine's `/v1/models` is read again for the LoRA adapters it serves.
+const ADAPTERS_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct ExternalEngine {
     shared: Arc<Shared>,
@@ -235,8 +237,9 @@ pub(crate) struct Shared {
     metrics_path: String,
     /// The name the engine serves its model under (what each request must say).
     model: String,
-    /// Its LoRA adapters (`ServedModel::adapters`): a request under one names it instead of `model`.
-    adapters: Vec<String>,
+    /// Its LoRA adapters (`ServedModel::adapters`): a request under one names it instead of `model`. Read
+    /// again every `ADAPTERS_INTERVAL`, since the engine may load and unload them while it serves.
+    adapters: std::sync::RwLock<Vec<String>>,
     max_sequence_tokens: usize,
     events: broadcast::Sender<KvEventBatch>,
     /// Recorded before each broadcast, so a snapshot covers what was sent.
@@ -252,6 +255,24 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn adapters(&self) -> Vec<String> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the engine's model list again for the adapters it serves now (vLLM's `/v1/load_lora_adapter`
+    /// and `/v1/unload_lora_adapter` change them while it runs).
+    async fn refresh_adapters(&self) {
+        let adapters = match served_model(&self.http, self.kind).await {
+            Ok(served) => served.adapters,
+            Err(error) => return tracing::debug!("the engine's adapters could not be read again: {error}"),
+        };
+        let mut held = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        if *held != adapters {
+            tracing::info!("the {} engine now serves LoRA adapters {adapters:?} (was {held:?})", self.kind.name());
+            *held = adapters;
+        }
+    }
+
     fn publish_kv(&self, events: Vec<KvEvent>) {
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         ledger.record(&events);
@@ -300,7 +321,7 @@ impl ExternalEngine {
             metrics,
             metrics_path,
             model: served.id,
-            adapters: served.adapters,
+            adapters: std::sync::RwLock::new(served.adapters),
             max_sequence_tokens: served.max_model_len.map_or(usize::MAX, |n| n as usize),
             events: broadcast::channel(4096).0,
             ledger: Mutex::default(),
@@ -325,7 +346,10 @@ impl ExternalEngine {
             )));
         }
         *shared.gauges.lock().unwrap_or_else(|e| e.into_inner()) = gauges;
-        let mut tasks = vec![crate::core::AbortOnDrop(tokio::spawn(watch_load(shared.clone())))];
+        let mut tasks = vec![
+            crate::core::AbortOnDrop(tokio::spawn(watch_load(shared.clone()))),
+            crate::core::AbortOnDrop(tokio::spawn(watch_adapters(shared.clone()))),
+        ];
         if let Some(endpoint) = &settings.kv_events {
             let sink = shared.clone();
             let publish = move |events| sink.publish_kv(events);
@@ -375,6 +399,15 @@ async fn served_model(http: &EngineHttp, kind: ExternalKind) -> Result<ServedMod
 
 /// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that fails `DOWN_AFTER_FAILURES` reads in a
 /// row is not alive until it answers again (a restart), and the routers skip it meanwhile.
+async fn watch_adapters(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(ADAPTERS_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        shared.refresh_adapters().await;
+    }
+}
+
 async fn watch_load(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(METRICS_INTERVAL);
     let mut failures = 0u32;
@@ -424,7 +457,7 @@ impl Engine for ExternalEngine {
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         check_fits(&request, self.shared.max_sequence_tokens)?;
-        check_adapter(&request, &self.shared.adapters)?;
+        check_adapter(&request, &self.shared.adapters())?;
         if request.pooling.is_some() {
             return Err(EngineError::InvalidRequest(format!(
                 "embeddings are not forwarded to {} by this worker yet: serve the embedding model on the native \
@@ -474,8 +507,8 @@ impl Engine for ExternalEngine {
         format!("{} at {}", self.shared.kind.name(), self.shared.http.base())
     }
 
-    fn adapters(&self) -> &[String] {
-        &self.shared.adapters
+    fn adapters(&self) -> Vec<String> {
+        self.shared.adapters()
     }
 
     fn load(&self) -> LoadMetrics {
