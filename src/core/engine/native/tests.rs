@@ -899,7 +899,7 @@ fn llava_cases_through_the_scheduler(budget: usize) {
     }
 }
 
-/// int8 weights (one scale per output channel, activations in blocks of 32 for decode-sized products) move
+/// int8 weights (one scale per output channel; activations as the CPU's int8 products read them) move
 /// every fixture's logits by a few percent of the largest at most (these are random models of 2 layers and 64
 /// features, with no structure for the error to average out in), and mostly keep the most likely token.
 #[test]

@@ -143,7 +143,59 @@ enum Weights {
     /// Row-major, as stored in the checkpoint.
     Rows(HostData),
     Packed(PackedBf16),
+    /// int8 rows, for CPUs without AVX-512 VNNI.
     Int8(int8::Int8Rows),
+    PackedInt8(int8::PackedInt8),
+}
+
+/// Weights in panels of 16 features, which `packed_matmuls` multiplies in one parallel split.
+#[derive(Clone, Copy)]
+enum Panels<'a> {
+    Bf16(&'a PackedBf16),
+    Int8(&'a int8::PackedInt8),
+}
+
+impl Panels<'_> {
+    fn of(weights: &Weights) -> Option<Panels<'_>> {
+        match weights {
+            Weights::Packed(w) => Some(Panels::Bf16(w)),
+            Weights::PackedInt8(w) => Some(Panels::Int8(w)),
+            Weights::Rows(_) | Weights::Int8(_) => None,
+        }
+    }
+
+    fn panel_count(&self) -> usize {
+        match self {
+            Panels::Bf16(w) => w.panel_count(),
+            Panels::Int8(w) => w.panel_count(),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Panels::Bf16(w) => w.rows,
+            Panels::Int8(w) => w.rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Panels::Bf16(w) => w.cols,
+            Panels::Int8(w) => w.cols,
+        }
+    }
+
+    /// # Safety
+    /// Calls running at the same time on one output must be given disjoint panels.
+    unsafe fn multiply_shared(&self, x: &int8::Prepared, n: usize, first: usize, count: usize, out: &SharedOutput<'_>) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            match self {
+                Panels::Bf16(w) => w.multiply_shared(&x.rounded, n, first, count, out),
+                Panels::Int8(w) => w.multiply_shared(x, n, first, count, out),
+            }
+        }
+    }
 }
 
 /// Output features one task computes: small enough to spread a decode step over every thread, large enough
@@ -242,16 +294,29 @@ impl CpuBackend {
         packed::unit().unwrap_or("f32 FMA")
     }
 
-    /// bf16 weights (packed) × bf16-rounded activations, for any number of rows: each product's output is
-    /// `n × w.rows`, all computed in one parallel split.
-    fn packed_matmuls(&self, x: &[f32], products: &mut [(&PackedBf16, &mut Vec<f32>)]) {
-        let Some(cols) = products.first().map(|(w, _)| w.cols) else { return };
+    /// Packed weights (bf16, or int8 on CPUs with VNNI) × activations in the form each reads, for any number of
+    /// rows: each product's output is `n × rows`, all computed in one parallel split.
+    fn packed_matmuls(&self, x: &[f32], products: &mut [(Panels<'_>, &mut Vec<f32>)]) {
+        let Some(cols) = products.first().map(|(w, _)| w.cols()) else { return };
         let n = x.len() / cols;
-        let rounded = packed::round(x);
+        let reads_rounded = |w: &Panels<'_>| match w {
+            Panels::Bf16(_) => true,
+            Panels::Int8(w) => w.on_tiles(n),
+        };
+        let prepared = int8::Prepared {
+            rounded: match products.iter().any(|(w, _)| reads_rounded(w)) {
+                true => packed::round(x),
+                false => Vec::new(),
+            },
+            quantized: match products.iter().any(|(w, _)| !reads_rounded(w)) {
+                true => int8::Q16Rows::quantize(x, cols),
+                false => int8::Q16Rows::default(),
+            },
+        };
         // Each task stores its panels' columns straight into its product's output, padded to whole panels;
         // gathering per-task blocks afterwards cost a copy of the output (3 MB for a batch of 16 through a 49k
         // vocabulary).
-        let weights: Vec<&PackedBf16> = products.iter().map(|(w, _)| *w).collect();
+        let weights: Vec<Panels<'_>> = products.iter().map(|(w, _)| *w).collect();
         let mut tasks = Vec::new();
         let outputs: Vec<SharedOutput<'_>> = products
             .iter_mut()
@@ -269,26 +334,26 @@ impl CpuBackend {
                 let w = weights[product];
                 let count = PANELS_PER_TASK.min(w.panel_count() - first);
                 // SAFETY: every task has its own panels of its product's output.
-                unsafe { w.multiply_shared(&rounded, n, first, count, &outputs[product]) };
+                unsafe { w.multiply_shared(&prepared, n, first, count, &outputs[product]) };
             })
         });
         drop(outputs);
         for (w, out) in products.iter_mut() {
-            let width = w.panel_count() * 16;
+            let (width, rows) = (w.panel_count() * 16, w.rows());
             // SAFETY: the tasks covered panels 0..panels of this product, and each wrote every row of its
             // panels' columns: all n · width floats are initialised.
             unsafe { out.set_len(n * width) };
-            if width != w.rows {
+            if width != rows {
                 for t in 1..n {
-                    out.copy_within(t * width..t * width + w.rows, t * w.rows);
+                    out.copy_within(t * width..t * width + rows, t * rows);
                 }
-                out.truncate(n * w.rows);
+                out.truncate(n * rows);
             }
         }
     }
 
     fn packed_matmul(&self, x: &[f32], w: &PackedBf16, out: &mut Vec<f32>) {
-        self.packed_matmuls(x, &mut [(w, out)]);
+        self.packed_matmuls(x, &mut [(Panels::Bf16(w), out)]);
     }
 
     /// Multiply-adds per second of this backend's fastest matrix product (the packed f32 GEMM, or the packed
@@ -337,8 +402,8 @@ impl CpuBackend {
                     Weights::Int8(q) => {
                         int8::tile(&quantized_rows, &activations, &q.values, &q.scales, cols, features, block)
                     }
-                    // Packed products never come here (`matmul` sends them to `packed_matmul`).
-                    Weights::Packed(_) => {}
+                    // Packed products never come here (`matmul` sends them to `packed_matmuls`).
+                    Weights::Packed(_) | Weights::PackedInt8(_) => {}
                 }
             })
         });
@@ -366,6 +431,7 @@ impl CpuBackend {
                 Weights::Packed(packed) => {
                     Cow::Owned((0..rows).flat_map(|r| packed.row(r).map(|v| v.to_f32())).collect())
                 }
+                Weights::PackedInt8(packed) => Cow::Owned((0..rows).flat_map(|r| packed.row(r)).collect()),
             };
             out.clear();
             out.resize(n * rows, 0.0);
@@ -431,7 +497,13 @@ impl Backend for CpuBackend {
         let rows = tensor.shape.first().copied().unwrap_or(1);
         let cols = tensor.shape.iter().skip(1).product::<usize>().max(1);
         let data = match tensor.data {
-            data if self.int8 => Weights::Int8(int8::Int8Rows::quantize(rows, cols, &data)),
+            data if self.int8 => {
+                let quantized = int8::Int8Rows::quantize(rows, cols, &data);
+                match int8::PackedInt8::available() {
+                    true => Weights::PackedInt8(int8::PackedInt8::pack(&quantized, rows, cols)),
+                    false => Weights::Int8(quantized),
+                }
+            }
             HostData::Bf16(values) if self.bf16_activations => Weights::Packed(PackedBf16::pack(rows, cols, &values)),
             data => Weights::Rows(data),
         };
@@ -480,6 +552,7 @@ impl Backend for CpuBackend {
                 Weights::Rows(HostData::Bf16(v)) => out.extend(v[at..at + cols].iter().map(|x| x.to_f32())),
                 Weights::Packed(packed) => out.extend(packed.row(at / cols).map(|x| x.to_f32())),
                 Weights::Int8(q) => out.extend(q.row(at / cols, cols)),
+                Weights::PackedInt8(packed) => out.extend(packed.row(at / cols)),
             }
         }
         Ok(())
@@ -489,7 +562,11 @@ impl Backend for CpuBackend {
         let n = x.len() / w.cols;
         match &w.data {
             _ if n == 0 => out.clear(),
-            Weights::Packed(packed) => self.packed_matmul(x, packed, out),
+            weights @ (Weights::Packed(_) | Weights::PackedInt8(_)) => {
+                if let Some(panels) = Panels::of(weights) {
+                    self.packed_matmuls(x, &mut [(panels, out)]);
+                }
+            }
             weights if n >= GEMM_MIN_ROWS => self.gemm(x, weights, w.rows, w.cols, out),
             weights => self.gemv(x, weights, w.rows, w.cols, out),
         }
@@ -499,20 +576,15 @@ impl Backend for CpuBackend {
 
     fn matmuls(&self, x: &Vec<f32>, products: &mut [Product<'_, Self>]) -> Op {
         let cols = products.first().map_or(0, |p| p.weight.cols);
-        let packed: Option<Vec<&PackedBf16>> = products
-            .iter()
-            .map(|p| match &p.weight.data {
-                Weights::Packed(packed) if p.weight.cols == cols => Some(packed),
-                _ => None,
-            })
-            .collect();
+        let packed: Option<Vec<Panels<'_>>> =
+            products.iter().map(|p| Panels::of(&p.weight.data).filter(|_| p.weight.cols == cols)).collect();
         let Some(packed) = packed else {
             for product in products {
                 self.matmul(x, product.weight, product.bias, product.out)?;
             }
             return Ok(());
         };
-        let mut pairs: Vec<(&PackedBf16, &mut Vec<f32>)> =
+        let mut pairs: Vec<(Panels<'_>, &mut Vec<f32>)> =
             packed.into_iter().zip(products.iter_mut().map(|p| &mut *p.out)).collect();
         self.packed_matmuls(x, &mut pairs);
         for product in products.iter_mut() {
@@ -786,15 +858,16 @@ mod tests {
         }
     }
 
-    /// int8 weights through `matmul` and `embedding`, for decode rows (int8 × int8 blocks and an f32 tail)
-    /// and prefill rows (the GEMM on dequantized weights): each output is the dot product with the
-    /// dequantized row. Weights and activations are whole multiples of their steps, so quantizing keeps them
-    /// exactly and the only difference left is summation order.
+    /// int8 weights through `matmul` and `embedding`, for decode rows and prefill rows, on whichever path this
+    /// CPU takes (the row layout's int8 × int8 blocks and GEMM on dequantized weights; or the packed layout's
+    /// 16-bit activations on the vector unit and bf16 ones on the tile unit): each output is the dot product
+    /// with the dequantized row, within what the activations' rounding on that path allows. Weights are whole
+    /// multiples of their steps, so quantizing keeps them exactly.
     #[test]
     fn int8_products_equal_products_with_the_dequantized_weights() {
         let backend = CpuBackend::new(2).unwrap().quantized_int8();
-        let cols = 43; // a tail past the 8- and 16-lane bodies
-        for rows in [150, 7] {
+        // 43: a tail past the 8- and 16-lane bodies and the 64-value blocks; 96: whole tiles of 32.
+        for (rows, cols) in [(150, 43), (7, 43), (40, 96)] {
             // Row r's values are multiples of (r + 1) / 127 up to ±(r + 1): its scale is exactly that step.
             let w: Vec<f32> = (0..rows * cols)
                 .map(|i| {
@@ -805,10 +878,13 @@ mod tests {
                 .collect();
             let matrix =
                 backend.matrix(HostTensor { shape: vec![rows, cols], data: HostData::F32(w.clone()) }).unwrap();
-            assert!(matches!(matrix.data, Weights::Int8(_)));
+            match int8::PackedInt8::available() {
+                true => assert!(matches!(matrix.data, Weights::PackedInt8(_))),
+                false => assert!(matches!(matrix.data, Weights::Int8(_))),
+            }
             for n in [1, 2, 3, 5, 16, 40] {
                 // Likewise activations: whole steps of 0.5 / 127, with a full-scale value in each row's first
-                // block, so decode's int8 activations hold them exactly too.
+                // block, so the row layout's int8 activations hold them exactly too.
                 let x: Vec<f32> = (0..n * cols)
                     .map(|i| if i % cols == 0 { 127 } else { ((i * 5) % 255) as i32 - 127 })
                     .map(|steps| steps as f32 * 0.5 / 127.0)
@@ -818,11 +894,21 @@ mod tests {
                 assert_eq!(out.len(), n * rows);
                 for t in 0..n {
                     for f in 0..rows {
-                        let expected: f32 = (0..cols).map(|k| x[t * cols + k] * w[f * cols + k]).sum();
+                        let terms = (0..cols).map(|k| (x[t * cols + k], w[f * cols + k]));
+                        let expected: f32 = terms.clone().map(|(x, w)| x * w).sum();
+                        let rounding = match &matrix.data {
+                            // bf16 activations: each within 2⁻⁹ of its value.
+                            Weights::PackedInt8(packed) if packed.on_tiles(n) => {
+                                terms.map(|(x, w)| (x * w).abs()).sum::<f32>() / 256.0
+                            }
+                            // 16-bit activations: each within half a step of its block's largest (0.5) / 32767.
+                            Weights::PackedInt8(_) => terms.map(|(_, w)| w.abs()).sum::<f32>() * 0.5 / 65534.0,
+                            _ => 0.0,
+                        };
                         let got = out[t * rows + f];
                         assert!(
-                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
-                            "{n} rows: {t},{f}: {got} vs {expected}"
+                            (got - expected).abs() <= rounding + 1e-4 * (1.0 + expected.abs()),
+                            "{rows}x{cols}, {n} rows: {t},{f}: {got} vs {expected}"
                         );
                     }
                 }

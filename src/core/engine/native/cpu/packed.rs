@@ -92,7 +92,7 @@ pub const PANELS_PER_CALL: usize = 6;
 /// Where a product's tiles store: a row-major output `width` floats wide whose column 0 is the first feature of
 /// panel `base_panel`.
 #[derive(Clone, Copy)]
-struct Output {
+pub(super) struct Output {
     ptr: *mut f32,
     len: usize,
     width: usize,
@@ -106,11 +106,25 @@ impl Output {
     /// No other thread may be writing those 16 floats.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn store(&self, row: usize, panel: usize, values: std::arch::x86_64::__m512) {
+    pub(super) unsafe fn store(&self, row: usize, panel: usize, values: std::arch::x86_64::__m512) {
         let at = row * self.width + (panel - self.base_panel) * LANES;
         assert!(at + LANES <= self.len, "a tile inside its output");
         // SAFETY: 16 floats at `at` are inside the output (asserted); the caller rules out other writers.
         unsafe { std::arch::x86_64::_mm512_storeu_ps(self.ptr.add(at), values) };
+    }
+
+    /// Multiplies the 16 values at row `row` of panel `panel` by `factors`.
+    ///
+    /// # Safety
+    /// As `store`; the values were stored before.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scale(&self, row: usize, panel: usize, factors: std::arch::x86_64::__m512) {
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_mul_ps, _mm512_storeu_ps};
+        let at = row * self.width + (panel - self.base_panel) * LANES;
+        assert!(at + LANES <= self.len, "a tile inside its output");
+        // SAFETY: 16 floats at `at` are inside the output (asserted) and initialised (the caller stored them).
+        unsafe { _mm512_storeu_ps(self.ptr.add(at), _mm512_mul_ps(_mm512_loadu_ps(self.ptr.add(at)), factors)) };
     }
 
     /// # Safety
@@ -145,6 +159,40 @@ impl<'a> SharedOutput<'a> {
             _borrow: std::marker::PhantomData,
         }
     }
+
+    pub(super) fn output(&self) -> Output {
+        self.output
+    }
+
+    /// The same output seen from panel `first` on: its panel 0 is this one's `first`.
+    pub(super) fn panels_from(&self, first: usize) -> SharedOutput<'a> {
+        let skip = (first - self.output.base_panel) * LANES;
+        assert!(skip <= self.output.len, "the panel inside the output");
+        let output = Output {
+            // SAFETY: `skip` floats are inside the output (asserted).
+            ptr: unsafe { self.output.ptr.add(skip) },
+            len: self.output.len - skip,
+            width: self.output.width,
+            base_panel: 0,
+        };
+        SharedOutput { output, _borrow: std::marker::PhantomData }
+    }
+
+    /// Multiplies panel `panel`'s columns in rows `0..n` by `factors` (16 of them).
+    ///
+    /// # Safety
+    /// As `PackedBf16::multiply_shared`: no other call is given this panel meanwhile, and its columns in those
+    /// rows were written.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn scale_panel(&self, panel: usize, n: usize, factors: &[f32]) {
+        assert!(factors.len() == LANES && available(), "16 factors, on a CPU with AVX-512");
+        // SAFETY: 16 floats; the CPU has AVX-512 F (asserted).
+        let factors = unsafe { std::arch::x86_64::_mm512_loadu_ps(factors.as_ptr()) };
+        for row in 0..n {
+            // SAFETY: as the caller promised.
+            unsafe { self.output.scale(row, panel, factors) };
+        }
+    }
 }
 
 pub struct PackedBf16 {
@@ -169,6 +217,18 @@ impl PackedBf16 {
             }
         }
         Self { rows, cols, depth, panels, data }
+    }
+
+    /// Panels already laid out (`panels` of 16 features × `cols` rounded up to even), as `pack` lays them.
+    pub(super) fn from_panels(rows: usize, cols: usize, panels: usize, data: Vec<bf16>) -> Self {
+        let depth = cols.next_multiple_of(2);
+        assert_eq!(data.len(), panels * LANES * depth, "whole panels");
+        Self { rows, cols, depth, panels, data }
+    }
+
+    /// The packed values, for reuse of their memory.
+    pub(super) fn into_data(self) -> Vec<bf16> {
+        self.data
     }
 
     /// Row `row` back in its original order (for embedding lookups).
