@@ -287,13 +287,18 @@ impl PackedInt8 {
     #[cfg(target_arch = "x86_64")]
     fn bf16_panels(&self, first: usize, count: usize, mut buffer: Vec<half::bf16>) -> PackedBf16 {
         let depth = self.cols.next_multiple_of(2);
+        let len = count * LANES * depth;
+        // Not zeroed first: every value is written below, and a zeroing pass cost as much as the conversion.
         buffer.clear();
-        buffer.resize(count * LANES * depth, half::bf16::ZERO);
+        buffer.reserve(len);
+        let spare = &mut buffer.spare_capacity_mut()[..len];
         for p in 0..count {
             let from = &self.data[(first + p) * LANES * self.depth..][..LANES * depth];
             // SAFETY: the CPU has AVX-512 F, BW and BF16 (the tile unit is used only where it does).
-            unsafe { widen_avx512(from, &mut buffer[p * LANES * depth..][..LANES * depth]) };
+            unsafe { widen_avx512(from, &mut spare[p * LANES * depth..][..LANES * depth]) };
         }
+        // SAFETY: the panels cover all `len` values, each written by `widen_avx512`.
+        unsafe { buffer.set_len(len) };
         PackedBf16::from_panels(count * LANES, self.cols, count, buffer)
     }
 
@@ -447,7 +452,7 @@ const PREFETCH_AHEAD: usize = PACKED_BLOCK / 2 * LANES * 2;
 /// a time: widened to i32, converted to f32, and two registers' worth narrowed to bf16 at once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn widen_avx512(from: &[i8], to: &mut [half::bf16]) {
+unsafe fn widen_avx512(from: &[i8], to: &mut [std::mem::MaybeUninit<half::bf16>]) {
     use std::arch::x86_64::*;
     assert!(from.len() == to.len() && from.len().is_multiple_of(32), "whole groups of 32");
     for (from, to) in from.chunks_exact(32).zip(to.chunks_exact_mut(32)) {
