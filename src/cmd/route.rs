@@ -79,7 +79,7 @@ pub struct HeldArgs {
     pub served_model_name: Vec<String>,
 
     /// Tokens per KV block of the held engines (each must keep its KV in blocks of this size).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024), requires = "kv_events_from")]
     pub block_size: u32,
 }
 

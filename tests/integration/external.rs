@@ -790,6 +790,7 @@ async fn a_router_refuses_to_start_with_a_held_engine_it_cannot_use() {
     let stderr = route(&["--model", MODEL_DIR, "--kv-events-from", "vllm:tcp://127.0.0.1:1=http://127.0.0.1:1"]);
     assert!(stderr.contains("does not answer"), "{stderr}");
     assert!(route(&["--kv-events-from", &held]).contains("--model"));
+    assert!(route(&["--block-size", "32"]).contains("--kv-events-from"), "a block size for no engine");
     let stderr = route(&["--model", MODEL_DIR, "--kv-events-from", &double.base]);
     assert!(stderr.contains("expected KIND:EVENTS=URL"), "{stderr}");
 }

@@ -397,8 +397,7 @@ async fn served_model(http: &EngineHttp, kind: ExternalKind) -> Result<ServedMod
     parse_models(&body).map_err(|reason| ExternalError::Mismatch { kind: kind.name(), url, reason })
 }
 
-/// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that fails `DOWN_AFTER_FAILURES` reads in a
-/// row is not alive until it answers again (a restart), and the routers skip it meanwhile.
+/// Reads the engine's LoRA adapters again every `ADAPTERS_INTERVAL`.
 async fn watch_adapters(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(ADAPTERS_INTERVAL);
     tick.tick().await;
@@ -408,6 +407,8 @@ async fn watch_adapters(shared: Arc<Shared>) {
     }
 }
 
+/// Reads the engine's gauges every `METRICS_INTERVAL`; an engine that fails `DOWN_AFTER_FAILURES` reads in a
+/// row is not alive until it answers again (a restart), and the routers skip it meanwhile.
 async fn watch_load(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(METRICS_INTERVAL);
     let mut failures = 0u32;
