@@ -774,6 +774,61 @@ async fn a_router_holds_the_engines_it_is_given_beside_the_workers_it_finds() {
     panic!("not every engine ran a prompt the router then matched: {matched_on:?}");
 }
 
+/// The endpoint picker in front of held engines (`--epp-port` with `--kv-events-from`, as Dynamo's standalone
+/// picker fronts plain vLLM pods): the gateway is told to send each request straight to an engine's own
+/// server, the one whose KV holds the prompt's prefix, within the gateway's subset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picker_sends_the_gateway_straight_to_the_held_engine_that_holds_the_prefix() {
+    use dynamo::core::epp::gateway::{self, Gateway};
+    let doubles = [Double::start().await, Double::start().await];
+    let (_, file) = cluster_file("vllm-held-epp");
+    let held = |double: &Double| format!("vllm:{}={}", double.kv_events, double.base);
+    let (first, second) = (held(&doubles[0]), held(&doubles[1]));
+    let (router, line) =
+        Server::start_saying(dynamo().args(["route", "--http-port", "0", "--discovery", &file]).args([
+            "--epp-port",
+            "0",
+            "--epp-insecure",
+            "--model",
+            MODEL_DIR,
+            "--kv-events-from",
+            &first,
+            "--kv-events-from",
+            &second,
+        ]));
+    let picker =
+        line.split("h2c) on ").nth(1).and_then(|at| at.split_whitespace().next()).expect("the picker's address");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{picker}")).expect("a URI");
+    let gateway = Gateway::connect(endpoint).await.expect("the picker accepts");
+    wait_for_workers(&router, 2).await;
+    let address = |double: &Double| double.base.trim_start_matches("http://").to_string();
+    let ask = |body: &Value, subset: Option<&str>| {
+        let messages = gateway::post("/v1/completions", body.to_string().as_bytes(), subset);
+        let gateway = gateway.clone();
+        async move {
+            let answer = gateway.exchange(messages).await.expect("an answer");
+            gateway::destination(&answer).unwrap_or_else(|| panic!("not a pick: {answer:?}"))
+        }
+    };
+
+    // A long prompt runs on one engine (through the router's own frontend), whose KV events then say so.
+    let prompt = "The gateway asks the picker where to send each request. ".repeat(12);
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 2, "ignore_eos": true});
+    let before: Vec<usize> = doubles.iter().map(|d| d.requests().len()).collect();
+    assert_eq!(router.post_json("/v1/completions", body.clone()).await.0, 200);
+    let owner = (0..2).find(|&d| doubles[d].requests().len() > before[d]).expect("an engine ran it");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(&body, None).await != address(&doubles[owner]) {
+        assert!(Instant::now() < deadline, "the picker never chose the engine that holds the prefix");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(ask(&body, None).await, address(&doubles[owner]));
+    }
+    let other = address(&doubles[1 - owner]);
+    assert_eq!(ask(&body, Some(&other)).await, other, "the gateway's subset");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_refuses_to_start_with_a_held_engine_it_cannot_use() {
     let double = Double::start().await;

@@ -1,7 +1,9 @@
 //! Engines a router holds itself (`dynamo route --kv-events-from vllm:tcp://HOST:PORT=http://HOST:PORT`):
 //! vLLM, SGLang or TensorRT-LLM servers started without a `dynamo` worker beside them. The router connects to
 //! each as a worker process would (its OpenAI API, its KV-event publisher, its `/metrics`), so they are
-//! routed to, indexed and watched like in-process workers, beside the workers that discovery finds.
+//! routed to, indexed and watched like in-process workers, beside the workers that discovery finds. An endpoint
+//! picker (`--epp-port`) sends a gateway's request for a held engine straight to the engine's own server, as
+//! Dynamo's standalone picker fronts plain vLLM pods.
 use crate::core::engine::Engine;
 use crate::core::engine::external::{ExternalEngine, ExternalError, ExternalKind, ExternalSettings};
 use crate::core::frontend::Served;

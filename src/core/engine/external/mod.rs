@@ -508,6 +508,13 @@ impl Engine for ExternalEngine {
         format!("{} at {}", self.shared.kind.name(), self.shared.http.base())
     }
 
+    /// The engine's own server: it serves this engine alone and takes OpenAI requests as they come (vLLM's and
+    /// TensorRT-LLM's; SGLang's too), so an endpoint picker holding it sends a gateway's request straight there.
+    fn http_addr(&self) -> Option<String> {
+        let host_port = self.shared.http.base().strip_prefix("http://")?.trim_end_matches('/');
+        Some(format!("tcp://{host_port}"))
+    }
+
     fn adapters(&self) -> Vec<String> {
         self.shared.adapters()
     }
