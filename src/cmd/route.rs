@@ -64,10 +64,11 @@ pub struct RouteArgs {
 #[command(next_help_heading = "Engines without a worker")]
 pub struct HeldArgs {
     /// A vLLM, SGLang or TensorRT-LLM server this router routes to itself, with no `dynamo decode` beside it:
-    /// KIND:EVENTS=URL, its KV-event publisher and its HTTP server (vllm:tcp://10.0.0.7:5557=http://10.0.0.7:8000;
-    /// TensorRT-LLM: trtllm:http://HOST:PORT/kv_cache_events=http://HOST:PORT). Once per engine; they serve
-    /// --model and must answer at start. The workers discovery finds serve beside them.
-    #[arg(long, value_name = "KIND:EVENTS=URL", requires = "model")]
+    /// KIND:EVENTS[,REPLAY]=URL, its KV-event publisher, optionally its replay socket, and its HTTP server
+    /// (vllm:tcp://10.0.0.7:5557,tcp://10.0.0.7:5558=http://10.0.0.7:8000; TensorRT-LLM:
+    /// trtllm:http://HOST:PORT/kv_cache_events=http://HOST:PORT). Once per engine; they serve --model and must
+    /// answer at start. The workers discovery finds serve beside them.
+    #[arg(long, value_name = "KIND:EVENTS[,REPLAY]=URL", requires = "model")]
     pub kv_events_from: Vec<HeldEngine>,
 
     /// The held engines' model directory (tokenizer, chat template, config.json), as the engines were given it.

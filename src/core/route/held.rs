@@ -16,17 +16,20 @@ use std::sync::Arc;
 pub struct HeldEngine {
     pub kind: ExternalKind,
     pub kv_events: String,
+    /// vLLM's (and SGLang's) replay socket: the router starts from the engine's event history, so blocks
+    /// stored before it joined keep their children.
+    pub replay: Option<String>,
     pub url: String,
 }
 
 impl std::str::FromStr for HeldEngine {
     type Err = String;
 
-    /// `KIND:EVENTS=URL`, as `vllm:tcp://10.0.0.7:5557=http://10.0.0.7:8000` (TensorRT-LLM's events are its
-    /// `http://HOST:PORT/kv_cache_events`).
+    /// `KIND:EVENTS[,REPLAY]=URL`, as `vllm:tcp://10.0.0.7:5557,tcp://10.0.0.7:5558=http://10.0.0.7:8000`
+    /// (TensorRT-LLM's events are its `http://HOST:PORT/kv_cache_events`, and it has no replay).
     fn from_str(spec: &str) -> Result<Self, String> {
-        let usage = "expected KIND:EVENTS=URL, e.g. vllm:tcp://10.0.0.7:5557=http://10.0.0.7:8000 (KIND: vllm, \
-                     sglang or trtllm)";
+        let usage = "expected KIND:EVENTS[,REPLAY]=URL, e.g. vllm:tcp://10.0.0.7:5557=http://10.0.0.7:8000 (KIND: \
+                     vllm, sglang or trtllm)";
         let (kind, rest) = spec.split_once(':').ok_or_else(|| format!("{usage}, got `{spec}`"))?;
         let kind = match kind {
             "vllm" => ExternalKind::Vllm,
@@ -34,7 +37,11 @@ impl std::str::FromStr for HeldEngine {
             "trtllm" => ExternalKind::Trtllm,
             other => return Err(format!("`{other}` is no engine this router can hold; {usage}")),
         };
-        let (kv_events, url) = rest.split_once('=').ok_or_else(|| format!("{usage}, got `{spec}`"))?;
+        let (events, url) = rest.split_once('=').ok_or_else(|| format!("{usage}, got `{spec}`"))?;
+        let (kv_events, replay) = match events.split_once(',') {
+            Some((events, replay)) => (events, Some(replay)),
+            None => (events, None),
+        };
         let events_scheme = match kind {
             ExternalKind::Trtllm => "http://",
             ExternalKind::Vllm | ExternalKind::Sglang => "tcp://",
@@ -46,10 +53,19 @@ impl std::str::FromStr for HeldEngine {
                 if kind == ExternalKind::Trtllm { "/kv_cache_events" } else { "" }
             ));
         }
+        if let Some(replay) =
+            replay.filter(|r| kind == ExternalKind::Trtllm || r.len() <= 6 || !r.starts_with("tcp://"))
+        {
+            return Err(match kind {
+                ExternalKind::Trtllm => format!("TensorRT-LLM has no replay socket, got `{replay}`; {usage}"),
+                _ => format!("the replay socket is tcp://HOST:PORT, got `{replay}`; {usage}"),
+            });
+        }
         if !url.starts_with("http://") || url.len() == "http://".len() {
             return Err(format!("the engine's server is http://HOST:PORT, got `{url}`; {usage}"));
         }
-        Ok(Self { kind, kv_events: kv_events.to_string(), url: url.to_string() })
+        let replay = replay.map(str::to_string);
+        Ok(Self { kind, kv_events: kv_events.to_string(), replay, url: url.to_string() })
     }
 }
 
@@ -83,7 +99,7 @@ impl HeldSettings {
                 kind: held.kind,
                 url: held.url.clone(),
                 kv_events: Some(held.kv_events.clone()),
-                kv_events_replay: None,
+                kv_events_replay: held.replay.clone(),
                 metrics_url: None,
                 block_size: self.block_size,
                 kv_connector: false,
@@ -91,7 +107,8 @@ impl HeldSettings {
                 profile: None,
                 data_parallel_rank: None,
             };
-            let spec = format!("{}:{}={}", held.kind.name(), held.kv_events, held.url);
+            let replay = held.replay.as_ref().map(|r| format!(",{r}")).unwrap_or_default();
+            let spec = format!("{}:{}{replay}={}", held.kind.name(), held.kv_events, held.url);
             let engine = (ExternalEngine::connect(rand::random(), &settings).await)
                 .map_err(|source| HeldError::Engine { spec, source })?;
             let context = u32::try_from(engine.max_sequence_tokens()).unwrap_or(u32::MAX);
@@ -121,8 +138,14 @@ mod tests {
             HeldEngine {
                 kind: ExternalKind::Vllm,
                 kv_events: "tcp://10.0.0.7:5557".into(),
+                replay: None,
                 url: "http://10.0.0.7:8000".into()
             }
+        );
+        let replayed: HeldEngine = "vllm:tcp://h:5557,tcp://h:5558=http://h:8000".parse().unwrap();
+        assert_eq!(
+            (replayed.kv_events.as_str(), replayed.replay.as_deref(), replayed.url.as_str()),
+            ("tcp://h:5557", Some("tcp://h:5558"), "http://h:8000")
         );
         let trtllm: HeldEngine = "trtllm:http://h:8000/kv_cache_events=http://h:8000".parse().unwrap();
         assert_eq!((trtllm.kind, trtllm.kv_events.as_str()), (ExternalKind::Trtllm, "http://h:8000/kv_cache_events"));
@@ -134,12 +157,15 @@ mod tests {
         for (spec, says) in [
             ("http://10.0.0.7:8000", "no engine this router can hold"),
             ("ollama:tcp://h:1=http://h:2", "`ollama` is no engine"),
-            ("vllm:tcp://h:1", "expected KIND:EVENTS=URL"),
+            ("vllm:tcp://h:1", "expected KIND:EVENTS"),
             ("vllm:http://h:1=http://h:2", "vllm's KV events are read from tcp://HOST:PORT"),
             ("trtllm:tcp://h:1=http://h:2", "/kv_cache_events"),
             ("vllm:tcp://h:1=h:2", "the engine's server is http://HOST:PORT"),
             ("vllm:tcp://=http://h:2", "tcp://HOST:PORT"),
-            ("", "expected KIND:EVENTS=URL"),
+            ("vllm:tcp://h:1,h:3=http://h:2", "the replay socket is tcp://HOST:PORT"),
+            ("vllm:tcp://h:1,=http://h:2", "the replay socket is tcp://HOST:PORT"),
+            ("trtllm:http://h:1/kv_cache_events,tcp://h:3=http://h:2", "TensorRT-LLM has no replay socket"),
+            ("", "expected KIND:EVENTS"),
         ] {
             let error = spec.parse::<HeldEngine>().unwrap_err();
             assert!(error.contains(says), "{spec:?}: {error}");
