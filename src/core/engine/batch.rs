@@ -164,7 +164,7 @@ impl BatchEngine {
         hand_off: Shared,
     ) -> Result<(SeqId, ResponseStream), EngineError> {
         super::check_fits(&request, self.max_sequence_tokens)?;
-        super::check_adapter(&request, &[])?;
+        super::check_adapter(&request, Vec::new)?;
         if let Some(constraint) = &request.constraint {
             // Compiled here, on the caller's thread, so a bad one is refused at once and the engine's task
             // finds it in the cache.

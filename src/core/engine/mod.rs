@@ -39,15 +39,18 @@ pub enum EngineError {
     InvalidRequest(String),
 }
 
-/// Refuses a request under a LoRA adapter the engine does not serve (`adapters`): run on the base model it
-/// would answer as another model than the client asked for.
-pub fn check_adapter(request: &PreprocessedRequest, adapters: &[String]) -> Result<(), EngineError> {
-    match &request.adapter {
-        Some(name) if !adapters.contains(name) => Err(EngineError::InvalidRequest(format!(
+/// Refuses a request under a LoRA adapter the engine does not serve (`adapters`, asked only for a request
+/// that names one: most do not, and the list is a copy): run on the base model it would answer as another
+/// model than the client asked for.
+pub fn check_adapter(request: &PreprocessedRequest, adapters: impl FnOnce() -> Vec<String>) -> Result<(), EngineError> {
+    let Some(name) = &request.adapter else { return Ok(()) };
+    let adapters = adapters();
+    match adapters.contains(name) {
+        true => Ok(()),
+        false => Err(EngineError::InvalidRequest(format!(
             "this worker serves no LoRA adapter named {name:?} (it serves {})",
             if adapters.is_empty() { "none".to_string() } else { format!("{adapters:?}") }
         ))),
-        _ => Ok(()),
     }
 }
 
@@ -248,6 +251,20 @@ impl Stream for ResponseStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_adapter_the_engine_lacks_is_refused_and_a_base_request_never_asks_for_the_list() {
+        let mut request = PreprocessedRequest::greedy("m", vec![7; 10], 2);
+        assert!(check_adapter(&request, || unreachable!("a base-model request needs no adapter list")).is_ok());
+        request.adapter = Some("sql".into());
+        assert!(check_adapter(&request, || vec!["chat".into(), "sql".into()]).is_ok());
+        let Err(EngineError::InvalidRequest(why)) = check_adapter(&request, || vec!["chat".into()]) else {
+            panic!("an adapter the engine lacks was accepted")
+        };
+        assert!(why.contains("\"sql\"") && why.contains("[\"chat\"]"), "{why}");
+        let Err(EngineError::InvalidRequest(why)) = check_adapter(&request, Vec::new) else { panic!("accepted") };
+        assert!(why.contains("it serves none"), "{why}");
+    }
     use crate::core::protocol::MediaInput;
 
     #[test]

@@ -58,7 +58,7 @@ impl Engine for RemoteEngine {
             blocks => usize::try_from(blocks.saturating_mul(u64::from(card.block_size))).unwrap_or(usize::MAX),
         };
         check_fits(&request, kv_tokens.min(card.context_length as usize))?;
-        check_adapter(&request, &self.client.adapters())?;
+        check_adapter(&request, || self.client.adapters())?;
         Ok(self.client.submit(request))
     }
 

@@ -458,7 +458,7 @@ impl Engine for ExternalEngine {
 
     fn submit(&self, request: PreprocessedRequest) -> Result<ResponseStream, EngineError> {
         check_fits(&request, self.shared.max_sequence_tokens)?;
-        check_adapter(&request, &self.shared.adapters())?;
+        check_adapter(&request, || self.shared.adapters())?;
         if request.pooling.is_some() {
             return Err(EngineError::InvalidRequest(format!(
                 "embeddings are not forwarded to {} by this worker yet: serve the embedding model on the native \
