@@ -1,7 +1,8 @@
 //! The CPU backend: f32 activations, weights in f32 or bf16 (widened per element inside the dot product, so
 //! decode streams half the bytes), KV pages in the weights' type (f32, or bf16 widened as attention reads).
-//! Work is split over a rayon pool sized by `--threads`; rayon's idle workers sleep instead of spinning, which
-//! matters when several workers share a small box.
+//! Work is split over a rayon pool sized by `--threads`. While a pass runs its other threads stay awake looking
+//! for work (`stay_awake`); between passes they sleep instead of spinning, which matters when several workers
+//! share a small box.
 //!
 //! Matrix products take one of two paths: few rows (decode) stream each weight row once against every
 //! activation row (`kernels`, bandwidth-bound); many rows (prefill) go to the `gemm` crate's packed,
@@ -24,6 +25,9 @@ use math::Element;
 use packed::{PackedBf16, SharedOutput};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -82,6 +86,29 @@ impl CpuBackend {
     /// Keeps every activation and the KV cache in f32 (the reference `dynamo selftest` compares a device against).
     pub fn reference(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
         Ok(Self { bf16_activations: false, bf16_kv: false, ..Self::new(threads)? })
+    }
+}
+
+/// How long a helper finds nothing to take before it goes back to rayon's sleeping.
+const STAY_AWAKE_IDLE: Duration = Duration::from_millis(1);
+
+/// Keeps a pool thread looking for work while a pass runs: each op's parallel split then starts on a thread
+/// that is already awake instead of one woken from sleep (a futex round trip per op, a few hundred per
+/// decode step). Between looks it yields its core to any other runnable thread, and a gap of
+/// `STAY_AWAKE_IDLE` with nothing to take ends it, so a long serial stretch costs at most that much spinning.
+fn stay_awake(running: &AtomicBool) {
+    let mut idle_since: Option<Instant> = None;
+    while running.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = None,
+            _ => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STAY_AWAKE_IDLE {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -472,7 +499,24 @@ impl Backend for CpuBackend {
     type Pages = CpuPages;
 
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(work)
+        if self.pool.current_num_threads() < 2 || self.pool.current_thread_index().is_some() {
+            return self.pool.install(work);
+        }
+        // The other threads are woken once per pass (by the broadcast) rather than once per op; the pass's own
+        // thread skips its copy, which it meets only when it looks for work.
+        let running = Arc::new(AtomicBool::new(true));
+        self.pool.install(|| {
+            let owner = rayon::current_thread_index();
+            let helpers = running.clone();
+            self.pool.spawn_broadcast(move |thread| {
+                if Some(thread.index()) != owner {
+                    stay_awake(&helpers);
+                }
+            });
+            let result = work();
+            running.store(false, Ordering::Release);
+            result
+        })
     }
 
     fn describe(&self) -> String {
@@ -789,6 +833,34 @@ impl CpuBackend {
 mod tests {
     use super::*;
     use half::bf16;
+
+    /// Passes of several engines sharing one pool, each keeping the pool's other threads awake while it runs
+    /// (nested in each other's helpers as work is stolen), all finish with their own results.
+    #[test]
+    fn passes_sharing_a_pool_all_finish() {
+        let backend = Arc::new(CpuBackend::new(2).unwrap());
+        let (done, finished) = std::sync::mpsc::channel();
+        for engine in 0..4u64 {
+            let (backend, done) = (backend.clone(), done.clone());
+            std::thread::spawn(move || {
+                for pass in 0..200u64 {
+                    let sum: u64 = backend.run(|| {
+                        let first: u64 = (0..2_000u64).into_par_iter().map(|i| i * engine + pass).sum();
+                        // Ops install again from inside the pass, as `packed_matmuls` does.
+                        first + backend.pool.install(|| (0..500u64).into_par_iter().sum::<u64>())
+                    });
+                    let expected = engine * (1_999 * 2_000 / 2) + pass * 2_000 + 499 * 500 / 2;
+                    assert_eq!(sum, expected, "engine {engine}, pass {pass}");
+                }
+                let _ = done.send(engine);
+            });
+        }
+        drop(done);
+        for _ in 0..4 {
+            let engine = finished.recv_timeout(Duration::from_secs(120));
+            assert!(engine.is_ok(), "a pass never finished (or failed): {engine:?}");
+        }
+    }
 
     /// `matmuls` (one parallel split over every product's panels) gives each product exactly what `matmul` does
     /// alone, biases included; with an f32 matrix among them it falls back to one product at a time.
