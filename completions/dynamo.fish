@@ -276,7 +276,7 @@ complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l max-prefill-work
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l worker-budget -d 'Most workers of every role together (Dynamo\'s max GPU budget)' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-up-pressure -d 'KV pressure (KV needed over KV held) past which a role gets one more worker; past 1, requests queue' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l scale-down-pressure -d 'KV pressure every sample of an interval must stay under for a role to lose a worker' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-profile -d 'Size each role for the latency targets from this performance profile (`dynamo profile` writes one) and the traffic forecast; load-based steps still add workers beyond that' -r -F
+complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l planner-profile -d 'Size each role for the latency targets from this performance profile (`dynamo profile` writes one) and the traffic forecast; load-based steps still add workers beyond that. `workers`: the profile the workers send the router (the mocker\'s own; a native worker\'s `--profile`), once one has' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l ttft-target-ms -d 'Mean time to first token the profile-based sizing aims at, in ms' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l itl-target-ms -d 'Mean time between tokens the profile-based sizing aims at, in ms' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand route" -l sla-attainment -d 'The share of requests that must meet the latency targets (0.95: 95 %); without it, their means must (as Dynamo\'s SLA planner sizes)' -r

@@ -1,6 +1,6 @@
 //! `dynamo route`: the OpenAI frontend and router in front of the workers discovery finds, and optionally
 //! the planner that sizes the cluster.
-use super::args::{ClusterArgs, HttpArgs, RouterArgs};
+use super::args::{ClusterArgs, HttpArgs, RouterArgs, RouterModeArg};
 use crate::core::engine::profile::Profile;
 use crate::core::epp::{EppSettings, Tls};
 use crate::core::kube::{ApiConfig, Auth, SERVICE_ACCOUNT_DIR};
@@ -8,10 +8,13 @@ use crate::core::planner::kubernetes::{KubernetesConnector, KubernetesSettings};
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::local::{LocalConnector, LocalSettings};
 use crate::core::planner::sla::Targets;
-use crate::core::planner::{Connector, PlannerSettings, PlannerStart, SlaSettings, Virtual};
+use crate::core::planner::{
+    Connector, PlannerSettings, PlannerStart, ProfileSource, SlaSettings, Virtual, WorkerProfile,
+};
 use crate::core::route::{self, ClusterSettings, HeldEngine, HeldSettings};
 use crate::core::trust::ClusterKey;
 use clap::{Args, ValueEnum};
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct RouteArgs {
@@ -149,9 +152,10 @@ pub struct PlannerArgs {
     pub scale_down_pressure: f64,
 
     /// Size each role for the latency targets from this performance profile (`dynamo profile` writes one)
-    /// and the traffic forecast; load-based steps still add workers beyond that.
-    #[arg(long, value_name = "PATH", requires = "planner")]
-    pub planner_profile: Option<std::path::PathBuf>,
+    /// and the traffic forecast; load-based steps still add workers beyond that. `workers`: the profile the
+    /// workers send the router (the mocker's own; a native worker's `--profile`), once one has.
+    #[arg(long, value_name = "PATH|workers", value_parser = planner_profile, requires = "planner")]
+    pub planner_profile: Option<PlannerProfile>,
 
     /// Mean time to first token the profile-based sizing aims at, in ms.
     #[arg(long, default_value_t = Targets::default().ttft_ms, value_parser = super::args::positive_f64, requires = "planner_profile")]
@@ -209,6 +213,7 @@ impl PlannerArgs {
         cluster: &ClusterArgs,
         key: Option<&ClusterKey>,
         host: std::net::IpAddr,
+        worker_profile: &WorkerProfile,
     ) -> anyhow::Result<Option<PlannerStart>> {
         let Some(predictor) = &self.planner else {
             anyhow::ensure!(
@@ -248,8 +253,11 @@ impl PlannerArgs {
             budget: self.worker_budget as usize,
             thresholds: Thresholds { up: self.scale_up_pressure, down: self.scale_down_pressure },
             sla: match &self.planner_profile {
-                Some(path) => Some(SlaSettings {
-                    profile: Profile::read(path)?,
+                Some(source) => Some(SlaSettings {
+                    profile: match source {
+                        PlannerProfile::File(path) => ProfileSource::File(Arc::new(Profile::read(path)?)),
+                        PlannerProfile::Workers => ProfileSource::Workers(worker_profile.clone()),
+                    },
                     targets: Targets {
                         ttft_ms: self.ttft_target_ms,
                         itl_ms: self.itl_target_ms,
@@ -372,6 +380,20 @@ impl PlannerArgs {
     }
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlannerProfile {
+    File(std::path::PathBuf),
+    Workers,
+}
+
+fn planner_profile(text: &str) -> Result<PlannerProfile, String> {
+    match text {
+        "" => Err("expected a profile's path, or `workers`".into()),
+        "workers" => Ok(PlannerProfile::Workers),
+        path => Ok(PlannerProfile::File(path.into())),
+    }
+}
+
 fn share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.5 && v < 1.0 => Ok(v),
@@ -385,7 +407,14 @@ const MIN_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     let key = args.cluster.key.key()?;
-    let planner = args.planner.start(&args.cluster, key.as_ref(), args.http.listen().ip())?;
+    let by_worker_profile = args.planner.planner_profile == Some(PlannerProfile::Workers);
+    anyhow::ensure!(
+        !by_worker_profile || args.router.router_mode == RouterModeArg::Latency,
+        "--planner-profile workers sizes by the profile the router asks each worker for, which it does only with \
+         --router-mode latency; route by latency, or give the profile's file (`dynamo profile` writes one)"
+    );
+    let worker_profile = WorkerProfile::default();
+    let planner = args.planner.start(&args.cluster, key.as_ref(), args.http.listen().ip(), &worker_profile)?;
     let discovery = crate::core::discovery::from_spec(&args.cluster.discovery, key.as_ref())?;
     let settings = ClusterSettings {
         namespace: args.cluster.namespace,
@@ -393,6 +422,7 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
         router: args.router.config(),
         key,
         held: args.held.settings(),
+        worker_profile: by_worker_profile.then_some(worker_profile),
     };
     let (listen, http) = (args.http.listen(), args.http.settings()?);
     let epp = args.epp_port.map(|port| {

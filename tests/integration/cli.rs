@@ -126,6 +126,8 @@ fn a_planner_that_could_not_work_is_refused_before_anything_starts() {
         &["cannot read the profile", "/no/such"],
     );
     refused(&["--planner", "auto", "--ttft-target-ms", "100"], &["--planner-profile"]);
+    refused(&["--planner", "auto", "--planner-profile", "workers", "--router-mode", "kv"], &["--router-mode latency"]);
+    refused(&["--planner", "auto", "--planner-profile", ""], &["`workers`"]);
     refused(&["--planner", "auto", "--planner-connector", "kubernetes"], &["--kube-decode-deployment"]);
     refused(&["--planner", "auto", "--planner-interval", "1e-10"], &["--planner-interval", "too short"]);
     let kube = ["--planner", "auto", "--planner-connector", "kubernetes", "--kube-decode-deployment", "d"];

@@ -167,6 +167,26 @@ async fn every_plan_goes_out_on_the_event_plane_where_top_shows_it() {
     assert!(text.contains("1 worker, 1 alive"), "{text}");
 }
 
+/// `--planner-profile workers`: the planner sizes by the profile the router got from its workers (the
+/// mocker's), with no file: its profile-based corrections appear once the worker has joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_sizes_by_the_profile_the_workers_send() {
+    let (_, discovery) = cluster("planner-worker-profile");
+    let router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-connector", "virtual", "--planner-interval", "0.5"])
+            .args(["--planner-profile", "workers", "--ttft-target-ms", "500"]),
+    );
+    let corrected = |m: &str| metric(m, "dynamo_planner_correction{phase=\"prefill\"}").is_some();
+    // Sized by load alone until a worker has sent its profile.
+    router.wait_for_metrics(Duration::from_secs(30), |m| decode_workers(m).1 >= 1.0).await;
+    let before = reqwest::get(router.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(!corrected(&before), "no worker, no profile: {before}");
+    let _worker = crate::util::Worker::start(&["--engine", "mocker", "--discovery", &discovery]);
+    router.wait_for_metrics(Duration::from_secs(30), corrected).await;
+}
+
 #[tokio::test]
 async fn the_kubernetes_connector_sets_the_replicas_of_the_decode_deployment() {
     use axum::routing::patch;

@@ -17,7 +17,7 @@ use crate::core::engine::profile::Profile;
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::planner::load::{Bounds, Thresholds};
 use crate::core::planner::sla::Targets;
-use crate::core::planner::{Connector, Plan, Planner, PlannerSettings, SlaSettings};
+use crate::core::planner::{Connector, Plan, Planner, PlannerSettings, ProfileSource, SlaSettings};
 use crate::core::protocol::WorkerId;
 use crate::core::protocol::discovery::{Instance, ModelCardSummary, Role};
 use crate::core::router::{Pool, Router, RouterConfig};
@@ -161,7 +161,7 @@ async fn run_planner(trace: &[TraceRequest], settings: &ScalingSettings) -> Resu
         prefill: Bounds { min: 0, max: 0 },
         budget: settings.max_workers.max(1),
         thresholds: Thresholds::default(),
-        sla: Some(SlaSettings { profile, targets }),
+        sla: Some(SlaSettings { profile: ProfileSource::File(Arc::new(profile)), targets }),
     };
     let router = Arc::new(Router::new(Vec::new(), router_config(settings)));
     let fleet = Arc::new(Mutex::new(Fleet::default()));

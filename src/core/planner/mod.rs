@@ -16,6 +16,7 @@ pub mod load;
 pub mod local;
 pub mod sla;
 
+use crate::core::engine::profile::Profile;
 use crate::core::members::announce::Announcer;
 use crate::core::protocol::discovery::Role;
 pub use crate::core::protocol::{Forecast, Plan};
@@ -49,8 +50,30 @@ pub struct PlannerSettings {
 
 #[derive(Debug, Clone)]
 pub struct SlaSettings {
-    pub profile: crate::core::engine::profile::Profile,
+    pub profile: ProfileSource,
     pub targets: sla::Targets,
+}
+
+/// Where profile-based sizing takes its performance profile from.
+#[derive(Debug, Clone)]
+pub enum ProfileSource {
+    /// A file `dynamo profile` wrote (`--planner-profile PATH`).
+    File(Arc<Profile>),
+    /// The profile the workers sent this process's router (`--planner-profile workers`), once one has.
+    Workers(WorkerProfile),
+}
+
+/// The first performance profile a worker sent the router: what `ProfileSource::Workers` reads. Workers of one
+/// model send the same one (the mocker's fit, or the file given to every native worker).
+pub type WorkerProfile = Arc<std::sync::OnceLock<Arc<Profile>>>;
+
+impl ProfileSource {
+    pub fn get(&self) -> Option<Arc<Profile>> {
+        match self {
+            ProfileSource::File(profile) => Some(profile.clone()),
+            ProfileSource::Workers(sent) => sent.get().cloned(),
+        }
+    }
 }
 
 impl PlannerSettings {
@@ -338,6 +361,11 @@ impl Planner {
         reasons: &mut Vec<String>,
     ) -> Option<[usize; 2]> {
         let SlaSettings { profile, targets } = self.settings.sla.as_ref()?;
+        let Some(profile) = profile.get() else {
+            reasons.push("no worker has sent its performance profile yet: sized by load alone".into());
+            return None;
+        };
+        let profile = profile.as_ref();
         let seconds = self.settings.interval.as_secs_f64();
         let disaggregated = self.settings.prefill.max > 0;
         // Whoever prefills: prefill workers, or the aggregated decode workers.

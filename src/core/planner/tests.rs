@@ -163,7 +163,7 @@ fn with_a_profile_each_role_gets_at_least_what_its_latency_target_needs() {
     let profile = Profile::mocker(&crate::core::engine::mocker::MockerConfig::default());
     let targets = Targets { ttft_ms: 500.0, itl_ms: 30.0, attainment: None };
     let planned = |ttft_ms: u64| {
-        let sla = Some(SlaSettings { profile: profile.clone(), targets });
+        let sla = Some(SlaSettings { profile: ProfileSource::File(Arc::new(profile.clone())), targets });
         let bounds = Bounds { min: 1, max: 32 };
         let mut rig = rig(PlannerSettings { budget: 64, decode: bounds, prefill: bounds, sla, ..settings() });
         // One interval of 40 requests of 2048 + 100 tokens; the constant predictor forecasts the same again.
@@ -195,7 +195,10 @@ fn without_traffic_or_within_reach_of_nothing_the_profile_sets_no_floor() {
     use crate::core::engine::profile::Profile;
     let profile = Profile::mocker(&crate::core::engine::mocker::MockerConfig::default());
     // No TTFT under 1 ms is possible: the load steps alone decide, and the reason says why.
-    let sla = Some(SlaSettings { profile, targets: Targets { ttft_ms: 1.0, itl_ms: 30.0, attainment: None } });
+    let sla = Some(SlaSettings {
+        profile: ProfileSource::File(Arc::new(profile)),
+        targets: Targets { ttft_ms: 1.0, itl_ms: 30.0, attainment: None },
+    });
     let mut rig = rig(PlannerSettings { sla, ..settings() });
     traffic(&rig.metrics, 10, 2048, 100, 60, 10);
     assert_eq!(rig.interval(view(2, 0, 0.7)), (2, 0));

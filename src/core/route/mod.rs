@@ -44,6 +44,8 @@ pub struct ClusterSettings {
     pub key: Option<ClusterKey>,
     /// Engines this router holds itself, besides the workers it finds; it serves their model from the start.
     pub held: Option<HeldSettings>,
+    /// Filled with the first performance profile a worker sends (a planner sizing by the workers' reads it).
+    pub worker_profile: Option<crate::core::planner::WorkerProfile>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -469,6 +471,11 @@ impl Membership {
         if self.settings.router.mode == RouterMode::Latency && profile.is_none() {
             tracing::info!("worker {:016x} at {addr} sent no performance profile", instance.id);
         }
+        if let (Some(sent), Some(profile)) = (&self.settings.worker_profile, &profile)
+            && sent.set(Arc::new(profile.clone())).is_ok()
+        {
+            tracing::info!("the planner sizes by the performance profile of worker {:016x}", instance.id);
+        }
         let router = match self.state.as_ref().and_then(|state| state.find(&instance.model)) {
             Some(served) => {
                 if let Some(reason) = incompatibility(&served.model, served.router.block_size(), &instance) {
@@ -732,6 +739,7 @@ mod tests {
             router: RouterConfig::default(),
             key: None,
             held: None,
+            worker_profile: None,
         };
         let cluster = Cluster::join(discovery, settings, Arc::new(Metrics::new())).await.unwrap();
         let (router, metrics) = (cluster.state.first().router, cluster.state.metrics.clone());
@@ -776,6 +784,7 @@ mod tests {
             router: RouterConfig::default(),
             key,
             held: None,
+            worker_profile: None,
         }
     }
 
