@@ -182,3 +182,54 @@ async fn a_decode_worker_lost_before_it_reads_holds_the_prefill_workers_pages_on
         })
         .await;
 }
+
+/// A stream whose prompt went through the prefill worker, killed on its decode worker mid-stream: the router
+/// continues it on the other decode worker, and the client gets the tokens of one uninterrupted run.
+#[tokio::test]
+async fn a_decode_worker_killed_mid_stream_of_a_disaggregated_request_is_invisible_to_the_client() {
+    let file = cluster_file("disagg-decode-killed");
+    let native = ["--threads", "1", "--discovery", &file];
+    let decode = || {
+        let mut command = dynamo();
+        command.args(["decode", "--kv-transfer"]).args(native);
+        command
+    };
+    let _prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
+    let (first, line) = Worker::start_saying("decode", &mut decode());
+    let hex = line.split("worker ").nth(1).and_then(|rest| rest.get(..16)).expect("the worker's id");
+    let first_id = u64::from_str_radix(hex, 16).expect("a hex id").to_string();
+    let router =
+        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    // The first decode worker computes the first prompt's KV (one token to generate: no hand-off), so the
+    // second prompt, which extends it, is routed there, and a prefill worker computes the extension.
+    let prompts = prompts();
+    greedy(&router, &prompts[1], 1).await;
+    let _second = Worker::start_as("decode", &mut decode());
+    crate::cluster::wait_for_roles(&router, 2, 1).await;
+
+    let body = |stream: bool| {
+        json!({"model": "tiny-chat", "prompt": prompts[2], "max_tokens": 1500, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    let (_, expected) = Server::native(&[]).post_json("/v1/completions", body(false)).await;
+    let mut response = router.post("/v1/completions", body(true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let (mut text, mut killer) = (String::new(), Some(first));
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if killer.is_some() && text.matches("data:").count() >= 10 {
+            let metrics = router.metrics().await;
+            let in_flight = metric(&metrics, &format!("dynamo_router_worker_in_flight{{worker_id=\"{first_id}\"}}"));
+            assert_eq!(in_flight, Some(1.0), "the stream decodes on the first worker:\n{metrics}");
+            drop(killer.take()); // SIGKILL
+        }
+    }
+    assert!(killer.is_none(), "the stream ended before its decode worker could be killed");
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(streamed_text(&payloads), expected["choices"][0]["text"].as_str().unwrap_or_default());
+    let metrics = router.metrics().await;
+    let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
+    assert_eq!(remote, Some(1.0), "the streamed prompt went through the prefill worker:\n{metrics}");
+}
