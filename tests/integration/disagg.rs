@@ -196,8 +196,7 @@ async fn a_decode_worker_killed_mid_stream_of_a_disaggregated_request_is_invisib
     };
     let _prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
     let (first, line) = Worker::start_saying("decode", &mut decode());
-    let hex = line.split("worker ").nth(1).and_then(|rest| rest.get(..16)).expect("the worker's id");
-    let first_id = u64::from_str_radix(hex, 16).expect("a hex id").to_string();
+    let first_id = worker_id_in(&line);
     let router =
         Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
     crate::cluster::wait_for_roles(&router, 1, 1).await;
@@ -232,4 +231,57 @@ async fn a_decode_worker_killed_mid_stream_of_a_disaggregated_request_is_invisib
     let metrics = router.metrics().await;
     let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
     assert_eq!(remote, Some(1.0), "the streamed prompt went through the prefill worker:\n{metrics}");
+}
+
+/// The worker id a worker's start line names (`… worker <16 hex digits> serving …`), as metrics label it.
+fn worker_id_in(line: &str) -> String {
+    let hex = line.split("worker ").nth(1).and_then(|rest| rest.get(..16)).expect("the worker's id");
+    u64::from_str_radix(hex, 16).expect("a hex id").to_string()
+}
+
+/// A client gone while its prompt is on the prefill worker: the cancellation reaches the prefill worker (as
+/// Dynamo's does not), which holds nothing for the decode worker. The prefill worker is frozen while the
+/// client goes, so the cancellation is waiting for it when it resumes mid-prefill.
+#[tokio::test]
+async fn a_client_gone_mid_prefill_cancels_it_on_the_prefill_worker() {
+    let file = cluster_file("disagg-cancelled");
+    let native = ["--threads", "1", "--discovery", &file];
+    let (prefill, line) = Worker::start_saying("prefill", dynamo().arg("prefill").args(native));
+    let prefill_id = worker_id_in(&line);
+    let _decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
+    let router =
+        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "5", "--discovery", &file]));
+    crate::cluster::wait_for_roles(&router, 1, 1).await;
+
+    let prompt: Vec<u64> = (0..3500).map(|i| 20 + (i * 53) % 900).collect();
+    let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 50, "temperature": 0,
+                      "ignore_eos": true, "stream": true});
+    // By hand, so that the connection closes when the client lets go (an HTTP client library's pool would
+    // keep it open until the response ends).
+    use tokio::io::AsyncWriteExt;
+    let addr = router.base.trim_start_matches("http://").to_string();
+    let body = serde_json::to_vec(&body).expect("JSON");
+    let mut client = tokio::net::TcpStream::connect(&addr).await.expect("the router accepts");
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.expect("the request's head");
+    client.write_all(&body).await.expect("the request's body");
+    let on_prefill = format!("dynamo_router_worker_in_flight{{worker_id=\"{prefill_id}\"}}");
+    router.wait_for_metrics(Duration::from_secs(10), |m| metric(m, &on_prefill) == Some(1.0)).await;
+    prefill.signal("STOP");
+    drop(client);
+    router.wait_for_metrics(Duration::from_secs(5), |m| metric(m, &on_prefill) == Some(0.0)).await;
+    prefill.signal("CONT");
+    let cancelled =
+        format!("dynamo_component_request_plane_requests{{outcome=\"cancelled\",worker_id=\"{prefill_id}\"}}");
+    let metrics = router
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            metric(m, &cancelled) == Some(1.0)
+                && over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
+        })
+        .await;
+    let held = format!("dynamo_component_kv_transfers{{what=\"held\",worker_id=\"{prefill_id}\"}}");
+    assert_eq!(metric(&metrics, &held), Some(0.0), "the prefill was stopped before it held pages:\n{metrics}");
 }
