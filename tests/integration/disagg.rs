@@ -73,11 +73,27 @@ async fn run_with_a_prefill_worker_gives_the_tokens_of_aggregated_serving() {
     disaggregated_equals_aggregated(&server).await;
 }
 
+fn cluster_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()))
+}
+
+/// The discovery spec of the cluster `name` (its file made by `split_cluster_with`).
+fn discovery_of(name: &str) -> String {
+    format!("file:{}", cluster_dir(name).join("cluster.toml").display())
+}
+
+/// A fresh cluster `name`: its directory emptied, its discovery spec.
 fn cluster_file(name: &str) -> String {
-    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let dir = cluster_dir(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temp dir");
-    format!("file:{}", dir.join("cluster.toml").display())
+    discovery_of(name)
+}
+
+/// Another decode worker that takes KV, in the cluster `name` (as `split_cluster` starts its first).
+fn another_decode_worker(name: &str) -> Worker {
+    let discovery = discovery_of(name);
+    Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer", "--threads", "1", "--discovery", &discovery]))
 }
 
 /// A prefill worker, a decode worker that takes KV, and a router over them, found through a cluster file.
@@ -187,24 +203,14 @@ async fn a_decode_worker_lost_before_it_reads_holds_the_prefill_workers_pages_on
 /// continues it on the other decode worker, and the client gets the tokens of one uninterrupted run.
 #[tokio::test]
 async fn a_decode_worker_killed_mid_stream_of_a_disaggregated_request_is_invisible_to_the_client() {
-    let file = cluster_file("disagg-decode-killed");
-    let native = ["--threads", "1", "--discovery", &file];
-    let decode = || {
-        let mut command = dynamo();
-        command.args(["decode", "--kv-transfer"]).args(native);
-        command
-    };
-    let _prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
-    let (first, line) = Worker::start_saying("decode", &mut decode());
-    let first_id = worker_id_in(&line);
-    let router =
-        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "1", "--discovery", &file]));
-    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    let name = "disagg-decode-killed";
+    let (_prefill, first, router) = split_cluster(name).await;
+    let first_id = first.id.to_string();
     // The first decode worker computes the first prompt's KV (one token to generate: no hand-off), so the
     // second prompt, which extends it, is routed there, and a prefill worker computes the extension.
     let prompts = prompts();
     greedy(&router, &prompts[1], 1).await;
-    let _second = Worker::start_as("decode", &mut decode());
+    let _second = another_decode_worker(name);
     crate::cluster::wait_for_roles(&router, 2, 1).await;
 
     let body = |stream: bool| {
@@ -233,25 +239,13 @@ async fn a_decode_worker_killed_mid_stream_of_a_disaggregated_request_is_invisib
     assert_eq!(remote, Some(1.0), "the streamed prompt went through the prefill worker:\n{metrics}");
 }
 
-/// The worker id a worker's start line names (`… worker <16 hex digits> serving …`), as metrics label it.
-fn worker_id_in(line: &str) -> String {
-    let hex = line.split("worker ").nth(1).and_then(|rest| rest.get(..16)).expect("the worker's id");
-    u64::from_str_radix(hex, 16).expect("a hex id").to_string()
-}
-
 /// A client gone while its prompt is on the prefill worker: the cancellation reaches the prefill worker (as
 /// Dynamo's does not), which holds nothing for the decode worker. The prefill worker is frozen while the
 /// client goes, so the cancellation is waiting for it when it resumes mid-prefill.
 #[tokio::test]
 async fn a_client_gone_mid_prefill_cancels_it_on_the_prefill_worker() {
-    let file = cluster_file("disagg-cancelled");
-    let native = ["--threads", "1", "--discovery", &file];
-    let (prefill, line) = Worker::start_saying("prefill", dynamo().arg("prefill").args(native));
-    let prefill_id = worker_id_in(&line);
-    let _decode = Worker::start_as("decode", dynamo().args(["decode", "--kv-transfer"]).args(native));
-    let router =
-        Server::start_with(dynamo().args(["route", "--http-port", "0", "--worker-timeout", "5", "--discovery", &file]));
-    crate::cluster::wait_for_roles(&router, 1, 1).await;
+    let (prefill, _decode, router) = split_cluster("disagg-cancelled").await;
+    let prefill_id = prefill.id.to_string();
 
     let prompt: Vec<u64> = (0..3500).map(|i| 20 + (i * 53) % 900).collect();
     let body = json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 50, "temperature": 0,

@@ -155,23 +155,18 @@ fn set_headers(answer: &ProcessingResponse) -> Vec<(String, String)> {
         .collect()
 }
 
-fn worker_id(banner: &str) -> u64 {
-    let hex = printed(banner, " worker ");
-    u64::from_str_radix(&hex, 16).unwrap_or_else(|_| panic!("no worker id in {banner:?}"))
-}
-
 #[tokio::test]
 async fn with_prefill_workers_the_picker_names_the_pair_and_the_frontend_beside_the_decode_worker_follows_it() {
     let (_, file) = cluster_file("epp-disagg");
     let native = ["--threads", "1", "--discovery", &file];
     // The decode worker's own frontend (a pod's sidecar): it sees the whole cluster and follows the picker.
     let sidecar = Server::start_with(dynamo().args(["route", "--http-port", "0", "--discovery", &file]));
-    let (_prefill, prefill_line) = Worker::start_saying("prefill", dynamo().arg("prefill").args(native));
-    let (_decode, decode_line) = Worker::start_saying(
+    let prefill = Worker::start_as("prefill", dynamo().arg("prefill").args(native));
+    let decode = Worker::start_as(
         "decode",
         dynamo().args(["decode", "--kv-transfer", "--http-addr", &host_port(&sidecar)]).args(native),
     );
-    let (prefill_id, decode_id) = (worker_id(&prefill_line), worker_id(&decode_line));
+    let (prefill_id, decode_id) = (prefill.id, decode.id);
     let (router, line) = Server::start_saying(dynamo().args([
         "route",
         "--http-port",

@@ -114,6 +114,8 @@ pub fn spawn_until(command: &mut Command, marker: &str) -> (Child, String) {
 /// A `dynamo decode` worker; killed (SIGKILL) when dropped.
 pub struct Worker {
     child: Child,
+    /// Its worker id, as its start line prints it (`… worker <16 hex digits> serving …`).
+    pub id: u64,
 }
 
 impl Worker {
@@ -134,7 +136,10 @@ impl Worker {
     /// `start_as`, and the line it printed with its addresses.
     pub fn start_saying(role: &str, command: &mut Command) -> (Worker, String) {
         let (child, line) = spawn_until(command, &format!("{role} worker"));
-        (Worker { child }, line)
+        let hex = line.split(" worker ").nth(1).and_then(|rest| rest.get(..16));
+        let id = hex.and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        let id = id.unwrap_or_else(|| panic!("no worker id in {line:?}"));
+        (Worker { child, id }, line)
     }
 
     /// Sends it a signal by name (`STOP` freezes it: alive to the kernel, silent to its peers).
