@@ -69,6 +69,17 @@ impl std::str::FromStr for HeldEngine {
     }
 }
 
+/// The spec it was parsed from, as errors name it.
+impl std::fmt::Display for HeldEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind.name(), self.kv_events)?;
+        if let Some(replay) = &self.replay {
+            write!(f, ",{replay}")?;
+        }
+        write!(f, "={}", self.url)
+    }
+}
+
 /// What `dynamo route` is told to hold: the engines and the model they serve.
 #[derive(Debug, Clone)]
 pub struct HeldSettings {
@@ -107,10 +118,8 @@ impl HeldSettings {
                 profile: None,
                 data_parallel_rank: None,
             };
-            let replay = held.replay.as_ref().map(|r| format!(",{r}")).unwrap_or_default();
-            let spec = format!("{}:{}{replay}={}", held.kind.name(), held.kv_events, held.url);
             let engine = (ExternalEngine::connect(rand::random(), &settings).await)
-                .map_err(|source| HeldError::Engine { spec, source })?;
+                .map_err(|source| HeldError::Engine { spec: held.to_string(), source })?;
             let context = u32::try_from(engine.max_sequence_tokens()).unwrap_or(u32::MAX);
             model.card.context_length = model.card.context_length.min(context);
             engines.push(Arc::new(engine));
@@ -147,6 +156,9 @@ mod tests {
             (replayed.kv_events.as_str(), replayed.replay.as_deref(), replayed.url.as_str()),
             ("tcp://h:5557", Some("tcp://h:5558"), "http://h:8000")
         );
+        for spec in ["vllm:tcp://h:5557=http://h:8000", "sglang:tcp://h:5557,tcp://h:5558=http://h:8000"] {
+            assert_eq!(spec.parse::<HeldEngine>().unwrap().to_string(), spec, "errors name the spec as given");
+        }
         let trtllm: HeldEngine = "trtllm:http://h:8000/kv_cache_events=http://h:8000".parse().unwrap();
         assert_eq!((trtllm.kind, trtllm.kv_events.as_str()), (ExternalKind::Trtllm, "http://h:8000/kv_cache_events"));
         assert_eq!("sglang:tcp://h:1=http://h:2".parse::<HeldEngine>().unwrap().kind, ExternalKind::Sglang);
