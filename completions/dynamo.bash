@@ -355,7 +355,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__disagg__subcmd__native)
-            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --json --verbose --help --version"
+            opts="-v -h -V --model --workers --prefill-workers --requests --concurrency --long-tokens --short-tokens --long-every --max-tokens --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -434,6 +434,14 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1391,7 +1399,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__decode)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1506,6 +1514,14 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2079,7 +2095,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__prefill)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --host --request-port --event-port --max-in-flight --drain-timeout --metrics-port --http-addr --kv-transfer --transfer-port --transfer-backend --transfer-streams --kv-lease --discovery --namespace --cluster-key-file --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2197,6 +2213,14 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --engine-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2233,7 +2257,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__profile)
-            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
+            opts="-o -v -h -V --model --out --max-prompt --max-context --max-batch --decode-tokens --repeats --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2308,6 +2332,14 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2585,7 +2617,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2764,6 +2796,14 @@ _dynamo() {
                     return 0
                     ;;
                 --speedup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kv-bytes-per-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transfer-gbps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

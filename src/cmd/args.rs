@@ -1,7 +1,7 @@
 //! Flag groups more than one subcommand takes.
 use crate::core::engine::EngineSettings;
 use crate::core::engine::external::{ExternalKind, ExternalSettings};
-use crate::core::engine::mocker::MockerConfig;
+use crate::core::engine::mocker::{self, MockerConfig};
 use crate::core::engine::native::{Device, NativeSettings, Quantization};
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::frontend::media::MediaSettings;
@@ -116,6 +116,16 @@ pub struct EngineArgs {
     #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
     pub speedup: f64,
 
+    /// Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes
+    /// as long as moving that much would [default: 131072, Llama-3-8B in bf16]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_KV_BYTES_PER_TOKEN))]
+    pub kv_bytes_per_token: Option<u64>,
+
+    /// Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`)
+    /// [default: 25]
+    #[arg(long, value_parser = positive_f64)]
+    pub transfer_gbps: Option<f64>,
+
     /// vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines).
     #[arg(
         long,
@@ -156,6 +166,9 @@ pub struct EngineArgs {
     pub profile: Option<std::path::PathBuf>,
 }
 
+/// Far above any model's (DeepSeek-V3's MLA cache in bf16 is ~70 KB a token), so a typo is refused.
+const MAX_KV_BYTES_PER_TOKEN: u64 = 1 << 30;
+
 /// The mocker's KV blocks per worker when --num-blocks is not given.
 const MOCKER_NUM_BLOCKS: usize = 16384;
 
@@ -173,6 +186,18 @@ impl EngineArgs {
         {
             anyhow::bail!(
                 "{flag} is for an external engine (--engine vllm, sglang or trtllm); this worker runs its own engine"
+            );
+        }
+        let simulated = [
+            ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some()),
+            ("--transfer-gbps", self.transfer_gbps.is_some()),
+        ];
+        if let (false, Some((flag, _))) =
+            (self.engine == EngineKind::Mocker, simulated.iter().find(|(_, given)| *given))
+        {
+            anyhow::bail!(
+                "{flag} sets what the mocker's simulated KV costs to hand over; a real engine's KV moves as fast as \
+                 the transfer layer does (`dynamo bench transfer` measures it)"
             );
         }
         if self.quantization != Quantization::None && self.engine != EngineKind::Native {
@@ -197,7 +222,14 @@ impl EngineArgs {
             ..SchedulerConfig::default()
         };
         Ok(match self.engine {
-            EngineKind::Mocker => EngineSettings::Mocker(MockerConfig { scheduler, speedup: self.speedup }),
+            EngineKind::Mocker => EngineSettings::Mocker(MockerConfig {
+                scheduler,
+                speedup: self.speedup,
+                kv_bytes_per_token: self.kv_bytes_per_token.unwrap_or(mocker::DEFAULT_KV_BYTES_PER_TOKEN),
+                transfer_bytes_per_s: self
+                    .transfer_gbps
+                    .map_or(mocker::DEFAULT_TRANSFER_BYTES_PER_S, |gbps| gbps * 1e9),
+            }),
             EngineKind::Native => EngineSettings::Native(NativeSettings {
                 // Settled here so the serving line names the device actually used.
                 device: self.device.resolve(),

@@ -12,7 +12,7 @@ use crate::core::bench::trace;
 use crate::core::bench::transfer::{self, Layout, TransferBenchSettings};
 use crate::core::engine::EngineSettings;
 use crate::core::engine::external::{ExternalKind, ExternalSettings};
-use crate::core::engine::mocker::MockerConfig;
+use crate::core::engine::mocker::{self, MockerConfig};
 use crate::core::engine::native::Device;
 use crate::core::engine::scheduler::SchedulerConfig;
 use crate::core::model::ModelSource;
@@ -414,7 +414,7 @@ pub struct DisaggArgs {
     pub itl_target_ms: f64,
 
     /// Bandwidth a prompt's KV moves at between workers, GB/s (measure yours with `dynamo bench transfer`).
-    #[arg(long, default_value_t = 25.0, value_parser = positive_f64)]
+    #[arg(long, default_value_t = mocker::DEFAULT_TRANSFER_BYTES_PER_S / 1e9, value_parser = positive_f64)]
     pub transfer_gbps: f64,
 
     /// Multiplies every request's output length: the public trace's outputs are short, and how much decoding
@@ -423,7 +423,7 @@ pub struct DisaggArgs {
     pub output_scale: f64,
 
     /// KV bytes per token of the simulated model (Llama-3-8B in bf16: 128 KiB).
-    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = mocker::DEFAULT_KV_BYTES_PER_TOKEN, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     pub kv_bytes_per_token: u64,
 
     /// Print one JSON object on the last line as well.
@@ -884,6 +884,7 @@ fn bench_http(args: HttpArgs) -> anyhow::Result<()> {
             engine: EngineSettings::Mocker(MockerConfig {
                 scheduler: SchedulerConfig { max_num_seqs: 4096, ..SchedulerConfig::default() },
                 speedup,
+                ..MockerConfig::default()
             }),
             router: RouterConfig { busy_threshold: usize::MAX / 2, ..RouterConfig::default() },
             listen: ([127, 0, 0, 1], 0).into(),
@@ -996,13 +997,15 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
         prefill_gpus,
         threshold: args.threshold as usize,
         queue_limit: args.queue_limit as usize,
-        speedup: args.replay.speedup,
-        scheduler: args.replay.scheduler(),
+        mocker: MockerConfig {
+            scheduler: args.replay.scheduler(),
+            speedup: args.replay.speedup,
+            kv_bytes_per_token: args.kv_bytes_per_token,
+            transfer_bytes_per_s: args.transfer_gbps * 1e9,
+        },
         block_tokens: args.replay.block_tokens as usize,
         ttft_target_ms: args.ttft_target_ms,
         itl_target_ms: args.itl_target_ms,
-        transfer_bytes_per_s: args.transfer_gbps * 1e9,
-        kv_bytes_per_token: args.kv_bytes_per_token,
     };
     println!(
         "dynamo bench disagg: {} trace requests (outputs ×{}) on {gpus} simulated GPUs ({prefill_gpus} prefill \

@@ -279,3 +279,67 @@ async fn a_client_gone_mid_prefill_cancels_it_on_the_prefill_worker() {
     let held = format!("dynamo_component_kv_transfers{{what=\"held\",worker_id=\"{prefill_id}\"}}");
     assert_eq!(metric(&metrics, &held), Some(0.0), "the prefill was stopped before it held pages:\n{metrics}");
 }
+
+/// Mocker flags that make a hand-off slow enough to see: a 150-token prompt's simulated KV (1 MB a token) at
+/// 0.01 GB/s takes 15 simulated seconds, 1.5 s at speedup 10.
+const SLOW_MOCKER_HAND_OFF: [&str; 8] =
+    ["--engine", "mocker", "--speedup", "10", "--kv-bytes-per-token", "1000000", "--transfer-gbps", "0.01"];
+
+/// Mocker workers hand a prompt over as native ones do, with the simulated KV's transfer time charged: the
+/// client gets the tokens of an aggregated mocker, its first token at once (from the prefill worker) and the
+/// second once the decode worker's read has taken its simulated time; the decode worker counts the simulated
+/// bytes read, and the prefill worker's pages go back as soon as the read's notification reaches it.
+async fn mocker_hand_off_is_aggregated_serving_later(disaggregated: &Server) {
+    let aggregated = Server::start(&["--speedup", "10"]);
+    let prompt = &prompts()[1];
+    assert_eq!(greedy(disaggregated, prompt, 12).await, greedy(&aggregated, prompt, 12).await);
+
+    let mut response = disaggregated.post("/v1/completions", completion(&prompts()[2], true)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let (mut text, mut arrivals) = (String::new(), Vec::new());
+    while let Some(chunk) = response.chunk().await.expect("the stream continues") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        let tokens = sse_payloads(&text).iter().filter(|p| p.contains("\"choices\":[{")).count();
+        arrivals.resize(tokens, std::time::Instant::now());
+    }
+    let (_, expected) = aggregated.post_json("/v1/completions", completion(&prompts()[2], false)).await;
+    assert_eq!(streamed_text(&sse_payloads(&text)), expected["choices"][0]["text"].as_str().unwrap(), "{text}");
+    // Only what the decode worker lacks moves: it holds the first prompt's 9 full blocks (its tenth ended in
+    // the first answer), so 190 - 144 = 46 tokens, 46 MB at 0.01 GB/s: 0.46 s at speedup 10.
+    let gap = arrivals[1] - arrivals[0];
+    assert!(gap >= Duration::from_millis(350), "the second token came {gap:?} after the first");
+
+    let transfers = |what: &str, metrics: &str| over_workers(metrics, "dynamo_component_kv_transfers", what);
+    let metrics = disaggregated
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            transfers("what=\"read\"", m) == Some(2.0) && transfers("what=\"held\"", m) == Some(2.0)
+        })
+        .await;
+    // Simulated bytes: the first prompt's 150 tokens, then the second's 46.
+    assert_eq!(transfers("what=\"read_bytes\"", &metrics), Some(196e6), "{metrics}");
+    assert_eq!(transfers("what=\"read_failed\"", &metrics), Some(0.0), "{metrics}");
+    let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
+    assert_eq!(remote, Some(2.0), "{metrics}");
+    disaggregated
+        .wait_for_metrics(Duration::from_secs(10), |m| {
+            over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn mocker_prefill_decode_and_route_processes_hand_off_in_simulated_time() {
+    let mocker = |_: &str, command: &mut std::process::Command| {
+        command.args(SLOW_MOCKER_HAND_OFF);
+    };
+    let (_prefill, _decode, router) = split_cluster_with("disagg-mocker", mocker).await;
+    mocker_hand_off_is_aggregated_serving_later(&router).await;
+}
+
+#[tokio::test]
+async fn run_with_a_mocker_prefill_worker_hands_off_in_simulated_time() {
+    let server = Server::start_with(
+        dynamo().args(["run", "--http-port", "0", "--prefill-workers", "1"]).args(SLOW_MOCKER_HAND_OFF),
+    );
+    mocker_hand_off_is_aggregated_serving_later(&server).await;
+}

@@ -112,6 +112,38 @@ async fn the_local_planner_scales_up_under_load_and_drains_down_after_it_without
     assert!(!said.contains("did not exit after draining") && !said.contains("exited by itself"), "{said}");
 }
 
+/// A disaggregated cluster of mocker processes, started by the planner: a prefill worker and a decode worker
+/// that reads its KV, and a request handed from one to the other.
+#[tokio::test]
+async fn the_local_planner_starts_mocker_prefill_and_decode_workers_that_hand_off() {
+    let (dir, discovery) = cluster("planner-disagg");
+    let mut router = Server::start_with(
+        dynamo()
+            .args(["route", "--http-port", "0", "--worker-timeout", "2", "--discovery", &discovery])
+            .args(["--planner", "auto", "--planner-interval", "1", "--min-workers", "1", "--max-workers", "1"])
+            .args(["--min-prefill-workers", "1", "--max-prefill-workers", "1"])
+            .args(["--", "--engine", "mocker", "--speedup", "10"])
+            .stderr(std::fs::File::create(dir.join("route.log")).expect("a log file")),
+    );
+    let observed =
+        |m: &str, role: &str| metric(m, &format!("dynamo_planner_workers{{role=\"{role}\",state=\"observed\"}}"));
+    let wait = Duration::from_secs(60);
+    router.wait_for_metrics(wait, |m| observed(m, "decode") == Some(1.0) && observed(m, "prefill") == Some(1.0)).await;
+
+    let body =
+        json!({"model": "tiny-chat", "prompt": "a prompt for the prefill worker", "max_tokens": 8, "ignore_eos": true});
+    let (status, answer) = router.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
+    let read = |m: &str| {
+        crate::cluster::over_workers(m, "dynamo_component_kv_transfers", "what=\"read\"") == Some(1.0)
+            && metric(m, "dynamo_router_disagg_decisions_total{decision=\"remote\"}") == Some(1.0)
+    };
+    router.wait_for_metrics(Duration::from_secs(10), read).await;
+    let exit = router.terminate_within(Duration::from_secs(40)).expect("the router exits once its workers drained");
+    assert!(exit.success(), "{exit:?}");
+}
+
 #[tokio::test]
 async fn workers_that_cannot_start_are_tried_three_times_and_no_more() {
     let (dir, discovery) = cluster("planner-bad");

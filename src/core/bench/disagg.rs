@@ -5,7 +5,8 @@
 //! `disaggregated` (prefill workers take every prompt, whatever their queue) and `conditional` (prompts whose
 //! uncached part is under the threshold stay on the decode worker, as do all while every prefill worker is
 //! at its queue limit). Prefill and decode time come from the mocker's fitted model; moving a prompt's KV
-//! takes its bytes over the given bandwidth (`SimulatedFabric`). Measured in simulated time: TTFT and ITL
+//! takes its bytes over the given bandwidth (the mockers' `SimulatedKv`, through real transfer agents on
+//! loopback that move no bytes). Measured in simulated time: TTFT and ITL
 //! percentiles, and goodput: requests per second that met both the TTFT target and the ITL target.
 //!
 //! ITL is each request's mean gap between tokens (what vLLM's benchmark calls TPOT), not single gaps: at a
@@ -15,9 +16,9 @@ use super::route::{Judged, Pace, Replayed, judge, replay};
 use super::trace::TraceRequest;
 use crate::core::engine::Engine;
 use crate::core::engine::mocker::{MockerConfig, MockerEngine};
-use crate::core::engine::scheduler::SchedulerConfig;
-use crate::core::handoff::{HandOffEngine, HandOffError, SimulatedFabric};
+use crate::core::handoff::{HandOffEngine, HandOffError};
 use crate::core::router::{Pool, Router, RouterConfig};
+use crate::core::transfer::AgentSettings;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -31,14 +32,12 @@ pub struct DisaggBenchSettings {
     pub threshold: usize,
     /// `conditional`'s --prefill-queue-limit.
     pub queue_limit: usize,
-    pub speedup: f64,
-    pub scheduler: SchedulerConfig,
+    /// Every worker's mocker: its scheduler, speedup and what moving its KV costs.
+    pub mocker: MockerConfig,
     /// Tokens per trace block id.
     pub block_tokens: usize,
     pub ttft_target_ms: f64,
     pub itl_target_ms: f64,
-    pub transfer_bytes_per_s: f64,
-    pub kv_bytes_per_token: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,15 +79,15 @@ async fn run_setup(
     disagg_threshold: usize,
     prefill_queue_limit: usize,
 ) -> Result<SetupResult, HandOffError> {
-    let config = MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup };
+    let config = &settings.mocker;
+    let speedup = config.speedup;
     let vocab: Arc<[u32]> = (0..32_000).collect();
-    let fabric = SimulatedFabric::new(settings.transfer_bytes_per_s, settings.speedup, settings.kv_bytes_per_token);
     let engines: Vec<Arc<dyn Engine>> = (0..settings.gpus.max(1))
         .map(|id| {
             let mocker: Arc<dyn Engine> = Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone()));
             Ok(match prefill_workers {
                 0 => mocker,
-                _ => Arc::new(HandOffEngine::simulated(mocker, fabric.clone())?),
+                _ => Arc::new(HandOffEngine::start(mocker, AgentSettings::loopback(None))?),
             })
         })
         .collect::<Result<_, HandOffError>>()?;
@@ -96,7 +95,7 @@ async fn run_setup(
     let prefill = decode.split_off(decode.len() - prefill_workers);
     let router_config = RouterConfig {
         busy_threshold: usize::MAX / 2,
-        block_size: settings.scheduler.block_size,
+        block_size: config.scheduler.block_size,
         disagg_threshold,
         prefill_queue_limit,
         ..RouterConfig::default()
@@ -104,9 +103,8 @@ async fn run_setup(
     let router = Arc::new(Router::new(decode.clone(), router_config));
     prefill.iter().for_each(|engine| router.add_worker(engine.clone(), Pool::Prefill));
     let Replayed { outcomes, errors, elapsed_s } =
-        replay(trace, &router, settings.speedup, settings.block_tokens, Pace::Timestamps, None).await;
-    let Judged { ttfts, itls, good } =
-        judge(&outcomes, settings.speedup, settings.ttft_target_ms, settings.itl_target_ms);
+        replay(trace, &router, speedup, settings.block_tokens, Pace::Timestamps, None).await;
+    let Judged { ttfts, itls, good } = judge(&outcomes, speedup, settings.ttft_target_ms, settings.itl_target_ms);
     let read: u64 = decode.iter().filter_map(|e| e.kv_transfers()).map(|t| t.read).sum();
     let requests = outcomes.len() + errors;
     Ok(SetupResult {
@@ -122,7 +120,7 @@ async fn run_setup(
         itl_p50_ms: super::percentile(&itls, 0.5),
         itl_p90_ms: super::percentile(&itls, 0.9),
         itl_p99_ms: super::percentile(&itls, 0.99),
-        goodput_rps: good as f64 / (elapsed_s * settings.speedup).max(1e-9),
+        goodput_rps: good as f64 / (elapsed_s * speedup).max(1e-9),
         goodput_share: good as f64 / requests.max(1) as f64,
     })
 }

@@ -137,7 +137,8 @@ pub async fn run(trace: &[TraceRequest], settings: &RouteBenchSettings) -> Vec<M
 }
 
 async fn run_mode(trace: &[TraceRequest], settings: &RouteBenchSettings, mode: RouterMode) -> ModeResult {
-    let config = MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup };
+    let config =
+        MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup, ..MockerConfig::default() };
     let vocab: Arc<[u32]> = (0..32_000).collect();
     let engines: Vec<Arc<dyn Engine>> = (0..settings.workers)
         .map(|id| Arc::new(MockerEngine::spawn(id as u64, config.clone(), vocab.clone())) as Arc<dyn Engine>)

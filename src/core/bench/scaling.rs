@@ -92,7 +92,7 @@ pub fn best_static(results: &[ScalingResult], attainment: f64) -> Option<&Scalin
 }
 
 fn mocker_config(settings: &ScalingSettings) -> MockerConfig {
-    MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup }
+    MockerConfig { scheduler: settings.scheduler.clone(), speedup: settings.speedup, ..MockerConfig::default() }
 }
 
 fn router_config(settings: &ScalingSettings) -> RouterConfig {

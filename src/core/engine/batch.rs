@@ -222,7 +222,7 @@ impl KvPages for BatchEngine {
     }
 }
 
-static NO_MEMORY: KvMemory = KvMemory { regions: Vec::new(), pages: 0, page_bytes: 0, block_size: 0 };
+static NO_MEMORY: KvMemory = KvMemory { regions: Vec::new(), pages: 0, page_bytes: 0, block_size: 0, simulated: None };
 
 impl Engine for BatchEngine {
     fn worker_id(&self) -> WorkerId {

@@ -100,6 +100,35 @@ pub struct KvMemory {
     pub page_bytes: u64,
     /// Tokens whose KV one page holds.
     pub block_size: u32,
+    /// Pages that are not memory (the mocker's, with no `regions`): what moving them between workers costs.
+    pub simulated: Option<SimulatedKv>,
+}
+
+/// The KV of a simulated engine as the hand-off sees it: no bytes move, but a read takes the time the real
+/// model's KV would take over the given bandwidth, in the engine's simulated time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedKv {
+    /// KV bytes per token of the model being simulated.
+    pub bytes_per_token: u64,
+    /// Bandwidth KV moves at between workers.
+    pub transfer_bytes_per_s: f64,
+    /// Simulated time runs this many times faster than real time.
+    pub speedup: f64,
+}
+
+impl SimulatedKv {
+    /// The bytes `tokens` tokens' KV would be.
+    pub fn bytes(&self, tokens: u64) -> u64 {
+        tokens.saturating_mul(self.bytes_per_token)
+    }
+
+    /// How long moving `tokens` tokens' KV takes, in real time (the simulated time over the speedup).
+    pub fn transfer_time(&self, tokens: u64) -> std::time::Duration {
+        let simulated = self.bytes(tokens) as f64 / self.transfer_bytes_per_s.max(1.0);
+        // Past a day it makes no difference: the reader gives up long before and computes the prompt itself.
+        let day = std::time::Duration::from_secs(86_400);
+        std::time::Duration::try_from_secs_f64(simulated / self.speedup.max(1e-9)).map_or(day, |time| time.min(day))
+    }
 }
 
 /// The pages an arriving request's KV goes to, once the engine has allocated them.

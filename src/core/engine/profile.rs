@@ -366,7 +366,7 @@ mod tests {
 
     fn small_mocker() -> Profile {
         let scheduler = SchedulerConfig { num_blocks: 4096, max_num_seqs: 64, ..SchedulerConfig::default() };
-        Profile::mocker(&MockerConfig { scheduler, speedup: 1.0 })
+        Profile::mocker(&MockerConfig { scheduler, speedup: 1.0, ..MockerConfig::default() })
     }
 
     #[test]

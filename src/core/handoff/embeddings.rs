@@ -3,10 +3,10 @@
 //! in the cache is not read again (its lease is ended all the same); a read that fails, or bytes that are not
 //! the ones the encode worker wrote, leave the image to the engine, which encodes it from the file the
 //! request still carries: the client gets the same tokens, later.
-use super::{Mover, Shared};
+use super::Shared;
 use crate::core::multimodal::EmbeddingCache;
 use crate::core::protocol::{HeldEmbeddings, PreprocessedRequest};
-use crate::core::transfer::{Agent, Descriptor, Direction, Region, RegionId, TransferError};
+use crate::core::transfer::{Agent, Descriptor, Region, RegionId, TransferError};
 use std::sync::{Arc, Mutex};
 
 /// Images whose embeddings may be landing here at once; more wait for a place.
@@ -34,13 +34,13 @@ impl Landing {
 impl Shared {
     /// Reads the embeddings encode workers hold for the request's images into the cache, ending every lease.
     pub(super) async fn take_embeddings(&self, request: PreprocessedRequest) -> PreprocessedRequest {
-        let (Some(landing), Mover::Agent(agent)) = (&self.landing, &self.mover) else { return request };
+        let Some(landing) = &self.landing else { return request };
         for media in request.media() {
             let Some(held) = &media.encoded else { continue };
             let cached = landing.cache.contains(media.hash);
             let taken = match cached {
-                true => self.end_lease(agent, held).await,
-                false => self.read_embeddings(agent, landing, media.hash, held).await,
+                true => self.end_lease(held).await,
+                false => self.read_embeddings(landing, media.hash, held).await,
             };
             if !cached {
                 landing.cache.count_read(taken.is_ok());
@@ -57,21 +57,13 @@ impl Shared {
     }
 
     /// Tells the holder its embeddings are not needed: a notification that moves nothing.
-    async fn end_lease(&self, agent: &Agent, held: &HeldEmbeddings) -> Result<(), String> {
-        let peer = self.peer(agent, &held.agent).await?;
-        let lease = held.lease.to_le_bytes();
-        agent.transfer(&peer, Direction::Read, &[], &[], Some(&lease)).await.map(drop).map_err(|e| e.to_string())
+    async fn end_lease(&self, held: &HeldEmbeddings) -> Result<(), String> {
+        self.transfer(&held.agent, &[], &[], held.lease).await.map(drop)
     }
 
-    async fn read_embeddings(
-        &self,
-        agent: &Agent,
-        landing: &Landing,
-        hash: u64,
-        held: &HeldEmbeddings,
-    ) -> Result<(), String> {
+    async fn read_embeddings(&self, landing: &Landing, hash: u64, held: &HeldEmbeddings) -> Result<(), String> {
         if held.len != landing.image_bytes {
-            let _ = self.end_lease(agent, held).await;
+            let _ = self.end_lease(held).await;
             return Err(format!(
                 "it holds {} bytes of embeddings an image, and this model's images take {}",
                 held.len, landing.image_bytes
@@ -81,7 +73,7 @@ impl Shared {
         let place = landing.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         // A turn always finds a place: there are as many of each.
         let place = place.ok_or("no landing place is free")?;
-        let read = self.read_into(agent, landing, place * landing.image_bytes, held).await;
+        let read = self.read_into(landing, place * landing.image_bytes, held).await;
         if let Ok(values) = &read {
             landing.cache.put(hash, Arc::new(values.clone()))?;
         }
@@ -90,21 +82,10 @@ impl Shared {
     }
 
     /// Reads the held embeddings to `offset` of the landing region and checks them against their checksum.
-    async fn read_into(
-        &self,
-        agent: &Agent,
-        landing: &Landing,
-        offset: u64,
-        held: &HeldEmbeddings,
-    ) -> Result<Vec<f32>, String> {
-        let peer = self.peer(agent, &held.agent).await?;
+    async fn read_into(&self, landing: &Landing, offset: u64, held: &HeldEmbeddings) -> Result<Vec<f32>, String> {
         let local = [Descriptor { region: landing.region_id, offset, len: held.len }];
         let remote = [Descriptor { region: held.region, offset: held.offset, len: held.len }];
-        let lease = held.lease.to_le_bytes();
-        if let Err(error) = agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
-            self.peers.lock().await.remove(&held.agent);
-            return Err(error.to_string());
-        }
+        self.transfer(&held.agent, &local, &remote, held.lease).await?;
         // SAFETY: this place is ours until it is put back on the free list, and the read into it completed.
         let bytes =
             unsafe { landing.region.bytes(offset, held.len) }.ok_or("the landing place is outside its region")?;

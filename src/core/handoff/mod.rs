@@ -11,13 +11,13 @@
 //! reads the same way). A holder that is gone, a read that fails or times out, pages laid out otherwise: the
 //! decode engine computes the prompt itself, and the client gets the same tokens, later.
 //!
-//! The mocker's pages are not memory, so between mockers a `SimulatedFabric` stands in for the transfer
-//! layer: a read takes the prompt's KV bytes over a bandwidth, in the mockers' simulated time, and ends the
-//! holder's lease as a real read's notification does. Everything else is the same code.
+//! The mocker's pages are not memory: its agent registers none, and a read between mockers moves no bytes but
+//! takes the time the simulated model's KV would take over the mockers' bandwidth (`SimulatedKv`), then ends
+//! the holder's lease with the same notification. Everything else, across processes too, is the same code.
 //!
 //! The same agent reads what encode workers hold for a request's images (`embeddings`) before the request
 //! starts, whatever its KV hand-off.
-use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream};
+use crate::core::engine::{ArrivingPages, Engine, EngineError, KvPages, ResponseStream, SimulatedKv};
 use crate::core::protocol::{
     EngineOutput, FinishReason, HandOff, HeldKv, KvEvent, KvEventBatch, KvLayout, KvTransferStats, LoadMetrics,
     PreprocessedRequest, WorkerId,
@@ -44,7 +44,7 @@ pub const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
 pub enum HandOffError {
     #[error(
         "this engine's KV cache cannot be handed to other workers ({0}); prefill workers and --kv-transfer need the \
-         native engine on the CPU"
+         native engine on the CPU, or the mocker"
     )]
     NoKvPages(&'static str),
     #[error("cannot start the transfer agent: {0}")]
@@ -67,7 +67,9 @@ struct Core {
 }
 
 struct Shared {
-    mover: Mover,
+    agent: Agent,
+    /// The engine's pages are simulated: reads take this time and move nothing.
+    simulated: Option<SimulatedKv>,
     address: String,
     layout: KvLayout,
     /// Agents read from, by address; a connection that failed is dropped and made again next time.
@@ -85,35 +87,6 @@ struct Counts {
     read_bytes: AtomicU64,
 }
 
-/// How KV gets from a holder's pages into ours.
-enum Mover {
-    /// The transfer layer: our pages registered with an agent that reads the holder's agent.
-    Agent(Agent),
-    Simulated(Arc<SimulatedFabric>),
-}
-
-/// The transfer layer as the mocker sees it: holders by address, and how long moving bytes takes.
-pub struct SimulatedFabric {
-    bytes_per_second: f64,
-    /// Simulated time runs this many times faster than real time (the mockers' speedup).
-    speedup: f64,
-    /// KV bytes per token of the model being simulated.
-    kv_bytes_per_token: u64,
-    holders: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
-}
-
-impl SimulatedFabric {
-    pub fn new(bytes_per_second: f64, speedup: f64, kv_bytes_per_token: u64) -> Arc<Self> {
-        Arc::new(Self { bytes_per_second, speedup, kv_bytes_per_token, holders: Default::default() })
-    }
-
-    /// How long moving `tokens` tokens' KV takes, in simulated time.
-    pub fn transfer_time(&self, tokens: u64) -> Duration {
-        let bytes = tokens.saturating_mul(self.kv_bytes_per_token) as f64;
-        Duration::from_secs_f64(bytes / self.bytes_per_second.max(1.0))
-    }
-}
-
 impl Drop for HandOffEngine {
     fn drop(&mut self) {
         if let Some(task) = &self.notifications {
@@ -125,9 +98,10 @@ impl Drop for HandOffEngine {
 impl HandOffEngine {
     /// Starts a transfer agent for `engine`'s pages; must run inside a tokio runtime.
     pub fn start(engine: Arc<dyn Engine>, settings: AgentSettings) -> Result<Self, HandOffError> {
-        let memory = engine.kv_pages().map(|pages| pages.memory()).filter(|memory| !memory.regions.is_empty());
+        let memory = (engine.kv_pages().map(|pages| pages.memory()))
+            .filter(|memory| !memory.regions.is_empty() || memory.simulated.is_some());
         let memory = memory.ok_or(HandOffError::NoKvPages(
-            "the mocker only simulates its pages; the CUDA backend's device pages have no transfer seam yet",
+            "an external engine's pages are its own; the CUDA backend's device pages have no transfer seam yet",
         ))?;
         let (agent, notifications) = Agent::start(engine.worker_id(), settings)?;
         let mut first_region = None;
@@ -148,7 +122,8 @@ impl HandOffEngine {
             None => None,
         };
         let shared = Arc::new(Shared {
-            mover: Mover::Agent(agent),
+            agent,
+            simulated: memory.simulated,
             address,
             layout,
             peers: Default::default(),
@@ -164,27 +139,7 @@ impl HandOffEngine {
         self
     }
 
-    /// A simulated engine (the mocker) on `fabric`, which it joins.
-    pub fn simulated(engine: Arc<dyn Engine>, fabric: Arc<SimulatedFabric>) -> Result<Self, HandOffError> {
-        let memory = engine
-            .kv_pages()
-            .map(|pages| pages.memory())
-            .ok_or(HandOffError::NoKvPages("this engine keeps no pages at all, not even simulated ones"))?;
-        let layout = KvLayout { block_size: memory.block_size, page_bytes: 0, first_region: 0, regions: 0 };
-        let address = format!("sim://{:016x}", engine.worker_id());
-        fabric.holders.lock().unwrap_or_else(|p| p.into_inner()).insert(address.clone(), engine.clone());
-        let shared = Arc::new(Shared {
-            mover: Mover::Simulated(fabric),
-            address,
-            layout,
-            peers: Default::default(),
-            counts: Counts::default(),
-            landing: None,
-        });
-        Ok(Self { core: Core { inner: engine, shared, lease: LEASE }, notifications: None })
-    }
-
-    /// Where peers reach this engine's agent (`tcp://host:port`, or `sim://id` on a simulated fabric).
+    /// Where peers reach this engine's agent (`tcp://host:port`).
     pub fn address(&self) -> String {
         self.core.shared.address.clone()
     }
@@ -341,14 +296,11 @@ impl Shared {
         let pages = (held.tokens as usize).div_ceil(block_size);
         // Blocks this worker had cached already are not read.
         let (from, to) = (target.cached.min(pages), pages.min(target.pages.len()));
-        let agent = match &self.mover {
-            Mover::Agent(agent) => agent,
-            Mover::Simulated(fabric) => {
-                let tokens = (held.tokens as usize).min(to * block_size).saturating_sub(from * block_size);
-                return simulate_read(fabric, held, tokens as u64).await;
-            }
-        };
-        let peer = self.peer(agent, &held.agent).await?;
+        if let Some(kv) = self.simulated {
+            let tokens = (held.tokens as usize).min(to * block_size).saturating_sub(from * block_size) as u64;
+            tokio::time::sleep(kv.transfer_time(tokens)).await;
+            return self.transfer(&held.agent, &[], &[], held.lease).await.map(|_| kv.bytes(tokens));
+        }
         let descriptors = |layout: &KvLayout, pages: &[u32]| -> Vec<Descriptor> {
             pages
                 .iter()
@@ -357,35 +309,37 @@ impl Shared {
         };
         let local = descriptors(&self.layout, &target.pages[from..to]);
         let remote = descriptors(&held.layout, &held.pages[from..to]);
-        let lease = held.lease.to_le_bytes();
-        match agent.transfer(&peer, Direction::Read, &local, &remote, Some(&lease)).await {
+        self.transfer(&held.agent, &local, &remote, held.lease).await
+    }
+
+    /// Reads `remote` ranges of the agent at `address` into `local` ones and ends `lease` there (with nothing
+    /// to move, the notification still goes: it is how a holder learns its pages are not needed). Bytes moved.
+    async fn transfer(
+        &self,
+        address: &str,
+        local: &[Descriptor],
+        remote: &[Descriptor],
+        lease: u64,
+    ) -> Result<u64, String> {
+        let peer = self.peer(address).await?;
+        let lease = lease.to_le_bytes();
+        match self.agent.transfer(&peer, Direction::Read, local, remote, Some(&lease)).await {
             Ok(stats) => Ok(stats.bytes),
             Err(error) => {
-                self.peers.lock().await.remove(&held.agent);
+                self.peers.lock().await.remove(address);
                 Err(error.to_string())
             }
         }
     }
 
-    async fn peer(&self, agent: &Agent, address: &str) -> Result<Arc<Peer>, String> {
+    async fn peer(&self, address: &str) -> Result<Arc<Peer>, String> {
         if let Some(peer) = self.peers.lock().await.get(address) {
             return Ok(peer.clone());
         }
-        let peer = Arc::new(agent.connect(address).await.map_err(|e| e.to_string())?);
+        let peer = Arc::new(self.agent.connect(address).await.map_err(|e| e.to_string())?);
         self.peers.lock().await.insert(address.to_string(), peer.clone());
         Ok(peer)
     }
-}
-
-/// A read over the simulated fabric: the bytes' time, then the holder's lease ends.
-async fn simulate_read(fabric: &SimulatedFabric, held: &HeldKv, tokens: u64) -> Result<u64, String> {
-    let holder = fabric.holders.lock().unwrap_or_else(|p| p.into_inner()).get(&held.agent).cloned();
-    let holder = holder.ok_or_else(|| format!("no simulated worker at {}", held.agent))?;
-    tokio::time::sleep(fabric.transfer_time(tokens).div_f64(fabric.speedup.max(1e-9))).await;
-    if let Some(pages) = holder.kv_pages() {
-        let _ = pages.release_lease(held.lease);
-    }
-    Ok(tokens * fabric.kv_bytes_per_token)
 }
 
 /// Frees the pages a peer has read: its read's notification names the lease.

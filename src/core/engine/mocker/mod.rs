@@ -7,6 +7,7 @@
 //! continues exactly as it would have.
 pub mod timing;
 
+use super::SimulatedKv;
 use super::batch::{BatchEngine, Pacing};
 use super::scheduler::{Chunk, ExecError, Executed, Executor, Sampled, Scheduler, SchedulerConfig};
 use crate::core::protocol::{PreprocessedRequest, TokenLogprob, WorkerId};
@@ -17,11 +18,36 @@ pub struct MockerConfig {
     pub scheduler: SchedulerConfig,
     /// Simulated time runs this many times faster than real time.
     pub speedup: f64,
+    /// KV bytes per token of the simulated model: what a hand-off between mockers would move.
+    pub kv_bytes_per_token: u64,
+    /// Bandwidth that KV moves at between mockers (prefill to decode).
+    pub transfer_bytes_per_s: f64,
 }
+
+/// Llama-3-8B's KV in bf16: 32 layers × 8 KV heads × 128 dimensions × K and V × 2 bytes.
+pub const DEFAULT_KV_BYTES_PER_TOKEN: u64 = 131_072;
+/// A hand-off's bandwidth when none is given: about what one 200 Gb/s NIC moves.
+pub const DEFAULT_TRANSFER_BYTES_PER_S: f64 = 25e9;
 
 impl Default for MockerConfig {
     fn default() -> Self {
-        Self { scheduler: SchedulerConfig::default(), speedup: 1.0 }
+        Self {
+            scheduler: SchedulerConfig::default(),
+            speedup: 1.0,
+            kv_bytes_per_token: DEFAULT_KV_BYTES_PER_TOKEN,
+            transfer_bytes_per_s: DEFAULT_TRANSFER_BYTES_PER_S,
+        }
+    }
+}
+
+impl MockerConfig {
+    /// What a hand-off of this mocker's KV costs.
+    pub fn simulated_kv(&self) -> SimulatedKv {
+        SimulatedKv {
+            bytes_per_token: self.kv_bytes_per_token,
+            transfer_bytes_per_s: self.transfer_bytes_per_s,
+            speedup: self.speedup,
+        }
     }
 }
 
@@ -30,7 +56,8 @@ pub struct MockerEngine;
 impl MockerEngine {
     /// Starts a mocker on the current tokio runtime. `vocab` lists the token ids it samples from.
     pub fn spawn(worker_id: WorkerId, config: MockerConfig, vocab: Arc<[u32]>) -> BatchEngine {
-        let executor = MockExecutor::new(vocab, config.scheduler.num_blocks, config.scheduler.block_size);
+        let executor = MockExecutor::new(vocab, config.scheduler.num_blocks, config.scheduler.block_size)
+            .with_kv(config.simulated_kv());
         let profile = crate::core::engine::profile::Profile::mocker(&config);
         let scheduler = Scheduler::new(config.scheduler, executor);
         BatchEngine::spawn(worker_id, scheduler, Pacing { blocking: false, speedup: config.speedup }, usize::MAX)
@@ -44,12 +71,18 @@ pub struct MockExecutor {
     /// The simulated KV cache: decode time is relative to its capacity.
     num_blocks: usize,
     block_size: usize,
+    kv: SimulatedKv,
 }
 
 impl MockExecutor {
     pub fn new(vocab: Arc<[u32]>, num_blocks: usize, block_size: usize) -> Self {
         let vocab = if vocab.is_empty() { (0..1000).collect() } else { vocab };
-        Self { vocab, num_blocks, block_size }
+        Self { vocab, num_blocks, block_size, kv: MockerConfig::default().simulated_kv() }
+    }
+
+    /// What handing this mocker's KV over costs.
+    pub fn with_kv(self, kv: SimulatedKv) -> Self {
+        Self { kv, ..self }
     }
 }
 
@@ -98,14 +131,15 @@ impl Executor for MockExecutor {
         Ok(Executed { sampled, simulated_ms })
     }
 
-    /// Pages without memory: enough for the hand-off's bookkeeping between mockers (`SimulatedFabric`), which
-    /// no transfer agent can offer.
+    /// Pages without memory: a hand-off between mockers keeps the real bookkeeping (leases, arrivals) and
+    /// takes the simulated time of moving them.
     fn kv_memory(&self) -> Option<crate::core::engine::KvMemory> {
         Some(crate::core::engine::KvMemory {
             regions: Vec::new(),
             pages: self.num_blocks as u64,
             page_bytes: 0,
             block_size: self.block_size as u32,
+            simulated: Some(self.kv),
         })
     }
 }
@@ -181,7 +215,11 @@ mod tests {
     async fn a_resent_state_rebuilds_the_index_its_events_built() {
         use crate::core::indexer::{Indexer, ReferenceIndexer};
         let scheduler = SchedulerConfig { num_blocks: 40, ..Default::default() };
-        let engine = MockerEngine::spawn(1, MockerConfig { speedup: 1000.0, scheduler }, (10..500).collect());
+        let engine = MockerEngine::spawn(
+            1,
+            MockerConfig { speedup: 1000.0, scheduler, ..Default::default() },
+            (10..500).collect(),
+        );
         let mut events = engine.subscribe_kv_events();
         let prompts: Vec<Vec<u32>> = (0..12u32).map(|p| (0..64).map(|t| t * 7 + p % 4 * 1000 + p).collect()).collect();
         for prompt in &prompts {

@@ -456,6 +456,7 @@ impl<B: Backend> Executor for NativeExecutor<B> {
             pages: self.num_pages as u64,
             page_bytes: self.model.kv_page_bytes(self.block_size),
             block_size: self.block_size as u32,
+            simulated: None,
         })
     }
 
