@@ -1,15 +1,16 @@
 //! The tcp backend, and the target side every connection shares (`serve_connection`: the shm socket runs
 //! it too). A peer gets `streams` data connections; a request's ranges are cut into pieces spread over them
 //! by bytes, so one big request fills every stream and a small one (under `ONE_STREAM_BELOW`) costs one
-//! round trip on one. In an open cluster bodies go straight from and into region memory, with no staging
-//! buffer on either side; in a keyed one they pass through the connection's sealed records.
+//! round trip on one. In an open cluster bodies go straight from region memory into the socket, and big
+//! ones straight from the socket into region memory (small ones, a few KiB each, come several to a read
+//! through the connection's buffer); in a keyed one they pass through the connection's sealed records.
 use super::sealed::SealedStream;
 use super::wire::{self, read_header, write_frame};
 use super::{Direction, Inner, Notification, Range, TransferError};
 use crate::core::protocol::transfer::{AgentMetadata, FrameKind, NixlOffer, TransferFrame, TransferFrameError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
@@ -20,6 +21,8 @@ const MIN_PIECE: u64 = 256 * 1024;
 /// Each connection's read buffer: many small frames come in one read, and a body bigger than the buffer is
 /// read straight into region memory past it.
 const READ_BUFFER: usize = 256 * 1024;
+/// Bodies with at least this much left past the buffered bytes are read straight into place.
+const DIRECT_READ: usize = 16 * 1024;
 /// Reads sent ahead of their answers on one stream; bounded so neither side's socket buffer can fill with
 /// what the other is not reading.
 const READ_WINDOW: usize = 64;
@@ -88,7 +91,7 @@ pub(super) async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                 if frame.kind == FrameKind::Write {
                     // SAFETY: in bounds (checked above); the owner keeps readers off ranges being transferred.
                     let Some(bytes) = (unsafe { region.bytes_mut(frame.offset, frame.len) }) else { continue };
-                    stream.read_exact(bytes).await?;
+                    read_body_into(stream, bytes).await?;
                 } else {
                     // SAFETY: as above, with writers kept off.
                     let Some(bytes) = (unsafe { region.bytes(frame.offset, frame.len) }) else { continue };
@@ -289,10 +292,23 @@ async fn read_pieces(stream: &mut Connection, pieces: &[Piece<'_>]) -> Result<()
             // SAFETY: as in `write_pieces`, with every other access kept off ranges being received.
             let bytes = unsafe { piece.range.region.bytes_mut(local, piece.len) };
             let bytes = bytes.ok_or_else(|| TransferError::Descriptors("a local range left its region".into()))?;
-            stream.read_exact(bytes).await?;
+            read_body_into(stream, bytes).await?;
         }
     }
     Ok(())
+}
+
+/// Reads a frame's body into `body` (region memory): what the connection's buffer already holds, then the
+/// rest of a big one straight from the socket, so the kernel copies it into place rather than into the
+/// buffer for a second copy. Small bodies still come through the buffer: several per system call.
+async fn read_body_into<S: AsyncRead + Unpin>(stream: &mut BufReader<S>, body: &mut [u8]) -> std::io::Result<()> {
+    let buffered = stream.buffer().len().min(body.len());
+    if body.len() - buffered < DIRECT_READ {
+        return stream.read_exact(body).await.map(drop);
+    }
+    body[..buffered].copy_from_slice(&stream.buffer()[..buffered]);
+    std::pin::Pin::new(&mut *stream).consume(buffered);
+    stream.get_mut().read_exact(&mut body[buffered..]).await.map(drop)
 }
 
 /// Asks the target to confirm everything before it on this stream is done, handing it `notification`
