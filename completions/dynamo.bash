@@ -285,7 +285,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__bench__subcmd__disagg)
-            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --gpus --prefill-gpus --threshold --queue-limit --ttft-target-ms --itl-target-ms --transfer-gbps --output-scale --kv-bytes-per-token --json --verbose --help --version"
+            opts="-v -h -V --trace --requests --speedup --num-blocks --block-tokens --gpus --prefill-gpus --threshold --queue-limit --itl-budget-ms --ttft-target-ms --itl-target-ms --transfer-gbps --output-scale --kv-bytes-per-token --json --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -324,6 +324,10 @@ _dynamo() {
                     return 0
                     ;;
                 --queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --itl-budget-ms)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2379,7 +2383,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__route)
-            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --epp-port --epp-health-port --epp-insecure --epp-cert-file --epp-key-file --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --kv-events-from --model --served-model-name --block-size --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
+            opts="-v -h -V --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --epp-port --epp-health-port --epp-insecure --epp-cert-file --epp-key-file --worker-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --disagg-itl-budget-ms --encode-queue-limit --kv-events-from --model --served-model-name --block-size --planner --planner-connector --planner-interval --min-workers --max-workers --min-prefill-workers --max-prefill-workers --worker-budget --scale-up-pressure --scale-down-pressure --planner-profile --ttft-target-ms --itl-target-ms --sla-attainment --drain-timeout --kube-api --kube-namespace --kube-decode-deployment --kube-prefill-deployment --kube-token-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2509,6 +2513,10 @@ _dynamo() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --disagg-itl-budget-ms)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --encode-queue-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2617,7 +2625,7 @@ _dynamo() {
             return 0
             ;;
         dynamo__subcmd__run)
-            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
+            opts="-v -h -V --model --served-model-name --max-model-len --chat-template --workers --prefill-workers --encode-workers --host --http-host --port --http-port --api-key --protect-metrics --allowed-origin --tool-call-parser --max-request-bytes --max-connections --http-header-timeout --http-body-timeout --limit-images-per-prompt --allowed-local-media-path --allowed-media-domains --media-fetch-timeout --discovery --namespace --cluster-key-file --router-mode --kv-overlap-score-weight --router-temperature --no-kv-events --router-ttl --busy-threshold --migration-limit --disagg-threshold --prefill-queue-limit --disagg-itl-budget-ms --encode-queue-limit --engine --block-size --num-blocks --max-num-seqs --max-num-batched-tokens --no-prefix-caching --device --threads --kv-cache-gib --quantization --speedup --kv-bytes-per-token --transfer-gbps --engine-url --kv-events --kv-events-replay --engine-bootstrap-port --data-parallel-rank --engine-metrics --profile --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2752,6 +2760,10 @@ _dynamo() {
                     return 0
                     ;;
                 --prefill-queue-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --disagg-itl-budget-ms)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -356,6 +356,12 @@ pub struct RouterArgs {
     #[arg(long, env = "DYNAMO_PREFILL_QUEUE_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Disaggregation")]
     pub prefill_queue_limit: u32,
 
+    /// With prefill workers up: a prompt is prefilled on its decode worker when moving its KV there (at the
+    /// rate that worker's reads have gone), spread over the tokens the request may generate, would add more
+    /// than this many ms to its mean time between tokens: a long prompt with a short answer (0: no limit).
+    #[arg(long, env = "DYNAMO_DISAGG_ITL_BUDGET_MS", default_value_t = crate::core::router::DISAGG_ITL_BUDGET.as_secs_f64() * 1e3, value_parser = non_negative_f64, help_heading = "Disaggregation")]
+    pub disagg_itl_budget_ms: f64,
+
     /// Requests with images in flight per encode worker past which it takes no more; when all are full, the
     /// worker that prefills a prompt encodes its images itself rather than wait.
     #[arg(long, env = "DYNAMO_ENCODE_QUEUE_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Disaggregation")]
@@ -386,6 +392,7 @@ impl RouterArgs {
             migration_limit: self.migration_limit,
             disagg_threshold: self.disagg_threshold as usize,
             prefill_queue_limit: self.prefill_queue_limit as usize,
+            disagg_itl_budget: (self.disagg_itl_budget_ms > 0.0).then(|| seconds(self.disagg_itl_budget_ms / 1e3)),
             encode_queue_limit: self.encode_queue_limit as usize,
             ..RouterConfig::default()
         }

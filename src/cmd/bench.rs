@@ -405,6 +405,10 @@ pub struct DisaggArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_limit: u32,
 
+    /// The conditional set-up's --disagg-itl-budget-ms, in simulated ms (0: no limit).
+    #[arg(long, default_value_t = crate::core::router::DISAGG_ITL_BUDGET.as_secs_f64() * 1e3, value_parser = super::args::non_negative_f64)]
+    pub itl_budget_ms: f64,
+
     /// A request is good if its TTFT is at most this (simulated ms) …
     #[arg(long, default_value_t = 2000.0, value_parser = positive_f64)]
     pub ttft_target_ms: f64,
@@ -997,6 +1001,7 @@ fn bench_disagg(args: DisaggArgs) -> anyhow::Result<()> {
         prefill_gpus,
         threshold: args.threshold as usize,
         queue_limit: args.queue_limit as usize,
+        itl_budget: (args.itl_budget_ms > 0.0).then(|| super::args::seconds(args.itl_budget_ms / 1e3)),
         mocker: MockerConfig {
             scheduler: args.replay.scheduler(),
             speedup: args.replay.speedup,

@@ -288,13 +288,18 @@ const SLOW_MOCKER_HAND_OFF: [&str; 8] =
 /// Mocker workers hand a prompt over as native ones do, with the simulated KV's transfer time charged: the
 /// client gets the tokens of an aggregated mocker, its first token at once (from the prefill worker) and the
 /// second once the decode worker's read has taken its simulated time; the decode worker counts the simulated
-/// bytes read, and the prefill worker's pages go back as soon as the read's notification reaches it.
+/// bytes read, and the prefill worker's pages go back as soon as the read's notification reaches it. Once the
+/// decode worker has measured its reads, a long prompt with a short answer stays where it decodes.
 async fn mocker_hand_off_is_aggregated_serving_later(disaggregated: &Server) {
     let aggregated = Server::start(&["--speedup", "10"]);
     let prompt = &prompts()[1];
     assert_eq!(greedy(disaggregated, prompt, 12).await, greedy(&aggregated, prompt, 12).await);
 
-    let mut response = disaggregated.post("/v1/completions", completion(&prompts()[2], true)).await;
+    let body = |stream: bool| {
+        json!({"model": "tiny-chat", "prompt": prompts()[2], "max_tokens": 200, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    let mut response = disaggregated.post("/v1/completions", body(true)).await;
     assert_eq!(response.status().as_u16(), 200);
     let (mut text, mut arrivals) = (String::new(), Vec::new());
     while let Some(chunk) = response.chunk().await.expect("the stream continues") {
@@ -302,7 +307,7 @@ async fn mocker_hand_off_is_aggregated_serving_later(disaggregated: &Server) {
         let tokens = sse_payloads(&text).iter().filter(|p| p.contains("\"choices\":[{")).count();
         arrivals.resize(tokens, std::time::Instant::now());
     }
-    let (_, expected) = aggregated.post_json("/v1/completions", completion(&prompts()[2], false)).await;
+    let (_, expected) = aggregated.post_json("/v1/completions", body(false)).await;
     assert_eq!(streamed_text(&sse_payloads(&text)), expected["choices"][0]["text"].as_str().unwrap(), "{text}");
     // Only what the decode worker lacks moves: it holds the first prompt's 9 full blocks (its tenth ended in
     // the first answer), so 190 - 144 = 46 tokens, 46 MB at 0.01 GB/s: 0.46 s at speedup 10.
@@ -310,21 +315,31 @@ async fn mocker_hand_off_is_aggregated_serving_later(disaggregated: &Server) {
     assert!(gap >= Duration::from_millis(350), "the second token came {gap:?} after the first");
 
     let transfers = |what: &str, metrics: &str| over_workers(metrics, "dynamo_component_kv_transfers", what);
+    let rate = |m: &str| over_workers(m, "dynamo_component_kv_read_bytes_per_second", "worker_id").unwrap_or(0.0);
     let metrics = disaggregated
         .wait_for_metrics(Duration::from_secs(10), |m| {
-            transfers("what=\"read\"", m) == Some(2.0) && transfers("what=\"held\"", m) == Some(2.0)
+            transfers("what=\"read\"", m) == Some(2.0) && transfers("what=\"held\"", m) == Some(2.0) && rate(m) > 0.0
         })
         .await;
     // Simulated bytes: the first prompt's 150 tokens, then the second's 46.
     assert_eq!(transfers("what=\"read_bytes\"", &metrics), Some(196e6), "{metrics}");
     assert_eq!(transfers("what=\"read_failed\"", &metrics), Some(0.0), "{metrics}");
-    let remote = metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
-    assert_eq!(remote, Some(2.0), "{metrics}");
+    // 0.01 GB/s of simulated time is 0.1 GB/s of real time, less what reading around the wait costs.
+    assert!(rate(&metrics) > 0.5e8 && rate(&metrics) <= 1e8, "{metrics}");
     disaggregated
         .wait_for_metrics(Duration::from_secs(10), |m| {
             over_workers(m, "dynamo_component_kvstats_active_blocks", "worker_id") == Some(0.0)
         })
         .await;
+
+    // A fresh 150-token prompt would take 1.5 s to move, all of it between the two tokens asked for: far over
+    // the 20 ms budget, so the decode worker prefills it, with the same answer.
+    let fresh: Vec<u64> = (0..150).map(|i| 25 + (i * 41) % 900).collect();
+    assert_eq!(greedy(disaggregated, &fresh, 2).await, greedy(&aggregated, &fresh, 2).await);
+    let metrics = disaggregated.metrics().await;
+    let decisions =
+        |decision: &str| metric(&metrics, &format!("dynamo_router_disagg_decisions_total{{decision=\"{decision}\"}}"));
+    assert_eq!((decisions("remote"), decisions("local_slow_transfer")), (Some(2.0), Some(1.0)), "{metrics}");
 }
 
 #[tokio::test]

@@ -3,8 +3,9 @@
 //!
 //! Three set-ups of mocker workers, each fresh: `aggregated` (every GPU a decode worker that prefills too),
 //! `disaggregated` (prefill workers take every prompt, whatever their queue) and `conditional` (prompts whose
-//! uncached part is under the threshold stay on the decode worker, as do all while every prefill worker is
-//! at its queue limit). Prefill and decode time come from the mocker's fitted model; moving a prompt's KV
+//! uncached part is under the threshold stay on the decode worker, as do those whose KV would take longer to
+//! move than the ITL budget allows for their answer's length, and all while every prefill worker is at its
+//! queue limit). Prefill and decode time come from the mocker's fitted model; moving a prompt's KV
 //! takes its bytes over the given bandwidth (the mockers' `SimulatedKv`, through real transfer agents on
 //! loopback that move no bytes). Measured in simulated time: TTFT and ITL
 //! percentiles, and goodput: requests per second that met both the TTFT target and the ITL target.
@@ -32,6 +33,8 @@ pub struct DisaggBenchSettings {
     pub threshold: usize,
     /// `conditional`'s --prefill-queue-limit.
     pub queue_limit: usize,
+    /// `conditional`'s --disagg-itl-budget-ms, in simulated time.
+    pub itl_budget: Option<std::time::Duration>,
     /// Every worker's mocker: its scheduler, speedup and what moving its KV costs.
     pub mocker: MockerConfig,
     /// Tokens per trace block id.
@@ -63,12 +66,26 @@ pub struct SetupResult {
 
 pub async fn run(trace: &[TraceRequest], settings: &DisaggBenchSettings) -> Result<Vec<SetupResult>, HandOffError> {
     let split = settings.prefill_gpus.min(settings.gpus.saturating_sub(1));
-    let everything = usize::MAX / 2;
+    let always = Decision { threshold: 0, queue_limit: usize::MAX / 2, itl_budget: None };
+    let conditional = Decision {
+        threshold: settings.threshold,
+        queue_limit: settings.queue_limit,
+        itl_budget: settings.itl_budget.map(|budget| budget.div_f64(settings.mocker.speedup)),
+    };
     Ok(vec![
-        run_setup(trace, settings, "aggregated", 0, 0, everything).await?,
-        run_setup(trace, settings, "disaggregated", split, 0, everything).await?,
-        run_setup(trace, settings, "conditional", split, settings.threshold, settings.queue_limit).await?,
+        run_setup(trace, settings, "aggregated", 0, always).await?,
+        run_setup(trace, settings, "disaggregated", split, always).await?,
+        run_setup(trace, settings, "conditional", split, conditional).await?,
     ])
+}
+
+/// How a set-up's router decides where prompts are prefilled (`RouterConfig`'s fields of the same names).
+#[derive(Clone, Copy)]
+struct Decision {
+    threshold: usize,
+    queue_limit: usize,
+    /// In real time.
+    itl_budget: Option<std::time::Duration>,
 }
 
 async fn run_setup(
@@ -76,8 +93,7 @@ async fn run_setup(
     settings: &DisaggBenchSettings,
     setup: &'static str,
     prefill_workers: usize,
-    disagg_threshold: usize,
-    prefill_queue_limit: usize,
+    decision: Decision,
 ) -> Result<SetupResult, HandOffError> {
     let config = &settings.mocker;
     let speedup = config.speedup;
@@ -96,8 +112,9 @@ async fn run_setup(
     let router_config = RouterConfig {
         busy_threshold: usize::MAX / 2,
         block_size: config.scheduler.block_size,
-        disagg_threshold,
-        prefill_queue_limit,
+        disagg_threshold: decision.threshold,
+        prefill_queue_limit: decision.queue_limit,
+        disagg_itl_budget: decision.itl_budget,
         ..RouterConfig::default()
     };
     let router = Arc::new(Router::new(decode.clone(), router_config));

@@ -85,6 +85,8 @@ struct Counts {
     read: AtomicU64,
     read_failed: AtomicU64,
     read_bytes: AtomicU64,
+    /// Time the reads took, from the pages' allocation to the holder's notification.
+    read_nanos: AtomicU64,
 }
 
 impl Drop for HandOffEngine {
@@ -292,6 +294,20 @@ impl Shared {
     /// Bytes moved, or why nothing was.
     async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<u64, String> {
         let target = target.await.map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        let read = self.read_pages(held, target).await;
+        if read.is_ok() {
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.counts.read_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+        read
+    }
+
+    async fn read_pages(
+        &self,
+        held: &HeldKv,
+        target: crate::core::engine::scheduler::ArrivalPages,
+    ) -> Result<u64, String> {
         let block_size = self.layout.block_size.max(1) as usize;
         let pages = (held.tokens as usize).div_ceil(block_size);
         // Blocks this worker had cached already are not read.
@@ -366,7 +382,19 @@ impl Engine for HandOffEngine {
     }
 
     fn load(&self) -> LoadMetrics {
-        self.core.inner.load()
+        let shared = &self.core.shared;
+        let layout = shared.layout;
+        let kv_bytes_per_token = match shared.simulated {
+            Some(kv) => kv.bytes_per_token,
+            None => layout.page_bytes * layout.regions as u64 / layout.block_size.max(1) as u64,
+        };
+        let (bytes, nanos) =
+            (shared.counts.read_bytes.load(Ordering::Relaxed), shared.counts.read_nanos.load(Ordering::Relaxed));
+        let kv_read_bytes_per_s = match nanos {
+            0 => 0,
+            nanos => (bytes as f64 / (nanos as f64 * 1e-9)).min(u64::MAX as f64) as u64,
+        };
+        LoadMetrics { kv_bytes_per_token, kv_read_bytes_per_s, ..self.core.inner.load() }
     }
 
     fn device(&self) -> String {

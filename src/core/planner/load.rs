@@ -136,10 +136,7 @@ mod tests {
             kv_active_blocks: active,
             kv_cached_blocks: 7,
             kv_total_blocks: 100,
-            engine_down: false,
-            max_running: 0,
-            device_memory_used: 0,
-            device_memory_total: 0,
+            ..LoadMetrics::default()
         };
         pool.add(&load(4, 2, 80));
         pool.add(&load(0, 0, 0));

@@ -386,6 +386,13 @@ pub struct LoadMetrics {
     pub device_memory_used: u64,
     #[serde(default)]
     pub device_memory_total: u64,
+    /// Bytes of KV a token of its prompts takes to move (the model's KV per token; the mocker's simulated
+    /// one); 0 where it cannot take KV from a peer.
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
+    /// How fast its reads of peers' KV have gone, bytes per second over all it read; 0 before its first.
+    #[serde(default)]
+    pub kv_read_bytes_per_s: u64,
 }
 
 /// A worker's running totals on the request plane since it started, published on the `stats` topic.

@@ -100,10 +100,18 @@ pub struct RouterConfig {
     /// Prefills in flight on a prefill worker past which it takes no more; when every prefill worker is
     /// there, prompts are prefilled on their decode worker rather than wait.
     pub prefill_queue_limit: usize,
+    /// With prefill workers up: a prompt stays on its decode worker when moving its KV there, spread over the
+    /// tokens the request may generate, would add more than this to its mean time between tokens (`None`: no
+    /// such limit). The move's time is the decode worker's own measure (`LoadMetrics::kv_read_bytes_per_s`).
+    pub disagg_itl_budget: Option<Duration>,
     /// Requests in flight on an encode worker past which it takes no more; when every encode worker is there,
     /// images are encoded by the worker that prefills their prompt rather than wait.
     pub encode_queue_limit: usize,
 }
+
+/// `disagg_itl_budget` unless told otherwise: half of a 40 ms ITL target (what Dynamo's planner and this
+/// one aim at by default), leaving the other half to the decode steps.
+pub const DISAGG_ITL_BUDGET: Duration = Duration::from_millis(20);
 
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -118,6 +126,7 @@ impl Default for RouterConfig {
             migration_limit: 3,
             disagg_threshold: 0,
             prefill_queue_limit: 8,
+            disagg_itl_budget: Some(DISAGG_ITL_BUDGET),
             encode_queue_limit: 8,
         }
     }
@@ -200,6 +209,9 @@ pub enum Disagg {
     Short,
     /// On the decode worker: every prefill worker is at its queue limit.
     Busy,
+    /// On the decode worker: moving the prompt's KV would cost the request more time between its tokens than
+    /// `disagg_itl_budget` (a long prompt with a short answer).
+    SlowTransfer,
     /// On the decode worker: it cannot take KV from a peer (no transfer agent).
     Unsupported,
     /// On the decode worker after all: the prefill worker was lost or refused.
@@ -212,6 +224,7 @@ impl Disagg {
             Disagg::Remote => "remote",
             Disagg::Short => "local_short",
             Disagg::Busy => "local_busy",
+            Disagg::SlowTransfer => "local_slow_transfer",
             Disagg::Unsupported => "local_unsupported",
             Disagg::Fallback => "local_fallback",
         }
@@ -772,6 +785,11 @@ impl Choice {
             // Its first token waits on another worker's prefill and the hand-off: not this worker's to predict.
             account.prediction = None;
         }
+    }
+
+    /// What the chosen worker's engine last said of its load.
+    pub fn load(&self) -> crate::core::protocol::LoadMetrics {
+        self.worker.engine.load()
     }
 
     /// Where the chosen worker's transfer agent listens, if it can hand KV over.

@@ -374,6 +374,16 @@ impl Metrics {
                 gauge(&registry, "dynamo_component_kvstats_total_blocks", "KV blocks of the worker", &["worker_id"]),
                 |l| l.kv_total_blocks as i64,
             ),
+            (
+                gauge(
+                    &registry,
+                    "dynamo_component_kv_read_bytes_per_second",
+                    "How fast the worker's reads of prefill workers' KV have gone, over all it read (0 before its \
+                     first); what the router prices a hand-off to it by (--disagg-itl-budget-ms)",
+                    &["worker_id"],
+                ),
+                |l| l.kv_read_bytes_per_s.min(i64::MAX as u64) as i64,
+            ),
         ];
         Self {
             inflight: gauge(&registry, "dynamo_frontend_inflight_requests", "Requests being processed", &["model"]),
@@ -450,6 +460,7 @@ impl Metrics {
                 "dynamo_router_disagg_decisions_total",
                 "Where prompts were prefilled while prefill workers were up: remote (a prefill worker), local_short \
                  (uncached part below --disagg-threshold), local_busy (every prefill worker at its queue limit), \
+                 local_slow_transfer (moving its KV would cost more than --disagg-itl-budget-ms between tokens), \
                  local_unsupported (the decode worker cannot take KV), local_fallback (the prefill worker was lost)",
                 &["decision"],
             ),

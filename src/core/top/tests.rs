@@ -65,10 +65,7 @@ fn a_worker_is_followed_from_discovery_through_its_events_to_its_departure() {
         kv_active_blocks: 250,
         kv_total_blocks: 1000,
         kv_cached_blocks: 50,
-        engine_down: false,
-        max_running: 0,
-        device_memory_used: 0,
-        device_memory_total: 0,
+        ..LoadMetrics::default()
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), start);
     let stats = WorkerStats { accepted: 12, refused: 2, ..WorkerStats::default() };
@@ -227,10 +224,7 @@ fn a_narrow_terminal_drops_whole_columns_least_useful_first_and_keeps_the_keys()
         kv_active_blocks: 1500,
         kv_total_blocks: 16384,
         kv_cached_blocks: 28,
-        engine_down: false,
-        max_running: 0,
-        device_memory_used: 0,
-        device_memory_total: 0,
+        ..LoadMetrics::default()
     };
     view.deliver(ENDPOINT, delivery(7, Topic::Load, 0, Continuity::InOrder, load.to_bytes()), now);
     let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();

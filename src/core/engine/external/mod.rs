@@ -535,8 +535,7 @@ impl Engine for ExternalEngine {
             kv_total_blocks: total,
             engine_down: !self.shared.alive.load(Ordering::Relaxed),
             max_running: 0,
-            device_memory_used: 0,
-            device_memory_total: 0,
+            ..LoadMetrics::default()
         }
     }
 

@@ -433,8 +433,7 @@ impl<X: Executor> Scheduler<X> {
             kv_total_blocks: self.pool.capacity() as u64,
             engine_down: false,
             max_running: self.config.max_num_seqs as u32,
-            device_memory_used: 0,
-            device_memory_total: 0,
+            ..LoadMetrics::default()
         }
     }
 
