@@ -85,9 +85,15 @@ struct Counts {
     read: AtomicU64,
     read_failed: AtomicU64,
     read_bytes: AtomicU64,
-    /// Time the reads took, from the pages' allocation to the holder's notification.
-    read_nanos: AtomicU64,
+    /// Reads of at least `RATED_READ`: their bytes, and the time they took (from the pages' allocation to
+    /// the holder's notification, the connection to it already made), which `load` reports as a rate.
+    rated_bytes: AtomicU64,
+    rated_nanos: AtomicU64,
 }
+
+/// Reads smaller than this do not count toward the rate a decode worker reports: their time is mostly a
+/// round trip (or a first NIXL read's set-up), which says nothing of how long a big prompt's KV takes.
+const RATED_READ: u64 = 1 << 20;
 
 impl Drop for HandOffEngine {
     fn drop(&mut self) {
@@ -294,11 +300,15 @@ impl Shared {
     /// Bytes moved, or why nothing was.
     async fn read(&self, held: &HeldKv, target: ArrivingPages) -> Result<u64, String> {
         let target = target.await.map_err(|e| e.to_string())?;
+        self.peer(&held.agent).await?;
         let started = std::time::Instant::now();
         let read = self.read_pages(held, target).await;
-        if read.is_ok() {
+        if let Ok(bytes) = read
+            && bytes >= RATED_READ
+        {
             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.counts.read_nanos.fetch_add(nanos, Ordering::Relaxed);
+            self.counts.rated_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.counts.rated_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
         read
     }
@@ -389,7 +399,7 @@ impl Engine for HandOffEngine {
             None => layout.page_bytes * layout.regions as u64 / layout.block_size.max(1) as u64,
         };
         let (bytes, nanos) =
-            (shared.counts.read_bytes.load(Ordering::Relaxed), shared.counts.read_nanos.load(Ordering::Relaxed));
+            (shared.counts.rated_bytes.load(Ordering::Relaxed), shared.counts.rated_nanos.load(Ordering::Relaxed));
         let kv_read_bytes_per_s = match nanos {
             0 => 0,
             nanos => (bytes as f64 / (nanos as f64 * 1e-9)).min(u64::MAX as f64) as u64,
