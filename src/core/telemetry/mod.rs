@@ -838,6 +838,19 @@ impl Metrics {
 
     /// The Prometheus text exposition, with worker gauges read now, and each model's summed under vLLM's names.
     pub fn render(&self, workers: &[(WorkerId, LoadMetrics)], models: &[ModelLoad]) -> String {
+        // Workers not given are gone: a render that listed its workers just before one left sets that
+        // worker's gauges again after `forget_worker` removed them, and the next render removes them for good.
+        let current: std::collections::HashSet<String> = workers.iter().map(|(worker, _)| worker.to_string()).collect();
+        for (gauge, _) in &self.worker_gauges {
+            let listed: Vec<String> = (prometheus::core::Collector::collect(gauge).iter())
+                .flat_map(|family| family.get_metric())
+                .flat_map(|metric| metric.get_label().iter().map(|label| label.value().to_string()))
+                .filter(|id| !current.contains(id))
+                .collect();
+            for id in listed {
+                let _ = gauge.remove_label_values(&[&id]);
+            }
+        }
         for (worker, load) in workers {
             let id = worker.to_string();
             for (gauge, read) in &self.worker_gauges {
@@ -1202,5 +1215,18 @@ mod tests {
         assert!(text.contains("dynamo_frontend_inflight_requests{model=\"m\"} 0"));
         assert!(text.contains("dynamo_frontend_time_to_first_token_seconds_count{model=\"m\"} 1"));
         assert!(text.contains("dynamo_component_kvstats_total_blocks{worker_id=\"3\"} 7"));
+    }
+
+    /// A worker that left between a render's reading its workers and its setting their gauges would keep
+    /// them for good otherwise (seen: a router's /metrics listing a killed worker 10 s after it left).
+    #[test]
+    fn a_worker_missing_from_a_render_is_gone_from_its_gauges() {
+        let metrics = Metrics::new();
+        metrics.render(&[(3, LoadMetrics::default())], &[]);
+        metrics.forget_worker(3);
+        // The late render of a scrape that listed it before it left.
+        metrics.render(&[(3, LoadMetrics::default())], &[]);
+        let text = metrics.render(&[(4, LoadMetrics::default())], &[]);
+        assert!(!text.contains("worker_id=\"3\"") && text.contains("worker_id=\"4\""), "{text}");
     }
 }
