@@ -83,14 +83,14 @@ sglang\t'A running SGLang server (--engine-url): its /generate API, KV events an
 trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-seqs -d 'Most requests in a worker\'s running batch [default: 256]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes) [default: 8192]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N [default: auto]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
 int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
-complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l kv-bytes-per-token -d 'Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes as long as moving that much would [default: 131072, Llama-3-8B in bf16]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l transfer-gbps -d 'Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`) [default: 25]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand run" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
@@ -134,14 +134,14 @@ sglang\t'A running SGLang server (--engine-url): its /generate API, KV events an
 trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-seqs -d 'Most requests in a worker\'s running batch [default: 256]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes) [default: 8192]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N [default: auto]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
 int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
-complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l kv-bytes-per-token -d 'Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes as long as moving that much would [default: 131072, Llama-3-8B in bf16]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l transfer-gbps -d 'Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`) [default: 25]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand decode" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
@@ -184,14 +184,14 @@ sglang\t'A running SGLang server (--engine-url): its /generate API, KV events an
 trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-seqs -d 'Most requests in a worker\'s running batch [default: 256]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes) [default: 8192]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N [default: auto]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
 int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
-complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l kv-bytes-per-token -d 'Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes as long as moving that much would [default: 131072, Llama-3-8B in bf16]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l transfer-gbps -d 'Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`) [default: 25]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand prefill" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
@@ -325,14 +325,14 @@ sglang\t'A running SGLang server (--engine-url): its /generate API, KV events an
 trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-seqs -d 'Most requests in a worker\'s running batch [default: 256]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes) [default: 8192]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N [default: auto]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
 int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
-complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l kv-bytes-per-token -d 'Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes as long as moving that much would [default: 131072, Llama-3-8B in bf16]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l transfer-gbps -d 'Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`) [default: 25]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand profile" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r
@@ -450,14 +450,14 @@ sglang\t'A running SGLang server (--engine-url): its /generate API, KV events an
 trtllm\t'A running TensorRT-LLM server (trtllm-serve, --engine-url): its OpenAI API, polled KV events, metrics'"
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l block-size -d 'Tokens per KV block' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l num-blocks -d 'KV blocks per worker [default: 16384 for the mocker; for native, what --kv-cache-gib holds]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-seqs -d 'Most requests in a worker\'s running batch' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes)' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-seqs -d 'Most requests in a worker\'s running batch [default: 256]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l max-num-batched-tokens -d 'Token budget of one engine step (prefill chunks plus decodes) [default: 8192]' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l device -d 'Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N [default: auto]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l threads -d 'Native: compute threads shared by this process\'s workers [default: the CPUs this process may use]' -r
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-cache-gib -d 'Native: memory for each worker\'s KV cache, in GiB [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l quantization -d 'Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per output channel, quantized at load; CPU only: about half of bf16\'s bytes to stream per token)' -r -f -a "none\t'As the checkpoint stores them (f32, bf16; f16 is widened to f32)'
 int8\t'Symmetric int8 per output channel, quantized at load (CPU)'"
-complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing' -r
+complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l speedup -d 'Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l kv-bytes-per-token -d 'Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes as long as moving that much would [default: 131072, Llama-3-8B in bf16]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l transfer-gbps -d 'Mocker: the bandwidth of a hand-off between mockers, GB/s (measure yours with `dynamo bench transfer`) [default: 25]' -r
 complete -c dynamo -n "__fish_dynamo_using_subcommand bench; and __fish_seen_subcommand_from disagg-native" -l engine-url -d 'vLLM / SGLang / TensorRT-LLM: its server, http://HOST:PORT (required with those engines)' -r

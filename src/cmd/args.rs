@@ -83,38 +83,39 @@ pub struct EngineArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub num_blocks: Option<u32>,
 
-    /// Most requests in a worker's running batch.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_num_seqs: u32,
+    /// Most requests in a worker's running batch [default: 256]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_seqs: Option<u32>,
 
-    /// Token budget of one engine step (prefill chunks plus decodes).
-    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_num_batched_tokens: u32,
+    /// Token budget of one engine step (prefill chunks plus decodes) [default: 8192]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_batched_tokens: Option<u32>,
 
     /// Turn off prefix caching (no block reuse between requests).
     #[arg(long)]
     pub no_prefix_caching: bool,
 
-    /// Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long, env = "DYNAMO_DEVICE", default_value = "auto", value_parser = parse_device)]
-    pub device: Device,
+    /// Native: where to compute: auto (a GPU when CUDA and one are present, else the CPU), cpu, cuda or cuda:N
+    /// [default: auto]
+    #[arg(long, env = "DYNAMO_DEVICE", value_parser = parse_device)]
+    pub device: Option<Device>,
 
     /// Native: compute threads shared by this process's workers [default: the CPUs this process may use]
     #[arg(long, env = "DYNAMO_THREADS", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
 
-    /// Native: memory for each worker's KV cache, in GiB.
-    #[arg(long, env = "DYNAMO_KV_CACHE_GIB", default_value_t = 1.0, value_parser = positive_f64)]
-    pub kv_cache_gib: f64,
+    /// Native: memory for each worker's KV cache, in GiB [default: 1]
+    #[arg(long, env = "DYNAMO_KV_CACHE_GIB", value_parser = positive_f64)]
+    pub kv_cache_gib: Option<f64>,
 
     /// Native: how the weights are held: none (as the checkpoint stores them) or int8 (symmetric, one scale per
     /// output channel, quantized at load; CPU only: about half of bf16's bytes to stream per token).
     #[arg(long, env = "DYNAMO_QUANTIZATION", value_enum, default_value_t = Quantization::None)]
     pub quantization: Quantization,
 
-    /// Mocker: simulated time runs this many times faster than the fitted real timing.
-    #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", default_value_t = 1.0, value_parser = positive_f64)]
-    pub speedup: f64,
+    /// Mocker: simulated time runs this many times faster than the fitted real timing [default: 1]
+    #[arg(long, env = "DYNAMO_MOCKER_SPEEDUP", value_parser = positive_f64)]
+    pub speedup: Option<f64>,
 
     /// Mocker: KV bytes per token of the simulated model; a hand-off between mockers (prefill to decode) takes
     /// as long as moving that much would [default: 131072, Llama-3-8B in bf16]
@@ -166,65 +167,123 @@ pub struct EngineArgs {
     pub profile: Option<std::path::PathBuf>,
 }
 
+impl EngineKind {
+    /// As `--engine` spells it.
+    pub fn name(self) -> String {
+        self.to_possible_value().map_or_else(|| format!("{self:?}"), |value| value.get_name().to_string())
+    }
+}
+
 /// Far above any model's (DeepSeek-V3's MLA cache in bf16 is ~70 KB a token), so a typo is refused.
 const MAX_KV_BYTES_PER_TOKEN: u64 = 1 << 30;
 
 /// The mocker's KV blocks per worker when --num-blocks is not given.
 const MOCKER_NUM_BLOCKS: usize = 16384;
+const DEFAULT_MAX_NUM_SEQS: u32 = 256;
+const DEFAULT_MAX_NUM_BATCHED_TOKENS: u32 = 8192;
+const DEFAULT_KV_CACHE_GIB: f64 = 1.0;
 
 impl EngineArgs {
+    /// The most requests in a running batch, given or the default.
+    pub fn max_num_seqs(&self) -> u32 {
+        self.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS)
+    }
+
+    /// Refuses a flag given to an engine that does not read it, saying which engines do and why: a flag that
+    /// silently does nothing would leave its user believing it took effect.
+    fn check_engine_flags(&self) -> anyhow::Result<()> {
+        use EngineKind::*;
+        const EXTERNAL: &[EngineKind] = &[Vllm, Sglang, Trtllm];
+        const OWN: &[EngineKind] = &[Native, Mocker];
+        let not_simulated = "a real engine's KV moves as fast as the transfer layer does (`dynamo bench transfer` \
+                             measures it)";
+        let flags: [(&str, bool, &[EngineKind], &str); 17] = [
+            ("--engine-url", self.engine_url.is_some(), EXTERNAL, "this worker runs its own engine"),
+            ("--kv-events", self.kv_events.is_some(), EXTERNAL, "this worker publishes its own engine's events"),
+            ("--kv-events-replay", self.kv_events_replay.is_some(), EXTERNAL, "its own engine has no replay socket"),
+            ("--engine-metrics", self.engine_metrics.is_some(), EXTERNAL, "this worker reports its own engine's load"),
+            ("--data-parallel-rank", self.data_parallel_rank.is_some(), EXTERNAL, "its own engine has one rank"),
+            ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some(), &[Mocker], not_simulated),
+            ("--transfer-gbps", self.transfer_gbps.is_some(), &[Mocker], not_simulated),
+            (
+                "--speedup (DYNAMO_MOCKER_SPEEDUP)",
+                self.speedup.is_some(),
+                &[Mocker],
+                "only simulated time can run faster",
+            ),
+            (
+                "--device (DYNAMO_DEVICE)",
+                self.device.is_some(),
+                &[Native],
+                "the mocker computes nothing, and an \
+              external engine is placed by its own flags (CUDA_VISIBLE_DEVICES)",
+            ),
+            (
+                "--threads (DYNAMO_THREADS)",
+                self.threads.is_some(),
+                &[Native],
+                "the mocker computes nothing, and an \
+              external engine sizes its own threads",
+            ),
+            (
+                "--kv-cache-gib (DYNAMO_KV_CACHE_GIB)",
+                self.kv_cache_gib.is_some(),
+                &[Native],
+                "the mocker's KV is \
+              --num-blocks blocks; an external engine sizes its own (vLLM's --gpu-memory-utilization)",
+            ),
+            (
+                "--quantization (DYNAMO_QUANTIZATION)",
+                self.quantization != Quantization::None,
+                &[Native],
+                "the mocker \
+              has no weights, and an external engine takes its own (vLLM's and SGLang's --quantization)",
+            ),
+            (
+                "--profile",
+                self.profile.is_some(),
+                &[Native, Vllm, Sglang, Trtllm],
+                "the mocker's profile is its \
+              timing fit",
+            ),
+            ("--num-blocks", self.num_blocks.is_some(), OWN, "an external engine sizes its own KV cache"),
+            ("--max-num-seqs", self.max_num_seqs.is_some(), OWN, "give it to the external engine itself"),
+            (
+                "--max-num-batched-tokens",
+                self.max_num_batched_tokens.is_some(),
+                OWN,
+                "give it to the external \
+              engine itself",
+            ),
+            ("--no-prefix-caching", self.no_prefix_caching, OWN, "give it to the external engine itself"),
+        ];
+        let refused = flags.iter().find(|(_, given, engines, _)| *given && !engines.contains(&self.engine));
+        if let Some((flag, _, engines, why)) = refused {
+            let names: Vec<String> = engines.iter().map(|engine| engine.name()).collect();
+            anyhow::bail!(
+                "{flag} is read only by --engine {}, and this worker runs --engine {}: {why}; drop the flag",
+                names.join(", "),
+                self.engine.name()
+            );
+        }
+        Ok(())
+    }
+
     pub fn settings(&self) -> anyhow::Result<EngineSettings> {
-        let external = [
-            ("--engine-url", &self.engine_url),
-            ("--kv-events", &self.kv_events),
-            ("--kv-events-replay", &self.kv_events_replay),
-            ("--engine-metrics", &self.engine_metrics),
-            ("--data-parallel-rank", &self.data_parallel_rank.map(|rank| rank.to_string())),
-        ];
-        if let (EngineKind::Native | EngineKind::Mocker, Some((flag, _))) =
-            (self.engine, external.iter().find(|(_, value)| value.is_some()))
-        {
-            anyhow::bail!(
-                "{flag} is for an external engine (--engine vllm, sglang or trtllm); this worker runs its own engine"
-            );
-        }
-        let simulated = [
-            ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some()),
-            ("--transfer-gbps", self.transfer_gbps.is_some()),
-        ];
-        if let (false, Some((flag, _))) =
-            (self.engine == EngineKind::Mocker, simulated.iter().find(|(_, given)| *given))
-        {
-            anyhow::bail!(
-                "{flag} sets what the mocker's simulated KV costs to hand over; a real engine's KV moves as fast as \
-                 the transfer layer does (`dynamo bench transfer` measures it)"
-            );
-        }
-        if self.quantization != Quantization::None && self.engine != EngineKind::Native {
-            anyhow::bail!(
-                "--quantization is the native engine's; the mocker has no weights, and an external engine takes its \
-                 own (vLLM's and SGLang's --quantization)"
-            );
-        }
-        let profile = match (&self.profile, self.engine) {
-            (None, _) => None,
-            (Some(_), EngineKind::Mocker) => {
-                anyhow::bail!("--profile is for native and external engines; the mocker's profile is its timing fit")
-            }
-            (Some(path), _) => Some(crate::core::engine::profile::Profile::read(path)?),
-        };
+        self.check_engine_flags()?;
+        let profile = self.profile.as_deref().map(crate::core::engine::profile::Profile::read).transpose()?;
         let scheduler = SchedulerConfig {
             block_size: self.block_size as usize,
             num_blocks: self.num_blocks.map_or(MOCKER_NUM_BLOCKS, |n| n as usize),
-            max_num_seqs: self.max_num_seqs as usize,
-            max_num_batched_tokens: self.max_num_batched_tokens as usize,
+            max_num_seqs: self.max_num_seqs() as usize,
+            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(DEFAULT_MAX_NUM_BATCHED_TOKENS) as usize,
             enable_prefix_caching: !self.no_prefix_caching,
             ..SchedulerConfig::default()
         };
         Ok(match self.engine {
             EngineKind::Mocker => EngineSettings::Mocker(MockerConfig {
                 scheduler,
-                speedup: self.speedup,
+                speedup: self.speedup.unwrap_or(1.0),
                 kv_bytes_per_token: self.kv_bytes_per_token.unwrap_or(mocker::DEFAULT_KV_BYTES_PER_TOKEN),
                 transfer_bytes_per_s: self
                     .transfer_gbps
@@ -232,9 +291,9 @@ impl EngineArgs {
             }),
             EngineKind::Native => EngineSettings::Native(NativeSettings {
                 // Settled here so the serving line names the device actually used.
-                device: self.device.resolve(),
+                device: self.device.unwrap_or(Device::Auto).resolve(),
                 threads: self.threads.map_or_else(available_cpus, |t| t as usize),
-                kv_cache_gib: self.kv_cache_gib,
+                kv_cache_gib: self.kv_cache_gib.unwrap_or(DEFAULT_KV_CACHE_GIB),
                 num_blocks: self.num_blocks.map(|n| n as usize),
                 scheduler,
                 profile,

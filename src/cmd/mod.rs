@@ -105,6 +105,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::engine::EngineSettings;
 
     fn parse(args: &[&str]) -> Command {
         Cli::try_parse_from([&["dynamo"][..], args].concat()).map(|cli| cli.command).unwrap()
@@ -127,5 +128,52 @@ mod tests {
         let Command::Prefill(worker) = parse(&["prefill", "/models/qwen"]) else { panic!() };
         assert_eq!(worker.model.model_dir, Some("/models/qwen".into()));
         assert!(Cli::try_parse_from(["dynamo", "run", "/a", "--model", "/b"]).is_err(), "one model, not two");
+    }
+    #[test]
+    fn an_engine_flag_given_to_an_engine_that_does_not_read_it_is_refused_not_ignored() {
+        let settings = |args: &[&str]| {
+            let Command::Decode(worker) = parse(&[&["decode"][..], args].concat()) else { panic!() };
+            worker.engine.settings().map_err(|error| error.to_string())
+        };
+        let vllm = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:1"];
+        for (args, flag, engine) in [
+            (&["--engine", "mocker", "--device", "cpu"][..], "--device (DYNAMO_DEVICE)", "mocker"),
+            (&["--engine", "mocker", "--threads", "2"], "--threads", "mocker"),
+            (&["--engine", "mocker", "--kv-cache-gib", "2"], "--kv-cache-gib", "mocker"),
+            (&["--engine", "mocker", "--quantization", "int8"], "--quantization", "mocker"),
+            (&["--engine", "mocker", "--profile", "p.json"], "--profile", "mocker"),
+            (&["--speedup", "10"], "--speedup", "native"),
+            (&["--transfer-gbps", "10"], "--transfer-gbps", "native"),
+            (&["--engine-url", "http://127.0.0.1:1"], "--engine-url", "native"),
+            (&["--engine", "mocker", "--kv-events", "tcp://127.0.0.1:1"], "--kv-events", "mocker"),
+            (&[&vllm[..], &["--max-num-seqs", "8"]].concat(), "--max-num-seqs", "vllm"),
+            (&[&vllm[..], &["--num-blocks", "8"]].concat(), "--num-blocks", "vllm"),
+            (&[&vllm[..], &["--no-prefix-caching"]].concat(), "--no-prefix-caching", "vllm"),
+            (&[&vllm[..], &["--device", "cpu"]].concat(), "--device", "vllm"),
+            (&[&vllm[..], &["--speedup", "2"]].concat(), "--speedup", "vllm"),
+        ] {
+            let error = settings(args).expect_err(flag);
+            assert!(error.starts_with(flag), "{args:?}: {error}");
+            assert!(error.contains(&format!("this worker runs --engine {engine}: ")), "{args:?}: {error}");
+            assert!(error.ends_with("drop the flag"), "{error}");
+        }
+        // What each engine reads, it takes; defaults where nothing was given.
+        let Ok(EngineSettings::Mocker(mocker)) =
+            settings(&["--engine", "mocker", "--speedup", "5", "--max-num-seqs", "8", "--num-blocks", "64"])
+        else {
+            panic!()
+        };
+        assert_eq!((mocker.speedup, mocker.scheduler.max_num_seqs, mocker.scheduler.num_blocks), (5.0, 8, 64));
+        assert_eq!(mocker.scheduler.max_num_batched_tokens, 8192);
+        let Ok(EngineSettings::Native(native)) =
+            settings(&["--threads", "3", "--kv-cache-gib", "0.5", "--device", "cpu"])
+        else {
+            panic!()
+        };
+        assert_eq!((native.threads, native.kv_cache_gib, native.scheduler.max_num_seqs), (3, 0.5, 256));
+        let Ok(EngineSettings::External(external)) = settings(&[&vllm[..], &["--block-size", "32"]].concat()) else {
+            panic!()
+        };
+        assert_eq!(external.block_size, 32);
     }
 }

@@ -46,7 +46,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let grid = Grid {
         max_prompt: args.max_prompt,
         max_context: args.max_context,
-        max_batch: args.max_batch.min(args.engine.max_num_seqs),
+        max_batch: args.max_batch.min(args.engine.max_num_seqs()),
         decode_tokens: args.decode_tokens,
         repeats: args.repeats,
     };
