@@ -98,19 +98,23 @@ fn another_decode_worker(name: &str) -> Worker {
 
 /// A prefill worker, a decode worker that takes KV, and a router over them, found through a cluster file.
 async fn split_cluster(name: &str) -> (Worker, Worker, Server) {
-    split_cluster_with(name, |_, _| {}).await
+    split_cluster_with(name, NATIVE, |_, _| {}).await
 }
 
-/// As `split_cluster`, with each worker's command completed by `worker` (given its role: flags, environment).
+/// The built-in engine on one thread each, so that two workers and a router share two cores.
+pub const NATIVE: &[&str] = &["--threads", "1"];
+
+/// As `split_cluster`, the workers running the engine `engine` says (its flags), with each worker's command
+/// completed by `worker` (given its role: flags, environment).
 pub async fn split_cluster_with(
     name: &str,
+    engine: &[&str],
     worker: impl Fn(&str, &mut std::process::Command),
 ) -> (Worker, Worker, Server) {
     let file = cluster_file(name);
-    let native = ["--threads", "1", "--discovery", &file];
     let (mut prefill, mut decode) = (dynamo(), dynamo());
-    prefill.arg("prefill").args(native);
-    decode.args(["decode", "--kv-transfer"]).args(native);
+    prefill.arg("prefill").args(engine).args(["--discovery", &file]);
+    decode.args(["decode", "--kv-transfer"]).args(engine).args(["--discovery", &file]);
     worker("prefill", &mut prefill);
     worker("decode", &mut decode);
     let prefill = Worker::start_as("prefill", &mut prefill);
@@ -180,7 +184,7 @@ async fn a_decode_worker_lost_before_it_reads_holds_the_prefill_workers_pages_on
             command.args(["--kv-lease", "2"]);
         }
     };
-    let (_prefill, decode, router) = split_cluster_with("disagg-lost-reader", lease).await;
+    let (_prefill, decode, router) = split_cluster_with("disagg-lost-reader", NATIVE, lease).await;
     // Frozen, the decode worker is still chosen (the router has not missed its heartbeat yet), the prefill
     // worker holds the prompt's KV for it, and nobody reads it; then it dies.
     decode.signal("STOP");
@@ -344,10 +348,7 @@ async fn mocker_hand_off_is_aggregated_serving_later(disaggregated: &Server) {
 
 #[tokio::test]
 async fn mocker_prefill_decode_and_route_processes_hand_off_in_simulated_time() {
-    let mocker = |_: &str, command: &mut std::process::Command| {
-        command.args(SLOW_MOCKER_HAND_OFF);
-    };
-    let (_prefill, _decode, router) = split_cluster_with("disagg-mocker", mocker).await;
+    let (_prefill, _decode, router) = split_cluster_with("disagg-mocker", &SLOW_MOCKER_HAND_OFF, |_, _| {}).await;
     mocker_hand_off_is_aggregated_serving_later(&router).await;
 }
 

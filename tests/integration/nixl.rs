@@ -3,7 +3,7 @@
 //! between two `dynamo` processes through it, and a prefill worker's KV reaches a decode worker through it.
 //! Without PyPI or python3 each test says SKIPPED and why.
 use crate::bench::last_json_line_of;
-use crate::disagg::{disaggregated_equals_aggregated, split_cluster_with};
+use crate::disagg::{NATIVE, disaggregated_equals_aggregated, split_cluster_with};
 use crate::util::{dynamo, python_venv};
 use std::path::PathBuf;
 
@@ -48,7 +48,7 @@ async fn prompts_kv_moves_from_prefill_to_decode_worker_through_nixl() {
     let with_nixl = |_: &str, command: &mut std::process::Command| {
         command.args(["--transfer-backend", "nixl"]).env("LD_LIBRARY_PATH", &dir);
     };
-    let (_prefill, _decode, router) = split_cluster_with("disagg-nixl", with_nixl).await;
+    let (_prefill, _decode, router) = split_cluster_with("disagg-nixl", NATIVE, with_nixl).await;
     disaggregated_equals_aggregated(&router).await;
 }
 

@@ -126,10 +126,11 @@ async fn images_give_the_same_tokens_when_prefill_and_decode_are_split() {
     let server = crate::util::Server::native(&["--model", dir.to_str().unwrap(), "--prefill-workers", "1"]);
     answers_images_like_transformers(&server).await;
     let model = ["--model", dir.to_str().unwrap()];
-    let (_prefill, _decode, router) = crate::disagg::split_cluster_with("vision-disagg", |_, command| {
-        command.args(model);
-    })
-    .await;
+    let (_prefill, _decode, router) =
+        crate::disagg::split_cluster_with("vision-disagg", crate::disagg::NATIVE, |_, command| {
+            command.args(model);
+        })
+        .await;
     answers_images_like_transformers(&router).await;
     let metrics = router.metrics().await;
     let remote = crate::util::metric(&metrics, "dynamo_router_disagg_decisions_total{decision=\"remote\"}");
