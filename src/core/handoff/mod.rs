@@ -85,10 +85,36 @@ struct Counts {
     read: AtomicU64,
     read_failed: AtomicU64,
     read_bytes: AtomicU64,
-    /// Reads of at least `RATED_READ`: their bytes, and the time they took (from the pages' allocation to
-    /// the holder's notification, the connection to it already made), which `load` reports as a rate.
-    rated_bytes: AtomicU64,
-    rated_nanos: AtomicU64,
+    /// Reads of at least `RATED_READ` (timed from the pages' allocation to the holder's notification, the
+    /// connection to it already made), which `load` reports as a rate.
+    rate: std::sync::Mutex<RecentRate>,
+}
+
+/// The rate of the last reads: their bytes over their time, each sum decayed by `RECENT_WEIGHT` per read,
+/// so a network that slowed (a congested link, a busier peer) shows within a few dozen reads rather than
+/// being averaged into a worker's whole life.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct RecentRate {
+    bytes: f64,
+    seconds: f64,
+}
+
+/// Each read's weight in the rate (about the last 1/0.1 = 10 reads count).
+const RECENT_WEIGHT: f64 = 0.1;
+
+impl RecentRate {
+    fn record(&mut self, bytes: u64, seconds: f64) {
+        self.bytes = (1.0 - RECENT_WEIGHT) * self.bytes + bytes as f64;
+        self.seconds = (1.0 - RECENT_WEIGHT) * self.seconds + seconds.max(0.0);
+    }
+
+    /// Bytes per second; 0 before any read was timed.
+    fn per_second(&self) -> u64 {
+        match self.seconds > 0.0 {
+            true => (self.bytes / self.seconds).min(u64::MAX as f64) as u64,
+            false => 0,
+        }
+    }
 }
 
 /// Reads smaller than this do not count toward the rate a decode worker reports: their time is mostly a
@@ -306,9 +332,8 @@ impl Shared {
         if let Ok(bytes) = read
             && bytes >= RATED_READ
         {
-            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.counts.rated_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.counts.rated_nanos.fetch_add(nanos, Ordering::Relaxed);
+            let mut rate = self.counts.rate.lock().unwrap_or_else(|p| p.into_inner());
+            rate.record(bytes, started.elapsed().as_secs_f64());
         }
         read
     }
@@ -398,12 +423,7 @@ impl Engine for HandOffEngine {
             Some(kv) => kv.bytes_per_token,
             None => layout.page_bytes * layout.regions as u64 / layout.block_size.max(1) as u64,
         };
-        let (bytes, nanos) =
-            (shared.counts.rated_bytes.load(Ordering::Relaxed), shared.counts.rated_nanos.load(Ordering::Relaxed));
-        let kv_read_bytes_per_s = match nanos {
-            0 => 0,
-            nanos => (bytes as f64 / (nanos as f64 * 1e-9)).min(u64::MAX as f64) as u64,
-        };
+        let kv_read_bytes_per_s = shared.counts.rate.lock().unwrap_or_else(|p| p.into_inner()).per_second();
         LoadMetrics { kv_bytes_per_token, kv_read_bytes_per_s, ..self.core.inner.load() }
     }
 

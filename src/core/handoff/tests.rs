@@ -197,3 +197,23 @@ async fn a_decode_worker_reads_only_the_blocks_it_has_not_cached() {
     assert_eq!(read_bytes[1] - read_bytes[0], 6 * page, "only what the decode worker lacked");
     assert_eq!(decode.kv_transfers().unwrap().read_failed, 0);
 }
+
+#[test]
+fn the_read_rate_follows_the_last_reads_not_the_whole_life() {
+    let mut rate = RecentRate::default();
+    assert_eq!(rate.per_second(), 0, "nothing timed yet");
+    // A thousand reads of 8 MB at 8 GB/s, then the link slows to 1 GB/s.
+    for _ in 0..1000 {
+        rate.record(8_000_000, 0.001);
+    }
+    assert_eq!(rate.per_second(), 8_000_000_000);
+    for _ in 0..30 {
+        rate.record(8_000_000, 0.008);
+    }
+    // A lifetime average would still say 7.8 GB/s.
+    let now = rate.per_second();
+    assert!((1_000_000_000..1_100_000_000).contains(&now), "{now}");
+    // A zero-time read (a clock that did not move) neither divides by zero nor jumps.
+    rate.record(8_000_000, 0.0);
+    assert!(rate.per_second() < 1_200_000_000, "{}", rate.per_second());
+}

@@ -390,8 +390,8 @@ pub struct LoadMetrics {
     /// one); 0 where it cannot take KV from a peer.
     #[serde(default)]
     pub kv_bytes_per_token: u64,
-    /// How fast its reads of peers' KV have gone, bytes per second over its reads of a MiB or more; 0 before
-    /// its first.
+    /// How fast its last reads of peers' KV have gone, bytes per second over its reads of a MiB or more (about
+    /// the last ten weigh most); 0 before its first.
     #[serde(default)]
     pub kv_read_bytes_per_s: u64,
 }

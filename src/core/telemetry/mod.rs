@@ -378,8 +378,9 @@ impl Metrics {
                 gauge(
                     &registry,
                     "dynamo_component_kv_read_bytes_per_second",
-                    "How fast the worker's reads of prefill workers' KV have gone, over its reads of a MiB or more (0 \
-                     before its first); what the router prices a hand-off to it by (--disagg-itl-budget-ms)",
+                    "How fast the worker's last reads of prefill workers' KV have gone, over its reads of a MiB or more \
+                     (about the last ten weigh most; 0 before its first); what the router prices a hand-off to it by \
+                     (--disagg-itl-budget-ms)",
                     &["worker_id"],
                 ),
                 |l| l.kv_read_bytes_per_s.min(i64::MAX as u64) as i64,
