@@ -198,11 +198,16 @@ impl EngineArgs {
         let not_simulated = "a real engine's KV moves as fast as the transfer layer does (`dynamo bench transfer` \
                              measures it)";
         let flags: [(&str, bool, &[EngineKind], &str); 17] = [
-            ("--engine-url", self.engine_url.is_some(), EXTERNAL, "this worker runs its own engine"),
-            ("--kv-events", self.kv_events.is_some(), EXTERNAL, "this worker publishes its own engine's events"),
-            ("--kv-events-replay", self.kv_events_replay.is_some(), EXTERNAL, "its own engine has no replay socket"),
-            ("--engine-metrics", self.engine_metrics.is_some(), EXTERNAL, "this worker reports its own engine's load"),
-            ("--data-parallel-rank", self.data_parallel_rank.is_some(), EXTERNAL, "its own engine has one rank"),
+            ("--engine-url", self.engine_url.is_some(), EXTERNAL, "it is an external engine's server"),
+            ("--kv-events", self.kv_events.is_some(), EXTERNAL, "it is an external engine's event publisher"),
+            (
+                "--kv-events-replay",
+                self.kv_events_replay.is_some(),
+                EXTERNAL,
+                "it is an external engine's replay socket",
+            ),
+            ("--engine-metrics", self.engine_metrics.is_some(), EXTERNAL, "it is an external engine's metrics"),
+            ("--data-parallel-rank", self.data_parallel_rank.is_some(), EXTERNAL, "it is a rank of an external engine"),
             ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some(), &[Mocker], not_simulated),
             ("--transfer-gbps", self.transfer_gbps.is_some(), &[Mocker], not_simulated),
             (
