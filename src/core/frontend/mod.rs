@@ -392,11 +392,13 @@ async fn metrics(State(state): State<Arc<FrontendState>>) -> Response {
             state.metrics.kv_transfers(engine.worker_id(), &transfers);
         }
     }
-    for engine in state.served().iter().flat_map(|s| s.router.engines_of(Pool::Encode)).chain(engines.clone()) {
+    let encoders: Vec<_> = state.served().iter().flat_map(|s| s.router.engines_of(Pool::Encode)).collect();
+    for engine in encoders.iter().chain(&engines) {
         if let Some(images) = engine.images() {
             state.metrics.images(engine.worker_id(), &images);
         }
     }
+    state.metrics.keep_workers(encoders.iter().chain(&engines).map(|engine| engine.worker_id()));
     for served in state.served().iter() {
         state.metrics.charged(&served.router.charged());
     }

@@ -8,6 +8,7 @@ use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -703,6 +704,19 @@ impl Metrics {
         ]
     }
 
+    /// Drops the per-worker series (hand-offs, images, request-plane totals, in-flight counts, TTFT predictions)
+    /// of workers not in `known`: a series set or counted for a worker after `forget_worker` removed its series
+    /// (a request still in flight on it ending, a scrape that read it just before) would stay otherwise.
+    pub fn keep_workers(&self, known: impl IntoIterator<Item = WorkerId>) {
+        let known: HashSet<String> = known.into_iter().map(|worker| worker.to_string()).collect();
+        for family in [&self.worker_requests, &self.worker_kv_transfers, &self.worker_images, &self.router_in_flight] {
+            prune_workers(family, &known);
+        }
+        prune_workers(&self.ttft_prediction_error, &known);
+        prune_workers(&self.ttft_predicted, &known);
+        prune_workers(&self.ttft_observed, &known);
+    }
+
     /// Drops a departed worker's series, so dashboards do not show its last values for ever.
     pub fn forget_worker(&self, worker: WorkerId) {
         let id = worker.to_string();
@@ -841,16 +855,9 @@ impl Metrics {
     pub fn render(&self, workers: &[(WorkerId, LoadMetrics)], models: &[ModelLoad]) -> String {
         // Workers not given are gone: a render that listed its workers just before one left sets that
         // worker's gauges again after `forget_worker` removed them, and the next render removes them for good.
-        let current: std::collections::HashSet<String> = workers.iter().map(|(worker, _)| worker.to_string()).collect();
+        let current: HashSet<String> = workers.iter().map(|(worker, _)| worker.to_string()).collect();
         for (gauge, _) in &self.worker_gauges {
-            let listed: Vec<String> = (prometheus::core::Collector::collect(gauge).iter())
-                .flat_map(|family| family.get_metric())
-                .flat_map(|metric| metric.get_label().iter().map(|label| label.value().to_string()))
-                .filter(|id| !current.contains(id))
-                .collect();
-            for id in listed {
-                let _ = gauge.remove_label_values(&[&id]);
-            }
+            prune_workers(gauge, &current);
         }
         for (worker, load) in workers {
             let id = worker.to_string();
@@ -872,6 +879,24 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Removes the series of `family` whose `worker_id` is not in `keep`.
+fn prune_workers<T: prometheus::core::MetricVecBuilder>(
+    family: &prometheus::core::MetricVec<T>,
+    keep: &HashSet<String>,
+) {
+    let gone: Vec<Vec<(String, String)>> = (prometheus::core::Collector::collect(family).iter())
+        .flat_map(|metrics| metrics.get_metric())
+        .map(|metric| metric.get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect())
+        .filter(|labels: &Vec<(String, String)>| {
+            labels.iter().any(|(name, id)| name == "worker_id" && !keep.contains(id))
+        })
+        .collect();
+    for labels in gone {
+        let labels: HashMap<&str, &str> = labels.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        let _ = family.remove(&labels);
     }
 }
 
@@ -1229,5 +1254,41 @@ mod tests {
         metrics.render(&[(3, LoadMetrics::default())], &[]);
         let text = metrics.render(&[(4, LoadMetrics::default())], &[]);
         assert!(!text.contains("worker_id=\"3\"") && text.contains("worker_id=\"4\""), "{text}");
+    }
+    /// Per-worker series set or counted after `forget_worker` (a request still in flight on the worker
+    /// ending, a stats message read just before it left) are dropped by the next `keep_workers`.
+    #[test]
+    fn a_departed_workers_late_series_are_dropped_by_keep_workers() {
+        let metrics = Metrics::new();
+        let touch = |worker: WorkerId| {
+            let images = ImageStats { encoded: 1, ..ImageStats::default() };
+            metrics.worker_stats(worker, &WorkerStats { accepted: 2, images, ..WorkerStats::default() });
+            metrics.kv_transfers(worker, &KvTransferStats { read: 1, ..KvTransferStats::default() });
+            metrics.charged(&[(worker, 1)]);
+            metrics.ttft_prediction(worker, 0.1, 0.2);
+        };
+        let families = [
+            "dynamo_component_request_plane_requests{",
+            "dynamo_component_kv_transfers{",
+            "dynamo_component_images{",
+            "dynamo_router_worker_in_flight{",
+            "dynamo_router_ttft_prediction_error_seconds_count{",
+            "dynamo_router_ttft_predicted_seconds_total{",
+            "dynamo_router_ttft_observed_seconds_total{",
+        ];
+        let of = |text: &str, worker: &str| {
+            let at = format!("worker_id=\"{worker}\"");
+            families.map(|family| text.lines().any(|line| line.starts_with(family) && line.contains(&at)))
+        };
+        touch(3);
+        touch(4);
+        metrics.forget_worker(3);
+        assert_eq!(of(&metrics.render(&[], &[]), "3"), [false; 7]);
+        touch(3);
+        assert_eq!(of(&metrics.render(&[], &[]), "3"), [true; 7], "set again after it left");
+        metrics.keep_workers([4]);
+        let text = metrics.render(&[], &[]);
+        assert_eq!(of(&text, "3"), [false; 7], "{text}");
+        assert_eq!(of(&text, "4"), [true; 7], "{text}");
     }
 }
