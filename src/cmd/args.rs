@@ -220,36 +220,31 @@ impl EngineArgs {
                 "--device (DYNAMO_DEVICE)",
                 self.device.is_some(),
                 &[Native],
-                "the mocker computes nothing, and an \
-              external engine is placed by its own flags (CUDA_VISIBLE_DEVICES)",
+                "the mocker computes nothing; an external engine is placed by its own (CUDA_VISIBLE_DEVICES)",
             ),
             (
                 "--threads (DYNAMO_THREADS)",
                 self.threads.is_some(),
                 &[Native],
-                "the mocker computes nothing, and an \
-              external engine sizes its own threads",
+                "the mocker computes nothing; an external engine sizes its own threads",
             ),
             (
                 "--kv-cache-gib (DYNAMO_KV_CACHE_GIB)",
                 self.kv_cache_gib.is_some(),
                 &[Native],
-                "the mocker's KV is \
-              --num-blocks blocks; an external engine sizes its own (vLLM's --gpu-memory-utilization)",
+                "the mocker's KV is its --num-blocks; an external engine sizes its own",
             ),
             (
                 "--quantization (DYNAMO_QUANTIZATION)",
                 self.quantization != Quantization::None,
                 &[Native],
-                "the mocker \
-              has no weights, and an external engine takes its own (vLLM's and SGLang's --quantization)",
+                "the mocker has no weights; an external engine takes its own (vLLM's --quantization)",
             ),
             (
                 "--profile",
                 self.profile.is_some(),
                 &[Native, Vllm, Sglang, Trtllm],
-                "the mocker's profile is its \
-              timing fit",
+                "the mocker's profile is its timing fit",
             ),
             ("--num-blocks", self.num_blocks.is_some(), OWN, "an external engine sizes its own KV cache"),
             ("--max-num-seqs", self.max_num_seqs.is_some(), OWN, "give it to the external engine itself"),
@@ -257,8 +252,7 @@ impl EngineArgs {
                 "--max-num-batched-tokens",
                 self.max_num_batched_tokens.is_some(),
                 OWN,
-                "give it to the external \
-              engine itself",
+                "give it to the external engine itself",
             ),
             ("--no-prefix-caching", self.no_prefix_caching, OWN, "give it to the external engine itself"),
         ];
