@@ -193,71 +193,60 @@ impl EngineArgs {
     /// silently does nothing would leave its user believing it took effect.
     fn check_engine_flags(&self) -> anyhow::Result<()> {
         use EngineKind::*;
-        const EXTERNAL: &[EngineKind] = &[Vllm, Sglang, Trtllm];
-        const OWN: &[EngineKind] = &[Native, Mocker];
-        let not_simulated = "a real engine's KV moves as fast as the transfer layer does (`dynamo bench transfer` \
-                             measures it)";
-        let flags: [(&str, bool, &[EngineKind], &str); 17] = [
-            ("--engine-url", self.engine_url.is_some(), EXTERNAL, "it is an external engine's server"),
-            ("--kv-events", self.kv_events.is_some(), EXTERNAL, "it is an external engine's event publisher"),
+        // Each group: the engines that read its flags, why the others do not, and its flags with whether given.
+        /// Flags, each with whether it was given.
+        type Flags<'a> = &'a [(&'a str, bool)];
+        let groups: [(&[EngineKind], &str, Flags); 5] = [
             (
-                "--kv-events-replay",
-                self.kv_events_replay.is_some(),
-                EXTERNAL,
-                "it is an external engine's replay socket",
+                &[Vllm, Sglang, Trtllm],
+                "it points at an external engine (its server, events, metrics or rank)",
+                &[
+                    ("--engine-url", self.engine_url.is_some()),
+                    ("--kv-events", self.kv_events.is_some()),
+                    ("--kv-events-replay", self.kv_events_replay.is_some()),
+                    ("--engine-metrics", self.engine_metrics.is_some()),
+                    ("--data-parallel-rank", self.data_parallel_rank.is_some()),
+                ],
             ),
-            ("--engine-metrics", self.engine_metrics.is_some(), EXTERNAL, "it is an external engine's metrics"),
-            ("--data-parallel-rank", self.data_parallel_rank.is_some(), EXTERNAL, "it is a rank of an external engine"),
-            ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some(), &[Mocker], not_simulated),
-            ("--transfer-gbps", self.transfer_gbps.is_some(), &[Mocker], not_simulated),
             (
-                "--speedup (DYNAMO_MOCKER_SPEEDUP)",
-                self.speedup.is_some(),
                 &[Mocker],
-                "only simulated time can run faster",
+                "it sets the mocker's simulated time; a real engine's runs as fast as it does",
+                &[
+                    ("--speedup (DYNAMO_MOCKER_SPEEDUP)", self.speedup.is_some()),
+                    ("--kv-bytes-per-token", self.kv_bytes_per_token.is_some()),
+                    ("--transfer-gbps", self.transfer_gbps.is_some()),
+                ],
             ),
             (
-                "--device (DYNAMO_DEVICE)",
-                self.device.is_some(),
                 &[Native],
-                "the mocker computes nothing; an external engine is placed by its own (CUDA_VISIBLE_DEVICES)",
+                "the mocker computes nothing, and an external engine takes its own flags for it",
+                &[
+                    ("--device (DYNAMO_DEVICE)", self.device.is_some()),
+                    ("--threads (DYNAMO_THREADS)", self.threads.is_some()),
+                    ("--kv-cache-gib (DYNAMO_KV_CACHE_GIB)", self.kv_cache_gib.is_some()),
+                    ("--quantization (DYNAMO_QUANTIZATION)", self.quantization != Quantization::None),
+                ],
             ),
             (
-                "--threads (DYNAMO_THREADS)",
-                self.threads.is_some(),
-                &[Native],
-                "the mocker computes nothing; an external engine sizes its own threads",
-            ),
-            (
-                "--kv-cache-gib (DYNAMO_KV_CACHE_GIB)",
-                self.kv_cache_gib.is_some(),
-                &[Native],
-                "the mocker's KV is its --num-blocks; an external engine sizes its own",
-            ),
-            (
-                "--quantization (DYNAMO_QUANTIZATION)",
-                self.quantization != Quantization::None,
-                &[Native],
-                "the mocker has no weights; an external engine takes its own (vLLM's --quantization)",
-            ),
-            (
-                "--profile",
-                self.profile.is_some(),
                 &[Native, Vllm, Sglang, Trtllm],
                 "the mocker's profile is its timing fit",
+                &[("--profile", self.profile.is_some())],
             ),
-            ("--num-blocks", self.num_blocks.is_some(), OWN, "an external engine sizes its own KV cache"),
-            ("--max-num-seqs", self.max_num_seqs.is_some(), OWN, "give it to the external engine itself"),
             (
-                "--max-num-batched-tokens",
-                self.max_num_batched_tokens.is_some(),
-                OWN,
-                "give it to the external engine itself",
+                &[Native, Mocker],
+                "an external engine schedules and sizes its own cache: give it to the engine",
+                &[
+                    ("--num-blocks", self.num_blocks.is_some()),
+                    ("--max-num-seqs", self.max_num_seqs.is_some()),
+                    ("--max-num-batched-tokens", self.max_num_batched_tokens.is_some()),
+                    ("--no-prefix-caching", self.no_prefix_caching),
+                ],
             ),
-            ("--no-prefix-caching", self.no_prefix_caching, OWN, "give it to the external engine itself"),
         ];
-        let refused = flags.iter().find(|(_, given, engines, _)| *given && !engines.contains(&self.engine));
-        if let Some((flag, _, engines, why)) = refused {
+        let refused = groups.iter().filter(|(engines, _, _)| !engines.contains(&self.engine)).find_map(
+            |(engines, why, flags)| flags.iter().find(|(_, given)| *given).map(|(flag, _)| (flag, engines, why)),
+        );
+        if let Some((flag, engines, why)) = refused {
             let names: Vec<String> = engines.iter().map(|engine| engine.name()).collect();
             anyhow::bail!(
                 "{flag} is read only by --engine {}, and this worker runs --engine {}: {why}; drop the flag",
